@@ -1,0 +1,112 @@
+//! A minimal blocking HTTP/1.1 client for the control socket. The CLI
+//! sends one request per connection, so `Connection: close` plus reading
+//! to EOF is all the protocol it needs (chunked bodies are decoded too).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Client { socket: socket.to_path_buf() }
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value> {
+        self.request("GET", path, None)
+    }
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.request("POST", path, Some(body))
+    }
+    pub fn delete(&self, path: &str) -> Result<Value> {
+        self.request("DELETE", path, None)
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no recoverfs daemon on {} ({e}); start one with `recoverfs serve`", self.socket.display()),
+            )
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(300))).ok();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: recoverfs\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let io = |e| Error::io(format!("control socket {}", self.socket.display()), e);
+        s.write_all(req.as_bytes()).map_err(io)?;
+        let mut raw = vec![];
+        s.read_to_end(&mut raw).map_err(io)?;
+        let (status, json) = parse_response(&raw)?;
+        if (200..300).contains(&status) {
+            return Ok(json);
+        }
+        let msg = json.get("error").and_then(|m| m.as_str()).unwrap_or("request failed").to_string();
+        let kind = match status {
+            404 => ErrorKind::NotFound,
+            400 => ErrorKind::InvalidInput,
+            409 => ErrorKind::Busy,
+            403 => ErrorKind::NotPermitted,
+            507 => ErrorKind::NoSpace,
+            _ => ErrorKind::Io,
+        };
+        Err(Error::new(kind, msg))
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Result<(u16, Value)> {
+    let bad = || Error::new(ErrorKind::Io, "malformed response from the daemon");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad())?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let mut body = raw[split + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body).ok_or_else(bad)?;
+    }
+    if body.is_empty() {
+        return Ok((status, Value::Null));
+    }
+    Ok((status, serde_json::from_slice(&body).map_err(|_| bad())?))
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = vec![];
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n{\"a\":1}\n";
+        assert_eq!(parse_response(plain).unwrap(), (200, serde_json::json!({"a":1})));
+        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:2}\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (404, serde_json::json!({"a":2})));
+    }
+}

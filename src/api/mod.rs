@@ -1,0 +1,155 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket, so both
+//! the CLI and `curl --unix-socket` can drive a daemon. It runs on tokio at
+//! the edge; every handler hops to a blocking thread for datastore work.
+//!
+//! | method | path | effect |
+//! |---|---|---|
+//! | GET | /health | daemon identity |
+//! | GET | /sessions | status of every session |
+//! | POST | /sessions `{"vm":..,"backup":..}` | recover (start or resume) |
+//! | GET | /sessions/{vm} | status of one session |
+//! | DELETE | /sessions/{vm}?discard=true | release |
+//! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
+
+pub mod client;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, ErrorKind};
+use crate::session::Datastore;
+
+type Ds = Arc<Datastore>;
+
+struct ApiError(Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match self.0.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+            ErrorKind::Busy | ErrorKind::AlreadyExists => StatusCode::CONFLICT,
+            ErrorKind::NotPermitted => StatusCode::FORBIDDEN,
+            ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::Corrupt | ErrorKind::Io => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, Json(json!({"error": self.0.to_string(), "kind": format!("{:?}", self.0.kind())}))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// Runs datastore work off the async threads.
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> ApiResult {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(Json(serde_json::to_value(v).expect("serializable"))),
+        Ok(Err(e)) => Err(ApiError(e)),
+        Err(e) => Err(ApiError(Error::new(ErrorKind::Io, format!("handler failed: {e}")))),
+    }
+}
+
+pub fn router(ds: Ds) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/sessions", get(list_sessions).post(recover))
+        .route("/sessions/{vm}", get(session_status).delete(release))
+        .route("/sessions/{vm}/disks/{n}/changed", get(changed))
+        .with_state(ds)
+}
+
+async fn health(State(ds): State<Ds>) -> ApiResult {
+    Ok(Json(json!({
+        "ok": true,
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "repo": ds.repo().location(),
+        "mount": ds.mount(),
+        "staging": ds.staging_root(),
+    })))
+}
+
+async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
+    blocking(move || {
+        let all: Vec<_> = ds.sessions().iter().map(|s| ds.status(s)).collect();
+        Ok(json!({ "sessions": all }))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct RecoverBody {
+    vm: String,
+    backup: Option<String>,
+}
+
+async fn recover(State(ds): State<Ds>, body: Option<Json<RecoverBody>>) -> ApiResult {
+    let Some(Json(body)) = body else {
+        return Err(ApiError(Error::invalid("expected a JSON body {\"vm\": NAME, \"backup\": ID?}")));
+    };
+    blocking(move || ds.recover(&body.vm, body.backup.as_deref())).await
+}
+
+async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || {
+        let s = ds.session(&vm).ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        Ok(ds.status(&s))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct ReleaseQuery {
+    #[serde(default)]
+    discard: bool,
+}
+
+async fn release(State(ds): State<Ds>, Path(vm): Path<String>, Query(q): Query<ReleaseQuery>) -> ApiResult {
+    blocking(move || {
+        if ds.session(&vm).is_none() && q.discard {
+            let kept = ds.discard_kept(&vm)?;
+            if kept.is_empty() {
+                return Err(Error::not_found(format!("no recovery session or kept staging for VM {vm}")));
+            }
+            return Ok(json!({"vm": vm, "released": false, "discarded": kept}));
+        }
+        let backup = ds.release(&vm, q.discard)?;
+        Ok(json!({"vm": vm, "released": true, "backup": backup, "discarded": if q.discard { vec![backup.clone()] } else { vec![] }}))
+    })
+    .await
+}
+
+async fn changed(State(ds): State<Ds>, Path((vm, n)): Path<(String, usize)>) -> ApiResult {
+    blocking(move || {
+        let s = ds.session(&vm).ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let d = s.disks.get(n).ok_or_else(|| Error::not_found(format!("VM {vm} has no disk{n}")))?;
+        let bs = d.block_size();
+        let ranges: Vec<Value> = d
+            .changed_ranges()
+            .into_iter()
+            .map(|(a, b)| {
+                let end = (b * bs).min(d.size);
+                json!({"start_block": a, "end_block": b, "offset": a * bs, "length": end - a * bs})
+            })
+            .collect();
+        Ok(json!({"vm": vm, "disk": n, "block_size": bs, "size": d.size, "blocks_changed": d.status().blocks_changed, "ranges": ranges}))
+    })
+    .await
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    ds: Ds,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(ds)).with_graceful_shutdown(shutdown).await
+}

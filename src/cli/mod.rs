@@ -1,0 +1,199 @@
+//! Command-line interface: argument parsing and one function per command.
+//! Repository commands run in-process; session commands talk to a daemon
+//! over its control socket.
+
+mod output;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::api::client::Client;
+use crate::error::{Error, Result};
+use crate::repo::chunk::validate_chunk_size;
+use crate::repo::writer::{run_backup, BackupRequest};
+use crate::repo::Repository;
+use crate::util::{human_bytes, parse_size};
+
+#[derive(Parser)]
+#[command(name = "recoverfs", version, about = "Instant VM recovery: boot a VM straight from its backup")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct SocketArg {
+    /// Control socket of the daemon (default: the socket of the first running daemon).
+    #[arg(long, env = "RECOVERFS_SOCKET")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create an empty repository (backup also creates one on first use).
+    Init {
+        #[arg(long)]
+        repo: String,
+    },
+    /// Back up raw disk images (regular files or block devices) as disk0, disk1, ...
+    Backup {
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        vm: String,
+        /// VM configuration as a JSON object file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Chunk size: a power of two from 64K to 8M.
+        #[arg(long, default_value = "1M")]
+        chunk_size: String,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// List VMs and their backups.
+    List {
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and check every chunk referenced by the selected backups.
+    Verify {
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        backup: Option<String>,
+    },
+    /// Run the recovery datastore in the foreground.
+    Serve {
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        staging: PathBuf,
+        #[arg(long)]
+        mount: PathBuf,
+        /// Control socket (default: <staging>/control.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Let other users (e.g. a hypervisor running as another user) access the mount.
+        #[arg(long)]
+        allow_other: bool,
+        /// Parallel repository fetches.
+        #[arg(long, default_value_t = 8)]
+        fetch_workers: usize,
+        /// FUSE event-loop threads.
+        #[arg(long, default_value_t = 4)]
+        fuse_threads: usize,
+        /// Seconds between background flushes of the staging maps.
+        #[arg(long, default_value_t = 2.0)]
+        flush_interval: f64,
+    },
+    /// Start (or resume) a recovery session and print the disk paths.
+    Recover {
+        #[command(flatten)]
+        socket: SocketArg,
+        vm: String,
+        #[arg(long)]
+        backup: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show sessions and per-disk figures.
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a recovery session (staging is kept unless --discard).
+    Release {
+        #[command(flatten)]
+        socket: SocketArg,
+        vm: String,
+        #[arg(long)]
+        discard: bool,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { repo } => {
+            let (r, created) = Repository::open_or_create(&repo)?;
+            println!("{} repository {} (id {})", if created { "created" } else { "existing" }, r.location(), r.id());
+            Ok(())
+        }
+        Command::Backup { repo, vm, config, chunk_size, images } => backup(&repo, vm, config, &chunk_size, images),
+        Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
+        Command::Verify { repo, vm, backup } => output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref()),
+        Command::Serve { repo, staging, mount, socket, allow_other, fetch_workers, fuse_threads, flush_interval } => {
+            crate::daemon::serve(crate::daemon::ServeOptions {
+                repo,
+                staging,
+                mount,
+                socket,
+                allow_other,
+                fetch_workers: fetch_workers.max(1),
+                fuse_threads,
+                flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
+            })
+        }
+        Command::Recover { socket, vm, backup, json } => {
+            crate::util::validate_name("VM name", &vm)?;
+            let r = client(&socket).post("/sessions", &json!({"vm": vm, "backup": backup}))?;
+            output::recovered(&r, json);
+            Ok(())
+        }
+        Command::Status { socket, json } => output::status(&client(&socket).get("/sessions")?, json),
+        Command::Release { socket, vm, discard } => {
+            crate::util::validate_name("VM name", &vm)?;
+            let r = client(&socket).delete(&format!("/sessions/{vm}?discard={discard}"))?;
+            output::released(&r);
+            Ok(())
+        }
+    }
+}
+
+fn client(s: &SocketArg) -> Client {
+    Client::new(&s.socket.clone().unwrap_or_else(crate::daemon::default_socket_link))
+}
+
+fn backup(repo: &str, vm: String, config: Option<PathBuf>, chunk_size: &str, images: Vec<PathBuf>) -> Result<()> {
+    crate::util::validate_name("VM name", &vm)?;
+    let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
+    let config = match config {
+        Some(p) => {
+            let bytes = std::fs::read(&p).map_err(|e| Error::io(format!("config {}", p.display()), e))?;
+            Some(serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("config {} is not valid JSON: {e}", p.display())))?)
+        }
+        None => None,
+    };
+    // Check the images before creating anything.
+    for img in &images {
+        crate::repo::writer::image_size(img)?;
+    }
+    let (r, created) = Repository::open_or_create(repo)?;
+    if created {
+        eprintln!("created repository {}", r.location());
+    }
+    let report = run_backup(&r, BackupRequest { vm, config, chunk_size, images, progress: true })?;
+    for d in &report.disks {
+        eprintln!(
+            "{}: {} in {} chunks: {} new ({} stored), {} reused, {} zero",
+            d.name,
+            human_bytes(d.size),
+            d.chunks,
+            d.new_chunks,
+            human_bytes(d.new_bytes),
+            d.chunks - d.new_chunks - d.zero_chunks,
+            d.zero_chunks
+        );
+    }
+    eprintln!("backup {} of VM {}: {} new bytes", report.manifest.id, report.manifest.vm, report.manifest.new_bytes());
+    println!("{}", report.manifest.id);
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! Human and JSON output of the CLI commands.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{Digest, Repository};
+use crate::util::human_bytes;
+
+pub fn list(repo: &Repository, json: bool) -> Result<()> {
+    let all = repo.summaries()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"repo": repo.location(), "backups": all})).expect("json"));
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no backups in {}", repo.location());
+        return Ok(());
+    }
+    println!("{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}", "VM", "BACKUP", "CREATED", "DISKS", "SIZE", "STORED", "NEW");
+    for b in all {
+        println!(
+            "{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}",
+            b.vm,
+            b.id,
+            b.created,
+            b.disks,
+            human_bytes(b.virtual_size),
+            human_bytes(b.stored_bytes),
+            human_bytes(b.new_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// Where a chunk is used, for naming damage.
+struct Use {
+    vm: String,
+    backup: String,
+    disk: String,
+    block: u64,
+    len: usize,
+}
+
+pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
+    let vms = match vm {
+        Some(v) => {
+            crate::util::validate_name("VM name", v)?;
+            if repo.backup_ids(v)?.is_empty() {
+                return Err(Error::not_found(format!("unknown VM {v:?}: no backups in {}", repo.location())));
+            }
+            vec![v.to_string()]
+        }
+        None => repo.vms()?,
+    };
+    let mut uses: BTreeMap<Digest, Vec<Use>> = BTreeMap::new();
+    let mut damaged: Vec<String> = vec![];
+    let mut backups = 0;
+    for v in &vms {
+        let ids = match backup {
+            Some(b) => vec![b.to_string()],
+            None => repo.backup_ids(v)?,
+        };
+        for id in ids {
+            let m = match repo.manifest(v, &id) {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    damaged.push(format!("DAMAGED manifest {v}/{id}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            backups += 1;
+            for d in &m.disks {
+                for (i, c) in d.chunks.iter().enumerate() {
+                    if let Some(c) = c {
+                        uses.entry(*c).or_default().push(Use {
+                            vm: v.clone(),
+                            backup: id.clone(),
+                            disk: d.name.clone(),
+                            block: i as u64,
+                            len: d.chunk_len(i as u64),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let work: Mutex<Vec<(&Digest, &Vec<Use>)>> = Mutex::new(uses.iter().collect());
+    let bad: Mutex<Vec<String>> = Mutex::new(vec![]);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let Some((d, us)) = work.lock().expect("lock").pop() else { break };
+                let first = &us[0];
+                if let Err(e) = repo.read_chunk(d, first.len, &"verify") {
+                    let places: Vec<String> =
+                        us.iter().take(5).map(|u| format!("{}/{} {} block {}", u.vm, u.backup, u.disk, u.block)).collect();
+                    let more = if us.len() > 5 { format!(" and {} more", us.len() - 5) } else { String::new() };
+                    let why = e.to_string().replace(&format!("verify: chunk {d} "), "");
+                    bad.lock().expect("lock").push(format!("DAMAGED chunk {d} ({why}) used by {}{more}", places.join(", ")));
+                }
+            });
+        }
+    });
+    damaged.extend(bad.into_inner().expect("lock"));
+    damaged.sort();
+    for line in &damaged {
+        println!("{line}");
+    }
+    if damaged.is_empty() {
+        println!("ok: {} chunks of {backups} backup(s) verified", uses.len());
+        Ok(())
+    } else {
+        Err(Error::corrupt(format!("{} damaged object(s) in {}", damaged.len(), repo.location())))
+    }
+}
+
+pub fn recovered(r: &Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+        return;
+    }
+    let vm = r["vm"].as_str().unwrap_or("?");
+    let backup = r["backup"].as_str().unwrap_or("?");
+    let how = if r["already_active"].as_bool() == Some(true) {
+        "already recovering"
+    } else if r["resumed"].as_bool() == Some(true) {
+        "resumed staging of"
+    } else {
+        "recovering"
+    };
+    eprintln!("{how} VM {vm} from backup {backup}");
+    if let Some(disks) = r["disks"].as_array() {
+        for d in disks {
+            println!("{}", d.as_str().unwrap_or("?"));
+        }
+    }
+}
+
+pub fn released(r: &Value) {
+    let vm = r["vm"].as_str().unwrap_or("?");
+    let discarded = r["discarded"].as_array().map(|a| !a.is_empty()).unwrap_or(false);
+    match (r["released"].as_bool() == Some(true), discarded) {
+        (true, true) => println!("released VM {vm}; staging discarded"),
+        (true, false) => println!("released VM {vm}; staging kept for a later recover"),
+        _ => println!("discarded kept staging of VM {vm}"),
+    }
+}
+
+pub fn status(r: &Value, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+        return Ok(());
+    }
+    let sessions = r["sessions"].as_array().cloned().unwrap_or_default();
+    if sessions.is_empty() {
+        println!("no recovery sessions");
+    }
+    for s in sessions {
+        println!(
+            "VM {}  backup {}{}  {}  open handles {}",
+            s["vm"].as_str().unwrap_or("?"),
+            s["backup"].as_str().unwrap_or("?"),
+            if s["resumed"].as_bool() == Some(true) { " (resumed)" } else { "" },
+            s["path"].as_str().unwrap_or("?"),
+            s["open_handles"]
+        );
+        for d in s["disks"].as_array().cloned().unwrap_or_default() {
+            let n = |k: &str| d[k].as_u64().unwrap_or(0);
+            let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
+            let total = n("blocks_total").max(1);
+            let reads = n("reads");
+            let hit = if reads == 0 { 100.0 } else { n("read_hits") as f64 * 100.0 / reads as f64 };
+            println!(
+                "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {}  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}",
+                d["name"].as_str().unwrap_or("?"),
+                human_bytes(n("size")),
+                n("blocks_staged"),
+                n("blocks_total"),
+                n("blocks_staged") as f64 * 100.0 / total as f64,
+                n("blocks_changed"),
+                human_bytes(n("fetched_bytes")),
+                reads,
+                hit,
+                n("writes"),
+                f("fetch_latency_mean_ms"),
+                f("fetch_latency_p99_ms"),
+                if n("fetch_errors") > 0 { format!("  FETCH ERRORS {}", n("fetch_errors")) } else { String::new() }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! `recoverfs serve`: opens repository and staging, checks the mount point
+//! and socket, mounts FUSE, runs the control API and a periodic flusher,
+//! and on SIGINT/SIGTERM makes staging durable before unmounting.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fs::RecoverFs;
+use crate::repo::Repository;
+use crate::session::Datastore;
+use crate::staging::StagingDir;
+
+pub struct ServeOptions {
+    pub repo: String,
+    pub staging: PathBuf,
+    pub mount: PathBuf,
+    pub socket: Option<PathBuf>,
+    pub allow_other: bool,
+    pub fetch_workers: usize,
+    pub fuse_threads: usize,
+    /// How often staged presence maps are made durable without an fsync.
+    pub flush_interval: Duration,
+}
+
+/// What `serve` found at the mount point.
+#[derive(Debug, PartialEq)]
+enum MountPointState {
+    Ready,
+    Stale,
+}
+
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let repo = Repository::open(&opts.repo)?;
+    let mount = check_mount_point(&opts.mount)?;
+    let staging = StagingDir::open(&opts.staging, repo.id(), &repo.location())?;
+    let socket = opts.socket.clone().unwrap_or_else(|| staging.root().join("control.sock"));
+    check_socket(&socket)?;
+
+    let ds = Datastore::new(repo.clone(), staging, &mount, opts.fetch_workers);
+    let fs = RecoverFs::new(ds.clone(), 64);
+    let mut options = vec![
+        fuser::MountOption::FSName("recoverfs".into()),
+        fuser::MountOption::Subtype("recoverfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::RW,
+    ];
+    if opts.allow_other {
+        options.push(fuser::MountOption::CUSTOM("allow_other".into()));
+    }
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = options;
+    cfg.acl = if opts.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    cfg.n_threads = Some(opts.fuse_threads.max(1));
+    cfg.clone_fd = true;
+    let bg = fuser::spawn_mount(fs, &mount, &cfg).map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
+    let notifier = bg.notifier();
+    ds.set_on_release(Box::new(move |vm| {
+        let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(vm));
+    }));
+    tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
+
+    let link = publish_default_socket(&socket);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
+    let api_result = run_api(ds.clone(), &socket);
+    stop.store(true, Ordering::Release);
+    let _ = flusher.join();
+
+    // Durable first, then unmount: a guest still running sees ENOTCONN,
+    // never lost writes.
+    let flush = ds.flush_all();
+    let _ = std::fs::remove_file(&socket);
+    if let Some(link) = link {
+        let _ = std::fs::remove_file(link);
+    }
+    let unmount = bg.umount_and_join().map_err(|e| Error::io(format!("unmount {}", mount.display()), e));
+    tracing::info!("stopped");
+    api_result?;
+    flush?;
+    unmount
+}
+
+fn spawn_flusher(ds: Arc<Datastore>, stop: Arc<AtomicBool>, every: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("flusher".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(100);
+            let mut waited = Duration::ZERO;
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(tick);
+                waited += tick;
+                if waited >= every {
+                    waited = Duration::ZERO;
+                    let _ = ds.flush_all();
+                }
+            }
+        })
+        .expect("spawn flusher")
+}
+
+fn run_api(ds: Arc<Datastore>, socket: &Path) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("api")
+        .build()
+        .ctx(|| "start the control API runtime".into())?;
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(socket).ctx(|| format!("bind control socket {}", socket.display()))?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).ctx(|| format!("chmod {}", socket.display()))?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+        };
+        crate::api::serve(ds, listener, shutdown).await.ctx(|| "control API".into())
+    })
+}
+
+/// Where clients look when no --socket is given: a link to the first
+/// running daemon's socket.
+pub fn default_socket_link() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        Some(d) if unsafe { libc::geteuid() } != 0 => PathBuf::from(d).join("recoverfs.sock"),
+        _ => PathBuf::from("/run/recoverfs.sock"),
+    }
+}
+
+/// Points the default link at our socket unless another live daemon owns it.
+fn publish_default_socket(socket: &Path) -> Option<PathBuf> {
+    let link = default_socket_link();
+    if std::os::unix::net::UnixStream::connect(&link).is_ok() {
+        return None;
+    }
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(socket, &link).ok().map(|_| link)
+}
+
+/// A socket file whose daemon answers is in use; a dead one is removed.
+fn check_socket(socket: &Path) -> Result<()> {
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(Error::busy(format!("socket {} is already served by a running recoverfs daemon", socket.display())));
+        }
+        std::fs::remove_file(socket).ctx(|| format!("remove stale socket {}", socket.display()))?;
+    }
+    if let Some(dir) = socket.parent() {
+        if !dir.as_os_str().is_empty() && !dir.is_dir() {
+            return Err(Error::not_found(format!("socket directory {} does not exist", dir.display())));
+        }
+    }
+    Ok(())
+}
+
+/// The mount point must be an existing, empty directory with nothing
+/// mounted on it. A stale FUSE mount (its daemon died) is detached.
+fn check_mount_point(mount: &Path) -> Result<PathBuf> {
+    let state = mount_point_state(mount)?;
+    if state == MountPointState::Stale {
+        tracing::warn!(mount = %mount.display(), "detaching stale FUSE mount left by a dead daemon");
+        nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+            Error::busy(format!(
+                "{} holds a stale mount that cannot be detached ({e}); run `fusermount3 -u -z {}`",
+                mount.display(),
+                mount.display()
+            ))
+        })?;
+        if mount_point_state(mount)? != MountPointState::Ready {
+            return Err(Error::busy(format!("{} is still busy after detaching a stale mount", mount.display())));
+        }
+    }
+    std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))
+}
+
+fn mount_point_state(mount: &Path) -> Result<MountPointState> {
+    match std::fs::metadata(mount) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(MountPointState::Stale),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(format!("mount point {} does not exist", mount.display())))
+        }
+        Err(e) => return Err(Error::io(format!("mount point {}", mount.display()), e)),
+        Ok(m) if !m.is_dir() => return Err(Error::invalid(format!("mount point {} is not a directory", mount.display()))),
+        Ok(_) => {}
+    }
+    let abs = std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))?;
+    if is_mounted(&abs) {
+        return Err(Error::busy(format!(
+            "mount point {} is busy: something is already mounted there (unmount it first)",
+            mount.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(&abs).ctx(|| format!("read {}", abs.display()))?;
+    if entries.next().is_some() {
+        return Err(Error::invalid(format!("mount point {} is not empty", mount.display())));
+    }
+    Ok(MountPointState::Ready)
+}
+
+fn is_mounted(abs: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = abs.to_string_lossy();
+    info.lines().any(|l| l.split_whitespace().nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_non_empty_mount_points_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = check_mount_point(&d.path().join("nope")).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let e = check_mount_point(d.path()).unwrap_err();
+        assert!(e.to_string().contains("not empty"), "{e}");
+    }
+
+    #[test]
+    fn a_mounted_directory_is_busy() {
+        // / is always a mount point.
+        let e = mount_point_state(Path::new("/")).unwrap_err();
+        assert!(e.to_string().contains("busy"), "{e}");
+    }
+
+    #[test]
+    fn a_socket_nobody_answers_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
+        check_socket(&p).unwrap();
+        assert!(!p.exists());
+        let _live = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        assert!(check_socket(&p).unwrap_err().to_string().contains("already served"));
+    }
+}

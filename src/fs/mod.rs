@@ -1,0 +1,364 @@
+//! The FUSE frontend: `MOUNT/<vm>/{vm.json,diskN.raw}` over the datastore.
+//!
+//! fuser runs several event-loop threads (one cloned /dev/fuse fd each).
+//! A request whose blocks are all local is served on the event thread; one
+//! that must wait for the repository is handed to an I/O worker pool, so a
+//! slow miss never holds up reads of staged blocks.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::error::Error;
+use crate::pool::WorkerPool;
+use crate::session::{Datastore, Session};
+use crate::volume::Volume;
+
+const TTL: Duration = Duration::from_secs(1);
+const ROOT: u64 = 1;
+/// Largest read/write the kernel may send us.
+pub const MAX_IO: u32 = 1 << 20;
+
+/// What an inode number denotes.
+enum Node {
+    Root,
+    Dir(Arc<Session>),
+    Config(Arc<Session>),
+    Disk(Arc<Session>, Arc<Volume>),
+}
+
+pub struct RecoverFs {
+    ds: Arc<Datastore>,
+    io: Arc<WorkerPool>,
+    uid: u32,
+    gid: u32,
+    mounted: SystemTime,
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl RecoverFs {
+    pub fn new(ds: Arc<Datastore>, io_threads: usize) -> Self {
+        RecoverFs {
+            ds,
+            io: Arc::new(WorkerPool::new("fuse-io", io_threads)),
+            // SAFETY: getuid/getgid cannot fail and touch no memory.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            mounted: SystemTime::now(),
+        }
+    }
+
+    fn node(&self, ino: u64) -> Option<Node> {
+        if ino == ROOT {
+            return Some(Node::Root);
+        }
+        let s = self.ds.session_by_ino(ino)?;
+        match ino - s.ino_base {
+            0 => Some(Node::Dir(s)),
+            1 => Some(Node::Config(s)),
+            n => {
+                let d = s.disks.get((n - 2) as usize)?.clone();
+                Some(Node::Disk(s, d))
+            }
+        }
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> FileAttr {
+        let (kind, perm, size, nlink, time) = match node {
+            Node::Root => (FileType::Directory, 0o755, 0, 2, self.mounted),
+            Node::Dir(s) => (FileType::Directory, 0o700, 0, 2, s.started),
+            Node::Config(s) => (FileType::RegularFile, 0o400, s.config_json.len() as u64, 1, s.started),
+            Node::Disk(s, d) => (FileType::RegularFile, 0o600, d.size, 1, s.started),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn disk(&self, ino: u64) -> Result<Arc<Volume>, Errno> {
+        match self.node(ino) {
+            Some(Node::Disk(_, d)) => Ok(d),
+            Some(_) => Err(Errno::EISDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+}
+
+impl Filesystem for RecoverFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests keep per-request overhead low for VM disk I/O.
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_str().unwrap_or("");
+        let found = match self.node(parent.0) {
+            Some(Node::Root) => self.ds.session(name).map(|s| s.ino_base),
+            Some(Node::Dir(s)) => match name {
+                "vm.json" => Some(s.ino_base + 1),
+                _ => name
+                    .strip_prefix("disk")
+                    .and_then(|n| n.strip_suffix(".raw"))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .filter(|&i| i < s.disks.len() && name == format!("disk{i}.raw"))
+                    .map(|i| s.ino_base + 2 + i as u64),
+            },
+            _ => None,
+        };
+        match found.and_then(|ino| self.node(ino).map(|n| (ino, n))) {
+            Some((ino, node)) => reply.entry(&TTL, &self.attr(ino, &node), fuser::Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino.0) {
+            Some(n) => reply.attr(&TTL, &self.attr(ino.0, &n)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(node) = self.node(ino.0) else { return reply.error(Errno::ENOENT) };
+        let cur = self.attr(ino.0, &node);
+        // A virtual disk's size and ownership are fixed: truncation would
+        // destroy the guest's disk. Timestamp updates are accepted and ignored.
+        let size_change = size.is_some_and(|s| s != cur.size);
+        let mode_change = mode.is_some_and(|m| m & 0o7777 != cur.perm as u32);
+        let owner_change = uid.is_some_and(|u| u != cur.uid) || gid.is_some_and(|g| g != cur.gid);
+        if size_change || mode_change || owner_change {
+            return reply.error(Errno::EPERM);
+        }
+        reply.attr(&TTL, &cur)
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM)
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM)
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EPERM)
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(Errno::EPERM)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EPERM)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino.0) {
+            Some(Node::Config(_)) => {
+                if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                    return reply.error(Errno::EACCES);
+                }
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
+            Some(Node::Disk(s, _)) => {
+                if flags.0 & libc::O_TRUNC != 0 {
+                    return reply.error(Errno::EPERM);
+                }
+                if !s.open_handle() {
+                    return reply.error(Errno::ENOENT);
+                }
+                // Every write goes through us, so the kernel's cache stays coherent.
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(Node::Disk(s, _)) = self.node(ino.0) {
+            s.close_handle();
+        }
+        reply.ok()
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let d = match self.node(ino.0) {
+            Some(Node::Config(s)) => {
+                let data = &s.config_json;
+                let start = (offset as usize).min(data.len());
+                let end = (start + size as usize).min(data.len());
+                return reply.data(&data[start..end]);
+            }
+            Some(Node::Disk(_, d)) => d,
+            Some(_) => return reply.error(Errno::EISDIR),
+            None => return reply.error(Errno::ENOENT),
+        };
+        let serve = move |d: Arc<Volume>, reply: ReplyData| match d.read(offset, size as usize) {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        };
+        if d.is_local(offset, size as u64) {
+            serve(d, reply)
+        } else {
+            self.io.submit(move || serve(d, reply))
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let d = match self.disk(ino.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(if e == Errno::EISDIR { Errno::EACCES } else { e }),
+        };
+        let serve = move |d: Arc<Volume>, data: &[u8], reply: ReplyWrite| match d.write(offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        };
+        if d.is_local(offset, data.len() as u64) {
+            serve(d, data, reply)
+        } else {
+            let data = data.to_vec();
+            self.io.submit(move || serve(d, &data, reply))
+        }
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.fsync(_req, ino, _fh, true, reply)
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.node(ino.0) {
+            Some(Node::Disk(_, d)) => match d.flush() {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    tracing::error!(vm = %d.vm, disk = d.index, "fsync failed: {e}");
+                    reply.error(errno(&e))
+                }
+            },
+            Some(_) => reply.ok(),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+        // Callers (e.g. QEMU write-zeroes) fall back to plain writes.
+        reply.error(Errno::EOPNOTSUPP)
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let mut entries: Vec<(u64, FileType, String)> = vec![(ino.0, FileType::Directory, ".".into())];
+        match self.node(ino.0) {
+            Some(Node::Root) => {
+                entries.push((ROOT, FileType::Directory, "..".into()));
+                for s in self.ds.sessions() {
+                    entries.push((s.ino_base, FileType::Directory, s.vm.clone()));
+                }
+            }
+            Some(Node::Dir(s)) => {
+                entries.push((ROOT, FileType::Directory, "..".into()));
+                entries.push((s.ino_base + 1, FileType::RegularFile, "vm.json".into()));
+                for d in &s.disks {
+                    entries.push((s.ino_base + 2 + d.index as u64, FileType::RegularFile, format!("disk{}.raw", d.index)));
+                }
+            }
+            Some(_) => return reply.error(Errno::ENOTDIR),
+            None => return reply.error(Errno::ENOENT),
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (mut blocks, mut free) = (0u64, 0u64);
+        if let Ok(st) = nix::sys::statvfs::statvfs(self.ds.staging_root()) {
+            let frag = st.fragment_size() as u64;
+            blocks = st.blocks() as u64 * frag / 4096;
+            free = st.blocks_available() as u64 * frag / 4096;
+        }
+        reply.statfs(blocks, free, free, 0, 0, 4096, 255, 4096)
+    }
+}

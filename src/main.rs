@@ -1,0 +1,22 @@
+//! The `recoverfs` binary: parse arguments, set up logging, run, and turn
+//! any error into one line on stderr with a non-zero exit.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = recoverfs::cli::Cli::parse();
+    let default = if matches!(cli.command, recoverfs::cli::Command::Serve { .. }) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match recoverfs::cli::run(cli).map_err(anyhow::Error::from) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("recoverfs: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Storage backends: a small key/value capability trait that the chunk
+//! store and manifests sit on. Keys are `/`-separated and mirror the
+//! directory layout, so an object store can use them as object keys.
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::util::{fsync_dir, write_atomic};
+
+/// What the repository needs from where bytes live.
+pub trait Backend: Send + Sync {
+    /// Reads a whole object; `Ok(None)` if it does not exist.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Stores an object atomically, replacing any old version.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Stores an object atomically only if absent; `Ok(false)` if it existed.
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool>;
+    fn exists(&self, key: &str) -> Result<bool>;
+    /// Size of a stored object, `None` if absent.
+    fn size(&self, key: &str) -> Result<Option<u64>>;
+    /// Names directly below `prefix` (a "directory"), sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Where this is, for messages.
+    fn location(&self) -> String;
+}
+
+/// A repository in a local directory. Objects are files; every write is
+/// temp file + fsync + rename + fsync of the directory.
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(root: &Path) -> Self {
+        LocalDir { root: root.to_path_buf() }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Creates the parent directories of `key`, fsyncing each new one into
+    /// its parent so the object's path survives a crash.
+    fn ensure_parent(&self, key: &str) -> Result<()> {
+        let p = self.path(key);
+        let parent = p.parent().expect("keys have a parent");
+        if parent.is_dir() {
+            return Ok(());
+        }
+        let mut missing = vec![];
+        let mut cur = parent;
+        while !cur.is_dir() {
+            missing.push(cur.to_path_buf());
+            cur = cur.parent().expect("repository root exists");
+        }
+        for dir in missing.iter().rev() {
+            match fs::create_dir(dir) {
+                Ok(()) => fsync_dir(dir.parent().expect("has parent"))?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(format!("create {}", dir.display()), e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for LocalDir {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let p = self.path(key);
+        match fs::File::open(&p) {
+            Ok(mut f) => {
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf).ctx(|| format!("read {}", p.display()))?;
+                Ok(Some(buf))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("open {}", p.display()), e)),
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.ensure_parent(key)?;
+        write_atomic(&self.path(key), data, 0o644, true)
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.ensure_parent(key)?;
+        match write_atomic(&self.path(key), data, 0o644, false) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == crate::error::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.size(key)?.is_some())
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        let p = self.path(key);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("stat {}", p.display()), e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let p = self.path(prefix);
+        let rd = match fs::read_dir(&p) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+        };
+        let mut names = vec![];
+        for entry in rd {
+            let entry = entry.ctx(|| format!("list {}", p.display()))?;
+            if let Some(name) = entry.file_name().to_str() {
+                // Temp files of in-flight writes are invisible by design.
+                if !name.starts_with('.') {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let p = self.path(key);
+        match fs::remove_file(&p) {
+            Ok(()) => fsync_dir(p.parent().expect("has parent")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("delete {}", p.display()), e)),
+        }
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_round_trip_and_listing_hides_temp_files() {
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(d.path());
+        assert_eq!(b.get("a/b/c").unwrap(), None);
+        b.put("a/b/c", b"hello").unwrap();
+        assert_eq!(b.get("a/b/c").unwrap().unwrap(), b"hello");
+        assert!(!b.put_new("a/b/c", b"other").unwrap());
+        assert_eq!(b.get("a/b/c").unwrap().unwrap(), b"hello");
+        fs::write(d.path().join("a/b/.c.tmp.1"), b"x").unwrap();
+        assert_eq!(b.list("a/b").unwrap(), vec!["c".to_string()]);
+        assert_eq!(b.size("a/b/c").unwrap(), Some(5));
+        b.delete("a/b/c").unwrap();
+        assert!(!b.exists("a/b/c").unwrap());
+    }
+}

@@ -1,0 +1,161 @@
+//! Chunks: fixed-size pieces of a disk, addressed by the BLAKE3 digest of
+//! their plain bytes and stored zstd-compressed. Decoding always verifies
+//! the digest, so damaged data is never served.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+/// Smallest and largest allowed chunk size; a power of two in between.
+pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
+pub const MAX_CHUNK_SIZE: u64 = 8 << 20;
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+const ZSTD_LEVEL: i32 = 3;
+
+pub fn validate_chunk_size(size: u64) -> Result<u32> {
+    if size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&size) {
+        Ok(size as u32)
+    } else {
+        Err(Error::invalid(format!(
+            "invalid chunk size {size}: must be a power of two from 64K to 8M"
+        )))
+    }
+}
+
+/// A BLAKE3 digest, shown and serialized as 64 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(data: &[u8]) -> Self {
+        Digest(*blake3::hash(data).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    pub fn from_hex(s: &str) -> Result<Self> {
+        blake3::Hash::from_hex(s)
+            .map(|h| Digest(*h.as_bytes()))
+            .map_err(|_| Error::corrupt(format!("invalid chunk digest {s:?}")))
+    }
+
+    /// Object key: two levels of fan-out keep directories small.
+    pub fn key(&self) -> String {
+        let h = self.to_hex();
+        format!("chunks/{}/{}", &h[..4], h)
+    }
+
+    /// Short form for log lines and messages.
+    pub fn short(&self) -> String {
+        self.to_hex()[..16].to_string()
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.short())
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Digest::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn is_zero(data: &[u8]) -> bool {
+    // Compare in u128 strides; the compiler vectorises this well.
+    let (head, body, tail) = unsafe {
+        // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets
+        // the aligned middle of the byte slice.
+        data.align_to::<u128>()
+    };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+pub fn encode(data: &[u8]) -> Result<Vec<u8>> {
+    zstd::bulk::compress(data, ZSTD_LEVEL).map_err(|e| Error::io("compress chunk", e))
+}
+
+/// Decompresses and verifies a stored chunk. `expected_len` is the chunk's
+/// plain length from the manifest; anything else is corruption.
+pub fn decode(stored: &[u8], digest: &Digest, expected_len: usize) -> Result<Vec<u8>> {
+    let data = zstd::bulk::decompress(stored, expected_len)
+        .map_err(|e| Error::corrupt(format!("chunk {digest} does not decompress ({e})")))?;
+    if data.len() != expected_len {
+        return Err(Error::corrupt(format!(
+            "chunk {digest} has {} bytes, expected {expected_len}",
+            data.len()
+        )));
+    }
+    if Digest::of(&data) != *digest {
+        return Err(Error::corrupt(format!("chunk {digest} fails its digest check")));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_verifies_the_digest() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let d = Digest::of(&data);
+        let stored = encode(&data).unwrap();
+        assert_eq!(decode(&stored, &d, data.len()).unwrap(), data);
+        let other = Digest::of(b"x");
+        assert_eq!(decode(&stored, &other, data.len()).unwrap_err().kind(), crate::error::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_detected_as_corruption() {
+        let data = vec![42u8; 65536];
+        let d = Digest::of(&data);
+        let mut stored = encode(&data).unwrap();
+        let mid = stored.len() / 2;
+        stored[mid] ^= 0xff;
+        assert!(decode(&stored, &d, data.len()).is_err());
+        assert!(decode(&stored[..stored.len() - 1], &d, data.len()).is_err());
+    }
+
+    #[test]
+    fn zero_detection_handles_unaligned_tails() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v[1..]));
+        v[4098] = 1;
+        assert!(!is_zero(&v[1..]));
+    }
+
+    #[test]
+    fn chunk_sizes_must_be_powers_of_two_in_range() {
+        assert!(validate_chunk_size(1 << 20).is_ok());
+        assert!(validate_chunk_size(32 << 10).is_err());
+        assert!(validate_chunk_size(16 << 20).is_err());
+        assert!(validate_chunk_size(3 << 20).is_err());
+    }
+
+    #[test]
+    fn digest_hex_round_trips() {
+        let d = Digest::of(b"abc");
+        assert_eq!(Digest::from_hex(&d.to_hex()).unwrap(), d);
+        assert!(d.key().starts_with(&format!("chunks/{}/", &d.to_hex()[..4])));
+    }
+}

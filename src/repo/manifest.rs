@@ -1,0 +1,165 @@
+//! Backup manifests: one JSON document per backup, naming the VM, its
+//! configuration and, per disk, the ordered chunk digests (null = zero
+//! chunk). The document is wrapped with a BLAKE3 checksum of its exact
+//! bytes so truncation or bit rot is reported, never half-parsed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::chunk::Digest;
+use crate::error::{Error, Result};
+
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: u32,
+    pub vm: String,
+    pub id: String,
+    /// RFC 3339 UTC.
+    pub created: String,
+    pub created_unix: u64,
+    /// The VM's configuration (from `--config` or a default).
+    pub config: serde_json::Value,
+    pub disks: Vec<DiskManifest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskManifest {
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// One entry per chunk in disk order; `None` marks an all-zero chunk.
+    pub chunks: Vec<Option<Digest>>,
+    /// Compressed bytes of the distinct chunks this disk references.
+    pub stored_bytes: u64,
+    /// Compressed bytes this backup added to the repository.
+    pub new_bytes: u64,
+}
+
+impl DiskManifest {
+    pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
+        size.div_ceil(chunk_size as u64)
+    }
+
+    /// Plain length of chunk `index`: the last one may be short.
+    pub fn chunk_len(&self, index: u64) -> usize {
+        let start = index * self.chunk_size as u64;
+        (self.size - start).min(self.chunk_size as u64) as usize
+    }
+
+    fn check(&self) -> Result<()> {
+        let expect = Self::chunk_count(self.size, self.chunk_size);
+        if self.chunks.len() as u64 != expect {
+            return Err(Error::corrupt(format!(
+                "disk {} lists {} chunks, its size needs {expect}",
+                self.name,
+                self.chunks.len()
+            )));
+        }
+        super::chunk::validate_chunk_size(self.chunk_size as u64)
+            .map_err(|_| Error::corrupt(format!("disk {} has invalid chunk size {}", self.name, self.chunk_size)))?;
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    checksum: String,
+    manifest: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    checksum: String,
+    #[serde(borrow)]
+    manifest: &'a RawValue,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let body = serde_json::to_string(self).map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
+        let raw = RawValue::from_string(body).map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
+        let env = EnvelopeOut { checksum: blake3::hash(raw.get().as_bytes()).to_hex().to_string(), manifest: &raw };
+        let mut out = serde_json::to_vec(&env).map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// Parses and checks a stored manifest; `what` names it in errors.
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Manifest> {
+        let env: EnvelopeIn = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(format!("manifest {what} is damaged or truncated ({e})")))?;
+        let sum = blake3::hash(env.manifest.get().as_bytes()).to_hex().to_string();
+        if sum != env.checksum {
+            return Err(Error::corrupt(format!("manifest {what} fails its checksum")));
+        }
+        let m: Manifest = serde_json::from_str(env.manifest.get())
+            .map_err(|e| Error::corrupt(format!("manifest {what} is malformed ({e})")))?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(Error::corrupt(format!("manifest {what} has unknown format {}", m.format)));
+        }
+        for d in &m.disks {
+            d.check().map_err(|e| e.context(format!("manifest {what}")))?;
+        }
+        Ok(m)
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).sum()
+    }
+    pub fn stored_bytes(&self) -> u64 {
+        self.disks.iter().map(|d| d.stored_bytes).sum()
+    }
+    pub fn new_bytes(&self) -> u64 {
+        self.disks.iter().map(|d| d.new_bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            vm: "tiny".into(),
+            id: "20261121-000000".into(),
+            created: "2026-11-21T00:00:00Z".into(),
+            created_unix: 0,
+            config: serde_json::json!({"memory_mib": 512}),
+            disks: vec![DiskManifest {
+                name: "disk0".into(),
+                size: 3 * 65536 + 10,
+                chunk_size: 65536,
+                chunks: vec![Some(Digest::of(b"a")), None, Some(Digest::of(b"b")), None],
+                stored_bytes: 10,
+                new_bytes: 5,
+            }],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::decode(&m.encode().unwrap(), "x").unwrap(), m);
+        assert_eq!(m.disks[0].chunk_len(3), 10);
+    }
+
+    #[test]
+    fn truncated_or_altered_manifest_is_corrupt() {
+        let bytes = sample().encode().unwrap();
+        let e = Manifest::decode(&bytes[..bytes.len() / 2], "x").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        let s = String::from_utf8(bytes).unwrap().replace("\"memory_mib\":512", "\"memory_mib\":513");
+        let e = Manifest::decode(s.as_bytes(), "x").unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn chunk_count_must_match_disk_size() {
+        let mut m = sample();
+        m.disks[0].chunks.pop();
+        assert!(Manifest::decode(&m.encode().unwrap(), "x").is_err());
+    }
+}

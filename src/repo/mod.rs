@@ -1,0 +1,263 @@
+//! The backup repository: content-addressed, compressed, verified chunks
+//! plus one manifest per backup, on a pluggable [`Backend`].
+//!
+//! Layout (keys mirror directories):
+//! ```text
+//! repo.json                          identity: format, version, random id
+//! chunks/<hex[0..4]>/<hex>           zstd frame of the chunk's plain bytes
+//! backups/<vm>/<backup-id>.json      checksummed manifest
+//! ```
+//! A backup writes all its chunks first and its manifest last, so a reader
+//! never sees a manifest whose chunks are missing.
+
+pub mod backend;
+pub mod chunk;
+pub mod manifest;
+pub mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use backend::{Backend, LocalDir};
+pub use chunk::Digest;
+pub use manifest::{DiskManifest, Manifest};
+
+use crate::error::{Error, Result};
+use crate::util::validate_name;
+
+const INFO_KEY: &str = "repo.json";
+const REPO_FORMAT: &str = "recoverfs-repository";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoInfo {
+    pub format: String,
+    pub version: u32,
+    /// Random identity; a staging directory records it to refuse mixing repositories.
+    pub id: String,
+    pub created: String,
+}
+
+pub struct Repository {
+    backend: Box<dyn Backend>,
+    info: RepoInfo,
+}
+
+/// Summary of one backup for `list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSummary {
+    pub vm: String,
+    pub id: String,
+    pub created: String,
+    pub disks: usize,
+    pub virtual_size: u64,
+    pub stored_bytes: u64,
+    pub new_bytes: u64,
+}
+
+impl Repository {
+    /// Opens an existing repository; a missing one or a directory that is
+    /// not a repository is a clear error.
+    pub fn open(spec: &str) -> Result<Arc<Repository>> {
+        let backend = Self::backend_for(spec, false)?;
+        let info = Self::read_info(backend.as_ref())?;
+        Ok(Arc::new(Repository { backend, info }))
+    }
+
+    /// Opens a repository, creating it if `spec` does not exist or is an
+    /// empty directory. Used by `backup` and `init`.
+    pub fn open_or_create(spec: &str) -> Result<(Arc<Repository>, bool)> {
+        let backend = Self::backend_for(spec, true)?;
+        match backend.get(INFO_KEY)? {
+            Some(_) => {
+                let info = Self::read_info(backend.as_ref())?;
+                Ok((Arc::new(Repository { backend, info }), false))
+            }
+            None => {
+                if !backend.list("")?.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "{} is not a recoverfs repository (no repo.json) and is not empty",
+                        backend.location()
+                    )));
+                }
+                let info = RepoInfo {
+                    format: REPO_FORMAT.into(),
+                    version: 1,
+                    id: random_hex(16),
+                    created: crate::util::rfc3339(crate::util::now_unix()),
+                };
+                let body = serde_json::to_vec_pretty(&info).expect("serializable");
+                if !backend.put_new(INFO_KEY, &body)? {
+                    // Someone created it concurrently; use theirs.
+                    let info = Self::read_info(backend.as_ref())?;
+                    return Ok((Arc::new(Repository { backend, info }), false));
+                }
+                Ok((Arc::new(Repository { backend, info }), true))
+            }
+        }
+    }
+
+    fn backend_for(spec: &str, create: bool) -> Result<Box<dyn Backend>> {
+        if spec.contains("://") {
+            return Err(Error::invalid(format!("unsupported repository URL {spec:?}: use a directory path")));
+        }
+        let path = Path::new(spec);
+        if !path.exists() {
+            if !create {
+                return Err(Error::not_found(format!("repository {spec} does not exist")));
+            }
+            std::fs::create_dir_all(path).map_err(|e| Error::io(format!("create repository {spec}"), e))?;
+        } else if !path.is_dir() {
+            return Err(Error::invalid(format!("repository {spec} is not a directory")));
+        }
+        let abs = std::fs::canonicalize(path).map_err(|e| Error::io(format!("resolve {spec}"), e))?;
+        Ok(Box::new(LocalDir::new(&abs)))
+    }
+
+    fn read_info(backend: &dyn Backend) -> Result<RepoInfo> {
+        let loc = backend.location();
+        let bytes = backend
+            .get(INFO_KEY)?
+            .ok_or_else(|| Error::not_found(format!("{loc} is not a recoverfs repository (no repo.json)")))?;
+        let info: RepoInfo = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("{loc}/repo.json is damaged ({e})")))?;
+        if info.format != REPO_FORMAT {
+            return Err(Error::invalid(format!("{loc} is not a recoverfs repository")));
+        }
+        if info.version != 1 {
+            return Err(Error::invalid(format!("{loc}: unsupported repository version {}", info.version)));
+        }
+        Ok(info)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.info.id
+    }
+
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn vms(&self) -> Result<Vec<String>> {
+        Ok(self.backend.list("backups")?.into_iter().filter(|n| validate_name("VM", n).is_ok()).collect())
+    }
+
+    /// Backup ids of a VM, oldest first.
+    pub fn backup_ids(&self, vm: &str) -> Result<Vec<String>> {
+        validate_name("VM name", vm)?;
+        let mut ids: Vec<String> = self
+            .backend
+            .list(&format!("backups/{vm}"))?
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub fn manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
+        validate_name("VM name", vm)?;
+        validate_name("backup id", id)?;
+        let key = manifest_key(vm, id);
+        let bytes = self.backend.get(&key)?.ok_or_else(|| {
+            if self.backup_ids(vm).map(|v| v.is_empty()).unwrap_or(true) {
+                Error::not_found(format!("unknown VM {vm:?}: no backups in {}", self.location()))
+            } else {
+                Error::not_found(format!("unknown backup {id:?} of VM {vm}"))
+            }
+        })?;
+        let m = Manifest::decode(&bytes, &format!("{vm}/{id}"))?;
+        if m.vm != vm || m.id != id {
+            return Err(Error::corrupt(format!("manifest {vm}/{id} names {}/{}", m.vm, m.id)));
+        }
+        Ok(m)
+    }
+
+    /// The newest backup of a VM, or the given one.
+    pub fn resolve(&self, vm: &str, id: Option<&str>) -> Result<Manifest> {
+        match id {
+            Some(id) => self.manifest(vm, id),
+            None => {
+                let ids = self.backup_ids(vm)?;
+                let last = ids
+                    .last()
+                    .ok_or_else(|| Error::not_found(format!("unknown VM {vm:?}: no backups in {}", self.location())))?;
+                self.manifest(vm, last)
+            }
+        }
+    }
+
+    pub fn summaries(&self) -> Result<Vec<BackupSummary>> {
+        let mut out = vec![];
+        for vm in self.vms()? {
+            for id in self.backup_ids(&vm)? {
+                let m = self.manifest(&vm, &id)?;
+                out.push(BackupSummary {
+                    vm: vm.clone(),
+                    id,
+                    created: m.created.clone(),
+                    disks: m.disks.len(),
+                    virtual_size: m.virtual_size(),
+                    stored_bytes: m.stored_bytes(),
+                    new_bytes: m.new_bytes(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn has_chunk(&self, d: &Digest) -> Result<bool> {
+        self.backend.exists(&d.key())
+    }
+
+    /// Stores a chunk unless present. Returns the compressed bytes written
+    /// (0 if it was already there). Concurrent writers of the same chunk
+    /// are harmless: the content is identical by construction.
+    pub fn put_chunk(&self, d: &Digest, data: &[u8]) -> Result<u64> {
+        if self.has_chunk(d)? {
+            return Ok(0);
+        }
+        let stored = chunk::encode(data)?;
+        self.backend.put(&d.key(), &stored)?;
+        Ok(stored.len() as u64)
+    }
+
+    pub fn chunk_stored_size(&self, d: &Digest) -> Result<Option<u64>> {
+        self.backend.size(&d.key())
+    }
+
+    /// Reads and verifies a chunk. `what` names the chunk's place (VM,
+    /// backup, disk, block) for the error. Returns plain bytes and the
+    /// number of bytes transferred from the repository.
+    pub fn read_chunk(&self, d: &Digest, len: usize, what: &dyn std::fmt::Display) -> Result<(Vec<u8>, u64)> {
+        let stored = self
+            .backend
+            .get(&d.key())
+            .map_err(|e| e.context(format!("chunk {d} of {what}")))?
+            .ok_or_else(|| Error::corrupt(format!("chunk {d} of {what} is missing from the repository")))?;
+        let n = stored.len() as u64;
+        let data = chunk::decode(&stored, d, len).map_err(|e| e.context(what))?;
+        Ok((data, n))
+    }
+
+    /// Writes a manifest last, never replacing an existing backup.
+    pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
+        self.backend.put_new(&manifest_key(&m.vm, &m.id), &m.encode()?)
+    }
+}
+
+fn manifest_key(vm: &str, id: &str) -> String {
+    format!("backups/{vm}/{id}.json")
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,278 @@
+//! The datastore: the set of live recovery sessions a daemon serves. A
+//! session is one VM recovered from one backup: its volumes, its config
+//! file and the bookkeeping that makes `release` safe.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::pool::WorkerPool;
+use crate::repo::Repository;
+use crate::staging::{open_session, StagingDir};
+use crate::util::validate_name;
+use crate::volume::{DiskStatus, Volume};
+
+/// Inode numbers are carved per session: `base` is the directory,
+/// `base + 1` is vm.json, `base + 2 + i` is disk i.
+pub const INO_STRIDE: u64 = 4096;
+
+pub struct Session {
+    pub vm: String,
+    pub backup: String,
+    pub config_json: Vec<u8>,
+    pub disks: Vec<Arc<Volume>>,
+    pub ino_base: u64,
+    pub started: SystemTime,
+    pub resumed: bool,
+    /// Open disk handles and whether the session was released, under one
+    /// lock so an open can never slip past a release.
+    state: Mutex<OpenState>,
+}
+
+#[derive(Default)]
+struct OpenState {
+    open: u64,
+    released: bool,
+}
+
+impl Session {
+    /// Counts an open file handle; fails once the session is released.
+    pub fn open_handle(&self) -> bool {
+        let mut s = self.state.lock();
+        if s.released {
+            return false;
+        }
+        s.open += 1;
+        true
+    }
+
+    pub fn close_handle(&self) {
+        let mut s = self.state.lock();
+        s.open = s.open.saturating_sub(1);
+    }
+
+    pub fn open_handles(&self) -> u64 {
+        self.state.lock().open
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionStatus {
+    pub vm: String,
+    pub backup: String,
+    pub resumed: bool,
+    pub started: String,
+    pub open_handles: u64,
+    pub path: PathBuf,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecoverInfo {
+    pub vm: String,
+    pub backup: String,
+    /// True if existing staging was picked up (earlier writes are kept).
+    pub resumed: bool,
+    /// True if the session was already being served.
+    pub already_active: bool,
+    pub config: PathBuf,
+    pub disks: Vec<PathBuf>,
+}
+
+pub struct Datastore {
+    repo: Arc<Repository>,
+    staging: StagingDir,
+    mount: PathBuf,
+    sessions: RwLock<BTreeMap<String, Arc<Session>>>,
+    by_ino: RwLock<HashMap<u64, Arc<Session>>>,
+    next_base: AtomicU64,
+    fetchers: Arc<WorkerPool>,
+    /// Called with a VM name after its session is gone (kernel dentry
+    /// invalidation lives in the FUSE layer).
+    on_release: RwLock<Option<Box<dyn Fn(&str) + Send + Sync>>>,
+}
+
+impl Datastore {
+    pub fn new(repo: Arc<Repository>, staging: StagingDir, mount: &Path, fetch_workers: usize) -> Arc<Datastore> {
+        Arc::new(Datastore {
+            repo,
+            staging,
+            mount: mount.to_path_buf(),
+            sessions: RwLock::new(BTreeMap::new()),
+            by_ino: RwLock::new(HashMap::new()),
+            next_base: AtomicU64::new(1),
+            fetchers: Arc::new(WorkerPool::new("fetch", fetch_workers)),
+            on_release: RwLock::new(None),
+        })
+    }
+
+    pub fn set_on_release(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
+        *self.on_release.write() = Some(f);
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    pub fn staging_root(&self) -> &Path {
+        self.staging.root()
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions.read().values().cloned().collect()
+    }
+
+    pub fn session(&self, vm: &str) -> Option<Arc<Session>> {
+        self.sessions.read().get(vm).cloned()
+    }
+
+    /// Finds the session owning an inode number.
+    pub fn session_by_ino(&self, ino: u64) -> Option<Arc<Session>> {
+        self.by_ino.read().get(&(ino - ino % INO_STRIDE)).cloned()
+    }
+
+    /// Starts (or resumes) serving a VM. Without `backup`, kept staging of
+    /// the VM is resumed first so earlier guest writes are never hidden;
+    /// otherwise the newest backup is used.
+    pub fn recover(&self, vm: &str, backup: Option<&str>) -> Result<RecoverInfo> {
+        validate_name("VM name", vm)?;
+        if let Some(b) = backup {
+            validate_name("backup id", b)?;
+        }
+        let mut sessions = self.sessions.write();
+        if let Some(s) = sessions.get(vm) {
+            if backup.is_some_and(|b| b != s.backup) {
+                return Err(Error::busy(format!(
+                    "VM {vm} is already being recovered from backup {}; release it first",
+                    s.backup
+                )));
+            }
+            return Ok(self.info(s, true));
+        }
+        let chosen = match backup {
+            Some(b) => Some(b.to_string()),
+            None => self.staging.kept_sessions(vm).into_iter().map(|(b, _)| b).find(|b| self.repo.manifest(vm, b).is_ok()),
+        };
+        let manifest = self.repo.resolve(vm, chosen.as_deref())?;
+        let dir = self.staging.session_dir(vm, &manifest.id);
+        let (stores, resumed) = open_session(&dir, &manifest)?;
+        let disks = stores
+            .into_iter()
+            .enumerate()
+            .map(|(i, st)| {
+                Arc::new(Volume::new(self.repo.clone(), &manifest.id, vm, i, &manifest.disks[i], st, self.fetchers.clone()))
+            })
+            .collect();
+        let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
+        config_json.push(b'\n');
+        let session = Arc::new(Session {
+            vm: vm.into(),
+            backup: manifest.id.clone(),
+            config_json,
+            disks,
+            ino_base: self.next_base.fetch_add(1, Ordering::Relaxed) * INO_STRIDE,
+            started: SystemTime::now(),
+            resumed,
+            state: Mutex::new(OpenState::default()),
+        });
+        self.by_ino.write().insert(session.ino_base, session.clone());
+        sessions.insert(vm.into(), session.clone());
+        tracing::info!(vm, backup = %manifest.id, resumed, "recovery session started");
+        Ok(self.info(&session, false))
+    }
+
+    fn info(&self, s: &Session, already_active: bool) -> RecoverInfo {
+        let dir = self.mount.join(&s.vm);
+        RecoverInfo {
+            vm: s.vm.clone(),
+            backup: s.backup.clone(),
+            resumed: s.resumed,
+            already_active,
+            config: dir.join("vm.json"),
+            disks: s.disks.iter().map(|d| dir.join(format!("disk{}.raw", d.index))).collect(),
+        }
+    }
+
+    /// Ends a session after making its staging durable. Refused while any
+    /// disk file is open. With `discard`, the staging data is deleted.
+    pub fn release(&self, vm: &str, discard: bool) -> Result<String> {
+        validate_name("VM name", vm)?;
+        let session = {
+            let mut sessions = self.sessions.write();
+            let s = sessions.get(vm).cloned().ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+            {
+                let mut st = s.state.lock();
+                if st.open > 0 {
+                    return Err(Error::busy(format!(
+                        "a disk of VM {vm} is still open ({} handle(s)); stop the VM first",
+                        st.open
+                    )));
+                }
+                st.released = true;
+            }
+            sessions.remove(vm);
+            self.by_ino.write().remove(&s.ino_base);
+            s
+        };
+        for d in &session.disks {
+            d.quiesce(Duration::from_secs(60));
+            d.flush()?;
+        }
+        if discard {
+            self.staging.discard(vm, &session.backup)?;
+        }
+        if let Some(f) = self.on_release.read().as_ref() {
+            f(vm);
+        }
+        tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
+        Ok(session.backup.clone())
+    }
+
+    /// Drops kept staging for a VM that is not being served.
+    pub fn discard_kept(&self, vm: &str) -> Result<Vec<String>> {
+        validate_name("VM name", vm)?;
+        let kept: Vec<String> = self.staging.kept_sessions(vm).into_iter().map(|(b, _)| b).collect();
+        for b in &kept {
+            self.staging.discard(vm, b)?;
+        }
+        Ok(kept)
+    }
+
+    pub fn status(&self, s: &Session) -> SessionStatus {
+        SessionStatus {
+            vm: s.vm.clone(),
+            backup: s.backup.clone(),
+            resumed: s.resumed,
+            started: crate::util::rfc3339(s.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+            open_handles: s.open_handles(),
+            path: self.mount.join(&s.vm),
+            disks: s.disks.iter().map(|d| d.status()).collect(),
+        }
+    }
+
+    /// Flushes every volume; logs and returns the first error.
+    pub fn flush_all(&self) -> Result<()> {
+        let mut first = Ok(());
+        for s in self.sessions() {
+            for d in &s.disks {
+                if let Err(e) = d.flush() {
+                    tracing::error!(vm = %s.vm, disk = d.index, "flush failed: {e}");
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        first
+    }
+}

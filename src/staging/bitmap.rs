@@ -1,0 +1,326 @@
+//! Block bitmaps: a lock-free in-memory bitmap and its persistent form, a
+//! file with a fixed header followed by the bits (the nydus model).
+//!
+//! Bits only ever go from 0 to 1 while a session runs, and the file is
+//! written from a snapshot taken *before* the data it describes was synced,
+//! so a torn or stale bitmap write can only under-report, never claim data
+//! that is not on disk.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, IoContext, Result};
+use crate::util::write_atomic;
+
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    nbits: u64,
+}
+
+impl AtomicBitmap {
+    pub fn new(nbits: u64) -> Self {
+        let words = (0..nbits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        AtomicBitmap { words, nbits }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.nbits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nbits == 0
+    }
+
+    pub fn test(&self, bit: u64) -> bool {
+        debug_assert!(bit < self.nbits);
+        self.words[(bit / 64) as usize].load(Ordering::Acquire) & (1 << (bit % 64)) != 0
+    }
+
+    /// Sets a bit; returns true if it was newly set.
+    pub fn set(&self, bit: u64) -> bool {
+        let mask = 1 << (bit % 64);
+        self.words[(bit / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask == 0
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+    }
+
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+
+    fn load(&self, words: &[u64]) {
+        for (w, v) in self.words.iter().zip(words) {
+            w.store(*v, Ordering::Release);
+        }
+    }
+
+    /// Runs of set bits as half-open `[start, end)` block ranges.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = vec![];
+        let mut start = None;
+        for b in 0..self.nbits {
+            match (self.test(b), start) {
+                (true, None) => start = Some(b),
+                (false, Some(s)) => {
+                    out.push((s, b));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            out.push((s, self.nbits));
+        }
+        out
+    }
+}
+
+const MAGIC: &[u8; 8] = b"RFSBMAP1";
+const HEADER_LEN: u64 = 64;
+
+/// Which map a file holds; stored in the header so files cannot be swapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    Present = 1,
+    Changed = 2,
+}
+
+/// A bitmap backed by a file: `[header 64 B][u64 words, little endian]`.
+/// Header: magic, kind (u32), block size (u32), block count (u64).
+pub struct PersistentBitmap {
+    bits: AtomicBitmap,
+    file: File,
+    path: PathBuf,
+    /// Set when a bit changed after the last persist.
+    dirty: AtomicBool,
+    /// Serialises writers of the file.
+    write_lock: Mutex<()>,
+}
+
+impl PersistentBitmap {
+    /// Opens the map at `path`, creating it (atomically, all zero) if absent.
+    /// A header that does not match the disk geometry is corruption.
+    pub fn open(path: &Path, kind: MapKind, block_size: u32, nblocks: u64) -> Result<Self> {
+        let header = Self::header(kind, block_size, nblocks);
+        let words_len = nblocks.div_ceil(64) * 8;
+        if !path.exists() {
+            let mut init = header.to_vec();
+            init.resize((HEADER_LEN + words_len) as usize, 0);
+            write_atomic(path, &init, 0o600, false)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .ctx(|| format!("open {}", path.display()))?;
+        let mut buf = vec![0u8; (HEADER_LEN + words_len) as usize];
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|_| Error::corrupt(format!("staging map {} is truncated", path.display())))?;
+        if buf[..HEADER_LEN as usize] != header {
+            return Err(Error::corrupt(format!(
+                "staging map {} does not match its disk (damaged or from another backup)",
+                path.display()
+            )));
+        }
+        let words: Vec<u64> = buf[HEADER_LEN as usize..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let bits = AtomicBitmap::new(nblocks);
+        bits.load(&words);
+        // Bits past the end would be garbage from a damaged file.
+        if nblocks % 64 != 0 {
+            if let Some(last) = words.last() {
+                if last >> (nblocks % 64) != 0 {
+                    return Err(Error::corrupt(format!("staging map {} has bits past its end", path.display())));
+                }
+            }
+        }
+        Ok(PersistentBitmap {
+            bits,
+            file,
+            path: path.to_path_buf(),
+            dirty: AtomicBool::new(false),
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    fn header(kind: MapKind, block_size: u32, nblocks: u64) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&(kind as u32).to_le_bytes());
+        h[12..16].copy_from_slice(&block_size.to_le_bytes());
+        h[16..24].copy_from_slice(&nblocks.to_le_bytes());
+        h
+    }
+
+    pub fn bits(&self) -> &AtomicBitmap {
+        &self.bits
+    }
+
+    pub fn test(&self, bit: u64) -> bool {
+        self.bits.test(bit)
+    }
+
+    /// Sets a bit in memory only; `persist` makes it durable later.
+    pub fn set(&self, bit: u64) -> bool {
+        let new = self.bits.set(bit);
+        if new {
+            self.dirty.store(true, Ordering::Release);
+        }
+        new
+    }
+
+    /// Takes a snapshot to persist later, or `None` if nothing changed.
+    /// Take it *before* syncing the data the bits describe.
+    pub fn snapshot_if_dirty(&self) -> Option<Vec<u64>> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            Some(self.bits.snapshot())
+        } else {
+            None
+        }
+    }
+
+    /// Re-arms a persist after a snapshot could not be written.
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Writes a snapshot and syncs it. On failure the map is marked dirty
+    /// again so a later persist retries.
+    pub fn write_snapshot(&self, words: &[u64]) -> Result<()> {
+        let _g = self.write_lock.lock();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let r = self
+            .file
+            .write_all_at(&bytes, HEADER_LEN)
+            .and_then(|_| self.file.sync_data())
+            .ctx(|| format!("write {}", self.path.display()));
+        if r.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Sets a bit and makes it durable before returning (write-ahead
+    /// intent): used for the changed map, which must never miss a block
+    /// whose data may have reached the disk.
+    pub fn set_durable(&self, bit: u64) -> Result<()> {
+        if self.bits.test(bit) {
+            return Ok(());
+        }
+        let _g = self.write_lock.lock();
+        if self.bits.test(bit) {
+            return Ok(());
+        }
+        self.bits.set(bit);
+        let w = bit / 64;
+        let word = self.bits.words[w as usize].load(Ordering::Acquire);
+        let r = self
+            .file
+            .write_all_at(&word.to_le_bytes(), HEADER_LEN + w * 8)
+            .and_then(|_| self.file.sync_data())
+            .ctx(|| format!("write {}", self.path.display()));
+        if r.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Snapshot, write and sync in one step (for maps with no data to order).
+    pub fn persist(&self) -> Result<()> {
+        match self.snapshot_if_dirty() {
+            Some(s) => self.write_snapshot(&s),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_setters_each_see_exactly_one_new_set() {
+        let bm = Arc::new(AtomicBitmap::new(10_000));
+        let newly = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (bm, newly) = (bm.clone(), newly.clone());
+                std::thread::spawn(move || {
+                    for i in 0..10_000u64 {
+                        let b = (i * 7919 + t * 13) % 10_000;
+                        if bm.set(b) {
+                            newly.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(bm.count(), 10_000);
+        assert_eq!(newly.load(Ordering::Relaxed), 10_000);
+    }
+
+    #[test]
+    fn persisted_bits_survive_reopen_and_unpersisted_do_not() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m");
+        {
+            let m = PersistentBitmap::open(&p, MapKind::Present, 65536, 130).unwrap();
+            m.set(0);
+            m.set(129);
+            m.persist().unwrap();
+            m.set(64); // never persisted: a crash loses it, which is safe
+        }
+        let m = PersistentBitmap::open(&p, MapKind::Present, 65536, 130).unwrap();
+        assert!(m.test(0) && m.test(129) && !m.test(64));
+        assert_eq!(m.bits().ranges(), vec![(0, 1), (129, 130)]);
+    }
+
+    #[test]
+    fn durable_set_is_on_disk_before_it_returns() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c");
+        let m = PersistentBitmap::open(&p, MapKind::Changed, 65536, 100).unwrap();
+        m.set_durable(70).unwrap();
+        let again = PersistentBitmap::open(&p, MapKind::Changed, 65536, 100).unwrap();
+        assert!(again.test(70));
+    }
+
+    #[test]
+    fn concurrent_durable_sets_all_reach_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c");
+        let m = Arc::new(PersistentBitmap::open(&p, MapKind::Changed, 65536, 256).unwrap());
+        let ts: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || (0..64).for_each(|i| m.set_durable(i * 4 + t).unwrap()))
+            })
+            .collect();
+        ts.into_iter().for_each(|t| t.join().unwrap());
+        let again = PersistentBitmap::open(&p, MapKind::Changed, 65536, 256).unwrap();
+        assert_eq!(again.bits().count(), 256);
+    }
+
+    #[test]
+    fn a_map_from_other_geometry_or_kind_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m");
+        PersistentBitmap::open(&p, MapKind::Present, 65536, 10).unwrap();
+        assert!(PersistentBitmap::open(&p, MapKind::Present, 65536, 11).is_err());
+        assert!(PersistentBitmap::open(&p, MapKind::Changed, 65536, 10).is_err());
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(10).unwrap();
+        let e = PersistentBitmap::open(&p, MapKind::Present, 65536, 10).err().unwrap();
+        assert!(e.to_string().contains("truncated"));
+    }
+}

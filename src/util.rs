@@ -1,0 +1,143 @@
+//! Small shared helpers: atomic file creation, name validation, time stamps.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Makes `path` appear with `data` atomically: temp file, fsync, rename,
+/// fsync the directory. A crash leaves either the old file or the new one.
+/// With `replace == false` an existing file is an `AlreadyExists` error and
+/// is left untouched (link(2) instead of rename(2)).
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32, replace: bool) -> Result<()> {
+    let dir = path.parent().ok_or_else(|| Error::invalid(format!("{} has no parent", path.display())))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp.{}.{}", std::process::id(), unique()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .ctx(|| format!("create {}", tmp.display()))?;
+        f.write_all(data).ctx(|| format!("write {}", tmp.display()))?;
+        f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+        if replace {
+            fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
+        } else {
+            fs::hard_link(&tmp, path).ctx(|| format!("create {}", path.display()))?;
+        }
+        fsync_dir(dir)
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// VM names and backup ids become path components in the repository, the
+/// staging directory and the mount, so only a safe alphabet is accepted.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {what} {name:?}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+        )))
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// RFC 3339 UTC, second precision.
+pub fn rfc3339(unix: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    t.format(fmt).unwrap_or_default()
+}
+
+/// Human-readable byte counts for CLI output.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Parses sizes like `1M`, `64K`, `1MiB`, `4194304`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| Error::invalid(format!("invalid size {s:?}")))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(Error::invalid(format!("invalid size unit in {s:?}"))),
+    };
+    n.checked_mul(mult).ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_a_directory_are_rejected() {
+        for bad in ["..", ".", "a/b", "", "a\0b", "-x", ".hidden", "a b"] {
+            assert!(validate_name("VM name", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["tiny", "web-01", "db_2.prod"] {
+            validate_name("VM name", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn atomic_write_without_replace_keeps_existing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.json");
+        write_atomic(&p, b"one", 0o644, false).unwrap();
+        let e = write_atomic(&p, b"two", 0o644, false).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&p).unwrap(), b"one");
+        write_atomic(&p, b"three", 0o644, true).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"three");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "temp file left behind");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+    }
+}

@@ -1,0 +1,427 @@
+//! A live virtual disk: the read/write/flush API every frontend (FUSE now,
+//! NFS later) calls. It joins a backup's chunk list with a staging store.
+//!
+//! * A read of a staged block is a `pread` of the staging file.
+//! * A read of a missing block starts a fetch (at most one per block, via
+//!   the in-flight table), waits for it, then reads the staging file.
+//! * A zero chunk that is not staged reads as zeros without any I/O.
+//! * A write marks its blocks changed (durably, first), fills a partly
+//!   covered missing block from the backup, then writes the staging file.
+//! * `flush` makes data, then the presence map, then the changed map durable.
+//!
+//! The in-flight table's lock is held only to decide who fetches; all I/O
+//! happens outside it, so a slow fetch never blocks reads of staged blocks.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use crate::error::{Error, IoContext, Result};
+use crate::metrics::{Counter, LatencyHistogram};
+use crate::pool::WorkerPool;
+use crate::repo::{Digest, DiskManifest, Repository};
+use crate::staging::DiskStore;
+
+/// Where one block fill stands; readers and writers wait on it.
+struct Slot {
+    done: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+impl Slot {
+    fn new() -> Arc<Slot> {
+        Arc::new(Slot { done: Mutex::new(None), cv: Condvar::new() })
+    }
+
+    fn finish(&self, r: Result<()>) {
+        *self.done.lock() = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut g = self.done.lock();
+        while g.is_none() {
+            self.cv.wait(&mut g);
+        }
+        g.as_ref().expect("set").clone()
+    }
+}
+
+/// The outcome of asking for a block under the in-flight lock.
+enum Claim {
+    Present,
+    /// Someone else is filling it: wait.
+    Wait(Arc<Slot>),
+    /// We fill it and must call `complete`.
+    Owner(Arc<Slot>),
+}
+
+#[derive(Default)]
+pub struct VolumeStats {
+    pub reads: Counter,
+    pub read_bytes: Counter,
+    /// Reads served without waiting for any fetch.
+    pub read_hits: Counter,
+    pub writes: Counter,
+    pub write_bytes: Counter,
+    pub fetched_blocks: Counter,
+    /// Bytes transferred from the repository (compressed).
+    pub fetched_bytes: Counter,
+    pub fetch_errors: Counter,
+    pub fetch_latency: LatencyHistogram,
+    pub flushes: Counter,
+}
+
+pub struct Volume {
+    pub vm: String,
+    pub backup: String,
+    pub index: usize,
+    pub size: u64,
+    block_size: u64,
+    nblocks: u64,
+    chunks: Vec<Option<Digest>>,
+    repo: Arc<Repository>,
+    store: DiskStore,
+    inflight: Mutex<HashMap<u64, Arc<Slot>>>,
+    /// Serialises flushes so one fsync never returns while another's map
+    /// write, which its data depends on, is still pending.
+    flush_lock: Mutex<()>,
+    fetchers: Arc<WorkerPool>,
+    pub stats: VolumeStats,
+}
+
+/// Per-disk figures for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskStatus {
+    pub index: usize,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u64,
+    pub blocks_total: u64,
+    pub blocks_staged: u64,
+    pub blocks_changed: u64,
+    pub zero_blocks: u64,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub read_hits: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub fetched_blocks: u64,
+    pub fetched_bytes: u64,
+    pub fetch_errors: u64,
+    pub fetch_latency_mean_ms: f64,
+    pub fetch_latency_p99_ms: f64,
+    pub fetches_in_flight: usize,
+}
+
+impl Volume {
+    pub fn new(
+        repo: Arc<Repository>,
+        backup: &str,
+        vm: &str,
+        index: usize,
+        disk: &DiskManifest,
+        store: DiskStore,
+        fetchers: Arc<WorkerPool>,
+    ) -> Volume {
+        Volume {
+            vm: vm.into(),
+            backup: backup.into(),
+            index,
+            size: disk.size,
+            block_size: disk.chunk_size as u64,
+            nblocks: DiskManifest::chunk_count(disk.size, disk.chunk_size),
+            chunks: disk.chunks.clone(),
+            repo,
+            store,
+            inflight: Mutex::new(HashMap::new()),
+            flush_lock: Mutex::new(()),
+            fetchers,
+            stats: VolumeStats::default(),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!("disk{}", self.index)
+    }
+
+    fn block_len(&self, b: u64) -> u64 {
+        (self.size - b * self.block_size).min(self.block_size)
+    }
+
+    fn blocks(&self, off: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        off / self.block_size..(off + len - 1) / self.block_size + 1
+    }
+
+    /// True if a read of the range needs no fetch: the FUSE layer serves
+    /// such reads inline and hands the rest to I/O workers.
+    pub fn is_local(&self, off: u64, len: u64) -> bool {
+        let len = len.min(self.size.saturating_sub(off));
+        self.blocks(off, len).all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
+    }
+
+    fn claim(&self, b: u64) -> Claim {
+        if self.store.present.test(b) {
+            return Claim::Present;
+        }
+        let mut map = self.inflight.lock();
+        if self.store.present.test(b) {
+            return Claim::Present;
+        }
+        if let Some(s) = map.get(&b) {
+            return Claim::Wait(s.clone());
+        }
+        let s = Slot::new();
+        map.insert(b, s.clone());
+        Claim::Owner(s)
+    }
+
+    /// Ends a fill: on success the block is present before it leaves the
+    /// in-flight table, so no second fetch can start in between.
+    fn complete(&self, b: u64, slot: &Slot, r: Result<()>) {
+        {
+            let mut map = self.inflight.lock();
+            if r.is_ok() {
+                self.store.present.set(b);
+            }
+            map.remove(&b);
+        }
+        slot.finish(r);
+    }
+
+    /// Starts filling block `b` from the backup unless it is present.
+    /// Returns a slot to wait on, or `None` when the block is already local.
+    fn start_fill(self: &Arc<Self>, b: u64) -> Option<Arc<Slot>> {
+        match self.claim(b) {
+            Claim::Present => None,
+            Claim::Wait(s) => Some(s),
+            Claim::Owner(s) => {
+                match self.chunks[b as usize] {
+                    None => {
+                        let r = self.zero_fill(b);
+                        self.complete(b, &s, r);
+                    }
+                    Some(_) => {
+                        let (me, slot) = (self.clone(), s.clone());
+                        self.fetchers.submit(move || me.fetch(b, &slot));
+                    }
+                }
+                Some(s)
+            }
+        }
+    }
+
+    /// Runs on a fetch worker: repository → verify → staging file.
+    fn fetch(&self, b: u64, slot: &Slot) {
+        let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
+        let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
+        let start = Instant::now();
+        let what = format!("VM {} backup {} disk{} block {b}", self.vm, self.backup, self.index);
+        let r = self.repo.read_chunk(&digest, self.block_len(b) as usize, &what).and_then(|(data, n)| {
+            self.store
+                .data
+                .write_all_at(&data, b * self.block_size)
+                .ctx(|| format!("write staging {}", self.store.data_path.display()))?;
+            Ok(n)
+        });
+        match &r {
+            Ok(n) => {
+                self.stats.fetched_blocks.add(1);
+                self.stats.fetched_bytes.add(*n);
+                self.stats.fetch_latency.record(start.elapsed());
+            }
+            Err(e) => {
+                self.stats.fetch_errors.add(1);
+                tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk = %digest, "fetch failed: {e}");
+            }
+        }
+        self.complete(b, slot, r.map(|_| ()));
+    }
+
+    /// Makes a zero block's staging range read as zeros (it may hold
+    /// leftovers of a write that was never acknowledged before a crash).
+    fn zero_fill(&self, b: u64) -> Result<()> {
+        let (off, len) = (b * self.block_size, self.block_len(b));
+        // SAFETY: fallocate on an fd we own, with a range inside the file.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&self.store.data),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        self.store.data.write_all_at(&vec![0u8; len as usize], off).ctx(|| "zero staging block".into())
+    }
+
+    fn wait_all(slots: Vec<Arc<Slot>>) -> Result<()> {
+        let mut first = Ok(());
+        for s in slots {
+            if let Err(e) = s.wait() {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    /// Reads `len` bytes at `off`, short at the end of the disk.
+    pub fn read(self: &Arc<Self>, off: u64, len: usize) -> Result<Vec<u8>> {
+        let len = (len as u64).min(self.size.saturating_sub(off));
+        let _span = tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
+        let blocks = self.blocks(off, len);
+        // Start every missing fetch first so a multi-block read fetches in parallel.
+        let slots: Vec<_> =
+            blocks.clone().filter(|&b| self.chunks[b as usize].is_some()).filter_map(|b| self.start_fill(b)).collect();
+        let hit = slots.is_empty();
+        Self::wait_all(slots)?;
+        let mut buf = vec![0u8; len as usize];
+        let mut run: Option<(u64, u64)> = None; // staged byte range to pread
+        for b in blocks {
+            let s = (b * self.block_size).max(off);
+            let e = ((b + 1) * self.block_size).min(off + len);
+            if self.store.present.test(b) {
+                run = match run {
+                    Some((rs, re)) if re == s => Some((rs, e)),
+                    Some(r) => {
+                        self.pread_into(&mut buf, off, r)?;
+                        Some((s, e))
+                    }
+                    None => Some((s, e)),
+                };
+            }
+            // A zero chunk that is not staged stays zero in `buf`.
+        }
+        if let Some(r) = run {
+            self.pread_into(&mut buf, off, r)?;
+        }
+        self.stats.reads.add(1);
+        self.stats.read_bytes.add(len);
+        if hit {
+            self.stats.read_hits.add(1);
+        }
+        Ok(buf)
+    }
+
+    fn pread_into(&self, buf: &mut [u8], base: u64, (s, e): (u64, u64)) -> Result<()> {
+        let dst = &mut buf[(s - base) as usize..(e - base) as usize];
+        self.store.data.read_exact_at(dst, s).ctx(|| format!("read staging {}", self.store.data_path.display()))
+    }
+
+    /// Writes `data` at `off` into staging; the backup is never touched.
+    pub fn write(self: &Arc<Self>, off: u64, data: &[u8]) -> Result<usize> {
+        let len = data.len() as u64;
+        if off.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::new(crate::error::ErrorKind::NoSpace, format!("write past the end of disk{}", self.index)));
+        }
+        let _span = tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
+        let blocks = self.blocks(off, len);
+        let mut waits = vec![];
+        let mut owned = vec![];
+        for b in blocks.clone() {
+            let covers = off <= b * self.block_size && off + len >= b * self.block_size + self.block_len(b);
+            if covers {
+                // A fully overwritten block needs no fill: claim it so readers
+                // wait for our data instead of fetching the old content.
+                match self.claim(b) {
+                    Claim::Present => {}
+                    Claim::Wait(s) => waits.push(s),
+                    Claim::Owner(s) => owned.push((b, s)),
+                }
+            } else if let Some(s) = self.start_fill(b) {
+                waits.push(s);
+            }
+        }
+        let r = self.write_claimed(blocks, waits, off, data);
+        for (b, s) in owned {
+            self.complete(b, &s, r.clone().map(|_| ()));
+        }
+        r
+    }
+
+    fn write_claimed(&self, blocks: std::ops::Range<u64>, waits: Vec<Arc<Slot>>, off: u64, data: &[u8]) -> Result<usize> {
+        Self::wait_all(waits)?;
+        // Changed bits are durable before the data can be: the map may
+        // over-report after a crash, never under-report.
+        for b in blocks {
+            self.store.changed.set_durable(b)?;
+        }
+        self.store.data.write_all_at(data, off).ctx(|| format!("write staging {}", self.store.data_path.display()))?;
+        self.stats.writes.add(1);
+        self.stats.write_bytes.add(data.len() as u64);
+        Ok(data.len())
+    }
+
+    /// Makes every completed write and fetch durable: data first, then the
+    /// presence map (from a snapshot taken before the data sync), then the
+    /// changed map. Only then may a guest's fsync be answered.
+    pub fn flush(&self) -> Result<()> {
+        let _g = self.flush_lock.lock();
+        let snap = self.store.present.snapshot_if_dirty();
+        if let Err(e) = self.store.data.sync_data() {
+            if snap.is_some() {
+                self.store.present.mark_dirty();
+            }
+            return Err(Error::io(format!("fsync {}", self.store.data_path.display()), e));
+        }
+        if let Some(s) = snap {
+            self.store.present.write_snapshot(&s)?;
+        }
+        self.store.changed.persist()?;
+        self.stats.flushes.add(1);
+        Ok(())
+    }
+
+    /// Changed blocks as half-open block ranges.
+    pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
+        self.store.changed.bits().ranges()
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn status(&self) -> DiskStatus {
+        let s = &self.stats;
+        DiskStatus {
+            index: self.index,
+            name: self.name(),
+            size: self.size,
+            block_size: self.block_size,
+            blocks_total: self.nblocks,
+            blocks_staged: self.store.present.bits().count(),
+            blocks_changed: self.store.changed.bits().count(),
+            zero_blocks: self.chunks.iter().filter(|c| c.is_none()).count() as u64,
+            reads: s.reads.get(),
+            read_bytes: s.read_bytes.get(),
+            read_hits: s.read_hits.get(),
+            writes: s.writes.get(),
+            write_bytes: s.write_bytes.get(),
+            fetched_blocks: s.fetched_blocks.get(),
+            fetched_bytes: s.fetched_bytes.get(),
+            fetch_errors: s.fetch_errors.get(),
+            fetch_latency_mean_ms: s.fetch_latency.mean_us() / 1000.0,
+            fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
+            fetches_in_flight: self.inflight.lock().len(),
+        }
+    }
+
+    /// Waits for in-flight fills to settle (used before release/shutdown).
+    pub fn quiesce(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.inflight.lock().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
