@@ -62,11 +62,19 @@ rm -f "$STAMP"
 
 ensure_host_packages "$NAME"
 
+# Leftovers of a build that was killed outright (we hold the lock, so no
+# live build owns them).
+for stale in "$OUT/.work-$NAME".*; do
+    safe_rm_tree "$stale"
+done
+
 WORK="$(mktemp -d "$OUT/.work-$NAME.XXXXXX")"
 cleanup() {
     safe_rm_tree "$WORK"
 }
 trap cleanup EXIT
+# Make Ctrl-C / kill run the EXIT trap too.
+trap 'exit 130' INT TERM
 EMPTY_DIR="$WORK/empty"
 mkdir "$EMPTY_DIR"
 

@@ -98,6 +98,12 @@ impl Repository {
         }
     }
 
+    /// Opens a repository on an explicit backend (tests, other stores).
+    pub fn open_backend(backend: Box<dyn Backend>) -> Result<Arc<Repository>> {
+        let info = Self::read_info(backend.as_ref())?;
+        Ok(Arc::new(Repository { backend, info }))
+    }
+
     fn backend_for(spec: &str, create: bool) -> Result<Box<dyn Backend>> {
         if spec.contains("://") {
             return Err(Error::invalid(format!("unsupported repository URL {spec:?}: use a directory path")));

@@ -1,0 +1,227 @@
+//! Shared harness for end-to-end tests: temp directories, running the real
+//! binary, and a daemon guard that kills the daemon and unmounts even when
+//! the test panics.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_recoverfs")
+}
+
+/// FUSE tests must fail loudly, never skip, on a machine without FUSE.
+pub fn require_fuse() {
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: these tests need FUSE");
+    assert!(
+        Command::new("sh").args(["-c", "command -v fusermount3 >/dev/null"]).status().map(|s| s.success()).unwrap_or(false),
+        "fusermount3 is missing: install the fuse3 package (make test does this)"
+    );
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub staging: PathBuf,
+    pub mount: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        require_fuse();
+        let dir = tempfile::Builder::new().prefix("recoverfs-e2e").tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        let staging = dir.path().join("staging");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        let socket = dir.path().join("control.sock");
+        Env { dir, repo, staging, mount, socket }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn repo_str(&self) -> &str {
+        self.repo.to_str().unwrap()
+    }
+
+    /// Runs the binary with `args`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin()).args(args).env("RUST_LOG", "warn").output().unwrap()
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "recoverfs {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Runs and requires failure with a one-line error containing `needle`.
+    pub fn fails(&self, args: &[&str], needle: &str) -> String {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "recoverfs {args:?} should fail, stdout: {}", String::from_utf8_lossy(&o.stdout));
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected a one-line error for {args:?}, got: {err}");
+        assert!(lines[0].starts_with("recoverfs: error: "), "unexpected error format: {err}");
+        assert!(err.contains(needle), "error for {args:?} should mention {needle:?}: {err}");
+        err
+    }
+
+    pub fn backup(&self, vm: &str, chunk: &str, images: &[&Path]) -> String {
+        let mut args = vec!["backup", "--repo", self.repo_str(), "--vm", vm, "--chunk-size", chunk];
+        let imgs: Vec<&str> = images.iter().map(|p| p.to_str().unwrap()).collect();
+        args.extend(imgs);
+        self.ok(&args).lines().last().unwrap().to_string()
+    }
+
+    pub fn serve(&self) -> Daemon {
+        Daemon::start(self, &self.staging, &self.mount, &self.socket)
+    }
+
+    fn sock(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    /// `recover` and return the disk paths it printed.
+    pub fn recover(&self, vm: &str, backup: Option<&str>) -> Vec<PathBuf> {
+        let mut args = vec!["recover", "--socket", self.sock(), vm];
+        if let Some(b) = backup {
+            args.extend(["--backup", b]);
+        }
+        self.ok(&args).lines().map(PathBuf::from).collect()
+    }
+
+    pub fn release(&self, vm: &str, discard: bool) -> Output {
+        let mut args = vec!["release", "--socket", self.sock(), vm];
+        if discard {
+            args.push("--discard");
+        }
+        self.run(&args)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--socket", self.sock(), "--json"])).unwrap()
+    }
+
+    pub fn disk_status(&self, vm: &str, disk: usize) -> serde_json::Value {
+        let st = self.status();
+        let s = st["sessions"].as_array().unwrap().iter().find(|s| s["vm"] == vm).expect("session listed").clone();
+        s["disks"][disk].clone()
+    }
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub mount: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(env: &Env, staging: &Path, mount: &Path, socket: &Path) -> Daemon {
+        let log = env.path(&format!("daemon-{}.log", rand::random::<u32>()));
+        let child = Command::new(bin())
+            .args(["serve", "--repo", env.repo_str(), "--staging"])
+            .arg(staging)
+            .arg("--mount")
+            .arg(mount)
+            .arg("--socket")
+            .arg(socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child: Some(child), mount: mount.to_path_buf(), log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return d;
+            }
+            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited ({st}) during start: {}", d.log_text());
+            }
+            assert!(Instant::now() < deadline, "daemon did not start: {}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to flush or unmount, like a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("daemon did not stop on SIGTERM: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mount).stderr(Stdio::null()).status();
+        if std::thread::panicking() {
+            eprintln!("---- daemon log {} ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// Random bytes with zero holes, so zero-chunk handling is exercised.
+pub fn random_image(path: &Path, size: usize, seed: u64, chunk: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size];
+    rng.fill(&mut data[..]);
+    let mut off = 0;
+    while off < size {
+        // Roughly every third chunk is a hole; some holes are partial.
+        if rng.gen_ratio(1, 3) {
+            let end = (off + chunk).min(size);
+            data[off..end].fill(0);
+        } else if rng.gen_ratio(1, 4) {
+            let end = (off + chunk / 3).min(size);
+            data[off..end].fill(0);
+        }
+        off += chunk;
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+pub fn read_all(p: &Path) -> Vec<u8> {
+    let mut v = vec![];
+    std::fs::File::open(p).unwrap().read_to_end(&mut v).unwrap();
+    v
+}
