@@ -6,7 +6,7 @@ DEMO ?= tiny
 
 # Debian packages the build, tests and demo need. qemu-utils is pinned to the
 # same version as qemu-system-x86 because installing one replaces the other.
-APT_PACKAGES := fuse3 fio curl
+APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3
 
 .PHONY: all build release deps test demo bench clean fmt
 

@@ -37,57 +37,103 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let repo = Repository::open(&opts.repo)?;
     let mount = check_mount_point(&opts.mount)?;
     let staging = StagingDir::open(&opts.staging, repo.id(), &repo.location())?;
-    let socket = opts.socket.clone().unwrap_or_else(|| staging.root().join("control.sock"));
+    let socket = opts
+        .socket
+        .clone()
+        .unwrap_or_else(|| staging.root().join("control.sock"));
     check_socket(&socket)?;
-
-    let ds = Datastore::new(repo.clone(), staging, &mount, opts.fetch_workers);
-    let fs = RecoverFs::new(ds.clone(), 64);
-    let mut options = vec![
-        fuser::MountOption::FSName("recoverfs".into()),
-        fuser::MountOption::Subtype("recoverfs".into()),
-        fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-        fuser::MountOption::NoAtime,
-        fuser::MountOption::RW,
-    ];
-    if opts.allow_other {
-        options.push(fuser::MountOption::CUSTOM("allow_other".into()));
-    }
-    let mut cfg = fuser::Config::default();
-    cfg.mount_options = options;
-    cfg.acl = if opts.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
-    cfg.n_threads = Some(opts.fuse_threads.max(1));
-    cfg.clone_fd = true;
-    let bg = fuser::spawn_mount(fs, &mount, &cfg).map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
-    let notifier = bg.notifier();
-    ds.set_on_release(Box::new(move |vm| {
-        let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(vm));
-    }));
+    let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts)?;
     tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
-
     let link = publish_default_socket(&socket);
-    let stop = Arc::new(AtomicBool::new(false));
-    let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
-    let api_result = run_api(ds.clone(), &socket);
-    stop.store(true, Ordering::Release);
-    let _ = flusher.join();
-
-    // Durable first, then unmount: a guest still running sees ENOTCONN,
-    // never lost writes.
-    let flush = ds.flush_all();
+    let api_result = run_api(mounted.ds.clone(), &socket);
     let _ = std::fs::remove_file(&socket);
     if let Some(link) = link {
         let _ = std::fs::remove_file(link);
     }
-    let unmount = bg.umount_and_join().map_err(|e| Error::io(format!("unmount {}", mount.display()), e));
+    let stopped = mounted.shutdown();
     tracing::info!("stopped");
     api_result?;
-    flush?;
-    unmount
+    stopped
 }
 
-fn spawn_flusher(ds: Arc<Datastore>, stop: Arc<AtomicBool>, every: Duration) -> std::thread::JoinHandle<()> {
+/// A datastore mounted on FUSE with its background flusher: what `serve`
+/// runs behind its API, and what `verify-boot` runs in-process.
+pub struct MountedDatastore {
+    pub ds: Arc<Datastore>,
+    bg: fuser::BackgroundSession,
+    stop: Arc<AtomicBool>,
+    flusher: std::thread::JoinHandle<()>,
+    mount: PathBuf,
+}
+
+impl MountedDatastore {
+    /// `mount` must have passed `check_mount_point`.
+    pub fn start(
+        repo: Arc<Repository>,
+        staging: StagingDir,
+        mount: &Path,
+        opts: &ServeOptions,
+    ) -> Result<Self> {
+        let ds = Datastore::new(repo, staging, mount, opts.fetch_workers);
+        let fs = RecoverFs::new(ds.clone(), 64);
+        let mut options = vec![
+            fuser::MountOption::FSName("recoverfs".into()),
+            fuser::MountOption::Subtype("recoverfs".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoAtime,
+            fuser::MountOption::RW,
+        ];
+        if opts.allow_other {
+            options.push(fuser::MountOption::CUSTOM("allow_other".into()));
+        }
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = options;
+        cfg.acl = if opts.allow_other {
+            fuser::SessionACL::All
+        } else {
+            fuser::SessionACL::Owner
+        };
+        cfg.n_threads = Some(opts.fuse_threads.max(1));
+        cfg.clone_fd = true;
+        let bg = fuser::spawn_mount(fs, mount, &cfg)
+            .map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
+        let notifier = bg.notifier();
+        ds.set_on_release(Box::new(move |vm| {
+            let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(vm));
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
+        Ok(MountedDatastore {
+            ds,
+            bg,
+            stop,
+            flusher,
+            mount: mount.to_path_buf(),
+        })
+    }
+
+    /// Durable first, then unmount: a guest still running sees ENOTCONN,
+    /// never lost writes.
+    pub fn shutdown(self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.flusher.join();
+        let flush = self.ds.flush_all();
+        let unmount = self
+            .bg
+            .umount_and_join()
+            .map_err(|e| Error::io(format!("unmount {}", self.mount.display()), e));
+        flush?;
+        unmount
+    }
+}
+
+fn spawn_flusher(
+    ds: Arc<Datastore>,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("flusher".into())
         .spawn(move || {
@@ -113,16 +159,22 @@ fn run_api(ds: Arc<Datastore>, socket: &Path) -> Result<()> {
         .build()
         .ctx(|| "start the control API runtime".into())?;
     rt.block_on(async {
-        let listener = tokio::net::UnixListener::bind(socket).ctx(|| format!("bind control socket {}", socket.display()))?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).ctx(|| format!("chmod {}", socket.display()))?;
+        let listener = tokio::net::UnixListener::bind(socket)
+            .ctx(|| format!("bind control socket {}", socket.display()))?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+            .ctx(|| format!("chmod {}", socket.display()))?;
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             }
         };
-        crate::api::serve(ds, listener, shutdown).await.ctx(|| "control API".into())
+        crate::api::serve(ds, listener, shutdown)
+            .await
+            .ctx(|| "control API".into())
     })
 }
 
@@ -150,13 +202,19 @@ fn publish_default_socket(socket: &Path) -> Option<PathBuf> {
 fn check_socket(socket: &Path) -> Result<()> {
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Err(Error::busy(format!("socket {} is already served by a running recoverfs daemon", socket.display())));
+            return Err(Error::busy(format!(
+                "socket {} is already served by a running recoverfs daemon",
+                socket.display()
+            )));
         }
         std::fs::remove_file(socket).ctx(|| format!("remove stale socket {}", socket.display()))?;
     }
     if let Some(dir) = socket.parent() {
         if !dir.as_os_str().is_empty() && !dir.is_dir() {
-            return Err(Error::not_found(format!("socket directory {} does not exist", dir.display())));
+            return Err(Error::not_found(format!(
+                "socket directory {} does not exist",
+                dir.display()
+            )));
         }
     }
     Ok(())
@@ -164,7 +222,7 @@ fn check_socket(socket: &Path) -> Result<()> {
 
 /// The mount point must be an existing, empty directory with nothing
 /// mounted on it. A stale FUSE mount (its daemon died) is detached.
-fn check_mount_point(mount: &Path) -> Result<PathBuf> {
+pub fn check_mount_point(mount: &Path) -> Result<PathBuf> {
     let state = mount_point_state(mount)?;
     if state == MountPointState::Stale {
         tracing::warn!(mount = %mount.display(), "detaching stale FUSE mount left by a dead daemon");
@@ -176,7 +234,10 @@ fn check_mount_point(mount: &Path) -> Result<PathBuf> {
             ))
         })?;
         if mount_point_state(mount)? != MountPointState::Ready {
-            return Err(Error::busy(format!("{} is still busy after detaching a stale mount", mount.display())));
+            return Err(Error::busy(format!(
+                "{} is still busy after detaching a stale mount",
+                mount.display()
+            )));
         }
     }
     std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))
@@ -186,10 +247,18 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
     match std::fs::metadata(mount) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(MountPointState::Stale),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::not_found(format!("mount point {} does not exist", mount.display())))
+            return Err(Error::not_found(format!(
+                "mount point {} does not exist",
+                mount.display()
+            )))
         }
         Err(e) => return Err(Error::io(format!("mount point {}", mount.display()), e)),
-        Ok(m) if !m.is_dir() => return Err(Error::invalid(format!("mount point {} is not a directory", mount.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::invalid(format!(
+                "mount point {} is not a directory",
+                mount.display()
+            )))
+        }
         Ok(_) => {}
     }
     let abs = std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))?;
@@ -201,20 +270,34 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
     }
     let mut entries = std::fs::read_dir(&abs).ctx(|| format!("read {}", abs.display()))?;
     if entries.next().is_some() {
-        return Err(Error::invalid(format!("mount point {} is not empty", mount.display())));
+        return Err(Error::invalid(format!(
+            "mount point {} is not empty",
+            mount.display()
+        )));
     }
     Ok(MountPointState::Ready)
 }
 
 fn is_mounted(abs: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = abs.to_string_lossy();
-    info.lines().any(|l| l.split_whitespace().nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+    info.lines().any(|l| {
+        l.split_whitespace()
+            .nth(4)
+            .map(unescape_mountinfo)
+            .as_deref()
+            == Some(&*want)
+    })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 #[cfg(test)]
@@ -246,6 +329,9 @@ mod tests {
         check_socket(&p).unwrap();
         assert!(!p.exists());
         let _live = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        assert!(check_socket(&p).unwrap_err().to_string().contains("already served"));
+        assert!(check_socket(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("already served"));
     }
 }

@@ -41,7 +41,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, context: impl Into<String>) -> Self {
-        Error { kind, context: context.into(), source: None }
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+        }
     }
 
     /// Wraps an OS error; ENOSPC/EDQUOT and ENOENT keep their meaning.
@@ -55,7 +59,11 @@ impl Error {
                 _ => ErrorKind::Io,
             },
         };
-        Error { kind, context: context.into(), source: Some(Arc::new(err)) }
+        Error {
+            kind,
+            context: context.into(),
+            source: Some(Arc::new(err)),
+        }
     }
 
     pub fn not_found(context: impl Into<String>) -> Self {
@@ -88,7 +96,11 @@ impl Error {
             ErrorKind::AlreadyExists => libc::EEXIST,
             ErrorKind::NotPermitted => libc::EPERM,
             ErrorKind::NoSpace => libc::ENOSPC,
-            ErrorKind::Io => self.source.as_ref().and_then(|e| e.raw_os_error()).unwrap_or(libc::EIO),
+            ErrorKind::Io => self
+                .source
+                .as_ref()
+                .and_then(|e| e.raw_os_error())
+                .unwrap_or(libc::EIO),
         }
     }
 
@@ -116,7 +128,9 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

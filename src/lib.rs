@@ -60,6 +60,7 @@
 //! | session staging | kept at `release`, deleted by `release --discard` | resumed by the next `recover` |
 
 pub mod api;
+pub mod boot;
 pub mod cli;
 pub mod daemon;
 pub mod error;
@@ -70,6 +71,7 @@ pub mod repo;
 pub mod session;
 pub mod staging;
 pub mod util;
+pub mod verify_boot;
 pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};

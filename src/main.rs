@@ -5,10 +5,16 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = recoverfs::cli::Cli::parse();
-    let default = if matches!(cli.command, recoverfs::cli::Command::Serve { .. }) { "info" } else { "warn" };
+    // fuser logs replies that race an unmount as errors; ours are enough.
+    let default = if matches!(cli.command, recoverfs::cli::Command::Serve { .. }) {
+        "info,fuser=off"
+    } else {
+        "warn,fuser=off"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();

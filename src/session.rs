@@ -99,7 +99,12 @@ pub struct Datastore {
 }
 
 impl Datastore {
-    pub fn new(repo: Arc<Repository>, staging: StagingDir, mount: &Path, fetch_workers: usize) -> Arc<Datastore> {
+    pub fn new(
+        repo: Arc<Repository>,
+        staging: StagingDir,
+        mount: &Path,
+        fetch_workers: usize,
+    ) -> Arc<Datastore> {
         Arc::new(Datastore {
             repo,
             staging,
@@ -161,7 +166,12 @@ impl Datastore {
         }
         let chosen = match backup {
             Some(b) => Some(b.to_string()),
-            None => self.staging.kept_sessions(vm).into_iter().map(|(b, _)| b).find(|b| self.repo.manifest(vm, b).is_ok()),
+            None => self
+                .staging
+                .kept_sessions(vm)
+                .into_iter()
+                .map(|(b, _)| b)
+                .find(|b| self.repo.manifest(vm, b).is_ok()),
         };
         let manifest = self.repo.resolve(vm, chosen.as_deref())?;
         let dir = self.staging.session_dir(vm, &manifest.id);
@@ -170,7 +180,15 @@ impl Datastore {
             .into_iter()
             .enumerate()
             .map(|(i, st)| {
-                Arc::new(Volume::new(self.repo.clone(), &manifest.id, vm, i, &manifest.disks[i], st, self.fetchers.clone()))
+                Arc::new(Volume::new(
+                    self.repo.clone(),
+                    &manifest.id,
+                    vm,
+                    i,
+                    &manifest.disks[i],
+                    st,
+                    self.fetchers.clone(),
+                ))
             })
             .collect();
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
@@ -185,7 +203,9 @@ impl Datastore {
             resumed,
             state: Mutex::new(OpenState::default()),
         });
-        self.by_ino.write().insert(session.ino_base, session.clone());
+        self.by_ino
+            .write()
+            .insert(session.ino_base, session.clone());
         sessions.insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, "recovery session started");
         Ok(self.info(&session, false))
@@ -199,7 +219,11 @@ impl Datastore {
             resumed: s.resumed,
             already_active,
             config: dir.join("vm.json"),
-            disks: s.disks.iter().map(|d| dir.join(format!("disk{}.raw", d.index))).collect(),
+            disks: s
+                .disks
+                .iter()
+                .map(|d| dir.join(format!("disk{}.raw", d.index)))
+                .collect(),
         }
     }
 
@@ -209,7 +233,10 @@ impl Datastore {
         validate_name("VM name", vm)?;
         let session = {
             let mut sessions = self.sessions.write();
-            let s = sessions.get(vm).cloned().ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+            let s = sessions
+                .get(vm)
+                .cloned()
+                .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
             {
                 let mut st = s.state.lock();
                 if st.open > 0 {
@@ -241,7 +268,12 @@ impl Datastore {
     /// Drops kept staging for a VM that is not being served.
     pub fn discard_kept(&self, vm: &str) -> Result<Vec<String>> {
         validate_name("VM name", vm)?;
-        let kept: Vec<String> = self.staging.kept_sessions(vm).into_iter().map(|(b, _)| b).collect();
+        let kept: Vec<String> = self
+            .staging
+            .kept_sessions(vm)
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect();
         for b in &kept {
             self.staging.discard(vm, b)?;
         }
@@ -253,7 +285,12 @@ impl Datastore {
             vm: s.vm.clone(),
             backup: s.backup.clone(),
             resumed: s.resumed,
-            started: crate::util::rfc3339(s.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+            started: crate::util::rfc3339(
+                s.started
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
             open_handles: s.open_handles(),
             path: self.mount.join(&s.vm),
             disks: s.disks.iter().map(|d| d.status()).collect(),

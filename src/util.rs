@@ -13,7 +13,9 @@ use crate::error::{Error, IoContext, Result};
 /// With `replace == false` an existing file is an `AlreadyExists` error and
 /// is left untouched (link(2) instead of rename(2)).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32, replace: bool) -> Result<()> {
-    let dir = path.parent().ok_or_else(|| Error::invalid(format!("{} has no parent", path.display())))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::invalid(format!("{} has no parent", path.display())))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp.{}.{}", std::process::id(), unique()));
     let result = (|| {
@@ -23,7 +25,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, replace: bool) -> Resul
             .mode(mode)
             .open(&tmp)
             .ctx(|| format!("create {}", tmp.display()))?;
-        f.write_all(data).ctx(|| format!("write {}", tmp.display()))?;
+        f.write_all(data)
+            .ctx(|| format!("write {}", tmp.display()))?;
         f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
         if replace {
             fs::rename(&tmp, path).ctx(|| format!("rename to {}", path.display()))?;
@@ -37,7 +40,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, replace: bool) -> Resul
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx(|| format!("fsync directory {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("fsync directory {}", dir.display()))
 }
 
 fn unique() -> u64 {
@@ -53,7 +58,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
         && name.len() <= 128
         && !name.starts_with('.')
         && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -64,12 +71,16 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// RFC 3339 UTC, second precision.
 pub fn rfc3339(unix: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     t.format(fmt).unwrap_or_default()
 }
@@ -95,7 +106,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| Error::invalid(format!("invalid size {s:?}")))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::invalid(format!("invalid size {s:?}")))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -103,7 +116,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(Error::invalid(format!("invalid size unit in {s:?}"))),
     };
-    n.checked_mul(mult).ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
 }
 
 #[cfg(test)]
@@ -130,7 +144,11 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"one");
         write_atomic(&p, b"three", 0o644, true).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"three");
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "temp file left behind");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
     }
 
     #[test]

@@ -34,7 +34,10 @@ struct Slot {
 
 impl Slot {
     fn new() -> Arc<Slot> {
-        Arc::new(Slot { done: Mutex::new(None), cv: Condvar::new() })
+        Arc::new(Slot {
+            done: Mutex::new(None),
+            cv: Condvar::new(),
+        })
     }
 
     fn finish(&self, r: Result<()>) {
@@ -74,6 +77,8 @@ pub struct VolumeStats {
     pub fetch_errors: Counter,
     pub fetch_latency: LatencyHistogram,
     pub flushes: Counter,
+    /// The most recent fetch failure, for status and verify-boot.
+    pub last_fetch_error: Mutex<Option<String>>,
 }
 
 pub struct Volume {
@@ -116,6 +121,8 @@ pub struct DiskStatus {
     pub fetch_latency_mean_ms: f64,
     pub fetch_latency_p99_ms: f64,
     pub fetches_in_flight: usize,
+    pub flushes: u64,
+    pub last_fetch_error: Option<String>,
 }
 
 impl Volume {
@@ -164,7 +171,8 @@ impl Volume {
     /// such reads inline and hands the rest to I/O workers.
     pub fn is_local(&self, off: u64, len: u64) -> bool {
         let len = len.min(self.size.saturating_sub(off));
-        self.blocks(off, len).all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
+        self.blocks(off, len)
+            .all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
     }
 
     fn claim(&self, b: u64) -> Claim {
@@ -223,14 +231,20 @@ impl Volume {
         let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
         let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
         let start = Instant::now();
-        let what = format!("VM {} backup {} disk{} block {b}", self.vm, self.backup, self.index);
-        let r = self.repo.read_chunk(&digest, self.block_len(b) as usize, &what).and_then(|(data, n)| {
-            self.store
-                .data
-                .write_all_at(&data, b * self.block_size)
-                .ctx(|| format!("write staging {}", self.store.data_path.display()))?;
-            Ok(n)
-        });
+        let what = format!(
+            "VM {} backup {} disk{} block {b}",
+            self.vm, self.backup, self.index
+        );
+        let r = self
+            .repo
+            .read_chunk(&digest, self.block_len(b) as usize, &what)
+            .and_then(|(data, n)| {
+                self.store
+                    .data
+                    .write_all_at(&data, b * self.block_size)
+                    .ctx(|| format!("write staging {}", self.store.data_path.display()))?;
+                Ok(n)
+            });
         match &r {
             Ok(n) => {
                 self.stats.fetched_blocks.add(1);
@@ -239,6 +253,7 @@ impl Volume {
             }
             Err(e) => {
                 self.stats.fetch_errors.add(1);
+                *self.stats.last_fetch_error.lock() = Some(e.to_string());
                 tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk = %digest, "fetch failed: {e}");
             }
         }
@@ -261,7 +276,10 @@ impl Volume {
         if rc == 0 {
             return Ok(());
         }
-        self.store.data.write_all_at(&vec![0u8; len as usize], off).ctx(|| "zero staging block".into())
+        self.store
+            .data
+            .write_all_at(&vec![0u8; len as usize], off)
+            .ctx(|| "zero staging block".into())
     }
 
     fn wait_all(slots: Vec<Arc<Slot>>) -> Result<()> {
@@ -279,11 +297,15 @@ impl Volume {
     /// Reads `len` bytes at `off`, short at the end of the disk.
     pub fn read(self: &Arc<Self>, off: u64, len: usize) -> Result<Vec<u8>> {
         let len = (len as u64).min(self.size.saturating_sub(off));
-        let _span = tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
+        let _span =
+            tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
         let blocks = self.blocks(off, len);
         // Start every missing fetch first so a multi-block read fetches in parallel.
-        let slots: Vec<_> =
-            blocks.clone().filter(|&b| self.chunks[b as usize].is_some()).filter_map(|b| self.start_fill(b)).collect();
+        let slots: Vec<_> = blocks
+            .clone()
+            .filter(|&b| self.chunks[b as usize].is_some())
+            .filter_map(|b| self.start_fill(b))
+            .collect();
         let hit = slots.is_empty();
         Self::wait_all(slots)?;
         let mut buf = vec![0u8; len as usize];
@@ -316,21 +338,29 @@ impl Volume {
 
     fn pread_into(&self, buf: &mut [u8], base: u64, (s, e): (u64, u64)) -> Result<()> {
         let dst = &mut buf[(s - base) as usize..(e - base) as usize];
-        self.store.data.read_exact_at(dst, s).ctx(|| format!("read staging {}", self.store.data_path.display()))
+        self.store
+            .data
+            .read_exact_at(dst, s)
+            .ctx(|| format!("read staging {}", self.store.data_path.display()))
     }
 
     /// Writes `data` at `off` into staging; the backup is never touched.
     pub fn write(self: &Arc<Self>, off: u64, data: &[u8]) -> Result<usize> {
         let len = data.len() as u64;
         if off.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::new(crate::error::ErrorKind::NoSpace, format!("write past the end of disk{}", self.index)));
+            return Err(Error::new(
+                crate::error::ErrorKind::NoSpace,
+                format!("write past the end of disk{}", self.index),
+            ));
         }
-        let _span = tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
+        let _span =
+            tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
         let blocks = self.blocks(off, len);
         let mut waits = vec![];
         let mut owned = vec![];
         for b in blocks.clone() {
-            let covers = off <= b * self.block_size && off + len >= b * self.block_size + self.block_len(b);
+            let covers =
+                off <= b * self.block_size && off + len >= b * self.block_size + self.block_len(b);
             if covers {
                 // A fully overwritten block needs no fill: claim it so readers
                 // wait for our data instead of fetching the old content.
@@ -350,14 +380,23 @@ impl Volume {
         r
     }
 
-    fn write_claimed(&self, blocks: std::ops::Range<u64>, waits: Vec<Arc<Slot>>, off: u64, data: &[u8]) -> Result<usize> {
+    fn write_claimed(
+        &self,
+        blocks: std::ops::Range<u64>,
+        waits: Vec<Arc<Slot>>,
+        off: u64,
+        data: &[u8],
+    ) -> Result<usize> {
         Self::wait_all(waits)?;
         // Changed bits are durable before the data can be: the map may
         // over-report after a crash, never under-report.
         for b in blocks {
             self.store.changed.set_durable(b)?;
         }
-        self.store.data.write_all_at(data, off).ctx(|| format!("write staging {}", self.store.data_path.display()))?;
+        self.store
+            .data
+            .write_all_at(data, off)
+            .ctx(|| format!("write staging {}", self.store.data_path.display()))?;
         self.stats.writes.add(1);
         self.stats.write_bytes.add(data.len() as u64);
         Ok(data.len())
@@ -373,7 +412,10 @@ impl Volume {
             if snap.is_some() {
                 self.store.present.mark_dirty();
             }
-            return Err(Error::io(format!("fsync {}", self.store.data_path.display()), e));
+            return Err(Error::io(
+                format!("fsync {}", self.store.data_path.display()),
+                e,
+            ));
         }
         if let Some(s) = snap {
             self.store.present.write_snapshot(&s)?;
@@ -414,6 +456,8 @@ impl Volume {
             fetch_latency_mean_ms: s.fetch_latency.mean_us() / 1000.0,
             fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
             fetches_in_flight: self.inflight.lock().len(),
+            flushes: s.flushes.get(),
+            last_fetch_error: s.last_fetch_error.lock().clone(),
         }
     }
 
@@ -498,11 +542,24 @@ mod tests {
         }
         let img = dir.path().join("img");
         std::fs::write(&img, &data).unwrap();
-        run_backup(&repo, BackupRequest { vm: "vm".into(), config: None, chunk_size: BS as u32, images: vec![img], progress: false })
-            .unwrap();
+        run_backup(
+            &repo,
+            BackupRequest {
+                vm: "vm".into(),
+                config: None,
+                chunk_size: BS as u32,
+                images: vec![img],
+                progress: false,
+            },
+        )
+        .unwrap();
         let gate = Arc::new((Mutex::new(true), Condvar::new()));
         let gated = Arc::new(AtomicBool::new(false));
-        let backend = GatedBackend { inner: LocalDir::new(&repo_path), gate_open: gate.clone(), gated: gated.clone() };
+        let backend = GatedBackend {
+            inner: LocalDir::new(&repo_path),
+            gate_open: gate.clone(),
+            gated: gated.clone(),
+        };
         let repo = Repository::open_backend(Box::new(backend)).unwrap();
         let m = repo.resolve("vm", None).unwrap();
         let sdir = dir.path().join("staging");
@@ -517,7 +574,13 @@ mod tests {
             stores.remove(0),
             Arc::new(WorkerPool::new("test-fetch", 4)),
         ));
-        Fixture { _dir: dir, vol, data, gate, gated }
+        Fixture {
+            _dir: dir,
+            vol,
+            data,
+            gate,
+            gated,
+        }
     }
 
     #[test]
@@ -538,7 +601,10 @@ mod tests {
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
         let st = f.vol.status();
-        assert_eq!(st.fetched_blocks, st.blocks_staged, "a block was fetched more than once");
+        assert_eq!(
+            st.fetched_blocks, st.blocks_staged,
+            "a block was fetched more than once"
+        );
         assert_eq!(st.fetches_in_flight, 0);
     }
 
@@ -549,7 +615,8 @@ mod tests {
             let vol = f.vol.clone();
             std::thread::spawn(move || {
                 for b in 0..32u64 {
-                    vol.write(b * BS as u64, &vec![(b as u8) | 0x80; BS]).unwrap();
+                    vol.write(b * BS as u64, &vec![(b as u8) | 0x80; BS])
+                        .unwrap();
                 }
             })
         };
@@ -566,7 +633,11 @@ mod tests {
         writer.join().unwrap();
         readers.into_iter().for_each(|t| t.join().unwrap());
         for b in 0..32u64 {
-            assert_eq!(f.vol.read(b * BS as u64, BS).unwrap(), vec![(b as u8) | 0x80; BS], "block {b}");
+            assert_eq!(
+                f.vol.read(b * BS as u64, BS).unwrap(),
+                vec![(b as u8) | 0x80; BS],
+                "block {b}"
+            );
         }
         assert_eq!(f.vol.status().blocks_changed, 32);
     }
@@ -581,7 +652,10 @@ mod tests {
         f.vol.write(5 * BS as u64 + 3, b"zz").unwrap();
         model[5 * BS + 3..5 * BS + 5].copy_from_slice(b"zz");
         assert_eq!(f.vol.read(0, model.len()).unwrap(), model);
-        assert!(f.vol.write(model.len() as u64 - 1, b"ab").is_err(), "write past the end");
+        assert!(
+            f.vol.write(model.len() as u64 - 1, b"ab").is_err(),
+            "write past the end"
+        );
     }
 
     #[test]
@@ -599,7 +673,11 @@ mod tests {
         }
         // The fetch of block 2 is held at the gate; block 1 still reads.
         assert_eq!(f.vol.read(BS as u64, 10).unwrap(), f.data[BS..BS + 10]);
-        assert_eq!(f.vol.status().fetches_in_flight, 1, "the staged read finished while the fetch was pending");
+        assert_eq!(
+            f.vol.status().fetches_in_flight,
+            1,
+            "the staged read finished while the fetch was pending"
+        );
         *f.gate.0.lock() = true;
         f.gate.1.notify_all();
         assert_eq!(slow.join().unwrap(), f.data[2 * BS..2 * BS + 10]);
@@ -613,7 +691,13 @@ mod tests {
         let st = f.vol.status();
         assert!(st.blocks_staged >= 2);
         let p = f.vol.store.data_path.with_extension("present");
-        let again = crate::staging::PersistentBitmap::open(&p, crate::staging::MapKind::Present, BS as u32, st.blocks_total).unwrap();
+        let again = crate::staging::PersistentBitmap::open(
+            &p,
+            crate::staging::MapKind::Present,
+            BS as u32,
+            st.blocks_total,
+        )
+        .unwrap();
         assert_eq!(again.bits().count(), st.blocks_staged);
     }
 }

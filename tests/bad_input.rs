@@ -21,30 +21,119 @@ fn missing_or_foreign_repositories_are_refused() {
     let m = missing.to_str().unwrap();
     env.fails(&["list", "--repo", m], "does not exist");
     env.fails(&["verify", "--repo", m], "does not exist");
-    env.fails(&["serve", "--repo", m, "--staging", "/tmp/x", "--mount", env.mount.to_str().unwrap()], "does not exist");
+    env.fails(
+        &[
+            "serve",
+            "--repo",
+            m,
+            "--staging",
+            "/tmp/x",
+            "--mount",
+            env.mount.to_str().unwrap(),
+        ],
+        "does not exist",
+    );
     let other = env.path("other");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("file"), b"x").unwrap();
     let o = other.to_str().unwrap();
     env.fails(&["list", "--repo", o], "not a recoverfs repository");
-    env.fails(&["backup", "--repo", o, "--vm", "v", env.path("other/file").to_str().unwrap()], "not a recoverfs repository");
-    assert_eq!(std::fs::read(other.join("file")).unwrap(), b"x", "foreign data untouched");
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            o,
+            "--vm",
+            "v",
+            env.path("other/file").to_str().unwrap(),
+        ],
+        "not a recoverfs repository",
+    );
+    assert_eq!(
+        std::fs::read(other.join("file")).unwrap(),
+        b"x",
+        "foreign data untouched"
+    );
 }
 
 #[test]
 fn images_that_are_not_files_or_block_devices_are_refused() {
     let env = Env::new();
     let r = env.repo_str().to_string();
-    env.fails(&["backup", "--repo", &r, "--vm", "v", "/dev/null"], "neither a regular file nor a block device");
-    env.fails(&["backup", "--repo", &r, "--vm", "v", env.dir.path().to_str().unwrap()], "neither a regular file");
-    env.fails(&["backup", "--repo", &r, "--vm", "v", env.path("missing.raw").to_str().unwrap()], "missing.raw");
+    env.fails(
+        &["backup", "--repo", &r, "--vm", "v", "/dev/null"],
+        "neither a regular file nor a block device",
+    );
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            env.dir.path().to_str().unwrap(),
+        ],
+        "neither a regular file",
+    );
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            env.path("missing.raw").to_str().unwrap(),
+        ],
+        "missing.raw",
+    );
     random_image(&env.path("a.raw"), K64, 1, K64);
-    env.fails(&["backup", "--repo", &r, "--vm", "v", "--chunk-size", "3M", env.path("a.raw").to_str().unwrap()], "chunk size");
-    env.fails(&["backup", "--repo", &r, "--vm", "../x", env.path("a.raw").to_str().unwrap()], "invalid VM name");
-    env.fails(&["backup", "--repo", &r, "--vm", "a/b", env.path("a.raw").to_str().unwrap()], "invalid VM name");
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            "--chunk-size",
+            "3M",
+            env.path("a.raw").to_str().unwrap(),
+        ],
+        "chunk size",
+    );
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "../x",
+            env.path("a.raw").to_str().unwrap(),
+        ],
+        "invalid VM name",
+    );
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "a/b",
+            env.path("a.raw").to_str().unwrap(),
+        ],
+        "invalid VM name",
+    );
     std::fs::write(env.path("bad.json"), b"{not json").unwrap();
     env.fails(
-        &["backup", "--repo", &r, "--vm", "v", "--config", env.path("bad.json").to_str().unwrap(), env.path("a.raw").to_str().unwrap()],
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            "--config",
+            env.path("bad.json").to_str().unwrap(),
+            env.path("a.raw").to_str().unwrap(),
+        ],
         "not valid JSON",
     );
 }
@@ -56,10 +145,23 @@ fn unknown_vm_backup_and_malformed_names_are_refused() {
     let _d = env.serve();
     let s = env.socket.to_str().unwrap().to_string();
     env.fails(&["recover", "--socket", &s, "ghost"], "unknown VM");
-    env.fails(&["recover", "--socket", &s, "vm", "--backup", "20000101-000000"], "unknown backup");
+    env.fails(
+        &[
+            "recover",
+            "--socket",
+            &s,
+            "vm",
+            "--backup",
+            "20000101-000000",
+        ],
+        "unknown backup",
+    );
     env.fails(&["recover", "--socket", &s, ".."], "invalid VM name");
     env.fails(&["release", "--socket", &s, "ghost"], "no recovery session");
-    env.fails(&["verify", "--repo", env.repo_str(), "--vm", "ghost"], "unknown VM");
+    env.fails(
+        &["verify", "--repo", env.repo_str(), "--vm", "ghost"],
+        "unknown VM",
+    );
     // Names the shell cannot pass (NUL, slash) through the API directly.
     for name in ["a\\u0000b", "a/b", "..", "."] {
         let body = format!("{{\"vm\":\"{name}\"}}");
@@ -74,7 +176,11 @@ fn unknown_vm_backup_and_malformed_names_are_refused() {
         assert!(resp.starts_with("HTTP/1.1 400"), "{name}: {resp}");
         assert!(resp.contains("invalid VM name"), "{resp}");
     }
-    assert_eq!(std::fs::read_dir(&env.mount).unwrap().count(), 0, "nothing was created");
+    assert_eq!(
+        std::fs::read_dir(&env.mount).unwrap().count(),
+        0,
+        "nothing was created"
+    );
 }
 
 #[test]
@@ -83,18 +189,50 @@ fn bad_mount_points_are_refused() {
     repo_with_vm(&env);
     let r = env.repo_str().to_string();
     let st = env.staging.to_str().unwrap().to_string();
-    env.fails(&["serve", "--repo", &r, "--staging", &st, "--mount", env.path("nomount").to_str().unwrap()], "does not exist");
+    env.fails(
+        &[
+            "serve",
+            "--repo",
+            &r,
+            "--staging",
+            &st,
+            "--mount",
+            env.path("nomount").to_str().unwrap(),
+        ],
+        "does not exist",
+    );
     let full = env.path("full");
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("x"), b"keep").unwrap();
-    env.fails(&["serve", "--repo", &r, "--staging", &st, "--mount", full.to_str().unwrap()], "not empty");
+    env.fails(
+        &[
+            "serve",
+            "--repo",
+            &r,
+            "--staging",
+            &st,
+            "--mount",
+            full.to_str().unwrap(),
+        ],
+        "not empty",
+    );
     assert_eq!(std::fs::read(full.join("x")).unwrap(), b"keep");
     // A mount point already served by another daemon is busy.
     let _d = env.serve();
     let st2 = env.path("staging2");
     let sock2 = env.path("s2.sock");
     env.fails(
-        &["serve", "--repo", &r, "--staging", st2.to_str().unwrap(), "--mount", env.mount.to_str().unwrap(), "--socket", sock2.to_str().unwrap()],
+        &[
+            "serve",
+            "--repo",
+            &r,
+            "--staging",
+            st2.to_str().unwrap(),
+            "--mount",
+            env.mount.to_str().unwrap(),
+            "--socket",
+            sock2.to_str().unwrap(),
+        ],
         "busy",
     );
 }
@@ -109,12 +247,32 @@ fn shared_staging_sockets_and_foreign_staging_are_refused() {
     std::fs::create_dir(&m2).unwrap();
     // Same staging as the running daemon: locked.
     env.fails(
-        &["serve", "--repo", &r, "--staging", env.staging.to_str().unwrap(), "--mount", m2.to_str().unwrap(), "--socket", env.path("s2").to_str().unwrap()],
+        &[
+            "serve",
+            "--repo",
+            &r,
+            "--staging",
+            env.staging.to_str().unwrap(),
+            "--mount",
+            m2.to_str().unwrap(),
+            "--socket",
+            env.path("s2").to_str().unwrap(),
+        ],
         "in use by another recoverfs daemon",
     );
     // Same socket as the running daemon.
     env.fails(
-        &["serve", "--repo", &r, "--staging", env.path("st2").to_str().unwrap(), "--mount", m2.to_str().unwrap(), "--socket", env.socket.to_str().unwrap()],
+        &[
+            "serve",
+            "--repo",
+            &r,
+            "--staging",
+            env.path("st2").to_str().unwrap(),
+            "--mount",
+            m2.to_str().unwrap(),
+            "--socket",
+            env.socket.to_str().unwrap(),
+        ],
         "already served",
     );
 }
@@ -128,7 +286,18 @@ fn staging_of_another_repository_is_refused_when_idle() {
     let b = Env::new();
     repo_with_vm(&b);
     let m = b.mount.to_str().unwrap();
-    a.fails(&["serve", "--repo", b.repo_str(), "--staging", a.staging.to_str().unwrap(), "--mount", m], "another repository");
+    a.fails(
+        &[
+            "serve",
+            "--repo",
+            b.repo_str(),
+            "--staging",
+            a.staging.to_str().unwrap(),
+            "--mount",
+            m,
+        ],
+        "another repository",
+    );
 }
 
 #[test]
@@ -143,7 +312,10 @@ fn corrupt_or_truncated_manifests_are_reported() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("DAMAGED manifest vm/{id}")));
     let _d = env.serve();
-    env.fails(&["recover", "--socket", env.socket.to_str().unwrap(), "vm"], "damaged or truncated");
+    env.fails(
+        &["recover", "--socket", env.socket.to_str().unwrap(), "vm"],
+        "damaged or truncated",
+    );
     // A flipped digest character fails the checksum.
     let mut s = String::from_utf8(bytes).unwrap();
     let list = s.find("\"chunks\":[").unwrap();
@@ -159,10 +331,28 @@ fn missing_chunk_is_named_by_verify() {
     let env = Env::new();
     let id = repo_with_vm(&env);
     let chunks = env.repo.join("chunks");
-    let dir = std::fs::read_dir(&chunks).unwrap().next().unwrap().unwrap().path();
-    let victim = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let dir = std::fs::read_dir(&chunks)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let victim = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     std::fs::remove_file(&victim).unwrap();
-    let o = env.run(&["verify", "--repo", env.repo_str(), "--vm", "vm", "--backup", &id]);
+    let o = env.run(&[
+        "verify",
+        "--repo",
+        env.repo_str(),
+        "--vm",
+        "vm",
+        "--backup",
+        &id,
+    ]);
     assert!(!o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
     let name = victim.file_name().unwrap().to_str().unwrap();
@@ -172,5 +362,12 @@ fn missing_chunk_is_named_by_verify() {
 #[test]
 fn client_without_daemon_says_so() {
     let env = Env::new();
-    env.fails(&["status", "--socket", env.path("none.sock").to_str().unwrap()], "no recoverfs daemon");
+    env.fails(
+        &[
+            "status",
+            "--socket",
+            env.path("none.sock").to_str().unwrap(),
+        ],
+        "no recoverfs daemon",
+    );
 }

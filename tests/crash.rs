@@ -4,10 +4,10 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +33,17 @@ fn content(seq: u64, len: usize) -> Vec<u8> {
 
 /// Writes until the daemon dies; returns the log and the highest seq
 /// acknowledged by a successful fdatasync.
-fn write_until_killed(disk: &std::path::Path, size: usize, first_seq: u64, stop: Arc<AtomicBool>) -> (Vec<Write>, u64) {
-    let f = OpenOptions::new().read(true).write(true).open(disk).unwrap();
+fn write_until_killed(
+    disk: &std::path::Path,
+    size: usize,
+    first_seq: u64,
+    stop: Arc<AtomicBool>,
+) -> (Vec<Write>, u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(first_seq);
     let mut log = vec![];
     let mut acked = 0;
@@ -43,7 +52,12 @@ fn write_until_killed(disk: &std::path::Path, size: usize, first_seq: u64, stop:
         let sectors = size / SECTOR;
         let off = rng.gen_range(0..sectors - 8) * SECTOR;
         let len = rng.gen_range(1..=8) * SECTOR;
-        log.push(Write { seq, off, len, acked: false });
+        log.push(Write {
+            seq,
+            off,
+            len,
+            acked: false,
+        });
         if f.write_all_at(&content(seq, len), off as u64).is_err() {
             break;
         }
@@ -52,7 +66,10 @@ fn write_until_killed(disk: &std::path::Path, size: usize, first_seq: u64, stop:
                 break;
             }
             acked = seq;
-            log.iter_mut().rev().take_while(|w| !w.acked).for_each(|w| w.acked = true);
+            log.iter_mut()
+                .rev()
+                .take_while(|w| !w.acked)
+                .for_each(|w| w.acked = true);
         }
         seq += 1;
     }
@@ -63,18 +80,32 @@ fn write_until_killed(disk: &std::path::Path, size: usize, first_seq: u64, stop:
 /// write that really happened; a sector never acknowledged may also hold
 /// its backup content. Never zeros or garbage nobody wrote.
 fn check(disk: &[u8], original: &[u8], log: &[Write]) {
-    let contents: HashMap<u64, Vec<u8>> = log.iter().map(|w| (w.seq, content(w.seq, w.len))).collect();
+    let contents: HashMap<u64, Vec<u8>> =
+        log.iter().map(|w| (w.seq, content(w.seq, w.len))).collect();
     for s in 0..disk.len() / SECTOR {
         let range = s * SECTOR..(s + 1) * SECTOR;
-        let mut candidates: Vec<(u64, bool, Vec<u8>)> = vec![(0, false, original[range.clone()].to_vec())];
-        for w in log.iter().filter(|w| w.off <= range.start && w.off + w.len >= range.end) {
+        let mut candidates: Vec<(u64, bool, Vec<u8>)> =
+            vec![(0, false, original[range.clone()].to_vec())];
+        for w in log
+            .iter()
+            .filter(|w| w.off <= range.start && w.off + w.len >= range.end)
+        {
             let c = &contents[&w.seq];
-            candidates.push((w.seq, w.acked, c[range.start - w.off..range.end - w.off].to_vec()));
+            candidates.push((
+                w.seq,
+                w.acked,
+                c[range.start - w.off..range.end - w.off].to_vec(),
+            ));
         }
         // Only candidates at or after the last acknowledged one are allowed.
-        let last_acked = candidates.iter().rposition(|(_, acked, _)| *acked).unwrap_or(0);
+        let last_acked = candidates
+            .iter()
+            .rposition(|(_, acked, _)| *acked)
+            .unwrap_or(0);
         let actual = &disk[range.clone()];
-        let ok = candidates[last_acked..].iter().any(|(_, _, c)| c[..] == actual[..]);
+        let ok = candidates[last_acked..]
+            .iter()
+            .any(|(_, _, c)| c[..] == actual[..]);
         assert!(
             ok,
             "sector {s} holds data that was neither the acknowledged write nor a later one (candidates {:?})",
@@ -143,5 +174,8 @@ fn staged_blocks_are_never_zeros_after_a_crash() {
     std::mem::forget(d);
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
-    assert!(read_all(&disk) == original, "after a crash the disk must read as its backup");
+    assert!(
+        read_all(&disk) == original,
+        "after a crash the disk must read as its backup"
+    );
 }

@@ -24,11 +24,15 @@ fn recovered_disks_match_their_images_byte_for_byte() {
     assert_eq!(std::fs::metadata(&disks[0]).unwrap().len(), a.len() as u64);
     assert!(read_all(&disks[0]) == a, "disk0 differs from its image");
     assert!(read_all(&disks[1]) == b, "disk1 differs from its image");
-    let cfg: serde_json::Value = serde_json::from_slice(&read_all(&env.mount.join("vm1/vm.json"))).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read_all(&env.mount.join("vm1/vm.json"))).unwrap();
     assert_eq!(cfg["name"], "vm1");
     let st = env.disk_status("vm1", 0);
     assert_eq!(st["blocks_total"], 3 * 16 + 1);
-    assert_eq!(st["fetched_blocks"], st["blocks_staged"], "each staged block fetched exactly once");
+    assert_eq!(
+        st["fetched_blocks"], st["blocks_staged"],
+        "each staged block fetched exactly once"
+    );
 }
 
 #[test]
@@ -72,7 +76,10 @@ fn concurrent_readers_get_correct_data_and_one_fetch_per_block() {
         .collect();
     threads.into_iter().for_each(|t| t.join().unwrap());
     let st = env.disk_status("vm", 0);
-    assert_eq!(st["fetched_blocks"], st["blocks_staged"], "a block was fetched twice: {st}");
+    assert_eq!(
+        st["fetched_blocks"], st["blocks_staged"],
+        "a block was fetched twice: {st}"
+    );
     assert_eq!(st["fetch_errors"], 0);
 }
 
@@ -84,7 +91,11 @@ fn unaligned_writes_match_an_in_memory_model_and_survive_release() {
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
-    let f = OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     for i in 0..200 {
         let off = rng.gen_range(0..model.len() - 1);
@@ -106,7 +117,10 @@ fn unaligned_writes_match_an_in_memory_model_and_survive_release() {
     // A write past the end of the disk is refused, the size never changes.
     assert!(f.write_all_at(b"x", model.len() as u64).is_err());
     assert!(f.set_len(10).is_err(), "truncate must be refused");
-    assert!(std::fs::remove_file(&disk).is_err(), "unlink must be refused");
+    assert!(
+        std::fs::remove_file(&disk).is_err(),
+        "unlink must be refused"
+    );
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), model.len() as u64);
 
     // The changed map covers every written block and nothing else.
@@ -118,9 +132,17 @@ fn unaligned_writes_match_an_in_memory_model_and_survive_release() {
         .map(|b| b as u64)
         .collect();
     let st = env.disk_status("vm", 0);
-    assert_eq!(st["blocks_changed"].as_u64().unwrap(), changed_blocks.len() as u64);
+    assert_eq!(
+        st["blocks_changed"].as_u64().unwrap(),
+        changed_blocks.len() as u64
+    );
     let api = std::process::Command::new("curl")
-        .args(["-s", "--unix-socket", env.socket.to_str().unwrap(), "http://x/sessions/vm/disks/0/changed"])
+        .args([
+            "-s",
+            "--unix-socket",
+            env.socket.to_str().unwrap(),
+            "http://x/sessions/vm/disks/0/changed",
+        ])
         .output()
         .unwrap();
     let ch: serde_json::Value = serde_json::from_slice(&api.stdout).unwrap();
@@ -136,13 +158,19 @@ fn unaligned_writes_match_an_in_memory_model_and_survive_release() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("still open"));
     drop(f);
     assert!(env.release("vm", false).status.success());
-    assert!(!env.mount.join("vm").exists(), "released session folder must disappear");
+    assert!(
+        !env.mount.join("vm").exists(),
+        "released session folder must disappear"
+    );
     let disk = env.recover("vm", None)[0].clone();
     assert!(read_all(&disk) == model, "resumed staging lost writes");
     // Discard drops the writes; the backup itself was never modified.
     assert!(env.release("vm", true).status.success());
     let disk = env.recover("vm", None)[0].clone();
-    assert!(read_all(&disk) == original, "backup content must be untouched");
+    assert!(
+        read_all(&disk) == original,
+        "backup content must be untouched"
+    );
     env.ok(&["verify", "--repo", env.repo_str()]);
 }
 
@@ -160,7 +188,10 @@ fn large_requests_arrive_whole() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let st = env.disk_status("vm", 0);
-    assert_eq!(st["reads"], 8, "1 MiB direct reads should arrive as single requests: {st}");
+    assert_eq!(
+        st["reads"], 8,
+        "1 MiB direct reads should arrive as single requests: {st}"
+    );
 }
 
 #[test]
@@ -171,15 +202,28 @@ fn mount_and_files_are_locked_down() {
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    let line = mounts.lines().find(|l| l.contains(env.mount.to_str().unwrap())).expect("mounted");
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(env.mount.to_str().unwrap()))
+        .expect("mounted");
     for opt in ["nodev", "nosuid", "default_permissions"] {
         assert!(line.contains(opt), "mount lacks {opt}: {line}");
     }
     assert!(!line.contains("allow_other"), "{line}");
     assert_eq!(std::fs::metadata(&disk).unwrap().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(&env.staging).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(&env.staging)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     let cfg = env.mount.join("vm/vm.json");
-    assert!(OpenOptions::new().write(true).open(&cfg).is_err(), "vm.json must be read-only");
+    assert!(
+        OpenOptions::new().write(true).open(&cfg).is_err(),
+        "vm.json must be read-only"
+    );
 }
 
 #[test]
@@ -205,12 +249,18 @@ fn corrupted_chunk_reads_as_eio_and_is_named() {
     // Other blocks still serve.
     f.read_exact_at(&mut buf, 7 * K64 as u64).unwrap();
     let log = d.log_text();
-    assert!(log.contains(&digest) && log.contains("vm"), "log must name the chunk: {log}");
+    assert!(
+        log.contains(&digest) && log.contains("vm"),
+        "log must name the chunk: {log}"
+    );
     assert!(env.disk_status("vm", 0)["fetch_errors"].as_u64().unwrap() >= 1);
     let err = env.fails(&["verify", "--repo", env.repo_str()], "damaged");
     let o = env.run(&["verify", "--repo", env.repo_str()]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains(&digest) && out.contains("disk0 block 0"), "verify must name the chunk: {out} {err}");
+    assert!(
+        out.contains(&digest) && out.contains("disk0 block 0"),
+        "verify must name the chunk: {out} {err}"
+    );
 }
 
 #[test]
@@ -227,8 +277,14 @@ fn sigterm_flushes_and_unmounts_cleanly() {
     }
     assert!(d.stop().success(), "{}", d.log_text());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(!mounts.contains(env.mount.to_str().unwrap()), "still mounted after SIGTERM");
+    assert!(
+        !mounts.contains(env.mount.to_str().unwrap()),
+        "still mounted after SIGTERM"
+    );
     let _d2 = env.serve();
     let disk = env.recover("vm", None)[0].clone();
-    assert!(read_all(&disk) == model, "write lost across a clean shutdown");
+    assert!(
+        read_all(&disk) == model,
+        "write lost across a clean shutdown"
+    );
 }

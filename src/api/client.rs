@@ -17,7 +17,9 @@ pub struct Client {
 
 impl Client {
     pub fn new(socket: &Path) -> Self {
-        Client { socket: socket.to_path_buf() }
+        Client {
+            socket: socket.to_path_buf(),
+        }
     }
 
     pub fn get(&self, path: &str) -> Result<Value> {
@@ -34,7 +36,10 @@ impl Client {
         let mut s = UnixStream::connect(&self.socket).map_err(|e| {
             Error::new(
                 ErrorKind::NotFound,
-                format!("no recoverfs daemon on {} ({e}); start one with `recoverfs serve`", self.socket.display()),
+                format!(
+                    "no recoverfs daemon on {} ({e}); start one with `recoverfs serve`",
+                    self.socket.display()
+                ),
             )
         })?;
         s.set_read_timeout(Some(Duration::from_secs(300))).ok();
@@ -51,7 +56,11 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(json);
         }
-        let msg = json.get("error").and_then(|m| m.as_str()).unwrap_or("request failed").to_string();
+        let msg = json
+            .get("error")
+            .and_then(|m| m.as_str())
+            .unwrap_or("request failed")
+            .to_string();
         let kind = match status {
             404 => ErrorKind::NotFound,
             400 => ErrorKind::InvalidInput,
@@ -66,10 +75,17 @@ impl Client {
 
 fn parse_response(raw: &[u8]) -> Result<(u16, Value)> {
     let bad = || Error::new(ErrorKind::Io, "malformed response from the daemon");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
     let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad())?;
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
     let chunked = lines.any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
@@ -88,7 +104,15 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     let mut out = vec![];
     loop {
         let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&b[..eol])
+                .ok()?
+                .split(';')
+                .next()?
+                .trim(),
+            16,
+        )
+        .ok()?;
         b = &b[eol + 2..];
         if size == 0 {
             return Some(out);
@@ -105,8 +129,14 @@ mod tests {
     #[test]
     fn parses_plain_and_chunked_responses() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n{\"a\":1}\n";
-        assert_eq!(parse_response(plain).unwrap(), (200, serde_json::json!({"a":1})));
+        assert_eq!(
+            parse_response(plain).unwrap(),
+            (200, serde_json::json!({"a":1}))
+        );
         let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:2}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (404, serde_json::json!({"a":2})));
+        assert_eq!(
+            parse_response(chunked).unwrap(),
+            (404, serde_json::json!({"a":2}))
+        );
     }
 }

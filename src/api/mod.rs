@@ -40,7 +40,11 @@ impl IntoResponse for ApiError {
             ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Corrupt | ErrorKind::Io => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (code, Json(json!({"error": self.0.to_string(), "kind": format!("{:?}", self.0.kind())}))).into_response()
+        (
+            code,
+            Json(json!({"error": self.0.to_string(), "kind": format!("{:?}", self.0.kind())})),
+        )
+            .into_response()
     }
 }
 
@@ -53,7 +57,10 @@ async fn blocking<T: serde::Serialize + Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(Json(serde_json::to_value(v).expect("serializable"))),
         Ok(Err(e)) => Err(ApiError(e)),
-        Err(e) => Err(ApiError(Error::new(ErrorKind::Io, format!("handler failed: {e}")))),
+        Err(e) => Err(ApiError(Error::new(
+            ErrorKind::Io,
+            format!("handler failed: {e}"),
+        ))),
     }
 }
 
@@ -93,14 +100,18 @@ struct RecoverBody {
 
 async fn recover(State(ds): State<Ds>, body: Option<Json<RecoverBody>>) -> ApiResult {
     let Some(Json(body)) = body else {
-        return Err(ApiError(Error::invalid("expected a JSON body {\"vm\": NAME, \"backup\": ID?}")));
+        return Err(ApiError(Error::invalid(
+            "expected a JSON body {\"vm\": NAME, \"backup\": ID?}",
+        )));
     };
     blocking(move || ds.recover(&body.vm, body.backup.as_deref())).await
 }
 
 async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || {
-        let s = ds.session(&vm).ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let s = ds
+            .session(&vm)
+            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
         Ok(ds.status(&s))
     })
     .await
@@ -112,7 +123,11 @@ struct ReleaseQuery {
     discard: bool,
 }
 
-async fn release(State(ds): State<Ds>, Path(vm): Path<String>, Query(q): Query<ReleaseQuery>) -> ApiResult {
+async fn release(
+    State(ds): State<Ds>,
+    Path(vm): Path<String>,
+    Query(q): Query<ReleaseQuery>,
+) -> ApiResult {
     blocking(move || {
         if ds.session(&vm).is_none() && q.discard {
             let kept = ds.discard_kept(&vm)?;
@@ -151,5 +166,7 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ds)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(ds))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

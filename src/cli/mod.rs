@@ -2,6 +2,7 @@
 //! Repository commands run in-process; session commands talk to a daemon
 //! over its control socket.
 
+mod boot;
 mod output;
 
 use std::path::PathBuf;
@@ -18,7 +19,11 @@ use crate::repo::Repository;
 use crate::util::{human_bytes, parse_size};
 
 #[derive(Parser)]
-#[command(name = "recoverfs", version, about = "Instant VM recovery: boot a VM straight from its backup")]
+#[command(
+    name = "recoverfs",
+    version,
+    about = "Instant VM recovery: boot a VM straight from its backup"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -110,6 +115,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot a recovering VM under QEMU from the mount, with live progress.
+    Boot {
+        #[command(flatten)]
+        socket: SocketArg,
+        vm: String,
+        /// Console text that means the VM is up.
+        #[arg(long)]
+        marker: Option<String>,
+        /// Seconds to wait for the marker.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Save the serial console here.
+        #[arg(long)]
+        console: Option<PathBuf>,
+        /// Do not echo the serial console.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Prove a backup boots: throwaway recovery, QEMU without network, marker or timeout.
+    VerifyBoot {
+        #[arg(long)]
+        repo: String,
+        vm: String,
+        #[arg(long)]
+        backup: Option<String>,
+        /// Console text that proves the boot (default: the config's verify_marker, else "login:").
+        #[arg(long)]
+        marker: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Save the serial console here.
+        #[arg(long)]
+        console: Option<PathBuf>,
+    },
     /// End a recovery session (staging is kept unless --discard).
     Release {
         #[command(flatten)]
@@ -124,32 +163,93 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { repo } => {
             let (r, created) = Repository::open_or_create(&repo)?;
-            println!("{} repository {} (id {})", if created { "created" } else { "existing" }, r.location(), r.id());
+            println!(
+                "{} repository {} (id {})",
+                if created { "created" } else { "existing" },
+                r.location(),
+                r.id()
+            );
             Ok(())
         }
-        Command::Backup { repo, vm, config, chunk_size, images } => backup(&repo, vm, config, &chunk_size, images),
+        Command::Backup {
+            repo,
+            vm,
+            config,
+            chunk_size,
+            images,
+        } => backup(&repo, vm, config, &chunk_size, images),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
-        Command::Verify { repo, vm, backup } => output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref()),
-        Command::Serve { repo, staging, mount, socket, allow_other, fetch_workers, fuse_threads, flush_interval } => {
-            crate::daemon::serve(crate::daemon::ServeOptions {
-                repo,
-                staging,
-                mount,
-                socket,
-                allow_other,
-                fetch_workers: fetch_workers.max(1),
-                fuse_threads,
-                flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
-            })
+        Command::Verify { repo, vm, backup } => {
+            output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
         }
-        Command::Recover { socket, vm, backup, json } => {
+        Command::Serve {
+            repo,
+            staging,
+            mount,
+            socket,
+            allow_other,
+            fetch_workers,
+            fuse_threads,
+            flush_interval,
+        } => crate::daemon::serve(crate::daemon::ServeOptions {
+            repo,
+            staging,
+            mount,
+            socket,
+            allow_other,
+            fetch_workers: fetch_workers.max(1),
+            fuse_threads,
+            flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
+        }),
+        Command::Recover {
+            socket,
+            vm,
+            backup,
+            json,
+        } => {
             crate::util::validate_name("VM name", &vm)?;
             let r = client(&socket).post("/sessions", &json!({"vm": vm, "backup": backup}))?;
             output::recovered(&r, json);
             Ok(())
         }
-        Command::Status { socket, json } => output::status(&client(&socket).get("/sessions")?, json),
-        Command::Release { socket, vm, discard } => {
+        Command::Status { socket, json } => {
+            output::status(&client(&socket).get("/sessions")?, json)
+        }
+        Command::Boot {
+            socket,
+            vm,
+            marker,
+            timeout,
+            console,
+            quiet,
+        } => boot::boot_session(
+            &client(&socket),
+            &vm,
+            marker,
+            Duration::from_secs(timeout),
+            console,
+            quiet,
+        ),
+        Command::VerifyBoot {
+            repo,
+            vm,
+            backup,
+            marker,
+            timeout,
+            console,
+        } => boot::verify(crate::verify_boot::VerifyBootOptions {
+            repo,
+            vm,
+            backup,
+            marker,
+            timeout: Duration::from_secs(timeout),
+            console_log: console,
+        }),
+        Command::Release {
+            socket,
+            vm,
+            discard,
+        } => {
             crate::util::validate_name("VM name", &vm)?;
             let r = client(&socket).delete(&format!("/sessions/{vm}?discard={discard}"))?;
             output::released(&r);
@@ -159,16 +259,29 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn client(s: &SocketArg) -> Client {
-    Client::new(&s.socket.clone().unwrap_or_else(crate::daemon::default_socket_link))
+    Client::new(
+        &s.socket
+            .clone()
+            .unwrap_or_else(crate::daemon::default_socket_link),
+    )
 }
 
-fn backup(repo: &str, vm: String, config: Option<PathBuf>, chunk_size: &str, images: Vec<PathBuf>) -> Result<()> {
+fn backup(
+    repo: &str,
+    vm: String,
+    config: Option<PathBuf>,
+    chunk_size: &str,
+    images: Vec<PathBuf>,
+) -> Result<()> {
     crate::util::validate_name("VM name", &vm)?;
     let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
     let config = match config {
         Some(p) => {
-            let bytes = std::fs::read(&p).map_err(|e| Error::io(format!("config {}", p.display()), e))?;
-            Some(serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("config {} is not valid JSON: {e}", p.display())))?)
+            let bytes =
+                std::fs::read(&p).map_err(|e| Error::io(format!("config {}", p.display()), e))?;
+            Some(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::invalid(format!("config {} is not valid JSON: {e}", p.display()))
+            })?)
         }
         None => None,
     };
@@ -180,7 +293,16 @@ fn backup(repo: &str, vm: String, config: Option<PathBuf>, chunk_size: &str, ima
     if created {
         eprintln!("created repository {}", r.location());
     }
-    let report = run_backup(&r, BackupRequest { vm, config, chunk_size, images, progress: true })?;
+    let report = run_backup(
+        &r,
+        BackupRequest {
+            vm,
+            config,
+            chunk_size,
+            images,
+            progress: true,
+        },
+    )?;
     for d in &report.disks {
         eprintln!(
             "{}: {} in {} chunks: {} new ({} stored), {} reused, {} zero",
@@ -193,7 +315,12 @@ fn backup(repo: &str, vm: String, config: Option<PathBuf>, chunk_size: &str, ima
             d.zero_chunks
         );
     }
-    eprintln!("backup {} of VM {}: {} new bytes", report.manifest.id, report.manifest.vm, report.manifest.new_bytes());
+    eprintln!(
+        "backup {} of VM {}: {} new bytes",
+        report.manifest.id,
+        report.manifest.vm,
+        report.manifest.new_bytes()
+    );
     println!("{}", report.manifest.id);
     Ok(())
 }

@@ -12,14 +12,23 @@ use crate::util::human_bytes;
 pub fn list(repo: &Repository, json: bool) -> Result<()> {
     let all = repo.summaries()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"repo": repo.location(), "backups": all})).expect("json"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"repo": repo.location(), "backups": all})
+            )
+            .expect("json")
+        );
         return Ok(());
     }
     if all.is_empty() {
         println!("no backups in {}", repo.location());
         return Ok(());
     }
-    println!("{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}", "VM", "BACKUP", "CREATED", "DISKS", "SIZE", "STORED", "NEW");
+    println!(
+        "{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}",
+        "VM", "BACKUP", "CREATED", "DISKS", "SIZE", "STORED", "NEW"
+    );
     for b in all {
         println!(
             "{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}",
@@ -49,7 +58,10 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
         Some(v) => {
             crate::util::validate_name("VM name", v)?;
             if repo.backup_ids(v)?.is_empty() {
-                return Err(Error::not_found(format!("unknown VM {v:?}: no backups in {}", repo.location())));
+                return Err(Error::not_found(format!(
+                    "unknown VM {v:?}: no backups in {}",
+                    repo.location()
+                )));
             }
             vec![v.to_string()]
         }
@@ -90,18 +102,33 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
     }
     let work: Mutex<Vec<(&Digest, &Vec<Use>)>> = Mutex::new(uses.iter().collect());
     let bad: Mutex<Vec<String>> = Mutex::new(vec![]);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                let Some((d, us)) = work.lock().expect("lock").pop() else { break };
+                let Some((d, us)) = work.lock().expect("lock").pop() else {
+                    break;
+                };
                 let first = &us[0];
                 if let Err(e) = repo.read_chunk(d, first.len, &"verify") {
-                    let places: Vec<String> =
-                        us.iter().take(5).map(|u| format!("{}/{} {} block {}", u.vm, u.backup, u.disk, u.block)).collect();
-                    let more = if us.len() > 5 { format!(" and {} more", us.len() - 5) } else { String::new() };
+                    let places: Vec<String> = us
+                        .iter()
+                        .take(5)
+                        .map(|u| format!("{}/{} {} block {}", u.vm, u.backup, u.disk, u.block))
+                        .collect();
+                    let more = if us.len() > 5 {
+                        format!(" and {} more", us.len() - 5)
+                    } else {
+                        String::new()
+                    };
                     let why = e.to_string().replace(&format!("verify: chunk {d} "), "");
-                    bad.lock().expect("lock").push(format!("DAMAGED chunk {d} ({why}) used by {}{more}", places.join(", ")));
+                    bad.lock().expect("lock").push(format!(
+                        "DAMAGED chunk {d} ({why}) used by {}{more}",
+                        places.join(", ")
+                    ));
                 }
             });
         }
@@ -115,7 +142,11 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
         println!("ok: {} chunks of {backups} backup(s) verified", uses.len());
         Ok(())
     } else {
-        Err(Error::corrupt(format!("{} damaged object(s) in {}", damaged.len(), repo.location())))
+        Err(Error::corrupt(format!(
+            "{} damaged object(s) in {}",
+            damaged.len(),
+            repo.location()
+        )))
     }
 }
 
@@ -143,7 +174,10 @@ pub fn recovered(r: &Value, json: bool) {
 
 pub fn released(r: &Value) {
     let vm = r["vm"].as_str().unwrap_or("?");
-    let discarded = r["discarded"].as_array().map(|a| !a.is_empty()).unwrap_or(false);
+    let discarded = r["discarded"]
+        .as_array()
+        .map(|a| !a.is_empty())
+        .unwrap_or(false);
     match (r["released"].as_bool() == Some(true), discarded) {
         (true, true) => println!("released VM {vm}; staging discarded"),
         (true, false) => println!("released VM {vm}; staging kept for a later recover"),
@@ -165,7 +199,11 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             "VM {}  backup {}{}  {}  open handles {}",
             s["vm"].as_str().unwrap_or("?"),
             s["backup"].as_str().unwrap_or("?"),
-            if s["resumed"].as_bool() == Some(true) { " (resumed)" } else { "" },
+            if s["resumed"].as_bool() == Some(true) {
+                " (resumed)"
+            } else {
+                ""
+            },
             s["path"].as_str().unwrap_or("?"),
             s["open_handles"]
         );
@@ -174,7 +212,11 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
             let total = n("blocks_total").max(1);
             let reads = n("reads");
-            let hit = if reads == 0 { 100.0 } else { n("read_hits") as f64 * 100.0 / reads as f64 };
+            let hit = if reads == 0 {
+                100.0
+            } else {
+                n("read_hits") as f64 * 100.0 / reads as f64
+            };
             println!(
                 "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {}  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}",
                 d["name"].as_str().unwrap_or("?"),

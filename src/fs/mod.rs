@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -75,7 +76,13 @@ impl RecoverFs {
         let (kind, perm, size, nlink, time) = match node {
             Node::Root => (FileType::Directory, 0o755, 0, 2, self.mounted),
             Node::Dir(s) => (FileType::Directory, 0o700, 0, 2, s.started),
-            Node::Config(s) => (FileType::RegularFile, 0o400, s.config_json.len() as u64, 1, s.started),
+            Node::Config(s) => (
+                FileType::RegularFile,
+                0o400,
+                s.config_json.len() as u64,
+                1,
+                s.started,
+            ),
             Node::Disk(s, d) => (FileType::RegularFile, 0o600, d.size, 1, s.started),
         };
         FileAttr {
@@ -160,7 +167,9 @@ impl Filesystem for RecoverFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(node) = self.node(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some(node) = self.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         let cur = self.attr(ino.0, &node);
         // A virtual disk's size and ownership are fixed: truncation would
         // destroy the guest's disk. Timestamp updates are accepted and ignored.
@@ -185,7 +194,16 @@ impl Filesystem for RecoverFs {
         reply.error(Errno::EPERM)
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EPERM)
     }
 
@@ -290,10 +308,11 @@ impl Filesystem for RecoverFs {
             Ok(d) => d,
             Err(e) => return reply.error(if e == Errno::EISDIR { Errno::EACCES } else { e }),
         };
-        let serve = move |d: Arc<Volume>, data: &[u8], reply: ReplyWrite| match d.write(offset, data) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(&e)),
-        };
+        let serve =
+            move |d: Arc<Volume>, data: &[u8], reply: ReplyWrite| match d.write(offset, data) {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(&e)),
+            };
         if d.is_local(offset, data.len() as u64) {
             serve(d, data, reply)
         } else {
@@ -302,11 +321,25 @@ impl Filesystem for RecoverFs {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.fsync(_req, ino, _fh, true, reply)
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.node(ino.0) {
             Some(Node::Disk(_, d)) => match d.flush() {
                 Ok(()) => reply.ok(),
@@ -320,13 +353,49 @@ impl Filesystem for RecoverFs {
         }
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _l: u64,
+        _m: i32,
+        reply: ReplyEmpty,
+    ) {
         // Callers (e.g. QEMU write-zeroes) fall back to plain writes.
         reply.error(Errno::EOPNOTSUPP)
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let mut entries: Vec<(u64, FileType, String)> = vec![(ino.0, FileType::Directory, ".".into())];
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA)
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut entries: Vec<(u64, FileType, String)> =
+            vec![(ino.0, FileType::Directory, ".".into())];
         match self.node(ino.0) {
             Some(Node::Root) => {
                 entries.push((ROOT, FileType::Directory, "..".into()));
@@ -338,7 +407,11 @@ impl Filesystem for RecoverFs {
                 entries.push((ROOT, FileType::Directory, "..".into()));
                 entries.push((s.ino_base + 1, FileType::RegularFile, "vm.json".into()));
                 for d in &s.disks {
-                    entries.push((s.ino_base + 2 + d.index as u64, FileType::RegularFile, format!("disk{}.raw", d.index)));
+                    entries.push((
+                        s.ino_base + 2 + d.index as u64,
+                        FileType::RegularFile,
+                        format!("disk{}.raw", d.index),
+                    ));
                 }
             }
             Some(_) => return reply.error(Errno::ENOTDIR),

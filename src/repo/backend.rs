@@ -35,7 +35,9 @@ pub struct LocalDir {
 
 impl LocalDir {
     pub fn new(root: &Path) -> Self {
-        LocalDir { root: root.to_path_buf() }
+        LocalDir {
+            root: root.to_path_buf(),
+        }
     }
 
     fn path(&self, key: &str) -> PathBuf {
@@ -73,7 +75,8 @@ impl Backend for LocalDir {
         match fs::File::open(&p) {
             Ok(mut f) => {
                 let mut buf = Vec::new();
-                f.read_to_end(&mut buf).ctx(|| format!("read {}", p.display()))?;
+                f.read_to_end(&mut buf)
+                    .ctx(|| format!("read {}", p.display()))?;
                 Ok(Some(buf))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

@@ -106,7 +106,9 @@ pub fn decode(stored: &[u8], digest: &Digest, expected_len: usize) -> Result<Vec
         )));
     }
     if Digest::of(&data) != *digest {
-        return Err(Error::corrupt(format!("chunk {digest} fails its digest check")));
+        return Err(Error::corrupt(format!(
+            "chunk {digest} fails its digest check"
+        )));
     }
     Ok(data)
 }
@@ -122,7 +124,10 @@ mod tests {
         let stored = encode(&data).unwrap();
         assert_eq!(decode(&stored, &d, data.len()).unwrap(), data);
         let other = Digest::of(b"x");
-        assert_eq!(decode(&stored, &other, data.len()).unwrap_err().kind(), crate::error::ErrorKind::Corrupt);
+        assert_eq!(
+            decode(&stored, &other, data.len()).unwrap_err().kind(),
+            crate::error::ErrorKind::Corrupt
+        );
     }
 
     #[test]
@@ -156,6 +161,8 @@ mod tests {
     fn digest_hex_round_trips() {
         let d = Digest::of(b"abc");
         assert_eq!(Digest::from_hex(&d.to_hex()).unwrap(), d);
-        assert!(d.key().starts_with(&format!("chunks/{}/", &d.to_hex()[..4])));
+        assert!(d
+            .key()
+            .starts_with(&format!("chunks/{}/", &d.to_hex()[..4])));
     }
 }

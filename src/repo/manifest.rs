@@ -57,8 +57,12 @@ impl DiskManifest {
                 self.chunks.len()
             )));
         }
-        super::chunk::validate_chunk_size(self.chunk_size as u64)
-            .map_err(|_| Error::corrupt(format!("disk {} has invalid chunk size {}", self.name, self.chunk_size)))?;
+        super::chunk::validate_chunk_size(self.chunk_size as u64).map_err(|_| {
+            Error::corrupt(format!(
+                "disk {} has invalid chunk size {}",
+                self.name, self.chunk_size
+            ))
+        })?;
         Ok(())
     }
 }
@@ -78,29 +82,44 @@ struct EnvelopeIn<'a> {
 
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let body = serde_json::to_string(self).map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
-        let raw = RawValue::from_string(body).map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
-        let env = EnvelopeOut { checksum: blake3::hash(raw.get().as_bytes()).to_hex().to_string(), manifest: &raw };
-        let mut out = serde_json::to_vec(&env).map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
+        let body = serde_json::to_string(self)
+            .map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
+        let raw = RawValue::from_string(body)
+            .map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
+        let env = EnvelopeOut {
+            checksum: blake3::hash(raw.get().as_bytes()).to_hex().to_string(),
+            manifest: &raw,
+        };
+        let mut out = serde_json::to_vec(&env)
+            .map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
         out.push(b'\n');
         Ok(out)
     }
 
     /// Parses and checks a stored manifest; `what` names it in errors.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Manifest> {
-        let env: EnvelopeIn = serde_json::from_slice(bytes)
-            .map_err(|e| Error::corrupt(format!("manifest {what} is damaged or truncated ({e})")))?;
-        let sum = blake3::hash(env.manifest.get().as_bytes()).to_hex().to_string();
+        let env: EnvelopeIn = serde_json::from_slice(bytes).map_err(|e| {
+            Error::corrupt(format!("manifest {what} is damaged or truncated ({e})"))
+        })?;
+        let sum = blake3::hash(env.manifest.get().as_bytes())
+            .to_hex()
+            .to_string();
         if sum != env.checksum {
-            return Err(Error::corrupt(format!("manifest {what} fails its checksum")));
+            return Err(Error::corrupt(format!(
+                "manifest {what} fails its checksum"
+            )));
         }
         let m: Manifest = serde_json::from_str(env.manifest.get())
             .map_err(|e| Error::corrupt(format!("manifest {what} is malformed ({e})")))?;
         if m.format != MANIFEST_FORMAT {
-            return Err(Error::corrupt(format!("manifest {what} has unknown format {}", m.format)));
+            return Err(Error::corrupt(format!(
+                "manifest {what} has unknown format {}",
+                m.format
+            )));
         }
         for d in &m.disks {
-            d.check().map_err(|e| e.context(format!("manifest {what}")))?;
+            d.check()
+                .map_err(|e| e.context(format!("manifest {what}")))?;
         }
         Ok(m)
     }
@@ -151,7 +170,9 @@ mod tests {
         let bytes = sample().encode().unwrap();
         let e = Manifest::decode(&bytes[..bytes.len() / 2], "x").unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
-        let s = String::from_utf8(bytes).unwrap().replace("\"memory_mib\":512", "\"memory_mib\":513");
+        let s = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"memory_mib\":512", "\"memory_mib\":513");
         let e = Manifest::decode(s.as_bytes(), "x").unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
     }

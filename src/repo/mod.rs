@@ -106,33 +106,48 @@ impl Repository {
 
     fn backend_for(spec: &str, create: bool) -> Result<Box<dyn Backend>> {
         if spec.contains("://") {
-            return Err(Error::invalid(format!("unsupported repository URL {spec:?}: use a directory path")));
+            return Err(Error::invalid(format!(
+                "unsupported repository URL {spec:?}: use a directory path"
+            )));
         }
         let path = Path::new(spec);
         if !path.exists() {
             if !create {
-                return Err(Error::not_found(format!("repository {spec} does not exist")));
+                return Err(Error::not_found(format!(
+                    "repository {spec} does not exist"
+                )));
             }
-            std::fs::create_dir_all(path).map_err(|e| Error::io(format!("create repository {spec}"), e))?;
+            std::fs::create_dir_all(path)
+                .map_err(|e| Error::io(format!("create repository {spec}"), e))?;
         } else if !path.is_dir() {
-            return Err(Error::invalid(format!("repository {spec} is not a directory")));
+            return Err(Error::invalid(format!(
+                "repository {spec} is not a directory"
+            )));
         }
-        let abs = std::fs::canonicalize(path).map_err(|e| Error::io(format!("resolve {spec}"), e))?;
+        let abs =
+            std::fs::canonicalize(path).map_err(|e| Error::io(format!("resolve {spec}"), e))?;
         Ok(Box::new(LocalDir::new(&abs)))
     }
 
     fn read_info(backend: &dyn Backend) -> Result<RepoInfo> {
         let loc = backend.location();
-        let bytes = backend
-            .get(INFO_KEY)?
-            .ok_or_else(|| Error::not_found(format!("{loc} is not a recoverfs repository (no repo.json)")))?;
+        let bytes = backend.get(INFO_KEY)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "{loc} is not a recoverfs repository (no repo.json)"
+            ))
+        })?;
         let info: RepoInfo = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{loc}/repo.json is damaged ({e})")))?;
         if info.format != REPO_FORMAT {
-            return Err(Error::invalid(format!("{loc} is not a recoverfs repository")));
+            return Err(Error::invalid(format!(
+                "{loc} is not a recoverfs repository"
+            )));
         }
         if info.version != 1 {
-            return Err(Error::invalid(format!("{loc}: unsupported repository version {}", info.version)));
+            return Err(Error::invalid(format!(
+                "{loc}: unsupported repository version {}",
+                info.version
+            )));
         }
         Ok(info)
     }
@@ -150,7 +165,12 @@ impl Repository {
     }
 
     pub fn vms(&self) -> Result<Vec<String>> {
-        Ok(self.backend.list("backups")?.into_iter().filter(|n| validate_name("VM", n).is_ok()).collect())
+        Ok(self
+            .backend
+            .list("backups")?
+            .into_iter()
+            .filter(|n| validate_name("VM", n).is_ok())
+            .collect())
     }
 
     /// Backup ids of a VM, oldest first.
@@ -172,14 +192,20 @@ impl Repository {
         let key = manifest_key(vm, id);
         let bytes = self.backend.get(&key)?.ok_or_else(|| {
             if self.backup_ids(vm).map(|v| v.is_empty()).unwrap_or(true) {
-                Error::not_found(format!("unknown VM {vm:?}: no backups in {}", self.location()))
+                Error::not_found(format!(
+                    "unknown VM {vm:?}: no backups in {}",
+                    self.location()
+                ))
             } else {
                 Error::not_found(format!("unknown backup {id:?} of VM {vm}"))
             }
         })?;
         let m = Manifest::decode(&bytes, &format!("{vm}/{id}"))?;
         if m.vm != vm || m.id != id {
-            return Err(Error::corrupt(format!("manifest {vm}/{id} names {}/{}", m.vm, m.id)));
+            return Err(Error::corrupt(format!(
+                "manifest {vm}/{id} names {}/{}",
+                m.vm, m.id
+            )));
         }
         Ok(m)
     }
@@ -190,9 +216,12 @@ impl Repository {
             Some(id) => self.manifest(vm, id),
             None => {
                 let ids = self.backup_ids(vm)?;
-                let last = ids
-                    .last()
-                    .ok_or_else(|| Error::not_found(format!("unknown VM {vm:?}: no backups in {}", self.location())))?;
+                let last = ids.last().ok_or_else(|| {
+                    Error::not_found(format!(
+                        "unknown VM {vm:?}: no backups in {}",
+                        self.location()
+                    ))
+                })?;
                 self.manifest(vm, last)
             }
         }
@@ -240,12 +269,21 @@ impl Repository {
     /// Reads and verifies a chunk. `what` names the chunk's place (VM,
     /// backup, disk, block) for the error. Returns plain bytes and the
     /// number of bytes transferred from the repository.
-    pub fn read_chunk(&self, d: &Digest, len: usize, what: &dyn std::fmt::Display) -> Result<(Vec<u8>, u64)> {
+    pub fn read_chunk(
+        &self,
+        d: &Digest,
+        len: usize,
+        what: &dyn std::fmt::Display,
+    ) -> Result<(Vec<u8>, u64)> {
         let stored = self
             .backend
             .get(&d.key())
             .map_err(|e| e.context(format!("chunk {d} of {what}")))?
-            .ok_or_else(|| Error::corrupt(format!("chunk {d} of {what} is missing from the repository")))?;
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "chunk {d} of {what} is missing from the repository"
+                ))
+            })?;
         let n = stored.len() as u64;
         let data = chunk::decode(&stored, d, len).map_err(|e| e.context(what))?;
         Ok((data, n))
@@ -253,7 +291,8 @@ impl Repository {
 
     /// Writes a manifest last, never replacing an existing backup.
     pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
-        self.backend.put_new(&manifest_key(&m.vm, &m.id), &m.encode()?)
+        self.backend
+            .put_new(&manifest_key(&m.vm, &m.id), &m.encode()?)
     }
 }
 

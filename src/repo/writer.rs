@@ -52,13 +52,20 @@ pub fn image_size(path: &Path) -> Result<u64> {
         let mut size: u64 = 0;
         // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
         // points at a live local of that type; the fd is open.
-        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0x8008_1272, &mut size) };
+        let rc =
+            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0x8008_1272, &mut size) };
         if rc != 0 {
-            return Err(Error::io(format!("size of {}", path.display()), std::io::Error::last_os_error()));
+            return Err(Error::io(
+                format!("size of {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
         }
         return Ok(size);
     }
-    Err(Error::invalid(format!("image {} is neither a regular file nor a block device", path.display())))
+    Err(Error::invalid(format!(
+        "image {} is neither a regular file nor a block device",
+        path.display()
+    )))
 }
 
 pub fn default_config(vm: &str, disks: usize) -> serde_json::Value {
@@ -73,7 +80,11 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
     if req.images.is_empty() {
         return Err(Error::invalid("no disk image given"));
     }
-    let sizes = req.images.iter().map(|p| image_size(p)).collect::<Result<Vec<_>>>()?;
+    let sizes = req
+        .images
+        .iter()
+        .map(|p| image_size(p))
+        .collect::<Result<Vec<_>>>()?;
     if let Some(c) = &req.config {
         if !c.is_object() {
             return Err(Error::invalid("VM configuration must be a JSON object"));
@@ -90,7 +101,9 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
     }
     bar.finish_and_clear();
     let created_unix = now_unix();
-    let config = req.config.unwrap_or_else(|| default_config(&req.vm, disks.len()));
+    let config = req
+        .config
+        .unwrap_or_else(|| default_config(&req.vm, disks.len()));
     let base_id = backup_id(created_unix);
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -108,11 +121,18 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
         }
         manifest.id = format!("{base_id}-{n}");
     }
-    Ok(BackupReport { manifest, disks: reports })
+    Ok(BackupReport {
+        manifest,
+        disks: reports,
+    })
 }
 
 fn backup_id(unix: u64) -> String {
-    rfc3339(unix).replace(['-', ':'], "").replace('T', "-").trim_end_matches('Z').to_string()
+    rfc3339(unix)
+        .replace(['-', ':'], "")
+        .replace('T', "-")
+        .trim_end_matches('Z')
+        .to_string()
 }
 
 fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
@@ -122,15 +142,21 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
     );
     bar
 }
 
 enum Outcome {
     Zero,
-    Stored { digest: Digest, new_bytes: u64, stored_size: u64 },
+    Stored {
+        digest: Digest,
+        new_bytes: u64,
+        stored_size: u64,
+    },
 }
 
 fn backup_disk(
@@ -143,7 +169,10 @@ fn backup_disk(
 ) -> Result<(DiskManifest, DiskReport)> {
     let file = Arc::new(File::open(path).ctx(|| format!("open image {}", path.display()))?);
     let n = DiskManifest::chunk_count(size, chunk_size);
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
     let (job_tx, job_rx) = bounded::<(u64, Vec<u8>)>(workers * 2);
     let (res_tx, res_rx) = bounded::<(u64, Result<Outcome>)>(workers * 2);
 
@@ -167,7 +196,8 @@ fn backup_disk(
                     let off = idx * chunk_size as u64;
                     let len = (size - off).min(chunk_size as u64) as usize;
                     let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, off).ctx(|| format!("read {} at {off}", path.display()))?;
+                    file.read_exact_at(&mut buf, off)
+                        .ctx(|| format!("read {} at {off}", path.display()))?;
                     if job_tx.send((idx, buf)).is_err() {
                         break;
                     }
@@ -177,7 +207,12 @@ fn backup_disk(
         };
 
         let mut chunks = vec![None; n as usize];
-        let mut rep = DiskReport { name: name.into(), size, chunks: n, ..Default::default() };
+        let mut rep = DiskReport {
+            name: name.into(),
+            size,
+            chunks: n,
+            ..Default::default()
+        };
         let mut seen = std::collections::HashSet::new();
         let mut stored_bytes = 0;
         let mut first_err = None;
@@ -185,7 +220,11 @@ fn backup_disk(
             bar.inc((size - idx * chunk_size as u64).min(chunk_size as u64));
             match r {
                 Ok(Outcome::Zero) => rep.zero_chunks += 1,
-                Ok(Outcome::Stored { digest, new_bytes, stored_size }) => {
+                Ok(Outcome::Stored {
+                    digest,
+                    new_bytes,
+                    stored_size,
+                }) => {
                     if new_bytes > 0 {
                         rep.new_chunks += 1;
                         rep.new_bytes += new_bytes;
@@ -204,7 +243,14 @@ fn backup_disk(
         if let Some(e) = first_err {
             return Err(e);
         }
-        let dm = DiskManifest { name: name.into(), size, chunk_size, chunks, stored_bytes, new_bytes: rep.new_bytes };
+        let dm = DiskManifest {
+            name: name.into(),
+            size,
+            chunk_size,
+            chunks,
+            stored_bytes,
+            new_bytes: rep.new_bytes,
+        };
         Ok((dm, rep))
     })
 }
@@ -215,8 +261,16 @@ fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
     }
     let digest = Digest::of(data);
     let new_bytes = repo.put_chunk(&digest, data)?;
-    let stored_size = if new_bytes > 0 { new_bytes } else { repo.chunk_stored_size(&digest)?.unwrap_or(0) };
-    Ok(Outcome::Stored { digest, new_bytes, stored_size })
+    let stored_size = if new_bytes > 0 {
+        new_bytes
+    } else {
+        repo.chunk_stored_size(&digest)?.unwrap_or(0)
+    };
+    Ok(Outcome::Stored {
+        digest,
+        new_bytes,
+        stored_size,
+    })
 }
 
 #[cfg(test)]
@@ -230,13 +284,20 @@ mod tests {
     }
 
     fn req(vm: &str, images: Vec<PathBuf>) -> BackupRequest {
-        BackupRequest { vm: vm.into(), config: None, chunk_size: 65536, images, progress: false }
+        BackupRequest {
+            vm: vm.into(),
+            config: None,
+            chunk_size: 65536,
+            images,
+            progress: false,
+        }
     }
 
     #[test]
     fn second_backup_of_changed_image_stores_only_changed_chunks() {
         let d = tempfile::tempdir().unwrap();
-        let (repo, created) = Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+        let (repo, created) =
+            Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
         assert!(created);
         let mut data: Vec<u8> = (0..10 * 65536 + 123).map(|i| (i % 253) as u8).collect();
         data[65536..2 * 65536].fill(0);
@@ -249,7 +310,10 @@ mod tests {
         let r2 = run_backup(&repo, req("vm1", vec![img])).unwrap();
         assert_eq!(r2.disks[0].new_chunks, 1);
         assert!(r2.manifest.new_bytes() > 0 && r2.manifest.new_bytes() < r1.manifest.new_bytes());
-        assert_ne!(r1.manifest.id, r2.manifest.id, "same-second backups get distinct ids");
+        assert_ne!(
+            r1.manifest.id, r2.manifest.id,
+            "same-second backups get distinct ids"
+        );
         assert_eq!(repo.backup_ids("vm1").unwrap().len(), 2);
         // Every chunk reads back verified and in order.
         let m = repo.resolve("vm1", None).unwrap();
@@ -257,7 +321,11 @@ mod tests {
         let mut back = vec![];
         for (i, c) in disk.chunks.iter().enumerate() {
             match c {
-                Some(dg) => back.extend(repo.read_chunk(dg, disk.chunk_len(i as u64), &"test").unwrap().0),
+                Some(dg) => back.extend(
+                    repo.read_chunk(dg, disk.chunk_len(i as u64), &"test")
+                        .unwrap()
+                        .0,
+                ),
                 None => back.extend(vec![0u8; disk.chunk_len(i as u64)]),
             }
         }
@@ -268,7 +336,13 @@ mod tests {
     fn non_regular_image_is_rejected() {
         let d = tempfile::tempdir().unwrap();
         let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
-        let e = run_backup(&repo, req("vm", vec![d.path().to_path_buf()])).err().unwrap();
-        assert!(e.to_string().contains("neither a regular file nor a block device"), "{e}");
+        let e = run_backup(&repo, req("vm", vec![d.path().to_path_buf()]))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("neither a regular file nor a block device"),
+            "{e}"
+        );
     }
 }

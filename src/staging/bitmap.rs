@@ -47,11 +47,17 @@ impl AtomicBitmap {
     }
 
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as u64).sum()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
     }
 
     pub fn snapshot(&self) -> Vec<u64> {
-        self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
     }
 
     fn load(&self, words: &[u64]) {
@@ -139,7 +145,10 @@ impl PersistentBitmap {
         if nblocks % 64 != 0 {
             if let Some(last) = words.last() {
                 if last >> (nblocks % 64) != 0 {
-                    return Err(Error::corrupt(format!("staging map {} has bits past its end", path.display())));
+                    return Err(Error::corrupt(format!(
+                        "staging map {} has bits past its end",
+                        path.display()
+                    )));
                 }
             }
         }
@@ -319,8 +328,15 @@ mod tests {
         PersistentBitmap::open(&p, MapKind::Present, 65536, 10).unwrap();
         assert!(PersistentBitmap::open(&p, MapKind::Present, 65536, 11).is_err());
         assert!(PersistentBitmap::open(&p, MapKind::Changed, 65536, 10).is_err());
-        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(10).unwrap();
-        let e = PersistentBitmap::open(&p, MapKind::Present, 65536, 10).err().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        let e = PersistentBitmap::open(&p, MapKind::Present, 65536, 10)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("truncated"));
     }
 }

@@ -16,9 +16,16 @@ pub fn bin() -> &'static str {
 
 /// FUSE tests must fail loudly, never skip, on a machine without FUSE.
 pub fn require_fuse() {
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: these tests need FUSE");
     assert!(
-        Command::new("sh").args(["-c", "command -v fusermount3 >/dev/null"]).status().map(|s| s.success()).unwrap_or(false),
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests need FUSE"
+    );
+    assert!(
+        Command::new("sh")
+            .args(["-c", "command -v fusermount3 >/dev/null"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false),
         "fusermount3 is missing: install the fuse3 package (make test does this)"
     );
 }
@@ -34,13 +41,22 @@ pub struct Env {
 impl Env {
     pub fn new() -> Env {
         require_fuse();
-        let dir = tempfile::Builder::new().prefix("recoverfs-e2e").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("recoverfs-e2e")
+            .tempdir()
+            .unwrap();
         let repo = dir.path().join("repo");
         let staging = dir.path().join("staging");
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
         let socket = dir.path().join("control.sock");
-        Env { dir, repo, staging, mount, socket }
+        Env {
+            dir,
+            repo,
+            staging,
+            mount,
+            socket,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -53,13 +69,21 @@ impl Env {
 
     /// Runs the binary with `args`.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin()).args(args).env("RUST_LOG", "warn").output().unwrap()
+        Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
     }
 
     /// Runs and requires success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        assert!(o.status.success(), "recoverfs {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "recoverfs {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8(o.stdout).unwrap()
     }
 
@@ -67,16 +91,38 @@ impl Env {
     pub fn fails(&self, args: &[&str], needle: &str) -> String {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(!o.status.success(), "recoverfs {args:?} should fail, stdout: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            !o.status.success(),
+            "recoverfs {args:?} should fail, stdout: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "expected a one-line error for {args:?}, got: {err}");
-        assert!(lines[0].starts_with("recoverfs: error: "), "unexpected error format: {err}");
-        assert!(err.contains(needle), "error for {args:?} should mention {needle:?}: {err}");
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected a one-line error for {args:?}, got: {err}"
+        );
+        assert!(
+            lines[0].starts_with("recoverfs: error: "),
+            "unexpected error format: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "error for {args:?} should mention {needle:?}: {err}"
+        );
         err
     }
 
     pub fn backup(&self, vm: &str, chunk: &str, images: &[&Path]) -> String {
-        let mut args = vec!["backup", "--repo", self.repo_str(), "--vm", vm, "--chunk-size", chunk];
+        let mut args = vec![
+            "backup",
+            "--repo",
+            self.repo_str(),
+            "--vm",
+            vm,
+            "--chunk-size",
+            chunk,
+        ];
         let imgs: Vec<&str> = images.iter().map(|p| p.to_str().unwrap()).collect();
         args.extend(imgs);
         self.ok(&args).lines().last().unwrap().to_string()
@@ -113,7 +159,13 @@ impl Env {
 
     pub fn disk_status(&self, vm: &str, disk: usize) -> serde_json::Value {
         let st = self.status();
-        let s = st["sessions"].as_array().unwrap().iter().find(|s| s["vm"] == vm).expect("session listed").clone();
+        let s = st["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["vm"] == vm)
+            .expect("session listed")
+            .clone();
         s["disks"][disk].clone()
     }
 }
@@ -140,7 +192,11 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut d = Daemon { child: Some(child), mount: mount.to_path_buf(), log };
+        let mut d = Daemon {
+            child: Some(child),
+            mount: mount.to_path_buf(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if std::os::unix::net::UnixStream::connect(socket).is_ok() {
@@ -149,7 +205,11 @@ impl Daemon {
             if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited ({st}) during start: {}", d.log_text());
             }
-            assert!(Instant::now() < deadline, "daemon did not start: {}", d.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -192,9 +252,18 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
-        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mount).stderr(Stdio::null()).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.mount)
+            .stderr(Stdio::null())
+            .status();
         if std::thread::panicking() {
-            eprintln!("---- daemon log {} ----\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "---- daemon log {} ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }

@@ -1,0 +1,200 @@
+//! Booting a recovered VM under QEMU and watching its serial console for a
+//! marker line. Shared by `recoverfs boot` (live progress for an operator)
+//! and `recoverfs verify-boot` (a throwaway, SureBackup-style check).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, RecvTimeoutError};
+
+use crate::error::{Error, IoContext, Result};
+
+pub struct QemuSpec {
+    pub disks: Vec<PathBuf>,
+    pub memory_mib: u64,
+    /// Extra arguments appended verbatim.
+    pub extra: Vec<String>,
+}
+
+impl QemuSpec {
+    /// Memory from the VM config's `memory_mib`, 512 MiB otherwise.
+    pub fn from_config(config: &serde_json::Value, disks: Vec<PathBuf>) -> QemuSpec {
+        let memory_mib = config
+            .get("memory_mib")
+            .and_then(|m| m.as_u64())
+            .unwrap_or(512);
+        QemuSpec {
+            disks,
+            memory_mib,
+            extra: vec![],
+        }
+    }
+
+    /// The guest has no network: a verification boot must not reach
+    /// production services.
+    fn command(&self) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-m",
+            &self.memory_mib.to_string(),
+        ]);
+        // QEMU's default accelerator (TCG) is used: a /dev/kvm node does not
+        // mean KVM works. RECOVERFS_QEMU_ARGS adds e.g. `-accel kvm`.
+        if let Ok(extra) = std::env::var("RECOVERFS_QEMU_ARGS") {
+            c.args(extra.split_whitespace());
+        }
+        for d in &self.disks {
+            c.arg("-drive")
+                .arg(format!("file={},format=raw,if=virtio", d.display()));
+        }
+        c.args(&self.extra);
+        c
+    }
+}
+
+pub struct Watch {
+    pub marker: String,
+    pub timeout: Duration,
+    /// How long to let the guest finish (sync, power off) after the marker.
+    pub settle: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The marker line appeared after this long.
+    Marker {
+        line: String,
+        after: Duration,
+    },
+    /// QEMU exited before the marker.
+    Exited(String),
+    Timeout,
+    /// The progress callback stopped the boot (e.g. a damaged chunk was read).
+    Aborted(String),
+}
+
+pub struct BootReport {
+    pub outcome: Outcome,
+    /// The last console lines, for failure reports.
+    pub console_tail: Vec<String>,
+    /// True if QEMU powered off by itself after the marker.
+    pub clean_exit: bool,
+}
+
+/// Boots and watches. `on_line` sees every console line; `tick` runs about every 250 ms with the elapsed
+/// time; returning `Some(reason)` aborts the boot.
+pub fn boot(
+    spec: &QemuSpec,
+    watch: &Watch,
+    console_log: Option<&Path>,
+    mut on_line: impl FnMut(&str),
+    mut tick: impl FnMut(Duration) -> Option<String>,
+) -> Result<BootReport> {
+    let mut child = spec
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io("start qemu-system-x86_64 (is QEMU installed?)", e))?;
+    let mut log = match console_log {
+        Some(p) => Some(std::fs::File::create(p).ctx(|| format!("create {}", p.display()))?),
+        None => None,
+    };
+    let (tx, rx) = unbounded::<String>();
+    for stream in [
+        Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("piped")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).split(b'\n').map_while(|l| l.ok()) {
+                if tx
+                    .send(
+                        String::from_utf8_lossy(&line)
+                            .trim_end_matches('\r')
+                            .to_string(),
+                    )
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let start = Instant::now();
+    let mut tail: Vec<String> = vec![];
+    let mut outcome = None;
+    let mut last_tick = Instant::now();
+    while outcome.is_none() {
+        match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(line) => {
+                if let Some(l) = log.as_mut() {
+                    let _ = writeln!(l, "{line}");
+                }
+                on_line(&line);
+                if line.contains(&watch.marker) {
+                    outcome = Some(Outcome::Marker {
+                        line: line.clone(),
+                        after: start.elapsed(),
+                    });
+                }
+                tail.push(line);
+                if tail.len() > 40 {
+                    tail.remove(0);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let st = child
+                    .wait()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                outcome = Some(Outcome::Exited(st));
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if outcome.is_none() && start.elapsed() > watch.timeout {
+            outcome = Some(Outcome::Timeout);
+        }
+        if outcome.is_none() && last_tick.elapsed() >= Duration::from_millis(250) {
+            last_tick = Instant::now();
+            if let Some(reason) = tick(start.elapsed()) {
+                outcome = Some(Outcome::Aborted(reason));
+            }
+        }
+    }
+    let outcome = outcome.expect("set");
+    // After the marker the guest still syncs and powers off; killing it
+    // early could lose the writes we want to keep.
+    let mut clean_exit = false;
+    if matches!(outcome, Outcome::Marker { .. }) {
+        let deadline = Instant::now() + watch.settle;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                clean_exit = st.success();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Drain what is left for the log.
+    for line in rx.try_iter() {
+        if let Some(l) = log.as_mut() {
+            let _ = writeln!(l, "{line}");
+        }
+    }
+    Ok(BootReport {
+        outcome,
+        console_tail: tail,
+        clean_exit,
+    })
+}

@@ -1,0 +1,185 @@
+//! `boot` and `verify-boot` output: live progress while a VM boots from
+//! the mount, and a pass/fail verdict.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::api::client::Client;
+use crate::boot::{boot, Outcome, QemuSpec, Watch};
+use crate::error::{Error, Result};
+use crate::util::human_bytes;
+use crate::verify_boot::{verify_boot, VerifyBootOptions};
+
+/// Sums per-disk status figures into one progress line.
+fn progress_line(status: &Value, elapsed: Duration) -> String {
+    let disks = status["disks"].as_array().cloned().unwrap_or_default();
+    let sum = |k: &str| {
+        disks
+            .iter()
+            .map(|d| d[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let staged = sum("blocks_staged") as f64 * 100.0 / sum("blocks_total").max(1) as f64;
+    format!(
+        "[{:6.1}s] staged {:5.1}%  fetched {:>10}  changed blocks {}  reads {}",
+        elapsed.as_secs_f64(),
+        staged,
+        human_bytes(sum("fetched_bytes")),
+        sum("blocks_changed"),
+        sum("reads")
+    )
+}
+
+pub fn boot_session(
+    client: &Client,
+    vm: &str,
+    marker: Option<String>,
+    timeout: Duration,
+    console: Option<PathBuf>,
+    quiet: bool,
+) -> Result<()> {
+    crate::util::validate_name("VM name", vm)?;
+    // Recover is idempotent: it returns the running session's disks.
+    let info = client.post("/sessions", &json!({"vm": vm}))?;
+    let disks: Vec<PathBuf> = info["disks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(PathBuf::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let config_path = info["config"]
+        .as_str()
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let config: Value = std::fs::read(&config_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let marker = marker
+        .or_else(|| {
+            config
+                .get("verify_marker")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "login:".into());
+    let spec = QemuSpec::from_config(&config, disks);
+    let watch = Watch {
+        marker: marker.clone(),
+        timeout,
+        settle: Duration::from_secs(60),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let path = format!("/sessions/{vm}");
+    let report = boot(
+        &spec,
+        &watch,
+        console.as_deref(),
+        |line| {
+            if !quiet {
+                // Keep the progress line below the console output.
+                eprint!("{}", if tty { "\r\x1b[2K" } else { "" });
+                println!("  | {line}");
+            }
+        },
+        |elapsed| {
+            if let Ok(st) = client.get(&path) {
+                if tty {
+                    eprint!("\r\x1b[2K{}", progress_line(&st, elapsed));
+                    let _ = std::io::stderr().flush();
+                } else if last_print.elapsed() >= Duration::from_secs(2) {
+                    eprintln!("{}", progress_line(&st, elapsed));
+                    last_print = Instant::now();
+                }
+            }
+            None
+        },
+    )?;
+    if tty {
+        eprintln!();
+    }
+    let st = client.get(&path)?;
+    let disks = st["disks"].as_array().cloned().unwrap_or_default();
+    let fetched: u64 = disks
+        .iter()
+        .map(|d| d["fetched_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let size: u64 = disks.iter().map(|d| d["size"].as_u64().unwrap_or(0)).sum();
+    match report.outcome {
+        Outcome::Marker { line, after } => {
+            println!(
+                "marker reached after {:.1} s: {}",
+                after.as_secs_f64(),
+                line.trim()
+            );
+            println!(
+                "fetched {} of {} disk ({:.1}%); {}",
+                human_bytes(fetched),
+                human_bytes(size),
+                fetched as f64 * 100.0 / size.max(1) as f64,
+                if report.clean_exit {
+                    "the VM powered off cleanly"
+                } else {
+                    "the VM was stopped"
+                }
+            );
+            let _ = start;
+            Ok(())
+        }
+        other => Err(Error::new(
+            crate::error::ErrorKind::Io,
+            format!("VM {vm} did not reach {marker:?}: {}", describe(&other)),
+        )),
+    }
+}
+
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Marker { after, .. } => format!("booted in {:.1} s", after.as_secs_f64()),
+        Outcome::Exited(st) => format!("QEMU exited first ({st})"),
+        Outcome::Timeout => "timed out".into(),
+        Outcome::Aborted(why) => why.clone(),
+    }
+}
+
+pub fn verify(opts: VerifyBootOptions) -> Result<()> {
+    let r = verify_boot(opts)?;
+    let fetched = format!(
+        "fetched {} of {}",
+        human_bytes(r.fetched_bytes),
+        human_bytes(r.disk_bytes)
+    );
+    if r.passed() {
+        println!(
+            "PASS: VM {} backup {} {} ({fetched})",
+            r.vm,
+            r.backup,
+            describe(&r.outcome)
+        );
+        return Ok(());
+    }
+    println!("console (last lines):");
+    for l in &r.console_tail {
+        println!("  | {l}");
+    }
+    println!(
+        "FAIL: VM {} backup {}: {} ({fetched})",
+        r.vm,
+        r.backup,
+        describe(&r.outcome)
+    );
+    Err(Error::new(
+        crate::error::ErrorKind::Corrupt,
+        format!(
+            "backup {} of VM {} did not boot to {:?}",
+            r.backup, r.vm, r.marker
+        ),
+    ))
+}

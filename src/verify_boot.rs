@@ -1,0 +1,136 @@
+//! `recoverfs verify-boot`: prove a backup boots. A throwaway recovery on
+//! a temporary staging directory and mount, a network-less QEMU boot, a
+//! console marker or a timeout, then everything it created is removed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::boot::{boot, Outcome, QemuSpec, Watch};
+use crate::daemon::{check_mount_point, MountedDatastore, ServeOptions};
+use crate::error::{Error, IoContext, Result};
+use crate::repo::Repository;
+use crate::staging::StagingDir;
+
+pub struct VerifyBootOptions {
+    pub repo: String,
+    pub vm: String,
+    pub backup: Option<String>,
+    /// Console text that proves the boot; default: the VM config's
+    /// `verify_marker`, else `login:`.
+    pub marker: Option<String>,
+    pub timeout: Duration,
+    pub console_log: Option<PathBuf>,
+}
+
+pub struct VerifyBootReport {
+    pub vm: String,
+    pub backup: String,
+    pub marker: String,
+    pub outcome: Outcome,
+    pub console_tail: Vec<String>,
+    pub fetched_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+impl VerifyBootReport {
+    pub fn passed(&self) -> bool {
+        matches!(self.outcome, Outcome::Marker { .. })
+    }
+}
+
+/// Removes the scratch directory even when verification fails midway.
+struct Scratch(tempfile::TempDir);
+
+pub fn verify_boot(opts: VerifyBootOptions) -> Result<VerifyBootReport> {
+    crate::util::validate_name("VM name", &opts.vm)?;
+    let repo = Repository::open(&opts.repo)?;
+    let manifest = repo.resolve(&opts.vm, opts.backup.as_deref())?;
+    let marker = opts
+        .marker
+        .clone()
+        .or_else(|| {
+            manifest
+                .config
+                .get("verify_marker")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "login:".into());
+    let scratch = Scratch(
+        tempfile::Builder::new()
+            .prefix("recoverfs-verify-")
+            .tempdir()
+            .ctx(|| "create scratch directory".into())?,
+    );
+    let mnt = scratch.0.path().join("mnt");
+    std::fs::create_dir(&mnt).ctx(|| format!("create {}", mnt.display()))?;
+    let mnt = check_mount_point(&mnt)?;
+    let staging = StagingDir::open(
+        &scratch.0.path().join("staging"),
+        repo.id(),
+        &repo.location(),
+    )?;
+    let serve_opts = ServeOptions {
+        repo: opts.repo.clone(),
+        staging: scratch.0.path().join("staging"),
+        mount: mnt.clone(),
+        socket: None,
+        allow_other: false,
+        fetch_workers: 8,
+        fuse_threads: 4,
+        flush_interval: Duration::from_secs(2),
+    };
+    let mounted = MountedDatastore::start(repo.clone(), staging, &mnt, &serve_opts)?;
+    let result = run(&mounted, &opts, &manifest.id, &marker);
+    let _ = mounted.ds.release(&opts.vm, true);
+    let stopped = mounted.shutdown();
+    drop(scratch);
+    let report = result?;
+    stopped?;
+    Ok(report)
+}
+
+fn run(
+    mounted: &MountedDatastore,
+    opts: &VerifyBootOptions,
+    backup: &str,
+    marker: &str,
+) -> Result<VerifyBootReport> {
+    let info = mounted.ds.recover(&opts.vm, Some(backup))?;
+    let session = mounted
+        .ds
+        .session(&opts.vm)
+        .ok_or_else(|| Error::not_found("session vanished"))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&session.config_json).unwrap_or_default();
+    let spec = QemuSpec::from_config(&config, info.disks.clone());
+    let watch = Watch {
+        marker: marker.to_string(),
+        timeout: opts.timeout,
+        settle: Duration::from_secs(10),
+    };
+    let report = boot(
+        &spec,
+        &watch,
+        opts.console_log.as_deref(),
+        |_| {},
+        |_| {
+            // A damaged chunk means the backup cannot be trusted: stop at once.
+            session
+                .disks
+                .iter()
+                .find_map(|d| d.stats.last_fetch_error.lock().clone())
+                .map(|e| format!("the boot read a damaged chunk: {e}"))
+        },
+    )?;
+    let statuses: Vec<_> = session.disks.iter().map(|d| d.status()).collect();
+    Ok(VerifyBootReport {
+        vm: opts.vm.clone(),
+        backup: backup.to_string(),
+        marker: marker.to_string(),
+        outcome: report.outcome,
+        console_tail: report.console_tail,
+        fetched_bytes: statuses.iter().map(|s| s.fetched_bytes).sum(),
+        disk_bytes: statuses.iter().map(|s| s.size).sum(),
+    })
+}

@@ -1,0 +1,197 @@
+//! Real QEMU boots the `tiny` VM image straight from the recovery mount.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const MARKER: &str = "RECOVERFS-TINY-UP boot=";
+
+fn tiny_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(root.join("vm-images/build.sh"))
+        .arg("tiny")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "building the tiny image failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .expect("image path")
+            .trim(),
+    )
+}
+
+/// Boots with exactly the documented command; returns the boot counter.
+fn boot(disk: &Path, what: &str) -> u64 {
+    let o = Command::new("timeout")
+        .args([
+            "180",
+            "qemu-system-x86_64",
+            "-nographic",
+            "-m",
+            "512",
+            "-no-reboot",
+            "-drive",
+        ])
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("qemu-system-x86_64 is installed");
+    let console =
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    let line = console.lines().find(|l| l.contains(MARKER));
+    let Some(line) = line else {
+        panic!(
+            "{what}: no marker (qemu {}); serial console:\n{console}",
+            o.status
+        )
+    };
+    assert!(
+        o.status.success(),
+        "{what}: qemu did not power off cleanly ({}): {console}",
+        o.status
+    );
+    let n = line
+        .split(MARKER)
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap();
+    n.parse()
+        .unwrap_or_else(|_| panic!("{what}: bad marker line {line:?}"))
+}
+
+#[test]
+fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_rebackup() {
+    let env = Env::new();
+    let image = tiny_image();
+    let id = env.backup("tiny", "64K", &[&image]);
+    let mut d1 = env.serve();
+    let disk = env.recover("tiny", Some(&id))[0].clone();
+    assert_eq!(disk, env.mount.join("tiny/disk0.raw"));
+
+    assert_eq!(boot(&disk, "first boot"), 1);
+    let st = env.disk_status("tiny", 0);
+    let (staged, total, zero) = (
+        st["blocks_staged"].as_u64().unwrap(),
+        st["blocks_total"].as_u64().unwrap(),
+        st["zero_blocks"].as_u64().unwrap(),
+    );
+    assert!(
+        staged < total / 4,
+        "the first boot should stage a fraction of the disk: {st}"
+    );
+    assert!(
+        staged < total - zero,
+        "the boot should not need every stored block: {st}"
+    );
+    assert!(
+        st["blocks_changed"].as_u64().unwrap() > 0,
+        "the guest wrote its counter: {st}"
+    );
+
+    // Release and recover again: the staging is resumed.
+    let o = env.release("tiny", false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let disk = env.recover("tiny", None)[0].clone();
+    assert_eq!(boot(&disk, "boot after release"), 2);
+
+    // A crashed daemon: a new one on the same staging resumes the VM.
+    d1.kill9();
+    std::mem::forget(d1); // leave the stale mount for serve to clean up
+    let d2 = env.serve();
+    let disk = env.recover("tiny", None)[0].clone();
+    assert_eq!(boot(&disk, "boot after kill -9"), 3);
+
+    // Back up the recovered disk through the mount, then boot that backup
+    // from fresh staging: the counter continues.
+    let id2 = env.backup("tiny", "64K", &[&disk]);
+    assert_ne!(id, id2);
+    let staging2 = env.path("staging2");
+    let mount2 = env.path("mnt2");
+    std::fs::create_dir(&mount2).unwrap();
+    let socket2 = env.path("control2.sock");
+    let _d3 = Daemon::start(&env, &staging2, &mount2, &socket2);
+    let o = env.run(&[
+        "recover",
+        "--socket",
+        socket2.to_str().unwrap(),
+        "tiny",
+        "--backup",
+        &id2,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let disk2 = mount2.join("tiny/disk0.raw");
+    assert_eq!(boot(&disk2, "boot of the re-backup"), 4);
+    drop(d2);
+}
+
+#[test]
+fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
+    let env = Env::new();
+    let image = tiny_image();
+    env.backup("tiny", "64K", &[&image]);
+    let o = env.run(&[
+        "verify-boot",
+        "--repo",
+        env.repo_str(),
+        "tiny",
+        "--marker",
+        MARKER,
+        "--timeout",
+        "180",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "good backup failed verify-boot: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("PASS: VM tiny"), "{out}");
+
+    // Corrupt the chunk holding the MBR and boot loader start: block 0.
+    let mbr = std::fs::read(&image).unwrap()[..64 << 10].to_vec();
+    let digest = blake3::hash(&mbr).to_hex().to_string();
+    let chunk = env.repo.join("chunks").join(&digest[..4]).join(&digest);
+    let mut stored = std::fs::read(&chunk).unwrap();
+    let n = stored.len();
+    stored[n / 2] ^= 0xa5;
+    std::fs::write(&chunk, stored).unwrap();
+    let o = env.run(&[
+        "verify-boot",
+        "--repo",
+        env.repo_str(),
+        "tiny",
+        "--marker",
+        MARKER,
+        "--timeout",
+        "180",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a broken backup passed verify-boot: {out}"
+    );
+    assert!(
+        out.contains("FAIL: VM tiny") && out.contains(&digest),
+        "the failure must name the damaged chunk: {out}"
+    );
+    assert!(err.contains("did not boot"), "{err}");
+    // Nothing is left mounted.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains("recoverfs-verify-"),
+        "verify-boot left a mount: {mounts}"
+    );
+}
