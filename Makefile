@@ -2,13 +2,13 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-DEMO ?= tiny
+DEMO ?= debian
 
 # Debian packages the build, tests and demo need. qemu-utils is pinned to the
 # same version as qemu-system-x86 because installing one replaces the other.
 APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3
 
-.PHONY: all build release deps test demo bench clean fmt
+.PHONY: all build release deps garage test demo clean fmt
 
 all: build
 
@@ -16,18 +16,22 @@ all: build
 deps:
 	@scripts/install-deps.sh $(APT_PACKAGES)
 
+# Garage, the real S3 store the S3 tests run against (built once, cached).
+garage:
+	@scripts/install-garage.sh
+
 build:
 	$(CARGO) build
 
 release:
 	$(CARGO) build --release
 
-test: deps
+test: deps garage
 	$(CARGO) build --all-targets
 	$(CARGO) test --no-fail-fast -- --test-threads=2
 
 demo: deps release
-	scripts/demo.sh
+	DEMO=$(DEMO) scripts/demo.sh
 
 fmt:
 	$(CARGO) fmt

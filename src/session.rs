@@ -70,6 +70,8 @@ pub struct SessionStatus {
     pub started: String,
     pub open_handles: u64,
     pub path: PathBuf,
+    /// Repository requests retried after transient failures (daemon-wide).
+    pub repo_retries: u64,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -293,6 +295,7 @@ impl Datastore {
             ),
             open_handles: s.open_handles(),
             path: self.mount.join(&s.vm),
+            repo_retries: self.repo.retries(),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }

@@ -2,33 +2,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 
 const MARKER: &str = "RECOVERFS-TINY-UP boot=";
-
-fn tiny_image() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let o = Command::new(root.join("vm-images/build.sh"))
-        .arg("tiny")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "building the tiny image failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8(o.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .expect("image path")
-            .trim(),
-    )
-}
 
 /// Boots with exactly the documented command; returns the boot counter.
 fn boot(disk: &Path, what: &str) -> u64 {
@@ -141,16 +120,7 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
     let env = Env::new();
     let image = tiny_image();
     env.backup("tiny", "64K", &[&image]);
-    let o = env.run(&[
-        "verify-boot",
-        "--repo",
-        env.repo_str(),
-        "tiny",
-        "--marker",
-        MARKER,
-        "--timeout",
-        "180",
-    ]);
+    let o = env.verify_boot("tiny", MARKER);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -167,16 +137,7 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
     let n = stored.len();
     stored[n / 2] ^= 0xa5;
     std::fs::write(&chunk, stored).unwrap();
-    let o = env.run(&[
-        "verify-boot",
-        "--repo",
-        env.repo_str(),
-        "tiny",
-        "--marker",
-        MARKER,
-        "--timeout",
-        "180",
-    ]);
+    let o = env.verify_boot("tiny", MARKER);
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

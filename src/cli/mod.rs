@@ -88,8 +88,8 @@ pub enum Command {
         /// Let other users (e.g. a hypervisor running as another user) access the mount.
         #[arg(long)]
         allow_other: bool,
-        /// Parallel repository fetches.
-        #[arg(long, default_value_t = 8)]
+        /// Parallel repository fetches (requests in flight).
+        #[arg(long, default_value_t = 16)]
         fetch_workers: usize,
         /// FUSE event-loop threads.
         #[arg(long, default_value_t = 4)]

@@ -207,6 +207,9 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             s["path"].as_str().unwrap_or("?"),
             s["open_handles"]
         );
+        if s["repo_retries"].as_u64().unwrap_or(0) > 0 {
+            println!("  repository retries: {}", s["repo_retries"]);
+        }
         for d in s["disks"].as_array().cloned().unwrap_or_default() {
             let n = |k: &str| d[k].as_u64().unwrap_or(0);
             let f = |k: &str| d[k].as_f64().unwrap_or(0.0);

@@ -25,6 +25,10 @@ pub trait Backend: Send + Sync {
     fn delete(&self, key: &str) -> Result<()>;
     /// Where this is, for messages.
     fn location(&self) -> String;
+    /// Requests retried after transient failures (remote stores).
+    fn retries(&self) -> u64 {
+        0
+    }
 }
 
 /// A repository in a local directory. Objects are files; every write is

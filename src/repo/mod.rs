@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod chunk;
 pub mod manifest;
+pub mod s3;
 pub mod writer;
 
 use std::path::Path;
@@ -60,7 +61,7 @@ impl Repository {
     /// Opens an existing repository; a missing one or a directory that is
     /// not a repository is a clear error.
     pub fn open(spec: &str) -> Result<Arc<Repository>> {
-        let backend = Self::backend_for(spec, false)?;
+        let backend = Self::backend_for(spec, false, &[])?;
         let info = Self::read_info(backend.as_ref())?;
         Ok(Arc::new(Repository { backend, info }))
     }
@@ -68,7 +69,7 @@ impl Repository {
     /// Opens a repository, creating it if `spec` does not exist or is an
     /// empty directory. Used by `backup` and `init`.
     pub fn open_or_create(spec: &str) -> Result<(Arc<Repository>, bool)> {
-        let backend = Self::backend_for(spec, true)?;
+        let backend = Self::backend_for(spec, true, &[])?;
         match backend.get(INFO_KEY)? {
             Some(_) => {
                 let info = Self::read_info(backend.as_ref())?;
@@ -104,10 +105,25 @@ impl Repository {
         Ok(Arc::new(Repository { backend, info }))
     }
 
-    fn backend_for(spec: &str, create: bool) -> Result<Box<dyn Backend>> {
+    /// Opens an existing repository with explicit S3 settings (AWS_* names)
+    /// that take precedence over the environment.
+    pub fn open_with(spec: &str, s3_settings: &[(String, String)]) -> Result<Arc<Repository>> {
+        let backend = Self::backend_for(spec, false, s3_settings)?;
+        let info = Self::read_info(backend.as_ref())?;
+        Ok(Arc::new(Repository { backend, info }))
+    }
+
+    fn backend_for(
+        spec: &str,
+        create: bool,
+        s3_settings: &[(String, String)],
+    ) -> Result<Box<dyn Backend>> {
+        if spec.starts_with("s3://") {
+            return Ok(Box::new(s3::S3Backend::open(spec, s3_settings)?));
+        }
         if spec.contains("://") {
             return Err(Error::invalid(format!(
-                "unsupported repository URL {spec:?}: use a directory path"
+                "unsupported repository URL {spec:?}: use a directory or s3://BUCKET[/PREFIX]"
             )));
         }
         let path = Path::new(spec);
@@ -158,6 +174,10 @@ impl Repository {
 
     pub fn location(&self) -> String {
         self.backend.location()
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.backend.retries()
     }
 
     pub fn backend(&self) -> &dyn Backend {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
+pub mod garage;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_recoverfs")
 }
@@ -36,6 +38,10 @@ pub struct Env {
     pub staging: PathBuf,
     pub mount: PathBuf,
     pub socket: PathBuf,
+    /// Repository given to commands: the directory, or an s3:// URL.
+    pub repo_spec: String,
+    /// Extra environment (S3 credentials) for every command and daemon.
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -50,13 +56,24 @@ impl Env {
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
         let socket = dir.path().join("control.sock");
+        let repo_spec = repo.to_str().unwrap().to_string();
         Env {
             dir,
             repo,
             staging,
             mount,
             socket,
+            repo_spec,
+            extra_env: vec![],
         }
+    }
+
+    /// An environment whose repository lives in an S3 bucket.
+    pub fn s3(spec: &str, env: Vec<(String, String)>) -> Env {
+        let mut e = Env::new();
+        e.repo_spec = spec.to_string();
+        e.extra_env = env;
+        e
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -64,7 +81,7 @@ impl Env {
     }
 
     pub fn repo_str(&self) -> &str {
-        self.repo.to_str().unwrap()
+        &self.repo_spec
     }
 
     /// Runs the binary with `args`.
@@ -72,6 +89,7 @@ impl Env {
         Command::new(bin())
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(self.extra_env.iter().cloned())
             .output()
             .unwrap()
     }
@@ -126,6 +144,20 @@ impl Env {
         let imgs: Vec<&str> = images.iter().map(|p| p.to_str().unwrap()).collect();
         args.extend(imgs);
         self.ok(&args).lines().last().unwrap().to_string()
+    }
+
+    /// `verify-boot` of a VM's newest backup, waiting for `marker`.
+    pub fn verify_boot(&self, vm: &str, marker: &str) -> Output {
+        self.run(&[
+            "verify-boot",
+            "--repo",
+            self.repo_str(),
+            vm,
+            "--marker",
+            marker,
+            "--timeout",
+            "180",
+        ])
     }
 
     pub fn serve(&self) -> Daemon {
@@ -187,6 +219,7 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .env("RUST_LOG", "info")
+            .envs(env.extra_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -293,4 +326,26 @@ pub fn read_all(p: &Path) -> Vec<u8> {
     let mut v = vec![];
     std::fs::File::open(p).unwrap().read_to_end(&mut v).unwrap();
     v
+}
+
+/// Builds (or reuses) the `tiny` VM image and returns its path.
+pub fn tiny_image() -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(root.join("vm-images/build.sh"))
+        .arg("tiny")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "building the tiny image failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .expect("image path")
+            .trim(),
+    )
 }

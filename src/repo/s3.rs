@@ -1,0 +1,264 @@
+//! The repository on S3-compatible object storage (AWS S3, Garage, MinIO,
+//! Ceph RGW) through the `object_store` crate. Object keys mirror the
+//! directory layout under an optional prefix.
+//!
+//! The data path stays in plain threads: each call hands its request to a
+//! small tokio runtime owned by the backend and waits, so N fetch workers
+//! keep N requests in flight. Transient failures are retried here (not
+//! inside object_store) so retries can be counted and shown in `status`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, PutPayload, RetryConfig};
+
+use super::backend::Backend;
+use crate::error::{Error, ErrorKind, Result};
+
+const ATTEMPTS: u32 = 6;
+
+pub struct S3Backend {
+    store: Arc<dyn ObjectStore>,
+    bucket: String,
+    prefix: String,
+    rt: tokio::runtime::Runtime,
+    retries: AtomicU64,
+}
+
+impl S3Backend {
+    /// `spec` is `s3://BUCKET[/PREFIX]`. Credentials, endpoint and region
+    /// come from the standard AWS_* environment variables; `overrides`
+    /// (same names) take precedence.
+    pub fn open(spec: &str, overrides: &[(String, String)]) -> Result<S3Backend> {
+        let var = |k: &str| {
+            overrides
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(k).ok())
+        };
+        let rest = spec
+            .strip_prefix("s3://")
+            .ok_or_else(|| Error::invalid(format!("not an s3:// URL: {spec}")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(Error::invalid(format!("{spec}: missing bucket name")));
+        }
+        let mut b = AmazonS3Builder::from_env();
+        for (k, v) in overrides {
+            if let Ok(key) = k.to_ascii_lowercase().parse() {
+                b = b.with_config(key, v);
+            }
+        }
+        let mut b = b
+            .with_bucket_name(bucket)
+            // Our own retry loop counts attempts; see module docs.
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                ..Default::default()
+            });
+        b = b.with_region(
+            var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+        );
+        if var("AWS_ENDPOINT_URL").is_some_and(|e| e.starts_with("http://")) {
+            b = b.with_allow_http(true);
+        }
+        // Path-style addressing unless asked otherwise: on-premises stores
+        // rarely have wildcard DNS for virtual-hosted buckets.
+        if var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_none() {
+            b = b.with_virtual_hosted_style_request(false);
+        }
+        let store = b
+            .build()
+            .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3-io")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the S3 runtime", e))?;
+        Ok(S3Backend {
+            store: Arc::new(store),
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            rt,
+            retries: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        if self.prefix.is_empty() {
+            ObjPath::from(key)
+        } else {
+            ObjPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    /// Runs a request on the backend's runtime from any thread (including
+    /// threads of another runtime), retrying transient failures.
+    fn call<T: Send + 'static, F>(
+        &self,
+        what: &str,
+        mut op: impl FnMut(Arc<dyn ObjectStore>) -> F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=ATTEMPTS {
+            let fut = op(self.store.clone());
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.rt.spawn(async move {
+                let _ = tx.send(fut.await);
+            });
+            let r = rx
+                .recv()
+                .map_err(|_| Error::new(ErrorKind::Io, format!("S3 {what}: request dropped")))?;
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < ATTEMPTS && transient(&e) => {
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(bucket = %self.bucket, attempt, "S3 {what} failed, retrying: {e}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(map_err(what, e)),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+/// NotFound and precondition answers are final; everything else (5xx,
+/// timeouts, connection resets) may pass.
+fn transient(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::InvalidPath { .. }
+    )
+}
+
+fn map_err(what: &str, e: object_store::Error) -> Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => ErrorKind::NotFound,
+        object_store::Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => ErrorKind::NotPermitted,
+        _ => ErrorKind::Io,
+    };
+    // object_store's message carries the HTTP status where there was one.
+    Error::new(
+        kind,
+        format!("S3 {what}: {}", e.to_string().replace('\n', " ")),
+    )
+}
+
+impl Backend for S3Backend {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let p = self.path(key);
+        let r = self.call(&format!("GET {key}"), move |s| {
+            let p = p.clone();
+            async move { s.get(&p).await?.bytes().await }
+        });
+        match r {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
+        self.call(&format!("PUT {key}"), move |s| {
+            let (p, payload) = (p.clone(), payload.clone());
+            async move { s.put(&p, payload).await.map(|_| ()) }
+        })
+    }
+
+    /// S3 PUT replaces atomically but not conditionally on every store, so
+    /// "create only" is a HEAD then a PUT. Callers use it for manifests,
+    /// whose ids are unique per second and VM, so the window is harmless.
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
+        if self.exists(key)? {
+            return Ok(false);
+        }
+        self.put(key, data)?;
+        Ok(true)
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.size(key)?.is_some())
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        let p = self.path(key);
+        match self.call(&format!("HEAD {key}"), move |s| {
+            let p = p.clone();
+            async move { s.head(&p).await }
+        }) {
+            Ok(m) => Ok(Some(m.size)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let p = if prefix.is_empty() && self.prefix.is_empty() {
+            None
+        } else {
+            Some(self.path(prefix))
+        };
+        let base = p.as_ref().map(|p| p.to_string());
+        let r = self.call(&format!("LIST {prefix}"), move |s| {
+            let p = p.clone();
+            async move { s.list_with_delimiter(p.as_ref()).await }
+        })?;
+        let strip = |full: &str| -> Option<String> {
+            let rest = match &base {
+                Some(b) => full.strip_prefix(b.as_str())?.trim_start_matches('/'),
+                None => full,
+            };
+            Some(rest.split('/').next()?.to_string()).filter(|n| !n.is_empty())
+        };
+        let mut names: Vec<String> = r
+            .common_prefixes
+            .iter()
+            .map(|p| p.to_string())
+            .chain(r.objects.iter().map(|o| o.location.to_string()))
+            .filter_map(|f| strip(&f))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let p = self.path(key);
+        self.call(&format!("DELETE {key}"), move |s| {
+            let p = p.clone();
+            async move { s.delete(&p).await }
+        })
+    }
+
+    fn location(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,227 @@
+//! The repository on a real S3 store: Garage nodes started on loopback.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::garage::{Garage, BUCKET};
+use common::*;
+
+const K64: usize = 64 << 10;
+
+fn s3_env(g: &Garage, prefix: &str) -> Env {
+    Env::s3(&format!("s3://{BUCKET}/{prefix}"), g.env(0))
+}
+
+#[test]
+fn backup_to_s3_recover_from_s3_and_compare_bytes() {
+    let g = Garage::single();
+    let env = s3_env(&g, "site-a");
+    let a = random_image(&env.path("a.raw"), 40 * K64 + 321, 41, K64);
+    let b = random_image(&env.path("b.raw"), 9 * K64, 42, K64);
+    let id = env.backup("vm", "64K", &[&env.path("a.raw"), &env.path("b.raw")]);
+    // Deduplication works the same: a second backup stores nothing new.
+    let id2 = env.backup("vm", "64K", &[&env.path("a.raw"), &env.path("b.raw")]);
+    assert_ne!(id, id2);
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list", "--repo", env.repo_str(), "--json"])).unwrap();
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2);
+    assert_eq!(backups[1]["new_bytes"], 0, "{list}");
+    env.ok(&["verify", "--repo", env.repo_str()]);
+
+    let _d = env.serve();
+    let disks = env.recover("vm", Some(&id));
+    assert!(read_all(&disks[0]) == a, "disk0 differs");
+    assert!(read_all(&disks[1]) == b, "disk1 differs");
+    let st = env.disk_status("vm", 0);
+    assert_eq!(st["fetched_blocks"], st["blocks_staged"]);
+
+    // Damage one object in the bucket: verify names it, reads of it fail.
+    let digest = blake3::hash(&a[..K64]).to_hex().to_string();
+    let repo = recoverfs::repo::Repository::open_with(env.repo_str(), &g.env(0)).unwrap();
+    let key = format!("chunks/{}/{digest}", &digest[..4]);
+    let mut obj = repo
+        .backend()
+        .get(&key)
+        .unwrap()
+        .expect("chunk object exists");
+    let n = obj.len();
+    obj[n / 2] ^= 0x42;
+    repo.backend().put(&key, &obj).unwrap();
+    let o = env.run(&["verify", "--repo", env.repo_str()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&digest),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+#[test]
+fn two_daemons_recover_the_same_vm_from_one_bucket_at_once() {
+    let g = Garage::single();
+    let env = s3_env(&g, "");
+    let data = random_image(&env.path("a.raw"), 64 * K64, 43, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d1 = env.serve();
+    let st2 = env.path("staging2");
+    let m2 = env.path("mnt2");
+    std::fs::create_dir(&m2).unwrap();
+    let s2 = env.path("s2.sock");
+    let _d2 = Daemon::start(&env, &st2, &m2, &s2);
+    let disk1 = env.recover("vm", None)[0].clone();
+    let o = env.run(&["recover", "--socket", s2.to_str().unwrap(), "vm"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let disk2 = m2.join("vm/disk0.raw");
+    let t = std::thread::spawn(move || read_all(&disk2));
+    let r1 = read_all(&disk1);
+    let r2 = t.join().unwrap();
+    assert!(
+        r1 == data && r2 == data,
+        "both recoveries must read the backup"
+    );
+    // Writes of one host stay in its own staging.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk1)
+        .unwrap()
+        .write_all_at(b"host-1", 0)
+        .unwrap();
+    let mut buf = [0u8; 6];
+    std::fs::File::open(m2.join("vm/disk0.raw"))
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, &data[..6]);
+}
+
+#[test]
+fn reads_continue_when_one_of_three_replicas_stops() {
+    let mut g = Garage::start(3);
+    let env = s3_env(&g, "");
+    let data = random_image(&env.path("a.raw"), 48 * K64, 44, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut half = vec![0u8; 24 * K64];
+    f.read_exact_at(&mut half, 0).unwrap();
+    assert!(half[..] == data[..24 * K64]);
+    // Stop a node that is not the one we talk to; the rest of the disk
+    // still reads from the two remaining replicas.
+    g.stop_node(2);
+    let mut rest = vec![0u8; 24 * K64];
+    f.read_exact_at(&mut rest, 24 * K64 as u64).unwrap();
+    assert!(
+        rest[..] == data[24 * K64..],
+        "reads after a node stopped returned wrong data"
+    );
+    assert_eq!(env.disk_status("vm", 0)["fetch_errors"], 0);
+}
+
+#[test]
+fn a_store_that_stops_answering_gives_eio_named_in_the_log() {
+    let mut g = Garage::single();
+    let env = s3_env(&g, "");
+    let data = random_image(&env.path("a.raw"), 16 * K64, 45, K64);
+    assert!(
+        data[8 * K64..9 * K64].iter().any(|&b| b != 0),
+        "block 8 must be stored"
+    );
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    g.stop_node(0);
+    let e = f.read_exact_at(&mut buf, 8 * K64 as u64).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Staged data still reads while the store is gone.
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == data[..4096]);
+    let st = env.status();
+    assert!(
+        st["sessions"][0]["repo_retries"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    assert!(
+        st["sessions"][0]["disks"][0]["fetch_errors"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{st}"
+    );
+    let digest = blake3::hash(&data[8 * K64..9 * K64]).to_hex().to_string();
+    let log = d.log_text();
+    assert!(
+        log.contains("fetch failed") && log.contains(&digest),
+        "the log must name the chunk: {log}"
+    );
+}
+
+#[test]
+fn recovery_through_the_latency_proxy_reads_identical_bytes() {
+    let g = Garage::single();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut proxy = std::process::Command::new("python3")
+        .arg(root.join("scripts/latency-proxy.py"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("127.0.0.1:{}", g.nodes[0].s3_port),
+        ])
+        .args(["--latency-ms", "2", "--bandwidth-mbps", "200"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let _proxy = Kill(proxy);
+    let mut vars = g.env(0);
+    vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+    vars.push((
+        "AWS_ENDPOINT_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
+    let env = Env::s3(&format!("s3://{BUCKET}/proxied"), vars);
+    let data = random_image(&env.path("a.raw"), 32 * K64 + 5, 46, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    assert!(read_all(&disk) == data);
+}
+
+#[test]
+fn tiny_vm_boots_from_an_s3_backed_recovery() {
+    let g = Garage::single();
+    let env = s3_env(&g, "boot");
+    let image = tiny_image();
+    env.backup("tiny", "64K", &[&image]);
+    let o = env.verify_boot("tiny", "RECOVERFS-TINY-UP boot=1");
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
