@@ -119,6 +119,7 @@ impl MountedDatastore {
     pub fn shutdown(self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let _ = self.flusher.join();
+        self.ds.stop_relocations();
         let flush = self.ds.flush_all();
         let unmount = self
             .bg

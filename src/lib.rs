@@ -67,6 +67,7 @@ pub mod error;
 pub mod fs;
 pub mod metrics;
 pub mod pool;
+pub mod relocate;
 pub mod repo;
 pub mod session;
 pub mod staging;

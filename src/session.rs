@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::pool::WorkerPool;
+use crate::relocate::{Relocation, RelocationStatus};
 use crate::repo::Repository;
 use crate::staging::{open_session, StagingDir};
 use crate::util::validate_name;
@@ -30,6 +31,9 @@ pub struct Session {
     pub ino_base: u64,
     pub started: SystemTime,
     pub resumed: bool,
+    /// The session's staging directory.
+    pub dir: PathBuf,
+    pub relocation: Mutex<Option<Arc<Relocation>>>,
     /// Open disk handles and whether the session was released, under one
     /// lock so an open can never slip past a release.
     state: Mutex<OpenState>,
@@ -72,6 +76,7 @@ pub struct SessionStatus {
     pub path: PathBuf,
     /// Repository requests retried after transient failures (daemon-wide).
     pub repo_retries: u64,
+    pub relocation: Option<RelocationStatus>,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -192,9 +197,11 @@ impl Datastore {
                     self.fetchers.clone(),
                 ))
             })
-            .collect();
+            .collect::<Vec<_>>();
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');
+        // A relocation in progress (or finished) survives restarts.
+        let relocation = Relocation::resume(vm, &disks, &config_json, &dir)?;
         let session = Arc::new(Session {
             vm: vm.into(),
             backup: manifest.id.clone(),
@@ -203,6 +210,8 @@ impl Datastore {
             ino_base: self.next_base.fetch_add(1, Ordering::Relaxed) * INO_STRIDE,
             started: SystemTime::now(),
             resumed,
+            dir,
+            relocation: Mutex::new(relocation),
             state: Mutex::new(OpenState::default()),
         });
         self.by_ino
@@ -253,6 +262,10 @@ impl Datastore {
             self.by_ino.write().remove(&s.ino_base);
             s
         };
+        // The copier stops here; the next recover resumes it.
+        if let Some(r) = session.relocation.lock().as_ref() {
+            r.stop();
+        }
         for d in &session.disks {
             d.quiesce(Duration::from_secs(60));
             d.flush()?;
@@ -265,6 +278,65 @@ impl Datastore {
         }
         tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
         Ok(session.backup.clone())
+    }
+
+    /// Starts relocating a VM's disks to `to/<vm>/` on primary storage.
+    pub fn relocate(
+        &self,
+        vm: &str,
+        to: &Path,
+        rate_mbps: Option<f64>,
+        force: bool,
+    ) -> Result<RelocationStatus> {
+        validate_name("VM name", vm)?;
+        let s = self
+            .session(vm)
+            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let mut slot = s.relocation.lock();
+        if let Some(r) = slot.as_ref() {
+            match r.state() {
+                crate::relocate::State::Failed => r.stop(),
+                crate::relocate::State::Done => {
+                    return Err(Error::new(
+                        crate::error::ErrorKind::AlreadyExists,
+                        format!(
+                            "VM {vm} was already relocated to {}",
+                            r.status().target.display()
+                        ),
+                    ))
+                }
+                _ => {
+                    return Err(Error::busy(format!(
+                        "VM {vm} is already being relocated to {}",
+                        r.status().target.display()
+                    )))
+                }
+            }
+        }
+        let forbidden = [self.mount.as_path(), self.staging.root()];
+        let r = Relocation::start(crate::relocate::Request {
+            vm,
+            disks: &s.disks,
+            config_json: &s.config_json,
+            session_dir: &s.dir,
+            to,
+            rate_mbps,
+            force,
+            forbidden: &forbidden,
+        })?;
+        let st = r.status();
+        *slot = Some(r);
+        tracing::info!(vm, target = %st.target.display(), "relocation started");
+        Ok(st)
+    }
+
+    /// Stops every relocation copier (shutdown); they resume on recover.
+    pub fn stop_relocations(&self) {
+        for s in self.sessions() {
+            if let Some(r) = s.relocation.lock().as_ref() {
+                r.stop();
+            }
+        }
     }
 
     /// Drops kept staging for a VM that is not being served.
@@ -296,6 +368,7 @@ impl Datastore {
             open_handles: s.open_handles(),
             path: self.mount.join(&s.vm),
             repo_retries: self.repo.retries(),
+            relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }

@@ -17,14 +17,18 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use std::fs::File;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use parking_lot::{Condvar, Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::{Counter, LatencyHistogram};
 use crate::pool::WorkerPool;
 use crate::repo::{Digest, DiskManifest, Repository};
-use crate::staging::DiskStore;
+use crate::staging::{DiskStore, PersistentBitmap};
 
 /// Where one block fill stands; readers and writers wait on it.
 struct Slot {
@@ -97,6 +101,21 @@ pub struct Volume {
     flush_lock: Mutex<()>,
     fetchers: Arc<WorkerPool>,
     pub stats: VolumeStats,
+    /// Per-block write counters, bumped before and after each guest write's
+    /// data lands: the relocation copier compares them around a copy to
+    /// know the copy saw no concurrent or later write.
+    writes_started: Vec<AtomicU32>,
+    writes_finished: Vec<AtomicU32>,
+    /// The relocation's copied map while a relocation runs.
+    copied: RwLock<Option<Arc<PersistentBitmap>>>,
+    /// Guest writes hold it shared; the cutover holds it exclusively.
+    write_gate: RwLock<()>,
+    /// After cutover, the primary copy that serves all I/O.
+    target: OnceLock<File>,
+    /// Guest requests in progress (relocation yields while > 0).
+    guest_inflight: AtomicU32,
+    /// Copied blocks the guest wrote again (relocation's convergence signal).
+    copies_revoked: AtomicU64,
 }
 
 /// Per-disk figures for `status`.
@@ -135,13 +154,14 @@ impl Volume {
         store: DiskStore,
         fetchers: Arc<WorkerPool>,
     ) -> Volume {
+        let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
         Volume {
             vm: vm.into(),
             backup: backup.into(),
             index,
             size: disk.size,
             block_size: disk.chunk_size as u64,
-            nblocks: DiskManifest::chunk_count(disk.size, disk.chunk_size),
+            nblocks,
             chunks: disk.chunks.clone(),
             repo,
             store,
@@ -149,6 +169,13 @@ impl Volume {
             flush_lock: Mutex::new(()),
             fetchers,
             stats: VolumeStats::default(),
+            writes_started: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
+            writes_finished: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
+            copied: RwLock::new(None),
+            write_gate: RwLock::new(()),
+            target: OnceLock::new(),
+            guest_inflight: AtomicU32::new(0),
+            copies_revoked: AtomicU64::new(0),
         }
     }
 
@@ -170,6 +197,9 @@ impl Volume {
     /// True if a read of the range needs no fetch: the FUSE layer serves
     /// such reads inline and hands the rest to I/O workers.
     pub fn is_local(&self, off: u64, len: u64) -> bool {
+        if self.target.get().is_some() {
+            return true;
+        }
         let len = len.min(self.size.saturating_sub(off));
         self.blocks(off, len)
             .all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
@@ -294,11 +324,34 @@ impl Volume {
         first
     }
 
-    /// Reads `len` bytes at `off`, short at the end of the disk.
+    /// A guest read of `len` bytes at `off`, short at the end of the disk.
     pub fn read(self: &Arc<Self>, off: u64, len: usize) -> Result<Vec<u8>> {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
+        self.guest_inflight.fetch_add(1, Ordering::AcqRel);
+        let r = match self.target.get() {
+            Some(t) => {
+                let mut buf = vec![0u8; len as usize];
+                t.read_exact_at(&mut buf, off)
+                    .ctx(|| format!("read relocated disk{}", self.index))
+                    .map(|_| (buf, true))
+            }
+            None => self.read_source(off, len),
+        };
+        self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
+        let (buf, hit) = r?;
+        self.stats.reads.add(1);
+        self.stats.read_bytes.add(len);
+        if hit {
+            self.stats.read_hits.add(1);
+        }
+        Ok(buf)
+    }
+
+    /// Reads what the VM sees from backup plus staging, fetching missing
+    /// blocks. Returns the data and whether no fetch was needed.
+    pub(crate) fn read_source(self: &Arc<Self>, off: u64, len: u64) -> Result<(Vec<u8>, bool)> {
         let blocks = self.blocks(off, len);
         // Start every missing fetch first so a multi-block read fetches in parallel.
         let slots: Vec<_> = blocks
@@ -328,12 +381,7 @@ impl Volume {
         if let Some(r) = run {
             self.pread_into(&mut buf, off, r)?;
         }
-        self.stats.reads.add(1);
-        self.stats.read_bytes.add(len);
-        if hit {
-            self.stats.read_hits.add(1);
-        }
-        Ok(buf)
+        Ok((buf, hit))
     }
 
     fn pread_into(&self, buf: &mut [u8], base: u64, (s, e): (u64, u64)) -> Result<()> {
@@ -355,6 +403,25 @@ impl Volume {
         }
         let _span =
             tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
+        let _gate = self.write_gate.read();
+        self.guest_inflight.fetch_add(1, Ordering::AcqRel);
+        let r = match self.target.get() {
+            Some(t) => t
+                .write_all_at(data, off)
+                .ctx(|| format!("write relocated disk{}", self.index))
+                .map(|_| data.len()),
+            None => self.write_staging(off, data),
+        };
+        self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
+        if r.is_ok() {
+            self.stats.writes.add(1);
+            self.stats.write_bytes.add(len);
+        }
+        r
+    }
+
+    fn write_staging(self: &Arc<Self>, off: u64, data: &[u8]) -> Result<usize> {
+        let len = data.len() as u64;
         let blocks = self.blocks(off, len);
         let mut waits = vec![];
         let mut owned = vec![];
@@ -390,16 +457,31 @@ impl Volume {
         Self::wait_all(waits)?;
         // Changed bits are durable before the data can be: the map may
         // over-report after a crash, never under-report.
-        for b in blocks {
+        for b in blocks.clone() {
             self.store.changed.set_durable(b)?;
         }
-        self.store
+        let copied = self.copied.read().clone();
+        for b in blocks.clone() {
+            // Announce the write before its data lands, then revoke the
+            // block's "copied" status (durably): pairs with the copier's
+            // set-then-recheck in `mark_copied`.
+            self.writes_started[b as usize].fetch_add(1, Ordering::SeqCst);
+            if let Some(c) = &copied {
+                if c.test(b) {
+                    c.clear_durable(b)?;
+                    self.copies_revoked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let r = self
+            .store
             .data
             .write_all_at(data, off)
-            .ctx(|| format!("write staging {}", self.store.data_path.display()))?;
-        self.stats.writes.add(1);
-        self.stats.write_bytes.add(data.len() as u64);
-        Ok(data.len())
+            .ctx(|| format!("write staging {}", self.store.data_path.display()));
+        for b in blocks {
+            self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
+        }
+        r.map(|_| data.len())
     }
 
     /// Makes every completed write and fetch durable: data first, then the
@@ -407,6 +489,11 @@ impl Volume {
     /// changed map. Only then may a guest's fsync be answered.
     pub fn flush(&self) -> Result<()> {
         let _g = self.flush_lock.lock();
+        if let Some(t) = self.target.get() {
+            return t
+                .sync_data()
+                .ctx(|| format!("fsync relocated disk{}", self.index));
+        }
         let snap = self.store.present.snapshot_if_dirty();
         if let Err(e) = self.store.data.sync_data() {
             if snap.is_some() {
@@ -423,6 +510,77 @@ impl Volume {
         self.store.changed.persist()?;
         self.stats.flushes.add(1);
         Ok(())
+    }
+
+    /// A stamp of block `b`'s guest writes, or `None` while one is in progress.
+    pub(crate) fn write_stamp(&self, b: u64) -> Option<u32> {
+        let s = self.writes_started[b as usize].load(Ordering::SeqCst);
+        (self.writes_finished[b as usize].load(Ordering::SeqCst) == s).then_some(s)
+    }
+
+    /// Marks `b` copied if no guest write started since `stamp`. The bit is
+    /// set before the recheck so that a racing writer either sees it (and
+    /// clears it durably) or is seen here.
+    pub(crate) fn mark_copied(&self, copied: &PersistentBitmap, b: u64, stamp: u32) -> bool {
+        copied.set(b);
+        if self.writes_started[b as usize].load(Ordering::SeqCst) != stamp {
+            copied.bits().clear(b);
+            copied.mark_dirty();
+            return false;
+        }
+        true
+    }
+
+    /// Starts fetches for missing blocks in `range` without waiting
+    /// (relocation order: keep staging filled ahead of the copy cursor).
+    pub(crate) fn prefetch(self: &Arc<Self>, range: std::ops::Range<u64>) {
+        for b in range {
+            if self.chunks[b as usize].is_some()
+                && !self.store.present.test(b)
+                && self.inflight.lock().len() < 32
+            {
+                let _ = self.start_fill(b);
+            }
+        }
+    }
+
+    pub(crate) fn set_copied_map(&self, m: Option<Arc<PersistentBitmap>>) {
+        *self.copied.write() = m;
+    }
+
+    /// Blocks writes (after in-flight ones finish) until the guard drops.
+    pub(crate) fn pause_writes(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.write_gate.write()
+    }
+
+    /// From now on every read and write goes to `target`.
+    pub(crate) fn switch_to(&self, target: File) {
+        let _ = self.target.set(target);
+    }
+
+    pub fn is_switched(&self) -> bool {
+        self.target.get().is_some()
+    }
+
+    pub(crate) fn copies_revoked(&self) -> u64 {
+        self.copies_revoked.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn guest_busy(&self) -> bool {
+        self.guest_inflight.load(Ordering::Acquire) > 0
+    }
+
+    /// True if the block has no data in the backup and was never written.
+    pub(crate) fn is_hole(&self, b: u64) -> bool {
+        self.chunks[b as usize].is_none() && !self.store.present.test(b)
+    }
+
+    pub fn nblocks(&self) -> u64 {
+        self.nblocks
+    }
+
+    pub(crate) fn block_range(&self, b: u64) -> (u64, u64) {
+        (b * self.block_size, self.block_len(b))
     }
 
     /// Changed blocks as half-open block ranges.

@@ -2,53 +2,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 
 const MARKER: &str = "RECOVERFS-TINY-UP boot=";
-
-/// Boots with exactly the documented command; returns the boot counter.
-fn boot(disk: &Path, what: &str) -> u64 {
-    let o = Command::new("timeout")
-        .args([
-            "180",
-            "qemu-system-x86_64",
-            "-nographic",
-            "-m",
-            "512",
-            "-no-reboot",
-            "-drive",
-        ])
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("qemu-system-x86_64 is installed");
-    let console =
-        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    let line = console.lines().find(|l| l.contains(MARKER));
-    let Some(line) = line else {
-        panic!(
-            "{what}: no marker (qemu {}); serial console:\n{console}",
-            o.status
-        )
-    };
-    assert!(
-        o.status.success(),
-        "{what}: qemu did not power off cleanly ({}): {console}",
-        o.status
-    );
-    let n = line
-        .split(MARKER)
-        .nth(1)
-        .unwrap()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap();
-    n.parse()
-        .unwrap_or_else(|_| panic!("{what}: bad marker line {line:?}"))
-}
 
 #[test]
 fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_rebackup() {
@@ -59,7 +15,7 @@ fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_r
     let disk = env.recover("tiny", Some(&id))[0].clone();
     assert_eq!(disk, env.mount.join("tiny/disk0.raw"));
 
-    assert_eq!(boot(&disk, "first boot"), 1);
+    assert_eq!(boot_counter_of(&disk, "first boot"), 1);
     let st = env.disk_status("tiny", 0);
     let (staged, total, zero) = (
         st["blocks_staged"].as_u64().unwrap(),
@@ -83,14 +39,14 @@ fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_r
     let o = env.release("tiny", false);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let disk = env.recover("tiny", None)[0].clone();
-    assert_eq!(boot(&disk, "boot after release"), 2);
+    assert_eq!(boot_counter_of(&disk, "boot after release"), 2);
 
     // A crashed daemon: a new one on the same staging resumes the VM.
     d1.kill9();
     std::mem::forget(d1); // leave the stale mount for serve to clean up
     let d2 = env.serve();
     let disk = env.recover("tiny", None)[0].clone();
-    assert_eq!(boot(&disk, "boot after kill -9"), 3);
+    assert_eq!(boot_counter_of(&disk, "boot after kill -9"), 3);
 
     // Back up the recovered disk through the mount, then boot that backup
     // from fresh staging: the counter continues.
@@ -111,7 +67,7 @@ fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_r
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let disk2 = mount2.join("tiny/disk0.raw");
-    assert_eq!(boot(&disk2, "boot of the re-backup"), 4);
+    assert_eq!(boot_counter_of(&disk2, "boot of the re-backup"), 4);
     drop(d2);
 }
 

@@ -10,6 +10,7 @@
 //! | GET | /sessions/{vm} | status of one session |
 //! | DELETE | /sessions/{vm}?discard=true | release |
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
+//! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
 
 pub mod client;
 
@@ -70,6 +71,7 @@ pub fn router(ds: Ds) -> Router {
         .route("/sessions", get(list_sessions).post(recover))
         .route("/sessions/{vm}", get(session_status).delete(release))
         .route("/sessions/{vm}/disks/{n}/changed", get(changed))
+        .route("/sessions/{vm}/relocate", axum::routing::post(relocate))
         .with_state(ds)
 }
 
@@ -158,6 +160,27 @@ async fn changed(State(ds): State<Ds>, Path((vm, n)): Path<(String, usize)>) -> 
         Ok(json!({"vm": vm, "disk": n, "block_size": bs, "size": d.size, "blocks_changed": d.status().blocks_changed, "ranges": ranges}))
     })
     .await
+}
+
+#[derive(Deserialize)]
+struct RelocateBody {
+    to: std::path::PathBuf,
+    rate_mbps: Option<f64>,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn relocate(
+    State(ds): State<Ds>,
+    Path(vm): Path<String>,
+    body: Option<Json<RelocateBody>>,
+) -> ApiResult {
+    let Some(Json(b)) = body else {
+        return Err(ApiError(Error::invalid(
+            "expected a JSON body {\"to\": DIR, \"rate_mbps\": N?, \"force\": bool?}",
+        )));
+    };
+    blocking(move || ds.relocate(&vm, &b.to, b.rate_mbps, b.force)).await
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -149,6 +149,24 @@ pub enum Command {
         #[arg(long)]
         console: Option<PathBuf>,
     },
+    /// Copy a recovering VM's disks to primary storage while it runs, then cut over.
+    Relocate {
+        #[command(flatten)]
+        socket: SocketArg,
+        vm: String,
+        /// Directory on primary storage; disks go to DIR/VM/diskN.raw.
+        #[arg(long)]
+        to: PathBuf,
+        /// Copy rate limit in MB/s (raised up to 4x if the guest out-writes it).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Overwrite a non-empty DIR/VM.
+        #[arg(long)]
+        force: bool,
+        /// Show progress and return at cutover.
+        #[arg(long)]
+        wait: bool,
+    },
     /// End a recovery session (staging is kept unless --discard).
     Release {
         #[command(flatten)]
@@ -210,6 +228,32 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::util::validate_name("VM name", &vm)?;
             let r = client(&socket).post("/sessions", &json!({"vm": vm, "backup": backup}))?;
             output::recovered(&r, json);
+            Ok(())
+        }
+        Command::Relocate {
+            socket,
+            vm,
+            to,
+            rate,
+            force,
+            wait,
+        } => {
+            crate::util::validate_name("VM name", &vm)?;
+            // The daemon resolves the path, so make it absolute here.
+            let to = std::path::absolute(&to)
+                .map_err(|e| Error::io(format!("target {}", to.display()), e))?;
+            let c = client(&socket);
+            let st = c.post(
+                &format!("/sessions/{vm}/relocate"),
+                &json!({"to": to, "rate_mbps": rate, "force": force}),
+            )?;
+            eprintln!(
+                "relocating VM {vm} to {}",
+                st["target"].as_str().unwrap_or("?")
+            );
+            if wait {
+                output::wait_relocation(&c, &vm)?;
+            }
             Ok(())
         }
         Command::Status { socket, json } => {

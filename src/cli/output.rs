@@ -207,6 +207,14 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             s["path"].as_str().unwrap_or("?"),
             s["open_handles"]
         );
+        let r = &s["relocation"];
+        if r.is_object() {
+            println!(
+                "  relocation to {}: {}",
+                r["target"].as_str().unwrap_or("?"),
+                relocation_line(r)
+            );
+        }
         if s["repo_retries"].as_u64().unwrap_or(0) > 0 {
             println!("  repository retries: {}", s["repo_retries"]);
         }
@@ -239,4 +247,96 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn relocation_line(r: &Value) -> String {
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "{} pass {}  {}/{} ({:.1}%)  {:.1} MB/s  dirty blocks {}",
+        r["state"].as_str().unwrap_or("?"),
+        n("pass"),
+        human_bytes(n("bytes_done")),
+        human_bytes(n("bytes_total")),
+        n("bytes_done") as f64 * 100.0 / n("bytes_total").max(1) as f64,
+        r["rate_mbps"].as_f64().unwrap_or(0.0),
+        n("dirty_blocks"),
+    );
+    if let Some(eta) = r["eta_s"].as_f64() {
+        line += &format!("  ETA {eta:.0} s");
+    }
+    if let Some(p) = r["cutover_pause_ms"].as_f64() {
+        line += &format!("  cutover pause {p:.1} ms");
+    }
+    for k in ["note", "error"] {
+        if let Some(t) = r[k].as_str() {
+            line += &format!("  ({t})");
+        }
+    }
+    line
+}
+
+/// Follows a relocation until cutover (Ok) or failure (Err).
+pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg}")
+                .expect("template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut last = std::time::Instant::now() - std::time::Duration::from_secs(60);
+    let mut warned = false;
+    loop {
+        let s = c.get(&format!("/sessions/{vm}"))?;
+        let r = &s["relocation"];
+        let state = r["state"].as_str().unwrap_or("");
+        bar.set_length(r["bytes_total"].as_u64().unwrap_or(0));
+        bar.set_position(r["bytes_done"].as_u64().unwrap_or(0));
+        bar.set_message(format!(
+            "{:.1} MB/s pass {} ETA {}",
+            r["rate_mbps"].as_f64().unwrap_or(0.0),
+            r["pass"],
+            r["eta_s"]
+                .as_f64()
+                .map(|e| format!("{e:.0}s"))
+                .unwrap_or_else(|| "-".into())
+        ));
+        if !tty && last.elapsed() >= std::time::Duration::from_secs(5) {
+            eprintln!("{}", relocation_line(r));
+            last = std::time::Instant::now();
+        }
+        match state {
+            "done" => {
+                bar.finish_and_clear();
+                println!("relocated VM {vm}: {}", relocation_line(r));
+                return Ok(());
+            }
+            "failed" => {
+                bar.finish_and_clear();
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "relocation of VM {vm} failed: {}",
+                        r["error"].as_str().unwrap_or("unknown error")
+                    ),
+                ));
+            }
+            "not-converging" if !warned => {
+                warned = true;
+                bar.suspend(|| {
+                    eprintln!(
+                        "warning: {}",
+                        r["note"].as_str().unwrap_or("relocation is not converging")
+                    )
+                });
+            }
+            _ => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
 }

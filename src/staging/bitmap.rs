@@ -46,6 +46,12 @@ impl AtomicBitmap {
         self.words[(bit / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask == 0
     }
 
+    /// Clears a bit; returns true if it was set.
+    pub fn clear(&self, bit: u64) -> bool {
+        let mask = 1 << (bit % 64);
+        self.words[(bit / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
+    }
+
     pub fn count(&self) -> u64 {
         self.words
             .iter()
@@ -95,6 +101,8 @@ const HEADER_LEN: u64 = 64;
 pub enum MapKind {
     Present = 1,
     Changed = 2,
+    /// Blocks the relocation has copied to the target and synced.
+    Copied = 3,
 }
 
 /// A bitmap backed by a file: `[header 64 B][u64 words, little endian]`.
@@ -206,10 +214,16 @@ impl PersistentBitmap {
     /// again so a later persist retries.
     pub fn write_snapshot(&self, words: &[u64]) -> Result<()> {
         let _g = self.write_lock.lock();
+        self.write_words_locked(0, words)
+    }
+
+    /// Writes `words` starting at word `first` and syncs; the caller holds
+    /// `write_lock`. A failure re-arms the next persist.
+    fn write_words_locked(&self, first: u64, words: &[u64]) -> Result<()> {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let r = self
             .file
-            .write_all_at(&bytes, HEADER_LEN)
+            .write_all_at(&bytes, HEADER_LEN + first * 8)
             .and_then(|_| self.file.sync_data())
             .ctx(|| format!("write {}", self.path.display()));
         if r.is_err() {
@@ -222,25 +236,43 @@ impl PersistentBitmap {
     /// intent): used for the changed map, which must never miss a block
     /// whose data may have reached the disk.
     pub fn set_durable(&self, bit: u64) -> Result<()> {
-        if self.bits.test(bit) {
+        self.change_durable(bit, true)
+    }
+
+    /// Clears a bit and makes that durable before returning: used for the
+    /// relocation's copied map, which must never claim a block is copied
+    /// once the guest may have changed it.
+    pub fn clear_durable(&self, bit: u64) -> Result<()> {
+        self.change_durable(bit, false)
+    }
+
+    fn change_durable(&self, bit: u64, value: bool) -> Result<()> {
+        if self.bits.test(bit) == value {
             return Ok(());
         }
         let _g = self.write_lock.lock();
-        if self.bits.test(bit) {
+        if self.bits.test(bit) == value {
             return Ok(());
         }
-        self.bits.set(bit);
+        if value {
+            self.bits.set(bit);
+        } else {
+            self.bits.clear(bit);
+        }
         let w = bit / 64;
         let word = self.bits.words[w as usize].load(Ordering::Acquire);
-        let r = self
-            .file
-            .write_all_at(&word.to_le_bytes(), HEADER_LEN + w * 8)
-            .and_then(|_| self.file.sync_data())
-            .ctx(|| format!("write {}", self.path.display()));
-        if r.is_err() {
-            self.dirty.store(true, Ordering::Release);
+        self.write_words_locked(w, &[word])
+    }
+
+    /// Snapshot and write under the writer lock, so a concurrent durable
+    /// clear can never be overwritten by an older snapshot. For maps whose
+    /// bits also go from 1 to 0.
+    pub fn persist_exclusive(&self) -> Result<()> {
+        let _g = self.write_lock.lock();
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
         }
-        r
+        self.write_words_locked(0, &self.bits.snapshot())
     }
 
     /// Snapshot, write and sync in one step (for maps with no data to order).
@@ -319,6 +351,35 @@ mod tests {
         ts.into_iter().for_each(|t| t.join().unwrap());
         let again = PersistentBitmap::open(&p, MapKind::Changed, 65536, 256).unwrap();
         assert_eq!(again.bits().count(), 256);
+    }
+
+    #[test]
+    fn a_durable_clear_is_never_undone_by_an_exclusive_persist() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c");
+        let m = Arc::new(PersistentBitmap::open(&p, MapKind::Copied, 65536, 128).unwrap());
+        for b in 0..128 {
+            m.set(b);
+        }
+        m.persist_exclusive().unwrap();
+        let clearer = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                (0..128)
+                    .step_by(3)
+                    .for_each(|b| m.clear_durable(b).unwrap())
+            })
+        };
+        for b in (1..128).step_by(3) {
+            m.bits().clear(b);
+            m.set(b);
+            m.persist_exclusive().unwrap();
+        }
+        clearer.join().unwrap();
+        let again = PersistentBitmap::open(&p, MapKind::Copied, 65536, 128).unwrap();
+        for b in (0..128).step_by(3) {
+            assert!(!again.test(b), "cleared bit {b} came back");
+        }
     }
 
     #[test]

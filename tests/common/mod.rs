@@ -349,3 +349,51 @@ pub fn tiny_image() -> PathBuf {
             .trim(),
     )
 }
+
+const TINY_MARKER: &str = "RECOVERFS-TINY-UP boot=";
+
+/// Boots with exactly the documented command; returns the boot counter.
+pub fn boot_counter_of(disk: &Path, what: &str) -> u64 {
+    let o = Command::new("timeout")
+        .args([
+            "180",
+            "qemu-system-x86_64",
+            "-nographic",
+            "-m",
+            "512",
+            "-no-reboot",
+            "-drive",
+        ])
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("qemu-system-x86_64 is installed");
+    let console =
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    let line = console.lines().find(|l| l.contains(TINY_MARKER));
+    let Some(line) = line else {
+        panic!(
+            "{what}: no marker (qemu {}); serial console:\n{console}",
+            o.status
+        )
+    };
+    assert!(
+        o.status.success(),
+        "{what}: qemu did not power off cleanly ({}): {console}",
+        o.status
+    );
+    let n = line
+        .split(TINY_MARKER)
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap();
+    n.parse()
+        .unwrap_or_else(|_| panic!("{what}: bad marker line {line:?}"))
+}
+
+/// Boots the tiny image from `disk` and returns its boot counter.
+pub fn boot_counter(disk: &Path) -> u64 {
+    boot_counter_of(disk, &disk.display().to_string())
+}

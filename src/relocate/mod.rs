@@ -1,0 +1,648 @@
+//! Live relocation: copy a recovering VM's disks to primary storage while
+//! it runs, converge, then cut over so every read and write goes to the
+//! primary copy.
+//!
+//! * Source is what the VM sees (`Volume::read_source`): staged blocks,
+//!   blocks fetched on demand (one fetch per block, shared with the guest),
+//!   and the guest's writes. Blocks just ahead of the copy cursor are
+//!   fetched in parallel (relocation order, ascending offset).
+//! * A per-disk **copied** map records blocks whose target data is synced.
+//!   A guest write durably clears the block's bit before its data lands; the
+//!   copier marks a block copied only if no guest write started since it
+//!   read the block. Pass after pass, only blocks not copied are copied.
+//! * When few blocks remain, guest writes are paused, the rest is copied,
+//!   targets are fsynced and `relocation.json` switches to `switched`
+//!   atomically: that is the commit point. A crash before it resumes the
+//!   copy from staging; after it, the session is served from the target.
+//! * The VM comes first: the copier yields while guest I/O is in flight and
+//!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::repo::chunk::is_zero;
+use crate::staging::{MapKind, PersistentBitmap};
+use crate::util::{fsync_dir, write_atomic};
+use crate::volume::Volume;
+
+/// Copy batches are synced and recorded every this many blocks.
+const BATCH: usize = 16;
+/// Blocks fetched ahead of the copy cursor.
+const LOOKAHEAD: u64 = 8;
+/// Cut over when at most this many blocks remain dirty (and at most a
+/// 16th of the disk): the final pass runs with guest writes paused.
+const CUTOVER_BLOCKS: u64 = 64;
+/// Seconds in a row in which the guest un-copies blocks at least as fast
+/// as they are copied, before the rate is raised or the state becomes
+/// not-converging.
+const STALL_SECONDS: u32 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Copying,
+    Converging,
+    Switching,
+    Done,
+    Failed,
+    NotConverging,
+}
+
+/// `relocation.json` in the session's staging directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    target: PathBuf,
+    switched: bool,
+    pass: u32,
+    rate_mbps: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RelocationStatus {
+    pub state: State,
+    pub target: PathBuf,
+    pub pass: u32,
+    /// Bytes of blocks whose copy is synced and still valid.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Bytes written to the target by this daemon (re-copies included).
+    pub bytes_copied: u64,
+    pub rate_mbps: f64,
+    pub rate_limit_mbps: Option<f64>,
+    pub eta_s: Option<f64>,
+    pub dirty_blocks: u64,
+    /// Longest write stall of the cutover, in ms.
+    pub cutover_pause_ms: Option<f64>,
+    pub error: Option<String>,
+    pub note: Option<String>,
+}
+
+pub struct Relocation {
+    vm: String,
+    disks: Vec<Arc<Volume>>,
+    targets: Vec<File>,
+    copied: Vec<Arc<PersistentBitmap>>,
+    target_dir: PathBuf,
+    meta_path: PathBuf,
+    config_json: Vec<u8>,
+    meta: Mutex<Meta>,
+    state: Mutex<(State, Option<String>, Option<String>)>,
+    rate_limit: Mutex<Option<f64>>,
+    initial_rate: Option<f64>,
+    bytes_copied: AtomicU64,
+    started: Instant,
+    /// Blocks marked copied by this daemon (re-copies included).
+    blocks_marked: AtomicU64,
+    /// Copies thrown away because the guest wrote the block meanwhile.
+    copies_lost: AtomicU64,
+    progress: Mutex<Progress>,
+    /// When the rate limit allows the next copy.
+    next_slot: Mutex<Instant>,
+    pause_ms: Mutex<Option<f64>>,
+    cancel: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The last convergence sample: copies made vs copies the guest revoked.
+struct Progress {
+    at: Instant,
+    marked: u64,
+    revoked: u64,
+    stalled: u32,
+}
+
+pub struct Request<'a> {
+    pub vm: &'a str,
+    pub disks: &'a [Arc<Volume>],
+    pub config_json: &'a [u8],
+    pub session_dir: &'a Path,
+    pub to: &'a Path,
+    pub rate_mbps: Option<f64>,
+    pub force: bool,
+    /// Paths the target may not be inside (mount, staging).
+    pub forbidden: &'a [&'a Path],
+}
+
+impl Relocation {
+    fn meta_path(session_dir: &Path) -> PathBuf {
+        session_dir.join("relocation.json")
+    }
+
+    /// Checks the target and starts copying.
+    pub fn start(req: Request) -> Result<Arc<Relocation>> {
+        if req.rate_mbps.is_some_and(|r| !(r > 0.0)) {
+            return Err(Error::invalid("--rate must be a positive number of MB/s"));
+        }
+        let dir = std::fs::canonicalize(req.to)
+            .map_err(|e| Error::io(format!("relocation target {}", req.to.display()), e))?;
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "relocation target {} is not a directory",
+                dir.display()
+            )));
+        }
+        for f in req.forbidden {
+            if let Ok(f) = std::fs::canonicalize(f) {
+                if dir.starts_with(&f) || f.starts_with(&dir.join(req.vm)) {
+                    return Err(Error::invalid(format!(
+                        "relocation target {} overlaps {}: choose a directory on primary storage",
+                        dir.display(),
+                        f.display()
+                    )));
+                }
+            }
+        }
+        let target_dir = dir.join(req.vm);
+        if let Ok(mut rd) = std::fs::read_dir(&target_dir) {
+            if rd.next().is_some() && !req.force {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "relocation target {} is not empty (use --force to overwrite)",
+                        target_dir.display()
+                    ),
+                ));
+            }
+        }
+        let needed: u64 = req
+            .disks
+            .iter()
+            .map(|d| {
+                (0..d.nblocks())
+                    .filter(|&b| !d.is_hole(b))
+                    .map(|b| d.block_range(b).1)
+                    .sum::<u64>()
+            })
+            .sum();
+        let st = nix::sys::statvfs::statvfs(&dir)
+            .map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if avail < needed {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "relocation target {} has {} free, the disks need up to {}",
+                    dir.display(),
+                    crate::util::human_bytes(avail),
+                    crate::util::human_bytes(needed)
+                ),
+            ));
+        }
+        std::fs::create_dir_all(&target_dir).ctx(|| format!("create {}", target_dir.display()))?;
+        fsync_dir(&dir)?;
+        let meta = Meta {
+            target: target_dir.clone(),
+            switched: false,
+            pass: 1,
+            rate_mbps: req.rate_mbps,
+        };
+        // Fresh start: drop any copied maps of an earlier relocation.
+        for d in req.disks {
+            let _ = std::fs::remove_file(req.session_dir.join(format!("disk{}.copied", d.index)));
+        }
+        let r = Self::open(
+            req.vm,
+            req.disks,
+            req.config_json,
+            req.session_dir,
+            meta,
+            true,
+        )?;
+        r.store_meta()?;
+        r.spawn();
+        Ok(r)
+    }
+
+    /// Picks up a relocation recorded in `session_dir`, if any: serves from
+    /// the target if it had switched, otherwise resumes copying.
+    pub fn resume(
+        vm: &str,
+        disks: &[Arc<Volume>],
+        config_json: &[u8],
+        session_dir: &Path,
+    ) -> Result<Option<Arc<Relocation>>> {
+        let p = Self::meta_path(session_dir);
+        let Ok(bytes) = std::fs::read(&p) else {
+            return Ok(None);
+        };
+        let meta: Meta = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
+        let switched = meta.switched;
+        let r = Self::open(vm, disks, config_json, session_dir, meta, false)?;
+        if switched {
+            for (d, t) in r.disks.iter().zip(&r.targets) {
+                d.switch_to(t.try_clone().ctx(|| "dup target".into())?);
+            }
+            *r.state.lock() = (
+                State::Done,
+                None,
+                Some("switched before the daemon restarted".into()),
+            );
+        } else {
+            tracing::info!(vm, target = %r.target_dir.display(), "resuming relocation");
+            r.spawn();
+        }
+        Ok(Some(r))
+    }
+
+    fn open(
+        vm: &str,
+        disks: &[Arc<Volume>],
+        config_json: &[u8],
+        session_dir: &Path,
+        meta: Meta,
+        create: bool,
+    ) -> Result<Arc<Relocation>> {
+        let mut targets = vec![];
+        let mut copied = vec![];
+        for d in disks {
+            let p = meta.target.join(format!("disk{}.raw", d.index));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&p)
+                .ctx(|| format!("open relocation target {}", p.display()))?;
+            if f.metadata().ctx(|| format!("stat {}", p.display()))?.len() != d.size {
+                // A sparse file of the disk's size: zero blocks stay holes.
+                f.set_len(d.size).ctx(|| format!("size {}", p.display()))?;
+            }
+            targets.push(f);
+            let m = PersistentBitmap::open(
+                &session_dir.join(format!("disk{}.copied", d.index)),
+                MapKind::Copied,
+                d.block_size() as u32,
+                d.nblocks(),
+            )?;
+            copied.push(Arc::new(m));
+        }
+        for (d, m) in disks.iter().zip(&copied) {
+            d.set_copied_map(Some(m.clone()));
+        }
+        let rate = meta.rate_mbps;
+        Ok(Arc::new(Relocation {
+            vm: vm.into(),
+            disks: disks.to_vec(),
+            targets,
+            copied,
+            target_dir: meta.target.clone(),
+            meta_path: Self::meta_path(session_dir),
+            config_json: config_json.to_vec(),
+            meta: Mutex::new(meta),
+            state: Mutex::new((State::Copying, None, None)),
+            rate_limit: Mutex::new(rate),
+            initial_rate: rate,
+            bytes_copied: AtomicU64::new(0),
+            started: Instant::now(),
+            blocks_marked: AtomicU64::new(0),
+            copies_lost: AtomicU64::new(0),
+            next_slot: Mutex::new(Instant::now()),
+            progress: Mutex::new(Progress {
+                at: Instant::now(),
+                marked: 0,
+                revoked: 0,
+                stalled: 0,
+            }),
+            pause_ms: Mutex::new(None),
+            cancel: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        }))
+    }
+
+    fn store_meta(&self) -> Result<()> {
+        let m = self.meta.lock().clone();
+        write_atomic(
+            &self.meta_path,
+            &serde_json::to_vec_pretty(&m).expect("json"),
+            0o600,
+            true,
+        )
+    }
+
+    fn spawn(self: &Arc<Self>) {
+        let me = self.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("relocate-{}", self.vm))
+            .spawn(move || {
+                if let Err(e) = me.run() {
+                    tracing::error!(vm = %me.vm, "relocation failed: {e}");
+                    *me.state.lock() = (State::Failed, Some(e.to_string()), None);
+                }
+            })
+            .expect("spawn relocation thread");
+        *self.thread.lock() = Some(h);
+    }
+
+    /// Stops the copier (the copy resumes with the next `recover`).
+    pub fn stop(&self) {
+        self.cancel.store(true, Ordering::Release);
+        if let Some(h) = self.thread.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state.lock().0
+    }
+
+    fn set_state(&self, s: State, note: Option<String>) {
+        let mut g = self.state.lock();
+        g.0 = s;
+        g.2 = note;
+    }
+
+    fn remaining(&self) -> u64 {
+        self.disks
+            .iter()
+            .zip(&self.copied)
+            .map(|(d, c)| d.nblocks() - c.bits().count())
+            .sum()
+    }
+
+    fn run(self: &Arc<Self>) -> Result<()> {
+        let total: u64 = self.disks.iter().map(|d| d.nblocks()).sum();
+        loop {
+            for i in 0..self.disks.len() {
+                if !self.copy_pass(i, false)? {
+                    return Ok(()); // cancelled
+                }
+            }
+            if self.remaining() <= (total / 16).clamp(1, CUTOVER_BLOCKS) {
+                return self.cutover();
+            }
+            // Passes after the first re-copy what the guest dirtied. A
+            // not-converging verdict stands until a pass really gains.
+            let gaining = self.remaining() <= total / 2;
+            if self.state() == State::Copying || (self.state() == State::NotConverging && gaining) {
+                self.set_state(State::Converging, None);
+            }
+            self.meta.lock().pass += 1;
+            self.store_meta()?;
+            if self.state() == State::NotConverging {
+                // Do not spin: give the guest's write burst time to end.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+
+    /// Once a second: is the copy gaining on the guest's writes?
+    fn check_progress(&self) {
+        let mut p = self.progress.lock();
+        if p.at.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let marked = self.blocks_marked.load(Ordering::Relaxed);
+        let revoked: u64 = self.disks.iter().map(|d| d.copies_revoked()).sum::<u64>()
+            + self.copies_lost.load(Ordering::Relaxed);
+        let (dm, dr) = (marked - p.marked, revoked - p.revoked);
+        *p = Progress {
+            at: Instant::now(),
+            marked,
+            revoked,
+            stalled: p.stalled,
+        };
+        // A brief lull in the guest's writes is not convergence: decay the
+        // count instead of resetting it.
+        if dr > 0 && dr >= dm {
+            p.stalled += 1;
+        } else if dm > 2 * dr {
+            p.stalled = p.stalled.saturating_sub(1);
+        }
+        if p.stalled >= STALL_SECONDS {
+            p.stalled = 0;
+            drop(p);
+            self.escalate(self.remaining());
+        }
+    }
+
+    /// The guest dirties blocks as fast as we copy: raise the rate within
+    /// 4× of what was asked, else say so with the figures.
+    fn escalate(&self, remaining: u64) {
+        let mut rl = self.rate_limit.lock();
+        if let (Some(r), Some(init)) = (*rl, self.initial_rate) {
+            if r < init * 4.0 {
+                *rl = Some((r * 2.0).min(init * 4.0));
+                tracing::warn!(vm = %self.vm, "relocation not gaining on the guest: raising copy rate to {:.1} MB/s", rl.unwrap());
+                return;
+            }
+        }
+        let note = format!(
+            "the guest re-dirties blocks as fast as they are copied: {remaining} blocks dirty, for {STALL_SECONDS} s at {}",
+            match *rl {
+                Some(r) => format!("the {r:.1} MB/s limit"),
+                None => "full speed".into(),
+            }
+        );
+        tracing::warn!(vm = %self.vm, "relocation not converging: {note}");
+        self.set_state(State::NotConverging, Some(note));
+    }
+
+    /// One pass over disk `i`; `final_pass` runs with writes paused.
+    /// Returns false if cancelled.
+    fn copy_pass(self: &Arc<Self>, i: usize, final_pass: bool) -> Result<bool> {
+        let (d, c, t) = (&self.disks[i], &self.copied[i], &self.targets[i]);
+        let mut batch = vec![];
+        for b in 0..d.nblocks() {
+            if self.cancel.load(Ordering::Acquire) {
+                self.commit(i, &mut batch)?;
+                return Ok(false);
+            }
+            if c.test(b) {
+                continue;
+            }
+            if !final_pass {
+                self.yield_to_guest(d);
+                d.prefetch(b + 1..(b + 1 + LOOKAHEAD).min(d.nblocks()));
+            }
+            if let Some(stamp) = self.copy_block(d, t, b)? {
+                batch.push((b, stamp));
+            }
+            if batch.len() >= BATCH {
+                self.commit(i, &mut batch)?;
+            }
+            if !final_pass {
+                self.throttle(d.block_range(b).1);
+                self.check_progress();
+            }
+        }
+        self.commit(i, &mut batch)?;
+        Ok(true)
+    }
+
+    /// Copies one block; `None` if a guest write is in progress on it.
+    fn copy_block(&self, d: &Arc<Volume>, t: &File, b: u64) -> Result<Option<u32>> {
+        let Some(stamp) = d.write_stamp(b) else {
+            self.copies_lost.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let (off, len) = d.block_range(b);
+        if d.is_hole(b) {
+            return Ok(Some(stamp)); // the sparse target already reads zeros here
+        }
+        let (data, _) = d.read_source(off, len)?;
+        if is_zero(&data) {
+            punch_hole(t, off, len)?;
+        } else {
+            t.write_all_at(&data, off)
+                .ctx(|| format!("write {}", self.target_dir.display()))?;
+        }
+        self.bytes_copied.fetch_add(len, Ordering::Relaxed);
+        Ok(Some(stamp))
+    }
+
+    /// Syncs the target, then records the batch as copied.
+    fn commit(&self, i: usize, batch: &mut Vec<(u64, u32)>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.targets[i]
+            .sync_data()
+            .ctx(|| format!("fsync relocation target disk{i}"))?;
+        for (b, stamp) in batch.drain(..) {
+            if self.disks[i].mark_copied(&self.copied[i], b, stamp) {
+                self.blocks_marked.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.copies_lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.copied[i].persist_exclusive()
+    }
+
+    /// Waits (briefly) while the guest has I/O in flight.
+    fn yield_to_guest(&self, d: &Volume) {
+        let start = Instant::now();
+        while d.guest_busy() && start.elapsed() < Duration::from_millis(20) {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Token bucket: each copied block books `len / rate` of time; at most
+    /// 100 ms of unused time carries over, so a copier slowed by the guest
+    /// never bursts past its limit afterwards.
+    fn throttle(&self, len: u64) {
+        let Some(rate) = *self.rate_limit.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut next = self.next_slot.lock();
+        let start = (*next).max(now - Duration::from_millis(100));
+        *next = start + Duration::from_secs_f64(len as f64 / (rate * 1e6));
+        let wait = next.saturating_duration_since(now);
+        drop(next);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Pause writes, copy the rest, sync, commit `switched`, switch.
+    fn cutover(self: &Arc<Self>) -> Result<()> {
+        self.set_state(State::Switching, None);
+        let t0 = Instant::now();
+        let guards: Vec<_> = self.disks.iter().map(|d| d.pause_writes()).collect();
+        let r = (|| {
+            for i in 0..self.disks.len() {
+                self.copy_pass(i, true)?;
+            }
+            if self.remaining() != 0 {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "blocks still dirty with writes paused",
+                ));
+            }
+            for t in &self.targets {
+                t.sync_all().ctx(|| "fsync relocation target".into())?;
+            }
+            write_atomic(
+                &self.target_dir.join("vm.json"),
+                &self.config_json,
+                0o644,
+                true,
+            )?;
+            fsync_dir(&self.target_dir)?;
+            self.meta.lock().switched = true;
+            self.store_meta()?;
+            for (d, t) in self.disks.iter().zip(&self.targets) {
+                d.switch_to(t.try_clone().ctx(|| "dup target".into())?);
+            }
+            Ok(())
+        })();
+        drop(guards);
+        let pause = t0.elapsed().as_secs_f64() * 1000.0;
+        if let Err(e) = r {
+            self.meta.lock().switched = false;
+            return Err(e.context("cutover"));
+        }
+        *self.pause_ms.lock() = Some(pause);
+        tracing::info!(vm = %self.vm, target = %self.target_dir.display(), pause_ms = pause, "relocation cut over");
+        self.set_state(State::Done, None);
+        Ok(())
+    }
+
+    pub fn status(&self) -> RelocationStatus {
+        let (state, error, note) = self.state.lock().clone();
+        let bs_total: u64 = self.disks.iter().map(|d| d.size).sum();
+        let done: u64 = self
+            .disks
+            .iter()
+            .zip(&self.copied)
+            .map(|(d, c)| {
+                (0..d.nblocks())
+                    .filter(|&b| c.test(b))
+                    .map(|b| d.block_range(b).1)
+                    .sum::<u64>()
+            })
+            .sum();
+        let copied = self.bytes_copied.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = copied as f64 / secs / 1e6;
+        let left = bs_total.saturating_sub(done);
+        let done = if state == State::Done { bs_total } else { done };
+        RelocationStatus {
+            state,
+            target: self.target_dir.clone(),
+            pass: self.meta.lock().pass,
+            bytes_done: done,
+            bytes_total: bs_total,
+            bytes_copied: copied,
+            rate_mbps: rate,
+            rate_limit_mbps: *self.rate_limit.lock(),
+            eta_s: (state != State::Done && rate > 0.0).then(|| left as f64 / (rate * 1e6)),
+            dirty_blocks: if state == State::Done {
+                0
+            } else {
+                self.remaining()
+            },
+            cutover_pause_ms: *self.pause_ms.lock(),
+            error,
+            note,
+        }
+    }
+}
+
+fn punch_hole(f: &File, off: u64, len: u64) -> Result<()> {
+    // SAFETY: fallocate on an fd we own, with a range inside the file.
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        f.write_all_at(&vec![0u8; len as usize], off)
+            .ctx(|| "zero relocation block".into())
+    }
+}

@@ -1,0 +1,274 @@
+//! Live relocation to primary storage while the disk is in use.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const K64: usize = 64 << 10;
+
+fn relocate(env: &Env, vm: &str, to: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "relocate",
+        "--socket",
+        env.socket.to_str().unwrap(),
+        vm,
+        "--to",
+        to.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    env.run(&args)
+}
+
+fn relocation(env: &Env, vm: &str) -> serde_json::Value {
+    let st = env.status();
+    st["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["vm"] == vm)
+        .unwrap()["relocation"]
+        .clone()
+}
+
+fn wait_state(env: &Env, vm: &str, want: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = relocation(env, vm);
+        if r["state"] == want {
+            return r;
+        }
+        assert!(r["state"] != "failed", "relocation failed: {r}");
+        assert!(
+            Instant::now() < deadline,
+            "relocation did not reach {want}: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn fio(args: &[&str]) -> std::process::Output {
+    Command::new("fio")
+        .args(args)
+        .output()
+        .expect("fio is installed")
+}
+
+#[test]
+fn relocation_under_random_writes_cuts_over_with_every_write_intact() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 256 * K64, 51, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let file = format!("--filename={}", disk.display());
+    let job = [
+        "--name=reloc",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16M",
+        "--verify=crc32c",
+        "--ioengine=psync",
+    ];
+    let writer = {
+        let (file, job) = (file.clone(), job.map(String::from));
+        std::thread::spawn(move || {
+            let mut a: Vec<&str> = job.iter().map(|s| s.as_str()).collect();
+            a.extend([file.as_str(), "--do_verify=0", "--rate_iops=1500"]);
+            fio(&a)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let o = relocate(&env, "vm", &primary, &["--rate", "4", "--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w = writer.join().unwrap();
+    assert!(
+        w.status.success(),
+        "fio write: {}",
+        String::from_utf8_lossy(&w.stderr)
+    );
+    let r = relocation(&env, "vm");
+    assert_eq!(r["state"], "done");
+    assert!(r["cutover_pause_ms"].as_f64().is_some(), "{r}");
+    // Every fio block verifies through the FUSE file, now served from the target.
+    let mut a: Vec<&str> = job.to_vec();
+    a.extend([file.as_str(), "--verify_only"]);
+    let v = fio(&a);
+    assert!(
+        v.status.success(),
+        "fio verify after cutover: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let seen = read_all(&disk);
+    assert!(env.release("vm", false).status.success());
+    let target = primary.join("vm/disk0.raw");
+    assert!(
+        read_all(&target) == seen,
+        "the target differs from what the VM saw"
+    );
+    assert!(primary.join("vm/vm.json").exists());
+}
+
+#[test]
+fn a_killed_relocation_resumes_where_it_stopped() {
+    let env = Env::new();
+    let data = random_image(&env.path("a.raw"), 1024 * K64, 52, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let o = relocate(&env, "vm", &primary, &["--rate", "12"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let total = relocation(&env, "vm")["bytes_total"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done_before = loop {
+        let r = relocation(&env, "vm");
+        let done = r["bytes_done"].as_u64().unwrap();
+        if done >= total / 2 {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "relocation too slow: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    d.kill9();
+    std::mem::forget(d);
+    let _d2 = env.serve();
+    env.recover("vm", None); // resumes the relocation by itself
+    let r = wait_state(&env, "vm", "done", Duration::from_secs(120));
+    let recopied = r["bytes_copied"].as_u64().unwrap();
+    eprintln!("copied {done_before} of {total} before the kill, {recopied} after");
+    assert!(
+        recopied <= total - done_before + total / 10,
+        "resume copied {recopied} bytes; only {} were left",
+        total - done_before
+    );
+    assert!(read_all(&primary.join("vm/disk0.raw")) == data);
+}
+
+#[test]
+fn a_writer_faster_than_the_copy_rate_is_reported_not_cut_over() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 32 * K64, 53, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|t| {
+            let (disk, stop) = (disk.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                while !stop.load(Ordering::Relaxed) {
+                    let b = rng.gen_range(0..32u64);
+                    // The daemon may be gone if the test already failed.
+                    if let Err(e) = f.write_all_at(&[t as u8 + 1; 4096], b * K64 as u64) {
+                        eprintln!("writer {t}: {e}");
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Even raised 4x, 0.25 MB/s (16 blocks/s) copies fewer blocks than the writers dirty.
+    let o = relocate(&env, "vm", &primary, &["--rate", "0.25"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = wait_state(&env, "vm", "not-converging", Duration::from_secs(90));
+    assert!(r["note"].as_str().unwrap().contains("dirty"), "{r}");
+    assert!(r["dirty_blocks"].as_u64().unwrap() > 0);
+    stop.store(true, Ordering::Relaxed);
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    // Once the burst ends it converges and cuts over with the latest data.
+    wait_state(&env, "vm", "done", Duration::from_secs(90));
+    let seen = read_all(&disk);
+    assert!(env.release("vm", false).status.success());
+    assert!(read_all(&primary.join("vm/disk0.raw")) == seen);
+}
+
+#[test]
+fn unsafe_relocation_targets_are_refused() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 64 * K64, 54, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let sock = env.socket.to_str().unwrap().to_string();
+    let reloc = |to: &Path, extra: &[&str], needle: &str| {
+        let mut args = vec![
+            "relocate",
+            "--socket",
+            &sock,
+            "vm",
+            "--to",
+            to.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        env.fails(&args, needle);
+    };
+    reloc(&env.mount, &[], "overlaps");
+    reloc(&env.mount.join("vm"), &[], "overlaps");
+    reloc(&env.staging, &[], "overlaps");
+    reloc(&env.path("missing"), &[], "missing");
+    let busy = env.path("busy");
+    std::fs::create_dir_all(busy.join("vm")).unwrap();
+    std::fs::write(busy.join("vm/keep.txt"), b"keep").unwrap();
+    reloc(&busy, &[], "not empty");
+    assert_eq!(std::fs::read(busy.join("vm/keep.txt")).unwrap(), b"keep");
+    // A filesystem with too little room.
+    let small = env.path("small");
+    std::fs::create_dir(&small).unwrap();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap()
+        .success());
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(small.clone());
+    reloc(&small, &[], "free");
+    // --force accepts the non-empty target.
+    let o = relocate(&env, "vm", &busy, &["--force", "--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_vm_relocated_while_running_boots_from_the_target_without_recoverfs() {
+    let env = Env::new();
+    let image = tiny_image();
+    env.backup("tiny", "64K", &[&image]);
+    let _d = env.serve();
+    let disk = env.recover("tiny", None)[0].clone();
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let qemu = {
+        let disk = disk.clone();
+        std::thread::spawn(move || boot_counter(&disk))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let o = relocate(&env, "tiny", &primary, &["--rate", "20", "--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(qemu.join().unwrap(), 1);
+    let o = env.release("tiny", false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The daemon can go away: the target stands on its own.
+    assert_eq!(boot_counter(&primary.join("tiny/disk0.raw")), 2);
+}
