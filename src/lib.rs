@@ -20,7 +20,9 @@
 //!                                  ▼                          ▼
 //!                      fetch worker pool: repo.read_chunk ─▶ verify digest ─▶ pwrite staging
 //!                                  └──▶ presence bit set ──▶ waiters wake, pread staging
-//!  control API (tokio, Unix socket) ──▶ session::Datastore (recover / status / release)
+//!  control API (tokio, Unix socket) ──▶ session::Datastore (recover / status / release / relocate)
+//!  relocate: copier thread ──▶ volume::read_source ──▶ target file; pass after pass, then
+//!            pause writes ──▶ final pass ──▶ fsync ──▶ commit `switched` ──▶ volume serves the target
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets the block's changed
@@ -46,6 +48,9 @@
 //! * `…/diskN.present`, `…/diskN.changed` — 64-byte header (magic
 //!   `RFSBMAP1`, kind, block size, block count) then one bit per block.
 //! * `…/session.json` — geometry; written last when a session is created.
+//! * `…/diskN.copied` — relocation: blocks whose copy on the target is
+//!   synced (same header, kind 3); `…/relocation.json` — target, pass,
+//!   and `switched`, the cutover's commit point.
 //!
 //! ## What is durable when
 //!
@@ -58,6 +63,8 @@
 //! | changed bit | before the guest's data is written | — (never missing; may over-report) |
 //! | guest write data | at the guest's fsync/fdatasync/flush reply | block reads as backup or as a write that happened |
 //! | session staging | kept at `release`, deleted by `release --discard` | resumed by the next `recover` |
+//! | copied bit (relocation) | set after the target data is fsynced; cleared durably before a guest write lands | block copied again |
+//! | cutover | `relocation.json` `switched: true` written after the final pass and target fsync, with writes paused | relocation resumes from staging |
 
 pub mod api;
 pub mod boot;
