@@ -82,7 +82,7 @@ pub enum Command {
         staging: PathBuf,
         #[arg(long)]
         mount: PathBuf,
-        /// Control socket (default: <staging>/control.sock).
+        /// Control socket (default: STAGING/control.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
         /// Let other users (e.g. a hypervisor running as another user) access the mount.
