@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 
 use common::*;
@@ -370,4 +371,41 @@ fn client_without_daemon_says_so() {
         ],
         "no recoverfs daemon",
     );
+}
+
+#[test]
+fn a_full_staging_disk_fails_requests_cleanly_and_keeps_serving() {
+    let env = Env::new();
+    let data = random_image(&env.path("a.raw"), 64 * K64, 35, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    // Staging on a filesystem with room for only a few blocks.
+    let _fs = Tmpfs::mount(&env.staging, "512k");
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; K64];
+    let mut failed = None;
+    for b in 0..64u64 {
+        match std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, b * K64 as u64) {
+            Ok(()) => assert!(
+                buf[..] == data[b as usize * K64..(b as usize + 1) * K64],
+                "block {b} wrong"
+            ),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("the staging filesystem should have filled up");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    // The daemon is still up; staged blocks still read correctly.
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == data[..K64]);
+    assert!(
+        d.log_text().contains("No space left"),
+        "the log must say why: {}",
+        d.log_text()
+    );
+    assert!(env.disk_status("vm", 0)["fetch_errors"].as_u64().unwrap() >= 1);
 }

@@ -230,20 +230,7 @@ fn unsafe_relocation_targets_are_refused() {
     assert_eq!(std::fs::read(busy.join("vm/keep.txt")).unwrap(), b"keep");
     // A filesystem with too little room.
     let small = env.path("small");
-    std::fs::create_dir(&small).unwrap();
-    assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap()
-        .success());
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(small.clone());
+    let _fs = Tmpfs::mount(&small, "256k");
     reloc(&small, &[], "free");
     // --force accepts the non-empty target.
     let o = relocate(&env, "vm", &busy, &["--force", "--wait"]);

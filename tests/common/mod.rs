@@ -397,3 +397,33 @@ pub fn boot_counter_of(disk: &Path, what: &str) -> u64 {
 pub fn boot_counter(disk: &Path) -> u64 {
     boot_counter_of(disk, &disk.display().to_string())
 }
+
+/// A small tmpfs mounted for a test (a full or tiny filesystem);
+/// unmounted on drop, even when the test fails.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {} failed", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
