@@ -118,6 +118,11 @@ impl Filesystem for RecoverFs {
         // Large requests keep per-request overhead low for VM disk I/O.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Without ASYNC_DIO the kernel turns a guest's queue of O_DIRECT AIO
+        // requests into one request at a time, so QD16 behaves like QD1.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            tracing::warn!("kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised");
+        }
         Ok(())
     }
 
