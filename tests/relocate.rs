@@ -78,6 +78,7 @@ fn relocation_under_random_writes_cuts_over_with_every_write_intact() {
         "--size=16M",
         "--verify=crc32c",
         "--ioengine=psync",
+        "--verify_state_save=0",
     ];
     let writer = {
         let (file, job) = (file.clone(), job.map(String::from));
