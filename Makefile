@@ -7,8 +7,10 @@ DEMO ?= debian
 # Debian packages the build, tests and demo need. qemu-utils is pinned to the
 # same version as qemu-system-x86 because installing one replaces the other.
 APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3
+# Peers and tools the benchmarks compare against.
+BENCH_PACKAGES := nbdkit nbdfuse libnbd-bin strace
 
-.PHONY: all build release deps garage test demo clean fmt
+.PHONY: all build release deps garage test demo bench bench-quick clean fmt
 
 all: build
 
@@ -32,6 +34,16 @@ test: deps garage
 
 demo: deps release
 	DEMO=$(DEMO) scripts/demo.sh
+
+# Writes docs/benchmarks.md (+ JSON): every figure as a ratio against a
+# baseline measured in the same run. BENCH_ARGS=--quick for a short run.
+bench: deps garage release
+	@scripts/install-deps.sh $(BENCH_PACKAGES)
+	python3 scripts/bench/run.py $(BENCH_ARGS)
+	python3 scripts/bench/relocation.py $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS=--quick
 
 fmt:
 	$(CARGO) fmt
