@@ -121,7 +121,9 @@ impl Filesystem for RecoverFs {
         // Without ASYNC_DIO the kernel turns a guest's queue of O_DIRECT AIO
         // requests into one request at a time, so QD16 behaves like QD1.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
-            tracing::warn!("kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised");
+            tracing::warn!(
+                "kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised"
+            );
         }
         Ok(())
     }

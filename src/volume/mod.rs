@@ -30,6 +30,8 @@ use crate::pool::WorkerPool;
 use crate::repo::{Digest, DiskManifest, Repository};
 use crate::staging::{DiskStore, PersistentBitmap};
 
+mod relocation;
+
 /// Where one block fill stands; readers and writers wait on it.
 struct Slot {
     done: Mutex<Option<Result<()>>>,
@@ -510,77 +512,6 @@ impl Volume {
         self.store.changed.persist()?;
         self.stats.flushes.add(1);
         Ok(())
-    }
-
-    /// A stamp of block `b`'s guest writes, or `None` while one is in progress.
-    pub(crate) fn write_stamp(&self, b: u64) -> Option<u32> {
-        let s = self.writes_started[b as usize].load(Ordering::SeqCst);
-        (self.writes_finished[b as usize].load(Ordering::SeqCst) == s).then_some(s)
-    }
-
-    /// Marks `b` copied if no guest write started since `stamp`. The bit is
-    /// set before the recheck so that a racing writer either sees it (and
-    /// clears it durably) or is seen here.
-    pub(crate) fn mark_copied(&self, copied: &PersistentBitmap, b: u64, stamp: u32) -> bool {
-        copied.set(b);
-        if self.writes_started[b as usize].load(Ordering::SeqCst) != stamp {
-            copied.bits().clear(b);
-            copied.mark_dirty();
-            return false;
-        }
-        true
-    }
-
-    /// Starts fetches for missing blocks in `range` without waiting
-    /// (relocation order: keep staging filled ahead of the copy cursor).
-    pub(crate) fn prefetch(self: &Arc<Self>, range: std::ops::Range<u64>) {
-        for b in range {
-            if self.chunks[b as usize].is_some()
-                && !self.store.present.test(b)
-                && self.inflight.lock().len() < 32
-            {
-                let _ = self.start_fill(b);
-            }
-        }
-    }
-
-    pub(crate) fn set_copied_map(&self, m: Option<Arc<PersistentBitmap>>) {
-        *self.copied.write() = m;
-    }
-
-    /// Blocks writes (after in-flight ones finish) until the guard drops.
-    pub(crate) fn pause_writes(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
-        self.write_gate.write()
-    }
-
-    /// From now on every read and write goes to `target`.
-    pub(crate) fn switch_to(&self, target: File) {
-        let _ = self.target.set(target);
-    }
-
-    pub fn is_switched(&self) -> bool {
-        self.target.get().is_some()
-    }
-
-    pub(crate) fn copies_revoked(&self) -> u64 {
-        self.copies_revoked.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn guest_busy(&self) -> bool {
-        self.guest_inflight.load(Ordering::Acquire) > 0
-    }
-
-    /// True if the block has no data in the backup and was never written.
-    pub(crate) fn is_hole(&self, b: u64) -> bool {
-        self.chunks[b as usize].is_none() && !self.store.present.test(b)
-    }
-
-    pub fn nblocks(&self) -> u64 {
-        self.nblocks
-    }
-
-    pub(crate) fn block_range(&self, b: u64) -> (u64, u64) {
-        (b * self.block_size, self.block_len(b))
     }
 
     /// Changed blocks as half-open block ranges.
