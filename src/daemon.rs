@@ -19,11 +19,27 @@ pub struct ServeOptions {
     pub staging: PathBuf,
     pub mount: PathBuf,
     pub socket: Option<PathBuf>,
+    pub datastore: MountOptions,
+}
+
+/// How a datastore is mounted and run, whoever hosts it.
+pub struct MountOptions {
     pub allow_other: bool,
     pub fetch_workers: usize,
     pub fuse_threads: usize,
     /// How often staged presence maps are made durable without an fsync.
     pub flush_interval: Duration,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: false,
+            fetch_workers: 16,
+            fuse_threads: 4,
+            flush_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// What `serve` found at the mount point.
@@ -42,7 +58,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .clone()
         .unwrap_or_else(|| staging.root().join("control.sock"));
     check_socket(&socket)?;
-    let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts)?;
+    let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts.datastore)?;
     tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
     let link = publish_default_socket(&socket);
     let api_result = run_api(mounted.ds.clone(), &socket);
@@ -72,7 +88,7 @@ impl MountedDatastore {
         repo: Arc<Repository>,
         staging: StagingDir,
         mount: &Path,
-        opts: &ServeOptions,
+        opts: &MountOptions,
     ) -> Result<Self> {
         let ds = Datastore::new(repo, staging, mount, opts.fetch_workers);
         let fs = RecoverFs::new(ds.clone(), 64);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::boot::{boot, Outcome, QemuSpec, Watch};
-use crate::daemon::{check_mount_point, MountedDatastore, ServeOptions};
+use crate::daemon::{check_mount_point, MountOptions, MountedDatastore};
 use crate::error::{Error, IoContext, Result};
 use crate::repo::Repository;
 use crate::staging::StagingDir;
@@ -70,17 +70,7 @@ pub fn verify_boot(opts: VerifyBootOptions) -> Result<VerifyBootReport> {
         repo.id(),
         &repo.location(),
     )?;
-    let serve_opts = ServeOptions {
-        repo: opts.repo.clone(),
-        staging: scratch.0.path().join("staging"),
-        mount: mnt.clone(),
-        socket: None,
-        allow_other: false,
-        fetch_workers: 8,
-        fuse_threads: 4,
-        flush_interval: Duration::from_secs(2),
-    };
-    let mounted = MountedDatastore::start(repo.clone(), staging, &mnt, &serve_opts)?;
+    let mounted = MountedDatastore::start(repo.clone(), staging, &mnt, &MountOptions::default())?;
     let result = run(&mounted, &opts, &manifest.id, &marker);
     let _ = mounted.ds.release(&opts.vm, true);
     let stopped = mounted.shutdown();

@@ -10,6 +10,30 @@ use common::*;
 
 const K64: usize = 64 << 10;
 
+/// `serve` with these paths must fail with a one-line error naming `needle`.
+fn serve_fails(
+    env: &Env,
+    repo: &str,
+    staging: &str,
+    mount: &str,
+    socket: Option<&str>,
+    needle: &str,
+) {
+    let mut args = vec![
+        "serve",
+        "--repo",
+        repo,
+        "--staging",
+        staging,
+        "--mount",
+        mount,
+    ];
+    if let Some(s) = socket {
+        args.extend(["--socket", s]);
+    }
+    env.fails(&args, needle);
+}
+
 fn repo_with_vm(env: &Env) -> String {
     random_image(&env.path("a.raw"), 4 * K64 + 10, 31, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")])
@@ -22,16 +46,12 @@ fn missing_or_foreign_repositories_are_refused() {
     let m = missing.to_str().unwrap();
     env.fails(&["list", "--repo", m], "does not exist");
     env.fails(&["verify", "--repo", m], "does not exist");
-    env.fails(
-        &[
-            "serve",
-            "--repo",
-            m,
-            "--staging",
-            "/tmp/x",
-            "--mount",
-            env.mount.to_str().unwrap(),
-        ],
+    serve_fails(
+        &env,
+        m,
+        "/tmp/x",
+        env.mount.to_str().unwrap(),
+        None,
         "does not exist",
     );
     let other = env.path("other");
@@ -190,50 +210,29 @@ fn bad_mount_points_are_refused() {
     repo_with_vm(&env);
     let r = env.repo_str().to_string();
     let st = env.staging.to_str().unwrap().to_string();
-    env.fails(
-        &[
-            "serve",
-            "--repo",
-            &r,
-            "--staging",
-            &st,
-            "--mount",
-            env.path("nomount").to_str().unwrap(),
-        ],
+    serve_fails(
+        &env,
+        &r,
+        &st,
+        env.path("nomount").to_str().unwrap(),
+        None,
         "does not exist",
     );
     let full = env.path("full");
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("x"), b"keep").unwrap();
-    env.fails(
-        &[
-            "serve",
-            "--repo",
-            &r,
-            "--staging",
-            &st,
-            "--mount",
-            full.to_str().unwrap(),
-        ],
-        "not empty",
-    );
+    serve_fails(&env, &r, &st, full.to_str().unwrap(), None, "not empty");
     assert_eq!(std::fs::read(full.join("x")).unwrap(), b"keep");
     // A mount point already served by another daemon is busy.
     let _d = env.serve();
     let st2 = env.path("staging2");
     let sock2 = env.path("s2.sock");
-    env.fails(
-        &[
-            "serve",
-            "--repo",
-            &r,
-            "--staging",
-            st2.to_str().unwrap(),
-            "--mount",
-            env.mount.to_str().unwrap(),
-            "--socket",
-            sock2.to_str().unwrap(),
-        ],
+    serve_fails(
+        &env,
+        &r,
+        st2.to_str().unwrap(),
+        env.mount.to_str().unwrap(),
+        Some(sock2.to_str().unwrap()),
         "busy",
     );
 }
@@ -247,33 +246,21 @@ fn shared_staging_sockets_and_foreign_staging_are_refused() {
     let m2 = env.path("m2");
     std::fs::create_dir(&m2).unwrap();
     // Same staging as the running daemon: locked.
-    env.fails(
-        &[
-            "serve",
-            "--repo",
-            &r,
-            "--staging",
-            env.staging.to_str().unwrap(),
-            "--mount",
-            m2.to_str().unwrap(),
-            "--socket",
-            env.path("s2").to_str().unwrap(),
-        ],
+    serve_fails(
+        &env,
+        &r,
+        env.staging.to_str().unwrap(),
+        m2.to_str().unwrap(),
+        Some(env.path("s2").to_str().unwrap()),
         "in use by another recoverfs daemon",
     );
     // Same socket as the running daemon.
-    env.fails(
-        &[
-            "serve",
-            "--repo",
-            &r,
-            "--staging",
-            env.path("st2").to_str().unwrap(),
-            "--mount",
-            m2.to_str().unwrap(),
-            "--socket",
-            env.socket.to_str().unwrap(),
-        ],
+    serve_fails(
+        &env,
+        &r,
+        env.path("st2").to_str().unwrap(),
+        m2.to_str().unwrap(),
+        Some(env.socket.to_str().unwrap()),
         "already served",
     );
 }
@@ -287,16 +274,12 @@ fn staging_of_another_repository_is_refused_when_idle() {
     let b = Env::new();
     repo_with_vm(&b);
     let m = b.mount.to_str().unwrap();
-    a.fails(
-        &[
-            "serve",
-            "--repo",
-            b.repo_str(),
-            "--staging",
-            a.staging.to_str().unwrap(),
-            "--mount",
-            m,
-        ],
+    serve_fails(
+        &a,
+        b.repo_str(),
+        a.staging.to_str().unwrap(),
+        m,
+        None,
         "another repository",
     );
 }

@@ -75,7 +75,6 @@ pub fn boot_session(
         settle: Duration::from_secs(60),
     };
     let tty = std::io::stderr().is_terminal();
-    let start = Instant::now();
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let path = format!("/sessions/{vm}");
     let report = boot(
@@ -130,7 +129,6 @@ pub fn boot_session(
                     "the VM was stopped"
                 }
             );
-            let _ = start;
             Ok(())
         }
         other => Err(Error::new(

@@ -214,10 +214,12 @@ pub fn run(cli: Cli) -> Result<()> {
             staging,
             mount,
             socket,
-            allow_other,
-            fetch_workers: fetch_workers.max(1),
-            fuse_threads,
-            flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
+            datastore: crate::daemon::MountOptions {
+                allow_other,
+                fetch_workers: fetch_workers.max(1),
+                fuse_threads,
+                flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
+            },
         }),
         Command::Recover {
             socket,
