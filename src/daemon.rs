@@ -29,6 +29,7 @@ pub struct MountOptions {
     pub fuse_threads: usize,
     /// How often staged presence maps are made durable without an fsync.
     pub flush_interval: Duration,
+    pub prefetch: crate::prefetch::PrefetchOptions,
 }
 
 impl Default for MountOptions {
@@ -38,6 +39,7 @@ impl Default for MountOptions {
             fetch_workers: 16,
             fuse_threads: 4,
             flush_interval: Duration::from_secs(2),
+            prefetch: Default::default(),
         }
     }
 }
@@ -90,7 +92,13 @@ impl MountedDatastore {
         mount: &Path,
         opts: &MountOptions,
     ) -> Result<Self> {
-        let ds = Datastore::new(repo, staging, mount, opts.fetch_workers);
+        let ds = Datastore::new(
+            repo,
+            staging,
+            mount,
+            opts.fetch_workers,
+            opts.prefetch.clone(),
+        );
         let fs = RecoverFs::new(ds.clone(), 64);
         let mut options = vec![
             fuser::MountOption::FSName("recoverfs".into()),
@@ -135,7 +143,7 @@ impl MountedDatastore {
     pub fn shutdown(self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let _ = self.flusher.join();
-        self.ds.stop_relocations();
+        self.ds.stop_background();
         let flush = self.ds.flush_all();
         let unmount = self
             .bg

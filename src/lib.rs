@@ -74,6 +74,7 @@ pub mod error;
 pub mod fs;
 pub mod metrics;
 pub mod pool;
+pub mod prefetch;
 pub mod relocate;
 pub mod repo;
 pub mod session;

@@ -4,15 +4,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::pool::WorkerPool;
+use crate::prefetch::feeder::{Feeder, Source};
+use crate::prefetch::profile::{self, DiskTrace, Recording};
+use crate::prefetch::tracker::Tracker;
+use crate::prefetch::{PrefetchOptions, Scheduler, SchedulerStatus};
 use crate::relocate::{Relocation, RelocationStatus};
 use crate::repo::Repository;
 use crate::staging::{open_session, StagingDir};
@@ -34,6 +37,9 @@ pub struct Session {
     /// The session's staging directory.
     pub dir: PathBuf,
     pub relocation: Mutex<Option<Arc<Relocation>>>,
+    feeder: OnceLock<Feeder>,
+    /// The recording was saved (or must not be): at most once per session.
+    profile_done: AtomicBool,
     /// Open disk handles and whether the session was released, under one
     /// lock so an open can never slip past a release.
     state: Mutex<OpenState>,
@@ -64,6 +70,47 @@ impl Session {
     pub fn open_handles(&self) -> u64 {
         self.state.lock().open
     }
+
+    /// Saves what this session's guest read as a new recording of the
+    /// VM's profile, once; `false` if already done or nothing was read.
+    pub fn save_profile(&self, repo: &Repository, source: &str) -> Result<bool> {
+        if self.profile_done.swap(true, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let disks: Vec<DiskTrace> = self
+            .disks
+            .iter()
+            .map(|d| DiskTrace {
+                index: d.index,
+                block_size: d.block_size(),
+                accesses: d.tracker.accesses(d.chunks()),
+            })
+            .collect();
+        let blocks: usize = disks.iter().map(|d| d.accesses.len()).sum();
+        if blocks == 0 {
+            return Ok(false);
+        }
+        let rec = Recording {
+            recorded: crate::util::rfc3339(crate::util::now_unix()),
+            backup: self.backup.clone(),
+            source: source.into(),
+            disks,
+        };
+        profile::append(repo, &self.vm, rec)?;
+        tracing::info!(vm = %self.vm, blocks, source, "operational profile recorded");
+        Ok(true)
+    }
+
+    /// This session's reads must not become a profile (a failed verify).
+    pub fn discard_profile(&self) {
+        self.profile_done.store(true, Ordering::Release);
+    }
+
+    fn stop_prefetch(&self) {
+        if let Some(f) = self.feeder.get() {
+            f.stop();
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +123,8 @@ pub struct SessionStatus {
     pub path: PathBuf,
     /// Repository requests retried after transient failures (daemon-wide).
     pub repo_retries: u64,
+    /// The daemon's fetch scheduler: queue per priority class, on-demand latency.
+    pub scheduler: SchedulerStatus,
     pub relocation: Option<RelocationStatus>,
     pub disks: Vec<DiskStatus>,
 }
@@ -99,7 +148,8 @@ pub struct Datastore {
     sessions: RwLock<BTreeMap<String, Arc<Session>>>,
     by_ino: RwLock<HashMap<u64, Arc<Session>>>,
     next_base: AtomicU64,
-    fetchers: Arc<WorkerPool>,
+    sched: Arc<Scheduler>,
+    prefetch: PrefetchOptions,
     /// Called with a VM name after its session is gone (kernel dentry
     /// invalidation lives in the FUSE layer).
     on_release: RwLock<Option<Box<dyn Fn(&str) + Send + Sync>>>,
@@ -111,6 +161,7 @@ impl Datastore {
         staging: StagingDir,
         mount: &Path,
         fetch_workers: usize,
+        prefetch: PrefetchOptions,
     ) -> Arc<Datastore> {
         Arc::new(Datastore {
             repo,
@@ -119,7 +170,8 @@ impl Datastore {
             sessions: RwLock::new(BTreeMap::new()),
             by_ino: RwLock::new(HashMap::new()),
             next_base: AtomicU64::new(1),
-            fetchers: Arc::new(WorkerPool::new("fetch", fetch_workers)),
+            sched: Scheduler::new("fetch", fetch_workers),
+            prefetch,
             on_release: RwLock::new(None),
         })
     }
@@ -183,6 +235,7 @@ impl Datastore {
         let manifest = self.repo.resolve(vm, chosen.as_deref())?;
         let dir = self.staging.session_dir(vm, &manifest.id);
         let (stores, resumed) = open_session(&dir, &manifest)?;
+        let start = Instant::now();
         let disks = stores
             .into_iter()
             .enumerate()
@@ -194,7 +247,15 @@ impl Datastore {
                     i,
                     &manifest.disks[i],
                     st,
-                    self.fetchers.clone(),
+                    self.sched.clone(),
+                    Tracker::new(
+                        crate::repo::DiskManifest::chunk_count(
+                            manifest.disks[i].size,
+                            manifest.disks[i].chunk_size,
+                        ),
+                        start,
+                        self.prefetch.record_window,
+                    ),
                 ))
             })
             .collect::<Vec<_>>();
@@ -212,14 +273,64 @@ impl Datastore {
             resumed,
             dir,
             relocation: Mutex::new(relocation),
+            feeder: OnceLock::new(),
+            profile_done: AtomicBool::new(false),
             state: Mutex::new(OpenState::default()),
         });
+        self.start_prefetch(&session);
         self.by_ino
             .write()
             .insert(session.ino_base, session.clone());
         sessions.insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, "recovery session started");
         Ok(self.info(&session, false))
+    }
+
+    /// Starts following the VM's profile; when the recording window
+    /// closes, the session's own recording is saved.
+    fn start_prefetch(&self, session: &Arc<Session>) {
+        let sources = self.profile_sources(session);
+        let (weak, repo): (Weak<Session>, _) = (Arc::downgrade(session), self.repo.clone());
+        let on_window_end = Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                if let Err(e) = s.save_profile(&repo, "session") {
+                    tracing::warn!(vm = %s.vm, "could not save the operational profile: {e}");
+                }
+            }
+        });
+        let disks = session.disks.iter().cloned().zip(sources).collect();
+        let f = Feeder::start(
+            &session.vm,
+            disks,
+            self.sched.clone(),
+            self.prefetch.feeder.clone(),
+            on_window_end,
+        );
+        let _ = session.feeder.set(f);
+    }
+
+    /// Per disk: the stored profile mapped onto this backup, else the
+    /// default one. A damaged profile only costs its prefetch.
+    fn profile_sources(&self, s: &Session) -> Vec<Source> {
+        let none = || s.disks.iter().map(|_| Source::Nothing).collect();
+        if !self.prefetch.use_profile {
+            return none();
+        }
+        let merged = match profile::load(&self.repo, &s.vm) {
+            Ok(doc) => doc.map(|d| d.merge()).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(vm = %s.vm, "ignoring the operational profile: {e}");
+                vec![]
+            }
+        };
+        s.disks
+            .iter()
+            .map(|d| match merged.iter().find(|m| m.index == d.index) {
+                Some(m) => Source::Recorded(m.plan_for(d.block_size(), d.chunks())),
+                None if self.prefetch.default_profile => Source::Default,
+                None => Source::Nothing,
+            })
+            .collect()
     }
 
     fn info(&self, s: &Session, already_active: bool) -> RecoverInfo {
@@ -265,6 +376,10 @@ impl Datastore {
         // The copier stops here; the next recover resumes it.
         if let Some(r) = session.relocation.lock().as_ref() {
             r.stop();
+        }
+        session.stop_prefetch();
+        if let Err(e) = session.save_profile(&self.repo, "session") {
+            tracing::warn!(vm, "could not save the operational profile: {e}");
         }
         for d in &session.disks {
             d.quiesce(Duration::from_secs(60));
@@ -330,11 +445,16 @@ impl Datastore {
         Ok(st)
     }
 
-    /// Stops every relocation copier (shutdown); they resume on recover.
-    pub fn stop_relocations(&self) {
+    /// Stops every relocation copier and prefetcher and saves profiles
+    /// (shutdown); copiers resume on recover.
+    pub fn stop_background(&self) {
         for s in self.sessions() {
             if let Some(r) = s.relocation.lock().as_ref() {
                 r.stop();
+            }
+            s.stop_prefetch();
+            if let Err(e) = s.save_profile(&self.repo, "session") {
+                tracing::warn!(vm = %s.vm, "could not save the operational profile: {e}");
             }
         }
     }
@@ -368,6 +488,7 @@ impl Datastore {
             open_handles: s.open_handles(),
             path: self.mount.join(&s.vm),
             repo_retries: self.repo.retries(),
+            scheduler: self.sched.status(),
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }

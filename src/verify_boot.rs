@@ -113,6 +113,13 @@ fn run(
                 .map(|e| format!("the boot read a damaged chunk: {e}"))
         },
     )?;
+    // A verified boot prepares the next instant recovery: its reads
+    // become a recording of the VM's profile. A failed one must not.
+    if matches!(report.outcome, crate::boot::Outcome::Marker { .. }) {
+        session.save_profile(mounted.ds.repo(), "verify-boot")?;
+    } else {
+        session.discard_profile();
+    }
     let statuses: Vec<_> = session.disks.iter().map(|d| d.status()).collect();
     Ok(VerifyBootReport {
         vm: opts.vm.clone(),

@@ -4,6 +4,7 @@
 
 mod boot;
 mod output;
+mod profile;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -97,6 +98,13 @@ pub enum Command {
         /// Seconds between background flushes of the staging maps.
         #[arg(long, default_value_t = 2.0)]
         flush_interval: f64,
+        #[command(flatten)]
+        prefetch: profile::PrefetchArgs,
+    },
+    /// Manage operational profiles: what a VM reads while it boots.
+    Profile {
+        #[command(subcommand)]
+        cmd: profile::ProfileCmd,
     },
     /// Start (or resume) a recovery session and print the disk paths.
     Recover {
@@ -209,6 +217,7 @@ pub fn run(cli: Cli) -> Result<()> {
             fetch_workers,
             fuse_threads,
             flush_interval,
+            prefetch,
         } => crate::daemon::serve(crate::daemon::ServeOptions {
             repo,
             staging,
@@ -219,8 +228,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 fetch_workers: fetch_workers.max(1),
                 fuse_threads,
                 flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
+                prefetch: prefetch.options(),
             },
         }),
+        Command::Profile { cmd } => profile::run(cmd),
         Command::Recover {
             socket,
             vm,

@@ -219,15 +219,12 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             println!("  repository retries: {}", s["repo_retries"]);
         }
         for d in s["disks"].as_array().cloned().unwrap_or_default() {
+            println!("  {}", profile_line(&d));
             let n = |k: &str| d[k].as_u64().unwrap_or(0);
             let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
             let total = n("blocks_total").max(1);
             let reads = n("reads");
-            let hit = if reads == 0 {
-                100.0
-            } else {
-                n("read_hits") as f64 * 100.0 / reads as f64
-            };
+            let hit = f("profile_hit_ratio") * 100.0;
             println!(
                 "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {}  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}",
                 d["name"].as_str().unwrap_or("?"),
@@ -245,6 +242,7 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
                 if n("fetch_errors") > 0 { format!("  FETCH ERRORS {}", n("fetch_errors")) } else { String::new() }
             );
         }
+        println!("  {}", scheduler_line(&s["scheduler"]));
     }
     Ok(())
 }
@@ -339,4 +337,49 @@ pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
+}
+
+/// Profile coverage and first-read hits of one disk.
+fn profile_line(d: &Value) -> String {
+    let p = &d["profile"];
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    let first = n("first_reads");
+    let staged_first = if first == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {}/{first} first reads found the block staged",
+            n("first_read_hits")
+        )
+    };
+    match p["source"].as_str() {
+        Some(src) => format!(
+            "{}: {src} profile {}/{} blocks staged ({:.1}%){staged_first}",
+            d["name"].as_str().unwrap_or("?"),
+            n("staged"),
+            n("blocks"),
+            d["profile_coverage"].as_f64().unwrap_or(0.0) * 100.0
+        ),
+        None => format!(
+            "{}: no profile{staged_first}",
+            d["name"].as_str().unwrap_or("?")
+        ),
+    }
+}
+
+/// The daemon-wide fetch queue per priority class.
+fn scheduler_line(s: &Value) -> String {
+    let q = &s["queued"];
+    let n = |k: &str| q[k].as_u64().unwrap_or(0);
+    format!(
+        "fetch queue: on-demand {} profile {} relocation {} readahead {}  background limit {}/{}  on-demand latency mean {:.2} ms p99 {:.2} ms",
+        n("on_demand"),
+        n("profile"),
+        n("relocation"),
+        n("readahead"),
+        s["background_limit"],
+        s["workers"],
+        s["on_demand_latency_mean_ms"].as_f64().unwrap_or(0.0),
+        s["on_demand_latency_p99_ms"].as_f64().unwrap_or(0.0),
+    )
 }

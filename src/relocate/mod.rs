@@ -35,8 +35,6 @@ use crate::volume::Volume;
 
 /// Copy batches are synced and recorded every this many blocks.
 const BATCH: usize = 16;
-/// Blocks fetched ahead of the copy cursor.
-const LOOKAHEAD: u64 = 8;
 /// Cut over when at most this many blocks remain dirty (and at most a
 /// 16th of the disk): the final pass runs with guest writes paused.
 const CUTOVER_BLOCKS: u64 = 64;
@@ -452,7 +450,8 @@ impl Relocation {
     fn copy_pass(self: &Arc<Self>, i: usize, final_pass: bool) -> Result<bool> {
         let (d, c, t) = (&self.disks[i], &self.copied[i], &self.targets[i]);
         let mut batch = vec![];
-        for b in 0..d.nblocks() {
+        let order = d.copy_order();
+        for (pos, &b) in order.iter().enumerate() {
             if self.cancel.load(Ordering::Acquire) {
                 self.commit(i, &mut batch)?;
                 return Ok(false);
@@ -462,7 +461,7 @@ impl Relocation {
             }
             if !final_pass {
                 self.yield_to_guest(d);
-                d.prefetch(b + 1..(b + 1 + LOOKAHEAD).min(d.nblocks()));
+                d.copy_cursor(&order, pos);
             }
             if let Some(stamp) = self.copy_block(d, t, b)? {
                 batch.push((b, stamp));
@@ -489,7 +488,7 @@ impl Relocation {
         if d.is_hole(b) {
             return Ok(Some(stamp)); // the sparse target already reads zeros here
         }
-        let (data, _) = d.read_source(off, len)?;
+        let (data, _) = d.read_source(off, len, crate::prefetch::Class::Relocation)?;
         if is_zero(&data) {
             punch_hole(t, off, len)?;
         } else {

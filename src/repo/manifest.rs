@@ -4,7 +4,6 @@
 //! bytes so truncation or bit rot is reported, never half-parsed.
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use super::chunk::Digest;
 use crate::error::{Error, Result};
@@ -67,50 +66,14 @@ impl DiskManifest {
     }
 }
 
-#[derive(Serialize)]
-struct EnvelopeOut<'a> {
-    checksum: String,
-    manifest: &'a RawValue,
-}
-
-#[derive(Deserialize)]
-struct EnvelopeIn<'a> {
-    checksum: String,
-    #[serde(borrow)]
-    manifest: &'a RawValue,
-}
-
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let body = serde_json::to_string(self)
-            .map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
-        let raw = RawValue::from_string(body)
-            .map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
-        let env = EnvelopeOut {
-            checksum: blake3::hash(raw.get().as_bytes()).to_hex().to_string(),
-            manifest: &raw,
-        };
-        let mut out = serde_json::to_vec(&env)
-            .map_err(|e| Error::invalid(format!("encode manifest: {e}")))?;
-        out.push(b'\n');
-        Ok(out)
+        super::sealed::seal("manifest", self)
     }
 
     /// Parses and checks a stored manifest; `what` names it in errors.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Manifest> {
-        let env: EnvelopeIn = serde_json::from_slice(bytes).map_err(|e| {
-            Error::corrupt(format!("manifest {what} is damaged or truncated ({e})"))
-        })?;
-        let sum = blake3::hash(env.manifest.get().as_bytes())
-            .to_hex()
-            .to_string();
-        if sum != env.checksum {
-            return Err(Error::corrupt(format!(
-                "manifest {what} fails its checksum"
-            )));
-        }
-        let m: Manifest = serde_json::from_str(env.manifest.get())
-            .map_err(|e| Error::corrupt(format!("manifest {what} is malformed ({e})")))?;
+        let m: Manifest = super::sealed::unseal(bytes, "manifest", &format!("manifest {what}"))?;
         if m.format != MANIFEST_FORMAT {
             return Err(Error::corrupt(format!(
                 "manifest {what} has unknown format {}",

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod chunk;
 pub mod manifest;
 pub mod s3;
+pub mod sealed;
 pub mod writer;
 
 use std::path::Path;

@@ -11,6 +11,9 @@
 //!
 //! The in-flight table's lock is held only to decide who fetches; all I/O
 //! happens outside it, so a slow fetch never blocks reads of staged blocks.
+//! Every fetch goes through the daemon's one [`Scheduler`] with a class: a
+//! guest waiting on a block that a prefetch queued promotes that job, so
+//! each block is fetched once, whoever needed it first.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -26,7 +29,10 @@ use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::{Counter, LatencyHistogram};
-use crate::pool::WorkerPool;
+use crate::prefetch::scheduler::Job;
+use crate::prefetch::stream::{Detector, Geometry};
+use crate::prefetch::tracker::{ProfileFigures, Tracker};
+use crate::prefetch::{Class, Scheduler};
 use crate::repo::{Digest, DiskManifest, Repository};
 use crate::staging::{DiskStore, PersistentBitmap};
 
@@ -36,14 +42,27 @@ mod relocation;
 struct Slot {
     done: Mutex<Option<Result<()>>>,
     cv: Condvar,
+    /// The queued fetch, or (before it is queued) the most urgent class a
+    /// waiter asked for; one lock so a promotion is never lost.
+    job: Mutex<(Option<Arc<Job>>, Class)>,
 }
 
 impl Slot {
-    fn new() -> Arc<Slot> {
+    fn new(class: Class) -> Arc<Slot> {
         Arc::new(Slot {
             done: Mutex::new(None),
             cv: Condvar::new(),
+            job: Mutex::new((None, class)),
         })
+    }
+
+    /// A waiter of class `class` wants this fill sooner.
+    fn promote(&self, sched: &Scheduler, class: Class) {
+        let mut j = self.job.lock();
+        match &j.0 {
+            Some(job) => sched.promote(job, class),
+            None => j.1 = j.1.min(class),
+        }
     }
 
     fn finish(&self, r: Result<()>) {
@@ -101,8 +120,11 @@ pub struct Volume {
     /// Serialises flushes so one fsync never returns while another's map
     /// write, which its data depends on, is still pending.
     flush_lock: Mutex<()>,
-    fetchers: Arc<WorkerPool>,
+    sched: Arc<Scheduler>,
     pub stats: VolumeStats,
+    /// First reads (the profile being recorded) and the applied profile.
+    pub(crate) tracker: Tracker,
+    streams: Detector,
     /// Per-block write counters, bumped before and after each guest write's
     /// data lands: the relocation copier compares them around a copy to
     /// know the copy saw no concurrent or later write.
@@ -118,6 +140,8 @@ pub struct Volume {
     guest_inflight: AtomicU32,
     /// Copied blocks the guest wrote again (relocation's convergence signal).
     copies_revoked: AtomicU64,
+    /// The relocation's announced copy order (see `announce_copy_order`).
+    copy_order: RwLock<Option<Arc<[u64]>>>,
 }
 
 /// Per-disk figures for `status`.
@@ -144,6 +168,13 @@ pub struct DiskStatus {
     pub fetches_in_flight: usize,
     pub flushes: u64,
     pub last_fetch_error: Option<String>,
+    /// Share of the applied profile's blocks already staged (0..1; 1 when
+    /// there is no profile to stage).
+    pub profile_coverage: f64,
+    /// Share of guest reads served from staging without a fetch (0..1;
+    /// 1 before the first read).
+    pub profile_hit_ratio: f64,
+    pub profile: ProfileFigures,
 }
 
 impl Volume {
@@ -154,7 +185,8 @@ impl Volume {
         index: usize,
         disk: &DiskManifest,
         store: DiskStore,
-        fetchers: Arc<WorkerPool>,
+        sched: Arc<Scheduler>,
+        tracker: Tracker,
     ) -> Volume {
         let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
         Volume {
@@ -169,8 +201,10 @@ impl Volume {
             store,
             inflight: Mutex::new(HashMap::new()),
             flush_lock: Mutex::new(()),
-            fetchers,
+            sched,
             stats: VolumeStats::default(),
+            tracker,
+            streams: Detector::default(),
             writes_started: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             writes_finished: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             copied: RwLock::new(None),
@@ -178,6 +212,7 @@ impl Volume {
             target: OnceLock::new(),
             guest_inflight: AtomicU32::new(0),
             copies_revoked: AtomicU64::new(0),
+            copy_order: RwLock::new(None),
         }
     }
 
@@ -207,7 +242,7 @@ impl Volume {
             .all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
     }
 
-    fn claim(&self, b: u64) -> Claim {
+    fn claim(&self, b: u64, class: Class) -> Claim {
         if self.store.present.test(b) {
             return Claim::Present;
         }
@@ -218,7 +253,7 @@ impl Volume {
         if let Some(s) = map.get(&b) {
             return Claim::Wait(s.clone());
         }
-        let s = Slot::new();
+        let s = Slot::new(class);
         map.insert(b, s.clone());
         Claim::Owner(s)
     }
@@ -236,26 +271,43 @@ impl Volume {
         slot.finish(r);
     }
 
-    /// Starts filling block `b` from the backup unless it is present.
-    /// Returns a slot to wait on, or `None` when the block is already local.
-    fn start_fill(self: &Arc<Self>, b: u64) -> Option<Arc<Slot>> {
-        match self.claim(b) {
+    /// Starts filling block `b` from the backup unless it is present, at
+    /// priority `class`. Returns a slot to wait on, or `None` when the
+    /// block is already local.
+    fn start_fill(self: &Arc<Self>, b: u64, class: Class) -> Option<Arc<Slot>> {
+        match self.claim(b, class) {
             Claim::Present => None,
-            Claim::Wait(s) => Some(s),
+            Claim::Wait(s) => {
+                s.promote(&self.sched, class);
+                Some(s)
+            }
             Claim::Owner(s) => {
                 match self.chunks[b as usize] {
                     None => {
                         let r = self.zero_fill(b);
                         self.complete(b, &s, r);
                     }
-                    Some(_) => {
-                        let (me, slot) = (self.clone(), s.clone());
-                        self.fetchers.submit(move || me.fetch(b, &slot));
-                    }
+                    Some(_) => self.queue_fetch(b, &s),
                 }
                 Some(s)
             }
         }
+    }
+
+    /// Queues the fetch of `b` at the most urgent class asked for so far.
+    fn queue_fetch(self: &Arc<Self>, b: u64, s: &Arc<Slot>) {
+        let mut j = s.job.lock();
+        let (me, slot) = (self.clone(), s.clone());
+        j.0 = Some(self.sched.submit(j.1, move || me.fetch(b, &slot)));
+    }
+
+    /// Starts fetching `b` in the background unless it is local or
+    /// already coming; true if this queued a fetch or raised its class.
+    pub fn prefetch_block(self: &Arc<Self>, b: u64, class: Class) -> bool {
+        if b >= self.nblocks || self.chunks[b as usize].is_none() || self.store.present.test(b) {
+            return false;
+        }
+        self.start_fill(b, class).is_some()
     }
 
     /// Runs on a fetch worker: repository → verify → staging file.
@@ -339,7 +391,10 @@ impl Volume {
                     .ctx(|| format!("read relocated disk{}", self.index))
                     .map(|_| (buf, true))
             }
-            None => self.read_source(off, len),
+            None => {
+                self.observe_guest_read(off, len);
+                self.read_source(off, len, Class::OnDemand)
+            }
         };
         self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
         let (buf, hit) = r?;
@@ -351,15 +406,40 @@ impl Volume {
         Ok(buf)
     }
 
+    /// Records the read for the profile and feeds the sequential-stream
+    /// detector, which may start readahead.
+    fn observe_guest_read(self: &Arc<Self>, off: u64, len: u64) {
+        let blocks = self.blocks(off, len);
+        self.tracker.on_read(blocks.clone(), |b| {
+            self.store.present.test(b) || self.chunks[b as usize].is_none()
+        });
+        let g = Geometry {
+            block_size: self.block_size,
+            nblocks: self.nblocks,
+            fetch_latency: self.sched.fetch_latency(),
+        };
+        if let Some(ahead) = self.streams.on_read(blocks, len, g, Instant::now()) {
+            for b in ahead {
+                self.prefetch_block(b, Class::Readahead);
+            }
+        }
+    }
+
     /// Reads what the VM sees from backup plus staging, fetching missing
-    /// blocks. Returns the data and whether no fetch was needed.
-    pub(crate) fn read_source(self: &Arc<Self>, off: u64, len: u64) -> Result<(Vec<u8>, bool)> {
+    /// blocks at priority `class`. Returns the data and whether no fetch
+    /// was needed.
+    pub(crate) fn read_source(
+        self: &Arc<Self>,
+        off: u64,
+        len: u64,
+        class: Class,
+    ) -> Result<(Vec<u8>, bool)> {
         let blocks = self.blocks(off, len);
         // Start every missing fetch first so a multi-block read fetches in parallel.
         let slots: Vec<_> = blocks
             .clone()
             .filter(|&b| self.chunks[b as usize].is_some())
-            .filter_map(|b| self.start_fill(b))
+            .filter_map(|b| self.start_fill(b, class))
             .collect();
         let hit = slots.is_empty();
         Self::wait_all(slots)?;
@@ -384,6 +464,19 @@ impl Volume {
             self.pread_into(&mut buf, off, r)?;
         }
         Ok((buf, hit))
+    }
+
+    /// Reads disk bytes for the daemon itself (e.g. to find filesystem
+    /// metadata), fetching at priority `class`; not counted as guest I/O.
+    pub fn read_internal(self: &Arc<Self>, off: u64, buf: &mut [u8], class: Class) -> Result<()> {
+        let (data, _) = self.read_source(off, buf.len() as u64, class)?;
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// The backup's chunk per block (`None`: all zeros).
+    pub fn chunks(&self) -> &[Option<Digest>] {
+        &self.chunks
     }
 
     fn pread_into(&self, buf: &mut [u8], base: u64, (s, e): (u64, u64)) -> Result<()> {
@@ -433,12 +526,12 @@ impl Volume {
             if covers {
                 // A fully overwritten block needs no fill: claim it so readers
                 // wait for our data instead of fetching the old content.
-                match self.claim(b) {
+                match self.claim(b, Class::OnDemand) {
                     Claim::Present => {}
                     Claim::Wait(s) => waits.push(s),
                     Claim::Owner(s) => owned.push((b, s)),
                 }
-            } else if let Some(s) = self.start_fill(b) {
+            } else if let Some(s) = self.start_fill(b, Class::OnDemand) {
                 waits.push(s);
             }
         }
@@ -525,7 +618,18 @@ impl Volume {
 
     pub fn status(&self) -> DiskStatus {
         let s = &self.stats;
+        let profile = self.tracker.figures(|b| self.store.present.test(b));
+        let ratio = |num: u64, den: u64| {
+            if den == 0 {
+                1.0
+            } else {
+                num as f64 / den as f64
+            }
+        };
         DiskStatus {
+            profile_coverage: ratio(profile.staged, profile.blocks),
+            profile_hit_ratio: ratio(s.read_hits.get(), s.reads.get()),
+            profile,
             index: self.index,
             name: self.name(),
             size: self.size,
@@ -560,233 +664,4 @@ impl Volume {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::repo::backend::{Backend, LocalDir};
-    use crate::repo::writer::{run_backup, BackupRequest};
-    use rand::{Rng, SeedableRng};
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    const BS: usize = 65536;
-
-    /// A local backend whose reads of chunk objects wait at a gate, so a
-    /// test can hold a fetch in flight for as long as it needs.
-    struct GatedBackend {
-        inner: LocalDir,
-        gate_open: Arc<(Mutex<bool>, Condvar)>,
-        gated: Arc<AtomicBool>,
-    }
-
-    impl Backend for GatedBackend {
-        fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-            if key.starts_with("chunks/") && self.gated.load(Ordering::SeqCst) {
-                let (m, cv) = &*self.gate_open;
-                let mut open = m.lock();
-                while !*open {
-                    cv.wait(&mut open);
-                }
-            }
-            self.inner.get(key)
-        }
-        fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-            self.inner.put(key, data)
-        }
-        fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
-            self.inner.put_new(key, data)
-        }
-        fn exists(&self, key: &str) -> Result<bool> {
-            self.inner.exists(key)
-        }
-        fn size(&self, key: &str) -> Result<Option<u64>> {
-            self.inner.size(key)
-        }
-        fn list(&self, prefix: &str) -> Result<Vec<String>> {
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> Result<()> {
-            self.inner.delete(key)
-        }
-        fn location(&self) -> String {
-            self.inner.location()
-        }
-    }
-
-    struct Fixture {
-        _dir: tempfile::TempDir,
-        vol: Arc<Volume>,
-        data: Vec<u8>,
-        gate: Arc<(Mutex<bool>, Condvar)>,
-        gated: Arc<AtomicBool>,
-    }
-
-    fn fixture(blocks: usize, seed: u64) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let repo_path = dir.path().join("repo");
-        let (repo, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut data = vec![0u8; blocks * BS + 100];
-        rng.fill(&mut data[..]);
-        for b in (0..blocks).step_by(5) {
-            data[b * BS..(b + 1) * BS].fill(0);
-        }
-        let img = dir.path().join("img");
-        std::fs::write(&img, &data).unwrap();
-        run_backup(
-            &repo,
-            BackupRequest {
-                vm: "vm".into(),
-                config: None,
-                chunk_size: BS as u32,
-                images: vec![img],
-                progress: false,
-            },
-        )
-        .unwrap();
-        let gate = Arc::new((Mutex::new(true), Condvar::new()));
-        let gated = Arc::new(AtomicBool::new(false));
-        let backend = GatedBackend {
-            inner: LocalDir::new(&repo_path),
-            gate_open: gate.clone(),
-            gated: gated.clone(),
-        };
-        let repo = Repository::open_backend(Box::new(backend)).unwrap();
-        let m = repo.resolve("vm", None).unwrap();
-        let sdir = dir.path().join("staging");
-        std::fs::create_dir_all(&sdir).unwrap();
-        let (mut stores, _) = crate::staging::open_session(&sdir, &m).unwrap();
-        let vol = Arc::new(Volume::new(
-            repo.clone(),
-            &m.id,
-            "vm",
-            0,
-            &m.disks[0],
-            stores.remove(0),
-            Arc::new(WorkerPool::new("test-fetch", 4)),
-        ));
-        Fixture {
-            _dir: dir,
-            vol,
-            data,
-            gate,
-            gated,
-        }
-    }
-
-    #[test]
-    fn concurrent_readers_cause_exactly_one_fetch_per_block() {
-        let f = fixture(64, 1);
-        let threads: Vec<_> = (0..16)
-            .map(|t| {
-                let (vol, data) = (f.vol.clone(), f.data.clone());
-                std::thread::spawn(move || {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(t);
-                    for _ in 0..200 {
-                        let off = rng.gen_range(0..data.len() - 1);
-                        let len = rng.gen_range(1..=(3 * BS).min(data.len() - off));
-                        assert_eq!(vol.read(off as u64, len).unwrap(), data[off..off + len]);
-                    }
-                })
-            })
-            .collect();
-        threads.into_iter().for_each(|t| t.join().unwrap());
-        let st = f.vol.status();
-        assert_eq!(
-            st.fetched_blocks, st.blocks_staged,
-            "a block was fetched more than once"
-        );
-        assert_eq!(st.fetches_in_flight, 0);
-    }
-
-    #[test]
-    fn full_block_writes_racing_fetches_are_never_overwritten_by_backup_data() {
-        let f = fixture(32, 2);
-        let writer = {
-            let vol = f.vol.clone();
-            std::thread::spawn(move || {
-                for b in 0..32u64 {
-                    vol.write(b * BS as u64, &vec![(b as u8) | 0x80; BS])
-                        .unwrap();
-                }
-            })
-        };
-        let readers: Vec<_> = (0..4)
-            .map(|t| {
-                let vol = f.vol.clone();
-                std::thread::spawn(move || {
-                    for b in (0..32u64).rev() {
-                        let _ = vol.read(b * BS as u64 + t * 100, 10).unwrap();
-                    }
-                })
-            })
-            .collect();
-        writer.join().unwrap();
-        readers.into_iter().for_each(|t| t.join().unwrap());
-        for b in 0..32u64 {
-            assert_eq!(
-                f.vol.read(b * BS as u64, BS).unwrap(),
-                vec![(b as u8) | 0x80; BS],
-                "block {b}"
-            );
-        }
-        assert_eq!(f.vol.status().blocks_changed, 32);
-    }
-
-    #[test]
-    fn partial_writes_keep_the_rest_of_the_block_from_the_backup() {
-        let f = fixture(8, 3);
-        let mut model = f.data.clone();
-        f.vol.write(BS as u64 + 10, b"hello").unwrap();
-        model[BS + 10..BS + 15].copy_from_slice(b"hello");
-        // Into a zero chunk: the rest must stay zero.
-        f.vol.write(5 * BS as u64 + 3, b"zz").unwrap();
-        model[5 * BS + 3..5 * BS + 5].copy_from_slice(b"zz");
-        assert_eq!(f.vol.read(0, model.len()).unwrap(), model);
-        assert!(
-            f.vol.write(model.len() as u64 - 1, b"ab").is_err(),
-            "write past the end"
-        );
-    }
-
-    #[test]
-    fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
-        let f = fixture(8, 4);
-        f.vol.read(BS as u64, 10).unwrap(); // stage block 1
-        *f.gate.0.lock() = false;
-        f.gated.store(true, Ordering::SeqCst);
-        let slow = {
-            let vol = f.vol.clone();
-            std::thread::spawn(move || vol.read(2 * BS as u64, 10).unwrap())
-        };
-        while f.vol.status().fetches_in_flight == 0 {
-            std::thread::yield_now();
-        }
-        // The fetch of block 2 is held at the gate; block 1 still reads.
-        assert_eq!(f.vol.read(BS as u64, 10).unwrap(), f.data[BS..BS + 10]);
-        assert_eq!(
-            f.vol.status().fetches_in_flight,
-            1,
-            "the staged read finished while the fetch was pending"
-        );
-        *f.gate.0.lock() = true;
-        f.gate.1.notify_all();
-        assert_eq!(slow.join().unwrap(), f.data[2 * BS..2 * BS + 10]);
-    }
-
-    #[test]
-    fn flush_persists_presence_so_staged_blocks_survive_reopen() {
-        let f = fixture(8, 5);
-        f.vol.read(0, 3 * BS).unwrap();
-        f.vol.flush().unwrap();
-        let st = f.vol.status();
-        assert!(st.blocks_staged >= 2);
-        let p = f.vol.store.data_path.with_extension("present");
-        let again = crate::staging::PersistentBitmap::open(
-            &p,
-            crate::staging::MapKind::Present,
-            BS as u32,
-            st.blocks_total,
-        )
-        .unwrap();
-        assert_eq!(again.bits().count(), st.blocks_staged);
-    }
-}
+mod tests;

@@ -7,6 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Volume;
+use crate::prefetch::Class;
+
+/// Blocks fetched ahead of the relocation copy cursor: enough to cover a
+/// fetch latency at copy speed, few enough not to crowd out the profile.
+const RELOCATION_WINDOW: usize = 16;
 use crate::staging::PersistentBitmap;
 
 impl Volume {
@@ -29,16 +34,29 @@ impl Volume {
         true
     }
 
-    /// Starts fetches for missing blocks in `range` without waiting
-    /// (relocation order: keep staging filled ahead of the copy cursor).
-    pub(crate) fn prefetch(self: &Arc<Self>, range: std::ops::Range<u64>) {
-        for b in range {
-            if self.chunks[b as usize].is_some()
-                && !self.store.present.test(b)
-                && self.inflight.lock().len() < 32
-            {
-                let _ = self.start_fill(b);
-            }
+    /// Announces the order in which the relocation will copy this disk
+    /// (ascending offset unless told otherwise), so the scheduler can keep
+    /// staging filled just ahead of the copy cursor.
+    pub fn announce_copy_order(&self, order: Vec<u64>) {
+        *self.copy_order.write() = Some(order.into());
+    }
+
+    /// The announced copy order, ascending by default.
+    pub fn copy_order(&self) -> Arc<[u64]> {
+        if let Some(o) = self.copy_order.read().as_ref() {
+            return o.clone();
+        }
+        let o: Arc<[u64]> = (0..self.nblocks).collect();
+        *self.copy_order.write() = Some(o.clone());
+        o
+    }
+
+    /// The copier is at position `pos` of the copy order: queue fetches
+    /// for the next blocks at relocation priority.
+    pub(crate) fn copy_cursor(self: &Arc<Self>, order: &[u64], pos: usize) {
+        let end = (pos + 1 + RELOCATION_WINDOW).min(order.len());
+        for &b in order.get(pos + 1..end).unwrap_or(&[]) {
+            self.prefetch_block(b, Class::Relocation);
         }
     }
 

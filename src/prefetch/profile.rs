@@ -1,0 +1,396 @@
+//! Operational profiles: what a VM read when it booted, stored in the
+//! repository at `profiles/<vm>.json` (sealed with a checksum), so its next
+//! recovery — from any of its backups — can stage those blocks first.
+//!
+//! A profile keeps the last few recordings, one per session. Using it
+//! merges them: blocks read in every boot come first, ordered by their
+//! median time; blocks seen in fewer boots follow. Blocks map by position;
+//! a block whose chunk differs in the recovered backup is skipped, since
+//! the recorded read says nothing about new content.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::repo::{Digest, Repository};
+use crate::util::validate_name;
+
+pub const PROFILE_FORMAT: &str = "recoverfs-profile-1";
+/// Recordings kept per VM; older ones age out.
+pub const MAX_RECORDINGS: usize = 5;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProfileDoc {
+    pub format: String,
+    pub vm: String,
+    /// Oldest first.
+    pub recordings: Vec<Recording>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Recording {
+    pub recorded: String,
+    pub backup: String,
+    /// `session`, `verify-boot` or `import`.
+    pub source: String,
+    pub disks: Vec<DiskTrace>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskTrace {
+    pub index: usize,
+    pub block_size: u64,
+    /// First guest reads in order.
+    pub accesses: Vec<Access>,
+}
+
+/// One first read: block, milliseconds since the session started, and the
+/// block's chunk in the backup it was read from (`null` for a zero chunk).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Access(pub u64, pub u32, pub Option<Digest>);
+
+/// A block of the merged profile.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planned {
+    pub block: u64,
+    /// Median first-read time over the recordings that saw it.
+    pub t_ms: u32,
+    /// How many recordings read it.
+    pub seen: u32,
+    pub chunk: Option<Digest>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedDisk {
+    pub index: usize,
+    pub block_size: u64,
+    pub recordings: u32,
+    /// Most-seen first, then by time.
+    pub blocks: Vec<Planned>,
+}
+
+fn key(vm: &str) -> String {
+    format!("profiles/{vm}.json")
+}
+
+impl ProfileDoc {
+    pub fn new(vm: &str) -> ProfileDoc {
+        ProfileDoc {
+            format: PROFILE_FORMAT.into(),
+            vm: vm.into(),
+            recordings: vec![],
+        }
+    }
+
+    /// Checks what a reader relies on (an imported file is user input).
+    pub fn check(&self, what: &str) -> Result<()> {
+        if self.format != PROFILE_FORMAT {
+            return Err(Error::invalid(format!(
+                "{what} has format {:?}, expected {PROFILE_FORMAT:?}",
+                self.format
+            )));
+        }
+        for r in &self.recordings {
+            for d in &r.disks {
+                if d.block_size == 0 || !d.block_size.is_power_of_two() {
+                    return Err(Error::invalid(format!(
+                        "{what}: disk{} has invalid block size {}",
+                        d.index, d.block_size
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a recording, dropping the oldest beyond [`MAX_RECORDINGS`].
+    pub fn push(&mut self, r: Recording) {
+        self.recordings.push(r);
+        let excess = self.recordings.len().saturating_sub(MAX_RECORDINGS);
+        self.recordings.drain(..excess);
+    }
+
+    /// The merged profile of every disk, by disk index.
+    pub fn merge(&self) -> Vec<MergedDisk> {
+        let mut indexes: Vec<usize> = self
+            .recordings
+            .iter()
+            .flat_map(|r| r.disks.iter().map(|d| d.index))
+            .collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        indexes
+            .into_iter()
+            .filter_map(|i| self.merge_disk(i))
+            .collect()
+    }
+
+    fn merge_disk(&self, index: usize) -> Option<MergedDisk> {
+        let traces: Vec<&DiskTrace> = self
+            .recordings
+            .iter()
+            .rev()
+            .filter_map(|r| r.disks.iter().find(|d| d.index == index))
+            .collect();
+        // Recordings from a backup with another chunk size do not line up
+        // block for block; the newest geometry wins.
+        let block_size = traces.first()?.block_size;
+        let traces: Vec<_> = traces
+            .into_iter()
+            .filter(|t| t.block_size == block_size)
+            .collect();
+        let mut seen: HashMap<u64, (Vec<u32>, Option<Digest>)> = HashMap::new();
+        for t in &traces {
+            for a in &t.accesses {
+                // Newest first, so the first chunk kept is the newest.
+                seen.entry(a.0).or_insert_with(|| (vec![], a.2)).0.push(a.1);
+            }
+        }
+        let mut blocks: Vec<Planned> = seen
+            .into_iter()
+            .map(|(block, (mut ts, chunk))| {
+                ts.sort_unstable();
+                Planned {
+                    block,
+                    t_ms: ts[ts.len() / 2],
+                    seen: ts.len() as u32,
+                    chunk,
+                }
+            })
+            .collect();
+        blocks.sort_by_key(|p| (std::cmp::Reverse(p.seen), p.t_ms, p.block));
+        Some(MergedDisk {
+            index,
+            block_size,
+            recordings: traces.len() as u32,
+            blocks,
+        })
+    }
+}
+
+impl MergedDisk {
+    /// The blocks worth fetching for a disk of `block_size` whose chunks
+    /// are `chunks`: same chunk as recorded, not a zero chunk. With another
+    /// block size, blocks map by byte position and chunks cannot be compared.
+    pub fn plan_for(&self, block_size: u64, chunks: &[Option<Digest>]) -> Vec<Planned> {
+        let nblocks = chunks.len() as u64;
+        if block_size == self.block_size {
+            return self
+                .blocks
+                .iter()
+                .filter(|p| p.block < nblocks && p.chunk.is_some())
+                .filter(|p| chunks[p.block as usize] == p.chunk)
+                .copied()
+                .collect();
+        }
+        let mut done = std::collections::HashSet::new();
+        let mut out = vec![];
+        for p in &self.blocks {
+            let (s, e) = (p.block * self.block_size, (p.block + 1) * self.block_size);
+            for b in s / block_size..e.div_ceil(block_size).min(nblocks) {
+                if chunks[b as usize].is_some() && done.insert(b) {
+                    out.push(Planned { block: b, ..*p });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The stored profile of `vm`, if any.
+pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
+    validate_name("VM name", vm)?;
+    let Some(bytes) = repo.backend().get(&key(vm))? else {
+        return Ok(None);
+    };
+    let what = format!("profile of VM {vm} in {}", repo.location());
+    let doc: ProfileDoc = crate::repo::sealed::unseal(&bytes, "profile", &what)?;
+    doc.check(&what)
+        .map_err(|e| Error::corrupt(e.to_string()))?;
+    Ok(Some(doc))
+}
+
+/// Stores `doc` as the profile of its VM, replacing the old one atomically.
+pub fn store(repo: &Repository, doc: &ProfileDoc) -> Result<()> {
+    validate_name("VM name", &doc.vm)?;
+    let bytes = crate::repo::sealed::seal("profile", doc)?;
+    repo.backend().put(&key(&doc.vm), &bytes)
+}
+
+/// Adds one recording to the VM's stored profile. A damaged stored
+/// profile is replaced: it is derived data, and the new recording is good.
+pub fn append(repo: &Repository, vm: &str, rec: Recording) -> Result<()> {
+    let mut doc = match load(repo, vm) {
+        Ok(d) => d.unwrap_or_else(|| ProfileDoc::new(vm)),
+        Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => {
+            tracing::warn!(vm, "replacing a damaged profile: {e}");
+            ProfileDoc::new(vm)
+        }
+        Err(e) => return Err(e),
+    };
+    doc.push(rec);
+    store(repo, &doc)
+}
+
+/// Deletes the VM's profile; `false` if it had none.
+pub fn clear(repo: &Repository, vm: &str) -> Result<bool> {
+    validate_name("VM name", vm)?;
+    if !repo.backend().exists(&key(vm))? {
+        return Ok(false);
+    }
+    repo.backend().delete(&key(vm))?;
+    Ok(true)
+}
+
+/// Parses an exported profile for import as `vm`'s.
+pub fn parse_export(bytes: &[u8], vm: &str, what: &str) -> Result<ProfileDoc> {
+    let mut doc: ProfileDoc = serde_json::from_slice(bytes)
+        .map_err(|e| Error::invalid(format!("{what} is not a recoverfs profile ({e})")))?;
+    doc.check(what)?;
+    // A profile may come from another VM (a clone of the same template).
+    doc.vm = vm.into();
+    Ok(doc)
+}
+
+/// Cumulative blocks first read by each time mark: the timeline `show` prints.
+pub fn timeline(blocks: &[Planned]) -> Vec<(u32, usize)> {
+    const MARKS_MS: [u32; 12] = [
+        500,
+        1_000,
+        2_000,
+        5_000,
+        10_000,
+        20_000,
+        30_000,
+        60_000,
+        120_000,
+        300_000,
+        600_000,
+        u32::MAX,
+    ];
+    let mut by_t: BTreeMap<u32, usize> = BTreeMap::new();
+    for p in blocks {
+        *by_t.entry(p.t_ms).or_default() += 1;
+    }
+    let last = by_t.keys().next_back().copied().unwrap_or(0);
+    let mut out = vec![];
+    for m in MARKS_MS {
+        let n = by_t.range(..=m).map(|(_, n)| n).sum();
+        out.push((m, n));
+        if m >= last {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> Option<Digest> {
+        Some(Digest::of(&[n]))
+    }
+
+    fn rec(accesses: Vec<Access>) -> Recording {
+        Recording {
+            recorded: "2026-11-22T00:00:00Z".into(),
+            backup: "b".into(),
+            source: "session".into(),
+            disks: vec![DiskTrace {
+                index: 0,
+                block_size: 65536,
+                accesses,
+            }],
+        }
+    }
+
+    #[test]
+    fn merging_puts_blocks_read_in_every_boot_first_by_median_time() {
+        let mut doc = ProfileDoc::new("vm");
+        doc.push(rec(vec![
+            Access(1, 100, d(1)),
+            Access(2, 200, d(2)),
+            Access(9, 5, d(9)),
+        ]));
+        doc.push(rec(vec![Access(2, 100, d(2)), Access(1, 300, d(1))]));
+        doc.push(rec(vec![
+            Access(1, 200, d(1)),
+            Access(2, 400, d(2)),
+            Access(7, 1, d(7)),
+        ]));
+        let m = &doc.merge()[0];
+        let order: Vec<(u64, u32, u32)> =
+            m.blocks.iter().map(|p| (p.block, p.t_ms, p.seen)).collect();
+        assert_eq!(order, vec![(1, 200, 3), (2, 200, 3), (7, 1, 1), (9, 5, 1)]);
+        assert_eq!(m.recordings, 3);
+    }
+
+    #[test]
+    fn only_the_newest_recordings_are_kept() {
+        let mut doc = ProfileDoc::new("vm");
+        for i in 0..MAX_RECORDINGS as u64 + 3 {
+            doc.push(rec(vec![Access(i, 0, d(0))]));
+        }
+        assert_eq!(doc.recordings.len(), MAX_RECORDINGS);
+        assert_eq!(doc.recordings[0].disks[0].accesses[0].0, 3);
+    }
+
+    #[test]
+    fn planning_skips_changed_and_zero_chunks_and_maps_other_block_sizes() {
+        let mut doc = ProfileDoc::new("vm");
+        doc.push(rec(vec![
+            Access(0, 0, d(0)),
+            Access(1, 1, d(1)),
+            Access(2, 2, d(2)),
+            Access(3, 3, None),
+        ]));
+        let m = &doc.merge()[0];
+        let now = vec![d(0), d(42), d(2), None];
+        let same: Vec<u64> = m.plan_for(65536, &now).iter().map(|p| p.block).collect();
+        assert_eq!(same, vec![0, 2], "block 1 changed, block 3 is zero");
+        // 128 KiB blocks: recorded blocks 0..3 cover new blocks 0 and 1.
+        let big: Vec<u64> = m
+            .plan_for(131072, &[d(5), d(6)])
+            .iter()
+            .map(|p| p.block)
+            .collect();
+        assert_eq!(big, vec![0, 1]);
+    }
+
+    #[test]
+    fn an_exported_profile_imports_under_another_vm_name() {
+        let mut doc = ProfileDoc::new("a");
+        doc.push(rec(vec![Access(4, 10, d(4))]));
+        let text = serde_json::to_vec_pretty(&doc).unwrap();
+        let back = parse_export(&text, "b", "file").unwrap();
+        assert_eq!(back.vm, "b");
+        assert_eq!(back.recordings, doc.recordings);
+        let e = parse_export(
+            b"{\"format\":\"x\",\"vm\":\"a\",\"recordings\":[]}",
+            "b",
+            "file",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
+    }
+
+    #[test]
+    fn the_timeline_counts_blocks_cumulatively_up_to_the_last_read() {
+        let blocks: Vec<Planned> = [10u32, 600, 700, 4_000]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| Planned {
+                block: i as u64,
+                t_ms: t,
+                seen: 1,
+                chunk: None,
+            })
+            .collect();
+        assert_eq!(
+            timeline(&blocks),
+            vec![(500, 1), (1_000, 3), (2_000, 3), (5_000, 4)]
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! The one fetch scheduler every repository read goes through: a queue
+//! per priority class and N worker threads.
+//!
+//! * A worker always takes an on-demand job first (a guest is waiting).
+//! * Background classes (profile, relocation, readahead) may together hold
+//!   at most `background_limit` workers, so some workers are always free
+//!   for a miss, and the limit shrinks when on-demand latency rises.
+//! * A job can be promoted: it is pushed again onto a more urgent queue and
+//!   whichever copy a worker pops first runs it; the other is skipped.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use super::backoff::Backoff;
+use super::Class;
+use crate::metrics::LatencyHistogram;
+
+type Work = Box<dyn FnOnce() + Send + 'static>;
+
+/// One queued fetch; shared between the queue(s) and the block's slot.
+pub struct Job {
+    work: Mutex<Option<Work>>,
+    class: AtomicU8,
+    started: AtomicBool,
+    queued_at: Instant,
+}
+
+impl Job {
+    pub fn class(&self) -> Class {
+        Class::from_u8(self.class.load(Ordering::Acquire))
+    }
+}
+
+struct State {
+    queues: [VecDeque<Arc<Job>>; Class::COUNT],
+    /// Jobs not yet started, by their current class.
+    queued: [usize; Class::COUNT],
+    running: [usize; Class::COUNT],
+    backoff: Backoff,
+    shutdown: bool,
+}
+
+impl State {
+    fn background_running(&self) -> usize {
+        self.running[1..].iter().sum()
+    }
+
+    /// Pops the most urgent runnable job, skipping copies of jobs that a
+    /// promotion already ran.
+    fn pop(&mut self, now: Instant) -> Option<(Arc<Job>, Class)> {
+        for c in Class::ALL {
+            if c != Class::OnDemand && self.background_running() >= self.backoff.limit(now) {
+                return None;
+            }
+            while let Some(job) = self.queues[c as usize].pop_front() {
+                if job.started.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                let class = job.class();
+                self.queued[class as usize] -= 1;
+                self.running[class as usize] += 1;
+                return Some((job, class));
+            }
+        }
+        None
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    cv: Condvar,
+    workers: usize,
+    /// Queue wait plus fetch time of on-demand jobs.
+    on_demand_latency: LatencyHistogram,
+}
+
+/// Shared by every volume of a daemon.
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+/// The scheduler's figures for `status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SchedulerStatus {
+    pub workers: usize,
+    pub background_limit: usize,
+    pub queued: ClassCounts,
+    pub running: ClassCounts,
+    pub on_demand_fetches: u64,
+    pub on_demand_latency_mean_ms: f64,
+    pub on_demand_latency_p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct ClassCounts {
+    pub on_demand: usize,
+    pub profile: usize,
+    pub relocation: usize,
+    pub readahead: usize,
+}
+
+impl ClassCounts {
+    fn from(a: &[usize; Class::COUNT]) -> Self {
+        ClassCounts {
+            on_demand: a[0],
+            profile: a[1],
+            relocation: a[2],
+            readahead: a[3],
+        }
+    }
+}
+
+impl Scheduler {
+    /// `workers` threads; at least a quarter of them (and at least one)
+    /// stay reserved for on-demand fetches.
+    pub fn new(name: &str, workers: usize) -> Arc<Scheduler> {
+        let workers = workers.max(2);
+        let reserved = (workers / 4).max(1);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                queues: Default::default(),
+                queued: [0; Class::COUNT],
+                running: [0; Class::COUNT],
+                backoff: Backoff::new(workers - reserved),
+                shutdown: false,
+            }),
+            cv: Condvar::new(),
+            workers,
+            on_demand_latency: LatencyHistogram::default(),
+        });
+        for i in 0..workers {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker(&inner))
+                .expect("spawn fetch worker");
+        }
+        Arc::new(Scheduler { inner })
+    }
+
+    /// Queues `work` in `class`; the returned job can later be promoted.
+    pub fn submit(&self, class: Class, work: impl FnOnce() + Send + 'static) -> Arc<Job> {
+        let job = Arc::new(Job {
+            work: Mutex::new(Some(Box::new(work))),
+            class: AtomicU8::new(class as u8),
+            started: AtomicBool::new(false),
+            queued_at: Instant::now(),
+        });
+        let mut st = self.inner.state.lock();
+        st.queued[class as usize] += 1;
+        st.queues[class as usize].push_back(job.clone());
+        drop(st);
+        self.wake(class);
+        job
+    }
+
+    /// Moves a queued job to a more urgent class (a guest now waits for
+    /// the block a prefetch queued). A started job is left alone: joining
+    /// it is the fastest way to the data.
+    pub fn promote(&self, job: &Arc<Job>, to: Class) {
+        let mut st = self.inner.state.lock();
+        let from = job.class();
+        if to >= from || job.started.load(Ordering::Acquire) {
+            return;
+        }
+        job.class.store(to as u8, Ordering::Release);
+        st.queued[from as usize] -= 1;
+        st.queued[to as usize] += 1;
+        // The copy left in the old queue is skipped when popped.
+        st.queues[to as usize].push_front(job.clone());
+        drop(st);
+        self.wake(to);
+    }
+
+    fn wake(&self, class: Class) {
+        if class == Class::OnDemand {
+            // Any idle worker may take it.
+            self.inner.cv.notify_all();
+        } else {
+            self.inner.cv.notify_one();
+        }
+    }
+
+    /// Jobs queued in `class` and not yet started.
+    pub fn queued(&self, class: Class) -> usize {
+        self.inner.state.lock().queued[class as usize]
+    }
+
+    /// A smoothed on-demand fetch latency (for readahead sizing).
+    pub fn fetch_latency(&self) -> Duration {
+        self.inner.state.lock().backoff.latency()
+    }
+
+    pub fn status(&self) -> SchedulerStatus {
+        let st = self.inner.state.lock();
+        let h = &self.inner.on_demand_latency;
+        SchedulerStatus {
+            workers: self.inner.workers,
+            background_limit: st.backoff.limit(Instant::now()),
+            queued: ClassCounts::from(&st.queued),
+            running: ClassCounts::from(&st.running),
+            on_demand_fetches: h.count(),
+            on_demand_latency_mean_ms: h.mean_us() / 1000.0,
+            on_demand_latency_p99_ms: h.quantile_us(0.99) / 1000.0,
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.inner.state.lock().shutdown = true;
+        self.inner.cv.notify_all();
+    }
+}
+
+fn worker(inner: &Inner) {
+    loop {
+        let (job, class) = {
+            let mut st = inner.state.lock();
+            loop {
+                if st.shutdown {
+                    return;
+                }
+                if let Some(j) = st.pop(Instant::now()) {
+                    break j;
+                }
+                // A timeout lets a relaxed backoff limit admit queued work.
+                inner.cv.wait_for(&mut st, Duration::from_millis(100));
+            }
+        };
+        let work = job.work.lock().take();
+        let started = Instant::now();
+        if let Some(w) = work {
+            w();
+        }
+        let now = Instant::now();
+        let mut st = inner.state.lock();
+        st.running[class as usize] -= 1;
+        if class == Class::OnDemand {
+            st.backoff.observe(now - started, now);
+            inner.on_demand_latency.record(now - job.queued_at);
+        }
+        drop(st);
+        // A background slot may have freed up.
+        inner.cv.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn on_demand_jobs_run_before_queued_background_jobs() {
+        let s = Scheduler::new("t", 2);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        // Occupy the one background slot so the queue builds up.
+        let g = gate.clone();
+        s.submit(Class::Profile, move || {
+            let mut open = g.0.lock();
+            while !*open {
+                g.1.wait(&mut open);
+            }
+        });
+        for i in 0..20 {
+            let o = order.clone();
+            s.submit(Class::Readahead, move || o.lock().push(("readahead", i)));
+        }
+        let done = Arc::new(AtomicUsize::new(0));
+        let (o, d) = (order.clone(), done.clone());
+        s.submit(Class::OnDemand, move || {
+            o.lock().push(("on-demand", 0));
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        while done.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            order.lock().first(),
+            Some(&("on-demand", 0)),
+            "the miss ran on the reserved worker while background work waited"
+        );
+        *gate.0.lock() = true;
+        gate.1.notify_all();
+        while s.status().queued.readahead > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_promoted_job_runs_once_and_ahead_of_its_old_class() {
+        let s = Scheduler::new("t", 2);
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let g = gate.clone();
+        s.submit(Class::Relocation, move || {
+            let mut open = g.0.lock();
+            while !*open {
+                g.1.wait(&mut open);
+            }
+        });
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut jobs = vec![];
+        for _ in 0..10 {
+            let r = runs.clone();
+            jobs.push(s.submit(Class::Readahead, move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        assert_eq!(s.queued(Class::Readahead), 10);
+        s.promote(&jobs[9], Class::OnDemand);
+        assert_eq!(s.queued(Class::Readahead), 9);
+        // The background slot is still held, so only the promoted job can run.
+        while runs.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        *gate.0.lock() = true;
+        gate.1.notify_all();
+        while runs.load(Ordering::SeqCst) < 10 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(runs.load(Ordering::SeqCst), 10, "no job ran twice");
+        assert_eq!(s.status().queued, ClassCounts::default());
+    }
+}
