@@ -5,6 +5,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 
 use common::garage::{Garage, BUCKET};
+use common::proxy::LatencyProxy;
 use common::*;
 
 const K64: usize = 64 << 10;
@@ -164,45 +165,8 @@ fn a_store_that_stops_answering_gives_eio_named_in_the_log() {
 #[test]
 fn recovery_through_the_latency_proxy_reads_identical_bytes() {
     let g = Garage::single();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut proxy = std::process::Command::new("python3")
-        .arg(root.join("scripts/latency-proxy.py"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--upstream",
-            &format!("127.0.0.1:{}", g.nodes[0].s3_port),
-        ])
-        .args(["--latency-ms", "2", "--bandwidth-mbps", "200"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(proxy.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    let _proxy = Kill(proxy);
-    let mut vars = g.env(0);
-    vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
-    vars.push((
-        "AWS_ENDPOINT_URL".into(),
-        format!("http://127.0.0.1:{port}"),
-    ));
+    let proxy = LatencyProxy::start(g.nodes[0].s3_port, 2, Some(200));
+    let vars = proxy.route(g.env(0));
     let env = Env::s3(&format!("s3://{BUCKET}/proxied"), vars);
     let data = random_image(&env.path("a.raw"), 32 * K64 + 5, 46, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);

@@ -192,6 +192,8 @@ fn default_plan(vol: &Arc<Volume>, cap: u64) -> Vec<Planned> {
         vol.read_internal(off, buf, Class::Profile)
             .map_err(|e| std::io::Error::other(e.to_string()))
     };
+    // A small disk gets a proportionally small default.
+    let cap = cap.min(vol.size / 16);
     let regions = layout::boot_regions(vol.size, cap, &mut read);
     let bs = vol.block_size();
     let mut seen = std::collections::HashSet::new();

@@ -5,16 +5,18 @@ use super::*;
 use crate::repo::backend::{Backend, LocalDir};
 use crate::repo::writer::{run_backup, BackupRequest};
 use rand::{Rng, SeedableRng};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const BS: usize = 65536;
 
 /// A local backend whose reads of chunk objects wait at a gate, so a
-/// test can hold a fetch in flight for as long as it needs.
+/// test can hold a fetch in flight for as long as it needs, and take a
+/// set time, like a remote repository.
 struct GatedBackend {
     inner: LocalDir,
     gate_open: Arc<(Mutex<bool>, Condvar)>,
     gated: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Backend for GatedBackend {
@@ -25,6 +27,9 @@ impl Backend for GatedBackend {
             while !*open {
                 cv.wait(&mut open);
             }
+        }
+        if key.starts_with("chunks/") {
+            std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         }
         self.inner.get(key)
     }
@@ -57,6 +62,7 @@ struct Fixture {
     data: Vec<u8>,
     gate: Arc<(Mutex<bool>, Condvar)>,
     gated: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 fn fixture(blocks: usize, seed: u64) -> Fixture {
@@ -84,10 +90,12 @@ fn fixture(blocks: usize, seed: u64) -> Fixture {
     .unwrap();
     let gate = Arc::new((Mutex::new(true), Condvar::new()));
     let gated = Arc::new(AtomicBool::new(false));
+    let delay_ms = Arc::new(AtomicU64::new(0));
     let backend = GatedBackend {
         inner: LocalDir::new(&repo_path),
         gate_open: gate.clone(),
         gated: gated.clone(),
+        delay_ms: delay_ms.clone(),
     };
     let repo = Repository::open_backend(Box::new(backend)).unwrap();
     let m = repo.resolve("vm", None).unwrap();
@@ -114,6 +122,7 @@ fn fixture(blocks: usize, seed: u64) -> Fixture {
         data,
         gate,
         gated,
+        delay_ms,
     }
 }
 
@@ -207,9 +216,8 @@ fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
     }
     // The fetch of block 2 is held at the gate; block 1 still reads.
     assert_eq!(f.vol.read(BS as u64, 10).unwrap(), f.data[BS..BS + 10]);
-    assert_eq!(
-        f.vol.status().fetches_in_flight,
-        1,
+    assert!(
+        !f.vol.store.present.test(2),
         "the staged read finished while the fetch was pending"
     );
     *f.gate.0.lock() = true;
@@ -233,4 +241,58 @@ fn flush_persists_presence_so_staged_blocks_survive_reopen() {
     )
     .unwrap();
     assert_eq!(again.bits().count(), st.blocks_staged);
+}
+
+const FETCH_MS: u64 = 40;
+
+/// Queues a profile prefetch of every non-zero block below `n`; returns
+/// how many were queued.
+fn heavy_prefetch(vol: &Arc<Volume>, n: u64) -> usize {
+    (0..n)
+        .filter(|&b| vol.prefetch_block(b, Class::Profile))
+        .count()
+}
+
+#[test]
+fn an_on_demand_read_during_heavy_prefetch_waits_one_fetch_not_the_queue() {
+    let f = fixture(400, 6);
+    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    let queued = heavy_prefetch(&f.vol, 300);
+    // 4 workers, 3 of them for background: draining takes seconds.
+    assert!(queued > 200);
+    let b = 351u64;
+    let t = Instant::now();
+    let got = f.vol.read(b * BS as u64, 4096).unwrap();
+    let took = t.elapsed();
+    assert_eq!(got, f.data[b as usize * BS..b as usize * BS + 4096]);
+    assert!(
+        took < Duration::from_millis(3 * FETCH_MS),
+        "on-demand read took {took:?} with {FETCH_MS} ms fetches"
+    );
+    assert!(
+        f.vol.sched.queued(Class::Profile) > 100,
+        "the prefetch was still running"
+    );
+}
+
+#[test]
+fn a_guest_read_of_a_block_queued_for_prefetch_promotes_it() {
+    let f = fixture(300, 7);
+    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    let queued = heavy_prefetch(&f.vol, 300) as u64;
+    assert!(queued > 200);
+    let b = 298u64; // at the back of the queue
+    let t = Instant::now();
+    f.vol.read(b * BS as u64, 10).unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(3 * FETCH_MS),
+        "read of a queued block took {took:?}"
+    );
+    f.vol.quiesce(Duration::from_secs(30));
+    assert_eq!(
+        f.vol.status().fetched_blocks,
+        queued,
+        "the promoted block was fetched once, not again"
+    );
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 pub mod garage;
+pub mod proxy;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_recoverfs")
@@ -42,6 +43,8 @@ pub struct Env {
     pub repo_spec: String,
     /// Extra environment (S3 credentials) for every command and daemon.
     pub extra_env: Vec<(String, String)>,
+    /// Extra `serve` flags.
+    pub serve_args: Vec<String>,
 }
 
 impl Env {
@@ -65,6 +68,7 @@ impl Env {
             socket,
             repo_spec,
             extra_env: vec![],
+            serve_args: vec![],
         }
     }
 
@@ -218,6 +222,7 @@ impl Daemon {
             .arg(mount)
             .arg("--socket")
             .arg(socket)
+            .args(&env.serve_args)
             .env("RUST_LOG", "info")
             .envs(env.extra_env.iter().cloned())
             .stdin(Stdio::null())
