@@ -16,10 +16,13 @@
 //!        │ no                                                   │
 //!        ▼                                                      ▼
 //!  fuse-io worker pool ──▶ volume ──claim block (in-flight table: one fetch per block)
-//!                                  │ owner                    │ waiter
+//!                                  │ owner                    │ waiter (promotes a queued job)
 //!                                  ▼                          ▼
-//!                      fetch worker pool: repo.read_chunk ─▶ verify digest ─▶ pwrite staging
+//!       prefetch::Scheduler (one per daemon; on-demand > profile > relocation > readahead)
+//!            N fetch workers: repo.read_chunk ─▶ verify digest ─▶ pwrite staging
 //!                                  └──▶ presence bit set ──▶ waiters wake, pread staging
+//!  guest reads ──▶ tracker (first reads → profile recording) ──▶ stream detector (readahead)
+//!  per session: prefetch feeder thread ──▶ profile blocks within the horizon ──▶ scheduler
 //!  control API (tokio, Unix socket) ──▶ session::Datastore (recover / status / release / relocate)
 //!  relocate: copier thread ──▶ volume::read_source ──▶ target file; pass after pass, then
 //!            pause writes ──▶ final pass ──▶ fsync ──▶ commit `switched` ──▶ volume serves the target
@@ -41,6 +44,10 @@
 //! * `backups/<vm>/<id>.json` — `{"checksum": blake3(manifest bytes),
 //!   "manifest": {format, vm, id, created, config, disks: [{name, size,
 //!   chunk_size, chunks: [hex | null], stored_bytes, new_bytes}]}}`.
+//! * `profiles/<vm>.json` — the VM's operational profile, sealed the same
+//!   way under `"profile"`: `{format, vm, recordings: [{recorded, backup,
+//!   source, disks: [{index, block_size, accesses: [[block, ms, chunk|null]]}]}]}`,
+//!   the last 5 recordings, each a session's first reads in order.
 //!
 //! Staging (a directory, mode 0700, locked by the serving daemon):
 //! * `staging.json` — the repository id it belongs to.
@@ -64,6 +71,7 @@
 //! | guest write data | at the guest's fsync/fdatasync/flush reply | block reads as backup or as a write that happened |
 //! | session staging | kept at `release`, deleted by `release --discard` | resumed by the next `recover` |
 //! | copied bit (relocation) | set after the target data is fsynced; cleared durably before a guest write lands | block copied again |
+//! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay |
 //! | cutover | `relocation.json` `switched: true` written after the final pass and target fsync, with writes paused | relocation resumes from staging |
 
 pub mod api;

@@ -321,8 +321,13 @@ def fio_buffered_passes(outdir, job, filename, runtime, max_passes=5):
 # --------------------------------------------------------------------------
 
 class Recoverfs:
-    def __init__(self, scope, repo, env=None, name="recoverfs"):
+    """`recoverfs serve` in a scope. `args` are extra serve flags; the
+    warm and cold sections pass --no-profile so no run is helped by a
+    profile an earlier run recorded."""
+
+    def __init__(self, scope, repo, env=None, name="recoverfs", args=()):
         self.scope, self.repo, self.env, self.name = scope, repo, env, name
+        self.args = list(args)
         self.staging = scope.path(f"{name}-staging")
         self.mount = scope.path(f"{name}-mnt")
         self.socket = scope.sock("control")
@@ -332,7 +337,7 @@ class Recoverfs:
         self.proc = self.scope.spawn(self.name, [
             BIN, "serve", "--repo", self.repo, "--staging", self.staging,
             "--mount", self.mount, "--socket", self.socket,
-            "--fetch-workers", str(FETCH_WORKERS)], env=self.env)
+            "--fetch-workers", str(FETCH_WORKERS)] + self.args, env=self.env)
         self.scope.add_mount(self.mount)
         wait_for(lambda: os.path.exists(self.socket) and mounted(self.mount), 30,
                  "recoverfs serve", self.proc, self.scope)
@@ -351,6 +356,10 @@ class Recoverfs:
             if s["vm"] == vm:
                 return s
         raise RuntimeError(f"no session for {vm}")
+
+    def release(self, vm):
+        """Ends the session; its first reads become a profile recording."""
+        run([BIN, "release", "--socket", self.socket, vm, "--discard"], env=self.env, timeout=120)
 
     def data_file(self, vm):
         files = glob.glob(os.path.join(self.staging, "sessions", vm, "*", "disk0.data"))
@@ -524,7 +533,7 @@ def section_warm(cfg, work, image):
         repo = s.path("repo")
         res["backup"] = backup(repo, "bench", image)
         log(f"warm: backup done in {res['backup']['seconds']:.1f}s")
-        rfs = Recoverfs(s, repo).start()
+        rfs = Recoverfs(s, repo, args=["--no-profile"]).start()
         disk = rfs.recover("bench")
         t = time.monotonic()
         with open(disk, "rb", buffering=0) as f:
@@ -591,7 +600,8 @@ def cold_one(cfg, work, system, job, latency_ms, garage, proxy_port, image):
     with Scope(work, name) as s:
         extra = {}
         if system == "recoverfs":
-            rfs = Recoverfs(s, f"s3://{Garage.BUCKET}/cold", env=garage.env(proxy_port)).start()
+            rfs = Recoverfs(s, f"s3://{Garage.BUCKET}/cold", env=garage.env(proxy_port),
+                            args=["--no-profile"]).start()
             path = rfs.recover("bench")
         elif system == "nbdkit":
             path = nbdkit_cache_peer(s, image, latency_ms)
@@ -805,12 +815,42 @@ def replay(path, reads, direct=False):
             "reads": len(reads), "bytes": sum(r["len"] for r in reads)}
 
 
-def profile_boot_placeholder():
-    """Hook for the "recoverfs with profile" boot and replay rows.  Prefetch
-    profiles are not implemented yet; when they are, record a profile from
-    one boot, start a fresh session with it and boot/replay like
-    boot_recoverfs() does."""
-    return {"status": "not available yet: prefetch profiles are not implemented"}
+# The default-profile rows recover the same image backed up under another
+# VM name, whose profile is cleared after every run: the "debian" VM keeps
+# the recordings the profile rows use.
+NOPROFILE_VM = "debian-default"
+VM_FOR_MODE = {"none": ("debian", ["--no-profile"]),
+               "default": (NOPROFILE_VM, []),
+               "profile": ("debian", [])}
+REPLAY_ROWS = ("local", "recoverfs", "recoverfs_default", "recoverfs_profile", "nbdkit", "qemu_cor")
+
+
+def profile_clear(vm, env):
+    run([BIN, "profile", "clear", "--repo", f"s3://{Garage.BUCKET}/boot", vm], env=env, timeout=120)
+
+
+def rfs_figures(st):
+    """What a recoverfs boot/replay row reports from `status --json`."""
+    p = st.get("profile", {})
+    first = p.get("first_reads", 0)
+    return {"fetched_bytes": st["fetched_bytes"], "fetched_blocks": st["fetched_blocks"],
+            "blocks_staged": st["blocks_staged"], "blocks_total": st["blocks_total"],
+            "zero_blocks": st.get("zero_blocks"), "block_size": st["block_size"],
+            "fetch_latency_mean_ms": st["fetch_latency_mean_ms"],
+            "profile_source": p.get("source"), "profile_blocks": p.get("blocks", 0),
+            "profile_coverage": st.get("profile_coverage"),
+            "first_reads": first, "first_read_hits": p.get("first_read_hits", 0),
+            "staged_at_first_read": (p.get("first_read_hits", 0) / first) if first else None}
+
+
+def best_peer_stall(rows):
+    """Adds each recoverfs row's stall as a share of the best peer's."""
+    peers = [rows[k]["stall_s"] for k in ("nbdkit", "qemu_cor") if "stall_s" in rows.get(k, {})]
+    if not peers or min(peers) <= 0:
+        return
+    for k in ("recoverfs", "recoverfs_default", "recoverfs_profile"):
+        if "stall_s" in rows.get(k, {}):
+            rows[k]["stall_vs_best_peer"] = rows[k]["stall_s"] / min(peers)
 
 
 def section_boot(cfg, work, garage):
@@ -820,6 +860,7 @@ def section_boot(cfg, work, garage):
     res["image"] = image
     res["image_bytes"] = os.path.getsize(image)
     res["backup"] = backup(f"s3://{Garage.BUCKET}/boot", "debian", image, env=garage.env())
+    backup(f"s3://{Garage.BUCKET}/boot", NOPROFILE_VM, image, env=garage.env())
     log(f"boot: backup of {image} done in {res['backup']['seconds']:.1f}s")
     boots = res["boots"]
     trace_reads = None
@@ -854,27 +895,32 @@ def section_boot(cfg, work, garage):
                 return {"seconds": secs, "guest_reads": len(reads),
                         "distinct_blocks_read": distinct_blocks(reads)}
 
-        def boot_recoverfs():
-            nonlocal trace_reads
-            with Scope(work, "boot-recoverfs") as s:
-                rfs = Recoverfs(s, f"s3://{Garage.BUCKET}/boot", env=env).start()
-                t = time.monotonic()
-                disk = rfs.recover("debian")
-                recover_s = time.monotonic() - t
-                drop_caches()
-                tf = s.path("trace.txt")
-                secs = qemu_boot(s, disk, cfg.boot_timeout, tf)
-                st = rfs.status("debian")["disks"][0]
-                reads = parse_strace(tf, disk)
-                if trace_reads is None:
-                    trace_reads = reads
-                return {"seconds": secs, "recover_seconds": recover_s,
-                        "fetched_bytes": st["fetched_bytes"], "fetched_blocks": st["fetched_blocks"],
-                        "blocks_staged": st["blocks_staged"], "blocks_total": st["blocks_total"],
-                        "zero_blocks": st.get("zero_blocks"), "block_size": st["block_size"],
-                        "fetch_latency_mean_ms": st["fetch_latency_mean_ms"],
-                        "guest_reads": len(reads),
-                        "distinct_blocks_read": distinct_blocks(reads)}
+        def boot_recoverfs(mode):
+            """mode: "none" (no profile; its trace feeds the replay),
+            "default" (no stored profile: partition tables, boot sectors and
+            filesystem metadata first) or "profile" (the profile recorded by
+            the earlier boots)."""
+            def fn():
+                nonlocal trace_reads
+                vm, args = VM_FOR_MODE[mode]
+                with Scope(work, f"boot-recoverfs-{mode}") as s:
+                    rfs = Recoverfs(s, f"s3://{Garage.BUCKET}/boot", env=env, args=args).start()
+                    t = time.monotonic()
+                    disk = rfs.recover(vm)
+                    recover_s = time.monotonic() - t
+                    drop_caches()
+                    tf = s.path("trace.txt")
+                    secs = qemu_boot(s, disk, cfg.boot_timeout, tf)
+                    st = rfs.status(vm)["disks"][0]
+                    reads = parse_strace(tf, disk)
+                    if trace_reads is None and mode == "none":
+                        trace_reads = reads
+                    rfs.release(vm)
+                    if mode == "default":
+                        profile_clear(vm, env)
+                    return dict(rfs_figures(st), seconds=secs, recover_seconds=recover_s,
+                                guest_reads=len(reads), distinct_blocks_read=distinct_blocks(reads))
+            return fn
 
         def boot_peer(kind):
             def fn():
@@ -889,11 +935,14 @@ def section_boot(cfg, work, garage):
                     return {"seconds": secs, "guest_reads": len(parse_strace(tf, disk))}
             return fn
 
+        for vm in ("debian", NOPROFILE_VM):
+            profile_clear(vm, env)
         attempt("local", boot_local)
-        attempt("recoverfs", boot_recoverfs)
+        attempt("recoverfs", boot_recoverfs("none"))
+        attempt("recoverfs_default", boot_recoverfs("default"))
+        attempt("recoverfs_profile", boot_recoverfs("profile"))
         attempt("nbdkit", boot_peer("nbdkit"))
         attempt("qemu_cor", boot_peer("qemu_cor"))
-        boots["recoverfs_profile"] = profile_boot_placeholder()
         local = boots["local"].get("seconds")
         rfs_stall = None
         if local:
@@ -906,6 +955,7 @@ def section_boot(cfg, work, garage):
                 for k in ("nbdkit", "qemu_cor"):
                     if "stall_s" in boots[k]:
                         boots[k]["stall_ratio_vs_recoverfs"] = boots[k]["stall_s"] / rfs_stall
+        best_peer_stall(boots)
 
         # ---- replay ----
         if not trace_reads:
@@ -928,34 +978,49 @@ def section_boot(cfg, work, garage):
         def do_replay(name, setup):
             try:
                 with Scope(work, f"replay-{name}") as s:
-                    path = setup(s)
+                    path, rfs = setup(s)
                     drop_caches()
                     rp[name] = replay(path, trace_reads)
+                    if rfs:
+                        vm = os.path.basename(os.path.dirname(path))
+                        rp[name].update(rfs_figures(rfs.status(vm)["disks"][0]))
+                        rfs.release(vm)
+                        if name == "recoverfs_default":
+                            profile_clear(vm, env)
                     log(f"replay {name}: {rp[name]['seconds']:.1f}s")
             except Exception as e:
                 rp[name] = {"error": str(e)[:500]}
                 log(f"replay {name}: FAILED {e}")
 
-        def rfs_setup(s):
-            rfs = Recoverfs(s, f"s3://{Garage.BUCKET}/boot", env=env).start()
-            return rfs.recover("debian")
+        def rfs_setup(mode):
+            def setup(s):
+                vm, args = VM_FOR_MODE[mode]
+                rfs = Recoverfs(s, f"s3://{Garage.BUCKET}/boot", env=env, args=args).start()
+                return rfs.recover(vm), rfs
+            return setup
 
-        do_replay("local", lambda s: image)  # read-only use of the cached image
-        do_replay("recoverfs", rfs_setup)
+        def peer(kind):
+            fn = nbdkit_cache_peer if kind == "nbdkit" else qemu_cor_peer
+            return lambda s: (fn(s, image, BOOT_LATENCY_MS, BOOT_BANDWIDTH_MBPS), None)
+
+        do_replay("local", lambda s: (image, None))  # read-only use of the cached image
+        do_replay("recoverfs", rfs_setup("none"))
+        do_replay("recoverfs_default", rfs_setup("default"))
+        do_replay("recoverfs_profile", rfs_setup("profile"))
         if cfg.quick:
             # Keeps --quick under 5 minutes; the full run replays on the peers.
             rp["nbdkit"] = {"error": "skipped with --quick"}
             rp["qemu_cor"] = {"error": "skipped with --quick"}
         else:
-            do_replay("nbdkit", lambda s: nbdkit_cache_peer(s, image, BOOT_LATENCY_MS, BOOT_BANDWIDTH_MBPS))
-            do_replay("qemu_cor", lambda s: qemu_cor_peer(s, image, BOOT_LATENCY_MS, BOOT_BANDWIDTH_MBPS))
-        rp["recoverfs_profile"] = profile_boot_placeholder()
+            do_replay("nbdkit", peer("nbdkit"))
+            do_replay("qemu_cor", peer("qemu_cor"))
         base = rp["local"].get("seconds")
         if base:
-            for k in ("local", "recoverfs", "nbdkit", "qemu_cor"):
-                if "seconds" in rp[k]:
+            for k in REPLAY_ROWS:
+                if "seconds" in rp.get(k, {}):
                     rp[k]["stall_s"] = rp[k]["seconds"] - base
                     rp[k]["ratio_vs_local"] = rp[k]["seconds"] / base
+            best_peer_stall(rp)
     return res
 
 
@@ -1003,9 +1068,25 @@ def targets_summary(S):
         peers = [b[k]["stall_s"] for k in ("nbdkit", "qemu_cor") if "stall_s" in b.get(k, {})]
         out.append(f"| boot stall vs local (no target) | recoverfs {b['recoverfs']['stall_s']:.1f} s, "
                    f"best peer {fmt(min(peers) if peers else None, 1)} s | — |")
+    for label, rows in (("boot", b), ("boot-trace replay", S.get("boot", {}).get("replay", {}))):
+        r = rows.get("recoverfs_profile", {}) if isinstance(rows, dict) else {}
+        if "stall_vs_best_peer" in r and r.get("staged_at_first_read") is not None:
+            ok = r["stall_vs_best_peer"] <= 0.10 and r["staged_at_first_read"] >= 0.95
+            out.append(f"| {label} with profile: stall ≤ 10% of best peer's, ≥ 95% of first reads staged | "
+                       f"{r['stall_vs_best_peer']:.0%} of best peer's stall ({r['stall_s']:.1f} s), "
+                       f"{r['staged_at_first_read']:.1%} staged | {'met' if ok else '**not met**'} |")
     if not out:
         return []
     return ["## Targets\n", "| target | measured | |", "|---|---|---|"] + out + [""]
+
+
+def staged_note(r):
+    """How many first reads found their block already staged."""
+    if r.get("staged_at_first_read") is None:
+        return "no guest reads seen"
+    src = r.get("profile_source") or "none"
+    return (f"{r['staged_at_first_read']:.1%} of {r['first_reads']} first reads staged "
+            f"(profile: {src}, {r.get('profile_blocks', 0)} blocks)")
 
 
 def render(results):
@@ -1129,9 +1210,11 @@ def render(results):
             L.append("| configuration | time to marker s (samples) | boot stall vs local s | time / local | "
                      "stall / recoverfs stall | guest reads | notes |")
             L.append("|---|---:|---:|---:|---:|---:|---|")
-            names = {"local": "local raw copy (baseline)", "recoverfs": "recoverfs cold (fresh staging)",
-                     "nbdkit": "nbdkit cache peer (nbdfuse)", "qemu_cor": "QEMU copy-on-read peer (FUSE export)",
-                     "recoverfs_profile": "recoverfs with profile"}
+            names = {"local": "local raw copy (baseline)",
+                     "recoverfs": "recoverfs cold, no profile (`--no-profile`)",
+                     "recoverfs_default": "recoverfs cold, default profile (no recording)",
+                     "recoverfs_profile": "recoverfs with the profile recorded by the boots above",
+                     "nbdkit": "nbdkit cache peer (nbdfuse)", "qemu_cor": "QEMU copy-on-read peer (FUSE export)"}
             for k, name in names.items():
                 r = b["boots"].get(k)
                 if r is None:
@@ -1143,10 +1226,10 @@ def render(results):
                     L.append(f"| {name} | FAILED | — | — | — | — | {r['error'][:200].replace('|', '/')} |")
                     continue
                 notes = ""
-                if k == "recoverfs":
-                    notes = (f"fetched {r['fetched_bytes'] / MiB:.1f} MiB of {b['image_bytes'] / MiB:.0f} MiB "
-                             f"({r['fetched_blocks']} chunks); guest read {r['distinct_blocks_read']} distinct "
-                             f"{CHUNK // MiB} MiB blocks; {r['blocks_staged']}/{r['blocks_total']} blocks staged; "
+                if k.startswith("recoverfs"):
+                    notes = (f"{staged_note(r)}; fetched {r['fetched_bytes'] / MiB:.1f} MiB of "
+                             f"{b['image_bytes'] / MiB:.0f} MiB ({r['fetched_blocks']} chunks); guest read "
+                             f"{r['distinct_blocks_read']} distinct {CHUNK // MiB} MiB blocks; "
                              f"recover took {r['recover_seconds']:.2f} s")
                 elif k == "local":
                     notes = f"guest read {r['distinct_blocks_read']} distinct 1 MiB blocks"
@@ -1169,11 +1252,13 @@ def render(results):
                          "(gap between one read's end and the next read's start) before each; buffered reads like "
                          f"QEMU's default cache mode; page cache dropped before each replay. "
                          f"Same {b['latency_ms']} ms / {b['bandwidth_MBps']} MB/s as the boot.\n")
-                L.append("| target | replay time s | time waiting on reads s | stall vs local s | time / local |")
-                L.append("|---|---:|---:|---:|---:|")
-                names = {"local": "local raw file (baseline)", "recoverfs": "recoverfs cold",
-                         "nbdkit": "nbdkit cache peer", "qemu_cor": "QEMU COR peer",
-                         "recoverfs_profile": "recoverfs with profile"}
+                L.append("| target | replay time s | time waiting on reads s | stall vs local s | time / local | "
+                         "stall / best peer's | blocks staged at first read |")
+                L.append("|---|---:|---:|---:|---:|---:|---|")
+                names = {"local": "local raw file (baseline)", "recoverfs": "recoverfs cold, no profile",
+                         "recoverfs_default": "recoverfs cold, default profile",
+                         "recoverfs_profile": "recoverfs with profile",
+                         "nbdkit": "nbdkit cache peer", "qemu_cor": "QEMU COR peer"}
                 for k, name in names.items():
                     r = rp.get(k)
                     if r is None:
@@ -1185,8 +1270,11 @@ def render(results):
                     elif "error" in r:
                         L.append(f"| {name} | FAILED: {r['error'][:200].replace('|', '/')} | | | |")
                     else:
+                        svp = r.get("stall_vs_best_peer")
                         L.append(f"| {name} | {r['seconds']:.2f} | {r['read_seconds']:.2f} | "
-                                 f"{fmt(r.get('stall_s'), 2)} | {fmt(r.get('ratio_vs_local'), 2)}× |")
+                                 f"{fmt(r.get('stall_s'), 2)} | {fmt(r.get('ratio_vs_local'), 2)}× | "
+                                 f"{f'{svp:.0%}' if svp is not None else '—'} | "
+                                 f"{staged_note(r) if k.startswith('recoverfs') else '—'} |")
                 L.append("")
     if results.get("skipped"):
         L.append("## Skipped\n")

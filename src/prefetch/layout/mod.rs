@@ -35,7 +35,7 @@ const P_TABLE: u8 = 0;
 const P_BOOT: u8 = 1;
 /// Read whole at mount: ext group descriptors, the first FAT, FAT12/16 root.
 const P_MOUNT: u8 = 2;
-/// Read during the first path lookups: inode table 0, root directory.
+/// Read during the first path lookups: inode table 0, FAT32 root.
 const P_LOOKUP: u8 = 3;
 /// Read only on allocation or repair: bitmaps, FAT mirrors.
 const P_LATER: u8 = 4;
@@ -45,9 +45,6 @@ const EXT_INCOMPAT_64BIT: u64 = 0x80;
 const EXT_INCOMPAT_FLEX_BG: u64 = 0x200;
 const EXT_BG_INODE_UNINIT: u64 = 0x1;
 const EXT_BG_BLOCK_UNINIT: u64 = 0x2;
-const EXT_EXTENTS_FL: u64 = 0x8_0000;
-const EXT_INLINE_DATA_FL: u64 = 0x1000_0000;
-const EXT_EXTENT_MAGIC: u64 = 0xF30A;
 
 /// Regions a booting guest reads early: partition tables, boot sectors and
 /// filesystem metadata. `read` reads disk bytes at an offset (it fetches
@@ -62,10 +59,7 @@ pub fn boot_regions(
     max_bytes: u64,
     read: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
 ) -> Vec<Region> {
-    let disk = Part {
-        start: 0,
-        len: disk_size,
-    };
+    let disk = Part::whole(disk_size);
     let mut want = Wanted::default();
     // One read serves the MBR, the GPT header and entries, and, on an
     // unpartitioned disk, the filesystem's boot sector and superblock.
@@ -89,6 +83,21 @@ pub fn boot_regions(
 struct Part {
     start: u64,
     len: u64,
+}
+
+impl Part {
+    fn whole(len: u64) -> Part {
+        Part { start: 0, len }
+    }
+
+    /// A partition clipped to the disk; None if it starts outside it.
+    fn within(self, start: u64, len: u64) -> Option<Part> {
+        let ok = start > 0 && start < self.len && len > 0;
+        ok.then(|| Part {
+            start,
+            len: len.min(self.len - start),
+        })
+    }
 }
 
 /// Candidate regions with their priority, in discovery order.
@@ -149,18 +158,18 @@ fn uncovered(taken: &BTreeMap<u64, (u64, u8, &str)>, s: u64, e: u64) -> Vec<(u64
 /// highest-priority piece, which says best why it is staged.
 fn merge(taken: BTreeMap<u64, (u64, u8, &'static str)>) -> Vec<Region> {
     let mut out: Vec<(Region, u8)> = Vec::new();
-    for (s, (e, prio, what)) in taken {
+    for (offset, (end, prio, what)) in taken {
         match out.last_mut() {
-            Some((r, p)) if r.offset + r.len == s => {
-                r.len = e - r.offset;
+            Some((r, p)) if r.offset + r.len == offset => {
+                r.len = end - r.offset;
                 if prio < *p {
                     (*p, r.what) = (prio, what);
                 }
             }
             _ => out.push((
                 Region {
-                    offset: s,
-                    len: e - s,
+                    offset,
+                    len: end - offset,
                     what,
                 },
                 prio,
@@ -217,13 +226,8 @@ fn gpt_partitions(head: &[u8], disk: Part, read: Reader, want: &mut Wanted) -> O
     // Firmware and the kernel validate the backup header and entries,
     // which end at the last LBA.
     let backup = ss + table_len.div_ceil(ss) * ss;
-    want.add(
-        disk,
-        P_TABLE,
-        disk.len.saturating_sub(backup),
-        backup,
-        "backup GPT",
-    );
+    let backup_at = disk.len.saturating_sub(backup);
+    want.add(disk, P_TABLE, backup_at, backup, "backup GPT");
     let table = bytes_at(head, read, disk, table_off, table_len).unwrap_or_default();
     let parts = table
         .chunks_exact(esize as usize)
@@ -231,22 +235,14 @@ fn gpt_partitions(head: &[u8], disk: Part, read: Reader, want: &mut Wanted) -> O
         .filter_map(|e| {
             let (first, last) = (le(e, 32, 8), le(e, 40, 8));
             let sectors = last.checked_sub(first)?.checked_add(1)?;
-            part_within(disk, first.checked_mul(ss)?, sectors.saturating_mul(ss))
+            disk.within(first.checked_mul(ss)?, sectors.saturating_mul(ss))
         });
     Some(parts.take(MAX_PARTITIONS).collect())
 }
 
-/// A partition clipped to the disk; None if it starts beyond it.
-fn part_within(disk: Part, start: u64, len: u64) -> Option<Part> {
-    (start > 0 && start < disk.len && len > 0).then(|| Part {
-        start,
-        len: len.min(disk.len - start),
-    })
-}
-
 /// Whether a sector is an MBR/EBR: boot signature and sane status bytes.
-/// A FAT or NTFS boot sector has code or text there, so a bare filesystem
-/// is not taken for a partition table.
+/// A bare FAT or NTFS boot sector has code or text there, or zeros that
+/// list no partition, so it is not taken for a partition table.
 fn is_mbr(s: &[u8]) -> bool {
     s.get(510..512) == Some(&[0x55, 0xAA][..]) && (0..4).all(|i| s[446 + 16 * i] & 0x7F == 0)
 }
@@ -270,13 +266,11 @@ fn mbr_partitions(head: &[u8], disk: Part, read: Reader, want: &mut Wanted) -> O
     }
     let mut parts = Vec::new();
     for (ty, lba, n) in (0..4).filter_map(|i| mbr_entry(head, i)) {
-        if ty == 0xEE {
+        match ty {
             // Protective entry of a GPT whose header did not parse.
-            continue;
-        } else if is_extended(ty) {
-            logical_partitions(lba, disk, read, want, &mut parts);
-        } else {
-            parts.extend(part_within(disk, lba * SECTOR, n * SECTOR));
+            0xEE => {}
+            t if is_extended(t) => logical_partitions(lba, disk, read, want, &mut parts),
+            _ => parts.extend(disk.within(lba * SECTOR, n * SECTOR)),
         }
     }
     (!parts.is_empty()).then_some(parts)
@@ -284,7 +278,8 @@ fn mbr_partitions(head: &[u8], disk: Part, read: Reader, want: &mut Wanted) -> O
 
 /// Follows the EBR chain: entry 0 is a logical partition relative to its
 /// EBR, entry 1 links the next EBR relative to the extended partition.
-/// Links must move forward, so a looping chain ends.
+/// Links must move forward, so a looping chain ends, and each link costs a
+/// read, so a long chain of empty EBRs stops at the partition limit.
 fn logical_partitions(
     ext: u64,
     disk: Part,
@@ -293,7 +288,7 @@ fn logical_partitions(
     parts: &mut Vec<Part>,
 ) {
     let mut ebr = ext;
-    while parts.len() < MAX_PARTITIONS {
+    for _ in parts.len()..MAX_PARTITIONS {
         want.add(disk, P_TABLE, ebr * SECTOR, SECTOR, "EBR");
         let Some(s) = read_part(read, disk, ebr * SECTOR, SECTOR) else {
             return;
@@ -302,7 +297,7 @@ fn logical_partitions(
             return;
         }
         if let Some((_, lba, n)) = mbr_entry(&s, 0).filter(|e| !is_extended(e.0)) {
-            parts.extend(part_within(disk, (ebr + lba) * SECTOR, n * SECTOR));
+            parts.extend(disk.within((ebr + lba) * SECTOR, n * SECTOR));
         }
         match mbr_entry(&s, 1) {
             Some((ty, next, _)) if is_extended(ty) && ext + next > ebr => ebr = ext + next,
@@ -353,11 +348,8 @@ impl Ext {
         let is64 = incompat & EXT_INCOMPAT_64BIT != 0;
         let desc_size = if is64 { le(sb, 254, 2) } else { 32 };
         // Revision 0 filesystems have fixed 128-byte inodes.
-        let inode_size = if le(sb, 76, 4) == 0 {
-            128
-        } else {
-            le(sb, 88, 2)
-        };
+        let rev0 = le(sb, 76, 4) == 0;
+        let inode_size = if rev0 { 128 } else { le(sb, 88, 2) };
         let blocks = le(sb, 4, 4) | if is64 { le(sb, 0x150, 4) << 32 } else { 0 };
         let (first_data_block, per_group) = (le(sb, 20, 4), le(sb, 32, 4));
         let inodes_per_group = le(sb, 40, 4);
@@ -381,17 +373,14 @@ impl Ext {
     /// A block number from a group descriptor; 64-byte descriptors carry
     /// the high half at `hi`.
     fn desc_block(&self, d: &[u8], lo: usize, hi: usize) -> u64 {
-        let high = if self.desc_size >= 64 {
-            le(d, hi, 4)
-        } else {
-            0
-        };
-        le(d, lo, 4) | high << 32
+        let wide = self.desc_size >= 64;
+        le(d, lo, 4) | if wide { le(d, hi, 4) << 32 } else { 0 }
     }
 
-    /// Group descriptors, group 0's inode table, the root directory and,
-    /// with flex_bg, the packed bitmaps. Usually no read beyond `head`
-    /// except the root inode.
+    /// Group descriptors, group 0's inode table (root and early system
+    /// inodes) and, with flex_bg, the packed bitmaps. Usually no read
+    /// beyond `head`. The root directory's blocks are left out: finding
+    /// them costs the round trip that staging them would save.
     fn regions(&self, part: Part, head: &[u8], read: Reader, want: &mut Wanted) {
         let bs = self.block;
         let gdt_off = (self.first_data_block + 1) * bs;
@@ -405,18 +394,6 @@ impl Ext {
         let itable = self.desc_block(g0, 8, 0x28).saturating_mul(bs);
         let itable_len = self.inodes_per_group.saturating_mul(self.inode_size);
         want.add(part, P_LOOKUP, itable, itable_len, "ext inode table");
-        // Inode 2 (the root directory) is the second entry of group 0's table.
-        let root = itable.saturating_add(self.inode_size);
-        if let Some((b, n)) = read_part(read, part, root, 128).and_then(|i| root_dir_blocks(&i)) {
-            let len = n.min(HEAD / bs).max(1) * bs;
-            want.add(
-                part,
-                P_LOOKUP,
-                b.saturating_mul(bs),
-                len,
-                "ext root directory",
-            );
-        }
         if !self.flex_bg {
             // Without flex_bg every group's bitmaps sit in their own group:
             // many scattered tiny fetches for blocks read only on allocation.
@@ -435,30 +412,6 @@ impl Ext {
             }
         }
     }
-}
-
-/// First block and block count of a directory from its inode: the first
-/// extent of a depth-0 extent tree, or the first direct block (ext2/3).
-/// Deeper trees would cost another read; inline data has no block.
-fn root_dir_blocks(inode: &[u8]) -> Option<(u64, u64)> {
-    let flags = le(inode, 0x20, 4);
-    let i_block = inode.get(0x28..0x28 + 60)?;
-    if flags & EXT_INLINE_DATA_FL != 0 {
-        return None;
-    }
-    if flags & EXT_EXTENTS_FL == 0 {
-        let b = le(i_block, 0, 4);
-        return (b != 0).then_some((b, 1));
-    }
-    let (magic, entries, depth) = (le(i_block, 0, 2), le(i_block, 2, 2), le(i_block, 6, 2));
-    if magic != EXT_EXTENT_MAGIC || entries == 0 || depth != 0 {
-        return None;
-    }
-    let e = &i_block[12..24];
-    // Lengths above 32768 mark an unwritten extent.
-    let len = le(e, 4, 2);
-    let len = if len > 32768 { len - 32768 } else { len };
-    Some((le(e, 8, 4) | le(e, 6, 2) << 32, len))
 }
 
 /// The FAT BPB fields that locate the FATs and root directory.
@@ -509,22 +462,14 @@ impl Fat {
         let fat = self.fat_sectors * self.sector;
         want.add(part, P_BOOT, 0, reserved, "FAT reserved sectors");
         want.add(part, P_MOUNT, reserved, fat, "FAT");
-        want.add(
-            part,
-            P_LATER,
-            reserved + fat,
-            (self.fats - 1) * fat,
-            "FAT mirror",
-        );
+        let mirrors = (self.fats - 1) * fat;
+        want.add(part, P_LATER, reserved + fat, mirrors, "FAT mirror");
         let root = reserved + self.fats * fat;
         match self.root_cluster {
-            None => want.add(
-                part,
-                P_MOUNT,
-                root,
-                self.root_entries * 32,
-                "FAT root directory",
-            ),
+            None => {
+                let len = self.root_entries * 32;
+                want.add(part, P_MOUNT, root, len, "FAT root directory");
+            }
             Some(c) if c >= 2 => {
                 let at = root + (c - 2) * self.cluster;
                 want.add(part, P_LOOKUP, at, self.cluster, "FAT root directory");
@@ -533,3 +478,5 @@ impl Fat {
         }
     }
 }
+#[cfg(test)]
+mod tests;
