@@ -5,6 +5,8 @@
 #   3. serve the recovery datastore and recover the VM
 #   4. boot it with QEMU from the mount, with live progress, until its marker
 #   5. summary: time from `recover` to the marker, bytes fetched vs disk size
+#   6. release (the boot's reads become the VM's operational profile), then
+#      recover again from fresh staging and boot following that profile
 # Cleans up after itself, so it can run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,21 +42,23 @@ DAEMON=$!
 for _ in $(seq 200); do [ -S "$WORK/control.sock" ] && break; sleep 0.05; done
 SOCK=(--socket "$WORK/control.sock")
 
-step "recovering VM $DEMO from backup $ID"
-T0=$(ms)
-$BIN recover "${SOCK[@]}" "$DEMO"
-T1=$(ms)
-echo "disks ready after $((T1 - T0)) ms"
+# One recovery: recover, boot to the marker, summary. $1 names the run.
+recover_and_boot() {
+    step "recovering VM $DEMO from backup $ID ($1)"
+    T0=$(ms)
+    $BIN recover "${SOCK[@]}" "$DEMO"
+    T1=$(ms)
+    echo "disks ready after $((T1 - T0)) ms"
 
-step "booting it with QEMU straight from the mount"
-$BIN boot "${SOCK[@]}" "$DEMO" --marker "$MARKER" --timeout 900 | tee "$WORK/boot.out"
-BOOT_S=$(sed -n 's/^marker reached after \([0-9.]*\) s.*/\1/p' "$WORK/boot.out")
+    step "booting it with QEMU straight from the mount ($1)"
+    $BIN boot "${SOCK[@]}" "$DEMO" --marker "$MARKER" --timeout 900 | tee "$WORK/boot.out"
+    BOOT_S=$(sed -n 's/^marker reached after \([0-9.]*\) s.*/\1/p' "$WORK/boot.out")
 
-step "status"
-$BIN status "${SOCK[@]}"
+    step "status ($1)"
+    $BIN status "${SOCK[@]}"
 
-step "summary"
-python3 - "$WORK/control.sock" "$((T1 - T0))" "$BOOT_S" "$DEMO" <<'PY'
+    step "summary ($1)"
+    python3 - "$WORK/control.sock" "$((T1 - T0))" "$BOOT_S" "$DEMO" <<'PY' | tee -a "$WORK/summary"
 import json, socket, sys
 sock, recover_ms, boot_s, vm = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 s = socket.socket(socket.AF_UNIX); s.connect(sock)
@@ -63,10 +67,26 @@ raw = b""
 while chunk := s.recv(65536): raw += chunk
 st = json.loads(raw.split(b"\r\n\r\n", 1)[1])
 fetched = sum(d["fetched_bytes"] for d in st["disks"]); size = sum(d["size"] for d in st["disks"])
-print(f"time from recover to the marker: {recover_ms / 1000 + boot_s:.1f} s "
-      f"(disks ready in {recover_ms} ms, boot {boot_s:.1f} s under QEMU TCG)")
-print(f"fetched from the backup: {fetched / 2**20:.1f} MiB of a {size / 2**20:.0f} MiB disk ({100 * fetched / size:.1f}%)")
+first = sum(d["profile"]["first_reads"] for d in st["disks"])
+hits = sum(d["profile"]["first_read_hits"] for d in st["disks"])
+src = st["disks"][0]["profile"]["source"] or "none"
+print(f"[profile: {src}] time from recover to the marker: {recover_ms / 1000 + boot_s:.1f} s "
+      f"(disks ready in {recover_ms} ms, boot {boot_s:.1f} s under QEMU TCG); "
+      f"fetched {fetched / 2**20:.1f} MiB of a {size / 2**20:.0f} MiB disk ({100 * fetched / size:.1f}%); "
+      f"{hits} of {first} first reads found their block already staged")
 PY
+}
+
+recover_and_boot "first recovery: no profile yet, the default one"
+
+step "releasing the session: what the guest read becomes the VM's operational profile"
+$BIN release "${SOCK[@]}" "$DEMO" --discard
+$BIN profile show --repo "$WORK/repo" "$DEMO"
+
+recover_and_boot "second recovery, fresh staging: following the recorded profile"
+
+step "both recoveries"
+cat "$WORK/summary"
 
 step "releasing the session (staging kept for a later recover) and stopping the daemon"
 $BIN release "${SOCK[@]}" "$DEMO"

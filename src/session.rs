@@ -101,6 +101,14 @@ impl Session {
         Ok(true)
     }
 
+    /// `save_profile` for background paths (release, shutdown, window
+    /// end): a profile is an optimisation, so a failure is logged, not fatal.
+    pub fn save_profile_logged(&self, repo: &Repository) {
+        if let Err(e) = self.save_profile(repo, "session") {
+            tracing::warn!(vm = %self.vm, "could not save the operational profile: {e}");
+        }
+    }
+
     /// This session's reads must not become a profile (a failed verify).
     pub fn discard_profile(&self) {
         self.profile_done.store(true, Ordering::Release);
@@ -293,9 +301,7 @@ impl Datastore {
         let (weak, repo): (Weak<Session>, _) = (Arc::downgrade(session), self.repo.clone());
         let on_window_end = Box::new(move || {
             if let Some(s) = weak.upgrade() {
-                if let Err(e) = s.save_profile(&repo, "session") {
-                    tracing::warn!(vm = %s.vm, "could not save the operational profile: {e}");
-                }
+                s.save_profile_logged(&repo);
             }
         });
         let disks = session.disks.iter().cloned().zip(sources).collect();
@@ -378,8 +384,9 @@ impl Datastore {
             r.stop();
         }
         session.stop_prefetch();
-        if let Err(e) = session.save_profile(&self.repo, "session") {
-            tracing::warn!(vm, "could not save the operational profile: {e}");
+        session.save_profile_logged(&self.repo);
+        for d in &session.disks {
+            d.close();
         }
         for d in &session.disks {
             d.quiesce(Duration::from_secs(60));
@@ -453,9 +460,7 @@ impl Datastore {
                 r.stop();
             }
             s.stop_prefetch();
-            if let Err(e) = s.save_profile(&self.repo, "session") {
-                tracing::warn!(vm = %s.vm, "could not save the operational profile: {e}");
-            }
+            s.save_profile_logged(&self.repo);
         }
     }
 

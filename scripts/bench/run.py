@@ -829,8 +829,9 @@ def profile_clear(vm, env):
     run([BIN, "profile", "clear", "--repo", f"s3://{Garage.BUCKET}/boot", vm], env=env, timeout=120)
 
 
-def rfs_figures(st):
+def rfs_figures(session):
     """What a recoverfs boot/replay row reports from `status --json`."""
+    st = session["disks"][0]
     p = st.get("profile", {})
     first = p.get("first_reads", 0)
     return {"fetched_bytes": st["fetched_bytes"], "fetched_blocks": st["fetched_blocks"],
@@ -840,7 +841,9 @@ def rfs_figures(st):
             "profile_source": p.get("source"), "profile_blocks": p.get("blocks", 0),
             "profile_coverage": st.get("profile_coverage"),
             "first_reads": first, "first_read_hits": p.get("first_read_hits", 0),
-            "staged_at_first_read": (p.get("first_read_hits", 0) / first) if first else None}
+            "staged_at_first_read": (p.get("first_read_hits", 0) / first) if first else None,
+            # Prefetch must not slow the guest's own misses down.
+            "on_demand_latency_mean_ms": session.get("scheduler", {}).get("on_demand_latency_mean_ms")}
 
 
 def best_peer_stall(rows):
@@ -911,7 +914,7 @@ def section_boot(cfg, work, garage):
                     drop_caches()
                     tf = s.path("trace.txt")
                     secs = qemu_boot(s, disk, cfg.boot_timeout, tf)
-                    st = rfs.status(vm)["disks"][0]
+                    st = rfs.status(vm)
                     reads = parse_strace(tf, disk)
                     if trace_reads is None and mode == "none":
                         trace_reads = reads
@@ -983,7 +986,7 @@ def section_boot(cfg, work, garage):
                     rp[name] = replay(path, trace_reads)
                     if rfs:
                         vm = os.path.basename(os.path.dirname(path))
-                        rp[name].update(rfs_figures(rfs.status(vm)["disks"][0]))
+                        rp[name].update(rfs_figures(rfs.status(vm)))
                         rfs.release(vm)
                         if name == "recoverfs_default":
                             profile_clear(vm, env)
@@ -1085,8 +1088,10 @@ def staged_note(r):
     if r.get("staged_at_first_read") is None:
         return "no guest reads seen"
     src = r.get("profile_source") or "none"
+    lat = r.get("on_demand_latency_mean_ms")
     return (f"{r['staged_at_first_read']:.1%} of {r['first_reads']} first reads staged "
-            f"(profile: {src}, {r.get('profile_blocks', 0)} blocks)")
+            f"(profile: {src}, {r.get('profile_blocks', 0)} blocks)"
+            + (f"; on-demand fetch {lat:.1f} ms mean" if lat else ""))
 
 
 def render(results):

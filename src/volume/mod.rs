@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -142,6 +142,9 @@ pub struct Volume {
     copies_revoked: AtomicU64,
     /// The relocation's announced copy order (see `announce_copy_order`).
     copy_order: RwLock<Option<Arc<[u64]>>>,
+    /// Set at release: queued fetches end without I/O, so none writes into
+    /// staging that a later session may already be using.
+    closed: AtomicBool,
 }
 
 /// Per-disk figures for `status`.
@@ -213,6 +216,7 @@ impl Volume {
             guest_inflight: AtomicU32::new(0),
             copies_revoked: AtomicU64::new(0),
             copy_order: RwLock::new(None),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -312,6 +316,11 @@ impl Volume {
 
     /// Runs on a fetch worker: repository → verify → staging file.
     fn fetch(&self, b: u64, slot: &Slot) {
+        if self.closed.load(Ordering::Acquire) {
+            let e = Error::busy(format!("disk{} of VM {} was released", self.index, self.vm));
+            self.complete(b, slot, Err(e));
+            return;
+        }
         let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
         let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
         let start = Instant::now();
@@ -652,6 +661,12 @@ impl Volume {
             flushes: s.flushes.get(),
             last_fetch_error: s.last_fetch_error.lock().clone(),
         }
+    }
+
+    /// Ends the volume's fetching (at release): queued fetches finish
+    /// without touching the repository or staging.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
     }
 
     /// Waits for in-flight fills to settle (used before release/shutdown).

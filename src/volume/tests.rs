@@ -296,3 +296,20 @@ fn a_guest_read_of_a_block_queued_for_prefetch_promotes_it() {
         "the promoted block was fetched once, not again"
     );
 }
+
+#[test]
+fn closing_a_volume_ends_queued_prefetches_without_fetching_them() {
+    let f = fixture(300, 8);
+    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    let queued = heavy_prefetch(&f.vol, 300) as u64;
+    f.vol.close();
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    assert_eq!(st.fetches_in_flight, 0);
+    // Only the fetches already running when it closed (3 background workers).
+    assert!(
+        st.fetched_blocks <= 3,
+        "{} of {queued} fetched",
+        st.fetched_blocks
+    );
+}
