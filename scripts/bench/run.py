@@ -1383,8 +1383,6 @@ def main():
     signal.signal(signal.SIGHUP, on_signal)
 
     results = {"meta": meta(a.quick), "config": vars(cfg), "sections": {}, "skipped": []}
-    results["skipped"].append("recoverfs with profile (boot and replay): not available yet: "
-                              "prefetch profiles are not implemented")
     work = tempfile.mkdtemp(prefix="recoverfs-bench-", dir=a.workdir or "/var/tmp")
     global SOCK_DIR
     SOCK_DIR = tempfile.mkdtemp(prefix="rfsb-", dir="/tmp")
