@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::prefetch::feeder::{Feeder, Source};
 use crate::prefetch::profile::{self, DiskTrace, Recording};
-use crate::prefetch::tracker::Tracker;
+use crate::prefetch::tracker::RecordWindow;
 use crate::prefetch::{PrefetchOptions, Scheduler, SchedulerStatus};
 use crate::relocate::{Relocation, RelocationStatus};
 use crate::repo::Repository;
@@ -243,7 +243,10 @@ impl Datastore {
         let manifest = self.repo.resolve(vm, chosen.as_deref())?;
         let dir = self.staging.session_dir(vm, &manifest.id);
         let (stores, resumed) = open_session(&dir, &manifest)?;
-        let start = Instant::now();
+        let record = RecordWindow {
+            start: Instant::now(),
+            length: self.prefetch.record_window,
+        };
         let disks = stores
             .into_iter()
             .enumerate()
@@ -256,14 +259,7 @@ impl Datastore {
                     &manifest.disks[i],
                     st,
                     self.sched.clone(),
-                    Tracker::new(
-                        crate::repo::DiskManifest::chunk_count(
-                            manifest.disks[i].size,
-                            manifest.disks[i].chunk_size,
-                        ),
-                        start,
-                        self.prefetch.record_window,
-                    ),
+                    record,
                 ))
             })
             .collect::<Vec<_>>();

@@ -9,7 +9,7 @@
 //!   whichever copy a worker pops first runs it; the other is skipped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,9 @@ struct Inner {
     workers: usize,
     /// Queue wait plus fetch time of on-demand jobs.
     on_demand_latency: LatencyHistogram,
+    /// The backoff's smoothed on-demand fetch time, readable without the
+    /// state lock: every guest read asks for it (readahead sizing).
+    latency_us: AtomicU64,
 }
 
 /// Shared by every volume of a daemon.
@@ -132,6 +135,7 @@ impl Scheduler {
             cv: Condvar::new(),
             workers,
             on_demand_latency: LatencyHistogram::default(),
+            latency_us: AtomicU64::new(0),
         });
         for i in 0..workers {
             let inner = inner.clone();
@@ -193,7 +197,7 @@ impl Scheduler {
 
     /// A smoothed on-demand fetch latency (for readahead sizing).
     pub fn fetch_latency(&self) -> Duration {
-        self.inner.state.lock().backoff.latency()
+        Duration::from_micros(self.inner.latency_us.load(Ordering::Relaxed))
     }
 
     pub fn status(&self) -> SchedulerStatus {
@@ -243,6 +247,8 @@ fn worker(inner: &Inner) {
         st.running[class as usize] -= 1;
         if class == Class::OnDemand {
             st.backoff.observe(now - started, now);
+            let us = st.backoff.latency().as_micros() as u64;
+            inner.latency_us.store(us, Ordering::Relaxed);
             inner.on_demand_latency.record(now - job.queued_at);
         }
         drop(st);
@@ -256,19 +262,32 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    #[test]
-    fn on_demand_jobs_run_before_queued_background_jobs() {
-        let s = Scheduler::new("t", 2);
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        // Occupy the one background slot so the queue builds up.
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    /// Submits a `class` job that holds its worker until the gate opens.
+    fn blocking_job(s: &Scheduler, class: Class) -> Gate {
+        let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
         let g = gate.clone();
-        s.submit(Class::Profile, move || {
+        s.submit(class, move || {
             let mut open = g.0.lock();
             while !*open {
                 g.1.wait(&mut open);
             }
         });
+        gate
+    }
+
+    fn open(gate: &Gate) {
+        *gate.0.lock() = true;
+        gate.1.notify_all();
+    }
+
+    #[test]
+    fn on_demand_jobs_run_before_queued_background_jobs() {
+        let s = Scheduler::new("t", 2);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // Occupy the one background slot so the queue builds up.
+        let gate = blocking_job(&s, Class::Profile);
         for i in 0..20 {
             let o = order.clone();
             s.submit(Class::Readahead, move || o.lock().push(("readahead", i)));
@@ -287,8 +306,7 @@ mod tests {
             Some(&("on-demand", 0)),
             "the miss ran on the reserved worker while background work waited"
         );
-        *gate.0.lock() = true;
-        gate.1.notify_all();
+        open(&gate);
         while s.status().queued.readahead > 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -297,14 +315,7 @@ mod tests {
     #[test]
     fn a_promoted_job_runs_once_and_ahead_of_its_old_class() {
         let s = Scheduler::new("t", 2);
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        let g = gate.clone();
-        s.submit(Class::Relocation, move || {
-            let mut open = g.0.lock();
-            while !*open {
-                g.1.wait(&mut open);
-            }
-        });
+        let gate = blocking_job(&s, Class::Relocation);
         let runs = Arc::new(AtomicUsize::new(0));
         let mut jobs = vec![];
         for _ in 0..10 {
@@ -322,8 +333,7 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        *gate.0.lock() = true;
-        gate.1.notify_all();
+        open(&gate);
         while runs.load(Ordering::SeqCst) < 10 {
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -29,6 +29,13 @@ struct Plan {
     t_ms: std::collections::HashMap<u64, u32>,
 }
 
+/// When first reads count as the session's recording.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordWindow {
+    pub start: Instant,
+    pub length: Duration,
+}
+
 pub struct Tracker {
     start: Instant,
     window: Duration,
@@ -53,11 +60,11 @@ pub struct ProfileFigures {
 }
 
 impl Tracker {
-    /// Records first reads for `window` after `start`.
-    pub fn new(nblocks: u64, start: Instant, window: Duration) -> Tracker {
+    /// Records first reads of a disk of `nblocks` within `w`.
+    pub fn new(nblocks: u64, w: RecordWindow) -> Tracker {
         Tracker {
-            start,
-            window,
+            start: w.start,
+            window: w.length,
             seen: AtomicBitmap::new(nblocks),
             accesses: Mutex::new(vec![]),
             first_reads: AtomicU64::new(0),
@@ -140,7 +147,13 @@ mod tests {
 
     #[test]
     fn only_first_reads_are_recorded_and_hits_are_counted() {
-        let t = Tracker::new(100, Instant::now(), Duration::from_secs(60));
+        let t = Tracker::new(
+            100,
+            RecordWindow {
+                start: Instant::now(),
+                length: Duration::from_secs(60),
+            },
+        );
         t.on_read(3..5, |b| b == 4);
         t.on_read(4..6, |_| true);
         let rec: Vec<u64> = t.accesses(&[None; 100]).iter().map(|a| a.0).collect();
@@ -153,8 +166,10 @@ mod tests {
     fn reads_after_the_window_are_not_recorded() {
         let t = Tracker::new(
             10,
-            Instant::now() - Duration::from_secs(5),
-            Duration::from_secs(1),
+            RecordWindow {
+                start: Instant::now() - Duration::from_secs(5),
+                length: Duration::from_secs(1),
+            },
         );
         t.on_read(0..2, |_| false);
         assert!(t.accesses(&[None; 10]).is_empty());
@@ -163,7 +178,13 @@ mod tests {
 
     #[test]
     fn the_guest_progress_follows_the_planned_time_of_blocks_it_reads() {
-        let t = Tracker::new(10, Instant::now(), Duration::from_secs(60));
+        let t = Tracker::new(
+            10,
+            RecordWindow {
+                start: Instant::now(),
+                length: Duration::from_secs(60),
+            },
+        );
         let plan: Vec<Planned> = [(1, 100), (2, 5_000), (3, 200)]
             .iter()
             .map(|&(block, t_ms)| Planned {

@@ -31,7 +31,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::metrics::{Counter, LatencyHistogram};
 use crate::prefetch::scheduler::Job;
 use crate::prefetch::stream::{Detector, Geometry};
-use crate::prefetch::tracker::{ProfileFigures, Tracker};
+use crate::prefetch::tracker::{ProfileFigures, RecordWindow, Tracker};
 use crate::prefetch::{Class, Scheduler};
 use crate::repo::{Digest, DiskManifest, Repository};
 use crate::staging::{DiskStore, PersistentBitmap};
@@ -189,7 +189,7 @@ impl Volume {
         disk: &DiskManifest,
         store: DiskStore,
         sched: Arc<Scheduler>,
-        tracker: Tracker,
+        record: RecordWindow,
     ) -> Volume {
         let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
         Volume {
@@ -206,7 +206,7 @@ impl Volume {
             flush_lock: Mutex::new(()),
             sched,
             stats: VolumeStats::default(),
-            tracker,
+            tracker: Tracker::new(nblocks, record),
             streams: Detector::default(),
             writes_started: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             writes_finished: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),

@@ -110,11 +110,10 @@ fn fixture(blocks: usize, seed: u64) -> Fixture {
         &m.disks[0],
         stores.remove(0),
         Scheduler::new("test-fetch", 4),
-        Tracker::new(
-            DiskManifest::chunk_count(m.disks[0].size, m.disks[0].chunk_size),
-            Instant::now(),
-            Duration::from_secs(300),
-        ),
+        RecordWindow {
+            start: Instant::now(),
+            length: Duration::from_secs(300),
+        },
     ));
     Fixture {
         _dir: dir,
