@@ -6,7 +6,7 @@ DEMO ?= debian
 
 # Debian packages the build, tests and demo need. qemu-utils is pinned to the
 # same version as qemu-system-x86 because installing one replaces the other.
-APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3
+APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3 fdisk dosfstools e2fsprogs
 # Peers and tools the benchmarks compare against.
 BENCH_PACKAGES := nbdkit nbdfuse libnbd-bin strace
 

@@ -19,26 +19,42 @@ pub struct QemuSpec {
 }
 
 impl QemuSpec {
-    /// Memory from the VM config's `memory_mib`, 512 MiB otherwise.
-    pub fn from_config(config: &serde_json::Value, disks: Vec<PathBuf>) -> QemuSpec {
-        let memory_mib = config
-            .get("memory_mib")
-            .and_then(|m| m.as_u64())
-            .unwrap_or(512);
-        QemuSpec {
+    /// Memory from the VM config's `memory_mib`, 512 MiB otherwise. The
+    /// config comes from a backup, so it is bounded before QEMU sees it: at
+    /// least 16 MiB, at most the host's memory.
+    pub fn from_config(config: &serde_json::Value, disks: Vec<PathBuf>) -> Result<QemuSpec> {
+        let memory_mib = match config.get("memory_mib") {
+            None | Some(serde_json::Value::Null) => 512,
+            Some(m) => {
+                let max = host_memory_mib().min(crate::repo::limits::MAX_MEMORY_MIB);
+                m.as_u64().filter(|v| (16..=max).contains(v)).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "the VM configuration asks for memory_mib {m}; it must be a whole number from 16 to {max} (this host's memory)"
+                    ))
+                })?
+            }
+        };
+        Ok(QemuSpec {
             disks,
             memory_mib,
             extra: vec![],
-        }
+        })
     }
 
     /// The guest has no network: a verification boot must not reach
-    /// production services.
+    /// production services. QEMU gets a cleared environment (no repository
+    /// credentials) and its seccomp sandbox.
     fn command(&self) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
+        c.env_clear().env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
         c.args([
             "-nographic",
             "-no-reboot",
+            "-sandbox",
+            "on",
             "-nic",
             "none",
             "-m",
@@ -56,6 +72,13 @@ impl QemuSpec {
         c.args(&self.extra);
         c
     }
+}
+
+/// Total memory of this host in MiB.
+fn host_memory_mib() -> u64 {
+    nix::sys::sysinfo::sysinfo()
+        .map(|i| i.ram_total() / (1 << 20))
+        .unwrap_or(crate::repo::limits::MAX_MEMORY_MIB)
 }
 
 pub struct Watch {

@@ -2,7 +2,6 @@
 //! and socket, mounts FUSE, runs the control API and a periodic flusher,
 //! and on SIGINT/SIGTERM makes staging durable before unmounting.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,12 +18,17 @@ pub struct ServeOptions {
     pub staging: PathBuf,
     pub mount: PathBuf,
     pub socket: Option<PathBuf>,
+    /// Members of this group (a gid) may use the control socket too.
+    pub socket_group: Option<u32>,
     pub datastore: MountOptions,
 }
 
 /// How a datastore is mounted and run, whoever hosts it.
 pub struct MountOptions {
     pub allow_other: bool,
+    /// Owner (uid, gid) of the files on the mount: the user a hypervisor
+    /// runs as. Default: the daemon's user.
+    pub owner: Option<(u32, u32)>,
     pub fetch_workers: usize,
     pub fuse_threads: usize,
     /// How often staged presence maps are made durable without an fsync.
@@ -36,6 +40,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             allow_other: false,
+            owner: None,
             fetch_workers: 16,
             fuse_threads: 4,
             flush_interval: Duration::from_secs(2),
@@ -62,10 +67,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     check_socket(&socket)?;
     let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts.datastore)?;
     tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
-    let link = publish_default_socket(&socket);
-    let api_result = run_api(mounted.ds.clone(), &socket);
+    let api_result = run_api(mounted.ds.clone(), &socket, opts.socket_group);
     let _ = std::fs::remove_file(&socket);
-    if let Some(link) = link {
+    if let Ok(Some(link)) = &api_result {
         let _ = std::fs::remove_file(link);
     }
     let stopped = mounted.shutdown();
@@ -99,7 +103,7 @@ impl MountedDatastore {
             opts.fetch_workers,
             opts.prefetch.clone(),
         );
-        let fs = RecoverFs::new(ds.clone(), 64);
+        let fs = RecoverFs::new(ds.clone(), 64, opts.owner);
         let mut options = vec![
             fuser::MountOption::FSName("recoverfs".into()),
             fuser::MountOption::Subtype("recoverfs".into()),
@@ -176,7 +180,9 @@ fn spawn_flusher(
         .expect("spawn flusher")
 }
 
-fn run_api(ds: Arc<Datastore>, socket: &Path) -> Result<()> {
+/// Serves the control API until SIGINT/SIGTERM; returns the default
+/// socket link it published, if any, for removal.
+fn run_api(ds: Arc<Datastore>, socket: &Path, group: Option<u32>) -> Result<Option<PathBuf>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -184,10 +190,12 @@ fn run_api(ds: Arc<Datastore>, socket: &Path) -> Result<()> {
         .build()
         .ctx(|| "start the control API runtime".into())?;
     rt.block_on(async {
-        let listener = tokio::net::UnixListener::bind(socket)
-            .ctx(|| format!("bind control socket {}", socket.display()))?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-            .ctx(|| format!("chmod {}", socket.display()))?;
+        let listener = crate::api::peer::bind(socket, group)?;
+        let listener = crate::api::peer::CheckedListener::new(
+            listener,
+            crate::api::peer::PeerPolicy::for_daemon(group),
+        );
+        let link = publish_default_socket(socket);
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -199,7 +207,8 @@ fn run_api(ds: Arc<Datastore>, socket: &Path) -> Result<()> {
         };
         crate::api::serve(ds, listener, shutdown)
             .await
-            .ctx(|| "control API".into())
+            .ctx(|| "control API".into())?;
+        Ok(link)
     })
 }
 

@@ -19,7 +19,15 @@ impl WorkerPool {
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     for job in rx {
-                        job();
+                        // A panicking job drops its reply (fuser answers EIO);
+                        // the worker lives on.
+                        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
+                        {
+                            tracing::error!(
+                                "a worker job panicked: {}",
+                                crate::util::panic_message(&p)
+                            );
+                        }
                     }
                 })
                 .expect("spawn worker thread");

@@ -1,23 +1,34 @@
 //! The datastore: the set of live recovery sessions a daemon serves. A
 //! session is one VM recovered from one backup: its volumes, its config
 //! file and the bookkeeping that makes `release` safe.
+//!
+//! **Locking.** Recover, release, discard and relocate of one VM run one at
+//! a time under that VM's operation lock, which may be held across
+//! repository I/O. The daemon-wide session table is locked only to look up,
+//! insert or remove an entry, never across I/O: recoveries of many VMs run
+//! in parallel, and path lookups never wait on the repository.
+//!
+//! **Kept staging is never hidden.** `recover VM` resumes the VM's newest
+//! kept session unless its backup is definitely gone from the repository;
+//! a repository that cannot answer is not "gone". Each session keeps a copy
+//! of its manifest, so it resumes even while the repository is unreachable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::prefetch::feeder::{Feeder, Source};
 use crate::prefetch::profile::{self, DiskTrace, Recording};
 use crate::prefetch::tracker::RecordWindow;
 use crate::prefetch::{PrefetchOptions, Scheduler, SchedulerStatus};
 use crate::relocate::{Relocation, RelocationStatus};
-use crate::repo::Repository;
+use crate::repo::{Manifest, Repository};
 use crate::staging::{open_session, StagingDir};
 use crate::util::validate_name;
 use crate::volume::{DiskStatus, Volume};
@@ -25,6 +36,8 @@ use crate::volume::{DiskStatus, Volume};
 /// Inode numbers are carved per session: `base` is the directory,
 /// `base + 1` is vm.json, `base + 2 + i` is disk i.
 pub const INO_STRIDE: u64 = 4096;
+// A manifest's disk count is bounded, so two VMs' inodes never alias.
+const _: () = assert!(crate::repo::limits::MAX_DISKS as u64 + 2 <= INO_STRIDE);
 
 pub struct Session {
     pub vm: String,
@@ -143,6 +156,9 @@ pub struct RecoverInfo {
     pub backup: String,
     /// True if existing staging was picked up (earlier writes are kept).
     pub resumed: bool,
+    /// Backups of kept staging that was not resumed because the backup is
+    /// gone from the repository (the staging is still on disk).
+    pub skipped: Vec<String>,
     /// True if the session was already being served.
     pub already_active: bool,
     pub config: PathBuf,
@@ -161,6 +177,8 @@ pub struct Datastore {
     /// Called with a VM name after its session is gone (kernel dentry
     /// invalidation lives in the FUSE layer).
     on_release: RwLock<Option<Box<dyn Fn(&str) + Send + Sync>>>,
+    /// Per-VM operation locks (see the module docs).
+    vm_ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Datastore {
@@ -181,7 +199,17 @@ impl Datastore {
             sched: Scheduler::new("fetch", fetch_workers),
             prefetch,
             on_release: RwLock::new(None),
+            vm_ops: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The operation lock of one VM.
+    fn vm_op(&self, vm: &str) -> Arc<Mutex<()>> {
+        self.vm_ops
+            .lock()
+            .entry(vm.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn set_on_release(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
@@ -221,28 +249,21 @@ impl Datastore {
         if let Some(b) = backup {
             validate_name("backup id", b)?;
         }
-        let mut sessions = self.sessions.write();
-        if let Some(s) = sessions.get(vm) {
+        let op = self.vm_op(vm);
+        let _op = op.lock();
+        if let Some(s) = self.session(vm) {
             if backup.is_some_and(|b| b != s.backup) {
                 return Err(Error::busy(format!(
                     "VM {vm} is already being recovered from backup {}; release it first",
                     s.backup
                 )));
             }
-            return Ok(self.info(s, true));
+            return Ok(self.info(&s, true, vec![]));
         }
-        let chosen = match backup {
-            Some(b) => Some(b.to_string()),
-            None => self
-                .staging
-                .kept_sessions(vm)
-                .into_iter()
-                .map(|(b, _)| b)
-                .find(|b| self.repo.manifest(vm, b).is_ok()),
-        };
-        let manifest = self.repo.resolve(vm, chosen.as_deref())?;
+        let (manifest, skipped) = self.choose_manifest(vm, backup)?;
         let dir = self.staging.session_dir(vm, &manifest.id);
-        let (stores, resumed) = open_session(&dir, &manifest)?;
+        let storage = self.staging.storage().clone();
+        let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
         let record = RecordWindow {
             start: Instant::now(),
             length: self.prefetch.record_window,
@@ -266,7 +287,7 @@ impl Datastore {
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');
         // A relocation in progress (or finished) survives restarts.
-        let relocation = Relocation::resume(vm, &disks, &config_json, &dir)?;
+        let relocation = Relocation::resume(storage, vm, &disks, &config_json, &dir)?;
         let session = Arc::new(Session {
             vm: vm.into(),
             backup: manifest.id.clone(),
@@ -285,9 +306,56 @@ impl Datastore {
         self.by_ino
             .write()
             .insert(session.ino_base, session.clone());
-        sessions.insert(vm.into(), session.clone());
+        self.sessions.write().insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, "recovery session started");
-        Ok(self.info(&session, false))
+        Ok(self.info(&session, false, skipped))
+    }
+
+    /// The manifest to serve, and the kept sessions passed over because
+    /// their backup is gone. A named backup's own kept copy wins, so a
+    /// kept session resumes even while the repository is unreachable.
+    fn choose_manifest(&self, vm: &str, backup: Option<&str>) -> Result<(Manifest, Vec<String>)> {
+        if let Some(b) = backup {
+            return match self.staging.kept_manifest(vm, b)? {
+                Some(m) => Ok((m, vec![])),
+                None => Ok((self.repo.manifest(vm, b)?, vec![])),
+            };
+        }
+        let mut skipped = vec![];
+        for (b, _) in self.staging.kept_sessions(vm) {
+            match self.kept_backup(vm, &b)? {
+                Some(m) => return Ok((m, skipped)),
+                None => skipped.push(b),
+            }
+        }
+        Ok((self.repo.resolve(vm, None)?, skipped))
+    }
+
+    /// The manifest of a kept session, or `None` only if the repository
+    /// says its backup does not exist. Any other answer (an unreachable or
+    /// failing repository) resumes from the session's own copy, or fails
+    /// the recovery if there is no copy: it never moves on to another backup.
+    fn kept_backup(&self, vm: &str, b: &str) -> Result<Option<Manifest>> {
+        let local = self.staging.kept_manifest(vm, b).map_err(|e| {
+            e.context(format!(
+                "kept staging of VM {vm} (backup {b}) is damaged; discard it with `release --discard {vm}` or name another backup with --backup"
+            ))
+        })?;
+        match (local, self.repo.has_manifest(vm, b)) {
+            (_, Ok(false)) => {
+                tracing::warn!(vm, backup = b, "kept staging not resumed: its backup is gone from the repository (the staging stays on disk)");
+                Ok(None)
+            }
+            (Some(m), Ok(true)) => Ok(Some(m)),
+            (Some(m), Err(e)) => {
+                tracing::warn!(vm, backup = b, "repository did not answer ({e}); resuming kept staging from its own copy of the manifest");
+                Ok(Some(m))
+            }
+            (None, Ok(true)) => Ok(Some(self.repo.manifest(vm, b)?)),
+            (None, Err(e)) => Err(e.context(format!(
+                "cannot check backup {b} of VM {vm}, which kept staging uses; nothing was started (retry, or name a backup with --backup)"
+            ))),
+        }
     }
 
     /// Starts following the VM's profile; when the recording window
@@ -335,12 +403,13 @@ impl Datastore {
             .collect()
     }
 
-    fn info(&self, s: &Session, already_active: bool) -> RecoverInfo {
+    fn info(&self, s: &Session, already_active: bool, skipped: Vec<String>) -> RecoverInfo {
         let dir = self.mount.join(&s.vm);
         RecoverInfo {
             vm: s.vm.clone(),
             backup: s.backup.clone(),
             resumed: s.resumed,
+            skipped,
             already_active,
             config: dir.join("vm.json"),
             disks: s
@@ -352,29 +421,29 @@ impl Datastore {
     }
 
     /// Ends a session after making its staging durable. Refused while any
-    /// disk file is open. With `discard`, the staging data is deleted.
+    /// disk file is open. With `discard`, the staging data is deleted. Once
+    /// this returns, nothing of the session writes to staging any more. A
+    /// disk whose staging could not be made durable is reported as an error
+    /// after the session is released.
     pub fn release(&self, vm: &str, discard: bool) -> Result<String> {
         validate_name("VM name", vm)?;
-        let session = {
-            let mut sessions = self.sessions.write();
-            let s = sessions
-                .get(vm)
-                .cloned()
-                .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
-            {
-                let mut st = s.state.lock();
-                if st.open > 0 {
-                    return Err(Error::busy(format!(
-                        "a disk of VM {vm} is still open ({} handle(s)); stop the VM first",
-                        st.open
-                    )));
-                }
-                st.released = true;
+        let op = self.vm_op(vm);
+        let _op = op.lock();
+        let session = self
+            .session(vm)
+            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        {
+            let mut st = session.state.lock();
+            if st.open > 0 {
+                return Err(Error::busy(format!(
+                    "a disk of VM {vm} is still open ({} handle(s)); stop the VM first",
+                    st.open
+                )));
             }
-            sessions.remove(vm);
-            self.by_ino.write().remove(&s.ino_base);
-            s
-        };
+            st.released = true;
+        }
+        self.sessions.write().remove(vm);
+        self.by_ino.write().remove(&session.ino_base);
         // The copier stops here; the next recover resumes it.
         if let Some(r) = session.relocation.lock().as_ref() {
             r.stop();
@@ -384,9 +453,11 @@ impl Datastore {
         for d in &session.disks {
             d.close();
         }
+        let mut failed = vec![];
         for d in &session.disks {
-            d.quiesce(Duration::from_secs(60));
-            d.flush()?;
+            if let Err(e) = d.flush() {
+                failed.push(format!("disk{}: {e}", d.index));
+            }
         }
         if discard {
             self.staging.discard(vm, &session.backup)?;
@@ -395,6 +466,15 @@ impl Datastore {
             f(vm);
         }
         tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
+        if !failed.is_empty() && !discard {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "VM {vm} was released, but its staging is not fully durable ({}): writes since the last good flush may be lost",
+                    failed.join("; ")
+                ),
+            ));
+        }
         Ok(session.backup.clone())
     }
 
@@ -407,6 +487,8 @@ impl Datastore {
         force: bool,
     ) -> Result<RelocationStatus> {
         validate_name("VM name", vm)?;
+        let op = self.vm_op(vm);
+        let _op = op.lock();
         let s = self
             .session(vm)
             .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
@@ -433,6 +515,7 @@ impl Datastore {
         }
         let forbidden = [self.mount.as_path(), self.staging.root()];
         let r = Relocation::start(crate::relocate::Request {
+            storage: self.staging.storage().clone(),
             vm,
             disks: &s.disks,
             config_json: &s.config_json,
@@ -463,6 +546,13 @@ impl Datastore {
     /// Drops kept staging for a VM that is not being served.
     pub fn discard_kept(&self, vm: &str) -> Result<Vec<String>> {
         validate_name("VM name", vm)?;
+        let op = self.vm_op(vm);
+        let _op = op.lock();
+        if self.session(vm).is_some() {
+            return Err(Error::busy(format!(
+                "VM {vm} is being served; release it with --discard instead"
+            )));
+        }
         let kept: Vec<String> = self
             .staging
             .kept_sessions(vm)
@@ -495,13 +585,13 @@ impl Datastore {
         }
     }
 
-    /// Flushes every volume; logs and returns the first error.
+    /// Flushes every volume that has not failed (a failed one has said so
+    /// in the log already); returns the first error.
     pub fn flush_all(&self) -> Result<()> {
         let mut first = Ok(());
         for s in self.sessions() {
-            for d in &s.disks {
+            for d in s.disks.iter().filter(|d| !d.is_failed()) {
                 if let Err(e) = d.flush() {
-                    tracing::error!(vm = %s.vm, disk = d.index, "flush failed: {e}");
                     if first.is_ok() {
                         first = Err(e);
                     }

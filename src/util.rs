@@ -70,6 +70,14 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// The text of a caught panic, for the error or log line that replaces it.
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -44,7 +44,7 @@ fn backup_to_s3_recover_from_s3_and_compare_bytes() {
     let key = format!("chunks/{}/{digest}", &digest[..4]);
     let mut obj = repo
         .backend()
-        .get(&key)
+        .get(&key, u64::MAX)
         .unwrap()
         .expect("chunk object exists");
     let n = obj.len();

@@ -13,6 +13,7 @@
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
 
 pub mod client;
+pub mod peer;
 
 use std::sync::Arc;
 
@@ -186,7 +187,7 @@ async fn relocate(
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     ds: Ds,
-    listener: tokio::net::UnixListener,
+    listener: peer::CheckedListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(ds))

@@ -68,7 +68,7 @@ pub fn boot_session(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "login:".into());
-    let spec = QemuSpec::from_config(&config, disks);
+    let spec = QemuSpec::from_config(&config, disks)?;
     let watch = Watch {
         marker: marker.clone(),
         timeout,

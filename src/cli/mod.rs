@@ -83,12 +83,23 @@ pub enum Command {
         staging: PathBuf,
         #[arg(long)]
         mount: PathBuf,
-        /// Control socket (default: STAGING/control.sock).
+        /// Control socket (default: STAGING/control.sock). Created mode 0600
+        /// (0660 with --socket-group); only root, the daemon's user and that
+        /// group's members are served.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Let other users (e.g. a hypervisor running as another user) access the mount.
-        #[arg(long)]
+        /// Let members of this group use the control socket too (put the
+        /// socket in a directory they can reach).
+        #[arg(long, value_name = "GROUP")]
+        socket_group: Option<String>,
+        /// Let another user (a hypervisor running as its own user) open the
+        /// disks; needs --owner.
+        #[arg(long, requires = "owner")]
         allow_other: bool,
+        /// Owner of the VM directories and disk files (mode 0700/0600): the
+        /// user the hypervisor runs as, e.g. 64055:64055 or libvirt-qemu:kvm.
+        #[arg(long, value_name = "UID:GID")]
+        owner: Option<String>,
         /// Parallel repository fetches (requests in flight).
         #[arg(long, default_value_t = 16)]
         fetch_workers: usize,
@@ -213,7 +224,9 @@ pub fn run(cli: Cli) -> Result<()> {
             staging,
             mount,
             socket,
+            socket_group,
             allow_other,
+            owner,
             fetch_workers,
             fuse_threads,
             flush_interval,
@@ -223,8 +236,13 @@ pub fn run(cli: Cli) -> Result<()> {
             staging,
             mount,
             socket,
+            socket_group: socket_group
+                .as_deref()
+                .map(crate::api::peer::group_id)
+                .transpose()?,
             datastore: crate::daemon::MountOptions {
                 allow_other,
+                owner: owner.as_deref().map(parse_owner).transpose()?,
                 fetch_workers: fetch_workers.max(1),
                 fuse_threads,
                 flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
@@ -313,6 +331,23 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `UID:GID`, numbers or names.
+fn parse_owner(s: &str) -> Result<(u32, u32)> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or_else(|| Error::invalid(format!("--owner {s:?}: expected UID:GID")))?;
+    let uid = match u.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => nix::unistd::User::from_name(u)
+            .ok()
+            .flatten()
+            .map(|x| x.uid.as_raw())
+            .ok_or_else(|| Error::not_found(format!("--owner: no user named {u:?}")))?,
+    };
+    let gid = crate::api::peer::group_id(g).map_err(|e| e.context("--owner"))?;
+    Ok((uid, gid))
 }
 
 fn client(s: &SocketArg) -> Client {

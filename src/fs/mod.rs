@@ -1,9 +1,12 @@
 //! The FUSE frontend: `MOUNT/<vm>/{vm.json,diskN.raw}` over the datastore.
 //!
 //! fuser runs several event-loop threads (one cloned /dev/fuse fd each).
-//! A request whose blocks are all local is served on the event thread; one
-//! that must wait for the repository is handed to an I/O worker pool, so a
-//! slow miss never holds up reads of staged blocks.
+//! A read whose blocks are all local, or a write that needs neither a fetch
+//! nor a map sync, is served on the event thread. Anything that may wait is
+//! handed off, so an event thread never blocks on a device sync or the
+//! repository: misses and first writes to a block go to an I/O worker pool,
+//! fsync and flush to a sync pool (one guest's fsync never stalls reads of
+//! other VMs' staged blocks).
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -36,6 +39,8 @@ enum Node {
 pub struct RecoverFs {
     ds: Arc<Datastore>,
     io: Arc<WorkerPool>,
+    sync: Arc<WorkerPool>,
+    /// Owner of every file and directory (the hypervisor's user).
     uid: u32,
     gid: u32,
     mounted: SystemTime,
@@ -46,13 +51,17 @@ fn errno(e: &Error) -> Errno {
 }
 
 impl RecoverFs {
-    pub fn new(ds: Arc<Datastore>, io_threads: usize) -> Self {
+    /// `owner` (uid, gid) owns the files; by default the daemon's user.
+    pub fn new(ds: Arc<Datastore>, io_threads: usize, owner: Option<(u32, u32)>) -> Self {
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let me = unsafe { (libc::getuid(), libc::getgid()) };
+        let (uid, gid) = owner.unwrap_or(me);
         RecoverFs {
             ds,
             io: Arc::new(WorkerPool::new("fuse-io", io_threads)),
-            // SAFETY: getuid/getgid cannot fail and touch no memory.
-            uid: unsafe { libc::getuid() },
-            gid: unsafe { libc::getgid() },
+            sync: Arc::new(WorkerPool::new("fuse-sync", 8)),
+            uid,
+            gid,
             mounted: SystemTime::now(),
         }
     }
@@ -320,7 +329,7 @@ impl Filesystem for RecoverFs {
                 Ok(n) => reply.written(n as u32),
                 Err(e) => reply.error(errno(&e)),
             };
-        if d.is_local(offset, data.len() as u64) {
+        if d.write_is_quick(offset, data.len() as u64) {
             serve(d, data, reply)
         } else {
             let data = data.to_vec();
@@ -348,13 +357,13 @@ impl Filesystem for RecoverFs {
         reply: ReplyEmpty,
     ) {
         match self.node(ino.0) {
-            Some(Node::Disk(_, d)) => match d.flush() {
+            Some(Node::Disk(_, d)) => self.sync.submit(move || match d.flush() {
                 Ok(()) => reply.ok(),
                 Err(e) => {
-                    tracing::error!(vm = %d.vm, disk = d.index, "fsync failed: {e}");
+                    tracing::warn!(vm = %d.vm, disk = d.index, "fsync answered with an error: {e}");
                     reply.error(errno(&e))
                 }
-            },
+            }),
             Some(_) => reply.ok(),
             None => reply.error(Errno::ENOENT),
         }

@@ -201,7 +201,10 @@ impl MergedDisk {
 /// The stored profile of `vm`, if any.
 pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
     validate_name("VM name", vm)?;
-    let Some(bytes) = repo.backend().get(&key(vm))? else {
+    let Some(bytes) = repo
+        .backend()
+        .get(&key(vm), crate::repo::limits::MAX_PROFILE_BYTES)?
+    else {
         return Ok(None);
     };
     let what = format!("profile of VM {vm} in {}", repo.location());

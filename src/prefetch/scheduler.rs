@@ -240,7 +240,14 @@ fn worker(inner: &Inner) {
         let work = job.work.lock().take();
         let started = Instant::now();
         if let Some(w) = work {
-            w();
+            // A panicking job must not take its worker (and the accounting
+            // below) with it; the job itself answers its waiters.
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(w)) {
+                tracing::error!(
+                    "a {class:?} fetch job panicked: {}",
+                    crate::util::panic_message(&p)
+                );
+            }
         }
         let now = Instant::now();
         let mut st = inner.state.lock();

@@ -10,15 +10,25 @@
 //!   A guest write durably clears the block's bit before its data lands; the
 //!   copier marks a block copied only if no guest write started since it
 //!   read the block. Pass after pass, only blocks not copied are copied.
+//! * Copied bits never run ahead of staging: a batch is recorded as copied
+//!   only after the target *and the staging it was read from* are synced,
+//!   so after a crash a copied block reads the same from both.
 //! * When few blocks remain, guest writes are paused, the rest is copied,
-//!   targets are fsynced and `relocation.json` switches to `switched`
-//!   atomically: that is the commit point. A crash before it resumes the
-//!   copy from staging; after it, the session is served from the target.
+//!   targets are fsynced and `relocation.json` is renamed into place with
+//!   `switched: true`: that rename is the commit point. Everything that can
+//!   fail happens before it; after it there is only forward progress: every
+//!   disk switches to its target (which cannot fail), and if the commit
+//!   cannot be made durable the disks fail (reads go on, writes and flushes
+//!   get EIO) so target and staging can never diverge. A crash before the
+//!   commit resumes the copy from staging; after it, the session is served
+//!   from the target. Never a mix.
+//! * A relocation starts from empty targets: files are created or emptied
+//!   (mode 0600, in a 0700 directory, never through a symbolic link), so no
+//!   byte of an old file can survive where the backup has zeros.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,8 +39,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::chunk::is_zero;
+use crate::repo::limits::MAX_META_BYTES;
+use crate::staging::io::{self, BlockFile, Open, Storage};
 use crate::staging::{MapKind, PersistentBitmap};
-use crate::util::{fsync_dir, write_atomic};
 use crate::volume::Volume;
 
 /// Copy batches are synced and recorded every this many blocks.
@@ -56,11 +67,11 @@ pub enum State {
 
 /// `relocation.json` in the session's staging directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Meta {
-    target: PathBuf,
-    switched: bool,
-    pass: u32,
-    rate_mbps: Option<f64>,
+pub(crate) struct Meta {
+    pub target: PathBuf,
+    pub switched: bool,
+    pub pass: u32,
+    pub rate_mbps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,7 +97,8 @@ pub struct RelocationStatus {
 pub struct Relocation {
     vm: String,
     disks: Vec<Arc<Volume>>,
-    targets: Vec<File>,
+    storage: Arc<dyn Storage>,
+    targets: Vec<Arc<dyn BlockFile>>,
     copied: Vec<Arc<PersistentBitmap>>,
     target_dir: PathBuf,
     meta_path: PathBuf,
@@ -118,6 +130,7 @@ struct Progress {
 }
 
 pub struct Request<'a> {
+    pub storage: Arc<dyn Storage>,
     pub vm: &'a str,
     pub disks: &'a [Arc<Volume>],
     pub config_json: &'a [u8],
@@ -139,6 +152,29 @@ impl Relocation {
         if req.rate_mbps.is_some_and(|r| !(r > 0.0)) {
             return Err(Error::invalid("--rate must be a positive number of MB/s"));
         }
+        let target_dir = Self::check_target(&req)?;
+        let meta = Meta {
+            target: target_dir,
+            switched: false,
+            pass: 1,
+            rate_mbps: req.rate_mbps,
+        };
+        let r = Self::begin(
+            req.storage.clone(),
+            req.vm,
+            req.disks,
+            req.config_json,
+            req.session_dir,
+            meta,
+        )?;
+        r.spawn();
+        Ok(r)
+    }
+
+    /// Validates `to` on the real filesystem and returns `to/<vm>`, made a
+    /// 0700 directory. Refuses symbolic links, overlap with the mount or
+    /// staging, a non-empty target without `force`, and too little room.
+    fn check_target(req: &Request) -> Result<PathBuf> {
         let dir = std::fs::canonicalize(req.to)
             .map_err(|e| Error::io(format!("relocation target {}", req.to.display()), e))?;
         if !dir.is_dir() {
@@ -149,7 +185,7 @@ impl Relocation {
         }
         for f in req.forbidden {
             if let Ok(f) = std::fs::canonicalize(f) {
-                if dir.starts_with(&f) || f.starts_with(&dir.join(req.vm)) {
+                if dir.starts_with(&f) || f.starts_with(dir.join(req.vm)) {
                     return Err(Error::invalid(format!(
                         "relocation target {} overlaps {}: choose a directory on primary storage",
                         dir.display(),
@@ -159,16 +195,34 @@ impl Relocation {
             }
         }
         let target_dir = dir.join(req.vm);
-        if let Ok(mut rd) = std::fs::read_dir(&target_dir) {
-            if rd.next().is_some() && !req.force {
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!(
-                        "relocation target {} is not empty (use --force to overwrite)",
-                        target_dir.display()
-                    ),
-                ));
+        match std::fs::symlink_metadata(&target_dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::invalid(format!(
+                    "relocation target {} is a symbolic link, which recoverfs never follows",
+                    target_dir.display()
+                )))
             }
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::invalid(format!(
+                    "relocation target {} exists and is not a directory",
+                    target_dir.display()
+                )))
+            }
+            Ok(_) => {
+                let mut rd = std::fs::read_dir(&target_dir)
+                    .ctx(|| format!("read {}", target_dir.display()))?;
+                if rd.next().is_some() && !req.force {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "relocation target {} is not empty (use --force to overwrite)",
+                            target_dir.display()
+                        ),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("stat {}", target_dir.display()), e)),
         }
         let needed: u64 = req
             .disks
@@ -194,90 +248,143 @@ impl Relocation {
                 ),
             ));
         }
-        std::fs::create_dir_all(&target_dir).ctx(|| format!("create {}", target_dir.display()))?;
-        fsync_dir(&dir)?;
-        let meta = Meta {
-            target: target_dir.clone(),
-            switched: false,
-            pass: 1,
-            rate_mbps: req.rate_mbps,
-        };
-        // Fresh start: drop any copied maps of an earlier relocation.
-        for d in req.disks {
-            let _ = std::fs::remove_file(req.session_dir.join(format!("disk{}.copied", d.index)));
+        req.storage
+            .create_dir_all(&target_dir)
+            .ctx(|| format!("create {}", target_dir.display()))?;
+        // The disks' data is the VM's: nobody else may read it.
+        std::fs::set_permissions(&target_dir, std::fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("chmod {}", target_dir.display()))?;
+        Ok(target_dir)
+    }
+
+    /// Starts a relocation into a checked `meta.target`: forgets any earlier
+    /// relocation of this session (durably, before a target is touched),
+    /// empties the targets, then records the new one.
+    pub(crate) fn begin(
+        storage: Arc<dyn Storage>,
+        vm: &str,
+        disks: &[Arc<Volume>],
+        config_json: &[u8],
+        session_dir: &Path,
+        meta: Meta,
+    ) -> Result<Arc<Relocation>> {
+        // Old copied bits must be gone for good before a target is emptied,
+        // or a crash could leave them claiming blocks the target lost.
+        let meta_path = Self::meta_path(session_dir);
+        storage
+            .remove_file(&meta_path)
+            .ctx(|| format!("remove {}", meta_path.display()))?;
+        for d in disks {
+            let p = Self::copied_path(session_dir, d);
+            storage
+                .remove_file(&p)
+                .ctx(|| format!("remove {}", p.display()))?;
         }
+        storage
+            .sync_dir(session_dir)
+            .ctx(|| format!("fsync directory {}", session_dir.display()))?;
         let r = Self::open(
-            req.vm,
-            req.disks,
-            req.config_json,
-            req.session_dir,
+            storage,
+            vm,
+            disks,
+            config_json,
+            session_dir,
             meta,
-            true,
+            Open::Empty,
         )?;
         r.store_meta()?;
-        r.spawn();
         Ok(r)
+    }
+
+    fn copied_path(session_dir: &Path, d: &Volume) -> PathBuf {
+        session_dir.join(format!("disk{}.copied", d.index))
     }
 
     /// Picks up a relocation recorded in `session_dir`, if any: serves from
     /// the target if it had switched, otherwise resumes copying.
     pub fn resume(
+        storage: Arc<dyn Storage>,
+        vm: &str,
+        disks: &[Arc<Volume>],
+        config_json: &[u8],
+        session_dir: &Path,
+    ) -> Result<Option<Arc<Relocation>>> {
+        let r = Self::reopen(storage, vm, disks, config_json, session_dir)?;
+        if let Some(r) = &r {
+            if r.state() != State::Done {
+                tracing::info!(vm, target = %r.target_dir.display(), "resuming relocation");
+                r.spawn();
+            }
+        }
+        Ok(r)
+    }
+
+    /// `resume` without starting the copier: opens the recorded state and,
+    /// if the cutover had committed, switches the disks to their targets.
+    pub(crate) fn reopen(
+        storage: Arc<dyn Storage>,
         vm: &str,
         disks: &[Arc<Volume>],
         config_json: &[u8],
         session_dir: &Path,
     ) -> Result<Option<Arc<Relocation>>> {
         let p = Self::meta_path(session_dir);
-        let Ok(bytes) = std::fs::read(&p) else {
+        let Some(bytes) = storage
+            .read(&p, MAX_META_BYTES)
+            .ctx(|| format!("read {}", p.display()))?
+        else {
             return Ok(None);
         };
         let meta: Meta = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
         let switched = meta.switched;
-        let r = Self::open(vm, disks, config_json, session_dir, meta, false)?;
+        let r = Self::open(
+            storage,
+            vm,
+            disks,
+            config_json,
+            session_dir,
+            meta,
+            Open::Existing,
+        )?;
         if switched {
+            // Every target is open before the first disk switches.
             for (d, t) in r.disks.iter().zip(&r.targets) {
-                d.switch_to(t.try_clone().ctx(|| "dup target".into())?);
+                d.switch_to(t.clone());
             }
             *r.state.lock() = (
                 State::Done,
                 None,
                 Some("switched before the daemon restarted".into()),
             );
-        } else {
-            tracing::info!(vm, target = %r.target_dir.display(), "resuming relocation");
-            r.spawn();
         }
         Ok(Some(r))
     }
 
     fn open(
+        storage: Arc<dyn Storage>,
         vm: &str,
         disks: &[Arc<Volume>],
         config_json: &[u8],
         session_dir: &Path,
         meta: Meta,
-        create: bool,
+        how: Open,
     ) -> Result<Arc<Relocation>> {
         let mut targets = vec![];
         let mut copied = vec![];
         for d in disks {
             let p = meta.target.join(format!("disk{}.raw", d.index));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(create)
-                .truncate(false)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&p)
+            let f = storage
+                .open(&p, how)
                 .ctx(|| format!("open relocation target {}", p.display()))?;
-            if f.metadata().ctx(|| format!("stat {}", p.display()))?.len() != d.size {
+            if f.len().ctx(|| format!("stat {}", p.display()))? != d.size {
                 // A sparse file of the disk's size: zero blocks stay holes.
                 f.set_len(d.size).ctx(|| format!("size {}", p.display()))?;
             }
             targets.push(f);
             let m = PersistentBitmap::open(
-                &session_dir.join(format!("disk{}.copied", d.index)),
+                storage.as_ref(),
+                &Self::copied_path(session_dir, d),
                 MapKind::Copied,
                 d.block_size() as u32,
                 d.nblocks(),
@@ -291,6 +398,7 @@ impl Relocation {
         Ok(Arc::new(Relocation {
             vm: vm.into(),
             disks: disks.to_vec(),
+            storage,
             targets,
             copied,
             target_dir: meta.target.clone(),
@@ -317,14 +425,24 @@ impl Relocation {
         }))
     }
 
+    fn encode_meta(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(&*self.meta.lock()).expect("json")
+    }
+
     fn store_meta(&self) -> Result<()> {
-        let m = self.meta.lock().clone();
-        write_atomic(
-            &self.meta_path,
-            &serde_json::to_vec_pretty(&m).expect("json"),
-            0o600,
-            true,
-        )
+        io::replace(self.storage.as_ref(), &self.meta_path, &self.encode_meta())
+    }
+
+    /// The copied map of disk `i` (tests check it against the target).
+    #[cfg(test)]
+    pub(crate) fn copied_map(&self, i: usize) -> &PersistentBitmap {
+        &self.copied[i]
+    }
+
+    /// The target file of disk `i`.
+    #[cfg(test)]
+    pub(crate) fn target(&self, i: usize) -> &Arc<dyn BlockFile> {
+        &self.targets[i]
     }
 
     fn spawn(self: &Arc<Self>) {
@@ -479,7 +597,7 @@ impl Relocation {
     }
 
     /// Copies one block; `None` if a guest write is in progress on it.
-    fn copy_block(&self, d: &Arc<Volume>, t: &File, b: u64) -> Result<Option<u32>> {
+    fn copy_block(&self, d: &Arc<Volume>, t: &Arc<dyn BlockFile>, b: u64) -> Result<Option<u32>> {
         let Some(stamp) = d.write_stamp(b) else {
             self.copies_lost.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -490,7 +608,8 @@ impl Relocation {
         }
         let (data, _) = d.read_source(off, len, crate::prefetch::Class::Relocation)?;
         if is_zero(&data) {
-            punch_hole(t, off, len)?;
+            t.punch_hole(off, len)
+                .ctx(|| format!("zero a block of {}", self.target_dir.display()))?;
         } else {
             t.write_all_at(&data, off)
                 .ctx(|| format!("write {}", self.target_dir.display()))?;
@@ -499,7 +618,9 @@ impl Relocation {
         Ok(Some(stamp))
     }
 
-    /// Syncs the target, then records the batch as copied.
+    /// Syncs the target, then the staging the batch was read from, then
+    /// records the batch as copied: a copied bit never claims bytes that a
+    /// crash could take from either side.
     fn commit(&self, i: usize, batch: &mut Vec<(u64, u32)>) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
@@ -507,6 +628,7 @@ impl Relocation {
         self.targets[i]
             .sync_data()
             .ctx(|| format!("fsync relocation target disk{i}"))?;
+        self.disks[i].flush()?;
         for (b, stamp) in batch.drain(..) {
             if self.disks[i].mark_copied(&self.copied[i], b, stamp) {
                 self.blocks_marked.fetch_add(1, Ordering::Relaxed);
@@ -548,42 +670,70 @@ impl Relocation {
         self.set_state(State::Switching, None);
         let t0 = Instant::now();
         let guards: Vec<_> = self.disks.iter().map(|d| d.pause_writes()).collect();
-        let r = (|| {
-            for i in 0..self.disks.len() {
-                self.copy_pass(i, true)?;
-            }
-            if self.remaining() != 0 {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    "blocks still dirty with writes paused",
-                ));
-            }
-            for t in &self.targets {
-                t.sync_all().ctx(|| "fsync relocation target".into())?;
-            }
-            write_atomic(
-                &self.target_dir.join("vm.json"),
-                &self.config_json,
-                0o644,
-                true,
-            )?;
-            fsync_dir(&self.target_dir)?;
-            self.meta.lock().switched = true;
-            self.store_meta()?;
-            for (d, t) in self.disks.iter().zip(&self.targets) {
-                d.switch_to(t.try_clone().ctx(|| "dup target".into())?);
-            }
-            Ok(())
-        })();
+        let r = self.prepare_cutover().and_then(|()| self.commit_cutover());
         drop(guards);
         let pause = t0.elapsed().as_secs_f64() * 1000.0;
-        if let Err(e) = r {
-            self.meta.lock().switched = false;
-            return Err(e.context("cutover"));
-        }
+        r.map_err(|e| e.context("cutover"))?;
         *self.pause_ms.lock() = Some(pause);
         tracing::info!(vm = %self.vm, target = %self.target_dir.display(), pause_ms = pause, "relocation cut over");
         self.set_state(State::Done, None);
+        Ok(())
+    }
+
+    /// Everything that can fail, with writes paused: the final pass, the
+    /// target syncs and the target's vm.json.
+    fn prepare_cutover(self: &Arc<Self>) -> Result<()> {
+        for i in 0..self.disks.len() {
+            self.copy_pass(i, true)?;
+        }
+        if self.remaining() != 0 {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "blocks still dirty with writes paused",
+            ));
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            t.sync_data()
+                .ctx(|| format!("fsync relocation target disk{i}"))?;
+        }
+        io::replace(
+            self.storage.as_ref(),
+            &self.target_dir.join("vm.json"),
+            &self.config_json,
+        )
+    }
+
+    /// The commit point, then only forward progress.
+    fn commit_cutover(&self) -> Result<()> {
+        self.meta.lock().switched = true;
+        if let Err(e) = self
+            .storage
+            .rename_into_place(&self.meta_path, &self.encode_meta())
+        {
+            // The rename did not happen: nothing was committed.
+            self.meta.lock().switched = false;
+            return Err(Error::io(format!("write {}", self.meta_path.display()), e));
+        }
+        // Committed: from here on nothing may turn back.
+        let durable = (0..3).find_map(|attempt| {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            io::sync_parent(self.storage.as_ref(), &self.meta_path).err()
+        });
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            d.switch_to(t.clone());
+        }
+        if let Some(e) = durable {
+            let e = e.context(format!(
+                "the cutover of VM {} committed but could not be made durable",
+                self.vm
+            ));
+            tracing::error!(vm = %self.vm, "{e}; disks now read from the target and refuse writes until released");
+            for d in &self.disks {
+                d.fail_hard(e.clone());
+            }
+        }
         Ok(())
     }
 
@@ -625,23 +775,5 @@ impl Relocation {
             error,
             note,
         }
-    }
-}
-
-fn punch_hole(f: &File, off: u64, len: u64) -> Result<()> {
-    // SAFETY: fallocate on an fd we own, with a range inside the file.
-    let rc = unsafe {
-        libc::fallocate(
-            std::os::fd::AsRawFd::as_raw_fd(f),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        f.write_all_at(&vec![0u8; len as usize], off)
-            .ctx(|| "zero relocation block".into())
     }
 }

@@ -11,12 +11,19 @@ use crate::util::{fsync_dir, write_atomic};
 
 /// What the repository needs from where bytes live.
 pub trait Backend: Send + Sync {
-    /// Reads a whole object; `Ok(None)` if it does not exist.
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Reads a whole object; `Ok(None)` if it does not exist. An object
+    /// larger than `limit` bytes is refused as corrupt before its body is
+    /// read into memory.
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>>;
     /// Stores an object atomically, replacing any old version.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Stores an object atomically only if absent; `Ok(false)` if it existed.
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool>;
+    /// Whether `put_new` is atomic: two writers of one key can never both
+    /// succeed. Where it is not, writers must use keys that cannot collide.
+    fn create_only_is_atomic(&self) -> Result<bool> {
+        Ok(true)
+    }
     fn exists(&self, key: &str) -> Result<bool>;
     /// Size of a stored object, `None` if absent.
     fn size(&self, key: &str) -> Result<Option<u64>>;
@@ -29,6 +36,13 @@ pub trait Backend: Send + Sync {
     fn retries(&self) -> u64 {
         0
     }
+}
+
+/// An object over its bound: damaged or forged, never read whole.
+pub fn too_large(what: &str, len: u64, limit: u64) -> Error {
+    Error::corrupt(format!(
+        "{what} has {len} bytes, more than the {limit} such an object may have"
+    ))
 }
 
 /// A repository in a local directory. Objects are files; every write is
@@ -74,13 +88,21 @@ impl LocalDir {
 }
 
 impl Backend for LocalDir {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         let p = self.path(key);
         match fs::File::open(&p) {
-            Ok(mut f) => {
-                let mut buf = Vec::new();
-                f.read_to_end(&mut buf)
+            Ok(f) => {
+                let len = f.metadata().ctx(|| format!("stat {}", p.display()))?.len();
+                if len > limit {
+                    return Err(too_large(&p.display().to_string(), len, limit));
+                }
+                let mut buf = Vec::with_capacity(len as usize);
+                f.take(limit + 1)
+                    .read_to_end(&mut buf)
                     .ctx(|| format!("read {}", p.display()))?;
+                if buf.len() as u64 > limit {
+                    return Err(too_large(&p.display().to_string(), buf.len() as u64, limit));
+                }
                 Ok(Some(buf))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -158,11 +180,12 @@ mod tests {
     fn objects_round_trip_and_listing_hides_temp_files() {
         let d = tempfile::tempdir().unwrap();
         let b = LocalDir::new(d.path());
-        assert_eq!(b.get("a/b/c").unwrap(), None);
+        assert_eq!(b.get("a/b/c", 10).unwrap(), None);
         b.put("a/b/c", b"hello").unwrap();
-        assert_eq!(b.get("a/b/c").unwrap().unwrap(), b"hello");
+        assert_eq!(b.get("a/b/c", 10).unwrap().unwrap(), b"hello");
+        assert!(b.get("a/b/c", 4).is_err(), "over its bound");
         assert!(!b.put_new("a/b/c", b"other").unwrap());
-        assert_eq!(b.get("a/b/c").unwrap().unwrap(), b"hello");
+        assert_eq!(b.get("a/b/c", 10).unwrap().unwrap(), b"hello");
         fs::write(d.path().join("a/b/.c.tmp.1"), b"x").unwrap();
         assert_eq!(b.list("a/b").unwrap(), vec!["c".to_string()]);
         assert_eq!(b.size("a/b/c").unwrap(), Some(5));

@@ -48,6 +48,14 @@ impl DiskManifest {
     }
 
     fn check(&self) -> Result<()> {
+        if self.size > super::limits::MAX_DISK_BYTES {
+            return Err(Error::corrupt(format!(
+                "disk {} claims {} bytes, more than the {} a disk may have",
+                self.name,
+                self.size,
+                super::limits::MAX_DISK_BYTES
+            )));
+        }
         let expect = Self::chunk_count(self.size, self.chunk_size);
         if self.chunks.len() as u64 != expect {
             return Err(Error::corrupt(format!(
@@ -78,6 +86,13 @@ impl Manifest {
             return Err(Error::corrupt(format!(
                 "manifest {what} has unknown format {}",
                 m.format
+            )));
+        }
+        if m.disks.len() > super::limits::MAX_DISKS {
+            return Err(Error::corrupt(format!(
+                "manifest {what} lists {} disks, more than the {} a backup may have",
+                m.disks.len(),
+                super::limits::MAX_DISKS
             )));
         }
         for d in &m.disks {
@@ -138,6 +153,17 @@ mod tests {
             .replace("\"memory_mib\":512", "\"memory_mib\":513");
         let e = Manifest::decode(s.as_bytes(), "x").unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_over_its_bounds_is_refused_before_use() {
+        let mut m = sample();
+        m.disks = vec![m.disks[0].clone(); crate::repo::limits::MAX_DISKS + 1];
+        let e = Manifest::decode(&m.encode().unwrap(), "x").unwrap_err();
+        assert!(e.to_string().contains("more than the"), "{e}");
+        let mut m = sample();
+        m.disks[0].size = crate::repo::limits::MAX_DISK_BYTES + 1;
+        assert!(Manifest::decode(&m.encode().unwrap(), "x").is_err());
     }
 
     #[test]

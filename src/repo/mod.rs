@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod chunk;
+pub mod limits;
 pub mod manifest;
 pub mod s3;
 pub mod sealed;
@@ -71,7 +72,7 @@ impl Repository {
     /// empty directory. Used by `backup` and `init`.
     pub fn open_or_create(spec: &str) -> Result<(Arc<Repository>, bool)> {
         let backend = Self::backend_for(spec, true, &[])?;
-        match backend.get(INFO_KEY)? {
+        match backend.get(INFO_KEY, limits::MAX_META_BYTES)? {
             Some(_) => {
                 let info = Self::read_info(backend.as_ref())?;
                 Ok((Arc::new(Repository { backend, info }), false))
@@ -148,11 +149,13 @@ impl Repository {
 
     fn read_info(backend: &dyn Backend) -> Result<RepoInfo> {
         let loc = backend.location();
-        let bytes = backend.get(INFO_KEY)?.ok_or_else(|| {
-            Error::not_found(format!(
-                "{loc} is not a recoverfs repository (no repo.json)"
-            ))
-        })?;
+        let bytes = backend
+            .get(INFO_KEY, limits::MAX_META_BYTES)?
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "{loc} is not a recoverfs repository (no repo.json)"
+                ))
+            })?;
         let info: RepoInfo = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{loc}/repo.json is damaged ({e})")))?;
         if info.format != REPO_FORMAT {
@@ -211,16 +214,19 @@ impl Repository {
         validate_name("VM name", vm)?;
         validate_name("backup id", id)?;
         let key = manifest_key(vm, id);
-        let bytes = self.backend.get(&key)?.ok_or_else(|| {
-            if self.backup_ids(vm).map(|v| v.is_empty()).unwrap_or(true) {
-                Error::not_found(format!(
-                    "unknown VM {vm:?}: no backups in {}",
-                    self.location()
-                ))
-            } else {
-                Error::not_found(format!("unknown backup {id:?} of VM {vm}"))
-            }
-        })?;
+        let bytes = self
+            .backend
+            .get(&key, limits::MAX_MANIFEST_BYTES)?
+            .ok_or_else(|| {
+                if self.backup_ids(vm).map(|v| v.is_empty()).unwrap_or(true) {
+                    Error::not_found(format!(
+                        "unknown VM {vm:?}: no backups in {}",
+                        self.location()
+                    ))
+                } else {
+                    Error::not_found(format!("unknown backup {id:?} of VM {vm}"))
+                }
+            })?;
         let m = Manifest::decode(&bytes, &format!("{vm}/{id}"))?;
         if m.vm != vm || m.id != id {
             return Err(Error::corrupt(format!(
@@ -229,6 +235,14 @@ impl Repository {
             )));
         }
         Ok(m)
+    }
+
+    /// Whether a backup's manifest exists: `Ok(false)` only when the
+    /// repository says it does not; an unreachable one is an error.
+    pub fn has_manifest(&self, vm: &str, id: &str) -> Result<bool> {
+        validate_name("VM name", vm)?;
+        validate_name("backup id", id)?;
+        self.backend.exists(&manifest_key(vm, id))
     }
 
     /// The newest backup of a VM, or the given one.
@@ -298,7 +312,7 @@ impl Repository {
     ) -> Result<(Vec<u8>, u64)> {
         let stored = self
             .backend
-            .get(&d.key())
+            .get(&d.key(), limits::max_chunk_object(len))
             .map_err(|e| e.context(format!("chunk {d} of {what}")))?
             .ok_or_else(|| {
                 Error::corrupt(format!(
@@ -308,6 +322,12 @@ impl Repository {
         let n = stored.len() as u64;
         let data = chunk::decode(&stored, d, len).map_err(|e| e.context(what))?;
         Ok((data, n))
+    }
+
+    /// Whether backup ids alone keep concurrent writers apart (see
+    /// `Backend::create_only_is_atomic`).
+    pub fn create_only_is_atomic(&self) -> Result<bool> {
+        self.backend.create_only_is_atomic()
     }
 
     /// Writes a manifest last, never replacing an existing backup.

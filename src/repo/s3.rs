@@ -6,6 +6,13 @@
 //! small tokio runtime owned by the backend and waits, so N fetch workers
 //! keep N requests in flight. Transient failures are retried here (not
 //! inside object_store) so retries can be counted and shown in `status`.
+//!
+//! Manifests are created with a create-only conditional PUT
+//! (`If-None-Match: *`, object_store's `PutMode::Create`), which AWS S3,
+//! MinIO and Ceph honour. Some stores ignore the header and overwrite
+//! (Garage 2.5 does): [`S3Backend::create_only_is_atomic`] finds out once
+//! per process with a probe object, and the backup writer then gives each
+//! backup id a random suffix, so two writers still cannot collide.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +20,7 @@ use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, PutPayload, RetryConfig};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use super::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
@@ -26,6 +33,8 @@ pub struct S3Backend {
     prefix: String,
     rt: tokio::runtime::Runtime,
     retries: AtomicU64,
+    /// Whether the store honours create-only PUTs (probed once).
+    create_only: std::sync::OnceLock<bool>,
 }
 
 impl S3Backend {
@@ -76,6 +85,15 @@ impl S3Backend {
         let store = b
             .build()
             .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
+        Self::with_store(Arc::new(store), bucket, prefix)
+    }
+
+    /// A backend on any object store (tests use object_store's in-memory one).
+    pub fn with_store(
+        store: Arc<dyn ObjectStore>,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<S3Backend> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3-io")
@@ -83,12 +101,63 @@ impl S3Backend {
             .build()
             .map_err(|e| Error::io("start the S3 runtime", e))?;
         Ok(S3Backend {
-            store: Arc::new(store),
+            store,
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             rt,
             retries: AtomicU64::new(0),
+            create_only: std::sync::OnceLock::new(),
         })
+    }
+
+    /// One create-only PUT; `Ok(false)` if the object existed.
+    fn put_create(&self, key: &str, data: &[u8]) -> Result<bool> {
+        let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
+        let attempts = AtomicU64::new(0);
+        let r = self.call(&format!("PUT (create-only) {key}"), |s| {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let (p, payload) = (p.clone(), payload.clone());
+            async move {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                s.put_opts(&p, payload, opts).await.map(|_| ())
+            }
+        });
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                // After a retry, "exists" may be our own first attempt.
+                if attempts.load(Ordering::Relaxed) > 1
+                    && self.get(key, data.len() as u64)?.as_deref() == Some(data)
+                {
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a create-only PUT of an existing key fails on this store:
+    /// written twice to a fresh probe object, the second must be refused.
+    pub fn create_only_is_atomic(&self) -> Result<bool> {
+        if let Some(v) = self.create_only.get() {
+            return Ok(*v);
+        }
+        let key = format!("probes/create-only-{}", super::random_hex(8));
+        self.put_create(&key, b"1")?;
+        let honoured = !self.put_create(&key, b"2")?;
+        let _ = self.delete(&key);
+        if !honoured {
+            tracing::warn!(
+                store = %self.location(),
+                "this S3 store ignores conditional PUTs (If-None-Match); backup ids get a random suffix so concurrent writers cannot overwrite each other"
+            );
+        }
+        let _ = self.create_only.set(honoured);
+        Ok(honoured)
     }
 
     fn path(&self, key: &str) -> ObjPath {
@@ -164,14 +233,26 @@ fn map_err(what: &str, e: object_store::Error) -> Error {
 }
 
 impl Backend for S3Backend {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         let p = self.path(key);
         let r = self.call(&format!("GET {key}"), move |s| {
             let p = p.clone();
-            async move { s.get(&p).await?.bytes().await }
+            async move {
+                let r = s.get(&p).await?;
+                // The length is known from the headers: refuse before the body.
+                if r.meta.size > limit {
+                    return Ok(Err(r.meta.size));
+                }
+                r.bytes().await.map(Ok)
+            }
         });
         match r {
-            Ok(b) => Ok(Some(b.to_vec())),
+            Ok(Ok(b)) => Ok(Some(b.to_vec())),
+            Ok(Err(len)) => Err(super::backend::too_large(
+                &format!("{}/{key}", self.location()),
+                len,
+                limit,
+            )),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -185,15 +266,18 @@ impl Backend for S3Backend {
         })
     }
 
-    /// S3 PUT replaces atomically but not conditionally on every store, so
-    /// "create only" is a HEAD then a PUT. Callers use it for manifests,
-    /// whose ids are unique per second and VM, so the window is harmless.
+    /// A create-only conditional PUT (see the module docs for stores that
+    /// ignore the condition). An existing object is never replaced by a
+    /// store that honours it; a HEAD first spares most collisions a write.
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
         if self.exists(key)? {
             return Ok(false);
         }
-        self.put(key, data)?;
-        Ok(true)
+        self.put_create(key, data)
+    }
+
+    fn create_only_is_atomic(&self) -> Result<bool> {
+        S3Backend::create_only_is_atomic(self)
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
@@ -260,5 +344,28 @@ impl Backend for S3Backend {
 
     fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_create_only_put_never_replaces_an_existing_manifest() {
+        let b = S3Backend::with_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            "bucket",
+            "site",
+        )
+        .unwrap();
+        assert!(
+            b.create_only_is_atomic().unwrap(),
+            "the in-memory store honours If-None-Match"
+        );
+        assert!(b.put_new("backups/vm/1.json", b"first").unwrap());
+        assert!(!b.put_new("backups/vm/1.json", b"second").unwrap());
+        assert!(!b.put_create("backups/vm/1.json", b"third").unwrap());
+        assert_eq!(b.get("backups/vm/1.json", 100).unwrap().unwrap(), b"first");
     }
 }

@@ -104,7 +104,12 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
     let config = req
         .config
         .unwrap_or_else(|| default_config(&req.vm, disks.len()));
-    let base_id = backup_id(created_unix);
+    let mut base_id = backup_id(created_unix);
+    if !repo.create_only_is_atomic()? {
+        // The store could let a concurrent writer replace a manifest with
+        // the same id: make ids that cannot collide.
+        base_id = format!("{base_id}-{}", super::random_hex(3));
+    }
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
         vm: req.vm.clone(),

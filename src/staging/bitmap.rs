@@ -6,15 +6,14 @@
 //! so a torn or stale bitmap write can only under-report, never claim data
 //! that is not on disk.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::io::{replace, BlockFile, Open, Storage};
 use crate::error::{Error, IoContext, Result};
-use crate::util::write_atomic;
 
 pub struct AtomicBitmap {
     words: Vec<AtomicU64>,
@@ -109,7 +108,7 @@ pub enum MapKind {
 /// Header: magic, kind (u32), block size (u32), block count (u64).
 pub struct PersistentBitmap {
     bits: AtomicBitmap,
-    file: File,
+    file: Arc<dyn BlockFile>,
     path: PathBuf,
     /// Set when a bit changed after the last persist.
     dirty: AtomicBool,
@@ -120,19 +119,25 @@ pub struct PersistentBitmap {
 impl PersistentBitmap {
     /// Opens the map at `path`, creating it (atomically, all zero) if absent.
     /// A header that does not match the disk geometry is corruption.
-    pub fn open(path: &Path, kind: MapKind, block_size: u32, nblocks: u64) -> Result<Self> {
+    pub fn open(
+        storage: &dyn Storage,
+        path: &Path,
+        kind: MapKind,
+        block_size: u32,
+        nblocks: u64,
+    ) -> Result<Self> {
         let header = Self::header(kind, block_size, nblocks);
         let words_len = nblocks.div_ceil(64) * 8;
-        if !path.exists() {
+        if !storage
+            .exists(path)
+            .ctx(|| format!("stat {}", path.display()))?
+        {
             let mut init = header.to_vec();
             init.resize((HEADER_LEN + words_len) as usize, 0);
-            write_atomic(path, &init, 0o600, false)?;
+            replace(storage, path, &init)?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
+        let file = storage
+            .open(path, Open::Existing)
             .ctx(|| format!("open {}", path.display()))?;
         let mut buf = vec![0u8; (HEADER_LEN + words_len) as usize];
         file.read_exact_at(&mut buf, 0)
@@ -287,7 +292,7 @@ impl PersistentBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::staging::io::OsStorage;
 
     #[test]
     fn concurrent_setters_each_see_exactly_one_new_set() {
@@ -316,13 +321,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m");
         {
-            let m = PersistentBitmap::open(&p, MapKind::Present, 65536, 130).unwrap();
+            let m = PersistentBitmap::open(&OsStorage, &p, MapKind::Present, 65536, 130).unwrap();
             m.set(0);
             m.set(129);
             m.persist().unwrap();
             m.set(64); // never persisted: a crash loses it, which is safe
         }
-        let m = PersistentBitmap::open(&p, MapKind::Present, 65536, 130).unwrap();
+        let m = PersistentBitmap::open(&OsStorage, &p, MapKind::Present, 65536, 130).unwrap();
         assert!(m.test(0) && m.test(129) && !m.test(64));
         assert_eq!(m.bits().ranges(), vec![(0, 1), (129, 130)]);
     }
@@ -331,9 +336,9 @@ mod tests {
     fn durable_set_is_on_disk_before_it_returns() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c");
-        let m = PersistentBitmap::open(&p, MapKind::Changed, 65536, 100).unwrap();
+        let m = PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, 65536, 100).unwrap();
         m.set_durable(70).unwrap();
-        let again = PersistentBitmap::open(&p, MapKind::Changed, 65536, 100).unwrap();
+        let again = PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, 65536, 100).unwrap();
         assert!(again.test(70));
     }
 
@@ -341,7 +346,8 @@ mod tests {
     fn concurrent_durable_sets_all_reach_the_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c");
-        let m = Arc::new(PersistentBitmap::open(&p, MapKind::Changed, 65536, 256).unwrap());
+        let m =
+            Arc::new(PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, 65536, 256).unwrap());
         let ts: Vec<_> = (0..4)
             .map(|t| {
                 let m = m.clone();
@@ -349,7 +355,7 @@ mod tests {
             })
             .collect();
         ts.into_iter().for_each(|t| t.join().unwrap());
-        let again = PersistentBitmap::open(&p, MapKind::Changed, 65536, 256).unwrap();
+        let again = PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, 65536, 256).unwrap();
         assert_eq!(again.bits().count(), 256);
     }
 
@@ -357,7 +363,8 @@ mod tests {
     fn a_durable_clear_is_never_undone_by_an_exclusive_persist() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c");
-        let m = Arc::new(PersistentBitmap::open(&p, MapKind::Copied, 65536, 128).unwrap());
+        let m =
+            Arc::new(PersistentBitmap::open(&OsStorage, &p, MapKind::Copied, 65536, 128).unwrap());
         for b in 0..128 {
             m.set(b);
         }
@@ -376,7 +383,7 @@ mod tests {
             m.persist_exclusive().unwrap();
         }
         clearer.join().unwrap();
-        let again = PersistentBitmap::open(&p, MapKind::Copied, 65536, 128).unwrap();
+        let again = PersistentBitmap::open(&OsStorage, &p, MapKind::Copied, 65536, 128).unwrap();
         for b in (0..128).step_by(3) {
             assert!(!again.test(b), "cleared bit {b} came back");
         }
@@ -386,16 +393,16 @@ mod tests {
     fn a_map_from_other_geometry_or_kind_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m");
-        PersistentBitmap::open(&p, MapKind::Present, 65536, 10).unwrap();
-        assert!(PersistentBitmap::open(&p, MapKind::Present, 65536, 11).is_err());
-        assert!(PersistentBitmap::open(&p, MapKind::Changed, 65536, 10).is_err());
+        PersistentBitmap::open(&OsStorage, &p, MapKind::Present, 65536, 10).unwrap();
+        assert!(PersistentBitmap::open(&OsStorage, &p, MapKind::Present, 65536, 11).is_err());
+        assert!(PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, 65536, 10).is_err());
         std::fs::OpenOptions::new()
             .write(true)
             .open(&p)
             .unwrap()
             .set_len(10)
             .unwrap();
-        let e = PersistentBitmap::open(&p, MapKind::Present, 65536, 10)
+        let e = PersistentBitmap::open(&OsStorage, &p, MapKind::Present, 65536, 10)
             .err()
             .unwrap();
         assert!(e.to_string().contains("truncated"));

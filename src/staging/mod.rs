@@ -3,26 +3,35 @@
 //! ```text
 //! <staging>/staging.json                      which repository this belongs to
 //! <staging>/lock                              flock held by the serving daemon
+//! <staging>/sessions/<vm>/<backup>/manifest.json  the backup's manifest, as recovered
 //! <staging>/sessions/<vm>/<backup>/session.json   geometry; written last
 //! <staging>/sessions/<vm>/<backup>/diskN.data     sparse, disk-sized block data
 //! <staging>/sessions/<vm>/<backup>/diskN.present  blocks whose data is local
 //! <staging>/sessions/<vm>/<backup>/diskN.changed  blocks the guest wrote
 //! ```
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
+//!
+//! Every file of a session goes through [`io::Storage`], so tests can fail
+//! or record its I/O. The session keeps its own copy of the manifest: a
+//! kept session resumes from it even while the repository is unreachable.
 
 pub mod bitmap;
+pub mod io;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub use bitmap::{AtomicBitmap, MapKind, PersistentBitmap};
+pub use io::{BlockFile, Open, OsStorage, Storage};
 
 use crate::error::{Error, IoContext, Result};
+use crate::repo::limits::{MAX_MANIFEST_BYTES, MAX_META_BYTES};
 use crate::repo::{DiskManifest, Manifest};
-use crate::util::{fsync_dir, now_unix, write_atomic};
+use crate::util::{now_unix, write_atomic};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct StagingInfo {
@@ -34,13 +43,34 @@ struct StagingInfo {
 /// An opened, locked staging directory. Dropping it releases the lock.
 pub struct StagingDir {
     root: PathBuf,
+    storage: Arc<dyn Storage>,
     _lock: File,
+}
+
+/// What `StagingDir::open` found before touching anything.
+enum Found {
+    /// A staging directory of the right repository.
+    Ours,
+    /// Empty (or holding only a lock left by an interrupted first start).
+    Empty,
 }
 
 impl StagingDir {
     /// Opens (creating if needed) a staging directory for `repo_id` and
-    /// takes its lock, so two daemons never share one.
+    /// takes its lock, so two daemons never share one. A directory that is
+    /// neither empty nor a staging directory is refused before anything in
+    /// it (its mode included) is changed.
     pub fn open(root: &Path, repo_id: &str, repo_location: &str) -> Result<StagingDir> {
+        Self::open_with(root, repo_id, repo_location, OsStorage::shared())
+    }
+
+    /// `open` with session files on `storage` (tests: faults, recording).
+    pub fn open_with(
+        root: &Path,
+        repo_id: &str,
+        repo_location: &str,
+        storage: Arc<dyn Storage>,
+    ) -> Result<StagingDir> {
         if !root.exists() {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -54,9 +84,34 @@ impl StagingDir {
             )));
         }
         let root = fs::canonicalize(root).ctx(|| format!("resolve {}", root.display()))?;
+        let found = Self::identify(&root, repo_id)?;
+        let lock = Self::lock(&root)?;
+        // Only now is the directory known to be ours to change.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", root.display()))?;
-        let lock = Self::lock(&root)?;
+        if let Found::Empty = found {
+            let info = StagingInfo {
+                format: "recoverfs-staging-1".into(),
+                repo_id: repo_id.into(),
+                repo: repo_location.into(),
+            };
+            write_atomic(
+                &root.join("staging.json"),
+                &serde_json::to_vec_pretty(&info).expect("json"),
+                0o600,
+                true,
+            )?;
+        }
+        Ok(StagingDir {
+            root,
+            storage,
+            _lock: lock,
+        })
+    }
+
+    /// Decides, reading only, whether `root` is our staging directory, an
+    /// empty one, or something else (refused).
+    fn identify(root: &Path, repo_id: &str) -> Result<Found> {
         let info_path = root.join("staging.json");
         match fs::read(&info_path) {
             Ok(bytes) => {
@@ -70,32 +125,23 @@ impl StagingDir {
                         info.repo
                     )));
                 }
+                Ok(Found::Ours)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let is_empty = fs::read_dir(&root)
-                    .map(|mut d| d.all(|e| e.map(|e| e.file_name() == "lock").unwrap_or(false)))
-                    .unwrap_or(false);
-                if !is_empty {
-                    return Err(Error::invalid(format!(
-                        "{} is not empty and is not a recoverfs staging directory",
-                        root.display()
-                    )));
+                let entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
+                for e in entries {
+                    let e = e.ctx(|| format!("read {}", root.display()))?;
+                    if e.file_name() != "lock" {
+                        return Err(Error::invalid(format!(
+                            "{} is not empty and is not a recoverfs staging directory; nothing in it was changed",
+                            root.display()
+                        )));
+                    }
                 }
-                let info = StagingInfo {
-                    format: "recoverfs-staging-1".into(),
-                    repo_id: repo_id.into(),
-                    repo: repo_location.into(),
-                };
-                write_atomic(
-                    &info_path,
-                    &serde_json::to_vec_pretty(&info).expect("json"),
-                    0o600,
-                    true,
-                )?;
+                Ok(Found::Empty)
             }
-            Err(e) => return Err(Error::io(format!("read {}", info_path.display()), e)),
+            Err(e) => Err(Error::io(format!("read {}", info_path.display()), e)),
         }
-        Ok(StagingDir { root, _lock: lock })
     }
 
     fn lock(root: &Path) -> Result<File> {
@@ -142,6 +188,10 @@ impl StagingDir {
         &self.root
     }
 
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
     pub fn session_dir(&self, vm: &str, backup: &str) -> PathBuf {
         self.root.join("sessions").join(vm).join(backup)
     }
@@ -155,7 +205,7 @@ impl StagingDir {
             .flatten()
             .filter_map(|e| {
                 let backup = e.file_name().to_str()?.to_string();
-                let meta = SessionMeta::load(&e.path()).ok()?;
+                let meta = SessionMeta::load(self.storage.as_ref(), &e.path()).ok()?;
                 Some((backup, meta.last_recovered))
             })
             .collect();
@@ -163,12 +213,35 @@ impl StagingDir {
         out
     }
 
+    /// The manifest a kept session was recovered from, from its own copy;
+    /// `None` for a session made before copies were kept.
+    pub fn kept_manifest(&self, vm: &str, backup: &str) -> Result<Option<Manifest>> {
+        let p = self.session_dir(vm, backup).join("manifest.json");
+        let Some(bytes) = self
+            .storage
+            .read(&p, MAX_MANIFEST_BYTES)
+            .ctx(|| format!("read {}", p.display()))?
+        else {
+            return Ok(None);
+        };
+        let m = Manifest::decode(&bytes, &format!("{vm}/{backup} (copy in {})", p.display()))?;
+        if m.vm != vm || m.id != backup {
+            return Err(Error::corrupt(format!(
+                "{} names backup {}/{}",
+                p.display(),
+                m.vm,
+                m.id
+            )));
+        }
+        Ok(Some(m))
+    }
+
     /// Deletes a session's staging data for good.
     pub fn discard(&self, vm: &str, backup: &str) -> Result<()> {
         let dir = self.session_dir(vm, backup);
         if dir.exists() {
             fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
-            fsync_dir(dir.parent().expect("has parent"))?;
+            io::sync_parent(self.storage.as_ref(), &dir)?;
         }
         Ok(())
     }
@@ -192,26 +265,28 @@ pub struct DiskGeometry {
 }
 
 impl SessionMeta {
-    fn load(dir: &Path) -> Result<SessionMeta> {
+    fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
         let p = dir.join("session.json");
-        let bytes = fs::read(&p).ctx(|| format!("read {}", p.display()))?;
+        let bytes = storage
+            .read(&p, MAX_META_BYTES)
+            .ctx(|| format!("read {}", p.display()))?
+            .ok_or_else(|| Error::not_found(format!("{} is missing", p.display())))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))
     }
 
-    fn store(&self, dir: &Path) -> Result<()> {
-        write_atomic(
+    fn store(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
+        io::replace(
+            storage,
             &dir.join("session.json"),
             &serde_json::to_vec_pretty(self).expect("json"),
-            0o600,
-            true,
         )
     }
 }
 
 /// The files of one staged disk.
 pub struct DiskStore {
-    pub data: File,
+    pub data: Arc<dyn BlockFile>,
     pub present: PersistentBitmap,
     pub changed: PersistentBitmap,
     pub data_path: PathBuf,
@@ -219,7 +294,11 @@ pub struct DiskStore {
 
 /// Opens or creates the staging of one recovery session. Returns the disk
 /// stores and whether existing staging was resumed.
-pub fn open_session(dir: &Path, m: &Manifest) -> Result<(Vec<DiskStore>, bool)> {
+pub fn open_session(
+    storage: &dyn Storage,
+    dir: &Path,
+    m: &Manifest,
+) -> Result<(Vec<DiskStore>, bool)> {
     let geometry: Vec<DiskGeometry> = m
         .disks
         .iter()
@@ -229,7 +308,7 @@ pub fn open_session(dir: &Path, m: &Manifest) -> Result<(Vec<DiskStore>, bool)> 
             chunk_size: d.chunk_size,
         })
         .collect();
-    let existing = SessionMeta::load(dir).ok();
+    let existing = SessionMeta::load(storage, dir).ok();
     let resumed = existing.is_some();
     if let Some(meta) = &existing {
         if meta.disks != geometry {
@@ -241,18 +320,22 @@ pub fn open_session(dir: &Path, m: &Manifest) -> Result<(Vec<DiskStore>, bool)> 
             )));
         }
     } else {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
+        storage
+            .create_dir_all(dir)
             .ctx(|| format!("create {}", dir.display()))?;
-        fsync_dir(dir.parent().expect("has parent"))?;
+    }
+    let copy = dir.join("manifest.json");
+    if !storage
+        .exists(&copy)
+        .ctx(|| format!("stat {}", copy.display()))?
+    {
+        io::replace(storage, &copy, &m.encode()?)?;
     }
     let stores = m
         .disks
         .iter()
         .enumerate()
-        .map(|(i, d)| open_disk(dir, i, d, resumed))
+        .map(|(i, d)| open_disk(storage, dir, i, d, resumed))
         .collect::<Result<Vec<_>>>()?;
     // Written last: its presence means every file above exists.
     let meta = SessionMeta {
@@ -262,32 +345,32 @@ pub fn open_session(dir: &Path, m: &Manifest) -> Result<(Vec<DiskStore>, bool)> 
         created: existing.map(|e| e.created).unwrap_or_else(now_unix),
         last_recovered: now_unix(),
     };
-    meta.store(dir)?;
+    meta.store(storage, dir)?;
     Ok((stores, resumed))
 }
 
-fn open_disk(dir: &Path, index: usize, d: &DiskManifest, resumed: bool) -> Result<DiskStore> {
+fn open_disk(
+    storage: &dyn Storage,
+    dir: &Path,
+    index: usize,
+    d: &DiskManifest,
+    resumed: bool,
+) -> Result<DiskStore> {
     let data_path = dir.join(format!("disk{index}.data"));
     let nblocks = DiskManifest::chunk_count(d.size, d.chunk_size);
-    if resumed && !data_path.exists() {
-        return Err(Error::corrupt(format!(
-            "staging file {} is missing",
-            data_path.display()
-        )));
-    }
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&data_path)
-        .ctx(|| format!("open {}", data_path.display()))?;
-    let len = data
-        .metadata()
-        .ctx(|| format!("stat {}", data_path.display()))?
-        .len();
+    let how = if resumed {
+        Open::Existing
+    } else {
+        Open::Create
+    };
+    let data = storage.open(&data_path, how).map_err(|e| {
+        if resumed && e.kind() == std::io::ErrorKind::NotFound {
+            Error::corrupt(format!("staging file {} is missing", data_path.display()))
+        } else {
+            Error::io(format!("open {}", data_path.display()), e)
+        }
+    })?;
+    let len = data.len().ctx(|| format!("stat {}", data_path.display()))?;
     if len != d.size {
         if resumed && len != 0 {
             return Err(Error::corrupt(format!(
@@ -297,16 +380,16 @@ fn open_disk(dir: &Path, index: usize, d: &DiskManifest, resumed: bool) -> Resul
         }
         data.set_len(d.size)
             .ctx(|| format!("size {}", data_path.display()))?;
-        data.sync_all()
-            .ctx(|| format!("fsync {}", data_path.display()))?;
     }
     let present = PersistentBitmap::open(
+        storage,
         &dir.join(format!("disk{index}.present")),
         MapKind::Present,
         d.chunk_size,
         nblocks,
     )?;
     let changed = PersistentBitmap::open(
+        storage,
         &dir.join(format!("disk{index}.changed")),
         MapKind::Changed,
         d.chunk_size,

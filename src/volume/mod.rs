@@ -1,39 +1,57 @@
 //! A live virtual disk: the read/write/flush API every frontend (FUSE now,
-//! NFS later) calls. It joins a backup's chunk list with a staging store.
+//! NFS and NBD later) calls. It joins a backup's chunk list with a staging
+//! store.
 //!
-//! * A read of a staged block is a `pread` of the staging file.
+//! * A read of a staged block is a read of the staging file.
 //! * A read of a missing block starts a fetch (at most one per block, via
 //!   the in-flight table), waits for it, then reads the staging file.
 //! * A zero chunk that is not staged reads as zeros without any I/O.
 //! * A write marks its blocks changed (durably, first), fills a partly
 //!   covered missing block from the backup, then writes the staging file.
-//! * `flush` makes data, then the presence map, then the changed map durable.
+//! * `flush` makes data, then the presence map, then the changed map
+//!   durable. Concurrent flushes are grouped: one syncs for all waiting.
 //!
-//! The in-flight table's lock is held only to decide who fetches; all I/O
-//! happens outside it, so a slow fetch never blocks reads of staged blocks.
-//! Every fetch goes through the daemon's one [`Scheduler`] with a class: a
-//! guest waiting on a block that a prefetch queued promotes that job, so
-//! each block is fetched once, whoever needed it first.
+//! The in-flight table's lock is held only to decide who fills a block; all
+//! I/O happens outside it, so a slow fetch never blocks reads of staged
+//! blocks. Every fetch goes through the daemon's one [`Scheduler`] with a
+//! class: a guest waiting on a block that a prefetch queued promotes that
+//! job, so each block is fetched once, whoever needed it first.
+//!
+//! **Lock order of writes.** A write claims the blocks it fully covers (so
+//! readers wait for its data, not the backup's) and waits for the fills of
+//! the blocks it partly covers. It does both in ascending block order, and
+//! never waits on a block while holding a claim on a higher one, so two
+//! overlapping writes can never wait on each other in a cycle.
+//!
+//! **Failure is sticky.** Once a sync of this disk's staging fails, the
+//! kernel may have dropped data that a later sync would then report as
+//! durable; so, as QEMU does after a failed flush, every later flush fails
+//! until the session is released, and no presence bit is persisted again.
+//! Writes fail too (reads go on): bytes that can never be made durable are
+//! better refused than silently lost.
+//!
+//! **Release.** `close` ends fetching: a fetch still running writes nothing
+//! to staging after `close` returns, so a later session on the same staging
+//! never sees a released session's writes.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use std::fs::File;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::metrics::{Counter, LatencyHistogram};
 use crate::prefetch::scheduler::Job;
 use crate::prefetch::stream::{Detector, Geometry};
 use crate::prefetch::tracker::{ProfileFigures, RecordWindow, Tracker};
 use crate::prefetch::{Class, Scheduler};
 use crate::repo::{Digest, DiskManifest, Repository};
+use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
 mod relocation;
@@ -118,8 +136,13 @@ pub struct Volume {
     store: DiskStore,
     inflight: Mutex<HashMap<u64, Arc<Slot>>>,
     /// Serialises flushes so one fsync never returns while another's map
-    /// write, which its data depends on, is still pending.
-    flush_lock: Mutex<()>,
+    /// write, which its data depends on, is still pending. Holds the number
+    /// of the last flush request a completed sync covered.
+    flush_lock: Mutex<u64>,
+    /// Flush requests so far (see `flush`: group commit).
+    flush_requests: AtomicU64,
+    /// The first failed sync of this disk's staging; sticky until release.
+    failed: OnceLock<Error>,
     sched: Arc<Scheduler>,
     pub stats: VolumeStats,
     /// First reads (the profile being recorded) and the applied profile.
@@ -135,7 +158,7 @@ pub struct Volume {
     /// Guest writes hold it shared; the cutover holds it exclusively.
     write_gate: RwLock<()>,
     /// After cutover, the primary copy that serves all I/O.
-    target: OnceLock<File>,
+    target: OnceLock<Arc<dyn BlockFile>>,
     /// Guest requests in progress (relocation yields while > 0).
     guest_inflight: AtomicU32,
     /// Copied blocks the guest wrote again (relocation's convergence signal).
@@ -145,6 +168,9 @@ pub struct Volume {
     /// Set at release: queued fetches end without I/O, so none writes into
     /// staging that a later session may already be using.
     closed: AtomicBool,
+    /// Every write to staging holds it shared and checks `closed` inside;
+    /// `close` takes it exclusively, so after `close` nothing lands.
+    io_gate: RwLock<()>,
 }
 
 /// Per-disk figures for `status`.
@@ -171,6 +197,9 @@ pub struct DiskStatus {
     pub fetches_in_flight: usize,
     pub flushes: u64,
     pub last_fetch_error: Option<String>,
+    /// Set once a sync of this disk's staging failed: every later flush
+    /// fails with EIO until the session is released.
+    pub failed: Option<String>,
     /// Share of the applied profile's blocks already staged (0..1; 1 when
     /// there is no profile to stage).
     pub profile_coverage: f64,
@@ -203,7 +232,9 @@ impl Volume {
             repo,
             store,
             inflight: Mutex::new(HashMap::new()),
-            flush_lock: Mutex::new(()),
+            flush_lock: Mutex::new(0),
+            flush_requests: AtomicU64::new(0),
+            failed: OnceLock::new(),
             sched,
             stats: VolumeStats::default(),
             tracker: Tracker::new(nblocks, record),
@@ -217,6 +248,7 @@ impl Volume {
             copies_revoked: AtomicU64::new(0),
             copy_order: RwLock::new(None),
             closed: AtomicBool::new(false),
+            io_gate: RwLock::new(()),
         }
     }
 
@@ -235,8 +267,8 @@ impl Volume {
         off / self.block_size..(off + len - 1) / self.block_size + 1
     }
 
-    /// True if a read of the range needs no fetch: the FUSE layer serves
-    /// such reads inline and hands the rest to I/O workers.
+    /// True if a read of the range needs no fetch: frontends serve such
+    /// reads on their event threads and hand the rest to I/O workers.
     pub fn is_local(&self, off: u64, len: u64) -> bool {
         if self.target.get().is_some() {
             return true;
@@ -244,6 +276,22 @@ impl Volume {
         let len = len.min(self.size.saturating_sub(off));
         self.blocks(off, len)
             .all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
+    }
+
+    /// True if a write of the range neither waits for a fetch nor syncs a
+    /// map (every block staged and already marked changed, none marked
+    /// copied): frontends may serve it on an event thread.
+    pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
+        if self.target.get().is_some() {
+            return true;
+        }
+        let len = len.min(self.size.saturating_sub(off));
+        let copied = self.copied.read();
+        self.blocks(off, len).all(|b| {
+            self.store.present.test(b)
+                && self.store.changed.test(b)
+                && copied.as_ref().is_none_or(|c| !c.test(b))
+        })
     }
 
     fn claim(&self, b: u64, class: Class) -> Claim {
@@ -314,65 +362,91 @@ impl Volume {
         self.start_fill(b, class).is_some()
     }
 
-    /// Runs on a fetch worker: repository → verify → staging file.
+    /// Runs on a fetch worker: repository → verify → staging file. Always
+    /// completes the slot, even if the fetch panics, so no waiter hangs.
     fn fetch(&self, b: u64, slot: &Slot) {
-        if self.closed.load(Ordering::Acquire) {
-            let e = Error::busy(format!("disk{} of VM {} was released", self.index, self.vm));
-            self.complete(b, slot, Err(e));
-            return;
-        }
-        let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
         let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
         let start = Instant::now();
-        let what = format!(
-            "VM {} backup {} disk{} block {b}",
-            self.vm, self.backup, self.index
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch_block(b))).unwrap_or_else(
+            |p| {
+                Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "fetch of VM {} disk{} block {b} failed: internal error ({})",
+                        self.vm,
+                        self.index,
+                        crate::util::panic_message(&p)
+                    ),
+                ))
+            },
         );
-        let r = self
-            .repo
-            .read_chunk(&digest, self.block_len(b) as usize, &what)
-            .and_then(|(data, n)| {
-                self.store
-                    .data
-                    .write_all_at(&data, b * self.block_size)
-                    .ctx(|| format!("write staging {}", self.store.data_path.display()))?;
-                Ok(n)
-            });
         match &r {
             Ok(n) => {
                 self.stats.fetched_blocks.add(1);
                 self.stats.fetched_bytes.add(*n);
                 self.stats.fetch_latency.record(start.elapsed());
             }
+            Err(e) if self.closed.load(Ordering::Acquire) => {
+                tracing::debug!(vm = %self.vm, disk = self.index, block = b, "fetch ended at release: {e}");
+            }
             Err(e) => {
                 self.stats.fetch_errors.add(1);
                 *self.stats.last_fetch_error.lock() = Some(e.to_string());
-                tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk = %digest, "fetch failed: {e}");
+                let chunk = self.chunks[b as usize]
+                    .map(|d| d.to_hex())
+                    .unwrap_or_default();
+                tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk, "fetch failed: {e}");
             }
         }
         self.complete(b, slot, r.map(|_| ()));
+    }
+
+    /// Reads block `b`'s chunk and writes it to staging; the bytes read
+    /// from the repository.
+    fn fetch_block(&self, b: u64) -> Result<u64> {
+        self.check_open()?;
+        let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
+        let what = format!(
+            "VM {} backup {} disk{} block {b}",
+            self.vm, self.backup, self.index
+        );
+        let (data, n) = self
+            .repo
+            .read_chunk(&digest, self.block_len(b) as usize, &what)?;
+        self.staging_write(&data, b * self.block_size)?;
+        Ok(n)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::busy(format!(
+                "disk{} of VM {} was released",
+                self.index, self.vm
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every write into staging: never after `close` returned.
+    fn staging_write(&self, data: &[u8], off: u64) -> Result<()> {
+        let _g = self.io_gate.read();
+        self.check_open()?;
+        self.store
+            .data
+            .write_all_at(data, off)
+            .ctx(|| format!("write staging {}", self.store.data_path.display()))
     }
 
     /// Makes a zero block's staging range read as zeros (it may hold
     /// leftovers of a write that was never acknowledged before a crash).
     fn zero_fill(&self, b: u64) -> Result<()> {
         let (off, len) = (b * self.block_size, self.block_len(b));
-        // SAFETY: fallocate on an fd we own, with a range inside the file.
-        let rc = unsafe {
-            libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(&self.store.data),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
+        let _g = self.io_gate.read();
+        self.check_open()?;
         self.store
             .data
-            .write_all_at(&vec![0u8; len as usize], off)
-            .ctx(|| "zero staging block".into())
+            .punch_hole(off, len)
+            .ctx(|| format!("zero staging {}", self.store.data_path.display()))
     }
 
     fn wait_all(slots: Vec<Arc<Slot>>) -> Result<()> {
@@ -453,7 +527,7 @@ impl Volume {
         let hit = slots.is_empty();
         Self::wait_all(slots)?;
         let mut buf = vec![0u8; len as usize];
-        let mut run: Option<(u64, u64)> = None; // staged byte range to pread
+        let mut run: Option<(u64, u64)> = None; // staged byte range to read
         for b in blocks {
             let s = (b * self.block_size).max(off);
             let e = ((b + 1) * self.block_size).min(off + len);
@@ -501,12 +575,14 @@ impl Volume {
         let len = data.len() as u64;
         if off.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::new(
-                crate::error::ErrorKind::NoSpace,
+                ErrorKind::NoSpace,
                 format!("write past the end of disk{}", self.index),
             ));
         }
         let _span =
             tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
+        // A failed disk takes no new bytes: they could never be made durable.
+        self.check_failed()?;
         let _gate = self.write_gate.read();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
@@ -524,45 +600,84 @@ impl Volume {
         r
     }
 
+    /// True if a write of `len` bytes at `off` covers all of block `b`.
+    fn covers(&self, off: u64, len: u64, b: u64) -> bool {
+        off <= b * self.block_size && off + len >= b * self.block_size + self.block_len(b)
+    }
+
     fn write_staging(self: &Arc<Self>, off: u64, data: &[u8]) -> Result<usize> {
         let len = data.len() as u64;
         let blocks = self.blocks(off, len);
-        let mut waits = vec![];
+        // Partly covered blocks (the first and last at most) need their
+        // backup content: start those fills now so they run in parallel.
+        // Starting a fill claims nothing that depends on this write.
+        let mut fills: Vec<(u64, Arc<Slot>)> = blocks
+            .clone()
+            .filter(|&b| !self.covers(off, len, b))
+            .filter_map(|b| self.start_fill(b, Class::OnDemand).map(|s| (b, s)))
+            .collect();
         let mut owned = vec![];
-        for b in blocks.clone() {
-            let covers =
-                off <= b * self.block_size && off + len >= b * self.block_size + self.block_len(b);
-            if covers {
-                // A fully overwritten block needs no fill: claim it so readers
-                // wait for our data instead of fetching the old content.
-                match self.claim(b, Class::OnDemand) {
-                    Claim::Present => {}
-                    Claim::Wait(s) => waits.push(s),
-                    Claim::Owner(s) => owned.push((b, s)),
-                }
-            } else if let Some(s) = self.start_fill(b, Class::OnDemand) {
-                waits.push(s);
-            }
-        }
-        let r = self.write_claimed(blocks, waits, off, data);
+        let r = self
+            .claim_in_order(blocks.clone(), off, len, &mut fills, &mut owned)
+            .and_then(|_| self.write_claimed(blocks, off, data));
         for (b, s) in owned {
             self.complete(b, &s, r.clone().map(|_| ()));
         }
         r
     }
 
-    fn write_claimed(
-        &self,
+    /// In ascending block order, waits for each partly covered block to be
+    /// filled and claims each fully covered one (readers then wait for this
+    /// write instead of fetching the old content). A block is only ever
+    /// waited on while this write holds claims on lower blocks alone, so
+    /// overlapping writes cannot wait on each other in a cycle.
+    fn claim_in_order(
+        self: &Arc<Self>,
         blocks: std::ops::Range<u64>,
-        waits: Vec<Arc<Slot>>,
         off: u64,
-        data: &[u8],
-    ) -> Result<usize> {
-        Self::wait_all(waits)?;
+        len: u64,
+        fills: &mut Vec<(u64, Arc<Slot>)>,
+        owned: &mut Vec<(u64, Arc<Slot>)>,
+    ) -> Result<()> {
+        for b in blocks {
+            if self.covers(off, len, b) {
+                loop {
+                    match self.claim(b, Class::OnDemand) {
+                        Claim::Present => break,
+                        Claim::Owner(s) => {
+                            owned.push((b, s));
+                            break;
+                        }
+                        // A fill (perhaps a queued prefetch) is under way:
+                        // this write waits for it, so make it urgent. Its
+                        // outcome does not matter: the write replaces it all.
+                        Claim::Wait(s) => {
+                            s.promote(&self.sched, Class::OnDemand);
+                            let _ = s.wait();
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(i) = fills.iter().position(|(fb, _)| *fb == b) {
+                fills.swap_remove(i).1.wait()?;
+            }
+            // The slot may have been another write's claim that failed.
+            while let Some(s) = self.start_fill(b, Class::OnDemand) {
+                s.wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: &[u8]) -> Result<usize> {
         // Changed bits are durable before the data can be: the map may
         // over-report after a crash, never under-report.
         for b in blocks.clone() {
-            self.store.changed.set_durable(b)?;
+            self.store
+                .changed
+                .set_durable(b)
+                .map_err(|e| self.fail(e))?;
         }
         let copied = self.copied.read().clone();
         for b in blocks.clone() {
@@ -572,48 +687,101 @@ impl Volume {
             self.writes_started[b as usize].fetch_add(1, Ordering::SeqCst);
             if let Some(c) = &copied {
                 if c.test(b) {
-                    c.clear_durable(b)?;
+                    if let Err(e) = c.clear_durable(b) {
+                        self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
+                        return Err(self.fail(e));
+                    }
                     self.copies_revoked.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        let r = self
-            .store
-            .data
-            .write_all_at(data, off)
-            .ctx(|| format!("write staging {}", self.store.data_path.display()));
+        let r = self.staging_write(data, off);
         for b in blocks {
             self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
         }
         r.map(|_| data.len())
     }
 
-    /// Makes every completed write and fetch durable: data first, then the
-    /// presence map (from a snapshot taken before the data sync), then the
-    /// changed map. Only then may a guest's fsync be answered.
+    /// Makes every write and fetch completed before the call durable: data
+    /// first, then the presence map (from a snapshot taken before the data
+    /// sync), then the changed map. Only then may a guest's fsync be
+    /// answered. Concurrent calls are grouped: a sync that started after a
+    /// call was made covers it, so waiting callers share one sync.
     pub fn flush(&self) -> Result<()> {
-        let _g = self.flush_lock.lock();
+        let me = self.flush_requests.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut covered = self.flush_lock.lock();
+        self.check_failed()?;
+        if *covered >= me {
+            return Ok(());
+        }
+        // Every request numbered up to here was made before this sync starts.
+        let upto = self.flush_requests.load(Ordering::Acquire);
+        self.sync_all()?;
+        *covered = upto;
+        self.stats.flushes.add(1);
+        Ok(())
+    }
+
+    fn sync_all(&self) -> Result<()> {
         if let Some(t) = self.target.get() {
             return t
                 .sync_data()
-                .ctx(|| format!("fsync relocated disk{}", self.index));
+                .ctx(|| format!("fsync relocated disk{}", self.index))
+                .map_err(|e| self.fail(e));
         }
         let snap = self.store.present.snapshot_if_dirty();
         if let Err(e) = self.store.data.sync_data() {
-            if snap.is_some() {
-                self.store.present.mark_dirty();
-            }
-            return Err(Error::io(
+            return Err(self.fail(Error::io(
                 format!("fsync {}", self.store.data_path.display()),
                 e,
-            ));
+            )));
         }
         if let Some(s) = snap {
-            self.store.present.write_snapshot(&s)?;
+            self.store
+                .present
+                .write_snapshot(&s)
+                .map_err(|e| self.fail(e))?;
         }
-        self.store.changed.persist()?;
-        self.stats.flushes.add(1);
-        Ok(())
+        self.store.changed.persist().map_err(|e| self.fail(e))
+    }
+
+    /// Records the first failed sync (logged once, naming the disk) and
+    /// returns the sticky error every later flush gets.
+    fn fail(&self, e: Error) -> Error {
+        if self.failed.set(e.clone()).is_ok() {
+            tracing::error!(
+                vm = %self.vm,
+                disk = self.index,
+                "staging of disk{} of VM {} failed: {e}; every later flush of this disk fails until the session is released",
+                self.index,
+                self.vm
+            );
+        }
+        self.failed_error().unwrap_or(e)
+    }
+
+    fn failed_error(&self) -> Option<Error> {
+        self.failed.get().map(|first| {
+            Error::new(
+                ErrorKind::Io,
+                format!(
+                    "disk{} of VM {} has failed ({first}); writes since its last good flush may be lost; release the session",
+                    self.index, self.vm
+                ),
+            )
+        })
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        match self.failed_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// True once a sync of this disk failed (see `flush`).
+    pub fn is_failed(&self) -> bool {
+        self.failed.get().is_some()
     }
 
     /// Changed blocks as half-open block ranges.
@@ -660,13 +828,16 @@ impl Volume {
             fetches_in_flight: self.inflight.lock().len(),
             flushes: s.flushes.get(),
             last_fetch_error: s.last_fetch_error.lock().clone(),
+            failed: self.failed.get().map(|e| e.to_string()),
         }
     }
 
-    /// Ends the volume's fetching (at release): queued fetches finish
-    /// without touching the repository or staging.
+    /// Ends the volume's fetching and writing (at release): queued fetches
+    /// finish without touching the repository or staging, and once this
+    /// returns no running fetch or write can still land in staging.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        drop(self.io_gate.write());
     }
 
     /// Waits for in-flight fills to settle (used before release/shutdown).

@@ -2,12 +2,13 @@
 //! stamps, the copied map hook, the write gate for cutover, and the switch
 //! to serving the primary copy.
 
-use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Volume;
+use crate::error::Error;
 use crate::prefetch::Class;
+use crate::staging::io::BlockFile;
 
 /// Blocks fetched ahead of the relocation copy cursor: enough to cover a
 /// fetch latency at copy speed, few enough not to crowd out the profile.
@@ -69,9 +70,17 @@ impl Volume {
         self.write_gate.write()
     }
 
-    /// From now on every read and write goes to `target`.
-    pub(crate) fn switch_to(&self, target: File) {
-        let _ = self.target.set(target);
+    /// From now on every read and write goes to `file`. Cannot fail:
+    /// everything fallible happens before the cutover's commit point.
+    pub(crate) fn switch_to(&self, file: Arc<dyn BlockFile>) {
+        let _ = self.target.set(file);
+    }
+
+    /// Fails the disk for good (until release): used when the cutover
+    /// committed but its commit could not be made durable, so no new byte
+    /// may land anywhere.
+    pub(crate) fn fail_hard(&self, e: Error) {
+        let _ = self.fail(e);
     }
 
     pub fn is_switched(&self) -> bool {

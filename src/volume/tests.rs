@@ -4,7 +4,9 @@
 use super::*;
 use crate::repo::backend::{Backend, LocalDir};
 use crate::repo::writer::{run_backup, BackupRequest};
+use crate::staging::io::{OsStorage, Storage};
 use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const BS: usize = 65536;
@@ -17,10 +19,15 @@ struct GatedBackend {
     gate_open: Arc<(Mutex<bool>, Condvar)>,
     gated: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    /// The next chunk read panics (a bug in a fetch).
+    panic_next: Arc<AtomicBool>,
 }
 
 impl Backend for GatedBackend {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        if key.starts_with("chunks/") && self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("injected panic while fetching {key}");
+        }
         if key.starts_with("chunks/") && self.gated.load(Ordering::SeqCst) {
             let (m, cv) = &*self.gate_open;
             let mut open = m.lock();
@@ -31,7 +38,7 @@ impl Backend for GatedBackend {
         if key.starts_with("chunks/") {
             std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         }
-        self.inner.get(key)
+        self.inner.get(key, limit)
     }
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         self.inner.put(key, data)
@@ -63,9 +70,29 @@ struct Fixture {
     gate: Arc<(Mutex<bool>, Condvar)>,
     gated: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    panic_next: Arc<AtomicBool>,
+    staging: PathBuf,
+}
+
+impl Fixture {
+    fn close_gate(&self) {
+        *self.gate.0.lock() = false;
+        self.gated.store(true, Ordering::SeqCst);
+    }
+
+    fn open_gate(&self) {
+        *self.gate.0.lock() = true;
+        self.gate.1.notify_all();
+    }
 }
 
 fn fixture(blocks: usize, seed: u64) -> Fixture {
+    fixture_on(blocks, seed, OsStorage::shared())
+}
+
+/// A disk of `blocks` 64 KiB blocks (every fifth a zero chunk, plus a
+/// 100-byte tail) whose staging lives on `storage`.
+fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let (repo, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
@@ -91,17 +118,18 @@ fn fixture(blocks: usize, seed: u64) -> Fixture {
     let gate = Arc::new((Mutex::new(true), Condvar::new()));
     let gated = Arc::new(AtomicBool::new(false));
     let delay_ms = Arc::new(AtomicU64::new(0));
+    let panic_next = Arc::new(AtomicBool::new(false));
     let backend = GatedBackend {
         inner: LocalDir::new(&repo_path),
         gate_open: gate.clone(),
         gated: gated.clone(),
         delay_ms: delay_ms.clone(),
+        panic_next: panic_next.clone(),
     };
     let repo = Repository::open_backend(Box::new(backend)).unwrap();
     let m = repo.resolve("vm", None).unwrap();
     let sdir = dir.path().join("staging");
-    std::fs::create_dir_all(&sdir).unwrap();
-    let (mut stores, _) = crate::staging::open_session(&sdir, &m).unwrap();
+    let (mut stores, _) = crate::staging::open_session(storage.as_ref(), &sdir, &m).unwrap();
     let vol = Arc::new(Volume::new(
         repo.clone(),
         &m.id,
@@ -122,6 +150,8 @@ fn fixture(blocks: usize, seed: u64) -> Fixture {
         gate,
         gated,
         delay_ms,
+        panic_next,
+        staging: sdir,
     }
 }
 
@@ -204,8 +234,7 @@ fn partial_writes_keep_the_rest_of_the_block_from_the_backup() {
 fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
     let f = fixture(8, 4);
     f.vol.read(BS as u64, 10).unwrap(); // stage block 1
-    *f.gate.0.lock() = false;
-    f.gated.store(true, Ordering::SeqCst);
+    f.close_gate();
     let slow = {
         let vol = f.vol.clone();
         std::thread::spawn(move || vol.read(2 * BS as u64, 10).unwrap())
@@ -219,8 +248,7 @@ fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
         !f.vol.store.present.test(2),
         "the staged read finished while the fetch was pending"
     );
-    *f.gate.0.lock() = true;
-    f.gate.1.notify_all();
+    f.open_gate();
     assert_eq!(slow.join().unwrap(), f.data[2 * BS..2 * BS + 10]);
 }
 
@@ -233,6 +261,7 @@ fn flush_persists_presence_so_staged_blocks_survive_reopen() {
     assert!(st.blocks_staged >= 2);
     let p = f.vol.store.data_path.with_extension("present");
     let again = crate::staging::PersistentBitmap::open(
+        &OsStorage,
         &p,
         crate::staging::MapKind::Present,
         BS as u32,
@@ -311,4 +340,199 @@ fn closing_a_volume_ends_queued_prefetches_without_fetching_them() {
         "{} of {queued} fetched",
         st.fetched_blocks
     );
+}
+
+/// Runs `f` on a thread and fails the test if it has not finished within
+/// `limit` (a deadlock); the stuck thread is left behind.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}: deadlock"))
+}
+
+#[test]
+fn overlapping_writes_that_each_cover_one_block_and_part_of_another_never_deadlock() {
+    // Write A fully covers block 2i+1 and half of 2i; write B fully covers
+    // 2i and half of 2i+1. Claiming full blocks first and then waiting on
+    // partial ones lets each wait on the other's claim forever.
+    let pairs = 600usize;
+    let f = fixture(2 * pairs, 11);
+    let (vol, data) = (f.vol.clone(), f.data.clone());
+    let model = within(Duration::from_secs(60), "overlapping writes", move || {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let half = BS as u64 / 2;
+        let spawn = |who: u8| {
+            let (vol, barrier) = (vol.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                for i in 0..pairs as u64 {
+                    barrier.wait();
+                    let base = 2 * i * BS as u64;
+                    let (off, len) = if who == 0 {
+                        (base + half, BS as u64 + half)
+                    } else {
+                        (base, BS as u64 + half)
+                    };
+                    vol.write(off, &vec![who + 1; len as usize]).unwrap();
+                }
+            })
+        };
+        let (a, b) = (spawn(0), spawn(1));
+        a.join().unwrap();
+        b.join().unwrap();
+        data
+    });
+    // Each byte holds one of the writes that covered it; bytes neither
+    // write covered keep the backup's content.
+    for i in 0..pairs {
+        let base = 2 * i * BS;
+        let got = f.vol.read(base as u64, 2 * BS).unwrap();
+        for (j, &g) in got.iter().enumerate() {
+            let in_a = j >= BS / 2;
+            let in_b = j < BS + BS / 2;
+            let ok =
+                (in_a && g == 1) || (in_b && g == 2) || (!in_a && !in_b && g == model[base + j]);
+            assert!(ok, "pair {i} byte {j} is {g}");
+        }
+    }
+}
+
+#[test]
+fn a_full_block_write_promotes_the_prefetch_it_waits_for() {
+    let f = fixture(300, 12);
+    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    let queued = heavy_prefetch(&f.vol, 300);
+    assert!(queued > 200);
+    let b = 297u64; // a queued block at the back of the queue
+    assert!(f.vol.chunks()[b as usize].is_some());
+    let t = Instant::now();
+    f.vol.write(b * BS as u64, &vec![7u8; BS]).unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(4 * FETCH_MS),
+        "a full-block write behind a queued prefetch took {took:?} ({FETCH_MS} ms fetches)"
+    );
+    assert_eq!(f.vol.read(b * BS as u64, BS).unwrap(), vec![7u8; BS]);
+}
+
+#[test]
+fn a_panicking_fetch_answers_its_waiters_with_an_error_and_the_next_fetch_works() {
+    let f = fixture(8, 13);
+    f.panic_next.store(true, Ordering::SeqCst);
+    let vol = f.vol.clone();
+    let r = within(
+        Duration::from_secs(20),
+        "a read whose fetch panicked",
+        move || vol.read(BS as u64, 10),
+    );
+    let e = r.expect_err("the read fails");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("internal error"), "{e}");
+    // The worker survived and the block is fetched on the next read.
+    assert_eq!(f.vol.read(BS as u64, 10).unwrap(), f.data[BS..BS + 10]);
+    let st = f.vol.sched.status();
+    assert_eq!(
+        st.running.on_demand, 0,
+        "the scheduler's accounting recovered"
+    );
+}
+
+#[test]
+fn after_close_a_running_fetch_never_lands_in_staging() {
+    let f = fixture(8, 14);
+    f.close_gate();
+    let vol = f.vol.clone();
+    let reader = std::thread::spawn(move || vol.read(BS as u64, 10));
+    while f.vol.status().fetches_in_flight == 0 {
+        std::thread::yield_now();
+    }
+    // The fetch is past its start and blocked in the repository read.
+    let vol = f.vol.clone();
+    within(Duration::from_secs(5), "close", move || vol.close());
+    f.open_gate();
+    assert!(
+        reader.join().unwrap().is_err(),
+        "the released disk's read fails"
+    );
+    f.vol.quiesce(Duration::from_secs(10));
+    let staged = std::fs::read(f.staging.join("disk0.data")).unwrap();
+    assert!(
+        staged[BS..2 * BS].iter().all(|&b| b == 0),
+        "a released volume's fetch wrote into staging"
+    );
+}
+
+#[test]
+fn a_failed_staging_sync_fails_every_later_flush_and_write_and_persists_no_presence() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let f = fixture_on(8, 15, Arc::new(faults.clone()));
+    f.vol.read(0, BS).unwrap();
+    f.vol.flush().unwrap();
+    let present_before = std::fs::read(f.staging.join("disk0.present")).unwrap();
+    // The flusher's sync hits a writeback error once; the kernel reports
+    // it once and may have dropped the pages.
+    faults.inject(Rule::fail(Op::Sync, "disk0.data", libc::EIO).times(1));
+    f.vol.read(BS as u64, BS).unwrap(); // a new presence bit, not yet durable
+    let e = f.vol.flush().unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    // The device works again, but nothing of that disk is ever claimed durable.
+    for _ in 0..3 {
+        let e = f.vol.flush().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        assert!(e.to_string().contains("has failed"), "{e}");
+    }
+    assert!(
+        f.vol.write(0, b"x").is_err(),
+        "a failed disk refuses writes"
+    );
+    assert_eq!(f.vol.read(0, 10).unwrap(), f.data[..10], "reads go on");
+    assert_eq!(
+        std::fs::read(f.staging.join("disk0.present")).unwrap(),
+        present_before,
+        "no presence bit was persisted after the failed sync"
+    );
+    let st = f.vol.status();
+    assert!(st.failed.unwrap().contains("Input/output error"));
+}
+
+#[test]
+fn a_failed_changed_map_sync_fails_the_write_and_the_disk() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let f = fixture_on(8, 16, Arc::new(faults.clone()));
+    faults.inject(Rule::fail(Op::Sync, "disk0.changed", libc::EIO).times(1));
+    let e = f.vol.write(3, b"abc").unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(f.vol.flush().is_err(), "sticky");
+    assert!(f.vol.is_failed());
+}
+
+#[test]
+fn concurrent_flushes_share_syncs() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let faults = FaultyStorage::new(OsStorage::shared());
+    // Each data sync takes 50 ms, so callers pile up behind one.
+    faults.inject(Rule::delay(
+        Op::Sync,
+        "disk0.data",
+        Duration::from_millis(50),
+    ));
+    let f = fixture_on(8, 17, Arc::new(faults.clone()));
+    f.vol.write(0, b"abc").unwrap();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let vol = f.vol.clone();
+            std::thread::spawn(move || vol.flush().unwrap())
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let syncs = f.vol.status().flushes;
+    assert!(syncs <= 4, "16 concurrent flushes took {syncs} syncs");
 }

@@ -1,0 +1,176 @@
+//! Who may talk to the control socket, checked twice: the socket file is
+//! created with its final mode (0600, or 0660 with `--socket-group`) so no
+//! other user can connect even for an instant, and every connection's
+//! peer is checked with `SO_PEERCRED` (root, the daemon's own user, or a
+//! member of the socket group), in case the file's mode is ever loosened or
+//! a connected descriptor is handed to another process.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The users allowed on the control socket.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerPolicy {
+    /// The daemon's effective user.
+    pub owner: u32,
+    /// Members of this group are allowed too.
+    pub group: Option<u32>,
+}
+
+impl PeerPolicy {
+    pub fn for_daemon(group: Option<u32>) -> PeerPolicy {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let owner = unsafe { libc::geteuid() };
+        PeerPolicy { owner, group }
+    }
+
+    /// True if a peer with these credentials may use the API.
+    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 || uid == self.owner {
+            return true;
+        }
+        let Some(g) = self.group else {
+            return false;
+        };
+        gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g))
+    }
+}
+
+/// A process's supplementary groups, from `/proc/PID/status`.
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Binds `socket` so that it appears with its final mode and group: bound
+/// in a private directory next to it, given its mode, then renamed into
+/// place.
+pub fn bind(socket: &Path, group: Option<u32>) -> Result<UnixListener> {
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    let private = tempfile::Builder::new()
+        .prefix(".recoverfs-sock-")
+        .tempdir_in(dir)
+        .ctx(|| format!("create a private directory in {}", dir.display()))?;
+    let tmp: PathBuf = private.path().join("s");
+    let listener =
+        UnixListener::bind(&tmp).ctx(|| format!("bind control socket {}", socket.display()))?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .ctx(|| format!("chmod {}", tmp.display()))?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(&tmp, None, Some(g)).ctx(|| format!("chgrp {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, socket).ctx(|| format!("create control socket {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Resolves `--socket-group NAME` (or a numeric gid).
+pub fn group_id(name: &str) -> Result<u32> {
+    if let Ok(g) = name.parse::<u32>() {
+        return Ok(g);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(Error::not_found(format!("no group named {name:?}"))),
+        Err(e) => Err(Error::io(format!("look up group {name:?}"), e.into())),
+    }
+}
+
+/// A Unix listener that only hands over connections its policy allows; a
+/// refused peer gets an HTTP 403 with a one-line reason, and a log line.
+pub struct CheckedListener {
+    inner: UnixListener,
+    policy: PeerPolicy,
+}
+
+impl CheckedListener {
+    pub fn new(inner: UnixListener, policy: PeerPolicy) -> Self {
+        CheckedListener { inner, policy }
+    }
+
+    fn admit(&self, stream: &UnixStream) -> io::Result<bool> {
+        let cred = stream.peer_cred()?;
+        let ok = self.policy.allows(cred.uid(), cred.gid(), cred.pid());
+        if !ok {
+            tracing::warn!(
+                uid = cred.uid(),
+                gid = cred.gid(),
+                pid = cred.pid(),
+                "control socket: refused a client that is not root, the daemon's user or in the socket group"
+            );
+        }
+        Ok(ok)
+    }
+}
+
+async fn refuse(mut s: UnixStream) {
+    let body = serde_json::json!({
+        "error": "permission denied: this user may not control the recoverfs daemon (allowed: root, the daemon's user, and the group given with --socket-group)",
+        "kind": "NotPermitted",
+    })
+    .to_string();
+    let msg = format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(msg.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+impl axum::serve::Listener for CheckedListener {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            match self.admit(&stream) {
+                Ok(true) => return (stream, addr),
+                Ok(false) => {
+                    tokio::spawn(refuse(stream));
+                }
+                Err(e) => tracing::warn!("control socket: cannot identify a client: {e}"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_the_owner_and_group_members_are_allowed_others_not() {
+        let p = PeerPolicy {
+            owner: 1000,
+            group: Some(2000),
+        };
+        assert!(p.allows(0, 0, None));
+        assert!(p.allows(1000, 1000, None));
+        assert!(p.allows(1001, 2000, None));
+        assert!(!p.allows(1001, 1001, None));
+        let no_group = PeerPolicy {
+            owner: 1000,
+            group: None,
+        };
+        assert!(!no_group.allows(1001, 2000, None));
+    }
+}

@@ -1,0 +1,23 @@
+//! Bounds on repository content, checked before it is trusted: an object is
+//! never read into memory past its bound, and a manifest that names more
+//! disks or a larger disk than these is refused as forged or damaged.
+
+/// A manifest document (JSON with one 64-hex digest per chunk): room for
+/// about 15 TiB of 1 MiB chunks.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+/// A VM's operational profile document.
+pub const MAX_PROFILE_BYTES: u64 = 256 << 20;
+/// Small metadata files (`repo.json`, `session.json`, `relocation.json`).
+pub const MAX_META_BYTES: u64 = 1 << 20;
+/// Disks per backup. Also keeps FUSE inode numbers of two VMs apart.
+pub const MAX_DISKS: usize = 256;
+/// Size of one disk: 64 TiB.
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+/// Memory a VM configuration may ask QEMU for, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Largest stored form of a chunk of `len` plain bytes: zstd's worst case
+/// plus its frame header.
+pub fn max_chunk_object(len: usize) -> u64 {
+    zstd::zstd_safe::compress_bound(len) as u64 + 64
+}

@@ -1,0 +1,363 @@
+//! File I/O for everything recoverfs keeps for a guest, behind one small
+//! seam: staging data files, the presence, changed and copied maps, session
+//! and relocation metadata, and relocation targets.
+//!
+//! Production uses [`OsStorage`]: plain files opened without following a
+//! symbolic link, new files mode 0600. Tests swap in other implementations,
+//! the way QEMU's `blkdebug` sits under a block driver:
+//! * `fault` (tests only) fails chosen operations on chosen files;
+//! * `mem` (tests only) keeps files in memory and records every write, sync,
+//!   rename and directory sync, so a test can build "power cut here" states
+//!   (everything synced before the cut plus any subset of what was written
+//!   after) and reopen a volume from each.
+//!
+//! The trait is deliberately the few operations the data path uses, with
+//! their durability spelled out, so the recording layer can model exactly
+//! what a real filesystem promises and no more.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, IoContext, Result};
+
+#[cfg(test)]
+pub mod fault;
+#[cfg(test)]
+pub mod mem;
+
+/// One open file: positioned reads and writes, and the syncs that make
+/// them durable.
+pub trait BlockFile: Send + Sync {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// A completed write is visible to reads at once and durable only after
+    /// the next `sync_data` that starts after it completed.
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// fdatasync: every write completed before the call is durable after it.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Makes the range read as zeros (a hole where the filesystem can punch
+    /// one); durable like a write.
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the size and makes it durable before returning.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// How [`Storage::open`] treats an existing or missing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// The file must exist; its contents are kept.
+    Existing,
+    /// Created (empty, mode 0600) if missing; an existing file is kept.
+    Create,
+    /// Created if missing, emptied if present: no old byte can survive.
+    Empty,
+}
+
+/// Where files live. Paths are absolute.
+pub trait Storage: Send + Sync {
+    /// Opens a regular file for reading and writing. A symbolic link in the
+    /// last component is refused, never followed; new files are mode 0600.
+    fn open(&self, path: &Path, how: Open) -> io::Result<Arc<dyn BlockFile>>;
+    /// Reads a whole small file; `None` if it does not exist. A file longer
+    /// than `limit` bytes is an error, never read into memory.
+    fn read(&self, path: &Path, limit: u64) -> io::Result<Option<Vec<u8>>>;
+    /// Writes `data` to a temporary file, syncs it and renames it over
+    /// `path`. The rename is the commit point: afterwards every reader sees
+    /// the new contents, but the new name is durable only after
+    /// [`Storage::sync_dir`] of the parent.
+    fn rename_into_place(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Makes entries created, renamed or removed in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Creates `dir` (mode 0700) and any missing parents, each made durable
+    /// in its own parent. An existing directory is fine; a symbolic link or
+    /// a file in its place is an error.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Removes a file; a missing one is not an error. Durable after
+    /// `sync_dir` of the parent.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+}
+
+/// Replaces `path` atomically and durably: `rename_into_place`, then
+/// `sync_dir` of its parent.
+pub fn replace(storage: &dyn Storage, path: &Path, data: &[u8]) -> Result<()> {
+    storage
+        .rename_into_place(path, data)
+        .ctx(|| format!("write {}", path.display()))?;
+    sync_parent(storage, path)
+}
+
+/// `sync_dir` of a path's parent, with context.
+pub fn sync_parent(storage: &dyn Storage, path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::invalid(format!("{} has no parent", path.display())))?;
+    storage
+        .sync_dir(dir)
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsStorage;
+
+impl OsStorage {
+    pub fn shared() -> Arc<dyn Storage> {
+        Arc::new(OsStorage)
+    }
+}
+
+/// `O_NOFOLLOW` reports a link as ELOOP; say what it means.
+fn refuse_links(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is a symbolic link, which recoverfs never follows",
+        )
+    } else {
+        e
+    }
+}
+
+impl Storage for OsStorage {
+    fn open(&self, path: &Path, how: Open) -> io::Result<Arc<dyn BlockFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(how != Open::Existing)
+            .truncate(how == Open::Empty)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(refuse_links)?;
+        let meta = f.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is not a regular file",
+            ));
+        }
+        if how == Open::Empty && meta.permissions().mode() & 0o777 != 0o600 {
+            // An existing file keeps its mode through O_TRUNC.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(Arc::new(OsFile(f)))
+    }
+
+    fn read(&self, path: &Path, limit: u64) -> io::Result<Option<Vec<u8>>> {
+        let f = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(refuse_links(e)),
+        };
+        if f.metadata()?.len() > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than the {limit} bytes such a file may have"),
+            ));
+        }
+        let mut buf = vec![];
+        f.take(limit + 1).read_to_end(&mut buf)?;
+        if buf.len() as u64 > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than the {limit} bytes such a file may have"),
+            ));
+        }
+        Ok(Some(buf))
+    }
+
+    fn rename_into_place(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let tmp = dir.join(format!(".{name}.tmp.{}.{}", std::process::id(), unique()));
+        let r = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)
+            .map_err(refuse_links)?
+            .sync_all()
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut missing = vec![];
+        let mut cur = dir;
+        loop {
+            match std::fs::symlink_metadata(cur) {
+                Ok(m) if m.is_dir() => break,
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} is a symbolic link, which recoverfs never follows",
+                            cur.display()
+                        ),
+                    ))
+                }
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{} exists and is not a directory", cur.display()),
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    missing.push(cur.to_path_buf());
+                    cur = match cur.parent() {
+                        Some(p) => p,
+                        None => break,
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for d in missing.iter().rev() {
+            match std::fs::DirBuilder::new().mode(0o700).create(d) {
+                Ok(()) => self.sync_dir(d.parent().unwrap_or(Path::new("/")))?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A plain file.
+pub struct OsFile(File);
+
+impl BlockFile for OsFile {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, off)
+    }
+
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, off)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // Filesystems without hole punching still read zeros after this.
+        self.0.write_all_at(&vec![0u8; len as usize], off)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)?;
+        self.0.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_never_follows_a_symlink_and_empty_leaves_no_old_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let s = OsStorage;
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        for how in [Open::Existing, Open::Create, Open::Empty] {
+            let e = s.open(&link, how).err().expect("a link is refused");
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let f = s.open(&victim, Open::Empty).unwrap();
+        assert_eq!(f.len().unwrap(), 0);
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn read_refuses_a_file_over_its_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m");
+        std::fs::write(&p, vec![b'x'; 100]).unwrap();
+        assert_eq!(OsStorage.read(&p, 100).unwrap().unwrap().len(), 100);
+        assert!(OsStorage.read(&p, 99).is_err());
+        assert!(OsStorage.read(&d.path().join("none"), 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn create_dir_all_refuses_a_symlinked_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("ln")).unwrap();
+        assert!(OsStorage.create_dir_all(&d.path().join("ln")).is_err());
+        OsStorage
+            .create_dir_all(&d.path().join("a/b/c"))
+            .expect("nested create");
+        let mode = std::fs::metadata(d.path().join("a/b/c"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}
