@@ -171,6 +171,10 @@ pub struct Volume {
     /// Every write to staging holds it shared and checks `closed` inside;
     /// `close` takes it exclusively, so after `close` nothing lands.
     io_gate: RwLock<()>,
+    /// Tests only: called by a write after it claimed or waited for each
+    /// block, to force an interleaving of concurrent writes.
+    #[cfg(test)]
+    pub(crate) claim_hook: Mutex<Option<Arc<dyn Fn(u64, u64) + Send + Sync>>>,
 }
 
 /// Per-disk figures for `status`.
@@ -249,6 +253,8 @@ impl Volume {
             copy_order: RwLock::new(None),
             closed: AtomicBool::new(false),
             io_gate: RwLock::new(()),
+            #[cfg(test)]
+            claim_hook: Mutex::new(None),
         }
     }
 
@@ -657,6 +663,7 @@ impl Volume {
                         }
                     }
                 }
+                self.after_claim(off, b);
                 continue;
             }
             if let Some(i) = fills.iter().position(|(fb, _)| *fb == b) {
@@ -666,9 +673,21 @@ impl Volume {
             while let Some(s) = self.start_fill(b, Class::OnDemand) {
                 s.wait()?;
             }
+            self.after_claim(off, b);
         }
         Ok(())
     }
+
+    #[cfg(test)]
+    fn after_claim(&self, off: u64, b: u64) {
+        let hook = self.claim_hook.lock().clone();
+        if let Some(h) = hook {
+            h(off, b);
+        }
+    }
+
+    #[cfg(not(test))]
+    fn after_claim(&self, _off: u64, _b: u64) {}
 
     fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: &[u8]) -> Result<usize> {
         // Changed bits are durable before the data can be: the map may

@@ -359,13 +359,72 @@ fn within<T: Send + 'static>(
 
 #[test]
 fn overlapping_writes_that_each_cover_one_block_and_part_of_another_never_deadlock() {
-    // Write A fully covers block 2i+1 and half of 2i; write B fully covers
-    // 2i and half of 2i+1. Claiming full blocks first and then waiting on
-    // partial ones lets each wait on the other's claim forever.
-    let pairs = 600usize;
-    let f = fixture(2 * pairs, 11);
-    let (vol, data) = (f.vol.clone(), f.data.clone());
-    let model = within(Duration::from_secs(60), "overlapping writes", move || {
+    // Write B covers all of block 0 and the first half of block 1; write A
+    // covers the second half of block 0 and all of block 1. Forced order:
+    // B is done with block 0 before A starts, and A is done with block 1
+    // before B goes on to block 1 (or, when A rightly waits for B's block
+    // 0 and cannot get there, after 2 s). Claiming every fully covered
+    // block first and waiting on the partly covered ones afterwards
+    // deadlocks here: B holds 0 and waits for A's 1, A holds 1 and waits
+    // for B's 0.
+    let f = fixture(4, 11);
+    let half = BS as u64 / 2;
+    let (a_off, b_off) = (half, 0u64);
+    let b_done_with_0 = Arc::new((Mutex::new(false), Condvar::new()));
+    let a_done_with_1 = Arc::new((Mutex::new(false), Condvar::new()));
+    let (b0, a1) = (b_done_with_0.clone(), a_done_with_1.clone());
+    *f.vol.claim_hook.lock() = Some(Arc::new(move |off, b| {
+        let signal = |c: &(Mutex<bool>, Condvar)| {
+            *c.0.lock() = true;
+            c.1.notify_all();
+        };
+        match (off, b) {
+            (o, 0) if o == b_off => {
+                signal(&b0);
+                let mut g = a1.0.lock();
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !*g && Instant::now() < deadline {
+                    a1.1.wait_until(&mut g, deadline);
+                }
+            }
+            (o, 1) if o == a_off => signal(&a1),
+            _ => {}
+        }
+    }));
+    let vol = f.vol.clone();
+    within(
+        Duration::from_secs(30),
+        "two overlapping writes",
+        move || {
+            let b = {
+                let vol = vol.clone();
+                std::thread::spawn(move || vol.write(b_off, &vec![2u8; BS + half as usize]))
+            };
+            let mut g = b_done_with_0.0.lock();
+            while !*g {
+                b_done_with_0.1.wait(&mut g);
+            }
+            drop(g);
+            let a = std::thread::spawn(move || vol.write(a_off, &vec![1u8; BS + half as usize]));
+            a.join().unwrap().unwrap();
+            b.join().unwrap().unwrap();
+        },
+    );
+    *f.vol.claim_hook.lock() = None;
+    // Each byte holds one of the writes that covered it.
+    let got = f.vol.read(0, 2 * BS).unwrap();
+    for (j, &g) in got.iter().enumerate() {
+        let (in_a, in_b) = (j as u64 >= half, (j as u64) < BS as u64 + half);
+        assert!((in_a && g == 1) || (in_b && g == 2), "byte {j} is {g}");
+    }
+}
+
+#[test]
+fn many_overlapping_writes_at_half_block_offsets_all_complete() {
+    let pairs = 300usize;
+    let f = fixture(2 * pairs, 18);
+    let vol = f.vol.clone();
+    within(Duration::from_secs(60), "overlapping writes", move || {
         let barrier = Arc::new(std::sync::Barrier::new(2));
         let half = BS as u64 / 2;
         let spawn = |who: u8| {
@@ -374,33 +433,15 @@ fn overlapping_writes_that_each_cover_one_block_and_part_of_another_never_deadlo
                 for i in 0..pairs as u64 {
                     barrier.wait();
                     let base = 2 * i * BS as u64;
-                    let (off, len) = if who == 0 {
-                        (base + half, BS as u64 + half)
-                    } else {
-                        (base, BS as u64 + half)
-                    };
-                    vol.write(off, &vec![who + 1; len as usize]).unwrap();
+                    let off = if who == 0 { base + half } else { base };
+                    vol.write(off, &vec![who + 1; BS + half as usize]).unwrap();
                 }
             })
         };
         let (a, b) = (spawn(0), spawn(1));
         a.join().unwrap();
         b.join().unwrap();
-        data
     });
-    // Each byte holds one of the writes that covered it; bytes neither
-    // write covered keep the backup's content.
-    for i in 0..pairs {
-        let base = 2 * i * BS;
-        let got = f.vol.read(base as u64, 2 * BS).unwrap();
-        for (j, &g) in got.iter().enumerate() {
-            let in_a = j >= BS / 2;
-            let in_b = j < BS + BS / 2;
-            let ok =
-                (in_a && g == 1) || (in_b && g == 2) || (!in_a && !in_b && g == model[base + j]);
-            assert!(ok, "pair {i} byte {j} is {g}");
-        }
-    }
 }
 
 #[test]
