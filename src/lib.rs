@@ -91,4 +91,7 @@ pub mod util;
 pub mod verify_boot;
 pub mod volume;
 
+#[cfg(test)]
+mod crash_consistency;
+
 pub use error::{Error, ErrorKind, Result};

@@ -292,6 +292,11 @@ impl Relocation {
             meta,
             Open::Empty,
         )?;
+        // The new target files' names must be durable before the relocation
+        // that relies on them is recorded.
+        r.storage
+            .sync_dir(&r.target_dir)
+            .ctx(|| format!("fsync directory {}", r.target_dir.display()))?;
         r.store_meta()?;
         Ok(r)
     }
@@ -445,7 +450,7 @@ impl Relocation {
         &self.targets[i]
     }
 
-    fn spawn(self: &Arc<Self>) {
+    pub(crate) fn spawn(self: &Arc<Self>) {
         let me = self.clone();
         let h = std::thread::Builder::new()
             .name(format!("relocate-{}", self.vm))

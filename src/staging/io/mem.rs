@@ -98,6 +98,44 @@ impl MemStorage {
         self.st.lock().log.len()
     }
 
+    /// The recorded operations in `range`, for a failing test's message.
+    pub fn describe(&self, range: std::ops::Range<usize>) -> String {
+        let st = self.st.lock();
+        let end = range.end.min(st.log.len());
+        st.log[range.start.min(end)..end]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e {
+                Event::Write { ino, off, data } => {
+                    format!("{} write ino {ino} @{off} +{}", range.start + i, data.len())
+                }
+                other => format!("{} {other:?}", range.start + i)
+                    .chars()
+                    .take(120)
+                    .collect(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Positions just after each sync of a file whose current name contains
+    /// `name`: the moments its contents were promised durable.
+    pub fn syncs_of(&self, name: &str) -> Vec<usize> {
+        let st = self.st.lock();
+        let inos: Vec<usize> = st
+            .names
+            .iter()
+            .filter(|(p, _)| p.to_string_lossy().contains(name))
+            .map(|(_, &i)| i)
+            .collect();
+        st.log
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, Event::Sync { ino } if inos.contains(ino)))
+            .map(|(i, _)| i + 1)
+            .collect()
+    }
+
     /// Current contents of a file (what a reader sees now).
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
         let st = self.st.lock();
