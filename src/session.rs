@@ -601,3 +601,6 @@ impl Datastore {
         first
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,6 +16,8 @@ pub mod limits;
 pub mod manifest;
 pub mod s3;
 pub mod sealed;
+#[cfg(test)]
+pub mod testing;
 pub mod writer;
 
 use std::path::Path;

@@ -1,89 +1,22 @@
 //! Volume unit tests: single fetch per block, write/fetch races, partial
-//! writes, staged reads during a pending fetch, flush durability.
+//! writes, staged reads during a pending fetch, flush durability, and the
+//! defects of issue 10 (deadlock, promotion, panics, release, sticky failure).
 
 use super::*;
-use crate::repo::backend::{Backend, LocalDir};
+use crate::repo::testing::{Knobs, TestBackend};
 use crate::repo::writer::{run_backup, BackupRequest};
 use crate::staging::io::{OsStorage, Storage};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 const BS: usize = 65536;
-
-/// A local backend whose reads of chunk objects wait at a gate, so a
-/// test can hold a fetch in flight for as long as it needs, and take a
-/// set time, like a remote repository.
-struct GatedBackend {
-    inner: LocalDir,
-    gate_open: Arc<(Mutex<bool>, Condvar)>,
-    gated: Arc<AtomicBool>,
-    delay_ms: Arc<AtomicU64>,
-    /// The next chunk read panics (a bug in a fetch).
-    panic_next: Arc<AtomicBool>,
-}
-
-impl Backend for GatedBackend {
-    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-        if key.starts_with("chunks/") && self.panic_next.swap(false, Ordering::SeqCst) {
-            panic!("injected panic while fetching {key}");
-        }
-        if key.starts_with("chunks/") && self.gated.load(Ordering::SeqCst) {
-            let (m, cv) = &*self.gate_open;
-            let mut open = m.lock();
-            while !*open {
-                cv.wait(&mut open);
-            }
-        }
-        if key.starts_with("chunks/") {
-            std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
-        }
-        self.inner.get(key, limit)
-    }
-    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.inner.put(key, data)
-    }
-    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
-        self.inner.put_new(key, data)
-    }
-    fn exists(&self, key: &str) -> Result<bool> {
-        self.inner.exists(key)
-    }
-    fn size(&self, key: &str) -> Result<Option<u64>> {
-        self.inner.size(key)
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.inner.list(prefix)
-    }
-    fn delete(&self, key: &str) -> Result<()> {
-        self.inner.delete(key)
-    }
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,
     vol: Arc<Volume>,
     data: Vec<u8>,
-    gate: Arc<(Mutex<bool>, Condvar)>,
-    gated: Arc<AtomicBool>,
-    delay_ms: Arc<AtomicU64>,
-    panic_next: Arc<AtomicBool>,
+    knobs: Knobs,
     staging: PathBuf,
-}
-
-impl Fixture {
-    fn close_gate(&self) {
-        *self.gate.0.lock() = false;
-        self.gated.store(true, Ordering::SeqCst);
-    }
-
-    fn open_gate(&self) {
-        *self.gate.0.lock() = true;
-        self.gate.1.notify_all();
-    }
 }
 
 fn fixture(blocks: usize, seed: u64) -> Fixture {
@@ -115,17 +48,8 @@ fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
         },
     )
     .unwrap();
-    let gate = Arc::new((Mutex::new(true), Condvar::new()));
-    let gated = Arc::new(AtomicBool::new(false));
-    let delay_ms = Arc::new(AtomicU64::new(0));
-    let panic_next = Arc::new(AtomicBool::new(false));
-    let backend = GatedBackend {
-        inner: LocalDir::new(&repo_path),
-        gate_open: gate.clone(),
-        gated: gated.clone(),
-        delay_ms: delay_ms.clone(),
-        panic_next: panic_next.clone(),
-    };
+    let knobs = Knobs::default();
+    let backend = TestBackend::new(&repo_path, knobs.clone());
     let repo = Repository::open_backend(Box::new(backend)).unwrap();
     let m = repo.resolve("vm", None).unwrap();
     let sdir = dir.path().join("staging");
@@ -147,10 +71,7 @@ fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
         _dir: dir,
         vol,
         data,
-        gate,
-        gated,
-        delay_ms,
-        panic_next,
+        knobs,
         staging: sdir,
     }
 }
@@ -234,7 +155,7 @@ fn partial_writes_keep_the_rest_of_the_block_from_the_backup() {
 fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
     let f = fixture(8, 4);
     f.vol.read(BS as u64, 10).unwrap(); // stage block 1
-    f.close_gate();
+    f.knobs.close_gate();
     let slow = {
         let vol = f.vol.clone();
         std::thread::spawn(move || vol.read(2 * BS as u64, 10).unwrap())
@@ -248,7 +169,7 @@ fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
         !f.vol.store.present.test(2),
         "the staged read finished while the fetch was pending"
     );
-    f.open_gate();
+    f.knobs.open_gate();
     assert_eq!(slow.join().unwrap(), f.data[2 * BS..2 * BS + 10]);
 }
 
@@ -284,7 +205,7 @@ fn heavy_prefetch(vol: &Arc<Volume>, n: u64) -> usize {
 #[test]
 fn an_on_demand_read_during_heavy_prefetch_waits_one_fetch_not_the_queue() {
     let f = fixture(400, 6);
-    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    f.knobs.chunk_delay(FETCH_MS);
     let queued = heavy_prefetch(&f.vol, 300);
     // 4 workers, 3 of them for background: draining takes seconds.
     assert!(queued > 200);
@@ -306,7 +227,7 @@ fn an_on_demand_read_during_heavy_prefetch_waits_one_fetch_not_the_queue() {
 #[test]
 fn a_guest_read_of_a_block_queued_for_prefetch_promotes_it() {
     let f = fixture(300, 7);
-    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    f.knobs.chunk_delay(FETCH_MS);
     let queued = heavy_prefetch(&f.vol, 300) as u64;
     assert!(queued > 200);
     let b = 298u64; // at the back of the queue
@@ -328,7 +249,7 @@ fn a_guest_read_of_a_block_queued_for_prefetch_promotes_it() {
 #[test]
 fn closing_a_volume_ends_queued_prefetches_without_fetching_them() {
     let f = fixture(300, 8);
-    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    f.knobs.chunk_delay(FETCH_MS);
     let queued = heavy_prefetch(&f.vol, 300) as u64;
     f.vol.close();
     f.vol.quiesce(Duration::from_secs(30));
@@ -447,7 +368,7 @@ fn many_overlapping_writes_at_half_block_offsets_all_complete() {
 #[test]
 fn a_full_block_write_promotes_the_prefetch_it_waits_for() {
     let f = fixture(300, 12);
-    f.delay_ms.store(FETCH_MS, Ordering::SeqCst);
+    f.knobs.chunk_delay(FETCH_MS);
     let queued = heavy_prefetch(&f.vol, 300);
     assert!(queued > 200);
     let b = 297u64; // a queued block at the back of the queue
@@ -465,7 +386,7 @@ fn a_full_block_write_promotes_the_prefetch_it_waits_for() {
 #[test]
 fn a_panicking_fetch_answers_its_waiters_with_an_error_and_the_next_fetch_works() {
     let f = fixture(8, 13);
-    f.panic_next.store(true, Ordering::SeqCst);
+    f.knobs.panic_next_chunk();
     let vol = f.vol.clone();
     let r = within(
         Duration::from_secs(20),
@@ -487,7 +408,7 @@ fn a_panicking_fetch_answers_its_waiters_with_an_error_and_the_next_fetch_works(
 #[test]
 fn after_close_a_running_fetch_never_lands_in_staging() {
     let f = fixture(8, 14);
-    f.close_gate();
+    f.knobs.close_gate();
     let vol = f.vol.clone();
     let reader = std::thread::spawn(move || vol.read(BS as u64, 10));
     while f.vol.status().fetches_in_flight == 0 {
@@ -496,7 +417,7 @@ fn after_close_a_running_fetch_never_lands_in_staging() {
     // The fetch is past its start and blocked in the repository read.
     let vol = f.vol.clone();
     within(Duration::from_secs(5), "close", move || vol.close());
-    f.open_gate();
+    f.knobs.open_gate();
     assert!(
         reader.join().unwrap().is_err(),
         "the released disk's read fails"
