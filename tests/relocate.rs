@@ -260,3 +260,55 @@ fn a_vm_relocated_while_running_boots_from_the_target_without_recoverfs() {
     // The daemon can go away: the target stands on its own.
     assert_eq!(boot_counter(&primary.join("tiny/disk0.raw")), 2);
 }
+
+#[test]
+fn relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let m = 1 << 20;
+    let mut data = random_image(&env.path("a.raw"), 32 * m, 55, m);
+    data[3 * m..4 * m].fill(0); // the backup has zeros at 3 MiB
+    std::fs::write(env.path("a.raw"), &data).unwrap();
+    env.backup("vm", "1M", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let primary = env.path("primary");
+    std::fs::create_dir_all(primary.join("vm")).unwrap();
+    std::fs::set_permissions(primary.join("vm"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = primary.join("vm/disk0.raw");
+    std::fs::write(&old, vec![0xAAu8; 32 * m]).unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = relocate(&env, "vm", &primary, &["--force", "--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; m];
+    f.read_exact_at(&mut buf, 3 * m as u64).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "the VM reads the old file's bytes after cutover");
+    drop(f);
+    assert!(read_all(&disk) == data, "the relocated disk differs from the backup");
+    assert!(read_all(&old) == data, "the target holds bytes of the old file");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&old), 0o600, "target disk mode");
+    assert_eq!(mode(&primary.join("vm")), 0o700, "target directory mode");
+    assert!(env.release("vm", true).status.success());
+
+    // A symbolic link is never followed: not as the VM's directory...
+    env.recover("vm", None);
+    let victim = env.path("victim");
+    std::fs::create_dir(&victim).unwrap();
+    let p2 = env.path("primary2");
+    std::fs::create_dir(&p2).unwrap();
+    std::os::unix::fs::symlink(&victim, p2.join("vm")).unwrap();
+    let err = String::from_utf8_lossy(&relocate(&env, "vm", &p2, &["--force"]).stderr).to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+    // ...nor as a disk file.
+    let p3 = env.path("primary3");
+    std::fs::create_dir_all(p3.join("vm")).unwrap();
+    std::fs::write(env.path("precious"), b"precious").unwrap();
+    std::os::unix::fs::symlink(env.path("precious"), p3.join("vm/disk0.raw")).unwrap();
+    let o = relocate(&env, "vm", &p3, &["--force"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success() && err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(env.path("precious")).unwrap(), b"precious");
+}

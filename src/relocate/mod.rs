@@ -782,3 +782,6 @@ impl Relocation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -34,6 +34,11 @@ pub struct Rule {
     times: Option<u64>,
     errno: i32,
     delay: Duration,
+    /// Only fires once a rename of a path containing `.0` with data
+    /// containing `.1` has gone through (e.g. a commit record).
+    armed_by: Option<(String, Vec<u8>)>,
+    /// For renames: only those whose data contains this.
+    data: Option<Vec<u8>>,
 }
 
 impl Rule {
@@ -46,6 +51,8 @@ impl Rule {
             times: None,
             errno,
             delay: Duration::ZERO,
+            armed_by: None,
+            data: None,
         }
     }
 
@@ -69,6 +76,22 @@ impl Rule {
         self.times = Some(n);
         self
     }
+
+    /// Fires only after a rename of `path` whose data contains `data`.
+    pub fn once_renamed(mut self, path: &str, data: &[u8]) -> Rule {
+        self.armed_by = Some((path.into(), data.into()));
+        self
+    }
+
+    /// A rename rule that only matches renames whose data contains `data`.
+    pub fn with_data(mut self, data: &[u8]) -> Rule {
+        self.data = Some(data.into());
+        self
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[derive(Default)]
@@ -76,17 +99,30 @@ struct Rules {
     rules: Vec<Rule>,
     /// Calls that failed because of a rule.
     injected: u64,
+    /// Renames that went through: (path, data).
+    renamed: Vec<(String, Vec<u8>)>,
 }
 
 impl Rules {
     /// Decides a call's fate: how long to hold it, and the errno to fail with.
-    fn decide(&mut self, op: Op, path: &Path) -> (Duration, Option<i32>) {
+    fn decide(&mut self, op: Op, path: &Path, data: Option<&[u8]>) -> (Duration, Option<i32>) {
         let p = path.to_string_lossy();
         let mut delay = Duration::ZERO;
         let mut fail = None;
+        let renamed = &self.renamed;
         for r in self.rules.iter_mut() {
             if r.op != op || !p.contains(&r.path) {
                 continue;
+            }
+            if let Some((ap, ad)) = &r.armed_by {
+                if !renamed.iter().any(|(rp, rd)| rp.contains(ap.as_str()) && contains(rd, ad)) {
+                    continue;
+                }
+            }
+            if let (Some(want), Some(d)) = (&r.data, data) {
+                if !contains(d, want) {
+                    continue;
+                }
             }
             if r.skip > 0 {
                 r.skip -= 1;
@@ -139,7 +175,11 @@ impl FaultyStorage {
     }
 
     fn check(&self, op: Op, path: &Path) -> io::Result<()> {
-        let (delay, fail) = self.rules.lock().decide(op, path);
+        self.check_data(op, path, None)
+    }
+
+    fn check_data(&self, op: Op, path: &Path, data: Option<&[u8]>) -> io::Result<()> {
+        let (delay, fail) = self.rules.lock().decide(op, path, data);
         // Sleep outside the lock so a delayed call does not hold up others.
         if !delay.is_zero() {
             std::thread::sleep(delay);
@@ -168,8 +208,13 @@ impl Storage for FaultyStorage {
     }
 
     fn rename_into_place(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        self.check(Op::Rename, path)?;
-        self.inner.rename_into_place(path, data)
+        self.check_data(Op::Rename, path, Some(data))?;
+        self.inner.rename_into_place(path, data)?;
+        self.rules
+            .lock()
+            .renamed
+            .push((path.to_string_lossy().into_owned(), data.to_vec()));
+        Ok(())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
