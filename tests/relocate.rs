@@ -283,10 +283,19 @@ fn relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link
     let f = std::fs::File::open(&disk).unwrap();
     let mut buf = vec![0u8; m];
     f.read_exact_at(&mut buf, 3 * m as u64).unwrap();
-    assert!(buf.iter().all(|&b| b == 0), "the VM reads the old file's bytes after cutover");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the VM reads the old file's bytes after cutover"
+    );
     drop(f);
-    assert!(read_all(&disk) == data, "the relocated disk differs from the backup");
-    assert!(read_all(&old) == data, "the target holds bytes of the old file");
+    assert!(
+        read_all(&disk) == data,
+        "the relocated disk differs from the backup"
+    );
+    assert!(
+        read_all(&old) == data,
+        "the target holds bytes of the old file"
+    );
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&old), 0o600, "target disk mode");
     assert_eq!(mode(&primary.join("vm")), 0o700, "target directory mode");
@@ -309,6 +318,9 @@ fn relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link
     std::os::unix::fs::symlink(env.path("precious"), p3.join("vm/disk0.raw")).unwrap();
     let o = relocate(&env, "vm", &p3, &["--force"]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success() && err.contains("symbolic link"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("symbolic link"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(env.path("precious")).unwrap(), b"precious");
 }

@@ -133,7 +133,11 @@ fn settle(r: &Relocation) -> State {
         if matches!(s, State::Done | State::Failed) {
             return s;
         }
-        assert!(Instant::now() < deadline, "relocation stuck: {:?}", r.status());
+        assert!(
+            Instant::now() < deadline,
+            "relocation stuck: {:?}",
+            r.status()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -148,7 +152,10 @@ fn a_cutover_whose_commit_fails_leaves_every_disk_on_staging() {
     let r = rig.relocate(&disks);
     assert_eq!(settle(&r), State::Failed);
     assert!(r.status().error.unwrap().contains("cutover"));
-    assert!(disks.iter().all(|d| !d.is_switched()), "a disk switched without a commit");
+    assert!(
+        disks.iter().all(|d| !d.is_switched()),
+        "a disk switched without a commit"
+    );
     // The guest goes on, on staging, and its flushed write survives a restart.
     disks[0].write(BS as u64, b"after").unwrap();
     disks[0].flush().unwrap();
@@ -170,7 +177,10 @@ fn a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_b
     );
     let r = rig.relocate(&disks);
     assert_eq!(settle(&r), State::Done);
-    assert!(disks.iter().all(|d| d.is_switched()), "every disk is on its target");
+    assert!(
+        disks.iter().all(|d| d.is_switched()),
+        "every disk is on its target"
+    );
     // No new byte may land: the commit could still vanish in a crash.
     for d in &disks {
         let e = d.write(BS as u64, b"after").unwrap_err();
@@ -181,7 +191,10 @@ fn a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_b
     // Whichever side a restart serves, the disks are whole and alike.
     let (again, _) = rig.restart();
     let switched: Vec<bool> = again.iter().map(|d| d.is_switched()).collect();
-    assert!(switched.iter().all(|&s| s == switched[0]), "a mix of target and staging");
+    assert!(
+        switched.iter().all(|&s| s == switched[0]),
+        "a mix of target and staging"
+    );
     let mut want = rig.images[1].clone();
     want[5..11].copy_from_slice(b"before");
     assert_eq!(again[1].read(0, BLOCKS * BS).unwrap(), want);

@@ -124,15 +124,24 @@ fn refuse_links(e: io::Error) -> io::Error {
 
 impl Storage for OsStorage {
     fn open(&self, path: &Path, how: Open) -> io::Result<Arc<dyn BlockFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(how != Open::Existing)
-            .truncate(how == Open::Empty)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(refuse_links)?;
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(how != Open::Existing)
+                .truncate(how == Open::Empty)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | flags)
+                .open(path)
+        };
+        // A read of staging must never write metadata: an atime update would
+        // wait behind any journal commit, e.g. another VM's fsync. O_NOATIME
+        // is refused (EPERM) on files we do not own; then go without it.
+        let f = match open(libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+            r => r,
+        }
+        .map_err(refuse_links)?;
         let meta = f.metadata()?;
         if !meta.file_type().is_file() {
             return Err(io::Error::new(

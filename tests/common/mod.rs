@@ -45,6 +45,8 @@ pub struct Env {
     pub extra_env: Vec<(String, String)>,
     /// Extra `serve` flags.
     pub serve_args: Vec<String>,
+    /// The daemon's umask (default: the test's).
+    pub serve_umask: Option<u32>,
 }
 
 impl Env {
@@ -69,6 +71,7 @@ impl Env {
             repo_spec,
             extra_env: vec![],
             serve_args: vec![],
+            serve_umask: None,
         }
     }
 
@@ -215,7 +218,18 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(env: &Env, staging: &Path, mount: &Path, socket: &Path) -> Daemon {
         let log = env.path(&format!("daemon-{}.log", rand::random::<u32>()));
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some(mask) = env.serve_umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["serve", "--repo", env.repo_str(), "--staging"])
             .arg(staging)
             .arg("--mount")
@@ -401,6 +415,77 @@ pub fn boot_counter_of(disk: &Path, what: &str) -> u64 {
 /// Boots the tiny image from `disk` and returns its boot counter.
 pub fn boot_counter(disk: &Path) -> u64 {
     boot_counter_of(disk, &disk.display().to_string())
+}
+
+/// A filesystem on a loop device whose sparse backing file lives on a
+/// tmpfs smaller than the filesystem: writes succeed into the page cache,
+/// and writeback fails once the tmpfs is full, as a failing disk would.
+/// ext4 without a journal, so the failure stays a data error. Everything
+/// is unmounted and detached on drop, even when the test fails.
+pub struct FailingDisk {
+    pub mount: PathBuf,
+    device: String,
+    _tmpfs: Tmpfs,
+}
+
+impl FailingDisk {
+    pub fn new(dir: &Path, real_size: &str, claimed_size: &str) -> FailingDisk {
+        let tmpfs = Tmpfs::mount(&dir.join("backing"), real_size);
+        let backing = dir.join("backing/disk.img");
+        let ok = Command::new("truncate")
+            .args(["-s", claimed_size])
+            .arg(&backing)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "truncate failed");
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&backing)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let device = String::from_utf8(o.stdout).unwrap().trim().to_string();
+        let mount = dir.join("fs");
+        std::fs::create_dir_all(&mount).unwrap();
+        let disk = FailingDisk {
+            mount: mount.clone(),
+            device: device.clone(),
+            _tmpfs: tmpfs,
+        };
+        let ok = Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-O",
+                "^has_journal",
+                "-E",
+                "lazy_itable_init=1",
+                &device,
+            ])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mkfs.ext4 failed");
+        let ok = Command::new("mount")
+            .args(["-o", "errors=continue", &device])
+            .arg(&mount)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting {device} failed");
+        disk
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
 }
 
 /// A small tmpfs mounted for a test (a full or tiny filesystem);

@@ -115,7 +115,10 @@ impl Rules {
                 continue;
             }
             if let Some((ap, ad)) = &r.armed_by {
-                if !renamed.iter().any(|(rp, rd)| rp.contains(ap.as_str()) && contains(rd, ad)) {
+                if !renamed
+                    .iter()
+                    .any(|(rp, rd)| rp.contains(ap.as_str()) && contains(rd, ad))
+                {
                     continue;
                 }
             }
