@@ -57,7 +57,9 @@ fn a_failed_writeback_of_staging_fails_every_later_fsync_and_shows_in_status() {
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     }
     let st = env.disk_status("vm", 0);
-    let failed = st["failed"].as_str().expect("status shows the disk as failed");
+    let failed = st["failed"]
+        .as_str()
+        .expect("status shows the disk as failed");
     assert!(
         failed.contains("fsync") || failed.contains("write"),
         "{failed}"

@@ -94,7 +94,7 @@ pub enum Command {
         socket_group: Option<String>,
         /// Let another user (a hypervisor running as its own user) open the
         /// disks; needs --owner.
-        #[arg(long, requires = "owner")]
+        #[arg(long)]
         allow_other: bool,
         /// Owner of the VM directories and disk files (mode 0700/0600): the
         /// user the hypervisor runs as, e.g. 64055:64055 or libvirt-qemu:kvm.
@@ -231,24 +231,31 @@ pub fn run(cli: Cli) -> Result<()> {
             fuse_threads,
             flush_interval,
             prefetch,
-        } => crate::daemon::serve(crate::daemon::ServeOptions {
-            repo,
-            staging,
-            mount,
-            socket,
-            socket_group: socket_group
-                .as_deref()
-                .map(crate::api::peer::group_id)
-                .transpose()?,
-            datastore: crate::daemon::MountOptions {
-                allow_other,
-                owner: owner.as_deref().map(parse_owner).transpose()?,
-                fetch_workers: fetch_workers.max(1),
-                fuse_threads,
-                flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
-                prefetch: prefetch.options(),
-            },
-        }),
+        } => {
+            if allow_other && owner.is_none() {
+                return Err(Error::invalid(
+                    "--allow-other needs --owner UID:GID, the user the hypervisor runs as (the disks are mode 0600)",
+                ));
+            }
+            crate::daemon::serve(crate::daemon::ServeOptions {
+                repo,
+                staging,
+                mount,
+                socket,
+                socket_group: socket_group
+                    .as_deref()
+                    .map(crate::api::peer::group_id)
+                    .transpose()?,
+                datastore: crate::daemon::MountOptions {
+                    allow_other,
+                    owner: owner.as_deref().map(parse_owner).transpose()?,
+                    fetch_workers: fetch_workers.max(1),
+                    fuse_threads,
+                    flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
+                    prefetch: prefetch.options(),
+                },
+            })
+        }
         Command::Profile { cmd } => profile::run(cmd),
         Command::Recover {
             socket,

@@ -1,0 +1,188 @@
+//! Who may touch what (issue 10 items 12-14): a staging directory that is
+//! not ours is refused before anything in it changes; the control socket
+//! appears with its final mode and serves only root, the daemon's user and
+//! its group; the disks belong to the hypervisor's user and nobody else.
+//! Other users are `nobody` (65534, group nogroup) and an unnamed uid,
+//! 65533, run through `setpriv`.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+const K64: usize = 64 << 10;
+
+/// A directory every user can traverse (the test's own is 0700).
+fn public_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("recoverfs-pub")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// Runs `args` as uid:gid (no supplementary groups unless `groups`).
+fn run_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        let g: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        c.arg(format!("--groups={}", g.join(",")));
+    }
+    c.args(args).env_remove("RECOVERFS_SOCKET").output().unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn a_staging_directory_that_is_not_ours_is_refused_before_anything_in_it_changes() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 1, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let foreign = env.path("home");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), b"mine").unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.fails(
+        &[
+            "serve",
+            "--repo",
+            env.repo_str(),
+            "--staging",
+            foreign.to_str().unwrap(),
+            "--mount",
+            env.mount.to_str().unwrap(),
+        ],
+        "not a recoverfs staging directory",
+    );
+    assert_eq!(mode(&foreign), 0o755, "the directory's mode was changed");
+    let names: Vec<_> = std::fs::read_dir(&foreign)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("notes.txt")], "files were added");
+}
+
+#[test]
+fn the_control_socket_appears_with_its_final_mode_even_under_umask_0() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 2, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let dir = env.path("sock");
+    std::fs::create_dir(&dir).unwrap();
+    env.socket = dir.join("ctl.sock");
+    env.serve_umask = Some(0);
+    let ino = Inotify::init(InitFlags::empty()).unwrap();
+    ino.add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+        .unwrap();
+    let sock = env.socket.clone();
+    let watcher = std::thread::spawn(move || loop {
+        for ev in ino.read_events().unwrap() {
+            if ev.name.as_deref() == Some(std::ffi::OsStr::new("ctl.sock")) {
+                // Looked at the moment the name appears.
+                return (ev.mask, mode(&sock));
+            }
+        }
+    });
+    let _d = env.serve();
+    let (how, first_mode) = watcher.join().unwrap();
+    assert_eq!(
+        first_mode, 0o600,
+        "the socket appeared with mode {first_mode:o} ({how:?})"
+    );
+    assert!(
+        how.contains(AddWatchFlags::IN_MOVED_TO),
+        "the socket was created in place ({how:?}), so for a moment it had the umask's mode"
+    );
+}
+
+#[test]
+fn only_root_the_daemon_user_and_the_socket_group_may_use_the_control_socket() {
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 3, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let public = public_dir();
+    env.socket = public.path().join("ctl.sock");
+    env.serve_args = vec!["--socket-group".into(), "nogroup".into()];
+    let d = env.serve();
+    let meta = std::fs::metadata(&env.socket).unwrap();
+    assert_eq!((mode(&env.socket), meta.gid()), (0o660, 65534));
+    let sock = env.socket.to_str().unwrap();
+    let status = [bin(), "status", "--socket", sock];
+    let o = run_as(65534, 65534, &[65534], &status);
+    assert!(
+        o.status.success(),
+        "a member of the socket group is served: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Another user cannot even connect...
+    let o = run_as(65533, 65533, &[], &status);
+    assert!(!o.status.success());
+    // ...and if the socket's mode is loosened by mistake, the daemon still
+    // refuses it by its credentials, on one line.
+    std::fs::set_permissions(&env.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = run_as(65533, 65533, &[], &status);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "an outsider was served");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(d.log_text().contains("refused a client"), "{}", d.log_text());
+    // Root still is.
+    env.ok(&["status", "--socket", sock]);
+}
+
+#[test]
+fn disks_belong_to_the_hypervisor_user_named_by_owner_and_to_nobody_else() {
+    let mut env = Env::new();
+    let public = public_dir();
+    let img: PathBuf = public.path().join("a.raw");
+    random_image(&img, 16 * K64, 4, K64);
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.backup("vm", "64K", &[&img]);
+    // --allow-other alone would make the disks useless (0600, root's).
+    let mnt = public.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Bounded: a daemon that accepted the flags would serve forever.
+    let o = Command::new("timeout")
+        .args(["20", bin(), "serve", "--repo", env.repo_str(), "--staging"])
+        .arg(&env.staging)
+        .arg("--mount")
+        .arg(&mnt)
+        .arg("--allow-other")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "serve --allow-other without --owner: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--owner"), "{err}");
+    env.mount = mnt.clone();
+    env.serve_args = vec![
+        "--allow-other".into(),
+        "--owner".into(),
+        "65534:65534".into(),
+    ];
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let m = std::fs::metadata(&disk).unwrap();
+    assert_eq!((m.uid(), m.gid(), mode(&disk)), (65534, 65534, 0o600));
+    assert_eq!(mode(&mnt.join("vm")), 0o700);
+    let (d, i) = (disk.to_str().unwrap(), img.to_str().unwrap());
+    let o = run_as(65534, 65534, &[65534], &["cmp", d, i]);
+    assert!(
+        o.status.success(),
+        "the hypervisor user reads its disk: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run_as(65533, 65533, &[], &["cat", d]);
+    assert!(!o.status.success(), "another user read the disk");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Permission denied"));
+}
