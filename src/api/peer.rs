@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::error::{Error, IoContext, Result};
@@ -118,6 +118,19 @@ impl CheckedListener {
 }
 
 async fn refuse(mut s: UnixStream) {
+    // Read the request first: closing a socket with unread data resets it,
+    // and the client would see "connection reset" instead of the reason.
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        while req.len() < 64 << 10 && !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
     let body = serde_json::json!({
         "error": "permission denied: this user may not control the recoverfs daemon (allowed: root, the daemon's user, and the group given with --socket-group)",
         "kind": "NotPermitted",
