@@ -112,3 +112,57 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
         "verify-boot left a mount: {mounts}"
     );
 }
+
+/// The qemu-system process whose parent is `parent`, once it runs.
+fn qemu_child_of(parent: u32) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid: Option<u32> = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if ppid == Some(parent) && comm.starts_with("qemu-system") {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn qemu_runs_without_the_repository_credentials_and_inside_its_sandbox() {
+    let env = Env::new();
+    let image = tiny_image();
+    env.backup("tiny", "64K", &[&image]);
+    let secret = "do-not-hand-this-to-the-guest-8c1f";
+    let mut child = std::process::Command::new(bin())
+        .args(["verify-boot", "--repo", env.repo_str(), "tiny", "--marker", MARKER])
+        .args(["--timeout", "180"])
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_ACCESS_KEY_ID", "GKtest")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let qemu = loop {
+        if let Some(p) = qemu_child_of(child.id()) {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "no QEMU started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let environ = std::fs::read(format!("/proc/{qemu}/environ")).unwrap();
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap())
+        .replace('\0', " ");
+    let st = child.wait().unwrap();
+    assert!(st.success(), "verify-boot failed");
+    let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
+    assert!(!environ.contains(secret), "QEMU got the repository secret: {environ}");
+    assert!(!environ.contains("AWS_"), "QEMU got repository settings: {environ}");
+    assert!(cmdline.contains("-sandbox on"), "QEMU runs without its sandbox: {cmdline}");
+}
