@@ -10,7 +10,7 @@ APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3 fdisk dosfstools e2fsprog
 # Peers and tools the benchmarks compare against.
 BENCH_PACKAGES := nbdkit nbdfuse libnbd-bin strace
 
-.PHONY: all build release deps garage test demo bench bench-quick clean fmt
+.PHONY: all build release deps garage fsx test demo bench bench-quick clean fmt
 
 all: build
 
@@ -22,13 +22,17 @@ deps:
 garage:
 	@scripts/install-garage.sh
 
+# fsx, the file-system exerciser the fsx tests run (built once, cached).
+fsx:
+	@scripts/install-fsx.sh
+
 build:
 	$(CARGO) build
 
 release:
 	$(CARGO) build --release
 
-test: deps garage
+test: deps garage fsx
 	$(CARGO) build --all-targets
 	$(CARGO) test --no-fail-fast -- --test-threads=2
 
