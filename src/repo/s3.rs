@@ -350,6 +350,88 @@ impl Backend for S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
+    use futures::stream::BoxStream;
+    use object_store::{
+        GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, PutMultipartOptions,
+        PutResult,
+    };
+
+    /// An in-memory store whose HEADs wait for each other at a barrier: two
+    /// writers both learn that a key is absent before either writes it.
+    #[derive(Debug)]
+    struct RacingHeads {
+        inner: object_store::memory::InMemory,
+        barrier: tokio::sync::Barrier,
+    }
+
+    impl std::fmt::Display for RacingHeads {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "RacingHeads")
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for RacingHeads {
+        async fn put_opts(
+            &self,
+            p: &ObjPath,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.inner.put_opts(p, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            p: &ObjPath,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(p, opts).await
+        }
+        async fn get_opts(&self, p: &ObjPath, o: GetOptions) -> object_store::Result<GetResult> {
+            if o.head {
+                self.barrier.wait().await;
+            }
+            self.inner.get_opts(p, o).await
+        }
+        async fn delete(&self, p: &ObjPath) -> object_store::Result<()> {
+            self.inner.delete(p).await
+        }
+        fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(p)
+        }
+        async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+            self.inner.list_with_delimiter(p).await
+        }
+        async fn copy(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+            self.inner.copy(a, b).await
+        }
+        async fn copy_if_not_exists(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(a, b).await
+        }
+    }
+
+    #[test]
+    fn two_writers_of_one_manifest_key_never_both_succeed() {
+        let store = Arc::new(RacingHeads {
+            inner: object_store::memory::InMemory::new(),
+            barrier: tokio::sync::Barrier::new(2),
+        });
+        let b = Arc::new(S3Backend::with_store(store, "bucket", "site").unwrap());
+        let writers: Vec<_> = [b"first".as_slice(), b"second".as_slice()]
+            .into_iter()
+            .map(|data| {
+                let b = b.clone();
+                std::thread::spawn(move || b.put_new("backups/vm/1.json", data).unwrap())
+            })
+            .collect();
+        let won: Vec<bool> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        assert_eq!(
+            won.iter().filter(|&&w| w).count(),
+            1,
+            "both writers created the same manifest (one overwrote the other): {won:?}"
+        );
+    }
 
     #[test]
     fn a_create_only_put_never_replaces_an_existing_manifest() {
