@@ -165,6 +165,12 @@ pub fn recovered(r: &Value, json: bool) {
         "recovering"
     };
     eprintln!("{how} VM {vm} from backup {backup}");
+    for b in r["skipped"].as_array().cloned().unwrap_or_default() {
+        eprintln!(
+            "note: kept staging of VM {vm} from backup {} was not resumed: that backup is gone from the repository (the staging stays on disk; `release --discard {vm}` removes it)",
+            b.as_str().unwrap_or("?")
+        );
+    }
     if let Some(disks) = r["disks"].as_array() {
         for d in disks {
             println!("{}", d.as_str().unwrap_or("?"));
@@ -241,6 +247,12 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
                 f("fetch_latency_p99_ms"),
                 if n("fetch_errors") > 0 { format!("  FETCH ERRORS {}", n("fetch_errors")) } else { String::new() }
             );
+            if let Some(e) = d["failed"].as_str() {
+                println!(
+                    "  {:<6} FAILED: {e}; flushes and writes get EIO until the session is released",
+                    d["name"].as_str().unwrap_or("?")
+                );
+            }
         }
         println!("  {}", scheduler_line(&s["scheduler"]));
     }
