@@ -228,11 +228,26 @@ mod tests {
 
     #[test]
     fn memory_from_a_backup_config_is_bounded_before_qemu_sees_it() {
-        let spec = |v: serde_json::Value| QemuSpec::from_config(&serde_json::json!({ "memory_mib": v }), vec![]);
+        let spec = |v: serde_json::Value| {
+            QemuSpec::from_config(&serde_json::json!({ "memory_mib": v }), vec![])
+        };
         assert_eq!(spec(serde_json::json!(1024)).unwrap().memory_mib, 1024);
-        assert_eq!(QemuSpec::from_config(&serde_json::json!({}), vec![]).unwrap().memory_mib, 512);
-        for bad in [serde_json::json!(1u64 << 40), serde_json::json!(0), serde_json::json!(-5), serde_json::json!("lots"), serde_json::json!(1.5)] {
-            let e = spec(bad.clone()).err().unwrap_or_else(|| panic!("{bad} accepted"));
+        assert_eq!(
+            QemuSpec::from_config(&serde_json::json!({}), vec![])
+                .unwrap()
+                .memory_mib,
+            512
+        );
+        for bad in [
+            serde_json::json!(1u64 << 40),
+            serde_json::json!(0),
+            serde_json::json!(-5),
+            serde_json::json!("lots"),
+            serde_json::json!(1.5),
+        ] {
+            let e = spec(bad.clone())
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(e.to_string().contains("memory_mib"), "{e}");
         }
     }

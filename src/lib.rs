@@ -7,72 +7,87 @@
 //! ## Data flow
 //!
 //! ```text
-//!  backup:  image ──read──▶ fixed chunks ──BLAKE3, zstd──▶ repo/chunks/…   then repo/backups/<vm>/<id>.json
+//!  backup:  image ──read──▶ fixed chunks ──BLAKE3, zstd──▶ repo/chunks/…   then repo/backups/<vm>/<id>.json (create-only)
 //!
 //!  guest / hypervisor
 //!        │ read/write/fsync on MOUNT/<vm>/diskN.raw
 //!        ▼
-//!  fs (fuser, N event threads) ── all blocks local? ──yes──▶ volume::read/write inline
-//!        │ no                                                   │
-//!        ▼                                                      ▼
-//!  fuse-io worker pool ──▶ volume ──claim block (in-flight table: one fetch per block)
-//!                                  │ owner                    │ waiter (promotes a queued job)
-//!                                  ▼                          ▼
-//!       prefetch::Scheduler (one per daemon; on-demand > profile > relocation > readahead)
-//!            N fetch workers: repo.read_chunk ─▶ verify digest ─▶ pwrite staging
-//!                                  └──▶ presence bit set ──▶ waiters wake, pread staging
+//!  fs (fuser, N event threads) ── read all local, or write needing no fetch and no map sync? ──yes──▶ volume inline
+//!        │ no: misses, first writes to a block ──▶ fuse-io pool      fsync, flush ──▶ fuse-sync pool
+//!        ▼
+//!  volume ──claim block (in-flight table: one fill per block; writes claim in ascending block order)
+//!        │ owner                        │ waiter (promotes a queued job)
+//!        ▼                              ▼
+//!  prefetch::Scheduler (one per daemon; on-demand > profile > relocation > readahead)
+//!       N fetch workers: repo.read_chunk ─▶ verify digest ─▶ staging write (io gate: never after release)
+//!                             └──▶ presence bit set ──▶ waiters wake, read staging
+//!  staging::io::Storage ── every staging, map, metadata and relocation-target file (tests: faults, power cuts)
 //!  guest reads ──▶ tracker (first reads → profile recording) ──▶ stream detector (readahead)
 //!  per session: prefetch feeder thread ──▶ profile blocks within the horizon ──▶ scheduler
-//!  control API (tokio, Unix socket) ──▶ session::Datastore (recover / status / release / relocate)
-//!  relocate: copier thread ──▶ volume::read_source ──▶ target file; pass after pass, then
-//!            pause writes ──▶ final pass ──▶ fsync ──▶ commit `switched` ──▶ volume serves the target
+//!  control API (tokio, Unix socket, peer credentials checked) ──▶ session::Datastore
+//!       recover / release / discard / relocate of one VM under that VM's lock; the session
+//!       table is locked only for lookups, never across repository I/O
+//!  relocate: copier thread ──▶ volume::read_source ──▶ target file; target sync, staging flush,
+//!            then copied bits; pass after pass, then pause writes ──▶ final pass ──▶ syncs
+//!            ──▶ rename relocation.json `switched` (the commit) ──▶ every disk serves its target
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets the block's changed
 //! bit durably, fills a partly covered missing block from the backup, then
 //! writes the staging data file. `fsync` syncs the data file, then writes
 //! the presence map (from a snapshot taken before the data sync), then the
-//! changed map, and only then answers.
+//! changed map, and only then answers; concurrent fsyncs share one sync.
+//! The first failed sync of a disk is sticky: every later flush and write of
+//! that disk fails with EIO until the session is released (reads go on).
 //!
 //! ## On-disk formats
 //!
-//! Repository (a directory; keys mirror paths):
+//! Repository (a directory or an S3 bucket; keys mirror paths):
 //! * `repo.json` — `{format, version, id, created}`; `id` ties staging to it.
 //! * `chunks/<hex[0..4]>/<hex>` — one zstd frame of the chunk's plain
 //!   bytes; `<hex>` is the BLAKE3 of those bytes. All-zero chunks are never
-//!   stored. Every read decompresses and re-hashes.
+//!   stored. Every read is bounded in size, decompresses and re-hashes.
 //! * `backups/<vm>/<id>.json` — `{"checksum": blake3(manifest bytes),
 //!   "manifest": {format, vm, id, created, config, disks: [{name, size,
-//!   chunk_size, chunks: [hex | null], stored_bytes, new_bytes}]}}`.
+//!   chunk_size, chunks: [hex | null], stored_bytes, new_bytes}]}}`, at most
+//!   256 disks of at most 64 TiB (`repo::limits`). Created only if absent;
+//!   on a store that ignores conditional PUTs the id gets a random suffix.
 //! * `profiles/<vm>.json` — the VM's operational profile, sealed the same
 //!   way under `"profile"`: `{format, vm, recordings: [{recorded, backup,
 //!   source, disks: [{index, block_size, accesses: [[block, ms, chunk|null]]}]}]}`,
 //!   the last 5 recordings, each a session's first reads in order.
 //!
-//! Staging (a directory, mode 0700, locked by the serving daemon):
+//! Staging (a directory, mode 0700, locked by the serving daemon; a
+//! directory that is neither empty nor a staging directory is refused
+//! before anything in it changes):
 //! * `staging.json` — the repository id it belongs to.
-//! * `sessions/<vm>/<backup>/diskN.data` — sparse file, disk-sized.
+//! * `sessions/<vm>/<backup>/manifest.json` — the backup's manifest as
+//!   recovered, so a kept session resumes while the repository is down.
+//! * `…/diskN.data` — sparse file, disk-sized (opened `O_NOATIME`).
 //! * `…/diskN.present`, `…/diskN.changed` — 64-byte header (magic
 //!   `RFSBMAP1`, kind, block size, block count) then one bit per block.
 //! * `…/session.json` — geometry; written last when a session is created.
-//! * `…/diskN.copied` — relocation: blocks whose copy on the target is
-//!   synced (same header, kind 3); `…/relocation.json` — target, pass,
-//!   and `switched`, the cutover's commit point.
+//! * `…/diskN.copied` — relocation: blocks whose copy on the target, and
+//!   the staging it was read from, are synced (same header, kind 3);
+//!   `…/relocation.json` — target, pass, and `switched`, the commit point.
 //!
 //! ## What is durable when
 //!
-//! | state | durable when | after a crash before that |
-//! |---|---|---|
-//! | chunk object | before `backup` writes the manifest (temp, fsync, rename, fsync dir) | temp file ignored; chunk rewritten next time |
-//! | manifest | on `backup` exit (same sequence, never replaces) | backup invisible, as if never started |
-//! | fetched block data | at the next flush (≤ `--flush-interval`) or guest fsync | presence bit not on disk: block refetched |
-//! | presence bit | after the data sync of that flush | block refetched (reads backup content) |
-//! | changed bit | before the guest's data is written | — (never missing; may over-report) |
-//! | guest write data | at the guest's fsync/fdatasync/flush reply | block reads as backup or as a write that happened |
-//! | session staging | kept at `release`, deleted by `release --discard` | resumed by the next `recover` |
-//! | copied bit (relocation) | set after the target data is fsynced; cleared durably before a guest write lands | block copied again |
-//! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay |
-//! | cutover | `relocation.json` `switched: true` written after the final pass and target fsync, with writes paused | relocation resumes from staging |
+//! | state | durable when | after a crash before that | proven by |
+//! |---|---|---|---|
+//! | chunk object | before `backup` writes the manifest (temp, fsync, rename, fsync dir; an S3 PUT) | temp file ignored; chunk rewritten next time | `crash::a_backup_killed_midway_leaves_no_backup_and_the_next_one_succeeds` |
+//! | manifest | last, on `backup` exit, created only if absent (`link(2)`; S3 `If-None-Match`) | backup invisible, as if never started | `crash::a_backup_killed_midway_leaves_no_backup_and_the_next_one_succeeds`, `repo::s3::tests::two_writers_of_one_manifest_key_never_both_succeed` |
+//! | session files | manifest copy and maps before `session.json`, all before the first I/O is served | session created afresh | `crash_consistency::power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write` |
+//! | fetched block data | at the next flush (≤ `--flush-interval`) or guest fsync | presence bit not on disk: block refetched | `crash_consistency::power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write`, `crash::staged_blocks_are_never_zeros_after_a_crash` |
+//! | presence bit | after the data sync of that flush, from a snapshot taken before it; never after a failed sync | block refetched (reads backup content) | `crash_consistency::power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write`, `volume::tests::a_failed_staging_sync_fails_every_later_flush_and_write_and_persists_no_presence` |
+//! | changed bit | before the guest's data is written (synced) | — (never missing; may over-report) | `crash_consistency::power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write` |
+//! | guest write data | at the reply to the guest's fsync/fdatasync/flush (grouped: one sync for all waiting) | block reads as backup or as a write that happened | `crash_consistency::power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write`, `crash::kill9_during_fsynced_writes_loses_nothing_acknowledged`, `fsx::fsx_finds_no_error_on_a_recovered_disk_with_64k_chunks` |
+//! | a failed sync | never: sticky, every later flush and write of the disk fails with EIO until release | — | `faults::a_failed_writeback_of_staging_fails_every_later_fsync_and_shows_in_status` |
+//! | copied bit (relocation) | set after the target data *and* staging are synced; cleared durably before a guest write lands | block copied again | `crash_consistency::power_cuts_during_relocation_and_cutover_never_mix_versions` |
+//! | relocation start | earlier relocation state removed durably before targets are emptied (created or truncated, 0600, no symlinks); target names synced before `relocation.json` | no relocation resumes | `relocate::relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link`, `crash_consistency::power_cuts_during_relocation_and_cutover_never_mix_versions` |
+//! | cutover | `relocation.json` renamed with `switched: true` after the final pass, target syncs and `vm.json`, writes paused; after the rename every disk switches (cannot fail); if the rename cannot be synced the disks refuse writes and flushes | relocation resumes from staging; never a mix of disks | `relocate::tests::a_cutover_whose_commit_fails_leaves_every_disk_on_staging`, `relocate::tests::a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_bytes`, `crash_consistency::power_cuts_during_relocation_and_cutover_never_mix_versions` |
+//! | session staging | kept at `release` (after `close`, no released fetch writes into it), deleted by `release --discard` | resumed by the next `recover`, from its manifest copy if the repository is down | `session::tests::a_recover_waits_for_a_release_and_a_released_fetch_never_lands_in_the_next_session`, `session::tests::a_fully_staged_session_resumes_while_the_repository_is_unreachable` |
+//! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod api;
 pub mod boot;

@@ -140,7 +140,14 @@ fn qemu_runs_without_the_repository_credentials_and_inside_its_sandbox() {
     env.backup("tiny", "64K", &[&image]);
     let secret = "do-not-hand-this-to-the-guest-8c1f";
     let mut child = std::process::Command::new(bin())
-        .args(["verify-boot", "--repo", env.repo_str(), "tiny", "--marker", MARKER])
+        .args([
+            "verify-boot",
+            "--repo",
+            env.repo_str(),
+            "tiny",
+            "--marker",
+            MARKER,
+        ])
         .args(["--timeout", "180"])
         .env("AWS_SECRET_ACCESS_KEY", secret)
         .env("AWS_ACCESS_KEY_ID", "GKtest")
@@ -162,7 +169,16 @@ fn qemu_runs_without_the_repository_credentials_and_inside_its_sandbox() {
     let st = child.wait().unwrap();
     assert!(st.success(), "verify-boot failed");
     let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
-    assert!(!environ.contains(secret), "QEMU got the repository secret: {environ}");
-    assert!(!environ.contains("AWS_"), "QEMU got repository settings: {environ}");
-    assert!(cmdline.contains("-sandbox on"), "QEMU runs without its sandbox: {cmdline}");
+    assert!(
+        !environ.contains(secret),
+        "QEMU got the repository secret: {environ}"
+    );
+    assert!(
+        !environ.contains("AWS_"),
+        "QEMU got repository settings: {environ}"
+    );
+    assert!(
+        cmdline.contains("-sandbox on"),
+        "QEMU runs without its sandbox: {cmdline}"
+    );
 }

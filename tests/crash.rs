@@ -179,3 +179,91 @@ fn staged_blocks_are_never_zeros_after_a_crash() {
         "after a crash the disk must read as its backup"
     );
 }
+
+#[test]
+fn a_backup_killed_midway_leaves_no_backup_and_the_next_one_succeeds() {
+    let env = Env::new();
+    let img = env.path("big.raw");
+    let ok = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} /dev/urandom > {}",
+            256 << 20,
+            img.display()
+        ))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    random_image(&env.path("s.raw"), 4 * K64, 1, K64);
+    env.backup("small", "64K", &[&env.path("s.raw")]);
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "backup",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm",
+            "--chunk-size",
+            "64K",
+        ])
+        .arg(&img)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has stored some chunks, long before it can finish.
+    let chunks = env.repo.join("chunks");
+    let count = || walk(&chunks);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count() < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup stored nothing"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let list = env.ok(&["list", "--repo", env.repo_str(), "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let vms: Vec<&str> = list["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        vms,
+        vec!["small"],
+        "a killed backup left a manifest: {list}"
+    );
+    env.ok(&["verify", "--repo", env.repo_str()]);
+    let id = env.backup("vm", "64K", &[&img]);
+    env.ok(&[
+        "verify",
+        "--repo",
+        env.repo_str(),
+        "--vm",
+        "vm",
+        "--backup",
+        &id,
+    ]);
+}
+
+/// Files below `dir`, recursively.
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

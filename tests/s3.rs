@@ -207,7 +207,15 @@ fn concurrent_backups_of_one_vm_never_overwrite_each_other() {
             std::thread::spawn(move || {
                 barrier.wait();
                 let o = std::process::Command::new(bin())
-                    .args(["backup", "--repo", &repo, "--vm", "vm", "--chunk-size", "64K"])
+                    .args([
+                        "backup",
+                        "--repo",
+                        &repo,
+                        "--vm",
+                        "vm",
+                        "--chunk-size",
+                        "64K",
+                    ])
                     .arg(&img)
                     .envs(envs)
                     .output()
@@ -229,7 +237,10 @@ fn concurrent_backups_of_one_vm_never_overwrite_each_other() {
     let _d = env.serve();
     for (id, img) in ids.iter().zip(&images) {
         let disk = env.recover("vm", Some(id))[0].clone();
-        assert!(read_all(&disk) == *img, "backup {id} holds another writer's disk");
+        assert!(
+            read_all(&disk) == *img,
+            "backup {id} holds another writer's disk"
+        );
         assert!(env.release("vm", true).status.success());
     }
 }
@@ -251,5 +262,8 @@ fn a_kept_session_resumes_from_its_manifest_copy_while_the_store_is_down() {
     assert!(env.release("vm", false).status.success());
     g.stop_node(0);
     let disk = env.recover("vm", None)[0].clone();
-    assert!(read_all(&disk) == data, "the resumed session reads differently");
+    assert!(
+        read_all(&disk) == data,
+        "the resumed session reads differently"
+    );
 }

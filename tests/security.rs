@@ -28,14 +28,18 @@ fn public_dir() -> tempfile::TempDir {
 /// Runs `args` as uid:gid (no supplementary groups unless `groups`).
 fn run_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> Output {
     let mut c = Command::new("setpriv");
-    c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
     if groups.is_empty() {
         c.arg("--clear-groups");
     } else {
         let g: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
         c.arg(format!("--groups={}", g.join(",")));
     }
-    c.args(args).env_remove("RECOVERFS_SOCKET").output().unwrap()
+    c.args(args)
+        .env_remove("RECOVERFS_SOCKET")
+        .output()
+        .unwrap()
 }
 
 fn mode(p: &Path) -> u32 {
@@ -68,7 +72,11 @@ fn a_staging_directory_that_is_not_ours_is_refused_before_anything_in_it_changes
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("notes.txt")], "files were added");
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("notes.txt")],
+        "files were added"
+    );
 }
 
 #[test]
@@ -135,7 +143,11 @@ fn only_root_the_daemon_user_and_the_socket_group_may_use_the_control_socket() {
     assert!(!o.status.success(), "an outsider was served");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("permission denied"), "{err}");
-    assert!(d.log_text().contains("refused a client"), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("refused a client"),
+        "{}",
+        d.log_text()
+    );
     // Root still is.
     env.ok(&["status", "--socket", sock]);
 }
@@ -161,7 +173,11 @@ fn disks_belong_to_the_hypervisor_user_named_by_owner_and_to_nobody_else() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "serve --allow-other without --owner: {err}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "serve --allow-other without --owner: {err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--owner"), "{err}");
     env.mount = mnt.clone();

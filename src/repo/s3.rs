@@ -397,10 +397,16 @@ mod tests {
         async fn delete(&self, p: &ObjPath) -> object_store::Result<()> {
             self.inner.delete(p).await
         }
-        fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        fn list(
+            &self,
+            p: Option<&ObjPath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
             self.inner.list(p)
         }
-        async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+        async fn list_with_delimiter(
+            &self,
+            p: Option<&ObjPath>,
+        ) -> object_store::Result<ListResult> {
             self.inner.list_with_delimiter(p).await
         }
         async fn copy(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
