@@ -77,10 +77,14 @@ pub enum Command {
     },
     /// Run the recovery datastore in the foreground.
     Serve {
+        /// Repository: a directory or s3://BUCKET[/PREFIX].
         #[arg(long)]
         repo: String,
+        /// Local staging: missing, empty, or a staging directory of this
+        /// repository (anything else is refused untouched); made mode 0700.
         #[arg(long)]
         staging: PathBuf,
+        /// An empty directory to mount the datastore on.
         #[arg(long)]
         mount: PathBuf,
         /// Control socket (default: STAGING/control.sock). Created mode 0600
@@ -117,7 +121,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: profile::ProfileCmd,
     },
-    /// Start (or resume) a recovery session and print the disk paths.
+    /// Start (or resume) a recovery session and print the disk paths. Without
+    /// --backup, the VM's kept staging is resumed unless its backup is gone.
     Recover {
         #[command(flatten)]
         socket: SocketArg,
@@ -179,14 +184,16 @@ pub enum Command {
         /// Copy rate limit in MB/s (raised up to 4x if the guest out-writes it).
         #[arg(long)]
         rate: Option<f64>,
-        /// Overwrite a non-empty DIR/VM.
+        /// Accept a non-empty DIR/VM: its disk files are emptied first
+        /// (symbolic links are refused even then).
         #[arg(long)]
         force: bool,
         /// Show progress and return at cutover.
         #[arg(long)]
         wait: bool,
     },
-    /// End a recovery session (staging is kept unless --discard).
+    /// End a recovery session (staging is kept unless --discard). Exits
+    /// non-zero if a disk's staging had failed (its last writes may be lost).
     Release {
         #[command(flatten)]
         socket: SocketArg,
