@@ -29,14 +29,11 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::prefetch::tracker::RecordWindow;
 use crate::prefetch::{Class, Scheduler};
-use crate::relocate::{Meta, Relocation, State};
-use crate::repo::writer::{run_backup, BackupRequest};
+use crate::relocate::{Meta, Relocation, Source, State};
 use crate::repo::{Manifest, Repository};
 use crate::staging::io::mem::MemStorage;
 use crate::staging::io::Storage;
-use crate::staging::open_session;
 use crate::volume::Volume;
 
 const BS: usize = 64 << 10;
@@ -88,44 +85,58 @@ fn world(seed: u64, sc: Scenario) -> World {
     for b in (0..blocks).filter(|b| b % 4 == 1) {
         backup[b * BS..(b + 1) * BS].fill(0);
     }
-    let img = dir.path().join("img");
-    std::fs::write(&img, &backup).unwrap();
-    let r = run_backup(
-        &repo,
-        BackupRequest {
-            vm: "vm".into(),
-            config: None,
-            chunk_size: BS as u32,
-            images: vec![img],
-            progress: false,
-        },
-    )
-    .unwrap();
+    let manifest = crate::testutil::backup_images(&repo, dir.path(), "vm", BS, &[&backup]);
     World {
         sc,
         _dir: dir,
         repo,
-        manifest: r.manifest,
+        manifest,
         backup,
         sched: Scheduler::new("crash-fetch", 4),
     }
 }
 
 fn open_volume(w: &World, storage: &dyn Storage) -> Arc<Volume> {
-    let (mut stores, _) = open_session(storage, Path::new(SESSION), &w.manifest).unwrap();
-    Arc::new(Volume::new(
-        w.repo.clone(),
-        &w.manifest.id,
-        "vm",
-        0,
-        &w.manifest.disks[0],
-        stores.remove(0),
-        w.sched.clone(),
-        RecordWindow {
-            start: Instant::now(),
-            length: Duration::from_secs(300),
-        },
-    ))
+    crate::testutil::open_volumes(storage, Path::new(SESSION), &w.repo, &w.manifest, &w.sched)
+        .remove(0)
+}
+
+/// The session of `vol`, as a relocation sees it.
+fn source<'a>(storage: &'a Arc<dyn Storage>, vol: &'a Arc<Volume>) -> Source<'a> {
+    Source {
+        storage,
+        vm: "vm",
+        disks: std::slice::from_ref(vol),
+        config_json: b"{}\n",
+        session_dir: Path::new(SESSION),
+    }
+}
+
+/// A guest write, recorded for the checker.
+fn guest_write(
+    vol: &Arc<Volume>,
+    mem: &MemStorage,
+    writes: &mut Vec<Write>,
+    off: usize,
+    data: Vec<u8>,
+) {
+    let start = mem.position();
+    vol.write(off as u64, &data).unwrap();
+    writes.push(Write {
+        off,
+        data,
+        start,
+        acked_at: None,
+    });
+}
+
+/// A guest flush: every write before it is acknowledged once it returns.
+fn guest_flush(vol: &Volume, mem: &MemStorage, writes: &mut [Write]) {
+    vol.flush().unwrap();
+    let at = mem.position();
+    for wr in writes.iter_mut().rev().take_while(|w| w.acked_at.is_none()) {
+        wr.acked_at = Some(at);
+    }
 }
 
 /// Runs the workload on `mem`; returns the guest's writes.
@@ -157,15 +168,7 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
                 pass: 1,
                 rate_mbps: w.sc.relocate,
             };
-            let r = Relocation::begin(
-                storage.clone(),
-                "vm",
-                std::slice::from_ref(&vol),
-                b"{}\n",
-                Path::new(SESSION),
-                meta,
-            )
-            .unwrap();
+            let r = Relocation::begin(source(&storage, &vol), meta).unwrap();
             r.spawn();
             reloc = Some(r);
         }
@@ -175,11 +178,7 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         }
         let roll = rng.gen_range(0..100u32);
         if roll < w.sc.flush_pct {
-            vol.flush().unwrap();
-            let at = mem.position();
-            for wr in writes.iter_mut().rev().take_while(|w| w.acked_at.is_none()) {
-                wr.acked_at = Some(at);
-            }
+            guest_flush(&vol, mem, &mut writes);
             continue;
         }
         match roll {
@@ -192,14 +191,7 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
                 };
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data[..]);
-                let start = mem.position();
-                vol.write(off as u64, &data).unwrap();
-                writes.push(Write {
-                    off,
-                    data,
-                    start,
-                    acked_at: None,
-                });
+                guest_write(&vol, mem, &mut writes, off, data);
             }
             45..=79 => {
                 let off = rng.gen_range(0..blocks * BS - 1);
@@ -228,20 +220,9 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         for _ in 0..20 {
             let off = rng.gen_range(0..blocks * BS / SECTOR - 8) * SECTOR;
             let data: Vec<u8> = (0..8 * SECTOR).map(|_| rng.gen()).collect();
-            let start = mem.position();
-            vol.write(off as u64, &data).unwrap();
-            writes.push(Write {
-                off,
-                data,
-                start,
-                acked_at: None,
-            });
+            guest_write(&vol, mem, &mut writes, off, data);
             if rng.gen_bool(0.3) {
-                vol.flush().unwrap();
-                let at = mem.position();
-                for wr in writes.iter_mut().rev().take_while(|w| w.acked_at.is_none()) {
-                    wr.acked_at = Some(at);
-                }
+                guest_flush(&vol, mem, &mut writes);
             }
         }
         r.stop();
@@ -257,14 +238,8 @@ fn check_state(w: &World, state: &MemStorage, cut: usize, writes: &[Write]) -> R
     let blocks = w.sc.blocks;
     let storage: Arc<dyn Storage> = Arc::new(state.clone());
     let vol = open_volume(w, state);
-    let reloc = Relocation::reopen(
-        storage,
-        "vm",
-        std::slice::from_ref(&vol),
-        b"{}\n",
-        Path::new(SESSION),
-    )
-    .map_err(|e| format!("reopening the relocation failed: {e}"))?;
+    let reloc = Relocation::reopen(source(&storage, &vol))
+        .map_err(|e| format!("reopening the relocation failed: {e}"))?;
     let seen = vol
         .read(0, blocks * BS)
         .map_err(|e| format!("reading the reopened disk failed: {e}"))?;

@@ -108,5 +108,7 @@ pub mod volume;
 
 #[cfg(test)]
 mod crash_consistency;
+#[cfg(test)]
+mod testutil;
 
 pub use error::{Error, ErrorKind, Result};

@@ -287,7 +287,13 @@ impl Datastore {
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');
         // A relocation in progress (or finished) survives restarts.
-        let relocation = Relocation::resume(storage, vm, &disks, &config_json, &dir)?;
+        let relocation = Relocation::resume(crate::relocate::Source {
+            storage: &storage,
+            vm,
+            disks: &disks,
+            config_json: &config_json,
+            session_dir: &dir,
+        })?;
         let session = Arc::new(Session {
             vm: vm.into(),
             backup: manifest.id.clone(),
@@ -515,11 +521,13 @@ impl Datastore {
         }
         let forbidden = [self.mount.as_path(), self.staging.root()];
         let r = Relocation::start(crate::relocate::Request {
-            storage: self.staging.storage().clone(),
-            vm,
-            disks: &s.disks,
-            config_json: &s.config_json,
-            session_dir: &s.dir,
+            source: crate::relocate::Source {
+                storage: self.staging.storage(),
+                vm,
+                disks: &s.disks,
+                config_json: &s.config_json,
+                session_dir: &s.dir,
+            },
             to,
             rate_mbps,
             force,

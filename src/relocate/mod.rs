@@ -129,12 +129,19 @@ struct Progress {
     stalled: u32,
 }
 
-pub struct Request<'a> {
-    pub storage: Arc<dyn Storage>,
+/// The recovery session whose disks a relocation copies.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    pub storage: &'a Arc<dyn Storage>,
     pub vm: &'a str,
     pub disks: &'a [Arc<Volume>],
+    /// Written to the target as `vm.json` at cutover.
     pub config_json: &'a [u8],
     pub session_dir: &'a Path,
+}
+
+pub struct Request<'a> {
+    pub source: Source<'a>,
     pub to: &'a Path,
     pub rate_mbps: Option<f64>,
     pub force: bool,
@@ -159,14 +166,7 @@ impl Relocation {
             pass: 1,
             rate_mbps: req.rate_mbps,
         };
-        let r = Self::begin(
-            req.storage.clone(),
-            req.vm,
-            req.disks,
-            req.config_json,
-            req.session_dir,
-            meta,
-        )?;
+        let r = Self::begin(req.source, meta)?;
         r.spawn();
         Ok(r)
     }
@@ -185,7 +185,7 @@ impl Relocation {
         }
         for f in req.forbidden {
             if let Ok(f) = std::fs::canonicalize(f) {
-                if dir.starts_with(&f) || f.starts_with(dir.join(req.vm)) {
+                if dir.starts_with(&f) || f.starts_with(dir.join(req.source.vm)) {
                     return Err(Error::invalid(format!(
                         "relocation target {} overlaps {}: choose a directory on primary storage",
                         dir.display(),
@@ -194,7 +194,7 @@ impl Relocation {
                 }
             }
         }
-        let target_dir = dir.join(req.vm);
+        let target_dir = dir.join(req.source.vm);
         match std::fs::symlink_metadata(&target_dir) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(Error::invalid(format!(
@@ -225,6 +225,7 @@ impl Relocation {
             Err(e) => return Err(Error::io(format!("stat {}", target_dir.display()), e)),
         }
         let needed: u64 = req
+            .source
             .disks
             .iter()
             .map(|d| {
@@ -248,7 +249,8 @@ impl Relocation {
                 ),
             ));
         }
-        req.storage
+        req.source
+            .storage
             .create_dir_all(&target_dir)
             .ctx(|| format!("create {}", target_dir.display()))?;
         // The disks' data is the VM's: nobody else may read it.
@@ -260,21 +262,15 @@ impl Relocation {
     /// Starts a relocation into a checked `meta.target`: forgets any earlier
     /// relocation of this session (durably, before a target is touched),
     /// empties the targets, then records the new one.
-    pub(crate) fn begin(
-        storage: Arc<dyn Storage>,
-        vm: &str,
-        disks: &[Arc<Volume>],
-        config_json: &[u8],
-        session_dir: &Path,
-        meta: Meta,
-    ) -> Result<Arc<Relocation>> {
+    pub(crate) fn begin(src: Source, meta: Meta) -> Result<Arc<Relocation>> {
+        let (storage, session_dir) = (src.storage, src.session_dir);
         // Old copied bits must be gone for good before a target is emptied,
         // or a crash could leave them claiming blocks the target lost.
         let meta_path = Self::meta_path(session_dir);
         storage
             .remove_file(&meta_path)
             .ctx(|| format!("remove {}", meta_path.display()))?;
-        for d in disks {
+        for d in src.disks {
             let p = Self::copied_path(session_dir, d);
             storage
                 .remove_file(&p)
@@ -283,15 +279,7 @@ impl Relocation {
         storage
             .sync_dir(session_dir)
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
-        let r = Self::open(
-            storage,
-            vm,
-            disks,
-            config_json,
-            session_dir,
-            meta,
-            Open::Empty,
-        )?;
+        let r = Self::open(src, meta, Open::Empty)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
         r.storage
@@ -307,17 +295,11 @@ impl Relocation {
 
     /// Picks up a relocation recorded in `session_dir`, if any: serves from
     /// the target if it had switched, otherwise resumes copying.
-    pub fn resume(
-        storage: Arc<dyn Storage>,
-        vm: &str,
-        disks: &[Arc<Volume>],
-        config_json: &[u8],
-        session_dir: &Path,
-    ) -> Result<Option<Arc<Relocation>>> {
-        let r = Self::reopen(storage, vm, disks, config_json, session_dir)?;
+    pub fn resume(src: Source) -> Result<Option<Arc<Relocation>>> {
+        let r = Self::reopen(src)?;
         if let Some(r) = &r {
             if r.state() != State::Done {
-                tracing::info!(vm, target = %r.target_dir.display(), "resuming relocation");
+                tracing::info!(vm = src.vm, target = %r.target_dir.display(), "resuming relocation");
                 r.spawn();
             }
         }
@@ -326,15 +308,10 @@ impl Relocation {
 
     /// `resume` without starting the copier: opens the recorded state and,
     /// if the cutover had committed, switches the disks to their targets.
-    pub(crate) fn reopen(
-        storage: Arc<dyn Storage>,
-        vm: &str,
-        disks: &[Arc<Volume>],
-        config_json: &[u8],
-        session_dir: &Path,
-    ) -> Result<Option<Arc<Relocation>>> {
-        let p = Self::meta_path(session_dir);
-        let Some(bytes) = storage
+    pub(crate) fn reopen(src: Source) -> Result<Option<Arc<Relocation>>> {
+        let p = Self::meta_path(src.session_dir);
+        let Some(bytes) = src
+            .storage
             .read(&p, MAX_META_BYTES)
             .ctx(|| format!("read {}", p.display()))?
         else {
@@ -343,15 +320,7 @@ impl Relocation {
         let meta: Meta = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
         let switched = meta.switched;
-        let r = Self::open(
-            storage,
-            vm,
-            disks,
-            config_json,
-            session_dir,
-            meta,
-            Open::Existing,
-        )?;
+        let r = Self::open(src, meta, Open::Existing)?;
         if switched {
             // Every target is open before the first disk switches.
             for (d, t) in r.disks.iter().zip(&r.targets) {
@@ -366,15 +335,8 @@ impl Relocation {
         Ok(Some(r))
     }
 
-    fn open(
-        storage: Arc<dyn Storage>,
-        vm: &str,
-        disks: &[Arc<Volume>],
-        config_json: &[u8],
-        session_dir: &Path,
-        meta: Meta,
-        how: Open,
-    ) -> Result<Arc<Relocation>> {
+    fn open(src: Source, meta: Meta, how: Open) -> Result<Arc<Relocation>> {
+        let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
         let mut targets = vec![];
         let mut copied = vec![];
         for d in disks {
@@ -401,14 +363,14 @@ impl Relocation {
         }
         let rate = meta.rate_mbps;
         Ok(Arc::new(Relocation {
-            vm: vm.into(),
+            vm: src.vm.into(),
             disks: disks.to_vec(),
             storage,
             targets,
             copied,
             target_dir: meta.target.clone(),
             meta_path: Self::meta_path(session_dir),
-            config_json: config_json.to_vec(),
+            config_json: src.config_json.to_vec(),
             meta: Mutex::new(meta),
             state: Mutex::new((State::Copying, None, None)),
             rate_limit: Mutex::new(rate),

@@ -4,13 +4,10 @@
 //! write acknowledged on one side and served from the other after a restart.
 
 use super::*;
-use crate::prefetch::tracker::RecordWindow;
 use crate::prefetch::Scheduler;
-use crate::repo::writer::{run_backup, BackupRequest};
 use crate::repo::Repository;
 use crate::staging::io::fault::{FaultyStorage, Op, Rule};
 use crate::staging::io::OsStorage;
-use crate::staging::open_session;
 use rand::{Rng, SeedableRng};
 
 const BS: usize = 64 << 10;
@@ -21,6 +18,9 @@ struct Rig {
     dir: tempfile::TempDir,
     repo: Arc<Repository>,
     faults: FaultyStorage,
+    /// `faults`, as the relocation takes it.
+    storage: Arc<dyn Storage>,
+    session_dir: PathBuf,
     images: Vec<Vec<u8>>,
 }
 
@@ -28,66 +28,44 @@ fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let (repo, _) = Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut images = vec![];
-    let mut paths = vec![];
-    for i in 0..2 {
-        let mut data = vec![0u8; BLOCKS * BS];
-        rng.fill(&mut data[..]);
-        data[3 * BS..4 * BS].fill(0);
-        let p = dir.path().join(format!("disk{i}.img"));
-        std::fs::write(&p, &data).unwrap();
-        images.push(data);
-        paths.push(p);
-    }
-    run_backup(
-        &repo,
-        BackupRequest {
-            vm: "vm".into(),
-            config: None,
-            chunk_size: BS as u32,
-            images: paths,
-            progress: false,
-        },
-    )
-    .unwrap();
+    let images: Vec<Vec<u8>> = (0..2)
+        .map(|_| {
+            let mut data = vec![0u8; BLOCKS * BS];
+            rng.fill(&mut data[..]);
+            data[3 * BS..4 * BS].fill(0);
+            data
+        })
+        .collect();
+    let refs: Vec<&[u8]> = images.iter().map(|i| i.as_slice()).collect();
+    crate::testutil::backup_images(&repo, dir.path(), "vm", BS, &refs);
     std::fs::create_dir_all(dir.path().join("primary/vm")).unwrap();
+    let faults = FaultyStorage::new(OsStorage::shared());
     Rig {
+        session_dir: dir.path().join("staging/vm"),
         dir,
         repo,
-        faults: FaultyStorage::new(OsStorage::shared()),
+        storage: Arc::new(faults.clone()),
+        faults,
         images,
     }
 }
 
 impl Rig {
-    fn session_dir(&self) -> PathBuf {
-        self.dir.path().join("staging/vm")
-    }
-
     /// Opens the session's volumes, as `recover` does.
     fn volumes(&self) -> Vec<Arc<Volume>> {
         let m = self.repo.resolve("vm", None).unwrap();
-        let (stores, _) = open_session(&self.faults, &self.session_dir(), &m).unwrap();
         let sched = Scheduler::new("t", 4);
-        stores
-            .into_iter()
-            .enumerate()
-            .map(|(i, st)| {
-                Arc::new(Volume::new(
-                    self.repo.clone(),
-                    &m.id,
-                    "vm",
-                    i,
-                    &m.disks[i],
-                    st,
-                    sched.clone(),
-                    RecordWindow {
-                        start: Instant::now(),
-                        length: Duration::from_secs(300),
-                    },
-                ))
-            })
-            .collect()
+        crate::testutil::open_volumes(&self.faults, &self.session_dir, &self.repo, &m, &sched)
+    }
+
+    fn source<'a>(&'a self, disks: &'a [Arc<Volume>]) -> Source<'a> {
+        Source {
+            storage: &self.storage,
+            vm: "vm",
+            disks,
+            config_json: b"{}\n",
+            session_dir: &self.session_dir,
+        }
     }
 
     fn relocate(&self, disks: &[Arc<Volume>]) -> Arc<Relocation> {
@@ -97,15 +75,7 @@ impl Rig {
             pass: 1,
             rate_mbps: None,
         };
-        let r = Relocation::begin(
-            Arc::new(self.faults.clone()),
-            "vm",
-            disks,
-            b"{}\n",
-            &self.session_dir(),
-            meta,
-        )
-        .unwrap();
+        let r = Relocation::begin(self.source(disks), meta).unwrap();
         r.spawn();
         r
     }
@@ -114,14 +84,7 @@ impl Rig {
     fn restart(&self) -> (Vec<Arc<Volume>>, Option<Arc<Relocation>>) {
         self.faults.clear();
         let disks = self.volumes();
-        let r = Relocation::reopen(
-            Arc::new(self.faults.clone()),
-            "vm",
-            &disks,
-            b"{}\n",
-            &self.session_dir(),
-        )
-        .unwrap();
+        let r = Relocation::reopen(self.source(&disks)).unwrap();
         (disks, r)
     }
 }

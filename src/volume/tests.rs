@@ -4,7 +4,6 @@
 
 use super::*;
 use crate::repo::testing::{Knobs, TestBackend};
-use crate::repo::writer::{run_backup, BackupRequest};
 use crate::staging::io::{OsStorage, Storage};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -35,38 +34,14 @@ fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
     for b in (0..blocks).step_by(5) {
         data[b * BS..(b + 1) * BS].fill(0);
     }
-    let img = dir.path().join("img");
-    std::fs::write(&img, &data).unwrap();
-    run_backup(
-        &repo,
-        BackupRequest {
-            vm: "vm".into(),
-            config: None,
-            chunk_size: BS as u32,
-            images: vec![img],
-            progress: false,
-        },
-    )
-    .unwrap();
+    crate::testutil::backup_images(&repo, dir.path(), "vm", BS, &[&data]);
     let knobs = Knobs::default();
     let backend = TestBackend::new(&repo_path, knobs.clone());
     let repo = Repository::open_backend(Box::new(backend)).unwrap();
     let m = repo.resolve("vm", None).unwrap();
     let sdir = dir.path().join("staging");
-    let (mut stores, _) = crate::staging::open_session(storage.as_ref(), &sdir, &m).unwrap();
-    let vol = Arc::new(Volume::new(
-        repo.clone(),
-        &m.id,
-        "vm",
-        0,
-        &m.disks[0],
-        stores.remove(0),
-        Scheduler::new("test-fetch", 4),
-        RecordWindow {
-            start: Instant::now(),
-            length: Duration::from_secs(300),
-        },
-    ));
+    let sched = Scheduler::new("test-fetch", 4);
+    let vol = crate::testutil::open_volumes(storage.as_ref(), &sdir, &repo, &m, &sched).remove(0);
     Fixture {
         _dir: dir,
         vol,

@@ -1,0 +1,77 @@
+//! Fixtures shared by unit tests: a backup of given images, and the
+//! volumes of a session opened on any storage, as `recover` opens them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::prefetch::tracker::RecordWindow;
+use crate::prefetch::Scheduler;
+use crate::repo::writer::{run_backup, BackupRequest};
+use crate::repo::{Manifest, Repository};
+use crate::staging::io::Storage;
+use crate::staging::open_session;
+use crate::volume::Volume;
+
+/// Backs up `images` (one per disk) as `vm` with `chunk`-byte chunks; the
+/// image files are written to `dir`.
+pub fn backup_images(
+    repo: &Arc<Repository>,
+    dir: &Path,
+    vm: &str,
+    chunk: usize,
+    images: &[&[u8]],
+) -> Manifest {
+    let paths = images
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let p = dir.join(format!("{vm}-{i}-{}.img", crate::repo::random_hex(4)));
+            std::fs::write(&p, data).unwrap();
+            p
+        })
+        .collect();
+    let r = run_backup(
+        repo,
+        BackupRequest {
+            vm: vm.into(),
+            config: None,
+            chunk_size: chunk as u32,
+            images: paths,
+            progress: false,
+        },
+    )
+    .unwrap();
+    r.manifest
+}
+
+/// Opens (or creates) the session's staging in `dir` on `storage` and its
+/// volumes.
+pub fn open_volumes(
+    storage: &dyn Storage,
+    dir: &Path,
+    repo: &Arc<Repository>,
+    m: &Manifest,
+    sched: &Arc<Scheduler>,
+) -> Vec<Arc<Volume>> {
+    let (stores, _) = open_session(storage, dir, m).unwrap();
+    stores
+        .into_iter()
+        .enumerate()
+        .map(|(i, st)| {
+            Arc::new(Volume::new(
+                repo.clone(),
+                &m.id,
+                &m.vm,
+                i,
+                &m.disks[i],
+                st,
+                sched.clone(),
+                RecordWindow {
+                    start: Instant::now(),
+                    length: Duration::from_secs(300),
+                },
+            ))
+        })
+        .collect()
+}
