@@ -286,8 +286,12 @@ impl Volume {
 
     /// True if a write of the range neither waits for a fetch nor syncs a
     /// map (every block staged and already marked changed, none marked
-    /// copied): frontends may serve it on an event thread.
+    /// copied) nor waits out a cutover's pause: frontends may serve it on
+    /// an event thread.
     pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
+        if self.write_gate.is_locked_exclusive() {
+            return false;
+        }
         if self.target.get().is_some() {
             return true;
         }
