@@ -74,33 +74,38 @@ impl Repository {
     /// empty directory. Used by `backup` and `init`.
     pub fn open_or_create(spec: &str) -> Result<(Arc<Repository>, bool)> {
         let backend = Self::backend_for(spec, true, &[])?;
-        match backend.get(INFO_KEY, limits::MAX_META_BYTES)? {
-            Some(_) => {
-                let info = Self::read_info(backend.as_ref())?;
-                Ok((Arc::new(Repository { backend, info }), false))
-            }
-            None => {
-                if !backend.list("")?.is_empty() {
-                    return Err(Error::invalid(format!(
-                        "{} is not a recoverfs repository (no repo.json) and is not empty",
-                        backend.location()
-                    )));
-                }
-                let info = RepoInfo {
-                    format: REPO_FORMAT.into(),
-                    version: 1,
-                    id: random_hex(16),
-                    created: crate::util::rfc3339(crate::util::now_unix()),
-                };
-                let body = serde_json::to_vec_pretty(&info).expect("serializable");
-                if !backend.put_new(INFO_KEY, &body)? {
-                    // Someone created it concurrently; use theirs.
+        if backend.get(INFO_KEY, limits::MAX_META_BYTES)?.is_some() {
+            let info = Self::read_info(backend.as_ref())?;
+            return Ok((Arc::new(Repository { backend, info }), false));
+        }
+        if !backend.list("")?.is_empty() {
+            // A writer creating the repository at this moment writes
+            // repo.json before anything else: look again before calling
+            // the place foreign.
+            for _ in 0..10 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if backend.get(INFO_KEY, limits::MAX_META_BYTES)?.is_some() {
                     let info = Self::read_info(backend.as_ref())?;
                     return Ok((Arc::new(Repository { backend, info }), false));
                 }
-                Ok((Arc::new(Repository { backend, info }), true))
             }
+            return Err(Error::invalid(format!(
+                "{} is not a recoverfs repository (no repo.json) and is not empty",
+                backend.location()
+            )));
         }
+        let info = RepoInfo {
+            format: REPO_FORMAT.into(),
+            version: 1,
+            id: random_hex(16),
+            created: crate::util::rfc3339(crate::util::now_unix()),
+        };
+        let body = serde_json::to_vec_pretty(&info).expect("serializable");
+        let created = backend.put_new(INFO_KEY, &body)?;
+        // Whoever created it, use what is stored (on a store that ignores
+        // conditional PUTs, the last of two creators wins).
+        let info = Self::read_info(backend.as_ref())?;
+        Ok((Arc::new(Repository { backend, info }), created))
     }
 
     /// Opens a repository on an explicit backend (tests, other stores).

@@ -14,7 +14,7 @@ use super::chunk::{is_zero, Digest};
 use super::manifest::{DiskManifest, Manifest, MANIFEST_FORMAT};
 use super::Repository;
 use crate::error::{Error, IoContext, Result};
-use crate::util::{now_unix, rfc3339, validate_name};
+use crate::util::{rfc3339, validate_name};
 
 pub struct BackupRequest {
     pub vm: String,
@@ -100,15 +100,23 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
         reports.push(rep);
     }
     bar.finish_and_clear();
-    let created_unix = now_unix();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let created_unix = now.as_secs();
     let config = req
         .config
         .unwrap_or_else(|| default_config(&req.vm, disks.len()));
     let mut base_id = backup_id(created_unix);
     if !repo.create_only_is_atomic()? {
         // The store could let a concurrent writer replace a manifest with
-        // the same id: make ids that cannot collide.
-        base_id = format!("{base_id}-{}", super::random_hex(3));
+        // the same id: make ids that cannot collide, and that still sort
+        // in time order (milliseconds before the random part).
+        base_id = format!(
+            "{base_id}.{:03}-{}",
+            now.subsec_millis(),
+            super::random_hex(3)
+        );
     }
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT,

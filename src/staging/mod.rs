@@ -113,9 +113,10 @@ impl StagingDir {
     /// empty one, or something else (refused).
     fn identify(root: &Path, repo_id: &str) -> Result<Found> {
         let info_path = root.join("staging.json");
-        match OsStorage.read(&info_path, MAX_META_BYTES).and_then(|b| {
-            b.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-        }) {
+        match OsStorage
+            .read(&info_path, MAX_META_BYTES)
+            .and_then(|b| b.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound)))
+        {
             Ok(bytes) => {
                 let info: StagingInfo = serde_json::from_slice(&bytes).map_err(|e| {
                     Error::corrupt(format!("{} is damaged ({e})", info_path.display()))
