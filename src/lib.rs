@@ -93,6 +93,7 @@ pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod daemon;
+pub mod disk;
 pub mod error;
 pub mod fs;
 pub mod metrics;

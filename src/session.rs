@@ -272,7 +272,7 @@ impl Datastore {
             .into_iter()
             .enumerate()
             .map(|(i, st)| {
-                Arc::new(Volume::new(
+                Volume::new(
                     self.repo.clone(),
                     &manifest.id,
                     vm,
@@ -281,7 +281,7 @@ impl Datastore {
                     st,
                     self.sched.clone(),
                     record,
-                ))
+                )
             })
             .collect::<Vec<_>>();
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");

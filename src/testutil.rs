@@ -59,7 +59,7 @@ pub fn open_volumes(
         .into_iter()
         .enumerate()
         .map(|(i, st)| {
-            Arc::new(Volume::new(
+            Volume::new(
                 repo.clone(),
                 &m.id,
                 &m.vm,
@@ -71,7 +71,7 @@ pub fn open_volumes(
                     start: Instant::now(),
                     length: Duration::from_secs(300),
                 },
-            ))
+            )
         })
         .collect()
 }

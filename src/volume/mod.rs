@@ -168,6 +168,8 @@ pub struct Volume {
     /// Set at release: queued fetches end without I/O, so none writes into
     /// staging that a later session may already be using.
     closed: AtomicBool,
+    /// This volume, for the fetch jobs it queues.
+    me: std::sync::Weak<Volume>,
     /// Every write to staging holds it shared and checks `closed` inside;
     /// `close` takes it exclusively, so after `close` nothing lands.
     io_gate: RwLock<()>,
@@ -223,9 +225,10 @@ impl Volume {
         store: DiskStore,
         sched: Arc<Scheduler>,
         record: RecordWindow,
-    ) -> Volume {
+    ) -> Arc<Volume> {
         let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
-        Volume {
+        Arc::new_cyclic(|me| Volume {
+            me: me.clone(),
             vm: vm.into(),
             backup: backup.into(),
             index,
@@ -255,7 +258,7 @@ impl Volume {
             io_gate: RwLock::new(()),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
-        }
+        })
     }
 
     pub fn name(&self) -> String {
@@ -336,7 +339,7 @@ impl Volume {
     /// Starts filling block `b` from the backup unless it is present, at
     /// priority `class`. Returns a slot to wait on, or `None` when the
     /// block is already local.
-    fn start_fill(self: &Arc<Self>, b: u64, class: Class) -> Option<Arc<Slot>> {
+    fn start_fill(&self, b: u64, class: Class) -> Option<Arc<Slot>> {
         match self.claim(b, class) {
             Claim::Present => None,
             Claim::Wait(s) => {
@@ -357,15 +360,19 @@ impl Volume {
     }
 
     /// Queues the fetch of `b` at the most urgent class asked for so far.
-    fn queue_fetch(self: &Arc<Self>, b: u64, s: &Arc<Slot>) {
+    fn queue_fetch(&self, b: u64, s: &Arc<Slot>) {
         let mut j = s.job.lock();
-        let (me, slot) = (self.clone(), s.clone());
-        j.0 = Some(self.sched.submit(j.1, move || me.fetch(b, &slot)));
+        let (me, slot) = (self.me.clone(), s.clone());
+        j.0 = Some(self.sched.submit(j.1, move || match me.upgrade() {
+            Some(v) => v.fetch(b, &slot),
+            // The volume is gone: nobody waits for this block any more.
+            None => slot.finish(Err(Error::busy("the disk was released"))),
+        }));
     }
 
     /// Starts fetching `b` in the background unless it is local or
     /// already coming; true if this queued a fetch or raised its class.
-    pub fn prefetch_block(self: &Arc<Self>, b: u64, class: Class) -> bool {
+    pub fn prefetch_block(&self, b: u64, class: Class) -> bool {
         if b >= self.nblocks || self.chunks[b as usize].is_none() || self.store.present.test(b) {
             return false;
         }
@@ -450,7 +457,12 @@ impl Volume {
     /// Makes a zero block's staging range read as zeros (it may hold
     /// leftovers of a write that was never acknowledged before a crash).
     fn zero_fill(&self, b: u64) -> Result<()> {
-        let (off, len) = (b * self.block_size, self.block_len(b));
+        self.staging_zero(b * self.block_size, self.block_len(b))
+    }
+
+    /// Zeros a staging range (a hole where the filesystem can punch one);
+    /// like every staging write, never after `close`.
+    fn staging_zero(&self, off: u64, len: u64) -> Result<()> {
         let _g = self.io_gate.read();
         self.check_open()?;
         self.store
@@ -472,7 +484,7 @@ impl Volume {
     }
 
     /// A guest read of `len` bytes at `off`, short at the end of the disk.
-    pub fn read(self: &Arc<Self>, off: u64, len: usize) -> Result<Vec<u8>> {
+    pub fn read(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
@@ -501,7 +513,7 @@ impl Volume {
 
     /// Records the read for the profile and feeds the sequential-stream
     /// detector, which may start readahead.
-    fn observe_guest_read(self: &Arc<Self>, off: u64, len: u64) {
+    fn observe_guest_read(&self, off: u64, len: u64) {
         let blocks = self.blocks(off, len);
         self.tracker.on_read(blocks.clone(), |b| {
             self.store.present.test(b) || self.chunks[b as usize].is_none()
@@ -521,12 +533,7 @@ impl Volume {
     /// Reads what the VM sees from backup plus staging, fetching missing
     /// blocks at priority `class`. Returns the data and whether no fetch
     /// was needed.
-    pub(crate) fn read_source(
-        self: &Arc<Self>,
-        off: u64,
-        len: u64,
-        class: Class,
-    ) -> Result<(Vec<u8>, bool)> {
+    pub(crate) fn read_source(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
         let blocks = self.blocks(off, len);
         // Start every missing fetch first so a multi-block read fetches in parallel.
         let slots: Vec<_> = blocks
@@ -561,7 +568,7 @@ impl Volume {
 
     /// Reads disk bytes for the daemon itself (e.g. to find filesystem
     /// metadata), fetching at priority `class`; not counted as guest I/O.
-    pub fn read_internal(self: &Arc<Self>, off: u64, buf: &mut [u8], class: Class) -> Result<()> {
+    pub fn read_internal(&self, off: u64, buf: &mut [u8], class: Class) -> Result<()> {
         let (data, _) = self.read_source(off, buf.len() as u64, class)?;
         buf[..data.len()].copy_from_slice(&data);
         Ok(())
@@ -581,8 +588,45 @@ impl Volume {
     }
 
     /// Writes `data` at `off` into staging; the backup is never touched.
-    pub fn write(self: &Arc<Self>, off: u64, data: &[u8]) -> Result<usize> {
-        let len = data.len() as u64;
+    pub fn write(&self, off: u64, data: &[u8]) -> Result<usize> {
+        self.write_payload(off, Payload::Data(data))?;
+        Ok(data.len())
+    }
+
+    /// Makes `[off, off + len)` read as zeros: holes punched in staging, no
+    /// zero bytes moved, the blocks marked changed like any write.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        crate::disk::check_range("write zeroes", self.size, off, len)?;
+        // Bounded pieces: a write holds claims on the blocks it covers.
+        let piece = 64 * self.block_size;
+        let mut pos = off;
+        while pos < off + len {
+            let n = piece.min(off + len - pos);
+            self.write_payload(pos, Payload::Zeroes(n))?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whole blocks in the range read as zeros afterwards; partial blocks
+    /// keep their bytes (a discard promises nothing about them).
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        crate::disk::check_range("discard", self.size, off, len)?;
+        let bs = self.block_size;
+        let first = off.div_ceil(bs) * bs;
+        let end = if off + len == self.size {
+            self.size
+        } else {
+            (off + len) / bs * bs
+        };
+        if first < end {
+            self.write_zeroes(first, end - first)?;
+        }
+        Ok(())
+    }
+
+    fn write_payload(&self, off: u64, p: Payload) -> Result<()> {
+        let len = p.len();
         if off.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(Error::new(
                 ErrorKind::NoSpace,
@@ -596,11 +640,12 @@ impl Volume {
         let _gate = self.write_gate.read();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
-            Some(t) => t
-                .write_all_at(data, off)
-                .ctx(|| format!("write relocated disk{}", self.index))
-                .map(|_| data.len()),
-            None => self.write_staging(off, data),
+            Some(t) => match p {
+                Payload::Data(d) => t.write_all_at(d, off),
+                Payload::Zeroes(n) => t.punch_hole(off, n),
+            }
+            .ctx(|| format!("write relocated disk{}", self.index)),
+            None => self.write_staging(off, p),
         };
         self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
         if r.is_ok() {
@@ -615,8 +660,8 @@ impl Volume {
         off <= b * self.block_size && off + len >= b * self.block_size + self.block_len(b)
     }
 
-    fn write_staging(self: &Arc<Self>, off: u64, data: &[u8]) -> Result<usize> {
-        let len = data.len() as u64;
+    fn write_staging(&self, off: u64, data: Payload) -> Result<()> {
+        let len = data.len();
         let blocks = self.blocks(off, len);
         // Partly covered blocks (the first and last at most) need their
         // backup content: start those fills now so they run in parallel.
@@ -642,7 +687,7 @@ impl Volume {
     /// waited on while this write holds claims on lower blocks alone, so
     /// overlapping writes cannot wait on each other in a cycle.
     fn claim_in_order(
-        self: &Arc<Self>,
+        &self,
         blocks: std::ops::Range<u64>,
         off: u64,
         len: u64,
@@ -693,7 +738,7 @@ impl Volume {
     #[cfg(not(test))]
     fn after_claim(&self, _off: u64, _b: u64) {}
 
-    fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: &[u8]) -> Result<usize> {
+    fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: Payload) -> Result<()> {
         // Changed bits are durable before the data can be: the map may
         // over-report after a crash, never under-report.
         for b in blocks.clone() {
@@ -718,11 +763,14 @@ impl Volume {
                 }
             }
         }
-        let r = self.staging_write(data, off);
+        let r = match data {
+            Payload::Data(d) => self.staging_write(d, off),
+            Payload::Zeroes(n) => self.staging_zero(off, n),
+        };
         for b in blocks {
             self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
         }
-        r.map(|_| data.len())
+        r
     }
 
     /// Makes every write and fetch completed before the call durable: data
@@ -807,6 +855,23 @@ impl Volume {
         self.failed.get().is_some()
     }
 
+    /// Extents of `[off, off + len)`: a zero chunk not staged is a hole;
+    /// staged blocks are local; changed blocks were written by the guest.
+    /// After a cutover everything is local on the target.
+    pub fn block_status(&self, off: u64, len: u64) -> Vec<crate::disk::Extent> {
+        let switched = self.target.get().is_some();
+        crate::disk::extents(self.size, self.block_size, off, len, |b| {
+            let staged = switched || self.store.present.test(b);
+            let hole = !staged && self.chunks[b as usize].is_none();
+            crate::disk::ExtentFlags {
+                hole,
+                zero: hole,
+                staged,
+                changed: self.store.changed.test(b),
+            }
+        })
+    }
+
     /// Changed blocks as half-open block ranges.
     pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
         self.store.changed.bits().ranges()
@@ -869,6 +934,52 @@ impl Volume {
         while !self.inflight.lock().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// What a write puts in place.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Data(&'a [u8]),
+    Zeroes(u64),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Zeroes(n) => *n,
+        }
+    }
+}
+
+impl crate::disk::Disk for Volume {
+    fn describe(&self) -> String {
+        format!("{}/disk{}", self.vm, self.index)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        self.read(off, len)
+    }
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.write(off, data).map(|_| ())
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        Volume::write_zeroes(self, off, len)
+    }
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        Volume::discard(self, off, len)
+    }
+    fn flush(&self) -> Result<()> {
+        Volume::flush(self)
+    }
+    fn block_status(&self, off: u64, len: u64) -> Result<Vec<crate::disk::Extent>> {
+        Ok(Volume::block_status(self, off, len))
     }
 }
 

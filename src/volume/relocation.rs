@@ -54,7 +54,7 @@ impl Volume {
 
     /// The copier is at position `pos` of the copy order: queue fetches
     /// for the next blocks at relocation priority.
-    pub(crate) fn copy_cursor(self: &Arc<Self>, order: &[u64], pos: usize) {
+    pub(crate) fn copy_cursor(&self, order: &[u64], pos: usize) {
         let end = (pos + 1 + RELOCATION_WINDOW).min(order.len());
         for &b in order.get(pos + 1..end).unwrap_or(&[]) {
             self.prefetch_block(b, Class::Relocation);

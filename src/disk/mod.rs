@@ -1,0 +1,201 @@
+//! The frontend-agnostic disk API: what FUSE, NFS and NBD call, each
+//! mapping its own handles onto it. [`crate::volume::Volume`] is the real
+//! implementation (a backup joined with staging); [`MemDisk`] is a plain
+//! in-memory one for frontend tests. One conformance suite
+//! (`disk::tests`) runs over both.
+//!
+//! Durability is the same whoever calls: a write is visible at once and
+//! durable after the next `flush` that starts after it returned; `flush`
+//! covers every write completed on the disk, through any frontend.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// What a range of the disk is, for block status queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExtentFlags {
+    /// No data behind it anywhere (reads zeros without I/O): NBD's hole.
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// The data is local (staged or written): no repository fetch.
+    pub staged: bool,
+    /// The guest changed it since the backup.
+    pub changed: bool,
+}
+
+/// A run of bytes with the same flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub flags: ExtentFlags,
+}
+
+/// A live virtual disk.
+pub trait Disk: Send + Sync {
+    /// "vm/diskN", for messages.
+    fn describe(&self) -> String;
+    fn size(&self) -> u64;
+    /// The unit of fetching and change tracking (the backup's chunk size).
+    fn block_size(&self) -> u64;
+    /// Reads up to `len` bytes; short only at the end of the disk.
+    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>>;
+    /// Writes all of `data`; past the end is an error (`NoSpace`).
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<()>;
+    /// Makes the range read as zeros (without moving zero bytes where the
+    /// store can punch holes).
+    fn write_zeroes(&self, off: u64, len: u64) -> Result<()>;
+    /// The guest no longer needs the range: whole blocks in it read as
+    /// zeros afterwards; partial blocks are left as they are.
+    fn discard(&self, off: u64, len: u64) -> Result<()>;
+    /// Makes every write completed before the call durable.
+    fn flush(&self) -> Result<()>;
+    /// Extents covering `[off, off + len)` (clipped to the disk), in order.
+    fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>>;
+}
+
+/// Checks that `[off, off + len)` lies within a disk of `size` bytes.
+pub fn check_range(what: &str, size: u64, off: u64, len: u64) -> Result<()> {
+    if off.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::new(
+            ErrorKind::NoSpace,
+            format!("{what} past the end of the disk ({off}+{len} > {size})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Merges per-block flags into extents clipped to `[off, off + len)`.
+pub fn extents(
+    size: u64,
+    block_size: u64,
+    off: u64,
+    len: u64,
+    flags: impl Fn(u64) -> ExtentFlags,
+) -> Vec<Extent> {
+    let end = off.saturating_add(len).min(size);
+    let mut out: Vec<Extent> = vec![];
+    let mut pos = off;
+    while pos < end {
+        let b = pos / block_size;
+        let stop = ((b + 1) * block_size).min(end);
+        let f = flags(b);
+        match out.last_mut() {
+            Some(last) if last.flags == f => last.len += stop - pos,
+            _ => out.push(Extent {
+                len: stop - pos,
+                flags: f,
+            }),
+        }
+        pos = stop;
+    }
+    out
+}
+
+/// A disk in memory: every block starts as a hole; writes mark blocks
+/// changed. For frontend tests and as the conformance suite's reference.
+pub struct MemDisk {
+    name: String,
+    block_size: u64,
+    state: RwLock<MemState>,
+}
+
+struct MemState {
+    data: Vec<u8>,
+    /// Blocks ever written (data or zeroes).
+    written: Vec<bool>,
+}
+
+impl MemDisk {
+    pub fn new(name: &str, size: u64, block_size: u64) -> Arc<MemDisk> {
+        let blocks = size.div_ceil(block_size) as usize;
+        Arc::new(MemDisk {
+            name: name.into(),
+            block_size,
+            state: RwLock::new(MemState {
+                data: vec![0; size as usize],
+                written: vec![false; blocks],
+            }),
+        })
+    }
+
+    fn mark(&self, st: &mut MemState, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for b in off / self.block_size..=(off + len - 1) / self.block_size {
+            st.written[b as usize] = true;
+        }
+    }
+}
+
+impl Disk for MemDisk {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.state.read().data.len() as u64
+    }
+
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let st = self.state.read();
+        let start = (off as usize).min(st.data.len());
+        let end = start.saturating_add(len).min(st.data.len());
+        Ok(st.data[start..end].to_vec())
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
+        check_range("write", self.size(), off, data.len() as u64)?;
+        let mut st = self.state.write();
+        st.data[off as usize..off as usize + data.len()].copy_from_slice(data);
+        self.mark(&mut st, off, data.len() as u64);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        check_range("write zeroes", self.size(), off, len)?;
+        let mut st = self.state.write();
+        st.data[off as usize..(off + len) as usize].fill(0);
+        self.mark(&mut st, off, len);
+        Ok(())
+    }
+
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        check_range("discard", self.size(), off, len)?;
+        let bs = self.block_size;
+        let (first, end) = (off.div_ceil(bs) * bs, (off + len) / bs * bs);
+        if first < end {
+            self.write_zeroes(first, end - first)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
+        let st = self.state.read();
+        let bs = self.block_size;
+        Ok(extents(st.data.len() as u64, bs, off, len, |b| {
+            let written = st.written[b as usize];
+            ExtentFlags {
+                hole: !written,
+                zero: !written,
+                staged: written,
+                changed: written,
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
