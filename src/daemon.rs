@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fs::RecoverFs;
+use crate::export::fuse::RecoverFs;
 use crate::repo::Repository;
 use crate::session::Datastore;
 use crate::staging::StagingDir;
@@ -104,6 +104,7 @@ impl MountedDatastore {
             opts.prefetch.clone(),
         );
         let fs = RecoverFs::new(ds.clone(), 64, opts.owner);
+        let inodes = fs.inodes();
         let mut options = vec![
             fuser::MountOption::FSName("recoverfs".into()),
             fuser::MountOption::Subtype("recoverfs".into()),
@@ -128,9 +129,11 @@ impl MountedDatastore {
         let bg = fuser::spawn_mount(fs, mount, &cfg)
             .map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
         let notifier = bg.notifier();
-        ds.set_on_release(Box::new(move |vm| {
-            let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(vm));
+        ds.add_on_release(Box::new(move |s| {
+            let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&s.vm));
+            inodes.forget(s.serial);
         }));
+        ds.resume_active();
         let stop = Arc::new(AtomicBool::new(false));
         let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
         Ok(MountedDatastore {

@@ -95,7 +95,7 @@ pub mod cli;
 pub mod daemon;
 pub mod disk;
 pub mod error;
-pub mod fs;
+pub mod export;
 pub mod metrics;
 pub mod pool;
 pub mod prefetch;

@@ -33,18 +33,14 @@ use crate::staging::{open_session, StagingDir};
 use crate::util::validate_name;
 use crate::volume::{DiskStatus, Volume};
 
-/// Inode numbers are carved per session: `base` is the directory,
-/// `base + 1` is vm.json, `base + 2 + i` is disk i.
-pub const INO_STRIDE: u64 = 4096;
-// A manifest's disk count is bounded, so two VMs' inodes never alias.
-const _: () = assert!(crate::repo::limits::MAX_DISKS as u64 + 2 <= INO_STRIDE);
-
 pub struct Session {
     pub vm: String,
     pub backup: String,
     pub config_json: Vec<u8>,
     pub disks: Vec<Arc<Volume>>,
-    pub ino_base: u64,
+    /// Unique per daemon run: frontends key their handles on it, so a
+    /// handle of a released session never reaches a later one.
+    pub serial: u64,
     pub started: SystemTime,
     pub resumed: bool,
     /// The session's staging directory.
@@ -64,7 +60,28 @@ struct OpenState {
     released: bool,
 }
 
+/// An open handle held by a frontend (an NFS client using the VM, an NBD
+/// connection with a disk open): release refuses while any exists.
+pub struct Attachment(Arc<Session>);
+
+impl Attachment {
+    pub fn session(&self) -> &Arc<Session> {
+        &self.0
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.0.close_handle();
+    }
+}
+
 impl Session {
+    /// Holds the session open for a frontend; `None` once it is released.
+    pub fn attach(self: &Arc<Self>) -> Option<Attachment> {
+        self.open_handle().then(|| Attachment(self.clone()))
+    }
+
     /// Counts an open file handle; fails once the session is released.
     pub fn open_handle(&self) -> bool {
         let mut s = self.state.lock();
@@ -170,13 +187,12 @@ pub struct Datastore {
     staging: StagingDir,
     mount: PathBuf,
     sessions: RwLock<BTreeMap<String, Arc<Session>>>,
-    by_ino: RwLock<HashMap<u64, Arc<Session>>>,
-    next_base: AtomicU64,
+    next_serial: AtomicU64,
     sched: Arc<Scheduler>,
     prefetch: PrefetchOptions,
     /// Called with a VM name after its session is gone (kernel dentry
     /// invalidation lives in the FUSE layer).
-    on_release: RwLock<Option<Box<dyn Fn(&str) + Send + Sync>>>,
+    on_release: RwLock<Vec<Box<dyn Fn(&Session) + Send + Sync>>>,
     /// Per-VM operation locks (see the module docs).
     vm_ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
@@ -194,11 +210,10 @@ impl Datastore {
             staging,
             mount: mount.to_path_buf(),
             sessions: RwLock::new(BTreeMap::new()),
-            by_ino: RwLock::new(HashMap::new()),
-            next_base: AtomicU64::new(1),
+            next_serial: AtomicU64::new(1),
             sched: Scheduler::new("fetch", fetch_workers),
             prefetch,
-            on_release: RwLock::new(None),
+            on_release: RwLock::new(vec![]),
             vm_ops: Mutex::new(HashMap::new()),
         })
     }
@@ -212,8 +227,10 @@ impl Datastore {
             .clone()
     }
 
-    pub fn set_on_release(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
-        *self.on_release.write() = Some(f);
+    /// Adds a hook a frontend runs when a session is gone (dentry
+    /// invalidation, forgetting its handles).
+    pub fn add_on_release(&self, f: Box<dyn Fn(&Session) + Send + Sync>) {
+        self.on_release.write().push(f);
     }
 
     pub fn repo(&self) -> &Arc<Repository> {
@@ -234,11 +251,6 @@ impl Datastore {
 
     pub fn session(&self, vm: &str) -> Option<Arc<Session>> {
         self.sessions.read().get(vm).cloned()
-    }
-
-    /// Finds the session owning an inode number.
-    pub fn session_by_ino(&self, ino: u64) -> Option<Arc<Session>> {
-        self.by_ino.read().get(&(ino - ino % INO_STRIDE)).cloned()
     }
 
     /// Starts (or resumes) serving a VM. Without `backup`, kept staging of
@@ -299,7 +311,7 @@ impl Datastore {
             backup: manifest.id.clone(),
             config_json,
             disks,
-            ino_base: self.next_base.fetch_add(1, Ordering::Relaxed) * INO_STRIDE,
+            serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
             started: SystemTime::now(),
             resumed,
             dir,
@@ -308,10 +320,9 @@ impl Datastore {
             profile_done: AtomicBool::new(false),
             state: Mutex::new(OpenState::default()),
         });
+        // Served from now on, also by a daemon restarted after a crash.
+        self.staging.set_active(vm, &manifest.id, true)?;
         self.start_prefetch(&session);
-        self.by_ino
-            .write()
-            .insert(session.ino_base, session.clone());
         self.sessions.write().insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, "recovery session started");
         Ok(self.info(&session, false, skipped))
@@ -449,7 +460,6 @@ impl Datastore {
             st.released = true;
         }
         self.sessions.write().remove(vm);
-        self.by_ino.write().remove(&session.ino_base);
         // The copier stops here; the next recover resumes it.
         if let Some(r) = session.relocation.lock().as_ref() {
             r.stop();
@@ -467,9 +477,11 @@ impl Datastore {
         }
         if discard {
             self.staging.discard(vm, &session.backup)?;
+        } else {
+            self.staging.set_active(vm, &session.backup, false)?;
         }
-        if let Some(f) = self.on_release.read().as_ref() {
-            f(vm);
+        for f in self.on_release.read().iter() {
+            f(&session);
         }
         tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
         if !failed.is_empty() && !discard {
@@ -549,6 +561,34 @@ impl Datastore {
             s.stop_prefetch();
             s.save_profile_logged(&self.repo);
         }
+    }
+
+    /// Recovers every session that was being served when the daemon last
+    /// stopped without releasing it (a crash, a restart): frontends find
+    /// the same VMs at the same names. A session that cannot be resumed is
+    /// logged and left for `recover` to report.
+    pub fn resume_active(&self) -> Vec<String> {
+        let mut resumed = vec![];
+        for (vm, backup) in self.staging.active_sessions() {
+            match self.recover(&vm, Some(&backup)) {
+                Ok(_) => {
+                    tracing::info!(
+                        vm,
+                        backup,
+                        "resumed a session that was active before the restart"
+                    );
+                    resumed.push(vm);
+                }
+                Err(e) => {
+                    tracing::error!(
+                        vm,
+                        backup,
+                        "could not resume the session that was active before the restart: {e}"
+                    )
+                }
+            }
+        }
+        resumed
     }
 
     /// Drops kept staging for a VM that is not being served.

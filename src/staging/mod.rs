@@ -239,6 +239,43 @@ impl StagingDir {
         Ok(Some(m))
     }
 
+    /// Marks a session as being served (or not), durably: a daemon that
+    /// restarts after a crash serves it again without being asked.
+    pub fn set_active(&self, vm: &str, backup: &str, active: bool) -> Result<()> {
+        let p = self.session_dir(vm, backup).join("active");
+        if active {
+            io::replace(self.storage.as_ref(), &p, b"")
+        } else {
+            self.storage
+                .remove_file(&p)
+                .ctx(|| format!("remove {}", p.display()))?;
+            io::sync_parent(self.storage.as_ref(), &p)
+        }
+    }
+
+    /// Sessions marked active, one per VM (the most recently recovered if
+    /// a crash left more than one).
+    pub fn active_sessions(&self) -> Vec<(String, String)> {
+        let root = self.root.join("sessions");
+        let mut out = vec![];
+        for vm in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let Some(vm) = vm.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if crate::util::validate_name("VM name", &vm).is_err() {
+                continue;
+            }
+            let active = self
+                .kept_sessions(&vm)
+                .into_iter()
+                .find(|(b, _)| self.session_dir(&vm, b).join("active").exists());
+            if let Some((b, _)) = active {
+                out.push((vm, b));
+            }
+        }
+        out
+    }
+
     /// Deletes a session's staging data for good.
     pub fn discard(&self, vm: &str, backup: &str) -> Result<()> {
         let dir = self.session_dir(vm, backup);

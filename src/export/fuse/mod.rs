@@ -19,9 +19,12 @@ use fuser::{
 };
 
 use crate::error::Error;
+
+pub mod inodes;
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
 use crate::volume::Volume;
+use inodes::Inodes;
 
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
@@ -38,6 +41,7 @@ enum Node {
 
 pub struct RecoverFs {
     ds: Arc<Datastore>,
+    inodes: Arc<Inodes>,
     io: Arc<WorkerPool>,
     sync: Arc<WorkerPool>,
     /// Owner of every file and directory (the hypervisor's user).
@@ -58,6 +62,7 @@ impl RecoverFs {
         let (uid, gid) = owner.unwrap_or(me);
         RecoverFs {
             ds,
+            inodes: Arc::new(Inodes::default()),
             io: Arc::new(WorkerPool::new("fuse-io", io_threads)),
             sync: Arc::new(WorkerPool::new("fuse-sync", 8)),
             uid,
@@ -66,12 +71,17 @@ impl RecoverFs {
         }
     }
 
+    /// The inode table, for the release hook that forgets a session.
+    pub fn inodes(&self) -> Arc<Inodes> {
+        self.inodes.clone()
+    }
+
     fn node(&self, ino: u64) -> Option<Node> {
         if ino == ROOT {
             return Some(Node::Root);
         }
-        let s = self.ds.session_by_ino(ino)?;
-        match ino - s.ino_base {
+        let (s, rel) = self.inodes.session_of(&self.ds, ino)?;
+        match rel {
             0 => Some(Node::Dir(s)),
             1 => Some(Node::Config(s)),
             n => {
@@ -140,15 +150,15 @@ impl Filesystem for RecoverFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_str().unwrap_or("");
         let found = match self.node(parent.0) {
-            Some(Node::Root) => self.ds.session(name).map(|s| s.ino_base),
+            Some(Node::Root) => self.ds.session(name).map(|s| self.inodes.base_of(&s)),
             Some(Node::Dir(s)) => match name {
-                "vm.json" => Some(s.ino_base + 1),
+                "vm.json" => Some(self.inodes.base_of(&s) + 1),
                 _ => name
                     .strip_prefix("disk")
                     .and_then(|n| n.strip_suffix(".raw"))
                     .and_then(|n| n.parse::<usize>().ok())
                     .filter(|&i| i < s.disks.len() && name == format!("disk{i}.raw"))
-                    .map(|i| s.ino_base + 2 + i as u64),
+                    .map(|i| self.inodes.base_of(&s) + 2 + i as u64),
             },
             _ => None,
         };
@@ -416,15 +426,19 @@ impl Filesystem for RecoverFs {
             Some(Node::Root) => {
                 entries.push((ROOT, FileType::Directory, "..".into()));
                 for s in self.ds.sessions() {
-                    entries.push((s.ino_base, FileType::Directory, s.vm.clone()));
+                    entries.push((self.inodes.base_of(&s), FileType::Directory, s.vm.clone()));
                 }
             }
             Some(Node::Dir(s)) => {
                 entries.push((ROOT, FileType::Directory, "..".into()));
-                entries.push((s.ino_base + 1, FileType::RegularFile, "vm.json".into()));
+                entries.push((
+                    self.inodes.base_of(&s) + 1,
+                    FileType::RegularFile,
+                    "vm.json".into(),
+                ));
                 for d in &s.disks {
                     entries.push((
-                        s.ino_base + 2 + d.index as u64,
+                        self.inodes.base_of(&s) + 2 + d.index as u64,
                         FileType::RegularFile,
                         format!("disk{}.raw", d.index),
                     ));
