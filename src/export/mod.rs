@@ -12,3 +12,4 @@
 //! | NBD | export name `vm/diskN` | FLUSH and FUA = `Disk::flush` | each connection with an export open |
 
 pub mod fuse;
+pub mod nbd;
