@@ -21,6 +21,8 @@ pub struct ServeOptions {
     /// Members of this group (a gid) may use the control socket too.
     pub socket_group: Option<u32>,
     pub datastore: MountOptions,
+    /// The NFSv3 export, if asked for.
+    pub nfs: Option<crate::export::nfs::NfsOptions>,
 }
 
 /// How a datastore is mounted and run, whoever hosts it.
@@ -65,17 +67,79 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .clone()
         .unwrap_or_else(|| staging.root().join("control.sock"));
     check_socket(&socket)?;
+    let staging_root = staging.root().to_path_buf();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("export")
+        .build()
+        .ctx(|| "start the export runtime".into())?;
+    let verifier = match &opts.nfs {
+        Some(_) => Some(crate::export::nfs::start_verifier(&staging_root)?),
+        None => None,
+    };
     let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts.datastore)?;
+    let exports = match Exports::start(&rt, &mounted.ds, &opts, verifier) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = mounted.shutdown();
+            return Err(e);
+        }
+    };
     tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
     let api_result = run_api(mounted.ds.clone(), &socket, opts.socket_group);
     let _ = std::fs::remove_file(&socket);
     if let Ok(Some(link)) = &api_result {
         let _ = std::fs::remove_file(link);
     }
+    // Clients go first (their attachments end), then staging is made durable.
+    exports.shutdown();
     let stopped = mounted.shutdown();
+    if let (Ok(()), Some(v)) = (&stopped, verifier) {
+        crate::export::nfs::mark_clean(&staging_root, &v)?;
+    }
     tracing::info!("stopped");
     api_result?;
     stopped
+}
+
+/// The network frontends a daemon runs beside its FUSE mount.
+struct Exports {
+    nfs: Option<crate::export::nfs::NfsServer>,
+}
+
+impl Exports {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        ds: &Arc<Datastore>,
+        opts: &ServeOptions,
+        verifier: Option<[u8; 8]>,
+    ) -> Result<Exports> {
+        let mut urls = crate::session::ExportUrls::default();
+        let nfs = match (&opts.nfs, verifier) {
+            (Some(o), Some(v)) => {
+                let server =
+                    crate::export::nfs::NfsServer::start(rt.handle(), ds.clone(), o.clone(), v)?;
+                for a in &o.listen {
+                    urls.nfs.push(match a.ip() {
+                        std::net::IpAddr::V6(ip) => format!("nfs://[{ip}]"),
+                        ip => format!("nfs://{ip}"),
+                    });
+                    tracing::info!(address = %a, "NFS export serving (portmapper on port 111 too)");
+                }
+                Some(server)
+            }
+            _ => None,
+        };
+        ds.set_urls(urls);
+        Ok(Exports { nfs })
+    }
+
+    fn shutdown(self) {
+        if let Some(n) = self.nfs {
+            n.shutdown();
+        }
+    }
 }
 
 /// A datastore mounted on FUSE with its background flusher: what `serve`

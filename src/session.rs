@@ -180,6 +180,8 @@ pub struct RecoverInfo {
     pub already_active: bool,
     pub config: PathBuf,
     pub disks: Vec<PathBuf>,
+    /// Per disk, the NFS and NBD URLs that reach it.
+    pub urls: Vec<Vec<String>>,
 }
 
 pub struct Datastore {
@@ -195,6 +197,16 @@ pub struct Datastore {
     on_release: RwLock<Vec<Box<dyn Fn(&Session) + Send + Sync>>>,
     /// Per-VM operation locks (see the module docs).
     vm_ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Where the network frontends serve, for `recover` to print URLs.
+    urls: RwLock<ExportUrls>,
+}
+
+/// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
+/// `nbd+unix://?socket=PATH`.
+#[derive(Debug, Clone, Default)]
+pub struct ExportUrls {
+    pub nfs: Vec<String>,
+    pub nbd: Vec<String>,
 }
 
 impl Datastore {
@@ -215,7 +227,13 @@ impl Datastore {
             prefetch,
             on_release: RwLock::new(vec![]),
             vm_ops: Mutex::new(HashMap::new()),
+            urls: RwLock::new(ExportUrls::default()),
         })
+    }
+
+    /// Records where the network frontends serve.
+    pub fn set_urls(&self, urls: ExportUrls) {
+        *self.urls.write() = urls;
     }
 
     /// The operation lock of one VM.
@@ -434,7 +452,24 @@ impl Datastore {
                 .iter()
                 .map(|d| dir.join(format!("disk{}.raw", d.index)))
                 .collect(),
+            urls: s
+                .disks
+                .iter()
+                .map(|d| self.disk_urls(&s.vm, d.index))
+                .collect(),
         }
+    }
+
+    /// The NFS and NBD URLs of disk `index` of `vm`.
+    pub fn disk_urls(&self, vm: &str, index: usize) -> Vec<String> {
+        let u = self.urls.read();
+        let nfs = u.nfs.iter().map(|b| format!("{b}/{vm}/disk{index}.raw"));
+        let nbd = u.nbd.iter().map(|b| match b.split_once('?') {
+            // nbd+unix:///EXPORT?socket=PATH
+            Some((head, q)) => format!("{head}{vm}/disk{index}?{q}"),
+            None => format!("{b}/{vm}/disk{index}"),
+        });
+        nfs.chain(nbd).collect()
     }
 
     /// Ends a session after making its staging durable. Refused while any

@@ -345,7 +345,7 @@ class Recoverfs:
 
     def recover(self, vm):
         r = run([BIN, "recover", "--socket", self.socket, vm], env=self.env, timeout=120)
-        disks = [l.strip() for l in r.stdout.splitlines() if l.strip().endswith(".raw")]
+        disks = [l.strip() for l in r.stdout.splitlines() if l.startswith("/")]
         if not disks:
             raise RuntimeError(f"recover {vm}: no disk path in output: {r.stdout} {r.stderr}")
         return disks[0]

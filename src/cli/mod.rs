@@ -113,6 +113,21 @@ pub enum Command {
         /// Seconds between background flushes of the staging maps.
         #[arg(long, default_value_t = 2.0)]
         flush_interval: f64,
+        /// Serve NFSv3 on ADDR (port 2049 unless given) and a portmapper on
+        /// port 111 of ADDR; repeatable.
+        #[arg(long, value_name = "ADDR[:PORT]")]
+        nfs: Vec<String>,
+        /// Client networks allowed to use the NFS export (CIDR or address;
+        /// repeatable; default: loopback only).
+        #[arg(long, value_name = "CIDR")]
+        nfs_allow: Vec<String>,
+        /// Do not map root on other hosts to nobody (ESXi needs root access).
+        #[arg(long)]
+        nfs_no_root_squash: bool,
+        /// Answer every NFS write FILE_SYNC (for clients that never compare
+        /// write verifiers, like QEMU's libnfs 4.0).
+        #[arg(long)]
+        nfs_write_through: bool,
         #[command(flatten)]
         prefetch: profile::PrefetchArgs,
     },
@@ -237,6 +252,10 @@ pub fn run(cli: Cli) -> Result<()> {
             fetch_workers,
             fuse_threads,
             flush_interval,
+            nfs,
+            nfs_allow,
+            nfs_no_root_squash,
+            nfs_write_through,
             prefetch,
         } => {
             if allow_other && owner.is_none() {
@@ -244,7 +263,16 @@ pub fn run(cli: Cli) -> Result<()> {
                     "--allow-other needs --owner UID:GID, the user the hypervisor runs as (the disks are mode 0600)",
                 ));
             }
+            let owner = owner.as_deref().map(parse_owner).transpose()?;
+            let nfs = nfs_options(
+                &nfs,
+                &nfs_allow,
+                !nfs_no_root_squash,
+                nfs_write_through,
+                owner,
+            )?;
             crate::daemon::serve(crate::daemon::ServeOptions {
+                nfs,
                 repo,
                 staging,
                 mount,
@@ -255,7 +283,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     .transpose()?,
                 datastore: crate::daemon::MountOptions {
                     allow_other,
-                    owner: owner.as_deref().map(parse_owner).transpose()?,
+                    owner,
                     fetch_workers: fetch_workers.max(1),
                     fuse_threads,
                     flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
@@ -345,6 +373,62 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `ADDR` or `ADDR:PORT` (IPv6 as `[ADDR]:PORT` or a bare address).
+fn parse_listen(s: &str, default_port: u16, what: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<std::net::IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, default_port))
+        .map_err(|_| Error::invalid(format!("{what} {s:?}: expected ADDR or ADDR:PORT")))
+}
+
+fn nfs_options(
+    listen: &[String],
+    allow: &[String],
+    root_squash: bool,
+    write_through: bool,
+    owner: Option<(u32, u32)>,
+) -> Result<Option<crate::export::nfs::NfsOptions>> {
+    if listen.is_empty() {
+        if !allow.is_empty() {
+            return Err(Error::invalid("--nfs-allow needs --nfs ADDR"));
+        }
+        return Ok(None);
+    }
+    let listen = listen
+        .iter()
+        .map(|a| parse_listen(a, 2049, "--nfs"))
+        .collect::<Result<Vec<_>>>()?;
+    let allow = if allow.is_empty() {
+        crate::export::nfs::NfsOptions::loopback_only()
+    } else {
+        allow
+            .iter()
+            .map(|a| {
+                a.parse::<ipnet::IpNet>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        Error::invalid(format!(
+                            "--nfs-allow {a:?}: expected a network (198.18.0.0/15) or an address"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let me = unsafe { (libc::getuid(), libc::getgid()) };
+    Ok(Some(crate::export::nfs::NfsOptions {
+        listen,
+        allow,
+        root_squash,
+        anon: (65534, 65534),
+        write_through,
+        owner: owner.unwrap_or(me),
+    }))
 }
 
 /// `UID:GID`, numbers or names.

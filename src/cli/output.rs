@@ -171,9 +171,14 @@ pub fn recovered(r: &Value, json: bool) {
             b.as_str().unwrap_or("?")
         );
     }
+    // One line per disk path (scripts read these), then its NFS and NBD
+    // URLs, indented.
     if let Some(disks) = r["disks"].as_array() {
-        for d in disks {
+        for (i, d) in disks.iter().enumerate() {
             println!("{}", d.as_str().unwrap_or("?"));
+            for u in r["urls"][i].as_array().cloned().unwrap_or_default() {
+                println!("    {}", u.as_str().unwrap_or("?"));
+            }
         }
     }
 }

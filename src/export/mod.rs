@@ -13,3 +13,4 @@
 
 pub mod fuse;
 pub mod nbd;
+pub mod nfs;

@@ -170,6 +170,8 @@ pub struct Volume {
     closed: AtomicBool,
     /// This volume, for the fetch jobs it queues.
     me: std::sync::Weak<Volume>,
+    /// When a guest last wrote, in ns since the epoch (0: not this session).
+    modified_ns: AtomicU64,
     /// Every write to staging holds it shared and checks `closed` inside;
     /// `close` takes it exclusively, so after `close` nothing lands.
     io_gate: RwLock<()>,
@@ -229,6 +231,7 @@ impl Volume {
         let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
         Arc::new_cyclic(|me| Volume {
             me: me.clone(),
+            modified_ns: AtomicU64::new(0),
             vm: vm.into(),
             backup: backup.into(),
             index,
@@ -651,8 +654,21 @@ impl Volume {
         if r.is_ok() {
             self.stats.writes.add(1);
             self.stats.write_bytes.add(len);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            self.modified_ns.fetch_max(now, Ordering::Relaxed);
         }
         r
+    }
+
+    /// When a guest last wrote this disk in this session, if it did.
+    pub fn modified(&self) -> Option<std::time::SystemTime> {
+        match self.modified_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(std::time::UNIX_EPOCH + Duration::from_nanos(ns)),
+        }
     }
 
     /// True if a write of `len` bytes at `off` covers all of block `b`.

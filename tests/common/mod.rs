@@ -181,7 +181,11 @@ impl Env {
         if let Some(b) = backup {
             args.extend(["--backup", b]);
         }
-        self.ok(&args).lines().map(PathBuf::from).collect()
+        self.ok(&args)
+            .lines()
+            .filter(|l| l.starts_with('/'))
+            .map(PathBuf::from)
+            .collect()
     }
 
     pub fn release(&self, vm: &str, discard: bool) -> Output {

@@ -1,0 +1,502 @@
+//! The NFS namespace over the datastore: `/` lists the VMs being served,
+//! `/<vm>/` holds `vm.json`, `diskN.raw` and the hypervisor's own side
+//! files (`.lck-*`, `.vmx`, `vmware.log`, ...).
+//!
+//! **Handles are stable.** A handle names its object by identity, not by
+//! a number handed out at run time: a hash of the VM name, a hash of the
+//! backup id, and the disk index or the side file's inode number. So a
+//! client keeps its handles across a daemon restart (the restarted daemon
+//! resumes the sessions it was serving), and a handle of a disk from one
+//! backup never reaches a session recovered from another (it is stale).
+//!
+//! **Side files** live in the session's staging (`files/` in its
+//! directory): they survive restarts and go away with `release --discard`.
+//! Disk files and vm.json refuse removal, renaming, truncation and changes
+//! of owner or mode (NFS3ERR_PERM).
+//!
+//! **Permissions** are checked here, per call, against the caller's AUTH_UNIX
+//! identity after root squashing: VM directories are 0700, disks 0600 and
+//! vm.json 0400, owned by `--owner` (default: the daemon's user).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use nfs3_types::nfs3::{fattr3, ftype3, nfsstat3, nfstime3, specdata3};
+
+use crate::error::{Error, ErrorKind};
+use crate::session::{Datastore, Session};
+use crate::staging::io::{OsStorage, Storage};
+use crate::volume::Volume;
+
+const MAGIC: &[u8; 2] = b"RF";
+const VERSION: u8 = 1;
+const HANDLE_LEN: usize = 4 + 8 + 8 + 8;
+
+/// A caller after root squashing.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub gids: Vec<u32>,
+}
+
+/// What a handle names, resolved against the live sessions.
+#[derive(Clone)]
+pub enum Node {
+    Root,
+    Dir(Arc<Session>),
+    Config(Arc<Session>),
+    Disk(Arc<Session>, Arc<Volume>),
+    Side(Arc<Session>, SideFile),
+}
+
+#[derive(Clone, Debug)]
+pub struct SideFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub ino: u64,
+}
+
+impl Node {
+    pub fn session(&self) -> Option<&Arc<Session>> {
+        match self {
+            Node::Root => None,
+            Node::Dir(s) | Node::Config(s) | Node::Disk(s, _) | Node::Side(s, _) => Some(s),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self, Node::Root | Node::Dir(_))
+    }
+}
+
+fn key(s: &str) -> [u8; 8] {
+    blake3::hash(s.as_bytes()).as_bytes()[..8]
+        .try_into()
+        .expect("8 bytes")
+}
+
+/// The crate's error kinds as NFS status codes.
+pub fn nfs_error(e: &Error) -> nfsstat3 {
+    match e.kind() {
+        ErrorKind::NotFound => nfsstat3::NFS3ERR_NOENT,
+        ErrorKind::InvalidInput => nfsstat3::NFS3ERR_INVAL,
+        ErrorKind::Busy => nfsstat3::NFS3ERR_JUKEBOX,
+        ErrorKind::AlreadyExists => nfsstat3::NFS3ERR_EXIST,
+        ErrorKind::NotPermitted => nfsstat3::NFS3ERR_PERM,
+        ErrorKind::NoSpace => nfsstat3::NFS3ERR_NOSPC,
+        ErrorKind::Corrupt | ErrorKind::Io => nfsstat3::NFS3ERR_IO,
+    }
+}
+
+pub fn io_error(e: &std::io::Error) -> nfsstat3 {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => nfsstat3::NFS3ERR_NOENT,
+        Some(libc::EEXIST) => nfsstat3::NFS3ERR_EXIST,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => nfsstat3::NFS3ERR_NOSPC,
+        Some(libc::EACCES) => nfsstat3::NFS3ERR_ACCES,
+        Some(libc::EPERM) => nfsstat3::NFS3ERR_PERM,
+        Some(libc::EFBIG) => nfsstat3::NFS3ERR_FBIG,
+        Some(libc::ENAMETOOLONG) => nfsstat3::NFS3ERR_NAMETOOLONG,
+        _ => nfsstat3::NFS3ERR_IO,
+    }
+}
+
+fn time(t: SystemTime) -> nfstime3 {
+    nfstime3::try_from(t).unwrap_or_default()
+}
+
+/// Access bits a caller asks for.
+pub const R: u32 = 4;
+pub const W: u32 = 2;
+pub const X: u32 = 1;
+
+pub struct Namespace {
+    ds: Arc<Datastore>,
+    owner: (u32, u32),
+    fsid: u64,
+    started: SystemTime,
+}
+
+impl Namespace {
+    pub fn new(ds: Arc<Datastore>, owner: (u32, u32)) -> Namespace {
+        let fsid = u64::from_be_bytes(key(&ds.staging_root().to_string_lossy()));
+        Namespace {
+            ds,
+            owner,
+            fsid,
+            started: SystemTime::now(),
+        }
+    }
+
+    pub fn datastore(&self) -> &Arc<Datastore> {
+        &self.ds
+    }
+
+    /// The handle of a node.
+    pub fn handle(&self, n: &Node) -> Vec<u8> {
+        let (kind, vm, backup, id) = match n {
+            Node::Root => (1u8, None, None, 0u64),
+            Node::Dir(s) => (2, Some(&s.vm), None, 0),
+            Node::Config(s) => (3, Some(&s.vm), Some(&s.backup), 0),
+            Node::Disk(s, d) => (4, Some(&s.vm), Some(&s.backup), d.index as u64),
+            Node::Side(s, f) => (5, Some(&s.vm), Some(&s.backup), f.ino),
+        };
+        let mut h = Vec::with_capacity(HANDLE_LEN);
+        h.extend(MAGIC);
+        h.push(VERSION);
+        h.push(kind);
+        h.extend(vm.map(|v| key(v)).unwrap_or_default());
+        h.extend(backup.map(|b| key(b)).unwrap_or_default());
+        h.extend(id.to_be_bytes());
+        h
+    }
+
+    /// The node a handle names: BADHANDLE if it is not ours, STALE if its
+    /// session (or side file) is gone.
+    pub fn resolve(&self, h: &[u8]) -> Result<Node, nfsstat3> {
+        if h.len() != HANDLE_LEN || &h[..2] != MAGIC || h[2] != VERSION {
+            return Err(nfsstat3::NFS3ERR_BADHANDLE);
+        }
+        let kind = h[3];
+        if kind == 1 {
+            return Ok(Node::Root);
+        }
+        let vm: [u8; 8] = h[4..12].try_into().expect("8 bytes");
+        let backup: [u8; 8] = h[12..20].try_into().expect("8 bytes");
+        let id = u64::from_be_bytes(h[20..28].try_into().expect("8 bytes"));
+        let s = self
+            .ds
+            .sessions()
+            .into_iter()
+            .find(|s| key(&s.vm) == vm)
+            .ok_or(nfsstat3::NFS3ERR_STALE)?;
+        if kind == 2 {
+            return Ok(Node::Dir(s));
+        }
+        if key(&s.backup) != backup {
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
+        match kind {
+            3 => Ok(Node::Config(s)),
+            4 => {
+                let d = s
+                    .disks
+                    .get(id as usize)
+                    .cloned()
+                    .ok_or(nfsstat3::NFS3ERR_STALE)?;
+                Ok(Node::Disk(s, d))
+            }
+            5 => {
+                let f = side_by_ino(&s, id).ok_or(nfsstat3::NFS3ERR_STALE)?;
+                Ok(Node::Side(s, f))
+            }
+            _ => Err(nfsstat3::NFS3ERR_BADHANDLE),
+        }
+    }
+
+    fn fileid(&self, n: &Node) -> u64 {
+        match n {
+            Node::Root => 1,
+            _ => {
+                let h = blake3::hash(&self.handle(n));
+                u64::from_be_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | (1 << 63)
+            }
+        }
+    }
+
+    pub fn getattr(&self, n: &Node) -> Result<fattr3, nfsstat3> {
+        let (uid, gid) = self.owner;
+        let (type_, mode, size, mtime) = match n {
+            Node::Root => (ftype3::NF3DIR, 0o755, 4096, self.started),
+            Node::Dir(s) => (ftype3::NF3DIR, 0o700, 4096, s.started),
+            Node::Config(s) => (ftype3::NF3REG, 0o400, s.config_json.len() as u64, s.started),
+            Node::Disk(s, d) => (
+                ftype3::NF3REG,
+                0o600,
+                d.size,
+                d.modified().unwrap_or(s.started),
+            ),
+            Node::Side(_, f) => {
+                let m = std::fs::symlink_metadata(&f.path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => nfsstat3::NFS3ERR_STALE,
+                    _ => io_error(&e),
+                })?;
+                return Ok(fattr3 {
+                    type_: ftype3::NF3REG,
+                    mode: m.permissions().mode() & 0o7777,
+                    nlink: 1,
+                    uid,
+                    gid,
+                    size: m.len(),
+                    used: m.blocks() * 512,
+                    rdev: specdata3::default(),
+                    fsid: self.fsid,
+                    fileid: self.fileid(n),
+                    atime: time(m.accessed().unwrap_or(SystemTime::UNIX_EPOCH)),
+                    mtime: time(m.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
+                    ctime: nfstime3 {
+                        seconds: m.ctime() as u32,
+                        nseconds: m.ctime_nsec() as u32,
+                    },
+                });
+            }
+        };
+        let t = time(mtime);
+        Ok(fattr3 {
+            type_,
+            mode,
+            nlink: if type_ == ftype3::NF3DIR { 2 } else { 1 },
+            uid,
+            gid,
+            size,
+            used: size,
+            rdev: specdata3::default(),
+            fsid: self.fsid,
+            fileid: self.fileid(n),
+            atime: t,
+            mtime: t,
+            ctime: t,
+        })
+    }
+
+    /// Whether `c` may have `want` (R, W, X bits) on a node with `a`.
+    pub fn may(c: &Caller, a: &fattr3, want: u32) -> bool {
+        if c.uid == 0 {
+            return true;
+        }
+        let bits = if c.uid == a.uid {
+            a.mode >> 6
+        } else if c.gid == a.gid || c.gids.contains(&a.gid) {
+            a.mode >> 3
+        } else {
+            a.mode
+        } & 7;
+        bits & want == want
+    }
+
+    /// Fails with ACCES unless `c` has `want` on `n`.
+    pub fn check(&self, c: &Caller, n: &Node, want: u32) -> Result<fattr3, nfsstat3> {
+        let a = self.getattr(n)?;
+        if Self::may(c, &a, want) {
+            Ok(a)
+        } else {
+            Err(nfsstat3::NFS3ERR_ACCES)
+        }
+    }
+
+    pub fn lookup(&self, c: &Caller, dir: &Node, name: &[u8]) -> Result<Node, nfsstat3> {
+        let name = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_NOENT)?;
+        if !dir.is_dir() {
+            return Err(nfsstat3::NFS3ERR_NOTDIR);
+        }
+        self.check(c, dir, X)?;
+        match (dir, name) {
+            (Node::Root, "." | "..") => Ok(Node::Root),
+            (Node::Root, vm) => self
+                .ds
+                .session(vm)
+                .map(Node::Dir)
+                .ok_or(nfsstat3::NFS3ERR_NOENT),
+            (Node::Dir(s), ".") => Ok(Node::Dir(s.clone())),
+            (Node::Dir(_), "..") => Ok(Node::Root),
+            (Node::Dir(s), name) => {
+                if let Some(n) = own_file(s, name) {
+                    return Ok(n);
+                }
+                side_by_name(s, name)
+                    .map(|f| Node::Side(s.clone(), f))
+                    .ok_or(nfsstat3::NFS3ERR_NOENT)
+            }
+            _ => Err(nfsstat3::NFS3ERR_NOTDIR),
+        }
+    }
+
+    /// A directory's entries (without "." and ".."), with their nodes.
+    pub fn list(&self, c: &Caller, dir: &Node) -> Result<Vec<(String, Node)>, nfsstat3> {
+        self.check(c, dir, R)?;
+        match dir {
+            Node::Root => Ok(self
+                .ds
+                .sessions()
+                .into_iter()
+                .map(|s| (s.vm.clone(), Node::Dir(s)))
+                .collect()),
+            Node::Dir(s) => {
+                let mut out = vec![("vm.json".to_string(), Node::Config(s.clone()))];
+                for d in &s.disks {
+                    out.push((
+                        format!("disk{}.raw", d.index),
+                        Node::Disk(s.clone(), d.clone()),
+                    ));
+                }
+                for f in side_files(s) {
+                    out.push((f.name.clone(), Node::Side(s.clone(), f)));
+                }
+                Ok(out)
+            }
+            _ => Err(nfsstat3::NFS3ERR_NOTDIR),
+        }
+    }
+
+    pub fn fileid_of(&self, n: &Node) -> u64 {
+        self.fileid(n)
+    }
+
+    /// FSSTAT: the staging filesystem's real size and free space.
+    pub fn fsstat(&self) -> (u64, u64, u64, u64, u64) {
+        match nix::sys::statvfs::statvfs(self.ds.staging_root()) {
+            Ok(st) => {
+                let frag = st.fragment_size() as u64;
+                (
+                    st.blocks() as u64 * frag,
+                    st.blocks_free() as u64 * frag,
+                    st.blocks_available() as u64 * frag,
+                    st.files() as u64,
+                    st.files_available() as u64,
+                )
+            }
+            Err(_) => (0, 0, 0, 0, 0),
+        }
+    }
+}
+
+/// `vm.json` or `diskN.raw` of a session, by name.
+fn own_file(s: &Arc<Session>, name: &str) -> Option<Node> {
+    if name == "vm.json" {
+        return Some(Node::Config(s.clone()));
+    }
+    let i: usize = name
+        .strip_prefix("disk")?
+        .strip_suffix(".raw")?
+        .parse()
+        .ok()?;
+    (name == format!("disk{i}.raw"))
+        .then(|| s.disks.get(i).cloned())
+        .flatten()
+        .map(|d| Node::Disk(s.clone(), d))
+}
+
+/// Where a session's side files live.
+pub fn side_dir(s: &Session) -> PathBuf {
+    s.dir.join("files")
+}
+
+/// A name a client may give a side file: what a local filesystem accepts,
+/// and not the name of the VM's own files.
+pub fn side_name<'a>(s: &Arc<Session>, name: &'a [u8]) -> Result<&'a str, nfsstat3> {
+    let n = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
+    if n.len() > 255 {
+        return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
+    }
+    if n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0') {
+        return Err(nfsstat3::NFS3ERR_INVAL);
+    }
+    if own_file(s, n).is_some() {
+        return Err(nfsstat3::NFS3ERR_EXIST);
+    }
+    Ok(n)
+}
+
+fn side_files(s: &Session) -> Vec<SideFile> {
+    let dir = side_dir(s);
+    let mut out: Vec<SideFile> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let m = e.metadata().ok()?;
+            m.is_file().then(|| SideFile {
+                path: dir.join(&name),
+                name,
+                ino: m.ino(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn side_by_name(s: &Session, name: &str) -> Option<SideFile> {
+    let path = side_dir(s).join(name);
+    let m = std::fs::symlink_metadata(&path).ok()?;
+    m.is_file().then(|| SideFile {
+        name: name.to_string(),
+        path,
+        ino: m.ino(),
+    })
+}
+
+fn side_by_ino(s: &Session, ino: u64) -> Option<SideFile> {
+    side_files(s).into_iter().find(|f| f.ino == ino)
+}
+
+/// Opens a side file for I/O without following links.
+pub fn open_side(f: &SideFile, write: bool) -> Result<File, nfsstat3> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&f.path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => nfsstat3::NFS3ERR_STALE,
+            _ => io_error(&e),
+        })
+}
+
+/// Reads a side file range; (bytes, eof).
+pub fn read_side(f: &SideFile, off: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
+    let file = open_side(f, false)?;
+    let size = file.metadata().map_err(|e| io_error(&e))?.len();
+    let end = off.saturating_add(count as u64).min(size);
+    let mut buf = vec![0u8; end.saturating_sub(off) as usize];
+    file.read_exact_at(&mut buf, off)
+        .map_err(|e| io_error(&e))?;
+    Ok((buf, end >= size))
+}
+
+/// Writes a side file range, syncing its data if `sync`.
+pub fn write_side(f: &SideFile, off: u64, data: &[u8], sync: bool) -> Result<(), nfsstat3> {
+    let file = open_side(f, true)?;
+    file.write_all_at(data, off).map_err(|e| io_error(&e))?;
+    if sync {
+        file.sync_data().map_err(|e| io_error(&e))?;
+    }
+    Ok(())
+}
+
+/// Creates a side file (mode from the client, default 0644).
+pub fn create_side(
+    s: &Arc<Session>,
+    name: &str,
+    exclusive: bool,
+    mode: Option<u32>,
+) -> Result<SideFile, nfsstat3> {
+    let dir = side_dir(s);
+    OsStorage.create_dir_all(&dir).map_err(|e| io_error(&e))?;
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!exclusive)
+        .create_new(exclusive)
+        .mode(mode.unwrap_or(0o644) & 0o7777)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| io_error(&e))?;
+    sync_dir(&dir)?;
+    let ino = f.metadata().map_err(|e| io_error(&e))?.ino();
+    Ok(SideFile {
+        name: name.to_string(),
+        path,
+        ino,
+    })
+}
+
+pub fn sync_dir(dir: &std::path::Path) -> Result<(), nfsstat3> {
+    OsStorage.sync_dir(dir).map_err(|e| io_error(&e))
+}
