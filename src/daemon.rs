@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub datastore: MountOptions,
     /// The NFSv3 export, if asked for.
     pub nfs: Option<crate::export::nfs::NfsOptions>,
+    /// Where NBD is served (none: not at all).
+    pub nbd: Vec<crate::export::nbd::Listen>,
 }
 
 /// How a datastore is mounted and run, whoever hosts it.
@@ -106,6 +108,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 /// The network frontends a daemon runs beside its FUSE mount.
 struct Exports {
     nfs: Option<crate::export::nfs::NfsServer>,
+    nbd: Option<crate::export::nbd::NbdServer>,
 }
 
 impl Exports {
@@ -131,11 +134,50 @@ impl Exports {
             }
             _ => None,
         };
+        let nbd = if opts.nbd.is_empty() {
+            None
+        } else {
+            let exports = Arc::new(crate::export::DiskExports(ds.clone()));
+            let server = match crate::export::nbd::NbdServer::start(rt.handle(), &opts.nbd, exports)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(n) = nfs {
+                        n.shutdown();
+                    }
+                    return Err(e);
+                }
+            };
+            let mut tcp = server.tcp_addrs().into_iter();
+            for l in &opts.nbd {
+                match l {
+                    crate::export::nbd::Listen::Tcp(_) => {
+                        let a = tcp.next().expect("one bound address per TCP listener");
+                        urls.nbd.push(format!("nbd://{a}"));
+                        tracing::info!(address = %a, "NBD export serving");
+                    }
+                    crate::export::nbd::Listen::Unix(p) => {
+                        // Like the control socket: only the daemon's user.
+                        let _ = std::fs::set_permissions(
+                            p,
+                            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                        );
+                        urls.nbd
+                            .push(format!("nbd+unix:///?socket={}", p.display()));
+                        tracing::info!(socket = %p.display(), "NBD export serving");
+                    }
+                }
+            }
+            Some(server)
+        };
         ds.set_urls(urls);
-        Ok(Exports { nfs })
+        Ok(Exports { nfs, nbd })
     }
 
     fn shutdown(self) {
+        if let Some(n) = self.nbd {
+            n.shutdown();
+        }
         if let Some(n) = self.nfs {
             n.shutdown();
         }

@@ -128,6 +128,10 @@ pub enum Command {
         /// write verifiers, like QEMU's libnfs 4.0).
         #[arg(long)]
         nfs_write_through: bool,
+        /// Serve NBD on ADDR (port 10809 unless given) or on a Unix socket;
+        /// repeatable. No TLS: keep it on loopback or a trusted network.
+        #[arg(long, value_name = "ADDR[:PORT]|unix:PATH")]
+        nbd: Vec<String>,
         #[command(flatten)]
         prefetch: profile::PrefetchArgs,
     },
@@ -256,6 +260,7 @@ pub fn run(cli: Cli) -> Result<()> {
             nfs_allow,
             nfs_no_root_squash,
             nfs_write_through,
+            nbd,
             prefetch,
         } => {
             if allow_other && owner.is_none() {
@@ -271,8 +276,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 nfs_write_through,
                 owner,
             )?;
+            let nbd = nbd
+                .iter()
+                .map(|l| match l.strip_prefix("unix:") {
+                    Some(p) => std::path::absolute(p)
+                        .map(crate::export::nbd::Listen::Unix)
+                        .map_err(|e| Error::io(format!("--nbd {l}"), e)),
+                    None => parse_listen(l, 10809, "--nbd").map(crate::export::nbd::Listen::Tcp),
+                })
+                .collect::<Result<Vec<_>>>()?;
             crate::daemon::serve(crate::daemon::ServeOptions {
                 nfs,
+                nbd,
                 repo,
                 staging,
                 mount,

@@ -14,3 +14,59 @@
 pub mod fuse;
 pub mod nbd;
 pub mod nfs;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::session::Datastore;
+
+/// The datastore's disks as NBD exports: `vm/diskN` for every disk of
+/// every session being served. An open export holds its session open (an
+/// attachment), so `release` refuses while a client has it.
+pub struct DiskExports(pub Arc<Datastore>);
+
+impl nbd::Exports for DiskExports {
+    fn list(&self) -> Vec<(String, String)> {
+        self.0
+            .sessions()
+            .iter()
+            .flat_map(|s| {
+                s.disks.iter().map(move |d| {
+                    (
+                        format!("{}/disk{}", s.vm, d.index),
+                        format!(
+                            "disk{} of VM {} (backup {}), {} bytes",
+                            d.index, s.vm, s.backup, d.size
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn open(
+        &self,
+        name: &str,
+    ) -> Result<(
+        Arc<dyn crate::disk::Disk>,
+        Box<dyn std::any::Any + Send + Sync>,
+    )> {
+        let unknown = || {
+            Error::not_found(format!(
+                "no export {name:?}: expected VM/diskN of a VM being recovered"
+            ))
+        };
+        let (vm, disk) = name.split_once('/').ok_or_else(unknown)?;
+        let index: usize = disk
+            .strip_prefix("disk")
+            .and_then(|n| n.parse().ok())
+            .filter(|i| disk == format!("disk{i}"))
+            .ok_or_else(unknown)?;
+        let s = self.0.session(vm).ok_or_else(unknown)?;
+        let d = s.disks.get(index).cloned().ok_or_else(unknown)?;
+        let held = s
+            .attach()
+            .ok_or_else(|| Error::not_found(format!("VM {vm} is being released")))?;
+        Ok((d, Box::new(held)))
+    }
+}

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 pub mod garage;
+pub mod netns;
+pub mod nfs;
 pub mod proxy;
 
 pub fn bin() -> &'static str {
@@ -377,6 +379,21 @@ const TINY_MARKER: &str = "RECOVERFS-TINY-UP boot=";
 
 /// Boots with exactly the documented command; returns the boot counter.
 pub fn boot_counter_of(disk: &Path, what: &str) -> u64 {
+    boot_counter_of_drive(
+        &format!("file={},format=raw,if=virtio", disk.display()),
+        what,
+    )
+}
+
+/// Boots the tiny image from a QEMU `-drive` spec (a file, an `nfs://`
+/// URL) and returns its boot counter.
+pub fn boot_counter_of_drive(drive: &str, what: &str) -> u64 {
+    boot_counter_with(&["-drive", drive], what)
+}
+
+/// Boots the tiny image with these disk arguments (`-drive ...` or
+/// `-blockdev ... -device ...`) and returns its boot counter.
+pub fn boot_counter_with(disk_args: &[&str], what: &str) -> u64 {
     let o = Command::new("timeout")
         .args([
             "180",
@@ -385,9 +402,8 @@ pub fn boot_counter_of(disk: &Path, what: &str) -> u64 {
             "-m",
             "512",
             "-no-reboot",
-            "-drive",
         ])
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .args(disk_args)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("qemu-system-x86_64 is installed");

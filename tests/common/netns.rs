@@ -1,0 +1,81 @@
+//! Test hosts in network namespaces: a veth pair with the daemon's end in
+//! the root namespace and the host's end inside, on addresses from the
+//! benchmarking range 198.18.0.0/15. Removed on drop, even when the test
+//! fails.
+
+use std::process::Command;
+
+pub struct Host {
+    pub name: String,
+    /// The host's own address, inside its namespace.
+    pub addr: String,
+    /// The address it reaches the daemon at (root namespace end).
+    pub server: String,
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 is installed");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl Host {
+    /// Host number `n` (1..=250) of a test: 198.18.N.2 inside, 198.18.N.1
+    /// on the server's side.
+    pub fn new(n: u8) -> Host {
+        let name = format!("rfs{}-{n}", std::process::id() % 100_000);
+        let (outer, inner) = (
+            format!("rv{}o{n}", std::process::id() % 10_000),
+            format!("rv{}i{n}", std::process::id() % 10_000),
+        );
+        let host = Host {
+            name: name.clone(),
+            addr: format!("198.18.{n}.2"),
+            server: format!("198.18.{n}.1"),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ]);
+        ip(&["link", "set", &inner, "netns", &name]);
+        ip(&["addr", "add", &format!("{}/24", host.server), "dev", &outer]);
+        ip(&["link", "set", &outer, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{}/24", host.addr),
+            "dev",
+            &inner,
+        ]);
+        ip(&["-n", &name, "link", "set", &inner, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        host
+    }
+
+    /// Runs a command inside the host.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth end, and so the pair.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

@@ -1,0 +1,272 @@
+//! The NFSv3 export with the userspace clients a hypervisor would use
+//! (this kernel has no NFS client): libnfs-utils (`nfs-ls`, `nfs-cp`,
+//! `nfs-cat`), QEMU's `nfs://` driver, and the `nfs3_client` crate for what
+//! the tools cannot do (UNSTABLE writes, COMMIT, REMOVE, RENAME). Each test
+//! serves on a loopback address of its own.
+
+mod common;
+
+use std::process::Command;
+
+use common::nfs::{own_loopback, Client};
+use common::*;
+use nfs3_types::nfs3::{nfsstat3, stable_how};
+
+const K64: usize = 64 << 10;
+
+fn nfs_env(extra: &[&str]) -> (Env, String) {
+    let mut env = Env::new();
+    let addr = own_loopback().to_string();
+    env.serve_args = vec!["--nfs".into(), addr.clone()];
+    env.serve_args.extend(extra.iter().map(|s| s.to_string()));
+    (env, addr)
+}
+
+fn tool(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} (Debian package libnfs-utils): {e}", args[0]))
+}
+
+#[test]
+fn nfs_clients_list_copy_write_and_keep_side_files_while_disks_stay_put() {
+    let (env, addr) = nfs_env(&[]);
+    let a = random_image(&env.path("a.raw"), 40 * K64 + 512, 81, K64);
+    let b = random_image(&env.path("b.raw"), 9 * K64, 82, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw"), &env.path("b.raw")]);
+    let mut d = env.serve();
+    let out = env.ok(&["recover", "--socket", env.socket.to_str().unwrap(), "vm"]);
+    assert!(out.contains(&format!("nfs://{addr}/vm/disk0.raw")), "{out}");
+    let ls = tool(&["nfs-ls", &format!("nfs://{addr}/")]);
+    assert!(
+        String::from_utf8_lossy(&ls.stdout).contains(" vm"),
+        "{ls:?}"
+    );
+    let ls =
+        String::from_utf8_lossy(&tool(&["nfs-ls", &format!("nfs://{addr}/vm")]).stdout).to_string();
+    for name in ["disk0.raw", "disk1.raw", "vm.json"] {
+        assert!(ls.contains(name), "{ls}");
+    }
+    for (i, want) in [&a, &b].into_iter().enumerate() {
+        let copy = env.path(&format!("copy{i}.raw"));
+        let o = tool(&[
+            "nfs-cp",
+            &format!("nfs://{addr}/vm/disk{i}.raw"),
+            copy.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{o:?}");
+        assert!(
+            read_all(&copy) == *want,
+            "disk{i} copied over NFS differs from its backup"
+        );
+    }
+    // Side files: created with nfs-cp, read with nfs-cat.
+    std::fs::write(env.path("vmx"), b"displayName = vm\n").unwrap();
+    let o = tool(&[
+        "nfs-cp",
+        env.path("vmx").to_str().unwrap(),
+        &format!("nfs://{addr}/vm/vm.vmx"),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let cat = tool(&["nfs-cat", &format!("nfs://{addr}/vm/vm.vmx")]);
+    assert_eq!(cat.stdout, b"displayName = vm\n");
+    // Renamed and removed; the disks and vm.json refuse it.
+    let mut c = Client::mount(&addr, "/vm").unwrap();
+    let dir = c.root.clone();
+    c.rename(&dir, "vm.vmx", "vm.vmx~").unwrap();
+    let lck = c.create(&dir, ".lck-0001").unwrap();
+    c.write(&lck, 0, b"lock", stable_how::FILE_SYNC).unwrap();
+    assert_eq!(c.remove(&dir, "disk0.raw"), Err(nfsstat3::NFS3ERR_PERM));
+    assert_eq!(c.remove(&dir, "vm.json"), Err(nfsstat3::NFS3ERR_PERM));
+    assert_eq!(
+        c.rename(&dir, "disk1.raw", "other.raw"),
+        Err(nfsstat3::NFS3ERR_PERM)
+    );
+    assert_eq!(
+        c.rename(&dir, "vm.vmx~", "disk0.raw"),
+        Err(nfsstat3::NFS3ERR_PERM)
+    );
+    let disk0 = c.lookup(&dir, "disk0.raw").unwrap();
+    assert_eq!(c.truncate(&disk0, 10), Err(nfsstat3::NFS3ERR_PERM));
+    assert_eq!(c.create(&dir, "disk0.raw"), Err(nfsstat3::NFS3ERR_EXIST));
+    assert_eq!(c.getattr(&disk0).unwrap().size, a.len() as u64);
+    // FSSTAT tells the staging filesystem's real size.
+    let (total, avail) = c.fsstat();
+    let st = nix::sys::statvfs::statvfs(&env.staging).unwrap();
+    let real = st.blocks() as u64 * st.fragment_size() as u64;
+    assert_eq!(total, real);
+    assert!(avail > 0 && avail <= total);
+    // A disk attached over NFS counts as open: release refuses.
+    let o = env.release("vm", false);
+    assert!(
+        !o.status.success(),
+        "release while an NFS client uses the disk"
+    );
+    drop(c);
+    // Side files survive a daemon crash...
+    d.kill9();
+    std::mem::forget(d);
+    let d2 = env.serve();
+    let cat = tool(&["nfs-cat", &format!("nfs://{addr}/vm/vm.vmx~")]);
+    assert_eq!(cat.stdout, b"displayName = vm\n", "{cat:?}");
+    // ...and go away with release --discard.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let o = env.release("vm", true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sessions = env.staging.join("sessions/vm");
+    assert_eq!(
+        std::fs::read_dir(&sessions).map(|r| r.count()).unwrap_or(0),
+        0
+    );
+    drop(d2);
+}
+
+#[test]
+fn committed_and_file_sync_writes_survive_kill9_and_old_handles_still_work() {
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 32 * K64, 83, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let root = c.root.clone();
+    let disk = c.path("/vm/disk0.raw").unwrap();
+    let dir = c.path("/vm").unwrap();
+    let (how, v1) = c
+        .write(&disk, 0, &[1u8; 8192], stable_how::UNSTABLE)
+        .unwrap();
+    assert_eq!(
+        how,
+        stable_how::UNSTABLE,
+        "an UNSTABLE write is answered UNSTABLE"
+    );
+    assert_eq!(
+        c.commit(&disk).unwrap(),
+        v1,
+        "the verifier holds within a run"
+    );
+    let (how, _) = c
+        .write(
+            &disk,
+            3 * K64 as u64 + 100,
+            &[2u8; 5000],
+            stable_how::FILE_SYNC,
+        )
+        .unwrap();
+    assert_eq!(how, stable_how::FILE_SYNC);
+    c.write(&disk, 20 * K64 as u64, &[3u8; 4096], stable_how::UNSTABLE)
+        .unwrap();
+    drop(c);
+    d.kill9();
+    std::mem::forget(d);
+    let _d2 = env.serve(); // resumes the session by itself
+    let port = 2049;
+    let mut c = Client::reconnect(&addr, port, root);
+    // The old handles work: no NFS3ERR_STALE.
+    assert_eq!(c.getattr(&dir).map(|a| a.size).is_ok(), true);
+    assert_eq!(c.read(&disk, 0, 8192).unwrap(), vec![1u8; 8192]);
+    assert_eq!(
+        c.read(&disk, 3 * K64 as u64 + 100, 5000).unwrap(),
+        vec![2u8; 5000]
+    );
+    // The daemon did not stop cleanly, so uncommitted writes could be
+    // lost: the verifier changed and a client would resend them.
+    assert_ne!(c.commit(&disk).unwrap(), v1);
+}
+
+#[test]
+fn qemu_boots_the_tiny_vm_over_nfs() {
+    let (env, addr) = nfs_env(&[]);
+    let image = tiny_image();
+    env.backup("tiny", "64K", &[&image]);
+    let _d = env.serve();
+    env.recover("tiny", None);
+    let url = format!("nfs://{addr}/tiny/disk0.raw");
+    assert_eq!(
+        boot_counter_of_drive(&format!("file={url},format=raw,if=virtio"), "over NFS"),
+        1
+    );
+    // Its write (the counter) is on the FUSE file too.
+    assert_eq!(boot_counter(&env.mount.join("tiny/disk0.raw")), 2);
+}
+
+#[test]
+fn bad_nfs_addresses_and_clients_are_refused_clearly() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 84, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let serve = |nfs: &str| {
+        vec![
+            "serve".to_string(),
+            "--repo".into(),
+            env.repo_str().into(),
+            "--staging".into(),
+            env.staging.to_str().unwrap().into(),
+            "--mount".into(),
+            env.mount.to_str().unwrap().into(),
+            "--socket".into(),
+            env.socket.to_str().unwrap().into(),
+            "--nfs".into(),
+            nfs.into(),
+        ]
+    };
+    let fails = |nfs: &str, needle: &str| {
+        let v = serve(nfs);
+        env.fails(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needle);
+    };
+    fails("198.18.250.250", "not an address of this host");
+    fails("no-such-address", "expected ADDR");
+    let busy_addr = own_loopback();
+    let _busy = std::net::TcpListener::bind((busy_addr, 2049)).unwrap();
+    fails(&busy_addr.to_string(), "already in use");
+    let pm_addr = own_loopback();
+    let _pm = std::net::TcpListener::bind((pm_addr, 111)).unwrap();
+    fails(&format!("{pm_addr}:2049"), "111");
+    // Nothing was left mounted by the failed starts.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(env.mount.to_str().unwrap()), "{mounts}");
+
+    // An unknown VM, and a client that is not on the list.
+    let mut env = env;
+    let host = netns::Host::new(((std::process::id() % 200) + 20) as u8);
+    env.serve_args = vec!["--nfs".into(), host.server.clone()];
+    let d = env.serve();
+    env.recover("vm", None);
+    let o = tool(&["nfs-ls", &format!("nfs://{}/nope", host.server)]);
+    assert!(!o.status.success(), "an unknown VM listed: {o:?}");
+    let o = host.run(&["nfs-ls", &format!("nfs://{}/vm", host.server)]);
+    assert!(
+        !o.status.success(),
+        "a client not on the list was served: {o:?}"
+    );
+    assert!(
+        d.log_text().contains("NFS client refused") && d.log_text().contains(&host.addr),
+        "{}",
+        d.log_text()
+    );
+    drop(d);
+    // On the list, the same client is served, but its root is squashed
+    // to nobody, who may not enter a VM's 0700 directory...
+    let allow = format!("{}/32", host.addr);
+    env.serve_args = vec![
+        "--nfs".into(),
+        host.server.clone(),
+        "--nfs-allow".into(),
+        allow.clone(),
+    ];
+    let d = env.serve();
+    let o = host.run(&["nfs-ls", &format!("nfs://{}/vm", host.server)]);
+    assert!(!o.status.success(), "squashed root listed a VM: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ACCES"),
+        "{o:?}"
+    );
+    drop(d);
+    // ...unless root squashing is off (what ESXi needs).
+    env.serve_args.push("--nfs-no-root-squash".into());
+    let _d = env.serve();
+    let o = host.run(&["nfs-ls", &format!("nfs://{}/vm", host.server)]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("disk0.raw"));
+}
