@@ -11,8 +11,85 @@ use crossbeam_channel::{unbounded, RecvTimeoutError};
 
 use crate::error::{Error, IoContext, Result};
 
+/// Where QEMU finds one disk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiskSource {
+    /// A file: the FUSE mount, or a plain image.
+    File(PathBuf),
+    /// An `nfs://HOST/VM/diskN.raw` URL (QEMU's libnfs driver).
+    Nfs(String),
+    /// An NBD export, attached with `reconnect-delay` so a daemon restart
+    /// is invisible to the guest.
+    Nbd { server: NbdServer, export: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NbdServer {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl DiskSource {
+    /// Parses an `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` URL.
+    pub fn nbd(url: &str) -> Result<DiskSource> {
+        let bad = || Error::invalid(format!("not an NBD URL recoverfs serves: {url}"));
+        if let Some(rest) = url.strip_prefix("nbd+unix:///") {
+            let (export, q) = rest.split_once("?socket=").ok_or_else(bad)?;
+            return Ok(DiskSource::Nbd {
+                server: NbdServer::Unix(PathBuf::from(q)),
+                export: export.to_string(),
+            });
+        }
+        let rest = url.strip_prefix("nbd://").ok_or_else(bad)?;
+        let (hostport, export) = rest.split_once('/').ok_or_else(bad)?;
+        let (host, port) = hostport.rsplit_once(':').ok_or_else(bad)?;
+        Ok(DiskSource::Nbd {
+            server: NbdServer::Tcp {
+                host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                port: port.parse().map_err(|_| bad())?,
+            },
+            export: export.to_string(),
+        })
+    }
+
+    /// QEMU arguments attaching this disk as virtio disk number `i`.
+    fn args(&self, i: usize) -> Vec<String> {
+        // A comma inside a QEMU option value is written twice.
+        let q = |s: &str| s.replace(',', ",,");
+        match self {
+            DiskSource::File(p) => vec![
+                "-drive".into(),
+                format!("file={},format=raw,if=virtio", q(&p.to_string_lossy())),
+            ],
+            DiskSource::Nfs(url) => vec![
+                "-drive".into(),
+                format!("file={},format=raw,if=virtio", q(url)),
+            ],
+            DiskSource::Nbd { server, export } => {
+                let server = match server {
+                    NbdServer::Tcp { host, port } => {
+                        format!("server.type=inet,server.host={},server.port={port}", q(host))
+                    }
+                    NbdServer::Unix(p) => {
+                        format!("server.type=unix,server.path={}", q(&p.to_string_lossy()))
+                    }
+                };
+                vec![
+                    "-blockdev".into(),
+                    format!(
+                        "driver=nbd,node-name=rfs{i},{server},export={},reconnect-delay=60",
+                        q(export)
+                    ),
+                    "-device".into(),
+                    format!("virtio-blk-pci,drive=rfs{i}"),
+                ]
+            }
+        }
+    }
+}
+
 pub struct QemuSpec {
-    pub disks: Vec<PathBuf>,
+    pub disks: Vec<DiskSource>,
     pub memory_mib: u64,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
@@ -22,7 +99,7 @@ impl QemuSpec {
     /// Memory from the VM config's `memory_mib`, 512 MiB otherwise. The
     /// config comes from a backup, so it is bounded before QEMU sees it: at
     /// least 16 MiB, at most the host's memory.
-    pub fn from_config(config: &serde_json::Value, disks: Vec<PathBuf>) -> Result<QemuSpec> {
+    pub fn from_config(config: &serde_json::Value, disks: Vec<DiskSource>) -> Result<QemuSpec> {
         let memory_mib = match config.get("memory_mib") {
             None | Some(serde_json::Value::Null) => 512,
             Some(m) => {
@@ -65,9 +142,8 @@ impl QemuSpec {
         if let Ok(extra) = std::env::var("RECOVERFS_QEMU_ARGS") {
             c.args(extra.split_whitespace());
         }
-        for d in &self.disks {
-            c.arg("-drive")
-                .arg(format!("file={},format=raw,if=virtio", d.display()));
+        for (i, d) in self.disks.iter().enumerate() {
+            c.args(d.args(i));
         }
         c.args(&self.extra);
         c
@@ -225,6 +301,16 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nbd_urls_become_reconnecting_blockdevs() {
+        let d = DiskSource::nbd("nbd://127.0.0.5:10809/vm/disk0").unwrap();
+        let a = d.args(0).join(" ");
+        assert!(a.contains("server.host=127.0.0.5,server.port=10809,export=vm/disk0,reconnect-delay="), "{a}");
+        let d = DiskSource::nbd("nbd+unix:///vm/disk1?socket=/run/a,b.sock").unwrap();
+        assert!(d.args(1).join(" ").contains("server.path=/run/a,,b.sock"));
+        assert!(DiskSource::nbd("nfs://x/y").is_err());
+    }
 
     #[test]
     fn memory_from_a_backup_config_is_bounded_before_qemu_sees_it() {

@@ -93,7 +93,10 @@ fn run(
         .ok_or_else(|| Error::not_found("session vanished"))?;
     let config: serde_json::Value =
         serde_json::from_slice(&session.config_json).unwrap_or_default();
-    let spec = QemuSpec::from_config(&config, info.disks.clone())?;
+    let spec = QemuSpec::from_config(
+        &config,
+        info.disks.iter().cloned().map(crate::boot::DiskSource::File).collect(),
+    )?;
     let watch = Watch {
         marker: marker.to_string(),
         timeout: opts.timeout,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::api::client::Client;
-use crate::boot::{boot, Outcome, QemuSpec, Watch};
+use crate::boot::{boot, DiskSource, Outcome, QemuSpec, Watch};
 use crate::error::{Error, Result};
 use crate::util::human_bytes;
 use crate::verify_boot::{verify_boot, VerifyBootOptions};
@@ -33,17 +33,20 @@ fn progress_line(status: &Value, elapsed: Duration) -> String {
     )
 }
 
-pub fn boot_session(
-    client: &Client,
-    vm: &str,
-    marker: Option<String>,
-    timeout: Duration,
-    console: Option<PathBuf>,
-    quiet: bool,
-) -> Result<()> {
-    crate::util::validate_name("VM name", vm)?;
-    // Recover is idempotent: it returns the running session's disks.
-    let info = client.post("/sessions", &json!({"vm": vm}))?;
+/// How QEMU reaches the disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// The FUSE mount's files.
+    Fuse,
+    /// The daemon's NFS export (`serve --nfs`).
+    Nfs,
+    /// The daemon's NBD export (`serve --nbd`), with reconnect: a daemon
+    /// restart is invisible to the guest.
+    Nbd,
+}
+
+/// Each disk's source for `via`, from the recover reply.
+fn sources(info: &Value, via: Via) -> Result<Vec<DiskSource>> {
     let disks: Vec<PathBuf> = info["disks"]
         .as_array()
         .map(|a| {
@@ -52,6 +55,46 @@ pub fn boot_session(
                 .collect()
         })
         .unwrap_or_default();
+    if via == Via::Fuse {
+        return Ok(disks.into_iter().map(DiskSource::File).collect());
+    }
+    let scheme = if via == Via::Nfs { "nfs://" } else { "nbd" };
+    (0..disks.len())
+        .map(|i| {
+            let url = info["urls"][i]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str())
+                .find(|u| u.starts_with(scheme))
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "the daemon serves no {} export: start `serve` with --{}",
+                        if via == Via::Nfs { "NFS" } else { "NBD" },
+                        if via == Via::Nfs { "nfs ADDR" } else { "nbd ADDR" }
+                    ))
+                })?;
+            match via {
+                Via::Nfs => Ok(DiskSource::Nfs(url.to_string())),
+                _ => DiskSource::nbd(url),
+            }
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn boot_session(
+    client: &Client,
+    vm: &str,
+    via: Via,
+    marker: Option<String>,
+    timeout: Duration,
+    console: Option<PathBuf>,
+    quiet: bool,
+) -> Result<()> {
+    crate::util::validate_name("VM name", vm)?;
+    // Recover is idempotent: it returns the running session's disks.
+    let info = client.post("/sessions", &json!({"vm": vm}))?;
     let config_path = info["config"]
         .as_str()
         .map(PathBuf::from)
@@ -68,7 +111,7 @@ pub fn boot_session(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "login:".into());
-    let spec = QemuSpec::from_config(&config, disks)?;
+    let spec = QemuSpec::from_config(&config, sources(&info, via)?)?;
     let watch = Watch {
         marker: marker.clone(),
         timeout,

@@ -158,11 +158,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Boot a recovering VM under QEMU from the mount, with live progress.
+    /// Boot a recovering VM under QEMU, with live progress.
     Boot {
         #[command(flatten)]
         socket: SocketArg,
         vm: String,
+        /// How QEMU reaches the disks: the FUSE files, or the daemon's NFS or
+        /// NBD export. NBD is recommended: it reconnects, so a daemon restart
+        /// is invisible to the guest.
+        #[arg(long, value_enum, default_value = "fuse")]
+        via: boot::Via,
         /// Console text that means the VM is up.
         #[arg(long)]
         marker: Option<String>,
@@ -350,6 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Boot {
             socket,
             vm,
+            via,
             marker,
             timeout,
             console,
@@ -357,6 +363,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => boot::boot_session(
             &client(&socket),
             &vm,
+            via,
             marker,
             Duration::from_secs(timeout),
             console,

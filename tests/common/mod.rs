@@ -355,14 +355,19 @@ pub fn read_all(p: &Path) -> Vec<u8> {
 
 /// Builds (or reuses) the `tiny` VM image and returns its path.
 pub fn tiny_image() -> PathBuf {
+    vm_image("tiny")
+}
+
+/// Builds (or reuses) a VM image of `vm-images/` and returns its path.
+pub fn vm_image(name: &str) -> PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let o = Command::new(root.join("vm-images/build.sh"))
-        .arg("tiny")
+        .arg(name)
         .output()
         .unwrap();
     assert!(
         o.status.success(),
-        "building the tiny image failed: {}",
+        "building the {name} image failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     PathBuf::from(
