@@ -203,3 +203,44 @@ fn a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd() {
     }
     assert_eq!(boot_counter(&env.mount.join("tiny/disk0.raw")), 2);
 }
+
+#[test]
+fn bad_nbd_addresses_and_unknown_exports_are_refused_clearly() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 92, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let sock = env.socket.to_str().unwrap().to_string();
+    let serve = |nbd: &str| {
+        vec![
+            "serve", "--repo", env.repo_str(), "--staging", env.staging.to_str().unwrap(),
+            "--mount", env.mount.to_str().unwrap(), "--socket", &sock, "--nbd", nbd,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let fails = |nbd: &str, needle: &str| {
+        let v = serve(nbd);
+        env.fails(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needle);
+    };
+    fails("198.18.250.250:10809", "not an address of this host");
+    let busy = own_loopback();
+    let _l = std::net::TcpListener::bind((busy, 10809)).unwrap();
+    fails(&busy.to_string(), "already in use");
+    fails("nowhere", "expected ADDR");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(env.mount.to_str().unwrap()), "{mounts}");
+    // Unknown VM or disk: the client is told, nothing is exported.
+    let mut env = env;
+    let addr = format!("{}:10809", own_loopback());
+    env.serve_args = vec!["--nbd".into(), addr.clone()];
+    let _d = env.serve();
+    env.recover("vm", None);
+    for bad in ["nope/disk0", "vm/disk7", "vm"] {
+        let o = run(&["nbdinfo", &format!("nbd://{addr}/{bad}")]);
+        assert!(!o.status.success(), "{bad} was served");
+        // libnbd 1.14 shows the errno, not the server's message.
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("No such file or directory for export"), "{o:?}");
+    }
+}

@@ -270,3 +270,18 @@ fn bad_nfs_addresses_and_clients_are_refused_clearly() {
     assert!(o.status.success(), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).contains("disk0.raw"));
 }
+
+#[test]
+fn write_through_answers_every_write_file_sync() {
+    let (env, addr) = nfs_env(&["--nfs-write-through"]);
+    random_image(&env.path("a.raw"), 8 * K64, 85, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let mut c = Client::mount(&addr, "/vm").unwrap();
+    let disk = c.lookup(&c.root.clone(), "disk0.raw").unwrap();
+    let (how, _) = c.write(&disk, 0, b"abc", stable_how::UNSTABLE).unwrap();
+    assert_eq!(how, stable_how::FILE_SYNC, "an UNSTABLE write must be made durable and say so");
+    let flushes = env.disk_status("vm", 0)["flushes"].as_u64().unwrap();
+    assert!(flushes >= 1, "the write was flushed before the reply");
+}
