@@ -4,7 +4,8 @@
 #
 # qemu-system-x86 is special: this machine image may carry a newer
 # qemu-utils (from backports) that conflicts with Debian's qemu-system-x86,
-# so both are installed at qemu-system-x86's candidate version.
+# so both are installed at qemu-system-x86's candidate version, and so is
+# qemu-block-extra (QEMU's nfs:// and other block drivers).
 set -euo pipefail
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
@@ -21,12 +22,13 @@ echo "installing Debian packages: ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 pkgs=()
+qemu_version() { apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}'; }
 for p in "${missing[@]}"; do
-    if [ "$p" = qemu-system-x86 ]; then
-        v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-        pkgs+=("qemu-system-x86=$v" "qemu-utils=$v")
-    else
-        pkgs+=("$p")
-    fi
+    case "$p" in
+        qemu-system-x86) v=$(qemu_version); pkgs+=("qemu-system-x86=$v" "qemu-utils=$v") ;;
+        # Its block drivers are built for exactly one QEMU version.
+        qemu-block-extra) pkgs+=("qemu-block-extra=$(qemu_version)") ;;
+        *) pkgs+=("$p") ;;
+    esac
 done
 $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades "${pkgs[@]}" >/dev/null
