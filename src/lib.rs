@@ -1,8 +1,9 @@
 //! # recoverfs: instant VM recovery
 //!
 //! An administrator boots a dead VM straight from its backup: the backup
-//! is exposed as live, writable virtual disk files on a FUSE mount while
-//! the data is copied to local staging on demand.
+//! is exposed as live, writable virtual disks (files on a FUSE mount, an
+//! NFSv3 datastore, NBD exports) while the data is copied to local staging
+//! on demand.
 //!
 //! ## Data flow
 //!
@@ -10,11 +11,15 @@
 //!  backup:  image ──read──▶ fixed chunks ──BLAKE3, zstd──▶ repo/chunks/…   then repo/backups/<vm>/<id>.json (create-only)
 //!
 //!  guest / hypervisor
-//!        │ read/write/fsync on MOUNT/<vm>/diskN.raw
-//!        ▼
-//!  fs (fuser, N event threads) ── read all local, or write needing no fetch and no map sync? ──yes──▶ volume inline
-//!        │ no: misses, first writes to a block ──▶ fuse-io pool      fsync, flush ──▶ fuse-sync pool
-//!        ▼
+//!        │                            │                                   │
+//!  export::fuse (MOUNT/<vm>/…)   export::nfs (TCP: portmap, MOUNT,   export::nbd (TCP / Unix:
+//!  inode numbers per session     NFSv3; stable handles; allow list,  VM/diskN exports; structured
+//!  event threads serve local     root squash; calls on blocking      replies, block status; requests
+//!  I/O; misses, first writes     threads; side files in staging)     on blocking threads)
+//!  → fuse-io pool; fsync → sync       │                                   │
+//!        └────────────── disk::Disk (read, write, write-zeroes, discard, flush, block status) ──┘
+//!                                     │  (an open NFS client / NBD connection = an open handle)
+//!                                     ▼
 //!  volume ──claim block (in-flight table: one fill per block; writes claim in ascending block order)
 //!        │ owner                        │ waiter (promotes a queued job)
 //!        ▼                              ▼
@@ -87,6 +92,11 @@
 //! | relocation start | earlier relocation state removed durably before targets are emptied (created or truncated, 0600, no symlinks); target names synced before `relocation.json` | no relocation resumes | `relocate::relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link`, `crash_consistency::power_cuts_during_relocation_and_cutover_never_mix_versions` |
 //! | cutover | `relocation.json` renamed with `switched: true` after the final pass, target syncs and `vm.json`, writes paused; after the rename every disk switches (cannot fail); if the rename cannot be synced the disks refuse writes and flushes | relocation resumes from staging; never a mix of disks | `relocate::tests::a_cutover_whose_commit_fails_leaves_every_disk_on_staging`, `relocate::tests::a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_bytes`, `crash_consistency::power_cuts_during_relocation_and_cutover_never_mix_versions` |
 //! | session staging | kept at `release` (after `close`, no released fetch writes into it), deleted by `release --discard` | resumed by the next `recover`, from its manifest copy if the repository is down | `session::tests::a_recover_waits_for_a_release_and_a_released_fetch_never_lands_in_the_next_session`, `session::tests::a_fully_staged_session_resumes_while_the_repository_is_unreachable` |
+//! | NFS UNSTABLE write | at the next COMMIT (or FILE_SYNC write, or flush); the write verifier changes after a host reboot or an unclean daemon stop, so clients resend | lost only with a changed verifier | `nfs::committed_and_file_sync_writes_survive_kill9_and_old_handles_still_work` |
+//! | NFS FILE_SYNC/DATA_SYNC write, COMMIT | before the reply (= a guest fsync) | — | `nfs::committed_and_file_sync_writes_survive_kill9_and_old_handles_still_work`, `nfs::write_through_answers_every_write_file_sync` |
+//! | NBD write | at the reply to the next FLUSH (any connection), or its own reply with FUA | may be lost; QEMU reconnects and replays what it had in flight | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd` |
+//! | side files (NFS) | at COMMIT or a FILE_SYNC write, in the session's staging | as a local file: synced data stays | `nfs::nfs_clients_list_copy_write_and_keep_side_files_while_disks_stay_put` |
+//! | sessions being served | an `active` marker written at recover, removed at release: a restarted daemon resumes them, same names and handles | — | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod api;
