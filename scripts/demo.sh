@@ -6,7 +6,9 @@
 #   4. boot it with QEMU from the mount, with live progress, until its marker
 #   5. summary: time from `recover` to the marker, bytes fetched vs disk size
 #   6. release (the boot's reads become the VM's operational profile), then
-#      recover again from fresh staging and boot following that profile
+#      recover again from fresh staging and boot following that profile, this
+#      time over NBD (the recommended way to attach QEMU) while the daemon is
+#      killed with kill -9 mid-boot and restarted: the guest never notices
 # Cleans up after itself, so it can run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +36,21 @@ step "backing it up (deduplicated, compressed, content-addressed)"
 ID=$($BIN backup --repo "$WORK/repo" --vm "$DEMO" "$IMAGE")
 $BIN list --repo "$WORK/repo"
 
-step "the VM is dead: serving its backup as a recovery datastore"
+step "the VM is dead: serving its backup as a recovery datastore (FUSE, and NBD on a Unix socket)"
 mkdir -p "$WORK/mnt"
-$BIN serve --repo "$WORK/repo" --staging "$WORK/staging" --mount "$WORK/mnt" \
-    --socket "$WORK/control.sock" 2>"$WORK/daemon.log" &
-DAEMON=$!
-for _ in $(seq 200); do [ -S "$WORK/control.sock" ] && break; sleep 0.05; done
+start_daemon() {
+    rm -f "$WORK/control.sock"
+    $BIN serve --repo "$WORK/repo" --staging "$WORK/staging" --mount "$WORK/mnt" \
+        --socket "$WORK/control.sock" --nbd "unix:$WORK/nbd.sock" 2>>"$WORK/daemon.log" &
+    DAEMON=$!
+    for _ in $(seq 200); do [ -S "$WORK/control.sock" ] && break; sleep 0.05; done
+}
+start_daemon
 SOCK=(--socket "$WORK/control.sock")
 
-# One recovery: recover, boot to the marker, summary. $1 names the run.
+# One recovery: recover, boot to the marker, summary. $1 names the run, $2
+# is how QEMU reaches the disks (fuse or nbd), $3 "crash" kills the daemon
+# with kill -9 during the boot and restarts it.
 recover_and_boot() {
     step "recovering VM $DEMO from backup $ID ($1)"
     T0=$(ms)
@@ -50,8 +58,20 @@ recover_and_boot() {
     T1=$(ms)
     echo "disks ready after $((T1 - T0)) ms"
 
-    step "booting it with QEMU straight from the mount ($1)"
-    $BIN boot "${SOCK[@]}" "$DEMO" --marker "$MARKER" --timeout 900 | tee "$WORK/boot.out"
+    step "booting it with QEMU straight from the backup via $2 ($1)"
+    $BIN boot "${SOCK[@]}" "$DEMO" --via "$2" --marker "$MARKER" --timeout 900 >"$WORK/boot.out" &
+    BOOT=$!
+    tail -f "$WORK/boot.out" --pid "$BOOT" &
+    if [ "${3:-}" = crash ]; then
+        sleep "$([ "$DEMO" = tiny ] && echo 1 || echo 6)"
+        step "kill -9 of the daemon in the middle of the boot; restarting it 1 s later"
+        kill -9 "$DAEMON"; wait "$DAEMON" 2>/dev/null || true
+        sleep 1
+        start_daemon
+        echo "daemon restarted (pid $DAEMON); it resumed the session by itself, and QEMU reconnected"
+    fi
+    wait "$BOOT"
+    sleep 0.3
     BOOT_S=$(sed -n 's/^marker reached after \([0-9.]*\) s.*/\1/p' "$WORK/boot.out")
 
     step "status ($1)"
@@ -77,13 +97,13 @@ print(f"[profile: {src}] time from recover to the marker: {recover_ms / 1000 + b
 PY
 }
 
-recover_and_boot "first recovery: no profile yet, the default one"
+recover_and_boot "first recovery: no profile yet, the default one" fuse
 
 step "releasing the session: what the guest read becomes the VM's operational profile"
 $BIN release "${SOCK[@]}" "$DEMO" --discard
 $BIN profile show --repo "$WORK/repo" "$DEMO"
 
-recover_and_boot "second recovery, fresh staging: following the recorded profile"
+recover_and_boot "second recovery, fresh staging: following the recorded profile" nbd crash
 
 step "both recoveries"
 cat "$WORK/summary"
