@@ -69,6 +69,7 @@ recover_and_boot() {
         sleep 1
         start_daemon
         echo "daemon restarted (pid $DAEMON); it resumed the session by itself, and QEMU reconnected"
+        echo "(the figures below count what the restarted daemon did)"
     fi
     wait "$BOOT"
     sleep 0.3

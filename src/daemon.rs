@@ -25,6 +25,8 @@ pub struct ServeOptions {
     pub nfs: Option<crate::export::nfs::NfsOptions>,
     /// Where NBD is served (none: not at all).
     pub nbd: Vec<crate::export::nbd::Listen>,
+    /// Benchmarks: a delay added to every chunk read from the repository.
+    pub repo_delay: Option<Duration>,
 }
 
 /// How a datastore is mounted and run, whoever hosts it.
@@ -61,7 +63,10 @@ enum MountPointState {
 }
 
 pub fn serve(opts: ServeOptions) -> Result<()> {
-    let repo = Repository::open(&opts.repo)?;
+    let repo = match opts.repo_delay {
+        Some(d) => Repository::open_delayed(&opts.repo, d)?,
+        None => Repository::open(&opts.repo)?,
+    };
     let mount = check_mount_point(&opts.mount)?;
     let staging = StagingDir::open(&opts.staging, repo.id(), &repo.location())?;
     let socket = opts

@@ -132,6 +132,10 @@ pub enum Command {
         /// repeatable. No TLS: keep it on loopback or a trusted network.
         #[arg(long, value_name = "ADDR[:PORT]|unix:PATH")]
         nbd: Vec<String>,
+        /// Benchmarks only: add this many ms before every chunk read, so a
+        /// local repository behaves like a remote one.
+        #[arg(long, hide = true)]
+        repo_delay_ms: Option<f64>,
         #[command(flatten)]
         prefetch: profile::PrefetchArgs,
     },
@@ -266,6 +270,7 @@ pub fn run(cli: Cli) -> Result<()> {
             nfs_no_root_squash,
             nfs_write_through,
             nbd,
+            repo_delay_ms,
             prefetch,
         } => {
             if allow_other && owner.is_none() {
@@ -293,6 +298,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::daemon::serve(crate::daemon::ServeOptions {
                 nfs,
                 nbd,
+                repo_delay: repo_delay_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
                 repo,
                 staging,
                 mount,

@@ -172,6 +172,50 @@ impl Backend for LocalDir {
     }
 }
 
+/// Another backend with a fixed delay before every chunk read: a local
+/// repository that behaves like a remote one, for benchmarks that give
+/// every system the same per-request latency (`serve --repo-delay-ms`).
+pub struct Delayed {
+    pub inner: Box<dyn Backend>,
+    pub delay: std::time::Duration,
+}
+
+impl Backend for Delayed {
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        if key.starts_with("chunks/") {
+            std::thread::sleep(self.delay);
+        }
+        self.inner.get(key, limit)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.inner.put(key, data)
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.inner.put_new(key, data)
+    }
+    fn create_only_is_atomic(&self) -> Result<bool> {
+        self.inner.create_only_is_atomic()
+    }
+    fn exists(&self, key: &str) -> Result<bool> {
+        self.inner.exists(key)
+    }
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        self.inner.size(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key)
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn retries(&self) -> u64 {
+        self.inner.retries()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

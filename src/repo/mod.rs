@@ -70,6 +70,16 @@ impl Repository {
         Ok(Arc::new(Repository { backend, info }))
     }
 
+    /// `open` with a fixed delay before every chunk read (benchmarks).
+    pub fn open_delayed(spec: &str, delay: std::time::Duration) -> Result<Arc<Repository>> {
+        let backend: Box<dyn Backend> = Box::new(backend::Delayed {
+            inner: Self::backend_for(spec, false, &[])?,
+            delay,
+        });
+        let info = Self::read_info(backend.as_ref())?;
+        Ok(Arc::new(Repository { backend, info }))
+    }
+
     /// Opens a repository, creating it if `spec` does not exist or is an
     /// empty directory. Used by `backup` and `init`.
     pub fn open_or_create(spec: &str) -> Result<(Arc<Repository>, bool)> {
