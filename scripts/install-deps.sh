@@ -31,4 +31,12 @@ for p in "${missing[@]}"; do
         *) pkgs+=("$p") ;;
     esac
 done
+# Packages must not start services here (rpcbind would take port 111 on
+# every address, which the NFS export and its tests bind per address).
+POLICY=/usr/sbin/policy-rc.d
+if [ ! -e "$POLICY" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
+    $SUDO chmod 0755 "$POLICY"
+    trap '$SUDO rm -f "$POLICY"' EXIT
+fi
 $SUDO apt-get install -y -qq --no-install-recommends --allow-downgrades "${pkgs[@]}" >/dev/null
