@@ -194,10 +194,15 @@ was rate-limited to {res['relocation_during_fio']['rate_limit_mbps']:.1f} MB/s s
 """
     path = os.path.join(ROOT, "docs/benchmarks.md")
     old = open(path).read() if os.path.exists(path) else "# recoverfs benchmarks\n"
+    # Replace only our own section; other scripts append theirs.
+    tail = ""
     if "\n## Relocation\n" in old:
-        old = old[: old.index("\n## Relocation\n")]
+        start = old.index("\n## Relocation\n")
+        nxt = old.find("\n## ", start + 1)
+        tail = old[nxt:] if nxt >= 0 else ""
+        old = old[:start]
     with open(path, "w") as f:
-        f.write(old.rstrip() + "\n" + md)
+        f.write(old.rstrip() + "\n" + md.rstrip() + "\n" + tail)
     print(md)
 
 

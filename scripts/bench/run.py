@@ -1291,7 +1291,7 @@ def render(results):
 
 # Sections other scripts append to docs/benchmarks.md (scripts/bench/
 # relocation.py adds "## Relocation"): kept when this script rewrites it.
-FOREIGN_SECTIONS = ("\n## Relocation\n",)
+FOREIGN_SECTIONS = ("\n## Relocation\n", "\n## Exports (NFS and NBD)\n")
 
 
 def write_md(text):
