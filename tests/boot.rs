@@ -156,16 +156,24 @@ fn qemu_runs_without_the_repository_credentials_and_inside_its_sandbox() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let qemu = loop {
+    // During execve the kernel renames the task before it lays out the new
+    // argv and environment: a process seen in that window has an empty
+    // cmdline and environ, so poll until both are there (QEMU always gets
+    // PATH), or the checks below would pass on nothing.
+    let (environ, cmdline) = loop {
         if let Some(p) = qemu_child_of(child.id()) {
-            break p;
+            let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            if !environ.is_empty() && !cmdline.is_empty() {
+                break (
+                    environ,
+                    String::from_utf8_lossy(&cmdline).replace('\0', " "),
+                );
+            }
         }
         assert!(std::time::Instant::now() < deadline, "no QEMU started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     };
-    let environ = std::fs::read(format!("/proc/{qemu}/environ")).unwrap();
-    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{qemu}/cmdline")).unwrap())
-        .replace('\0', " ");
     let st = child.wait().unwrap();
     assert!(st.success(), "verify-boot failed");
     let environ = String::from_utf8_lossy(&environ).replace('\0', "\n");
