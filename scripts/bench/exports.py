@@ -122,7 +122,8 @@ def summarize(samples):
     return {"mb_s": statistics.median(v), "min_mb_s": v[0], "max_mb_s": v[-1],
             "iops": statistics.median(iops), "rounds": len(samples),
             "server_cpu_s_per_gib": med("server_cpu_s_per_gib"),
-            "client_cpu_s_per_gib": med("client_cpu_s_per_gib")}
+            "client_cpu_s_per_gib": med("client_cpu_s_per_gib"),
+            "samples": samples}
 
 
 def start_daemon(scope, repo, name, extra=()):
