@@ -45,7 +45,10 @@ impl DiskSource {
         let (host, port) = hostport.rsplit_once(':').ok_or_else(bad)?;
         Ok(DiskSource::Nbd {
             server: NbdServer::Tcp {
-                host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
                 port: port.parse().map_err(|_| bad())?,
             },
             export: export.to_string(),
@@ -68,7 +71,10 @@ impl DiskSource {
             DiskSource::Nbd { server, export } => {
                 let server = match server {
                     NbdServer::Tcp { host, port } => {
-                        format!("server.type=inet,server.host={},server.port={port}", q(host))
+                        format!(
+                            "server.type=inet,server.host={},server.port={port}",
+                            q(host)
+                        )
                     }
                     NbdServer::Unix(p) => {
                         format!("server.type=unix,server.path={}", q(&p.to_string_lossy()))
@@ -306,7 +312,10 @@ mod tests {
     fn nbd_urls_become_reconnecting_blockdevs() {
         let d = DiskSource::nbd("nbd://127.0.0.5:10809/vm/disk0").unwrap();
         let a = d.args(0).join(" ");
-        assert!(a.contains("server.host=127.0.0.5,server.port=10809,export=vm/disk0,reconnect-delay="), "{a}");
+        assert!(
+            a.contains("server.host=127.0.0.5,server.port=10809,export=vm/disk0,reconnect-delay="),
+            "{a}"
+        );
         let d = DiskSource::nbd("nbd+unix:///vm/disk1?socket=/run/a,b.sock").unwrap();
         assert!(d.args(1).join(" ").contains("server.path=/run/a,,b.sock"));
         assert!(DiskSource::nbd("nfs://x/y").is_err());

@@ -59,8 +59,30 @@ struct Write {
     /// Recorded operations before the write started.
     start: usize,
     /// Position at which a flush that began after this write completed
-    /// returned: from there on the write must survive.
+    /// returned: from there on the write must survive a power cut.
     acked_at: Option<usize>,
+    /// Position at which the write returned: from there on it must survive
+    /// a daemon crash (`kill -9` keeps the page cache).
+    done_at: usize,
+}
+
+/// How the run ends at the cut.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Crash {
+    /// Only synced data survives, and some of the rest; a new boot.
+    PowerCut,
+    /// The daemon is killed: every completed write survives; the same boot.
+    Kill,
+}
+
+impl Write {
+    /// True if the write must be there after `crash` at `cut`.
+    fn promised(&self, crash: Crash, cut: usize) -> bool {
+        match crash {
+            Crash::PowerCut => self.acked_at.is_some_and(|a| a <= cut),
+            Crash::Kill => self.done_at <= cut,
+        }
+    }
 }
 
 struct World {
@@ -127,6 +149,7 @@ fn guest_write(
         data,
         start,
         acked_at: None,
+        done_at: mem.position(),
     });
 }
 
@@ -233,8 +256,15 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
     writes
 }
 
-/// Checks one power-cut state; `Err` describes the first violation.
-fn check_state(w: &World, state: &MemStorage, cut: usize, writes: &[Write]) -> Result<(), String> {
+/// Checks the state after `crash` at `cut`; `Err` describes the first
+/// violation.
+fn check_state(
+    w: &World,
+    state: &MemStorage,
+    crash: Crash,
+    cut: usize,
+    writes: &[Write],
+) -> Result<(), String> {
     let blocks = w.sc.blocks;
     let storage: Arc<dyn Storage> = Arc::new(state.clone());
     let vol = open_volume(w, state);
@@ -252,9 +282,7 @@ fn check_state(w: &World, state: &MemStorage, cut: usize, writes: &[Write]) -> R
             .iter()
             .filter(|x| x.off <= r.start && x.off + x.data.len() >= r.end)
             .collect();
-        let last_acked = covering
-            .iter()
-            .rposition(|x| x.acked_at.is_some_and(|a| a <= cut));
+        let last_acked = covering.iter().rposition(|x| x.promised(crash, cut));
         let from = last_acked.unwrap_or(0);
         let ok = covering[from..]
             .iter()
@@ -274,11 +302,9 @@ fn check_state(w: &World, state: &MemStorage, cut: usize, writes: &[Write]) -> R
         let is_changed = |b: usize| changed.iter().any(|&(s, e)| (s..e).contains(&(b as u64)));
         for b in 0..blocks {
             let r = b * BS..(b + 1) * BS;
-            let acked = started.iter().any(|x| {
-                x.acked_at.is_some_and(|a| a <= cut)
-                    && x.off < r.end
-                    && x.off + x.data.len() > r.start
-            });
+            let acked = started
+                .iter()
+                .any(|x| x.promised(crash, cut) && x.off < r.end && x.off + x.data.len() > r.start);
             if (seen[r.clone()] != w.backup[r.clone()] || acked) && !is_changed(b) {
                 return Err(format!("block {b} was written but has no changed bit"));
             }
@@ -312,16 +338,24 @@ fn states_to_check() -> usize {
         .unwrap_or(150)
 }
 
-/// Runs a scenario and checks `states_to_check()` power-cut states.
+/// Runs a scenario and checks `states_to_check()` power-cut states, and
+/// half as many daemon-crash states.
 fn run(seed: u64, sc: Scenario) {
     let w = world(seed, sc);
     let mem = MemStorage::new();
     let writes = workload(&w, &mem, seed);
     let end = mem.position();
     let acks: Vec<usize> = writes.iter().filter_map(|x| x.acked_at).collect();
+    let dones: Vec<usize> = writes.iter().map(|x| x.done_at).collect();
     let copied = mem.syncs_of(".copied");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let n = states_to_check();
+    let fail = |crash: Crash, cut: usize, what: String, e: String| -> ! {
+        panic!(
+            "{crash:?} at operation {cut} of {end} ({what}, seed {seed}): {e}\nthe operations before the cut:\n{}",
+            mem.describe(cut.saturating_sub(40)..cut)
+        )
+    };
     for i in 0..n {
         // Cut anywhere, and often right where the most was just promised:
         // at a guest's acknowledged flush, or a copied map's sync.
@@ -332,22 +366,36 @@ fn run(seed: u64, sc: Scenario) {
         };
         let keep = [0.0, 0.5, 1.0, rng.gen::<f64>()][(i / 4) % 4];
         let state = mem.crash_state(cut, keep, &mut rng);
-        if let Err(e) = check_state(&w, &state, cut, &writes) {
-            panic!(
-                "power cut at operation {cut} of {end} (keeping {keep:.2} of unsynced writes, seed {seed}, state {i}): {e}\nthe operations before the cut:\n{}",
-                mem.describe(cut.saturating_sub(40)..cut)
+        if let Err(e) = check_state(&w, &state, Crash::PowerCut, cut, &writes) {
+            fail(
+                Crash::PowerCut,
+                cut,
+                format!("keeping {keep:.2} of unsynced writes, state {i}"),
+                e,
             );
         }
     }
+    for i in 0..n / 2 {
+        // Anywhere, and often right after a write returned to the guest.
+        let cut = match i % 2 {
+            0 => dones[rng.gen_range(0..dones.len())],
+            _ => rng.gen_range(0..=end),
+        };
+        if let Err(e) = check_state(&w, &mem.kill_state(cut), Crash::Kill, cut, &writes) {
+            fail(Crash::Kill, cut, format!("state {i}"), e);
+        }
+    }
     eprintln!(
-        "checked {n} power-cut states of {end} recorded operations ({} guest writes, {} acknowledged)",
+        "checked {n} power-cut and {} daemon-crash states of {end} recorded operations ({} guest writes, {} acknowledged by a flush)",
+        n / 2,
         writes.len(),
         writes.iter().filter(|x| x.acked_at.is_some()).count()
     );
 }
 
 #[test]
-fn power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write() {
+fn power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write(
+) {
     run(
         101,
         Scenario {
@@ -361,7 +409,7 @@ fn power_cuts_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_wr
 }
 
 #[test]
-fn power_cuts_during_relocation_and_cutover_never_mix_versions() {
+fn power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions() {
     // A flusher as slow as the daemon's, relative to the copy: presence
     // bits lag behind the blocks the copier reads.
     run(

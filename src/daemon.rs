@@ -74,19 +74,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .clone()
         .unwrap_or_else(|| staging.root().join("control.sock"));
     check_socket(&socket)?;
-    let staging_root = staging.root().to_path_buf();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("export")
         .build()
         .ctx(|| "start the export runtime".into())?;
-    let verifier = match &opts.nfs {
-        Some(_) => Some(crate::export::nfs::start_verifier(&staging_root)?),
-        None => None,
-    };
     let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts.datastore)?;
-    let exports = match Exports::start(&rt, &mounted.ds, &opts, verifier) {
+    let exports = match Exports::start(&rt, &mounted.ds, &opts) {
         Ok(e) => e,
         Err(e) => {
             let _ = mounted.shutdown();
@@ -102,9 +97,6 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // Clients go first (their attachments end), then staging is made durable.
     exports.shutdown();
     let stopped = mounted.shutdown();
-    if let (Ok(()), Some(v)) = (&stopped, verifier) {
-        crate::export::nfs::mark_clean(&staging_root, &v)?;
-    }
     tracing::info!("stopped");
     api_result?;
     stopped
@@ -121,13 +113,12 @@ impl Exports {
         rt: &tokio::runtime::Runtime,
         ds: &Arc<Datastore>,
         opts: &ServeOptions,
-        verifier: Option<[u8; 8]>,
     ) -> Result<Exports> {
         let mut urls = crate::session::ExportUrls::default();
-        let nfs = match (&opts.nfs, verifier) {
-            (Some(o), Some(v)) => {
+        let nfs = match &opts.nfs {
+            Some(o) => {
                 let server =
-                    crate::export::nfs::NfsServer::start(rt.handle(), ds.clone(), o.clone(), v)?;
+                    crate::export::nfs::NfsServer::start(rt.handle(), ds.clone(), o.clone())?;
                 for a in &o.listen {
                     urls.nfs.push(match a.ip() {
                         std::net::IpAddr::V6(ip) => format!("nfs://[{ip}]"),

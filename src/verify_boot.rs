@@ -95,7 +95,11 @@ fn run(
         serde_json::from_slice(&session.config_json).unwrap_or_default();
     let spec = QemuSpec::from_config(
         &config,
-        info.disks.iter().cloned().map(crate::boot::DiskSource::File).collect(),
+        info.disks
+            .iter()
+            .cloned()
+            .map(crate::boot::DiskSource::File)
+            .collect(),
     )?;
     let watch = Watch {
         marker: marker.to_string(),

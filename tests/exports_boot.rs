@@ -27,7 +27,12 @@ fn boot_via(env: &Env, vm: &str, via: &str, marker: &str) -> String {
 fn exports_env() -> Env {
     let mut env = Env::new();
     let a = own_loopback();
-    env.serve_args = vec!["--nfs".into(), a.to_string(), "--nbd".into(), format!("{a}:10809")];
+    env.serve_args = vec![
+        "--nfs".into(),
+        a.to_string(),
+        "--nbd".into(),
+        format!("{a}:10809"),
+    ];
     env
 }
 
@@ -64,6 +69,12 @@ fn boot_via_an_export_the_daemon_does_not_serve_says_so() {
     let _d = env.serve();
     env.recover("tiny", None);
     let sock = env.socket.to_str().unwrap().to_string();
-    env.fails(&["boot", "--socket", &sock, "tiny", "--via", "nbd"], "--nbd");
-    env.fails(&["boot", "--socket", &sock, "tiny", "--via", "nfs"], "--nfs");
+    env.fails(
+        &["boot", "--socket", &sock, "tiny", "--via", "nbd"],
+        "--nbd",
+    );
+    env.fails(
+        &["boot", "--socket", &sock, "tiny", "--via", "nfs"],
+        "--nfs",
+    );
 }

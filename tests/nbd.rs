@@ -30,7 +30,11 @@ fn run(args: &[&str]) -> std::process::Output {
 
 fn ok(args: &[&str]) -> String {
     let o = run(args);
-    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
@@ -38,7 +42,8 @@ fn ok(args: &[&str]) -> String {
 fn nbd_clients_map_copy_and_compare_the_recovered_disk() {
     let (mut env, addr) = nbd_env();
     let sock = env.path("nbd.sock");
-    env.serve_args.extend(["--nbd".to_string(), format!("unix:{}", sock.display())]);
+    env.serve_args
+        .extend(["--nbd".to_string(), format!("unix:{}", sock.display())]);
     let data = random_image(&env.path("a.raw"), 48 * K64, 91, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let _d = env.serve();
@@ -61,23 +66,48 @@ fn nbd_clients_map_copy_and_compare_the_recovered_disk() {
     // Byte for byte, over TCP and over the Unix socket.
     let copy = env.path("copy.raw");
     ok(&["nbdcopy", &url, copy.to_str().unwrap()]);
-    assert!(read_all(&copy) == data, "nbdcopy of the export differs from the backup");
+    assert!(
+        read_all(&copy) == data,
+        "nbdcopy of the export differs from the backup"
+    );
     let unix = format!("nbd+unix:///vm/disk0?socket={}", sock.display());
     assert!(out.contains(&unix), "{out}");
     ok(&["nbdinfo", &unix]);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     // A write over NBD shows in the changed map, and NBD equals FUSE.
-    ok(&["qemu-io", "-f", "raw", "-c", "write -P 0x5a 200000 4096", &url]);
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 200000 4096",
+        &url,
+    ]);
     let changed = ok(&["nbdinfo", "--map=recoverfs:changed", &url]);
     assert!(
-        changed.lines().any(|l| l.split_whitespace().nth(2) == Some("1")),
+        changed
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("1")),
         "{changed}"
     );
-    let cmp = run(&["qemu-img", "compare", "-f", "raw", "-F", "raw", &url, fuse.to_str().unwrap()]);
+    let cmp = run(&[
+        "qemu-img",
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &url,
+        fuse.to_str().unwrap(),
+    ]);
     assert!(cmp.status.success(), "NBD and FUSE disagree: {cmp:?}");
     let mut b = vec![0u8; 4096];
-    std::fs::File::open(&fuse).unwrap().read_exact_at(&mut b, 200000).unwrap();
+    std::fs::File::open(&fuse)
+        .unwrap()
+        .read_exact_at(&mut b, 200000)
+        .unwrap();
     assert!(b.iter().all(|&x| x == 0x5a));
     // An open export is an open handle: release waits for the client.
     let mut holder = Command::new("qemu-io")
@@ -87,11 +117,17 @@ fn nbd_clients_map_copy_and_compare_the_recovered_disk() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while env.status()["sessions"][0]["open_handles"] == 0 {
-        assert!(Instant::now() < deadline, "the NBD client never showed as open");
+        assert!(
+            Instant::now() < deadline,
+            "the NBD client never showed as open"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let o = env.release("vm", false);
-    assert!(!o.status.success(), "release while an NBD client has the disk open");
+    assert!(
+        !o.status.success(),
+        "release while an NBD client has the disk open"
+    );
     holder.wait().unwrap();
     let o = env.release("vm", false);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -110,7 +146,10 @@ fn qemu_boots_the_tiny_vm_over_nbd() {
     let blockdev = format!(
         "driver=nbd,node-name=d0,server.type=inet,server.host={host},server.port={port},export=tiny/disk0"
     );
-    let n = boot_counter_with(&["-blockdev", &blockdev, "-device", "virtio-blk-pci,drive=d0"], "over NBD");
+    let n = boot_counter_with(
+        &["-blockdev", &blockdev, "-device", "virtio-blk-pci,drive=d0"],
+        "over NBD",
+    );
     assert_eq!(n, 1);
     assert_eq!(boot_counter(&env.mount.join("tiny/disk0.raw")), 2);
 }
@@ -139,7 +178,14 @@ fn a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd() {
         )
     };
     let mut qemu = Command::new("timeout")
-        .args(["300", "qemu-system-x86_64", "-nographic", "-m", "256", "-no-reboot"])
+        .args([
+            "300",
+            "qemu-system-x86_64",
+            "-nographic",
+            "-m",
+            "256",
+            "-no-reboot",
+        ])
         .args(["-blockdev", &dev(0), "-device", "virtio-blk-pci,drive=d0"])
         .args(["-blockdev", &dev(1), "-device", "virtio-blk-pci,drive=d1"])
         .stdin(Stdio::null())
@@ -179,7 +225,10 @@ fn a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd() {
             }
         }
     };
-    wait_for(&|l| l.contains("RECOVERFS-WRITER progress=200"), "writer progress");
+    wait_for(
+        &|l| l.contains("RECOVERFS-WRITER progress=200"),
+        "writer progress",
+    );
     // The daemon dies under the writing guest and comes back 1.5 s later.
     d.kill9();
     std::mem::forget(d);
@@ -187,8 +236,14 @@ fn a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd() {
     let _d2 = env.serve();
     let restarted = Instant::now();
     let (at, done) = wait_for(&|l| l.contains("RECOVERFS-WRITER-DONE"), "writer end");
-    assert!(at > restarted, "the guest finished writing before the daemon came back");
-    assert!(done.contains("errors=0"), "the guest saw I/O errors: {done}");
+    assert!(
+        at > restarted,
+        "the guest finished writing before the daemon came back"
+    );
+    assert!(
+        done.contains("errors=0"),
+        "the guest saw I/O errors: {done}"
+    );
     let st = qemu.wait().unwrap();
     assert!(st.success(), "QEMU exited with {st}");
     // Every synced sector is on the disk, through the restarted daemon.
@@ -212,8 +267,17 @@ fn bad_nbd_addresses_and_unknown_exports_are_refused_clearly() {
     let sock = env.socket.to_str().unwrap().to_string();
     let serve = |nbd: &str| {
         vec![
-            "serve", "--repo", env.repo_str(), "--staging", env.staging.to_str().unwrap(),
-            "--mount", env.mount.to_str().unwrap(), "--socket", &sock, "--nbd", nbd,
+            "serve",
+            "--repo",
+            env.repo_str(),
+            "--staging",
+            env.staging.to_str().unwrap(),
+            "--mount",
+            env.mount.to_str().unwrap(),
+            "--socket",
+            &sock,
+            "--nbd",
+            nbd,
         ]
         .into_iter()
         .map(String::from)
@@ -241,6 +305,9 @@ fn bad_nbd_addresses_and_unknown_exports_are_refused_clearly() {
         assert!(!o.status.success(), "{bad} was served");
         // libnbd 1.14 shows the errno, not the server's message.
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("No such file or directory for export"), "{o:?}");
+        assert!(
+            err.contains("No such file or directory for export"),
+            "{o:?}"
+        );
     }
 }

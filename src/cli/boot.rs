@@ -71,7 +71,11 @@ fn sources(info: &Value, via: Via) -> Result<Vec<DiskSource>> {
                     Error::invalid(format!(
                         "the daemon serves no {} export: start `serve` with --{}",
                         if via == Via::Nfs { "NFS" } else { "NBD" },
-                        if via == Via::Nfs { "nfs ADDR" } else { "nbd ADDR" }
+                        if via == Via::Nfs {
+                            "nfs ADDR"
+                        } else {
+                            "nbd ADDR"
+                        }
                     ))
                 })?;
             match via {

@@ -53,6 +53,10 @@ pub trait Disk: Send + Sync {
     fn discard(&self, off: u64, len: u64) -> Result<()>;
     /// Makes every write completed before the call durable.
     fn flush(&self) -> Result<()>;
+    /// Changes whenever writes that completed but were not flushed may have
+    /// been lost (a reboot, a failed sync); the same across daemon restarts
+    /// otherwise. NFS answers it as its write verifier.
+    fn epoch(&self) -> u64;
     /// Extents covering `[off, off + len)` (clipped to the disk), in order.
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>>;
 }
@@ -100,6 +104,7 @@ pub fn extents(
 pub struct MemDisk {
     name: String,
     block_size: u64,
+    epoch: u64,
     state: RwLock<MemState>,
 }
 
@@ -113,6 +118,7 @@ impl MemDisk {
     pub fn new(name: &str, size: u64, block_size: u64) -> Arc<MemDisk> {
         let blocks = size.div_ceil(block_size) as usize;
         Arc::new(MemDisk {
+            epoch: rand::random(),
             name: name.into(),
             block_size,
             state: RwLock::new(MemState {
@@ -139,6 +145,10 @@ impl Disk for MemDisk {
 
     fn size(&self) -> u64 {
         self.state.read().data.len() as u64
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn block_size(&self) -> u64 {

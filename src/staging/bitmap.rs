@@ -13,6 +13,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::io::{replace, BlockFile, Open, Storage};
+use super::live::LiveMirror;
 use crate::error::{Error, IoContext, Result};
 
 pub struct AtomicBitmap {
@@ -114,6 +115,9 @@ pub struct PersistentBitmap {
     dirty: AtomicBool,
     /// Serialises writers of the file.
     write_lock: Mutex<()>,
+    block_size: u32,
+    /// Presence maps only: the same-boot mirror of every bit set.
+    mirror: Option<LiveMirror>,
 }
 
 impl PersistentBitmap {
@@ -171,7 +175,52 @@ impl PersistentBitmap {
             path: path.to_path_buf(),
             dirty: AtomicBool::new(false),
             write_lock: Mutex::new(()),
+            block_size,
+            mirror: None,
         })
+    }
+
+    /// Starts mirroring every bit set into `path` (see [`super::live`]),
+    /// first adding the bits a daemon of this boot recorded there: their
+    /// bytes are in the staging file, synced or not. Those bits are
+    /// persisted here at the next flush, after a data sync, like any other.
+    pub fn attach_mirror(&mut self, storage: &dyn Storage, path: &Path) -> Result<u64> {
+        let synced = self.bits.snapshot();
+        let opened = LiveMirror::open(storage, path, self.block_size, self.bits.len(), &synced)?;
+        let mut added = 0;
+        if let Some(words) = opened.trusted {
+            for (i, (w, t)) in synced.iter().zip(&words).enumerate() {
+                let extra = t & !w;
+                if extra != 0 {
+                    added += extra.count_ones() as u64;
+                    self.bits.words[i].fetch_or(extra, Ordering::AcqRel);
+                }
+            }
+            // Bits past the end would be garbage from a damaged file.
+            let n = self.bits.len();
+            if n % 64 != 0 {
+                if let Some(last) = self.bits.words.last() {
+                    last.fetch_and((1u64 << (n % 64)) - 1, Ordering::AcqRel);
+                }
+            }
+            if added > 0 {
+                self.dirty.store(true, Ordering::Release);
+            }
+        }
+        self.mirror = Some(opened.mirror);
+        Ok(added)
+    }
+
+    /// The epoch of the mirror (see [`super::live`]); 0 without one.
+    pub fn epoch(&self) -> u64 {
+        self.mirror.as_ref().map_or(0, |m| m.epoch())
+    }
+
+    /// After a failed sync: the next daemon must not trust the mirror.
+    pub fn poison_mirror(&self) {
+        if let Some(m) = &self.mirror {
+            m.poison();
+        }
     }
 
     fn header(kind: MapKind, block_size: u32, nblocks: u64) -> [u8; HEADER_LEN as usize] {
@@ -191,8 +240,18 @@ impl PersistentBitmap {
         self.bits.test(bit)
     }
 
-    /// Sets a bit in memory only; `persist` makes it durable later.
+    /// Sets a bit in memory, and in the mirror if there is one (so call it
+    /// after the bytes the bit describes were written); `persist` makes it
+    /// durable.
     pub fn set(&self, bit: u64) -> bool {
+        if self.bits.test(bit) {
+            return false;
+        }
+        // Mirror first: once the bit is set in memory a guest may write
+        // over the block, and a restart must not refetch it then.
+        if let Some(m) = &self.mirror {
+            m.record(bit);
+        }
         let new = self.bits.set(bit);
         if new {
             self.dirty.store(true, Ordering::Release);

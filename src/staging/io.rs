@@ -79,6 +79,10 @@ pub trait Storage: Send + Sync {
     /// `sync_dir` of the parent.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     fn exists(&self, path: &Path) -> io::Result<bool>;
+    /// Names the period in which unsynced writes stay readable: it changes
+    /// when the page cache is lost (a reboot, a power cut). Empty if unknown,
+    /// which trusts nothing unsynced.
+    fn boot_id(&self) -> String;
 }
 
 /// Replaces `path` atomically and durably: `rename_into_place`, then
@@ -267,6 +271,12 @@ impl Storage for OsStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn boot_id(&self) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
     }
 }
 

@@ -6,7 +6,8 @@
 //! <staging>/sessions/<vm>/<backup>/manifest.json  the backup's manifest, as recovered
 //! <staging>/sessions/<vm>/<backup>/session.json   geometry; written last
 //! <staging>/sessions/<vm>/<backup>/diskN.data     sparse, disk-sized block data
-//! <staging>/sessions/<vm>/<backup>/diskN.present  blocks whose data is local
+//! <staging>/sessions/<vm>/<backup>/diskN.present  blocks whose data is local (synced)
+//! <staging>/sessions/<vm>/<backup>/diskN.live     the same, unsynced, trusted in this boot only
 //! <staging>/sessions/<vm>/<backup>/diskN.changed  blocks the guest wrote
 //! ```
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
@@ -17,6 +18,7 @@
 
 pub mod bitmap;
 pub mod io;
+pub mod live;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -421,13 +423,21 @@ fn open_disk(
         data.set_len(d.size)
             .ctx(|| format!("size {}", data_path.display()))?;
     }
-    let present = PersistentBitmap::open(
+    let mut present = PersistentBitmap::open(
         storage,
         &dir.join(format!("disk{index}.present")),
         MapKind::Present,
         d.chunk_size,
         nblocks,
     )?;
+    let added = present.attach_mirror(storage, &dir.join(format!("disk{index}.live")))?;
+    if added > 0 {
+        tracing::info!(
+            disk = index,
+            blocks = added,
+            "staged blocks not yet synced by the previous daemon of this boot are kept"
+        );
+    }
     let changed = PersistentBitmap::open(
         storage,
         &dir.join(format!("disk{index}.changed")),

@@ -329,13 +329,12 @@ impl Volume {
     /// Ends a fill: on success the block is present before it leaves the
     /// in-flight table, so no second fetch can start in between.
     fn complete(&self, b: u64, slot: &Slot, r: Result<()>) {
-        {
-            let mut map = self.inflight.lock();
-            if r.is_ok() {
-                self.store.present.set(b);
-            }
-            map.remove(&b);
+        if r.is_ok() {
+            // Outside the in-flight lock (it writes the same-boot mirror),
+            // yet before the block leaves the table: no second fetch starts.
+            self.store.present.set(b);
         }
+        self.inflight.lock().remove(&b);
         slot.finish(r);
     }
 
@@ -836,6 +835,9 @@ impl Volume {
     /// returns the sticky error every later flush gets.
     fn fail(&self, e: Error) -> Error {
         if self.failed.set(e.clone()).is_ok() {
+            // Pages the mirror describes may be gone: a restart must not
+            // trust it, and NFS clients must resend (the epoch changes).
+            self.store.present.poison_mirror();
             tracing::error!(
                 vm = %self.vm,
                 disk = self.index,
@@ -993,6 +995,9 @@ impl crate::disk::Disk for Volume {
     }
     fn flush(&self) -> Result<()> {
         Volume::flush(self)
+    }
+    fn epoch(&self) -> u64 {
+        self.store.present.epoch()
     }
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<crate::disk::Extent>> {
         Ok(Volume::block_status(self, off, len))

@@ -477,3 +477,119 @@ fn concurrent_flushes_share_syncs() {
     let syncs = f.vol.status().flushes;
     assert!(syncs <= 4, "16 concurrent flushes took {syncs} syncs");
 }
+
+/// A disk of `blocks` 64 KiB random blocks backed up, and a way to open
+/// its session on any storage, as a restarted daemon would.
+struct Reopenable {
+    _dir: tempfile::TempDir,
+    repo: Arc<Repository>,
+    m: crate::repo::Manifest,
+    data: Vec<u8>,
+    sdir: PathBuf,
+    sched: Arc<Scheduler>,
+}
+
+impl Reopenable {
+    fn new(blocks: usize, seed: u64) -> Reopenable {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
+        let mut data = vec![0u8; blocks * BS];
+        rand::rngs::StdRng::seed_from_u64(seed).fill(&mut data[..]);
+        let m = crate::testutil::backup_images(&repo, dir.path(), "vm", BS, &[&data]);
+        let sdir = dir.path().join("staging");
+        Reopenable {
+            _dir: dir,
+            repo,
+            m,
+            data,
+            sdir,
+            sched: Scheduler::new("test-fetch", 2),
+        }
+    }
+
+    fn open(&self, storage: &dyn Storage) -> Arc<Volume> {
+        crate::testutil::open_volumes(storage, &self.sdir, &self.repo, &self.m, &self.sched)
+            .remove(0)
+    }
+}
+
+#[test]
+fn a_daemon_crash_keeps_unflushed_writes_and_the_epoch_and_a_power_cut_does_neither() {
+    use crate::disk::Disk;
+    use crate::staging::io::mem::MemStorage;
+    let r = Reopenable::new(8, 31);
+    let mem = MemStorage::new();
+    let vol = r.open(&mem);
+    let epoch = Disk::epoch(vol.as_ref());
+    // A partial write into a block never staged (fill, then write) and a
+    // whole-block write: neither flushed.
+    vol.write(2 * BS as u64 + 10, b"unflushed").unwrap();
+    vol.write(5 * BS as u64, &vec![7u8; BS]).unwrap();
+    let at = mem.position();
+
+    let killed = mem.kill_state(at);
+    let again = r.open(&killed);
+    assert_eq!(
+        again.read(2 * BS as u64 + 10, 9).unwrap(),
+        b"unflushed",
+        "a daemon crash lost an unflushed write"
+    );
+    assert_eq!(again.read(5 * BS as u64, BS).unwrap(), vec![7u8; BS]);
+    assert_eq!(
+        again.read(2 * BS as u64, 10).unwrap(),
+        r.data[2 * BS..2 * BS + 10],
+        "the rest of the block is the backup's"
+    );
+    assert_eq!(
+        Disk::epoch(again.as_ref()),
+        epoch,
+        "the epoch changed over a daemon crash"
+    );
+    again.close();
+
+    let mut rng = rand::rngs::mock::StepRng::new(0, 1);
+    let cut = mem.crash_state(at, 1.0, &mut rng);
+    let after_power = r.open(&cut);
+    assert_eq!(
+        after_power.read(5 * BS as u64, BS).unwrap(),
+        r.data[5 * BS..6 * BS],
+        "after a power cut an unflushed block is the backup's again"
+    );
+    assert_ne!(
+        Disk::epoch(after_power.as_ref()),
+        epoch,
+        "a power cut kept the epoch"
+    );
+    after_power.close();
+    vol.close();
+}
+
+#[test]
+fn after_a_failed_sync_the_next_daemon_trusts_no_unsynced_block_and_changes_the_epoch() {
+    use crate::disk::Disk;
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let r = Reopenable::new(8, 32);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let vol = r.open(&faults);
+    let epoch = Disk::epoch(vol.as_ref());
+    vol.write(3 * BS as u64, &vec![9u8; BS]).unwrap();
+    faults.inject(Rule::fail(Op::Sync, "disk0.data", libc::EIO).times(1));
+    assert!(vol.flush().is_err());
+    vol.close();
+    drop(vol);
+    // The same boot: only the mirror's poison tells the next daemon that
+    // the kernel may have dropped those pages.
+    let again = r.open(&OsStorage);
+    assert_eq!(
+        again.read(3 * BS as u64, BS).unwrap(),
+        r.data[3 * BS..4 * BS],
+        "a block whose sync failed was trusted"
+    );
+    assert_ne!(
+        Disk::epoch(again.as_ref()),
+        epoch,
+        "NFS clients would not resend"
+    );
+    again.close();
+}

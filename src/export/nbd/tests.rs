@@ -114,6 +114,9 @@ impl Disk for Probe {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         self.inner.flush()
     }
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
         self.enter()?;
         self.block_statuses.fetch_add(1, Ordering::SeqCst);
@@ -714,6 +717,9 @@ impl Disk for Striped {
     }
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+    fn epoch(&self) -> u64 {
+        1
     }
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
         self.longest.fetch_max(len as usize, Ordering::SeqCst);

@@ -56,8 +56,8 @@ pub struct Ctx<'a> {
     pub ns: &'a Namespace,
     pub conn: &'a Conn,
     pub caller: Caller,
-    /// Changes when unsynced data could have been lost.
-    pub verifier: [u8; 8],
+    /// The write verifier of side files (a disk's is its epoch).
+    pub side_verifier: [u8; 8],
     /// Answer every write FILE_SYNC (for clients that ignore verifiers).
     pub write_through: bool,
     /// The port MOUNT and NFS are served on, for GETPORT.
@@ -560,9 +560,17 @@ fn write(ctx: &Ctx, r: &mut Reader) -> Result<n3::WRITE3res, Garbage> {
             } else {
                 stable_how::UNSTABLE
             },
-            verf: writeverf3(ctx.verifier),
+            verf: writeverf3(write_verifier(ctx, n)),
         })
     }))
+}
+
+/// A disk's verifier is its epoch; side files share the boot's.
+fn write_verifier(ctx: &Ctx, n: &Node) -> [u8; 8] {
+    match n {
+        Node::Disk(_, d) => crate::disk::Disk::epoch(d.as_ref()).to_be_bytes(),
+        _ => ctx.side_verifier,
+    }
 }
 
 fn commit(ctx: &Ctx, r: &mut Reader) -> Result<n3::COMMIT3res, Garbage> {
@@ -601,7 +609,7 @@ fn commit(ctx: &Ctx, r: &mut Reader) -> Result<n3::COMMIT3res, Garbage> {
         }
         Ok(n3::COMMIT3resok {
             file_wcc: wcc(ctx, None, n),
-            verf: writeverf3(ctx.verifier),
+            verf: writeverf3(write_verifier(ctx, n)),
         })
     })(&n)
     .map_or_else(Nfs3Result::Err, Nfs3Result::Ok))

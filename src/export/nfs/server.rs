@@ -86,7 +86,7 @@ fn is_loopback(ip: IpAddr) -> bool {
 struct Shared {
     ns: Namespace,
     opts: NfsOptions,
-    verifier: [u8; 8],
+    side_verifier: [u8; 8],
 }
 
 pub struct NfsServer {
@@ -127,7 +127,6 @@ impl NfsServer {
         rt: &tokio::runtime::Handle,
         ds: Arc<Datastore>,
         opts: NfsOptions,
-        verifier: [u8; 8],
     ) -> Result<NfsServer> {
         let mut listeners = vec![];
         for &a in &opts.listen {
@@ -143,7 +142,7 @@ impl NfsServer {
         let shared = Arc::new(Shared {
             ns: Namespace::new(ds, opts.owner),
             opts,
-            verifier,
+            side_verifier: super::side_file_verifier(),
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![];
@@ -275,7 +274,7 @@ fn answer(
         ns: &shared.ns,
         conn,
         caller: shared.opts.caller(&call.cred, peer),
-        verifier: shared.verifier,
+        side_verifier: shared.side_verifier,
         write_through: shared.opts.write_through,
         nfs_port,
         allowed,

@@ -236,6 +236,10 @@ impl Storage for FaultyStorage {
     fn exists(&self, path: &Path) -> io::Result<bool> {
         self.inner.exists(path)
     }
+
+    fn boot_id(&self) -> String {
+        self.inner.boot_id()
+    }
 }
 
 struct FaultyFile {

@@ -76,6 +76,8 @@ struct State {
     base_names: BTreeMap<PathBuf, usize>,
     base_files: Vec<Vec<u8>>,
     log: Vec<Event>,
+    /// Which "boot" this is: a power cut starts a new one.
+    boot: u64,
 }
 
 /// In-memory files with a record of every operation.
@@ -146,6 +148,20 @@ impl MemStorage {
     /// durable by then, plus each later unsynced write sector and name
     /// change kept with probability `keep`.
     pub fn crash_state(&self, cut: usize, keep: f64, rng: &mut impl Rng) -> MemStorage {
+        let boot = self.st.lock().boot + 1;
+        self.state_at(cut, keep, rng, boot)
+    }
+
+    /// The state after a `kill -9` just before operation `cut`: the page
+    /// cache survives, so every write and name change before it is there,
+    /// in the same boot.
+    pub fn kill_state(&self, cut: usize) -> MemStorage {
+        let boot = self.st.lock().boot;
+        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
+        self.state_at(cut, 1.0, &mut rng, boot)
+    }
+
+    fn state_at(&self, cut: usize, keep: f64, rng: &mut impl Rng, boot: u64) -> MemStorage {
         let st = self.st.lock();
         let cut = cut.min(st.log.len());
         let mut durable = st.base_files.clone();
@@ -204,6 +220,7 @@ impl MemStorage {
                 base_names: names,
                 base_files: durable,
                 log: vec![],
+                boot,
             })),
         }
     }
@@ -366,6 +383,10 @@ impl Storage for MemStorage {
     fn exists(&self, path: &Path) -> io::Result<bool> {
         let st = self.st.lock();
         Ok(st.names.contains_key(path) || st.dirs.contains(path))
+    }
+
+    fn boot_id(&self) -> String {
+        format!("mem-boot-{}", self.st.lock().boot)
     }
 }
 
