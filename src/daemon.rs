@@ -40,6 +40,8 @@ pub struct MountOptions {
     /// How often staged presence maps are made durable without an fsync.
     pub flush_interval: Duration,
     pub prefetch: crate::prefetch::PrefetchOptions,
+    /// Export points and how recoveries are placed on them.
+    pub placement: crate::session::PlacementConfig,
 }
 
 impl Default for MountOptions {
@@ -51,6 +53,7 @@ impl Default for MountOptions {
             fuse_threads: 4,
             flush_interval: Duration::from_secs(2),
             prefetch: Default::default(),
+            placement: Default::default(),
         }
     }
 }
@@ -104,53 +107,78 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 
 /// The network frontends a daemon runs beside its FUSE mount.
 struct Exports {
-    nfs: Option<crate::export::nfs::NfsServer>,
-    nbd: Option<crate::export::nbd::NbdServer>,
+    nfs: Vec<crate::export::nfs::NfsServer>,
+    nbd: Vec<crate::export::nbd::NbdServer>,
 }
 
 impl Exports {
+    /// Every export point's frontends: a point with its own address serves
+    /// NFS (and 111) and NBD there; the default point serves on `--nfs` and
+    /// `--nbd`.
     fn start(
         rt: &tokio::runtime::Runtime,
         ds: &Arc<Datastore>,
         opts: &ServeOptions,
     ) -> Result<Exports> {
-        let mut urls = crate::session::ExportUrls::default();
-        let nfs = match &opts.nfs {
-            Some(o) => {
-                let server =
-                    crate::export::nfs::NfsServer::start(rt.handle(), ds.clone(), o.clone())?;
-                for a in &o.listen {
-                    urls.nfs.push(match a.ip() {
-                        std::net::IpAddr::V6(ip) => format!("nfs://[{ip}]"),
-                        ip => format!("nfs://{ip}"),
-                    });
-                    tracing::info!(address = %a, "NFS export serving (portmapper on port 111 too)");
-                }
-                Some(server)
-            }
-            _ => None,
+        let mut started = Exports {
+            nfs: vec![],
+            nbd: vec![],
         };
-        let nbd = if opts.nbd.is_empty() {
-            None
-        } else {
-            let exports = Arc::new(crate::export::DiskExports(ds.clone()));
-            let server = match crate::export::nbd::NbdServer::start(rt.handle(), &opts.nbd, exports)
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    if let Some(n) = nfs {
-                        n.shutdown();
-                    }
-                    return Err(e);
-                }
+        for p in ds.points() {
+            let (nfs, nbd) = match (p.spec.nfs_addr(), p.spec.nbd_addr()) {
+                (Some(n), Some(b)) => (
+                    opts.nfs.clone().map(|mut o| {
+                        o.listen = vec![n];
+                        o
+                    }),
+                    vec![crate::export::nbd::Listen::Tcp(b)],
+                ),
+                _ => (opts.nfs.clone(), opts.nbd.clone()),
             };
+            if let Err(e) = started.start_point(rt, ds, p, nfs, &nbd) {
+                started.shutdown();
+                return Err(e.context(format!("export point {}", p.name())));
+            }
+        }
+        Ok(started)
+    }
+
+    fn start_point(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        ds: &Arc<Datastore>,
+        point: &Arc<crate::placement::ExportPoint>,
+        nfs: Option<crate::export::nfs::NfsOptions>,
+        nbd: &[crate::export::nbd::Listen],
+    ) -> Result<()> {
+        let mut urls = crate::session::ExportUrls::default();
+        let name = point.name();
+        if let Some(o) = nfs {
+            let listen = o.listen.clone();
+            let server =
+                crate::export::nfs::NfsServer::start(rt.handle(), ds.clone(), point.clone(), o)?;
+            self.nfs.push(server);
+            for a in &listen {
+                urls.nfs.push(match a.ip() {
+                    std::net::IpAddr::V6(ip) => format!("nfs://[{ip}]"),
+                    ip => format!("nfs://{ip}"),
+                });
+                tracing::info!(export_point = name, address = %a, "NFS export serving (portmapper on port 111 too)");
+            }
+        }
+        if !nbd.is_empty() {
+            let exports = Arc::new(crate::export::DiskExports {
+                ds: ds.clone(),
+                point: point.clone(),
+            });
+            let server = crate::export::nbd::NbdServer::start(rt.handle(), nbd, exports)?;
             let mut tcp = server.tcp_addrs().into_iter();
-            for l in &opts.nbd {
+            for l in nbd {
                 match l {
                     crate::export::nbd::Listen::Tcp(_) => {
                         let a = tcp.next().expect("one bound address per TCP listener");
                         urls.nbd.push(format!("nbd://{a}"));
-                        tracing::info!(address = %a, "NBD export serving");
+                        tracing::info!(export_point = name, address = %a, "NBD export serving");
                     }
                     crate::export::nbd::Listen::Unix(p) => {
                         // Like the control socket: only the daemon's user.
@@ -160,21 +188,21 @@ impl Exports {
                         );
                         urls.nbd
                             .push(format!("nbd+unix:///?socket={}", p.display()));
-                        tracing::info!(socket = %p.display(), "NBD export serving");
+                        tracing::info!(export_point = name, socket = %p.display(), "NBD export serving");
                     }
                 }
             }
-            Some(server)
-        };
-        ds.set_urls(urls);
-        Ok(Exports { nfs, nbd })
+            self.nbd.push(server);
+        }
+        ds.set_urls(name, urls);
+        Ok(())
     }
 
     fn shutdown(self) {
-        if let Some(n) = self.nbd {
+        for n in self.nbd {
             n.shutdown();
         }
-        if let Some(n) = self.nfs {
+        for n in self.nfs {
             n.shutdown();
         }
     }
@@ -204,6 +232,7 @@ impl MountedDatastore {
             mount,
             opts.fetch_workers,
             opts.prefetch.clone(),
+            opts.placement.clone(),
         );
         let fs = RecoverFs::new(ds.clone(), 64, opts.owner);
         let inodes = fs.inodes();

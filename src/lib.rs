@@ -111,6 +111,7 @@ pub mod disk;
 pub mod error;
 pub mod export;
 pub mod metrics;
+pub mod placement;
 pub mod pool;
 pub mod prefetch;
 pub mod relocate;

@@ -23,10 +23,11 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::placement::{self, Decision, ExportPoint, PointFigures, PointSpec, Want, Weights};
 use crate::prefetch::feeder::{Feeder, Source};
 use crate::prefetch::profile::{self, DiskTrace, Recording};
 use crate::prefetch::tracker::RecordWindow;
-use crate::prefetch::{PrefetchOptions, Scheduler, SchedulerStatus};
+use crate::prefetch::{PrefetchOptions, SchedulerStatus};
 use crate::relocate::{Relocation, RelocationStatus};
 use crate::repo::{Manifest, Repository};
 use crate::staging::{open_session, StagingDir};
@@ -46,6 +47,10 @@ pub struct Session {
     /// The session's staging directory.
     pub dir: PathBuf,
     pub relocation: Mutex<Option<Arc<Relocation>>>,
+    /// The export point it is served at, and the hypervisor it was
+    /// placed for.
+    pub point: Arc<ExportPoint>,
+    pub host: Option<String>,
     feeder: OnceLock<Feeder>,
     /// The recording was saved (or must not be): at most once per session.
     profile_done: AtomicBool,
@@ -155,13 +160,15 @@ impl Session {
 pub struct SessionStatus {
     pub vm: String,
     pub backup: String,
+    pub export_point: String,
+    pub host: Option<String>,
     pub resumed: bool,
     pub started: String,
     pub open_handles: u64,
     pub path: PathBuf,
     /// Repository requests retried after transient failures (daemon-wide).
     pub repo_retries: u64,
-    /// The daemon's fetch scheduler: queue per priority class, on-demand latency.
+    /// Its export point's fetch scheduler: queue per priority class, on-demand latency.
     pub scheduler: SchedulerStatus,
     pub relocation: Option<RelocationStatus>,
     pub disks: Vec<DiskStatus>,
@@ -182,6 +189,98 @@ pub struct RecoverInfo {
     pub disks: Vec<PathBuf>,
     /// Per disk, the NFS and NBD URLs that reach it.
     pub urls: Vec<Vec<String>>,
+    pub export_point: String,
+    pub host: Option<String>,
+    /// Why it is there (new sessions only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Decision>,
+}
+
+/// Where a new recovery should go.
+#[derive(Debug, Clone, Default)]
+pub struct PlaceRequest {
+    /// The hypervisor that will run the VM: an address, or a name that
+    /// resolves to one.
+    pub host: Option<String>,
+    /// `None` or `auto`: chosen by placement; else the export point named.
+    pub export_point: Option<String>,
+    /// Place on a named point even past the host's connection limit.
+    pub force: bool,
+}
+
+/// How a daemon's export points are set up and chosen between.
+#[derive(Debug, Clone)]
+pub struct PlacementConfig {
+    pub points: Vec<PointSpec>,
+    pub max_connections_per_host: usize,
+    pub weights: Weights,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            points: vec![PointSpec::default_point()],
+            max_connections_per_host: placement::DEFAULT_MAX_CONNECTIONS_PER_HOST,
+            weights: Weights::default(),
+        }
+    }
+}
+
+/// What `active` records of a session's placement.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct PlacementRecord {
+    export_point: String,
+    host: Option<String>,
+}
+
+/// One export point's figures for `export-points` and `GET /export-points`.
+#[derive(Debug, Serialize)]
+pub struct PointStatus {
+    pub name: String,
+    pub listen: Option<std::net::IpAddr>,
+    pub nfs_port: u16,
+    pub nbd_port: u16,
+    pub sessions: Vec<String>,
+    /// Connected hypervisor hosts and their live TCP connections.
+    pub hosts: Vec<HostConnections>,
+    pub queue: placement::QueueFigures,
+    /// Per session with a relocation, its progress (0..1).
+    pub relocations: Vec<RelocationProgress>,
+    pub figures: PointFigures,
+    pub predicted: placement::Prediction,
+    pub urls: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostConnections {
+    pub host: std::net::IpAddr,
+    pub connections: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelocationProgress {
+    pub vm: String,
+    pub state: String,
+    pub progress: f64,
+    pub bytes_remaining: u64,
+}
+
+/// The address a `--host` names.
+pub fn resolve_host(host: &str) -> Result<std::net::IpAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(placement::point::canonical(ip));
+    }
+    use std::net::ToSocketAddrs;
+    (host, 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|a| placement::point::canonical(a.ip()))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "host {host:?} is neither an address nor a name that resolves"
+            ))
+        })
 }
 
 pub struct Datastore {
@@ -190,15 +289,17 @@ pub struct Datastore {
     mount: PathBuf,
     sessions: RwLock<BTreeMap<String, Arc<Session>>>,
     next_serial: AtomicU64,
-    sched: Arc<Scheduler>,
+    points: Vec<Arc<ExportPoint>>,
+    placement: PlacementConfig,
     prefetch: PrefetchOptions,
     /// Called with a VM name after its session is gone (kernel dentry
     /// invalidation lives in the FUSE layer).
     on_release: RwLock<Vec<Box<dyn Fn(&Session) + Send + Sync>>>,
     /// Per-VM operation locks (see the module docs).
     vm_ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Where the network frontends serve, for `recover` to print URLs.
-    urls: RwLock<ExportUrls>,
+    /// Where the network frontends of each export point serve, for
+    /// `recover` to print URLs.
+    urls: RwLock<HashMap<String, ExportUrls>>,
 }
 
 /// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
@@ -216,24 +317,54 @@ impl Datastore {
         mount: &Path,
         fetch_workers: usize,
         prefetch: PrefetchOptions,
+        placement: PlacementConfig,
     ) -> Arc<Datastore> {
+        let points = placement
+            .points
+            .iter()
+            .map(|p| ExportPoint::new(p.clone(), fetch_workers))
+            .collect();
         Arc::new(Datastore {
             repo,
             staging,
             mount: mount.to_path_buf(),
             sessions: RwLock::new(BTreeMap::new()),
             next_serial: AtomicU64::new(1),
-            sched: Scheduler::new("fetch", fetch_workers),
+            points,
+            placement,
             prefetch,
             on_release: RwLock::new(vec![]),
             vm_ops: Mutex::new(HashMap::new()),
-            urls: RwLock::new(ExportUrls::default()),
+            urls: RwLock::new(HashMap::new()),
         })
     }
 
-    /// Records where the network frontends serve.
-    pub fn set_urls(&self, urls: ExportUrls) {
-        *self.urls.write() = urls;
+    /// Records where the network frontends of export point `point` serve.
+    pub fn set_urls(&self, point: &str, urls: ExportUrls) {
+        self.urls.write().insert(point.into(), urls);
+    }
+
+    pub fn points(&self) -> &[Arc<ExportPoint>] {
+        &self.points
+    }
+
+    pub fn point(&self, name: &str) -> Option<&Arc<ExportPoint>> {
+        self.points.iter().find(|p| p.name() == name)
+    }
+
+    /// The sessions served at export point `point`.
+    pub fn sessions_at(&self, point: &str) -> Vec<Arc<Session>> {
+        self.sessions
+            .read()
+            .values()
+            .filter(|s| s.point.name() == point)
+            .cloned()
+            .collect()
+    }
+
+    /// `session` if it is served at `point`.
+    pub fn session_at(&self, vm: &str, point: &str) -> Option<Arc<Session>> {
+        self.session(vm).filter(|s| s.point.name() == point)
     }
 
     /// The operation lock of one VM.
@@ -275,6 +406,20 @@ impl Datastore {
     /// the VM is resumed first so earlier guest writes are never hidden;
     /// otherwise the newest backup is used.
     pub fn recover(&self, vm: &str, backup: Option<&str>) -> Result<RecoverInfo> {
+        self.recover_placed(vm, backup, &PlaceRequest::default())
+    }
+
+    /// `recover`, placed on an export point as `req` asks.
+    pub fn recover_placed(
+        &self,
+        vm: &str,
+        backup: Option<&str>,
+        req: &PlaceRequest,
+    ) -> Result<RecoverInfo> {
+        self.recover_at(vm, backup, Placing::New(req))
+    }
+
+    fn recover_at(&self, vm: &str, backup: Option<&str>, placing: Placing) -> Result<RecoverInfo> {
         validate_name("VM name", vm)?;
         if let Some(b) = backup {
             validate_name("backup id", b)?;
@@ -288,8 +433,38 @@ impl Datastore {
                     s.backup
                 )));
             }
-            return Ok(self.info(&s, true, vec![]));
+            if let Placing::New(PlaceRequest {
+                export_point: Some(p),
+                ..
+            }) = &placing
+            {
+                if p != "auto" && p != s.point.name() {
+                    return Err(Error::busy(format!(
+                        "VM {vm} is already served at export point {}; release it first to move it",
+                        s.point.name()
+                    )));
+                }
+            }
+            return Ok(self.info(&s, true, vec![], None));
         }
+        let (point, host, decision) = match placing {
+            Placing::New(req) => {
+                let d = self.place(req)?;
+                let p = self.point(&d.chosen).expect("decided among ours").clone();
+                (p, req.host.clone(), Some(d))
+            }
+            Placing::Kept(name, host) => {
+                let p = match self.point(&name) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = self.points[0].clone();
+                        tracing::warn!(vm, was = %name, now = %p.name(), "the export point this session was served at is gone; serving it at the first one");
+                        p
+                    }
+                };
+                (p, host, None)
+            }
+        };
         let (manifest, skipped) = self.choose_manifest(vm, backup)?;
         let dir = self.staging.session_dir(vm, &manifest.id);
         let storage = self.staging.storage().clone();
@@ -309,11 +484,14 @@ impl Datastore {
                     i,
                     &manifest.disks[i],
                     st,
-                    self.sched.clone(),
+                    point.sched.clone(),
                     record,
                 )
             })
             .collect::<Vec<_>>();
+        for d in &disks {
+            d.set_queue(point.queue.clone());
+        }
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');
         // A relocation in progress (or finished) survives restarts.
@@ -334,16 +512,137 @@ impl Datastore {
             resumed,
             dir,
             relocation: Mutex::new(relocation),
+            point: point.clone(),
+            host: host.clone(),
             feeder: OnceLock::new(),
             profile_done: AtomicBool::new(false),
             state: Mutex::new(OpenState::default()),
         });
-        // Served from now on, also by a daemon restarted after a crash.
-        self.staging.set_active(vm, &manifest.id, true)?;
+        // Served from now on, at this export point, also by a daemon
+        // restarted after a crash.
+        let record = PlacementRecord {
+            export_point: point.name().into(),
+            host,
+        };
+        self.staging.mark_active(
+            vm,
+            &manifest.id,
+            &serde_json::to_vec(&record).expect("json"),
+        )?;
         self.start_prefetch(&session);
         self.sessions.write().insert(vm.into(), session.clone());
-        tracing::info!(vm, backup = %manifest.id, resumed, "recovery session started");
-        Ok(self.info(&session, false, skipped))
+        tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
+        Ok(self.info(&session, false, skipped, decision))
+    }
+
+    /// Chooses the export point for a new recovery (see `placement`).
+    pub fn place(&self, req: &PlaceRequest) -> Result<Decision> {
+        let ip = req.host.as_deref().map(resolve_host).transpose()?;
+        let want = match req.export_point.as_deref() {
+            None | Some("auto") => Want::Auto,
+            Some(n) => Want::Named {
+                name: n.into(),
+                force: req.force,
+            },
+        };
+        let figures = self.point_figures(ip);
+        let d = placement::decide(
+            figures,
+            &want,
+            req.host.clone(),
+            self.placement.max_connections_per_host,
+            &self.placement.weights,
+        )?;
+        tracing::info!(host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
+        Ok(d)
+    }
+
+    /// Every export point's figures, as seen by a recovery for host `ip`.
+    pub fn point_figures(&self, ip: Option<std::net::IpAddr>) -> Vec<PointFigures> {
+        let sessions = self.sessions();
+        let repo_fetch_ms = repo_fetch_ms(&sessions);
+        self.points
+            .iter()
+            .map(|p| {
+                let mine: Vec<&Arc<Session>> = sessions
+                    .iter()
+                    .filter(|s| Arc::ptr_eq(&s.point, p))
+                    .collect();
+                let placed_for_host = ip.is_some_and(|ip| {
+                    mine.iter().any(|s| {
+                        s.host
+                            .as_deref()
+                            .and_then(|h| resolve_host(h).ok())
+                            .is_some_and(|h| h == ip)
+                    })
+                });
+                let mut f = PointFigures {
+                    name: p.name().into(),
+                    queue: p.queue.snapshot(),
+                    sessions: mine.len(),
+                    repo_fetch_ms,
+                    host_connected: ip.is_some_and(|ip| p.has_host(ip)) || placed_for_host,
+                    ..Default::default()
+                };
+                for s in mine {
+                    if let Some(r) = s.relocation.lock().as_ref() {
+                        let st = r.status();
+                        if st.state.is_running() {
+                            f.relocation_remaining_bytes +=
+                                st.bytes_total.saturating_sub(st.bytes_done);
+                        }
+                    }
+                    for d in &s.disks {
+                        f.unstaged_bytes += d.unstaged_bytes();
+                        f.profile_remaining_bytes += d.profile_remaining_bytes();
+                    }
+                }
+                f
+            })
+            .collect()
+    }
+
+    /// `export-points`: every export point with its figures.
+    pub fn point_status(&self) -> Vec<PointStatus> {
+        let figures = self.point_figures(None);
+        let urls = self.urls.read();
+        self.points
+            .iter()
+            .zip(figures)
+            .map(|(p, f)| {
+                let sessions = self.sessions_at(p.name());
+                let relocations = sessions
+                    .iter()
+                    .filter_map(|s| {
+                        let st = s.relocation.lock().as_ref()?.status();
+                        Some(RelocationProgress {
+                            vm: s.vm.clone(),
+                            state: format!("{:?}", st.state),
+                            progress: st.bytes_done as f64 / st.bytes_total.max(1) as f64,
+                            bytes_remaining: st.bytes_total.saturating_sub(st.bytes_done),
+                        })
+                    })
+                    .collect();
+                let u = urls.get(p.name()).cloned().unwrap_or_default();
+                PointStatus {
+                    name: p.name().into(),
+                    listen: p.spec.listen,
+                    nfs_port: p.spec.nfs_port,
+                    nbd_port: p.spec.nbd_port,
+                    sessions: sessions.iter().map(|s| s.vm.clone()).collect(),
+                    hosts: p
+                        .hosts()
+                        .into_iter()
+                        .map(|(host, connections)| HostConnections { host, connections })
+                        .collect(),
+                    queue: f.queue,
+                    relocations,
+                    predicted: placement::predict(&f, &self.placement.weights),
+                    figures: f,
+                    urls: u.nfs.into_iter().chain(u.nbd).collect(),
+                }
+            })
+            .collect()
     }
 
     /// The manifest to serve, and the kept sessions passed over because
@@ -407,7 +706,7 @@ impl Datastore {
         let f = Feeder::start(
             &session.vm,
             disks,
-            self.sched.clone(),
+            session.point.sched.clone(),
             self.prefetch.feeder.clone(),
             on_window_end,
         );
@@ -438,7 +737,13 @@ impl Datastore {
             .collect()
     }
 
-    fn info(&self, s: &Session, already_active: bool, skipped: Vec<String>) -> RecoverInfo {
+    fn info(
+        &self,
+        s: &Session,
+        already_active: bool,
+        skipped: Vec<String>,
+        placement: Option<Decision>,
+    ) -> RecoverInfo {
         let dir = self.mount.join(&s.vm);
         RecoverInfo {
             vm: s.vm.clone(),
@@ -452,17 +757,20 @@ impl Datastore {
                 .iter()
                 .map(|d| dir.join(format!("disk{}.raw", d.index)))
                 .collect(),
-            urls: s
-                .disks
-                .iter()
-                .map(|d| self.disk_urls(&s.vm, d.index))
-                .collect(),
+            urls: s.disks.iter().map(|d| self.disk_urls(s, d.index)).collect(),
+            export_point: s.point.name().into(),
+            host: s.host.clone(),
+            placement,
         }
     }
 
-    /// The NFS and NBD URLs of disk `index` of `vm`.
-    pub fn disk_urls(&self, vm: &str, index: usize) -> Vec<String> {
-        let u = self.urls.read();
+    /// The NFS and NBD URLs of disk `index` of session `s`.
+    pub fn disk_urls(&self, s: &Session, index: usize) -> Vec<String> {
+        let vm = &s.vm;
+        let all = self.urls.read();
+        let Some(u) = all.get(s.point.name()) else {
+            return vec![];
+        };
         let nfs = u.nfs.iter().map(|b| format!("{b}/{vm}/disk{index}.raw"));
         let nbd = u.nbd.iter().map(|b| match b.split_once('?') {
             // nbd+unix:///EXPORT?socket=PATH
@@ -605,7 +913,14 @@ impl Datastore {
     pub fn resume_active(&self) -> Vec<String> {
         let mut resumed = vec![];
         for (vm, backup) in self.staging.active_sessions() {
-            match self.recover(&vm, Some(&backup)) {
+            let rec: Option<PlacementRecord> =
+                serde_json::from_slice(&self.staging.active_placement(&vm, &backup)).ok();
+            let placing = match rec {
+                Some(r) => Placing::Kept(r.export_point, r.host),
+                // Marked by a daemon without export points.
+                None => Placing::Kept(self.points[0].name().into(), None),
+            };
+            match self.recover_at(&vm, Some(&backup), placing) {
                 Ok(_) => {
                     tracing::info!(
                         vm,
@@ -659,10 +974,12 @@ impl Datastore {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
             ),
+            export_point: s.point.name().into(),
+            host: s.host.clone(),
             open_handles: s.open_handles(),
             path: self.mount.join(&s.vm),
             repo_retries: self.repo.retries(),
-            scheduler: self.sched.status(),
+            scheduler: s.point.sched.status(),
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
@@ -682,6 +999,30 @@ impl Datastore {
             }
         }
         first
+    }
+}
+
+/// How `recover_at` places a session.
+enum Placing<'a> {
+    /// A new recovery: decide.
+    New(&'a PlaceRequest),
+    /// A session that was served before the restart: where it was.
+    Kept(String, Option<String>),
+}
+
+/// The repository's mean fetch latency over every disk served, weighted by
+/// fetches (0 before any).
+fn repo_fetch_ms(sessions: &[Arc<Session>]) -> f64 {
+    let (mut n, mut sum) = (0u64, 0.0);
+    for d in sessions.iter().flat_map(|s| s.disks.iter()) {
+        let c = d.stats.fetch_latency.count();
+        n += c;
+        sum += d.stats.fetch_latency.mean_us() * c as f64;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64 / 1000.0
     }
 }
 

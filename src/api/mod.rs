@@ -6,7 +6,8 @@
 //! |---|---|---|
 //! | GET | /health | daemon identity |
 //! | GET | /sessions | status of every session |
-//! | POST | /sessions `{"vm":..,"backup":..}` | recover (start or resume) |
+//! | POST | /sessions `{"vm":..,"backup":..,"host":..,"export_point":..,"force":..}` | recover (start or resume), placed on an export point; the reply says where and why |
+//! | GET | /export-points | every export point: sessions, hosts, queue, predicted latency |
 //! | GET | /sessions/{vm} | status of one session |
 //! | DELETE | /sessions/{vm}?discard=true | release |
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
@@ -70,6 +71,7 @@ pub fn router(ds: Ds) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/sessions", get(list_sessions).post(recover))
+        .route("/export-points", get(export_points))
         .route("/sessions/{vm}", get(session_status).delete(release))
         .route("/sessions/{vm}/disks/{n}/changed", get(changed))
         .route("/sessions/{vm}/relocate", axum::routing::post(relocate))
@@ -99,6 +101,14 @@ async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
 struct RecoverBody {
     vm: String,
     backup: Option<String>,
+    host: Option<String>,
+    export_point: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn export_points(State(ds): State<Ds>) -> ApiResult {
+    blocking(move || Ok(json!({ "export_points": ds.point_status() }))).await
 }
 
 async fn recover(State(ds): State<Ds>, body: Option<Json<RecoverBody>>) -> ApiResult {
@@ -107,7 +117,15 @@ async fn recover(State(ds): State<Ds>, body: Option<Json<RecoverBody>>) -> ApiRe
             "expected a JSON body {\"vm\": NAME, \"backup\": ID?}",
         )));
     };
-    blocking(move || ds.recover(&body.vm, body.backup.as_deref())).await
+    blocking(move || {
+        let req = crate::session::PlaceRequest {
+            host: body.host,
+            export_point: body.export_point,
+            force: body.force,
+        };
+        ds.recover_placed(&body.vm, body.backup.as_deref(), &req)
+    })
+    .await
 }
 
 async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {

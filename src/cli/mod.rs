@@ -132,6 +132,20 @@ pub enum Command {
         /// repeatable. No TLS: keep it on loopback or a trusted network.
         #[arg(long, value_name = "ADDR[:PORT]|unix:PATH")]
         nbd: Vec<String>,
+        /// A datastore export point with its own address (NFS on PORT,
+        /// default 2049, and 111; NBD on nbd-port, default 10809) and its
+        /// own I/O queue of at most max-inflight requests (default 64);
+        /// repeatable. Replaces --nfs/--nbd; --nfs-allow and the other NFS
+        /// options apply to every point.
+        #[arg(
+            long,
+            value_name = "NAME,listen=ADDR[,port=P][,nbd-port=P][,max-inflight=N]"
+        )]
+        export_point: Vec<String>,
+        /// Connections one hypervisor host may hold (one per datastore it
+        /// mounts; ESXi's default SunRPC.MaxConnPerIP is 4).
+        #[arg(long, default_value_t = 4)]
+        max_connections_per_host: usize,
         /// Benchmarks only: add this many ms before every chunk read, so a
         /// local repository behaves like a remote one.
         #[arg(long, hide = true)]
@@ -149,9 +163,33 @@ pub enum Command {
     Recover {
         #[command(flatten)]
         socket: SocketArg,
-        vm: String,
+        /// One or more VMs, placed one after another (each placement sees
+        /// the load of those before it).
+        #[arg(required = true)]
+        vm: Vec<String>,
         #[arg(long)]
         backup: Option<String>,
+        /// The hypervisor that will run the VM (its address or a name that
+        /// resolves to it): placement counts its connections.
+        #[arg(long)]
+        host: Option<String>,
+        /// `auto` (placement decides) or an export point's name.
+        #[arg(long, default_value = "auto")]
+        export_point: String,
+        /// Place on the named export point even if the host needs a
+        /// connection over its limit for it.
+        #[arg(long)]
+        force: bool,
+        /// Show every export point's figures and which rule chose.
+        #[arg(long)]
+        explain: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the export points: sessions, hosts, queue, predicted latency.
+    ExportPoints {
+        #[command(flatten)]
+        socket: SocketArg,
         #[arg(long)]
         json: bool,
     },
@@ -270,9 +308,12 @@ pub fn run(cli: Cli) -> Result<()> {
             nfs_no_root_squash,
             nfs_write_through,
             nbd,
+            export_point,
+            max_connections_per_host,
             repo_delay_ms,
             prefetch,
         } => {
+            let placement = placement_config(&export_point, max_connections_per_host, &nfs, &nbd)?;
             if allow_other && owner.is_none() {
                 return Err(Error::invalid(
                     "--allow-other needs --owner UID:GID, the user the hypervisor runs as (the disks are mode 0600)",
@@ -285,6 +326,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 !nfs_no_root_squash,
                 nfs_write_through,
                 owner,
+                !export_point.is_empty(),
             )?;
             let nbd = nbd
                 .iter()
@@ -314,6 +356,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     fuse_threads,
                     flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
                     prefetch: prefetch.options(),
+                    placement,
                 },
             })
         }
@@ -322,11 +365,48 @@ pub fn run(cli: Cli) -> Result<()> {
             socket,
             vm,
             backup,
+            host,
+            export_point,
+            force,
+            explain,
             json,
         } => {
-            crate::util::validate_name("VM name", &vm)?;
-            let r = client(&socket).post("/sessions", &json!({"vm": vm, "backup": backup}))?;
-            output::recovered(&r, json);
+            for v in &vm {
+                crate::util::validate_name("VM name", v)?;
+            }
+            if backup.is_some() && vm.len() > 1 {
+                return Err(Error::invalid(
+                    "--backup names one backup: recover one VM with it",
+                ));
+            }
+            let c = client(&socket);
+            let mut all = vec![];
+            // One after another: each placement sees the sessions before it.
+            for v in &vm {
+                let r = c.post(
+                    "/sessions",
+                    &json!({"vm": v, "backup": backup, "host": host,
+                            "export_point": export_point, "force": force}),
+                )?;
+                if !json {
+                    output::recovered(&r, false);
+                    output::placement(&r, explain);
+                }
+                all.push(r);
+            }
+            if json {
+                let out = if all.len() == 1 {
+                    all.pop().expect("one")
+                } else {
+                    serde_json::Value::Array(all)
+                };
+                println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+            }
+            Ok(())
+        }
+        Command::ExportPoints { socket, json } => {
+            let r = client(&socket).get("/export-points")?;
+            output::export_points(&r, json);
             Ok(())
         }
         Command::Relocate {
@@ -420,8 +500,9 @@ fn nfs_options(
     root_squash: bool,
     write_through: bool,
     owner: Option<(u32, u32)>,
+    export_points: bool,
 ) -> Result<Option<crate::export::nfs::NfsOptions>> {
-    if listen.is_empty() {
+    if listen.is_empty() && !export_points {
         if !allow.is_empty() {
             return Err(Error::invalid("--nfs-allow needs --nfs ADDR"));
         }
@@ -457,6 +538,38 @@ fn nfs_options(
         write_through,
         owner: owner.unwrap_or(me),
     }))
+}
+
+/// `--export-point` specs (or the default point) and the connection limit.
+fn placement_config(
+    specs: &[String],
+    max_connections_per_host: usize,
+    nfs: &[String],
+    nbd: &[String],
+) -> Result<crate::session::PlacementConfig> {
+    if max_connections_per_host == 0 {
+        return Err(Error::invalid(
+            "--max-connections-per-host must be at least 1",
+        ));
+    }
+    let mut cfg = crate::session::PlacementConfig {
+        max_connections_per_host,
+        ..Default::default()
+    };
+    if specs.is_empty() {
+        return Ok(cfg);
+    }
+    if !nfs.is_empty() || !nbd.is_empty() {
+        return Err(Error::invalid(
+            "--nfs/--nbd and --export-point do not mix: each export point serves NFS and NBD on its own listen=ADDR",
+        ));
+    }
+    cfg.points = specs
+        .iter()
+        .map(|s| crate::placement::PointSpec::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    crate::placement::check_points(&cfg.points)?;
+    Ok(cfg)
 }
 
 /// `UID:GID`, numbers or names.

@@ -18,17 +18,25 @@ pub mod nfs;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::placement::ExportPoint;
 use crate::session::Datastore;
 
-/// The datastore's disks as NBD exports: `vm/diskN` for every disk of
-/// every session being served. An open export holds its session open (an
-/// attachment), so `release` refuses while a client has it.
-pub struct DiskExports(pub Arc<Datastore>);
+/// The disks of one export point as NBD exports: `vm/diskN` for every
+/// disk of every session served there. An open export holds its session
+/// open (an attachment), so `release` refuses while a client has it.
+pub struct DiskExports {
+    pub ds: Arc<Datastore>,
+    pub point: Arc<ExportPoint>,
+}
 
 impl nbd::Exports for DiskExports {
+    fn connected(&self, peer: std::net::IpAddr) -> Option<Box<dyn std::any::Any + Send>> {
+        Some(Box::new(self.point.connected(peer)))
+    }
+
     fn list(&self) -> Vec<(String, String)> {
-        self.0
-            .sessions()
+        self.ds
+            .sessions_at(self.point.name())
             .iter()
             .flat_map(|s| {
                 s.disks.iter().map(move |d| {
@@ -62,7 +70,10 @@ impl nbd::Exports for DiskExports {
             .and_then(|n| n.parse().ok())
             .filter(|i| disk == format!("disk{i}"))
             .ok_or_else(unknown)?;
-        let s = self.0.session(vm).ok_or_else(unknown)?;
+        let s = self
+            .ds
+            .session_at(vm, self.point.name())
+            .ok_or_else(unknown)?;
         let d = s.disks.get(index).cloned().ok_or_else(unknown)?;
         let held = s
             .attach()

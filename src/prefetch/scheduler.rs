@@ -5,6 +5,11 @@
 //! * Background classes (profile, relocation, readahead) may together hold
 //!   at most `background_limit` workers, so some workers are always free
 //!   for a miss, and the limit shrinks when on-demand latency rises.
+//! * With an export point's [`IoQueue`], profile and readahead jobs also
+//!   need an async slot of that queue, taken without waiting when the job
+//!   is popped (a worker never blocks on the queue while a guest request
+//!   may wait for its fetch). Relocation jobs run on the copier's slot,
+//!   on-demand jobs on the guest request's.
 //! * A job can be promoted: it is pushed again onto a more urgent queue and
 //!   whichever copy a worker pops first runs it; the other is skipped.
 
@@ -19,12 +24,16 @@ use serde::Serialize;
 use super::backoff::Backoff;
 use super::Class;
 use crate::metrics::LatencyHistogram;
+use crate::placement::{queue::Ticket, IoClass, IoQueue};
 
 type Work = Box<dyn FnOnce() + Send + 'static>;
+type Popped = (Arc<Job>, Class, Option<Ticket>);
 
 /// One queued fetch; shared between the queue(s) and the block's slot.
 pub struct Job {
     work: Mutex<Option<Work>>,
+    /// Bytes it moves, for the export point's queue.
+    bytes: u64,
     class: AtomicU8,
     started: AtomicBool,
     queued_at: Instant,
@@ -51,21 +60,34 @@ impl State {
     }
 
     /// Pops the most urgent runnable job, skipping copies of jobs that a
-    /// promotion already ran.
-    fn pop(&mut self, now: Instant) -> Option<(Arc<Job>, Class)> {
+    /// promotion already ran; with it, the async slot it needs.
+    fn pop(&mut self, now: Instant, io: Option<&Arc<IoQueue>>) -> Option<Popped> {
         for c in Class::ALL {
             if c != Class::OnDemand && self.background_running() >= self.backoff.limit(now) {
                 return None;
             }
-            while let Some(job) = self.queues[c as usize].pop_front() {
-                if job.started.swap(true, Ordering::AcqRel) {
-                    continue;
-                }
-                let class = job.class();
-                self.queued[class as usize] -= 1;
-                self.running[class as usize] += 1;
-                return Some((job, class));
+            let q = &mut self.queues[c as usize];
+            while q.front().is_some_and(|j| j.started.load(Ordering::Acquire)) {
+                q.pop_front();
             }
+            let Some(front) = q.front() else { continue };
+            let ticket = match (io, c) {
+                (Some(io), Class::Profile | Class::Readahead) => {
+                    match io.try_enter(IoClass::Async, front.bytes) {
+                        Some(t) => Some(t),
+                        // Guest I/O has the point; relocation jobs (on
+                        // the copier's slot) may still run.
+                        None => continue,
+                    }
+                }
+                _ => None,
+            };
+            let job = q.pop_front().expect("front exists");
+            job.started.store(true, Ordering::Release);
+            let class = job.class();
+            self.queued[class as usize] -= 1;
+            self.running[class as usize] += 1;
+            return Some((job, class, ticket));
         }
         None
     }
@@ -73,6 +95,8 @@ impl State {
 
 struct Inner {
     state: Mutex<State>,
+    /// The export point's queue, if any.
+    io: Option<Arc<IoQueue>>,
     cv: Condvar,
     workers: usize,
     /// Queue wait plus fetch time of on-demand jobs.
@@ -122,6 +146,11 @@ impl Scheduler {
     /// `workers` threads; at least a quarter of them (and at least one)
     /// stay reserved for on-demand fetches.
     pub fn new(name: &str, workers: usize) -> Arc<Scheduler> {
+        Self::with_queue(name, workers, None)
+    }
+
+    /// A scheduler whose background fetches take async slots of `io`.
+    pub fn with_queue(name: &str, workers: usize, io: Option<Arc<IoQueue>>) -> Arc<Scheduler> {
         let workers = workers.max(2);
         let reserved = (workers / 4).max(1);
         let inner = Arc::new(Inner {
@@ -132,6 +161,7 @@ impl Scheduler {
                 backoff: Backoff::new(workers - reserved),
                 shutdown: false,
             }),
+            io: io.clone(),
             cv: Condvar::new(),
             workers,
             on_demand_latency: LatencyHistogram::default(),
@@ -144,12 +174,32 @@ impl Scheduler {
                 .spawn(move || worker(&inner))
                 .expect("spawn fetch worker");
         }
+        if let Some(io) = io {
+            // A freed slot may admit a queued background job.
+            let weak = Arc::downgrade(&inner);
+            io.on_free(Box::new(move || {
+                if let Some(i) = weak.upgrade() {
+                    i.cv.notify_one();
+                }
+            }));
+        }
         Arc::new(Scheduler { inner })
     }
 
     /// Queues `work` in `class`; the returned job can later be promoted.
     pub fn submit(&self, class: Class, work: impl FnOnce() + Send + 'static) -> Arc<Job> {
+        self.submit_sized(class, 0, work)
+    }
+
+    /// `submit` for a job that moves `bytes` (what it costs the queue).
+    pub fn submit_sized(
+        &self,
+        class: Class,
+        bytes: u64,
+        work: impl FnOnce() + Send + 'static,
+    ) -> Arc<Job> {
         let job = Arc::new(Job {
+            bytes,
             work: Mutex::new(Some(Box::new(work))),
             class: AtomicU8::new(class as u8),
             started: AtomicBool::new(false),
@@ -224,13 +274,13 @@ impl Drop for Scheduler {
 
 fn worker(inner: &Inner) {
     loop {
-        let (job, class) = {
+        let (job, class, ticket) = {
             let mut st = inner.state.lock();
             loop {
                 if st.shutdown {
                     return;
                 }
-                if let Some(j) = st.pop(Instant::now()) {
+                if let Some(j) = st.pop(Instant::now(), inner.io.as_ref()) {
                     break j;
                 }
                 // A timeout lets a relaxed backoff limit admit queued work.
@@ -249,6 +299,7 @@ fn worker(inner: &Inner) {
                 );
             }
         }
+        drop(ticket);
         let now = Instant::now();
         let mut st = inner.state.lock();
         st.running[class as usize] -= 1;

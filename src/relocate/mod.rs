@@ -38,6 +38,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::placement::IoClass;
 use crate::repo::chunk::is_zero;
 use crate::repo::limits::MAX_META_BYTES;
 use crate::staging::io::{self, BlockFile, Open, Storage};
@@ -63,6 +64,16 @@ pub enum State {
     Done,
     Failed,
     NotConverging,
+}
+
+impl State {
+    /// Still copying (future async load).
+    pub fn is_running(self) -> bool {
+        matches!(
+            self,
+            State::Copying | State::Converging | State::NotConverging
+        )
+    }
 }
 
 /// `relocation.json` in the session's staging directory.
@@ -548,13 +559,25 @@ impl Relocation {
                 self.yield_to_guest(d);
                 d.copy_cursor(&order, pos);
             }
-            if let Some(stamp) = self.copy_block(d, t, b)? {
+            // Outside the cutover the copy competes in the export point's
+            // queue as async work; the final pass runs while guest writes
+            // are paused, and waiting behind them there would deadlock.
+            let slot = (!final_pass)
+                .then(|| {
+                    d.queue()
+                        .map(|q| q.enter(IoClass::Async, d.block_range(b).1))
+                })
+                .flatten();
+            let copied = self.copy_block(d, t, b)?;
+            drop(slot);
+            if let Some(stamp) = copied {
                 batch.push((b, stamp));
             }
             if batch.len() >= BATCH {
                 self.commit(i, &mut batch)?;
             }
-            if !final_pass {
+            // A hole moves no bytes, so it costs no rate.
+            if !final_pass && !d.is_hole(b) {
                 self.throttle(d.block_range(b).1);
                 self.check_progress();
             }

@@ -34,7 +34,14 @@ fn rig() -> Rig {
         default_profile: false,
         ..Default::default()
     };
-    let ds = Datastore::new(repo.clone(), staging, &dir.path().join("mnt"), 4, prefetch);
+    let ds = Datastore::new(
+        repo.clone(),
+        staging,
+        &dir.path().join("mnt"),
+        4,
+        prefetch,
+        Default::default(),
+    );
     Rig {
         dir,
         repo,

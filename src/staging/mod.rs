@@ -243,6 +243,19 @@ impl StagingDir {
 
     /// Marks a session as being served (or not), durably: a daemon that
     /// restarts after a crash serves it again without being asked.
+    /// `set_active(.., true)` that also records where the session is
+    /// exported (`placement`, JSON), read back by [`Self::active_placement`].
+    pub fn mark_active(&self, vm: &str, backup: &str, placement: &[u8]) -> Result<()> {
+        let p = self.session_dir(vm, backup).join("active");
+        io::replace(self.storage.as_ref(), &p, placement)
+    }
+
+    /// What `mark_active` recorded (empty for sessions marked by an older
+    /// daemon, or not active).
+    pub fn active_placement(&self, vm: &str, backup: &str) -> Vec<u8> {
+        fs::read(self.session_dir(vm, backup).join("active")).unwrap_or_default()
+    }
+
     pub fn set_active(&self, vm: &str, backup: &str, active: bool) -> Result<()> {
         let p = self.session_dir(vm, backup).join("active");
         if active {

@@ -144,6 +144,9 @@ pub struct Volume {
     /// The first failed sync of this disk's staging; sticky until release.
     failed: OnceLock<Error>,
     sched: Arc<Scheduler>,
+    /// The export point's queue that guest requests pass (none in tests
+    /// that run a bare volume).
+    io: OnceLock<Arc<crate::placement::IoQueue>>,
     pub stats: VolumeStats,
     /// First reads (the profile being recorded) and the applied profile.
     pub(crate) tracker: Tracker,
@@ -246,6 +249,7 @@ impl Volume {
             flush_requests: AtomicU64::new(0),
             failed: OnceLock::new(),
             sched,
+            io: OnceLock::new(),
             stats: VolumeStats::default(),
             tracker: Tracker::new(nblocks, record),
             streams: Detector::default(),
@@ -266,6 +270,43 @@ impl Volume {
 
     pub fn name(&self) -> String {
         format!("disk{}", self.index)
+    }
+
+    /// Puts the volume behind its export point's queue (once, before any
+    /// frontend sees it).
+    pub fn set_queue(&self, q: Arc<crate::placement::IoQueue>) {
+        let _ = self.io.set(q);
+    }
+
+    pub fn queue(&self) -> Option<&Arc<crate::placement::IoQueue>> {
+        self.io.get()
+    }
+
+    /// Waits for a slot of the export point's queue.
+    fn enter(
+        &self,
+        class: crate::placement::IoClass,
+        bytes: u64,
+    ) -> Option<crate::placement::queue::Ticket> {
+        self.io.get().map(|q| q.enter(class, bytes))
+    }
+
+    /// Bytes of the applied profile's blocks not staged yet (approximated
+    /// by whole blocks).
+    pub fn profile_remaining_bytes(&self) -> u64 {
+        let f = self.tracker.figures(|b| self.store.present.test(b));
+        f.blocks.saturating_sub(f.staged) * self.block_size
+    }
+
+    /// Bytes of blocks with data in the backup that are not staged yet.
+    pub fn unstaged_bytes(&self) -> u64 {
+        if self.target.get().is_some() {
+            return 0;
+        }
+        (0..self.nblocks)
+            .filter(|&b| self.chunks[b as usize].is_some() && !self.store.present.test(b))
+            .map(|b| self.block_len(b))
+            .sum()
     }
 
     fn block_len(&self, b: u64) -> u64 {
@@ -365,11 +406,15 @@ impl Volume {
     fn queue_fetch(&self, b: u64, s: &Arc<Slot>) {
         let mut j = s.job.lock();
         let (me, slot) = (self.me.clone(), s.clone());
-        j.0 = Some(self.sched.submit(j.1, move || match me.upgrade() {
-            Some(v) => v.fetch(b, &slot),
-            // The volume is gone: nobody waits for this block any more.
-            None => slot.finish(Err(Error::busy("the disk was released"))),
-        }));
+        let bytes = self.block_len(b);
+        j.0 = Some(
+            self.sched
+                .submit_sized(j.1, bytes, move || match me.upgrade() {
+                    Some(v) => v.fetch(b, &slot),
+                    // The volume is gone: nobody waits for this block any more.
+                    None => slot.finish(Err(Error::busy("the disk was released"))),
+                }),
+        );
     }
 
     /// Starts fetching `b` in the background unless it is local or
@@ -490,6 +535,7 @@ impl Volume {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
+        let _slot = self.enter(crate::placement::IoClass::Sync, len);
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
             Some(t) => {
@@ -639,6 +685,7 @@ impl Volume {
             tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
         // A failed disk takes no new bytes: they could never be made durable.
         self.check_failed()?;
+        let _slot = self.enter(crate::placement::IoClass::Sync, len);
         let _gate = self.write_gate.read();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {

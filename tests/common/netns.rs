@@ -61,6 +61,31 @@ impl Host {
         host
     }
 
+    /// Another address on the server's side of this host's link
+    /// (198.18.N.`last`), e.g. for one export point each; the host reaches
+    /// it directly.
+    pub fn add_server_addr(&self, last: u8) -> String {
+        let a = format!("198.18.{}.{last}", self.addr.split('.').nth(2).unwrap());
+        let outer = format!(
+            "rv{}o{}",
+            std::process::id() % 10_000,
+            self.addr.split('.').nth(2).unwrap()
+        );
+        ip(&["addr", "add", &format!("{a}/32"), "dev", &outer]);
+        a
+    }
+
+    /// Starts a command inside the host, in the background.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs a command inside the host.
     pub fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new("ip")

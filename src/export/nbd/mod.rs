@@ -73,6 +73,11 @@ pub trait Exports: Send + Sync + 'static {
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
     fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
+    /// A TCP client connected from `peer`: a guard kept while the
+    /// connection lasts (the export point counts its hosts this way).
+    fn connected(&self, _peer: std::net::IpAddr) -> Option<Box<dyn Any + Send>> {
+        None
+    }
 }
 
 /// Where the server listens.
@@ -327,8 +332,12 @@ async fn accept_tcp(
                 Ok((stream, peer)) => {
                     // Replies are small messages: do not wait for ACKs.
                     let _ = stream.set_nodelay(true);
+                    let held = exports.connected(peer.ip());
                     let c = connection(stream, peer.to_string(), exports.clone(), stop.clone());
-                    conns.spawn(c);
+                    conns.spawn(async move {
+                        c.await;
+                        drop(held);
+                    });
                 }
                 Err(e) => accept_failed(e).await,
             },

@@ -116,16 +116,22 @@ pub const X: u32 = 1;
 
 pub struct Namespace {
     ds: Arc<Datastore>,
+    /// The export point whose sessions it shows.
+    point: String,
     owner: (u32, u32),
     fsid: u64,
     started: SystemTime,
 }
 
 impl Namespace {
-    pub fn new(ds: Arc<Datastore>, owner: (u32, u32)) -> Namespace {
-        let fsid = u64::from_be_bytes(key(&ds.staging_root().to_string_lossy()));
+    pub fn new(ds: Arc<Datastore>, point: &str, owner: (u32, u32)) -> Namespace {
+        let fsid = u64::from_be_bytes(key(&format!(
+            "{}\0{point}",
+            ds.staging_root().to_string_lossy()
+        )));
         Namespace {
             ds,
+            point: point.into(),
             owner,
             fsid,
             started: SystemTime::now(),
@@ -170,7 +176,7 @@ impl Namespace {
         let id = u64::from_be_bytes(h[20..28].try_into().expect("8 bytes"));
         let s = self
             .ds
-            .sessions()
+            .sessions_at(&self.point)
             .into_iter()
             .find(|s| key(&s.vm) == vm)
             .ok_or(nfsstat3::NFS3ERR_STALE)?;
@@ -298,7 +304,7 @@ impl Namespace {
             (Node::Root, "." | "..") => Ok(Node::Root),
             (Node::Root, vm) => self
                 .ds
-                .session(vm)
+                .session_at(vm, &self.point)
                 .map(Node::Dir)
                 .ok_or(nfsstat3::NFS3ERR_NOENT),
             (Node::Dir(s), ".") => Ok(Node::Dir(s.clone())),
@@ -321,7 +327,7 @@ impl Namespace {
         match dir {
             Node::Root => Ok(self
                 .ds
-                .sessions()
+                .sessions_at(&self.point)
                 .into_iter()
                 .map(|s| (s.vm.clone(), Node::Dir(s)))
                 .collect()),

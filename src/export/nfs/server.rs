@@ -18,6 +18,7 @@ use super::proto::{dispatch, Conn, Ctx};
 use super::rpc::{self, read_record, BadCall, Cred};
 use super::xdr::Reader;
 use crate::error::{Error, ErrorKind, Result};
+use crate::placement::ExportPoint;
 use crate::session::Datastore;
 
 /// Calls answered at once per connection; more wait in the socket.
@@ -85,6 +86,7 @@ fn is_loopback(ip: IpAddr) -> bool {
 
 struct Shared {
     ns: Namespace,
+    point: Arc<ExportPoint>,
     opts: NfsOptions,
     side_verifier: [u8; 8],
 }
@@ -126,6 +128,7 @@ impl NfsServer {
     pub fn start(
         rt: &tokio::runtime::Handle,
         ds: Arc<Datastore>,
+        point: Arc<ExportPoint>,
         opts: NfsOptions,
     ) -> Result<NfsServer> {
         let mut listeners = vec![];
@@ -140,7 +143,8 @@ impl NfsServer {
             }
         }
         let shared = Arc::new(Shared {
-            ns: Namespace::new(ds, opts.owner),
+            ns: Namespace::new(ds, point.name(), opts.owner),
+            point,
             opts,
             side_verifier: super::side_file_verifier(),
         });
@@ -208,6 +212,7 @@ async fn accept_loop(
 
 async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_port: u16) {
     let allowed = shared.opts.allows(peer.ip());
+    let _host = allowed.then(|| shared.point.connected(peer.ip()));
     if allowed {
         tracing::debug!(%peer, "NFS client connected");
     } else {

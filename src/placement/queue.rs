@@ -1,0 +1,297 @@
+//! One export point's I/O queue: every guest request to a disk of a
+//! session placed there (synchronous class) and every relocation copy and
+//! background fetch for those sessions (asynchronous class) passes through
+//! it, so one VM's background work competes with exactly the guest I/O it
+//! would meet on a hypervisor's connection to that datastore.
+//!
+//! * At most `max_inflight` requests run at once; the rest wait, and
+//!   what waits is the queue the placement reads.
+//! * Synchronous requests go first: an asynchronous one is admitted only
+//!   while no synchronous request waits, and never into the last quarter
+//!   of the slots, which stay free for guest I/O.
+//! * Asynchronous admission can be tried without waiting
+//!   ([`IoQueue::try_enter`]): a fetch worker must never block on it while
+//!   a guest request waits for that worker's fetch.
+//!
+//! Figures for placement come from completions of the last
+//! [`WINDOW`]: drain rate, mean service time, async share.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+/// How far back drain rate, service time and async share look.
+pub const WINDOW: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoClass {
+    /// A guest is waiting for it.
+    Sync = 0,
+    /// Relocation copies, prefetch, readahead.
+    Async = 1,
+}
+
+pub struct IoQueue {
+    max_inflight: usize,
+    /// Slots an asynchronous request may never take.
+    reserved: usize,
+    st: Mutex<QState>,
+    cv: Condvar,
+    /// Called when a slot frees (a scheduler waiting to try again).
+    on_free: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+}
+
+#[derive(Default)]
+struct QState {
+    inflight: [usize; 2],
+    inflight_bytes: [u64; 2],
+    waiting: [usize; 2],
+    waiting_bytes: [u64; 2],
+    done: VecDeque<Done>,
+    started: Option<Instant>,
+}
+
+struct Done {
+    at: Instant,
+    bytes: u64,
+    class: IoClass,
+    service: Duration,
+}
+
+/// What [`IoQueue::snapshot`] reports.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Default)]
+pub struct QueueFigures {
+    pub max_inflight: usize,
+    pub queued_requests: usize,
+    pub queued_bytes: u64,
+    pub inflight_requests: usize,
+    pub inflight_bytes: u64,
+    /// Bytes completed per second over the window (0: nothing completed).
+    pub drain_bytes_per_s: f64,
+    /// Mean time from admission to completion of requests in the window.
+    pub service_ms: f64,
+    /// Asynchronous share of the bytes completed in the window (0..1).
+    pub async_share: f64,
+    pub completed_requests: usize,
+}
+
+/// An admitted request; completing it is dropping it.
+pub struct Ticket {
+    q: Arc<IoQueue>,
+    class: IoClass,
+    bytes: u64,
+    admitted: Instant,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.q
+            .complete(self.class, self.bytes, self.admitted.elapsed());
+    }
+}
+
+impl IoQueue {
+    pub fn new(max_inflight: usize) -> Arc<IoQueue> {
+        let max_inflight = max_inflight.max(1);
+        Arc::new(IoQueue {
+            max_inflight,
+            reserved: (max_inflight / 4).max(1).min(max_inflight - 1),
+            st: Mutex::new(QState::default()),
+            cv: Condvar::new(),
+            on_free: Mutex::new(vec![]),
+        })
+    }
+
+    pub fn max_inflight(&self) -> usize {
+        self.max_inflight
+    }
+
+    /// Registers a callback run (without the queue's lock) whenever a
+    /// request completes.
+    pub fn on_free(&self, f: Box<dyn Fn() + Send + Sync>) {
+        self.on_free.lock().push(f);
+    }
+
+    fn admissible(&self, st: &QState, class: IoClass) -> bool {
+        let total = st.inflight[0] + st.inflight[1];
+        match class {
+            IoClass::Sync => total < self.max_inflight,
+            IoClass::Async => {
+                st.waiting[IoClass::Sync as usize] == 0 && total < self.max_inflight - self.reserved
+            }
+        }
+    }
+
+    fn admit(self: &Arc<Self>, st: &mut QState, class: IoClass, bytes: u64) -> Ticket {
+        st.inflight[class as usize] += 1;
+        st.inflight_bytes[class as usize] += bytes;
+        st.started.get_or_insert_with(Instant::now);
+        Ticket {
+            q: self.clone(),
+            class,
+            bytes,
+            admitted: Instant::now(),
+        }
+    }
+
+    /// Waits for a slot of `class`.
+    pub fn enter(self: &Arc<Self>, class: IoClass, bytes: u64) -> Ticket {
+        let mut st = self.st.lock();
+        if st.waiting[0] + st.waiting[1] == 0 && self.admissible(&st, class) {
+            return self.admit(&mut st, class, bytes);
+        }
+        st.waiting[class as usize] += 1;
+        st.waiting_bytes[class as usize] += bytes;
+        // Synchronous waiters are served before asynchronous ones: an
+        // async waiter yields while any sync request waits.
+        while !self.admissible(&st, class) {
+            self.cv.wait(&mut st);
+        }
+        st.waiting[class as usize] -= 1;
+        st.waiting_bytes[class as usize] -= bytes;
+        let t = self.admit(&mut st, class, bytes);
+        drop(st);
+        // Another waiter may fit too (several slots freed at once).
+        self.cv.notify_all();
+        t
+    }
+
+    /// A slot of `class` if one is free now.
+    pub fn try_enter(self: &Arc<Self>, class: IoClass, bytes: u64) -> Option<Ticket> {
+        let mut st = self.st.lock();
+        let idle = st.waiting[class as usize] == 0;
+        (idle && self.admissible(&st, class)).then(|| self.admit(&mut st, class, bytes))
+    }
+
+    fn complete(&self, class: IoClass, bytes: u64, service: Duration) {
+        let now = Instant::now();
+        let mut st = self.st.lock();
+        st.inflight[class as usize] -= 1;
+        st.inflight_bytes[class as usize] -= bytes;
+        st.done.push_back(Done {
+            at: now,
+            bytes,
+            class,
+            service,
+        });
+        while st.done.front().is_some_and(|d| now - d.at > WINDOW) {
+            st.done.pop_front();
+        }
+        drop(st);
+        self.cv.notify_all();
+        for f in self.on_free.lock().iter() {
+            f();
+        }
+    }
+
+    pub fn snapshot(&self) -> QueueFigures {
+        let now = Instant::now();
+        let st = self.st.lock();
+        let recent: Vec<&Done> = st.done.iter().filter(|d| now - d.at <= WINDOW).collect();
+        let bytes: u64 = recent.iter().map(|d| d.bytes).sum();
+        let async_bytes: u64 = recent
+            .iter()
+            .filter(|d| d.class == IoClass::Async)
+            .map(|d| d.bytes)
+            .sum();
+        // Over the window, or since the first request if that is shorter.
+        let span = st
+            .started
+            .map(|s| (now - s).min(WINDOW))
+            .unwrap_or(WINDOW)
+            .as_secs_f64()
+            .max(0.1);
+        let service: Duration = recent.iter().map(|d| d.service).sum();
+        QueueFigures {
+            max_inflight: self.max_inflight,
+            queued_requests: st.waiting[0] + st.waiting[1],
+            queued_bytes: st.waiting_bytes[0] + st.waiting_bytes[1],
+            inflight_requests: st.inflight[0] + st.inflight[1],
+            inflight_bytes: st.inflight_bytes[0] + st.inflight_bytes[1],
+            drain_bytes_per_s: bytes as f64 / span,
+            service_ms: if recent.is_empty() {
+                0.0
+            } else {
+                service.as_secs_f64() * 1000.0 / recent.len() as f64
+            },
+            async_share: if bytes == 0 {
+                0.0
+            } else {
+                async_bytes as f64 / bytes as f64
+            },
+            completed_requests: recent.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn requests_beyond_max_inflight_wait_and_show_as_queued() {
+        let q = IoQueue::new(2);
+        let a = q.enter(IoClass::Sync, 4096);
+        let b = q.enter(IoClass::Sync, 4096);
+        let q2 = q.clone();
+        let t = std::thread::spawn(move || drop(q2.enter(IoClass::Sync, 1 << 20)));
+        while q.snapshot().queued_requests == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let f = q.snapshot();
+        assert_eq!((f.queued_bytes, f.inflight_bytes), (1 << 20, 8192));
+        drop(a);
+        t.join().unwrap();
+        drop(b);
+        let f = q.snapshot();
+        assert_eq!((f.queued_requests, f.inflight_requests), (0, 0));
+        assert_eq!(f.completed_requests, 3);
+        assert!(f.drain_bytes_per_s > 0.0);
+    }
+
+    #[test]
+    fn async_requests_never_take_the_reserved_slots_nor_pass_a_waiting_guest() {
+        let q = IoQueue::new(4); // one slot reserved for guest I/O
+        let held: Vec<Ticket> = (0..3)
+            .map(|_| q.try_enter(IoClass::Async, 1).expect("a free async slot"))
+            .collect();
+        assert!(
+            q.try_enter(IoClass::Async, 1).is_none(),
+            "the last slot is the guest's"
+        );
+        let g = q.enter(IoClass::Sync, 1);
+        // Now full: a guest request waits, and async may not pass it.
+        let q2 = q.clone();
+        let order = Arc::new(AtomicUsize::new(0));
+        let o = order.clone();
+        let sync = std::thread::spawn(move || {
+            let _t = q2.enter(IoClass::Sync, 1);
+            o.fetch_add(1, Ordering::SeqCst);
+        });
+        while q.snapshot().queued_requests == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        assert!(q.try_enter(IoClass::Async, 1).is_none() || order.load(Ordering::SeqCst) == 1);
+        sync.join().unwrap();
+        drop(g);
+        assert!(q.try_enter(IoClass::Async, 1).is_some());
+    }
+
+    #[test]
+    fn async_share_and_service_time_come_from_recent_completions() {
+        let q = IoQueue::new(8);
+        drop(q.enter(IoClass::Sync, 1000));
+        {
+            let _t = q.enter(IoClass::Async, 3000);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let f = q.snapshot();
+        assert!((f.async_share - 0.75).abs() < 1e-9, "{f:?}");
+        assert!(f.service_ms >= 10.0, "{f:?}");
+    }
+}

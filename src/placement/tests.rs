@@ -1,0 +1,178 @@
+use super::*;
+
+fn point(name: &str) -> PointFigures {
+    PointFigures {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn busy(name: &str, queued: u64) -> PointFigures {
+    let mut p = point(name);
+    p.queue.queued_bytes = queued;
+    p.queue.drain_bytes_per_s = 100e6;
+    p.queue.service_ms = 1.0;
+    p.queue.completed_requests = 100;
+    p
+}
+
+fn auto(points: Vec<PointFigures>, host: Option<&str>, max: usize) -> Decision {
+    decide(
+        points,
+        &Want::Auto,
+        host.map(String::from),
+        max,
+        &Weights::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn export_point_specs_parse_and_bad_ones_say_why() {
+    let p =
+        PointSpec::parse("ds1,listen=198.18.0.1,port=2050,max-inflight=8,staging=/srv/s").unwrap();
+    assert_eq!(p.name, "ds1");
+    assert_eq!(p.nfs_addr().unwrap().to_string(), "198.18.0.1:2050");
+    assert_eq!(p.nbd_addr().unwrap().port(), NBD_PORT);
+    assert_eq!(p.max_inflight, 8);
+    assert_eq!(p.staging.as_deref(), Some(std::path::Path::new("/srv/s")));
+    for (bad, why) in [
+        ("ds1", "listen=ADDR is required"),
+        ("ds1,listen=nowhere", "not an IP address"),
+        ("ds1,listen=::1,colour=red", "unknown key"),
+        ("../x,listen=::1", "export point name"),
+        ("ds1,listen=::1,max-inflight=1", "must be a number"),
+    ] {
+        let e = PointSpec::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn two_export_points_on_one_address_or_name_are_refused() {
+    let a = PointSpec::parse("a,listen=198.18.0.1").unwrap();
+    let b = PointSpec::parse("b,listen=198.18.0.1,port=2050").unwrap();
+    let e = check_points(&[a.clone(), b]).unwrap_err().to_string();
+    assert!(e.contains("both listen on 198.18.0.1"), "{e}");
+    let e = check_points(&[a.clone(), a]).unwrap_err().to_string();
+    assert!(e.contains("given twice"), "{e}");
+}
+
+#[test]
+fn a_host_with_headroom_goes_to_a_point_it_does_not_use_yet_the_least_loaded() {
+    let mut a = busy("a", 0);
+    a.host_connected = true;
+    let d = auto(
+        vec![a, busy("b", 500_000_000), busy("c", 1_000_000)],
+        Some("h"),
+        2,
+    );
+    assert_eq!((d.chosen.as_str(), d.rule), ("c", Rule::ConnectionHeadroom));
+    assert!(
+        !d.candidates[0].eligible,
+        "a point the host uses is not a candidate"
+    );
+}
+
+#[test]
+fn a_host_at_its_limit_stays_on_its_points_and_takes_the_less_loaded() {
+    let mut a = busy("a", 500_000_000);
+    let mut b = busy("b", 1_000_000);
+    a.host_connected = true;
+    b.host_connected = true;
+    let idle = point("c"); // least loaded, but a third connection
+    let d = auto(vec![a, b, idle], Some("h"), 2);
+    assert_eq!((d.chosen.as_str(), d.rule), ("b", Rule::LeastLatency));
+    let qa = &d.candidates[0].prediction;
+    assert!(
+        qa.queue_ms > 1000.0,
+        "500 MB queued at 100 MB/s is 5 s: {qa:?}"
+    );
+}
+
+#[test]
+fn a_relocation_nearly_done_predicts_less_than_one_just_started() {
+    let total = 64u64 << 30;
+    let mut a = point("a");
+    a.relocation_remaining_bytes = total / 20; // 95 % done
+    let mut b = point("b");
+    b.relocation_remaining_bytes = total * 9 / 10; // 10 % done
+    let d = auto(vec![b, a], None, 4);
+    assert_eq!(d.chosen, "a");
+    assert!(d.candidates[0].prediction.future_ms > d.candidates[1].prediction.future_ms);
+}
+
+#[test]
+fn unstaged_data_on_a_slow_repository_counts_against_a_point() {
+    let mut cold = point("cold");
+    cold.unstaged_bytes = 8 << 30;
+    cold.repo_fetch_ms = 50.0;
+    let mut warm = point("warm");
+    warm.repo_fetch_ms = 50.0;
+    let d = auto(vec![cold, warm], None, 4);
+    assert_eq!(d.chosen, "warm");
+    assert!(d.candidates[0].prediction.repository_ms > 10.0);
+    assert_eq!(d.candidates[1].prediction.repository_ms, 0.0);
+}
+
+#[test]
+fn ties_go_to_the_smaller_async_share() {
+    let mut a = point("a");
+    let mut b = point("b");
+    // Same prediction, different history of async work.
+    a.queue.async_share = 0.0;
+    b.queue.async_share = 0.0;
+    a.queue.completed_requests = 0;
+    let d = auto(vec![a.clone(), b.clone()], None, 4);
+    assert_eq!(d.chosen, "a", "names break exact ties");
+    a.queue.async_share = 0.001;
+    let d = decide(
+        vec![a, b],
+        &Want::Auto,
+        None,
+        4,
+        &Weights {
+            async_share: 0.0, // the share costs nothing: a pure tie
+            ..Weights::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((d.chosen.as_str(), d.rule), ("b", Rule::TieAsyncShare));
+}
+
+#[test]
+fn a_forced_point_needing_a_connection_over_the_limit_is_refused_without_force() {
+    let mut a = point("a");
+    a.host_connected = true;
+    let pts = vec![a, point("b")];
+    let want = |force| Want::Named {
+        name: "b".into(),
+        force,
+    };
+    let w = Weights::default();
+    let e = decide(pts.clone(), &want(false), Some("h".into()), 1, &w)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--max-connections-per-host 1") && e.contains("--force"),
+        "{e}"
+    );
+    let d = decide(pts.clone(), &want(true), Some("h".into()), 1, &w).unwrap();
+    assert_eq!((d.chosen.as_str(), d.rule), ("b", Rule::Forced));
+    let e = decide(
+        pts,
+        &Want::Named {
+            name: "zz".into(),
+            force: false,
+        },
+        None,
+        1,
+        &w,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("no export point \"zz\"") && e.contains("a, b"),
+        "{e}"
+    );
+}
