@@ -19,11 +19,15 @@
 //!  → fuse-io pool; fsync → sync       │                                   │
 //!        └────────────── disk::Disk (read, write, write-zeroes, discard, flush, block status) ──┘
 //!                                     │  (an open NFS client / NBD connection = an open handle)
+//!                                     │  each export point: its own NFS/NBD address, sessions, I/O queue
+//!                                     │  (placement::IoQueue: guest requests = sync class, first; relocation
+//!                                     │  copies, profile/readahead fetches = async class) and fetch scheduler;
+//!                                     │  session::Datastore::place picks the point of a new recovery
 //!                                     ▼
 //!  volume ──claim block (in-flight table: one fill per block; writes claim in ascending block order)
 //!        │ owner                        │ waiter (promotes a queued job)
 //!        ▼                              ▼
-//!  prefetch::Scheduler (one per daemon; on-demand > profile > relocation > readahead)
+//!  prefetch::Scheduler (one per export point; on-demand > profile > relocation > readahead)
 //!       N fetch workers: repo.read_chunk ─▶ verify digest ─▶ staging write (io gate: never after release)
 //!                             └──▶ presence bit set ──▶ waiters wake, read staging
 //!  staging::io::Storage ── every staging, map, metadata and relocation-target file (tests: faults, power cuts)
@@ -100,7 +104,7 @@
 //! | NFS FILE_SYNC/DATA_SYNC write, COMMIT | before the reply (= a guest fsync) | — | `nfs::every_acknowledged_write_survives_kill9_with_the_same_verifier_and_old_handles`, `nfs::write_through_answers_every_write_file_sync` |
 //! | NBD write | at the reply to the next FLUSH (any connection), or its own reply with FUA | may be lost; QEMU reconnects and replays what it had in flight | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd` |
 //! | side files (NFS) | at COMMIT or a FILE_SYNC write, in the session's staging | as a local file: synced data stays | `nfs::nfs_clients_list_copy_write_and_keep_side_files_while_disks_stay_put` |
-//! | sessions being served | an `active` marker written at recover, removed at release: a restarted daemon resumes them, same names and handles | — | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd` |
+//! | sessions being served | an `active` marker written at recover (atomically, holding the export point and host it was placed for), removed at release: a restarted daemon resumes them at the same export point, same names and handles | — | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd`, `placement::a_new_vm_goes_where_the_relocation_is_nearly_done_and_stays_there_across_a_restart` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod api;

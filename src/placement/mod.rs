@@ -50,7 +50,7 @@ pub const NBD_PORT: u16 = 10809;
 pub const DEFAULT_MAX_INFLIGHT: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS_PER_HOST: usize = 4;
 
-/// One `--export-point NAME,listen=ADDR[,port=P][,nbd-port=P][,staging=DIR][,max-inflight=N]`.
+/// One `--export-point NAME,listen=ADDR[,port=P][,nbd-port=P][,max-inflight=N]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PointSpec {
     pub name: String,
@@ -102,7 +102,12 @@ impl PointSpec {
                 "nbd-port" => {
                     spec.nbd_port = v.parse().map_err(|_| bad(format!("bad nbd-port {v:?}")))?
                 }
-                "staging" => spec.staging = Some(PathBuf::from(v)),
+                // Not built yet: sessions of every point stage under
+                // --staging (one lock, one resume scan).
+                "staging" => return Err(bad(
+                    "staging=DIR is not supported yet: every export point stages under --staging"
+                        .into(),
+                )),
                 "max-inflight" => {
                     spec.max_inflight = v
                         .parse()
@@ -170,6 +175,9 @@ pub struct Weights {
     /// Service time assumed for a point that has served nothing yet (no
     /// guess above what a busy point measured).
     pub idle_service_ms: f64,
+    /// The least time one request is assumed to take when weighing
+    /// queueing behind future and async work.
+    pub reference_service_ms: f64,
     /// Utilisations are capped here (the M/M/1 term grows without bound).
     pub max_utilisation: f64,
     /// Predictions closer than this are a tie.
@@ -186,6 +194,7 @@ impl Default for Weights {
             horizon_s: 60.0,
             min_drain_bytes_per_s: 50e6,
             idle_service_ms: 0.0,
+            reference_service_ms: 0.5,
             max_utilisation: 0.99,
             tie_ms: 0.05,
         }
@@ -239,13 +248,12 @@ pub fn predict(f: &PointFigures, w: &Weights) -> Prediction {
     let drain = q.drain_bytes_per_s.max(w.min_drain_bytes_per_s);
     let queue_ms = w.queue * 1000.0 * (q.queued_bytes + q.inflight_bytes) as f64 / drain;
     let future_bytes = (f.relocation_remaining_bytes + f.profile_remaining_bytes) as f64;
-    let future_ms = w.future
-        * mm1(
-            service,
-            future_bytes / (future_bytes + drain * w.horizon_s),
-            w,
-        );
-    let async_ms = w.async_share * mm1(service, q.async_share, w);
+    // Queueing behind future or async work costs at least a typical
+    // request's time, also on a point that has not served one yet.
+    let unit = service.max(w.reference_service_ms);
+    let future_u = future_bytes / (future_bytes + drain * w.horizon_s);
+    let future_ms = w.future * mm1(unit, future_u, w);
+    let async_ms = w.async_share * mm1(unit, q.async_share, w);
     let unstaged = f.unstaged_bytes as f64;
     let repo_share = unstaged / (unstaged + drain * w.horizon_s);
     let repository_ms = w.repository * repo_share * f.repo_fetch_ms;
