@@ -23,7 +23,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::placement::{self, Decision, ExportPoint, PointFigures, PointSpec, Want, Weights};
+use crate::placement::{Decision, ExportPoint};
 use crate::prefetch::feeder::{Feeder, Source};
 use crate::prefetch::profile::{self, DiskTrace, Recording};
 use crate::prefetch::tracker::RecordWindow;
@@ -51,6 +51,8 @@ pub struct Session {
     /// placed for.
     pub point: Arc<ExportPoint>,
     pub host: Option<String>,
+    /// `host`'s address, resolved once when the session was placed.
+    pub host_ip: Option<std::net::IpAddr>,
     feeder: OnceLock<Feeder>,
     /// The recording was saved (or must not be): at most once per session.
     profile_done: AtomicBool,
@@ -194,93 +196,6 @@ pub struct RecoverInfo {
     /// Why it is there (new sessions only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub placement: Option<Decision>,
-}
-
-/// Where a new recovery should go.
-#[derive(Debug, Clone, Default)]
-pub struct PlaceRequest {
-    /// The hypervisor that will run the VM: an address, or a name that
-    /// resolves to one.
-    pub host: Option<String>,
-    /// `None` or `auto`: chosen by placement; else the export point named.
-    pub export_point: Option<String>,
-    /// Place on a named point even past the host's connection limit.
-    pub force: bool,
-}
-
-/// How a daemon's export points are set up and chosen between.
-#[derive(Debug, Clone)]
-pub struct PlacementConfig {
-    pub points: Vec<PointSpec>,
-    pub max_connections_per_host: usize,
-    pub weights: Weights,
-}
-
-impl Default for PlacementConfig {
-    fn default() -> Self {
-        PlacementConfig {
-            points: vec![PointSpec::default_point()],
-            max_connections_per_host: placement::DEFAULT_MAX_CONNECTIONS_PER_HOST,
-            weights: Weights::default(),
-        }
-    }
-}
-
-/// What `active` records of a session's placement.
-#[derive(Debug, Serialize, serde::Deserialize)]
-struct PlacementRecord {
-    export_point: String,
-    host: Option<String>,
-}
-
-/// One export point's figures for `export-points` and `GET /export-points`.
-#[derive(Debug, Serialize)]
-pub struct PointStatus {
-    pub name: String,
-    pub listen: Option<std::net::IpAddr>,
-    pub nfs_port: u16,
-    pub nbd_port: u16,
-    pub sessions: Vec<String>,
-    /// Connected hypervisor hosts and their live TCP connections.
-    pub hosts: Vec<HostConnections>,
-    pub queue: placement::QueueFigures,
-    /// Per session with a relocation, its progress (0..1).
-    pub relocations: Vec<RelocationProgress>,
-    pub figures: PointFigures,
-    pub predicted: placement::Prediction,
-    pub urls: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct HostConnections {
-    pub host: std::net::IpAddr,
-    pub connections: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RelocationProgress {
-    pub vm: String,
-    pub state: String,
-    pub progress: f64,
-    pub bytes_remaining: u64,
-}
-
-/// The address a `--host` names.
-pub fn resolve_host(host: &str) -> Result<std::net::IpAddr> {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Ok(placement::point::canonical(ip));
-    }
-    use std::net::ToSocketAddrs;
-    (host, 0)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .map(|a| placement::point::canonical(a.ip()))
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "host {host:?} is neither an address nor a name that resolves"
-            ))
-        })
 }
 
 pub struct Datastore {
@@ -513,6 +428,8 @@ impl Datastore {
             dir,
             relocation: Mutex::new(relocation),
             point: point.clone(),
+            // A name that no longer resolves counts for no host.
+            host_ip: host.as_deref().and_then(|h| resolve_host(h).ok()),
             host: host.clone(),
             feeder: OnceLock::new(),
             profile_done: AtomicBool::new(false),
@@ -533,116 +450,6 @@ impl Datastore {
         self.sessions.write().insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
         Ok(self.info(&session, false, skipped, decision))
-    }
-
-    /// Chooses the export point for a new recovery (see `placement`).
-    pub fn place(&self, req: &PlaceRequest) -> Result<Decision> {
-        let ip = req.host.as_deref().map(resolve_host).transpose()?;
-        let want = match req.export_point.as_deref() {
-            None | Some("auto") => Want::Auto,
-            Some(n) => Want::Named {
-                name: n.into(),
-                force: req.force,
-            },
-        };
-        let figures = self.point_figures(ip);
-        let d = placement::decide(
-            figures,
-            &want,
-            req.host.clone(),
-            self.placement.max_connections_per_host,
-            &self.placement.weights,
-        )?;
-        tracing::info!(host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
-        Ok(d)
-    }
-
-    /// Every export point's figures, as seen by a recovery for host `ip`.
-    pub fn point_figures(&self, ip: Option<std::net::IpAddr>) -> Vec<PointFigures> {
-        let sessions = self.sessions();
-        let repo_fetch_ms = repo_fetch_ms(&sessions);
-        self.points
-            .iter()
-            .map(|p| {
-                let mine: Vec<&Arc<Session>> = sessions
-                    .iter()
-                    .filter(|s| Arc::ptr_eq(&s.point, p))
-                    .collect();
-                let placed_for_host = ip.is_some_and(|ip| {
-                    mine.iter().any(|s| {
-                        s.host
-                            .as_deref()
-                            .and_then(|h| resolve_host(h).ok())
-                            .is_some_and(|h| h == ip)
-                    })
-                });
-                let mut f = PointFigures {
-                    name: p.name().into(),
-                    queue: p.queue.snapshot(),
-                    sessions: mine.len(),
-                    repo_fetch_ms,
-                    host_connected: ip.is_some_and(|ip| p.has_host(ip)) || placed_for_host,
-                    ..Default::default()
-                };
-                for s in mine {
-                    if let Some(r) = s.relocation.lock().as_ref() {
-                        let st = r.status();
-                        if st.state.is_running() {
-                            f.relocation_remaining_bytes +=
-                                st.bytes_total.saturating_sub(st.bytes_done);
-                        }
-                    }
-                    for d in &s.disks {
-                        f.unstaged_bytes += d.unstaged_bytes();
-                        f.profile_remaining_bytes += d.profile_remaining_bytes();
-                    }
-                }
-                f
-            })
-            .collect()
-    }
-
-    /// `export-points`: every export point with its figures.
-    pub fn point_status(&self) -> Vec<PointStatus> {
-        let figures = self.point_figures(None);
-        let urls = self.urls.read();
-        self.points
-            .iter()
-            .zip(figures)
-            .map(|(p, f)| {
-                let sessions = self.sessions_at(p.name());
-                let relocations = sessions
-                    .iter()
-                    .filter_map(|s| {
-                        let st = s.relocation.lock().as_ref()?.status();
-                        Some(RelocationProgress {
-                            vm: s.vm.clone(),
-                            state: format!("{:?}", st.state),
-                            progress: st.bytes_done as f64 / st.bytes_total.max(1) as f64,
-                            bytes_remaining: st.bytes_total.saturating_sub(st.bytes_done),
-                        })
-                    })
-                    .collect();
-                let u = urls.get(p.name()).cloned().unwrap_or_default();
-                PointStatus {
-                    name: p.name().into(),
-                    listen: p.spec.listen,
-                    nfs_port: p.spec.nfs_port,
-                    nbd_port: p.spec.nbd_port,
-                    sessions: sessions.iter().map(|s| s.vm.clone()).collect(),
-                    hosts: p
-                        .hosts()
-                        .into_iter()
-                        .map(|(host, connections)| HostConnections { host, connections })
-                        .collect(),
-                    queue: f.queue,
-                    relocations,
-                    predicted: placement::predict(&f, &self.placement.weights),
-                    figures: f,
-                    urls: u.nfs.into_iter().chain(u.nbd).collect(),
-                }
-            })
-            .collect()
     }
 
     /// The manifest to serve, and the kept sessions passed over because
@@ -1010,21 +817,11 @@ enum Placing<'a> {
     Kept(String, Option<String>),
 }
 
-/// The repository's mean fetch latency over every disk served, weighted by
-/// fetches (0 before any).
-fn repo_fetch_ms(sessions: &[Arc<Session>]) -> f64 {
-    let (mut n, mut sum) = (0u64, 0.0);
-    for d in sessions.iter().flat_map(|s| s.disks.iter()) {
-        let c = d.stats.fetch_latency.count();
-        n += c;
-        sum += d.stats.fetch_latency.mean_us() * c as f64;
-    }
-    if n == 0 {
-        0.0
-    } else {
-        sum / n as f64 / 1000.0
-    }
-}
+mod points;
+use points::PlacementRecord;
+pub use points::{
+    resolve_host, HostConnections, PlaceRequest, PlacementConfig, PointStatus, RelocationProgress,
+};
 
 #[cfg(test)]
 mod tests;

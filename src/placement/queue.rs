@@ -14,10 +14,10 @@
 //!   a guest request waits for that worker's fetch.
 //!
 //! Figures for placement come from completions of the last
-//! [`WINDOW`]: drain rate, mean service time, async share.
+//! [`WINDOW`] (per-second sums, so a completion costs O(1) on the data
+//! path): drain rate, mean service time, async share.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -40,9 +40,14 @@ pub struct IoQueue {
     reserved: usize,
     st: Mutex<QState>,
     cv: Condvar,
-    /// Called when a slot frees (a scheduler waiting to try again).
-    on_free: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    /// Called when a slot frees (the point's scheduler, which may hold
+    /// background jobs the queue refused).
+    on_free: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    origin: Instant,
 }
+
+/// Seconds of completions kept: the window plus the second in progress.
+const SECONDS: usize = WINDOW.as_secs() as usize + 1;
 
 #[derive(Default)]
 struct QState {
@@ -50,14 +55,17 @@ struct QState {
     inflight_bytes: [u64; 2],
     waiting: [usize; 2],
     waiting_bytes: [u64; 2],
-    done: VecDeque<Done>,
+    /// Completions per second since `origin`, in a ring.
+    seconds: [Second; SECONDS],
     started: Option<Instant>,
 }
 
-struct Done {
-    at: Instant,
-    bytes: u64,
-    class: IoClass,
+#[derive(Default, Clone, Copy)]
+struct Second {
+    /// Which second since `origin` this slot holds.
+    at: u64,
+    requests: u64,
+    bytes: [u64; 2],
     service: Duration,
 }
 
@@ -101,7 +109,8 @@ impl IoQueue {
             reserved: (max_inflight / 4).max(1).min(max_inflight - 1),
             st: Mutex::new(QState::default()),
             cv: Condvar::new(),
-            on_free: Mutex::new(vec![]),
+            on_free: OnceLock::new(),
+            origin: Instant::now(),
         })
     }
 
@@ -109,10 +118,17 @@ impl IoQueue {
         self.max_inflight
     }
 
-    /// Registers a callback run (without the queue's lock) whenever a
-    /// request completes.
+    /// Sets the callback run (without the queue's lock) whenever a
+    /// request completes; one per queue.
     pub fn on_free(&self, f: Box<dyn Fn() + Send + Sync>) {
-        self.on_free.lock().push(f);
+        assert!(
+            self.on_free.set(f).is_ok(),
+            "one on_free callback per queue"
+        );
+    }
+
+    fn second(&self, t: Instant) -> u64 {
+        (t - self.origin).as_secs()
     }
 
     fn admissible(&self, st: &QState, class: IoClass) -> bool {
@@ -167,36 +183,46 @@ impl IoQueue {
     }
 
     fn complete(&self, class: IoClass, bytes: u64, service: Duration) {
-        let now = Instant::now();
+        let sec = self.second(Instant::now());
         let mut st = self.st.lock();
         st.inflight[class as usize] -= 1;
         st.inflight_bytes[class as usize] -= bytes;
-        st.done.push_back(Done {
-            at: now,
-            bytes,
-            class,
-            service,
-        });
-        while st.done.front().is_some_and(|d| now - d.at > WINDOW) {
-            st.done.pop_front();
+        let slot = &mut st.seconds[sec as usize % SECONDS];
+        if slot.at != sec {
+            *slot = Second {
+                at: sec,
+                ..Default::default()
+            };
         }
+        slot.requests += 1;
+        slot.bytes[class as usize] += bytes;
+        slot.service += service;
+        let waiters = st.waiting[0] + st.waiting[1] > 0;
         drop(st);
-        self.cv.notify_all();
-        for f in self.on_free.lock().iter() {
+        if waiters {
+            self.cv.notify_all();
+        }
+        if let Some(f) = self.on_free.get() {
             f();
         }
     }
 
     pub fn snapshot(&self) -> QueueFigures {
         let now = Instant::now();
+        let sec = self.second(now);
         let st = self.st.lock();
-        let recent: Vec<&Done> = st.done.iter().filter(|d| now - d.at <= WINDOW).collect();
-        let bytes: u64 = recent.iter().map(|d| d.bytes).sum();
-        let async_bytes: u64 = recent
+        let recent = st
+            .seconds
             .iter()
-            .filter(|d| d.class == IoClass::Async)
-            .map(|d| d.bytes)
-            .sum();
+            .filter(|s| s.requests > 0 && sec - s.at < WINDOW.as_secs());
+        let (mut requests, mut bytes, mut service) = (0u64, [0u64; 2], Duration::ZERO);
+        for s in recent {
+            requests += s.requests;
+            bytes[0] += s.bytes[0];
+            bytes[1] += s.bytes[1];
+            service += s.service;
+        }
+        let all = bytes[0] + bytes[1];
         // Over the window, or since the first request if that is shorter.
         let span = st
             .started
@@ -204,25 +230,24 @@ impl IoQueue {
             .unwrap_or(WINDOW)
             .as_secs_f64()
             .max(0.1);
-        let service: Duration = recent.iter().map(|d| d.service).sum();
         QueueFigures {
             max_inflight: self.max_inflight,
             queued_requests: st.waiting[0] + st.waiting[1],
             queued_bytes: st.waiting_bytes[0] + st.waiting_bytes[1],
             inflight_requests: st.inflight[0] + st.inflight[1],
             inflight_bytes: st.inflight_bytes[0] + st.inflight_bytes[1],
-            drain_bytes_per_s: bytes as f64 / span,
-            service_ms: if recent.is_empty() {
+            drain_bytes_per_s: all as f64 / span,
+            service_ms: if requests == 0 {
                 0.0
             } else {
-                service.as_secs_f64() * 1000.0 / recent.len() as f64
+                service.as_secs_f64() * 1000.0 / requests as f64
             },
-            async_share: if bytes == 0 {
+            async_share: if all == 0 {
                 0.0
             } else {
-                async_bytes as f64 / bytes as f64
+                bytes[IoClass::Async as usize] as f64 / all as f64
             },
-            completed_requests: recent.len(),
+            completed_requests: requests as usize,
         }
     }
 }

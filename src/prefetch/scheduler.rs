@@ -399,4 +399,36 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 10, "no job ran twice");
         assert_eq!(s.status().queued, ClassCounts::default());
     }
+
+    #[test]
+    fn background_fetches_wait_for_a_free_async_slot_and_relocation_fetches_do_not() {
+        let io = IoQueue::new(4); // three async slots at most
+        let s = Scheduler::with_queue("t", 4, Some(io.clone()));
+        // Guest requests fill the point.
+        let guests: Vec<_> = (0..4).map(|_| io.enter(IoClass::Sync, 4096)).collect();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        s.submit_sized(Class::Profile, 65536, move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        let r = ran.clone();
+        s.submit_sized(Class::Relocation, 65536, move || {
+            r.fetch_add(10, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            10,
+            "only the relocation fetch (on its copier's slot) ran"
+        );
+        drop(guests);
+        while ran.load(Ordering::SeqCst) != 11 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            io.snapshot().inflight_requests,
+            0,
+            "the profile job's slot was given back"
+        );
+    }
 }

@@ -11,6 +11,8 @@ pub struct Host {
     pub addr: String,
     /// The address it reaches the daemon at (root namespace end).
     pub server: String,
+    /// The root namespace end of its link.
+    outer: String,
 }
 
 fn ip(args: &[&str]) {
@@ -38,6 +40,7 @@ impl Host {
             name: name.clone(),
             addr: format!("198.18.{n}.2"),
             server: format!("198.18.{n}.1"),
+            outer: outer.clone(),
         };
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
@@ -66,12 +69,7 @@ impl Host {
     /// it directly.
     pub fn add_server_addr(&self, last: u8) -> String {
         let a = format!("198.18.{}.{last}", self.addr.split('.').nth(2).unwrap());
-        let outer = format!(
-            "rv{}o{}",
-            std::process::id() % 10_000,
-            self.addr.split('.').nth(2).unwrap()
-        );
-        ip(&["addr", "add", &format!("{a}/32"), "dev", &outer]);
+        ip(&["addr", "add", &format!("{a}/32"), "dev", &self.outer]);
         a
     }
 

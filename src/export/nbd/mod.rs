@@ -126,11 +126,11 @@ impl NbdServer {
         let mut tcp_addrs = vec![];
         for (l, addr) in tcp {
             tcp_addrs.push(addr);
-            let task = accept_tcp(l, exports.clone(), stop.subscribe(), running.enter());
+            let task = accept_loop(l, exports.clone(), stop.subscribe(), running.enter());
             rt.spawn(task.instrument(tracing::info_span!("nbd", listen = %addr)));
         }
         for (l, file) in unix.into_iter().zip(&sockets) {
-            let task = accept_unix(l, exports.clone(), stop.subscribe(), running.enter());
+            let task = accept_loop(l, exports.clone(), stop.subscribe(), running.enter());
             let span = tracing::info_span!("nbd", listen = %file.path.display());
             rt.spawn(task.instrument(span));
         }
@@ -317,8 +317,39 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// descriptors, most likely) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-async fn accept_tcp(
-    listener: tokio::net::TcpListener,
+/// A listener the accept loop serves: TCP (with the peer's address, for
+/// the export point's host count) or Unix.
+trait Acceptor: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next client: its stream, a name for logs, its address if any.
+    fn next(
+        &self,
+    ) -> impl std::future::Future<
+        Output = std::io::Result<(Self::Stream, String, Option<std::net::IpAddr>)>,
+    > + Send;
+}
+
+impl Acceptor for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String, Option<std::net::IpAddr>)> {
+        let (stream, peer) = self.accept().await?;
+        // Replies are small messages: do not wait for ACKs.
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string(), Some(peer.ip())))
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<(Self::Stream, String, Option<std::net::IpAddr>)> {
+        let (stream, _) = self.accept().await?;
+        let peer = unix_peer(&stream);
+        Ok((stream, peer, None))
+    }
+}
+
+async fn accept_loop<L: Acceptor>(
+    listener: L,
     exports: Arc<dyn Exports>,
     mut stop: watch::Receiver<bool>,
     _running: Entered,
@@ -328,40 +359,14 @@ async fn accept_tcp(
         tokio::select! {
             _ = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    // Replies are small messages: do not wait for ACKs.
-                    let _ = stream.set_nodelay(true);
-                    let held = exports.connected(peer.ip());
-                    let c = connection(stream, peer.to_string(), exports.clone(), stop.clone());
+            r = listener.next() => match r {
+                Ok((stream, peer, ip)) => {
+                    let held = ip.and_then(|ip| exports.connected(ip));
+                    let c = connection(stream, peer, exports.clone(), stop.clone());
                     conns.spawn(async move {
                         c.await;
                         drop(held);
                     });
-                }
-                Err(e) => accept_failed(e).await,
-            },
-        }
-    }
-    drop(listener);
-    while conns.join_next().await.is_some() {}
-}
-
-async fn accept_unix(
-    listener: tokio::net::UnixListener,
-    exports: Arc<dyn Exports>,
-    mut stop: watch::Receiver<bool>,
-    _running: Entered,
-) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    let peer = unix_peer(&stream);
-                    conns.spawn(connection(stream, peer, exports.clone(), stop.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },

@@ -1,0 +1,220 @@
+//! The datastore's side of export points: the figures placement decides
+//! on, per point, gathered from the sessions served there; the placement
+//! of a new recovery; and what `export-points` reports.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Datastore, Session};
+use crate::error::{Error, Result};
+use crate::placement::{self, Decision, PointFigures, PointSpec, Want, Weights};
+
+/// Where a new recovery should go.
+#[derive(Debug, Clone, Default)]
+pub struct PlaceRequest {
+    /// The hypervisor that will run the VM: an address, or a name that
+    /// resolves to one.
+    pub host: Option<String>,
+    /// `None` or `auto`: chosen by placement; else the export point named.
+    pub export_point: Option<String>,
+    /// Place on a named point even past the host's connection limit.
+    pub force: bool,
+}
+
+/// How a daemon's export points are set up and chosen between.
+#[derive(Debug, Clone)]
+pub struct PlacementConfig {
+    pub points: Vec<PointSpec>,
+    pub max_connections_per_host: usize,
+    pub weights: Weights,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            points: vec![PointSpec::default_point()],
+            max_connections_per_host: placement::DEFAULT_MAX_CONNECTIONS_PER_HOST,
+            weights: Weights::default(),
+        }
+    }
+}
+
+/// What `active` records of a session's placement.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub(super) struct PlacementRecord {
+    pub(super) export_point: String,
+    pub(super) host: Option<String>,
+}
+
+/// One export point's figures for `export-points` and `GET /export-points`.
+#[derive(Debug, Serialize)]
+pub struct PointStatus {
+    pub name: String,
+    pub listen: Option<std::net::IpAddr>,
+    pub nfs_port: u16,
+    pub nbd_port: u16,
+    pub sessions: Vec<String>,
+    /// Connected hypervisor hosts and their live TCP connections.
+    pub hosts: Vec<HostConnections>,
+    pub queue: placement::QueueFigures,
+    /// Per session with a relocation, its progress (0..1).
+    pub relocations: Vec<RelocationProgress>,
+    pub figures: PointFigures,
+    pub predicted: placement::Prediction,
+    pub urls: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostConnections {
+    pub host: std::net::IpAddr,
+    pub connections: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelocationProgress {
+    pub vm: String,
+    pub state: String,
+    pub progress: f64,
+    pub bytes_remaining: u64,
+}
+
+/// The address a `--host` names.
+pub fn resolve_host(host: &str) -> Result<std::net::IpAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(placement::point::canonical(ip));
+    }
+    use std::net::ToSocketAddrs;
+    (host, 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|a| placement::point::canonical(a.ip()))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "host {host:?} is neither an address nor a name that resolves"
+            ))
+        })
+}
+
+impl Datastore {
+    /// Chooses the export point for a new recovery (see `placement`).
+    pub fn place(&self, req: &PlaceRequest) -> Result<Decision> {
+        let ip = req.host.as_deref().map(resolve_host).transpose()?;
+        let want = match req.export_point.as_deref() {
+            None | Some("auto") => Want::Auto,
+            Some(n) => Want::Named {
+                name: n.into(),
+                force: req.force,
+            },
+        };
+        let figures = self.point_figures(ip);
+        let d = placement::decide(
+            figures,
+            &want,
+            req.host.clone(),
+            self.placement.max_connections_per_host,
+            &self.placement.weights,
+        )?;
+        tracing::info!(host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
+        Ok(d)
+    }
+
+    /// Every export point's figures, as seen by a recovery for host `ip`.
+    pub fn point_figures(&self, ip: Option<std::net::IpAddr>) -> Vec<PointFigures> {
+        let sessions = self.sessions();
+        let repo_fetch_ms = repo_fetch_ms(&sessions);
+        self.points
+            .iter()
+            .map(|p| {
+                let mine: Vec<&Arc<Session>> = sessions
+                    .iter()
+                    .filter(|s| Arc::ptr_eq(&s.point, p))
+                    .collect();
+                let placed_for_host =
+                    ip.is_some_and(|ip| mine.iter().any(|s| s.host_ip == Some(ip)));
+                let mut f = PointFigures {
+                    name: p.name().into(),
+                    queue: p.queue.snapshot(),
+                    sessions: mine.len(),
+                    repo_fetch_ms,
+                    host_connected: ip.is_some_and(|ip| p.has_host(ip)) || placed_for_host,
+                    ..Default::default()
+                };
+                for s in mine {
+                    if let Some(r) = s.relocation.lock().as_ref() {
+                        let st = r.status();
+                        if st.state.is_running() {
+                            f.relocation_remaining_bytes +=
+                                st.bytes_total.saturating_sub(st.bytes_done);
+                        }
+                    }
+                    for d in &s.disks {
+                        f.unstaged_bytes += d.unstaged_bytes();
+                        f.profile_remaining_bytes += d.profile_remaining_bytes();
+                    }
+                }
+                f
+            })
+            .collect()
+    }
+
+    /// `export-points`: every export point with its figures.
+    pub fn point_status(&self) -> Vec<PointStatus> {
+        let figures = self.point_figures(None);
+        let urls = self.urls.read();
+        self.points
+            .iter()
+            .zip(figures)
+            .map(|(p, f)| {
+                let sessions = self.sessions_at(p.name());
+                let relocations = sessions
+                    .iter()
+                    .filter_map(|s| {
+                        let st = s.relocation.lock().as_ref()?.status();
+                        Some(RelocationProgress {
+                            vm: s.vm.clone(),
+                            state: format!("{:?}", st.state),
+                            progress: st.bytes_done as f64 / st.bytes_total.max(1) as f64,
+                            bytes_remaining: st.bytes_total.saturating_sub(st.bytes_done),
+                        })
+                    })
+                    .collect();
+                let u = urls.get(p.name()).cloned().unwrap_or_default();
+                PointStatus {
+                    name: p.name().into(),
+                    listen: p.spec.listen,
+                    nfs_port: p.spec.nfs_port,
+                    nbd_port: p.spec.nbd_port,
+                    sessions: sessions.iter().map(|s| s.vm.clone()).collect(),
+                    hosts: p
+                        .hosts()
+                        .into_iter()
+                        .map(|(host, connections)| HostConnections { host, connections })
+                        .collect(),
+                    queue: f.queue,
+                    relocations,
+                    predicted: placement::predict(&f, &self.placement.weights),
+                    figures: f,
+                    urls: u.nfs.into_iter().chain(u.nbd).collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The repository's mean fetch latency over every disk served, weighted by
+/// fetches (0 before any).
+fn repo_fetch_ms(sessions: &[Arc<Session>]) -> f64 {
+    let (mut n, mut sum) = (0u64, 0.0);
+    for d in sessions.iter().flat_map(|s| s.disks.iter()) {
+        let c = d.stats.fetch_latency.count();
+        n += c;
+        sum += d.stats.fetch_latency.mean_us() * c as f64;
+    }
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64 / 1000.0
+    }
+}
