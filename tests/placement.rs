@@ -357,3 +357,98 @@ fn unknown_points_shared_addresses_and_hosts_over_their_limit_are_refused_clearl
     let (p2, rule, _) = place(&env, "v2", host, &["--export-point", "b", "--force"]);
     assert_eq!((p2.as_str(), rule.as_str()), ("b", "forced"));
 }
+
+/// 256 MiB of one random MiB over and over: every 64 KiB block is data
+/// the repository must serve, while the backup stores 16 chunks.
+fn repeating_image(path: &Path, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut unit = vec![0u8; 1 << 20];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut unit);
+    let img = unit.repeat(256);
+    std::fs::write(path, &img).unwrap();
+    img
+}
+
+#[test]
+fn a_cold_vm_goes_to_the_point_whose_sessions_are_staged_not_the_one_reading_a_slow_repository() {
+    use common::garage::{Garage, BUCKET};
+    use common::proxy::LatencyProxy;
+    let g = Garage::single();
+    let host = netns::Host::new(host_number(2));
+    let addrs: Vec<String> = (11..=12).map(|k| host.add_server_addr(k)).collect();
+    let mut env = Env::s3(&format!("s3://{BUCKET}/placement"), g.env(0));
+    let cold = repeating_image(&env.path("cold.img"), 1);
+    env.backup("cold", "64K", &[&env.path("cold.img")]);
+    let warm = random_image(&env.path("warm.img"), 8 << 20, 2, 64 << 10);
+    env.backup("warm", "64K", &[&env.path("warm.img")]);
+    backup_random(&env, "new", 3);
+    // The daemon reads the repository 20 ms away.
+    let proxy = LatencyProxy::start(g.nodes[0].s3_port, 20, None);
+    env.extra_env = proxy.route(g.env(0));
+    let named = [("a", &*addrs[0]), ("b", &*addrs[1])];
+    let _d = serve_points(&mut env, &named, &["--max-connections-per-host", "2"]);
+    let h = host.addr.as_str();
+    assert_eq!(place(&env, "cold", h, &["--export-point", "a"]).0, "a");
+    assert_eq!(place(&env, "warm", h, &["--export-point", "b"]).0, "b");
+
+    // QEMU's nfs:// driver in the host reads all of `warm` (staging it,
+    // through the slow repository); the Rust NFS client in the host reads
+    // one block of `cold`, which stays all but unstaged.
+    let copy = env.path("warm.copy");
+    let o = host.run(&[
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &format!("nfs://{}/warm/disk0.raw", addrs[1]),
+        copy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(std::fs::read(&copy).unwrap() == warm, "warm read back wrong");
+    let a = addrs[0].clone();
+    let first = host.enter(move || {
+        let mut c = nfs::Client::mount(&a, "/").unwrap();
+        let fh = c.path("cold/disk0.raw").unwrap();
+        c.read(&fh, 0, 65536).unwrap()
+    });
+    assert!(first == cold[..65536], "cold read back wrong");
+
+    // Once both points' recent guest I/O has left the window, they differ
+    // only in what their sessions still need from the repository.
+    let mut last = Value::Null;
+    wait_for("the points' recent I/O to age out", 30, || {
+        last = points(&env);
+        ["a", "b"]
+            .iter()
+            .all(|n| point(&last, n)["queue"]["completed_requests"] == 0)
+    });
+    let (fa, fb) = (&point(&last, "a")["figures"], &point(&last, "b")["figures"]);
+    assert!(fa["repo_fetch_ms"].as_f64().unwrap() >= 15.0, "{last}");
+    assert!(fa["unstaged_bytes"].as_u64().unwrap() > 200 << 20, "{last}");
+    assert_eq!(fb["unstaged_bytes"], 0, "{last}");
+
+    let (p, rule, why) = place(&env, "new", h, &[]);
+    assert_eq!((p.as_str(), rule.as_str()), ("b", "least-latency"), "{why}");
+    let why_v: Value = serde_json::from_str(&why).unwrap();
+    let repo_ms = |n: &str| {
+        why_v["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["figures"]["name"] == n)
+            .unwrap()["prediction"]["repository_ms"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(repo_ms("a") > 1.0 && repo_ms("b") == 0.0, "{why}");
+    // The new VM is served where it was placed, to the host's client.
+    let b = addrs[1].clone();
+    let size = host.enter(move || {
+        let mut c = nfs::Client::mount(&b, "/").unwrap();
+        let fh = c.path("new/disk0.raw").unwrap();
+        c.getattr(&fh).unwrap().size
+    });
+    assert_eq!(size, 8 << 20);
+}

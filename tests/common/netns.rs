@@ -84,6 +84,23 @@ impl Host {
             .unwrap()
     }
 
+    /// Runs `f` on a thread that has joined the host's network namespace,
+    /// so sockets it opens (e.g. the Rust NFS client's) are the host's.
+    /// What `f` returns may keep using those sockets from any thread.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: setns on a descriptor we own, for this thread only
+            // (a network namespace is per task); no memory is touched.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
     /// Runs a command inside the host.
     pub fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new("ip")
