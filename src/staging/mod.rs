@@ -12,6 +12,9 @@
 //! ```
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
 //!
+//! A daemon may use several staging directories (export points with their
+//! own, [`StagingSet`]), each laid out as above and locked on its own.
+//!
 //! Every file of a session goes through [`io::Storage`], so tests can fail
 //! or record its I/O. The session keeps its own copy of the manifest: a
 //! kept session resumes from it even while the repository is unreachable.
@@ -19,6 +22,7 @@
 pub mod bitmap;
 pub mod io;
 pub mod live;
+pub mod set;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -29,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bitmap::{AtomicBitmap, MapKind, PersistentBitmap};
 pub use io::{BlockFile, Open, OsStorage, Storage};
+pub use set::StagingSet;
 
 use crate::error::{Error, IoContext, Result};
 use crate::repo::limits::{MAX_MANIFEST_BYTES, MAX_META_BYTES};

@@ -1,0 +1,218 @@
+//! Every staging directory a daemon serves from: the main one
+//! (`--staging`: the control socket, the sessions of export points without
+//! their own) and each distinct `staging=DIR` of an export point, often on
+//! another disk. Each is opened, checked and locked like `--staging`.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use super::StagingDir;
+use crate::error::{Error, IoContext, Result};
+
+pub struct StagingSet {
+    /// The main staging first, then each point's own, in first-use order.
+    dirs: Vec<Arc<StagingDir>>,
+    /// Export point name → index in `dirs`; a point not listed uses the
+    /// main staging.
+    of_point: HashMap<String, usize>,
+}
+
+impl StagingSet {
+    /// Only the main staging (no export point has its own).
+    pub fn single(main: StagingDir) -> StagingSet {
+        StagingSet {
+            dirs: vec![Arc::new(main)],
+            of_point: HashMap::new(),
+        }
+    }
+
+    /// Opens `main` and every distinct staging of `points` (name, its
+    /// `staging=` if any). Points naming one directory share it; a point
+    /// naming `main` uses it. Nested directories (a point's staging inside
+    /// or around the mount point, the main staging or another point's) are
+    /// refused before anything is created or opened: one daemon would scan
+    /// or lock one tree twice, and FUSE would serve on top of its own data.
+    pub fn open(
+        main: &Path,
+        mount: &Path,
+        points: &[(&str, Option<&Path>)],
+        repo_id: &str,
+        repo_location: &str,
+    ) -> Result<StagingSet> {
+        let resolved_main = resolve(main)?;
+        let resolved_mount = resolve(mount)?;
+        // (resolved path, the point that named it first, index in `dirs`).
+        let mut own: Vec<(PathBuf, &str, usize)> = vec![];
+        let mut of_point = HashMap::new();
+        let mut to_open: Vec<(PathBuf, &str)> = vec![];
+        for &(name, dir) in points {
+            let Some(dir) = dir else { continue };
+            let p = resolve(dir)?;
+            let bad = |why: String| {
+                Error::invalid(format!(
+                    "export point {name}: staging={} {why}",
+                    dir.display()
+                ))
+            };
+            if p == resolved_main {
+                continue;
+            }
+            if let Some(why) = overlap(
+                &p,
+                &resolved_mount,
+                "the mount point",
+                "choose one outside it",
+            ) {
+                return Err(bad(why));
+            }
+            if let Some(why) = overlap(&p, &resolved_main, "--staging", OWN) {
+                return Err(bad(why));
+            }
+            if let Some((_, _, i)) = own.iter().find(|(q, _, _)| *q == p) {
+                of_point.insert(name.to_string(), *i);
+                continue;
+            }
+            for (q, other, _) in &own {
+                let what = format!("the staging of export point {other}");
+                if let Some(why) = overlap(&p, q, &what, OWN) {
+                    return Err(bad(why));
+                }
+            }
+            let i = own.len() + 1;
+            own.push((p, name, i));
+            of_point.insert(name.to_string(), i);
+            to_open.push((dir.to_path_buf(), name));
+        }
+        let mut dirs = vec![Arc::new(StagingDir::open(main, repo_id, repo_location)?)];
+        for (dir, name) in to_open {
+            let s = StagingDir::open(&dir, repo_id, repo_location)
+                .map_err(|e| e.context(format!("export point {name}")))?;
+            dirs.push(Arc::new(s));
+        }
+        Ok(StagingSet { dirs, of_point })
+    }
+
+    /// `--staging`.
+    pub fn main(&self) -> &Arc<StagingDir> {
+        &self.dirs[0]
+    }
+
+    /// Every staging directory, the main one first.
+    pub fn all(&self) -> &[Arc<StagingDir>] {
+        &self.dirs
+    }
+
+    /// The staging directory of export point `name`.
+    pub fn of_point(&self, name: &str) -> &Arc<StagingDir> {
+        &self.dirs[self.of_point.get(name).copied().unwrap_or(0)]
+    }
+}
+
+const OWN: &str = "give each staging its own directory";
+
+/// Why `p` may not be used beside `other`, if it overlaps it.
+fn overlap(p: &Path, other: &Path, what: &str, hint: &str) -> Option<String> {
+    let how = if p == other {
+        "is"
+    } else if p.starts_with(other) {
+        "is inside"
+    } else if other.starts_with(p) {
+        "contains"
+    } else {
+        return None;
+    };
+    Some(format!("{how} {what} ({}); {hint}", other.display()))
+}
+
+/// `p` made absolute, its longest existing ancestor canonicalised (so
+/// links and `..` resolve as the kernel will) and the rest, which does not
+/// exist yet and so holds no link, normalised lexically.
+fn resolve(p: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(p).ctx(|| format!("resolve {}", p.display()))?;
+    let mut existing = abs.as_path();
+    let mut rest = vec![];
+    while existing.symlink_metadata().is_err() {
+        match (existing.components().next_back(), existing.parent()) {
+            (Some(c @ (Component::Normal(_) | Component::ParentDir)), Some(parent)) => {
+                rest.push(c.as_os_str().to_os_string());
+                existing = parent;
+            }
+            // The root: let canonicalize say what is wrong.
+            _ => break,
+        }
+    }
+    let mut out =
+        std::fs::canonicalize(existing).ctx(|| format!("resolve {}", existing.display()))?;
+    for c in rest.iter().rev() {
+        if c == ".." {
+            out.pop();
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(d: &Path, points: &[(&str, Option<&Path>)]) -> Result<StagingSet> {
+        std::fs::create_dir_all(d.join("mnt")).unwrap();
+        StagingSet::open(&d.join("s/main"), &d.join("mnt"), points, "repo1", "/r")
+    }
+
+    #[test]
+    fn points_naming_one_directory_share_it_and_naming_the_main_one_use_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, main) = (d.path().join("x"), d.path().join("s/main"));
+        let set = open(
+            d.path(),
+            &[
+                ("a", Some(&x)),
+                ("b", Some(&d.path().join("y/../x"))),
+                ("c", Some(&main)),
+                ("d", None),
+            ],
+        )
+        .unwrap();
+        assert_eq!(set.all().len(), 2);
+        assert!(Arc::ptr_eq(set.of_point("a"), set.of_point("b")));
+        assert!(Arc::ptr_eq(set.of_point("c"), set.main()));
+        assert!(Arc::ptr_eq(set.of_point("d"), set.main()));
+        assert_eq!(set.of_point("a").root(), std::fs::canonicalize(&x).unwrap());
+    }
+
+    #[test]
+    fn nested_staging_directories_are_refused_before_anything_is_created() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let link = p.join("link");
+        std::fs::create_dir(p.join("mnt")).unwrap();
+        std::os::unix::fs::symlink(p.join("mnt"), &link).unwrap();
+        for (points, why) in [
+            (vec![("a", p.join("s/main/a"))], "is inside --staging"),
+            (vec![("a", link.join("deep"))], "is inside the mount point"),
+            (vec![("a", p.join("s"))], "contains --staging"),
+            (vec![("a", p.join("mnt/a"))], "is inside the mount point"),
+            (vec![("a", p.join("mnt"))], "is the mount point"),
+            (
+                vec![("a", p.join("x")), ("b", p.join("x/y"))],
+                "is inside the staging of export point a",
+            ),
+        ] {
+            let points: Vec<(&str, Option<&Path>)> = points
+                .iter()
+                .map(|(n, d)| (*n, Some(d.as_path())))
+                .collect();
+            let e = open(p, &points).err().expect("refused").to_string();
+            assert!(e.contains(why), "{points:?}: {e}");
+            assert!(!p.join("s").exists(), "{points:?} created --staging");
+            assert!(
+                !p.join("x").exists(),
+                "{points:?} created a point's staging"
+            );
+        }
+    }
+}
