@@ -1,5 +1,5 @@
-//! `recoverfs serve`: opens repository and staging, checks the mount point
-//! and socket, mounts FUSE, runs the control API and a periodic flusher,
+//! `recoverfs serve`: opens repository and staging (every export point's
+//! too), checks the mount point and socket, mounts FUSE, runs the control API and a periodic flusher,
 //! and on SIGINT/SIGTERM makes staging durable before unmounting.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::export::fuse::RecoverFs;
 use crate::repo::Repository;
 use crate::session::Datastore;
-use crate::staging::StagingDir;
+use crate::staging::StagingSet;
 
 pub struct ServeOptions {
     pub repo: String,
@@ -71,11 +71,18 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         None => Repository::open(&opts.repo)?,
     };
     let mount = check_mount_point(&opts.mount)?;
-    let staging = StagingDir::open(&opts.staging, repo.id(), &repo.location())?;
+    let points: Vec<(&str, Option<&Path>)> = opts
+        .datastore
+        .placement
+        .points
+        .iter()
+        .map(|p| (p.name.as_str(), p.staging.as_deref()))
+        .collect();
+    let staging = StagingSet::open(&opts.staging, &mount, &points, repo.id(), &repo.location())?;
     let socket = opts
         .socket
         .clone()
-        .unwrap_or_else(|| staging.root().join("control.sock"));
+        .unwrap_or_else(|| staging.main().root().join("control.sock"));
     check_socket(&socket)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -222,7 +229,7 @@ impl MountedDatastore {
     /// `mount` must have passed `check_mount_point`.
     pub fn start(
         repo: Arc<Repository>,
-        staging: StagingDir,
+        staging: StagingSet,
         mount: &Path,
         opts: &MountOptions,
     ) -> Result<Self> {

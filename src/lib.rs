@@ -19,7 +19,7 @@
 //!  → fuse-io pool; fsync → sync       │                                   │
 //!        └────────────── disk::Disk (read, write, write-zeroes, discard, flush, block status) ──┘
 //!                                     │  (an open NFS client / NBD connection = an open handle)
-//!                                     │  each export point: its own NFS/NBD address, sessions, I/O queue
+//!                                     │  each export point: its own NFS/NBD address, sessions, staging dir, I/O queue
 //!                                     │  (placement::IoQueue: guest requests = sync class, first; relocation
 //!                                     │  copies, profile/readahead fetches = async class) and fetch scheduler;
 //!                                     │  session::Datastore::place picks the point of a new recovery
@@ -68,7 +68,9 @@
 //!
 //! Staging (a directory, mode 0700, locked by the serving daemon; a
 //! directory that is neither empty nor a staging directory is refused
-//! before anything in it changes):
+//! before anything in it changes). `--staging`, and each export point's own
+//! `staging=DIR` if it has one, all laid out alike; a session lives in the
+//! staging of the point it was created at and never moves:
 //! * `staging.json` — the repository id it belongs to.
 //! * `sessions/<vm>/<backup>/manifest.json` — the backup's manifest as
 //!   recovered, so a kept session resumes while the repository is down.
@@ -99,12 +101,12 @@
 //! | copied bit (relocation) | set after the target data *and* staging are synced; cleared durably before a guest write lands | block copied again | `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
 //! | relocation start | earlier relocation state removed durably before targets are emptied (created or truncated, 0600, no symlinks); target names synced before `relocation.json` | no relocation resumes | `relocate::relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link`, `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
 //! | cutover | `relocation.json` renamed with `switched: true` after the final pass, target syncs and `vm.json`, writes paused; after the rename every disk switches (cannot fail); if the rename cannot be synced the disks refuse writes and flushes | relocation resumes from staging; never a mix of disks | `relocate::tests::a_cutover_whose_commit_fails_leaves_every_disk_on_staging`, `relocate::tests::a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_bytes`, `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
-//! | session staging | kept at `release` (after `close`, no released fetch writes into it), deleted by `release --discard` | resumed by the next `recover`, from its manifest copy if the repository is down | `session::tests::a_recover_waits_for_a_release_and_a_released_fetch_never_lands_in_the_next_session`, `session::tests::a_fully_staged_session_resumes_while_the_repository_is_unreachable` |
+//! | session staging | kept at `release` (after `close`, no released fetch writes into it), deleted by `release --discard` | resumed by the next `recover` (found in any staging directory, placed only among the points staging there), from its manifest copy if the repository is down | `session::tests::a_recover_waits_for_a_release_and_a_released_fetch_never_lands_in_the_next_session`, `session::tests::a_fully_staged_session_resumes_while_the_repository_is_unreachable`, `session::tests::kept_staging_in_a_points_directory_resumes_and_auto_placement_stays_among_the_points_staging_there` |
 //! | NFS UNSTABLE write | at the next COMMIT (or FILE_SYNC write, or flush); kept over a daemon crash; the disk's write verifier (its epoch) changes after a host reboot or a failed staging sync, so clients resend, and not on a restart | lost only with a changed verifier | `nfs::every_acknowledged_write_survives_kill9_with_the_same_verifier_and_old_handles` |
 //! | NFS FILE_SYNC/DATA_SYNC write, COMMIT | before the reply (= a guest fsync) | — | `nfs::every_acknowledged_write_survives_kill9_with_the_same_verifier_and_old_handles`, `nfs::write_through_answers_every_write_file_sync` |
 //! | NBD write | at the reply to the next FLUSH (any connection), or its own reply with FUA | may be lost; QEMU reconnects and replays what it had in flight | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd` |
 //! | side files (NFS) | at COMMIT or a FILE_SYNC write, in the session's staging | as a local file: synced data stays | `nfs::nfs_clients_list_copy_write_and_keep_side_files_while_disks_stay_put` |
-//! | sessions being served | an `active` marker written at recover (atomically, holding the export point and host it was placed for), removed at release: a restarted daemon resumes them at the same export point, same names and handles | — | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd`, `placement::a_new_vm_goes_where_the_relocation_is_nearly_done_and_stays_there_across_a_restart` |
+//! | sessions being served | an `active` marker written at recover (atomically, in the session's staging directory, holding the export point and host it was placed for), removed at release: a restarted daemon scans every staging directory and resumes them at the same export point, from the same directory, same names and handles | — | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd`, `placement::a_new_vm_goes_where_the_relocation_is_nearly_done_and_stays_there_across_a_restart`, `placement::a_point_staging_on_its_own_disk_keeps_its_vm_there_across_kill9_at_the_same_point_and_handles`, `session::tests::a_restart_serves_each_session_at_the_same_point_from_the_same_staging_directory` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod api;

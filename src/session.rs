@@ -12,6 +12,15 @@
 //! kept session unless its backup is definitely gone from the repository;
 //! a repository that cannot answer is not "gone". Each session keeps a copy
 //! of its manifest, so it resumes even while the repository is unreachable.
+//!
+//! **Staging directories.** Each export point stages new sessions in its
+//! own directory (`staging=`) or the main one (`--staging`). Kept sessions
+//! are looked for in every one of them, and a session always stays in the
+//! directory it was created in: a kept session is placed only among the
+//! points staging there, and after a restart a session is served at its
+//! recorded point if that point still stages where the session is, else at
+//! the first point that does, else at the first point (reading on from
+//! where it is).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,7 +39,7 @@ use crate::prefetch::tracker::RecordWindow;
 use crate::prefetch::{PrefetchOptions, SchedulerStatus};
 use crate::relocate::{Relocation, RelocationStatus};
 use crate::repo::{Manifest, Repository};
-use crate::staging::{open_session, StagingDir};
+use crate::staging::{open_session, StagingDir, StagingSet};
 use crate::util::validate_name;
 use crate::volume::{DiskStatus, Volume};
 
@@ -46,6 +55,9 @@ pub struct Session {
     pub resumed: bool,
     /// The session's staging directory.
     pub dir: PathBuf,
+    /// The staging directory `dir` is in: its export point's, or for kept
+    /// staging the one it was found in.
+    pub staging: Arc<StagingDir>,
     pub relocation: Mutex<Option<Arc<Relocation>>>,
     /// The export point it is served at, and the hypervisor it was
     /// placed for.
@@ -200,7 +212,7 @@ pub struct RecoverInfo {
 
 pub struct Datastore {
     repo: Arc<Repository>,
-    staging: StagingDir,
+    stagings: StagingSet,
     mount: PathBuf,
     sessions: RwLock<BTreeMap<String, Arc<Session>>>,
     next_serial: AtomicU64,
@@ -228,7 +240,7 @@ pub struct ExportUrls {
 impl Datastore {
     pub fn new(
         repo: Arc<Repository>,
-        staging: StagingDir,
+        stagings: StagingSet,
         mount: &Path,
         fetch_workers: usize,
         prefetch: PrefetchOptions,
@@ -237,11 +249,11 @@ impl Datastore {
         let points = placement
             .points
             .iter()
-            .map(|p| ExportPoint::new(p.clone(), fetch_workers))
+            .map(|p| ExportPoint::new(p.clone(), stagings.of_point(&p.name).clone(), fetch_workers))
             .collect();
         Arc::new(Datastore {
             repo,
-            staging,
+            stagings,
             mount: mount.to_path_buf(),
             sessions: RwLock::new(BTreeMap::new()),
             next_serial: AtomicU64::new(1),
@@ -305,8 +317,14 @@ impl Datastore {
         &self.mount
     }
 
+    /// `--staging`, the main staging directory.
     pub fn staging_root(&self) -> &Path {
-        self.staging.root()
+        self.stagings.main().root()
+    }
+
+    /// Every staging directory, the main one first.
+    pub fn stagings(&self) -> &[Arc<StagingDir>] {
+        self.stagings.all()
     }
 
     pub fn sessions(&self) -> Vec<Arc<Session>> {
@@ -362,27 +380,34 @@ impl Datastore {
             }
             return Ok(self.info(&s, true, vec![], None));
         }
-        let (point, host, decision) = match placing {
+        // Which kept staging resumes decides where the VM may go: its
+        // data stays in the staging directory it is in.
+        let (point, host, decision, chosen) = match placing {
             Placing::New(req) => {
-                let d = self.place(req)?;
+                let chosen = self.choose_manifest(vm, backup, None)?;
+                let d = self.place(vm, req, chosen.kept.as_ref())?;
                 let p = self.point(&d.chosen).expect("decided among ours").clone();
-                (p, req.host.clone(), Some(d))
+                (p, req.host.clone(), Some(d), chosen)
             }
-            Placing::Kept(name, host) => {
-                let p = match self.point(&name) {
-                    Some(p) => p.clone(),
-                    None => {
-                        let p = self.points[0].clone();
-                        tracing::warn!(vm, was = %name, now = %p.name(), "the export point this session was served at is gone; serving it at the first one");
-                        p
-                    }
-                };
-                (p, host, None)
+            Placing::Kept {
+                point,
+                host,
+                staging,
+            } => {
+                let mut chosen = self.choose_manifest(vm, backup, Some(&staging))?;
+                let p = self.kept_point(vm, &point, &staging);
+                chosen.kept = Some(staging);
+                (p, host, None, chosen)
             }
         };
-        let (manifest, skipped) = self.choose_manifest(vm, backup)?;
-        let dir = self.staging.session_dir(vm, &manifest.id);
-        let storage = self.staging.storage().clone();
+        let Chosen {
+            manifest,
+            skipped,
+            kept,
+        } = chosen;
+        let staging = kept.unwrap_or_else(|| point.staging.clone());
+        let dir = staging.session_dir(vm, &manifest.id);
+        let storage = staging.storage().clone();
         let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
         let record = RecordWindow {
             start: Instant::now(),
@@ -426,6 +451,7 @@ impl Datastore {
             started: SystemTime::now(),
             resumed,
             dir,
+            staging: staging.clone(),
             relocation: Mutex::new(relocation),
             point: point.clone(),
             // A name that no longer resolves counts for no host.
@@ -441,7 +467,7 @@ impl Datastore {
             export_point: point.name().into(),
             host,
         };
-        self.staging.mark_active(
+        staging.mark_active(
             vm,
             &manifest.id,
             &serde_json::to_vec(&record).expect("json"),
@@ -452,32 +478,89 @@ impl Datastore {
         Ok(self.info(&session, false, skipped, decision))
     }
 
-    /// The manifest to serve, and the kept sessions passed over because
-    /// their backup is gone. A named backup's own kept copy wins, so a
-    /// kept session resumes even while the repository is unreachable.
-    fn choose_manifest(&self, vm: &str, backup: Option<&str>) -> Result<(Manifest, Vec<String>)> {
+    /// The manifest to serve, the staging directory of its kept session
+    /// (none: a new session), and the kept sessions passed over because
+    /// their backup is gone. Every staging directory is searched (or only
+    /// `within`). A named backup's own kept copy wins, so a kept session
+    /// resumes even while the repository is unreachable.
+    fn choose_manifest(
+        &self,
+        vm: &str,
+        backup: Option<&str>,
+        within: Option<&Arc<StagingDir>>,
+    ) -> Result<Chosen> {
+        let kept = self.kept_sessions(vm, within);
         if let Some(b) = backup {
-            return match self.staging.kept_manifest(vm, b)? {
-                Some(m) => Ok((m, vec![])),
-                None => Ok((self.repo.manifest(vm, b)?, vec![])),
-            };
+            // Its kept session, newest first; then a copy left by one
+            // interrupted while it was created.
+            let mut dirs: Vec<&Arc<StagingDir>> = kept
+                .iter()
+                .filter(|(k, _)| k == b)
+                .map(|(_, s)| s)
+                .collect();
+            for s in self.search(within) {
+                if !dirs.iter().any(|d| Arc::ptr_eq(d, s)) {
+                    dirs.push(s);
+                }
+            }
+            for s in dirs {
+                if let Some(m) = s.kept_manifest(vm, b)? {
+                    warn_if_kept_twice(vm, b, s, &kept);
+                    return Ok(Chosen::kept(m, vec![], s));
+                }
+            }
+            return Ok(Chosen::new(self.repo.manifest(vm, b)?, vec![]));
         }
         let mut skipped = vec![];
-        for (b, _) in self.staging.kept_sessions(vm) {
-            match self.kept_backup(vm, &b)? {
-                Some(m) => return Ok((m, skipped)),
-                None => skipped.push(b),
+        for (b, s) in &kept {
+            match self.kept_backup(s, vm, b)? {
+                Some(m) => {
+                    warn_if_kept_twice(vm, b, s, &kept);
+                    return Ok(Chosen::kept(m, skipped, s));
+                }
+                None => skipped.push(b.clone()),
             }
         }
-        Ok((self.repo.resolve(vm, None)?, skipped))
+        Ok(Chosen::new(self.repo.resolve(vm, None)?, skipped))
+    }
+
+    /// Every staging directory, or only `within`.
+    fn search<'a>(
+        &'a self,
+        within: Option<&'a Arc<StagingDir>>,
+    ) -> impl Iterator<Item = &'a Arc<StagingDir>> {
+        let all = match within {
+            Some(s) => std::slice::from_ref(s),
+            None => self.stagings.all(),
+        };
+        all.iter()
+    }
+
+    /// Kept sessions of `vm` in every staging directory (or only
+    /// `within`), most recently recovered first.
+    fn kept_sessions(
+        &self,
+        vm: &str,
+        within: Option<&Arc<StagingDir>>,
+    ) -> Vec<(String, Arc<StagingDir>)> {
+        let mut all: Vec<(String, u64, Arc<StagingDir>)> = self
+            .search(within)
+            .flat_map(|s| {
+                s.kept_sessions(vm)
+                    .into_iter()
+                    .map(move |(b, t)| (b, t, s.clone()))
+            })
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+        all.into_iter().map(|(b, _, s)| (b, s)).collect()
     }
 
     /// The manifest of a kept session, or `None` only if the repository
     /// says its backup does not exist. Any other answer (an unreachable or
     /// failing repository) resumes from the session's own copy, or fails
     /// the recovery if there is no copy: it never moves on to another backup.
-    fn kept_backup(&self, vm: &str, b: &str) -> Result<Option<Manifest>> {
-        let local = self.staging.kept_manifest(vm, b).map_err(|e| {
+    fn kept_backup(&self, staging: &StagingDir, vm: &str, b: &str) -> Result<Option<Manifest>> {
+        let local = staging.kept_manifest(vm, b).map_err(|e| {
             e.context(format!(
                 "kept staging of VM {vm} (backup {b}) is damaged; discard it with `release --discard {vm}` or name another backup with --backup"
             ))
@@ -626,9 +709,9 @@ impl Datastore {
             }
         }
         if discard {
-            self.staging.discard(vm, &session.backup)?;
+            session.staging.discard(vm, &session.backup)?;
         } else {
-            self.staging.set_active(vm, &session.backup, false)?;
+            session.staging.set_active(vm, &session.backup, false)?;
         }
         for f in self.on_release.read().iter() {
             f(&session);
@@ -681,10 +764,11 @@ impl Datastore {
                 }
             }
         }
-        let forbidden = [self.mount.as_path(), self.staging.root()];
+        let mut forbidden = vec![self.mount.as_path()];
+        forbidden.extend(self.stagings().iter().map(|s| s.root()));
         let r = Relocation::start(crate::relocate::Request {
             source: crate::relocate::Source {
-                storage: self.staging.storage(),
+                storage: s.staging.storage(),
                 vm,
                 disks: &s.disks,
                 config_json: &s.config_json,
@@ -719,36 +803,70 @@ impl Datastore {
     /// logged and left for `recover` to report.
     pub fn resume_active(&self) -> Vec<String> {
         let mut resumed = vec![];
-        for (vm, backup) in self.staging.active_sessions() {
-            let rec: Option<PlacementRecord> =
-                serde_json::from_slice(&self.staging.active_placement(&vm, &backup)).ok();
-            let placing = match rec {
-                Some(r) => Placing::Kept(r.export_point, r.host),
-                // Marked by a daemon without export points.
-                None => Placing::Kept(self.points[0].name().into(), None),
-            };
-            match self.recover_at(&vm, Some(&backup), placing) {
-                Ok(_) => {
-                    tracing::info!(
-                        vm,
-                        backup,
-                        "resumed a session that was active before the restart"
-                    );
-                    resumed.push(vm);
-                }
-                Err(e) => {
-                    tracing::error!(
-                        vm,
-                        backup,
-                        "could not resume the session that was active before the restart: {e}"
-                    )
+        for staging in self.stagings() {
+            for (vm, backup) in staging.active_sessions() {
+                let rec: Option<PlacementRecord> =
+                    serde_json::from_slice(&staging.active_placement(&vm, &backup)).ok();
+                let (point, host) = match rec {
+                    Some(r) => (r.export_point, r.host),
+                    // Marked by a daemon without export points.
+                    None => (self.points[0].name().into(), None),
+                };
+                let placing = Placing::Kept {
+                    point,
+                    host,
+                    staging: staging.clone(),
+                };
+                match self.recover_at(&vm, Some(&backup), placing) {
+                    Ok(_) => {
+                        tracing::info!(
+                            vm,
+                            backup,
+                            "resumed a session that was active before the restart"
+                        );
+                        resumed.push(vm);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            vm,
+                            backup,
+                            "could not resume the session that was active before the restart: {e}"
+                        )
+                    }
                 }
             }
         }
         resumed
     }
 
-    /// Drops kept staging for a VM that is not being served.
+    /// Where a session found active in `staging` is served again: at
+    /// `recorded` if that point still stages there, else at the first
+    /// point that does, else at the first point (its data is read on
+    /// from `staging` either way).
+    fn kept_point(&self, vm: &str, recorded: &str, staging: &Arc<StagingDir>) -> Arc<ExportPoint> {
+        let stages_here = |p: &&Arc<ExportPoint>| Arc::ptr_eq(&p.staging, staging);
+        if let Some(p) = self.point(recorded).filter(stages_here) {
+            return p.clone();
+        }
+        let p = self
+            .points
+            .iter()
+            .find(stages_here)
+            .unwrap_or(&self.points[0])
+            .clone();
+        tracing::warn!(
+            vm,
+            was = recorded,
+            now = %p.name(),
+            staging = %staging.root().display(),
+            "the export point this session was served at is gone or stages elsewhere now; serving it at {}",
+            p.name()
+        );
+        p
+    }
+
+    /// Drops kept staging for a VM that is not being served, in every
+    /// staging directory.
     pub fn discard_kept(&self, vm: &str) -> Result<Vec<String>> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
@@ -758,14 +876,12 @@ impl Datastore {
                 "VM {vm} is being served; release it with --discard instead"
             )));
         }
-        let kept: Vec<String> = self
-            .staging
-            .kept_sessions(vm)
-            .into_iter()
-            .map(|(b, _)| b)
-            .collect();
-        for b in &kept {
-            self.staging.discard(vm, b)?;
+        let mut kept = vec![];
+        for (b, s) in self.kept_sessions(vm, None) {
+            s.discard(vm, &b)?;
+            if !kept.contains(&b) {
+                kept.push(b);
+            }
         }
         Ok(kept)
     }
@@ -813,8 +929,58 @@ impl Datastore {
 enum Placing<'a> {
     /// A new recovery: decide.
     New(&'a PlaceRequest),
-    /// A session that was served before the restart: where it was.
-    Kept(String, Option<String>),
+    /// A session that was served before the restart, found in `staging`:
+    /// where it was (its recorded point and host).
+    Kept {
+        point: String,
+        host: Option<String>,
+        staging: Arc<StagingDir>,
+    },
+}
+
+/// What `choose_manifest` picked.
+struct Chosen {
+    manifest: Manifest,
+    skipped: Vec<String>,
+    /// The staging directory of the kept session it resumes.
+    kept: Option<Arc<StagingDir>>,
+}
+
+impl Chosen {
+    fn new(manifest: Manifest, skipped: Vec<String>) -> Chosen {
+        Chosen {
+            manifest,
+            skipped,
+            kept: None,
+        }
+    }
+
+    fn kept(manifest: Manifest, skipped: Vec<String>, staging: &Arc<StagingDir>) -> Chosen {
+        Chosen {
+            manifest,
+            skipped,
+            kept: Some(staging.clone()),
+        }
+    }
+}
+
+/// One backup kept in two staging directories (export points' stagings
+/// changed between runs): the newer resumes, the other stays on disk.
+fn warn_if_kept_twice(
+    vm: &str,
+    b: &str,
+    used: &Arc<StagingDir>,
+    kept: &[(String, Arc<StagingDir>)],
+) {
+    for (_, s) in kept.iter().filter(|(k, s)| k == b && !Arc::ptr_eq(s, used)) {
+        tracing::warn!(
+            vm,
+            backup = b,
+            resumed = %used.root().display(),
+            also = %s.root().display(),
+            "this backup has kept staging in two staging directories; the more recent resumes, the other is left untouched (release --discard removes both)"
+        );
+    }
 }
 
 mod points;

@@ -70,7 +70,12 @@ pub fn verify_boot(opts: VerifyBootOptions) -> Result<VerifyBootReport> {
         repo.id(),
         &repo.location(),
     )?;
-    let mounted = MountedDatastore::start(repo.clone(), staging, &mnt, &MountOptions::default())?;
+    let mounted = MountedDatastore::start(
+        repo.clone(),
+        crate::staging::StagingSet::single(staging),
+        &mnt,
+        &MountOptions::default(),
+    )?;
     let result = run(&mounted, &opts, &manifest.id, &marker);
     let _ = mounted.ds.release(&opts.vm, true);
     let stopped = mounted.shutdown();

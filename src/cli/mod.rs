@@ -82,6 +82,7 @@ pub enum Command {
         repo: String,
         /// Local staging: missing, empty, or a staging directory of this
         /// repository (anything else is refused untouched); made mode 0700.
+        /// Export points without their own staging= stage here.
         #[arg(long)]
         staging: PathBuf,
         /// An empty directory to mount the datastore on.
@@ -133,13 +134,16 @@ pub enum Command {
         #[arg(long, value_name = "ADDR[:PORT]|unix:PATH")]
         nbd: Vec<String>,
         /// A datastore export point with its own address (NFS on PORT,
-        /// default 2049, and 111; NBD on nbd-port, default 10809) and its
-        /// own I/O queue of at most max-inflight requests (default 64);
-        /// repeatable. Replaces --nfs/--nbd; --nfs-allow and the other NFS
-        /// options apply to every point.
+        /// default 2049, and 111; NBD on nbd-port, default 10809), its own
+        /// I/O queue of at most max-inflight requests (default 64) and,
+        /// with staging=DIR (absolute; checked like --staging; not nested
+        /// in the mount, --staging or another point's), its own staging
+        /// directory, e.g. on another disk (default: --staging). Points may
+        /// share a staging= directory. Repeatable. Replaces --nfs/--nbd;
+        /// --nfs-allow and the other NFS options apply to every point.
         #[arg(
             long,
-            value_name = "NAME,listen=ADDR[,port=P][,nbd-port=P][,max-inflight=N]"
+            value_name = "NAME,listen=ADDR[,port=P][,nbd-port=P][,staging=DIR][,max-inflight=N]"
         )]
         export_point: Vec<String>,
         /// Connections one hypervisor host may hold (one per datastore it

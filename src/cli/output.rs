@@ -195,6 +195,9 @@ pub fn placement(r: &Value, explain: bool) {
     }
     let rule = p["rule"].as_str().unwrap_or("?");
     eprintln!("VM {vm} placed at export point {point} (rule: {rule})");
+    if let Some(note) = p["note"].as_str() {
+        eprintln!("  {note}");
+    }
     if !explain {
         return;
     }
@@ -265,6 +268,7 @@ pub fn export_points(r: &Value, json: bool) {
                 .map(|s| s.as_str().unwrap_or("?").to_string())
                 .collect()
         };
+        println!("  staging: {}", p["staging"].as_str().unwrap_or("?"));
         println!("  sessions: {}", names(&p["sessions"]).join(", "));
         let hosts: Vec<String> = p["hosts"]
             .as_array()

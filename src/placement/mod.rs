@@ -3,10 +3,17 @@
 //! A daemon serves one or more export points. Each has its own listening
 //! address (NFS with a portmapper on 111, NBD), its own [`IoQueue`] that
 //! every guest request and every relocation copy or background fetch of
-//! its sessions goes through, and its own fetch scheduler. Every session
-//! belongs to exactly one export point (`placement.json` in the session's
-//! staging, so a restart re-exports it at the same place with the same
-//! handles).
+//! its sessions goes through, its own fetch scheduler, and optionally its
+//! own staging directory (`staging=DIR`, e.g. on another disk; default
+//! `--staging`; points may share one). Every session belongs to exactly
+//! one export point, recorded in its `active` marker in the staging it
+//! lives in, so a restart re-exports it at the same place, from the same
+//! directory, with the same handles.
+//!
+//! Kept staging does not move: a VM whose kept session resumes is placed
+//! only among the points staging where that session is (the datastore
+//! filters the figures it passes to [`decide`]; naming another point is
+//! refused).
 //!
 //! **Placement** ([`decide`]) is a pure function of figures the datastore
 //! gathers per export point ([`PointFigures`]):
@@ -50,7 +57,7 @@ pub const NBD_PORT: u16 = 10809;
 pub const DEFAULT_MAX_INFLIGHT: usize = 64;
 pub const DEFAULT_MAX_CONNECTIONS_PER_HOST: usize = 4;
 
-/// One `--export-point NAME,listen=ADDR[,port=P][,nbd-port=P][,max-inflight=N]`.
+/// One `--export-point NAME,listen=ADDR[,port=P][,nbd-port=P][,staging=DIR][,max-inflight=N]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PointSpec {
     pub name: String,
@@ -59,6 +66,7 @@ pub struct PointSpec {
     pub listen: Option<IpAddr>,
     pub nfs_port: u16,
     pub nbd_port: u16,
+    /// Its own staging directory (absolute); `None`: `--staging`.
     pub staging: Option<PathBuf>,
     pub max_inflight: usize,
 }
@@ -102,12 +110,13 @@ impl PointSpec {
                 "nbd-port" => {
                     spec.nbd_port = v.parse().map_err(|_| bad(format!("bad nbd-port {v:?}")))?
                 }
-                // Not built yet: sessions of every point stage under
-                // --staging (one lock, one resume scan).
-                "staging" => return Err(bad(
-                    "staging=DIR is not supported yet: every export point stages under --staging"
-                        .into(),
-                )),
+                "staging" => {
+                    let dir = PathBuf::from(v);
+                    if !dir.is_absolute() {
+                        return Err(bad(format!("staging={v} must be an absolute path")));
+                    }
+                    spec.staging = Some(dir);
+                }
                 "max-inflight" => {
                     spec.max_inflight = v
                         .parse()
@@ -315,6 +324,9 @@ pub struct Decision {
     pub host_connections: usize,
     pub max_connections_per_host: usize,
     pub candidates: Vec<Candidate>,
+    /// Why some points were not candidates (set by the caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Where the request wants the VM.
@@ -352,6 +364,7 @@ pub fn decide(
         host_connections: used,
         max_connections_per_host: max_conn,
         candidates,
+        note: None,
     };
     if let Want::Named { name, force } = want {
         let Some(c) = candidates.iter_mut().find(|c| &c.figures.name == name) else {

@@ -1,5 +1,6 @@
-//! One export point at run time: its spec, its I/O queue, its fetch
-//! scheduler, and the hypervisor hosts connected to its listeners.
+//! One export point at run time: its spec, its staging directory, its I/O
+//! queue, its fetch scheduler, and the hypervisor hosts connected to its
+//! listeners.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,9 +10,13 @@ use parking_lot::Mutex;
 
 use super::{IoQueue, PointSpec};
 use crate::prefetch::Scheduler;
+use crate::staging::StagingDir;
 
 pub struct ExportPoint {
     pub spec: PointSpec,
+    /// Where its new sessions stage (`staging=`, else `--staging`); may be
+    /// shared with other points.
+    pub staging: Arc<StagingDir>,
     pub queue: Arc<IoQueue>,
     /// Fetches for its sessions; background ones take async slots of
     /// `queue`.
@@ -46,7 +51,11 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl ExportPoint {
-    pub fn new(spec: PointSpec, fetch_workers: usize) -> Arc<ExportPoint> {
+    pub fn new(
+        spec: PointSpec,
+        staging: Arc<StagingDir>,
+        fetch_workers: usize,
+    ) -> Arc<ExportPoint> {
         let queue = IoQueue::new(spec.max_inflight);
         let sched = Scheduler::with_queue(
             &format!("fetch-{}", spec.name),
@@ -55,6 +64,7 @@ impl ExportPoint {
         );
         Arc::new(ExportPoint {
             spec,
+            staging,
             queue,
             sched,
             conns: Arc::default(),

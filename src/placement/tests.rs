@@ -34,13 +34,20 @@ fn export_point_specs_parse_and_bad_ones_say_why() {
     assert_eq!(p.nfs_addr().unwrap().to_string(), "198.18.0.1:2050");
     assert_eq!(p.nbd_addr().unwrap().port(), NBD_PORT);
     assert_eq!(p.max_inflight, 8);
+    assert_eq!(p.staging, None);
+    let p = PointSpec::parse("ds2,listen=198.18.0.2,staging=/srv/ssd2").unwrap();
+    assert_eq!(
+        p.staging.as_deref(),
+        Some(std::path::Path::new("/srv/ssd2"))
+    );
     for (bad, why) in [
         ("ds1", "listen=ADDR is required"),
         ("ds1,listen=nowhere", "not an IP address"),
         ("ds1,listen=::1,colour=red", "unknown key"),
         ("../x,listen=::1", "export point name"),
         ("ds1,listen=::1,max-inflight=1", "must be a number"),
-        ("ds1,listen=::1,staging=/srv", "not supported yet"),
+        ("ds1,listen=::1,staging=srv/x", "must be an absolute path"),
+        ("ds1,listen=::1,staging=", "must be an absolute path"),
     ] {
         let e = PointSpec::parse(bad).unwrap_err().to_string();
         assert!(e.contains(why), "{bad}: {e}");

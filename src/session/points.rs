@@ -1,6 +1,7 @@
 //! The datastore's side of export points: the figures placement decides
 //! on, per point, gathered from the sessions served there; the placement
-//! of a new recovery; and what `export-points` reports.
+//! of a new recovery (kept staging binds a VM to the points staging where
+//! it is); and what `export-points` reports.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use serde::Serialize;
 use super::{Datastore, Session};
 use crate::error::{Error, Result};
 use crate::placement::{self, Decision, PointFigures, PointSpec, Want, Weights};
+use crate::staging::StagingDir;
 
 /// Where a new recovery should go.
 #[derive(Debug, Clone, Default)]
@@ -54,6 +56,8 @@ pub struct PointStatus {
     pub listen: Option<std::net::IpAddr>,
     pub nfs_port: u16,
     pub nbd_port: u16,
+    /// Where its new sessions stage.
+    pub staging: std::path::PathBuf,
     pub sessions: Vec<String>,
     /// Connected hypervisor hosts and their live TCP connections.
     pub hosts: Vec<HostConnections>,
@@ -98,8 +102,16 @@ pub fn resolve_host(host: &str) -> Result<std::net::IpAddr> {
 }
 
 impl Datastore {
-    /// Chooses the export point for a new recovery (see `placement`).
-    pub fn place(&self, req: &PlaceRequest) -> Result<Decision> {
+    /// Chooses the export point for a new recovery of `vm` (see
+    /// `placement`). A VM whose kept staging resumes from `kept` goes only
+    /// to a point that stages there (its data does not move); when no
+    /// point does any more, to any point, reading on from `kept`.
+    pub fn place(
+        &self,
+        vm: &str,
+        req: &PlaceRequest,
+        kept: Option<&Arc<StagingDir>>,
+    ) -> Result<Decision> {
         let ip = req.host.as_deref().map(resolve_host).transpose()?;
         let want = match req.export_point.as_deref() {
             None | Some("auto") => Want::Auto,
@@ -108,15 +120,43 @@ impl Datastore {
                 force: req.force,
             },
         };
-        let figures = self.point_figures(ip);
-        let d = placement::decide(
+        let mut figures = self.point_figures(ip);
+        let mut note = None;
+        if let Some(kept) = kept {
+            let there: Vec<&str> = self
+                .points
+                .iter()
+                .filter(|p| Arc::ptr_eq(&p.staging, kept))
+                .map(|p| p.name())
+                .collect();
+            if let Want::Named { name, .. } = &want {
+                if !there.is_empty() && self.point(name).is_some() && !there.contains(&&**name) {
+                    return Err(Error::busy(format!(
+                        "VM {vm} has kept staging under {} (export point {}); recover it there, or release --discard {vm} first",
+                        kept.root().display(),
+                        there.join(" or ")
+                    )));
+                }
+            }
+            if there.is_empty() {
+                tracing::warn!(vm, staging = %kept.root().display(), "no export point stages where this VM's kept staging is; placing it anywhere, its data stays there");
+            } else {
+                figures.retain(|f| there.contains(&f.name.as_str()));
+                note = Some(format!(
+                    "kept staging under {}: only the export points staging there were considered",
+                    kept.root().display()
+                ));
+            }
+        }
+        let mut d = placement::decide(
             figures,
             &want,
             req.host.clone(),
             self.placement.max_connections_per_host,
             &self.placement.weights,
         )?;
-        tracing::info!(host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
+        d.note = note;
+        tracing::info!(vm, host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
         Ok(d)
     }
 
@@ -186,6 +226,7 @@ impl Datastore {
                     listen: p.spec.listen,
                     nfs_port: p.spec.nfs_port,
                     nbd_port: p.spec.nbd_port,
+                    staging: p.staging.root().to_path_buf(),
                     sessions: sessions.iter().map(|s| s.vm.clone()).collect(),
                     hosts: p
                         .hosts()

@@ -7,7 +7,7 @@ use super::*;
 use crate::prefetch::PrefetchOptions;
 use crate::repo::testing::{Knobs, TestBackend};
 use crate::repo::writer::{run_backup, BackupRequest};
-use crate::staging::StagingDir;
+use crate::staging::StagingSet;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::Duration;
@@ -17,34 +17,98 @@ const BS: usize = 64 << 10;
 struct Rig {
     dir: tempfile::TempDir,
     repo: Arc<Repository>,
+    repo_id: String,
     knobs: Knobs,
     ds: Arc<Datastore>,
 }
 
 fn rig() -> Rig {
+    rig_with(&[])
+}
+
+/// Export points (name, its own staging under the rig's directory), each
+/// on its own address (nothing listens: frontends are not started); none:
+/// the default point.
+type Points<'a> = &'a [(&'a str, Option<&'a str>)];
+
+fn rig_with(points: Points) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let (created, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
     let knobs = Knobs::default();
     let repo =
         Repository::open_backend(Box::new(TestBackend::new(&repo_path, knobs.clone()))).unwrap();
-    let staging = StagingDir::open(&dir.path().join("staging"), created.id(), "test").unwrap();
+    let repo_id = created.id().to_string();
+    let ds = datastore(dir.path(), &repo, &repo_id, points);
+    Rig {
+        dir,
+        repo,
+        repo_id,
+        knobs,
+        ds,
+    }
+}
+
+fn datastore(dir: &Path, repo: &Arc<Repository>, repo_id: &str, points: Points) -> Arc<Datastore> {
+    let mut placement = PlacementConfig::default();
+    if !points.is_empty() {
+        placement.points = points
+            .iter()
+            .enumerate()
+            .map(|(i, (name, staging))| crate::placement::PointSpec {
+                name: name.to_string(),
+                listen: Some(std::net::Ipv4Addr::new(198, 18, 0, i as u8 + 1).into()),
+                staging: staging.map(|s| dir.join(s)),
+                ..crate::placement::PointSpec::default_point()
+            })
+            .collect();
+    }
+    let named: Vec<(&str, Option<&Path>)> = placement
+        .points
+        .iter()
+        .map(|p| (p.name.as_str(), p.staging.as_deref()))
+        .collect();
+    let stagings = StagingSet::open(
+        &dir.join("staging"),
+        &dir.join("mnt"),
+        &named,
+        repo_id,
+        "test",
+    )
+    .unwrap();
     let prefetch = PrefetchOptions {
         use_profile: false,
         default_profile: false,
         ..Default::default()
     };
-    let ds = Datastore::new(
+    Datastore::new(
         repo.clone(),
-        staging,
-        &dir.path().join("mnt"),
+        stagings,
+        &dir.join("mnt"),
         4,
         prefetch,
-        Default::default(),
-    );
+        placement,
+    )
+}
+
+/// The daemon stops without releasing anything (staging flushed) and
+/// starts again with `points`, resuming what was served.
+fn restart(r: Rig, points: Points) -> Rig {
+    let Rig {
+        dir,
+        repo,
+        repo_id,
+        knobs,
+        ds,
+    } = r;
+    ds.flush_all().unwrap();
+    drop(ds);
+    let ds = datastore(dir.path(), &repo, &repo_id, points);
+    ds.resume_active();
     Rig {
         dir,
         repo,
+        repo_id,
         knobs,
         ds,
     }
@@ -250,4 +314,150 @@ fn recoveries_of_many_vms_run_in_parallel_and_lookups_never_wait_on_the_reposito
     );
     assert_eq!(r.ds.sessions().len(), 20);
     let _ = Path::new("");
+}
+
+/// `a` stages under `--staging`; `b` and `c` share their own directory.
+const POINTS: Points = &[("a", None), ("b", Some("ssd")), ("c", Some("ssd"))];
+
+fn at(point: &str) -> PlaceRequest {
+    PlaceRequest {
+        export_point: Some(point.into()),
+        ..Default::default()
+    }
+}
+
+fn ssd(r: &Rig) -> PathBuf {
+    std::fs::canonicalize(r.dir.path().join("ssd")).unwrap()
+}
+
+fn main_staging(r: &Rig) -> PathBuf {
+    r.ds.staging_root().to_path_buf()
+}
+
+#[test]
+fn a_session_on_a_point_with_its_own_staging_writes_its_files_there_and_not_in_the_main_staging() {
+    let r = rig_with(POINTS);
+    let (b, _) = backup(&r, "vm", 11, 4);
+    let info = r.ds.recover_placed("vm", None, &at("b")).unwrap();
+    assert_eq!(info.export_point, "b");
+    let s = r.ds.session("vm").unwrap();
+    assert!(s.dir.starts_with(ssd(&r)), "{}", s.dir.display());
+    s.disks[0].write(10, b"on the other disk").unwrap();
+    s.disks[0].flush().unwrap();
+    let dir = ssd(&r).join("sessions/vm").join(&b);
+    for f in ["disk0.data", "disk0.present", "disk0.changed", "session.json", "manifest.json", "active"] {
+        assert!(dir.join(f).exists(), "{f} is not under the point's staging");
+    }
+    assert!(
+        !main_staging(&r).join("sessions/vm").exists(),
+        "the session wrote into the main staging"
+    );
+    let st = r.ds.point_status();
+    let staging_of = |n: &str| st.iter().find(|p| p.name == n).unwrap().staging.clone();
+    assert_eq!(staging_of("b"), ssd(&r));
+    assert_eq!(staging_of("c"), ssd(&r));
+    assert_eq!(staging_of("a"), main_staging(&r));
+    drop(s);
+    r.ds.release("vm", false).unwrap();
+    assert!(!dir.join("active").exists(), "release left it marked active");
+    assert!(dir.join("disk0.data").exists(), "release dropped kept staging");
+}
+
+#[test]
+fn kept_staging_in_a_points_directory_resumes_and_auto_placement_stays_among_the_points_staging_there(
+) {
+    let r = rig_with(POINTS);
+    let (b, _) = backup(&r, "vm", 12, 4);
+    backup(&r, "fresh", 13, 4);
+    r.ds.recover_placed("vm", None, &at("b")).unwrap();
+    disk(&r, "vm").write(0, b"kept on b's disk").unwrap();
+    r.ds.release("vm", false).unwrap();
+
+    let info = r.ds.recover("vm", None).unwrap();
+    assert!(["b", "c"].contains(&info.export_point.as_str()), "{info:?}");
+    assert_eq!((info.backup.as_str(), info.resumed), (b.as_str(), true));
+    assert_eq!(disk(&r, "vm").read(0, 16).unwrap(), b"kept on b's disk");
+    let d = info.placement.unwrap();
+    let names: Vec<&str> = d.candidates.iter().map(|c| c.figures.name.as_str()).collect();
+    assert_eq!(names, ["b", "c"], "{d:?}");
+    assert!(d.note.unwrap().contains(ssd(&r).to_str().unwrap()));
+    r.ds.release("vm", false).unwrap();
+    // The same idle daemon places a VM without kept staging on `a`.
+    let info = r.ds.recover("fresh", None).unwrap();
+    assert_eq!(info.export_point, "a");
+    assert!(info.placement.unwrap().note.is_none());
+}
+
+#[test]
+fn a_named_point_staging_elsewhere_is_refused_for_a_vm_with_kept_staging_until_it_is_discarded() {
+    let r = rig_with(POINTS);
+    let (b, _) = backup(&r, "vm", 14, 4);
+    r.ds.recover_placed("vm", None, &at("b")).unwrap();
+    disk(&r, "vm").write(0, b"kept").unwrap();
+    r.ds.release("vm", false).unwrap();
+
+    let e = r.ds.recover_placed("vm", None, &at("a")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("VM vm has kept staging under {}", ssd(&r).display()))
+            && msg.contains("export point b or c")
+            && msg.contains("release --discard vm"),
+        "{msg}"
+    );
+    assert!(r.ds.session("vm").is_none(), "a refused recovery started");
+    // A point sharing the directory resumes it.
+    let info = r.ds.recover_placed("vm", None, &at("c")).unwrap();
+    assert_eq!((info.export_point.as_str(), info.resumed), ("c", true));
+    assert_eq!(disk(&r, "vm").read(0, 4).unwrap(), b"kept");
+    r.ds.release("vm", false).unwrap();
+
+    assert_eq!(r.ds.discard_kept("vm").unwrap(), vec![b.clone()]);
+    assert!(!ssd(&r).join("sessions/vm").join(&b).exists());
+    let info = r.ds.recover_placed("vm", None, &at("a")).unwrap();
+    assert_eq!((info.export_point.as_str(), info.resumed), ("a", false));
+    assert!(r.ds.session("vm").unwrap().dir.starts_with(main_staging(&r)));
+}
+
+#[test]
+fn a_restart_serves_each_session_at_the_same_point_from_the_same_staging_directory() {
+    let r = rig_with(POINTS);
+    backup(&r, "v1", 15, 4);
+    backup(&r, "v2", 16, 4);
+    r.ds.recover_placed("v1", None, &at("c")).unwrap();
+    r.ds.recover_placed("v2", None, &at("a")).unwrap();
+    disk(&r, "v1").write(5, b"written at c").unwrap();
+    disk(&r, "v2").write(5, b"written at a").unwrap();
+    let r = restart(r, POINTS);
+    let (s1, s2) = (r.ds.session("v1").unwrap(), r.ds.session("v2").unwrap());
+    assert_eq!((s1.point.name(), s2.point.name()), ("c", "a"));
+    assert!(s1.dir.starts_with(ssd(&r)) && s2.dir.starts_with(main_staging(&r)));
+    assert_eq!(s1.disks[0].read(5, 12).unwrap(), b"written at c");
+    assert_eq!(s2.disks[0].read(5, 12).unwrap(), b"written at a");
+}
+
+#[test]
+fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_staging_is() {
+    let r = rig_with(POINTS);
+    backup(&r, "v1", 17, 4);
+    backup(&r, "v2", 18, 4);
+    r.ds.recover_placed("v1", None, &at("b")).unwrap();
+    r.ds.recover_placed("v2", None, &at("a")).unwrap();
+    disk(&r, "v1").write(0, b"v1 data").unwrap();
+    disk(&r, "v2").write(0, b"v2 data").unwrap();
+    // `b` now stages under --staging: v1 goes to the point that stages
+    // where its data is.
+    let r = restart(r, &[("a", None), ("b", None), ("d", Some("ssd"))]);
+    let s1 = r.ds.session("v1").unwrap();
+    assert_eq!(s1.point.name(), "d");
+    assert!(s1.dir.starts_with(ssd(&r)));
+    assert_eq!(s1.disks[0].read(0, 7).unwrap(), b"v1 data");
+    drop(s1);
+    // No point stages under --staging any more: v2 is served at the first
+    // point and still read from where it is.
+    let r = restart(r, &[("d", Some("ssd"))]);
+    let s2 = r.ds.session("v2").unwrap();
+    assert_eq!(s2.point.name(), "d");
+    assert!(s2.dir.starts_with(main_staging(&r)));
+    assert_eq!(s2.disks[0].read(0, 7).unwrap(), b"v2 data");
 }

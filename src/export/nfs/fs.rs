@@ -27,6 +27,7 @@ use std::time::SystemTime;
 use nfs3_types::nfs3::{fattr3, ftype3, nfsstat3, nfstime3, specdata3};
 
 use crate::error::{Error, ErrorKind};
+use crate::placement::ExportPoint;
 use crate::session::{Datastore, Session};
 use crate::staging::io::{OsStorage, Storage};
 use crate::volume::Volume;
@@ -118,20 +119,25 @@ pub struct Namespace {
     ds: Arc<Datastore>,
     /// The export point whose sessions it shows.
     point: String,
+    /// That point's staging directory (FSSTAT).
+    staging: PathBuf,
     owner: (u32, u32),
     fsid: u64,
     started: SystemTime,
 }
 
 impl Namespace {
-    pub fn new(ds: Arc<Datastore>, point: &str, owner: (u32, u32)) -> Namespace {
+    pub fn new(ds: Arc<Datastore>, point: &ExportPoint, owner: (u32, u32)) -> Namespace {
+        let staging = point.staging.root().to_path_buf();
         let fsid = u64::from_be_bytes(key(&format!(
-            "{}\0{point}",
-            ds.staging_root().to_string_lossy()
+            "{}\0{}",
+            staging.to_string_lossy(),
+            point.name()
         )));
         Namespace {
             ds,
-            point: point.into(),
+            point: point.name().into(),
+            staging,
             owner,
             fsid,
             started: SystemTime::now(),
@@ -352,9 +358,10 @@ impl Namespace {
         self.fileid(n)
     }
 
-    /// FSSTAT: the staging filesystem's real size and free space.
+    /// FSSTAT: the real size and free space of the filesystem the
+    /// point's sessions stage on.
     pub fn fsstat(&self) -> (u64, u64, u64, u64, u64) {
-        match nix::sys::statvfs::statvfs(self.ds.staging_root()) {
+        match nix::sys::statvfs::statvfs(&self.staging) {
             Ok(st) => {
                 let frag = st.fragment_size() as u64;
                 (

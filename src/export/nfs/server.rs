@@ -143,7 +143,7 @@ impl NfsServer {
             }
         }
         let shared = Arc::new(Shared {
-            ns: Namespace::new(ds, point.name(), opts.owner),
+            ns: Namespace::new(ds, &point, opts.owner),
             point,
             opts,
             side_verifier: super::side_file_verifier(),
