@@ -10,12 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nfs3_types::nfs3::stable_how;
 use serde_json::Value;
 
-/// Host numbers of this file's tests, apart from other files' (nfs.rs
-/// uses 20..220 by pid; these take 221..=250).
+/// Host numbers of this file's tests (0..=3), apart from other files'
+/// (nfs.rs uses 20..220 by pid; these take 221..=248).
 fn host_number(test: u8) -> u8 {
-    221 + (std::process::id() % 10) as u8 * 3 + test
+    221 + (std::process::id() % 7) as u8 * 4 + test
 }
 
 /// A daemon with one export point per address, NFS open to the test
@@ -406,7 +407,10 @@ fn a_cold_vm_goes_to_the_point_whose_sessions_are_staged_not_the_one_reading_a_s
         copy.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{o:?}");
-    assert!(std::fs::read(&copy).unwrap() == warm, "warm read back wrong");
+    assert!(
+        std::fs::read(&copy).unwrap() == warm,
+        "warm read back wrong"
+    );
     let a = addrs[0].clone();
     let first = host.enter(move || {
         let mut c = nfs::Client::mount(&a, "/").unwrap();
@@ -451,4 +455,108 @@ fn a_cold_vm_goes_to_the_point_whose_sessions_are_staged_not_the_one_reading_a_s
         c.getattr(&fh).unwrap().size
     });
     assert_eq!(size, 8 << 20);
+}
+
+#[test]
+fn a_point_staging_on_its_own_disk_keeps_its_vm_there_across_kill9_at_the_same_point_and_handles() {
+    let host = netns::Host::new(host_number(3));
+    let addrs: Vec<String> = (11..=12).map(|k| host.add_server_addr(k)).collect();
+    let mut env = Env::new();
+    let data = random_image(&env.path("vm.img"), 8 << 20, 9, 64 << 10);
+    env.backup("vm", "64K", &[&env.path("vm.img")]);
+    // Another disk: a 64 MiB tmpfs holds point b's staging.
+    let _disk = Tmpfs::mount(&env.path("disk2"), "64m");
+    let own = env.path("disk2/staging");
+    // serve_points puts the address into `listen=` as given: b's carries
+    // its staging= along.
+    let b = format!("{},staging={}", addrs[1], own.display());
+    let mut d = serve_points(&mut env, &[("a", &addrs[0]), ("b", &b)], &[]);
+    let (p, rule, _) = place(&env, "vm", &host.addr, &["--export-point", "b"]);
+    assert_eq!((p.as_str(), rule.as_str()), ("b", "forced"));
+
+    // The host's client writes FILE_SYNC across a block boundary at b.
+    let (off, written) = (3 * 65536 + 1000u64, vec![0xa5u8; 70_000]);
+    let (server, w) = (addrs[1].clone(), written.clone());
+    let (root, fh, total) = host.enter(move || {
+        let mut c = nfs::Client::mount(&server, "/").unwrap();
+        let fh = c.path("vm/disk0.raw").unwrap();
+        let (how, _) = c.write(&fh, off, &w, stable_how::FILE_SYNC).unwrap();
+        assert_eq!(how, stable_how::FILE_SYNC);
+        (c.root.clone(), fh, c.fsstat().0)
+    });
+    assert_eq!(total, 64 << 20, "FSSTAT at b reports b's staging disk");
+    let sessions = own.join("sessions/vm");
+    let dirs: Vec<_> = std::fs::read_dir(&sessions).unwrap().flatten().collect();
+    assert_eq!(dirs.len(), 1, "one session under b's staging");
+    let staged = std::fs::read(dirs[0].path().join("disk0.data")).unwrap();
+    assert!(
+        staged[off as usize..off as usize + written.len()] == written[..],
+        "the written bytes are not in b's staging data file"
+    );
+    assert!(dirs[0].path().join("active").exists());
+    assert!(
+        !env.staging.join("sessions/vm").exists(),
+        "the session staged under --staging too"
+    );
+
+    d.kill9();
+    let _d = env.serve();
+    let all = points(&env);
+    assert_eq!(
+        point(&all, "b")["sessions"],
+        serde_json::json!(["vm"]),
+        "{all}"
+    );
+    assert_eq!(point(&all, "a")["sessions"], serde_json::json!([]), "{all}");
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap();
+    assert_eq!(
+        point(&all, "b")["staging"],
+        canonical(&own).to_str().unwrap(),
+        "{all}"
+    );
+    assert_eq!(
+        point(&all, "a")["staging"],
+        canonical(&env.staging).to_str().unwrap(),
+        "{all}"
+    );
+    // The host's old handles read the written bytes and the backup's.
+    let server = addrs[1].clone();
+    let (again, before) = host.enter(move || {
+        let mut c = nfs::Client::reconnect(&server, 2049, root);
+        (
+            c.read(&fh, off, written.len() as u32).unwrap() == written,
+            c.read(&fh, 0, 65536).unwrap(),
+        )
+    });
+    assert!(again, "the FILE_SYNC write did not survive kill -9");
+    assert!(before == data[..65536], "unwritten bytes read back wrong");
+}
+
+#[test]
+fn a_relative_staging_or_one_nested_in_the_main_staging_is_refused_in_one_line() {
+    let env = Env::new();
+    backup_random(&env, "v", 1);
+    let a = nfs::own_loopback().to_string();
+    let serve = |spec: String| {
+        let staging = env.staging.to_str().unwrap();
+        let mount = env.mount.to_str().unwrap();
+        let args = [
+            "serve",
+            "--repo",
+            env.repo_str(),
+            "--staging",
+            staging,
+            "--mount",
+            mount,
+            "--export-point",
+            &spec,
+        ];
+        env.fails(&args, "staging=")
+    };
+    let e = serve(format!("a,listen={a},staging=rel/dir"));
+    assert!(e.contains("must be an absolute path"), "{e}");
+    let inside = env.staging.join("ds-a");
+    let e = serve(format!("a,listen={a},staging={}", inside.display()));
+    assert!(e.contains("is inside --staging"), "{e}");
+    assert!(!env.staging.exists(), "a refused serve created --staging");
 }
