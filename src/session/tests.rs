@@ -93,25 +93,13 @@ fn datastore(dir: &Path, repo: &Arc<Repository>, repo_id: &str, points: Points) 
 
 /// The daemon stops without releasing anything (staging flushed) and
 /// starts again with `points`, resuming what was served.
-fn restart(r: Rig, points: Points) -> Rig {
-    let Rig {
-        dir,
-        repo,
-        repo_id,
-        knobs,
-        ds,
-    } = r;
-    ds.flush_all().unwrap();
-    drop(ds);
-    let ds = datastore(dir.path(), &repo, &repo_id, points);
-    ds.resume_active();
-    Rig {
-        dir,
-        repo,
-        repo_id,
-        knobs,
-        ds,
-    }
+fn restart(mut r: Rig, points: Points) -> Rig {
+    r.ds.flush_all().unwrap();
+    // The old datastore, and so its staging locks, go first.
+    drop(r.ds);
+    r.ds = datastore(r.dir.path(), &r.repo, &r.repo_id, points);
+    r.ds.resume_active();
+    r
 }
 
 /// Backs up `blocks` random 64 KiB blocks as `vm`; returns id and bytes.
@@ -345,7 +333,14 @@ fn a_session_on_a_point_with_its_own_staging_writes_its_files_there_and_not_in_t
     s.disks[0].write(10, b"on the other disk").unwrap();
     s.disks[0].flush().unwrap();
     let dir = ssd(&r).join("sessions/vm").join(&b);
-    for f in ["disk0.data", "disk0.present", "disk0.changed", "session.json", "manifest.json", "active"] {
+    for f in [
+        "disk0.data",
+        "disk0.present",
+        "disk0.changed",
+        "session.json",
+        "manifest.json",
+        "active",
+    ] {
         assert!(dir.join(f).exists(), "{f} is not under the point's staging");
     }
     assert!(
@@ -359,8 +354,14 @@ fn a_session_on_a_point_with_its_own_staging_writes_its_files_there_and_not_in_t
     assert_eq!(staging_of("a"), main_staging(&r));
     drop(s);
     r.ds.release("vm", false).unwrap();
-    assert!(!dir.join("active").exists(), "release left it marked active");
-    assert!(dir.join("disk0.data").exists(), "release dropped kept staging");
+    assert!(
+        !dir.join("active").exists(),
+        "release left it marked active"
+    );
+    assert!(
+        dir.join("disk0.data").exists(),
+        "release dropped kept staging"
+    );
 }
 
 #[test]
@@ -378,7 +379,11 @@ fn kept_staging_in_a_points_directory_resumes_and_auto_placement_stays_among_the
     assert_eq!((info.backup.as_str(), info.resumed), (b.as_str(), true));
     assert_eq!(disk(&r, "vm").read(0, 16).unwrap(), b"kept on b's disk");
     let d = info.placement.unwrap();
-    let names: Vec<&str> = d.candidates.iter().map(|c| c.figures.name.as_str()).collect();
+    let names: Vec<&str> = d
+        .candidates
+        .iter()
+        .map(|c| c.figures.name.as_str())
+        .collect();
     assert_eq!(names, ["b", "c"], "{d:?}");
     assert!(d.note.unwrap().contains(ssd(&r).to_str().unwrap()));
     r.ds.release("vm", false).unwrap();
@@ -400,8 +405,10 @@ fn a_named_point_staging_elsewhere_is_refused_for_a_vm_with_kept_staging_until_i
     assert_eq!(e.kind(), ErrorKind::Busy);
     let msg = e.to_string();
     assert!(
-        msg.contains(&format!("VM vm has kept staging under {}", ssd(&r).display()))
-            && msg.contains("export point b or c")
+        msg.contains(&format!(
+            "VM vm has kept staging under {}",
+            ssd(&r).display()
+        )) && msg.contains("export point b or c")
             && msg.contains("release --discard vm"),
         "{msg}"
     );
@@ -416,18 +423,26 @@ fn a_named_point_staging_elsewhere_is_refused_for_a_vm_with_kept_staging_until_i
     assert!(!ssd(&r).join("sessions/vm").join(&b).exists());
     let info = r.ds.recover_placed("vm", None, &at("a")).unwrap();
     assert_eq!((info.export_point.as_str(), info.resumed), ("a", false));
-    assert!(r.ds.session("vm").unwrap().dir.starts_with(main_staging(&r)));
+    assert!(r
+        .ds
+        .session("vm")
+        .unwrap()
+        .dir
+        .starts_with(main_staging(&r)));
+}
+
+/// Backs `vm` up, recovers it at `point` and writes `bytes` at offset 5.
+fn write_at(r: &Rig, vm: &str, point: &str, seed: u64, bytes: &[u8]) {
+    backup(r, vm, seed, 4);
+    r.ds.recover_placed(vm, None, &at(point)).unwrap();
+    disk(r, vm).write(5, bytes).unwrap();
 }
 
 #[test]
 fn a_restart_serves_each_session_at_the_same_point_from_the_same_staging_directory() {
     let r = rig_with(POINTS);
-    backup(&r, "v1", 15, 4);
-    backup(&r, "v2", 16, 4);
-    r.ds.recover_placed("v1", None, &at("c")).unwrap();
-    r.ds.recover_placed("v2", None, &at("a")).unwrap();
-    disk(&r, "v1").write(5, b"written at c").unwrap();
-    disk(&r, "v2").write(5, b"written at a").unwrap();
+    write_at(&r, "v1", "c", 15, b"written at c");
+    write_at(&r, "v2", "a", 16, b"written at a");
     let r = restart(r, POINTS);
     let (s1, s2) = (r.ds.session("v1").unwrap(), r.ds.session("v2").unwrap());
     assert_eq!((s1.point.name(), s2.point.name()), ("c", "a"));
@@ -439,19 +454,15 @@ fn a_restart_serves_each_session_at_the_same_point_from_the_same_staging_directo
 #[test]
 fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_staging_is() {
     let r = rig_with(POINTS);
-    backup(&r, "v1", 17, 4);
-    backup(&r, "v2", 18, 4);
-    r.ds.recover_placed("v1", None, &at("b")).unwrap();
-    r.ds.recover_placed("v2", None, &at("a")).unwrap();
-    disk(&r, "v1").write(0, b"v1 data").unwrap();
-    disk(&r, "v2").write(0, b"v2 data").unwrap();
+    write_at(&r, "v1", "b", 17, b"v1 data");
+    write_at(&r, "v2", "a", 18, b"v2 data");
     // `b` now stages under --staging: v1 goes to the point that stages
     // where its data is.
     let r = restart(r, &[("a", None), ("b", None), ("d", Some("ssd"))]);
     let s1 = r.ds.session("v1").unwrap();
     assert_eq!(s1.point.name(), "d");
     assert!(s1.dir.starts_with(ssd(&r)));
-    assert_eq!(s1.disks[0].read(0, 7).unwrap(), b"v1 data");
+    assert_eq!(s1.disks[0].read(5, 7).unwrap(), b"v1 data");
     drop(s1);
     // No point stages under --staging any more: v2 is served at the first
     // point and still read from where it is.
@@ -459,5 +470,5 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
     let s2 = r.ds.session("v2").unwrap();
     assert_eq!(s2.point.name(), "d");
     assert!(s2.dir.starts_with(main_staging(&r)));
-    assert_eq!(s2.disks[0].read(0, 7).unwrap(), b"v2 data");
+    assert_eq!(s2.disks[0].read(5, 7).unwrap(), b"v2 data");
 }
