@@ -42,7 +42,6 @@ import run as B  # noqa: E402  (the shared harness: scopes, processes, mounts)
 
 ROOT = B.ROOT
 OUT_JSON = os.path.join(ROOT, "docs", "benchmarks-exports.json")
-OUT_MD = os.path.join(ROOT, "docs", "benchmarks.md")
 MiB = 1 << 20
 HOST = "127.0.0.61"           # the daemon's NFS and NBD address
 NBD_PORT = 10809
@@ -373,14 +372,7 @@ def render(res):
 
 
 def write_md(md):
-    old = open(OUT_MD).read() if os.path.exists(OUT_MD) else "# recoverfs benchmarks\n"
-    head = "\n## Exports (NFS and NBD)\n"
-    if head in old:
-        start = old.index(head)
-        nxt = old.find("\n## ", start + len(head))
-        old = old[:start] + (old[nxt:] if nxt >= 0 else "")
-    with open(OUT_MD, "w") as f:
-        f.write(old.rstrip() + "\n" + md)
+    B.replace_section("\n## Exports (NFS and NBD)\n", md)
 
 
 def main():

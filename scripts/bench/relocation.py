@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as B  # noqa: E402  (shared: replace_section)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target/release/recoverfs")
 
@@ -192,17 +195,7 @@ Goal: VM p99 during relocation at most 1.2x the p99 without. During the latency 
 was rate-limited to {res['relocation_during_fio']['rate_limit_mbps']:.1f} MB/s so that it spans the whole fio run
 (state at the end: {res['relocation_during_fio']['state']}). Raw figures: `docs/benchmarks-relocation.json`.
 """
-    path = os.path.join(ROOT, "docs/benchmarks.md")
-    old = open(path).read() if os.path.exists(path) else "# recoverfs benchmarks\n"
-    # Replace only our own section; other scripts append theirs.
-    tail = ""
-    if "\n## Relocation\n" in old:
-        start = old.index("\n## Relocation\n")
-        nxt = old.find("\n## ", start + 1)
-        tail = old[nxt:] if nxt >= 0 else ""
-        old = old[:start]
-    with open(path, "w") as f:
-        f.write(old.rstrip() + "\n" + md.rstrip() + "\n" + tail)
+    B.replace_section("\n## Relocation\n", md)
     print(md)
 
 

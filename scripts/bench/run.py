@@ -1291,7 +1291,23 @@ def render(results):
 
 # Sections other scripts append to docs/benchmarks.md (scripts/bench/
 # relocation.py adds "## Relocation"): kept when this script rewrites it.
-FOREIGN_SECTIONS = ("\n## Relocation\n", "\n## Exports (NFS and NBD)\n")
+FOREIGN_SECTIONS = ("\n## Relocation\n", "\n## Exports (NFS and NBD)\n", "\n## Placement: does it pay?\n")
+
+
+def replace_section(head, md):
+    """Puts `md` (starting with `head`, e.g. "\n## Exports...\n") in
+    docs/benchmarks.md in place of an earlier section under that heading,
+    or at the end: the other scripts' sections stay as they are."""
+    path = OUT_MD
+    old = open(path).read() if os.path.exists(path) else "# recoverfs benchmarks\n"
+    tail = ""
+    if head in old:
+        start = old.index(head)
+        nxt = old.find("\n## ", start + len(head))
+        tail = old[nxt:] if nxt >= 0 else ""
+        old = old[:start]
+    with open(path, "w") as f:
+        f.write(old.rstrip() + "\n\n" + md.strip("\n") + "\n" + tail)
 
 
 def write_md(text):

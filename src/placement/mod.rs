@@ -21,19 +21,26 @@
 //!    connection and may hold at most `max_connections_per_host`. While
 //!    the host has headroom, the VM goes to an export point the host does
 //!    not use yet, the one with the least predicted latency.
+//!    Unless every such point predicts more than
+//!    [`Weights::headroom_max_extra_ms`] over the best point the host
+//!    already uses: a connection of its own does not help against a full
+//!    queue, so rule 2 decides ([`Rule::LeastLatencyOverHeadroom`]).
 //! 2. Otherwise the *least predicted latency* among the points it uses.
 //! 3. Ties (within [`Weights::tie_ms`]) go to the smaller async share.
 //!
 //! **Predicted latency** of the next guest request on a point
 //! ([`predict`]), every weight in [`Weights`] (documented in the README):
 //! * `service`: the mean service time of its recent requests;
-//! * `queue`: bytes queued and in flight over its drain rate;
+//! * `queue`: bytes queued and in flight over its measured drain rate;
 //! * `future`: async bytes still to come (relocations' remaining bytes,
 //!   profile prefetch not yet staged), `F`, as a utilisation
 //!   `u = F / (F + drain × horizon)` of the point, costing
 //!   `service × u / (1 − u)` as in an M/M/1 queue: a relocation nearly done
 //!   adds little, one just started a lot;
-//! * `async`: the async share `a` of its recent I/O, `service × a / (1 − a)`;
+//! * `async`: the async share `a` of its recent I/O, `service × a`: sync
+//!   requests are served first, so a guest request waits for at most the
+//!   async request in service (an M/M/1 term would call a point busy only
+//!   with a throttled relocation saturated);
 //! * `repository`: the share of the horizon its sessions' unstaged data
 //!   keeps the point fetching, times the repository's fetch latency.
 
@@ -178,9 +185,18 @@ pub struct Weights {
     pub repository: f64,
     /// How far ahead future async work counts (a new VM's boot and warm-up).
     pub horizon_s: f64,
-    /// Drain rate assumed when less was measured (an idle point drains at
-    /// least this fast).
+    /// Drain rate assumed when less was measured, when weighing future
+    /// and unstaged bytes against what the point can do in the horizon.
     pub min_drain_bytes_per_s: f64,
+    /// Drain rate assumed for the queue term when less was measured: the
+    /// queue is divided by what the point really drained (a point stuck
+    /// behind slow misses drains a few MB/s), floored only so that a point
+    /// that served almost nothing does not predict seconds for one request.
+    pub min_queue_drain_bytes_per_s: f64,
+    /// With headroom, an unused point is still passed over when it predicts
+    /// more than this over the best point the host already uses: a new
+    /// connection does not help against a point whose queue is full.
+    pub headroom_max_extra_ms: f64,
     /// Service time assumed for a point that has served nothing yet (no
     /// guess above what a busy point measured).
     pub idle_service_ms: f64,
@@ -202,6 +218,8 @@ impl Default for Weights {
             repository: 1.0,
             horizon_s: 60.0,
             min_drain_bytes_per_s: 50e6,
+            min_queue_drain_bytes_per_s: 1e6,
+            headroom_max_extra_ms: 10.0,
             idle_service_ms: 0.0,
             reference_service_ms: 0.5,
             max_utilisation: 0.99,
@@ -255,14 +273,18 @@ pub fn predict(f: &PointFigures, w: &Weights) -> Prediction {
         q.service_ms.max(0.001)
     };
     let drain = q.drain_bytes_per_s.max(w.min_drain_bytes_per_s);
-    let queue_ms = w.queue * 1000.0 * (q.queued_bytes + q.inflight_bytes) as f64 / drain;
+    let queue_drain = q.drain_bytes_per_s.max(w.min_queue_drain_bytes_per_s);
+    let queue_ms = w.queue * 1000.0 * (q.queued_bytes + q.inflight_bytes) as f64 / queue_drain;
     let future_bytes = (f.relocation_remaining_bytes + f.profile_remaining_bytes) as f64;
     // Queueing behind future or async work costs at least a typical
     // request's time, also on a point that has not served one yet.
     let unit = service.max(w.reference_service_ms);
     let future_u = future_bytes / (future_bytes + drain * w.horizon_s);
     let future_ms = w.future * mm1(unit, future_u, w);
-    let async_ms = w.async_share * mm1(unit, q.async_share, w);
+    // Sync requests go first, so a guest request waits for at most the
+    // async request in service, found in about the async share of slots.
+    // (Not an M/M/1 term: a point busy only with async work is not full.)
+    let async_ms = w.async_share * q.async_share.clamp(0.0, 1.0) * unit;
     let unstaged = f.unstaged_bytes as f64;
     let repo_share = unstaged / (unstaged + drain * w.horizon_s);
     let repository_ms = w.repository * repo_share * f.repo_fetch_ms;
@@ -289,6 +311,9 @@ pub enum Rule {
     /// The least predicted latency among the points the host uses (or all
     /// points, when it uses none and has no headroom).
     LeastLatency,
+    /// The host had headroom, but every point it does not use yet
+    /// predicts more than `headroom_max_extra_ms` over the best one it uses.
+    LeastLatencyOverHeadroom,
     /// Within `tie_ms` of the best: the smaller async share.
     TieAsyncShare,
 }
@@ -302,6 +327,9 @@ impl std::fmt::Display for Rule {
                 "connection headroom: a point the host is not connected to yet, least loaded"
             }
             Rule::LeastLatency => "least predicted latency among the points the host uses",
+            Rule::LeastLatencyOverHeadroom => {
+                "least predicted latency among the points the host uses: every point it does not use yet predicts much more"
+            }
             Rule::TieAsyncShare => "tie on predicted latency: smaller async share",
         })
     }
@@ -388,11 +416,20 @@ pub fn decide(
         let name = candidates[0].figures.name.clone();
         return Ok(decision(name, Rule::Only, candidates));
     }
-    let fresh = candidates.iter().any(|c| !c.figures.host_connected);
-    let rule = if headroom && fresh {
-        Rule::ConnectionHeadroom
-    } else {
+    let best_of = |connected: bool| {
+        candidates
+            .iter()
+            .filter(|c| c.figures.host_connected == connected)
+            .map(|c| c.prediction.latency_ms)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (best_fresh, best_used) = (best_of(false), best_of(true));
+    let rule = if !(headroom && best_fresh.is_finite()) {
         Rule::LeastLatency
+    } else if best_fresh > best_used + w.headroom_max_extra_ms {
+        Rule::LeastLatencyOverHeadroom
+    } else {
+        Rule::ConnectionHeadroom
     };
     for c in candidates.iter_mut() {
         c.eligible = match rule {

@@ -182,3 +182,62 @@ fn a_forced_point_needing_a_connection_over_the_limit_is_refused_without_force()
         "{e}"
     );
 }
+
+/// Figures `export-points` showed in the placement benchmark: `a` with a
+/// relocation and a reader at queue depth 32 missing to a 20 ms
+/// repository, `b` with only a relocation.
+fn sync_queue_of_slow_misses(name: &str) -> PointFigures {
+    let mut p = point(name);
+    p.queue.queued_bytes = 160 << 10;
+    p.queue.inflight_bytes = 32 << 10;
+    p.queue.drain_bytes_per_s = 2.7e6;
+    p.queue.service_ms = 20.0;
+    p.queue.async_share = 0.47;
+    p.queue.completed_requests = 500;
+    p.relocation_remaining_bytes = 2 << 30;
+    p
+}
+
+fn only_a_relocation(name: &str) -> PointFigures {
+    let mut p = point(name);
+    p.queue.inflight_bytes = 64 << 10;
+    p.queue.drain_bytes_per_s = 37e6;
+    p.queue.service_ms = 1.4;
+    p.queue.async_share = 1.0;
+    p.queue.completed_requests = 5000;
+    p.relocation_remaining_bytes = 3 << 29;
+    p
+}
+
+#[test]
+fn a_point_busy_only_with_a_relocation_predicts_less_than_one_queueing_slow_guest_misses() {
+    let d = auto(
+        vec![sync_queue_of_slow_misses("a"), only_a_relocation("b")],
+        None,
+        4,
+    );
+    assert_eq!(d.chosen, "b", "{d:#?}");
+    let (a, b) = (&d.candidates[0].prediction, &d.candidates[1].prediction);
+    // 192 KiB behind a point draining 2.7 MB/s is about 70 ms of queue.
+    assert!(a.queue_ms > 60.0 && a.queue_ms < 80.0, "{a:?}");
+    // All-async but not full: at most one async request in service.
+    assert!(b.async_ms <= 1.4 + 1e-9, "{b:?}");
+}
+
+#[test]
+fn headroom_passes_over_unused_points_far_slower_than_one_the_host_uses() {
+    let mut used = point("c");
+    used.host_connected = true;
+    let d = auto(
+        vec![sync_queue_of_slow_misses("a"), used.clone()],
+        Some("h"),
+        4,
+    );
+    assert_eq!(
+        (d.chosen.as_str(), d.rule),
+        ("c", Rule::LeastLatencyOverHeadroom)
+    );
+    // An unused point about as good as the used one still wins headroom.
+    let d = auto(vec![only_a_relocation("b"), used], Some("h"), 4);
+    assert_eq!((d.chosen.as_str(), d.rule), ("b", Rule::ConnectionHeadroom));
+}
