@@ -172,9 +172,11 @@ impl Backend for LocalDir {
     }
 }
 
-/// Another backend with a fixed delay before every chunk read: a local
-/// repository that behaves like a remote one, for benchmarks that give
-/// every system the same per-request latency (`serve --repo-delay-ms`).
+/// Another backend with a fixed delay before every chunk read and chunk
+/// write: a local repository that behaves like a remote one, for
+/// benchmarks that give every system the same per-request latency (`serve
+/// --repo-delay-ms`), and for tests that need a daemon's live backup
+/// (`backup --session`, which writes chunks) to take a while.
 pub struct Delayed {
     pub inner: Box<dyn Backend>,
     pub delay: std::time::Duration,
@@ -188,6 +190,9 @@ impl Backend for Delayed {
         self.inner.get(key, limit)
     }
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        if key.starts_with("chunks/") {
+            std::thread::sleep(self.delay);
+        }
         self.inner.put(key, data)
     }
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {

@@ -21,6 +21,8 @@ pub struct Knobs {
     panic_next: Arc<AtomicBool>,
     /// Keys containing one of these fail as if the store did not answer.
     unreachable: Arc<Mutex<Vec<String>>>,
+    /// Chunk objects read so far.
+    chunk_reads: Arc<AtomicU64>,
 }
 
 impl Knobs {
@@ -34,6 +36,11 @@ impl Knobs {
         *self.gate.0.lock() = true;
         self.gated.store(false, Ordering::SeqCst);
         self.gate.1.notify_all();
+    }
+
+    /// Chunk objects read (fetched) through this backend so far.
+    pub fn chunk_reads(&self) -> u64 {
+        self.chunk_reads.load(Ordering::SeqCst)
     }
 
     /// Every chunk read takes this long (a remote repository).
@@ -114,6 +121,9 @@ impl TestBackend {
 impl Backend for TestBackend {
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         self.knobs.before(key)?;
+        if key.starts_with("chunks/") {
+            self.knobs.chunk_reads.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.get(key, limit)
     }
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {

@@ -100,13 +100,29 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
         reports.push(rep);
     }
     bar.finish_and_clear();
+    let config = req
+        .config
+        .unwrap_or_else(|| default_config(&req.vm, disks.len()));
+    let manifest = publish_manifest(repo, &req.vm, config, disks)?;
+    Ok(BackupReport {
+        manifest,
+        disks: reports,
+    })
+}
+
+/// Publishes a backup whose chunks are all stored: the manifest is
+/// created only if absent, under a new time-based id (with a random part
+/// where the store cannot create atomically; a suffix if the id is taken).
+pub fn publish_manifest(
+    repo: &Repository,
+    vm: &str,
+    config: serde_json::Value,
+    disks: Vec<DiskManifest>,
+) -> Result<Manifest> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let created_unix = now.as_secs();
-    let config = req
-        .config
-        .unwrap_or_else(|| default_config(&req.vm, disks.len()));
     let mut base_id = backup_id(created_unix);
     if !repo.create_only_is_atomic()? {
         // The store could let a concurrent writer replace a manifest with
@@ -120,7 +136,7 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
     }
     let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
-        vm: req.vm.clone(),
+        vm: vm.into(),
         id: base_id.clone(),
         created: rfc3339(created_unix),
         created_unix,
@@ -134,10 +150,7 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
         }
         manifest.id = format!("{base_id}-{n}");
     }
-    Ok(BackupReport {
-        manifest,
-        disks: reports,
-    })
+    Ok(manifest)
 }
 
 fn backup_id(unix: u64) -> String {
@@ -172,24 +185,42 @@ enum Outcome {
     },
 }
 
-fn backup_disk(
+/// What [`store_chunks`] did.
+#[derive(Debug, Default)]
+pub struct StoredChunks {
+    /// Per chunk read: its index and digest (`None`: all zeros), ascending.
+    pub chunks: Vec<(u64, Option<Digest>)>,
+    /// Stored (compressed) size of every distinct digest in `chunks`.
+    pub sizes: std::collections::HashMap<Digest, u64>,
+    pub zero_chunks: u64,
+    /// Chunks this call added to the repository, and their bytes.
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    /// Plain bytes read.
+    pub read_bytes: u64,
+}
+
+/// Reads chunks `indexes` of a disk with `read(index, buf)` (`buf` is the
+/// chunk's length; one reader thread, in the given order) and stores each
+/// distinct non-zero one, hashing and compressing on a worker pool.
+/// `done(bytes)` is called as each chunk is finished.
+pub fn store_chunks(
     repo: &Arc<Repository>,
-    name: &str,
-    path: &Path,
     size: u64,
     chunk_size: u32,
-    bar: &indicatif::ProgressBar,
-) -> Result<(DiskManifest, DiskReport)> {
-    let file = Arc::new(File::open(path).ctx(|| format!("open image {}", path.display()))?);
-    let n = DiskManifest::chunk_count(size, chunk_size);
+    indexes: impl Iterator<Item = u64> + Send,
+    read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
+    done: &dyn Fn(u64),
+) -> Result<StoredChunks> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
         .max(2);
     let (job_tx, job_rx) = bounded::<(u64, Vec<u8>)>(workers * 2);
     let (res_tx, res_rx) = bounded::<(u64, Result<Outcome>)>(workers * 2);
+    let chunk_len = |idx: u64| (size - idx * chunk_size as u64).min(chunk_size as u64);
 
-    std::thread::scope(|s| -> Result<(DiskManifest, DiskReport)> {
+    std::thread::scope(|s| -> Result<StoredChunks> {
         for _ in 0..workers {
             let (job_rx, res_tx, repo) = (job_rx.clone(), res_tx.clone(), repo.clone());
             s.spawn(move || {
@@ -202,50 +233,38 @@ fn backup_disk(
             });
         }
         drop(res_tx);
-        let reader = {
-            let file = file.clone();
-            s.spawn(move || -> Result<()> {
-                for idx in 0..n {
-                    let off = idx * chunk_size as u64;
-                    let len = (size - off).min(chunk_size as u64) as usize;
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, off)
-                        .ctx(|| format!("read {} at {off}", path.display()))?;
-                    if job_tx.send((idx, buf)).is_err() {
-                        break;
-                    }
+        let reader = s.spawn(move || -> Result<()> {
+            for idx in indexes {
+                let mut buf = vec![0u8; chunk_len(idx) as usize];
+                read(idx, &mut buf)?;
+                if job_tx.send((idx, buf)).is_err() {
+                    break;
                 }
-                Ok(())
-            })
-        };
+            }
+            Ok(())
+        });
 
-        let mut chunks = vec![None; n as usize];
-        let mut rep = DiskReport {
-            name: name.into(),
-            size,
-            chunks: n,
-            ..Default::default()
-        };
-        let mut seen = std::collections::HashSet::new();
-        let mut stored_bytes = 0;
+        let mut out = StoredChunks::default();
         let mut first_err = None;
         for (idx, r) in res_rx {
-            bar.inc((size - idx * chunk_size as u64).min(chunk_size as u64));
+            done(chunk_len(idx));
+            out.read_bytes += chunk_len(idx);
             match r {
-                Ok(Outcome::Zero) => rep.zero_chunks += 1,
+                Ok(Outcome::Zero) => {
+                    out.zero_chunks += 1;
+                    out.chunks.push((idx, None));
+                }
                 Ok(Outcome::Stored {
                     digest,
                     new_bytes,
                     stored_size,
                 }) => {
                     if new_bytes > 0 {
-                        rep.new_chunks += 1;
-                        rep.new_bytes += new_bytes;
+                        out.new_chunks += 1;
+                        out.new_bytes += new_bytes;
                     }
-                    if seen.insert(digest) {
-                        stored_bytes += stored_size;
-                    }
-                    chunks[idx as usize] = Some(digest);
+                    out.sizes.entry(digest).or_insert(stored_size);
+                    out.chunks.push((idx, Some(digest)));
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -256,16 +275,77 @@ fn backup_disk(
         if let Some(e) = first_err {
             return Err(e);
         }
-        let dm = DiskManifest {
-            name: name.into(),
-            size,
-            chunk_size,
-            chunks,
-            stored_bytes,
-            new_bytes: rep.new_bytes,
-        };
-        Ok((dm, rep))
+        out.chunks.sort_unstable_by_key(|c| c.0);
+        Ok(out)
     })
+}
+
+/// `stored_bytes` of a disk whose chunk list went from `base` to `chunks`:
+/// the base's figure, less the stored size of each distinct chunk no
+/// longer referenced, plus that of each one newly referenced. Sizes come
+/// from `known`, else from the repository (a size query, never a read).
+pub fn stored_bytes_after(
+    repo: &Repository,
+    base: &DiskManifest,
+    chunks: &[Option<Digest>],
+    known: &std::collections::HashMap<Digest, u64>,
+) -> Result<u64> {
+    use std::collections::HashSet;
+    let before: HashSet<&Digest> = base.chunks.iter().flatten().collect();
+    let after: HashSet<&Digest> = chunks.iter().flatten().collect();
+    let size = |d: &Digest| -> Result<u64> {
+        match known.get(d) {
+            Some(n) => Ok(*n),
+            None => Ok(repo.chunk_stored_size(d)?.unwrap_or(0)),
+        }
+    };
+    let mut total = base.stored_bytes;
+    for d in before.difference(&after) {
+        total = total.saturating_sub(size(d)?);
+    }
+    for d in after.difference(&before) {
+        total += size(d)?;
+    }
+    Ok(total)
+}
+
+fn backup_disk(
+    repo: &Arc<Repository>,
+    name: &str,
+    path: &Path,
+    size: u64,
+    chunk_size: u32,
+    bar: &indicatif::ProgressBar,
+) -> Result<(DiskManifest, DiskReport)> {
+    let file = File::open(path).ctx(|| format!("open image {}", path.display()))?;
+    let n = DiskManifest::chunk_count(size, chunk_size);
+    let read = |idx: u64, buf: &mut [u8]| -> Result<()> {
+        let off = idx * chunk_size as u64;
+        file.read_exact_at(buf, off)
+            .ctx(|| format!("read {} at {off}", path.display()))
+    };
+    let st = store_chunks(repo, size, chunk_size, 0..n, &read, &|b| bar.inc(b))?;
+    let mut chunks = vec![None; n as usize];
+    for (idx, d) in &st.chunks {
+        chunks[*idx as usize] = *d;
+    }
+    let rep = DiskReport {
+        name: name.into(),
+        size,
+        chunks: n,
+        zero_chunks: st.zero_chunks,
+        new_chunks: st.new_chunks,
+        new_bytes: st.new_bytes,
+    };
+    let dm = DiskManifest {
+        name: name.into(),
+        size,
+        chunk_size,
+        chunks,
+        stored_bytes: st.sizes.values().sum(),
+        new_bytes: st.new_bytes,
+    };
+    Ok((dm, rep))
 }
 
 fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
