@@ -103,6 +103,9 @@ pub enum MapKind {
     Changed = 2,
     /// Blocks the relocation has copied to the target and synced.
     Copied = 3,
+    /// Blocks the guest wrote since the session's last live backup (one
+    /// generation of them; see `session::backup`).
+    Dirty = 4,
 }
 
 /// A bitmap backed by a file: `[header 64 B][u64 words, little endian]`.

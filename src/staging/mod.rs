@@ -9,6 +9,10 @@
 //! <staging>/sessions/<vm>/<backup>/diskN.present  blocks whose data is local (synced)
 //! <staging>/sessions/<vm>/<backup>/diskN.live     the same, unsynced, trusted in this boot only
 //! <staging>/sessions/<vm>/<backup>/diskN.changed  blocks the guest wrote
+//! <staging>/sessions/<vm>/<backup>/since.json     live backups: generation and base backup id
+//! <staging>/sessions/<vm>/<backup>/base-G.json    the base backup's manifest (generation G >= 1)
+//! <staging>/sessions/<vm>/<backup>/diskN.dirty-G  blocks written since that base (G >= 1)
+//! <staging>/sessions/<vm>/<backup>/diskN.cow      old bytes of frozen blocks while a live backup runs
 //! ```
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
 //!
@@ -349,7 +353,99 @@ pub struct DiskStore {
     pub data: Arc<dyn BlockFile>,
     pub present: PersistentBitmap,
     pub changed: PersistentBitmap,
+    /// Blocks written since the session's last live backup
+    /// (`diskN.dirty-G`); `None` in generation 0, where `changed` is that map.
+    pub dirty: Option<PersistentBitmap>,
     pub data_path: PathBuf,
+}
+
+/// `since.json`: which backup the session's dirty maps are relative to.
+/// Absent: generation 0, the session's own backup (`manifest.json`), with
+/// `diskN.changed` as the dirty map. Replacing it is the commit point of a
+/// live backup (see `session::backup`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Since {
+    pub generation: u64,
+    /// The backup id the generation's dirty maps are relative to.
+    pub base: String,
+}
+
+impl Since {
+    pub fn load(storage: &dyn Storage, dir: &Path) -> Result<Option<Since>> {
+        let p = dir.join("since.json");
+        let Some(bytes) = storage
+            .read(&p, MAX_META_BYTES)
+            .ctx(|| format!("read {}", p.display()))?
+        else {
+            return Ok(None);
+        };
+        let s: Since = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
+        if s.generation == 0 {
+            return Err(Error::corrupt(format!(
+                "{} names generation 0",
+                p.display()
+            )));
+        }
+        Ok(Some(s))
+    }
+
+    /// Replaces `since.json` atomically and durably.
+    pub fn store(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
+        io::replace(
+            storage,
+            &dir.join("since.json"),
+            &serde_json::to_vec_pretty(self).expect("json"),
+        )
+    }
+}
+
+/// `diskN.dirty-G` (generation `G >= 1`; generation 0 is `diskN.changed`).
+pub fn dirty_path(dir: &Path, index: usize, generation: u64) -> PathBuf {
+    dir.join(format!("disk{index}.dirty-{generation}"))
+}
+
+/// `diskN.cow`: frozen blocks' old bytes while a live backup runs.
+pub fn cow_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("disk{index}.cow"))
+}
+
+/// `base-G.json`: the manifest generation `G >= 1` is relative to.
+pub fn base_copy_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("base-{generation}.json"))
+}
+
+/// Removes what an interrupted live backup may have left (the next
+/// generation's files, the previous generation's, copy-on-write files):
+/// only generation `g`'s files are in use.
+fn remove_backup_leftovers(storage: &dyn Storage, dir: &Path, disks: usize, g: u64) -> Result<()> {
+    let mut paths = vec![base_copy_path(dir, g + 1)];
+    if g >= 2 {
+        paths.push(base_copy_path(dir, g - 1));
+    }
+    for i in 0..disks {
+        paths.push(dirty_path(dir, i, g + 1));
+        paths.push(cow_path(dir, i));
+        if g >= 2 {
+            paths.push(dirty_path(dir, i, g - 1));
+        }
+    }
+    let mut removed = false;
+    for p in paths {
+        if storage.exists(&p).ctx(|| format!("stat {}", p.display()))? {
+            storage
+                .remove_file(&p)
+                .ctx(|| format!("remove {}", p.display()))?;
+            removed = true;
+        }
+    }
+    if removed {
+        storage
+            .sync_dir(dir)
+            .ctx(|| format!("fsync directory {}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), "removed what an interrupted live backup left");
+    }
+    Ok(())
 }
 
 /// Opens or creates the staging of one recovery session. Returns the disk
@@ -391,11 +487,17 @@ pub fn open_session(
     {
         io::replace(storage, &copy, &m.encode()?)?;
     }
+    let generation = if resumed {
+        Since::load(storage, dir)?.map_or(0, |s| s.generation)
+    } else {
+        0
+    };
+    remove_backup_leftovers(storage, dir, m.disks.len(), generation)?;
     let stores = m
         .disks
         .iter()
         .enumerate()
-        .map(|(i, d)| open_disk(storage, dir, i, d, resumed))
+        .map(|(i, d)| open_disk(storage, dir, i, d, resumed, generation))
         .collect::<Result<Vec<_>>>()?;
     // Written last: its presence means every file above exists.
     let meta = SessionMeta {
@@ -415,6 +517,7 @@ fn open_disk(
     index: usize,
     d: &DiskManifest,
     resumed: bool,
+    generation: u64,
 ) -> Result<DiskStore> {
     let data_path = dir.join(format!("disk{index}.data"));
     let nblocks = DiskManifest::chunk_count(d.size, d.chunk_size);
@@ -463,10 +566,32 @@ fn open_disk(
         d.chunk_size,
         nblocks,
     )?;
+    let dirty = match generation {
+        0 => None,
+        g => {
+            let p = dirty_path(dir, index, g);
+            // Created durably before `since.json` named its generation: a
+            // missing one would hide writes from the next backup.
+            if !storage.exists(&p).ctx(|| format!("stat {}", p.display()))? {
+                return Err(Error::corrupt(format!(
+                    "staging map {} is missing (since.json names generation {g})",
+                    p.display()
+                )));
+            }
+            Some(PersistentBitmap::open(
+                storage,
+                &p,
+                MapKind::Dirty,
+                d.chunk_size,
+                nblocks,
+            )?)
+        }
+    };
     Ok(DiskStore {
         data,
         present,
         changed,
+        dirty,
         data_path,
     })
 }
