@@ -176,3 +176,25 @@ fn a_failing_target_fails_the_relocation_before_any_switch() {
     disks[1].write(0, b"still on staging").unwrap();
     disks[1].flush().unwrap();
 }
+
+#[test]
+fn writes_after_cutover_are_still_marked_changed_durably() {
+    let rig = rig();
+    let disks = rig.volumes();
+    disks[0].write(BS as u64, b"before").unwrap();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    assert!(disks[0].is_switched());
+    disks[0].write(7 * BS as u64 + 3, b"after cutover").unwrap();
+    disks[0].write_zeroes(9 * BS as u64, BS as u64).unwrap();
+    disks[0].flush().unwrap();
+    let want = vec![(1, 2), (7, 8), (9, 10)];
+    assert_eq!(disks[0].changed_ranges(), want);
+    // The bits were set durably before the data (no flush needed): a
+    // restart sees them.
+    drop((disks, r));
+    let (again, _) = rig.restart();
+    assert!(again[0].is_switched());
+    assert_eq!(again[0].changed_ranges(), want);
+    assert_eq!(again[1].changed_ranges(), vec![]);
+}

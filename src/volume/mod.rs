@@ -689,11 +689,16 @@ impl Volume {
         let _gate = self.write_gate.read();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
-            Some(t) => match p {
-                Payload::Data(d) => t.write_all_at(d, off),
-                Payload::Zeroes(n) => t.punch_hole(off, n),
-            }
-            .ctx(|| format!("write relocated disk{}", self.index)),
+            // Still tracked after cutover: the changed map is what status,
+            // the NBD `recoverfs:changed` context and an incremental
+            // backup from the primary copy go by.
+            Some(t) => self.mark_changed(self.blocks(off, len)).and_then(|()| {
+                match p {
+                    Payload::Data(d) => t.write_all_at(d, off),
+                    Payload::Zeroes(n) => t.punch_hole(off, n),
+                }
+                .ctx(|| format!("write relocated disk{}", self.index))
+            }),
             None => self.write_staging(off, p),
         };
         self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
@@ -800,15 +805,20 @@ impl Volume {
     #[cfg(not(test))]
     fn after_claim(&self, _off: u64, _b: u64) {}
 
-    fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: Payload) -> Result<()> {
-        // Changed bits are durable before the data can be: the map may
-        // over-report after a crash, never under-report.
-        for b in blocks.clone() {
+    /// Changed bits are durable before the data can be: the map may
+    /// over-report after a crash, never under-report.
+    fn mark_changed(&self, blocks: std::ops::Range<u64>) -> Result<()> {
+        for b in blocks {
             self.store
                 .changed
                 .set_durable(b)
                 .map_err(|e| self.fail(e))?;
         }
+        Ok(())
+    }
+
+    fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: Payload) -> Result<()> {
+        self.mark_changed(blocks.clone())?;
         let copied = self.copied.read().clone();
         for b in blocks.clone() {
             // Announce the write before its data lands, then revoke the
