@@ -2,8 +2,8 @@
 //! session is one VM recovered from one backup: its volumes, its config
 //! file and the bookkeeping that makes `release` safe.
 //!
-//! **Locking.** Recover, release, discard and relocate of one VM run one at
-//! a time under that VM's operation lock, which may be held across
+//! **Locking.** Recover, release, discard, relocate and live backup
+//! (`backup`) of one VM run one at a time under that VM's operation lock, which may be held across
 //! repository I/O. The daemon-wide session table is locked only to look up,
 //! insert or remove an entry, never across I/O: recoveries of many VMs run
 //! in parallel, and path lookups never wait on the repository.
@@ -71,6 +71,10 @@ pub struct Session {
     /// Open disk handles and whether the session was released, under one
     /// lock so an open can never slip past a release.
     state: Mutex<OpenState>,
+    /// Which backup the disks' dirty maps are relative to (live backups).
+    pub(crate) backup_base: Mutex<backup::BackupBase>,
+    /// A live backup of this session is running.
+    backup_running: AtomicBool,
 }
 
 #[derive(Default)]
@@ -185,6 +189,9 @@ pub struct SessionStatus {
     /// Its export point's fetch scheduler: queue per priority class, on-demand latency.
     pub scheduler: SchedulerStatus,
     pub relocation: Option<RelocationStatus>,
+    /// The backup the disks' `blocks_dirty` are relative to: the session's
+    /// own until a live backup (`backup --session`) makes a newer one.
+    pub backup_base: String,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -409,6 +416,7 @@ impl Datastore {
         let dir = staging.session_dir(vm, &manifest.id);
         let storage = staging.storage().clone();
         let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
+        let backup_base = backup::load_base(storage.as_ref(), &dir, &manifest)?;
         let record = RecordWindow {
             start: Instant::now(),
             length: self.prefetch.record_window,
@@ -460,6 +468,8 @@ impl Datastore {
             feeder: OnceLock::new(),
             profile_done: AtomicBool::new(false),
             state: Mutex::new(OpenState::default()),
+            backup_base: Mutex::new(backup_base),
+            backup_running: AtomicBool::new(false),
         });
         // Served from now on, at this export point, also by a daemon
         // restarted after a crash.
@@ -904,6 +914,7 @@ impl Datastore {
             repo_retries: self.repo.retries(),
             scheduler: s.point.sched.status(),
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
+            backup_base: s.backup_base.lock().base.id.clone(),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }
@@ -983,6 +994,8 @@ fn warn_if_kept_twice(
     }
 }
 
+mod backup;
+pub use backup::{SessionBackupDisk, SessionBackupReport};
 mod points;
 use points::PlacementRecord;
 pub use points::{

@@ -472,3 +472,5 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
     assert!(s2.dir.starts_with(main_staging(&r)));
     assert_eq!(s2.disks[0].read(5, 7).unwrap(), b"v2 data");
 }
+
+mod live_backup;

@@ -10,6 +10,9 @@
 //!   covered missing block from the backup, then writes the staging file.
 //! * `flush` makes data, then the presence map, then the changed map
 //!   durable. Concurrent flushes are grouped: one syncs for all waiting.
+//! * While a live backup runs (see `freeze`), a write also marks the next
+//!   generation's dirty map and first copies the freeze-time bytes of a
+//!   frozen block the backup has not read yet aside.
 //!
 //! The in-flight table's lock is held only to decide who fills a block; all
 //! I/O happens outside it, so a slow fetch never blocks reads of staged
@@ -54,7 +57,10 @@ use crate::repo::{Digest, DiskManifest, Repository};
 use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
+mod freeze;
 mod relocation;
+
+pub use freeze::Frozen;
 
 /// Where one block fill stands; readers and writers wait on it.
 struct Slot {
@@ -158,8 +164,13 @@ pub struct Volume {
     writes_finished: Vec<AtomicU32>,
     /// The relocation's copied map while a relocation runs.
     copied: RwLock<Option<Arc<PersistentBitmap>>>,
-    /// Guest writes hold it shared; the cutover holds it exclusively.
+    /// Guest writes hold it shared; the cutover and a live backup's freeze
+    /// hold it exclusively.
     write_gate: RwLock<()>,
+    /// Dirty-since-backup maps (see `freeze`).
+    dirty: RwLock<freeze::DirtyMaps>,
+    /// While a live backup reads its frozen blocks.
+    freeze: RwLock<Option<Arc<freeze::Freeze>>>,
     /// After cutover, the primary copy that serves all I/O.
     target: OnceLock<Arc<dyn BlockFile>>,
     /// Guest requests in progress (relocation yields while > 0).
@@ -194,6 +205,9 @@ pub struct DiskStatus {
     pub blocks_total: u64,
     pub blocks_staged: u64,
     pub blocks_changed: u64,
+    /// Blocks written since the session's last live backup (or since
+    /// recovery, before the first).
+    pub blocks_dirty: u64,
     pub zero_blocks: u64,
     pub reads: u64,
     pub read_bytes: u64,
@@ -232,6 +246,11 @@ impl Volume {
         record: RecordWindow,
     ) -> Arc<Volume> {
         let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
+        let mut store = store;
+        let dirty = freeze::DirtyMaps {
+            current: store.dirty.take().map(Arc::new),
+            next: None,
+        };
         Arc::new_cyclic(|me| Volume {
             me: me.clone(),
             modified_ns: AtomicU64::new(0),
@@ -257,6 +276,8 @@ impl Volume {
             writes_finished: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             copied: RwLock::new(None),
             write_gate: RwLock::new(()),
+            dirty: RwLock::new(dirty),
+            freeze: RwLock::new(None),
             target: OnceLock::new(),
             guest_inflight: AtomicU32::new(0),
             copies_revoked: AtomicU64::new(0),
@@ -339,14 +360,17 @@ impl Volume {
         if self.write_gate.is_locked_exclusive() {
             return false;
         }
-        if self.target.get().is_some() {
-            return true;
-        }
         let len = len.min(self.size.saturating_sub(off));
+        if self.target.get().is_some() {
+            return self
+                .blocks(off, len)
+                .all(|b| self.store.changed.test(b) && self.dirty_is_quick(b));
+        }
         let copied = self.copied.read();
         self.blocks(off, len).all(|b| {
             self.store.present.test(b)
                 && self.store.changed.test(b)
+                && self.dirty_is_quick(b)
                 && copied.as_ref().is_none_or(|c| !c.test(b))
         })
     }
@@ -693,6 +717,7 @@ impl Volume {
             // the NBD `recoverfs:changed` context and an incremental
             // backup from the primary copy go by.
             Some(t) => self.mark_changed(self.blocks(off, len)).and_then(|()| {
+                self.before_overwrite(self.blocks(off, len));
                 match p {
                     Payload::Data(d) => t.write_all_at(d, off),
                     Payload::Zeroes(n) => t.punch_hole(off, n),
@@ -806,13 +831,15 @@ impl Volume {
     fn after_claim(&self, _off: u64, _b: u64) {}
 
     /// Changed bits are durable before the data can be: the map may
-    /// over-report after a crash, never under-report.
+    /// over-report after a crash, never under-report. So are the bits of
+    /// the dirty-since-backup maps (see `freeze`).
     fn mark_changed(&self, blocks: std::ops::Range<u64>) -> Result<()> {
         for b in blocks {
             self.store
                 .changed
                 .set_durable(b)
                 .map_err(|e| self.fail(e))?;
+            self.mark_dirty(b).map_err(|e| self.fail(e))?;
         }
         Ok(())
     }
@@ -835,6 +862,8 @@ impl Volume {
                 }
             }
         }
+        // A running backup's frozen blocks keep their freeze-time bytes.
+        self.before_overwrite(blocks.clone());
         let r = match data {
             Payload::Data(d) => self.staging_write(d, off),
             Payload::Zeroes(n) => self.staging_zero(off, n),
@@ -977,6 +1006,7 @@ impl Volume {
             blocks_total: self.nblocks,
             blocks_staged: self.store.present.bits().count(),
             blocks_changed: self.store.changed.bits().count(),
+            blocks_dirty: self.blocks_dirty(),
             zero_blocks: self.chunks.iter().filter(|c| c.is_none()).count() as u64,
             reads: s.reads.get(),
             read_bytes: s.read_bytes.get(),

@@ -1,0 +1,449 @@
+//! Live backups: `recoverfs backup --session VM` (and `POST
+//! /sessions/{vm}/backup`) makes a new backup of a VM while it runs from
+//! its recovery session, from the session's dirty map alone. Unchanged
+//! blocks take the base backup's chunk ids; only blocks the guest wrote
+//! since are read (from staging, or from the primary copy after a
+//! relocation's cutover) and stored. Nothing is read from the whole disk
+//! and nothing is fetched from the repository.
+//!
+//! **Why generations.** `diskN.changed` means "changed since recovery":
+//! the NBD `recoverfs:changed` context, `/changed`, status and the crash
+//! tests rely on it, so it is never cleared. A backup needs "changed since
+//! the last backup" instead. Clearing bits of a live map is not safe
+//! either: `set_durable` returns early for a bit already set, so a write
+//! racing the clear could be left unrecorded. So each backup starts a
+//! fresh map: generation 0 is `diskN.changed` itself (nothing to migrate,
+//! no extra sync until the first live backup); generation `G >= 1` is
+//! `diskN.dirty-G`. A guest write sets, durably and before its data, the
+//! changed bit, then the current generation's bit, then (while a backup
+//! runs) the next generation's.
+//!
+//! **Why copy-on-write.** Guest writes pause only for the freeze: the time
+//! it takes to flush each disk and snapshot its current dirty map (done
+//! with every disk's write gate held, in disk order, like a cutover). The
+//! backup then reads the frozen blocks while the guest writes on; the
+//! first write to a frozen block still unread copies its freeze-time bytes
+//! to `diskN.cow` (sparse, never synced, removed after) first. So the
+//! backup is the disks at the freeze, and blocks written after it belong
+//! to the next backup (they are in the next generation's map). A frozen
+//! block that was never staged reads as the session's own backup chunk,
+//! which is what the manifest takes, unread.
+//!
+//! **Order, and what a crash leaves.**
+//! 1. Leftover next-generation maps and cow files are removed; fresh next
+//!    maps are created durably; every disk is flushed (so the flush inside
+//!    the pause is small).
+//! 2. Freeze (writes paused): flush, snapshot the dirty map, install the
+//!    freeze and the next map, resume.
+//! 3. Store the changed chunks, then the manifest (create-only).
+//! 4. Commit: `base-{G+1}.json` (the new manifest), then `since.json`
+//!    `{generation: G+1, base: ID}` replaced atomically and durably.
+//! 5. Only then the next map becomes current; `dirty-G` (never
+//!    `changed`), `base-G.json` and the cow files are removed.
+//!
+//! A crash before 3 ends leaves no backup, and generation G's map still
+//! covers every write since the base. A crash between 3 and 4 leaves a
+//! correct new backup while the session stays relative to the old base:
+//! the next backup reads more and misses nothing. A crash after 4 leaves
+//! the old generation's files, which the next open removes (with any next
+//! generation's and cow files: see `staging::open_session`). If the commit
+//! fails or cannot be made durable, writes go on marking both maps, so
+//! whichever generation a restart finds is complete; the error names the
+//! backup that was written, and the session refuses further live backups
+//! until it is recovered again.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{Datastore, Session};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::repo::limits::MAX_MANIFEST_BYTES;
+use crate::repo::writer::{publish_manifest, store_chunks, stored_bytes_after};
+use crate::repo::{DiskManifest, Manifest, Repository};
+use crate::staging::io::{self, BlockFile, Open, Storage};
+use crate::staging::{base_copy_path, cow_path, dirty_path, MapKind, PersistentBitmap, Since};
+use crate::util::validate_name;
+use crate::volume::Frozen;
+
+/// Which backup a session's dirty maps are relative to.
+pub(crate) struct BackupBase {
+    pub(crate) generation: u64,
+    pub(crate) base: Arc<Manifest>,
+    /// A live backup whose commit could not be made durable (see the
+    /// module docs): further live backups are refused.
+    pub(crate) uncertain: Option<String>,
+}
+
+/// Reads the session's `since.json` and base copy; `own` (the session's
+/// backup) is the base of generation 0.
+pub(crate) fn load_base(storage: &dyn Storage, dir: &Path, own: &Manifest) -> Result<BackupBase> {
+    let Some(since) = Since::load(storage, dir)? else {
+        return Ok(BackupBase {
+            generation: 0,
+            base: Arc::new(own.clone()),
+            uncertain: None,
+        });
+    };
+    let p = base_copy_path(dir, since.generation);
+    let bytes = storage
+        .read(&p, MAX_MANIFEST_BYTES)
+        .ctx(|| format!("read {}", p.display()))?
+        .ok_or_else(|| {
+            Error::corrupt(format!(
+                "{} is missing (since.json names generation {})",
+                p.display(),
+                since.generation
+            ))
+        })?;
+    let m = Manifest::decode(&bytes, &format!("{} (copy in {})", since.base, p.display()))?;
+    if m.vm != own.vm || m.id != since.base {
+        return Err(Error::corrupt(format!(
+            "{} names backup {}/{}, since.json {}",
+            p.display(),
+            m.vm,
+            m.id,
+            since.base
+        )));
+    }
+    Ok(BackupBase {
+        generation: since.generation,
+        base: Arc::new(m),
+        uncertain: None,
+    })
+}
+
+/// What `backup --session` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionBackupReport {
+    pub vm: String,
+    /// The new backup's id.
+    pub backup: String,
+    /// The backup the unchanged blocks were taken from.
+    pub base: String,
+    /// How long guest writes were paused for the freeze.
+    pub pause_ms: f64,
+    pub duration_ms: f64,
+    /// Bytes read from staging (or the primary copy after cutover).
+    pub read_bytes: u64,
+    /// Bytes fetched from the repository: a live backup fetches nothing.
+    pub fetched_bytes: u64,
+    /// Compressed bytes added to the repository.
+    pub new_bytes: u64,
+    pub disks: Vec<SessionBackupDisk>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionBackupDisk {
+    pub name: String,
+    /// Blocks dirty at the freeze.
+    pub blocks_frozen: u64,
+    /// Of those, the ones read (the others were never staged: the
+    /// session's own backup chunk, unread).
+    pub blocks_read: u64,
+    pub bytes_read: u64,
+    /// Frozen blocks the guest overwrote before they were read, whose
+    /// freeze-time bytes were copied aside first.
+    pub cow_blocks: u64,
+    /// Chunks this backup added to the repository.
+    pub new_chunks: u64,
+    /// Non-zero chunks of the new backup already in the repository.
+    pub reused_chunks: u64,
+    /// Read blocks that are all zeros.
+    pub zero_chunks: u64,
+    pub new_bytes: u64,
+}
+
+/// Clears `backup_running` when the backup ends, however it ends.
+struct Running<'a>(&'a Session);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.backup_running.store(false, Ordering::Release);
+    }
+}
+
+/// The files a backup creates for one disk.
+struct NextGen {
+    map: Arc<PersistentBitmap>,
+    cow: Arc<dyn BlockFile>,
+}
+
+impl Datastore {
+    /// Backs up a live session from its dirty maps (see the module docs).
+    /// Busy while another backup of the VM runs; refused for a failed disk.
+    pub fn backup_session(&self, vm: &str) -> Result<SessionBackupReport> {
+        validate_name("VM name", vm)?;
+        let no_session = || Error::not_found(format!("no recovery session for VM {vm}"));
+        let s = self.session(vm).ok_or_else(no_session)?;
+        if s.backup_running.swap(true, Ordering::AcqRel) {
+            return Err(Error::busy(format!(
+                "a backup of VM {vm} is already running"
+            )));
+        }
+        let _running = Running(&s);
+        let op = self.vm_op(vm);
+        let _op = op.lock();
+        match self.session(vm) {
+            Some(now) if Arc::ptr_eq(&now, &s) => {}
+            _ => return Err(no_session()),
+        }
+        let _span = tracing::info_span!("session_backup", vm).entered();
+        run(&self.repo, &s)
+    }
+}
+
+fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
+    let t0 = Instant::now();
+    let (g, base) = {
+        let b = s.backup_base.lock();
+        if let Some(u) = &b.uncertain {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "VM {}: {u}; release and recover the VM before its next live backup",
+                    s.vm
+                ),
+            ));
+        }
+        (b.generation, b.base.clone())
+    };
+    check(s, &base)?;
+    let storage = s.staging.storage().clone();
+    let dir = s.dir.as_path();
+    let next = prepare(storage.as_ref(), dir, s, g)?;
+    // The freeze: every disk's writes paused at once, in disk order.
+    let tp = Instant::now();
+    let frozen = {
+        let guards: Vec<_> = s.disks.iter().map(|d| d.pause_writes()).collect();
+        let mut out = vec![];
+        let mut err = None;
+        for ((i, d), n) in s.disks.iter().enumerate().zip(&next) {
+            match d.freeze(n.map.clone(), n.cow.clone(), cow_path(dir, i)) {
+                Ok(f) => out.push(f),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(guards);
+        if let Some(e) = err {
+            abort(storage.as_ref(), dir, s, g, out.len());
+            return Err(e.context(format!("freeze of VM {} for a backup", s.vm)));
+        }
+        out
+    };
+    let pause_ms = tp.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(vm = %s.vm, pause_ms, "guest writes paused for the backup's freeze");
+    let (manifest, disks) = match store(repo, s, &base, &frozen) {
+        Ok(r) => r,
+        Err(e) => {
+            abort(storage.as_ref(), dir, s, g, s.disks.len());
+            return Err(e);
+        }
+    };
+    // The commit point: since.json names the new base.
+    let commit = manifest.encode().and_then(|bytes| {
+        io::replace(storage.as_ref(), &base_copy_path(dir, g + 1), &bytes)?;
+        Since {
+            generation: g + 1,
+            base: manifest.id.clone(),
+        }
+        .store(storage.as_ref(), dir)
+    });
+    if let Err(e) = commit {
+        for d in &s.disks {
+            d.end_freeze_keeping_both();
+        }
+        let msg = format!(
+            "backup {} of VM {} was written, but the session could not record it as its new base ({e})",
+            manifest.id, s.vm
+        );
+        tracing::error!(vm = %s.vm, backup = %manifest.id, "{msg}; writes are tracked relative to both backups");
+        s.backup_base.lock().uncertain = Some(msg.clone());
+        return Err(Error::new(ErrorKind::Io, msg));
+    }
+    for d in &s.disks {
+        d.end_freeze(true);
+    }
+    *s.backup_base.lock() = BackupBase {
+        generation: g + 1,
+        base: Arc::new(manifest.clone()),
+        uncertain: None,
+    };
+    // What the commit made obsolete; a restart removes it if this fails.
+    let mut old: Vec<_> = (0..s.disks.len()).map(|i| cow_path(dir, i)).collect();
+    if g >= 1 {
+        old.extend((0..s.disks.len()).map(|i| dirty_path(dir, i, g)));
+        old.push(base_copy_path(dir, g));
+    }
+    if let Err(e) = remove_all(storage.as_ref(), dir, &old) {
+        tracing::warn!(vm = %s.vm, "could not remove the previous generation's files (the next start does): {e}");
+    }
+    let report = SessionBackupReport {
+        vm: s.vm.clone(),
+        backup: manifest.id.clone(),
+        base: base.id.clone(),
+        pause_ms,
+        duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        read_bytes: disks.iter().map(|d| d.bytes_read).sum(),
+        fetched_bytes: 0,
+        new_bytes: manifest.new_bytes(),
+        disks,
+    };
+    tracing::info!(
+        vm = %s.vm,
+        backup = %report.backup,
+        base = %report.base,
+        pause_ms,
+        read_bytes = report.read_bytes,
+        new_bytes = report.new_bytes,
+        "live backup written"
+    );
+    Ok(report)
+}
+
+/// The base's geometry must be the session's: a block is one chunk.
+fn check(s: &Session, base: &Manifest) -> Result<()> {
+    if let Some(d) = s.disks.iter().find(|d| d.is_failed()) {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "disk{} of VM {} has failed: its staging may not hold what the guest wrote; release the session",
+                d.index, s.vm
+            ),
+        ));
+    }
+    let same = base.disks.len() == s.disks.len()
+        && base
+            .disks
+            .iter()
+            .zip(&s.disks)
+            .all(|(b, d)| b.size == d.size && b.chunk_size as u64 == d.block_size());
+    if !same {
+        return Err(Error::invalid(format!(
+            "backup {} of VM {} does not have the session's disk geometry",
+            base.id, s.vm
+        )));
+    }
+    Ok(())
+}
+
+/// Step 1: fresh next-generation maps (durable) and empty cow files, then
+/// a flush of every disk so the one inside the pause is short.
+fn prepare(storage: &dyn Storage, dir: &Path, s: &Session, g: u64) -> Result<Vec<NextGen>> {
+    let mut leftovers = vec![base_copy_path(dir, g + 1)];
+    for i in 0..s.disks.len() {
+        leftovers.push(dirty_path(dir, i, g + 1));
+        leftovers.push(cow_path(dir, i));
+    }
+    remove_all(storage, dir, &leftovers)?;
+    let mut out = vec![];
+    for (i, d) in s.disks.iter().enumerate() {
+        let map = PersistentBitmap::open(
+            storage,
+            &dirty_path(dir, i, g + 1),
+            MapKind::Dirty,
+            d.block_size() as u32,
+            d.nblocks(),
+        )?;
+        let p = cow_path(dir, i);
+        let cow = storage
+            .open(&p, Open::Empty)
+            .and_then(|f| f.set_len(d.size).map(|()| f))
+            .ctx(|| format!("create {}", p.display()))?;
+        out.push(NextGen {
+            map: Arc::new(map),
+            cow,
+        });
+    }
+    for d in &s.disks {
+        d.flush()?;
+    }
+    Ok(out)
+}
+
+/// Undoes a backup that did not reach its manifest: the first `frozen`
+/// disks end their freeze, the next generation's files go.
+fn abort(storage: &dyn Storage, dir: &Path, s: &Session, g: u64, frozen: usize) {
+    for d in &s.disks[..frozen] {
+        d.end_freeze(false);
+    }
+    let mut paths = vec![];
+    for i in 0..s.disks.len() {
+        paths.push(dirty_path(dir, i, g + 1));
+        paths.push(cow_path(dir, i));
+    }
+    if let Err(e) = remove_all(storage, dir, &paths) {
+        tracing::warn!(vm = %s.vm, "could not remove an aborted backup's files (the next start does): {e}");
+    }
+}
+
+fn remove_all(storage: &dyn Storage, dir: &Path, paths: &[std::path::PathBuf]) -> Result<()> {
+    for p in paths {
+        storage
+            .remove_file(p)
+            .ctx(|| format!("remove {}", p.display()))?;
+    }
+    storage
+        .sync_dir(dir)
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+/// Step 3: stores each disk's frozen blocks and publishes the manifest.
+fn store(
+    repo: &Arc<Repository>,
+    s: &Session,
+    base: &Manifest,
+    frozen: &[Frozen],
+) -> Result<(Manifest, Vec<SessionBackupDisk>)> {
+    let mut disks = vec![];
+    let mut reports = vec![];
+    for ((d, f), bd) in s.disks.iter().zip(frozen).zip(&base.disks) {
+        let _span = tracing::info_span!("disk", disk = d.index).entered();
+        let read = |b: u64, buf: &mut [u8]| d.read_frozen(b, buf).map(|_| ());
+        let st = store_chunks(
+            repo,
+            d.size,
+            bd.chunk_size,
+            f.read.iter().copied(),
+            &read,
+            &|_| {},
+        )?;
+        let mut chunks = bd.chunks.clone();
+        // Frozen blocks never staged are the session's own backup chunk.
+        for &b in &f.blocks {
+            chunks[b as usize] = d.chunks()[b as usize];
+        }
+        for (b, c) in &st.chunks {
+            chunks[*b as usize] = *c;
+        }
+        let stored_bytes = stored_bytes_after(repo, bd, &chunks, &st.sizes)?;
+        let nonzero = chunks.iter().flatten().count() as u64;
+        reports.push(SessionBackupDisk {
+            name: bd.name.clone(),
+            blocks_frozen: f.blocks.len() as u64,
+            blocks_read: f.read.len() as u64,
+            bytes_read: st.read_bytes,
+            cow_blocks: d.cow_blocks(),
+            new_chunks: st.new_chunks,
+            reused_chunks: nonzero.saturating_sub(st.new_chunks),
+            zero_chunks: st.zero_chunks,
+            new_bytes: st.new_bytes,
+        });
+        disks.push(DiskManifest {
+            name: bd.name.clone(),
+            size: bd.size,
+            chunk_size: bd.chunk_size,
+            chunks,
+            stored_bytes,
+            new_bytes: st.new_bytes,
+        });
+    }
+    let m = publish_manifest(repo, &s.vm, base.config.clone(), disks)?;
+    Ok((m, reports))
+}
