@@ -39,6 +39,9 @@
 //!  relocate: copier thread ──▶ volume::read_source ──▶ target file; target sync, staging flush,
 //!            then copied bits; pass after pass, then pause writes ──▶ final pass ──▶ syncs
 //!            ──▶ rename relocation.json `switched` (the commit) ──▶ every disk serves its target
+//!  live backup (backup --session): pause writes ──▶ flush, freeze the dirty map ──▶ resume
+//!            ──▶ read frozen blocks (staging / target; cow if the guest overwrote them first)
+//!            ──▶ store chunks ──▶ manifest (base's chunk ids for the rest) ──▶ since.json (the commit)
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets the block's changed
@@ -84,6 +87,13 @@
 //! * `…/diskN.copied` — relocation: blocks whose copy on the target, and
 //!   the staging it was read from, are synced (same header, kind 3);
 //!   `…/relocation.json` — target, pass, and `switched`, the commit point.
+//! * Live backups (`session::backup`): `…/since.json` — `{generation,
+//!   base}`, the backup the dirty maps are relative to (absent: generation
+//!   0, the session's own backup, whose dirty map is `diskN.changed`);
+//!   `…/base-G.json` — that backup's manifest; `…/diskN.dirty-G` — blocks
+//!   written since it (same header, kind 4); `…/diskN.cow` — freeze-time
+//!   bytes of frozen blocks the guest overwrote while a backup runs
+//!   (sparse, never synced, removed after).
 //!
 //! ## What is durable when
 //!
@@ -98,6 +108,9 @@
 //! | changed bit | before the guest's data is written (synced) | — (never missing; may over-report) | `crash_consistency::power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write` |
 //! | guest write data | at the reply to the guest's fsync/fdatasync/flush (grouped: one sync for all waiting) | block reads as backup or as a write that happened | `crash_consistency::power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_every_acknowledged_write`, `crash::kill9_during_fsynced_writes_loses_nothing_acknowledged`, `fsx::fsx_finds_no_error_on_a_recovered_disk_with_64k_chunks` |
 //! | a failed sync | never: sticky, every later flush and write of the disk fails with EIO until release | — | `faults::a_failed_writeback_of_staging_fails_every_later_fsync_and_shows_in_status` |
+//! | dirty-since-backup bit (`diskN.changed` in generation 0, `diskN.dirty-G` after a live backup) | with the changed bit, before the guest's data is written (synced); while a live backup runs, in the next generation's map as well | — (never missing; may over-report) | `volume::tests::a_write_blocked_at_the_gate_during_the_freeze_lands_only_in_the_next_map`, `session::tests::live_backup::a_restart_keeps_the_live_backups_base_and_removes_an_interrupted_ones_leftovers` |
+//! | live backup (`backup --session`) | chunks, then the manifest (create-only), then `base-G.json` and `since.json` (the commit point); only then does the next generation's map become current | before the manifest: no backup; the old generation's map covers every write; the next start removes the leftovers. Between manifest and `since.json`: the backup exists and the session stays relative to the old base (the next backup reads more, misses nothing) | `session_backup::a_daemon_killed_during_a_live_backup_leaves_no_backup_and_the_next_one_succeeds`, `session::tests::live_backup::a_restart_keeps_the_live_backups_base_and_removes_an_interrupted_ones_leftovers` |
+//! | freeze-time bytes of a frozen block | copied to `diskN.cow` (unsynced) before a guest write lands on the block while the backup has not read it | the backup has no manifest yet: void | `volume::tests::writes_to_frozen_blocks_after_the_freeze_leave_the_backup_reader_the_freeze_time_bytes`, `session::tests::live_backup::guest_writes_while_a_live_backup_stores_are_left_to_the_next_backup` |
 //! | copied bit (relocation) | set after the target data *and* staging are synced; cleared durably before a guest write lands | block copied again | `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
 //! | relocation start | earlier relocation state removed durably before targets are emptied (created or truncated, 0600, no symlinks); target names synced before `relocation.json` | no relocation resumes | `relocate::relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link`, `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
 //! | cutover | `relocation.json` renamed with `switched: true` after the final pass, target syncs and `vm.json`, writes paused; after the rename every disk switches (cannot fail); if the rename cannot be synced the disks refuse writes and flushes | relocation resumes from staging; never a mix of disks | `relocate::tests::a_cutover_whose_commit_fails_leaves_every_disk_on_staging`, `relocate::tests::a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_bytes`, `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |

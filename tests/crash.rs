@@ -250,20 +250,3 @@ fn a_backup_killed_midway_leaves_no_backup_and_the_next_one_succeeds() {
         &id,
     ]);
 }
-
-/// Files below `dir`, recursively.
-fn walk(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| {
-                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                        walk(&e.path())
-                    } else {
-                        1
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}

@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result};
 
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// A live backup stores every block changed since its base.
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
 pub struct Client {
     socket: PathBuf,
 }
@@ -23,16 +27,33 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> Result<Value> {
-        self.request("GET", path, None)
+        self.request("GET", path, None, DEFAULT_TIMEOUT)
     }
     pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        self.request("POST", path, Some(body))
+        self.request("POST", path, Some(body), DEFAULT_TIMEOUT)
     }
     pub fn delete(&self, path: &str) -> Result<Value> {
-        self.request("DELETE", path, None)
+        self.request("DELETE", path, None, DEFAULT_TIMEOUT)
     }
 
-    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    /// `POST /sessions/{vm}/backup`: answers when the backup is published,
+    /// which may take as long as storing every changed block.
+    pub fn backup_session(&self, vm: &str) -> Result<Value> {
+        self.request(
+            "POST",
+            &format!("/sessions/{vm}/backup"),
+            Some(&Value::Object(Default::default())),
+            BACKUP_TIMEOUT,
+        )
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         let mut s = UnixStream::connect(&self.socket).map_err(|e| {
             Error::new(
                 ErrorKind::NotFound,
@@ -42,7 +63,7 @@ impl Client {
                 ),
             )
         })?;
-        s.set_read_timeout(Some(Duration::from_secs(300))).ok();
+        s.set_read_timeout(Some(timeout)).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: recoverfs\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

@@ -12,6 +12,7 @@
 //! | DELETE | /sessions/{vm}?discard=true | release |
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
+//! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
 
 pub mod client;
 pub mod peer;
@@ -75,6 +76,7 @@ pub fn router(ds: Ds) -> Router {
         .route("/sessions/{vm}", get(session_status).delete(release))
         .route("/sessions/{vm}/disks/{n}/changed", get(changed))
         .route("/sessions/{vm}/relocate", axum::routing::post(relocate))
+        .route("/sessions/{vm}/backup", axum::routing::post(backup_session))
         .with_state(ds)
 }
 
@@ -200,6 +202,10 @@ async fn relocate(
         )));
     };
     blocking(move || ds.relocate(&vm, &b.to, b.rate_mbps, b.force)).await
+}
+
+async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || ds.backup_session(&vm)).await
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -44,20 +44,33 @@ pub enum Command {
         #[arg(long)]
         repo: String,
     },
-    /// Back up raw disk images (regular files or block devices) as disk0, disk1, ...
+    /// Back up raw disk images (regular files or block devices) as disk0,
+    /// disk1, ...; or, with --session, a VM running from a recovery session,
+    /// from its changed blocks alone.
     Backup {
-        #[arg(long)]
-        repo: String,
-        #[arg(long)]
-        vm: String,
+        #[arg(long, required_unless_present = "session")]
+        repo: Option<String>,
+        #[arg(long, required_unless_present = "session")]
+        vm: Option<String>,
         /// VM configuration as a JSON object file.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Chunk size: a power of two from 64K to 8M.
         #[arg(long, default_value = "1M")]
         chunk_size: String,
-        #[arg(required = true)]
+        #[arg(required_unless_present = "session")]
         images: Vec<PathBuf>,
+        /// Back up this VM's live recovery session through the daemon: the
+        /// blocks it changed since its base backup are read from staging,
+        /// the rest are the base's chunks; guest writes pause only for the
+        /// freeze.
+        #[arg(long, conflicts_with_all = ["repo", "vm", "config", "images"])]
+        session: Option<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+        /// With --session: print the daemon's JSON reply.
+        #[arg(long)]
+        json: bool,
     },
     /// List VMs and their backups.
     List {
@@ -291,7 +304,17 @@ pub fn run(cli: Cli) -> Result<()> {
             config,
             chunk_size,
             images,
-        } => backup(&repo, vm, config, &chunk_size, images),
+            session,
+            socket,
+            json,
+        } => match (session, repo, vm) {
+            (Some(vm), _, _) => backup_session(&socket, &vm, json),
+            (None, _, _) if json => Err(Error::invalid("--json goes with --session")),
+            (None, Some(repo), Some(vm)) => backup(&repo, vm, config, &chunk_size, images),
+            _ => Err(Error::invalid(
+                "backup needs --repo, --vm and images, or --session",
+            )),
+        },
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Verify { repo, vm, backup } => {
             output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
@@ -599,6 +622,18 @@ fn client(s: &SocketArg) -> Client {
             .clone()
             .unwrap_or_else(crate::daemon::default_socket_link),
     )
+}
+
+/// `backup --session VM`: the daemon backs the session up.
+fn backup_session(socket: &SocketArg, vm: &str, json: bool) -> Result<()> {
+    crate::util::validate_name("VM name", vm)?;
+    let r = client(socket).backup_session(vm)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+        return Ok(());
+    }
+    output::session_backup(&r);
+    Ok(())
 }
 
 fn backup(

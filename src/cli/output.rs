@@ -323,6 +323,43 @@ pub fn released(r: &Value) {
     }
 }
 
+/// `backup --session`: per-disk lines and a summary on stderr, the new
+/// backup's id as the last line on stdout (like `backup`).
+pub fn session_backup(r: &Value) {
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    for d in r["disks"].as_array().cloned().unwrap_or_default() {
+        eprintln!(
+            "{}: {} blocks changed, {} read ({}; {} copied aside while the guest wrote): {} new ({} stored), {} reused, {} zero",
+            d["name"].as_str().unwrap_or("?"),
+            n(&d, "blocks_frozen"),
+            n(&d, "blocks_read"),
+            human_bytes(n(&d, "bytes_read")),
+            n(&d, "cow_blocks"),
+            n(&d, "new_chunks"),
+            human_bytes(n(&d, "new_bytes")),
+            n(&d, "reused_chunks"),
+            n(&d, "zero_chunks"),
+        );
+    }
+    let fetched = n(r, "fetched_bytes");
+    eprintln!(
+        "backup {} of VM {} (base {}): paused guest writes {:.1} ms, read {} from staging, {}; {} new bytes in {:.1} s",
+        r["backup"].as_str().unwrap_or("?"),
+        r["vm"].as_str().unwrap_or("?"),
+        r["base"].as_str().unwrap_or("?"),
+        r["pause_ms"].as_f64().unwrap_or(0.0),
+        human_bytes(n(r, "read_bytes")),
+        if fetched == 0 {
+            "fetched nothing".to_string()
+        } else {
+            format!("fetched {}", human_bytes(fetched))
+        },
+        n(r, "new_bytes"),
+        r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+    );
+    println!("{}", r["backup"].as_str().unwrap_or("?"));
+}
+
 pub fn status(r: &Value, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r).expect("json"));
@@ -345,6 +382,12 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             s["path"].as_str().unwrap_or("?"),
             s["open_handles"]
         );
+        if let Some(b) = s["backup_base"]
+            .as_str()
+            .filter(|b| Some(*b) != s["backup"].as_str())
+        {
+            println!("  last live backup {b}: dirty blocks are relative to it");
+        }
         let r = &s["relocation"];
         if r.is_object() {
             println!(
@@ -364,13 +407,14 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             let reads = n("reads");
             let hit = f("profile_hit_ratio") * 100.0;
             println!(
-                "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {}  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}",
+                "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {} (dirty {})  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}",
                 d["name"].as_str().unwrap_or("?"),
                 human_bytes(n("size")),
                 n("blocks_staged"),
                 n("blocks_total"),
                 n("blocks_staged") as f64 * 100.0 / total as f64,
                 n("blocks_changed"),
+                n("blocks_dirty"),
                 human_bytes(n("fetched_bytes")),
                 reads,
                 hit,

@@ -347,6 +347,23 @@ pub fn random_image(path: &Path, size: usize, seed: u64, chunk: usize) -> Vec<u8
     data
 }
 
+/// Files below `dir`, recursively (0 if it does not exist).
+pub fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 pub fn read_all(p: &Path) -> Vec<u8> {
     let mut v = vec![];
     std::fs::File::open(p).unwrap().read_to_end(&mut v).unwrap();

@@ -1,0 +1,223 @@
+//! `backup --session`: a VM running from a recovery session is backed up
+//! from its changed-block map, reading only the changed blocks from
+//! staging and fetching nothing; the new backup restores to the disk at
+//! the freeze, byte for byte; a daemon killed during the backup leaves no
+//! partial backup, and the next run succeeds.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const K64: u64 = 64 << 10;
+const MIB: u64 = 1 << 20;
+
+/// A sparse image of `size` bytes with `pieces` MiB of random data
+/// scattered over it (so backing it up is quick).
+fn sparse_image(path: &Path, size: u64, pieces: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..pieces {
+        rng.fill(&mut buf[..]);
+        f.write_all_at(&buf, i * (size / pieces)).unwrap();
+    }
+}
+
+/// Writes `blocks` distinct random 64 KiB blocks to both `disk` (fsynced)
+/// and `expected`.
+fn write_blocks(disk: &Path, expected: &Path, blocks: u64, seed: u64) {
+    let size = std::fs::metadata(expected).unwrap().len();
+    let nblocks = size / K64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let d = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(expected)
+        .unwrap();
+    let mut buf = vec![0u8; K64 as usize];
+    let stride = nblocks / blocks;
+    for i in 0..blocks {
+        let b = i * stride + rng.gen_range(0..stride);
+        rng.fill(&mut buf[..]);
+        d.write_all_at(&buf, b * K64).unwrap();
+        e.write_all_at(&buf, b * K64).unwrap();
+    }
+    d.sync_all().unwrap();
+}
+
+/// Compares two files piece by piece (they may be large).
+fn assert_same(a: &Path, b: &Path) {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 4 * MIB as usize], vec![0u8; 4 * MIB as usize]);
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        assert_eq!(na, nb, "lengths differ near offset {off}");
+        if na == 0 {
+            return;
+        }
+        if ba[..na] != bb[..nb] {
+            let i = (0..na).find(|&i| ba[i] != bb[i]).unwrap();
+            panic!(
+                "{} and {} differ at offset {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
+        }
+        off += na as u64;
+    }
+}
+
+/// Releases the session, recovers backup `id` and compares its disk with
+/// `expected`; then discards it and verifies the repository.
+fn assert_restores(env: &Env, id: &str, expected: &Path) {
+    assert!(env.release("vm", false).status.success());
+    let disk = env.recover("vm", Some(id))[0].clone();
+    assert_same(&disk, expected);
+    assert!(env.release("vm", true).status.success());
+    env.ok(&["verify", "--repo", env.repo_str()]);
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}
+
+fn backups_of(env: &Env, vm: &str) -> Vec<String> {
+    let list = env.ok(&["list", "--repo", env.repo_str(), "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    list["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["vm"] == vm)
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `backup --session vm` through the env's daemon, plus `extra` flags.
+fn run_session_backup(env: &Env, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["backup", "--session", "vm", "--socket"];
+    args.push(env.socket.to_str().unwrap());
+    args.extend(extra);
+    env.run(&args)
+}
+
+fn session_backup(env: &Env) -> serde_json::Value {
+    let o = run_session_backup(env, &["--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn a_live_backup_of_40_mib_changed_on_a_1_5_gib_disk_reads_only_the_changed_blocks_and_restores_exactly(
+) {
+    let env = Env::new();
+    let img = env.path("big.raw");
+    sparse_image(&img, 1536 * MIB, 32, 1);
+    let base = env.backup("vm", "64K", &[&img]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    write_blocks(&disk, &img, 640, 2);
+    let fetched = env.disk_status("vm", 0)["fetched_blocks"].as_u64().unwrap();
+    let r = session_backup(&env);
+    eprintln!(
+        "live backup: pause {} ms, read {} bytes, {} ms in all",
+        r["pause_ms"], r["read_bytes"], r["duration_ms"]
+    );
+    assert_eq!(r["base"], base.as_str());
+    assert!(r["read_bytes"].as_u64().unwrap() <= 40 * MIB, "{r}");
+    assert_eq!(r["disks"][0]["blocks_read"], 640, "{r}");
+    assert_eq!(r["fetched_bytes"], 0);
+    assert_eq!(
+        env.disk_status("vm", 0)["fetched_blocks"].as_u64().unwrap(),
+        fetched,
+        "the backup fetched from the repository"
+    );
+    let new = r["backup"].as_str().unwrap().to_string();
+    assert_eq!(backups_of(&env, "vm"), vec![base.clone(), new.clone()]);
+    // Text output: the summary on stderr, the id last on stdout.
+    let o = run_session_backup(&env, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("paused guest writes") && err.contains("fetched nothing"),
+        "{err}"
+    );
+    let third = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    assert_eq!(backups_of(&env, "vm").last(), Some(&third));
+    assert_restores(&env, &new, &img);
+    drop(d);
+}
+
+#[test]
+fn a_daemon_killed_during_a_live_backup_leaves_no_backup_and_the_next_one_succeeds() {
+    let mut env = Env::new();
+    let img = env.path("a.raw");
+    sparse_image(&img, 64 * MIB, 8, 3);
+    let base = env.backup("vm", "64K", &[&img]);
+    // Every chunk write takes a while: the backup is still storing when killed.
+    env.serve_args = vec!["--repo-delay-ms".into(), "200".into()];
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    write_blocks(&disk, &img, 400, 4);
+    let chunks = walk(&env.repo.join("chunks"));
+    let mut child = std::process::Command::new(bin())
+        .args(["backup", "--session", "vm", "--socket"])
+        .arg(&env.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while walk(&env.repo.join("chunks")) == chunks {
+        assert!(Instant::now() < deadline, "the backup stored nothing");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d.kill9();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the backup finished before the kill"
+    );
+    drop(d);
+    assert_eq!(
+        backups_of(&env, "vm"),
+        vec![base.clone()],
+        "a killed backup left a manifest"
+    );
+    env.serve_args.clear();
+    let d = env.serve();
+    let dir = env.staging.join("sessions/vm").join(&base);
+    for f in ["disk0.dirty-1", "disk0.cow", "since.json", "base-1.json"] {
+        assert!(!dir.join(f).exists(), "{f} was left");
+    }
+    let r = session_backup(&env);
+    assert_eq!(r["base"], base.as_str());
+    assert_eq!(r["disks"][0]["blocks_read"], 400, "{r}");
+    let new = r["backup"].as_str().unwrap().to_string();
+    assert!(dir.join("since.json").exists());
+    assert_restores(&env, &new, &img);
+    drop(d);
+}
