@@ -64,7 +64,7 @@ pub enum Command {
         /// blocks it changed since its base backup are read from staging,
         /// the rest are the base's chunks; guest writes pause only for the
         /// freeze.
-        #[arg(long, conflicts_with_all = ["repo", "vm", "config", "images"])]
+        #[arg(long, conflicts_with_all = ["repo", "vm", "config", "images", "chunk_size"])]
         session: Option<String>,
         #[command(flatten)]
         socket: SocketArg,
