@@ -133,6 +133,7 @@ pub mod metrics;
 pub mod placement;
 pub mod pool;
 pub mod prefetch;
+pub mod qemu;
 pub mod relocate;
 pub mod repo;
 pub mod session;
