@@ -99,6 +99,9 @@ pub struct QemuSpec {
     pub memory_mib: u64,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
+    /// A QMP monitor on this Unix socket (`boot --qmp`), for backups of
+    /// the running VM and for operators.
+    pub qmp: Option<PathBuf>,
 }
 
 impl QemuSpec {
@@ -121,6 +124,7 @@ impl QemuSpec {
             disks,
             memory_mib,
             extra: vec![],
+            qmp: None,
         })
     }
 
@@ -151,8 +155,44 @@ impl QemuSpec {
         for (i, d) in self.disks.iter().enumerate() {
             c.args(d.args(i));
         }
+        if let Some(p) = &self.qmp {
+            // A comma inside a QEMU option value is written twice.
+            let p = p.to_string_lossy().replace(',', ",,");
+            c.args(["-qmp", &format!("unix:{p},server=on,wait=off")]);
+        }
         c.args(&self.extra);
         c
+    }
+}
+
+/// Checks a `--qmp` socket path before QEMU binds it. QEMU removes
+/// whatever is at the path first, so anything but a stale socket is
+/// refused: a regular file is not ours to delete, and a socket someone
+/// answers on belongs to a running VM.
+pub fn check_qmp_path(p: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(d) = parent {
+        if !d.is_dir() {
+            return Err(Error::invalid(format!(
+                "--qmp {}: directory {} does not exist",
+                p.display(),
+                d.display()
+            )));
+        }
+    }
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("--qmp {}", p.display()), e)),
+        Ok(m) if !m.file_type().is_socket() => Err(Error::invalid(format!(
+            "--qmp {} exists and is not a socket; refusing to replace it",
+            p.display()
+        ))),
+        Ok(_) if std::os::unix::net::UnixStream::connect(p).is_ok() => Err(Error::busy(format!(
+            "--qmp {}: a QMP socket there is in use (another VM?)",
+            p.display()
+        ))),
+        Ok(_) => Ok(()),
     }
 }
 

@@ -190,3 +190,71 @@ fn qemu_runs_without_the_repository_credentials_and_inside_its_sandbox() {
         "QEMU runs without its sandbox: {cmdline}"
     );
 }
+
+/// Kills a child left running when a test fails.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn boot_with_qmp_gives_a_monitor_that_controls_the_vm_and_never_replaces_a_file() {
+    use recoverfs::qemu::qmp::Qmp;
+    use std::time::{Duration, Instant};
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let sock = env.socket.to_str().unwrap();
+
+    // A regular file where the socket would go is refused, untouched.
+    let file = env.path("precious.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let out = env.fails(
+        &[
+            "boot",
+            "--socket",
+            sock,
+            "tiny",
+            "--qmp",
+            file.to_str().unwrap(),
+        ],
+        "exists and is not a socket",
+    );
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    let qmp = env.path("tiny.qmp");
+    let child = std::process::Command::new(bin())
+        .args([
+            "boot", "--socket", sock, "tiny", "--quiet", "--marker", MARKER,
+        ])
+        .args(["--timeout", "180", "--qmp", qmp.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Reap(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut q = loop {
+        if let Ok(q) = Qmp::connect(&qmp) {
+            break q;
+        }
+        assert!(Instant::now() < deadline, "no QMP socket from boot --qmp");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // The monitor controls this VM: pause it, look at its disk, resume.
+    q.stop().unwrap();
+    assert_eq!(q.status().unwrap().status, "paused");
+    let disks = q.block_devices().unwrap();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert!(disks[0].file.ends_with("tiny/disk0.raw"), "{disks:?}");
+    q.cont().unwrap();
+    let st = child.0.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(st.success(), "boot failed: {err}");
+}

@@ -95,8 +95,12 @@ pub fn boot_session(
     timeout: Duration,
     console: Option<PathBuf>,
     quiet: bool,
+    qmp: Option<PathBuf>,
 ) -> Result<()> {
     crate::util::validate_name("VM name", vm)?;
+    if let Some(p) = &qmp {
+        crate::boot::check_qmp_path(p)?;
+    }
     // Recover is idempotent: it returns the running session's disks.
     let info = client.post("/sessions", &json!({"vm": vm}))?;
     let config_path = info["config"]
@@ -115,7 +119,8 @@ pub fn boot_session(
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "login:".into());
-    let spec = QemuSpec::from_config(&config, sources(&info, via)?)?;
+    let mut spec = QemuSpec::from_config(&config, sources(&info, via)?)?;
+    spec.qmp = qmp;
     let watch = Watch {
         marker: marker.clone(),
         timeout,

@@ -239,6 +239,10 @@ pub enum Command {
         /// Do not echo the serial console.
         #[arg(long)]
         quiet: bool,
+        /// Give QEMU a QMP monitor on this Unix socket (for `backup-vms`
+        /// and operators): `-qmp unix:PATH,server=on,wait=off`.
+        #[arg(long)]
+        qmp: Option<PathBuf>,
     },
     /// Prove a backup boots: throwaway recovery, QEMU without network, marker or timeout.
     VerifyBoot {
@@ -473,6 +477,7 @@ pub fn run(cli: Cli) -> Result<()> {
             timeout,
             console,
             quiet,
+            qmp,
         } => boot::boot_session(
             &client(&socket),
             &vm,
@@ -481,6 +486,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Duration::from_secs(timeout),
             console,
             quiet,
+            qmp,
         ),
         Command::VerifyBoot {
             repo,

@@ -1,6 +1,7 @@
 //! Talking to running QEMU VMs, for backups of VMs that run outside the
-//! datastore (issue 13 part 2): a QMP client ([`qmp`]) and an NBD client
-//! ([`nbd`]) that reads the point-in-time views QEMU exports.
+//! datastore (issue 13 part 2): a QMP client ([`qmp`]; `recoverfs boot
+//! --qmp` gives the VMs it starts a monitor) and an NBD client ([`nbd`])
+//! that reads the point-in-time views QEMU exports.
 //!
 //! **How a backup of running VMs will use them** (the plan; `backup-vms`
 //! is not built yet):

@@ -1,1 +1,377 @@
-//! QMP client (being written).
+//! A QMP client: JSON lines over a QEMU monitor's Unix socket (QEMU started
+//! with `-qmp unix:PATH,server=on,wait=off`, or `recoverfs boot --qmp PATH`).
+//!
+//! Our own, small and untyped where QEMU 7.2's schema matters: the QMP
+//! crates carry QEMU 9.x schemas whose typed replies do not parse from
+//! Debian's 7.2. Commands go out one at a time with an `id`; the reply with
+//! that id ends the call; events that arrive meanwhile are kept for
+//! [`Qmp::take_events`]. Every read has a deadline and every line a size
+//! bound, so a QEMU that hangs or a socket that is not QMP ends in a
+//! one-line error, never a hang or an unbounded allocation.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The longest line we accept from QEMU (a `query-block` of many disks is
+/// a few hundred KiB).
+const MAX_LINE: usize = 16 << 20;
+/// How long one command may take unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Qmp {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    timeout: Duration,
+    next_id: u64,
+    events: Vec<Value>,
+    version: (u64, u64, u64),
+}
+
+/// `query-status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunState {
+    pub running: bool,
+    /// QEMU's run state: `running`, `paused`, `prelaunch`, `shutdown`, ...
+    pub status: String,
+}
+
+/// One drive of `query-block` that has a medium.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDevice {
+    /// The drive's id (`-drive id=`), empty for `-blockdev` disks.
+    pub device: String,
+    /// The guest device's QOM path (`/machine/peripheral/vd0/...`).
+    pub qdev: String,
+    /// The top node the device reads and writes.
+    pub node_name: String,
+    /// The image file QEMU opened (`inserted.file`).
+    pub file: String,
+    pub read_only: bool,
+}
+
+/// Byte and operation counters of one drive (`query-blockstats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct BlockStats {
+    pub device: String,
+    pub qdev: String,
+    pub node_name: String,
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and leaves capabilities negotiation.
+    pub fn connect(path: &Path) -> Result<Qmp> {
+        Self::connect_with(path, DEFAULT_TIMEOUT)
+    }
+
+    pub fn connect_with(path: &Path, timeout: Duration) -> Result<Qmp> {
+        let stream = UnixStream::connect(path).map_err(|e| {
+            Error::new(
+                match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        ErrorKind::NotFound
+                    }
+                    _ => ErrorKind::Io,
+                },
+                format!(
+                    "cannot reach QMP socket {} ({e}): is QEMU running with -qmp unix:{},server=on,wait=off?",
+                    path.display(),
+                    path.display()
+                ),
+            )
+        })?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| Error::io(format!("QMP socket {}", path.display()), e))?;
+        let mut q = Qmp {
+            path: path.to_path_buf(),
+            reader: BufReader::new(stream),
+            writer,
+            timeout,
+            next_id: 1,
+            events: vec![],
+            version: (0, 0, 0),
+        };
+        let greeting = q.read_message(Instant::now() + timeout, "the QMP greeting")?;
+        let v = greeting
+            .get("QMP")
+            .and_then(|g| g.get("version"))
+            .and_then(|v| v.get("qemu"))
+            .ok_or_else(|| {
+                q.protocol_error(format!("no QMP greeting, got {}", short(&greeting)))
+            })?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        q.version = (n("major"), n("minor"), n("micro"));
+        q.execute("qmp_capabilities", None)?;
+        Ok(q)
+    }
+
+    /// QEMU's version from the greeting.
+    pub fn version(&self) -> (u64, u64, u64) {
+        self.version
+    }
+
+    /// Sends one command and returns its `return` value. A QMP error reply
+    /// is an error naming the command and QEMU's class and description;
+    /// the connection stays usable.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.execute_with(command, arguments, self.timeout)
+    }
+
+    pub fn execute_with(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut line = serde_json::to_vec(&msg).expect("json");
+        line.push(b'\n');
+        self.writer
+            .write_all(&line)
+            .map_err(|e| Error::io(format!("send {command} to QMP {}", self.path.display()), e))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.read_message(deadline, command)?;
+            if m.get("event").is_some() {
+                self.events.push(m);
+                continue;
+            }
+            if m.get("id").and_then(Value::as_u64) != Some(id) {
+                // A reply to a command whose caller gave up (timed out).
+                continue;
+            }
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                let class = e.get("class").and_then(Value::as_str).unwrap_or("?");
+                let desc = e.get("desc").and_then(Value::as_str).unwrap_or("");
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("QEMU refused {command}: {class}: {desc}"),
+                ));
+            }
+            return Err(
+                self.protocol_error(format!("unexpected reply to {command}: {}", short(&m)))
+            );
+        }
+    }
+
+    /// Events received so far (oldest first), emptied.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub fn status(&mut self) -> Result<RunState> {
+        let r = self.execute("query-status", None)?;
+        Ok(RunState {
+            running: r.get("running").and_then(Value::as_bool).unwrap_or(false),
+            status: str_of(&r, "status"),
+        })
+    }
+
+    /// Pauses the guest's vCPUs (`stop`).
+    pub fn stop(&mut self) -> Result<()> {
+        self.execute("stop", None).map(drop)
+    }
+
+    /// Resumes the guest's vCPUs (`cont`).
+    pub fn cont(&mut self) -> Result<()> {
+        self.execute("cont", None).map(drop)
+    }
+
+    /// The drives that have a medium, in QEMU's order.
+    pub fn block_devices(&mut self) -> Result<Vec<BlockDevice>> {
+        let r = self.execute("query-block", None)?;
+        let list = r
+            .as_array()
+            .ok_or_else(|| self.protocol_error("query-block did not return a list".into()))?;
+        Ok(list
+            .iter()
+            .filter_map(|d| {
+                let ins = d.get("inserted")?;
+                Some(BlockDevice {
+                    device: str_of(d, "device"),
+                    qdev: str_of(d, "qdev"),
+                    node_name: str_of(ins, "node-name"),
+                    file: str_of(ins, "file"),
+                    read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+                })
+            })
+            .collect())
+    }
+
+    /// Counters of every drive.
+    pub fn block_stats(&mut self) -> Result<Vec<BlockStats>> {
+        let r = self.execute("query-blockstats", None)?;
+        let list = r
+            .as_array()
+            .ok_or_else(|| self.protocol_error("query-blockstats did not return a list".into()))?;
+        Ok(list
+            .iter()
+            .map(|d| {
+                let s = d.get("stats").cloned().unwrap_or(Value::Null);
+                let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+                BlockStats {
+                    device: str_of(d, "device"),
+                    qdev: str_of(d, "qdev"),
+                    node_name: str_of(d, "node-name"),
+                    rd_bytes: n("rd_bytes"),
+                    wr_bytes: n("wr_bytes"),
+                    rd_operations: n("rd_operations"),
+                    wr_operations: n("wr_operations"),
+                    flush_operations: n("flush_operations"),
+                }
+            })
+            .collect())
+    }
+
+    /// Bytes the guest has written to all its drives since QEMU started.
+    pub fn written_bytes(&mut self) -> Result<u64> {
+        Ok(self.block_stats()?.iter().map(|d| d.wr_bytes).sum())
+    }
+
+    /// Bytes written per second by the guest to all its drives, over
+    /// `window` (two `query-blockstats` samples): the I/O load that orders
+    /// a backup of several VMs, busiest first.
+    pub fn write_rate(&mut self, window: Duration) -> Result<f64> {
+        let t0 = Instant::now();
+        let a = self.written_bytes()?;
+        std::thread::sleep(window);
+        let b = self.written_bytes()?;
+        let secs = t0.elapsed().as_secs_f64().max(1e-3);
+        Ok(b.saturating_sub(a) as f64 / secs)
+    }
+
+    /// Waits for event `name` (one already received counts), and returns
+    /// it; other events stay queued.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return Ok(self.events.remove(i));
+        }
+        let deadline = Instant::now() + timeout;
+        let what = format!("event {name}");
+        loop {
+            let m = self.read_message(deadline, &what)?;
+            if m["event"] == name {
+                return Ok(m);
+            }
+            if m.get("event").is_some() {
+                self.events.push(m);
+            }
+        }
+    }
+
+    /// Reads one JSON message (one line) before `deadline`.
+    fn read_message(&mut self, deadline: Instant, waiting_for: &str) -> Result<Value> {
+        let line = self.read_line(deadline, waiting_for)?;
+        serde_json::from_slice(&line).map_err(|e| {
+            self.protocol_error(format!(
+                "not JSON while waiting for {waiting_for} ({e}): {:?}",
+                String::from_utf8_lossy(&line[..line.len().min(80)])
+            ))
+        })
+    }
+
+    fn read_line(&mut self, deadline: Instant, waiting_for: &str) -> Result<Vec<u8>> {
+        let mut line = vec![];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timed_out(waiting_for));
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(|e| Error::io(format!("QMP socket {}", self.path.display()), e))?;
+            // At most what is left of the bound, so a line never grows past it.
+            let limit = (MAX_LINE + 1 - line.len()) as u64;
+            match (&mut self.reader).take(limit).read_until(b'\n', &mut line) {
+                Ok(0) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "QEMU closed QMP socket {} while we waited for {waiting_for} (did the VM exit?)",
+                            self.path.display()
+                        ),
+                    ))
+                }
+                Ok(_) if line.ends_with(b"\n") => return Ok(line),
+                Ok(_) if line.len() > MAX_LINE => {
+                    return Err(self.protocol_error(format!(
+                        "a line longer than {MAX_LINE} bytes while waiting for {waiting_for}"
+                    )))
+                }
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(self.timed_out(waiting_for))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("read QMP socket {}", self.path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
+    fn timed_out(&self, waiting_for: &str) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "QEMU did not answer {waiting_for} on QMP socket {} within {:?}",
+                self.path.display(),
+                self.timeout
+            ),
+        )
+    }
+
+    fn protocol_error(&self, what: String) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("QMP socket {}: {what}", self.path.display()),
+        )
+    }
+}
+
+fn str_of(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
+}
+
+/// A message, cut short for an error line.
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 120 {
+        format!("{}...", s.chars().take(120).collect::<String>())
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

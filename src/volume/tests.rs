@@ -648,7 +648,10 @@ fn writes_to_frozen_blocks_after_the_freeze_leave_the_backup_reader_the_freeze_t
     assert_eq!(&vol.read(BS as u64 + 5, 16).unwrap(), b"after the freeze");
     assert_eq!(next.bits().ranges(), vec![(1, 4), (5, 6)]);
     // The commit: the next map is the current one from now on.
-    assert!(vol.end_freeze(true).is_none(), "generation 0 is the changed map: kept");
+    assert!(
+        vol.end_freeze(true).is_none(),
+        "generation 0 is the changed map: kept"
+    );
     assert_eq!(vol.blocks_dirty(), 4);
     assert_eq!(vol.changed_ranges(), vec![(1, 4), (5, 6)]);
     vol.write(9 * BS as u64, b"x").unwrap();
@@ -703,10 +706,17 @@ fn a_frozen_block_never_staged_is_the_sessions_chunk_and_is_not_read() {
     let (frozen, _) = freeze_for_backup(vol, &f.staging);
     assert_eq!(frozen.blocks, vec![1, 7]);
     assert_eq!(frozen.read, vec![1]);
-    assert!(read_frozen_block(vol, 7).is_err(), "not pending: never read");
+    assert!(
+        read_frozen_block(vol, 7).is_err(),
+        "not pending: never read"
+    );
     // Writing it after the freeze copies nothing: its content is the chunk.
     vol.write(7 * BS as u64, &vec![7u8; BS]).unwrap();
     assert_eq!(vol.cow_blocks(), 0);
-    assert_eq!(vol.status().fetched_blocks, 1, "only the partial write's fill");
+    assert_eq!(
+        vol.status().fetched_blocks,
+        1,
+        "only the partial write's fill"
+    );
     vol.end_freeze(false);
 }

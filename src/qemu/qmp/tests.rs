@@ -1,0 +1,223 @@
+//! Against a real QEMU (`qemu-system-x86_64 -S`, TCG, no guest needed): a
+//! drive on a raw image, QMP on a Unix socket. Every QEMU started here is
+//! killed when its guard drops, also when a test fails.
+
+use super::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+struct Vm {
+    child: Child,
+    qmp: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A paused VM (`-S`) with one virtio disk `vd0` on drive `drive0`.
+fn vm() -> Vm {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=drive0,node-name=disk0",
+            img.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=drive0,id=vd0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 is installed (make test installs it)");
+    let mut v = Vm {
+        child,
+        qmp,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !v.qmp.exists() {
+        assert!(
+            v.child.try_wait().unwrap().is_none(),
+            "QEMU exited at start"
+        );
+        assert!(Instant::now() < deadline, "QEMU made no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    v
+}
+
+#[test]
+fn connects_negotiates_and_reports_qemus_version_and_run_state() {
+    let v = vm();
+    let mut q = Qmp::connect(&v.qmp).unwrap();
+    assert!(q.version().0 >= 7, "{:?}", q.version());
+    let s = q.status().unwrap();
+    assert_eq!((s.running, s.status.as_str()), (false, "prelaunch"));
+    q.cont().unwrap();
+    assert!(q.status().unwrap().running);
+    q.stop().unwrap();
+    assert_eq!(q.status().unwrap().status, "paused");
+    // STOP came as an event, kept for the caller rather than mistaken for
+    // a reply.
+    let events: Vec<String> = q
+        .take_events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert!(events.contains(&"RESUME".to_string()), "{events:?}");
+    assert!(events.contains(&"STOP".to_string()), "{events:?}");
+}
+
+/// The tiny image (built on first use, as the end-to-end tests do).
+fn tiny_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(root.join("vm-images/build.sh"))
+        .arg("tiny")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    )
+}
+
+#[test]
+fn block_devices_name_the_drive_and_stats_count_what_a_booting_guest_writes() {
+    // The tiny guest writes its boot counter and powers off; -no-shutdown
+    // keeps QEMU (and its counters) for us, snapshot=on keeps the image.
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-S", "-nographic", "-no-shutdown", "-m", "256"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,id=drive0,snapshot=on",
+            tiny_image().display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let v = Vm {
+        child,
+        qmp,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !v.qmp.exists() {
+        assert!(Instant::now() < deadline, "QEMU made no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut q = Qmp::connect(&v.qmp).unwrap();
+    let devs = q.block_devices().unwrap();
+    assert_eq!(devs.len(), 1, "{devs:?}");
+    assert_eq!(devs[0].device, "drive0");
+    assert!(!devs[0].node_name.is_empty(), "{devs:?}");
+    assert!(devs[0].qdev.contains("virtio"), "{devs:?}");
+    assert_eq!(q.written_bytes().unwrap(), 0);
+    q.cont().unwrap();
+    q.wait_event("SHUTDOWN", Duration::from_secs(240)).unwrap();
+    let stats = q.block_stats().unwrap();
+    assert!(
+        stats[0].wr_bytes >= 512 && stats[0].wr_operations >= 1,
+        "{stats:?}"
+    );
+    assert!(stats[0].rd_bytes > stats[0].wr_bytes, "{stats:?}");
+    // A stopped guest writes nothing: the rate over a window is zero.
+    assert_eq!(q.write_rate(Duration::from_millis(100)).unwrap(), 0.0);
+}
+
+#[test]
+fn an_error_reply_names_the_command_and_the_connection_stays_usable() {
+    let v = vm();
+    let mut q = Qmp::connect(&v.qmp).unwrap();
+    let e = q.execute("no-such-command", None).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("QEMU refused no-such-command: CommandNotFound"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1);
+    let e = q
+        .execute(
+            "block-dirty-bitmap-add",
+            Some(json!({"node": "nope", "name": "b"})),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("GenericError"), "{e}");
+    assert_eq!(q.status().unwrap().status, "prelaunch");
+}
+
+#[test]
+fn a_missing_socket_a_non_qmp_peer_and_a_silent_one_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.sock");
+    let e = Qmp::connect(&missing).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("none.sock"), "{e}");
+
+    // A peer that speaks something else.
+    let garbage = dir.path().join("garbage.sock");
+    let l = std::os::unix::net::UnixListener::bind(&garbage).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"220 smtp.example ESMTP\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let e = Qmp::connect_with(&garbage, Duration::from_secs(5))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not JSON"), "{e}");
+    assert_eq!(e.to_string().lines().count(), 1);
+    t.join().unwrap();
+
+    // A peer that never speaks: the deadline ends the wait.
+    let silent = dir.path().join("silent.sock");
+    let l = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let t = std::thread::spawn(move || {
+        let (_s, _) = l.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let t0 = Instant::now();
+    let e = Qmp::connect_with(&silent, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(
+        e.to_string().contains("did not answer the QMP greeting"),
+        "{e}"
+    );
+    t.join().unwrap();
+}
+
+#[test]
+fn a_vm_that_exits_mid_call_is_an_error_not_a_hang() {
+    let mut v = vm();
+    let mut q = Qmp::connect(&v.qmp).unwrap();
+    let _ = v.child.kill();
+    let _ = v.child.wait();
+    let e = q.status().unwrap_err();
+    assert!(
+        e.to_string().contains("closed QMP socket") || e.to_string().contains("send query-status"),
+        "{e}"
+    );
+}
