@@ -1,7 +1,8 @@
 //! Talking to running QEMU VMs, for backups of VMs that run outside the
 //! datastore (issue 13 part 2): a QMP client ([`qmp`]; `recoverfs boot
 //! --qmp` gives the VMs it starts a monitor) and an NBD client ([`nbd`])
-//! that reads the point-in-time views QEMU exports.
+//! that reads the point-in-time views QEMU exports ([`fleece`] makes and
+//! removes them).
 //!
 //! **How a backup of running VMs will use them** (the plan; `backup-vms`
 //! is not built yet):
@@ -24,5 +25,6 @@
 //! crate on crates.io has `NBD_OPT_GO`, structured replies and block
 //! status (see the project's platform notes).
 
+pub mod fleece;
 pub mod nbd;
 pub mod qmp;

@@ -1,0 +1,210 @@
+//! Point-in-time views of a running VM's disks (QEMU 7.2 image fleecing,
+//! as QEMU's iotest `image-fleecing` does it), exported over QEMU's own NBD
+//! server for a backup to read while the guest runs on.
+//!
+//! Per disk, with the VM paused by the caller (so every view shares one
+//! instant, and `stop` has drained the guest's I/O):
+//! 1. a dirty bitmap on the disk's node at chunk granularity: what the
+//!    guest writes from now on, for the next incremental;
+//! 2. a `file` node on a sparse temporary file the size of the disk;
+//! 3. a `copy-before-write` filter over the disk that copies old data to
+//!    that file before the guest overwrites it;
+//! 4. the guest device switched onto the filter (`qom-set drive`);
+//! 5. a `snapshot-access` node over the filter: the disk as it was;
+//! 6. an NBD export of that node on QEMU's NBD server (a Unix socket).
+//!
+//! [`close_view`] undoes it in reverse order, whatever was reached, so a
+//! backup that fails half-way leaves the VM as it found it; the bitmap
+//! stays (it is the next incremental's map) unless asked to go.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::qmp::{BlockDevice, Qmp};
+use crate::error::{Error, IoContext, Result};
+
+/// One disk's view, and what to undo.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The disk's own node (the guest device's drive before the view).
+    pub node: String,
+    /// The guest device's QOM path.
+    pub device: String,
+    pub bitmap: String,
+    /// The NBD export name of the view.
+    pub export: String,
+    pub size: u64,
+    tmp_path: PathBuf,
+    tmp: String,
+    cbw: String,
+    access: String,
+    /// How far `open_view` got (0..=7 steps done).
+    steps: u8,
+}
+
+/// The guest device a `query-block` entry's `qdev` names: QEMU reports
+/// the virtio backend (`/machine/peripheral/vd0/virtio-backend`), whose
+/// parent carries the `drive` property.
+fn device_path(qdev: &str) -> String {
+    qdev.strip_suffix("/virtio-backend")
+        .unwrap_or(qdev)
+        .to_string()
+}
+
+/// Starts QEMU's NBD server on a Unix socket (once per VM and backup).
+pub fn start_nbd_server(q: &mut Qmp, socket: &Path) -> Result<()> {
+    q.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": socket}}})),
+    )
+    .map(drop)
+}
+
+pub fn stop_nbd_server(q: &mut Qmp) -> Result<()> {
+    q.execute("nbd-server-stop", None).map(drop)
+}
+
+/// Opens the view of `disk` (see the module docs). `tag` keeps node and
+/// export names apart between disks and backups; the temporary file goes
+/// in `dir`. On error, whatever was done is undone before returning.
+pub fn open_view(
+    q: &mut Qmp,
+    disk: &BlockDevice,
+    tag: &str,
+    dir: &Path,
+    granularity: u32,
+) -> Result<View> {
+    let size = node_size(q, &disk.node_name)?;
+    let mut v = View {
+        node: disk.node_name.clone(),
+        device: device_path(&disk.qdev),
+        bitmap: format!("rfs-{tag}"),
+        export: format!("rfs-{tag}"),
+        size,
+        tmp_path: dir.join(format!("rfs-{tag}.cbw")),
+        tmp: format!("rfs-tmp-{tag}"),
+        cbw: format!("rfs-cbw-{tag}"),
+        access: format!("rfs-acc-{tag}"),
+        steps: 0,
+    };
+    match open_steps(q, &mut v, granularity) {
+        Ok(()) => Ok(v),
+        Err(e) => {
+            // A half-made view starts no incremental chain: its bitmap goes.
+            if let Err(undo) = close_view(q, &v, true) {
+                tracing::error!(node = %v.node, "undoing a half-made view failed: {undo}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn open_steps(q: &mut Qmp, v: &mut View, granularity: u32) -> Result<()> {
+    q.execute(
+        "block-dirty-bitmap-add",
+        Some(json!({"node": v.node, "name": v.bitmap, "granularity": granularity})),
+    )?;
+    v.steps = 1;
+    // Sparse, never synced: it only holds old data while the view is open.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&v.tmp_path)
+        .ctx(|| format!("create {}", v.tmp_path.display()))?;
+    v.steps = 2;
+    f.set_len(v.size)
+        .ctx(|| format!("size {}", v.tmp_path.display()))?;
+    q.execute(
+        "blockdev-add",
+        Some(json!({"driver": "file", "node-name": v.tmp, "filename": v.tmp_path})),
+    )?;
+    v.steps = 3;
+    q.execute(
+        "blockdev-add",
+        Some(json!({"driver": "copy-before-write", "node-name": v.cbw,
+                    "file": v.node, "target": v.tmp})),
+    )?;
+    v.steps = 4;
+    set_drive(q, &v.device, &v.cbw)?;
+    v.steps = 5;
+    q.execute(
+        "blockdev-add",
+        Some(json!({"driver": "snapshot-access", "node-name": v.access, "file": v.cbw})),
+    )?;
+    v.steps = 6;
+    q.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": v.export, "node-name": v.access,
+                    "name": v.export, "writable": false})),
+    )?;
+    v.steps = 7;
+    Ok(())
+}
+
+fn set_drive(q: &mut Qmp, device: &str, node: &str) -> Result<()> {
+    q.execute(
+        "qom-set",
+        Some(json!({"path": device, "property": "drive", "value": node})),
+    )
+    .map(drop)
+}
+
+/// Undoes a view in reverse order, from as far as it got. With
+/// `drop_bitmap` the dirty bitmap goes too (a full backup that will not
+/// be followed by an incremental, or a failed one).
+pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
+    let mut first_err: Option<Error> = None;
+    let mut step = |r: Result<serde_json::Value>| {
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    };
+    if v.steps >= 7 {
+        step(q.execute("block-export-del", Some(json!({"id": v.export}))));
+        // The export's node stays in use until QEMU says it is gone.
+        step(q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(30)));
+    }
+    if v.steps >= 6 {
+        step(q.execute("blockdev-del", Some(json!({"node-name": v.access}))));
+    }
+    if v.steps >= 5 {
+        step(set_drive(q, &v.device, &v.node).map(|()| json!({})));
+    }
+    if v.steps >= 4 {
+        step(q.execute("blockdev-del", Some(json!({"node-name": v.cbw}))));
+    }
+    if v.steps >= 3 {
+        step(q.execute("blockdev-del", Some(json!({"node-name": v.tmp}))));
+    }
+    if v.steps >= 2 {
+        // Ours: created with create_new at step 2.
+        let _ = std::fs::remove_file(&v.tmp_path);
+    }
+    if v.steps >= 1 && drop_bitmap {
+        step(q.execute(
+            "block-dirty-bitmap-remove",
+            Some(json!({"node": v.node, "name": v.bitmap})),
+        ));
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The virtual size of a node (`query-named-block-nodes`).
+fn node_size(q: &mut Qmp, node: &str) -> Result<u64> {
+    let nodes = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["node-name"] == node)
+        .and_then(|n| n["image"]["virtual-size"].as_u64())
+        .ok_or_else(|| Error::not_found(format!("QEMU has no block node {node:?}")))
+}
+
+#[cfg(test)]
+mod tests;
