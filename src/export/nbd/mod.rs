@@ -60,7 +60,7 @@ use crate::disk::Disk;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
 mod handshake;
-mod proto;
+pub(crate) mod proto;
 mod transmission;
 
 #[cfg(test)]

@@ -233,6 +233,30 @@ impl Request {
     }
 }
 
+impl Request {
+    /// The request header as sent (a write's payload follows it).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(REQUEST_LEN);
+        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&self.flags.to_be_bytes());
+        b.extend_from_slice(&self.typ.to_be_bytes());
+        b.extend_from_slice(&self.cookie.to_be_bytes());
+        b.extend_from_slice(&self.offset.to_be_bytes());
+        b.extend_from_slice(&self.len.to_be_bytes());
+        b
+    }
+}
+
+/// An option request (a client's) and its data.
+pub fn option_request(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
 /// An option reply header and its data.
 pub fn option_reply(option: u32, typ: u32, data: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(20 + data.len());

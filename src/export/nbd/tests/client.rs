@@ -138,11 +138,7 @@ impl Client {
     }
 
     pub fn send_option(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
-        let mut b = IHAVEOPT.to_be_bytes().to_vec();
-        b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.s.write_all(&b)
+        self.s.write_all(&option_request(option, data))
     }
 
     fn read_option_reply(&mut self, option: u32) -> io::Result<OptReply> {
@@ -317,12 +313,14 @@ impl Client {
     pub fn send(&mut self, typ: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u64 {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
-        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&typ.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
+        let mut b = Request {
+            flags,
+            typ,
+            cookie,
+            offset,
+            len,
+        }
+        .encode();
         b.extend_from_slice(data);
         self.s.write_all(&b).unwrap();
         if typ != CMD_DISC {
