@@ -231,9 +231,7 @@ impl Request {
             len: u32::from_be_bytes(b[24..28].try_into().unwrap()),
         })
     }
-}
 
-impl Request {
     /// The request header as sent (a write's payload follows it).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(REQUEST_LEN);

@@ -6,7 +6,7 @@
 use std::any::Any;
 use std::fs::File;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -44,6 +44,7 @@ impl Exports for OneDisk {
 struct OwnServer {
     server: Option<NbdServer>,
     sock: PathBuf,
+    tcp: std::net::SocketAddr,
     _dir: tempfile::TempDir,
     // Dropped last: the server's tasks run on it.
     _rt: tokio::runtime::Runtime,
@@ -57,7 +58,7 @@ impl Drop for OwnServer {
     }
 }
 
-/// A 4 MiB disk: random data in blocks 0 and 2, zeroes written to block
+/// A 4 MiB disk: patterned data in blocks 0 and 2, zeroes written to block
 /// 5, data in blocks 20-22; the rest never written (holes).
 fn own_server() -> (OwnServer, Vec<u8>) {
     let disk = MemDisk::new("vm/disk0", 4 * MIB, BS);
@@ -77,11 +78,15 @@ fn own_server() -> (OwnServer, Vec<u8>) {
     let sock = dir.path().join("nbd.sock");
     let server = NbdServer::start(
         rt.handle(),
-        &[Listen::Unix(sock.clone())],
+        &[
+            Listen::Unix(sock.clone()),
+            Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+        ],
         Arc::new(OneDisk(disk)),
     )
     .unwrap();
     let s = OwnServer {
+        tcp: server.tcp_addrs()[0],
         server: Some(server),
         sock,
         _dir: dir,
@@ -129,6 +134,19 @@ fn reads_from_our_server_equal_the_disk_bytes_even_when_split() {
     c.read(BS / 2, &mut part).unwrap();
     assert!(part[..] == model[(BS / 2) as usize..(BS / 2) as usize + part.len()]);
     c.disconnect().unwrap();
+}
+
+#[test]
+fn reads_over_tcp_equal_the_disk_bytes() {
+    let (s, model) = own_server();
+    let mut c = NbdClient::connect_tcp(s.tcp, "vm/disk0", &[CONTEXT_ALLOCATION]).unwrap();
+    let mut all = vec![0xffu8; model.len()];
+    c.read(0, &mut all).unwrap();
+    assert!(
+        all == model,
+        "whole-disk read over TCP differs from the disk"
+    );
+    assert!(format!("{c:?}").contains("tcp:127.0.0.1:"));
 }
 
 #[test]
@@ -278,18 +296,29 @@ fn qsd() -> Qsd {
             img_s,
         ],
     );
+    let qcow2 = "driver=qcow2,file=file0,node-name=disk";
+    start_qsd(dir, &img, &["--blockdev", qcow2], ",bitmaps.0=bitmap0")
+}
+
+/// Runs `qemu-storage-daemon` on `img` (in `dir`, which it keeps): the
+/// file as node `file0`, then `blockdevs`; exports node `disk` as `disk0`
+/// (`export_extra` appended to the export's options).
+fn start_qsd(dir: tempfile::TempDir, img: &Path, blockdevs: &[&str], export_extra: &str) -> Qsd {
     let sock = dir.path().join("qsd.sock");
     let log = File::create(dir.path().join("qsd.log")).unwrap();
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
-        .arg(format!("driver=file,filename={img_s},node-name=file0"))
-        .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk"])
+        .arg(format!(
+            "driver=file,filename={},node-name=file0",
+            img.display()
+        ))
+        .args(blockdevs)
         .arg("--nbd-server")
         .arg(format!("addr.type=unix,addr.path={}", sock.display()))
-        .args([
-            "--export",
-            "type=nbd,id=e0,node-name=disk,name=disk0,writable=on,bitmaps.0=bitmap0",
-        ])
+        .arg("--export")
+        .arg(format!(
+            "type=nbd,id=e0,node-name=disk,name=disk0,writable=on{export_extra}"
+        ))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -365,6 +394,31 @@ fn qemu_reads_equal_what_was_written_and_holes_read_as_zero() {
         all == model,
         "piecewise read differs from what qemu-io wrote"
     );
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn a_read_above_32_mib_is_split_at_qemus_maximum_block_size() {
+    // A sparse 40 MiB raw file with data across the 32 MiB boundary.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.raw");
+    let f = File::create(&img).unwrap();
+    f.set_len(40 * MIB).unwrap();
+    let data = pattern((256 * KIB) as usize, 7);
+    let at = 32 * MIB - 128 * KIB;
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, at).unwrap();
+    drop(f);
+    let raw = "driver=raw,file=file0,node-name=disk";
+    let q = start_qsd(dir, &img, &["--blockdev", raw], "");
+    let mut c = NbdClient::connect_unix(&q.sock, "disk0", &[])
+        .unwrap_or_else(|e| panic!("{e}; qemu-storage-daemon: {}", q.log()));
+    assert_eq!(c.block_size().2, 32 << 20, "QEMU 7.2 advertises 32 MiB");
+    let mut all = vec![0x55u8; (40 * MIB) as usize];
+    c.read(0, &mut all).unwrap();
+    let at = at as usize;
+    assert!(all[..at].iter().all(|&b| b == 0));
+    assert!(all[at..at + data.len()] == data[..]);
+    assert!(all[at + data.len()..].iter().all(|&b| b == 0));
     c.disconnect().unwrap();
 }
 
