@@ -2,7 +2,7 @@
 //! datastore (issue 13 part 2): a QMP client ([`qmp`]; `recoverfs boot
 //! --qmp` gives the VMs it starts a monitor) and an NBD client ([`nbd`])
 //! that reads the point-in-time views QEMU exports ([`fleece`] makes and
-//! removes them).
+//! removes them), and a guest-agent client ([`guest_agent`]: fsfreeze).
 //!
 //! **How a backup of running VMs will use them** (the plan; `backup-vms`
 //! is not built yet):
@@ -25,6 +25,8 @@
 //! crate on crates.io has `NBD_OPT_GO`, structured replies and block
 //! status (see the project's platform notes).
 
+mod channel;
 pub mod fleece;
+pub mod guest_agent;
 pub mod nbd;
 pub mod qmp;

@@ -9,26 +9,20 @@
 //! bound, so a QEMU that hangs or a socket that is not QMP ends in a
 //! one-line error, never a hang or an unbounded allocation.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::channel::{short, Channel};
 use crate::error::{Error, ErrorKind, Result};
 
-/// The longest line we accept from QEMU (a `query-block` of many disks is
-/// a few hundred KiB).
-const MAX_LINE: usize = 16 << 20;
 /// How long one command may take unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Qmp {
-    path: PathBuf,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    ch: Channel,
     timeout: Duration,
     next_id: u64,
     events: Vec<Value>,
@@ -77,40 +71,25 @@ impl Qmp {
     }
 
     pub fn connect_with(path: &Path, timeout: Duration) -> Result<Qmp> {
-        let stream = UnixStream::connect(path).map_err(|e| {
-            Error::new(
-                match e.kind() {
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                        ErrorKind::NotFound
-                    }
-                    _ => ErrorKind::Io,
-                },
-                format!(
-                    "cannot reach QMP socket {} ({e}): is QEMU running with -qmp unix:{},server=on,wait=off?",
-                    path.display(),
-                    path.display()
-                ),
-            )
-        })?;
-        let writer = stream
-            .try_clone()
-            .map_err(|e| Error::io(format!("QMP socket {}", path.display()), e))?;
+        let hint = format!(
+            "is QEMU running with -qmp unix:{},server=on,wait=off?",
+            path.display()
+        );
         let mut q = Qmp {
-            path: path.to_path_buf(),
-            reader: BufReader::new(stream),
-            writer,
+            ch: Channel::connect("QMP socket", path, &hint)?,
             timeout,
             next_id: 1,
             events: vec![],
             version: (0, 0, 0),
         };
-        let greeting = q.read_message(Instant::now() + timeout, "the QMP greeting")?;
+        let greeting =
+            q.ch.read_message(Instant::now() + timeout, "the QMP greeting")?;
         let v = greeting
             .get("QMP")
             .and_then(|g| g.get("version"))
             .and_then(|v| v.get("qemu"))
             .ok_or_else(|| {
-                q.protocol_error(format!("no QMP greeting, got {}", short(&greeting)))
+                q.ch.protocol_error(format!("no QMP greeting, got {}", short(&greeting)))
             })?;
         let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
         q.version = (n("major"), n("minor"), n("micro"));
@@ -142,14 +121,10 @@ impl Qmp {
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
-        let mut line = serde_json::to_vec(&msg).expect("json");
-        line.push(b'\n');
-        self.writer
-            .write_all(&line)
-            .map_err(|e| Error::io(format!("send {command} to QMP {}", self.path.display()), e))?;
+        self.ch.send(&msg, command)?;
         let deadline = Instant::now() + timeout;
         loop {
-            let m = self.read_message(deadline, command)?;
+            let m = self.ch.read_message(deadline, command)?;
             if m.get("event").is_some() {
                 self.events.push(m);
                 continue;
@@ -169,9 +144,9 @@ impl Qmp {
                     format!("QEMU refused {command}: {class}: {desc}"),
                 ));
             }
-            return Err(
-                self.protocol_error(format!("unexpected reply to {command}: {}", short(&m)))
-            );
+            return Err(self
+                .ch
+                .protocol_error(format!("unexpected reply to {command}: {}", short(&m))));
         }
     }
 
@@ -201,9 +176,10 @@ impl Qmp {
     /// The drives that have a medium, in QEMU's order.
     pub fn block_devices(&mut self) -> Result<Vec<BlockDevice>> {
         let r = self.execute("query-block", None)?;
-        let list = r
-            .as_array()
-            .ok_or_else(|| self.protocol_error("query-block did not return a list".into()))?;
+        let list = r.as_array().ok_or_else(|| {
+            self.ch
+                .protocol_error("query-block did not return a list".into())
+        })?;
         Ok(list
             .iter()
             .filter_map(|d| {
@@ -222,9 +198,10 @@ impl Qmp {
     /// Counters of every drive.
     pub fn block_stats(&mut self) -> Result<Vec<BlockStats>> {
         let r = self.execute("query-blockstats", None)?;
-        let list = r
-            .as_array()
-            .ok_or_else(|| self.protocol_error("query-blockstats did not return a list".into()))?;
+        let list = r.as_array().ok_or_else(|| {
+            self.ch
+                .protocol_error("query-blockstats did not return a list".into())
+        })?;
         Ok(list
             .iter()
             .map(|d| {
@@ -270,7 +247,7 @@ impl Qmp {
         let deadline = Instant::now() + timeout;
         let what = format!("event {name}");
         loop {
-            let m = self.read_message(deadline, &what)?;
+            let m = self.ch.read_message(deadline, &what)?;
             if m["event"] == name {
                 return Ok(m);
             }
@@ -279,98 +256,10 @@ impl Qmp {
             }
         }
     }
-
-    /// Reads one JSON message (one line) before `deadline`.
-    fn read_message(&mut self, deadline: Instant, waiting_for: &str) -> Result<Value> {
-        let line = self.read_line(deadline, waiting_for)?;
-        serde_json::from_slice(&line).map_err(|e| {
-            self.protocol_error(format!(
-                "not JSON while waiting for {waiting_for} ({e}): {:?}",
-                String::from_utf8_lossy(&line[..line.len().min(80)])
-            ))
-        })
-    }
-
-    fn read_line(&mut self, deadline: Instant, waiting_for: &str) -> Result<Vec<u8>> {
-        let mut line = vec![];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(self.timed_out(waiting_for));
-            }
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(left))
-                .map_err(|e| Error::io(format!("QMP socket {}", self.path.display()), e))?;
-            // At most what is left of the bound, so a line never grows past it.
-            let limit = (MAX_LINE + 1 - line.len()) as u64;
-            match (&mut self.reader).take(limit).read_until(b'\n', &mut line) {
-                Ok(0) => {
-                    return Err(Error::new(
-                        ErrorKind::Io,
-                        format!(
-                            "QEMU closed QMP socket {} while we waited for {waiting_for} (did the VM exit?)",
-                            self.path.display()
-                        ),
-                    ))
-                }
-                Ok(_) if line.ends_with(b"\n") => return Ok(line),
-                Ok(_) if line.len() > MAX_LINE => {
-                    return Err(self.protocol_error(format!(
-                        "a line longer than {MAX_LINE} bytes while waiting for {waiting_for}"
-                    )))
-                }
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(self.timed_out(waiting_for))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("read QMP socket {}", self.path.display()),
-                        e,
-                    ))
-                }
-            }
-        }
-    }
-
-    fn timed_out(&self, waiting_for: &str) -> Error {
-        Error::new(
-            ErrorKind::Io,
-            format!(
-                "QEMU did not answer {waiting_for} on QMP socket {} within {:?}",
-                self.path.display(),
-                self.timeout
-            ),
-        )
-    }
-
-    fn protocol_error(&self, what: String) -> Error {
-        Error::new(
-            ErrorKind::Corrupt,
-            format!("QMP socket {}: {what}", self.path.display()),
-        )
-    }
 }
 
 fn str_of(v: &Value, k: &str) -> String {
     v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
-}
-
-/// A message, cut short for an error line.
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.chars().count() > 120 {
-        format!("{}...", s.chars().take(120).collect::<String>())
-    } else {
-        s
-    }
 }
 
 #[cfg(test)]

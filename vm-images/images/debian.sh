@@ -9,8 +9,10 @@ DEBIAN_BOOT_MIB=64
 DEBIAN_ROOT_UUID=52435653-0002-4000-8000-000000000002
 DEBIAN_MACHINE_ID=52435653000240008000000000000002
 DEBIAN_ID=recoverfs-debian-v1
-# Beyond minbase: an init system and what a usual systemd boot runs.
-DEBIAN_INCLUDE=systemd-sysv,udev,dbus,kmod,e2fsprogs
+# Beyond minbase: an init system and what a usual systemd boot runs, and
+# the QEMU guest agent (it starts when a VM has its virtio-serial port:
+# fsfreeze for backups of the running VM, guest-exec for agent jobs).
+DEBIAN_INCLUDE=systemd-sysv,udev,dbus,kmod,e2fsprogs,qemu-guest-agent
 
 # The Debian mirror the host's apt uses (it may be a proxy or a snapshot
 # mirror that is the only one reachable); deb.debian.org if apt has none.

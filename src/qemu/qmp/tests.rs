@@ -3,7 +3,9 @@
 //! killed when its guard drops, also when a test fails.
 
 use super::*;
+use std::io::Write;
 use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 struct Vm {
@@ -203,7 +205,7 @@ fn a_missing_socket_a_non_qmp_peer_and_a_silent_one_are_one_line_errors() {
         .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert!(
-        e.to_string().contains("did not answer the QMP greeting"),
+        e.to_string().contains("no answer to the QMP greeting"),
         "{e}"
     );
     t.join().unwrap();

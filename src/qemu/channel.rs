@@ -1,0 +1,164 @@
+//! JSON messages, one per line, over a Unix socket to QEMU: what QMP and
+//! the guest agent have in common. Every read has a deadline and every
+//! line a size bound, so a QEMU (or guest) that hangs, or a socket that is
+//! something else, ends in a one-line error, never a hang or an unbounded
+//! allocation.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The longest line we accept (a `query-block` of many disks is a few
+/// hundred KiB; a guest agent's file read is about 64 MiB of base64 at
+/// most, which callers ask for in smaller pieces).
+const MAX_LINE: usize = 16 << 20;
+
+pub(crate) struct Channel {
+    /// "QMP socket", "guest agent socket": for messages.
+    what: &'static str,
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Channel {
+    /// Connects; `hint` tells the user what to check when nothing listens.
+    pub(crate) fn connect(what: &'static str, path: &Path, hint: &str) -> Result<Channel> {
+        let stream = UnixStream::connect(path).map_err(|e| {
+            Error::new(
+                match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        ErrorKind::NotFound
+                    }
+                    _ => ErrorKind::Io,
+                },
+                format!("cannot reach {what} {} ({e}): {hint}", path.display()),
+            )
+        })?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| Error::io(format!("{what} {}", path.display()), e))?;
+        Ok(Channel {
+            what,
+            path: path.to_path_buf(),
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Sends one message as a line.
+    pub(crate) fn send(&mut self, msg: &Value, command: &str) -> Result<()> {
+        let mut line = serde_json::to_vec(msg).expect("json");
+        line.push(b'\n');
+        self.send_raw(&line, command)
+    }
+
+    pub(crate) fn send_raw(&mut self, bytes: &[u8], command: &str) -> Result<()> {
+        self.writer.write_all(bytes).map_err(|e| {
+            Error::io(
+                format!("send {command} to {} {}", self.what, self.path.display()),
+                e,
+            )
+        })
+    }
+
+    /// Reads one JSON message (one line) before `deadline`.
+    pub(crate) fn read_message(&mut self, deadline: Instant, waiting_for: &str) -> Result<Value> {
+        let line = self.read_until(b'\n', deadline, waiting_for)?;
+        serde_json::from_slice(&line).map_err(|e| {
+            self.protocol_error(format!(
+                "not JSON while waiting for {waiting_for} ({e}): {:?}",
+                String::from_utf8_lossy(&line[..line.len().min(80)])
+            ))
+        })
+    }
+
+    /// Reads up to and including `end` before `deadline` (bounded).
+    pub(crate) fn read_until(
+        &mut self,
+        end: u8,
+        deadline: Instant,
+        waiting_for: &str,
+    ) -> Result<Vec<u8>> {
+        let mut line = vec![];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timed_out(waiting_for));
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(|e| Error::io(format!("{} {}", self.what, self.path.display()), e))?;
+            // At most what is left of the bound, so a line never grows past it.
+            let limit = (MAX_LINE + 1 - line.len()) as u64;
+            match (&mut self.reader).take(limit).read_until(end, &mut line) {
+                Ok(0) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "the other end closed {} {} while we waited for {waiting_for} (did the VM exit?)",
+                            self.what,
+                            self.path.display()
+                        ),
+                    ))
+                }
+                Ok(_) if line.last() == Some(&end) => return Ok(line),
+                Ok(_) if line.len() > MAX_LINE => {
+                    return Err(self.protocol_error(format!(
+                        "a line longer than {MAX_LINE} bytes while waiting for {waiting_for}"
+                    )))
+                }
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(self.timed_out(waiting_for))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("read {} {}", self.what, self.path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
+    fn timed_out(&self, waiting_for: &str) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "no answer to {waiting_for} on {} {} in time",
+                self.what,
+                self.path.display()
+            ),
+        )
+    }
+
+    pub(crate) fn protocol_error(&self, what: String) -> Error {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("{} {}: {what}", self.what, self.path.display()),
+        )
+    }
+}
+
+/// A message, cut short for an error line.
+pub(crate) fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 120 {
+        format!("{}...", s.chars().take(120).collect::<String>())
+    } else {
+        s
+    }
+}

@@ -1,0 +1,139 @@
+//! Against real guests: the `debian` image runs qemu-guest-agent (and
+//! stays up with an `org.recoverfs.stay` port); the busybox `tiny` image
+//! has no agent. Every QEMU started here is killed when its guard drops.
+
+use super::*;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+struct Vm {
+    child: Child,
+    agent: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn image(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = Command::new(root.join("vm-images/build.sh"))
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    )
+}
+
+/// Boots `name` (writes go to a throwaway overlay) with the agent's port.
+fn boot(name: &str) -> Vm {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("qga.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-nographic", "-m", "512", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            image(name).display()
+        ))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            agent.display()
+        ))
+        .args(["-chardev", "null,id=stay"])
+        .args(["-device", "virtio-serial"])
+        .args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ])
+        .args([
+            "-device",
+            "virtserialport,chardev=stay,name=org.recoverfs.stay",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 is installed");
+    let v = Vm {
+        child,
+        agent,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !v.agent.exists() {
+        assert!(Instant::now() < deadline, "QEMU made no agent socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    v
+}
+
+#[test]
+fn the_agent_of_a_running_debian_guest_pings_freezes_and_thaws_its_filesystems() {
+    let mut v = boot("debian");
+    // The agent starts late in the boot (TCG): retry the sync until then.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut a = loop {
+        match GuestAgent::connect(&v.agent, Duration::from_secs(5)) {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(
+                    v.child.try_wait().unwrap().is_none(),
+                    "the guest powered off: {e}"
+                );
+                assert!(Instant::now() < deadline, "no agent answered: {e}");
+            }
+        }
+    };
+    a.ping().unwrap();
+    assert_eq!(a.fsfreeze_status().unwrap(), "thawed");
+    let frozen = a.fsfreeze().unwrap();
+    assert!(frozen >= 1, "{frozen}");
+    assert_eq!(a.fsfreeze_status().unwrap(), "frozen");
+    assert_eq!(a.fsthaw().unwrap(), frozen);
+    assert_eq!(a.fsfreeze_status().unwrap(), "thawed");
+    // A second client syncs past whatever the first left unread.
+    a.ch.send(&json!({"execute": "guest-ping"}), "guest-ping")
+        .unwrap();
+    drop(a);
+    let mut b = GuestAgent::connect(&v.agent, Duration::from_secs(10)).unwrap();
+    b.ping().unwrap();
+    let e = b
+        .execute("no-such-command", None, Duration::from_secs(10))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the guest agent refused no-such-command"),
+        "{e}"
+    );
+    b.ping().unwrap();
+}
+
+#[test]
+fn a_guest_without_an_agent_is_one_clear_error_within_the_sync_timeout() {
+    let v = boot("tiny");
+    let t0 = Instant::now();
+    let e = GuestAgent::connect(&v.agent, Duration::from_secs(2))
+        .err()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(
+        e.to_string()
+            .contains("is qemu-guest-agent running in the guest?"),
+        "{e}"
+    );
+    assert_eq!(e.to_string().lines().count(), 1);
+}
