@@ -134,6 +134,23 @@ impl Channel {
         }
     }
 
+    /// The `return` value of a reply to `command`, or its `error` as one
+    /// line naming the command and who refused it.
+    pub(crate) fn reply(&self, command: &str, m: &Value, who: &str) -> Result<Value> {
+        if let Some(r) = m.get("return") {
+            return Ok(r.clone());
+        }
+        if let Some(e) = m.get("error") {
+            let class = e.get("class").and_then(Value::as_str).unwrap_or("?");
+            let desc = e.get("desc").and_then(Value::as_str).unwrap_or("");
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{who} refused {command}: {class}: {desc}"),
+            ));
+        }
+        Err(self.protocol_error(format!("unexpected reply to {command}: {}", short(m))))
+    }
+
     fn timed_out(&self, waiting_for: &str) -> Error {
         Error::new(
             ErrorKind::Io,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::channel::{short, Channel};
+use super::channel::Channel;
 use crate::error::{Error, ErrorKind, Result};
 
 /// How long the sync waits for an agent before deciding there is none.
@@ -91,20 +91,7 @@ impl GuestAgent {
         }
         self.ch.send(&msg, command)?;
         let m = self.ch.read_message(Instant::now() + timeout, command)?;
-        if let Some(r) = m.get("return") {
-            return Ok(r.clone());
-        }
-        if let Some(e) = m.get("error") {
-            let class = e.get("class").and_then(Value::as_str).unwrap_or("?");
-            let desc = e.get("desc").and_then(Value::as_str).unwrap_or("");
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("the guest agent refused {command}: {class}: {desc}"),
-            ));
-        }
-        Err(self
-            .ch
-            .protocol_error(format!("unexpected reply to {command}: {}", short(&m))))
+        self.ch.reply(command, &m, "the guest agent")
     }
 
     pub fn ping(&mut self) -> Result<()> {

@@ -30,3 +30,5 @@ pub mod fleece;
 pub mod guest_agent;
 pub mod nbd;
 pub mod qmp;
+#[cfg(test)]
+mod testing;

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::channel::{short, Channel};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 
 /// How long one command may take unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -133,20 +133,7 @@ impl Qmp {
                 // A reply to a command whose caller gave up (timed out).
                 continue;
             }
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = m.get("error") {
-                let class = e.get("class").and_then(Value::as_str).unwrap_or("?");
-                let desc = e.get("desc").and_then(Value::as_str).unwrap_or("");
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("QEMU refused {command}: {class}: {desc}"),
-                ));
-            }
-            return Err(self
-                .ch
-                .protocol_error(format!("unexpected reply to {command}: {}", short(&m))));
+            return self.ch.reply(command, &m, "QEMU");
         }
     }
 

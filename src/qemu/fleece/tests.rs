@@ -4,23 +4,16 @@
 
 use super::*;
 use crate::qemu::qmp::Qmp;
-use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use crate::qemu::testing::{paused_vm, Proc};
+use std::process::Command;
 
 const MIB: usize = 1 << 20;
 
 struct Vm {
-    child: Child,
+    _proc: Proc,
     qmp: PathBuf,
     img: PathBuf,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A paused VM whose virtio disk `vd0` (drive `drive0`) holds 0xaa in its
@@ -33,33 +26,14 @@ fn vm() -> Vm {
     data[MIB..2 * MIB].fill(0x55);
     std::fs::write(&img, &data).unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=drive0",
-            img.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=drive0,id=vd0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 is installed");
-    let v = Vm {
-        child,
+    let mut proc = Proc::spawn(&mut paused_vm(&img, &qmp));
+    proc.wait_for(&qmp);
+    Vm {
+        _proc: proc,
         qmp,
         img,
         dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.qmp.exists() {
-        assert!(Instant::now() < deadline, "QEMU made no QMP socket");
-        std::thread::sleep(Duration::from_millis(20));
     }
-    v
 }
 
 fn hmp_write(q: &mut Qmp, pattern: u8, off: usize, len: usize) {

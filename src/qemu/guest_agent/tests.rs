@@ -3,81 +3,50 @@
 //! has no agent. Every QEMU started here is killed when its guard drops.
 
 use super::*;
+use crate::qemu::testing::{image, Proc};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 struct Vm {
-    child: Child,
+    proc: Proc,
     agent: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn image(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let o = Command::new(root.join("vm-images/build.sh"))
-        .arg(name)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    PathBuf::from(
-        String::from_utf8(o.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
 }
 
 /// Boots `name` (writes go to a throwaway overlay) with the agent's port.
 fn boot(name: &str) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("qga.sock");
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-nographic", "-m", "512", "-no-reboot"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=virtio,snapshot=on",
-            image(name).display()
-        ))
-        .arg("-chardev")
-        .arg(format!(
-            "socket,path={},server=on,wait=off,id=qga0",
-            agent.display()
-        ))
-        .args(["-chardev", "null,id=stay"])
-        .args(["-device", "virtio-serial"])
-        .args([
-            "-device",
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ])
-        .args([
-            "-device",
-            "virtserialport,chardev=stay,name=org.recoverfs.stay",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 is installed");
-    let v = Vm {
-        child,
+    let mut proc = Proc::spawn(
+        Command::new("qemu-system-x86_64")
+            .args(["-nographic", "-m", "512", "-no-reboot"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,snapshot=on",
+                image(name).display()
+            ))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                agent.display()
+            ))
+            .args(["-chardev", "null,id=stay"])
+            .args(["-device", "virtio-serial"])
+            .args([
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ])
+            .args([
+                "-device",
+                "virtserialport,chardev=stay,name=org.recoverfs.stay",
+            ]),
+    );
+    proc.wait_for(&agent);
+    Vm {
+        proc,
         agent,
         _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.agent.exists() {
-        assert!(Instant::now() < deadline, "QEMU made no agent socket");
-        std::thread::sleep(Duration::from_millis(20));
     }
-    v
 }
 
 #[test]
@@ -90,7 +59,7 @@ fn the_agent_of_a_running_debian_guest_pings_freezes_and_thaws_its_filesystems()
             Ok(a) => break a,
             Err(e) => {
                 assert!(
-                    v.child.try_wait().unwrap().is_none(),
+                    v.proc.0.try_wait().unwrap().is_none(),
                     "the guest powered off: {e}"
                 );
                 assert!(Instant::now() < deadline, "no agent answered: {e}");

@@ -7,7 +7,7 @@ use std::any::Any;
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -251,16 +251,9 @@ fn qemu_tool(tool: &str, args: &[&str]) {
 
 /// A `qemu-storage-daemon` exporting a qcow2 image; killed when dropped.
 struct Qsd {
-    child: Child,
+    proc: crate::qemu::testing::Proc,
     sock: PathBuf,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Qsd {
@@ -326,7 +319,11 @@ fn start_qsd(dir: tempfile::TempDir, img: &Path, blockdevs: &[&str], export_extr
         .unwrap_or_else(|e| {
             panic!("cannot run qemu-storage-daemon (Debian package {QEMU_PACKAGE}): {e}")
         });
-    let mut q = Qsd { child, sock, dir };
+    let mut q = Qsd {
+        proc: crate::qemu::testing::Proc(child),
+        sock,
+        dir,
+    };
     wait_for_socket(&mut q);
     q
 }
@@ -337,7 +334,7 @@ fn wait_for_socket(q: &mut Qsd) {
         if UnixStream::connect(&q.sock).is_ok() {
             return;
         }
-        if let Some(st) = q.child.try_wait().unwrap() {
+        if let Some(st) = q.proc.0.try_wait().unwrap() {
             panic!("qemu-storage-daemon exited ({st}): {}", q.log());
         }
         assert!(

@@ -3,22 +3,16 @@
 //! killed when its guard drops, also when a test fails.
 
 use super::*;
+use crate::error::ErrorKind;
+use crate::qemu::testing::{image, paused_vm, Proc};
 use std::io::Write;
-use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 struct Vm {
-    child: Child,
+    proc: Proc,
     qmp: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A paused VM (`-S`) with one virtio disk `vd0` on drive `drive0`.
@@ -27,36 +21,13 @@ fn vm() -> Vm {
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=drive0,node-name=disk0",
-            img.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=drive0,id=vd0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 is installed (make test installs it)");
-    let mut v = Vm {
-        child,
+    let mut proc = Proc::spawn(&mut paused_vm(&img, &qmp));
+    proc.wait_for(&qmp);
+    Vm {
+        proc,
         qmp,
         _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.qmp.exists() {
-        assert!(
-            v.child.try_wait().unwrap().is_none(),
-            "QEMU exited at start"
-        );
-        assert!(Instant::now() < deadline, "QEMU made no QMP socket");
-        std::thread::sleep(Duration::from_millis(20));
     }
-    v
 }
 
 #[test]
@@ -81,54 +52,29 @@ fn connects_negotiates_and_reports_qemus_version_and_run_state() {
     assert!(events.contains(&"STOP".to_string()), "{events:?}");
 }
 
-/// The tiny image (built on first use, as the end-to-end tests do).
-fn tiny_image() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let o = Command::new(root.join("vm-images/build.sh"))
-        .arg("tiny")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    PathBuf::from(
-        String::from_utf8(o.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
-}
-
 #[test]
 fn block_devices_name_the_drive_and_stats_count_what_a_booting_guest_writes() {
     // The tiny guest writes its boot counter and powers off; -no-shutdown
     // keeps QEMU (and its counters) for us, snapshot=on keeps the image.
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-S", "-nographic", "-no-shutdown", "-m", "256"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=virtio,id=drive0,snapshot=on",
-            tiny_image().display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut proc = Proc::spawn(
+        Command::new("qemu-system-x86_64")
+            .args(["-S", "-nographic", "-no-shutdown", "-m", "256"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,id=drive0,snapshot=on",
+                image("tiny").display()
+            )),
+    );
+    proc.wait_for(&qmp);
     let v = Vm {
-        child,
+        proc,
         qmp,
         _dir: dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.qmp.exists() {
-        assert!(Instant::now() < deadline, "QEMU made no QMP socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let mut q = Qmp::connect(&v.qmp).unwrap();
     let devs = q.block_devices().unwrap();
     assert_eq!(devs.len(), 1, "{devs:?}");
@@ -215,8 +161,8 @@ fn a_missing_socket_a_non_qmp_peer_and_a_silent_one_are_one_line_errors() {
 fn a_vm_that_exits_mid_call_is_an_error_not_a_hang() {
     let mut v = vm();
     let mut q = Qmp::connect(&v.qmp).unwrap();
-    let _ = v.child.kill();
-    let _ = v.child.wait();
+    let _ = v.proc.0.kill();
+    let _ = v.proc.0.wait();
     let e = q.status().unwrap_err();
     assert!(
         e.to_string().contains("closed QMP socket") || e.to_string().contains("send query-status"),
