@@ -42,6 +42,9 @@
 //!  live backup (backup --session): pause writes ──▶ flush, freeze the dirty map ──▶ resume
 //!            ──▶ read frozen blocks (staging / target; cow if the guest overwrote them first)
 //!            ──▶ store chunks ──▶ manifest (base's chunk ids for the rest) ──▶ since.json (the commit)
+//!  running QEMU VMs (qemu::*): qmp (commands, events, blockstats), guest_agent (fsfreeze),
+//!            fleece (bitmap + copy-before-write + snapshot-access, exported on QEMU's NBD
+//!            server), nbd (client: structured replies, block status) ──▶ backup writer
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets the block's changed
@@ -140,6 +143,7 @@ pub mod session;
 pub mod staging;
 pub mod util;
 pub mod verify_boot;
+pub mod vmbackup;
 pub mod volume;
 
 #[cfg(test)]

@@ -72,6 +72,33 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up running QEMU VMs from one common snapshot time, busiest
+    /// first (full backups). Exits non-zero if any VM
+    /// failed; the others are backed up all the same.
+    BackupVms {
+        #[arg(long)]
+        repo: String,
+        /// A VM and its QMP socket (`-qmp unix:PATH,server=on,wait=off`);
+        /// repeatable.
+        #[arg(long = "vm", value_name = "NAME=QMP_SOCKET", required = true)]
+        vms: Vec<String>,
+        /// The guest agent socket of a VM given with --vm, to freeze its
+        /// filesystems at the snapshot (application-consistent); repeatable.
+        #[arg(long = "agent", value_name = "NAME=QGA_SOCKET")]
+        agents: Vec<String>,
+        /// VMs read at the same time.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Chunk size: a power of two from 64K to 8M.
+        #[arg(long, default_value = "1M")]
+        chunk_size: String,
+        /// Seconds over which each VM's write rate is measured.
+        #[arg(long, default_value_t = 1.0)]
+        rate_window: f64,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// List VMs and their backups.
     List {
         #[arg(long)]
@@ -319,6 +346,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 "backup needs --repo, --vm and images, or --session",
             )),
         },
+        Command::BackupVms {
+            repo,
+            vms,
+            agents,
+            jobs,
+            chunk_size,
+            rate_window,
+            json,
+        } => backup_vms(&repo, &vms, &agents, jobs, &chunk_size, rate_window, json),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Verify { repo, vm, backup } => {
             output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
@@ -699,4 +735,76 @@ fn backup(
     );
     println!("{}", report.manifest.id);
     Ok(())
+}
+
+/// `NAME=PATH` of `what`.
+fn name_path(s: &str, what: &str) -> Result<(String, PathBuf)> {
+    match s.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok((n.to_string(), PathBuf::from(p))),
+        _ => Err(Error::invalid(format!(
+            "{what} {s:?}: expected NAME=SOCKET"
+        ))),
+    }
+}
+
+fn backup_vms(
+    repo: &str,
+    vms: &[String],
+    agents: &[String],
+    jobs: usize,
+    chunk_size: &str,
+    rate_window: f64,
+    json: bool,
+) -> Result<()> {
+    use crate::vmbackup::{backup_vms, Options, VmSpec};
+    let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
+    let mut specs = vms
+        .iter()
+        .map(|v| {
+            name_path(v, "--vm").map(|(name, qmp)| VmSpec {
+                name,
+                qmp,
+                agent: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for a in agents {
+        let (name, path) = name_path(a, "--agent")?;
+        let spec = specs
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::invalid(format!("--agent {a:?}: no --vm {name}=...")))?;
+        spec.agent = Some(path);
+    }
+    if !(0.0..=60.0).contains(&rate_window) {
+        return Err(Error::invalid("--rate-window: 0 to 60 seconds"));
+    }
+    let opts = Options {
+        vms: specs,
+        jobs,
+        chunk_size,
+        rate_window: Duration::from_secs_f64(rate_window),
+        agent_timeout: crate::qemu::guest_agent::SYNC_TIMEOUT,
+        hook: None,
+    };
+    let (r, created) = Repository::open_or_create(repo)?;
+    if created {
+        eprintln!("created repository {}", r.location());
+    }
+    let summary = backup_vms(&r, &opts)?;
+    output::backup_vms(&summary, json);
+    let failed = summary.failed();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let each: Vec<String> = failed
+        .iter()
+        .map(|v| format!("{}: {}", v.vm, v.error.as_deref().unwrap_or("?")))
+        .collect();
+    Err(Error::invalid(format!(
+        "{} of {} VMs failed: {}",
+        failed.len(),
+        summary.vms.len(),
+        each.join("; ")
+    )))
 }

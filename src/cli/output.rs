@@ -360,6 +360,56 @@ pub fn session_backup(r: &Value) {
     println!("{}", r["backup"].as_str().unwrap_or("?"));
 }
 
+/// `backup-vms`: per VM a line on stderr (or the whole summary as JSON on
+/// stdout); `NAME BACKUP_ID` on stdout for each VM backed up.
+pub fn backup_vms(s: &crate::vmbackup::Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).expect("json"));
+        return;
+    }
+    eprintln!(
+        "snapshot {} (run {}), {} VM(s), {} at a time",
+        s.snapshot_time.as_deref().unwrap_or("not taken"),
+        s.run_id,
+        s.vms.len(),
+        s.jobs
+    );
+    for v in &s.vms {
+        let order = v
+            .order
+            .map(|o| format!("#{o}"))
+            .unwrap_or_else(|| "-".into());
+        let paused = v
+            .paused_ms
+            .map(|p| format!("paused {p:.1} ms"))
+            .unwrap_or_else(|| "not paused".into());
+        let rate = v.bytes_read as f64 / (v.read_ms / 1000.0).max(1e-3);
+        let what = match (&v.backup, &v.error) {
+            (Some(id), _) => format!("backup {id}"),
+            (None, Some(e)) => format!("FAILED: {e}"),
+            (None, None) => "not backed up".into(),
+        };
+        eprintln!(
+            "{order} VM {} ({}/s written): {what}; {paused}; read {} in {:.1} s ({}/s), {} new; {}",
+            v.vm,
+            human_bytes(v.write_rate as u64),
+            human_bytes(v.bytes_read),
+            v.read_ms / 1000.0,
+            human_bytes(rate as u64),
+            human_bytes(v.new_bytes),
+            v.consistency,
+        );
+        for w in &v.warnings {
+            eprintln!("  warning: {w}");
+        }
+    }
+    for v in &s.vms {
+        if let Some(id) = &v.backup {
+            println!("{} {id}", v.vm);
+        }
+    }
+}
+
 pub fn status(r: &Value, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r).expect("json"));

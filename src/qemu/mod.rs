@@ -4,20 +4,21 @@
 //! that reads the point-in-time views QEMU exports ([`fleece`] makes and
 //! removes them), and a guest-agent client ([`guest_agent`]: fsfreeze).
 //!
-//! **How a backup of running VMs will use them** (the plan; `backup-vms`
-//! is not built yet):
+//! **How a backup of running VMs uses them** (`backup-vms`, in
+//! [`crate::vmbackup`]; full backups so far, incrementals to come):
 //! 1. *Common snapshot time.* `guest-fsfreeze-freeze` in every guest that
-//!    runs `qemu-guest-agent`, `stop` on every VM, then in each VM one QMP
-//!    `transaction`: a dirty bitmap at chunk granularity plus a
-//!    copy-before-write filter and a `snapshot-access` node over each disk
-//!    (QEMU 7.2's image fleecing), exported over QEMU's NBD server; then
-//!    `cont` and thaw. The pause is reported per VM.
+//!    runs `qemu-guest-agent` and is given an agent socket, `stop` on
+//!    every VM, then in each VM, while all are paused, per disk a dirty
+//!    bitmap at chunk granularity plus a copy-before-write filter and a
+//!    `snapshot-access` node (QEMU 7.2's image fleecing, [`fleece`]),
+//!    exported over QEMU's NBD server; then `cont` and thaw. The pause is
+//!    reported per VM.
 //! 2. *Busiest first.* Write bytes per second from `query-blockstats` over
 //!    a short window order the VMs: the busiest one's copy-before-write
 //!    store grows fastest, so its view is read and released first.
 //! 3. *Read each view* over NBD (structured replies; `BLOCK_STATUS` with
-//!    `base:allocation` to skip holes and `qemu:dirty-bitmap:NAME` for
-//!    incrementals) into the repository writer; release the view as soon
+//!    `base:allocation` to skip zero ranges; `qemu:dirty-bitmap:NAME` will
+//!    drive incrementals) into the repository writer; release the view as soon
 //!    as that VM's manifest is written.
 //!
 //! Neither client uses a crate: the QMP crates carry newer schemas whose
