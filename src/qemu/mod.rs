@@ -32,4 +32,4 @@ pub mod guest_agent;
 pub mod nbd;
 pub mod qmp;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;

@@ -5,18 +5,19 @@
 
 use super::*;
 use crate::qemu::qmp::Qmp;
+use crate::qemu::testing::{paused_vm, Proc};
 use clap::Parser;
 use rand::RngCore;
 use serde_json::json;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65536;
 
 /// A QEMU process, killed when dropped (also when a test fails).
 struct Vm {
-    child: Mutex<Child>,
+    proc: Mutex<Proc>,
     /// The backup's monitor.
     qmp: PathBuf,
     /// The test's monitor.
@@ -25,19 +26,11 @@ struct Vm {
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
 impl Vm {
     fn kill(&self) {
-        let mut c = self.child.lock().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
+        let mut p = self.proc.lock().unwrap();
+        p.0.kill().unwrap();
+        p.0.wait().unwrap();
     }
 
     fn monitor(&self) -> Qmp {
@@ -60,12 +53,7 @@ fn vm(disk: Option<&[u8]>) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
     let mon = dir.path().join("mon.sock");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-S", "-nodefaults", "-display", "none", "-m", "64"]);
-    for s in [&qmp, &mon] {
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", s.display()));
-    }
+    let socket = |s: &Path| format!("unix:{},server=on,wait=off", s.display());
     let img = disk.map(|data| {
         // Sparse: the zero MiB is a hole, which the backup skips.
         let img = dir.path().join("disk.raw");
@@ -77,22 +65,20 @@ fn vm(disk: Option<&[u8]>) -> Vm {
                     .unwrap();
             }
         }
-        cmd.arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=none,id=drive0",
-                img.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=drive0,id=vd0"]);
         img
     });
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64 is installed");
+    let mut cmd = match &img {
+        Some(img) => paused_vm(img, &qmp),
+        None => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-S", "-nodefaults", "-display", "none", "-m", "64", "-qmp"])
+                .arg(socket(&qmp));
+            c
+        }
+    };
+    cmd.arg("-qmp").arg(socket(&mon));
     let v = Vm {
-        child: Mutex::new(child),
+        proc: Mutex::new(Proc::spawn(&mut cmd)),
         qmp,
         mon,
         img,
