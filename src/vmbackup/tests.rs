@@ -439,3 +439,96 @@ fn two_vms_read_two_at_a_time_through_the_cli_restore_to_their_content_and_leave
         assert!(q.status().unwrap().running);
     }
 }
+
+/// The `debian` image booted (writes to a throwaway overlay) with QMP and
+/// the guest agent's port, its agent answering.
+fn debian(dir: &Path) -> (Proc, PathBuf, PathBuf) {
+    let qmp = dir.join("deb-qmp.sock");
+    let qga = dir.join("deb-qga.sock");
+    let mut p = Proc::spawn(
+        Command::new("qemu-system-x86_64")
+            .args(["-nographic", "-m", "512", "-no-reboot"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,snapshot=on",
+                crate::qemu::testing::image("debian").display()
+            ))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                qga.display()
+            ))
+            .args(["-chardev", "null,id=stay", "-device", "virtio-serial"])
+            .args([
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ])
+            .args([
+                "-device",
+                "virtserialport,chardev=stay,name=org.recoverfs.stay",
+            ]),
+    );
+    p.wait_for(&qga);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut a = loop {
+        match GuestAgent::connect(&qga, Duration::from_secs(5)) {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(p.0.try_wait().unwrap().is_none(), "guest off: {e}");
+                assert!(Instant::now() < deadline, "no agent answered: {e}");
+            }
+        }
+    };
+    // The guest writes to its disk without pause (blockstats count it).
+    a.execute(
+        "guest-exec",
+        Some(json!({"path": "/bin/sh", "arg": ["-c",
+            "while :; do dd if=/dev/zero of=/var/tmp/busy bs=64k count=64 conv=fsync 2>/dev/null; done"]})),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    (p, qmp, qga)
+}
+
+#[test]
+fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_and_frozen_through_its_agent() {
+    let d = tempfile::tempdir().unwrap();
+    let idle = vm(Some(&content()));
+    let (_deb, deb_qmp, deb_qga) = debian(d.path());
+    let (_r, repo) = repo();
+    let mut opts = options(&[("idle", &idle)], 1, None);
+    opts.vms.push(VmSpec {
+        name: "busy".into(),
+        qmp: deb_qmp,
+        agent: Some(deb_qga),
+    });
+    opts.chunk_size = 1 << 20;
+    opts.rate_window = Duration::from_secs(1);
+    opts.agent_timeout = Duration::from_secs(10);
+    let s = backup_vms(&repo, &opts).unwrap();
+    let (busy, idle) = (report(&s, "busy"), report(&s, "idle"));
+    eprintln!(
+        "busy: {:.0} B/s, paused {:.1} ms, read {} B in {:.0} ms; idle: {:.0} B/s",
+        busy.write_rate,
+        busy.paused_ms.unwrap(),
+        busy.bytes_read,
+        busy.read_ms,
+        idle.write_rate
+    );
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    assert!(busy.write_rate > idle.write_rate, "{busy:?}");
+    assert_eq!((busy.order, idle.order), (Some(1), Some(2)));
+    assert!(at(busy, "view_released") < at(idle, "read_started"));
+    assert_eq!(busy.consistency, "application-consistent");
+    // Frozen before the stop, thawed after the cont.
+    assert!(at(busy, "frozen") < at(busy, "stopped"));
+    assert!(at(busy, "resumed") < at(busy, "thawed"));
+    let m = repo.resolve("busy", busy.backup.as_deref()).unwrap();
+    assert_eq!(m.disks[0].size, 1536 << 20);
+    assert_eq!(
+        m.config["backup_vms"]["consistency"],
+        "application-consistent"
+    );
+}
