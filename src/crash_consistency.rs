@@ -17,7 +17,12 @@
 //! 2. every block whose bytes differ from the backup, and every block an
 //!    acknowledged write touched, has its changed bit;
 //! 3. before the cutover, every copied block reads the same on the target
-//!    as through the volume; after it, the target is what the volume serves.
+//!    as through the volume; after it, the target is what the volume serves;
+//! 4. with live backups (`backup --session`) running while the guest
+//!    writes: every block whose bytes differ from the backup `since.json`
+//!    names as the base (the session's own backup in generation 0) has its
+//!    bit in that generation's dirty map, so the next live backup misses
+//!    nothing.
 //!
 //! `make test` checks a bounded number of states per scenario;
 //! `RECOVERFS_CRASH_STATES=N` checks N.
@@ -32,6 +37,7 @@ use rand::{Rng, SeedableRng};
 use crate::prefetch::{Class, Scheduler};
 use crate::relocate::{Meta, Relocation, Source, State};
 use crate::repo::{Manifest, Repository};
+use crate::session::backup::{load_base, run as run_live, Live};
 use crate::staging::io::mem::MemStorage;
 use crate::staging::io::Storage;
 use crate::volume::Volume;
@@ -50,6 +56,9 @@ struct Scenario {
     guest_ops: usize,
     /// Share of guest operations that are flushes, in percent.
     flush_pct: u32,
+    /// Two live backups, one after the other, from halfway in, while the
+    /// guest goes on writing.
+    live_backups: bool,
 }
 
 /// A guest write as the checker needs it.
@@ -182,8 +191,29 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut writes: Vec<Write> = vec![];
     let mut reloc: Option<Arc<Relocation>> = None;
+    let mut backups = None;
     let ops = w.sc.guest_ops;
     for op in 0..ops {
+        if w.sc.live_backups && op == ops / 2 {
+            let (repo, vol, storage) = (w.repo.clone(), vol.clone(), storage.clone());
+            let manifest = w.manifest.clone();
+            backups = Some(std::thread::spawn(move || {
+                let dir = Path::new(SESSION);
+                let base = load_base(storage.as_ref(), dir, &manifest).unwrap();
+                let base = parking_lot::Mutex::new(base);
+                let disks = [vol];
+                let live = Live {
+                    vm: "vm",
+                    dir,
+                    storage,
+                    disks: &disks,
+                    backup_base: &base,
+                };
+                for _ in 0..2 {
+                    run_live(&repo, &live).unwrap();
+                }
+            }));
+        }
         if w.sc.relocate.is_some() && op == ops / 4 {
             let meta = Meta {
                 target: PathBuf::from(TARGET),
@@ -250,6 +280,9 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         }
         r.stop();
     }
+    if let Some(b) = backups {
+        b.join().expect("the live backups succeed");
+    }
     stop.store(true, Ordering::Relaxed);
     flusher.join().unwrap();
     vol.close();
@@ -307,6 +340,31 @@ fn check_state(
                 .any(|x| x.promised(crash, cut) && x.off < r.end && x.off + x.data.len() > r.start);
             if (seen[r.clone()] != w.backup[r.clone()] || acked) && !is_changed(b) {
                 return Err(format!("block {b} was written but has no changed bit"));
+            }
+        }
+    }
+    // 4. Dirty bits cover every block that differs from the live backups'
+    //    base.
+    if w.sc.live_backups {
+        let base = load_base(storage.as_ref(), Path::new(SESSION), &w.manifest)
+            .map_err(|e| format!("reading since.json failed: {e}"))?;
+        let d = &base.base.disks[0];
+        for b in 0..blocks {
+            let r = b * BS..(b + 1) * BS;
+            let want = match d.chunks[b] {
+                Some(c) => {
+                    w.repo
+                        .read_chunk(&c, d.chunk_len(b as u64), &"crash test")
+                        .map_err(|e| format!("base {} unreadable: {e}", base.base.id))?
+                        .0
+                }
+                None => vec![0u8; BS],
+            };
+            if seen[r] != want[..] && !vol.is_dirty(b as u64) {
+                return Err(format!(
+                    "block {b} differs from backup {} (generation {}) but has no dirty bit",
+                    base.base.id, base.generation
+                ));
             }
         }
     }
@@ -404,6 +462,7 @@ fn power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_ev
             relocate: None,
             guest_ops: 400,
             flush_pct: 15,
+            live_backups: false,
         },
     );
 }
@@ -420,6 +479,22 @@ fn power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_version
             relocate: Some(10.0),
             guest_ops: 800,
             flush_pct: 2,
+            live_backups: false,
+        },
+    );
+}
+
+#[test]
+fn power_cuts_and_daemon_crashes_during_live_backups_leave_every_change_in_the_dirty_map() {
+    run(
+        303,
+        Scenario {
+            blocks: 48,
+            flush_every: Duration::from_millis(5),
+            relocate: None,
+            guest_ops: 500,
+            flush_pct: 10,
+            live_backups: true,
         },
     );
 }

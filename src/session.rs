@@ -994,7 +994,7 @@ fn warn_if_kept_twice(
     }
 }
 
-mod backup;
+pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
 mod points;
 use points::PlacementRecord;

@@ -67,7 +67,7 @@ use crate::repo::{DiskManifest, Manifest, Repository};
 use crate::staging::io::{self, BlockFile, Open, Storage};
 use crate::staging::{base_copy_path, cow_path, dirty_path, MapKind, PersistentBitmap, Since};
 use crate::util::validate_name;
-use crate::volume::Frozen;
+use crate::volume::{Frozen, Volume};
 
 /// Which backup a session's dirty maps are relative to.
 pub(crate) struct BackupBase {
@@ -192,11 +192,28 @@ impl Datastore {
             _ => return Err(no_session()),
         }
         let _span = tracing::info_span!("session_backup", vm).entered();
-        run(&self.repo, &s)
+        let live = Live {
+            vm: &s.vm,
+            dir: &s.dir,
+            storage: s.staging.storage().clone(),
+            disks: &s.disks,
+            backup_base: &s.backup_base,
+        };
+        run(&self.repo, &live)
     }
 }
 
-fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
+/// What a live backup needs of a session (the power-cut test builds one
+/// over recorded storage).
+pub(crate) struct Live<'a> {
+    pub(crate) vm: &'a str,
+    pub(crate) dir: &'a Path,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) disks: &'a [Arc<Volume>],
+    pub(crate) backup_base: &'a parking_lot::Mutex<BackupBase>,
+}
+
+pub(crate) fn run(repo: &Arc<Repository>, s: &Live) -> Result<SessionBackupReport> {
     let t0 = Instant::now();
     let (g, base) = {
         let b = s.backup_base.lock();
@@ -212,8 +229,8 @@ fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
         (b.generation, b.base.clone())
     };
     check(s, &base)?;
-    let storage = s.staging.storage().clone();
-    let dir = s.dir.as_path();
+    let storage = s.storage.clone();
+    let dir = s.dir;
     let next = prepare(storage.as_ref(), dir, s, g)?;
     // The freeze: every disk's writes paused at once, in disk order.
     let tp = Instant::now();
@@ -256,7 +273,7 @@ fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
         .store(storage.as_ref(), dir)
     });
     if let Err(e) = commit {
-        for d in &s.disks {
+        for d in s.disks {
             d.end_freeze_keeping_both();
         }
         let msg = format!(
@@ -267,7 +284,7 @@ fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
         s.backup_base.lock().uncertain = Some(msg.clone());
         return Err(Error::new(ErrorKind::Io, msg));
     }
-    for d in &s.disks {
+    for d in s.disks {
         d.end_freeze(true);
     }
     *s.backup_base.lock() = BackupBase {
@@ -285,7 +302,7 @@ fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
         tracing::warn!(vm = %s.vm, "could not remove the previous generation's files (the next start does): {e}");
     }
     let report = SessionBackupReport {
-        vm: s.vm.clone(),
+        vm: s.vm.to_string(),
         backup: manifest.id.clone(),
         base: base.id.clone(),
         pause_ms,
@@ -308,7 +325,7 @@ fn run(repo: &Arc<Repository>, s: &Session) -> Result<SessionBackupReport> {
 }
 
 /// The base's geometry must be the session's: a block is one chunk.
-fn check(s: &Session, base: &Manifest) -> Result<()> {
+fn check(s: &Live, base: &Manifest) -> Result<()> {
     if let Some(d) = s.disks.iter().find(|d| d.is_failed()) {
         return Err(Error::new(
             ErrorKind::Io,
@@ -322,7 +339,7 @@ fn check(s: &Session, base: &Manifest) -> Result<()> {
         && base
             .disks
             .iter()
-            .zip(&s.disks)
+            .zip(s.disks)
             .all(|(b, d)| b.size == d.size && b.chunk_size as u64 == d.block_size());
     if !same {
         return Err(Error::invalid(format!(
@@ -335,7 +352,7 @@ fn check(s: &Session, base: &Manifest) -> Result<()> {
 
 /// Step 1: fresh next-generation maps (durable) and empty cow files, then
 /// a flush of every disk so the one inside the pause is short.
-fn prepare(storage: &dyn Storage, dir: &Path, s: &Session, g: u64) -> Result<Vec<NextGen>> {
+fn prepare(storage: &dyn Storage, dir: &Path, s: &Live, g: u64) -> Result<Vec<NextGen>> {
     let mut leftovers = vec![base_copy_path(dir, g + 1)];
     for i in 0..s.disks.len() {
         leftovers.push(dirty_path(dir, i, g + 1));
@@ -361,7 +378,7 @@ fn prepare(storage: &dyn Storage, dir: &Path, s: &Session, g: u64) -> Result<Vec
             cow,
         });
     }
-    for d in &s.disks {
+    for d in s.disks {
         d.flush()?;
     }
     Ok(out)
@@ -369,7 +386,7 @@ fn prepare(storage: &dyn Storage, dir: &Path, s: &Session, g: u64) -> Result<Vec
 
 /// Undoes a backup that did not reach its manifest: the first `frozen`
 /// disks end their freeze, the next generation's files go.
-fn abort(storage: &dyn Storage, dir: &Path, s: &Session, g: u64, frozen: usize) {
+fn abort(storage: &dyn Storage, dir: &Path, s: &Live, g: u64, frozen: usize) {
     for d in &s.disks[..frozen] {
         d.end_freeze(false);
     }
@@ -397,7 +414,7 @@ fn remove_all(storage: &dyn Storage, dir: &Path, paths: &[std::path::PathBuf]) -
 /// Step 3: stores each disk's frozen blocks and publishes the manifest.
 fn store(
     repo: &Arc<Repository>,
-    s: &Session,
+    s: &Live,
     base: &Manifest,
     frozen: &[Frozen],
 ) -> Result<(Manifest, Vec<SessionBackupDisk>)> {
@@ -444,6 +461,6 @@ fn store(
             new_bytes: st.new_bytes,
         });
     }
-    let m = publish_manifest(repo, &s.vm, base.config.clone(), disks)?;
+    let m = publish_manifest(repo, s.vm, base.config.clone(), disks)?;
     Ok((m, reports))
 }

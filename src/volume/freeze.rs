@@ -101,6 +101,15 @@ impl Volume {
         self.freeze.read().is_some()
     }
 
+    /// Tests: whether block `b` is marked in the current generation's map.
+    #[cfg(test)]
+    pub(crate) fn is_dirty(&self, b: u64) -> bool {
+        match &self.dirty.read().current {
+            Some(m) => m.test(b),
+            None => self.store.changed.test(b),
+        }
+    }
+
     /// Blocks written since the session's last live backup.
     pub fn blocks_dirty(&self) -> u64 {
         match &self.dirty.read().current {
