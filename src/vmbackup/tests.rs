@@ -52,8 +52,6 @@ fn content() -> Vec<u8> {
 fn vm(disk: Option<&[u8]>) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
-    let mon = dir.path().join("mon.sock");
-    let socket = |s: &Path| format!("unix:{},server=on,wait=off", s.display());
     let img = disk.map(|data| {
         // Sparse: the zero MiB is a hole, which the backup skips.
         let img = dir.path().join("disk.raw");
@@ -67,16 +65,24 @@ fn vm(disk: Option<&[u8]>) -> Vm {
         }
         img
     });
-    let mut cmd = match &img {
+    let cmd = match &img {
         Some(img) => paused_vm(img, &qmp),
         None => {
             let mut c = Command::new("qemu-system-x86_64");
             c.args(["-S", "-nodefaults", "-display", "none", "-m", "64", "-qmp"])
-                .arg(socket(&qmp));
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
             c
         }
     };
-    cmd.arg("-qmp").arg(socket(&mon));
+    start(cmd, qmp, img, dir)
+}
+
+/// Starts `cmd` (QMP on `qmp`) with the test's monitor as well, waits until
+/// both answer, and lets the VM run.
+fn start(mut cmd: Command, qmp: PathBuf, img: Option<PathBuf>, dir: tempfile::TempDir) -> Vm {
+    let mon = dir.path().join("mon.sock");
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", mon.display()));
     let v = Vm {
         proc: Mutex::new(Proc::spawn(&mut cmd)),
         qmp,
@@ -531,4 +537,55 @@ fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_and_frozen_through
         m.config["backup_vms"]["consistency"],
         "application-consistent"
     );
+}
+
+#[test]
+fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
+    let good = vm(Some(&content()));
+    // A second drive with no guest device: its view cannot switch a
+    // device onto the copy-before-write filter, after the first view is
+    // open.
+    let dir = tempfile::tempdir().unwrap();
+    let (img, extra, qmp) = (
+        dir.path().join("a.raw"),
+        dir.path().join("b.raw"),
+        dir.path().join("qmp.sock"),
+    );
+    std::fs::write(&img, content()).unwrap();
+    std::fs::write(&extra, content()).unwrap();
+    let mut cmd = paused_vm(&img, &qmp);
+    cmd.arg("-drive").arg(format!(
+        "file={},format=raw,if=none,id=drive1",
+        extra.display()
+    ));
+    let broken = start(cmd, qmp, Some(img), dir);
+    let mut q = broken.monitor();
+    let (_d, repo) = repo();
+    let s = backup_vms(
+        &repo,
+        &options(&[("broken", &broken), ("good", &good)], 1, None),
+    )
+    .unwrap();
+    let r = report(&s, "broken");
+    let e = r.error.as_deref().unwrap();
+    assert!(e.starts_with("disk 1 ("), "{e}");
+    assert_eq!(
+        r.events
+            .iter()
+            .map(|e| e.event.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "stopped",
+            "view_opened",
+            "failed",
+            "view_released",
+            "resumed"
+        ]
+    );
+    assert!(r.paused_ms.is_some());
+    assert!(repo.backup_ids("broken").unwrap_or_default().is_empty());
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+    assert!(q.status().unwrap().running);
+    assert!(report(&s, "good").backup.is_some());
+    assert_eq!(s.failed().len(), 1);
 }
