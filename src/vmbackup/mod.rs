@@ -55,7 +55,7 @@
 //! id, the VM's position on the command line and the disk index
 //! (`<run>-<vm>-<disk>`), not the VM's name.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -464,11 +464,18 @@ fn check(opts: &Options) -> Result<()> {
     if opts.jobs == 0 {
         return Err(Error::invalid("--jobs must be at least 1"));
     }
-    let mut seen = std::collections::HashSet::new();
+    let (mut names, mut sockets) = (HashSet::new(), HashSet::new());
     for v in &opts.vms {
         crate::util::validate_name("VM name", &v.name)?;
-        if !seen.insert(&v.name) {
+        if !names.insert(&v.name) {
             return Err(Error::invalid(format!("VM {} is given twice", v.name)));
+        }
+        // QEMU serves one QMP client per socket: a second would hang.
+        if !sockets.insert(&v.qmp) {
+            return Err(Error::invalid(format!(
+                "QMP socket {} is given twice",
+                v.qmp.display()
+            )));
         }
     }
     Ok(())

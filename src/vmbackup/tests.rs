@@ -202,6 +202,30 @@ fn order_by_rate_puts_the_busiest_first_and_keeps_ties_in_the_given_order() {
 }
 
 #[test]
+fn a_vm_name_or_a_qmp_socket_given_twice_is_refused_before_anything_is_touched() {
+    let (_d, repo) = repo();
+    let spec = |name: &str, qmp: &str| VmSpec {
+        name: name.into(),
+        qmp: qmp.into(),
+        agent: None,
+    };
+    let mut o = Options {
+        vms: vec![spec("a", "/x/1.sock"), spec("a", "/x/2.sock")],
+        jobs: 1,
+        chunk_size: CHUNK,
+        rate_window: Duration::ZERO,
+        agent_timeout: Duration::ZERO,
+        hook: None,
+    };
+    let e = backup_vms(&repo, &o).unwrap_err().to_string();
+    assert_eq!(e, "VM a is given twice");
+    o.vms[1].name = "b".into();
+    o.vms[1].qmp = "/x/1.sock".into();
+    let e = backup_vms(&repo, &o).unwrap_err().to_string();
+    assert_eq!(e, "QMP socket /x/1.sock is given twice");
+}
+
+#[test]
 fn chunks_with_data_skips_zero_extents_and_reads_holes_that_may_not_be_zero() {
     let e = |offset, len, flags| Extent { offset, len, flags };
     let cs = CHUNK as u64;
