@@ -64,6 +64,52 @@ pub(crate) fn paused_vm(img: &Path, qmp: &Path) -> Command {
     c
 }
 
+/// Boots the image `name` (writes go to a throwaway overlay) with the
+/// guest agent's port on `qga`, an `org.recoverfs.stay` port (the debian
+/// image stays up), and QMP on `qmp` if given.
+pub(crate) fn vm_with_agent(name: &str, qga: &Path, qmp: Option<&Path>) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-nographic", "-m", "512", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            image(name).display()
+        ))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            qga.display()
+        ))
+        .args(["-chardev", "null,id=stay", "-device", "virtio-serial"])
+        .args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ])
+        .args([
+            "-device",
+            "virtserialport,chardev=stay,name=org.recoverfs.stay",
+        ]);
+    if let Some(q) = qmp {
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", q.display()));
+    }
+    c
+}
+
+/// Writes `pattern` over `off..off + len` of drive `drive0` through the
+/// guest device's block backend (HMP `qemu-io`), as a guest write would.
+pub(crate) fn hmp_write(q: &mut crate::qemu::qmp::Qmp, pattern: u8, off: usize, len: usize) {
+    let out = q
+        .execute(
+            "human-monitor-command",
+            Some(serde_json::json!({"command-line":
+                format!("qemu-io drive0 \"write -P {pattern:#x} {off} {len}\"")})),
+        )
+        .unwrap();
+    // qemu-io's own report goes to QEMU's stdout; errors come back here.
+    assert_eq!(out.as_str(), Some(""), "qemu-io: {out}");
+}
+
 /// A test VM image (`vm-images/build.sh NAME`, built on first use).
 pub(crate) fn image(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::qemu::qmp::Qmp;
-use crate::qemu::testing::{paused_vm, Proc};
+use crate::qemu::testing::{hmp_write, paused_vm, vm_with_agent, Proc};
 use clap::Parser;
 use rand::RngCore;
 use serde_json::json;
@@ -101,17 +101,6 @@ fn start(mut cmd: Command, qmp: PathBuf, img: Option<PathBuf>, dir: tempfile::Te
     }
     v.monitor().cont().unwrap();
     v
-}
-
-fn hmp_write(q: &mut Qmp, pattern: u8, off: usize, len: usize) {
-    let out = q
-        .execute(
-            "human-monitor-command",
-            Some(json!({"command-line":
-                format!("qemu-io drive0 \"write -P {pattern:#x} {off} {len}\"")})),
-        )
-        .unwrap();
-    assert_eq!(out.as_str(), Some(""), "qemu-io: {out}");
 }
 
 fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
@@ -475,31 +464,7 @@ fn two_vms_read_two_at_a_time_through_the_cli_restore_to_their_content_and_leave
 fn debian(dir: &Path) -> (Proc, PathBuf, PathBuf) {
     let qmp = dir.join("deb-qmp.sock");
     let qga = dir.join("deb-qga.sock");
-    let mut p = Proc::spawn(
-        Command::new("qemu-system-x86_64")
-            .args(["-nographic", "-m", "512", "-no-reboot"])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=virtio,snapshot=on",
-                crate::qemu::testing::image("debian").display()
-            ))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .arg("-chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qga0",
-                qga.display()
-            ))
-            .args(["-chardev", "null,id=stay", "-device", "virtio-serial"])
-            .args([
-                "-device",
-                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-            ])
-            .args([
-                "-device",
-                "virtserialport,chardev=stay,name=org.recoverfs.stay",
-            ]),
-    );
+    let mut p = Proc::spawn(&mut vm_with_agent("debian", &qga, Some(&qmp)));
     p.wait_for(&qga);
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut a = loop {

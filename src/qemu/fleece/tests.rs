@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::qemu::qmp::Qmp;
-use crate::qemu::testing::{paused_vm, Proc};
+use crate::qemu::testing::{hmp_write, paused_vm, Proc};
 use std::process::Command;
 
 const MIB: usize = 1 << 20;
@@ -34,18 +34,6 @@ fn vm() -> Vm {
         img,
         dir,
     }
-}
-
-fn hmp_write(q: &mut Qmp, pattern: u8, off: usize, len: usize) {
-    let out = q
-        .execute(
-            "human-monitor-command",
-            Some(json!({"command-line":
-                format!("qemu-io drive0 \"write -P {pattern:#x} {off} {len}\"")})),
-        )
-        .unwrap();
-    // qemu-io's own report goes to QEMU's stdout; errors come back here.
-    assert_eq!(out.as_str(), Some(""), "qemu-io: {out}");
 }
 
 /// The whole export, read by QEMU's own NBD client.

@@ -3,9 +3,8 @@
 //! has no agent. Every QEMU started here is killed when its guard drops.
 
 use super::*;
-use crate::qemu::testing::{image, Proc};
+use crate::qemu::testing::{vm_with_agent, Proc};
 use std::path::PathBuf;
-use std::process::Command;
 
 struct Vm {
     proc: Proc,
@@ -17,30 +16,7 @@ struct Vm {
 fn boot(name: &str) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("qga.sock");
-    let mut proc = Proc::spawn(
-        Command::new("qemu-system-x86_64")
-            .args(["-nographic", "-m", "512", "-no-reboot"])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=virtio,snapshot=on",
-                image(name).display()
-            ))
-            .arg("-chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qga0",
-                agent.display()
-            ))
-            .args(["-chardev", "null,id=stay"])
-            .args(["-device", "virtio-serial"])
-            .args([
-                "-device",
-                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-            ])
-            .args([
-                "-device",
-                "virtserialport,chardev=stay,name=org.recoverfs.stay",
-            ]),
-    );
+    let mut proc = Proc::spawn(&mut vm_with_agent(name, &agent, None));
     proc.wait_for(&agent);
     Vm {
         proc,
