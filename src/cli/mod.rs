@@ -95,6 +95,10 @@ pub enum Command {
         /// Seconds over which each VM's write rate is measured.
         #[arg(long, default_value_t = 1.0)]
         rate_window: f64,
+        /// Read only what changed since each VM's newest backup (QEMU's
+        /// dirty bitmap); a full read, with the reason, where it cannot.
+        #[arg(long)]
+        incremental: bool,
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -353,8 +357,18 @@ pub fn run(cli: Cli) -> Result<()> {
             jobs,
             chunk_size,
             rate_window,
+            incremental,
             json,
-        } => backup_vms(&repo, &vms, &agents, jobs, &chunk_size, rate_window, json),
+        } => backup_vms(
+            &repo,
+            &vms,
+            &agents,
+            jobs,
+            &chunk_size,
+            rate_window,
+            incremental,
+            json,
+        ),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Verify { repo, vm, backup } => {
             output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
@@ -747,6 +761,7 @@ fn name_path(s: &str, what: &str) -> Result<(String, PathBuf)> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backup_vms(
     repo: &str,
     vms: &[String],
@@ -754,6 +769,7 @@ fn backup_vms(
     jobs: usize,
     chunk_size: &str,
     rate_window: f64,
+    incremental: bool,
     json: bool,
 ) -> Result<()> {
     use crate::vmbackup::{backup_vms, Options, VmSpec};
@@ -785,6 +801,7 @@ fn backup_vms(
         chunk_size,
         rate_window: Duration::from_secs_f64(rate_window),
         agent_timeout: crate::qemu::guest_agent::SYNC_TIMEOUT,
+        incremental,
         hook: None,
     };
     let (r, created) = Repository::open_or_create(repo)?;

@@ -384,8 +384,12 @@ pub fn backup_vms(s: &crate::vmbackup::Summary, json: bool) {
             .map(|p| format!("paused {p:.1} ms"))
             .unwrap_or_else(|| "not paused".into());
         let rate = v.bytes_read as f64 / (v.read_ms / 1000.0).max(1e-3);
+        let mode = match &v.base {
+            Some(b) => format!("{} since {b}", v.mode),
+            None => v.mode.clone(),
+        };
         let what = match (&v.backup, &v.error) {
-            (Some(id), _) => format!("backup {id}"),
+            (Some(id), _) => format!("backup {id} ({mode}, {} chunks read)", v.chunks_read),
             (None, Some(e)) => format!("FAILED: {e}"),
             (None, None) => "not backed up".into(),
         };

@@ -40,8 +40,15 @@ pub struct View {
     tmp: String,
     cbw: String,
     access: String,
-    /// How far `open_view` got (0..=7 steps done).
+    /// How far `open_view` got (0..=8 steps done).
     steps: u8,
+}
+
+impl View {
+    /// The export of the disk's node carrying an exported bitmap's status.
+    pub fn map_export(&self) -> String {
+        format!("{}-map", self.export)
+    }
 }
 
 /// The guest device a `query-block` entry's `qdev` names: QEMU reports
@@ -76,6 +83,21 @@ pub fn open_view(
     dir: &Path,
     granularity: u32,
 ) -> Result<View> {
+    open_view_with(q, disk, tag, dir, granularity, None)
+}
+
+/// [`open_view`], exporting as well the dirty bitmap `export_bitmap` of the
+/// disk's node (a disabled one: QEMU refuses an enabled bitmap on a
+/// read-only export) as `qemu:dirty-bitmap:NAME` of export
+/// [`View::map_export`].
+pub fn open_view_with(
+    q: &mut Qmp,
+    disk: &BlockDevice,
+    tag: &str,
+    dir: &Path,
+    granularity: u32,
+    export_bitmap: Option<&str>,
+) -> Result<View> {
     let size = node_size(q, &disk.node_name)?;
     let mut v = View {
         node: disk.node_name.clone(),
@@ -89,7 +111,7 @@ pub fn open_view(
         access: format!("rfs-acc-{tag}"),
         steps: 0,
     };
-    match open_steps(q, &mut v, granularity) {
+    match open_steps(q, &mut v, granularity, export_bitmap) {
         Ok(()) => Ok(v),
         Err(e) => {
             // A half-made view starts no incremental chain: its bitmap goes.
@@ -101,7 +123,12 @@ pub fn open_view(
     }
 }
 
-fn open_steps(q: &mut Qmp, v: &mut View, granularity: u32) -> Result<()> {
+fn open_steps(
+    q: &mut Qmp,
+    v: &mut View,
+    granularity: u32,
+    export_bitmap: Option<&str>,
+) -> Result<()> {
     q.execute(
         "block-dirty-bitmap-add",
         Some(json!({"node": v.node, "name": v.bitmap, "granularity": granularity})),
@@ -140,6 +167,20 @@ fn open_steps(q: &mut Qmp, v: &mut View, granularity: u32) -> Result<()> {
                     "name": v.export, "writable": false})),
     )?;
     v.steps = 7;
+    if let Some(b) = export_bitmap {
+        // QEMU 7.2 looks an export's bitmaps up through filters only, not
+        // through snapshot-access: the disk's own node is exported too,
+        // read-only, for the bitmap's block status alone (its data is the
+        // live disk's, never read).
+        q.execute(
+            "block-export-add",
+            Some(
+                json!({"type": "nbd", "id": v.map_export(), "node-name": v.node,
+                        "name": v.map_export(), "writable": false, "bitmaps": [b]}),
+            ),
+        )?;
+        v.steps = 8;
+    }
     Ok(())
 }
 
@@ -161,6 +202,10 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
             first_err.get_or_insert(e);
         }
     };
+    if v.steps >= 8 {
+        step(q.execute("block-export-del", Some(json!({"id": v.map_export()}))));
+        step(q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(30)));
+    }
     if v.steps >= 7 {
         step(q.execute("block-export-del", Some(json!({"id": v.export}))));
         // The export's node stays in use until QEMU says it is gone.
@@ -192,6 +237,49 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Every node's (name, virtual size, dirty bitmap names), from
+/// `query-named-block-nodes`.
+pub fn nodes(q: &mut Qmp) -> Result<Vec<(String, u64, Vec<String>)>> {
+    let nodes = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
+    Ok(nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let bitmaps = n["dirty-bitmaps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["name"].as_str().map(str::to_string))
+                .collect();
+            (
+                n["node-name"].as_str().unwrap_or("").to_string(),
+                n["image"]["virtual-size"].as_u64().unwrap_or(0),
+                bitmaps,
+            )
+        })
+        .collect())
+}
+
+/// `block-dirty-bitmap-NAME` (`enable`, `disable`, `remove`) of `bitmap`
+/// on `node`.
+pub fn bitmap_op(q: &mut Qmp, op: &str, node: &str, bitmap: &str) -> Result<()> {
+    q.execute(
+        &format!("block-dirty-bitmap-{op}"),
+        Some(json!({"node": node, "name": bitmap})),
+    )
+    .map(drop)
+}
+
+/// Adds the bits of `from` into `into` (both on `node`).
+pub fn bitmap_merge(q: &mut Qmp, node: &str, into: &str, from: &str) -> Result<()> {
+    q.execute(
+        "block-dirty-bitmap-merge",
+        Some(json!({"node": node, "target": into, "bitmaps": [from]})),
+    )
+    .map(drop)
 }
 
 /// The virtual size of a node (`query-named-block-nodes`).

@@ -1,6 +1,7 @@
-//! `backup-vms`: full backups of several running QEMU VMs from one common
-//! snapshot time, busiest first, beside the other disk-copying jobs
-//! (`repo::writer` for images, `session::backup` for recovered VMs).
+//! `backup-vms`: full or incremental backups of several running QEMU VMs
+//! from one common snapshot time, busiest first, beside the other
+//! disk-copying jobs (`repo::writer` for images, `session::backup` for
+//! recovered VMs).
 //!
 //! 1. *Connect and measure.* QMP to every VM ([`Qmp`]); its disks from
 //!    `query-block` (a VM without one fails alone); QEMU's NBD server
@@ -43,13 +44,25 @@
 //! written last and create-only, so nothing partial appears. The others go
 //! on; the summary says which failed.
 //!
-//! **Incrementals (later):** every view already carries a dirty bitmap at
-//! chunk granularity, started at the snapshot instant. A full backup drops
-//! it today (`close_view(.., true)`); an incremental will keep it, and at
-//! the next run read only the ranges of `qemu:dirty-bitmap:NAME`
-//! ([`crate::qemu::nbd::dirty_bitmap_context`]) instead of every allocated
-//! range in [`chunks_with_data`], taking the base manifest's chunks for the
-//! rest (as `session::backup` does with its dirty maps).
+//! **Incrementals:** every view carries a new dirty bitmap at chunk
+//! granularity, started at the snapshot instant, and a successful run
+//! keeps it (the manifest's config records it per disk under
+//! `backup_vms.bitmaps`, with the node and the QMP socket); older
+//! backup-vms bitmaps on the node go. With `--incremental`, `Vm::plan`
+//! takes the VM's newest backup as base if QEMU still has each recorded
+//! bitmap on the disk's node and the geometry (disk count, sizes, chunk
+//! size) is the same; otherwise a full read, said in the VM's warnings
+//! (`full read: <reason>`), never a guessed incremental. At the snapshot
+//! (VM stopped) the base's bitmap is disabled, so it covers exactly the
+//! writes from the base's snapshot to this one, and exported read-only on
+//! the disk's own node ([`View::map_export`]: QEMU 7.2 does not find a
+//! bitmap through `snapshot-access`). `read_view` reads the chunks that
+//! `qemu:dirty-bitmap:NAME` marks and `base:allocation` says hold data;
+//! every other chunk keeps the base's id (as `session::backup` does with
+//! its dirty maps). A failed incremental merges its new bitmap into the
+//! base's, re-enables that and removes the new one, so the next run still
+//! covers every write since the base (best effort: if QEMU is gone, the
+//! bitmaps are too, and the next run reads in full).
 //!
 //! Names: QEMU limits node names to 31 bytes, so a view's tag is the run
 //! id, the VM's position on the command line and the disk index
@@ -65,10 +78,12 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
-use crate::qemu::nbd::{Extent, NbdClient, CONTEXT_ALLOCATION, STATE_ZERO};
+use crate::qemu::nbd::{
+    dirty_bitmap_context, Extent, NbdClient, CONTEXT_ALLOCATION, STATE_DIRTY, STATE_ZERO,
+};
 use crate::qemu::qmp::{BlockDevice, Qmp};
-use crate::repo::manifest::DiskManifest;
-use crate::repo::writer::{default_config, publish_manifest, store_chunks};
+use crate::repo::manifest::{DiskManifest, Manifest};
+use crate::repo::writer::{default_config, publish_manifest, store_chunks, stored_bytes_after};
 use crate::repo::Repository;
 
 /// Called with (VM name, event name) as each event is recorded (tests use
@@ -93,6 +108,8 @@ pub struct Options {
     pub rate_window: Duration,
     /// How long a guest agent may take to answer its sync.
     pub agent_timeout: Duration,
+    /// Read only what each VM's previous backup's dirty bitmaps mark.
+    pub incremental: bool,
     pub hook: Option<Hook>,
 }
 
@@ -121,10 +138,17 @@ pub struct VmReport {
     /// `application-consistent` or `crash-consistent[: why]`.
     pub consistency: String,
     pub backup: Option<String>,
+    /// `full` or `incremental`.
+    pub mode: String,
+    /// The backup an incremental is relative to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     pub error: Option<String>,
     pub warnings: Vec<String>,
     pub disks: usize,
     pub bytes_read: u64,
+    /// Chunks read over NBD (the others: zeros, or the base's).
+    pub chunks_read: u64,
     pub new_bytes: u64,
     /// From its read's start to its manifest.
     pub read_ms: f64,
@@ -158,12 +182,18 @@ pub fn order_by_rate(rates: &[(String, f64)]) -> Vec<usize> {
 /// Chunk indexes that hold an extent not known to read as zeros, in order.
 /// (`STATE_HOLE` without `STATE_ZERO` may read as backing data: read.)
 pub fn chunks_with_data(extents: &[Extent], chunk_size: u32) -> Vec<u64> {
+    chunks_where(extents, chunk_size, |f| f & STATE_ZERO == 0)
+}
+
+/// Chunk indexes a dirty-bitmap extent marks dirty, in order.
+pub fn dirty_chunks(extents: &[Extent], chunk_size: u32) -> Vec<u64> {
+    chunks_where(extents, chunk_size, |f| f & STATE_DIRTY != 0)
+}
+
+fn chunks_where(extents: &[Extent], chunk_size: u32, keep: impl Fn(u32) -> bool) -> Vec<u64> {
     let cs = chunk_size as u64;
     let mut out: Vec<u64> = vec![];
-    for e in extents
-        .iter()
-        .filter(|e| e.flags & STATE_ZERO == 0 && e.len > 0)
-    {
+    for e in extents.iter().filter(|e| keep(e.flags) && e.len > 0) {
         let first = e.offset / cs;
         let last = (e.offset + e.len - 1) / cs;
         let from = match out.last() {
@@ -212,6 +242,15 @@ struct Vm {
     was_running: bool,
     stopped_at: Option<Instant>,
     agent: Option<GuestAgent>,
+    /// An incremental's base and its dirty bitmap per disk.
+    prev: Option<Prev>,
+    /// Previous bitmaps disabled at the snapshot (disks 0..n).
+    prev_disabled: usize,
+}
+
+struct Prev {
+    manifest: Manifest,
+    bitmaps: Vec<String>,
 }
 
 impl Vm {
@@ -222,6 +261,7 @@ impl Vm {
                 vm: spec.name.clone(),
                 qmp: spec.qmp.clone(),
                 consistency: "crash-consistent".into(),
+                mode: "full".into(),
                 ..Default::default()
             },
             spec,
@@ -233,6 +273,8 @@ impl Vm {
             was_running: false,
             stopped_at: None,
             agent: None,
+            prev: None,
+            prev_disabled: 0,
         }
     }
 
@@ -273,6 +315,74 @@ impl Vm {
         Ok(())
     }
 
+    /// `--incremental`: the newest backup is the base if its recorded
+    /// bitmaps are still in QEMU on the same nodes and its geometry is the
+    /// disks'; otherwise a full read, said in the warnings.
+    fn plan(&mut self, repo: &Repository, chunk_size: u32) {
+        match self.find_base(repo, chunk_size) {
+            Ok(p) => {
+                self.report.mode = "incremental".into();
+                self.report.base = Some(p.manifest.id.clone());
+                self.prev = Some(p);
+            }
+            Err(why) => {
+                tracing::warn!(vm = %self.spec.name, "full read: {why}");
+                self.report.warnings.push(format!("full read: {why}"));
+            }
+        }
+    }
+
+    fn find_base(
+        &mut self,
+        repo: &Repository,
+        chunk_size: u32,
+    ) -> std::result::Result<Prev, String> {
+        let vm = self.spec.name.clone();
+        let ids = repo
+            .backup_ids(&vm)
+            .map_err(|e| format!("listing previous backups: {e}"))?;
+        let id = ids.last().ok_or("no previous backup")?;
+        let m = repo.manifest(&vm, id).map_err(|e| e.to_string())?;
+        let recorded = m.config["backup_vms"]["bitmaps"]
+            .as_array()
+            .ok_or_else(|| format!("backup {id} records no dirty bitmap"))?;
+        if recorded.len() != self.disks.len() || m.disks.len() != self.disks.len() {
+            return Err(format!(
+                "backup {id} has {} disks, the VM {}",
+                m.disks.len(),
+                self.disks.len()
+            ));
+        }
+        let nodes = fleece::nodes(self.q().map_err(|e| e.to_string())?)
+            .map_err(|e| format!("listing QEMU's block nodes: {e}"))?;
+        let mut bitmaps = vec![];
+        for (i, ((rec, dm), disk)) in recorded.iter().zip(&m.disks).zip(&self.disks).enumerate() {
+            // Bitmap names are unique to a run: found on the disk's node,
+            // it is the one that run left (node names may change).
+            let node = &disk.node_name;
+            let bitmap = rec["bitmap"].as_str().unwrap_or("");
+            let Some((_, size, have)) = nodes.iter().find(|n| &n.0 == node) else {
+                return Err(format!("disk {i}: QEMU has no node {node}"));
+            };
+            if dm.size != *size || dm.chunk_size != chunk_size {
+                return Err(format!(
+                    "disk {i}: geometry changed since backup {id} (size {} -> {size}, chunk size {} -> {chunk_size})",
+                    dm.size, dm.chunk_size
+                ));
+            }
+            if !have.iter().any(|b| b == bitmap) {
+                return Err(format!(
+                    "disk {i}: QEMU no longer has dirty bitmap {bitmap} of backup {id} (restarted?)"
+                ));
+            }
+            bitmaps.push(bitmap.to_string());
+        }
+        Ok(Prev {
+            manifest: m,
+            bitmaps,
+        })
+    }
+
     /// Records `e` as this VM's error (the first one counts) and tears its
     /// views down.
     fn fail(&mut self, clock: &Clock, e: Error) {
@@ -282,15 +392,58 @@ impl Vm {
         self.release(clock);
     }
 
-    /// Closes the views and stops the NBD server, best effort.
+    /// Closes the views and stops the NBD server, best effort. After a
+    /// manifest, each disk keeps the new bitmap alone (the next
+    /// incremental's map); after a failure the new bitmap goes, merged into
+    /// the previous one (re-enabled) for an incremental.
     fn release(&mut self, clock: &Clock) {
         let had = !self.views.is_empty() || self.nbd_started;
+        let ok = self.ok();
         let views = std::mem::take(&mut self.views);
+        let disabled = std::mem::take(&mut self.prev_disabled);
         if let Some(q) = self.qmp.as_mut() {
+            let merge = !ok && self.prev.is_some();
             for v in views.iter().rev() {
-                // Full backups only: the bitmap goes with the view.
-                if let Err(e) = fleece::close_view(q, v, true) {
+                if let Err(e) = fleece::close_view(q, v, !ok && !merge) {
                     tracing::warn!(vm = %self.spec.name, node = %v.node, "closing a view: {e}");
+                }
+            }
+            if ok {
+                // Older backup-vms bitmaps (the base's) are done with.
+                let nodes = fleece::nodes(q).unwrap_or_default();
+                for v in &views {
+                    let Some((_, _, have)) = nodes.iter().find(|n| n.0 == v.node) else {
+                        continue;
+                    };
+                    for b in have
+                        .iter()
+                        .filter(|b| b.starts_with("rfs-") && **b != v.bitmap)
+                    {
+                        if let Err(e) = fleece::bitmap_op(q, "remove", &v.node, b) {
+                            tracing::warn!(vm = %self.spec.name, "removing dirty bitmap {b}: {e}");
+                        }
+                    }
+                }
+            } else if let Some(p) = &self.prev {
+                // The base's bitmap must cover everything since the base.
+                for (i, prev) in p.bitmaps.iter().enumerate().take(disabled) {
+                    let node = &self.disks[i].node_name;
+                    let r = (|| {
+                        if let Some(v) = views.get(i) {
+                            fleece::bitmap_merge(q, node, prev, &v.bitmap)?;
+                        }
+                        fleece::bitmap_op(q, "enable", node, prev)?;
+                        if let Some(v) = views.get(i) {
+                            fleece::bitmap_op(q, "remove", node, &v.bitmap)?;
+                        }
+                        Ok::<(), Error>(())
+                    })();
+                    if let Err(e) = r {
+                        tracing::warn!(vm = %self.spec.name, "keeping dirty bitmap {prev}: {e}");
+                    }
+                }
+                for v in views.iter().skip(disabled) {
+                    let _ = fleece::bitmap_op(q, "remove", &v.node, &v.bitmap);
                 }
             }
             if self.nbd_started {
@@ -341,8 +494,16 @@ impl Vm {
         for i in 0..self.disks.len() {
             let tag = format!("{run}-{}-{i}", self.index);
             let disk = self.disks[i].clone();
-            let v = fleece::open_view(self.q()?, &disk, &tag, &dir, chunk_size)
-                .map_err(|e| e.context(format!("disk {i} ({})", disk.qdev)))?;
+            let prev = self.prev.as_ref().map(|p| p.bitmaps[i].clone());
+            if let Some(b) = &prev {
+                // It stops counting at the snapshot; the new one starts.
+                fleece::bitmap_op(self.q()?, "disable", &disk.node_name, b)
+                    .map_err(|e| e.context(format!("disk {i}: disable dirty bitmap {b}")))?;
+                self.prev_disabled = i + 1;
+            }
+            let v =
+                fleece::open_view_with(self.q()?, &disk, &tag, &dir, chunk_size, prev.as_deref())
+                    .map_err(|e| e.context(format!("disk {i} ({})", disk.qdev)))?;
             self.views.push(v);
             clock.event(&mut self.report, "view_opened", Some(i));
         }
@@ -403,9 +564,14 @@ impl Vm {
         let socket = self.socket();
         let mut disks = vec![];
         for (i, v) in self.views.iter().enumerate() {
-            let (dm, read) = read_view(repo, &socket, v, i, opts.chunk_size)
+            let base = self
+                .prev
+                .as_ref()
+                .map(|p| (p.bitmaps[i].as_str(), &p.manifest.disks[i]));
+            let (dm, read, chunks) = read_view(repo, &socket, v, i, opts.chunk_size, base)
                 .map_err(|e| e.context(format!("disk {i}")))?;
             self.report.bytes_read += read;
+            self.report.chunks_read += chunks;
             self.report.new_bytes += dm.new_bytes;
             disks.push(dm);
         }
@@ -414,26 +580,63 @@ impl Vm {
             "snapshot_time": snapshot,
             "consistency": self.report.consistency,
             "devices": self.disks.iter().map(|d| &d.qdev).collect::<Vec<_>>(),
+            "mode": self.report.mode,
+            "base": self.report.base,
+            "qmp": self.spec.qmp,
+            // The next incremental's maps, kept in QEMU.
+            "bitmaps": self.views.iter()
+                .map(|v| serde_json::json!({"node": v.node, "bitmap": v.bitmap}))
+                .collect::<Vec<_>>(),
         });
         Ok(publish_manifest(repo, &self.spec.name, config, disks)?.id)
     }
 }
 
-/// Reads one view into the repository: its disk manifest and bytes read.
+/// Reads one view into the repository: its disk manifest, bytes and
+/// chunks read. With a `base` (the previous bitmap exported with the view,
+/// and the base's disk), only chunks that bitmap marks are read; the
+/// others keep the base's chunk ids.
 fn read_view(
     repo: &Arc<Repository>,
     socket: &Path,
     v: &View,
     index: usize,
     chunk_size: u32,
-) -> Result<(DiskManifest, u64)> {
+    base: Option<(&str, &DiskManifest)>,
+) -> Result<(DiskManifest, u64, u64)> {
     let mut c = NbdClient::connect_unix(socket, &v.export, &[CONTEXT_ALLOCATION])?;
     let size = c.size();
     let extents = match size {
         0 => vec![],
         _ => c.block_status(CONTEXT_ALLOCATION, 0, size)?,
     };
-    let wanted = chunks_with_data(&extents, chunk_size);
+    let mut wanted = chunks_with_data(&extents, chunk_size);
+    let mut chunks = vec![None; DiskManifest::chunk_count(size, chunk_size) as usize];
+    if let Some((bitmap, bd)) = base {
+        if bd.size != size || bd.chunk_size != chunk_size {
+            return Err(Error::invalid("the disk's geometry is not the base's"));
+        }
+        let ctx = dirty_bitmap_context(bitmap);
+        let mut m = NbdClient::connect_unix(socket, &v.map_export(), &[ctx.as_str()])?;
+        if m.size() != size {
+            return Err(Error::invalid(
+                "the dirty bitmap's export is not the view's size",
+            ));
+        }
+        let dirty = match size {
+            0 => vec![],
+            _ => dirty_chunks(&m.block_status(&ctx, 0, size)?, chunk_size),
+        };
+        let _ = m.disconnect();
+        // Clean chunks are the base's; dirty ones are read, or zeros.
+        chunks = bd.chunks.clone();
+        for &i in &dirty {
+            chunks[i as usize] = None;
+        }
+        let dirty: HashSet<u64> = dirty.into_iter().collect();
+        wanted.retain(|i| dirty.contains(i));
+    }
+    let wanted_n = wanted.len() as u64;
     let c = Mutex::new(c);
     let read = |i: u64, buf: &mut [u8]| {
         c.lock()
@@ -442,19 +645,22 @@ fn read_view(
     };
     let st = store_chunks(repo, size, chunk_size, wanted.into_iter(), &read, &|_| {})?;
     let _ = c.into_inner().map(|c| c.disconnect());
-    let mut chunks = vec![None; DiskManifest::chunk_count(size, chunk_size) as usize];
     for (i, d) in &st.chunks {
         chunks[*i as usize] = *d;
     }
+    let stored_bytes = match base {
+        Some((_, bd)) => stored_bytes_after(repo, bd, &chunks, &st.sizes)?,
+        None => st.sizes.values().sum(),
+    };
     let dm = DiskManifest {
         name: format!("disk{index}"),
         size,
         chunk_size,
         chunks,
-        stored_bytes: st.sizes.values().sum(),
+        stored_bytes,
         new_bytes: st.new_bytes,
     };
-    Ok((dm, st.read_bytes))
+    Ok((dm, st.read_bytes, wanted_n))
 }
 
 fn check(opts: &Options) -> Result<()> {
@@ -498,6 +704,8 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
     for vm in &mut vms {
         if let Err(e) = vm.prepare() {
             vm.fail(&clock, e);
+        } else if opts.incremental {
+            vm.plan(repo, opts.chunk_size);
         }
     }
     let rates: Vec<(usize, Result<f64>)> = std::thread::scope(|s| {

@@ -36,6 +36,26 @@ impl Vm {
     fn monitor(&self) -> Qmp {
         Qmp::connect(&self.mon).unwrap()
     }
+
+    /// A new QEMU process on the same image and QMP sockets (what the
+    /// VM's dirty bitmaps do not survive), running.
+    fn restart(&self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.qmp);
+        let _ = std::fs::remove_file(&self.mon);
+        let mut cmd = paused_vm(self.img.as_ref().unwrap(), &self.qmp);
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.mon.display()));
+        *self.proc.lock().unwrap() = Proc::spawn(&mut cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for s in [&self.qmp, &self.mon] {
+            while Qmp::connect(s).is_err() {
+                assert!(Instant::now() < deadline, "QEMU answers on no QMP socket");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.monitor().cont().unwrap();
+    }
 }
 
 /// 4 MiB of random bytes, zeros in the third MiB, and no boot signature
@@ -117,6 +137,7 @@ fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
         chunk_size: CHUNK,
         rate_window: Duration::from_millis(200),
         agent_timeout: Duration::from_secs(1),
+        incremental: false,
         hook,
     }
 }
@@ -167,10 +188,28 @@ fn leftovers(q: &mut Qmp) -> Vec<String> {
             out.push(name.to_string());
         }
         for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
-            out.push(format!("bitmap {}", b["name"]));
+            out.push(format!("bitmap {}", b["name"].as_str().unwrap_or("")));
         }
     }
     out
+}
+
+/// [`leftovers`] after a successful backup: no node, and only the dirty
+/// bitmaps its manifest records (kept for the next incremental).
+fn leftovers_but_kept(q: &mut Qmp, repo: &Repository, vm: &str, id: &str) -> Vec<String> {
+    let m = repo.resolve(vm, Some(id)).unwrap();
+    let kept: Vec<String> = m.config["backup_vms"]["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| format!("bitmap {}", b["bitmap"].as_str().unwrap()))
+        .collect();
+    let left = leftovers(q);
+    assert!(
+        kept.iter().all(|k| left.contains(k)),
+        "{kept:?} kept in {left:?}"
+    );
+    left.into_iter().filter(|l| !kept.contains(l)).collect()
 }
 
 #[test]
@@ -204,6 +243,7 @@ fn a_vm_name_or_a_qmp_socket_given_twice_is_refused_before_anything_is_touched()
         chunk_size: CHUNK,
         rate_window: Duration::ZERO,
         agent_timeout: Duration::ZERO,
+        incremental: false,
         hook: None,
     };
     let e = backup_vms(&repo, &o).unwrap_err().to_string();
@@ -289,7 +329,8 @@ fn vms_backed_up_from_one_snapshot_time_hold_its_content_busiest_first_releasing
         );
         assert!(r.new_bytes > 0);
         let mut q = mons.lock().unwrap().remove(*n).unwrap();
-        assert!(leftovers(&mut q).is_empty(), "{n}: {:?}", leftovers(&mut q));
+        let left = leftovers_but_kept(&mut q, &repo, n, r.backup.as_deref().unwrap());
+        assert!(left.is_empty(), "{n}: {left:?}");
         assert!(q.status().unwrap().running, "{n} runs again");
         eprintln!(
             "{n}: paused {:.1} ms, read {} B in {:.1} ms ({:.1} MiB/s)",
@@ -454,7 +495,8 @@ fn two_vms_read_two_at_a_time_through_the_cli_restore_to_their_content_and_leave
         assert_eq!(ids.len(), 1);
         assert!(restored(&repo, n, &ids[0]) == *d, "{n}");
         let mut q = v.monitor();
-        assert!(leftovers(&mut q).is_empty(), "{n}: {:?}", leftovers(&mut q));
+        let left = leftovers_but_kept(&mut q, &repo, n, &ids[0]);
+        assert!(left.is_empty(), "{n}: {left:?}");
         assert!(q.status().unwrap().running);
     }
 }
@@ -577,4 +619,168 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     assert!(q.status().unwrap().running);
     assert!(report(&s, "good").backup.is_some());
     assert_eq!(s.failed().len(), 1);
+}
+
+fn chunk_list(repo: &Repository, vm: &str, id: &str) -> Vec<Option<crate::repo::Digest>> {
+    repo.resolve(vm, Some(id)).unwrap().disks[0].chunks.clone()
+}
+
+fn bitmaps_left(q: &mut Qmp) -> Vec<String> {
+    leftovers(q)
+        .into_iter()
+        .filter(|l| l.starts_with("bitmap "))
+        .collect()
+}
+
+#[test]
+fn an_incremental_reads_exactly_the_chunks_written_since_the_last_backup_and_lists_the_chunks_of_a_full_backup(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_d, repo) = repo();
+    let mut opts = options(&[("inc", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    assert!(full.failed().is_empty(), "{:?}", full.failed());
+    let r0 = report(&full, "inc").clone();
+    assert_eq!(r0.mode, "full");
+    // 3 MiB of data in 64 KiB chunks: the zero MiB is not read.
+    assert_eq!(r0.chunks_read, 48);
+
+    // Four chunks written: in data, across a chunk boundary, and in the hole.
+    let mut q = v.monitor();
+    assert_eq!(
+        bitmaps_left(&mut q).len(),
+        1,
+        "the full backup keeps its bitmap"
+    );
+    hmp_write(&mut q, 0x11, 0, 4096);
+    hmp_write(&mut q, 0x22, 6 * CHUNK as usize - 512, 1024);
+    hmp_write(&mut q, 0x33, 2 * MIB + CHUNK as usize, 4096);
+    opts.incremental = true;
+    let inc = backup_vms(&repo, &opts).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&inc).unwrap());
+    assert!(inc.failed().is_empty(), "{:?}", inc.failed());
+    let r1 = report(&inc, "inc").clone();
+    assert_eq!(r1.mode, "incremental");
+    assert_eq!(r1.base, r0.backup);
+    assert!(r1.warnings.is_empty(), "{:?}", r1.warnings);
+    assert_eq!(r1.chunks_read, 4, "chunks 0, 5, 6 and 33");
+    assert_eq!(r1.bytes_read, 4 * CHUNK as u64);
+    let id1 = r1.backup.clone().unwrap();
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(
+        restored(&repo, "inc", &id1) == now,
+        "the incremental holds the disk"
+    );
+    let left = bitmaps_left(&mut q);
+    assert_eq!(left.len(), 1, "only the new bitmap stays: {left:?}");
+
+    // A full backup right after, nothing written between: the same chunks.
+    opts.incremental = false;
+    let full2 = backup_vms(&repo, &opts).unwrap();
+    let r2 = report(&full2, "inc").clone();
+    assert_eq!(r2.chunks_read, 49);
+    assert_eq!(
+        chunk_list(&repo, "inc", &id1),
+        chunk_list(&repo, "inc", r2.backup.as_deref().unwrap())
+    );
+    // And an incremental with no write in between reads nothing.
+    opts.incremental = true;
+    let idle = backup_vms(&repo, &opts).unwrap();
+    let r3 = report(&idle, "inc");
+    assert_eq!((r3.mode.as_str(), r3.chunks_read), ("incremental", 0));
+    assert_eq!(
+        chunk_list(&repo, "inc", r3.backup.as_deref().unwrap()),
+        chunk_list(&repo, "inc", &id1)
+    );
+    eprintln!(
+        "chunks read: full {}, incremental {}, idle incremental {}",
+        r0.chunks_read, r1.chunks_read, r3.chunks_read
+    );
+}
+
+#[test]
+fn an_incremental_whose_bitmap_died_with_a_restarted_qemu_reads_everything_and_says_why() {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_d, repo) = repo();
+    let mut opts = options(&[("lost", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    assert!(full.failed().is_empty(), "{:?}", full.failed());
+    v.restart();
+    let mut q = v.monitor();
+    assert!(bitmaps_left(&mut q).is_empty());
+    hmp_write(&mut q, 0x44, CHUNK as usize, 4096);
+    opts.incremental = true;
+    let s = backup_vms(&repo, &opts).unwrap();
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    let r = report(&s, "lost");
+    assert_eq!(r.mode, "full");
+    assert_eq!(r.base, None);
+    assert_eq!(r.chunks_read, 48);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("full read: ") && w.contains("no longer has dirty bitmap")),
+        "{:?}",
+        r.warnings
+    );
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(restored(&repo, "lost", r.backup.as_deref().unwrap()) == now);
+    assert_eq!(bitmaps_left(&mut q).len(), 1);
+    // With no previous backup at all: a full read too, said so.
+    let (_d2, empty) = super::tests::repo();
+    let s = backup_vms(&empty, &opts).unwrap();
+    let r = report(&s, "lost");
+    assert_eq!(r.mode, "full");
+    assert_eq!(r.warnings, ["full read: no previous backup"]);
+}
+
+#[test]
+fn a_failed_incremental_merges_its_bitmap_into_the_previous_one_so_the_next_reads_every_write_since_the_last_backup(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_d, repo) = repo();
+    let mut opts = options(&[("merge", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    let base = report(&full, "merge").backup.clone();
+    assert!(base.is_some());
+    // One client per QMP socket: the test's monitor is shared with the hook.
+    let mon = Arc::new(Mutex::new(v.monitor()));
+    // Before the failed run's snapshot: in the previous bitmap.
+    hmp_write(&mut mon.lock().unwrap(), 0x55, CHUNK as usize, 4096);
+
+    // After its snapshot: in the failed run's new bitmap only. Then its
+    // exports vanish, so its read fails.
+    let m = mon.clone();
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "resumed" {
+            let mut q = m.lock().unwrap();
+            hmp_write(&mut q, 0x66, 7 * CHUNK as usize, 4096);
+            let exports = q.execute("query-block-exports", None).unwrap();
+            for e in exports.as_array().unwrap() {
+                q.execute("block-export-del", Some(json!({"id": e["id"]})))
+                    .unwrap();
+            }
+        }
+    });
+    opts.incremental = true;
+    opts.hook = Some(hook);
+    let failed = backup_vms(&repo, &opts).unwrap();
+    let r = report(&failed, "merge");
+    assert_eq!(r.mode, "incremental");
+    assert!(r.error.is_some(), "{r:?}");
+    assert_eq!(repo.backup_ids("merge").unwrap().len(), 1);
+    let left = bitmaps_left(&mut mon.lock().unwrap());
+    assert_eq!(left.len(), 1, "the previous bitmap alone: {left:?}");
+
+    opts.hook = None;
+    let next = backup_vms(&repo, &opts).unwrap();
+    assert!(next.failed().is_empty(), "{:?}", next.failed());
+    let r = report(&next, "merge");
+    assert_eq!((r.mode.as_str(), &r.base), ("incremental", &base));
+    assert_eq!(r.chunks_read, 2, "chunks 1 and 7");
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(restored(&repo, "merge", r.backup.as_deref().unwrap()) == now);
 }
