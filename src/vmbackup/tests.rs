@@ -530,7 +530,8 @@ fn debian(dir: &Path) -> (Proc, PathBuf, PathBuf) {
 }
 
 #[test]
-fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_and_frozen_through_its_agent() {
+fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_frozen_through_its_agent_and_its_backup_boots(
+) {
     let d = tempfile::tempdir().unwrap();
     let idle = vm(Some(&content()));
     let (_deb, deb_qmp, deb_qga) = debian(d.path());
@@ -567,6 +568,22 @@ fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_and_frozen_through
     assert_eq!(
         m.config["backup_vms"]["consistency"],
         "application-consistent"
+    );
+    // The backup of the running, writing guest boots: a throwaway recovery
+    // reaches the debian image's marker.
+    let r = crate::verify_boot::verify_boot(crate::verify_boot::VerifyBootOptions {
+        repo: _r.path().join("repo").to_string_lossy().to_string(),
+        vm: "busy".into(),
+        backup: busy.backup.clone(),
+        marker: Some("RECOVERFS-DEBIAN-UP".into()),
+        timeout: Duration::from_secs(300),
+        console_log: None,
+    })
+    .unwrap();
+    assert!(
+        r.passed(),
+        "the restored VM did not boot: {:?}",
+        r.console_tail
     );
 }
 
