@@ -15,7 +15,7 @@
 //!    write, also its backup content (a presence bit implies the block's
 //!    bytes are the backup's or a write that happened);
 //! 2. every block whose bytes differ from the backup, and every block an
-//!    acknowledged write touched, has its changed bit;
+//!    acknowledged write touched, has its changed bit (also after the cutover);
 //! 3. before the cutover, every copied block reads the same on the target
 //!    as through the volume; after it, the target is what the volume serves;
 //! 4. with live backups (`backup --session`) running while the guest
@@ -329,8 +329,9 @@ fn check_state(
             ));
         }
     }
-    // 2. Changed bits cover every block that differs or was acknowledged.
-    if !vol.is_switched() {
+    // 2. Changed bits cover every block that differs or was acknowledged,
+    //    also after the cutover (writes to the target mark them too).
+    {
         let changed = vol.changed_ranges();
         let is_changed = |b: usize| changed.iter().any(|&(s, e)| (s..e).contains(&(b as u64)));
         for b in 0..blocks {
