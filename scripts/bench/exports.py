@@ -371,8 +371,7 @@ def render(res):
     return "\n".join(L) + "\n"
 
 
-def write_md(md):
-    B.replace_section("\n## Exports (NFS and NBD)\n", md)
+HEAD = "\n## Exports (NFS and NBD)\n"
 
 
 def main():
@@ -389,11 +388,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(B.SOCK_DIR, ignore_errors=True)
-    with open(OUT_JSON, "w") as f:
-        json.dump(res, f, indent=1)
-    md = render(res)
-    write_md(md)
-    print(md)
+    B.write_results(OUT_JSON, res, HEAD, render(res))
 
 
 if __name__ == "__main__":

@@ -384,8 +384,7 @@ def analysis(res):
     return " ".join(lines)
 
 
-def write_md(md):
-    B.replace_section("\n## Placement: does it pay?\n", md)
+HEAD = "\n## Placement: does it pay?\n"
 
 
 def main():
@@ -398,7 +397,7 @@ def main():
     if a.render_only:
         res = json.load(open(OUT_JSON))
         res["analysis"] = analysis(res)
-        write_md(render(res))
+        B.replace_section(HEAD, render(res))
         return
     rounds_n = a.rounds or (2 if a.quick else 5)
     B.SOCK_DIR = tempfile.mkdtemp(prefix="/tmp/rfsp")
@@ -430,11 +429,7 @@ def main():
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(B.SOCK_DIR, ignore_errors=True)
-    with open(OUT_JSON, "w") as f:
-        json.dump(res, f, indent=1)
-    md = render(res)
-    write_md(md)
-    print(md)
+    B.write_results(OUT_JSON, res, HEAD, render(res))
 
 
 if __name__ == "__main__":

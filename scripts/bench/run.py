@@ -1294,6 +1294,15 @@ def render(results):
 FOREIGN_SECTIONS = ("\n## Relocation\n", "\n## Exports (NFS and NBD)\n", "\n## Placement: does it pay?\n")
 
 
+def write_results(json_path, res, head, md):
+    """Raw figures to `json_path`, the section `md` (under `head`) into
+    docs/benchmarks.md, and the section to stdout."""
+    with open(json_path, "w") as f:
+        json.dump(res, f, indent=1)
+    replace_section(head, md)
+    print(md)
+
+
 def replace_section(head, md):
     """Puts `md` (starting with `head`, e.g. "\n## Exports...\n") in
     docs/benchmarks.md in place of an earlier section under that heading,
