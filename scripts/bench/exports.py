@@ -27,7 +27,6 @@ docs/benchmarks.md (replacing an earlier one). Needs root, qemu-utils,
 qemu-block-extra, nbdkit, qemu-storage-daemon; installs nothing.
 """
 import argparse
-import json
 import os
 import re
 import shutil
