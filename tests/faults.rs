@@ -130,6 +130,10 @@ fn an_fsync_of_one_vm_never_stalls_staged_reads_of_another() {
     };
     dirty(&b, 0);
     b.sync_all().unwrap();
+    // Earlier tests' dirty pages (a booted 1.5 GiB image) written back
+    // during a round would slow the device under every read, ours or not:
+    // only this test's fsync should be in flight while it measures.
+    nix::unistd::sync();
     let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
     // SAFETY: a 4096-byte, 4096-aligned allocation for O_DIRECT reads,
     // freed below with the same layout.
