@@ -1,0 +1,281 @@
+//! `backup-vms` end to end, through the real binary: three `tiny` VMs,
+//! each running the guest writer (sector i of its second disk stamped with
+//! sequence number i, a flush per write) at a different rate. One run backs
+//! them all up from one snapshot time. What it proves:
+//! - each restored writer disk is consistent with a single instant: its
+//!   stamps are exactly 1..=k, so no write is present without every write
+//!   the guest finished before it;
+//! - the three VMs were paused together (their stop..cont windows overlap)
+//!   and every manifest records the same snapshot time;
+//! - the busiest VM is read first, and its view is released before the
+//!   last VM's backup finishes (from the command's event log);
+//! - every restored backup boots, and its boot counter shows the boot the
+//!   guest had finished before the snapshot.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const SECTOR: usize = 512;
+/// The writer disk: big enough that no writer reaches its end in a test.
+const WRITER_MIB: u64 = 16;
+
+/// A tiny VM running its guest writer; killed when dropped.
+struct WriterVm {
+    name: &'static str,
+    child: Child,
+    qmp: PathBuf,
+    console: PathBuf,
+}
+
+impl Drop for WriterVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let c = std::fs::read(&self.console).unwrap_or_default();
+            eprintln!(
+                "---- console of {} ----\n{}",
+                self.name,
+                String::from_utf8_lossy(&c)
+            );
+        }
+    }
+}
+
+/// A writer disk header: `total` writes, `pause_ms` between them.
+fn writer_disk(path: &Path, total: u32, pause_ms: u32) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(WRITER_MIB << 20).unwrap();
+    let header = format!("RECOVERFS-WRITER{total:08}{pause_ms:08}{:08}", 0);
+    std::os::unix::fs::FileExt::write_all_at(&f, header.as_bytes(), 0).unwrap();
+}
+
+/// Starts a tiny VM (its own copy of the image) with the writer disk and
+/// QMP, and waits until its writer has made `progress` writes.
+fn start(env: &Env, name: &'static str, pause_ms: u32) -> WriterVm {
+    let boot = env.path(&format!("{name}-boot.raw"));
+    let st = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(tiny_image())
+        .arg(&boot)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let writer = env.path(&format!("{name}-writer.raw"));
+    writer_disk(&writer, 10_000_000, pause_ms);
+    let qmp = env.path(&format!("{name}.qmp"));
+    let console = env.path(&format!("{name}.console"));
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-display", "none", "-m", "128", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", boot.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", writer.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    WriterVm {
+        name,
+        child,
+        qmp,
+        console,
+    }
+}
+
+/// Waits until every VM's console shows its writer at work.
+fn wait_writing(vms: &mut [WriterVm]) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for vm in vms.iter_mut() {
+        loop {
+            let c = std::fs::read(&vm.console).unwrap_or_default();
+            if String::from_utf8_lossy(&c).contains("RECOVERFS-WRITER start") {
+                break;
+            }
+            if let Ok(Some(st)) = vm.child.try_wait() {
+                panic!("{} exited before its writer started: {st}", vm.name);
+            }
+            assert!(Instant::now() < deadline, "{}: no writer", vm.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // A few seconds of writes at each rate before the backup measures them.
+    std::thread::sleep(Duration::from_secs(4));
+}
+
+/// The stamps of a restored writer disk: `Some(seq)` per sector from 1
+/// up to the last stamped one.
+fn stamps(disk: &[u8]) -> Vec<Option<u64>> {
+    let mut out: Vec<Option<u64>> = disk[SECTOR..]
+        .chunks(SECTOR)
+        .map(|s| {
+            // "RFSW seq=%08d\n"
+            let t = std::str::from_utf8(&s[..17]).ok()?;
+            t.strip_prefix("RFSW seq=")?.parse().ok()
+        })
+        .collect();
+    while out.last() == Some(&None) {
+        out.pop();
+    }
+    out
+}
+
+/// Disk `n` of backup `id` of `vm`, read back through the repository.
+fn restored(env: &Env, vm: &str, id: &str, n: usize) -> Vec<u8> {
+    let repo = recoverfs::repo::Repository::open(env.repo_str()).unwrap();
+    let m = repo.resolve(vm, Some(id)).unwrap();
+    let disk = &m.disks[n];
+    let mut back = Vec::with_capacity(disk.size as usize);
+    for (i, c) in disk.chunks.iter().enumerate() {
+        let len = disk.chunk_len(i as u64);
+        match c {
+            Some(d) => back.extend(repo.read_chunk(d, len, &"test").unwrap().0),
+            None => back.extend(vec![0u8; len]),
+        }
+    }
+    back
+}
+
+fn event(vm: &Value, name: &str) -> u64 {
+    vm["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == name)
+        .unwrap_or_else(|| panic!("{}: no {name} in {}", vm["vm"], vm["events"]))["t_us"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn three_writing_vms_back_up_at_one_instant_busiest_first_and_every_restored_image_boots() {
+    let env = Env::new();
+    // Pauses chosen so that the rates differ by far more than TCG's noise:
+    // as fast as it goes, ~20 writes/s, ~2 writes/s.
+    let mut vms = vec![
+        start(&env, "slow", 500),
+        start(&env, "busy", 0),
+        start(&env, "mid", 50),
+    ];
+    wait_writing(&mut vms);
+
+    let mut args = vec![
+        "backup-vms".to_string(),
+        "--repo".into(),
+        env.repo_str().into(),
+        "--jobs".into(),
+        "1".into(),
+        "--rate-window".into(),
+        "2".into(),
+        "--json".into(),
+    ];
+    for vm in &vms {
+        args.push("--vm".into());
+        args.push(format!("{}={}", vm.name, vm.qmp.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.ok(&args);
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    let report = |name: &str| -> &Value {
+        summary["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == name)
+            .unwrap()
+    };
+
+    // Busiest first: the order follows the measured write rates.
+    let order = |n: &str| report(n)["order"].as_u64().unwrap();
+    let rate = |n: &str| report(n)["write_rate"].as_f64().unwrap();
+    assert!(
+        rate("busy") > rate("mid") && rate("mid") > rate("slow"),
+        "rates busy {} mid {} slow {}",
+        rate("busy"),
+        rate("mid"),
+        rate("slow")
+    );
+    assert_eq!(
+        (order("busy"), order("mid"), order("slow")),
+        (1, 2, 3),
+        "{out}"
+    );
+    // Read first, released first: the busiest VM's view is gone before the
+    // second VM's read starts, and long before the last VM finishes.
+    let busy = report("busy");
+    let last = report("slow");
+    assert!(event(busy, "view_released") < event(report("mid"), "read_started"));
+    assert!(event(busy, "view_released") < event(last, "manifest_written"));
+
+    // One instant: every VM was stopped before any was resumed, and every
+    // manifest records the run's snapshot time.
+    let latest_stop = ["busy", "mid", "slow"]
+        .iter()
+        .map(|n| event(report(n), "stopped"))
+        .max()
+        .unwrap();
+    let earliest_cont = ["busy", "mid", "slow"]
+        .iter()
+        .map(|n| event(report(n), "resumed"))
+        .min()
+        .unwrap();
+    assert!(
+        latest_stop < earliest_cont,
+        "pause windows do not overlap: {out}"
+    );
+    let snapshot = summary["snapshot_time"].as_str().unwrap();
+    let repo = recoverfs::repo::Repository::open(env.repo_str()).unwrap();
+    let mut writes = std::collections::HashMap::new();
+    for vm in &vms {
+        let id = report(vm.name)["backup"].as_str().unwrap();
+        let m = repo.resolve(vm.name, Some(id)).unwrap();
+        assert_eq!(
+            m.config["backup_vms"]["snapshot_time"], snapshot,
+            "{}",
+            vm.name
+        );
+        assert_eq!(m.disks.len(), 2, "{}", vm.name);
+
+        // Consistent with one instant: sector i holds stamp i for every i
+        // up to the last stamp, and nothing after it.
+        let disk = restored(&env, vm.name, id, 1);
+        let s = stamps(&disk);
+        assert!(!s.is_empty(), "{}: no stamp restored", vm.name);
+        for (i, stamp) in s.iter().enumerate() {
+            assert_eq!(
+                *stamp,
+                Some(i as u64 + 1),
+                "{}: sector {} of {} stamped {stamp:?}",
+                vm.name,
+                i + 1,
+                s.len()
+            );
+        }
+        eprintln!("{}: writes 1..={} in its backup", vm.name, s.len());
+        writes.insert(vm.name, s.len());
+    }
+    // The rates show in the stamps too (the slow VM started first).
+    assert!(writes["busy"] > writes["slow"], "{writes:?}");
+    drop(vms);
+
+    // Every restored backup boots, and its root filesystem is the one the
+    // guest had at the snapshot: one boot done, so this is boot 2.
+    for name in ["busy", "mid", "slow"] {
+        let out = env.verify_boot(name, "RECOVERFS-TINY-UP boot=2");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
