@@ -279,3 +279,79 @@ fn three_writing_vms_back_up_at_one_instant_busiest_first_and_every_restored_ima
         );
     }
 }
+
+/// A `qemu-nbd` serving a file on a Unix socket; killed when dropped.
+struct QemuNbd(Child);
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn backup_of_an_nbd_export_reads_only_its_data_extents_and_restores_byte_for_byte() {
+    let env = Env::new();
+    let img = env.path("disk.raw");
+    // 8 MiB: random data, then a 4 MiB hole the server reports as zeros.
+    let data = random_image(&img, 8 << 20, 7, 1 << 20);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    nix::fcntl::fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        4 << 20,
+        4 << 20,
+    )
+    .unwrap();
+    let mut want = data;
+    want[4 << 20..].fill(0);
+    let sock = env.path("nbd.sock");
+    let _server = QemuNbd(
+        Command::new("qemu-nbd")
+            .args(["--read-only", "--persistent", "--shared=4", "-f", "raw"])
+            .args(["-x", "vol"])
+            .arg("-k")
+            .arg(&sock)
+            .arg(&img)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "qemu-nbd does not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nbd+unix:///vol?socket={}", sock.display());
+    let out = env.run(&[
+        "backup",
+        "--repo",
+        env.repo_str(),
+        "--vm",
+        "nbdvm",
+        "--chunk-size",
+        "1M",
+        &url,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // Only the 4 MiB of data crossed the wire.
+    assert!(err.contains("4.0 MiB read in 4 chunks"), "{err}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(restored(&env, "nbdvm", &id, 0), want);
+
+    // Mixed sources and a URL naming no export server are refused in one line.
+    let img_s = img.to_str().unwrap();
+    let e = env.fails(
+        &["backup", "--repo", env.repo_str(), "--vm", "m", img_s, &url],
+        "either image files or NBD URLs",
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let missing = format!("nbd+unix:///vol?socket={}", env.path("none.sock").display());
+    let e = env.fails(
+        &["backup", "--repo", env.repo_str(), "--vm", "m", &missing],
+        "cannot connect to the NBD server",
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}

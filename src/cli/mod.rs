@@ -18,6 +18,7 @@ use crate::repo::chunk::validate_chunk_size;
 use crate::repo::writer::{run_backup, BackupRequest};
 use crate::repo::Repository;
 use crate::util::{human_bytes, parse_size};
+use crate::vmbackup::read::{backup_exports, Export};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +59,9 @@ pub enum Command {
         /// Chunk size: a power of two from 64K to 8M.
         #[arg(long, default_value = "1M")]
         chunk_size: String,
+        /// Raw image files (or block devices), or NBD exports as
+        /// `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`
+        /// (zero extents the server reports are skipped), one per disk.
         #[arg(required_unless_present = "session")]
         images: Vec<PathBuf>,
         /// Back up this VM's live recovery session through the daemon: the
@@ -99,6 +103,10 @@ pub enum Command {
         /// dirty bitmap); a full read, with the reason, where it cannot.
         #[arg(long)]
         incremental: bool,
+        /// Read order by measured write rate: busiest-first releases the
+        /// costliest views soonest; idle-first exists to measure that.
+        #[arg(long, value_enum, default_value_t)]
+        order: crate::vmbackup::ReadOrder,
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -358,6 +366,7 @@ pub fn run(cli: Cli) -> Result<()> {
             chunk_size,
             rate_window,
             incremental,
+            order,
             json,
         } => backup_vms(
             &repo,
@@ -366,7 +375,7 @@ pub fn run(cli: Cli) -> Result<()> {
             jobs,
             &chunk_size,
             rate_window,
-            incremental,
+            (incremental, order),
             json,
         ),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
@@ -711,13 +720,50 @@ fn backup(
         }
         None => None,
     };
+    let urls: Vec<&str> = images.iter().filter_map(|p| p.to_str()).collect();
+    let nbd = urls.iter().filter(|u| Export::is_url(u)).count();
+    if nbd > 0 && nbd != images.len() {
+        return Err(Error::invalid(
+            "give either image files or NBD URLs, not both",
+        ));
+    }
+    let exports = urls
+        .iter()
+        .filter(|u| Export::is_url(u))
+        .map(|u| Export::parse(u))
+        .collect::<Result<Vec<_>>>()?;
     // Check the images before creating anything.
-    for img in &images {
-        crate::repo::writer::image_size(img)?;
+    if exports.is_empty() {
+        for img in &images {
+            crate::repo::writer::image_size(img)?;
+        }
     }
     let (r, created) = Repository::open_or_create(repo)?;
     if created {
         eprintln!("created repository {}", r.location());
+    }
+    if !exports.is_empty() {
+        let (m, reads) = backup_exports(&r, &vm, config, &exports, chunk_size)?;
+        for (e, rd) in exports.iter().zip(&reads) {
+            eprintln!(
+                "{} (NBD export {:?}): {} read in {} chunks: {} new ({} stored), {} zero",
+                rd.disk.name,
+                e.name,
+                human_bytes(rd.read_bytes),
+                rd.chunks_read,
+                rd.new_chunks,
+                human_bytes(rd.disk.new_bytes),
+                rd.zero_chunks
+            );
+        }
+        eprintln!(
+            "backup {} of VM {}: {} new bytes",
+            m.id,
+            m.vm,
+            m.new_bytes()
+        );
+        println!("{}", m.id);
+        return Ok(());
     }
     let report = run_backup(
         &r,
@@ -769,7 +815,7 @@ fn backup_vms(
     jobs: usize,
     chunk_size: &str,
     rate_window: f64,
-    incremental: bool,
+    (incremental, order): (bool, crate::vmbackup::ReadOrder),
     json: bool,
 ) -> Result<()> {
     use crate::vmbackup::{backup_vms, Options, VmSpec};
@@ -802,6 +848,7 @@ fn backup_vms(
         rate_window: Duration::from_secs_f64(rate_window),
         agent_timeout: crate::qemu::guest_agent::SYNC_TIMEOUT,
         incremental,
+        order,
         hook: None,
     };
     let (r, created) = Repository::open_or_create(repo)?;

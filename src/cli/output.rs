@@ -394,13 +394,14 @@ pub fn backup_vms(s: &crate::vmbackup::Summary, json: bool) {
             (None, None) => "not backed up".into(),
         };
         eprintln!(
-            "{order} VM {} ({}/s written): {what}; {paused}; read {} in {:.1} s ({}/s), {} new; {}",
+            "{order} VM {} ({}/s written): {what}; {paused}; read {} in {:.1} s ({}/s), {} new, {} copied before write; {}",
             v.vm,
             human_bytes(v.write_rate as u64),
             human_bytes(v.bytes_read),
             v.read_ms / 1000.0,
             human_bytes(rate as u64),
             human_bytes(v.new_bytes),
+            human_bytes(v.cbw_bytes),
             v.consistency,
         );
         for w in &v.warnings {

@@ -45,6 +45,15 @@ pub struct View {
 }
 
 impl View {
+    /// Bytes the copy-before-write store holds: old data guest writes
+    /// copied out since the snapshot (what keeping the view open costs).
+    pub fn cbw_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.tmp_path)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    }
+
     /// The export of the disk's node carrying an exported bitmap's status.
     pub fn map_export(&self) -> String {
         format!("{}-map", self.export)

@@ -68,23 +68,24 @@
 //! id, the VM's position on the command line and the disk index
 //! (`<run>-<vm>-<disk>`), not the VM's name.
 
+pub mod read;
+
 use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::boot::NbdServer;
 use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
-use crate::qemu::nbd::{
-    dirty_bitmap_context, Extent, NbdClient, CONTEXT_ALLOCATION, STATE_DIRTY, STATE_ZERO,
-};
 use crate::qemu::qmp::{BlockDevice, Qmp};
-use crate::repo::manifest::{DiskManifest, Manifest};
-use crate::repo::writer::{default_config, publish_manifest, store_chunks, stored_bytes_after};
+use crate::repo::manifest::Manifest;
+use crate::repo::writer::{default_config, publish_manifest};
 use crate::repo::Repository;
+pub use read::{chunks_with_data, dirty_chunks, read_export, Base, Export, ReadOutcome};
 
 /// Called with (VM name, event name) as each event is recorded (tests use
 /// it to act at a precise point of a run).
@@ -110,7 +111,20 @@ pub struct Options {
     pub agent_timeout: Duration,
     /// Read only what each VM's previous backup's dirty bitmaps mark.
     pub incremental: bool,
+    /// Which VM is read first.
+    pub order: ReadOrder,
     pub hook: Option<Hook>,
+}
+
+/// The order VMs are read in, by measured write rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadOrder {
+    /// Busiest first: the views that cost most are released soonest.
+    #[default]
+    BusiestFirst,
+    /// Idle first: only to measure what busiest-first saves.
+    IdleFirst,
 }
 
 /// One step of one VM's backup.
@@ -152,6 +166,9 @@ pub struct VmReport {
     pub new_bytes: u64,
     /// From its read's start to its manifest.
     pub read_ms: f64,
+    /// Old data the guest's writes copied into the views' copy-before-write
+    /// stores while they were open (measured as they are released).
+    pub cbw_bytes: u64,
     pub events: Vec<Event>,
 }
 
@@ -177,32 +194,6 @@ pub fn order_by_rate(rates: &[(String, f64)]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..rates.len()).collect();
     idx.sort_by(|&a, &b| rates[b].1.total_cmp(&rates[a].1));
     idx
-}
-
-/// Chunk indexes that hold an extent not known to read as zeros, in order.
-/// (`STATE_HOLE` without `STATE_ZERO` may read as backing data: read.)
-pub fn chunks_with_data(extents: &[Extent], chunk_size: u32) -> Vec<u64> {
-    chunks_where(extents, chunk_size, |f| f & STATE_ZERO == 0)
-}
-
-/// Chunk indexes a dirty-bitmap extent marks dirty, in order.
-pub fn dirty_chunks(extents: &[Extent], chunk_size: u32) -> Vec<u64> {
-    chunks_where(extents, chunk_size, |f| f & STATE_DIRTY != 0)
-}
-
-fn chunks_where(extents: &[Extent], chunk_size: u32, keep: impl Fn(u32) -> bool) -> Vec<u64> {
-    let cs = chunk_size as u64;
-    let mut out: Vec<u64> = vec![];
-    for e in extents.iter().filter(|e| keep(e.flags) && e.len > 0) {
-        let first = e.offset / cs;
-        let last = (e.offset + e.len - 1) / cs;
-        let from = match out.last() {
-            Some(&l) if l >= first => l + 1,
-            _ => first,
-        };
-        out.extend(from..=last);
-    }
-    out
 }
 
 struct Clock {
@@ -400,6 +391,7 @@ impl Vm {
         let had = !self.views.is_empty() || self.nbd_started;
         let ok = self.ok();
         let views = std::mem::take(&mut self.views);
+        self.report.cbw_bytes = views.iter().map(View::cbw_bytes).sum();
         let disabled = std::mem::take(&mut self.prev_disabled);
         if let Some(q) = self.qmp.as_mut() {
             let merge = !ok && self.prev.is_some();
@@ -568,12 +560,21 @@ impl Vm {
                 .prev
                 .as_ref()
                 .map(|p| (p.bitmaps[i].as_str(), &p.manifest.disks[i]));
-            let (dm, read, chunks) = read_view(repo, &socket, v, i, opts.chunk_size, base)
+            let export = |name: String| Export {
+                server: NbdServer::Unix(socket.clone()),
+                name,
+            };
+            let base = base.map(|(bitmap, disk)| Base {
+                map: export(v.map_export()),
+                bitmap,
+                disk,
+            });
+            let r = read_export(repo, &export(v.export.clone()), i, opts.chunk_size, base)
                 .map_err(|e| e.context(format!("disk {i}")))?;
-            self.report.bytes_read += read;
-            self.report.chunks_read += chunks;
-            self.report.new_bytes += dm.new_bytes;
-            disks.push(dm);
+            self.report.bytes_read += r.read_bytes;
+            self.report.chunks_read += r.chunks_read;
+            self.report.new_bytes += r.disk.new_bytes;
+            disks.push(r.disk);
         }
         let mut config = default_config(&self.spec.name, disks.len());
         config["backup_vms"] = serde_json::json!({
@@ -590,77 +591,6 @@ impl Vm {
         });
         Ok(publish_manifest(repo, &self.spec.name, config, disks)?.id)
     }
-}
-
-/// Reads one view into the repository: its disk manifest, bytes and
-/// chunks read. With a `base` (the previous bitmap exported with the view,
-/// and the base's disk), only chunks that bitmap marks are read; the
-/// others keep the base's chunk ids.
-fn read_view(
-    repo: &Arc<Repository>,
-    socket: &Path,
-    v: &View,
-    index: usize,
-    chunk_size: u32,
-    base: Option<(&str, &DiskManifest)>,
-) -> Result<(DiskManifest, u64, u64)> {
-    let mut c = NbdClient::connect_unix(socket, &v.export, &[CONTEXT_ALLOCATION])?;
-    let size = c.size();
-    let extents = match size {
-        0 => vec![],
-        _ => c.block_status(CONTEXT_ALLOCATION, 0, size)?,
-    };
-    let mut wanted = chunks_with_data(&extents, chunk_size);
-    let mut chunks = vec![None; DiskManifest::chunk_count(size, chunk_size) as usize];
-    if let Some((bitmap, bd)) = base {
-        if bd.size != size || bd.chunk_size != chunk_size {
-            return Err(Error::invalid("the disk's geometry is not the base's"));
-        }
-        let ctx = dirty_bitmap_context(bitmap);
-        let mut m = NbdClient::connect_unix(socket, &v.map_export(), &[ctx.as_str()])?;
-        if m.size() != size {
-            return Err(Error::invalid(
-                "the dirty bitmap's export is not the view's size",
-            ));
-        }
-        let dirty = match size {
-            0 => vec![],
-            _ => dirty_chunks(&m.block_status(&ctx, 0, size)?, chunk_size),
-        };
-        let _ = m.disconnect();
-        // Clean chunks are the base's; dirty ones are read, or zeros.
-        chunks = bd.chunks.clone();
-        for &i in &dirty {
-            chunks[i as usize] = None;
-        }
-        let dirty: HashSet<u64> = dirty.into_iter().collect();
-        wanted.retain(|i| dirty.contains(i));
-    }
-    let wanted_n = wanted.len() as u64;
-    let c = Mutex::new(c);
-    let read = |i: u64, buf: &mut [u8]| {
-        c.lock()
-            .expect("NBD client lock")
-            .read(i * chunk_size as u64, buf)
-    };
-    let st = store_chunks(repo, size, chunk_size, wanted.into_iter(), &read, &|_| {})?;
-    let _ = c.into_inner().map(|c| c.disconnect());
-    for (i, d) in &st.chunks {
-        chunks[*i as usize] = *d;
-    }
-    let stored_bytes = match base {
-        Some((_, bd)) => stored_bytes_after(repo, bd, &chunks, &st.sizes)?,
-        None => st.sizes.values().sum(),
-    };
-    let dm = DiskManifest {
-        name: format!("disk{index}"),
-        size,
-        chunk_size,
-        chunks,
-        stored_bytes,
-        new_bytes: st.new_bytes,
-    };
-    Ok((dm, st.read_bytes, wanted_n))
 }
 
 fn check(opts: &Options) -> Result<()> {
@@ -732,7 +662,11 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
         .iter()
         .map(|&i| (vms[i].spec.name.clone(), vms[i].report.write_rate))
         .collect();
-    let order: Vec<usize> = order_by_rate(&rates).into_iter().map(|k| live[k]).collect();
+    let mut by_rate = order_by_rate(&rates);
+    if opts.order == ReadOrder::IdleFirst {
+        by_rate.reverse();
+    }
+    let order: Vec<usize> = by_rate.into_iter().map(|k| live[k]).collect();
     for (pos, &i) in order.iter().enumerate() {
         vms[i].report.order = Some(pos + 1);
     }

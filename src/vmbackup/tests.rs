@@ -4,12 +4,14 @@
 //! and checks while the backup holds the first.
 
 use super::*;
+use crate::qemu::nbd::{Extent, STATE_ZERO};
 use crate::qemu::qmp::Qmp;
 use crate::qemu::testing::{hmp_write, paused_vm, vm_with_agent, Proc};
 use clap::Parser;
 use rand::RngCore;
 use serde_json::json;
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 
 const MIB: usize = 1 << 20;
@@ -138,6 +140,7 @@ fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
         rate_window: Duration::from_millis(200),
         agent_timeout: Duration::from_secs(1),
         incremental: false,
+        order: ReadOrder::BusiestFirst,
         hook,
     }
 }
@@ -244,6 +247,7 @@ fn a_vm_name_or_a_qmp_socket_given_twice_is_refused_before_anything_is_touched()
         rate_window: Duration::ZERO,
         agent_timeout: Duration::ZERO,
         incremental: false,
+        order: ReadOrder::BusiestFirst,
         hook: None,
     };
     let e = backup_vms(&repo, &o).unwrap_err().to_string();
