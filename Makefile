@@ -48,6 +48,7 @@ bench: deps garage release
 	python3 scripts/bench/relocation.py $(BENCH_ARGS)
 	python3 scripts/bench/exports.py $(BENCH_ARGS)
 	python3 scripts/bench/placement.py $(BENCH_ARGS)
+	python3 scripts/bench/vmbackup.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick

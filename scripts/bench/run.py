@@ -1291,7 +1291,8 @@ def render(results):
 
 # Sections other scripts append to docs/benchmarks.md (scripts/bench/
 # relocation.py adds "## Relocation"): kept when this script rewrites it.
-FOREIGN_SECTIONS = ("\n## Relocation\n", "\n## Exports (NFS and NBD)\n", "\n## Placement: does it pay?\n")
+FOREIGN_SECTIONS = ("\n## Relocation\n", "\n## Exports (NFS and NBD)\n", "\n## Placement: does it pay?\n",
+                     "\n## Backups of running VMs\n")
 
 
 def write_results(json_path, res, head, md):

@@ -1,7 +1,7 @@
 //! Frontends that export recovered disks, side by side: FUSE (files on a
 //! local mount), and for hypervisors NFSv3 and NBD. Each maps its own
 //! handles (inode numbers, NFS file handles, NBD export names) onto the
-//! sessions of the [`Datastore`](crate::session::Datastore) and the
+//! sessions of the [`Datastore`] and the
 //! frontend-agnostic [`Disk`](crate::disk::Disk) API, and none reaches
 //! into another.
 //!

@@ -20,7 +20,7 @@
 //!    fails alone.
 //! 3. *Read.* The views are read busiest first, `--jobs` VMs at a time:
 //!    `base:allocation` block status skips zero extents, every other chunk
-//!    is read over NBD and stored through [`store_chunks`]; then one
+//!    is read over NBD and stored through [`store_chunks`](crate::repo::writer::store_chunks); then one
 //!    manifest per VM ([`publish_manifest`], create-only, written last).
 //! 4. *Release early.* A VM's views and NBD server go as soon as its
 //!    manifest is written (or it failed), before later VMs are read.
