@@ -131,8 +131,8 @@ fn stamps(disk: &[u8]) -> Vec<Option<u64>> {
 }
 
 /// Disk `n` of backup `id` of `vm`, read back through the repository.
-fn restored(env: &Env, vm: &str, id: &str, n: usize) -> Vec<u8> {
-    let repo = recoverfs::repo::Repository::open(env.repo_str()).unwrap();
+fn restored(repo: &str, vm: &str, id: &str, n: usize) -> Vec<u8> {
+    let repo = recoverfs::repo::Repository::open(repo).unwrap();
     let m = repo.resolve(vm, Some(id)).unwrap();
     let disk = &m.disks[n];
     let mut back = Vec::with_capacity(disk.size as usize);
@@ -248,7 +248,7 @@ fn three_writing_vms_back_up_at_one_instant_busiest_first_and_every_restored_ima
 
         // Consistent with one instant: sector i holds stamp i for every i
         // up to the last stamp, and nothing after it.
-        let disk = restored(&env, vm.name, id, 1);
+        let disk = restored(env.repo_str(), vm.name, id, 1);
         let s = stamps(&disk);
         assert!(!s.is_empty(), "{}: no stamp restored", vm.name);
         for (i, stamp) in s.iter().enumerate() {
@@ -339,7 +339,7 @@ fn backup_of_an_nbd_export_reads_only_its_data_extents_and_restores_byte_for_byt
     // Only the 4 MiB of data crossed the wire.
     assert!(err.contains("4.0 MiB read in 4 chunks"), "{err}");
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert_eq!(restored(&env, "nbdvm", &id, 0), want);
+    assert_eq!(restored(env.repo_str(), "nbdvm", &id, 0), want);
 
     // Mixed sources and a URL naming no export server are refused in one line.
     let img_s = img.to_str().unwrap();
@@ -354,4 +354,112 @@ fn backup_of_an_nbd_export_reads_only_its_data_extents_and_restores_byte_for_byt
         "cannot connect to the NBD server",
     );
     assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
+
+/// The QEMU block nodes and dirty bitmaps a backup left behind.
+fn backup_leftovers(qmp: &Path) -> Vec<String> {
+    let mut q = recoverfs::qemu::qmp::Qmp::connect(qmp).unwrap();
+    let nodes = q
+        .execute(
+            "query-named-block-nodes",
+            Some(serde_json::json!({"flat": true})),
+        )
+        .unwrap();
+    let mut out = vec![];
+    for n in nodes.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap_or("");
+        if name.starts_with("rfs-") {
+            out.push(name.to_string());
+        }
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            out.push(format!("bitmap {}", b["name"]));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_repository_that_fills_mid_backup_fails_that_vm_in_one_line_leaves_no_backup_or_view_and_the_next_run_succeeds(
+) {
+    let env = Env::new();
+    let img = env.path("data.raw");
+    // 24 MiB of incompressible data into a repository with room for 8.
+    let data = random_image(&img, 24 << 20, 11, 1 << 20);
+    let qmp = env.path("vm.qmp");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", img.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = WriterVm {
+        name: "vm",
+        child,
+        qmp: qmp.clone(),
+        console: env.path("no-console"),
+    };
+    let repo_dir = env.path("small");
+    let fs = Tmpfs::mount(&repo_dir, "8m");
+    let repo = repo_dir.join("repo");
+    let repo = repo.to_str().unwrap();
+    let vm_arg = format!("vm={}", qmp.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while recoverfs::qemu::qmp::Qmp::connect(&qmp).is_err() {
+        assert!(Instant::now() < deadline, "QEMU answers on no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let out = env.run(&[
+        "backup-vms",
+        "--repo",
+        repo,
+        "--vm",
+        &vm_arg,
+        "--rate-window",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recoverfs: error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("vm") && errors[0].contains("No space left"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let listed = env.ok(&["list", "--repo", repo, "--json"]);
+    assert!(!listed.contains("\"vm\""), "a backup appeared: {listed}");
+    assert_eq!(backup_leftovers(&vm.qmp), Vec::<String>::new());
+
+    // Room again: the next run succeeds and restores the disk.
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&repo_dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = env.run(&[
+        "backup-vms",
+        "--repo",
+        repo,
+        "--vm",
+        &vm_arg,
+        "--rate-window",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = line.strip_prefix("vm ").unwrap().to_string();
+    assert!(
+        restored(repo, "vm", &id, 0) == data,
+        "the restored disk differs"
+    );
+    drop(fs);
 }
