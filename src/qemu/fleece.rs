@@ -201,6 +201,18 @@ fn set_drive(q: &mut Qmp, device: &str, node: &str) -> Result<()> {
     .map(drop)
 }
 
+/// Removes NBD export `id` and waits until QEMU says it is gone (its node
+/// stays in use until then). `hard`: the only clients of a view's export
+/// are ours and are done with it, but QEMU may not yet have processed
+/// their disconnect, and a `safe` delete would then fail (and the event
+/// never come).
+fn delete_export(q: &mut Qmp, id: &str) -> Result<serde_json::Value> {
+    q.execute("block-export-del", Some(json!({"id": id, "mode": "hard"})))?;
+    q.wait_event_where("BLOCK_EXPORT_DELETED", Duration::from_secs(30), |d| {
+        d["id"] == id
+    })
+}
+
 /// Undoes a view in reverse order, from as far as it got. With
 /// `drop_bitmap` the dirty bitmap goes too (a full backup that will not
 /// be followed by an incremental, or a failed one).
@@ -212,13 +224,10 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
         }
     };
     if v.steps >= 8 {
-        step(q.execute("block-export-del", Some(json!({"id": v.map_export()}))));
-        step(q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(30)));
+        step(delete_export(q, &v.map_export()));
     }
     if v.steps >= 7 {
-        step(q.execute("block-export-del", Some(json!({"id": v.export}))));
-        // The export's node stays in use until QEMU says it is gone.
-        step(q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(30)));
+        step(delete_export(q, &v.export));
     }
     if v.steps >= 6 {
         step(q.execute("blockdev-del", Some(json!({"node-name": v.access}))));

@@ -228,14 +228,26 @@ impl Qmp {
     /// Waits for event `name` (one already received counts), and returns
     /// it; other events stay queued.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value> {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+        self.wait_event_where(name, timeout, |_| true)
+    }
+
+    /// Waits for an event `name` whose `data` satisfies `matches` (one
+    /// already received counts); other events stay queued.
+    pub fn wait_event_where(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let wanted = |e: &Value| e["event"] == name && matches(&e["data"]);
+        if let Some(i) = self.events.iter().position(wanted) {
             return Ok(self.events.remove(i));
         }
         let deadline = Instant::now() + timeout;
         let what = format!("event {name}");
         loop {
             let m = self.ch.read_message(deadline, &what)?;
-            if m["event"] == name {
+            if wanted(&m) {
                 return Ok(m);
             }
             if m.get("event").is_some() {
