@@ -5,8 +5,9 @@ read of a point-in-time view?
     python3 scripts/bench/vmbackup.py [--quick] [--rounds N] [--render-only]
 
 **Order.** Three `tiny` VMs run their guest writer (a 512-byte write with a
-flush, sequentially over a second disk) at three rates: as fast as TCG
-lets it ("busy"), a pause of 50 ms ("mid") and 500 ms ("slow"). Each also
+flush, each in a new 64 KiB cluster of a second disk, as scattered writes
+land) at three rates: as fast as TCG lets it ("busy"), a pause of 50 ms
+("mid") and 500 ms ("slow"). Each also
 has a 160 MiB data disk of its own random bytes, so reading a VM takes
 seconds. `backup-vms --jobs 1` backs the three up from one snapshot time,
 once with `--order busiest-first` (the default) and once with
@@ -111,8 +112,11 @@ def write_random(path, mib, seed):
 def writer_disk(path):
     with open(path, "wb") as f:
         f.truncate(64 * MiB)
-        # Far more writes than a run makes, over a ring of 100000 sectors.
-        f.write(b"RECOVERFS-WRITER%08d%08d%08d" % (99999999, 0, 100000))
+        # Far more writes than a run makes, each in a new 64 KiB cluster
+        # (stride 128 sectors) over a ring of 131000 sectors, as scattered
+        # writes would land: every write while a view is open copies a
+        # cluster aside, until the ring wraps.
+        f.write(b"RECOVERFS-WRITER%08d%08d%08d%08d" % (99999999, 0, 131000, 128))
 
 
 def start_vm(scope, name, pause_ms, tiny):

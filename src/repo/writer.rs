@@ -212,6 +212,21 @@ pub fn store_chunks(
     read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
     done: &dyn Fn(u64),
 ) -> Result<StoredChunks> {
+    store_chunks_with(repo, size, chunk_size, indexes, 1, read, done)
+}
+
+/// [`store_chunks`] with `readers` threads calling `read` at once (each
+/// takes the next index; for sources that serve requests in parallel,
+/// such as an NBD server over several connections).
+pub fn store_chunks_with(
+    repo: &Arc<Repository>,
+    size: u64,
+    chunk_size: u32,
+    indexes: impl Iterator<Item = u64> + Send,
+    readers: usize,
+    read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
+    done: &dyn Fn(u64),
+) -> Result<StoredChunks> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -220,6 +235,9 @@ pub fn store_chunks(
     let (res_tx, res_rx) = bounded::<(u64, Result<Outcome>)>(workers * 2);
     let chunk_len = |idx: u64| (size - idx * chunk_size as u64).min(chunk_size as u64);
 
+    let indexes = std::sync::Mutex::new(indexes);
+    let next = || indexes.lock().expect("index lock").next();
+    let next = &next;
     std::thread::scope(|s| -> Result<StoredChunks> {
         for _ in 0..workers {
             let (job_rx, res_tx, repo) = (job_rx.clone(), res_tx.clone(), repo.clone());
@@ -233,16 +251,22 @@ pub fn store_chunks(
             });
         }
         drop(res_tx);
-        let reader = s.spawn(move || -> Result<()> {
-            for idx in indexes {
-                let mut buf = vec![0u8; chunk_len(idx) as usize];
-                read(idx, &mut buf)?;
-                if job_tx.send((idx, buf)).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        });
+        let reader_threads: Vec<_> = (0..readers.max(1))
+            .map(|_| {
+                let job_tx = job_tx.clone();
+                s.spawn(move || -> Result<()> {
+                    while let Some(idx) = next() {
+                        let mut buf = vec![0u8; chunk_len(idx) as usize];
+                        read(idx, &mut buf)?;
+                        if job_tx.send((idx, buf)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(job_tx);
 
         let mut out = StoredChunks::default();
         let mut first_err = None;
@@ -271,7 +295,9 @@ pub fn store_chunks(
                 }
             }
         }
-        reader.join().expect("reader thread")?;
+        for r in reader_threads {
+            r.join().expect("reader thread")?;
+        }
         if let Some(e) = first_err {
             return Err(e);
         }

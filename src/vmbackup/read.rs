@@ -19,7 +19,9 @@ use crate::qemu::nbd::{
     dirty_bitmap_context, Extent, NbdClient, CONTEXT_ALLOCATION, STATE_DIRTY, STATE_ZERO,
 };
 use crate::repo::manifest::{DiskManifest, Manifest};
-use crate::repo::writer::{default_config, publish_manifest, store_chunks, stored_bytes_after};
+use crate::repo::writer::{
+    default_config, publish_manifest, store_chunks_with, stored_bytes_after,
+};
 use crate::repo::Repository;
 
 /// An NBD export: where its server listens and its name.
@@ -119,6 +121,17 @@ impl Conn {
         }
     }
 
+    /// Whether the server promises consistent results across several
+    /// connections (`NBD_FLAG_CAN_MULTI_CONN`): only then are more opened.
+    fn multi_conn(&self) -> bool {
+        const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+        let flags = match self {
+            Conn::Unix(c) => c.transmission_flags(),
+            Conn::Tcp(c) => c.transmission_flags(),
+        };
+        flags & FLAG_CAN_MULTI_CONN != 0
+    }
+
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self {
             Conn::Unix(c) => c.read(offset, buf),
@@ -145,6 +158,29 @@ impl Conn {
             Conn::Tcp(c) => c.disconnect(),
         };
     }
+}
+
+/// NBD connections reading one export at once, where the server allows.
+const READERS: usize = 4;
+
+/// `first` and, if its server allows several connections, up to
+/// [`READERS`] in all: one request in flight per connection keeps the
+/// client simple while the server works on several. A connection that
+/// cannot be opened just means fewer.
+fn connections(export: &Export, first: Conn) -> Vec<Conn> {
+    let mut pool = vec![];
+    let multi = first.multi_conn();
+    pool.push(first);
+    while multi && pool.len() < READERS {
+        match Conn::open(export, &[]) {
+            Ok(c) => pool.push(c),
+            Err(e) => {
+                tracing::debug!(export = %export.name, "one more NBD connection: {e}");
+                break;
+            }
+        }
+    }
+    pool
 }
 
 /// Reads `export` into the repository as disk `index`: its manifest and
@@ -183,14 +219,28 @@ pub fn read_export(
         wanted.retain(|i| dirty.contains(i));
     }
     let chunks_read = wanted.len() as u64;
-    let c = Mutex::new(c);
+    let pool = Mutex::new(connections(export, c));
+    let n = pool.lock().expect("NBD pool").len();
     let read = |i: u64, buf: &mut [u8]| {
-        c.lock()
-            .expect("NBD client lock")
-            .read(i * chunk_size as u64, buf)
+        let mut c = pool
+            .lock()
+            .expect("NBD pool")
+            .pop()
+            .expect("one per reader");
+        let r = c.read(i * chunk_size as u64, buf);
+        pool.lock().expect("NBD pool").push(c);
+        r
     };
-    let st = store_chunks(repo, size, chunk_size, wanted.into_iter(), &read, &|_| {})?;
-    if let Ok(c) = c.into_inner() {
+    let st = store_chunks_with(
+        repo,
+        size,
+        chunk_size,
+        wanted.into_iter(),
+        n,
+        &read,
+        &|_| {},
+    )?;
+    for c in pool.into_inner().into_iter().flatten() {
         c.close();
     }
     for (i, d) in &st.chunks {
