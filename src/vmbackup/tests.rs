@@ -530,6 +530,15 @@ fn debian(dir: &Path) -> (Proc, PathBuf, PathBuf) {
         Duration::from_secs(30),
     )
     .unwrap();
+    // guest-exec returns before the writer runs (long, on a loaded TCG
+    // host): wait until QEMU counts its writes, so the backup measures it.
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let start = q.written_bytes().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while q.written_bytes().unwrap() < start + (4 << 20) {
+        assert!(Instant::now() < deadline, "the guest's writer never wrote");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     (p, qmp, qga)
 }
 
