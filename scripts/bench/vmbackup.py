@@ -383,7 +383,8 @@ def render(res):
     n_o, n_t = len(res["order"]), len(res["throughput"])
     lines = [HEAD.strip(), "",
              f"Run {res['when']}{' (quick)' if res['quick'] else ''}: {n_o} interleaved rounds of the "
-             f"order comparison, {n_t} of the throughput comparison; median [min–max] over rounds.", "",
+             f"order comparison, {n_t} of the throughput comparison; median [min–max] over rounds. "
+             f"Load average at the start: {res.get('loadavg_start', '?')} on {os.cpu_count()} CPUs.", "",
              "| row | ratio | median [spread] | ours | baseline | why the baseline is fair |",
              "|---|---|---|---|---|---|"]
     why = {
