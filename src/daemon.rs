@@ -49,7 +49,7 @@ impl Default for MountOptions {
         MountOptions {
             allow_other: false,
             owner: None,
-            fetch_workers: 16,
+            fetch_workers: 64,
             fuse_threads: 4,
             flush_interval: Duration::from_secs(2),
             prefetch: Default::default(),

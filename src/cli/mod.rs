@@ -157,8 +157,8 @@ pub enum Command {
         /// user the hypervisor runs as, e.g. 64055:64055 or libvirt-qemu:kvm.
         #[arg(long, value_name = "UID:GID")]
         owner: Option<String>,
-        /// Parallel repository fetches (requests in flight).
-        #[arg(long, default_value_t = 16)]
+        /// Parallel repository fetches (requests in flight) per export point.
+        #[arg(long, default_value_t = 64)]
         fetch_workers: usize,
         /// FUSE event-loop threads.
         #[arg(long, default_value_t = 4)]

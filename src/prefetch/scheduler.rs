@@ -12,8 +12,12 @@
 //!   on-demand jobs on the guest request's.
 //! * A job can be promoted: it is pushed again onto a more urgent queue and
 //!   whichever copy a worker pops first runs it; the other is skipped.
+//! * **Fair between sessions.** Each class queue keeps one FIFO per tenant
+//!   (a recovery session) and serves the tenants with queued jobs in turn,
+//!   one job each ([`FairQueue`]): one VM's hundred misses never queue
+//!   ahead of another VM's one. Within a tenant the order is FIFO.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +41,87 @@ pub struct Job {
     class: AtomicU8,
     started: AtomicBool,
     queued_at: Instant,
+    /// Whose job it is (jobs of one tenant run in FIFO order; tenants take
+    /// turns).
+    tenant: u64,
+}
+
+/// The tenant of a session's fetches: its VM name, hashed.
+pub fn tenant_of(vm: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    vm.hash(&mut h);
+    h.finish()
+}
+
+/// One class's queue: a FIFO per tenant, the tenants with queued jobs
+/// served round-robin. A tenant is in `turns` exactly when its FIFO is
+/// non-empty (copies of promoted jobs, already started elsewhere, are
+/// dropped lazily when they reach a front).
+#[derive(Default)]
+struct FairQueue {
+    fifos: HashMap<u64, VecDeque<Arc<Job>>>,
+    turns: VecDeque<u64>,
+}
+
+impl FairQueue {
+    fn push_back(&mut self, job: Arc<Job>) {
+        let t = job.tenant;
+        let q = self.fifos.entry(t).or_default();
+        if q.is_empty() {
+            self.turns.push_back(t);
+        }
+        q.push_back(job);
+    }
+
+    /// Ahead of its tenant's other jobs (a promotion); the tenant keeps
+    /// its place in the turns.
+    fn push_front(&mut self, job: Arc<Job>) {
+        let t = job.tenant;
+        let q = self.fifos.entry(t).or_default();
+        if q.is_empty() {
+            self.turns.push_back(t);
+        }
+        q.push_front(job);
+    }
+
+    /// The job whose turn it is, without taking it.
+    fn front(&mut self) -> Option<&Arc<Job>> {
+        while let Some(&t) = self.turns.front() {
+            let q = self
+                .fifos
+                .get_mut(&t)
+                .expect("a tenant in turns has a FIFO");
+            while q.front().is_some_and(|j| j.started.load(Ordering::Acquire)) {
+                q.pop_front();
+            }
+            if q.is_empty() {
+                self.fifos.remove(&t);
+                self.turns.pop_front();
+                continue;
+            }
+            break;
+        }
+        let t = *self.turns.front()?;
+        self.fifos.get(&t).and_then(VecDeque::front)
+    }
+
+    /// Takes the job whose turn it is; its tenant goes to the back.
+    fn pop(&mut self) -> Option<Arc<Job>> {
+        self.front()?;
+        let t = self.turns.pop_front().expect("front found a tenant");
+        let q = self
+            .fifos
+            .get_mut(&t)
+            .expect("a tenant in turns has a FIFO");
+        let job = q.pop_front().expect("front found a job");
+        if q.is_empty() {
+            self.fifos.remove(&t);
+        } else {
+            self.turns.push_back(t);
+        }
+        Some(job)
+    }
 }
 
 impl Job {
@@ -46,7 +131,7 @@ impl Job {
 }
 
 struct State {
-    queues: [VecDeque<Arc<Job>>; Class::COUNT],
+    queues: [FairQueue; Class::COUNT],
     /// Jobs not yet started, by their current class.
     queued: [usize; Class::COUNT],
     running: [usize; Class::COUNT],
@@ -67,9 +152,6 @@ impl State {
                 return None;
             }
             let q = &mut self.queues[c as usize];
-            while q.front().is_some_and(|j| j.started.load(Ordering::Acquire)) {
-                q.pop_front();
-            }
             let Some(front) = q.front() else { continue };
             let ticket = match (io, c) {
                 (Some(io), Class::Profile | Class::Readahead) => {
@@ -82,7 +164,7 @@ impl State {
                 }
                 _ => None,
             };
-            let job = q.pop_front().expect("front exists");
+            let job = q.pop().expect("front exists");
             job.started.store(true, Ordering::Release);
             let class = job.class();
             self.queued[class as usize] -= 1;
@@ -198,7 +280,20 @@ impl Scheduler {
         bytes: u64,
         work: impl FnOnce() + Send + 'static,
     ) -> Arc<Job> {
+        self.submit_for(0, class, bytes, work)
+    }
+
+    /// `submit_sized` on behalf of `tenant` (a session): tenants with
+    /// queued jobs in a class take turns.
+    pub fn submit_for(
+        &self,
+        tenant: u64,
+        class: Class,
+        bytes: u64,
+        work: impl FnOnce() + Send + 'static,
+    ) -> Arc<Job> {
         let job = Arc::new(Job {
+            tenant,
             bytes,
             work: Mutex::new(Some(Box::new(work))),
             class: AtomicU8::new(class as u8),
@@ -368,6 +463,67 @@ mod tests {
         while s.status().queued.readahead > 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn a_sessions_one_miss_runs_before_another_sessions_hundred_queued_misses() {
+        // Two workers, both held, so every miss below queues.
+        let s = Scheduler::new("t", 2);
+        let gates: Vec<Gate> = (0..2).map(|_| blocking_job(&s, Class::OnDemand)).collect();
+        while s.status().running.on_demand < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let order = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..100 {
+            let o = order.clone();
+            s.submit_for(1, Class::OnDemand, 0, move || o.lock().push((1, i)));
+        }
+        let o = order.clone();
+        s.submit_for(2, Class::OnDemand, 0, move || o.lock().push((2, 0)));
+        for g in &gates {
+            open(g);
+        }
+        while order.lock().len() < 101 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pos = order.lock().iter().position(|&(t, _)| t == 2).unwrap();
+        assert!(
+            pos <= 2,
+            "session 2's miss ran {pos}th, behind session 1's queue"
+        );
+        // Session 1's own misses kept their order.
+        let ones: Vec<i32> = order
+            .lock()
+            .iter()
+            .filter(|x| x.0 == 1)
+            .map(|x| x.1)
+            .collect();
+        assert_eq!(ones, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn fair_queue_takes_tenants_in_turn_and_skips_copies_of_started_jobs() {
+        let job = |tenant: u64| {
+            Arc::new(Job {
+                work: Mutex::new(None),
+                bytes: 0,
+                class: AtomicU8::new(0),
+                started: AtomicBool::new(false),
+                queued_at: Instant::now(),
+                tenant,
+            })
+        };
+        let mut q = FairQueue::default();
+        let a: Vec<_> = (0..3).map(|_| job(1)).collect();
+        let b = job(2);
+        for j in &a {
+            q.push_back(j.clone());
+        }
+        q.push_back(b.clone());
+        a[1].started.store(true, Ordering::Release); // ran from another queue
+        let got: Vec<u64> = std::iter::from_fn(|| q.pop()).map(|j| j.tenant).collect();
+        assert_eq!(got, vec![1, 2, 1], "a1 skipped; tenants alternate");
+        assert!(q.fifos.is_empty() && q.turns.is_empty());
     }
 
     #[test]

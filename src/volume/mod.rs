@@ -49,7 +49,7 @@ use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::metrics::{Counter, LatencyHistogram};
-use crate::prefetch::scheduler::Job;
+use crate::prefetch::scheduler::{tenant_of, Job};
 use crate::prefetch::stream::{Detector, Geometry};
 use crate::prefetch::tracker::{ProfileFigures, RecordWindow, Tracker};
 use crate::prefetch::{Class, Scheduler};
@@ -431,14 +431,16 @@ impl Volume {
         let mut j = s.job.lock();
         let (me, slot) = (self.me.clone(), s.clone());
         let bytes = self.block_len(b);
-        j.0 = Some(
-            self.sched
-                .submit_sized(j.1, bytes, move || match me.upgrade() {
-                    Some(v) => v.fetch(b, &slot),
-                    // The volume is gone: nobody waits for this block any more.
-                    None => slot.finish(Err(Error::busy("the disk was released"))),
-                }),
-        );
+        j.0 = Some(self.sched.submit_for(
+            tenant_of(&self.vm),
+            j.1,
+            bytes,
+            move || match me.upgrade() {
+                Some(v) => v.fetch(b, &slot),
+                // The volume is gone: nobody waits for this block any more.
+                None => slot.finish(Err(Error::busy("the disk was released"))),
+            },
+        ));
     }
 
     /// Starts fetching `b` in the background unless it is local or

@@ -137,6 +137,10 @@ impl Filesystem for RecoverFs {
         // Large requests keep per-request overhead low for VM disk I/O.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // As many background requests (readahead, async direct I/O) as the
+        // io pool has threads, so queued guest I/O reaches the fetch engine.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         // Without ASYNC_DIO the kernel turns a guest's queue of O_DIRECT AIO
         // requests into one request at a time, so QD16 behaves like QD1.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
