@@ -90,14 +90,47 @@ pub fn is_zero(data: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+thread_local! {
+    // One zstd context per thread, reused: creating one per chunk costs
+    // allocations and table setup on every fetch and every store.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 pub fn encode(data: &[u8]) -> Result<Vec<u8>> {
-    zstd::bulk::compress(data, ZSTD_LEVEL).map_err(|e| Error::io("compress chunk", e))
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(
+                zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                    .map_err(|e| Error::io("zstd compression context", e))?,
+            );
+        }
+        c.as_mut()
+            .expect("made above")
+            .compress(data)
+            .map_err(|e| Error::io("compress chunk", e))
+    })
+}
+
+/// Decompresses `stored` into at most `capacity` bytes with this thread's
+/// reused context.
+fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("made above").decompress(stored, capacity)
+    })
 }
 
 /// Decompresses and verifies a stored chunk. `expected_len` is the chunk's
 /// plain length from the manifest; anything else is corruption.
 pub fn decode(stored: &[u8], digest: &Digest, expected_len: usize) -> Result<Vec<u8>> {
-    let data = zstd::bulk::decompress(stored, expected_len)
+    let data = decompress(stored, expected_len)
         .map_err(|e| Error::corrupt(format!("chunk {digest} does not decompress ({e})")))?;
     if data.len() != expected_len {
         return Err(Error::corrupt(format!(
