@@ -3,6 +3,7 @@
 //! over its control socket.
 
 mod boot;
+mod maint;
 mod output;
 mod profile;
 
@@ -118,6 +119,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the backups a retention policy does not keep (PBS prune
+    /// semantics; see the README); `gc` then frees their chunks.
+    Forget(maint::ForgetArgs),
+    /// Remove every chunk no backup, profile or running backup references
+    /// (waits for running backups; safe against backups from other hosts).
+    Gc(maint::GcArgs),
     /// Read and check every chunk referenced by the selected backups.
     Verify {
         #[arg(long)]
@@ -379,6 +386,8 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         ),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
+        Command::Forget(a) => maint::run_forget(a),
+        Command::Gc(a) => maint::run_gc(a),
         Command::Verify { repo, vm, backup } => {
             output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
         }

@@ -443,6 +443,9 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
         {
             println!("  last live backup {b}: dirty blocks are relative to it");
         }
+        if let Some(w) = s["backup_gone"].as_str() {
+            println!("  WARNING: {w}");
+        }
         let r = &s["relocation"];
         if r.is_object() {
             println!(

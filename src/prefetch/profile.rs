@@ -214,6 +214,25 @@ pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
     Ok(Some(doc))
 }
 
+/// Profiles as referrers of chunks, for garbage collection: each first
+/// read names its block's chunk. Rewritten at each recording (mutable).
+pub const REFERRER: crate::repo::gc::Referrer = crate::repo::gc::Referrer {
+    prefix: "profiles",
+    immutable: false,
+    limit: crate::repo::limits::MAX_PROFILE_BYTES,
+    refs: chunk_refs,
+};
+
+fn chunk_refs(key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
+    let doc: ProfileDoc = crate::repo::sealed::unseal(bytes, "profile", key)?;
+    Ok(doc
+        .recordings
+        .iter()
+        .flat_map(|r| r.disks.iter())
+        .flat_map(|d| d.accesses.iter().filter_map(|a| a.2))
+        .collect())
+}
+
 /// Stores `doc` as the profile of its VM, replacing the old one atomically.
 pub fn store(repo: &Repository, doc: &ProfileDoc) -> Result<()> {
     validate_name("VM name", &doc.vm)?;

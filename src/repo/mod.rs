@@ -6,14 +6,21 @@
 //! repo.json                          identity: format, version, random id
 //! chunks/<hex[0..4]>/<hex>           zstd frame of the chunk's plain bytes
 //! backups/<vm>/<backup-id>.json      checksummed manifest
+//! profiles/<vm>.json                 checksummed operational profile
+//! locks/{backup,gc}-<random>.json    writer and collector locks (`locks`)
 //! ```
 //! A backup writes all its chunks first and its manifest last, so a reader
 //! never sees a manifest whose chunks are missing.
 
 pub mod backend;
 pub mod chunk;
+pub mod forget;
+pub mod gc;
 pub mod limits;
+pub mod locks;
 pub mod manifest;
+pub mod pins;
+pub mod retention;
 pub mod s3;
 pub mod sealed;
 #[cfg(test)]
