@@ -156,4 +156,4 @@ fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForg
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

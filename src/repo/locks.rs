@@ -11,13 +11,15 @@
 //! objects in the repository:
 //!
 //! * A writer (`backup`, `backup-vms`, a live backup) puts
-//!   `locks/backup-<random>.json`, *then* lists `locks/` and waits while a
-//!   fresh `locks/gc-*` exists. It holds its lock until its manifest is
-//!   published.
-//! * A collector puts `locks/gc-<random>.json`, *then* lists `locks/`; if
-//!   a fresh `backup-*` exists it removes its own lock and waits (or gives
-//!   up, deleting nothing). It marks and sweeps only while it holds its
-//!   lock with no writer seen.
+//!   `locks/backup-<random>.json`, *then* lists `locks/`. If a fresh
+//!   `locks/gc-*` exists it removes its own lock, waits until none is
+//!   left and starts over. Otherwise it holds its lock until its manifest
+//!   is published.
+//! * A collector puts `locks/gc-<random>.json`, *then* lists `locks/`
+//!   until no fresh `backup-*` is left (the backups running finish; new
+//!   ones back off, so a stream of backups cannot starve it), or gives up
+//!   after its wait, removing its lock and nothing else. It sweeps only
+//!   while it holds its lock with no writer seen.
 //!
 //! Each side writes before it reads, so with a store that reads its own
 //! and others' completed writes (local directories; S3 and Garage are
@@ -233,20 +235,24 @@ pub struct WriterLock(Held);
 
 impl WriterLock {
     /// Takes a writer lock for backing up `vm`, waiting while a
-    /// collector holds the repository.
+    /// collector holds (or waits for) the repository.
     pub fn acquire(repo: &Arc<Repository>, vm: &str) -> Result<WriterLock> {
-        let held = Held::put(repo, LockKind::Backup, vm)?;
         let mut said = false;
         loop {
+            let held = Held::put(repo, LockKind::Backup, vm)?;
             let gcs = holders(repo, LockKind::Gc, None)?;
             if gcs.is_empty() {
                 return Ok(WriterLock(held));
             }
+            // Back off, so the collector is not kept waiting by us.
+            drop(held);
             if !said {
                 tracing::warn!(vm, "waiting for a garbage collection of the repository to finish: {}", gcs[0]);
                 said = true;
             }
-            std::thread::sleep(POLL);
+            while !holders(repo, LockKind::Gc, None)?.is_empty() {
+                std::thread::sleep(POLL);
+            }
         }
     }
 
@@ -271,22 +277,20 @@ impl WriterLock {
 pub struct GcLock(Held);
 
 impl GcLock {
-    /// Takes the collector lock once no writer holds the repository,
-    /// trying until `wait` has passed; `Busy` naming the writers after.
+    /// Takes the collector lock and waits until no writer holds the
+    /// repository, for at most `wait`; `Busy` naming the writers after.
     pub fn acquire(repo: &Arc<Repository>, wait: Duration) -> Result<GcLock> {
         let deadline = Instant::now() + wait;
+        let held = Held::put(repo, LockKind::Gc, "gc")?;
         loop {
-            let held = Held::put(repo, LockKind::Gc, "gc")?;
             let writers = holders(repo, LockKind::Backup, None)?;
             if writers.is_empty() {
                 return Ok(GcLock(held));
             }
-            // Let the writers go on while we wait.
-            drop(held);
             if Instant::now() >= deadline {
                 let each: Vec<String> = writers.iter().map(|h| h.to_string()).collect();
                 return Err(Error::busy(format!(
-                    "{} backup(s) in progress ({}); nothing was removed: run gc again later or give --wait",
+                    "{} backup(s) in progress ({}); nothing was removed: run gc again later or give a longer --wait",
                     writers.len(),
                     each.join("; ")
                 )));
@@ -334,6 +338,30 @@ mod tests {
         let waited = t.join().unwrap().unwrap();
         assert!(waited >= Duration::from_millis(700), "{waited:?}");
         assert!(r.backend().list_all(DIR).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_waiting_collector_holds_new_writers_back_so_backups_cannot_starve_it() {
+        let (_d, r) = repo();
+        let w1 = WriterLock::acquire(&r, "vm1").unwrap();
+        let (r1, r2) = (r.clone(), r.clone());
+        let gc = std::thread::spawn(move || {
+            let g = GcLock::acquire(&r1, Duration::from_secs(60)).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(g);
+            Instant::now()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let w2 = std::thread::spawn(move || {
+            let w = WriterLock::acquire(&r2, "vm2").unwrap();
+            (Instant::now(), w)
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(!w2.is_finished(), "a new writer waits behind the collector");
+        drop(w1);
+        let gc_done = gc.join().unwrap();
+        let (w2_start, _w2) = w2.join().unwrap();
+        assert!(w2_start >= gc_done, "the new writer went after the collector");
     }
 
     #[test]
