@@ -62,9 +62,20 @@ fn forget_and_gc_from_the_command_line_keep_the_newest_free_the_rest_and_verify_
     );
 
     let dry = json(&env.ok(&[
-        "forget", "--repo", repo, "--vm", "vm", "--keep-last", "1", "--dry-run", "--json",
+        "forget",
+        "--repo",
+        repo,
+        "--vm",
+        "vm",
+        "--keep-last",
+        "1",
+        "--dry-run",
+        "--json",
     ]));
-    assert_eq!((dry["kept"].as_u64(), dry["removed"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (dry["kept"].as_u64(), dry["removed"].as_u64()),
+        (Some(1), Some(2))
+    );
     let b = &dry["vms"][0]["backups"];
     assert_eq!(b[0]["id"], ids[2].as_str());
     assert_eq!(b[0]["reason"], "keep-last 1 of 1");
@@ -135,7 +146,10 @@ fn gc_racing_backups_from_another_process_never_removes_a_chunk_a_manifest_needs
     assert_no_manifest_lacks_a_chunk(&repo, "at the end");
     env.ok(&["verify", "--repo", &repo]);
     assert!(freed > 0, "the collections removed chunks");
-    assert!(overlapped >= 5, "gc and backup overlapped only {overlapped} times");
+    assert!(
+        overlapped >= 5,
+        "gc and backup overlapped only {overlapped} times"
+    );
 }
 
 #[test]
@@ -159,12 +173,18 @@ fn a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_sta
     let o = env.release("vm", false);
     assert!(o.status.success());
     let out = env.ok(&["forget", "--repo", repo, "--keep-last", "1"]);
-    assert!(out.contains("used by the kept staging of a recovery session"), "{out}");
+    assert!(
+        out.contains("used by the kept staging of a recovery session"),
+        "{out}"
+    );
 
     env.recover("vm", None);
     let out = env.ok(&["forget", "--repo", repo, "--keep-last", "1", "--force"]);
     assert!(out.contains("forgot 1 backup(s), kept 1"), "{out}");
-    assert!(out.contains("--force: used by a live recovery session"), "{out}");
+    assert!(
+        out.contains("--force: used by a live recovery session"),
+        "{out}"
+    );
     assert_eq!(
         Repository::open(repo).unwrap().backup_ids("vm").unwrap(),
         vec![new.clone()]

@@ -111,7 +111,10 @@ fn print_forget(r: &ForgetReport) {
             };
             println!("  {what:<12} {:<24} {}  {}", b.id, b.created, b.reason);
             for u in &b.forced_from {
-                println!("  {:<12} (--force: {u}; its daemon reports this in status)", "");
+                println!(
+                    "  {:<12} (--force: {u}; its daemon reports this in status)",
+                    ""
+                );
             }
         }
     }

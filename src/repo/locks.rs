@@ -247,7 +247,11 @@ impl WriterLock {
             // Back off, so the collector is not kept waiting by us.
             drop(held);
             if !said {
-                tracing::warn!(vm, "waiting for a garbage collection of the repository to finish: {}", gcs[0]);
+                tracing::warn!(
+                    vm,
+                    "waiting for a garbage collection of the repository to finish: {}",
+                    gcs[0]
+                );
                 said = true;
             }
             while !holders(repo, LockKind::Gc, None)?.is_empty() {
@@ -361,7 +365,10 @@ mod tests {
         drop(w1);
         let gc_done = gc.join().unwrap();
         let (w2_start, _w2) = w2.join().unwrap();
-        assert!(w2_start >= gc_done, "the new writer went after the collector");
+        assert!(
+            w2_start >= gc_done,
+            "the new writer went after the collector"
+        );
     }
 
     #[test]

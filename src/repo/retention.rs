@@ -87,8 +87,8 @@ impl Rule {
 
     /// The backup's period under this rule, as a readable key.
     fn period(self, id: &str, unix: u64) -> String {
-        let t = OffsetDateTime::from_unix_timestamp(unix as i64)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let t =
+            OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let (y, m, d, h) = (t.year(), t.month() as u8, t.day(), t.hour());
         match self {
             Rule::Last => id.to_string(),
@@ -210,10 +210,7 @@ mod tests {
     }
 
     fn kept(d: &[Decision]) -> Vec<&str> {
-        d.iter()
-            .filter(|d| d.keep)
-            .map(|d| d.id.as_str())
-            .collect()
+        d.iter().filter(|d| d.keep).map(|d| d.id.as_str()).collect()
     }
 
     #[test]
@@ -260,11 +257,7 @@ mod tests {
     #[test]
     fn weekly_uses_iso_weeks_and_yearly_keeps_the_newest_of_each_year() {
         // Sunday 2026-11-01 is in ISO week 44, Monday 2026-11-02 in week 45.
-        let b = vec![
-            c("sun", T0 - DAY),
-            c("mon", T0),
-            c("old", T0 - 400 * DAY),
-        ];
+        let b = vec![c("sun", T0 - DAY), c("mon", T0), c("old", T0 - 400 * DAY)];
         let p = Policy {
             weekly: 2,
             ..Default::default()

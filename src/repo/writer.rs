@@ -139,9 +139,7 @@ pub(crate) fn publish_manifest_at(
 ) -> Result<Manifest> {
     lock.check_fresh()
         .map_err(|e| e.context(format!("backup of VM {vm} not published")))?;
-    let now = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let created_unix = now.as_secs();
     let mut base_id = backup_id(created_unix);
     if !repo.create_only_is_atomic()? {

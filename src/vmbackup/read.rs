@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::qemu::nbd::{
     dirty_bitmap_context, Extent, NbdClient, CONTEXT_ALLOCATION, STATE_DIRTY, STATE_ZERO,
 };
-use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::locks::WriterLock;
+use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::writer::{
     default_config, publish_manifest, store_chunks_with, stored_bytes_after,
 };

@@ -23,10 +23,15 @@ pub(crate) fn backup_at(repo: &Arc<Repository>, vm: &str, unix: u64) -> Manifest
     let week = (unix + 3 * DAY) / (7 * DAY);
     let fill = |seed: String| -> Vec<u8> {
         let h = blake3::hash(seed.as_bytes());
-        h.as_bytes().iter().cycle().take(K64 as usize).copied().collect()
+        h.as_bytes()
+            .iter()
+            .cycle()
+            .take(K64 as usize)
+            .copied()
+            .collect()
     };
     let blocks = [
-        fill(format!("{vm}")),
+        fill(vm.to_string()),
         fill(format!("{vm}-day-{day}")),
         fill(format!("{vm}-week-{week}")),
         vec![0; K64 as usize],
@@ -54,7 +59,11 @@ fn referenced(repo: &Repository) -> HashSet<Digest> {
     for vm in repo.vms().unwrap() {
         for id in repo.backup_ids(&vm).unwrap() {
             let m = repo.manifest(&vm, &id).unwrap();
-            out.extend(m.disks.iter().flat_map(|d| d.chunks.iter().flatten().copied()));
+            out.extend(
+                m.disks
+                    .iter()
+                    .flat_map(|d| d.chunks.iter().flatten().copied()),
+            );
         }
     }
     out
@@ -87,8 +96,7 @@ fn verify_all(repo: &Repository) {
 }
 
 #[test]
-fn thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unreferenced_chunks(
-) {
+fn thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unreferenced_chunks() {
     let d = tempfile::tempdir().unwrap();
     let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
     // One backup a day for 30 days (Oct 18 .. Nov 16, 2026), each VM at
@@ -116,9 +124,20 @@ fn thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unr
     };
     let dry = forget(&repo, &opts).unwrap();
     assert_eq!((dry.kept, dry.removed), (30, 60));
-    assert_eq!(repo.backup_ids("web").unwrap().len(), 30, "dry run removed nothing");
+    assert_eq!(
+        repo.backup_ids("web").unwrap().len(),
+        30,
+        "dry run removed nothing"
+    );
 
-    let r = forget(&repo, &ForgetOptions { dry_run: false, ..opts }).unwrap();
+    let r = forget(
+        &repo,
+        &ForgetOptions {
+            dry_run: false,
+            ..opts
+        },
+    )
+    .unwrap();
     assert_eq!((r.kept, r.removed), (30, 60));
     // (day of the simulation, rule), newest first, as the README's table says.
     let table: [(u64, &str); 10] = [
@@ -150,7 +169,10 @@ fn thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unr
         assert_eq!(kept.len(), table.len(), "{vm}: {kept:?}");
         for ((day, reason), (want_day, want)) in kept.iter().zip(table) {
             assert_eq!(*day, want_day, "{vm}: {kept:?}");
-            assert!(reason.starts_with(want), "{vm} day {day}: {reason} (want {want})");
+            assert!(
+                reason.starts_with(want),
+                "{vm} day {day}: {reason} (want {want})"
+            );
         }
         assert_eq!(repo.backup_ids(vm).unwrap().len(), 10);
     }
@@ -177,7 +199,15 @@ fn thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unr
     assert!(g.freed_bytes > 0);
     verify_all(&repo);
     // A second collection finds nothing.
-    let g2 = collect(&repo, &[MANIFESTS], GcOptions { dry_run: false, wait: Duration::ZERO }).unwrap();
+    let g2 = collect(
+        &repo,
+        &[MANIFESTS],
+        GcOptions {
+            dry_run: false,
+            wait: Duration::ZERO,
+        },
+    )
+    .unwrap();
     assert_eq!(g2.removed_chunks, 0);
 }
 
@@ -201,7 +231,10 @@ fn a_backup_a_session_pins_is_kept_unless_forced() {
     let r = forget(&repo, &opts).unwrap();
     assert_eq!(r.removed, 0);
     let b = &r.vms[0].backups[1];
-    assert!(b.keep && b.reason.contains("used by a live recovery session"), "{b:?}");
+    assert!(
+        b.keep && b.reason.contains("used by a live recovery session"),
+        "{b:?}"
+    );
     opts.force = true;
     let r = forget(&repo, &opts).unwrap();
     assert_eq!(r.removed, 1);

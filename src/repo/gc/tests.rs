@@ -80,7 +80,10 @@ fn a_dry_run_removes_nothing_and_a_profiles_chunks_stay() {
     assert_eq!(dry.referrers["profiles"], 1);
     assert_eq!(dry.referrers["backups"], 1);
     let real = collect(&repo, &referrers(), opts(false)).unwrap();
-    assert_eq!((real.removed_chunks, real.freed_bytes), (1, dry.freed_bytes));
+    assert_eq!(
+        (real.removed_chunks, real.freed_bytes),
+        (1, dry.freed_bytes)
+    );
     assert!(repo.has_chunk(&day_chunk).unwrap());
     assert!(!repo.has_chunk(&old.disks[0].chunks[2].unwrap()).unwrap());
     assert_eq!(chunk_keys(&repo).len(), before.len() - 1);
@@ -157,5 +160,8 @@ fn gc_racing_backups_in_threads_never_removes_a_chunk_a_manifest_needs() {
     for w in writers {
         w.join().unwrap();
     }
-    assert!(removed.load(Ordering::SeqCst) > 0, "the collections removed something");
+    assert!(
+        removed.load(Ordering::SeqCst) > 0,
+        "the collections removed something"
+    );
 }
