@@ -131,19 +131,27 @@ fn gc_racing_backups_in_threads_never_removes_a_chunk_a_manifest_needs() {
     backup_at(&repo, "vm", T0);
     let stop = Arc::new(AtomicBool::new(false));
     let removed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..2)
         .map(|w| {
-            let (repo, stop) = (repo.clone(), stop.clone());
+            let (repo, stop, done) = (repo.clone(), stop.clone(), done.clone());
             std::thread::spawn(move || {
                 let mut day = 1;
                 while !stop.load(Ordering::SeqCst) {
                     backup_at(&repo, "vm", T0 + (day * 2 + w) * DAY);
+                    done.fetch_add(1, Ordering::SeqCst);
                     day += 1;
                 }
             })
         })
         .collect();
     for _ in 0..30 {
+        // gc back to back would hold the writers off all along: let one
+        // more backup finish first.
+        let seen = done.load(Ordering::SeqCst);
+        while done.load(Ordering::SeqCst) == seen {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         keep_last(&repo, 1);
         let r = collect(&repo, &referrers(), opts(false)).unwrap();
         removed.fetch_add(r.removed_chunks, Ordering::SeqCst);
