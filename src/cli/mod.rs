@@ -3,6 +3,7 @@
 //! over its control socket.
 
 mod boot;
+mod key;
 mod maint;
 mod output;
 mod profile;
@@ -30,6 +31,8 @@ use crate::vmbackup::read::{backup_exports, Export};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub keys: key::KeyArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -45,6 +48,16 @@ pub enum Command {
     Init {
         #[arg(long)]
         repo: String,
+        /// Encrypt chunks and authenticate manifests and profiles with a
+        /// new key, written to --key-file (optionally protected by the
+        /// passphrase of --passphrase-file or RECOVERFS_PASSPHRASE).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Keys of encrypted repositories.
+    Key {
+        #[command(subcommand)]
+        cmd: key::KeyCmd,
     },
     /// Back up raw disk images (regular files or block devices) as disk0,
     /// disk1, ...; or, with --session, a VM running from a recovery session,
@@ -337,8 +350,11 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    key::install(&cli.keys)?;
     match cli.command {
-        Command::Init { repo } => {
+        Command::Init { repo, encrypt } if encrypt => key::init_encrypted(&repo, &cli.keys),
+        Command::Key { cmd } => key::run(cmd, &cli.keys),
+        Command::Init { repo, .. } => {
             let (r, created) = Repository::open_or_create(&repo)?;
             println!(
                 "{} repository {} (id {})",

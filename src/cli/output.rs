@@ -139,7 +139,11 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
         println!("{line}");
     }
     if damaged.is_empty() {
-        println!("ok: {} chunks of {backups} backup(s) verified", uses.len());
+        println!(
+            "ok: {} chunks of {backups} backup(s) verified ({})",
+            uses.len(),
+            mode(repo)
+        );
         Ok(())
     } else {
         Err(Error::corrupt(format!(
@@ -147,6 +151,17 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
             damaged.len(),
             repo.location()
         )))
+    }
+}
+
+/// Which mode a repository uses, for `verify`.
+fn mode(repo: &Repository) -> String {
+    match repo.encryption() {
+        Some(e) => format!(
+            "encrypted repository: {} chunks, keyed BLAKE3 ids and MACs, key {}",
+            e.aead, e.fingerprint
+        ),
+        None => "unencrypted repository: BLAKE3 ids and checksums".into(),
     }
 }
 

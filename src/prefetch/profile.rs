@@ -208,7 +208,7 @@ pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
         return Ok(None);
     };
     let what = format!("profile of VM {vm} in {}", repo.location());
-    let doc: ProfileDoc = crate::repo::sealed::unseal(&bytes, "profile", &what)?;
+    let doc: ProfileDoc = repo.unseal(&bytes, "profile", &what)?;
     doc.check(&what)
         .map_err(|e| Error::corrupt(e.to_string()))?;
     Ok(Some(doc))
@@ -223,8 +223,8 @@ pub const REFERRER: crate::repo::gc::Referrer = crate::repo::gc::Referrer {
     refs: chunk_refs,
 };
 
-fn chunk_refs(key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
-    let doc: ProfileDoc = crate::repo::sealed::unseal(bytes, "profile", key)?;
+fn chunk_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
+    let doc: ProfileDoc = repo.unseal(bytes, "profile", key)?;
     Ok(doc
         .recordings
         .iter()
@@ -236,7 +236,7 @@ fn chunk_refs(key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
 /// Stores `doc` as the profile of its VM, replacing the old one atomically.
 pub fn store(repo: &Repository, doc: &ProfileDoc) -> Result<()> {
     validate_name("VM name", &doc.vm)?;
-    let bytes = crate::repo::sealed::seal("profile", doc)?;
+    let bytes = repo.seal("profile", doc)?;
     repo.backend().put(&key(&doc.vm), &bytes)
 }
 

@@ -48,7 +48,7 @@ pub struct Referrer {
     /// Largest such object.
     pub limit: u64,
     /// The chunks one stored object references; `key` names it in errors.
-    pub refs: fn(key: &str, bytes: &[u8]) -> Result<Vec<Digest>>,
+    pub refs: fn(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest>>,
 }
 
 /// Backup manifests: `backups/<vm>/<id>.json`.
@@ -59,12 +59,12 @@ pub const MANIFESTS: Referrer = Referrer {
     refs: manifest_refs,
 };
 
-fn manifest_refs(key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
+fn manifest_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
     let what = key
         .strip_prefix("backups/")
         .and_then(|k| k.strip_suffix(".json"))
         .unwrap_or(key);
-    let m = super::Manifest::decode(bytes, what)?;
+    let m = repo.decode_manifest(bytes, what)?;
     Ok(m.disks
         .iter()
         .flat_map(|d| d.chunks.iter().flatten().copied())
@@ -114,7 +114,7 @@ impl Marks {
                 let Some(bytes) = repo.backend().get(&o.key, r.limit)? else {
                     continue;
                 };
-                let refs = (r.refs)(&o.key, &bytes).map_err(|e| {
+                let refs = (r.refs)(repo, &o.key, &bytes).map_err(|e| {
                     e.context(format!(
                         "gc stopped before removing anything: {} cannot be read, so what it references is unknown (if that backup is lost, delete the object by hand)",
                         o.key

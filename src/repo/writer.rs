@@ -396,7 +396,7 @@ fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
     if is_zero(data) {
         return Ok(Outcome::Zero);
     }
-    let digest = Digest::of(data);
+    let digest = repo.chunk_id(data);
     let new_bytes = repo.put_chunk(&digest, data)?;
     let stored_size = if new_bytes > 0 {
         new_bytes
