@@ -308,8 +308,31 @@ fn spawn_flusher(
     stop: Arc<AtomicBool>,
     every: Duration,
 ) -> std::thread::JoinHandle<()> {
+    spawn_every("flusher", stop, every, move || {
+        let _ = ds.flush_all();
+    })
+}
+
+/// Checks every few seconds that the sessions' backups still exist (on
+/// its own thread: the repository may be slow, flushes must not wait).
+fn spawn_backup_checker(ds: Arc<Datastore>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    spawn_every(
+        "backup-check",
+        stop,
+        crate::session::BACKUP_CHECK_EVERY,
+        move || ds.check_backups(),
+    )
+}
+
+/// A thread running `f` every `every` until `stop`.
+fn spawn_every(
+    name: &str,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    f: impl Fn() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
-        .name("flusher".into())
+        .name(name.into())
         .spawn(move || {
             let tick = Duration::from_millis(100);
             let mut waited = Duration::ZERO;
@@ -318,31 +341,11 @@ fn spawn_flusher(
                 waited += tick;
                 if waited >= every {
                     waited = Duration::ZERO;
-                    let _ = ds.flush_all();
+                    f();
                 }
             }
         })
-        .expect("spawn flusher")
-}
-
-/// Checks every few seconds that the sessions' backups still exist (on
-/// its own thread: the repository may be slow, flushes must not wait).
-fn spawn_backup_checker(ds: Arc<Datastore>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("backup-check".into())
-        .spawn(move || {
-            let tick = Duration::from_millis(100);
-            let mut waited = Duration::ZERO;
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(tick);
-                waited += tick;
-                if waited >= crate::session::BACKUP_CHECK_EVERY {
-                    waited = Duration::ZERO;
-                    ds.check_backups();
-                }
-            }
-        })
-        .expect("spawn backup checker")
+        .expect("spawn a daemon thread")
 }
 
 /// Serves the control API until SIGINT/SIGTERM; returns the default

@@ -54,19 +54,7 @@ struct Use {
 }
 
 pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
-    let vms = match vm {
-        Some(v) => {
-            crate::util::validate_name("VM name", v)?;
-            if repo.backup_ids(v)?.is_empty() {
-                return Err(Error::not_found(format!(
-                    "unknown VM {v:?}: no backups in {}",
-                    repo.location()
-                )));
-            }
-            vec![v.to_string()]
-        }
-        None => repo.vms()?,
-    };
+    let vms = repo.vms_or(vm)?;
     let mut uses: BTreeMap<Digest, Vec<Use>> = BTreeMap::new();
     let mut damaged: Vec<String> = vec![];
     let mut backups = 0;

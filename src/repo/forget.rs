@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::retention::{self, Candidate, Policy};
 use super::{pins, Repository};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct ForgetOptions {
@@ -57,18 +57,7 @@ pub struct BackupDecision {
 
 pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport> {
     opts.policy.check()?;
-    let vms = match &opts.vm {
-        Some(v) => {
-            if repo.backup_ids(v)?.is_empty() {
-                return Err(Error::not_found(format!(
-                    "unknown VM {v:?}: no backups in {}",
-                    repo.location()
-                )));
-            }
-            vec![v.clone()]
-        }
-        None => repo.vms()?,
-    };
+    let vms = repo.vms_or(opts.vm.as_deref())?;
     // Decide everything before removing anything.
     let decided = vms
         .iter()

@@ -308,6 +308,20 @@ impl Repository {
             .collect())
     }
 
+    /// `[vm]` if it has backups (an error naming it if not), else every VM.
+    pub fn vms_or(&self, vm: Option<&str>) -> Result<Vec<String>> {
+        let Some(v) = vm else {
+            return self.vms();
+        };
+        if self.backup_ids(v)?.is_empty() {
+            return Err(Error::not_found(format!(
+                "unknown VM {v:?}: no backups in {}",
+                self.location()
+            )));
+        }
+        Ok(vec![v.to_string()])
+    }
+
     /// Backup ids of a VM, oldest first.
     pub fn backup_ids(&self, vm: &str) -> Result<Vec<String>> {
         validate_name("VM name", vm)?;
