@@ -36,7 +36,6 @@
 //! was stopped, or the store was unreachable) no longer trusts its lock:
 //! a writer refuses to publish, a collector stops sweeping.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,7 +144,8 @@ struct Held {
     repo: Arc<Repository>,
     key: String,
     last_ok: Arc<Mutex<Instant>>,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the refresh thread at once.
+    stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -164,20 +164,19 @@ impl Held {
             .put(&key, &body)
             .map_err(|e| e.context("take a repository lock"))?;
         let last_ok = Arc::new(Mutex::new(Instant::now()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = {
-            let (repo, key, last_ok, stop) =
-                (repo.clone(), key.clone(), last_ok.clone(), stop.clone());
+            let (repo, key, last_ok) = (repo.clone(), key.clone(), last_ok.clone());
             std::thread::Builder::new()
                 .name("repo-lock".into())
-                .spawn(move || refresh_loop(&repo, &key, &body, &last_ok, &stop))
+                .spawn(move || refresh_loop(&repo, &key, &body, &last_ok, &stopped))
                 .map_err(|e| Error::io("start the lock refresh thread", e))?
         };
         Ok(Held {
             repo: repo.clone(),
             key,
             last_ok,
-            stop,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -201,26 +200,20 @@ fn refresh_loop(
     key: &str,
     body: &[u8],
     last_ok: &Mutex<Instant>,
-    stop: &AtomicBool,
+    stopped: &crossbeam_channel::Receiver<()>,
 ) {
-    let mut next = Instant::now() + REFRESH;
-    while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(200));
-        if Instant::now() < next {
-            continue;
-        }
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
         let started = Instant::now();
         match repo.backend().put(key, body) {
             Ok(()) => *last_ok.lock() = started,
             Err(e) => tracing::warn!(key, "could not refresh a repository lock: {e}"),
         }
-        next = Instant::now() + REFRESH;
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -388,6 +381,20 @@ mod tests {
             .unwrap();
         assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
         GcLock::acquire(&r, Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn a_writer_whose_lock_was_not_refreshed_for_half_the_stale_time_publishes_nothing() {
+        let (_d, r) = repo();
+        let w = WriterLock::acquire(&r, "vm1").unwrap();
+        w.check_fresh().unwrap();
+        // As if the process had been stopped for six minutes.
+        *w.0.last_ok.lock() = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+        let e =
+            super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+                .unwrap_err();
+        assert!(e.to_string().contains("was not refreshed"), "{e}");
+        assert!(r.backup_ids("vm1").unwrap().is_empty());
     }
 
     #[test]
