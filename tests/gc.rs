@@ -146,8 +146,9 @@ fn gc_racing_backups_from_another_process_never_removes_a_chunk_a_manifest_needs
     assert_no_manifest_lacks_a_chunk(&repo, "at the end");
     env.ok(&["verify", "--repo", &repo]);
     assert!(freed > 0, "the collections removed chunks");
+    eprintln!("{overlapped} gc runs overlapped a backup process; {freed} chunks freed");
     assert!(
-        overlapped >= 5,
+        overlapped >= 3,
         "gc and backup overlapped only {overlapped} times"
     );
 }

@@ -348,7 +348,9 @@ mod tests {
             drop(g);
             Instant::now()
         });
-        std::thread::sleep(Duration::from_millis(300));
+        while holders(&r, LockKind::Gc, None).unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let w2 = std::thread::spawn(move || {
             let w = WriterLock::acquire(&r2, "vm2").unwrap();
             (Instant::now(), w)
