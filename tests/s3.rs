@@ -312,3 +312,44 @@ fn forget_and_gc_on_s3_remove_only_unreferenced_chunks_and_a_racing_backup_keeps
     }
     env.ok(&["verify", "--repo", env.repo_str()]);
 }
+
+#[test]
+fn an_encrypted_repository_on_s3_dedups_verifies_and_holds_no_plaintext() {
+    let g = Garage::single();
+    let mut env = s3_env(&g, "enc");
+    let key = env.path("s3.key");
+    env.extra_env
+        .push(("RECOVERFS_KEY_FILE".into(), key.display().to_string()));
+    env.ok(&["init", "--repo", env.repo_str(), "--encrypt"]);
+    let img = env.path("a.raw");
+    let marker = b"S3-PLAINTEXT-MARKER-91c2";
+    let mut data = random_image(&img, 16 * K64, 910, K64);
+    for c in 0..16 {
+        data[c * K64 + 10..c * K64 + 10 + marker.len()].copy_from_slice(marker);
+    }
+    std::fs::write(&img, &data).unwrap();
+    env.backup("vm", "64K", &[&img]);
+    env.backup("vm", "64K", &[&img]);
+    let out = env.ok(&["verify", "--repo", env.repo_str()]);
+    assert!(out.contains("encrypted repository"), "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list", "--repo", env.repo_str(), "--json"])).unwrap();
+    assert_eq!(list["backups"][1]["new_bytes"], 0, "{list}");
+    let keys = recoverfs::repo::crypto::load_key_file(&key, None).unwrap();
+    let repo = recoverfs::repo::Repository::open_with(env.repo_str(), &g.env(0))
+        .err()
+        .unwrap();
+    assert!(repo.to_string().contains("is encrypted"), "{repo}");
+    let b = recoverfs::repo::s3::S3Backend::open(env.repo_str(), &g.env(0)).unwrap();
+    let repo = recoverfs::repo::Repository::open_backend_keyed(Box::new(b), Some(keys)).unwrap();
+    let objects = repo.backend().list_all("").unwrap();
+    assert!(objects.len() > 10);
+    for o in objects {
+        let bytes = repo.backend().get(&o.key, 1 << 30).unwrap().unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "{} holds the marker",
+            o.key
+        );
+    }
+}

@@ -185,6 +185,14 @@ impl Repository {
         Self::with_keys(backend, None)
     }
 
+    /// [`Repository::open_backend`] with explicit keys (or none).
+    pub fn open_backend_keyed(
+        backend: Box<dyn Backend>,
+        keys: Option<crypto::Keys>,
+    ) -> Result<Arc<Repository>> {
+        Self::with_keys(backend, keys)
+    }
+
     /// Opens an existing repository with explicit S3 settings (AWS_* names)
     /// that take precedence over the environment.
     pub fn open_with(spec: &str, s3_settings: &[(String, String)]) -> Result<Arc<Repository>> {
