@@ -222,6 +222,7 @@ pub struct MountedDatastore {
     bg: fuser::BackgroundSession,
     stop: Arc<AtomicBool>,
     flusher: std::thread::JoinHandle<()>,
+    checker: std::thread::JoinHandle<()>,
     mount: PathBuf,
 }
 
@@ -274,11 +275,13 @@ impl MountedDatastore {
         ds.resume_active();
         let stop = Arc::new(AtomicBool::new(false));
         let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
+        let checker = spawn_backup_checker(ds.clone(), stop.clone());
         Ok(MountedDatastore {
             ds,
             bg,
             stop,
             flusher,
+            checker,
             mount: mount.to_path_buf(),
         })
     }
@@ -288,6 +291,7 @@ impl MountedDatastore {
     pub fn shutdown(self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let _ = self.flusher.join();
+        let _ = self.checker.join();
         self.ds.stop_background();
         let flush = self.ds.flush_all();
         let unmount = self
@@ -304,8 +308,31 @@ fn spawn_flusher(
     stop: Arc<AtomicBool>,
     every: Duration,
 ) -> std::thread::JoinHandle<()> {
+    spawn_every("flusher", stop, every, move || {
+        let _ = ds.flush_all();
+    })
+}
+
+/// Checks every few seconds that the sessions' backups still exist (on
+/// its own thread: the repository may be slow, flushes must not wait).
+fn spawn_backup_checker(ds: Arc<Datastore>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    spawn_every(
+        "backup-check",
+        stop,
+        crate::session::BACKUP_CHECK_EVERY,
+        move || ds.check_backups(),
+    )
+}
+
+/// A thread running `f` every `every` until `stop`.
+fn spawn_every(
+    name: &str,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    f: impl Fn() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
-        .name("flusher".into())
+        .name(name.into())
         .spawn(move || {
             let tick = Duration::from_millis(100);
             let mut waited = Duration::ZERO;
@@ -314,11 +341,11 @@ fn spawn_flusher(
                 waited += tick;
                 if waited >= every {
                     waited = Duration::ZERO;
-                    let _ = ds.flush_all();
+                    f();
                 }
             }
         })
-        .expect("spawn flusher")
+        .expect("spawn a daemon thread")
 }
 
 /// Serves the control API until SIGINT/SIGTERM; returns the default

@@ -62,7 +62,12 @@
 //! ## On-disk formats
 //!
 //! Repository (a directory or an S3 bucket; keys mirror paths):
-//! * `repo.json` — `{format, version, id, created}`; `id` ties staging to it.
+//! * `repo.json` — `{format, version, id, created}`; `id` ties staging to it;
+//!   an encrypted repository adds `encryption: {aead, chunk_id, mac,
+//!   fingerprint}` (`repo::crypto`): chunk ids are then keyed BLAKE3,
+//!   chunk objects `RFSE` ‖ 24-byte nonce ‖ XChaCha20-Poly1305 of the zstd
+//!   frame (the id as associated data), and sealed documents carry `mac`
+//!   (keyed BLAKE3 of field ‖ 0 ‖ body) instead of `checksum`.
 //! * `chunks/<hex[0..4]>/<hex>` — one zstd frame of the chunk's plain
 //!   bytes; `<hex>` is the BLAKE3 of those bytes. All-zero chunks are never
 //!   stored. Every read is bounded in size, decompresses and re-hashes.
@@ -75,6 +80,12 @@
 //!   way under `"profile"`: `{format, vm, recordings: [{recorded, backup,
 //!   source, disks: [{index, block_size, accesses: [[block, ms, chunk|null]]}]}]}`,
 //!   the last 5 recordings, each a session's first reads in order.
+//! * `locks/backup-<random>.json`, `locks/gc-<random>.json` — `{kind,
+//!   host, pid, what, started}`, rewritten every 60 s by their holder
+//!   (`repo::locks`: why backups and `gc` cannot race).
+//! * `pins/<vm>/<hash>.json` — `{vm, backups, host, staging, state,
+//!   written}`: backups a recovery session uses, which `forget` keeps
+//!   (`repo::pins`).
 //!
 //! Staging (a directory, mode 0700, locked by the serving daemon; a
 //! directory that is neither empty nor a staging directory is refused
@@ -129,6 +140,10 @@
 //! | NBD write | at the reply to the next FLUSH (any connection), or its own reply with FUA | may be lost; QEMU reconnects and replays what it had in flight | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd` |
 //! | side files (NFS) | at COMMIT or a FILE_SYNC write, in the session's staging | as a local file: synced data stays | `nfs::nfs_clients_list_copy_write_and_keep_side_files_while_disks_stay_put` |
 //! | sessions being served | an `active` marker written at recover (atomically, in the session's staging directory, holding the export point and host it was placed for), removed at release: a restarted daemon scans every staging directory and resumes them at the same export point, from the same directory, same names and handles | — | `nbd::a_daemon_crash_is_invisible_to_a_guest_writing_over_nbd`, `placement::a_new_vm_goes_where_the_relocation_is_nearly_done_and_stays_there_across_a_restart`, `placement::a_point_staging_on_its_own_disk_keeps_its_vm_there_across_kill9_at_the_same_point_and_handles`, `session::tests::a_restart_serves_each_session_at_the_same_point_from_the_same_staging_directory` |
+//! | chunks a backup needs, against `gc` | a backup holds `locks/backup-*` (written, then `locks/gc-*` looked for) from before it stores or reuses a chunk until its manifest; `gc` deletes only holding `locks/gc-*` with no backup lock seen (written, then looked for); locks rewritten every 60 s, dead after 10 min | a dead holder's lock is ignored after 10 min; a holder that could not rewrite its lock for 5 min stops (no manifest, no more deletes) | `gc::gc_racing_backups_from_another_process_never_removes_a_chunk_a_manifest_needs` (fails without the protocol), `repo::gc::tests::gc_racing_backups_in_threads_never_removes_a_chunk_a_manifest_needs`, `repo::locks::tests::a_waiting_collector_holds_new_writers_back_so_backups_cannot_starve_it`, `repo::locks::tests::a_writer_whose_lock_was_not_refreshed_for_half_the_stale_time_publishes_nothing`, `repo::locks::tests::a_lock_not_refreshed_for_the_stale_time_is_ignored`, `s3::forget_and_gc_on_s3_remove_only_unreferenced_chunks_and_a_racing_backup_keeps_its_chunks` |
+//! | forget | every backup decided before any manifest is deleted; only manifests (chunks wait for `gc`); a backup a session's pin lists is kept unless `--force` | some of the removed manifests gone, the rest stay: run it again | `repo::forget::tests::thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unreferenced_chunks`, `gc::a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_status_says_so` |
+//! | session pin (`pins/<vm>/<id>.json`) | written after the session's `active` marker at recover, rewritten at release (kept) and after a live backup, removed after its staging is discarded; a failed write is logged | a pin of discarded staging may stay (its backups stay protected; remove it by hand or `--force`) | `gc::a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_status_says_so` |
+//! | key file (`init --encrypt`) | written create-only (temp, fsync, link, 0600) before `repo.json`; removed again if no new repository came of it; `key change-passphrase` replaces it atomically | no repository, or the old passphrase still works | `repo::crypto::tests::a_key_file_with_a_passphrase_needs_it_and_can_change_it`, `encryption::tampering_and_wrong_keys_are_refused_by_name_and_the_passphrase_can_change` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod api;

@@ -75,6 +75,8 @@ pub struct Session {
     pub(crate) backup_base: Mutex<backup::BackupBase>,
     /// A live backup of this session is running.
     backup_running: AtomicBool,
+    /// Set when its backup is gone from the repository (`pinning`).
+    backup_gone: Mutex<Option<String>>,
 }
 
 #[derive(Default)]
@@ -192,6 +194,9 @@ pub struct SessionStatus {
     /// The backup the disks' `blocks_dirty` are relative to: the session's
     /// own until a live backup (`backup --session`) makes a newer one.
     pub backup_base: String,
+    /// Its backup was removed from the repository (`forget --force`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_gone: Option<String>,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -470,6 +475,7 @@ impl Datastore {
             state: Mutex::new(OpenState::default()),
             backup_base: Mutex::new(backup_base),
             backup_running: AtomicBool::new(false),
+            backup_gone: Mutex::new(None),
         });
         // Served from now on, at this export point, also by a daemon
         // restarted after a crash.
@@ -482,6 +488,7 @@ impl Datastore {
             &manifest.id,
             &serde_json::to_vec(&record).expect("json"),
         )?;
+        self.pin(&session, true);
         self.start_prefetch(&session);
         self.sessions.write().insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
@@ -720,8 +727,10 @@ impl Datastore {
         }
         if discard {
             session.staging.discard(vm, &session.backup)?;
+            self.unpin(vm, &session.backup, &session.dir);
         } else {
             session.staging.set_active(vm, &session.backup, false)?;
+            self.pin(&session, false);
         }
         for f in self.on_release.read().iter() {
             f(&session);
@@ -889,6 +898,7 @@ impl Datastore {
         let mut kept = vec![];
         for (b, s) in self.kept_sessions(vm, None) {
             s.discard(vm, &b)?;
+            self.unpin(vm, &b, &s.session_dir(vm, &b));
             if !kept.contains(&b) {
                 kept.push(b);
             }
@@ -915,6 +925,7 @@ impl Datastore {
             scheduler: s.point.sched.status(),
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             backup_base: s.backup_base.lock().base.id.clone(),
+            backup_gone: s.backup_gone.lock().clone(),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }
@@ -996,6 +1007,8 @@ fn warn_if_kept_twice(
 
 pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
+mod pinning;
+pub use pinning::CHECK_EVERY as BACKUP_CHECK_EVERY;
 mod points;
 use points::PlacementRecord;
 pub use points::{

@@ -267,3 +267,89 @@ fn a_kept_session_resumes_from_its_manifest_copy_while_the_store_is_down() {
         "the resumed session reads differently"
     );
 }
+
+#[test]
+fn forget_and_gc_on_s3_remove_only_unreferenced_chunks_and_a_racing_backup_keeps_its_chunks() {
+    let g = Garage::single();
+    let env = s3_env(&g, "gc");
+    let img = env.path("a.raw");
+    let mut ids = vec![];
+    for seed in 0..3 {
+        random_image(&img, 24 * K64, 700 + seed, K64);
+        ids.push(env.backup("vm", "64K", &[&img]));
+    }
+    let repo = recoverfs::repo::Repository::open_with(env.repo_str(), &g.env(0)).unwrap();
+    let chunks = || repo.backend().list_all("chunks").unwrap().len() as u64;
+    let before = chunks();
+    env.ok(&["forget", "--repo", env.repo_str(), "--keep-last", "1"]);
+    assert_eq!(repo.backup_ids("vm").unwrap(), vec![ids[2].clone()]);
+    let out: serde_json::Value =
+        serde_json::from_str(&env.ok(&["gc", "--repo", env.repo_str(), "--json"])).unwrap();
+    let removed = out["removed_chunks"].as_u64().unwrap();
+    assert!(removed > 0, "{out}");
+    assert_eq!(chunks(), before - removed);
+    env.ok(&["verify", "--repo", env.repo_str()]);
+
+    // Bring back the first two images' chunks, forget them again, and
+    // collect while a backup of the first image (reusing exactly the
+    // chunks gc is about to remove) runs from another process.
+    for seed in [700, 701, 702] {
+        random_image(&img, 24 * K64, seed, K64);
+        env.backup("vm", "64K", &[&img]);
+    }
+    env.ok(&["forget", "--repo", env.repo_str(), "--keep-last", "1"]);
+    random_image(&img, 24 * K64, 700, K64);
+    std::thread::scope(|s| {
+        let b = s.spawn(|| env.backup("vm", "64K", &[&img]));
+        env.ok(&["gc", "--repo", env.repo_str()]);
+        b.join().unwrap();
+    });
+    for id in repo.backup_ids("vm").unwrap() {
+        let m = repo.manifest("vm", &id).unwrap();
+        for c in m.disks.iter().flat_map(|d| d.chunks.iter().flatten()) {
+            assert!(repo.has_chunk(c).unwrap(), "backup {id} lost chunk {c}");
+        }
+    }
+    env.ok(&["verify", "--repo", env.repo_str()]);
+}
+
+#[test]
+fn an_encrypted_repository_on_s3_dedups_verifies_and_holds_no_plaintext() {
+    let g = Garage::single();
+    let mut env = s3_env(&g, "enc");
+    let key = env.path("s3.key");
+    env.extra_env
+        .push(("RECOVERFS_KEY_FILE".into(), key.display().to_string()));
+    env.ok(&["init", "--repo", env.repo_str(), "--encrypt"]);
+    let img = env.path("a.raw");
+    let marker = b"S3-PLAINTEXT-MARKER-91c2";
+    let mut data = random_image(&img, 16 * K64, 910, K64);
+    for c in 0..16 {
+        data[c * K64 + 10..c * K64 + 10 + marker.len()].copy_from_slice(marker);
+    }
+    std::fs::write(&img, &data).unwrap();
+    env.backup("vm", "64K", &[&img]);
+    env.backup("vm", "64K", &[&img]);
+    let out = env.ok(&["verify", "--repo", env.repo_str()]);
+    assert!(out.contains("encrypted repository"), "{out}");
+    let list: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list", "--repo", env.repo_str(), "--json"])).unwrap();
+    assert_eq!(list["backups"][1]["new_bytes"], 0, "{list}");
+    let keys = recoverfs::repo::crypto::load_key_file(&key, None).unwrap();
+    let repo = recoverfs::repo::Repository::open_with(env.repo_str(), &g.env(0))
+        .err()
+        .unwrap();
+    assert!(repo.to_string().contains("is encrypted"), "{repo}");
+    let b = recoverfs::repo::s3::S3Backend::open(env.repo_str(), &g.env(0)).unwrap();
+    let repo = recoverfs::repo::Repository::open_backend_keyed(Box::new(b), Some(keys)).unwrap();
+    let objects = repo.backend().list_all("").unwrap();
+    assert!(objects.len() > 10);
+    for o in objects {
+        let bytes = repo.backend().get(&o.key, 1 << 30).unwrap().unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "{} holds the marker",
+            o.key
+        );
+    }
+}

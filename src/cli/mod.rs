@@ -3,6 +3,8 @@
 //! over its control socket.
 
 mod boot;
+mod key;
+mod maint;
 mod output;
 mod profile;
 
@@ -29,6 +31,8 @@ use crate::vmbackup::read::{backup_exports, Export};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub keys: key::KeyArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -44,6 +48,16 @@ pub enum Command {
     Init {
         #[arg(long)]
         repo: String,
+        /// Encrypt chunks and authenticate manifests and profiles with a
+        /// new key, written to --key-file (optionally protected by the
+        /// passphrase of --passphrase-file or RECOVERFS_PASSPHRASE).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Keys of encrypted repositories.
+    Key {
+        #[command(subcommand)]
+        cmd: key::KeyCmd,
     },
     /// Back up raw disk images (regular files or block devices) as disk0,
     /// disk1, ...; or, with --session, a VM running from a recovery session,
@@ -118,6 +132,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the backups a retention policy does not keep (PBS prune
+    /// semantics; see the README); `gc` then frees their chunks.
+    Forget(maint::ForgetArgs),
+    /// Remove every chunk no backup, profile or running backup references
+    /// (waits for running backups; safe against backups from other hosts).
+    Gc(maint::GcArgs),
     /// Read and check every chunk referenced by the selected backups.
     Verify {
         #[arg(long)]
@@ -330,8 +350,11 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    key::install(&cli.keys)?;
     match cli.command {
-        Command::Init { repo } => {
+        Command::Init { repo, encrypt } if encrypt => key::init_encrypted(&repo, &cli.keys),
+        Command::Key { cmd } => key::run(cmd, &cli.keys),
+        Command::Init { repo, .. } => {
             let (r, created) = Repository::open_or_create(&repo)?;
             println!(
                 "{} repository {} (id {})",
@@ -379,6 +402,8 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         ),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
+        Command::Forget(a) => maint::run_forget(a),
+        Command::Gc(a) => maint::run_gc(a),
         Command::Verify { repo, vm, backup } => {
             output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
         }

@@ -54,19 +54,7 @@ struct Use {
 }
 
 pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
-    let vms = match vm {
-        Some(v) => {
-            crate::util::validate_name("VM name", v)?;
-            if repo.backup_ids(v)?.is_empty() {
-                return Err(Error::not_found(format!(
-                    "unknown VM {v:?}: no backups in {}",
-                    repo.location()
-                )));
-            }
-            vec![v.to_string()]
-        }
-        None => repo.vms()?,
-    };
+    let vms = repo.vms_or(vm)?;
     let mut uses: BTreeMap<Digest, Vec<Use>> = BTreeMap::new();
     let mut damaged: Vec<String> = vec![];
     let mut backups = 0;
@@ -139,7 +127,11 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
         println!("{line}");
     }
     if damaged.is_empty() {
-        println!("ok: {} chunks of {backups} backup(s) verified", uses.len());
+        println!(
+            "ok: {} chunks of {backups} backup(s) verified ({})",
+            uses.len(),
+            mode(repo)
+        );
         Ok(())
     } else {
         Err(Error::corrupt(format!(
@@ -147,6 +139,17 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
             damaged.len(),
             repo.location()
         )))
+    }
+}
+
+/// Which mode a repository uses, for `verify`.
+fn mode(repo: &Repository) -> String {
+    match repo.encryption() {
+        Some(e) => format!(
+            "encrypted repository: {} chunks, keyed BLAKE3 ids and MACs, key {}",
+            e.aead, e.fingerprint
+        ),
+        None => "unencrypted repository: BLAKE3 ids and checksums".into(),
     }
 }
 
@@ -442,6 +445,9 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
             .filter(|b| Some(*b) != s["backup"].as_str())
         {
             println!("  last live backup {b}: dirty blocks are relative to it");
+        }
+        if let Some(w) = s["backup_gone"].as_str() {
+            println!("  WARNING: {w}");
         }
         let r = &s["relocation"];
         if r.is_object() {

@@ -208,16 +208,35 @@ pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
         return Ok(None);
     };
     let what = format!("profile of VM {vm} in {}", repo.location());
-    let doc: ProfileDoc = crate::repo::sealed::unseal(&bytes, "profile", &what)?;
+    let doc: ProfileDoc = repo.unseal(&bytes, "profile", &what)?;
     doc.check(&what)
         .map_err(|e| Error::corrupt(e.to_string()))?;
     Ok(Some(doc))
 }
 
+/// Profiles as referrers of chunks, for garbage collection: each first
+/// read names its block's chunk. Rewritten at each recording (mutable).
+pub const REFERRER: crate::repo::gc::Referrer = crate::repo::gc::Referrer {
+    prefix: "profiles",
+    immutable: false,
+    limit: crate::repo::limits::MAX_PROFILE_BYTES,
+    refs: chunk_refs,
+};
+
+fn chunk_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
+    let doc: ProfileDoc = repo.unseal(bytes, "profile", key)?;
+    Ok(doc
+        .recordings
+        .iter()
+        .flat_map(|r| r.disks.iter())
+        .flat_map(|d| d.accesses.iter().filter_map(|a| a.2))
+        .collect())
+}
+
 /// Stores `doc` as the profile of its VM, replacing the old one atomically.
 pub fn store(repo: &Repository, doc: &ProfileDoc) -> Result<()> {
     validate_name("VM name", &doc.vm)?;
-    let bytes = crate::repo::sealed::seal("profile", doc)?;
+    let bytes = repo.seal("profile", doc)?;
     repo.backend().put(&key(&doc.vm), &bytes)
 }
 

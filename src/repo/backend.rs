@@ -30,12 +30,29 @@ pub trait Backend: Send + Sync {
     /// Names directly below `prefix` (a "directory"), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     fn delete(&self, key: &str) -> Result<()>;
+    /// Every object below `prefix`, at any depth (`chunks`, `locks`).
+    fn list_all(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// Deletes many objects (batched where the store can); absent ones
+    /// are not an error.
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
     /// Where this is, for messages.
     fn location(&self) -> String;
     /// Requests retried after transient failures (remote stores).
     fn retries(&self) -> u64 {
         0
     }
+}
+
+/// One object found by [`Backend::list_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The full key, `/`-separated.
+    pub key: String,
+    pub size: u64,
+    /// Last modified, as the store's clock saw it (Unix seconds).
+    pub modified_unix: u64,
 }
 
 /// An object over its bound: damaged or forged, never read whole.
@@ -158,6 +175,71 @@ impl Backend for LocalDir {
         Ok(names)
     }
 
+    fn list_all(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let mut out = vec![];
+        let mut dirs = vec![prefix.trim_matches('/').to_string()];
+        while let Some(dir) = dirs.pop() {
+            let p = self.path(&dir);
+            let rd = match fs::read_dir(&p) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+            };
+            for entry in rd {
+                let entry = entry.ctx(|| format!("list {}", p.display()))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if name.starts_with('.') {
+                    continue; // temp files of in-flight writes
+                }
+                let key = if dir.is_empty() {
+                    name
+                } else {
+                    format!("{dir}/{name}")
+                };
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Deleted since the listing (another gc, a lock released).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(format!("stat {key}"), e)),
+                };
+                if meta.is_dir() {
+                    dirs.push(key);
+                } else {
+                    let modified_unix = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    out.push(ObjectInfo {
+                        key,
+                        size: meta.len(),
+                        modified_unix,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Removes every file, then syncs each directory touched once.
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            let p = self.path(key);
+            match fs::remove_file(&p) {
+                Ok(()) => {
+                    dirs.insert(p.parent().expect("has parent").to_path_buf());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("delete {}", p.display()), e)),
+            }
+        }
+        dirs.iter().try_for_each(|d| fsync_dir(d))
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         let p = self.path(key);
         match fs::remove_file(&p) {
@@ -212,6 +294,12 @@ impl Backend for Delayed {
     }
     fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key)
+    }
+    fn list_all(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        self.inner.list_all(prefix)
+    }
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        self.inner.delete_many(keys)
     }
     fn location(&self) -> String {
         self.inner.location()

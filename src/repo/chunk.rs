@@ -130,6 +130,16 @@ fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
 /// Decompresses and verifies a stored chunk. `expected_len` is the chunk's
 /// plain length from the manifest; anything else is corruption.
 pub fn decode(stored: &[u8], digest: &Digest, expected_len: usize) -> Result<Vec<u8>> {
+    decode_with(stored, digest, expected_len, Digest::of)
+}
+
+/// [`decode`] with the repository's chunk id function (keyed when encrypted).
+pub fn decode_with(
+    stored: &[u8],
+    digest: &Digest,
+    expected_len: usize,
+    id_of: impl Fn(&[u8]) -> Digest,
+) -> Result<Vec<u8>> {
     let data = decompress(stored, expected_len)
         .map_err(|e| Error::corrupt(format!("chunk {digest} does not decompress ({e})")))?;
     if data.len() != expected_len {
@@ -138,7 +148,7 @@ pub fn decode(stored: &[u8], digest: &Digest, expected_len: usize) -> Result<Vec
             data.len()
         )));
     }
-    if Digest::of(&data) != *digest {
+    if id_of(&data) != *digest {
         return Err(Error::corrupt(format!(
             "chunk {digest} fails its digest check"
         )));

@@ -17,7 +17,7 @@ pub const MAX_DISK_BYTES: u64 = 64 << 40;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
 /// Largest stored form of a chunk of `len` plain bytes: zstd's worst case
-/// plus its frame header.
+/// plus its frame header, plus encryption's magic, nonce and tag.
 pub fn max_chunk_object(len: usize) -> u64 {
-    zstd::zstd_safe::compress_bound(len) as u64 + 64
+    zstd::zstd_safe::compress_bound(len) as u64 + 64 + 64
 }

@@ -76,12 +76,27 @@ impl DiskManifest {
 
 impl Manifest {
     pub fn encode(&self) -> Result<Vec<u8>> {
-        super::sealed::seal("manifest", self)
+        self.encode_with(None)
+    }
+
+    /// Sealed with the repository's MAC when it is encrypted.
+    pub fn encode_with(&self, keys: Option<&super::crypto::Keys>) -> Result<Vec<u8>> {
+        super::sealed::seal_with("manifest", self, keys)
     }
 
     /// Parses and checks a stored manifest; `what` names it in errors.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Manifest> {
-        let m: Manifest = super::sealed::unseal(bytes, "manifest", &format!("manifest {what}"))?;
+        Self::decode_with(bytes, what, None)
+    }
+
+    /// [`Manifest::decode`], authenticated with `keys` if given.
+    pub fn decode_with(
+        bytes: &[u8],
+        what: &str,
+        keys: Option<&super::crypto::Keys>,
+    ) -> Result<Manifest> {
+        let m: Manifest =
+            super::sealed::unseal_with(bytes, "manifest", &format!("manifest {what}"), keys)?;
         if m.format != MANIFEST_FORMAT {
             return Err(Error::corrupt(format!(
                 "manifest {what} has unknown format {}",

@@ -6,14 +6,22 @@
 //! repo.json                          identity: format, version, random id
 //! chunks/<hex[0..4]>/<hex>           zstd frame of the chunk's plain bytes
 //! backups/<vm>/<backup-id>.json      checksummed manifest
+//! profiles/<vm>.json                 checksummed operational profile
+//! locks/{backup,gc}-<random>.json    writer and collector locks (`locks`)
 //! ```
 //! A backup writes all its chunks first and its manifest last, so a reader
 //! never sees a manifest whose chunks are missing.
 
 pub mod backend;
 pub mod chunk;
+pub mod crypto;
+pub mod forget;
+pub mod gc;
 pub mod limits;
+pub mod locks;
 pub mod manifest;
+pub mod pins;
+pub mod retention;
 pub mod s3;
 pub mod sealed;
 #[cfg(test)]
@@ -42,11 +50,16 @@ pub struct RepoInfo {
     /// Random identity; a staging directory records it to refuse mixing repositories.
     pub id: String,
     pub created: String,
+    /// Present when chunks are encrypted and documents MACed (`crypto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crypto::EncryptionInfo>,
 }
 
 pub struct Repository {
     backend: Box<dyn Backend>,
     info: RepoInfo,
+    /// The repository's keys, when it is encrypted.
+    keys: Option<crypto::Keys>,
 }
 
 /// Summary of one backup for `list`.
@@ -64,10 +77,53 @@ pub struct BackupSummary {
 impl Repository {
     /// Opens an existing repository; a missing one or a directory that is
     /// not a repository is a clear error.
+    /// An encrypted one takes its key from the process's key source
+    /// (`--key-file`, `RECOVERFS_KEY_FILE`).
     pub fn open(spec: &str) -> Result<Arc<Repository>> {
         let backend = Self::backend_for(spec, false, &[])?;
+        Self::with_keys(backend, Self::process_keys()?)
+    }
+
+    /// Opens an existing repository with explicit keys (or none).
+    pub fn open_keyed(spec: &str, keys: Option<crypto::Keys>) -> Result<Arc<Repository>> {
+        Self::with_keys(Self::backend_for(spec, false, &[])?, keys)
+    }
+
+    fn process_keys() -> Result<Option<crypto::Keys>> {
+        crypto::process_key_source().load()
+    }
+
+    /// Reads `repo.json` and checks `keys` against it: an encrypted
+    /// repository needs its key, a plain one refuses a key (a stripped
+    /// `encryption` must not pass for a plain repository).
+    fn with_keys(backend: Box<dyn Backend>, keys: Option<crypto::Keys>) -> Result<Arc<Repository>> {
         let info = Self::read_info(backend.as_ref())?;
-        Ok(Arc::new(Repository { backend, info }))
+        let loc = backend.location();
+        match (&info.encryption, &keys) {
+            (Some(_), None) => {
+                return Err(Error::invalid(format!(
+                    "repository {loc} is encrypted: give its key with --key-file FILE or RECOVERFS_KEY_FILE"
+                )))
+            }
+            (Some(e), Some(k)) if e.fingerprint != k.fingerprint() => {
+                return Err(Error::not_permitted(format!(
+                    "wrong key for repository {loc}: the key file has fingerprint {}, the repository needs {}",
+                    k.fingerprint(),
+                    e.fingerprint
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "repository {loc} is not encrypted, but a key file was given"
+                )))
+            }
+            _ => {}
+        }
+        Ok(Arc::new(Repository {
+            backend,
+            info,
+            keys,
+        }))
     }
 
     /// `open` with a fixed delay before every chunk read (benchmarks).
@@ -76,17 +132,24 @@ impl Repository {
             inner: Self::backend_for(spec, false, &[])?,
             delay,
         });
-        let info = Self::read_info(backend.as_ref())?;
-        Ok(Arc::new(Repository { backend, info }))
+        Self::with_keys(backend, Self::process_keys()?)
     }
 
     /// Opens a repository, creating it if `spec` does not exist or is an
-    /// empty directory. Used by `backup` and `init`.
+    /// empty directory. Used by `backup` and `init`. A new repository is
+    /// encrypted with the process's key if one is given.
     pub fn open_or_create(spec: &str) -> Result<(Arc<Repository>, bool)> {
+        Self::open_or_create_keyed(spec, Self::process_keys()?)
+    }
+
+    /// [`Repository::open_or_create`] with explicit keys (`None`: plain).
+    pub fn open_or_create_keyed(
+        spec: &str,
+        keys: Option<crypto::Keys>,
+    ) -> Result<(Arc<Repository>, bool)> {
         let backend = Self::backend_for(spec, true, &[])?;
         if backend.get(INFO_KEY, limits::MAX_META_BYTES)?.is_some() {
-            let info = Self::read_info(backend.as_ref())?;
-            return Ok((Arc::new(Repository { backend, info }), false));
+            return Ok((Self::with_keys(backend, keys)?, false));
         }
         if !backend.list("")?.is_empty() {
             // A writer creating the repository at this moment writes
@@ -95,8 +158,7 @@ impl Repository {
             for _ in 0..10 {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 if backend.get(INFO_KEY, limits::MAX_META_BYTES)?.is_some() {
-                    let info = Self::read_info(backend.as_ref())?;
-                    return Ok((Arc::new(Repository { backend, info }), false));
+                    return Ok((Self::with_keys(backend, keys)?, false));
                 }
             }
             return Err(Error::invalid(format!(
@@ -109,27 +171,33 @@ impl Repository {
             version: 1,
             id: random_hex(16),
             created: crate::util::rfc3339(crate::util::now_unix()),
+            encryption: keys.as_ref().map(crypto::EncryptionInfo::of),
         };
         let body = serde_json::to_vec_pretty(&info).expect("serializable");
         let created = backend.put_new(INFO_KEY, &body)?;
         // Whoever created it, use what is stored (on a store that ignores
         // conditional PUTs, the last of two creators wins).
-        let info = Self::read_info(backend.as_ref())?;
-        Ok((Arc::new(Repository { backend, info }), created))
+        Ok((Self::with_keys(backend, keys)?, created))
     }
 
     /// Opens a repository on an explicit backend (tests, other stores).
     pub fn open_backend(backend: Box<dyn Backend>) -> Result<Arc<Repository>> {
-        let info = Self::read_info(backend.as_ref())?;
-        Ok(Arc::new(Repository { backend, info }))
+        Self::with_keys(backend, None)
+    }
+
+    /// [`Repository::open_backend`] with explicit keys (or none).
+    pub fn open_backend_keyed(
+        backend: Box<dyn Backend>,
+        keys: Option<crypto::Keys>,
+    ) -> Result<Arc<Repository>> {
+        Self::with_keys(backend, keys)
     }
 
     /// Opens an existing repository with explicit S3 settings (AWS_* names)
     /// that take precedence over the environment.
     pub fn open_with(spec: &str, s3_settings: &[(String, String)]) -> Result<Arc<Repository>> {
         let backend = Self::backend_for(spec, false, s3_settings)?;
-        let info = Self::read_info(backend.as_ref())?;
-        Ok(Arc::new(Repository { backend, info }))
+        Self::with_keys(backend, Self::process_keys()?)
     }
 
     fn backend_for(
@@ -193,6 +261,40 @@ impl Repository {
         &self.info.id
     }
 
+    /// The key's fingerprint if the repository is encrypted.
+    pub fn encryption(&self) -> Option<&crypto::EncryptionInfo> {
+        self.info.encryption.as_ref()
+    }
+
+    /// The id of a chunk's plain bytes: BLAKE3, keyed when encrypted.
+    pub fn chunk_id(&self, data: &[u8]) -> Digest {
+        match &self.keys {
+            Some(k) => k.chunk_id(data),
+            None => Digest::of(data),
+        }
+    }
+
+    /// Seals a document (manifest, profile) the way this repository does:
+    /// checksum, or MAC when encrypted.
+    pub fn seal(&self, field: &str, body: &impl Serialize) -> Result<Vec<u8>> {
+        sealed::seal_with(field, body, self.keys.as_ref())
+    }
+
+    /// Checks and decodes a document sealed by [`Repository::seal`].
+    pub fn unseal<T: serde::de::DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+        field: &str,
+        what: &str,
+    ) -> Result<T> {
+        sealed::unseal_with(bytes, field, what, self.keys.as_ref())
+    }
+
+    /// Decodes a stored manifest (authenticated when encrypted).
+    pub fn decode_manifest(&self, bytes: &[u8], what: &str) -> Result<Manifest> {
+        Manifest::decode_with(bytes, what, self.keys.as_ref())
+    }
+
     pub fn location(&self) -> String {
         self.backend.location()
     }
@@ -212,6 +314,20 @@ impl Repository {
             .into_iter()
             .filter(|n| validate_name("VM", n).is_ok())
             .collect())
+    }
+
+    /// `[vm]` if it has backups (an error naming it if not), else every VM.
+    pub fn vms_or(&self, vm: Option<&str>) -> Result<Vec<String>> {
+        let Some(v) = vm else {
+            return self.vms();
+        };
+        if self.backup_ids(v)?.is_empty() {
+            return Err(Error::not_found(format!(
+                "unknown VM {v:?}: no backups in {}",
+                self.location()
+            )));
+        }
+        Ok(vec![v.to_string()])
     }
 
     /// Backup ids of a VM, oldest first.
@@ -244,7 +360,7 @@ impl Repository {
                     Error::not_found(format!("unknown backup {id:?} of VM {vm}"))
                 }
             })?;
-        let m = Manifest::decode(&bytes, &format!("{vm}/{id}"))?;
+        let m = self.decode_manifest(&bytes, &format!("{vm}/{id}"))?;
         if m.vm != vm || m.id != id {
             return Err(Error::corrupt(format!(
                 "manifest {vm}/{id} names {}/{}",
@@ -309,7 +425,10 @@ impl Repository {
         if self.has_chunk(d)? {
             return Ok(0);
         }
-        let stored = chunk::encode(data)?;
+        let mut stored = chunk::encode(data)?;
+        if let Some(k) = &self.keys {
+            stored = k.seal_chunk(d, &stored)?;
+        }
         self.backend.put(&d.key(), &stored)?;
         Ok(stored.len() as u64)
     }
@@ -337,7 +456,12 @@ impl Repository {
                 ))
             })?;
         let n = stored.len() as u64;
-        let data = chunk::decode(&stored, d, len).map_err(|e| e.context(what))?;
+        let compressed = match &self.keys {
+            Some(k) => k.open_chunk(d, &stored).map_err(|e| e.context(what))?,
+            None => stored,
+        };
+        let data = chunk::decode_with(&compressed, d, len, |b| self.chunk_id(b))
+            .map_err(|e| e.context(what))?;
         Ok((data, n))
     }
 
@@ -349,8 +473,10 @@ impl Repository {
 
     /// Writes a manifest last, never replacing an existing backup.
     pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
-        self.backend
-            .put_new(&manifest_key(&m.vm, &m.id), &m.encode()?)
+        self.backend.put_new(
+            &manifest_key(&m.vm, &m.id),
+            &m.encode_with(self.keys.as_ref())?,
+        )
     }
 }
 

@@ -334,6 +334,59 @@ impl Backend for S3Backend {
         })
     }
 
+    fn list_all(&self, prefix: &str) -> Result<Vec<super::backend::ObjectInfo>> {
+        use futures::TryStreamExt;
+        let p = self.path(prefix.trim_matches('/'));
+        let metas = self.call(&format!("LIST {prefix}/*"), move |s| {
+            let p = p.clone();
+            async move { s.list(Some(&p)).try_collect::<Vec<_>>().await }
+        })?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut out: Vec<_> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let key = m.location.to_string().strip_prefix(&strip)?.to_string();
+                Some(super::backend::ObjectInfo {
+                    key,
+                    size: m.size,
+                    modified_unix: m.last_modified.timestamp().max(0) as u64,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// S3 DeleteObjects, 1000 keys a request; each batch retried whole
+    /// (deleting twice is harmless).
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        for batch in keys.chunks(1000) {
+            let paths: Vec<ObjPath> = batch.iter().map(|k| self.path(k)).collect();
+            self.call(&format!("DELETE {} objects", batch.len()), move |s| {
+                let paths = paths.clone();
+                async move {
+                    let input = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+                    let r: Vec<_> = s
+                        .delete_stream(input)
+                        .filter(|r| {
+                            // An absent object is what we wanted.
+                            let gone = matches!(r, Err(object_store::Error::NotFound { .. }));
+                            async move { !gone }
+                        })
+                        .try_collect()
+                        .await?;
+                    Ok(r.len())
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     fn location(&self) -> String {
         if self.prefix.is_empty() {
             format!("s3://{}", self.bucket)

@@ -150,6 +150,14 @@ impl Backend for TestBackend {
         self.knobs.before(key)?;
         self.inner.delete(key)
     }
+    fn list_all(&self, prefix: &str) -> Result<Vec<super::backend::ObjectInfo>> {
+        self.knobs.before(prefix)?;
+        self.inner.list_all(prefix)
+    }
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.knobs.before(k))?;
+        self.inner.delete_many(keys)
+    }
     fn location(&self) -> String {
         self.inner.location()
     }

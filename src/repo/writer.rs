@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crossbeam_channel::bounded;
 
 use super::chunk::{is_zero, Digest};
+use super::locks::WriterLock;
 use super::manifest::{DiskManifest, Manifest, MANIFEST_FORMAT};
 use super::Repository;
 use crate::error::{Error, IoContext, Result};
@@ -90,6 +91,7 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
             return Err(Error::invalid("VM configuration must be a JSON object"));
         }
     }
+    let lock = WriterLock::acquire(repo, &req.vm)?;
     let total: u64 = sizes.iter().sum();
     let bar = progress_bar(req.progress, total);
     let mut disks = vec![];
@@ -103,7 +105,7 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
     let config = req
         .config
         .unwrap_or_else(|| default_config(&req.vm, disks.len()));
-    let manifest = publish_manifest(repo, &req.vm, config, disks)?;
+    let manifest = publish_manifest(repo, &lock, &req.vm, config, disks)?;
     Ok(BackupReport {
         manifest,
         disks: reports,
@@ -113,15 +115,31 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
 /// Publishes a backup whose chunks are all stored: the manifest is
 /// created only if absent, under a new time-based id (with a random part
 /// where the store cannot create atomically; a suffix if the id is taken).
+/// `lock` was held since before the first chunk was stored or found
+/// (see `repo::locks`); it must still be trusted.
 pub fn publish_manifest(
     repo: &Repository,
+    lock: &WriterLock,
     vm: &str,
     config: serde_json::Value,
     disks: Vec<DiskManifest>,
 ) -> Result<Manifest> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    publish_manifest_at(repo, lock, vm, config, disks, std::time::SystemTime::now())
+}
+
+/// [`publish_manifest`] with the backup's time given: the seam tests use
+/// to lay out backups over simulated days (retention).
+pub(crate) fn publish_manifest_at(
+    repo: &Repository,
+    lock: &WriterLock,
+    vm: &str,
+    config: serde_json::Value,
+    disks: Vec<DiskManifest>,
+    at: std::time::SystemTime,
+) -> Result<Manifest> {
+    lock.check_fresh()
+        .map_err(|e| e.context(format!("backup of VM {vm} not published")))?;
+    let now = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let created_unix = now.as_secs();
     let mut base_id = backup_id(created_unix);
     if !repo.create_only_is_atomic()? {
@@ -378,7 +396,7 @@ fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
     if is_zero(data) {
         return Ok(Outcome::Zero);
     }
-    let digest = Digest::of(data);
+    let digest = repo.chunk_id(data);
     let new_bytes = repo.put_chunk(&digest, data)?;
     let stored_size = if new_bytes > 0 {
         new_bytes

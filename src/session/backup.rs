@@ -62,6 +62,7 @@ use serde::Serialize;
 use super::{Datastore, Session};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::limits::MAX_MANIFEST_BYTES;
+use crate::repo::locks::WriterLock;
 use crate::repo::writer::{publish_manifest, store_chunks, stored_bytes_after};
 use crate::repo::{DiskManifest, Manifest, Repository};
 use crate::staging::io::{self, BlockFile, Open, Storage};
@@ -199,7 +200,10 @@ impl Datastore {
             disks: &s.disks,
             backup_base: &s.backup_base,
         };
-        run(&self.repo, &live)
+        let r = run(&self.repo, &live)?;
+        // Its new base is protected from forget from now on.
+        self.pin(&s, true);
+        Ok(r)
     }
 }
 
@@ -418,6 +422,16 @@ fn store(
     base: &Manifest,
     frozen: &[Frozen],
 ) -> Result<(Manifest, Vec<SessionBackupDisk>)> {
+    // The base's chunks and the session's own backup's are reused: both
+    // must still exist once the writer lock is held.
+    let lock = WriterLock::acquire(repo, s.vm)?;
+    let mut reused: Vec<&str> = vec![&base.id];
+    reused.extend(s.disks.iter().map(|d| d.backup.as_str()));
+    reused.dedup();
+    for id in reused {
+        lock.require_manifest(s.vm, id)
+            .map_err(|e| e.context(format!("live backup of VM {}", s.vm)))?;
+    }
     let mut disks = vec![];
     let mut reports = vec![];
     for ((d, f), bd) in s.disks.iter().zip(frozen).zip(&base.disks) {
@@ -461,6 +475,6 @@ fn store(
             new_bytes: st.new_bytes,
         });
     }
-    let m = publish_manifest(repo, s.vm, base.config.clone(), disks)?;
+    let m = publish_manifest(repo, &lock, s.vm, base.config.clone(), disks)?;
     Ok((m, reports))
 }

@@ -82,6 +82,7 @@ use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
 use crate::qemu::qmp::{BlockDevice, Qmp};
+use crate::repo::locks::WriterLock;
 use crate::repo::manifest::Manifest;
 use crate::repo::writer::{default_config, publish_manifest};
 use crate::repo::Repository;
@@ -531,10 +532,17 @@ impl Vm {
     }
 
     /// Step 3: reads every view, publishes the manifest, releases.
-    fn read(&mut self, clock: &Clock, repo: &Arc<Repository>, opts: &Options, snapshot: &str) {
+    fn read(
+        &mut self,
+        clock: &Clock,
+        repo: &Arc<Repository>,
+        lock: &WriterLock,
+        opts: &Options,
+        snapshot: &str,
+    ) {
         clock.event(&mut self.report, "read_started", None);
         let t0 = Instant::now();
-        match self.store(repo, opts, snapshot) {
+        match self.store(repo, lock, opts, snapshot) {
             Ok(id) => {
                 self.report.backup = Some(id);
                 self.report.read_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -552,7 +560,13 @@ impl Vm {
         }
     }
 
-    fn store(&mut self, repo: &Arc<Repository>, opts: &Options, snapshot: &str) -> Result<String> {
+    fn store(
+        &mut self,
+        repo: &Arc<Repository>,
+        lock: &WriterLock,
+        opts: &Options,
+        snapshot: &str,
+    ) -> Result<String> {
         let socket = self.socket();
         let mut disks = vec![];
         for (i, v) in self.views.iter().enumerate() {
@@ -589,7 +603,7 @@ impl Vm {
                 .map(|v| serde_json::json!({"node": v.node, "bitmap": v.bitmap}))
                 .collect::<Vec<_>>(),
         });
-        Ok(publish_manifest(repo, &self.spec.name, config, disks)?.id)
+        Ok(publish_manifest(repo, lock, &self.spec.name, config, disks)?.id)
     }
 }
 
@@ -621,6 +635,10 @@ fn check(opts: &Options) -> Result<()> {
 /// VMs are in the summary; an error here means nothing was attempted.
 pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
     check(opts)?;
+    // Held from before any base is read until the last manifest: no
+    // collection sweeps meanwhile (`repo::locks`).
+    let names: Vec<&str> = opts.vms.iter().map(|v| v.name.as_str()).collect();
+    let lock = WriterLock::acquire(repo, &names.join(","))?;
     let clock = Clock {
         start: Instant::now(),
         hook: opts.hook.clone(),
@@ -714,7 +732,7 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
                     break;
                 };
                 let mut vm = slots[i].lock().expect("VM lock");
-                vm.read(&clock, repo, opts, &snap);
+                vm.read(&clock, repo, &lock, opts, &snap);
             });
         }
     });

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::qemu::nbd::{
     dirty_bitmap_context, Extent, NbdClient, CONTEXT_ALLOCATION, STATE_DIRTY, STATE_ZERO,
 };
+use crate::repo::locks::WriterLock;
 use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::writer::{
     default_config, publish_manifest, store_chunks_with, stored_bytes_after,
@@ -275,6 +276,7 @@ pub fn backup_exports(
     exports: &[Export],
     chunk_size: u32,
 ) -> Result<(Manifest, Vec<ReadOutcome>)> {
+    let lock = WriterLock::acquire(repo, vm)?;
     let mut reads = vec![];
     for (i, e) in exports.iter().enumerate() {
         let r = read_export(repo, e, i, chunk_size, None)
@@ -283,5 +285,5 @@ pub fn backup_exports(
     }
     let disks = reads.iter().map(|r| r.disk.clone()).collect();
     let config = config.unwrap_or_else(|| default_config(vm, exports.len()));
-    Ok((publish_manifest(repo, vm, config, disks)?, reads))
+    Ok((publish_manifest(repo, &lock, vm, config, disks)?, reads))
 }

@@ -1,0 +1,179 @@
+//! `recoverfs forget` and `recoverfs gc`: retention and garbage
+//! collection of a repository (`repo::forget`, `repo::gc`).
+
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::repo::forget::{forget, ForgetOptions, ForgetReport};
+use crate::repo::gc::{collect, GcOptions, GcReport, Referrer};
+use crate::repo::retention::Policy;
+use crate::repo::Repository;
+use crate::util::human_bytes;
+
+#[derive(clap::Args)]
+pub struct ForgetArgs {
+    #[arg(long)]
+    repo: String,
+    /// Only this VM's backups (default: every VM's, each on its own).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Keep the N newest backups.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_last: u32,
+    /// Keep the newest backup of each of the last N hours (UTC) that have one.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_hourly: u32,
+    /// Keep the newest backup of each of the last N days (UTC) that have one.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_daily: u32,
+    /// Keep the newest backup of each of the last N ISO weeks that have one.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_weekly: u32,
+    /// Keep the newest backup of each of the last N months that have one.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_monthly: u32,
+    /// Keep the newest backup of each of the last N years that have one.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    keep_yearly: u32,
+    /// Print what would be kept and removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove backups that recovery sessions (live or kept staging) use
+    /// too; their daemons report it in `status`.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct GcArgs {
+    #[arg(long)]
+    repo: String,
+    /// Count what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Seconds to wait for running backups to finish before giving up
+    /// (gc removes nothing while a backup is being written).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    wait: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Every kind of repository object that references chunks.
+pub fn referrers() -> Vec<Referrer> {
+    vec![
+        crate::repo::gc::MANIFESTS,
+        crate::prefetch::profile::REFERRER,
+    ]
+}
+
+pub fn run_forget(a: ForgetArgs) -> Result<()> {
+    if let Some(vm) = &a.vm {
+        crate::util::validate_name("VM name", vm)?;
+    }
+    let policy = Policy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+    };
+    policy.check()?;
+    let repo = Repository::open(&a.repo)?;
+    let r = forget(
+        &repo,
+        &ForgetOptions {
+            vm: a.vm,
+            policy,
+            dry_run: a.dry_run,
+            force: a.force,
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+    } else {
+        print_forget(&r);
+    }
+    Ok(())
+}
+
+fn print_forget(r: &ForgetReport) {
+    for v in &r.vms {
+        println!("VM {}:", v.vm);
+        for b in &v.backups {
+            let what = match (b.keep, r.dry_run) {
+                (true, _) => "keep",
+                (false, false) => "remove",
+                (false, true) => "would remove",
+            };
+            println!("  {what:<12} {:<24} {}  {}", b.id, b.created, b.reason);
+            for u in &b.forced_from {
+                println!(
+                    "  {:<12} (--force: {u}; its daemon reports this in status)",
+                    ""
+                );
+            }
+        }
+    }
+    let verb = if r.dry_run { "would forget" } else { "forgot" };
+    println!(
+        "{verb} {} backup(s), kept {}{}",
+        r.removed,
+        r.kept,
+        if r.removed > 0 && !r.dry_run {
+            "; `recoverfs gc` frees their chunks"
+        } else {
+            ""
+        }
+    );
+}
+
+pub fn run_gc(a: GcArgs) -> Result<()> {
+    let repo = Repository::open(&a.repo)?;
+    let r = collect(
+        &repo,
+        &referrers(),
+        GcOptions {
+            dry_run: a.dry_run,
+            wait: Duration::from_secs(a.wait),
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+    } else {
+        print_gc(&r);
+    }
+    Ok(())
+}
+
+fn print_gc(r: &GcReport) {
+    let objects: Vec<String> = r
+        .referrers
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    println!(
+        "{}: {} chunk(s), {} referenced by {}",
+        r.repo,
+        r.chunks,
+        r.referenced_chunks,
+        objects.join(", ")
+    );
+    println!(
+        "{} {} unreferenced chunk(s): {} {} ({} kept)",
+        if r.dry_run { "would remove" } else { "removed" },
+        r.removed_chunks,
+        human_bytes(r.freed_bytes),
+        if r.dry_run { "would be freed" } else { "freed" },
+        human_bytes(r.kept_bytes)
+    );
+    if r.foreign_objects > 0 {
+        println!(
+            "left alone: {} object(s) under chunks/ that are not chunks",
+            r.foreign_objects
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Forget and gc over 30 simulated days of backups of three VMs.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::*;
+use crate::repo::gc::{collect, GcOptions, MANIFESTS};
+use crate::repo::locks::WriterLock;
+use crate::repo::manifest::DiskManifest;
+use crate::repo::writer::{publish_manifest_at, store_chunks};
+use crate::repo::{Digest, Manifest};
+
+const K64: u64 = 64 << 10;
+const DAY: u64 = 86_400;
+/// 2026-10-18T00:00:00Z, a Sunday: day 0 of the simulation.
+const DAY0: u64 = 1_792_281_600;
+
+/// A backup of `vm` taken at `unix`: chunk 0 is the VM's (every backup
+/// shares it), chunk 1 the day's, chunk 2 the ISO week's, chunk 3 zeros.
+pub(crate) fn backup_at(repo: &Arc<Repository>, vm: &str, unix: u64) -> Manifest {
+    let day = unix / DAY;
+    let week = (unix + 3 * DAY) / (7 * DAY);
+    let fill = |seed: String| -> Vec<u8> {
+        let h = blake3::hash(seed.as_bytes());
+        h.as_bytes()
+            .iter()
+            .cycle()
+            .take(K64 as usize)
+            .copied()
+            .collect()
+    };
+    let blocks = [
+        fill(vm.to_string()),
+        fill(format!("{vm}-day-{day}")),
+        fill(format!("{vm}-week-{week}")),
+        vec![0; K64 as usize],
+    ];
+    let lock = WriterLock::acquire(repo, vm).unwrap();
+    let read = |i: u64, buf: &mut [u8]| {
+        buf.copy_from_slice(&blocks[i as usize]);
+        Ok(())
+    };
+    let st = store_chunks(repo, 4 * K64, K64 as u32, 0..4, &read, &|_| {}).unwrap();
+    let disk = DiskManifest {
+        name: "disk0".into(),
+        size: 4 * K64,
+        chunk_size: K64 as u32,
+        chunks: st.chunks.iter().map(|c| c.1).collect(),
+        stored_bytes: st.sizes.values().sum(),
+        new_bytes: st.new_bytes,
+    };
+    let at = UNIX_EPOCH + Duration::from_secs(unix);
+    publish_manifest_at(repo, &lock, vm, serde_json::json!({}), vec![disk], at).unwrap()
+}
+
+fn referenced(repo: &Repository) -> HashSet<Digest> {
+    let mut out = HashSet::new();
+    for vm in repo.vms().unwrap() {
+        for id in repo.backup_ids(&vm).unwrap() {
+            let m = repo.manifest(&vm, &id).unwrap();
+            out.extend(
+                m.disks
+                    .iter()
+                    .flat_map(|d| d.chunks.iter().flatten().copied()),
+            );
+        }
+    }
+    out
+}
+
+fn stored_chunks(repo: &Repository) -> HashSet<Digest> {
+    repo.backend()
+        .list_all("chunks")
+        .unwrap()
+        .iter()
+        .map(|o| Digest::from_hex(o.key.rsplit('/').next().unwrap()).unwrap())
+        .collect()
+}
+
+/// Reads back every chunk of every backup, verified (what `verify` does).
+fn verify_all(repo: &Repository) {
+    for vm in repo.vms().unwrap() {
+        for id in repo.backup_ids(&vm).unwrap() {
+            let m = repo.manifest(&vm, &id).unwrap();
+            for d in &m.disks {
+                for (i, c) in d.chunks.iter().enumerate() {
+                    if let Some(c) = c {
+                        repo.read_chunk(c, d.chunk_len(i as u64), &format!("{vm}/{id}"))
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unreferenced_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+    // One backup a day for 30 days (Oct 18 .. Nov 16, 2026), each VM at
+    // its own hour.
+    let vms = [("web", 2), ("db", 14), ("mail", 23)];
+    for day in 0..30 {
+        for (vm, hour) in vms {
+            backup_at(&repo, vm, DAY0 + day * DAY + hour * 3600);
+        }
+    }
+    let before = stored_chunks(&repo);
+    // The README's policy table.
+    let policy = Policy {
+        last: 3,
+        daily: 4,
+        weekly: 2,
+        monthly: 2,
+        ..Default::default()
+    };
+    let opts = ForgetOptions {
+        vm: None,
+        policy,
+        dry_run: true,
+        force: false,
+    };
+    let dry = forget(&repo, &opts).unwrap();
+    assert_eq!((dry.kept, dry.removed), (30, 60));
+    assert_eq!(
+        repo.backup_ids("web").unwrap().len(),
+        30,
+        "dry run removed nothing"
+    );
+
+    let r = forget(
+        &repo,
+        &ForgetOptions {
+            dry_run: false,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert_eq!((r.kept, r.removed), (30, 60));
+    // (day of the simulation, rule), newest first, as the README's table says.
+    let table: [(u64, &str); 10] = [
+        (29, "keep-last 1 of 3"),      // Nov 16
+        (28, "keep-last 2 of 3"),      // Nov 15
+        (27, "keep-last 3 of 3"),      // Nov 14
+        (26, "keep-daily 2026-11-13"), // the days not covered by keep-last
+        (25, "keep-daily 2026-11-12"),
+        (24, "keep-daily 2026-11-11"),
+        (23, "keep-daily 2026-11-10"),
+        (21, "keep-weekly 2026-W45"), // Sun Nov 8: W46 and W47 are covered
+        (14, "keep-weekly 2026-W44"), // Sun Nov 1
+        // Sun Oct 25: November is covered, and Oct 26-31 were already
+        // removed as superseded in W44 (later rules see only older ones).
+        (7, "keep-monthly 2026-10"),
+    ];
+    for (v, (vm, hour)) in r.vms.iter().zip([("db", 14), ("mail", 23), ("web", 2)]) {
+        assert_eq!(v.vm, vm);
+        let kept: Vec<(u64, &str)> = v
+            .backups
+            .iter()
+            .filter(|b| b.keep)
+            .map(|b| {
+                let m = repo.manifest(vm, &b.id).unwrap();
+                assert_eq!(m.created_unix % DAY, hour * 3600);
+                ((m.created_unix - DAY0) / DAY, b.reason.as_str())
+            })
+            .collect();
+        assert_eq!(kept.len(), table.len(), "{vm}: {kept:?}");
+        for ((day, reason), (want_day, want)) in kept.iter().zip(table) {
+            assert_eq!(*day, want_day, "{vm}: {kept:?}");
+            assert!(
+                reason.starts_with(want),
+                "{vm} day {day}: {reason} (want {want})"
+            );
+        }
+        assert_eq!(repo.backup_ids(vm).unwrap().len(), 10);
+    }
+
+    // gc removes exactly the chunks no remaining manifest references.
+    let live = referenced(&repo);
+    let g = collect(
+        &repo,
+        &[MANIFESTS],
+        GcOptions {
+            dry_run: false,
+            wait: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    let after = stored_chunks(&repo);
+    assert_eq!(after, live, "every referenced chunk stays, nothing else");
+    let removed: HashSet<_> = before.difference(&after).collect();
+    assert_eq!(removed.len() as u64, g.removed_chunks);
+    assert!(removed.iter().all(|c| !live.contains(c)));
+    // 3 VMs x 20 forgotten days; their week chunks are shared with kept
+    // days except for the weeks nothing kept (W43 and W42's remainder).
+    assert!(g.removed_chunks >= 60, "{g:?}");
+    assert!(g.freed_bytes > 0);
+    verify_all(&repo);
+    // A second collection finds nothing.
+    let g2 = collect(
+        &repo,
+        &[MANIFESTS],
+        GcOptions {
+            dry_run: false,
+            wait: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    assert_eq!(g2.removed_chunks, 0);
+}
+
+#[test]
+fn a_backup_a_session_pins_is_kept_unless_forced() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+    let old = backup_at(&repo, "vm", DAY0);
+    let new = backup_at(&repo, "vm", DAY0 + DAY);
+    let pin = crate::repo::pins::Pin::new("vm", vec![old.id.clone()], d.path(), true);
+    crate::repo::pins::put(&repo, &pin).unwrap();
+    let mut opts = ForgetOptions {
+        vm: Some("vm".into()),
+        policy: Policy {
+            last: 1,
+            ..Default::default()
+        },
+        dry_run: false,
+        force: false,
+    };
+    let r = forget(&repo, &opts).unwrap();
+    assert_eq!(r.removed, 0);
+    let b = &r.vms[0].backups[1];
+    assert!(
+        b.keep && b.reason.contains("used by a live recovery session"),
+        "{b:?}"
+    );
+    opts.force = true;
+    let r = forget(&repo, &opts).unwrap();
+    assert_eq!(r.removed, 1);
+    assert!(!r.vms[0].backups[1].forced_from.is_empty());
+    assert_eq!(repo.backup_ids("vm").unwrap(), vec![new.id]);
+}

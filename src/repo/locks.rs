@@ -1,0 +1,409 @@
+//! Keeping garbage collection and backups apart, across hosts.
+//!
+//! A backup writes its chunks first and its manifest last, and reuses any
+//! chunk that already exists (deduplication). A collector that decided a
+//! chunk was unreferenced could delete it between a writer's "it exists"
+//! and that writer's manifest. Stores give no cross-host mutex, and
+//! PBS's answer (touch reused chunks, collect only chunks untouched for a
+//! grace period) relies on its chunk store living in one process: across
+//! hosts the touch can land between the collector's check and its delete.
+//! So recoverfs does what restic does, a readers-writer protocol of lock
+//! objects in the repository:
+//!
+//! * A writer (`backup`, `backup-vms`, a live backup) puts
+//!   `locks/backup-<random>.json`, *then* lists `locks/`. If a fresh
+//!   `locks/gc-*` exists it removes its own lock, waits until none is
+//!   left and starts over. Otherwise it holds its lock until its manifest
+//!   is published.
+//! * A collector puts `locks/gc-<random>.json`, *then* lists `locks/`
+//!   until no fresh `backup-*` is left (the backups running finish; new
+//!   ones back off, so a stream of backups cannot starve it), or gives up
+//!   after its wait, removing its lock and nothing else. It sweeps only
+//!   while it holds its lock with no writer seen.
+//!
+//! Each side writes before it reads, so with a store that reads its own
+//! and others' completed writes (local directories; S3 and Garage are
+//! read-after-write consistent) at least one of two racing parties sees
+//! the other. A writer that saw no collector lock therefore knows that
+//! every chunk, and every manifest's chunks, that exist once its lock is
+//! acquired stay until it releases it; [`WriterLock::require_manifest`]
+//! turns "I reuse the chunks of backup X" into that guarantee.
+//!
+//! Locks are refreshed (rewritten) every [`REFRESH`] by a thread; a lock
+//! whose object was last modified more than [`STALE`] ago belongs to a
+//! killed process and is ignored (host clocks must agree to within a few
+//! minutes). A holder that could not refresh for half of [`STALE`] (it
+//! was stopped, or the store was unreachable) no longer trusts its lock:
+//! a writer refuses to publish, a collector stops sweeping.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::Repository;
+use crate::error::{Error, Result};
+
+/// How often a held lock is rewritten.
+pub const REFRESH: Duration = Duration::from_secs(60);
+/// A lock not rewritten for this long is a dead process's.
+pub const STALE: Duration = Duration::from_secs(600);
+const DIR: &str = "locks";
+const POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    Backup,
+    Gc,
+}
+
+impl LockKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            LockKind::Backup => "backup-",
+            LockKind::Gc => "gc-",
+        }
+    }
+}
+
+/// What a lock object says about its holder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockDoc {
+    pub kind: LockKind,
+    pub host: String,
+    pub pid: u32,
+    /// What it does: the VM being backed up, or `gc`.
+    pub what: String,
+    pub started: String,
+}
+
+/// A fresh lock another process holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Holder {
+    pub key: String,
+    pub kind: LockKind,
+    /// From the lock object, when it could be read.
+    pub host: Option<String>,
+    pub pid: Option<u32>,
+    pub what: Option<String>,
+    pub age_secs: u64,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} by pid {} on {} (refreshed {} s ago)",
+            match self.kind {
+                LockKind::Backup => "backup",
+                LockKind::Gc => "gc",
+            },
+            self.what.as_deref().unwrap_or("?"),
+            self.pid.map_or("?".into(), |p| p.to_string()),
+            self.host.as_deref().unwrap_or("?"),
+            self.age_secs
+        )
+    }
+}
+
+/// Fresh locks of `kind` held by others (not `except`).
+pub fn holders(repo: &Repository, kind: LockKind, except: Option<&str>) -> Result<Vec<Holder>> {
+    let now = crate::util::now_unix();
+    let mut out = vec![];
+    for o in repo.backend().list_all(DIR)? {
+        let name = o.key.rsplit('/').next().unwrap_or("");
+        if !name.starts_with(kind.prefix()) || Some(o.key.as_str()) == except {
+            continue;
+        }
+        let age_secs = now.saturating_sub(o.modified_unix);
+        if age_secs > STALE.as_secs() {
+            continue;
+        }
+        let doc: Option<LockDoc> = repo
+            .backend()
+            .get(&o.key, super::limits::MAX_META_BYTES)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        out.push(Holder {
+            key: o.key.clone(),
+            kind,
+            host: doc.as_ref().map(|d| d.host.clone()),
+            pid: doc.as_ref().map(|d| d.pid),
+            what: doc.map(|d| d.what),
+            age_secs,
+        });
+    }
+    Ok(out)
+}
+
+/// A lock object this process holds, refreshed by a thread, removed on drop.
+struct Held {
+    repo: Arc<Repository>,
+    key: String,
+    last_ok: Arc<Mutex<Instant>>,
+    /// Dropped to stop the refresh thread at once.
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Held {
+    fn put(repo: &Arc<Repository>, kind: LockKind, what: &str) -> Result<Held> {
+        let key = format!("{DIR}/{}{}.json", kind.prefix(), super::random_hex(8));
+        let doc = LockDoc {
+            kind,
+            host: super::pins::hostname(),
+            pid: std::process::id(),
+            what: what.into(),
+            started: crate::util::rfc3339(crate::util::now_unix()),
+        };
+        let body = serde_json::to_vec_pretty(&doc).expect("serializable");
+        repo.backend()
+            .put(&key, &body)
+            .map_err(|e| e.context("take a repository lock"))?;
+        let last_ok = Arc::new(Mutex::new(Instant::now()));
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = {
+            let (repo, key, last_ok) = (repo.clone(), key.clone(), last_ok.clone());
+            std::thread::Builder::new()
+                .name("repo-lock".into())
+                .spawn(move || refresh_loop(&repo, &key, &body, &last_ok, &stopped))
+                .map_err(|e| Error::io("start the lock refresh thread", e))?
+        };
+        Ok(Held {
+            repo: repo.clone(),
+            key,
+            last_ok,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the lock was refreshed recently enough to be trusted.
+    fn check_fresh(&self) -> Result<()> {
+        let since = self.last_ok.lock().elapsed();
+        if since > STALE / 2 {
+            return Err(Error::busy(format!(
+                "the repository lock {} was not refreshed for {} s (process stopped or store unreachable): others may have taken it for dead",
+                self.key,
+                since.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn refresh_loop(
+    repo: &Repository,
+    key: &str,
+    body: &[u8],
+    last_ok: &Mutex<Instant>,
+    stopped: &crossbeam_channel::Receiver<()>,
+) {
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
+        let started = Instant::now();
+        match repo.backend().put(key, body) {
+            Ok(()) => *last_ok.lock() = started,
+            Err(e) => tracing::warn!(key, "could not refresh a repository lock: {e}"),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.repo.backend().delete(&self.key) {
+            tracing::warn!(key = %self.key, "could not remove a repository lock (it goes stale in {} s): {e}", STALE.as_secs());
+        }
+    }
+}
+
+/// A backup writer's lock: while held, no collector sweeps.
+pub struct WriterLock(Held);
+
+impl WriterLock {
+    /// Takes a writer lock for backing up `vm`, waiting while a
+    /// collector holds (or waits for) the repository.
+    pub fn acquire(repo: &Arc<Repository>, vm: &str) -> Result<WriterLock> {
+        let mut said = false;
+        loop {
+            let held = Held::put(repo, LockKind::Backup, vm)?;
+            let gcs = holders(repo, LockKind::Gc, None)?;
+            if gcs.is_empty() {
+                return Ok(WriterLock(held));
+            }
+            // Back off, so the collector is not kept waiting by us.
+            drop(held);
+            if !said {
+                tracing::warn!(
+                    vm,
+                    "waiting for a garbage collection of the repository to finish: {}",
+                    gcs[0]
+                );
+                said = true;
+            }
+            while !holders(repo, LockKind::Gc, None)?.is_empty() {
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+
+    /// Before publishing a manifest: the lock must still be trusted.
+    pub fn check_fresh(&self) -> Result<()> {
+        self.0.check_fresh()
+    }
+
+    /// Checks that backup `id` of `vm` exists now: its chunks then stay
+    /// for as long as this lock is held, so a writer may reuse them.
+    pub fn require_manifest(&self, vm: &str, id: &str) -> Result<()> {
+        if self.0.repo.has_manifest(vm, id)? {
+            return Ok(());
+        }
+        Err(Error::not_found(format!(
+            "backup {id} of VM {vm} is no longer in the repository (forgotten), so its chunks cannot be reused: take a full backup"
+        )))
+    }
+}
+
+/// A collector's lock, held with no writer seen.
+pub struct GcLock(Held);
+
+impl GcLock {
+    /// Takes the collector lock and waits until no writer holds the
+    /// repository, for at most `wait`; `Busy` naming the writers after.
+    pub fn acquire(repo: &Arc<Repository>, wait: Duration) -> Result<GcLock> {
+        let deadline = Instant::now() + wait;
+        let held = Held::put(repo, LockKind::Gc, "gc")?;
+        loop {
+            let writers = holders(repo, LockKind::Backup, None)?;
+            if writers.is_empty() {
+                return Ok(GcLock(held));
+            }
+            if Instant::now() >= deadline {
+                let each: Vec<String> = writers.iter().map(|h| h.to_string()).collect();
+                return Err(Error::busy(format!(
+                    "{} backup(s) in progress ({}); nothing was removed: run gc again later or give a longer --wait",
+                    writers.len(),
+                    each.join("; ")
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn check_fresh(&self) -> Result<()> {
+        self.0.check_fresh()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> (tempfile::TempDir, Arc<Repository>) {
+        let d = tempfile::tempdir().unwrap();
+        let (r, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        (d, r)
+    }
+
+    #[test]
+    fn a_collector_waits_for_a_writer_and_gives_up_naming_it() {
+        let (_d, r) = repo();
+        let w = WriterLock::acquire(&r, "vm1").unwrap();
+        let e = GcLock::acquire(&r, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+        assert!(e.to_string().contains("backup of vm1 by pid"), "{e}");
+        assert!(
+            holders(&r, LockKind::Gc, None).unwrap().is_empty(),
+            "a collector that gave up leaves no lock"
+        );
+        drop(w);
+        let g = GcLock::acquire(&r, Duration::ZERO).unwrap();
+        // A writer now waits until the collector is done.
+        let r2 = r.clone();
+        let t0 = Instant::now();
+        let t = std::thread::spawn(move || WriterLock::acquire(&r2, "vm2").map(|_| t0.elapsed()));
+        std::thread::sleep(Duration::from_millis(800));
+        drop(g);
+        let waited = t.join().unwrap().unwrap();
+        assert!(waited >= Duration::from_millis(700), "{waited:?}");
+        assert!(r.backend().list_all(DIR).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_waiting_collector_holds_new_writers_back_so_backups_cannot_starve_it() {
+        let (_d, r) = repo();
+        let w1 = WriterLock::acquire(&r, "vm1").unwrap();
+        let (r1, r2) = (r.clone(), r.clone());
+        let gc = std::thread::spawn(move || {
+            let g = GcLock::acquire(&r1, Duration::from_secs(60)).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(g);
+            Instant::now()
+        });
+        while holders(&r, LockKind::Gc, None).unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let w2 = std::thread::spawn(move || {
+            let w = WriterLock::acquire(&r2, "vm2").unwrap();
+            (Instant::now(), w)
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(!w2.is_finished(), "a new writer waits behind the collector");
+        drop(w1);
+        let gc_done = gc.join().unwrap();
+        let (w2_start, _w2) = w2.join().unwrap();
+        assert!(
+            w2_start >= gc_done,
+            "the new writer went after the collector"
+        );
+    }
+
+    #[test]
+    fn a_lock_not_refreshed_for_the_stale_time_is_ignored() {
+        let (d, r) = repo();
+        // A writer killed -9 left its lock behind.
+        let key = format!("{DIR}/backup-dead.json");
+        r.backend().put(&key, b"{}").unwrap();
+        assert_eq!(holders(&r, LockKind::Backup, None).unwrap().len(), 1);
+        let path = d.path().join("r").join(&key);
+        let old = std::time::SystemTime::now() - STALE - Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+        GcLock::acquire(&r, Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn a_writer_whose_lock_was_not_refreshed_for_half_the_stale_time_publishes_nothing() {
+        let (_d, r) = repo();
+        let w = WriterLock::acquire(&r, "vm1").unwrap();
+        w.check_fresh().unwrap();
+        // As if the process had been stopped for six minutes.
+        *w.0.last_ok.lock() = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+        let e =
+            super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+                .unwrap_err();
+        assert!(e.to_string().contains("was not refreshed"), "{e}");
+        assert!(r.backup_ids("vm1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn reusing_a_forgotten_backups_chunks_is_refused() {
+        let (_d, r) = repo();
+        let w = WriterLock::acquire(&r, "vm1").unwrap();
+        let e = w.require_manifest("vm1", "20260101-000000").unwrap_err();
+        assert!(e.to_string().contains("no longer in the repository"), "{e}");
+    }
+}

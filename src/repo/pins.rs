@@ -1,0 +1,114 @@
+//! Pins: which backups recovery sessions use, recorded in the repository
+//! so that `forget`, run from any host, leaves them alone.
+//!
+//! `pins/<vm>/<id>.json` per session, `<id>` a hash of the daemon's host
+//! name and the session's staging directory. A daemon puts it when a
+//! session starts or resumes (state `serving`), rewrites it at `release`
+//! (state `kept`: the staging stays and resumes later) and after a live
+//! backup (its new base), and deletes it when the staging is discarded.
+//! It lists the session's own backup (its disks read that backup's
+//! chunks) and the base of its live backups (the next one reuses that
+//! base's chunks).
+//!
+//! Writing a pin never stops a recovery: a repository that cannot be
+//! written is logged, and the session runs unpinned until the next write.
+
+use serde::{Deserialize, Serialize};
+
+use super::Repository;
+use crate::error::{Error, Result};
+use crate::util::validate_name;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub vm: String,
+    /// The backups it uses: its own, then its live-backup base if another.
+    pub backups: Vec<String>,
+    pub host: String,
+    /// The session's staging directory on that host.
+    pub staging: String,
+    /// `serving` or `kept`.
+    pub state: String,
+    /// When it was last written (RFC 3339).
+    pub written: String,
+}
+
+impl Pin {
+    pub fn new(vm: &str, backups: Vec<String>, staging: &std::path::Path, serving: bool) -> Pin {
+        Pin {
+            vm: vm.into(),
+            backups,
+            host: hostname(),
+            staging: staging.display().to_string(),
+            state: if serving { "serving" } else { "kept" }.into(),
+            written: crate::util::rfc3339(crate::util::now_unix()),
+        }
+    }
+
+    fn key(&self) -> String {
+        let id = blake3::hash(format!("{}\0{}", self.host, self.staging).as_bytes()).to_hex();
+        format!("pins/{}/{}.json", self.vm, &id[..16])
+    }
+
+    /// Why a backup it lists may not be forgotten, for people.
+    pub fn reason(&self) -> String {
+        let what = if self.state == "serving" {
+            "a live recovery session"
+        } else {
+            "the kept staging of a recovery session"
+        };
+        format!("used by {what} on host {} ({})", self.host, self.staging)
+    }
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Writes (or rewrites) a session's pin.
+pub fn put(repo: &Repository, pin: &Pin) -> Result<()> {
+    validate_name("VM name", &pin.vm)?;
+    let body = serde_json::to_vec_pretty(pin).expect("serializable");
+    repo.backend().put(&pin.key(), &body)
+}
+
+/// Removes a session's pin (its staging is gone).
+pub fn remove(repo: &Repository, pin: &Pin) -> Result<()> {
+    repo.backend().delete(&pin.key())
+}
+
+/// `put`/`remove`, logged instead of failing (see the module docs).
+pub fn put_logged(repo: &Repository, pin: &Pin) {
+    if let Err(e) = put(repo, pin) {
+        tracing::warn!(vm = %pin.vm, "could not pin the session's backups in the repository (forget may remove them): {e}");
+    }
+}
+
+pub fn remove_logged(repo: &Repository, pin: &Pin) {
+    if let Err(e) = remove(repo, pin) {
+        tracing::warn!(vm = %pin.vm, "could not remove the session's pin from the repository (its backups stay protected from forget): {e}");
+    }
+}
+
+/// Every pin of `vm`. A pin that cannot be read is an error: what it
+/// protects is unknown.
+pub fn of_vm(repo: &Repository, vm: &str) -> Result<Vec<Pin>> {
+    validate_name("VM name", vm)?;
+    let mut out = vec![];
+    for o in repo.backend().list_all(&format!("pins/{vm}"))? {
+        let Some(bytes) = repo.backend().get(&o.key, super::limits::MAX_META_BYTES)? else {
+            continue;
+        };
+        let pin: Pin = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!(
+                "pin {} is damaged ({e}): the backups it protects are unknown; remove it by hand if its session is gone",
+                o.key
+            ))
+        })?;
+        out.push(pin);
+    }
+    Ok(out)
+}

@@ -1,0 +1,212 @@
+//! Retention and garbage collection through the real binary: `forget`,
+//! `gc`, a `gc` racing `backup` processes, and backups that recovery
+//! sessions use.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use recoverfs::repo::Repository;
+
+const K64: usize = 64 << 10;
+
+/// Every chunk every manifest names exists.
+fn assert_no_manifest_lacks_a_chunk(repo: &str, when: &str) {
+    let r = Repository::open(repo).unwrap();
+    for vm in r.vms().unwrap() {
+        for id in r.backup_ids(&vm).unwrap() {
+            let Ok(m) = r.manifest(&vm, &id) else {
+                continue; // forgotten since the listing
+            };
+            for d in &m.disks {
+                for c in d.chunks.iter().flatten() {
+                    assert!(
+                        r.has_chunk(c).unwrap(),
+                        "{when}: backup {vm}/{id} lost chunk {c}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// An image of 16 chunks: the first 8 are version `v`'s (a version's
+/// chunks come back when it does), the rest unique to `round`.
+fn versioned_image(path: &Path, v: u64, round: u64) {
+    let mut data = random_image(path, 8 * K64, 1000 + v, K64);
+    data.extend(random_image(path, 8 * K64, 5000 + round, K64));
+    std::fs::write(path, &data).unwrap();
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+#[test]
+fn forget_and_gc_from_the_command_line_keep_the_newest_free_the_rest_and_verify_passes() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    let mut ids = vec![];
+    for round in 0..3 {
+        versioned_image(&img, round, round);
+        ids.push(env.backup("vm", "64K", &[&img]));
+    }
+    env.backup("other", "64K", &[&img]);
+    let repo = env.repo_str();
+    env.fails(&["forget", "--repo", repo], "at least one --keep-*");
+    env.fails(
+        &["forget", "--repo", repo, "--vm", "nope", "--keep-last", "1"],
+        "unknown VM",
+    );
+
+    let dry = json(&env.ok(&[
+        "forget",
+        "--repo",
+        repo,
+        "--vm",
+        "vm",
+        "--keep-last",
+        "1",
+        "--dry-run",
+        "--json",
+    ]));
+    assert_eq!(
+        (dry["kept"].as_u64(), dry["removed"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let b = &dry["vms"][0]["backups"];
+    assert_eq!(b[0]["id"], ids[2].as_str());
+    assert_eq!(b[0]["reason"], "keep-last 1 of 1");
+    assert_eq!(b[1]["reason"], "kept by no rule");
+    let out = env.ok(&["forget", "--repo", repo, "--vm", "vm", "--keep-last", "1"]);
+    assert!(out.contains("forgot 2 backup(s), kept 1"), "{out}");
+    assert!(out.contains(&format!("remove       {}", ids[0])), "{out}");
+
+    let dry = json(&env.ok(&["gc", "--repo", repo, "--dry-run", "--json"]));
+    let n = dry["removed_chunks"].as_u64().unwrap();
+    // Versions 0 and 1 (8 chunks each, some zero) and rounds 0 and 1.
+    assert!(n >= 8, "{dry}");
+    let before = walk(&env.repo.join("chunks"));
+    let real = json(&env.ok(&["gc", "--repo", repo, "--json"]));
+    assert_eq!(real["removed_chunks"].as_u64(), Some(n));
+    assert_eq!(real["freed_bytes"], dry["freed_bytes"]);
+    assert_eq!(walk(&env.repo.join("chunks")), before - n as usize);
+    assert!(real["freed_bytes"].as_u64().unwrap() > 0);
+    assert!(env
+        .ok(&["verify", "--repo", repo])
+        .contains("2 backup(s) verified"));
+    let out = env.ok(&["gc", "--repo", repo]);
+    assert!(out.contains("removed 0 unreferenced chunk(s)"), "{out}");
+    assert_no_manifest_lacks_a_chunk(repo, "after gc");
+}
+
+/// A `backup` process in a loop (each round brings back the chunks of a
+/// backup forgotten two rounds before, so it reuses chunks gc may be
+/// about to remove) against `forget` + `gc` processes in a loop.
+#[test]
+fn gc_racing_backups_from_another_process_never_removes_a_chunk_a_manifest_needs() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    versioned_image(&img, 0, 0);
+    env.backup("vm", "64K", &[&img]);
+    let repo = env.repo_str().to_string();
+    let rounds = 25;
+    let mut freed = 0;
+    let mut overlapped = 0;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut spans = vec![];
+            for round in 1..=rounds {
+                let img = env.path(&format!("w{}.raw", round % 2));
+                versioned_image(&img, round % 2, round);
+                let t0 = Instant::now();
+                env.backup("vm", "64K", &[&img]);
+                spans.push((t0, Instant::now()));
+            }
+            spans
+        });
+        let mut gcs = vec![];
+        while !writer.is_finished() {
+            env.ok(&["forget", "--repo", &repo, "--keep-last", "1"]);
+            let t0 = Instant::now();
+            let r = json(&env.ok(&["gc", "--repo", &repo, "--wait", "120", "--json"]));
+            gcs.push((t0, Instant::now()));
+            freed += r["removed_chunks"].as_u64().unwrap();
+            assert_no_manifest_lacks_a_chunk(&repo, "during the race");
+        }
+        let spans = writer.join().unwrap();
+        // How often a gc ran while a backup process was running.
+        overlapped = gcs
+            .iter()
+            .filter(|(g0, g1)| spans.iter().any(|(b0, b1)| g0 < b1 && b0 < g1))
+            .count();
+    });
+    assert_no_manifest_lacks_a_chunk(&repo, "at the end");
+    env.ok(&["verify", "--repo", &repo]);
+    assert!(freed > 0, "the collections removed chunks");
+    eprintln!("{overlapped} gc runs overlapped a backup process; {freed} chunks freed");
+    assert!(
+        overlapped >= 3,
+        "gc and backup overlapped only {overlapped} times"
+    );
+}
+
+#[test]
+fn a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_status_says_so() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    versioned_image(&img, 0, 0);
+    let old = env.backup("vm", "64K", &[&img]);
+    versioned_image(&img, 1, 1);
+    let new = env.backup("vm", "64K", &[&img]);
+    let repo = env.repo_str();
+    let _d = env.serve();
+    env.recover("vm", Some(&old));
+    let out = env.ok(&["forget", "--repo", repo, "--keep-last", "1"]);
+    assert!(out.contains("forgot 0 backup(s), kept 2"), "{out}");
+    assert!(
+        out.contains("protected: used by a live recovery session on host"),
+        "{out}"
+    );
+    // Released with its staging kept: still protected.
+    let o = env.release("vm", false);
+    assert!(o.status.success());
+    let out = env.ok(&["forget", "--repo", repo, "--keep-last", "1"]);
+    assert!(
+        out.contains("used by the kept staging of a recovery session"),
+        "{out}"
+    );
+
+    env.recover("vm", None);
+    let out = env.ok(&["forget", "--repo", repo, "--keep-last", "1", "--force"]);
+    assert!(out.contains("forgot 1 backup(s), kept 1"), "{out}");
+    assert!(
+        out.contains("--force: used by a live recovery session"),
+        "{out}"
+    );
+    assert_eq!(
+        Repository::open(repo).unwrap().backup_ids("vm").unwrap(),
+        vec![new.clone()]
+    );
+    // The daemon notices within its check interval.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = env.status();
+        if let Some(w) = st["sessions"][0]["backup_gone"].as_str() {
+            assert!(w.contains(&old), "{w}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never said: {st}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let text = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
+    assert!(text.contains("WARNING: backup"), "{text}");
+    // Discarding the staging removes the pin.
+    assert!(env.release("vm", true).status.success());
+    let pins = std::fs::read_dir(env.repo.join("pins/vm"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pins, 0);
+}
