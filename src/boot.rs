@@ -102,6 +102,11 @@ pub struct QemuSpec {
     /// A QMP monitor on this Unix socket (`boot --qmp`), for backups of
     /// the running VM and for operators.
     pub qmp: Option<PathBuf>,
+    /// The guest agent's socket (`boot --qga`); a scratch one otherwise.
+    /// Every VM gets a virtio-serial guest-agent channel and a
+    /// virtio-scsi controller, so the agent container can be attached to
+    /// it later (`agent-backup`).
+    pub qga: Option<PathBuf>,
 }
 
 impl QemuSpec {
@@ -125,13 +130,14 @@ impl QemuSpec {
             memory_mib,
             extra: vec![],
             qmp: None,
+            qga: None,
         })
     }
 
     /// The guest has no network: a verification boot must not reach
     /// production services. QEMU gets a cleared environment (no repository
     /// credentials) and its seccomp sandbox.
-    fn command(&self) -> Command {
+    fn command(&self, qga: &Path) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
         c.env_clear().env(
             "PATH",
@@ -160,6 +166,17 @@ impl QemuSpec {
             let p = p.to_string_lossy().replace(',', ",,");
             c.args(["-qmp", &format!("unix:{p},server=on,wait=off")]);
         }
+        let qga = qga.to_string_lossy().replace(',', ",,");
+        c.args(["-device", "virtio-scsi-pci,id=rfs-scsi0"])
+            .args(["-device", "virtio-serial-pci,id=rfs-serial0"])
+            .args([
+                "-chardev",
+                &format!("socket,path={qga},server=on,wait=off,id=rfs-qga0"),
+            ])
+            .args([
+                "-device",
+                "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0",
+            ]);
         c.args(&self.extra);
         c
     }
@@ -170,12 +187,17 @@ impl QemuSpec {
 /// refused: a regular file is not ours to delete, and a socket someone
 /// answers on belongs to a running VM.
 pub fn check_qmp_path(p: &Path) -> Result<()> {
+    check_socket_path(p, "--qmp", "QMP")
+}
+
+/// [`check_qmp_path`] for `what` (`--qmp`, `--qga`).
+pub fn check_socket_path(p: &Path, what: &str, kind: &str) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(d) = parent {
         if !d.is_dir() {
             return Err(Error::invalid(format!(
-                "--qmp {}: directory {} does not exist",
+                "{what} {}: directory {} does not exist",
                 p.display(),
                 d.display()
             )));
@@ -183,13 +205,13 @@ pub fn check_qmp_path(p: &Path) -> Result<()> {
     }
     match std::fs::symlink_metadata(p) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("--qmp {}", p.display()), e)),
+        Err(e) => Err(Error::io(format!("{what} {}", p.display()), e)),
         Ok(m) if !m.file_type().is_socket() => Err(Error::invalid(format!(
-            "--qmp {} exists and is not a socket; refusing to replace it",
+            "{what} {} exists and is not a socket; refusing to replace it",
             p.display()
         ))),
         Ok(_) if std::os::unix::net::UnixStream::connect(p).is_ok() => Err(Error::busy(format!(
-            "--qmp {}: a QMP socket there is in use (another VM?)",
+            "{what} {}: a {kind} socket there is in use (another VM?)",
             p.display()
         ))),
         Ok(_) => Ok(()),
@@ -241,8 +263,17 @@ pub fn boot(
     mut on_line: impl FnMut(&str),
     mut tick: impl FnMut(Duration) -> Option<String>,
 ) -> Result<BootReport> {
+    // Every VM gets a guest-agent channel: here, or in a scratch directory.
+    let scratch = tempfile::Builder::new()
+        .prefix("recoverfs-boot-")
+        .tempdir()
+        .ctx(|| "create a scratch directory".into())?;
+    let qga = spec
+        .qga
+        .clone()
+        .unwrap_or_else(|| scratch.path().join("qga.sock"));
     let mut child = spec
-        .command()
+        .command(&qga)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -146,6 +146,7 @@
 //! | key file (`init --encrypt`) | written create-only (temp, fsync, link, 0600) before `repo.json`; removed again if no new repository came of it; `key change-passphrase` replaces it atomically | no repository, or the old passphrase still works | `repo::crypto::tests::a_key_file_with_a_passphrase_needs_it_and_can_change_it`, `encryption::tampering_and_wrong_keys_are_refused_by_name_and_the_passphrase_can_change` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
+pub mod agent;
 pub mod api;
 pub mod boot;
 pub mod cli;
@@ -153,6 +154,7 @@ pub mod daemon;
 pub mod disk;
 pub mod error;
 pub mod export;
+pub mod files;
 pub mod metrics;
 pub mod placement;
 pub mod pool;

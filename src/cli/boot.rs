@@ -96,10 +96,14 @@ pub fn boot_session(
     console: Option<PathBuf>,
     quiet: bool,
     qmp: Option<PathBuf>,
+    qga: Option<PathBuf>,
 ) -> Result<()> {
     crate::util::validate_name("VM name", vm)?;
     if let Some(p) = &qmp {
         crate::boot::check_qmp_path(p)?;
+    }
+    if let Some(p) = &qga {
+        crate::boot::check_socket_path(p, "--qga", "guest agent")?;
     }
     // Recover is idempotent: it returns the running session's disks.
     let info = client.post("/sessions", &json!({"vm": vm}))?;
@@ -121,6 +125,7 @@ pub fn boot_session(
         .unwrap_or_else(|| "login:".into());
     let mut spec = QemuSpec::from_config(&config, sources(&info, via)?)?;
     spec.qmp = qmp;
+    spec.qga = qga;
     let watch = Watch {
         marker: marker.clone(),
         timeout,

@@ -2,6 +2,7 @@
 //! Repository commands run in-process; session commands talk to a daemon
 //! over its control socket.
 
+mod agent;
 mod boot;
 mod key;
 mod maint;
@@ -124,6 +125,52 @@ pub enum Command {
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// The agent container: `agent build`, `agent run` (in the guest),
+    /// `agent --version [--container IMAGE]`.
+    #[command(disable_version_flag = true)]
+    Agent {
+        #[command(subcommand)]
+        cmd: Option<agent::AgentCmd>,
+        /// Show the container's agent version.
+        #[arg(long)]
+        version: bool,
+        /// The container image (or, in the guest, its mounted directory).
+        #[arg(long, env = "RECOVERFS_AGENT_CONTAINER")]
+        container: Option<PathBuf>,
+    },
+    /// File backups of running VMs through the agent container: attach it
+    /// (QMP), run the agent (guest agent), stream the files into the
+    /// repository, detach. Exits non-zero if any VM failed.
+    AgentBackup {
+        #[arg(long)]
+        repo: String,
+        /// A VM: its QMP socket and its guest agent socket; repeatable.
+        #[arg(long = "vm", value_name = "NAME=QMP_SOCKET[,qga=QGA_SOCKET]", required = true)]
+        vms: Vec<String>,
+        /// Paths in the guest (a directory brings everything under it).
+        #[arg(long, num_args = 1.., required = true)]
+        paths: Vec<String>,
+        /// Application hooks to run around the copy (pre: quiesce, post:
+        /// resume); repeatable.
+        #[arg(long = "hooks", value_name = "NAME")]
+        hooks: Vec<String>,
+        /// The agent container image.
+        #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
+        container: PathBuf,
+        /// VMs backed up at the same time (one container instance each).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Seconds the agent's stream may stay silent.
+        #[arg(long, default_value_t = 300)]
+        idle_timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Single files from a file backup: ls, cat, restore.
+    Files {
+        #[command(subcommand)]
+        cmd: agent::FilesCmd,
     },
     /// List VMs and their backups.
     List {
@@ -302,6 +349,10 @@ pub enum Command {
         /// and operators): `-qmp unix:PATH,server=on,wait=off`.
         #[arg(long)]
         qmp: Option<PathBuf>,
+        /// The guest agent's socket (the VM always gets a guest-agent
+        /// channel and a virtio-scsi controller, for `agent-backup`).
+        #[arg(long)]
+        qga: Option<PathBuf>,
     },
     /// Prove a backup boots: throwaway recovery, QEMU without network, marker or timeout.
     VerifyBoot {
@@ -401,6 +452,22 @@ pub fn run(cli: Cli) -> Result<()> {
             (incremental, order),
             json,
         ),
+        Command::Agent {
+            cmd,
+            version,
+            container,
+        } => agent::agent(cmd, version, container),
+        Command::AgentBackup {
+            repo,
+            vms,
+            paths,
+            hooks,
+            container,
+            jobs,
+            idle_timeout,
+            json,
+        } => agent::backup(&repo, &vms, paths, hooks, &container, jobs, idle_timeout, json),
+        Command::Files { cmd } => agent::files(cmd),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
@@ -562,6 +629,7 @@ pub fn run(cli: Cli) -> Result<()> {
             console,
             quiet,
             qmp,
+            qga,
         } => boot::boot_session(
             &client(&socket),
             &vm,
@@ -571,6 +639,7 @@ pub fn run(cli: Cli) -> Result<()> {
             console,
             quiet,
             qmp,
+            qga,
         ),
         Command::VerifyBoot {
             repo,

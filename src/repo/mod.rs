@@ -13,6 +13,7 @@
 //! never sees a manifest whose chunks are missing.
 
 pub mod backend;
+pub mod catalog;
 pub mod chunk;
 pub mod crypto;
 pub mod forget;
