@@ -202,8 +202,14 @@ fn backup_vm(
             format!("VM {}: no guest agent answers ({e}); agent-backup needs qemu-guest-agent running in the guest", t.name),
         )
     })?;
-    let qmp = Qmp::connect(&t.qmp)?;
-    let mut att = Attachment::attach(qmp, &opts.container)?;
+    let qmp = Qmp::connect(&t.qmp).map_err(|e| e.context(format!("VM {}", t.name)))?;
+    let mut att = Attachment::attach(qmp, &opts.container).map_err(|e| {
+        e.context(format!(
+            "VM {}: cannot attach the agent container {} (nothing is left attached)",
+            t.name,
+            opts.container.display()
+        ))
+    })?;
     let result = run_job(repo, &mut ga, &mut att, t, opts, say);
     // Detach whatever happened; a backup is published only once it is off.
     let detached = att.detach();
