@@ -43,7 +43,9 @@ fn start_vm(dir: &Path, name: &str, scsi: bool) -> Vm {
         dir.join(format!("{name}.qga")),
     );
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-nographic", "-m", "512", "-no-reboot"])
+    // -no-shutdown: tiny powers off after its marker; QEMU stays, as a
+    // VM that runs no guest agent.
+    c.args(["-nographic", "-m", "512", "-no-reboot", "-no-shutdown"])
         .arg("-drive")
         .arg(format!(
             "file={},format=raw,if=virtio,snapshot=on",
