@@ -230,6 +230,10 @@ pub struct Watch {
     pub timeout: Duration,
     /// How long to let the guest finish (sync, power off) after the marker.
     pub settle: Duration,
+    /// Count the guest agent answering (`guest-ping`, then
+    /// `guest-get-osinfo`) as a successful boot too, like a hypervisor's
+    /// tools heartbeat; whichever comes first wins.
+    pub heartbeat: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +241,11 @@ pub enum Outcome {
     /// The marker line appeared after this long.
     Marker {
         line: String,
+        after: Duration,
+    },
+    /// The guest agent answered (heartbeat): the guest's OS name.
+    Heartbeat {
+        os: String,
         after: Duration,
     },
     /// QEMU exited before the marker.
@@ -252,6 +261,30 @@ pub struct BootReport {
     pub console_tail: Vec<String>,
     /// True if QEMU powered off by itself after the marker.
     pub clean_exit: bool,
+}
+
+/// Polls the guest agent until it answers `guest-ping` and reports its OS
+/// (`guest-get-osinfo`), then sends the OS name once.
+fn heartbeat(qga: &Path, stop: &std::sync::atomic::AtomicBool, tx: crossbeam_channel::Sender<String>) {
+    use crate::qemu::guest_agent::GuestAgent;
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(mut a) = GuestAgent::connect(qga, Duration::from_secs(3)) {
+            let info = a
+                .ping()
+                .and_then(|()| a.execute("guest-get-osinfo", None, Duration::from_secs(10)));
+            if let Ok(info) = info {
+                let os = ["pretty-name", "name", "id"]
+                    .iter()
+                    .find_map(|k| info.get(*k).and_then(|v| v.as_str()))
+                    .unwrap_or("an unnamed OS")
+                    .to_string();
+                let _ = tx.send(os);
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Boots and watches. `on_line` sees every console line; `tick` runs about every 250 ms with the elapsed
@@ -305,6 +338,12 @@ pub fn boot(
         });
     }
     drop(tx);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (hb_tx, hb_rx) = unbounded::<String>();
+    if watch.heartbeat {
+        let (qga, stop) = (qga.clone(), stop.clone());
+        std::thread::spawn(move || heartbeat(&qga, &stop, hb_tx));
+    }
     let start = Instant::now();
     let mut tail: Vec<String> = vec![];
     let mut outcome = None;
@@ -336,6 +375,14 @@ pub fn boot(
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
+        if outcome.is_none() {
+            if let Ok(os) = hb_rx.try_recv() {
+                outcome = Some(Outcome::Heartbeat {
+                    os,
+                    after: start.elapsed(),
+                });
+            }
+        }
         if outcome.is_none() && start.elapsed() > watch.timeout {
             outcome = Some(Outcome::Timeout);
         }
@@ -347,6 +394,7 @@ pub fn boot(
         }
     }
     let outcome = outcome.expect("set");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     // After the marker the guest still syncs and powers off; killing it
     // early could lose the writes we want to keep.
     let mut clean_exit = false;

@@ -79,9 +79,62 @@ pub struct FilesSource {
     #[arg(long)]
     repo: String,
     vm: String,
-    /// A file backup id (default: the VM's newest file backup).
+    /// A file backup (id ending in -files) or a disk backup, read by
+    /// loop-mounting its filesystem from a throwaway recovery (default:
+    /// the VM's newest file backup, else its newest disk backup).
     #[arg(long)]
     backup: Option<String>,
+    /// Disk backups: the disk (0 is disk0).
+    #[arg(long, default_value_t = 0)]
+    disk: usize,
+    /// Disk backups: the partition (0: the whole disk; default: the
+    /// first whose filesystem holds PATH).
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+/// Where `files` reads from.
+enum Source {
+    Catalog(std::sync::Arc<Repository>, crate::repo::catalog::Catalog),
+    Disk(crate::files::disk::Mounted),
+}
+
+impl FilesSource {
+    fn open(&self, path: &str) -> Result<Source> {
+        use crate::repo::catalog::is_catalog_id;
+        let r = Repository::open(&self.repo)?;
+        crate::util::validate_name("VM name", &self.vm)?;
+        let disk_id = match &self.backup {
+            Some(b) if is_catalog_id(b) => None,
+            Some(b) => Some(b.clone()),
+            None if r.catalog_ids(&self.vm)?.is_empty() => {
+                let id = r.backup_ids(&self.vm)?.pop().ok_or_else(|| {
+                    Error::not_found(format!(
+                        "unknown VM {:?}: no backups in {}",
+                        self.vm,
+                        r.location()
+                    ))
+                })?;
+                eprintln!("VM {} has no file backups: reading disk backup {id}", self.vm);
+                Some(id)
+            }
+            None => None,
+        };
+        match disk_id {
+            None => {
+                let c = crate::files::catalog(&r, &self.vm, self.backup.as_deref())?;
+                Ok(Source::Catalog(r, c))
+            }
+            Some(id) => Ok(Source::Disk(crate::files::disk::mount(
+                &self.repo,
+                &self.vm,
+                &id,
+                self.disk,
+                self.partition,
+                path,
+            )?)),
+        }
+    }
 }
 
 /// `agent --version`, and the subcommands.
@@ -206,46 +259,103 @@ pub fn backup(
 }
 
 pub fn files(cmd: FilesCmd) -> Result<()> {
-    let open = |s: &FilesSource| -> Result<(std::sync::Arc<Repository>, crate::repo::catalog::Catalog)> {
-        let r = Repository::open(&s.repo)?;
-        let c = crate::files::catalog(&r, &s.vm, s.backup.as_deref())?;
-        Ok((r, c))
-    };
     match cmd {
-        FilesCmd::Ls { src, path, json } => {
-            let (_, c) = open(&src)?;
-            let sel = crate::files::select(&c, &path)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&sel).expect("json"));
-            } else {
-                for e in sel {
-                    println!("{}", crate::files::ls_line(e));
-                }
+        FilesCmd::Ls { src, path, json } => match src.open(&path)? {
+            Source::Catalog(_, c) => ls(&crate::files::select(&c, &path)?, json),
+            Source::Disk(m) => {
+                let all = crate::files::disk::walk(&m.root, &path)?;
+                ls(&all.iter().collect::<Vec<_>>(), json)?;
+                finish_disk(m)
             }
-            Ok(())
-        }
+        },
         FilesCmd::Cat { src, path } => {
-            let (r, c) = open(&src)?;
-            let e = c
-                .find(path.trim_end_matches('/'))
-                .ok_or_else(|| Error::not_found(format!("{path} is not in file backup {} of VM {}", c.id, c.vm)))?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            crate::files::cat(&r, &c, e, &mut out)?;
+            match src.open(&path)? {
+                Source::Catalog(r, c) => {
+                    let e = c.find(path.trim_end_matches('/')).ok_or_else(|| {
+                        Error::not_found(format!(
+                            "{path} is not in file backup {} of VM {}",
+                            c.id, c.vm
+                        ))
+                    })?;
+                    crate::files::cat(&r, &c, e, &mut out)?;
+                }
+                Source::Disk(m) => {
+                    let e = crate::files::disk::walk(&m.root, &path)?.remove(0);
+                    copy_from(&m.root, &e, &mut out)?;
+                    std::io::Write::flush(&mut out).map_err(|e| Error::io("write stdout", e))?;
+                    return finish_disk(m);
+                }
+            }
             std::io::Write::flush(&mut out).map_err(|e| Error::io("write stdout", e))
         }
         FilesCmd::Restore { src, path, to } => {
-            let (r, c) = open(&src)?;
-            let sel = crate::files::select(&c, &path)?;
-            let n = crate::files::restore(&r, &c, &sel, &to)?;
-            eprintln!(
-                "restored {n} entries of {} from file backup {} of VM {} under {}",
-                path,
-                c.id,
-                c.vm,
-                to.display()
-            );
+            let (n, from) = match src.open(&path)? {
+                Source::Catalog(r, c) => {
+                    let sel = crate::files::select(&c, &path)?;
+                    let n = crate::files::restore(&r, &c, &sel, &to)?;
+                    (n, format!("file backup {} of VM {}", c.id, c.vm))
+                }
+                Source::Disk(m) => {
+                    let all = crate::files::disk::walk(&m.root, &path)?;
+                    let sel: Vec<_> = all.iter().collect();
+                    let root = m.root.clone();
+                    let n = crate::files::restore_with(&sel, &to, &|e, out| {
+                        copy_from(&root, e, out)
+                    })?;
+                    let from = format!("disk backup {} of VM {} ({} on {})", m.backup, src.vm, m.fstype, m.device);
+                    finish_disk(m)?;
+                    (n, from)
+                }
+            };
+            eprintln!("restored {n} entries of {path} from {from} under {}", to.display());
             Ok(())
         }
     }
+}
+
+fn ls(sel: &[&crate::repo::catalog::Entry], json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let r = if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(sel).expect("json"))
+    } else {
+        sel.iter()
+            .try_for_each(|e| writeln!(out, "{}", crate::files::ls_line(e)))
+    };
+    match r.and_then(|()| out.flush()) {
+        // A reader that stopped early (`| head`) is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| Error::io("write stdout", e)),
+    }
+}
+
+/// A file's bytes from a mounted disk backup.
+fn copy_from(
+    root: &Path,
+    e: &crate::repo::catalog::Entry,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    if e.kind != crate::repo::catalog::EntryKind::File {
+        return Err(Error::invalid(format!("{} is not a regular file", e.path)));
+    }
+    let p = root.join(e.path.trim_start_matches('/'));
+    let mut f = std::fs::File::open(&p).map_err(|err| Error::io(format!("open {}", e.path), err))?;
+    std::io::copy(&mut f, out).map_err(|err| Error::io(format!("copy {}", e.path), err))?;
+    Ok(())
+}
+
+/// Says what reading the disk backup fetched, and unmounts.
+fn finish_disk(m: crate::files::disk::Mounted) -> Result<()> {
+    let (fetched, size) = m.fetched();
+    eprintln!(
+        "read {} on {} of disk backup {}: fetched {} of the {} disk",
+        m.fstype,
+        m.device,
+        m.backup,
+        human_bytes(fetched),
+        human_bytes(size)
+    );
+    m.close()
 }

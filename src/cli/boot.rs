@@ -115,6 +115,7 @@ pub fn boot_session(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
+    let heartbeat = marker.is_none();
     let marker = marker
         .or_else(|| {
             config
@@ -130,6 +131,7 @@ pub fn boot_session(
         marker: marker.clone(),
         timeout,
         settle: Duration::from_secs(60),
+        heartbeat,
     };
     let tty = std::io::stderr().is_terminal();
     let mut last_print = Instant::now() - Duration::from_secs(10);
@@ -188,6 +190,19 @@ pub fn boot_session(
             );
             Ok(())
         }
+        Outcome::Heartbeat { os, after } => {
+            println!(
+                "guest agent answered after {:.1} s: {os}",
+                after.as_secs_f64()
+            );
+            println!(
+                "fetched {} of {} disk ({:.1}%); the VM was stopped",
+                human_bytes(fetched),
+                human_bytes(size),
+                fetched as f64 * 100.0 / size.max(1) as f64,
+            );
+            Ok(())
+        }
         other => Err(Error::new(
             crate::error::ErrorKind::Io,
             format!("VM {vm} did not reach {marker:?}: {}", describe(&other)),
@@ -198,6 +213,10 @@ pub fn boot_session(
 fn describe(o: &Outcome) -> String {
     match o {
         Outcome::Marker { after, .. } => format!("booted in {:.1} s", after.as_secs_f64()),
+        Outcome::Heartbeat { os, after } => format!(
+            "booted in {:.1} s (the guest agent answered: {os})",
+            after.as_secs_f64()
+        ),
         Outcome::Exited(st) => format!("QEMU exited first ({st})"),
         Outcome::Timeout => "timed out".into(),
         Outcome::Aborted(why) => why.clone(),

@@ -19,6 +19,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind};
 use crate::repo::Repository;
 
+pub mod disk;
+
 /// The file backup `backup` of `vm`, or its newest.
 pub fn catalog(repo: &Repository, vm: &str, backup: Option<&str>) -> Result<Catalog> {
     crate::util::validate_name("VM name", vm)?;
@@ -72,8 +74,16 @@ pub fn cat(repo: &Repository, c: &Catalog, e: &Entry, out: &mut dyn Write) -> Re
     Ok(())
 }
 
-/// Restores `entries` under `to`; the number of entries written.
+/// Restores `entries` of a file backup under `to`; the number written.
 pub fn restore(repo: &Repository, c: &Catalog, entries: &[&Entry], to: &Path) -> Result<u64> {
+    restore_with(entries, to, &|e, out| cat(repo, c, e, out))
+}
+
+/// A file's content, written to the sink.
+pub type Content<'a> = dyn Fn(&Entry, &mut dyn Write) -> Result<()> + 'a;
+
+/// Restores `entries` under `to`, each file's bytes from `content`.
+pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<u64> {
     let to = std::fs::canonicalize(to).ctx(|| format!("--to {}", to.display()))?;
     if !to.is_dir() {
         return Err(Error::invalid(format!("--to {} is not a directory", to.display())));
@@ -105,7 +115,7 @@ pub fn restore(repo: &Repository, c: &Catalog, entries: &[&Entry], to: &Path) ->
                 dirs.push((dst, *e));
             }
             EntryKind::File => {
-                write_file(repo, c, e, &dst)?;
+                write_file(content, e, &dst)?;
                 set_meta(&dst, e, root)?;
             }
             EntryKind::Symlink => {
@@ -153,7 +163,7 @@ fn check_no_link(to: &Path, p: &Path) -> Result<()> {
 
 /// Temp file, content, fsync, rename (never over an existing file), fsync
 /// the directory.
-fn write_file(repo: &Repository, c: &Catalog, e: &Entry, dst: &Path) -> Result<()> {
+fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
     let dir = dst.parent().expect("under --to");
     let tmp = dir.join(format!(
         ".{}.recoverfs-tmp.{}",
@@ -168,7 +178,7 @@ fn write_file(repo: &Repository, c: &Catalog, e: &Entry, dst: &Path) -> Result<(
             .open(&tmp)
             .ctx(|| format!("create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(&mut f);
-        cat(repo, c, e, &mut w)?;
+        content(e, &mut w)?;
         w.flush().ctx(|| format!("write {}", tmp.display()))?;
         drop(w);
         f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
