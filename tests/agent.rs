@@ -385,3 +385,71 @@ fn a_vm_without_a_guest_agent_is_one_clear_error_and_nothing_is_attached() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no guest agent socket given"), "{err}");
 }
+
+/// "8.7 MiB" in `text` after `after` → bytes.
+fn bytes_after(text: &str, after: &str) -> u64 {
+    let rest = &text[text.find(after).unwrap_or_else(|| panic!("no {after:?} in {text}")) + after.len()..];
+    let mut it = rest.split_whitespace();
+    let n: f64 = it.next().unwrap().parse().unwrap();
+    let unit = match it.next().unwrap() {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1048576.0,
+        "GiB" => 1073741824.0,
+        u => panic!("unit {u}"),
+    };
+    (n * unit) as u64
+}
+
+#[test]
+fn a_debian_disk_backup_gives_single_files_by_loop_mount_without_booting_and_verifies_by_heartbeat()
+{
+    let env = Env::new();
+    // A backup made without a config: no verify_marker.
+    let id = env.backup("deb", "1M", &[&vm_image("debian")]);
+    let loops = || {
+        let o = Command::new("losetup").arg("-a").output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains(env.dir.path().to_str().unwrap()) || l.contains("recoverfs-files-"))
+            .count()
+    };
+
+    // Single files, without booting: only what the filesystem reads is
+    // fetched, and nothing stays mounted or attached.
+    let to = env.path("restored");
+    std::fs::create_dir(&to).unwrap();
+    let o = env.run(&[
+        "files", "restore", "--repo", env.repo_str(), "deb", "--backup", &id, "/etc/apt",
+        "--to", to.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("ext4 on partition 2 of disk0"), "{err}");
+    let fetched = bytes_after(&err, "fetched ");
+    assert!(fetched < 64 << 20, "restoring /etc/apt fetched {fetched} bytes of a 1.5 GiB disk");
+    eprintln!("/etc/apt from a disk backup: fetched {fetched} bytes");
+    assert!(to.join("etc/apt/apt.conf.d").is_dir());
+    let id_file = env.ok(&["files", "cat", "--repo", env.repo_str(), "deb", "--backup", &id, "/etc/recoverfs-id"]);
+    assert_eq!(id_file, "recoverfs-debian-v1\n");
+    // Without --backup and without file backups: the newest disk backup.
+    let ls = env.ok(&["files", "ls", "--repo", env.repo_str(), "deb", "/etc/hostname"]);
+    assert!(ls.starts_with('-') && ls.contains(" 17 ") && ls.trim_end().ends_with(" /etc/hostname"), "{ls}");
+    env.fails(
+        &["files", "ls", "--repo", env.repo_str(), "deb", "--backup", &id, "/no/such/file"],
+        "/no/such/file is on no filesystem of disk0",
+    );
+    env.fails(
+        &["files", "ls", "--repo", env.repo_str(), "deb", "--backup", &id, "--partition", "7", "/"],
+        "no partition 7",
+    );
+    assert_eq!(loops(), 0, "a loop device was left attached");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("recoverfs-files-"), "{mounts}");
+
+    // verify-boot needs no marker: the guest agent answering proves the boot.
+    let o = env.run(&["verify-boot", "--repo", env.repo_str(), "deb", "--timeout", "600"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out} {}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("PASS") && out.contains("the guest agent answered: Debian GNU/Linux 12"), "{out}");
+}
