@@ -275,7 +275,39 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     let conf = env.ok(&["files", "cat", "--repo", env.repo_str(), "deb", "/srv/app/app.conf"]);
     assert_eq!(conf, "port=5432\n");
 
-    // 3. A new container version shows in the next run, and a second
+    // 3. agent-restore: a damaged file and a deleted directory back in
+    //    their places, and the whole tree under another directory, with
+    //    modes and times.
+    guest(&vm, "echo broken > /srv/app/app.conf && chmod 644 /srv/app/app.conf && rm -r /srv/app/logs");
+    let restore = |path: &str, extra: &[&str]| {
+        let o = Command::new(bin())
+            .args(["agent-restore", "--repo", env.repo_str(), "--container"])
+            .arg(&img)
+            .arg("--vm")
+            .arg(format!("deb={},qga={}", vm.qmp.display(), vm.qga.display()))
+            .args(["--backup", &id, path])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = restore("/srv/app/app.conf", &[]);
+    assert!(err.contains("restored 1 entries to their places"), "{err}");
+    restore("/srv/app/logs", &[]);
+    let back = guest(&vm, "cat /srv/app/app.conf; stat -c %a /srv/app/app.conf; wc -l < /srv/app/logs/app.log");
+    assert_eq!(back, "port=5432\n600\n20000\n");
+    restore("/srv/app", &["--to", "/restored"]);
+    let back = guest(
+        &vm,
+        "sha256sum /restored/srv/app/data.db | cut -c1-64; \
+         [ $(stat -c %Y /restored/srv/app/data.db) = $(stat -c %Y /srv/app/data.db) ] && echo same-mtime",
+    );
+    assert_eq!(back, format!("{guest_sum}\nsame-mtime\n"));
+    assert_eq!(attached(&vm), Vec::<String>::new(), "agent-restore left the container attached");
+
+    // 4. A new container version shows in the next run, and a second
     //    backup after changing 4 KiB of one file stores under 5% new bytes.
     guest(
         &vm,
@@ -296,7 +328,7 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     assert!(new * 20 < total, "a 4 KiB change stored {new} new bytes of {total}");
     eprintln!("second backup: {new} new bytes of {total}");
 
-    // 4. Bad input: each one clear line, nothing attached, no new backup.
+    // 5. Bad input: each one clear line, nothing attached, no new backup.
     let before = file_backups(&env);
     let fails = |mut cmd: Command, needle: &str| {
         let o = cmd.output().unwrap();

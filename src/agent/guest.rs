@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use super::container::AgentConfig;
 use super::stream::{FrameWriter, Hello};
 use crate::error::{Error, IoContext, Result};
-use crate::repo::catalog::{check_path, Entry, EntryKind};
+use super::stream::{describe, Frame, FrameReader};
+use crate::repo::catalog::{check_path, EntryKind};
 
 /// What the host asks the agent to do (`--job JSON`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +33,11 @@ pub enum Job {
         paths: Vec<String>,
         #[serde(default)]
         hooks: Vec<String>,
+    },
+    /// Files the host sends, written to their place or under `to`.
+    Restore {
+        #[serde(default)]
+        to: Option<String>,
     },
 }
 
@@ -48,15 +54,22 @@ pub fn run(port: &Path, container: &Path, job: &Job) -> Result<()> {
 /// [`run`] on an open port.
 pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
     let cfg = AgentConfig::load(container)?;
+    let input = f.try_clone().ctx(|| "the stream port".into())?;
     let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
     w.hello(&Hello {
         version: cfg.version.clone(),
         binary: env!("CARGO_PKG_VERSION").to_string(),
     })
+    .and_then(|()| w.get_mut().flush())
     .map_err(io)?;
     let result = match job {
         Job::Backup { paths, hooks } => backup(&mut w, container, &cfg, paths, hooks),
+        Job::Restore { to } => restore(
+            &mut w,
+            &mut FrameReader::new(std::io::BufReader::new(input), "the host's stream"),
+            to.as_deref(),
+        ),
     };
     match &result {
         Ok(()) => w.end().map_err(io)?,
@@ -176,41 +189,106 @@ fn hook(
     Ok(())
 }
 
-/// An entry for `path` from its metadata (not following a link).
-pub fn entry_of(path: &Path, m: &std::fs::Metadata) -> Result<Option<Entry>> {
-    let ft = m.file_type();
-    let (kind, target) = if ft.is_file() {
-        (EntryKind::File, None)
-    } else if ft.is_dir() {
-        (EntryKind::Dir, None)
-    } else if ft.is_symlink() {
-        let t = std::fs::read_link(path).ctx(|| format!("read link {}", path.display()))?;
-        (EntryKind::Symlink, Some(t.to_string_lossy().into_owned()))
-    } else {
-        return Ok(None);
+/// Writes what the host sends: each file appears whole (temp, fsync,
+/// rename over the old one), with mode, owner and modification time;
+/// directories get theirs last. The host's end frame is checked, so a
+/// cut stream is an error (files before the cut are restored, whole).
+fn restore(
+    w: &mut FrameWriter<impl Write>,
+    r: &mut FrameReader<impl Read>,
+    to: Option<&str>,
+) -> Result<()> {
+    let base = match to {
+        Some(t) => {
+            check_path(t).map_err(|e| e.context("--to"))?;
+            std::fs::create_dir_all(t).ctx(|| format!("create {t}"))?;
+            Some(PathBuf::from(t))
+        }
+        None => None,
     };
-    let p = path
-        .to_str()
-        .ok_or_else(|| Error::invalid(format!("{} is not UTF-8", path.display())))?;
-    Ok(Some(Entry {
-        path: p.to_string(),
-        kind,
-        mode: m.mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        mtime: m.mtime(),
-        mtime_nsec: m.mtime_nsec() as u32,
-        size: if kind == EntryKind::File { m.size() } else { 0 },
-        target,
-        chunks: vec![],
-    }))
+    let mut dirs = vec![];
+    let mut n = 0u64;
+    loop {
+        let e = match r.next()? {
+            Frame::Header(e) => e,
+            Frame::End(_) => break,
+            Frame::Error(m) => return Err(Error::invalid(format!("the host stopped: {m}"))),
+            other => {
+                return Err(Error::corrupt(format!(
+                    "the host's stream: unexpected {}",
+                    describe(&other)
+                )))
+            }
+        };
+        e.check_header()?;
+        let dst = match &base {
+            Some(b) => b.join(e.path.trim_start_matches('/')),
+            None => PathBuf::from(&e.path),
+        };
+        if let Some(p) = dst.parent() {
+            std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+        }
+        let dir = dst.parent().unwrap_or(Path::new("/"));
+        let tmp = dir.join(format!(
+            ".{}.recoverfs-restore.{}",
+            dst.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        match e.kind {
+            EntryKind::Dir => {
+                std::fs::create_dir_all(&dst).ctx(|| format!("create {}", dst.display()))?;
+                dirs.push((dst, e));
+                n += 1;
+                continue;
+            }
+            EntryKind::File => {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .ctx(|| format!("create {}", tmp.display()))?;
+                let copied = std::io::copy(&mut r.content(e.size), &mut f)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|err| {
+                        let _ = std::fs::remove_file(&tmp);
+                        err.get_ref()
+                            .and_then(|i| i.downcast_ref::<Error>())
+                            .cloned()
+                            .unwrap_or_else(|| Error::io(format!("write {}", tmp.display()), err))
+                    });
+                copied?;
+            }
+            EntryKind::Symlink => {
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &tmp)
+                    .ctx(|| format!("create link {}", tmp.display()))?;
+            }
+        }
+        crate::files::set_meta(&tmp, &e, nix::unistd::Uid::effective().is_root())?;
+        std::fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))?;
+        crate::util::fsync_dir(dir)?;
+        n += 1;
+    }
+    for (d, e) in dirs.iter().rev() {
+        crate::files::set_meta(d, e, nix::unistd::Uid::effective().is_root())?;
+    }
+    w.log(&format!(
+        "restored {n} entries {}",
+        match to {
+            Some(t) => format!("under {t}"),
+            None => "to their places".into(),
+        }
+    ))
+    .map_err(|e| Error::io("write to the stream port", e))
 }
 
 /// Sends `path` and, for a directory, everything under it.
 fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
     let m = std::fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
-    let Some(entry) = entry_of(path, &m)? else {
+    let Some(entry) = crate::files::entry_of(path, &m)? else {
         let what = if m.file_type().is_socket() {
             "a socket"
         } else {

@@ -30,4 +30,6 @@ pub mod backup;
 pub mod container;
 pub mod exec;
 pub mod guest;
+pub mod restore;
+pub mod session;
 pub mod stream;

@@ -258,6 +258,47 @@ pub fn backup(
     }
 }
 
+pub fn restore(
+    repo: &str,
+    vm: &str,
+    backup: Option<&str>,
+    path: &str,
+    to: Option<String>,
+    container: &Path,
+    idle_timeout: u64,
+) -> Result<()> {
+    let t = Target::parse(vm)?;
+    let r = Repository::open(repo)?;
+    let c = crate::files::catalog(&r, &t.name, backup)?;
+    let sel = crate::files::select(&c, path)?;
+    if !container.is_file() {
+        return Err(Error::not_found(format!(
+            "no agent container at {} (build it with `recoverfs agent build`)",
+            container.display()
+        )));
+    }
+    let n = crate::agent::restore::agent_restore(
+        &r,
+        &t,
+        container,
+        &c,
+        &sel,
+        to.clone(),
+        Duration::from_secs(idle_timeout.max(1)),
+        &|line| eprintln!("{}: {line}", t.name),
+    )?;
+    eprintln!(
+        "{}: restored {n} entries of {path} from file backup {} {}",
+        t.name,
+        c.id,
+        match &to {
+            Some(d) => format!("under {d} in the guest"),
+            None => "to their places in the guest".into(),
+        }
+    );
+    Ok(())
+}
+
 pub fn files(cmd: FilesCmd) -> Result<()> {
     match cmd {
         FilesCmd::Ls { src, path, json } => match src.open(&path)? {

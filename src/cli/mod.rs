@@ -167,7 +167,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Single files from a file backup: ls, cat, restore.
+    /// Copy files of a file backup back into a running VM through the
+    /// agent container: to their place in the guest, or under --to.
+    AgentRestore {
+        #[arg(long)]
+        repo: String,
+        /// The VM: its QMP socket and its guest agent socket.
+        #[arg(long = "vm", value_name = "NAME=QMP_SOCKET,qga=QGA_SOCKET")]
+        vm: String,
+        /// A file backup id (default: the VM's newest file backup).
+        #[arg(long)]
+        backup: Option<String>,
+        /// A path in the backup (a directory brings everything under it).
+        path: String,
+        /// A directory in the guest to restore under (default: each
+        /// file's own place, replacing what is there).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
+        container: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        idle_timeout: u64,
+    },
+    /// Single files from a file backup, or from a disk backup without
+    /// booting it: ls, cat, restore.
     Files {
         #[command(subcommand)]
         cmd: agent::FilesCmd,
@@ -467,6 +490,15 @@ pub fn run(cli: Cli) -> Result<()> {
             idle_timeout,
             json,
         } => agent::backup(&repo, &vms, paths, hooks, &container, jobs, idle_timeout, json),
+        Command::AgentRestore {
+            repo,
+            vm,
+            backup,
+            path,
+            to,
+            container,
+            idle_timeout,
+        } => agent::restore(&repo, &vm, backup.as_deref(), &path, to, &container, idle_timeout),
         Command::Files { cmd } => agent::files(cmd),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),

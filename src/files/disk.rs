@@ -271,7 +271,7 @@ pub fn walk(root: &Path, path: &str) -> Result<Vec<crate::repo::catalog::Entry>>
 
 fn walk_into(root: &Path, p: &Path, out: &mut Vec<crate::repo::catalog::Entry>) -> Result<()> {
     let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
-    let Some(mut e) = crate::agent::guest::entry_of(p, &m)? else {
+    let Some(mut e) = super::entry_of(p, &m)? else {
         return Ok(());
     };
     let rel = p.strip_prefix(root).unwrap_or(p);

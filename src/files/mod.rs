@@ -12,7 +12,7 @@
 //! written.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -190,7 +190,7 @@ fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
 }
 
 /// Mode, owner (as root) and modification time, not following links.
-fn set_meta(p: &Path, e: &Entry, root: bool) -> Result<()> {
+pub fn set_meta(p: &Path, e: &Entry, root: bool) -> Result<()> {
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     if root {
@@ -205,6 +205,36 @@ fn set_meta(p: &Path, e: &Entry, root: bool) -> Result<()> {
     let mtime = TimeSpec::new(e.mtime, e.mtime_nsec as i64);
     utimensat(None, p, &TimeSpec::UTIME_OMIT, &mtime, UtimensatFlags::NoFollowSymlink)
         .map_err(|err| Error::io(format!("set times of {}", p.display()), err.into()))
+}
+
+/// An entry for `path` from its metadata (not following a link).
+pub fn entry_of(path: &Path, m: &std::fs::Metadata) -> Result<Option<Entry>> {
+    let ft = m.file_type();
+    let (kind, target) = if ft.is_file() {
+        (EntryKind::File, None)
+    } else if ft.is_dir() {
+        (EntryKind::Dir, None)
+    } else if ft.is_symlink() {
+        let t = std::fs::read_link(path).ctx(|| format!("read link {}", path.display()))?;
+        (EntryKind::Symlink, Some(t.to_string_lossy().into_owned()))
+    } else {
+        return Ok(None);
+    };
+    let p = path
+        .to_str()
+        .ok_or_else(|| Error::invalid(format!("{} is not UTF-8", path.display())))?;
+    Ok(Some(Entry {
+        path: p.to_string(),
+        kind,
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime: m.mtime(),
+        mtime_nsec: m.mtime_nsec() as u32,
+        size: if kind == EntryKind::File { m.size() } else { 0 },
+        target,
+        chunks: vec![],
+    }))
 }
 
 /// One `ls -l`-like line.
