@@ -182,7 +182,7 @@ pub(crate) fn receive(
         std::io::BufReader::with_capacity(1 << 20, stream),
         "the agent's stream",
     );
-    let hello = match fr.next()? {
+    let hello = match fr.next_frame()? {
         Frame::Hello(h) => h,
         Frame::Error(m) => return Err(agent_failed(m)),
         other => {
@@ -196,7 +196,7 @@ pub(crate) fn receive(
     let mut sink = ChunkSink::default();
     let mut entries = vec![];
     loop {
-        match fr.next()? {
+        match fr.next_frame()? {
             Frame::Log(l) => say(&l),
             Frame::Error(m) => return Err(agent_failed(m)),
             Frame::Header(mut e) => {

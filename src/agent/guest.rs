@@ -209,7 +209,7 @@ fn restore(
     let mut dirs = vec![];
     let mut n = 0u64;
     loop {
-        let e = match r.next()? {
+        let e = match r.next_frame()? {
             Frame::Header(e) => e,
             Frame::End(_) => break,
             Frame::Error(m) => return Err(Error::invalid(format!("the host stopped: {m}"))),

@@ -45,7 +45,7 @@ fn send(
     say: &dyn Fn(&str),
 ) -> Result<u64> {
     let mut fr = FrameReader::new(std::io::BufReader::new(stream), "the agent's stream");
-    match fr.next()? {
+    match fr.next_frame()? {
         Frame::Hello(h) => say(&format!("agent {} (recoverfs {})", h.version, h.binary)),
         Frame::Error(m) => return Err(Error::invalid(format!("the agent failed in the guest: {m}"))),
         other => {
@@ -69,7 +69,7 @@ fn send(
     }
     w.end().map_err(io)?;
     loop {
-        match fr.next()? {
+        match fr.next_frame()? {
             Frame::Log(l) => say(&l),
             Frame::Error(m) => {
                 return Err(Error::invalid(format!("the agent failed in the guest: {m}")))

@@ -195,7 +195,7 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame. An end frame is checked: a count, byte total or
     /// checksum that differs from what was received is an error.
-    pub fn next(&mut self) -> Result<Frame> {
+    pub fn next_frame(&mut self) -> Result<Frame> {
         let mut head = [0u8; 5];
         self.r.read_exact(&mut head).map_err(|e| self.truncated(e))?;
         let kind = head[0];
@@ -276,7 +276,7 @@ impl<R: Read> Read for Content<'_, R> {
             if self.left == 0 {
                 return Ok(0);
             }
-            match self.fr.next().map_err(std::io::Error::other)? {
+            match self.fr.next_frame().map_err(std::io::Error::other)? {
                 Frame::Data(d) if d.len() as u64 <= self.left && !d.is_empty() => {
                     self.left -= d.len() as u64;
                     self.buf = d;

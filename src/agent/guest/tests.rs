@@ -5,7 +5,7 @@ use super::*;
 use crate::agent::backup::{receive, Options, Target};
 use crate::agent::container::{AgentConfig, CONFIG_FORMAT};
 use crate::repo::Repository;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 

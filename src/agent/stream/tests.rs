@@ -37,7 +37,7 @@ fn read_all(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
     let mut r = FrameReader::new(bytes, "the test stream");
     let mut files = vec![];
     loop {
-        match r.next()? {
+        match r.next_frame()? {
             Frame::Header(e) => {
                 let mut v = vec![];
                 r.content(e.size)
@@ -79,7 +79,7 @@ fn a_changed_or_dropped_frame_fails_the_end_check() {
     assert!(e.to_string().contains("frames were lost"), "{e}");
     // Drop the log frame entirely (a lost frame, lengths intact).
     let mut r = FrameReader::new(&bytes[..], "s");
-    r.next().unwrap();
+    r.next_frame().unwrap();
     let hello_len = bytes.len() - r.get_mut().len();
     let log_len = 5 + u32::from_le_bytes(bytes[hello_len + 1..hello_len + 5].try_into().unwrap()) as usize;
     let mut dropped = bytes[..hello_len].to_vec();
@@ -92,17 +92,17 @@ fn a_changed_or_dropped_frame_fails_the_end_check() {
 fn oversized_frames_and_content_overruns_are_refused_before_allocation() {
     let mut huge = vec![b'D'];
     huge.extend_from_slice(&u32::MAX.to_le_bytes());
-    let e = FrameReader::new(&huge[..], "s").next().unwrap_err();
+    let e = FrameReader::new(&huge[..], "s").next_frame().unwrap_err();
     assert!(e.to_string().contains("at most"), "{e}");
     let mut w = FrameWriter::new(vec![]);
     w.header(&entry("/a", 2)).unwrap();
     w.data(b"abc").unwrap();
     let bytes = w.get_mut().clone();
     let mut r = FrameReader::new(&bytes[..], "s");
-    r.next().unwrap();
+    r.next_frame().unwrap();
     let mut v = vec![];
     let e = r.content(2).read_to_end(&mut v).unwrap_err();
     assert!(e.to_string().contains("expected 2 more bytes"), "{e}");
-    let e = FrameReader::new(&b"Q\0\0\0\0"[..], "s").next().unwrap_err();
+    let e = FrameReader::new(&b"Q\0\0\0\0"[..], "s").next_frame().unwrap_err();
     assert!(e.to_string().contains("unknown frame type"), "{e}");
 }
