@@ -195,22 +195,20 @@ fn sha256(p: &Path) -> String {
     String::from_utf8(o.stdout).unwrap()[..64].to_string()
 }
 
-/// Runs `cmd` to its end while watching QEMU: whether the agent was ever
-/// attached while it ran.
-fn run_watching(vm: &Vm, cmd: &mut Command) -> (std::process::Output, bool) {
+/// Runs `cmd` to its end while watching QEMU: whether every VM had the
+/// agent attached at one moment while it ran.
+fn run_watching(vms: &[&Vm], cmd: &mut Command) -> (std::process::Output, bool) {
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut seen = false;
-    let pid = child.id();
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
     while !waiter.is_finished() {
-        seen |= !attached(vm).is_empty();
+        seen |= vms.iter().all(|vm| !attached(vm).is_empty());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = pid;
     (waiter.join().unwrap(), seen)
 }
 
@@ -218,11 +216,17 @@ fn run_watching(vm: &Vm, cmd: &mut Command) -> (std::process::Output, bool) {
 fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached()
 {
     let env = Env::new();
+    // Two guests: the first goes through every step; both are backed up
+    // at once with --jobs 2, one container instance each.
     let mut vm = start_vm(env.dir.path(), "debian", true);
+    std::fs::create_dir(env.path("second")).unwrap();
+    let mut vm2 = start_vm(&env.path("second"), "debian", true);
     wait_agent(&mut vm);
+    wait_agent(&mut vm2);
+    guest(&vm2, "mkdir -p /srv/app && echo second-guest > /srv/app/app.conf");
     let sum = guest(
         &vm,
-        "mkdir -p /srv/app/logs && head -c 16777216 /dev/urandom > /srv/app/data.db && \
+        "mkdir -p /srv/app/logs && head -c 33554432 /dev/urandom > /srv/app/data.db && \
          echo 'port=5432' > /srv/app/app.conf && chmod 600 /srv/app/app.conf && \
          seq 1 20000 > /srv/app/logs/app.log && sync && sha256sum /srv/app/data.db",
     );
@@ -240,21 +244,32 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
         )],
     );
     let img = build_container(&env, "1.0.0", &h);
-    let (o, seen) = run_watching(
-        &vm,
-        &mut agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app"]),
-    );
+    let mut both = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app", "--jobs", "2"]);
+    both.arg("--vm")
+        .arg(format!("deb2={},qga={}", vm2.qmp.display(), vm2.qga.display()));
+    let (o, seen) = run_watching(&[&vm, &vm2], &mut both);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
-    assert!(seen, "QMP never showed the container attached");
+    assert!(seen, "QMP never showed the container attached to both VMs at once");
     assert!(err.contains("hook app pre: RFS-HOOK-QUIESCED"), "{err}");
     assert!(err.contains("hook app post: RFS-HOOK-RESUMED"), "{err}");
     assert!(err.contains("agent 1.0.0"), "{err}");
     assert!(err.contains("sees scsi-0QEMU_QEMU_HARDDISK_rfsagent"), "the guest did not see the container: {err}");
-    let id = String::from_utf8(o.stdout).unwrap();
-    let id = id.trim().strip_prefix("deb ").unwrap().to_string();
+    let out = String::from_utf8(o.stdout).unwrap();
+    let id_of = |vm: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{vm} ")))
+            .unwrap_or_else(|| panic!("no backup of {vm}: {out}"))
+            .to_string()
+    };
+    let id = id_of("deb");
     assert!(id.ends_with("-files"), "{id}");
+    id_of("deb2");
     assert_eq!(attached(&vm), Vec::<String>::new(), "left attached in QEMU");
+    assert_eq!(attached(&vm2), Vec::<String>::new(), "left attached in QEMU");
+    let second = env.ok(&["files", "cat", "--repo", env.repo_str(), "deb2", "/srv/app/app.conf"]);
+    assert_eq!(second, "second-guest\n");
+    drop(vm2);
     let inside = guest(&vm, "ls /dev/disk/by-id/ /dev/virtio-ports/; grep recoverfs-agent /proc/mounts || true");
     assert!(!inside.contains("rfsagent") && !inside.contains("org.recoverfs.agent"), "{inside}");
     let listed = env.ok(&["list", "--repo", env.repo_str()]);
@@ -324,7 +339,7 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     assert_eq!(r["agent_version"], "1.0.1", "{v}");
     assert!(r["log"].to_string().contains("RFS-HOOK-V2"), "{v}");
     let (new, total) = (r["new_bytes"].as_u64().unwrap(), r["file_bytes"].as_u64().unwrap());
-    assert!(total > 16 << 20, "{v}");
+    assert!(total > 32 << 20, "{v}");
     assert!(new * 20 < total, "a 4 KiB change stored {new} new bytes of {total}");
     eprintln!("second backup: {new} new bytes of {total}");
 
