@@ -500,3 +500,98 @@ fn a_debian_disk_backup_gives_single_files_by_loop_mount_without_booting_and_ver
     assert!(o.status.success(), "{out} {}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("PASS") && out.contains("the guest agent answered: Debian GNU/Linux 12"), "{out}");
 }
+
+#[test]
+fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged_file() {
+    let env = Env::new();
+    // The container: a dynamically linked agent is refused; a built one
+    // reports its version and hooks.
+    let h = hooks(env.dir.path(), &[("db", "true", "true")]);
+    let img = env.path("agent.img");
+    env.fails(
+        &["agent", "build", "-o", img.to_str().unwrap(), "--agent-binary", "/bin/true"],
+        "is not a static x86-64 executable",
+    );
+    assert!(!img.exists());
+    build_container(&env, "3.2.1", &h);
+    let v = env.ok(&["agent", "--version", "--container", img.to_str().unwrap()]);
+    assert!(v.starts_with("recoverfs agent 3.2.1 (") && v.contains("hooks: db"), "{v}");
+    env.fails(
+        &["agent", "--version", "--container", "/etc/hostname"],
+        "is not an agent container",
+    );
+
+    // A file backup written through the library, then one chunk damaged.
+    use recoverfs::repo::catalog::{Catalog, ChunkSink, Entry, EntryKind, CATALOG_FORMAT};
+    let (repo, _) = recoverfs::repo::Repository::open_or_create(env.repo_str()).unwrap();
+    let mut sink = ChunkSink::default();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let chunks = sink.store(&repo, &data[..]).unwrap();
+    let damaged = chunks[0].digest;
+    let c = repo
+        .publish_catalog(Catalog {
+            format: CATALOG_FORMAT,
+            vm: "vm1".into(),
+            id: String::new(),
+            created: String::new(),
+            created_unix: 0,
+            source: serde_json::json!({}),
+            entries: vec![Entry {
+                path: "/srv/db/table".into(),
+                kind: EntryKind::File,
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: data.len() as u64,
+                target: None,
+                chunks,
+            }],
+            file_bytes: data.len() as u64,
+            stored_bytes: sink.stored_bytes(),
+            new_bytes: sink.new_bytes,
+        })
+        .unwrap();
+    let cat = Command::new(bin())
+        .args(["files", "cat", "--repo", env.repo_str(), "vm1", "/srv/db/table"])
+        .output()
+        .unwrap();
+    assert_eq!(cat.stdout, data);
+    env.ok(&["verify", "--repo", env.repo_str(), "--vm", "vm1"]);
+    let h = damaged.to_hex();
+    let obj = env.repo.join("chunks").join(&h[..4]).join(&h);
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&obj, bytes).unwrap();
+    let o = env.run(&["verify", "--repo", env.repo_str()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(
+        out.contains(&format!("DAMAGED chunk {h}")) && out.contains(&format!("vm1/{} /srv/db/table block 0", c.id)),
+        "{out}"
+    );
+    env.fails(
+        &["files", "cat", "--repo", env.repo_str(), "vm1", "/srv/db/table"],
+        "/srv/db/table chunk 0",
+    );
+    // Bad names and paths.
+    env.fails(
+        &["files", "ls", "--repo", env.repo_str(), "vm1", "--backup", "20261122-000000-files", "/"],
+        "unknown file backup",
+    );
+    env.fails(
+        &["files", "ls", "--repo", env.repo_str(), "vm1", "/srv/../etc"],
+        "not an absolute, normalised path",
+    );
+    env.fails(
+        &["files", "ls", "--repo", env.repo_str(), "nosuchvm", "/"],
+        "no backups",
+    );
+    env.fails(
+        &["agent-backup", "--repo", env.repo_str(), "--container", img.to_str().unwrap(),
+          "--vm", "a=/x.qmp,qga=/x.qga", "--vm", "a=/y.qmp,qga=/y.qga", "--paths", "/srv"],
+        "--vm a given twice",
+    );
+}
