@@ -265,7 +265,11 @@ pub struct BootReport {
 
 /// Polls the guest agent until it answers `guest-ping` and reports its OS
 /// (`guest-get-osinfo`), then sends the OS name once.
-fn heartbeat(qga: &Path, stop: &std::sync::atomic::AtomicBool, tx: crossbeam_channel::Sender<String>) {
+fn heartbeat(
+    qga: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+    tx: crossbeam_channel::Sender<String>,
+) {
     use crate::qemu::guest_agent::GuestAgent;
     use std::sync::atomic::Ordering;
     while !stop.load(Ordering::SeqCst) {

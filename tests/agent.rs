@@ -53,7 +53,10 @@ fn start_vm(dir: &Path, name: &str, scsi: bool) -> Vm {
         ))
         .args(["-device", "virtio-serial-pci,id=ser0"])
         .arg("-chardev")
-        .arg(format!("socket,path={},server=on,wait=off,id=qga0", qga.display()))
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            qga.display()
+        ))
         .args([
             "-device",
             "virtserialport,bus=ser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -67,7 +70,8 @@ fn start_vm(dir: &Path, name: &str, scsi: bool) -> Vm {
         c.args(["-device", "virtio-scsi-pci,id=scsi0"]);
     }
     for q in [&qmp, &watch] {
-        c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", q.display()));
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", q.display()));
     }
     let child = c
         .stdin(Stdio::null())
@@ -223,7 +227,10 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     let mut vm2 = start_vm(&env.path("second"), "debian", true);
     wait_agent(&mut vm);
     wait_agent(&mut vm2);
-    guest(&vm2, "mkdir -p /srv/app && echo second-guest > /srv/app/app.conf");
+    guest(
+        &vm2,
+        "mkdir -p /srv/app && echo second-guest > /srv/app/app.conf",
+    );
     let sum = guest(
         &vm,
         "mkdir -p /srv/app/logs && head -c 33554432 /dev/urandom > /srv/app/data.db && \
@@ -244,17 +251,31 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
         )],
     );
     let img = build_container(&env, "1.0.0", &h);
-    let mut both = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app", "--jobs", "2"]);
-    both.arg("--vm")
-        .arg(format!("deb2={},qga={}", vm2.qmp.display(), vm2.qga.display()));
+    let mut both = agent_backup(
+        &env,
+        &vm,
+        &img,
+        &["--paths", "/srv/app", "--hooks", "app", "--jobs", "2"],
+    );
+    both.arg("--vm").arg(format!(
+        "deb2={},qga={}",
+        vm2.qmp.display(),
+        vm2.qga.display()
+    ));
     let (o, seen) = run_watching(&[&vm, &vm2], &mut both);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
-    assert!(seen, "QMP never showed the container attached to both VMs at once");
+    assert!(
+        seen,
+        "QMP never showed the container attached to both VMs at once"
+    );
     assert!(err.contains("hook app pre: RFS-HOOK-QUIESCED"), "{err}");
     assert!(err.contains("hook app post: RFS-HOOK-RESUMED"), "{err}");
     assert!(err.contains("agent 1.0.0"), "{err}");
-    assert!(err.contains("sees scsi-0QEMU_QEMU_HARDDISK_rfsagent"), "the guest did not see the container: {err}");
+    assert!(
+        err.contains("sees scsi-0QEMU_QEMU_HARDDISK_rfsagent"),
+        "the guest did not see the container: {err}"
+    );
     let out = String::from_utf8(o.stdout).unwrap();
     let id_of = |vm: &str| {
         out.lines()
@@ -266,34 +287,70 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     assert!(id.ends_with("-files"), "{id}");
     id_of("deb2");
     assert_eq!(attached(&vm), Vec::<String>::new(), "left attached in QEMU");
-    assert_eq!(attached(&vm2), Vec::<String>::new(), "left attached in QEMU");
-    let second = env.ok(&["files", "cat", "--repo", env.repo_str(), "deb2", "/srv/app/app.conf"]);
+    assert_eq!(
+        attached(&vm2),
+        Vec::<String>::new(),
+        "left attached in QEMU"
+    );
+    let second = env.ok(&[
+        "files",
+        "cat",
+        "--repo",
+        env.repo_str(),
+        "deb2",
+        "/srv/app/app.conf",
+    ]);
     assert_eq!(second, "second-guest\n");
     drop(vm2);
-    let inside = guest(&vm, "ls /dev/disk/by-id/ /dev/virtio-ports/; grep recoverfs-agent /proc/mounts || true");
-    assert!(!inside.contains("rfsagent") && !inside.contains("org.recoverfs.agent"), "{inside}");
+    let inside = guest(
+        &vm,
+        "ls /dev/disk/by-id/ /dev/virtio-ports/; grep recoverfs-agent /proc/mounts || true",
+    );
+    assert!(
+        !inside.contains("rfsagent") && !inside.contains("org.recoverfs.agent"),
+        "{inside}"
+    );
     let listed = env.ok(&["list", "--repo", env.repo_str()]);
     assert!(listed.contains(&id) && listed.contains("files"), "{listed}");
     env.ok(&["verify", "--repo", env.repo_str()]);
 
     // 2. One file restored matches the guest's sha256sum; ls shows the tree.
     let ls = env.ok(&["files", "ls", "--repo", env.repo_str(), "deb", "/srv/app"]);
-    assert!(ls.contains("-rw------- ") && ls.contains("/srv/app/app.conf"), "{ls}");
+    assert!(
+        ls.contains("-rw------- ") && ls.contains("/srv/app/app.conf"),
+        "{ls}"
+    );
     assert!(ls.contains("/srv/app/logs/app.log"), "{ls}");
     let to = env.path("restored");
     std::fs::create_dir(&to).unwrap();
     env.ok(&[
-        "files", "restore", "--repo", env.repo_str(), "deb", "/srv/app/data.db", "--to",
+        "files",
+        "restore",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "/srv/app/data.db",
+        "--to",
         to.to_str().unwrap(),
     ]);
     assert_eq!(sha256(&to.join("srv/app/data.db")), guest_sum);
-    let conf = env.ok(&["files", "cat", "--repo", env.repo_str(), "deb", "/srv/app/app.conf"]);
+    let conf = env.ok(&[
+        "files",
+        "cat",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "/srv/app/app.conf",
+    ]);
     assert_eq!(conf, "port=5432\n");
 
     // 3. agent-restore: a damaged file and a deleted directory back in
     //    their places, and the whole tree under another directory, with
     //    modes and times.
-    guest(&vm, "echo broken > /srv/app/app.conf && chmod 644 /srv/app/app.conf && rm -r /srv/app/logs");
+    guest(
+        &vm,
+        "echo broken > /srv/app/app.conf && chmod 644 /srv/app/app.conf && rm -r /srv/app/logs",
+    );
     let restore = |path: &str, extra: &[&str]| {
         let o = Command::new(bin())
             .args(["agent-restore", "--repo", env.repo_str(), "--container"])
@@ -311,7 +368,10 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     let err = restore("/srv/app/app.conf", &[]);
     assert!(err.contains("restored 1 entries to their places"), "{err}");
     restore("/srv/app/logs", &[]);
-    let back = guest(&vm, "cat /srv/app/app.conf; stat -c %a /srv/app/app.conf; wc -l < /srv/app/logs/app.log");
+    let back = guest(
+        &vm,
+        "cat /srv/app/app.conf; stat -c %a /srv/app/app.conf; wc -l < /srv/app/logs/app.log",
+    );
     assert_eq!(back, "port=5432\n600\n20000\n");
     restore("/srv/app", &["--to", "/restored"]);
     let back = guest(
@@ -320,7 +380,11 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
          [ $(stat -c %Y /restored/srv/app/data.db) = $(stat -c %Y /srv/app/data.db) ] && echo same-mtime",
     );
     assert_eq!(back, format!("{guest_sum}\nsame-mtime\n"));
-    assert_eq!(attached(&vm), Vec::<String>::new(), "agent-restore left the container attached");
+    assert_eq!(
+        attached(&vm),
+        Vec::<String>::new(),
+        "agent-restore left the container attached"
+    );
 
     // 4. A new container version shows in the next run, and a second
     //    backup after changing 4 KiB of one file stores under 5% new bytes.
@@ -330,17 +394,28 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     );
     let h2 = hooks(env.dir.path(), &[("app", "echo RFS-HOOK-V2", "true")]);
     let img = build_container(&env, "1.0.1", &h2);
-    let o = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app", "--json"])
-        .output()
-        .unwrap();
+    let o = agent_backup(
+        &env,
+        &vm,
+        &img,
+        &["--paths", "/srv/app", "--hooks", "app", "--json"],
+    )
+    .output()
+    .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let r = &v[0];
     assert_eq!(r["agent_version"], "1.0.1", "{v}");
     assert!(r["log"].to_string().contains("RFS-HOOK-V2"), "{v}");
-    let (new, total) = (r["new_bytes"].as_u64().unwrap(), r["file_bytes"].as_u64().unwrap());
+    let (new, total) = (
+        r["new_bytes"].as_u64().unwrap(),
+        r["file_bytes"].as_u64().unwrap(),
+    );
     assert!(total > 32 << 20, "{v}");
-    assert!(new * 20 < total, "a 4 KiB change stored {new} new bytes of {total}");
+    assert!(
+        new * 20 < total,
+        "a 4 KiB change stored {new} new bytes of {total}"
+    );
     eprintln!("second backup: {new} new bytes of {total}");
 
     // 5. Bad input: each one clear line, nothing attached, no new backup.
@@ -350,8 +425,15 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(!o.status.success(), "{needle}: succeeded");
         let last = err.lines().last().unwrap_or_default();
-        assert!(last.starts_with("recoverfs: error: ") && last.contains(needle), "{err}");
-        assert_eq!(attached(&vm), Vec::<String>::new(), "{needle}: left attached");
+        assert!(
+            last.starts_with("recoverfs: error: ") && last.contains(needle),
+            "{err}"
+        );
+        assert_eq!(
+            attached(&vm),
+            Vec::<String>::new(),
+            "{needle}: left attached"
+        );
         assert_eq!(file_backups(&env), before, "{needle}: a backup appeared");
     };
     fails(
@@ -376,16 +458,28 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     // The agent killed in the guest mid-backup (its hook kills it).
     let h3 = hooks(
         env.dir.path(),
-        &[("crash", "kill -9 $PPID", "true"), ("slow", "sleep 120", "true")],
+        &[
+            ("crash", "kill -9 $PPID", "true"),
+            ("slow", "sleep 120", "true"),
+        ],
     );
     let img = build_container(&env, "1.0.2", &h3);
     fails(
-        agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "crash"]),
+        agent_backup(
+            &env,
+            &vm,
+            &img,
+            &["--paths", "/srv/app", "--hooks", "crash"],
+        ),
         "truncated",
     );
     // The VM killed mid-backup.
     let mut cmd = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "slow"]);
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while attached(&vm).len() < 4 {
         assert!(Instant::now() < deadline, "the container never attached");
@@ -398,7 +492,11 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
     assert!(!o.status.success(), "{err}");
     let last = err.lines().last().unwrap_or_default();
     assert!(last.starts_with("recoverfs: error: VM deb: "), "{err}");
-    assert_eq!(file_backups(&env), before, "a backup of a killed VM appeared");
+    assert_eq!(
+        file_backups(&env),
+        before,
+        "a backup of a killed VM appeared"
+    );
 }
 
 #[test]
@@ -408,7 +506,9 @@ fn a_vm_without_a_guest_agent_is_one_clear_error_and_nothing_is_attached() {
     let img = build_container(&env, "1.0.0", &h);
     let vm = start_vm(env.dir.path(), "tiny", true);
     let t0 = Instant::now();
-    let o = agent_backup(&env, &vm, &img, &["--paths", "/srv"]).output().unwrap();
+    let o = agent_backup(&env, &vm, &img, &["--paths", "/srv"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success());
     assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
@@ -435,7 +535,10 @@ fn a_vm_without_a_guest_agent_is_one_clear_error_and_nothing_is_attached() {
 
 /// "8.7 MiB" in `text` after `after` → bytes.
 fn bytes_after(text: &str, after: &str) -> u64 {
-    let rest = &text[text.find(after).unwrap_or_else(|| panic!("no {after:?} in {text}")) + after.len()..];
+    let rest = &text[text
+        .find(after)
+        .unwrap_or_else(|| panic!("no {after:?} in {text}"))
+        + after.len()..];
     let mut it = rest.split_whitespace();
     let n: f64 = it.next().unwrap().parse().unwrap();
     let unit = match it.next().unwrap() {
@@ -458,7 +561,9 @@ fn a_debian_disk_backup_gives_single_files_by_loop_mount_without_booting_and_ver
         let o = Command::new("losetup").arg("-a").output().unwrap();
         String::from_utf8_lossy(&o.stdout)
             .lines()
-            .filter(|l| l.contains(env.dir.path().to_str().unwrap()) || l.contains("recoverfs-files-"))
+            .filter(|l| {
+                l.contains(env.dir.path().to_str().unwrap()) || l.contains("recoverfs-files-")
+            })
             .count()
     };
 
@@ -467,27 +572,77 @@ fn a_debian_disk_backup_gives_single_files_by_loop_mount_without_booting_and_ver
     let to = env.path("restored");
     std::fs::create_dir(&to).unwrap();
     let o = env.run(&[
-        "files", "restore", "--repo", env.repo_str(), "deb", "--backup", &id, "/etc/apt",
-        "--to", to.to_str().unwrap(),
+        "files",
+        "restore",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "--backup",
+        &id,
+        "/etc/apt",
+        "--to",
+        to.to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(err.contains("ext4 on partition 2 of disk0"), "{err}");
     let fetched = bytes_after(&err, "fetched ");
-    assert!(fetched < 64 << 20, "restoring /etc/apt fetched {fetched} bytes of a 1.5 GiB disk");
+    assert!(
+        fetched < 64 << 20,
+        "restoring /etc/apt fetched {fetched} bytes of a 1.5 GiB disk"
+    );
     eprintln!("/etc/apt from a disk backup: fetched {fetched} bytes");
     assert!(to.join("etc/apt/apt.conf.d").is_dir());
-    let id_file = env.ok(&["files", "cat", "--repo", env.repo_str(), "deb", "--backup", &id, "/etc/recoverfs-id"]);
+    let id_file = env.ok(&[
+        "files",
+        "cat",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "--backup",
+        &id,
+        "/etc/recoverfs-id",
+    ]);
     assert_eq!(id_file, "recoverfs-debian-v1\n");
     // Without --backup and without file backups: the newest disk backup.
-    let ls = env.ok(&["files", "ls", "--repo", env.repo_str(), "deb", "/etc/hostname"]);
-    assert!(ls.starts_with('-') && ls.contains(" 17 ") && ls.trim_end().ends_with(" /etc/hostname"), "{ls}");
+    let ls = env.ok(&[
+        "files",
+        "ls",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "/etc/hostname",
+    ]);
+    assert!(
+        ls.starts_with('-') && ls.contains(" 17 ") && ls.trim_end().ends_with(" /etc/hostname"),
+        "{ls}"
+    );
     env.fails(
-        &["files", "ls", "--repo", env.repo_str(), "deb", "--backup", &id, "/no/such/file"],
+        &[
+            "files",
+            "ls",
+            "--repo",
+            env.repo_str(),
+            "deb",
+            "--backup",
+            &id,
+            "/no/such/file",
+        ],
         "/no/such/file is on no filesystem of disk0",
     );
     env.fails(
-        &["files", "ls", "--repo", env.repo_str(), "deb", "--backup", &id, "--partition", "7", "/"],
+        &[
+            "files",
+            "ls",
+            "--repo",
+            env.repo_str(),
+            "deb",
+            "--backup",
+            &id,
+            "--partition",
+            "7",
+            "/",
+        ],
         "no partition 7",
     );
     assert_eq!(loops(), 0, "a loop device was left attached");
@@ -495,10 +650,24 @@ fn a_debian_disk_backup_gives_single_files_by_loop_mount_without_booting_and_ver
     assert!(!mounts.contains("recoverfs-files-"), "{mounts}");
 
     // verify-boot needs no marker: the guest agent answering proves the boot.
-    let o = env.run(&["verify-boot", "--repo", env.repo_str(), "deb", "--timeout", "600"]);
+    let o = env.run(&[
+        "verify-boot",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "--timeout",
+        "600",
+    ]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(o.status.success(), "{out} {}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("PASS") && out.contains("the guest agent answered: Debian GNU/Linux 12"), "{out}");
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("PASS") && out.contains("the guest agent answered: Debian GNU/Linux 12"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -509,13 +678,23 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
     let h = hooks(env.dir.path(), &[("db", "true", "true")]);
     let img = env.path("agent.img");
     env.fails(
-        &["agent", "build", "-o", img.to_str().unwrap(), "--agent-binary", "/bin/true"],
+        &[
+            "agent",
+            "build",
+            "-o",
+            img.to_str().unwrap(),
+            "--agent-binary",
+            "/bin/true",
+        ],
         "is not a static x86-64 executable",
     );
     assert!(!img.exists());
     build_container(&env, "3.2.1", &h);
     let v = env.ok(&["agent", "--version", "--container", img.to_str().unwrap()]);
-    assert!(v.starts_with("recoverfs agent 3.2.1 (") && v.contains("hooks: db"), "{v}");
+    assert!(
+        v.starts_with("recoverfs agent 3.2.1 (") && v.contains("hooks: db"),
+        "{v}"
+    );
     env.fails(
         &["agent", "--version", "--container", "/etc/hostname"],
         "is not an agent container",
@@ -554,7 +733,14 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
         })
         .unwrap();
     let cat = Command::new(bin())
-        .args(["files", "cat", "--repo", env.repo_str(), "vm1", "/srv/db/table"])
+        .args([
+            "files",
+            "cat",
+            "--repo",
+            env.repo_str(),
+            "vm1",
+            "/srv/db/table",
+        ])
         .output()
         .unwrap();
     assert_eq!(cat.stdout, data);
@@ -569,20 +755,44 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success());
     assert!(
-        out.contains(&format!("DAMAGED chunk {h}")) && out.contains(&format!("vm1/{} /srv/db/table block 0", c.id)),
+        out.contains(&format!("DAMAGED chunk {h}"))
+            && out.contains(&format!("vm1/{} /srv/db/table block 0", c.id)),
         "{out}"
     );
     env.fails(
-        &["files", "cat", "--repo", env.repo_str(), "vm1", "/srv/db/table"],
+        &[
+            "files",
+            "cat",
+            "--repo",
+            env.repo_str(),
+            "vm1",
+            "/srv/db/table",
+        ],
         "/srv/db/table chunk 0",
     );
     // Bad names and paths.
     env.fails(
-        &["files", "ls", "--repo", env.repo_str(), "vm1", "--backup", "20261122-000000-files", "/"],
+        &[
+            "files",
+            "ls",
+            "--repo",
+            env.repo_str(),
+            "vm1",
+            "--backup",
+            "20261122-000000-files",
+            "/",
+        ],
         "unknown file backup",
     );
     env.fails(
-        &["files", "ls", "--repo", env.repo_str(), "vm1", "/srv/../etc"],
+        &[
+            "files",
+            "ls",
+            "--repo",
+            env.repo_str(),
+            "vm1",
+            "/srv/../etc",
+        ],
         "not an absolute, normalised path",
     );
     env.fails(
@@ -590,8 +800,19 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
         "no backups",
     );
     env.fails(
-        &["agent-backup", "--repo", env.repo_str(), "--container", img.to_str().unwrap(),
-          "--vm", "a=/x.qmp,qga=/x.qga", "--vm", "a=/y.qmp,qga=/y.qga", "--paths", "/srv"],
+        &[
+            "agent-backup",
+            "--repo",
+            env.repo_str(),
+            "--container",
+            img.to_str().unwrap(),
+            "--vm",
+            "a=/x.qmp,qga=/x.qga",
+            "--vm",
+            "a=/y.qmp,qga=/y.qga",
+            "--paths",
+            "/srv",
+        ],
         "--vm a given twice",
     );
 }

@@ -77,13 +77,19 @@ impl Attachment {
         let chardev = format!("rfsagent-ch-{}", self.id);
         self.qmp.execute(
             "chardev-add",
-            Some(json!({"id": chardev, "backend": {"type": "socket", "data": {
+            Some(
+                json!({"id": chardev, "backend": {"type": "socket", "data": {
                 "addr": {"type": "unix", "data": {"path": sock}},
-                "server": true, "wait": false}}})),
+                "server": true, "wait": false}}}),
+            ),
         )?;
         self.done.push(Step::Chardev(chardev.clone()));
-        let stream = UnixStream::connect(&sock)
-            .map_err(|e| Error::io(format!("connect to the stream socket {}", sock.display()), e))?;
+        let stream = UnixStream::connect(&sock).map_err(|e| {
+            Error::io(
+                format!("connect to the stream socket {}", sock.display()),
+                e,
+            )
+        })?;
         self.stream = Some(stream);
         let port_dev = format!("rfsagent-port-{}", self.id);
         self.qmp
@@ -98,8 +104,10 @@ impl Attachment {
         self.qmp
             .execute(
                 "blockdev-add",
-                Some(json!({"driver": "raw", "node-name": node, "read-only": true,
-                            "file": {"driver": "file", "filename": image, "read-only": true}})),
+                Some(
+                    json!({"driver": "raw", "node-name": node, "read-only": true,
+                            "file": {"driver": "file", "filename": image, "read-only": true}}),
+                ),
             )
             .map_err(|e| e.context(format!("attach the agent container {}", image.display())))?;
         self.done.push(Step::Node(node.clone()));

@@ -1,8 +1,9 @@
 //! `agent-backup`: granular file backups of running VMs through the agent
 //! container, one VM per worker, `--jobs` at a time.
 //!
-//! Per VM: check the container (`agent.json` read with debugfs) and the
-//! guest agent (no answer: one clear error, nothing attached); attach the
+//! Per VM ([`super::session`] runs the steps): check the container
+//! (`agent.json` read with debugfs) and the guest agent (no answer: one
+//! clear error, nothing attached); attach the
 //! container and a stream port ([`super::attach`]); `guest-exec` a small
 //! shell script that waits for the disk and port, mounts the container
 //! read-only, runs `recoverfs agent run` from it and unmounts it; receive
@@ -22,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use super::session::Target;
 use super::guest::Job;
 use super::session::run_in_guest;
+pub use super::session::Target;
 use super::stream::{describe, Frame, FrameReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::catalog::{Catalog, ChunkSink, EntryKind, CATALOG_FORMAT};
@@ -64,7 +65,9 @@ pub fn agent_backup(
     on_log: &(dyn Fn(&str, &str) + Sync),
 ) -> Result<Vec<VmOutcome>> {
     if opts.paths.is_empty() {
-        return Err(Error::invalid("--paths: name at least one path in the guest"));
+        return Err(Error::invalid(
+            "--paths: name at least one path in the guest",
+        ));
     }
     for p in &opts.paths {
         crate::repo::catalog::check_path(p).map_err(|e| e.context("--paths"))?;
@@ -162,9 +165,14 @@ fn backup_vm(
         paths: opts.paths.clone(),
         hooks: opts.hooks.clone(),
     };
-    let catalog = run_in_guest(t, &opts.container, &job, opts.idle_timeout, "agent-backup", |stream| {
-        receive(repo, stream, t, opts, say)
-    })?;
+    let catalog = run_in_guest(
+        t,
+        &opts.container,
+        &job,
+        opts.idle_timeout,
+        "agent-backup",
+        |stream| receive(repo, stream, t, opts, say),
+    )?;
     // Published only now: the container is off the VM.
     repo.publish_catalog(catalog)
 }
@@ -192,7 +200,10 @@ pub(crate) fn receive(
             )))
         }
     };
-    say(&format!("agent {} (recoverfs {})", hello.version, hello.binary));
+    say(&format!(
+        "agent {} (recoverfs {})",
+        hello.version, hello.binary
+    ));
     let mut sink = ChunkSink::default();
     let mut entries = vec![];
     loop {

@@ -126,8 +126,8 @@ pub fn build(opts: &BuildOptions) -> Result<AgentConfig> {
             binary.display()
         )));
     }
-    let out = std::path::absolute(&opts.output)
-        .ctx(|| format!("resolve {}", opts.output.display()))?;
+    let out =
+        std::path::absolute(&opts.output).ctx(|| format!("resolve {}", opts.output.display()))?;
     let dir = out
         .parent()
         .filter(|d| d.is_dir())
@@ -193,7 +193,16 @@ pub fn build(opts: &BuildOptions) -> Result<AgentConfig> {
     let size_kib = ((bytes + (bytes / 8) + (8 << 20)) >> 20) << 10;
     let img = tree.path().join("agent.img");
     let o = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "rfs-agent"])
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-O",
+            "^has_journal",
+            "-L",
+            "rfs-agent",
+        ])
         .args(["-E", "root_owner=0:0", "-d"])
         .arg(&root)
         .arg(&img)
@@ -227,8 +236,14 @@ fn dir_bytes(d: &Path) -> Result<u64> {
     let mut n = 0;
     for e in std::fs::read_dir(d).ctx(|| format!("list {}", d.display()))? {
         let e = e.ctx(|| format!("list {}", d.display()))?;
-        let m = e.metadata().ctx(|| format!("stat {}", e.path().display()))?;
-        n += if m.is_dir() { dir_bytes(&e.path())? } else { m.len() } + 4096;
+        let m = e
+            .metadata()
+            .ctx(|| format!("stat {}", e.path().display()))?;
+        n += if m.is_dir() {
+            dir_bytes(&e.path())?
+        } else {
+            m.len()
+        } + 4096;
     }
     Ok(n)
 }

@@ -45,9 +45,9 @@ pub fn spawn(ga: &mut GuestAgent, argv: &[&str]) -> Result<i64> {
         Some(json!({"path": path, "arg": args, "capture-output": true})),
         Duration::from_secs(30),
     )?;
-    r.get("pid").and_then(Value::as_i64).ok_or_else(|| {
-        Error::corrupt(format!("guest-exec answered without a pid: {r}"))
-    })
+    r.get("pid")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| Error::corrupt(format!("guest-exec answered without a pid: {r}")))
 }
 
 /// The process's end, if it has ended.

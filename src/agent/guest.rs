@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::container::AgentConfig;
+use super::stream::{describe, Frame, FrameReader};
 use super::stream::{FrameWriter, Hello};
 use crate::error::{Error, IoContext, Result};
-use super::stream::{describe, Frame, FrameReader};
 use crate::repo::catalog::{check_path, EntryKind};
 
 /// What the host asks the agent to do (`--job JSON`).

@@ -47,7 +47,11 @@ fn send(
     let mut fr = FrameReader::new(std::io::BufReader::new(stream), "the agent's stream");
     match fr.next_frame()? {
         Frame::Hello(h) => say(&format!("agent {} (recoverfs {})", h.version, h.binary)),
-        Frame::Error(m) => return Err(Error::invalid(format!("the agent failed in the guest: {m}"))),
+        Frame::Error(m) => {
+            return Err(Error::invalid(format!(
+                "the agent failed in the guest: {m}"
+            )))
+        }
         other => {
             return Err(Error::corrupt(format!(
                 "the agent's stream began with {}",
@@ -72,7 +76,9 @@ fn send(
         match fr.next_frame()? {
             Frame::Log(l) => say(&l),
             Frame::Error(m) => {
-                return Err(Error::invalid(format!("the agent failed in the guest: {m}")))
+                return Err(Error::invalid(format!(
+                    "the agent failed in the guest: {m}"
+                )))
             }
             Frame::End(_) => break,
             other => {

@@ -29,7 +29,11 @@ pub struct Target {
 
 impl Target {
     pub fn parse(s: &str) -> Result<Target> {
-        let bad = || Error::invalid(format!("--vm {s:?}: expected NAME=QMP_SOCKET[,qga=QGA_SOCKET]"));
+        let bad = || {
+            Error::invalid(format!(
+                "--vm {s:?}: expected NAME=QMP_SOCKET[,qga=QGA_SOCKET]"
+            ))
+        };
         let (name, rest) = s.split_once('=').ok_or_else(bad)?;
         crate::util::validate_name("VM name", name)?;
         let (qmp, qga) = match rest.split_once(",qga=") {
@@ -142,7 +146,9 @@ fn run_job<T>(
     let pid = exec::spawn(ga, &["/bin/sh", "-c", &script(att, job)])
         .map_err(|e| e.context(format!("VM {}: start the agent through guest-exec", t.name)))?;
     let done = AtomicBool::new(false);
-    let killer = stream.try_clone().map_err(|e| Error::io("stream socket", e))?;
+    let killer = stream
+        .try_clone()
+        .map_err(|e| Error::io("stream socket", e))?;
     std::thread::scope(|s| {
         // Watches the guest process; if it ends and the stream does not
         // follow, closes the stream so the reader stops.
@@ -196,12 +202,22 @@ fn finish<T>(received: Result<T>, exited: Result<Exited>, t: &Target) -> Result<
         (Ok(c), Ok(e)) if e.success() => Ok(c),
         (Ok(_), Ok(e)) => Err(Error::new(
             ErrorKind::Io,
-            format!("VM {vm}: the agent ended with {}: {}", e.status(), e.stderr.trim()),
+            format!(
+                "VM {vm}: the agent ended with {}: {}",
+                e.status(),
+                e.stderr.trim()
+            ),
         )),
-        (Err(r), Ok(e)) if !e.success() && !e.stderr.trim().is_empty() && r.kind() != ErrorKind::NotFound => {
+        (Err(r), Ok(e))
+            if !e.success() && !e.stderr.trim().is_empty() && r.kind() != ErrorKind::NotFound =>
+        {
             Err(Error::new(
                 r.kind(),
-                format!("VM {vm}: {r} (the agent script ended with {}: {})", e.status(), last_line(&e.stderr)),
+                format!(
+                    "VM {vm}: {r} (the agent script ended with {}: {})",
+                    e.status(),
+                    last_line(&e.stderr)
+                ),
             ))
         }
         (Err(r), _) => Err(r.context(format!("VM {vm}"))),
@@ -212,4 +228,3 @@ fn finish<T>(received: Result<T>, exited: Result<Exited>, t: &Target) -> Result<
 fn last_line(s: &str) -> &str {
     s.trim().lines().last().unwrap_or("")
 }
-

@@ -197,7 +197,9 @@ impl<R: Read> FrameReader<R> {
     /// checksum that differs from what was received is an error.
     pub fn next_frame(&mut self) -> Result<Frame> {
         let mut head = [0u8; 5];
-        self.r.read_exact(&mut head).map_err(|e| self.truncated(e))?;
+        self.r
+            .read_exact(&mut head)
+            .map_err(|e| self.truncated(e))?;
         let kind = head[0];
         let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes")) as usize;
         let max = match kind {

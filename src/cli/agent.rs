@@ -115,7 +115,10 @@ impl FilesSource {
                         r.location()
                     ))
                 })?;
-                eprintln!("VM {} has no file backups: reading disk backup {id}", self.vm);
+                eprintln!(
+                    "VM {} has no file backups: reading disk backup {id}",
+                    self.vm
+                );
                 Some(id)
             }
             None => None,
@@ -152,14 +155,26 @@ pub fn agent(cmd: Option<AgentCmd>, version: bool, container: Option<PathBuf>) -
                 cfg.version,
                 cfg.binary_version,
                 cfg.built,
-                if cfg.hooks.is_empty() { "none".into() } else { cfg.hooks.join(", ") }
+                if cfg.hooks.is_empty() {
+                    "none".into()
+                } else {
+                    cfg.hooks.join(", ")
+                }
             );
             Ok(())
         }
         (None, false) => Err(Error::invalid(
             "agent: use `agent build`, `agent run` or `agent --version [--container IMAGE]`",
         )),
-        (Some(AgentCmd::Build { output, agent_binary, agent_version, hooks }), _) => {
+        (
+            Some(AgentCmd::Build {
+                output,
+                agent_binary,
+                agent_version,
+                hooks,
+            }),
+            _,
+        ) => {
             let cfg = build(&BuildOptions {
                 output: output.clone(),
                 binary: agent_binary,
@@ -170,14 +185,25 @@ pub fn agent(cmd: Option<AgentCmd>, version: bool, container: Option<PathBuf>) -
                 "built agent container {} (agent {}, hooks: {})",
                 output.display(),
                 cfg.version,
-                if cfg.hooks.is_empty() { "none".into() } else { cfg.hooks.join(", ") }
+                if cfg.hooks.is_empty() {
+                    "none".into()
+                } else {
+                    cfg.hooks.join(", ")
+                }
             );
             println!("{}", output.display());
             Ok(())
         }
-        (Some(AgentCmd::Run { port, container, job }), _) => {
-            let job: crate::agent::guest::Job = serde_json::from_str(&job)
-                .map_err(|e| Error::invalid(format!("--job: {e}")))?;
+        (
+            Some(AgentCmd::Run {
+                port,
+                container,
+                job,
+            }),
+            _,
+        ) => {
+            let job: crate::agent::guest::Job =
+                serde_json::from_str(&job).map_err(|e| Error::invalid(format!("--job: {e}")))?;
             crate::agent::guest::run(&port, &container, &job)
         }
     }
@@ -194,7 +220,10 @@ pub fn backup(
     idle_timeout: u64,
     json: bool,
 ) -> Result<()> {
-    let targets = vms.iter().map(|v| Target::parse(v)).collect::<Result<Vec<_>>>()?;
+    let targets = vms
+        .iter()
+        .map(|v| Target::parse(v))
+        .collect::<Result<Vec<_>>>()?;
     if !container.is_file() {
         return Err(Error::not_found(format!(
             "no agent container at {} (build it with `recoverfs agent build -o {}`)",
@@ -342,15 +371,20 @@ pub fn files(cmd: FilesCmd) -> Result<()> {
                     let all = crate::files::disk::walk(&m.root, &path)?;
                     let sel: Vec<_> = all.iter().collect();
                     let root = m.root.clone();
-                    let n = crate::files::restore_with(&sel, &to, &|e, out| {
-                        copy_from(&root, e, out)
-                    })?;
-                    let from = format!("disk backup {} of VM {} ({} on {})", m.backup, src.vm, m.fstype, m.device);
+                    let n =
+                        crate::files::restore_with(&sel, &to, &|e, out| copy_from(&root, e, out))?;
+                    let from = format!(
+                        "disk backup {} of VM {} ({} on {})",
+                        m.backup, src.vm, m.fstype, m.device
+                    );
                     finish_disk(m)?;
                     (n, from)
                 }
             };
-            eprintln!("restored {n} entries of {path} from {from} under {}", to.display());
+            eprintln!(
+                "restored {n} entries of {path} from {from} under {}",
+                to.display()
+            );
             Ok(())
         }
     }
@@ -382,7 +416,8 @@ fn copy_from(
         return Err(Error::invalid(format!("{} is not a regular file", e.path)));
     }
     let p = root.join(e.path.trim_start_matches('/'));
-    let mut f = std::fs::File::open(&p).map_err(|err| Error::io(format!("open {}", e.path), err))?;
+    let mut f =
+        std::fs::File::open(&p).map_err(|err| Error::io(format!("open {}", e.path), err))?;
     std::io::copy(&mut f, out).map_err(|err| Error::io(format!("copy {}", e.path), err))?;
     Ok(())
 }

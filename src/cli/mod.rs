@@ -146,7 +146,11 @@ pub enum Command {
         #[arg(long)]
         repo: String,
         /// A VM: its QMP socket and its guest agent socket; repeatable.
-        #[arg(long = "vm", value_name = "NAME=QMP_SOCKET[,qga=QGA_SOCKET]", required = true)]
+        #[arg(
+            long = "vm",
+            value_name = "NAME=QMP_SOCKET[,qga=QGA_SOCKET]",
+            required = true
+        )]
         vms: Vec<String>,
         /// Paths in the guest (a directory brings everything under it).
         #[arg(long, num_args = 1.., required = true)]
@@ -489,7 +493,16 @@ pub fn run(cli: Cli) -> Result<()> {
             jobs,
             idle_timeout,
             json,
-        } => agent::backup(&repo, &vms, paths, hooks, &container, jobs, idle_timeout, json),
+        } => agent::backup(
+            &repo,
+            &vms,
+            paths,
+            hooks,
+            &container,
+            jobs,
+            idle_timeout,
+            json,
+        ),
         Command::AgentRestore {
             repo,
             vm,
@@ -498,7 +511,15 @@ pub fn run(cli: Cli) -> Result<()> {
             to,
             container,
             idle_timeout,
-        } => agent::restore(&repo, &vm, backup.as_deref(), &path, to, &container, idle_timeout),
+        } => agent::restore(
+            &repo,
+            &vm,
+            backup.as_deref(),
+            &path,
+            to,
+            &container,
+            idle_timeout,
+        ),
         Command::Files { cmd } => agent::files(cmd),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),

@@ -138,21 +138,36 @@ pub fn mount(
         mounted: false,
         _scratch: scratch,
     };
-    let info = m.datastore.as_ref().expect("started").ds.recover(vm, Some(backup))?;
+    let info = m
+        .datastore
+        .as_ref()
+        .expect("started")
+        .ds
+        .recover(vm, Some(backup))?;
     let file = info.disks[disk].to_str().unwrap_or_default().to_string();
     let mut tried = vec![];
     for (num, offset, size) in partitions(&file, partition)? {
         let dev = run(
             "losetup",
             &[
-                "--find", "--show", "--read-only", "--offset", &offset.to_string(),
-                "--sizelimit", &size.to_string(), &file,
+                "--find",
+                "--show",
+                "--read-only",
+                "--offset",
+                &offset.to_string(),
+                "--sizelimit",
+                &size.to_string(),
+                &file,
             ],
         )?
         .trim()
         .to_string();
         m.loop_dev = Some(dev.clone());
-        let name = if num == 0 { "the whole disk".to_string() } else { format!("partition {num}") };
+        let name = if num == 0 {
+            "the whole disk".to_string()
+        } else {
+            format!("partition {num}")
+        };
         let Some(fstype) = fs_type(&dev) else {
             tried.push(format!("{name} (no filesystem)"));
             run("losetup", &["-d", &dev])?;
@@ -194,7 +209,9 @@ pub fn mount(
 /// if it has none; or only the one asked for.
 fn partitions(file: &str, which: Option<u32>) -> Result<Vec<(u32, u64, u64)>> {
     let whole = || -> Result<u64> {
-        Ok(std::fs::metadata(file).ctx(|| format!("stat {file}"))?.len())
+        Ok(std::fs::metadata(file)
+            .ctx(|| format!("stat {file}"))?
+            .len())
     };
     if which == Some(0) {
         return Ok(vec![(0, 0, whole()?)]);
@@ -208,19 +225,28 @@ fn partitions(file: &str, which: Option<u32>) -> Result<Vec<(u32, u64, u64)>> {
     let Some(t) = table else {
         return match which {
             None => Ok(vec![(0, 0, whole()?)]),
-            Some(n) => Err(Error::not_found(format!("the disk has no partition table, so no partition {n}"))),
+            Some(n) => Err(Error::not_found(format!(
+                "the disk has no partition table, so no partition {n}"
+            ))),
         };
     };
     let sector = t["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
     let mut out = vec![];
-    for p in t["partitiontable"]["partitions"].as_array().into_iter().flatten() {
+    for p in t["partitiontable"]["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let node = p["node"].as_str().unwrap_or_default();
         let num: u32 = node
             .rsplit(|c: char| !c.is_ascii_digit())
             .next()
             .and_then(|n| n.parse().ok())
             .unwrap_or(out.len() as u32 + 1);
-        let (start, size) = (p["start"].as_u64().unwrap_or(0), p["size"].as_u64().unwrap_or(0));
+        let (start, size) = (
+            p["start"].as_u64().unwrap_or(0),
+            p["size"].as_u64().unwrap_or(0),
+        );
         if size > 0 && which.is_none_or(|w| w == num) {
             out.push((num, start * sector, size * sector));
         }

@@ -56,7 +56,11 @@ pub fn select<'a>(c: &'a Catalog, path: &str) -> Result<Vec<&'a Entry>> {
 
 /// `/srv/app/` → `/srv/app`.
 fn normalise(p: &str) -> Result<String> {
-    let t = if p.len() > 1 { p.trim_end_matches('/') } else { p };
+    let t = if p.len() > 1 {
+        p.trim_end_matches('/')
+    } else {
+        p
+    };
     check_path(t)?;
     Ok(t.to_string())
 }
@@ -69,7 +73,8 @@ pub fn cat(repo: &Repository, c: &Catalog, e: &Entry, out: &mut dyn Write) -> Re
     for (i, ch) in e.chunks.iter().enumerate() {
         let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
         let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
-        out.write_all(&data).ctx(|| "write the file's content".into())?;
+        out.write_all(&data)
+            .ctx(|| "write the file's content".into())?;
     }
     Ok(())
 }
@@ -86,7 +91,10 @@ pub type Content<'a> = dyn Fn(&Entry, &mut dyn Write) -> Result<()> + 'a;
 pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<u64> {
     let to = std::fs::canonicalize(to).ctx(|| format!("--to {}", to.display()))?;
     if !to.is_dir() {
-        return Err(Error::invalid(format!("--to {} is not a directory", to.display())));
+        return Err(Error::invalid(format!(
+            "--to {} is not a directory",
+            to.display()
+        )));
     }
     // Check every entry before writing anything.
     for e in entries {
@@ -95,7 +103,10 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
         if e.kind != EntryKind::Dir && std::fs::symlink_metadata(&dst).is_ok() {
             return Err(Error::new(
                 crate::error::ErrorKind::AlreadyExists,
-                format!("{} exists; restore into an empty directory (--to)", dst.display()),
+                format!(
+                    "{} exists; restore into an empty directory (--to)",
+                    dst.display()
+                ),
             ));
         }
     }
@@ -139,9 +150,9 @@ fn dest(to: &Path, guest_path: &str) -> PathBuf {
 
 /// No component of `p` below `to` may be a symbolic link.
 fn check_no_link(to: &Path, p: &Path) -> Result<()> {
-    let rel = p.strip_prefix(to).map_err(|_| {
-        Error::invalid(format!("{} is outside {}", p.display(), to.display()))
-    })?;
+    let rel = p
+        .strip_prefix(to)
+        .map_err(|_| Error::invalid(format!("{} is outside {}", p.display(), to.display())))?;
     let mut cur = to.to_path_buf();
     let parts: Vec<Component> = rel.components().collect();
     for (i, c) in parts.iter().enumerate() {
@@ -203,8 +214,14 @@ pub fn set_meta(p: &Path, e: &Entry, root: bool) -> Result<()> {
             .ctx(|| format!("chmod {}", p.display()))?;
     }
     let mtime = TimeSpec::new(e.mtime, e.mtime_nsec as i64);
-    utimensat(None, p, &TimeSpec::UTIME_OMIT, &mtime, UtimensatFlags::NoFollowSymlink)
-        .map_err(|err| Error::io(format!("set times of {}", p.display()), err.into()))
+    utimensat(
+        None,
+        p,
+        &TimeSpec::UTIME_OMIT,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|err| Error::io(format!("set times of {}", p.display()), err.into()))
 }
 
 /// An entry for `path` from its metadata (not following a link).

@@ -50,13 +50,30 @@ fn a_directory_restores_with_modes_and_times_its_own_set_after_its_contents() {
     assert_eq!(std::fs::read(to.join("srv/a/f")).unwrap(), b"content\n");
     let m = std::fs::metadata(to.join("srv/a")).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o750);
-    assert_eq!(m.mtime(), 1_600_000_000, "the directory's time was set before its files");
+    assert_eq!(
+        m.mtime(),
+        1_600_000_000,
+        "the directory's time was set before its files"
+    );
     let f = std::fs::metadata(to.join("srv/a/f")).unwrap();
-    assert_eq!((f.permissions().mode() & 0o7777, f.mtime_nsec()), (0o640, 7));
-    assert_eq!(std::fs::read_link(to.join("srv/a/l")).unwrap(), Path::new("f"));
-    assert!(ls_line(sel[1]).starts_with("-rw-r----- "), "{}", ls_line(sel[1]));
+    assert_eq!(
+        (f.permissions().mode() & 0o7777, f.mtime_nsec()),
+        (0o640, 7)
+    );
+    assert_eq!(
+        std::fs::read_link(to.join("srv/a/l")).unwrap(),
+        Path::new("f")
+    );
+    assert!(
+        ls_line(sel[1]).starts_with("-rw-r----- "),
+        "{}",
+        ls_line(sel[1])
+    );
     let e = select(&c, "/srv/b").unwrap_err();
-    assert!(e.to_string().contains("/srv/b is not in file backup"), "{e}");
+    assert!(
+        e.to_string().contains("/srv/b is not in file backup"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -69,8 +86,15 @@ fn a_restore_never_writes_through_a_symbolic_link_nor_over_a_file() {
     std::os::unix::fs::symlink(&elsewhere, to.join("srv")).unwrap();
     let sel = select(&c, "/srv/a").unwrap();
     let e = restore(&r, &c, &sel, &to).unwrap_err();
-    assert!(e.to_string().contains("is a symbolic link: refusing"), "{e}");
-    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "wrote through the link");
+    assert!(
+        e.to_string().contains("is a symbolic link: refusing"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "wrote through the link"
+    );
     // An existing file is not replaced, and nothing else is written.
     std::fs::remove_file(to.join("srv")).unwrap();
     std::fs::create_dir_all(to.join("srv/a")).unwrap();

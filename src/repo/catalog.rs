@@ -167,9 +167,8 @@ impl Catalog {
             )));
         }
         for e in &c.entries {
-            e.check().map_err(|e| {
-                Error::corrupt(e.to_string()).context(format!("catalog {what}"))
-            })?;
+            e.check()
+                .map_err(|e| Error::corrupt(e.to_string()).context(format!("catalog {what}")))?;
         }
         Ok(c)
     }
@@ -251,7 +250,10 @@ fn catalog_key(vm: &str, id: &str) -> String {
 
 /// Whether `id` names a file backup (ids of catalogs end in `-files`).
 pub fn is_catalog_id(id: &str) -> bool {
-    id.ends_with("-files") || id.rsplit_once("-files-").is_some_and(|(_, n)| n.parse::<u32>().is_ok())
+    id.ends_with("-files")
+        || id
+            .rsplit_once("-files-")
+            .is_some_and(|(_, n)| n.parse::<u32>().is_ok())
 }
 
 impl Repository {

@@ -60,11 +60,22 @@ impl World {
     }
 
     /// Runs the agent on one end and the host's receiver on the other.
-    fn backup(&self, job: Job) -> (Result<()>, Result<crate::repo::catalog::Catalog>, Vec<String>) {
+    fn backup(
+        &self,
+        job: Job,
+    ) -> (
+        Result<()>,
+        Result<crate::repo::catalog::Catalog>,
+        Vec<String>,
+    ) {
         let (guest, host) = UnixStream::pair().unwrap();
         let container = self.dir.path().join("container");
         let agent = std::thread::spawn(move || {
-            run_on(std::fs::File::from(std::os::fd::OwnedFd::from(guest)), &container, &job)
+            run_on(
+                std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
+                &container,
+                &job,
+            )
         });
         let lines = std::sync::Mutex::new(vec![]);
         let t = Target {
@@ -99,7 +110,12 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
     let c = w.repo.publish_catalog(got.unwrap()).unwrap();
     agent.unwrap();
     assert!(lines.iter().any(|l| l.contains("agent 7.7")), "{lines:?}");
-    assert!(lines.iter().any(|l| l == &format!("hook app pre: HOOK-pre {tp}")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == &format!("hook app pre: HOOK-pre {tp}")),
+        "{lines:?}"
+    );
     assert!(lines.iter().any(|l| l.contains("HOOK-post")), "{lines:?}");
     let ran = std::fs::read_to_string(w.dir.path().join("hook.log")).unwrap();
     assert_eq!(ran, "pre\npost\n");
@@ -122,16 +138,25 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
     crate::files::restore(&w.repo, &c, &sel, &to).unwrap();
     let r = to.join(tp.trim_start_matches('/'));
     for f in ["data.db", "sub/conf"] {
-        assert_eq!(std::fs::read(r.join(f)).unwrap(), std::fs::read(t.join(f)).unwrap());
+        assert_eq!(
+            std::fs::read(r.join(f)).unwrap(),
+            std::fs::read(t.join(f)).unwrap()
+        );
         let (a, b) = (
             std::fs::metadata(r.join(f)).unwrap(),
             std::fs::metadata(t.join(f)).unwrap(),
         );
-        assert_eq!(a.permissions().mode() & 0o7777, b.permissions().mode() & 0o7777);
+        assert_eq!(
+            a.permissions().mode() & 0o7777,
+            b.permissions().mode() & 0o7777
+        );
         assert_eq!(a.mtime(), b.mtime());
         assert_eq!(a.mtime_nsec(), b.mtime_nsec());
     }
-    assert_eq!(std::fs::read_link(r.join("link")).unwrap(), Path::new("data.db"));
+    assert_eq!(
+        std::fs::read_link(r.join("link")).unwrap(),
+        Path::new("data.db")
+    );
     // A second restore into the same place replaces nothing.
     let e = crate::files::restore(&w.repo, &c, &sel, &to).unwrap_err();
     assert!(e.to_string().contains("exists"), "{e}");
@@ -147,7 +172,8 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
     });
     let e = got.unwrap_err();
     assert!(
-        e.to_string().contains("path /no/such/path does not exist in the guest"),
+        e.to_string()
+            .contains("path /no/such/path does not exist in the guest"),
         "{e}"
     );
     assert!(agent.is_err());
@@ -157,7 +183,11 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
         hooks: vec!["db".into()],
     });
     let e = got.unwrap_err();
-    assert!(e.to_string().contains("hook \"db\" is not in the agent container (it has: app)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("hook \"db\" is not in the agent container (it has: app)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -166,7 +196,11 @@ fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
     let t = w.tree();
     let pre = w.dir.path().join("container/hooks/app/pre");
     let log = w.dir.path().join("hook.log");
-    std::fs::write(&pre, format!("#!/bin/sh\necho pre >> {}\nexit 3\n", log.display())).unwrap();
+    std::fs::write(
+        &pre,
+        format!("#!/bin/sh\necho pre >> {}\nexit 3\n", log.display()),
+    )
+    .unwrap();
     let (agent, got, _) = w.backup(Job::Backup {
         paths: vec![t.to_str().unwrap().into()],
         hooks: vec!["app".into()],

@@ -55,7 +55,10 @@ fn read_all(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
 fn a_stream_round_trips_and_every_truncation_is_an_error() {
     let (bytes, big) = sample();
     let files = read_all(&bytes).unwrap();
-    assert_eq!(files, vec![("/a".into(), b"abc".to_vec()), ("/big".into(), big)]);
+    assert_eq!(
+        files,
+        vec![("/a".into(), b"abc".to_vec()), ("/big".into(), big)]
+    );
     // Cut anywhere (every point in the metadata, a stride through the
     // data): never a complete stream.
     let cuts: Vec<usize> = (0..200).chain((200..bytes.len()).step_by(997)).collect();
@@ -81,7 +84,8 @@ fn a_changed_or_dropped_frame_fails_the_end_check() {
     let mut r = FrameReader::new(&bytes[..], "s");
     r.next_frame().unwrap();
     let hello_len = bytes.len() - r.get_mut().len();
-    let log_len = 5 + u32::from_le_bytes(bytes[hello_len + 1..hello_len + 5].try_into().unwrap()) as usize;
+    let log_len =
+        5 + u32::from_le_bytes(bytes[hello_len + 1..hello_len + 5].try_into().unwrap()) as usize;
     let mut dropped = bytes[..hello_len].to_vec();
     dropped.extend_from_slice(&bytes[hello_len + log_len..]);
     let e = read_all(&dropped).unwrap_err();
@@ -103,6 +107,8 @@ fn oversized_frames_and_content_overruns_are_refused_before_allocation() {
     let mut v = vec![];
     let e = r.content(2).read_to_end(&mut v).unwrap_err();
     assert!(e.to_string().contains("expected 2 more bytes"), "{e}");
-    let e = FrameReader::new(&b"Q\0\0\0\0"[..], "s").next_frame().unwrap_err();
+    let e = FrameReader::new(&b"Q\0\0\0\0"[..], "s")
+        .next_frame()
+        .unwrap_err();
     assert!(e.to_string().contains("unknown frame type"), "{e}");
 }

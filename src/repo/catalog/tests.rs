@@ -92,9 +92,17 @@ fn a_published_catalog_reads_back_and_a_tampered_one_is_refused() {
     let one = r.publish_catalog(c.clone()).unwrap();
     let two = r.publish_catalog(c).unwrap();
     assert_ne!(one.id, two.id, "same-second file backups get distinct ids");
-    assert!(is_catalog_id(&one.id) && is_catalog_id(&two.id), "{} {}", one.id, two.id);
+    assert!(
+        is_catalog_id(&one.id) && is_catalog_id(&two.id),
+        "{} {}",
+        one.id,
+        two.id
+    );
     assert!(!is_catalog_id("20261122-101010"));
-    assert_eq!(r.catalog_ids("vm1").unwrap(), vec![one.id.clone(), two.id.clone()]);
+    assert_eq!(
+        r.catalog_ids("vm1").unwrap(),
+        vec![one.id.clone(), two.id.clone()]
+    );
     assert_eq!(r.catalog_vms().unwrap(), vec!["vm1".to_string()]);
     assert_eq!(r.catalog("vm1", &one.id).unwrap(), one);
     assert_eq!(one.under("/srv").count(), 2);
@@ -102,7 +110,9 @@ fn a_published_catalog_reads_back_and_a_tampered_one_is_refused() {
     // Disk backups are untouched by file backups.
     assert!(r.backup_ids("vm1").unwrap().is_empty());
     let key = r.location() + &format!("/files/vm1/{}.json", one.id);
-    let s = std::fs::read_to_string(&key).unwrap().replace("\"mode\":416", "\"mode\":511");
+    let s = std::fs::read_to_string(&key)
+        .unwrap()
+        .replace("\"mode\":416", "\"mode\":511");
     std::fs::write(&key, s).unwrap();
     let e = r.catalog("vm1", &one.id).unwrap_err();
     assert!(e.to_string().contains("fails its checksum"), "{e}");
@@ -110,7 +120,15 @@ fn a_published_catalog_reads_back_and_a_tampered_one_is_refused() {
 
 #[test]
 fn paths_that_could_leave_a_restore_directory_are_refused() {
-    for bad in ["srv/a", "/srv/../etc", "/srv/./a", "/srv//a", "/srv/a/", "/a\0b", ""] {
+    for bad in [
+        "srv/a",
+        "/srv/../etc",
+        "/srv/./a",
+        "/srv//a",
+        "/srv/a/",
+        "/a\0b",
+        "",
+    ] {
         assert!(check_path(bad).is_err(), "{bad:?} accepted");
     }
     for good in ["/", "/srv", "/srv/a b/..c"] {
