@@ -165,6 +165,9 @@ fn backup_vm(
         paths: opts.paths.clone(),
         hooks: opts.hooks.clone(),
     };
+    // Held from before the first chunk is stored until the catalog is
+    // published: no garbage collection sweeps in between.
+    let lock = crate::repo::locks::WriterLock::acquire(repo, &t.name)?;
     let catalog = run_in_guest(
         t,
         &opts.container,
@@ -174,6 +177,7 @@ fn backup_vm(
         |stream| receive(repo, stream, t, opts, say),
     )?;
     // Published only now: the container is off the VM.
+    lock.check_fresh()?;
     repo.publish_catalog(catalog)
 }
 

@@ -7,7 +7,9 @@
 //! len}]}], file_bytes, stored_bytes, new_bytes}}`. File contents are cut
 //! into content-defined chunks (so an edit in the middle of a file changes
 //! only the chunks around it) and stored in the same deduplicated chunk
-//! store as disk chunks. Like a manifest, a catalog is sealed, written
+//! store as disk chunks (ids keyed, chunks encrypted, in an encrypted
+//! repository). Like a manifest, a catalog is sealed (a checksum, or a MAC
+//! when encrypted), its chunks count for `gc` ([`REFERRER`]), it is written
 //! last (after every chunk it names) and created only if absent, so a
 //! backup that fails anywhere leaves no catalog. Ids end in `-files`, so a
 //! backup id names a disk backup or a file backup, never both.
@@ -149,12 +151,15 @@ pub fn check_path(p: &str) -> Result<()> {
 }
 
 impl Catalog {
-    pub fn encode(&self) -> Result<Vec<u8>> {
-        super::sealed::seal("catalog", self)
+    /// Parses and checks a stored catalog (authenticated when the
+    /// repository is encrypted).
+    pub fn decode(repo: &Repository, bytes: &[u8], what: &str) -> Result<Catalog> {
+        let c: Catalog = repo.unseal(bytes, "catalog", &format!("catalog {what}"))?;
+        c.checked(what)
     }
 
-    pub fn decode(bytes: &[u8], what: &str) -> Result<Catalog> {
-        let c: Catalog = super::sealed::unseal(bytes, "catalog", &format!("catalog {what}"))?;
+    fn checked(self, what: &str) -> Result<Catalog> {
+        let c = self;
         if c.format != CATALOG_FORMAT {
             return Err(Error::corrupt(format!(
                 "catalog {what} has unknown format {}",
@@ -217,7 +222,7 @@ impl ChunkSink {
                     .unwrap_or_else(|| Error::io("read file content", e)),
                 other => Error::new(crate::error::ErrorKind::Io, other.to_string()),
             })?;
-            let digest = Digest::of(&c.data);
+            let digest = repo.chunk_id(&c.data);
             if !self.sizes.contains_key(&digest) {
                 let new = repo.put_chunk(&digest, &c.data)?;
                 let size = if new > 0 {
@@ -242,6 +247,26 @@ impl ChunkSink {
     pub fn stored_bytes(&self) -> u64 {
         self.sizes.values().sum()
     }
+}
+
+/// File-backup catalogs as referrers of chunks, for `gc`.
+pub const REFERRER: super::gc::Referrer = super::gc::Referrer {
+    prefix: "files",
+    immutable: true,
+    limit: MAX_CATALOG_BYTES,
+    refs: catalog_refs,
+};
+
+fn catalog_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
+    let what = key
+        .strip_prefix("files/")
+        .and_then(|k| k.strip_suffix(".json"))
+        .unwrap_or(key);
+    let c = Catalog::decode(repo, bytes, what)?;
+    Ok(c.entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+        .collect())
 }
 
 fn catalog_key(vm: &str, id: &str) -> String {
@@ -288,7 +313,7 @@ impl Repository {
             .backend()
             .get(&catalog_key(vm, id), MAX_CATALOG_BYTES)?
             .ok_or_else(|| Error::not_found(format!("unknown file backup {id:?} of VM {vm}")))?;
-        let c = Catalog::decode(&bytes, &format!("{vm}/{id}"))?;
+        let c = Catalog::decode(self, &bytes, &format!("{vm}/{id}"))?;
         if c.vm != vm || c.id != id {
             return Err(Error::corrupt(format!(
                 "catalog {vm}/{id} names {}/{}",
@@ -325,7 +350,7 @@ impl Repository {
         for n in 1.. {
             if self
                 .backend()
-                .put_new(&catalog_key(&c.vm, &c.id), &c.encode()?)?
+                .put_new(&catalog_key(&c.vm, &c.id), &self.seal("catalog", &c)?)?
             {
                 break;
             }

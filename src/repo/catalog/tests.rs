@@ -141,3 +141,30 @@ fn paths_that_could_leave_a_restore_directory_are_refused() {
     e.mode = 0o170000;
     assert!(e.check().is_err(), "file type bits in mode");
 }
+
+#[test]
+fn gc_keeps_every_chunk_a_file_backup_references_and_removes_the_rest() {
+    use crate::repo::gc::{collect, GcOptions, MANIFESTS};
+    let (_d, r) = repo();
+    let mut sink = ChunkSink::default();
+    let data = noise(1 << 20, 3);
+    let chunks = sink.store(&r, &data[..]).unwrap();
+    r.publish_catalog(catalog("vm1", vec![file("/srv/a", chunks.clone())]))
+        .unwrap();
+    // An orphan, as a failed agent-backup leaves.
+    let orphan = noise(100_000, 4);
+    let mut lost = ChunkSink::default();
+    let orphan_chunks = lost.store(&r, &orphan[..]).unwrap();
+    let opts = GcOptions {
+        dry_run: false,
+        wait: std::time::Duration::from_secs(30),
+    };
+    let rep = collect(&r, &[MANIFESTS, REFERRER], opts).unwrap();
+    assert_eq!(rep.removed_chunks, orphan_chunks.len() as u64, "{rep:?}");
+    assert!(!r.has_chunk(&orphan_chunks[0].digest).unwrap());
+    let mut back = vec![];
+    for c in &chunks {
+        back.extend(r.read_chunk(&c.digest, c.len as usize, &"t").unwrap().0);
+    }
+    assert_eq!(back, data);
+}
