@@ -11,7 +11,7 @@ APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3 fdisk dosfstools e2fsprog
 # Peers and tools the benchmarks compare against.
 BENCH_PACKAGES := nbdkit nbdfuse libnbd-bin strace nfs-ganesha nfs-ganesha-vfs rpcbind
 
-.PHONY: all build release deps garage fsx test demo bench bench-quick clean fmt
+.PHONY: all build release agent deps garage fsx test demo bench bench-quick clean fmt
 
 all: build
 
@@ -33,11 +33,18 @@ build:
 release:
 	$(CARGO) build --release
 
-test: deps garage fsx
+# The in-guest agent: this binary built static (glibc with +crt-static; no
+# musl target is installed here) into target/$(AGENT_TARGET)/agent/, where
+# `recoverfs agent build` finds it.
+AGENT_TARGET := x86_64-unknown-linux-gnu
+agent:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --profile agent --target $(AGENT_TARGET) --bin recoverfs
+
+test: deps garage fsx agent
 	$(CARGO) build --all-targets
 	$(CARGO) test --no-fail-fast -- --test-threads=2
 
-demo: deps release
+demo: deps release agent
 	DEMO=$(DEMO) scripts/demo.sh
 
 # Writes docs/benchmarks.md (+ JSON): every figure as a ratio against a

@@ -102,6 +102,11 @@ pub struct QemuSpec {
     /// A QMP monitor on this Unix socket (`boot --qmp`), for backups of
     /// the running VM and for operators.
     pub qmp: Option<PathBuf>,
+    /// The guest agent's socket (`boot --qga`); a scratch one otherwise.
+    /// Every VM gets a virtio-serial guest-agent channel and a
+    /// virtio-scsi controller, so the agent container can be attached to
+    /// it later (`agent-backup`).
+    pub qga: Option<PathBuf>,
 }
 
 impl QemuSpec {
@@ -125,13 +130,14 @@ impl QemuSpec {
             memory_mib,
             extra: vec![],
             qmp: None,
+            qga: None,
         })
     }
 
     /// The guest has no network: a verification boot must not reach
     /// production services. QEMU gets a cleared environment (no repository
     /// credentials) and its seccomp sandbox.
-    fn command(&self) -> Command {
+    fn command(&self, qga: &Path) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
         c.env_clear().env(
             "PATH",
@@ -160,6 +166,17 @@ impl QemuSpec {
             let p = p.to_string_lossy().replace(',', ",,");
             c.args(["-qmp", &format!("unix:{p},server=on,wait=off")]);
         }
+        let qga = qga.to_string_lossy().replace(',', ",,");
+        c.args(["-device", "virtio-scsi-pci,id=rfs-scsi0"])
+            .args(["-device", "virtio-serial-pci,id=rfs-serial0"])
+            .args([
+                "-chardev",
+                &format!("socket,path={qga},server=on,wait=off,id=rfs-qga0"),
+            ])
+            .args([
+                "-device",
+                "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0",
+            ]);
         c.args(&self.extra);
         c
     }
@@ -170,12 +187,17 @@ impl QemuSpec {
 /// refused: a regular file is not ours to delete, and a socket someone
 /// answers on belongs to a running VM.
 pub fn check_qmp_path(p: &Path) -> Result<()> {
+    check_socket_path(p, "--qmp", "QMP")
+}
+
+/// [`check_qmp_path`] for `what` (`--qmp`, `--qga`).
+pub fn check_socket_path(p: &Path, what: &str, kind: &str) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(d) = parent {
         if !d.is_dir() {
             return Err(Error::invalid(format!(
-                "--qmp {}: directory {} does not exist",
+                "{what} {}: directory {} does not exist",
                 p.display(),
                 d.display()
             )));
@@ -183,13 +205,13 @@ pub fn check_qmp_path(p: &Path) -> Result<()> {
     }
     match std::fs::symlink_metadata(p) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("--qmp {}", p.display()), e)),
+        Err(e) => Err(Error::io(format!("{what} {}", p.display()), e)),
         Ok(m) if !m.file_type().is_socket() => Err(Error::invalid(format!(
-            "--qmp {} exists and is not a socket; refusing to replace it",
+            "{what} {} exists and is not a socket; refusing to replace it",
             p.display()
         ))),
         Ok(_) if std::os::unix::net::UnixStream::connect(p).is_ok() => Err(Error::busy(format!(
-            "--qmp {}: a QMP socket there is in use (another VM?)",
+            "{what} {}: a {kind} socket there is in use (another VM?)",
             p.display()
         ))),
         Ok(_) => Ok(()),
@@ -208,6 +230,10 @@ pub struct Watch {
     pub timeout: Duration,
     /// How long to let the guest finish (sync, power off) after the marker.
     pub settle: Duration,
+    /// Count the guest agent answering (`guest-ping`, then
+    /// `guest-get-osinfo`) as a successful boot too, like a hypervisor's
+    /// tools heartbeat; whichever comes first wins.
+    pub heartbeat: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +241,11 @@ pub enum Outcome {
     /// The marker line appeared after this long.
     Marker {
         line: String,
+        after: Duration,
+    },
+    /// The guest agent answered (heartbeat): the guest's OS name.
+    Heartbeat {
+        os: String,
         after: Duration,
     },
     /// QEMU exited before the marker.
@@ -232,6 +263,34 @@ pub struct BootReport {
     pub clean_exit: bool,
 }
 
+/// Polls the guest agent until it answers `guest-ping` and reports its OS
+/// (`guest-get-osinfo`), then sends the OS name once.
+fn heartbeat(
+    qga: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+    tx: crossbeam_channel::Sender<String>,
+) {
+    use crate::qemu::guest_agent::GuestAgent;
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(mut a) = GuestAgent::connect(qga, Duration::from_secs(3)) {
+            let info = a
+                .ping()
+                .and_then(|()| a.execute("guest-get-osinfo", None, Duration::from_secs(10)));
+            if let Ok(info) = info {
+                let os = ["pretty-name", "name", "id"]
+                    .iter()
+                    .find_map(|k| info.get(*k).and_then(|v| v.as_str()))
+                    .unwrap_or("an unnamed OS")
+                    .to_string();
+                let _ = tx.send(os);
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Boots and watches. `on_line` sees every console line; `tick` runs about every 250 ms with the elapsed
 /// time; returning `Some(reason)` aborts the boot.
 pub fn boot(
@@ -241,8 +300,17 @@ pub fn boot(
     mut on_line: impl FnMut(&str),
     mut tick: impl FnMut(Duration) -> Option<String>,
 ) -> Result<BootReport> {
+    // Every VM gets a guest-agent channel: here, or in a scratch directory.
+    let scratch = tempfile::Builder::new()
+        .prefix("recoverfs-boot-")
+        .tempdir()
+        .ctx(|| "create a scratch directory".into())?;
+    let qga = spec
+        .qga
+        .clone()
+        .unwrap_or_else(|| scratch.path().join("qga.sock"));
     let mut child = spec
-        .command()
+        .command(&qga)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -274,6 +342,12 @@ pub fn boot(
         });
     }
     drop(tx);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (hb_tx, hb_rx) = unbounded::<String>();
+    if watch.heartbeat {
+        let (qga, stop) = (qga.clone(), stop.clone());
+        std::thread::spawn(move || heartbeat(&qga, &stop, hb_tx));
+    }
     let start = Instant::now();
     let mut tail: Vec<String> = vec![];
     let mut outcome = None;
@@ -305,6 +379,14 @@ pub fn boot(
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
+        if outcome.is_none() {
+            if let Ok(os) = hb_rx.try_recv() {
+                outcome = Some(Outcome::Heartbeat {
+                    os,
+                    after: start.elapsed(),
+                });
+            }
+        }
         if outcome.is_none() && start.elapsed() > watch.timeout {
             outcome = Some(Outcome::Timeout);
         }
@@ -316,6 +398,7 @@ pub fn boot(
         }
     }
     let outcome = outcome.expect("set");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     // After the marker the guest still syncs and powers off; killing it
     // early could lose the writes we want to keep.
     let mut clean_exit = false;

@@ -45,6 +45,11 @@
 //!  running QEMU VMs (qemu::*): qmp (commands, events, blockstats), guest_agent (fsfreeze),
 //!            fleece (bitmap + copy-before-write + snapshot-access, exported on QEMU's NBD
 //!            server), nbd (client: structured replies, block status) ──▶ backup writer
+//!  agent container (agent::*): QMP attach (chardev + virtserialport, blockdev-add ro +
+//!            scsi-hd) ──▶ guest-exec: mount, `recoverfs agent run` (hooks, frames) ──▶
+//!            content-defined chunks ──▶ detach ──▶ catalog files/<vm>/<id>-files.json
+//!  files: catalog entries + chunks, or a disk backup's filesystem on a read-only loop
+//!            device over a throwaway recovery
 //!  backup-vms (vmbackup): write rates (query-blockstats) ──▶ fsfreeze ──▶ stop every VM ──▶ one
 //!            view per disk ──▶ one snapshot time ──▶ cont, thaw ──▶ busiest first, --jobs at a time:
 //!            vmbackup::read (base:allocation, dirty bitmap) ──▶ store chunks ──▶ manifest ──▶ release
@@ -76,6 +81,14 @@
 //!   chunk_size, chunks: [hex | null], stored_bytes, new_bytes}]}}`, at most
 //!   256 disks of at most 64 TiB (`repo::limits`). Created only if absent;
 //!   on a store that ignores conditional PUTs the id gets a random suffix.
+//! * `files/<vm>/<id>-files.json` — a file backup (`agent-backup`), sealed
+//!   the same way under `"catalog"`: `{format, vm, id, created, source:
+//!   {agent_version, paths, hooks}, entries: [{path, kind, mode, uid, gid,
+//!   mtime, mtime_nsec, size, target, chunks: [{digest, len}]}],
+//!   file_bytes, stored_bytes, new_bytes}`; file contents are
+//!   content-defined chunks (FastCDC) in the same `chunks/`. Created only
+//!   if absent, after every chunk it names and after the agent container
+//!   is detached (`agent`, `repo::catalog`).
 //! * `profiles/<vm>.json` — the VM's operational profile, sealed the same
 //!   way under `"profile"`: `{format, vm, recordings: [{recorded, backup,
 //!   source, disks: [{index, block_size, accesses: [[block, ms, chunk|null]]}]}]}`,
@@ -144,8 +157,12 @@
 //! | forget | every backup decided before any manifest is deleted; only manifests (chunks wait for `gc`); a backup a session's pin lists is kept unless `--force` | some of the removed manifests gone, the rest stay: run it again | `repo::forget::tests::thirty_days_of_three_vms_keep_the_readme_policy_table_and_gc_removes_only_unreferenced_chunks`, `gc::a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_status_says_so` |
 //! | session pin (`pins/<vm>/<id>.json`) | written after the session's `active` marker at recover, rewritten at release (kept) and after a live backup, removed after its staging is discarded; a failed write is logged | a pin of discarded staging may stay (its backups stay protected; remove it by hand or `--force`) | `gc::a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_status_says_so` |
 //! | key file (`init --encrypt`) | written create-only (temp, fsync, link, 0600) before `repo.json`; removed again if no new repository came of it; `key change-passphrase` replaces it atomically | no repository, or the old passphrase still works | `repo::crypto::tests::a_key_file_with_a_passphrase_needs_it_and_can_change_it`, `encryption::tampering_and_wrong_keys_are_refused_by_name_and_the_passphrase_can_change` |
+//! | file backup (`agent-backup`) | chunks while the agent's stream arrives, under a writer lock (`gc` sweeps nothing meanwhile; catalogs are a `gc` referrer); the catalog last (create-only), only after the stream's end frame matched (count, bytes, BLAKE3 of every frame), the in-guest agent exited 0 and the container and port were detached | no catalog: as if never started (stored chunks are unreferenced) | `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` (agent killed by its hook, VM killed mid-backup), `agent::stream::tests::a_stream_round_trips_and_every_truncation_is_an_error`, `agent::stream::tests::a_changed_or_dropped_frame_fails_the_end_check`, `repo::catalog::tests::gc_keeps_every_chunk_a_file_backup_references_and_removes_the_rest` |
+//! | restored file (`files restore`, `agent-restore`) | whole: temp file, fsync, rename (`files restore` never replaces an existing file), fsync of the directory; then mode, owner, times | the temp file, never a half-written file at the name | `agent::guest::tests::the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically`, `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` |
+//! | agent container image | built aside, fsynced, renamed into place: attached VMs keep the old one | the old image | `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` (version 1.0.0 then 1.0.1) |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
+pub mod agent;
 pub mod api;
 pub mod boot;
 pub mod cli;
@@ -153,6 +170,7 @@ pub mod daemon;
 pub mod disk;
 pub mod error;
 pub mod export;
+pub mod files;
 pub mod metrics;
 pub mod placement;
 pub mod pool;

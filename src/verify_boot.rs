@@ -34,7 +34,10 @@ pub struct VerifyBootReport {
 
 impl VerifyBootReport {
     pub fn passed(&self) -> bool {
-        matches!(self.outcome, Outcome::Marker { .. })
+        matches!(
+            self.outcome,
+            Outcome::Marker { .. } | Outcome::Heartbeat { .. }
+        )
     }
 }
 
@@ -110,6 +113,9 @@ fn run(
         marker: marker.to_string(),
         timeout: opts.timeout,
         settle: Duration::from_secs(10),
+        // An explicit --marker is what the user asked for; otherwise the
+        // guest agent answering proves the boot as well.
+        heartbeat: opts.marker.is_none(),
     };
     let report = boot(
         &spec,
@@ -127,7 +133,10 @@ fn run(
     )?;
     // A verified boot prepares the next instant recovery: its reads
     // become a recording of the VM's profile. A failed one must not.
-    if matches!(report.outcome, crate::boot::Outcome::Marker { .. }) {
+    if matches!(
+        report.outcome,
+        Outcome::Marker { .. } | Outcome::Heartbeat { .. }
+    ) {
         session.save_profile(mounted.ds.repo(), "verify-boot")?;
     } else {
         session.discard_profile();

@@ -96,10 +96,14 @@ pub fn boot_session(
     console: Option<PathBuf>,
     quiet: bool,
     qmp: Option<PathBuf>,
+    qga: Option<PathBuf>,
 ) -> Result<()> {
     crate::util::validate_name("VM name", vm)?;
     if let Some(p) = &qmp {
         crate::boot::check_qmp_path(p)?;
+    }
+    if let Some(p) = &qga {
+        crate::boot::check_socket_path(p, "--qga", "guest agent")?;
     }
     // Recover is idempotent: it returns the running session's disks.
     let info = client.post("/sessions", &json!({"vm": vm}))?;
@@ -111,6 +115,7 @@ pub fn boot_session(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
+    let heartbeat = marker.is_none();
     let marker = marker
         .or_else(|| {
             config
@@ -121,10 +126,12 @@ pub fn boot_session(
         .unwrap_or_else(|| "login:".into());
     let mut spec = QemuSpec::from_config(&config, sources(&info, via)?)?;
     spec.qmp = qmp;
+    spec.qga = qga;
     let watch = Watch {
         marker: marker.clone(),
         timeout,
         settle: Duration::from_secs(60),
+        heartbeat,
     };
     let tty = std::io::stderr().is_terminal();
     let mut last_print = Instant::now() - Duration::from_secs(10);
@@ -183,6 +190,19 @@ pub fn boot_session(
             );
             Ok(())
         }
+        Outcome::Heartbeat { os, after } => {
+            println!(
+                "guest agent answered after {:.1} s: {os}",
+                after.as_secs_f64()
+            );
+            println!(
+                "fetched {} of {} disk ({:.1}%); the VM was stopped",
+                human_bytes(fetched),
+                human_bytes(size),
+                fetched as f64 * 100.0 / size.max(1) as f64,
+            );
+            Ok(())
+        }
         other => Err(Error::new(
             crate::error::ErrorKind::Io,
             format!("VM {vm} did not reach {marker:?}: {}", describe(&other)),
@@ -193,6 +213,10 @@ pub fn boot_session(
 fn describe(o: &Outcome) -> String {
     match o {
         Outcome::Marker { after, .. } => format!("booted in {:.1} s", after.as_secs_f64()),
+        Outcome::Heartbeat { os, after } => format!(
+            "booted in {:.1} s (the guest agent answered: {os})",
+            after.as_secs_f64()
+        ),
         Outcome::Exited(st) => format!("QEMU exited first ({st})"),
         Outcome::Timeout => "timed out".into(),
         Outcome::Aborted(why) => why.clone(),

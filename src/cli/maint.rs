@@ -66,6 +66,7 @@ pub fn referrers() -> Vec<Referrer> {
     vec![
         crate::repo::gc::MANIFESTS,
         crate::prefetch::profile::REFERRER,
+        crate::repo::catalog::REFERRER,
     ]
 }
 

@@ -2,6 +2,7 @@
 //! Repository commands run in-process; session commands talk to a daemon
 //! over its control socket.
 
+mod agent;
 mod boot;
 mod key;
 mod maint;
@@ -124,6 +125,79 @@ pub enum Command {
         /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// The agent container: `agent build`, `agent run` (in the guest),
+    /// `agent --version [--container IMAGE]`.
+    #[command(disable_version_flag = true)]
+    Agent {
+        #[command(subcommand)]
+        cmd: Option<agent::AgentCmd>,
+        /// Show the container's agent version.
+        #[arg(long)]
+        version: bool,
+        /// The container image (or, in the guest, its mounted directory).
+        #[arg(long, env = "RECOVERFS_AGENT_CONTAINER")]
+        container: Option<PathBuf>,
+    },
+    /// File backups of running VMs through the agent container: attach it
+    /// (QMP), run the agent (guest agent), stream the files into the
+    /// repository, detach. Exits non-zero if any VM failed.
+    AgentBackup {
+        #[arg(long)]
+        repo: String,
+        /// A VM: its QMP socket and its guest agent socket; repeatable.
+        #[arg(
+            long = "vm",
+            value_name = "NAME=QMP_SOCKET[,qga=QGA_SOCKET]",
+            required = true
+        )]
+        vms: Vec<String>,
+        /// Paths in the guest (a directory brings everything under it).
+        #[arg(long, num_args = 1.., required = true)]
+        paths: Vec<String>,
+        /// Application hooks to run around the copy (pre: quiesce, post:
+        /// resume); repeatable.
+        #[arg(long = "hooks", value_name = "NAME")]
+        hooks: Vec<String>,
+        /// The agent container image.
+        #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
+        container: PathBuf,
+        /// VMs backed up at the same time (one container instance each).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Seconds the agent's stream may stay silent.
+        #[arg(long, default_value_t = 300)]
+        idle_timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy files of a file backup back into a running VM through the
+    /// agent container: to their place in the guest, or under --to.
+    AgentRestore {
+        #[arg(long)]
+        repo: String,
+        /// The VM: its QMP socket and its guest agent socket.
+        #[arg(long = "vm", value_name = "NAME=QMP_SOCKET,qga=QGA_SOCKET")]
+        vm: String,
+        /// A file backup id (default: the VM's newest file backup).
+        #[arg(long)]
+        backup: Option<String>,
+        /// A path in the backup (a directory brings everything under it).
+        path: String,
+        /// A directory in the guest to restore under (default: each
+        /// file's own place, replacing what is there).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
+        container: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        idle_timeout: u64,
+    },
+    /// Single files from a file backup, or from a disk backup without
+    /// booting it: ls, cat, restore.
+    Files {
+        #[command(subcommand)]
+        cmd: agent::FilesCmd,
     },
     /// List VMs and their backups.
     List {
@@ -302,6 +376,10 @@ pub enum Command {
         /// and operators): `-qmp unix:PATH,server=on,wait=off`.
         #[arg(long)]
         qmp: Option<PathBuf>,
+        /// The guest agent's socket (the VM always gets a guest-agent
+        /// channel and a virtio-scsi controller, for `agent-backup`).
+        #[arg(long)]
+        qga: Option<PathBuf>,
     },
     /// Prove a backup boots: throwaway recovery, QEMU without network, marker or timeout.
     VerifyBoot {
@@ -401,6 +479,48 @@ pub fn run(cli: Cli) -> Result<()> {
             (incremental, order),
             json,
         ),
+        Command::Agent {
+            cmd,
+            version,
+            container,
+        } => agent::agent(cmd, version, container),
+        Command::AgentBackup {
+            repo,
+            vms,
+            paths,
+            hooks,
+            container,
+            jobs,
+            idle_timeout,
+            json,
+        } => agent::backup(
+            &repo,
+            &vms,
+            paths,
+            hooks,
+            &container,
+            jobs,
+            idle_timeout,
+            json,
+        ),
+        Command::AgentRestore {
+            repo,
+            vm,
+            backup,
+            path,
+            to,
+            container,
+            idle_timeout,
+        } => agent::restore(
+            &repo,
+            &vm,
+            backup.as_deref(),
+            &path,
+            to,
+            &container,
+            idle_timeout,
+        ),
+        Command::Files { cmd } => agent::files(cmd),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
@@ -562,6 +682,7 @@ pub fn run(cli: Cli) -> Result<()> {
             console,
             quiet,
             qmp,
+            qga,
         } => boot::boot_session(
             &client(&socket),
             &vm,
@@ -571,6 +692,7 @@ pub fn run(cli: Cli) -> Result<()> {
             console,
             quiet,
             qmp,
+            qga,
         ),
         Command::VerifyBoot {
             repo,

@@ -26,14 +26,15 @@ pub fn list(repo: &Repository, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}",
-        "VM", "BACKUP", "CREATED", "DISKS", "SIZE", "STORED", "NEW"
+        "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
+        "VM", "BACKUP", "KIND", "CREATED", "DISKS", "SIZE", "STORED", "NEW"
     );
     for b in all {
         println!(
-            "{:<16} {:<20} {:<21} {:>5} {:>11} {:>11} {:>11}",
+            "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
             b.vm,
             b.id,
+            b.kind,
             b.created,
             b.disks,
             human_bytes(b.virtual_size),
@@ -54,15 +55,56 @@ struct Use {
 }
 
 pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
-    let vms = repo.vms_or(vm)?;
+    let vms = match vm {
+        Some(v) => {
+            crate::util::validate_name("VM name", v)?;
+            if repo.backup_ids(v)?.is_empty() && repo.catalog_ids(v)?.is_empty() {
+                return Err(Error::not_found(format!(
+                    "unknown VM {v:?}: no backups in {}",
+                    repo.location()
+                )));
+            }
+            vec![v.to_string()]
+        }
+        None => {
+            let mut all = repo.vms()?;
+            all.extend(repo.catalog_vms()?);
+            all.sort();
+            all.dedup();
+            all
+        }
+    };
     let mut uses: BTreeMap<Digest, Vec<Use>> = BTreeMap::new();
     let mut damaged: Vec<String> = vec![];
     let mut backups = 0;
     for v in &vms {
-        let ids = match backup {
-            Some(b) => vec![b.to_string()],
-            None => repo.backup_ids(v)?,
+        let (ids, catalogs) = match backup {
+            Some(b) if crate::repo::catalog::is_catalog_id(b) => (vec![], vec![b.to_string()]),
+            Some(b) => (vec![b.to_string()], vec![]),
+            None => (repo.backup_ids(v)?, repo.catalog_ids(v)?),
         };
+        for id in catalogs {
+            let c = match repo.catalog(v, &id) {
+                Ok(c) => c,
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    damaged.push(format!("DAMAGED catalog {v}/{id}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            backups += 1;
+            for e in &c.entries {
+                for (i, ch) in e.chunks.iter().enumerate() {
+                    uses.entry(ch.digest).or_default().push(Use {
+                        vm: v.clone(),
+                        backup: id.clone(),
+                        disk: e.path.clone(),
+                        block: i as u64,
+                        len: ch.len as usize,
+                    });
+                }
+            }
+        }
         for id in ids {
             let m = match repo.manifest(v, &id) {
                 Ok(m) => m,

@@ -13,6 +13,7 @@
 //! never sees a manifest whose chunks are missing.
 
 pub mod backend;
+pub mod catalog;
 pub mod chunk;
 pub mod crypto;
 pub mod forget;
@@ -67,6 +68,8 @@ pub struct Repository {
 pub struct BackupSummary {
     pub vm: String,
     pub id: String,
+    /// `disk` (a manifest) or `files` (a file backup's catalog).
+    pub kind: &'static str,
     pub created: String,
     pub disks: usize,
     pub virtual_size: u64,
@@ -403,6 +406,7 @@ impl Repository {
                 out.push(BackupSummary {
                     vm: vm.clone(),
                     id,
+                    kind: "disk",
                     created: m.created.clone(),
                     disks: m.disks.len(),
                     virtual_size: m.virtual_size(),
@@ -411,6 +415,23 @@ impl Repository {
                 });
             }
         }
+        for vm in self.catalog_vms()? {
+            for id in self.catalog_ids(&vm)? {
+                let c = self.catalog(&vm, &id)?;
+                out.push(BackupSummary {
+                    vm: vm.clone(),
+                    id,
+                    kind: "files",
+                    created: c.created.clone(),
+                    disks: 0,
+                    virtual_size: c.file_bytes,
+                    stored_bytes: c.stored_bytes,
+                    new_bytes: c.new_bytes,
+                });
+            }
+        }
+        // Each VM's backups of both kinds together, in time order.
+        out.sort_by(|a, b| (&a.vm, &a.created, &a.id).cmp(&(&b.vm, &b.created, &b.id)));
         Ok(out)
     }
 

@@ -1,0 +1,265 @@
+//! `agent-backup`: granular file backups of running VMs through the agent
+//! container, one VM per worker, `--jobs` at a time.
+//!
+//! Per VM ([`super::session`] runs the steps): check the container
+//! (`agent.json` read with debugfs) and the guest agent (no answer: one
+//! clear error, nothing attached); attach the
+//! container and a stream port ([`super::attach`]); `guest-exec` a small
+//! shell script that waits for the disk and port, mounts the container
+//! read-only, runs `recoverfs agent run` from it and unmounts it; receive
+//! the stream, chunking file contents into the repository as they come;
+//! acknowledge the end; wait for the script's exit; detach; and only then
+//! publish the catalog. Any failure (no agent, a missing path, a failed
+//! hook, a container that does not attach, the agent or the VM killed, a
+//! truncated stream, a failed detach) publishes nothing; the chunks
+//! already stored are unreferenced and harmless, as after a failed disk
+//! backup.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::guest::Job;
+use super::session::run_in_guest;
+pub use super::session::Target;
+use super::stream::{describe, Frame, FrameReader};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::catalog::{Catalog, ChunkSink, EntryKind, CATALOG_FORMAT};
+use crate::repo::Repository;
+
+pub struct Options {
+    pub container: PathBuf,
+    pub paths: Vec<String>,
+    pub hooks: Vec<String>,
+    pub jobs: usize,
+    /// Longest silence on the stream (a hook may take a while).
+    pub idle_timeout: Duration,
+}
+
+/// What happened to one VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmOutcome {
+    pub vm: String,
+    pub backup: Option<String>,
+    pub agent_version: Option<String>,
+    pub entries: u64,
+    pub file_bytes: u64,
+    pub new_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    /// The agent's log lines (hook output, warnings).
+    pub log: Vec<String>,
+}
+
+/// Backs up every target, `jobs` at a time; one VM's failure does not stop
+/// the others. `on_log(vm, line)` sees agent log lines as they come.
+pub fn agent_backup(
+    repo: &Arc<Repository>,
+    targets: &[Target],
+    opts: &Options,
+    on_log: &(dyn Fn(&str, &str) + Sync),
+) -> Result<Vec<VmOutcome>> {
+    if opts.paths.is_empty() {
+        return Err(Error::invalid(
+            "--paths: name at least one path in the guest",
+        ));
+    }
+    for p in &opts.paths {
+        crate::repo::catalog::check_path(p).map_err(|e| e.context("--paths"))?;
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut sockets = std::collections::HashSet::new();
+    for t in targets {
+        if !names.insert(&t.name) {
+            return Err(Error::invalid(format!("--vm {} given twice", t.name)));
+        }
+        // QEMU serves one client per socket: a second would hang.
+        if !sockets.insert(&t.qmp) || t.qga.as_ref().is_some_and(|g| !sockets.insert(g)) {
+            return Err(Error::invalid(format!(
+                "--vm {}: a socket given twice",
+                t.name
+            )));
+        }
+    }
+    let cfg = super::container::read_config(&opts.container)?;
+    let next = Mutex::new(0usize);
+    let out: Mutex<Vec<Option<VmOutcome>>> = Mutex::new(vec![None; targets.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.clamp(1, targets.len().max(1)) {
+            s.spawn(|| loop {
+                let i = {
+                    let mut n = next.lock().expect("lock");
+                    let i = *n;
+                    *n += 1;
+                    i
+                };
+                let Some(t) = targets.get(i) else { break };
+                let o = one(repo, t, opts, &cfg.version, on_log);
+                out.lock().expect("lock")[i] = Some(o);
+            });
+        }
+    });
+    Ok(out
+        .into_inner()
+        .expect("lock")
+        .into_iter()
+        .map(|o| o.expect("every VM done"))
+        .collect())
+}
+
+fn one(
+    repo: &Arc<Repository>,
+    t: &Target,
+    opts: &Options,
+    version: &str,
+    on_log: &(dyn Fn(&str, &str) + Sync),
+) -> VmOutcome {
+    let t0 = Instant::now();
+    let log = Mutex::new(vec![]);
+    let say = |line: &str| {
+        on_log(&t.name, line);
+        log.lock().expect("lock").push(line.to_string());
+    };
+    let _span = tracing::info_span!("agent_backup", vm = %t.name).entered();
+    let r = backup_vm(repo, t, opts, &say);
+    let mut o = VmOutcome {
+        vm: t.name.clone(),
+        backup: None,
+        agent_version: Some(version.to_string()),
+        entries: 0,
+        file_bytes: 0,
+        new_bytes: 0,
+        stored_bytes: 0,
+        duration_ms: 0,
+        error: None,
+        log: vec![],
+    };
+    match r {
+        Ok(c) => {
+            o.backup = Some(c.id.clone());
+            o.agent_version = c.source["agent_version"].as_str().map(str::to_string);
+            o.entries = c.entries.len() as u64;
+            o.file_bytes = c.file_bytes;
+            o.new_bytes = c.new_bytes;
+            o.stored_bytes = c.stored_bytes;
+        }
+        Err(e) => o.error = Some(e.to_string()),
+    }
+    o.duration_ms = t0.elapsed().as_millis() as u64;
+    o.log = log.into_inner().expect("lock");
+    o
+}
+
+fn backup_vm(
+    repo: &Arc<Repository>,
+    t: &Target,
+    opts: &Options,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<Catalog> {
+    let job = Job::Backup {
+        paths: opts.paths.clone(),
+        hooks: opts.hooks.clone(),
+    };
+    // Held from before the first chunk is stored until the catalog is
+    // published: no garbage collection sweeps in between.
+    let lock = crate::repo::locks::WriterLock::acquire(repo, &t.name)?;
+    let catalog = run_in_guest(
+        t,
+        &opts.container,
+        &job,
+        opts.idle_timeout,
+        "agent-backup",
+        |stream| receive(repo, stream, t, opts, say),
+    )?;
+    // Published only now: the container is off the VM.
+    lock.check_fresh()?;
+    repo.publish_catalog(catalog)
+}
+
+/// Reads the agent's stream into the repository: the catalog (not yet
+/// published).
+pub(crate) fn receive(
+    repo: &Arc<Repository>,
+    stream: &UnixStream,
+    t: &Target,
+    opts: &Options,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<Catalog> {
+    let mut fr = FrameReader::new(
+        std::io::BufReader::with_capacity(1 << 20, stream),
+        "the agent's stream",
+    );
+    let hello = match fr.next_frame()? {
+        Frame::Hello(h) => h,
+        Frame::Error(m) => return Err(agent_failed(m)),
+        other => {
+            return Err(Error::corrupt(format!(
+                "the agent's stream began with {}",
+                describe(&other)
+            )))
+        }
+    };
+    say(&format!(
+        "agent {} (recoverfs {})",
+        hello.version, hello.binary
+    ));
+    let mut sink = ChunkSink::default();
+    let mut entries = vec![];
+    loop {
+        match fr.next_frame()? {
+            Frame::Log(l) => say(&l),
+            Frame::Error(m) => return Err(agent_failed(m)),
+            Frame::Header(mut e) => {
+                e.check_header()?;
+                if e.kind == EntryKind::File {
+                    let size = e.size;
+                    e.chunks = sink.store(repo, fr.content(size))?;
+                }
+                e.check()?;
+                entries.push(e);
+            }
+            Frame::End(_) => break,
+            other => {
+                return Err(Error::corrupt(format!(
+                    "the agent's stream: unexpected {}",
+                    describe(&other)
+                )))
+            }
+        }
+    }
+    // All of it came: let the agent exit.
+    let mut w = stream;
+    w.write_all(b"A")
+        .map_err(|e| Error::io("acknowledge the agent's stream", e))?;
+    Ok(Catalog {
+        format: CATALOG_FORMAT,
+        vm: t.name.clone(),
+        id: String::new(),
+        created: String::new(),
+        created_unix: 0,
+        source: serde_json::json!({
+            "agent_version": hello.version,
+            "agent_binary": hello.binary,
+            "paths": opts.paths,
+            "hooks": opts.hooks,
+        }),
+        file_bytes: sink.file_bytes,
+        stored_bytes: sink.stored_bytes(),
+        new_bytes: sink.new_bytes,
+        entries,
+    })
+}
+
+fn agent_failed(m: String) -> Error {
+    let kind = if m.contains("does not exist") {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::Io
+    };
+    Error::new(kind, format!("the agent failed in the guest: {m}"))
+}

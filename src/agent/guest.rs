@@ -1,0 +1,347 @@
+//! The agent inside the guest: `recoverfs agent run`, started by the host
+//! through the guest agent (`guest-exec`) from the container mounted
+//! read-only. It speaks only the frame protocol of [`super::stream`] on
+//! the virtio-serial port the host hot-added for this job.
+//!
+//! A backup checks every path first (a missing one is an error frame and
+//! nothing runs), runs each selected hook's `pre` script (quiesce), sends
+//! the files (headers and contents, directories walked in name order
+//! without following symbolic links), runs the `post` scripts (resume;
+//! also after a failure, so the application is never left quiesced), and
+//! ends the stream. Hook output goes to the host as log lines.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::container::AgentConfig;
+use super::stream::{describe, Frame, FrameReader};
+use super::stream::{FrameWriter, Hello};
+use crate::error::{Error, IoContext, Result};
+use crate::repo::catalog::{check_path, EntryKind};
+
+/// What the host asks the agent to do (`--job JSON`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Job {
+    Backup {
+        paths: Vec<String>,
+        #[serde(default)]
+        hooks: Vec<String>,
+    },
+    /// Files the host sends, written to their place or under `to`.
+    Restore {
+        #[serde(default)]
+        to: Option<String>,
+    },
+}
+
+/// Runs `job` with the container at `container`, on `port`.
+pub fn run(port: &Path, container: &Path, job: &Job) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(port)
+        .ctx(|| format!("open the stream port {}", port.display()))?;
+    run_on(f, container, job)
+}
+
+/// [`run`] on an open port.
+pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
+    let cfg = AgentConfig::load(container)?;
+    let input = f.try_clone().ctx(|| "the stream port".into())?;
+    let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
+    let io = |e: std::io::Error| Error::io("write to the stream port", e);
+    w.hello(&Hello {
+        version: cfg.version.clone(),
+        binary: env!("CARGO_PKG_VERSION").to_string(),
+    })
+    .and_then(|()| w.get_mut().flush())
+    .map_err(io)?;
+    let result = match job {
+        Job::Backup { paths, hooks } => backup(&mut w, container, &cfg, paths, hooks),
+        Job::Restore { to } => restore(
+            &mut w,
+            &mut FrameReader::new(std::io::BufReader::new(input), "the host's stream"),
+            to.as_deref(),
+        ),
+    };
+    match &result {
+        Ok(()) => w.end().map_err(io)?,
+        Err(e) => {
+            // The host reports it; the exit status says it too.
+            let _ = w.error(&e.to_string());
+        }
+    }
+    // The host acknowledges the end once it has it all: exiting earlier
+    // could drop frames still queued in the port.
+    wait_ack(w.get_mut().get_mut(), Duration::from_secs(30));
+    result
+}
+
+fn wait_ack(f: &mut File, timeout: Duration) {
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let mut fds = [nix::poll::PollFd::new(
+            f.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)) {
+            Ok(n) if n > 0 => {
+                let mut b = [0u8; 1];
+                let _ = f.read(&mut b);
+                return;
+            }
+            _ => continue,
+        }
+    }
+}
+
+fn backup(
+    w: &mut FrameWriter<impl Write>,
+    container: &Path,
+    cfg: &AgentConfig,
+    paths: &[String],
+    hooks: &[String],
+) -> Result<()> {
+    if paths.is_empty() {
+        return Err(Error::invalid("no paths to back up"));
+    }
+    for p in paths {
+        check_path(p)?;
+        if std::fs::symlink_metadata(p).is_err() {
+            return Err(Error::not_found(format!(
+                "path {p} does not exist in the guest"
+            )));
+        }
+    }
+    for h in hooks {
+        if !cfg.hooks.contains(h) {
+            return Err(Error::not_found(format!(
+                "hook {h:?} is not in the agent container (it has: {})",
+                if cfg.hooks.is_empty() {
+                    "none".to_string()
+                } else {
+                    cfg.hooks.join(", ")
+                }
+            )));
+        }
+    }
+    let mut ran = vec![];
+    let mut result = Ok(());
+    for h in hooks {
+        ran.push(h.clone());
+        if let Err(e) = hook(w, container, h, "pre", paths) {
+            result = Err(e);
+            break;
+        }
+    }
+    if result.is_ok() {
+        result = paths.iter().try_for_each(|p| send_tree(w, Path::new(p)));
+    }
+    // Resume whatever was quiesced, in reverse order, whatever happened.
+    for h in ran.iter().rev() {
+        if let Err(e) = hook(w, container, h, "post", paths) {
+            let _ = w.log(&format!(
+                "WARNING: {e}: the application may not have resumed"
+            ));
+        }
+    }
+    result
+}
+
+/// Runs `hooks/NAME/STAGE` if the container has it, its output as log lines.
+fn hook(
+    w: &mut FrameWriter<impl Write>,
+    container: &Path,
+    name: &str,
+    stage: &str,
+    paths: &[String],
+) -> Result<()> {
+    let script = container.join("hooks").join(name).join(stage);
+    if !script.exists() {
+        return Ok(());
+    }
+    let out = Command::new(&script)
+        .env("RECOVERFS_PATHS", paths.join("\n"))
+        .env("RECOVERFS_HOOK_STAGE", stage)
+        .output()
+        .ctx(|| format!("run hook {name} {stage}"))?;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        w.log(&format!("hook {name} {stage}: {line}"))
+            .map_err(|e| Error::io("write to the stream port", e))?;
+    }
+    if !out.status.success() {
+        return Err(Error::new(
+            crate::error::ErrorKind::Io,
+            format!("hook {name} {stage} failed ({})", out.status),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes what the host sends: each file appears whole (temp, fsync,
+/// rename over the old one), with mode, owner and modification time;
+/// directories get theirs last. The host's end frame is checked, so a
+/// cut stream is an error (files before the cut are restored, whole).
+fn restore(
+    w: &mut FrameWriter<impl Write>,
+    r: &mut FrameReader<impl Read>,
+    to: Option<&str>,
+) -> Result<()> {
+    let base = match to {
+        Some(t) => {
+            check_path(t).map_err(|e| e.context("--to"))?;
+            std::fs::create_dir_all(t).ctx(|| format!("create {t}"))?;
+            Some(PathBuf::from(t))
+        }
+        None => None,
+    };
+    let mut dirs = vec![];
+    let mut n = 0u64;
+    loop {
+        let e = match r.next_frame()? {
+            Frame::Header(e) => e,
+            Frame::End(_) => break,
+            Frame::Error(m) => return Err(Error::invalid(format!("the host stopped: {m}"))),
+            other => {
+                return Err(Error::corrupt(format!(
+                    "the host's stream: unexpected {}",
+                    describe(&other)
+                )))
+            }
+        };
+        e.check_header()?;
+        let dst = match &base {
+            Some(b) => b.join(e.path.trim_start_matches('/')),
+            None => PathBuf::from(&e.path),
+        };
+        if let Some(p) = dst.parent() {
+            std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+        }
+        let dir = dst.parent().unwrap_or(Path::new("/"));
+        let tmp = dir.join(format!(
+            ".{}.recoverfs-restore.{}",
+            dst.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        match e.kind {
+            EntryKind::Dir => {
+                std::fs::create_dir_all(&dst).ctx(|| format!("create {}", dst.display()))?;
+                dirs.push((dst, e));
+                n += 1;
+                continue;
+            }
+            EntryKind::File => {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .ctx(|| format!("create {}", tmp.display()))?;
+                let copied = std::io::copy(&mut r.content(e.size), &mut f)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|err| {
+                        let _ = std::fs::remove_file(&tmp);
+                        err.get_ref()
+                            .and_then(|i| i.downcast_ref::<Error>())
+                            .cloned()
+                            .unwrap_or_else(|| Error::io(format!("write {}", tmp.display()), err))
+                    });
+                copied?;
+            }
+            EntryKind::Symlink => {
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &tmp)
+                    .ctx(|| format!("create link {}", tmp.display()))?;
+            }
+        }
+        crate::files::set_meta(&tmp, &e, nix::unistd::Uid::effective().is_root())?;
+        std::fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))?;
+        crate::util::fsync_dir(dir)?;
+        n += 1;
+    }
+    for (d, e) in dirs.iter().rev() {
+        crate::files::set_meta(d, e, nix::unistd::Uid::effective().is_root())?;
+    }
+    w.log(&format!(
+        "restored {n} entries {}",
+        match to {
+            Some(t) => format!("under {t}"),
+            None => "to their places".into(),
+        }
+    ))
+    .map_err(|e| Error::io("write to the stream port", e))
+}
+
+/// Sends `path` and, for a directory, everything under it.
+fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
+    let io = |e: std::io::Error| Error::io("write to the stream port", e);
+    let m = std::fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
+    let Some(entry) = crate::files::entry_of(path, &m)? else {
+        let what = if m.file_type().is_socket() {
+            "a socket"
+        } else {
+            "a device or FIFO"
+        };
+        return w
+            .log(&format!("skipped {} ({what})", path.display()))
+            .map_err(io);
+    };
+    w.header(&entry).map_err(io)?;
+    match entry.kind {
+        EntryKind::File => send_content(w, path, entry.size),
+        EntryKind::Dir => {
+            let mut names: Vec<PathBuf> = std::fs::read_dir(path)
+                .ctx(|| format!("list {}", path.display()))?
+                .map(|d| d.map(|d| d.path()))
+                .collect::<std::io::Result<_>>()
+                .ctx(|| format!("list {}", path.display()))?;
+            names.sort();
+            names.iter().try_for_each(|p| send_tree(w, p))
+        }
+        EntryKind::Symlink => Ok(()),
+    }
+}
+
+/// Exactly `size` bytes of a file: a file that shrank while read is padded
+/// with zeros and said in the log, one that grew is cut at `size`.
+fn send_content(w: &mut FrameWriter<impl Write>, path: &Path, size: u64) -> Result<()> {
+    let io = |e: std::io::Error| Error::io("write to the stream port", e);
+    let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
+    let mut left = size;
+    let mut buf = vec![0u8; super::stream::MAX_DATA];
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = f
+            .read(&mut buf[..want])
+            .ctx(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            w.log(&format!(
+                "WARNING: {} shrank while it was read; padded with zeros",
+                path.display()
+            ))
+            .map_err(io)?;
+            buf[..want].fill(0);
+            w.data(&buf[..want]).map_err(io)?;
+            left -= want as u64;
+            continue;
+        }
+        w.data(&buf[..n]).map_err(io)?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

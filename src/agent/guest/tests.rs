@@ -1,0 +1,212 @@
+//! The agent against the host side of the stream over a socket pair: real
+//! files, real hook scripts, a real repository.
+
+use super::*;
+use crate::agent::backup::{receive, Options, Target};
+use crate::agent::container::{AgentConfig, CONFIG_FORMAT};
+use crate::repo::Repository;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+struct World {
+    dir: tempfile::TempDir,
+    repo: Arc<Repository>,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
+        // A container directory with one hook that records it ran.
+        let c = dir.path().join("container");
+        std::fs::create_dir_all(c.join("hooks/app")).unwrap();
+        let cfg = AgentConfig {
+            format: CONFIG_FORMAT,
+            version: "7.7".into(),
+            binary_version: "x".into(),
+            built: "now".into(),
+            hooks: vec!["app".into()],
+            server: serde_json::json!({}),
+        };
+        std::fs::write(c.join("agent.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let log = dir.path().join("hook.log");
+        for stage in ["pre", "post"] {
+            let p = c.join("hooks/app").join(stage);
+            std::fs::write(
+                &p,
+                format!(
+                    "#!/bin/sh\necho \"HOOK-{stage} $RECOVERFS_PATHS\"\necho {stage} >> {}\n",
+                    log.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        World { dir, repo }
+    }
+
+    fn tree(&self) -> std::path::PathBuf {
+        let t = self.dir.path().join("srv/app");
+        std::fs::create_dir_all(t.join("sub")).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        std::fs::write(t.join("data.db"), &data).unwrap();
+        std::fs::write(t.join("sub/conf"), b"x=1\n").unwrap();
+        std::fs::set_permissions(t.join("sub/conf"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink("data.db", t.join("link")).unwrap();
+        t
+    }
+
+    /// Runs the agent on one end and the host's receiver on the other.
+    fn backup(
+        &self,
+        job: Job,
+    ) -> (
+        Result<()>,
+        Result<crate::repo::catalog::Catalog>,
+        Vec<String>,
+    ) {
+        let (guest, host) = UnixStream::pair().unwrap();
+        let container = self.dir.path().join("container");
+        let agent = std::thread::spawn(move || {
+            run_on(
+                std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
+                &container,
+                &job,
+            )
+        });
+        let lines = std::sync::Mutex::new(vec![]);
+        let t = Target {
+            name: "vm1".into(),
+            qmp: "/x".into(),
+            qga: None,
+        };
+        let opts = Options {
+            container: "/x".into(),
+            paths: vec![],
+            hooks: vec![],
+            jobs: 1,
+            idle_timeout: Duration::from_secs(30),
+        };
+        let got = receive(&self.repo, &host, &t, &opts, &|l| {
+            lines.lock().unwrap().push(l.to_string())
+        });
+        drop(host);
+        (agent.join().unwrap(), got, lines.into_inner().unwrap())
+    }
+}
+
+#[test]
+fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
+    let w = World::new();
+    let t = w.tree();
+    let tp = t.to_str().unwrap().to_string();
+    let (agent, got, lines) = w.backup(Job::Backup {
+        paths: vec![tp.clone()],
+        hooks: vec!["app".into()],
+    });
+    let c = w.repo.publish_catalog(got.unwrap()).unwrap();
+    agent.unwrap();
+    assert!(lines.iter().any(|l| l.contains("agent 7.7")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == &format!("hook app pre: HOOK-pre {tp}")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("HOOK-post")), "{lines:?}");
+    let ran = std::fs::read_to_string(w.dir.path().join("hook.log")).unwrap();
+    assert_eq!(ran, "pre\npost\n");
+    let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            tp.clone(),
+            format!("{tp}/data.db"),
+            format!("{tp}/link"),
+            format!("{tp}/sub"),
+            format!("{tp}/sub/conf")
+        ]
+    );
+    assert_eq!(c.file_bytes, 3_000_004);
+    // Restore everything elsewhere: same bytes, modes, times, link.
+    let to = w.dir.path().join("restored");
+    std::fs::create_dir(&to).unwrap();
+    let sel = crate::files::select(&c, &tp).unwrap();
+    crate::files::restore(&w.repo, &c, &sel, &to).unwrap();
+    let r = to.join(tp.trim_start_matches('/'));
+    for f in ["data.db", "sub/conf"] {
+        assert_eq!(
+            std::fs::read(r.join(f)).unwrap(),
+            std::fs::read(t.join(f)).unwrap()
+        );
+        let (a, b) = (
+            std::fs::metadata(r.join(f)).unwrap(),
+            std::fs::metadata(t.join(f)).unwrap(),
+        );
+        assert_eq!(
+            a.permissions().mode() & 0o7777,
+            b.permissions().mode() & 0o7777
+        );
+        assert_eq!(a.mtime(), b.mtime());
+        assert_eq!(a.mtime_nsec(), b.mtime_nsec());
+    }
+    assert_eq!(
+        std::fs::read_link(r.join("link")).unwrap(),
+        Path::new("data.db")
+    );
+    // A second restore into the same place replaces nothing.
+    let e = crate::files::restore(&w.repo, &c, &sel, &to).unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+}
+
+#[test]
+fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
+    let w = World::new();
+    let t = w.tree();
+    let (agent, got, _) = w.backup(Job::Backup {
+        paths: vec![t.to_str().unwrap().into(), "/no/such/path".into()],
+        hooks: vec!["app".into()],
+    });
+    let e = got.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("path /no/such/path does not exist in the guest"),
+        "{e}"
+    );
+    assert!(agent.is_err());
+    assert!(!w.dir.path().join("hook.log").exists(), "a hook ran");
+    let (_, got, _) = w.backup(Job::Backup {
+        paths: vec![t.to_str().unwrap().into()],
+        hooks: vec!["db".into()],
+    });
+    let e = got.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("hook \"db\" is not in the agent container (it has: app)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
+    let w = World::new();
+    let t = w.tree();
+    let pre = w.dir.path().join("container/hooks/app/pre");
+    let log = w.dir.path().join("hook.log");
+    std::fs::write(
+        &pre,
+        format!("#!/bin/sh\necho pre >> {}\nexit 3\n", log.display()),
+    )
+    .unwrap();
+    let (agent, got, _) = w.backup(Job::Backup {
+        paths: vec![t.to_str().unwrap().into()],
+        hooks: vec!["app".into()],
+    });
+    assert!(agent.is_err());
+    let e = got.unwrap_err();
+    assert!(e.to_string().contains("hook app pre failed"), "{e}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost\n");
+}

@@ -1,0 +1,95 @@
+//! `agent-restore`: files of a file backup copied back into the running
+//! guest through the agent, to their place or under a directory, with
+//! mode, owner and times. The host sends headers and contents (every
+//! chunk read and verified) and an end frame the agent checks; the agent
+//! answers with log lines and its own end frame.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use super::guest::Job;
+use super::session::{run_in_guest, Target};
+use super::stream::{describe, Frame, FrameReader, FrameWriter};
+use crate::error::{Error, Result};
+use crate::repo::catalog::{Catalog, Entry, EntryKind};
+use crate::repo::Repository;
+
+/// Copies `entries` of `c` into the guest of `t`; the number sent.
+#[allow(clippy::too_many_arguments)]
+pub fn agent_restore(
+    repo: &Repository,
+    t: &Target,
+    container: &Path,
+    c: &Catalog,
+    entries: &[&Entry],
+    to: Option<String>,
+    idle: Duration,
+    say: &dyn Fn(&str),
+) -> Result<u64> {
+    if let Some(d) = &to {
+        crate::repo::catalog::check_path(d).map_err(|e| e.context("--to"))?;
+    }
+    let job = Job::Restore { to };
+    run_in_guest(t, container, &job, idle, "agent-restore", |stream| {
+        send(repo, stream, c, entries, say)
+    })
+}
+
+fn send(
+    repo: &Repository,
+    stream: &UnixStream,
+    c: &Catalog,
+    entries: &[&Entry],
+    say: &dyn Fn(&str),
+) -> Result<u64> {
+    let mut fr = FrameReader::new(std::io::BufReader::new(stream), "the agent's stream");
+    match fr.next_frame()? {
+        Frame::Hello(h) => say(&format!("agent {} (recoverfs {})", h.version, h.binary)),
+        Frame::Error(m) => {
+            return Err(Error::invalid(format!(
+                "the agent failed in the guest: {m}"
+            )))
+        }
+        other => {
+            return Err(Error::corrupt(format!(
+                "the agent's stream began with {}",
+                describe(&other)
+            )))
+        }
+    }
+    let io = |e: std::io::Error| Error::io("send to the agent", e);
+    let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, stream));
+    for e in entries {
+        w.header(e).map_err(io)?;
+        if e.kind == EntryKind::File {
+            for (i, ch) in e.chunks.iter().enumerate() {
+                let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
+                let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
+                w.data(&data).map_err(io)?;
+            }
+        }
+    }
+    w.end().map_err(io)?;
+    loop {
+        match fr.next_frame()? {
+            Frame::Log(l) => say(&l),
+            Frame::Error(m) => {
+                return Err(Error::invalid(format!(
+                    "the agent failed in the guest: {m}"
+                )))
+            }
+            Frame::End(_) => break,
+            other => {
+                return Err(Error::corrupt(format!(
+                    "the agent's stream: unexpected {}",
+                    describe(&other)
+                )))
+            }
+        }
+    }
+    let mut ack = stream;
+    ack.write_all(b"A").map_err(io)?;
+    Ok(entries.len() as u64)
+}

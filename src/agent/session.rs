@@ -1,0 +1,230 @@
+//! One job of the agent in a running guest, whatever the job: check the
+//! guest agent (no answer: one clear error, nothing attached), attach the
+//! container and a stream port ([`super::attach`]), `guest-exec` a small
+//! shell script that waits for the disk and the port, mounts the
+//! container read-only, runs `recoverfs agent run` from it and unmounts
+//! it; hand the stream to the caller's side of the job while a watcher
+//! polls the script (if it ends and the stream does not, the stream is
+//! closed so the caller stops); then detach, whatever happened.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::attach::Attachment;
+use super::exec::{self, shell_quote, Exited};
+use super::guest::Job;
+use crate::error::{Error, ErrorKind, Result};
+use crate::qemu::guest_agent::GuestAgent;
+use crate::qemu::qmp::Qmp;
+
+/// One VM to back up: `NAME=QMP_SOCKET[,qga=QGA_SOCKET]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub qmp: PathBuf,
+    pub qga: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Target> {
+        let bad = || {
+            Error::invalid(format!(
+                "--vm {s:?}: expected NAME=QMP_SOCKET[,qga=QGA_SOCKET]"
+            ))
+        };
+        let (name, rest) = s.split_once('=').ok_or_else(bad)?;
+        crate::util::validate_name("VM name", name)?;
+        let (qmp, qga) = match rest.split_once(",qga=") {
+            Some((q, g)) if !g.is_empty() => (q, Some(PathBuf::from(g))),
+            Some(_) => return Err(bad()),
+            None => (rest, None),
+        };
+        if qmp.is_empty() {
+            return Err(bad());
+        }
+        Ok(Target {
+            name: name.to_string(),
+            qmp: PathBuf::from(qmp),
+            qga,
+        })
+    }
+}
+
+/// Runs `job` in the guest of `t` with `container` attached; `body` is the
+/// host's side of the stream. `what` names the command in messages.
+pub fn run_in_guest<T>(
+    t: &Target,
+    container: &Path,
+    job: &Job,
+    idle: Duration,
+    what: &str,
+    body: impl FnOnce(&UnixStream) -> Result<T>,
+) -> Result<T> {
+    let qga = t.qga.as_ref().ok_or_else(|| {
+        Error::invalid(format!(
+            "VM {}: no guest agent socket given (--vm {}=QMP,qga=QGA_SOCKET): the agent is started through qemu-guest-agent, and no serial-console login is configured",
+            t.name, t.name
+        ))
+    })?;
+    let mut ga = GuestAgent::connect(qga, crate::qemu::guest_agent::SYNC_TIMEOUT).map_err(|e| {
+        Error::new(
+            e.kind(),
+            format!("VM {}: no guest agent answers ({e}); {what} needs qemu-guest-agent running in the guest", t.name),
+        )
+    })?;
+    let qmp = Qmp::connect(&t.qmp).map_err(|e| e.context(format!("VM {}", t.name)))?;
+    let mut att = Attachment::attach(qmp, container).map_err(|e| {
+        e.context(format!(
+            "VM {}: cannot attach the agent container {} (nothing is left attached)",
+            t.name,
+            container.display()
+        ))
+    })?;
+    let result = run_job(&mut ga, &mut att, t, job, idle, body);
+    // Detach whatever happened.
+    let detached = att.detach();
+    match (result, detached) {
+        (Ok(r), Ok(())) => Ok(r),
+        (Ok(_), Err(e)) => Err(e.context(format!("VM {}", t.name))),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(d)) => {
+            // A VM that is gone has nothing attached any more.
+            tracing::warn!(error = %d, "detach after a failure");
+            Err(e)
+        }
+    }
+}
+
+/// The script `guest-exec` runs: wait for the container disk and the
+/// port, mount, run the agent, unmount.
+fn script(att: &Attachment, job: &Job) -> String {
+    let job = serde_json::to_string(job).expect("json");
+    format!(
+        r#"ser={ser}; port=/dev/virtio-ports/{port}; mnt=/run/recoverfs-agent-{id}
+dev=
+i=0
+while [ $i -lt 600 ]; do
+  for d in /dev/disk/by-id/*_"$ser"; do [ -b "$d" ] && dev=$d; done
+  if [ -z "$dev" ]; then
+    for b in /sys/block/sd*; do
+      grep -qa "$ser" "$b/device/vpd_pg80" 2>/dev/null && dev=/dev/${{b##*/}}
+    done
+  fi
+  [ -n "$dev" ] && [ -e "$port" ] && break
+  sleep 0.1; i=$((i+1))
+done
+[ -n "$dev" ] || {{ echo "the agent container (disk serial $ser) did not appear in the guest within 60 s" >&2; exit 90; }}
+[ -e "$port" ] || {{ echo "the stream port $port did not appear in the guest within 60 s" >&2; exit 91; }}
+mkdir -p "$mnt" && mount -t ext4 -o ro "$dev" "$mnt" || {{ echo "cannot mount the agent container $dev" >&2; exit 92; }}
+"$mnt/recoverfs" agent run --port "$port" --container "$mnt" --job {job}
+rc=$?
+umount "$mnt" || umount -l "$mnt"
+rmdir "$mnt"
+exit $rc
+"#,
+        ser = att.serial,
+        port = att.port,
+        id = att.id,
+        job = shell_quote(&job),
+    )
+}
+
+fn run_job<T>(
+    ga: &mut GuestAgent,
+    att: &mut Attachment,
+    t: &Target,
+    job: &Job,
+    idle: Duration,
+    body: impl FnOnce(&UnixStream) -> Result<T>,
+) -> Result<T> {
+    let stream = att.stream.take().expect("attached with a stream");
+    stream
+        .set_read_timeout(Some(idle))
+        .map_err(|e| Error::io("stream socket", e))?;
+    let pid = exec::spawn(ga, &["/bin/sh", "-c", &script(att, job)])
+        .map_err(|e| e.context(format!("VM {}: start the agent through guest-exec", t.name)))?;
+    let done = AtomicBool::new(false);
+    let killer = stream
+        .try_clone()
+        .map_err(|e| Error::io("stream socket", e))?;
+    std::thread::scope(|s| {
+        // Watches the guest process; if it ends and the stream does not
+        // follow, closes the stream so the reader stops.
+        let watcher = s.spawn(|| -> Result<Exited> {
+            let r = watch(ga, pid, &done);
+            let grace = Instant::now() + Duration::from_secs(10);
+            while !done.load(Ordering::SeqCst) && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !done.load(Ordering::SeqCst) {
+                let _ = killer.shutdown(std::net::Shutdown::Both);
+            }
+            r
+        });
+        let received = body(&stream);
+        if received.is_err() {
+            // The agent sees the port's other end gone and stops, so the
+            // script unmounts the container before it is detached.
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        done.store(true, Ordering::SeqCst);
+        let exited = watcher.join().expect("watcher thread");
+        finish(received, exited, t)
+    })
+}
+
+/// Polls the guest process until it ends (or `done` and it ended).
+fn watch(ga: &mut GuestAgent, pid: i64, done: &AtomicBool) -> Result<Exited> {
+    let mut since_done: Option<Instant> = None;
+    loop {
+        if let Some(e) = exec::status(ga, pid)? {
+            return Ok(e);
+        }
+        if done.load(Ordering::SeqCst) {
+            let t = *since_done.get_or_insert_with(Instant::now);
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "the agent did not exit within 60 s of its stream's end",
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The body's result, if both it and the guest process ended well.
+fn finish<T>(received: Result<T>, exited: Result<Exited>, t: &Target) -> Result<T> {
+    let vm = &t.name;
+    match (received, exited) {
+        (Ok(c), Ok(e)) if e.success() => Ok(c),
+        (Ok(_), Ok(e)) => Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "VM {vm}: the agent ended with {}: {}",
+                e.status(),
+                e.stderr.trim()
+            ),
+        )),
+        (Err(r), Ok(e))
+            if !e.success() && !e.stderr.trim().is_empty() && r.kind() != ErrorKind::NotFound =>
+        {
+            Err(Error::new(
+                r.kind(),
+                format!(
+                    "VM {vm}: {r} (the agent script ended with {}: {})",
+                    e.status(),
+                    last_line(&e.stderr)
+                ),
+            ))
+        }
+        (Err(r), _) => Err(r.context(format!("VM {vm}"))),
+        (Ok(_), Err(e)) => Err(e.context(format!("VM {vm}: the agent's exit status"))),
+    }
+}
+
+fn last_line(s: &str) -> &str {
+    s.trim().lines().last().unwrap_or("")
+}

@@ -1,0 +1,322 @@
+//! The agent's stream: length-prefixed frames over the virtio-serial port
+//! hot-added for one job (guest `/dev/virtio-ports/NAME`, host: the Unix
+//! socket of its chardev).
+//!
+//! A frame is one type byte, a little-endian `u32` length and that many
+//! bytes. `V` hello (JSON: versions), `H` an entry's header (JSON: path,
+//! kind, mode, uid, gid, mtime, size, target), then for a file `D` frames
+//! carrying exactly `size` bytes, `L` a log line (hook output), `X` a
+//! fatal error (the sender stops), and `E` the end: JSON `{count, bytes,
+//! checksum}`, where `checksum` is the BLAKE3 of every frame byte before
+//! it. A stream that stops before a valid `E` (a killed agent or VM, a lost
+//! byte) is an error, so a truncated stream never becomes a backup. Every
+//! length is bounded before anything is allocated.
+//!
+//! Backups send guest → host; `agent-restore` sends host → guest and the
+//! guest answers with `L`, `X` or `E` frames of its own.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::catalog::{Entry, EntryKind};
+
+/// Largest `D` frame.
+pub const MAX_DATA: usize = 1 << 20;
+/// Largest frame of any other type.
+pub const MAX_META: usize = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Header(Entry),
+    Data(Vec<u8>),
+    Log(String),
+    Error(String),
+    End(End),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The container's agent version (`agent.json`).
+    pub version: String,
+    /// The recoverfs binary's version.
+    pub binary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct End {
+    pub count: u64,
+    pub bytes: u64,
+    pub checksum: String,
+}
+
+/// Writes frames, keeping the count and checksum for the end frame.
+pub struct FrameWriter<W: Write> {
+    w: W,
+    hash: blake3::Hasher,
+    count: u64,
+    bytes: u64,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(w: W) -> Self {
+        FrameWriter {
+            w,
+            hash: blake3::Hasher::new(),
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    fn frame(&mut self, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+        let mut head = [0u8; 5];
+        head[0] = kind;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.hash.update(&head);
+        self.hash.update(payload);
+        self.w.write_all(&head)?;
+        self.w.write_all(payload)
+    }
+
+    fn json(&mut self, kind: u8, v: &impl Serialize) -> std::io::Result<()> {
+        let b = serde_json::to_vec(v).expect("json");
+        self.frame(kind, &b)
+    }
+
+    pub fn hello(&mut self, h: &Hello) -> std::io::Result<()> {
+        self.json(b'V', h)
+    }
+
+    /// An entry's header; the chunk list is not sent (a file's content
+    /// follows in data frames).
+    pub fn header(&mut self, e: &Entry) -> std::io::Result<()> {
+        let mut e = e.clone();
+        e.chunks.clear();
+        self.json(b'H', &e)?;
+        self.count += 1;
+        if e.kind == EntryKind::File {
+            self.bytes += e.size;
+        }
+        Ok(())
+    }
+
+    pub fn data(&mut self, d: &[u8]) -> std::io::Result<()> {
+        for piece in d.chunks(MAX_DATA) {
+            self.frame(b'D', piece)?;
+        }
+        Ok(())
+    }
+
+    pub fn log(&mut self, line: &str) -> std::io::Result<()> {
+        self.frame(b'L', truncate(line).as_bytes())
+    }
+
+    pub fn error(&mut self, msg: &str) -> std::io::Result<()> {
+        self.frame(b'X', truncate(msg).as_bytes())?;
+        self.w.flush()
+    }
+
+    /// The end frame: entries and file bytes sent, and the checksum.
+    pub fn end(&mut self) -> std::io::Result<()> {
+        let end = End {
+            count: self.count,
+            bytes: self.bytes,
+            checksum: self.hash.finalize().to_hex().to_string(),
+        };
+        self.json(b'E', &end)?;
+        self.w.flush()
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+}
+
+fn truncate(s: &str) -> String {
+    let mut end = s.len().min(MAX_META - 16);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Reads frames with bounds, checking the end frame against what came.
+pub struct FrameReader<R: Read> {
+    r: R,
+    hash: blake3::Hasher,
+    count: u64,
+    bytes: u64,
+    /// "the agent's stream" — names the stream in errors.
+    what: String,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(r: R, what: impl Into<String>) -> Self {
+        FrameReader {
+            r,
+            hash: blake3::Hasher::new(),
+            count: 0,
+            bytes: 0,
+            what: what.into(),
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
+    fn truncated(&self, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::new(
+                ErrorKind::Io,
+                format!(
+                    "{} ended before its end frame (truncated: was the agent or the VM killed?)",
+                    self.what
+                ),
+            )
+        } else if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            Error::new(
+                ErrorKind::Io,
+                format!("{} went silent (no frame in time)", self.what),
+            )
+        } else {
+            Error::io(format!("read {}", self.what), e)
+        }
+    }
+
+    fn bad(&self, msg: impl std::fmt::Display) -> Error {
+        Error::corrupt(format!("{}: {msg}", self.what))
+    }
+
+    /// The next frame. An end frame is checked: a count, byte total or
+    /// checksum that differs from what was received is an error.
+    pub fn next_frame(&mut self) -> Result<Frame> {
+        let mut head = [0u8; 5];
+        self.r
+            .read_exact(&mut head)
+            .map_err(|e| self.truncated(e))?;
+        let kind = head[0];
+        let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes")) as usize;
+        let max = match kind {
+            b'D' => MAX_DATA,
+            b'V' | b'H' | b'L' | b'X' | b'E' => MAX_META,
+            k => return Err(self.bad(format!("unknown frame type {k:#04x}"))),
+        };
+        if len > max {
+            return Err(self.bad(format!("a frame of {len} bytes (at most {max})")));
+        }
+        let mut payload = vec![0u8; len];
+        self.r
+            .read_exact(&mut payload)
+            .map_err(|e| self.truncated(e))?;
+        let text = |p: Vec<u8>| String::from_utf8_lossy(&p).into_owned();
+        if kind == b'E' {
+            let end: End = serde_json::from_slice(&payload)
+                .map_err(|e| self.bad(format!("malformed end frame ({e})")))?;
+            let sum = self.hash.finalize().to_hex().to_string();
+            if end.count != self.count || end.bytes != self.bytes || end.checksum != sum {
+                return Err(self.bad(format!(
+                    "the end frame says {} entries and {} bytes, {} came, or the checksum differs: frames were lost",
+                    end.count, end.bytes, self.count
+                )));
+            }
+            return Ok(Frame::End(end));
+        }
+        self.hash.update(&head);
+        self.hash.update(&payload);
+        Ok(match kind {
+            b'D' => Frame::Data(payload),
+            b'L' => Frame::Log(text(payload)),
+            b'X' => Frame::Error(text(payload)),
+            b'V' => Frame::Hello(
+                serde_json::from_slice(&payload)
+                    .map_err(|e| self.bad(format!("malformed hello ({e})")))?,
+            ),
+            _ => {
+                let e: Entry = serde_json::from_slice(&payload)
+                    .map_err(|e| self.bad(format!("malformed header ({e})")))?;
+                if !e.chunks.is_empty() {
+                    return Err(self.bad("a header with a chunk list"));
+                }
+                self.count += 1;
+                if e.kind == EntryKind::File {
+                    self.bytes += e.size;
+                }
+                Frame::Header(e)
+            }
+        })
+    }
+
+    /// A file's content as a reader: data frames until `size` bytes came.
+    /// Anything but a data frame, or more bytes than `size`, is an error
+    /// (returned through `io::Error::other`).
+    pub fn content(&mut self, size: u64) -> Content<'_, R> {
+        Content {
+            fr: self,
+            left: size,
+            buf: vec![],
+            pos: 0,
+        }
+    }
+}
+
+pub struct Content<'a, R: Read> {
+    fr: &'a mut FrameReader<R>,
+    left: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<R: Read> Read for Content<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            match self.fr.next_frame().map_err(std::io::Error::other)? {
+                Frame::Data(d) if d.len() as u64 <= self.left && !d.is_empty() => {
+                    self.left -= d.len() as u64;
+                    self.buf = d;
+                    self.pos = 0;
+                }
+                Frame::Error(m) => {
+                    return Err(std::io::Error::other(Error::new(
+                        ErrorKind::Io,
+                        format!("the agent failed: {m}"),
+                    )))
+                }
+                other => {
+                    return Err(std::io::Error::other(self.fr.bad(format!(
+                        "expected {} more bytes of a file, got {}",
+                        self.left,
+                        describe(&other)
+                    ))))
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// A frame, for an error message.
+pub fn describe(f: &Frame) -> String {
+    match f {
+        Frame::Hello(_) => "a hello frame".into(),
+        Frame::Header(e) => format!("the header of {}", e.path),
+        Frame::Data(d) => format!("{} bytes of data", d.len()),
+        Frame::Log(_) => "a log line".into(),
+        Frame::Error(m) => format!("an error ({m})"),
+        Frame::End(_) => "the end frame".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

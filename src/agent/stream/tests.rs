@@ -1,0 +1,114 @@
+use super::*;
+
+fn entry(path: &str, size: u64) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 1,
+        mtime_nsec: 0,
+        size,
+        target: None,
+        chunks: vec![],
+    }
+}
+
+/// A stream: hello, a log line, two files (one over a data frame), end.
+fn sample() -> (Vec<u8>, Vec<u8>) {
+    let big: Vec<u8> = (0..MAX_DATA + 1000).map(|i| (i % 251) as u8).collect();
+    let mut w = FrameWriter::new(vec![]);
+    w.hello(&Hello {
+        version: "1".into(),
+        binary: "0.1.0".into(),
+    })
+    .unwrap();
+    w.log("hook app pre: quiesced").unwrap();
+    w.header(&entry("/a", 3)).unwrap();
+    w.data(b"abc").unwrap();
+    w.header(&entry("/big", big.len() as u64)).unwrap();
+    w.data(&big).unwrap();
+    w.end().unwrap();
+    (w.get_mut().clone(), big)
+}
+
+fn read_all(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut r = FrameReader::new(bytes, "the test stream");
+    let mut files = vec![];
+    loop {
+        match r.next_frame()? {
+            Frame::Header(e) => {
+                let mut v = vec![];
+                r.content(e.size)
+                    .read_to_end(&mut v)
+                    .map_err(|e| Error::io("content", e))?;
+                files.push((e.path, v));
+            }
+            Frame::End(_) => return Ok(files),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_stream_round_trips_and_every_truncation_is_an_error() {
+    let (bytes, big) = sample();
+    let files = read_all(&bytes).unwrap();
+    assert_eq!(
+        files,
+        vec![("/a".into(), b"abc".to_vec()), ("/big".into(), big)]
+    );
+    // Cut anywhere (every point in the metadata, a stride through the
+    // data): never a complete stream.
+    let cuts: Vec<usize> = (0..200).chain((200..bytes.len()).step_by(997)).collect();
+    for cut in cuts {
+        let e = read_all(&bytes[..cut]).unwrap_err();
+        assert!(
+            e.to_string().contains("truncated") || e.to_string().contains("ended before"),
+            "cut at {cut}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_changed_or_dropped_frame_fails_the_end_check() {
+    let (bytes, _) = sample();
+    // Flip a byte inside the big file's data.
+    let mut flipped = bytes.clone();
+    let at = bytes.len() - 2000;
+    flipped[at] ^= 1;
+    let e = read_all(&flipped).unwrap_err();
+    assert!(e.to_string().contains("frames were lost"), "{e}");
+    // Drop the log frame entirely (a lost frame, lengths intact).
+    let mut r = FrameReader::new(&bytes[..], "s");
+    r.next_frame().unwrap();
+    let hello_len = bytes.len() - r.get_mut().len();
+    let log_len =
+        5 + u32::from_le_bytes(bytes[hello_len + 1..hello_len + 5].try_into().unwrap()) as usize;
+    let mut dropped = bytes[..hello_len].to_vec();
+    dropped.extend_from_slice(&bytes[hello_len + log_len..]);
+    let e = read_all(&dropped).unwrap_err();
+    assert!(e.to_string().contains("frames were lost"), "{e}");
+}
+
+#[test]
+fn oversized_frames_and_content_overruns_are_refused_before_allocation() {
+    let mut huge = vec![b'D'];
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    let e = FrameReader::new(&huge[..], "s").next_frame().unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    let mut w = FrameWriter::new(vec![]);
+    w.header(&entry("/a", 2)).unwrap();
+    w.data(b"abc").unwrap();
+    let bytes = w.get_mut().clone();
+    let mut r = FrameReader::new(&bytes[..], "s");
+    r.next_frame().unwrap();
+    let mut v = vec![];
+    let e = r.content(2).read_to_end(&mut v).unwrap_err();
+    assert!(e.to_string().contains("expected 2 more bytes"), "{e}");
+    let e = FrameReader::new(&b"Q\0\0\0\0"[..], "s")
+        .next_frame()
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown frame type"), "{e}");
+}

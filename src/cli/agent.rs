@@ -1,0 +1,437 @@
+//! `agent`, `agent-backup` and `files`: the agent container, granular
+//! backups of running VMs through it, and single-file restores.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use crate::agent::backup::{agent_backup, Options, Target};
+use crate::agent::container::{build, read_config, AgentConfig, BuildOptions};
+use crate::error::{Error, Result};
+use crate::repo::Repository;
+use crate::util::human_bytes;
+
+/// Where `agent build` writes and `agent-backup` attaches from by default.
+pub const DEFAULT_CONTAINER: &str = "/var/lib/recoverfs/agent.img";
+
+#[derive(Subcommand)]
+pub enum AgentCmd {
+    /// Build the agent container image: the static agent binary,
+    /// agent.json and hooks, with mke2fs -d (nothing mounted). Replaces
+    /// the image atomically; the next attachment runs the new agent.
+    Build {
+        #[arg(short = 'o', long, env = "RECOVERFS_AGENT_CONTAINER", default_value = DEFAULT_CONTAINER)]
+        output: PathBuf,
+        /// The static agent binary (default: `make agent`'s build).
+        #[arg(long)]
+        agent_binary: Option<PathBuf>,
+        /// The container's version (default: recoverfs's own).
+        #[arg(long)]
+        agent_version: Option<String>,
+        /// A directory of hooks: NAME/pre (quiesce) and NAME/post (resume).
+        #[arg(long)]
+        hooks: Option<PathBuf>,
+    },
+    /// In the guest (started by agent-backup): run one job on the stream port.
+    Run {
+        #[arg(long)]
+        port: PathBuf,
+        /// The mounted container.
+        #[arg(long)]
+        container: PathBuf,
+        /// The job, as JSON.
+        #[arg(long)]
+        job: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FilesCmd {
+    /// List the entries at or under PATH.
+    Ls {
+        #[command(flatten)]
+        src: FilesSource,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one file's content to stdout.
+    Cat {
+        #[command(flatten)]
+        src: FilesSource,
+        path: String,
+    },
+    /// Copy PATH (a file, or a directory and everything under it) to DIR,
+    /// at its guest path under DIR, with mode, owner and times.
+    Restore {
+        #[command(flatten)]
+        src: FilesSource,
+        path: String,
+        #[arg(long, default_value = ".")]
+        to: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct FilesSource {
+    #[arg(long)]
+    repo: String,
+    vm: String,
+    /// A file backup (id ending in -files) or a disk backup, read by
+    /// loop-mounting its filesystem from a throwaway recovery (default:
+    /// the VM's newest file backup, else its newest disk backup).
+    #[arg(long)]
+    backup: Option<String>,
+    /// Disk backups: the disk (0 is disk0).
+    #[arg(long, default_value_t = 0)]
+    disk: usize,
+    /// Disk backups: the partition (0: the whole disk; default: the
+    /// first whose filesystem holds PATH).
+    #[arg(long)]
+    partition: Option<u32>,
+}
+
+/// Where `files` reads from.
+enum Source {
+    Catalog(std::sync::Arc<Repository>, crate::repo::catalog::Catalog),
+    Disk(crate::files::disk::Mounted),
+}
+
+impl FilesSource {
+    fn open(&self, path: &str) -> Result<Source> {
+        use crate::repo::catalog::is_catalog_id;
+        let r = Repository::open(&self.repo)?;
+        crate::util::validate_name("VM name", &self.vm)?;
+        let disk_id = match &self.backup {
+            Some(b) if is_catalog_id(b) => None,
+            Some(b) => Some(b.clone()),
+            None if r.catalog_ids(&self.vm)?.is_empty() => {
+                let id = r.backup_ids(&self.vm)?.pop().ok_or_else(|| {
+                    Error::not_found(format!(
+                        "unknown VM {:?}: no backups in {}",
+                        self.vm,
+                        r.location()
+                    ))
+                })?;
+                eprintln!(
+                    "VM {} has no file backups: reading disk backup {id}",
+                    self.vm
+                );
+                Some(id)
+            }
+            None => None,
+        };
+        match disk_id {
+            None => {
+                let c = crate::files::catalog(&r, &self.vm, self.backup.as_deref())?;
+                Ok(Source::Catalog(r, c))
+            }
+            Some(id) => Ok(Source::Disk(crate::files::disk::mount(
+                &self.repo,
+                &self.vm,
+                &id,
+                self.disk,
+                self.partition,
+                path,
+            )?)),
+        }
+    }
+}
+
+/// `agent --version`, and the subcommands.
+pub fn agent(cmd: Option<AgentCmd>, version: bool, container: Option<PathBuf>) -> Result<()> {
+    match (cmd, version) {
+        (None, true) => {
+            let c = container.unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINER));
+            let cfg = if c.is_dir() {
+                AgentConfig::load(&c)?
+            } else {
+                read_config(&c)?
+            };
+            println!(
+                "recoverfs agent {} (binary {}, built {}, hooks: {})",
+                cfg.version,
+                cfg.binary_version,
+                cfg.built,
+                if cfg.hooks.is_empty() {
+                    "none".into()
+                } else {
+                    cfg.hooks.join(", ")
+                }
+            );
+            Ok(())
+        }
+        (None, false) => Err(Error::invalid(
+            "agent: use `agent build`, `agent run` or `agent --version [--container IMAGE]`",
+        )),
+        (
+            Some(AgentCmd::Build {
+                output,
+                agent_binary,
+                agent_version,
+                hooks,
+            }),
+            _,
+        ) => {
+            let cfg = build(&BuildOptions {
+                output: output.clone(),
+                binary: agent_binary,
+                version: agent_version,
+                hooks,
+            })?;
+            eprintln!(
+                "built agent container {} (agent {}, hooks: {})",
+                output.display(),
+                cfg.version,
+                if cfg.hooks.is_empty() {
+                    "none".into()
+                } else {
+                    cfg.hooks.join(", ")
+                }
+            );
+            println!("{}", output.display());
+            Ok(())
+        }
+        (
+            Some(AgentCmd::Run {
+                port,
+                container,
+                job,
+            }),
+            _,
+        ) => {
+            let job: crate::agent::guest::Job =
+                serde_json::from_str(&job).map_err(|e| Error::invalid(format!("--job: {e}")))?;
+            crate::agent::guest::run(&port, &container, &job)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backup(
+    repo: &str,
+    vms: &[String],
+    paths: Vec<String>,
+    hooks: Vec<String>,
+    container: &Path,
+    jobs: usize,
+    idle_timeout: u64,
+    json: bool,
+) -> Result<()> {
+    let targets = vms
+        .iter()
+        .map(|v| Target::parse(v))
+        .collect::<Result<Vec<_>>>()?;
+    if !container.is_file() {
+        return Err(Error::not_found(format!(
+            "no agent container at {} (build it with `recoverfs agent build -o {}`)",
+            container.display(),
+            container.display()
+        )));
+    }
+    let (r, created) = Repository::open_or_create(repo)?;
+    if created {
+        eprintln!("created repository {}", r.location());
+    }
+    let opts = Options {
+        container: container.to_path_buf(),
+        paths,
+        hooks,
+        jobs: jobs.max(1),
+        idle_timeout: Duration::from_secs(idle_timeout.max(1)),
+    };
+    let out = agent_backup(&r, &targets, &opts, &|vm, line| {
+        if !json {
+            eprintln!("{vm}: {line}");
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    }
+    let mut failed = vec![];
+    for o in &out {
+        match (&o.backup, &o.error) {
+            (Some(id), _) => {
+                if !json {
+                    eprintln!(
+                        "{}: file backup {id}: {} entries, {} of files, {} new, agent {}, {:.1} s",
+                        o.vm,
+                        o.entries,
+                        human_bytes(o.file_bytes),
+                        human_bytes(o.new_bytes),
+                        o.agent_version.as_deref().unwrap_or("?"),
+                        o.duration_ms as f64 / 1000.0
+                    );
+                    println!("{} {id}", o.vm);
+                }
+            }
+            (None, e) => {
+                let e = e.as_deref().unwrap_or("failed");
+                if !json {
+                    eprintln!("{}: FAILED: {e}", o.vm);
+                }
+                failed.push(e.to_string());
+            }
+        }
+    }
+    match failed.len() {
+        0 => Ok(()),
+        1 if out.len() == 1 => Err(Error::invalid(failed.pop().expect("one"))),
+        n => Err(Error::invalid(format!(
+            "{n} of {} VMs failed: {}",
+            out.len(),
+            failed.join("; ")
+        ))),
+    }
+}
+
+pub fn restore(
+    repo: &str,
+    vm: &str,
+    backup: Option<&str>,
+    path: &str,
+    to: Option<String>,
+    container: &Path,
+    idle_timeout: u64,
+) -> Result<()> {
+    let t = Target::parse(vm)?;
+    let r = Repository::open(repo)?;
+    let c = crate::files::catalog(&r, &t.name, backup)?;
+    let sel = crate::files::select(&c, path)?;
+    if !container.is_file() {
+        return Err(Error::not_found(format!(
+            "no agent container at {} (build it with `recoverfs agent build`)",
+            container.display()
+        )));
+    }
+    let n = crate::agent::restore::agent_restore(
+        &r,
+        &t,
+        container,
+        &c,
+        &sel,
+        to.clone(),
+        Duration::from_secs(idle_timeout.max(1)),
+        &|line| eprintln!("{}: {line}", t.name),
+    )?;
+    eprintln!(
+        "{}: restored {n} entries of {path} from file backup {} {}",
+        t.name,
+        c.id,
+        match &to {
+            Some(d) => format!("under {d} in the guest"),
+            None => "to their places in the guest".into(),
+        }
+    );
+    Ok(())
+}
+
+pub fn files(cmd: FilesCmd) -> Result<()> {
+    match cmd {
+        FilesCmd::Ls { src, path, json } => match src.open(&path)? {
+            Source::Catalog(_, c) => ls(&crate::files::select(&c, &path)?, json),
+            Source::Disk(m) => {
+                let all = crate::files::disk::walk(&m.root, &path)?;
+                ls(&all.iter().collect::<Vec<_>>(), json)?;
+                finish_disk(m)
+            }
+        },
+        FilesCmd::Cat { src, path } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            match src.open(&path)? {
+                Source::Catalog(r, c) => {
+                    let e = c.find(path.trim_end_matches('/')).ok_or_else(|| {
+                        Error::not_found(format!(
+                            "{path} is not in file backup {} of VM {}",
+                            c.id, c.vm
+                        ))
+                    })?;
+                    crate::files::cat(&r, &c, e, &mut out)?;
+                }
+                Source::Disk(m) => {
+                    let e = crate::files::disk::walk(&m.root, &path)?.remove(0);
+                    copy_from(&m.root, &e, &mut out)?;
+                    std::io::Write::flush(&mut out).map_err(|e| Error::io("write stdout", e))?;
+                    return finish_disk(m);
+                }
+            }
+            std::io::Write::flush(&mut out).map_err(|e| Error::io("write stdout", e))
+        }
+        FilesCmd::Restore { src, path, to } => {
+            let (n, from) = match src.open(&path)? {
+                Source::Catalog(r, c) => {
+                    let sel = crate::files::select(&c, &path)?;
+                    let n = crate::files::restore(&r, &c, &sel, &to)?;
+                    (n, format!("file backup {} of VM {}", c.id, c.vm))
+                }
+                Source::Disk(m) => {
+                    let all = crate::files::disk::walk(&m.root, &path)?;
+                    let sel: Vec<_> = all.iter().collect();
+                    let root = m.root.clone();
+                    let n =
+                        crate::files::restore_with(&sel, &to, &|e, out| copy_from(&root, e, out))?;
+                    let from = format!(
+                        "disk backup {} of VM {} ({} on {})",
+                        m.backup, src.vm, m.fstype, m.device
+                    );
+                    finish_disk(m)?;
+                    (n, from)
+                }
+            };
+            eprintln!(
+                "restored {n} entries of {path} from {from} under {}",
+                to.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn ls(sel: &[&crate::repo::catalog::Entry], json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let r = if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(sel).expect("json"))
+    } else {
+        sel.iter()
+            .try_for_each(|e| writeln!(out, "{}", crate::files::ls_line(e)))
+    };
+    match r.and_then(|()| out.flush()) {
+        // A reader that stopped early (`| head`) is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| Error::io("write stdout", e)),
+    }
+}
+
+/// A file's bytes from a mounted disk backup.
+fn copy_from(
+    root: &Path,
+    e: &crate::repo::catalog::Entry,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    if e.kind != crate::repo::catalog::EntryKind::File {
+        return Err(Error::invalid(format!("{} is not a regular file", e.path)));
+    }
+    let p = root.join(e.path.trim_start_matches('/'));
+    let mut f =
+        std::fs::File::open(&p).map_err(|err| Error::io(format!("open {}", e.path), err))?;
+    std::io::copy(&mut f, out).map_err(|err| Error::io(format!("copy {}", e.path), err))?;
+    Ok(())
+}
+
+/// Says what reading the disk backup fetched, and unmounts.
+fn finish_disk(m: crate::files::disk::Mounted) -> Result<()> {
+    let (fetched, size) = m.fetched();
+    eprintln!(
+        "read {} on {} of disk backup {}: fetched {} of the {} disk",
+        m.fstype,
+        m.device,
+        m.backup,
+        human_bytes(fetched),
+        human_bytes(size)
+    );
+    m.close()
+}

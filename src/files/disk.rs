@@ -1,0 +1,321 @@
+//! Files from a **disk backup**, without booting the VM: a throwaway
+//! recovery (temporary staging and FUSE mount, as `verify-boot` makes,
+//! with profiles and the default profile off, so only what is read is
+//! fetched), the disk file attached to a read-only loop device with its
+//! partitions (`losetup -r -P`), the filesystem holding the path mounted
+//! read-only without replaying its journal (ext4 `noload`, xfs
+//! `norecovery`, btrfs `nologreplay`), then everything undone in reverse,
+//! also when something fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::daemon::{check_mount_point, MountOptions, MountedDatastore};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::repo::Repository;
+use crate::staging::StagingDir;
+
+/// A disk backup's filesystem, mounted read-only at [`Mounted::root`].
+pub struct Mounted {
+    pub root: PathBuf,
+    /// The partition (or whole disk) mounted, e.g. `/dev/loop3p2`.
+    pub device: String,
+    pub fstype: String,
+    pub backup: String,
+    /// What the session fetched from the repository, and the disk's size.
+    datastore: Option<MountedDatastore>,
+    vm: String,
+    loop_dev: Option<String>,
+    mounted: bool,
+    _scratch: tempfile::TempDir,
+}
+
+impl Mounted {
+    /// Bytes fetched from the repository so far, and the disk's size.
+    pub fn fetched(&self) -> (u64, u64) {
+        let Some(s) = self.datastore.as_ref().and_then(|d| d.ds.session(&self.vm)) else {
+            return (0, 0);
+        };
+        let st: Vec<_> = s.disks.iter().map(|d| d.status()).collect();
+        (
+            st.iter().map(|s| s.fetched_bytes).sum(),
+            st.iter().map(|s| s.size).sum(),
+        )
+    }
+
+    /// Unmounts, detaches and releases; the first error.
+    pub fn close(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        let mut first: Option<Error> = None;
+        if self.mounted {
+            match run("umount", &[self.root.to_str().unwrap_or_default()]) {
+                Ok(_) => self.mounted = false,
+                Err(e) => {
+                    let _ = run("umount", &["-l", self.root.to_str().unwrap_or_default()]);
+                    self.mounted = false;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(l) = self.loop_dev.take() {
+            if let Err(e) = run("losetup", &["-d", &l]) {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(d) = self.datastore.take() {
+            if let Some(s) = d.ds.session(&self.vm) {
+                s.discard_profile();
+            }
+            let _ = d.ds.release(&self.vm, true);
+            if let Err(e) = d.shutdown() {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}
+
+/// Mounts the filesystem of disk `disk` of backup `backup` that holds
+/// `path` (or partition `partition`: 0 is the whole disk).
+pub fn mount(
+    repo: &str,
+    vm: &str,
+    backup: &str,
+    disk: usize,
+    partition: Option<u32>,
+    path: &str,
+) -> Result<Mounted> {
+    crate::util::validate_name("VM name", vm)?;
+    let repo = Repository::open(repo)?;
+    let manifest = repo.manifest(vm, backup)?;
+    if disk >= manifest.disks.len() {
+        return Err(Error::invalid(format!(
+            "backup {backup} of VM {vm} has {} disk(s); there is no disk {disk}",
+            manifest.disks.len()
+        )));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("recoverfs-files-")
+        .tempdir()
+        .ctx(|| "create a scratch directory".into())?;
+    let fuse = scratch.path().join("fuse");
+    let root = scratch.path().join("fs");
+    for d in [&fuse, &root] {
+        std::fs::create_dir(d).ctx(|| format!("create {}", d.display()))?;
+    }
+    let fuse = check_mount_point(&fuse)?;
+    let staging = StagingDir::open(&scratch.path().join("staging"), repo.id(), &repo.location())?;
+    let mut opts = MountOptions::default();
+    // Fetch only what the filesystem reads.
+    opts.prefetch.use_profile = false;
+    opts.prefetch.default_profile = false;
+    let ds = MountedDatastore::start(
+        repo.clone(),
+        crate::staging::StagingSet::single(staging),
+        &fuse,
+        &opts,
+    )?;
+    let mut m = Mounted {
+        root,
+        device: String::new(),
+        fstype: String::new(),
+        backup: backup.to_string(),
+        datastore: Some(ds),
+        vm: vm.to_string(),
+        loop_dev: None,
+        mounted: false,
+        _scratch: scratch,
+    };
+    let info = m
+        .datastore
+        .as_ref()
+        .expect("started")
+        .ds
+        .recover(vm, Some(backup))?;
+    let file = info.disks[disk].to_str().unwrap_or_default().to_string();
+    let mut tried = vec![];
+    for (num, offset, size) in partitions(&file, partition)? {
+        let dev = run(
+            "losetup",
+            &[
+                "--find",
+                "--show",
+                "--read-only",
+                "--offset",
+                &offset.to_string(),
+                "--sizelimit",
+                &size.to_string(),
+                &file,
+            ],
+        )?
+        .trim()
+        .to_string();
+        m.loop_dev = Some(dev.clone());
+        let name = if num == 0 {
+            "the whole disk".to_string()
+        } else {
+            format!("partition {num}")
+        };
+        let Some(fstype) = fs_type(&dev) else {
+            tried.push(format!("{name} (no filesystem)"));
+            run("losetup", &["-d", &dev])?;
+            m.loop_dev = None;
+            continue;
+        };
+        let opts = match fstype.as_str() {
+            "ext2" | "ext3" | "ext4" => "ro,noload",
+            "xfs" => "ro,norecovery",
+            "btrfs" => "ro,rescue=nologreplay",
+            _ => "ro",
+        };
+        let root = m.root.to_str().unwrap_or_default().to_string();
+        if run("mount", &["-t", &fstype, "-o", opts, &dev, &root]).is_ok() {
+            m.mounted = true;
+            let here = m.root.join(path.trim_start_matches('/'));
+            if partition.is_some() || std::fs::symlink_metadata(&here).is_ok() {
+                m.device = format!("{name} of disk{disk}");
+                m.fstype = fstype;
+                return Ok(m);
+            }
+            run("umount", &[&root])?;
+            m.mounted = false;
+            tried.push(format!("{name} ({fstype})"));
+        } else {
+            tried.push(format!("{name} ({fstype}: does not mount)"));
+        }
+        run("losetup", &["-d", &dev])?;
+        m.loop_dev = None;
+    }
+    Err(Error::not_found(format!(
+        "{path} is on no filesystem of disk{disk} of backup {backup} of VM {vm} (looked in: {})",
+        tried.join(", ")
+    )))
+}
+
+/// Partitions of a disk image as (number, byte offset, byte size), from
+/// its partition table (MBR or GPT, read by `sfdisk`); the whole disk (0)
+/// if it has none; or only the one asked for.
+fn partitions(file: &str, which: Option<u32>) -> Result<Vec<(u32, u64, u64)>> {
+    let whole = || -> Result<u64> {
+        Ok(std::fs::metadata(file)
+            .ctx(|| format!("stat {file}"))?
+            .len())
+    };
+    if which == Some(0) {
+        return Ok(vec![(0, 0, whole()?)]);
+    }
+    let table: Option<serde_json::Value> = Command::new("sfdisk")
+        .args(["--json", file])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
+    let Some(t) = table else {
+        return match which {
+            None => Ok(vec![(0, 0, whole()?)]),
+            Some(n) => Err(Error::not_found(format!(
+                "the disk has no partition table, so no partition {n}"
+            ))),
+        };
+    };
+    let sector = t["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+    let mut out = vec![];
+    for p in t["partitiontable"]["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let node = p["node"].as_str().unwrap_or_default();
+        let num: u32 = node
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(out.len() as u32 + 1);
+        let (start, size) = (
+            p["start"].as_u64().unwrap_or(0),
+            p["size"].as_u64().unwrap_or(0),
+        );
+        if size > 0 && which.is_none_or(|w| w == num) {
+            out.push((num, start * sector, size * sector));
+        }
+    }
+    if out.is_empty() {
+        if let Some(n) = which {
+            return Err(Error::not_found(format!("the disk has no partition {n}")));
+        }
+    }
+    Ok(out)
+}
+
+fn fs_type(dev: &str) -> Option<String> {
+    // -p: probe the device itself (the cache may remember an earlier
+    // partition that used the same loop device).
+    run("blkid", &["-p", "-o", "value", "-s", "TYPE", dev])
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Runs a system tool; its stdout, or an error with its stderr.
+fn run(tool: &str, args: &[&str]) -> Result<String> {
+    let o = Command::new(tool)
+        .args(args)
+        .output()
+        .ctx(|| format!("run {tool} (util-linux)"))?;
+    if !o.status.success() {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "{tool} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Entries at or under `path` of a mounted tree, as a catalog has them
+/// (guest paths), in name order, not following links.
+pub fn walk(root: &Path, path: &str) -> Result<Vec<crate::repo::catalog::Entry>> {
+    let mut out = vec![];
+    walk_into(root, &root.join(path.trim_start_matches('/')), &mut out)?;
+    Ok(out)
+}
+
+fn walk_into(root: &Path, p: &Path, out: &mut Vec<crate::repo::catalog::Entry>) -> Result<()> {
+    let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
+    let Some(mut e) = super::entry_of(p, &m)? else {
+        return Ok(());
+    };
+    let rel = p.strip_prefix(root).unwrap_or(p);
+    e.path = format!("/{}", rel.to_string_lossy());
+    if e.path.len() > 1 {
+        e.path = e.path.trim_end_matches('/').to_string();
+    }
+    let dir = e.kind == crate::repo::catalog::EntryKind::Dir;
+    out.push(e);
+    if dir {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(p)
+            .ctx(|| format!("list {}", p.display()))?
+            .filter_map(|d| d.ok().map(|d| d.path()))
+            .collect();
+        names.sort();
+        for n in names {
+            walk_into(root, &n, out)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! `recoverfs files ls|cat|restore`: single files from a backup, without
+//! booting the VM.
+//!
+//! From a **file backup** (a catalog written by `agent-backup`) the
+//! entries come from the catalog and contents from its chunks, each read
+//! and verified. Restores write under a directory on this host (`--to`,
+//! default the current directory) at the entry's guest path: each file
+//! appears atomically (temp, fsync, rename) with its mode, owner (when
+//! run as root) and modification time; directories get theirs after
+//! their contents. Nothing existing is replaced, and no path is written
+//! through a symbolic link: every entry is checked before anything is
+//! written.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind};
+use crate::repo::Repository;
+
+pub mod disk;
+
+/// The file backup `backup` of `vm`, or its newest.
+pub fn catalog(repo: &Repository, vm: &str, backup: Option<&str>) -> Result<Catalog> {
+    crate::util::validate_name("VM name", vm)?;
+    let id = match backup {
+        Some(id) if is_catalog_id(id) => id.to_string(),
+        Some(id) => {
+            return Err(Error::invalid(format!(
+                "backup {id:?} is not a file backup of VM {vm} (file backup ids end in -files; `recoverfs list` shows them)"
+            )))
+        }
+        None => repo.catalog_ids(vm)?.pop().ok_or_else(|| {
+            Error::not_found(format!(
+                "VM {vm:?} has no file backups in {} (make one with agent-backup)",
+                repo.location()
+            ))
+        })?,
+    };
+    repo.catalog(vm, &id)
+}
+
+/// The entries at or under `path`; an error if there are none.
+pub fn select<'a>(c: &'a Catalog, path: &str) -> Result<Vec<&'a Entry>> {
+    let path = normalise(path)?;
+    let v: Vec<&Entry> = c.under(&path).collect();
+    if v.is_empty() {
+        return Err(Error::not_found(format!(
+            "{path} is not in file backup {} of VM {}",
+            c.id, c.vm
+        )));
+    }
+    Ok(v)
+}
+
+/// `/srv/app/` → `/srv/app`.
+fn normalise(p: &str) -> Result<String> {
+    let t = if p.len() > 1 {
+        p.trim_end_matches('/')
+    } else {
+        p
+    };
+    check_path(t)?;
+    Ok(t.to_string())
+}
+
+/// Writes a file entry's content to `out`, every chunk verified.
+pub fn cat(repo: &Repository, c: &Catalog, e: &Entry, out: &mut dyn Write) -> Result<()> {
+    if e.kind != EntryKind::File {
+        return Err(Error::invalid(format!("{} is not a regular file", e.path)));
+    }
+    for (i, ch) in e.chunks.iter().enumerate() {
+        let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
+        let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
+        out.write_all(&data)
+            .ctx(|| "write the file's content".into())?;
+    }
+    Ok(())
+}
+
+/// Restores `entries` of a file backup under `to`; the number written.
+pub fn restore(repo: &Repository, c: &Catalog, entries: &[&Entry], to: &Path) -> Result<u64> {
+    restore_with(entries, to, &|e, out| cat(repo, c, e, out))
+}
+
+/// A file's content, written to the sink.
+pub type Content<'a> = dyn Fn(&Entry, &mut dyn Write) -> Result<()> + 'a;
+
+/// Restores `entries` under `to`, each file's bytes from `content`.
+pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<u64> {
+    let to = std::fs::canonicalize(to).ctx(|| format!("--to {}", to.display()))?;
+    if !to.is_dir() {
+        return Err(Error::invalid(format!(
+            "--to {} is not a directory",
+            to.display()
+        )));
+    }
+    // Check every entry before writing anything.
+    for e in entries {
+        let dst = dest(&to, &e.path);
+        check_no_link(&to, &dst)?;
+        if e.kind != EntryKind::Dir && std::fs::symlink_metadata(&dst).is_ok() {
+            return Err(Error::new(
+                crate::error::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists; restore into an empty directory (--to)",
+                    dst.display()
+                ),
+            ));
+        }
+    }
+    let root = nix::unistd::Uid::effective().is_root();
+    let mut dirs = vec![];
+    for e in entries {
+        let dst = dest(&to, &e.path);
+        if let Some(p) = dst.parent() {
+            check_no_link(&to, p)?;
+            std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+        }
+        match e.kind {
+            EntryKind::Dir => {
+                if !dst.is_dir() {
+                    std::fs::create_dir(&dst).ctx(|| format!("create {}", dst.display()))?;
+                }
+                dirs.push((dst, *e));
+            }
+            EntryKind::File => {
+                write_file(content, e, &dst)?;
+                set_meta(&dst, e, root)?;
+            }
+            EntryKind::Symlink => {
+                let t = e.target.as_deref().unwrap_or_default();
+                std::os::unix::fs::symlink(t, &dst)
+                    .ctx(|| format!("create link {}", dst.display()))?;
+                set_meta(&dst, e, root)?;
+            }
+        }
+    }
+    // Directories last, deepest first: their times change as they fill.
+    for (d, e) in dirs.iter().rev() {
+        set_meta(d, e, root)?;
+    }
+    Ok(entries.len() as u64)
+}
+
+fn dest(to: &Path, guest_path: &str) -> PathBuf {
+    to.join(guest_path.trim_start_matches('/'))
+}
+
+/// No component of `p` below `to` may be a symbolic link.
+fn check_no_link(to: &Path, p: &Path) -> Result<()> {
+    let rel = p
+        .strip_prefix(to)
+        .map_err(|_| Error::invalid(format!("{} is outside {}", p.display(), to.display())))?;
+    let mut cur = to.to_path_buf();
+    let parts: Vec<Component> = rel.components().collect();
+    for (i, c) in parts.iter().enumerate() {
+        cur.push(c);
+        if i + 1 == parts.len() {
+            break;
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&cur) {
+            if m.file_type().is_symlink() {
+                return Err(Error::not_permitted(format!(
+                    "{} is a symbolic link: refusing to restore through it",
+                    cur.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Temp file, content, fsync, rename (never over an existing file), fsync
+/// the directory.
+fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
+    let dir = dst.parent().expect("under --to");
+    let tmp = dir.join(format!(
+        ".{}.recoverfs-tmp.{}",
+        dst.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let r = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .ctx(|| format!("create {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(&mut f);
+        content(e, &mut w)?;
+        w.flush().ctx(|| format!("write {}", tmp.display()))?;
+        drop(w);
+        f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+        std::fs::hard_link(&tmp, dst).ctx(|| format!("create {}", dst.display()))?;
+        crate::util::fsync_dir(dir)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
+/// Mode, owner (as root) and modification time, not following links.
+pub fn set_meta(p: &Path, e: &Entry, root: bool) -> Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    if root {
+        std::os::unix::fs::lchown(p, Some(e.uid), Some(e.gid))
+            .ctx(|| format!("chown {}", p.display()))?;
+    }
+    if e.kind != EntryKind::Symlink {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(e.mode))
+            .ctx(|| format!("chmod {}", p.display()))?;
+    }
+    let mtime = TimeSpec::new(e.mtime, e.mtime_nsec as i64);
+    utimensat(
+        None,
+        p,
+        &TimeSpec::UTIME_OMIT,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|err| Error::io(format!("set times of {}", p.display()), err.into()))
+}
+
+/// An entry for `path` from its metadata (not following a link).
+pub fn entry_of(path: &Path, m: &std::fs::Metadata) -> Result<Option<Entry>> {
+    let ft = m.file_type();
+    let (kind, target) = if ft.is_file() {
+        (EntryKind::File, None)
+    } else if ft.is_dir() {
+        (EntryKind::Dir, None)
+    } else if ft.is_symlink() {
+        let t = std::fs::read_link(path).ctx(|| format!("read link {}", path.display()))?;
+        (EntryKind::Symlink, Some(t.to_string_lossy().into_owned()))
+    } else {
+        return Ok(None);
+    };
+    let p = path
+        .to_str()
+        .ok_or_else(|| Error::invalid(format!("{} is not UTF-8", path.display())))?;
+    Ok(Some(Entry {
+        path: p.to_string(),
+        kind,
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime: m.mtime(),
+        mtime_nsec: m.mtime_nsec() as u32,
+        size: if kind == EntryKind::File { m.size() } else { 0 },
+        target,
+        chunks: vec![],
+    }))
+}
+
+/// One `ls -l`-like line.
+pub fn ls_line(e: &Entry) -> String {
+    let kind = match e.kind {
+        EntryKind::File => '-',
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+    };
+    let mut perms = String::new();
+    for shift in [6, 3, 0] {
+        let b = (e.mode >> shift) & 7;
+        perms.push(if b & 4 != 0 { 'r' } else { '-' });
+        perms.push(if b & 2 != 0 { 'w' } else { '-' });
+        perms.push(if b & 1 != 0 { 'x' } else { '-' });
+    }
+    let target = e
+        .target
+        .as_deref()
+        .map(|t| format!(" -> {t}"))
+        .unwrap_or_default();
+    format!(
+        "{kind}{perms} {:>5} {:>5} {:>12} {} {}{target}",
+        e.uid,
+        e.gid,
+        e.size,
+        crate::util::rfc3339(e.mtime.max(0) as u64),
+        e.path
+    )
+}
+
+#[cfg(test)]
+mod tests;

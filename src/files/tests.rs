@@ -1,0 +1,106 @@
+use super::*;
+use crate::repo::catalog::{ChunkSink, CATALOG_FORMAT};
+use std::os::unix::fs::PermissionsExt;
+
+/// A published file backup of `/srv/a` (dir), `/srv/a/f` and `/srv/a/l`.
+fn backup() -> (tempfile::TempDir, std::sync::Arc<Repository>, Catalog) {
+    let d = tempfile::tempdir().unwrap();
+    let (r, _) = Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+    let mut sink = ChunkSink::default();
+    let chunks = sink.store(&r, &b"content\n"[..]).unwrap();
+    let e = |path: &str, kind, mode, size, target: Option<&str>, chunks| Entry {
+        path: path.into(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: 1_600_000_000,
+        mtime_nsec: 7,
+        size,
+        target: target.map(str::to_string),
+        chunks,
+    };
+    let c = Catalog {
+        format: CATALOG_FORMAT,
+        vm: "vm1".into(),
+        id: String::new(),
+        created: String::new(),
+        created_unix: 0,
+        source: serde_json::json!({}),
+        entries: vec![
+            e("/srv/a", EntryKind::Dir, 0o750, 0, None, vec![]),
+            e("/srv/a/f", EntryKind::File, 0o640, 8, None, chunks),
+            e("/srv/a/l", EntryKind::Symlink, 0o777, 0, Some("f"), vec![]),
+        ],
+        file_bytes: 8,
+        stored_bytes: 0,
+        new_bytes: 0,
+    };
+    let c = r.publish_catalog(c).unwrap();
+    (d, r, c)
+}
+
+#[test]
+fn a_directory_restores_with_modes_and_times_its_own_set_after_its_contents() {
+    let (d, r, c) = backup();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let sel = select(&c, "/srv/a/").unwrap();
+    assert_eq!(restore(&r, &c, &sel, &to).unwrap(), 3);
+    assert_eq!(std::fs::read(to.join("srv/a/f")).unwrap(), b"content\n");
+    let m = std::fs::metadata(to.join("srv/a")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(
+        m.mtime(),
+        1_600_000_000,
+        "the directory's time was set before its files"
+    );
+    let f = std::fs::metadata(to.join("srv/a/f")).unwrap();
+    assert_eq!(
+        (f.permissions().mode() & 0o7777, f.mtime_nsec()),
+        (0o640, 7)
+    );
+    assert_eq!(
+        std::fs::read_link(to.join("srv/a/l")).unwrap(),
+        Path::new("f")
+    );
+    assert!(
+        ls_line(sel[1]).starts_with("-rw-r----- "),
+        "{}",
+        ls_line(sel[1])
+    );
+    let e = select(&c, "/srv/b").unwrap_err();
+    assert!(
+        e.to_string().contains("/srv/b is not in file backup"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_restore_never_writes_through_a_symbolic_link_nor_over_a_file() {
+    let (d, r, c) = backup();
+    let to = d.path().join("to");
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, to.join("srv")).unwrap();
+    let sel = select(&c, "/srv/a").unwrap();
+    let e = restore(&r, &c, &sel, &to).unwrap_err();
+    assert!(
+        e.to_string().contains("is a symbolic link: refusing"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "wrote through the link"
+    );
+    // An existing file is not replaced, and nothing else is written.
+    std::fs::remove_file(to.join("srv")).unwrap();
+    std::fs::create_dir_all(to.join("srv/a")).unwrap();
+    std::fs::write(to.join("srv/a/f"), b"mine").unwrap();
+    let e = restore(&r, &c, &sel, &to).unwrap_err();
+    assert!(e.to_string().contains("exists"), "{e}");
+    assert_eq!(std::fs::read(to.join("srv/a/f")).unwrap(), b"mine");
+    assert!(!to.join("srv/a/l").exists());
+}

@@ -1,0 +1,364 @@
+//! File backups: a catalog of files taken inside a running guest (by the
+//! agent, `recoverfs agent-backup`), stored beside disk backups.
+//!
+//! `files/<vm>/<id>.json` holds `{"checksum": blake3(body), "catalog":
+//! {format, vm, id, created, created_unix, source, entries: [{path, kind,
+//! mode, uid, gid, mtime, mtime_nsec, size, target, chunks: [{digest,
+//! len}]}], file_bytes, stored_bytes, new_bytes}}`. File contents are cut
+//! into content-defined chunks (so an edit in the middle of a file changes
+//! only the chunks around it) and stored in the same deduplicated chunk
+//! store as disk chunks (ids keyed, chunks encrypted, in an encrypted
+//! repository). Like a manifest, a catalog is sealed (a checksum, or a MAC
+//! when encrypted), its chunks count for `gc` ([`REFERRER`]), it is written
+//! last (after every chunk it names) and created only if absent, so a
+//! backup that fails anywhere leaves no catalog. Ids end in `-files`, so a
+//! backup id names a disk backup or a file backup, never both.
+
+use serde::{Deserialize, Serialize};
+
+use super::chunk::Digest;
+use super::Repository;
+use crate::error::{Error, Result};
+use crate::util::{rfc3339, validate_name};
+
+pub const CATALOG_FORMAT: u32 = 1;
+/// A catalog document (one JSON entry per file).
+pub const MAX_CATALOG_BYTES: u64 = 1 << 30;
+/// Entries of one catalog.
+pub const MAX_ENTRIES: usize = 4_000_000;
+/// Longest path the agent may report.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Content-defined chunking of file contents: min, average, max bytes.
+pub const CDC_MIN: u32 = 32 << 10;
+pub const CDC_AVG: u32 = 128 << 10;
+pub const CDC_MAX: u32 = 512 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub digest: Digest,
+    pub len: u32,
+}
+
+/// One file, directory or symbolic link as the guest had it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Absolute path in the guest.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds and nanoseconds since the epoch.
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub size: u64,
+    /// A symbolic link's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// A file's content, in order; empty for anything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub format: u32,
+    pub vm: String,
+    pub id: String,
+    pub created: String,
+    pub created_unix: u64,
+    /// How it was taken: agent version, paths asked for, hooks run.
+    pub source: serde_json::Value,
+    pub entries: Vec<Entry>,
+    /// Plain bytes of every file.
+    pub file_bytes: u64,
+    /// Compressed bytes of the distinct chunks it references.
+    pub stored_bytes: u64,
+    /// Compressed bytes this backup added to the repository.
+    pub new_bytes: u64,
+}
+
+impl Entry {
+    /// Checks what a catalog (or the agent's stream) says about one entry
+    /// before it is used to name or write a file.
+    pub fn check(&self) -> Result<()> {
+        self.check_header()?;
+        let sum: u64 = self.chunks.iter().map(|c| c.len as u64).sum();
+        let ok = match self.kind {
+            EntryKind::File => sum == self.size,
+            EntryKind::Dir => self.chunks.is_empty(),
+            EntryKind::Symlink => self.chunks.is_empty() && self.target.is_some(),
+        };
+        if !ok || self.chunks.iter().any(|c| c.len == 0 || c.len > CDC_MAX) {
+            return Err(Error::corrupt(format!(
+                "{}: size and content do not match",
+                self.path
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Entry {
+    /// What a header alone must satisfy: the path, the mode, a link's target.
+    pub fn check_header(&self) -> Result<()> {
+        check_path(&self.path)?;
+        if self.mode > 0o7777 {
+            return Err(Error::corrupt(format!(
+                "{}: mode {:o} is more than permission bits",
+                self.path, self.mode
+            )));
+        }
+        if (self.kind == EntryKind::Symlink) != self.target.is_some()
+            || (self.kind != EntryKind::File && self.size != 0)
+        {
+            return Err(Error::corrupt(format!(
+                "{}: a {:?} with a size or link target it cannot have",
+                self.path, self.kind
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An absolute, normalised path without NUL bytes: no `.`/`..` or empty
+/// components, so it can never leave the directory it is restored under.
+pub fn check_path(p: &str) -> Result<()> {
+    let ok = p.starts_with('/')
+        && p.len() <= MAX_PATH_BYTES
+        && !p.contains('\0')
+        && (p == "/"
+            || p[1..]
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".."));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "path {:?} is not an absolute, normalised path",
+            p.chars().take(200).collect::<String>()
+        )))
+    }
+}
+
+impl Catalog {
+    /// Parses and checks a stored catalog (authenticated when the
+    /// repository is encrypted).
+    pub fn decode(repo: &Repository, bytes: &[u8], what: &str) -> Result<Catalog> {
+        let c: Catalog = repo.unseal(bytes, "catalog", &format!("catalog {what}"))?;
+        c.checked(what)
+    }
+
+    fn checked(self, what: &str) -> Result<Catalog> {
+        let c = self;
+        if c.format != CATALOG_FORMAT {
+            return Err(Error::corrupt(format!(
+                "catalog {what} has unknown format {}",
+                c.format
+            )));
+        }
+        if c.entries.len() > MAX_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "catalog {what} lists more than {MAX_ENTRIES} entries"
+            )));
+        }
+        for e in &c.entries {
+            e.check()
+                .map_err(|e| Error::corrupt(e.to_string()).context(format!("catalog {what}")))?;
+        }
+        Ok(c)
+    }
+
+    /// Entries at or under `path` (the whole catalog for `/`), in order.
+    pub fn under<'a>(&'a self, path: &str) -> impl Iterator<Item = &'a Entry> + 'a {
+        let path = path.to_string();
+        let prefix = if path == "/" {
+            "/".to_string()
+        } else {
+            format!("{}/", path.trim_end_matches('/'))
+        };
+        self.entries
+            .iter()
+            .filter(move |e| e.path == path || e.path.starts_with(&prefix))
+    }
+
+    pub fn find(&self, path: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.path == path)
+    }
+}
+
+/// Stores file contents as content-defined chunks, counting what a whole
+/// file backup references and adds.
+#[derive(Default)]
+pub struct ChunkSink {
+    /// Stored size of every distinct chunk referenced so far.
+    sizes: std::collections::HashMap<Digest, u64>,
+    pub new_bytes: u64,
+    pub new_chunks: u64,
+    pub file_bytes: u64,
+}
+
+impl ChunkSink {
+    /// Reads `src` to its end, storing each chunk not yet in the
+    /// repository; the chunk list in order.
+    pub fn store(&mut self, repo: &Repository, src: impl std::io::Read) -> Result<Vec<ChunkRef>> {
+        let mut out = vec![];
+        for c in fastcdc::v2020::StreamCDC::new(src, CDC_MIN, CDC_AVG, CDC_MAX) {
+            let c = c.map_err(|e| match e {
+                // Our own errors travel through io::Error::other.
+                fastcdc::v2020::Error::IoError(e) => e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<Error>())
+                    .cloned()
+                    .unwrap_or_else(|| Error::io("read file content", e)),
+                other => Error::new(crate::error::ErrorKind::Io, other.to_string()),
+            })?;
+            let digest = repo.chunk_id(&c.data);
+            if !self.sizes.contains_key(&digest) {
+                let new = repo.put_chunk(&digest, &c.data)?;
+                let size = if new > 0 {
+                    self.new_bytes += new;
+                    self.new_chunks += 1;
+                    new
+                } else {
+                    repo.chunk_stored_size(&digest)?.unwrap_or(0)
+                };
+                self.sizes.insert(digest, size);
+            }
+            self.file_bytes += c.length as u64;
+            out.push(ChunkRef {
+                digest,
+                len: c.length as u32,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Compressed bytes of the distinct chunks stored or referenced.
+    pub fn stored_bytes(&self) -> u64 {
+        self.sizes.values().sum()
+    }
+}
+
+/// File-backup catalogs as referrers of chunks, for `gc`.
+pub const REFERRER: super::gc::Referrer = super::gc::Referrer {
+    prefix: "files",
+    immutable: true,
+    limit: MAX_CATALOG_BYTES,
+    refs: catalog_refs,
+};
+
+fn catalog_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest>> {
+    let what = key
+        .strip_prefix("files/")
+        .and_then(|k| k.strip_suffix(".json"))
+        .unwrap_or(key);
+    let c = Catalog::decode(repo, bytes, what)?;
+    Ok(c.entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+        .collect())
+}
+
+fn catalog_key(vm: &str, id: &str) -> String {
+    format!("files/{vm}/{id}.json")
+}
+
+/// Whether `id` names a file backup (ids of catalogs end in `-files`).
+pub fn is_catalog_id(id: &str) -> bool {
+    id.ends_with("-files")
+        || id
+            .rsplit_once("-files-")
+            .is_some_and(|(_, n)| n.parse::<u32>().is_ok())
+}
+
+impl Repository {
+    /// VMs with file backups.
+    pub fn catalog_vms(&self) -> Result<Vec<String>> {
+        Ok(self
+            .backend()
+            .list("files")?
+            .into_iter()
+            .filter(|n| validate_name("VM", n).is_ok())
+            .collect())
+    }
+
+    /// File backup ids of a VM, oldest first.
+    pub fn catalog_ids(&self, vm: &str) -> Result<Vec<String>> {
+        validate_name("VM name", vm)?;
+        let mut ids: Vec<String> = self
+            .backend()
+            .list(&format!("files/{vm}"))?
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+            .filter(|n| validate_name("backup id", n).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub fn catalog(&self, vm: &str, id: &str) -> Result<Catalog> {
+        validate_name("VM name", vm)?;
+        validate_name("backup id", id)?;
+        let bytes = self
+            .backend()
+            .get(&catalog_key(vm, id), MAX_CATALOG_BYTES)?
+            .ok_or_else(|| Error::not_found(format!("unknown file backup {id:?} of VM {vm}")))?;
+        let c = Catalog::decode(self, &bytes, &format!("{vm}/{id}"))?;
+        if c.vm != vm || c.id != id {
+            return Err(Error::corrupt(format!(
+                "catalog {vm}/{id} names {}/{}",
+                c.vm, c.id
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Publishes a file backup whose chunks are all stored, under a new
+    /// time-based id ending in `-files`, created only if absent. Fills in
+    /// `id`, `created` and `created_unix`.
+    pub fn publish_catalog(&self, mut c: Catalog) -> Result<Catalog> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        c.created_unix = now.as_secs();
+        c.created = rfc3339(c.created_unix);
+        let stamp = rfc3339(c.created_unix)
+            .replace(['-', ':'], "")
+            .replace('T', "-")
+            .trim_end_matches('Z')
+            .to_string();
+        let base = if self.create_only_is_atomic()? {
+            stamp
+        } else {
+            format!(
+                "{stamp}.{:03}-{}",
+                now.subsec_millis(),
+                super::random_hex(3)
+            )
+        };
+        c.id = format!("{base}-files");
+        for n in 1.. {
+            if self
+                .backend()
+                .put_new(&catalog_key(&c.vm, &c.id), &self.seal("catalog", &c)?)?
+            {
+                break;
+            }
+            c.id = format!("{base}-files-{n}");
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests;

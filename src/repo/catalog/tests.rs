@@ -1,0 +1,170 @@
+use super::*;
+use crate::repo::Repository;
+
+fn repo() -> (tempfile::TempDir, std::sync::Arc<Repository>) {
+    let d = tempfile::tempdir().unwrap();
+    let (r, _) = Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+    (d, r)
+}
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+fn catalog(vm: &str, entries: Vec<Entry>) -> Catalog {
+    Catalog {
+        format: CATALOG_FORMAT,
+        vm: vm.into(),
+        id: String::new(),
+        created: String::new(),
+        created_unix: 0,
+        source: serde_json::json!({"paths": ["/srv"]}),
+        entries,
+        file_bytes: 0,
+        stored_bytes: 0,
+        new_bytes: 0,
+    }
+}
+
+fn file(path: &str, chunks: Vec<ChunkRef>) -> Entry {
+    Entry {
+        path: path.into(),
+        kind: EntryKind::File,
+        mode: 0o640,
+        uid: 1,
+        gid: 2,
+        mtime: 1_700_000_000,
+        mtime_nsec: 5,
+        size: chunks.iter().map(|c| c.len as u64).sum(),
+        target: None,
+        chunks,
+    }
+}
+
+#[test]
+fn an_edit_in_the_middle_of_a_file_stores_only_the_chunks_around_it() {
+    let (_d, r) = repo();
+    let mut data = noise(16 << 20, 1);
+    let mut a = ChunkSink::default();
+    let first = a.store(&r, &data[..]).unwrap();
+    assert_eq!(a.file_bytes, data.len() as u64);
+    assert!(first.len() >= 8, "{} chunks", first.len());
+    // Overwrite 4 KiB in the middle and insert 100 bytes further on.
+    data[3 << 20..(3 << 20) + 4096].fill(7);
+    data.splice(11 << 20..11 << 20, [9u8; 100]);
+    let mut b = ChunkSink::default();
+    let second = b.store(&r, &data[..]).unwrap();
+    assert!(
+        b.new_bytes * 20 < data.len() as u64,
+        "an edit and an insert stored {} new bytes of {}",
+        b.new_bytes,
+        data.len()
+    );
+    // The chunks read back to the new content.
+    let mut back = vec![];
+    for c in &second {
+        back.extend(r.read_chunk(&c.digest, c.len as usize, &"t").unwrap().0);
+    }
+    assert_eq!(back, data);
+}
+
+#[test]
+fn a_published_catalog_reads_back_and_a_tampered_one_is_refused() {
+    let (_d, r) = repo();
+    let mut sink = ChunkSink::default();
+    let chunks = sink.store(&r, &noise(300_000, 2)[..]).unwrap();
+    let mut c = catalog("vm1", vec![file("/srv/a", chunks)]);
+    c.entries.push(Entry {
+        path: "/srv".into(),
+        kind: EntryKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size: 0,
+        target: None,
+        chunks: vec![],
+    });
+    let one = r.publish_catalog(c.clone()).unwrap();
+    let two = r.publish_catalog(c).unwrap();
+    assert_ne!(one.id, two.id, "same-second file backups get distinct ids");
+    assert!(
+        is_catalog_id(&one.id) && is_catalog_id(&two.id),
+        "{} {}",
+        one.id,
+        two.id
+    );
+    assert!(!is_catalog_id("20261122-101010"));
+    assert_eq!(
+        r.catalog_ids("vm1").unwrap(),
+        vec![one.id.clone(), two.id.clone()]
+    );
+    assert_eq!(r.catalog_vms().unwrap(), vec!["vm1".to_string()]);
+    assert_eq!(r.catalog("vm1", &one.id).unwrap(), one);
+    assert_eq!(one.under("/srv").count(), 2);
+    assert_eq!(one.under("/sr").count(), 0);
+    // Disk backups are untouched by file backups.
+    assert!(r.backup_ids("vm1").unwrap().is_empty());
+    let key = r.location() + &format!("/files/vm1/{}.json", one.id);
+    let s = std::fs::read_to_string(&key)
+        .unwrap()
+        .replace("\"mode\":416", "\"mode\":511");
+    std::fs::write(&key, s).unwrap();
+    let e = r.catalog("vm1", &one.id).unwrap_err();
+    assert!(e.to_string().contains("fails its checksum"), "{e}");
+}
+
+#[test]
+fn paths_that_could_leave_a_restore_directory_are_refused() {
+    for bad in [
+        "srv/a",
+        "/srv/../etc",
+        "/srv/./a",
+        "/srv//a",
+        "/srv/a/",
+        "/a\0b",
+        "",
+    ] {
+        assert!(check_path(bad).is_err(), "{bad:?} accepted");
+    }
+    for good in ["/", "/srv", "/srv/a b/..c"] {
+        check_path(good).unwrap();
+    }
+    let mut e = file("/x", vec![]);
+    e.size = 5;
+    assert!(e.check().is_err(), "a size its chunks do not cover");
+    let mut e = file("/x", vec![]);
+    e.mode = 0o170000;
+    assert!(e.check().is_err(), "file type bits in mode");
+}
+
+#[test]
+fn gc_keeps_every_chunk_a_file_backup_references_and_removes_the_rest() {
+    use crate::repo::gc::{collect, GcOptions, MANIFESTS};
+    let (_d, r) = repo();
+    let mut sink = ChunkSink::default();
+    let data = noise(1 << 20, 3);
+    let chunks = sink.store(&r, &data[..]).unwrap();
+    r.publish_catalog(catalog("vm1", vec![file("/srv/a", chunks.clone())]))
+        .unwrap();
+    // An orphan, as a failed agent-backup leaves.
+    let orphan = noise(100_000, 4);
+    let mut lost = ChunkSink::default();
+    let orphan_chunks = lost.store(&r, &orphan[..]).unwrap();
+    let opts = GcOptions {
+        dry_run: false,
+        wait: std::time::Duration::from_secs(30),
+    };
+    let rep = collect(&r, &[MANIFESTS, REFERRER], opts).unwrap();
+    assert_eq!(rep.removed_chunks, orphan_chunks.len() as u64, "{rep:?}");
+    assert!(!r.has_chunk(&orphan_chunks[0].digest).unwrap());
+    let mut back = vec![];
+    for c in &chunks {
+        back.extend(r.read_chunk(&c.digest, c.len as usize, &"t").unwrap().0);
+    }
+    assert_eq!(back, data);
+}
