@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """recoverfs benchmark harness (Python 3 standard library only).
 
-    python3 scripts/bench/run.py [--quick] [--sections warm,cold,boot] [--keep]
+    python3 scripts/bench/run.py [--quick] [--sections warm,cold,boot,fleet] [--keep]
     python3 scripts/bench/run.py --render-only      # docs/benchmarks.json -> .md
 
 Writes docs/benchmarks.md (tables) and docs/benchmarks.json (raw numbers),
@@ -21,7 +21,9 @@ Sections (each states its baseline and why it is the fair one):
   boot  QEMU's time waiting in its disk reads beyond a local copy's, at
         20 ms/request and 100 MB/s, for recoverfs and the same peers on the
         same backend; then a replay of the guest's read trace.
-Warm and cold run at least 5 interleaved rounds (median and spread).
+  fleet fleet.py: 20 VMs recovering and reading first touches at once
+        vs. one alone (recover time, the daemon's on-demand p99).
+Warm, cold and fleet run at least 5 interleaved rounds (median and spread).
 
 Needs root (drop_caches, FUSE), fio, nbdkit, nbdfuse, qemu-system-x86,
 qemu-utils, strace, a release build of recoverfs and Garage
@@ -1044,6 +1046,8 @@ def targets_summary(S):
         out += warm.targets(S["warm"])
     if S.get("cold") and "error" not in S["cold"]:
         out += cold.targets(S["cold"])
+    if S.get("fleet") and "error" not in S["fleet"]:
+        out += fleet.targets(S["fleet"])
     b = S.get("boot", {}).get("boots", {})
     for k, limit, label in (("recoverfs_profile", 0.05, "recorded profile"), ("recoverfs", 0.50, "no profile")):
         r = b.get(k, {})
@@ -1185,6 +1189,8 @@ def render(results):
                                  f"{f'{svp:.0%}' if svp is not None else '—'} | "
                                  f"{staged_note(r) if k.startswith('recoverfs') else '—'} |")
                 L.append("")
+    if S.get("fleet"):
+        L += fleet.render(S["fleet"])
     if results.get("skipped"):
         L.append("## Skipped\n")
         for s in results["skipped"]:
@@ -1284,7 +1290,8 @@ def preflight():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs, smaller image (< 5 min)")
-    ap.add_argument("--sections", default="warm,cold,boot", help="comma-separated subset of warm,cold,boot")
+    ap.add_argument("--sections", default="warm,cold,boot,fleet",
+                    help="comma-separated subset of warm,cold,boot,fleet")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, traces)")
     ap.add_argument("--workdir", default=None, help="parent of the work directory (default: /var/tmp)")
     ap.add_argument("--render-only", action="store_true", help="re-render docs/benchmarks.md from the JSON")
@@ -1306,6 +1313,9 @@ def main():
         cold_image_bytes=(1024 if a.quick else 2048) * MiB,
         first_touches=128 if a.quick else 256,
         rounds=2 if a.quick else 5,
+        fleet_image_bytes=(16 if a.quick else 64) * MiB,
+        fleet_reads=16 if a.quick else 32,
+        fleet_rounds=2 if a.quick else 5,
         baseline_bin=os.path.abspath(a.baseline_bin) if a.baseline_bin else None,
         latencies=[2, 20],
         boot_timeout=240 if a.quick else 360,
@@ -1349,6 +1359,8 @@ def main():
                     if garage is None:
                         raise RuntimeError("Garage did not start")
                     results["sections"]["cold"] = cold.section_cold(cfg, work, cold_image, garage)
+                elif name == "fleet":
+                    results["sections"]["fleet"] = fleet.section_fleet(cfg, work)
                 elif name == "boot":
                     if garage is None:
                         raise RuntimeError("Garage did not start")
@@ -1380,6 +1392,7 @@ def main():
 # they must share this copy (its SOCK_DIR, T0) rather than load a second.
 sys.modules.setdefault("run", sys.modules[__name__])
 import cold  # noqa: E402
+import fleet  # noqa: E402
 import warm  # noqa: E402
 
 if __name__ == "__main__":
