@@ -347,6 +347,20 @@ def render(c):
                  f"{B.fmt(v.get('bound_mb_s'))}{' MB/s' if v.get('bound_mb_s') else ''} | "
                  f"{B.fmt((v.get('ratio_vs_bound') or 0) * 100) + '%' if v.get('ratio_vs_bound') else '—'} |")
     L.append("")
+    v = c.get("verdicts", {}).get("garage/first_touch", {})
+    ceil = c.get("ceiling_summary", {}).get(str(CASES["first_touch"][2]), {}).get("requests_per_s")
+    if v.get("ratio_vs_best_peer") is not None and v["ratio_vs_best_peer"] < 2 and ceil:
+        L.append(f"First touches missed: each first touch costs recoverfs a whole {B.CHUNK // MiB} MiB chunk "
+                 "(bytes fetched per byte read above), so its first-touch rate is bounded by the store's 1 MiB GET "
+                 f"rate at 16 in flight, {ceil['median']:,.0f} GETs/s in the ceiling row, while the peers fetch "
+                 "4–256 KiB ranges.\n")
+    v = c.get("verdicts", {}).get("garage/seq", {})
+    if v.get("ratio_vs_best_peer") is not None and v["ratio_vs_best_peer"] < 3 and v.get("bound_mb_s"):
+        L.append(f"Sequential missed ≥ 3× best peer: the bound is min(16 × 1 MiB ÷ 20 ms = "
+                 f"{v['little_mb_s']:,.0f} MB/s, raw-GET ceiling {B.fmt(v.get('ceiling_mb_s'))} MB/s) = "
+                 f"{v['bound_mb_s']:,.0f} MB/s, which the best peer already reaches within "
+                 f"{B.fmt(v['best_peer'] / v['bound_mb_s'] * 100 if v.get('best_peer') else None)}%: "
+                 "3× the best peer is beyond what the store delivers here.\n")
     for k, e in c.get("errors", {}).items():
         if k.startswith("ceiling"):
             L.append(f"* {k} FAILED: {e.replace('|', '/')}")
