@@ -358,9 +358,9 @@ def render(c):
     if v.get("ratio_vs_best_peer") is not None and v["ratio_vs_best_peer"] < 3 and v.get("bound_mb_s"):
         L.append(f"Sequential missed ≥ 3× best peer: the bound is min(16 × 1 MiB ÷ 20 ms = "
                  f"{v['little_mb_s']:,.0f} MB/s, raw-GET ceiling {B.fmt(v.get('ceiling_mb_s'))} MB/s) = "
-                 f"{v['bound_mb_s']:,.0f} MB/s, which the best peer already reaches within "
-                 f"{B.fmt(v['best_peer'] / v['bound_mb_s'] * 100 if v.get('best_peer') else None)}%: "
-                 "3× the best peer is beyond what the store delivers here.\n")
+                 f"{v['bound_mb_s']:,.0f} MB/s; the best peer already reaches "
+                 f"{B.fmt(v['best_peer'] / v['bound_mb_s'] * 100 if v.get('best_peer') else None)}% of it, so "
+                 "3× the best peer would be more than the store delivers here.\n")
     for k, e in c.get("errors", {}).items():
         if k.startswith("ceiling"):
             L.append(f"* {k} FAILED: {e.replace('|', '/')}")

@@ -1095,6 +1095,11 @@ def render(results):
              f"time (load average at start {meta['loadavg_start']}, at end {meta.get('loadavg_end')}). "
              "Absolute numbers are noisy; read the ratios, each against a baseline measured in the same run. "
              "No KVM: QEMU runs under TCG.\n")
+    loads = [x[0] for x in (meta.get("loadavg_start"), meta.get("loadavg_end")) if x]
+    if loads and max(loads) > meta["cpus"]:
+        L.append(f"**Contended run:** the 1-minute load average reached {max(loads):.1f} on {meta['cpus']} CPUs: "
+                 "other work shared the machine, so these figures are validation figures, not the reference ones "
+                 "(rerun `make bench` on a quiet machine).\n")
     S = results["sections"]
     L += targets_summary(S)
 
