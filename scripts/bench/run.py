@@ -1311,9 +1311,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, traces)")
     ap.add_argument("--workdir", default=None, help="parent of the work directory (default: /var/tmp)")
     ap.add_argument("--render-only", action="store_true", help="re-render docs/benchmarks.md from the JSON")
-    ap.add_argument("--baseline-bin", default=None,
-                    help="another recoverfs binary (e.g. main's release build) measured side by side in the cold "
-                         "section, for the CPU-seconds per GiB comparison")
+    ap.add_argument("--baseline-bin", default=os.environ.get("BENCH_BASELINE_BIN"),
+                    help="another recoverfs binary (e.g. the previous release build) measured side by side in the "
+                         "cold section, for the CPU-seconds per GiB comparison (default: $BENCH_BASELINE_BIN)")
     a = ap.parse_args()
     if a.render_only:
         with open(OUT_JSON) as f:
