@@ -67,6 +67,7 @@ BOOT_BANDWIDTH_MBPS = 100   # MB/s, latency-proxy --bandwidth-mbps semantics
 
 T0 = time.monotonic()
 SOCK_DIR = None   # short directory for Unix sockets, made in main()
+REMOVE_SCOPES = False  # run.py's main() sets it unless --keep
 SOCK_SEQ = 0
 
 
@@ -90,6 +91,11 @@ def mounted(path):
     except OSError:
         pass
     return False
+
+
+def mounted_under(path):
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].startswith(path + "/") for line in f)
 
 
 def unmount(path):
@@ -200,6 +206,10 @@ class Scope:
             if p.poll() is None:
                 p.kill()
         self.procs, self.mounts = [], []
+        if REMOVE_SCOPES and not mounted_under(self.dir):
+            # Staging, repositories and images of a finished experiment:
+            # dozens of runs would not fit on the disk otherwise.
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def wait_for(cond, timeout, what, proc=None, scope=None):
@@ -1347,8 +1357,9 @@ def main():
 
     results = {"meta": meta(a.quick), "config": vars(cfg), "sections": {}, "skipped": []}
     work = tempfile.mkdtemp(prefix="recoverfs-bench-", dir=a.workdir or "/var/tmp")
-    global SOCK_DIR
+    global SOCK_DIR, REMOVE_SCOPES
     SOCK_DIR = tempfile.mkdtemp(prefix="rfsb-", dir="/tmp")
+    REMOVE_SCOPES = not a.keep
     log(f"work directory {work}")
     top = Scope(work, "top")
     try:
