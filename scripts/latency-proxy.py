@@ -10,12 +10,16 @@ on a real network), and responses can share a bandwidth cap.
         --latency-ms 20 [--bandwidth-mbps 100]
 
 Point AWS_ENDPOINT_URL at the --listen address. Prints "ready" on stdout
-once listening. Stops on SIGINT/SIGTERM.
+once listening, and "bytes N" (response bytes passed on so far) on each
+SIGUSR1: what the benchmarks count as bytes fetched. Stops on
+SIGINT/SIGTERM.
 """
 import argparse
 import asyncio
 import signal
 import time
+
+RESPONSE_BYTES = [0]
 
 
 class Bucket:
@@ -56,6 +60,7 @@ async def pipe_responses(reader, writer, state, latency, bucket):
             state["pending"] = False
             await asyncio.sleep(latency)
         await bucket.take(len(data))
+        RESPONSE_BYTES[0] += len(data)
         writer.write(data)
         await writer.drain()
     writer.close()
@@ -101,6 +106,7 @@ async def main():
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: print(f"bytes {RESPONSE_BYTES[0]}", flush=True))
     print("ready", flush=True)
     async with server:
         await stop.wait()
