@@ -444,6 +444,7 @@ impl Datastore {
             .collect::<Vec<_>>();
         for d in &disks {
             d.set_queue(point.queue.clone());
+            d.attach_budget(staging.budget().clone(), dir.clone());
         }
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');

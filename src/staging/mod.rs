@@ -24,6 +24,7 @@
 //! kept session resumes from it even while the repository is unreachable.
 
 pub mod bitmap;
+pub mod budget;
 pub mod io;
 pub mod live;
 pub mod set;
@@ -55,6 +56,8 @@ struct StagingInfo {
 pub struct StagingDir {
     root: PathBuf,
     storage: Arc<dyn Storage>,
+    /// What this directory's sessions hold, and its limit (see `budget`).
+    budget: Arc<budget::Budget>,
     _lock: File,
 }
 
@@ -114,6 +117,7 @@ impl StagingDir {
             )?;
         }
         Ok(StagingDir {
+            budget: budget::Budget::new(&root),
             root,
             storage,
             _lock: lock,
@@ -204,6 +208,10 @@ impl StagingDir {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    pub fn budget(&self) -> &Arc<budget::Budget> {
+        &self.budget
     }
 
     pub fn session_dir(&self, vm: &str, backup: &str) -> PathBuf {
@@ -306,6 +314,7 @@ impl StagingDir {
         if dir.exists() {
             fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
             io::sync_parent(self.storage.as_ref(), &dir)?;
+            self.budget.rescan();
         }
         Ok(())
     }
