@@ -170,7 +170,7 @@ impl Budget {
     /// Stops counting a disk (at release); its bytes count as kept until
     /// the session is discarded.
     pub fn detach(&self, dir: &Path, staged: u64) {
-        self.live.fetch_sub(staged, Ordering::AcqRel);
+        self.take_back(staged);
         self.members.lock().retain(|m| m.dir != dir);
         self.rescan();
     }
@@ -193,23 +193,32 @@ impl Budget {
     pub fn reserve(&self, bytes: u64) -> Result<()> {
         let mut waited = false;
         loop {
-            let after = self.live.fetch_add(bytes, Ordering::AcqRel) + bytes;
-            let Some(limit) = self.limit() else {
-                return Ok(());
-            };
-            let used = after + self.kept.load(Ordering::Acquire);
-            if used <= limit {
-                if used > limit / 1000 * HIGH {
-                    self.kick();
+            let limit = self.limit();
+            let kept = self.kept.load(Ordering::Acquire);
+            // Counted only if it fits: the count itself never passes the limit.
+            let taken = self
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                    let after = live + bytes;
+                    limit.is_none_or(|l| after + kept <= l).then_some(after)
+                });
+            let used = match taken {
+                Ok(live) => {
+                    if let Some(l) = limit {
+                        if live + bytes + kept > l / 1000 * HIGH {
+                            self.kick();
+                        }
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            self.live.fetch_sub(bytes, Ordering::AcqRel);
+                Err(live) => live + kept,
+            };
+            let limit = limit.expect("only a limit refuses");
             if !waited {
                 waited = true;
                 self.waited.fetch_add(1, Ordering::Relaxed);
             }
-            let freed = self.evict_step((used - limit).max(bytes))?;
+            let freed = self.evict_step((used + bytes).saturating_sub(limit).max(bytes))?;
             if freed == 0 {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(Error::new(
@@ -217,7 +226,7 @@ impl Budget {
                     format!(
                         "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release or relocate a session, or raise --staging-max",
                         self.root.display(),
-                        crate::util::human_bytes(used - bytes),
+                        crate::util::human_bytes(used),
                         crate::util::human_bytes(limit)
                     ),
                 ));
@@ -227,12 +236,22 @@ impl Budget {
 
     /// Gives back a reservation whose fill failed.
     pub fn unreserve(&self, bytes: u64) {
-        self.live.fetch_sub(bytes, Ordering::AcqRel);
+        self.take_back(bytes);
+    }
+
+    /// Lowers the served count, never below zero (a late settlement of a
+    /// disk already detached must not wrap it).
+    fn take_back(&self, bytes: u64) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.saturating_sub(bytes))
+            });
     }
 
     /// Called by a disk for each block it evicted.
     pub fn evicted(&self, blocks: u64, bytes: u64) {
-        self.live.fetch_sub(bytes, Ordering::AcqRel);
+        self.take_back(bytes);
         self.evicted_blocks.fetch_add(blocks, Ordering::Relaxed);
         self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
     }

@@ -217,3 +217,7 @@ impl Evictable for Volume {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+#[path = "evict_tests.rs"]
+mod tests;

@@ -640,55 +640,82 @@ impl Volume {
     /// blocks at priority `class`. Returns the data and whether no fetch
     /// was needed.
     pub(crate) fn read_source(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
-        let blocks = self.blocks(off, len);
+        // In pieces of at most 1 MiB (one block at least): with bounded
+        // staging, a piece's blocks must all be staged at once, and a whole
+        // large read might not fit (see `evict`).
+        let piece = (1u64 << 20).max(self.block_size);
+        if len <= piece {
+            return self.read_piece(off, len, class);
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        let mut hit = true;
+        let mut pos = off;
+        while pos < off + len {
+            let end = ((pos / piece + 1) * piece).min(off + len);
+            let (b, h) = self.read_piece(pos, end - pos, class)?;
+            buf.extend_from_slice(&b);
+            hit &= h;
+            pos = end;
+        }
+        Ok((buf, hit))
+    }
+
+    fn read_piece(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
+        let mut buf = vec![0u8; len as usize];
+        let mut todo: Vec<u64> = self.blocks(off, len).collect();
         let mut hit = true;
         loop {
             // Start every missing fetch first so a multi-block read fetches in parallel.
-            let slots: Vec<_> = blocks
-                .clone()
-                .filter(|&b| self.chunks[b as usize].is_some())
-                .filter_map(|b| self.start_fill(b, class))
+            let slots: Vec<_> = todo
+                .iter()
+                .filter(|&&b| self.chunks[b as usize].is_some())
+                .filter_map(|&b| self.start_fill(b, class))
                 .collect();
             hit &= slots.is_empty();
             Self::wait_all(slots)?;
             // Never held while waiting for a fill (see `evict`).
             let _gate = self.evict_gate.read();
-            let evicted = blocks
-                .clone()
-                .any(|b| self.chunks[b as usize].is_some() && !self.store.present.test(b));
-            if evicted {
-                self.stats.refills.add(1);
-                continue;
+            todo = self.read_staged(&todo, off, &mut buf)?;
+            if todo.is_empty() {
+                return Ok((buf, hit));
             }
-            return self.read_staged(blocks, off, len).map(|buf| (buf, hit));
+            // Evicted after their fill: fill them again (the blocks read
+            // so far stay read, so each round makes progress).
+            self.stats.refills.add(1);
         }
     }
 
-    /// Reads the present blocks of the range from staging (the others are
-    /// zero chunks: zeros). The caller holds the eviction gate.
-    fn read_staged(&self, blocks: std::ops::Range<u64>, off: u64, len: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
+    /// Copies the staged blocks of `blocks` (ascending) into `buf` (which
+    /// holds `[off, off + buf.len())`); a zero chunk not staged stays
+    /// zeros. Returns the blocks with backup data that are not staged. The
+    /// caller holds the eviction gate.
+    fn read_staged(&self, blocks: &[u64], off: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
+        let end = off + buf.len() as u64;
+        let mut missing = vec![];
         let mut run: Option<(u64, u64)> = None; // staged byte range to read
-        for b in blocks {
+        for &b in blocks {
             let s = (b * self.block_size).max(off);
-            let e = ((b + 1) * self.block_size).min(off + len);
-            if self.store.present.test(b) {
-                self.touch(b);
-                run = match run {
-                    Some((rs, re)) if re == s => Some((rs, e)),
-                    Some(r) => {
-                        self.pread_into(&mut buf, off, r)?;
-                        Some((s, e))
-                    }
-                    None => Some((s, e)),
-                };
+            let e = ((b + 1) * self.block_size).min(end);
+            if !self.store.present.test(b) {
+                if self.chunks[b as usize].is_some() {
+                    missing.push(b);
+                }
+                continue;
             }
-            // A zero chunk that is not staged stays zero in `buf`.
+            self.touch(b);
+            run = match run {
+                Some((rs, re)) if re == s => Some((rs, e)),
+                Some(r) => {
+                    self.pread_into(buf, off, r)?;
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
         }
         if let Some(r) = run {
-            self.pread_into(&mut buf, off, r)?;
+            self.pread_into(buf, off, r)?;
         }
-        Ok(buf)
+        Ok(missing)
     }
 
     /// Reads disk bytes for the daemon itself (e.g. to find filesystem
