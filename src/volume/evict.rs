@@ -162,12 +162,15 @@ impl Volume {
         // again) and the disk fails like after a failed sync.
         let cleared = self.store.present.clear_many_durable(&victims);
         drop(gate);
-        if let Some((budget, _)) = self.budget.get() {
-            budget.evicted(victims.len() as u64, victims.len() as u64 * self.block_size);
-        }
         if cleared.is_ok() {
             self.punch(&victims);
             self.stats.evicted_blocks.add(victims.len() as u64);
+        }
+        // Only now is the room free: counted earlier, a fill could take it
+        // while the holes are not punched yet, and staging would pass its
+        // limit for a moment.
+        if let Some((budget, _)) = self.budget.get() {
+            budget.evicted(victims.len() as u64, victims.len() as u64 * self.block_size);
         }
         {
             let mut inflight = self.inflight.lock();
