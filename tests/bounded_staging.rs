@@ -221,3 +221,22 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     let mut out = std::io::stderr();
     let _ = writeln!(out, "staging at the end: {}", env.status()["staging"][0]);
 }
+
+#[test]
+fn a_recovery_whose_working_set_does_not_fit_the_staging_limit_is_refused_in_one_line() {
+    let mut env = Env::new();
+    env.serve_args = vec!["--staging-max".into(), "8M".into()];
+    let img = env.path("disk.img");
+    random_image(&img, 32 * MIB, 5, BS);
+    env.backup("vm", "64K", &[&img]);
+    let _d = env.serve();
+    let err = env.fails(
+        &["recover", "--socket", env.socket.to_str().unwrap(), "vm"],
+        "expected working set",
+    );
+    assert!(err.contains("raise --staging-max"), "{err}");
+    assert!(err.trim().lines().count() == 1, "{err}");
+    assert!(env.status()["sessions"].as_array().unwrap().is_empty());
+    // Nothing was staged for it.
+    assert!(!env.staging.join("sessions/vm").exists());
+}

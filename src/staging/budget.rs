@@ -40,6 +40,8 @@ pub trait Evictable: Send + Sync {
     fn evict(&self, want: u64) -> Result<u64>;
     /// The session directory this disk is staged in.
     fn session_dir(&self) -> PathBuf;
+    /// Bytes no eviction can free: the blocks the guest changed.
+    fn unevictable_bytes(&self) -> u64;
 }
 
 /// Staging use and pressure of one staging directory, for `status`.
@@ -186,6 +188,21 @@ impl Budget {
             }
         }
         self.kept.store(kept, Ordering::Release);
+    }
+
+    /// Bytes a new recovery could stage here (evicting what can be):
+    /// the limit less kept sessions and served disks' changed blocks;
+    /// `None` without a limit.
+    pub fn room(&self) -> Option<u64> {
+        let limit = self.limit()?;
+        let held: u64 = self
+            .members
+            .lock()
+            .iter()
+            .filter_map(|m| m.disk.upgrade())
+            .map(|d| d.unevictable_bytes())
+            .sum();
+        Some(limit.saturating_sub(self.kept.load(Ordering::Acquire) + held))
     }
 
     /// Takes `bytes` before a fill writes them to staging. Over the limit,

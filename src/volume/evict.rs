@@ -213,6 +213,10 @@ impl Evictable for Volume {
         self.evict_batch(want)
     }
 
+    fn unevictable_bytes(&self) -> u64 {
+        self.store.changed.bits().count() * self.block_size
+    }
+
     fn session_dir(&self) -> PathBuf {
         self.budget
             .get()
