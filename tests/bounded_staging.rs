@@ -141,6 +141,25 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
         }
         f.sync_all().unwrap();
     }
+    // And discards through FUSE (fallocate punch-hole, as QEMU's
+    // discard=unmap on a file does): a whole block and a partial range.
+    let mut punched = vec![];
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for (off, len) in [(300 * BS, BS), (700 * BS + 1000, 5000)] {
+            nix::fcntl::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                len as i64,
+            )
+            .unwrap();
+            model[off..off + len].fill(0);
+        }
+        punched.push(300usize);
+        f.sync_all().unwrap();
+    }
     let f = std::fs::File::open(&disk).unwrap();
     let mut check = vec![0u8; 3 * BS];
     for &(off, len) in &written {
@@ -199,7 +218,7 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     )
     .unwrap();
     let chunks = &manifest["manifest"]["disks"][0]["chunks"];
-    for &b in &trimmed {
+    for &b in trimmed.iter().chain(&punched) {
         assert!(chunks[b].is_null(), "discarded block {b} is not a zero chunk: {}", chunks[b]);
     }
 
@@ -208,6 +227,15 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     let disk = env.recover("vm", None)[0].clone();
     read_and_compare(&env, &disk, &data_file, &model, "read after resume");
     release(&env, true);
+
+    // The first session recorded everything it read as the VM's profile:
+    // a 64 MiB working set no 16 MiB staging admits.
+    let err = env.fails(
+        &["recover", "--socket", env.socket.to_str().unwrap(), "vm", "--backup", &live_id],
+        "expected working set (64.0 MiB) does not fit",
+    );
+    assert!(err.contains("16.0 MiB free"), "{err}");
+    env.ok(&["profile", "clear", "--repo", env.repo_str(), "vm"]);
 
     // The live backup restores to the same bytes.
     let disk = env.recover("vm", Some(&live_id))[0].clone();
