@@ -268,3 +268,46 @@ fn a_recovery_whose_working_set_does_not_fit_the_staging_limit_is_refused_in_one
     // Nothing was staged for it.
     assert!(!env.staging.join("sessions/vm").exists());
 }
+
+#[test]
+fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serves_it() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    random_image(&img, 4 * MIB, 9, BS);
+    let id = env.backup("vm", "64K", &[&img]);
+    let st = env.staging.to_str().unwrap();
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![7u8; 2 * BS], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let ls = env.ok(&["staging", "ls", "--staging", st]);
+    assert!(ls.contains("in use by a recoverfs daemon"), "{ls}");
+    assert!(ls.contains(&format!("vm  {id}")) && ls.contains("(served)"), "{ls}");
+    env.fails(&["staging", "drop", "--staging", st, "vm"], "release --discard vm");
+    release(&env, false);
+    d.stop();
+
+    let ls: serde_json::Value =
+        serde_json::from_str(&env.ok(&["staging", "ls", "--staging", st, "--json"])).unwrap();
+    let s = &ls["sessions"][0];
+    assert_eq!(s["backup"], id.as_str());
+    assert_eq!(s["changed_bytes"].as_u64(), Some(2 * BS as u64), "{s}");
+    assert!(s["bytes_held"].as_u64().unwrap() >= 2 * BS as u64, "{s}");
+    assert_eq!(s["served"], false);
+
+    env.fails(
+        &["staging", "drop", "--staging", st, "vm", "--backup", "nope"],
+        "no kept session of VM vm from backup nope",
+    );
+    env.fails(
+        &["staging", "ls", "--staging", env.path("").to_str().unwrap()],
+        "not a recoverfs staging directory",
+    );
+    let out = env.ok(&["staging", "drop", "--staging", st, "vm", "--backup", &id]);
+    assert!(out.contains("dropped kept staging of VM vm"), "{out}");
+    assert!(env.ok(&["staging", "ls", "--staging", st]).contains("no kept sessions"));
+    assert!(!env.staging.join("sessions/vm").join(&id).exists());
+}

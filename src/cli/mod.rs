@@ -8,6 +8,7 @@ mod key;
 mod maint;
 mod output;
 mod profile;
+mod staging;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -317,6 +318,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: profile::ProfileCmd,
     },
+    /// Kept sessions in staging directories: list them, drop one.
+    Staging {
+        #[command(subcommand)]
+        cmd: staging::StagingCmd,
+    },
     /// Start (or resume) a recovery session and print the disk paths. Without
     /// --backup, the VM's kept staging is resumed unless its backup is gone.
     Recover {
@@ -622,6 +628,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Profile { cmd } => profile::run(cmd),
+        Command::Staging { cmd } => staging::run(cmd),
         Command::Recover {
             socket,
             vm,

@@ -25,6 +25,7 @@
 
 pub mod bitmap;
 pub mod budget;
+pub mod inventory;
 pub mod io;
 pub mod live;
 pub mod set;
@@ -162,7 +163,7 @@ impl StagingDir {
         }
     }
 
-    fn lock(root: &Path) -> Result<File> {
+    pub(crate) fn lock(root: &Path) -> Result<File> {
         let path = root.join("lock");
         let f = OpenOptions::new()
             .read(true)
@@ -338,7 +339,7 @@ pub struct DiskGeometry {
 }
 
 impl SessionMeta {
-    fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
+    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
         let p = dir.join("session.json");
         let bytes = storage
             .read(&p, MAX_META_BYTES)
