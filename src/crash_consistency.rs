@@ -254,7 +254,10 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
                     (rng.gen_range(0..write_blocks) * BS, BS)
                 } else {
                     let len = rng.gen_range(1..=3 * BS / SECTOR) * SECTOR;
-                    (rng.gen_range(0..(write_blocks * BS - len) / SECTOR) * SECTOR, len)
+                    (
+                        rng.gen_range(0..(write_blocks * BS - len) / SECTOR) * SECTOR,
+                        len,
+                    )
                 };
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data[..]);
@@ -302,8 +305,14 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
     if let Some(b) = budget {
         let st = b.status();
         assert!(st.evicted_blocks > 0, "nothing was evicted: {st:?}");
-        assert!(st.used <= st.max.unwrap(), "staging passed its limit: {st:?}");
-        eprintln!("evicted {} blocks, {} fills refused", st.evicted_blocks, st.refused_fills);
+        assert!(
+            st.used <= st.max.unwrap(),
+            "staging passed its limit: {st:?}"
+        );
+        eprintln!(
+            "evicted {} blocks, {} fills refused",
+            st.evicted_blocks, st.refused_fills
+        );
     }
     vol.close();
     writes

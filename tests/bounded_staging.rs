@@ -108,11 +108,7 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     let id = env.backup("vm", "64K", &[&img]);
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
-    let data_file = env
-        .staging
-        .join("sessions/vm")
-        .join(&id)
-        .join("disk0.data");
+    let data_file = env.staging.join("sessions/vm").join(&id).join("disk0.data");
 
     // Twice over FUSE, then once over NBD (nbdcopy, parallel requests).
     read_and_compare(&env, &disk, &data_file, &model, "first FUSE read");
@@ -120,7 +116,10 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     let url = format!("nbd://{addr}/vm/disk0");
     let copy = env.path("copy.img");
     tool(&["nbdcopy", &url, copy.to_str().unwrap()]);
-    assert!(std::fs::read(&copy).unwrap() == model, "nbdcopy differs from the backup");
+    assert!(
+        std::fs::read(&copy).unwrap() == model,
+        "nbdcopy differs from the backup"
+    );
     assert_under_limit(&env, &data_file, "after nbdcopy");
 
     // Guest writes: whole blocks, and partial ones across block edges.
@@ -164,7 +163,10 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     let mut check = vec![0u8; 3 * BS];
     for &(off, len) in &written {
         f.read_exact_at(&mut check[..len], off as u64).unwrap();
-        assert!(check[..len] == model[off..off + len], "write at {off} not read back");
+        assert!(
+            check[..len] == model[off..off + len],
+            "write at {off} not read back"
+        );
     }
     drop(f);
     read_and_compare(&env, &disk, &data_file, &model, "read after the writes");
@@ -191,12 +193,18 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     assert!(trimmed.len() >= 3);
     std::fs::remove_file(&copy).unwrap();
     tool(&["nbdcopy", &url, copy.to_str().unwrap()]);
-    assert!(std::fs::read(&copy).unwrap() == model, "nbdcopy after the discards differs");
+    assert!(
+        std::fs::read(&copy).unwrap() == model,
+        "nbdcopy after the discards differs"
+    );
     assert_under_limit(&env, &data_file, "after the discards");
 
     let st = env.status();
     let s = &st["staging"][0];
-    assert!(s["evicted_blocks"].as_u64().unwrap() > 500, "too few evictions: {s}");
+    assert!(
+        s["evicted_blocks"].as_u64().unwrap() > 500,
+        "too few evictions: {s}"
+    );
     assert_eq!(s["refused_fills"].as_u64(), Some(0), "{s}");
     let text = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
     assert!(text.contains("of 16.0 MiB limit"), "{text}");
@@ -219,7 +227,11 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     .unwrap();
     let chunks = &manifest["manifest"]["disks"][0]["chunks"];
     for &b in trimmed.iter().chain(&punched) {
-        assert!(chunks[b].is_null(), "discarded block {b} is not a zero chunk: {}", chunks[b]);
+        assert!(
+            chunks[b].is_null(),
+            "discarded block {b} is not a zero chunk: {}",
+            chunks[b]
+        );
     }
 
     // Release (kept) and resume: every changed block is still there.
@@ -231,7 +243,14 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     // The first session recorded everything it read as the VM's profile:
     // a 64 MiB working set no 16 MiB staging admits.
     let err = env.fails(
-        &["recover", "--socket", env.socket.to_str().unwrap(), "vm", "--backup", &live_id],
+        &[
+            "recover",
+            "--socket",
+            env.socket.to_str().unwrap(),
+            "vm",
+            "--backup",
+            &live_id,
+        ],
         "expected working set (64.0 MiB) does not fit",
     );
     assert!(err.contains("16.0 MiB free"), "{err}");
@@ -285,8 +304,14 @@ fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serve
     }
     let ls = env.ok(&["staging", "ls", "--staging", st]);
     assert!(ls.contains("in use by a recoverfs daemon"), "{ls}");
-    assert!(ls.contains(&format!("vm  {id}")) && ls.contains("(served)"), "{ls}");
-    env.fails(&["staging", "drop", "--staging", st, "vm"], "release --discard vm");
+    assert!(
+        ls.contains(&format!("vm  {id}")) && ls.contains("(served)"),
+        "{ls}"
+    );
+    env.fails(
+        &["staging", "drop", "--staging", st, "vm"],
+        "release --discard vm",
+    );
     release(&env, false);
     d.stop();
 
@@ -308,6 +333,8 @@ fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serve
     );
     let out = env.ok(&["staging", "drop", "--staging", st, "vm", "--backup", &id]);
     assert!(out.contains("dropped kept staging of VM vm"), "{out}");
-    assert!(env.ok(&["staging", "ls", "--staging", st]).contains("no kept sessions"));
+    assert!(env
+        .ok(&["staging", "ls", "--staging", st])
+        .contains("no kept sessions"));
     assert!(!env.staging.join("sessions/vm").join(&id).exists());
 }

@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use super::{Datastore, Session};
 use crate::error::{Error, ErrorKind, Result};
-use crate::util::human_bytes;
 use crate::placement::{self, Decision, PointFigures, PointSpec, Want, Weights};
 use crate::staging::StagingDir;
+use crate::util::human_bytes;
 
 /// Where a new recovery should go.
 #[derive(Debug, Clone, Default)]

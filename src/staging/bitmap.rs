@@ -353,7 +353,8 @@ impl PersistentBitmap {
                 let mut buf = [0u8; 8];
                 self.file.read_exact_at(&mut buf, HEADER_LEN + w * 8)?;
                 let word = u64::from_le_bytes(buf) & !mask;
-                self.file.write_all_at(&word.to_le_bytes(), HEADER_LEN + w * 8)?;
+                self.file
+                    .write_all_at(&word.to_le_bytes(), HEADER_LEN + w * 8)?;
             }
             self.file.sync_data()
         })();

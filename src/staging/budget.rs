@@ -334,8 +334,7 @@ fn background(budget: Weak<Budget>) {
         {
             let mut woken = b.wake_lock.lock();
             if !*woken {
-                b.wake
-                    .wait_for(&mut woken, Duration::from_millis(200));
+                b.wake.wait_for(&mut woken, Duration::from_millis(200));
             }
             *woken = false;
         }
@@ -353,7 +352,11 @@ fn background(budget: Weak<Budget>) {
 /// `root/sessions/<vm>/<backup>` directories.
 fn session_dirs(root: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
-    for vm in std::fs::read_dir(root.join("sessions")).into_iter().flatten().flatten() {
+    for vm in std::fs::read_dir(root.join("sessions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         for s in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
             out.push(s.path());
         }
@@ -382,5 +385,5 @@ pub fn allocated_data_bytes(dir: &Path) -> u64 {
 fn available_bytes(dir: &Path) -> Option<u64> {
     nix::sys::statvfs::statvfs(dir)
         .ok()
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available() * s.fragment_size())
 }

@@ -131,7 +131,9 @@ pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<
     if removed.is_empty() {
         return Err(Error::not_found(format!(
             "no kept session of VM {vm}{} in {}",
-            backup.map(|b| format!(" from backup {b}")).unwrap_or_default(),
+            backup
+                .map(|b| format!(" from backup {b}"))
+                .unwrap_or_default(),
             root.display()
         )));
     }

@@ -47,8 +47,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{Slot, Volume};
-use crate::prefetch::Class;
 use crate::error::{IoContext, Result};
+use crate::prefetch::Class;
 use crate::staging::budget::{Budget, Evictable};
 
 /// Blocks evicted per exclusive hold of the gate.

@@ -37,7 +37,10 @@ fn reads_and_writes_racing_the_evictor_always_see_the_model_and_staging_stays_un
                     let len = rng.gen_range(1..=(3 * BS).min(size - off));
                     let m = model.read();
                     let got = vol.read(off as u64, len).unwrap();
-                    assert!(got == m[off..off + len], "read of {len} bytes at {off} differs from the model");
+                    assert!(
+                        got == m[off..off + len],
+                        "read of {len} bytes at {off} differs from the model"
+                    );
                     n += 1;
                 }
             })
@@ -56,7 +59,11 @@ fn reads_and_writes_racing_the_evictor_always_see_the_model_and_staging_stays_un
         let (budget, stop) = (budget.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                assert!(budget.used() <= max, "staging passed its limit: {:?}", budget.status());
+                assert!(
+                    budget.used() <= max,
+                    "staging passed its limit: {:?}",
+                    budget.status()
+                );
                 std::thread::yield_now();
             }
         })
@@ -65,7 +72,11 @@ fn reads_and_writes_racing_the_evictor_always_see_the_model_and_staging_stays_un
     // first 8 blocks, so at most 8 blocks are changed and reads find room.
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
     for i in 0..300 {
-        let len = if i % 3 == 0 { BS } else { rng.gen_range(1..2 * BS) };
+        let len = if i % 3 == 0 {
+            BS
+        } else {
+            rng.gen_range(1..2 * BS)
+        };
         let off = if i % 3 == 0 {
             rng.gen_range(0..8) * BS
         } else {
@@ -83,8 +94,15 @@ fn reads_and_writes_racing_the_evictor_always_see_the_model_and_staging_stays_un
     flusher.join().unwrap();
     watcher.join().unwrap();
     let st = f.vol.status();
-    assert!(st.evicted_blocks > 64, "too few evictions to mean anything: {st:?}");
-    assert_eq!(f.vol.read(0, size).unwrap(), *model.read(), "the whole disk differs from the model");
+    assert!(
+        st.evicted_blocks > 64,
+        "too few evictions to mean anything: {st:?}"
+    );
+    assert_eq!(
+        f.vol.read(0, size).unwrap(),
+        *model.read(),
+        "the whole disk differs from the model"
+    );
     for b in 0..f.vol.nblocks() {
         if f.vol.store.changed.test(b) {
             assert!(f.vol.store.present.test(b), "changed block {b} was evicted");
@@ -109,6 +127,9 @@ fn a_fill_that_cannot_evict_anything_fails_with_enospc_and_the_limit_holds() {
     assert_eq!(budget.status().refused_fills, 1);
     assert!(budget.used() <= 4 * BS as u64);
     for b in 0..4u64 {
-        assert_eq!(f.vol.read(b * BS as u64, BS).unwrap(), vec![b as u8 + 1; BS]);
+        assert_eq!(
+            f.vol.read(b * BS as u64, BS).unwrap(),
+            vec![b as u8 + 1; BS]
+        );
     }
 }

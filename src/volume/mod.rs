@@ -488,8 +488,8 @@ impl Volume {
     fn fetch(&self, b: u64, slot: &Slot) {
         let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
         let start = Instant::now();
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch_block(b, slot))).unwrap_or_else(
-            |p| {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch_block(b, slot)))
+            .unwrap_or_else(|p| {
                 Err(Error::new(
                     ErrorKind::Io,
                     format!(
@@ -499,8 +499,7 @@ impl Volume {
                         crate::util::panic_message(&p)
                     ),
                 ))
-            },
-        );
+            });
         match &r {
             Ok(n) => {
                 self.stats.fetched_blocks.add(1);
@@ -846,7 +845,14 @@ impl Volume {
         let mut owned = vec![];
         let mut pinned = vec![];
         let r = self
-            .claim_in_order(blocks.clone(), off, len, &mut fills, &mut owned, &mut pinned)
+            .claim_in_order(
+                blocks.clone(),
+                off,
+                len,
+                &mut fills,
+                &mut owned,
+                &mut pinned,
+            )
             .and_then(|_| self.write_claimed(blocks, off, data));
         for b in pinned {
             self.unpin(b);
