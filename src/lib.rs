@@ -64,6 +64,13 @@
 //! The first failed sync of a disk is sticky: every later flush and write of
 //! that disk fails with EIO until the session is released (reads go on).
 //!
+//! Staging may be bounded (`serve --staging-max`, `staging::budget`): each
+//! fetch first takes room in its staging directory's budget; over the limit
+//! unchanged, idle blocks are evicted (CLOCK), their presence bits cleared
+//! durably before their holes are punched (`volume::evict`); changed blocks
+//! never are. A new recovery is admitted only where its expected working set
+//! fits.
+//!
 //! ## On-disk formats
 //!
 //! Repository (a directory or an S3 bucket; keys mirror paths):

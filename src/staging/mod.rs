@@ -17,7 +17,9 @@
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
 //!
 //! A daemon may use several staging directories (export points with their
-//! own, [`StagingSet`]), each laid out as above and locked on its own.
+//! own, [`StagingSet`]), each laid out as above and locked on its own. Each has
+//! a byte budget (`budget`: `--staging-max`, eviction, admission) and can
+//! be listed and pruned offline (`inventory`: `staging ls|drop`).
 //!
 //! Every file of a session goes through [`io::Storage`], so tests can fail
 //! or record its I/O. The session keeps its own copy of the manifest: a
