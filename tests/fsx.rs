@@ -1,7 +1,8 @@
 //! fsx (the file-system exerciser, Rust port) against a recovered disk
 //! file on the FUSE mount: reads, writes, mapped reads and writes, hole
 //! punches (a guest's discard), fsync and fdatasync, at any offset and
-//! length, checked against fsx's own model of the file. Block mode keeps the file's size fixed, as a disk's is.
+//! length, checked against fsx's own model of the file. Block mode keeps
+//! the file's size fixed, as a disk's is.
 //!
 //! `make test` runs a short run per chunk size; the full run is
 //! `RECOVERFS_FSX_OPS=200000 RECOVERFS_FSX_SEEDS=1,2,3 cargo test --release --test fsx`.
