@@ -93,6 +93,8 @@ pub struct Budget {
     /// Wakes the background evictor.
     wake: Condvar,
     wake_lock: Mutex<bool>,
+    /// The background evictor was started.
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// High and low watermarks, in per mille of the limit.
@@ -116,6 +118,7 @@ impl Budget {
             waited: AtomicU64::new(0),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
+            started: std::sync::atomic::AtomicBool::new(false),
         });
         b.rescan();
         b
@@ -126,7 +129,7 @@ impl Budget {
     pub fn set_limits(self: &Arc<Self>, max: u64, reserve: u64) {
         self.max.store(max, Ordering::Release);
         self.reserve.store(reserve, Ordering::Release);
-        if max == 0 && reserve == 0 {
+        if (max == 0 && reserve == 0) || self.started.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = Arc::downgrade(self);
