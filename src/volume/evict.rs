@@ -26,7 +26,13 @@
 //!   presence bits in memory, in the same-boot mirror (`diskN.live`) and in
 //!   `diskN.present` (synced); only then, outside the gate, are the holes
 //!   punched. The exclusive hold covers at most `BATCH` blocks and one map
-//!   sync.
+//!   sync. The victims sit in the in-flight table until their holes are
+//!   punched, so a fill started meanwhile waits and never has its bytes
+//!   punched away; the budget gets their room back only after the punch.
+//!
+//! Readers read block by block what is staged after their fills, and
+//! fill again only what was evicted in between, so a read larger than the
+//! limit still makes progress; reads are split into 1 MiB pieces.
 //!
 //! The evictor also holds the flush lock, so a flush's presence snapshot
 //! (taken before its data sync) is never written after an eviction cleared
