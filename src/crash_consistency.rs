@@ -59,6 +59,10 @@ struct Scenario {
     /// Two live backups, one after the other, from halfway in, while the
     /// guest goes on writing.
     live_backups: bool,
+    /// Bounded staging: a budget of this many blocks, so unchanged blocks
+    /// are evicted (and fetched again) all along; guest writes then stay
+    /// in the first `blocks / 10` blocks so reads always find room.
+    staging_max_blocks: Option<u64>,
 }
 
 /// A guest write as the checker needs it.
@@ -178,6 +182,16 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
     storage.create_dir_all(Path::new(SESSION)).unwrap();
     storage.create_dir_all(Path::new(TARGET)).unwrap();
     let vol = open_volume(w, mem);
+    let budget = w.sc.staging_max_blocks.map(|n| {
+        let b = crate::staging::budget::Budget::new(&w._dir.path().join("budget"));
+        b.set_limits(n * BS as u64, 0);
+        vol.attach_budget(b.clone(), PathBuf::from(SESSION));
+        b
+    });
+    let write_blocks = match w.sc.staging_max_blocks {
+        Some(_) => blocks / 10,
+        None => blocks,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = {
         let (vol, stop, every) = (vol.clone(), stop.clone(), w.sc.flush_every);
@@ -237,10 +251,13 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         match roll {
             0..=44 => {
                 let (off, len) = if rng.gen_bool(0.25) {
-                    (rng.gen_range(0..blocks) * BS, BS)
+                    (rng.gen_range(0..write_blocks) * BS, BS)
                 } else {
                     let len = rng.gen_range(1..=3 * BS / SECTOR) * SECTOR;
-                    (rng.gen_range(0..(blocks * BS - len) / SECTOR) * SECTOR, len)
+                    (
+                        rng.gen_range(0..(write_blocks * BS - len) / SECTOR) * SECTOR,
+                        len,
+                    )
                 };
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data[..]);
@@ -285,6 +302,18 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
     }
     stop.store(true, Ordering::Relaxed);
     flusher.join().unwrap();
+    if let Some(b) = budget {
+        let st = b.status();
+        assert!(st.evicted_blocks > 0, "nothing was evicted: {st:?}");
+        assert!(
+            st.used <= st.max.unwrap(),
+            "staging passed its limit: {st:?}"
+        );
+        eprintln!(
+            "evicted {} blocks, {} fills refused",
+            st.evicted_blocks, st.refused_fills
+        );
+    }
     vol.close();
     writes
 }
@@ -464,6 +493,7 @@ fn power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_ev
             guest_ops: 400,
             flush_pct: 15,
             live_backups: false,
+            staging_max_blocks: None,
         },
     );
 }
@@ -481,6 +511,25 @@ fn power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_version
             guest_ops: 800,
             flush_pct: 2,
             live_backups: false,
+            staging_max_blocks: None,
+        },
+    );
+}
+
+#[test]
+fn power_cuts_and_daemon_crashes_during_eviction_never_expose_zeros_or_lose_a_write() {
+    // A disk 4x its staging limit, read all over while the guest writes
+    // and flushes: blocks are evicted and fetched again all along.
+    run(
+        404,
+        Scenario {
+            blocks: 64,
+            flush_every: Duration::from_millis(4),
+            relocate: None,
+            guest_ops: 500,
+            flush_pct: 10,
+            live_backups: false,
+            staging_max_blocks: Some(16),
         },
     );
 }
@@ -496,6 +545,7 @@ fn power_cuts_and_daemon_crashes_during_live_backups_leave_every_change_in_the_d
             guest_ops: 500,
             flush_pct: 10,
             live_backups: true,
+            staging_max_blocks: None,
         },
     );
 }

@@ -27,6 +27,16 @@ pub struct ServeOptions {
     pub nbd: Vec<crate::export::nbd::Listen>,
     /// Benchmarks: a delay added to every chunk read from the repository.
     pub repo_delay: Option<Duration>,
+    /// Bounds of every staging directory (see `staging::budget`).
+    pub staging_limits: StagingLimits,
+}
+
+/// `--staging-max` and `--staging-reserve` (0: none), applied to each
+/// staging directory on its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StagingLimits {
+    pub max: u64,
+    pub reserve: u64,
 }
 
 /// How a datastore is mounted and run, whoever hosts it.
@@ -79,6 +89,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .map(|p| (p.name.as_str(), p.staging.as_deref()))
         .collect();
     let staging = StagingSet::open(&opts.staging, &mount, &points, repo.id(), &repo.location())?;
+    for dir in staging.all() {
+        dir.budget()
+            .set_limits(opts.staging_limits.max, opts.staging_limits.reserve);
+    }
     let socket = opts
         .socket
         .clone()

@@ -64,6 +64,13 @@
 //! The first failed sync of a disk is sticky: every later flush and write of
 //! that disk fails with EIO until the session is released (reads go on).
 //!
+//! Staging may be bounded (`serve --staging-max`, `staging::budget`): each
+//! fetch first takes room in its staging directory's budget; over the limit
+//! unchanged, idle blocks are evicted (CLOCK), their presence bits cleared
+//! durably before their holes are punched (`volume::evict`); changed blocks
+//! never are. A new recovery is admitted only where its expected working set
+//! fits.
+//!
 //! ## On-disk formats
 //!
 //! Repository (a directory or an S3 bucket; keys mirror paths):
@@ -147,6 +154,7 @@
 //! | copied bit (relocation) | set after the target data *and* staging are synced; cleared durably before a guest write lands | block copied again | `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
 //! | relocation start | earlier relocation state removed durably before targets are emptied (created or truncated, 0600, no symlinks); target names synced before `relocation.json` | no relocation resumes | `relocate::relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link`, `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
 //! | cutover | `relocation.json` renamed with `switched: true` after the final pass, target syncs and `vm.json`, writes paused; after the rename every disk switches (cannot fail); if the rename cannot be synced the disks refuse writes and flushes | relocation resumes from staging; never a mix of disks | `relocate::tests::a_cutover_whose_commit_fails_leaves_every_disk_on_staging`, `relocate::tests::a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_bytes`, `crash_consistency::power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_versions` |
+//! | eviction (bounded staging) | the block's presence bit is cleared in memory, in `diskN.live` and in `diskN.present` (synced) before its hole is punched; never for a changed block; the flush lock keeps an older presence snapshot from being written after it | a crash before the map sync: the bit and the bytes are both still there; after it: the block is fetched again (never zeros) | `crash_consistency::power_cuts_and_daemon_crashes_during_eviction_never_expose_zeros_or_lose_a_write`, `volume::evict::tests::reads_and_writes_racing_the_evictor_always_see_the_model_and_staging_stays_under_its_limit`, `bounded_staging::a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_changed_block_survives` |
 //! | session staging | kept at `release` (after `close`, no released fetch writes into it), deleted by `release --discard` | resumed by the next `recover` (found in any staging directory, placed only among the points staging there), from its manifest copy if the repository is down | `session::tests::a_recover_waits_for_a_release_and_a_released_fetch_never_lands_in_the_next_session`, `session::tests::a_fully_staged_session_resumes_while_the_repository_is_unreachable`, `session::tests::kept_staging_in_a_points_directory_resumes_and_auto_placement_stays_among_the_points_staging_there` |
 //! | NFS UNSTABLE write | at the next COMMIT (or FILE_SYNC write, or flush); kept over a daemon crash; the disk's write verifier (its epoch) changes after a host reboot or a failed staging sync, so clients resend, and not on a restart | lost only with a changed verifier | `nfs::every_acknowledged_write_survives_kill9_with_the_same_verifier_and_old_handles` |
 //! | NFS FILE_SYNC/DATA_SYNC write, COMMIT | before the reply (= a guest fsync) | — | `nfs::every_acknowledged_write_survives_kill9_with_the_same_verifier_and_old_handles`, `nfs::write_through_answers_every_write_file_sync` |

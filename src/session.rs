@@ -222,6 +222,10 @@ pub struct RecoverInfo {
     pub placement: Option<Decision>,
 }
 
+/// The working set admission expects of a VM with no operational profile
+/// (a guess: a small VM's boot; the profile, once recorded, is the figure).
+pub const DEFAULT_WORKING_SET: u64 = 16 << 20;
+
 pub struct Datastore {
     repo: Arc<Repository>,
     stagings: StagingSet,
@@ -397,7 +401,8 @@ impl Datastore {
         let (point, host, decision, chosen) = match placing {
             Placing::New(req) => {
                 let chosen = self.choose_manifest(vm, backup, None)?;
-                let d = self.place(vm, req, chosen.kept.as_ref())?;
+                let need = self.expected_working_set(vm, &chosen.manifest);
+                let d = self.place(vm, req, chosen.kept.as_ref(), need)?;
                 let p = self.point(&d.chosen).expect("decided among ours").clone();
                 (p, req.host.clone(), Some(d), chosen)
             }
@@ -444,6 +449,7 @@ impl Datastore {
             .collect::<Vec<_>>();
         for d in &disks {
             d.set_queue(point.queue.clone());
+            d.attach_budget(staging.budget().clone(), dir.clone());
         }
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');
@@ -618,6 +624,30 @@ impl Datastore {
             on_window_end,
         );
         let _ = session.feeder.set(f);
+    }
+
+    /// What a new recovery of `vm` from `m` is expected to stage (for
+    /// admission under bounded staging): its operational profile's blocks,
+    /// else `DEFAULT_WORKING_SET`; never more than its disks.
+    fn expected_working_set(&self, vm: &str, m: &Manifest) -> u64 {
+        let disks: u64 = m.disks.iter().map(|d| d.size).sum();
+        if !self.stagings.all().iter().any(|s| s.budget().is_limited()) {
+            return 0;
+        }
+        let profiled = match profile::load(&self.repo, vm) {
+            Ok(Some(doc)) => doc
+                .merge()
+                .iter()
+                .map(|d| d.blocks.len() as u64 * d.block_size)
+                .sum(),
+            _ => 0,
+        };
+        let need = if profiled > 0 {
+            profiled
+        } else {
+            DEFAULT_WORKING_SET
+        };
+        need.min(disks)
     }
 
     /// Per disk: the stored profile mapped onto this backup, else the

@@ -1,7 +1,8 @@
 //! fsx (the file-system exerciser, Rust port) against a recovered disk
-//! file on the FUSE mount: reads, writes, mapped reads and writes, fsync
-//! and fdatasync, at any offset and length, checked against fsx's own model
-//! of the file. Block mode keeps the file's size fixed, as a disk's is.
+//! file on the FUSE mount: reads, writes, mapped reads and writes, hole
+//! punches (a guest's discard), fsync and fdatasync, at any offset and
+//! length, checked against fsx's own model of the file. Block mode keeps
+//! the file's size fixed, as a disk's is.
 //!
 //! `make test` runs a short run per chunk size; the full run is
 //! `RECOVERFS_FSX_OPS=200000 RECOVERFS_FSX_SEEDS=1,2,3 cargo test --release --test fsx`.
@@ -31,7 +32,8 @@ fn fsx_bin() -> PathBuf {
 }
 
 /// Block mode: no truncation, no size change; every kind of I/O a disk
-/// file sees, including mapped reads and writes and both syncs.
+/// file sees, including mapped reads and writes, hole punches and both
+/// syncs.
 const CONFIG: &str = r#"
 blockmode = true
 nosizechecks = true
@@ -50,7 +52,7 @@ truncate = 0
 close_open = 0
 posix_fallocate = 0
 invalidate = 0
-punch_hole = 0
+punch_hole = 1
 sendfile = 0
 posix_fadvise = 0
 copy_file_range = 0

@@ -94,7 +94,8 @@ async fn health(State(ds): State<Ds>) -> ApiResult {
 async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
     blocking(move || {
         let all: Vec<_> = ds.sessions().iter().map(|s| ds.status(s)).collect();
-        Ok(json!({ "sessions": all }))
+        let staging: Vec<_> = ds.stagings().iter().map(|d| d.budget().status()).collect();
+        Ok(json!({ "sessions": all, "staging": staging }))
     })
     .await
 }

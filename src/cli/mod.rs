@@ -8,6 +8,7 @@ mod key;
 mod maint;
 mod output;
 mod profile;
+mod staging;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -260,6 +261,15 @@ pub enum Command {
         /// Seconds between background flushes of the staging maps.
         #[arg(long, default_value_t = 2.0)]
         flush_interval: f64,
+        /// Most bytes each staging directory may hold (e.g. 64G): staged
+        /// blocks the guest never changed are evicted, least recently used
+        /// first, and fetched again when read; changed blocks never are.
+        #[arg(long, value_name = "SIZE")]
+        staging_max: Option<String>,
+        /// Bytes to keep free on each staging filesystem (e.g. 1G): lowers
+        /// the limit, with or without --staging-max.
+        #[arg(long, value_name = "SIZE")]
+        staging_reserve: Option<String>,
         /// Serve NFSv3 on ADDR (port 2049 unless given) and a portmapper on
         /// port 111 of ADDR; repeatable.
         #[arg(long, value_name = "ADDR[:PORT]")]
@@ -307,6 +317,11 @@ pub enum Command {
     Profile {
         #[command(subcommand)]
         cmd: profile::ProfileCmd,
+    },
+    /// Kept sessions in staging directories: list them, drop one.
+    Staging {
+        #[command(subcommand)]
+        cmd: staging::StagingCmd,
     },
     /// Start (or resume) a recovery session and print the disk paths. Without
     /// --backup, the VM's kept staging is resumed unless its backup is gone.
@@ -538,6 +553,8 @@ pub fn run(cli: Cli) -> Result<()> {
             fetch_workers,
             fuse_threads,
             flush_interval,
+            staging_max,
+            staging_reserve,
             nfs,
             nfs_allow,
             nfs_no_root_squash,
@@ -572,7 +589,22 @@ pub fn run(cli: Cli) -> Result<()> {
                     None => parse_listen(l, 10809, "--nbd").map(crate::export::nbd::Listen::Tcp),
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let size = |flag: &str, v: Option<String>| -> Result<u64> {
+                match v {
+                    None => Ok(0),
+                    Some(v) => match crate::util::parse_size(&v) {
+                        Ok(0) => Err(Error::invalid(format!("{flag} must be more than 0"))),
+                        Ok(n) => Ok(n),
+                        Err(e) => Err(Error::invalid(format!("{flag}: {e}"))),
+                    },
+                }
+            };
+            let staging_limits = crate::daemon::StagingLimits {
+                max: size("--staging-max", staging_max)?,
+                reserve: size("--staging-reserve", staging_reserve)?,
+            };
             crate::daemon::serve(crate::daemon::ServeOptions {
+                staging_limits,
                 nfs,
                 nbd,
                 repo_delay: repo_delay_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
@@ -596,6 +628,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Profile { cmd } => profile::run(cmd),
+        Command::Staging { cmd } => staging::run(cmd),
         Command::Recover {
             socket,
             vm,

@@ -466,6 +466,9 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
         return Ok(());
     }
     let sessions = r["sessions"].as_array().cloned().unwrap_or_default();
+    for st in r["staging"].as_array().cloned().unwrap_or_default() {
+        println!("{}", staging_line(&st));
+    }
     if sessions.is_empty() {
         println!("no recovery sessions");
     }
@@ -536,6 +539,31 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
         println!("  {}", scheduler_line(&s["scheduler"]));
     }
     Ok(())
+}
+
+/// One staging directory's use, limit, evictions and pressure.
+fn staging_line(st: &Value) -> String {
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    let limit = match st["limit"].as_u64() {
+        Some(l) => format!(
+            "of {} limit ({:.0}% pressure)",
+            human_bytes(l),
+            st["pressure"].as_f64().unwrap_or(0.0) * 100.0
+        ),
+        None => "(no limit)".into(),
+    };
+    let mut line = format!(
+        "staging {}: {} used {limit}  kept sessions {}  evicted {} blocks ({})",
+        st["root"].as_str().unwrap_or("?"),
+        human_bytes(n("used")),
+        human_bytes(n("kept")),
+        n("evicted_blocks"),
+        human_bytes(n("evicted_bytes")),
+    );
+    if n("refused_fills") > 0 {
+        line += &format!("  FULL: {} fills refused", n("refused_fills"));
+    }
+    line
 }
 
 fn relocation_line(r: &Value) -> String {

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{Datastore, Session};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::placement::{self, Decision, PointFigures, PointSpec, Want, Weights};
 use crate::staging::StagingDir;
+use crate::util::human_bytes;
 
 /// Where a new recovery should go.
 #[derive(Debug, Clone, Default)]
@@ -111,6 +112,7 @@ impl Datastore {
         vm: &str,
         req: &PlaceRequest,
         kept: Option<&Arc<StagingDir>>,
+        need: u64,
     ) -> Result<Decision> {
         let ip = req.host.as_deref().map(resolve_host).transpose()?;
         let want = match req.export_point.as_deref() {
@@ -148,6 +150,9 @@ impl Datastore {
                 ));
             }
         }
+        if kept.is_none() {
+            self.admit(vm, need, &want, &mut figures)?;
+        }
         let mut d = placement::decide(
             figures,
             &want,
@@ -158,6 +163,55 @@ impl Datastore {
         d.note = note;
         tracing::info!(vm, host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
         Ok(d)
+    }
+
+    /// Admission under bounded staging: a new recovery is considered only
+    /// at points whose staging has room (see `Budget::room`) for `need`,
+    /// its expected working set; refused in one line when none has.
+    fn admit(
+        &self,
+        vm: &str,
+        need: u64,
+        want: &Want,
+        figures: &mut Vec<PointFigures>,
+    ) -> Result<()> {
+        let mut refused = vec![];
+        figures.retain(|f| {
+            let room = self
+                .point(&f.name)
+                .and_then(|p| p.staging.budget().room().map(|r| (r, p.staging.clone())));
+            match room {
+                Some((r, st)) if r < need => {
+                    refused.push((
+                        f.name.clone(),
+                        format!(
+                            "export point {} (staging {}: {} free of its limit)",
+                            f.name,
+                            st.root().display(),
+                            human_bytes(r)
+                        ),
+                    ));
+                    false
+                }
+                _ => true,
+            }
+        });
+        let named_full = match want {
+            Want::Named { name, .. } => refused.iter().any(|(n, _)| n == name),
+            Want::Auto => false,
+        };
+        if figures.is_empty() || named_full {
+            let why: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "VM {vm} was not recovered: its expected working set ({}) does not fit in {}; release or relocate a session, drop kept staging, or raise --staging-max",
+                    human_bytes(need),
+                    why.join(", ")
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Every export point's figures, as seen by a recovery for host `ip`.

@@ -474,3 +474,30 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
 }
 
 mod live_backup;
+
+#[test]
+fn with_bounded_staging_a_new_recovery_goes_where_its_working_set_fits_or_is_refused() {
+    let r = rig_with(POINTS);
+    backup(&r, "fresh", 21, 4);
+    backup(&r, "other", 22, 4);
+    // The main staging (point a) cannot hold a 4-block disk; ssd can.
+    let dirs = r.ds.stagings().to_vec();
+    let (main, fast) = (&dirs[0], dirs.iter().find(|d| d.root() == ssd(&r)).unwrap());
+    main.budget().set_limits(2 * 65536, 0);
+    fast.budget().set_limits(64 << 20, 0);
+    // An idle daemon would place it on `a`; `a` has no room.
+    let info = r.ds.recover("fresh", None).unwrap();
+    assert!(["b", "c"].contains(&info.export_point.as_str()), "{info:?}");
+    let e = r.ds.recover_placed("other", None, &at("a")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("expected working set") && msg.contains("export point a"),
+        "{msg}"
+    );
+    assert!(r.ds.session("other").is_none());
+    // With no room anywhere, auto placement is refused too.
+    fast.budget().set_limits(65536, 0);
+    let e = r.ds.recover("other", None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+}

@@ -331,6 +331,36 @@ impl PersistentBitmap {
         self.write_words_locked(w, &[word])
     }
 
+    /// Eviction: clears `bits` in memory and in the same-boot mirror, then
+    /// in the file, synced, before returning; only then may the caller
+    /// punch the blocks' holes. The file words are read back and only the
+    /// evicted bits cleared in them: bits set in memory since the last
+    /// persist describe data not synced yet and must not reach the file
+    /// here. The caller keeps a snapshot taken before this call from being
+    /// written after it (`Volume::evict` holds the flush lock).
+    pub fn clear_many_durable(&self, bits: &[u64]) -> Result<()> {
+        let _g = self.write_lock.lock();
+        let mut words: std::collections::BTreeMap<u64, u64> = Default::default();
+        for &b in bits {
+            self.bits.clear(b);
+            *words.entry(b / 64).or_default() |= 1 << (b % 64);
+        }
+        let r = (|| -> std::io::Result<()> {
+            if let Some(m) = &self.mirror {
+                bits.iter().try_for_each(|&b| m.unrecord(b))?;
+            }
+            for (&w, &mask) in &words {
+                let mut buf = [0u8; 8];
+                self.file.read_exact_at(&mut buf, HEADER_LEN + w * 8)?;
+                let word = u64::from_le_bytes(buf) & !mask;
+                self.file
+                    .write_all_at(&word.to_le_bytes(), HEADER_LEN + w * 8)?;
+            }
+            self.file.sync_data()
+        })();
+        r.ctx(|| format!("write {}", self.path.display()))
+    }
+
     /// Snapshot and write under the writer lock, so a concurrent durable
     /// clear can never be overwritten by an older snapshot. For maps whose
     /// bits also go from 1 to 0.

@@ -171,26 +171,53 @@ impl LiveMirror {
                 "cannot write {}: {e}; a daemon restarted before the next flush refetches its unflushed blocks",
                 self.path.display()
             );
-            self.poison_locked();
+            let _ = self.poison_locked();
         }
+    }
+
+    /// Forgets `bit` (eviction, before the block's hole is punched). Not
+    /// synced: the mirror only counts in this boot, whose page cache holds
+    /// this write; after a power cut the whole file is ignored.
+    /// Fails only if the old bit may still be trusted by a restart.
+    pub fn unrecord(&self, bit: u64) -> std::io::Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut words = self.words.lock();
+        let i = (bit / 64) as usize;
+        words[i] &= !(1 << (bit % 64));
+        let r = self
+            .file
+            .write_all_at(&words[i].to_le_bytes(), HEADER_LEN + i as u64 * 8);
+        if let Err(e) = r {
+            tracing::error!(
+                "cannot write {}: {e}; a restarted daemon will not trust it",
+                self.path.display()
+            );
+            // A stale bit here would claim an evicted block: never trust it.
+            if !self.poison_locked() {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Marks the mirror untrusted (after a failed staging sync): the next
     /// daemon ignores it and the disk's epoch changes.
     pub fn poison(&self) {
         let _g = self.words.lock();
-        self.poison_locked();
+        let _ = self.poison_locked();
     }
 
-    fn poison_locked(&self) {
+    /// True once the file is marked untrusted (or was already).
+    fn poison_locked(&self) -> bool {
         if self.poisoned.swap(true, Ordering::AcqRel) {
-            return;
+            return true;
         }
         // No sync needed: the mirror only counts within this boot, where
         // the page cache holds this write. If it fails, destroy the header.
-        if self.file.write_all_at(&[1], POISON_AT).is_err() {
-            let _ = self.file.write_all_at(&[0u8; 8], 0);
-        }
+        self.file.write_all_at(&[1], POISON_AT).is_ok()
+            || self.file.write_all_at(&[0u8; 8], 0).is_ok()
     }
 }
 

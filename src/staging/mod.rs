@@ -17,13 +17,17 @@
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
 //!
 //! A daemon may use several staging directories (export points with their
-//! own, [`StagingSet`]), each laid out as above and locked on its own.
+//! own, [`StagingSet`]), each laid out as above and locked on its own. Each has
+//! a byte budget (`budget`: `--staging-max`, eviction, admission) and can
+//! be listed and pruned offline (`inventory`: `staging ls|drop`).
 //!
 //! Every file of a session goes through [`io::Storage`], so tests can fail
 //! or record its I/O. The session keeps its own copy of the manifest: a
 //! kept session resumes from it even while the repository is unreachable.
 
 pub mod bitmap;
+pub mod budget;
+pub mod inventory;
 pub mod io;
 pub mod live;
 pub mod set;
@@ -55,6 +59,8 @@ struct StagingInfo {
 pub struct StagingDir {
     root: PathBuf,
     storage: Arc<dyn Storage>,
+    /// What this directory's sessions hold, and its limit (see `budget`).
+    budget: Arc<budget::Budget>,
     _lock: File,
 }
 
@@ -114,6 +120,7 @@ impl StagingDir {
             )?;
         }
         Ok(StagingDir {
+            budget: budget::Budget::new(&root),
             root,
             storage,
             _lock: lock,
@@ -158,7 +165,7 @@ impl StagingDir {
         }
     }
 
-    fn lock(root: &Path) -> Result<File> {
+    pub(crate) fn lock(root: &Path) -> Result<File> {
         let path = root.join("lock");
         let f = OpenOptions::new()
             .read(true)
@@ -204,6 +211,10 @@ impl StagingDir {
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    pub fn budget(&self) -> &Arc<budget::Budget> {
+        &self.budget
     }
 
     pub fn session_dir(&self, vm: &str, backup: &str) -> PathBuf {
@@ -306,6 +317,7 @@ impl StagingDir {
         if dir.exists() {
             fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
             io::sync_parent(self.storage.as_ref(), &dir)?;
+            self.budget.rescan();
         }
         Ok(())
     }
@@ -329,7 +341,7 @@ pub struct DiskGeometry {
 }
 
 impl SessionMeta {
-    fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
+    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
         let p = dir.join("session.json");
         let bytes = storage
             .read(&p, MAX_META_BYTES)

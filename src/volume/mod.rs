@@ -57,6 +57,7 @@ use crate::repo::{Digest, DiskManifest, Repository};
 use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
+mod evict;
 mod freeze;
 mod relocation;
 
@@ -69,6 +70,8 @@ struct Slot {
     /// The queued fetch, or (before it is queued) the most urgent class a
     /// waiter asked for; one lock so a promotion is never lost.
     job: Mutex<(Option<Arc<Job>>, Class)>,
+    /// Room taken in the staging budget for this fill (see `evict`).
+    reserved: AtomicBool,
 }
 
 impl Slot {
@@ -77,6 +80,7 @@ impl Slot {
             done: Mutex::new(None),
             cv: Condvar::new(),
             job: Mutex::new((None, class)),
+            reserved: AtomicBool::new(false),
         })
     }
 
@@ -126,6 +130,10 @@ pub struct VolumeStats {
     pub fetch_errors: Counter,
     pub fetch_latency: LatencyHistogram,
     pub flushes: Counter,
+    /// Blocks given back to keep staging under its limit (see `evict`).
+    pub evicted_blocks: Counter,
+    /// Reads that found a block evicted after its fill and filled it again.
+    pub refills: Counter,
     /// The most recent fetch failure, for status and verify-boot.
     pub last_fetch_error: Mutex<Option<String>>,
 }
@@ -189,6 +197,18 @@ pub struct Volume {
     /// Every write to staging holds it shared and checks `closed` inside;
     /// `close` takes it exclusively, so after `close` nothing lands.
     io_gate: RwLock<()>,
+    /// Readers hold it shared around "test presence + pread", writers
+    /// around "test presence + pin"; eviction holds it exclusively while
+    /// it picks and clears victims (see `evict`).
+    evict_gate: RwLock<()>,
+    /// Writers relying on a present block (see `evict`).
+    pins: Vec<AtomicU32>,
+    /// CLOCK referenced bits (set by hits and fills).
+    referenced: crate::staging::AtomicBitmap,
+    /// CLOCK hand; also one eviction of this disk at a time.
+    clock_hand: Mutex<u64>,
+    /// The staging budget this disk counts against, and its session dir.
+    budget: OnceLock<(Arc<crate::staging::budget::Budget>, std::path::PathBuf)>,
     /// Tests only: called by a write after it claimed or waited for each
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
@@ -221,6 +241,10 @@ pub struct DiskStatus {
     pub fetch_latency_p99_ms: f64,
     pub fetches_in_flight: usize,
     pub flushes: u64,
+    /// Blocks evicted to keep staging under its limit (see `evict`).
+    pub evicted_blocks: u64,
+    /// Reads that found a block evicted after its fill and filled it again.
+    pub refills: u64,
     pub last_fetch_error: Option<String>,
     /// Set once a sync of this disk's staging failed: every later flush
     /// fails with EIO until the session is released.
@@ -284,6 +308,11 @@ impl Volume {
             copy_order: RwLock::new(None),
             closed: AtomicBool::new(false),
             io_gate: RwLock::new(()),
+            evict_gate: RwLock::new(()),
+            pins: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
+            referenced: crate::staging::AtomicBitmap::new(nblocks),
+            clock_hand: Mutex::new(0),
+            budget: OnceLock::new(),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
         })
@@ -398,7 +427,9 @@ impl Volume {
             // Outside the in-flight lock (it writes the same-boot mirror),
             // yet before the block leaves the table: no second fetch starts.
             self.store.present.set(b);
+            self.touch(b);
         }
+        self.settle(slot, r.is_ok());
         self.inflight.lock().remove(&b);
         slot.finish(r);
     }
@@ -416,7 +447,7 @@ impl Volume {
             Claim::Owner(s) => {
                 match self.chunks[b as usize] {
                     None => {
-                        let r = self.zero_fill(b);
+                        let r = self.admit(&s).and_then(|()| self.zero_fill(b));
                         self.complete(b, &s, r);
                     }
                     Some(_) => self.queue_fetch(b, &s),
@@ -457,8 +488,8 @@ impl Volume {
     fn fetch(&self, b: u64, slot: &Slot) {
         let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
         let start = Instant::now();
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch_block(b))).unwrap_or_else(
-            |p| {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch_block(b, slot)))
+            .unwrap_or_else(|p| {
                 Err(Error::new(
                     ErrorKind::Io,
                     format!(
@@ -468,8 +499,7 @@ impl Volume {
                         crate::util::panic_message(&p)
                     ),
                 ))
-            },
-        );
+            });
         match &r {
             Ok(n) => {
                 self.stats.fetched_blocks.add(1);
@@ -493,8 +523,9 @@ impl Volume {
 
     /// Reads block `b`'s chunk and writes it to staging; the bytes read
     /// from the repository.
-    fn fetch_block(&self, b: u64) -> Result<u64> {
+    fn fetch_block(&self, b: u64, slot: &Slot) -> Result<u64> {
         self.check_open()?;
+        self.admit(slot)?;
         let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
         let what = format!(
             "VM {} backup {} disk{} block {b}",
@@ -608,36 +639,82 @@ impl Volume {
     /// blocks at priority `class`. Returns the data and whether no fetch
     /// was needed.
     pub(crate) fn read_source(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
-        let blocks = self.blocks(off, len);
-        // Start every missing fetch first so a multi-block read fetches in parallel.
-        let slots: Vec<_> = blocks
-            .clone()
-            .filter(|&b| self.chunks[b as usize].is_some())
-            .filter_map(|b| self.start_fill(b, class))
-            .collect();
-        let hit = slots.is_empty();
-        Self::wait_all(slots)?;
-        let mut buf = vec![0u8; len as usize];
-        let mut run: Option<(u64, u64)> = None; // staged byte range to read
-        for b in blocks {
-            let s = (b * self.block_size).max(off);
-            let e = ((b + 1) * self.block_size).min(off + len);
-            if self.store.present.test(b) {
-                run = match run {
-                    Some((rs, re)) if re == s => Some((rs, e)),
-                    Some(r) => {
-                        self.pread_into(&mut buf, off, r)?;
-                        Some((s, e))
-                    }
-                    None => Some((s, e)),
-                };
-            }
-            // A zero chunk that is not staged stays zero in `buf`.
+        // In pieces of at most 1 MiB (one block at least): with bounded
+        // staging, a piece's blocks must all be staged at once, and a whole
+        // large read might not fit (see `evict`).
+        let piece = (1u64 << 20).max(self.block_size);
+        if len <= piece {
+            return self.read_piece(off, len, class);
         }
-        if let Some(r) = run {
-            self.pread_into(&mut buf, off, r)?;
+        let mut buf = Vec::with_capacity(len as usize);
+        let mut hit = true;
+        let mut pos = off;
+        while pos < off + len {
+            let end = ((pos / piece + 1) * piece).min(off + len);
+            let (b, h) = self.read_piece(pos, end - pos, class)?;
+            buf.extend_from_slice(&b);
+            hit &= h;
+            pos = end;
         }
         Ok((buf, hit))
+    }
+
+    fn read_piece(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
+        let mut buf = vec![0u8; len as usize];
+        let mut todo: Vec<u64> = self.blocks(off, len).collect();
+        let mut hit = true;
+        loop {
+            // Start every missing fetch first so a multi-block read fetches in parallel.
+            let slots: Vec<_> = todo
+                .iter()
+                .filter(|&&b| self.chunks[b as usize].is_some())
+                .filter_map(|&b| self.start_fill(b, class))
+                .collect();
+            hit &= slots.is_empty();
+            Self::wait_all(slots)?;
+            // Never held while waiting for a fill (see `evict`).
+            let _gate = self.evict_gate.read();
+            todo = self.read_staged(&todo, off, &mut buf)?;
+            if todo.is_empty() {
+                return Ok((buf, hit));
+            }
+            // Evicted after their fill: fill them again (the blocks read
+            // so far stay read, so each round makes progress).
+            self.stats.refills.add(1);
+        }
+    }
+
+    /// Copies the staged blocks of `blocks` (ascending) into `buf` (which
+    /// holds `[off, off + buf.len())`); a zero chunk not staged stays
+    /// zeros. Returns the blocks with backup data that are not staged. The
+    /// caller holds the eviction gate.
+    fn read_staged(&self, blocks: &[u64], off: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
+        let end = off + buf.len() as u64;
+        let mut missing = vec![];
+        let mut run: Option<(u64, u64)> = None; // staged byte range to read
+        for &b in blocks {
+            let s = (b * self.block_size).max(off);
+            let e = ((b + 1) * self.block_size).min(end);
+            if !self.store.present.test(b) {
+                if self.chunks[b as usize].is_some() {
+                    missing.push(b);
+                }
+                continue;
+            }
+            self.touch(b);
+            run = match run {
+                Some((rs, re)) if re == s => Some((rs, e)),
+                Some(r) => {
+                    self.pread_into(buf, off, r)?;
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some(r) = run {
+            self.pread_into(buf, off, r)?;
+        }
+        Ok(missing)
     }
 
     /// Reads disk bytes for the daemon itself (e.g. to find filesystem
@@ -766,9 +843,20 @@ impl Volume {
             .filter_map(|b| self.start_fill(b, Class::OnDemand).map(|s| (b, s)))
             .collect();
         let mut owned = vec![];
+        let mut pinned = vec![];
         let r = self
-            .claim_in_order(blocks.clone(), off, len, &mut fills, &mut owned)
+            .claim_in_order(
+                blocks.clone(),
+                off,
+                len,
+                &mut fills,
+                &mut owned,
+                &mut pinned,
+            )
             .and_then(|_| self.write_claimed(blocks, off, data));
+        for b in pinned {
+            self.unpin(b);
+        }
         for (b, s) in owned {
             self.complete(b, &s, r.clone().map(|_| ()));
         }
@@ -779,7 +867,9 @@ impl Volume {
     /// filled and claims each fully covered one (readers then wait for this
     /// write instead of fetching the old content). A block is only ever
     /// waited on while this write holds claims on lower blocks alone, so
-    /// overlapping writes cannot wait on each other in a cycle.
+    /// overlapping writes cannot wait on each other in a cycle. Blocks
+    /// found present are pinned (`pinned`) so no eviction takes them
+    /// before this write marked them changed.
     fn claim_in_order(
         &self,
         blocks: std::ops::Range<u64>,
@@ -787,14 +877,23 @@ impl Volume {
         len: u64,
         fills: &mut Vec<(u64, Arc<Slot>)>,
         owned: &mut Vec<(u64, Arc<Slot>)>,
+        pinned: &mut Vec<u64>,
     ) -> Result<()> {
         for b in blocks {
             if self.covers(off, len, b) {
                 loop {
                     match self.claim(b, Class::OnDemand) {
-                        Claim::Present => break,
+                        Claim::Present => {
+                            if self.pin_if_present(b) {
+                                pinned.push(b);
+                                break;
+                            }
+                            // Evicted since the claim saw it: claim again.
+                        }
                         Claim::Owner(s) => {
-                            owned.push((b, s));
+                            owned.push((b, s.clone()));
+                            // Its data lands in staging: room first.
+                            self.admit(&s)?;
                             break;
                         }
                         // A fill (perhaps a queued prefetch) is under way:
@@ -812,9 +911,16 @@ impl Volume {
             if let Some(i) = fills.iter().position(|(fb, _)| *fb == b) {
                 fills.swap_remove(i).1.wait()?;
             }
-            // The slot may have been another write's claim that failed.
-            while let Some(s) = self.start_fill(b, Class::OnDemand) {
-                s.wait()?;
+            // The slot may have been another write's claim that failed, or
+            // the block may be evicted again before it is pinned.
+            loop {
+                while let Some(s) = self.start_fill(b, Class::OnDemand) {
+                    s.wait()?;
+                }
+                if self.pin_if_present(b) {
+                    pinned.push(b);
+                    break;
+                }
             }
             self.after_claim(off, b);
         }
@@ -1022,6 +1128,8 @@ impl Volume {
             fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
             fetches_in_flight: self.inflight.lock().len(),
             flushes: s.flushes.get(),
+            evicted_blocks: s.evicted_blocks.get(),
+            refills: s.refills.get(),
             last_fetch_error: s.last_fetch_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),
         }
@@ -1033,6 +1141,7 @@ impl Volume {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         drop(self.io_gate.write());
+        self.detach_budget();
     }
 
     /// Waits for in-flight fills to settle (used before release/shutdown).

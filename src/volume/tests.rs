@@ -10,15 +10,15 @@ use std::path::PathBuf;
 
 const BS: usize = 65536;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    vol: Arc<Volume>,
-    data: Vec<u8>,
+pub(super) struct Fixture {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) vol: Arc<Volume>,
+    pub(super) data: Vec<u8>,
     knobs: Knobs,
-    staging: PathBuf,
+    pub(super) staging: PathBuf,
 }
 
-fn fixture(blocks: usize, seed: u64) -> Fixture {
+pub(super) fn fixture(blocks: usize, seed: u64) -> Fixture {
     fixture_on(blocks, seed, OsStorage::shared())
 }
 

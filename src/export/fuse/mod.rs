@@ -386,15 +386,31 @@ impl Filesystem for RecoverFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _o: u64,
-        _l: u64,
-        _m: i32,
+        offset: u64,
+        len: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        // Callers (e.g. QEMU write-zeroes) fall back to plain writes.
-        reply.error(Errno::EOPNOTSUPP)
+        // Punching a hole (a guest's discard, e.g. QEMU's discard=unmap)
+        // and zeroing a range both make the range read as zeros: holes in
+        // staging, blocks marked changed, so staging is freed and the next
+        // live backup records zero chunks. Other modes (allocation, which
+        // a fixed-size disk cannot promise): callers fall back.
+        let zero = mode == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            || mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE;
+        if !zero {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let d = match self.disk(ino.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(if e == Errno::EISDIR { Errno::EACCES } else { e }),
+        };
+        self.io.submit(move || match d.write_zeroes(offset, len) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        })
     }
 
     fn getxattr(

@@ -1,0 +1,392 @@
+//! Bounded staging: one byte budget per staging directory (`serve
+//! --staging-max SIZE`, `--staging-reserve SIZE`), shared by every session
+//! staged there.
+//!
+//! **What is counted.** Each served disk counts one block size per block
+//! whose presence bit is set or whose fill is under way (a reservation
+//! taken before the fill writes staging, returned if it fails). Sessions
+//! kept but not served count their data files' allocated bytes, measured
+//! whenever the set of served disks changes. So staging use is an upper
+//! bound of what the data files hold.
+//!
+//! **The limit.** The hard limit is `--staging-max`, lowered so that the
+//! filesystem keeps `--staging-reserve` bytes free. A fill that would pass
+//! it first runs an eviction step itself; if nothing can be evicted (every
+//! staged block changed, in flight, or pinned by a writer) the fill fails
+//! with ENOSPC, counted in `refused`, and the limit holds. A background
+//! thread evicts from a high watermark (90 % of the limit) down to a low
+//! one (80 %) so fills rarely wait.
+//!
+//! **What is evicted** is decided by each disk (`Evictable`, implemented
+//! by `volume::Volume`, see `volume::evict`): staged, unchanged blocks no
+//! fill, writer or relocation needs, least recently used first
+//! (approximately: CLOCK). The budget only asks the disks in turn, so the
+//! order across disks is round robin, within a disk CLOCK.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// A served disk the budget can ask to give bytes back.
+pub trait Evictable: Send + Sync {
+    /// Evicts idle, unchanged staged blocks worth at least `want` bytes if
+    /// it can (a small batch); returns the bytes freed.
+    fn evict(&self, want: u64) -> Result<u64>;
+    /// The session directory this disk is staged in.
+    fn session_dir(&self) -> PathBuf;
+    /// Bytes no eviction can free: the blocks the guest changed.
+    fn unevictable_bytes(&self) -> u64;
+}
+
+/// Staging use and pressure of one staging directory, for `status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetStatus {
+    pub root: String,
+    /// Bytes counted (served disks' staged and reserved blocks, kept
+    /// sessions' allocated bytes).
+    pub used: u64,
+    /// `--staging-max`, if set.
+    pub max: Option<u64>,
+    /// `--staging-reserve`: bytes the filesystem keeps free.
+    pub reserve: u64,
+    /// The limit in force now (max, lowered by the free-space reserve).
+    pub limit: Option<u64>,
+    /// Bytes of sessions kept but not served (included in `used`).
+    pub kept: u64,
+    pub evicted_blocks: u64,
+    pub evicted_bytes: u64,
+    /// Fills refused because nothing could be evicted (ENOSPC).
+    pub refused_fills: u64,
+    /// Fills that had to run an eviction step before they could go on.
+    pub fills_waited: u64,
+    /// `used / limit` (0 without a limit).
+    pub pressure: f64,
+}
+
+struct Member {
+    dir: PathBuf,
+    disk: Weak<dyn Evictable>,
+}
+
+pub struct Budget {
+    root: PathBuf,
+    /// 0: no `--staging-max`.
+    max: AtomicU64,
+    reserve: AtomicU64,
+    /// Served disks' staged and reserved bytes.
+    live: AtomicU64,
+    /// Kept, unserved sessions' allocated bytes.
+    kept: AtomicU64,
+    members: Mutex<Vec<Member>>,
+    /// Serialises eviction steps; the disk to ask first next time.
+    cursor: Mutex<usize>,
+    evicted_blocks: AtomicU64,
+    evicted_bytes: AtomicU64,
+    refused: AtomicU64,
+    waited: AtomicU64,
+    /// Wakes the background evictor.
+    wake: Condvar,
+    wake_lock: Mutex<bool>,
+    /// The background evictor was started.
+    started: std::sync::atomic::AtomicBool,
+}
+
+/// High and low watermarks, in per mille of the limit.
+const HIGH: u64 = 900;
+const LOW: u64 = 800;
+
+impl Budget {
+    /// A budget without a limit (counting only) for the staging at `root`.
+    pub fn new(root: &Path) -> Arc<Budget> {
+        let b = Arc::new(Budget {
+            root: root.to_path_buf(),
+            max: AtomicU64::new(0),
+            reserve: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            kept: AtomicU64::new(0),
+            members: Mutex::new(vec![]),
+            cursor: Mutex::new(0),
+            evicted_blocks: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(false),
+            started: std::sync::atomic::AtomicBool::new(false),
+        });
+        b.rescan();
+        b
+    }
+
+    /// Sets the limit (`max`, 0 for none) and the free-space reserve, and
+    /// starts the background evictor, which ends when the budget is dropped.
+    pub fn set_limits(self: &Arc<Self>, max: u64, reserve: u64) {
+        self.max.store(max, Ordering::Release);
+        self.reserve.store(reserve, Ordering::Release);
+        if (max == 0 && reserve == 0) || self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let root = self.root.display().to_string();
+        let spawned = std::thread::Builder::new()
+            .name("staging-evict".into())
+            .spawn(move || background(me));
+        if let Err(e) = spawned {
+            tracing::error!(staging = %root, "cannot start the staging evictor ({e}); fills evict for themselves");
+        }
+    }
+
+    pub fn is_limited(&self) -> bool {
+        self.max.load(Ordering::Acquire) != 0 || self.reserve.load(Ordering::Acquire) != 0
+    }
+
+    pub fn used(&self) -> u64 {
+        self.live.load(Ordering::Acquire) + self.kept.load(Ordering::Acquire)
+    }
+
+    /// The limit in force: `max`, lowered so the filesystem keeps
+    /// `reserve` bytes free; `None` without either.
+    pub fn limit(&self) -> Option<u64> {
+        let max = self.max.load(Ordering::Acquire);
+        let reserve = self.reserve.load(Ordering::Acquire);
+        let mut limit = (max != 0).then_some(max);
+        if reserve != 0 {
+            if let Some(avail) = available_bytes(&self.root) {
+                let by_space = self.used() + avail.saturating_sub(reserve);
+                limit = Some(limit.map_or(by_space, |l| l.min(by_space)));
+            }
+        }
+        limit
+    }
+
+    /// Starts counting a served disk whose staging holds `staged` bytes.
+    pub fn attach(&self, disk: Weak<dyn Evictable>, dir: PathBuf, staged: u64) {
+        self.live.fetch_add(staged, Ordering::AcqRel);
+        self.members.lock().push(Member { dir, disk });
+        self.rescan();
+    }
+
+    /// Stops counting a disk (at release); its bytes count as kept until
+    /// the session is discarded.
+    pub fn detach(&self, dir: &Path, staged: u64) {
+        self.take_back(staged);
+        self.members.lock().retain(|m| m.dir != dir);
+        self.rescan();
+    }
+
+    /// Measures the kept, unserved sessions' data files again (after a
+    /// session was attached, released or discarded).
+    pub fn rescan(&self) {
+        let served: Vec<PathBuf> = self.members.lock().iter().map(|m| m.dir.clone()).collect();
+        let mut kept = 0;
+        for dir in session_dirs(&self.root) {
+            if !served.contains(&dir) {
+                kept += allocated_data_bytes(&dir);
+            }
+        }
+        self.kept.store(kept, Ordering::Release);
+    }
+
+    /// Bytes a new recovery could stage here (evicting what can be):
+    /// the limit less kept sessions and served disks' changed blocks;
+    /// `None` without a limit.
+    pub fn room(&self) -> Option<u64> {
+        let limit = self.limit()?;
+        let held: u64 = self
+            .members
+            .lock()
+            .iter()
+            .filter_map(|m| m.disk.upgrade())
+            .map(|d| d.unevictable_bytes())
+            .sum();
+        Some(limit.saturating_sub(self.kept.load(Ordering::Acquire) + held))
+    }
+
+    /// Takes `bytes` before a fill writes them to staging. Over the limit,
+    /// runs eviction steps first; fails with ENOSPC when nothing can go.
+    pub fn reserve(&self, bytes: u64) -> Result<()> {
+        let mut waited = false;
+        loop {
+            let limit = self.limit();
+            let kept = self.kept.load(Ordering::Acquire);
+            // Counted only if it fits: the count itself never passes the limit.
+            let taken = self
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                    let after = live + bytes;
+                    limit.is_none_or(|l| after + kept <= l).then_some(after)
+                });
+            let used = match taken {
+                Ok(live) => {
+                    if let Some(l) = limit {
+                        if live + bytes + kept > l / 1000 * HIGH {
+                            self.kick();
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(live) => live + kept,
+            };
+            let limit = limit.expect("only a limit refuses");
+            if !waited {
+                waited = true;
+                self.waited.fetch_add(1, Ordering::Relaxed);
+            }
+            let freed = self.evict_step((used + bytes).saturating_sub(limit).max(bytes))?;
+            if freed == 0 {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release or relocate a session, or raise --staging-max",
+                        self.root.display(),
+                        crate::util::human_bytes(used),
+                        crate::util::human_bytes(limit)
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Gives back a reservation whose fill failed.
+    pub fn unreserve(&self, bytes: u64) {
+        self.take_back(bytes);
+    }
+
+    /// Lowers the served count, never below zero (a late settlement of a
+    /// disk already detached must not wrap it).
+    fn take_back(&self, bytes: u64) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                Some(l.saturating_sub(bytes))
+            });
+    }
+
+    /// Called by a disk for each block it evicted.
+    pub fn evicted(&self, blocks: u64, bytes: u64) {
+        self.take_back(bytes);
+        self.evicted_blocks.fetch_add(blocks, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// One eviction step: asks the served disks in turn until `want`
+    /// bytes are freed or every disk was asked; returns the bytes freed.
+    pub fn evict_step(&self, want: u64) -> Result<u64> {
+        let mut cursor = self.cursor.lock();
+        let disks: Vec<Arc<dyn Evictable>> = self
+            .members
+            .lock()
+            .iter()
+            .filter_map(|m| m.disk.upgrade())
+            .collect();
+        let mut freed = 0;
+        let n = disks.len();
+        for i in 0..n {
+            if freed >= want {
+                break;
+            }
+            let d = &disks[(*cursor + i) % n];
+            match d.evict(want - freed) {
+                Ok(f) => freed += f,
+                Err(e) => tracing::error!(staging = %self.root.display(), "eviction failed: {e}"),
+            }
+        }
+        if n > 0 {
+            *cursor = (*cursor + 1) % n;
+        }
+        Ok(freed)
+    }
+
+    fn kick(&self) {
+        *self.wake_lock.lock() = true;
+        self.wake.notify_one();
+    }
+
+    pub fn status(&self) -> BudgetStatus {
+        let limit = self.limit();
+        let used = self.used();
+        let max = self.max.load(Ordering::Acquire);
+        BudgetStatus {
+            root: self.root.display().to_string(),
+            used,
+            max: (max != 0).then_some(max),
+            reserve: self.reserve.load(Ordering::Acquire),
+            limit,
+            kept: self.kept.load(Ordering::Acquire),
+            evicted_blocks: self.evicted_blocks.load(Ordering::Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
+            refused_fills: self.refused.load(Ordering::Relaxed),
+            fills_waited: self.waited.load(Ordering::Relaxed),
+            pressure: limit.map_or(0.0, |l| used as f64 / l.max(1) as f64),
+        }
+    }
+}
+
+/// The background evictor: above the high watermark, evicts down to the
+/// low one; wakes when a reservation passes the high mark, or every 200 ms.
+fn background(budget: Weak<Budget>) {
+    loop {
+        let Some(b) = budget.upgrade() else { return };
+        {
+            let mut woken = b.wake_lock.lock();
+            if !*woken {
+                b.wake.wait_for(&mut woken, Duration::from_millis(200));
+            }
+            *woken = false;
+        }
+        let Some(limit) = b.limit() else { continue };
+        let (high, low) = (limit / 1000 * HIGH, limit / 1000 * LOW);
+        while b.used() > high {
+            match b.evict_step(b.used().saturating_sub(low)) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// `root/sessions/<vm>/<backup>` directories.
+fn session_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for vm in std::fs::read_dir(root.join("sessions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for s in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            out.push(s.path());
+        }
+    }
+    out
+}
+
+/// Allocated bytes of a session's `diskN.data` files.
+pub fn allocated_data_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("disk") && n.ends_with(".data")
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Free bytes for unprivileged users on the filesystem holding `dir`.
+fn available_bytes(dir: &Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(dir)
+        .ok()
+        .map(|s| s.blocks_available() * s.fragment_size())
+}

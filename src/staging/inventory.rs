@@ -1,0 +1,141 @@
+//! `recoverfs staging ls` / `staging drop`: kept sessions of staging
+//! directories, read without a daemon, and dropping one.
+//!
+//! Listing only reads (it never creates a map or takes the lock). Dropping
+//! takes the directory's lock (`<staging>/lock`, the flock every serving
+//! daemon holds): while a daemon serves from the directory, a drop is
+//! refused and `release --discard` is the way, so a session being served
+//! is never removed under its guest.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::bitmap::{MapKind, PersistentBitmap};
+use super::io::OsStorage;
+use super::{budget::allocated_data_bytes, SessionMeta};
+use crate::error::{Error, IoContext, Result};
+use crate::repo::DiskManifest;
+
+/// One kept session, as `staging ls` shows it.
+#[derive(Debug, Serialize)]
+pub struct KeptSession {
+    pub staging: PathBuf,
+    pub vm: String,
+    pub backup: String,
+    pub disks: usize,
+    /// Allocated bytes of the data files.
+    pub bytes_held: u64,
+    /// Bytes of blocks the guest changed (whole blocks).
+    pub changed_bytes: u64,
+    pub last_recovered: u64,
+    /// Marked active: a daemon served it last (and serves it now if the
+    /// directory is locked).
+    pub active: bool,
+}
+
+/// The pid of the daemon holding `root`'s lock, `Some(0)` if held by an
+/// unknown process, `None` if free.
+pub fn lock_holder(root: &Path) -> Result<Option<u32>> {
+    let path = root.join("lock");
+    let f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+    };
+    // SAFETY: flock on an fd we own; no memory is involved.
+    let rc = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_SH | libc::LOCK_NB,
+        )
+    };
+    if rc == 0 {
+        return Ok(None);
+    }
+    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+    Ok(Some(pid.trim().parse().unwrap_or(0)))
+}
+
+fn check_staging(root: &Path) -> Result<()> {
+    if !root.join("staging.json").is_file() {
+        return Err(Error::invalid(format!(
+            "{} is not a recoverfs staging directory",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Every kept session of the staging directory `root`.
+pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
+    check_staging(root)?;
+    let mut out = vec![];
+    let sessions = root.join("sessions");
+    for vm in std::fs::read_dir(&sessions).into_iter().flatten().flatten() {
+        for s in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            let dir = s.path();
+            let Ok(meta) = SessionMeta::load(&OsStorage, &dir) else {
+                continue; // never completed: not a session
+            };
+            out.push(KeptSession {
+                staging: root.to_path_buf(),
+                changed_bytes: changed_bytes(&dir, &meta)?,
+                bytes_held: allocated_data_bytes(&dir),
+                disks: meta.disks.len(),
+                active: dir.join("active").exists(),
+                last_recovered: meta.last_recovered,
+                vm: meta.vm,
+                backup: meta.backup,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.vm, &a.backup).cmp(&(&b.vm, &b.backup)));
+    Ok(out)
+}
+
+fn changed_bytes(dir: &Path, meta: &SessionMeta) -> Result<u64> {
+    let mut total = 0;
+    for (i, d) in meta.disks.iter().enumerate() {
+        let p = dir.join(format!("disk{i}.changed"));
+        if !p.exists() {
+            continue;
+        }
+        let nblocks = DiskManifest::chunk_count(d.size, d.chunk_size);
+        let m = PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, d.chunk_size, nblocks)?;
+        total += m.bits().count() * d.chunk_size as u64;
+    }
+    Ok(total)
+}
+
+/// Removes kept sessions of `vm` (only `backup` if given) from `root`;
+/// refused while a daemon holds the directory. Returns what was removed.
+pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<String>> {
+    crate::util::validate_name("VM name", vm)?;
+    if let Some(b) = backup {
+        crate::util::validate_name("backup id", b)?;
+    }
+    check_staging(root)?;
+    let lock = super::StagingDir::lock(root)?;
+    let mut removed = vec![];
+    for s in list(root)?
+        .into_iter()
+        .filter(|s| s.vm == vm && backup.is_none_or(|b| b == s.backup))
+    {
+        let dir = root.join("sessions").join(vm).join(&s.backup);
+        std::fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
+        super::io::sync_parent(&OsStorage, &dir)?;
+        removed.push(s.backup);
+    }
+    drop(lock);
+    if removed.is_empty() {
+        return Err(Error::not_found(format!(
+            "no kept session of VM {vm}{} in {}",
+            backup
+                .map(|b| format!(" from backup {b}"))
+                .unwrap_or_default(),
+            root.display()
+        )));
+    }
+    Ok(removed)
+}

@@ -1,0 +1,236 @@
+//! Eviction: giving staged blocks back so staging stays under its limit
+//! (see `staging::budget`), without ever letting a guest read zeros or
+//! stale bytes where the backup or a guest write has data.
+//!
+//! **What may go.** A block that is present, not changed (the guest never
+//! wrote it: its bytes are the backup's and can be fetched again), not in
+//! the in-flight table, not pinned by a writer, and, while a relocation
+//! runs, already copied to the target. Changed blocks never go, so neither
+//! do the dirty-since-backup blocks a live backup reads (dirty ⊆ changed).
+//!
+//! **The race.** A reader tests a presence bit, then reads staging; a
+//! writer of a partly covered block relies on the block's old bytes being
+//! there; a writer of a fully covered present block relies on the bit
+//! staying set (else a later read would fetch the backup over its data).
+//! An eviction in between would break each. So the volume has an eviction
+//! gate (`evict_gate`, an `RwLock<()>`):
+//! * readers hold it shared only around "test presence + pread" (never
+//!   while waiting for a fill); a block with a backup chunk found not
+//!   present there was evicted after its fill: they fill it again;
+//! * writers, under the gate, test a block present and *pin* it
+//!   (`pins[b] += 1`) before relying on it, and unpin after their data is
+//!   written (by then the block is changed anyway); a block found not
+//!   present is filled again first. Writers never hold the gate across a
+//!   fill or a sync, so the evictor never waits behind a fetch;
+//! * the evictor holds it exclusively while it picks victims, clears their
+//!   presence bits in memory, in the same-boot mirror (`diskN.live`) and in
+//!   `diskN.present` (synced); only then, outside the gate, are the holes
+//!   punched. The exclusive hold covers at most `BATCH` blocks and one map
+//!   sync. The victims sit in the in-flight table until their holes are
+//!   punched, so a fill started meanwhile waits and never has its bytes
+//!   punched away; the budget gets their room back only after the punch.
+//!
+//! Readers read block by block what is staged after their fills, and
+//! fill again only what was evicted in between, so a read larger than the
+//! limit still makes progress; reads are split into 1 MiB pieces.
+//!
+//! The evictor also holds the flush lock, so a flush's presence snapshot
+//! (taken before its data sync) is never written after an eviction cleared
+//! one of its bits; a later snapshot sees the cleared bit.
+//!
+//! **Crashes.** After a `kill -9` the restarted daemon trusts the file and
+//! the mirror, both without the bit before the hole exists; after a power
+//! cut only the file, synced before the punch. Either way an evicted block
+//! reads from the backup again. A crash before the file sync leaves the
+//! bit on disk and the bytes in place (nothing was punched).
+//!
+//! **Recency** is approximated by CLOCK (second chance): a referenced bit
+//! per block, set by hits and fills, cleared by the sweeping hand; a block
+//! is evicted when the hand finds it unreferenced.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Slot, Volume};
+use crate::error::{IoContext, Result};
+use crate::prefetch::Class;
+use crate::staging::budget::{Budget, Evictable};
+
+/// Blocks evicted per exclusive hold of the gate.
+const BATCH: u64 = 32;
+
+impl Volume {
+    /// Counts this disk's staging against `budget` (the staging directory
+    /// of its session, `dir`), which may then ask it to evict.
+    pub fn attach_budget(self: &Arc<Self>, budget: Arc<Budget>, dir: PathBuf) {
+        let staged = self.store.present.bits().count() * self.block_size;
+        let me: std::sync::Weak<dyn Evictable> = Arc::downgrade(self) as _;
+        budget.attach(me, dir.clone(), staged);
+        let _ = self.budget.set((budget, dir));
+    }
+
+    /// Stops counting this disk as served (at release).
+    pub(super) fn detach_budget(&self) {
+        if let Some((b, dir)) = self.budget.get() {
+            b.detach(dir, self.store.present.bits().count() * self.block_size);
+        }
+    }
+
+    /// Takes room for block `b` before a fill writes it; the slot gives it
+    /// back if the fill fails (see `complete`).
+    pub(super) fn admit(&self, slot: &Slot) -> Result<()> {
+        if let Some((budget, _)) = self.budget.get() {
+            budget.reserve(self.block_size)?;
+            slot.reserved.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// After a fill ended: a failed one returns its reservation.
+    pub(super) fn settle(&self, slot: &Slot, ok: bool) {
+        if !ok && slot.reserved.swap(false, Ordering::AcqRel) {
+            if let Some((budget, _)) = self.budget.get() {
+                budget.unreserve(self.block_size);
+            }
+        }
+    }
+
+    /// Pins `b` if it is present: no eviction takes it until `unpin`.
+    pub(super) fn pin_if_present(&self, b: u64) -> bool {
+        let _g = self.evict_gate.read();
+        if !self.store.present.test(b) {
+            return false;
+        }
+        self.pins[b as usize].fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    pub(super) fn unpin(&self, b: u64) {
+        self.pins[b as usize].fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Marks `b` recently used (CLOCK).
+    pub(super) fn touch(&self, b: u64) {
+        if !self.referenced.test(b) {
+            self.referenced.set(b);
+        }
+    }
+
+    fn evictable(&self, b: u64, copied: Option<&crate::staging::PersistentBitmap>) -> bool {
+        self.store.present.test(b)
+            && !self.store.changed.test(b)
+            && self.pins[b as usize].load(Ordering::Acquire) == 0
+            && copied.is_none_or(|c| c.test(b))
+    }
+
+    /// One batch: picks victims under the exclusive gate (CLOCK), clears
+    /// their bits durably, then punches their holes. Returns bytes freed.
+    fn evict_batch(&self, want: u64) -> Result<u64> {
+        if self.closed.load(Ordering::Acquire) || self.is_failed() || self.nblocks == 0 {
+            return Ok(0);
+        }
+        let max = want.div_ceil(self.block_size).clamp(1, BATCH) as usize;
+        let mut hand = self.clock_hand.lock();
+        let _flush = self.flush_lock.lock();
+        let gate = self.evict_gate.write();
+        let copied = self.copied.read().clone();
+        let mut victims = vec![];
+        let mut slots = vec![];
+        {
+            let mut inflight = self.inflight.lock();
+            // Two turns: the first may only clear referenced bits.
+            for _ in 0..2 * self.nblocks {
+                if victims.len() >= max {
+                    break;
+                }
+                let b = *hand;
+                *hand = (b + 1) % self.nblocks;
+                if !self.evictable(b, copied.as_deref()) || inflight.contains_key(&b) {
+                    continue;
+                }
+                if self.referenced.clear(b) {
+                    continue;
+                }
+                // A fill of a victim waits until its hole is punched: one
+                // started earlier would have its bytes punched away.
+                let slot = Slot::new(Class::OnDemand);
+                inflight.insert(b, slot.clone());
+                victims.push(b);
+                slots.push(slot);
+            }
+        }
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        // Bits leave memory, the mirror and the file before the gate opens;
+        // if that fails nothing is punched (the bytes stay and are fetched
+        // again) and the disk fails like after a failed sync.
+        let cleared = self.store.present.clear_many_durable(&victims);
+        drop(gate);
+        if cleared.is_ok() {
+            self.punch(&victims);
+            self.stats.evicted_blocks.add(victims.len() as u64);
+        }
+        // Only now is the room free: counted earlier, a fill could take it
+        // while the holes are not punched yet, and staging would pass its
+        // limit for a moment.
+        if let Some((budget, _)) = self.budget.get() {
+            budget.evicted(victims.len() as u64, victims.len() as u64 * self.block_size);
+        }
+        {
+            let mut inflight = self.inflight.lock();
+            for b in &victims {
+                inflight.remove(b);
+            }
+        }
+        // Waiters find the block missing and fill it.
+        for s in slots {
+            s.finish(Ok(()));
+        }
+        cleared.map_err(|e| self.fail(e))?;
+        Ok(victims.len() as u64 * self.block_size)
+    }
+
+    fn punch(&self, victims: &[u64]) {
+        let _io = self.io_gate.read();
+        // After `close` a later session may own these files: leave them.
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        for &b in victims {
+            let (off, len) = self.block_range(b);
+            if let Err(e) = self.store.data.punch_hole(off, len).ctx(|| {
+                format!(
+                    "punch evicted block {b} of {}",
+                    self.store.data_path.display()
+                )
+            }) {
+                // The bit is gone: the bytes are unused and fetched again.
+                tracing::warn!(vm = %self.vm, disk = self.index, block = b, "{e}");
+            }
+        }
+    }
+}
+
+impl Evictable for Volume {
+    fn evict(&self, want: u64) -> Result<u64> {
+        let _span = tracing::debug_span!("evict", vm = %self.vm, disk = self.index).entered();
+        self.evict_batch(want)
+    }
+
+    fn unevictable_bytes(&self) -> u64 {
+        self.store.changed.bits().count() * self.block_size
+    }
+
+    fn session_dir(&self) -> PathBuf {
+        self.budget
+            .get()
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+#[path = "evict_tests.rs"]
+mod tests;

@@ -1,0 +1,340 @@
+//! Bounded staging (`serve --staging-max`) with real clients: a guest
+//! reading a disk 4x larger than the limit over FUSE and NBD keeps working,
+//! staging stays under the limit, and every changed (and discarded) block
+//! survives eviction, a live backup, release and resume.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::nfs::own_loopback;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const MIB: usize = 1 << 20;
+const BS: usize = 64 << 10;
+const LIMIT: u64 = 16 << 20;
+
+fn tool(args: &[&str]) -> String {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} (Debian packages libnbd-bin, qemu-utils): {e}", args[0]));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Staging use as `status` reports it, and as the data file holds it.
+fn assert_under_limit(env: &Env, data_file: &Path, when: &str) {
+    let st = env.status();
+    let s = &st["staging"][0];
+    assert_eq!(s["limit"].as_u64(), Some(LIMIT), "{s}");
+    let used = s["used"].as_u64().unwrap();
+    assert!(used <= LIMIT, "{when}: status shows {used} bytes used: {s}");
+    // The filesystem's own blocks (ext4 extent tree blocks of a file
+    // full of holes) count in st_blocks too: allow one block for them.
+    let allocated = std::fs::metadata(data_file).unwrap().blocks() * 512;
+    assert!(
+        allocated <= LIMIT + BS as u64,
+        "{when}: the staging data file holds {allocated} bytes, over the {LIMIT} limit"
+    );
+}
+
+/// Reads the whole disk file in 1 MiB requests, comparing with `model`
+/// and checking the limit every 8 MiB.
+fn read_and_compare(env: &Env, disk: &Path, data_file: &Path, model: &[u8], pass: &str) {
+    let mut f = std::fs::File::open(disk).unwrap();
+    let mut buf = vec![0u8; MIB];
+    for (i, want) in model.chunks(MIB).enumerate() {
+        f.read_exact(&mut buf[..want.len()]).unwrap();
+        if buf[..want.len()] != *want {
+            let j = (0..want.len()).find(|&j| buf[j] != want[j]).unwrap();
+            panic!(
+                "{pass}: byte {} differs (block {})",
+                i * MIB + j,
+                (i * MIB + j) / BS
+            );
+        }
+        if i % 8 == 7 {
+            assert_under_limit(env, data_file, pass);
+        }
+    }
+}
+
+fn release(env: &Env, discard: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = env.release("vm", discard);
+        if o.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("still open") && Instant::now() < deadline,
+            "release failed: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_changed_block_survives(
+) {
+    let mut env = Env::new();
+    let addr = format!("{}:10809", own_loopback());
+    env.serve_args = vec![
+        "--nbd".into(),
+        addr.clone(),
+        "--staging-max".into(),
+        "16M".into(),
+    ];
+    // 64 MiB, one chunk in 16 all zeros: about 60 MiB of data.
+    let img = env.path("disk.img");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut model = vec![0u8; 64 * MIB];
+    rng.fill(&mut model[..]);
+    for b in (0..model.len() / BS).step_by(16) {
+        model[b * BS..(b + 1) * BS].fill(0);
+    }
+    std::fs::write(&img, &model).unwrap();
+    let id = env.backup("vm", "64K", &[&img]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let data_file = env.staging.join("sessions/vm").join(&id).join("disk0.data");
+
+    // Twice over FUSE, then once over NBD (nbdcopy, parallel requests).
+    read_and_compare(&env, &disk, &data_file, &model, "first FUSE read");
+    read_and_compare(&env, &disk, &data_file, &model, "second FUSE read");
+    let url = format!("nbd://{addr}/vm/disk0");
+    let copy = env.path("copy.img");
+    tool(&["nbdcopy", &url, copy.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&copy).unwrap() == model,
+        "nbdcopy differs from the backup"
+    );
+    assert_under_limit(&env, &data_file, "after nbdcopy");
+
+    // Guest writes: whole blocks, and partial ones across block edges.
+    let mut written = vec![];
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for i in 0..24usize {
+            let (off, len) = if i % 2 == 0 {
+                (rng.gen_range(0..model.len() / BS) * BS, BS)
+            } else {
+                let len = rng.gen_range(1..3 * BS);
+                (rng.gen_range(0..model.len() - len), len)
+            };
+            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            f.write_all_at(&data, off as u64).unwrap();
+            model[off..off + len].copy_from_slice(&data);
+            written.push((off, len));
+        }
+        f.sync_all().unwrap();
+    }
+    // And discards through FUSE (fallocate punch-hole, as QEMU's
+    // discard=unmap on a file does): a whole block and a partial range.
+    let mut punched = vec![];
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for (off, len) in [(300 * BS, BS), (700 * BS + 1000, 5000)] {
+            nix::fcntl::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                len as i64,
+            )
+            .unwrap();
+            model[off..off + len].fill(0);
+        }
+        punched.push(300usize);
+        f.sync_all().unwrap();
+    }
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut check = vec![0u8; 3 * BS];
+    for &(off, len) in &written {
+        f.read_exact_at(&mut check[..len], off as u64).unwrap();
+        assert!(
+            check[..len] == model[off..off + len],
+            "write at {off} not read back"
+        );
+    }
+    drop(f);
+    read_and_compare(&env, &disk, &data_file, &model, "read after the writes");
+
+    // Guest discards over NBD (TRIM) of whole blocks with backup data,
+    // checked over NBD: FUSE keeps its page cache (it sees every write
+    // made through FUSE, not those made over NBD).
+    let mut trimmed = vec![];
+    for b in [100usize, 101, 517, 900] {
+        if model[b * BS..(b + 1) * BS].iter().all(|&x| x == 0) {
+            continue;
+        }
+        tool(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            &url,
+            "-c",
+            &format!("discard {} {}", b * BS, BS),
+        ]);
+        model[b * BS..(b + 1) * BS].fill(0);
+        trimmed.push(b);
+    }
+    assert!(trimmed.len() >= 3);
+    std::fs::remove_file(&copy).unwrap();
+    tool(&["nbdcopy", &url, copy.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&copy).unwrap() == model,
+        "nbdcopy after the discards differs"
+    );
+    assert_under_limit(&env, &data_file, "after the discards");
+
+    let st = env.status();
+    let s = &st["staging"][0];
+    assert!(
+        s["evicted_blocks"].as_u64().unwrap() > 500,
+        "too few evictions: {s}"
+    );
+    assert_eq!(s["refused_fills"].as_u64(), Some(0), "{s}");
+    let text = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
+    assert!(text.contains("of 16.0 MiB limit"), "{text}");
+
+    // A live backup records the discarded blocks as zero chunks.
+    let o = env.run(&[
+        "backup",
+        "--session",
+        "vm",
+        "--socket",
+        env.socket.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let live: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let live_id = live["backup"].as_str().unwrap().to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.repo.join("backups/vm").join(format!("{live_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let chunks = &manifest["manifest"]["disks"][0]["chunks"];
+    for &b in trimmed.iter().chain(&punched) {
+        assert!(
+            chunks[b].is_null(),
+            "discarded block {b} is not a zero chunk: {}",
+            chunks[b]
+        );
+    }
+
+    // Release (kept) and resume: every changed block is still there.
+    release(&env, false);
+    let disk = env.recover("vm", None)[0].clone();
+    read_and_compare(&env, &disk, &data_file, &model, "read after resume");
+    release(&env, true);
+
+    // The first session recorded everything it read as the VM's profile:
+    // a 64 MiB working set no 16 MiB staging admits.
+    let err = env.fails(
+        &[
+            "recover",
+            "--socket",
+            env.socket.to_str().unwrap(),
+            "vm",
+            "--backup",
+            &live_id,
+        ],
+        "expected working set (64.0 MiB) does not fit",
+    );
+    assert!(err.contains("16.0 MiB free"), "{err}");
+    env.ok(&["profile", "clear", "--repo", env.repo_str(), "vm"]);
+
+    // The live backup restores to the same bytes.
+    let disk = env.recover("vm", Some(&live_id))[0].clone();
+    let live_file = env
+        .staging
+        .join("sessions/vm")
+        .join(&live_id)
+        .join("disk0.data");
+    read_and_compare(&env, &disk, &live_file, &model, "read of the live backup");
+    release(&env, true);
+    let mut out = std::io::stderr();
+    let _ = writeln!(out, "staging at the end: {}", env.status()["staging"][0]);
+}
+
+#[test]
+fn a_recovery_whose_working_set_does_not_fit_the_staging_limit_is_refused_in_one_line() {
+    let mut env = Env::new();
+    env.serve_args = vec!["--staging-max".into(), "8M".into()];
+    let img = env.path("disk.img");
+    random_image(&img, 32 * MIB, 5, BS);
+    env.backup("vm", "64K", &[&img]);
+    let _d = env.serve();
+    let err = env.fails(
+        &["recover", "--socket", env.socket.to_str().unwrap(), "vm"],
+        "expected working set",
+    );
+    assert!(err.contains("raise --staging-max"), "{err}");
+    assert!(err.trim().lines().count() == 1, "{err}");
+    assert!(env.status()["sessions"].as_array().unwrap().is_empty());
+    // Nothing was staged for it.
+    assert!(!env.staging.join("sessions/vm").exists());
+}
+
+#[test]
+fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serves_it() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    random_image(&img, 4 * MIB, 9, BS);
+    let id = env.backup("vm", "64K", &[&img]);
+    let st = env.staging.to_str().unwrap();
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![7u8; 2 * BS], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let ls = env.ok(&["staging", "ls", "--staging", st]);
+    assert!(ls.contains("in use by a recoverfs daemon"), "{ls}");
+    assert!(
+        ls.contains(&format!("vm  {id}")) && ls.contains("(served)"),
+        "{ls}"
+    );
+    env.fails(
+        &["staging", "drop", "--staging", st, "vm"],
+        "release --discard vm",
+    );
+    release(&env, false);
+    d.stop();
+
+    let ls: serde_json::Value =
+        serde_json::from_str(&env.ok(&["staging", "ls", "--staging", st, "--json"])).unwrap();
+    let s = &ls["sessions"][0];
+    assert_eq!(s["backup"], id.as_str());
+    assert_eq!(s["changed_bytes"].as_u64(), Some(2 * BS as u64), "{s}");
+    assert!(s["bytes_held"].as_u64().unwrap() >= 2 * BS as u64, "{s}");
+    assert_eq!(s["served"], false);
+
+    env.fails(
+        &["staging", "drop", "--staging", st, "vm", "--backup", "nope"],
+        "no kept session of VM vm from backup nope",
+    );
+    env.fails(
+        &["staging", "ls", "--staging", env.path("").to_str().unwrap()],
+        "not a recoverfs staging directory",
+    );
+    let out = env.ok(&["staging", "drop", "--staging", st, "vm", "--backup", &id]);
+    assert!(out.contains("dropped kept staging of VM vm"), "{out}");
+    assert!(env
+        .ok(&["staging", "ls", "--staging", st])
+        .contains("no kept sessions"));
+    assert!(!env.staging.join("sessions/vm").join(&id).exists());
+}
