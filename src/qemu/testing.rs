@@ -22,18 +22,20 @@ impl Proc {
         )
     }
 
-    /// Waits until `path` exists (a socket the process makes).
+    /// Waits until the process listens on Unix socket `path` (the file
+    /// exists a moment before QEMU listens on it; a loaded host widens
+    /// that moment).
     pub(crate) fn wait_for(&mut self, path: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !path.exists() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(path).is_err() {
             assert!(
                 self.0.try_wait().unwrap().is_none(),
-                "the process exited before making {}",
+                "the process exited before listening on {}",
                 path.display()
             );
             assert!(
                 Instant::now() < deadline,
-                "no {} after 20 s",
+                "nothing listens on {} after 60 s",
                 path.display()
             );
             std::thread::sleep(Duration::from_millis(20));
