@@ -182,6 +182,7 @@ pub mod files;
 pub mod metrics;
 pub mod placement;
 pub mod pool;
+pub mod precopy;
 pub mod prefetch;
 pub mod qemu;
 pub mod relocate;
