@@ -73,7 +73,9 @@ pub fn run(a: PrecopyArgs) -> Result<()> {
         (None, None) => End::Never,
     };
     if !(a.every.is_finite() && a.every > 0.0 && a.every <= 86400.0) {
-        return Err(Error::invalid("--every: more than 0, at most 86400 seconds"));
+        return Err(Error::invalid(
+            "--every: more than 0, at most 86400 seconds",
+        ));
     }
     let opts = Options {
         vm,

@@ -223,7 +223,7 @@ fn check(opts: &Options) -> Result<()> {
         return Err(Error::invalid("--every must be more than 0 seconds"));
     }
     if let Some(r) = opts.max_rate {
-        if !(r > 0.0) {
+        if r.is_nan() || r <= 0.0 {
             return Err(Error::invalid("--max-rate must be more than 0"));
         }
     }

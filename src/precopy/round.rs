@@ -165,7 +165,8 @@ impl Job {
         let mut last_save = Instant::now();
         let pace = Pace::new(opts.max_rate);
         for i in 0..self.disks.len() {
-            let _span = tracing::info_span!("precopy", vm = %self.vm, disk = i, round = new).entered();
+            let _span =
+                tracing::info_span!("precopy", vm = %self.vm, disk = i, round = new).entered();
             self.read_disk(i, old, opts, ctl, &pace, &mut rep, &mut last_save)
                 .map_err(|e| e.context(format!("disk {i}")))?;
             if ctl.stopping() {
@@ -184,9 +185,7 @@ impl Job {
         rep.checkpoints += 1;
         let cycle = self.state.cycle.clone();
         let q = self.q()?;
-        remove_bitmaps(q, |name| {
-            parse_round(name, &cycle).is_some_and(|r| r < new)
-        })?;
+        remove_bitmaps(q, |name| parse_round(name, &cycle).is_some_and(|r| r < new))?;
         rep.ms = t0.elapsed().as_secs_f64() * 1000.0;
         tracing::info!(vm = %self.vm, round = new, read = rep.chunks_read, "pre-copy round done");
         Ok(rep)
@@ -300,9 +299,7 @@ impl Job {
         let c = Mutex::new(c);
         let read = |k: u64, buf: &mut [u8]| {
             pace.wait(buf.len() as u64);
-            c.lock()
-                .expect("NBD client lock")
-                .read(k * cs as u64, buf)
+            c.lock().expect("NBD client lock").read(k * cs as u64, buf)
         };
         for batch in todo.chunks(BATCH) {
             let st = store_chunks(&self.repo, size, cs, batch.iter().copied(), &read, &|_| {})?;
@@ -506,7 +503,10 @@ fn new_cycle(
                     since: vec![Some(0); dm.chunks.len()],
                 })
                 .collect();
-            let start = format!("new cycle {cycle} from backup {} (its since-backup bitmap)", m.id);
+            let start = format!(
+                "new cycle {cycle} from backup {} (its since-backup bitmap)",
+                m.id
+            );
             (Some(m.id), start, ds)
         }
         Err(why) => {
@@ -521,7 +521,11 @@ fn new_cycle(
                     }
                 })
                 .collect();
-            (None, format!("new cycle {cycle}, reading every block: {why}"), ds)
+            (
+                None,
+                format!("new cycle {cycle}, reading every block: {why}"),
+                ds,
+            )
         }
     };
     let state = State {
@@ -549,13 +553,20 @@ fn resumable(
     opts: &Options,
 ) -> std::result::Result<u64, String> {
     if s.vm != opts.vm || s.repo != repo.id() {
-        return Err(format!("the state is of VM {} in repository {}", s.vm, s.repo));
+        return Err(format!(
+            "the state is of VM {} in repository {}",
+            s.vm, s.repo
+        ));
     }
     if s.chunk_size != opts.chunk_size {
         return Err(format!("the state's chunk size is {}", s.chunk_size));
     }
     if s.disks.len() != disks.len() {
-        return Err(format!("the state has {} disks, the VM {}", s.disks.len(), disks.len()));
+        return Err(format!(
+            "the state has {} disks, the VM {}",
+            s.disks.len(),
+            disks.len()
+        ));
     }
     let all = named_nodes(q).map_err(|e| e.to_string())?;
     let sizes = node_sizes(q, disks).map_err(|e| e.to_string())?;
@@ -563,16 +574,22 @@ fn resumable(
     let mut newest = None;
     for (i, ((ds, d), size)) in s.disks.iter().zip(disks).zip(sizes).enumerate() {
         if ds.node != d.node_name || ds.size != size {
-            return Err(format!("disk {i} is not the one the state describes (QEMU restarted?)"));
+            return Err(format!(
+                "disk {i} is not the one the state describes (QEMU restarted?)"
+            ));
         }
         let rounds: BTreeMap<u64, bool> = (bitmaps_of(&all, &d.node_name).into_iter())
             .filter_map(|(name, rec, _)| parse_round(&name, &s.cycle).map(|r| (r, rec)))
             .collect();
         let Some((&hi, &recording)) = rounds.last_key_value() else {
-            return Err(format!("disk {i}: QEMU has none of the cycle's dirty bitmaps (restarted?)"));
+            return Err(format!(
+                "disk {i}: QEMU has none of the cycle's dirty bitmaps (restarted?)"
+            ));
         };
         if !recording {
-            return Err(format!("disk {i}: the newest round bitmap no longer records writes"));
+            return Err(format!(
+                "disk {i}: the newest round bitmap no longer records writes"
+            ));
         }
         if let Some((lo, max_since)) = needed {
             if hi < max_since {

@@ -170,8 +170,7 @@ impl StateDir {
             }
             Ok(_) => std::fs::read(&p).ctx(|| format!("read {}", p.display()))?,
         };
-        let s: State =
-            crate::repo::sealed::unseal(&bytes, "precopy", &format!("{}", p.display()))?;
+        let s: State = crate::repo::sealed::unseal(&bytes, "precopy", &format!("{}", p.display()))?;
         s.check().map_err(|e| e.context(p.display()))?;
         Ok(Some(s))
     }

@@ -60,7 +60,10 @@ fn assert_identical_to_a_full_backup_now(repo: &Arc<Repository>, v: &Vm, id: &st
     v.monitor().stop().unwrap();
     let full = full_backup(repo, v);
     let got = restored(repo, "pc", id);
-    assert!(got == restored(repo, "pc", &full), "backup {id} differs from the full backup {full} of the same instant");
+    assert!(
+        got == restored(repo, "pc", &full),
+        "backup {id} differs from the full backup {full} of the same instant"
+    );
     let img = std::fs::read(v.img.as_ref().unwrap()).unwrap();
     assert!(got == img, "backup {id} differs from the disk image");
 }
@@ -82,13 +85,23 @@ impl Writer {
         let halted = Arc::new(AtomicBool::new(false));
         let written = Arc::new(Mutex::new(BTreeSet::new()));
         let writes = Arc::new(AtomicU64::new(0));
-        let (h, hd, w, n) = (halt.clone(), halted.clone(), written.clone(), writes.clone());
+        let (h, hd, w, n) = (
+            halt.clone(),
+            halted.clone(),
+            written.clone(),
+            writes.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let mut k = 0u64;
             while !h.load(Ordering::SeqCst) {
                 let chunk = k % ring;
                 let pattern = (k % 250) as u8 + 1;
-                hmp_write(&mut q, pattern, (chunk * CHUNK as u64) as usize, CHUNK as usize);
+                hmp_write(
+                    &mut q,
+                    pattern,
+                    (chunk * CHUNK as u64) as usize,
+                    CHUNK as usize,
+                );
                 w.lock().unwrap().insert(chunk);
                 n.fetch_add(1, Ordering::SeqCst);
                 k += 1;
@@ -147,7 +160,11 @@ fn rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_rea
     let ctl = Control::default();
     let rep = run(&repo, &o, &ctl).unwrap();
     w.stop();
-    assert!(rep.start.contains(&format!("from backup {base}")), "{}", rep.start);
+    assert!(
+        rep.start.contains(&format!("from backup {base}")),
+        "{}",
+        rep.start
+    );
     assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
     assert!(rep.rounds.len() >= 10, "{} rounds", rep.rounds.len());
     let f = rep.final_backup.as_ref().unwrap();
@@ -167,7 +184,10 @@ fn rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_rea
     assert_eq!(m.config["backup_vms"]["mode"], "precopy");
     assert_eq!(m.config["backup_vms"]["base"], base.as_str());
     assert_identical_to_a_full_backup_now(&repo, &v, &id);
-    assert!(!StateDir::open(state.path(), repo.id(), "pc").unwrap().path().exists());
+    assert!(!StateDir::open(state.path(), repo.id(), "pc")
+        .unwrap()
+        .path()
+        .exists());
     // QEMU keeps only the new backup's bitmap; no round bitmap is left.
     let nodes = crate::qemu::fleece::nodes(&mut v.monitor()).unwrap();
     let bitmaps: Vec<&String> = nodes.iter().flat_map(|n| &n.2).collect();
@@ -190,16 +210,20 @@ fn a_job_stopped_mid_round_resumes_without_reading_recorded_chunks_again() {
         std::thread::spawn(move || run(&repo, &o, &ctl))
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ctl.status().last_round.is_none()
-        && !matches!(ctl.status().state.as_str(), "copying")
-    {
+    while ctl.status().last_round.is_none() && !matches!(ctl.status().state.as_str(), "copying") {
         assert!(Instant::now() < deadline, "no round started");
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs(3));
     ctl.stop();
     let first = job.join().unwrap().unwrap();
-    assert!(first.start.contains("reading every block: no previous backup"), "{}", first.start);
+    assert!(
+        first
+            .start
+            .contains("reading every block: no previous backup"),
+        "{}",
+        first.start
+    );
     let r1 = &first.rounds[0];
     assert!(r1.chunks_read > 20 && r1.chunks_read < 200, "{r1:?}");
     // Written while no job runs: those chunks must be read again.
@@ -209,7 +233,11 @@ fn a_job_stopped_mid_round_resumes_without_reading_recorded_chunks_again() {
     let mut o = opts(&v, state.path(), in_secs(2.0));
     o.every = Duration::from_secs(3600);
     let second = run(&repo, &o, &Control::default()).unwrap();
-    assert!(second.start.starts_with("resumed cycle"), "{}", second.start);
+    assert!(
+        second.start.starts_with("resumed cycle"),
+        "{}",
+        second.start
+    );
     assert!(second.warnings.is_empty(), "{:?}", second.warnings);
     let r2 = &second.rounds[0];
     let with_data = 256 - 16;
@@ -217,8 +245,16 @@ fn a_job_stopped_mid_round_resumes_without_reading_recorded_chunks_again() {
     // zero chunks it recorded too are not read.
     let reread = [0u64, 1].len() as u64;
     assert_eq!(r1.zero_chunks, 16, "{r1:?}");
-    assert_eq!(r2.already_recorded, r1.chunks_read + 16 - reread, "{r1:?} {r2:?}");
-    assert_eq!(r2.chunks_read + r1.chunks_read - reread, with_data, "{r1:?} {r2:?}");
+    assert_eq!(
+        r2.already_recorded,
+        r1.chunks_read + 16 - reread,
+        "{r1:?} {r2:?}"
+    );
+    assert_eq!(
+        r2.chunks_read + r1.chunks_read - reread,
+        with_data,
+        "{r1:?} {r2:?}"
+    );
     let f = second.final_backup.unwrap();
     assert_eq!(f.mode, "precopy");
     assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
@@ -232,11 +268,17 @@ fn lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so() {
     let base = full_backup(&repo, &v);
     let mut q = v.monitor();
     hmp_write(&mut q, 0x11, 0, 3 * CHUNK as usize);
-    let o = opts(&v, state.path(), End::Until(SystemTime::now() + Duration::from_secs(3)));
+    let o = opts(
+        &v,
+        state.path(),
+        End::Until(SystemTime::now() + Duration::from_secs(3)),
+    );
     let first = run(&repo, &o, &Control::default()).unwrap();
     assert!(!first.rounds.is_empty());
     hmp_write(&mut q, 0x22, 10 * CHUNK as usize, CHUNK as usize);
-    let path = StateDir::open(state.path(), repo.id(), "pc").unwrap().path();
+    let path = StateDir::open(state.path(), repo.id(), "pc")
+        .unwrap()
+        .path();
 
     // A damaged state file: a new cycle from the since-backup bitmap.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -244,8 +286,16 @@ fn lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so() {
     bytes[n / 2] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let second = run(&repo, &o_until(&v, state.path(), 2.0), &Control::default()).unwrap();
-    assert!(second.warnings[0].starts_with("pre-copy state lost"), "{:?}", second.warnings);
-    assert!(second.start.contains(&format!("from backup {base}")), "{}", second.start);
+    assert!(
+        second.warnings[0].starts_with("pre-copy state lost"),
+        "{:?}",
+        second.warnings
+    );
+    assert!(
+        second.start.contains(&format!("from backup {base}")),
+        "{}",
+        second.start
+    );
     // Its first round reads what a plain incremental would: chunks 0-2, 10.
     assert_eq!(second.rounds[0].chunks_read, 4, "{:?}", second.rounds[0]);
 
@@ -266,13 +316,21 @@ fn lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so() {
         "{:?}",
         third.warnings
     );
-    assert!(third.start.contains(&format!("from backup {base}")), "{}", third.start);
+    assert!(
+        third.start.contains(&format!("from backup {base}")),
+        "{}",
+        third.start
+    );
     let f = third.final_backup.unwrap();
     assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
 }
 
 fn o_until(v: &Vm, state: &std::path::Path, secs: f64) -> Options {
-    opts(v, state, End::Until(SystemTime::now() + Duration::from_secs_f64(secs)))
+    opts(
+        v,
+        state,
+        End::Until(SystemTime::now() + Duration::from_secs_f64(secs)),
+    )
 }
 
 #[test]

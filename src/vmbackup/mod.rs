@@ -638,7 +638,14 @@ pub fn find_base(
     let id = ids.last().ok_or("no previous backup")?;
     let m = repo.manifest(vm, id).map_err(|e| e.to_string())?;
     let bitmaps = recorded_bitmaps(&m)?;
-    check_base(q, disks, &format!("backup {id}"), &m.disks, &bitmaps, chunk_size)?;
+    check_base(
+        q,
+        disks,
+        &format!("backup {id}"),
+        &m.disks,
+        &bitmaps,
+        chunk_size,
+    )?;
     Ok((m, bitmaps))
 }
 
