@@ -41,6 +41,11 @@ pub struct PrecopyArgs {
     /// Read at most this many MB/s.
     #[arg(long, value_name = "MB/s")]
     max_rate: Option<f64>,
+    /// Slow down when the guest's load (moving averages of its I/O latency
+    /// and queue depth from QEMU, and its CPU with --agent) reaches a
+    /// limit; halt at 1.5 times a limit; resume below it.
+    #[arg(long, value_name = "latency=MS,queue=N,cpu=PCT")]
+    load_limit: Option<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -87,6 +92,11 @@ pub fn run(a: PrecopyArgs) -> Result<()> {
         end,
         max_rate: a.max_rate.map(|r| r * 1e6),
         checkpoint: Duration::from_secs(2),
+        load_limit: a
+            .load_limit
+            .as_deref()
+            .map(crate::precopy::LoadLimit::parse)
+            .transpose()?,
         hook: None,
     };
     let repo = Repository::open(&a.repo)?;
@@ -131,8 +141,22 @@ fn stop_on_signals(ctl: &Arc<Control>) -> Result<()> {
 fn print_rounds(ctl: &Control) {
     let mut seen = 0;
     let mut warned = 0;
+    let mut gate = String::new();
     loop {
         let s = ctl.status();
+        if matches!(s.state.as_str(), "copying" | "throttled" | "halted") && s.state != gate {
+            let load = s
+                .load
+                .map(|l| {
+                    format!(
+                        " (latency {:.1} ms, queue {:.2})",
+                        l.latency_ms, l.queue_depth
+                    )
+                })
+                .unwrap_or_default();
+            eprintln!("{}{load} {}", s.state, s.why);
+            gate = s.state.clone();
+        }
         for w in s.warnings.iter().skip(warned) {
             eprintln!("warning: {w}");
         }
@@ -141,14 +165,15 @@ fn print_rounds(ctl: &Control) {
             seen = s.rounds;
             if let Some(r) = &s.last_round {
                 eprintln!(
-                    "round {}: {} chunks marked, {} read ({}), {} zero, {} already recorded, {:.1} s",
+                    "round {}: {} chunks marked, {} read ({}), {} zero, {} already recorded, {:.1} s ({:.1} s held back)",
                     r.round,
                     r.dirty_chunks,
                     r.chunks_read,
                     human_bytes(r.bytes_read),
                     r.zero_chunks,
                     r.already_recorded,
-                    r.ms / 1000.0
+                    r.ms / 1000.0,
+                    r.held_ms / 1000.0
                 );
             }
         }

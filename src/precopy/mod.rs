@@ -63,8 +63,10 @@
 //! (so `backup-vms` cannot run on the VM meanwhile; the final backup
 //! reconnects).
 
+mod jobs;
 mod round;
 mod state;
+mod throttle;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +79,9 @@ use crate::error::{Error, Result};
 use crate::repo::Repository;
 use crate::vmbackup::VmReport;
 
+pub use jobs::{JobStatus, Jobs, StartRequest};
 pub use state::{State, StateDir};
+pub use throttle::{Gate, Load, LoadLimit};
 
 /// Where the state lives unless told.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/recoverfs/precopy";
@@ -108,6 +112,8 @@ pub struct Options {
     pub max_rate: Option<f64>,
     /// How often a round records its progress durably.
     pub checkpoint: Duration,
+    /// Back off when the guest is this busy (none: never).
+    pub load_limit: Option<LoadLimit>,
     /// Passed to the final backup (tests act at its snapshot).
     pub hook: Option<crate::vmbackup::Hook>,
 }
@@ -129,6 +135,8 @@ pub struct RoundReport {
     pub bytes_read: u64,
     pub new_bytes: u64,
     pub checkpoints: u64,
+    /// Time the guest's load held reads back (throttled or halted).
+    pub held_ms: f64,
     pub ms: f64,
 }
 
@@ -165,10 +173,12 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
     pub vm: String,
-    /// `starting`, `copying`, `waiting`, `backup`, `done`, `stopped`,
-    /// `failed`.
+    /// `starting`, `copying`, `throttled`, `halted`, `waiting`, `backup`,
+    /// `done`, `stopped`, `failed`.
     pub state: String,
     pub why: String,
+    /// The guest's load as last sampled.
+    pub load: Option<Load>,
     pub cycle: String,
     pub rounds: u64,
     pub last_round: Option<RoundReport>,
@@ -202,8 +212,9 @@ impl Control {
         f(&mut self.status.lock().expect("status lock"))
     }
 
-    /// Sleeps until `t` or a stop, in short steps; false if stopped.
-    fn sleep_until(&self, t: SystemTime) -> bool {
+    /// Sleeps until `t` or a stop, calling `tick` every load sample;
+    /// false if stopped.
+    fn sleep_until(&self, t: SystemTime, tick: &mut dyn FnMut()) -> bool {
         loop {
             if self.stopping() {
                 return false;
@@ -212,7 +223,8 @@ impl Control {
             if left.is_zero() {
                 return true;
             }
-            std::thread::sleep(left.min(Duration::from_millis(100)));
+            tick();
+            std::thread::sleep(left.min(throttle::SAMPLE));
         }
     }
 }
@@ -305,7 +317,7 @@ fn run_rounds(
             s.state = "copying".into();
             s.why = format!("round {}", job.next_round());
         });
-        match job.round(opts, ctl) {
+        match job.round(opts, ctl, true) {
             Ok(r) => {
                 failures = 0;
                 ctl.set(|s| {
@@ -332,7 +344,7 @@ fn run_rounds(
             s.state = "waiting".into();
             s.why = format!("next round at {}", crate::util::rfc3339(unix(next)));
         });
-        if !ctl.sleep_until(next) {
+        if !ctl.sleep_until(next, &mut || job.sample_idle(ctl)) {
             break;
         }
     }

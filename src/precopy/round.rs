@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::state::{DiskState, State, StateDir, STATE_FORMAT};
-use super::{Control, FinalReport, Options, RoundReport};
+use super::throttle::{Gate, Throttle};
+use super::{Control, End, FinalReport, Options, RoundReport};
 use crate::error::{Error, Result};
 use crate::qemu::fleece;
 use crate::qemu::nbd::{dirty_bitmap_context, NbdClient, CONTEXT_ALLOCATION};
@@ -45,6 +46,7 @@ pub(super) struct Job {
     /// Holds QEMU's NBD server socket.
     tmp: tempfile::TempDir,
     nbd_started: bool,
+    throttle: Mutex<Throttle>,
     pub(super) start: String,
     pub(super) warnings: Vec<String>,
 }
@@ -102,6 +104,7 @@ impl Job {
             hi,
             tmp,
             nbd_started: false,
+            throttle: Mutex::new(Throttle::new(opts.load_limit, agent(opts))),
             start,
             warnings,
         };
@@ -142,8 +145,14 @@ impl Job {
     }
 
     /// One round (see the module docs). A stop ends it at the next
-    /// checkpoint, incomplete; its progress stays recorded.
-    pub(super) fn round(&mut self, opts: &Options, ctl: &Control) -> Result<RoundReport> {
+    /// checkpoint, incomplete; its progress stays recorded. `gated`: the
+    /// guest's load holds it back (not once the backup is due).
+    pub(super) fn round(
+        &mut self,
+        opts: &Options,
+        ctl: &Control,
+        gated: bool,
+    ) -> Result<RoundReport> {
         let t0 = Instant::now();
         let (old, new) = (self.hi, self.hi + 1);
         let mut actions = vec![];
@@ -158,24 +167,33 @@ impl Job {
             .execute("transaction", Some(json!({ "actions": actions })))
             .map_err(|e| e.context("starting a round"))?;
         self.hi = new;
-        let mut rep = RoundReport {
-            round: new,
-            ..Default::default()
+        let mut p = Pass {
+            opts,
+            ctl,
+            pace: Pace::new(opts.max_rate),
+            rep: RoundReport {
+                round: new,
+                ..Default::default()
+            },
+            last_save: Instant::now(),
+            gated,
         };
-        let mut last_save = Instant::now();
-        let pace = Pace::new(opts.max_rate);
+        let held0 = self.throttle().held;
         for i in 0..self.disks.len() {
             let _span =
                 tracing::info_span!("precopy", vm = %self.vm, disk = i, round = new).entered();
-            self.read_disk(i, old, opts, ctl, &pace, &mut rep, &mut last_save)
+            self.read_disk(i, old, &mut p)
                 .map_err(|e| e.context(format!("disk {i}")))?;
-            if ctl.stopping() {
+            if p.cut_short() {
                 self.dir.save(&self.state)?;
-                rep.checkpoints += 1;
-                rep.ms = t0.elapsed().as_secs_f64() * 1000.0;
-                return Ok(rep);
+                p.rep.checkpoints += 1;
+                p.rep.held_ms = (self.throttle().held - held0).as_secs_f64() * 1000.0;
+                p.rep.ms = t0.elapsed().as_secs_f64() * 1000.0;
+                return Ok(p.rep);
             }
         }
+        let mut rep = p.rep;
+        rep.held_ms = (self.throttle().held - held0).as_secs_f64() * 1000.0;
         // Every chunk is now proven by the new bitmap alone.
         for d in &mut self.state.disks {
             d.since.iter_mut().for_each(|s| *s = Some(new));
@@ -191,19 +209,23 @@ impl Job {
         Ok(rep)
     }
 
+    fn throttle(&self) -> std::sync::MutexGuard<'_, Throttle> {
+        self.throttle.lock().expect("throttle lock")
+    }
+
+    /// Between rounds: samples the guest's load for the status.
+    pub(super) fn sample_idle(&mut self, ctl: &Control) {
+        let Some(q) = self.q.as_mut() else { return };
+        let mut t = self.throttle.lock().expect("throttle lock");
+        if let Err(e) = t.sample(q) {
+            tracing::warn!(vm = %self.vm, "sampling the guest's load: {e}");
+        }
+        ctl.set(|s| s.load = t.load);
+    }
+
     /// Reads disk `i`'s chunks that the frozen bitmaps (up to `old`) mark
     /// since their recorded round, or that were never read.
-    #[allow(clippy::too_many_arguments)]
-    fn read_disk(
-        &mut self,
-        i: usize,
-        old: u64,
-        opts: &Options,
-        ctl: &Control,
-        pace: &Pace,
-        rep: &mut RoundReport,
-        last_save: &mut Instant,
-    ) -> Result<()> {
+    fn read_disk(&mut self, i: usize, old: u64, p: &mut Pass) -> Result<()> {
         let cycle = self.state.cycle.clone();
         let node = self.disks[i].node_name.clone();
         let lo = self.state.disks[i].since.iter().flatten().min().copied();
@@ -215,7 +237,7 @@ impl Job {
             Some(json!({"type": "nbd", "id": export, "node-name": node,
                         "name": export, "writable": false, "bitmaps": names})),
         )?;
-        let r = self.read_export(i, &export, &frozen, opts, ctl, pace, rep, last_save);
+        let r = self.read_export(i, &export, &frozen, p);
         let q = self.q()?;
         let del = q
             .execute("block-export-del", Some(json!({"id": export})))
@@ -224,18 +246,8 @@ impl Job {
         del.map(drop)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn read_export(
-        &mut self,
-        i: usize,
-        export: &str,
-        frozen: &[u64],
-        opts: &Options,
-        ctl: &Control,
-        pace: &Pace,
-        rep: &mut RoundReport,
-        last_save: &mut Instant,
-    ) -> Result<()> {
+    fn read_export(&mut self, i: usize, export: &str, frozen: &[u64], p: &mut Pass) -> Result<()> {
+        let rep = &mut p.rep;
         let cs = self.state.chunk_size;
         let cycle = self.state.cycle.clone();
         let ctxs: Vec<String> = (frozen.iter())
@@ -296,13 +308,45 @@ impl Job {
             rep.zero_chunks += 1;
             false
         });
+        // The QMP connection serves the load samples while reading.
+        let q = Mutex::new(
+            self.q
+                .take()
+                .ok_or_else(|| Error::invalid("no QMP connection"))?,
+        );
         let c = Mutex::new(c);
+        let (opts, ctl, gated, pace) = (p.opts, p.ctl, p.gated, &p.pace);
+        let go_on = || !ctl.stopping() && !(gated && past_end(opts));
+        let throttle = &self.throttle;
         let read = |k: u64, buf: &mut [u8]| {
+            if gated {
+                let mut t = throttle.lock().expect("throttle lock");
+                t.before_read(&mut q.lock().expect("QMP lock"), &go_on)?;
+                publish(ctl, &t);
+            }
             pace.wait(buf.len() as u64);
-            c.lock().expect("NBD client lock").read(k * cs as u64, buf)
+            let t0 = Instant::now();
+            c.lock()
+                .expect("NBD client lock")
+                .read(k * cs as u64, buf)?;
+            if gated {
+                throttle
+                    .lock()
+                    .expect("throttle lock")
+                    .after_read(t0.elapsed());
+            }
+            Ok(())
         };
+        let mut r = Ok(());
         for batch in todo.chunks(BATCH) {
-            let st = store_chunks(&self.repo, size, cs, batch.iter().copied(), &read, &|_| {})?;
+            let st = match store_chunks(&self.repo, size, cs, batch.iter().copied(), &read, &|_| {})
+            {
+                Ok(st) => st,
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            };
             let disk = &mut self.state.disks[i];
             for (k, dg) in &st.chunks {
                 disk.chunks[*k as usize] = *dg;
@@ -311,17 +355,22 @@ impl Job {
             rep.chunks_read += st.chunks.len() as u64;
             rep.bytes_read += st.read_bytes;
             rep.new_bytes += st.new_bytes;
-            if last_save.elapsed() >= opts.checkpoint || ctl.stopping() {
-                self.dir.save(&self.state)?;
+            let short = !go_on();
+            if p.last_save.elapsed() >= opts.checkpoint || short {
+                if let Err(e) = self.dir.save(&self.state) {
+                    r = Err(e);
+                    break;
+                }
                 rep.checkpoints += 1;
-                *last_save = Instant::now();
+                p.last_save = Instant::now();
             }
-            if ctl.stopping() {
+            if short {
                 break;
             }
         }
+        self.q = Some(q.into_inner().expect("QMP lock"));
         let _ = c.into_inner().map(|c| c.disconnect());
-        Ok(())
+        r
     }
 
     /// The scheduled backup: vmbackup with the recorded chunks and the
@@ -331,7 +380,8 @@ impl Job {
     pub(super) fn final_backup(&mut self, opts: &Options, ctl: &Control) -> Result<FinalReport> {
         let mut fallback = None;
         if !self.state.clean_at(self.hi) {
-            if let Err(e) = self.round(opts, ctl) {
+            // Due now: read what is left whatever the guest's load.
+            if let Err(e) = self.round(opts, ctl, false) {
                 fallback = Some(format!("the last pre-copy round failed: {e}"));
             }
         }
@@ -343,7 +393,9 @@ impl Job {
             Some(_) => None,
             None => Some(self.given_base()?),
         };
-        // vmbackup opens its own QMP connection and NBD server.
+        // vmbackup opens its own QMP connection, NBD server and agent
+        // connection.
+        self.throttle().release_agent();
         if self.nbd_started {
             fleece::stop_nbd_server(self.q()?)?;
             self.nbd_started = false;
@@ -433,6 +485,61 @@ impl Drop for Job {
             if let Some(q) = self.q.as_mut() {
                 let _ = fleece::stop_nbd_server(q);
             }
+        }
+    }
+}
+
+/// One round's reading, and what holds it back.
+struct Pass<'a> {
+    opts: &'a Options,
+    ctl: &'a Control,
+    pace: Pace,
+    rep: RoundReport,
+    last_save: Instant,
+    gated: bool,
+}
+
+impl Pass<'_> {
+    /// Whether the round stops before its end (a stop, or the job's end
+    /// time while the load may hold it back).
+    fn cut_short(&self) -> bool {
+        self.ctl.stopping() || (self.gated && past_end(self.opts))
+    }
+}
+
+/// The job's end (the backup's time, or --until) has come.
+fn past_end(opts: &Options) -> bool {
+    match opts.end {
+        End::BackupAt(t) | End::Until(t) => std::time::SystemTime::now() >= t,
+        End::Never => false,
+    }
+}
+
+/// The throttle's state in the job's status.
+fn publish(ctl: &Control, t: &Throttle) {
+    ctl.set(|s| {
+        s.load = t.load;
+        s.state = match t.gate {
+            Gate::Copying => "copying",
+            Gate::Throttled => "throttled",
+            Gate::Halted => "halted",
+        }
+        .into();
+        if t.gate != Gate::Copying {
+            s.why = t.why.clone();
+        }
+    });
+}
+
+/// The guest agent, for its CPU figures, if given and answering.
+fn agent(opts: &Options) -> Option<crate::qemu::guest_agent::GuestAgent> {
+    use crate::qemu::guest_agent::{GuestAgent, SYNC_TIMEOUT};
+    let path = opts.agent.as_ref()?;
+    match GuestAgent::connect(path, SYNC_TIMEOUT) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!(vm = %opts.vm, "guest CPU load unknown: {e}");
+            None
         }
     }
 }

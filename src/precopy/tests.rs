@@ -36,6 +36,7 @@ fn opts(v: &Vm, state: &std::path::Path, end: End) -> Options {
         end,
         max_rate: None,
         checkpoint: Duration::from_millis(200),
+        load_limit: None,
         hook: None,
     }
 }
@@ -350,3 +351,5 @@ fn a_second_job_for_the_same_vm_is_refused_and_bad_options_are_one_line_errors()
     o.vm = "../x".into();
     assert!(run(&repo, &o, &Control::default()).is_err());
 }
+
+mod throttle;
