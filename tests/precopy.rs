@@ -332,3 +332,80 @@ fn precopy_refuses_bad_input_in_one_line() {
         "QMP socket",
     );
 }
+
+#[test]
+fn a_daemon_runs_a_pre_copy_job_to_its_scheduled_backup_shows_it_in_status_and_stops_one_on_delete()
+{
+    let env = Env::new();
+    let mut data = vec![0u8; 8 * MIB];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut data[..]);
+    data[510..512].fill(0);
+    let vm = Vm::start(env.dir.path(), &data);
+    let base = backup_vms(&env, &vm);
+    let _daemon = env.serve();
+    let c = recoverfs::api::client::Client::new(&env.socket);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = c
+        .post(
+            "/precopy",
+            &serde_json::json!({"vm": "pc", "qmp": vm.qmp, "every": 1, "backup_at": now + 8.0,
+                                "chunk_size": CHUNK, "load_limit": "latency=1000"}),
+        )
+        .unwrap();
+    assert_eq!(started["running"], true, "{started}");
+    // A second job for the VM is refused while the first runs.
+    let e = c
+        .post("/precopy", &serde_json::json!({"vm": "pc", "qmp": vm.qmp}))
+        .unwrap_err();
+    assert!(e.to_string().contains("is running"), "{e}");
+    vm.write(0x61, 0, 4 * CHUNK);
+    let st = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
+    assert!(st.contains("pre-copy of VM pc:"), "{st}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let job = loop {
+        let l = c.get("/precopy").unwrap();
+        let j = l["jobs"][0].clone();
+        if j["running"] == false {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "the job did not end: {j}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    assert!(job["load"].is_object(), "{job}");
+    let f = &job["report"]["final"];
+    assert_eq!(f["mode"], "precopy", "{f}");
+    assert_eq!(f["vm"]["base"], base.as_str(), "{f}");
+    let id = f["backup"].as_str().unwrap().to_string();
+    vm.monitor().stop().unwrap();
+    let full = backup_vms(&env, &vm);
+    let got = restored(env.repo_str(), &id);
+    assert!(
+        got == restored(env.repo_str(), &full),
+        "backup {id} differs from the full backup {full}"
+    );
+    assert!(got == std::fs::read(&vm.img).unwrap());
+    // DELETE forgets it; a second DELETE finds nothing.
+    let gone = c.delete("/precopy/pc").unwrap();
+    assert_eq!(gone["state"], "done", "{gone}");
+    assert_eq!(
+        c.get("/precopy").unwrap()["jobs"].as_array().unwrap().len(),
+        0
+    );
+    let e = c.delete("/precopy/pc").unwrap_err();
+    assert!(e.to_string().contains("no pre-copy job"), "{e}");
+    // A running job stops on DELETE, its state kept.
+    vm.monitor().cont().unwrap();
+    c.post(
+        "/precopy",
+        &serde_json::json!({"vm": "pc", "qmp": vm.qmp, "every": 1, "chunk_size": CHUNK}),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = c.delete("/precopy/pc").unwrap();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert_eq!(stopped["running"], false, "{stopped}");
+}

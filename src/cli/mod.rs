@@ -710,7 +710,13 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { socket, json } => {
-            output::status(&client(&socket).get("/sessions")?, json)
+            let c = client(&socket);
+            output::status(&c.get("/sessions")?, json)?;
+            // A daemon without pre-copy jobs (an older one) is fine.
+            if let Ok(jobs) = c.get("/precopy") {
+                precopy::print_jobs(&jobs, json);
+            }
+            Ok(())
         }
         Command::Boot {
             socket,

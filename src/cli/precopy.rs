@@ -208,3 +208,38 @@ fn print_report(r: &Report) {
     );
     println!("{}", f.backup.as_deref().unwrap_or(""));
 }
+
+/// `status`: the daemon's pre-copy jobs (`GET /precopy`).
+pub fn print_jobs(r: &serde_json::Value, json: bool) {
+    let jobs = r["jobs"].as_array().cloned().unwrap_or_default();
+    if json {
+        if !jobs.is_empty() {
+            println!("{}", serde_json::to_string_pretty(r).expect("json"));
+        }
+        return;
+    }
+    for j in jobs {
+        let load = match j["load"].as_object() {
+            Some(l) => format!(
+                ", guest latency {:.2} ms, queue {:.2}",
+                l["latency_ms"].as_f64().unwrap_or(0.0),
+                l["queue_depth"].as_f64().unwrap_or(0.0)
+            ),
+            None => String::new(),
+        };
+        let why = j["why"].as_str().filter(|w| !w.is_empty());
+        println!(
+            "pre-copy of VM {}: {}{}, {} rounds{load}",
+            j["vm"].as_str().unwrap_or("?"),
+            j["state"].as_str().unwrap_or("?"),
+            why.map(|w| format!(" ({w})")).unwrap_or_default(),
+            j["rounds"]
+        );
+        if let Some(e) = j["error"].as_str() {
+            println!("  error: {e}");
+        }
+        if let Some(b) = j["report"]["final"]["backup"].as_str() {
+            println!("  backup {b} taken");
+        }
+    }
+}
