@@ -53,10 +53,10 @@
 //!  backup-vms (vmbackup): write rates (query-blockstats) ──▶ fsfreeze ──▶ stop every VM ──▶ one
 //!            view per disk ──▶ one snapshot time ──▶ cont, thaw ──▶ busiest first, --jobs at a time:
 //!            vmbackup::read (base:allocation, dirty bitmap) ──▶ store chunks ──▶ manifest ──▶ release
+//!            that VM's views; `backup nbd://…` reads any NBD export the same way
 //!  precopy: rounds (QMP transaction: new bitmap, freeze the last) ──▶ live disk over NBD
 //!            ──▶ store chunks ──▶ state.json (checkpoints); at --backup-at: backup-vms with
 //!            the recorded chunks + newest round bitmap as its base; throttled by guest load
-//!            that VM's views; `backup nbd://…` reads any NBD export the same way
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets the block's changed
