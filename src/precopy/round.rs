@@ -239,9 +239,7 @@ impl Job {
         )?;
         let r = self.read_export(i, &export, &frozen, p);
         let q = self.q()?;
-        let del = q
-            .execute("block-export-del", Some(json!({"id": export})))
-            .and_then(|_| q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(30)));
+        let del = fleece::delete_export(q, &export);
         r?;
         del.map(drop)
     }
@@ -774,8 +772,7 @@ fn remove_exports(q: &mut Qmp) -> Result<()> {
         let Some(id) = e["id"].as_str().filter(|i| i.starts_with(PREFIX)) else {
             continue;
         };
-        q.execute("block-export-del", Some(json!({"id": id})))?;
-        q.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(30))?;
+        fleece::delete_export(q, id)?;
     }
     Ok(())
 }
