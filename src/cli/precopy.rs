@@ -43,7 +43,7 @@ pub struct PrecopyArgs {
     max_rate: Option<f64>,
     /// Slow down when the guest's load (moving averages of its I/O latency
     /// and queue depth from QEMU, and its CPU with --agent) reaches a
-    /// limit; halt at 1.5 times a limit; resume below it.
+    /// limit; halt at 1.25 times a limit; resume below it.
     #[arg(long, value_name = "latency=MS,queue=N,cpu=PCT")]
     load_limit: Option<String>,
     /// Print the report as JSON on stdout.

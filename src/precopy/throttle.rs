@@ -27,10 +27,10 @@ use crate::qemu::guest_agent::GuestAgent;
 use crate::qemu::qmp::Qmp;
 
 pub const SAMPLE: Duration = Duration::from_millis(250);
-const ALPHA: f64 = 0.4;
+const ALPHA: f64 = 0.5;
 const THROTTLED_DUTY: u32 = 9;
 const RESUME: f64 = 0.8;
-const HALT: f64 = 1.5;
+const HALT: f64 = 1.25;
 
 /// `--load-limit latency=MS,queue=N,cpu=PCT` (any of them).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
