@@ -314,7 +314,7 @@ impl Job {
         );
         let c = Mutex::new(c);
         let (opts, ctl, gated, pace) = (p.opts, p.ctl, p.gated, &p.pace);
-        let go_on = || !ctl.stopping() && !(gated && past_end(opts));
+        let go_on = || !(ctl.stopping() || gated && past_end(opts));
         let throttle = &self.throttle;
         let read = |k: u64, buf: &mut [u8]| {
             if gated {

@@ -19,12 +19,10 @@ fn bounds() -> Vec<u64> {
 
 struct WriterVm {
     _proc: Proc,
-    qmp: PathBufAlias,
-    mon: PathBufAlias,
+    qmp: std::path::PathBuf,
+    mon: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
-
-type PathBufAlias = std::path::PathBuf;
 
 fn writer_vm(data_mib: usize) -> WriterVm {
     let dir = tempfile::tempdir().unwrap();
@@ -78,8 +76,11 @@ fn writer_vm(data_mib: usize) -> WriterVm {
 
 /// Samples the writer disk's cumulative write-latency histogram every
 /// 100 ms: (time, bins).
+/// Cumulative histogram bins, by sample time.
+type Samples = Arc<Mutex<Vec<(Instant, Vec<u64>)>>>;
+
 struct Poller {
-    samples: Arc<Mutex<Vec<(Instant, Vec<u64>)>>>,
+    samples: Samples,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
