@@ -88,6 +88,7 @@ def arm_run(scope, vm, poller, arm, limit, secs, rnd):
 def section(work, rounds_n, secs, tiny):
     with B.Scope(work, "precopy") as scope:
         vm = V.start_vm(scope, "w", 10, tiny)
+        B.wait_for(lambda: os.path.exists(vm["console"]), 60, "the VM's console file")
         V.wait_writers([vm])
         poller = V.HistogramPoller([vm])
         poller.start()
