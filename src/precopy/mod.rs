@@ -56,6 +56,13 @@
 //! since-backup bitmap, or in full, and the report says so. Leftover
 //! exports and other cycles' bitmaps are removed at start.
 //!
+//! **Garbage collection.** Pre-copied chunks are referred to by no
+//! manifest until the scheduled backup, so the job holds a writer lock
+//! (`repo::locks`) for its life: `gc` sweeps nothing meanwhile. Between
+//! runs nothing protects them: a resumed job checks that every recorded
+//! chunk still exists and reads the missing ones again; the final backup
+//! refuses a chunk it cannot find (a plain incremental instead).
+//!
 //! **Where the state lives.** `--state DIR` (default
 //! `/var/lib/recoverfs/precopy`), `DIR/<repository id>/<vm>/state.json`, so
 //! it works for S3 repositories too and never mixes repositories. The job

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::qemu::fleece;
 use crate::qemu::nbd::{dirty_bitmap_context, NbdClient, CONTEXT_ALLOCATION};
 use crate::qemu::qmp::{BlockDevice, Qmp};
+use crate::repo::locks::WriterLock;
 use crate::repo::manifest::{DiskManifest, Manifest, MANIFEST_FORMAT};
 use crate::repo::writer::store_chunks;
 use crate::repo::Repository;
@@ -35,6 +36,9 @@ fn export_name(cycle: &str, disk: usize) -> String {
 
 pub(super) struct Job {
     repo: Arc<Repository>,
+    /// Held for the job's life: `gc` sweeps nothing meanwhile, so the
+    /// chunks the state records stay (see `repo::locks`).
+    lock: WriterLock,
     vm: String,
     qmp: PathBuf,
     q: Option<Qmp>,
@@ -55,6 +59,7 @@ impl Job {
     /// Connects, removes leftovers, and resumes the saved cycle if QEMU
     /// still has what it needs, or starts a new one (saying why).
     pub(super) fn start(repo: Arc<Repository>, opts: &Options, dir: StateDir) -> Result<Job> {
+        let lock = WriterLock::acquire(&repo, &opts.vm)?;
         let mut q = Qmp::connect(&opts.qmp)?;
         let disks = q.block_devices()?;
         if disks.is_empty() {
@@ -80,13 +85,22 @@ impl Job {
             .prefix("recoverfs-precopy-")
             .tempdir()
             .map_err(|e| Error::io("create a temporary directory", e))?;
-        let (state, hi, start) = match resumed {
+        let (mut state, hi, start) = match resumed {
             Some((s, hi)) => {
                 let start = format!("resumed cycle {} at round {}", s.cycle, hi);
                 (s, hi, start)
             }
-            None => new_cycle(&mut q, &repo, opts, &disks, &dir)?,
+            None => new_cycle(&mut q, &repo, &lock, opts, &disks, &dir)?,
         };
+        // Between two runs no lock kept `gc` away: a recorded chunk that is
+        // gone is read again.
+        let gone = forget_missing(&repo, &mut state)?;
+        if gone > 0 {
+            warnings.push(format!(
+                "{gone} recorded chunks are gone from the repository (garbage collected?): they are read again"
+            ));
+            dir.save(&state)?;
+        }
         for w in &warnings {
             tracing::warn!(vm = %opts.vm, "{w}; {start}");
         }
@@ -95,6 +109,7 @@ impl Job {
         })?;
         let mut job = Job {
             repo,
+            lock,
             vm: opts.vm.clone(),
             qmp: opts.qmp.clone(),
             q: Some(q),
@@ -199,6 +214,7 @@ impl Job {
             d.since.iter_mut().for_each(|s| *s = Some(new));
         }
         self.state.rounds += 1;
+        self.lock.check_fresh()?;
         self.dir.save(&self.state)?;
         rep.checkpoints += 1;
         let cycle = self.state.cycle.clone();
@@ -355,7 +371,11 @@ impl Job {
             rep.new_bytes += st.new_bytes;
             let short = !go_on();
             if p.last_save.elapsed() >= opts.checkpoint || short {
-                if let Err(e) = self.dir.save(&self.state) {
+                if let Err(e) = self
+                    .lock
+                    .check_fresh()
+                    .and_then(|()| self.dir.save(&self.state))
+                {
                     r = Err(e);
                     break;
                 }
@@ -389,7 +409,13 @@ impl Job {
         let since_backup_chunks = self.since_backup_chunks();
         let given = match fallback {
             Some(_) => None,
-            None => Some(self.given_base()?),
+            None => match self.lock.check_fresh().and_then(|()| self.given_base()) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    fallback = Some(format!("the pre-copied chunks cannot be used: {e}"));
+                    None
+                }
+            },
         };
         // vmbackup opens its own QMP connection, NBD server and agent
         // connection.
@@ -439,7 +465,9 @@ impl Job {
         for d in &mut disks {
             let distinct: std::collections::HashSet<_> = d.chunks.iter().flatten().collect();
             for dg in distinct {
-                d.stored_bytes += self.repo.chunk_stored_size(dg)?.unwrap_or(0);
+                d.stored_bytes += self.repo.chunk_stored_size(dg)?.ok_or_else(|| {
+                    Error::not_found(format!("pre-copied chunk {dg} is gone from the repository"))
+                })?;
             }
         }
         let now = crate::util::now_unix();
@@ -576,13 +604,19 @@ impl Pace {
 fn new_cycle(
     q: &mut Qmp,
     repo: &Repository,
+    lock: &WriterLock,
     opts: &Options,
     disks: &[BlockDevice],
     dir: &StateDir,
 ) -> Result<(State, u64, String)> {
     let cycle = crate::repo::random_hex(3);
     let cs = opts.chunk_size;
-    let base = vmbackup::find_base(q, repo, &opts.vm, disks, cs);
+    // Its chunks stay while the lock is held only if it exists now.
+    let base = vmbackup::find_base(q, repo, &opts.vm, disks, cs).and_then(|(m, b)| {
+        lock.require_manifest(&opts.vm, &m.id)
+            .map_err(|e| e.to_string())?;
+        Ok((m, b))
+    });
     let mut actions = vec![];
     for (i, d) in disks.iter().enumerate() {
         actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
@@ -645,6 +679,29 @@ fn new_cycle(
     };
     dir.save(&state)?;
     Ok((state, 1, start))
+}
+
+/// Marks every recorded chunk no longer in the repository unknown (to be
+/// read again); how many chunks that concerned.
+fn forget_missing(repo: &Repository, s: &mut State) -> Result<usize> {
+    let mut present = std::collections::HashMap::new();
+    let mut gone = 0;
+    for d in &mut s.disks {
+        for (c, since) in d.chunks.iter().zip(d.since.iter_mut()) {
+            let (Some(dg), Some(_)) = (c, *since) else {
+                continue;
+            };
+            let here = match present.get(dg) {
+                Some(h) => *h,
+                None => *present.entry(*dg).or_insert(repo.has_chunk(dg)?),
+            };
+            if !here {
+                *since = None;
+                gone += 1;
+            }
+        }
+    }
+    Ok(gone)
 }
 
 /// Whether a saved state can go on in this QEMU: same VM, repository,

@@ -352,4 +352,33 @@ fn a_second_job_for_the_same_vm_is_refused_and_bad_options_are_one_line_errors()
     assert!(run(&repo, &o, &Control::default()).is_err());
 }
 
+#[test]
+fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
+    let v = vm(Some(&content()));
+    let (r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let first = run(&repo, &o_until(&v, state.path(), 2.0), &Control::default()).unwrap();
+    assert!(first.rounds[0].chunks_read > 200, "{:?}", first.rounds[0]);
+    // As a gc would, with no backup referring to them: three chunks go.
+    let s = {
+        let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+        dir.load().unwrap().unwrap()
+    };
+    let gone: Vec<_> = s.disks[0].chunks.iter().flatten().take(3).cloned().collect();
+    for d in &gone {
+        let hex = d.to_hex();
+        std::fs::remove_file(r.path().join("repo/chunks").join(&hex[..4]).join(&hex)).unwrap();
+    }
+    let second = run(&repo, &opts(&v, state.path(), in_secs(2.0)), &Control::default()).unwrap();
+    assert!(
+        second.warnings[0].starts_with("3 recorded chunks are gone"),
+        "{:?}",
+        second.warnings
+    );
+    assert_eq!(second.rounds[0].chunks_read, 3, "{:?}", second.rounds[0]);
+    let f = second.final_backup.unwrap();
+    assert_eq!(f.mode, "precopy");
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+}
+
 mod throttle;
