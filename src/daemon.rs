@@ -113,7 +113,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         }
     };
     tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
-    let api_result = run_api(mounted.ds.clone(), &socket, opts.socket_group);
+    // Pre-copy jobs keep their state beside the sessions.
+    let jobs = Arc::new(crate::precopy::Jobs::new(
+        repo.clone(),
+        mounted.ds.staging_root().join("precopy"),
+    ));
+    let api_result = run_api(mounted.ds.clone(), jobs.clone(), &socket, opts.socket_group);
+    jobs.shutdown();
     let _ = std::fs::remove_file(&socket);
     if let Ok(Some(link)) = &api_result {
         let _ = std::fs::remove_file(link);
@@ -364,7 +370,12 @@ fn spawn_every(
 
 /// Serves the control API until SIGINT/SIGTERM; returns the default
 /// socket link it published, if any, for removal.
-fn run_api(ds: Arc<Datastore>, socket: &Path, group: Option<u32>) -> Result<Option<PathBuf>> {
+fn run_api(
+    ds: Arc<Datastore>,
+    jobs: Arc<crate::precopy::Jobs>,
+    socket: &Path,
+    group: Option<u32>,
+) -> Result<Option<PathBuf>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -387,7 +398,7 @@ fn run_api(ds: Arc<Datastore>, socket: &Path, group: Option<u32>) -> Result<Opti
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             }
         };
-        crate::api::serve(ds, listener, shutdown)
+        crate::api::serve(ds, jobs, listener, shutdown)
             .await
             .ctx(|| "control API".into())?;
         Ok(link)

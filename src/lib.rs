@@ -54,6 +54,9 @@
 //!            view per disk ──▶ one snapshot time ──▶ cont, thaw ──▶ busiest first, --jobs at a time:
 //!            vmbackup::read (base:allocation, dirty bitmap) ──▶ store chunks ──▶ manifest ──▶ release
 //!            that VM's views; `backup nbd://…` reads any NBD export the same way
+//!  precopy: rounds (QMP transaction: new bitmap, freeze the last) ──▶ live disk over NBD
+//!            ──▶ store chunks ──▶ state.json (checkpoints); at --backup-at: backup-vms with
+//!            the recorded chunks + newest round bitmap as its base; throttled by guest load
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets the block's changed
@@ -168,6 +171,8 @@
 //! | file backup (`agent-backup`) | chunks while the agent's stream arrives, under a writer lock (`gc` sweeps nothing meanwhile; catalogs are a `gc` referrer); the catalog last (create-only), only after the stream's end frame matched (count, bytes, BLAKE3 of every frame), the in-guest agent exited 0 and the container and port were detached | no catalog: as if never started (stored chunks are unreferenced) | `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` (agent killed by its hook, VM killed mid-backup), `agent::stream::tests::a_stream_round_trips_and_every_truncation_is_an_error`, `agent::stream::tests::a_changed_or_dropped_frame_fails_the_end_check`, `repo::catalog::tests::gc_keeps_every_chunk_a_file_backup_references_and_removes_the_rest` |
 //! | restored file (`files restore`, `agent-restore`) | whole: temp file, fsync, rename (`files restore` never replaces an existing file), fsync of the directory; then mode, owner, times | the temp file, never a half-written file at the name | `agent::guest::tests::the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically`, `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` |
 //! | agent container image | built aside, fsynced, renamed into place: attached VMs keep the old one | the old image | `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` (version 1.0.0 then 1.0.1) |
+//! | pre-copied chunk and its record (`precopy`) | chunk objects first, then `state.json` (chunk id and proving round per block) replaced atomically at each checkpoint (≤ 2 s), under a writer lock held for the job's life (`gc` sweeps nothing meanwhile; between runs a recorded chunk that is gone is read again); a round's frozen bitmaps are removed only after the state saying every block is proven by the newer one | chunks stored since the last checkpoint are read again (deduplicated); if QEMU lost a bitmap the state depends on, or the state is damaged, the cycle starts over from the since-backup bitmap, said in the report; never a stale chunk in a backup | `precopy::tests::a_job_stopped_mid_round_resumes_without_reading_recorded_chunks_again`, `precopy::tests::recorded_chunks_garbage_collected_between_runs_are_read_again`, `precopy::tests::lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so`, `precopy::a_job_killed_mid_round_resumes_without_reading_recorded_chunks_again_and_its_backup_is_exact` |
+//! | pre-copy's scheduled backup | as `backup-vms`: chunks, then the manifest (create-only); then the state file is removed; a failed one merges its new bitmap back into the round bitmap | no backup; the state and round bitmap still cover every write | `precopy::tests::rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_reads_and_it_restores_like_a_full_backup_of_that_instant` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod agent;
@@ -182,6 +187,7 @@ pub mod files;
 pub mod metrics;
 pub mod placement;
 pub mod pool;
+pub mod precopy;
 pub mod prefetch;
 pub mod qemu;
 pub mod relocate;

@@ -13,9 +13,12 @@
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
 //! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
+//! | GET, POST | /precopy | pre-copy jobs of running QEMU VMs ([`precopy`]) |
+//! | DELETE | /precopy/{vm} | stop a pre-copy job |
 
 pub mod client;
 pub mod peer;
+pub mod precopy;
 
 use std::sync::Arc;
 
@@ -212,10 +215,11 @@ async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResu
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     ds: Ds,
+    jobs: Arc<crate::precopy::Jobs>,
     listener: peer::CheckedListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ds))
+    axum::serve(listener, router(ds).merge(precopy::router(jobs)))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -7,6 +7,7 @@ mod boot;
 mod key;
 mod maint;
 mod output;
+mod precopy;
 mod profile;
 mod staging;
 
@@ -200,6 +201,10 @@ pub enum Command {
         #[command(subcommand)]
         cmd: agent::FilesCmd,
     },
+    /// Between scheduled backups of a running QEMU VM, copy the blocks it
+    /// changes into the repository in rounds, so the backup at --backup-at
+    /// reads only what changed since the last round.
+    Precopy(precopy::PrecopyArgs),
     /// List VMs and their backups.
     List {
         #[arg(long)]
@@ -536,6 +541,7 @@ pub fn run(cli: Cli) -> Result<()> {
             idle_timeout,
         ),
         Command::Files { cmd } => agent::files(cmd),
+        Command::Precopy(a) => precopy::run(a),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
@@ -704,7 +710,13 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Status { socket, json } => {
-            output::status(&client(&socket).get("/sessions")?, json)
+            let c = client(&socket);
+            output::status(&c.get("/sessions")?, json)?;
+            // A daemon without pre-copy jobs (an older one) is fine.
+            if let Ok(jobs) = c.get("/precopy") {
+                precopy::print_jobs(&jobs, json);
+            }
+            Ok(())
         }
         Command::Boot {
             socket,
@@ -1007,6 +1019,7 @@ fn backup_vms(
                 name,
                 qmp,
                 agent: None,
+                base: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;

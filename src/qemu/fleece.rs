@@ -206,7 +206,7 @@ fn set_drive(q: &mut Qmp, device: &str, node: &str) -> Result<()> {
 /// are ours and are done with it, but QEMU may not yet have processed
 /// their disconnect, and a `safe` delete would then fail (and the event
 /// never come).
-fn delete_export(q: &mut Qmp, id: &str) -> Result<serde_json::Value> {
+pub fn delete_export(q: &mut Qmp, id: &str) -> Result<serde_json::Value> {
     q.execute("block-export-del", Some(json!({"id": id, "mode": "hard"})))?;
     q.wait_event_where("BLOCK_EXPORT_DELETED", Duration::from_secs(30), |d| {
         d["id"] == id

@@ -62,6 +62,11 @@ pub struct BlockStats {
     pub rd_operations: u64,
     pub wr_operations: u64,
     pub flush_operations: u64,
+    /// Nanoseconds requests spent in flight, summed (their mean latency
+    /// and, over wall time, the queue depth follow).
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
 }
 
 impl Qmp {
@@ -203,6 +208,9 @@ impl Qmp {
                     rd_operations: n("rd_operations"),
                     wr_operations: n("wr_operations"),
                     flush_operations: n("flush_operations"),
+                    rd_total_time_ns: n("rd_total_time_ns"),
+                    wr_total_time_ns: n("wr_total_time_ns"),
+                    flush_total_time_ns: n("flush_total_time_ns"),
                 }
             })
             .collect())

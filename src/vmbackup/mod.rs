@@ -83,7 +83,7 @@ use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
 use crate::qemu::qmp::{BlockDevice, Qmp};
 use crate::repo::locks::WriterLock;
-use crate::repo::manifest::Manifest;
+use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::writer::{default_config, publish_manifest};
 use crate::repo::Repository;
 pub use read::{chunks_with_data, dirty_chunks, read_export, Base, Export, ReadOutcome};
@@ -99,6 +99,26 @@ pub struct VmSpec {
     pub qmp: PathBuf,
     /// The guest agent's socket, to freeze the guest's filesystems.
     pub agent: Option<PathBuf>,
+    /// A base the caller vouches for (pre-copy), used instead of the
+    /// newest backup whatever `incremental` says.
+    pub base: Option<GivenBase>,
+}
+
+/// A base for one VM's backup that is not a backup of its own: the chunk
+/// ids of every disk block as a caller recorded them, and per disk the
+/// enabled dirty bitmap on the disk's node covering every block whose
+/// recorded chunk may be stale (`precopy`: the chunks it copied, and its
+/// newest round's bitmap). The backup disables each bitmap at the
+/// snapshot and reads only what it marks, exactly as for an incremental.
+#[derive(Debug, Clone)]
+pub struct GivenBase {
+    /// Disk geometry and chunk ids (`stored_bytes`: of its distinct chunks).
+    pub manifest: Manifest,
+    pub bitmaps: Vec<String>,
+    /// The backup's `mode` (e.g. `precopy`).
+    pub mode: String,
+    /// The backup recorded as the base in the new manifest, if any.
+    pub base: Option<String>,
 }
 
 pub struct Options {
@@ -324,55 +344,38 @@ impl Vm {
         }
     }
 
+    /// A caller's base ([`GivenBase`]): checked like a backup's; an error
+    /// fails the VM rather than reading in full behind the caller's back.
+    fn use_base(&mut self, given: &GivenBase, chunk_size: u32) -> Result<()> {
+        let what = format!("the {} base", given.mode);
+        let disks = self.disks.clone();
+        check_base(
+            self.q()?,
+            &disks,
+            &what,
+            &given.manifest.disks,
+            &given.bitmaps,
+            chunk_size,
+        )
+        .map_err(Error::invalid)?;
+        self.report.mode = given.mode.clone();
+        self.report.base = given.base.clone();
+        self.prev = Some(Prev {
+            manifest: given.manifest.clone(),
+            bitmaps: given.bitmaps.clone(),
+        });
+        Ok(())
+    }
+
     fn find_base(
         &mut self,
         repo: &Repository,
         chunk_size: u32,
     ) -> std::result::Result<Prev, String> {
-        let vm = self.spec.name.clone();
-        let ids = repo
-            .backup_ids(&vm)
-            .map_err(|e| format!("listing previous backups: {e}"))?;
-        let id = ids.last().ok_or("no previous backup")?;
-        let m = repo.manifest(&vm, id).map_err(|e| e.to_string())?;
-        let recorded = m.config["backup_vms"]["bitmaps"]
-            .as_array()
-            .ok_or_else(|| format!("backup {id} records no dirty bitmap"))?;
-        if recorded.len() != self.disks.len() || m.disks.len() != self.disks.len() {
-            return Err(format!(
-                "backup {id} has {} disks, the VM {}",
-                m.disks.len(),
-                self.disks.len()
-            ));
-        }
-        let nodes = fleece::nodes(self.q().map_err(|e| e.to_string())?)
-            .map_err(|e| format!("listing QEMU's block nodes: {e}"))?;
-        let mut bitmaps = vec![];
-        for (i, ((rec, dm), disk)) in recorded.iter().zip(&m.disks).zip(&self.disks).enumerate() {
-            // Bitmap names are unique to a run: found on the disk's node,
-            // it is the one that run left (node names may change).
-            let node = &disk.node_name;
-            let bitmap = rec["bitmap"].as_str().unwrap_or("");
-            let Some((_, size, have)) = nodes.iter().find(|n| &n.0 == node) else {
-                return Err(format!("disk {i}: QEMU has no node {node}"));
-            };
-            if dm.size != *size || dm.chunk_size != chunk_size {
-                return Err(format!(
-                    "disk {i}: geometry changed since backup {id} (size {} -> {size}, chunk size {} -> {chunk_size})",
-                    dm.size, dm.chunk_size
-                ));
-            }
-            if !have.iter().any(|b| b == bitmap) {
-                return Err(format!(
-                    "disk {i}: QEMU no longer has dirty bitmap {bitmap} of backup {id} (restarted?)"
-                ));
-            }
-            bitmaps.push(bitmap.to_string());
-        }
-        Ok(Prev {
-            manifest: m,
-            bitmaps,
-        })
+        let (vm, disks) = (self.spec.name.clone(), self.disks.clone());
+        let q = self.q().map_err(|e| e.to_string())?;
+        let (manifest, bitmaps) = find_base(q, repo, &vm, &disks, chunk_size)?;
+        Ok(Prev { manifest, bitmaps })
     }
 
     /// Records `e` as this VM's error (the first one counts) and tears its
@@ -607,6 +610,86 @@ impl Vm {
     }
 }
 
+/// The dirty bitmap names a backup-vms manifest records per disk (its
+/// since-last-backup maps, kept in QEMU).
+pub fn recorded_bitmaps(m: &Manifest) -> std::result::Result<Vec<String>, String> {
+    let recorded = m.config["backup_vms"]["bitmaps"]
+        .as_array()
+        .ok_or_else(|| format!("backup {} records no dirty bitmap", m.id))?;
+    Ok(recorded
+        .iter()
+        .map(|r| r["bitmap"].as_str().unwrap_or("").to_string())
+        .collect())
+}
+
+/// The newest backup of `vm` as an incremental's base, with its recorded
+/// since-backup bitmap per disk, if [`check_base`] accepts it; otherwise
+/// why not.
+pub fn find_base(
+    q: &mut Qmp,
+    repo: &Repository,
+    vm: &str,
+    disks: &[BlockDevice],
+    chunk_size: u32,
+) -> std::result::Result<(Manifest, Vec<String>), String> {
+    let ids = repo
+        .backup_ids(vm)
+        .map_err(|e| format!("listing previous backups: {e}"))?;
+    let id = ids.last().ok_or("no previous backup")?;
+    let m = repo.manifest(vm, id).map_err(|e| e.to_string())?;
+    let bitmaps = recorded_bitmaps(&m)?;
+    check_base(
+        q,
+        disks,
+        &format!("backup {id}"),
+        &m.disks,
+        &bitmaps,
+        chunk_size,
+    )?;
+    Ok((m, bitmaps))
+}
+
+/// A base (`what` names it) is usable for `disks` if it has one disk and
+/// one bitmap per disk, each disk the same size and chunk size, and QEMU
+/// still has each bitmap on the disk's node.
+pub fn check_base(
+    q: &mut Qmp,
+    disks: &[BlockDevice],
+    what: &str,
+    base: &[DiskManifest],
+    bitmaps: &[String],
+    chunk_size: u32,
+) -> std::result::Result<(), String> {
+    if bitmaps.len() != disks.len() || base.len() != disks.len() {
+        return Err(format!(
+            "{what} has {} disks, the VM {}",
+            base.len(),
+            disks.len()
+        ));
+    }
+    let nodes = fleece::nodes(q).map_err(|e| format!("listing QEMU's block nodes: {e}"))?;
+    for (i, ((bitmap, dm), disk)) in bitmaps.iter().zip(base).zip(disks).enumerate() {
+        // Bitmap names are unique to a run: found on the disk's node, it
+        // is the one that run left (node names may change).
+        let node = &disk.node_name;
+        let Some((_, size, have)) = nodes.iter().find(|n| &n.0 == node) else {
+            return Err(format!("disk {i}: QEMU has no node {node}"));
+        };
+        if dm.size != *size || dm.chunk_size != chunk_size {
+            return Err(format!(
+                "disk {i}: geometry changed since {what} (size {} -> {size}, chunk size {} -> {chunk_size})",
+                dm.size, dm.chunk_size
+            ));
+        }
+        if !have.iter().any(|b| b == bitmap) {
+            return Err(format!(
+                "disk {i}: QEMU no longer has dirty bitmap {bitmap} of {what} (restarted?)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check(opts: &Options) -> Result<()> {
     if opts.vms.is_empty() {
         return Err(Error::invalid("no VM given"));
@@ -652,6 +735,10 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
     for vm in &mut vms {
         if let Err(e) = vm.prepare() {
             vm.fail(&clock, e);
+        } else if let Some(b) = vm.spec.base.clone() {
+            if let Err(e) = vm.use_base(&b, opts.chunk_size) {
+                vm.fail(&clock, e);
+            }
         } else if opts.incremental {
             vm.plan(repo, opts.chunk_size);
         }
@@ -749,4 +836,4 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

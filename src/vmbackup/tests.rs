@@ -18,30 +18,30 @@ const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65536;
 
 /// A QEMU process, killed when dropped (also when a test fails).
-struct Vm {
-    proc: Mutex<Proc>,
+pub(crate) struct Vm {
+    pub(crate) proc: Mutex<Proc>,
     /// The backup's monitor.
-    qmp: PathBuf,
+    pub(crate) qmp: PathBuf,
     /// The test's monitor.
-    mon: PathBuf,
-    img: Option<PathBuf>,
+    pub(crate) mon: PathBuf,
+    pub(crate) img: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Vm {
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         let mut p = self.proc.lock().unwrap();
         p.0.kill().unwrap();
         p.0.wait().unwrap();
     }
 
-    fn monitor(&self) -> Qmp {
+    pub(crate) fn monitor(&self) -> Qmp {
         Qmp::connect(&self.mon).unwrap()
     }
 
     /// A new QEMU process on the same image and QMP sockets (what the
     /// VM's dirty bitmaps do not survive), running.
-    fn restart(&self) {
+    pub(crate) fn restart(&self) {
         self.kill();
         let _ = std::fs::remove_file(&self.qmp);
         let _ = std::fs::remove_file(&self.mon);
@@ -71,7 +71,7 @@ fn content() -> Vec<u8> {
 }
 
 /// A running VM with a virtio disk holding `disk` (none: no disk at all).
-fn vm(disk: Option<&[u8]>) -> Vm {
+pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
     let img = disk.map(|data| {
@@ -125,7 +125,7 @@ fn start(mut cmd: Command, qmp: PathBuf, img: Option<PathBuf>, dir: tempfile::Te
     v
 }
 
-fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
+pub(crate) fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
     Options {
         vms: vms
             .iter()
@@ -133,6 +133,7 @@ fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
                 name: n.to_string(),
                 qmp: v.qmp.clone(),
                 agent: None,
+                base: None,
             })
             .collect(),
         jobs,
@@ -145,14 +146,14 @@ fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> Options {
     }
 }
 
-fn repo() -> (tempfile::TempDir, Arc<Repository>) {
+pub(crate) fn repo() -> (tempfile::TempDir, Arc<Repository>) {
     let d = tempfile::tempdir().unwrap();
     let (r, _) = Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
     (d, r)
 }
 
 /// Disk 0 of backup `id` of `vm`, read back through the repository.
-fn restored(repo: &Repository, vm: &str, id: &str) -> Vec<u8> {
+pub(crate) fn restored(repo: &Repository, vm: &str, id: &str) -> Vec<u8> {
     let m = repo.resolve(vm, Some(id)).unwrap();
     assert_eq!(m.disks.len(), 1);
     let disk = &m.disks[0];
@@ -239,6 +240,7 @@ fn a_vm_name_or_a_qmp_socket_given_twice_is_refused_before_anything_is_touched()
         name: name.into(),
         qmp: qmp.into(),
         agent: None,
+        base: None,
     };
     let mut o = Options {
         vms: vec![spec("a", "/x/1.sock"), spec("a", "/x/2.sock")],
@@ -554,6 +556,7 @@ fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_frozen_through_its
         name: "busy".into(),
         qmp: deb_qmp,
         agent: Some(deb_qga),
+        base: None,
     });
     opts.chunk_size = 1 << 20;
     opts.rate_window = Duration::from_secs(1);

@@ -1,0 +1,53 @@
+//! `/precopy`: pre-copy jobs in the daemon ([`crate::precopy::Jobs`]).
+//!
+//! | method | path | effect |
+//! |---|---|---|
+//! | GET | /precopy | every job: state (copying / throttled / halted / waiting / ...), why, the guest's load, rounds, outcome |
+//! | POST | /precopy `{"vm":..,"qmp":..,"every":..,"backup_at":..,"until":..,"load_limit":..}` | start (or resume) a VM's job |
+//! | DELETE | /precopy/{vm} | stop it at its next checkpoint (state kept) and forget it |
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::{blocking, ApiError, ApiResult};
+use crate::error::Error;
+use crate::precopy::{Jobs, StartRequest};
+
+type J = Arc<Jobs>;
+
+pub fn router(jobs: J) -> Router {
+    Router::new()
+        .route("/precopy", get(list).post(start))
+        .route("/precopy/{vm}", delete(stop))
+        .with_state(jobs)
+}
+
+async fn list(State(j): State<J>) -> ApiResult {
+    blocking(move || Ok(json!({ "jobs": j.list() }))).await
+}
+
+async fn start(State(j): State<J>, body: Option<Json<Value>>) -> ApiResult {
+    let parsed = body.map(|Json(v)| serde_json::from_value::<StartRequest>(v));
+    let req = match parsed {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            return Err(ApiError(Error::invalid(format!(
+                "bad pre-copy request: {e}"
+            ))))
+        }
+        None => {
+            return Err(ApiError(Error::invalid(
+                "expected a JSON body {\"vm\": NAME, \"qmp\": SOCKET, ...}",
+            )))
+        }
+    };
+    blocking(move || j.start(req)).await
+}
+
+async fn stop(State(j): State<J>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || j.stop(&vm)).await
+}

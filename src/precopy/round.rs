@@ -1,0 +1,835 @@
+//! One VM's pre-copy job against QEMU: start or resume a cycle, rounds,
+//! and the final backup (see [`super`] for the design).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::state::{DiskState, State, StateDir, STATE_FORMAT};
+use super::throttle::{Gate, Throttle};
+use super::{Control, End, FinalReport, Options, RoundReport};
+use crate::error::{Error, Result};
+use crate::qemu::fleece;
+use crate::qemu::nbd::{dirty_bitmap_context, NbdClient, CONTEXT_ALLOCATION};
+use crate::qemu::qmp::{BlockDevice, Qmp};
+use crate::repo::locks::WriterLock;
+use crate::repo::manifest::{DiskManifest, Manifest, MANIFEST_FORMAT};
+use crate::repo::writer::store_chunks;
+use crate::repo::Repository;
+use crate::vmbackup::{self, chunks_with_data, dirty_chunks, GivenBase, VmSpec};
+
+/// Chunks stored between two looks at the clock (and the stop flag).
+const BATCH: usize = 32;
+/// Every bitmap name of every cycle starts so.
+const PREFIX: &str = "rfs-pc-";
+
+fn bitmap_name(cycle: &str, round: u64) -> String {
+    format!("{PREFIX}{cycle}-{round}")
+}
+
+fn export_name(cycle: &str, disk: usize) -> String {
+    format!("{PREFIX}{cycle}-d{disk}")
+}
+
+pub(super) struct Job {
+    repo: Arc<Repository>,
+    /// Held for the job's life: `gc` sweeps nothing meanwhile, so the
+    /// chunks the state records stay (see `repo::locks`).
+    lock: WriterLock,
+    vm: String,
+    qmp: PathBuf,
+    q: Option<Qmp>,
+    disks: Vec<BlockDevice>,
+    dir: StateDir,
+    state: State,
+    /// The newest round bitmap (the one recording).
+    hi: u64,
+    /// Holds QEMU's NBD server socket.
+    tmp: tempfile::TempDir,
+    nbd_started: bool,
+    throttle: Mutex<Throttle>,
+    pub(super) start: String,
+    pub(super) warnings: Vec<String>,
+}
+
+impl Job {
+    /// Connects, removes leftovers, and resumes the saved cycle if QEMU
+    /// still has what it needs, or starts a new one (saying why).
+    pub(super) fn start(repo: Arc<Repository>, opts: &Options, dir: StateDir) -> Result<Job> {
+        let lock = WriterLock::acquire(&repo, &opts.vm)?;
+        let mut q = Qmp::connect(&opts.qmp)?;
+        let disks = q.block_devices()?;
+        if disks.is_empty() {
+            return Err(Error::invalid("QEMU reports no disk to pre-copy"));
+        }
+        remove_exports(&mut q)?;
+        let mut warnings = vec![];
+        let resumed = match dir.load() {
+            Ok(Some(s)) => match resumable(&mut q, &s, &disks, &repo, opts) {
+                Ok(hi) => Some((s, hi)),
+                Err(why) => {
+                    warnings.push(format!("pre-copy state lost: {why}"));
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                warnings.push(format!("pre-copy state lost: {e}"));
+                None
+            }
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix("recoverfs-precopy-")
+            .tempdir()
+            .map_err(|e| Error::io("create a temporary directory", e))?;
+        let (mut state, hi, start) = match resumed {
+            Some((s, hi)) => {
+                let start = format!("resumed cycle {} at round {}", s.cycle, hi);
+                (s, hi, start)
+            }
+            None => new_cycle(&mut q, &repo, &lock, opts, &disks, &dir)?,
+        };
+        // Between two runs no lock kept `gc` away: a recorded chunk that is
+        // gone is read again.
+        let gone = forget_missing(&repo, &mut state)?;
+        if gone > 0 {
+            warnings.push(format!(
+                "{gone} recorded chunks are gone from the repository (garbage collected?): they are read again"
+            ));
+            dir.save(&state)?;
+        }
+        for w in &warnings {
+            tracing::warn!(vm = %opts.vm, "{w}; {start}");
+        }
+        remove_bitmaps(&mut q, |name| {
+            name.starts_with(PREFIX) && parse_round(name, &state.cycle).is_none()
+        })?;
+        let mut job = Job {
+            repo,
+            lock,
+            vm: opts.vm.clone(),
+            qmp: opts.qmp.clone(),
+            q: Some(q),
+            disks,
+            dir,
+            state,
+            hi,
+            tmp,
+            nbd_started: false,
+            throttle: Mutex::new(Throttle::new(opts.load_limit, agent(opts))),
+            start,
+            warnings,
+        };
+        job.start_nbd()?;
+        Ok(job)
+    }
+
+    pub(super) fn cycle(&self) -> &str {
+        &self.state.cycle
+    }
+
+    /// The bitmap the next round starts.
+    pub(super) fn next_round(&self) -> u64 {
+        self.hi + 1
+    }
+
+    fn q(&mut self) -> Result<&mut Qmp> {
+        self.q
+            .as_mut()
+            .ok_or_else(|| Error::invalid("no QMP connection"))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.tmp.path().join("nbd.sock")
+    }
+
+    /// QEMU's NBD server on our socket; one a killed run left is replaced.
+    fn start_nbd(&mut self) -> Result<()> {
+        let sock = self.socket();
+        let q = self.q()?;
+        if let Err(e) = fleece::start_nbd_server(q, &sock) {
+            tracing::info!("restarting QEMU's NBD server ({e})");
+            fleece::stop_nbd_server(q)?;
+            fleece::start_nbd_server(q, &sock)?;
+        }
+        self.nbd_started = true;
+        Ok(())
+    }
+
+    /// One round (see the module docs). A stop ends it at the next
+    /// checkpoint, incomplete; its progress stays recorded. `gated`: the
+    /// guest's load holds it back (not once the backup is due).
+    pub(super) fn round(
+        &mut self,
+        opts: &Options,
+        ctl: &Control,
+        gated: bool,
+    ) -> Result<RoundReport> {
+        let t0 = Instant::now();
+        let (old, new) = (self.hi, self.hi + 1);
+        let mut actions = vec![];
+        for d in &self.disks {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": d.node_name, "name": bitmap_name(&self.state.cycle, new),
+                "granularity": self.state.chunk_size}}));
+            actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {
+                "node": d.node_name, "name": bitmap_name(&self.state.cycle, old)}}));
+        }
+        self.q()?
+            .execute("transaction", Some(json!({ "actions": actions })))
+            .map_err(|e| e.context("starting a round"))?;
+        self.hi = new;
+        let mut p = Pass {
+            opts,
+            ctl,
+            pace: Pace::new(opts.max_rate),
+            rep: RoundReport {
+                round: new,
+                ..Default::default()
+            },
+            last_save: Instant::now(),
+            gated,
+        };
+        let held0 = self.throttle().held;
+        for i in 0..self.disks.len() {
+            let _span =
+                tracing::info_span!("precopy", vm = %self.vm, disk = i, round = new).entered();
+            self.read_disk(i, old, &mut p)
+                .map_err(|e| e.context(format!("disk {i}")))?;
+            if p.cut_short() {
+                self.dir.save(&self.state)?;
+                p.rep.checkpoints += 1;
+                p.rep.held_ms = (self.throttle().held - held0).as_secs_f64() * 1000.0;
+                p.rep.ms = t0.elapsed().as_secs_f64() * 1000.0;
+                return Ok(p.rep);
+            }
+        }
+        let mut rep = p.rep;
+        rep.held_ms = (self.throttle().held - held0).as_secs_f64() * 1000.0;
+        // Every chunk is now proven by the new bitmap alone.
+        for d in &mut self.state.disks {
+            d.since.iter_mut().for_each(|s| *s = Some(new));
+        }
+        self.state.rounds += 1;
+        self.lock.check_fresh()?;
+        self.dir.save(&self.state)?;
+        rep.checkpoints += 1;
+        let cycle = self.state.cycle.clone();
+        let q = self.q()?;
+        remove_bitmaps(q, |name| parse_round(name, &cycle).is_some_and(|r| r < new))?;
+        rep.ms = t0.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(vm = %self.vm, round = new, read = rep.chunks_read, "pre-copy round done");
+        Ok(rep)
+    }
+
+    fn throttle(&self) -> std::sync::MutexGuard<'_, Throttle> {
+        self.throttle.lock().expect("throttle lock")
+    }
+
+    /// Between rounds: samples the guest's load for the status.
+    pub(super) fn sample_idle(&mut self, ctl: &Control) {
+        let Some(q) = self.q.as_mut() else { return };
+        let mut t = self.throttle.lock().expect("throttle lock");
+        if let Err(e) = t.sample(q) {
+            tracing::warn!(vm = %self.vm, "sampling the guest's load: {e}");
+        }
+        ctl.set(|s| s.load = t.load);
+    }
+
+    /// Reads disk `i`'s chunks that the frozen bitmaps (up to `old`) mark
+    /// since their recorded round, or that were never read.
+    fn read_disk(&mut self, i: usize, old: u64, p: &mut Pass) -> Result<()> {
+        let cycle = self.state.cycle.clone();
+        let node = self.disks[i].node_name.clone();
+        let lo = self.state.disks[i].since.iter().flatten().min().copied();
+        let frozen: Vec<u64> = lo.map(|lo| (lo..=old).collect()).unwrap_or_default();
+        let names: Vec<String> = frozen.iter().map(|&r| bitmap_name(&cycle, r)).collect();
+        let export = export_name(&cycle, i);
+        self.q()?.execute(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": export, "node-name": node,
+                        "name": export, "writable": false, "bitmaps": names})),
+        )?;
+        let r = self.read_export(i, &export, &frozen, p);
+        let q = self.q()?;
+        let del = fleece::delete_export(q, &export);
+        r?;
+        del.map(drop)
+    }
+
+    fn read_export(&mut self, i: usize, export: &str, frozen: &[u64], p: &mut Pass) -> Result<()> {
+        let rep = &mut p.rep;
+        let cs = self.state.chunk_size;
+        let cycle = self.state.cycle.clone();
+        let ctxs: Vec<String> = (frozen.iter())
+            .map(|&r| dirty_bitmap_context(&bitmap_name(&cycle, r)))
+            .collect();
+        let mut want: Vec<&str> = vec![CONTEXT_ALLOCATION];
+        want.extend(ctxs.iter().map(String::as_str));
+        let mut c = NbdClient::connect_unix(self.socket(), export, &want)?;
+        let size = c.size();
+        let d = &self.state.disks[i];
+        if size != d.size {
+            return Err(Error::invalid(format!(
+                "the disk is {size} bytes, the pre-copy state says {}",
+                d.size
+            )));
+        }
+        // The newest frozen bitmap marking each chunk.
+        let mut mark: BTreeMap<u64, u64> = BTreeMap::new();
+        for (&r, ctx) in frozen.iter().zip(&ctxs) {
+            for k in dirty_chunks(&c.block_status(ctx, 0, size)?, cs) {
+                mark.insert(k, r);
+            }
+        }
+        let data: std::collections::HashSet<u64> =
+            chunks_with_data(&c.block_status(CONTEXT_ALLOCATION, 0, size)?, cs)
+                .into_iter()
+                .collect();
+        // The oldest proof any chunk has (none: some chunk is unknown); a
+        // chunk proven later was recorded by an interrupted round.
+        let oldest = match d.unknown() {
+            0 => d.since.iter().flatten().min().copied(),
+            _ => None,
+        };
+        let mut todo = vec![];
+        for (k, since) in d.since.iter().enumerate() {
+            let k = k as u64;
+            let stale = match (since, mark.get(&k)) {
+                (None, _) => true,
+                (Some(s), Some(m)) => m >= s,
+                (Some(_), None) => false,
+            };
+            if stale {
+                rep.dirty_chunks += 1;
+                todo.push(k);
+            } else if oldest.is_none_or(|o| since.is_some_and(|s| s > o)) {
+                rep.already_recorded += 1;
+            }
+        }
+        let new = self.hi;
+        let disk = &mut self.state.disks[i];
+        // A marked chunk that reads as zeros now needs no read.
+        todo.retain(|&k| {
+            if data.contains(&k) {
+                return true;
+            }
+            disk.chunks[k as usize] = None;
+            disk.since[k as usize] = Some(new);
+            rep.zero_chunks += 1;
+            false
+        });
+        // The QMP connection serves the load samples while reading.
+        let q = Mutex::new(
+            self.q
+                .take()
+                .ok_or_else(|| Error::invalid("no QMP connection"))?,
+        );
+        let c = Mutex::new(c);
+        let (opts, ctl, gated, pace) = (p.opts, p.ctl, p.gated, &p.pace);
+        let go_on = || !(ctl.stopping() || gated && past_end(opts));
+        let throttle = &self.throttle;
+        let read = |k: u64, buf: &mut [u8]| {
+            if gated {
+                let mut t = throttle.lock().expect("throttle lock");
+                t.before_read(&mut q.lock().expect("QMP lock"), &go_on)?;
+                publish(ctl, &t);
+            }
+            pace.wait(buf.len() as u64);
+            let t0 = Instant::now();
+            c.lock()
+                .expect("NBD client lock")
+                .read(k * cs as u64, buf)?;
+            if gated {
+                throttle
+                    .lock()
+                    .expect("throttle lock")
+                    .after_read(t0.elapsed());
+            }
+            Ok(())
+        };
+        let mut r = Ok(());
+        for batch in todo.chunks(BATCH) {
+            let st = match store_chunks(&self.repo, size, cs, batch.iter().copied(), &read, &|_| {})
+            {
+                Ok(st) => st,
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            };
+            let disk = &mut self.state.disks[i];
+            for (k, dg) in &st.chunks {
+                disk.chunks[*k as usize] = *dg;
+                disk.since[*k as usize] = Some(new);
+            }
+            rep.chunks_read += st.chunks.len() as u64;
+            rep.bytes_read += st.read_bytes;
+            rep.new_bytes += st.new_bytes;
+            let short = !go_on();
+            if p.last_save.elapsed() >= opts.checkpoint || short {
+                if let Err(e) = self
+                    .lock
+                    .check_fresh()
+                    .and_then(|()| self.dir.save(&self.state))
+                {
+                    r = Err(e);
+                    break;
+                }
+                rep.checkpoints += 1;
+                p.last_save = Instant::now();
+            }
+            if short {
+                break;
+            }
+        }
+        self.q = Some(q.into_inner().expect("QMP lock"));
+        let _ = c.into_inner().map(|c| c.disconnect());
+        r
+    }
+
+    /// The scheduled backup: vmbackup with the recorded chunks and the
+    /// newest round bitmap as its base, after a round if the last one did
+    /// not complete; a plain incremental (or full) backup, said in the
+    /// report, if pre-copy has nothing usable.
+    pub(super) fn final_backup(&mut self, opts: &Options, ctl: &Control) -> Result<FinalReport> {
+        let mut fallback = None;
+        if !self.state.clean_at(self.hi) {
+            // Due now: read what is left whatever the guest's load.
+            if let Err(e) = self.round(opts, ctl, false) {
+                fallback = Some(format!("the last pre-copy round failed: {e}"));
+            }
+        }
+        if fallback.is_none() && !self.state.clean_at(self.hi) {
+            fallback = Some("the last pre-copy round did not complete".into());
+        }
+        let since_backup_chunks = self.since_backup_chunks();
+        let given = match fallback {
+            Some(_) => None,
+            None => match self.lock.check_fresh().and_then(|()| self.given_base()) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    fallback = Some(format!("the pre-copied chunks cannot be used: {e}"));
+                    None
+                }
+            },
+        };
+        // vmbackup opens its own QMP connection, NBD server and agent
+        // connection.
+        self.throttle().release_agent();
+        if self.nbd_started {
+            fleece::stop_nbd_server(self.q()?)?;
+            self.nbd_started = false;
+        }
+        self.q = None;
+        let vopts = vmbackup::Options {
+            vms: vec![VmSpec {
+                name: self.vm.clone(),
+                qmp: self.qmp.clone(),
+                agent: opts.agent.clone(),
+                base: given,
+            }],
+            jobs: 1,
+            chunk_size: self.state.chunk_size,
+            rate_window: Duration::ZERO,
+            agent_timeout: crate::qemu::guest_agent::SYNC_TIMEOUT,
+            incremental: true,
+            order: vmbackup::ReadOrder::BusiestFirst,
+            hook: opts.hook.clone(),
+        };
+        let summary = vmbackup::backup_vms(&self.repo, &vopts)?;
+        let vm = summary.vms.into_iter().next().expect("one VM");
+        if let Some(e) = &vm.error {
+            return Err(Error::invalid(format!("the scheduled backup failed: {e}")));
+        }
+        if fallback.is_none() {
+            // Its bitmaps went with the backup (vmbackup keeps only its own).
+            self.dir.remove()?;
+        }
+        Ok(FinalReport {
+            backup: vm.backup.clone(),
+            mode: vm.mode.clone(),
+            fallback,
+            chunks_read: vm.chunks_read,
+            since_backup_chunks,
+            vm,
+        })
+    }
+
+    /// The recorded chunks and the newest round bitmap, as vmbackup's base.
+    fn given_base(&self) -> Result<GivenBase> {
+        let mut disks = self.state.disk_manifests();
+        for d in &mut disks {
+            let distinct: std::collections::HashSet<_> = d.chunks.iter().flatten().collect();
+            for dg in distinct {
+                d.stored_bytes += self.repo.chunk_stored_size(dg)?.ok_or_else(|| {
+                    Error::not_found(format!("pre-copied chunk {dg} is gone from the repository"))
+                })?;
+            }
+        }
+        let now = crate::util::now_unix();
+        Ok(GivenBase {
+            manifest: Manifest {
+                format: MANIFEST_FORMAT,
+                vm: self.vm.clone(),
+                id: format!("precopy-{}", self.state.cycle),
+                created: crate::util::rfc3339(now),
+                created_unix: now,
+                config: Value::Null,
+                disks,
+            },
+            bitmaps: vec![bitmap_name(&self.state.cycle, self.hi); self.disks.len()],
+            mode: "precopy".into(),
+            base: self.state.base.clone(),
+        })
+    }
+
+    /// Chunks the base's since-backup bitmaps mark now (what a plain
+    /// incremental would read), if the cycle has a base still in QEMU.
+    fn since_backup_chunks(&mut self) -> Option<u64> {
+        let base = self.state.base.clone()?;
+        let m = self.repo.manifest(&self.vm, &base).ok()?;
+        let names = vmbackup::recorded_bitmaps(&m).ok()?;
+        let cs = u64::from(self.state.chunk_size);
+        let nodes: Vec<String> = self.disks.iter().map(|d| d.node_name.clone()).collect();
+        let all = named_nodes(self.q().ok()?).ok()?;
+        let mut n = 0;
+        for (node, name) in nodes.iter().zip(&names) {
+            let b = bitmaps_of(&all, node).into_iter().find(|b| b.0 == *name)?;
+            n += b.2.div_ceil(cs);
+        }
+        Some(n)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if self.nbd_started {
+            if let Some(q) = self.q.as_mut() {
+                let _ = fleece::stop_nbd_server(q);
+            }
+        }
+    }
+}
+
+/// One round's reading, and what holds it back.
+struct Pass<'a> {
+    opts: &'a Options,
+    ctl: &'a Control,
+    pace: Pace,
+    rep: RoundReport,
+    last_save: Instant,
+    gated: bool,
+}
+
+impl Pass<'_> {
+    /// Whether the round stops before its end (a stop, or the job's end
+    /// time while the load may hold it back).
+    fn cut_short(&self) -> bool {
+        self.ctl.stopping() || (self.gated && past_end(self.opts))
+    }
+}
+
+/// The job's end (the backup's time, or --until) has come.
+fn past_end(opts: &Options) -> bool {
+    match opts.end {
+        End::BackupAt(t) | End::Until(t) => std::time::SystemTime::now() >= t,
+        End::Never => false,
+    }
+}
+
+/// The throttle's state in the job's status.
+fn publish(ctl: &Control, t: &Throttle) {
+    ctl.set(|s| {
+        s.load = t.load;
+        s.state = match t.gate {
+            Gate::Copying => "copying",
+            Gate::Throttled => "throttled",
+            Gate::Halted => "halted",
+        }
+        .into();
+        if t.gate != Gate::Copying {
+            s.why = t.why.clone();
+        }
+    });
+}
+
+/// The guest agent, for its CPU figures, if given and answering.
+fn agent(opts: &Options) -> Option<crate::qemu::guest_agent::GuestAgent> {
+    use crate::qemu::guest_agent::{GuestAgent, SYNC_TIMEOUT};
+    let path = opts.agent.as_ref()?;
+    match GuestAgent::connect(path, SYNC_TIMEOUT) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!(vm = %opts.vm, "guest CPU load unknown: {e}");
+            None
+        }
+    }
+}
+
+/// Paces reads to at most `rate` bytes per second on average.
+struct Pace {
+    rate: Option<f64>,
+    start: Instant,
+    bytes: Mutex<u64>,
+}
+
+impl Pace {
+    fn new(rate: Option<f64>) -> Pace {
+        Pace {
+            rate,
+            start: Instant::now(),
+            bytes: Mutex::new(0),
+        }
+    }
+
+    fn wait(&self, n: u64) {
+        let Some(rate) = self.rate else { return };
+        let due = {
+            let mut b = self.bytes.lock().expect("pace lock");
+            *b += n;
+            Duration::from_secs_f64(*b as f64 / rate)
+        };
+        if let Some(left) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+/// A new cycle: from the newest backup whose since-backup bitmaps QEMU
+/// has (bitmap 0 a frozen copy of them), else every chunk unknown.
+fn new_cycle(
+    q: &mut Qmp,
+    repo: &Repository,
+    lock: &WriterLock,
+    opts: &Options,
+    disks: &[BlockDevice],
+    dir: &StateDir,
+) -> Result<(State, u64, String)> {
+    let cycle = crate::repo::random_hex(3);
+    let cs = opts.chunk_size;
+    // Its chunks stay while the lock is held only if it exists now.
+    let base = vmbackup::find_base(q, repo, &opts.vm, disks, cs).and_then(|(m, b)| {
+        lock.require_manifest(&opts.vm, &m.id)
+            .map_err(|e| e.to_string())?;
+        Ok((m, b))
+    });
+    let mut actions = vec![];
+    for (i, d) in disks.iter().enumerate() {
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": d.node_name, "name": bitmap_name(&cycle, 1), "granularity": cs}}));
+        if let Ok((_, since)) = &base {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": d.node_name, "name": bitmap_name(&cycle, 0), "granularity": cs,
+                "disabled": true}}));
+            actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+                "node": d.node_name, "target": bitmap_name(&cycle, 0), "bitmaps": [since[i]]}}));
+        }
+    }
+    q.execute("transaction", Some(json!({ "actions": actions })))
+        .map_err(|e| e.context("starting a pre-copy cycle"))?;
+    let sizes = node_sizes(q, disks)?;
+    let (base_id, start, disks) = match base {
+        Ok((m, _)) => {
+            let ds = (m.disks.iter().zip(disks))
+                .map(|(dm, d)| DiskState {
+                    node: d.node_name.clone(),
+                    size: dm.size,
+                    chunks: dm.chunks.clone(),
+                    since: vec![Some(0); dm.chunks.len()],
+                })
+                .collect();
+            let start = format!(
+                "new cycle {cycle} from backup {} (its since-backup bitmap)",
+                m.id
+            );
+            (Some(m.id), start, ds)
+        }
+        Err(why) => {
+            let ds = (disks.iter().zip(sizes))
+                .map(|(d, size)| {
+                    let n = DiskManifest::chunk_count(size, cs) as usize;
+                    DiskState {
+                        node: d.node_name.clone(),
+                        size,
+                        chunks: vec![None; n],
+                        since: vec![None; n],
+                    }
+                })
+                .collect();
+            (
+                None,
+                format!("new cycle {cycle}, reading every block: {why}"),
+                ds,
+            )
+        }
+    };
+    let state = State {
+        format: STATE_FORMAT,
+        vm: opts.vm.clone(),
+        repo: repo.id().to_string(),
+        cycle,
+        base: base_id,
+        chunk_size: cs,
+        rounds: 0,
+        disks,
+    };
+    dir.save(&state)?;
+    Ok((state, 1, start))
+}
+
+/// Marks every recorded chunk no longer in the repository unknown (to be
+/// read again); how many chunks that concerned.
+fn forget_missing(repo: &Repository, s: &mut State) -> Result<usize> {
+    let mut present = std::collections::HashMap::new();
+    let mut gone = 0;
+    for d in &mut s.disks {
+        for (c, since) in d.chunks.iter().zip(d.since.iter_mut()) {
+            let (Some(dg), Some(_)) = (c, *since) else {
+                continue;
+            };
+            let here = match present.get(dg) {
+                Some(h) => *h,
+                None => *present.entry(*dg).or_insert(repo.has_chunk(dg)?),
+            };
+            if !here {
+                *since = None;
+                gone += 1;
+            }
+        }
+    }
+    Ok(gone)
+}
+
+/// Whether a saved state can go on in this QEMU: same VM, repository,
+/// chunk size and disks, and every round bitmap it depends on still
+/// there, the newest recording. Returns the newest round, or why not.
+fn resumable(
+    q: &mut Qmp,
+    s: &State,
+    disks: &[BlockDevice],
+    repo: &Repository,
+    opts: &Options,
+) -> std::result::Result<u64, String> {
+    if s.vm != opts.vm || s.repo != repo.id() {
+        return Err(format!(
+            "the state is of VM {} in repository {}",
+            s.vm, s.repo
+        ));
+    }
+    if s.chunk_size != opts.chunk_size {
+        return Err(format!("the state's chunk size is {}", s.chunk_size));
+    }
+    if s.disks.len() != disks.len() {
+        return Err(format!(
+            "the state has {} disks, the VM {}",
+            s.disks.len(),
+            disks.len()
+        ));
+    }
+    let all = named_nodes(q).map_err(|e| e.to_string())?;
+    let sizes = node_sizes(q, disks).map_err(|e| e.to_string())?;
+    let needed = s.needed_rounds();
+    let mut newest = None;
+    for (i, ((ds, d), size)) in s.disks.iter().zip(disks).zip(sizes).enumerate() {
+        if ds.node != d.node_name || ds.size != size {
+            return Err(format!(
+                "disk {i} is not the one the state describes (QEMU restarted?)"
+            ));
+        }
+        let rounds: BTreeMap<u64, bool> = (bitmaps_of(&all, &d.node_name).into_iter())
+            .filter_map(|(name, rec, _)| parse_round(&name, &s.cycle).map(|r| (r, rec)))
+            .collect();
+        let Some((&hi, &recording)) = rounds.last_key_value() else {
+            return Err(format!(
+                "disk {i}: QEMU has none of the cycle's dirty bitmaps (restarted?)"
+            ));
+        };
+        if !recording {
+            return Err(format!(
+                "disk {i}: the newest round bitmap no longer records writes"
+            ));
+        }
+        if let Some((lo, max_since)) = needed {
+            if hi < max_since {
+                return Err(format!("disk {i}: round bitmap {max_since} is gone"));
+            }
+            if let Some(r) = (lo..=hi).find(|r| !rounds.contains_key(r)) {
+                return Err(format!("disk {i}: round bitmap {r} is gone"));
+            }
+        }
+        if newest.is_some_and(|n| n != hi) {
+            return Err("the disks' round bitmaps disagree".into());
+        }
+        newest = Some(hi);
+    }
+    newest.ok_or_else(|| "no disk".into())
+}
+
+/// `rfs-pc-<cycle>-<n>` → n.
+fn parse_round(name: &str, cycle: &str) -> Option<u64> {
+    name.strip_prefix(PREFIX)?
+        .strip_prefix(cycle)?
+        .strip_prefix('-')?
+        .parse()
+        .ok()
+}
+
+fn named_nodes(q: &mut Qmp) -> Result<Vec<Value>> {
+    let v = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+/// A node's dirty bitmaps: (name, recording, dirty bytes).
+fn bitmaps_of(nodes: &[Value], node: &str) -> Vec<(String, bool, u64)> {
+    (nodes.iter())
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap_or("").to_string(),
+                b["recording"].as_bool().unwrap_or(false),
+                b["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn node_sizes(q: &mut Qmp, disks: &[BlockDevice]) -> Result<Vec<u64>> {
+    let nodes = fleece::nodes(q)?;
+    disks
+        .iter()
+        .map(|d| {
+            (nodes.iter().find(|n| n.0 == d.node_name).map(|n| n.1))
+                .ok_or_else(|| Error::not_found(format!("QEMU has no block node {}", d.node_name)))
+        })
+        .collect()
+}
+
+/// Removes every bitmap `drop(name)` selects, on every node.
+fn remove_bitmaps(q: &mut Qmp, drop: impl Fn(&str) -> bool) -> Result<()> {
+    for n in named_nodes(q)? {
+        let node = n["node-name"].as_str().unwrap_or("").to_string();
+        for (name, _, _) in bitmaps_of(std::slice::from_ref(&n), &node) {
+            if drop(&name) {
+                fleece::bitmap_op(q, "remove", &node, &name)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Exports a killed run left (they keep bitmaps busy).
+fn remove_exports(q: &mut Qmp) -> Result<()> {
+    let list = q.execute("query-block-exports", None)?;
+    for e in list.as_array().into_iter().flatten() {
+        let Some(id) = e["id"].as_str().filter(|i| i.starts_with(PREFIX)) else {
+            continue;
+        };
+        fleece::delete_export(q, id)?;
+    }
+    Ok(())
+}

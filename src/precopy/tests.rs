@@ -1,0 +1,384 @@
+//! Pre-copy against real QEMU: VMs running firmware with nothing to boot,
+//! a raw disk of random bytes, guest writes through the device's drive
+//! (HMP `qemu-io`, from the test's own monitor), and every scheduled
+//! backup compared byte for byte with a full backup of the same instant.
+
+use super::*;
+use crate::qemu::qmp::Qmp;
+use crate::qemu::testing::hmp_write;
+use crate::vmbackup::tests::{options as vm_options, repo, restored, vm, Vm};
+use crate::vmbackup::{backup_vms, Hook};
+use rand::RngCore;
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+const MIB: usize = 1 << 20;
+const CHUNK: u32 = 65536;
+
+/// 16 MiB of random bytes with a zero MiB, no boot signature.
+fn content() -> Vec<u8> {
+    let mut d = vec![0u8; 16 * MIB];
+    rand::thread_rng().fill_bytes(&mut d);
+    d[8 * MIB..9 * MIB].fill(0);
+    d[510..512].fill(0);
+    d
+}
+
+fn opts(v: &Vm, state: &std::path::Path, end: End) -> Options {
+    Options {
+        vm: "pc".into(),
+        qmp: v.qmp.clone(),
+        agent: None,
+        state_dir: state.to_path_buf(),
+        chunk_size: CHUNK,
+        every: Duration::from_secs(1),
+        end,
+        max_rate: None,
+        checkpoint: Duration::from_millis(200),
+        load_limit: None,
+        hook: None,
+    }
+}
+
+fn in_secs(s: f64) -> End {
+    End::BackupAt(SystemTime::now() + Duration::from_secs_f64(s))
+}
+
+/// A full `backup-vms` backup of `v` (a base: it keeps its since-backup
+/// bitmap in QEMU); its id.
+fn full_backup(repo: &Arc<Repository>, v: &Vm) -> String {
+    let s = backup_vms(repo, &vm_options(&[("pc", v)], 1, None)).unwrap();
+    let r = &s.vms[0];
+    assert!(r.error.is_none(), "{:?}", r.error);
+    r.backup.clone().unwrap()
+}
+
+/// Pauses the VM and checks that backup `id` restores to exactly what a
+/// full backup taken now (the guest writes no more) restores to, and to
+/// the image file itself.
+fn assert_identical_to_a_full_backup_now(repo: &Arc<Repository>, v: &Vm, id: &str) {
+    v.monitor().stop().unwrap();
+    let full = full_backup(repo, v);
+    let got = restored(repo, "pc", id);
+    assert!(
+        got == restored(repo, "pc", &full),
+        "backup {id} differs from the full backup {full} of the same instant"
+    );
+    let img = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(got == img, "backup {id} differs from the disk image");
+}
+
+/// A guest writer: every `pause`, one chunk of a ring of `ring` chunks,
+/// each time a new pattern; halted (and acknowledged) on request. It
+/// records every chunk it wrote.
+struct Writer {
+    halt: Arc<AtomicBool>,
+    halted: Arc<AtomicBool>,
+    written: Arc<Mutex<BTreeSet<u64>>>,
+    writes: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(mut q: Qmp, ring: u64, pause: Duration) -> Writer {
+        let halt = Arc::new(AtomicBool::new(false));
+        let halted = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(Mutex::new(BTreeSet::new()));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (h, hd, w, n) = (
+            halt.clone(),
+            halted.clone(),
+            written.clone(),
+            writes.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !h.load(Ordering::SeqCst) {
+                let chunk = k % ring;
+                let pattern = (k % 250) as u8 + 1;
+                hmp_write(
+                    &mut q,
+                    pattern,
+                    (chunk * CHUNK as u64) as usize,
+                    CHUNK as usize,
+                );
+                w.lock().unwrap().insert(chunk);
+                n.fetch_add(1, Ordering::SeqCst);
+                k += 1;
+                std::thread::sleep(pause);
+            }
+            hd.store(true, Ordering::SeqCst);
+        });
+        Writer {
+            halt,
+            halted,
+            written,
+            writes,
+            thread: Some(thread),
+        }
+    }
+
+    /// A hook that halts the writer at the backup's `stopped` event, and
+    /// waits until its last write is done.
+    fn halt_at_snapshot(&self) -> Hook {
+        let (h, hd) = (self.halt.clone(), self.halted.clone());
+        Arc::new(move |_vm: &str, ev: &str| {
+            if ev == "stopped" {
+                h.store(true, Ordering::SeqCst);
+                while !hd.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+    }
+
+    fn stop(&mut self) {
+        self.halt.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_reads_and_it_restores_like_a_full_backup_of_that_instant(
+) {
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let base = full_backup(&repo, &v);
+    // 80 chunks of the 256 rewritten, one every 200 ms, up to the snapshot.
+    let mut w = Writer::start(v.monitor(), 80, Duration::from_millis(200));
+    let mut o = opts(&v, state.path(), in_secs(30.0));
+    o.hook = Some(w.halt_at_snapshot());
+    let ctl = Control::default();
+    let rep = run(&repo, &o, &ctl).unwrap();
+    w.stop();
+    assert!(
+        rep.start.contains(&format!("from backup {base}")),
+        "{}",
+        rep.start
+    );
+    assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
+    assert!(rep.rounds.len() >= 10, "{} rounds", rep.rounds.len());
+    let f = rep.final_backup.as_ref().unwrap();
+    assert_eq!(f.mode, "precopy");
+    assert_eq!(f.fallback, None);
+    let written = w.written.lock().unwrap().len() as u64;
+    assert_eq!(written, 80, "{} writes", w.writes.load(Ordering::SeqCst));
+    // What a plain incremental would have read at the same instant.
+    assert_eq!(f.since_backup_chunks, Some(written));
+    assert!(
+        f.chunks_read * 5 <= written,
+        "the final step read {} chunks, a plain incremental {written}",
+        f.chunks_read
+    );
+    let id = f.backup.clone().unwrap();
+    let m = repo.resolve("pc", Some(&id)).unwrap();
+    assert_eq!(m.config["backup_vms"]["mode"], "precopy");
+    assert_eq!(m.config["backup_vms"]["base"], base.as_str());
+    assert_identical_to_a_full_backup_now(&repo, &v, &id);
+    assert!(!StateDir::open(state.path(), repo.id(), "pc")
+        .unwrap()
+        .path()
+        .exists());
+    // QEMU keeps only the new backup's bitmap; no round bitmap is left.
+    let nodes = crate::qemu::fleece::nodes(&mut v.monitor()).unwrap();
+    let bitmaps: Vec<&String> = nodes.iter().flat_map(|n| &n.2).collect();
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+}
+
+#[test]
+fn a_job_stopped_mid_round_resumes_without_reading_recorded_chunks_again() {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    // No backup yet: the first round reads every chunk with data, slowly.
+    let mut o = opts(&v, state.path(), End::Never);
+    o.max_rate = Some(2.0 * MIB as f64);
+    o.every = Duration::from_secs(3600);
+    let ctl = Arc::new(Control::default());
+    let job = {
+        let (repo, o, ctl) = (repo.clone(), o.clone(), ctl.clone());
+        std::thread::spawn(move || run(&repo, &o, &ctl))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ctl.status().last_round.is_none() && !matches!(ctl.status().state.as_str(), "copying") {
+        assert!(Instant::now() < deadline, "no round started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    ctl.stop();
+    let first = job.join().unwrap().unwrap();
+    assert!(
+        first
+            .start
+            .contains("reading every block: no previous backup"),
+        "{}",
+        first.start
+    );
+    let r1 = &first.rounds[0];
+    assert!(r1.chunks_read > 20 && r1.chunks_read < 200, "{r1:?}");
+    // Written while no job runs: those chunks must be read again.
+    let mut q = v.monitor();
+    hmp_write(&mut q, 0x5a, 0, 2 * CHUNK as usize);
+    drop(q);
+    let mut o = opts(&v, state.path(), in_secs(2.0));
+    o.every = Duration::from_secs(3600);
+    let second = run(&repo, &o, &Control::default()).unwrap();
+    assert!(
+        second.start.starts_with("resumed cycle"),
+        "{}",
+        second.start
+    );
+    assert!(second.warnings.is_empty(), "{:?}", second.warnings);
+    let r2 = &second.rounds[0];
+    let with_data = 256 - 16;
+    // Chunks 0 and 1 were read by the first run and written since; the
+    // zero chunks it recorded too are not read.
+    let reread = [0u64, 1].len() as u64;
+    assert_eq!(r1.zero_chunks, 16, "{r1:?}");
+    assert_eq!(
+        r2.already_recorded,
+        r1.chunks_read + 16 - reread,
+        "{r1:?} {r2:?}"
+    );
+    assert_eq!(
+        r2.chunks_read + r1.chunks_read - reread,
+        with_data,
+        "{r1:?} {r2:?}"
+    );
+    let f = second.final_backup.unwrap();
+    assert_eq!(f.mode, "precopy");
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+}
+
+#[test]
+fn lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so() {
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let base = full_backup(&repo, &v);
+    let mut q = v.monitor();
+    hmp_write(&mut q, 0x11, 0, 3 * CHUNK as usize);
+    let o = opts(
+        &v,
+        state.path(),
+        End::Until(SystemTime::now() + Duration::from_secs(3)),
+    );
+    let first = run(&repo, &o, &Control::default()).unwrap();
+    assert!(!first.rounds.is_empty());
+    hmp_write(&mut q, 0x22, 10 * CHUNK as usize, CHUNK as usize);
+    let path = StateDir::open(state.path(), repo.id(), "pc")
+        .unwrap()
+        .path();
+
+    // A damaged state file: a new cycle from the since-backup bitmap.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let second = run(&repo, &o_until(&v, state.path(), 2.0), &Control::default()).unwrap();
+    assert!(
+        second.warnings[0].starts_with("pre-copy state lost"),
+        "{:?}",
+        second.warnings
+    );
+    assert!(
+        second.start.contains(&format!("from backup {base}")),
+        "{}",
+        second.start
+    );
+    // Its first round reads what a plain incremental would: chunks 0-2, 10.
+    assert_eq!(second.rounds[0].chunks_read, 4, "{:?}", second.rounds[0]);
+
+    // The round bitmaps gone from QEMU (as after a restart of the
+    // bitmaps' owner, or a backup-vms run): again a new cycle.
+    let nodes = crate::qemu::fleece::nodes(&mut q).unwrap();
+    for (node, _, bitmaps) in &nodes {
+        for b in bitmaps.iter().filter(|b| b.starts_with("rfs-pc-")) {
+            crate::qemu::fleece::bitmap_op(&mut q, "remove", node, b).unwrap();
+        }
+    }
+    hmp_write(&mut q, 0x33, 20 * CHUNK as usize, CHUNK as usize);
+    drop(q);
+    let o = opts(&v, state.path(), in_secs(2.0));
+    let third = run(&repo, &o, &Control::default()).unwrap();
+    assert!(
+        third.warnings[0].contains("none of the cycle's dirty bitmaps"),
+        "{:?}",
+        third.warnings
+    );
+    assert!(
+        third.start.contains(&format!("from backup {base}")),
+        "{}",
+        third.start
+    );
+    let f = third.final_backup.unwrap();
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+}
+
+fn o_until(v: &Vm, state: &std::path::Path, secs: f64) -> Options {
+    opts(
+        v,
+        state,
+        End::Until(SystemTime::now() + Duration::from_secs_f64(secs)),
+    )
+}
+
+#[test]
+fn a_second_job_for_the_same_vm_is_refused_and_bad_options_are_one_line_errors() {
+    let state = tempfile::tempdir().unwrap();
+    let (_r, repo) = repo();
+    let _held = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+    let e = StateDir::open(state.path(), repo.id(), "pc").err().unwrap();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    assert!(e.to_string().contains("already running"), "{e}");
+    let v = vm(Some(&content()));
+    let mut o = opts(&v, state.path(), End::Never);
+    o.every = Duration::ZERO;
+    let e = run(&repo, &o, &Control::default()).err().unwrap();
+    assert!(e.to_string().contains("--every"), "{e}");
+    let mut o = opts(&v, state.path(), End::Never);
+    o.vm = "../x".into();
+    assert!(run(&repo, &o, &Control::default()).is_err());
+}
+
+#[test]
+fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
+    let v = vm(Some(&content()));
+    let (r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let first = run(&repo, &o_until(&v, state.path(), 2.0), &Control::default()).unwrap();
+    assert!(first.rounds[0].chunks_read > 200, "{:?}", first.rounds[0]);
+    // As a gc would, with no backup referring to them: three chunks go.
+    let s = {
+        let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+        dir.load().unwrap().unwrap()
+    };
+    let gone: Vec<_> = s.disks[0].chunks.iter().flatten().take(3).cloned().collect();
+    for d in &gone {
+        let hex = d.to_hex();
+        std::fs::remove_file(r.path().join("repo/chunks").join(&hex[..4]).join(&hex)).unwrap();
+    }
+    let second = run(&repo, &opts(&v, state.path(), in_secs(2.0)), &Control::default()).unwrap();
+    assert!(
+        second.warnings[0].starts_with("3 recorded chunks are gone"),
+        "{:?}",
+        second.warnings
+    );
+    assert_eq!(second.rounds[0].chunks_read, 3, "{:?}", second.rounds[0]);
+    let f = second.final_backup.unwrap();
+    assert_eq!(f.mode, "precopy");
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+}
+
+mod throttle;
