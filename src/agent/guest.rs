@@ -190,14 +190,16 @@ fn backup(
         };
     }
     if let (Some(p), Some(s)) = (&plan, &staged) {
-        w.log(&format!(
-            "consistent copy of {} entries ({}, {}) in {} ms while quiesced",
-            s.entries.len(),
-            crate::util::human_bytes(p.bytes),
-            if p.reflink { "reflinked" } else { "copied" },
-            t0.elapsed().as_millis()
-        ))
-        .map_err(io)?;
+        // A failed write is the result, not a reason to skip `post`.
+        result = w
+            .log(&format!(
+                "consistent copy of {} entries ({}, {}) in {} ms while quiesced",
+                s.entries.len(),
+                crate::util::human_bytes(p.bytes),
+                if p.reflink { "reflinked" } else { "copied" },
+                t0.elapsed().as_millis()
+            ))
+            .map_err(io);
     }
     // Resume whatever was quiesced, in reverse order, whatever happened.
     for h in ran.iter().rev() {
