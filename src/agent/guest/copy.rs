@@ -281,3 +281,6 @@ fn copy_file(src: &Path, dst: &Path, size: u64) -> Result<()> {
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
