@@ -82,7 +82,10 @@ fn forget_and_gc_from_the_command_line_keep_the_newest_free_the_rest_and_verify_
     assert_eq!(b[1]["reason"], "kept by no rule");
     let out = env.ok(&["forget", "--repo", repo, "--vm", "vm", "--keep-last", "1"]);
     assert!(out.contains("forgot 2 backup(s), kept 1"), "{out}");
-    assert!(out.contains(&format!("remove       {}", ids[0])), "{out}");
+    assert!(
+        out.contains(&format!("remove       disk  {}", ids[0])),
+        "{out}"
+    );
 
     let dry = json(&env.ok(&["gc", "--repo", repo, "--dry-run", "--json"]));
     let n = dry["removed_chunks"].as_u64().unwrap();

@@ -36,6 +36,9 @@ pub struct Options {
     pub paths: Vec<String>,
     pub hooks: Vec<String>,
     pub jobs: usize,
+    /// Without the guest space for a consistent copy, stream while the
+    /// application stays quiesced instead of failing.
+    pub allow_quiesced_stream: bool,
     /// Longest silence on the stream (a hook may take a while).
     pub idle_timeout: Duration,
 }
@@ -164,6 +167,7 @@ fn backup_vm(
     let job = Job::Backup {
         paths: opts.paths.clone(),
         hooks: opts.hooks.clone(),
+        allow_quiesced_stream: opts.allow_quiesced_stream,
     };
     // Held from before the first chunk is stored until the catalog is
     // published: no garbage collection sweeps in between.

@@ -4,11 +4,20 @@
 //! the virtio-serial port the host hot-added for this job.
 //!
 //! A backup checks every path first (a missing one is an error frame and
-//! nothing runs), runs each selected hook's `pre` script (quiesce), sends
-//! the files (headers and contents, directories walked in name order
-//! without following symbolic links), runs the `post` scripts (resume;
-//! also after a failure, so the application is never left quiesced), and
-//! ends the stream. Hook output goes to the host as log lines.
+//! nothing runs). With hooks selected it prepares a consistent copy
+//! ([`copy`]: copy directories made and free space checked, before
+//! anything is quiesced), runs each hook's `pre` script (quiesce), walks
+//! the trees and copies the files, runs the `post` scripts (resume; also
+//! after a failure, so the application is never left quiesced), and only
+//! then sends the files (headers with the original paths and the metadata
+//! taken while quiesced, contents from the copy), and ends the stream;
+//! the copy is removed whatever happened. So the application is quiesced
+//! for the copy, not for the stream. Without enough space the backup
+//! fails before `pre`, unless the host allowed streaming while quiesced
+//! (`allow_quiesced_stream`). Without hooks nothing is quiesced and the
+//! files are sent as they are. Directories are walked in name order
+//! without following symbolic links. Hook output goes to the host as log
+//! lines.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -33,6 +42,10 @@ pub enum Job {
         paths: Vec<String>,
         #[serde(default)]
         hooks: Vec<String>,
+        /// Without the space for a consistent copy, stream while the
+        /// application stays quiesced instead of failing.
+        #[serde(default)]
+        allow_quiesced_stream: bool,
     },
     /// Files the host sends, written to their place or under `to`.
     Restore {
@@ -64,7 +77,18 @@ pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
     .and_then(|()| w.get_mut().flush())
     .map_err(io)?;
     let result = match job {
-        Job::Backup { paths, hooks } => backup(&mut w, container, &cfg, paths, hooks),
+        Job::Backup {
+            paths,
+            hooks,
+            allow_quiesced_stream,
+        } => backup(
+            &mut w,
+            container,
+            &cfg,
+            paths,
+            hooks,
+            *allow_quiesced_stream,
+        ),
         Job::Restore { to } => restore(
             &mut w,
             &mut FrameReader::new(std::io::BufReader::new(input), "the host's stream"),
@@ -109,6 +133,7 @@ fn backup(
     cfg: &AgentConfig,
     paths: &[String],
     hooks: &[String],
+    allow_quiesced_stream: bool,
 ) -> Result<()> {
     if paths.is_empty() {
         return Err(Error::invalid("no paths to back up"));
@@ -133,6 +158,20 @@ fn backup(
             )));
         }
     }
+    if hooks.is_empty() {
+        return paths.iter().try_for_each(|p| send_tree(w, Path::new(p)));
+    }
+    let plan = match copy::plan(paths) {
+        Ok(p) => Some(p),
+        Err(copy::PlanError::NoSpace(e)) if allow_quiesced_stream => {
+            w.log(&format!(
+                "WARNING: {e}; streaming while the application stays quiesced (--allow-quiesced-stream)"
+            ))
+            .map_err(io)?;
+            None
+        }
+        Err(copy::PlanError::NoSpace(e) | copy::PlanError::Other(e)) => return Err(e),
+    };
     let mut ran = vec![];
     let mut result = Ok(());
     for h in hooks {
@@ -142,8 +181,25 @@ fn backup(
             break;
         }
     }
+    let t0 = Instant::now();
+    let mut staged = None;
     if result.is_ok() {
-        result = paths.iter().try_for_each(|p| send_tree(w, Path::new(p)));
+        result = match &plan {
+            Some(p) => p.copy().map(|s| staged = Some(s)),
+            None => paths.iter().try_for_each(|p| send_tree(w, Path::new(p))),
+        };
+    }
+    if let (Some(p), Some(s)) = (&plan, &staged) {
+        // A failed write is the result, not a reason to skip `post`.
+        result = w
+            .log(&format!(
+                "consistent copy of {} entries ({}, {}) in {} ms while quiesced",
+                s.entries.len(),
+                crate::util::human_bytes(p.bytes),
+                if p.reflink { "reflinked" } else { "copied" },
+                t0.elapsed().as_millis()
+            ))
+            .map_err(io);
     }
     // Resume whatever was quiesced, in reverse order, whatever happened.
     for h in ran.iter().rev() {
@@ -153,7 +209,32 @@ fn backup(
             ));
         }
     }
-    result
+    result?;
+    match staged {
+        Some(s) => send_staged(w, &s),
+        None => Ok(()),
+    }
+    // `plan` drops here: the copy is removed, also on an early return.
+}
+
+/// Sends what [`copy::Plan::copy`] took: original paths and metadata,
+/// contents from the copy.
+fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> {
+    for p in &s.skipped {
+        w.log(&format!("skipped {p} (a socket, device or FIFO)"))
+            .map_err(io)?;
+    }
+    for (e, src) in &s.entries {
+        w.header(e).map_err(io)?;
+        if let Some(src) = src {
+            send_content(w, src, e.size)?;
+        }
+    }
+    Ok(())
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::io("write to the stream port", e)
 }
 
 /// Runs `hooks/NAME/STAGE` if the container has it, its output as log lines.
@@ -342,6 +423,8 @@ fn send_content(w: &mut FrameWriter<impl Write>, path: &Path, size: u64) -> Resu
     }
     Ok(())
 }
+
+mod copy;
 
 #[cfg(test)]
 mod tests;

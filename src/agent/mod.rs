@@ -9,7 +9,7 @@
 //!    QMP: chardev-add (Unix socket; we connect) ─▶ device_add virtserialport
 //!         blockdev-add agent.img read-only ─▶ device_add scsi-hd (virtio-scsi)      [attach]
 //!    guest-exec sh: wait for disk + port, mount -o ro, `recoverfs agent run`, umount
-//!         agent: hooks pre ─▶ H/D frames of every file ─▶ hooks post ─▶ E (count, checksum)
+//!         agent: hooks pre ─▶ copy (reflink/plain) ─▶ hooks post ─▶ H/D frames from the copy ─▶ E
 //!    host: frames ─▶ content-defined chunks ─▶ chunk store (dedup) ; ack ; exit status
 //!    QMP: device_del ─▶ DEVICE_DELETED ─▶ blockdev-del / chardev-remove (always)    [detach]
 //!    catalog files/<vm>/<id>-files.json, sealed, create-only, last
@@ -19,7 +19,8 @@
 //! * [`attach`]: the QMP steps, undone newest first on every path.
 //! * [`exec`]: `guest-exec` / `guest-exec-status`.
 //! * [`stream`]: the frame protocol (bounded, checksummed, truncation-proof).
-//! * [`guest`]: the agent itself (`recoverfs agent run`, in the guest).
+//! * [`guest`]: the agent itself (`recoverfs agent run`, in the guest), and
+//!   the consistent copy it takes while the application is quiesced.
 //! * [`backup`]: the host side of `agent-backup`.
 //!
 //! Restores of single files from file backups (and from disk backups,

@@ -215,6 +215,7 @@ pub fn backup(
     vms: &[String],
     paths: Vec<String>,
     hooks: Vec<String>,
+    allow_quiesced_stream: bool,
     container: &Path,
     jobs: usize,
     idle_timeout: u64,
@@ -240,6 +241,7 @@ pub fn backup(
         paths,
         hooks,
         jobs: jobs.max(1),
+        allow_quiesced_stream,
         idle_timeout: Duration::from_secs(idle_timeout.max(1)),
     };
     let out = agent_backup(&r, &targets, &opts, &|vm, line| {

@@ -110,7 +110,13 @@ fn print_forget(r: &ForgetReport) {
                 (false, false) => "remove",
                 (false, true) => "would remove",
             };
-            println!("  {what:<12} {:<24} {}  {}", b.id, b.created, b.reason);
+            println!(
+                "  {what:<12} {:<5} {:<24} {}  {}",
+                b.kind.name(),
+                b.id,
+                b.created,
+                b.reason
+            );
             for u in &b.forced_from {
                 println!(
                     "  {:<12} (--force: {u}; its daemon reports this in status)",

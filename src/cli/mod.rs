@@ -158,9 +158,15 @@ pub enum Command {
         #[arg(long, num_args = 1.., required = true)]
         paths: Vec<String>,
         /// Application hooks to run around the copy (pre: quiesce, post:
-        /// resume); repeatable.
+        /// resume); repeatable. The agent copies the files (reflink, else
+        /// plain, on their filesystem) while quiesced and streams after
+        /// `post`.
         #[arg(long = "hooks", value_name = "NAME")]
         hooks: Vec<String>,
+        /// If the guest lacks the free space for that copy, stream while
+        /// the application stays quiesced (default: fail before `pre`).
+        #[arg(long)]
+        allow_quiesced_stream: bool,
         /// The agent container image.
         #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
         container: PathBuf,
@@ -509,6 +515,7 @@ pub fn run(cli: Cli) -> Result<()> {
             vms,
             paths,
             hooks,
+            allow_quiesced_stream,
             container,
             jobs,
             idle_timeout,
@@ -518,6 +525,7 @@ pub fn run(cli: Cli) -> Result<()> {
             &vms,
             paths,
             hooks,
+            allow_quiesced_stream,
             &container,
             jobs,
             idle_timeout,

@@ -269,7 +269,7 @@ fn catalog_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest
         .collect())
 }
 
-fn catalog_key(vm: &str, id: &str) -> String {
+pub(crate) fn catalog_key(vm: &str, id: &str) -> String {
     format!("files/{vm}/{id}.json")
 }
 
@@ -326,10 +326,18 @@ impl Repository {
     /// Publishes a file backup whose chunks are all stored, under a new
     /// time-based id ending in `-files`, created only if absent. Fills in
     /// `id`, `created` and `created_unix`.
-    pub fn publish_catalog(&self, mut c: Catalog) -> Result<Catalog> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+    pub fn publish_catalog(&self, c: Catalog) -> Result<Catalog> {
+        self.publish_catalog_at(c, std::time::SystemTime::now())
+    }
+
+    /// [`Repository::publish_catalog`] with the backup's time given: the
+    /// seam tests use to lay out file backups over simulated days.
+    pub(crate) fn publish_catalog_at(
+        &self,
+        mut c: Catalog,
+        at: std::time::SystemTime,
+    ) -> Result<Catalog> {
+        let now = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         c.created_unix = now.as_secs();
         c.created = rfc3339(c.created_unix);
         let stamp = rfc3339(c.created_unix)

@@ -8,6 +8,15 @@
 //! daemon reports it in `status` (it checks its backups periodically).
 //! A manifest that cannot be read is kept and said so: its time, and
 //! whether anything uses it, are unknown.
+//!
+//! File backups (`files/<vm>/<id>-files.json`, `repo::catalog`) are
+//! their own series: the policy applies to a VM's disk backups and,
+//! separately, to its file backups, as Proxmox Backup Server keeps one
+//! backup group per type. So `--keep-last 3` keeps three of each, and
+//! frequent file backups never push the disk backups out (nor the other
+//! way round). Each decision names its kind; catalogs are removed the
+//! same way (after every decision is made; `dry_run` removes nothing),
+//! and `gc` then frees the chunks only they referenced.
 
 use std::collections::HashMap;
 
@@ -44,8 +53,33 @@ pub struct VmForget {
     pub backups: Vec<BackupDecision>,
 }
 
+/// The two series of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    Disk,
+    Files,
+}
+
+impl BackupKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupKind::Disk => "disk",
+            BackupKind::Files => "files",
+        }
+    }
+
+    fn key(self, vm: &str, id: &str) -> String {
+        match self {
+            BackupKind::Disk => super::manifest_key(vm, id),
+            BackupKind::Files => super::catalog::catalog_key(vm, id),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupDecision {
+    pub kind: BackupKind,
     pub id: String,
     pub created: String,
     pub keep: bool,
@@ -57,7 +91,7 @@ pub struct BackupDecision {
 
 pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport> {
     opts.policy.check()?;
-    let vms = repo.vms_or(opts.vm.as_deref())?;
+    let vms = vms(repo, opts.vm.as_deref())?;
     // Decide everything before removing anything.
     let decided = vms
         .iter()
@@ -76,7 +110,7 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport> {
             .backups
             .iter()
             .filter(|b| !b.keep)
-            .map(|b| super::manifest_key(&v.vm, &b.id))
+            .map(|b| b.kind.key(&v.vm, &b.id))
             .collect();
         report.removed += gone.len() as u64;
         report.kept += (v.backups.len() - gone.len()) as u64;
@@ -88,6 +122,25 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport> {
     Ok(report)
 }
 
+/// The VMs with disk or file backups (or the one asked for, if it has
+/// either).
+fn vms(repo: &Repository, vm: Option<&str>) -> Result<Vec<String>> {
+    if let Some(v) = vm {
+        if repo.backup_ids(v)?.is_empty() && repo.catalog_ids(v)?.is_empty() {
+            return Err(crate::error::Error::not_found(format!(
+                "unknown VM {v:?}: no backups in {}",
+                repo.location()
+            )));
+        }
+        return Ok(vec![v.to_string()]);
+    }
+    let mut all = repo.vms()?;
+    all.extend(repo.catalog_vms()?);
+    all.sort();
+    all.dedup();
+    Ok(all)
+}
+
 fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForget> {
     let mut users: HashMap<String, Vec<String>> = HashMap::new();
     for pin in pins::of_vm(repo, vm)? {
@@ -95,19 +148,50 @@ fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForg
             users.entry(b.clone()).or_default().push(pin.reason());
         }
     }
+    let mut backups = decide_series(repo, vm, BackupKind::Disk, &users, opts)?;
+    backups.extend(decide_series(repo, vm, BackupKind::Files, &users, opts)?);
+    Ok(VmForget {
+        vm: vm.into(),
+        backups,
+    })
+}
+
+/// The policy over one series of a VM: its disk or its file backups.
+fn decide_series(
+    repo: &Repository,
+    vm: &str,
+    kind: BackupKind,
+    users: &HashMap<String, Vec<String>>,
+    opts: &ForgetOptions,
+) -> Result<Vec<BackupDecision>> {
+    let ids = match kind {
+        BackupKind::Disk => repo.backup_ids(vm)?,
+        BackupKind::Files => repo.catalog_ids(vm)?,
+    };
+    let created = |id: &str| match kind {
+        BackupKind::Disk => repo.manifest(vm, id).map(|m| m.created_unix),
+        BackupKind::Files => repo.catalog(vm, id).map(|c| c.created_unix),
+    };
     let mut candidates = vec![];
     let mut unreadable = vec![];
-    for id in repo.backup_ids(vm)? {
-        let m = match repo.manifest(vm, &id) {
-            Ok(m) => m,
+    for id in ids {
+        let created_unix = match created(&id) {
+            Ok(t) => t,
             // Forgotten by someone else since the listing.
             Err(e) if e.kind() == crate::error::ErrorKind::NotFound => continue,
             Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => {
                 unreadable.push(BackupDecision {
+                    kind,
                     id,
                     created: "?".into(),
                     keep: true,
-                    reason: format!("manifest unreadable, kept ({e})"),
+                    reason: format!(
+                        "{} unreadable, kept ({e})",
+                        match kind {
+                            BackupKind::Disk => "manifest",
+                            BackupKind::Files => "catalog",
+                        }
+                    ),
                     forced_from: vec![],
                 });
                 continue;
@@ -121,12 +205,13 @@ fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForg
                 _ => None,
             },
             id,
-            created_unix: m.created_unix,
+            created_unix,
         });
     }
     let mut backups: Vec<BackupDecision> = retention::apply(&opts.policy, &candidates)
         .into_iter()
         .map(|d| BackupDecision {
+            kind,
             forced_from: match users.get(&d.id) {
                 Some(u) if !d.keep => u.clone(),
                 _ => vec![],
@@ -138,10 +223,7 @@ fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForg
         })
         .collect();
     backups.extend(unreadable);
-    Ok(VmForget {
-        vm: vm.into(),
-        backups,
-    })
+    Ok(backups)
 }
 
 #[cfg(test)]

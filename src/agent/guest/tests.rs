@@ -88,6 +88,7 @@ impl World {
             paths: vec![],
             hooks: vec![],
             jobs: 1,
+            allow_quiesced_stream: false,
             idle_timeout: Duration::from_secs(30),
         };
         let got = receive(&self.repo, &host, &t, &opts, &|l| {
@@ -106,6 +107,7 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
     let (agent, got, lines) = w.backup(Job::Backup {
         paths: vec![tp.clone()],
         hooks: vec!["app".into()],
+        allow_quiesced_stream: false,
     });
     let c = w.repo.publish_catalog(got.unwrap()).unwrap();
     agent.unwrap();
@@ -169,6 +171,7 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
     let (agent, got, _) = w.backup(Job::Backup {
         paths: vec![t.to_str().unwrap().into(), "/no/such/path".into()],
         hooks: vec!["app".into()],
+        allow_quiesced_stream: false,
     });
     let e = got.unwrap_err();
     assert!(
@@ -181,6 +184,7 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
     let (_, got, _) = w.backup(Job::Backup {
         paths: vec![t.to_str().unwrap().into()],
         hooks: vec!["db".into()],
+        allow_quiesced_stream: false,
     });
     let e = got.unwrap_err();
     assert!(
@@ -204,6 +208,7 @@ fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
     let (agent, got, _) = w.backup(Job::Backup {
         paths: vec![t.to_str().unwrap().into()],
         hooks: vec!["app".into()],
+        allow_quiesced_stream: false,
     });
     assert!(agent.is_err());
     let e = got.unwrap_err();

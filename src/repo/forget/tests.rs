@@ -241,3 +241,165 @@ fn a_backup_a_session_pins_is_kept_unless_forced() {
     assert!(!r.vms[0].backups[1].forced_from.is_empty());
     assert_eq!(repo.backup_ids("vm").unwrap(), vec![new.id]);
 }
+
+/// A file backup of `vm` at `unix`: one file shared by every backup of
+/// the VM, one of the day's own.
+fn file_backup_at(repo: &Arc<Repository>, vm: &str, unix: u64) -> Catalog {
+    use crate::repo::catalog::{Catalog, ChunkSink, Entry, EntryKind, CATALOG_FORMAT};
+    let mut sink = ChunkSink::default();
+    let mut entries = vec![];
+    for (name, seed) in [("shared", vm.to_string()), ("day", format!("{vm}-{unix}"))] {
+        let h = blake3::hash(seed.as_bytes());
+        let data: Vec<u8> = h.as_bytes().iter().cycle().take(100_000).copied().collect();
+        entries.push(Entry {
+            path: format!("/srv/{name}"),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: unix as i64,
+            mtime_nsec: 0,
+            size: data.len() as u64,
+            target: None,
+            chunks: sink.store(repo, &data[..]).unwrap(),
+        });
+    }
+    let c = Catalog {
+        format: CATALOG_FORMAT,
+        vm: vm.into(),
+        id: String::new(),
+        created: String::new(),
+        created_unix: 0,
+        source: serde_json::json!({}),
+        file_bytes: sink.file_bytes,
+        stored_bytes: sink.stored_bytes(),
+        new_bytes: sink.new_bytes,
+        entries,
+    };
+    repo.publish_catalog_at(c, UNIX_EPOCH + Duration::from_secs(unix))
+        .unwrap()
+}
+
+use crate::repo::catalog::Catalog;
+
+fn catalog_chunks(c: &Catalog) -> HashSet<Digest> {
+    c.entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.digest))
+        .collect()
+}
+
+#[test]
+fn file_backups_are_their_own_series_forgotten_by_the_policy_and_gc_frees_their_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+    let repo = Arc::new(repo);
+    // db: disk backups on days 0-1, file backups hourly on days 5-6;
+    // notes: file backups only, days 0-3.
+    for day in 0..2 {
+        backup_at(&repo, "db", DAY0 + day * DAY);
+    }
+    let mut db_files = vec![];
+    for h in 0..48 {
+        db_files.push(file_backup_at(&repo, "db", DAY0 + 5 * DAY + h * 3600));
+    }
+    let mut notes = vec![];
+    for day in 0..4 {
+        notes.push(file_backup_at(&repo, "notes", DAY0 + day * DAY));
+    }
+    let policy = Policy {
+        last: 2,
+        daily: 2,
+        ..Default::default()
+    };
+    let run = |dry_run: bool, vm: Option<&str>| {
+        forget(
+            &repo,
+            &ForgetOptions {
+                vm: vm.map(str::to_string),
+                policy,
+                dry_run,
+                force: false,
+            },
+        )
+        .unwrap()
+    };
+
+    // A dry run decides and removes nothing.
+    let r = run(true, None);
+    assert_eq!(r.removed, 45, "{r:?}");
+    assert_eq!(repo.catalog_ids("db").unwrap().len(), 48);
+    assert_eq!(repo.catalog_ids("notes").unwrap().len(), 4);
+
+    let r = run(false, None);
+    let vms: Vec<&str> = r.vms.iter().map(|v| v.vm.as_str()).collect();
+    assert_eq!(vms, ["db", "notes"]);
+    let db = &r.vms[0];
+    // Two series: 48 hourly file backups do not push out the two disk
+    // backups, which the policy keeps whole (last 2).
+    let disk: Vec<_> = db
+        .backups
+        .iter()
+        .filter(|b| b.kind == BackupKind::Disk)
+        .collect();
+    assert_eq!(disk.len(), 2);
+    assert!(disk
+        .iter()
+        .all(|b| b.keep && b.reason.starts_with("keep-last")));
+    let kept_files: Vec<&str> = db
+        .backups
+        .iter()
+        .filter(|b| b.kind == BackupKind::Files && b.keep)
+        .map(|b| b.id.as_str())
+        .collect();
+    // The two newest (day 6, 23:00 and 22:00) and day 5's newest (23:00).
+    let want = [&db_files[47].id, &db_files[46].id, &db_files[23].id];
+    assert_eq!(kept_files, want);
+    assert_eq!(repo.catalog_ids("db").unwrap().len(), 3);
+    assert_eq!(repo.backup_ids("db").unwrap().len(), 2);
+    // notes: days 3 and 2 (last 2), then days 1 and 0 (daily 2).
+    assert_eq!(repo.catalog_ids("notes").unwrap().len(), 4);
+    assert_eq!(r.removed, 45);
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["vms"][0]["backups"][2]["kind"], "files");
+
+    // gc frees the chunks only forgotten file backups referenced.
+    let before = stored_chunks(&repo);
+    let g = collect(
+        &repo,
+        &[MANIFESTS, crate::repo::catalog::REFERRER],
+        GcOptions {
+            dry_run: false,
+            wait: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    let after = stored_chunks(&repo);
+    let mut live = referenced(&repo);
+    for vm in ["db", "notes"] {
+        for id in repo.catalog_ids(vm).unwrap() {
+            live.extend(catalog_chunks(&repo.catalog(vm, &id).unwrap()));
+        }
+    }
+    assert_eq!(after, live);
+    let forgotten_own: HashSet<Digest> = db_files
+        .iter()
+        .filter(|c| !want.contains(&&c.id))
+        .flat_map(|c| catalog_chunks(c).into_iter().filter(|d| !live.contains(d)))
+        .collect();
+    assert!(forgotten_own.len() >= 45, "{}", forgotten_own.len());
+    assert!(forgotten_own.iter().all(|c| !after.contains(c)));
+    assert_eq!(before.difference(&after).count() as u64, g.removed_chunks);
+    for id in want {
+        let c = repo.catalog("db", id).unwrap();
+        for e in &c.entries {
+            for ch in &e.chunks {
+                repo.read_chunk(&ch.digest, ch.len as usize, id).unwrap();
+            }
+        }
+    }
+
+    // --vm names a VM that has only file backups.
+    let r = run(true, Some("notes"));
+    assert_eq!((r.kept, r.removed), (4, 0));
+}
