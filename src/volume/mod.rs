@@ -382,9 +382,9 @@ impl Volume {
     }
 
     /// True if a write of the range neither waits for a fetch nor syncs a
-    /// map (every block staged and already marked changed, none marked
-    /// copied) nor waits out a cutover's pause: frontends may serve it on
-    /// an event thread.
+    /// map nor waits for another writer's map sync (every block staged and
+    /// durably marked changed, none marked copied) nor waits out a
+    /// cutover's pause: frontends may serve it on an event thread.
     pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
         if self.write_gate.is_locked_exclusive() {
             return false;
@@ -393,12 +393,12 @@ impl Volume {
         if self.target.get().is_some() {
             return self
                 .blocks(off, len)
-                .all(|b| self.store.changed.test(b) && self.dirty_is_quick(b));
+                .all(|b| self.store.changed.test_durable(b) && self.dirty_is_quick(b));
         }
         let copied = self.copied.read();
         self.blocks(off, len).all(|b| {
             self.store.present.test(b)
-                && self.store.changed.test(b)
+                && self.store.changed.test_durable(b)
                 && self.dirty_is_quick(b)
                 && copied.as_ref().is_none_or(|c| !c.test(b))
         })
@@ -941,15 +941,14 @@ impl Volume {
     /// Changed bits are durable before the data can be: the map may
     /// over-report after a crash, never under-report. So are the bits of
     /// the dirty-since-backup maps (see `freeze`).
+    /// Each map costs at most one write and one sync for the whole range,
+    /// shared with concurrent writers (group commit, see `staging::bitmap`).
     fn mark_changed(&self, blocks: std::ops::Range<u64>) -> Result<()> {
-        for b in blocks {
-            self.store
-                .changed
-                .set_durable(b)
-                .map_err(|e| self.fail(e))?;
-            self.mark_dirty(b).map_err(|e| self.fail(e))?;
-        }
-        Ok(())
+        self.store
+            .changed
+            .set_many_durable(blocks.clone())
+            .map_err(|e| self.fail(e))?;
+        self.mark_dirty(blocks).map_err(|e| self.fail(e))
     }
 
     fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: Payload) -> Result<()> {

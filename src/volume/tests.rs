@@ -478,6 +478,46 @@ fn concurrent_flushes_share_syncs() {
     assert!(syncs <= 4, "16 concurrent flushes took {syncs} syncs");
 }
 
+#[test]
+fn concurrent_first_writes_share_changed_map_syncs() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::mem::MemStorage;
+    let r = Reopenable::new(32, 18);
+    let mem = MemStorage::new();
+    let faults = FaultyStorage::new(Arc::new(mem.clone()));
+    // Each map sync takes 30 ms, so first writes pile up behind one.
+    faults.inject(Rule::delay(
+        Op::Sync,
+        "disk0.changed",
+        Duration::from_millis(30),
+    ));
+    let vol = r.open(&faults);
+    let syncs = || mem.syncs_of("disk0.changed").len();
+    let before = syncs();
+    // One write of 16 blocks: one sync of the changed map, not 16.
+    vol.write(0, &vec![1u8; 16 * BS]).unwrap();
+    assert_eq!(syncs() - before, 1, "a 16-block first write");
+    let before = syncs();
+    let start = Arc::new(std::sync::Barrier::new(16));
+    let threads: Vec<_> = (16..32u64)
+        .map(|b| {
+            let (vol, start) = (vol.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                vol.write(b * BS as u64, &vec![b as u8; BS]).unwrap();
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let n = syncs() - before;
+    assert!(
+        n <= 4,
+        "16 concurrent first writes took {n} changed-map syncs"
+    );
+    assert_eq!(vol.status().blocks_changed, 32);
+    vol.close();
+}
+
 /// A disk of `blocks` 64 KiB random blocks backed up, and a way to open
 /// its session on any storage, as a restarted daemon would.
 struct Reopenable {
