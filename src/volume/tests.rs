@@ -479,6 +479,34 @@ fn concurrent_flushes_share_syncs() {
 }
 
 #[test]
+fn a_miss_answers_from_the_fetched_bytes_without_reading_staging_back() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let faults = FaultyStorage::new(OsStorage::shared());
+    // 40 blocks: a cold read spans three 1 MiB pieces.
+    let f = fixture_on(40, 19, Arc::new(faults.clone()));
+    faults.inject(Rule::fail(Op::Read, "disk0.data", libc::EIO));
+    let n = 40 * BS;
+    assert_eq!(
+        f.vol.read(10, n - 20).unwrap(),
+        f.data[10..n - 10],
+        "cold read"
+    );
+    assert_eq!(
+        f.vol.status().blocks_staged,
+        32,
+        "the zero chunks stay holes"
+    );
+    // The same blocks now come from staging, which fails.
+    assert_eq!(f.vol.read(BS as u64, 10).unwrap_err().errno(), libc::EIO);
+    faults.clear();
+    assert_eq!(
+        f.vol.read(0, n).unwrap(),
+        f.data[..n],
+        "staging holds the same"
+    );
+}
+
+#[test]
 fn concurrent_first_writes_share_changed_map_syncs() {
     use crate::staging::io::fault::{FaultyStorage, Op, Rule};
     use crate::staging::io::mem::MemStorage;
