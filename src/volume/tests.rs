@@ -24,7 +24,7 @@ pub(super) fn fixture(blocks: usize, seed: u64) -> Fixture {
 
 /// A disk of `blocks` 64 KiB blocks (every fifth a zero chunk, plus a
 /// 100-byte tail) whose staging lives on `storage`.
-fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
+pub(super) fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let (repo, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
