@@ -5,12 +5,25 @@
 //! written from a snapshot taken *before* the data it describes was synced,
 //! so a torn or stale bitmap write can only under-report, never claim data
 //! that is not on disk.
+//!
+//! **Durable sets are group-committed** (the changed and dirty maps, whose
+//! bits must be on disk before the data they describe). A setter sets its
+//! bits in memory, notes their words as pending and takes a ticket (the
+//! number of the last batch that dirtied a word). If no sync runs, it
+//! becomes the leader: it takes every pending word, writes them from memory
+//! and syncs once, then marks every ticket up to its batch synced. Setters
+//! that arrived meanwhile wait; whoever finds its ticket covered returns
+//! without syncing, and the first one not covered leads the next round. So
+//! a write of many blocks costs one write and one sync, and concurrent
+//! first writes share syncs. A bit found already set but not yet known
+//! synced waits for the round that covers the batch that set it;
+//! `test_durable` says whether a set would return at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::io::{replace, BlockFile, Open, Storage};
 use super::live::LiveMirror;
@@ -108,6 +121,17 @@ pub enum MapKind {
     Dirty = 4,
 }
 
+/// Durable sets waiting for, or in, a group commit.
+#[derive(Default)]
+struct Commit {
+    /// Words dirtied by durable sets and not yet taken by a leader.
+    pending: std::collections::BTreeSet<u64>,
+    /// A leader is writing and syncing.
+    leading: bool,
+    /// The last failed round: its batches (up to `.0`) get its error.
+    failed: Option<(u64, Error)>,
+}
+
 /// A bitmap backed by a file: `[header 64 B][u64 words, little endian]`.
 /// Header: magic, kind (u32), block size (u32), block count (u64).
 pub struct PersistentBitmap {
@@ -118,6 +142,16 @@ pub struct PersistentBitmap {
     dirty: AtomicBool,
     /// Serialises writers of the file.
     write_lock: Mutex<()>,
+    /// Group commit of durable sets (see the module doc).
+    commit: Mutex<Commit>,
+    committed: Condvar,
+    /// Number of the last batch of durable sets that dirtied a word.
+    recorded: AtomicU64,
+    /// Every batch up to this number is in the file, synced.
+    synced: AtomicU64,
+    /// Bits known to be in the file, synced: those it held when opened
+    /// and those a group commit wrote.
+    durable: AtomicBitmap,
     block_size: u32,
     /// Presence maps only: the same-boot mirror of every bit set.
     mirror: Option<LiveMirror>,
@@ -178,6 +212,15 @@ impl PersistentBitmap {
             path: path.to_path_buf(),
             dirty: AtomicBool::new(false),
             write_lock: Mutex::new(()),
+            commit: Mutex::new(Commit::default()),
+            committed: Condvar::new(),
+            recorded: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            durable: {
+                let d = AtomicBitmap::new(nblocks);
+                d.load(&words);
+                d
+            },
             block_size,
             mirror: None,
         })
@@ -303,28 +346,104 @@ impl PersistentBitmap {
     /// intent): used for the changed map, which must never miss a block
     /// whose data may have reached the disk.
     pub fn set_durable(&self, bit: u64) -> Result<()> {
-        self.change_durable(bit, true)
+        self.set_many_durable(bit..bit + 1)
+    }
+
+    /// True if `bit` is set and known synced: a durable set of it returns
+    /// at once, without waiting for a sync.
+    pub fn test_durable(&self, bit: u64) -> bool {
+        self.bits.test(bit) && self.durable.test(bit)
+    }
+
+    /// Sets `bits` and makes them durable before returning, sharing one
+    /// write and one sync with every concurrent caller (see the module doc).
+    pub fn set_many_durable(&self, bits: std::ops::Range<u64>) -> Result<()> {
+        if bits.clone().all(|b| self.test_durable(b)) {
+            return Ok(());
+        }
+        let mut st = self.commit.lock();
+        let mut ticket = None;
+        for b in bits {
+            if self.bits.test(b) {
+                continue;
+            }
+            ticket.get_or_insert_with(|| self.recorded.fetch_add(1, Ordering::SeqCst) + 1);
+            self.bits.set(b);
+            st.pending.insert(b / 64);
+        }
+        // Bits already set (by a round maybe still running) belong to a
+        // batch no later than this number.
+        let ticket = ticket.unwrap_or_else(|| self.recorded.load(Ordering::SeqCst));
+        loop {
+            if self.synced.load(Ordering::SeqCst) >= ticket {
+                return Ok(());
+            }
+            if let Some((upto, e)) = &st.failed {
+                if *upto >= ticket {
+                    return Err(e.clone());
+                }
+            }
+            if st.leading {
+                self.committed.wait(&mut st);
+                continue;
+            }
+            // Lead a round: every word pending now, every batch so far.
+            st.leading = true;
+            let words = std::mem::take(&mut st.pending);
+            let upto = self.recorded.load(Ordering::SeqCst);
+            let r = parking_lot::MutexGuard::unlocked(&mut st, || self.write_words(&words));
+            st.leading = false;
+            match r {
+                Ok(written) => {
+                    for (w, v) in written {
+                        self.durable.words[w as usize].fetch_or(v, Ordering::AcqRel);
+                    }
+                    self.synced.fetch_max(upto, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    // Retried by the next round; this round's setters fail.
+                    st.pending.extend(words);
+                    st.failed = Some((upto, e));
+                }
+            }
+            self.committed.notify_all();
+        }
+    }
+
+    /// Writes the words `words` from memory, each run of adjacent ones in
+    /// one write, and syncs once; returns the words written.
+    fn write_words(&self, words: &std::collections::BTreeSet<u64>) -> Result<Vec<(u64, u64)>> {
+        let _g = self.write_lock.lock();
+        let mut runs: Vec<(u64, Vec<u8>)> = vec![];
+        let mut written = Vec::with_capacity(words.len());
+        for &w in words {
+            let v = self.bits.words[w as usize].load(Ordering::Acquire);
+            written.push((w, v));
+            let bytes = v.to_le_bytes();
+            match runs.last_mut() {
+                Some((first, buf)) if *first + (buf.len() / 8) as u64 == w => {
+                    buf.extend_from_slice(&bytes)
+                }
+                _ => runs.push((w, bytes.to_vec())),
+            }
+        }
+        runs.iter()
+            .try_for_each(|(w, buf)| self.file.write_all_at(buf, HEADER_LEN + w * 8))
+            .and_then(|()| self.file.sync_data())
+            .ctx(|| format!("write {}", self.path.display()))?;
+        Ok(written)
     }
 
     /// Clears a bit and makes that durable before returning: used for the
     /// relocation's copied map, which must never claim a block is copied
     /// once the guest may have changed it.
     pub fn clear_durable(&self, bit: u64) -> Result<()> {
-        self.change_durable(bit, false)
-    }
-
-    fn change_durable(&self, bit: u64, value: bool) -> Result<()> {
-        if self.bits.test(bit) == value {
+        if !self.bits.test(bit) {
             return Ok(());
         }
         let _g = self.write_lock.lock();
-        if self.bits.test(bit) == value {
+        if !self.bits.clear(bit) {
             return Ok(());
-        }
-        if value {
-            self.bits.set(bit);
-        } else {
-            self.bits.clear(bit);
         }
         let w = bit / 64;
         let word = self.bits.words[w as usize].load(Ordering::Acquire);
@@ -384,6 +503,7 @@ impl PersistentBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::staging::io::mem::MemStorage;
     use crate::staging::io::OsStorage;
 
     #[test]
@@ -449,6 +569,92 @@ mod tests {
         ts.into_iter().for_each(|t| t.join().unwrap());
         let again = PersistentBitmap::open(&OsStorage, &p, MapKind::Changed, 65536, 256).unwrap();
         assert_eq!(again.bits().count(), 256);
+    }
+
+    /// The map as a power cut now would leave it: only synced writes.
+    fn after_power_cut(mem: &MemStorage, p: &Path, nbits: u64) -> PersistentBitmap {
+        let mut rng = rand::rngs::mock::StepRng::new(0, 1);
+        let cut = mem.crash_state(mem.position(), 0.0, &mut rng);
+        PersistentBitmap::open(&cut, p, MapKind::Changed, 65536, nbits).unwrap()
+    }
+
+    #[test]
+    fn a_durable_set_of_many_bits_costs_one_sync_and_survives_a_power_cut() {
+        let mem = MemStorage::new();
+        mem.create_dir_all(Path::new("/s")).unwrap();
+        let p = Path::new("/s/c");
+        let m = PersistentBitmap::open(&mem, p, MapKind::Changed, 65536, 256).unwrap();
+        let before = mem.syncs_of("/s/c").len();
+        m.set_many_durable(60..76).unwrap();
+        assert_eq!(mem.syncs_of("/s/c").len() - before, 1, "16 bits, one sync");
+        assert!((60..76).all(|b| m.test_durable(b)));
+        let cut = after_power_cut(&mem, p, 256);
+        assert_eq!(cut.bits().ranges(), vec![(60, 76)]);
+        // Already durable: no sync at all.
+        m.set_many_durable(60..76).unwrap();
+        assert_eq!(mem.syncs_of("/s/c").len() - before, 1);
+    }
+
+    #[test]
+    fn concurrent_durable_setters_share_syncs_and_return_only_once_their_bit_is_synced() {
+        use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+        let mem = MemStorage::new();
+        mem.create_dir_all(Path::new("/s")).unwrap();
+        let faults = FaultyStorage::new(Arc::new(mem.clone()));
+        // Each sync takes 30 ms, so setters pile up behind one.
+        faults.inject(Rule::delay(
+            Op::Sync,
+            "/s/c",
+            std::time::Duration::from_millis(30),
+        ));
+        let p = Path::new("/s/c");
+        let m =
+            Arc::new(PersistentBitmap::open(&faults, p, MapKind::Changed, 65536, 1024).unwrap());
+        let before = mem.syncs_of("/s/c").len();
+        let n = 16;
+        let start = Arc::new(std::sync::Barrier::new(n));
+        let ts: Vec<_> = (0..n as u64)
+            .map(|i| {
+                let (m, mem, start) = (m.clone(), mem.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    m.set_durable(i * 64 + i).unwrap();
+                    assert!(
+                        after_power_cut(&mem, p, 1024).test(i * 64 + i),
+                        "bit {} was acknowledged before it was synced",
+                        i * 64 + i
+                    );
+                })
+            })
+            .collect();
+        ts.into_iter().for_each(|t| t.join().unwrap());
+        let syncs = mem.syncs_of("/s/c").len() - before;
+        assert!(syncs <= 4, "{n} concurrent durable sets took {syncs} syncs");
+        assert_eq!(after_power_cut(&mem, p, 1024).bits().count(), n as u64);
+    }
+
+    #[test]
+    fn a_failed_group_sync_fails_its_setters_and_the_next_round_writes_their_bits() {
+        use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+        let mem = MemStorage::new();
+        mem.create_dir_all(Path::new("/s")).unwrap();
+        let faults = FaultyStorage::new(Arc::new(mem.clone()));
+        let p = Path::new("/s/c");
+        let m = PersistentBitmap::open(&faults, p, MapKind::Changed, 65536, 256).unwrap();
+        faults.inject(Rule::fail(Op::Sync, "/s/c", libc::EIO).times(1));
+        assert_eq!(m.set_durable(1).unwrap_err().errno(), libc::EIO);
+        assert!(!m.test_durable(1));
+        assert!(
+            m.set_durable(1).is_err(),
+            "its round failed: still not durable"
+        );
+        m.set_durable(200).unwrap();
+        let cut = after_power_cut(&mem, p, 256);
+        assert!(
+            cut.test(1) && cut.test(200),
+            "the failed round's bit was retried"
+        );
+        assert!(m.test_durable(1));
     }
 
     #[test]

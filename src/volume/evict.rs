@@ -22,13 +22,17 @@
 //!   written (by then the block is changed anyway); a block found not
 //!   present is filled again first. Writers never hold the gate across a
 //!   fill or a sync, so the evictor never waits behind a fetch;
-//! * the evictor holds it exclusively while it picks victims, clears their
-//!   presence bits in memory, in the same-boot mirror (`diskN.live`) and in
-//!   `diskN.present` (synced); only then, outside the gate, are the holes
-//!   punched. The exclusive hold covers at most `BATCH` blocks and one map
-//!   sync. The victims sit in the in-flight table until their holes are
-//!   punched, so a fill started meanwhile waits and never has its bytes
-//!   punched away; the budget gets their room back only after the punch.
+//! * the evictor holds it exclusively while it picks victims and clears
+//!   their presence bits in memory (at most `BATCH` blocks, no I/O: FUSE
+//!   event threads serve staged reads and writes under the shared gate and
+//!   must never wait for a sync). After it, outside the gate, it clears them
+//!   in the same-boot mirror (`diskN.live`) and in `diskN.present` (synced),
+//!   and only then punches the holes. The victims sit in the in-flight
+//!   table until their holes are punched, so a reader or writer that finds
+//!   one missing waits for that, a fill started meanwhile never has its
+//!   bytes punched away, and no bit of a victim is set again before the
+//!   file says it is gone; the budget gets their room back only after the
+//!   punch.
 //!
 //! Readers read block by block what is staged after their fills, and
 //! fill again only what was evicted in between, so a read larger than the
@@ -163,11 +167,15 @@ impl Volume {
         if victims.is_empty() {
             return Ok(0);
         }
-        // Bits leave memory, the mirror and the file before the gate opens;
+        // Bits leave memory before the gate opens: no pread of a victim
+        // can start after it. The mirror and the file follow outside it;
         // if that fails nothing is punched (the bytes stay and are fetched
         // again) and the disk fails like after a failed sync.
-        let cleared = self.store.present.clear_many_durable(&victims);
+        for &b in &victims {
+            self.store.present.bits().clear(b);
+        }
         drop(gate);
+        let cleared = self.store.present.clear_many_durable(&victims);
         if cleared.is_ok() {
             self.punch(&victims);
             self.stats.evicted_blocks.add(victims.len() as u64);

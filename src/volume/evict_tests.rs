@@ -133,3 +133,42 @@ fn a_fill_that_cannot_evict_anything_fails_with_enospc_and_the_limit_holds() {
         );
     }
 }
+
+#[test]
+fn a_staged_read_or_write_never_waits_for_an_evictions_map_sync() {
+    use crate::staging::budget::Evictable;
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::OsStorage;
+    use std::time::{Duration, Instant};
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let f = super::super::tests::fixture_on(8, 42, Arc::new(faults.clone()));
+    f.vol.read(0, 8 * BS).unwrap();
+    f.vol.write(7 * BS as u64, b"changed").unwrap();
+    f.vol.flush().unwrap();
+    // The eviction's presence-map sync hangs for 2 s.
+    faults.inject(Rule::delay(
+        Op::Sync,
+        "disk0.present",
+        Duration::from_secs(2),
+    ));
+    let evictor = {
+        let vol = f.vol.clone();
+        std::thread::spawn(move || vol.evict(BS as u64).unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // What FUSE serves on its event threads: a staged read, a quick write.
+    let staged = (1..7u64)
+        .find(|&b| f.vol.is_local(b * BS as u64, BS as u64) && b % 5 != 0)
+        .expect("a block still staged");
+    let t = Instant::now();
+    let off = staged * BS as u64;
+    assert_eq!(f.vol.read(off, BS).unwrap(), f.data[off as usize..][..BS]);
+    assert!(f.vol.write_is_quick(7 * BS as u64, 3));
+    f.vol.write(7 * BS as u64, b"again").unwrap();
+    let waited = t.elapsed();
+    assert_eq!(evictor.join().unwrap(), BS as u64, "one block evicted");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "a staged read and a quick write waited {waited:?} for the eviction's sync"
+    );
+}

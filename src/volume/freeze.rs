@@ -63,12 +63,12 @@ pub struct Frozen {
 }
 
 impl Volume {
-    /// Sets `b` in the dirty-since-backup maps, durably, before the data
+    /// Sets `blocks` in the dirty-since-backup maps, durably, before the data
     /// (the changed map, generation 0's, is set by the caller).
-    pub(super) fn mark_dirty(&self, b: u64) -> Result<()> {
+    pub(super) fn mark_dirty(&self, blocks: std::ops::Range<u64>) -> Result<()> {
         let maps = self.dirty.read();
         for m in [&maps.current, &maps.next].into_iter().flatten() {
-            m.set_durable(b)?;
+            m.set_many_durable(blocks.clone())?;
         }
         Ok(())
     }
@@ -79,7 +79,7 @@ impl Volume {
         let marked = [&maps.current, &maps.next]
             .into_iter()
             .flatten()
-            .all(|m| m.test(b));
+            .all(|m| m.test_durable(b));
         marked
             && self
                 .freeze

@@ -4,7 +4,12 @@
 //!
 //! * A read of a staged block is a read of the staging file.
 //! * A read of a missing block starts a fetch (at most one per block, via
-//!   the in-flight table), waits for it, then reads the staging file.
+//!   the in-flight table) and waits for it. The fetch writes the verified
+//!   bytes to staging, then hands them to its in-flight slot, so waiting
+//!   readers copy their ranges from memory instead of reading staging back
+//!   (the block is present, so this is what staging holds, unless a guest
+//!   write that began after the read has replaced it). Other fills (zero
+//!   chunks, a write's claim) leave no bytes: those readers read staging.
 //! * A zero chunk that is not staged reads as zeros without any I/O.
 //! * A write marks its blocks changed (durably, first), fills a partly
 //!   covered missing block from the backup, then writes the staging file.
@@ -72,6 +77,9 @@ struct Slot {
     job: Mutex<(Option<Arc<Job>>, Class)>,
     /// Room taken in the staging budget for this fill (see `evict`).
     reserved: AtomicBool,
+    /// A fetch's verified plain bytes, set before `finish`: its waiters
+    /// answer from them (they live as long as the slot's last waiter).
+    data: OnceLock<Vec<u8>>,
 }
 
 impl Slot {
@@ -81,6 +89,7 @@ impl Slot {
             cv: Condvar::new(),
             job: Mutex::new((None, class)),
             reserved: AtomicBool::new(false),
+            data: OnceLock::new(),
         })
     }
 
@@ -382,9 +391,9 @@ impl Volume {
     }
 
     /// True if a write of the range neither waits for a fetch nor syncs a
-    /// map (every block staged and already marked changed, none marked
-    /// copied) nor waits out a cutover's pause: frontends may serve it on
-    /// an event thread.
+    /// map nor waits for another writer's map sync (every block staged and
+    /// durably marked changed, none marked copied) nor waits out a
+    /// cutover's pause: frontends may serve it on an event thread.
     pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
         if self.write_gate.is_locked_exclusive() {
             return false;
@@ -393,12 +402,12 @@ impl Volume {
         if self.target.get().is_some() {
             return self
                 .blocks(off, len)
-                .all(|b| self.store.changed.test(b) && self.dirty_is_quick(b));
+                .all(|b| self.store.changed.test_durable(b) && self.dirty_is_quick(b));
         }
         let copied = self.copied.read();
         self.blocks(off, len).all(|b| {
             self.store.present.test(b)
-                && self.store.changed.test(b)
+                && self.store.changed.test_durable(b)
                 && self.dirty_is_quick(b)
                 && copied.as_ref().is_none_or(|c| !c.test(b))
         })
@@ -535,6 +544,7 @@ impl Volume {
             .repo
             .read_chunk(&digest, self.block_len(b) as usize, &what)?;
         self.staging_write(&data, b * self.block_size)?;
+        let _ = slot.data.set(data);
         Ok(n)
     }
 
@@ -575,7 +585,7 @@ impl Volume {
             .ctx(|| format!("zero staging {}", self.store.data_path.display()))
     }
 
-    fn wait_all(slots: Vec<Arc<Slot>>) -> Result<()> {
+    fn wait_all<'a>(slots: impl IntoIterator<Item = &'a Arc<Slot>>) -> Result<()> {
         let mut first = Ok(());
         for s in slots {
             if let Err(e) = s.wait() {
@@ -641,47 +651,79 @@ impl Volume {
     pub(crate) fn read_source(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
         // In pieces of at most 1 MiB (one block at least): with bounded
         // staging, a piece's blocks must all be staged at once, and a whole
-        // large read might not fit (see `evict`).
+        // large read might not fit (see `evict`). Each piece lands in place.
         let piece = (1u64 << 20).max(self.block_size);
-        if len <= piece {
-            return self.read_piece(off, len, class);
-        }
         let mut buf = Vec::with_capacity(len as usize);
         let mut hit = true;
         let mut pos = off;
         while pos < off + len {
             let end = ((pos / piece + 1) * piece).min(off + len);
-            let (b, h) = self.read_piece(pos, end - pos, class)?;
-            buf.extend_from_slice(&b);
-            hit &= h;
+            hit &= self.read_piece(pos, end - pos, class, &mut buf)?;
             pos = end;
         }
         Ok((buf, hit))
     }
 
-    fn read_piece(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
-        let mut buf = vec![0u8; len as usize];
+    /// Appends `[off, off + len)` to `out`; true if no fetch was needed.
+    /// Blocks a fetch handed its bytes for are copied from memory; the
+    /// rest are read from staging under the eviction gate.
+    fn read_piece(&self, off: u64, len: u64, class: Class, out: &mut Vec<u8>) -> Result<bool> {
+        let base = out.len();
         let mut todo: Vec<u64> = self.blocks(off, len).collect();
         let mut hit = true;
+        let mut laid_out = false;
         loop {
             // Start every missing fetch first so a multi-block read fetches in parallel.
-            let slots: Vec<_> = todo
+            let slots: Vec<(u64, Arc<Slot>)> = todo
                 .iter()
                 .filter(|&&b| self.chunks[b as usize].is_some())
-                .filter_map(|&b| self.start_fill(b, class))
+                .filter_map(|&b| self.start_fill(b, class).map(|s| (b, s)))
                 .collect();
             hit &= slots.is_empty();
-            Self::wait_all(slots)?;
+            Self::wait_all(slots.iter().map(|(_, s)| s))?;
+            let fetched = |b: u64| {
+                slots
+                    .iter()
+                    .find(|(sb, _)| *sb == b)
+                    .and_then(|(_, s)| s.data.get())
+            };
+            for &b in &todo {
+                let (s, e) = self.block_range_in(b, off, len);
+                let src = fetched(b)
+                    .map(|d| &d[(s - b * self.block_size) as usize..][..(e - s) as usize]);
+                match (laid_out, src) {
+                    // First round: lay the piece out in block order; the
+                    // zeros stay only for a zero chunk not staged.
+                    (false, Some(d)) => out.extend_from_slice(d),
+                    (false, None) => out.resize(out.len() + (e - s) as usize, 0),
+                    (true, Some(d)) => {
+                        out[base + (s - off) as usize..][..d.len()].copy_from_slice(d)
+                    }
+                    (true, None) => {}
+                }
+            }
+            laid_out = true;
+            todo.retain(|&b| fetched(b).is_none());
+            if todo.is_empty() {
+                return Ok(hit);
+            }
             // Never held while waiting for a fill (see `evict`).
             let _gate = self.evict_gate.read();
-            todo = self.read_staged(&todo, off, &mut buf)?;
+            todo = self.read_staged(&todo, off, &mut out[base..])?;
             if todo.is_empty() {
-                return Ok((buf, hit));
+                return Ok(hit);
             }
             // Evicted after their fill: fill them again (the blocks read
             // so far stay read, so each round makes progress).
             self.stats.refills.add(1);
         }
+    }
+
+    /// Block `b`'s bytes within `[off, off + len)`, as disk offsets.
+    fn block_range_in(&self, b: u64, off: u64, len: u64) -> (u64, u64) {
+        let s = (b * self.block_size).max(off);
+        let e = ((b + 1) * self.block_size).min(off + len);
+        (s, e)
     }
 
     /// Copies the staged blocks of `blocks` (ascending) into `buf` (which
@@ -941,15 +983,14 @@ impl Volume {
     /// Changed bits are durable before the data can be: the map may
     /// over-report after a crash, never under-report. So are the bits of
     /// the dirty-since-backup maps (see `freeze`).
+    /// Each map costs at most one write and one sync for the whole range,
+    /// shared with concurrent writers (group commit, see `staging::bitmap`).
     fn mark_changed(&self, blocks: std::ops::Range<u64>) -> Result<()> {
-        for b in blocks {
-            self.store
-                .changed
-                .set_durable(b)
-                .map_err(|e| self.fail(e))?;
-            self.mark_dirty(b).map_err(|e| self.fail(e))?;
-        }
-        Ok(())
+        self.store
+            .changed
+            .set_many_durable(blocks.clone())
+            .map_err(|e| self.fail(e))?;
+        self.mark_dirty(blocks).map_err(|e| self.fail(e))
     }
 
     fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: Payload) -> Result<()> {

@@ -24,7 +24,7 @@ pub(super) fn fixture(blocks: usize, seed: u64) -> Fixture {
 
 /// A disk of `blocks` 64 KiB blocks (every fifth a zero chunk, plus a
 /// 100-byte tail) whose staging lives on `storage`.
-fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
+pub(super) fn fixture_on(blocks: usize, seed: u64, storage: Arc<dyn Storage>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let (repo, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
@@ -476,6 +476,74 @@ fn concurrent_flushes_share_syncs() {
     threads.into_iter().for_each(|t| t.join().unwrap());
     let syncs = f.vol.status().flushes;
     assert!(syncs <= 4, "16 concurrent flushes took {syncs} syncs");
+}
+
+#[test]
+fn a_miss_answers_from_the_fetched_bytes_without_reading_staging_back() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let faults = FaultyStorage::new(OsStorage::shared());
+    // 40 blocks: a cold read spans three 1 MiB pieces.
+    let f = fixture_on(40, 19, Arc::new(faults.clone()));
+    faults.inject(Rule::fail(Op::Read, "disk0.data", libc::EIO));
+    let n = 40 * BS;
+    assert_eq!(
+        f.vol.read(10, n - 20).unwrap(),
+        f.data[10..n - 10],
+        "cold read"
+    );
+    assert_eq!(
+        f.vol.status().blocks_staged,
+        32,
+        "the zero chunks stay holes"
+    );
+    // The same blocks now come from staging, which fails.
+    assert_eq!(f.vol.read(BS as u64, 10).unwrap_err().errno(), libc::EIO);
+    faults.clear();
+    assert_eq!(
+        f.vol.read(0, n).unwrap(),
+        f.data[..n],
+        "staging holds the same"
+    );
+}
+
+#[test]
+fn concurrent_first_writes_share_changed_map_syncs() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::mem::MemStorage;
+    let r = Reopenable::new(32, 18);
+    let mem = MemStorage::new();
+    let faults = FaultyStorage::new(Arc::new(mem.clone()));
+    // Each map sync takes 30 ms, so first writes pile up behind one.
+    faults.inject(Rule::delay(
+        Op::Sync,
+        "disk0.changed",
+        Duration::from_millis(30),
+    ));
+    let vol = r.open(&faults);
+    let syncs = || mem.syncs_of("disk0.changed").len();
+    let before = syncs();
+    // One write of 16 blocks: one sync of the changed map, not 16.
+    vol.write(0, &vec![1u8; 16 * BS]).unwrap();
+    assert_eq!(syncs() - before, 1, "a 16-block first write");
+    let before = syncs();
+    let start = Arc::new(std::sync::Barrier::new(16));
+    let threads: Vec<_> = (16..32u64)
+        .map(|b| {
+            let (vol, start) = (vol.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                vol.write(b * BS as u64, &vec![b as u8; BS]).unwrap();
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let n = syncs() - before;
+    assert!(
+        n <= 4,
+        "16 concurrent first writes took {n} changed-map syncs"
+    );
+    assert_eq!(vol.status().blocks_changed, 32);
+    vol.close();
 }
 
 /// A disk of `blocks` 64 KiB random blocks backed up, and a way to open
