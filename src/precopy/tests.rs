@@ -364,12 +364,23 @@ fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
         let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
         dir.load().unwrap().unwrap()
     };
-    let gone: Vec<_> = s.disks[0].chunks.iter().flatten().take(3).cloned().collect();
+    let gone: Vec<_> = s.disks[0]
+        .chunks
+        .iter()
+        .flatten()
+        .take(3)
+        .cloned()
+        .collect();
     for d in &gone {
         let hex = d.to_hex();
         std::fs::remove_file(r.path().join("repo/chunks").join(&hex[..4]).join(&hex)).unwrap();
     }
-    let second = run(&repo, &opts(&v, state.path(), in_secs(2.0)), &Control::default()).unwrap();
+    let second = run(
+        &repo,
+        &opts(&v, state.path(), in_secs(2.0)),
+        &Control::default(),
+    )
+    .unwrap();
     assert!(
         second.warnings[0].starts_with("3 recorded chunks are gone"),
         "{:?}",
