@@ -195,27 +195,32 @@ fn three_writing_vms_back_up_at_one_instant_busiest_first_and_every_restored_ima
             .unwrap()
     };
 
-    // Busiest first: the order follows the measured write rates.
-    let order = |n: &str| report(n)["order"].as_u64().unwrap();
-    let rate = |n: &str| report(n)["write_rate"].as_f64().unwrap();
+    // Busiest first: the read order follows the measured write rates.
+    // (Which VM measures busiest is the guest's business: besides its
+    // writer, a tiny guest's ext4 zeroes its inode tables in the background
+    // after boot, so the slow writer's VM can briefly out-write the others.)
+    let mut by_order: Vec<&Value> = summary["vms"].as_array().unwrap().iter().collect();
+    by_order.sort_by_key(|v| v["order"].as_u64().unwrap());
+    let rates: Vec<f64> = by_order
+        .iter()
+        .map(|v| v["write_rate"].as_f64().unwrap())
+        .collect();
     assert!(
-        rate("busy") > rate("mid") && rate("mid") > rate("slow"),
-        "rates busy {} mid {} slow {}",
-        rate("busy"),
-        rate("mid"),
-        rate("slow")
+        rates.windows(2).all(|w| w[0] >= w[1]),
+        "read order does not follow the measured rates: {out}"
     );
     assert_eq!(
-        (order("busy"), order("mid"), order("slow")),
-        (1, 2, 3),
-        "{out}"
+        by_order
+            .iter()
+            .map(|v| v["order"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
     );
     // Read first, released first: the busiest VM's view is gone before the
-    // second VM's read starts, and long before the last VM finishes.
-    let busy = report("busy");
-    let last = report("slow");
-    assert!(event(busy, "view_released") < event(report("mid"), "read_started"));
-    assert!(event(busy, "view_released") < event(last, "manifest_written"));
+    // second VM's read starts, and before the last VM finishes.
+    let (first, second, last) = (by_order[0], by_order[1], by_order[2]);
+    assert!(event(first, "view_released") < event(second, "read_started"));
+    assert!(event(first, "view_released") < event(last, "manifest_written"));
 
     // One instant: every VM was stopped before any was resumed, and every
     // manifest records the run's snapshot time.
