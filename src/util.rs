@@ -8,6 +8,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, IoContext, Result};
 
+/// Takes a non-blocking `flock` on `f` (exclusive or shared); false if
+/// another open file description holds a conflicting one.
+pub fn try_flock(f: &File, exclusive: bool) -> bool {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on an fd we own; no memory is involved.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), op | libc::LOCK_NB) == 0 }
+}
+
+/// Opens (creating, 0600) the lock file `path` and locks it exclusively:
+/// `None` if another process holds it. The lock lasts as long as the file.
+pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    Ok(try_flock(&f, true).then_some(f))
+}
+
 /// Makes `path` appear with `data` atomically: temp file, fsync, rename,
 /// fsync the directory. A crash leaves either the old file or the new one.
 /// With `replace == false` an existing file is an `AlreadyExists` error and

@@ -5,8 +5,8 @@
 //! fsync, rename, fsync dir) at every checkpoint; `lock` beside it is held
 //! (flock) by the job that owns the VM.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -125,28 +125,12 @@ impl StateDir {
             .create(&dir)
             .ctx(|| format!("create pre-copy state directory {}", dir.display()))?;
         let path = dir.join("lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .ctx(|| format!("open {}", path.display()))?;
-        // SAFETY: flock on an fd we own; no memory is involved.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
+        let Some(f) = crate::util::try_lock_file(&path)? else {
             return Err(Error::busy(format!(
                 "pre-copy of VM {vm} is already running (lock {} is held)",
                 path.display()
             )));
-        }
+        };
         Ok(StateDir { dir, _lock: f })
     }
 

@@ -43,14 +43,7 @@ pub fn lock_holder(root: &Path) -> Result<Option<u32>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
     };
-    // SAFETY: flock on an fd we own; no memory is involved.
-    let rc = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            libc::LOCK_SH | libc::LOCK_NB,
-        )
-    };
-    if rc == 0 {
+    if crate::util::try_flock(&f, false) {
         return Ok(None);
     }
     let pid = std::fs::read_to_string(&path).unwrap_or_default();

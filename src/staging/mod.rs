@@ -32,8 +32,8 @@ pub mod io;
 pub mod live;
 pub mod set;
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -167,23 +167,8 @@ impl StagingDir {
 
     pub(crate) fn lock(root: &Path) -> Result<File> {
         let path = root.join("lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .ctx(|| format!("open {}", path.display()))?;
-        // SAFETY: flock on an fd we own; no memory is involved.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
+        let f = crate::util::try_lock_file(&path)?;
+        let Some(f) = f else {
             let holder = fs::read_to_string(&path).unwrap_or_default();
             return Err(Error::busy(format!(
                 "staging {} is in use by another recoverfs daemon{}",
@@ -194,7 +179,7 @@ impl StagingDir {
                     .map(|p| format!(" (pid {p})"))
                     .unwrap_or_default()
             )));
-        }
+        };
         f.set_len(0).ctx(|| "truncate lock".into())?;
         std::os::unix::fs::FileExt::write_all_at(
             &f,
