@@ -149,6 +149,8 @@ pub struct VolumeStats {
 
 pub struct Volume {
     pub vm: String,
+    /// The scheduler tenant of this session's fetches (its VM name, hashed once).
+    tenant: u64,
     pub backup: String,
     pub index: usize,
     pub size: u64,
@@ -287,6 +289,7 @@ impl Volume {
         Arc::new_cyclic(|me| Volume {
             me: me.clone(),
             modified_ns: AtomicU64::new(0),
+            tenant: tenant_of(vm),
             vm: vm.into(),
             backup: backup.into(),
             index,
@@ -472,7 +475,7 @@ impl Volume {
         let (me, slot) = (self.me.clone(), s.clone());
         let bytes = self.block_len(b);
         j.0 = Some(self.sched.submit_for(
-            tenant_of(&self.vm),
+            self.tenant,
             j.1,
             bytes,
             move || match me.upgrade() {
