@@ -119,7 +119,7 @@ def writer_disk(path):
         f.write(b"RECOVERFS-WRITER%08d%08d%08d%08d" % (99999999, 0, 131000, 128))
 
 
-def start_vm(scope, name, pause_ms, tiny):
+def start_vm(scope, name, pause_ms, tiny, data_mib=DATA_MIB):
     boot = scope.path(f"{name}-boot.raw")
     subprocess.run(["cp", "--sparse=always", tiny, boot], check=True)
     wr = scope.path(f"{name}-writer.raw")
@@ -128,7 +128,7 @@ def start_vm(scope, name, pause_ms, tiny):
         f.seek(24)
         f.write(b"%08d" % pause_ms)
     data = scope.path(f"{name}-data.raw")
-    write_random(data, DATA_MIB, hash(name) & 0xFFFF)
+    write_random(data, data_mib, hash(name) & 0xFFFF)
     qmp, mon, console = scope.sock(f"{name}-qmp"), scope.sock(f"{name}-mon"), scope.path(f"{name}.console")
     scope.spawn(name, [
         "qemu-system-x86_64", "-nodefaults", "-display", "none", "-m", "128", "-no-reboot",
