@@ -275,6 +275,13 @@ impl Relocation {
     /// empties the targets, then records the new one.
     pub(crate) fn begin(src: Source, meta: Meta) -> Result<Arc<Relocation>> {
         let (storage, session_dir) = (src.storage, src.session_dir);
+        // Refused before any file is touched; `open` checks again, atomically.
+        if let Some(d) = src.disks.iter().find(|d| d.direct_readers() > 0) {
+            return Err(Error::busy(format!(
+                "disk{} of VM {} is open read-only with kernel passthrough: close it, then relocate",
+                d.index, d.vm
+            )));
+        }
         // Old copied bits must be gone for good before a target is emptied,
         // or a crash could leave them claiming blocks the target lost.
         let meta_path = Self::meta_path(session_dir);
@@ -369,8 +376,13 @@ impl Relocation {
             )?;
             copied.push(Arc::new(m));
         }
-        for (d, m) in disks.iter().zip(&copied) {
-            d.set_copied_map(Some(m.clone()));
+        for (i, (d, m)) in disks.iter().zip(&copied).enumerate() {
+            if let Err(e) = d.set_copied_map(Some(m.clone())) {
+                for d in &disks[..i] {
+                    let _ = d.set_copied_map(None);
+                }
+                return Err(e);
+            }
         }
         let rate = meta.rate_mbps;
         Ok(Arc::new(Relocation {

@@ -64,6 +64,7 @@ use crate::staging::{DiskStore, PersistentBitmap};
 
 mod evict;
 mod freeze;
+mod passthrough;
 mod relocation;
 
 pub use freeze::Frozen;
@@ -218,6 +219,8 @@ pub struct Volume {
     referenced: crate::staging::AtomicBitmap,
     /// CLOCK hand; also one eviction of this disk at a time.
     clock_hand: Mutex<u64>,
+    /// Direct readers (FUSE passthrough opens, see `passthrough`).
+    direct_readers: Mutex<u32>,
     /// The staging budget this disk counts against, and its session dir.
     budget: OnceLock<(Arc<crate::staging::budget::Budget>, std::path::PathBuf)>,
     /// Tests only: called by a write after it claimed or waited for each
@@ -324,6 +327,7 @@ impl Volume {
             pins: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             referenced: crate::staging::AtomicBitmap::new(nblocks),
             clock_hand: Mutex::new(0),
+            direct_readers: Mutex::new(0),
             budget: OnceLock::new(),
             #[cfg(test)]
             claim_hook: Mutex::new(None),

@@ -61,10 +61,6 @@ impl Volume {
         }
     }
 
-    pub(crate) fn set_copied_map(&self, m: Option<Arc<PersistentBitmap>>) {
-        *self.copied.write() = m;
-    }
-
     /// Blocks writes (after in-flight ones finish) until the guard drops.
     pub(crate) fn pause_writes(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
         self.write_gate.write()

@@ -7,13 +7,29 @@
 //! repository: misses and first writes to a block go to an I/O worker pool,
 //! fsync and flush to a sync pool (one guest's fsync never stalls reads of
 //! other VMs' staged blocks).
+//!
+//! **Kernel passthrough.** A read-only open (`O_RDONLY`) of a disk whose
+//! file holds every byte (fully staged, or relocated and cut over) is
+//! answered with a FUSE backing id: the kernel then reads the staging (or
+//! target) file itself and the daemon sees none of those reads. Only
+//! read-only opens get it, so every write still passes the volume and its
+//! changed-block tracking; a writable open keeps the normal path. The
+//! volume keeps such a disk complete while it is open (no eviction, no
+//! relocation start; see `volume::passthrough`). The kernel wants all
+//! opens of an inode in one mode: passthrough is not granted while the
+//! disk has a normal open, and a normal open is refused (EBUSY) while it
+//! has passthrough opens (the kernel would fail it with EIO). If the
+//! kernel or fuser refuses passthrough, opens take the normal path
+//! (logged once).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
     LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
@@ -30,6 +46,18 @@ const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
 /// Largest read/write the kernel may send us.
 pub const MAX_IO: u32 = 1 << 20;
+
+/// The file handle of a passthrough open (normal opens have 0).
+const PASSTHROUGH_FH: u64 = 1;
+
+/// A disk inode's opens: the kernel wants them all in one mode.
+#[derive(Default)]
+struct DiskOpens {
+    normal: u32,
+    passthrough: u32,
+    /// Shared by all passthrough opens of the inode, as the kernel requires.
+    backing: Option<Arc<BackingId>>,
+}
 
 /// What an inode number denotes.
 enum Node {
@@ -48,6 +76,11 @@ pub struct RecoverFs {
     uid: u32,
     gid: u32,
     mounted: SystemTime,
+    /// Per disk inode, under one lock: an open's mode is decided against
+    /// the others'.
+    opens: parking_lot::Mutex<HashMap<u64, DiskOpens>>,
+    /// The kernel accepted passthrough at init, and it has not failed yet.
+    passthrough: AtomicBool,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -68,6 +101,8 @@ impl RecoverFs {
             uid,
             gid,
             mounted: SystemTime::now(),
+            opens: Default::default(),
+            passthrough: AtomicBool::new(false),
         }
     }
 
@@ -123,6 +158,90 @@ impl RecoverFs {
         }
     }
 
+    /// Opens a disk inode in passthrough mode if it may (see the module
+    /// doc), else normally; `undo` gives back the session handle on refusal.
+    fn open_disk(
+        &self,
+        ino: u64,
+        d: &Volume,
+        read_only: bool,
+        reply: ReplyOpen,
+        undo: impl FnOnce(),
+    ) {
+        let mut opens = self.opens.lock();
+        let o = opens.entry(ino).or_default();
+        if read_only && o.normal == 0 && self.passthrough.load(Ordering::Acquire) {
+            if let Some(id) = o.backing.clone() {
+                // The disk is held complete since the first passthrough open.
+                o.passthrough += 1;
+                return reply.opened_passthrough(
+                    FileHandle(PASSTHROUGH_FH),
+                    FopenFlags::empty(),
+                    &id,
+                );
+            }
+            if let Some(file) = d.begin_direct_read() {
+                let id = match file.as_fd() {
+                    Some(fd) => reply.open_backing(fd),
+                    None => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
+                };
+                match id {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        o.backing = Some(id.clone());
+                        o.passthrough += 1;
+                        tracing::debug!(vm = %d.vm, disk = d.index, "read-only open passes through");
+                        return reply.opened_passthrough(
+                            FileHandle(PASSTHROUGH_FH),
+                            FopenFlags::empty(),
+                            &id,
+                        );
+                    }
+                    Err(e) => {
+                        d.end_direct_read();
+                        if self.passthrough.swap(false, Ordering::AcqRel) {
+                            tracing::warn!(
+                                vm = %d.vm,
+                                disk = d.index,
+                                "the kernel refused a FUSE passthrough file ({e}): every disk read passes the daemon"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if o.passthrough > 0 {
+            drop(opens);
+            undo();
+            tracing::warn!(
+                vm = %d.vm,
+                disk = d.index,
+                "open refused: the disk is open read-only with kernel passthrough, which the kernel does not mix with other opens"
+            );
+            return reply.error(Errno::EBUSY);
+        }
+        o.normal += 1;
+        // Every write goes through us, so the kernel's cache stays coherent.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn close_disk(&self, ino: u64, d: &Volume, passthrough: bool) {
+        let mut opens = self.opens.lock();
+        let Some(o) = opens.get_mut(&ino) else { return };
+        if passthrough {
+            o.passthrough = o.passthrough.saturating_sub(1);
+            if o.passthrough == 0 {
+                o.backing = None;
+                d.end_direct_read();
+            }
+        } else {
+            o.normal = o.normal.saturating_sub(1);
+        }
+        if o.normal == 0 && o.passthrough == 0 {
+            opens.remove(&ino);
+        }
+    }
+
     fn disk(&self, ino: u64) -> Result<Arc<Volume>, Errno> {
         match self.node(ino) {
             Some(Node::Disk(_, d)) => Ok(d),
@@ -148,6 +267,16 @@ impl Filesystem for RecoverFs {
                 "kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised"
             );
         }
+        // Passthrough needs a stack depth of 1 (the files we pass to sit on
+        // a plain filesystem); without it every open takes the normal path.
+        let ok = config.set_max_stack_depth(1).is_ok()
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok();
+        if !ok {
+            tracing::warn!("kernel lacks FUSE passthrough: every disk read passes the daemon");
+        }
+        self.passthrough.store(ok, Ordering::Release);
         Ok(())
     }
 
@@ -258,15 +387,15 @@ impl Filesystem for RecoverFs {
                 }
                 reply.opened(FileHandle(0), FopenFlags::empty())
             }
-            Some(Node::Disk(s, _)) => {
+            Some(Node::Disk(s, d)) => {
                 if flags.0 & libc::O_TRUNC != 0 {
                     return reply.error(Errno::EPERM);
                 }
                 if !s.open_handle() {
                     return reply.error(Errno::ENOENT);
                 }
-                // Every write goes through us, so the kernel's cache stays coherent.
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+                self.open_disk(ino.0, &d, read_only, reply, || s.close_handle())
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -283,7 +412,8 @@ impl Filesystem for RecoverFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(Node::Disk(s, _)) = self.node(ino.0) {
+        if let Some(Node::Disk(s, d)) = self.node(ino.0) {
+            self.close_disk(ino.0, &d, _fh.0 == PASSTHROUGH_FH);
             s.close_handle();
         }
         reply.ok()
