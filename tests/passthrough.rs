@@ -7,8 +7,8 @@
 mod common;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,10 @@ fn passthrough_open(env: &Env, vm: &str, disk: &Path) -> File {
         if counter(env, vm, "reads") == reads {
             return f;
         }
-        assert!(Instant::now() < deadline, "a read-only open never passed through");
+        assert!(
+            Instant::now() < deadline,
+            "a read-only open never passed through"
+        );
         drop(f);
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -119,7 +122,10 @@ fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
     stage_all(&disk, &model);
-    assert!(counter(&env, "vm", "reads") > 0, "the staging read passed us");
+    assert!(
+        counter(&env, "vm", "reads") > 0,
+        "the staging read passed us"
+    );
 
     let f = passthrough_open(&env, "vm", &disk);
     let reads = counter(&env, "vm", "reads");
@@ -276,7 +282,10 @@ fn relocation_is_refused_under_a_passthrough_open_and_after_cutover_passthrough_
     let pt = passthrough_open(&env, "vm", &disk);
     let o = relocate(&env, &primary, &["--wait"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "relocation started under a passthrough open");
+    assert!(
+        !o.status.success(),
+        "relocation started under a passthrough open"
+    );
     assert!(err.contains("kernel passthrough"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     drop(pt);

@@ -29,9 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -181,12 +181,10 @@ impl RecoverFs {
                 );
             }
             if let Some(file) = d.begin_direct_read() {
-                let id = match file.as_fd() {
-                    Some(fd) => reply.open_backing(fd),
-                    None => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
-                };
-                match id {
-                    Ok(id) => {
+                // A file without a plain fd (test storage) is served normally.
+                match file.as_fd().map(|fd| reply.open_backing(fd)) {
+                    None => d.end_direct_read(),
+                    Some(Ok(id)) => {
                         let id = Arc::new(id);
                         o.backing = Some(id.clone());
                         o.passthrough += 1;
@@ -197,7 +195,7 @@ impl RecoverFs {
                             &id,
                         );
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         d.end_direct_read();
                         if self.passthrough.swap(false, Ordering::AcqRel) {
                             tracing::warn!(
