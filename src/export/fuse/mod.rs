@@ -18,7 +18,8 @@
 //! relocation start; see `volume::passthrough`). The kernel wants all
 //! opens of an inode in one mode: passthrough is not granted while the
 //! disk has a normal open, and a normal open is refused (EBUSY) while it
-//! has passthrough opens (the kernel would fail it with EIO). If the
+//! has passthrough opens (the kernel would fail it with EIO), after
+//! waiting up to 2 s for their releases. If the
 //! kernel or fuser refuses passthrough, opens take the normal path
 //! (logged once).
 
@@ -50,6 +51,15 @@ pub const MAX_IO: u32 = 1 << 20;
 /// The file handle of a passthrough open (normal opens have 0).
 const PASSTHROUGH_FH: u64 = 1;
 
+/// How long a normal open waits for passthrough opens' releases before
+/// it is refused.
+const RELEASE_GRACE: Duration = Duration::from_secs(2);
+
+fn open_normally(reply: ReplyOpen) {
+    // Every write goes through us, so the kernel's cache stays coherent.
+    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+}
+
 /// A disk inode's opens: the kernel wants them all in one mode.
 #[derive(Default)]
 struct DiskOpens {
@@ -78,7 +88,7 @@ pub struct RecoverFs {
     mounted: SystemTime,
     /// Per disk inode, under one lock: an open's mode is decided against
     /// the others'.
-    opens: parking_lot::Mutex<HashMap<u64, DiskOpens>>,
+    opens: Arc<parking_lot::Mutex<HashMap<u64, DiskOpens>>>,
     /// The kernel accepted passthrough at init, and it has not failed yet.
     passthrough: AtomicBool,
 }
@@ -166,7 +176,7 @@ impl RecoverFs {
         d: &Volume,
         read_only: bool,
         reply: ReplyOpen,
-        undo: impl FnOnce(),
+        undo: impl FnOnce() + Send + 'static,
     ) {
         let mut opens = self.opens.lock();
         let o = opens.entry(ino).or_default();
@@ -208,19 +218,39 @@ impl RecoverFs {
                 }
             }
         }
-        if o.passthrough > 0 {
-            drop(opens);
+        if o.passthrough == 0 {
+            o.normal += 1;
+            return open_normally(reply);
+        }
+        drop(opens);
+        // The kernel sends a release after `close` returns: a reader that
+        // just closed (`cp disk0.raw ...; qemu ... disk0.raw`) may still
+        // count. Wait for that off the event thread before refusing.
+        let (all, vm, index) = (self.opens.clone(), d.vm.clone(), d.index);
+        self.io.submit(move || {
+            let deadline = std::time::Instant::now() + RELEASE_GRACE;
+            loop {
+                {
+                    let mut opens = all.lock();
+                    let o = opens.entry(ino).or_default();
+                    if o.passthrough == 0 {
+                        o.normal += 1;
+                        return open_normally(reply);
+                    }
+                }
+                if std::time::Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             undo();
             tracing::warn!(
-                vm = %d.vm,
-                disk = d.index,
+                %vm,
+                disk = index,
                 "open refused: the disk is open read-only with kernel passthrough, which the kernel does not mix with other opens"
             );
-            return reply.error(Errno::EBUSY);
-        }
-        o.normal += 1;
-        // Every write goes through us, so the kernel's cache stays coherent.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            reply.error(Errno::EBUSY)
+        })
     }
 
     fn close_disk(&self, ino: u64, d: &Volume, passthrough: bool) {
@@ -393,7 +423,8 @@ impl Filesystem for RecoverFs {
                     return reply.error(Errno::ENOENT);
                 }
                 let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-                self.open_disk(ino.0, &d, read_only, reply, || s.close_handle())
+                let session = s.clone();
+                self.open_disk(ino.0, &d, read_only, reply, move || session.close_handle())
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
