@@ -276,11 +276,8 @@ impl Relocation {
     pub(crate) fn begin(src: Source, meta: Meta) -> Result<Arc<Relocation>> {
         let (storage, session_dir) = (src.storage, src.session_dir);
         // Refused before any file is touched; `open` checks again, atomically.
-        if let Some(d) = src.disks.iter().find(|d| d.direct_readers() > 0) {
-            return Err(Error::busy(format!(
-                "disk{} of VM {} is open read-only with kernel passthrough: close it, then relocate",
-                d.index, d.vm
-            )));
+        for d in src.disks {
+            d.check_no_staging_reader()?;
         }
         // Old copied bits must be gone for good before a target is emptied,
         // or a crash could leave them claiming blocks the target lost.
@@ -377,9 +374,11 @@ impl Relocation {
             copied.push(Arc::new(m));
         }
         for (i, (d, m)) in disks.iter().zip(&copied).enumerate() {
-            if let Err(e) = d.set_copied_map(Some(m.clone())) {
+            if let Err(e) = d.track_copies(m.clone()) {
+                // A passthrough open came after `begin` checked: no disk
+                // may be left tracking a relocation that did not start.
                 for d in &disks[..i] {
-                    let _ = d.set_copied_map(None);
+                    d.untrack_copies();
                 }
                 return Err(e);
             }

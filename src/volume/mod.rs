@@ -259,6 +259,10 @@ pub struct DiskStatus {
     pub evicted_blocks: u64,
     /// Reads that found a block evicted after its fill and filled it again.
     pub refills: u64,
+    /// The kernel reads this disk's file itself for a read-only FUSE open
+    /// (`serve --fuse-passthrough`): no eviction, no relocation start,
+    /// and writable FUSE opens are refused until it closes.
+    pub passthrough: bool,
     pub last_fetch_error: Option<String>,
     /// Set once a sync of this disk's staging failed: every later flush
     /// fails with EIO until the session is released.
@@ -1178,6 +1182,7 @@ impl Volume {
             flushes: s.flushes.get(),
             evicted_blocks: s.evicted_blocks.get(),
             refills: s.refills.get(),
+            passthrough: self.direct_readers() > 0,
             last_fetch_error: s.last_fetch_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),
         }

@@ -5,9 +5,9 @@
 //! A direct reader reads the file the volume serves from (staging, or the
 //! relocation target after cutover) as it is, so three things that could
 //! change *which* bytes that file holds are ruled out while one is open:
-//! * **missing blocks**: granted only when every block with backup data is
-//!   present (zero blocks are holes in the file and read as zeros), so no
-//!   read would need a fetch;
+//! * **missing blocks**: granted only when every block with backup data
+//!   (or written) is present (other zero blocks are holes in the file and
+//!   read as zeros), so no read would need a fetch;
 //! * **eviction**: a volume with a direct reader evicts nothing (an evicted
 //!   block is a hole and would read as zeros). The grant is decided under
 //!   the CLOCK hand lock, which an eviction batch holds from picking its
@@ -28,15 +28,16 @@ use std::sync::Arc;
 use super::Volume;
 use crate::error::{Error, Result};
 use crate::staging::io::BlockFile;
-use crate::staging::PersistentBitmap;
 
 impl Volume {
     /// Grants a direct reader if the file the volume serves from holds
     /// every byte of the disk, and returns that file. Pair with
     /// `end_direct_read`.
-    pub fn begin_direct_read(&self) -> Option<Arc<dyn BlockFile>> {
-        // No eviction batch runs while we decide (see the module doc).
-        let _hand = self.clock_hand.lock();
+    pub(crate) fn begin_direct_read(&self) -> Option<Arc<dyn BlockFile>> {
+        // No eviction batch runs while we decide (see the module doc). One
+        // running now is making the disk incomplete anyway: no waiting for
+        // its map sync (the caller may be a FUSE event thread).
+        let _hand = self.clock_hand.try_lock()?;
         let mut readers = self.direct_readers.lock();
         if self.closed.load(Ordering::Acquire) || self.is_failed() {
             return None;
@@ -44,35 +45,58 @@ impl Volume {
         let file = match self.target.get() {
             Some(t) => t.clone(),
             None if self.copied.read().is_some() => return None,
-            None if self.unstaged_bytes() > 0 => return None,
+            None if !self.staging_holds_every_byte() => return None,
             None => self.store.data.clone(),
         };
         *readers += 1;
         Some(file)
     }
 
+    /// True if the staging file reads as the volume serves the disk: every
+    /// block with backup data or written by the guest is staged, and the
+    /// rest are zero blocks never written, holes in the file. (A written
+    /// block that is not staged happens only after a power cut lost its
+    /// presence bit: the volume reads it as zeros or fetches it, while the
+    /// file may hold the lost write.) O(blocks), once per first open.
+    fn staging_holds_every_byte(&self) -> bool {
+        (0..self.nblocks).all(|b| {
+            self.store.present.test(b)
+                || (self.chunks[b as usize].is_none() && !self.store.changed.test(b))
+        })
+    }
+
     /// A direct reader granted by `begin_direct_read` is gone.
-    pub fn end_direct_read(&self) {
+    pub(crate) fn end_direct_read(&self) {
         let mut readers = self.direct_readers.lock();
         *readers = readers.saturating_sub(1);
     }
 
     /// Direct readers now (eviction skips the volume while there are any).
-    pub fn direct_readers(&self) -> u32 {
+    pub(crate) fn direct_readers(&self) -> u32 {
         *self.direct_readers.lock()
     }
 
-    /// Starts a relocation's tracking (its copied map); refused while a
-    /// direct reader reads staging, which the cutover would leave behind.
-    pub(crate) fn set_copied_map(&self, m: Option<Arc<PersistentBitmap>>) -> Result<()> {
+    /// Refuses (busy) while a direct reader reads staging: a relocation
+    /// must not start under it, its cutover would move writes away from
+    /// the file being read. Checked again, atomically, when the relocation
+    /// sets its copied map.
+    pub(crate) fn check_no_staging_reader(&self) -> Result<()> {
         let readers = self.direct_readers.lock();
-        if m.is_some() && *readers > 0 && self.target.get().is_none() {
+        self.no_staging_reader(*readers)
+    }
+
+    /// The check, with the reader count already locked by the caller.
+    pub(super) fn no_staging_reader(&self, readers: u32) -> Result<()> {
+        if readers > 0 && self.target.get().is_none() {
             return Err(Error::busy(format!(
-                "disk{} of VM {} is open read-only with kernel passthrough: close it, then relocate",
+                "disk{} of VM {} is open read-only with FUSE passthrough: close it, then relocate",
                 self.index, self.vm
             )));
         }
-        *self.copied.write() = m;
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "passthrough_tests.rs"]
+mod tests;
