@@ -106,11 +106,8 @@ fn an_fsync_of_one_vm_never_stalls_staged_reads_of_another() {
     let busy = env.recover("busy", None)[0].clone();
     let quiet = env.recover("quiet", None)[0].clone();
     let _ = read_all(&quiet); // stage it
-                              // Writable, so its reads take the daemon's path (the subject here)
-                              // rather than kernel passthrough straight to the staging device.
     let q = OpenOptions::new()
         .read(true)
-        .write(true)
         .custom_flags(libc::O_DIRECT)
         .open(&quiet)
         .unwrap();

@@ -8,66 +8,35 @@
 //! fsync and flush to a sync pool (one guest's fsync never stalls reads of
 //! other VMs' staged blocks).
 //!
-//! **Kernel passthrough.** A read-only open (`O_RDONLY`) of a disk whose
-//! file holds every byte (fully staged, or relocated and cut over) is
-//! answered with a FUSE backing id: the kernel then reads the staging (or
-//! target) file itself and the daemon sees none of those reads. Only
-//! read-only opens get it, so every write still passes the volume and its
-//! changed-block tracking; a writable open keeps the normal path. The
-//! volume keeps such a disk complete while it is open (no eviction, no
-//! relocation start; see `volume::passthrough`). The kernel wants all
-//! opens of an inode in one mode: passthrough is not granted while the
-//! disk has a normal open, and a normal open is refused (EBUSY) while it
-//! has passthrough opens (the kernel would fail it with EIO), after
-//! waiting up to 2 s for their releases. If the
-//! kernel or fuser refuses passthrough, opens take the normal path
-//! (logged once).
+//! **Kernel passthrough** (opt-in, `serve --fuse-passthrough`): read-only
+//! opens of complete disks are read by the kernel from the staging (or
+//! relocation target) file without the daemon; while they last, writable
+//! opens of that disk are refused. See `passthrough`.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
 
 pub mod inodes;
+mod passthrough;
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
 use crate::volume::Volume;
 use inodes::Inodes;
+use passthrough::{Opened, Passthrough};
 
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
 /// Largest read/write the kernel may send us.
 pub const MAX_IO: u32 = 1 << 20;
-
-/// The file handle of a passthrough open (normal opens have 0).
-const PASSTHROUGH_FH: u64 = 1;
-
-/// How long a normal open waits for passthrough opens' releases before
-/// it is refused.
-const RELEASE_GRACE: Duration = Duration::from_secs(2);
-
-fn open_normally(reply: ReplyOpen) {
-    // Every write goes through us, so the kernel's cache stays coherent.
-    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-}
-
-/// A disk inode's opens: the kernel wants them all in one mode.
-#[derive(Default)]
-struct DiskOpens {
-    normal: u32,
-    passthrough: u32,
-    /// Shared by all passthrough opens of the inode, as the kernel requires.
-    backing: Option<Arc<BackingId>>,
-}
 
 /// What an inode number denotes.
 enum Node {
@@ -86,11 +55,8 @@ pub struct RecoverFs {
     uid: u32,
     gid: u32,
     mounted: SystemTime,
-    /// Per disk inode, under one lock: an open's mode is decided against
-    /// the others'.
-    opens: Arc<parking_lot::Mutex<HashMap<u64, DiskOpens>>>,
-    /// The kernel accepted passthrough at init, and it has not failed yet.
-    passthrough: AtomicBool,
+    /// Kernel passthrough of read-only opens, and every disk open's mode.
+    passthrough: Arc<Passthrough>,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -99,7 +65,14 @@ fn errno(e: &Error) -> Errno {
 
 impl RecoverFs {
     /// `owner` (uid, gid) owns the files; by default the daemon's user.
-    pub fn new(ds: Arc<Datastore>, io_threads: usize, owner: Option<(u32, u32)>) -> Self {
+    /// `passthrough`: let the kernel read complete disks' files itself on
+    /// read-only opens (see `passthrough`).
+    pub fn new(
+        ds: Arc<Datastore>,
+        io_threads: usize,
+        owner: Option<(u32, u32)>,
+        passthrough: bool,
+    ) -> Self {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let me = unsafe { (libc::getuid(), libc::getgid()) };
         let (uid, gid) = owner.unwrap_or(me);
@@ -111,8 +84,7 @@ impl RecoverFs {
             uid,
             gid,
             mounted: SystemTime::now(),
-            opens: Default::default(),
-            passthrough: AtomicBool::new(false),
+            passthrough: Arc::new(Passthrough::new(passthrough)),
         }
     }
 
@@ -168,105 +140,21 @@ impl RecoverFs {
         }
     }
 
-    /// Opens a disk inode in passthrough mode if it may (see the module
-    /// doc), else normally; `undo` gives back the session handle on refusal.
+    /// Opens a disk inode: passthrough or normal (see `passthrough`);
+    /// `undo` gives back the session handle if the open is refused.
     fn open_disk(
         &self,
         ino: u64,
-        d: &Volume,
+        d: Arc<Volume>,
         read_only: bool,
         reply: ReplyOpen,
         undo: impl FnOnce() + Send + 'static,
     ) {
-        let mut opens = self.opens.lock();
-        let o = opens.entry(ino).or_default();
-        if read_only && o.normal == 0 && self.passthrough.load(Ordering::Acquire) {
-            if let Some(id) = o.backing.clone() {
-                // The disk is held complete since the first passthrough open.
-                o.passthrough += 1;
-                return reply.opened_passthrough(
-                    FileHandle(PASSTHROUGH_FH),
-                    FopenFlags::empty(),
-                    &id,
-                );
-            }
-            if let Some(file) = d.begin_direct_read() {
-                // A file without a plain fd (test storage) is served normally.
-                match file.as_fd().map(|fd| reply.open_backing(fd)) {
-                    None => d.end_direct_read(),
-                    Some(Ok(id)) => {
-                        let id = Arc::new(id);
-                        o.backing = Some(id.clone());
-                        o.passthrough += 1;
-                        tracing::debug!(vm = %d.vm, disk = d.index, "read-only open passes through");
-                        return reply.opened_passthrough(
-                            FileHandle(PASSTHROUGH_FH),
-                            FopenFlags::empty(),
-                            &id,
-                        );
-                    }
-                    Some(Err(e)) => {
-                        d.end_direct_read();
-                        if self.passthrough.swap(false, Ordering::AcqRel) {
-                            tracing::warn!(
-                                vm = %d.vm,
-                                disk = d.index,
-                                "the kernel refused a FUSE passthrough file ({e}): every disk read passes the daemon"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        if o.passthrough == 0 {
-            o.normal += 1;
-            return open_normally(reply);
-        }
-        drop(opens);
-        // The kernel sends a release after `close` returns: a reader that
-        // just closed (`cp disk0.raw ...; qemu ... disk0.raw`) may still
-        // count. Wait for that off the event thread before refusing.
-        let (all, vm, index) = (self.opens.clone(), d.vm.clone(), d.index);
-        self.io.submit(move || {
-            let deadline = std::time::Instant::now() + RELEASE_GRACE;
-            loop {
-                {
-                    let mut opens = all.lock();
-                    let o = opens.entry(ino).or_default();
-                    if o.passthrough == 0 {
-                        o.normal += 1;
-                        return open_normally(reply);
-                    }
-                }
-                if std::time::Instant::now() >= deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            undo();
-            tracing::warn!(
-                %vm,
-                disk = index,
-                "open refused: the disk is open read-only with kernel passthrough, which the kernel does not mix with other opens"
-            );
-            reply.error(Errno::EBUSY)
-        })
-    }
-
-    fn close_disk(&self, ino: u64, d: &Volume, passthrough: bool) {
-        let mut opens = self.opens.lock();
-        let Some(o) = opens.get_mut(&ino) else { return };
-        if passthrough {
-            o.passthrough = o.passthrough.saturating_sub(1);
-            if o.passthrough == 0 {
-                o.backing = None;
-                d.end_direct_read();
-            }
-        } else {
-            o.normal = o.normal.saturating_sub(1);
-        }
-        if o.normal == 0 && o.passthrough == 0 {
-            opens.remove(&ino);
+        if let Opened::MustWait(reply) = self.passthrough.open(ino, &d, read_only, reply) {
+            // Not on the event thread: the wait may last seconds.
+            let pt = self.passthrough.clone();
+            self.io
+                .submit(move || pt.wait_and_open(ino, &d, reply, undo));
         }
     }
 
@@ -295,16 +183,7 @@ impl Filesystem for RecoverFs {
                 "kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised"
             );
         }
-        // Passthrough needs a stack depth of 1 (the files we pass to sit on
-        // a plain filesystem); without it every open takes the normal path.
-        let ok = config.set_max_stack_depth(1).is_ok()
-            && config
-                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
-                .is_ok();
-        if !ok {
-            tracing::warn!("kernel lacks FUSE passthrough: every disk read passes the daemon");
-        }
-        self.passthrough.store(ok, Ordering::Release);
+        self.passthrough.negotiate(config);
         Ok(())
     }
 
@@ -424,7 +303,7 @@ impl Filesystem for RecoverFs {
                 }
                 let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
                 let session = s.clone();
-                self.open_disk(ino.0, &d, read_only, reply, move || session.close_handle())
+                self.open_disk(ino.0, d, read_only, reply, move || session.close_handle())
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -435,14 +314,14 @@ impl Filesystem for RecoverFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         if let Some(Node::Disk(s, d)) = self.node(ino.0) {
-            self.close_disk(ino.0, &d, _fh.0 == PASSTHROUGH_FH);
+            self.passthrough.release(ino.0, &d, fh);
             s.close_handle();
         }
         reply.ok()
