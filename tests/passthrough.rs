@@ -1,8 +1,9 @@
-//! FUSE passthrough on a real mount: a read-only open of a disk whose
-//! file holds every byte is read by the kernel from that file, without
-//! the daemon; everything else keeps the normal path. Reads use O_DIRECT,
-//! so a read that did not pass through reaches the daemon (never the
-//! page cache) and moves its read counter.
+//! FUSE passthrough (`serve --fuse-passthrough`) on a real mount: a
+//! read-only open of a disk whose file holds every byte is read by the
+//! kernel from that file, without the daemon; everything else keeps the
+//! normal path, and without the option nothing passes through. Reads use
+//! O_DIRECT, so a read that did not pass through reaches the daemon (never
+//! the page cache) and moves the daemon's own read counter.
 
 mod common;
 
@@ -73,6 +74,40 @@ fn counter(env: &Env, vm: &str, name: &str) -> u64 {
     env.disk_status(vm, 0)[name].as_u64().unwrap()
 }
 
+/// An environment whose daemon serves with `--fuse-passthrough` (and NBD
+/// on a Unix socket, for writes beside a passthrough reader).
+fn passthrough_env() -> Env {
+    let mut env = Env::new();
+    let sock = env.path("nbd.sock");
+    env.serve_args = vec![
+        "--fuse-passthrough".into(),
+        "--nbd".into(),
+        format!("unix:{}", sock.display()),
+    ];
+    env
+}
+
+/// Writes `byte` over block `b` of VM `vm`'s disk 0 through NBD (the
+/// daemon's own write path) and mirrors it in `model`.
+fn nbd_write(env: &Env, vm: &str, b: usize, byte: u8, model: &mut [u8]) {
+    let url = format!(
+        "nbd+unix:///{vm}/disk0?socket={}",
+        env.path("nbd.sock").display()
+    );
+    let write = format!("write -P {byte:#x} {} {BS}", b * BS);
+    tool(&["qemu-io", "-f", "raw", &url, "-c", &write]);
+    model[b * BS..(b + 1) * BS].fill(byte);
+}
+
+/// The daemon's log lines that say an open was refused for passthrough.
+fn refusals(d: &Daemon) -> Vec<String> {
+    d.log_text()
+        .lines()
+        .filter(|l| l.contains("refused (EBUSY)"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// A backed-up random disk of `mib` MiB (every 8th 64 KiB block zeros).
 fn backed_up(env: &Env, vm: &str, mib: usize, seed: u64) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -116,10 +151,35 @@ fn stage_all(disk: &Path, model: &[u8]) {
 }
 
 #[test]
-fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no_read() {
+fn without_the_option_a_read_only_open_of_a_fully_staged_disk_reaches_the_daemon_and_never_blocks_a_writer(
+) {
     let env = Env::new();
-    let model = backed_up(&env, "vm", 8, 1);
-    let _d = env.serve();
+    let model = backed_up(&env, "vm", 8, 7);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    stage_all(&disk, &model);
+
+    let f = open_direct(&disk, false).unwrap();
+    let reads = counter(&env, "vm", "reads");
+    read_direct_and_compare(&f, &model, "read-only read");
+    assert!(
+        counter(&env, "vm", "reads") > reads,
+        "a read-only open passed through without --fuse-passthrough"
+    );
+    assert_eq!(env.disk_status("vm", 0)["passthrough"], false);
+    // A writable open beside it opens at once.
+    let t = Instant::now();
+    let w = open_direct(&disk, true).expect("a writable open beside a reader");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    read_direct_and_compare(&w, &model, "writer's read");
+    assert!(refusals(&d).is_empty(), "{:?}", refusals(&d));
+}
+
+#[test]
+fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no_read() {
+    let env = passthrough_env();
+    let mut model = backed_up(&env, "vm", 8, 1);
+    let d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
     stage_all(&disk, &model);
     assert!(
@@ -128,6 +188,7 @@ fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no
     );
 
     let f = passthrough_open(&env, "vm", &disk);
+    assert_eq!(env.disk_status("vm", 0)["passthrough"], true);
     let reads = counter(&env, "vm", "reads");
     read_direct_and_compare(&f, &model, "passthrough read");
     // A second read-only open shares the backing file.
@@ -139,9 +200,17 @@ fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no
         "read-only reads of a fully staged disk reached the daemon"
     );
 
+    // Writes beside it pass the daemon (NBD), land in the file being read
+    // and are tracked as changed.
+    assert_eq!(counter(&env, "vm", "blocks_changed"), 0);
+    nbd_write(&env, "vm", 9, 0x6B, &mut model);
+    assert_eq!(counter(&env, "vm", "blocks_changed"), 1);
+    read_direct_and_compare(&f, &model, "passthrough read after an NBD write");
+    assert_eq!(counter(&env, "vm", "reads"), reads);
+
     // The kernel does not mix modes: a writable open is refused meanwhile
     // (after a grace period for releases), never let past changed-block
-    // tracking.
+    // tracking, and the daemon says why in one line.
     let t = Instant::now();
     let err = open_direct(&disk, true).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
@@ -149,17 +218,26 @@ fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no
         t.elapsed() >= Duration::from_secs(1),
         "refused without grace"
     );
+    let lines = refusals(&d);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("open of disk0 of VM vm refused (EBUSY)")
+            && lines[0].contains("--fuse-passthrough"),
+        "{}",
+        lines[0]
+    );
     drop((f, g));
     // Right after they are closed (their releases still on the way), a
     // writable open works and its reads pass us.
     let w = open_direct(&disk, true).expect("writable open right after the readers closed");
     read_direct_and_compare(&w, &model, "normal read");
     assert!(counter(&env, "vm", "reads") > reads);
+    assert_eq!(env.disk_status("vm", 0)["passthrough"], false);
 }
 
 #[test]
 fn a_read_only_open_of_a_partly_staged_disk_does_not_pass_through_and_reads_fetch() {
-    let env = Env::new();
+    let env = passthrough_env();
     let model = backed_up(&env, "vm", 8, 2);
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
@@ -185,7 +263,7 @@ fn a_read_only_open_of_a_partly_staged_disk_does_not_pass_through_and_reads_fetc
 
 #[test]
 fn a_writable_open_never_passes_through_and_its_writes_are_tracked_as_changed() {
-    let env = Env::new();
+    let env = passthrough_env();
     let mut model = backed_up(&env, "vm", 8, 3);
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
@@ -220,8 +298,8 @@ fn a_writable_open_never_passes_through_and_its_writes_are_tracked_as_changed() 
 
 #[test]
 fn eviction_skips_a_disk_open_with_passthrough_and_takes_it_once_closed() {
-    let mut env = Env::new();
-    env.serve_args = vec!["--staging-max".into(), "24M".into()];
+    let mut env = passthrough_env();
+    env.serve_args.extend(["--staging-max".into(), "24M".into()]);
     let a_model = backed_up(&env, "a", 12, 4);
     let b_model = backed_up(&env, "b", 32, 5);
     let _d = env.serve();
@@ -266,8 +344,9 @@ fn relocate(env: &Env, to: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn relocation_is_refused_under_a_passthrough_open_and_after_cutover_passthrough_reads_the_target() {
-    let env = Env::new();
+fn relocation_is_refused_under_a_passthrough_open_and_after_cutover_passthrough_reads_the_target_and_writes_stay_tracked(
+) {
+    let env = passthrough_env();
     let mut model = backed_up(&env, "vm", 8, 6);
     let _d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
@@ -283,7 +362,7 @@ fn relocation_is_refused_under_a_passthrough_open_and_after_cutover_passthrough_
         !o.status.success(),
         "relocation started under a passthrough open"
     );
-    assert!(err.contains("kernel passthrough"), "{err}");
+    assert!(err.contains("FUSE passthrough"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     drop(pt);
 
@@ -296,7 +375,7 @@ fn relocation_is_refused_under_a_passthrough_open_and_after_cutover_passthrough_
         // The passthrough open's release may not have reached us yet.
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
-            err.contains("kernel passthrough") && Instant::now() < deadline,
+            err.contains("FUSE passthrough") && Instant::now() < deadline,
             "{err}"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -309,14 +388,20 @@ fn relocation_is_refused_under_a_passthrough_open_and_after_cutover_passthrough_
     model[5 * BS..6 * BS].fill(0xC3);
     w.sync_all().unwrap();
     drop(w);
-    assert!(counter(&env, "vm", "blocks_changed") >= 1);
+    assert_eq!(counter(&env, "vm", "blocks_changed"), 1);
     let target = primary.join("vm/disk0.raw");
     assert!(std::fs::read(&target).unwrap() == model, "target differs");
 
     let f = passthrough_open(&env, "vm", &disk);
     let reads = counter(&env, "vm", "reads");
     read_direct_and_compare(&f, &model, "passthrough to the target");
+    // A write beside the reader goes through the daemon into the target:
+    // tracked as changed, and the reader sees it.
+    nbd_write(&env, "vm", 6, 0x3C, &mut model);
+    assert_eq!(counter(&env, "vm", "blocks_changed"), 2);
+    read_direct_and_compare(&f, &model, "passthrough to the target after an NBD write");
     assert_eq!(counter(&env, "vm", "reads"), reads);
+    assert!(std::fs::read(&target).unwrap() == model, "target differs");
     drop(f);
     // The staging file is no longer what is read: wipe it and read again.
     let data = std::fs::read_dir(env.staging.join("sessions/vm"))
