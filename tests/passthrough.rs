@@ -170,7 +170,11 @@ fn without_the_option_a_read_only_open_of_a_fully_staged_disk_reaches_the_daemon
     // A writable open beside it opens at once.
     let t = Instant::now();
     let w = open_direct(&disk, true).expect("a writable open beside a reader");
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "a writer waited {:?}",
+        t.elapsed()
+    );
     read_direct_and_compare(&w, &model, "writer's read");
     assert!(refusals(&d).is_empty(), "{:?}", refusals(&d));
 }
@@ -299,7 +303,8 @@ fn a_writable_open_never_passes_through_and_its_writes_are_tracked_as_changed() 
 #[test]
 fn eviction_skips_a_disk_open_with_passthrough_and_takes_it_once_closed() {
     let mut env = passthrough_env();
-    env.serve_args.extend(["--staging-max".into(), "24M".into()]);
+    env.serve_args
+        .extend(["--staging-max".into(), "24M".into()]);
     let a_model = backed_up(&env, "a", 12, 4);
     let b_model = backed_up(&env, "b", 32, 5);
     let _d = env.serve();

@@ -105,9 +105,7 @@ fn no_relocation_starts_under_a_direct_reader_none_is_granted_during_one_and_aft
     );
     // Cutover: the target holds the disk; direct readers read it.
     let target_path = f.staging.join("target.raw");
-    let target = OsStorage::shared()
-        .open(&target_path, Open::Empty)
-        .unwrap();
+    let target = OsStorage::shared().open(&target_path, Open::Empty).unwrap();
     target.write_all_at(&f.data, 0).unwrap();
     f.vol.switch_to(target);
     let file = f.vol.begin_direct_read().expect("granted on the target");
