@@ -193,6 +193,11 @@ fn a_read_only_open_of_a_fully_staged_disk_passes_through_and_the_daemon_sees_no
 
     let f = passthrough_open(&env, "vm", &disk);
     assert_eq!(env.disk_status("vm", 0)["passthrough"], true);
+    let st = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
+    assert!(
+        st.contains("open read-only with FUSE passthrough: writable FUSE opens get EBUSY"),
+        "{st}"
+    );
     let reads = counter(&env, "vm", "reads");
     read_direct_and_compare(&f, &model, "passthrough read");
     // A second read-only open shares the backing file.
