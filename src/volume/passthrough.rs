@@ -14,8 +14,13 @@
 //!   victims to punching their holes, so no batch is half done at grant;
 //! * **relocation**: not granted on staging while a relocation runs (its
 //!   cutover would move writes to the target under the reader), and a
-//!   relocation does not start while staging has a direct reader. After
-//!   cutover the grant is for the target file.
+//!   relocation does not start while staging has a direct reader. The
+//!   copied map stays set from a relocation's start on, so a relocation
+//!   that failed keeps direct readers away until release. After cutover
+//!   the grant is for the target file, which every write then goes to.
+//!
+//! The volume itself cannot go away under a reader: the FUSE open holds a
+//! session handle, and release is refused while one is held.
 //!
 //! Guest writes (through NBD, NFS or a writable FUSE open) still go through
 //! the volume and update the same file in place, so a direct reader sees
