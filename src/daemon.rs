@@ -47,6 +47,9 @@ pub struct MountOptions {
     pub owner: Option<(u32, u32)>,
     pub fetch_workers: usize,
     pub fuse_threads: usize,
+    /// Kernel FUSE passthrough for read-only opens of complete disks (see
+    /// `export::fuse::passthrough`; writable opens are refused meanwhile).
+    pub fuse_passthrough: bool,
     /// How often staged presence maps are made durable without an fsync.
     pub flush_interval: Duration,
     pub prefetch: crate::prefetch::PrefetchOptions,
@@ -61,6 +64,7 @@ impl Default for MountOptions {
             owner: None,
             fetch_workers: 64,
             fuse_threads: 4,
+            fuse_passthrough: false,
             flush_interval: Duration::from_secs(2),
             prefetch: Default::default(),
             placement: Default::default(),
@@ -262,7 +266,7 @@ impl MountedDatastore {
             opts.prefetch.clone(),
             opts.placement.clone(),
         );
-        let fs = RecoverFs::new(ds.clone(), 64, opts.owner);
+        let fs = RecoverFs::new(ds.clone(), 64, opts.owner, opts.fuse_passthrough);
         let inodes = fs.inodes();
         let mut options = vec![
             fuser::MountOption::FSName("recoverfs".into()),

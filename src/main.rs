@@ -17,6 +17,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log file or the journal gets
+        // plain lines an administrator can grep.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match recoverfs::cli::run(cli).map_err(anyhow::Error::from) {
         Ok(()) => std::process::ExitCode::SUCCESS,

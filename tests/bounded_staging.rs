@@ -8,7 +8,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::nfs::own_loopback;
@@ -18,19 +17,6 @@ use rand::{Rng, SeedableRng};
 const MIB: usize = 1 << 20;
 const BS: usize = 64 << 10;
 const LIMIT: u64 = 16 << 20;
-
-fn tool(args: &[&str]) -> String {
-    let o = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{} (Debian packages libnbd-bin, qemu-utils): {e}", args[0]));
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
 
 /// Staging use as `status` reports it, and as the data file holds it.
 fn assert_under_limit(env: &Env, data_file: &Path, when: &str) {

@@ -269,6 +269,12 @@ pub enum Command {
         /// FUSE event-loop threads.
         #[arg(long, default_value_t = 4)]
         fuse_threads: usize,
+        /// Let the kernel read fully staged (or relocated) disks itself on
+        /// read-only FUSE opens, bypassing the daemon. While such an open
+        /// lasts, a writable open of that disk (starting its VM) is refused
+        /// with EBUSY.
+        #[arg(long)]
+        fuse_passthrough: bool,
         /// Seconds between background flushes of the staging maps.
         #[arg(long, default_value_t = 2.0)]
         flush_interval: f64,
@@ -566,6 +572,7 @@ pub fn run(cli: Cli) -> Result<()> {
             owner,
             fetch_workers,
             fuse_threads,
+            fuse_passthrough,
             flush_interval,
             staging_max,
             staging_reserve,
@@ -635,6 +642,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     owner,
                     fetch_workers: fetch_workers.max(1),
                     fuse_threads,
+                    fuse_passthrough,
                     flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
                     prefetch: prefetch.options(),
                     placement,

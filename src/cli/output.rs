@@ -535,6 +535,12 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
                     d["name"].as_str().unwrap_or("?")
                 );
             }
+            if d["passthrough"].as_bool() == Some(true) {
+                println!(
+                    "  {:<6} open read-only with FUSE passthrough: writable FUSE opens get EBUSY until it is closed",
+                    d["name"].as_str().unwrap_or("?")
+                );
+            }
         }
         println!("  {}", scheduler_line(&s["scheduler"]));
     }

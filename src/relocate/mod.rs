@@ -275,6 +275,10 @@ impl Relocation {
     /// empties the targets, then records the new one.
     pub(crate) fn begin(src: Source, meta: Meta) -> Result<Arc<Relocation>> {
         let (storage, session_dir) = (src.storage, src.session_dir);
+        // Refused before any file is touched; `open` checks again, atomically.
+        for d in src.disks {
+            d.check_no_staging_reader()?;
+        }
         // Old copied bits must be gone for good before a target is emptied,
         // or a crash could leave them claiming blocks the target lost.
         let meta_path = Self::meta_path(session_dir);
@@ -369,8 +373,15 @@ impl Relocation {
             )?;
             copied.push(Arc::new(m));
         }
-        for (d, m) in disks.iter().zip(&copied) {
-            d.set_copied_map(Some(m.clone()));
+        for (i, (d, m)) in disks.iter().zip(&copied).enumerate() {
+            if let Err(e) = d.track_copies(m.clone()) {
+                // A passthrough open came after `begin` checked: no disk
+                // may be left tracking a relocation that did not start.
+                for d in &disks[..i] {
+                    d.untrack_copies();
+                }
+                return Err(e);
+            }
         }
         let rate = meta.rate_mbps;
         Ok(Arc::new(Relocation {

@@ -43,6 +43,11 @@ pub trait BlockFile: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Sets the size and makes it durable before returning.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The open file, for a kernel that reads it directly (FUSE
+    /// passthrough); `None` where there is no plain file.
+    fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// How [`Storage::open`] treats an existing or missing file.
@@ -321,6 +326,10 @@ impl BlockFile for OsFile {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+
+    fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.0))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

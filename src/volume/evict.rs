@@ -48,6 +48,9 @@
 //! reads from the backup again. A crash before the file sync leaves the
 //! bit on disk and the bytes in place (nothing was punched).
 //!
+//! **Direct readers.** A volume with a FUSE passthrough open evicts
+//! nothing until it closes (see `passthrough`).
+//!
 //! **Recency** is approximated by CLOCK (second chance): a referenced bit
 //! per block, set by hits and fills, cleared by the sweeping hand; a block
 //! is evicted when the hand finds it unreferenced.
@@ -136,6 +139,10 @@ impl Volume {
         }
         let max = want.div_ceil(self.block_size).clamp(1, BATCH) as usize;
         let mut hand = self.clock_hand.lock();
+        // A direct reader reads the file itself: a hole would read as zeros.
+        if self.direct_readers() > 0 {
+            return Ok(0);
+        }
         let _flush = self.flush_lock.lock();
         let gate = self.evict_gate.write();
         let copied = self.copied.read().clone();

@@ -64,6 +64,7 @@ use crate::staging::{DiskStore, PersistentBitmap};
 
 mod evict;
 mod freeze;
+mod passthrough;
 mod relocation;
 
 pub use freeze::Frozen;
@@ -218,6 +219,8 @@ pub struct Volume {
     referenced: crate::staging::AtomicBitmap,
     /// CLOCK hand; also one eviction of this disk at a time.
     clock_hand: Mutex<u64>,
+    /// Direct readers (FUSE passthrough opens, see `passthrough`).
+    direct_readers: Mutex<u32>,
     /// The staging budget this disk counts against, and its session dir.
     budget: OnceLock<(Arc<crate::staging::budget::Budget>, std::path::PathBuf)>,
     /// Tests only: called by a write after it claimed or waited for each
@@ -256,6 +259,10 @@ pub struct DiskStatus {
     pub evicted_blocks: u64,
     /// Reads that found a block evicted after its fill and filled it again.
     pub refills: u64,
+    /// The kernel reads this disk's file itself for a read-only FUSE open
+    /// (`serve --fuse-passthrough`): no eviction, no relocation start,
+    /// and writable FUSE opens are refused until it closes.
+    pub passthrough: bool,
     pub last_fetch_error: Option<String>,
     /// Set once a sync of this disk's staging failed: every later flush
     /// fails with EIO until the session is released.
@@ -324,6 +331,7 @@ impl Volume {
             pins: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             referenced: crate::staging::AtomicBitmap::new(nblocks),
             clock_hand: Mutex::new(0),
+            direct_readers: Mutex::new(0),
             budget: OnceLock::new(),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
@@ -1174,6 +1182,7 @@ impl Volume {
             flushes: s.flushes.get(),
             evicted_blocks: s.evicted_blocks.get(),
             refills: s.refills.get(),
+            passthrough: self.direct_readers() > 0,
             last_fetch_error: s.last_fetch_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),
         }

@@ -6,14 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Volume;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::prefetch::Class;
 use crate::staging::io::BlockFile;
+use crate::staging::PersistentBitmap;
 
 /// Blocks fetched ahead of the relocation copy cursor: enough to cover a
 /// fetch latency at copy speed, few enough not to crowd out the profile.
 const RELOCATION_WINDOW: usize = 16;
-use crate::staging::PersistentBitmap;
 
 impl Volume {
     /// A stamp of block `b`'s guest writes, or `None` while one is in progress.
@@ -61,8 +61,18 @@ impl Volume {
         }
     }
 
-    pub(crate) fn set_copied_map(&self, m: Option<Arc<PersistentBitmap>>) {
-        *self.copied.write() = m;
+    /// Starts a relocation's tracking of copied blocks; refused while a
+    /// FUSE passthrough open reads staging (see `passthrough`).
+    pub(crate) fn track_copies(&self, m: Arc<PersistentBitmap>) -> Result<()> {
+        let readers = self.direct_readers.lock();
+        self.no_staging_reader(*readers)?;
+        *self.copied.write() = Some(m);
+        Ok(())
+    }
+
+    /// Ends it (a relocation that could not start).
+    pub(crate) fn untrack_copies(&self) {
+        *self.copied.write() = None;
     }
 
     /// Blocks writes (after in-flight ones finish) until the guard drops.

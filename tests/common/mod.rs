@@ -375,6 +375,21 @@ pub fn tiny_image() -> PathBuf {
     vm_image("tiny")
 }
 
+/// Runs a client tool (`qemu-io`, `nbdcopy`, ...) and returns its stdout;
+/// fails the test with its stderr if it fails.
+pub fn tool(args: &[&str]) -> String {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} (Debian packages libnbd-bin, qemu-utils): {e}", args[0]));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
 /// Builds (or reuses) a VM image of `vm-images/` and returns its path.
 pub fn vm_image(name: &str) -> PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

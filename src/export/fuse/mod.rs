@@ -7,6 +7,11 @@
 //! repository: misses and first writes to a block go to an I/O worker pool,
 //! fsync and flush to a sync pool (one guest's fsync never stalls reads of
 //! other VMs' staged blocks).
+//!
+//! **Kernel passthrough** (opt-in, `serve --fuse-passthrough`): read-only
+//! opens of complete disks are read by the kernel from the staging (or
+//! relocation target) file without the daemon; while they last, writable
+//! opens of that disk are refused. See `passthrough`.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -21,10 +26,12 @@ use fuser::{
 use crate::error::Error;
 
 pub mod inodes;
+mod passthrough;
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
 use crate::volume::Volume;
 use inodes::Inodes;
+use passthrough::{Opened, Passthrough};
 
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
@@ -48,6 +55,8 @@ pub struct RecoverFs {
     uid: u32,
     gid: u32,
     mounted: SystemTime,
+    /// Kernel passthrough of read-only opens, and every disk open's mode.
+    passthrough: Arc<Passthrough>,
 }
 
 fn errno(e: &Error) -> Errno {
@@ -56,7 +65,14 @@ fn errno(e: &Error) -> Errno {
 
 impl RecoverFs {
     /// `owner` (uid, gid) owns the files; by default the daemon's user.
-    pub fn new(ds: Arc<Datastore>, io_threads: usize, owner: Option<(u32, u32)>) -> Self {
+    /// `passthrough`: let the kernel read complete disks' files itself on
+    /// read-only opens (see `passthrough`).
+    pub fn new(
+        ds: Arc<Datastore>,
+        io_threads: usize,
+        owner: Option<(u32, u32)>,
+        passthrough: bool,
+    ) -> Self {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let me = unsafe { (libc::getuid(), libc::getgid()) };
         let (uid, gid) = owner.unwrap_or(me);
@@ -68,6 +84,7 @@ impl RecoverFs {
             uid,
             gid,
             mounted: SystemTime::now(),
+            passthrough: Arc::new(Passthrough::new(passthrough)),
         }
     }
 
@@ -123,6 +140,24 @@ impl RecoverFs {
         }
     }
 
+    /// Opens a disk inode: passthrough or normal (see `passthrough`);
+    /// `undo` gives back the session handle if the open is refused.
+    fn open_disk(
+        &self,
+        ino: u64,
+        d: Arc<Volume>,
+        read_only: bool,
+        reply: ReplyOpen,
+        undo: impl FnOnce() + Send + 'static,
+    ) {
+        if let Opened::MustWait(reply) = self.passthrough.open(ino, &d, read_only, reply) {
+            // Not on the event thread: the wait may last seconds.
+            let pt = self.passthrough.clone();
+            self.io
+                .submit(move || pt.wait_and_open(ino, &d, reply, undo));
+        }
+    }
+
     fn disk(&self, ino: u64) -> Result<Arc<Volume>, Errno> {
         match self.node(ino) {
             Some(Node::Disk(_, d)) => Ok(d),
@@ -148,6 +183,7 @@ impl Filesystem for RecoverFs {
                 "kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised"
             );
         }
+        self.passthrough.negotiate(config);
         Ok(())
     }
 
@@ -258,15 +294,16 @@ impl Filesystem for RecoverFs {
                 }
                 reply.opened(FileHandle(0), FopenFlags::empty())
             }
-            Some(Node::Disk(s, _)) => {
+            Some(Node::Disk(s, d)) => {
                 if flags.0 & libc::O_TRUNC != 0 {
                     return reply.error(Errno::EPERM);
                 }
                 if !s.open_handle() {
                     return reply.error(Errno::ENOENT);
                 }
-                // Every write goes through us, so the kernel's cache stays coherent.
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+                let session = s.clone();
+                self.open_disk(ino.0, d, read_only, reply, move || session.close_handle())
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -277,13 +314,14 @@ impl Filesystem for RecoverFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(Node::Disk(s, _)) = self.node(ino.0) {
+        if let Some(Node::Disk(s, d)) = self.node(ino.0) {
+            self.passthrough.release(ino.0, &d, fh);
             s.close_handle();
         }
         reply.ok()

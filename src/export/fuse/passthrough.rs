@@ -1,0 +1,220 @@
+//! Kernel FUSE passthrough for read-only opens (opt-in: `serve
+//! --fuse-passthrough`).
+//!
+//! **What it does.** An `O_RDONLY` open of a disk whose file holds every
+//! byte (fully staged, or relocated and cut over: then the target file) is
+//! answered with a FUSE backing id: the kernel reads that file itself and
+//! the daemon sees none of those reads (copies, checksums, `qemu-img
+//! convert` run at the staging file's speed). Only read-only opens get it,
+//! so every write (a writable FUSE open, NBD, NFS) still passes the volume
+//! and its changed-block tracking. The volume keeps the disk complete while
+//! such an open exists: no eviction, no relocation start (see
+//! `volume::passthrough`).
+//!
+//! **The trade-off, and why it is opt-in.** The kernel wants all opens of
+//! an inode in one I/O mode (`fs/fuse/iomode.c`: while the inode has a
+//! backing file, a non-passthrough open fails with EIO). So:
+//! * while a disk has a normal open (a running VM), read-only opens take
+//!   the normal path (nothing is refused);
+//! * while it has passthrough opens, a writable open, e.g. starting the VM
+//!   while a `cp` of its disk runs, waits up to [`RELEASE_GRACE`] for their
+//!   releases (the kernel sends a release only after `close` returned),
+//!   then is refused with EBUSY and one warning naming VM and disk.
+//!
+//! Refusing the VM's own open would make passthrough a hazard for the main
+//! use case, booting the VM, so it is off unless asked for.
+//!
+//! Bookkeeping: per disk inode, its normal and passthrough opens and the
+//! one backing id all passthrough opens share (the kernel requires one per
+//! inode), under one lock so an open's mode is decided against the others'.
+//! The daemon's counts lag the kernel's (a release arrives after the kernel
+//! dropped the open), which only ever errs towards the safe side: a
+//! read-only open taking the normal path, or a writable one waiting.
+//! If the kernel refuses passthrough (at init, or a backing file later),
+//! it is logged once and every open takes the normal path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{BackingId, Errno, FileHandle, FopenFlags, KernelConfig, ReplyOpen};
+use parking_lot::{Condvar, Mutex};
+
+use crate::volume::Volume;
+
+/// The file handle of a passthrough open (normal opens have 0).
+const PASSTHROUGH_FH: u64 = 1;
+
+/// How long a normal open waits for passthrough opens' releases before it
+/// is refused.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(2);
+
+/// A disk inode's opens: the kernel wants them all in one mode.
+#[derive(Default)]
+struct DiskOpens {
+    normal: u32,
+    passthrough: u32,
+    /// Shared by all passthrough opens of the inode, as the kernel requires.
+    backing: Option<Arc<BackingId>>,
+}
+
+/// What [`Passthrough::open`] did with an open.
+pub enum Opened {
+    Replied,
+    /// Passthrough opens are in the way: call [`Passthrough::wait_and_open`]
+    /// off the event thread.
+    MustWait(ReplyOpen),
+}
+
+pub struct Passthrough {
+    /// Asked for (`--fuse-passthrough`).
+    wanted: bool,
+    /// Asked for, accepted by the kernel at init, and not failed since.
+    on: AtomicBool,
+    opens: Mutex<HashMap<u64, DiskOpens>>,
+    /// Signalled when an inode's last passthrough open is released.
+    released: Condvar,
+}
+
+fn open_normally(reply: ReplyOpen) {
+    // Every write goes through us, so the kernel's cache stays coherent.
+    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+}
+
+impl Passthrough {
+    pub fn new(wanted: bool) -> Self {
+        Passthrough {
+            wanted,
+            on: AtomicBool::new(false),
+            opens: Mutex::new(HashMap::new()),
+            released: Condvar::new(),
+        }
+    }
+
+    /// At FUSE init: asks the kernel for passthrough if it was wanted.
+    pub fn negotiate(&self, config: &mut KernelConfig) {
+        if !self.wanted {
+            return;
+        }
+        // A stack depth of 1: the files we pass to sit on a plain
+        // filesystem.
+        let ok = config.set_max_stack_depth(1).is_ok()
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok();
+        if ok {
+            tracing::info!("FUSE passthrough on: read-only opens of complete disks bypass the daemon; writable opens are refused while they last");
+        } else {
+            tracing::warn!("--fuse-passthrough: the kernel lacks FUSE passthrough, every disk read passes the daemon");
+        }
+        self.on.store(ok, Ordering::Release);
+    }
+
+    /// Opens disk inode `ino` in passthrough mode if it may (see the
+    /// module doc), else normally if it can, else hands the reply back.
+    pub fn open(&self, ino: u64, d: &Volume, read_only: bool, reply: ReplyOpen) -> Opened {
+        if !self.wanted {
+            open_normally(reply);
+            return Opened::Replied;
+        }
+        let mut opens = self.opens.lock();
+        let o = opens.entry(ino).or_default();
+        if read_only && o.normal == 0 && self.on.load(Ordering::Acquire) {
+            let id = match &o.backing {
+                // The disk is held complete since the first passthrough open.
+                Some(id) => Some(id.clone()),
+                None => self.backing(d, &reply).map(Arc::new),
+            };
+            if let Some(id) = id {
+                o.backing = Some(id.clone());
+                o.passthrough += 1;
+                reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), &id);
+                return Opened::Replied;
+            }
+        }
+        if o.passthrough > 0 {
+            return Opened::MustWait(reply);
+        }
+        o.normal += 1;
+        open_normally(reply);
+        Opened::Replied
+    }
+
+    /// A backing id for the file `d` serves from, holding `d` complete, if
+    /// `d` is complete and the kernel takes the file.
+    fn backing(&self, d: &Volume, reply: &ReplyOpen) -> Option<BackingId> {
+        let file = d.begin_direct_read()?;
+        let Some(fd) = file.as_fd() else {
+            // Storage without a plain file (tests' fault injection).
+            d.end_direct_read();
+            return None;
+        };
+        match reply.open_backing(fd) {
+            Ok(id) => {
+                tracing::debug!(vm = %d.vm, disk = d.index, "read-only open passes through");
+                Some(id)
+            }
+            Err(e) => {
+                d.end_direct_read();
+                if self.on.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(
+                        vm = %d.vm,
+                        disk = d.index,
+                        "the kernel refused a FUSE passthrough file ({e}): from now on every disk read passes the daemon"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Blocks up to [`RELEASE_GRACE`] for the passthrough opens of `ino` to
+    /// be released, then opens normally; or refuses with EBUSY (logged),
+    /// calling `undo` first. Runs off the event thread.
+    pub fn wait_and_open(&self, ino: u64, d: &Volume, reply: ReplyOpen, undo: impl FnOnce()) {
+        let deadline = Instant::now() + RELEASE_GRACE;
+        let mut opens = self.opens.lock();
+        let mut timed_out = false;
+        let readers = loop {
+            let o = opens.entry(ino).or_default();
+            if o.passthrough == 0 {
+                o.normal += 1;
+                return open_normally(reply);
+            }
+            if timed_out {
+                break o.passthrough;
+            }
+            timed_out = self.released.wait_until(&mut opens, deadline).timed_out();
+        };
+        drop(opens);
+        undo();
+        tracing::warn!(
+            vm = %d.vm,
+            disk = d.index,
+            "open of disk{} of VM {} refused (EBUSY): {readers} read-only open(s) of it use FUSE passthrough (--fuse-passthrough), which the kernel does not mix with other opens; close them (e.g. a copy of the disk), then open it again",
+            d.index,
+            d.vm
+        );
+        reply.error(Errno::EBUSY)
+    }
+
+    /// The kernel released an open of disk inode `ino` with handle `fh`.
+    pub fn release(&self, ino: u64, d: &Volume, fh: FileHandle) {
+        let mut opens = self.opens.lock();
+        let Some(o) = opens.get_mut(&ino) else { return };
+        if fh.0 == PASSTHROUGH_FH {
+            o.passthrough = o.passthrough.saturating_sub(1);
+            if o.passthrough == 0 {
+                o.backing = None;
+                d.end_direct_read();
+                self.released.notify_all();
+            }
+        } else {
+            o.normal = o.normal.saturating_sub(1);
+        }
+        if o.normal == 0 && o.passthrough == 0 {
+            opens.remove(&ino);
+        }
+    }
+}
