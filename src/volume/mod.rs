@@ -482,16 +482,14 @@ impl Volume {
         let mut j = s.job.lock();
         let (me, slot) = (self.me.clone(), s.clone());
         let bytes = self.block_len(b);
-        j.0 = Some(self.sched.submit_for(
-            self.tenant,
-            j.1,
-            bytes,
-            move || match me.upgrade() {
-                Some(v) => v.fetch(b, &slot),
-                // The volume is gone: nobody waits for this block any more.
-                None => slot.finish(Err(Error::busy("the disk was released"))),
-            },
-        ));
+        j.0 = Some(
+            self.sched
+                .submit_for(self.tenant, j.1, bytes, move || match me.upgrade() {
+                    Some(v) => v.fetch(b, &slot),
+                    // The volume is gone: nobody waits for this block any more.
+                    None => slot.finish(Err(Error::busy("the disk was released"))),
+                }),
+        );
     }
 
     /// Starts fetching `b` in the background unless it is local or
