@@ -75,6 +75,11 @@ pub struct Session {
     pub(crate) backup_base: Mutex<backup::BackupBase>,
     /// A live backup of this session is running.
     backup_running: AtomicBool,
+    /// The session uploader, if started (`upload`).
+    upload: Mutex<Option<upload::Job>>,
+    /// Held by the uploader for each batch and by a live backup for its
+    /// whole run: no upload is recorded while a backup runs.
+    upload_gate: Mutex<()>,
     /// Set when its backup is gone from the repository (`pinning`).
     backup_gone: Mutex<Option<String>>,
 }
@@ -481,6 +486,8 @@ impl Datastore {
             state: Mutex::new(OpenState::default()),
             backup_base: Mutex::new(backup_base),
             backup_running: AtomicBool::new(false),
+            upload: Mutex::new(None),
+            upload_gate: Mutex::new(()),
             backup_gone: Mutex::new(None),
         });
         // Served from now on, at this export point, also by a daemon
@@ -496,6 +503,7 @@ impl Datastore {
         )?;
         self.pin(&session, true);
         self.start_prefetch(&session);
+        upload::resume(&self.repo, &session);
         self.sessions.write().insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
         Ok(self.info(&session, false, skipped, decision))
@@ -745,6 +753,8 @@ impl Datastore {
             r.stop();
         }
         session.stop_prefetch();
+        // Its entries stay; the next recover resumes it.
+        upload::halt(&session);
         session.save_profile_logged(&self.repo);
         for d in &session.disks {
             d.close();
@@ -842,6 +852,7 @@ impl Datastore {
                 r.stop();
             }
             s.stop_prefetch();
+            upload::halt(&s);
             s.save_profile_logged(&self.repo);
         }
     }
@@ -1038,6 +1049,8 @@ fn warn_if_kept_twice(
 pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
 mod pinning;
+pub(crate) mod upload;
+pub use upload::{UploadRequest, UploadStatus};
 pub use pinning::CHECK_EVERY as BACKUP_CHECK_EVERY;
 mod points;
 use points::PlacementRecord;

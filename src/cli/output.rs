@@ -374,9 +374,10 @@ pub fn session_backup(r: &Value) {
     let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     for d in r["disks"].as_array().cloned().unwrap_or_default() {
         eprintln!(
-            "{}: {} blocks changed, {} read ({}; {} copied aside while the guest wrote): {} new ({} stored), {} reused, {} zero",
+            "{}: {} blocks changed, {} taken as uploaded, {} read ({}; {} copied aside while the guest wrote): {} new ({} stored), {} reused, {} zero",
             d["name"].as_str().unwrap_or("?"),
             n(&d, "blocks_frozen"),
+            n(&d, "blocks_uploaded"),
             n(&d, "blocks_read"),
             human_bytes(n(&d, "bytes_read")),
             n(&d, "cow_blocks"),
