@@ -1050,8 +1050,8 @@ pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
 mod pinning;
 pub(crate) mod upload;
-pub use upload::{UploadRequest, UploadStatus};
 pub use pinning::CHECK_EVERY as BACKUP_CHECK_EVERY;
+pub use upload::{UploadRequest, UploadStatus};
 mod points;
 use points::PlacementRecord;
 pub use points::{

@@ -92,7 +92,10 @@ fn release(env: &Env, discard: bool) {
             return;
         }
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("still open") && Instant::now() < deadline, "{err}");
+        assert!(
+            err.contains("still open") && Instant::now() < deadline,
+            "{err}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -189,7 +192,10 @@ fn a_daemon_killed_mid_upload_resumes_without_uploading_recorded_blocks_again_an
     let st = wait_upload(&env, "the rest uploaded", |s| s["residue"] == 0);
     eprintln!("killed at {seen} uploaded; resumed: {st}");
     let resumed = st["resumed_entries"].as_u64().unwrap();
-    assert!(resumed >= seen, "entries recorded before the kill were lost: {st}");
+    assert!(
+        resumed >= seen,
+        "entries recorded before the kill were lost: {st}"
+    );
     assert_eq!(st["blocks_uploaded"], 400, "{st}");
     assert_eq!(
         st["stored_blocks"].as_u64().unwrap(),

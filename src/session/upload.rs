@@ -289,7 +289,12 @@ fn spawn(repo: &Arc<Repository>, s: &Arc<Session>, limit: Option<LoadLimit>) -> 
         st.vm = s.vm.clone();
         st.state = "starting".into();
         st.load_limit = limit;
-        st.resumed_entries = s.disks.iter().filter_map(|d| d.uploaded()).map(|u| u.count()).sum();
+        st.resumed_entries = s
+            .disks
+            .iter()
+            .filter_map(|d| d.uploaded())
+            .map(|u| u.count())
+            .sum();
     }
     let (repo, sess, c) = (repo.clone(), s.clone(), ctl.clone());
     let thread = std::thread::Builder::new()
@@ -360,7 +365,10 @@ impl<'a> Uploader<'a> {
             if self.s.disks.iter().any(|d| d.is_failed()) {
                 return Err(Error::new(
                     ErrorKind::Io,
-                    format!("a disk of VM {} has failed; nothing more is uploaded", self.s.vm),
+                    format!(
+                        "a disk of VM {} has failed; nothing more is uploaded",
+                        self.s.vm
+                    ),
                 ));
             }
             if !self.go_on() {
@@ -453,7 +461,12 @@ impl<'a> Uploader<'a> {
     fn batch(&mut self) -> Result<u64> {
         let generation = self.s.backup_base.lock().generation;
         for d in &self.s.disks {
-            let u = record(self.s.staging.storage().as_ref(), &self.s.dir, d, generation)?;
+            let u = record(
+                self.s.staging.storage().as_ref(),
+                &self.s.dir,
+                d,
+                generation,
+            )?;
             let todo = d.upload_todo(Some(&u));
             if todo.is_empty() {
                 continue;
@@ -489,7 +502,14 @@ impl<'a> Uploader<'a> {
             stamps.lock().expect("stamps lock").insert(b, stamp);
             Ok(())
         };
-        let st = match store_chunks(&self.repo, d.size, d.block_size() as u32, batch.iter().copied(), &read, &|_| {}) {
+        let st = match store_chunks(
+            &self.repo,
+            d.size,
+            d.block_size() as u32,
+            batch.iter().copied(),
+            &read,
+            &|_| {},
+        ) {
             Ok(st) => st,
             Err(e) if e.kind() == ErrorKind::Busy && !go_on() => return Ok(0),
             Err(e) => return Err(e),

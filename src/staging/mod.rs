@@ -625,7 +625,10 @@ fn open_uploaded(
     match uploaded::UploadRecord::open(storage, &p, block_size, nblocks, g) {
         Ok(r) => Ok(Some(r)),
         Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => {
-            tracing::warn!(disk = index, "upload record dropped, every dirty block of disk{index} will be read again: {e}");
+            tracing::warn!(
+                disk = index,
+                "upload record dropped, every dirty block of disk{index} will be read again: {e}"
+            );
             storage
                 .remove_file(&p)
                 .ctx(|| format!("remove {}", p.display()))?;

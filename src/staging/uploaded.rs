@@ -261,6 +261,9 @@ mod tests {
         let err = UploadRecord::open(&OsStorage, &p, 65536, 100, 3)
             .err()
             .unwrap();
-        assert!(err.to_string().contains("damaged entry for block 2"), "{err}");
+        assert!(
+            err.to_string().contains("damaged entry for block 2"),
+            "{err}"
+        );
     }
 }

@@ -46,7 +46,10 @@ fn on_disk(vol: &Volume, dir: &std::path::Path) -> crate::staging::uploaded::Ent
 /// The uploader's read: the block's bytes and the stamp they were read at.
 fn upload_read(vol: &Volume, b: u64) -> (Vec<u8>, u32) {
     let mut buf = vec![0u8; BS];
-    let stamp = vol.read_for_upload(b, &mut buf).unwrap().expect("no write in progress");
+    let stamp = vol
+        .read_for_upload(b, &mut buf)
+        .unwrap()
+        .expect("no write in progress");
     (buf, stamp)
 }
 
@@ -79,7 +82,10 @@ fn a_guest_write_racing_the_uploader_on_the_same_block_is_never_lost() {
     assert_eq!(on_disk(vol, dir).get(&2), Some(&Some(Digest::of(&old))));
     vol.write(2 * BS as u64 + 100, b"new").unwrap();
     assert!(u.get(2).is_none());
-    assert!(!on_disk(vol, dir).contains_key(&2), "the entry outlived the write in the file");
+    assert!(
+        !on_disk(vol, dir).contains_key(&2),
+        "the entry outlived the write in the file"
+    );
 
     // 3. The mark runs while the write holds its claim, before the write
     //    announces itself: the write sees the entry and zeroes it first.
@@ -144,7 +150,11 @@ fn the_uploaders_throttle_backs_off_on_the_sessions_slow_guest_writes_and_resume
         })
     };
     // Every staging write of the guest takes 20 ms: four times the limit.
-    faults.inject(Rule::delay(Op::Write, &data_file, Duration::from_millis(20)));
+    faults.inject(Rule::delay(
+        Op::Write,
+        &data_file,
+        Duration::from_millis(20),
+    ));
     let g = guest(stop.clone());
     let deadline = Instant::now() + Duration::from_secs(20);
     while t.gate != Gate::Halted {
