@@ -202,6 +202,9 @@ pub struct SessionStatus {
     /// Its backup was removed from the repository (`forget --force`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_gone: Option<String>,
+    /// The session uploader, if started (`upload`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadStatus>,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -967,6 +970,7 @@ impl Datastore {
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             backup_base: s.backup_base.lock().base.id.clone(),
             backup_gone: s.backup_gone.lock().clone(),
+            upload: s.upload.lock().as_ref().map(|j| j.status(s)),
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }

@@ -142,7 +142,7 @@ impl Job {
         }
     }
 
-    fn status(&self, s: &Session) -> UploadStatus {
+    pub(crate) fn status(&self, s: &Session) -> UploadStatus {
         let mut st = self.ctl.status.lock().clone();
         st.running = self.thread.as_ref().is_some_and(|t| !t.is_finished());
         let (up, residue) = figures(s);
