@@ -124,6 +124,24 @@ fn after_the_uploader_a_live_backup_reads_only_the_residue_and_restores_exactly_
     // N = 200 blocks written, then uploaded in the background.
     let first: Vec<u64> = (0..200).map(|i| i * 5 + 1).collect();
     write_blocks(&disk, &img, &first, 2);
+    // Bad input: one line, nothing started.
+    let sock = env.socket.to_str().unwrap();
+    env.fails(
+        &["upload", "nosuch", "--socket", sock],
+        "no recovery session",
+    );
+    env.fails(
+        &["upload", "vm", "--load-limit", "speed=3", "--socket", sock],
+        "expected latency=MS",
+    );
+    env.fails(
+        &["upload", "vm", "--load-limit", "cpu=50", "--socket", sock],
+        "not cpu",
+    );
+    env.fails(
+        &["upload", "vm", "--status", "--socket", sock],
+        "no uploader",
+    );
     let st = upload(&env, &["--load-limit", "latency=50"]);
     assert_eq!(st["load_limit"]["latency_ms"], 50.0, "{st}");
     let st = wait_upload(&env, "upload of 200 blocks", |s| {
