@@ -271,11 +271,24 @@ impl Throttle {
     /// Before a chunk read: waits while halted (sampling), unless `go_on`
     /// says to stop waiting (a stop, or the scheduled backup is due).
     pub fn before_read(&mut self, q: &mut dyn LoadSource, go_on: &dyn Fn() -> bool) -> Result<()> {
+        self.before_read_watched(q, go_on, &mut |_| {})
+    }
+
+    /// [`Self::before_read`], showing each sample to `watch` (a status
+    /// that must say "halted" while it waits).
+    pub fn before_read_watched(
+        &mut self,
+        q: &mut dyn LoadSource,
+        go_on: &dyn Fn() -> bool,
+        watch: &mut dyn FnMut(&Throttle),
+    ) -> Result<()> {
         self.sample(q)?;
+        watch(self);
         while self.gate == Gate::Halted && go_on() {
             std::thread::sleep(SAMPLE);
             self.held += SAMPLE;
             self.sample(q)?;
+            watch(self);
         }
         Ok(())
     }

@@ -348,6 +348,10 @@ impl<'a> Uploader<'a> {
         }
     }
 
+    fn limited(&self) -> bool {
+        self.ctl.status.lock().load_limit.is_some()
+    }
+
     fn stopping(&self) -> bool {
         self.ctl.stop.load(Ordering::Acquire)
     }
@@ -361,6 +365,11 @@ impl<'a> Uploader<'a> {
     }
 
     fn run(&mut self) -> Result<()> {
+        // With a limit, nothing is read before the guest's load is known.
+        while self.limited() && self.throttle.load.is_none() && !self.stopping() {
+            std::thread::sleep(Duration::from_millis(20));
+            self.throttle.sample(&mut GuestIo(&self.s.disks))?;
+        }
         while !self.stopping() {
             if self.s.disks.iter().any(|d| d.is_failed()) {
                 return Err(Error::new(
@@ -379,9 +388,12 @@ impl<'a> Uploader<'a> {
             // Waits here while the guest is too busy, outside the gate.
             let held0 = self.throttle.held;
             let (s, ctl) = (self.s, self.ctl);
-            self.throttle
-                .before_read(&mut GuestIo(&s.disks), &|| go_on(s, ctl))?;
-            self.publish(held0, false);
+            self.throttle.before_read_watched(
+                &mut GuestIo(&s.disks),
+                &|| go_on(s, ctl),
+                &mut |t| publish(ctl, t, false),
+            )?;
+            self.held(held0);
             let did = {
                 let _gate = self.s.upload_gate.lock();
                 self.batch()?
@@ -413,26 +425,13 @@ impl<'a> Uploader<'a> {
             // Keep the load figures current for the status.
             let _ = self.throttle.sample(&mut GuestIo(&self.s.disks));
         }
-        self.publish(self.throttle.held, false);
+        publish(self.ctl, &self.throttle, false);
     }
 
-    /// The throttle's figures in the status; the state is the gate's
-    /// while it holds the uploader back, else `copying` if `working`
-    /// (else it stays what it was: idle, paused).
-    fn publish(&self, held0: Duration, working: bool) {
-        let t = &self.throttle;
-        let held = (t.held - held0).as_secs_f64() * 1000.0;
-        self.set(|st| {
-            st.load = t.load;
-            st.held_ms += held;
-            if t.gate != Gate::Copying {
-                st.state = t.gate.name().into();
-                st.why = t.why.clone();
-            } else if working || st.state == "throttled" || st.state == "halted" {
-                st.state = t.gate.name().into();
-                st.why.clear();
-            }
-        });
+    /// Adds the time the throttle held the uploader back since `held0`.
+    fn held(&self, held0: Duration) {
+        let held = (self.throttle.held - held0).as_secs_f64() * 1000.0;
+        self.set(|st| st.held_ms += held);
     }
 
     /// Makes the entries written so far durable (every `CHECKPOINT`, or
@@ -492,7 +491,9 @@ impl<'a> Uploader<'a> {
         let go_on = || go_on(s, ctl);
         let read = |b: u64, buf: &mut [u8]| -> Result<()> {
             let mut t = throttle.lock().expect("throttle lock");
-            t.before_read(&mut GuestIo(&s.disks), &go_on)?;
+            t.before_read_watched(&mut GuestIo(&s.disks), &go_on, &mut |t| {
+                publish(ctl, t, true)
+            })?;
             if !go_on() {
                 return Err(Error::busy("upload interrupted"));
             }
@@ -532,7 +533,7 @@ impl<'a> Uploader<'a> {
                 raced += 1;
             }
         }
-        self.publish(held0, true);
+        self.held(held0);
         self.set(|x| {
             x.stored_blocks += recorded;
             x.raced_blocks += raced;
@@ -540,6 +541,21 @@ impl<'a> Uploader<'a> {
             x.new_bytes += st.new_bytes;
         });
         Ok(recorded.max(raced))
+    }
+}
+
+/// The throttle's figures in the status; the state is the gate's while it
+/// holds the uploader back, else `copying` if `working` (else it stays what
+/// it was: idle, paused).
+fn publish(ctl: &Control, t: &Throttle, working: bool) {
+    let mut st = ctl.status.lock();
+    st.load = t.load;
+    if t.gate != Gate::Copying {
+        st.state = t.gate.name().into();
+        st.why = t.why.clone();
+    } else if working || st.state == "throttled" || st.state == "halted" {
+        st.state = t.gate.name().into();
+        st.why.clear();
     }
 }
 

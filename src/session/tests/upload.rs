@@ -111,3 +111,57 @@ fn guest_writes_racing_the_uploader_never_put_a_stale_chunk_in_a_live_backup() {
     assert!(!r.ds.session("vm").unwrap().dir.join("upload.json").exists());
     r.ds.release("vm", true).unwrap();
 }
+
+#[test]
+fn the_uploader_halts_while_the_sessions_guest_io_is_over_its_latency_limit_and_goes_on_after() {
+    let r = rig();
+    backup(&r, "vm", 52, 16);
+    r.ds.recover("vm", None).unwrap();
+    let d = disk(&r, "vm");
+    for b in 0..8u64 {
+        d.write(b * BS as u64, &vec![b as u8 + 1; BS]).unwrap();
+    }
+    // A guest reading staged blocks all along: every request takes more
+    // than the 1 µs limit (reads add no upload work).
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (d, stop) = (d.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                d.read((i % 8) * BS as u64, BS).unwrap();
+                i += 1;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let req = UploadRequest {
+        load_limit: Some("latency=0.001".into()),
+    };
+    r.ds.start_upload("vm", req).unwrap();
+    wait_for("halted", || {
+        r.ds.upload_status("vm").unwrap().state == "halted"
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = r.ds.upload_status("vm").unwrap();
+    assert_eq!(st.state, "halted", "{st:?}");
+    assert!(st.why.contains("I/O latency"), "{}", st.why);
+    assert!(st.load.unwrap().latency_ms > 0.00125, "{st:?}");
+    assert_eq!(st.stored_blocks, 0, "it read while halted: {st:?}");
+    assert_eq!(st.residue, 8);
+    // The guest goes quiet: the uploader copies again and finishes.
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    wait_for("the upload after the load fell", || {
+        r.ds.upload_status("vm").unwrap().residue == 0
+    });
+    let st = r.ds.upload_status("vm").unwrap();
+    assert_eq!((st.stored_blocks, st.blocks_uploaded), (8, 8), "{st:?}");
+    assert!(st.held_ms >= 1500.0, "{st:?}");
+    let rep = r.ds.backup_session("vm").unwrap();
+    assert_eq!(
+        (rep.disks[0].blocks_uploaded, rep.disks[0].blocks_read),
+        (8, 0)
+    );
+    r.ds.release("vm", true).unwrap();
+}
