@@ -329,6 +329,10 @@ struct Uploader<'a> {
     throttle: Throttle,
     lock: Option<WriterLock>,
     last_sync: Instant,
+    /// (disk, block) still to store, from one scan of the dirty maps, and
+    /// the generation it was made for: a scan per pass, not per batch.
+    queue: std::collections::VecDeque<(usize, u64)>,
+    queued: Option<u64>,
 }
 
 impl<'a> Uploader<'a> {
@@ -345,6 +349,8 @@ impl<'a> Uploader<'a> {
             throttle: Throttle::new(limit, None),
             lock: None,
             last_sync: Instant::now(),
+            queue: Default::default(),
+            queued: None,
         }
     }
 
@@ -455,30 +461,52 @@ impl<'a> Uploader<'a> {
         }
     }
 
-    /// Stores one batch of the first disk with work; the blocks recorded.
+    /// Stores the next batch (blocks of one disk); the blocks stored.
     /// Runs under the upload gate, so the generation cannot change.
     fn batch(&mut self) -> Result<u64> {
         let generation = self.s.backup_base.lock().generation;
+        let mut records = vec![];
         for d in &self.s.disks {
-            let u = record(
-                self.s.staging.storage().as_ref(),
-                &self.s.dir,
-                d,
-                generation,
-            )?;
-            let todo = d.upload_todo(Some(&u));
-            if todo.is_empty() {
-                continue;
-            }
-            let batch: Vec<u64> = todo.into_iter().take(BATCH).collect();
-            // Taken before the first chunk of ours a manifest does not
-            // name yet (see the module docs).
-            if self.lock.is_none() {
-                self.lock = Some(WriterLock::acquire(&self.repo, &self.s.vm)?);
-            }
-            return self.store(d, &u, &batch);
+            let storage = self.s.staging.storage();
+            records.push(record(storage.as_ref(), &self.s.dir, d, generation)?);
         }
-        Ok(0)
+        if self.queued != Some(generation) {
+            self.queue.clear();
+            self.queued = Some(generation);
+        }
+        if self.queue.is_empty() {
+            for (i, (d, u)) in self.s.disks.iter().zip(&records).enumerate() {
+                self.queue
+                    .extend(d.upload_todo(Some(u)).into_iter().map(|b| (i, b)));
+            }
+        }
+        let Some(&(i, _)) = self.queue.front() else {
+            return Ok(0);
+        };
+        let (d, u) = (&self.s.disks[i], &records[i]);
+        let mut batch = vec![];
+        while batch.len() < BATCH {
+            match self.queue.front() {
+                Some(&(j, b)) if j == i => {
+                    self.queue.pop_front();
+                    // Recorded since the scan (by an earlier batch): done.
+                    if u.get(b).is_none() {
+                        batch.push(b);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if batch.is_empty() {
+            // Everything queued was done meanwhile: look again.
+            return Ok(1);
+        }
+        // Taken before the first chunk of ours a manifest does not name
+        // yet (see the module docs).
+        if self.lock.is_none() {
+            self.lock = Some(WriterLock::acquire(&self.repo, &self.s.vm)?);
+        }
+        self.store(d, u, &batch)
     }
 
     fn store(&mut self, d: &Volume, u: &Uploaded, batch: &[u64]) -> Result<u64> {
