@@ -951,6 +951,9 @@ impl Datastore {
     }
 
     pub fn status(&self, s: &Session) -> SessionStatus {
+        // First: the fields below hold their locks (`backup_base`'s too)
+        // until the whole literal is built.
+        let upload = s.upload.lock().as_ref().map(|j| j.status(s));
         SessionStatus {
             vm: s.vm.clone(),
             backup: s.backup.clone(),
@@ -970,7 +973,7 @@ impl Datastore {
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             backup_base: s.backup_base.lock().base.id.clone(),
             backup_gone: s.backup_gone.lock().clone(),
-            upload: s.upload.lock().as_ref().map(|j| j.status(s)),
+            upload,
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }

@@ -149,6 +149,11 @@ fn after_the_uploader_a_live_backup_reads_only_the_residue_and_restores_exactly_
     });
     assert_eq!(st["state"], "idle", "{st}");
     assert_eq!(st["stored_blocks"], 200, "{st}");
+    let text = env.ok(&["status", "--socket", sock]);
+    assert!(
+        text.contains("uploader: idle, 200 blocks uploaded, residue 0 blocks"),
+        "{text}"
+    );
     // gc while the uploaded chunks are referenced by no manifest: the
     // uploader's writer lock keeps it from removing any of them.
     let chunks = walk(&env.repo.join("chunks"));

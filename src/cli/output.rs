@@ -503,6 +503,18 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
                 relocation_line(r)
             );
         }
+        let u = &s["upload"];
+        if u.is_object() {
+            let n = |k: &str| u[k].as_u64().unwrap_or(0);
+            let why = u["why"].as_str().filter(|w| !w.is_empty());
+            println!(
+                "  uploader: {}{}, {} blocks uploaded, residue {} blocks",
+                u["state"].as_str().unwrap_or("?"),
+                why.map(|w| format!(" ({w})")).unwrap_or_default(),
+                n("blocks_uploaded"),
+                n("residue"),
+            );
+        }
         if s["repo_retries"].as_u64().unwrap_or(0) > 0 {
             println!("  repository retries: {}", s["repo_retries"]);
         }

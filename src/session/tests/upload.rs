@@ -149,6 +149,11 @@ fn the_uploader_halts_while_the_sessions_guest_io_is_over_its_latency_limit_and_
     assert!(st.load.unwrap().latency_ms > 0.00125, "{st:?}");
     assert_eq!(st.stored_blocks, 0, "it read while halted: {st:?}");
     assert_eq!(st.residue, 8);
+    let session = r.ds.status(&r.ds.session("vm").unwrap());
+    assert_eq!(
+        session.upload.expect("in the session's status").state,
+        "halted"
+    );
     // The guest goes quiet: the uploader copies again and finishes.
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
