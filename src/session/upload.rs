@@ -34,12 +34,25 @@
 //! map; at its commit the volumes switch to it and the old one is removed
 //! (a restart removes any other generation's record, `open_session`).
 //!
-//! **Crashes.** Chunks are durable before their entry is written; entries
-//! are synced at checkpoints (every [`CHECKPOINT`]) and when the uploader
-//! stops; a guest write's zeroing is synced before its data. So after
-//! `kill -9` (or a power cut) a record holds only entries whose chunk is
-//! durable and whose block no write reached since (a lost entry is
-//! uploaded again). A restarted daemon loads the record and the uploader
+//! **Crashes, step by step.**
+//! 1. Block read, chunk stored: a crash leaves an unreferenced chunk (for
+//!    `gc`) and no entry; the block is uploaded again.
+//! 2. The disk is flushed (the bytes read are durable in staging), then the
+//!    entry written: an entry can reach the disk whenever the kernel writes
+//!    it back, so it never describes bytes a power cut could take back.
+//!    Entries are synced at checkpoints (every [`CHECKPOINT`]) and when the
+//!    uploader stops; one lost to a power cut is uploaded again. Entries
+//!    are 64-byte aligned (never torn across sectors) and checked.
+//! 3. A guest write zeroes a valid entry and syncs before its data lands:
+//!    after a crash in between, the block has no entry and is dirty, so
+//!    the backup reads it.
+//! 4. A live backup: see above and `backup`; a crash before its commit
+//!    leaves generation G's record (entries of blocks written since the
+//!    freeze were zeroed by those writes), after it G+1's empty one; the
+//!    next open removes the other.
+//!
+//! So after `kill -9` or a power cut a record holds only entries whose
+//! chunk is durable and whose block holds, durably, those bytes. A restarted daemon loads the record and the uploader
 //! resumes where it was (`upload.json` in the session directory says it
 //! was on). A record that does not check (header, or any entry: each has
 //! a keyed check of block, generation and digest) is dropped with a
@@ -549,18 +562,11 @@ impl<'a> Uploader<'a> {
             .expect("taken before a batch")
             .check_fresh()?;
         let stamps = stamps.into_inner().expect("stamps lock");
-        let (mut recorded, mut raced) = (0, 0);
-        for (b, digest) in &st.chunks {
-            let ok = match stamps.get(b).copied().flatten() {
-                Some(stamp) => d.mark_uploaded(u, *b, stamp, *digest)?,
-                None => false,
-            };
-            if ok {
-                recorded += 1;
-            } else {
-                raced += 1;
-            }
-        }
+        let done: Vec<_> = (st.chunks.iter())
+            .filter_map(|(b, c)| Some((*b, stamps.get(b).copied().flatten()?, *c)))
+            .collect();
+        let recorded = d.record_uploads(u, &done)?;
+        let raced = st.chunks.len() as u64 - recorded;
         self.held(held0);
         self.set(|x| {
             x.stored_blocks += recorded;

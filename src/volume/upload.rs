@@ -10,8 +10,10 @@
 //!   is valid, clears it in memory and zeroes it in the file, synced,
 //!   before its data lands;
 //! * the uploader reads the block at a stamp (no write in progress), stores
-//!   the chunk (durable), then under the block's stripe lock sets the valid
-//!   bit, rechecks the stamp and only then writes the entry.
+//!   the chunk (durable), flushes the disk (the bytes it read are durable
+//!   in staging: an entry written may reach the disk before any sync of
+//!   its own), then under the block's stripe lock sets the valid bit,
+//!   rechecks the stamp and only then writes the entry.
 //!
 //! A writer that misses the valid bit was seen by the recheck (both sides
 //! order their store before their load with a SeqCst fence), so no entry
@@ -129,10 +131,30 @@ impl Volume {
         Ok(Some(stamp))
     }
 
+    /// Records the uploads of `done` (block, the stamp it was read at, its
+    /// chunk, durable in the repository already): first makes the disk's
+    /// data durable (a flush), since an entry may reach the disk at any
+    /// time once written and must never describe bytes a power cut can
+    /// still take back; then marks each block whose stamp still holds. The
+    /// blocks recorded.
+    pub fn record_uploads(&self, u: &Uploaded, done: &[(u64, u32, Option<Digest>)]) -> Result<u64> {
+        if done.is_empty() {
+            return Ok(0);
+        }
+        self.flush()?;
+        let mut n = 0;
+        for &(b, stamp, digest) in done {
+            if self.mark_uploaded(u, b, stamp, digest)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Records that `b`, read at `stamp`, is stored as `digest` (durably in
-    /// the repository already), unless a guest write started since. True
-    /// if recorded.
-    pub fn mark_uploaded(
+    /// the repository, and its bytes durable in staging), unless a guest
+    /// write started since. True if recorded.
+    pub(super) fn mark_uploaded(
         &self,
         u: &Uploaded,
         b: u64,
