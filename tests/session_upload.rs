@@ -203,6 +203,19 @@ fn a_daemon_killed_mid_upload_resumes_without_uploading_recorded_blocks_again_an
     let blocks: Vec<u64> = (0..400).map(|i| i * 2 + 1).collect();
     write_blocks(&disk, &img, &blocks, 6);
     upload(&env, &[]);
+    wait_upload(&env, "some blocks uploaded", |s| {
+        s["blocks_uploaded"].as_u64().unwrap() >= 32
+    });
+    // gc in the middle of the upload: refused, nothing removed.
+    let chunks = walk(&env.repo.join("chunks"));
+    env.fails(
+        &["gc", "--repo", env.repo_str(), "--wait", "1"],
+        "in progress",
+    );
+    assert!(
+        walk(&env.repo.join("chunks")) >= chunks,
+        "gc removed chunks"
+    );
     let before = wait_upload(&env, "100 blocks uploaded", |s| {
         s["blocks_uploaded"].as_u64().unwrap() >= 100
     });
