@@ -170,3 +170,38 @@ fn the_uploader_halts_while_the_sessions_guest_io_is_over_its_latency_limit_and_
     );
     r.ds.release("vm", true).unwrap();
 }
+
+#[test]
+fn uploaded_chunks_collected_while_no_uploader_ran_are_read_by_the_backup_and_it_is_exact() {
+    let r = rig();
+    backup(&r, "vm", 53, 16);
+    r.ds.recover("vm", None).unwrap();
+    let d = disk(&r, "vm");
+    for b in 0..6u64 {
+        d.write(b * BS as u64 + 5, &[b as u8 + 1; 1000]).unwrap();
+    }
+    r.ds.start_upload("vm", UploadRequest::default()).unwrap();
+    wait_for("the upload of 6 blocks", || {
+        r.ds.upload_status("vm").unwrap().blocks_uploaded == 6
+    });
+    // While it runs, gc keeps its chunks (its writer lock).
+    let opts = |wait| crate::repo::gc::GcOptions {
+        dry_run: false,
+        wait: Duration::from_millis(wait),
+    };
+    let referrers = [crate::repo::gc::MANIFESTS];
+    assert!(crate::repo::gc::collect(&r.repo, &referrers, opts(300)).is_err());
+    // Stopped, the chunks no manifest names yet are collected.
+    r.ds.stop_upload("vm").unwrap();
+    let rep = crate::repo::gc::collect(&r.repo, &referrers, opts(0)).unwrap();
+    assert!(rep.removed_chunks >= 6, "{rep:?}");
+    let at_freeze = d.read(0, 16 * BS).unwrap();
+    let b = r.ds.backup_session("vm").unwrap();
+    let dr = &b.disks[0];
+    assert_eq!(
+        (dr.blocks_uploaded, dr.uploaded_missing, dr.blocks_read),
+        (0, 6, 6)
+    );
+    assert!(restore(&r, "vm", &b.backup) == at_freeze);
+    r.ds.release("vm", true).unwrap();
+}
