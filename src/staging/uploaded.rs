@@ -40,11 +40,6 @@ pub fn uploaded_path(dir: &Path, index: usize, generation: u64) -> PathBuf {
     dir.join(format!("disk{index}.uploaded-{generation}"))
 }
 
-/// True for a file name of any generation's uploaded record.
-pub fn is_uploaded_name(name: &str) -> bool {
-    name.starts_with("disk") && name.contains(".uploaded-")
-}
-
 /// One disk's uploaded record for one generation.
 pub struct UploadRecord {
     file: Arc<dyn BlockFile>,
@@ -215,10 +210,6 @@ impl UploadRecord {
         self.file
             .sync_data()
             .ctx(|| format!("fsync {}", self.path.display()))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn generation(&self) -> u64 {
