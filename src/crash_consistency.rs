@@ -22,7 +22,10 @@
 //!    writes: every block whose bytes differ from the backup `since.json`
 //!    names as the base (the session's own backup in generation 0) has its
 //!    bit in that generation's dirty map, so the next live backup misses
-//!    nothing.
+//!    nothing;
+//! 5. with the session uploader running too (`session::upload`): every
+//!    valid entry of the reopened upload record names the block's content
+//!    as the reopened disk reads it, so a live backup taking it is exact.
 //!
 //! `make test` checks a bounded number of states per scenario;
 //! `RECOVERFS_CRASH_STATES=N` checks N.
@@ -63,6 +66,9 @@ struct Scenario {
     /// are evicted (and fetched again) all along; guest writes then stay
     /// in the first `blocks / 10` blocks so reads always find room.
     staging_max_blocks: Option<u64>,
+    /// An uploader (as `session::upload` does it) stores dirty blocks and
+    /// records them all along.
+    uploads: bool,
 }
 
 /// A guest write as the checker needs it.
@@ -202,6 +208,11 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
             }
         })
     };
+    let uploads = w.sc.uploads.then(|| {
+        let (repo, vol, storage, stop) =
+            (w.repo.clone(), vol.clone(), storage.clone(), stop.clone());
+        std::thread::spawn(move || uploader(repo, vol, storage, stop))
+    });
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut writes: Vec<Write> = vec![];
     let mut reloc: Option<Arc<Relocation>> = None;
@@ -302,6 +313,11 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
     }
     stop.store(true, Ordering::Relaxed);
     flusher.join().unwrap();
+    if let Some(u) = uploads {
+        let n = u.join().unwrap();
+        assert!(n > 0, "the uploader recorded nothing");
+        eprintln!("the uploader recorded {n} blocks");
+    }
     if let Some(b) = budget {
         let st = b.status();
         assert!(st.evicted_blocks > 0, "nothing was evicted: {st:?}");
@@ -394,6 +410,32 @@ fn check_state(
                 return Err(format!(
                     "block {b} differs from backup {} (generation {}) but has no dirty bit",
                     base.base.id, base.generation
+                ));
+            }
+        }
+    }
+    // 5. Every valid upload entry is the block's content.
+    if w.sc.uploads {
+        let g = load_base(storage.as_ref(), Path::new(SESSION), &w.manifest)
+            .map_err(|e| format!("reading since.json failed: {e}"))?
+            .generation;
+        let p = crate::staging::uploaded::uploaded_path(Path::new(SESSION), 0, g);
+        let u = vol.uploaded();
+        if u.is_none() && storage.exists(&p).unwrap() {
+            return Err(format!("{} was dropped as damaged", p.display()));
+        }
+        for b in (0..blocks).filter(|_| u.is_some()) {
+            let Some(entry) = u.as_ref().unwrap().get(b as u64) else {
+                continue;
+            };
+            let content = &seen[b * BS..(b + 1) * BS];
+            let is = match content.iter().all(|&x| x == 0) {
+                true => None,
+                false => Some(crate::repo::Digest::of(content)),
+            };
+            if entry != is {
+                return Err(format!(
+                    "block {b} has a valid upload entry (generation {g}) for other bytes than the disk holds"
                 ));
             }
         }
@@ -494,6 +536,7 @@ fn power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_ev
             flush_pct: 15,
             live_backups: false,
             staging_max_blocks: None,
+            uploads: false,
         },
     );
 }
@@ -512,6 +555,7 @@ fn power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_version
             flush_pct: 2,
             live_backups: false,
             staging_max_blocks: None,
+            uploads: false,
         },
     );
 }
@@ -530,6 +574,7 @@ fn power_cuts_and_daemon_crashes_during_eviction_never_expose_zeros_or_lose_a_wr
             flush_pct: 10,
             live_backups: false,
             staging_max_blocks: Some(16),
+            uploads: false,
         },
     );
 }
@@ -546,6 +591,91 @@ fn power_cuts_and_daemon_crashes_during_live_backups_leave_every_change_in_the_d
             flush_pct: 10,
             live_backups: true,
             staging_max_blocks: None,
+            uploads: false,
         },
     );
+}
+
+#[test]
+fn power_cuts_and_daemon_crashes_while_the_uploader_races_guest_writes_and_live_backups_leave_no_stale_entry(
+) {
+    run(
+        505,
+        Scenario {
+            blocks: 48,
+            // Staging data stays unsynced for a while: an upload entry must
+            // never become durable before the bytes it describes.
+            flush_every: Duration::from_millis(100),
+            relocate: None,
+            guest_ops: 500,
+            flush_pct: 10,
+            live_backups: true,
+            staging_max_blocks: None,
+            uploads: true,
+        },
+    );
+}
+
+/// The session uploader's loop over `vol` (one block at a time, records
+/// synced every few blocks) until `stop`; the blocks it recorded.
+fn uploader(
+    repo: Arc<Repository>,
+    vol: Arc<Volume>,
+    storage: Arc<dyn Storage>,
+    stop: Arc<AtomicBool>,
+) -> u64 {
+    use crate::staging::uploaded::{uploaded_path, UploadRecord};
+    let rec = UploadRecord::create(
+        storage.as_ref(),
+        &uploaded_path(Path::new(SESSION), 0, 0),
+        BS as u32,
+        vol.nblocks(),
+        0,
+    )
+    .unwrap();
+    vol.set_uploaded(Some(crate::volume::Uploaded::new(
+        rec,
+        Default::default(),
+        vol.nblocks(),
+    )));
+    let mut recorded = 0;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    while !stop.load(Ordering::Relaxed) {
+        // A live backup's commit switches the record to the next generation.
+        let u = vol.uploaded().expect("a record");
+        let todo = vol.upload_todo(Some(&u));
+        if todo.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let b = todo[rng.gen_range(0..todo.len())];
+        let mut buf = vec![0u8; BS];
+        let Some(stamp) = vol.read_for_upload(b, &mut buf).unwrap() else {
+            continue;
+        };
+        let read = |_: u64, out: &mut [u8]| {
+            out.copy_from_slice(&buf);
+            Ok(())
+        };
+        let st = crate::repo::writer::store_chunks(
+            &repo,
+            vol.size,
+            BS as u32,
+            std::iter::once(b),
+            &read,
+            &|_| {},
+        )
+        .unwrap();
+        if vol
+            .record_uploads(&u, &[(b, stamp, st.chunks[0].1)])
+            .unwrap()
+            == 1
+        {
+            recorded += 1;
+            if recorded % 8 == 0 {
+                u.sync().unwrap();
+            }
+        }
+    }
+    recorded
 }

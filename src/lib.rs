@@ -57,6 +57,9 @@
 //!  precopy: rounds (QMP transaction: new bitmap, freeze the last) ──▶ live disk over NBD
 //!            ──▶ store chunks ──▶ state.json (checkpoints); at --backup-at: backup-vms with
 //!            the recorded chunks + newest round bitmap as its base; throttled by guest load
+//!  session uploader (session::upload): dirty, staged, not uploaded blocks ──▶ store chunks
+//!            ──▶ diskN.uploaded-G entry (set-then-recheck of the write stamp); a guest write
+//!            zeroes the entry first; backup --session takes valid entries, reads the residue
 //! ```
 //!
 //! Guest writes go only to staging. A write first sets its blocks' changed
@@ -137,6 +140,11 @@
 //!   written since it (same header, kind 4); `…/diskN.cow` — freeze-time
 //!   bytes of frozen blocks the guest overwrote while a backup runs
 //!   (sparse, never synced, removed after).
+//! * Session uploader (`session::upload`): `…/diskN.uploaded-G` — per
+//!   block of generation G, the chunk stored for it while no guest write
+//!   landed since (64-byte header `RFSUPLD1`, 64-byte entries with a keyed
+//!   check; see `staging::uploaded`); `…/upload.json` — its settings while
+//!   it is on.
 //!
 //! ## What is durable when
 //!
@@ -177,6 +185,8 @@
 //! | agent container image | built aside, fsynced, renamed into place: attached VMs keep the old one | the old image | `agent::agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leaves_nothing_attached` (version 1.0.0 then 1.0.1) |
 //! | pre-copied chunk and its record (`precopy`) | chunk objects first, then `state.json` (chunk id and proving round per block) replaced atomically at each checkpoint (≤ 2 s), under a writer lock held for the job's life (`gc` sweeps nothing meanwhile; between runs a recorded chunk that is gone is read again); a round's frozen bitmaps are removed only after the state saying every block is proven by the newer one | chunks stored since the last checkpoint are read again (deduplicated); if QEMU lost a bitmap the state depends on, or the state is damaged, the cycle starts over from the since-backup bitmap, said in the report; never a stale chunk in a backup | `precopy::tests::a_job_stopped_mid_round_resumes_without_reading_recorded_chunks_again`, `precopy::tests::recorded_chunks_garbage_collected_between_runs_are_read_again`, `precopy::tests::lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so`, `precopy::a_job_killed_mid_round_resumes_without_reading_recorded_chunks_again_and_its_backup_is_exact` |
 //! | pre-copy's scheduled backup | as `backup-vms`: chunks, then the manifest (create-only); then the state file is removed; a failed one merges its new bitmap back into the round bitmap | no backup; the state and round bitmap still cover every write | `precopy::tests::rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_reads_and_it_restores_like_a_full_backup_of_that_instant` |
+//! | session upload entry (`diskN.uploaded-G`) | written after its chunk is durable and after a flush of the disk made the bytes it describes durable (an unsynced entry may reach the disk at any time), under the block's stripe lock after set-then-recheck of the block's write stamp; synced at checkpoints (2 s) and when the uploader stops; zeroed and synced by a guest write before its data lands (also after a cutover); a generation's record is created empty before the freeze and replaces the old one at the backup's commit | an unsynced entry is lost: the block is uploaded again; a record whose header or any entry does not check is dropped with one log line and every dirty block is read; never a stale chunk in a backup | `crash_consistency::power_cuts_and_daemon_crashes_while_the_uploader_races_guest_writes_and_live_backups_leave_no_stale_entry` (every valid entry of the reopened record is the block's content), `volume::upload_tests::a_guest_write_racing_the_uploader_on_the_same_block_is_never_lost`, `session::tests::upload::guest_writes_racing_the_uploader_never_put_a_stale_chunk_in_a_live_backup`, `staging::uploaded::tests::entries_survive_reopen_cleared_ones_do_not_and_a_garbled_one_is_damage`, `session_upload::a_daemon_killed_mid_upload_resumes_without_uploading_recorded_blocks_again_and_a_damaged_record_falls_back` |
+//! | uploaded chunks, against `gc` | the uploader holds a writer lock from before its first chunk until no entry of the session is valid (a backup took them); `backup --session` checks each chunk it takes under its own writer lock | a chunk collected while no uploader ran: the backup reads that block (`uploaded_missing`) | `session_upload::after_the_uploader_a_live_backup_reads_only_the_residue_and_restores_exactly_and_gc_keeps_uploaded_chunks` (gc while the upload is recorded), `session_upload::a_daemon_killed_mid_upload_resumes_without_uploading_recorded_blocks_again_and_a_damaged_record_falls_back` (gc in the middle of an upload), `session::tests::upload::uploaded_chunks_collected_while_no_uploader_ran_are_read_by_the_backup_and_it_is_exact` |
 //! | profile recording | at `release`, daemon shutdown or the end of the recording window (one atomic object write) | the session's recording is lost; older ones stay | `prefetch::verify_boot_records_a_profile_that_stages_the_next_boot_before_it_reads` |
 
 pub mod agent;

@@ -75,6 +75,11 @@ pub struct Session {
     pub(crate) backup_base: Mutex<backup::BackupBase>,
     /// A live backup of this session is running.
     backup_running: AtomicBool,
+    /// The session uploader, if started (`upload`).
+    upload: Mutex<Option<upload::Job>>,
+    /// Held by the uploader for each batch and by a live backup for its
+    /// whole run: no upload is recorded while a backup runs.
+    upload_gate: Mutex<()>,
     /// Set when its backup is gone from the repository (`pinning`).
     backup_gone: Mutex<Option<String>>,
 }
@@ -197,6 +202,9 @@ pub struct SessionStatus {
     /// Its backup was removed from the repository (`forget --force`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_gone: Option<String>,
+    /// The session uploader, if started (`upload`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadStatus>,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -481,6 +489,8 @@ impl Datastore {
             state: Mutex::new(OpenState::default()),
             backup_base: Mutex::new(backup_base),
             backup_running: AtomicBool::new(false),
+            upload: Mutex::new(None),
+            upload_gate: Mutex::new(()),
             backup_gone: Mutex::new(None),
         });
         // Served from now on, at this export point, also by a daemon
@@ -496,6 +506,7 @@ impl Datastore {
         )?;
         self.pin(&session, true);
         self.start_prefetch(&session);
+        upload::resume(&self.repo, &session);
         self.sessions.write().insert(vm.into(), session.clone());
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
         Ok(self.info(&session, false, skipped, decision))
@@ -745,6 +756,8 @@ impl Datastore {
             r.stop();
         }
         session.stop_prefetch();
+        // Its entries stay; the next recover resumes it.
+        upload::halt(&session);
         session.save_profile_logged(&self.repo);
         for d in &session.disks {
             d.close();
@@ -842,6 +855,7 @@ impl Datastore {
                 r.stop();
             }
             s.stop_prefetch();
+            upload::halt(&s);
             s.save_profile_logged(&self.repo);
         }
     }
@@ -937,6 +951,9 @@ impl Datastore {
     }
 
     pub fn status(&self, s: &Session) -> SessionStatus {
+        // First: the fields below hold their locks (`backup_base`'s too)
+        // until the whole literal is built.
+        let upload = s.upload.lock().as_ref().map(|j| j.status(s));
         SessionStatus {
             vm: s.vm.clone(),
             backup: s.backup.clone(),
@@ -956,6 +973,7 @@ impl Datastore {
             relocation: s.relocation.lock().as_ref().map(|r| r.status()),
             backup_base: s.backup_base.lock().base.id.clone(),
             backup_gone: s.backup_gone.lock().clone(),
+            upload,
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }
     }
@@ -1038,7 +1056,9 @@ fn warn_if_kept_twice(
 pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
 mod pinning;
+pub(crate) mod upload;
 pub use pinning::CHECK_EVERY as BACKUP_CHECK_EVERY;
+pub use upload::{UploadRequest, UploadStatus};
 mod points;
 use points::PlacementRecord;
 pub use points::{

@@ -13,6 +13,9 @@
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
 //! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
+//! | POST | /sessions/{vm}/upload `{"load_limit":"latency=MS,queue=N"?}` | start the session uploader (pre-copy for a recovered VM; resumed after a restart) |
+//! | GET | /sessions/{vm}/upload | its state (copying / throttled / halted / idle / paused), why, load, blocks uploaded, residue |
+//! | DELETE | /sessions/{vm}/upload | stop it (what it uploaded stays usable) |
 //! | GET, POST | /precopy | pre-copy jobs of running QEMU VMs ([`precopy`]) |
 //! | DELETE | /precopy/{vm} | stop a pre-copy job |
 
@@ -80,6 +83,10 @@ pub fn router(ds: Ds) -> Router {
         .route("/sessions/{vm}/disks/{n}/changed", get(changed))
         .route("/sessions/{vm}/relocate", axum::routing::post(relocate))
         .route("/sessions/{vm}/backup", axum::routing::post(backup_session))
+        .route(
+            "/sessions/{vm}/upload",
+            get(upload_status).post(start_upload).delete(stop_upload),
+        )
         .with_state(ds)
 }
 
@@ -210,6 +217,31 @@ async fn relocate(
 
 async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || ds.backup_session(&vm)).await
+}
+
+async fn start_upload(
+    State(ds): State<Ds>,
+    Path(vm): Path<String>,
+    body: Option<Json<Value>>,
+) -> ApiResult {
+    let req = match body.map(|Json(v)| serde_json::from_value(v)) {
+        None => crate::session::UploadRequest::default(),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            return Err(ApiError(Error::invalid(format!(
+                "bad upload request (expected {{\"load_limit\": \"latency=MS,queue=N\"?}}): {e}"
+            ))))
+        }
+    };
+    blocking(move || ds.start_upload(&vm, req)).await
+}
+
+async fn upload_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || ds.upload_status(&vm)).await
+}
+
+async fn stop_upload(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || ds.stop_upload(&vm)).await
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

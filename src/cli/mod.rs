@@ -10,6 +10,7 @@ mod output;
 mod precopy;
 mod profile;
 mod staging;
+mod upload;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -211,6 +212,11 @@ pub enum Command {
     /// changes into the repository in rounds, so the backup at --backup-at
     /// reads only what changed since the last round.
     Precopy(precopy::PrecopyArgs),
+    /// Pre-copy for a recovered VM: the daemon stores the blocks its guest
+    /// changes as chunks in the background, throttled by the guest's I/O
+    /// latency, so `backup --session` reads only the rest. Prints the
+    /// uploader's state.
+    Upload(upload::UploadArgs),
     /// List VMs and their backups.
     List {
         #[arg(long)]
@@ -556,6 +562,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Files { cmd } => agent::files(cmd),
         Command::Precopy(a) => precopy::run(a),
+        Command::Upload(a) => upload::run(a),
         Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
@@ -889,7 +896,7 @@ fn parse_owner(s: &str) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-fn client(s: &SocketArg) -> Client {
+pub(super) fn client(s: &SocketArg) -> Client {
     Client::new(
         &s.socket
             .clone()

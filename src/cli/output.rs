@@ -374,9 +374,10 @@ pub fn session_backup(r: &Value) {
     let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     for d in r["disks"].as_array().cloned().unwrap_or_default() {
         eprintln!(
-            "{}: {} blocks changed, {} read ({}; {} copied aside while the guest wrote): {} new ({} stored), {} reused, {} zero",
+            "{}: {} blocks changed, {} taken as uploaded, {} read ({}; {} copied aside while the guest wrote): {} new ({} stored), {} reused, {} zero",
             d["name"].as_str().unwrap_or("?"),
             n(&d, "blocks_frozen"),
+            n(&d, "blocks_uploaded"),
             n(&d, "blocks_read"),
             human_bytes(n(&d, "bytes_read")),
             n(&d, "cow_blocks"),
@@ -500,6 +501,18 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
                 "  relocation to {}: {}",
                 r["target"].as_str().unwrap_or("?"),
                 relocation_line(r)
+            );
+        }
+        let u = &s["upload"];
+        if u.is_object() {
+            let n = |k: &str| u[k].as_u64().unwrap_or(0);
+            let why = u["why"].as_str().filter(|w| !w.is_empty());
+            println!(
+                "  uploader: {}{}, {} blocks uploaded, residue {} blocks",
+                u["state"].as_str().unwrap_or("?"),
+                why.map(|w| format!(" ({w})")).unwrap_or_default(),
+                n("blocks_uploaded"),
+                n("residue"),
             );
         }
         if s["repo_retries"].as_u64().unwrap_or(0) > 0 {

@@ -2,7 +2,8 @@
 //! blocks it changes into the repository in the background, so that at
 //! the scheduled time only the blocks changed since the last round are
 //! left to read. Beside the other disk-copying jobs (`vmbackup` for
-//! running VMs, `session::backup` for recovered ones), built on `qemu`
+//! running VMs, `session::backup` for recovered ones, whose counterpart of
+//! pre-copy is `session::upload`, sharing [`Throttle`]), built on `qemu`
 //! (QMP, dirty bitmaps, NBD) and `vmbackup` (the final backup).
 //!
 //! **Rounds.** A cycle runs from one backup to the next. Round bitmaps
@@ -88,7 +89,7 @@ use crate::vmbackup::VmReport;
 
 pub use jobs::{JobStatus, Jobs, StartRequest};
 pub use state::{State, StateDir};
-pub use throttle::{Gate, Load, LoadLimit};
+pub use throttle::{Gate, Load, LoadLimit, LoadSource, Throttle};
 
 /// Where the state lives unless told.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/recoverfs/precopy";

@@ -335,7 +335,7 @@ impl Job {
         let read = |k: u64, buf: &mut [u8]| {
             if gated {
                 let mut t = throttle.lock().expect("throttle lock");
-                t.before_read(&mut q.lock().expect("QMP lock"), &go_on)?;
+                t.before_read(&mut *q.lock().expect("QMP lock"), &go_on)?;
                 publish(ctl, &t);
             }
             pace.wait(buf.len() as u64);
@@ -545,12 +545,7 @@ fn past_end(opts: &Options) -> bool {
 fn publish(ctl: &Control, t: &Throttle) {
     ctl.set(|s| {
         s.load = t.load;
-        s.state = match t.gate {
-            Gate::Copying => "copying",
-            Gate::Throttled => "throttled",
-            Gate::Halted => "halted",
-        }
-        .into();
+        s.state = t.gate.name().into();
         if t.gate != Gate::Copying {
             s.why = t.why.clone();
         }

@@ -1,7 +1,9 @@
 //! Pre-copy backs off when the guest is busy.
 //!
-//! **Load.** Every [`SAMPLE`], `query-blockstats` of the VM's drives gives
-//! the requests the guest completed and the time they spent in flight:
+//! **Load.** Every [`SAMPLE`], a [`LoadSource`] gives the requests the
+//! guest completed and the time they spent in flight (for a running VM
+//! `query-blockstats` of its drives; for a recovered one, the session
+//! uploader's, the session's own volumes' guest request figures):
 //! over the interval, their mean latency (time / requests) and the mean
 //! queue depth (time / wall time, Little's law). No QEMU option is needed
 //! (timed stats need `stats-intervals` at start). Where a guest agent
@@ -91,6 +93,38 @@ pub enum Gate {
     Halted,
 }
 
+/// Where a throttle's I/O figures come from.
+pub trait LoadSource {
+    /// Guest requests completed so far, and the nanoseconds they spent in
+    /// flight (both monotonic).
+    fn io(&mut self) -> Result<(u64, u64)>;
+}
+
+impl LoadSource for Qmp {
+    fn io(&mut self) -> Result<(u64, u64)> {
+        let st = self.block_stats()?;
+        let ops = st
+            .iter()
+            .map(|d| d.rd_operations + d.wr_operations + d.flush_operations)
+            .sum();
+        let time_ns = (st.iter())
+            .map(|d| d.rd_total_time_ns + d.wr_total_time_ns + d.flush_total_time_ns)
+            .sum();
+        Ok((ops, time_ns))
+    }
+}
+
+impl Gate {
+    /// As a job's `state` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Gate::Copying => "copying",
+            Gate::Throttled => "throttled",
+            Gate::Halted => "halted",
+        }
+    }
+}
+
 /// Counters of one sample.
 #[derive(Clone, Copy)]
 struct Counters {
@@ -131,7 +165,7 @@ impl Throttle {
     }
 
     /// Takes a sample if one is due; updates the load and the gate.
-    pub fn sample(&mut self, q: &mut Qmp) -> Result<()> {
+    pub fn sample(&mut self, q: &mut dyn LoadSource) -> Result<()> {
         if self.last.is_some_and(|l| l.at.elapsed() < SAMPLE) {
             return Ok(());
         }
@@ -142,15 +176,8 @@ impl Throttle {
         Ok(())
     }
 
-    fn counters(&mut self, q: &mut Qmp) -> Result<Counters> {
-        let st = q.block_stats()?;
-        let ops = st
-            .iter()
-            .map(|d| d.rd_operations + d.wr_operations + d.flush_operations)
-            .sum();
-        let time_ns = (st.iter())
-            .map(|d| d.rd_total_time_ns + d.wr_total_time_ns + d.flush_total_time_ns)
-            .sum();
+    fn counters(&mut self, q: &mut dyn LoadSource) -> Result<Counters> {
+        let (ops, time_ns) = q.io()?;
         let cpu = match self.agent.as_mut().map(cpu_jiffies) {
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => {
@@ -243,12 +270,25 @@ impl Throttle {
 
     /// Before a chunk read: waits while halted (sampling), unless `go_on`
     /// says to stop waiting (a stop, or the scheduled backup is due).
-    pub fn before_read(&mut self, q: &mut Qmp, go_on: &dyn Fn() -> bool) -> Result<()> {
+    pub fn before_read(&mut self, q: &mut dyn LoadSource, go_on: &dyn Fn() -> bool) -> Result<()> {
+        self.before_read_watched(q, go_on, &mut |_| {})
+    }
+
+    /// [`Self::before_read`], showing each sample to `watch` (a status
+    /// that must say "halted" while it waits).
+    pub fn before_read_watched(
+        &mut self,
+        q: &mut dyn LoadSource,
+        go_on: &dyn Fn() -> bool,
+        watch: &mut dyn FnMut(&Throttle),
+    ) -> Result<()> {
         self.sample(q)?;
+        watch(self);
         while self.gate == Gate::Halted && go_on() {
             std::thread::sleep(SAMPLE);
             self.held += SAMPLE;
             self.sample(q)?;
+            watch(self);
         }
         Ok(())
     }

@@ -29,6 +29,14 @@
 //! block that was never staged reads as the session's own backup chunk,
 //! which is what the manifest takes, unread.
 //!
+//! **Uploaded blocks.** If the session uploader ran (`upload`), a frozen
+//! block whose upload entry is still valid at the freeze is taken as that
+//! chunk, unread, once the chunk is checked to exist under the backup's
+//! writer lock (a missing one is read). The backup holds the session's
+//! upload gate for its whole run, creates the next generation's empty
+//! upload record with the next dirty map (step 1), switches the volumes
+//! to it at step 5 and removes the old one with the old map.
+//!
 //! **Order, and what a crash leaves.**
 //! 1. Leftover next-generation maps and cow files are removed; fresh next
 //!    maps are created durably; every disk is flushed (so the flush inside
@@ -64,11 +72,12 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::limits::MAX_MANIFEST_BYTES;
 use crate::repo::locks::WriterLock;
 use crate::repo::writer::{publish_manifest, store_chunks, stored_bytes_after};
-use crate::repo::{DiskManifest, Manifest, Repository};
+use crate::repo::{Digest, DiskManifest, Manifest, Repository};
 use crate::staging::io::{self, BlockFile, Open, Storage};
+use crate::staging::uploaded::uploaded_path;
 use crate::staging::{base_copy_path, cow_path, dirty_path, MapKind, PersistentBitmap, Since};
 use crate::util::validate_name;
-use crate::volume::{Frozen, Volume};
+use crate::volume::{Frozen, Uploaded, Volume};
 
 /// Which backup a session's dirty maps are relative to.
 pub(crate) struct BackupBase {
@@ -142,9 +151,16 @@ pub struct SessionBackupDisk {
     pub name: String,
     /// Blocks dirty at the freeze.
     pub blocks_frozen: u64,
-    /// Of those, the ones read (the others were never staged: the
-    /// session's own backup chunk, unread).
+    /// Of those, the ones read: the residue (the others were never
+    /// staged, the session's own backup chunk, or taken from the session
+    /// uploader's record, unread).
     pub blocks_read: u64,
+    /// Frozen blocks taken as the chunk the session uploader had stored
+    /// for them, unread (`upload`).
+    pub blocks_uploaded: u64,
+    /// Uploaded blocks whose chunk was gone from the repository (a `gc`
+    /// between uploader runs): read instead.
+    pub uploaded_missing: u64,
     pub bytes_read: u64,
     /// Frozen blocks the guest overwrote before they were read, whose
     /// freeze-time bytes were copied aside first.
@@ -171,6 +187,8 @@ impl Drop for Running<'_> {
 struct NextGen {
     map: Arc<PersistentBitmap>,
     cow: Arc<dyn BlockFile>,
+    /// The next generation's empty upload record, for a disk that has one.
+    uploaded: Option<Arc<Uploaded>>,
 }
 
 impl Datastore {
@@ -188,6 +206,9 @@ impl Datastore {
         let _running = Running(&s);
         let op = self.vm_op(vm);
         let _op = op.lock();
+        // The uploader finishes its batch and records nothing until the
+        // backup ends (it saw `backup_running`).
+        let _uploads = s.upload_gate.lock();
         match self.session(vm) {
             Some(now) if Arc::ptr_eq(&now, &s) => {}
             _ => return Err(no_session()),
@@ -288,8 +309,9 @@ pub(crate) fn run(repo: &Arc<Repository>, s: &Live) -> Result<SessionBackupRepor
         s.backup_base.lock().uncertain = Some(msg.clone());
         return Err(Error::new(ErrorKind::Io, msg));
     }
-    for d in s.disks {
+    for (d, n) in s.disks.iter().zip(&next) {
         d.end_freeze(true);
+        d.set_uploaded(n.uploaded.clone());
     }
     *s.backup_base.lock() = BackupBase {
         generation: g + 1,
@@ -298,6 +320,7 @@ pub(crate) fn run(repo: &Arc<Repository>, s: &Live) -> Result<SessionBackupRepor
     };
     // What the commit made obsolete; a restart removes it if this fails.
     let mut old: Vec<_> = (0..s.disks.len()).map(|i| cow_path(dir, i)).collect();
+    old.extend((0..s.disks.len()).map(|i| uploaded_path(dir, i, g)));
     if g >= 1 {
         old.extend((0..s.disks.len()).map(|i| dirty_path(dir, i, g)));
         old.push(base_copy_path(dir, g));
@@ -361,10 +384,12 @@ fn prepare(storage: &dyn Storage, dir: &Path, s: &Live, g: u64) -> Result<Vec<Ne
     for i in 0..s.disks.len() {
         leftovers.push(dirty_path(dir, i, g + 1));
         leftovers.push(cow_path(dir, i));
+        leftovers.push(uploaded_path(dir, i, g + 1));
     }
     remove_all(storage, dir, &leftovers)?;
+    let uploaded = super::upload::next_records(storage, dir, s.disks, g)?;
     let mut out = vec![];
-    for (i, d) in s.disks.iter().enumerate() {
+    for ((i, d), uploaded) in s.disks.iter().enumerate().zip(uploaded) {
         let map = PersistentBitmap::open(
             storage,
             &dirty_path(dir, i, g + 1),
@@ -380,6 +405,7 @@ fn prepare(storage: &dyn Storage, dir: &Path, s: &Live, g: u64) -> Result<Vec<Ne
         out.push(NextGen {
             map: Arc::new(map),
             cow,
+            uploaded,
         });
     }
     for d in s.disks {
@@ -398,6 +424,7 @@ fn abort(storage: &dyn Storage, dir: &Path, s: &Live, g: u64, frozen: usize) {
     for i in 0..s.disks.len() {
         paths.push(dirty_path(dir, i, g + 1));
         paths.push(cow_path(dir, i));
+        paths.push(uploaded_path(dir, i, g + 1));
     }
     if let Err(e) = remove_all(storage, dir, &paths) {
         tracing::warn!(vm = %s.vm, "could not remove an aborted backup's files (the next start does): {e}");
@@ -436,29 +463,37 @@ fn store(
     let mut reports = vec![];
     for ((d, f), bd) in s.disks.iter().zip(frozen).zip(&base.disks) {
         let _span = tracing::info_span!("disk", disk = d.index).entered();
+        let up = take_uploaded(repo, d, f)?;
+        let residue: Vec<u64> = (f.read.iter().copied())
+            .filter(|b| !up.taken.contains_key(b))
+            .collect();
         let read = |b: u64, buf: &mut [u8]| d.read_frozen(b, buf).map(|_| ());
-        let st = store_chunks(
+        let mut st = store_chunks(
             repo,
             d.size,
             bd.chunk_size,
-            f.read.iter().copied(),
+            residue.iter().copied(),
             &read,
             &|_| {},
         )?;
+        st.sizes.extend(up.sizes);
         let mut chunks = bd.chunks.clone();
         // Frozen blocks never staged are the session's own backup chunk.
         for &b in &f.blocks {
             chunks[b as usize] = d.chunks()[b as usize];
         }
-        for (b, c) in &st.chunks {
-            chunks[*b as usize] = *c;
+        let taken = up.taken.iter().map(|(b, c)| (*b, *c));
+        for (b, c) in st.chunks.iter().copied().chain(taken) {
+            chunks[b as usize] = c;
         }
         let stored_bytes = stored_bytes_after(repo, bd, &chunks, &st.sizes)?;
         let nonzero = chunks.iter().flatten().count() as u64;
         reports.push(SessionBackupDisk {
             name: bd.name.clone(),
             blocks_frozen: f.blocks.len() as u64,
-            blocks_read: f.read.len() as u64,
+            blocks_read: residue.len() as u64,
+            blocks_uploaded: up.taken.len() as u64,
+            uploaded_missing: up.missing,
             bytes_read: st.read_bytes,
             cow_blocks: d.cow_blocks(),
             new_chunks: st.new_chunks,
@@ -477,4 +512,42 @@ fn store(
     }
     let m = publish_manifest(repo, &lock, s.vm, base.config.clone(), disks)?;
     Ok((m, reports))
+}
+
+/// The frozen blocks a disk takes from the session uploader's record.
+struct Taken {
+    taken: std::collections::HashMap<u64, Option<Digest>>,
+    /// Stored sizes of the taken chunks.
+    sizes: std::collections::HashMap<Digest, u64>,
+    missing: u64,
+}
+
+/// Takes each frozen block with a valid upload entry whose chunk exists
+/// now (the caller holds its writer lock, so it stays) and lets go of its
+/// freeze-time bytes; a block whose chunk is gone is left to be read.
+fn take_uploaded(repo: &Repository, d: &Volume, f: &Frozen) -> Result<Taken> {
+    let mut t = Taken {
+        taken: Default::default(),
+        sizes: Default::default(),
+        missing: 0,
+    };
+    for &(b, c) in &f.uploaded {
+        if let Some(c) = c {
+            match repo.chunk_stored_size(&c)? {
+                Some(n) => {
+                    t.sizes.insert(c, n);
+                }
+                None => {
+                    t.missing += 1;
+                    continue;
+                }
+            }
+        }
+        t.taken.insert(b, c);
+        d.release_frozen(b);
+    }
+    if t.missing > 0 {
+        tracing::warn!(vm = %d.vm, disk = d.index, blocks = t.missing, "uploaded chunks are gone from the repository (collected between uploader runs): those blocks are read");
+    }
+    Ok(t)
 }

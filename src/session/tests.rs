@@ -474,6 +474,7 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
 }
 
 mod live_backup;
+mod upload;
 
 #[test]
 fn with_bounded_staging_a_new_recovery_goes_where_its_working_set_fits_or_is_refused() {

@@ -13,6 +13,8 @@
 //! <staging>/sessions/<vm>/<backup>/base-G.json    the base backup's manifest (generation G >= 1)
 //! <staging>/sessions/<vm>/<backup>/diskN.dirty-G  blocks written since that base (G >= 1)
 //! <staging>/sessions/<vm>/<backup>/diskN.cow      old bytes of frozen blocks while a live backup runs
+//! <staging>/sessions/<vm>/<backup>/diskN.uploaded-G  dirty blocks of generation G already stored as chunks
+//! <staging>/sessions/<vm>/<backup>/upload.json    the session uploader's settings while it is on
 //! ```
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
 //!
@@ -31,6 +33,7 @@ pub mod inventory;
 pub mod io;
 pub mod live;
 pub mod set;
+pub mod uploaded;
 
 use std::fs::{self, File};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -353,6 +356,10 @@ pub struct DiskStore {
     /// Blocks written since the session's last live backup
     /// (`diskN.dirty-G`); `None` in generation 0, where `changed` is that map.
     pub dirty: Option<PersistentBitmap>,
+    /// The session uploader's record of this generation (`diskN.uploaded-G`)
+    /// and its entries, if the uploader ever ran in this generation and
+    /// the record checked (see `uploaded`).
+    pub uploaded: Option<(uploaded::UploadRecord, uploaded::Entries)>,
     pub data_path: PathBuf,
 }
 
@@ -425,6 +432,11 @@ fn remove_backup_leftovers(storage: &dyn Storage, dir: &Path, disks: usize, g: u
         paths.push(cow_path(dir, i));
         if g >= 2 {
             paths.push(dirty_path(dir, i, g - 1));
+        }
+        // Upload records belong to one generation, like its dirty map.
+        paths.push(uploaded::uploaded_path(dir, i, g + 1));
+        if g >= 1 {
+            paths.push(uploaded::uploaded_path(dir, i, g - 1));
         }
     }
     let mut removed = false;
@@ -584,13 +596,47 @@ fn open_disk(
             )?)
         }
     };
+    let uploaded = open_uploaded(storage, dir, index, d.chunk_size, nblocks, generation)?;
     Ok(DiskStore {
         data,
         present,
         changed,
         dirty,
+        uploaded,
         data_path,
     })
+}
+
+/// The disk's upload record of generation `g`, if there is one. A damaged
+/// one is said in one line and removed: its blocks are read again (by the
+/// uploader or the next live backup), never taken on trust.
+fn open_uploaded(
+    storage: &dyn Storage,
+    dir: &Path,
+    index: usize,
+    block_size: u32,
+    nblocks: u64,
+    g: u64,
+) -> Result<Option<(uploaded::UploadRecord, uploaded::Entries)>> {
+    let p = uploaded::uploaded_path(dir, index, g);
+    if !storage.exists(&p).ctx(|| format!("stat {}", p.display()))? {
+        return Ok(None);
+    }
+    match uploaded::UploadRecord::open(storage, &p, block_size, nblocks, g) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => {
+            tracing::warn!(
+                disk = index,
+                "upload record dropped, every dirty block of disk{index} will be read again: {e}"
+            );
+            storage
+                .remove_file(&p)
+                .ctx(|| format!("remove {}", p.display()))?;
+            io::sync_parent(storage, &p)?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

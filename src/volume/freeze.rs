@@ -60,6 +60,11 @@ pub struct Frozen {
     /// after a cutover. The others were never staged: their content is the
     /// session's own backup chunk.
     pub read: Vec<u64>,
+    /// Of `read`, those the session uploader had stored as a chunk with no
+    /// guest write since (`None`: zeros): the backup takes the chunk
+    /// instead of reading them, once it has checked that it exists, and
+    /// lets go of them with [`Volume::release_frozen`].
+    pub uploaded: Vec<(u64, Option<crate::repo::Digest>)>,
 }
 
 impl Volume {
@@ -136,6 +141,7 @@ impl Volume {
         }
         self.flush()?;
         let switched = self.target.get().is_some();
+        let up = self.uploaded.read().clone();
         let mut frozen = Frozen::default();
         let pending = AtomicBitmap::new(self.nblocks);
         {
@@ -152,6 +158,10 @@ impl Volume {
                 if switched || self.store.present.test(b) {
                     pending.set(b);
                     frozen.read.push(b);
+                    // Writes are paused: a valid entry is the content now.
+                    if let Some(d) = up.as_ref().and_then(|u| u.get(b)) {
+                        frozen.uploaded.push((b, d));
+                    }
                 }
             }
         }
@@ -249,6 +259,15 @@ impl Volume {
                 f.broken.get().map_or("it was read twice", |s| s.as_str())
             ),
         ))
+    }
+
+    /// The backup will not read frozen block `b` (it took its uploaded
+    /// chunk): a guest write to it need not save its bytes any more.
+    pub(crate) fn release_frozen(&self, b: u64) {
+        if let Some(f) = self.freeze.read().clone() {
+            let _g = f.stripes[b as usize % STRIPES].lock();
+            f.pending.clear(b);
+        }
     }
 
     /// Blocks the guest overwrote while frozen (copied to the cow file).

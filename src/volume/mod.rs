@@ -66,8 +66,10 @@ mod evict;
 mod freeze;
 mod passthrough;
 mod relocation;
+mod upload;
 
 pub use freeze::Frozen;
+pub use upload::Uploaded;
 
 /// Where one block fill stands; readers and writers wait on it.
 struct Slot {
@@ -146,6 +148,10 @@ pub struct VolumeStats {
     pub refills: Counter,
     /// The most recent fetch failure, for status and verify-boot.
     pub last_fetch_error: Mutex<Option<String>>,
+    /// Guest reads and writes completed, and the time
+    /// they took: the session uploader's load figures (see `upload`).
+    pub guest_ops: Counter,
+    pub guest_time_ns: Counter,
 }
 
 pub struct Volume {
@@ -184,6 +190,9 @@ pub struct Volume {
     writes_finished: Vec<AtomicU32>,
     /// The relocation's copied map while a relocation runs.
     copied: RwLock<Option<Arc<PersistentBitmap>>>,
+    /// The session uploader's record of the current generation (see
+    /// `upload`): a guest write invalidates its entries first.
+    uploaded: RwLock<Option<Arc<Uploaded>>>,
     /// Guest writes hold it shared; the cutover and a live backup's freeze
     /// hold it exclusively.
     write_gate: RwLock<()>,
@@ -293,6 +302,10 @@ impl Volume {
             current: store.dirty.take().map(Arc::new),
             next: None,
         };
+        let uploaded = store
+            .uploaded
+            .take()
+            .map(|(r, e)| Uploaded::new(r, e, nblocks));
         Arc::new_cyclic(|me| Volume {
             me: me.clone(),
             modified_ns: AtomicU64::new(0),
@@ -318,6 +331,7 @@ impl Volume {
             writes_started: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             writes_finished: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
             copied: RwLock::new(None),
+            uploaded: RwLock::new(uploaded),
             write_gate: RwLock::new(()),
             dirty: RwLock::new(dirty),
             freeze: RwLock::new(None),
@@ -612,6 +626,7 @@ impl Volume {
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
         let _slot = self.enter(crate::placement::IoClass::Sync, len);
+        let t0 = Instant::now();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
             Some(t) => {
@@ -626,6 +641,7 @@ impl Volume {
             }
         };
         self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
+        self.guest_done(t0);
         let (buf, hit) = r?;
         self.stats.reads.add(1);
         self.stats.read_bytes.add(len);
@@ -840,6 +856,7 @@ impl Volume {
         // A failed disk takes no new bytes: they could never be made durable.
         self.check_failed()?;
         let _slot = self.enter(crate::placement::IoClass::Sync, len);
+        let t0 = Instant::now();
         let _gate = self.write_gate.read();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
@@ -847,16 +864,21 @@ impl Volume {
             // the NBD `recoverfs:changed` context and an incremental
             // backup from the primary copy go by.
             Some(t) => self.mark_changed(self.blocks(off, len)).and_then(|()| {
-                self.before_overwrite(self.blocks(off, len));
-                match p {
+                let blocks = self.blocks(off, len);
+                self.announce_write(blocks.clone(), None)?;
+                self.before_overwrite(blocks.clone());
+                let r = match p {
                     Payload::Data(d) => t.write_all_at(d, off),
                     Payload::Zeroes(n) => t.punch_hole(off, n),
                 }
-                .ctx(|| format!("write relocated disk{}", self.index))
+                .ctx(|| format!("write relocated disk{}", self.index));
+                self.end_write(blocks);
+                r
             }),
             None => self.write_staging(off, p),
         };
         self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
+        self.guest_done(t0);
         if r.is_ok() {
             self.stats.writes.add(1);
             self.stats.write_bytes.add(len);
@@ -1005,31 +1027,51 @@ impl Volume {
     fn write_claimed(&self, blocks: std::ops::Range<u64>, off: u64, data: Payload) -> Result<()> {
         self.mark_changed(blocks.clone())?;
         let copied = self.copied.read().clone();
-        for b in blocks.clone() {
-            // Announce the write before its data lands, then revoke the
-            // block's "copied" status (durably): pairs with the copier's
-            // set-then-recheck in `mark_copied`.
-            self.writes_started[b as usize].fetch_add(1, Ordering::SeqCst);
-            if let Some(c) = &copied {
-                if c.test(b) {
-                    if let Err(e) = c.clear_durable(b) {
-                        self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
-                        return Err(self.fail(e));
-                    }
-                    self.copies_revoked.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
+        self.announce_write(blocks.clone(), copied.as_deref())?;
         // A running backup's frozen blocks keep their freeze-time bytes.
         self.before_overwrite(blocks.clone());
         let r = match data {
             Payload::Data(d) => self.staging_write(d, off),
             Payload::Zeroes(n) => self.staging_zero(off, n),
         };
+        self.end_write(blocks);
+        r
+    }
+
+    /// Announces a write before its data lands, then revokes the blocks'
+    /// "copied" status and their upload entries (durably): pairs with the
+    /// copier's and the uploader's set-then-recheck (`mark_copied`,
+    /// `mark_uploaded`). On failure every announced block is ended again.
+    fn announce_write(
+        &self,
+        blocks: std::ops::Range<u64>,
+        copied: Option<&PersistentBitmap>,
+    ) -> Result<()> {
+        for b in blocks.clone() {
+            self.writes_started[b as usize].fetch_add(1, Ordering::SeqCst);
+        }
+        let r = (|| {
+            if let Some(c) = copied {
+                for b in blocks.clone() {
+                    if c.test(b) {
+                        c.clear_durable(b)?;
+                        self.copies_revoked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.invalidate_uploaded(blocks.clone())
+        })();
+        if let Err(e) = r {
+            self.end_write(blocks);
+            return Err(self.fail(e));
+        }
+        Ok(())
+    }
+
+    fn end_write(&self, blocks: std::ops::Range<u64>) {
         for b in blocks {
             self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
         }
-        r
     }
 
     /// Makes every write and fetch completed before the call durable: data
@@ -1255,3 +1297,5 @@ impl crate::disk::Disk for Volume {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upload_tests;

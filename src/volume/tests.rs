@@ -664,7 +664,10 @@ fn after_a_failed_sync_the_next_daemon_trusts_no_unsynced_block_and_changes_the_
 
 /// Freezes `vol` for a live backup as `session::backup` does (a fresh
 /// next-generation map and cow file in `dir`), with writes paused.
-fn freeze_for_backup(vol: &Volume, dir: &std::path::Path) -> (Frozen, Arc<PersistentBitmap>) {
+pub(super) fn freeze_for_backup(
+    vol: &Volume,
+    dir: &std::path::Path,
+) -> (Frozen, Arc<PersistentBitmap>) {
     let next = Arc::new(
         PersistentBitmap::open(
             &OsStorage,
