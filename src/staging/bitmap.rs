@@ -436,22 +436,19 @@ impl PersistentBitmap {
 
     /// Clears a bit and makes that durable before returning: used for the
     /// relocation's copied map, which must never claim a block is copied
-    /// once the guest may have changed it.
+    /// once the guest may have changed it. Only this bit changes in the
+    /// file: writing the word from memory would also publish a neighbour's
+    /// bit that the copier has set but not yet rechecked, which a crash
+    /// could leave claiming bytes the guest has since overwritten.
     pub fn clear_durable(&self, bit: u64) -> Result<()> {
         if !self.bits.test(bit) {
             return Ok(());
         }
-        let _g = self.write_lock.lock();
-        if !self.bits.clear(bit) {
-            return Ok(());
-        }
-        let w = bit / 64;
-        let word = self.bits.words[w as usize].load(Ordering::Acquire);
-        self.write_words_locked(w, &[word])
+        self.clear_many_durable(&[bit])
     }
 
-    /// Eviction: clears `bits` in memory and in the same-boot mirror, then
-    /// in the file, synced, before returning; only then may the caller
+    /// Eviction (and [`Self::clear_durable`]): clears `bits` in memory and
+    /// in the same-boot mirror, then in the file, synced, before returning; only then may the caller
     /// punch the blocks' holes. The file words are read back and only the
     /// evicted bits cleared in them: bits set in memory since the last
     /// persist describe data not synced yet and must not reach the file
@@ -685,6 +682,22 @@ mod tests {
         for b in (0..128).step_by(3) {
             assert!(!again.test(b), "cleared bit {b} came back");
         }
+    }
+
+    #[test]
+    fn a_durable_clear_never_publishes_a_neighbour_set_only_in_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c");
+        let m = PersistentBitmap::open(&OsStorage, &p, MapKind::Copied, 65536, 128).unwrap();
+        m.set(0);
+        m.persist_exclusive().unwrap();
+        // The copier's set-then-recheck: bit 1 is set in memory only.
+        m.set(1);
+        m.clear_durable(0).unwrap();
+        let again = PersistentBitmap::open(&OsStorage, &p, MapKind::Copied, 65536, 128).unwrap();
+        assert!(!again.test(0), "the cleared bit is durable");
+        assert!(!again.test(1), "the unconfirmed neighbour reached the file");
+        assert!(m.test(1), "memory keeps the neighbour for the next persist");
     }
 
     #[test]
