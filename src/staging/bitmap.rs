@@ -448,8 +448,8 @@ impl PersistentBitmap {
     }
 
     /// Eviction (and [`Self::clear_durable`]): clears `bits` in memory and
-    /// in the same-boot mirror, then in the file, synced, before returning; only then may the caller
-    /// punch the blocks' holes. The file words are read back and only the
+    /// in the same-boot mirror, then in the file, synced, before returning;
+    /// only then may the caller punch the blocks' holes. The file words are read back and only the
     /// evicted bits cleared in them: bits set in memory since the last
     /// persist describe data not synced yet and must not reach the file
     /// here. The caller keeps a snapshot taken before this call from being
