@@ -2,8 +2,11 @@
 //! never read into memory past its bound, and a manifest that names more
 //! disks or a larger disk than these is refused as forged or damaged.
 
-/// A manifest document (JSON with one 64-hex digest per chunk): room for
-/// about 15 TiB of 1 MiB chunks.
+/// A manifest document (JSON with one 64-hex digest per chunk with data,
+/// a number per run of zero chunks): room for about 15 TiB of 1 MiB chunks
+/// with data, however large the disks' holes. A backup whose manifest
+/// would be larger is refused before it is published (never a backup that
+/// cannot be read back).
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 /// A VM's operational profile document.
 pub const MAX_PROFILE_BYTES: u64 = 256 << 20;

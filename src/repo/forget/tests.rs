@@ -62,7 +62,7 @@ fn referenced(repo: &Repository) -> HashSet<Digest> {
             out.extend(
                 m.disks
                     .iter()
-                    .flat_map(|d| d.chunks.iter().flatten().copied()),
+                    .flat_map(|d| d.chunks.digests().copied()),
             );
         }
     }
@@ -84,11 +84,9 @@ fn verify_all(repo: &Repository) {
         for id in repo.backup_ids(&vm).unwrap() {
             let m = repo.manifest(&vm, &id).unwrap();
             for d in &m.disks {
-                for (i, c) in d.chunks.iter().enumerate() {
-                    if let Some(c) = c {
-                        repo.read_chunk(c, d.chunk_len(i as u64), &format!("{vm}/{id}"))
-                            .unwrap();
-                    }
+                for (i, c) in d.chunks.iter_present() {
+                    repo.read_chunk(&c, d.chunk_len(i), &format!("{vm}/{id}"))
+                        .unwrap();
                 }
             }
         }
