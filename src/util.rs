@@ -121,6 +121,17 @@ pub fn rfc3339(unix: u64) -> String {
 }
 
 /// Human-readable byte counts for CLI output.
+/// Gives memory the allocator holds free back to the system: glibc keeps
+/// what a thread frees in that thread's arena (see `prefetch::scheduler`).
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists, under its
+    // own arena locks; it touches no memory we own.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

@@ -499,8 +499,8 @@ mod tests {
         f.write_all_at(&vec![0u8; cs as usize], 100 * cs).unwrap();
         f.write_all_at(b"tail", size - 4).unwrap();
         f.sync_all().unwrap();
-        let ext = super::super::sparse::data_extents(&f, size).unwrap();
-        let overlapping: u64 = (super::super::sparse::chunks_with_data(&ext, cs as u32).iter())
+        let ext = crate::repo::sparse::data_extents(&f, size).unwrap();
+        let overlapping: u64 = (crate::repo::sparse::chunks_with_data(&ext, cs as u32).iter())
             .map(|r| r.end - r.start)
             .sum();
         let r = run_backup(&repo, req("sparse", vec![p.clone()])).unwrap();
