@@ -57,6 +57,7 @@ bench: deps garage release
 	python3 scripts/bench/placement.py $(BENCH_ARGS)
 	python3 scripts/bench/vmbackup.py $(BENCH_ARGS)
 	python3 scripts/bench/precopy.py $(BENCH_ARGS)
+	python3 scripts/bench/large.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick

@@ -34,7 +34,11 @@ fn a_sparse_1_tib_disk_backs_up_its_data_only_recovers_within_a_second_and_the_d
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(TIB).unwrap();
     // Data at the start, unaligned in the middle (9 chunks), at the end.
-    let pieces = [(0, 4 * MIB), (300 * GIB + 12345, 8 * MIB), (TIB - 3 * MIB, 3 * MIB)];
+    let pieces = [
+        (0, 4 * MIB),
+        (300 * GIB + 12345, 8 * MIB),
+        (TIB - 3 * MIB, 3 * MIB),
+    ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(16);
     let data: Vec<Vec<u8>> = pieces
         .iter()

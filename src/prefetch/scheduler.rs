@@ -494,7 +494,11 @@ mod tests {
         let gate = blocking_job(&s, Class::OnDemand);
         s.submit(Class::Profile, || drop(vec![1u8; 4 << 20]));
         std::thread::sleep(TRIM_INTERVAL + Duration::from_millis(300));
-        assert_eq!(s.inner.trims.load(Ordering::Relaxed), 1, "trimmed while busy");
+        assert_eq!(
+            s.inner.trims.load(Ordering::Relaxed),
+            1,
+            "trimmed while busy"
+        );
         open(&gate);
         assert_eq!(wait_trims(&s, 2), 2);
         // Idle without new work: nothing more to give back.

@@ -156,7 +156,11 @@ mod tests {
         );
         t.on_read(3..5, |b| b == 4);
         t.on_read(4..6, |_| true);
-        let rec: Vec<u64> = t.accesses(&ChunkIndex::zeros(100)).iter().map(|a| a.0).collect();
+        let rec: Vec<u64> = t
+            .accesses(&ChunkIndex::zeros(100))
+            .iter()
+            .map(|a| a.0)
+            .collect();
         assert_eq!(rec, vec![3, 4, 5]);
         let f = t.figures(|_| false);
         assert_eq!((f.first_reads, f.first_read_hits), (3, 2));

@@ -106,7 +106,8 @@ impl ChunkIndex {
     pub fn iter_present(&self) -> impl Iterator<Item = (u64, Digest)> + '_ {
         (0..self.runs.len()).flat_map(move |k| {
             let r = self.runs[k];
-            (0..self.run_len(k)).map(move |off| (r.start + off, self.digests[(r.rank + off) as usize]))
+            (0..self.run_len(k))
+                .map(move |off| (r.start + off, self.digests[(r.rank + off) as usize]))
         })
     }
 
@@ -125,7 +126,11 @@ impl ChunkIndex {
         let changes: std::collections::BTreeMap<u64, Option<Digest>> =
             changes.into_iter().collect();
         if let Some((&last, _)) = changes.last_key_value() {
-            assert!(last < self.len, "chunk {last} is past the {} chunks", self.len);
+            assert!(
+                last < self.len,
+                "chunk {last} is past the {} chunks",
+                self.len
+            );
         }
         let mut out = Builder::default();
         let mut changes = changes.into_iter().peekable();

@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(back.disks, m.disks);
         // Written again, it is format 2 with runs.
         let again = String::from_utf8(m.encode().unwrap()).unwrap();
-        assert!(again.contains("\"format\":2") && !again.contains("null"), "{again}");
+        assert!(
+            again.contains("\"format\":2") && !again.contains("null"),
+            "{again}"
+        );
         let mut future = m.clone();
         future.format = 3;
         let e = Manifest::decode(&future.encode().unwrap(), "x").unwrap_err();

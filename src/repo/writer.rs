@@ -509,8 +509,16 @@ mod tests {
         assert_eq!(rep.chunks, n);
         // Chunks 10 and 11, 100, the last: 4 chunks, the last 12345 bytes.
         assert!(overlapping >= 4 && overlapping <= 6, "{ext:?}");
-        assert!(rep.read_bytes <= overlapping * cs, "{} read", rep.read_bytes);
-        assert!(rep.read_bytes < 8 * cs, "holes were read: {} bytes", rep.read_bytes);
+        assert!(
+            rep.read_bytes <= overlapping * cs,
+            "{} read",
+            rep.read_bytes
+        );
+        assert!(
+            rep.read_bytes < 8 * cs,
+            "holes were read: {} bytes",
+            rep.read_bytes
+        );
         let m = &r.manifest.disks[0].chunks;
         let have: Vec<u64> = m.iter_present().map(|(i, _)| i).collect();
         assert_eq!(have, vec![10, 11, n - 1]);

@@ -655,7 +655,10 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
 }
 
 fn chunk_list(repo: &Repository, vm: &str, id: &str) -> Vec<Option<crate::repo::Digest>> {
-    repo.resolve(vm, Some(id)).unwrap().disks[0].chunks.iter().collect()
+    repo.resolve(vm, Some(id)).unwrap().disks[0]
+        .chunks
+        .iter()
+        .collect()
 }
 
 fn bitmaps_left(q: &mut Qmp) -> Vec<String> {

@@ -546,9 +546,7 @@ impl Volume {
             Err(e) => {
                 self.stats.fetch_errors.add(1);
                 *self.stats.last_fetch_error.lock() = Some(e.to_string());
-                let chunk = self.chunks.get(b)
-                    .map(|d| d.to_hex())
-                    .unwrap_or_default();
+                let chunk = self.chunks.get(b).map(|d| d.to_hex()).unwrap_or_default();
                 tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk, "fetch failed: {e}");
             }
         }

@@ -12,7 +12,11 @@ fn random_list(rng: &mut impl Rng) -> Vec<Option<Digest>> {
     let mut v = vec![];
     let target = rng.gen_range(0..2000);
     while v.len() < target {
-        let zeros = if rng.gen_bool(0.3) { 0 } else { rng.gen_range(1..200) };
+        let zeros = if rng.gen_bool(0.3) {
+            0
+        } else {
+            rng.gen_range(1..200)
+        };
         v.extend(std::iter::repeat_n(None, zeros));
         for _ in 0..rng.gen_range(0..20) {
             v.push(Some(digest(rng.gen_range(0..50))));
@@ -100,8 +104,13 @@ fn the_stored_form_round_trips_and_old_null_lists_read_the_same() {
 fn a_sparse_ten_tib_disk_is_a_few_bytes_stored_and_in_memory() {
     let len = 10u64 << 20; // 10 TiB of 1 MiB chunks
     let idx = ChunkIndex::zeros(len).with_changes(
-        [(0, digest(1)), (1, digest(2)), (5 << 20, digest(3)), (len - 1, digest(4))]
-            .map(|(i, d)| (i, Some(d))),
+        [
+            (0, digest(1)),
+            (1, digest(2)),
+            (5 << 20, digest(3)),
+            (len - 1, digest(4)),
+        ]
+        .map(|(i, d)| (i, Some(d))),
     );
     let json = serde_json::to_string(&idx).unwrap();
     let (a, b, c) = (digest(1), digest(2), digest(3));
@@ -122,7 +131,11 @@ fn a_sparse_ten_tib_disk_is_a_few_bytes_stored_and_in_memory() {
 
 #[test]
 fn malformed_lists_are_refused_while_read() {
-    let bad = |s: &str| serde_json::from_str::<ChunkIndex>(s).unwrap_err().to_string();
+    let bad = |s: &str| {
+        serde_json::from_str::<ChunkIndex>(s)
+            .unwrap_err()
+            .to_string()
+    };
     assert!(bad("[0]").contains("cannot be empty"));
     assert!(bad("[-3]").contains("invalid count"));
     assert!(bad("[1.5]").contains("a chunk digest, null, or a count"));
@@ -132,7 +145,9 @@ fn malformed_lists_are_refused_while_read() {
     let overflow = format!("[{}, {}]", u64::MAX, u64::MAX);
     assert!(bad(&overflow).contains("chunks a disk may have"));
     assert_eq!(
-        serde_json::from_str::<ChunkIndex>(&format!("[{MAX_CHUNKS}]")).unwrap().len(),
+        serde_json::from_str::<ChunkIndex>(&format!("[{MAX_CHUNKS}]"))
+            .unwrap()
+            .len(),
         MAX_CHUNKS
     );
 }

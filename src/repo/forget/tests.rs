@@ -59,11 +59,7 @@ fn referenced(repo: &Repository) -> HashSet<Digest> {
     for vm in repo.vms().unwrap() {
         for id in repo.backup_ids(&vm).unwrap() {
             let m = repo.manifest(&vm, &id).unwrap();
-            out.extend(
-                m.disks
-                    .iter()
-                    .flat_map(|d| d.chunks.digests().copied()),
-            );
+            out.extend(m.disks.iter().flat_map(|d| d.chunks.digests().copied()));
         }
     }
     out

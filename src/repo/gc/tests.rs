@@ -85,7 +85,9 @@ fn a_dry_run_removes_nothing_and_a_profiles_chunks_stay() {
         (1, dry.freed_bytes)
     );
     assert!(repo.has_chunk(&day_chunk).unwrap());
-    assert!(!repo.has_chunk(&old.disks[0].chunks.get(2).unwrap()).unwrap());
+    assert!(!repo
+        .has_chunk(&old.disks[0].chunks.get(2).unwrap())
+        .unwrap());
     assert_eq!(chunk_keys(&repo).len(), before.len() - 1);
 }
 
