@@ -508,7 +508,7 @@ mod tests {
         let n = size.div_ceil(cs);
         assert_eq!(rep.chunks, n);
         // Chunks 10 and 11, 100, the last: 4 chunks, the last 12345 bytes.
-        assert!(overlapping >= 4 && overlapping <= 6, "{ext:?}");
+        assert!((4..=6).contains(&overlapping), "{ext:?}");
         assert!(
             rep.read_bytes <= overlapping * cs,
             "{} read",
