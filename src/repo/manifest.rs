@@ -84,7 +84,13 @@ impl Manifest {
     }
 
     /// Sealed with the repository's MAC when it is encrypted.
+    /// Always format 2 (zero runs), also for a manifest read as format 1.
     pub fn encode_with(&self, keys: Option<&super::crypto::Keys>) -> Result<Vec<u8>> {
+        if self.format != MANIFEST_FORMAT {
+            let mut m = self.clone();
+            m.format = MANIFEST_FORMAT;
+            return m.encode_with(keys);
+        }
         super::sealed::seal_with("manifest", self, keys)
     }
 
@@ -211,15 +217,16 @@ mod tests {
         let back = Manifest::decode(&bytes, "x").unwrap();
         assert_eq!(back.format, 1);
         assert_eq!(back.disks, m.disks);
-        // Written again, it is format 2 with runs.
-        let again = String::from_utf8(m.encode().unwrap()).unwrap();
+        // Written again (a staging copy), it is format 2 with runs.
+        let again = String::from_utf8(back.encode().unwrap()).unwrap();
         assert!(
             again.contains("\"format\":2") && !again.contains("null"),
             "{again}"
         );
-        let mut future = m.clone();
-        future.format = 3;
-        let e = Manifest::decode(&future.encode().unwrap(), "x").unwrap_err();
+        let mut future = serde_json::to_value(&m).unwrap();
+        future["format"] = 3.into();
+        let future = crate::repo::sealed::seal("manifest", &future).unwrap();
+        let e = Manifest::decode(&future, "x").unwrap_err();
         assert!(e.to_string().contains("unknown format 3"), "{e}");
     }
 }
