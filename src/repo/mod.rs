@@ -498,15 +498,8 @@ impl Repository {
     /// Writes a manifest last, never replacing an existing backup.
     pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
         let bytes = m.encode_with(self.keys.as_ref())?;
-        if bytes.len() as u64 > limits::MAX_MANIFEST_BYTES {
-            return Err(Error::invalid(format!(
-                "the manifest of backup {}/{} would be {} bytes, more than the {} a manifest may have: back up with a larger --chunk-size",
-                m.vm,
-                m.id,
-                bytes.len(),
-                limits::MAX_MANIFEST_BYTES
-            )));
-        }
+        limits::check_manifest_len(bytes.len() as u64)
+            .map_err(|e| e.context(format!("backup {}/{}", m.vm, m.id)))?;
         self.backend.put_new(&manifest_key(&m.vm, &m.id), &bytes)
     }
 }
