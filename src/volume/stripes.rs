@@ -53,4 +53,64 @@ mod tests {
         assert_eq!(big.of(6).load(Ordering::Relaxed), 0);
         assert_eq!(Stripes::new(0).counters.len(), 1);
     }
+
+    /// A disk with more blocks than stripes: a write to another block of
+    /// a block's stripe makes the relocation copier copy it again (errs
+    /// safe); a write to a block of another stripe does not.
+    #[test]
+    fn on_a_large_disk_a_write_to_a_block_sharing_the_stripe_only_costs_a_recopy() {
+        use crate::repo::writer::{run_backup, BackupRequest};
+        use crate::staging::{MapKind, PersistentBitmap};
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            crate::repo::Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        let bs = 65536u64;
+        let nblocks = MAX_STRIPES + 100;
+        let img = d.path().join("big.raw");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(nblocks * bs).unwrap(); // sparse: the backup reads nothing
+        drop(f);
+        let req = BackupRequest {
+            vm: "vm".into(),
+            config: None,
+            chunk_size: bs as u32,
+            images: vec![img],
+            progress: false,
+        };
+        let m = run_backup(&repo, req).unwrap().manifest;
+        let sched = crate::prefetch::Scheduler::new("stripes", 2);
+        let storage = crate::staging::io::OsStorage::shared();
+        let vol = crate::testutil::open_volumes(
+            storage.as_ref(),
+            &d.path().join("st"),
+            &repo,
+            &m,
+            &sched,
+        )
+        .remove(0);
+        let copied = PersistentBitmap::open(
+            storage.as_ref(),
+            &d.path().join("copied"),
+            MapKind::Copied,
+            bs as u32,
+            nblocks,
+        )
+        .unwrap();
+        let stamp = vol.write_stamp(3).unwrap();
+        vol.write(4 * bs, &[1u8; 10]).unwrap();
+        assert!(vol.mark_copied(&copied, 3, stamp), "another stripe's write");
+        let stamp = vol.write_stamp(3).unwrap();
+        vol.write((3 + MAX_STRIPES) * bs, &[1u8; 10]).unwrap();
+        assert!(
+            !vol.mark_copied(&copied, 3, stamp),
+            "a write in the stripe: copy again"
+        );
+        assert!(!copied.test(3));
+        let stamp = vol.write_stamp(3).unwrap();
+        vol.write(3 * bs, &[2u8; 10]).unwrap();
+        assert!(
+            !vol.mark_copied(&copied, 3, stamp),
+            "a write to the block itself"
+        );
+    }
 }
