@@ -9,7 +9,7 @@ DEMO ?= debian
 APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3 fdisk dosfstools e2fsprogs \
 	libnfs-utils qemu-block-extra libnbd-bin iproute2 util-linux
 # Peers and tools the benchmarks compare against.
-BENCH_PACKAGES := nbdkit nbdfuse bindfs libnbd-bin strace nfs-ganesha nfs-ganesha-vfs rpcbind
+BENCH_PACKAGES := nbdkit nbdfuse bindfs libnbd-bin strace nfs-ganesha nfs-ganesha-vfs rpcbind b3sum
 
 .PHONY: all build release agent deps garage fsx test demo bench bench-quick clean fmt
 
@@ -57,6 +57,7 @@ bench: deps garage release
 	python3 scripts/bench/placement.py $(BENCH_ARGS)
 	python3 scripts/bench/vmbackup.py $(BENCH_ARGS)
 	python3 scripts/bench/precopy.py $(BENCH_ARGS)
+	python3 scripts/bench/large.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick

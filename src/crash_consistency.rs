@@ -397,7 +397,7 @@ fn check_state(
         let d = &base.base.disks[0];
         for b in 0..blocks {
             let r = b * BS..(b + 1) * BS;
-            let want = match d.chunks[b] {
+            let want = match d.chunks.get(b as u64) {
                 Some(c) => {
                     w.repo
                         .read_chunk(&c, d.chunk_len(b as u64), &"crash test")

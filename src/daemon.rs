@@ -80,6 +80,7 @@ enum MountPointState {
 }
 
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    crate::util::limit_malloc_arenas();
     let repo = match opts.repo_delay {
         Some(d) => Repository::open_delayed(&opts.repo, d)?,
         None => Repository::open(&opts.repo)?,

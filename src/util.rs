@@ -121,6 +121,38 @@ pub fn rfc3339(unix: u64) -> String {
 }
 
 /// Human-readable byte counts for CLI output.
+/// Caps glibc's malloc arenas at the CPU count, between 2 and 4, unless
+/// `MALLOC_ARENA_MAX` says otherwise. By default glibc makes up to 8 per
+/// CPU, and each fetch worker, event thread and pool thread that frees
+/// chunk-sized buffers keeps them in its own arena: measured on a 1 GiB
+/// cold read, the daemon peaked at 85-99 MiB with the default, 37-45 MiB
+/// with 2 arenas, at the same CPU time (and 4 KiB warm reads at the same
+/// rate). Called before the daemon starts its threads.
+pub fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a glibc tunable; arenas already made stay.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, cpus.clamp(2, 4) as libc::c_int);
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = cpus;
+}
+
+/// Gives memory the allocator holds free back to the system: glibc keeps
+/// what a thread frees in that thread's arena (see `prefetch::scheduler`).
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists, under its
+    // own arena locks; it touches no memory we own.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

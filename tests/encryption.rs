@@ -184,7 +184,10 @@ fn tampering_and_wrong_keys_are_refused_by_name_and_the_passphrase_can_change() 
             Some(recoverfs::repo::crypto::load_key_file(&key, Some("first passphrase")).unwrap()),
         )
         .unwrap();
-        r.manifest("vm", &a).unwrap().disks[0].chunks[0].unwrap()
+        r.manifest("vm", &a).unwrap().disks[0]
+            .chunks
+            .get(0)
+            .unwrap()
     };
     let chunk = env.repo.join(digest.key());
     let good = std::fs::read(&chunk).unwrap();

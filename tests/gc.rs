@@ -21,7 +21,7 @@ fn assert_no_manifest_lacks_a_chunk(repo: &str, when: &str) {
                 continue; // forgotten since the listing
             };
             for d in &m.disks {
-                for c in d.chunks.iter().flatten() {
+                for c in d.chunks.digests() {
                     assert!(
                         r.has_chunk(c).unwrap(),
                         "{when}: backup {vm}/{id} lost chunk {c}"

@@ -306,7 +306,7 @@ fn forget_and_gc_on_s3_remove_only_unreferenced_chunks_and_a_racing_backup_keeps
     });
     for id in repo.backup_ids("vm").unwrap() {
         let m = repo.manifest("vm", &id).unwrap();
-        for c in m.disks.iter().flat_map(|d| d.chunks.iter().flatten()) {
+        for c in m.disks.iter().flat_map(|d| d.chunks.digests()) {
             assert!(repo.has_chunk(c).unwrap(), "backup {id} lost chunk {c}");
         }
     }

@@ -139,7 +139,7 @@ fn restored(repo: &str, vm: &str, id: &str, n: usize) -> Vec<u8> {
     for (i, c) in disk.chunks.iter().enumerate() {
         let len = disk.chunk_len(i as u64);
         match c {
-            Some(d) => back.extend(repo.read_chunk(d, len, &"test").unwrap().0),
+            Some(d) => back.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
             None => back.extend(vec![0u8; len]),
         }
     }

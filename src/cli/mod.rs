@@ -992,14 +992,15 @@ fn backup(
     )?;
     for d in &report.disks {
         eprintln!(
-            "{}: {} in {} chunks: {} new ({} stored), {} reused, {} zero",
+            "{}: {} in {} chunks: {} new ({} stored), {} reused, {} zero; {} read",
             d.name,
             human_bytes(d.size),
             d.chunks,
             d.new_chunks,
             human_bytes(d.new_bytes),
             d.chunks - d.new_chunks - d.zero_chunks,
-            d.zero_chunks
+            d.zero_chunks,
+            human_bytes(d.read_bytes)
         );
     }
     eprintln!(

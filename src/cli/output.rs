@@ -116,16 +116,14 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
             };
             backups += 1;
             for d in &m.disks {
-                for (i, c) in d.chunks.iter().enumerate() {
-                    if let Some(c) = c {
-                        uses.entry(*c).or_default().push(Use {
-                            vm: v.clone(),
-                            backup: id.clone(),
-                            disk: d.name.clone(),
-                            block: i as u64,
-                            len: d.chunk_len(i as u64),
-                        });
-                    }
+                for (i, c) in d.chunks.iter_present() {
+                    uses.entry(c).or_default().push(Use {
+                        vm: v.clone(),
+                        backup: id.clone(),
+                        disk: d.name.clone(),
+                        block: i,
+                        len: d.chunk_len(i),
+                    });
                 }
             }
         }

@@ -463,7 +463,7 @@ impl Job {
     fn given_base(&self) -> Result<GivenBase> {
         let mut disks = self.state.disk_manifests();
         for d in &mut disks {
-            let distinct: std::collections::HashSet<_> = d.chunks.iter().flatten().collect();
+            let distinct: std::collections::HashSet<_> = d.chunks.digests().collect();
             for dg in distinct {
                 d.stored_bytes += self.repo.chunk_stored_size(dg)?.ok_or_else(|| {
                     Error::not_found(format!("pre-copied chunk {dg} is gone from the repository"))
@@ -633,8 +633,8 @@ fn new_cycle(
                 .map(|(dm, d)| DiskState {
                     node: d.node_name.clone(),
                     size: dm.size,
-                    chunks: dm.chunks.clone(),
-                    since: vec![Some(0); dm.chunks.len()],
+                    chunks: dm.chunks.iter().collect(),
+                    since: vec![Some(0); dm.chunks.len() as usize],
                 })
                 .collect();
             let start = format!(

@@ -81,7 +81,7 @@ impl State {
                 name: format!("disk{i}"),
                 size: d.size,
                 chunk_size: self.chunk_size,
-                chunks: d.chunks.clone(),
+                chunks: d.chunks.iter().copied().collect(),
                 stored_bytes: 0,
                 new_bytes: 0,
             })

@@ -200,12 +200,13 @@ fn default_plan(vol: &Arc<Volume>, cap: u64) -> Vec<Planned> {
     let mut out = vec![];
     for r in regions {
         for b in r.offset / bs..(r.offset + r.len).div_ceil(bs).min(vol.nblocks()) {
-            if vol.chunks()[b as usize].is_some() && seen.insert(b) {
+            let chunk = vol.chunks().get(b);
+            if chunk.is_some() && seen.insert(b) {
                 out.push(Planned {
                     block: b,
                     t_ms: 0,
                     seen: 1,
-                    chunk: vol.chunks()[b as usize],
+                    chunk,
                 });
             }
         }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::repo::{Digest, Repository};
+use crate::repo::{ChunkIndex, Digest, Repository};
 use crate::util::validate_name;
 
 pub const PROFILE_FORMAT: &str = "recoverfs-profile-1";
@@ -173,14 +173,14 @@ impl MergedDisk {
     /// The blocks worth fetching for a disk of `block_size` whose chunks
     /// are `chunks`: same chunk as recorded, not a zero chunk. With another
     /// block size, blocks map by byte position and chunks cannot be compared.
-    pub fn plan_for(&self, block_size: u64, chunks: &[Option<Digest>]) -> Vec<Planned> {
-        let nblocks = chunks.len() as u64;
+    pub fn plan_for(&self, block_size: u64, chunks: &ChunkIndex) -> Vec<Planned> {
+        let nblocks = chunks.len();
         if block_size == self.block_size {
             return self
                 .blocks
                 .iter()
                 .filter(|p| p.block < nblocks && p.chunk.is_some())
-                .filter(|p| chunks[p.block as usize] == p.chunk)
+                .filter(|p| chunks.get(p.block) == p.chunk)
                 .copied()
                 .collect();
         }
@@ -189,7 +189,7 @@ impl MergedDisk {
         for p in &self.blocks {
             let (s, e) = (p.block * self.block_size, (p.block + 1) * self.block_size);
             for b in s / block_size..e.div_ceil(block_size).min(nblocks) {
-                if chunks[b as usize].is_some() && done.insert(b) {
+                if chunks.has_data(b) && done.insert(b) {
                     out.push(Planned { block: b, ..*p });
                 }
             }
@@ -369,12 +369,12 @@ mod tests {
             Access(3, 3, None),
         ]));
         let m = &doc.merge()[0];
-        let now = vec![d(0), d(42), d(2), None];
+        let now: ChunkIndex = [d(0), d(42), d(2), None].into_iter().collect();
         let same: Vec<u64> = m.plan_for(65536, &now).iter().map(|p| p.block).collect();
         assert_eq!(same, vec![0, 2], "block 1 changed, block 3 is zero");
         // 128 KiB blocks: recorded blocks 0..3 cover new blocks 0 and 1.
         let big: Vec<u64> = m
-            .plan_for(131072, &[d(5), d(6)])
+            .plan_for(131072, &[d(5), d(6)].into_iter().collect())
             .iter()
             .map(|p| p.block)
             .collect();

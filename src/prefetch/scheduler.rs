@@ -16,6 +16,12 @@
 //!   (a recovery session) and serves the tenants with queued jobs in turn,
 //!   one job each ([`FairQueue`]): one VM's hundred misses never queue
 //!   ahead of another VM's one. Within a tenant the order is FIFO.
+//! * **Memory back when idle.** Each fetch allocates and frees chunk-sized
+//!   buffers on its worker thread; glibc keeps what a thread frees in that
+//!   thread's arena, so after a burst of fetches 16 workers can hold tens
+//!   of MiB no one uses (measured: ~50 MiB after 64 MiB read). When the
+//!   scheduler goes idle after work, at most once a second, it gives the
+//!   freed memory back (`util::trim_heap`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -31,6 +37,9 @@ use crate::metrics::LatencyHistogram;
 use crate::placement::{queue::Ticket, IoClass, IoQueue};
 
 type Work = Box<dyn FnOnce() + Send + 'static>;
+
+/// Least time between two heap trims.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 type Popped = (Arc<Job>, Class, Option<Ticket>);
 
 /// One queued fetch; shared between the queue(s) and the block's slot.
@@ -137,11 +146,29 @@ struct State {
     running: [usize; Class::COUNT],
     backoff: Backoff,
     shutdown: bool,
+    /// Jobs finished since the heap was last trimmed, and when that was.
+    freed: bool,
+    last_trim: Option<Instant>,
 }
 
 impl State {
     fn background_running(&self) -> usize {
         self.running[1..].iter().sum()
+    }
+
+    /// True (once) when work finished and nothing runs or waits, at most
+    /// once a second: time to give freed memory back.
+    fn trim_due(&mut self, now: Instant) -> bool {
+        let idle = self.running.iter().chain(&self.queued).all(|&n| n == 0);
+        let due = self
+            .last_trim
+            .is_none_or(|t| now.duration_since(t) >= TRIM_INTERVAL);
+        if !(self.freed && idle && due) {
+            return false;
+        }
+        self.freed = false;
+        self.last_trim = Some(now);
+        true
     }
 
     /// Pops the most urgent runnable job, skipping copies of jobs that a
@@ -186,6 +213,8 @@ struct Inner {
     /// The backoff's smoothed on-demand fetch time, readable without the
     /// state lock: every guest read asks for it (readahead sizing).
     latency_us: AtomicU64,
+    /// Heap trims so far (see the module doc).
+    trims: AtomicU64,
 }
 
 /// Shared by every volume of a daemon.
@@ -242,12 +271,15 @@ impl Scheduler {
                 running: [0; Class::COUNT],
                 backoff: Backoff::new(workers - reserved),
                 shutdown: false,
+                freed: false,
+                last_trim: None,
             }),
             io: io.clone(),
             cv: Condvar::new(),
             workers,
             on_demand_latency: LatencyHistogram::default(),
             latency_us: AtomicU64::new(0),
+            trims: AtomicU64::new(0),
         });
         for i in 0..workers {
             let inner = inner.clone();
@@ -375,8 +407,14 @@ fn worker(inner: &Inner) {
                 if st.shutdown {
                     return;
                 }
-                if let Some(j) = st.pop(Instant::now(), inner.io.as_ref()) {
+                let now = Instant::now();
+                if let Some(j) = st.pop(now, inner.io.as_ref()) {
                     break j;
+                }
+                if st.trim_due(now) {
+                    parking_lot::MutexGuard::unlocked(&mut st, crate::util::trim_heap);
+                    inner.trims.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 // A timeout lets a relaxed backoff limit admit queued work.
                 inner.cv.wait_for(&mut st, Duration::from_millis(100));
@@ -398,6 +436,7 @@ fn worker(inner: &Inner) {
         let now = Instant::now();
         let mut st = inner.state.lock();
         st.running[class as usize] -= 1;
+        st.freed = true;
         if class == Class::OnDemand {
             st.backoff.observe(now - started, now);
             let us = st.backoff.latency().as_micros() as u64;
@@ -433,6 +472,38 @@ mod tests {
     fn open(gate: &Gate) {
         *gate.0.lock() = true;
         gate.1.notify_all();
+    }
+
+    /// Waits up to 5 s for the scheduler's trim count to reach `n`.
+    fn wait_trims(s: &Scheduler, n: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.inner.trims.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s.inner.trims.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn freed_memory_goes_back_once_the_scheduler_is_idle_never_while_it_works() {
+        let s = Scheduler::new("trim", 4);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(s.inner.trims.load(Ordering::Relaxed), 0, "nothing ran yet");
+        s.submit(Class::Profile, || drop(vec![1u8; 4 << 20]));
+        assert_eq!(wait_trims(&s, 1), 1, "idle after work: one trim");
+        // A job finishes while another still runs: no trim until both end.
+        let gate = blocking_job(&s, Class::OnDemand);
+        s.submit(Class::Profile, || drop(vec![1u8; 4 << 20]));
+        std::thread::sleep(TRIM_INTERVAL + Duration::from_millis(300));
+        assert_eq!(
+            s.inner.trims.load(Ordering::Relaxed),
+            1,
+            "trimmed while busy"
+        );
+        open(&gate);
+        assert_eq!(wait_trims(&s, 2), 2);
+        // Idle without new work: nothing more to give back.
+        std::thread::sleep(TRIM_INTERVAL + Duration::from_millis(300));
+        assert_eq!(s.inner.trims.load(Ordering::Relaxed), 2);
     }
 
     #[test]

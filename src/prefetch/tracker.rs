@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::profile::{Access, Planned};
-use crate::repo::Digest;
+use crate::repo::ChunkIndex;
 use crate::staging::AtomicBitmap;
 
 /// Where the applied profile came from.
@@ -104,11 +104,11 @@ impl Tracker {
     }
 
     /// The recorded first reads with each block's chunk.
-    pub fn accesses(&self, chunks: &[Option<Digest>]) -> Vec<Access> {
+    pub fn accesses(&self, chunks: &ChunkIndex) -> Vec<Access> {
         self.accesses
             .lock()
             .iter()
-            .map(|&(b, t)| Access(b, t, chunks[b as usize]))
+            .map(|&(b, t)| Access(b, t, chunks.get(b)))
             .collect()
     }
 
@@ -156,7 +156,11 @@ mod tests {
         );
         t.on_read(3..5, |b| b == 4);
         t.on_read(4..6, |_| true);
-        let rec: Vec<u64> = t.accesses(&[None; 100]).iter().map(|a| a.0).collect();
+        let rec: Vec<u64> = t
+            .accesses(&ChunkIndex::zeros(100))
+            .iter()
+            .map(|a| a.0)
+            .collect();
         assert_eq!(rec, vec![3, 4, 5]);
         let f = t.figures(|_| false);
         assert_eq!((f.first_reads, f.first_read_hits), (3, 2));
@@ -172,7 +176,7 @@ mod tests {
             },
         );
         t.on_read(0..2, |_| false);
-        assert!(t.accesses(&[None; 10]).is_empty());
+        assert!(t.accesses(&ChunkIndex::zeros(10)).is_empty());
         assert!(!t.recording_open());
     }
 

@@ -67,7 +67,7 @@ fn manifest_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Diges
     let m = repo.decode_manifest(bytes, what)?;
     Ok(m.disks
         .iter()
-        .flat_map(|d| d.chunks.iter().flatten().copied())
+        .flat_map(|d| d.chunks.digests().copied())
         .collect())
 }
 

@@ -2,8 +2,11 @@
 //! never read into memory past its bound, and a manifest that names more
 //! disks or a larger disk than these is refused as forged or damaged.
 
-/// A manifest document (JSON with one 64-hex digest per chunk): room for
-/// about 15 TiB of 1 MiB chunks.
+/// A manifest document (JSON with one 64-hex digest per chunk with data,
+/// a number per run of zero chunks): room for about 15 TiB of 1 MiB chunks
+/// with data, however large the disks' holes. A backup whose manifest
+/// would be larger is refused before it is published (never a backup that
+/// cannot be read back).
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
 /// A VM's operational profile document.
 pub const MAX_PROFILE_BYTES: u64 = 256 << 20;
@@ -16,8 +19,30 @@ pub const MAX_DISK_BYTES: u64 = 64 << 40;
 /// Memory a VM configuration may ask QEMU for, in MiB (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
+/// A manifest of `len` bytes may be published: one that could not be read
+/// back is refused before it exists.
+pub fn check_manifest_len(len: u64) -> crate::Result<()> {
+    if len > MAX_MANIFEST_BYTES {
+        return Err(crate::Error::invalid(format!(
+            "its manifest would be {len} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have: back up with a larger --chunk-size"
+        )));
+    }
+    Ok(())
+}
+
 /// Largest stored form of a chunk of `len` plain bytes: zstd's worst case
 /// plus its frame header, plus encryption's magic, nonce and tag.
 pub fn max_chunk_object(len: usize) -> u64 {
     zstd::zstd_safe::compress_bound(len) as u64 + 64 + 64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_manifest_that_could_not_be_read_back_is_refused() {
+        assert!(super::check_manifest_len(super::MAX_MANIFEST_BYTES).is_ok());
+        let e = super::check_manifest_len(super::MAX_MANIFEST_BYTES + 1).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("larger --chunk-size"), "{e}");
+    }
 }

@@ -1,14 +1,18 @@
 //! Backup manifests: one JSON document per backup, naming the VM, its
-//! configuration and, per disk, the ordered chunk digests (null = zero
-//! chunk). The document is wrapped with a BLAKE3 checksum of its exact
-//! bytes so truncation or bit rot is reported, never half-parsed.
+//! configuration and, per disk, the ordered chunk digests (a run of zero
+//! chunks is its length; `null` for each one in format 1, see
+//! `repo::chunk_index`). The document is wrapped with a BLAKE3 checksum of
+//! its exact bytes so truncation or bit rot is reported, never half-parsed.
 
 use serde::{Deserialize, Serialize};
 
-use super::chunk::Digest;
+use super::chunk_index::ChunkIndex;
 use crate::error::{Error, Result};
 
-pub const MANIFEST_FORMAT: u32 = 1;
+/// Written: zero chunks as run lengths. Format 1 (one `null` per zero
+/// chunk) is read as well.
+pub const MANIFEST_FORMAT: u32 = 2;
+const READABLE_FORMATS: [u32; 2] = [1, MANIFEST_FORMAT];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -28,8 +32,8 @@ pub struct DiskManifest {
     pub name: String,
     pub size: u64,
     pub chunk_size: u32,
-    /// One entry per chunk in disk order; `None` marks an all-zero chunk.
-    pub chunks: Vec<Option<Digest>>,
+    /// Per chunk in disk order, its digest; `None` for an all-zero chunk.
+    pub chunks: ChunkIndex,
     /// Compressed bytes of the distinct chunks this disk references.
     pub stored_bytes: u64,
     /// Compressed bytes this backup added to the repository.
@@ -57,7 +61,7 @@ impl DiskManifest {
             )));
         }
         let expect = Self::chunk_count(self.size, self.chunk_size);
-        if self.chunks.len() as u64 != expect {
+        if self.chunks.len() != expect {
             return Err(Error::corrupt(format!(
                 "disk {} lists {} chunks, its size needs {expect}",
                 self.name,
@@ -80,7 +84,13 @@ impl Manifest {
     }
 
     /// Sealed with the repository's MAC when it is encrypted.
+    /// Always format 2 (zero runs), also for a manifest read as format 1.
     pub fn encode_with(&self, keys: Option<&super::crypto::Keys>) -> Result<Vec<u8>> {
+        if self.format != MANIFEST_FORMAT {
+            let mut m = self.clone();
+            m.format = MANIFEST_FORMAT;
+            return m.encode_with(keys);
+        }
         super::sealed::seal_with("manifest", self, keys)
     }
 
@@ -97,7 +107,7 @@ impl Manifest {
     ) -> Result<Manifest> {
         let m: Manifest =
             super::sealed::unseal_with(bytes, "manifest", &format!("manifest {what}"), keys)?;
-        if m.format != MANIFEST_FORMAT {
+        if !READABLE_FORMATS.contains(&m.format) {
             return Err(Error::corrupt(format!(
                 "manifest {what} has unknown format {}",
                 m.format
@@ -131,6 +141,7 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::Digest;
 
     fn sample() -> Manifest {
         Manifest {
@@ -144,7 +155,9 @@ mod tests {
                 name: "disk0".into(),
                 size: 3 * 65536 + 10,
                 chunk_size: 65536,
-                chunks: vec![Some(Digest::of(b"a")), None, Some(Digest::of(b"b")), None],
+                chunks: [Some(Digest::of(b"a")), None, Some(Digest::of(b"b")), None]
+                    .into_iter()
+                    .collect(),
                 stored_bytes: 10,
                 new_bytes: 5,
             }],
@@ -184,7 +197,36 @@ mod tests {
     #[test]
     fn chunk_count_must_match_disk_size() {
         let mut m = sample();
-        m.disks[0].chunks.pop();
+        m.disks[0].chunks = m.disks[0].chunks.iter().take(3).collect();
         assert!(Manifest::decode(&m.encode().unwrap(), "x").is_err());
+    }
+
+    #[test]
+    fn a_format_1_manifest_with_a_null_per_zero_chunk_still_reads() {
+        let m = sample();
+        let d = &m.disks[0];
+        let old = serde_json::json!({
+            "format": 1, "vm": m.vm, "id": m.id, "created": m.created,
+            "created_unix": 0, "config": m.config,
+            "disks": [{"name": d.name, "size": d.size, "chunk_size": d.chunk_size,
+                "chunks": d.chunks.iter().collect::<Vec<_>>(),
+                "stored_bytes": 10, "new_bytes": 5}],
+        });
+        let bytes = crate::repo::sealed::seal("manifest", &old).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains(",null,"));
+        let back = Manifest::decode(&bytes, "x").unwrap();
+        assert_eq!(back.format, 1);
+        assert_eq!(back.disks, m.disks);
+        // Written again (a staging copy), it is format 2 with runs.
+        let again = String::from_utf8(back.encode().unwrap()).unwrap();
+        assert!(
+            again.contains("\"format\":2") && !again.contains("null"),
+            "{again}"
+        );
+        let mut future = serde_json::to_value(&m).unwrap();
+        future["format"] = 3.into();
+        let future = crate::repo::sealed::seal("manifest", &future).unwrap();
+        let e = Manifest::decode(&future, "x").unwrap_err();
+        assert!(e.to_string().contains("unknown format 3"), "{e}");
     }
 }

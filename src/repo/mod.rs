@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod catalog;
 pub mod chunk;
+pub mod chunk_index;
 pub mod crypto;
 pub mod forget;
 pub mod gc;
@@ -25,6 +26,7 @@ pub mod pins;
 pub mod retention;
 pub mod s3;
 pub mod sealed;
+pub mod sparse;
 #[cfg(test)]
 pub mod testing;
 pub mod writer;
@@ -36,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use backend::{Backend, LocalDir};
 pub use chunk::Digest;
+pub use chunk_index::ChunkIndex;
 pub use manifest::{DiskManifest, Manifest};
 
 use crate::error::{Error, Result};
@@ -494,10 +497,10 @@ impl Repository {
 
     /// Writes a manifest last, never replacing an existing backup.
     pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
-        self.backend.put_new(
-            &manifest_key(&m.vm, &m.id),
-            &m.encode_with(self.keys.as_ref())?,
-        )
+        let bytes = m.encode_with(self.keys.as_ref())?;
+        limits::check_manifest_len(bytes.len() as u64)
+            .map_err(|e| e.context(format!("backup {}/{}", m.vm, m.id)))?;
+        self.backend.put_new(&manifest_key(&m.vm, &m.id), &bytes)
     }
 }
 

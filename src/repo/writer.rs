@@ -1,4 +1,5 @@
-//! Writing a backup: cut raw images into fixed chunks, skip zero chunks,
+//! Writing a backup: cut raw images into fixed chunks, skip zero chunks
+//! (the chunks in an image's holes are not even read, see `repo::sparse`),
 //! store each distinct chunk once, then publish the manifest last.
 //! Hashing and compression run on a small crossbeam worker pool while one
 //! thread reads the image sequentially.
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use crossbeam_channel::bounded;
 
 use super::chunk::{is_zero, Digest};
+use super::chunk_index::ChunkIndex;
 use super::locks::WriterLock;
 use super::manifest::{DiskManifest, Manifest, MANIFEST_FORMAT};
 use super::Repository;
@@ -34,6 +36,8 @@ pub struct DiskReport {
     pub zero_chunks: u64,
     pub new_chunks: u64,
     pub new_bytes: u64,
+    /// Plain bytes read: holes are not.
+    pub read_bytes: u64,
 }
 
 pub struct BackupReport {
@@ -331,12 +335,12 @@ pub fn store_chunks_with(
 pub fn stored_bytes_after(
     repo: &Repository,
     base: &DiskManifest,
-    chunks: &[Option<Digest>],
+    chunks: &ChunkIndex,
     known: &std::collections::HashMap<Digest, u64>,
 ) -> Result<u64> {
     use std::collections::HashSet;
-    let before: HashSet<&Digest> = base.chunks.iter().flatten().collect();
-    let after: HashSet<&Digest> = chunks.iter().flatten().collect();
+    let before: HashSet<&Digest> = base.chunks.digests().collect();
+    let after: HashSet<&Digest> = chunks.digests().collect();
     let size = |d: &Digest| -> Result<u64> {
         match known.get(d) {
             Some(n) => Ok(*n),
@@ -363,23 +367,32 @@ fn backup_disk(
 ) -> Result<(DiskManifest, DiskReport)> {
     let file = File::open(path).ctx(|| format!("open image {}", path.display()))?;
     let n = DiskManifest::chunk_count(size, chunk_size);
+    let extents = super::sparse::data_extents(&file, size)
+        .map_err(|e| e.context(format!("image {}", path.display())))?;
+    let with_data = super::sparse::chunks_with_data(&extents, chunk_size);
+    let read_chunks: u64 = with_data.iter().map(|r| r.end - r.start).sum();
+    // Chunks in holes are done without a read.
+    let cs = chunk_size as u64;
+    let data_len: u64 = (with_data.iter())
+        .map(|r| (r.end * cs).min(size) - r.start * cs)
+        .sum();
+    bar.inc(size - data_len);
     let read = |idx: u64, buf: &mut [u8]| -> Result<()> {
         let off = idx * chunk_size as u64;
         file.read_exact_at(buf, off)
             .ctx(|| format!("read {} at {off}", path.display()))
     };
-    let st = store_chunks(repo, size, chunk_size, 0..n, &read, &|b| bar.inc(b))?;
-    let mut chunks = vec![None; n as usize];
-    for (idx, d) in &st.chunks {
-        chunks[*idx as usize] = *d;
-    }
+    let indexes = with_data.into_iter().flatten();
+    let st = store_chunks(repo, size, chunk_size, indexes, &read, &|b| bar.inc(b))?;
+    let chunks = ChunkIndex::zeros(n).with_changes(st.chunks.iter().copied());
     let rep = DiskReport {
         name: name.into(),
         size,
         chunks: n,
-        zero_chunks: st.zero_chunks,
+        zero_chunks: st.zero_chunks + (n - read_chunks),
         new_chunks: st.new_chunks,
         new_bytes: st.new_bytes,
+        read_bytes: st.read_bytes,
     };
     let dm = DiskManifest {
         name: name.into(),
@@ -413,6 +426,7 @@ fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn image(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
         let p = dir.join(name);
@@ -441,7 +455,7 @@ mod tests {
         let img = image(d.path(), "a.raw", &data);
         let r1 = run_backup(&repo, req("vm1", vec![img.clone()])).unwrap();
         assert_eq!(r1.disks[0].zero_chunks, 1);
-        assert_eq!(r1.manifest.disks[0].chunks[1], None);
+        assert_eq!(r1.manifest.disks[0].chunks.get(1), None);
         data[5 * 65536 + 7] ^= 0xff;
         std::fs::write(&img, &data).unwrap();
         let r2 = run_backup(&repo, req("vm1", vec![img])).unwrap();
@@ -459,7 +473,7 @@ mod tests {
         for (i, c) in disk.chunks.iter().enumerate() {
             match c {
                 Some(dg) => back.extend(
-                    repo.read_chunk(dg, disk.chunk_len(i as u64), &"test")
+                    repo.read_chunk(&dg, disk.chunk_len(i as u64), &"test")
                         .unwrap()
                         .0,
                 ),
@@ -467,6 +481,60 @@ mod tests {
             }
         }
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_sparse_image_is_read_only_where_it_has_data_and_restores_identically() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        let p = d.path().join("sparse.raw");
+        let f = std::fs::File::create(&p).unwrap();
+        let size = (256u64 << 20) + 12345; // a short last chunk
+        f.set_len(size).unwrap();
+        let cs = 65536u64;
+        // Data across a chunk boundary, a written run of zeros (data to
+        // the filesystem, a zero chunk to the backup), the short last chunk.
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        f.write_all_at(&data, 10 * cs + 1000).unwrap();
+        f.write_all_at(&vec![0u8; cs as usize], 100 * cs).unwrap();
+        f.write_all_at(b"tail", size - 4).unwrap();
+        f.sync_all().unwrap();
+        let ext = crate::repo::sparse::data_extents(&f, size).unwrap();
+        let overlapping: u64 = (crate::repo::sparse::chunks_with_data(&ext, cs as u32).iter())
+            .map(|r| r.end - r.start)
+            .sum();
+        let r = run_backup(&repo, req("sparse", vec![p.clone()])).unwrap();
+        let rep = &r.disks[0];
+        let n = size.div_ceil(cs);
+        assert_eq!(rep.chunks, n);
+        // Chunks 10 and 11, 100, the last: 4 chunks, the last 12345 bytes.
+        assert!((4..=6).contains(&overlapping), "{ext:?}");
+        assert!(
+            rep.read_bytes <= overlapping * cs,
+            "{} read",
+            rep.read_bytes
+        );
+        assert!(
+            rep.read_bytes < 8 * cs,
+            "holes were read: {} bytes",
+            rep.read_bytes
+        );
+        let m = &r.manifest.disks[0].chunks;
+        let have: Vec<u64> = m.iter_present().map(|(i, _)| i).collect();
+        assert_eq!(have, vec![10, 11, n - 1]);
+        assert_eq!(rep.zero_chunks, n - 3);
+        // Restored chunk by chunk, it is the image, byte for byte.
+        let disk = &repo.resolve("sparse", None).unwrap().disks[0];
+        assert_eq!(&disk.chunks, m);
+        let img = std::fs::read(&p).unwrap();
+        for (i, c) in disk.chunks.iter().enumerate() {
+            let len = disk.chunk_len(i as u64);
+            let want = &img[i * cs as usize..][..len];
+            match c {
+                Some(dg) => assert_eq!(repo.read_chunk(&dg, len, &"t").unwrap().0, want),
+                None => assert!(want.iter().all(|&b| b == 0), "chunk {i}"),
+            }
+        }
     }
 
     #[test]

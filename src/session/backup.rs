@@ -477,17 +477,15 @@ fn store(
             &|_| {},
         )?;
         st.sizes.extend(up.sizes);
-        let mut chunks = bd.chunks.clone();
-        // Frozen blocks never staged are the session's own backup chunk.
-        for &b in &f.blocks {
-            chunks[b as usize] = d.chunks()[b as usize];
-        }
+        // Frozen blocks never staged are the session's own backup chunk;
+        // those read or taken from the uploader are what they hold now.
+        let own = f.blocks.iter().map(|&b| (b, d.chunks().get(b)));
         let taken = up.taken.iter().map(|(b, c)| (*b, *c));
-        for (b, c) in st.chunks.iter().copied().chain(taken) {
-            chunks[b as usize] = c;
-        }
+        let chunks = bd
+            .chunks
+            .with_changes(own.chain(st.chunks.iter().copied()).chain(taken));
         let stored_bytes = stored_bytes_after(repo, bd, &chunks, &st.sizes)?;
-        let nonzero = chunks.iter().flatten().count() as u64;
+        let nonzero = chunks.data_chunks();
         reports.push(SessionBackupDisk {
             name: bd.name.clone(),
             blocks_frozen: f.blocks.len() as u64,

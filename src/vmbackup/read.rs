@@ -23,7 +23,7 @@ use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::writer::{
     default_config, publish_manifest, store_chunks_with, stored_bytes_after,
 };
-use crate::repo::Repository;
+use crate::repo::{ChunkIndex, Repository};
 
 /// An NBD export: where its server listens and its name.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,7 +197,7 @@ pub fn read_export(
     let mut c = Conn::open(export, &[CONTEXT_ALLOCATION])?;
     let size = c.size();
     let mut wanted = chunks_with_data(&c.status(CONTEXT_ALLOCATION)?, chunk_size);
-    let mut chunks = vec![None; DiskManifest::chunk_count(size, chunk_size) as usize];
+    let mut chunks = ChunkIndex::zeros(DiskManifest::chunk_count(size, chunk_size));
     if let Some(b) = &base {
         if b.disk.size != size || b.disk.chunk_size != chunk_size {
             return Err(Error::invalid("the disk's geometry is not the base's"));
@@ -212,10 +212,7 @@ pub fn read_export(
         let dirty = dirty_chunks(&m.status(&ctx)?, chunk_size);
         m.close();
         // Clean chunks are the base's; dirty ones are read, or zeros.
-        chunks = b.disk.chunks.clone();
-        for &i in &dirty {
-            chunks[i as usize] = None;
-        }
+        chunks = b.disk.chunks.with_changes(dirty.iter().map(|&i| (i, None)));
         let dirty: HashSet<u64> = dirty.into_iter().collect();
         wanted.retain(|i| dirty.contains(i));
     }
@@ -244,9 +241,7 @@ pub fn read_export(
     for c in pool.into_inner().into_iter().flatten() {
         c.close();
     }
-    for (i, d) in &st.chunks {
-        chunks[*i as usize] = *d;
-    }
+    let chunks = chunks.with_changes(st.chunks.iter().copied());
     let stored_bytes = match &base {
         Some(b) => stored_bytes_after(repo, b.disk, &chunks, &st.sizes)?,
         None => st.sizes.values().sum(),

@@ -161,7 +161,7 @@ pub(crate) fn restored(repo: &Repository, vm: &str, id: &str) -> Vec<u8> {
     for (i, c) in disk.chunks.iter().enumerate() {
         let len = disk.chunk_len(i as u64);
         match c {
-            Some(d) => back.extend(repo.read_chunk(d, len, &"test").unwrap().0),
+            Some(d) => back.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
             None => back.extend(vec![0u8; len]),
         }
     }
@@ -655,7 +655,10 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
 }
 
 fn chunk_list(repo: &Repository, vm: &str, id: &str) -> Vec<Option<crate::repo::Digest>> {
-    repo.resolve(vm, Some(id)).unwrap().disks[0].chunks.clone()
+    repo.resolve(vm, Some(id)).unwrap().disks[0]
+        .chunks
+        .iter()
+        .collect()
 }
 
 fn bitmaps_left(q: &mut Qmp) -> Vec<String> {

@@ -109,12 +109,12 @@ impl Volume {
         if !self.store.present.test(b) {
             return false;
         }
-        self.pins[b as usize].fetch_add(1, Ordering::AcqRel);
+        self.pins.of(b).fetch_add(1, Ordering::AcqRel);
         true
     }
 
     pub(super) fn unpin(&self, b: u64) {
-        self.pins[b as usize].fetch_sub(1, Ordering::AcqRel);
+        self.pins.of(b).fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Marks `b` recently used (CLOCK).
@@ -127,7 +127,7 @@ impl Volume {
     fn evictable(&self, b: u64, copied: Option<&crate::staging::PersistentBitmap>) -> bool {
         self.store.present.test(b)
             && !self.store.changed.test(b)
-            && self.pins[b as usize].load(Ordering::Acquire) == 0
+            && self.pins.of(b).load(Ordering::Acquire) == 0
             && copied.is_none_or(|c| c.test(b))
     }
 

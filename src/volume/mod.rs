@@ -58,7 +58,7 @@ use crate::prefetch::scheduler::{tenant_of, Job};
 use crate::prefetch::stream::{Detector, Geometry};
 use crate::prefetch::tracker::{ProfileFigures, RecordWindow, Tracker};
 use crate::prefetch::{Class, Scheduler};
-use crate::repo::{Digest, DiskManifest, Repository};
+use crate::repo::{ChunkIndex, DiskManifest, Repository};
 use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
@@ -66,6 +66,7 @@ mod evict;
 mod freeze;
 mod passthrough;
 mod relocation;
+mod stripes;
 mod upload;
 
 pub use freeze::Frozen;
@@ -163,7 +164,7 @@ pub struct Volume {
     pub size: u64,
     block_size: u64,
     nblocks: u64,
-    chunks: Vec<Option<Digest>>,
+    chunks: ChunkIndex,
     repo: Arc<Repository>,
     store: DiskStore,
     inflight: Mutex<HashMap<u64, Arc<Slot>>>,
@@ -183,11 +184,12 @@ pub struct Volume {
     /// First reads (the profile being recorded) and the applied profile.
     pub(crate) tracker: Tracker,
     streams: Detector,
-    /// Per-block write counters, bumped before and after each guest write's
-    /// data lands: the relocation copier compares them around a copy to
-    /// know the copy saw no concurrent or later write.
-    writes_started: Vec<AtomicU32>,
-    writes_finished: Vec<AtomicU32>,
+    /// Per-block write counters (striped, see `stripes`), bumped before
+    /// and after each guest write's data lands: the relocation copier
+    /// compares them around a copy to know the copy saw no concurrent or
+    /// later write.
+    writes_started: stripes::Stripes,
+    writes_finished: stripes::Stripes,
     /// The relocation's copied map while a relocation runs.
     copied: RwLock<Option<Arc<PersistentBitmap>>>,
     /// The session uploader's record of the current generation (see
@@ -222,8 +224,8 @@ pub struct Volume {
     /// around "test presence + pin"; eviction holds it exclusively while
     /// it picks and clears victims (see `evict`).
     evict_gate: RwLock<()>,
-    /// Writers relying on a present block (see `evict`).
-    pins: Vec<AtomicU32>,
+    /// Writers relying on a present block (see `evict`; striped).
+    pins: stripes::Stripes,
     /// CLOCK referenced bits (set by hits and fills).
     referenced: crate::staging::AtomicBitmap,
     /// CLOCK hand; also one eviction of this disk at a time.
@@ -328,8 +330,8 @@ impl Volume {
             stats: VolumeStats::default(),
             tracker: Tracker::new(nblocks, record),
             streams: Detector::default(),
-            writes_started: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
-            writes_finished: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
+            writes_started: stripes::Stripes::new(nblocks),
+            writes_finished: stripes::Stripes::new(nblocks),
             copied: RwLock::new(None),
             uploaded: RwLock::new(uploaded),
             write_gate: RwLock::new(()),
@@ -342,7 +344,7 @@ impl Volume {
             closed: AtomicBool::new(false),
             io_gate: RwLock::new(()),
             evict_gate: RwLock::new(()),
-            pins: (0..nblocks).map(|_| AtomicU32::new(0)).collect(),
+            pins: stripes::Stripes::new(nblocks),
             referenced: crate::staging::AtomicBitmap::new(nblocks),
             clock_hand: Mutex::new(0),
             direct_readers: Mutex::new(0),
@@ -387,9 +389,9 @@ impl Volume {
         if self.target.get().is_some() {
             return 0;
         }
-        (0..self.nblocks)
-            .filter(|&b| self.chunks[b as usize].is_some() && !self.store.present.test(b))
-            .map(|b| self.block_len(b))
+        (self.chunks.iter_present())
+            .filter(|&(b, _)| !self.store.present.test(b))
+            .map(|(b, _)| self.block_len(b))
             .sum()
     }
 
@@ -412,7 +414,7 @@ impl Volume {
         }
         let len = len.min(self.size.saturating_sub(off));
         self.blocks(off, len)
-            .all(|b| self.store.present.test(b) || self.chunks[b as usize].is_none())
+            .all(|b| self.store.present.test(b) || !self.chunks.has_data(b))
     }
 
     /// True if a write of the range neither waits for a fetch nor syncs a
@@ -479,7 +481,7 @@ impl Volume {
                 Some(s)
             }
             Claim::Owner(s) => {
-                match self.chunks[b as usize] {
+                match self.chunks.get(b) {
                     None => {
                         let r = self.admit(&s).and_then(|()| self.zero_fill(b));
                         self.complete(b, &s, r);
@@ -509,7 +511,7 @@ impl Volume {
     /// Starts fetching `b` in the background unless it is local or
     /// already coming; true if this queued a fetch or raised its class.
     pub fn prefetch_block(&self, b: u64, class: Class) -> bool {
-        if b >= self.nblocks || self.chunks[b as usize].is_none() || self.store.present.test(b) {
+        if b >= self.nblocks || !self.chunks.has_data(b) || self.store.present.test(b) {
             return false;
         }
         self.start_fill(b, class).is_some()
@@ -544,9 +546,7 @@ impl Volume {
             Err(e) => {
                 self.stats.fetch_errors.add(1);
                 *self.stats.last_fetch_error.lock() = Some(e.to_string());
-                let chunk = self.chunks[b as usize]
-                    .map(|d| d.to_hex())
-                    .unwrap_or_default();
+                let chunk = self.chunks.get(b).map(|d| d.to_hex()).unwrap_or_default();
                 tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk, "fetch failed: {e}");
             }
         }
@@ -558,7 +558,7 @@ impl Volume {
     fn fetch_block(&self, b: u64, slot: &Slot) -> Result<u64> {
         self.check_open()?;
         self.admit(slot)?;
-        let digest = self.chunks[b as usize].expect("fetch of a zero chunk");
+        let digest = self.chunks.get(b).expect("fetch of a zero chunk");
         let what = format!(
             "VM {} backup {} disk{} block {b}",
             self.vm, self.backup, self.index
@@ -656,7 +656,7 @@ impl Volume {
     fn observe_guest_read(&self, off: u64, len: u64) {
         let blocks = self.blocks(off, len);
         self.tracker.on_read(blocks.clone(), |b| {
-            self.store.present.test(b) || self.chunks[b as usize].is_none()
+            self.store.present.test(b) || !self.chunks.has_data(b)
         });
         let g = Geometry {
             block_size: self.block_size,
@@ -701,7 +701,7 @@ impl Volume {
             // Start every missing fetch first so a multi-block read fetches in parallel.
             let slots: Vec<(u64, Arc<Slot>)> = todo
                 .iter()
-                .filter(|&&b| self.chunks[b as usize].is_some())
+                .filter(|&&b| self.chunks.has_data(b))
                 .filter_map(|&b| self.start_fill(b, class).map(|s| (b, s)))
                 .collect();
             hit &= slots.is_empty();
@@ -763,7 +763,7 @@ impl Volume {
             let s = (b * self.block_size).max(off);
             let e = ((b + 1) * self.block_size).min(end);
             if !self.store.present.test(b) {
-                if self.chunks[b as usize].is_some() {
+                if self.chunks.has_data(b) {
                     missing.push(b);
                 }
                 continue;
@@ -793,7 +793,7 @@ impl Volume {
     }
 
     /// The backup's chunk per block (`None`: all zeros).
-    pub fn chunks(&self) -> &[Option<Digest>] {
+    pub fn chunks(&self) -> &ChunkIndex {
         &self.chunks
     }
 
@@ -1048,7 +1048,7 @@ impl Volume {
         copied: Option<&PersistentBitmap>,
     ) -> Result<()> {
         for b in blocks.clone() {
-            self.writes_started[b as usize].fetch_add(1, Ordering::SeqCst);
+            self.writes_started.of(b).fetch_add(1, Ordering::SeqCst);
         }
         let r = (|| {
             if let Some(c) = copied {
@@ -1070,7 +1070,7 @@ impl Volume {
 
     fn end_write(&self, blocks: std::ops::Range<u64>) {
         for b in blocks {
-            self.writes_finished[b as usize].fetch_add(1, Ordering::SeqCst);
+            self.writes_finished.of(b).fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -1166,7 +1166,7 @@ impl Volume {
         let switched = self.target.get().is_some();
         crate::disk::extents(self.size, self.block_size, off, len, |b| {
             let staged = switched || self.store.present.test(b);
-            let hole = !staged && self.chunks[b as usize].is_none();
+            let hole = !staged && !self.chunks.has_data(b);
             crate::disk::ExtentFlags {
                 hole,
                 zero: hole,
@@ -1207,7 +1207,7 @@ impl Volume {
             blocks_staged: self.store.present.bits().count(),
             blocks_changed: self.store.changed.bits().count(),
             blocks_dirty: self.blocks_dirty(),
-            zero_blocks: self.chunks.iter().filter(|c| c.is_none()).count() as u64,
+            zero_blocks: self.chunks.zero_chunks(),
             reads: s.reads.get(),
             read_bytes: s.read_bytes.get(),
             read_hits: s.read_hits.get(),

@@ -62,12 +62,12 @@ impl Volume {
     /// rest are zero blocks never written, holes in the file. (A written
     /// block that is not staged happens only after a power cut lost its
     /// presence bit: the volume reads it as zeros or fetches it, while the
-    /// file may hold the lost write.) O(blocks), once per first open.
+    /// file may hold the lost write.) Once per first open; walks the
+    /// chunks with data and the changed blocks, not the whole disk.
     fn staging_holds_every_byte(&self) -> bool {
-        (0..self.nblocks).all(|b| {
-            self.store.present.test(b)
-                || (self.chunks[b as usize].is_none() && !self.store.changed.test(b))
-        })
+        let present = |b: u64| self.store.present.test(b);
+        self.chunks.iter_present().all(|(b, _)| present(b))
+            && (self.store.changed.bits().ranges().into_iter()).all(|(s, e)| (s..e).all(present))
     }
 
     /// A direct reader granted by `begin_direct_read` is gone.

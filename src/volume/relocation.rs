@@ -18,8 +18,8 @@ const RELOCATION_WINDOW: usize = 16;
 impl Volume {
     /// A stamp of block `b`'s guest writes, or `None` while one is in progress.
     pub(crate) fn write_stamp(&self, b: u64) -> Option<u32> {
-        let s = self.writes_started[b as usize].load(Ordering::SeqCst);
-        (self.writes_finished[b as usize].load(Ordering::SeqCst) == s).then_some(s)
+        let s = self.writes_started.of(b).load(Ordering::SeqCst);
+        (self.writes_finished.of(b).load(Ordering::SeqCst) == s).then_some(s)
     }
 
     /// Marks `b` copied if no guest write started since `stamp`. The bit is
@@ -27,7 +27,7 @@ impl Volume {
     /// clears it durably) or is seen here.
     pub(crate) fn mark_copied(&self, copied: &PersistentBitmap, b: u64, stamp: u32) -> bool {
         copied.set(b);
-        if self.writes_started[b as usize].load(Ordering::SeqCst) != stamp {
+        if self.writes_started.of(b).load(Ordering::SeqCst) != stamp {
             copied.bits().clear(b);
             copied.mark_dirty();
             return false;
@@ -107,7 +107,7 @@ impl Volume {
 
     /// True if the block has no data in the backup and was never written.
     pub(crate) fn is_hole(&self, b: u64) -> bool {
-        self.chunks[b as usize].is_none() && !self.store.present.test(b)
+        !self.chunks.has_data(b) && !self.store.present.test(b)
     }
 
     pub fn nblocks(&self) -> u64 {

@@ -164,7 +164,7 @@ impl Volume {
         let _g = u.stripes[b as usize % STRIPES].lock();
         u.valid.set(b);
         fence(Ordering::SeqCst);
-        if self.writes_started[b as usize].load(Ordering::SeqCst) != stamp {
+        if self.writes_started.of(b).load(Ordering::SeqCst) != stamp {
             u.valid.clear(b);
             return Ok(false);
         }

@@ -59,11 +59,7 @@ fn referenced(repo: &Repository) -> HashSet<Digest> {
     for vm in repo.vms().unwrap() {
         for id in repo.backup_ids(&vm).unwrap() {
             let m = repo.manifest(&vm, &id).unwrap();
-            out.extend(
-                m.disks
-                    .iter()
-                    .flat_map(|d| d.chunks.iter().flatten().copied()),
-            );
+            out.extend(m.disks.iter().flat_map(|d| d.chunks.digests().copied()));
         }
     }
     out
@@ -84,11 +80,9 @@ fn verify_all(repo: &Repository) {
         for id in repo.backup_ids(&vm).unwrap() {
             let m = repo.manifest(&vm, &id).unwrap();
             for d in &m.disks {
-                for (i, c) in d.chunks.iter().enumerate() {
-                    if let Some(c) = c {
-                        repo.read_chunk(c, d.chunk_len(i as u64), &format!("{vm}/{id}"))
-                            .unwrap();
-                    }
+                for (i, c) in d.chunks.iter_present() {
+                    repo.read_chunk(&c, d.chunk_len(i), &format!("{vm}/{id}"))
+                        .unwrap();
                 }
             }
         }

@@ -13,7 +13,7 @@ fn restore(r: &Rig, vm: &str, id: &str) -> Vec<u8> {
     for (i, c) in d.chunks.iter().enumerate() {
         let len = d.chunk_len(i as u64);
         match c {
-            Some(dg) => out.extend(r.repo.read_chunk(dg, len, &"test").unwrap().0),
+            Some(dg) => out.extend(r.repo.read_chunk(&dg, len, &"test").unwrap().0),
             None => out.extend(vec![0u8; len]),
         }
     }
@@ -65,7 +65,7 @@ fn a_live_backup_restores_to_the_disk_at_the_freeze_without_reading_a_chunk() {
     );
     // stored_bytes: the base's, less the chunks dropped, plus the new ones.
     let m = r.repo.manifest("vm", &rep.backup).unwrap();
-    let distinct: std::collections::HashSet<_> = m.disks[0].chunks.iter().flatten().collect();
+    let distinct: std::collections::HashSet<_> = m.disks[0].chunks.digests().collect();
     let want: u64 = distinct
         .iter()
         .map(|c| r.repo.chunk_stored_size(c).unwrap().unwrap())

@@ -16,7 +16,7 @@ fn restore(r: &Rig, vm: &str, id: &str) -> Vec<u8> {
     for (i, c) in d.chunks.iter().enumerate() {
         let len = d.chunk_len(i as u64);
         match c {
-            Some(dg) => out.extend(r.repo.read_chunk(dg, len, &"test").unwrap().0),
+            Some(dg) => out.extend(r.repo.read_chunk(&dg, len, &"test").unwrap().0),
             None => out.extend(vec![0u8; len]),
         }
     }

@@ -1,0 +1,119 @@
+//! Large sparse disks end to end (issue 16's large-disk target): the
+//! backup reads only the data extents, `recover` makes the disk visible
+//! within a second, the data reads back through FUSE, and the daemon's
+//! resident memory stays within 64 MiB + 8 MiB per TiB under recovery.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+/// A field of /proc/PID/status, in bytes (`VmRSS`, `VmHWM`).
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_sparse_1_tib_disk_backs_up_its_data_only_recovers_within_a_second_and_the_daemon_stays_under_64_mib_plus_8_per_tib(
+) {
+    let env = Env::new();
+    let img = env.path("big.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(TIB).unwrap();
+    // Data at the start, unaligned in the middle (9 chunks), at the end.
+    let pieces = [
+        (0, 4 * MIB),
+        (300 * GIB + 12345, 8 * MIB),
+        (TIB - 3 * MIB, 3 * MIB),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    let data: Vec<Vec<u8>> = pieces
+        .iter()
+        .map(|&(off, len)| {
+            let mut b = vec![0u8; len as usize];
+            rng.fill_bytes(&mut b);
+            f.write_all_at(&b, off).unwrap();
+            b
+        })
+        .collect();
+    f.sync_all().unwrap();
+    drop(f);
+
+    // Only the 16 chunks overlapping data are read: reading 1 TiB of
+    // holes would take many minutes.
+    let o = env.run(&[
+        "backup",
+        "--repo",
+        env.repo_str(),
+        "--vm",
+        "big",
+        "--chunk-size",
+        "1M",
+        img.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1048560 zero; 16.0 MiB read"),
+        "not only the data chunks were read: {err}"
+    );
+    std::fs::remove_file(&img).unwrap();
+
+    let daemon = env.serve();
+    let t = Instant::now();
+    let disks = env.recover("big", None);
+    let visible = t.elapsed();
+    assert_eq!(std::fs::metadata(&disks[0]).unwrap().len(), TIB);
+    assert!(
+        visible <= Duration::from_secs(1),
+        "recover took {visible:?} to make the disk visible"
+    );
+
+    let disk = std::fs::File::open(&disks[0]).unwrap();
+    // The pieces at once: fetches on many workers.
+    std::thread::scope(|s| {
+        for (&(off, len), want) in pieces.iter().zip(&data) {
+            let disk = &disk;
+            s.spawn(move || {
+                let mut got = vec![0u8; len as usize];
+                disk.read_exact_at(&mut got, off).unwrap();
+                assert!(got == *want, "data at {off} reads back wrong");
+            });
+        }
+    });
+    let mut hole = vec![1u8; MIB as usize];
+    disk.read_exact_at(&mut hole, 700 * GIB + 4096).unwrap();
+    assert!(hole.iter().all(|&b| b == 0), "a hole reads as zeros");
+    let st = env.disk_status("big", 0);
+    assert_eq!(st["zero_blocks"], 1048560);
+
+    // The target's own formula: 64 MiB + 8 MiB per TiB under recovery.
+    let limit = 64 * MIB + 8 * MIB;
+    let (rss, hwm) = (
+        proc_status_bytes(daemon.pid(), "VmRSS"),
+        proc_status_bytes(daemon.pid(), "VmHWM"),
+    );
+    eprintln!(
+        "1 TiB sparse: recover {visible:?}, daemon VmRSS {} KiB, VmHWM {} KiB (limit {} KiB)",
+        rss >> 10,
+        hwm >> 10,
+        limit >> 10
+    );
+    assert!(rss <= limit, "daemon VmRSS {rss} > {limit}");
+    assert!(hwm <= limit, "daemon VmHWM {hwm} > {limit}");
+    drop(disk);
+    drop(daemon);
+}
