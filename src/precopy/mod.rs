@@ -71,6 +71,7 @@
 //! (so `backup-vms` cannot run on the VM meanwhile; the final backup
 //! reconnects).
 
+mod direct;
 mod jobs;
 mod round;
 mod state;
@@ -133,7 +134,7 @@ pub struct RoundReport {
     pub round: u64,
     /// Chunks the frozen bitmaps mark (or unknown).
     pub dirty_chunks: u64,
-    /// Chunks read over NBD.
+    /// Chunks read (from the image file or over NBD).
     pub chunks_read: u64,
     /// Marked chunks recorded as zeros without a read.
     pub zero_chunks: u64,
@@ -143,6 +144,8 @@ pub struct RoundReport {
     pub bytes_read: u64,
     pub new_bytes: u64,
     pub checkpoints: u64,
+    /// Per disk: the image file read directly, or `NBD: <why not the file>`.
+    pub read_from: Vec<String>,
     /// Time the guest's load held reads back (throttled or halted).
     pub held_ms: f64,
     pub ms: f64,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::direct::{self, DirectFile};
 use super::state::{DiskState, State, StateDir, STATE_FORMAT};
 use super::throttle::{Gate, Throttle};
 use super::{Control, End, FinalReport, Options, RoundReport};
@@ -248,19 +249,45 @@ impl Job {
         let frozen: Vec<u64> = lo.map(|lo| (lo..=old).collect()).unwrap_or_default();
         let names: Vec<String> = frozen.iter().map(|&r| bitmap_name(&cycle, r)).collect();
         let export = export_name(&cycle, i);
+        let file = self.direct_file(i);
+        p.rep.read_from.push(match &file {
+            Ok(f) => f.path().display().to_string(),
+            Err(why) => {
+                tracing::info!(vm = %self.vm, disk = i, "reading over QEMU's NBD server: {why}");
+                format!("NBD: {why}")
+            }
+        });
         self.q()?.execute(
             "block-export-add",
             Some(json!({"type": "nbd", "id": export, "node-name": node,
                         "name": export, "writable": false, "bitmaps": names})),
         )?;
-        let r = self.read_export(i, &export, &frozen, p);
+        let r = self.read_export(i, &export, &frozen, file.ok(), p);
         let q = self.q()?;
         let del = fleece::delete_export(q, &export);
         r?;
         del.map(drop)
     }
 
-    fn read_export(&mut self, i: usize, export: &str, frozen: &[u64], p: &mut Pass) -> Result<()> {
+    /// Disk `i`'s image file, if this round may read it directly (see
+    /// [`direct`]), or why not.
+    fn direct_file(&mut self, i: usize) -> std::result::Result<DirectFile, String> {
+        let node = self.disks[i].node_name.clone();
+        let q = self.q().map_err(|e| e.to_string())?;
+        let nodes = named_nodes(q).map_err(|e| e.to_string())?;
+        DirectFile::open(&direct::raw_file(&nodes, &node)?, q.peer_pid())
+    }
+
+    /// Reads what the frozen bitmaps mark on export `export` of disk `i`
+    /// (the data from `file` where given, else over NBD).
+    fn read_export(
+        &mut self,
+        i: usize,
+        export: &str,
+        frozen: &[u64],
+        file: Option<DirectFile>,
+        p: &mut Pass,
+    ) -> Result<()> {
         let rep = &mut p.rep;
         let cs = self.state.chunk_size;
         let cycle = self.state.cycle.clone();
@@ -340,9 +367,13 @@ impl Job {
             }
             pace.wait(buf.len() as u64);
             let t0 = Instant::now();
-            c.lock()
-                .expect("NBD client lock")
-                .read(k * cs as u64, buf)?;
+            match &file {
+                Some(f) => f.read(k * cs as u64, buf)?,
+                None => c
+                    .lock()
+                    .expect("NBD client lock")
+                    .read(k * cs as u64, buf)?,
+            }
             if gated {
                 throttle
                     .lock()

@@ -392,4 +392,5 @@ fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
     assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
 }
 
+mod direct;
 mod throttle;
