@@ -13,7 +13,9 @@
 //!    every disk (one instant for all disks);
 //! 2. exports each disk's *running* node read-only on QEMU's NBD server
 //!    with the frozen bitmaps, and reads the chunks they mark (skipping
-//!    ranges `base:allocation` says are zeros);
+//!    ranges `base:allocation` says are zeros): from the image file itself
+//!    where the node is a plain raw file QEMU has open, else over NBD
+//!    (see [`direct`]: NBD reads cost the guest latency);
 //! 3. stores them as chunks (deduplicated as usual) and records, at each
 //!    checkpoint, which chunk holds each block (`state.json`, replaced
 //!    atomically and durably, chunks first);
@@ -73,6 +75,7 @@
 
 mod direct;
 mod jobs;
+mod priority;
 mod round;
 mod state;
 mod throttle;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::direct::{self, DirectFile};
+use super::priority;
 use super::state::{DiskState, State, StateDir, STATE_FORMAT};
 use super::throttle::{Gate, Throttle};
 use super::{Control, End, FinalReport, Options, RoundReport};
@@ -359,7 +360,10 @@ impl Job {
         let (opts, ctl, gated, pace) = (p.opts, p.ctl, p.gated, &p.pace);
         let go_on = || !(ctl.stopping() || gated && past_end(opts));
         let throttle = &self.throttle;
+        // When the last read (and its throttled pause) ended.
+        let last_end: Mutex<Option<Instant>> = Mutex::new(None);
         let read = |k: u64, buf: &mut [u8]| {
+            let entry = Instant::now();
             if gated {
                 let mut t = throttle.lock().expect("throttle lock");
                 t.before_read(&mut *q.lock().expect("QMP lock"), &go_on)?;
@@ -375,17 +379,22 @@ impl Job {
                     .read(k * cs as u64, buf)?,
             }
             if gated {
-                throttle
-                    .lock()
-                    .expect("throttle lock")
-                    .after_read(t0.elapsed());
+                let mut last = last_end.lock().expect("last read lock");
+                let cost = t0.elapsed() + chunk_wait(*last, entry);
+                throttle.lock().expect("throttle lock").after_read(cost);
+                *last = Some(Instant::now());
             }
             Ok(())
         };
+        // Under a load limit the work yields the CPU to the guest and QEMU.
+        let idle = gated && opts.load_limit.is_some();
         let mut r = Ok(());
         for batch in todo.chunks(BATCH) {
-            let st = match store_chunks(&self.repo, size, cs, batch.iter().copied(), &read, &|_| {})
-            {
+            let repo = &self.repo;
+            let stored = priority::run(idle, || {
+                store_chunks(repo, size, cs, batch.iter().copied(), &read, &|_| {})
+            });
+            let st = match stored {
                 Ok(st) => st,
                 Err(e) => {
                     r = Err(e);
@@ -570,6 +579,19 @@ fn past_end(opts: &Options) -> bool {
         End::BackupAt(t) | End::Until(t) => std::time::SystemTime::now() >= t,
         End::Never => false,
     }
+}
+
+/// What a chunk cost beyond its read: the time from the end of the last
+/// read (`last`) to this one's call (`entry`), in which the reader waited
+/// for the workers hashing, compressing and storing (they hold it back
+/// when they fall behind). The throttle leaves the guest a multiple of
+/// the whole cost, not of the read alone: a read from the image file is
+/// far cheaper than storing it. Gaps of a second or more are pauses of
+/// another kind (a checkpoint, a halt), not the chunk's.
+pub(super) fn chunk_wait(last: Option<Instant>, entry: Instant) -> Duration {
+    let gap = last.map(|l| entry.saturating_duration_since(l));
+    gap.filter(|g| *g < Duration::from_secs(1))
+        .unwrap_or_default()
 }
 
 /// The throttle's state in the job's status.
