@@ -5,13 +5,13 @@
 //! completes the guest's I/O, and pays a 1 MiB read with a worker-thread
 //! `pread` plus a socket send it pushes in pieces. Measured on the bench VM
 //! (2 cores, TCG, a guest writing 512 bytes every 10 ms): while a client
-//! read the data disk over NBD at full speed, QEMU's own CPU time rose by
-//! about a third, its threads waited on average 0.5 ms to run after a
-//! wake-up (0.04 ms without), and 9–29% of the guest's writes took over
-//! 1 ms (0.5–5% without); the writes' own `pwrite` calls stayed under
-//! 0.4 ms at p99, so the time went to QEMU's thread hand-offs. Reading the
-//! same file with `pread` from our process left the guest's latency as it
-//! was alone.
+//! read the data disk over NBD at full speed, QEMU used 6.8 CPU-seconds
+//! in 8 s instead of 4.2, its threads waited on average 0.5 ms to run
+//! after a wake-up (0.04–0.11 ms without), and 9–29% of the guest's
+//! writes took over 1 ms (0.5–6% without); the writes' own `pwrite` calls
+//! stayed under 0.4 ms at p99, so the time went to QEMU's thread
+//! hand-offs. Reading the same file with `dd` from another process left
+//! the guest's latency as it was alone.
 //!
 //! **When.** Only for a disk whose node is `raw` with no `offset` or
 //! `size` option (QEMU then names it by a plain path; with them, a
