@@ -13,7 +13,9 @@
 //!    every disk (one instant for all disks);
 //! 2. exports each disk's *running* node read-only on QEMU's NBD server
 //!    with the frozen bitmaps, and reads the chunks they mark (skipping
-//!    ranges `base:allocation` says are zeros);
+//!    ranges `base:allocation` says are zeros): from the image file itself
+//!    where the node is a plain raw file QEMU has open, else over NBD
+//!    (see [`direct`]: NBD reads cost the guest latency);
 //! 3. stores them as chunks (deduplicated as usual) and records, at each
 //!    checkpoint, which chunk holds each block (`state.json`, replaced
 //!    atomically and durably, chunks first);
@@ -71,7 +73,9 @@
 //! (so `backup-vms` cannot run on the VM meanwhile; the final backup
 //! reconnects).
 
+mod direct;
 mod jobs;
+mod priority;
 mod round;
 mod state;
 mod throttle;
@@ -133,7 +137,7 @@ pub struct RoundReport {
     pub round: u64,
     /// Chunks the frozen bitmaps mark (or unknown).
     pub dirty_chunks: u64,
-    /// Chunks read over NBD.
+    /// Chunks read (from the image file or over NBD).
     pub chunks_read: u64,
     /// Marked chunks recorded as zeros without a read.
     pub zero_chunks: u64,
@@ -143,6 +147,8 @@ pub struct RoundReport {
     pub bytes_read: u64,
     pub new_bytes: u64,
     pub checkpoints: u64,
+    /// Per disk: the image file read directly, or `NBD: <why not the file>`.
+    pub read_from: Vec<String>,
     /// Time the guest's load held reads back (throttled or halted).
     pub held_ms: f64,
     pub ms: f64,

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::direct::{self, DirectFile};
+use super::priority;
 use super::state::{DiskState, State, StateDir, STATE_FORMAT};
 use super::throttle::{Gate, Throttle};
 use super::{Control, End, FinalReport, Options, RoundReport};
@@ -248,19 +250,45 @@ impl Job {
         let frozen: Vec<u64> = lo.map(|lo| (lo..=old).collect()).unwrap_or_default();
         let names: Vec<String> = frozen.iter().map(|&r| bitmap_name(&cycle, r)).collect();
         let export = export_name(&cycle, i);
+        let file = self.direct_file(i);
+        p.rep.read_from.push(match &file {
+            Ok(f) => f.path().display().to_string(),
+            Err(why) => {
+                tracing::info!(vm = %self.vm, disk = i, "reading over QEMU's NBD server: {why}");
+                format!("NBD: {why}")
+            }
+        });
         self.q()?.execute(
             "block-export-add",
             Some(json!({"type": "nbd", "id": export, "node-name": node,
                         "name": export, "writable": false, "bitmaps": names})),
         )?;
-        let r = self.read_export(i, &export, &frozen, p);
+        let r = self.read_export(i, &export, &frozen, file.ok(), p);
         let q = self.q()?;
         let del = fleece::delete_export(q, &export);
         r?;
         del.map(drop)
     }
 
-    fn read_export(&mut self, i: usize, export: &str, frozen: &[u64], p: &mut Pass) -> Result<()> {
+    /// Disk `i`'s image file, if this round may read it directly (see
+    /// [`direct`]), or why not.
+    fn direct_file(&mut self, i: usize) -> std::result::Result<DirectFile, String> {
+        let node = self.disks[i].node_name.clone();
+        let q = self.q().map_err(|e| e.to_string())?;
+        let nodes = named_nodes(q).map_err(|e| e.to_string())?;
+        DirectFile::open(&direct::raw_file(&nodes, &node)?, q.peer_pid())
+    }
+
+    /// Reads what the frozen bitmaps mark on export `export` of disk `i`
+    /// (the data from `file` where given, else over NBD).
+    fn read_export(
+        &mut self,
+        i: usize,
+        export: &str,
+        frozen: &[u64],
+        file: Option<DirectFile>,
+        p: &mut Pass,
+    ) -> Result<()> {
         let rep = &mut p.rep;
         let cs = self.state.chunk_size;
         let cycle = self.state.cycle.clone();
@@ -332,7 +360,10 @@ impl Job {
         let (opts, ctl, gated, pace) = (p.opts, p.ctl, p.gated, &p.pace);
         let go_on = || !(ctl.stopping() || gated && past_end(opts));
         let throttle = &self.throttle;
+        // When the last read (and its throttled pause) ended.
+        let last_end: Mutex<Option<Instant>> = Mutex::new(None);
         let read = |k: u64, buf: &mut [u8]| {
+            let entry = Instant::now();
             if gated {
                 let mut t = throttle.lock().expect("throttle lock");
                 t.before_read(&mut *q.lock().expect("QMP lock"), &go_on)?;
@@ -340,21 +371,30 @@ impl Job {
             }
             pace.wait(buf.len() as u64);
             let t0 = Instant::now();
-            c.lock()
-                .expect("NBD client lock")
-                .read(k * cs as u64, buf)?;
-            if gated {
-                throttle
+            match &file {
+                Some(f) => f.read(k * cs as u64, buf)?,
+                None => c
                     .lock()
-                    .expect("throttle lock")
-                    .after_read(t0.elapsed());
+                    .expect("NBD client lock")
+                    .read(k * cs as u64, buf)?,
+            }
+            if gated {
+                let mut last = last_end.lock().expect("last read lock");
+                let cost = t0.elapsed() + chunk_wait(*last, entry);
+                throttle.lock().expect("throttle lock").after_read(cost);
+                *last = Some(Instant::now());
             }
             Ok(())
         };
+        // Under a load limit the work yields the CPU to the guest and QEMU.
+        let idle = gated && opts.load_limit.is_some();
         let mut r = Ok(());
         for batch in todo.chunks(BATCH) {
-            let st = match store_chunks(&self.repo, size, cs, batch.iter().copied(), &read, &|_| {})
-            {
+            let repo = &self.repo;
+            let stored = priority::run(idle, || {
+                store_chunks(repo, size, cs, batch.iter().copied(), &read, &|_| {})
+            });
+            let st = match stored {
                 Ok(st) => st,
                 Err(e) => {
                     r = Err(e);
@@ -539,6 +579,19 @@ fn past_end(opts: &Options) -> bool {
         End::BackupAt(t) | End::Until(t) => std::time::SystemTime::now() >= t,
         End::Never => false,
     }
+}
+
+/// What a chunk cost beyond its read: the time from the end of the last
+/// read (`last`) to this one's call (`entry`), in which the reader waited
+/// for the workers hashing, compressing and storing (they hold it back
+/// when they fall behind). The throttle leaves the guest a multiple of
+/// the whole cost, not of the read alone: a read from the image file is
+/// far cheaper than storing it. Gaps of a second or more are pauses of
+/// another kind (a checkpoint, a halt), not the chunk's.
+pub(super) fn chunk_wait(last: Option<Instant>, entry: Instant) -> Duration {
+    let gap = last.map(|l| entry.saturating_duration_since(l));
+    gap.filter(|g| *g < Duration::from_secs(1))
+        .unwrap_or_default()
 }
 
 /// The throttle's state in the job's status.

@@ -392,4 +392,16 @@ fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
     assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
 }
 
+#[test]
+fn a_throttled_chunk_costs_its_wait_for_the_workers_but_not_a_checkpoint_or_halt_before_it() {
+    let t = Instant::now();
+    let ms = Duration::from_millis;
+    assert_eq!(round::chunk_wait(None, t), Duration::ZERO);
+    assert_eq!(round::chunk_wait(Some(t), t + ms(7)), ms(7));
+    assert_eq!(round::chunk_wait(Some(t), t + ms(1500)), Duration::ZERO);
+    // A clock that did not move forward costs nothing.
+    assert_eq!(round::chunk_wait(Some(t + ms(5)), t), Duration::ZERO);
+}
+
+mod direct;
 mod throttle;

@@ -13,7 +13,9 @@
 //!
 //! **Gate,** consulted before every chunk read: *copying* reads freely;
 //! *throttled* (level ≥ 1) sleeps [`THROTTLED_DUTY`]× the time each read
-//! took after it, so pre-copy keeps the disk a tenth of the time it would;
+//! took after it (pre-copy counts a chunk's whole cost: its read and the
+//! wait for it to be stored), so pre-copy keeps the disk a tenth of the
+//! time it would;
 //! *halted* (level ≥ [`HALT`]) reads nothing until the level is below 1.
 //! Going back to copying needs the level below [`RESUME`] (hysteresis: a
 //! guest hovering at its limit does not flip the gate each sample). The

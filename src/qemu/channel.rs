@@ -51,6 +51,13 @@ impl Channel {
         })
     }
 
+    /// The process at the other end (`SO_PEERCRED`), if the kernel knows it.
+    pub(crate) fn peer_pid(&self) -> Option<u32> {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        let c = getsockopt(&self.writer, PeerCredentials).ok()?;
+        u32::try_from(c.pid()).ok().filter(|&p| p > 0)
+    }
+
     /// Sends one message as a line.
     pub(crate) fn send(&mut self, msg: &Value, command: &str) -> Result<()> {
         let mut line = serde_json::to_vec(msg).expect("json");

@@ -107,6 +107,11 @@ impl Qmp {
         self.version
     }
 
+    /// QEMU's process id (the QMP socket's peer), if the kernel knows it.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.ch.peer_pid()
+    }
+
     /// Sends one command and returns its `return` value. A QMP error reply
     /// is an error naming the command and QEMU's class and description;
     /// the connection stays usable.
