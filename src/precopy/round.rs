@@ -366,8 +366,10 @@ impl Job {
             let entry = Instant::now();
             if gated {
                 let mut t = throttle.lock().expect("throttle lock");
-                t.before_read(&mut *q.lock().expect("QMP lock"), &go_on)?;
-                publish(ctl, &t);
+                // Published at each sample, so status says "halted" while held.
+                t.before_read_watched(&mut *q.lock().expect("QMP lock"), &go_on, &mut |t| {
+                    publish(ctl, t)
+                })?;
             }
             pace.wait(buf.len() as u64);
             let t0 = Instant::now();

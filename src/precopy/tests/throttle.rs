@@ -177,12 +177,13 @@ fn mean_latency(mon: &std::path::Path, window: Duration) -> f64 {
 }
 
 /// A pre-copy job into a fresh repository for `secs` (one round: every
-/// block is new); the window it read in, and its round.
+/// block is new); the window it read in, its round, and each change of
+/// the state its status showed (polled every 20 ms), with when.
 fn precopy_phase(
     vm: &WriterVm,
     limit: Option<LoadLimit>,
     secs: f64,
-) -> (Instant, Instant, RoundReport) {
+) -> (Instant, Instant, RoundReport, Vec<(Duration, String)>) {
     let (_r, repo) = repo();
     let state = tempfile::tempdir().unwrap();
     let o = Options {
@@ -200,10 +201,26 @@ fn precopy_phase(
     };
     let t0 = Instant::now();
     let ctl = Control::default();
-    let rep = run(&repo, &o, &ctl).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut seen: Vec<(Duration, String)> = vec![];
+    let rep = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let st = ctl.status().state;
+                if seen.last().map(|(_, s)| s) != Some(&st) {
+                    seen.push((t0.elapsed(), st));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let rep = run(&repo, &o, &ctl);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        rep
+    })
+    .unwrap();
     let r = (rep.rounds.first().cloned())
         .unwrap_or_else(|| panic!("no round: {rep:?}, {:?}", ctl.status()));
-    (t0, t0 + Duration::from_secs_f64(r.ms / 1000.0), r)
+    (t0, t0 + Duration::from_secs_f64(r.ms / 1000.0), r, seen)
 }
 
 /// The throttle reacts to the real guest's load: with a limit below what
@@ -224,14 +241,14 @@ fn the_throttle_holds_pre_copy_back_under_the_real_guests_load_and_not_without_a
         latency_ms: Some(mean * 0.5),
         ..Default::default()
     };
-    let (a, b, held) = precopy_phase(&vm, Some(below), 10.0);
+    let (a, b, held, held_states) = precopy_phase(&vm, Some(below), 10.0);
     let held_p99 = poll.p99(a, b);
     let above = LoadLimit {
         latency_ms: Some(1000.0),
         ..Default::default()
     };
-    let (_, _, loose) = precopy_phase(&vm, Some(above), 10.0);
-    let (a, b, free) = precopy_phase(&vm, None, 10.0);
+    let (_, _, loose, _) = precopy_phase(&vm, Some(above), 10.0);
+    let (a, b, free, _) = precopy_phase(&vm, None, 10.0);
     let free_p99 = poll.p99(a, b);
     eprintln!(
         "writer p99 (ms, writes): alone {alone:?}, held back {held_p99:?} ({held:?}), \
@@ -242,6 +259,15 @@ fn the_throttle_holds_pre_copy_back_under_the_real_guests_load_and_not_without_a
         "a limit under the guest's own load held pre-copy back only {:.0} of {:.0} ms",
         held.held_ms,
         held.ms
+    );
+    // Not only when the round ends while halted: while it waits.
+    let before_end = b - a - Duration::from_secs(1);
+    assert!(
+        held_states
+            .iter()
+            .any(|(at, s)| s == "halted" && *at < before_end),
+        "held back {:.0} ms, yet status said halted only at the end, if at all: {held_states:?}",
+        held.held_ms
     );
     assert!(
         held.bytes_read * 2 <= free.bytes_read,
