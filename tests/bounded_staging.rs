@@ -8,7 +8,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::nfs::own_loopback;
 use common::*;
@@ -52,22 +51,6 @@ fn read_and_compare(env: &Env, disk: &Path, data_file: &Path, model: &[u8], pass
         if i % 8 == 7 {
             assert_under_limit(env, data_file, pass);
         }
-    }
-}
-
-fn release(env: &Env, discard: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = env.release("vm", discard);
-        if o.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("still open") && Instant::now() < deadline,
-            "release failed: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -222,10 +205,10 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
     }
 
     // Release (kept) and resume: every changed block is still there.
-    release(&env, false);
+    env.release_closed("vm", false);
     let disk = env.recover("vm", None)[0].clone();
     read_and_compare(&env, &disk, &data_file, &model, "read after resume");
-    release(&env, true);
+    env.release_closed("vm", true);
 
     // The first session recorded everything it read as the VM's profile:
     // a 64 MiB working set no 16 MiB staging admits.
@@ -251,7 +234,7 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
         .join(&live_id)
         .join("disk0.data");
     read_and_compare(&env, &disk, &live_file, &model, "read of the live backup");
-    release(&env, true);
+    env.release_closed("vm", true);
     let mut out = std::io::stderr();
     let _ = writeln!(out, "staging at the end: {}", env.status()["staging"][0]);
 }
@@ -299,7 +282,7 @@ fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serve
         &["staging", "drop", "--staging", st, "vm"],
         "release --discard vm",
     );
-    release(&env, false);
+    env.release_closed("vm", false);
     d.stop();
 
     let ls: serde_json::Value =

@@ -102,21 +102,6 @@ impl Drop for Job {
     }
 }
 
-fn restored(repo: &str, id: &str) -> Vec<u8> {
-    let repo = recoverfs::repo::Repository::open(repo).unwrap();
-    let m = repo.resolve("pc", Some(id)).unwrap();
-    let disk = &m.disks[0];
-    let mut back = Vec::with_capacity(disk.size as usize);
-    for (i, c) in disk.chunks.iter().enumerate() {
-        let len = disk.chunk_len(i as u64);
-        match c {
-            Some(d) => back.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
-            None => back.extend(vec![0u8; len]),
-        }
-    }
-    back
-}
-
 fn backup_vms(env: &Env, vm: &Vm) -> String {
     let q = format!("pc={}", vm.qmp.display());
     let out = env.ok(&[
@@ -258,23 +243,10 @@ fn a_job_killed_mid_round_resumes_without_reading_recorded_chunks_again_and_its_
 
     // The same instant: the VM paused, a full backup, the image itself.
     vm.monitor().stop().unwrap();
-    let full = env.ok(&[
-        "backup-vms",
-        "--repo",
-        env.repo_str(),
-        "--vm",
-        &q,
-        "--chunk-size",
-        "64K",
-        "--rate-window",
-        "0",
-        "--json",
-    ]);
-    let full: Value = serde_json::from_str(&full).unwrap();
-    let full = full["vms"][0]["backup"].as_str().unwrap();
-    let got = restored(env.repo_str(), id);
+    let full = backup_vms(&env, &vm);
+    let got = restored(env.repo_str(), "pc", id, 0);
     assert!(
-        got == restored(env.repo_str(), full),
+        got == restored(env.repo_str(), "pc", &full, 0),
         "backup {id} differs from the full backup {full}"
     );
     assert!(
@@ -382,9 +354,9 @@ fn a_daemon_runs_a_pre_copy_job_to_its_scheduled_backup_shows_it_in_status_and_s
     let id = f["backup"].as_str().unwrap().to_string();
     vm.monitor().stop().unwrap();
     let full = backup_vms(&env, &vm);
-    let got = restored(env.repo_str(), &id);
+    let got = restored(env.repo_str(), "pc", &id, 0);
     assert!(
-        got == restored(env.repo_str(), &full),
+        got == restored(env.repo_str(), "pc", &full, 0),
         "backup {id} differs from the full backup {full}"
     );
     assert!(got == std::fs::read(&vm.img).unwrap());

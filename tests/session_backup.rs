@@ -83,29 +83,11 @@ fn assert_same(a: &Path, b: &Path) {
 /// Releases the session, recovers backup `id` and compares its disk with
 /// `expected`; then discards it and verifies the repository.
 fn assert_restores(env: &Env, id: &str, expected: &Path) {
-    release(env, false);
+    env.release_closed("vm", false);
     let disk = env.recover("vm", Some(id))[0].clone();
     assert_same(&disk, expected);
-    release(env, true);
+    env.release_closed("vm", true);
     env.ok(&["verify", "--repo", env.repo_str()]);
-}
-
-/// Releases the session; FUSE reports a file's last close (RELEASE) after
-/// `close` returned, so a release right after one may still see it open.
-fn release(env: &Env, discard: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = env.release("vm", discard);
-        if o.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("still open") && Instant::now() < deadline,
-            "release failed: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {

@@ -82,24 +82,6 @@ fn wait_upload(env: &Env, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-/// Releases the VM's session (keeping its staging).
-fn release(env: &Env, discard: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // FUSE reports a file's last close after `close` returned.
-        let o = env.release("vm", discard);
-        if o.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("still open") && Instant::now() < deadline,
-            "{err}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Recovers backup `id` (no session running), compares its disk with
 /// `expected` byte for byte, discards it and verifies the repository.
 fn assert_restores(env: &Env, id: &str, expected: &Path) {
@@ -108,7 +90,7 @@ fn assert_restores(env: &Env, id: &str, expected: &Path) {
         read_all(&disk) == read_all(expected),
         "backup {id} does not restore to the disk at the freeze"
     );
-    release(env, true);
+    env.release_closed("vm", true);
     env.ok(&["verify", "--repo", env.repo_str()]);
 }
 
@@ -184,7 +166,7 @@ fn after_the_uploader_a_live_backup_reads_only_the_residue_and_restores_exactly_
     assert!(!dir.join("disk0.uploaded-0").exists());
     assert!(dir.join("disk0.uploaded-1").exists());
     let id = r["backup"].as_str().unwrap().to_string();
-    release(&env, false);
+    env.release_closed("vm", false);
     assert_restores(&env, &id, &img);
     drop(d);
 }
@@ -276,7 +258,7 @@ fn a_daemon_killed_mid_upload_resumes_without_uploading_recorded_blocks_again_an
     assert_eq!(r["disks"][0]["blocks_uploaded"], 0, "{r}");
     assert_eq!(r["disks"][0]["blocks_read"], 50, "{r}");
     let second = r["backup"].as_str().unwrap().to_string();
-    release(&env, false);
+    env.release_closed("vm", false);
     assert_restores(&env, &second, &img);
     let first_img = env.path("first.raw");
     std::fs::write(&first_img, at_first).unwrap();

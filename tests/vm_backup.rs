@@ -130,22 +130,6 @@ fn stamps(disk: &[u8]) -> Vec<Option<u64>> {
     out
 }
 
-/// Disk `n` of backup `id` of `vm`, read back through the repository.
-fn restored(repo: &str, vm: &str, id: &str, n: usize) -> Vec<u8> {
-    let repo = recoverfs::repo::Repository::open(repo).unwrap();
-    let m = repo.resolve(vm, Some(id)).unwrap();
-    let disk = &m.disks[n];
-    let mut back = Vec::with_capacity(disk.size as usize);
-    for (i, c) in disk.chunks.iter().enumerate() {
-        let len = disk.chunk_len(i as u64);
-        match c {
-            Some(d) => back.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
-            None => back.extend(vec![0u8; len]),
-        }
-    }
-    back
-}
-
 fn event(vm: &Value, name: &str) -> u64 {
     vm["events"]
         .as_array()

@@ -198,6 +198,25 @@ impl Env {
         self.run(&args)
     }
 
+    /// Releases `vm`'s session, retrying for up to 10 s while it is "still
+    /// open": FUSE reports a file's last close (RELEASE) after `close`
+    /// returned, so a release right after one may still see it open.
+    pub fn release_closed(&self, vm: &str, discard: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = self.release(vm, discard);
+            if o.status.success() {
+                return;
+            }
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("still open") && Instant::now() < deadline,
+                "release failed: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["status", "--socket", self.sock(), "--json"])).unwrap()
     }
@@ -573,4 +592,20 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// Disk `n` of backup `id` of `vm`, read back through the repository.
+pub fn restored(repo: &str, vm: &str, id: &str, n: usize) -> Vec<u8> {
+    let repo = recoverfs::repo::Repository::open(repo).unwrap();
+    let m = repo.resolve(vm, Some(id)).unwrap();
+    let disk = &m.disks[n];
+    let mut back = Vec::with_capacity(disk.size as usize);
+    for (i, c) in disk.chunks.iter().enumerate() {
+        let len = disk.chunk_len(i as u64);
+        match c {
+            Some(d) => back.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
+            None => back.extend(vec![0u8; len]),
+        }
+    }
+    back
 }
