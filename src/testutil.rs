@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::prefetch::tracker::RecordWindow;
 use crate::prefetch::Scheduler;
 use crate::repo::writer::{run_backup, BackupRequest};
-use crate::repo::{Manifest, Repository};
+use crate::repo::{DiskManifest, Manifest, Repository};
 use crate::staging::io::Storage;
 use crate::staging::open_session;
 use crate::volume::Volume;
@@ -74,4 +74,17 @@ pub fn open_volumes(
             )
         })
         .collect()
+}
+
+/// A backed-up disk's bytes, read back (verified) chunk by chunk.
+pub fn disk_bytes(repo: &Repository, disk: &DiskManifest) -> Vec<u8> {
+    let mut out = Vec::with_capacity(disk.size as usize);
+    for (i, c) in disk.chunks.iter().enumerate() {
+        let len = disk.chunk_len(i as u64);
+        match c {
+            Some(d) => out.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
+            None => out.extend(vec![0u8; len]),
+        }
+    }
+    out
 }

@@ -468,19 +468,7 @@ mod tests {
         assert_eq!(repo.backup_ids("vm1").unwrap().len(), 2);
         // Every chunk reads back verified and in order.
         let m = repo.resolve("vm1", None).unwrap();
-        let disk = &m.disks[0];
-        let mut back = vec![];
-        for (i, c) in disk.chunks.iter().enumerate() {
-            match c {
-                Some(dg) => back.extend(
-                    repo.read_chunk(&dg, disk.chunk_len(i as u64), &"test")
-                        .unwrap()
-                        .0,
-                ),
-                None => back.extend(vec![0u8; disk.chunk_len(i as u64)]),
-            }
-        }
-        assert_eq!(back, data);
+        assert_eq!(crate::testutil::disk_bytes(&repo, &m.disks[0]), data);
     }
 
     #[test]

@@ -156,16 +156,7 @@ pub(crate) fn repo() -> (tempfile::TempDir, Arc<Repository>) {
 pub(crate) fn restored(repo: &Repository, vm: &str, id: &str) -> Vec<u8> {
     let m = repo.resolve(vm, Some(id)).unwrap();
     assert_eq!(m.disks.len(), 1);
-    let disk = &m.disks[0];
-    let mut back = vec![];
-    for (i, c) in disk.chunks.iter().enumerate() {
-        let len = disk.chunk_len(i as u64);
-        match c {
-            Some(d) => back.extend(repo.read_chunk(&d, len, &"test").unwrap().0),
-            None => back.extend(vec![0u8; len]),
-        }
-    }
-    back
+    crate::testutil::disk_bytes(repo, &m.disks[0])
 }
 
 fn at(r: &VmReport, event: &str) -> u64 {

@@ -10,17 +10,7 @@ use crate::session::UploadRequest;
 
 /// The disk-0 bytes of backup `id`, read back from the repository.
 fn restore(r: &Rig, vm: &str, id: &str) -> Vec<u8> {
-    let m = r.repo.manifest(vm, id).unwrap();
-    let d = &m.disks[0];
-    let mut out = vec![];
-    for (i, c) in d.chunks.iter().enumerate() {
-        let len = d.chunk_len(i as u64);
-        match c {
-            Some(dg) => out.extend(r.repo.read_chunk(&dg, len, &"test").unwrap().0),
-            None => out.extend(vec![0u8; len]),
-        }
-    }
-    out
+    crate::testutil::disk_bytes(&r.repo, &r.repo.manifest(vm, id).unwrap().disks[0])
 }
 
 fn wait_for(what: &str, f: impl Fn() -> bool) {
