@@ -3,12 +3,14 @@
 //! over its control socket.
 
 mod agent;
+mod backup;
 mod boot;
 mod key;
 mod maint;
 mod output;
 mod precopy;
 mod profile;
+mod serve;
 mod staging;
 mod upload;
 
@@ -20,11 +22,7 @@ use serde_json::json;
 
 use crate::api::client::Client;
 use crate::error::{Error, Result};
-use crate::repo::chunk::validate_chunk_size;
-use crate::repo::writer::{run_backup, BackupRequest};
 use crate::repo::Repository;
-use crate::util::{human_bytes, parse_size};
-use crate::vmbackup::read::{backup_exports, Export};
 
 #[derive(Parser)]
 #[command(
@@ -490,9 +488,9 @@ pub fn run(cli: Cli) -> Result<()> {
             socket,
             json,
         } => match (session, repo, vm) {
-            (Some(vm), _, _) => backup_session(&socket, &vm, json),
+            (Some(vm), _, _) => backup::backup_session(&socket, &vm, json),
             (None, _, _) if json => Err(Error::invalid("--json goes with --session")),
-            (None, Some(repo), Some(vm)) => backup(&repo, vm, config, &chunk_size, images),
+            (None, Some(repo), Some(vm)) => backup::backup(&repo, vm, config, &chunk_size, images),
             _ => Err(Error::invalid(
                 "backup needs --repo, --vm and images, or --session",
             )),
@@ -507,7 +505,7 @@ pub fn run(cli: Cli) -> Result<()> {
             incremental,
             order,
             json,
-        } => backup_vms(
+        } => backup::backup_vms(
             &repo,
             &vms,
             &agents,
@@ -593,14 +591,15 @@ pub fn run(cli: Cli) -> Result<()> {
             repo_delay_ms,
             prefetch,
         } => {
-            let placement = placement_config(&export_point, max_connections_per_host, &nfs, &nbd)?;
+            let placement =
+                serve::placement_config(&export_point, max_connections_per_host, &nfs, &nbd)?;
             if allow_other && owner.is_none() {
                 return Err(Error::invalid(
                     "--allow-other needs --owner UID:GID, the user the hypervisor runs as (the disks are mode 0600)",
                 ));
             }
-            let owner = owner.as_deref().map(parse_owner).transpose()?;
-            let nfs = nfs_options(
+            let owner = owner.as_deref().map(serve::parse_owner).transpose()?;
+            let nfs = serve::nfs_options(
                 &nfs,
                 &nfs_allow,
                 !nfs_no_root_squash,
@@ -608,15 +607,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 owner,
                 !export_point.is_empty(),
             )?;
-            let nbd = nbd
-                .iter()
-                .map(|l| match l.strip_prefix("unix:") {
-                    Some(p) => std::path::absolute(p)
-                        .map(crate::export::nbd::Listen::Unix)
-                        .map_err(|e| Error::io(format!("--nbd {l}"), e)),
-                    None => parse_listen(l, 10809, "--nbd").map(crate::export::nbd::Listen::Tcp),
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let nbd =
+                nbd.iter()
+                    .map(|l| match l.strip_prefix("unix:") {
+                        Some(p) => std::path::absolute(p)
+                            .map(crate::export::nbd::Listen::Unix)
+                            .map_err(|e| Error::io(format!("--nbd {l}"), e)),
+                        None => serve::parse_listen(l, 10809, "--nbd")
+                            .map(crate::export::nbd::Listen::Tcp),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
             let size = |flag: &str, v: Option<String>| -> Result<u64> {
                 match v {
                     None => Ok(0),
@@ -790,227 +790,12 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `ADDR` or `ADDR:PORT` (IPv6 as `[ADDR]:PORT` or a bare address).
-fn parse_listen(s: &str, default_port: u16, what: &str) -> Result<std::net::SocketAddr> {
-    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
-        return Ok(a);
-    }
-    let ip = s.trim_start_matches('[').trim_end_matches(']');
-    ip.parse::<std::net::IpAddr>()
-        .map(|ip| std::net::SocketAddr::new(ip, default_port))
-        .map_err(|_| Error::invalid(format!("{what} {s:?}: expected ADDR or ADDR:PORT")))
-}
-
-fn nfs_options(
-    listen: &[String],
-    allow: &[String],
-    root_squash: bool,
-    write_through: bool,
-    owner: Option<(u32, u32)>,
-    export_points: bool,
-) -> Result<Option<crate::export::nfs::NfsOptions>> {
-    if listen.is_empty() && !export_points {
-        if !allow.is_empty() {
-            return Err(Error::invalid("--nfs-allow needs --nfs ADDR"));
-        }
-        return Ok(None);
-    }
-    let listen = listen
-        .iter()
-        .map(|a| parse_listen(a, 2049, "--nfs"))
-        .collect::<Result<Vec<_>>>()?;
-    let allow = if allow.is_empty() {
-        crate::export::nfs::NfsOptions::loopback_only()
-    } else {
-        allow
-            .iter()
-            .map(|a| {
-                a.parse::<ipnet::IpNet>()
-                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        Error::invalid(format!(
-                            "--nfs-allow {a:?}: expected a network (198.18.0.0/15) or an address"
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?
-    };
-    // SAFETY: getuid/getgid cannot fail and touch no memory.
-    let me = unsafe { (libc::getuid(), libc::getgid()) };
-    Ok(Some(crate::export::nfs::NfsOptions {
-        listen,
-        allow,
-        root_squash,
-        anon: (65534, 65534),
-        write_through,
-        owner: owner.unwrap_or(me),
-    }))
-}
-
-/// `--export-point` specs (or the default point) and the connection limit.
-fn placement_config(
-    specs: &[String],
-    max_connections_per_host: usize,
-    nfs: &[String],
-    nbd: &[String],
-) -> Result<crate::session::PlacementConfig> {
-    if max_connections_per_host == 0 {
-        return Err(Error::invalid(
-            "--max-connections-per-host must be at least 1",
-        ));
-    }
-    let mut cfg = crate::session::PlacementConfig {
-        max_connections_per_host,
-        ..Default::default()
-    };
-    if specs.is_empty() {
-        return Ok(cfg);
-    }
-    if !nfs.is_empty() || !nbd.is_empty() {
-        return Err(Error::invalid(
-            "--nfs/--nbd and --export-point do not mix: each export point serves NFS and NBD on its own listen=ADDR",
-        ));
-    }
-    cfg.points = specs
-        .iter()
-        .map(|s| crate::placement::PointSpec::parse(s))
-        .collect::<Result<Vec<_>>>()?;
-    crate::placement::check_points(&cfg.points)?;
-    Ok(cfg)
-}
-
-/// `UID:GID`, numbers or names.
-fn parse_owner(s: &str) -> Result<(u32, u32)> {
-    let (u, g) = s
-        .split_once(':')
-        .ok_or_else(|| Error::invalid(format!("--owner {s:?}: expected UID:GID")))?;
-    let uid = match u.parse::<u32>() {
-        Ok(n) => n,
-        Err(_) => nix::unistd::User::from_name(u)
-            .ok()
-            .flatten()
-            .map(|x| x.uid.as_raw())
-            .ok_or_else(|| Error::not_found(format!("--owner: no user named {u:?}")))?,
-    };
-    let gid = crate::api::peer::group_id(g).map_err(|e| e.context("--owner"))?;
-    Ok((uid, gid))
-}
-
 pub(super) fn client(s: &SocketArg) -> Client {
     Client::new(
         &s.socket
             .clone()
             .unwrap_or_else(crate::daemon::default_socket_link),
     )
-}
-
-/// `backup --session VM`: the daemon backs the session up.
-fn backup_session(socket: &SocketArg, vm: &str, json: bool) -> Result<()> {
-    crate::util::validate_name("VM name", vm)?;
-    let r = client(socket).backup_session(vm)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
-        return Ok(());
-    }
-    output::session_backup(&r);
-    Ok(())
-}
-
-fn backup(
-    repo: &str,
-    vm: String,
-    config: Option<PathBuf>,
-    chunk_size: &str,
-    images: Vec<PathBuf>,
-) -> Result<()> {
-    crate::util::validate_name("VM name", &vm)?;
-    let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
-    let config = match config {
-        Some(p) => {
-            let bytes =
-                std::fs::read(&p).map_err(|e| Error::io(format!("config {}", p.display()), e))?;
-            Some(serde_json::from_slice(&bytes).map_err(|e| {
-                Error::invalid(format!("config {} is not valid JSON: {e}", p.display()))
-            })?)
-        }
-        None => None,
-    };
-    let urls: Vec<&str> = images.iter().filter_map(|p| p.to_str()).collect();
-    let nbd = urls.iter().filter(|u| Export::is_url(u)).count();
-    if nbd > 0 && nbd != images.len() {
-        return Err(Error::invalid(
-            "give either image files or NBD URLs, not both",
-        ));
-    }
-    let exports = urls
-        .iter()
-        .filter(|u| Export::is_url(u))
-        .map(|u| Export::parse(u))
-        .collect::<Result<Vec<_>>>()?;
-    // Check the images before creating anything.
-    if exports.is_empty() {
-        for img in &images {
-            crate::repo::writer::image_size(img)?;
-        }
-    }
-    let (r, created) = Repository::open_or_create(repo)?;
-    if created {
-        eprintln!("created repository {}", r.location());
-    }
-    if !exports.is_empty() {
-        let (m, reads) = backup_exports(&r, &vm, config, &exports, chunk_size)?;
-        for (e, rd) in exports.iter().zip(&reads) {
-            eprintln!(
-                "{} (NBD export {:?}): {} read in {} chunks: {} new ({} stored), {} zero",
-                rd.disk.name,
-                e.name,
-                human_bytes(rd.read_bytes),
-                rd.chunks_read,
-                rd.new_chunks,
-                human_bytes(rd.disk.new_bytes),
-                rd.zero_chunks
-            );
-        }
-        eprintln!(
-            "backup {} of VM {}: {} new bytes",
-            m.id,
-            m.vm,
-            m.new_bytes()
-        );
-        println!("{}", m.id);
-        return Ok(());
-    }
-    let report = run_backup(
-        &r,
-        BackupRequest {
-            vm,
-            config,
-            chunk_size,
-            images,
-            progress: true,
-        },
-    )?;
-    for d in &report.disks {
-        eprintln!(
-            "{}: {} in {} chunks: {} new ({} stored), {} reused, {} zero; {} read",
-            d.name,
-            human_bytes(d.size),
-            d.chunks,
-            d.new_chunks,
-            human_bytes(d.new_bytes),
-            d.chunks - d.new_chunks - d.zero_chunks,
-            d.zero_chunks,
-            human_bytes(d.read_bytes)
-        );
-    }
-    eprintln!(
-        "backup {} of VM {}: {} new bytes",
-        report.manifest.id,
-        report.manifest.vm,
-        report.manifest.new_bytes()
-    );
-    println!("{}", report.manifest.id);
-    Ok(())
 }
 
 /// `NAME=PATH` of `what`.
@@ -1021,71 +806,4 @@ fn name_path(s: &str, what: &str) -> Result<(String, PathBuf)> {
             "{what} {s:?}: expected NAME=SOCKET"
         ))),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn backup_vms(
-    repo: &str,
-    vms: &[String],
-    agents: &[String],
-    jobs: usize,
-    chunk_size: &str,
-    rate_window: f64,
-    (incremental, order): (bool, crate::vmbackup::ReadOrder),
-    json: bool,
-) -> Result<()> {
-    use crate::vmbackup::{backup_vms, Options, VmSpec};
-    let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
-    let mut specs = vms
-        .iter()
-        .map(|v| {
-            name_path(v, "--vm").map(|(name, qmp)| VmSpec {
-                name,
-                qmp,
-                agent: None,
-                base: None,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for a in agents {
-        let (name, path) = name_path(a, "--agent")?;
-        let spec = specs
-            .iter_mut()
-            .find(|s| s.name == name)
-            .ok_or_else(|| Error::invalid(format!("--agent {a:?}: no --vm {name}=...")))?;
-        spec.agent = Some(path);
-    }
-    if !(0.0..=60.0).contains(&rate_window) {
-        return Err(Error::invalid("--rate-window: 0 to 60 seconds"));
-    }
-    let opts = Options {
-        vms: specs,
-        jobs,
-        chunk_size,
-        rate_window: Duration::from_secs_f64(rate_window),
-        agent_timeout: crate::qemu::guest_agent::SYNC_TIMEOUT,
-        incremental,
-        order,
-        hook: None,
-    };
-    let (r, created) = Repository::open_or_create(repo)?;
-    if created {
-        eprintln!("created repository {}", r.location());
-    }
-    let summary = backup_vms(&r, &opts)?;
-    output::backup_vms(&summary, json);
-    let failed = summary.failed();
-    if failed.is_empty() {
-        return Ok(());
-    }
-    let each: Vec<String> = failed
-        .iter()
-        .map(|v| format!("{}: {}", v.vm, v.error.as_deref().unwrap_or("?")))
-        .collect();
-    Err(Error::invalid(format!(
-        "{} of {} VMs failed: {}",
-        failed.len(),
-        summary.vms.len(),
-        each.join("; ")
-    )))
 }

@@ -1,0 +1,190 @@
+//! The backup commands: `backup` (image files, block devices or NBD
+//! exports; or `--session VM` through the daemon) and `backup-vms`
+//! (running QEMU VMs from one snapshot time).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{output, SocketArg};
+use crate::error::{Error, Result};
+use crate::repo::chunk::validate_chunk_size;
+use crate::repo::writer::{run_backup, BackupRequest};
+use crate::repo::Repository;
+use crate::util::{human_bytes, parse_size};
+use crate::vmbackup::read::{backup_exports, Export};
+
+/// `backup --session VM`: the daemon backs the session up.
+pub(super) fn backup_session(socket: &SocketArg, vm: &str, json: bool) -> Result<()> {
+    crate::util::validate_name("VM name", vm)?;
+    let r = super::client(socket).backup_session(vm)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+        return Ok(());
+    }
+    output::session_backup(&r);
+    Ok(())
+}
+
+pub(super) fn backup(
+    repo: &str,
+    vm: String,
+    config: Option<PathBuf>,
+    chunk_size: &str,
+    images: Vec<PathBuf>,
+) -> Result<()> {
+    crate::util::validate_name("VM name", &vm)?;
+    let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
+    let config = match config {
+        Some(p) => {
+            let bytes =
+                std::fs::read(&p).map_err(|e| Error::io(format!("config {}", p.display()), e))?;
+            Some(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::invalid(format!("config {} is not valid JSON: {e}", p.display()))
+            })?)
+        }
+        None => None,
+    };
+    let urls: Vec<&str> = images.iter().filter_map(|p| p.to_str()).collect();
+    let nbd = urls.iter().filter(|u| Export::is_url(u)).count();
+    if nbd > 0 && nbd != images.len() {
+        return Err(Error::invalid(
+            "give either image files or NBD URLs, not both",
+        ));
+    }
+    let exports = urls
+        .iter()
+        .filter(|u| Export::is_url(u))
+        .map(|u| Export::parse(u))
+        .collect::<Result<Vec<_>>>()?;
+    // Check the images before creating anything.
+    if exports.is_empty() {
+        for img in &images {
+            crate::repo::writer::image_size(img)?;
+        }
+    }
+    let (r, created) = Repository::open_or_create(repo)?;
+    if created {
+        eprintln!("created repository {}", r.location());
+    }
+    if !exports.is_empty() {
+        let (m, reads) = backup_exports(&r, &vm, config, &exports, chunk_size)?;
+        for (e, rd) in exports.iter().zip(&reads) {
+            eprintln!(
+                "{} (NBD export {:?}): {} read in {} chunks: {} new ({} stored), {} zero",
+                rd.disk.name,
+                e.name,
+                human_bytes(rd.read_bytes),
+                rd.chunks_read,
+                rd.new_chunks,
+                human_bytes(rd.disk.new_bytes),
+                rd.zero_chunks
+            );
+        }
+        eprintln!(
+            "backup {} of VM {}: {} new bytes",
+            m.id,
+            m.vm,
+            m.new_bytes()
+        );
+        println!("{}", m.id);
+        return Ok(());
+    }
+    let report = run_backup(
+        &r,
+        BackupRequest {
+            vm,
+            config,
+            chunk_size,
+            images,
+            progress: true,
+        },
+    )?;
+    for d in &report.disks {
+        eprintln!(
+            "{}: {} in {} chunks: {} new ({} stored), {} reused, {} zero; {} read",
+            d.name,
+            human_bytes(d.size),
+            d.chunks,
+            d.new_chunks,
+            human_bytes(d.new_bytes),
+            d.chunks - d.new_chunks - d.zero_chunks,
+            d.zero_chunks,
+            human_bytes(d.read_bytes)
+        );
+    }
+    eprintln!(
+        "backup {} of VM {}: {} new bytes",
+        report.manifest.id,
+        report.manifest.vm,
+        report.manifest.new_bytes()
+    );
+    println!("{}", report.manifest.id);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backup_vms(
+    repo: &str,
+    vms: &[String],
+    agents: &[String],
+    jobs: usize,
+    chunk_size: &str,
+    rate_window: f64,
+    (incremental, order): (bool, crate::vmbackup::ReadOrder),
+    json: bool,
+) -> Result<()> {
+    use crate::vmbackup::{backup_vms, Options, VmSpec};
+    let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
+    let mut specs = vms
+        .iter()
+        .map(|v| {
+            super::name_path(v, "--vm").map(|(name, qmp)| VmSpec {
+                name,
+                qmp,
+                agent: None,
+                base: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for a in agents {
+        let (name, path) = super::name_path(a, "--agent")?;
+        let spec = specs
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::invalid(format!("--agent {a:?}: no --vm {name}=...")))?;
+        spec.agent = Some(path);
+    }
+    if !(0.0..=60.0).contains(&rate_window) {
+        return Err(Error::invalid("--rate-window: 0 to 60 seconds"));
+    }
+    let opts = Options {
+        vms: specs,
+        jobs,
+        chunk_size,
+        rate_window: Duration::from_secs_f64(rate_window),
+        agent_timeout: crate::qemu::guest_agent::SYNC_TIMEOUT,
+        incremental,
+        order,
+        hook: None,
+    };
+    let (r, created) = Repository::open_or_create(repo)?;
+    if created {
+        eprintln!("created repository {}", r.location());
+    }
+    let summary = backup_vms(&r, &opts)?;
+    output::backup_vms(&summary, json);
+    let failed = summary.failed();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let each: Vec<String> = failed
+        .iter()
+        .map(|v| format!("{}: {}", v.vm, v.error.as_deref().unwrap_or("?")))
+        .collect();
+    Err(Error::invalid(format!(
+        "{} of {} VMs failed: {}",
+        failed.len(),
+        summary.vms.len(),
+        each.join("; ")
+    )))
+}

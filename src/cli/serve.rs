@@ -1,0 +1,110 @@
+//! Parsing of `serve`'s options: listen addresses, NFS access, export
+//! points and owners.
+
+use crate::error::{Error, Result};
+
+/// `ADDR` or `ADDR:PORT` (IPv6 as `[ADDR]:PORT` or a bare address).
+pub(super) fn parse_listen(s: &str, default_port: u16, what: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<std::net::IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, default_port))
+        .map_err(|_| Error::invalid(format!("{what} {s:?}: expected ADDR or ADDR:PORT")))
+}
+
+pub(super) fn nfs_options(
+    listen: &[String],
+    allow: &[String],
+    root_squash: bool,
+    write_through: bool,
+    owner: Option<(u32, u32)>,
+    export_points: bool,
+) -> Result<Option<crate::export::nfs::NfsOptions>> {
+    if listen.is_empty() && !export_points {
+        if !allow.is_empty() {
+            return Err(Error::invalid("--nfs-allow needs --nfs ADDR"));
+        }
+        return Ok(None);
+    }
+    let listen = listen
+        .iter()
+        .map(|a| parse_listen(a, 2049, "--nfs"))
+        .collect::<Result<Vec<_>>>()?;
+    let allow = if allow.is_empty() {
+        crate::export::nfs::NfsOptions::loopback_only()
+    } else {
+        allow
+            .iter()
+            .map(|a| {
+                a.parse::<ipnet::IpNet>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        Error::invalid(format!(
+                            "--nfs-allow {a:?}: expected a network (198.18.0.0/15) or an address"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let me = unsafe { (libc::getuid(), libc::getgid()) };
+    Ok(Some(crate::export::nfs::NfsOptions {
+        listen,
+        allow,
+        root_squash,
+        anon: (65534, 65534),
+        write_through,
+        owner: owner.unwrap_or(me),
+    }))
+}
+
+/// `--export-point` specs (or the default point) and the connection limit.
+pub(super) fn placement_config(
+    specs: &[String],
+    max_connections_per_host: usize,
+    nfs: &[String],
+    nbd: &[String],
+) -> Result<crate::session::PlacementConfig> {
+    if max_connections_per_host == 0 {
+        return Err(Error::invalid(
+            "--max-connections-per-host must be at least 1",
+        ));
+    }
+    let mut cfg = crate::session::PlacementConfig {
+        max_connections_per_host,
+        ..Default::default()
+    };
+    if specs.is_empty() {
+        return Ok(cfg);
+    }
+    if !nfs.is_empty() || !nbd.is_empty() {
+        return Err(Error::invalid(
+            "--nfs/--nbd and --export-point do not mix: each export point serves NFS and NBD on its own listen=ADDR",
+        ));
+    }
+    cfg.points = specs
+        .iter()
+        .map(|s| crate::placement::PointSpec::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    crate::placement::check_points(&cfg.points)?;
+    Ok(cfg)
+}
+
+/// `UID:GID`, numbers or names.
+pub(super) fn parse_owner(s: &str) -> Result<(u32, u32)> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or_else(|| Error::invalid(format!("--owner {s:?}: expected UID:GID")))?;
+    let uid = match u.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => nix::unistd::User::from_name(u)
+            .ok()
+            .flatten()
+            .map(|x| x.uid.as_raw())
+            .ok_or_else(|| Error::not_found(format!("--owner: no user named {u:?}")))?,
+    };
+    let gid = crate::api::peer::group_id(g).map_err(|e| e.context("--owner"))?;
+    Ok((uid, gid))
+}
