@@ -73,6 +73,7 @@
 //! (so `backup-vms` cannot run on the VM meanwhile; the final backup
 //! reconnects).
 
+mod cycle;
 mod direct;
 mod jobs;
 mod priority;
