@@ -512,110 +512,6 @@ impl Datastore {
         Ok(self.info(&session, false, skipped, decision))
     }
 
-    /// The manifest to serve, the staging directory of its kept session
-    /// (none: a new session), and the kept sessions passed over because
-    /// their backup is gone. Every staging directory is searched (or only
-    /// `within`). A named backup's own kept copy wins, so a kept session
-    /// resumes even while the repository is unreachable.
-    fn choose_manifest(
-        &self,
-        vm: &str,
-        backup: Option<&str>,
-        within: Option<&Arc<StagingDir>>,
-    ) -> Result<Chosen> {
-        let kept = self.kept_sessions(vm, within);
-        if let Some(b) = backup {
-            // Its kept session, newest first; then a copy left by one
-            // interrupted while it was created.
-            let mut dirs: Vec<&Arc<StagingDir>> = kept
-                .iter()
-                .filter(|(k, _)| k == b)
-                .map(|(_, s)| s)
-                .collect();
-            for s in self.search(within) {
-                if !dirs.iter().any(|d| Arc::ptr_eq(d, s)) {
-                    dirs.push(s);
-                }
-            }
-            for s in dirs {
-                if let Some(m) = s.kept_manifest(vm, b)? {
-                    warn_if_kept_twice(vm, b, s, &kept);
-                    return Ok(Chosen::kept(m, vec![], s));
-                }
-            }
-            return Ok(Chosen::new(self.repo.manifest(vm, b)?, vec![]));
-        }
-        let mut skipped = vec![];
-        for (b, s) in &kept {
-            match self.kept_backup(s, vm, b)? {
-                Some(m) => {
-                    warn_if_kept_twice(vm, b, s, &kept);
-                    return Ok(Chosen::kept(m, skipped, s));
-                }
-                None => skipped.push(b.clone()),
-            }
-        }
-        Ok(Chosen::new(self.repo.resolve(vm, None)?, skipped))
-    }
-
-    /// Every staging directory, or only `within`.
-    fn search<'a>(
-        &'a self,
-        within: Option<&'a Arc<StagingDir>>,
-    ) -> impl Iterator<Item = &'a Arc<StagingDir>> {
-        let all = match within {
-            Some(s) => std::slice::from_ref(s),
-            None => self.stagings.all(),
-        };
-        all.iter()
-    }
-
-    /// Kept sessions of `vm` in every staging directory (or only
-    /// `within`), most recently recovered first.
-    fn kept_sessions(
-        &self,
-        vm: &str,
-        within: Option<&Arc<StagingDir>>,
-    ) -> Vec<(String, Arc<StagingDir>)> {
-        let mut all: Vec<(String, u64, Arc<StagingDir>)> = self
-            .search(within)
-            .flat_map(|s| {
-                s.kept_sessions(vm)
-                    .into_iter()
-                    .map(move |(b, t)| (b, t, s.clone()))
-            })
-            .collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-        all.into_iter().map(|(b, _, s)| (b, s)).collect()
-    }
-
-    /// The manifest of a kept session, or `None` only if the repository
-    /// says its backup does not exist. Any other answer (an unreachable or
-    /// failing repository) resumes from the session's own copy, or fails
-    /// the recovery if there is no copy: it never moves on to another backup.
-    fn kept_backup(&self, staging: &StagingDir, vm: &str, b: &str) -> Result<Option<Manifest>> {
-        let local = staging.kept_manifest(vm, b).map_err(|e| {
-            e.context(format!(
-                "kept staging of VM {vm} (backup {b}) is damaged; discard it with `release --discard {vm}` or name another backup with --backup"
-            ))
-        })?;
-        match (local, self.repo.has_manifest(vm, b)) {
-            (_, Ok(false)) => {
-                tracing::warn!(vm, backup = b, "kept staging not resumed: its backup is gone from the repository (the staging stays on disk)");
-                Ok(None)
-            }
-            (Some(m), Ok(true)) => Ok(Some(m)),
-            (Some(m), Err(e)) => {
-                tracing::warn!(vm, backup = b, "repository did not answer ({e}); resuming kept staging from its own copy of the manifest");
-                Ok(Some(m))
-            }
-            (None, Ok(true)) => Ok(Some(self.repo.manifest(vm, b)?)),
-            (None, Err(e)) => Err(e.context(format!(
-                "cannot check backup {b} of VM {vm}, which kept staging uses; nothing was started (retry, or name a backup with --backup)"
-            ))),
-        }
-    }
-
     /// Starts following the VM's profile; when the recording window
     /// closes, the session's own recording is saved.
     fn start_prefetch(&self, session: &Arc<Session>) {
@@ -902,54 +798,6 @@ impl Datastore {
         resumed
     }
 
-    /// Where a session found active in `staging` is served again: at
-    /// `recorded` if that point still stages there, else at the first
-    /// point that does, else at the first point (its data is read on
-    /// from `staging` either way).
-    fn kept_point(&self, vm: &str, recorded: &str, staging: &Arc<StagingDir>) -> Arc<ExportPoint> {
-        let stages_here = |p: &&Arc<ExportPoint>| Arc::ptr_eq(&p.staging, staging);
-        if let Some(p) = self.point(recorded).filter(stages_here) {
-            return p.clone();
-        }
-        let p = self
-            .points
-            .iter()
-            .find(stages_here)
-            .unwrap_or(&self.points[0])
-            .clone();
-        tracing::warn!(
-            vm,
-            was = recorded,
-            now = %p.name(),
-            staging = %staging.root().display(),
-            "the export point this session was served at is gone or stages elsewhere now; serving it at {}",
-            p.name()
-        );
-        p
-    }
-
-    /// Drops kept staging for a VM that is not being served, in every
-    /// staging directory.
-    pub fn discard_kept(&self, vm: &str) -> Result<Vec<String>> {
-        validate_name("VM name", vm)?;
-        let op = self.vm_op(vm);
-        let _op = op.lock();
-        if self.session(vm).is_some() {
-            return Err(Error::busy(format!(
-                "VM {vm} is being served; release it with --discard instead"
-            )));
-        }
-        let mut kept = vec![];
-        for (b, s) in self.kept_sessions(vm, None) {
-            s.discard(vm, &b)?;
-            self.unpin(vm, &b, &s.session_dir(vm, &b));
-            if !kept.contains(&b) {
-                kept.push(b);
-            }
-        }
-        Ok(kept)
-    }
-
     pub fn status(&self, s: &Session) -> SessionStatus {
         // First: the fields below hold their locks (`backup_base`'s too)
         // until the whole literal is built.
@@ -1008,53 +856,10 @@ enum Placing<'a> {
     },
 }
 
-/// What `choose_manifest` picked.
-struct Chosen {
-    manifest: Manifest,
-    skipped: Vec<String>,
-    /// The staging directory of the kept session it resumes.
-    kept: Option<Arc<StagingDir>>,
-}
-
-impl Chosen {
-    fn new(manifest: Manifest, skipped: Vec<String>) -> Chosen {
-        Chosen {
-            manifest,
-            skipped,
-            kept: None,
-        }
-    }
-
-    fn kept(manifest: Manifest, skipped: Vec<String>, staging: &Arc<StagingDir>) -> Chosen {
-        Chosen {
-            manifest,
-            skipped,
-            kept: Some(staging.clone()),
-        }
-    }
-}
-
-/// One backup kept in two staging directories (export points' stagings
-/// changed between runs): the newer resumes, the other stays on disk.
-fn warn_if_kept_twice(
-    vm: &str,
-    b: &str,
-    used: &Arc<StagingDir>,
-    kept: &[(String, Arc<StagingDir>)],
-) {
-    for (_, s) in kept.iter().filter(|(k, s)| k == b && !Arc::ptr_eq(s, used)) {
-        tracing::warn!(
-            vm,
-            backup = b,
-            resumed = %used.root().display(),
-            also = %s.root().display(),
-            "this backup has kept staging in two staging directories; the more recent resumes, the other is left untouched (release --discard removes both)"
-        );
-    }
-}
-
 pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
+mod kept;
+use kept::Chosen;
 mod pinning;
 pub(crate) mod upload;
 pub use pinning::CHECK_EVERY as BACKUP_CHECK_EVERY;
