@@ -46,6 +46,16 @@ impl LatencyHistogram {
         }
     }
 
+    /// Recorded latencies in buckets that start at or above `d` (a bucket
+    /// straddling `d` counts as fast: ~19% resolution).
+    pub fn count_over(&self, d: Duration) -> u64 {
+        let us = d.as_micros() as f64;
+        (self.buckets.iter().enumerate())
+            .filter(|(i, _)| 2f64.powf(*i as f64 / STEPS) - 1.0 >= us)
+            .map(|(_, b)| b.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Upper bound of the bucket holding quantile `q` (0..1), in µs.
     pub fn quantile_us(&self, q: f64) -> f64 {
         let n = self.count();
@@ -97,5 +107,20 @@ mod tests {
         assert!(p99 < 130.0, "p99 {p99}");
         assert!((20_000.0..24_000.0).contains(&p999), "p999 {p999}");
         assert!((h.mean_us() - 299.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn only_buckets_wholly_over_a_threshold_count_as_over_it() {
+        let h = LatencyHistogram::default();
+        for _ in 0..90 {
+            h.record(Duration::from_micros(100));
+        }
+        for _ in 0..7 {
+            h.record(Duration::from_millis(2));
+        }
+        h.record(Duration::from_micros(260));
+        assert_eq!(h.count_over(Duration::from_millis(1)), 7);
+        assert_eq!(h.count_over(Duration::from_micros(150)), 8);
+        assert_eq!(h.count_over(Duration::from_millis(5)), 0);
     }
 }

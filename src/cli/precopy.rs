@@ -42,9 +42,10 @@ pub struct PrecopyArgs {
     #[arg(long, value_name = "MB/s")]
     max_rate: Option<f64>,
     /// Slow down when the guest's load (moving averages of its I/O latency
-    /// and queue depth from QEMU, and its CPU with --agent) reaches a
-    /// limit; halt at 1.25 times a limit; resume below it.
-    #[arg(long, value_name = "latency=MS,queue=N,cpu=PCT")]
+    /// and queue depth from QEMU, its CPU with --agent; with p99=MS the
+    /// share of its requests slower than MS, which also paces chunks)
+    /// reaches a limit; halt at 1.25 times a limit; resume below it.
+    #[arg(long, value_name = "latency=MS,p99=MS,queue=N,cpu=PCT")]
     load_limit: Option<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]

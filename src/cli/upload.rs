@@ -13,9 +13,10 @@ pub struct UploadArgs {
     socket: SocketArg,
     vm: String,
     /// Slow down when the guest's I/O (moving averages of its request
-    /// latency and queue depth on this session's disks) reaches a limit;
-    /// halt at 1.25 times a limit; resume below it.
-    #[arg(long, value_name = "latency=MS,queue=N", conflicts_with_all = ["status", "stop"])]
+    /// latency and queue depth on this session's disks; with p99=MS the
+    /// share of requests slower than MS, which also paces blocks) reaches
+    /// a limit; halt at 1.25 times a limit; resume below it.
+    #[arg(long, value_name = "latency=MS,p99=MS,queue=N", conflicts_with_all = ["status", "stop"])]
     load_limit: Option<String>,
     /// Only show the uploader's state.
     #[arg(long, conflicts_with = "stop")]

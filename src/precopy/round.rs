@@ -23,7 +23,7 @@ use crate::qemu::nbd::{dirty_bitmap_context, NbdClient, CONTEXT_ALLOCATION};
 use crate::qemu::qmp::{BlockDevice, Qmp};
 use crate::repo::locks::WriterLock;
 use crate::repo::manifest::{Manifest, MANIFEST_FORMAT};
-use crate::repo::writer::store_chunks;
+use crate::repo::writer::{store_chunks, StoredChunks};
 use crate::repo::Repository;
 use crate::vmbackup::{self, chunks_with_data, dirty_chunks, GivenBase, VmSpec};
 
@@ -235,6 +235,13 @@ impl Job {
         self.throttle.lock().expect("throttle lock")
     }
 
+    /// Removes the latency histograms the p99 limit set on the VM's drives.
+    fn release_tail(&mut self) {
+        if let Some(q) = self.q.as_mut() {
+            self.throttle.lock().expect("throttle lock").release_tail(q);
+        }
+    }
+
     /// Between rounds: samples the guest's load for the status.
     pub(super) fn sample_idle(&mut self, ctl: &Control) {
         let Some(q) = self.q.as_mut() else { return };
@@ -366,6 +373,8 @@ impl Job {
         let throttle = &self.throttle;
         // When the last read (and its throttled pause) ended.
         let last_end: Mutex<Option<Instant>> = Mutex::new(None);
+        // Set when a gated read gives up because the round is cut short.
+        let cut = std::sync::atomic::AtomicBool::new(false);
         let read = |k: u64, buf: &mut [u8]| {
             let entry = Instant::now();
             if gated {
@@ -374,6 +383,12 @@ impl Job {
                 t.before_read_watched(&mut *q.lock().expect("QMP lock"), &go_on, &mut |t| {
                     publish(ctl, t)
                 })?;
+                // Cut short while held back: the rest of the batch must not
+                // follow at full speed (its chunks are read next round).
+                if !go_on() {
+                    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(Error::busy("pre-copy round cut short"));
+                }
             }
             pace.wait(buf.len() as u64);
             let t0 = Instant::now();
@@ -387,7 +402,10 @@ impl Job {
             if gated {
                 let mut last = last_end.lock().expect("last read lock");
                 let cost = t0.elapsed() + chunk_wait(*last, entry);
-                throttle.lock().expect("throttle lock").after_read(cost);
+                throttle
+                    .lock()
+                    .expect("throttle lock")
+                    .after_read(cost, buf.len() as u64, &go_on);
                 *last = Some(Instant::now());
             }
             Ok(())
@@ -402,6 +420,7 @@ impl Job {
             });
             let st = match stored {
                 Ok(st) => st,
+                Err(_) if cut.load(std::sync::atomic::Ordering::SeqCst) => StoredChunks::default(),
                 Err(e) => {
                     r = Err(e);
                     break;
@@ -466,6 +485,7 @@ impl Job {
         // vmbackup opens its own QMP connection, NBD server and agent
         // connection.
         self.throttle().release_agent();
+        self.release_tail();
         if self.nbd_started {
             fleece::stop_nbd_server(self.q()?)?;
             self.nbd_started = false;
@@ -553,6 +573,7 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
+        self.release_tail();
         if self.nbd_started {
             if let Some(q) = self.q.as_mut() {
                 let _ = fleece::stop_nbd_server(q);

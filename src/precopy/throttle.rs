@@ -11,7 +11,25 @@
 //! Each figure is a moving average (EWMA, weight [`ALPHA`] per sample); the
 //! *level* is the largest ratio of a figure to its limit.
 //!
-//! **Gate,** consulted before every chunk read: *copying* reads freely;
+//! **The tail** (`p99=MS`). A mean hides what a guest feels: copying in
+//! bursts can leave the mean under its limit while one request in fifty
+//! waits milliseconds. With a p99 limit the source also counts requests
+//! slower than it (QEMU's own latency histograms, set by
+//! `block-latency-histogram-set` with the limit as a bin edge on drives
+//! that have none and removed at the job's end; a drive that already has
+//! one, someone else's, is read as it is, at its first edge at or above
+//! the limit; a session's volumes keep their own histogram). The figure is
+//! the share of requests over the limit in the last [`TAIL_SAMPLES`]
+//! samples, against a budget of [`TAIL_BUDGET_PCT`] (the definition of a
+//! p99). It drives both the level and a **pace**: chunks are spaced to an
+//! adaptive byte rate that grows by [`PACE_STEP`] after each sample with
+//! no slow request and halves after a sample with slow ones while the
+//! window is over budget (AIMD, as TCP does with losses), so pre-copy
+//! settles at the rate the guest's tail tolerates instead of alternating
+//! bursts at full speed with halts.
+//!
+//! **Gate,** consulted before every chunk read: *copying* reads freely
+//! (paced, under a p99 limit);
 //! *throttled* (level ≥ 1) sleeps [`THROTTLED_DUTY`]× the time each read
 //! took after it (pre-copy counts a chunk's whole cost: its read and the
 //! wait for it to be stored), so pre-copy keeps the disk a tenth of the
@@ -35,8 +53,22 @@ const ALPHA: f64 = 0.5;
 const THROTTLED_DUTY: u32 = 9;
 const RESUME: f64 = 0.8;
 const HALT: f64 = 1.25;
+/// Samples the tail figure looks back over (4 s).
+const TAIL_SAMPLES: usize = 16;
+/// Share of requests allowed over the p99 limit, percent.
+const TAIL_BUDGET_PCT: f64 = 1.0;
+/// Fewer requests than this in the window count as this many: a guest
+/// that made five requests has no p99 worth halting for.
+const TAIL_MIN_REQUESTS: u64 = 200;
+/// The pace's first rate, its additive step per clean sample and its
+/// floor, bytes per second.
+const PACE_START: f64 = 16e6;
+const PACE_STEP: f64 = 4e6;
+const PACE_MIN: f64 = 1e6;
+/// A pause checks whether to go on at least this often.
+const PAUSE_SLICE: Duration = Duration::from_millis(50);
 
-/// `--load-limit latency=MS,queue=N,cpu=PCT` (any of them).
+/// `--load-limit latency=MS,p99=MS,queue=N,cpu=PCT` (any of them).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct LoadLimit {
     /// Mean guest I/O latency, ms.
@@ -45,6 +77,8 @@ pub struct LoadLimit {
     pub queue: Option<f64>,
     /// Guest CPU busy, percent (needs the guest agent).
     pub cpu_pct: Option<f64>,
+    /// p99 guest I/O latency, ms: at most 1% of requests may be slower.
+    pub p99_ms: Option<f64>,
 }
 
 impl LoadLimit {
@@ -67,6 +101,7 @@ impl LoadLimit {
             }
             match k {
                 "latency" => l.latency_ms = Some(v),
+                "p99" => l.p99_ms = Some(v),
                 "queue" => l.queue = Some(v),
                 "cpu" => l.cpu_pct = Some(v),
                 _ => return Err(bad()),
@@ -82,6 +117,11 @@ pub struct Load {
     pub latency_ms: f64,
     pub queue_depth: f64,
     pub cpu_pct: Option<f64>,
+    /// Share of requests over the p99 limit in the last few seconds,
+    /// percent (with a p99 limit, where the source can tell).
+    pub slow_pct: Option<f64>,
+    /// The pace pre-copy keeps under a p99 limit, MB/s.
+    pub pace_mb_s: Option<f64>,
     /// The largest ratio to a limit (0 without limits).
     pub level: f64,
 }
@@ -100,6 +140,19 @@ pub trait LoadSource {
     /// Guest requests completed so far, and the nanoseconds they spent in
     /// flight (both monotonic).
     fn io(&mut self) -> Result<(u64, u64)>;
+
+    /// Requests completed so far and how many of them took longer than
+    /// `over` (both monotonic), or `None` where the source keeps no
+    /// latency histogram.
+    fn tail(&mut self, over: Duration) -> Result<Option<(u64, u64)>> {
+        let _ = over;
+        Ok(None)
+    }
+
+    /// Gives back what [`Self::tail`] set up in the source.
+    fn release_tail(&mut self, over: Duration) {
+        let _ = over;
+    }
 }
 
 impl LoadSource for Qmp {
@@ -113,6 +166,16 @@ impl LoadSource for Qmp {
             .map(|d| d.rd_total_time_ns + d.wr_total_time_ns + d.flush_total_time_ns)
             .sum();
         Ok((ops, time_ns))
+    }
+
+    fn tail(&mut self, over: Duration) -> Result<Option<(u64, u64)>> {
+        crate::qemu::histogram::requests_over(self, over).map(Some)
+    }
+
+    fn release_tail(&mut self, over: Duration) {
+        if let Err(e) = crate::qemu::histogram::remove_ours(self, over) {
+            tracing::warn!("removing pre-copy's latency histograms: {e}");
+        }
     }
 }
 
@@ -135,6 +198,29 @@ struct Counters {
     time_ns: u64,
     /// Guest CPU (busy, total) jiffies.
     cpu: Option<(u64, u64)>,
+    /// Requests, and those over the p99 limit.
+    tail: Option<(u64, u64)>,
+}
+
+/// The last samples' (requests, slow requests), for the tail figure.
+#[derive(Default)]
+struct TailWindow {
+    samples: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl TailWindow {
+    fn push(&mut self, requests: u64, slow: u64) {
+        if self.samples.len() == TAIL_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((requests, slow));
+    }
+
+    /// Percent of the window's requests over the limit.
+    fn slow_pct(&self) -> f64 {
+        let (n, s) = (self.samples.iter()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        s as f64 * 100.0 / n.max(TAIL_MIN_REQUESTS) as f64
+    }
 }
 
 pub struct Throttle {
@@ -146,6 +232,11 @@ pub struct Throttle {
     pub why: String,
     /// Time spent throttled or halted.
     pub held: Duration,
+    tail: TailWindow,
+    /// Bytes per second chunks are spaced to (under a p99 limit).
+    pace: Option<f64>,
+    /// The source keeps no histogram: said once.
+    tail_blind: bool,
 }
 
 impl Throttle {
@@ -158,6 +249,22 @@ impl Throttle {
             gate: Gate::Copying,
             why: String::new(),
             held: Duration::ZERO,
+            tail: TailWindow::default(),
+            pace: None,
+            tail_blind: false,
+        }
+    }
+
+    /// The p99 limit as a duration, if there is one.
+    fn p99_limit(&self) -> Option<Duration> {
+        let ms = self.limit?.p99_ms?;
+        Some(Duration::from_secs_f64(ms / 1000.0))
+    }
+
+    /// Gives back the histograms the tail figure set up in `q`.
+    pub fn release_tail(&mut self, q: &mut dyn LoadSource) {
+        if let Some(over) = self.p99_limit() {
+            q.release_tail(over);
         }
     }
 
@@ -189,11 +296,22 @@ impl Throttle {
             }
             None => None,
         };
+        let tail = match self.p99_limit() {
+            Some(over) => q.tail(over)?,
+            None => None,
+        };
+        if self.p99_limit().is_some() && tail.is_none() && !self.tail_blind {
+            tracing::warn!(
+                "the p99 limit is not applied: this load source keeps no latency histogram"
+            );
+            self.tail_blind = true;
+        }
         Ok(Counters {
             at: Instant::now(),
             ops,
             time_ns,
             cpu,
+            tail,
         })
     }
 
@@ -212,6 +330,16 @@ impl Throttle {
             }
             _ => None,
         };
+        let slow_pct = match (a.tail, b.tail) {
+            (Some((an, asl)), Some((bn, bsl))) => {
+                let slow = bsl.saturating_sub(asl);
+                self.tail.push(bn.saturating_sub(an), slow);
+                let pct = self.tail.slow_pct();
+                self.adapt_pace(slow, pct);
+                Some(pct)
+            }
+            _ => None,
+        };
         let avg = |old: f64, new: f64| old + ALPHA * (new - old);
         let mut l = match self.load {
             Some(o) => Load {
@@ -221,12 +349,16 @@ impl Throttle {
                     (Some(x), Some(y)) => Some(avg(x, y)),
                     (_, y) => y,
                 },
+                slow_pct,
+                pace_mb_s: self.pace.map(|r| r / 1e6),
                 level: 0.0,
             },
             None => Load {
                 latency_ms,
                 queue_depth,
                 cpu_pct,
+                slow_pct,
+                pace_mb_s: self.pace.map(|r| r / 1e6),
                 level: 0.0,
             },
         };
@@ -244,6 +376,19 @@ impl Throttle {
             Gate::Copying => String::new(),
             _ => why,
         };
+    }
+
+    /// AIMD on the tail: after a sample with slow requests while the
+    /// window is over budget, halve the pace; after a clean one, add a
+    /// step. (Slow requests already counted do not halve it again as they
+    /// age through the window.)
+    fn adapt_pace(&mut self, sample_slow: u64, window_pct: f64) {
+        let r = self.pace.get_or_insert(PACE_START);
+        if sample_slow > 0 && window_pct > TAIL_BUDGET_PCT {
+            *r = (*r / 2.0).max(PACE_MIN);
+        } else if sample_slow == 0 {
+            *r += PACE_STEP;
+        }
     }
 
     /// The largest ratio to a limit, and which figure it is.
@@ -266,6 +411,14 @@ impl Throttle {
         consider(l.queue_depth, lim.queue, "queue depth", "");
         if let Some(c) = l.cpu_pct {
             consider(c, lim.cpu_pct, "CPU busy", "%");
+        }
+        if let (Some(p), Some(ms)) = (l.slow_pct, lim.p99_ms) {
+            if p / TAIL_BUDGET_PCT > best.0 {
+                best = (
+                    p / TAIL_BUDGET_PCT,
+                    format!("guest requests over {ms} ms: {p:.1}% (p99 limit: {TAIL_BUDGET_PCT}%)"),
+                );
+            }
         }
         best
     }
@@ -295,14 +448,27 @@ impl Throttle {
         Ok(())
     }
 
-    /// After a chunk read that took `took`: throttled, leave the guest
-    /// `THROTTLED_DUTY` times as long.
-    pub fn after_read(&mut self, took: Duration) {
+    /// After a chunk of `bytes` that cost `took`: throttled, leave the
+    /// guest `THROTTLED_DUTY` times as long; under a p99 limit, space
+    /// chunks to the pace. The pause ends early once `go_on` says no (a
+    /// stop, or the backup is due: a slow pace must not delay it).
+    pub fn after_read(&mut self, took: Duration, bytes: u64, go_on: &dyn Fn() -> bool) {
+        let mut pause = Duration::ZERO;
         if self.gate == Gate::Throttled {
-            let pause = took * THROTTLED_DUTY;
-            std::thread::sleep(pause);
-            self.held += pause;
+            pause = took * THROTTLED_DUTY;
         }
+        if let Some(rate) = self.pace {
+            let due = Duration::from_secs_f64(bytes as f64 / rate);
+            pause = pause.max(due.saturating_sub(took));
+        }
+        let end = Instant::now() + pause;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            if left.is_zero() || !go_on() {
+                break;
+            }
+            std::thread::sleep(left.min(PAUSE_SLICE));
+        }
+        self.held += pause.saturating_sub(end.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -330,6 +496,7 @@ mod tests {
             ops,
             time_ns,
             cpu: None,
+            tail: None,
         }
     }
 
@@ -391,5 +558,74 @@ mod tests {
         // No limit: never held back.
         let mut free = Throttle::new(None, None);
         assert_eq!(step(&mut free, 40, 500.0), Gate::Copying);
+    }
+
+    /// One sample of `n` requests, `slow` of them over the limit.
+    fn tail_step(t: &mut Throttle, t0: Instant, i: u32, n: u64, slow: u64, acc: &mut (u64, u64)) {
+        let mut a = counters(t0 + SAMPLE * i, 0, 0);
+        a.tail = Some(*acc);
+        acc.0 += n;
+        acc.1 += slow;
+        let mut b = counters(t0 + SAMPLE * (i + 1), 0, 0);
+        b.tail = Some(*acc);
+        t.update(a, b);
+    }
+
+    #[test]
+    fn under_a_p99_limit_the_pace_halves_on_slow_requests_over_budget_and_grows_while_clean() {
+        let lim = LoadLimit::parse("p99=0.3").unwrap();
+        assert_eq!(lim.p99_ms, Some(0.3));
+        let mut t = Throttle::new(Some(lim), None);
+        let (t0, mut acc) = (Instant::now(), (0, 0));
+        // Clean samples: additive growth from the start rate.
+        for i in 0..4 {
+            tail_step(&mut t, t0, i, 50, 0, &mut acc);
+        }
+        assert_eq!(t.pace, Some(PACE_START + 4.0 * PACE_STEP));
+        assert_eq!(t.gate, Gate::Copying);
+        // 4 slow of 250 in the window (1.6%): halved once, and halted (the
+        // share is over 1.25× the budget).
+        tail_step(&mut t, t0, 4, 50, 4, &mut acc);
+        assert_eq!(t.pace, Some((PACE_START + 4.0 * PACE_STEP) / 2.0));
+        assert_eq!(t.gate, Gate::Halted, "{}", t.why);
+        assert!(t.why.contains("over 0.3 ms"), "{}", t.why);
+        let l = t.load.unwrap();
+        assert!((l.slow_pct.unwrap() - 1.6).abs() < 1e-9, "{l:?}");
+        // The slow requests age in the window without halving it again;
+        // once they have left it, the gate opens and the pace grows.
+        let halved = t.pace.unwrap();
+        for i in 5..5 + TAIL_SAMPLES as u32 {
+            tail_step(&mut t, t0, i, 50, 0, &mut acc);
+        }
+        assert_eq!(t.gate, Gate::Copying);
+        assert!(t.pace.unwrap() > halved);
+    }
+
+    #[test]
+    fn one_slow_request_of_a_nearly_idle_guest_does_not_halt_pre_copy() {
+        let mut t = Throttle::new(Some(LoadLimit::parse("p99=1").unwrap()), None);
+        let (t0, mut acc) = (Instant::now(), (0, 0));
+        tail_step(&mut t, t0, 0, 3, 1, &mut acc);
+        assert_eq!(t.gate, Gate::Copying);
+        assert!((t.load.unwrap().slow_pct.unwrap() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn chunks_are_spaced_to_the_pace() {
+        let mut t = Throttle::new(Some(LoadLimit::parse("p99=1").unwrap()), None);
+        t.pace = Some(1e6);
+        let t0 = Instant::now();
+        // 20 kB at 1 MB/s is 20 ms; the chunk already cost 5 of them.
+        t.after_read(Duration::from_millis(5), 20_000, &|| true);
+        let slept = t0.elapsed();
+        assert!(slept >= Duration::from_millis(15), "{slept:?}");
+        assert!(slept < Duration::from_millis(500), "{slept:?}");
+        assert!(t.held >= Duration::from_millis(14), "{:?}", t.held);
+        // A 2 MB chunk at 1 MB/s would wait 2 s; a stop ends it at once.
+        let t0 = Instant::now();
+        let stop_at = t0 + Duration::from_millis(100);
+        t.after_read(Duration::ZERO, 2_000_000, &|| Instant::now() < stop_at);
+        let slept = t0.elapsed();
+        assert!(slept < Duration::from_millis(1000), "{slept:?}");
     }
 }

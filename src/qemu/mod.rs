@@ -29,6 +29,7 @@
 mod channel;
 pub mod fleece;
 pub mod guest_agent;
+pub mod histogram;
 pub mod nbd;
 pub mod qmp;
 #[cfg(test)]

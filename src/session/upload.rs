@@ -189,6 +189,14 @@ impl LoadSource for GuestIo<'_> {
             .map(|d| d.guest_io())
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)))
     }
+
+    fn tail(&mut self, over: Duration) -> Result<Option<(u64, u64)>> {
+        Ok(Some(
+            (self.0.iter())
+                .map(|d| d.guest_tail(over))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        ))
+    }
 }
 
 impl Datastore {
@@ -541,7 +549,7 @@ impl<'a> Uploader<'a> {
             }
             let t0 = Instant::now();
             let stamp = d.read_for_upload(b, buf)?;
-            t.after_read(t0.elapsed());
+            t.after_read(t0.elapsed(), buf.len() as u64, &go_on);
             stamps.lock().expect("stamps lock").insert(b, stamp);
             Ok(())
         };

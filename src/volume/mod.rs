@@ -153,6 +153,8 @@ pub struct VolumeStats {
     /// they took: the session uploader's load figures (see `upload`).
     pub guest_ops: Counter,
     pub guest_time_ns: Counter,
+    /// Their latencies, for a p99 limit.
+    pub guest_latency: LatencyHistogram,
 }
 
 pub struct Volume {

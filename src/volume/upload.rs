@@ -209,12 +209,20 @@ impl Volume {
     /// uploader's throttle (requests and the time they took, like QEMU's
     /// block stats).
     pub(super) fn guest_done(&self, t0: Instant) {
+        let took = t0.elapsed();
         self.stats.guest_ops.add(1);
-        self.stats.guest_time_ns.add(t0.elapsed().as_nanos() as u64);
+        self.stats.guest_time_ns.add(took.as_nanos() as u64);
+        self.stats.guest_latency.record(took);
     }
 
     /// Guest requests completed and the nanoseconds they took, so far.
     pub fn guest_io(&self) -> (u64, u64) {
         (self.stats.guest_ops.get(), self.stats.guest_time_ns.get())
+    }
+
+    /// Guest requests completed, and those slower than `over`, so far.
+    pub fn guest_tail(&self, over: std::time::Duration) -> (u64, u64) {
+        let h = &self.stats.guest_latency;
+        (h.count(), h.count_over(over))
     }
 }

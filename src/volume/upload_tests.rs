@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::tests::{fixture, fixture_on, freeze_for_backup};
 use super::*;
-use crate::precopy::{Gate, LoadLimit, Throttle};
+use crate::precopy::{Gate, LoadLimit, LoadSource, Throttle};
 use crate::repo::Digest;
 use crate::session::upload::GuestIo;
 use crate::staging::io::{OsStorage, Storage};
@@ -188,4 +188,34 @@ fn the_uploaders_throttle_backs_off_on_the_sessions_slow_guest_writes_and_resume
     t.before_read(&mut GuestIo(&disks), &|| true).unwrap();
     assert!(t0.elapsed() < Duration::from_millis(100));
     assert!(t.load.unwrap().level < 0.8);
+}
+
+#[test]
+fn the_sessions_guest_tail_counts_exactly_the_requests_slower_than_the_limit() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let faults = Arc::new(FaultyStorage::new(OsStorage::shared()));
+    let f = fixture_on(16, 43, faults.clone() as Arc<dyn Storage>);
+    let vol = f.vol.clone();
+    let data_file = vol.store.data_path.to_str().unwrap().to_string();
+    for b in 0..16u64 {
+        vol.write(b * BS as u64, &vec![1; BS]).unwrap();
+    }
+    let (n0, slow0) = vol.guest_tail(Duration::from_millis(10));
+    // 5 of the next 40 guest writes take 30 ms.
+    faults.inject(
+        Rule::delay(Op::Write, &data_file, Duration::from_millis(30))
+            .after(10)
+            .times(5),
+    );
+    for i in 0..40u64 {
+        vol.write((i % 16) * BS as u64, &[i as u8; 4096]).unwrap();
+    }
+    let (n, slow) = vol.guest_tail(Duration::from_millis(10));
+    assert_eq!(n - n0, 40);
+    assert_eq!(slow - slow0, 5);
+    // What the uploader's throttle reads.
+    assert_eq!(
+        GuestIo(&[vol]).tail(Duration::from_millis(10)).unwrap(),
+        Some((n, slow))
+    );
 }

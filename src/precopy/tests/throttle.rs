@@ -278,3 +278,71 @@ fn the_throttle_holds_pre_copy_back_under_the_real_guests_load_and_not_without_a
     assert_eq!(loose.held_ms, 0.0, "{loose:?}");
     assert_eq!(free.held_ms, 0.0, "{free:?}");
 }
+
+/// Latency histograms of every drive, by drive (through `qmp`, free
+/// between jobs; the poller holds the other monitor): (read, write, flush)
+/// bin edges, `None` where the drive has none.
+fn histogram_edges(qmp: &std::path::Path) -> Vec<(String, [Option<serde_json::Value>; 3])> {
+    let mut q = Qmp::connect(qmp).unwrap();
+    let st = q.execute("query-blockstats", None).unwrap();
+    (st.as_array().unwrap().iter())
+        .map(|d| {
+            let h = |k: &str| d["stats"].get(k).map(|h| h["boundaries"].clone());
+            (
+                d["qdev"].as_str().unwrap_or("").to_string(),
+                [
+                    h("rd_latency_histogram"),
+                    h("wr_latency_histogram"),
+                    h("flush_latency_histogram"),
+                ],
+            )
+        })
+        .collect()
+}
+
+/// A p99 limit reads the real guest's slow requests from QEMU's
+/// histograms: under a limit every request exceeds, pre-copy is halted
+/// while it waits; the histograms it set on bare drives are gone after
+/// the job, and the one someone else set (the poller's, on the writer
+/// disk) keeps its edges.
+#[test]
+fn a_p99_limit_counts_the_real_guests_slow_requests_and_leaves_the_drives_histograms_as_it_found_them(
+) {
+    let vm = writer_vm(64);
+    let poll = Poller::start(&vm.mon);
+    let before = histogram_edges(&vm.qmp);
+    let writer = |h: &[(String, [Option<serde_json::Value>; 3])]| {
+        h.iter().find(|(q, _)| q.contains("vwriter")).unwrap().1[1].clone()
+    };
+    assert!(writer(&before).is_some());
+    let strict = LoadLimit {
+        p99_ms: Some(0.001),
+        ..Default::default()
+    };
+    let (a, b, held, states) = precopy_phase(&vm, Some(strict), 8.0);
+    assert!(
+        held.held_ms >= 0.5 * held.ms,
+        "every guest request is over the limit, yet pre-copy was held back only {:.0} of {:.0} ms",
+        held.held_ms,
+        held.ms
+    );
+    let before_end = b - a - Duration::from_secs(1);
+    assert!(
+        states
+            .iter()
+            .any(|(at, s)| s == "halted" && *at < before_end),
+        "{states:?}"
+    );
+    let after = histogram_edges(&vm.qmp);
+    assert_eq!(
+        writer(&after),
+        writer(&before),
+        "someone else's histogram was changed"
+    );
+    for (qdev, h) in &after {
+        if !qdev.contains("vwriter") {
+            assert_eq!(h, &[None, None, None], "{qdev} kept pre-copy's histogram");
+        }
+    }
+    drop(poll);
+}
