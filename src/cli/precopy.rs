@@ -149,8 +149,12 @@ fn print_rounds(ctl: &Control) {
             let load = s
                 .load
                 .map(|l| {
+                    let tail = match (l.slow_pct, l.pace_mb_s) {
+                        (Some(s), Some(p)) => format!(", {s:.1}% slow, pace {p:.0} MB/s"),
+                        _ => String::new(),
+                    };
                     format!(
-                        " (latency {:.1} ms, queue {:.2})",
+                        " (latency {:.1} ms, queue {:.2}{tail})",
                         l.latency_ms, l.queue_depth
                     )
                 })
@@ -222,9 +226,13 @@ pub fn print_jobs(r: &serde_json::Value, json: bool) {
     for j in jobs {
         let load = match j["load"].as_object() {
             Some(l) => format!(
-                ", guest latency {:.2} ms, queue {:.2}",
+                ", guest latency {:.2} ms, queue {:.2}{}",
                 l["latency_ms"].as_f64().unwrap_or(0.0),
-                l["queue_depth"].as_f64().unwrap_or(0.0)
+                l["queue_depth"].as_f64().unwrap_or(0.0),
+                match (l["slow_pct"].as_f64(), l["pace_mb_s"].as_f64()) {
+                    (Some(s), Some(p)) => format!(", {s:.1}% of requests slow, pace {p:.0} MB/s"),
+                    _ => String::new(),
+                }
             ),
             None => String::new(),
         };
