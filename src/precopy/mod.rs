@@ -94,7 +94,7 @@ use crate::vmbackup::VmReport;
 
 pub use jobs::{JobStatus, Jobs, StartRequest};
 pub use state::{State, StateDir};
-pub use throttle::{Gate, Load, LoadLimit, LoadSource, Throttle};
+pub use throttle::{Gate, IoCounts, Load, LoadLimit, LoadSource, Throttle};
 
 /// Where the state lives unless told.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/recoverfs/precopy";

@@ -135,29 +135,36 @@ pub enum Gate {
     Halted,
 }
 
+/// A load source's counters, all monotonic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoCounts {
+    /// Guest requests completed so far.
+    pub ops: u64,
+    /// The nanoseconds they spent in flight.
+    pub time_ns: u64,
+    /// Requests, and those slower than the `over` asked for; `None` where
+    /// the source keeps no latency histogram or none was asked for.
+    pub tail: Option<(u64, u64)>,
+}
+
 /// Where a throttle's I/O figures come from.
 pub trait LoadSource {
-    /// Guest requests completed so far, and the nanoseconds they spent in
-    /// flight (both monotonic).
-    fn io(&mut self) -> Result<(u64, u64)>;
+    /// The counters now; with `over`, also the requests slower than it
+    /// (from the same reading: one QMP round trip per sample, since every
+    /// query runs in QEMU's main loop beside the guest's I/O).
+    fn io(&mut self, over: Option<Duration>) -> Result<IoCounts>;
 
-    /// Requests completed so far and how many of them took longer than
-    /// `over` (both monotonic), or `None` where the source keeps no
-    /// latency histogram.
-    fn tail(&mut self, over: Duration) -> Result<Option<(u64, u64)>> {
-        let _ = over;
-        Ok(None)
-    }
-
-    /// Gives back what [`Self::tail`] set up in the source.
+    /// Gives back what [`Self::io`] set up in the source to count slow
+    /// requests.
     fn release_tail(&mut self, over: Duration) {
         let _ = over;
     }
 }
 
 impl LoadSource for Qmp {
-    fn io(&mut self) -> Result<(u64, u64)> {
-        let st = self.block_stats()?;
+    fn io(&mut self, over: Option<Duration>) -> Result<IoCounts> {
+        let r = self.execute("query-blockstats", None)?;
+        let st = self.block_stats_of(&r)?;
         let ops = st
             .iter()
             .map(|d| d.rd_operations + d.wr_operations + d.flush_operations)
@@ -165,11 +172,11 @@ impl LoadSource for Qmp {
         let time_ns = (st.iter())
             .map(|d| d.rd_total_time_ns + d.wr_total_time_ns + d.flush_total_time_ns)
             .sum();
-        Ok((ops, time_ns))
-    }
-
-    fn tail(&mut self, over: Duration) -> Result<Option<(u64, u64)>> {
-        crate::qemu::histogram::requests_over(self, over).map(Some)
+        let tail = match over {
+            Some(o) => Some(crate::qemu::histogram::requests_over(self, &r, o)?),
+            None => None,
+        };
+        Ok(IoCounts { ops, time_ns, tail })
     }
 
     fn release_tail(&mut self, over: Duration) {
@@ -286,7 +293,7 @@ impl Throttle {
     }
 
     fn counters(&mut self, q: &mut dyn LoadSource) -> Result<Counters> {
-        let (ops, time_ns) = q.io()?;
+        let io = q.io(self.p99_limit())?;
         let cpu = match self.agent.as_mut().map(cpu_jiffies) {
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => {
@@ -296,11 +303,7 @@ impl Throttle {
             }
             None => None,
         };
-        let tail = match self.p99_limit() {
-            Some(over) => q.tail(over)?,
-            None => None,
-        };
-        if self.p99_limit().is_some() && tail.is_none() && !self.tail_blind {
+        if self.p99_limit().is_some() && io.tail.is_none() && !self.tail_blind {
             tracing::warn!(
                 "the p99 limit is not applied: this load source keeps no latency histogram"
             );
@@ -308,10 +311,10 @@ impl Throttle {
         }
         Ok(Counters {
             at: Instant::now(),
-            ops,
-            time_ns,
+            ops: io.ops,
+            time_ns: io.time_ns,
             cpu,
-            tail,
+            tail: io.tail,
         })
     }
 

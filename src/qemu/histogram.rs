@@ -23,11 +23,11 @@ const KINDS: [&str; 3] = [
 ];
 
 /// Requests completed and requests slower than `over`, over every drive
-/// with a histogram (both monotonic while no one resets them); gives
-/// drives without one a histogram with `over` as its edge.
-pub fn requests_over(q: &mut Qmp, over: Duration) -> Result<(u64, u64)> {
+/// of a `query-blockstats` reply with a histogram (both monotonic while
+/// no one resets them); gives drives without one a histogram with `over`
+/// as its edge (counted from the next sample on).
+pub fn requests_over(q: &mut Qmp, stats: &Value, over: Duration) -> Result<(u64, u64)> {
     let over_ns = over.as_nanos() as u64;
-    let stats = q.execute("query-blockstats", None)?;
     let (mut total, mut slow) = (0, 0);
     let mut bare = Vec::new();
     for d in stats.as_array().into_iter().flatten() {

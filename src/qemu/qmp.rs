@@ -195,6 +195,11 @@ impl Qmp {
     /// Counters of every drive.
     pub fn block_stats(&mut self) -> Result<Vec<BlockStats>> {
         let r = self.execute("query-blockstats", None)?;
+        self.block_stats_of(&r)
+    }
+
+    /// [`Self::block_stats`] from a `query-blockstats` reply already read.
+    pub fn block_stats_of(&self, r: &Value) -> Result<Vec<BlockStats>> {
         let list = r.as_array().ok_or_else(|| {
             self.ch
                 .protocol_error("query-blockstats did not return a list".into())

@@ -78,7 +78,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Datastore, Session};
 use crate::error::{Error, ErrorKind, Result};
-use crate::precopy::{Gate, Load, LoadLimit, LoadSource, Throttle};
+use crate::precopy::{Gate, IoCounts, Load, LoadLimit, LoadSource, Throttle};
 use crate::repo::locks::WriterLock;
 use crate::repo::writer::store_chunks;
 use crate::repo::Repository;
@@ -182,20 +182,18 @@ fn figures(s: &Session) -> (u64, u64) {
 pub(crate) struct GuestIo<'a>(pub(crate) &'a [Arc<Volume>]);
 
 impl LoadSource for GuestIo<'_> {
-    fn io(&mut self) -> Result<(u64, u64)> {
-        Ok(self
-            .0
-            .iter()
-            .map(|d| d.guest_io())
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)))
-    }
-
-    fn tail(&mut self, over: Duration) -> Result<Option<(u64, u64)>> {
-        Ok(Some(
+    fn io(&mut self, over: Option<Duration>) -> Result<IoCounts> {
+        let sum = |f: &dyn Fn(&Volume) -> (u64, u64)| {
             (self.0.iter())
-                .map(|d| d.guest_tail(over))
-                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
-        ))
+                .map(|d| f(d))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        let (ops, time_ns) = sum(&|d| d.guest_io());
+        Ok(IoCounts {
+            ops,
+            time_ns,
+            tail: over.map(|o| sum(&|d| d.guest_tail(o))),
+        })
     }
 }
 

@@ -54,6 +54,14 @@ fn guest_writes_racing_the_uploader_never_put_a_stale_chunk_in_a_live_backup() {
             })
         };
         std::thread::sleep(Duration::from_millis(1500));
+        // On a busy machine the uploader may not have stored anything yet:
+        // the race needs it to have.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while r.ds.upload_status("vm").unwrap().stored_blocks == 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         stop.store(true, Ordering::Relaxed);
         writer.join().unwrap();
         let st = r.ds.upload_status("vm").unwrap();
