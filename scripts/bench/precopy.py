@@ -62,6 +62,14 @@ def fs_of(path):
     return r.stdout.split("\n")[0].strip()
 
 
+def settle():
+    """Starts an arm with no writeback left from the one before (2 GiB of
+    chunks written and deleted) or from the setup: it would land on
+    whichever arm comes next."""
+    os.sync()
+    time.sleep(1)
+
+
 def mean_latency_ms(qmp_path, seconds):
     """The guest's mean I/O latency over `seconds` (what the throttle sees)."""
     q = V.Qmp(qmp_path)
@@ -84,6 +92,7 @@ def mean_latency_ms(qmp_path, seconds):
 def arm_run(scope, vm, poller, arm, limits, secs, rnd):
     """One arm: the writer's p99 while it ran (ms, writes) and the job's
     round (none for `alone`)."""
+    settle()
     t0 = time.time()
     if arm == "alone":
         time.sleep(secs)
@@ -118,6 +127,7 @@ def section(work, rounds_n, secs, tiny):
         poller = V.HistogramPoller([vm])
         poller.start()
         time.sleep(3)
+        settle()
         t0 = time.time()
         limits = {"latency_ms": 1.3 * mean_latency_ms(vm["qmp"], 10)}
         t1 = time.time()
