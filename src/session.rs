@@ -273,7 +273,13 @@ impl Datastore {
         let points = placement
             .points
             .iter()
-            .map(|p| ExportPoint::new(p.clone(), stagings.of_point(&p.name).clone(), fetches_in_flight))
+            .map(|p| {
+                ExportPoint::new(
+                    p.clone(),
+                    stagings.of_point(&p.name).clone(),
+                    fetches_in_flight,
+                )
+            })
             .collect();
         Arc::new(Datastore {
             repo,

@@ -301,7 +301,10 @@ impl Backend for S3Backend {
         let key = key.to_string();
         Box::pin(async move {
             rt.spawn(fut).await.map_err(|e| {
-                Error::new(ErrorKind::Io, format!("S3 GET {key}: request dropped ({e})"))
+                Error::new(
+                    ErrorKind::Io,
+                    format!("S3 GET {key}: request dropped ({e})"),
+                )
             })?
         })
     }

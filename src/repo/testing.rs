@@ -190,7 +190,9 @@ impl TestBackend {
 
 impl Backend for TestBackend {
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-        let _counted = key.starts_with("chunks/").then(|| InFlight::new(&self.knobs));
+        let _counted = key
+            .starts_with("chunks/")
+            .then(|| InFlight::new(&self.knobs));
         self.knobs.before(key)?;
         if key.starts_with("chunks/") {
             self.knobs.chunk_reads.fetch_add(1, Ordering::SeqCst);

@@ -46,9 +46,7 @@ impl Fetch {
         match self.vol.upgrade() {
             Some(v) => v.fetched(self.b, &self.slot, r, self.started),
             // The volume is gone: nobody waits for this block any more.
-            None => self
-                .slot
-                .finish(Err(Error::busy("the disk was released"))),
+            None => self.slot.finish(Err(Error::busy("the disk was released"))),
         }
     }
 
@@ -142,9 +140,12 @@ impl Volume {
     /// bytes read from the repository.
     fn store_fetched(&self, b: u64, slot: &Slot, got: Got) -> Result<u64> {
         let digest = self.chunks.get(b).expect("fetch of a zero chunk");
-        let (data, n) =
-            self.repo
-                .open_chunk(&digest, got, self.block_len(b) as usize, &self.chunk_place(b))?;
+        let (data, n) = self.repo.open_chunk(
+            &digest,
+            got,
+            self.block_len(b) as usize,
+            &self.chunk_place(b),
+        )?;
         self.staging_write(&data, b * self.block_size)?;
         let _ = slot.data.set(data);
         Ok(n)

@@ -58,6 +58,15 @@ impl FairQueue {
         self.fifos.get(&t).and_then(VecDeque::front)
     }
 
+    /// Empties the queue (shutdown).
+    pub(super) fn take_all(&mut self) -> Vec<Arc<Job>> {
+        self.turns.clear();
+        std::mem::take(&mut self.fifos)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+
     /// Takes the job whose turn it is; its tenant goes to the back.
     pub(super) fn pop(&mut self) -> Option<Arc<Job>> {
         self.front()?;
@@ -75,4 +84,3 @@ impl FairQueue {
         Some(job)
     }
 }
-

@@ -52,8 +52,8 @@
 //!   (`util::trim_heap`).
 //!
 //! **Shutdown.** Dropping the scheduler stops its runtime and CPU threads;
-//! jobs not finished are dropped unrun, and what they own (a volume's
-//! fetch) answers its waiters when dropped.
+//! jobs not finished (queued, or between stages) are dropped unrun, and
+//! what they own (a volume's fetch) answers its waiters when dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -430,7 +430,16 @@ impl Scheduler {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        self.inner.state.lock().shutdown = true;
+        // Queued jobs' work is taken out and dropped here: a volume's
+        // fetch and its slot refer to each other through the job, so
+        // waiting for the queues to be dropped would never drop them.
+        let unrun: Vec<Work> = {
+            let mut st = self.inner.state.lock();
+            st.shutdown = true;
+            let jobs: Vec<Arc<Job>> = st.queues.iter_mut().flat_map(FairQueue::take_all).collect();
+            jobs.iter().filter_map(|j| j.work.lock().take()).collect()
+        };
+        drop(unrun);
         self.inner.cpu.shutdown();
         if let Some(rt) = self.rt.take() {
             // Never blocks, so a drop on any thread (even a runtime's) is safe.
@@ -495,8 +504,8 @@ impl Inner {
         let work = run.job.work.lock().take();
         let step = match work {
             None => Step::Done,
-            Some(w) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(w))
-                .unwrap_or_else(|p| {
+            Some(w) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(w)).unwrap_or_else(|p| {
                     // The job itself answers its waiters (what it owns
                     // does when dropped).
                     tracing::error!(
@@ -505,7 +514,8 @@ impl Inner {
                         crate::util::panic_message(&p)
                     );
                     Step::Done
-                }),
+                })
+            }
         };
         match step {
             Step::Done => self.finish(run),

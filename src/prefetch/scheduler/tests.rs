@@ -10,7 +10,8 @@ mod engine;
 
 type Gate = Arc<(Mutex<bool>, Condvar)>;
 
-/// Submits a `class` job that holds its worker until the gate opens.
+/// Submits a `class` job that holds its in-flight place (and a CPU thread)
+/// until the gate opens.
 fn blocking_job(s: &Scheduler, class: Class) -> Gate {
     let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
     let g = gate.clone();
@@ -82,7 +83,7 @@ fn on_demand_jobs_run_before_queued_background_jobs() {
     assert_eq!(
         order.lock().first(),
         Some(&("on-demand", 0)),
-        "the miss ran on the reserved worker while background work waited"
+        "the miss ran in the reserved place while background work waited"
     );
     open(&gate);
     while s.status().queued.readahead > 0 {
@@ -92,7 +93,7 @@ fn on_demand_jobs_run_before_queued_background_jobs() {
 
 #[test]
 fn a_sessions_one_miss_runs_before_another_sessions_hundred_queued_misses() {
-    // Two workers, both held, so every miss below queues.
+    // Two places in flight, both held, so every miss below queues.
     let s = Scheduler::new("t", 2);
     let gates: Vec<Gate> = (0..2).map(|_| blocking_job(&s, Class::OnDemand)).collect();
     while s.status().running.on_demand < 2 {

@@ -8,7 +8,9 @@ fn objects(n: usize) -> (tempfile::TempDir, Arc<TestBackend>, Knobs, Vec<String>
     let dir = tempfile::tempdir().unwrap();
     let knobs = Knobs::default();
     let b = Arc::new(TestBackend::new(dir.path(), knobs.clone()));
-    let keys: Vec<String> = (0..n).map(|i| format!("chunks/{:02x}/{i:06}", i % 256)).collect();
+    let keys: Vec<String> = (0..n)
+        .map(|i| format!("chunks/{:02x}/{i:06}", i % 256))
+        .collect();
     for (i, k) in keys.iter().enumerate() {
         b.put(k, &vec![i as u8; 4096]).unwrap();
     }
@@ -76,7 +78,10 @@ fn ninety_six_gets_are_in_flight_at_once_on_a_handful_of_threads() {
         "{threads} engine threads for {IN_FLIGHT} GETs in flight"
     );
     wait_for("every GET", 60, || log.lock().len() == keys.len());
-    assert!(log.lock().iter().all(|&(_, _, ok)| ok), "a GET read wrong bytes");
+    assert!(
+        log.lock().iter().all(|&(_, _, ok)| ok),
+        "a GET read wrong bytes"
+    );
     assert_eq!(
         knobs.peak_chunk_reads_in_flight() as usize,
         IN_FLIGHT,
@@ -126,7 +131,11 @@ fn an_on_demand_get_overtakes_queued_background_gets() {
     wait_for("background GETs under way", 30, || {
         knobs.chunk_reads_in_flight() >= 6
     });
-    assert_eq!(s.status().running.readahead, 6, "two places kept for misses");
+    assert_eq!(
+        s.status().running.readahead,
+        6,
+        "two places kept for misses"
+    );
     let t0 = Instant::now();
     get_job(&s, &b, 1, Class::OnDemand, &keys[60], 60, &log);
     wait_for("the miss", 30, || log.lock().iter().any(|x| x.1 == 60));
@@ -167,6 +176,8 @@ fn jobs_left_when_the_engine_stops_are_dropped_so_their_owners_answer() {
     wait_for("two gated GETs", 30, || knobs.chunk_reads_in_flight() == 2);
     drop(s);
     // Two GETs were under way, six jobs queued: all eight owners go.
-    wait_for("every owner dropped", 30, || dropped.load(Ordering::SeqCst) == 8);
+    wait_for("every owner dropped", 30, || {
+        dropped.load(Ordering::SeqCst) == 8
+    });
     knobs.open_gate();
 }
