@@ -45,7 +45,7 @@ pub struct MountOptions {
     /// Owner (uid, gid) of the files on the mount: the user a hypervisor
     /// runs as. Default: the daemon's user.
     pub owner: Option<(u32, u32)>,
-    pub fetch_workers: usize,
+    pub fetches_in_flight: usize,
     pub fuse_threads: usize,
     /// Kernel FUSE passthrough for read-only opens of complete disks (see
     /// `export::fuse::passthrough`; writable opens are refused meanwhile).
@@ -62,7 +62,7 @@ impl Default for MountOptions {
         MountOptions {
             allow_other: false,
             owner: None,
-            fetch_workers: 64,
+            fetches_in_flight: 64,
             fuse_threads: 4,
             fuse_passthrough: false,
             flush_interval: Duration::from_secs(2),
@@ -263,11 +263,18 @@ impl MountedDatastore {
             repo,
             staging,
             mount,
-            opts.fetch_workers,
+            opts.fetches_in_flight,
             opts.prefetch.clone(),
             opts.placement.clone(),
         );
-        let fs = RecoverFs::new(ds.clone(), 64, opts.owner, opts.fuse_passthrough);
+        // FUSE's background requests and io threads match the GETs the
+        // fetch engine keeps in flight (at least 64).
+        let fs = RecoverFs::new(
+            ds.clone(),
+            opts.fetches_in_flight.max(64),
+            opts.owner,
+            opts.fuse_passthrough,
+        );
         let inodes = fs.inodes();
         let mut options = vec![
             fuser::MountOption::FSName("recoverfs".into()),

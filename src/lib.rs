@@ -28,7 +28,8 @@
 //!        │ owner                        │ waiter (promotes a queued job)
 //!        ▼                              ▼
 //!  prefetch::Scheduler (one per export point; on-demand > profile > relocation > readahead)
-//!       N fetch workers: repo.read_chunk ─▶ verify digest ─▶ staging write (io gate: never after release)
+//!       CPU thread: admit ─▶ engine runtime: async GET (≤ --fetches-in-flight) ─▶ CPU thread:
+//!       open_chunk (decrypt, decompress, verify digest) ─▶ staging write (io gate: never after release)
 //!                             └──▶ presence bit set ──▶ waiters wake, read staging
 //!  staging::io::Storage ── every staging, map, metadata and relocation-target file (tests: faults, power cuts)
 //!  guest reads ──▶ tracker (first reads → profile recording) ──▶ stream detector (readahead)

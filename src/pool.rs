@@ -1,6 +1,6 @@
-//! A fixed pool of named worker threads fed by a crossbeam channel. The
-//! data path uses pools instead of an async runtime: fetch workers, and
-//! I/O workers that wait for fetches so FUSE threads never do.
+//! A fixed pool of named worker threads fed by a crossbeam channel: the
+//! FUSE I/O workers that wait for fetches so FUSE event threads never do.
+//! (Fetches themselves run on the fetch engine, `prefetch::scheduler`.)
 
 use crossbeam_channel::{unbounded, Sender};
 

@@ -266,14 +266,20 @@ impl Datastore {
         repo: Arc<Repository>,
         stagings: StagingSet,
         mount: &Path,
-        fetch_workers: usize,
+        fetches_in_flight: usize,
         prefetch: PrefetchOptions,
         placement: PlacementConfig,
     ) -> Arc<Datastore> {
         let points = placement
             .points
             .iter()
-            .map(|p| ExportPoint::new(p.clone(), stagings.of_point(&p.name).clone(), fetch_workers))
+            .map(|p| {
+                ExportPoint::new(
+                    p.clone(),
+                    stagings.of_point(&p.name).clone(),
+                    fetches_in_flight,
+                )
+            })
             .collect();
         Arc::new(Datastore {
             repo,

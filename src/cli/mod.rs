@@ -267,9 +267,10 @@ pub enum Command {
         /// user the hypervisor runs as, e.g. 64055:64055 or libvirt-qemu:kvm.
         #[arg(long, value_name = "UID:GID")]
         owner: Option<String>,
-        /// Parallel repository fetches (requests in flight) per export point.
-        #[arg(long, default_value_t = 64)]
-        fetch_workers: usize,
+        /// Repository GETs in flight at once per export point (the fetch
+        /// engine's limit; they cost a few threads, not one each).
+        #[arg(long, default_value_t = 64, alias = "fetch-workers")]
+        fetches_in_flight: usize,
         /// FUSE event-loop threads.
         #[arg(long, default_value_t = 4)]
         fuse_threads: usize,
@@ -575,7 +576,7 @@ pub fn run(cli: Cli) -> Result<()> {
             socket_group,
             allow_other,
             owner,
-            fetch_workers,
+            fetches_in_flight,
             fuse_threads,
             fuse_passthrough,
             flush_interval,
@@ -647,7 +648,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 datastore: crate::daemon::MountOptions {
                     allow_other,
                     owner,
-                    fetch_workers: fetch_workers.max(1),
+                    fetches_in_flight: fetches_in_flight.max(1),
                     fuse_threads,
                     fuse_passthrough,
                     flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),

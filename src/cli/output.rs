@@ -708,13 +708,13 @@ fn scheduler_line(s: &Value) -> String {
     let q = &s["queued"];
     let n = |k: &str| q[k].as_u64().unwrap_or(0);
     format!(
-        "fetch queue: on-demand {} profile {} relocation {} readahead {}  background limit {}/{}  on-demand latency mean {:.2} ms p99 {:.2} ms",
+        "fetch queue: on-demand {} profile {} relocation {} readahead {}  background limit {}/{} in flight  on-demand latency mean {:.2} ms p99 {:.2} ms",
         n("on_demand"),
         n("profile"),
         n("relocation"),
         n("readahead"),
         s["background_limit"],
-        s["workers"],
+        s["max_in_flight"],
         s["on_demand_latency_mean_ms"].as_f64().unwrap_or(0.0),
         s["on_demand_latency_p99_ms"].as_f64().unwrap_or(0.0),
     )

@@ -54,12 +54,12 @@ impl ExportPoint {
     pub fn new(
         spec: PointSpec,
         staging: Arc<StagingDir>,
-        fetch_workers: usize,
+        fetches_in_flight: usize,
     ) -> Arc<ExportPoint> {
         let queue = IoQueue::new(spec.max_inflight);
         let sched = Scheduler::with_queue(
             &format!("fetch-{}", spec.name),
-            fetch_workers,
+            fetches_in_flight,
             Some(queue.clone()),
         );
         Arc::new(ExportPoint {

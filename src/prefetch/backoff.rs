@@ -1,4 +1,4 @@
-//! How many workers background fetches may hold, driven by on-demand
+//! How many in-flight places background fetches may hold, driven by on-demand
 //! fetch latency: halve when it rises well above its recent best, grow by
 //! one while it stays near it (AIMD, as in TCP congestion control). Prefetch
 //! must never make the guest slower than no prefetch at all.
@@ -42,7 +42,7 @@ impl Backoff {
         self.last_sample.is_none_or(|t| now - t > IDLE)
     }
 
-    /// Background workers allowed now.
+    /// Background fetches allowed at once now.
     pub fn limit(&self, now: Instant) -> usize {
         if self.idle(now) {
             self.max

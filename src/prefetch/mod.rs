@@ -1,7 +1,8 @@
 //! Getting blocks local before the guest asks for them.
 //!
-//! * [`scheduler`]: the one queue every repository fetch goes through, by
-//!   class: on-demand miss > profile > relocation order > readahead.
+//! * [`scheduler`]: the fetch engine every repository fetch goes through:
+//!   queues by class (on-demand miss > profile > relocation order >
+//!   readahead), fair between sessions, GETs awaited asynchronously.
 //! * [`profile`]: operational profiles — which blocks a VM read, in what
 //!   order and when, recorded per session and stored in the repository.
 //! * [`tracker`]: per-disk recording of first accesses and the applied

@@ -1,6 +1,12 @@
 //! Storage backends: a small key/value capability trait that the chunk
 //! store and manifests sit on. Keys are `/`-separated and mirror the
 //! directory layout, so an object store can use them as object keys.
+//!
+//! Chunk reads of the data path also have an asynchronous form,
+//! [`Backend::get_async`], which the fetch engine (`prefetch::scheduler`)
+//! polls on its own tokio runtime so that many GETs are in flight without
+//! a thread each: S3 awaits object_store natively, a local directory reads
+//! on that runtime's bounded blocking pool, and a delay is a timer.
 
 use std::fs;
 use std::io::{self, Read};
@@ -9,12 +15,21 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::util::{fsync_dir, write_atomic};
 
+/// The outcome of a GET: the object, or `None` if it does not exist.
+pub type Got = Result<Option<Vec<u8>>>;
+
+/// A GET that has not started yet: it does nothing until polled, and must
+/// be polled on a tokio runtime with timers (the fetch engine's).
+pub type GetFuture = futures::future::BoxFuture<'static, Got>;
+
 /// What the repository needs from where bytes live.
 pub trait Backend: Send + Sync {
     /// Reads a whole object; `Ok(None)` if it does not exist. An object
     /// larger than `limit` bytes is refused as corrupt before its body is
     /// read into memory.
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>>;
+    /// `get` without holding a thread for the wait (see the module doc).
+    fn get_async(&self, key: &str, limit: u64) -> GetFuture;
     /// Stores an object atomically, replacing any old version.
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Stores an object atomically only if absent; `Ok(false)` if it existed.
@@ -64,6 +79,7 @@ pub fn too_large(what: &str, len: u64, limit: u64) -> Error {
 
 /// A repository in a local directory. Objects are files; every write is
 /// temp file + fsync + rename + fsync of the directory.
+#[derive(Clone)]
 pub struct LocalDir {
     root: PathBuf,
 }
@@ -125,6 +141,21 @@ impl Backend for LocalDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("open {}", p.display()), e)),
         }
+    }
+
+    /// A file read is blocking I/O: it runs on the polling runtime's
+    /// blocking pool, which the fetch engine bounds.
+    fn get_async(&self, key: &str, limit: u64) -> GetFuture {
+        let (me, key) = (self.clone(), key.to_string());
+        let what = self.path(&key).display().to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || me.get(&key, limit))
+                .await
+                .map_err(|e| {
+                    // Cancelled by a runtime shutdown, or a panic in the read.
+                    Error::new(crate::error::ErrorKind::Io, format!("read {what}: {e}"))
+                })?
+        })
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
@@ -270,6 +301,17 @@ impl Backend for Delayed {
             std::thread::sleep(self.delay);
         }
         self.inner.get(key, limit)
+    }
+    /// The delay is a timer: delayed GETs in flight hold no thread.
+    fn get_async(&self, key: &str, limit: u64) -> GetFuture {
+        let delay = key.starts_with("chunks/").then_some(self.delay);
+        let get = self.inner.get_async(key, limit);
+        Box::pin(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            get.await
+        })
     }
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         if key.starts_with("chunks/") {

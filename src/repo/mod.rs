@@ -470,9 +470,27 @@ impl Repository {
         len: usize,
         what: &dyn std::fmt::Display,
     ) -> Result<(Vec<u8>, u64)> {
-        let stored = self
-            .backend
-            .get(&d.key(), limits::max_chunk_object(len))
+        let got = self.backend.get(&d.key(), limits::max_chunk_object(len));
+        self.open_chunk(d, got, len, what)
+    }
+
+    /// The GET of a chunk's object, for the fetch engine to await; then
+    /// [`Repository::open_chunk`] turns its outcome into plain bytes.
+    pub fn chunk_request(&self, d: &Digest, len: usize) -> backend::GetFuture {
+        self.backend
+            .get_async(&d.key(), limits::max_chunk_object(len))
+    }
+
+    /// Decrypts, decompresses and verifies a fetched chunk object; plain
+    /// bytes and the number of bytes transferred.
+    pub fn open_chunk(
+        &self,
+        d: &Digest,
+        got: backend::Got,
+        len: usize,
+        what: &dyn std::fmt::Display,
+    ) -> Result<(Vec<u8>, u64)> {
+        let stored = got
             .map_err(|e| e.context(format!("chunk {d} of {what}")))?
             .ok_or_else(|| {
                 Error::corrupt(format!(

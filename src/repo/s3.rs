@@ -2,10 +2,12 @@
 //! Ceph RGW) through the `object_store` crate. Object keys mirror the
 //! directory layout under an optional prefix.
 //!
-//! The data path stays in plain threads: each call hands its request to a
-//! small tokio runtime owned by the backend and waits, so N fetch workers
-//! keep N requests in flight. Transient failures are retried here (not
-//! inside object_store) so retries can be counted and shown in `status`.
+//! Every request runs on a small tokio runtime owned by the backend, with
+//! its connection pool. The synchronous [`Backend`] calls hand a request
+//! to it and wait; the fetch engine's [`Backend::get_async`] awaits it
+//! without a thread, so the engine keeps many GETs in flight on a few
+//! threads. Transient failures are retried here (not inside object_store)
+//! so retries can be counted and shown in `status`.
 //!
 //! Manifests are created with a create-only conditional PUT
 //! (`If-None-Match: *`, object_store's `PutMode::Create`), which AWS S3,
@@ -22,7 +24,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
-use super::backend::Backend;
+use super::backend::{Backend, GetFuture, Got};
 use crate::error::{Error, ErrorKind, Result};
 
 const ATTEMPTS: u32 = 6;
@@ -32,7 +34,7 @@ pub struct S3Backend {
     bucket: String,
     prefix: String,
     rt: tokio::runtime::Runtime,
-    retries: AtomicU64,
+    retries: Arc<AtomicU64>,
     /// Whether the store honours create-only PUTs (probed once).
     create_only: std::sync::OnceLock<bool>,
 }
@@ -105,7 +107,7 @@ impl S3Backend {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             rt,
-            retries: AtomicU64::new(0),
+            retries: Arc::default(),
             create_only: std::sync::OnceLock::new(),
         })
     }
@@ -113,9 +115,10 @@ impl S3Backend {
     /// One create-only PUT; `Ok(false)` if the object existed.
     fn put_create(&self, key: &str, data: &[u8]) -> Result<bool> {
         let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
-        let attempts = AtomicU64::new(0);
-        let r = self.call(&format!("PUT (create-only) {key}"), |s| {
-            attempts.fetch_add(1, Ordering::Relaxed);
+        let attempts = Arc::new(AtomicU64::new(0));
+        let tries = attempts.clone();
+        let r = self.call(&format!("PUT (create-only) {key}"), move |s| {
+            tries.fetch_add(1, Ordering::Relaxed);
             let (p, payload) = (p.clone(), payload.clone());
             async move {
                 let opts = PutOptions {
@@ -169,37 +172,91 @@ impl S3Backend {
     }
 
     /// Runs a request on the backend's runtime from any thread (including
-    /// threads of another runtime), retrying transient failures.
+    /// threads of another runtime) and waits for it, retrying transient
+    /// failures.
     fn call<T: Send + 'static, F>(
         &self,
         what: &str,
-        mut op: impl FnMut(Arc<dyn ObjectStore>) -> F,
+        op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
     ) -> Result<T>
     where
         F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
-        let mut delay = Duration::from_millis(50);
-        for attempt in 1..=ATTEMPTS {
-            let fut = op(self.store.clone());
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            self.rt.spawn(async move {
-                let _ = tx.send(fut.await);
-            });
-            let r = rx
-                .recv()
-                .map_err(|_| Error::new(ErrorKind::Io, format!("S3 {what}: request dropped")))?;
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) if attempt < ATTEMPTS && transient(&e) => {
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(bucket = %self.bucket, attempt, "S3 {what} failed, retrying: {e}");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(2));
+        self.wait(what, self.retrying(what, op))
+    }
+
+    /// Runs `fut` on the backend's runtime and waits for its answer.
+    fn wait<T: Send + 'static>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::new(ErrorKind::Io, format!("S3 {what}: request dropped")))?
+    }
+
+    /// A request with its retries, as a future that holds no thread while
+    /// it waits (between attempts too).
+    fn retrying<T: Send + 'static, F>(
+        &self,
+        what: &str,
+        mut op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let (store, retries) = (self.store.clone(), self.retries.clone());
+        let (bucket, what) = (self.bucket.clone(), what.to_string());
+        async move {
+            let mut delay = Duration::from_millis(50);
+            for attempt in 1..=ATTEMPTS {
+                match op(store.clone()).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) if attempt < ATTEMPTS && transient(&e) => {
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%bucket, attempt, "S3 {what} failed, retrying: {e}");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(map_err(&what, e)),
                 }
-                Err(e) => return Err(map_err(what, e)),
+            }
+            unreachable!("the last attempt returns")
+        }
+    }
+
+    /// A GET with its retries; `None` if the object does not exist.
+    fn get_request(
+        &self,
+        key: &str,
+        limit: u64,
+    ) -> impl std::future::Future<Output = Got> + Send + 'static {
+        let p = self.path(key);
+        let fut = self.retrying(&format!("GET {key}"), move |s| {
+            let p = p.clone();
+            async move {
+                let r = s.get(&p).await?;
+                // The length is known from the headers: refuse before the body.
+                if r.meta.size > limit {
+                    return Ok(Err(r.meta.size));
+                }
+                r.bytes().await.map(Ok)
+            }
+        });
+        let what = format!("{}/{key}", self.location());
+        async move {
+            match fut.await {
+                // Without a copy when the body is one buffer.
+                Ok(Ok(b)) => Ok(Some(Vec::from(b))),
+                Ok(Err(len)) => Err(super::backend::too_large(&what, len, limit)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
             }
         }
-        unreachable!("the last attempt returns")
     }
 }
 
@@ -234,28 +291,22 @@ fn map_err(what: &str, e: object_store::Error) -> Error {
 
 impl Backend for S3Backend {
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-        let p = self.path(key);
-        let r = self.call(&format!("GET {key}"), move |s| {
-            let p = p.clone();
-            async move {
-                let r = s.get(&p).await?;
-                // The length is known from the headers: refuse before the body.
-                if r.meta.size > limit {
-                    return Ok(Err(r.meta.size));
-                }
-                r.bytes().await.map(Ok)
-            }
-        });
-        match r {
-            Ok(Ok(b)) => Ok(Some(b.to_vec())),
-            Ok(Err(len)) => Err(super::backend::too_large(
-                &format!("{}/{key}", self.location()),
-                len,
-                limit,
-            )),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.wait(&format!("GET {key}"), self.get_request(key, limit))
+    }
+
+    /// Runs on the backend's runtime (its connections live there); the
+    /// caller's runtime only awaits the answer.
+    fn get_async(&self, key: &str, limit: u64) -> GetFuture {
+        let (fut, rt) = (self.get_request(key, limit), self.rt.handle().clone());
+        let key = key.to_string();
+        Box::pin(async move {
+            rt.spawn(fut).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("S3 GET {key}: request dropped ({e})"),
+                )
+            })?
+        })
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {

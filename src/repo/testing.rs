@@ -1,6 +1,8 @@
 //! A repository backend for tests: a local directory behind knobs that
 //! make it slow, hold chunk reads at a gate, fail chosen keys as an
-//! unreachable store would, or panic in a read.
+//! unreachable store would, or panic in a read. Asynchronous chunk reads
+//! (the fetch engine's) wait on timers and a notification instead of a
+//! sleeping thread, and the knobs count how many are in flight at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,13 +10,15 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::backend::{Backend, LocalDir};
+use super::backend::{Backend, GetFuture, LocalDir};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Shared knobs; clone freely, every clone controls the same backend.
 #[derive(Clone, Default)]
 pub struct Knobs {
     gate: Arc<(Mutex<bool>, Condvar)>,
+    /// Wakes asynchronous reads waiting at the gate.
+    gate_open: Arc<tokio::sync::Notify>,
     gated: Arc<AtomicBool>,
     chunk_delay_ms: Arc<AtomicU64>,
     meta_delay_ms: Arc<AtomicU64>,
@@ -23,6 +27,32 @@ pub struct Knobs {
     unreachable: Arc<Mutex<Vec<String>>>,
     /// Chunk objects read so far.
     chunk_reads: Arc<AtomicU64>,
+    /// Chunk reads in progress, and the most there ever were at once.
+    chunk_reads_now: Arc<AtomicU64>,
+    chunk_reads_peak: Arc<AtomicU64>,
+}
+
+/// What a read waits for before it reaches the directory.
+struct Wait {
+    gated: bool,
+    delay: Duration,
+}
+
+/// Counts one chunk read in flight while it lives.
+struct InFlight(Knobs);
+
+impl InFlight {
+    fn new(k: &Knobs) -> InFlight {
+        let now = k.chunk_reads_now.fetch_add(1, Ordering::SeqCst) + 1;
+        k.chunk_reads_peak.fetch_max(now, Ordering::SeqCst);
+        InFlight(k.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.chunk_reads_now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Knobs {
@@ -36,6 +66,17 @@ impl Knobs {
         *self.gate.0.lock() = true;
         self.gated.store(false, Ordering::SeqCst);
         self.gate.1.notify_all();
+        self.gate_open.notify_waiters();
+    }
+
+    /// Chunk reads in progress right now.
+    pub fn chunk_reads_in_flight(&self) -> u64 {
+        self.chunk_reads_now.load(Ordering::SeqCst)
+    }
+
+    /// The most chunk reads that were ever in progress at once.
+    pub fn peak_chunk_reads_in_flight(&self) -> u64 {
+        self.chunk_reads_peak.load(Ordering::SeqCst)
     }
 
     /// Chunk objects read (fetched) through this backend so far.
@@ -67,7 +108,8 @@ impl Knobs {
         self.unreachable.lock().clear();
     }
 
-    fn before(&self, key: &str) -> Result<()> {
+    /// The failures and waits the knobs give an access of `key`.
+    fn check(&self, key: &str) -> Result<Wait> {
         if self
             .unreachable
             .lock()
@@ -83,13 +125,6 @@ impl Knobs {
         if chunk && self.panic_next.swap(false, Ordering::SeqCst) {
             panic!("injected panic while reading {key}");
         }
-        if chunk && self.gated.load(Ordering::SeqCst) {
-            let (m, cv) = &*self.gate;
-            let mut open = m.lock();
-            while !*open {
-                cv.wait(&mut open);
-            }
-        }
         let ms = if chunk {
             self.chunk_delay_ms.load(Ordering::SeqCst)
         } else if key.starts_with("backups/") || key.starts_with("profiles/") {
@@ -97,10 +132,45 @@ impl Knobs {
         } else {
             0
         };
-        if ms > 0 {
-            std::thread::sleep(Duration::from_millis(ms));
+        Ok(Wait {
+            gated: chunk && self.gated.load(Ordering::SeqCst),
+            delay: Duration::from_millis(ms),
+        })
+    }
+
+    fn before(&self, key: &str) -> Result<()> {
+        let w = self.check(key)?;
+        if w.gated {
+            let (m, cv) = &*self.gate;
+            let mut open = m.lock();
+            while !*open {
+                cv.wait(&mut open);
+            }
+        }
+        if !w.delay.is_zero() {
+            std::thread::sleep(w.delay);
         }
         Ok(())
+    }
+
+    /// `before` for an asynchronous read: no thread waits.
+    async fn before_async(&self, w: Wait) {
+        if w.gated {
+            loop {
+                let opened = self.gate_open.notified();
+                tokio::pin!(opened);
+                // Registered before the check, so an opening in between
+                // is not lost.
+                opened.as_mut().enable();
+                if *self.gate.0.lock() {
+                    break;
+                }
+                opened.await;
+            }
+        }
+        if !w.delay.is_zero() {
+            tokio::time::sleep(w.delay).await;
+        }
     }
 }
 
@@ -120,11 +190,28 @@ impl TestBackend {
 
 impl Backend for TestBackend {
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let _counted = key
+            .starts_with("chunks/")
+            .then(|| InFlight::new(&self.knobs));
         self.knobs.before(key)?;
         if key.starts_with("chunks/") {
             self.knobs.chunk_reads.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.get(key, limit)
+    }
+    fn get_async(&self, key: &str, limit: u64) -> GetFuture {
+        let (knobs, key) = (self.knobs.clone(), key.to_string());
+        let read = self.inner.get_async(&key, limit);
+        Box::pin(async move {
+            let chunk = key.starts_with("chunks/");
+            let _counted = chunk.then(|| InFlight::new(&knobs));
+            let wait = knobs.check(&key)?;
+            knobs.before_async(wait).await;
+            if chunk {
+                knobs.chunk_reads.fetch_add(1, Ordering::SeqCst);
+            }
+            read.await
+        })
     }
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         self.knobs.before(key)?;

@@ -4,7 +4,8 @@
 //!
 //! * A read of a staged block is a read of the staging file.
 //! * A read of a missing block starts a fetch (at most one per block, via
-//!   the in-flight table) and waits for it. The fetch writes the verified
+//!   the in-flight table; see `fetch` for its stages) and waits for it.
+//!   The fetch writes the verified
 //!   bytes to staging, then hands them to its in-flight slot, so waiting
 //!   readers copy their ranges from memory instead of reading staging back
 //!   (the block is present, so this is what staging holds, unless a guest
@@ -43,7 +44,6 @@
 //! never sees a released session's writes.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -63,6 +63,7 @@ use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
 mod evict;
+mod fetch;
 mod freeze;
 mod passthrough;
 mod relocation;
@@ -495,21 +496,6 @@ impl Volume {
         }
     }
 
-    /// Queues the fetch of `b` at the most urgent class asked for so far.
-    fn queue_fetch(&self, b: u64, s: &Arc<Slot>) {
-        let mut j = s.job.lock();
-        let (me, slot) = (self.me.clone(), s.clone());
-        let bytes = self.block_len(b);
-        j.0 = Some(
-            self.sched
-                .submit_for(self.tenant, j.1, bytes, move || match me.upgrade() {
-                    Some(v) => v.fetch(b, &slot),
-                    // The volume is gone: nobody waits for this block any more.
-                    None => slot.finish(Err(Error::busy("the disk was released"))),
-                }),
-        );
-    }
-
     /// Starts fetching `b` in the background unless it is local or
     /// already coming; true if this queued a fetch or raised its class.
     pub fn prefetch_block(&self, b: u64, class: Class) -> bool {
@@ -517,60 +503,6 @@ impl Volume {
             return false;
         }
         self.start_fill(b, class).is_some()
-    }
-
-    /// Runs on a fetch worker: repository → verify → staging file. Always
-    /// completes the slot, even if the fetch panics, so no waiter hangs.
-    fn fetch(&self, b: u64, slot: &Slot) {
-        let _span = tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size).entered();
-        let start = Instant::now();
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.fetch_block(b, slot)))
-            .unwrap_or_else(|p| {
-                Err(Error::new(
-                    ErrorKind::Io,
-                    format!(
-                        "fetch of VM {} disk{} block {b} failed: internal error ({})",
-                        self.vm,
-                        self.index,
-                        crate::util::panic_message(&p)
-                    ),
-                ))
-            });
-        match &r {
-            Ok(n) => {
-                self.stats.fetched_blocks.add(1);
-                self.stats.fetched_bytes.add(*n);
-                self.stats.fetch_latency.record(start.elapsed());
-            }
-            Err(e) if self.closed.load(Ordering::Acquire) => {
-                tracing::debug!(vm = %self.vm, disk = self.index, block = b, "fetch ended at release: {e}");
-            }
-            Err(e) => {
-                self.stats.fetch_errors.add(1);
-                *self.stats.last_fetch_error.lock() = Some(e.to_string());
-                let chunk = self.chunks.get(b).map(|d| d.to_hex()).unwrap_or_default();
-                tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk, "fetch failed: {e}");
-            }
-        }
-        self.complete(b, slot, r.map(|_| ()));
-    }
-
-    /// Reads block `b`'s chunk and writes it to staging; the bytes read
-    /// from the repository.
-    fn fetch_block(&self, b: u64, slot: &Slot) -> Result<u64> {
-        self.check_open()?;
-        self.admit(slot)?;
-        let digest = self.chunks.get(b).expect("fetch of a zero chunk");
-        let what = format!(
-            "VM {} backup {} disk{} block {b}",
-            self.vm, self.backup, self.index
-        );
-        let (data, n) = self
-            .repo
-            .read_chunk(&digest, self.block_len(b) as usize, &what)?;
-        self.staging_write(&data, b * self.block_size)?;
-        let _ = slot.data.set(data);
-        Ok(n)
     }
 
     fn check_open(&self) -> Result<()> {

@@ -50,6 +50,8 @@ pub struct RecoverFs {
     ds: Arc<Datastore>,
     inodes: Arc<Inodes>,
     io: Arc<WorkerPool>,
+    /// Its threads: also the kernel's limit of background requests.
+    io_threads: usize,
     sync: Arc<WorkerPool>,
     /// Owner of every file and directory (the hypervisor's user).
     uid: u32,
@@ -64,6 +66,8 @@ fn errno(e: &Error) -> Errno {
 }
 
 impl RecoverFs {
+    /// `io_threads` wait for fetches (one per queued guest request the
+    /// kernel may send: match the fetch engine's GETs in flight).
     /// `owner` (uid, gid) owns the files; by default the daemon's user.
     /// `passthrough`: let the kernel read complete disks' files itself on
     /// read-only opens (see `passthrough`).
@@ -80,6 +84,7 @@ impl RecoverFs {
             ds,
             inodes: Arc::new(Inodes::default()),
             io: Arc::new(WorkerPool::new("fuse-io", io_threads)),
+            io_threads,
             sync: Arc::new(WorkerPool::new("fuse-sync", 8)),
             uid,
             gid,
@@ -174,8 +179,9 @@ impl Filesystem for RecoverFs {
         let _ = config.set_max_readahead(MAX_IO);
         // As many background requests (readahead, async direct I/O) as the
         // io pool has threads, so queued guest I/O reaches the fetch engine.
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
+        let bg = self.io_threads.clamp(1, u16::MAX as usize) as u16;
+        let _ = config.set_max_background(bg);
+        let _ = config.set_congestion_threshold((bg / 4 * 3).max(1));
         // Without ASYNC_DIO the kernel turns a guest's queue of O_DIRECT AIO
         // requests into one request at a time, so QD16 behaves like QD1.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {

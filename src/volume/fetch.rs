@@ -1,0 +1,177 @@
+//! One block's fetch as the fetch engine runs it (`prefetch::scheduler`):
+//! * prepare, on a CPU thread: the release check, room in the staging
+//!   budget, and the chunk's GET (not started yet);
+//! * the GET, awaited on the engine's runtime; the volume is not held
+//!   meanwhile (only a weak reference);
+//! * finish, on a CPU thread: decrypt, decompress, verify, write staging,
+//!   hand the bytes to the slot's waiters, mark the block present.
+//!
+//! A [`Fetch`] always answers its slot exactly once: when it succeeds or
+//! fails, when a stage panics, and when it is dropped unrun (the volume
+//! was released, or the engine stopped), so no reader ever waits forever.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use super::{Slot, Volume};
+use crate::error::{Error, ErrorKind, Result};
+use crate::prefetch::scheduler::Step;
+use crate::repo::backend::{GetFuture, Got};
+
+/// A queued or running fetch of one block.
+pub(super) struct Fetch {
+    vol: Weak<Volume>,
+    b: u64,
+    slot: Arc<Slot>,
+    /// When prepare began (the fetch latency's start).
+    started: Option<Instant>,
+    answered: bool,
+}
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.answer(Err(Error::busy(
+                "the fetch ended unrun: the disk was released or the daemon is stopping",
+            )));
+        }
+    }
+}
+
+impl Fetch {
+    fn answer(&mut self, r: Result<u64>) {
+        self.answered = true;
+        match self.vol.upgrade() {
+            Some(v) => v.fetched(self.b, &self.slot, r, self.started),
+            // The volume is gone: nobody waits for this block any more.
+            None => self.slot.finish(Err(Error::busy("the disk was released"))),
+        }
+    }
+
+    /// Stage 1 (see the module doc).
+    fn prepare(mut self) -> Step {
+        let Some(v) = self.vol.upgrade() else {
+            return Step::Done; // dropping `self` answers
+        };
+        let _span = v.fetch_span(self.b).entered();
+        self.started = Some(Instant::now());
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| v.fetch_request(self.b, &self.slot)))
+            .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
+        drop(v);
+        match r {
+            Ok(request) => Step::Get {
+                request,
+                then: Box::new(move |got| self.finish(got)),
+            },
+            Err(e) => {
+                self.answer(Err(e));
+                Step::Done
+            }
+        }
+    }
+
+    /// Stage 3 (see the module doc).
+    fn finish(mut self, got: Got) {
+        let Some(v) = self.vol.upgrade() else {
+            return; // dropping `self` answers
+        };
+        let _span = v.fetch_span(self.b).entered();
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            v.store_fetched(self.b, &self.slot, got)
+        }))
+        .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
+        drop(v);
+        self.answer(r);
+    }
+}
+
+impl Volume {
+    /// Queues the fetch of `b` at the most urgent class asked for so far.
+    pub(super) fn queue_fetch(&self, b: u64, s: &Arc<Slot>) {
+        let mut j = s.job.lock();
+        let fetch = Fetch {
+            vol: self.me.clone(),
+            b,
+            slot: s.clone(),
+            started: None,
+            answered: false,
+        };
+        let bytes = self.block_len(b);
+        j.0 = Some(
+            self.sched
+                .submit_for(self.tenant, j.1, bytes, move || fetch.prepare()),
+        );
+    }
+
+    fn fetch_span(&self, b: u64) -> tracing::Span {
+        tracing::debug_span!("fetch", vm = %self.vm, disk = self.index, offset = b * self.block_size)
+    }
+
+    fn internal_error(&self, b: u64, p: &Box<dyn std::any::Any + Send>) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "fetch of VM {} disk{} block {b} failed: internal error ({})",
+                self.vm,
+                self.index,
+                crate::util::panic_message(p)
+            ),
+        )
+    }
+
+    fn chunk_place(&self, b: u64) -> String {
+        format!(
+            "VM {} backup {} disk{} block {b}",
+            self.vm, self.backup, self.index
+        )
+    }
+
+    /// Before the GET: still open, and room in staging for the block.
+    fn fetch_request(&self, b: u64, slot: &Slot) -> Result<GetFuture> {
+        self.check_open()?;
+        self.admit(slot)?;
+        let digest = self.chunks.get(b).expect("fetch of a zero chunk");
+        Ok(self.repo.chunk_request(&digest, self.block_len(b) as usize))
+    }
+
+    /// After the GET: verified plain bytes into staging and the slot; the
+    /// bytes read from the repository.
+    fn store_fetched(&self, b: u64, slot: &Slot, got: Got) -> Result<u64> {
+        let digest = self.chunks.get(b).expect("fetch of a zero chunk");
+        let (data, n) = self.repo.open_chunk(
+            &digest,
+            got,
+            self.block_len(b) as usize,
+            &self.chunk_place(b),
+        )?;
+        self.staging_write(&data, b * self.block_size)?;
+        let _ = slot.data.set(data);
+        Ok(n)
+    }
+
+    /// The end of a fetch, however it ended: figures, the log line, then
+    /// the slot's waiters.
+    fn fetched(&self, b: u64, slot: &Slot, r: Result<u64>, started: Option<Instant>) {
+        match &r {
+            Ok(n) => {
+                self.stats.fetched_blocks.add(1);
+                self.stats.fetched_bytes.add(*n);
+                if let Some(t) = started {
+                    self.stats.fetch_latency.record(t.elapsed());
+                }
+            }
+            Err(e) if self.closed.load(Ordering::Acquire) => {
+                tracing::debug!(vm = %self.vm, disk = self.index, block = b, "fetch ended at release: {e}");
+            }
+            Err(e) => {
+                self.stats.fetch_errors.add(1);
+                *self.stats.last_fetch_error.lock() = Some(e.to_string());
+                let chunk = self.chunks.get(b).map(|d| d.to_hex()).unwrap_or_default();
+                tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk, "fetch failed: {e}");
+            }
+        }
+        self.complete(b, slot, r.map(|_| ()));
+    }
+}
