@@ -58,7 +58,7 @@ OUT_MD = os.path.join(DOCS, "benchmarks.md")
 OUT_JSON = os.path.join(DOCS, "benchmarks.json")
 OUT_TRACE = os.path.join(DOCS, "boot-trace.json")
 
-FETCH_WORKERS = 16          # recoverfs serve --fetch-workers (its default)
+FETCH_WORKERS = 16          # recoverfs serve --fetch-workers (alias of --fetches-in-flight, default 64; 16 matches the peers' 16 in flight, and a --baseline-bin binary knows only this name)
 CHUNK = 1 << 20             # recoverfs backup --chunk-size (its default)
 MiB = 1 << 20
 BOOT_MARKER = b"RECOVERFS-DEBIAN-UP"
