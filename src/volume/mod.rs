@@ -211,8 +211,6 @@ pub struct Volume {
     guest_inflight: AtomicU32,
     /// Copied blocks the guest wrote again (relocation's convergence signal).
     copies_revoked: AtomicU64,
-    /// The relocation's announced copy order (see `announce_copy_order`).
-    copy_order: RwLock<Option<Arc<[u64]>>>,
     /// Set at release: queued fetches end without I/O, so none writes into
     /// staging that a later session may already be using.
     closed: AtomicBool,
@@ -343,7 +341,6 @@ impl Volume {
             target: OnceLock::new(),
             guest_inflight: AtomicU32::new(0),
             copies_revoked: AtomicU64::new(0),
-            copy_order: RwLock::new(None),
             closed: AtomicBool::new(false),
             io_gate: RwLock::new(()),
             evict_gate: RwLock::new(()),
