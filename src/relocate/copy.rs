@@ -23,13 +23,15 @@ struct Batch {
 }
 
 impl Batch {
-    /// Entries: a run of holes counts as one, it costs one write.
-    fn len(&self) -> usize {
-        self.blocks.len() + self.holes.len()
+    /// Blocks in the batch, holes included: a batch is committed once it
+    /// holds `BATCH` of them, so a long run of holes is recorded (with one
+    /// sync) as soon as it is taken and progress never waits behind it.
+    fn blocks(&self) -> u64 {
+        self.blocks.len() as u64 + self.holes.iter().map(|r| r.end - r.start).sum::<u64>()
     }
 
     fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.blocks.is_empty() && self.holes.is_empty()
     }
 }
 
@@ -84,7 +86,7 @@ impl Relocation {
                 }
                 b += 1;
             }
-            if batch.len() >= BATCH {
+            if batch.blocks() >= BATCH as u64 {
                 self.commit(i, &mut batch)?;
             }
         }
@@ -144,7 +146,7 @@ impl Relocation {
             .sync_data()
             .ctx(|| format!("fsync relocation target disk{i}"))?;
         d.flush()?;
-        let mut touched: Vec<Range<u64>> = Vec::with_capacity(batch.len());
+        let mut touched: Vec<Range<u64>> = vec![];
         for (b, stamp) in batch.blocks.drain(..) {
             self.count_mark(d.mark_copied(c, b, stamp));
             touched.push(b..b + 1);

@@ -49,8 +49,8 @@ use crate::staging::io::{self, BlockFile, Open, Storage};
 use crate::staging::{MapKind, PersistentBitmap};
 use crate::volume::Volume;
 
-/// Copy batches are synced and recorded every this many blocks (a run of
-/// holes counts as one).
+/// Copy batches are synced and recorded every this many blocks (holes
+/// included; a run of holes costs one sync however long).
 const BATCH: usize = 16;
 /// Cut over when at most this many blocks remain dirty (and at most a
 /// 16th of the disk): the final pass runs with guest writes paused.
