@@ -2,10 +2,12 @@
 """Relocation benchmark (part of `make bench`).
 
 Measures, in one run on the same machine:
-  * the repository's raw read rate and the target's raw write rate; the
-    slower of the two is the physical limit for relocation;
+  * the baseline (issue 16): the repository read rate `recoverfs verify`
+    measures (every chunk read, decompressed and checked, on verify's worker
+    threads, caches dropped first) and the target's write rate (dd, synced);
+    a relocation does both to every byte, so the slower of the two bounds it;
   * relocation throughput (disk bytes / time to cutover) as a ratio of that
-    limit, and the cutover pause;
+    baseline (target: >= 0.9), and the cutover pause;
   * the VM's read/write latency (fio 4 KiB random 70/30, QD1, on the FUSE
     disk file) with and without a relocation running, p50 and p99, and the
     ratio between the two (goal: p99 at most 1.2x).
@@ -101,9 +103,12 @@ def fio_latency(disk, seconds):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--size-mib", type=int, default=0)
+    ap = argparse.ArgumentParser(
+        description="Relocation throughput as a share of min(verify's repository read rate, target write rate), "
+                    "and the VM's latency with and without a relocation running; writes docs/benchmarks.md's "
+                    "Relocation section and docs/benchmarks-relocation.json. Needs root (drops caches).")
+    ap.add_argument("--quick", action="store_true", help="a 256 MiB disk and 4 s fio runs")
+    ap.add_argument("--size-mib", type=int, default=0, help="disk size in MiB (default 1024, 256 with --quick)")
     a = ap.parse_args()
     size_mib = a.size_mib or (256 if a.quick else 1024)
     fio_s = 4 if a.quick else 10
@@ -118,16 +123,14 @@ def main():
         repo = os.path.join(work, "repo")
         sh(BIN, "backup", "--repo", repo, "--vm", "vm", img)
 
-        # Physical limits measured now: raw repository read, raw target write.
+        # The baseline, measured now: the repository read rate `verify`
+        # achieves (the image is random, so every chunk is distinct and
+        # verify reads the whole disk once), and the target's write rate.
         drop_caches()
         t = time.monotonic()
-        nbytes = 0
-        for d, _, files in os.walk(os.path.join(repo, "chunks")):
-            for fn in files:
-                with open(os.path.join(d, fn), "rb") as f:
-                    while b := f.read(1 << 20):
-                        nbytes += len(b)
-        res["repo_read_mbps"] = nbytes / (time.monotonic() - t) / 1e6
+        sh(BIN, "verify", "--repo", repo, "vm")
+        res["verify_s"] = time.monotonic() - t
+        res["verify_mbps"] = size_mib * (1 << 20) / res["verify_s"] / 1e6
         primary = os.path.join(work, "primary")
         os.makedirs(primary)
         probe = os.path.join(primary, "probe")
@@ -135,7 +138,7 @@ def main():
         sh("dd", "if=/dev/zero", f"of={probe}", "bs=1M", f"count={size_mib}", "oflag=direct", "conv=fsync")
         res["target_write_mbps"] = size_mib * (1 << 20) / (time.monotonic() - t) / 1e6
         os.unlink(probe)
-        res["limit_mbps"] = min(res["repo_read_mbps"], res["target_write_mbps"])
+        res["baseline_mbps"] = min(res["verify_mbps"], res["target_write_mbps"])
 
         # Throughput: cold recovery, relocation without a rate limit.
         drop_caches()
@@ -147,7 +150,7 @@ def main():
         res["relocate_s"] = time.monotonic() - t
         st = api(d.sock, "GET", "/sessions/vm")["relocation"]
         res["relocate_mbps"] = size_mib * (1 << 20) / res["relocate_s"] / 1e6
-        res["relocate_ratio_of_limit"] = res["relocate_mbps"] / res["limit_mbps"]
+        res["relocate_ratio_of_baseline"] = res["relocate_mbps"] / res["baseline_mbps"]
         res["cutover_pause_ms"] = st["cutover_pause_ms"]
         api(d.sock, "DELETE", "/sessions/vm?discard=true")
         d.stop()
@@ -184,12 +187,18 @@ A {size_mib} MiB disk of random data, recovered from a local repository.
 
 | figure | value | baseline (same run) | ratio |
 |---|---|---|---|
-| relocation throughput, cold, no rate limit | {res['relocate_mbps']:.1f} MB/s | limit {res['limit_mbps']:.1f} MB/s = min(repository raw read {res['repo_read_mbps']:.1f}, target raw write {res['target_write_mbps']:.1f}) | {res['relocate_ratio_of_limit']:.2f} |
+| relocation throughput, cold, no rate limit | {res['relocate_mbps']:.1f} MB/s | {res['baseline_mbps']:.1f} MB/s = min(`verify` repository read {res['verify_mbps']:.1f}, target write {res['target_write_mbps']:.1f}) | {res['relocate_ratio_of_baseline']:.2f} (target ≥ 0.90) |
 | cutover pause (longest write stall) | {res['cutover_pause_ms']:.1f} ms | | |
 | VM read p50 (fio 4K randrw 70/30 QD1 O_DIRECT) | {w['read_p50_us']:.0f} µs | {wo['read_p50_us']:.0f} µs without relocation | {res['ratio_read_p50_us']:.2f} |
 | VM read p99 | {w['read_p99_us']:.0f} µs | {wo['read_p99_us']:.0f} µs | {res['ratio_read_p99_us']:.2f} |
 | VM write p50 | {w['write_p50_us']:.0f} µs | {wo['write_p50_us']:.0f} µs | {res['ratio_write_p50_us']:.2f} |
 | VM write p99 | {w['write_p99_us']:.0f} µs | {wo['write_p99_us']:.0f} µs | {res['ratio_write_p99_us']:.2f} |
+
+Why this baseline: a relocation must read every chunk from the repository, decompress and check it, and
+write it to the target; `recoverfs verify` does the first part with its own parallelism on the same
+repository (caches dropped), and dd the second on the same target filesystem, both in this run, so neither
+side is given a faster disk or a warmer cache than the relocation had. Relocation cannot beat the slower of
+the two; 0.90 of it means the copier's own overhead (staging, fsync batches, the copied map) costs ≤ 10 %.
 
 Goal: VM p99 during relocation at most 1.2x the p99 without. During the latency run the relocation
 was rate-limited to {res['relocation_during_fio']['rate_limit_mbps']:.1f} MB/s so that it spans the whole fio run

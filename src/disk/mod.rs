@@ -80,13 +80,33 @@ pub fn extents(
     len: u64,
     flags: impl Fn(u64) -> ExtentFlags,
 ) -> Vec<Extent> {
+    extents_by_runs(size, block_size, off, len, |b, _| (flags(b), b + 1))
+}
+
+/// Extents clipped to `[off, off + len)` from runs: `run(b, to)` gives
+/// block `b`'s flags and the end (`b < end <= to`) of the run of blocks
+/// from `b` that share them. A disk keeping its state as runs or bitmaps
+/// answers in time proportional to its runs and words, not its blocks: a
+/// sparse 10 TiB map in milliseconds.
+pub fn extents_by_runs(
+    size: u64,
+    block_size: u64,
+    off: u64,
+    len: u64,
+    run: impl Fn(u64, u64) -> (ExtentFlags, u64),
+) -> Vec<Extent> {
     let end = off.saturating_add(len).min(size);
     let mut out: Vec<Extent> = vec![];
+    if off >= end {
+        return out;
+    }
+    // One past the last block the range touches.
+    let to = (end - 1) / block_size + 1;
     let mut pos = off;
     while pos < end {
         let b = pos / block_size;
-        let stop = ((b + 1) * block_size).min(end);
-        let f = flags(b);
+        let (f, run_end) = run(b, to);
+        let stop = (run_end.clamp(b + 1, to) * block_size).min(end);
         match out.last_mut() {
             Some(last) if last.flags == f => last.len += stop - pos,
             _ => out.push(Extent {

@@ -152,3 +152,49 @@ fn every_disks_block_status_tiles_the_range_and_tells_the_truth() {
         assert_eq!(tail.iter().map(|e| e.len).sum::<u64>(), 50, "{name}");
     }
 }
+
+#[test]
+fn a_volumes_block_status_by_runs_equals_its_block_by_block_answer() {
+    // 200 blocks: runs cross bitmap words; staged, written and backed-up
+    // blocks interleave.
+    let size = 200 * BS + 777;
+    let s = volume(size, 5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    for _ in 0..60 {
+        let off = rng.gen_range(0..size);
+        let len = rng.gen_range(1..=(5 * BS).min(size - off));
+        match rng.gen_range(0..3) {
+            0 => s.disk.write_at(off, &vec![7; len as usize]).unwrap(),
+            1 => s.disk.write_zeroes(off, len).unwrap(),
+            _ => drop(s.disk.read_at(off, len as usize).unwrap()),
+        }
+    }
+    let by_block = |off: u64, len: u64| {
+        let end = (off + len).min(size);
+        let mut out: Vec<Extent> = vec![];
+        let mut pos = off;
+        while pos < end {
+            let stop = ((pos / BS + 1) * BS).min(end);
+            let e = s.disk.block_status(pos, stop - pos).unwrap();
+            assert_eq!(e.len(), 1);
+            match out.last_mut() {
+                Some(last) if last.flags == e[0].flags => last.len += e[0].len,
+                _ => out.push(e[0]),
+            }
+            pos = stop;
+        }
+        out
+    };
+    let mut ranges = vec![(0, size), (size - 50, 1000), (BS - 1, 2)];
+    ranges.extend((0..200).map(|_| {
+        let off = rng.gen_range(0..size);
+        (off, rng.gen_range(1..=size - off))
+    }));
+    for (off, len) in ranges {
+        assert_eq!(
+            s.disk.block_status(off, len).unwrap(),
+            by_block(off, len),
+            "block status of {off}+{len}"
+        );
+    }
+}

@@ -6,6 +6,12 @@
 //!   blocks fetched on demand (one fetch per block, shared with the guest),
 //!   and the guest's writes. Blocks just ahead of the copy cursor are
 //!   fetched in parallel (relocation order, ascending offset).
+//! * The copy walks each disk in ascending order **by runs**: copied blocks
+//!   are skipped a bitmap word at a time, a stretch of holes (zero in the
+//!   backup, never written) is taken whole and recorded with one commit
+//!   that writes only the bitmap words it touched, so a sparse 10 TiB disk
+//!   costs its data, not its 10 million blocks. A hole is recorded only
+//!   where the target durably reads zeros (see `take_holes`).
 //! * A per-disk **copied** map records blocks whose target data is synced.
 //!   A guest write durably clears the block's bit before its data lands; the
 //!   copier marks a block copied only if no guest write started since it
@@ -38,14 +44,13 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::placement::IoClass;
-use crate::repo::chunk::is_zero;
 use crate::repo::limits::MAX_META_BYTES;
 use crate::staging::io::{self, BlockFile, Open, Storage};
 use crate::staging::{MapKind, PersistentBitmap};
 use crate::volume::Volume;
 
-/// Copy batches are synced and recorded every this many blocks.
+/// Copy batches are synced and recorded every this many blocks (holes
+/// included; a run of holes costs one sync however long).
 const BATCH: usize = 16;
 /// Cut over when at most this many blocks remain dirty (and at most a
 /// 16th of the disk): the final pass runs with guest writes paused.
@@ -112,6 +117,8 @@ pub struct Relocation {
     targets: Vec<Arc<dyn BlockFile>>,
     copied: Vec<Arc<PersistentBitmap>>,
     target_dir: PathBuf,
+    /// The targets were emptied by this daemon (see `take_holes`).
+    fresh: bool,
     meta_path: PathBuf,
     config_json: Vec<u8>,
     meta: Mutex<Meta>,
@@ -235,17 +242,7 @@ impl Relocation {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("stat {}", target_dir.display()), e)),
         }
-        let needed: u64 = req
-            .source
-            .disks
-            .iter()
-            .map(|d| {
-                (0..d.nblocks())
-                    .filter(|&b| !d.is_hole(b))
-                    .map(|b| d.block_range(b).1)
-                    .sum::<u64>()
-            })
-            .sum();
+        let needed: u64 = req.source.disks.iter().map(|d| d.non_hole_bytes()).sum();
         let st = nix::sys::statvfs::statvfs(&dir)
             .map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
         let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
@@ -391,6 +388,7 @@ impl Relocation {
             targets,
             copied,
             target_dir: meta.target.clone(),
+            fresh: how == Open::Empty,
             meta_path: Self::meta_path(session_dir),
             config_json: src.config_json.to_vec(),
             meta: Mutex::new(meta),
@@ -432,6 +430,17 @@ impl Relocation {
     #[cfg(test)]
     pub(crate) fn target(&self, i: usize) -> &Arc<dyn BlockFile> {
         &self.targets[i]
+    }
+
+    /// One copy pass over every disk at full speed, on this thread (the
+    /// crash tests resume a reopened relocation this way).
+    #[cfg(test)]
+    pub(crate) fn resume_pass_unthrottled(self: &Arc<Self>) -> Result<()> {
+        *self.rate_limit.lock() = None;
+        for i in 0..self.disks.len() {
+            self.copy_pass(i, false)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn spawn(self: &Arc<Self>) {
@@ -552,94 +561,6 @@ impl Relocation {
         self.set_state(State::NotConverging, Some(note));
     }
 
-    /// One pass over disk `i`; `final_pass` runs with writes paused.
-    /// Returns false if cancelled.
-    fn copy_pass(self: &Arc<Self>, i: usize, final_pass: bool) -> Result<bool> {
-        let (d, c, t) = (&self.disks[i], &self.copied[i], &self.targets[i]);
-        let mut batch = vec![];
-        let order = d.copy_order();
-        for (pos, &b) in order.iter().enumerate() {
-            if self.cancel.load(Ordering::Acquire) {
-                self.commit(i, &mut batch)?;
-                return Ok(false);
-            }
-            if c.test(b) {
-                continue;
-            }
-            if !final_pass {
-                self.yield_to_guest(d);
-                d.copy_cursor(&order, pos);
-            }
-            // Outside the cutover the copy competes in the export point's
-            // queue as async work; the final pass runs while guest writes
-            // are paused, and waiting behind them there would deadlock.
-            let slot = (!final_pass)
-                .then(|| {
-                    d.queue()
-                        .map(|q| q.enter(IoClass::Async, d.block_range(b).1))
-                })
-                .flatten();
-            let copied = self.copy_block(d, t, b)?;
-            drop(slot);
-            if let Some(stamp) = copied {
-                batch.push((b, stamp));
-            }
-            if batch.len() >= BATCH {
-                self.commit(i, &mut batch)?;
-            }
-            // A hole moves no bytes, so it costs no rate.
-            if !final_pass && !d.is_hole(b) {
-                self.throttle(d.block_range(b).1);
-                self.check_progress();
-            }
-        }
-        self.commit(i, &mut batch)?;
-        Ok(true)
-    }
-
-    /// Copies one block; `None` if a guest write is in progress on it.
-    fn copy_block(&self, d: &Arc<Volume>, t: &Arc<dyn BlockFile>, b: u64) -> Result<Option<u32>> {
-        let Some(stamp) = d.write_stamp(b) else {
-            self.copies_lost.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        };
-        let (off, len) = d.block_range(b);
-        if d.is_hole(b) {
-            return Ok(Some(stamp)); // the sparse target already reads zeros here
-        }
-        let (data, _) = d.read_source(off, len, crate::prefetch::Class::Relocation)?;
-        if is_zero(&data) {
-            t.punch_hole(off, len)
-                .ctx(|| format!("zero a block of {}", self.target_dir.display()))?;
-        } else {
-            t.write_all_at(&data, off)
-                .ctx(|| format!("write {}", self.target_dir.display()))?;
-        }
-        self.bytes_copied.fetch_add(len, Ordering::Relaxed);
-        Ok(Some(stamp))
-    }
-
-    /// Syncs the target, then the staging the batch was read from, then
-    /// records the batch as copied: a copied bit never claims bytes that a
-    /// crash could take from either side.
-    fn commit(&self, i: usize, batch: &mut Vec<(u64, u32)>) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.targets[i]
-            .sync_data()
-            .ctx(|| format!("fsync relocation target disk{i}"))?;
-        self.disks[i].flush()?;
-        for (b, stamp) in batch.drain(..) {
-            if self.disks[i].mark_copied(&self.copied[i], b, stamp) {
-                self.blocks_marked.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.copies_lost.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.copied[i].persist_exclusive()
-    }
-
     /// Waits (briefly) while the guest has I/O in flight.
     fn yield_to_guest(&self, d: &Volume) {
         let start = Instant::now();
@@ -745,12 +666,7 @@ impl Relocation {
             .disks
             .iter()
             .zip(&self.copied)
-            .map(|(d, c)| {
-                (0..d.nblocks())
-                    .filter(|&b| c.test(b))
-                    .map(|b| d.block_range(b).1)
-                    .sum::<u64>()
-            })
+            .map(|(d, c)| copied_bytes(d, c))
             .sum();
         let copied = self.bytes_copied.load(Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
@@ -779,5 +695,16 @@ impl Relocation {
     }
 }
 
+/// Bytes of the blocks marked copied: every block is full but the last.
+fn copied_bytes(d: &Volume, c: &PersistentBitmap) -> u64 {
+    let n = d.nblocks();
+    let full = c.bits().count() * d.block_size();
+    match n.checked_sub(1).filter(|&last| c.test(last)) {
+        Some(last) => full - d.block_size() + d.block_range(last).1,
+        None => full,
+    }
+}
+
+mod copy;
 #[cfg(test)]
 mod tests;

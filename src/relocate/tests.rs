@@ -198,3 +198,34 @@ fn writes_after_cutover_are_still_marked_changed_durably() {
     assert_eq!(again[0].changed_ranges(), want);
     assert_eq!(again[1].changed_ranges(), vec![]);
 }
+
+#[test]
+fn a_resumed_relocation_zeroes_holes_over_stale_target_bytes_before_marking_them_copied() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // Block 3 of each disk is zero in the backup and never written: a hole.
+    assert!(disks[0].is_hole(3));
+    // The relocation is recorded, its targets emptied; then, as after a
+    // crash that took a staged write away but not its copy, the target
+    // holds bytes over the hole.
+    let meta = Meta {
+        target: rig.dir.path().join("primary/vm"),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+    };
+    drop(Relocation::begin(rig.source(&disks), meta).unwrap());
+    drop(disks);
+    let t = rig.dir.path().join("primary/vm/disk0.raw");
+    let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5; 100], 3 * BS as u64 + 7).unwrap();
+    drop(f);
+    let (disks, r) = rig.restart();
+    let r = r.unwrap();
+    r.spawn();
+    assert_eq!(settle(&r), State::Done);
+    assert!(disks[0].is_switched());
+    // The target is the image, hole included.
+    assert_eq!(std::fs::read(&t).unwrap(), rig.images[0]);
+    assert_eq!(disks[0].read(0, BLOCKS * BS).unwrap(), rig.images[0]);
+}

@@ -96,6 +96,29 @@ impl ChunkIndex {
         self.get(i).is_some()
     }
 
+    /// The first chunk with data at or after `i`, if any: a binary search
+    /// over the runs, so walking the data of a sparse disk skips its zero
+    /// stretches whole.
+    pub fn next_data(&self, i: u64) -> Option<u64> {
+        let k = self.runs.partition_point(|r| r.start <= i);
+        // The run starting at or before `i` may still cover it.
+        if let Some(p) = k.checked_sub(1) {
+            if i < self.runs[p].start + self.run_len(p) {
+                return Some(i);
+            }
+        }
+        self.runs.get(k).map(|r| r.start)
+    }
+
+    /// One past the last chunk of the run of chunks with data that holds
+    /// `i`; `i` itself for a zero chunk.
+    pub fn data_end(&self, i: u64) -> u64 {
+        match self.runs.partition_point(|r| r.start <= i).checked_sub(1) {
+            Some(k) => (self.runs[k].start + self.run_len(k)).max(i),
+            None => i,
+        }
+    }
+
     /// Every chunk in order, `None` for a zero chunk.
     pub fn iter(&self) -> impl Iterator<Item = Option<Digest>> + '_ {
         let mut data = self.iter_present().peekable();

@@ -320,8 +320,16 @@ impl BlockFile for OsFile {
         if rc == 0 {
             return Ok(());
         }
-        // Filesystems without hole punching still read zeros after this.
-        self.0.write_all_at(&vec![0u8; len as usize], off)
+        // Filesystems without hole punching still read zeros after this;
+        // a piece at a time, as the range may be terabytes of holes.
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(zeros.len() as u64);
+            self.0.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -211,8 +211,6 @@ pub struct Volume {
     guest_inflight: AtomicU32,
     /// Copied blocks the guest wrote again (relocation's convergence signal).
     copies_revoked: AtomicU64,
-    /// The relocation's announced copy order (see `announce_copy_order`).
-    copy_order: RwLock<Option<Arc<[u64]>>>,
     /// Set at release: queued fetches end without I/O, so none writes into
     /// staging that a later session may already be using.
     closed: AtomicBool,
@@ -343,7 +341,6 @@ impl Volume {
             target: OnceLock::new(),
             guest_inflight: AtomicU32::new(0),
             copies_revoked: AtomicU64::new(0),
-            copy_order: RwLock::new(None),
             closed: AtomicBool::new(false),
             io_gate: RwLock::new(()),
             evict_gate: RwLock::new(()),
@@ -1096,17 +1093,39 @@ impl Volume {
     /// Extents of `[off, off + len)`: a zero chunk not staged is a hole;
     /// staged blocks are local; changed blocks were written by the guest.
     /// After a cutover everything is local on the target.
+    /// Walked by runs: each extent ends where the changed map, the
+    /// presence map or (for blocks not staged) the backup's data runs
+    /// change, found a bitmap word or a chunk run at a time.
     pub fn block_status(&self, off: u64, len: u64) -> Vec<crate::disk::Extent> {
         let switched = self.target.get().is_some();
-        crate::disk::extents(self.size, self.block_size, off, len, |b| {
-            let staged = switched || self.store.present.test(b);
-            let hole = !staged && !self.chunks.has_data(b);
-            crate::disk::ExtentFlags {
+        let (present, changed) = (self.store.present.bits(), self.store.changed.bits());
+        // The end of the run of bits in `[b, to)` equal to bit `b`.
+        let same = |m: &crate::staging::AtomicBitmap, b: u64, to: u64| match m.test(b) {
+            true => m.next_clear(b, to),
+            false => m.next_set(b, to),
+        };
+        crate::disk::extents_by_runs(self.size, self.block_size, off, len, |b, to| {
+            let staged = switched || present.test(b);
+            let data = self.chunks.has_data(b);
+            let mut end = same(changed, b, to);
+            if !switched {
+                end = same(present, b, end);
+            }
+            if !staged {
+                let data_end = match data {
+                    true => self.chunks.data_end(b),
+                    false => self.chunks.next_data(b).unwrap_or(to),
+                };
+                end = end.min(data_end);
+            }
+            let hole = !staged && !data;
+            let flags = crate::disk::ExtentFlags {
                 hole,
                 zero: hole,
                 staged,
-                changed: self.store.changed.test(b),
-            }
+                changed: changed.test(b),
+            };
+            (flags, end)
         })
     }
 

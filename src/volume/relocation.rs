@@ -9,7 +9,7 @@ use super::Volume;
 use crate::error::{Error, Result};
 use crate::prefetch::Class;
 use crate::staging::io::BlockFile;
-use crate::staging::PersistentBitmap;
+use crate::staging::{AtomicBitmap, PersistentBitmap};
 
 /// Blocks fetched ahead of the relocation copy cursor: enough to cover a
 /// fetch latency at copy speed, few enough not to crowd out the profile.
@@ -35,30 +35,63 @@ impl Volume {
         true
     }
 
-    /// Announces the order in which the relocation will copy this disk
-    /// (ascending offset unless told otherwise), so the scheduler can keep
-    /// staging filled just ahead of the copy cursor.
-    pub fn announce_copy_order(&self, order: Vec<u64>) {
-        *self.copy_order.write() = Some(order.into());
+    /// The copier is at block `b`, copying in ascending order: queue
+    /// fetches for the next blocks it will copy (with backup data, not yet
+    /// staged nor copied) at relocation priority. Zero stretches are
+    /// skipped whole, so the window costs the same on a sparse disk.
+    pub(crate) fn copy_cursor(&self, b: u64, copied: &AtomicBitmap) {
+        let mut at = b + 1;
+        let mut queued = 0;
+        while queued < RELOCATION_WINDOW {
+            let Some(d) = self.chunks.next_data(at).filter(|&d| d < self.nblocks) else {
+                return;
+            };
+            if !copied.test(d) {
+                self.prefetch_block(d, Class::Relocation);
+                queued += 1;
+            }
+            at = d + 1;
+        }
     }
 
-    /// The announced copy order, ascending by default.
-    pub fn copy_order(&self) -> Arc<[u64]> {
-        if let Some(o) = self.copy_order.read().as_ref() {
-            return o.clone();
-        }
-        let o: Arc<[u64]> = (0..self.nblocks).collect();
-        *self.copy_order.write() = Some(o.clone());
-        o
+    /// The first block in `[from, to)` that is not a hole (see
+    /// [`Self::is_hole`]), or `to`: a binary search in the chunk index and
+    /// a word-wise scan of the presence map, never a per-block walk.
+    pub(crate) fn next_non_hole(&self, from: u64, to: u64) -> u64 {
+        let to = to.min(self.nblocks);
+        let data = self.chunks.next_data(from).map_or(to, |d| d.min(to));
+        self.store.present.bits().next_set(from, data)
     }
 
-    /// The copier is at position `pos` of the copy order: queue fetches
-    /// for the next blocks at relocation priority.
-    pub(crate) fn copy_cursor(&self, order: &[u64], pos: usize) {
-        let end = (pos + 1 + RELOCATION_WINDOW).min(order.len());
-        for &b in order.get(pos + 1..end).unwrap_or(&[]) {
-            self.prefetch_block(b, Class::Relocation);
+    /// The first hole in `[from, to)`, or `to`.
+    pub(crate) fn next_hole(&self, from: u64, to: u64) -> u64 {
+        let to = to.min(self.nblocks);
+        let mut at = from;
+        while at < to {
+            // Past the run of data chunks holding `at`, to a zero stretch;
+            // its first block not staged is the hole.
+            at = self.chunks.data_end(at);
+            let zeros_end = self.chunks.next_data(at).map_or(to, |d| d.min(to));
+            let h = self.store.present.bits().next_clear(at, zeros_end);
+            if h < zeros_end {
+                return h;
+            }
+            at = zeros_end;
         }
+        to
+    }
+
+    /// Bytes of the blocks that are not holes: what a full copy writes at
+    /// most. Walks runs, so a sparse 10 TiB disk costs its data extents.
+    pub(crate) fn non_hole_bytes(&self) -> u64 {
+        let (mut at, mut bytes) = (0, 0);
+        while at < self.nblocks {
+            let s = self.next_non_hole(at, self.nblocks);
+            let e = self.next_hole(s, self.nblocks);
+            bytes += (s..e).map(|b| self.block_len(b)).sum::<u64>();
+            at = e;
+        }
+        bytes
     }
 
     /// Starts a relocation's tracking of copied blocks; refused while a

@@ -687,10 +687,12 @@ fn block_status_answers_only_the_selected_contexts_and_needs_one() {
     assert_eq!(c.call(CMD_BLOCK_STATUS, 0, 0, 4096, &[]).error, NBD_EINVAL);
 }
 
-/// A disk of many terabytes whose every 4 KiB alternates between data
-/// and hole, remembering the longest range it was asked about.
+/// A disk of many terabytes whose stripes of `blocks` 4 KiB blocks
+/// alternate between data and hole, remembering the longest range it was
+/// asked about.
 struct Striped {
     longest: AtomicUsize,
+    blocks: u64,
 }
 
 impl Disk for Striped {
@@ -724,7 +726,7 @@ impl Disk for Striped {
     fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
         self.longest.fetch_max(len as usize, Ordering::SeqCst);
         Ok(crate::disk::extents(self.size(), 4096, off, len, |b| {
-            let hole = b % 2 == 1;
+            let hole = (b / self.blocks) % 2 == 1;
             ExtentFlags {
                 hole,
                 zero: hole,
@@ -739,6 +741,7 @@ impl Disk for Striped {
 fn block_status_bounds_the_range_it_queries_and_the_extents_it_returns() {
     let d = Arc::new(Striped {
         longest: AtomicUsize::new(0),
+        blocks: 1,
     });
     let h = serve_one(d.clone());
     let mut c = h.open(EXPORT);
@@ -749,6 +752,24 @@ fn block_status_bounds_the_range_it_queries_and_the_extents_it_returns() {
         assert_eq!(descriptors.len(), transmission::MAX_EXTENTS);
         let covered: u64 = descriptors.iter().map(|(l, _)| *l as u64).sum();
         assert_eq!(covered, transmission::MAX_EXTENTS as u64 * 4096);
+    }
+}
+
+#[test]
+fn block_status_of_a_sparse_range_answers_a_whole_4_gib_request_in_one_reply() {
+    // Stripes of 8 GiB: the whole request is one extent per context, found
+    // by asking the disk a bounded piece at a time.
+    let d = Arc::new(Striped {
+        longest: AtomicUsize::new(0),
+        blocks: 2 << 20,
+    });
+    let h = serve_one(d.clone());
+    let mut c = h.open(EXPORT);
+    let r = c.call(CMD_BLOCK_STATUS, 0, 0, u32::MAX, &[]);
+    assert_eq!(r.error, 0);
+    assert!(d.longest.load(Ordering::SeqCst) as u64 <= transmission::MAX_STATUS_QUERY);
+    for (_, descriptors) in &r.status {
+        assert_eq!(descriptors, &[(u32::MAX, descriptors[0].1)]);
     }
 }
 

@@ -26,8 +26,10 @@ const MAX_INFLIGHT_BYTES: usize = 256 << 20;
 /// it is dropped (a client that stopped reading must not hold up a
 /// shutdown).
 const WRITE_GRACE: Duration = Duration::from_secs(10);
-/// Longest range one block status request looks at: the work and the
-/// reply stay bounded; clients ask again from where the reply stopped.
+/// Longest range the disk is asked about at once (a block status request
+/// takes several while they add up to fewer than `MAX_EXTENTS` extents):
+/// the work and the reply stay bounded; clients ask again from where the
+/// reply stopped.
 pub(super) const MAX_STATUS_QUERY: u64 = 1 << 30;
 /// Most descriptors in one block status chunk.
 pub(super) const MAX_EXTENTS: usize = 1 << 16;
@@ -642,12 +644,19 @@ impl Target {
         if req.len == 0 {
             return Reply::Failed(Failure::new(NBD_EINVAL, "block status of 0 bytes"));
         }
-        let query = (req.len as u64).min(MAX_STATUS_QUERY);
-        let extents = match self.disk.block_status(req.offset, query) {
-            Ok(e) => e,
-            Err(e) => return Reply::Failed(e.into()),
-        };
         let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        // The disk is asked a bounded piece at a time, and no more pieces
+        // once a reply's worth of extents is in: a sparse disk answers a
+        // whole request (4 GiB) in one reply, a fragmented one stops early.
+        let (mut extents, mut query) = (vec![], 0);
+        while query < req.len as u64 && extents.len() < MAX_EXTENTS && !(req_one && query > 0) {
+            let piece = (req.len as u64 - query).min(MAX_STATUS_QUERY);
+            match self.disk.block_status(req.offset + query, piece) {
+                Ok(e) => extents.extend(e),
+                Err(e) => return Reply::Failed(e.into()),
+            }
+            query += piece;
+        }
         let mut chunks = vec![];
         if self.contexts.allocation {
             chunks.push((

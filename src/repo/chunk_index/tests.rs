@@ -43,6 +43,12 @@ fn assert_same(idx: &ChunkIndex, v: &[Option<Digest>]) {
     assert_eq!(idx.zero_chunks(), (v.len() - present.len()) as u64);
     let digests: Vec<Digest> = present.iter().map(|p| p.1).collect();
     assert_eq!(idx.digests().copied().collect::<Vec<_>>(), digests);
+    for i in 0..=v.len() {
+        let next = (i..v.len()).find(|&j| v[j].is_some()).map(|j| j as u64);
+        assert_eq!(idx.next_data(i as u64), next, "next data from {i}");
+        let end = (i..v.len()).find(|&j| v[j].is_none()).unwrap_or(v.len());
+        assert_eq!(idx.data_end(i as u64), end as u64, "data end from {i}");
+    }
 }
 
 #[test]
