@@ -128,7 +128,7 @@ def main():
         # verify reads the whole disk once), and the target's write rate.
         drop_caches()
         t = time.monotonic()
-        sh(BIN, "verify", "--repo", repo, "vm")
+        sh(BIN, "verify", "--repo", repo, "--vm", "vm")
         res["verify_s"] = time.monotonic() - t
         res["verify_mbps"] = size_mib * (1 << 20) / res["verify_s"] / 1e6
         primary = os.path.join(work, "primary")
