@@ -26,9 +26,13 @@ fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_r
         staged < total / 4,
         "the first boot should stage a fraction of the disk: {st}"
     );
+    // Prefetch may stage every stored block in the background (profile,
+    // then relocation order), and the guest's writes stage zero blocks, so
+    // what the boot needed is the reads that waited for a fetch.
+    let waited = st["reads"].as_u64().unwrap() - st["read_hits"].as_u64().unwrap();
     assert!(
-        staged < total - zero,
-        "the boot should not need every stored block: {st}"
+        waited < (total - zero) / 2,
+        "the boot should wait for a fraction of the stored blocks: {st}"
     );
     assert!(
         st["blocks_changed"].as_u64().unwrap() > 0,
