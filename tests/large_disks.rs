@@ -31,26 +31,13 @@ fn a_sparse_1_tib_disk_backs_up_its_data_only_recovers_within_a_second_and_the_d
 ) {
     let env = Env::new();
     let img = env.path("big.raw");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(TIB).unwrap();
     // Data at the start, unaligned in the middle (9 chunks), at the end.
     let pieces = [
         (0, 4 * MIB),
         (300 * GIB + 12345, 8 * MIB),
         (TIB - 3 * MIB, 3 * MIB),
     ];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
-    let data: Vec<Vec<u8>> = pieces
-        .iter()
-        .map(|&(off, len)| {
-            let mut b = vec![0u8; len as usize];
-            rng.fill_bytes(&mut b);
-            f.write_all_at(&b, off).unwrap();
-            b
-        })
-        .collect();
-    f.sync_all().unwrap();
-    drop(f);
+    let data = sparse_image(&img, TIB, &pieces, 16);
 
     // Only the 16 chunks overlapping data are read: reading 1 TiB of
     // holes would take many minutes.

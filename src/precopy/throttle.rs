@@ -416,12 +416,8 @@ impl Throttle {
             consider(c, lim.cpu_pct, "CPU busy", "%");
         }
         if let (Some(p), Some(ms)) = (l.slow_pct, lim.p99_ms) {
-            if p / TAIL_BUDGET_PCT > best.0 {
-                best = (
-                    p / TAIL_BUDGET_PCT,
-                    format!("guest requests over {ms} ms: {p:.1}% (p99 limit: {TAIL_BUDGET_PCT}%)"),
-                );
-            }
+            let what = format!("requests over {ms} ms");
+            consider(p, Some(TAIL_BUDGET_PCT), &what, "%");
         }
         best
     }

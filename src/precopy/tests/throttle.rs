@@ -223,6 +223,18 @@ fn precopy_phase(
     (t0, t0 + Duration::from_secs_f64(r.ms / 1000.0), r, seen)
 }
 
+/// Status said "halted" while the round waited, not only when a round
+/// that was `window` long ended halted.
+fn assert_halted_while_waiting(window: Duration, states: &[(Duration, String)]) {
+    let before_end = window - Duration::from_secs(1);
+    assert!(
+        states
+            .iter()
+            .any(|(at, s)| s == "halted" && *at < before_end),
+        "status said halted only at the end of the round, if at all: {states:?}"
+    );
+}
+
 /// The throttle reacts to the real guest's load: with a limit below what
 /// the writer alone makes, pre-copy is held back most of the round and
 /// reads far less than unlimited in the same time; with a limit far above
@@ -243,6 +255,7 @@ fn the_throttle_holds_pre_copy_back_under_the_real_guests_load_and_not_without_a
     };
     let (a, b, held, held_states) = precopy_phase(&vm, Some(below), 10.0);
     let held_p99 = poll.p99(a, b);
+    let held_window = b - a;
     let above = LoadLimit {
         latency_ms: Some(1000.0),
         ..Default::default()
@@ -260,15 +273,7 @@ fn the_throttle_holds_pre_copy_back_under_the_real_guests_load_and_not_without_a
         held.held_ms,
         held.ms
     );
-    // Not only when the round ends while halted: while it waits.
-    let before_end = b - a - Duration::from_secs(1);
-    assert!(
-        held_states
-            .iter()
-            .any(|(at, s)| s == "halted" && *at < before_end),
-        "held back {:.0} ms, yet status said halted only at the end, if at all: {held_states:?}",
-        held.held_ms
-    );
+    assert_halted_while_waiting(held_window, &held_states);
     assert!(
         held.bytes_read * 2 <= free.bytes_read,
         "held back it read {} bytes, unlimited {}",
@@ -326,13 +331,7 @@ fn a_p99_limit_counts_the_real_guests_slow_requests_and_leaves_the_drives_histog
         held.held_ms,
         held.ms
     );
-    let before_end = b - a - Duration::from_secs(1);
-    assert!(
-        states
-            .iter()
-            .any(|(at, s)| s == "halted" && *at < before_end),
-        "{states:?}"
-    );
+    assert_halted_while_waiting(b - a, &states);
     let after = histogram_edges(&vm.qmp);
     assert_eq!(
         writer(&after),
