@@ -180,24 +180,33 @@ class HistogramPoller(threading.Thread):
             self.sample()
             time.sleep(0.1)
 
-    def p99_between(self, name, t0, t1):
-        """p99 (ms, bin upper edge) of writes between wall times t0 and t1."""
+    def delta_between(self, name, t0, t1):
+        """Bin counts of the writes between wall times t0 and t1 (None if
+        the samples do not cover the window)."""
         s = self.samples[name]
         before = [b for t, b in s if t <= t0]
         after = [b for t, b in s if t >= t1]
         if not before or not after:
-            return None, 0
-        delta = [a - b for a, b in zip(after[0], before[-1])]
-        n = sum(delta)
-        if n == 0:
-            return None, 0
-        need, acc = 0.99 * n, 0
-        for i, c in enumerate(delta):
-            acc += c
-            if acc >= need:
-                edge = BOUNDS[i] if i < len(BOUNDS) else BOUNDS[-1] * 10
-                return edge / 1e6, n
-        return None, n
+            return None
+        return [a - b for a, b in zip(after[0], before[-1])]
+
+    def p99_between(self, name, t0, t1):
+        """p99 (ms, bin upper edge) of writes between wall times t0 and t1."""
+        return p99_of(self.delta_between(name, t0, t1))
+
+
+def p99_of(delta):
+    """(p99 in ms as its bin's upper edge, count) of a histogram delta."""
+    n = sum(delta or [])
+    if n == 0:
+        return None, 0
+    need, acc = 0.99 * n, 0
+    for i, c in enumerate(delta):
+        acc += c
+        if acc >= need:
+            edge = BOUNDS[i] if i < len(BOUNDS) else BOUNDS[-1] * 10
+            return edge / 1e6, n
+    return None, n
 
 
 def wall(at):

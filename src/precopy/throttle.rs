@@ -24,9 +24,11 @@
 //! p99). It drives both the level and a **pace**: chunks are spaced to an
 //! adaptive byte rate that grows by [`PACE_STEP`] after each sample with
 //! no slow request and halves after a sample with slow ones while the
-//! window is over budget (AIMD, as TCP does with losses), so pre-copy
-//! settles at the rate the guest's tail tolerates instead of alternating
-//! bursts at full speed with halts.
+//! window is over [`TAIL_SETPOINT_PCT`] (AIMD, as TCP does with losses),
+//! so pre-copy settles at the rate the guest's tail tolerates instead of
+//! alternating bursts at full speed with halts. The setpoint sits below
+//! the budget: a pace that backed off only at the budget would hold the
+//! guest's p99 *at* the limit on average, over it half the time.
 //!
 //! **Gate,** consulted before every chunk read: *copying* reads freely
 //! (paced, under a p99 limit);
@@ -57,6 +59,8 @@ const HALT: f64 = 1.25;
 const TAIL_SAMPLES: usize = 16;
 /// Share of requests allowed over the p99 limit, percent.
 const TAIL_BUDGET_PCT: f64 = 1.0;
+/// Share over the limit above which the pace backs off, percent.
+const TAIL_SETPOINT_PCT: f64 = 0.75;
 /// Fewer requests than this in the window count as this many: a guest
 /// that made five requests has no p99 worth halting for.
 const TAIL_MIN_REQUESTS: u64 = 200;
@@ -382,12 +386,12 @@ impl Throttle {
     }
 
     /// AIMD on the tail: after a sample with slow requests while the
-    /// window is over budget, halve the pace; after a clean one, add a
+    /// window is over the setpoint, halve the pace; after a clean one, add a
     /// step. (Slow requests already counted do not halve it again as they
     /// age through the window.)
     fn adapt_pace(&mut self, sample_slow: u64, window_pct: f64) {
         let r = self.pace.get_or_insert(PACE_START);
-        if sample_slow > 0 && window_pct > TAIL_BUDGET_PCT {
+        if sample_slow > 0 && window_pct > TAIL_SETPOINT_PCT {
             *r = (*r / 2.0).max(PACE_MIN);
         } else if sample_slow == 0 {
             *r += PACE_STEP;
@@ -598,6 +602,29 @@ mod tests {
         }
         assert_eq!(t.gate, Gate::Copying);
         assert!(t.pace.unwrap() > halved);
+    }
+
+    #[test]
+    fn the_pace_backs_off_between_the_setpoint_and_the_budget_while_the_gate_stays_open() {
+        let mut t = Throttle::new(Some(LoadLimit::parse("p99=0.3").unwrap()), None);
+        let (t0, mut acc) = (Instant::now(), (0, 0));
+        tail_step(&mut t, t0, 0, 500, 0, &mut acc);
+        let before = t.pace.unwrap();
+        // 4 slow of 1000 (0.4%): under the setpoint, the pace is left.
+        tail_step(&mut t, t0, 1, 500, 4, &mut acc);
+        assert_eq!(t.pace, Some(before));
+        // 9 slow of 1500 (0.6%): still under it.
+        tail_step(&mut t, t0, 2, 500, 5, &mut acc);
+        assert_eq!(t.pace, Some(before));
+        // 14 slow of 2000 (0.7%)... then 18 of 2500 (0.72%), 23 of 3000
+        // (0.77%): over the setpoint, under the budget: the pace halves,
+        // the gate stays open.
+        tail_step(&mut t, t0, 3, 500, 5, &mut acc);
+        tail_step(&mut t, t0, 4, 500, 4, &mut acc);
+        assert_eq!(t.pace, Some(before));
+        tail_step(&mut t, t0, 5, 500, 5, &mut acc);
+        assert_eq!(t.pace, Some(before / 2.0));
+        assert_eq!(t.gate, Gate::Copying, "{}", t.why);
     }
 
     #[test]
