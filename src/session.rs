@@ -234,6 +234,9 @@ pub struct RecoverInfo {
 /// (a guess: a small VM's boot; the profile, once recorded, is the figure).
 pub const DEFAULT_WORKING_SET: u64 = 16 << 20;
 
+/// Called with a session as it goes away.
+type OnRelease = Box<dyn Fn(&Session) + Send + Sync>;
+
 pub struct Datastore {
     repo: Arc<Repository>,
     stagings: StagingSet,
@@ -245,7 +248,7 @@ pub struct Datastore {
     prefetch: PrefetchOptions,
     /// Called with a VM name after its session is gone (kernel dentry
     /// invalidation lives in the FUSE layer).
-    on_release: RwLock<Vec<Box<dyn Fn(&Session) + Send + Sync>>>,
+    on_release: RwLock<Vec<OnRelease>>,
     /// Per-VM operation locks (see the module docs).
     vm_ops: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Where the network frontends of each export point serve, for

@@ -163,12 +163,12 @@ pub fn check_points(points: &[PointSpec]) -> Result<()> {
                     a.name
                 )));
             }
-            if a.listen.is_some() && a.listen == b.listen {
+            if let (Some(addr), true) = (a.listen, a.listen == b.listen) {
                 return Err(Error::invalid(format!(
                     "export points {} and {} both listen on {}: each needs its own address (a hypervisor tells datastores apart by address, and port 111 is per address)",
                     b.name,
                     a.name,
-                    a.listen.expect("checked")
+                    addr
                 )));
             }
         }

@@ -29,7 +29,9 @@ pub mod fault;
 pub mod mem;
 
 /// One open file: positioned reads and writes, and the syncs that make
-/// them durable.
+/// them durable. (`len` is the file's size, fallible like every call
+/// here; an `is_empty` would add nothing.)
+#[allow(clippy::len_without_is_empty)]
 pub trait BlockFile: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
     /// A completed write is visible to reads at once and durable only after

@@ -363,13 +363,13 @@ impl Namespace {
     pub fn fsstat(&self) -> (u64, u64, u64, u64, u64) {
         match nix::sys::statvfs::statvfs(&self.staging) {
             Ok(st) => {
-                let frag = st.fragment_size() as u64;
+                let frag = st.fragment_size();
                 (
-                    st.blocks() as u64 * frag,
-                    st.blocks_free() as u64 * frag,
-                    st.blocks_available() as u64 * frag,
-                    st.files() as u64,
-                    st.files_available() as u64,
+                    st.blocks() * frag,
+                    st.blocks_free() * frag,
+                    st.blocks_available() * frag,
+                    st.files(),
+                    st.files_available(),
                 )
             }
             Err(_) => (0, 0, 0, 0, 0),

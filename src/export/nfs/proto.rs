@@ -3,6 +3,10 @@
 //! encoders. Everything here runs on a blocking thread (disk calls may
 //! wait on the repository).
 
+// Each procedure's Err is its NFS3 failure body (wcc data and all), the
+// reply itself, built once per request: boxing it would only add a move.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -90,8 +94,7 @@ fn portmap(ctx: &Ctx, xid: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
             let q = (|| Ok::<_, Garbage>((r.u32()?, r.u32()?, r.u32()?)))();
             match q {
                 Ok((prog, vers, prot)) => {
-                    let ours = prot == TCP
-                        && ((prog == NFS_PROG && vers == 3) || (prog == MOUNT_PROG && vers == 3));
+                    let ours = prot == TCP && vers == 3 && (prog == NFS_PROG || prog == MOUNT_PROG);
                     let port = if ours { ctx.nfs_port as u32 } else { 0 };
                     rpc::success(xid, &port)
                 }
@@ -207,7 +210,7 @@ fn nfs(ctx: &Ctx, xid: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
         7 => write(ctx, &mut r).map(|res| rpc::success(xid, &res)),
         8 => create(ctx, &mut r).map(|res| rpc::success(xid, &res)),
         // MKDIR, SYMLINK, MKNOD, LINK: files only in a VM directory.
-        9 | 10 | 11 => Ok(rpc::success(
+        9..=11 => Ok(rpc::success(
             xid,
             &Nfs3Result::<n3::MKDIR3resok, n3::MKDIR3resfail>::Err((
                 nfsstat3::NFS3ERR_NOTSUPP,

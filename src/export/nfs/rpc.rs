@@ -122,8 +122,11 @@ fn unix_cred(body: &[u8]) -> Result<Cred, Garbage> {
     Ok(Cred::Unix { uid, gid, gids })
 }
 
+/// Appends a procedure's result body to a reply.
+type BodyWriter<'a> = &'a dyn Fn(&mut Vec<u8>);
+
 /// A complete reply record (fragment header included).
-fn record(xid: u32, body: reply_body<'_>, result: Option<&dyn Fn(&mut Vec<u8>)>) -> Vec<u8> {
+fn record(xid: u32, body: reply_body<'_>, result: Option<BodyWriter<'_>>) -> Vec<u8> {
     let msg = rpc_msg {
         xid,
         body: msg_body::REPLY(body),
