@@ -425,9 +425,9 @@ class Recoverfs:
         return files[0]
 
 
-def backup(repo, vm, image, env=None):
+def backup(repo, vm, image, env=None, chunk="1M"):
     t = time.monotonic()
-    r = run([BIN, "backup", "--repo", repo, "--vm", vm, "--chunk-size", "1M", image],
+    r = run([BIN, "backup", "--repo", repo, "--vm", vm, "--chunk-size", chunk, image],
             env=env, timeout=1800)
     return {"backup_id": r.stdout.strip().splitlines()[-1], "seconds": time.monotonic() - t,
             "summary": r.stderr.strip().splitlines()[-2:]}
