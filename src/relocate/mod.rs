@@ -204,7 +204,7 @@ impl Relocation {
 
     /// Checks the target and starts copying.
     pub fn start(req: Request) -> Result<Arc<Relocation>> {
-        if req.rate_mbps.is_some_and(|r| !(r > 0.0)) {
+        if req.rate_mbps.is_some_and(|r| !r.is_finite() || r <= 0.0) {
             return Err(Error::invalid("--rate must be a positive number of MB/s"));
         }
         let target_dir = Self::check_target(&req)?;

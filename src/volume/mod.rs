@@ -1258,6 +1258,8 @@ impl crate::disk::Disk for Volume {
 }
 
 #[cfg(test)]
+mod copy_read_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod upload_tests;
