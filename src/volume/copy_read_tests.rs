@@ -2,6 +2,7 @@
 //! fetches are not staged, and a guest miss that meets one shares it.
 
 use super::tests::fixture;
+use std::time::{Duration, Instant};
 
 const BS: usize = 65536;
 const FETCH_MS: u64 = 40;
@@ -50,4 +51,27 @@ fn a_copy_read_of_a_changed_block_reads_the_write_and_asks_for_a_staging_sync() 
     assert_eq!(&bytes[5..16], b"guest bytes");
     assert!(bytes[16..] == f.data[b as usize * BS + 16..][..BS - 16]);
     assert!(sync_staging, "a changed block's copy must wait for staging");
+}
+
+#[test]
+fn a_guest_miss_goes_ahead_of_a_window_of_copy_fetches() {
+    let f = fixture(300, 14);
+    f.knobs.chunk_delay(FETCH_MS);
+    // Far more copy fetches than the engine runs at once (4, one of them
+    // kept for on-demand): draining them takes seconds.
+    let reads: Vec<_> = (0..250u64)
+        .filter(|b| b % 5 != 0)
+        .map(|b| f.vol.start_copy_read(b))
+        .collect();
+    let b = 297u64;
+    let t = Instant::now();
+    let got = f.vol.read(b * BS as u64, 4096).unwrap();
+    let took = t.elapsed();
+    assert!(got[..] == f.data[b as usize * BS..][..4096]);
+    assert!(
+        took < Duration::from_millis(3 * FETCH_MS),
+        "a guest miss waited {took:?} behind the copier's fetches"
+    );
+    let pending = reads.iter().filter(|r| !r.is_ready()).count();
+    assert!(pending > 100, "the copy fetches were not queued ({pending})");
 }
