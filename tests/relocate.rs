@@ -356,7 +356,10 @@ fn a_paused_relocation_stops_copying_stays_paused_across_kill9_and_resumes_to_a_
     assert_eq!(b["state"], "paused", "{b}");
     assert_eq!(a["bytes_copied"], b["bytes_copied"], "copied while paused");
     let done = b["bytes_done"].as_u64().unwrap();
-    assert!(done < b["bytes_total"].as_u64().unwrap(), "finished before the pause: {b}");
+    assert!(
+        done < b["bytes_total"].as_u64().unwrap(),
+        "finished before the pause: {b}"
+    );
     // A restart keeps it paused.
     d.kill9();
     std::mem::forget(d);
@@ -366,7 +369,10 @@ fn a_paused_relocation_stops_copying_stays_paused_across_kill9_and_resumes_to_a_
     std::thread::sleep(Duration::from_millis(500));
     let r2 = relocation(&env, "vm");
     assert_eq!(r2["state"], "paused", "{r2}");
-    assert_eq!(r2["bytes_copied"], 0, "a paused relocation copied after the restart: {r2}");
+    assert_eq!(
+        r2["bytes_copied"], 0,
+        "a paused relocation copied after the restart: {r2}"
+    );
     assert_eq!(r["bytes_done"], r2["bytes_done"]);
     // Bad input: no relocation to pause on an unknown VM.
     env.fails(
@@ -378,7 +384,8 @@ fn a_paused_relocation_stops_copying_stays_paused_across_kill9_and_resumes_to_a_
     let r = relocation(&env, "vm");
     assert_eq!(r["state"], "done", "{r}");
     assert!(
-        r["bytes_copied"].as_u64().unwrap() <= r["bytes_total"].as_u64().unwrap() - done + (8 << 20),
+        r["bytes_copied"].as_u64().unwrap()
+            <= r["bytes_total"].as_u64().unwrap() - done + (8 << 20),
         "resume copied more than was left: {r}"
     );
     assert!(read_all(&primary.join("vm/disk0.raw")) == data);

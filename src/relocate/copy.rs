@@ -368,8 +368,5 @@ impl Relocation {
 }
 
 fn committer_gone() -> Error {
-    Error::new(
-        ErrorKind::Io,
-        "the relocation's committer thread stopped",
-    )
+    Error::new(ErrorKind::Io, "the relocation's committer thread stopped")
 }

@@ -267,7 +267,10 @@ fn a_guest_write_racing_a_batch_in_flight_is_never_recorded_as_copied_with_the_o
     assert!(raced.load(Ordering::SeqCst), "the hook never saw block 5");
     let mut want = rig.images[0].clone();
     want[5 * BS + 9..][..12].copy_from_slice(b"racing write");
-    assert!(rig.target_bytes(0) == want, "the target holds a stale block");
+    assert!(
+        rig.target_bytes(0) == want,
+        "the target holds a stale block"
+    );
     assert!(r.copies_lost.load(Ordering::Relaxed) >= 1);
     assert!(rig.target_bytes(1) == rig.images[1]);
 }
@@ -293,9 +296,15 @@ fn guest_writes_all_through_a_pipelined_copy_leave_the_target_equal_to_every_wri
         std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(settle(&r), State::Done);
-    eprintln!("{writes} guest writes during the copy; status {:?}", r.status());
+    eprintln!(
+        "{writes} guest writes during the copy; status {:?}",
+        r.status()
+    );
     for (i, w) in want.iter().enumerate() {
-        assert!(rig.target_bytes(i) == *w, "disk{i}: the target lost a write");
+        assert!(
+            rig.target_bytes(i) == *w,
+            "disk{i}: the target lost a write"
+        );
     }
 }
 
@@ -324,9 +333,15 @@ fn a_pause_stops_the_copier_promptly_keeps_every_copied_bit_true_and_resume_fini
     std::thread::sleep(Duration::from_millis(400));
     let after = r.status();
     assert_eq!(after.state, State::Paused);
-    assert_eq!(before.bytes_copied, after.bytes_copied, "copied while paused");
+    assert_eq!(
+        before.bytes_copied, after.bytes_copied,
+        "copied while paused"
+    );
     assert_eq!(before.bytes_done, after.bytes_done);
-    assert!(before.bytes_done < before.bytes_total, "finished before the pause");
+    assert!(
+        before.bytes_done < before.bytes_total,
+        "finished before the pause"
+    );
     for i in 0..2 {
         let t = rig.target_bytes(i);
         for b in 0..BLOCKS {
@@ -347,6 +362,13 @@ fn a_pause_stops_the_copier_promptly_keeps_every_copied_bit_true_and_resume_fini
     let mut want = rig.images[1].clone();
     want[2 * BS..][..12].copy_from_slice(b"while paused");
     assert!(rig.target_bytes(1) == want);
+    // The rate limit held for the pipelined copy (paused time not counted).
+    let st = r.status();
+    assert!(
+        st.rate_mbps <= 1.15,
+        "copied at {:.2} MB/s over a 1 MB/s limit",
+        st.rate_mbps
+    );
     assert_eq!(r.pause().unwrap_err().kind(), ErrorKind::AlreadyExists);
 }
 

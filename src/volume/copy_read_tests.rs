@@ -15,7 +15,10 @@ fn a_copy_read_fetches_the_backup_bytes_without_staging_them() {
     let (bytes, sync_staging) = f.vol.finish_copy_read(b, r).unwrap();
     assert!(bytes[..] == f.data[b as usize * BS..][..BS]);
     assert!(!sync_staging, "backup bytes need no staging sync");
-    assert!(!f.vol.store.present.test(b), "the copier's fetch was staged");
+    assert!(
+        !f.vol.store.present.test(b),
+        "the copier's fetch was staged"
+    );
     assert_eq!(f.vol.status().fetched_blocks, 1);
     // The guest's own miss fetches (and stages) it.
     f.vol.read(b * BS as u64, 100).unwrap();
@@ -37,7 +40,10 @@ fn a_guest_miss_meeting_a_copy_fetch_shares_it_and_the_block_is_staged() {
     assert_eq!(f.vol.status().fetched_blocks, 1, "one fetch for both");
     // Promoted by the guest, the fetch staged the block after all.
     assert!(f.vol.store.present.test(b));
-    assert_eq!(f.vol.read(b * BS as u64, BS).unwrap(), f.data[b as usize * BS..][..BS]);
+    assert_eq!(
+        f.vol.read(b * BS as u64, BS).unwrap(),
+        f.data[b as usize * BS..][..BS]
+    );
     assert_eq!(f.vol.status().fetched_blocks, 1);
 }
 
@@ -73,5 +79,8 @@ fn a_guest_miss_goes_ahead_of_a_window_of_copy_fetches() {
         "a guest miss waited {took:?} behind the copier's fetches"
     );
     let pending = reads.iter().filter(|r| !r.is_ready()).count();
-    assert!(pending > 100, "the copy fetches were not queued ({pending})");
+    assert!(
+        pending > 100,
+        "the copy fetches were not queued ({pending})"
+    );
 }

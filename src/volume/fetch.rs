@@ -178,9 +178,12 @@ impl Volume {
     /// An unstaged (copier's) fetch that a more urgent waiter promoted is
     /// staged after all, if staging has room for it now.
     fn stage_promoted_copy(&self, slot: &Slot) -> bool {
-        let promoted = slot.job.lock().0.as_ref().is_some_and(|j| {
-            j.class() < crate::prefetch::Class::Relocation
-        });
+        let promoted = slot
+            .job
+            .lock()
+            .0
+            .as_ref()
+            .is_some_and(|j| j.class() < crate::prefetch::Class::Relocation);
         promoted && self.admit(slot).is_ok()
     }
 
