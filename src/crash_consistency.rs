@@ -245,6 +245,7 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
                 switched: false,
                 pass: 1,
                 rate_mbps: w.sc.relocate,
+                paused: false,
             };
             let r = Relocation::begin(source(&storage, &vol), meta).unwrap();
             r.spawn();
@@ -602,6 +603,7 @@ fn a_power_cut_after_a_written_hole_was_copied_never_leaves_the_hole_marked_copi
         switched: false,
         pass: 1,
         rate_mbps: None,
+        paused: false,
     };
     let r = Relocation::begin(source(&storage, &vol), meta).unwrap();
     r.resume_pass_unthrottled().unwrap();

@@ -368,6 +368,12 @@ impl Datastore {
         self.sessions.read().get(vm).cloned()
     }
 
+    /// `session`, or a not-found error naming the VM.
+    fn served(&self, vm: &str) -> Result<Arc<Session>> {
+        self.session(vm)
+            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))
+    }
+
     /// Starts (or resumes) serving a VM. Without `backup`, kept staging of
     /// the VM is resumed first so earlier guest writes are never hidden;
     /// otherwise the newest backup is used.
@@ -642,9 +648,7 @@ impl Datastore {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
         let _op = op.lock();
-        let session = self
-            .session(vm)
-            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let session = self.served(vm)?;
         {
             let mut st = session.state.lock();
             if st.open > 0 {
@@ -707,9 +711,7 @@ impl Datastore {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
         let _op = op.lock();
-        let s = self
-            .session(vm)
-            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let s = self.served(vm)?;
         let mut slot = s.relocation.lock();
         if let Some(r) = slot.as_ref() {
             match r.state() {
@@ -874,6 +876,7 @@ pub(crate) mod upload;
 pub use pinning::CHECK_EVERY as BACKUP_CHECK_EVERY;
 pub use upload::{UploadRequest, UploadStatus};
 mod points;
+mod relocation;
 use points::PlacementRecord;
 pub use points::{
     resolve_host, HostConnections, PlaceRequest, PlacementConfig, PointStatus, RelocationProgress,

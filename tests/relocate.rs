@@ -324,3 +324,69 @@ fn relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link
     );
     assert_eq!(std::fs::read(env.path("precious")).unwrap(), b"precious");
 }
+
+#[test]
+fn a_paused_relocation_stops_copying_stays_paused_across_kill9_and_resumes_to_a_complete_target() {
+    let env = Env::new();
+    let data = random_image(&env.path("a.raw"), 1024 * K64, 57, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    // 64 MiB at 8 MB/s: about 8 s of copying.
+    let o = relocate(&env, "vm", &primary, &["--rate", "8"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation(&env, "vm")["bytes_done"].as_u64().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let socket = env.socket.to_str().unwrap().to_string();
+    let t = Instant::now();
+    let out = env.ok(&["relocate", "--socket", &socket, "vm", "--pause"]);
+    let took = t.elapsed();
+    eprintln!("relocate --pause took {took:?} (process start included): {out}");
+    assert!(out.contains("paused"), "{out}");
+    assert!(took < Duration::from_secs(3), "pause took {took:?}");
+    // Stopped for good: nothing is copied while paused.
+    let a = relocation(&env, "vm");
+    std::thread::sleep(Duration::from_millis(700));
+    let b = relocation(&env, "vm");
+    assert_eq!(b["state"], "paused", "{b}");
+    assert_eq!(a["bytes_copied"], b["bytes_copied"], "copied while paused");
+    let done = b["bytes_done"].as_u64().unwrap();
+    assert!(
+        done < b["bytes_total"].as_u64().unwrap(),
+        "finished before the pause: {b}"
+    );
+    // A restart keeps it paused.
+    d.kill9();
+    std::mem::forget(d);
+    let _d2 = env.serve();
+    env.recover("vm", None);
+    let r = wait_state(&env, "vm", "paused", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let r2 = relocation(&env, "vm");
+    assert_eq!(r2["state"], "paused", "{r2}");
+    assert_eq!(
+        r2["bytes_copied"], 0,
+        "a paused relocation copied after the restart: {r2}"
+    );
+    assert_eq!(r["bytes_done"], r2["bytes_done"]);
+    // Bad input: no relocation to pause on an unknown VM.
+    env.fails(
+        &["relocate", "--socket", &socket, "nosuchvm", "--pause"],
+        "no recovery session",
+    );
+    let out = env.ok(&["relocate", "--socket", &socket, "vm", "--resume", "--wait"]);
+    assert!(out.contains("relocated VM vm"), "{out}");
+    let r = relocation(&env, "vm");
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(
+        r["bytes_copied"].as_u64().unwrap()
+            <= r["bytes_total"].as_u64().unwrap() - done + (8 << 20),
+        "resume copied more than was left: {r}"
+    );
+    assert!(read_all(&primary.join("vm/disk0.raw")) == data);
+}

@@ -2,24 +2,34 @@
 """Relocation benchmark (part of `make bench`).
 
 Measures, in one run on the same machine:
-  * the baseline (issue 16): the repository read rate `recoverfs verify`
-    measures (every chunk read, decompressed and checked, on verify's worker
-    threads, caches dropped first) and the target's write rate (dd, synced);
-    a relocation does both to every byte, so the slower of the two bounds it;
-  * relocation throughput (disk bytes / time to cutover) as a ratio of that
-    baseline (target: >= 0.9), and the cutover pause;
-  * the VM's read/write latency (fio 4 KiB random 70/30, QD1, on the FUSE
-    disk file) with and without a relocation running, p50 and p99, and the
-    ratio between the two (goal: p99 at most 1.2x).
+  * throughput, over --rounds rounds (median and spread): each round
+    measures the baseline of issue 16, the repository read rate `recoverfs
+    verify` achieves (every chunk read, decompressed and checked, on
+    verify's worker threads, caches dropped first) and the target's write
+    rate (dd, O_DIRECT, synced), and both run at once (the bound where
+    repository and target share a device), then a cold relocation without a rate
+    limit on a fresh daemon (caches dropped): disk bytes / wall time from
+    the start request to the first status poll (every 10 ms) that shows the
+    cutover done. A relocation does both to every byte, so the slower of
+    the two bounds it; the ratio is per round (target >= 0.9). Plus the
+    cutover pause;
+  * the VM's read/write latency (fio 4 KiB random 70/30, QD1, O_DIRECT on
+    the FUSE disk file) in alternating segments within ONE relocation:
+    with the copy running (rate-limited so it spans every segment) and with
+    it paused (`relocate --pause`), >= 5 pairs, the order within a pair
+    alternating; the per-pair ratio of p99 (with / without), median and
+    spread (goal: p99 at most 1.2x).
 
-Appends a "Relocation" section to docs/benchmarks.md and writes
-docs/benchmarks-relocation.json. Cleans up its mounts and processes.
+Appends a "Relocation" section to docs/benchmarks.md (unless
+--no-section) and writes the raw figures to docs/benchmarks-relocation.json
+(or --json PATH). Cleans up its mounts and processes.
 """
 import argparse
 import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,19 +112,134 @@ def fio_latency(disk, seconds):
     }
 
 
+def spread(xs):
+    """Median, min and max of a list (None when empty)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def relocation_of(sock):
+    return api(sock, "GET", "/sessions/vm")["relocation"]
+
+
+def throughput_round(work, repo, primary, size_mib, k):
+    """One round: verify and dd (the baseline), then a cold relocation."""
+    r = {}
+    drop_caches()
+    t = time.monotonic()
+    sh(BIN, "verify", "--repo", repo, "--vm", "vm")
+    r["verify_mbps"] = size_mib * (1 << 20) / (time.monotonic() - t) / 1e6
+    probe = os.path.join(primary, "probe")
+    t = time.monotonic()
+    sh("dd", "if=/dev/zero", f"of={probe}", "bs=1M", f"count={size_mib}", "oflag=direct", "conv=fsync")
+    r["target_write_mbps"] = size_mib * (1 << 20) / (time.monotonic() - t) / 1e6
+    os.unlink(probe)
+    r["baseline_mbps"] = min(r["verify_mbps"], r["target_write_mbps"])
+    # The same read and the same write at once: where the repository and
+    # the target share a device (here one virtual disk), this, not the
+    # slower of the two alone, is what a copy can reach.
+    drop_caches()
+    t = time.monotonic()
+    both = [subprocess.Popen([BIN, "verify", "--repo", repo, "--vm", "vm"], stdout=subprocess.DEVNULL),
+            subprocess.Popen(["dd", "if=/dev/zero", f"of={probe}", "bs=1M", f"count={size_mib}", "oflag=direct",
+                              "conv=fsync"], stderr=subprocess.DEVNULL)]
+    if any([p.wait() != 0 for p in both]):
+        raise RuntimeError("verify or dd failed")
+    r["concurrent_mbps"] = size_mib * (1 << 20) / (time.monotonic() - t) / 1e6
+    os.unlink(probe)
+    drop_caches()
+    d = Daemon(work, repo, f"tput{k}")
+    try:
+        api(d.sock, "POST", "/sessions", {"vm": "vm"})
+        t = time.monotonic()
+        api(d.sock, "POST", "/sessions/vm/relocate", {"to": primary})
+        while True:
+            st = relocation_of(d.sock)
+            if st["state"] == "done":
+                break
+            if st["state"] == "failed":
+                raise RuntimeError(f"relocation failed: {st}")
+            time.sleep(0.01)
+        r["relocate_s"] = time.monotonic() - t
+        r["copy_seconds"] = st["copy_seconds"]
+        r["relocate_mbps"] = size_mib * (1 << 20) / r["relocate_s"] / 1e6
+        r["ratio"] = r["relocate_mbps"] / r["baseline_mbps"]
+        r["ratio_of_concurrent"] = r["relocate_mbps"] / r["concurrent_mbps"]
+        r["cutover_pause_ms"] = st["cutover_pause_ms"]
+        api(d.sock, "DELETE", "/sessions/vm?discard=true")
+    finally:
+        d.stop()
+    shutil.rmtree(os.path.join(primary, "vm"), ignore_errors=True)
+    return r
+
+
+def latency_segments(work, repo, primary, size_mib, pairs, seg_s, rate):
+    """Alternating segments with and without (paused) relocation, all
+    within one relocation."""
+    d = Daemon(work, repo, "lat")
+    try:
+        disk = api(d.sock, "POST", "/sessions", {"vm": "vm"})["disks"][0]
+        sh("dd", f"if={disk}", "of=/dev/null", "bs=1M")  # stage every block
+        api(d.sock, "POST", "/sessions/vm/relocate", {"to": primary, "rate_mbps": rate, "force": True})
+        st = api(d.sock, "POST", "/sessions/vm/relocate/pause")
+        assert st["state"] == "paused", st
+        out = []
+        for k in range(pairs):
+            pair = {}
+            # Alternate which comes first, so a drift over the run (page
+            # cache, the target filling) does not favour one side.
+            for side in (("without", "with") if k % 2 == 0 else ("with", "without")):
+                verb = "resume" if side == "with" else "pause"
+                t = time.monotonic()
+                st = api(d.sock, "POST", f"/sessions/vm/relocate/{verb}")
+                pair[f"{verb}_ms"] = (time.monotonic() - t) * 1000
+                pair[side] = fio_latency(disk, seg_s)
+                st = relocation_of(d.sock)
+                pair[f"{side}_state_after"] = st["state"]
+                pair[f"{side}_bytes_done_after"] = st["bytes_done"]
+            # Valid only if the copy ran through the whole "with" segment.
+            pair["valid"] = pair["with_state_after"] in ("copying", "converging", "not-converging")
+            for key in ("read_p99_us", "write_p99_us", "read_p50_us", "write_p50_us"):
+                wo = pair["without"][key]
+                pair[f"ratio_{key}"] = pair["with"][key] / wo if wo else None
+            out.append(pair)
+        return out, relocation_of(d.sock)
+    finally:
+        d.stop()
+
+
+def fmt(s, digits=2):
+    if s["median"] is None:
+        return "n/a"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f}, n={s['n']})"
+
+
 def main():
     ap = argparse.ArgumentParser(
         description="Relocation throughput as a share of min(verify's repository read rate, target write rate), "
-                    "and the VM's latency with and without a relocation running; writes docs/benchmarks.md's "
-                    "Relocation section and docs/benchmarks-relocation.json. Needs root (drops caches).")
-    ap.add_argument("--quick", action="store_true", help="a 256 MiB disk and 4 s fio runs")
+                    "and the VM's latency in alternating segments with and without (paused) relocation; writes "
+                    "docs/benchmarks.md's Relocation section and the raw figures as JSON. Needs root (drops caches).")
+    ap.add_argument("--quick", action="store_true", help="a 256 MiB disk, 3 rounds, 5 pairs of 2 s segments")
     ap.add_argument("--size-mib", type=int, default=0, help="disk size in MiB (default 1024, 256 with --quick)")
+    ap.add_argument("--rounds", type=int, default=0, help="throughput rounds (default 5, 3 with --quick)")
+    ap.add_argument("--pairs", type=int, default=0, help="latency segment pairs (default 6, 5 with --quick)")
+    ap.add_argument("--segment-s", type=int, default=0, help="seconds per latency segment (default 6, 2 with --quick)")
+    ap.add_argument("--latency-rate", type=float, default=0,
+                    help="relocation rate limit during the latency segments, MB/s (default: so it spans them)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "docs/benchmarks-relocation.json"),
+                    help="where to write the raw figures")
+    ap.add_argument("--no-section", action="store_true", help="do not touch docs/benchmarks.md")
     a = ap.parse_args()
     size_mib = a.size_mib or (256 if a.quick else 1024)
-    fio_s = 4 if a.quick else 10
+    rounds = a.rounds or (3 if a.quick else 5)
+    pairs = max(5, a.pairs or (5 if a.quick else 6))
+    seg_s = a.segment_s or (2 if a.quick else 6)
+    # The copy must outlast every "with" segment (and the time to pause).
+    rate = a.latency_rate or max(1.0, size_mib * 1.048576 / (pairs * seg_s * 1.5))
     work = tempfile.mkdtemp(prefix="recoverfs-bench-reloc-", dir="/var/tmp")
-    daemons = []
-    res = {"size_mib": size_mib}
+    res = {"size_mib": size_mib, "rounds": [], "latency_rate_mbps": rate, "segment_s": seg_s}
     try:
         img = os.path.join(work, "disk.raw")
         with open(img, "wb") as f:
@@ -122,89 +247,68 @@ def main():
                 f.write(os.urandom(1 << 20))
         repo = os.path.join(work, "repo")
         sh(BIN, "backup", "--repo", repo, "--vm", "vm", img)
-
-        # The baseline, measured now: the repository read rate `verify`
-        # achieves (the image is random, so every chunk is distinct and
-        # verify reads the whole disk once), and the target's write rate.
-        drop_caches()
-        t = time.monotonic()
-        sh(BIN, "verify", "--repo", repo, "--vm", "vm")
-        res["verify_s"] = time.monotonic() - t
-        res["verify_mbps"] = size_mib * (1 << 20) / res["verify_s"] / 1e6
+        os.unlink(img)
         primary = os.path.join(work, "primary")
         os.makedirs(primary)
-        probe = os.path.join(primary, "probe")
-        t = time.monotonic()
-        sh("dd", "if=/dev/zero", f"of={probe}", "bs=1M", f"count={size_mib}", "oflag=direct", "conv=fsync")
-        res["target_write_mbps"] = size_mib * (1 << 20) / (time.monotonic() - t) / 1e6
-        os.unlink(probe)
-        res["baseline_mbps"] = min(res["verify_mbps"], res["target_write_mbps"])
-
-        # Throughput: cold recovery, relocation without a rate limit.
-        drop_caches()
-        d = Daemon(work, repo, "tput")
-        daemons.append(d)
-        api(d.sock, "POST", "/sessions", {"vm": "vm"})
-        t = time.monotonic()
-        sh(BIN, "relocate", "--socket", d.sock, "vm", "--to", primary, "--wait")
-        res["relocate_s"] = time.monotonic() - t
-        st = api(d.sock, "GET", "/sessions/vm")["relocation"]
-        res["relocate_mbps"] = size_mib * (1 << 20) / res["relocate_s"] / 1e6
-        res["relocate_ratio_of_baseline"] = res["relocate_mbps"] / res["baseline_mbps"]
-        res["cutover_pause_ms"] = st["cutover_pause_ms"]
-        api(d.sock, "DELETE", "/sessions/vm?discard=true")
-        d.stop()
-        shutil.rmtree(os.path.join(primary, "vm"))
-
-        # Latency: the same fio workload on a staged disk, without and with
-        # a relocation running alongside.
-        d = Daemon(work, repo, "lat")
-        daemons.append(d)
-        disk = api(d.sock, "POST", "/sessions", {"vm": "vm"})["disks"][0]
-        sh("dd", f"if={disk}", "of=/dev/null", "bs=1M")  # stage every block
-        res["without"] = fio_latency(disk, fio_s)
-        # Keep the copy running for the whole fio run.
-        rate = max(1.0, size_mib * 1.048576 / (fio_s * 1.5))
-        api(d.sock, "POST", "/sessions/vm/relocate", {"to": primary, "rate_mbps": rate, "force": True})
-        res["with"] = fio_latency(disk, fio_s)
-        st = api(d.sock, "GET", "/sessions/vm")["relocation"]
-        res["relocation_during_fio"] = {"state": st["state"], "bytes_done": st["bytes_done"], "rate_limit_mbps": rate}
-        for k in ("read_p50_us", "read_p99_us", "write_p50_us", "write_p99_us"):
-            res[f"ratio_{k}"] = res["with"][k] / res["without"][k] if res["without"][k] else None
+        for k in range(rounds):
+            r = throughput_round(work, repo, primary, size_mib, k)
+            print(f"round {k}: relocation {r['relocate_mbps']:.0f} MB/s, verify {r['verify_mbps']:.0f}, "
+                  f"dd {r['target_write_mbps']:.0f}, both at once {r['concurrent_mbps']:.0f}: ratio {r['ratio']:.2f}, "
+                  f"of both at once {r['ratio_of_concurrent']:.2f}", file=sys.stderr)
+            res["rounds"].append(r)
+        res["segments"], res["relocation_after_segments"] = latency_segments(
+            work, repo, primary, size_mib, pairs, seg_s, rate)
     finally:
-        for d in daemons:
-            d.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    with open(os.path.join(ROOT, "docs/benchmarks-relocation.json"), "w") as f:
+    R = res["rounds"]
+    res["ratio"] = spread([r["ratio"] for r in R])
+    res["ratio_of_concurrent"] = spread([r["ratio_of_concurrent"] for r in R])
+    for k in ("relocate_mbps", "verify_mbps", "target_write_mbps", "baseline_mbps", "concurrent_mbps",
+              "cutover_pause_ms"):
+        res[k] = spread([r[k] for r in R])
+    valid = [p for p in res["segments"] if p["valid"]]
+    for k in ("read_p99_us", "write_p99_us", "read_p50_us", "write_p50_us"):
+        res[f"pair_ratio_{k}"] = spread([p[f"ratio_{k}"] for p in valid])
+        res[f"with_{k}"] = spread([p["with"][k] for p in valid])
+        res[f"without_{k}"] = spread([p["without"][k] for p in valid])
+    res["pause_ms"] = spread([p["pause_ms"] for p in res["segments"]])
+    res["valid_pairs"] = len(valid)
+    with open(a.json, "w") as f:
         json.dump(res, f, indent=2)
-    w, wo = res["with"], res["without"]
     md = f"""
 ## Relocation
 
 Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a shared 2-core machine; ratios are within this run.
-A {size_mib} MiB disk of random data, recovered from a local repository.
+A {size_mib} MiB disk of random data, recovered from a local repository. Median (min–max, n).
 
-| figure | value | baseline (same run) | ratio |
+| figure | value | baseline (same round) | ratio |
 |---|---|---|---|
-| relocation throughput, cold, no rate limit | {res['relocate_mbps']:.1f} MB/s | {res['baseline_mbps']:.1f} MB/s = min(`verify` repository read {res['verify_mbps']:.1f}, target write {res['target_write_mbps']:.1f}) | {res['relocate_ratio_of_baseline']:.2f} (target ≥ 0.90) |
-| cutover pause (longest write stall) | {res['cutover_pause_ms']:.1f} ms | | |
-| VM read p50 (fio 4K randrw 70/30 QD1 O_DIRECT) | {w['read_p50_us']:.0f} µs | {wo['read_p50_us']:.0f} µs without relocation | {res['ratio_read_p50_us']:.2f} |
-| VM read p99 | {w['read_p99_us']:.0f} µs | {wo['read_p99_us']:.0f} µs | {res['ratio_read_p99_us']:.2f} |
-| VM write p50 | {w['write_p50_us']:.0f} µs | {wo['write_p50_us']:.0f} µs | {res['ratio_write_p50_us']:.2f} |
-| VM write p99 | {w['write_p99_us']:.0f} µs | {wo['write_p99_us']:.0f} µs | {res['ratio_write_p99_us']:.2f} |
+| relocation throughput, cold, no rate limit ({rounds} rounds) | {fmt(res['relocate_mbps'], 0)} MB/s | min(`verify` repository read {fmt(res['verify_mbps'], 0)}, target write {fmt(res['target_write_mbps'], 0)}) MB/s | {fmt(res['ratio'])} (target ≥ 0.90) |
+| the same, against `verify` and the target write run at once | | {fmt(res['concurrent_mbps'], 0)} MB/s (both done) | {fmt(res['ratio_of_concurrent'])} |
+| cutover pause (longest write stall) | {fmt(res['cutover_pause_ms'], 1)} ms | | |
+| VM read p99 (fio 4K randrw 70/30 QD1 O_DIRECT), per pair | {fmt(res['with_read_p99_us'], 0)} µs with | {fmt(res['without_read_p99_us'], 0)} µs paused | {fmt(res['pair_ratio_read_p99_us'])} |
+| VM write p99, per pair | {fmt(res['with_write_p99_us'], 0)} µs with | {fmt(res['without_write_p99_us'], 0)} µs paused | {fmt(res['pair_ratio_write_p99_us'])} |
+| VM read p50, per pair | | | {fmt(res['pair_ratio_read_p50_us'])} |
+| VM write p50, per pair | | | {fmt(res['pair_ratio_write_p50_us'])} |
+| `relocate --pause` (API call until the copier stopped) | {fmt(res['pause_ms'], 1)} ms | | |
 
 Why this baseline: a relocation must read every chunk from the repository, decompress and check it, and
 write it to the target; `recoverfs verify` does the first part with its own parallelism on the same
-repository (caches dropped), and dd the second on the same target filesystem, both in this run, so neither
+repository (caches dropped), and dd the second on the same target filesystem, in the same round, so neither
 side is given a faster disk or a warmer cache than the relocation had. Relocation cannot beat the slower of
-the two; 0.90 of it means the copier's own overhead (staging, fsync batches, the copied map) costs ≤ 10 %.
+the two; 0.90 of it means the copier's own overhead (fetch engine, fsync batches, the copied map) costs ≤ 10 %.
+Where the repository and the target share one device, reading and writing compete for it, so the second row
+runs `verify` and the dd write at the same time (the same bytes read and written as the relocation): its
+ratio is the copier's overhead on this machine, the first row's the target of issue 16.
 
-Goal: VM p99 during relocation at most 1.2x the p99 without. During the latency run the relocation
-was rate-limited to {res['relocation_during_fio']['rate_limit_mbps']:.1f} MB/s so that it spans the whole fio run
-(state at the end: {res['relocation_during_fio']['state']}). Raw figures: `docs/benchmarks-relocation.json`.
+Latency: {len(res['segments'])} pairs of {seg_s} s segments ({res['valid_pairs']} valid: the copy still running at the
+end of the "with" segment) within one relocation rate-limited to {rate:.1f} MB/s so that it spans them all, alternating
+running and paused (`relocate --pause` / `--resume`), the order within a pair alternating. The ratio is
+p99 with / p99 paused of the same pair. Goal: at most 1.2x. Raw figures: `{os.path.relpath(a.json, ROOT)}`.
 """
-    B.replace_section("\n## Relocation\n", md)
+    if not a.no_section:
+        B.replace_section("\n## Relocation\n", md)
     print(md)
 
 

@@ -12,6 +12,8 @@
 //! | DELETE | /sessions/{vm}?discard=true | release |
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
+//! | POST | /sessions/{vm}/relocate/pause | pause the copy (durably; replies once the copier stopped, state `paused`) |
+//! | POST | /sessions/{vm}/relocate/resume | resume a paused copy where it stopped |
 //! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
 //! | POST | /sessions/{vm}/upload `{"load_limit":"latency=MS,queue=N"?}` | start the session uploader (pre-copy for a recovered VM; resumed after a restart) |
 //! | GET | /sessions/{vm}/upload | its state (copying / throttled / halted / idle / paused), why, load, blocks uploaded, residue |
@@ -82,6 +84,14 @@ pub fn router(ds: Ds) -> Router {
         .route("/sessions/{vm}", get(session_status).delete(release))
         .route("/sessions/{vm}/disks/{n}/changed", get(changed))
         .route("/sessions/{vm}/relocate", axum::routing::post(relocate))
+        .route(
+            "/sessions/{vm}/relocate/pause",
+            axum::routing::post(pause_relocation),
+        )
+        .route(
+            "/sessions/{vm}/relocate/resume",
+            axum::routing::post(resume_relocation),
+        )
         .route("/sessions/{vm}/backup", axum::routing::post(backup_session))
         .route(
             "/sessions/{vm}/upload",
@@ -213,6 +223,14 @@ async fn relocate(
         )));
     };
     blocking(move || ds.relocate(&vm, &b.to, b.rate_mbps, b.force)).await
+}
+
+async fn pause_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || ds.pause_relocation(&vm, true)).await
+}
+
+async fn resume_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
+    blocking(move || ds.pause_relocation(&vm, false)).await
 }
 
 async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {

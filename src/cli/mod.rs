@@ -434,14 +434,21 @@ pub enum Command {
         #[arg(long)]
         console: Option<PathBuf>,
     },
-    /// Copy a recovering VM's disks to primary storage while it runs, then cut over.
+    /// Copy a recovering VM's disks to primary storage while it runs, then
+    /// cut over; or pause / resume a relocation under way.
     Relocate {
         #[command(flatten)]
         socket: SocketArg,
         vm: String,
         /// Directory on primary storage; disks go to DIR/VM/diskN.raw.
-        #[arg(long)]
-        to: PathBuf,
+        #[arg(long, required_unless_present_any = ["pause", "resume"])]
+        to: Option<PathBuf>,
+        /// Pause the relocation under way (kept across a daemon restart).
+        #[arg(long, conflicts_with_all = ["to", "rate", "force", "resume", "wait"])]
+        pause: bool,
+        /// Resume a paused relocation where it stopped.
+        #[arg(long, conflicts_with_all = ["to", "rate", "force"])]
+        resume: bool,
         /// Copy rate limit in MB/s (raised up to 4x if the guest out-writes it).
         #[arg(long)]
         rate: Option<f64>,
@@ -711,15 +718,27 @@ pub fn run(cli: Cli) -> Result<()> {
             socket,
             vm,
             to,
+            pause,
+            resume,
             rate,
             force,
             wait,
         } => {
             crate::util::validate_name("VM name", &vm)?;
+            let c = client(&socket);
+            if pause || resume {
+                let verb = if pause { "pause" } else { "resume" };
+                let st = c.post(&format!("/sessions/{vm}/relocate/{verb}"), &json!({}))?;
+                println!("relocation of VM {vm}: {}", output::relocation_line(&st));
+                if wait && resume {
+                    output::wait_relocation(&c, &vm)?;
+                }
+                return Ok(());
+            }
+            let to = to.expect("clap requires --to");
             // The daemon resolves the path, so make it absolute here.
             let to = std::path::absolute(&to)
                 .map_err(|e| Error::io(format!("target {}", to.display()), e))?;
-            let c = client(&socket);
             let st = c.post(
                 &format!("/sessions/{vm}/relocate"),
                 &json!({"to": to, "rate_mbps": rate, "force": force}),

@@ -583,7 +583,7 @@ fn staging_line(st: &Value) -> String {
     line
 }
 
-fn relocation_line(r: &Value) -> String {
+pub fn relocation_line(r: &Value) -> String {
     let n = |k: &str| r[k].as_u64().unwrap_or(0);
     let mut line = format!(
         "{} pass {}  {}/{} ({:.1}%)  {:.1} MB/s  dirty blocks {}",

@@ -1,31 +1,78 @@
 //! The copier's passes: a walk of each disk by runs (copied blocks skipped
-//! a bitmap word at a time, a stretch of holes taken whole), the copy of
-//! each block with data, and the batch commit that records copies only
-//! after the bytes they vouch for are durable on both sides.
+//! a bitmap word at a time, a stretch of holes taken whole), a pipeline of
+//! block reads, and batch commits that record copies only after the bytes
+//! they vouch for are durable.
+//!
+//! **Pipeline.** One copier thread per relocation walks the disk and keeps
+//! up to [`WINDOW_BLOCKS`] blocks (and [`WINDOW_BYTES`]) read ahead of the
+//! one it writes: reads of blocks not staged are the fetch engine's
+//! relocation-class jobs (behind every on-demand fetch, within the
+//! background limit), fetched in parallel and not staged (see
+//! `Volume::start_copy_read`). The copier writes each block to the target
+//! in walk order as its read completes.
+//!
+//! **Batches.** Written blocks go into a batch; a full batch
+//! ([`BATCH_BYTES`] of data, [`BATCH_BLOCKS`] blocks with holes, or
+//! [`BATCH_AGE`] old) goes to this pass's committer thread, which syncs the
+//! target, then (if the batch holds a block the guest changed) staging,
+//! then records the batch in the copied map, while the copier fills the
+//! next batch. One batch commits at a time; the copier waits if the next is
+//! full first.
+//!
+//! **Guest writes racing a copy** are caught by the write stamp, taken
+//! before the block's read starts and checked when its bit is set (after
+//! the syncs): a write that began since leaves the block not copied, and a
+//! write that begins after the bit is set clears it durably. A batch in
+//! flight changes nothing there: the stamp check happens at the commit,
+//! however late.
+//!
+//! **Stopping** (cancel or pause) abandons the reads in flight (a fetch
+//! still completes for any reader that joined it), commits the blocks
+//! already written, and ends the pass: nothing half-done is recorded.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::{Relocation, BATCH};
-use crate::error::{IoContext, Result};
+use super::Relocation;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::placement::queue::Ticket;
 use crate::placement::IoClass;
 use crate::repo::chunk::is_zero;
-use crate::staging::io::BlockFile;
-use crate::volume::Volume;
+use crate::volume::{CopyRead, Volume};
+
+/// Blocks read ahead of the one being written, at most...
+const WINDOW_BLOCKS: usize = 64;
+/// ...and their bytes: enough to cover a repository round trip at disk
+/// speed, little enough to stay a small share of the daemon's memory.
+const WINDOW_BYTES: u64 = 32 << 20;
+/// A batch commits once it holds this many bytes of data...
+pub(super) const BATCH_BYTES: u64 = 32 << 20;
+/// ...or this many blocks, holes included (a run of holes costs one sync
+/// however long, and is recorded as soon as it is taken)...
+pub(super) const BATCH_BLOCKS: u64 = 1024;
+/// ...or once its first block is this old (a slow, rate-limited copy still
+/// shows progress and loses little to a crash).
+pub(super) const BATCH_AGE: Duration = Duration::from_millis(200);
 
 /// Copies waiting for their commit: blocks with the write stamp seen
 /// before their read, and runs of holes.
 #[derive(Default)]
-struct Batch {
+pub(super) struct Batch {
     blocks: Vec<(u64, u32)>,
     holes: Vec<Range<u64>>,
+    /// Data bytes written to the target.
+    bytes: u64,
+    /// A block the guest changed was read from staging: sync it first.
+    sync_staging: bool,
+    since: Option<Instant>,
 }
 
 impl Batch {
-    /// Blocks in the batch, holes included: a batch is committed once it
-    /// holds `BATCH` of them, so a long run of holes is recorded (with one
-    /// sync) as soon as it is taken and progress never waits behind it.
+    /// Blocks in the batch, holes included.
     fn blocks(&self) -> u64 {
         self.blocks.len() as u64 + self.holes.iter().map(|r| r.end - r.start).sum::<u64>()
     }
@@ -33,65 +80,215 @@ impl Batch {
     fn is_empty(&self) -> bool {
         self.blocks.is_empty() && self.holes.is_empty()
     }
+
+    fn is_due(&self) -> bool {
+        self.bytes >= BATCH_BYTES
+            || self.blocks() >= BATCH_BLOCKS
+            || self.since.is_some_and(|t| t.elapsed() >= BATCH_AGE)
+    }
+
+    fn started(&mut self) {
+        self.since.get_or_insert_with(Instant::now);
+    }
+}
+
+/// A block whose read is under way.
+struct InFlight {
+    b: u64,
+    stamp: u32,
+    read: CopyRead,
+    /// The export point's async slot it holds until written.
+    _ticket: Option<Ticket>,
+    len: u64,
+}
+
+/// One pass's walk of one disk.
+struct Walk<'a> {
+    i: usize,
+    d: &'a Arc<Volume>,
+    final_pass: bool,
+    window: VecDeque<InFlight>,
+    window_bytes: u64,
+    batch: Batch,
+    commits: &'a SyncSender<Batch>,
 }
 
 impl Relocation {
     /// One pass over disk `i` in ascending order; `final_pass` runs with
-    /// writes paused. Returns false if cancelled. The walk goes by runs:
-    /// copied blocks are skipped a bitmap word at a time, and a stretch of
-    /// holes is taken whole (see [`Self::take_holes`]); only blocks with
-    /// data are copied one by one.
+    /// writes paused. Returns false if stopped (cancelled or paused) before
+    /// the end. What was written is committed before it returns, on
+    /// success or error alike.
     pub(super) fn copy_pass(self: &Arc<Self>, i: usize, final_pass: bool) -> Result<bool> {
-        let (d, c, t) = (&self.disks[i], &self.copied[i], &self.targets[i]);
-        let n = d.nblocks();
-        let mut batch = Batch::default();
+        std::thread::scope(|scope| {
+            // Rendezvous: the copier hands a batch over only when the
+            // committer is free, so at most one waits behind the one
+            // being committed.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(0);
+            let committer = std::thread::Builder::new()
+                .name(format!("relocate-{}-sync", self.vm))
+                .spawn_scoped(scope, move || -> Result<()> {
+                    for mut batch in rx {
+                        self.commit(i, &mut batch)?;
+                    }
+                    Ok(())
+                })
+                .ctx(|| "start the relocation committer thread".to_string())?;
+            let mut w = Walk {
+                i,
+                d: &self.disks[i],
+                final_pass,
+                window: VecDeque::new(),
+                window_bytes: 0,
+                batch: Batch::default(),
+                commits: &tx,
+            };
+            let walked = self.walk(&mut w);
+            // Abandon the reads not written (nothing recorded for them);
+            // commit the blocks that were.
+            let last = std::mem::take(&mut w.batch);
+            drop(w);
+            let handed = if last.is_empty() {
+                Ok(())
+            } else {
+                tx.send(last).map_err(|_| committer_gone())
+            };
+            drop(tx);
+            let committed = match committer.join() {
+                Ok(r) => r,
+                Err(p) => std::panic::resume_unwind(p),
+            };
+            // The committer's own error says more than "it is gone".
+            committed?;
+            handed?;
+            walked
+        })
+    }
+
+    /// Stop copying now: cancelled, or (outside the final pass) paused.
+    pub(super) fn interrupted(&self, final_pass: bool) -> bool {
+        self.cancel.load(Ordering::Acquire) || (!final_pass && self.pause_requested())
+    }
+
+    fn walk(&self, w: &mut Walk) -> Result<bool> {
+        let (c, n) = (&self.copied[w.i], w.d.nblocks());
         let mut b = 0;
         loop {
-            if self.cancel.load(Ordering::Acquire) {
-                self.commit(i, &mut batch)?;
+            if self.interrupted(w.final_pass) {
                 return Ok(false);
             }
-            b = c.bits().next_clear(b, n);
-            if b >= n {
-                break;
+            // Write whatever finished, in walk order.
+            while w.window.front().is_some_and(|f| f.read.is_ready()) {
+                self.write_next(w)?;
             }
-            let data = d.next_non_hole(b, n);
+            if w.batch.is_due() {
+                self.hand_over(w)?;
+            }
+            if b < n {
+                b = c.bits().next_clear(b, n);
+            }
+            if b >= n {
+                if w.window.is_empty() {
+                    return Ok(true);
+                }
+                self.write_next(w)?;
+                continue;
+            }
+            let data = w.d.next_non_hole(b, n);
             if data > b {
                 let end = c.bits().next_set(b, data);
-                self.take_holes(i, b..end, &mut batch)?;
+                self.take_holes(w.i, b..end, &mut w.batch)?;
+                w.batch.started();
                 b = end;
+                continue;
+            }
+            let len = w.d.block_range(b).1;
+            if w.window.len() >= WINDOW_BLOCKS || w.window_bytes + len > WINDOW_BYTES.max(len) {
+                self.write_next(w)?;
+                continue;
+            }
+            let ticket = if w.final_pass {
+                None
             } else {
-                if !final_pass {
-                    self.yield_to_guest(d);
-                    d.copy_cursor(b, c.bits());
+                self.yield_to_guest(w.d);
+                match self.async_slot(w.d, len, w.window.is_empty()) {
+                    Some(t) => t,
+                    // The point is busy: finish a read of ours first (it
+                    // frees one of our slots), never wait holding them.
+                    None => {
+                        self.write_next(w)?;
+                        continue;
+                    }
                 }
-                // Outside the cutover the copy competes in the export
-                // point's queue as async work; the final pass runs while
-                // guest writes are paused, and waiting behind them there
-                // would deadlock.
-                let slot = (!final_pass)
-                    .then(|| {
-                        d.queue()
-                            .map(|q| q.enter(IoClass::Async, d.block_range(b).1))
-                    })
-                    .flatten();
-                let copied = self.copy_block(d, t, b)?;
-                drop(slot);
-                if let Some(stamp) = copied {
-                    batch.blocks.push((b, stamp));
+            };
+            match w.d.write_stamp(b) {
+                None => {
+                    // A guest write is in progress: the next pass copies it.
+                    self.copies_lost.fetch_add(1, Ordering::Relaxed);
                 }
-                if !final_pass {
-                    self.throttle(d.block_range(b).1);
-                    self.check_progress();
+                Some(stamp) => {
+                    let read = w.d.start_copy_read(b);
+                    w.window.push_back(InFlight {
+                        b,
+                        stamp,
+                        read,
+                        _ticket: ticket,
+                        len,
+                    });
+                    w.window_bytes += len;
+                    if !w.final_pass {
+                        self.throttle(len);
+                    }
                 }
-                b += 1;
             }
-            if batch.blocks() >= BATCH as u64 {
-                self.commit(i, &mut batch)?;
-            }
+            b += 1;
         }
-        self.commit(i, &mut batch)?;
-        Ok(true)
+    }
+
+    /// An async slot of the disk's export point for a copy of `len` bytes
+    /// (`Some(None)` without a point); waits for it only when the copier
+    /// holds none (`wait`), else `None` if none is free now.
+    fn async_slot(&self, d: &Volume, len: u64, wait: bool) -> Option<Option<Ticket>> {
+        let Some(q) = d.queue() else {
+            return Some(None);
+        };
+        if wait {
+            Some(Some(q.enter(IoClass::Async, len)))
+        } else {
+            q.try_enter(IoClass::Async, len).map(Some)
+        }
+    }
+
+    /// Writes the oldest block in flight to the target (waiting for its
+    /// read) and adds it to the batch.
+    fn write_next(&self, w: &mut Walk) -> Result<()> {
+        let f = w.window.pop_front().expect("a block in flight");
+        w.window_bytes -= f.len;
+        let (data, sync_staging) = w.d.finish_copy_read(f.b, f.read)?;
+        let t = &self.targets[w.i];
+        let off = f.b * w.d.block_size();
+        if is_zero(&data) {
+            t.punch_hole(off, f.len)
+                .ctx(|| format!("zero a block of {}", self.target_dir.display()))?;
+        } else {
+            t.write_all_at(&data, off)
+                .ctx(|| format!("write {}", self.target_dir.display()))?;
+        }
+        self.bytes_copied.fetch_add(f.len, Ordering::Relaxed);
+        w.batch.blocks.push((f.b, f.stamp));
+        w.batch.bytes += f.len;
+        w.batch.sync_staging |= sync_staging;
+        w.batch.started();
+        if !w.final_pass {
+            self.check_progress();
+        }
+        Ok(())
+    }
+
+    /// Hands the batch to the committer (waiting while it commits the one
+    /// before).
+    fn hand_over(&self, w: &mut Walk) -> Result<()> {
+        let batch = std::mem::take(&mut w.batch);
+        w.commits.send(batch).map_err(|_| committer_gone())
     }
 
     /// Adds the holes `run` (no data in the backup, never written) to the
@@ -114,38 +311,30 @@ impl Relocation {
         Ok(())
     }
 
-    /// Copies one block; `None` if a guest write is in progress on it.
-    fn copy_block(&self, d: &Arc<Volume>, t: &Arc<dyn BlockFile>, b: u64) -> Result<Option<u32>> {
-        let Some(stamp) = d.write_stamp(b) else {
-            self.copies_lost.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        };
-        let (off, len) = d.block_range(b);
-        let (data, _) = d.read_source(off, len, crate::prefetch::Class::Relocation)?;
-        if is_zero(&data) {
-            t.punch_hole(off, len)
-                .ctx(|| format!("zero a block of {}", self.target_dir.display()))?;
-        } else {
-            t.write_all_at(&data, off)
-                .ctx(|| format!("write {}", self.target_dir.display()))?;
-        }
-        self.bytes_copied.fetch_add(len, Ordering::Relaxed);
-        Ok(Some(stamp))
-    }
-
-    /// Syncs the target, then the staging the batch was read from, then
-    /// records the batch as copied: a copied bit never claims bytes that a
-    /// crash could take from either side. Only the bitmap words the batch
-    /// touched are written, so a run of a million holes costs one sync.
+    /// Syncs the target, then the staging the batch's changed blocks were
+    /// read from, then records the batch as copied: a copied bit never
+    /// claims bytes that a crash could take from either side. Only the
+    /// bitmap words the batch touched are written, so a run of a million
+    /// holes costs one sync.
     fn commit(&self, i: usize, batch: &mut Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let (d, c) = (&self.disks[i], &self.copied[i]);
+        #[cfg(test)]
+        {
+            let hook = self.commit_hook.lock().clone();
+            if let Some(h) = hook {
+                let blocks: Vec<u64> = batch.blocks.iter().map(|&(b, _)| b).collect();
+                h(i, &blocks);
+            }
+        }
         self.targets[i]
             .sync_data()
             .ctx(|| format!("fsync relocation target disk{i}"))?;
-        d.flush()?;
+        if batch.sync_staging {
+            d.flush()?;
+        }
         let mut touched: Vec<Range<u64>> = vec![];
         for (b, stamp) in batch.blocks.drain(..) {
             self.count_mark(d.mark_copied(c, b, stamp));
@@ -176,4 +365,8 @@ impl Relocation {
             self.copies_lost.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+fn committer_gone() -> Error {
+    Error::new(ErrorKind::Io, "the relocation's committer thread stopped")
 }

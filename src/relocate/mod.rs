@@ -2,10 +2,11 @@
 //! it runs, converge, then cut over so every read and write goes to the
 //! primary copy.
 //!
-//! * Source is what the VM sees (`Volume::read_source`): staged blocks,
-//!   blocks fetched on demand (one fetch per block, shared with the guest),
-//!   and the guest's writes. Blocks just ahead of the copy cursor are
-//!   fetched in parallel (relocation order, ascending offset).
+//! * Source is what the VM sees: the guest's writes and other staged
+//!   blocks from staging, the rest from the backup, fetched at relocation
+//!   priority without staging them, many at once (see `copy`: a pipeline
+//!   of reads, target writes in walk order, batches committed by a second
+//!   thread while the next batch is written).
 //! * The copy walks each disk in ascending order **by runs**: copied blocks
 //!   are skipped a bitmap word at a time, a stretch of holes (zero in the
 //!   backup, never written) is taken whole and recorded with one commit
@@ -17,8 +18,10 @@
 //!   copier marks a block copied only if no guest write started since it
 //!   read the block. Pass after pass, only blocks not copied are copied.
 //! * Copied bits never run ahead of staging: a batch is recorded as copied
-//!   only after the target *and the staging it was read from* are synced,
-//!   so after a crash a copied block reads the same from both.
+//!   only after the target *and the staging it was read from* are synced
+//!   (staging only when the batch holds a block the guest changed: any
+//!   other block reads the backup's bytes after a crash whatever staging
+//!   lost), so after a crash a copied block reads the same from both.
 //! * When few blocks remain, guest writes are paused, the rest is copied,
 //!   targets are fsynced and `relocation.json` is renamed into place with
 //!   `switched: true`: that rename is the commit point. Everything that can
@@ -33,6 +36,11 @@
 //!   byte of an old file can survive where the backup has zeros.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
+//! * **Pause and resume** (`pause`, `resume_copy`; see `pause`): a pause
+//!   stops the copier at its next block (reads in flight are abandoned,
+//!   written blocks committed), persists `paused` in `relocation.json` (a
+//!   restarted daemon keeps it paused) and holds off the cutover; resume
+//!   continues from the copied map.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -49,9 +57,6 @@ use crate::staging::io::{self, BlockFile, Open, Storage};
 use crate::staging::{MapKind, PersistentBitmap};
 use crate::volume::Volume;
 
-/// Copy batches are synced and recorded every this many blocks (holes
-/// included; a run of holes costs one sync however long).
-const BATCH: usize = 16;
 /// Cut over when at most this many blocks remain dirty (and at most a
 /// 16th of the disk): the final pass runs with guest writes paused.
 const CUTOVER_BLOCKS: u64 = 64;
@@ -65,6 +70,8 @@ const STALL_SECONDS: u32 = 2;
 pub enum State {
     Copying,
     Converging,
+    /// Stopped by `pause` until `resume_copy`; no cutover meanwhile.
+    Paused,
     Switching,
     Done,
     Failed,
@@ -72,11 +79,11 @@ pub enum State {
 }
 
 impl State {
-    /// Still copying (future async load).
+    /// Still copying, or will again (future async load).
     pub fn is_running(self) -> bool {
         matches!(
             self,
-            State::Copying | State::Converging | State::NotConverging
+            State::Copying | State::Converging | State::NotConverging | State::Paused
         )
     }
 }
@@ -88,6 +95,9 @@ pub(crate) struct Meta {
     pub switched: bool,
     pub pass: u32,
     pub rate_mbps: Option<f64>,
+    /// Paused by the administrator: a restart keeps it paused.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +110,11 @@ pub struct RelocationStatus {
     pub bytes_total: u64,
     /// Bytes written to the target by this daemon (re-copies included).
     pub bytes_copied: u64,
+    /// `bytes_copied` over `copy_seconds`.
     pub rate_mbps: f64,
+    /// Seconds this daemon spent copying (paused time not counted), up
+    /// to the cutover.
+    pub copy_seconds: f64,
     pub rate_limit_mbps: Option<f64>,
     pub eta_s: Option<f64>,
     pub dirty_blocks: u64,
@@ -122,11 +136,15 @@ pub struct Relocation {
     meta_path: PathBuf,
     config_json: Vec<u8>,
     meta: Mutex<Meta>,
+    /// Held while `relocation.json` is encoded and replaced: the API's
+    /// pause and the copier both write it.
+    meta_io: Mutex<()>,
     state: Mutex<(State, Option<String>, Option<String>)>,
     rate_limit: Mutex<Option<f64>>,
     initial_rate: Option<f64>,
     bytes_copied: AtomicU64,
-    started: Instant,
+    /// Time spent copying (see `pause::Clock`).
+    clock: Mutex<pause::Clock>,
     /// Blocks marked copied by this daemon (re-copies included).
     blocks_marked: AtomicU64,
     /// Copies thrown away because the guest wrote the block meanwhile.
@@ -136,8 +154,20 @@ pub struct Relocation {
     next_slot: Mutex<Instant>,
     pause_ms: Mutex<Option<f64>>,
     cancel: AtomicBool,
+    /// Pause requested (see `pause`); set and read under `state` where it
+    /// decides against a cutover.
+    pause: AtomicBool,
+    /// Wakes a paused copier (resume or cancel).
+    wake: parking_lot::Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Tests only: run by the committer before it syncs a batch, with the
+    /// disk and the batch's data blocks (to race a guest write with it).
+    #[cfg(test)]
+    commit_hook: Mutex<Option<CommitHook>>,
 }
+
+#[cfg(test)]
+type CommitHook = Arc<dyn Fn(usize, &[u64]) + Send + Sync>;
 
 /// The last convergence sample: copies made vs copies the guest revoked.
 struct Progress {
@@ -174,7 +204,7 @@ impl Relocation {
 
     /// Checks the target and starts copying.
     pub fn start(req: Request) -> Result<Arc<Relocation>> {
-        if req.rate_mbps.is_some_and(|r| !(r > 0.0)) {
+        if req.rate_mbps.is_some_and(|r| !r.is_finite() || r <= 0.0) {
             return Err(Error::invalid("--rate must be a positive number of MB/s"));
         }
         let target_dir = Self::check_target(&req)?;
@@ -183,6 +213,7 @@ impl Relocation {
             switched: false,
             pass: 1,
             rate_mbps: req.rate_mbps,
+            paused: false,
         };
         let r = Self::begin(req.source, meta)?;
         r.spawn();
@@ -381,6 +412,7 @@ impl Relocation {
             }
         }
         let rate = meta.rate_mbps;
+        let paused = meta.paused;
         Ok(Arc::new(Relocation {
             vm: src.vm.into(),
             disks: disks.to_vec(),
@@ -392,11 +424,12 @@ impl Relocation {
             meta_path: Self::meta_path(session_dir),
             config_json: src.config_json.to_vec(),
             meta: Mutex::new(meta),
+            meta_io: Mutex::new(()),
             state: Mutex::new((State::Copying, None, None)),
             rate_limit: Mutex::new(rate),
             initial_rate: rate,
             bytes_copied: AtomicU64::new(0),
-            started: Instant::now(),
+            clock: Mutex::new(pause::Clock::default()),
             blocks_marked: AtomicU64::new(0),
             copies_lost: AtomicU64::new(0),
             next_slot: Mutex::new(Instant::now()),
@@ -408,7 +441,11 @@ impl Relocation {
             }),
             pause_ms: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            pause: AtomicBool::new(paused),
+            wake: parking_lot::Condvar::new(),
             thread: Mutex::new(None),
+            #[cfg(test)]
+            commit_hook: Mutex::new(None),
         }))
     }
 
@@ -417,6 +454,7 @@ impl Relocation {
     }
 
     fn store_meta(&self) -> Result<()> {
+        let _io = self.meta_io.lock();
         io::replace(self.storage.as_ref(), &self.meta_path, &self.encode_meta())
     }
 
@@ -460,6 +498,7 @@ impl Relocation {
     /// Stops the copier (the copy resumes with the next `recover`).
     pub fn stop(&self) {
         self.cancel.store(true, Ordering::Release);
+        self.wake_copier();
         if let Some(h) = self.thread.lock().take() {
             let _ = h.join();
         }
@@ -485,13 +524,26 @@ impl Relocation {
 
     fn run(self: &Arc<Self>) -> Result<()> {
         let total: u64 = self.disks.iter().map(|d| d.nblocks()).sum();
-        loop {
+        self.clock.lock().start();
+        'passes: loop {
+            if self.cancel.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if self.pause_requested() {
+                self.stay_paused();
+                continue;
+            }
             for i in 0..self.disks.len() {
                 if !self.copy_pass(i, false)? {
-                    return Ok(()); // cancelled
+                    // Cancelled, or paused: the pass starts over (from
+                    // the copied map) once resumed.
+                    continue 'passes;
                 }
             }
             if self.remaining() <= (total / 16).clamp(1, CUTOVER_BLOCKS) {
+                if !self.begin_switching() {
+                    continue; // paused just now
+                }
                 return self.cutover();
             }
             // Passes after the first re-copy what the guest dirtied. A
@@ -507,6 +559,19 @@ impl Relocation {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+    }
+
+    /// Forgets the pacing history (after a pause).
+    fn restart_pacing(&self) {
+        let revoked: u64 = self.disks.iter().map(|d| d.copies_revoked()).sum::<u64>()
+            + self.copies_lost.load(Ordering::Relaxed);
+        *self.progress.lock() = Progress {
+            at: Instant::now(),
+            marked: self.blocks_marked.load(Ordering::Relaxed),
+            revoked,
+            stalled: 0,
+        };
+        *self.next_slot.lock() = Instant::now();
     }
 
     /// Once a second: is the copy gaining on the guest's writes?
@@ -571,7 +636,8 @@ impl Relocation {
 
     /// Token bucket: each copied block books `len / rate` of time; at most
     /// 100 ms of unused time carries over, so a copier slowed by the guest
-    /// never bursts past its limit afterwards.
+    /// never bursts past its limit afterwards. The wait ends early for a
+    /// pause or cancel (a slow limit may book seconds per block).
     fn throttle(&self, len: u64) {
         let Some(rate) = *self.rate_limit.lock() else {
             return;
@@ -580,30 +646,42 @@ impl Relocation {
         let mut next = self.next_slot.lock();
         let start = (*next).max(now - Duration::from_millis(100));
         *next = start + Duration::from_secs_f64(len as f64 / (rate * 1e6));
-        let wait = next.saturating_duration_since(now);
+        let until = *next;
         drop(next);
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        loop {
+            let wait = until.saturating_duration_since(Instant::now());
+            if wait.is_zero() || self.interrupted(false) {
+                return;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(20)));
         }
     }
 
-    /// Pause writes, copy the rest, sync, commit `switched`, switch.
+    /// Write the target's `vm.json`, pause writes, copy the rest, sync,
+    /// commit `switched`, switch. The caller set the state `Switching`.
     fn cutover(self: &Arc<Self>) -> Result<()> {
-        self.set_state(State::Switching, None);
+        // Before the write pause: it does not depend on the guest.
+        io::replace(
+            self.storage.as_ref(),
+            &self.target_dir.join("vm.json"),
+            &self.config_json,
+        )
+        .map_err(|e| e.context("cutover"))?;
         let t0 = Instant::now();
         let guards: Vec<_> = self.disks.iter().map(|d| d.pause_writes()).collect();
         let r = self.prepare_cutover().and_then(|()| self.commit_cutover());
         drop(guards);
         let pause = t0.elapsed().as_secs_f64() * 1000.0;
         r.map_err(|e| e.context("cutover"))?;
+        self.clock.lock().stop();
         *self.pause_ms.lock() = Some(pause);
         tracing::info!(vm = %self.vm, target = %self.target_dir.display(), pause_ms = pause, "relocation cut over");
         self.set_state(State::Done, None);
         Ok(())
     }
 
-    /// Everything that can fail, with writes paused: the final pass, the
-    /// target syncs and the target's vm.json.
+    /// Everything that can fail, with writes paused: the final pass and
+    /// the target syncs.
     fn prepare_cutover(self: &Arc<Self>) -> Result<()> {
         for i in 0..self.disks.len() {
             self.copy_pass(i, true)?;
@@ -618,15 +696,12 @@ impl Relocation {
             t.sync_data()
                 .ctx(|| format!("fsync relocation target disk{i}"))?;
         }
-        io::replace(
-            self.storage.as_ref(),
-            &self.target_dir.join("vm.json"),
-            &self.config_json,
-        )
+        Ok(())
     }
 
     /// The commit point, then only forward progress.
     fn commit_cutover(&self) -> Result<()> {
+        let meta_io = self.meta_io.lock();
         self.meta.lock().switched = true;
         if let Err(e) = self
             .storage
@@ -637,12 +712,18 @@ impl Relocation {
             return Err(Error::io(format!("write {}", self.meta_path.display()), e));
         }
         // Committed: from here on nothing may turn back.
-        let durable = (0..3).find_map(|attempt| {
+        // Up to 3 tries, until one succeeds (the last error if none does).
+        let mut durable = None;
+        for attempt in 0..3 {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            io::sync_parent(self.storage.as_ref(), &self.meta_path).err()
-        });
+            durable = io::sync_parent(self.storage.as_ref(), &self.meta_path).err();
+            if durable.is_none() {
+                break;
+            }
+        }
+        drop(meta_io);
         for (d, t) in self.disks.iter().zip(&self.targets) {
             d.switch_to(t.clone());
         }
@@ -669,8 +750,8 @@ impl Relocation {
             .map(|(d, c)| copied_bytes(d, c))
             .sum();
         let copied = self.bytes_copied.load(Ordering::Relaxed);
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = copied as f64 / secs / 1e6;
+        let secs = self.clock.lock().active().as_secs_f64();
+        let rate = copied as f64 / secs.max(0.001) / 1e6;
         let left = bs_total.saturating_sub(done);
         let done = if state == State::Done { bs_total } else { done };
         RelocationStatus {
@@ -681,8 +762,10 @@ impl Relocation {
             bytes_total: bs_total,
             bytes_copied: copied,
             rate_mbps: rate,
+            copy_seconds: secs,
             rate_limit_mbps: *self.rate_limit.lock(),
-            eta_s: (state != State::Done && rate > 0.0).then(|| left as f64 / (rate * 1e6)),
+            eta_s: (state.is_running() && state != State::Paused && rate > 0.0)
+                .then(|| left as f64 / (rate * 1e6)),
             dirty_blocks: if state == State::Done {
                 0
             } else {
@@ -706,5 +789,6 @@ fn copied_bytes(d: &Volume, c: &PersistentBitmap) -> u64 {
 }
 
 mod copy;
+mod pause;
 #[cfg(test)]
 mod tests;

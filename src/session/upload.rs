@@ -215,9 +215,7 @@ impl Datastore {
         }
         let op = self.vm_op(vm);
         let _op = op.lock();
-        let s = self
-            .session(vm)
-            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let s = self.served(vm)?;
         let storage = s.staging.storage().clone();
         io::replace(
             storage.as_ref(),
@@ -231,9 +229,7 @@ impl Datastore {
     /// The uploader's status; not found if it was never started.
     pub fn upload_status(&self, vm: &str) -> Result<UploadStatus> {
         validate_name("VM name", vm)?;
-        let s = self
-            .session(vm)
-            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let s = self.served(vm)?;
         let job = s.upload.lock();
         let job = job
             .as_ref()
@@ -247,9 +243,7 @@ impl Datastore {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
         let _op = op.lock();
-        let s = self
-            .session(vm)
-            .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
+        let s = self.served(vm)?;
         let p = s.dir.join(SETTINGS);
         let storage = s.staging.storage().clone();
         storage

@@ -6,6 +6,12 @@
 //! * finish, on a CPU thread: decrypt, decompress, verify, write staging,
 //!   hand the bytes to the slot's waiters, mark the block present.
 //!
+//! The relocation copier's own fetches are *unstaged*: their bytes go to
+//! the slot's waiters (the copier, and any reader that joined) and not to
+//! staging, so a relocation writes every byte once, to the target. If a
+//! reader or a prefetch promoted the job meanwhile (someone else wants the
+//! block kept), its finish stages it after all, when staging has room.
+//!
 //! A [`Fetch`] always answers its slot exactly once: when it succeeds or
 //! fails, when a stage panics, and when it is dropped unrun (the volume
 //! was released, or the engine stopped), so no reader ever waits forever.
@@ -28,6 +34,9 @@ pub(super) struct Fetch {
     /// When prepare began (the fetch latency's start).
     started: Option<Instant>,
     answered: bool,
+    /// Write staging and mark the block present (false: the copier's
+    /// fetch, see the module doc).
+    stage: bool,
 }
 
 impl Drop for Fetch {
@@ -44,7 +53,7 @@ impl Fetch {
     fn answer(&mut self, r: Result<u64>) {
         self.answered = true;
         match self.vol.upgrade() {
-            Some(v) => v.fetched(self.b, &self.slot, r, self.started),
+            Some(v) => v.fetched(self.b, &self.slot, r, self.started, self.stage),
             // The volume is gone: nobody waits for this block any more.
             None => self.slot.finish(Err(Error::busy("the disk was released"))),
         }
@@ -57,8 +66,10 @@ impl Fetch {
         };
         let _span = v.fetch_span(self.b).entered();
         self.started = Some(Instant::now());
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| v.fetch_request(self.b, &self.slot)))
-            .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            v.fetch_request(self.b, &self.slot, self.stage)
+        }))
+        .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
         drop(v);
         match r {
             Ok(request) => Step::Get {
@@ -79,17 +90,22 @@ impl Fetch {
         };
         let _span = v.fetch_span(self.b).entered();
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            v.store_fetched(self.b, &self.slot, got)
+            v.store_fetched(self.b, &self.slot, got, self.stage)
         }))
         .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
         drop(v);
+        let r = r.map(|(n, staged)| {
+            self.stage = staged;
+            n
+        });
         self.answer(r);
     }
 }
 
 impl Volume {
-    /// Queues the fetch of `b` at the most urgent class asked for so far.
-    pub(super) fn queue_fetch(&self, b: u64, s: &Arc<Slot>) {
+    /// Queues the fetch of `b` at the most urgent class asked for so far;
+    /// `stage`: see [`Fetch::stage`].
+    pub(super) fn queue_fetch(&self, b: u64, s: &Arc<Slot>, stage: bool) {
         let mut j = s.job.lock();
         let fetch = Fetch {
             vol: self.me.clone(),
@@ -97,6 +113,7 @@ impl Volume {
             slot: s.clone(),
             started: None,
             answered: false,
+            stage,
         };
         let bytes = self.block_len(b);
         j.0 = Some(
@@ -128,17 +145,21 @@ impl Volume {
         )
     }
 
-    /// Before the GET: still open, and room in staging for the block.
-    fn fetch_request(&self, b: u64, slot: &Slot) -> Result<GetFuture> {
+    /// Before the GET: still open, and room in staging for the block (if
+    /// it is to be staged).
+    fn fetch_request(&self, b: u64, slot: &Slot, stage: bool) -> Result<GetFuture> {
         self.check_open()?;
-        self.admit(slot)?;
+        if stage {
+            self.admit(slot)?;
+        }
         let digest = self.chunks.get(b).expect("fetch of a zero chunk");
         Ok(self.repo.chunk_request(&digest, self.block_len(b) as usize))
     }
 
-    /// After the GET: verified plain bytes into staging and the slot; the
-    /// bytes read from the repository.
-    fn store_fetched(&self, b: u64, slot: &Slot, got: Got) -> Result<u64> {
+    /// After the GET: verified plain bytes into staging (if staged) and
+    /// the slot; the bytes read from the repository, and whether the
+    /// block was staged.
+    fn store_fetched(&self, b: u64, slot: &Slot, got: Got, stage: bool) -> Result<(u64, bool)> {
         let digest = self.chunks.get(b).expect("fetch of a zero chunk");
         let (data, n) = self.repo.open_chunk(
             &digest,
@@ -146,14 +167,29 @@ impl Volume {
             self.block_len(b) as usize,
             &self.chunk_place(b),
         )?;
-        self.staging_write(&data, b * self.block_size)?;
+        let stage = stage || self.stage_promoted_copy(slot);
+        if stage {
+            self.staging_write(&data, b * self.block_size)?;
+        }
         let _ = slot.data.set(data);
-        Ok(n)
+        Ok((n, stage))
+    }
+
+    /// An unstaged (copier's) fetch that a more urgent waiter promoted is
+    /// staged after all, if staging has room for it now.
+    fn stage_promoted_copy(&self, slot: &Slot) -> bool {
+        let promoted = slot
+            .job
+            .lock()
+            .0
+            .as_ref()
+            .is_some_and(|j| j.class() < crate::prefetch::Class::Relocation);
+        promoted && self.admit(slot).is_ok()
     }
 
     /// The end of a fetch, however it ended: figures, the log line, then
     /// the slot's waiters.
-    fn fetched(&self, b: u64, slot: &Slot, r: Result<u64>, started: Option<Instant>) {
+    fn fetched(&self, b: u64, slot: &Slot, r: Result<u64>, started: Option<Instant>, staged: bool) {
         match &r {
             Ok(n) => {
                 self.stats.fetched_blocks.add(1);
@@ -172,6 +208,10 @@ impl Volume {
                 tracing::error!(vm = %self.vm, disk = self.index, block = b, chunk, "fetch failed: {e}");
             }
         }
-        self.complete(b, slot, r.map(|_| ()));
+        if staged {
+            self.complete(b, slot, r.map(|_| ()));
+        } else {
+            self.complete_unstaged(b, slot, r.map(|_| ()));
+        }
     }
 }

@@ -71,6 +71,7 @@ mod stripes;
 mod upload;
 
 pub use freeze::Frozen;
+pub(crate) use relocation::CopyRead;
 pub use upload::Uploaded;
 
 /// Where one block fill stands; readers and writers wait on it.
@@ -470,6 +471,14 @@ impl Volume {
         slot.finish(r);
     }
 
+    /// Ends a fill that left nothing in staging (the copier's fetch): the
+    /// block stays missing, its waiters answer from the slot's bytes.
+    fn complete_unstaged(&self, b: u64, slot: &Slot, r: Result<()>) {
+        self.settle(slot, false);
+        self.inflight.lock().remove(&b);
+        slot.finish(r);
+    }
+
     /// Starts filling block `b` from the backup unless it is present, at
     /// priority `class`. Returns a slot to wait on, or `None` when the
     /// block is already local.
@@ -486,7 +495,7 @@ impl Volume {
                         let r = self.admit(&s).and_then(|()| self.zero_fill(b));
                         self.complete(b, &s, r);
                     }
-                    Some(_) => self.queue_fetch(b, &s),
+                    Some(_) => self.queue_fetch(b, &s, true),
                 }
                 Some(s)
             }
@@ -1248,6 +1257,8 @@ impl crate::disk::Disk for Volume {
     }
 }
 
+#[cfg(test)]
+mod copy_read_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

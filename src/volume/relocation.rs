@@ -1,19 +1,55 @@
 //! The part of `Volume` the relocation copier uses: per-block write
-//! stamps, the copied map hook, the write gate for cutover, and the switch
-//! to serving the primary copy.
+//! stamps, the copier's block reads, the copied map hook, the write gate
+//! for cutover, and the switch to serving the primary copy.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::Volume;
+use super::{Claim, Slot, Volume};
 use crate::error::{Error, Result};
 use crate::prefetch::Class;
 use crate::staging::io::BlockFile;
-use crate::staging::{AtomicBitmap, PersistentBitmap};
+use crate::staging::PersistentBitmap;
 
-/// Blocks fetched ahead of the relocation copy cursor: enough to cover a
-/// fetch latency at copy speed, few enough not to crowd out the profile.
-const RELOCATION_WINDOW: usize = 16;
+/// A copy read under way (see [`Volume::start_copy_read`]); dropping it
+/// abandons the read (a fetch still completes for whoever joined it).
+pub(crate) struct CopyRead(ReadHow);
+
+enum ReadHow {
+    /// The copier's own unstaged fetch of the backup's chunk.
+    Fetch(Arc<Slot>),
+    /// Read what the VM sees, after this fill (if any) ends.
+    Source(Option<Arc<Slot>>),
+}
+
+impl CopyRead {
+    /// True once it can finish without waiting.
+    pub(crate) fn is_ready(&self) -> bool {
+        match &self.0 {
+            ReadHow::Fetch(s) | ReadHow::Source(Some(s)) => s.done.lock().is_some(),
+            ReadHow::Source(None) => true,
+        }
+    }
+}
+
+/// A block's bytes for the copier: a fetch's buffer, shared with the
+/// fetch's other waiters (no copy), or bytes read for it.
+pub(crate) struct CopyBytes(Bytes);
+
+enum Bytes {
+    Fetched(Arc<Slot>),
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for CopyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Bytes::Fetched(s) => s.data.get().expect("checked when made"),
+            Bytes::Read(v) => v,
+        }
+    }
+}
 
 impl Volume {
     /// A stamp of block `b`'s guest writes, or `None` while one is in progress.
@@ -35,22 +71,57 @@ impl Volume {
         true
     }
 
-    /// The copier is at block `b`, copying in ascending order: queue
-    /// fetches for the next blocks it will copy (with backup data, not yet
-    /// staged nor copied) at relocation priority. Zero stretches are
-    /// skipped whole, so the window costs the same on a sparse disk.
-    pub(crate) fn copy_cursor(&self, b: u64, copied: &AtomicBitmap) {
-        let mut at = b + 1;
-        let mut queued = 0;
-        while queued < RELOCATION_WINDOW {
-            let Some(d) = self.chunks.next_data(at).filter(|&d| d < self.nblocks) else {
-                return;
-            };
-            if !copied.test(d) {
-                self.prefetch_block(d, Class::Relocation);
-                queued += 1;
+    /// Starts the copier's read of block `b` (not a hole). A block with
+    /// backup data that is neither staged nor being filled is fetched at
+    /// relocation priority without being staged (see `fetch`); anything
+    /// else (staged, a zero chunk, or a fill under way: a guest's fetch or
+    /// write, an eviction) is read as the VM sees it once that fill ends.
+    /// Decided under the in-flight lock, where a guest write that claimed
+    /// the block before the copier's stamp is always seen (it leaves the
+    /// table only after its block is present).
+    pub(crate) fn start_copy_read(&self, b: u64) -> CopyRead {
+        if !self.chunks.has_data(b) {
+            return CopyRead(ReadHow::Source(None));
+        }
+        match self.claim(b, Class::Relocation) {
+            Claim::Present => CopyRead(ReadHow::Source(None)),
+            Claim::Wait(s) => {
+                s.promote(&self.sched, Class::Relocation);
+                CopyRead(ReadHow::Source(Some(s)))
             }
-            at = d + 1;
+            Claim::Owner(s) => {
+                self.queue_fetch(b, &s, false);
+                CopyRead(ReadHow::Fetch(s))
+            }
+        }
+    }
+
+    /// Waits for a read `start_copy_read` began and returns block `b`'s
+    /// bytes, and whether staging must be synced before the copy may be
+    /// recorded: only for a block the guest changed (any other staged
+    /// block holds the backup's bytes, which a crash cannot take away).
+    pub(crate) fn finish_copy_read(&self, b: u64, r: CopyRead) -> Result<(CopyBytes, bool)> {
+        let (off, len) = self.block_range(b);
+        match r.0 {
+            ReadHow::Fetch(s) => {
+                s.wait()?;
+                if s.data.get().is_some() {
+                    return Ok((CopyBytes(Bytes::Fetched(s)), false));
+                }
+                // Cannot happen (a successful fetch sets its bytes), but
+                // reading what the VM sees is always right.
+                let (data, _) = self.read_source(off, len, Class::Relocation)?;
+                Ok((CopyBytes(Bytes::Read(data)), self.store.changed.test(b)))
+            }
+            ReadHow::Source(s) => {
+                if let Some(s) = s {
+                    // Its outcome does not matter: `read_source` fills
+                    // the block again if that fill failed.
+                    let _ = s.wait();
+                }
+                let (data, _) = self.read_source(off, len, Class::Relocation)?;
+                Ok((CopyBytes(Bytes::Read(data)), self.store.changed.test(b)))
+            }
         }
     }
 

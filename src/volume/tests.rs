@@ -14,7 +14,7 @@ pub(super) struct Fixture {
     pub(super) _dir: tempfile::TempDir,
     pub(super) vol: Arc<Volume>,
     pub(super) data: Vec<u8>,
-    knobs: Knobs,
+    pub(super) knobs: Knobs,
     pub(super) staging: PathBuf,
 }
 
