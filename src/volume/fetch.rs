@@ -35,7 +35,9 @@
 //! still assembles one reply buffer: one copy more. Copy 2 remains: the
 //! decoder wants the frame in one piece, and a streaming decoder would
 //! buffer straddling blocks internally instead. `staging_reads` in the
-//! disk's status counts staging preads; waiters of a fetch make none.
+//! disk's status counts staging preads; waiters of a fetch make none. A
+//! hit (every block staged) is one pread into a buffer that is not
+//! zero-filled first (`BlockFile::read_append`).
 //!
 //! A [`Fetch`] always answers its slot exactly once: when it succeeds or
 //! fails, when a stage panics, and when it is dropped unrun (the volume

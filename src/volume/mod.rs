@@ -633,6 +633,9 @@ impl Volume {
         // staging, a piece's blocks must all be staged at once, and a whole
         // large read might not fit (see `evict`). Each piece lands in place.
         let piece = (1u64 << 20).max(self.block_size);
+        if let Some(r) = self.read_all_staged(off, len) {
+            return r;
+        }
         if let Some(r) = self.read_fetched_block(off, len, class) {
             return r;
         }
@@ -645,6 +648,26 @@ impl Volume {
             pos = end;
         }
         Ok((Bytes::from(buf), hit))
+    }
+
+    /// A read whose blocks are all staged (a hit): one staging read into
+    /// a buffer that is not zero-filled first. `None` if a block is not.
+    fn read_all_staged(&self, off: u64, len: u64) -> Option<Result<(Bytes, bool)>> {
+        // Presence and the read under the gate: no eviction in between.
+        let _gate = self.evict_gate.read();
+        let blocks = self.blocks(off, len);
+        if !blocks.clone().all(|b| self.store.present.test(b)) {
+            return None;
+        }
+        blocks.for_each(|b| self.touch(b));
+        self.stats.staging_reads.add(1);
+        let mut buf = Vec::new();
+        let r = self
+            .store
+            .data
+            .read_append(&mut buf, len as usize, off)
+            .ctx(|| format!("read staging {}", self.store.data_path.display()));
+        Some(r.map(|()| (Bytes::from(buf), true)))
     }
 
     /// A read within one block with backup data that is neither staged
