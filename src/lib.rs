@@ -30,7 +30,7 @@
 //!  prefetch::Scheduler (one per export point; on-demand > profile > relocation > readahead)
 //!       CPU thread: admit ─▶ engine runtime: async GET (≤ --fetches-in-flight) ─▶ CPU thread:
 //!       open_chunk (decrypt, decompress, verify digest) ─▶ staging write (io gate: never after release)
-//!                             └──▶ presence bit set ──▶ waiters wake, read staging
+//!                             └──▶ presence bit set ──▶ waiters wake, reply from the fetched bytes (no read-back)
 //!  staging::io::Storage ── every staging, map, metadata and relocation-target file (tests: faults, power cuts)
 //!  guest reads ──▶ tracker (first reads → profile recording) ──▶ stream detector (readahead)
 //!  per session: prefetch feeder thread ──▶ profile blocks within the horizon ──▶ scheduler

@@ -20,9 +20,11 @@ raw-GET ceiling row measures the store itself: 16 ranged 1 MiB GETs in
 flight straight at the proxy.
 
 Systems are interleaved within each round; the report gives median and
-spread over the rounds, CPU-seconds of every serving process (the system,
-and Garage and the proxy, which serve only that system during its run) per
-GiB read, and bytes passed by the proxy per byte read.
+spread over the rounds, CPU-seconds per GiB read of the system's own
+process and, beside it, of Garage and the proxy (which serve only that
+system during its run), and bytes passed by the proxy per byte read.  The
+CPU target compares recoverfs's own process with the `--baseline-bin`
+binary's own in the same rounds.
 """
 import os
 import time
@@ -144,14 +146,14 @@ def one_run(cfg, work, ctx, backend, system, case):
                                            system == "recoverfs_nbd",
                                            cfg.baseline_bin if system == "recoverfs_baseline" else None)
             proxy = px["s3_proc"]
-            pids = [rfs.proc.pid, ctx["garage"].proc.pid, proxy.pid]
+            pids = {"system": rfs.proc.pid, "garage": ctx["garage"].proc.pid, "proxy": proxy.pid}
         elif backend == "local":
             if system == "recoverfs_fuse":
                 rfs, target = recoverfs_system(s, ctx["local_repo"], None, ["--repo-delay-ms", str(lat)], False)
-                pids = [rfs.proc.pid]
+                pids = {"system": rfs.proc.pid}
             else:
                 p, target = nbdkit_delay(s, ctx["image"], lat)
-                pids = [p.pid]
+                pids = {"system": p.pid}
             proxy = None
         else:
             url = ctx["garage"].web_url(px["web"], RAW_KEY)
@@ -160,15 +162,23 @@ def one_run(cfg, work, ctx, backend, system, case):
             else:
                 p, target = qemu_http_cor(s, url, ctx["image_bytes"])
             proxy = px["web_proc"]
-            pids = [p.pid, ctx["garage"].proc.pid, proxy.pid]
+            pids = {"system": p.pid, "garage": ctx["garage"].proc.pid, "proxy": proxy.pid}
         B.drop_caches()
         m = B.Meter(pids, proxy).start()
         r = fio_case(s, case, target, cfg.first_touches, cfg.cold_runtime,
                      conns=NBDKIT_CONNS if system == "nbdkit_curl" else 1,
-                     fuse=system in ("recoverfs_fuse", "recoverfs_fuse_64k"))
+                     # The baseline binary is read exactly like recoverfs_fuse (O_DIRECT): buffered
+                     # reads would reach it as 256 KiB kernel-readahead requests, other work.
+                     fuse=system in ("recoverfs_fuse", "recoverfs_fuse_64k", "recoverfs_baseline"))
         r.update(m.stop())
         r["value"] = r["mb_s"] if case == "seq" else r["iops"]
-        r["cpu_s_per_gib"] = r["cpu_s"] / (r["io_bytes"] / GiB) if r["io_bytes"] else None
+        gib = r["io_bytes"] / GiB
+        r["cpu_s_per_gib"] = r["cpu_s"] / gib if gib else None
+        # The system's own processes, and the store's (Garage + proxy) beside.
+        by = r["cpu_s_by"]
+        r["own_cpu_s_per_gib"] = by["system"] / gib if gib else None
+        store = by.get("garage", 0) + by.get("proxy", 0)
+        r["store_cpu_s_per_gib"] = store / gib if gib and "garage" in by else None
         r["cpu_ms_per_read"] = r["cpu_s"] * 1000 / r["ios"] if r.get("ios") else None
         if "proxy_bytes" in r and r["io_bytes"]:
             r["fetched_per_read_byte"] = r["proxy_bytes"] / r["io_bytes"]
@@ -223,7 +233,7 @@ def section_cold(cfg, work, image, garage):
                     r = one_run(cfg, work, ctx, backend, system, case)
                     res["runs"].setdefault(key, []).append(r)
                     B.log(f"cold round {rnd + 1} {key}: {r['value']:.0f} {CASES[case][4]}, "
-                          f"cpu {r['cpu_s']:.2f}s, fetched/read {r.get('fetched_per_read_byte', 0):.1f}")
+                          f"cpu {r['cpu_s']:.2f}s (own {r['cpu_s_by']['system']:.2f}s), fetched/read {r.get('fetched_per_read_byte', 0):.1f}")
                 except Exception as e:
                     res["errors"][key] = str(e)[:300]
                     B.log(f"cold {key}: FAILED {e}")
@@ -237,7 +247,8 @@ def summarise(res):
     sm = {}
     for key, runs in res["runs"].items():
         sm[key] = {f: B.spread([r.get(f) for r in runs])
-                   for f in ("value", "cpu_s_per_gib", "cpu_ms_per_read", "fetched_per_read_byte")}
+                   for f in ("value", "cpu_s_per_gib", "own_cpu_s_per_gib", "store_cpu_s_per_gib",
+                             "cpu_ms_per_read", "fetched_per_read_byte")}
         if any(r.get("reads") for r in runs):
             sm[key]["waited"] = B.spread([(r["reads"] - r["read_hits"]) / r["reads"] for r in runs if r.get("reads")])
     res["summary"] = sm
@@ -245,10 +256,15 @@ def summarise(res):
                                     "requests_per_s": B.spread([c["requests_per_s"] for c in cs])}
                               for lat, cs in res["ceiling"].items()}
     res["verdicts"] = {}
-    new = sm.get("garage/seq/recoverfs_fuse", {}).get("cpu_s_per_gib")
-    old = sm.get("garage/seq/recoverfs_baseline", {}).get("cpu_s_per_gib")
-    if new and old and old["median"]:
-        res["cpu_vs_baseline"] = new["median"] / old["median"]
+    # The target compares the daemon's own CPU with the baseline binary's
+    # own (same backend, same work, same rounds); Garage and the proxy are
+    # the store's cost, compared beside it.
+    for field, out in (("own_cpu_s_per_gib", "cpu_vs_baseline"), ("cpu_s_per_gib", "cpu_total_vs_baseline")):
+        new = sm.get("garage/seq/recoverfs_fuse", {}).get(field)
+        old = sm.get("garage/seq/recoverfs_baseline", {}).get(field)
+        if new and old and old["median"]:
+            res[out] = new["median"] / old["median"]
+            res[out + "_figures"] = {"recoverfs": new["median"], "baseline": old["median"]}
     for backend, systems, peers in (("garage", GARAGE_SYSTEMS, ("nbdkit_curl", "qemu_http_cor")),
                                     ("local", LOCAL_SYSTEMS, ("nbdkit_delay",))):
         for case in CASES:
@@ -275,9 +291,14 @@ def summarise(res):
 def targets(c):
     out = []
     if c.get("cpu_vs_baseline") is not None:
-        r = c["cpu_vs_baseline"]
-        out.append(f"| CPU-seconds per cold GiB (sequential, recoverfs + Garage + proxy) ≤ 0.6× the baseline binary, "
-                   f"side by side | {r:.2f}× | {'met' if r <= 0.6 else '**missed**'} |")
+        r, f = c["cpu_vs_baseline"], c.get("cpu_vs_baseline_figures")
+        tot = c.get("cpu_total_vs_baseline")
+        beside = f"; with Garage + proxy {tot:.2f}×" if tot is not None else ""
+        # Results from before the per-process split measured the sum only.
+        what = "the daemon's own process" if f else "recoverfs + Garage + proxy"
+        figs = f" ({f['recoverfs']:.2f} vs {f['baseline']:.2f} CPU-s/GiB{beside})" if f else ""
+        out.append(f"| CPU-seconds per cold GiB (sequential FUSE, {what}) ≤ 0.6× the baseline binary's, side by "
+                   f"side | {r:.2f}×{figs} | {'met' if r <= 0.6 else '**missed**'} |")
     else:
         out.append("| CPU-seconds per cold GiB ≤ 0.6× today's binary | not measured: run with `--baseline-bin` "
                    "(the older binary) | — |")
@@ -333,16 +354,17 @@ def render(c):
         "ranged 1 MiB GETs of the raw object in flight straight at the proxy: what the store delivers at this "
         "concurrency. recoverfs does not fetch the image's zero chunks (every 8th MiB and a 16 MiB hole), the "
         "peers read them from the store like any other range, so recoverfs's sequential MB/s can exceed the "
-        "ceiling. **Cost:** CPU-seconds (user+system, `/proc/PID/stat`) of the system's processes plus Garage "
-        "and the proxy, which serve only that system during its run; bytes fetched per byte read from the bytes "
+        "ceiling. **Cost:** CPU-seconds (user+system, `/proc/PID/stat`, every thread) of the system's own "
+        "process (\"own\"), of Garage and the proxy, which serve only that system during its run (\"store\"), "
+        "and their sum (\"total\"); bytes fetched per byte read from the bytes "
         "the proxy passed on (its response-byte count), on the store-independent backend recoverfs's `status` fetched bytes.\n")
     for lat, cs in c.get("ceiling_summary", {}).items():
         L.append(f"Raw-GET ceiling at {lat} ms, 16 × 1 MiB in flight: {B.fmt_spread(cs['mb_s'])} MB/s, "
                  f"{B.fmt_spread(cs['requests_per_s'])} GETs/s (Little's law bound: "
                  f"{INFLIGHT / (int(lat) / 1000):,.0f} GETs/s).\n")
-    L.append("| backend | case | system | value | CPU-s / GiB read | CPU ms / read | bytes fetched / byte read | "
-             "reads that waited |")
-    L.append("|---|---|---|---:|---:|---:|---:|---:|")
+    L.append("| backend | case | system | value | own CPU-s / GiB read | store CPU-s / GiB | total CPU-s / GiB | "
+             "total CPU ms / read | bytes fetched / byte read | reads that waited |")
+    L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for backend, systems in (("garage", GARAGE_SYSTEMS + ("recoverfs_baseline",)), ("local", LOCAL_SYSTEMS)):
         for case in CASES:
             for sy in systems:
@@ -352,12 +374,13 @@ def render(c):
                     err = c.get("errors", {}).get(key)
                     if err:
                         L.append(f"| {backend} | {CASES[case][3]} | {NAMES[sy]} | FAILED: "
-                                 f"{err[:160].replace('|', '/')} | | | | |")
+                                 f"{err[:160].replace('|', '/')} | | | | | | |")
                     continue
                 w = sm.get("waited")
                 waited = f"{w['median']:.0%}" if w else "—"
                 L.append(f"| {backend} | {CASES[case][3]} | {NAMES[sy]} | {B.fmt_spread(sm['value'])} "
-                         f"{CASES[case][4]} | {B.fmt_spread(sm['cpu_s_per_gib'], 2)} | "
+                         f"{CASES[case][4]} | {B.fmt_spread(sm.get('own_cpu_s_per_gib'), 2)} | "
+                         f"{B.fmt_spread(sm.get('store_cpu_s_per_gib'), 2)} | {B.fmt_spread(sm['cpu_s_per_gib'], 2)} | "
                          f"{B.fmt_spread(sm['cpu_ms_per_read'], 2)} | {B.fmt_spread(sm['fetched_per_read_byte'], 1)} | "
                          f"{waited} |")
     L.append("")

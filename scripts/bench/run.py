@@ -339,18 +339,29 @@ def proxy_bytes(proc):
 
 class Meter:
     """CPU-seconds of the serving processes and bytes through a latency
-    proxy (its Popen), between start() and stop()."""
+    proxy (its Popen), between start() and stop().  `pids` is a list, or a
+    dict {role: pid} (e.g. system, garage, proxy): then stop() also gives
+    each role's own CPU-seconds in `cpu_s_by` beside the total."""
 
     def __init__(self, pids, proxy=None):
-        self.pids, self.proxy = [p for p in pids if p], proxy
+        roles = pids if isinstance(pids, dict) else {str(i): p for i, p in enumerate(pids)}
+        self.roles, self.proxy = {r: p for r, p in roles.items() if p}, proxy
+        self.by_role = isinstance(pids, dict)
+
+    def _now(self):
+        return {r: cpu_seconds([p]) for r, p in self.roles.items()}
 
     def start(self):
-        self.cpu0 = cpu_seconds(self.pids)
+        self.cpu0 = self._now()
         self.b0 = proxy_bytes(self.proxy) if self.proxy else None
         return self
 
     def stop(self):
-        out = {"cpu_s": cpu_seconds(self.pids) - self.cpu0}
+        now = self._now()
+        by = {r: now[r] - self.cpu0[r] for r in self.roles}
+        out = {"cpu_s": sum(by.values())}
+        if self.by_role:
+            out["cpu_s_by"] = by
         if self.proxy:
             out["proxy_bytes"] = proxy_bytes(self.proxy) - self.b0
         return out

@@ -27,8 +27,8 @@
 
 use std::path::Path;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -116,21 +116,26 @@ impl Keys {
         Ok(out)
     }
 
-    /// Decrypts and authenticates a stored chunk of id `d`.
-    pub fn open_chunk(&self, d: &Digest, stored: &[u8]) -> Result<Vec<u8>> {
-        if stored.len() < MAGIC.len() + NONCE || &stored[..MAGIC.len()] != MAGIC {
+    /// Decrypts and authenticates a stored chunk of id `d` in place (no
+    /// second buffer): the plain (compressed) bytes are the returned part
+    /// of `stored`. On failure `stored` holds nothing to trust.
+    pub fn open_chunk<'a>(&self, d: &Digest, stored: &'a mut [u8]) -> Result<&'a [u8]> {
+        const TAG: usize = 16;
+        if stored.len() < MAGIC.len() + NONCE + TAG || &stored[..MAGIC.len()] != MAGIC {
             return Err(Error::corrupt(format!(
                 "chunk {d} is not an encrypted chunk"
             )));
         }
-        let (nonce, ct) = stored[MAGIC.len()..].split_at(NONCE);
+        let (nonce, rest) = stored[MAGIC.len()..].split_at_mut(NONCE);
+        let (ct, tag) = rest.split_at_mut(rest.len() - TAG);
         self.aead
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &d.0 })
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), &d.0, ct, Tag::from_slice(tag))
             .map_err(|_| {
                 Error::corrupt(format!(
                     "chunk {d} fails authentication (damaged, forged or moved)"
                 ))
-            })
+            })?;
+        Ok(ct)
     }
 }
 
@@ -374,13 +379,13 @@ mod tests {
         assert_ne!(d, Keys::generate().chunk_id(b"hello"));
         assert_ne!(d, Digest::of(b"hello"), "ids are keyed");
         let s = k.seal_chunk(&d, b"compressed").unwrap();
-        assert_eq!(k.open_chunk(&d, &s).unwrap(), b"compressed");
+        assert_eq!(k.open_chunk(&d, &mut s.clone()).unwrap(), b"compressed");
         let mut bad = s.clone();
         bad[40] ^= 1;
-        let e = k.open_chunk(&d, &bad).unwrap_err();
+        let e = k.open_chunk(&d, &mut bad).unwrap_err();
         assert!(e.to_string().contains(&d.to_string()), "{e}");
-        assert!(k.open_chunk(&k.chunk_id(b"other"), &s).is_err());
-        assert!(Keys::generate().open_chunk(&d, &s).is_err());
+        assert!(k.open_chunk(&k.chunk_id(b"other"), &mut s.clone()).is_err());
+        assert!(Keys::generate().open_chunk(&d, &mut s.clone()).is_err());
     }
 
     #[test]

@@ -490,7 +490,7 @@ impl Repository {
         len: usize,
         what: &dyn std::fmt::Display,
     ) -> Result<(Vec<u8>, u64)> {
-        let stored = got
+        let mut stored = got
             .map_err(|e| e.context(format!("chunk {d} of {what}")))?
             .ok_or_else(|| {
                 Error::corrupt(format!(
@@ -498,11 +498,12 @@ impl Repository {
                 ))
             })?;
         let n = stored.len() as u64;
-        let compressed = match &self.keys {
-            Some(k) => k.open_chunk(d, &stored).map_err(|e| e.context(what))?,
-            None => stored,
+        let compressed: &[u8] = match &self.keys {
+            // In place: no second buffer for the plain frame.
+            Some(k) => k.open_chunk(d, &mut stored).map_err(|e| e.context(what))?,
+            None => &stored,
         };
-        let data = chunk::decode_with(&compressed, d, len, |b| self.chunk_id(b))
+        let data = chunk::decode_with(compressed, d, len, |b| self.chunk_id(b))
             .map_err(|e| e.context(what))?;
         Ok((data, n))
     }

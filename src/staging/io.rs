@@ -34,6 +34,18 @@ pub mod mem;
 #[allow(clippy::len_without_is_empty)]
 pub trait BlockFile: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Appends exactly `len` bytes read at `off` to `out`; on error `out`
+    /// keeps its length. A plain file reads into the spare capacity (no
+    /// zero-filling first); this default fills zeros, then reads.
+    fn read_append(&self, out: &mut Vec<u8>, len: usize, off: u64) -> io::Result<()> {
+        let at = out.len();
+        out.resize(at + len, 0);
+        let r = self.read_exact_at(&mut out[at..], off);
+        if r.is_err() {
+            out.truncate(at);
+        }
+        r
+    }
     /// A completed write is visible to reads at once and durable only after
     /// the next `sync_data` that starts after it completed.
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
@@ -301,6 +313,41 @@ impl BlockFile for OsFile {
         self.0.read_exact_at(buf, off)
     }
 
+    fn read_append(&self, out: &mut Vec<u8>, len: usize, off: u64) -> io::Result<()> {
+        out.reserve(len);
+        let at = out.len();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
+        let mut done = 0usize;
+        while done < len {
+            let spare = &mut out.spare_capacity_mut()[done..len];
+            // SAFETY: `spare` is writable memory of `len - done` bytes owned
+            // by `out` (reserved above); pread writes at most that many and
+            // no byte of it is read before the kernel wrote it.
+            let n = unsafe {
+                libc::pread(
+                    fd,
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    (off + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // SAFETY: the kernel initialised all `len` bytes after `at` (the
+        // loop ends only when `done == len`), within the reserved capacity.
+        unsafe { out.set_len(at + len) };
+        Ok(())
+    }
+
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.0.write_all_at(buf, off)
     }
@@ -370,6 +417,22 @@ mod tests {
         assert_eq!(f.len().unwrap(), 0);
         let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn read_append_appends_exactly_the_bytes_and_a_short_file_leaves_the_buffer_as_it_was() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &bytes).unwrap();
+        let f = OsStorage.open(&p, Open::Existing).unwrap();
+        let mut out = b"head".to_vec();
+        f.read_append(&mut out, 200_000, 1000).unwrap();
+        assert_eq!(out[..4], *b"head");
+        assert_eq!(out[4..], bytes[1000..201_000]);
+        let err = f.read_append(&mut out, 2000, 299_000).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(out.len(), 200_004, "a failed read appends nothing");
     }
 
     #[test]

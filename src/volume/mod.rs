@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::Serialize;
 
@@ -84,8 +85,9 @@ struct Slot {
     /// Room taken in the staging budget for this fill (see `evict`).
     reserved: AtomicBool,
     /// A fetch's verified plain bytes, set before `finish`: its waiters
-    /// answer from them (they live as long as the slot's last waiter).
-    data: OnceLock<Vec<u8>>,
+    /// answer from them (they live as long as the slot's last waiter, or
+    /// the last reply that borrows them).
+    data: OnceLock<Bytes>,
 }
 
 impl Slot {
@@ -149,6 +151,9 @@ pub struct VolumeStats {
     pub evicted_blocks: Counter,
     /// Reads that found a block evicted after its fill and filled it again.
     pub refills: Counter,
+    /// Reads of the staging data file on behalf of guest and internal
+    /// reads (preads; a fetch's waiters answer without one).
+    pub staging_reads: Counter,
     /// The most recent fetch failure, for status and verify-boot.
     pub last_fetch_error: Mutex<Option<String>>,
     /// Guest reads and writes completed, and the time
@@ -272,6 +277,9 @@ pub struct DiskStatus {
     pub evicted_blocks: u64,
     /// Reads that found a block evicted after its fill and filled it again.
     pub refills: u64,
+    /// Preads of the staging data file that served reads (a miss is
+    /// answered from the fetched bytes without one).
+    pub staging_reads: u64,
     /// The kernel reads this disk's file itself for a read-only FUSE open
     /// (`serve --fuse-passthrough`): no eviction, no relocation start,
     /// and writable FUSE opens are refused until it closes.
@@ -562,6 +570,13 @@ impl Volume {
 
     /// A guest read of `len` bytes at `off`, short at the end of the disk.
     pub fn read(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_bytes(off, len).map(Vec::from)
+    }
+
+    /// [`Volume::read`] without a copy where it can: a read within one
+    /// block that a fetch just brought is a slice of the fetched bytes
+    /// (frontends reply from it directly).
+    pub fn read_bytes(&self, off: u64, len: usize) -> Result<Bytes> {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
@@ -573,7 +588,7 @@ impl Volume {
                 let mut buf = vec![0u8; len as usize];
                 t.read_exact_at(&mut buf, off)
                     .ctx(|| format!("read relocated disk{}", self.index))
-                    .map(|_| (buf, true))
+                    .map(|_| (Bytes::from(buf), true))
             }
             None => {
                 self.observe_guest_read(off, len);
@@ -613,11 +628,17 @@ impl Volume {
     /// Reads what the VM sees from backup plus staging, fetching missing
     /// blocks at priority `class`. Returns the data and whether no fetch
     /// was needed.
-    pub(crate) fn read_source(&self, off: u64, len: u64, class: Class) -> Result<(Vec<u8>, bool)> {
+    pub(crate) fn read_source(&self, off: u64, len: u64, class: Class) -> Result<(Bytes, bool)> {
         // In pieces of at most 1 MiB (one block at least): with bounded
         // staging, a piece's blocks must all be staged at once, and a whole
         // large read might not fit (see `evict`). Each piece lands in place.
         let piece = (1u64 << 20).max(self.block_size);
+        if let Some(r) = self.read_all_staged(off, len) {
+            return r;
+        }
+        if let Some(r) = self.read_fetched_block(off, len, class) {
+            return r;
+        }
         let mut buf = Vec::with_capacity(len as usize);
         let mut hit = true;
         let mut pos = off;
@@ -626,7 +647,52 @@ impl Volume {
             hit &= self.read_piece(pos, end - pos, class, &mut buf)?;
             pos = end;
         }
-        Ok((buf, hit))
+        Ok((Bytes::from(buf), hit))
+    }
+
+    /// A read whose blocks are all staged (a hit): one staging read into
+    /// a buffer that is not zero-filled first. `None` if a block is not.
+    fn read_all_staged(&self, off: u64, len: u64) -> Option<Result<(Bytes, bool)>> {
+        // Presence and the read under the gate: no eviction in between.
+        let _gate = self.evict_gate.read();
+        let blocks = self.blocks(off, len);
+        if !blocks.clone().all(|b| self.store.present.test(b)) {
+            return None;
+        }
+        blocks.for_each(|b| self.touch(b));
+        self.stats.staging_reads.add(1);
+        let mut buf = Vec::new();
+        let r = self
+            .store
+            .data
+            .read_append(&mut buf, len as usize, off)
+            .ctx(|| format!("read staging {}", self.store.data_path.display()));
+        Some(r.map(|()| (Bytes::from(buf), true)))
+    }
+
+    /// A read within one block with backup data that is neither staged
+    /// nor local: waits for its fetch and answers with a slice of the
+    /// fetched bytes, no copy. `None` when the read is not of that kind,
+    /// or the block's fill left no bytes (a write's claim, a fetch that
+    /// ended before this read joined it): then the general path reads it.
+    fn read_fetched_block(
+        &self,
+        off: u64,
+        len: u64,
+        class: Class,
+    ) -> Option<Result<(Bytes, bool)>> {
+        let blocks = self.blocks(off, len);
+        if blocks.end - blocks.start != 1 || !self.chunks.has_data(blocks.start) {
+            return None;
+        }
+        let b = blocks.start;
+        let s = self.start_fill(b, class)?;
+        if let Err(e) = s.wait() {
+            return Some(Err(e));
+        }
+        let data = s.data.get()?;
+        let start = (off - b * self.block_size) as usize;
+        Some(Ok((data.slice(start..start + len as usize), false)))
     }
 
     /// Appends `[off, off + len)` to `out`; true if no fetch was needed.
@@ -739,6 +805,7 @@ impl Volume {
 
     fn pread_into(&self, buf: &mut [u8], base: u64, (s, e): (u64, u64)) -> Result<()> {
         let dst = &mut buf[(s - base) as usize..(e - base) as usize];
+        self.stats.staging_reads.add(1);
         self.store
             .data
             .read_exact_at(dst, s)
@@ -1184,6 +1251,7 @@ impl Volume {
             flushes: s.flushes.get(),
             evicted_blocks: s.evicted_blocks.get(),
             refills: s.refills.get(),
+            staging_reads: s.staging_reads.get(),
             passthrough: self.direct_readers() > 0,
             last_fetch_error: s.last_fetch_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),

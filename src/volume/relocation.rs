@@ -38,7 +38,7 @@ pub(crate) struct CopyBytes(Bytes);
 
 enum Bytes {
     Fetched(Arc<Slot>),
-    Read(Vec<u8>),
+    Read(bytes::Bytes),
 }
 
 impl std::ops::Deref for CopyBytes {

@@ -496,6 +496,7 @@ fn a_miss_answers_from_the_fetched_bytes_without_reading_staging_back() {
         32,
         "the zero chunks stay holes"
     );
+    assert_eq!(f.vol.status().staging_reads, 0, "a waiter read staging");
     // The same blocks now come from staging, which fails.
     assert_eq!(f.vol.read(BS as u64, 10).unwrap_err().errno(), libc::EIO);
     faults.clear();
@@ -504,6 +505,39 @@ fn a_miss_answers_from_the_fetched_bytes_without_reading_staging_back() {
         f.data[..n],
         "staging holds the same"
     );
+}
+
+#[test]
+fn waiters_of_a_one_block_miss_share_the_fetched_bytes_without_a_copy_or_a_staging_read() {
+    let f = fixture(8, 23);
+    f.knobs.close_gate();
+    // Three reads within block 1, all waiting for its one fetch.
+    let ranges = [(BS + 10, 100), (BS, BS), (2 * BS - 4096, 4096)];
+    let readers: Vec<_> = ranges
+        .iter()
+        .map(|&(off, len)| {
+            let vol = f.vol.clone();
+            std::thread::spawn(move || vol.read_bytes(off as u64, len).unwrap())
+        })
+        .collect();
+    // Generous: every reader must have joined the fetch before it ends.
+    std::thread::sleep(Duration::from_millis(1000));
+    f.knobs.open_gate();
+    let got: Vec<Bytes> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+    for (&(off, len), b) in ranges.iter().zip(&got) {
+        assert_eq!(b[..], f.data[off..off + len]);
+    }
+    // Each answer is a slice of one buffer: the fetched chunk itself.
+    let base = |i: usize| got[i].as_ptr() as usize - (ranges[i].0 - BS);
+    assert!(
+        base(0) == base(1) && base(1) == base(2),
+        "a waiter got a copy"
+    );
+    let st = f.vol.status();
+    assert_eq!((st.fetched_blocks, st.staging_reads), (1, 0));
+    // Now staged: the next read of the block is a staging read.
+    assert_eq!(f.vol.read(BS as u64, BS).unwrap(), f.data[BS..2 * BS]);
+    assert_eq!(f.vol.status().staging_reads, 1);
 }
 
 #[test]
