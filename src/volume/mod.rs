@@ -244,8 +244,12 @@ pub struct Volume {
     /// Tests only: called by a write after it claimed or waited for each
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
-    pub(crate) claim_hook: Mutex<Option<Arc<dyn Fn(u64, u64) + Send + Sync>>>,
+    pub(crate) claim_hook: Mutex<Option<ClaimHook>>,
 }
+
+/// Tests only: see `Volume::claim_hook`.
+#[cfg(test)]
+pub(crate) type ClaimHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Per-disk figures for `status`.
 #[derive(Debug, Clone, Serialize)]

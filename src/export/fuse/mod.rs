@@ -524,9 +524,9 @@ impl Filesystem for RecoverFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (mut blocks, mut free) = (0u64, 0u64);
         if let Ok(st) = nix::sys::statvfs::statvfs(self.ds.staging_root()) {
-            let frag = st.fragment_size() as u64;
-            blocks = st.blocks() as u64 * frag / 4096;
-            free = st.blocks_available() as u64 * frag / 4096;
+            let frag = st.fragment_size();
+            blocks = st.blocks() * frag / 4096;
+            free = st.blocks_available() * frag / 4096;
         }
         reply.statfs(blocks, free, free, 0, 0, 4096, 255, 4096)
     }
