@@ -120,6 +120,13 @@ def spread(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def fs_of(path):
+    """The filesystem type and device a path lives on, for the report."""
+    r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", path],
+                       capture_output=True, text=True, check=True)
+    return " ".join(r.stdout.split("\n")[0].split())
+
+
 def relocation_of(sock):
     return api(sock, "GET", "/sessions/vm")["relocation"]
 
@@ -231,6 +238,8 @@ def main():
     ap.add_argument("--json", default=os.path.join(ROOT, "docs/benchmarks-relocation.json"),
                     help="where to write the raw figures")
     ap.add_argument("--no-section", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument("--primary-dir", help="where the relocation target (primary storage) goes, e.g. another "
+                                          "device than the repository's (default: beside the repository)")
     a = ap.parse_args()
     size_mib = a.size_mib or (256 if a.quick else 1024)
     rounds = a.rounds or (3 if a.quick else 5)
@@ -240,6 +249,7 @@ def main():
     rate = a.latency_rate or max(1.0, size_mib * 1.048576 / (pairs * seg_s * 1.5))
     work = tempfile.mkdtemp(prefix="recoverfs-bench-reloc-", dir="/var/tmp")
     res = {"size_mib": size_mib, "rounds": [], "latency_rate_mbps": rate, "segment_s": seg_s}
+    primary = None
     try:
         img = os.path.join(work, "disk.raw")
         with open(img, "wb") as f:
@@ -248,8 +258,10 @@ def main():
         repo = os.path.join(work, "repo")
         sh(BIN, "backup", "--repo", repo, "--vm", "vm", img)
         os.unlink(img)
-        primary = os.path.join(work, "primary")
-        os.makedirs(primary)
+        primary = tempfile.mkdtemp(prefix="recoverfs-bench-primary-", dir=a.primary_dir) if a.primary_dir \
+            else os.path.join(work, "primary")
+        os.makedirs(primary, exist_ok=True)
+        res["repo_fs"], res["primary_fs"] = fs_of(repo), fs_of(primary)
         for k in range(rounds):
             r = throughput_round(work, repo, primary, size_mib, k)
             print(f"round {k}: relocation {r['relocate_mbps']:.0f} MB/s, verify {r['verify_mbps']:.0f}, "
@@ -260,6 +272,8 @@ def main():
             work, repo, primary, size_mib, pairs, seg_s, rate)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if primary and a.primary_dir:
+            shutil.rmtree(primary, ignore_errors=True)
 
     R = res["rounds"]
     res["ratio"] = spread([r["ratio"] for r in R])
@@ -279,8 +293,10 @@ def main():
     md = f"""
 ## Relocation
 
-Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a shared 2-core machine; ratios are within this run.
-A {size_mib} MiB disk of random data, recovered from a local repository. Median (min–max, n).
+Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a 2-core machine (load average at the end
+{', '.join(f'{x:.1f}' for x in os.getloadavg())}); ratios are within this run.
+A {size_mib} MiB disk of random data, recovered from a local repository on {res['repo_fs']}; the target on
+{res['primary_fs']}. Median (min–max, n).
 
 | figure | value | baseline (same round) | ratio |
 |---|---|---|---|
