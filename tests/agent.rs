@@ -597,10 +597,13 @@ echo resumed > /srv/app/state; touch /srv/app/after-post"),
         .lines()
         .map(|l| l.trim_start_matches("wchar:").trim().parse().unwrap())
         .collect();
-    // (The last sample may miss the final flush of the agent's 1 MiB
-    // buffer; streaming while quiesced would leave next to nothing.)
+    // Streaming while quiesced would leave next to nothing after `post`.
+    // The last sample can lag the agent's end by one sampling round of the
+    // guest's shell loop (fork, grep, mv under TCG: 100 ms or more, a few
+    // MiB of streaming; 28 of 32 MiB was seen in a loaded run), so half the
+    // file is the bar.
     assert!(
-        n[1] - n[0] >= 30 << 20,
+        n[1] - n[0] >= 16 << 20,
         "the agent wrote only {} bytes after post: it streamed while quiesced",
         n[1] - n[0]
     );
