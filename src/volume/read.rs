@@ -34,8 +34,8 @@ impl Volume {
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
             Some(t) => {
-                let mut buf = vec![0u8; len as usize];
-                t.read_exact_at(&mut buf, off)
+                let mut buf = Vec::new();
+                t.read_append(&mut buf, len as usize, off)
                     .ctx(|| format!("read relocated disk{}", self.index))
                     .map(|_| (Bytes::from(buf), true))
             }

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use super::proto::*;
 use super::*;
 use crate::disk::{Extent, ExtentFlags, MemDisk};
-use client::{raw_tcp, read_greeting, Client};
+use client::{raw_tcp, read_greeting, Client, Reply};
 
 mod client;
 mod tools;
@@ -737,17 +737,25 @@ impl Disk for Striped {
     }
 }
 
-#[test]
-fn block_status_bounds_the_range_it_queries_and_the_extents_it_returns() {
+/// A whole-export block status of a disk striped every `blocks` 4 KiB
+/// blocks; checks it succeeded and never asked the disk for more than
+/// `MAX_STATUS_QUERY` at once.
+fn block_status_of_stripes(blocks: u64) -> Reply {
     let d = Arc::new(Striped {
         longest: AtomicUsize::new(0),
-        blocks: 1,
+        blocks,
     });
     let h = serve_one(d.clone());
     let mut c = h.open(EXPORT);
     let r = c.call(CMD_BLOCK_STATUS, 0, 0, u32::MAX, &[]);
     assert_eq!(r.error, 0);
     assert!(d.longest.load(Ordering::SeqCst) as u64 <= transmission::MAX_STATUS_QUERY);
+    r
+}
+
+#[test]
+fn block_status_bounds_the_range_it_queries_and_the_extents_it_returns() {
+    let r = block_status_of_stripes(1);
     for (_, descriptors) in &r.status {
         assert_eq!(descriptors.len(), transmission::MAX_EXTENTS);
         let covered: u64 = descriptors.iter().map(|(l, _)| *l as u64).sum();
@@ -759,15 +767,7 @@ fn block_status_bounds_the_range_it_queries_and_the_extents_it_returns() {
 fn block_status_of_a_sparse_range_answers_a_whole_4_gib_request_in_one_reply() {
     // Stripes of 8 GiB: the whole request is one extent per context, found
     // by asking the disk a bounded piece at a time.
-    let d = Arc::new(Striped {
-        longest: AtomicUsize::new(0),
-        blocks: 2 << 20,
-    });
-    let h = serve_one(d.clone());
-    let mut c = h.open(EXPORT);
-    let r = c.call(CMD_BLOCK_STATUS, 0, 0, u32::MAX, &[]);
-    assert_eq!(r.error, 0);
-    assert!(d.longest.load(Ordering::SeqCst) as u64 <= transmission::MAX_STATUS_QUERY);
+    let r = block_status_of_stripes(2 << 20);
     for (_, descriptors) in &r.status {
         assert_eq!(descriptors, &[(u32::MAX, descriptors[0].1)]);
     }
