@@ -92,8 +92,10 @@
 //!   frame (the id as associated data), and sealed documents carry `mac`
 //!   (keyed BLAKE3 of field ‖ 0 ‖ body) instead of `checksum`.
 //! * `chunks/<hex[0..4]>/<hex>` — one zstd frame of the chunk's plain
-//!   bytes; `<hex>` is the BLAKE3 of those bytes. All-zero chunks are never
-//!   stored. Every read is bounded in size, decompresses and re-hashes.
+//!   bytes, or, when zstd would not shrink them, the plain bytes ‖
+//!   `rfs-raw1` (served in place, `repo::chunk`); `<hex>` is the BLAKE3 of
+//!   those bytes. All-zero chunks are never stored. Every read is bounded
+//!   in size, decompresses (or strips the trailer) and re-hashes.
 //! * `backups/<vm>/<id>.json` — `{"checksum": blake3(manifest bytes),
 //!   "manifest": {format, vm, id, created, config, disks: [{name, size,
 //!   chunk_size, chunks: [hex | n], stored_bytes, new_bytes}]}}`, at most

@@ -88,3 +88,16 @@ pub fn disk_bytes(repo: &Repository, disk: &DiskManifest) -> Vec<u8> {
     }
     out
 }
+
+/// `n` bytes no compressor can shrink (xorshift64 from `seed`).
+pub fn incompressible(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -436,9 +436,9 @@ class Recoverfs:
         return files[0]
 
 
-def backup(repo, vm, image, env=None, chunk="1M"):
+def backup(repo, vm, image, env=None, chunk="1M", bin=None):
     t = time.monotonic()
-    r = run([BIN, "backup", "--repo", repo, "--vm", vm, "--chunk-size", chunk, image],
+    r = run([bin or BIN, "backup", "--repo", repo, "--vm", vm, "--chunk-size", chunk, image],
             env=env, timeout=1800)
     return {"backup_id": r.stdout.strip().splitlines()[-1], "seconds": time.monotonic() - t,
             "summary": r.stderr.strip().splitlines()[-2:]}

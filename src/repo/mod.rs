@@ -5,6 +5,7 @@
 //! ```text
 //! repo.json                          identity: format, version, random id
 //! chunks/<hex[0..4]>/<hex>           zstd frame of the chunk's plain bytes
+//!                                    (version 2: or the bytes ‖ trailer)
 //! backups/<vm>/<backup-id>.json      checksummed manifest
 //! profiles/<vm>.json                 checksummed operational profile
 //! locks/{backup,gc}-<random>.json    writer and collector locks (`locks`)
@@ -46,6 +47,10 @@ use crate::util::validate_name;
 
 const INFO_KEY: &str = "repo.json";
 const REPO_FORMAT: &str = "recoverfs-repository";
+/// The version new repositories get. 2 added chunks stored raw when zstd
+/// cannot shrink them (`chunk`); a version-1 repository is read and
+/// written with zstd frames only, so older binaries can still read it.
+const REPO_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RepoInfo {
@@ -174,7 +179,7 @@ impl Repository {
         }
         let info = RepoInfo {
             format: REPO_FORMAT.into(),
-            version: 1,
+            version: REPO_VERSION,
             id: random_hex(16),
             created: crate::util::rfc3339(crate::util::now_unix()),
             encryption: keys.as_ref().map(crypto::EncryptionInfo::of),
@@ -254,7 +259,7 @@ impl Repository {
                 "{loc} is not a recoverfs repository"
             )));
         }
-        if info.version != 1 {
+        if !(1..=REPO_VERSION).contains(&info.version) {
             return Err(Error::invalid(format!(
                 "{loc}: unsupported repository version {}",
                 info.version
@@ -449,7 +454,7 @@ impl Repository {
         if self.has_chunk(d)? {
             return Ok(0);
         }
-        let mut stored = chunk::encode(data)?;
+        let mut stored = chunk::encode(data, self.info.version >= 2)?;
         if let Some(k) = &self.keys {
             stored = k.seal_chunk(d, &stored)?;
         }
@@ -498,13 +503,16 @@ impl Repository {
                 ))
             })?;
         let n = stored.len() as u64;
-        let compressed: &[u8] = match &self.keys {
+        let id_of = |b: &[u8]| self.chunk_id(b);
+        let data = match &self.keys {
             // In place: no second buffer for the plain frame.
-            Some(k) => k.open_chunk(d, &mut stored).map_err(|e| e.context(what))?,
-            None => &stored,
-        };
-        let data = chunk::decode_with(compressed, d, len, |b| self.chunk_id(b))
-            .map_err(|e| e.context(what))?;
+            Some(k) => {
+                let frame = k.open_chunk(d, &mut stored).map_err(|e| e.context(what))?;
+                chunk::decode_with(frame, d, len, id_of)
+            }
+            None => chunk::decode_owned(stored, d, len, id_of),
+        }
+        .map_err(|e| e.context(what))?;
         Ok((data, n))
     }
 
@@ -533,3 +541,6 @@ pub fn random_hex(bytes: usize) -> String {
     rand::thread_rng().fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[cfg(test)]
+mod version_tests;

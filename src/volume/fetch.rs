@@ -21,7 +21,10 @@
 //!    pass, no second buffer (`crypto::Keys::open_chunk`);
 //! 4. zstd decompresses into a `Vec` with the chunk's capacity, not
 //!    zero-filled, with this CPU thread's reused context (`chunk::decode`;
-//!    BLAKE3 then reads it: a pass, no copy);
+//!    BLAKE3 then reads it: a pass, no copy). A chunk zstd could not
+//!    shrink is stored raw and skips this copy: the fetched object is
+//!    truncated to its plain bytes and hashed in place
+//!    (`chunk::decode_owned`; 4 copies, 3 of them the kernel's);
 //! 5. `pwrite` into staging (copy-on-read must stage);
 //! 6. FUSE `writev` of the reply → the reader's buffer: the reply is a
 //!    slice of the fetched bytes (`Volume::read_bytes`), shared by every
