@@ -15,8 +15,10 @@
 //!  export::fuse (MOUNT/<vm>/…)   export::nfs (TCP: portmap, MOUNT,   export::nbd (TCP / Unix:
 //!  inode numbers per session     NFSv3; stable handles; allow list,  VM/diskN exports; structured
 //!  event threads serve local     root squash; calls on blocking      replies, block status; requests
-//!  I/O; misses, first writes     threads; side files in staging)     on blocking threads)
-//!  → fuse-io pool; fsync → sync       │                                   │
+//!  I/O; a one-block miss is      threads; side files in staging)     on blocking threads)
+//!  answered by the fetch engine;      │                                   │
+//!  other misses, first writes →       │                                   │
+//!  fuse-io pool; fsync → sync         │                                   │
 //!        └────────────── disk::Disk (read, write, write-zeroes, discard, flush, block status) ──┘
 //!                                     │  (an open NFS client / NBD connection = an open handle)
 //!                                     │  each export point: its own NFS/NBD address, sessions, staging dir, I/O queue

@@ -1,5 +1,6 @@
 //! A fixed pool of named worker threads fed by a crossbeam channel: the
-//! FUSE I/O workers that wait for fetches so FUSE event threads never do.
+//! FUSE I/O workers that wait for fetches (reads spanning blocks, first
+//! writes) so FUSE event threads never do.
 //! (Fetches themselves run on the fetch engine, `prefetch::scheduler`.)
 
 use crossbeam_channel::{unbounded, Sender};

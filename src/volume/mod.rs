@@ -68,6 +68,7 @@ mod fetch;
 mod freeze;
 mod passthrough;
 mod read;
+pub use read::ReadDone;
 mod relocation;
 mod stripes;
 mod upload;
@@ -90,6 +91,10 @@ struct Slot {
     /// answer from them (they live as long as the slot's last waiter, or
     /// the last reply that borrows them).
     data: OnceLock<Bytes>,
+    /// Waiters that hold no thread (`Volume::read_later`): run by
+    /// whoever finishes the fill, after `done` is set. Locked before
+    /// `done` where both are (`when_done`); `finish` never nests them.
+    then: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Slot {
@@ -100,6 +105,7 @@ impl Slot {
             job: Mutex::new((None, class)),
             reserved: AtomicBool::new(false),
             data: OnceLock::new(),
+            then: Mutex::new(Vec::new()),
         })
     }
 
@@ -115,6 +121,25 @@ impl Slot {
     fn finish(&self, r: Result<()>) {
         *self.done.lock() = Some(r);
         self.cv.notify_all();
+        let then = std::mem::take(&mut *self.then.lock());
+        then.into_iter().for_each(|f| f());
+    }
+
+    /// Runs `f` once the fill has ended: now if it has, else on the thread
+    /// that ends it (a fetch engine CPU thread). `f` must not wait.
+    fn when_done(&self, f: Box<dyn FnOnce() + Send>) {
+        let mut then = self.then.lock();
+        if self.done.lock().is_none() {
+            then.push(f);
+            return;
+        }
+        drop(then);
+        f()
+    }
+
+    /// The fill's outcome, once it has ended.
+    fn outcome(&self) -> Option<Result<()>> {
+        self.done.lock().clone()
     }
 
     fn wait(&self) -> Result<()> {
@@ -804,6 +829,8 @@ impl crate::disk::Disk for Volume {
 
 #[cfg(test)]
 mod copy_read_tests;
+#[cfg(test)]
+mod read_later_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

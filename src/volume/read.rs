@@ -12,9 +12,13 @@ use bytes::Bytes;
 
 use super::{Slot, Volume};
 use crate::error::{IoContext, Result};
+use crate::pool::WorkerPool;
 use crate::prefetch::stream::Geometry;
 use crate::prefetch::Class;
 use crate::repo::ChunkIndex;
+
+/// How a read that holds no thread is answered (`Volume::read_later`).
+pub type ReadDone = Box<dyn FnOnce(Result<Bytes>) + Send>;
 
 impl Volume {
     /// A guest read of `len` bytes at `off`, short at the end of the disk.
@@ -44,15 +48,91 @@ impl Volume {
                 self.read_source(off, len, Class::OnDemand)
             }
         };
+        self.end_guest_read(t0, len, &r);
+        r.map(|(buf, _)| buf)
+    }
+
+    /// Ends a guest read begun at `t0`: its latency, and its counters if it
+    /// succeeded.
+    fn end_guest_read(&self, t0: Instant, len: u64, r: &Result<(Bytes, bool)>) {
         self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
         self.guest_done(t0);
-        let (buf, hit) = r?;
-        self.stats.reads.add(1);
-        self.stats.read_bytes.add(len);
-        if hit {
-            self.stats.read_hits.add(1);
+        if let Ok((_, hit)) = r {
+            self.stats.reads.add(1);
+            self.stats.read_bytes.add(len);
+            if *hit {
+                self.stats.read_hits.add(1);
+            }
         }
-        Ok(buf)
+    }
+
+    /// [`Volume::read_bytes`] for a read that must wait for a fetch,
+    /// without a thread waiting with it: a read within one block with
+    /// backup data not staged registers `done` on that block's fill and
+    /// returns at once; whoever ends the fill (a fetch engine CPU thread)
+    /// answers it with a slice of the fetched bytes. Every other read
+    /// (local, spanning blocks, relocated, or finding no free slot in its
+    /// export point's queue, where it would have to wait) gets `done` back
+    /// for the blocking path. When the fill leaves no bytes to answer from
+    /// (a guest write claimed the block first), or the block turned out
+    /// staged meanwhile, the answer is read on `pool`, which may wait.
+    pub fn read_later(
+        &self,
+        off: u64,
+        len: usize,
+        done: ReadDone,
+        pool: &Arc<WorkerPool>,
+    ) -> std::result::Result<(), ReadDone> {
+        let len = (len as u64).min(self.size.saturating_sub(off));
+        let b = off / self.block_size;
+        let one_block = len > 0 && (off + len - 1) / self.block_size == b;
+        if !one_block
+            || self.target.get().is_some()
+            || !self.chunks.has_data(b)
+            || self.store.present.test(b)
+        {
+            return Err(done);
+        }
+        let ticket = match self.io.get() {
+            Some(q) => match q.try_enter(crate::placement::IoClass::Sync, len) {
+                Some(t) => Some(t),
+                None => return Err(done),
+            },
+            None => None,
+        };
+        let Some(me) = self.me.upgrade() else {
+            return Err(done);
+        };
+        let _span =
+            tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
+        let t0 = Instant::now();
+        self.guest_inflight.fetch_add(1, Ordering::AcqRel);
+        self.observe_guest_read(off, len);
+        let answer = move |v: &Volume, r: Result<(Bytes, bool)>| {
+            v.end_guest_read(t0, len, &r);
+            drop(ticket);
+            done(r.map(|(buf, _)| buf));
+        };
+        // The general path, on the pool: it may wait for another fill.
+        let blocking = move |v: Arc<Volume>, answer: Box<dyn FnOnce(&Volume, _) + Send>| {
+            move || answer(&v, v.read_source(off, len, Class::OnDemand))
+        };
+        let answer: Box<dyn FnOnce(&Volume, _) + Send> = Box::new(answer);
+        let Some(slot) = self.start_fill(b, Class::OnDemand) else {
+            pool.submit(blocking(me, answer));
+            return Ok(());
+        };
+        let pool = pool.clone();
+        let fill = slot.clone();
+        slot.when_done(Box::new(move || {
+            let start = (off - b * me.block_size) as usize;
+            match (fill.outcome().expect("the fill ended"), fill.data.get()) {
+                (Err(e), _) => answer(&me, Err(e)),
+                (Ok(()), Some(d)) => answer(&me, Ok((d.slice(start..start + len as usize), false))),
+                (Ok(()), None) => pool.submit(blocking(me, answer)),
+            }
+        }));
+        Ok(())
     }
 
     /// Records the read for the profile and feeds the sequential-stream

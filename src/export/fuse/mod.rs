@@ -4,9 +4,13 @@
 //! A read whose blocks are all local, or a write that needs neither a fetch
 //! nor a map sync, is served on the event thread. Anything that may wait is
 //! handed off, so an event thread never blocks on a device sync or the
-//! repository: misses and first writes to a block go to an I/O worker pool,
-//! fsync and flush to a sync pool (one guest's fsync never stalls reads of
-//! other VMs' staged blocks).
+//! repository. A miss within one block (nearly every guest read: they are
+//! at most a block and aligned) waits holding no thread: its reply goes
+//! with the fetch, and the fetch engine CPU thread that ends the fetch
+//! answers it (`Volume::read_later`), so queued misses are bounded by the
+//! engine, not by threads. Other misses and first writes to a block go to
+//! an I/O worker pool, fsync and flush to a sync pool (one guest's fsync
+//! never stalls reads of other VMs' staged blocks).
 //!
 //! **Kernel passthrough** (opt-in, `serve --fuse-passthrough`): read-only
 //! opens of complete disks are read by the kernel from the staging (or
@@ -29,7 +33,7 @@ pub mod inodes;
 mod passthrough;
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
-use crate::volume::Volume;
+use crate::volume::{ReadDone, Volume};
 use inodes::Inodes;
 use passthrough::{Opened, Passthrough};
 
@@ -355,16 +359,24 @@ impl Filesystem for RecoverFs {
             Some(_) => return reply.error(Errno::EISDIR),
             None => return reply.error(Errno::ENOENT),
         };
-        // `read_bytes`: a miss is answered from the fetched chunk, no copy.
+        // `read_bytes`: a hit is one pread into the reply buffer.
         let serve =
             move |d: Arc<Volume>, reply: ReplyData| match d.read_bytes(offset, size as usize) {
                 Ok(buf) => reply.data(&buf),
                 Err(e) => reply.error(errno(&e)),
             };
         if d.is_local(offset, size as u64) {
-            serve(d, reply)
-        } else {
-            self.io.submit(move || serve(d, reply))
+            return serve(d, reply);
+        }
+        // A miss within one block waits for its fetch holding no thread:
+        // the fetch engine answers it; other misses wait on an io worker.
+        let done: ReadDone = Box::new(move |r| match r {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        });
+        if let Err(done) = d.read_later(offset, size as usize, done, &self.io) {
+            self.io
+                .submit(move || done(d.read_bytes(offset, size as usize)))
         }
     }
 

@@ -1,0 +1,112 @@
+//! Reads that wait for a fetch holding no thread (`Volume::read_later`).
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::tests::fixture;
+use super::ReadDone;
+use crate::error::Result;
+use crate::pool::WorkerPool;
+
+const BS: usize = 65536;
+
+/// A `ReadDone` that sends its answer (with a tag) down `tx`.
+fn to(tx: &mpsc::Sender<(usize, Result<Bytes>)>, tag: usize) -> ReadDone {
+    let tx = tx.clone();
+    Box::new(move |r| tx.send((tag, r)).unwrap())
+}
+
+/// A one-thread pool whose thread is busy until the returned sender is
+/// dropped: anything that needs the pool waits for that.
+fn busy_pool() -> (Arc<WorkerPool>, mpsc::Sender<()>) {
+    let pool = Arc::new(WorkerPool::new("test-io", 1));
+    let (hold, held) = mpsc::channel::<()>();
+    pool.submit(move || while held.recv().is_ok() {});
+    (pool, hold)
+}
+
+#[test]
+fn misses_waiting_later_hold_no_thread_and_share_the_fetched_bytes() {
+    let f = fixture(16, 31);
+    let (pool, hold) = busy_pool();
+    f.knobs.close_gate();
+    let (tx, rx) = mpsc::channel();
+    // Blocks 0, 5, 10, 15 are zero chunks; two reads of block 1 share its fetch.
+    let reads: Vec<(usize, usize)> = [1, 2, 3, 4, 6, 7, 8, 9, 11, 12]
+        .iter()
+        .map(|&b| (b * BS + 100, 4096))
+        .chain([(BS, BS)])
+        .collect();
+    for (i, &(off, len)) in reads.iter().enumerate() {
+        let given_back = f.vol.read_later(off as u64, len, to(&tx, i), &pool);
+        assert!(given_back.is_ok(), "read {i} was given back");
+    }
+    // The calls returned with every fetch held at the gate.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    f.knobs.open_gate();
+    let mut got: Vec<Option<Bytes>> = vec![None; reads.len()];
+    for _ in 0..reads.len() {
+        let (i, r) = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
+        got[i] = Some(r.unwrap());
+    }
+    for (&(off, len), b) in reads.iter().zip(&got) {
+        assert_eq!(b.as_ref().unwrap()[..], f.data[off..off + len]);
+    }
+    // The two reads of block 1 are slices of one buffer.
+    let (a, b) = (got[0].as_ref().unwrap(), got[10].as_ref().unwrap());
+    assert_eq!(a.as_ptr() as usize - 100, b.as_ptr() as usize);
+    let st = f.vol.status();
+    // Readahead may have fetched blocks past the reads (they look
+    // sequential); each block was fetched once, and nothing read back.
+    assert!(st.fetched_blocks >= 10 && st.fetched_blocks == st.blocks_staged);
+    assert_eq!(st.staging_reads, 0);
+    assert_eq!(st.reads, reads.len() as u64);
+    drop(hold);
+}
+
+#[test]
+fn reads_that_are_local_or_span_blocks_are_given_back_for_the_blocking_path() {
+    let f = fixture(8, 32);
+    let (pool, _hold) = busy_pool();
+    let (tx, _rx) = mpsc::channel();
+    // Spanning blocks 1 and 2; a zero chunk; past the end.
+    for (off, len) in [(2 * BS - 10, 20), (5 * BS, 4096), (100 * BS, 10)] {
+        assert!(f
+            .vol
+            .read_later(off as u64, len, to(&tx, 0), &pool)
+            .is_err());
+    }
+    // A staged block.
+    f.vol.read(3 * BS as u64, 10).unwrap();
+    assert!(f
+        .vol
+        .read_later(3 * BS as u64, 10, to(&tx, 0), &pool)
+        .is_err());
+    assert_eq!(
+        f.vol.status().reads,
+        1,
+        "nothing counted for reads given back"
+    );
+}
+
+#[test]
+fn a_failed_fetch_answers_a_read_waiting_later_with_the_error() {
+    let f = fixture(8, 33);
+    let (pool, _hold) = busy_pool();
+    let (tx, rx) = mpsc::channel();
+    f.knobs.unreachable("chunks/");
+    assert!(f
+        .vol
+        .read_later(2 * BS as u64, 512, to(&tx, 0), &pool)
+        .is_ok());
+    let (_, r) = rx.recv_timeout(Duration::from_secs(60)).expect("answered");
+    assert!(r.is_err(), "an unreachable store gave bytes");
+    f.knobs.reachable();
+    assert_eq!(
+        f.vol.read(2 * BS as u64, 512).unwrap(),
+        f.data[2 * BS..][..512]
+    );
+}
