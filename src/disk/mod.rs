@@ -27,6 +27,12 @@ pub struct ExtentFlags {
     pub changed: bool,
 }
 
+/// How a read answered later is answered (`Disk::read_later`).
+pub type ReadDone = Box<dyn FnOnce(Result<bytes::Bytes>) + Send>;
+/// Runs work that may wait, off the caller's thread (an I/O worker pool,
+/// tokio's blocking pool).
+pub type Spawner = std::sync::Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
 /// A run of bytes with the same flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -43,6 +49,22 @@ pub trait Disk: Send + Sync {
     fn block_size(&self) -> u64;
     /// Reads up to `len` bytes; short only at the end of the disk.
     fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>>;
+    /// A read that would wait (for a repository fetch) answered later
+    /// without a thread waiting for it: `done` is called with the bytes
+    /// `read_at` would return, on whatever thread ends the wait; if the
+    /// read needs no wait, or this disk cannot answer later, `done` comes
+    /// back and the caller uses `read_at`. Work that might wait is handed
+    /// to `spawn`.
+    fn read_later(
+        &self,
+        off: u64,
+        len: usize,
+        done: ReadDone,
+        spawn: &Spawner,
+    ) -> std::result::Result<(), ReadDone> {
+        let _ = (off, len, spawn);
+        Err(done)
+    }
     /// Writes all of `data`; past the end is an error (`NoSpace`).
     fn write_at(&self, off: u64, data: &[u8]) -> Result<()>;
     /// Makes the range read as zeros (without moving zero bytes where the

@@ -198,3 +198,45 @@ fn a_volumes_block_status_by_runs_equals_its_block_by_block_answer() {
         );
     }
 }
+
+#[test]
+fn reads_answered_later_or_given_back_return_what_read_at_returns() {
+    let spawn: Spawner = Arc::new(|job| drop(std::thread::spawn(job)));
+    for (name, make) in IMPLS {
+        let size = 16 * BS + 100;
+        let s = make(size, 3);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (mut later, mut back) = (0, 0);
+        for _ in 0..200 {
+            let off = rng.gen_range(0..size);
+            let len = rng.gen_range(1..=(2 * BS).min(size - off)) as usize;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let done: ReadDone = Box::new(move |r| tx.send(r).unwrap());
+            let got = match s.disk.read_later(off, len, done, &spawn) {
+                Ok(()) => {
+                    later += 1;
+                    rx.recv_timeout(std::time::Duration::from_secs(30))
+                        .unwrap()
+                        .unwrap()
+                        .to_vec()
+                }
+                Err(done) => {
+                    back += 1;
+                    let r = s.disk.read_at(off, len);
+                    let v = r.as_ref().unwrap().clone();
+                    done(r.map(bytes::Bytes::from));
+                    v
+                }
+            };
+            assert!(
+                got[..] == s.initial[off as usize..off as usize + len],
+                "{name} at {off}+{len}"
+            );
+        }
+        // The volume answers its first misses within a block later.
+        assert!(
+            name == "MemDisk" || later > 0,
+            "{name}: {later} later, {back} given back"
+        );
+    }
+}

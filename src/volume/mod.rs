@@ -68,7 +68,6 @@ mod fetch;
 mod freeze;
 mod passthrough;
 mod read;
-pub use read::ReadDone;
 mod relocation;
 mod stripes;
 mod upload;
@@ -806,6 +805,15 @@ impl crate::disk::Disk for Volume {
     }
     fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         self.read(off, len)
+    }
+    fn read_later(
+        &self,
+        off: u64,
+        len: usize,
+        done: crate::disk::ReadDone,
+        spawn: &crate::disk::Spawner,
+    ) -> std::result::Result<(), crate::disk::ReadDone> {
+        Volume::read_later(self, off, len, done, spawn)
     }
     fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
         self.write(off, data).map(|_| ())

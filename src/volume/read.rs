@@ -11,14 +11,11 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::{Slot, Volume};
+use crate::disk::{ReadDone, Spawner};
 use crate::error::{IoContext, Result};
-use crate::pool::WorkerPool;
 use crate::prefetch::stream::Geometry;
 use crate::prefetch::Class;
 use crate::repo::ChunkIndex;
-
-/// How a read that holds no thread is answered (`Volume::read_later`).
-pub type ReadDone = Box<dyn FnOnce(Result<Bytes>) + Send>;
 
 impl Volume {
     /// A guest read of `len` bytes at `off`, short at the end of the disk.
@@ -75,13 +72,13 @@ impl Volume {
     /// export point's queue, where it would have to wait) gets `done` back
     /// for the blocking path. When the fill leaves no bytes to answer from
     /// (a guest write claimed the block first), or the block turned out
-    /// staged meanwhile, the answer is read on `pool`, which may wait.
+    /// staged meanwhile, the answer is read by `spawn`, which may wait.
     pub fn read_later(
         &self,
         off: u64,
         len: usize,
         done: ReadDone,
-        pool: &Arc<WorkerPool>,
+        spawn: &Spawner,
     ) -> std::result::Result<(), ReadDone> {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let b = off / self.block_size;
@@ -119,17 +116,17 @@ impl Volume {
         };
         let answer: Box<dyn FnOnce(&Volume, _) + Send> = Box::new(answer);
         let Some(slot) = self.start_fill(b, Class::OnDemand) else {
-            pool.submit(blocking(me, answer));
+            spawn(Box::new(blocking(me, answer)));
             return Ok(());
         };
-        let pool = pool.clone();
+        let spawn = spawn.clone();
         let fill = slot.clone();
         slot.when_done(Box::new(move || {
             let start = (off - b * me.block_size) as usize;
             match (fill.outcome().expect("the fill ended"), fill.data.get()) {
                 (Err(e), _) => answer(&me, Err(e)),
                 (Ok(()), Some(d)) => answer(&me, Ok((d.slice(start..start + len as usize), false))),
-                (Ok(()), None) => pool.submit(blocking(me, answer)),
+                (Ok(()), None) => spawn(Box::new(blocking(me, answer))),
             }
         }));
         Ok(())

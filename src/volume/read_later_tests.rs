@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::tests::fixture;
-use super::ReadDone;
+use crate::disk::{ReadDone, Spawner};
 use crate::error::Result;
 use crate::pool::WorkerPool;
 
@@ -21,11 +21,11 @@ fn to(tx: &mpsc::Sender<(usize, Result<Bytes>)>, tag: usize) -> ReadDone {
 
 /// A one-thread pool whose thread is busy until the returned sender is
 /// dropped: anything that needs the pool waits for that.
-fn busy_pool() -> (Arc<WorkerPool>, mpsc::Sender<()>) {
-    let pool = Arc::new(WorkerPool::new("test-io", 1));
+fn busy_pool() -> (Spawner, mpsc::Sender<()>) {
+    let pool = WorkerPool::new("test-io", 1);
     let (hold, held) = mpsc::channel::<()>();
     pool.submit(move || while held.recv().is_ok() {});
-    (pool, hold)
+    (Arc::new(move |job| pool.submit(job)), hold)
 }
 
 #[test]

@@ -31,9 +31,10 @@ use crate::error::Error;
 
 pub mod inodes;
 mod passthrough;
+use crate::disk::{ReadDone, Spawner};
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
-use crate::volume::{ReadDone, Volume};
+use crate::volume::Volume;
 use inodes::Inodes;
 use passthrough::{Opened, Passthrough};
 
@@ -54,6 +55,8 @@ pub struct RecoverFs {
     ds: Arc<Datastore>,
     inodes: Arc<Inodes>,
     io: Arc<WorkerPool>,
+    /// `io` as a `Spawner`, for reads answered later.
+    io_spawn: Spawner,
     /// Its threads: also the kernel's limit of background requests.
     io_threads: usize,
     sync: Arc<WorkerPool>,
@@ -84,10 +87,13 @@ impl RecoverFs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let me = unsafe { (libc::getuid(), libc::getgid()) };
         let (uid, gid) = owner.unwrap_or(me);
+        let io = Arc::new(WorkerPool::new("fuse-io", io_threads));
+        let pool = io.clone();
         RecoverFs {
             ds,
             inodes: Arc::new(Inodes::default()),
-            io: Arc::new(WorkerPool::new("fuse-io", io_threads)),
+            io,
+            io_spawn: Arc::new(move |job| pool.submit(job)),
             io_threads,
             sync: Arc::new(WorkerPool::new("fuse-sync", 8)),
             uid,
@@ -374,7 +380,7 @@ impl Filesystem for RecoverFs {
             Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(errno(&e)),
         });
-        if let Err(done) = d.read_later(offset, size as usize, done, &self.io) {
+        if let Err(done) = d.read_later(offset, size as usize, done, &self.io_spawn) {
             self.io
                 .submit(move || done(d.read_bytes(offset, size as usize)))
         }

@@ -16,6 +16,7 @@ use crate::disk::{Extent, ExtentFlags, MemDisk};
 use client::{raw_tcp, read_greeting, Client, Reply};
 
 mod client;
+mod later;
 mod tools;
 
 const BS: u64 = 64 << 10;
@@ -38,6 +39,10 @@ struct Probe {
     reads_max: AtomicUsize,
     fail: Mutex<Option<Error>>,
     from_backup: Mutex<HashSet<u64>>,
+    /// Answer reads within a block later, from a thread of its own after
+    /// `read_delay`, like a volume's fetch (`Disk::read_later`).
+    later: std::sync::atomic::AtomicBool,
+    read_ats: AtomicUsize,
 }
 
 impl Probe {
@@ -55,6 +60,8 @@ impl Probe {
             reads_max: AtomicUsize::new(0),
             fail: Mutex::new(None),
             from_backup: Mutex::new(HashSet::new()),
+            later: std::sync::atomic::AtomicBool::new(false),
+            read_ats: AtomicUsize::new(0),
         })
     }
 
@@ -87,12 +94,32 @@ impl Disk for Probe {
     }
     fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         self.enter()?;
+        self.read_ats.fetch_add(1, Ordering::SeqCst);
         let now = self.reads_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.reads_max.fetch_max(now, Ordering::SeqCst);
         let delay = *self.read_delay.lock().unwrap();
         std::thread::sleep(delay);
         self.reads_now.fetch_sub(1, Ordering::SeqCst);
         self.inner.read_at(off, len)
+    }
+    fn read_later(
+        &self,
+        off: u64,
+        len: usize,
+        done: crate::disk::ReadDone,
+        _spawn: &crate::disk::Spawner,
+    ) -> std::result::Result<(), crate::disk::ReadDone> {
+        let within = len > 0 && off / BS == (off + len as u64 - 1) / BS;
+        if !self.later.load(Ordering::SeqCst) || !within {
+            return Err(done);
+        }
+        let r = self.enter().and_then(|()| self.inner.read_at(off, len));
+        let delay = *self.read_delay.lock().unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            done(r.map(bytes::Bytes::from))
+        });
+        Ok(())
     }
     fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
         self.enter()?;

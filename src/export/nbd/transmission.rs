@@ -1,7 +1,10 @@
 //! The transmission phase: one reader loop per connection reads requests
 //! and spawns a task per request; each task runs its disk call on the
 //! blocking pool and writes its whole reply under the connection's writer
-//! lock, so replies go out in completion order and never interleave.
+//! lock, so replies go out in completion order and never interleave. A
+//! read of one data run within one block that must wait for a repository
+//! fetch holds no blocking thread: the disk answers it when the fetch ends
+//! (`Disk::read_later`), and the task awaits that answer.
 
 use std::io;
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use tokio::task::JoinSet;
 use super::handshake::Negotiated;
 use super::proto::*;
 use super::stopped;
-use crate::disk::{Disk, Extent, ExtentFlags};
+use crate::disk::{Disk, Extent, ExtentFlags, ReadDone, Spawner};
 use crate::error::Error;
 
 /// Requests one connection may have in flight; the reader waits above it.
@@ -257,11 +260,16 @@ where
             _permits: permits,
         } = work;
         let target = self.target.clone();
-        let reply = tokio::task::spawn_blocking(move || target.execute(&req, payload))
-            .await
-            .unwrap_or_else(|e| {
-                Reply::Failed(Failure::new(NBD_EIO, format!("request failed: {e}")))
-            });
+        let reply = match target.read_later(&req) {
+            Some(answer) => answer.await.unwrap_or_else(|_| {
+                Reply::Failed(Failure::new(NBD_EIO, "the read was dropped unanswered"))
+            }),
+            None => tokio::task::spawn_blocking(move || target.execute(&req, payload))
+                .await
+                .unwrap_or_else(|e| {
+                    Reply::Failed(Failure::new(NBD_EIO, format!("request failed: {e}")))
+                }),
+        };
         self.send(encode(req.cookie, reply, self.target.structured))
             .await;
         // The budget is back once the reply has left.
@@ -545,6 +553,60 @@ impl Target {
             self.disk.discard(req.offset, req.len as u64)?;
         }
         self.fua(req)
+    }
+
+    /// A read of one data run within one block, handed to the disk to
+    /// answer when its fetch ends (`Disk::read_later`); `None` when it
+    /// takes the blocking path (a write, a hit, a hole, several runs).
+    fn read_later(&self, req: &Request) -> Option<tokio::sync::oneshot::Receiver<Reply>> {
+        if req.typ != CMD_READ || req.len == 0 || self.check_range(req, NBD_EINVAL, "read").is_err()
+        {
+            return None;
+        }
+        let (off, len) = (req.offset, req.len as u64);
+        let bs = self.disk.block_size();
+        if off / bs != (off + len - 1) / bs {
+            return None;
+        }
+        if self.structured && req.flags & CMD_FLAG_DF == 0 {
+            let runs = self.segments(off, len);
+            if runs.len() != 1 || runs[0].zero {
+                return None;
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done: ReadDone = Box::new(move |r| {
+            let reply = match r {
+                Ok(bytes) if bytes.len() as u64 == len => Reply::Read {
+                    content: vec![Content::Data {
+                        offset: off,
+                        bytes: bytes.to_vec(),
+                    }],
+                    error: None,
+                },
+                Ok(bytes) => Reply::Read {
+                    content: vec![],
+                    error: Some((
+                        off,
+                        Failure::new(
+                            NBD_EIO,
+                            format!("short read at offset {off}: {} of {len} bytes", bytes.len()),
+                        ),
+                    )),
+                },
+                Err(e) => Reply::Read {
+                    content: vec![],
+                    error: Some((off, e.into())),
+                },
+            };
+            let _ = tx.send(reply);
+        });
+        let handle = tokio::runtime::Handle::current();
+        let spawn: Spawner = Arc::new(move |job| drop(handle.spawn_blocking(job)));
+        self.disk
+            .read_later(off, len as usize, done, &spawn)
+            .ok()
+            .map(|()| rx)
     }
 
     fn read(&self, req: &Request) -> Reply {
