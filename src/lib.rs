@@ -15,8 +15,8 @@
 //!  export::fuse (MOUNT/<vm>/…)   export::nfs (TCP: portmap, MOUNT,   export::nbd (TCP / Unix:
 //!  inode numbers per session     NFSv3; stable handles; allow list,  VM/diskN exports; structured
 //!  event threads serve local     root squash; calls on blocking      replies, block status; requests
-//!  I/O; a one-block miss is      threads; side files in staging)     on blocking threads; a one-block
-//!  answered by the fetch engine;      │                              miss is answered by the engine)
+//!  I/O; a one-block miss is      threads, a one-block READ miss      on blocking threads; a one-block
+//!  answered by the fetch engine; replied later; side files)          miss is answered by the engine)
 //!  other misses, first writes →       │                                   │
 //!  fuse-io pool; fsync → sync         │                                   │
 //!        └────────────── disk::Disk (read, write, write-zeroes, discard, flush, block status) ──┘

@@ -151,6 +151,12 @@ fn qemu_boots_the_tiny_vm_over_nbd() {
         "over NBD",
     );
     assert_eq!(n, 1);
+    // The guest's misses within a block waited holding no thread.
+    let st = env.disk_status("tiny", 0);
+    assert!(
+        st["later_reads"].as_u64().unwrap() > 0,
+        "no read answered later: {st}"
+    );
     assert_eq!(boot_counter(&env.mount.join("tiny/disk0.raw")), 2);
 }
 

@@ -197,6 +197,12 @@ fn qemu_boots_the_tiny_vm_over_nfs() {
         boot_counter_of_drive(&format!("file={url},format=raw,if=virtio"), "over NFS"),
         1
     );
+    // The guest's misses within a block waited holding no thread.
+    let st = env.disk_status("tiny", 0);
+    assert!(
+        st["later_reads"].as_u64().unwrap() > 0,
+        "no read answered later: {st}"
+    );
     // Its write (the counter) is on the FUSE file too.
     assert_eq!(boot_counter(&env.mount.join("tiny/disk0.raw")), 2);
 }

@@ -180,6 +180,9 @@ pub struct VolumeStats {
     /// Reads of the staging data file on behalf of guest and internal
     /// reads (preads; a fetch's waiters answer without one).
     pub staging_reads: Counter,
+    /// Guest reads that waited for a fetch holding no thread
+    /// (`Volume::read_later`).
+    pub later_reads: Counter,
     /// The most recent fetch failure, for status and verify-boot.
     pub last_fetch_error: Mutex<Option<String>>,
     /// Guest reads and writes completed, and the time
@@ -310,6 +313,8 @@ pub struct DiskStatus {
     /// Preads of the staging data file that served reads (a miss is
     /// answered from the fetched bytes without one).
     pub staging_reads: u64,
+    /// Reads that waited for a fetch holding no thread (FUSE, NBD, NFS).
+    pub later_reads: u64,
     /// The kernel reads this disk's file itself for a read-only FUSE open
     /// (`serve --fuse-passthrough`): no eviction, no relocation start,
     /// and writable FUSE opens are refused until it closes.
@@ -769,6 +774,7 @@ impl Volume {
             evicted_blocks: s.evicted_blocks.get(),
             refills: s.refills.get(),
             staging_reads: s.staging_reads.get(),
+            later_reads: s.later_reads.get(),
             passthrough: self.direct_readers() > 0,
             last_fetch_error: s.last_fetch_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),

@@ -104,6 +104,7 @@ impl Volume {
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
         let t0 = Instant::now();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
+        self.stats.later_reads.add(1);
         self.observe_guest_read(off, len);
         let answer = move |v: &Volume, r: Result<(Bytes, bool)>| {
             v.end_guest_read(t0, len, &r);

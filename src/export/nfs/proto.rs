@@ -68,6 +68,29 @@ pub struct Ctx<'a> {
     pub nfs_port: u16,
     /// False for a client not on the export's list: every call is refused.
     pub allowed: bool,
+    /// Lets a READ that waits for a repository fetch send its reply later.
+    pub later: Option<&'a Later>,
+}
+
+/// How a call's reply is sent after its handler returned: a READ of a
+/// disk that must wait for a fetch within one block gives its reply to the
+/// disk to send when the fetch ends (`Disk::read_later`), so no blocking
+/// thread waits with it.
+pub struct Later {
+    pub xid: u32,
+    /// Sends a reply record (from any thread).
+    pub send: Arc<dyn Fn(Vec<u8>) + Send + Sync>,
+    /// Runs work that may wait.
+    pub spawn: crate::disk::Spawner,
+    /// Set when a handler took the reply: what `dispatch` returns is then
+    /// not sent.
+    pub taken: std::sync::atomic::AtomicBool,
+}
+
+impl Later {
+    pub fn taken(&self) -> bool {
+        self.taken.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Answers one call with a complete reply record.
@@ -489,6 +512,12 @@ fn read(ctx: &Ctx, r: &mut Reader) -> Result<n3::READ3res<'static>, Garbage> {
         let (data, eof) = match n {
             Node::Disk(s, d) => {
                 ctx.conn.attach(s).map_err(fail)?;
+                if let Some(l) = ctx.later {
+                    if read_later(l, d, off, count, post(ctx, n)) {
+                        // The reply goes with the fetch; this one is dropped.
+                        return Err(fail(nfsstat3::NFS3ERR_JUKEBOX));
+                    }
+                }
                 let data = d
                     .read(off, count as usize)
                     .map_err(|e| fail(nfs_error(&e)))?;
@@ -514,6 +543,41 @@ fn read(ctx: &Ctx, r: &mut Reader) -> Result<n3::READ3res<'static>, Garbage> {
             data: Opaque::owned(data),
         })
     }))
+}
+
+/// Hands a READ that must wait for a fetch to the disk (`Disk::read_later`)
+/// with a continuation that sends its reply; false if the disk gives it
+/// back (the caller reads now).
+fn read_later(
+    l: &Later,
+    d: &Arc<crate::volume::Volume>,
+    off: u64,
+    count: u32,
+    attrs: n3::post_op_attr,
+) -> bool {
+    let (xid, send, size) = (l.xid, l.send.clone(), d.size);
+    let done: crate::disk::ReadDone = Box::new(move |r| {
+        let res: n3::READ3res = match r {
+            Ok(data) => Nfs3Result::Ok(n3::READ3resok {
+                file_attributes: attrs,
+                count: data.len() as u32,
+                eof: off.saturating_add(data.len() as u64) >= size,
+                data: Opaque::owned(data.to_vec()),
+            }),
+            Err(e) => Nfs3Result::Err((
+                nfs_error(&e),
+                n3::READ3resfail {
+                    file_attributes: attrs,
+                },
+            )),
+        };
+        send(rpc::success(xid, &res));
+    });
+    let taken = d.read_later(off, count as usize, done, &l.spawn).is_ok();
+    if taken {
+        l.taken.store(true, std::sync::atomic::Ordering::Release);
+    }
+    taken
 }
 
 fn write(ctx: &Ctx, r: &mut Reader) -> Result<n3::WRITE3res, Garbage> {

@@ -2,7 +2,10 @@
 //! and NFS on its own port and on port 111 of the same address (QEMU's
 //! `nfs://` driver cannot be given a port and asks the portmapper there).
 //! A connection reads records, answers up to 64 calls at once on blocking
-//! threads, and writes replies in completion order.
+//! threads, and writes replies in completion order. A READ of a disk that
+//! must wait for a fetch within one block returns its thread at once: the
+//! disk sends its reply when the fetch ends (`proto::Later`), and the
+//! call keeps its place among the 64 until then.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::fs::{Caller, Namespace};
-use super::proto::{dispatch, Conn, Ctx};
+use super::proto::{dispatch, Conn, Ctx, Later};
 use super::rpc::{self, read_record, BadCall, Cred};
 use super::xdr::Reader;
 use crate::error::{Error, ErrorKind, Result};
@@ -242,11 +245,34 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
             break;
         };
         let (shared, conn, tx) = (shared.clone(), conn.clone(), tx.clone());
+        let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            if let Some(reply) = answer(&shared, &conn, &rec, nfs_port, allowed, peer.ip()) {
+            // The permit goes with the reply, also one sent later.
+            let permit = Arc::new(permit);
+            let later = {
+                let (tx, h, permit) = (tx.clone(), handle.clone(), permit.clone());
+                move |reply: Vec<u8>| {
+                    let (tx, permit) = (tx.clone(), permit.clone());
+                    h.spawn(async move {
+                        let _ = tx.send(reply).await;
+                        drop(permit);
+                    });
+                }
+            };
+            let spawn: crate::disk::Spawner = Arc::new(move |job| drop(handle.spawn_blocking(job)));
+            let reply = answer(
+                &shared,
+                &conn,
+                &rec,
+                nfs_port,
+                allowed,
+                peer.ip(),
+                Arc::new(later),
+                spawn,
+            );
+            if let Some(reply) = reply {
                 let _ = tx.blocking_send(reply);
             }
-            drop(permit);
         });
     }
     drop(tx);
@@ -255,6 +281,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
 }
 
 /// The reply to one record; `None` for a record that is not a call.
+#[allow(clippy::too_many_arguments)] // one call's whole context
 fn answer(
     shared: &Shared,
     conn: &Conn,
@@ -262,6 +289,8 @@ fn answer(
     nfs_port: u16,
     allowed: bool,
     peer: IpAddr,
+    send: Arc<dyn Fn(Vec<u8>) + Send + Sync>,
+    spawn: crate::disk::Spawner,
 ) -> Option<Vec<u8>> {
     let mut r = Reader::new(rec);
     let call = match rpc::decode_call(&mut r) {
@@ -275,6 +304,12 @@ fn answer(
             ))
         }
     };
+    let later = Later {
+        xid: call.xid,
+        send,
+        spawn,
+        taken: Default::default(),
+    };
     let ctx = Ctx {
         ns: &shared.ns,
         conn,
@@ -283,15 +318,18 @@ fn answer(
         write_through: shared.opts.write_through,
         nfs_port,
         allowed,
+        later: Some(&later),
     };
     let args = r.rest();
-    Some(
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(&ctx, &call, args)))
-            .unwrap_or_else(|p| {
-                tracing::error!("NFS call panicked: {}", crate::util::panic_message(&p));
-                rpc::garbage_args(call.xid)
-            }),
-    )
+    let reply =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(&ctx, &call, args)));
+    if later.taken() {
+        return None;
+    }
+    Some(reply.unwrap_or_else(|p| {
+        tracing::error!("NFS call panicked: {}", crate::util::panic_message(&p));
+        rpc::garbage_args(call.xid)
+    }))
 }
 
 #[cfg(test)]
