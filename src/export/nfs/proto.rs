@@ -557,12 +557,15 @@ fn read_later(
 ) -> bool {
     let (xid, send, size) = (l.xid, l.send.clone(), d.size);
     let done: crate::disk::ReadDone = Box::new(move |r| {
-        let res: n3::READ3res = match r {
+        let data = r.as_ref().map(|d| &d[..]);
+        // Encoded while `r` lives: the fetched bytes go into the reply
+        // record without a copy of their own.
+        let res: n3::READ3res = match data {
             Ok(data) => Nfs3Result::Ok(n3::READ3resok {
                 file_attributes: attrs,
                 count: data.len() as u32,
                 eof: off.saturating_add(data.len() as u64) >= size,
-                data: Opaque::owned(data.to_vec()),
+                data: Opaque::borrowed(data),
             }),
             Err(e) => Nfs3Result::Err((
                 nfs_error(&e),
