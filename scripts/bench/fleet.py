@@ -227,6 +227,13 @@ def targets(f):
     if sm.get("recover_api_ratio") is not None:
         out.append(f"| recover of {VMS} VMs at once: last VM's disks visible ≤ 2× a lone VM's (control API) | "
                    f"{sm['recover_api_ratio']:.2f}× | {'met' if sm['recover_api_ratio'] <= 2 else '**missed**'} |")
+    # Results of older runs (no API figure, no pooled p99): their own rows.
+    if sm.get("p99_pooled_ratio") is None and sm.get("p99_ratio") is not None:
+        out.append(f"| {VMS} VMs reading at once: each VM's on-demand p99 ≤ 2× a lone VM's | worst VM, per round, "
+                   f"{sm['p99_ratio']:.2f}× | {'met' if sm['p99_ratio'] <= 2 else '**missed**'} |")
+    if sm.get("recover_api_ratio") is None and sm.get("recover_ratio") is not None:
+        out.append(f"| recover of {VMS} VMs at once: last VM's disks visible ≤ 2× a lone VM's (CLI processes) | "
+                   f"{sm['recover_ratio']:.2f}× | {'met' if sm['recover_ratio'] <= 2 else '**missed**'} |")
     return out
 
 
@@ -274,7 +281,7 @@ def render(f):
         L.append(f"| read p99 ms pooled over rounds, fleet: the median VM's (min–max over VMs) | | "
                  f"{B.fmt_spread(fp, 1)} | {B.fmt(sm.get('p99_ratio_median_vm'), 2)}× |")
     L.append(f"| read p99 ms per round ({f['reads']} reads: its maximum; fleet: the worst VM's) | {B.fmt_spread(sm.get('lone_p99_ms'), 1)} | "
-             f"{B.fmt_spread(sm.get('fleet_worst_p99_ms'), 1)} | {B.fmt(sm.get('p99_ratio_per_round'), 2)}× |")
+             f"{B.fmt_spread(sm.get('fleet_worst_p99_ms'), 1)} | {B.fmt(sm.get('p99_ratio_per_round', sm.get('p99_ratio')), 2)}× |")
     L.append(f"| read p99 ms per round, every VM of every fleet run | | {B.fmt_spread(sm.get('fleet_p99_ms'), 1)} | |")
     L.append("")
     for e in f.get("errors", []):
