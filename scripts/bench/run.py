@@ -22,7 +22,8 @@ Sections (each states its baseline and why it is the fair one):
         20 ms/request and 100 MB/s, for recoverfs and the same peers on the
         same backend; then a replay of the guest's read trace.
   fleet fleet.py: 20 VMs recovering and reading first touches at once
-        vs. one alone (recover time, the daemon's on-demand p99).
+        vs. one alone (recover time over the control API and with CLI
+        processes; each VM's read p99 pooled over rounds).
 Warm, cold and fleet run at least 5 interleaved rounds (median and spread).
 
 Needs root (drop_caches, FUSE), fio, nbdkit, nbdfuse, qemu-system-x86,

@@ -51,6 +51,12 @@
 //!   work, at most once a second, it gives the freed memory back
 //!   (`util::trim_heap`).
 //!
+//! **Where a miss waits.** Besides the GET itself, an on-demand job can
+//! wait in its class queue (every in-flight place taken) and for a CPU
+//! thread (before prepare, and between its GET and finish, behind other
+//! jobs' CPU work); `status` reports both waits' mean and p99, so a slow
+//! miss can be told from a slow store.
+//!
 //! **Shutdown.** Dropping the scheduler stops its runtime and CPU threads;
 //! jobs not finished (queued, or between stages) are dropped unrun, and
 //! what they own (a volume's fetch) answers its waiters when dropped.
@@ -132,6 +138,8 @@ struct Running {
     class: Class,
     ticket: Option<Ticket>,
     started: Instant,
+    /// Time its stages waited for a CPU thread so far.
+    cpu_wait: Duration,
 }
 
 type Popped = (Arc<Job>, Class, Option<Ticket>);
@@ -227,6 +235,10 @@ struct Inner {
     gets: AtomicUsize,
     /// Queue wait plus fetch time of on-demand jobs.
     on_demand_latency: LatencyHistogram,
+    /// On-demand jobs' time queued before they started.
+    on_demand_queue_wait: LatencyHistogram,
+    /// On-demand jobs' time waiting for a CPU thread (both stages).
+    on_demand_cpu_wait: LatencyHistogram,
     /// The backoff's smoothed on-demand fetch time, readable without the
     /// state lock: every guest read asks for it (readahead sizing).
     latency_us: AtomicU64,
@@ -255,6 +267,12 @@ pub struct SchedulerStatus {
     pub on_demand_fetches: u64,
     pub on_demand_latency_mean_ms: f64,
     pub on_demand_latency_p99_ms: f64,
+    /// Of that latency: time queued (every in-flight place taken).
+    pub on_demand_queue_wait_mean_ms: f64,
+    pub on_demand_queue_wait_p99_ms: f64,
+    /// Of that latency: time waiting for a CPU thread (prepare, finish).
+    pub on_demand_cpu_wait_mean_ms: f64,
+    pub on_demand_cpu_wait_p99_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -317,6 +335,8 @@ impl Scheduler {
             wake: tokio::sync::Notify::new(),
             gets: AtomicUsize::new(0),
             on_demand_latency: LatencyHistogram::default(),
+            on_demand_queue_wait: LatencyHistogram::default(),
+            on_demand_cpu_wait: LatencyHistogram::default(),
             latency_us: AtomicU64::new(0),
             trims: AtomicU64::new(0),
         });
@@ -414,6 +434,10 @@ impl Scheduler {
     pub fn status(&self) -> SchedulerStatus {
         let st = self.inner.state.lock();
         let h = &self.inner.on_demand_latency;
+        let (q, c) = (
+            &self.inner.on_demand_queue_wait,
+            &self.inner.on_demand_cpu_wait,
+        );
         SchedulerStatus {
             max_in_flight: self.inner.max_in_flight,
             gets_in_flight: self.inner.gets.load(Ordering::Relaxed),
@@ -424,6 +448,10 @@ impl Scheduler {
             on_demand_fetches: h.count(),
             on_demand_latency_mean_ms: h.mean_us() / 1000.0,
             on_demand_latency_p99_ms: h.quantile_us(0.99) / 1000.0,
+            on_demand_queue_wait_mean_ms: q.mean_us() / 1000.0,
+            on_demand_queue_wait_p99_ms: q.quantile_us(0.99) / 1000.0,
+            on_demand_cpu_wait_mean_ms: c.mean_us() / 1000.0,
+            on_demand_cpu_wait_p99_ms: c.quantile_us(0.99) / 1000.0,
         }
     }
 }
@@ -488,11 +516,16 @@ impl Inner {
             let Some((job, class, ticket)) = popped else {
                 return true;
             };
+            let started = Instant::now();
+            if class == Class::OnDemand {
+                self.on_demand_queue_wait.record(started - job.queued_at);
+            }
             let run = Running {
                 job,
                 class,
                 ticket,
-                started: Instant::now(),
+                started,
+                cpu_wait: Duration::ZERO,
             };
             let me = self.clone();
             self.cpu.push(class, Box::new(move || me.prepare(run)));
@@ -500,7 +533,8 @@ impl Inner {
     }
 
     /// Stage 1, on a CPU thread.
-    fn prepare(self: &Arc<Self>, run: Running) {
+    fn prepare(self: &Arc<Self>, mut run: Running) {
+        run.cpu_wait += run.started.elapsed();
         let work = run.job.work.lock().take();
         let step = match work {
             None => Step::Done,
@@ -536,12 +570,15 @@ impl Inner {
                             ))
                         });
                     me.gets.fetch_sub(1, Ordering::Relaxed);
+                    let got_at = Instant::now();
+                    let mut run = run;
                     // Promoted while its GET ran: its finish is urgent.
                     let urgency = run.job.class();
                     let m = me.clone();
                     me.cpu.push(
                         urgency,
                         Box::new(move || {
+                            run.cpu_wait += got_at.elapsed();
                             if let Err(p) =
                                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(got)))
                             {
@@ -566,6 +603,7 @@ impl Inner {
             class,
             ticket,
             started,
+            cpu_wait,
         } = run;
         drop(ticket);
         let now = Instant::now();
@@ -577,6 +615,7 @@ impl Inner {
             let us = st.backoff.latency().as_micros() as u64;
             self.latency_us.store(us, Ordering::Relaxed);
             self.on_demand_latency.record(now - job.queued_at);
+            self.on_demand_cpu_wait.record(cpu_wait);
         }
         let idle = st.is_idle();
         drop(st);

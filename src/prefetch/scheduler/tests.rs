@@ -213,3 +213,59 @@ fn background_fetches_wait_for_a_free_async_slot_and_relocation_fetches_do_not()
         "the profile job's slot was given back"
     );
 }
+
+/// Waits up to 10 s until nothing runs or waits.
+fn wait_idle(s: &Scheduler) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.inner.state.lock().is_idle() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(s.inner.state.lock().is_idle(), "jobs still running");
+}
+
+#[test]
+fn status_reports_how_long_a_miss_waited_for_an_in_flight_place() {
+    // Two places, both held: the third miss queues until one frees.
+    let s = Scheduler::new("qwait", 2);
+    let gates = [
+        blocking_job(&s, Class::OnDemand),
+        blocking_job(&s, Class::OnDemand),
+    ];
+    s.submit(Class::OnDemand, || ());
+    std::thread::sleep(Duration::from_millis(150));
+    gates.iter().for_each(open);
+    wait_idle(&s);
+    let st = s.status();
+    assert!(
+        st.on_demand_queue_wait_p99_ms >= 120.0,
+        "queue wait p99 {} ms",
+        st.on_demand_queue_wait_p99_ms
+    );
+    assert!(st.on_demand_queue_wait_mean_ms > 0.0);
+}
+
+#[test]
+fn status_reports_how_long_a_miss_waited_for_a_cpu_thread() {
+    // Every CPU thread busy with a held job; places are plenty, so the
+    // next miss starts at once but its prepare waits for a thread.
+    let s = Scheduler::new("cwait", 64);
+    let gates: Vec<Gate> = (0..s.inner.cpu.threads())
+        .map(|_| blocking_job(&s, Class::OnDemand))
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    s.submit(Class::OnDemand, || ());
+    std::thread::sleep(Duration::from_millis(150));
+    gates.iter().for_each(open);
+    wait_idle(&s);
+    let st = s.status();
+    assert!(
+        st.on_demand_cpu_wait_p99_ms >= 120.0,
+        "CPU wait p99 {} ms",
+        st.on_demand_cpu_wait_p99_ms
+    );
+    assert!(
+        st.on_demand_queue_wait_p99_ms < 100.0,
+        "it did not queue: {} ms",
+        st.on_demand_queue_wait_p99_ms
+    );
+}
