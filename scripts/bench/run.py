@@ -393,8 +393,9 @@ class Recoverfs:
     warm and cold sections pass --no-profile so no run is helped by a
     profile an earlier run recorded."""
 
-    def __init__(self, scope, repo, env=None, name="recoverfs", args=(), bin=None):
+    def __init__(self, scope, repo, env=None, name="recoverfs", args=(), bin=None, fetch_workers=FETCH_WORKERS):
         self.scope, self.repo, self.env, self.name = scope, repo, env, name
+        self.fetch_workers = fetch_workers
         self.bin = bin or BIN
         self.args = list(args)
         self.staging = scope.path(f"{name}-staging")
@@ -406,7 +407,7 @@ class Recoverfs:
         self.proc = self.scope.spawn(self.name, [
             self.bin, "serve", "--repo", self.repo, "--staging", self.staging,
             "--mount", self.mount, "--socket", self.socket,
-            "--fetch-workers", str(FETCH_WORKERS)] + self.args, env=self.env)
+            "--fetch-workers", str(self.fetch_workers)] + self.args, env=self.env)
         self.scope.add_mount(self.mount)
         wait_for(lambda: os.path.exists(self.socket) and mounted(self.mount), 30,
                  "recoverfs serve", self.proc, self.scope)
