@@ -22,9 +22,48 @@
 //! **Guest writes racing a copy** are caught by the write stamp, taken
 //! before the block's read starts and checked when its bit is set (after
 //! the syncs): a write that began since leaves the block not copied, and a
-//! write that begins after the bit is set clears it durably. A batch in
+//! write that begins after the bit is set clears it (in memory). A batch in
 //! flight changes nothing there: the stamp check happens at the commit,
 //! however late.
+//!
+//! **Revoking a copy.** A guest write to a block marked copied clears the
+//! bit in memory only, before its data lands (the copier's set-then-recheck
+//! stamp protocol, `Volume::mark_copied`, is unchanged); the file may go on
+//! vouching for the block, until a commit rewrites its word, or forever if
+//! the daemon stops first. A durable clear cost a read, a write and a sync
+//! of the map per guest write to a copied block, on the guest's write path
+//! (the write p99 while a relocation runs, docs/benchmarks.md). It is not
+//! needed, because of the **restart rule**: whenever a relocation's state is
+//! opened, every block that is both changed and copied is taken as not
+//! copied (`Volume::forget_copies_of_changed`), so it is copied again, from
+//! staging. That covers every block a file bit could vouch for wrongly: a
+//! block whose target copy differs from what the reopened volume reads was
+//! written by the guest at some point (the copier records a copy only once
+//! the target, and staging for a changed block, are synced, so an unchanged
+//! block reads the backup's bytes on both sides), and every guest write,
+//! on every path (FUSE, NFS, NBD write, write-zeroes, trim, partial blocks:
+//! all pass `Volume::write_payload`), makes the block's changed bit durable
+//! before any of its data can land. The changed map is never cleared. So:
+//! * a commit's snapshot of a word may hold a bit a guest write cleared in
+//!   memory just after: the file vouches wrongly, the block is changed, the
+//!   rule forgets it;
+//! * resume of a paused relocation in the same daemon goes by memory; a
+//!   paused relocation reopened after a restart gets the rule like any;
+//! * a forgotten block that is a hole (a zero block written, its staged
+//!   bytes lost) is punched on the resumed target before it is recorded
+//!   (`take_holes`: a reopened target is never `fresh`);
+//! * eviction takes only unchanged blocks, which the rule never touches;
+//! * cutover: the final pass runs with writes paused, so every bit is set
+//!   in memory and the target synced before the commit; a crash before the
+//!   commit reopens with the rule, after it the copied map is not read.
+//!
+//! The rule is applied on every open, not only after a stop that was not
+//! clean: a clean-shutdown marker would have to be removed durably before
+//! the first revoke after each open and written only once no guest write
+//! can come, one more state to get wrong at 3 a.m. The cost is copying the
+//! guest's changed blocks once more after a daemon restart, from local
+//! staging: bounded by what the guest wrote, which a relocation copies at
+//! least once anyway, and restarts are rare.
 //!
 //! **Stopping** (cancel or pause) abandons the reads in flight (a fetch
 //! still completes for any reader that joined it), commits the blocks
@@ -344,7 +383,7 @@ impl Relocation {
             // Stamp, then check it is still a hole, then set and recheck
             // (`mark_copied`): a guest write either made the block
             // present before the stamp, or is seen by the recheck, or
-            // sees the bit and revokes it durably.
+            // sees the bit and revokes it.
             for b in run.clone() {
                 match d.write_stamp(b) {
                     Some(stamp) if d.is_hole(b) => self.count_mark(d.mark_copied(c, b, stamp)),

@@ -60,9 +60,10 @@ impl Volume {
 
     /// Marks `b` copied if no guest write started since `stamp`. The bit is
     /// set before the recheck so that a racing writer either sees it (and
-    /// clears it durably) or is seen here.
+    /// clears it, in memory: its changed bit covers a crash) or is seen here.
     pub(crate) fn mark_copied(&self, copied: &PersistentBitmap, b: u64, stamp: u32) -> bool {
         copied.set(b);
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.writes_started.of(b).load(Ordering::SeqCst) != stamp {
             copied.bits().clear(b);
             copied.mark_dirty();
@@ -172,6 +173,16 @@ impl Volume {
         self.no_staging_reader(*readers)?;
         *self.copied.write() = Some(m);
         Ok(())
+    }
+
+    /// The restart rule of `relocate` ("Revoking a copy"): clears, in
+    /// memory, the copied bit of every block the guest ever changed, as
+    /// `copied` was read from its file; returns how many. A guest write
+    /// revokes a copy in memory only, so the file may still vouch for a
+    /// block written since: every such block has its changed bit (durable
+    /// before the write's data), and is copied again (from staging).
+    pub(crate) fn forget_copies_of_changed(&self, copied: &PersistentBitmap) -> u64 {
+        copied.bits().clear_each_of(self.store.changed.bits())
     }
 
     /// Ends it (a relocation that could not start).
