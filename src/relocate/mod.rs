@@ -14,10 +14,10 @@
 //!   costs its data, not its 10 million blocks. A hole is recorded only
 //!   where the target durably reads zeros (see `take_holes`).
 //! * A per-disk **copied** map records blocks whose target data is synced.
-//!   A guest write clears the block's bit (in memory, see `copy`: "Revoking a copy")
-//!   before its data lands; the copier marks a block copied only if no guest
-//!   write started since it read the block. Pass after pass, only blocks not
-//!   copied are copied.
+//!   A guest write clears the block's bit in memory (see `copy`, "Revoking
+//!   a copy") before its data lands; the copier marks a block copied only if
+//!   no guest write started since it read the block. Pass after pass, only
+//!   blocks not copied are copied.
 //! * Copied bits never run ahead of staging: a batch is recorded as copied
 //!   only after the target *and the staging it was read from* are synced
 //!   (staging only when the batch holds a block the guest changed: any

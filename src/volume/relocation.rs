@@ -175,7 +175,7 @@ impl Volume {
         Ok(())
     }
 
-    /// The restart rule of `relocate` ("Revoking a copy"): clears, in
+    /// The restart rule of `relocate::copy` ("Revoking a copy"): clears, in
     /// memory, the copied bit of every block the guest ever changed, as
     /// `copied` was read from its file; returns how many. A guest write
     /// revokes a copy in memory only, so the file may still vouch for a

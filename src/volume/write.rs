@@ -2,8 +2,8 @@
 //! writes, changed bits before data): claim the fully covered blocks in
 //! ascending order, fill the partly covered ones from the backup, mark the
 //! blocks changed durably, revoke their "copied" state (in memory: see
-//! `relocate`, "Revoking a copy") and their "uploaded" state (durably), then
-//! write staging.
+//! `relocate::copy`, "Revoking a copy") and their "uploaded" state
+//! (durably), then write staging.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -272,7 +272,7 @@ impl Volume {
     /// Announces a write before its data lands, then revokes the blocks'
     /// "copied" status (in memory only: the changed bit, durable before
     /// this, makes a reopened relocation copy the block again, see
-    /// `relocate`) and their upload entries (durably): pairs with the
+    /// `relocate::copy`) and their upload entries (durably): pairs with the
     /// copier's and the uploader's set-then-recheck (`mark_copied`,
     /// `mark_uploaded`). On failure every announced block is ended again.
     pub(super) fn announce_write(
