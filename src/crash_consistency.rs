@@ -634,21 +634,23 @@ fn a_power_cut_after_a_written_hole_was_copied_never_leaves_the_hole_marked_copi
 #[test]
 fn a_crash_after_guest_writes_over_copied_blocks_never_leaves_them_vouched_for_by_the_copied_file()
 {
-    // Every block copied and recorded, then the guest writes over copied
-    // blocks on each path (whole block, partial, write-zeroes, trim): each
-    // revokes its copy in memory only, so the copied file keeps vouching
-    // for the old bytes. Reopened after a crash anywhere from there, the
-    // restart rule must copy them again.
+    // A guest write not yet flushed is copied (staging is not synced for
+    // it); then, every block copied and recorded, the guest writes over
+    // copied blocks on each path (whole block, partial, write-zeroes,
+    // trim): each revokes its copy in memory only, so the copied file keeps
+    // vouching for the old bytes. Reopened after a crash anywhere, the
+    // restart rule must copy them all again.
     let w = world(505, STILL);
     let mem = MemStorage::new();
     let storage: Arc<dyn Storage> = Arc::new(mem.clone());
     storage.create_dir_all(Path::new(SESSION)).unwrap();
     storage.create_dir_all(Path::new(TARGET)).unwrap();
     let vol = open_volume(&w, &mem);
+    let from = mem.position();
+    vol.write(8 * BS as u64 + 512, &[0x77; 1024]).unwrap();
     let r = begin_relocation(&storage, &vol, None);
     r.resume_pass_unthrottled().unwrap();
     assert_eq!(r.status().dirty_blocks, 0);
-    let from = mem.position();
     vol.write(2 * BS as u64, &[0x5a; BS]).unwrap();
     vol.write(3 * BS as u64 + 4096, &[0xa5; 512]).unwrap();
     vol.write_zeroes(4 * BS as u64, BS as u64).unwrap();
@@ -661,11 +663,15 @@ fn a_crash_after_guest_writes_over_copied_blocks_never_leaves_them_vouched_for_b
     for cut in from..=mem.position() {
         for (crash, state) in [
             (Crash::Kill, mem.kill_state(cut)),
+            (Crash::PowerCut, mem.crash_state(cut, 0.0, &mut rng)),
             (Crash::PowerCut, mem.crash_state(cut, 1.0, &mut rng)),
         ] {
             let st: Arc<dyn Storage> = Arc::new(state.clone());
             let vol = open_volume(&w, &state);
-            let r = Relocation::reopen(source(&st, &vol)).unwrap().unwrap();
+            let Some(r) = Relocation::reopen(source(&st, &vol)).unwrap() else {
+                vol.close(); // before the relocation was recorded
+                continue;
+            };
             let seen = vol.read(0, w.sc.blocks * BS).unwrap();
             if let Err(e) = copied_blocks_match(&r, &seen, "")
                 .and_then(|()| r.resume_pass_unthrottled().map_err(|e| e.to_string()))

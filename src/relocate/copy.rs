@@ -14,9 +14,8 @@
 //! **Batches.** Written blocks go into a batch; a full batch
 //! ([`BATCH_BYTES`] of data, [`BATCH_BLOCKS`] blocks with holes, or
 //! [`BATCH_AGE`] old) goes to this pass's committer thread, which syncs the
-//! target, then (if the batch holds a block the guest changed) staging,
-//! then records the batch in the copied map, while the copier fills the
-//! next batch. One batch commits at a time; the copier waits if the next is
+//! target, then records the batch in the copied map, while the copier
+//! fills the next batch (staging is not synced: see "Revoking a copy"). One batch commits at a time; the copier waits if the next is
 //! full first.
 //!
 //! **Guest writes racing a copy** are caught by the write stamp, taken
@@ -39,14 +38,19 @@
 //! staging. That covers every block a file bit could vouch for wrongly: a
 //! block whose target copy differs from what the reopened volume reads was
 //! written by the guest at some point (the copier records a copy only once
-//! the target, and staging for a changed block, are synced, so an unchanged
-//! block reads the backup's bytes on both sides), and every guest write,
+//! the target is synced, so an unchanged block reads the backup's bytes on
+//! both sides), and every guest write,
 //! on every path (FUSE, NFS, NBD write, write-zeroes, trim, partial blocks:
 //! all pass `Volume::write_payload`), makes the block's changed bit durable
 //! before any of its data can land. The changed map is never cleared. So:
 //! * a commit's snapshot of a word may hold a bit a guest write cleared in
 //!   memory just after: the file vouches wrongly, the block is changed, the
 //!   rule forgets it;
+//! * for the same reason a commit no longer syncs staging first (it did,
+//!   for batches holding a changed block, so a copied changed block could
+//!   not lose its staged bytes): after a crash no changed block is trusted
+//!   as copied, whatever staging kept. One fsync of staging less per batch
+//!   while the guest writes, competing with the guest's own I/O;
 //! * resume of a paused relocation in the same daemon goes by memory; a
 //!   paused relocation reopened after a restart gets the rule like any;
 //! * a forgotten block that is a hole (a zero block written, its staged
@@ -105,8 +109,6 @@ pub(super) struct Batch {
     holes: Vec<Range<u64>>,
     /// Data bytes written to the target.
     bytes: u64,
-    /// A block the guest changed was read from staging: sync it first.
-    sync_staging: bool,
     since: Option<Instant>,
 }
 
@@ -302,7 +304,7 @@ impl Relocation {
     fn write_next(&self, w: &mut Walk) -> Result<()> {
         let f = w.window.pop_front().expect("a block in flight");
         w.window_bytes -= f.len;
-        let (data, sync_staging) = w.d.finish_copy_read(f.b, f.read)?;
+        let data = w.d.finish_copy_read(f.b, f.read)?;
         let t = &self.targets[w.i];
         let off = f.b * w.d.block_size();
         if is_zero(&data) {
@@ -315,7 +317,6 @@ impl Relocation {
         self.bytes_copied.fetch_add(f.len, Ordering::Relaxed);
         w.batch.blocks.push((f.b, f.stamp));
         w.batch.bytes += f.len;
-        w.batch.sync_staging |= sync_staging;
         w.batch.started();
         if !w.final_pass {
             self.check_progress();
@@ -371,9 +372,6 @@ impl Relocation {
         self.targets[i]
             .sync_data()
             .ctx(|| format!("fsync relocation target disk{i}"))?;
-        if batch.sync_staging {
-            d.flush()?;
-        }
         let mut touched: Vec<Range<u64>> = vec![];
         for (b, stamp) in batch.blocks.drain(..) {
             self.count_mark(d.mark_copied(c, b, stamp));

@@ -18,11 +18,11 @@
 //!   a copy") before its data lands; the copier marks a block copied only if
 //!   no guest write started since it read the block. Pass after pass, only
 //!   blocks not copied are copied.
-//! * Copied bits never run ahead of staging: a batch is recorded as copied
-//!   only after the target *and the staging it was read from* are synced
-//!   (staging only when the batch holds a block the guest changed: any
-//!   other block reads the backup's bytes after a crash whatever staging
-//!   lost), so after a crash a copied block reads the same from both.
+//! * Copied bits never run ahead of the target: a batch is recorded as
+//!   copied only after the target is synced. A block the guest never
+//!   changed reads the backup's bytes after a crash whatever staging lost;
+//!   one it changed is copied again after any restart (see `copy`), so after
+//!   a crash a block trusted as copied reads the same from both.
 //! * When few blocks remain, guest writes are paused, the rest is copied,
 //!   targets are fsynced and `relocation.json` is renamed into place with
 //!   `switched: true`: that rename is the commit point. Everything that can

@@ -98,21 +98,22 @@ impl Volume {
     }
 
     /// Waits for a read `start_copy_read` began and returns block `b`'s
-    /// bytes, and whether staging must be synced before the copy may be
-    /// recorded: only for a block the guest changed (any other staged
-    /// block holds the backup's bytes, which a crash cannot take away).
-    pub(crate) fn finish_copy_read(&self, b: u64, r: CopyRead) -> Result<(CopyBytes, bool)> {
+    /// bytes. Staging need not be synced before the copy is recorded: a
+    /// block the guest changed is never trusted as copied after a restart
+    /// (see `relocate::copy`, "Revoking a copy"), and any other staged
+    /// block holds the backup's bytes, which a crash cannot take away.
+    pub(crate) fn finish_copy_read(&self, b: u64, r: CopyRead) -> Result<CopyBytes> {
         let (off, len) = self.block_range(b);
         match r.0 {
             ReadHow::Fetch(s) => {
                 s.wait()?;
                 if s.data.get().is_some() {
-                    return Ok((CopyBytes(Bytes::Fetched(s)), false));
+                    return Ok(CopyBytes(Bytes::Fetched(s)));
                 }
                 // Cannot happen (a successful fetch sets its bytes), but
                 // reading what the VM sees is always right.
                 let (data, _) = self.read_source(off, len, Class::Relocation)?;
-                Ok((CopyBytes(Bytes::Read(data)), self.store.changed.test(b)))
+                Ok(CopyBytes(Bytes::Read(data)))
             }
             ReadHow::Source(s) => {
                 if let Some(s) = s {
@@ -121,7 +122,7 @@ impl Volume {
                     let _ = s.wait();
                 }
                 let (data, _) = self.read_source(off, len, Class::Relocation)?;
-                Ok((CopyBytes(Bytes::Read(data)), self.store.changed.test(b)))
+                Ok(CopyBytes(Bytes::Read(data)))
             }
         }
     }
