@@ -71,6 +71,18 @@ struct Scenario {
     uploads: bool,
 }
 
+/// A small disk with no background work: tests that drive it by hand.
+const STILL: Scenario = Scenario {
+    blocks: 12,
+    flush_every: Duration::from_secs(3600),
+    relocate: None,
+    guest_ops: 0,
+    flush_pct: 0,
+    live_backups: false,
+    staging_max_blocks: None,
+    uploads: false,
+};
+
 /// A guest write as the checker needs it.
 struct Write {
     off: usize,
@@ -151,6 +163,22 @@ fn source<'a>(storage: &'a Arc<dyn Storage>, vol: &'a Arc<Volume>) -> Source<'a>
         config_json: b"{}\n",
         session_dir: Path::new(SESSION),
     }
+}
+
+/// Starts relocating `vol` to [`TARGET`] (the copier not spawned).
+fn begin_relocation(
+    storage: &Arc<dyn Storage>,
+    vol: &Arc<Volume>,
+    rate_mbps: Option<f64>,
+) -> Arc<Relocation> {
+    let meta = Meta {
+        target: PathBuf::from(TARGET),
+        switched: false,
+        pass: 1,
+        rate_mbps,
+        paused: false,
+    };
+    Relocation::begin(source(storage, vol), meta).unwrap()
 }
 
 /// A guest write, recorded for the checker.
@@ -240,14 +268,7 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
             }));
         }
         if w.sc.relocate.is_some() && op == ops / 4 {
-            let meta = Meta {
-                target: PathBuf::from(TARGET),
-                switched: false,
-                pass: 1,
-                rate_mbps: w.sc.relocate,
-                paused: false,
-            };
-            let r = Relocation::begin(source(&storage, &vol), meta).unwrap();
+            let r = begin_relocation(&storage, &vol, w.sc.relocate);
             r.spawn();
             reloc = Some(r);
         }
@@ -578,19 +599,7 @@ fn a_power_cut_after_a_written_hole_was_copied_never_leaves_the_hole_marked_copi
     // copier copies it and syncs the target; a power cut right then keeps
     // the target's copy but takes the staged write away: block 1 is a hole
     // again, and the target holds bytes there that the VM no longer sees.
-    let w = world(
-        303,
-        Scenario {
-            blocks: 12,
-            flush_every: Duration::from_secs(3600),
-            relocate: None,
-            guest_ops: 0,
-            flush_pct: 0,
-            live_backups: false,
-            staging_max_blocks: None,
-            uploads: false,
-        },
-    );
+    let w = world(303, STILL);
     let mem = MemStorage::new();
     let storage: Arc<dyn Storage> = Arc::new(mem.clone());
     storage.create_dir_all(Path::new(SESSION)).unwrap();
@@ -598,14 +607,7 @@ fn a_power_cut_after_a_written_hole_was_copied_never_leaves_the_hole_marked_copi
     let vol = open_volume(&w, &mem);
     assert!(vol.is_hole(1));
     vol.write(BS as u64, &[0x5a; BS]).unwrap();
-    let meta = Meta {
-        target: PathBuf::from(TARGET),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-    };
-    let r = Relocation::begin(source(&storage, &vol), meta).unwrap();
+    let r = begin_relocation(&storage, &vol, None);
     r.resume_pass_unthrottled().unwrap();
     drop(r);
     vol.close();
@@ -627,6 +629,59 @@ fn a_power_cut_after_a_written_hole_was_copied_never_leaves_the_hole_marked_copi
         vol.close();
     }
     assert!(hole_again > 0, "no cut made the written block a hole again");
+}
+
+#[test]
+fn a_crash_after_guest_writes_over_copied_blocks_never_leaves_them_vouched_for_by_the_copied_file()
+{
+    // A guest write not yet flushed is copied (staging is not synced for
+    // it); then, every block copied and recorded, the guest writes over
+    // copied blocks on each path (whole block, partial, write-zeroes,
+    // trim): each revokes its copy in memory only, so the copied file keeps
+    // vouching for the old bytes. Reopened after a crash anywhere, the
+    // restart rule must copy them all again.
+    let w = world(505, STILL);
+    let mem = MemStorage::new();
+    let storage: Arc<dyn Storage> = Arc::new(mem.clone());
+    storage.create_dir_all(Path::new(SESSION)).unwrap();
+    storage.create_dir_all(Path::new(TARGET)).unwrap();
+    let vol = open_volume(&w, &mem);
+    let from = mem.position();
+    vol.write(8 * BS as u64 + 512, &[0x77; 1024]).unwrap();
+    let r = begin_relocation(&storage, &vol, None);
+    r.resume_pass_unthrottled().unwrap();
+    assert_eq!(r.status().dirty_blocks, 0);
+    vol.write(2 * BS as u64, &[0x5a; BS]).unwrap();
+    vol.write(3 * BS as u64 + 4096, &[0xa5; 512]).unwrap();
+    vol.write_zeroes(4 * BS as u64, BS as u64).unwrap();
+    vol.discard(6 * BS as u64, BS as u64).unwrap();
+    vol.flush().unwrap();
+    assert_eq!(r.status().dirty_blocks, 4, "each write revoked its copy");
+    drop(r);
+    vol.close();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(505);
+    for cut in from..=mem.position() {
+        for (crash, state) in [
+            (Crash::Kill, mem.kill_state(cut)),
+            (Crash::PowerCut, mem.crash_state(cut, 0.0, &mut rng)),
+            (Crash::PowerCut, mem.crash_state(cut, 1.0, &mut rng)),
+        ] {
+            let st: Arc<dyn Storage> = Arc::new(state.clone());
+            let vol = open_volume(&w, &state);
+            let Some(r) = Relocation::reopen(source(&st, &vol)).unwrap() else {
+                vol.close(); // before the relocation was recorded
+                continue;
+            };
+            let seen = vol.read(0, w.sc.blocks * BS).unwrap();
+            if let Err(e) = copied_blocks_match(&r, &seen, "")
+                .and_then(|()| r.resume_pass_unthrottled().map_err(|e| e.to_string()))
+                .and_then(|()| copied_blocks_match(&r, &seen, " after the copy resumed"))
+            {
+                panic!("{crash:?} at operation {cut}: {e}");
+            }
+            vol.close();
+        }
+    }
 }
 
 #[test]

@@ -14,17 +14,60 @@
 //! **Batches.** Written blocks go into a batch; a full batch
 //! ([`BATCH_BYTES`] of data, [`BATCH_BLOCKS`] blocks with holes, or
 //! [`BATCH_AGE`] old) goes to this pass's committer thread, which syncs the
-//! target, then (if the batch holds a block the guest changed) staging,
-//! then records the batch in the copied map, while the copier fills the
-//! next batch. One batch commits at a time; the copier waits if the next is
+//! target, then records the batch in the copied map, while the copier
+//! fills the next batch (staging is not synced: see "Revoking a copy"). One batch commits at a time; the copier waits if the next is
 //! full first.
 //!
 //! **Guest writes racing a copy** are caught by the write stamp, taken
 //! before the block's read starts and checked when its bit is set (after
 //! the syncs): a write that began since leaves the block not copied, and a
-//! write that begins after the bit is set clears it durably. A batch in
+//! write that begins after the bit is set clears it (in memory). A batch in
 //! flight changes nothing there: the stamp check happens at the commit,
 //! however late.
+//!
+//! **Revoking a copy.** A guest write to a block marked copied clears the
+//! bit in memory only, before its data lands (the copier's set-then-recheck
+//! stamp protocol, `Volume::mark_copied`, is unchanged); the file may go on
+//! vouching for the block, until a commit rewrites its word, or forever if
+//! the daemon stops first. A durable clear cost a read, a write and a sync
+//! of the map per guest write to a copied block, on the guest's write path
+//! (the write p99 while a relocation runs, docs/benchmarks.md). It is not
+//! needed, because of the **restart rule**: whenever a relocation's state is
+//! opened, every block that is both changed and copied is taken as not
+//! copied (`Volume::forget_copies_of_changed`), so it is copied again, from
+//! staging. That covers every block a file bit could vouch for wrongly: a
+//! block whose target copy differs from what the reopened volume reads was
+//! written by the guest at some point (the copier records a copy only once
+//! the target is synced, so an unchanged block reads the backup's bytes on
+//! both sides), and every guest write,
+//! on every path (FUSE, NFS, NBD write, write-zeroes, trim, partial blocks:
+//! all pass `Volume::write_payload`), makes the block's changed bit durable
+//! before any of its data can land. The changed map is never cleared. So:
+//! * a commit's snapshot of a word may hold a bit a guest write cleared in
+//!   memory just after: the file vouches wrongly, the block is changed, the
+//!   rule forgets it;
+//! * for the same reason a commit no longer syncs staging first (it did,
+//!   for batches holding a changed block, so a copied changed block could
+//!   not lose its staged bytes): after a crash no changed block is trusted
+//!   as copied, whatever staging kept. One fsync of staging less per batch
+//!   while the guest writes, competing with the guest's own I/O;
+//! * resume of a paused relocation in the same daemon goes by memory; a
+//!   paused relocation reopened after a restart gets the rule like any;
+//! * a forgotten block that is a hole (a zero block written, its staged
+//!   bytes lost) is punched on the resumed target before it is recorded
+//!   (`take_holes`: a reopened target is never `fresh`);
+//! * eviction takes only unchanged blocks, which the rule never touches;
+//! * cutover: the final pass runs with writes paused, so every bit is set
+//!   in memory and the target synced before the commit; a crash before the
+//!   commit reopens with the rule, after it the copied map is not read.
+//!
+//! The rule is applied on every open, not only after a stop that was not
+//! clean: a clean-shutdown marker would have to be removed durably before
+//! the first revoke after each open and written only once no guest write
+//! can come, one more state to get wrong at 3 a.m. The cost is copying the
+//! guest's changed blocks once more after a daemon restart, from local
+//! staging: bounded by what the guest wrote, which a relocation copies at
+//! least once anyway, and restarts are rare.
 //!
 //! **Stopping** (cancel or pause) abandons the reads in flight (a fetch
 //! still completes for any reader that joined it), commits the blocks
@@ -66,8 +109,6 @@ pub(super) struct Batch {
     holes: Vec<Range<u64>>,
     /// Data bytes written to the target.
     bytes: u64,
-    /// A block the guest changed was read from staging: sync it first.
-    sync_staging: bool,
     since: Option<Instant>,
 }
 
@@ -263,7 +304,7 @@ impl Relocation {
     fn write_next(&self, w: &mut Walk) -> Result<()> {
         let f = w.window.pop_front().expect("a block in flight");
         w.window_bytes -= f.len;
-        let (data, sync_staging) = w.d.finish_copy_read(f.b, f.read)?;
+        let data = w.d.finish_copy_read(f.b, f.read)?;
         let t = &self.targets[w.i];
         let off = f.b * w.d.block_size();
         if is_zero(&data) {
@@ -276,7 +317,6 @@ impl Relocation {
         self.bytes_copied.fetch_add(f.len, Ordering::Relaxed);
         w.batch.blocks.push((f.b, f.stamp));
         w.batch.bytes += f.len;
-        w.batch.sync_staging |= sync_staging;
         w.batch.started();
         if !w.final_pass {
             self.check_progress();
@@ -332,9 +372,6 @@ impl Relocation {
         self.targets[i]
             .sync_data()
             .ctx(|| format!("fsync relocation target disk{i}"))?;
-        if batch.sync_staging {
-            d.flush()?;
-        }
         let mut touched: Vec<Range<u64>> = vec![];
         for (b, stamp) in batch.blocks.drain(..) {
             self.count_mark(d.mark_copied(c, b, stamp));
@@ -344,7 +381,7 @@ impl Relocation {
             // Stamp, then check it is still a hole, then set and recheck
             // (`mark_copied`): a guest write either made the block
             // present before the stamp, or is seen by the recheck, or
-            // sees the bit and revokes it durably.
+            // sees the bit and revokes it.
             for b in run.clone() {
                 match d.write_stamp(b) {
                     Some(stamp) if d.is_hole(b) => self.count_mark(d.mark_copied(c, b, stamp)),

@@ -14,14 +14,15 @@
 //!   costs its data, not its 10 million blocks. A hole is recorded only
 //!   where the target durably reads zeros (see `take_holes`).
 //! * A per-disk **copied** map records blocks whose target data is synced.
-//!   A guest write durably clears the block's bit before its data lands; the
-//!   copier marks a block copied only if no guest write started since it
-//!   read the block. Pass after pass, only blocks not copied are copied.
-//! * Copied bits never run ahead of staging: a batch is recorded as copied
-//!   only after the target *and the staging it was read from* are synced
-//!   (staging only when the batch holds a block the guest changed: any
-//!   other block reads the backup's bytes after a crash whatever staging
-//!   lost), so after a crash a copied block reads the same from both.
+//!   A guest write clears the block's bit in memory (see `copy`, "Revoking
+//!   a copy") before its data lands; the copier marks a block copied only if
+//!   no guest write started since it read the block. Pass after pass, only
+//!   blocks not copied are copied.
+//! * Copied bits never run ahead of the target: a batch is recorded as
+//!   copied only after the target is synced. A block the guest never
+//!   changed reads the backup's bytes after a crash whatever staging lost;
+//!   one it changed is copied again after any restart (see `copy`), so after
+//!   a crash a block trusted as copied reads the same from both.
 //! * When few blocks remain, guest writes are paused, the rest is copied,
 //!   targets are fsynced and `relocation.json` is renamed into place with
 //!   `switched: true`: that rename is the commit point. Everything that can
@@ -399,6 +400,17 @@ impl Relocation {
                 d.block_size() as u32,
                 d.nblocks(),
             )?;
+            // The restart rule (see `copy`, "Revoking a copy"), on every
+            // open: a fresh map has nothing to forget.
+            let forgotten = d.forget_copies_of_changed(&m);
+            if forgotten > 0 {
+                tracing::info!(
+                    vm = src.vm,
+                    disk = d.index,
+                    blocks = forgotten,
+                    "copying the blocks the guest changed again"
+                );
+            }
             copied.push(Arc::new(m));
         }
         for (i, (d, m)) in disks.iter().zip(&copied).enumerate() {

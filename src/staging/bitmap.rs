@@ -65,6 +65,20 @@ impl AtomicBitmap {
         self.words[(bit / 64) as usize].fetch_and(!mask, Ordering::AcqRel) & mask != 0
     }
 
+    /// Clears every bit set in `other` (of the same length), a word at a
+    /// time; returns how many were set here.
+    pub fn clear_each_of(&self, other: &AtomicBitmap) -> u64 {
+        debug_assert_eq!(self.nbits, other.nbits);
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(w, o)| {
+                let o = o.load(Ordering::Acquire);
+                (w.fetch_and(!o, Ordering::AcqRel) & o).count_ones() as u64
+            })
+            .sum()
+    }
+
     pub fn count(&self) -> u64 {
         self.words
             .iter()
@@ -466,20 +480,7 @@ impl PersistentBitmap {
         Ok(written)
     }
 
-    /// Clears a bit and makes that durable before returning: used for the
-    /// relocation's copied map, which must never claim a block is copied
-    /// once the guest may have changed it. Only this bit changes in the
-    /// file: writing the word from memory would also publish a neighbour's
-    /// bit that the copier has set but not yet rechecked, which a crash
-    /// could leave claiming bytes the guest has since overwritten.
-    pub fn clear_durable(&self, bit: u64) -> Result<()> {
-        if !self.bits.test(bit) {
-            return Ok(());
-        }
-        self.clear_many_durable(&[bit])
-    }
-
-    /// Eviction (and [`Self::clear_durable`]): clears `bits` in memory and
+    /// Eviction: clears `bits` in memory and
     /// in the same-boot mirror, then in the file, synced, before returning;
     /// only then may the caller punch the blocks' holes. The file words are read back and only the
     /// evicted bits cleared in them: bits set in memory since the last

@@ -12,9 +12,8 @@ fn a_copy_read_fetches_the_backup_bytes_without_staging_them() {
     let f = fixture(20, 11);
     let b = 3u64; // every fifth block is a zero chunk: this one has data
     let r = f.vol.start_copy_read(b);
-    let (bytes, sync_staging) = f.vol.finish_copy_read(b, r).unwrap();
+    let bytes = f.vol.finish_copy_read(b, r).unwrap();
     assert!(bytes[..] == f.data[b as usize * BS..][..BS]);
-    assert!(!sync_staging, "backup bytes need no staging sync");
     assert!(
         !f.vol.store.present.test(b),
         "the copier's fetch was staged"
@@ -35,7 +34,7 @@ fn a_guest_miss_meeting_a_copy_fetch_shares_it_and_the_block_is_staged() {
     // The guest reads the block while the copier's fetch is under way.
     let got = f.vol.read(b * BS as u64 + 10, 4096).unwrap();
     assert!(got[..] == f.data[b as usize * BS + 10..][..4096]);
-    let (bytes, _) = f.vol.finish_copy_read(b, r).unwrap();
+    let bytes = f.vol.finish_copy_read(b, r).unwrap();
     assert!(bytes[..] == f.data[b as usize * BS..][..BS]);
     assert_eq!(f.vol.status().fetched_blocks, 1, "one fetch for both");
     // Promoted by the guest, the fetch staged the block after all.
@@ -48,15 +47,14 @@ fn a_guest_miss_meeting_a_copy_fetch_shares_it_and_the_block_is_staged() {
 }
 
 #[test]
-fn a_copy_read_of_a_changed_block_reads_the_write_and_asks_for_a_staging_sync() {
+fn a_copy_read_of_a_changed_block_reads_the_write() {
     let f = fixture(20, 13);
     let b = 8u64;
     f.vol.write(b * BS as u64 + 5, b"guest bytes").unwrap();
     let r = f.vol.start_copy_read(b);
-    let (bytes, sync_staging) = f.vol.finish_copy_read(b, r).unwrap();
+    let bytes = f.vol.finish_copy_read(b, r).unwrap();
     assert_eq!(&bytes[5..16], b"guest bytes");
     assert!(bytes[16..] == f.data[b as usize * BS + 16..][..BS - 16]);
-    assert!(sync_staging, "a changed block's copy must wait for staging");
 }
 
 #[test]

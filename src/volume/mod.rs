@@ -463,7 +463,7 @@ impl Volume {
 
     /// True if a write of the range neither waits for a fetch nor syncs a
     /// map nor waits for another writer's map sync (every block staged and
-    /// durably marked changed, none marked copied) nor waits out a
+    /// durably marked changed; a copy is revoked in memory) nor waits out a
     /// cutover's pause: frontends may serve it on an event thread.
     pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
         if self.write_gate.is_locked_exclusive() {
@@ -475,12 +475,10 @@ impl Volume {
                 .blocks(off, len)
                 .all(|b| self.store.changed.test_durable(b) && self.dirty_is_quick(b));
         }
-        let copied = self.copied.read();
         self.blocks(off, len).all(|b| {
             self.store.present.test(b)
                 && self.store.changed.test_durable(b)
                 && self.dirty_is_quick(b)
-                && copied.as_ref().is_none_or(|c| !c.test(b))
         })
     }
 

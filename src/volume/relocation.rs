@@ -60,9 +60,10 @@ impl Volume {
 
     /// Marks `b` copied if no guest write started since `stamp`. The bit is
     /// set before the recheck so that a racing writer either sees it (and
-    /// clears it durably) or is seen here.
+    /// clears it, in memory: its changed bit covers a crash) or is seen here.
     pub(crate) fn mark_copied(&self, copied: &PersistentBitmap, b: u64, stamp: u32) -> bool {
         copied.set(b);
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.writes_started.of(b).load(Ordering::SeqCst) != stamp {
             copied.bits().clear(b);
             copied.mark_dirty();
@@ -97,21 +98,22 @@ impl Volume {
     }
 
     /// Waits for a read `start_copy_read` began and returns block `b`'s
-    /// bytes, and whether staging must be synced before the copy may be
-    /// recorded: only for a block the guest changed (any other staged
-    /// block holds the backup's bytes, which a crash cannot take away).
-    pub(crate) fn finish_copy_read(&self, b: u64, r: CopyRead) -> Result<(CopyBytes, bool)> {
+    /// bytes. Staging need not be synced before the copy is recorded: a
+    /// block the guest changed is never trusted as copied after a restart
+    /// (see `relocate::copy`, "Revoking a copy"), and any other staged
+    /// block holds the backup's bytes, which a crash cannot take away.
+    pub(crate) fn finish_copy_read(&self, b: u64, r: CopyRead) -> Result<CopyBytes> {
         let (off, len) = self.block_range(b);
         match r.0 {
             ReadHow::Fetch(s) => {
                 s.wait()?;
                 if s.data.get().is_some() {
-                    return Ok((CopyBytes(Bytes::Fetched(s)), false));
+                    return Ok(CopyBytes(Bytes::Fetched(s)));
                 }
                 // Cannot happen (a successful fetch sets its bytes), but
                 // reading what the VM sees is always right.
                 let (data, _) = self.read_source(off, len, Class::Relocation)?;
-                Ok((CopyBytes(Bytes::Read(data)), self.store.changed.test(b)))
+                Ok(CopyBytes(Bytes::Read(data)))
             }
             ReadHow::Source(s) => {
                 if let Some(s) = s {
@@ -120,7 +122,7 @@ impl Volume {
                     let _ = s.wait();
                 }
                 let (data, _) = self.read_source(off, len, Class::Relocation)?;
-                Ok((CopyBytes(Bytes::Read(data)), self.store.changed.test(b)))
+                Ok(CopyBytes(Bytes::Read(data)))
             }
         }
     }
@@ -172,6 +174,16 @@ impl Volume {
         self.no_staging_reader(*readers)?;
         *self.copied.write() = Some(m);
         Ok(())
+    }
+
+    /// The restart rule of `relocate::copy` ("Revoking a copy"): clears, in
+    /// memory, the copied bit of every block the guest ever changed, as
+    /// `copied` was read from its file; returns how many. A guest write
+    /// revokes a copy in memory only, so the file may still vouch for a
+    /// block written since: every such block has its changed bit (durable
+    /// before the write's data), and is copied again (from staging).
+    pub(crate) fn forget_copies_of_changed(&self, copied: &PersistentBitmap) -> u64 {
+        copied.bits().clear_each_of(self.store.changed.bits())
     }
 
     /// Ends it (a relocation that could not start).

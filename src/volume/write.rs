@@ -1,10 +1,11 @@
 //! The guest's writes (see the module doc of `volume`: lock order of
 //! writes, changed bits before data): claim the fully covered blocks in
 //! ascending order, fill the partly covered ones from the backup, mark the
-//! blocks changed durably and revoke their "copied" and "uploaded" state,
-//! then write staging.
+//! blocks changed durably, revoke their "copied" state (in memory: see
+//! `relocate::copy`, "Revoking a copy") and their "uploaded" state
+//! (durably), then write staging.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,7 +270,9 @@ impl Volume {
     }
 
     /// Announces a write before its data lands, then revokes the blocks'
-    /// "copied" status and their upload entries (durably): pairs with the
+    /// "copied" status (in memory only: the changed bit, durable before
+    /// this, makes a reopened relocation copy the block again, see
+    /// `relocate::copy`) and their upload entries (durably): pairs with the
     /// copier's and the uploader's set-then-recheck (`mark_copied`,
     /// `mark_uploaded`). On failure every announced block is ended again.
     pub(super) fn announce_write(
@@ -280,18 +283,17 @@ impl Volume {
         for b in blocks.clone() {
             self.writes_started.of(b).fetch_add(1, Ordering::SeqCst);
         }
-        let r = (|| {
-            if let Some(c) = copied {
-                for b in blocks.clone() {
-                    if c.test(b) {
-                        c.clear_durable(b)?;
-                        self.copies_revoked.fetch_add(1, Ordering::Relaxed);
-                    }
+        if let Some(c) = copied {
+            // The announce before the test, as `mark_copied` sets before
+            // it rechecks: one of the two sides sees the other.
+            fence(Ordering::SeqCst);
+            for b in blocks.clone() {
+                if c.bits().clear(b) {
+                    self.copies_revoked.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            self.invalidate_uploaded(blocks.clone())
-        })();
-        if let Err(e) = r {
+        }
+        if let Err(e) = self.invalidate_uploaded(blocks.clone()) {
             self.end_write(blocks);
             return Err(self.fail(e));
         }

@@ -200,7 +200,7 @@ fn a_durable_clear_is_never_undone_by_an_exclusive_persist() {
         std::thread::spawn(move || {
             (0..128)
                 .step_by(3)
-                .for_each(|b| m.clear_durable(b).unwrap())
+                .for_each(|b| m.clear_many_durable(&[b]).unwrap())
         })
     };
     for b in (1..128).step_by(3) {
@@ -224,7 +224,7 @@ fn a_durable_clear_never_publishes_a_neighbour_set_only_in_memory() {
     m.persist_exclusive().unwrap();
     // The copier's set-then-recheck: bit 1 is set in memory only.
     m.set(1);
-    m.clear_durable(0).unwrap();
+    m.clear_many_durable(&[0]).unwrap();
     let again = PersistentBitmap::open(&OsStorage, &p, MapKind::Copied, 65536, 128).unwrap();
     assert!(!again.test(0), "the cleared bit is durable");
     assert!(!again.test(1), "the unconfirmed neighbour reached the file");
