@@ -181,7 +181,9 @@ mod tests {
         let t = Instant::now();
         let mut x = 12345u64;
         for _ in 0..200 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let b = (x >> 33) % 64;
             assert_eq!(d.on_read(b..b + 1, 4096, g, t), None, "block {b}");
         }

@@ -18,6 +18,8 @@ use tokio::task::JoinSet;
 use super::handshake::Negotiated;
 use super::proto::*;
 use super::stopped;
+use bytes::Bytes;
+
 use crate::disk::{Disk, Extent, ExtentFlags, ReadDone, Spawner};
 use crate::error::Error;
 
@@ -71,8 +73,16 @@ impl From<Error> for Failure {
 /// Part of a read's answer.
 #[derive(Debug)]
 enum Content {
-    Data { offset: u64, bytes: Vec<u8> },
-    Hole { offset: u64, len: u32 },
+    /// The disk's bytes as they came (a fetched chunk's slice for a read
+    /// answered later): written to the socket without another copy.
+    Data {
+        offset: u64,
+        bytes: Bytes,
+    },
+    Hole {
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// A request's outcome, before encoding for the negotiated reply style.
@@ -312,7 +322,7 @@ where
 /// moved, not copied, when large.
 struct Frame {
     head: Vec<u8>,
-    body: Vec<u8>,
+    body: Bytes,
 }
 
 async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: Vec<Frame>) -> io::Result<()> {
@@ -341,7 +351,7 @@ fn encode(cookie: u64, reply: Reply, structured: bool) -> Vec<Frame> {
 
 fn encode_simple(cookie: u64, reply: Reply) -> Frame {
     let (errno, body) = match reply {
-        Reply::Done => (0, vec![]),
+        Reply::Done => (0, Bytes::new()),
         Reply::Read {
             content,
             error: None,
@@ -350,9 +360,9 @@ fn encode_simple(cookie: u64, reply: Reply) -> Frame {
             error: Some((_, f)),
             ..
         }
-        | Reply::Failed(f) => (f.errno, vec![]),
+        | Reply::Failed(f) => (f.errno, Bytes::new()),
         // Block status needs structured replies; `execute` refuses it.
-        Reply::Status(_) => (NBD_EINVAL, vec![]),
+        Reply::Status(_) => (NBD_EINVAL, Bytes::new()),
     };
     Frame {
         head: simple_reply(cookie, errno),
@@ -360,29 +370,34 @@ fn encode_simple(cookie: u64, reply: Reply) -> Frame {
     }
 }
 
-/// A read's content as plain bytes, for a simple reply.
-fn flatten(content: Vec<Content>) -> Vec<u8> {
+/// A read's content as plain bytes, for a simple reply: a single run of
+/// data as it is, anything else assembled.
+fn flatten(mut content: Vec<Content>) -> Bytes {
+    if let [Content::Data { .. }] = content[..] {
+        if let Some(Content::Data { bytes, .. }) = content.pop() {
+            return bytes;
+        }
+    }
     let mut out = vec![];
     for c in content {
         match c {
-            Content::Data { bytes, .. } if out.is_empty() => out = bytes,
             Content::Data { bytes, .. } => out.extend_from_slice(&bytes),
             Content::Hole { len, .. } => out.resize(out.len() + len as usize, 0),
         }
     }
-    out
+    Bytes::from(out)
 }
 
 fn encode_structured(cookie: u64, reply: Reply) -> Vec<Frame> {
     // (chunk type, fixed payload fields, body)
-    let mut chunks: Vec<(u16, Vec<u8>, Vec<u8>)> = vec![];
+    let mut chunks: Vec<(u16, Vec<u8>, Bytes)> = vec![];
     match reply {
         // A simple reply is allowed for anything but a read and has no
         // payload to parse.
         Reply::Done => {
             return vec![Frame {
                 head: simple_reply(cookie, 0),
-                body: vec![],
+                body: Bytes::new(),
             }]
         }
         Reply::Read { content, error } => {
@@ -394,14 +409,14 @@ fn encode_structured(cookie: u64, reply: Reply) -> Vec<Frame> {
                     Content::Hole { offset, len } => {
                         let mut p = offset.to_be_bytes().to_vec();
                         p.extend_from_slice(&len.to_be_bytes());
-                        (REPLY_TYPE_OFFSET_HOLE, p, vec![])
+                        (REPLY_TYPE_OFFSET_HOLE, p, Bytes::new())
                     }
                 });
             }
             if let Some((offset, f)) = error {
                 let mut p = error_payload(f.errno, &f.message);
                 p.extend_from_slice(&offset.to_be_bytes());
-                chunks.push((REPLY_TYPE_ERROR_OFFSET, p, vec![]));
+                chunks.push((REPLY_TYPE_ERROR_OFFSET, p, Bytes::new()));
             }
         }
         Reply::Status(contexts) => {
@@ -412,15 +427,17 @@ fn encode_structured(cookie: u64, reply: Reply) -> Vec<Frame> {
                     p.extend_from_slice(&len.to_be_bytes());
                     p.extend_from_slice(&flags.to_be_bytes());
                 }
-                chunks.push((REPLY_TYPE_BLOCK_STATUS, p, vec![]));
+                chunks.push((REPLY_TYPE_BLOCK_STATUS, p, Bytes::new()));
             }
         }
-        Reply::Failed(f) => {
-            chunks.push((REPLY_TYPE_ERROR, error_payload(f.errno, &f.message), vec![]))
-        }
+        Reply::Failed(f) => chunks.push((
+            REPLY_TYPE_ERROR,
+            error_payload(f.errno, &f.message),
+            Bytes::new(),
+        )),
     }
     if chunks.is_empty() {
-        chunks.push((REPLY_TYPE_NONE, vec![], vec![]));
+        chunks.push((REPLY_TYPE_NONE, vec![], Bytes::new()));
     }
     let last = chunks.len() - 1;
     chunks
@@ -578,10 +595,7 @@ impl Target {
         let done: ReadDone = Box::new(move |r| {
             let reply = match r {
                 Ok(bytes) if bytes.len() as u64 == len => Reply::Read {
-                    content: vec![Content::Data {
-                        offset: off,
-                        bytes: bytes.to_vec(),
-                    }],
+                    content: vec![Content::Data { offset: off, bytes }],
                     error: None,
                 },
                 Ok(bytes) => Reply::Read {
@@ -642,7 +656,7 @@ impl Target {
             match self.read_exact(s.offset, s.len as usize) {
                 Ok(bytes) => content.push(Content::Data {
                     offset: s.offset,
-                    bytes,
+                    bytes: Bytes::from(bytes),
                 }),
                 Err(f) => {
                     return Reply::Read {

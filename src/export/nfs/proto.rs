@@ -568,7 +568,7 @@ fn read_later(
                 data: Opaque::borrowed(data),
             }),
             Err(e) => Nfs3Result::Err((
-                nfs_error(&e),
+                nfs_error(e),
                 n3::READ3resfail {
                     file_attributes: attrs,
                 },
