@@ -100,12 +100,28 @@ fn a_sessions_one_miss_runs_before_another_sessions_hundred_queued_misses() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let order = Arc::new(Mutex::new(Vec::new()));
+    let pushed = Arc::new(parking_lot::Condvar::new());
     for i in 0..100 {
-        let o = order.clone();
-        s.submit_for(1, Class::OnDemand, 0, move || o.lock().push((1, i)));
+        let (o, cv) = (order.clone(), pushed.clone());
+        // Two CPU threads run jobs at once, so two started in order may
+        // record out of order: a job waits (briefly) for its predecessor's
+        // record, which makes the record the start order when starts are
+        // FIFO, and shows a job started before its predecessor otherwise.
+        s.submit_for(1, Class::OnDemand, 0, move || {
+            let mut g = o.lock();
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while i > 0 && !g.contains(&(1, i - 1)) && std::time::Instant::now() < deadline {
+                cv.wait_until(&mut g, deadline);
+            }
+            g.push((1, i));
+            cv.notify_all();
+        });
     }
-    let o = order.clone();
-    s.submit_for(2, Class::OnDemand, 0, move || o.lock().push((2, 0)));
+    let (o, cv) = (order.clone(), pushed.clone());
+    s.submit_for(2, Class::OnDemand, 0, move || {
+        o.lock().push((2, 0));
+        cv.notify_all();
+    });
     for g in &gates {
         open(g);
     }
