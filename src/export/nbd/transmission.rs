@@ -585,12 +585,10 @@ impl Target {
         if off / bs != (off + len - 1) / bs {
             return None;
         }
-        if self.structured && req.flags & CMD_FLAG_DF == 0 {
-            let runs = self.segments(off, len);
-            if runs.len() != 1 || runs[0].zero {
-                return None;
-            }
-        }
+        // No block status here: a hit is given back by the disk, which then
+        // takes `read`'s path (and its own runs), so asking for runs first
+        // would do that work twice on every hit; and bytes the disk answers
+        // later are always a valid reply as one data chunk.
         let (tx, rx) = tokio::sync::oneshot::channel();
         let done: ReadDone = Box::new(move |r| {
             let reply = match r {

@@ -512,10 +512,14 @@ fn read(ctx: &Ctx, r: &mut Reader) -> Result<n3::READ3res<'static>, Garbage> {
         let (data, eof) = match n {
             Node::Disk(s, d) => {
                 ctx.conn.attach(s).map_err(fail)?;
-                if let Some(l) = ctx.later {
+                // A hit is read now: no attributes fetched for nothing.
+                if let Some(l) = ctx.later.filter(|_| !d.is_local(off, count as u64)) {
                     if read_later(l, d, off, count, post(ctx, n)) {
                         // The reply goes with the fetch; this one is dropped.
-                        return Err(fail(nfsstat3::NFS3ERR_JUKEBOX));
+                        let dropped = n3::READ3resfail {
+                            file_attributes: Nfs3Option::None,
+                        };
+                        return Err((nfsstat3::NFS3ERR_JUKEBOX, dropped));
                     }
                 }
                 let data = d
