@@ -460,10 +460,8 @@ impl Datastore {
             .map(|(i, st)| {
                 Volume::new(
                     self.repo.clone(),
-                    &manifest.id,
-                    vm,
+                    &manifest,
                     i,
-                    &manifest.disks[i],
                     st,
                     point.sched.clone(),
                     record,

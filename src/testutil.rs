@@ -61,10 +61,8 @@ pub fn open_volumes(
         .map(|(i, st)| {
             Volume::new(
                 repo.clone(),
-                &m.id,
-                &m.vm,
+                m,
                 i,
-                &m.disks[i],
                 st,
                 sched.clone(),
                 RecordWindow {

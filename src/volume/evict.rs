@@ -13,7 +13,7 @@
 //! there; a writer of a fully covered present block relies on the bit
 //! staying set (else a later read would fetch the backup over its data).
 //! An eviction in between would break each. So the volume has an eviction
-//! gate (`evict_gate`, an `RwLock<()>`):
+//! gate (`Eviction::gate`, an `RwLock<()>`):
 //! * readers hold it shared only around "test presence + pread" (never
 //!   while waiting for a fill); a block with a backup chunk found not
 //!   present there was evicted after its fill: they fill it again;
@@ -57,15 +57,48 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use parking_lot::{Mutex, RwLock};
+
+use super::stripes::Stripes;
 use super::{Slot, Volume};
 use crate::error::{IoContext, Result};
 use crate::prefetch::Class;
 use crate::staging::budget::{Budget, Evictable};
+use crate::staging::AtomicBitmap;
 
 /// Blocks evicted per exclusive hold of the gate.
 const BATCH: u64 = 32;
+
+/// A volume's eviction state: its gate, pins and CLOCK, and the budget it
+/// counts against.
+pub(super) struct Eviction {
+    /// Readers hold it shared around "test presence + pread", writers
+    /// around "test presence + pin"; eviction holds it exclusively while
+    /// it picks and clears victims.
+    pub(super) gate: RwLock<()>,
+    /// Writers relying on a present block (striped).
+    pins: Stripes,
+    /// CLOCK referenced bits (set by hits and fills).
+    referenced: AtomicBitmap,
+    /// CLOCK hand; also one eviction of this disk at a time.
+    pub(super) clock_hand: Mutex<u64>,
+    /// The staging budget this disk counts against, and its session dir.
+    budget: OnceLock<(Arc<Budget>, PathBuf)>,
+}
+
+impl Eviction {
+    pub(super) fn new(nblocks: u64) -> Eviction {
+        Eviction {
+            gate: RwLock::new(()),
+            pins: Stripes::new(nblocks),
+            referenced: AtomicBitmap::new(nblocks),
+            clock_hand: Mutex::new(0),
+            budget: OnceLock::new(),
+        }
+    }
+}
 
 impl Volume {
     /// Counts this disk's staging against `budget` (the staging directory
@@ -74,12 +107,12 @@ impl Volume {
         let staged = self.store.present.bits().count() * self.block_size;
         let me: std::sync::Weak<dyn Evictable> = Arc::downgrade(self) as _;
         budget.attach(me, dir.clone(), staged);
-        let _ = self.budget.set((budget, dir));
+        let _ = self.evict.budget.set((budget, dir));
     }
 
     /// Stops counting this disk as served (at release).
     pub(super) fn detach_budget(&self) {
-        if let Some((b, dir)) = self.budget.get() {
+        if let Some((b, dir)) = self.evict.budget.get() {
             b.detach(dir, self.store.present.bits().count() * self.block_size);
         }
     }
@@ -87,7 +120,7 @@ impl Volume {
     /// Takes room for block `b` before a fill writes it; the slot gives it
     /// back if the fill fails (see `complete`).
     pub(super) fn admit(&self, slot: &Slot) -> Result<()> {
-        if let Some((budget, _)) = self.budget.get() {
+        if let Some((budget, _)) = self.evict.budget.get() {
             budget.reserve(self.block_size)?;
             slot.reserved.store(true, Ordering::Release);
         }
@@ -97,7 +130,7 @@ impl Volume {
     /// After a fill ended: a failed one returns its reservation.
     pub(super) fn settle(&self, slot: &Slot, ok: bool) {
         if !ok && slot.reserved.swap(false, Ordering::AcqRel) {
-            if let Some((budget, _)) = self.budget.get() {
+            if let Some((budget, _)) = self.evict.budget.get() {
                 budget.unreserve(self.block_size);
             }
         }
@@ -105,29 +138,29 @@ impl Volume {
 
     /// Pins `b` if it is present: no eviction takes it until `unpin`.
     pub(super) fn pin_if_present(&self, b: u64) -> bool {
-        let _g = self.evict_gate.read();
+        let _g = self.evict.gate.read();
         if !self.store.present.test(b) {
             return false;
         }
-        self.pins.of(b).fetch_add(1, Ordering::AcqRel);
+        self.evict.pins.of(b).fetch_add(1, Ordering::AcqRel);
         true
     }
 
     pub(super) fn unpin(&self, b: u64) {
-        self.pins.of(b).fetch_sub(1, Ordering::AcqRel);
+        self.evict.pins.of(b).fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Marks `b` recently used (CLOCK).
     pub(super) fn touch(&self, b: u64) {
-        if !self.referenced.test(b) {
-            self.referenced.set(b);
+        if !self.evict.referenced.test(b) {
+            self.evict.referenced.set(b);
         }
     }
 
     fn evictable(&self, b: u64, copied: Option<&crate::staging::PersistentBitmap>) -> bool {
         self.store.present.test(b)
             && !self.store.changed.test(b)
-            && self.pins.of(b).load(Ordering::Acquire) == 0
+            && self.evict.pins.of(b).load(Ordering::Acquire) == 0
             && copied.is_none_or(|c| c.test(b))
     }
 
@@ -138,13 +171,13 @@ impl Volume {
             return Ok(0);
         }
         let max = want.div_ceil(self.block_size).clamp(1, BATCH) as usize;
-        let mut hand = self.clock_hand.lock();
+        let mut hand = self.evict.clock_hand.lock();
         // A direct reader reads the file itself: a hole would read as zeros.
         if self.direct_readers() > 0 {
             return Ok(0);
         }
         let _flush = self.flush_lock.lock();
-        let gate = self.evict_gate.write();
+        let gate = self.evict.gate.write();
         let copied = self.copied.read().clone();
         let mut victims = vec![];
         let mut slots = vec![];
@@ -160,7 +193,7 @@ impl Volume {
                 if !self.evictable(b, copied.as_deref()) || inflight.contains_key(&b) {
                     continue;
                 }
-                if self.referenced.clear(b) {
+                if self.evict.referenced.clear(b) {
                     continue;
                 }
                 // A fill of a victim waits until its hole is punched: one
@@ -190,7 +223,7 @@ impl Volume {
         // Only now is the room free: counted earlier, a fill could take it
         // while the holes are not punched yet, and staging would pass its
         // limit for a moment.
-        if let Some((budget, _)) = self.budget.get() {
+        if let Some((budget, _)) = self.evict.budget.get() {
             budget.evicted(victims.len() as u64, victims.len() as u64 * self.block_size);
         }
         {
@@ -239,7 +272,8 @@ impl Evictable for Volume {
     }
 
     fn session_dir(&self) -> PathBuf {
-        self.budget
+        self.evict
+            .budget
             .get()
             .map(|(_, d)| d.clone())
             .unwrap_or_default()

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::Volume;
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -34,6 +34,17 @@ pub(crate) struct DirtyMaps {
     pub(crate) current: Option<Arc<PersistentBitmap>>,
     /// While a live backup runs: the next generation's map.
     pub(crate) next: Option<Arc<PersistentBitmap>>,
+}
+
+/// A volume's live-backup state.
+pub(super) struct LiveBackup {
+    /// Dirty-since-backup maps.
+    pub(super) dirty: RwLock<DirtyMaps>,
+    /// While a live backup reads its frozen blocks.
+    pub(super) freeze: RwLock<Option<Arc<Freeze>>>,
+    /// The session uploader's record of the current generation (see
+    /// `upload`): a guest write invalidates its entries first.
+    pub(super) uploaded: RwLock<Option<Arc<super::upload::Uploaded>>>,
 }
 
 /// A live backup's frozen blocks, while it reads them.
@@ -71,7 +82,7 @@ impl Volume {
     /// Sets `blocks` in the dirty-since-backup maps, durably, before the data
     /// (the changed map, generation 0's, is set by the caller).
     pub(super) fn mark_dirty(&self, blocks: std::ops::Range<u64>) -> Result<()> {
-        let maps = self.dirty.read();
+        let maps = self.live.dirty.read();
         for m in [&maps.current, &maps.next].into_iter().flatten() {
             m.set_many_durable(blocks.clone())?;
         }
@@ -80,13 +91,14 @@ impl Volume {
 
     /// True if a write of `b` would need no dirty-map sync and no copy.
     pub(super) fn dirty_is_quick(&self, b: u64) -> bool {
-        let maps = self.dirty.read();
+        let maps = self.live.dirty.read();
         let marked = [&maps.current, &maps.next]
             .into_iter()
             .flatten()
             .all(|m| m.test_durable(b));
         marked
             && self
+                .live
                 .freeze
                 .read()
                 .as_ref()
@@ -103,13 +115,13 @@ impl Volume {
     /// Tests: a live backup has frozen this disk and not ended yet.
     #[cfg(test)]
     pub(crate) fn is_frozen(&self) -> bool {
-        self.freeze.read().is_some()
+        self.live.freeze.read().is_some()
     }
 
     /// Tests: whether block `b` is marked in the current generation's map.
     #[cfg(test)]
     pub(crate) fn is_dirty(&self, b: u64) -> bool {
-        match &self.dirty.read().current {
+        match &self.live.dirty.read().current {
             Some(m) => m.test(b),
             None => self.store.changed.test(b),
         }
@@ -117,7 +129,7 @@ impl Volume {
 
     /// Blocks written since the session's last live backup.
     pub fn blocks_dirty(&self) -> u64 {
-        match &self.dirty.read().current {
+        match &self.live.dirty.read().current {
             Some(m) => m.bits().count(),
             None => self.store.changed.bits().count(),
         }
@@ -133,7 +145,7 @@ impl Volume {
         cow: Arc<dyn BlockFile>,
         cow_path: PathBuf,
     ) -> Result<Frozen> {
-        if self.freeze.read().is_some() {
+        if self.live.freeze.read().is_some() {
             return Err(Error::busy(format!(
                 "disk{} of VM {} is already frozen for a backup",
                 self.index, self.vm
@@ -141,11 +153,11 @@ impl Volume {
         }
         self.flush()?;
         let switched = self.target.get().is_some();
-        let up = self.uploaded.read().clone();
+        let up = self.live.uploaded.read().clone();
         let mut frozen = Frozen::default();
         let pending = AtomicBitmap::new(self.nblocks);
         {
-            let maps = self.dirty.read();
+            let maps = self.live.dirty.read();
             let bits = match &maps.current {
                 Some(m) => m.bits(),
                 None => self.store.changed.bits(),
@@ -165,7 +177,7 @@ impl Volume {
                 }
             }
         }
-        *self.freeze.write() = Some(Arc::new(Freeze {
+        *self.live.freeze.write() = Some(Arc::new(Freeze {
             pending,
             saved: AtomicBitmap::new(self.nblocks),
             cow,
@@ -174,7 +186,7 @@ impl Volume {
             cow_blocks: AtomicU64::new(0),
             broken: OnceLock::new(),
         }));
-        self.dirty.write().next = Some(next);
+        self.live.dirty.write().next = Some(next);
         Ok(frozen)
     }
 
@@ -182,7 +194,7 @@ impl Volume {
     /// of pending ones to the cow file. A failure fails the backup, never
     /// the guest's write.
     pub(super) fn before_overwrite(&self, blocks: Range<u64>) {
-        let Some(f) = self.freeze.read().clone() else {
+        let Some(f) = self.live.freeze.read().clone() else {
             return;
         };
         for b in blocks {
@@ -231,7 +243,7 @@ impl Volume {
     /// block's length); true if the bytes came from the cow file. Each
     /// frozen block is read once.
     pub(crate) fn read_frozen(&self, b: u64, buf: &mut [u8]) -> Result<bool> {
-        let f = self.freeze.read().clone().ok_or_else(|| {
+        let f = self.live.freeze.read().clone().ok_or_else(|| {
             Error::new(
                 ErrorKind::Io,
                 format!("disk{} of VM {} is not frozen", self.index, self.vm),
@@ -264,7 +276,7 @@ impl Volume {
     /// The backup will not read frozen block `b` (it took its uploaded
     /// chunk): a guest write to it need not save its bytes any more.
     pub(crate) fn release_frozen(&self, b: u64) {
-        if let Some(f) = self.freeze.read().clone() {
+        if let Some(f) = self.live.freeze.read().clone() {
             let _g = f.stripes[b as usize % STRIPES].lock();
             f.pending.clear(b);
         }
@@ -272,7 +284,8 @@ impl Volume {
 
     /// Blocks the guest overwrote while frozen (copied to the cow file).
     pub(crate) fn cow_blocks(&self) -> u64 {
-        self.freeze
+        self.live
+            .freeze
             .read()
             .as_ref()
             .map_or(0, |f| f.cow_blocks.load(Ordering::Relaxed))
@@ -284,7 +297,7 @@ impl Volume {
     /// next map is dropped and writes mark the current one alone.
     pub(crate) fn end_freeze(&self, committed: bool) -> Option<Arc<PersistentBitmap>> {
         let old = {
-            let mut maps = self.dirty.write();
+            let mut maps = self.live.dirty.write();
             if committed {
                 let next = maps.next.take();
                 std::mem::replace(&mut maps.current, next)
@@ -293,7 +306,7 @@ impl Volume {
                 None
             }
         };
-        *self.freeze.write() = None;
+        *self.live.freeze.write() = None;
         old
     }
 
@@ -301,6 +314,6 @@ impl Volume {
     /// the current and the next map, so whichever generation a restart
     /// finds is complete.
     pub(crate) fn end_freeze_keeping_both(&self) {
-        *self.freeze.write() = None;
+        *self.live.freeze.write() = None;
     }
 }

@@ -59,7 +59,7 @@ use crate::prefetch::scheduler::{tenant_of, Job};
 use crate::prefetch::stream::Detector;
 use crate::prefetch::tracker::{ProfileFigures, RecordWindow, Tracker};
 use crate::prefetch::{Class, Scheduler};
-use crate::repo::{ChunkIndex, DiskManifest, Repository};
+use crate::repo::{ChunkIndex, DiskManifest, Manifest, Repository};
 use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
@@ -230,16 +230,11 @@ pub struct Volume {
     writes_finished: stripes::Stripes,
     /// The relocation's copied map while a relocation runs.
     copied: RwLock<Option<Arc<PersistentBitmap>>>,
-    /// The session uploader's record of the current generation (see
-    /// `upload`): a guest write invalidates its entries first.
-    uploaded: RwLock<Option<Arc<Uploaded>>>,
     /// Guest writes hold it shared; the cutover and a live backup's freeze
     /// hold it exclusively.
     write_gate: RwLock<()>,
-    /// Dirty-since-backup maps (see `freeze`).
-    dirty: RwLock<freeze::DirtyMaps>,
-    /// While a live backup reads its frozen blocks.
-    freeze: RwLock<Option<Arc<freeze::Freeze>>>,
+    /// Live backups' state: dirty maps, the freeze, the upload record.
+    live: freeze::LiveBackup,
     /// After cutover, the primary copy that serves all I/O.
     target: OnceLock<Arc<dyn BlockFile>>,
     /// Guest requests in progress (relocation yields while > 0).
@@ -256,20 +251,10 @@ pub struct Volume {
     /// Every write to staging holds it shared and checks `closed` inside;
     /// `close` takes it exclusively, so after `close` nothing lands.
     io_gate: RwLock<()>,
-    /// Readers hold it shared around "test presence + pread", writers
-    /// around "test presence + pin"; eviction holds it exclusively while
-    /// it picks and clears victims (see `evict`).
-    evict_gate: RwLock<()>,
-    /// Writers relying on a present block (see `evict`; striped).
-    pins: stripes::Stripes,
-    /// CLOCK referenced bits (set by hits and fills).
-    referenced: crate::staging::AtomicBitmap,
-    /// CLOCK hand; also one eviction of this disk at a time.
-    clock_hand: Mutex<u64>,
+    /// Giving staged blocks back under a staging limit (see `evict`).
+    evict: evict::Eviction,
     /// Direct readers (FUSE passthrough opens, see `passthrough`).
     direct_readers: Mutex<u32>,
-    /// The staging budget this disk counts against, and its session dir.
-    budget: OnceLock<(Arc<crate::staging::budget::Budget>, std::path::PathBuf)>,
     /// Tests only: called by a write after it claimed or waited for each
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
@@ -333,16 +318,18 @@ pub struct DiskStatus {
 }
 
 impl Volume {
+    /// Disk `index` of backup `m`, staged in `store`, its fetches queued
+    /// on `sched`; first reads are recorded for the profile during
+    /// `record`.
     pub fn new(
         repo: Arc<Repository>,
-        backup: &str,
-        vm: &str,
+        m: &Manifest,
         index: usize,
-        disk: &DiskManifest,
         store: DiskStore,
         sched: Arc<Scheduler>,
         record: RecordWindow,
     ) -> Arc<Volume> {
+        let (vm, backup, disk) = (m.vm.as_str(), m.id.as_str(), &m.disks[index]);
         let nblocks = DiskManifest::chunk_count(disk.size, disk.chunk_size);
         let mut store = store;
         let dirty = freeze::DirtyMaps {
@@ -378,21 +365,19 @@ impl Volume {
             writes_started: stripes::Stripes::new(nblocks),
             writes_finished: stripes::Stripes::new(nblocks),
             copied: RwLock::new(None),
-            uploaded: RwLock::new(uploaded),
             write_gate: RwLock::new(()),
-            dirty: RwLock::new(dirty),
-            freeze: RwLock::new(None),
+            live: freeze::LiveBackup {
+                dirty: RwLock::new(dirty),
+                freeze: RwLock::new(None),
+                uploaded: RwLock::new(uploaded),
+            },
             target: OnceLock::new(),
             guest_inflight: AtomicU32::new(0),
             copies_revoked: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             io_gate: RwLock::new(()),
-            evict_gate: RwLock::new(()),
-            pins: stripes::Stripes::new(nblocks),
-            referenced: crate::staging::AtomicBitmap::new(nblocks),
-            clock_hand: Mutex::new(0),
+            evict: evict::Eviction::new(nblocks),
             direct_readers: Mutex::new(0),
-            budget: OnceLock::new(),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
         })

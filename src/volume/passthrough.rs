@@ -42,7 +42,7 @@ impl Volume {
         // No eviction batch runs while we decide (see the module doc). One
         // running now is making the disk incomplete anyway: no waiting for
         // its map sync (the caller may be a FUSE event thread).
-        let _hand = self.clock_hand.try_lock()?;
+        let _hand = self.evict.clock_hand.try_lock()?;
         let mut readers = self.direct_readers.lock();
         if self.closed.load(Ordering::Acquire) || self.is_failed() {
             return None;

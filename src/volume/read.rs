@@ -181,7 +181,7 @@ impl Volume {
     /// a buffer that is not zero-filled first. `None` if a block is not.
     pub(super) fn read_all_staged(&self, off: u64, len: u64) -> Option<Result<(Bytes, bool)>> {
         // Presence and the read under the gate: no eviction in between.
-        let _gate = self.evict_gate.read();
+        let _gate = self.evict.gate.read();
         let blocks = self.blocks(off, len);
         if !blocks.clone().all(|b| self.store.present.test(b)) {
             return None;
@@ -272,7 +272,7 @@ impl Volume {
                 return Ok(hit);
             }
             // Never held while waiting for a fill (see `evict`).
-            let _gate = self.evict_gate.read();
+            let _gate = self.evict.gate.read();
             todo = self.read_staged(&todo, off, &mut out[base..])?;
             if todo.is_empty() {
                 return Ok(hit);

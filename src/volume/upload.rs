@@ -85,11 +85,11 @@ impl Uploaded {
 impl Volume {
     /// The current generation's upload record, if the uploader runs or ran.
     pub fn uploaded(&self) -> Option<Arc<Uploaded>> {
-        self.uploaded.read().clone()
+        self.live.uploaded.read().clone()
     }
 
     pub(crate) fn set_uploaded(&self, u: Option<Arc<Uploaded>>) {
-        *self.uploaded.write() = u;
+        *self.live.uploaded.write() = u;
     }
 
     /// Blocks the uploader still has to store: dirty in the current
@@ -98,7 +98,7 @@ impl Volume {
     /// own backup chunk: a live backup takes it unread, so it is no work.
     pub fn upload_todo(&self, u: Option<&Uploaded>) -> Vec<u64> {
         let switched = self.target.get().is_some();
-        let maps = self.dirty.read();
+        let maps = self.live.dirty.read();
         let bits = match &maps.current {
             Some(m) => m.bits(),
             None => self.store.changed.bits(),
@@ -184,7 +184,7 @@ impl Volume {
     /// announced): their valid upload entries are cleared, durably.
     pub(super) fn invalidate_uploaded(&self, blocks: std::ops::Range<u64>) -> Result<()> {
         fence(Ordering::SeqCst);
-        let Some(u) = self.uploaded.read().clone() else {
+        let Some(u) = self.live.uploaded.read().clone() else {
             return Ok(());
         };
         let mut cleared = false;
