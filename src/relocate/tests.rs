@@ -27,12 +27,17 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_of(BLOCKS * BS)
+}
+
+/// Two disks of `size` bytes of random data, block 3 zero.
+fn rig_of(size: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let (repo, _) = Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let images: Vec<Vec<u8>> = (0..2)
         .map(|_| {
-            let mut data = vec![0u8; BLOCKS * BS];
+            let mut data = vec![0u8; size];
             rng.fill(&mut data[..]);
             data[3 * BS..4 * BS].fill(0);
             data
@@ -192,6 +197,52 @@ fn a_failing_target_fails_the_relocation_before_any_switch() {
     assert!(disks.iter().all(|d| !d.is_switched()));
     disks[1].write(0, b"still on staging").unwrap();
     disks[1].flush().unwrap();
+}
+
+#[test]
+fn a_failing_target_write_fails_the_relocation_and_records_no_block_it_did_not_write() {
+    let rig = rig();
+    let disks = rig.volumes();
+    rig.faults
+        .inject(Rule::fail(Op::Write, "primary/vm/disk1.raw", libc::EIO));
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Failed);
+    assert!(
+        r.status().error.unwrap().contains("disk1"),
+        "{:?}",
+        r.status()
+    );
+    assert!(disks.iter().all(|d| !d.is_switched()));
+    // Only the zero block (punched, not written) may be recorded on disk1.
+    let copied: Vec<u64> = (0..BLOCKS as u64)
+        .filter(|&b| r.copied[1].test(b))
+        .collect();
+    assert!(
+        copied.iter().all(|&b| b == 3),
+        "recorded unwritten blocks {copied:?}"
+    );
+}
+
+/// A disk whose last block is short (and not a multiple of 4 KiB) ends
+/// byte-exact on the target, with a guest write in it.
+#[test]
+fn a_relocation_copies_every_byte_even_of_a_short_unaligned_last_block() {
+    let size = BLOCKS * BS - 1000;
+    let rig = rig_of(size);
+    let disks = rig.volumes();
+    disks[0]
+        .write(BS as u64 + 7, b"written by the guest")
+        .unwrap();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    let mut want = rig.images[0].clone();
+    want[BS + 7..BS + 27].copy_from_slice(b"written by the guest");
+    assert_eq!(rig.target_bytes(0).len(), size);
+    assert!(rig.target_bytes(0) == want, "disk0's target differs");
+    assert!(
+        rig.target_bytes(1) == rig.images[1],
+        "disk1's target differs"
+    );
 }
 
 #[test]
