@@ -576,7 +576,11 @@ impl Target {
     /// answer when its fetch ends (`Disk::read_later`); `None` when it
     /// takes the blocking path (a write, a hit, a hole, several runs).
     fn read_later(&self, req: &Request) -> Option<tokio::sync::oneshot::Receiver<Reply>> {
-        if req.typ != CMD_READ || req.len == 0 || self.check_range(req, NBD_EINVAL, "read").is_err()
+        // Refusals (flags, range) are `execute`'s to answer.
+        if req.typ != CMD_READ
+            || req.len == 0
+            || self.check_flags(req).is_err()
+            || self.check_range(req, NBD_EINVAL, "read").is_err()
         {
             return None;
         }

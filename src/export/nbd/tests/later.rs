@@ -60,3 +60,27 @@ fn a_read_answered_later_with_an_error_is_an_error_reply() {
     *p.fail.lock().unwrap() = None;
     assert_eq!(c.read(0, 4096), vec![7; 4096]);
 }
+
+#[test]
+fn a_read_the_disk_would_answer_later_still_has_its_flags_checked() {
+    let p = Probe::new(SIZE);
+    p.later.store(true, Ordering::SeqCst);
+    let h = serve_one(p.clone());
+    let mut simple = h.client();
+    simple.go(EXPORT).unwrap();
+    let mut structured = h.open(EXPORT);
+    let before = p.calls();
+    // DF without structured replies, and NO_HOLE on a read: both invalid.
+    assert_eq!(
+        simple.call(CMD_READ, CMD_FLAG_DF, 0, 4096, &[]).error,
+        NBD_EINVAL
+    );
+    assert_eq!(
+        structured
+            .call(CMD_READ, CMD_FLAG_NO_HOLE, 0, 4096, &[])
+            .error,
+        NBD_EINVAL
+    );
+    assert_eq!(p.calls(), before, "a refused read reached the disk");
+    assert_eq!(structured.read(0, 4096), vec![0; 4096]);
+}
