@@ -394,9 +394,10 @@ impl Relocation {
         }
         for run in batch.holes.drain(..) {
             // Stamp, then check it is still a hole, then set and recheck
-            // (`mark_copied`): a guest write either made the block
-            // present before the stamp, or is seen by the recheck, or
-            // sees the bit and revokes it.
+            // (`mark_copied`): a guest write either holds the block's
+            // claim or made it present before `is_hole` looked (it tests
+            // both), or is seen by the recheck, or sees the bit and
+            // revokes it.
             for b in run.clone() {
                 match d.write_stamp(b) {
                     Some(stamp) if d.is_hole(b) => self.count_mark(d.mark_copied(c, b, stamp)),

@@ -245,6 +245,52 @@ fn a_relocation_copies_every_byte_even_of_a_short_unaligned_last_block() {
     );
 }
 
+/// A guest write into a hole that has ended its write but not yet marked
+/// the block present is not taken for a hole: the copier never records
+/// the block copied as one, and the target ends with the write.
+#[test]
+fn a_write_into_a_hole_still_completing_is_never_recorded_copied_as_a_hole() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    *disks[0].complete_hook.lock() = Some(Arc::new(move |_, b| {
+        if b == 3 {
+            let _ = reached_tx.send(());
+            let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(60));
+        }
+    }));
+    let d0 = disks[0].clone();
+    let writer = std::thread::spawn(move || d0.write(3 * BS as u64, &[0x77; BS]));
+    reached_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the write reached its completion");
+    let r = rig.relocate(&disks);
+    // The first pass records every other block of disk 0, and commits
+    // block 3 in its hole run while the write is still completing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..BLOCKS as u64).any(|b| b != 3 && !r.copied[0].test(b)) {
+        assert!(Instant::now() < deadline, "copier stuck: {:?}", r.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let marked_while_writing = r.copied[0].test(3);
+    go_tx.send(()).unwrap();
+    writer.join().unwrap().unwrap();
+    *disks[0].complete_hook.lock() = None;
+    assert_eq!(settle(&r), State::Done);
+    assert!(
+        !marked_while_writing,
+        "block 3 was recorded copied as a hole while its write completed"
+    );
+    let mut want = rig.images[0].clone();
+    want[3 * BS..4 * BS].fill(0x77);
+    assert!(
+        rig.target_bytes(0) == want,
+        "the target lost the write into the hole"
+    );
+}
+
 #[test]
 fn writes_after_cutover_are_still_marked_changed_durably() {
     let rig = rig();

@@ -259,6 +259,10 @@ pub struct Volume {
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
     pub(crate) claim_hook: Mutex<Option<ClaimHook>>,
+    /// Tests only: called by a write for each block it claimed, after its
+    /// data landed and before the block is marked present.
+    #[cfg(test)]
+    pub(crate) complete_hook: Mutex<Option<ClaimHook>>,
 }
 
 /// Tests only: see `Volume::claim_hook`.
@@ -380,6 +384,8 @@ impl Volume {
             direct_readers: Mutex::new(0),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
+            #[cfg(test)]
+            complete_hook: Mutex::new(None),
         })
     }
 

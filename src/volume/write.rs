@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use super::{Claim, Slot, Volume};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::prefetch::Class;
-use crate::staging::PersistentBitmap;
 
 /// What a write puts in place.
 #[derive(Clone, Copy)]
@@ -91,7 +90,7 @@ impl Volume {
             // backup from the primary copy go by.
             Some(t) => self.mark_changed(self.blocks(off, len)).and_then(|()| {
                 let blocks = self.blocks(off, len);
-                self.announce_write(blocks.clone(), None)?;
+                self.announce_write(blocks.clone(), false)?;
                 self.before_overwrite(blocks.clone());
                 let r = match p {
                     Payload::Data(d) => t.write_all_at(d, off),
@@ -157,6 +156,7 @@ impl Volume {
             self.unpin(b);
         }
         for (b, s) in owned {
+            self.before_complete(off, b);
             self.complete(b, &s, r.clone().map(|_| ()));
         }
         r
@@ -237,6 +237,17 @@ impl Volume {
     #[cfg(not(test))]
     pub(super) fn after_claim(&self, _off: u64, _b: u64) {}
 
+    #[cfg(test)]
+    fn before_complete(&self, off: u64, b: u64) {
+        let hook = self.complete_hook.lock().clone();
+        if let Some(h) = hook {
+            h(off, b);
+        }
+    }
+
+    #[cfg(not(test))]
+    fn before_complete(&self, _off: u64, _b: u64) {}
+
     /// Changed bits are durable before the data can be: the map may
     /// over-report after a crash, never under-report. So are the bits of
     /// the dirty-since-backup maps (see `freeze`).
@@ -257,8 +268,7 @@ impl Volume {
         data: Payload,
     ) -> Result<()> {
         self.mark_changed(blocks.clone())?;
-        let copied = self.copied.read().clone();
-        self.announce_write(blocks.clone(), copied.as_deref())?;
+        self.announce_write(blocks.clone(), true)?;
         // A running backup's frozen blocks keep their freeze-time bytes.
         self.before_overwrite(blocks.clone());
         let r = match data {
@@ -278,18 +288,23 @@ impl Volume {
     pub(super) fn announce_write(
         &self,
         blocks: std::ops::Range<u64>,
-        copied: Option<&PersistentBitmap>,
+        revoke_copies: bool,
     ) -> Result<()> {
         for b in blocks.clone() {
             self.writes_started.of(b).fetch_add(1, Ordering::SeqCst);
         }
-        if let Some(c) = copied {
+        if revoke_copies {
             // The announce before the test, as `mark_copied` sets before
-            // it rechecks: one of the two sides sees the other.
+            // it rechecks: one of the two sides sees the other. The map is
+            // looked up after the announce too: looked up before, a
+            // relocation that began in between would copy the block with
+            // this write unseen (its stamp unchanged) and never be revoked.
             fence(Ordering::SeqCst);
-            for b in blocks.clone() {
-                if c.bits().clear(b) {
-                    self.copies_revoked.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = self.copied.read().clone() {
+                for b in blocks.clone() {
+                    if c.bits().clear(b) {
+                        self.copies_revoked.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
