@@ -249,8 +249,11 @@ fn the_throttle_holds_pre_copy_back_under_the_real_guests_load_and_not_without_a
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(6));
     let alone = poll.p99(t0, Instant::now());
+    // Well under the guest's own load: the mean is taken in 3 s, and on a
+    // shared host the load can ease later (at half the mean a fresh-clone
+    // run at nice 19 beside two builds held only 1.75 of 8.8 s).
     let below = LoadLimit {
-        latency_ms: Some(mean * 0.5),
+        latency_ms: Some(mean * 0.25),
         ..Default::default()
     };
     let (a, b, held, held_states) = precopy_phase(&vm, Some(below), 10.0);
