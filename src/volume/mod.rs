@@ -95,8 +95,11 @@ struct Slot {
     /// sets `data` or ends the fill, whichever comes first; `None` once
     /// they ran (later ones run at once). Locked before `done` where both
     /// are (`when_data`); `finish` never nests them.
-    then: Mutex<Option<Vec<Box<dyn FnOnce() + Send>>>>,
+    then: Mutex<Option<Vec<Reader>>>,
 }
+
+/// A reader waiting for a fill without a thread (see `Slot::when_data`).
+type Reader = Box<dyn FnOnce() + Send>;
 
 impl Slot {
     fn new(class: Class) -> Arc<Slot> {
@@ -144,7 +147,7 @@ impl Slot {
     /// Runs `f` once the fill's bytes are there or the fill has ended:
     /// now if so, else on the thread that gets there first (a fetch engine
     /// CPU thread). `f` must not wait.
-    fn when_data(&self, f: Box<dyn FnOnce() + Send>) {
+    fn when_data(&self, f: Reader) {
         let mut then = self.then.lock();
         if let Some(waiting) = then.as_mut() {
             if self.data.get().is_none() && self.done.lock().is_none() {
