@@ -27,7 +27,7 @@ fn recovered_disks_match_their_images_byte_for_byte() {
     let cfg: serde_json::Value =
         serde_json::from_slice(&read_all(&env.mount.join("vm1/vm.json"))).unwrap();
     assert_eq!(cfg["name"], "vm1");
-    let st = env.disk_status("vm1", 0);
+    let st = env.settled_disk_status("vm1", 0);
     assert_eq!(st["blocks_total"], 3 * 16 + 1);
     assert_eq!(
         st["fetched_blocks"], st["blocks_staged"],
@@ -47,7 +47,7 @@ fn first_reads_fetch_only_what_is_touched() {
     let f = std::fs::File::open(disk).unwrap();
     let mut buf = vec![0u8; 100];
     f.read_exact_at(&mut buf, 10 * K64 as u64 + 5).unwrap();
-    let st = env.disk_status("vm", 0);
+    let st = env.settled_disk_status("vm", 0);
     assert!(st["blocks_staged"].as_u64().unwrap() <= 2, "{st}");
     assert!(st["fetched_blocks"].as_u64().unwrap() >= 1);
 }
@@ -77,7 +77,7 @@ fn concurrent_readers_get_correct_data_and_one_fetch_per_block() {
         })
         .collect();
     threads.into_iter().for_each(|t| t.join().unwrap());
-    let st = env.disk_status("vm", 0);
+    let st = env.settled_disk_status("vm", 0);
     assert_eq!(
         st["fetched_blocks"], st["blocks_staged"],
         "a block was fetched twice: {st}"

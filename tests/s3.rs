@@ -35,7 +35,7 @@ fn backup_to_s3_recover_from_s3_and_compare_bytes() {
     let disks = env.recover("vm", Some(&id));
     assert!(read_all(&disks[0]) == a, "disk0 differs");
     assert!(read_all(&disks[1]) == b, "disk1 differs");
-    let st = env.disk_status("vm", 0);
+    let st = env.settled_disk_status("vm", 0);
     assert_eq!(st["fetched_blocks"], st["blocks_staged"]);
 
     // Damage one object in the bucket: verify names it, reads of it fail.

@@ -15,7 +15,8 @@ Garage's CPU on this 2-core machine.
             20 `recoverfs recover` CLI processes started at once (which adds
             20 process start-ups competing for the 2 cores)
   reading   each VM reads first touches (4 KiB at random 1 MiB-aligned
-            offsets, QD1, O_DIRECT); its read latencies as fio sees them
+            offsets, QD1, O_DIRECT; a fio job thread per VM, all in one fio
+            process); its read latencies as fio sees them
             (every read a miss), alone vs. all 20 at once, each in a fresh
             daemon and staging (the daemon's latency histogram is
             daemon-wide).  Each VM's p99 is taken from fio's latency bins
@@ -26,6 +27,7 @@ Rounds alternate lone and fleet runs; the report gives medians and spread.
 """
 import json
 import os
+import resource
 import socket
 import subprocess
 import threading
@@ -119,26 +121,92 @@ def pooled_p99_ms(bins_list):
     return None, n
 
 
-def read_first_touches(outdir, disks, reads):
-    """One fio per disk, all started together; each VM's read latency p99
-    (ms) as its guest sees it (fio's completion latency), and its latency
-    bins."""
-    procs = {}
-    for n, d in disks.items():
-        out = os.path.join(outdir, f"fio-{n}.json")
-        procs[n] = (out, subprocess.Popen(
-            ["fio", f"--name={n}", f"--filename={d}", "--readonly", "--rw=randread", "--bs=4k", "--direct=1",
-             "--ioengine=psync", "--blockalign=1M", "--norandommap", f"--number_ios={reads}",
-             "--output-format=json+", f"--output={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    p99, bins = {}, {}
-    for n, (out, p) in procs.items():
-        _, err = p.communicate(timeout=600)
-        if p.returncode != 0:
-            raise RuntimeError(f"fio on {n}: {err.decode(errors='replace').strip()[-300:]}")
-        with open(out) as f:
-            rd = json.load(f)["jobs"][0]["read"]
-        p99[n] = rd["clat_ns"]["percentile"]["99.000000"] / 1e6
-        bins[n] = rd["clat_ns"].get("bins", {})
+def cpu_seconds(pid):
+    """User + system CPU seconds of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def procs_running():
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 0
+
+
+class Load:
+    """What the reads cost the machine: CPU-seconds of the fio processes
+    (the bench's own load; its children, reaped meanwhile) and of the
+    daemon, and the run queue sampled every 5 ms."""
+
+    def __init__(self, daemon_pid):
+        self.pid, self.samples, self.stop = daemon_pid, [], threading.Event()
+
+    def __enter__(self):
+        self.ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.daemon = cpu_seconds(self.pid)
+        self.t = time.monotonic()
+        self.thread = threading.Thread(target=self.sample)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.005):
+            self.samples.append(procs_running())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        s = sorted(self.samples) or [0]
+        self.figures = {"wall_s": time.monotonic() - self.t,
+                        "fio_cpu_s": ru.ru_utime - self.ru.ru_utime + ru.ru_stime - self.ru.ru_stime,
+                        "daemon_cpu_s": cpu_seconds(self.pid) - self.daemon,
+                        "run_queue_median": s[len(s) // 2]}
+
+
+def first_touch_log(outdir, size, reads):
+    """fio's I/O log of one job's first touches on a `size`-byte disk,
+    recorded on a sparse scratch file: fio seeds each job of a process by
+    its job number, so every job replays this log instead, and every VM
+    (alone or in the fleet) reads the same offsets, as one fio per disk
+    did before."""
+    scratch, log = os.path.join(outdir, "first-touches.raw"), os.path.join(outdir, "first-touches.iolog")
+    with open(scratch, "wb") as f:
+        f.truncate(size)
+    r = subprocess.run(["fio", "--name=log", f"--filename={scratch}", "--readonly", "--rw=randread", "--bs=4k",
+                        "--ioengine=psync", "--blockalign=1M", "--norandommap", f"--number_ios={reads}",
+                        f"--write_iolog={log}", "--output-format=terse", "--output=/dev/null"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    os.unlink(scratch)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio (I/O log): {r.stderr.decode(errors='replace').strip()[-300:]}")
+    return log
+
+
+def read_first_touches(outdir, disks, log):
+    """One fio job per disk, all started together in one fio process (a
+    thread per job: 20 fio processes cost 2.7-3.1 CPU-seconds to start and
+    report, 8x the daemon's CPU during the reads, on the same 2 cores, and
+    with no daemon at all, plain local-file reads, they alone raised the
+    worst job's p99 from 0.2 to 7-15 ms; one process with 20 job threads
+    costs 0.2 CPU-seconds and 0.6 ms); each VM's read latency p99 (ms) as
+    its guest sees it (fio's completion latency), and its latency bins."""
+    out = os.path.join(outdir, "fio.json")
+    jobs = [a for n, d in disks.items() for a in (f"--name={n}", f"--read_iolog={log}", f"--replay_redirect={d}")]
+    r = subprocess.run(["fio", "--thread", "--readonly", "--direct=1", "--ioengine=psync", "--replay_no_stall=1",
+                        "--output-format=json+", f"--output={out}", *jobs],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio: {r.stderr.decode(errors='replace').strip()[-300:]}")
+    with open(out) as f:
+        done = {j["jobname"]: j["read"] for j in json.load(f)["jobs"]}
+    if set(done) != set(disks):
+        raise RuntimeError(f"fio reported jobs {sorted(done)}, not {sorted(disks)}")
+    p99 = {n: rd["clat_ns"]["percentile"]["99.000000"] / 1e6 for n, rd in done.items()}
+    bins = {n: rd["clat_ns"].get("bins", {}) for n, rd in done.items()}
     return p99, bins
 
 
@@ -156,14 +224,16 @@ def one(cfg, work, repo, names, label):
     with B.Scope(work, f"fleet-{label}") as s:
         rfs = B.Recoverfs(s, repo, args=SERVE_ARGS, fetch_workers=FETCHES).start()
         secs, disks = recover_many(rfs, names)
+        log = first_touch_log(s.dir, os.path.getsize(next(iter(disks.values()))), cfg.fleet_reads)
         B.drop_caches()
-        p99, bins = read_first_touches(s.dir, disks, cfg.fleet_reads)
+        with Load(rfs.proc.pid) as load:
+            p99, bins = read_first_touches(s.dir, disks, log)
         # The daemon's scheduler (and its latency histogram) is shared by
         # all sessions: a daemon-wide figure, for reference.
         sched = rfs.status(names[0]).get("scheduler", {})
         daemon = sched.get("on_demand_latency_p99_ms")
         return {"recover_s": secs, "recover_api_s": api_secs, "on_demand_p99_ms": p99, "latency_bins": bins,
-                "daemon_on_demand_p99_ms": daemon, "daemon_scheduler": sched}
+                "daemon_on_demand_p99_ms": daemon, "daemon_scheduler": sched, "load": load.figures}
 
 
 def section_fleet(cfg, work):
@@ -196,6 +266,13 @@ def section_fleet(cfg, work):
                       "fleet_recover_s": B.spread([r["recover_s"] for r in res["fleet"]]),
                       "lone_recover_api_s": B.spread([r["recover_api_s"] for r in res["lone"]]),
                       "fleet_recover_api_s": B.spread([r["recover_api_s"] for r in res["fleet"]])}
+    for label in ("lone", "fleet"):
+        for k in ("fio_cpu_s", "daemon_cpu_s", "run_queue_median"):
+            res["summary"][f"{label}_{k}"] = B.spread([r["load"][k] for r in res[label] if "load" in r])
+        for k in ("get", "finish", "cpu_wait"):
+            res["summary"][f"{label}_daemon_{k}_p99_ms"] = B.spread(
+                [r["daemon_scheduler"][f"on_demand_{k}_p99_ms"] for r in res[label]
+                 if f"on_demand_{k}_p99_ms" in r.get("daemon_scheduler", {})])
     sm = res["summary"]
     sm.update(pooled(res))
     if lone_p99 and fleet_worst and lone_p99["median"]:
@@ -266,8 +343,10 @@ def render(f):
         f"visible) for one VM vs the last of {VMS} started at once, two ways, each in a fresh daemon: {VMS} "
         "requests at once on the control API from one client (what an orchestrator sees; the target's figure) "
         f"and {VMS} `recoverfs recover` processes started at once (adds {VMS} process start-ups on the same "
-        f"cores). Reading: each VM's fio reads {f['reads']} first touches per round (4 KiB at random 1 MiB-aligned "
-        "offsets, QD1, O_DIRECT), all VMs at once (fio's fixed seed gives every VM and round the same "
+        f"cores). Reading: each VM's fio job reads {f['reads']} first touches per round (4 KiB at random 1 MiB-aligned "
+        "offsets, QD1, O_DIRECT), all VMs at once, a job thread per VM in one fio process (20 fio processes cost "
+        "about 3 CPU-seconds to start and report, 8× the daemon's CPU during the reads on the same 2 cores, and "
+        "alone raised the worst p99 of plain local-file reads from 0.2 to 7–15 ms) (fio's fixed seed gives every VM and round the same "
         "offsets; at 64 MiB and 32 reads they fall on 16 distinct chunks, so half the reads are misses and half "
         "staged hits, alike alone and in the fleet; a p99 is a miss's latency). **Pooled p99** (the target's figure): each VM's p99 from fio's latency bins summed "
         "over all rounds, so the lone VM's p99 and every fleet VM's rest on the same number of reads. The "
@@ -293,6 +372,19 @@ def render(f):
     L.append(f"| read p99 ms per round ({f['reads']} reads: its maximum; fleet: the worst VM's) | {B.fmt_spread(sm.get('lone_p99_ms'), 1)} | "
              f"{B.fmt_spread(sm.get('fleet_worst_p99_ms'), 1)} | {B.fmt(sm.get('p99_ratio_per_round', sm.get('p99_ratio')), 2)}× |")
     L.append(f"| read p99 ms per round, every VM of every fleet run | | {B.fmt_spread(sm.get('fleet_p99_ms'), 1)} | |")
+    for k, what in (("get", "GET stage (20 ms timer + the local read, after the page cache was dropped)"),
+                    ("finish", "finish stage (verify, answer, write staging)"),
+                    ("cpu_wait", "wait for a fetch CPU thread")):
+        if sm.get(f"fleet_daemon_{k}_p99_ms"):
+            L.append(f"| daemon on-demand {what}, p99 ms (daemon-wide) | {B.fmt_spread(sm.get(f'lone_daemon_{k}_p99_ms'), 1)} | "
+                     f"{B.fmt_spread(sm.get(f'fleet_daemon_{k}_p99_ms'), 1)} | |")
+    if sm.get("fleet_fio_cpu_s"):
+        L.append(f"| CPU-seconds during the reads: the fio processes (the bench's own load) | "
+                 f"{B.fmt_spread(sm.get('lone_fio_cpu_s'), 2)} | {B.fmt_spread(sm.get('fleet_fio_cpu_s'), 2)} | |")
+        L.append(f"| CPU-seconds during the reads: the daemon | {B.fmt_spread(sm.get('lone_daemon_cpu_s'), 2)} | "
+                 f"{B.fmt_spread(sm.get('fleet_daemon_cpu_s'), 2)} | |")
+        L.append(f"| runnable threads during the reads (median of 5 ms samples, 2 cores) | "
+                 f"{B.fmt_spread(sm.get('lone_run_queue_median'), 0)} | {B.fmt_spread(sm.get('fleet_run_queue_median'), 0)} | |")
     L.append("")
     for e in f.get("errors", []):
         L.append(f"* FAILED: {e.replace('|', '/')}")

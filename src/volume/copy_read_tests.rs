@@ -19,8 +19,10 @@ fn a_copy_read_fetches_the_backup_bytes_without_staging_them() {
         "the copier's fetch was staged"
     );
     assert_eq!(f.vol.status().fetched_blocks, 1);
-    // The guest's own miss fetches (and stages) it.
+    // The guest's own miss fetches (and stages) it; the read is answered
+    // before the staging write ends.
     f.vol.read(b * BS as u64, 100).unwrap();
+    f.vol.quiesce(Duration::from_secs(30));
     assert!(f.vol.store.present.test(b));
     assert_eq!(f.vol.status().fetched_blocks, 2);
 }

@@ -3,8 +3,10 @@
 //!   budget, and the chunk's GET (not started yet);
 //! * the GET, awaited on the engine's runtime; the volume is not held
 //!   meanwhile (only a weak reference);
-//! * finish, on a CPU thread: decrypt, decompress, verify, write staging,
-//!   hand the bytes to the slot's waiters, mark the block present.
+//! * finish, on a CPU thread: decrypt, decompress, verify, hand the bytes
+//!   to the slot's readers (they answer now: a guest's miss does not wait
+//!   for the staging write), write staging, mark the block present, end
+//!   the fill (writers waiting for it proceed).
 //!
 //! The relocation copier's own fetches are *unstaged*: their bytes go to
 //! the slot's waiters (the copier, and any reader that joined) and not to
@@ -198,10 +200,15 @@ impl Volume {
             &self.chunk_place(b),
         )?;
         let stage = stage || self.stage_promoted_copy(slot);
+        let data = bytes::Bytes::from(data);
+        // A released disk's readers get its error, not the bytes.
+        self.check_open()?;
+        // Readers answer now, from the verified bytes; the fill (writers,
+        // the presence bit) ends only after the staging write.
+        slot.set_data(data.clone());
         if stage {
             self.staging_write(&data, b * self.block_size)?;
         }
-        let _ = slot.data.set(data.into());
         Ok((n, stage))
     }
 

@@ -5,12 +5,13 @@
 //! * A read of a staged block is a read of the staging file.
 //! * A read of a missing block starts a fetch (at most one per block, via
 //!   the in-flight table; see `fetch` for its stages) and waits for it.
-//!   The fetch writes the verified
-//!   bytes to staging, then hands them to its in-flight slot, so waiting
-//!   readers copy their ranges from memory instead of reading staging back
-//!   (the block is present, so this is what staging holds, unless a guest
-//!   write that began after the read has replaced it). Other fills (zero
-//!   chunks, a write's claim) leave no bytes: those readers read staging.
+//!   The fetch hands the verified bytes to its in-flight slot, where
+//!   waiting readers take their ranges from memory at once, then writes
+//!   them to staging and marks the block present; only then does the fill
+//!   end, so a write to the block (which waits for the fill) always lands
+//!   after the fetched bytes. A reader never reads staging back. Other
+//!   fills (zero chunks, a write's claim) leave no bytes: those readers
+//!   wait for the fill and read staging.
 //! * A zero chunk that is not staged reads as zeros without any I/O.
 //! * A write marks its blocks changed (durably, first), fills a partly
 //!   covered missing block from the backup, then writes the staging file.
@@ -86,15 +87,19 @@ struct Slot {
     job: Mutex<(Option<Arc<Job>>, Class)>,
     /// Room taken in the staging budget for this fill (see `evict`).
     reserved: AtomicBool,
-    /// A fetch's verified plain bytes, set before `finish`: its waiters
-    /// answer from them (they live as long as the slot's last waiter, or
-    /// the last reply that borrows them).
+    /// A fetch's verified plain bytes, set before its staging write and
+    /// `finish`: its readers answer from them at once (they live as long
+    /// as the slot's last waiter, or the last reply that borrows them).
     data: OnceLock<Bytes>,
-    /// Waiters that hold no thread (`Volume::read_later`): run by
-    /// whoever finishes the fill, after `done` is set. Locked before
-    /// `done` where both are (`when_done`); `finish` never nests them.
-    then: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    /// Readers that hold no thread (`Volume::read_later`): run by whoever
+    /// sets `data` or ends the fill, whichever comes first; `None` once
+    /// they ran (later ones run at once). Locked before `done` where both
+    /// are (`when_data`); `finish` never nests them.
+    then: Mutex<Option<Vec<Reader>>>,
 }
+
+/// A reader waiting for a fill without a thread (see `Slot::when_data`).
+type Reader = Box<dyn FnOnce() + Send>;
 
 impl Slot {
     fn new(class: Class) -> Arc<Slot> {
@@ -104,7 +109,7 @@ impl Slot {
             job: Mutex::new((None, class)),
             reserved: AtomicBool::new(false),
             data: OnceLock::new(),
-            then: Mutex::new(Vec::new()),
+            then: Mutex::new(Some(Vec::new())),
         })
     }
 
@@ -120,17 +125,35 @@ impl Slot {
     fn finish(&self, r: Result<()>) {
         *self.done.lock() = Some(r);
         self.cv.notify_all();
-        let then = std::mem::take(&mut *self.then.lock());
-        then.into_iter().for_each(|f| f());
+        self.run_readers();
     }
 
-    /// Runs `f` once the fill has ended: now if it has, else on the thread
-    /// that ends it (a fetch engine CPU thread). `f` must not wait.
-    fn when_done(&self, f: Box<dyn FnOnce() + Send>) {
+    /// A fetch's verified bytes, before they are staged: readers answer
+    /// from them now; writers still wait for `finish` (the staging write
+    /// and the presence bit come first).
+    fn set_data(&self, data: Bytes) {
+        let _ = self.data.set(data);
+        // Under `done`'s lock: a reader in `wait_data` checks both under it.
+        drop(self.done.lock());
+        self.cv.notify_all();
+        self.run_readers();
+    }
+
+    fn run_readers(&self) {
+        let then = self.then.lock().take();
+        then.into_iter().flatten().for_each(|f| f());
+    }
+
+    /// Runs `f` once the fill's bytes are there or the fill has ended:
+    /// now if so, else on the thread that gets there first (a fetch engine
+    /// CPU thread). `f` must not wait.
+    fn when_data(&self, f: Reader) {
         let mut then = self.then.lock();
-        if self.done.lock().is_none() {
-            then.push(f);
-            return;
+        if let Some(waiting) = then.as_mut() {
+            if self.data.get().is_none() && self.done.lock().is_none() {
+                waiting.push(f);
+                return;
+            }
         }
         drop(then);
         f()
@@ -147,6 +170,21 @@ impl Slot {
             self.cv.wait(&mut g);
         }
         g.as_ref().expect("set").clone()
+    }
+
+    /// Waits until the fetched bytes are there (they may not be staged
+    /// yet) or the fill has ended; the bytes, or the fill's outcome.
+    fn wait_data(&self) -> Result<Option<&Bytes>> {
+        let mut g = self.done.lock();
+        loop {
+            if let Some(d) = self.data.get() {
+                return Ok(Some(d));
+            }
+            if let Some(r) = g.as_ref() {
+                return r.clone().map(|()| None);
+            }
+            self.cv.wait(&mut g);
+        }
     }
 }
 

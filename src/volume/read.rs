@@ -122,12 +122,14 @@ impl Volume {
         };
         let spawn = spawn.clone();
         let fill = slot.clone();
-        slot.when_done(Box::new(move || {
+        slot.when_data(Box::new(move || {
             let start = (off - b * me.block_size) as usize;
-            match (fill.outcome().expect("the fill ended"), fill.data.get()) {
-                (Err(e), _) => answer(&me, Err(e)),
-                (Ok(()), Some(d)) => answer(&me, Ok((d.slice(start..start + len as usize), false))),
-                (Ok(()), None) => spawn(Box::new(blocking(me, answer))),
+            if let Some(d) = fill.data.get() {
+                return answer(&me, Ok((d.slice(start..start + len as usize), false)));
+            }
+            match fill.outcome().expect("no bytes: the fill ended") {
+                Err(e) => answer(&me, Err(e)),
+                Ok(()) => spawn(Box::new(blocking(me, answer))),
             }
         }));
         Ok(())
@@ -214,10 +216,10 @@ impl Volume {
         }
         let b = blocks.start;
         let s = self.start_fill(b, class)?;
-        if let Err(e) = s.wait() {
-            return Some(Err(e));
-        }
-        let data = s.data.get()?;
+        let data = match s.wait_data() {
+            Ok(d) => d?,
+            Err(e) => return Some(Err(e)),
+        };
         let start = (off - b * self.block_size) as usize;
         Some(Ok((data.slice(start..start + len as usize), false)))
     }

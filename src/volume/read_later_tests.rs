@@ -55,6 +55,9 @@ fn misses_waiting_later_hold_no_thread_and_share_the_fetched_bytes() {
     for (&(off, len), b) in reads.iter().zip(&got) {
         assert_eq!(b.as_ref().unwrap()[..], f.data[off..off + len]);
     }
+    // Readers are answered before their blocks are staged: let fills end.
+    f.vol.quiesce(Duration::from_secs(30));
+
     // The two reads of block 1 are slices of one buffer.
     let (a, b) = (got[0].as_ref().unwrap(), got[10].as_ref().unwrap());
     assert_eq!(a.as_ptr() as usize - 100, b.as_ptr() as usize);
@@ -79,8 +82,9 @@ fn reads_that_are_local_or_span_blocks_are_given_back_for_the_blocking_path() {
             .read_later(off as u64, len, to(&tx, 0), &pool)
             .is_err());
     }
-    // A staged block.
+    // A staged block (the read is answered before the staging write ends).
     f.vol.read(3 * BS as u64, 10).unwrap();
+    f.vol.quiesce(Duration::from_secs(30));
     assert!(f
         .vol
         .read_later(3 * BS as u64, 10, to(&tx, 0), &pool)
@@ -109,4 +113,62 @@ fn a_failed_fetch_answers_a_read_waiting_later_with_the_error() {
         f.vol.read(2 * BS as u64, 512).unwrap(),
         f.data[2 * BS..][..512]
     );
+}
+
+/// A disk whose staging writes to its data file take `delay` each.
+fn slow_staging(seed: u64, delay: Duration) -> super::tests::Fixture {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::OsStorage;
+    let faults = FaultyStorage::new(OsStorage::shared());
+    faults.inject(Rule::delay(Op::Write, "disk0.data", delay));
+    super::tests::fixture_on(8, seed, Arc::new(faults))
+}
+
+#[test]
+fn a_miss_is_answered_before_its_staging_write_and_a_write_to_the_block_waits_for_it() {
+    let f = slow_staging(34, Duration::from_secs(3));
+    let (pool, _hold) = busy_pool();
+    let (tx, rx) = mpsc::channel();
+    let off = BS as u64 + 100;
+    assert!(f.vol.read_later(off, 4096, to(&tx, 0), &pool).is_ok());
+    let (_, r) = rx.recv_timeout(Duration::from_secs(60)).expect("answered");
+    assert_eq!(r.unwrap()[..], f.data[BS + 100..][..4096]);
+    // Answered while the block's staging write is still held.
+    assert_eq!(f.vol.status().blocks_staged, 0, "answered after staging");
+    // A blocking reader of the same block also answers from the bytes,
+    // without waiting for the staging write.
+    assert_eq!(f.vol.read(BS as u64, 10).unwrap(), f.data[BS..BS + 10]);
+    assert_eq!(f.vol.status().blocks_staged, 0, "a reader waited for staging");
+    // A guest write of the whole block waits for the fill, so the
+    // fetch's staging write never lands over it.
+    let new = vec![0xa5u8; BS];
+    f.vol.write(BS as u64, &new).unwrap();
+    assert_eq!(f.vol.read(BS as u64, BS).unwrap(), new);
+    let st = f.vol.status();
+    assert_eq!((st.fetched_blocks, st.fetch_errors), (1, 0));
+}
+
+#[test]
+fn a_failed_staging_write_after_the_answer_leaves_the_block_missing_and_it_is_fetched_again() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::OsStorage;
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let f = super::tests::fixture_on(8, 35, Arc::new(faults.clone()));
+    faults.inject(Rule::fail(Op::Write, "disk0.data", libc::ENOSPC).times(1));
+    let (pool, _hold) = busy_pool();
+    let (tx, rx) = mpsc::channel();
+    assert!(f.vol.read_later(2 * BS as u64, 512, to(&tx, 0), &pool).is_ok());
+    let (_, r) = rx.recv_timeout(Duration::from_secs(60)).expect("answered");
+    // The bytes are the backup's, verified: the answer stands.
+    assert_eq!(r.unwrap()[..], f.data[2 * BS..][..512]);
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    assert_eq!((st.blocks_staged, st.fetch_errors), (0, 1));
+    assert_eq!(faults.injected(), 1);
+    // Not present once the fill ended: the next read fetches it again,
+    // and stages it.
+    assert_eq!(f.vol.read(2 * BS as u64, 512).unwrap(), f.data[2 * BS..][..512]);
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    assert_eq!((st.blocks_staged, st.fetched_blocks, st.fetch_errors), (1, 1, 1));
 }

@@ -68,6 +68,8 @@ fn concurrent_readers_cause_exactly_one_fetch_per_block() {
         })
         .collect();
     threads.into_iter().for_each(|t| t.join().unwrap());
+    // Readers are answered before their blocks are staged: let fills end.
+    f.vol.quiesce(Duration::from_secs(30));
     let st = f.vol.status();
     assert_eq!(
         st.fetched_blocks, st.blocks_staged,
@@ -152,6 +154,8 @@ fn a_pending_fetch_does_not_block_reads_of_staged_blocks() {
 fn flush_persists_presence_so_staged_blocks_survive_reopen() {
     let f = fixture(8, 5);
     f.vol.read(0, 3 * BS).unwrap();
+    // Readers are answered before their blocks are staged: let fills end.
+    f.vol.quiesce(Duration::from_secs(30));
     f.vol.flush().unwrap();
     let st = f.vol.status();
     assert!(st.blocks_staged >= 2);
@@ -491,6 +495,8 @@ fn a_miss_answers_from_the_fetched_bytes_without_reading_staging_back() {
         f.data[10..n - 10],
         "cold read"
     );
+    // Readers are answered before their blocks are staged: let fills end.
+    f.vol.quiesce(Duration::from_secs(30));
     assert_eq!(
         f.vol.status().blocks_staged,
         32,
@@ -527,6 +533,8 @@ fn waiters_of_a_one_block_miss_share_the_fetched_bytes_without_a_copy_or_a_stagi
     for (&(off, len), b) in ranges.iter().zip(&got) {
         assert_eq!(b[..], f.data[off..off + len]);
     }
+    // Readers are answered before their blocks are staged: let fills end.
+    f.vol.quiesce(Duration::from_secs(30));
     // Each answer is a slice of one buffer: the fetched chunk itself.
     let base = |i: usize| got[i].as_ptr() as usize - (ranges[i].0 - BS);
     assert!(

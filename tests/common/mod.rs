@@ -232,6 +232,20 @@ impl Env {
             .clone();
         s["disks"][disk].clone()
     }
+
+    /// `disk_status` once no fill of the disk is under way: a reader is
+    /// answered from the fetched bytes before the block is staged and its
+    /// fetch counted, so counters read right after a read may lag it.
+    pub fn settled_disk_status(&self, vm: &str, disk: usize) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let st = self.disk_status(vm, disk);
+            if st["fetches_in_flight"] == 0 || std::time::Instant::now() > deadline {
+                return st;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 pub struct Daemon {

@@ -14,8 +14,8 @@
 //!    --fetches-in-flight`) GETs cost a handful of threads, not one each;
 //!    S3 requests run on the S3 backend's runtime, which owns its
 //!    connections, and the engine only awaits them;
-//! 3. *finish*, on a CPU thread: verify, decompress, write staging, answer
-//!    the waiters.
+//! 3. *finish*, on a CPU thread: verify, decompress, answer the readers,
+//!    write staging, end the fill.
 //!
 //! The CPU threads ([`cpu`]) are about one per core and take the most
 //! urgent class first, so a miss's decompression never queues behind a
@@ -54,8 +54,9 @@
 //! **Where a miss waits.** Besides the GET itself, an on-demand job can
 //! wait in its class queue (every in-flight place taken) and for a CPU
 //! thread (before prepare, and between its GET and finish, behind other
-//! jobs' CPU work); `status` reports both waits' mean and p99, so a slow
-//! miss can be told from a slow store.
+//! jobs' CPU work); `status` reports both waits' mean and p99, and those of
+//! the GET and finish stages themselves, so a slow miss can be told from a
+//! slow store.
 //!
 //! **Shutdown.** Dropping the scheduler stops its runtime and CPU threads;
 //! jobs not finished (queued, or between stages) are dropped unrun, and
@@ -239,6 +240,13 @@ struct Inner {
     on_demand_queue_wait: LatencyHistogram,
     /// On-demand jobs' time waiting for a CPU thread (both stages).
     on_demand_cpu_wait: LatencyHistogram,
+    /// On-demand jobs' GET stage: from the GET's start until its outcome
+    /// is queued for finish (the store, and a local read's wait for a
+    /// blocking thread).
+    on_demand_get: LatencyHistogram,
+    /// On-demand jobs' finish stage on its CPU thread: verify, decompress,
+    /// write staging, answer the waiters.
+    on_demand_finish: LatencyHistogram,
     /// The backoff's smoothed on-demand fetch time, readable without the
     /// state lock: every guest read asks for it (readahead sizing).
     latency_us: AtomicU64,
@@ -273,6 +281,12 @@ pub struct SchedulerStatus {
     /// Of that latency: time waiting for a CPU thread (prepare, finish).
     pub on_demand_cpu_wait_mean_ms: f64,
     pub on_demand_cpu_wait_p99_ms: f64,
+    /// Of that latency: the GET stage (see [`Inner::on_demand_get`]).
+    pub on_demand_get_mean_ms: f64,
+    pub on_demand_get_p99_ms: f64,
+    /// Of that latency: the finish stage's own work.
+    pub on_demand_finish_mean_ms: f64,
+    pub on_demand_finish_p99_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -337,6 +351,8 @@ impl Scheduler {
             on_demand_latency: LatencyHistogram::default(),
             on_demand_queue_wait: LatencyHistogram::default(),
             on_demand_cpu_wait: LatencyHistogram::default(),
+            on_demand_get: LatencyHistogram::default(),
+            on_demand_finish: LatencyHistogram::default(),
             latency_us: AtomicU64::new(0),
             trims: AtomicU64::new(0),
         });
@@ -452,6 +468,10 @@ impl Scheduler {
             on_demand_queue_wait_p99_ms: q.quantile_us(0.99) / 1000.0,
             on_demand_cpu_wait_mean_ms: c.mean_us() / 1000.0,
             on_demand_cpu_wait_p99_ms: c.quantile_us(0.99) / 1000.0,
+            on_demand_get_mean_ms: self.inner.on_demand_get.mean_us() / 1000.0,
+            on_demand_get_p99_ms: self.inner.on_demand_get.quantile_us(0.99) / 1000.0,
+            on_demand_finish_mean_ms: self.inner.on_demand_finish.mean_us() / 1000.0,
+            on_demand_finish_p99_ms: self.inner.on_demand_finish.quantile_us(0.99) / 1000.0,
         }
     }
 }
@@ -556,6 +576,7 @@ impl Inner {
             Step::Get { request, then } => {
                 self.gets.fetch_add(1, Ordering::Relaxed);
                 let me = self.clone();
+                let get_at = Instant::now();
                 self.rt.spawn(async move {
                     let got = std::panic::AssertUnwindSafe(request)
                         .catch_unwind()
@@ -574,14 +595,21 @@ impl Inner {
                     let mut run = run;
                     // Promoted while its GET ran: its finish is urgent.
                     let urgency = run.job.class();
+                    if urgency == Class::OnDemand {
+                        me.on_demand_get.record(got_at - get_at);
+                    }
                     let m = me.clone();
                     me.cpu.push(
                         urgency,
                         Box::new(move || {
-                            run.cpu_wait += got_at.elapsed();
-                            if let Err(p) =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(got)))
-                            {
+                            let began = Instant::now();
+                            run.cpu_wait += began - got_at;
+                            let r =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(got)));
+                            if run.class == Class::OnDemand {
+                                m.on_demand_finish.record(began.elapsed());
+                            }
+                            if let Err(p) = r {
                                 tracing::error!(
                                     "a {:?} fetch job panicked: {}",
                                     run.class,

@@ -181,3 +181,35 @@ fn jobs_left_when_the_engine_stops_are_dropped_so_their_owners_answer() {
     });
     knobs.open_gate();
 }
+
+#[test]
+fn status_splits_a_misss_time_into_its_get_and_its_finish() {
+    let (_dir, b, knobs, keys) = objects(1);
+    knobs.chunk_delay(200);
+    let s = Scheduler::new("stages", 4);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b2, key, d) = (b.clone(), keys[0].clone(), done.clone());
+    s.submit(Class::OnDemand, move || Step::Get {
+        request: b2.get_async(&key, 1 << 20),
+        then: Box::new(move |got: Got| {
+            assert!(got.unwrap().is_some());
+            // The finish's own work: verify, stage, answer.
+            std::thread::sleep(Duration::from_millis(150));
+            d.store(true, std::sync::atomic::Ordering::Release);
+        }),
+    });
+    wait_for("the miss", 30, || done.load(std::sync::atomic::Ordering::Acquire));
+    wait_for("its accounting", 30, || s.status().on_demand_fetches == 1);
+    let st = s.status();
+    assert!(
+        (180.0..1000.0).contains(&st.on_demand_get_p99_ms),
+        "GET stage {} ms",
+        st.on_demand_get_p99_ms
+    );
+    assert!(
+        (130.0..1000.0).contains(&st.on_demand_finish_p99_ms),
+        "finish stage {} ms",
+        st.on_demand_finish_p99_ms
+    );
+    assert!(st.on_demand_latency_p99_ms >= st.on_demand_get_p99_ms);
+}
