@@ -102,34 +102,31 @@ impl Volume {
         };
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
-        let t0 = Instant::now();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
+        let read = LaterRead {
+            vol: me,
+            t0: Instant::now(),
+            off,
+            len,
+            ticket,
+            done: Some(done),
+        };
         self.stats.later_reads.add(1);
         self.observe_guest_read(off, len);
-        let answer = move |v: &Volume, r: Result<(Bytes, bool)>| {
-            v.end_guest_read(t0, len, &r);
-            drop(ticket);
-            done(r.map(|(buf, _)| buf));
-        };
-        // The general path, on the pool: it may wait for another fill.
-        let blocking = move |v: Arc<Volume>, answer: Box<dyn FnOnce(&Volume, _) + Send>| {
-            move || answer(&v, v.read_source(off, len, Class::OnDemand))
-        };
-        let answer: Box<dyn FnOnce(&Volume, _) + Send> = Box::new(answer);
         let Some(slot) = self.start_fill(b, Class::OnDemand) else {
-            spawn(Box::new(blocking(me, answer)));
+            spawn(read.on_pool());
             return Ok(());
         };
         let spawn = spawn.clone();
         let fill = slot.clone();
         slot.when_data(Box::new(move || {
-            let start = (off - b * me.block_size) as usize;
+            let start = (off - b * read.vol.block_size) as usize;
             if let Some(d) = fill.data.get() {
-                return answer(&me, Ok((d.slice(start..start + len as usize), false)));
+                return read.answer(Ok((d.slice(start..start + len as usize), false)));
             }
             match fill.outcome().expect("no bytes: the fill ended") {
-                Err(e) => answer(&me, Err(e)),
-                Ok(()) => spawn(Box::new(blocking(me, answer))),
+                Err(e) => read.answer(Err(e)),
+                Ok(()) => spawn(read.on_pool()),
             }
         }));
         Ok(())
@@ -345,5 +342,51 @@ impl Volume {
             .data
             .read_exact_at(dst, s)
             .ctx(|| format!("read staging {}", self.store.data_path.display()))
+    }
+}
+
+/// A read answered later (`Volume::read_later`), until it is answered:
+/// counted among the guest requests in flight (the relocation copier
+/// yields to them) and holding its place in the export point's queue.
+/// Dropped unanswered (a runtime shutting down drops the job holding it),
+/// it leaves the count all the same.
+struct LaterRead {
+    vol: Arc<Volume>,
+    t0: Instant,
+    off: u64,
+    len: u64,
+    ticket: Option<crate::placement::queue::Ticket>,
+    done: Option<ReadDone>,
+}
+
+impl LaterRead {
+    fn answer(mut self, r: Result<(Bytes, bool)>) {
+        self.vol.end_guest_read(self.t0, self.len, &r);
+        self.ticket = None;
+        let done = self.done.take().expect("answered once");
+        done(r.map(|(buf, _)| buf));
+    }
+
+    /// The general path, as a job for the pool (it may wait for another
+    /// fill). The queue place is given back now and taken again by the
+    /// job: held across the handoff, it could wait for a pool thread that
+    /// itself waits for a place (FUSE's pool is fixed).
+    fn on_pool(mut self) -> Box<dyn FnOnce() + Send> {
+        self.ticket = None;
+        Box::new(move || {
+            let r = {
+                let _slot = self.vol.enter(crate::placement::IoClass::Sync, self.len);
+                self.vol.read_source(self.off, self.len, Class::OnDemand)
+            };
+            self.answer(r)
+        })
+    }
+}
+
+impl Drop for LaterRead {
+    fn drop(&mut self) {
+        if self.done.is_some() {
+            self.vol.guest_inflight.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }

@@ -138,7 +138,11 @@ fn a_miss_is_answered_before_its_staging_write_and_a_write_to_the_block_waits_fo
     // A blocking reader of the same block also answers from the bytes,
     // without waiting for the staging write.
     assert_eq!(f.vol.read(BS as u64, 10).unwrap(), f.data[BS..BS + 10]);
-    assert_eq!(f.vol.status().blocks_staged, 0, "a reader waited for staging");
+    assert_eq!(
+        f.vol.status().blocks_staged,
+        0,
+        "a reader waited for staging"
+    );
     // A guest write of the whole block waits for the fill, so the
     // fetch's staging write never lands over it.
     let new = vec![0xa5u8; BS];
@@ -157,7 +161,10 @@ fn a_failed_staging_write_after_the_answer_leaves_the_block_missing_and_it_is_fe
     faults.inject(Rule::fail(Op::Write, "disk0.data", libc::ENOSPC).times(1));
     let (pool, _hold) = busy_pool();
     let (tx, rx) = mpsc::channel();
-    assert!(f.vol.read_later(2 * BS as u64, 512, to(&tx, 0), &pool).is_ok());
+    assert!(f
+        .vol
+        .read_later(2 * BS as u64, 512, to(&tx, 0), &pool)
+        .is_ok());
     let (_, r) = rx.recv_timeout(Duration::from_secs(60)).expect("answered");
     // The bytes are the backup's, verified: the answer stands.
     assert_eq!(r.unwrap()[..], f.data[2 * BS..][..512]);
@@ -167,8 +174,55 @@ fn a_failed_staging_write_after_the_answer_leaves_the_block_missing_and_it_is_fe
     assert_eq!(faults.injected(), 1);
     // Not present once the fill ended: the next read fetches it again,
     // and stages it.
-    assert_eq!(f.vol.read(2 * BS as u64, 512).unwrap(), f.data[2 * BS..][..512]);
+    assert_eq!(
+        f.vol.read(2 * BS as u64, 512).unwrap(),
+        f.data[2 * BS..][..512]
+    );
     f.vol.quiesce(Duration::from_secs(30));
     let st = f.vol.status();
-    assert_eq!((st.blocks_staged, st.fetched_blocks, st.fetch_errors), (1, 1, 1));
+    assert_eq!(
+        (st.blocks_staged, st.fetched_blocks, st.fetch_errors),
+        (1, 1, 1)
+    );
+}
+
+/// A read that joined a write's fill has no bytes to answer from and goes
+/// to the pool; if the pool drops that job unrun (a runtime shutting
+/// down), the read no longer counts as a guest request in flight, which
+/// would make a relocation copier yield to it forever.
+#[test]
+fn a_read_whose_pool_job_is_dropped_unrun_no_longer_counts_as_in_flight() {
+    let f = fixture(16, 37);
+    let (held_tx, held_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    *f.vol.claim_hook.lock() = Some(Arc::new(move |_, b| {
+        if b == 1 {
+            let _ = held_tx.send(());
+            let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(60));
+        }
+    }));
+    let v = f.vol.clone();
+    let writer = std::thread::spawn(move || v.write(BS as u64, &vec![9; BS]));
+    held_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let d = dropped.clone();
+    let drop_jobs: Spawner = Arc::new(move |job| {
+        d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(job)
+    });
+    assert!(f
+        .vol
+        .read_later(BS as u64 + 100, 4096, to(&tx, 0), &drop_jobs)
+        .is_ok());
+    go_tx.send(()).unwrap();
+    writer.join().unwrap().unwrap();
+    *f.vol.claim_hook.lock() = None;
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(rx.try_recv().is_err(), "the dropped read was answered");
+    assert!(
+        !f.vol.guest_busy(),
+        "a dropped read still counts as in flight"
+    );
 }

@@ -604,8 +604,9 @@ impl Inner {
                         Box::new(move || {
                             let began = Instant::now();
                             run.cpu_wait += began - got_at;
-                            let r =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(got)));
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                then(got)
+                            }));
                             if run.class == Class::OnDemand {
                                 m.on_demand_finish.record(began.elapsed());
                             }

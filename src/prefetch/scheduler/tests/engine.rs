@@ -198,7 +198,9 @@ fn status_splits_a_misss_time_into_its_get_and_its_finish() {
             d.store(true, std::sync::atomic::Ordering::Release);
         }),
     });
-    wait_for("the miss", 30, || done.load(std::sync::atomic::Ordering::Acquire));
+    wait_for("the miss", 30, || {
+        done.load(std::sync::atomic::Ordering::Acquire)
+    });
     wait_for("its accounting", 30, || s.status().on_demand_fetches == 1);
     let st = s.status();
     assert!(
