@@ -218,6 +218,25 @@ SERVE_ARGS = ["--no-profile", "--repo-delay-ms", str(DELAY_MS)]
 FETCHES = 64
 
 
+# The store is the 20 ms timer: after the caches are dropped (staging and
+# the daemon start cold), the repository's chunk files are read back into
+# the page cache. Left on disk, 20 VMs' misses read 20 chunk files from
+# this machine's one virtual disk at once where a lone VM reads one, and
+# the row measures that disk under 20-fold load (the stop-25 run: GET
+# stage p99 78 ms against 28 alone), not the daemon's scheduling, which is
+# what the section is for. Same store for the lone VM and the fleet.
+WARM_STORE = True
+
+
+def warm_chunks(repo):
+    """Reads every chunk file of `repo` once (into the page cache)."""
+    for d, _, files in os.walk(os.path.join(repo, "chunks")):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
 def one(cfg, work, repo, names, label):
     with B.Scope(work, f"fleet-{label}-api") as s:
         api_secs = recover_many_api(B.Recoverfs(s, repo, args=SERVE_ARGS, fetch_workers=FETCHES).start(), names)
@@ -226,6 +245,8 @@ def one(cfg, work, repo, names, label):
         secs, disks = recover_many(rfs, names)
         log = first_touch_log(s.dir, os.path.getsize(next(iter(disks.values()))), cfg.fleet_reads)
         B.drop_caches()
+        if WARM_STORE:
+            warm_chunks(repo)
         with Load(rfs.proc.pid) as load:
             p99, bins = read_first_touches(s.dir, disks, log)
         # The daemon's scheduler (and its latency histogram) is shared by
@@ -237,7 +258,7 @@ def one(cfg, work, repo, names, label):
 
 
 def section_fleet(cfg, work):
-    res = {"vms": VMS, "fetches": FETCHES, "delay_ms": DELAY_MS, "image_bytes": cfg.fleet_image_bytes, "reads": cfg.fleet_reads,
+    res = {"vms": VMS, "fetches": FETCHES, "delay_ms": DELAY_MS, "warm_store": WARM_STORE, "image_bytes": cfg.fleet_image_bytes, "reads": cfg.fleet_reads,
            "lone": [], "fleet": [], "errors": []}
     with B.Scope(work, "fleet-top") as top:
         repo = top.path("repo")
@@ -337,8 +358,12 @@ def render(f):
            "here there is no peer, and 16 places for 20 VMs reading at once would make the fleet queue for a "
            "place by construction while a lone VM never does" if f.get("fetches", 16) != 16 else "")
         + f"), {VMS} VMs each backed up from its own {f['image_bytes'] // MiB} MiB random "
-        f"image (no shared chunks), local repository behind `serve --repo-delay-ms {f['delay_ms']}`: the figures "
-        "are the daemon's scheduling of many VMs, not the store's CPU. **Baseline: one VM alone in the same "
+        f"image (no shared chunks), local repository behind `serve --repo-delay-ms {f['delay_ms']}`"
+        + (", its chunk files read back into the page cache after the caches are dropped (the store is the "
+           "timer alone; left on disk, 20 VMs' misses read 20 chunk files at once from this machine's one "
+           "virtual disk where a lone VM reads one, and the row would measure that disk)"
+           if f.get("warm_store") else "")
+        + ": the figures are the daemon's scheduling of many VMs, not the store's CPU. **Baseline: one VM alone in the same "
         "daemon configuration**, the issue's definition. Recover: wall time until `recover` returned (disks "
         f"visible) for one VM vs the last of {VMS} started at once, two ways, each in a fresh daemon: {VMS} "
         "requests at once on the control API from one client (what an orchestrator sees; the target's figure) "
@@ -372,7 +397,7 @@ def render(f):
     L.append(f"| read p99 ms per round ({f['reads']} reads: its maximum; fleet: the worst VM's) | {B.fmt_spread(sm.get('lone_p99_ms'), 1)} | "
              f"{B.fmt_spread(sm.get('fleet_worst_p99_ms'), 1)} | {B.fmt(sm.get('p99_ratio_per_round', sm.get('p99_ratio')), 2)}× |")
     L.append(f"| read p99 ms per round, every VM of every fleet run | | {B.fmt_spread(sm.get('fleet_p99_ms'), 1)} | |")
-    for k, what in (("get", "GET stage (20 ms timer + the local read, after the page cache was dropped)"),
+    for k, what in (("get", "GET stage (20 ms timer + the local read)"),
                     ("finish", "finish stage (verify, answer, write staging)"),
                     ("cpu_wait", "wait for a fetch CPU thread")):
         if sm.get(f"fleet_daemon_{k}_p99_ms"):

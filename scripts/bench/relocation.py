@@ -185,12 +185,13 @@ def throughput_round(work, repo, primary, size_mib, k):
 
 
 def device_copy(work, primary, size_mib):
-    """The devices' own copy rate, the ceiling of any copy between these two
-    filesystems: fio reads a file of the disk's size on the repository's
+    """The devices' own copy rate without the page cache (a reference for
+    a copy between these two filesystems, not a ceiling: buffered I/O may
+    beat it): fio reads a file of the disk's size on the repository's
     filesystem and writes one on the target's at once, each 1 MiB requests,
     16 in flight, O_DIRECT (no CPU spent on caching), caches dropped;
-    bytes / the slower job's runtime. Where both are one device, this, not
-    either alone, bounds a relocation."""
+    bytes / the slower job's runtime. Where both are one device, reading
+    and writing share it: this, not either alone, is what it gives."""
     src, dst = os.path.join(work, "device-read"), os.path.join(primary, "device-write")
     drop_caches()
     out = sh("fio", "--output-format=json", "--ioengine=libaio", "--direct=1", "--bs=1M", "--iodepth=16",
@@ -335,14 +336,15 @@ A {size_mib} MiB disk of random data, recovered from a local repository on {res[
 Why this baseline: a relocation must read every chunk from the repository, decompress and check it, and
 write it to the target; `recoverfs verify` does the first part with its own parallelism on the same
 repository (caches dropped), and dd the second on the same target filesystem, in the same round, so neither
-side is given a faster disk or a warmer cache than the relocation had. Relocation cannot beat the slower of
-the two; 0.90 of it means the copier's own overhead (fetch engine, fsync batches, the copied map) costs ≤ 10 %.
+side is given a faster disk or a warmer cache than the relocation had. The slower of the two bounds a
+relocation, which does both to every byte, as far as dd's O_DIRECT rate is what the target gives (a ratio
+above 1 says buffered writes got more); 0.90 of it means the copier's own overhead (fetch engine, fsync batches, the copied map) costs ≤ 10 %.
 Where the repository and the target share one device, reading and writing compete for it, so the second row
 runs `verify` and the dd write at the same time (the same bytes read and written as the relocation): its
 ratio is the copier's overhead on this machine, the first row's the target of issue 16. The third
-row is the ceiling of any copy between these two filesystems: the devices reading and writing at once as fast as
-they can (fio, 16 requests of 1 MiB in flight each way, O_DIRECT so no CPU goes to caching); with one device
-for both, the sum of the two rates, not the slower alone, is what it gives.
+row is fio reading and writing at once on these two filesystems (16 requests of 1 MiB in flight each way,
+O_DIRECT): what the devices give a copy that bypasses the page cache. It is a reference, not a ceiling: a
+ratio above 1 there means the relocation's buffered I/O got more from this device than O_DIRECT did.
 
 Latency: {len(res['segments'])} pairs of {seg_s} s segments ({res['valid_pairs']} valid: the copy still running at the
 end of the "with" segment) within one relocation rate-limited to {rate:.1f} MB/s so that it spans them all, alternating
