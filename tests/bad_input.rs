@@ -356,39 +356,42 @@ fn client_without_daemon_says_so() {
     );
 }
 
+/// Staging on a file system with room for a few blocks: every read still
+/// returns the backup's bytes (a block staging cannot take is answered
+/// from the fetched bytes and stays unstaged), the log and status say
+/// why, a guest write that needs room fails with ENOSPC, and the daemon
+/// keeps serving.
 #[test]
-fn a_full_staging_disk_fails_requests_cleanly_and_keeps_serving() {
+fn a_full_staging_disk_keeps_reads_right_fails_writes_cleanly_and_keeps_serving() {
     let env = Env::new();
     let data = random_image(&env.path("a.raw"), 64 * K64, 35, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
-    // Staging on a filesystem with room for only a few blocks.
     let _fs = Tmpfs::mount(&env.staging, "512k");
     let d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
     let f = std::fs::File::open(&disk).unwrap();
     let mut buf = vec![0u8; K64];
-    let mut failed = None;
     for b in 0..64u64 {
-        match std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, b * K64 as u64) {
-            Ok(()) => assert!(
-                buf[..] == data[b as usize * K64..(b as usize + 1) * K64],
-                "block {b} wrong"
-            ),
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
+        f.read_exact_at(&mut buf, b * K64 as u64)
+            .unwrap_or_else(|e| panic!("block {b}: {e}"));
+        assert!(
+            buf[..] == data[b as usize * K64..(b as usize + 1) * K64],
+            "block {b} wrong"
+        );
     }
-    let e = failed.expect("the staging filesystem should have filled up");
-    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-    // The daemon is still up; staged blocks still read correctly.
-    f.read_exact_at(&mut buf, 0).unwrap();
-    assert!(buf[..] == data[..K64]);
     assert!(
         d.log_text().contains("No space left"),
         "the log must say why: {}",
         d.log_text()
     );
     assert!(env.disk_status("vm", 0)["fetch_errors"].as_u64().unwrap() >= 1);
+    let w = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let e = w
+        .write_all_at(&vec![7u8; K64], 63 * K64 as u64)
+        .and_then(|()| w.sync_all())
+        .expect_err("a write with no room in staging succeeded");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    // Still serving, and the failed write changed nothing a read sees.
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == data[..K64]);
 }
