@@ -379,6 +379,17 @@ fn a_full_staging_disk_keeps_reads_right_fails_writes_cleanly_and_keeps_serving(
             "block {b} wrong"
         );
     }
+    // Reads across block boundaries too (the general read path).
+    let mut two = vec![0u8; 8192];
+    for b in (1..64u64).step_by(5) {
+        let off = b * K64 as u64 - 4096;
+        f.read_exact_at(&mut two, off)
+            .unwrap_or_else(|e| panic!("read across block {b}: {e}"));
+        assert!(
+            two[..] == data[off as usize..off as usize + 8192],
+            "read across block {b} wrong"
+        );
+    }
     assert!(
         d.log_text().contains("No space left"),
         "the log must say why: {}",

@@ -186,6 +186,23 @@ fn a_failed_staging_write_after_the_answer_leaves_the_block_missing_and_it_is_fe
     );
 }
 
+/// A read across two blocks whose fetches' staging writes fail still gets
+/// the verified bytes, as a read within one block does.
+#[test]
+fn a_read_across_blocks_gets_the_fetched_bytes_when_their_staging_writes_fail() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::OsStorage;
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let f = super::tests::fixture_on(8, 38, Arc::new(faults.clone()));
+    faults.inject(Rule::fail(Op::Write, "disk0.data", libc::ENOSPC).times(2));
+    let off = 2 * BS as u64 - 1000;
+    let got = f.vol.read(off, 2000).unwrap();
+    assert!(got[..] == f.data[off as usize..][..2000], "wrong bytes");
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    assert_eq!((st.blocks_staged, st.fetch_errors), (0, 2));
+}
+
 /// A read that joined a write's fill has no bytes to answer from and goes
 /// to the pool; if the pool drops that job unrun (a runtime shutting
 /// down), the read no longer counts as a guest request in flight, which

@@ -106,8 +106,10 @@ impl Volume {
         let (off, len) = self.block_range(b);
         match r.0 {
             ReadHow::Fetch(s) => {
-                s.wait()?;
-                if s.data.get().is_some() {
+                // The verified bytes, even if a promoted copy's staging
+                // write failed after them.
+                let fetched = s.wait_data()?.is_some();
+                if fetched {
                     return Ok(CopyBytes(Bytes::Fetched(s)));
                 }
                 // Cannot happen (a successful fetch sets its bytes), but
