@@ -618,14 +618,14 @@ impl Volume {
             .ctx(|| format!("zero staging {}", self.store.data_path.display()))
     }
 
-    /// Waits for each fill's bytes, or for its end where it leaves none:
-    /// the first error of a fill that left no bytes. A fetch whose staging
-    /// write failed after its bytes were verified still answers readers.
+    /// Waits for each fill to end: the first error of a fill that left no
+    /// bytes. A fetch whose staging write failed after its bytes were
+    /// verified still answers readers from them.
     fn wait_all_data<'a>(slots: impl IntoIterator<Item = &'a Arc<Slot>>) -> Result<()> {
         let mut first = Ok(());
         for s in slots {
-            if let Err(e) = s.wait_data() {
-                if first.is_ok() {
+            if let Err(e) = s.wait() {
+                if s.data.get().is_none() && first.is_ok() {
                     first = Err(e);
                 }
             }

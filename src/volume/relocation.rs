@@ -108,10 +108,11 @@ impl Volume {
             ReadHow::Fetch(s) => {
                 // The verified bytes, even if a promoted copy's staging
                 // write failed after them.
-                let fetched = s.wait_data()?.is_some();
-                if fetched {
+                let ended = s.wait();
+                if s.data.get().is_some() {
                     return Ok(CopyBytes(Bytes::Fetched(s)));
                 }
+                ended?;
                 // Cannot happen (a successful fetch sets its bytes), but
                 // reading what the VM sees is always right.
                 let (data, _) = self.read_source(off, len, Class::Relocation)?;
