@@ -621,7 +621,7 @@ impl Volume {
     /// Waits for each fill to end: the first error of a fill that left no
     /// bytes. A fetch whose staging write failed after its bytes were
     /// verified still answers readers from them.
-    fn wait_all_data<'a>(slots: impl IntoIterator<Item = &'a Arc<Slot>>) -> Result<()> {
+    fn wait_fills<'a>(slots: impl IntoIterator<Item = &'a Arc<Slot>>) -> Result<()> {
         let mut first = Ok(());
         for s in slots {
             if let Err(e) = s.wait() {

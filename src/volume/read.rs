@@ -243,7 +243,7 @@ impl Volume {
                 .filter_map(|&b| self.start_fill(b, class).map(|s| (b, s)))
                 .collect();
             hit &= slots.is_empty();
-            Self::wait_all_data(slots.iter().map(|(_, s)| s))?;
+            Self::wait_fills(slots.iter().map(|(_, s)| s))?;
             let fetched = |b: u64| {
                 slots
                     .iter()
