@@ -10,7 +10,7 @@ use crate::repo::writer::{run_backup, BackupRequest};
 use crate::staging::StagingSet;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BS: usize = 64 << 10;
 

@@ -1,0 +1,292 @@
+//! Starting (or resuming) a recovery session: choose the backup (kept
+//! staging first), place it on an export point, open its staging, build
+//! its volumes, mark it active, pin its backup and start its prefetch.
+//! The order is what makes a crash at any point safe: the session is
+//! marked active (served again by a restarted daemon) only once its
+//! staging is complete on disk (`open_session` writes `session.json`
+//! last), and it is in the session table, visible to the frontends, only
+//! after that.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+use super::kept::Chosen;
+use super::points::{resolve_host, PlaceRequest, PlacementRecord};
+use super::{backup, upload, Datastore, OpenState, RecoverInfo, Session, DEFAULT_WORKING_SET};
+use crate::error::{Error, Result};
+use crate::placement::Decision;
+use crate::prefetch::feeder::{Feeder, Source};
+use crate::prefetch::profile;
+use crate::prefetch::tracker::RecordWindow;
+use crate::relocate::Relocation;
+use crate::repo::Manifest;
+use crate::staging::{open_session, StagingDir};
+use crate::util::validate_name;
+use crate::volume::Volume;
+
+impl Datastore {
+    /// Starts (or resumes) serving a VM. Without `backup`, kept staging of
+    /// the VM is resumed first so earlier guest writes are never hidden;
+    /// otherwise the newest backup is used.
+    pub fn recover(&self, vm: &str, backup: Option<&str>) -> Result<RecoverInfo> {
+        self.recover_placed(vm, backup, &PlaceRequest::default())
+    }
+
+    /// `recover`, placed on an export point as `req` asks.
+    pub fn recover_placed(
+        &self,
+        vm: &str,
+        backup: Option<&str>,
+        req: &PlaceRequest,
+    ) -> Result<RecoverInfo> {
+        self.recover_at(vm, backup, Placing::New(req))
+    }
+
+    pub(super) fn recover_at(&self, vm: &str, backup: Option<&str>, placing: Placing) -> Result<RecoverInfo> {
+        validate_name("VM name", vm)?;
+        if let Some(b) = backup {
+            validate_name("backup id", b)?;
+        }
+        let op = self.vm_op(vm);
+        let _op = op.lock();
+        if let Some(s) = self.session(vm) {
+            if backup.is_some_and(|b| b != s.backup) {
+                return Err(Error::busy(format!(
+                    "VM {vm} is already being recovered from backup {}; release it first",
+                    s.backup
+                )));
+            }
+            if let Placing::New(PlaceRequest {
+                export_point: Some(p),
+                ..
+            }) = &placing
+            {
+                if p != "auto" && p != s.point.name() {
+                    return Err(Error::busy(format!(
+                        "VM {vm} is already served at export point {}; release it first to move it",
+                        s.point.name()
+                    )));
+                }
+            }
+            return Ok(self.info(&s, true, vec![], None));
+        }
+        // Which kept staging resumes decides where the VM may go: its
+        // data stays in the staging directory it is in.
+        let (point, host, decision, chosen) = match placing {
+            Placing::New(req) => {
+                let chosen = self.choose_manifest(vm, backup, None)?;
+                let need = self.expected_working_set(vm, &chosen.manifest);
+                let d = self.place(vm, req, chosen.kept.as_ref(), need)?;
+                let p = self.point(&d.chosen).expect("decided among ours").clone();
+                (p, req.host.clone(), Some(d), chosen)
+            }
+            Placing::Kept {
+                point,
+                host,
+                staging,
+            } => {
+                let mut chosen = self.choose_manifest(vm, backup, Some(&staging))?;
+                let p = self.kept_point(vm, &point, &staging);
+                chosen.kept = Some(staging);
+                (p, host, None, chosen)
+            }
+        };
+        let Chosen {
+            manifest,
+            skipped,
+            kept,
+        } = chosen;
+        let staging = kept.unwrap_or_else(|| point.staging.clone());
+        let dir = staging.session_dir(vm, &manifest.id);
+        let storage = staging.storage().clone();
+        let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
+        let backup_base = backup::load_base(storage.as_ref(), &dir, &manifest)?;
+        let record = RecordWindow {
+            start: Instant::now(),
+            length: self.prefetch.record_window,
+        };
+        let disks = stores
+            .into_iter()
+            .enumerate()
+            .map(|(i, st)| {
+                Volume::new(
+                    self.repo.clone(),
+                    &manifest,
+                    i,
+                    st,
+                    point.sched.clone(),
+                    record,
+                )
+            })
+            .collect::<Vec<_>>();
+        for d in &disks {
+            d.set_queue(point.queue.clone());
+            d.attach_budget(staging.budget().clone(), dir.clone());
+        }
+        let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
+        config_json.push(b'\n');
+        // A relocation in progress (or finished) survives restarts.
+        let relocation = Relocation::resume(crate::relocate::Source {
+            storage: &storage,
+            vm,
+            disks: &disks,
+            config_json: &config_json,
+            session_dir: &dir,
+        })?;
+        let session = Arc::new(Session {
+            vm: vm.into(),
+            backup: manifest.id.clone(),
+            config_json,
+            disks,
+            serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
+            started: SystemTime::now(),
+            resumed,
+            dir,
+            staging: staging.clone(),
+            relocation: Mutex::new(relocation),
+            point: point.clone(),
+            // A name that no longer resolves counts for no host.
+            host_ip: host.as_deref().and_then(|h| resolve_host(h).ok()),
+            host: host.clone(),
+            feeder: OnceLock::new(),
+            profile_done: AtomicBool::new(false),
+            state: Mutex::new(OpenState::default()),
+            backup_base: Mutex::new(backup_base),
+            backup_running: AtomicBool::new(false),
+            upload: Mutex::new(None),
+            upload_gate: Mutex::new(()),
+            backup_gone: Mutex::new(None),
+        });
+        // Served from now on, at this export point, also by a daemon
+        // restarted after a crash.
+        let record = PlacementRecord {
+            export_point: point.name().into(),
+            host,
+        };
+        staging.mark_active(
+            vm,
+            &manifest.id,
+            &serde_json::to_vec(&record).expect("json"),
+        )?;
+        self.pin(&session, true);
+        self.start_prefetch(&session);
+        upload::resume(&self.repo, &session);
+        self.sessions.write().insert(vm.into(), session.clone());
+        tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
+        Ok(self.info(&session, false, skipped, decision))
+    }
+
+    /// Starts following the VM's profile; when the recording window
+    /// closes, the session's own recording is saved.
+    fn start_prefetch(&self, session: &Arc<Session>) {
+        let sources = self.profile_sources(session);
+        let (weak, repo): (Weak<Session>, _) = (Arc::downgrade(session), self.repo.clone());
+        let on_window_end = Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.save_profile_logged(&repo);
+            }
+        });
+        let disks = session.disks.iter().cloned().zip(sources).collect();
+        let f = Feeder::start(
+            &session.vm,
+            disks,
+            session.point.sched.clone(),
+            self.prefetch.feeder.clone(),
+            on_window_end,
+        );
+        let _ = session.feeder.set(f);
+    }
+
+    /// What a new recovery of `vm` from `m` is expected to stage (for
+    /// admission under bounded staging): its operational profile's blocks,
+    /// else `DEFAULT_WORKING_SET`; never more than its disks.
+    fn expected_working_set(&self, vm: &str, m: &Manifest) -> u64 {
+        let disks: u64 = m.disks.iter().map(|d| d.size).sum();
+        if !self.stagings.all().iter().any(|s| s.budget().is_limited()) {
+            return 0;
+        }
+        let profiled = match profile::load(&self.repo, vm) {
+            Ok(Some(doc)) => doc
+                .merge()
+                .iter()
+                .map(|d| d.blocks.len() as u64 * d.block_size)
+                .sum(),
+            _ => 0,
+        };
+        let need = if profiled > 0 {
+            profiled
+        } else {
+            DEFAULT_WORKING_SET
+        };
+        need.min(disks)
+    }
+
+    /// Per disk: the stored profile mapped onto this backup, else the
+    /// default one. A damaged profile only costs its prefetch.
+    fn profile_sources(&self, s: &Session) -> Vec<Source> {
+        let none = || s.disks.iter().map(|_| Source::Nothing).collect();
+        if !self.prefetch.use_profile {
+            return none();
+        }
+        let merged = match profile::load(&self.repo, &s.vm) {
+            Ok(doc) => doc.map(|d| d.merge()).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(vm = %s.vm, "ignoring the operational profile: {e}");
+                vec![]
+            }
+        };
+        s.disks
+            .iter()
+            .map(|d| match merged.iter().find(|m| m.index == d.index) {
+                Some(m) => Source::Recorded(m.plan_for(d.block_size(), d.chunks())),
+                None if self.prefetch.default_profile => Source::Default,
+                None => Source::Nothing,
+            })
+            .collect()
+    }
+
+    pub(super) fn info(
+        &self,
+        s: &Session,
+        already_active: bool,
+        skipped: Vec<String>,
+        placement: Option<Decision>,
+    ) -> RecoverInfo {
+        let dir = self.mount.join(&s.vm);
+        RecoverInfo {
+            vm: s.vm.clone(),
+            backup: s.backup.clone(),
+            resumed: s.resumed,
+            skipped,
+            already_active,
+            config: dir.join("vm.json"),
+            disks: s
+                .disks
+                .iter()
+                .map(|d| dir.join(format!("disk{}.raw", d.index)))
+                .collect(),
+            urls: s.disks.iter().map(|d| self.disk_urls(s, d.index)).collect(),
+            export_point: s.point.name().into(),
+            host: s.host.clone(),
+            placement,
+        }
+    }
+
+}
+
+/// How `recover_at` places a session.
+pub(super) enum Placing<'a> {
+    /// A new recovery: decide.
+    New(&'a PlaceRequest),
+    /// A session that was served before the restart, found in `staging`:
+    /// where it was (its recorded point and host).
+    Kept {
+        point: String,
+        host: Option<String>,
+        staging: Arc<StagingDir>,
+    },
+}
+
