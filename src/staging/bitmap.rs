@@ -215,10 +215,10 @@ impl PersistentBitmap {
     ) -> Result<Self> {
         let header = Self::header(kind, block_size, nblocks);
         let words_len = nblocks.div_ceil(64) * 8;
-        if !storage
+        let existed = storage
             .exists(path)
-            .ctx(|| format!("stat {}", path.display()))?
-        {
+            .ctx(|| format!("stat {}", path.display()))?;
+        if !existed {
             let mut init = header.to_vec();
             init.resize((HEADER_LEN + words_len) as usize, 0);
             replace(storage, path, &init)?;
@@ -226,6 +226,15 @@ impl PersistentBitmap {
         let file = storage
             .open(path, Open::Existing)
             .ctx(|| format!("open {}", path.display()))?;
+        if existed {
+            // After a `kill -9` the words read below come from the page
+            // cache: a group commit may have written them and died before
+            // its sync. They count as durable from here on (a later durable
+            // set of such a bit returns at once, a flush finds nothing
+            // dirty), so make them so first.
+            file.sync_data()
+                .ctx(|| format!("fsync {}", path.display()))?;
+        }
         let mut buf = vec![0u8; (HEADER_LEN + words_len) as usize];
         file.read_exact_at(&mut buf, 0)
             .map_err(|_| Error::corrupt(format!("staging map {} is truncated", path.display())))?;
@@ -273,12 +282,20 @@ impl PersistentBitmap {
     }
 
     /// Starts mirroring every bit set into `path` (see [`super::live`]),
-    /// first adding the bits a daemon of this boot recorded there: their
-    /// bytes are in the staging file, synced or not. Those bits are
-    /// persisted here at the next flush, after a data sync, like any other.
-    pub fn attach_mirror(&mut self, storage: &dyn Storage, path: &Path) -> Result<u64> {
+    /// first adding the bits a daemon of this boot recorded there, if
+    /// `trust`: their bytes are in the staging file, synced or not. Those
+    /// bits are persisted here at the next flush, after a data sync, like
+    /// any other.
+    pub fn attach_mirror(&mut self, storage: &dyn Storage, path: &Path, trust: bool) -> Result<u64> {
         let synced = self.bits.snapshot();
-        let opened = LiveMirror::open(storage, path, self.block_size, self.bits.len(), &synced)?;
+        let opened = LiveMirror::open(
+            storage,
+            path,
+            self.block_size,
+            self.bits.len(),
+            &synced,
+            trust,
+        )?;
         let mut added = 0;
         if let Some(words) = opened.trusted {
             for (i, (w, t)) in synced.iter().zip(&words).enumerate() {

@@ -104,18 +104,21 @@ fn read_trusted(
 impl LiveMirror {
     /// Opens the mirror at `path` for a map whose synced words are
     /// `synced`, and starts a new one holding `synced` plus whatever is
-    /// trusted of the old one. The new file replaces the old atomically, so
-    /// a crash in between leaves either, both valid in this boot.
+    /// trusted of the old one (nothing unless `trust`: the caller knows the
+    /// staging data may have lost pages). The new file replaces the old
+    /// atomically, so a crash in between leaves either, both valid in this
+    /// boot.
     pub fn open(
         storage: &dyn Storage,
         path: &Path,
         block_size: u32,
         nblocks: u64,
         synced: &[u64],
+        trust: bool,
     ) -> Result<Opened> {
         let boot_id = storage.boot_id();
         let boot = boot_hash(&boot_id);
-        let previous = if boot_id.is_empty() {
+        let previous = if boot_id.is_empty() || !trust {
             None
         } else {
             read_trusted(storage, path, block_size, nblocks, &boot)
@@ -237,11 +240,11 @@ mod tests {
     #[test]
     fn unsynced_bits_count_after_a_kill_and_keep_the_epoch() {
         let m = storage();
-        let a = LiveMirror::open(&m, Path::new(P), 4096, 130, &[1, 0, 0]).unwrap();
+        let a = LiveMirror::open(&m, Path::new(P), 4096, 130, &[1, 0, 0], true).unwrap();
         assert!(a.trusted.is_none(), "a new mirror trusts nothing");
         a.mirror.record(64 + 5);
         let killed = m.kill_state(m.position());
-        let b = LiveMirror::open(&killed, Path::new(P), 4096, 130, &[1, 0, 0]).unwrap();
+        let b = LiveMirror::open(&killed, Path::new(P), 4096, 130, &[1, 0, 0], true).unwrap();
         assert_eq!(b.trusted, Some(vec![1, 1 << 5, 0]));
         assert_eq!(b.mirror.epoch(), a.mirror.epoch());
     }
@@ -249,19 +252,19 @@ mod tests {
     #[test]
     fn a_power_cut_or_a_poisoned_mirror_is_ignored_and_changes_the_epoch() {
         let m = storage();
-        let a = LiveMirror::open(&m, Path::new(P), 4096, 64, &[0]).unwrap();
+        let a = LiveMirror::open(&m, Path::new(P), 4096, 64, &[0], true).unwrap();
         a.mirror.record(1);
         a.mirror.record(2);
         let mut rng = rand::rngs::mock::StepRng::new(0, 1);
         let cut = m.crash_state(m.position(), 1.0, &mut rng);
-        let b = LiveMirror::open(&cut, Path::new(P), 4096, 64, &[0]).unwrap();
+        let b = LiveMirror::open(&cut, Path::new(P), 4096, 64, &[0], true).unwrap();
         assert!(b.trusted.is_none(), "another boot trusts no unsynced bit");
         assert_ne!(b.mirror.epoch(), a.mirror.epoch());
 
         a.mirror.poison();
         a.mirror.record(0); // ignored once poisoned
         let killed = m.kill_state(m.position());
-        let c = LiveMirror::open(&killed, Path::new(P), 4096, 64, &[0]).unwrap();
+        let c = LiveMirror::open(&killed, Path::new(P), 4096, 64, &[0], true).unwrap();
         assert!(c.trusted.is_none(), "a poisoned mirror is not trusted");
         assert_ne!(c.mirror.epoch(), a.mirror.epoch());
     }
@@ -269,9 +272,9 @@ mod tests {
     #[test]
     fn a_mirror_of_other_geometry_is_ignored() {
         let m = storage();
-        let a = LiveMirror::open(&m, Path::new(P), 4096, 64, &[0]).unwrap();
+        let a = LiveMirror::open(&m, Path::new(P), 4096, 64, &[0], true).unwrap();
         a.mirror.record(0);
-        let b = LiveMirror::open(&m, Path::new(P), 8192, 64, &[0]).unwrap();
+        let b = LiveMirror::open(&m, Path::new(P), 8192, 64, &[0], true).unwrap();
         assert!(b.trusted.is_none());
     }
 }

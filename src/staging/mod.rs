@@ -560,7 +560,8 @@ fn open_disk(
         d.chunk_size,
         nblocks,
     )?;
-    let added = present.attach_mirror(storage, &dir.join(format!("disk{index}.live")))?;
+    let trust = !resumed || data_reached_disk(data.as_ref(), &data_path);
+    let added = present.attach_mirror(storage, &dir.join(format!("disk{index}.live")), trust)?;
     if added > 0 {
         tracing::info!(
             disk = index,
@@ -605,6 +606,25 @@ fn open_disk(
         uploaded,
         data_path,
     })
+}
+
+/// Whether the staging data a previous daemon of this boot wrote reached
+/// the disk. The mirror names blocks whose bytes it wrote, maybe unsynced;
+/// a writeback error it never saw (killed before its next flush) shows at
+/// the first sync of this new descriptor, and then the kernel may have
+/// dropped those pages: the mirror must not be trusted (and the epoch
+/// changes). Logged, not fatal: synced presence bits stay valid.
+fn data_reached_disk(data: &dyn io::BlockFile, path: &Path) -> bool {
+    match data.sync_data() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(
+                "fsync {}: {e}; blocks staged but not flushed before the restart are fetched again, and writes acknowledged but not flushed may be lost (the disk's epoch changes)",
+                path.display()
+            );
+            false
+        }
+    }
 }
 
 /// The disk's upload record of generation `g`, if there is one. A damaged

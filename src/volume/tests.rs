@@ -704,6 +704,36 @@ fn after_a_failed_sync_the_next_daemon_trusts_no_unsynced_block_and_changes_the_
     again.close();
 }
 
+#[test]
+fn a_writeback_error_a_killed_daemon_never_saw_makes_the_next_one_trust_no_unsynced_block() {
+    use crate::disk::Disk;
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::mem::MemStorage;
+    let r = Reopenable::new(8, 33);
+    let mem = MemStorage::new();
+    let vol = r.open(&mem);
+    let epoch = Disk::epoch(vol.as_ref());
+    vol.write(3 * BS as u64, &vec![9u8; BS]).unwrap();
+    // `kill -9` before any flush; the kernel then failed to write the
+    // block back, which no descriptor has reported yet: the restarted
+    // daemon's first sync of the data file is the one that sees it.
+    let killed = FaultyStorage::new(Arc::new(mem.kill_state(mem.position())));
+    killed.inject(Rule::fail(Op::Sync, "disk0.data", libc::EIO).times(1));
+    let again = r.open(&killed);
+    assert_eq!(
+        again.read(3 * BS as u64, BS).unwrap(),
+        r.data[3 * BS..4 * BS],
+        "a block whose writeback failed was trusted from the mirror"
+    );
+    assert_ne!(
+        Disk::epoch(again.as_ref()),
+        epoch,
+        "NFS clients would not resend"
+    );
+    again.close();
+    vol.close();
+}
+
 /// Freezes `vol` for a live backup as `session::backup` does (a fresh
 /// next-generation map and cow file in `dir`), with writes paused.
 pub(super) fn freeze_for_backup(

@@ -126,6 +126,30 @@ fn a_durable_set_of_many_bits_costs_one_sync_and_survives_a_power_cut() {
 }
 
 #[test]
+fn a_bit_a_killed_daemon_wrote_but_never_synced_is_synced_before_it_counts_as_durable() {
+    let mem = MemStorage::new();
+    mem.create_dir_all(Path::new("/s")).unwrap();
+    let p = Path::new("/s/c");
+    drop(PersistentBitmap::open(&mem, p, MapKind::Changed, 65536, 256).unwrap());
+    // A group commit's word write, then `kill -9` before its sync: the
+    // page cache (this MemStorage, same boot) holds the word, unsynced.
+    let f = mem.open(p, Open::Existing).unwrap();
+    f.write_all_at(&(1u64 << 6).to_le_bytes(), HEADER_LEN + 8)
+        .unwrap();
+    drop(f);
+    // The restarted daemon reads the bit and takes it as durable: a durable
+    // set of it returns without syncing anything.
+    let m = PersistentBitmap::open(&mem, p, MapKind::Changed, 65536, 256).unwrap();
+    assert!(m.test_durable(70));
+    m.set_durable(70).unwrap();
+    let cut = after_power_cut(&mem, p, 256);
+    assert!(
+        cut.bits().test(70),
+        "a bit the map said was durable was lost by a power cut"
+    );
+}
+
+#[test]
 fn concurrent_durable_setters_share_syncs_and_return_only_once_their_bit_is_synced() {
     use crate::staging::io::fault::{FaultyStorage, Op, Rule};
     let mem = MemStorage::new();
