@@ -305,3 +305,65 @@ fn write_through_answers_every_write_file_sync() {
     let flushes = env.disk_status("vm", 0)["flushes"].as_u64().unwrap();
     assert!(flushes >= 1, "the write was flushed before the reply");
 }
+
+/// Clears the immutable flag it set, even when the test fails, so the
+/// test directory can be removed.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        let o = Command::new("chattr").arg("+i").arg(path).output().unwrap();
+        assert!(o.status.success(), "chattr +i: {o:?}");
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_failed_side_file_write_changes_the_side_file_verifier_so_clients_resend() {
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 84, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let dir = c.path("/vm").unwrap();
+    let vmx = c.create(&dir, "vm.vmx").unwrap();
+    let (_, v1) = c.write(&vmx, 0, b"first", stable_how::UNSTABLE).unwrap();
+    assert_eq!(c.commit(&vmx).unwrap(), v1, "the verifier holds within a run");
+    // The next write fails on the server (an immutable file stands in for
+    // a failed writeback, which the kernel reports to one descriptor only:
+    // the COMMIT below, on a new one, would see nothing wrong).
+    let path = std::fs::read_dir(env.staging.join("sessions/vm"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("files/vm.vmx");
+    let (_, v2) = c.write(&vmx, 5, b"second", stable_how::UNSTABLE).unwrap();
+    assert_eq!(v2, v1);
+    {
+        let _frozen = Immutable::set(&path);
+        assert!(c.write(&vmx, 11, b"third", stable_how::FILE_SYNC).is_err());
+    }
+    assert_ne!(
+        c.commit(&vmx).unwrap(),
+        v1,
+        "a COMMIT after a failed side-file write kept the verifier: the client would not resend its UNSTABLE write"
+    );
+    // A restarted daemon cannot know what the last one failed: new verifier.
+    let v3 = c.commit(&vmx).unwrap();
+    drop(c);
+    d.kill9();
+    std::mem::forget(d);
+    let _d2 = env.serve(); // resumes the session by itself
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let vmx = c.path("/vm/vm.vmx").unwrap();
+    assert_ne!(c.commit(&vmx).unwrap(), v3, "the side-file verifier survived a daemon restart");
+}

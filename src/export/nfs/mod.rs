@@ -22,8 +22,8 @@
 //! when unsynced data could have been lost (a host reboot, a failed staging
 //! sync) and not on a daemon restart, `kill -9` included, because the
 //! restarted daemon keeps every block written in this boot (see
-//! `staging::live`). Side files are plain files, so theirs follows the boot
-//! id. Some clients never compare verifiers (libnfs 4.0, used by QEMU):
+//! `staging::live`). Side files are plain files: theirs is new at each
+//! daemon start and after any failed side-file operation ([`SideVerifier`]). Some clients never compare verifiers (libnfs 4.0, used by QEMU):
 //! `--nfs-write-through` answers every write FILE_SYNC.
 //!
 //! **Handles** are stable identities (see `fs`): after a restart, clients
@@ -48,14 +48,43 @@ pub mod xdr;
 
 pub use server::{NfsOptions, NfsServer};
 
-/// The write verifier of side files: the same until the host reboots,
-/// which is when their unsynced data (page cache) can be lost.
-pub fn side_file_verifier() -> [u8; 8] {
-    use crate::staging::Storage;
-    let boot = crate::staging::OsStorage.boot_id();
-    if boot.is_empty() {
-        return rand::random();
+/// The write verifier of side files. They are plain files, whose unsynced
+/// data the page cache holds until a reboot or a failed writeback. The
+/// kernel reports a writeback error to one descriptor only, and side files
+/// take a new descriptor per call, so a COMMIT may find nothing to report
+/// after an UNSTABLE write was lost. So the verifier is new at every daemon
+/// start (a daemon that saw a failure may have died before telling anyone)
+/// and after every failed side-file write, sync or resize: clients then
+/// resend what they have not seen committed, a side file's few writes.
+pub struct SideVerifier(std::sync::atomic::AtomicU64);
+
+impl SideVerifier {
+    pub fn new() -> SideVerifier {
+        SideVerifier(std::sync::atomic::AtomicU64::new(rand::random()))
     }
-    let h = blake3::hash(format!("recoverfs side files {boot}").as_bytes());
-    h.as_bytes()[..8].try_into().expect("8 bytes")
+
+    pub fn get(&self) -> [u8; 8] {
+        self.0
+            .load(std::sync::atomic::Ordering::Acquire)
+            .to_be_bytes()
+    }
+
+    /// After a side-file operation failed: what clients wrote UNSTABLE
+    /// may be lost.
+    pub fn failed(&self) {
+        let old = self.0.load(std::sync::atomic::Ordering::Acquire);
+        let new = loop {
+            let v: u64 = rand::random();
+            if v != old {
+                break v;
+            }
+        };
+        self.0.store(new, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Default for SideVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
 }

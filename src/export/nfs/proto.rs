@@ -64,7 +64,7 @@ pub struct Ctx<'a> {
     pub conn: &'a Conn,
     pub caller: Caller,
     /// The write verifier of side files (a disk's is its epoch).
-    pub side_verifier: [u8; 8],
+    pub side_verifier: &'a super::SideVerifier,
     /// Answer every write FILE_SYNC (for clients that ignore verifiers).
     pub write_through: bool,
     /// The port MOUNT and NFS are served on, for GETPORT.
@@ -396,7 +396,14 @@ fn apply_setattr(ctx: &Ctx, n: &Node, a: &fattr3, sa: &n3::sattr3) -> Res<()> {
                     return Err(nfsstat3::NFS3ERR_ACCES);
                 }
                 ctx.conn.attach(s)?;
-                open_side(f, true)?.set_len(sz).map_err(|e| io_error(&e))?;
+                // SETATTR is synchronous (RFC 1813): durable before the reply.
+                open_side(f, true)
+                    .and_then(|file| {
+                        file.set_len(sz)
+                            .and_then(|()| file.sync_all())
+                            .map_err(|e| io_error(&e))
+                    })
+                    .inspect_err(|_| ctx.side_verifier.failed())?;
             }
             if let Some(m) = mode {
                 if !owner {
@@ -624,7 +631,10 @@ fn write(ctx: &Ctx, r: &mut Reader) -> Result<n3::WRITE3res, Garbage> {
             }
             Node::Side(s, f) => {
                 ctx.conn.attach(s).map_err(|st| fail(st, Some(&before)))?;
-                write_side(f, off, data, sync).map_err(|st| fail(st, Some(&before)))?;
+                write_side(f, off, data, sync).map_err(|st| {
+                    ctx.side_verifier.failed();
+                    fail(st, Some(&before))
+                })?;
             }
             Node::Config(_) => return Err(fail(nfsstat3::NFS3ERR_ROFS, Some(&before))),
             _ => return Err(fail(nfsstat3::NFS3ERR_ISDIR, Some(&before))),
@@ -646,7 +656,7 @@ fn write(ctx: &Ctx, r: &mut Reader) -> Result<n3::WRITE3res, Garbage> {
 fn write_verifier(ctx: &Ctx, n: &Node) -> [u8; 8] {
     match n {
         Node::Disk(_, d) => crate::disk::Disk::epoch(d.as_ref()).to_be_bytes(),
-        _ => ctx.side_verifier,
+        _ => ctx.side_verifier.get(),
     }
 }
 
@@ -681,7 +691,10 @@ fn commit(ctx: &Ctx, r: &mut Reader) -> Result<n3::COMMIT3res, Garbage> {
             }
             Node::Side(_, f) => open_side(f, false)
                 .and_then(|file| file.sync_all().map_err(|e| io_error(&e)))
-                .map_err(fail)?,
+                .map_err(|st| {
+                    ctx.side_verifier.failed();
+                    fail(st)
+                })?,
             _ => {}
         }
         Ok(n3::COMMIT3resok {

@@ -91,7 +91,7 @@ struct Shared {
     ns: Namespace,
     point: Arc<ExportPoint>,
     opts: NfsOptions,
-    side_verifier: [u8; 8],
+    side_verifier: super::SideVerifier,
 }
 
 pub struct NfsServer {
@@ -149,7 +149,7 @@ impl NfsServer {
             ns: Namespace::new(ds, &point, opts.owner),
             point,
             opts,
-            side_verifier: super::side_file_verifier(),
+            side_verifier: super::SideVerifier::new(),
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![];
@@ -314,7 +314,7 @@ fn answer(
         ns: &shared.ns,
         conn,
         caller: shared.opts.caller(&call.cred, peer),
-        side_verifier: shared.side_verifier,
+        side_verifier: &shared.side_verifier,
         write_through: shared.opts.write_through,
         nfs_port,
         allowed,
