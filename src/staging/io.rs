@@ -369,6 +369,16 @@ impl BlockFile for OsFile {
         if rc == 0 {
             return Ok(());
         }
+        let e = io::Error::last_os_error();
+        // ENOSPC: a full ext4 may need a block to split an extent; zeros
+        // over the allocated range need none. Anything else (EIO) is an
+        // error, never hidden behind a zero fill.
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::ENOSPC)
+        ) {
+            return Err(e);
+        }
         // Filesystems without hole punching still read zeros after this;
         // a piece at a time, as the range may be terabytes of holes.
         let zeros = vec![0u8; len.min(1 << 20) as usize];
