@@ -28,7 +28,9 @@
 //!
 //! **Handles** are stable identities (see `fs`): after a restart, clients
 //! carry on with the handles they hold; a handle of a released session is
-//! NFS3ERR_STALE.
+//! NFS3ERR_STALE until the same backup of the VM is recovered again, when
+//! it names the same file again (safe: release flushed the session, or
+//! poisoned its mirror so the disk's verifier changes).
 //!
 //! **Access.** Each export lists the client networks allowed to use it
 //! (default: loopback only); others get MNT3ERR_ACCES and RPC AUTH_TOOWEAK,
