@@ -11,7 +11,9 @@
 //!   end, so a write to the block (which waits for the fill) always lands
 //!   after the fetched bytes. A reader never reads staging back. Other
 //!   fills (zero chunks, a write's claim) leave no bytes: those readers
-//!   wait for the fill and read staging.
+//!   wait for the fill and read staging. A write's claim ends `Ok` for its
+//!   waiters even when the write failed (the error is the writer's): they
+//!   plan again and fetch the block, which is still the backup's.
 //! * A zero chunk that is not staged reads as zeros without any I/O.
 //! * A write marks its blocks changed (durably, first), fills a partly
 //!   covered missing block from the backup, then writes the staging file.
@@ -193,7 +195,7 @@ enum Claim {
     Present,
     /// Someone else is filling it: wait.
     Wait(Arc<Slot>),
-    /// We fill it and must call `complete`.
+    /// We fill it and must end it (`complete`; a write: `complete_claim`).
     Owner(Arc<Slot>),
 }
 
@@ -213,7 +215,8 @@ pub struct VolumeStats {
     pub flushes: Counter,
     /// Blocks given back to keep staging under its limit (see `evict`).
     pub evicted_blocks: Counter,
-    /// Reads that found a block evicted after its fill and filled it again.
+    /// Reads that found a block missing after its fill (evicted, or a
+    /// guest write that claimed it failed) and filled it again.
     pub refills: Counter,
     /// Reads of the staging data file on behalf of guest and internal
     /// reads (preads; a fetch's waiters answer without one).
@@ -530,15 +533,31 @@ impl Volume {
     /// Ends a fill: on success the block is present before it leaves the
     /// in-flight table, so no second fetch can start in between.
     fn complete(&self, b: u64, slot: &Slot, r: Result<()>) {
-        if r.is_ok() {
+        self.release_fill(b, slot, r.is_ok());
+        slot.finish(r);
+    }
+
+    /// Ends a guest write's claim on `b`: the block is present if the
+    /// write's data landed. Its waiters (readers, the copier, other
+    /// writers) are told `Ok` either way: a failed write's error is its
+    /// own caller's, and the block is then as the claim found it (not
+    /// staged, the backup's bytes), so a waiter plans again (reads staging
+    /// or fetches) instead of failing for a write it did not make.
+    fn complete_claim(&self, b: u64, slot: &Slot, landed: bool) {
+        self.release_fill(b, slot, landed);
+        slot.finish(Ok(()));
+    }
+
+    /// A fill's block leaves the in-flight table, present first if `ok`.
+    fn release_fill(&self, b: u64, slot: &Slot, ok: bool) {
+        if ok {
             // Outside the in-flight lock (it writes the same-boot mirror),
             // yet before the block leaves the table: no second fetch starts.
             self.store.present.set(b);
             self.touch(b);
         }
-        self.settle(slot, r.is_ok());
+        self.settle(slot, ok);
         self.inflight.lock().remove(&b);
-        slot.finish(r);
     }
 
     /// Ends a fill that left nothing in staging (the copier's fetch): the
@@ -871,6 +890,8 @@ impl crate::disk::Disk for Volume {
     }
 }
 
+#[cfg(test)]
+mod claim_tests;
 #[cfg(test)]
 mod copy_read_tests;
 #[cfg(test)]
