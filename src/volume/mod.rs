@@ -210,7 +210,13 @@ pub struct VolumeStats {
     pub fetched_blocks: Counter,
     /// Bytes transferred from the repository (compressed).
     pub fetched_bytes: Counter,
+    /// Fetches that failed (GET, verification, decoding): their readers
+    /// got the error.
     pub fetch_errors: Counter,
+    /// Fetches whose verified bytes answered their readers but could not
+    /// be written to staging (e.g. it is full): no read failed; the block
+    /// stays missing and is fetched again when read.
+    pub staging_write_errors: Counter,
     pub fetch_latency: LatencyHistogram,
     pub flushes: Counter,
     /// Blocks given back to keep staging under its limit (see `evict`).
@@ -226,6 +232,8 @@ pub struct VolumeStats {
     pub later_reads: Counter,
     /// The most recent fetch failure, for status and verify-boot.
     pub last_fetch_error: Mutex<Option<String>>,
+    /// The most recent failed staging write of fetched bytes, for status.
+    pub last_staging_write_error: Mutex<Option<String>>,
     /// Guest reads and writes completed, and the time
     /// they took: the session uploader's load figures (see `upload`).
     pub guest_ops: Counter,
@@ -296,6 +304,9 @@ pub struct Volume {
     evict: evict::Eviction,
     /// Direct readers (FUSE passthrough opens, see `passthrough`).
     direct_readers: Mutex<u32>,
+    /// Staging writes of fetched bytes fail for every miss while staging
+    /// is full: their warning is rate limited.
+    staging_write_log: crate::util::LogLimit,
     /// Tests only: called by a write after it claimed or waited for each
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
@@ -331,7 +342,12 @@ pub struct DiskStatus {
     pub write_bytes: u64,
     pub fetched_blocks: u64,
     pub fetched_bytes: u64,
+    /// Fetches that failed: their reads failed (see `last_fetch_error`).
     pub fetch_errors: u64,
+    /// Fetched blocks that could not be staged (e.g. staging is full):
+    /// their reads were answered from the verified bytes; the block is
+    /// fetched again when read (see `last_staging_write_error`).
+    pub staging_write_errors: u64,
     pub fetch_latency_mean_ms: f64,
     pub fetch_latency_p99_ms: f64,
     pub fetches_in_flight: usize,
@@ -350,6 +366,7 @@ pub struct DiskStatus {
     /// and writable FUSE opens are refused until it closes.
     pub passthrough: bool,
     pub last_fetch_error: Option<String>,
+    pub last_staging_write_error: Option<String>,
     /// Set once a sync of this disk's staging failed: every later flush
     /// fails with EIO until the session is released.
     pub failed: Option<String>,
@@ -423,6 +440,7 @@ impl Volume {
             io_gate: RwLock::new(()),
             evict: evict::Eviction::new(nblocks),
             direct_readers: Mutex::new(0),
+            staging_write_log: crate::util::LogLimit::new(Duration::from_secs(10)),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
             #[cfg(test)]
@@ -816,6 +834,7 @@ impl Volume {
             fetched_blocks: s.fetched_blocks.get(),
             fetched_bytes: s.fetched_bytes.get(),
             fetch_errors: s.fetch_errors.get(),
+            staging_write_errors: s.staging_write_errors.get(),
             fetch_latency_mean_ms: s.fetch_latency.mean_us() / 1000.0,
             fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
             fetches_in_flight: self.inflight.lock().len(),
@@ -826,6 +845,7 @@ impl Volume {
             later_reads: s.later_reads.get(),
             passthrough: self.direct_readers() > 0,
             last_fetch_error: s.last_fetch_error.lock().clone(),
+            last_staging_write_error: s.last_staging_write_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),
         }
     }
