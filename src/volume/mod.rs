@@ -143,7 +143,16 @@ impl Slot {
 
     fn run_readers(&self) {
         let then = self.then.lock().take();
-        then.into_iter().flatten().for_each(|f| f());
+        for f in then.into_iter().flatten() {
+            // Each answers a guest request: one reply that panics must not
+            // leave the others unanswered (they were taken off the slot).
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                tracing::error!(
+                    "a read's reply panicked: {}",
+                    crate::util::panic_message(&p)
+                );
+            }
+        }
     }
 
     /// Runs `f` once the fill's bytes are there or the fill has ended:

@@ -261,3 +261,22 @@ fn a_read_whose_pool_job_is_dropped_unrun_no_longer_counts_as_in_flight() {
         "a dropped read still counts as in flight"
     );
 }
+
+/// Readers waiting later are answered in turn by the thread that hands
+/// over the bytes: one whose reply panics must not cost the others theirs.
+#[test]
+fn a_reply_that_panics_does_not_keep_the_other_readers_of_the_block_unanswered() {
+    let f = fixture(8, 39);
+    let (pool, _hold) = busy_pool();
+    f.knobs.close_gate();
+    let panics: ReadDone = Box::new(|_| panic!("a frontend's reply panicked"));
+    let off = 2 * BS as u64;
+    assert!(f.vol.read_later(off, 512, panics, &pool).is_ok());
+    let (tx, rx) = mpsc::channel();
+    assert!(f.vol.read_later(off + 512, 512, to(&tx, 1), &pool).is_ok());
+    f.knobs.open_gate();
+    let (_, r) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the second reader was never answered");
+    assert_eq!(r.unwrap()[..], f.data[2 * BS + 512..][..512]);
+}
