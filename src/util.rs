@@ -187,9 +187,57 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
 }
 
+/// Rate limit of a log line that may repeat in bursts: the first goes out,
+/// then at most one per `every`, which says how many it held back.
+pub struct LogLimit {
+    every: std::time::Duration,
+    /// When the last line went out, and the lines held back since.
+    state: parking_lot::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogLimit {
+    pub const fn new(every: std::time::Duration) -> LogLimit {
+        LogLimit {
+            every,
+            state: parking_lot::const_mutex((None, 0)),
+        }
+    }
+
+    /// An occurrence at `now`: `Some(held back since the last line)` if a
+    /// line should be logged for it, `None` if it is held back.
+    pub fn check(&self, now: std::time::Instant) -> Option<u64> {
+        let mut s = self.state.lock();
+        match s.0 {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                s.0 = Some(now);
+                Some(std::mem::take(&mut s.1))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limited_log_line_goes_out_first_then_once_per_period_with_the_count_held_back() {
+        use std::time::{Duration, Instant};
+        let l = LogLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        assert_eq!(l.check(at(0)), Some(0));
+        assert_eq!(l.check(at(1)), None);
+        assert_eq!(l.check(at(9_999)), None);
+        assert_eq!(l.check(at(10_000)), Some(2));
+        assert_eq!(l.check(at(12_000)), None);
+        assert_eq!(l.check(at(30_000)), Some(1));
+        assert_eq!(l.check(at(40_000)), Some(0));
+    }
 
     #[test]
     fn names_that_escape_a_directory_are_rejected() {

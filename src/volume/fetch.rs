@@ -238,6 +238,21 @@ impl Volume {
             Err(e) if self.closed.load(Ordering::Acquire) => {
                 tracing::debug!(vm = %self.vm, disk = self.index, block = b, "fetch ended at release: {e}");
             }
+            // The bytes were verified and answered every reader; only their
+            // staging write failed (staging full, typically for every miss
+            // in a row): no read failed, so neither a fetch error nor an
+            // error line per block.
+            Err(e) if slot.data.get().is_some() => {
+                self.stats.staging_write_errors.add(1);
+                *self.stats.last_staging_write_error.lock() = Some(e.to_string());
+                if let Some(held) = self.staging_write_log.check(Instant::now()) {
+                    let more = match held {
+                        0 => String::new(),
+                        n => format!(" ({n} more not logged since the last such line)"),
+                    };
+                    tracing::warn!(vm = %self.vm, disk = self.index, block = b, "a fetched block could not be staged (its reads were answered; it is fetched again when read): {e}{more}");
+                }
+            }
             Err(e) => {
                 self.stats.fetch_errors.add(1);
                 *self.stats.last_fetch_error.lock() = Some(e.to_string());

@@ -11,7 +11,9 @@
 //!   end, so a write to the block (which waits for the fill) always lands
 //!   after the fetched bytes. A reader never reads staging back. Other
 //!   fills (zero chunks, a write's claim) leave no bytes: those readers
-//!   wait for the fill and read staging.
+//!   wait for the fill and read staging. A write's claim ends `Ok` for its
+//!   waiters even when the write failed (the error is the writer's): they
+//!   plan again and fetch the block, which is still the backup's.
 //! * A zero chunk that is not staged reads as zeros without any I/O.
 //! * A write marks its blocks changed (durably, first), fills a partly
 //!   covered missing block from the backup, then writes the staging file.
@@ -141,7 +143,16 @@ impl Slot {
 
     fn run_readers(&self) {
         let then = self.then.lock().take();
-        then.into_iter().flatten().for_each(|f| f());
+        for f in then.into_iter().flatten() {
+            // Each answers a guest request: one reply that panics must not
+            // leave the others unanswered (they were taken off the slot).
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                tracing::error!(
+                    "a read's reply panicked: {}",
+                    crate::util::panic_message(&p)
+                );
+            }
+        }
     }
 
     /// Runs `f` once the fill's bytes are there or the fill has ended:
@@ -193,7 +204,7 @@ enum Claim {
     Present,
     /// Someone else is filling it: wait.
     Wait(Arc<Slot>),
-    /// We fill it and must call `complete`.
+    /// We fill it and must end it (`complete`; a write: `complete_claim`).
     Owner(Arc<Slot>),
 }
 
@@ -208,12 +219,19 @@ pub struct VolumeStats {
     pub fetched_blocks: Counter,
     /// Bytes transferred from the repository (compressed).
     pub fetched_bytes: Counter,
+    /// Fetches that failed (GET, verification, decoding): their readers
+    /// got the error.
     pub fetch_errors: Counter,
+    /// Fetches whose verified bytes answered their readers but could not
+    /// be written to staging (e.g. it is full): no read failed; the block
+    /// stays missing and is fetched again when read.
+    pub staging_write_errors: Counter,
     pub fetch_latency: LatencyHistogram,
     pub flushes: Counter,
     /// Blocks given back to keep staging under its limit (see `evict`).
     pub evicted_blocks: Counter,
-    /// Reads that found a block evicted after its fill and filled it again.
+    /// Reads that found a block missing after its fill (evicted, or a
+    /// guest write that claimed it failed) and filled it again.
     pub refills: Counter,
     /// Reads of the staging data file on behalf of guest and internal
     /// reads (preads; a fetch's waiters answer without one).
@@ -223,6 +241,8 @@ pub struct VolumeStats {
     pub later_reads: Counter,
     /// The most recent fetch failure, for status and verify-boot.
     pub last_fetch_error: Mutex<Option<String>>,
+    /// The most recent failed staging write of fetched bytes, for status.
+    pub last_staging_write_error: Mutex<Option<String>>,
     /// Guest reads and writes completed, and the time
     /// they took: the session uploader's load figures (see `upload`).
     pub guest_ops: Counter,
@@ -293,6 +313,9 @@ pub struct Volume {
     evict: evict::Eviction,
     /// Direct readers (FUSE passthrough opens, see `passthrough`).
     direct_readers: Mutex<u32>,
+    /// Staging writes of fetched bytes fail for every miss while staging
+    /// is full: their warning is rate limited.
+    staging_write_log: crate::util::LogLimit,
     /// Tests only: called by a write after it claimed or waited for each
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
@@ -328,7 +351,12 @@ pub struct DiskStatus {
     pub write_bytes: u64,
     pub fetched_blocks: u64,
     pub fetched_bytes: u64,
+    /// Fetches that failed: their reads failed (see `last_fetch_error`).
     pub fetch_errors: u64,
+    /// Fetched blocks that could not be staged (e.g. staging is full):
+    /// their reads were answered from the verified bytes; the block is
+    /// fetched again when read (see `last_staging_write_error`).
+    pub staging_write_errors: u64,
     pub fetch_latency_mean_ms: f64,
     pub fetch_latency_p99_ms: f64,
     pub fetches_in_flight: usize,
@@ -347,6 +375,7 @@ pub struct DiskStatus {
     /// and writable FUSE opens are refused until it closes.
     pub passthrough: bool,
     pub last_fetch_error: Option<String>,
+    pub last_staging_write_error: Option<String>,
     /// Set once a sync of this disk's staging failed: every later flush
     /// fails with EIO until the session is released.
     pub failed: Option<String>,
@@ -420,6 +449,7 @@ impl Volume {
             io_gate: RwLock::new(()),
             evict: evict::Eviction::new(nblocks),
             direct_readers: Mutex::new(0),
+            staging_write_log: crate::util::LogLimit::new(Duration::from_secs(10)),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
             #[cfg(test)]
@@ -530,15 +560,31 @@ impl Volume {
     /// Ends a fill: on success the block is present before it leaves the
     /// in-flight table, so no second fetch can start in between.
     fn complete(&self, b: u64, slot: &Slot, r: Result<()>) {
-        if r.is_ok() {
+        self.release_fill(b, slot, r.is_ok());
+        slot.finish(r);
+    }
+
+    /// Ends a guest write's claim on `b`: the block is present if the
+    /// write's data landed. Its waiters (readers, the copier, other
+    /// writers) are told `Ok` either way: a failed write's error is its
+    /// own caller's, and the block is then as the claim found it (not
+    /// staged, the backup's bytes), so a waiter plans again (reads staging
+    /// or fetches) instead of failing for a write it did not make.
+    fn complete_claim(&self, b: u64, slot: &Slot, landed: bool) {
+        self.release_fill(b, slot, landed);
+        slot.finish(Ok(()));
+    }
+
+    /// A fill's block leaves the in-flight table, present first if `ok`.
+    fn release_fill(&self, b: u64, slot: &Slot, ok: bool) {
+        if ok {
             // Outside the in-flight lock (it writes the same-boot mirror),
             // yet before the block leaves the table: no second fetch starts.
             self.store.present.set(b);
             self.touch(b);
         }
-        self.settle(slot, r.is_ok());
+        self.settle(slot, ok);
         self.inflight.lock().remove(&b);
-        slot.finish(r);
     }
 
     /// Ends a fill that left nothing in staging (the copier's fetch): the
@@ -797,6 +843,7 @@ impl Volume {
             fetched_blocks: s.fetched_blocks.get(),
             fetched_bytes: s.fetched_bytes.get(),
             fetch_errors: s.fetch_errors.get(),
+            staging_write_errors: s.staging_write_errors.get(),
             fetch_latency_mean_ms: s.fetch_latency.mean_us() / 1000.0,
             fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
             fetches_in_flight: self.inflight.lock().len(),
@@ -807,6 +854,7 @@ impl Volume {
             later_reads: s.later_reads.get(),
             passthrough: self.direct_readers() > 0,
             last_fetch_error: s.last_fetch_error.lock().clone(),
+            last_staging_write_error: s.last_staging_write_error.lock().clone(),
             failed: self.failed.get().map(|e| e.to_string()),
         }
     }
@@ -871,6 +919,8 @@ impl crate::disk::Disk for Volume {
     }
 }
 
+#[cfg(test)]
+mod claim_tests;
 #[cfg(test)]
 mod copy_read_tests;
 #[cfg(test)]

@@ -108,6 +108,9 @@ fn a_failed_fetch_answers_a_read_waiting_later_with_the_error() {
         .is_ok());
     let (_, r) = rx.recv_timeout(Duration::from_secs(60)).expect("answered");
     assert!(r.is_err(), "an unreachable store gave bytes");
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    assert_eq!((st.fetch_errors, st.staging_write_errors), (1, 0));
     f.knobs.reachable();
     assert_eq!(
         f.vol.read(2 * BS as u64, 512).unwrap(),
@@ -170,7 +173,14 @@ fn a_failed_staging_write_after_the_answer_leaves_the_block_missing_and_it_is_fe
     assert_eq!(r.unwrap()[..], f.data[2 * BS..][..512]);
     f.vol.quiesce(Duration::from_secs(30));
     let st = f.vol.status();
-    assert_eq!((st.blocks_staged, st.fetch_errors), (0, 1));
+    // Not a failed fetch: its read was answered.
+    assert_eq!(
+        (st.blocks_staged, st.fetch_errors, st.staging_write_errors),
+        (0, 0, 1)
+    );
+    assert!(st.last_fetch_error.is_none());
+    let e = st.last_staging_write_error.expect("kept for status");
+    assert!(e.contains("No space left"), "{e}");
     assert_eq!(faults.injected(), 1);
     // Not present once the fill ended: the next read fetches it again,
     // and stages it.
@@ -181,8 +191,13 @@ fn a_failed_staging_write_after_the_answer_leaves_the_block_missing_and_it_is_fe
     f.vol.quiesce(Duration::from_secs(30));
     let st = f.vol.status();
     assert_eq!(
-        (st.blocks_staged, st.fetched_blocks, st.fetch_errors),
-        (1, 1, 1)
+        (
+            st.blocks_staged,
+            st.fetched_blocks,
+            st.fetch_errors,
+            st.staging_write_errors
+        ),
+        (1, 1, 0, 1)
     );
 }
 
@@ -200,7 +215,10 @@ fn a_read_across_blocks_gets_the_fetched_bytes_when_their_staging_writes_fail() 
     assert!(got[..] == f.data[off as usize..][..2000], "wrong bytes");
     f.vol.quiesce(Duration::from_secs(30));
     let st = f.vol.status();
-    assert_eq!((st.blocks_staged, st.fetch_errors), (0, 2));
+    assert_eq!(
+        (st.blocks_staged, st.fetch_errors, st.staging_write_errors),
+        (0, 0, 2)
+    );
 }
 
 /// A read that joined a write's fill has no bytes to answer from and goes
@@ -242,4 +260,23 @@ fn a_read_whose_pool_job_is_dropped_unrun_no_longer_counts_as_in_flight() {
         !f.vol.guest_busy(),
         "a dropped read still counts as in flight"
     );
+}
+
+/// Readers waiting later are answered in turn by the thread that hands
+/// over the bytes: one whose reply panics must not cost the others theirs.
+#[test]
+fn a_reply_that_panics_does_not_keep_the_other_readers_of_the_block_unanswered() {
+    let f = fixture(8, 39);
+    let (pool, _hold) = busy_pool();
+    f.knobs.close_gate();
+    let panics: ReadDone = Box::new(|_| panic!("a frontend's reply panicked"));
+    let off = 2 * BS as u64;
+    assert!(f.vol.read_later(off, 512, panics, &pool).is_ok());
+    let (tx, rx) = mpsc::channel();
+    assert!(f.vol.read_later(off + 512, 512, to(&tx, 1), &pool).is_ok());
+    f.knobs.open_gate();
+    let (_, r) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the second reader was never answered");
+    assert_eq!(r.unwrap()[..], f.data[2 * BS + 512..][..512]);
 }

@@ -226,12 +226,12 @@ impl Volume {
 
     /// True if the block has no data in the backup and was never written,
     /// nor is being written. A write into a hole claims the block, ends
-    /// its write stamp, and only then marks it present (`complete`): "not
-    /// present" alone would call a block just written a hole, and the
+    /// its write stamp, and only then marks it present (`complete_claim`):
+    /// "not present" alone would call a block just written a hole, and the
     /// copier would record it copied as one (its stamp unchanged). So the
-    /// claim is tested first, under the in-flight lock; `complete` sets
-    /// the present bit before it drops the claim, so one of the two tests
-    /// sees such a write.
+    /// claim is tested first, under the in-flight lock; `complete_claim`
+    /// sets the present bit before it drops the claim, so one of the two
+    /// tests sees such a write.
     pub(crate) fn is_hole(&self, b: u64) -> bool {
         if self.chunks.has_data(b) || self.inflight.lock().contains_key(&b) {
             return false;

@@ -863,3 +863,64 @@ fn a_frozen_block_never_staged_is_the_sessions_chunk_and_is_not_read() {
     );
     vol.end_freeze(false);
 }
+
+/// Log lines at WARN and above from every test in this binary (a global
+/// subscriber: fetches log on the engine's threads); tests pick out their
+/// own by a path unique to them.
+fn captured_log() -> &'static Mutex<Vec<u8>> {
+    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        struct W(&'static Mutex<Vec<u8>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || W(log))
+            .finish();
+        tracing::subscriber::set_global_default(sub).expect("no other global subscriber");
+        log
+    })
+}
+
+#[test]
+fn staging_write_failures_of_answered_misses_are_counted_apart_and_logged_once_as_a_warning() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let log = captured_log();
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let f = fixture_on(16, 57, Arc::new(faults.clone()));
+    // Staging is full: every staging write of a fetched block fails.
+    faults.inject(Rule::fail(Op::Write, "disk0.data", libc::ENOSPC));
+    let blocks = [12u64, 3, 8, 1, 14, 6];
+    for b in blocks {
+        let off = b * BS as u64 + 7;
+        assert_eq!(f.vol.read(off, 100).unwrap(), f.data[off as usize..][..100]);
+    }
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    assert_eq!(
+        st.fetch_errors, 0,
+        "answered reads counted as failed fetches"
+    );
+    assert!(st.last_fetch_error.is_none());
+    assert!(st.staging_write_errors >= blocks.len() as u64);
+    assert_eq!(st.blocks_staged, 0);
+    // Within 10 s: one warning for them all, and no error line.
+    let ours = f.staging.display().to_string();
+    let text = String::from_utf8_lossy(&log.lock()).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(&ours)).collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("No space left"),
+        "{}",
+        lines[0]
+    );
+}

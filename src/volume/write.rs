@@ -157,7 +157,7 @@ impl Volume {
         }
         for (b, s) in owned {
             self.before_complete(off, b);
-            self.complete(b, &s, r.clone().map(|_| ()));
+            self.complete_claim(b, &s, r.is_ok());
         }
         r
     }
