@@ -357,7 +357,9 @@ fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
     let v = vm(Some(&content()));
     let (r, repo) = repo();
     let state = tempfile::tempdir().unwrap();
-    let first = run(&repo, &o_until(&v, state.path(), 2.0), &Control::default()).unwrap();
+    // Long enough for a first round of 256 chunks on a loaded 2-core
+    // machine (2 s once read only 32 while other builds ran).
+    let first = run(&repo, &o_until(&v, state.path(), 6.0), &Control::default()).unwrap();
     assert!(first.rounds[0].chunks_read > 200, "{:?}", first.rounds[0]);
     // As a gc would, with no backup referring to them: three chunks go.
     let s = {

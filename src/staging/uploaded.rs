@@ -20,10 +20,19 @@
 //! write zeroes the entry and syncs before its data lands. A file whose
 //! header or any entry does not check is damaged: `open` says so and the
 //! caller drops the whole record (every dirty block is read again).
+//!
+//! **A failed sync sticks.** The uploader's checkpoint and a guest write's
+//! clear sync the same descriptor, and the kernel reports a writeback
+//! error to one sync only: a clear whose page was lost could otherwise
+//! sync "fine" after the checkpoint took the error, and the stale entry
+//! would come back after a restart. So syncs run one at a time, and once
+//! one failed, every later sync, write and clear fails too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::io::{replace, BlockFile, Open, Storage};
 use crate::error::{Error, IoContext, Result};
@@ -46,6 +55,8 @@ pub struct UploadRecord {
     path: PathBuf,
     nonce: [u8; 16],
     generation: u64,
+    /// Held across each sync; the first failed sync's error, for good.
+    failed: Mutex<Option<Error>>,
 }
 
 /// The record's entries: block → chunk (`None`: zeros).
@@ -87,6 +98,7 @@ impl UploadRecord {
             path: path.to_path_buf(),
             nonce,
             generation,
+            failed: Mutex::new(None),
         })
     }
 
@@ -122,6 +134,7 @@ impl UploadRecord {
             path: path.to_path_buf(),
             nonce,
             generation,
+            failed: Mutex::new(None),
         };
         // A crash between the header and the size leaves a short file:
         // the entries past its end are empty.
@@ -199,6 +212,7 @@ impl UploadRecord {
 
     /// Writes block `b`'s entry (not synced: see [`Self::sync`]).
     pub fn write(&self, b: u64, d: Option<Digest>) -> Result<()> {
+        self.not_failed()?;
         self.file
             .write_all_at(&self.encode(b, d), HEADER + b * ENTRY)
             .ctx(|| format!("write {}", self.path.display()))
@@ -206,15 +220,35 @@ impl UploadRecord {
 
     /// Zeroes block `b`'s entry (not synced).
     pub fn clear(&self, b: u64) -> Result<()> {
+        self.not_failed()?;
         self.file
             .write_all_at(&[0u8; ENTRY as usize], HEADER + b * ENTRY)
             .ctx(|| format!("write {}", self.path.display()))
     }
 
+    /// Syncs every entry written so far; fails for good once a sync failed
+    /// (see the module doc).
     pub fn sync(&self) -> Result<()> {
-        self.file
+        let mut failed = self.failed.lock();
+        if let Some(e) = &*failed {
+            return Err(e.clone());
+        }
+        let r = self
+            .file
             .sync_data()
-            .ctx(|| format!("fsync {}", self.path.display()))
+            .ctx(|| format!("fsync {}", self.path.display()));
+        if let Err(e) = &r {
+            *failed = Some(e.clone());
+        }
+        r
+    }
+
+    /// The sticky error of an earlier failed sync, if any.
+    fn not_failed(&self) -> Result<()> {
+        match &*self.failed.lock() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
     }
 
     pub fn generation(&self) -> u64 {

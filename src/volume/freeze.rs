@@ -60,6 +60,43 @@ pub(crate) struct Freeze {
     /// A copy-on-write that failed: the guest's write went on, the backup
     /// fails.
     broken: OnceLock<String>,
+    /// `cow` is never synced for durability (it is void after a crash),
+    /// but a page whose writeback failed may be dropped and read back as a
+    /// hole: so a saved block is read only after a sync covered its copy.
+    /// Syncs run one at a time (the kernel tells one sync of the error),
+    /// the first failure sticks; `(copies written, copies synced)`.
+    cow_sync: Mutex<Option<String>>,
+    cow_written: AtomicU64,
+    cow_synced: AtomicU64,
+}
+
+impl Freeze {
+    /// Makes every copy written so far reach the disk before one is read
+    /// back (see `cow_sync`); one sync covers a burst of reads.
+    fn sync_cow(&self) -> Result<()> {
+        let mut failed = self.cow_sync.lock();
+        if let Some(e) = &*failed {
+            return Err(Error::new(ErrorKind::Io, e.clone()));
+        }
+        let written = self.cow_written.load(Ordering::Acquire);
+        if self.cow_synced.load(Ordering::Acquire) == written {
+            return Ok(());
+        }
+        match self.cow.sync_data() {
+            Ok(()) => {
+                self.cow_synced.store(written, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!(
+                    "fsync {}: {e}; a frozen block's freeze-time bytes may be lost, so the backup fails",
+                    self.cow_path.display()
+                );
+                *failed = Some(msg.clone());
+                Err(Error::new(ErrorKind::Io, msg))
+            }
+        }
+    }
 }
 
 /// What a freeze took.
@@ -185,6 +222,9 @@ impl Volume {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cow_blocks: AtomicU64::new(0),
             broken: OnceLock::new(),
+            cow_sync: Mutex::new(None),
+            cow_written: AtomicU64::new(0),
+            cow_synced: AtomicU64::new(0),
         }));
         self.live.dirty.write().next = Some(next);
         Ok(frozen)
@@ -214,6 +254,7 @@ impl Volume {
             });
             match r {
                 Ok(()) => {
+                    f.cow_written.fetch_add(1, Ordering::AcqRel);
                     f.saved.set(b);
                     f.cow_blocks.fetch_add(1, Ordering::Relaxed);
                 }
@@ -257,6 +298,7 @@ impl Volume {
             return Ok(false);
         }
         if f.saved.test(b) {
+            f.sync_cow()?;
             f.cow
                 .read_exact_at(buf, off)
                 .ctx(|| format!("read {}", f.cow_path.display()))?;

@@ -767,6 +767,46 @@ fn read_frozen_block(vol: &Volume, b: u64) -> Result<Vec<u8>> {
 }
 
 #[test]
+fn a_frozen_blocks_copy_whose_writeback_failed_is_never_read_back_into_a_backup() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let f = fixture(16, 22);
+    let vol = &f.vol;
+    vol.write(BS as u64, &vec![0xa1; BS]).unwrap();
+    vol.write(2 * BS as u64, &vec![0xa2; BS]).unwrap();
+    let next = Arc::new(
+        PersistentBitmap::open(
+            &OsStorage,
+            &crate::staging::dirty_path(&f.staging, 0, 1),
+            crate::staging::MapKind::Dirty,
+            BS as u32,
+            vol.nblocks(),
+        )
+        .unwrap(),
+    );
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let cow_path = crate::staging::cow_path(&f.staging, 0);
+    let cow = faults.open(&cow_path, crate::staging::Open::Empty).unwrap();
+    cow.set_len(vol.size).unwrap();
+    let g = vol.pause_writes();
+    vol.freeze(next, cow, cow_path).unwrap();
+    drop(g);
+    // The guest overwrites both frozen blocks: their freeze-time bytes go
+    // to the cow file. The kernel then fails that file's writeback (and
+    // may drop the pages: a read would find the hole, zeros).
+    vol.write(BS as u64, &vec![0xb1; BS]).unwrap();
+    vol.write(2 * BS as u64, &vec![0xb2; BS]).unwrap();
+    assert_eq!(vol.cow_blocks(), 2);
+    faults.inject(Rule::fail(Op::Sync, ".cow", libc::EIO).times(1));
+    assert!(
+        read_frozen_block(vol, 1).is_err(),
+        "a copy whose writeback failed was read into the backup"
+    );
+    // The failure sticks: the next sync of the file would not report it.
+    assert!(read_frozen_block(vol, 2).is_err());
+    vol.end_freeze(false);
+}
+
+#[test]
 fn writes_to_frozen_blocks_after_the_freeze_leave_the_backup_reader_the_freeze_time_bytes() {
     let f = fixture(16, 21);
     let vol = &f.vol;

@@ -169,14 +169,11 @@ impl Volume {
             return Ok(false);
         }
         u.digests.lock().insert(b, digest);
-        if let Err(e) = u.record.write(b, digest) {
-            // The file may hold the entry or not: zero it in memory only
-            // if the file surely does not claim it.
-            u.valid.clear(b);
-            u.digests.lock().remove(&b);
-            let _ = u.record.clear(b);
-            return Err(e);
-        }
+        // On an error the file may hold the entry or not. Either way it is
+        // true (the chunk is durable, no write started since the stamp), so
+        // it stays valid in memory too: a guest write clears it, durably,
+        // before its data lands, as any valid entry.
+        u.record.write(b, digest)?;
         Ok(true)
     }
 

@@ -217,3 +217,37 @@ fn the_sessions_guest_tail_counts_exactly_the_requests_slower_than_the_limit() {
     let io = GuestIo(&[vol]).io(Some(Duration::from_millis(10))).unwrap();
     assert_eq!(io.tail, Some((n, slow)));
 }
+
+#[test]
+fn after_a_failed_sync_of_the_upload_record_a_guest_write_over_an_uploaded_block_fails_the_disk() {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    let f = fixture(16, 41);
+    let (vol, dir) = (&f.vol, &f.staging);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let rec = UploadRecord::create(
+        &faults,
+        &uploaded_path(dir, 0, 0),
+        BS as u32,
+        vol.nblocks(),
+        0,
+    )
+    .unwrap();
+    let u = Uploaded::new(rec, Default::default(), vol.nblocks());
+    vol.set_uploaded(Some(u.clone()));
+    vol.write(BS as u64, &vec![1; BS]).unwrap();
+    let (old, stamp) = upload_read(vol, 1);
+    assert!(vol
+        .mark_uploaded(&u, 1, stamp, Some(Digest::of(&old)))
+        .unwrap());
+    // The uploader's checkpoint takes the one writeback error the kernel
+    // reports for the record's descriptor.
+    faults.inject(Rule::fail(Op::Sync, "uploaded-0", libc::EIO).times(1));
+    assert!(u.sync().is_err());
+    // A guest write over block 1 clears its entry and syncs: that sync
+    // would now "succeed", while the cleared page may be the one lost.
+    assert!(
+        vol.write(BS as u64, &vec![2; BS]).is_err(),
+        "a write was acknowledged although its entry's clear may not be on disk"
+    );
+    assert!(vol.is_failed());
+}
