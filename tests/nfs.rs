@@ -335,7 +335,11 @@ fn a_failed_side_file_write_changes_the_side_file_verifier_so_clients_resend() {
     let dir = c.path("/vm").unwrap();
     let vmx = c.create(&dir, "vm.vmx").unwrap();
     let (_, v1) = c.write(&vmx, 0, b"first", stable_how::UNSTABLE).unwrap();
-    assert_eq!(c.commit(&vmx).unwrap(), v1, "the verifier holds within a run");
+    assert_eq!(
+        c.commit(&vmx).unwrap(),
+        v1,
+        "the verifier holds within a run"
+    );
     // The next write fails on the server (an immutable file stands in for
     // a failed writeback, which the kernel reports to one descriptor only:
     // the COMMIT below, on a new one, would see nothing wrong).
@@ -365,5 +369,9 @@ fn a_failed_side_file_write_changes_the_side_file_verifier_so_clients_resend() {
     let _d2 = env.serve(); // resumes the session by itself
     let mut c = Client::mount(&addr, "/").unwrap();
     let vmx = c.path("/vm/vm.vmx").unwrap();
-    assert_ne!(c.commit(&vmx).unwrap(), v3, "the side-file verifier survived a daemon restart");
+    assert_ne!(
+        c.commit(&vmx).unwrap(),
+        v3,
+        "the side-file verifier survived a daemon restart"
+    );
 }

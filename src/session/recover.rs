@@ -45,7 +45,12 @@ impl Datastore {
         self.recover_at(vm, backup, Placing::New(req))
     }
 
-    pub(super) fn recover_at(&self, vm: &str, backup: Option<&str>, placing: Placing) -> Result<RecoverInfo> {
+    pub(super) fn recover_at(
+        &self,
+        vm: &str,
+        backup: Option<&str>,
+        placing: Placing,
+    ) -> Result<RecoverInfo> {
         validate_name("VM name", vm)?;
         if let Some(b) = backup {
             validate_name("backup id", b)?;
@@ -274,7 +279,6 @@ impl Datastore {
             placement,
         }
     }
-
 }
 
 /// How `recover_at` places a session.
@@ -289,4 +293,3 @@ pub(super) enum Placing<'a> {
         staging: Arc<StagingDir>,
     },
 }
-

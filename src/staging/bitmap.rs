@@ -286,7 +286,12 @@ impl PersistentBitmap {
     /// `trust`: their bytes are in the staging file, synced or not. Those
     /// bits are persisted here at the next flush, after a data sync, like
     /// any other.
-    pub fn attach_mirror(&mut self, storage: &dyn Storage, path: &Path, trust: bool) -> Result<u64> {
+    pub fn attach_mirror(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        trust: bool,
+    ) -> Result<u64> {
         let synced = self.bits.snapshot();
         let opened = LiveMirror::open(
             storage,
