@@ -521,8 +521,9 @@ impl Volume {
     }
 
     /// True if a write of the range neither waits for a fetch nor syncs a
-    /// map nor waits for another writer's map sync (every block staged and
-    /// durably marked changed; a copy is revoked in memory) nor waits out a
+    /// map or the upload record nor waits for another writer's map sync
+    /// (every block staged and durably marked changed, no valid upload
+    /// entry to clear; a copy is revoked in memory) nor waits out a
     /// cutover's pause: frontends may serve it on an event thread.
     pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
         if self.write_gate.is_locked_exclusive() {
@@ -530,14 +531,17 @@ impl Volume {
         }
         let len = len.min(self.size.saturating_sub(off));
         if self.target.get().is_some() {
-            return self
-                .blocks(off, len)
-                .all(|b| self.store.changed.test_durable(b) && self.dirty_is_quick(b));
+            return self.blocks(off, len).all(|b| {
+                self.store.changed.test_durable(b)
+                    && self.dirty_is_quick(b)
+                    && self.upload_is_quick(b)
+            });
         }
         self.blocks(off, len).all(|b| {
             self.store.present.test(b)
                 && self.store.changed.test_durable(b)
                 && self.dirty_is_quick(b)
+                && self.upload_is_quick(b)
         })
     }
 

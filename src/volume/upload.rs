@@ -177,6 +177,15 @@ impl Volume {
         Ok(true)
     }
 
+    /// False if a write to `b` must clear (and sync) an upload entry first.
+    pub(super) fn upload_is_quick(&self, b: u64) -> bool {
+        self.live
+            .uploaded
+            .read()
+            .as_ref()
+            .is_none_or(|u| !u.valid.test(b))
+    }
+
     /// Before a guest write's data lands on `blocks` (their writes
     /// announced): their valid upload entries are cleared, durably.
     pub(super) fn invalidate_uploaded(&self, blocks: std::ops::Range<u64>) -> Result<()> {

@@ -251,3 +251,22 @@ fn after_a_failed_sync_of_the_upload_record_a_guest_write_over_an_uploaded_block
     );
     assert!(vol.is_failed());
 }
+
+#[test]
+fn a_write_over_an_uploaded_block_is_not_quick_as_it_syncs_the_upload_record() {
+    let f = fixture(16, 42);
+    let (vol, dir) = (&f.vol, &f.staging);
+    let u = with_record(vol, dir);
+    vol.write(BS as u64, &vec![1; BS]).unwrap();
+    assert!(vol.write_is_quick(BS as u64, 512));
+    let (old, stamp) = upload_read(vol, 1);
+    assert!(vol
+        .mark_uploaded(&u, 1, stamp, Some(Digest::of(&old)))
+        .unwrap());
+    assert!(
+        !vol.write_is_quick(BS as u64, 512),
+        "a write that must clear and sync an upload entry was quick: it would sync on a FUSE event thread"
+    );
+    vol.write(BS as u64, &[2; 512]).unwrap();
+    assert!(vol.write_is_quick(BS as u64, 512));
+}
