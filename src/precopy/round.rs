@@ -420,7 +420,13 @@ impl Job {
             });
             let st = match stored {
                 Ok(st) => st,
-                Err(_) if cut.load(std::sync::atomic::Ordering::SeqCst) => StoredChunks::default(),
+                // The cut's own error; a real one that came with it is kept.
+                Err(e)
+                    if cut.load(std::sync::atomic::Ordering::SeqCst)
+                        && e.kind() == crate::error::ErrorKind::Busy =>
+                {
+                    StoredChunks::default()
+                }
                 Err(e) => {
                     r = Err(e);
                     break;
