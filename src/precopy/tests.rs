@@ -191,7 +191,10 @@ fn rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_rea
         .exists());
     // QEMU keeps only the new backup's bitmap; no round bitmap is left.
     let nodes = crate::qemu::fleece::nodes(&mut v.monitor()).unwrap();
-    let bitmaps: Vec<&String> = nodes.iter().flat_map(|n| &n.2).collect();
+    let bitmaps: Vec<&String> = nodes
+        .iter()
+        .flat_map(|n| n.bitmaps.iter().map(|b| &b.name))
+        .collect();
     assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
 }
 
@@ -303,9 +306,10 @@ fn lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so() {
     // The round bitmaps gone from QEMU (as after a restart of the
     // bitmaps' owner, or a backup-vms run): again a new cycle.
     let nodes = crate::qemu::fleece::nodes(&mut q).unwrap();
-    for (node, _, bitmaps) in &nodes {
-        for b in bitmaps.iter().filter(|b| b.starts_with("rfs-pc-")) {
-            crate::qemu::fleece::bitmap_op(&mut q, "remove", node, b).unwrap();
+    for n in &nodes {
+        let round = n.bitmaps.iter().filter(|b| b.name.starts_with("rfs-pc-"));
+        for b in round {
+            crate::qemu::fleece::bitmap_op(&mut q, "remove", &n.name, &b.name).unwrap();
         }
     }
     hmp_write(&mut q, 0x33, 20 * CHUNK as usize, CHUNK as usize);

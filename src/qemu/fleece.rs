@@ -257,26 +257,50 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
     }
 }
 
-/// Every node's (name, virtual size, dirty bitmap names), from
-/// `query-named-block-nodes`.
-pub fn nodes(q: &mut Qmp) -> Result<Vec<(String, u64, Vec<String>)>> {
+/// A block node as `query-named-block-nodes` shows it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub size: u64,
+    pub bitmaps: Vec<Bitmap>,
+}
+
+/// A dirty bitmap of a node.
+#[derive(Debug, Clone)]
+pub struct Bitmap {
+    pub name: String,
+    /// Whether it still marks guest writes (not disabled): a bitmap that
+    /// does not cannot vouch for what changed since it stopped.
+    pub recording: bool,
+}
+
+impl Node {
+    pub fn bitmap(&self, name: &str) -> Option<&Bitmap> {
+        self.bitmaps.iter().find(|b| b.name == name)
+    }
+}
+
+/// Every named node, from `query-named-block-nodes`.
+pub fn nodes(q: &mut Qmp) -> Result<Vec<Node>> {
     let nodes = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
     Ok(nodes
         .as_array()
         .into_iter()
         .flatten()
-        .map(|n| {
-            let bitmaps = n["dirty-bitmaps"]
+        .map(|n| Node {
+            name: n["node-name"].as_str().unwrap_or("").to_string(),
+            size: n["image"]["virtual-size"].as_u64().unwrap_or(0),
+            bitmaps: n["dirty-bitmaps"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|b| b["name"].as_str().map(str::to_string))
-                .collect();
-            (
-                n["node-name"].as_str().unwrap_or("").to_string(),
-                n["image"]["virtual-size"].as_u64().unwrap_or(0),
-                bitmaps,
-            )
+                .filter_map(|b| {
+                    Some(Bitmap {
+                        name: b["name"].as_str()?.to_string(),
+                        recording: b["recording"].as_bool().unwrap_or(false),
+                    })
+                })
+                .collect(),
         })
         .collect())
 }

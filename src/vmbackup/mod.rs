@@ -50,8 +50,9 @@
 //! `backup_vms.bitmaps`, with the node and the QMP socket); older
 //! backup-vms bitmaps on the node go. With `--incremental`, `Vm::plan`
 //! takes the VM's newest backup as base if QEMU still has each recorded
-//! bitmap on the disk's node and the geometry (disk count, sizes, chunk
-//! size) is the same; otherwise a full read, said in the VM's warnings
+//! bitmap on the disk's node, still recording (one left disabled misses
+//! the writes since), and the geometry (disk count, sizes, chunk size) is
+//! the same; otherwise a full read, said in the VM's warnings
 //! (`full read: <reason>`), never a guessed incremental. At the snapshot
 //! (VM stopped) the base's bitmap is disabled, so it covers exactly the
 //! writes from the base's snapshot to this one, and exported read-only on
@@ -328,8 +329,8 @@ impl Vm {
     }
 
     /// `--incremental`: the newest backup is the base if its recorded
-    /// bitmaps are still in QEMU on the same nodes and its geometry is the
-    /// disks'; otherwise a full read, said in the warnings.
+    /// bitmaps are still in QEMU on the same nodes, recording, and its
+    /// geometry is the disks'; otherwise a full read, said in the warnings.
     fn plan(&mut self, repo: &Repository, chunk_size: u32) {
         match self.find_base(repo, chunk_size) {
             Ok(p) => {
@@ -408,11 +409,10 @@ impl Vm {
                 // Older backup-vms bitmaps (the base's) are done with.
                 let nodes = fleece::nodes(q).unwrap_or_default();
                 for v in &views {
-                    let Some((_, _, have)) = nodes.iter().find(|n| n.0 == v.node) else {
+                    let Some(n) = nodes.iter().find(|n| n.name == v.node) else {
                         continue;
                     };
-                    for b in have
-                        .iter()
+                    for b in (n.bitmaps.iter().map(|b| &b.name))
                         .filter(|b| b.starts_with("rfs-") && **b != v.bitmap)
                     {
                         if let Err(e) = fleece::bitmap_op(q, "remove", &v.node, b) {
@@ -651,7 +651,7 @@ pub fn find_base(
 
 /// A base (`what` names it) is usable for `disks` if it has one disk and
 /// one bitmap per disk, each disk the same size and chunk size, and QEMU
-/// still has each bitmap on the disk's node.
+/// still has each bitmap on the disk's node, recording.
 pub fn check_base(
     q: &mut Qmp,
     disks: &[BlockDevice],
@@ -672,19 +672,29 @@ pub fn check_base(
         // Bitmap names are unique to a run: found on the disk's node, it
         // is the one that run left (node names may change).
         let node = &disk.node_name;
-        let Some((_, size, have)) = nodes.iter().find(|n| &n.0 == node) else {
+        let Some(n) = nodes.iter().find(|n| &n.name == node) else {
             return Err(format!("disk {i}: QEMU has no node {node}"));
         };
-        if dm.size != *size || dm.chunk_size != chunk_size {
+        if dm.size != n.size || dm.chunk_size != chunk_size {
             return Err(format!(
-                "disk {i}: geometry changed since {what} (size {} -> {size}, chunk size {} -> {chunk_size})",
-                dm.size, dm.chunk_size
+                "disk {i}: geometry changed since {what} (size {} -> {}, chunk size {} -> {chunk_size})",
+                dm.size, n.size, dm.chunk_size
             ));
         }
-        if !have.iter().any(|b| b == bitmap) {
-            return Err(format!(
-                "disk {i}: QEMU no longer has dirty bitmap {bitmap} of {what} (restarted?)"
-            ));
+        match n.bitmap(bitmap) {
+            None => {
+                return Err(format!(
+                    "disk {i}: QEMU no longer has dirty bitmap {bitmap} of {what} (restarted?)"
+                ))
+            }
+            // Left disabled (a failed hand-back, a lost reply, a kill
+            // after the snapshot): it misses every write since.
+            Some(b) if !b.recording => {
+                return Err(format!(
+                    "disk {i}: dirty bitmap {bitmap} of {what} no longer records writes"
+                ))
+            }
+            Some(_) => {}
         }
     }
     Ok(())

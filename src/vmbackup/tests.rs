@@ -811,3 +811,40 @@ fn a_failed_incremental_merges_its_bitmap_into_the_previous_one_so_the_next_read
     let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
     assert!(restored(&repo, "merge", r.backup.as_deref().unwrap()) == now);
 }
+
+#[test]
+fn an_incremental_whose_base_bitmap_no_longer_records_reads_everything_and_says_why() {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_d, repo) = repo();
+    let mut opts = options(&[("stale", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    assert!(full.failed().is_empty(), "{:?}", full.failed());
+    // The base's bitmap left disabled (as by a lost reply to `disable`):
+    // it misses the write that follows.
+    let m = repo
+        .resolve("stale", report(&full, "stale").backup.as_deref())
+        .unwrap();
+    let kept = &m.config["backup_vms"]["bitmaps"][0];
+    let (node, bitmap) = (
+        kept["node"].as_str().unwrap(),
+        kept["bitmap"].as_str().unwrap(),
+    );
+    let mut q = v.monitor();
+    fleece::bitmap_op(&mut q, "disable", node, bitmap).unwrap();
+    hmp_write(&mut q, 0x44, 5 * CHUNK as usize, 4096);
+    opts.incremental = true;
+    let s = backup_vms(&repo, &opts).unwrap();
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    let r = report(&s, "stale");
+    assert_eq!((r.mode.as_str(), &r.base), ("full", &None));
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("full read: ") && w.contains("no longer records writes")),
+        "{:?}",
+        r.warnings
+    );
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(restored(&repo, "stale", r.backup.as_deref().unwrap()) == now);
+}
