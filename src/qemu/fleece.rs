@@ -315,13 +315,22 @@ pub fn bitmap_op(q: &mut Qmp, op: &str, node: &str, bitmap: &str) -> Result<()> 
     .map(drop)
 }
 
-/// Adds the bits of `from` into `into` (both on `node`).
-pub fn bitmap_merge(q: &mut Qmp, node: &str, into: &str, from: &str) -> Result<()> {
-    q.execute(
-        "block-dirty-bitmap-merge",
-        Some(json!({"node": node, "target": into, "bitmaps": [from]})),
-    )
-    .map(drop)
+/// Makes the disabled bitmap `into` on `node` record again and, with
+/// `from`, adds `from`'s bits into it and removes `from`: one QMP
+/// `transaction`, so no guest write can fall between them (marked only
+/// in `from` after its bits were copied, then lost with it), and a
+/// failure changes nothing.
+pub fn bitmap_hand_back(q: &mut Qmp, node: &str, into: &str, from: Option<&str>) -> Result<()> {
+    let mut actions = vec![json!({"type": "block-dirty-bitmap-enable",
+                                  "data": {"node": node, "name": into}})];
+    if let Some(from) = from {
+        actions.push(json!({"type": "block-dirty-bitmap-merge",
+                            "data": {"node": node, "target": into, "bitmaps": [from]}}));
+        actions.push(json!({"type": "block-dirty-bitmap-remove",
+                            "data": {"node": node, "name": from}}));
+    }
+    q.execute("transaction", Some(json!({ "actions": actions })))
+        .map(drop)
 }
 
 /// The virtual size of a node (`query-named-block-nodes`).

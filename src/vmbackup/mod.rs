@@ -60,10 +60,12 @@
 //! bitmap through `snapshot-access`). `read_view` reads the chunks that
 //! `qemu:dirty-bitmap:NAME` marks and `base:allocation` says hold data;
 //! every other chunk keeps the base's id (as `session::backup` does with
-//! its dirty maps). A failed incremental merges its new bitmap into the
-//! base's, re-enables that and removes the new one, so the next run still
-//! covers every write since the base (best effort: if QEMU is gone, the
-//! bitmaps are too, and the next run reads in full).
+//! its dirty maps). A failed incremental re-enables the base's bitmap,
+//! merges its new bitmap into it and removes the new one, all in one QMP
+//! `transaction` (no guest write can fall between the steps), so the next
+//! run still covers every write since the base. If that fails, both
+//! bitmaps go and the VM's warnings say so: the next run reads in full
+//! (as it does if QEMU is gone, and the bitmaps with it).
 //!
 //! Names: QEMU limits node names to 31 bytes, so a view's tag is the run
 //! id, the VM's position on the command line and the disk index
@@ -391,7 +393,8 @@ impl Vm {
     /// Closes the views and stops the NBD server, best effort. After a
     /// manifest, each disk keeps the new bitmap alone (the next
     /// incremental's map); after a failure the new bitmap goes, merged into
-    /// the previous one (re-enabled) for an incremental.
+    /// the previous one (re-enabled in the same transaction) for an
+    /// incremental, or both go with a warning if that fails.
     fn release(&mut self, clock: &Clock) {
         let had = !self.views.is_empty() || self.nbd_started;
         let ok = self.ok();
@@ -424,19 +427,23 @@ impl Vm {
                 // The base's bitmap must cover everything since the base.
                 for (i, prev) in p.bitmaps.iter().enumerate().take(disabled) {
                     let node = &self.disks[i].node_name;
-                    let r = (|| {
-                        if let Some(v) = views.get(i) {
-                            fleece::bitmap_merge(q, node, prev, &v.bitmap)?;
+                    let new = views.get(i).map(|v| v.bitmap.as_str());
+                    let Err(e) = fleece::bitmap_hand_back(q, node, prev, new) else {
+                        continue;
+                    };
+                    // A disabled bitmap left behind would vouch for less
+                    // than it claims: without it the next one reads in full.
+                    for b in std::iter::once(prev.as_str()).chain(new) {
+                        if let Err(e) = fleece::bitmap_op(q, "remove", node, b) {
+                            tracing::warn!(vm = %self.spec.name, "removing dirty bitmap {b}: {e}");
                         }
-                        fleece::bitmap_op(q, "enable", node, prev)?;
-                        if let Some(v) = views.get(i) {
-                            fleece::bitmap_op(q, "remove", node, &v.bitmap)?;
-                        }
-                        Ok::<(), Error>(())
-                    })();
-                    if let Err(e) = r {
-                        tracing::warn!(vm = %self.spec.name, "keeping dirty bitmap {prev}: {e}");
                     }
+                    let w = format!(
+                        "disk {i}: the failed run's dirty bitmap could not be handed back \
+                         to {prev} ({e}); the next incremental reads in full"
+                    );
+                    tracing::warn!(vm = %self.spec.name, "{w}");
+                    self.report.warnings.push(w);
                 }
                 for v in views.iter().skip(disabled) {
                     let _ = fleece::bitmap_op(q, "remove", &v.node, &v.bitmap);
