@@ -222,7 +222,7 @@ pub(super) fn node_sizes(q: &mut Qmp, disks: &[BlockDevice]) -> Result<Vec<u64>>
     disks
         .iter()
         .map(|d| {
-            (nodes.iter().find(|n| n.0 == d.node_name).map(|n| n.1))
+            (nodes.iter().find(|n| n.name == d.node_name).map(|n| n.size))
                 .ok_or_else(|| Error::not_found(format!("QEMU has no block node {}", d.node_name)))
         })
         .collect()

@@ -33,11 +33,12 @@
 //! `>= since` marks it.
 //!
 //! **Start.** With no usable state, a new cycle starts from the VM's newest
-//! backup whose since-backup bitmaps QEMU still has (`backup-vms` keeps one
-//! per disk, "since last backup", never cleared, and records it in the
-//! manifest): its chunk ids, and bitmap 0 = a disabled copy of that
-//! bitmap made in the same transaction that adds bitmap 1. Without one,
-//! every chunk is unknown and the first round reads the whole disk.
+//! backup whose since-backup bitmaps QEMU still has, recording
+//! (`backup-vms` keeps one per disk, "since last backup", never cleared,
+//! and records it in the manifest): its chunk ids, and bitmap 0 = a
+//! disabled copy of that bitmap made in the same transaction that adds
+//! bitmap 1. Without one, every chunk is unknown and the first round reads
+//! the whole disk.
 //!
 //! **At the scheduled time** (`--backup-at`), after a complete round: a
 //! `backup-vms` backup of the VM ([`crate::vmbackup`], same snapshot,
@@ -47,8 +48,9 @@
 //! recorded id. The manifest (mode `precopy`) records the new backup's own
 //! since-backup bitmaps, so `backup-vms --incremental`, restore and the
 //! next cycle work from it; the state file is then removed. A failed final
-//! backup re-enables the round bitmap (vmbackup merges its new bitmap back),
-//! so the state stays valid.
+//! backup re-enables the round bitmap and merges its new bitmap into it in
+//! one QMP transaction (vmbackup's hand-back), so the state stays valid; if
+//! that fails, the bitmaps go and the next run starts a new cycle.
 //!
 //! **Crashes and lost state.** `kill -9` leaves QEMU's bitmaps and the last
 //! checkpoint: the next run resumes the cycle (chunks recorded at the

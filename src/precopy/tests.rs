@@ -6,7 +6,10 @@
 use super::*;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::testing::hmp_write;
-use crate::vmbackup::tests::{options as vm_options, repo, restored, vm, Vm};
+use crate::vmbackup::tests::{
+    hands_back_merging, options as vm_options, qmp_relay, repo, restored, vm,
+    write_then_break_the_read, Vm,
+};
 use crate::vmbackup::{backup_vms, Hook};
 use rand::RngCore;
 use std::collections::BTreeSet;
@@ -191,8 +194,85 @@ fn rounds_leave_the_scheduled_backup_at_most_a_fifth_of_a_plain_incrementals_rea
         .exists());
     // QEMU keeps only the new backup's bitmap; no round bitmap is left.
     let nodes = crate::qemu::fleece::nodes(&mut v.monitor()).unwrap();
-    let bitmaps: Vec<&String> = nodes.iter().flat_map(|n| &n.2).collect();
+    let bitmaps: Vec<&String> = nodes
+        .iter()
+        .flat_map(|n| n.bitmaps.iter().map(|b| &b.name))
+        .collect();
     assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+}
+
+#[test]
+fn a_failed_scheduled_backup_hands_its_bitmap_back_to_the_round_bitmap_so_a_guest_write_during_the_hand_back_is_in_the_next(
+) {
+    let v = vm(Some(&content()));
+    let (d, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    full_backup(&repo, &v);
+    let mon = Arc::new(Mutex::new(v.monitor()));
+    // The guest writes chunk 9 right after QEMU carried out the hand-back's
+    // merge, before the backup's next command.
+    let m = Arc::downgrade(&mon);
+    let relay = d.path().join("relay.sock");
+    qmp_relay(
+        &relay,
+        &v.qmp,
+        |_| None,
+        move |cmd| {
+            if let (true, Some(m)) = (hands_back_merging(cmd), m.upgrade()) {
+                hmp_write(&mut m.lock().unwrap(), 0x77, 9 * CHUNK as usize, 4096);
+            }
+        },
+    );
+    let mut o = opts(&v, state.path(), in_secs(2.0));
+    o.qmp = relay;
+    // After the scheduled backup's snapshot: chunk 7, then its read fails.
+    o.hook = Some(write_then_break_the_read(&mon, 0x66, 7));
+    let e = run(&repo, &o, &Control::default()).unwrap_err();
+    assert!(e.to_string().contains("the scheduled backup failed"), "{e}");
+    // The test's monitor is free again for the checks below.
+    drop((o, mon));
+
+    let next = run(
+        &repo,
+        &opts(&v, state.path(), in_secs(2.0)),
+        &Control::default(),
+    )
+    .unwrap();
+    let f = next.final_backup.as_ref().unwrap();
+    assert_eq!((f.mode.as_str(), &f.fallback), ("precopy", &None));
+    assert_identical_to_a_full_backup_now(&repo, &v, f.backup.as_deref().unwrap());
+}
+
+#[test]
+fn a_new_cycle_whose_since_backup_bitmap_no_longer_records_reads_every_block_and_says_why() {
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let base = full_backup(&repo, &v);
+    // The base's bitmap left disabled: it misses the write that follows.
+    let m = repo.resolve("pc", Some(&base)).unwrap();
+    let kept = &m.config["backup_vms"]["bitmaps"][0];
+    let mut q = v.monitor();
+    let (node, bitmap) = (
+        kept["node"].as_str().unwrap(),
+        kept["bitmap"].as_str().unwrap(),
+    );
+    crate::qemu::fleece::bitmap_op(&mut q, "disable", node, bitmap).unwrap();
+    hmp_write(&mut q, 0x44, 5 * CHUNK as usize, 4096);
+    drop(q);
+    let rep = run(
+        &repo,
+        &opts(&v, state.path(), in_secs(2.0)),
+        &Control::default(),
+    )
+    .unwrap();
+    let f = rep.final_backup.as_ref().unwrap();
+    assert_identical_to_a_full_backup_now(&repo, &v, f.backup.as_deref().unwrap());
+    assert!(
+        rep.start.contains("reading every block") && rep.start.contains("no longer records writes"),
+        "{}",
+        rep.start
+    );
 }
 
 #[test]
@@ -303,9 +383,10 @@ fn lost_pre_copy_state_falls_back_to_the_since_backup_bitmap_and_says_so() {
     // The round bitmaps gone from QEMU (as after a restart of the
     // bitmaps' owner, or a backup-vms run): again a new cycle.
     let nodes = crate::qemu::fleece::nodes(&mut q).unwrap();
-    for (node, _, bitmaps) in &nodes {
-        for b in bitmaps.iter().filter(|b| b.starts_with("rfs-pc-")) {
-            crate::qemu::fleece::bitmap_op(&mut q, "remove", node, b).unwrap();
+    for n in &nodes {
+        let round = n.bitmaps.iter().filter(|b| b.name.starts_with("rfs-pc-"));
+        for b in round {
+            crate::qemu::fleece::bitmap_op(&mut q, "remove", &n.name, &b.name).unwrap();
         }
     }
     hmp_write(&mut q, 0x33, 20 * CHUNK as usize, CHUNK as usize);

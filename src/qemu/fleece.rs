@@ -257,26 +257,50 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
     }
 }
 
-/// Every node's (name, virtual size, dirty bitmap names), from
-/// `query-named-block-nodes`.
-pub fn nodes(q: &mut Qmp) -> Result<Vec<(String, u64, Vec<String>)>> {
+/// A block node as `query-named-block-nodes` shows it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub size: u64,
+    pub bitmaps: Vec<Bitmap>,
+}
+
+/// A dirty bitmap of a node.
+#[derive(Debug, Clone)]
+pub struct Bitmap {
+    pub name: String,
+    /// Whether it still marks guest writes (not disabled): a bitmap that
+    /// does not cannot vouch for what changed since it stopped.
+    pub recording: bool,
+}
+
+impl Node {
+    pub fn bitmap(&self, name: &str) -> Option<&Bitmap> {
+        self.bitmaps.iter().find(|b| b.name == name)
+    }
+}
+
+/// Every named node, from `query-named-block-nodes`.
+pub fn nodes(q: &mut Qmp) -> Result<Vec<Node>> {
     let nodes = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
     Ok(nodes
         .as_array()
         .into_iter()
         .flatten()
-        .map(|n| {
-            let bitmaps = n["dirty-bitmaps"]
+        .map(|n| Node {
+            name: n["node-name"].as_str().unwrap_or("").to_string(),
+            size: n["image"]["virtual-size"].as_u64().unwrap_or(0),
+            bitmaps: n["dirty-bitmaps"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|b| b["name"].as_str().map(str::to_string))
-                .collect();
-            (
-                n["node-name"].as_str().unwrap_or("").to_string(),
-                n["image"]["virtual-size"].as_u64().unwrap_or(0),
-                bitmaps,
-            )
+                .filter_map(|b| {
+                    Some(Bitmap {
+                        name: b["name"].as_str()?.to_string(),
+                        recording: b["recording"].as_bool().unwrap_or(false),
+                    })
+                })
+                .collect(),
         })
         .collect())
 }
@@ -291,13 +315,22 @@ pub fn bitmap_op(q: &mut Qmp, op: &str, node: &str, bitmap: &str) -> Result<()> 
     .map(drop)
 }
 
-/// Adds the bits of `from` into `into` (both on `node`).
-pub fn bitmap_merge(q: &mut Qmp, node: &str, into: &str, from: &str) -> Result<()> {
-    q.execute(
-        "block-dirty-bitmap-merge",
-        Some(json!({"node": node, "target": into, "bitmaps": [from]})),
-    )
-    .map(drop)
+/// Makes the disabled bitmap `into` on `node` record again and, with
+/// `from`, adds `from`'s bits into it and removes `from`: one QMP
+/// `transaction`, so no guest write can fall between them (marked only
+/// in `from` after its bits were copied, then lost with it), and a
+/// failure changes nothing.
+pub fn bitmap_hand_back(q: &mut Qmp, node: &str, into: &str, from: Option<&str>) -> Result<()> {
+    let mut actions = vec![json!({"type": "block-dirty-bitmap-enable",
+                                  "data": {"node": node, "name": into}})];
+    if let Some(from) = from {
+        actions.push(json!({"type": "block-dirty-bitmap-merge",
+                            "data": {"node": node, "target": into, "bitmaps": [from]}}));
+        actions.push(json!({"type": "block-dirty-bitmap-remove",
+                            "data": {"node": node, "name": from}}));
+    }
+    q.execute("transaction", Some(json!({ "actions": actions })))
+        .map(drop)
 }
 
 /// The virtual size of a node (`query-named-block-nodes`).

@@ -50,8 +50,9 @@
 //! `backup_vms.bitmaps`, with the node and the QMP socket); older
 //! backup-vms bitmaps on the node go. With `--incremental`, `Vm::plan`
 //! takes the VM's newest backup as base if QEMU still has each recorded
-//! bitmap on the disk's node and the geometry (disk count, sizes, chunk
-//! size) is the same; otherwise a full read, said in the VM's warnings
+//! bitmap on the disk's node, still recording (one left disabled misses
+//! the writes since), and the geometry (disk count, sizes, chunk size) is
+//! the same; otherwise a full read, said in the VM's warnings
 //! (`full read: <reason>`), never a guessed incremental. At the snapshot
 //! (VM stopped) the base's bitmap is disabled, so it covers exactly the
 //! writes from the base's snapshot to this one, and exported read-only on
@@ -59,10 +60,12 @@
 //! bitmap through `snapshot-access`). `read_view` reads the chunks that
 //! `qemu:dirty-bitmap:NAME` marks and `base:allocation` says hold data;
 //! every other chunk keeps the base's id (as `session::backup` does with
-//! its dirty maps). A failed incremental merges its new bitmap into the
-//! base's, re-enables that and removes the new one, so the next run still
-//! covers every write since the base (best effort: if QEMU is gone, the
-//! bitmaps are too, and the next run reads in full).
+//! its dirty maps). A failed incremental re-enables the base's bitmap,
+//! merges its new bitmap into it and removes the new one, all in one QMP
+//! `transaction` (no guest write can fall between the steps), so the next
+//! run still covers every write since the base. If that fails, both
+//! bitmaps go and the VM's warnings say so: the next run reads in full
+//! (as it does if QEMU is gone, and the bitmaps with it).
 //!
 //! Names: QEMU limits node names to 31 bytes, so a view's tag is the run
 //! id, the VM's position on the command line and the disk index
@@ -328,8 +331,8 @@ impl Vm {
     }
 
     /// `--incremental`: the newest backup is the base if its recorded
-    /// bitmaps are still in QEMU on the same nodes and its geometry is the
-    /// disks'; otherwise a full read, said in the warnings.
+    /// bitmaps are still in QEMU on the same nodes, recording, and its
+    /// geometry is the disks'; otherwise a full read, said in the warnings.
     fn plan(&mut self, repo: &Repository, chunk_size: u32) {
         match self.find_base(repo, chunk_size) {
             Ok(p) => {
@@ -390,7 +393,8 @@ impl Vm {
     /// Closes the views and stops the NBD server, best effort. After a
     /// manifest, each disk keeps the new bitmap alone (the next
     /// incremental's map); after a failure the new bitmap goes, merged into
-    /// the previous one (re-enabled) for an incremental.
+    /// the previous one (re-enabled in the same transaction) for an
+    /// incremental, or both go with a warning if that fails.
     fn release(&mut self, clock: &Clock) {
         let had = !self.views.is_empty() || self.nbd_started;
         let ok = self.ok();
@@ -408,11 +412,10 @@ impl Vm {
                 // Older backup-vms bitmaps (the base's) are done with.
                 let nodes = fleece::nodes(q).unwrap_or_default();
                 for v in &views {
-                    let Some((_, _, have)) = nodes.iter().find(|n| n.0 == v.node) else {
+                    let Some(n) = nodes.iter().find(|n| n.name == v.node) else {
                         continue;
                     };
-                    for b in have
-                        .iter()
+                    for b in (n.bitmaps.iter().map(|b| &b.name))
                         .filter(|b| b.starts_with("rfs-") && **b != v.bitmap)
                     {
                         if let Err(e) = fleece::bitmap_op(q, "remove", &v.node, b) {
@@ -424,19 +427,23 @@ impl Vm {
                 // The base's bitmap must cover everything since the base.
                 for (i, prev) in p.bitmaps.iter().enumerate().take(disabled) {
                     let node = &self.disks[i].node_name;
-                    let r = (|| {
-                        if let Some(v) = views.get(i) {
-                            fleece::bitmap_merge(q, node, prev, &v.bitmap)?;
+                    let new = views.get(i).map(|v| v.bitmap.as_str());
+                    let Err(e) = fleece::bitmap_hand_back(q, node, prev, new) else {
+                        continue;
+                    };
+                    // A disabled bitmap left behind would vouch for less
+                    // than it claims: without it the next one reads in full.
+                    for b in std::iter::once(prev.as_str()).chain(new) {
+                        if let Err(e) = fleece::bitmap_op(q, "remove", node, b) {
+                            tracing::warn!(vm = %self.spec.name, "removing dirty bitmap {b}: {e}");
                         }
-                        fleece::bitmap_op(q, "enable", node, prev)?;
-                        if let Some(v) = views.get(i) {
-                            fleece::bitmap_op(q, "remove", node, &v.bitmap)?;
-                        }
-                        Ok::<(), Error>(())
-                    })();
-                    if let Err(e) = r {
-                        tracing::warn!(vm = %self.spec.name, "keeping dirty bitmap {prev}: {e}");
                     }
+                    let w = format!(
+                        "disk {i}: the failed run's dirty bitmap could not be handed back \
+                         to {prev} ({e}); the next incremental reads in full"
+                    );
+                    tracing::warn!(vm = %self.spec.name, "{w}");
+                    self.report.warnings.push(w);
                 }
                 for v in views.iter().skip(disabled) {
                     let _ = fleece::bitmap_op(q, "remove", &v.node, &v.bitmap);
@@ -651,7 +658,7 @@ pub fn find_base(
 
 /// A base (`what` names it) is usable for `disks` if it has one disk and
 /// one bitmap per disk, each disk the same size and chunk size, and QEMU
-/// still has each bitmap on the disk's node.
+/// still has each bitmap on the disk's node, recording.
 pub fn check_base(
     q: &mut Qmp,
     disks: &[BlockDevice],
@@ -672,19 +679,29 @@ pub fn check_base(
         // Bitmap names are unique to a run: found on the disk's node, it
         // is the one that run left (node names may change).
         let node = &disk.node_name;
-        let Some((_, size, have)) = nodes.iter().find(|n| &n.0 == node) else {
+        let Some(n) = nodes.iter().find(|n| &n.name == node) else {
             return Err(format!("disk {i}: QEMU has no node {node}"));
         };
-        if dm.size != *size || dm.chunk_size != chunk_size {
+        if dm.size != n.size || dm.chunk_size != chunk_size {
             return Err(format!(
-                "disk {i}: geometry changed since {what} (size {} -> {size}, chunk size {} -> {chunk_size})",
-                dm.size, dm.chunk_size
+                "disk {i}: geometry changed since {what} (size {} -> {}, chunk size {} -> {chunk_size})",
+                dm.size, n.size, dm.chunk_size
             ));
         }
-        if !have.iter().any(|b| b == bitmap) {
-            return Err(format!(
-                "disk {i}: QEMU no longer has dirty bitmap {bitmap} of {what} (restarted?)"
-            ));
+        match n.bitmap(bitmap) {
+            None => {
+                return Err(format!(
+                    "disk {i}: QEMU no longer has dirty bitmap {bitmap} of {what} (restarted?)"
+                ))
+            }
+            // Left disabled (a failed hand-back, a lost reply, a kill
+            // after the snapshot): it misses every write since.
+            Some(b) if !b.recording => {
+                return Err(format!(
+                    "disk {i}: dirty bitmap {bitmap} of {what} no longer records writes"
+                ))
+            }
+            Some(_) => {}
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use crate::qemu::qmp::Qmp;
 use crate::qemu::testing::{hmp_write, paused_vm, vm_with_agent, Proc};
 use clap::Parser;
 use rand::RngCore;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -810,4 +810,268 @@ fn a_failed_incremental_merges_its_bitmap_into_the_previous_one_so_the_next_read
     assert_eq!(r.chunks_read, 2, "chunks 1 and 7");
     let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
     assert!(restored(&repo, "merge", r.backup.as_deref().unwrap()) == now);
+}
+
+/// A QMP relay listening on `path`, passing each connection on to QEMU's
+/// socket `to`. It logs every command; `answer` may reply to one in
+/// QEMU's place (QEMU then never sees it); `before_reply` runs before
+/// QEMU's reply to a command is passed back, i.e. between two of the
+/// client's commands.
+pub(crate) fn qmp_relay(
+    path: &Path,
+    to: &Path,
+    answer: impl Fn(&Value) -> Option<Value> + Send + Sync + 'static,
+    before_reply: impl Fn(&Value) + Send + Sync + 'static,
+) -> Arc<Mutex<Vec<Value>>> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::Shutdown;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(path).unwrap();
+    let log = Arc::new(Mutex::new(vec![]));
+    let (answer, before_reply) = (Arc::new(answer), Arc::new(before_reply));
+    let (to, log2) = (to.to_path_buf(), log.clone());
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let (Ok(client), Ok(qemu)) = (client, UnixStream::connect(&to)) else {
+                return;
+            };
+            let pending = Arc::new(Mutex::new(HashMap::<String, Value>::new()));
+            let out = Arc::new(Mutex::new(client.try_clone().unwrap()));
+            let mut to_qemu = qemu.try_clone().unwrap();
+            let (o, p, l, answer) = (out.clone(), pending.clone(), log2.clone(), answer.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(client).lines() {
+                    let Ok(line) = line else { break };
+                    let Ok(cmd) = serde_json::from_str::<Value>(&line) else {
+                        break;
+                    };
+                    l.lock().unwrap().push(cmd.clone());
+                    if let Some(mut reply) = answer(&cmd) {
+                        reply["id"] = cmd["id"].clone();
+                        if writeln!(o.lock().unwrap(), "{reply}").is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    p.lock().unwrap().insert(cmd["id"].to_string(), cmd);
+                    if writeln!(to_qemu, "{line}").is_err() {
+                        break;
+                    }
+                }
+                let _ = to_qemu.shutdown(Shutdown::Both);
+            });
+            let before_reply = before_reply.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(qemu).lines() {
+                    let Ok(line) = line else { break };
+                    let m = serde_json::from_str::<Value>(&line).unwrap_or(Value::Null);
+                    let cmd = m
+                        .get("id")
+                        .and_then(|id| pending.lock().unwrap().remove(&id.to_string()));
+                    if let Some(c) = cmd {
+                        before_reply(&c);
+                    }
+                    if writeln!(out.lock().unwrap(), "{line}").is_err() {
+                        break;
+                    }
+                }
+                let _ = out.lock().unwrap().shutdown(Shutdown::Both);
+            });
+        }
+    });
+    log
+}
+
+/// A QMP command's own name, or its transaction's action types.
+fn actions(cmd: &Value) -> Vec<&str> {
+    match cmd["execute"].as_str() {
+        Some("transaction") => (cmd["arguments"]["actions"].as_array().into_iter().flatten())
+            .filter_map(|a| a["type"].as_str())
+            .collect(),
+        c => c.into_iter().collect(),
+    }
+}
+
+/// Whether a QMP command is (the first step of) handing a failed run's
+/// bitmap back, in whatever form: it enables a bitmap, or merges one
+/// outside a transaction (pre-copy's transactions merge but never enable).
+pub(crate) fn hands_back(cmd: &Value) -> bool {
+    actions(cmd).contains(&"block-dirty-bitmap-enable")
+        || cmd["execute"] == "block-dirty-bitmap-merge"
+}
+
+/// Whether a QMP command hands a failed run's bitmap back and merges it.
+pub(crate) fn hands_back_merging(cmd: &Value) -> bool {
+    hands_back(cmd) && actions(cmd).contains(&"block-dirty-bitmap-merge")
+}
+
+/// A hook that, after the snapshot of the run it is given to, writes
+/// `pattern` to chunk `chunk` (marked in that run's new bitmap only) and
+/// deletes the run's exports, so its read fails.
+pub(crate) fn write_then_break_the_read(mon: &Arc<Mutex<Qmp>>, pattern: u8, chunk: usize) -> Hook {
+    let m = mon.clone();
+    Arc::new(move |_, event| {
+        if event == "resumed" {
+            let mut q = m.lock().unwrap();
+            hmp_write(&mut q, pattern, chunk * CHUNK as usize, 4096);
+            let exports = q.execute("query-block-exports", None).unwrap();
+            for e in exports.as_array().unwrap() {
+                q.execute("block-export-del", Some(json!({"id": e["id"]})))
+                    .unwrap();
+            }
+        }
+    })
+}
+
+#[test]
+fn a_failed_incrementals_bitmap_goes_back_in_one_transaction_so_a_guest_write_during_the_hand_back_is_read_by_the_next(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (d, repo) = repo();
+    let mut opts = options(&[("race", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    let base = report(&full, "race").backup.clone();
+    assert!(base.is_some());
+    let mon = Arc::new(Mutex::new(v.monitor()));
+    // The guest writes chunk 9 right after QEMU carried out the hand-back's
+    // merge, before the backup's next command.
+    let m = mon.clone();
+    let relay = d.path().join("relay.sock");
+    let log = qmp_relay(
+        &relay,
+        &v.qmp,
+        |_| None,
+        move |cmd| {
+            if hands_back_merging(cmd) {
+                hmp_write(&mut m.lock().unwrap(), 0x77, 9 * CHUNK as usize, 4096);
+            }
+        },
+    );
+    opts.vms[0].qmp = relay;
+    opts.incremental = true;
+    opts.hook = Some(write_then_break_the_read(&mon, 0x66, 7));
+    let failed = backup_vms(&repo, &opts).unwrap();
+    let r = report(&failed, "race");
+    assert_eq!(r.mode, "incremental");
+    assert!(r.error.is_some(), "{r:?}");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+
+    opts.vms[0].qmp = v.qmp.clone();
+    opts.hook = None;
+    let next = backup_vms(&repo, &opts).unwrap();
+    assert!(next.failed().is_empty(), "{:?}", next.failed());
+    let r = report(&next, "race");
+    assert_eq!((r.mode.as_str(), &r.base), ("incremental", &base));
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(
+        restored(&repo, "race", r.backup.as_deref().unwrap()) == now,
+        "the next incremental holds the write made during the hand-back"
+    );
+    assert_eq!(r.chunks_read, 2, "chunks 7 and 9");
+    let steps: Vec<Value> = (log.lock().unwrap().iter())
+        .filter(|c| hands_back(c))
+        .cloned()
+        .collect();
+    assert_eq!(steps.len(), 1, "one command: {steps:?}");
+    let types: Vec<&str> = (steps[0]["arguments"]["actions"].as_array().unwrap().iter())
+        .map(|a| a["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-merge",
+            "block-dirty-bitmap-remove"
+        ]
+    );
+}
+
+#[test]
+fn a_failed_hand_back_removes_both_bitmaps_says_so_and_the_next_incremental_reads_everything() {
+    let data = content();
+    let v = vm(Some(&data));
+    let (d, repo) = repo();
+    let mut opts = options(&[("noback", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    assert!(full.failed().is_empty(), "{:?}", full.failed());
+    let mon = Arc::new(Mutex::new(v.monitor()));
+    // QEMU refuses the hand-back (its first step, whatever it is).
+    let relay = d.path().join("relay.sock");
+    qmp_relay(
+        &relay,
+        &v.qmp,
+        |cmd| {
+            hands_back(cmd)
+                .then(|| json!({"error": {"class": "GenericError", "desc": "refused by the test"}}))
+        },
+        |_| {},
+    );
+    opts.vms[0].qmp = relay;
+    opts.incremental = true;
+    opts.hook = Some(write_then_break_the_read(&mon, 0x66, 7));
+    let failed = backup_vms(&repo, &opts).unwrap();
+    let r = report(&failed, "noback");
+    assert!(r.error.is_some(), "{r:?}");
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("could not be handed back") && w.contains("refused by the test")),
+        "{:?}",
+        r.warnings
+    );
+    let left = bitmaps_left(&mut mon.lock().unwrap());
+    assert!(
+        left.is_empty(),
+        "no bitmap vouches for the writes: {left:?}"
+    );
+
+    opts.vms[0].qmp = v.qmp.clone();
+    opts.hook = None;
+    let next = backup_vms(&repo, &opts).unwrap();
+    assert!(next.failed().is_empty(), "{:?}", next.failed());
+    let r = report(&next, "noback");
+    assert_eq!(r.mode, "full");
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(restored(&repo, "noback", r.backup.as_deref().unwrap()) == now);
+}
+
+#[test]
+fn an_incremental_whose_base_bitmap_no_longer_records_reads_everything_and_says_why() {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_d, repo) = repo();
+    let mut opts = options(&[("stale", &v)], 1, None);
+    let full = backup_vms(&repo, &opts).unwrap();
+    assert!(full.failed().is_empty(), "{:?}", full.failed());
+    // The base's bitmap left disabled (as by a lost reply to `disable`):
+    // it misses the write that follows.
+    let m = repo
+        .resolve("stale", report(&full, "stale").backup.as_deref())
+        .unwrap();
+    let kept = &m.config["backup_vms"]["bitmaps"][0];
+    let (node, bitmap) = (
+        kept["node"].as_str().unwrap(),
+        kept["bitmap"].as_str().unwrap(),
+    );
+    let mut q = v.monitor();
+    fleece::bitmap_op(&mut q, "disable", node, bitmap).unwrap();
+    hmp_write(&mut q, 0x44, 5 * CHUNK as usize, 4096);
+    opts.incremental = true;
+    let s = backup_vms(&repo, &opts).unwrap();
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    let r = report(&s, "stale");
+    let now = std::fs::read(v.img.as_ref().unwrap()).unwrap();
+    assert!(
+        restored(&repo, "stale", r.backup.as_deref().unwrap()) == now,
+        "the backup holds the write the disabled bitmap missed"
+    );
+    assert_eq!((r.mode.as_str(), &r.base), ("full", &None));
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.starts_with("full read: ") && w.contains("no longer records writes")),
+        "{:?}",
+        r.warnings
+    );
 }
