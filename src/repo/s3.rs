@@ -96,8 +96,11 @@ impl S3Backend {
         bucket: &str,
         prefix: &str,
     ) -> Result<S3Backend> {
+        // One worker: a GET is a few recv()s of its body; a second worker
+        // only added wakeups and task steals between the two (cold
+        // sequential read: 8% less daemon CPU per GiB with one).
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("s3-io")
             .enable_all()
             .build()
