@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
+use crate::util::{AlignedBuf, DIRECT_ALIGN};
 
 #[cfg(test)]
 pub mod fault;
@@ -327,54 +328,12 @@ pub struct OsFile {
     direct_ok: std::sync::atomic::AtomicBool,
 }
 
-/// Offset, length and memory alignment of direct writes: the largest
-/// logical block size of common devices, so it suits 512-byte ones too.
-const DIRECT_ALIGN: usize = 4096;
-/// Bytes a direct write passes at once through the thread's aligned
-/// buffer (a fetched buffer is not aligned: it comes from the HTTP client).
+/// Bytes a direct write of an unaligned buffer passes at once through the
+/// thread's aligned buffer.
 const DIRECT_PIECE: usize = 1 << 20;
 
-/// A `DIRECT_PIECE`-byte buffer aligned to `DIRECT_ALIGN`, one per thread
-/// that writes fetched blocks, reused so its pages stay mapped.
-struct AlignedBuf(std::ptr::NonNull<u8>);
-
-impl AlignedBuf {
-    const LAYOUT: std::alloc::Layout =
-        match std::alloc::Layout::from_size_align(DIRECT_PIECE, DIRECT_ALIGN) {
-            Ok(l) => l,
-            Err(_) => panic!("a valid layout"),
-        };
-
-    fn new() -> AlignedBuf {
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc(Self::LAYOUT) };
-        AlignedBuf(
-            std::ptr::NonNull::new(p)
-                .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::LAYOUT)),
-        )
-    }
-
-    /// The first `n` bytes (`n <= DIRECT_PIECE`), holding a copy of `src`.
-    fn fill(&mut self, src: &[u8]) -> &[u8] {
-        assert!(src.len() <= DIRECT_PIECE);
-        // SAFETY: the allocation is DIRECT_PIECE bytes, owned by `self`
-        // (borrowed mutably here), and `src` cannot overlap it: `src` is a
-        // shared borrow of other memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.as_ptr(), src.len());
-            std::slice::from_raw_parts(self.0.as_ptr(), src.len())
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.0.as_ptr(), Self::LAYOUT) }
-    }
-}
-
 thread_local! {
+    /// Reused, so its pages stay mapped.
     static DIRECT_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
@@ -413,41 +372,56 @@ impl OsFile {
             .as_ref()
     }
 
-    /// Writes the aligned `buf` at the aligned `off` through `d`, a piece
-    /// at a time through this thread's aligned buffer.
+    /// Writes `buf` (its length a multiple of the alignment) at the
+    /// aligned `off` through `d`: straight from `buf` if its memory is
+    /// aligned (a fetched body collected into an [`AlignedBuf`]), else a
+    /// piece at a time through this thread's aligned buffer.
     fn write_direct(d: &File, buf: &[u8], off: u64) -> io::Result<Direct> {
+        if buf.as_ptr() as usize % DIRECT_ALIGN == 0 {
+            return Self::write_direct_aligned(d, buf, off, 0);
+        }
         DIRECT_BUF.with(|cell| {
             let mut cell = cell.borrow_mut();
-            let abuf = cell.get_or_insert_with(AlignedBuf::new);
+            let abuf = cell.get_or_insert_with(|| AlignedBuf::with_capacity(DIRECT_PIECE));
             let mut done = 0;
             while done < buf.len() {
-                let piece = abuf.fill(&buf[done..(done + DIRECT_PIECE).min(buf.len())]);
-                let mut at = 0;
-                while at < piece.len() {
-                    match d.write_at(&piece[at..], off + (done + at) as u64) {
-                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                        Ok(n) => at += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        // Nothing was written by the refused call.
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                            return Ok(Direct::Rest {
-                                from: done + at,
-                                refused: true,
-                            })
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    if at % DIRECT_ALIGN != 0 {
-                        return Ok(Direct::Rest {
-                            from: done + at,
-                            refused: false,
-                        });
-                    }
+                abuf.clear();
+                let end = (done + DIRECT_PIECE).min(buf.len());
+                assert!(abuf.extend_from_slice(&buf[done..end]), "a piece fits");
+                match Self::write_direct_aligned(d, abuf, off + done as u64, done)? {
+                    Direct::Done => done = end,
+                    rest => return Ok(rest),
                 }
-                done += piece.len();
             }
             Ok(Direct::Done)
         })
+    }
+
+    /// One aligned piece; `base`: where `piece` starts in the whole write.
+    fn write_direct_aligned(d: &File, piece: &[u8], off: u64, base: usize) -> io::Result<Direct> {
+        let mut at = 0;
+        while at < piece.len() {
+            match d.write_at(&piece[at..], off + at as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Nothing was written by the refused call.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok(Direct::Rest {
+                        from: base + at,
+                        refused: true,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+            if at % DIRECT_ALIGN != 0 {
+                return Ok(Direct::Rest {
+                    from: base + at,
+                    refused: false,
+                });
+            }
+        }
+        Ok(Direct::Done)
     }
 }
 

@@ -17,8 +17,9 @@
 //! **Copies per MiB of a miss** (a cold 1 MiB read within one block, S3
 //! backend, FUSE; counting every pass that writes the bytes anew):
 //! 1. kernel socket buffer → the HTTP client's read buffer (`recv`);
-//! 2. the body's frames → one contiguous object (`object_store`'s
-//!    collect; a single-frame body is kept as it is);
+//! 2. the body's frames → one contiguous object, aligned for direct I/O
+//!    (`s3::collect_aligned`, in place of `object_store`'s collect; a
+//!    local repository's file read is the object);
 //! 3. (encrypted only) XChaCha20 decrypts in place in that object: a
 //!    pass, no second buffer (`crypto::Keys::open_chunk`);
 //! 4. zstd decompresses into a `Vec` with the chunk's capacity, not
@@ -28,8 +29,9 @@
 //!    truncated to its plain bytes and hashed in place
 //!    (`chunk::decode_owned`; 4 copies, 3 of them the kernel's);
 //! 5. into staging (copy-on-read must stage): past the page cache
-//!    (`O_DIRECT`, `BlockFile::write_fill_at`), through the CPU thread's
-//!    reused aligned buffer (a copy in user space, then the device's DMA).
+//!    (`O_DIRECT`, `BlockFile::write_fill_at`), the device's DMA straight
+//!    from the aligned object (S3, raw chunk); other buffers pass through
+//!    the CPU thread's reused aligned buffer (a copy in user space).
 //!    A buffered `pwrite` copied into fresh page-cache pages instead: on
 //!    this VM (free pages go back to the host) half of the daemon's CPU
 //!    per cold GiB, 2.2 CPU-s per GiB on its own right after a cache drop;
@@ -205,7 +207,7 @@ impl Volume {
             &self.chunk_place(b),
         )?;
         let stage = stage || self.stage_promoted_copy(slot);
-        let data = bytes::Bytes::from(data);
+        let data = data.into_bytes();
         // A released disk's readers get its error, not the bytes.
         self.check_open()?;
         // Readers answer now, from the verified bytes; the fill (writers,
