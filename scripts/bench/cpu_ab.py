@@ -13,7 +13,8 @@ spread over rounds.
     python3 scripts/bench/cpu_ab.py --bin base=/path/a@old --bin new=/path/b \
         [--rounds 3] [--image-mib 2048] [--perf new] [--keep]
 
-`NAME=PATH[@GROUP]`: binaries of one GROUP (default: its name) read one
+`NAME=PATH[@GROUP][,FLAG...]`: FLAGs are extra `serve` flags (e.g.
+`--stage-fills-direct`); binaries of one GROUP (default: its name) read one
 backup, written by the group's first binary (a binary reads its own
 backup format: the baseline cannot read version-2 backups). `--perf NAME`
 adds one extra run of that binary under `perf record -g` (cpu-clock) and
@@ -36,10 +37,10 @@ import cold  # noqa: E402
 GiB = 1 << 30
 
 
-def one(work, garage, port, name, path, prefix, runtime, perf=None, status=False):
+def one(work, garage, port, name, path, prefix, runtime, perf=None, status=False, flags=()):
     with B.Scope(work, f"ab-{name}-{int(time.time() * 1000)}") as s:
-        rfs, disk = cold.recoverfs_system(s, f"s3://{B.Garage.BUCKET}/{prefix}", garage.env(port), [],
-                                          False, path)
+        rfs, disk = cold.recoverfs_system(s, f"s3://{B.Garage.BUCKET}/{prefix}", garage.env(port),
+                                          list(flags), False, path)
         B.drop_caches()
         prec = None
         if perf:
@@ -63,7 +64,7 @@ def one(work, garage, port, name, path, prefix, runtime, perf=None, status=False
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bin", action="append", required=True, help="NAME=PATH[@GROUP]")
+    ap.add_argument("--bin", action="append", required=True, help="NAME=PATH[@GROUP][,FLAG...]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--image-mib", type=int, default=2048)
     ap.add_argument("--latency-ms", type=int, default=20)
@@ -72,10 +73,12 @@ def main():
     ap.add_argument("--json", default=None, help="write the raw runs here")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
-    bins = []
+    bins, flags = [], {}
     for spec in a.bin:
         name, rest = spec.split("=", 1)
+        rest, *fl = rest.split(",")
         path, _, group = rest.partition("@")
+        flags[name] = fl
         bins.append((name, os.path.abspath(path), group or name))
 
     work = tempfile.mkdtemp(prefix="rfs-cpu-ab-", dir="/var/tmp")
@@ -98,14 +101,15 @@ def main():
         for rnd in range(a.rounds):
             order = bins[rnd % len(bins):] + bins[:rnd % len(bins)]
             for name, path, group in order:
-                r = one(work, garage, port, name, path, f"ab-{group}", a.runtime)
+                r = one(work, garage, port, name, path, f"ab-{group}", a.runtime, flags=flags[name])
                 res["runs"][name].append(r)
                 B.log(f"round {rnd + 1} {name}: {r['mb_s']:.0f} MB/s, own {r['cpu_s_by']['system']:.2f}s "
                       f"= {r['own_cpu_s_per_gib']:.3f} CPU-s/GiB")
         for name in a.perf:
             path, group = next((p, g) for n, p, g in bins if n == name)
             out = os.path.join(work, f"perf-{name}.data")
-            r = one(work, garage, port, name, path, f"ab-{group}", a.runtime, perf=out, status=True)
+            r = one(work, garage, port, name, path, f"ab-{group}", a.runtime, perf=out, status=True,
+                    flags=flags[name])
             res["perf"][name] = {"data": out, "run": r}
             B.log(f"perf {name}: {out}: {r['mb_s']:.0f} MB/s, {r['own_cpu_s_per_gib']:.3f} CPU-s/GiB "
                   f"(under perf), status {r['status']}")

@@ -51,12 +51,13 @@ pub trait BlockFile: Send + Sync {
     /// the next `sync_data` that starts after it completed.
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// [`BlockFile::write_all_at`] of a block fetched from the repository
-    /// (copy-on-read): the same visibility and durability, but a plain
-    /// file writes it past the page cache where it can (`O_DIRECT`). The
-    /// guest has its own cache, and the reader was answered from the
-    /// fetched bytes, so caching them here again buys little; copying
-    /// them into fresh page-cache pages was the largest part of the
-    /// daemon's CPU per cold GiB.
+    /// (copy-on-read): the same visibility and durability, but with
+    /// [`set_direct_fills`] a plain file writes it past the page cache
+    /// where it can (`O_DIRECT`): the reader was answered from the fetched
+    /// bytes, and copying them into fresh page-cache pages was the largest
+    /// part of the daemon's CPU per cold GiB. The price: a staged block
+    /// read again comes from the disk, behind whatever else it is writing
+    /// (another VM's fsync), where a cached one would not wait.
     fn write_fill_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.write_all_at(buf, off)
     }
@@ -316,6 +317,16 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Whether [`BlockFile::write_fill_at`] bypasses the page cache (`serve
+/// --stage-fills-direct`); off by default, see there.
+static DIRECT_FILLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets, for the whole process, whether fetched blocks are written to
+/// staging past the page cache.
+pub fn set_direct_fills(on: bool) {
+    DIRECT_FILLS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A plain file.
 pub struct OsFile {
     file: File,
@@ -356,7 +367,7 @@ impl OsFile {
 
     fn direct_file(&self) -> Option<&File> {
         use std::sync::atomic::Ordering;
-        if !self.direct_ok.load(Ordering::Relaxed) {
+        if !DIRECT_FILLS.load(Ordering::Relaxed) || !self.direct_ok.load(Ordering::Relaxed) {
             return None;
         }
         self.direct
@@ -581,6 +592,9 @@ mod tests {
 
     #[test]
     fn a_fetched_block_goes_past_the_page_cache_and_reads_back_exactly() {
+        // Tests running meanwhile may write their fills direct too: they
+        // see the same bytes either way.
+        set_direct_fills(true);
         // Under the crate, not /tmp: a tmpfs /tmp caches whatever is written.
         let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let p = d.path().join("data");
@@ -601,6 +615,7 @@ mod tests {
 
     #[test]
     fn a_fetched_block_with_an_unaligned_end_or_offset_is_written_whole() {
+        set_direct_fills(true);
         let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let p = d.path().join("data");
         let f = OsStorage.open(&p, Open::Create).unwrap();

@@ -28,13 +28,15 @@
 //!    shrink is stored raw and skips this copy: the fetched object is
 //!    truncated to its plain bytes and hashed in place
 //!    (`chunk::decode_owned`; 4 copies, 3 of them the kernel's);
-//! 5. into staging (copy-on-read must stage): past the page cache
-//!    (`O_DIRECT`, `BlockFile::write_fill_at`), the device's DMA straight
-//!    from the aligned object (S3, raw chunk); other buffers pass through
-//!    the CPU thread's reused aligned buffer (a copy in user space).
-//!    A buffered `pwrite` copied into fresh page-cache pages instead: on
-//!    this VM (free pages go back to the host) half of the daemon's CPU
-//!    per cold GiB, 2.2 CPU-s per GiB on its own right after a cache drop;
+//! 5. `pwrite` into staging (copy-on-read must stage), into fresh
+//!    page-cache pages: on this VM (free pages go back to the host) up to
+//!    half of the daemon's CPU per cold GiB, 2.2 CPU-s per GiB on its own
+//!    right after a cache drop. With `serve --stage-fills-direct` it goes
+//!    past the page cache (`O_DIRECT`, `BlockFile::write_fill_at`): the
+//!    device's DMA straight from the aligned object (S3, raw chunk);
+//!    other buffers pass through the CPU thread's reused aligned buffer
+//!    (a copy in user space). Not the default: a staged block read again
+//!    then waits for the disk, behind e.g. another VM's fsync;
 //! 6. FUSE `writev` of the reply → the reader's buffer: the reply is a
 //!    slice of the fetched bytes (`Volume::read_bytes`), shared by every
 //!    waiter, never a staging read-back.
