@@ -180,7 +180,8 @@ impl AlignedBuf {
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc(layout) };
         AlignedBuf {
-            ptr: std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout)),
+            ptr: std::ptr::NonNull::new(p)
+                .unwrap_or_else(|| std::alloc::handle_alloc_error(layout)),
             len: 0,
             cap,
         }

@@ -476,7 +476,8 @@ impl Repository {
         what: &dyn std::fmt::Display,
     ) -> Result<(Vec<u8>, u64)> {
         let got = self.backend.get(&d.key(), limits::max_chunk_object(len));
-        let (data, n) = self.open_chunk(d, got.map(|o| o.map(backend::ObjectBuf::from)), len, what)?;
+        let (data, n) =
+            self.open_chunk(d, got.map(|o| o.map(backend::ObjectBuf::from)), len, what)?;
         Ok((data.into_vec(), n))
     }
 

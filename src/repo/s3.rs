@@ -25,8 +25,8 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use super::backend::{Backend, GetFuture, Got, ObjectBuf};
-use crate::util::AlignedBuf;
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::AlignedBuf;
 
 const ATTEMPTS: u32 = 6;
 
@@ -585,10 +585,16 @@ mod tests {
         .unwrap();
         let data = crate::testutil::incompressible(1 << 20, 3);
         let d = crate::repo::chunk::Digest::of(&data);
-        b.put("chunks/c", &crate::repo::chunk::encode(&data, true).unwrap())
-            .unwrap();
+        b.put(
+            "chunks/c",
+            &crate::repo::chunk::encode(&data, true).unwrap(),
+        )
+        .unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let got = rt.block_on(b.get_async("chunks/c", 2 << 20)).unwrap().unwrap();
+        let got = rt
+            .block_on(b.get_async("chunks/c", 2 << 20))
+            .unwrap()
+            .unwrap();
         let body = got.as_ptr();
         assert!(
             matches!(got, ObjectBuf::Aligned(_)) && body as usize % crate::util::DIRECT_ALIGN == 0,
@@ -601,7 +607,10 @@ mod tests {
         // Staging can write it with direct I/O as it is.
         assert_eq!(plain.as_ptr(), body, "the plain bytes were copied");
         assert!(plain == data);
-        assert_eq!(b.get("chunks/c", 2 << 20).unwrap().unwrap().len(), data.len() + 8);
+        assert_eq!(
+            b.get("chunks/c", 2 << 20).unwrap().unwrap().len(),
+            data.len() + 8
+        );
     }
 
     #[test]
