@@ -153,6 +153,106 @@ pub fn trim_heap() {
     }
 }
 
+/// Alignment of [`AlignedBuf`]: what direct I/O (`O_DIRECT`) asks of
+/// memory, offsets and lengths on common devices (4 KiB logical blocks
+/// and smaller).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A byte buffer of fixed capacity whose memory starts on a
+/// [`DIRECT_ALIGN`] boundary, so it can be written with direct I/O as it
+/// is: a fetched chunk's body is collected into one (see `repo::s3`).
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    cap: usize,
+}
+
+// SAFETY: the buffer owns its allocation alone, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads (through Deref).
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// An empty buffer for up to `cap` bytes (rounded up to the alignment).
+    pub fn with_capacity(cap: usize) -> AlignedBuf {
+        let cap = cap.max(1).next_multiple_of(DIRECT_ALIGN);
+        let layout = Self::layout(cap);
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        AlignedBuf {
+            ptr: std::ptr::NonNull::new(p)
+                .unwrap_or_else(|| std::alloc::handle_alloc_error(layout)),
+            len: 0,
+            cap,
+        }
+    }
+
+    fn layout(cap: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN).expect("a buffer size fits isize")
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Appends `src`; false (and nothing appended) if it does not fit.
+    #[must_use]
+    pub fn extend_from_slice(&mut self, src: &[u8]) -> bool {
+        if src.len() > self.cap - self.len {
+            return false;
+        }
+        // SAFETY: `len + src.len() <= cap` bytes are allocated, and `src`
+        // is a shared borrow of other memory (`self` is borrowed mutably).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(self.len), src.len())
+        };
+        self.len += src.len();
+        true
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes were written by extend_from_slice.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in with_capacity with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} of {} bytes)", self.len, self.cap)
+    }
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -237,6 +337,20 @@ mod tests {
         assert_eq!(l.check(at(12_000)), None);
         assert_eq!(l.check(at(30_000)), Some(1));
         assert_eq!(l.check(at(40_000)), Some(0));
+    }
+
+    #[test]
+    fn an_aligned_buffer_is_aligned_and_refuses_more_than_its_capacity() {
+        let mut b = AlignedBuf::with_capacity(5000);
+        assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(b.capacity(), 2 * DIRECT_ALIGN);
+        assert!(b.extend_from_slice(&[7; 8000]));
+        assert!(!b.extend_from_slice(&[8; 200]), "200 more bytes do not fit");
+        assert!(b.extend_from_slice(&[9; 192]));
+        assert_eq!(b.len(), 8192);
+        assert!(b[..8000].iter().all(|&x| x == 7) && b[8000..].iter().all(|&x| x == 9));
+        b.truncate(10);
+        assert_eq!(&b[..], &[7; 10]);
     }
 
     #[test]

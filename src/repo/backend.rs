@@ -16,7 +16,80 @@ use crate::error::{Error, IoContext, Result};
 use crate::util::{fsync_dir, write_atomic};
 
 /// The outcome of a GET: the object, or `None` if it does not exist.
-pub type Got = Result<Option<Vec<u8>>>;
+pub type Got = Result<Option<ObjectBuf>>;
+
+/// A fetched object's bytes: a `Vec`, or (S3) a buffer aligned for direct
+/// I/O, into which the body was collected, so that a chunk stored raw is
+/// verified, answered and written to staging from it without a copy.
+pub enum ObjectBuf {
+    Vec(Vec<u8>),
+    Aligned(crate::util::AlignedBuf),
+}
+
+impl ObjectBuf {
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            ObjectBuf::Vec(v) => v.truncate(len),
+            ObjectBuf::Aligned(a) => a.truncate(len),
+        }
+    }
+
+    /// Shareable bytes, without a copy.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            ObjectBuf::Vec(v) => v.into(),
+            ObjectBuf::Aligned(a) => bytes::Bytes::from_owner(a),
+        }
+    }
+
+    /// A `Vec` (a copy if aligned).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            ObjectBuf::Vec(v) => v,
+            ObjectBuf::Aligned(a) => a.to_vec(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for ObjectBuf {
+    fn from(v: Vec<u8>) -> ObjectBuf {
+        ObjectBuf::Vec(v)
+    }
+}
+
+impl std::fmt::Debug for ObjectBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectBuf::Vec(v) => write!(f, "ObjectBuf::Vec({} bytes)", v.len()),
+            ObjectBuf::Aligned(a) => write!(f, "ObjectBuf::{a:?}"),
+        }
+    }
+}
+
+impl PartialEq<Vec<u8>> for ObjectBuf {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        **self == other[..]
+    }
+}
+
+impl std::ops::Deref for ObjectBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ObjectBuf::Vec(v) => v,
+            ObjectBuf::Aligned(a) => a,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ObjectBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            ObjectBuf::Vec(v) => v,
+            ObjectBuf::Aligned(a) => a,
+        }
+    }
+}
 
 /// A GET that has not started yet: it does nothing until polled, and must
 /// be polled on a tokio runtime with timers (the fetch engine's).
@@ -149,7 +222,7 @@ impl Backend for LocalDir {
         let (me, key) = (self.clone(), key.to_string());
         let what = self.path(&key).display().to_string();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || me.get(&key, limit))
+            tokio::task::spawn_blocking(move || me.get(&key, limit).map(|o| o.map(ObjectBuf::from)))
                 .await
                 .map_err(|e| {
                     // Cancelled by a runtime shutdown, or a panic in the read.

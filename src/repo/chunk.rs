@@ -19,6 +19,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::backend::ObjectBuf;
 use crate::error::{Error, Result};
 
 /// Smallest and largest allowed chunk size; a power of two in between.
@@ -192,16 +193,17 @@ pub fn decode_with(
 /// [`decode_with`] taking the fetched buffer: a chunk stored uncompressed
 /// is verified and returned in that buffer, without a copy.
 pub fn decode_owned(
-    mut stored: Vec<u8>,
+    mut stored: ObjectBuf,
     digest: &Digest,
     expected_len: usize,
     id_of: impl Fn(&[u8]) -> Digest,
-) -> Result<Vec<u8>> {
+) -> Result<ObjectBuf> {
     if raw_payload(&stored, expected_len).is_none() {
-        return decode_with(&stored, digest, expected_len, id_of);
+        return decode_with(&stored, digest, expected_len, id_of).map(ObjectBuf::from);
     }
     stored.truncate(expected_len);
-    verify(stored, digest, expected_len, id_of)
+    check(&stored, digest, expected_len, id_of)?;
+    Ok(stored)
 }
 
 /// Length and digest checks of decoded plain bytes.
@@ -211,18 +213,28 @@ fn verify(
     expected_len: usize,
     id_of: impl Fn(&[u8]) -> Digest,
 ) -> Result<Vec<u8>> {
+    check(&data, digest, expected_len, id_of)?;
+    Ok(data)
+}
+
+fn check(
+    data: &[u8],
+    digest: &Digest,
+    expected_len: usize,
+    id_of: impl Fn(&[u8]) -> Digest,
+) -> Result<()> {
     if data.len() != expected_len {
         return Err(Error::corrupt(format!(
             "chunk {digest} has {} bytes, expected {expected_len}",
             data.len()
         )));
     }
-    if id_of(&data) != *digest {
+    if id_of(data) != *digest {
         return Err(Error::corrupt(format!(
             "chunk {digest} fails its digest check"
         )));
     }
-    Ok(data)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -261,10 +273,10 @@ mod tests {
         assert_eq!(stored.len(), data.len() + RAW_TRAILER.len());
         assert!(stored.ends_with(&RAW_TRAILER));
         let fetched = stored.as_ptr();
-        let plain = decode_owned(stored.clone(), &d, data.len(), Digest::of).unwrap();
+        let plain = decode_owned(stored.clone().into(), &d, data.len(), Digest::of).unwrap();
         assert_eq!(plain, data);
         // The same allocation came back: no decompression copy.
-        let again = decode_owned(stored, &d, data.len(), Digest::of).unwrap();
+        let again = decode_owned(stored.into(), &d, data.len(), Digest::of).unwrap();
         assert_eq!(again.as_ptr(), fetched);
         assert_eq!(
             decode(&encode(&data, true).unwrap(), &d, data.len()).unwrap(),
@@ -279,7 +291,7 @@ mod tests {
         assert!(stored.starts_with(&ZSTD_MAGIC) && stored.len() < data.len());
         let d = Digest::of(&data);
         assert_eq!(
-            decode_owned(stored, &d, data.len(), Digest::of).unwrap(),
+            decode_owned(stored.into(), &d, data.len(), Digest::of).unwrap(),
             data
         );
     }
@@ -292,7 +304,7 @@ mod tests {
         assert!(!stored.ends_with(&RAW_TRAILER) || stored.len() != data.len() + 8);
         let d = Digest::of(&data);
         assert_eq!(
-            decode_owned(stored, &d, data.len(), Digest::of).unwrap(),
+            decode_owned(stored.into(), &d, data.len(), Digest::of).unwrap(),
             data
         );
     }
@@ -303,7 +315,7 @@ mod tests {
         let d = Digest::of(&data);
         let good = encode(&data, true).unwrap();
         let corrupt = |stored: Vec<u8>| {
-            let e = decode_owned(stored.clone(), &d, data.len(), Digest::of).unwrap_err();
+            let e = decode_owned(stored.clone().into(), &d, data.len(), Digest::of).unwrap_err();
             assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
             assert!(decode(&stored, &d, data.len()).is_err());
         };
@@ -326,7 +338,7 @@ mod tests {
         assert!(stored.starts_with(&ZSTD_MAGIC));
         let d = Digest::of(&data);
         assert_eq!(
-            decode_owned(stored, &d, data.len(), Digest::of).unwrap(),
+            decode_owned(stored.into(), &d, data.len(), Digest::of).unwrap(),
             data
         );
     }

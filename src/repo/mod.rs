@@ -476,7 +476,9 @@ impl Repository {
         what: &dyn std::fmt::Display,
     ) -> Result<(Vec<u8>, u64)> {
         let got = self.backend.get(&d.key(), limits::max_chunk_object(len));
-        self.open_chunk(d, got, len, what)
+        let (data, n) =
+            self.open_chunk(d, got.map(|o| o.map(backend::ObjectBuf::from)), len, what)?;
+        Ok((data.into_vec(), n))
     }
 
     /// The GET of a chunk's object, for the fetch engine to await; then
@@ -487,14 +489,15 @@ impl Repository {
     }
 
     /// Decrypts, decompresses and verifies a fetched chunk object; plain
-    /// bytes and the number of bytes transferred.
+    /// bytes (in the fetched buffer when stored raw and unencrypted) and
+    /// the number of bytes transferred.
     pub fn open_chunk(
         &self,
         d: &Digest,
         got: backend::Got,
         len: usize,
         what: &dyn std::fmt::Display,
-    ) -> Result<(Vec<u8>, u64)> {
+    ) -> Result<(backend::ObjectBuf, u64)> {
         let mut stored = got
             .map_err(|e| e.context(format!("chunk {d} of {what}")))?
             .ok_or_else(|| {
@@ -508,7 +511,7 @@ impl Repository {
             // In place: no second buffer for the plain frame.
             Some(k) => {
                 let frame = k.open_chunk(d, &mut stored).map_err(|e| e.context(what))?;
-                chunk::decode_with(frame, d, len, id_of)
+                chunk::decode_with(frame, d, len, id_of).map(backend::ObjectBuf::from)
             }
             None => chunk::decode_owned(stored, d, len, id_of),
         }

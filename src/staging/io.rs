@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
+use crate::util::{AlignedBuf, DIRECT_ALIGN};
 
 #[cfg(test)]
 pub mod fault;
@@ -49,6 +50,17 @@ pub trait BlockFile: Send + Sync {
     /// A completed write is visible to reads at once and durable only after
     /// the next `sync_data` that starts after it completed.
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// [`BlockFile::write_all_at`] of a block fetched from the repository
+    /// (copy-on-read): the same visibility and durability, but with
+    /// [`set_direct_fills`] a plain file writes it past the page cache
+    /// where it can (`O_DIRECT`): the reader was answered from the fetched
+    /// bytes, and copying them into fresh page-cache pages was the largest
+    /// part of the daemon's CPU per cold GiB. The price: a staged block
+    /// read again comes from the disk, behind whatever else it is writing
+    /// (another VM's fsync), where a cached one would not wait.
+    fn write_fill_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_all_at(buf, off)
+    }
     /// fdatasync: every write completed before the call is durable after it.
     fn sync_data(&self) -> io::Result<()>;
     /// Makes the range read as zeros (a hole where the filesystem can punch
@@ -176,7 +188,7 @@ impl Storage for OsStorage {
             // An existing file keeps its mode through O_TRUNC.
             f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }
-        Ok(Arc::new(OsFile(f)))
+        Ok(Arc::new(OsFile::new(f)))
     }
 
     fn read(&self, path: &Path, limit: u64) -> io::Result<Option<Vec<u8>>> {
@@ -305,18 +317,134 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Whether [`BlockFile::write_fill_at`] bypasses the page cache (`serve
+/// --stage-fills-direct`); off by default, see there.
+static DIRECT_FILLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets, for the whole process, whether fetched blocks are written to
+/// staging past the page cache.
+pub fn set_direct_fills(on: bool) {
+    DIRECT_FILLS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A plain file.
-pub struct OsFile(File);
+pub struct OsFile {
+    file: File,
+    /// The same file opened again with `O_DIRECT`, for
+    /// [`BlockFile::write_fill_at`]: opened at the first such write; `None`
+    /// where the filesystem refuses direct I/O.
+    direct: std::sync::OnceLock<Option<File>>,
+    /// Cleared when a direct write was refused (EINVAL: alignment the
+    /// filesystem does not take); buffered from then on.
+    direct_ok: std::sync::atomic::AtomicBool,
+}
+
+/// Bytes a direct write of an unaligned buffer passes at once through the
+/// thread's aligned buffer.
+const DIRECT_PIECE: usize = 1 << 20;
+
+thread_local! {
+    /// Reused, so its pages stay mapped.
+    static DIRECT_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What a direct write did: all of it, or where the rest must go
+/// buffered (a short write left an unaligned remainder, or the
+/// filesystem refused the alignment).
+enum Direct {
+    Done,
+    Rest { from: usize, refused: bool },
+}
+
+impl OsFile {
+    fn new(file: File) -> OsFile {
+        OsFile {
+            file,
+            direct: std::sync::OnceLock::new(),
+            direct_ok: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    fn direct_file(&self) -> Option<&File> {
+        use std::sync::atomic::Ordering;
+        if !DIRECT_FILLS.load(Ordering::Relaxed) || !self.direct_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.direct
+            .get_or_init(|| {
+                // The same inode, whatever became of its name since.
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+                    .open(format!("/proc/self/fd/{fd}"))
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// Writes `buf` (its length a multiple of the alignment) at the
+    /// aligned `off` through `d`: straight from `buf` if its memory is
+    /// aligned (a fetched body collected into an [`AlignedBuf`]), else a
+    /// piece at a time through this thread's aligned buffer.
+    fn write_direct(d: &File, buf: &[u8], off: u64) -> io::Result<Direct> {
+        if buf.as_ptr() as usize % DIRECT_ALIGN == 0 {
+            return Self::write_direct_aligned(d, buf, off, 0);
+        }
+        DIRECT_BUF.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let abuf = cell.get_or_insert_with(|| AlignedBuf::with_capacity(DIRECT_PIECE));
+            let mut done = 0;
+            while done < buf.len() {
+                abuf.clear();
+                let end = (done + DIRECT_PIECE).min(buf.len());
+                assert!(abuf.extend_from_slice(&buf[done..end]), "a piece fits");
+                match Self::write_direct_aligned(d, abuf, off + done as u64, done)? {
+                    Direct::Done => done = end,
+                    rest => return Ok(rest),
+                }
+            }
+            Ok(Direct::Done)
+        })
+    }
+
+    /// One aligned piece; `base`: where `piece` starts in the whole write.
+    fn write_direct_aligned(d: &File, piece: &[u8], off: u64, base: usize) -> io::Result<Direct> {
+        let mut at = 0;
+        while at < piece.len() {
+            match d.write_at(&piece[at..], off + at as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Nothing was written by the refused call.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    return Ok(Direct::Rest {
+                        from: base + at,
+                        refused: true,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+            if at % DIRECT_ALIGN != 0 {
+                return Ok(Direct::Rest {
+                    from: base + at,
+                    refused: false,
+                });
+            }
+        }
+        Ok(Direct::Done)
+    }
+}
 
 impl BlockFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, off)
+        self.file.read_exact_at(buf, off)
     }
 
     fn read_append(&self, out: &mut Vec<u8>, len: usize, off: u64) -> io::Result<()> {
         out.reserve(len);
         let at = out.len();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.0);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
         let mut done = 0usize;
         while done < len {
             let spare = &mut out.spare_capacity_mut()[done..len];
@@ -349,18 +477,38 @@ impl BlockFile for OsFile {
     }
 
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, off)
+        self.file.write_all_at(buf, off)
+    }
+
+    fn write_fill_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let aligned = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let d = match self.direct_file() {
+            Some(d) if off % DIRECT_ALIGN as u64 == 0 && aligned > 0 => d,
+            _ => return self.write_all_at(buf, off),
+        };
+        let from = match Self::write_direct(d, &buf[..aligned], off)? {
+            Direct::Done => aligned,
+            Direct::Rest { from, refused } => {
+                if refused {
+                    self.direct_ok
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                from
+            }
+        };
+        // An unaligned tail (the disk's last block) goes buffered.
+        self.write_all_at(&buf[from..], off + from as u64)
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on an fd we own; no memory is passed.
         let rc = unsafe {
             libc::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off as libc::off_t,
                 len as libc::off_t,
@@ -385,23 +533,23 @@ impl BlockFile for OsFile {
         let mut at = off;
         while at < off + len {
             let n = (off + len - at).min(zeros.len() as u64);
-            self.0.write_all_at(&zeros[..n as usize], at)?;
+            self.file.write_all_at(&zeros[..n as usize], at)?;
             at += n;
         }
         Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        Some(std::os::fd::AsFd::as_fd(&self.0))
+        Some(std::os::fd::AsFd::as_fd(&self.file))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)?;
-        self.0.sync_all()
+        self.file.set_len(len)?;
+        self.file.sync_all()
     }
 }
 
@@ -427,6 +575,70 @@ mod tests {
         assert_eq!(f.len().unwrap(), 0);
         let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Pages of `len` bytes at `off` of `p` that are in the page cache.
+    fn cached_pages(p: &Path, off: u64, len: usize) -> usize {
+        let f = File::open(p).unwrap();
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a private read-only mapping of an open file, only passed
+        // to mincore (never read), unmapped before returning.
+        unsafe {
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                off as libc::off_t,
+            );
+            assert_ne!(m, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
+            libc::munmap(m, len);
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn a_fetched_block_goes_past_the_page_cache_and_reads_back_exactly() {
+        // Tests running meanwhile may write their fills direct too: they
+        // see the same bytes either way.
+        set_direct_fills(true);
+        // Under the crate, not /tmp: a tmpfs /tmp caches whatever is written.
+        let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let p = d.path().join("data");
+        let f = OsStorage.open(&p, Open::Create).unwrap();
+        let block: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 % 253) as u8).collect();
+        // At an unaligned address, like a body the HTTP client collected.
+        let unaligned = [&[0u8][..], &block].concat();
+        f.write_fill_at(&unaligned[1..], 1 << 20).unwrap();
+        assert_eq!(
+            cached_pages(&p, 1 << 20, 1 << 20),
+            0,
+            "the fetched block was copied into the page cache"
+        );
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert!(back == block, "the block read back differs");
+    }
+
+    #[test]
+    fn a_fetched_block_with_an_unaligned_end_or_offset_is_written_whole() {
+        set_direct_fills(true);
+        let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let p = d.path().join("data");
+        let f = OsStorage.open(&p, Open::Create).unwrap();
+        // A disk's last block (its length not a multiple of 4 KiB), and a
+        // block at an offset direct I/O cannot take.
+        let tail: Vec<u8> = (0..(3 * 4096 + 100)).map(|i| (i % 241) as u8 + 1).collect();
+        f.write_fill_at(&tail, 8192).unwrap();
+        f.write_fill_at(b"odd", 3).unwrap();
+        let mut want = vec![0u8; 8192 + tail.len()];
+        want[3..6].copy_from_slice(b"odd");
+        want[8192..].copy_from_slice(&tail);
+        assert_eq!(f.len().unwrap(), want.len() as u64);
+        assert!(std::fs::read(&p).unwrap() == want, "the file differs");
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //! **Copies per MiB of a miss** (a cold 1 MiB read within one block, S3
 //! backend, FUSE; counting every pass that writes the bytes anew):
 //! 1. kernel socket buffer → the HTTP client's read buffer (`recv`);
-//! 2. the body's frames → one contiguous object (`object_store`'s
-//!    collect; a single-frame body is kept as it is);
+//! 2. the body's frames → one contiguous object, aligned for direct I/O
+//!    (`s3::collect_aligned`, in place of `object_store`'s collect; a
+//!    local repository's file read is the object);
 //! 3. (encrypted only) XChaCha20 decrypts in place in that object: a
 //!    pass, no second buffer (`crypto::Keys::open_chunk`);
 //! 4. zstd decompresses into a `Vec` with the chunk's capacity, not
@@ -27,7 +28,15 @@
 //!    shrink is stored raw and skips this copy: the fetched object is
 //!    truncated to its plain bytes and hashed in place
 //!    (`chunk::decode_owned`; 4 copies, 3 of them the kernel's);
-//! 5. `pwrite` into staging (copy-on-read must stage);
+//! 5. `pwrite` into staging (copy-on-read must stage), into fresh
+//!    page-cache pages: on this VM (free pages go back to the host) up to
+//!    half of the daemon's CPU per cold GiB, 2.2 CPU-s per GiB on its own
+//!    right after a cache drop. With `serve --stage-fills-direct` it goes
+//!    past the page cache (`O_DIRECT`, `BlockFile::write_fill_at`): the
+//!    device's DMA straight from the aligned object (S3, raw chunk);
+//!    other buffers pass through the CPU thread's reused aligned buffer
+//!    (a copy in user space). Not the default: a staged block read again
+//!    then waits for the disk, behind e.g. another VM's fsync;
 //! 6. FUSE `writev` of the reply → the reader's buffer: the reply is a
 //!    slice of the fetched bytes (`Volume::read_bytes`), shared by every
 //!    waiter, never a staging read-back.
@@ -200,14 +209,14 @@ impl Volume {
             &self.chunk_place(b),
         )?;
         let stage = stage || self.stage_promoted_copy(slot);
-        let data = bytes::Bytes::from(data);
+        let data = data.into_bytes();
         // A released disk's readers get its error, not the bytes.
         self.check_open()?;
         // Readers answer now, from the verified bytes; the fill (writers,
         // the presence bit) ends only after the staging write.
         slot.set_data(data.clone());
         if stage {
-            self.staging_write(&data, b * self.block_size)?;
+            self.staging_fill(&data, b * self.block_size)?;
         }
         Ok((n, stage))
     }

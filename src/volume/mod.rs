@@ -651,6 +651,17 @@ impl Volume {
             .ctx(|| format!("write staging {}", self.store.data_path.display()))
     }
 
+    /// [`Volume::staging_write`] of a fetched block: past the page cache
+    /// where the filesystem allows (`BlockFile::write_fill_at`).
+    fn staging_fill(&self, data: &[u8], off: u64) -> Result<()> {
+        let _g = self.io_gate.read();
+        self.check_open()?;
+        self.store
+            .data
+            .write_fill_at(data, off)
+            .ctx(|| format!("write staging {}", self.store.data_path.display()))
+    }
+
     /// Makes a zero block's staging range read as zeros (it may hold
     /// leftovers of a write that was never acknowledged before a crash).
     fn zero_fill(&self, b: u64) -> Result<()> {

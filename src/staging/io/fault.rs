@@ -259,6 +259,11 @@ impl BlockFile for FaultyFile {
         self.inner.write_all_at(buf, off)
     }
 
+    fn write_fill_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.owner.check(Op::Write, &self.path)?;
+        self.inner.write_fill_at(buf, off)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         self.owner.check(Op::Sync, &self.path)?;
         self.inner.sync_data()
