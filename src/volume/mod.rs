@@ -939,6 +939,8 @@ mod claim_tests;
 #[cfg(test)]
 mod copy_read_tests;
 #[cfg(test)]
+mod freeze_tests;
+#[cfg(test)]
 mod read_later_tests;
 #[cfg(test)]
 mod tests;

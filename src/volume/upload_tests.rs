@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::tests::{fixture, fixture_on, freeze_for_backup};
+use super::freeze_tests::freeze_for_backup;
+use super::tests::{fixture, fixture_on};
 use super::*;
 use crate::precopy::{Gate, LoadLimit, LoadSource, Throttle};
 use crate::repo::Digest;
