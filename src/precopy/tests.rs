@@ -6,10 +6,10 @@
 use super::*;
 use crate::qemu::qmp::Qmp;
 use crate::qemu::testing::hmp_write;
-use crate::vmbackup::tests::{
-    hands_back_merging, options as vm_options, qmp_relay, repo, restored, vm,
-    write_then_break_the_read, Vm,
+use crate::vmbackup::tests::incremental::{
+    hands_back_merging, qmp_relay, write_then_break_the_read,
 };
+use crate::vmbackup::tests::{options as vm_options, repo, restored, vm, Vm};
 use crate::vmbackup::{backup_vms, Hook};
 use rand::RngCore;
 use std::collections::BTreeSet;
