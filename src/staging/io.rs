@@ -322,7 +322,7 @@ fn unique() -> u64 {
 static DIRECT_FILLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sets, for the whole process, whether fetched blocks are written to
-/// staging past the page cache.
+/// staging past the page cache (files opened from then on).
 pub fn set_direct_fills(on: bool) {
     DIRECT_FILLS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
@@ -330,6 +330,8 @@ pub fn set_direct_fills(on: bool) {
 /// A plain file.
 pub struct OsFile {
     file: File,
+    /// [`set_direct_fills`] when the file was opened.
+    fills_direct: bool,
     /// The same file opened again with `O_DIRECT`, for
     /// [`BlockFile::write_fill_at`]: opened at the first such write; `None`
     /// where the filesystem refuses direct I/O.
@@ -358,8 +360,13 @@ enum Direct {
 
 impl OsFile {
     fn new(file: File) -> OsFile {
+        Self::with_fills(file, DIRECT_FILLS.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn with_fills(file: File, fills_direct: bool) -> OsFile {
         OsFile {
             file,
+            fills_direct,
             direct: std::sync::OnceLock::new(),
             direct_ok: std::sync::atomic::AtomicBool::new(true),
         }
@@ -367,7 +374,7 @@ impl OsFile {
 
     fn direct_file(&self) -> Option<&File> {
         use std::sync::atomic::Ordering;
-        if !DIRECT_FILLS.load(Ordering::Relaxed) || !self.direct_ok.load(Ordering::Relaxed) {
+        if !self.fills_direct || !self.direct_ok.load(Ordering::Relaxed) {
             return None;
         }
         self.direct
@@ -600,15 +607,24 @@ mod tests {
         vec.iter().filter(|&&b| b & 1 != 0).count()
     }
 
+    /// A new file at `p` as `serve --stage-fills-direct` opens staging
+    /// (without setting the process-wide switch other tests would see).
+    fn direct_fills_file(p: &Path) -> OsFile {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .unwrap();
+        OsFile::with_fills(f, true)
+    }
+
     #[test]
     fn a_fetched_block_goes_past_the_page_cache_and_reads_back_exactly() {
-        // Tests running meanwhile may write their fills direct too: they
-        // see the same bytes either way.
-        set_direct_fills(true);
         // Under the crate, not /tmp: a tmpfs /tmp caches whatever is written.
         let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let p = d.path().join("data");
-        let f = OsStorage.open(&p, Open::Create).unwrap();
+        let f = direct_fills_file(&p);
         let block: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 % 253) as u8).collect();
         // At an unaligned address, like a body the HTTP client collected.
         let unaligned = [&[0u8][..], &block].concat();
@@ -625,10 +641,9 @@ mod tests {
 
     #[test]
     fn a_fetched_block_with_an_unaligned_end_or_offset_is_written_whole() {
-        set_direct_fills(true);
         let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let p = d.path().join("data");
-        let f = OsStorage.open(&p, Open::Create).unwrap();
+        let f = direct_fills_file(&p);
         // A disk's last block (its length not a multiple of 4 KiB), and a
         // block at an offset direct I/O cannot take.
         let tail: Vec<u8> = (0..(3 * 4096 + 100)).map(|i| (i % 241) as u8 + 1).collect();

@@ -643,23 +643,26 @@ impl Volume {
 
     /// Every write into staging: never after `close` returned.
     fn staging_write(&self, data: &[u8], off: u64) -> Result<()> {
-        let _g = self.io_gate.read();
-        self.check_open()?;
-        self.store
-            .data
-            .write_all_at(data, off)
-            .ctx(|| format!("write staging {}", self.store.data_path.display()))
+        self.staging_io("write", |f| f.write_all_at(data, off))
     }
 
     /// [`Volume::staging_write`] of a fetched block: past the page cache
     /// where the filesystem allows (`BlockFile::write_fill_at`).
     fn staging_fill(&self, data: &[u8], off: u64) -> Result<()> {
+        self.staging_io("write", |f| f.write_fill_at(data, off))
+    }
+
+    /// One change to the staging file, under the I/O gate and only while
+    /// the disk is open; `what` names it in the error.
+    fn staging_io(
+        &self,
+        what: &str,
+        op: impl FnOnce(&dyn crate::staging::BlockFile) -> std::io::Result<()>,
+    ) -> Result<()> {
         let _g = self.io_gate.read();
         self.check_open()?;
-        self.store
-            .data
-            .write_fill_at(data, off)
-            .ctx(|| format!("write staging {}", self.store.data_path.display()))
+        op(self.store.data.as_ref())
+            .ctx(|| format!("{what} staging {}", self.store.data_path.display()))
     }
 
     /// Makes a zero block's staging range read as zeros (it may hold
@@ -671,12 +674,7 @@ impl Volume {
     /// Zeros a staging range (a hole where the filesystem can punch one);
     /// like every staging write, never after `close`.
     fn staging_zero(&self, off: u64, len: u64) -> Result<()> {
-        let _g = self.io_gate.read();
-        self.check_open()?;
-        self.store
-            .data
-            .punch_hole(off, len)
-            .ctx(|| format!("zero staging {}", self.store.data_path.display()))
+        self.staging_io("zero", |f| f.punch_hole(off, len))
     }
 
     /// Waits for each fill to end: the first error of a fill that left no
