@@ -32,6 +32,7 @@ floor / baseline is out of reach without dropping one of them.
 """
 import argparse
 import fcntl
+import mmap
 import os
 import resource
 import shutil
@@ -111,12 +112,17 @@ def hash_pass(d):
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def stage_pass(d):
+def stage_pass(d, direct=False):
+    """1 GiB of 1 MiB pwrites into a new file: buffered (into fresh
+    page-cache pages), or with `direct` as `serve --stage-fills-direct`
+    writes them, O_DIRECT from one page-aligned buffer."""
     path = f"{d}/stage.bin"
 
     def write():
-        buf = os.urandom(MIB)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT needs
+        buf.write(os.urandom(MIB))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+        fd = os.open(path, flags, 0o600)
         for i in range(GIB // MIB):
             os.pwrite(fd, buf, i * MIB)
         os.close(fd)
@@ -127,23 +133,7 @@ def stage_pass(d):
 
 
 def stage_direct_pass(d):
-    """The staging write as the daemon makes it since it stages fetched
-    blocks past the page cache: 1 MiB O_DIRECT pwrites from one aligned
-    buffer (the fetched object, collected aligned)."""
-    import mmap
-    path = f"{d}/stage-direct.bin"
-
-    def write():
-        buf = mmap.mmap(-1, MIB)  # page-aligned, as O_DIRECT needs
-        buf.write(os.urandom(MIB))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
-        for i in range(GIB // MIB):
-            os.pwrite(fd, buf, i * MIB)
-        os.close(fd)
-
-    secs = child_cpu(write)
-    os.unlink(path)
-    return secs
+    return stage_pass(d, direct=True)
 
 
 def reply_pass(_dir):
