@@ -375,3 +375,42 @@ fn a_failed_side_file_write_changes_the_side_file_verifier_so_clients_resend() {
         "the side-file verifier survived a daemon restart"
     );
 }
+
+#[test]
+fn a_name_with_a_slash_or_dotdot_never_reaches_outside_the_vm_directory() {
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 85, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let session = std::fs::read_dir(env.staging.join("sessions/vm"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"not the guest's").unwrap();
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let dir = c.path("/vm").unwrap();
+    c.create(&dir, "vm.vmx").unwrap(); // the side-file directory exists
+    let staging = "../disk0.data".to_string();
+    let absolute = victim.to_str().unwrap().to_string();
+    for name in [&"../active".to_string(), &staging, &absolute] {
+        assert_eq!(
+            c.lookup(&dir, name).err(),
+            Some(nfsstat3::NFS3ERR_NOENT),
+            "LOOKUP {name}"
+        );
+        assert!(c.remove(&dir, name).is_err(), "REMOVE {name}");
+        assert!(c.rename(&dir, name, "taken").is_err(), "RENAME {name}");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not the guest's");
+    assert!(session.join("disk0.data").exists(), "the staging file went");
+    assert!(session.join("active").exists(), "the session's marker went");
+    assert!(!session.join("files/taken").exists());
+    // The disk still reads as the backup.
+    let disk = c.path("/vm/disk0.raw").unwrap();
+    let want = std::fs::read(env.path("a.raw")).unwrap();
+    assert_eq!(c.read(&disk, 0, K64 as u32).unwrap(), want[..K64]);
+}

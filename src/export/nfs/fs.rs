@@ -405,7 +405,7 @@ pub fn side_name<'a>(s: &Arc<Session>, name: &'a [u8]) -> Result<&'a str, nfssta
     if n.len() > 255 {
         return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
     }
-    if n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0') {
+    if !one_component(n) {
         return Err(nfsstat3::NFS3ERR_INVAL);
     }
     if own_file(s, n).is_some() {
@@ -434,7 +434,18 @@ fn side_files(s: &Session) -> Vec<SideFile> {
     out
 }
 
+/// A name that stays inside the directory it is joined to: not empty, not
+/// `.` or `..`, no `/` (an absolute name would replace the whole path) and
+/// no NUL. Every side-file path is built from such a name, since a
+/// client's name is joined to the session's directory as it is.
+fn one_component(n: &str) -> bool {
+    !(n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0'))
+}
+
 fn side_by_name(s: &Session, name: &str) -> Option<SideFile> {
+    if !one_component(name) {
+        return None;
+    }
     let path = side_dir(s).join(name);
     let m = std::fs::symlink_metadata(&path).ok()?;
     m.is_file().then(|| SideFile {
