@@ -375,3 +375,79 @@ fn a_failed_side_file_write_changes_the_side_file_verifier_so_clients_resend() {
         "the side-file verifier survived a daemon restart"
     );
 }
+
+#[test]
+fn a_name_with_a_slash_or_dotdot_never_reaches_outside_the_vm_directory() {
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 85, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let session = std::fs::read_dir(env.staging.join("sessions/vm"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"not the guest's").unwrap();
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let dir = c.path("/vm").unwrap();
+    c.create(&dir, "vm.vmx").unwrap(); // the side-file directory exists
+    let staging = "../disk0.data".to_string();
+    let absolute = victim.to_str().unwrap().to_string();
+    for name in [&"../active".to_string(), &staging, &absolute] {
+        assert_eq!(
+            c.lookup(&dir, name).err(),
+            Some(nfsstat3::NFS3ERR_NOENT),
+            "LOOKUP {name}"
+        );
+        assert!(c.remove(&dir, name).is_err(), "REMOVE {name}");
+        assert!(c.rename(&dir, name, "taken").is_err(), "RENAME {name}");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not the guest's");
+    assert!(session.join("disk0.data").exists(), "the staging file went");
+    assert!(session.join("active").exists(), "the session's marker went");
+    assert!(!session.join("files/taken").exists());
+    // The disk still reads as the backup.
+    let disk = c.path("/vm/disk0.raw").unwrap();
+    let want = std::fs::read(env.path("a.raw")).unwrap();
+    assert_eq!(c.read(&disk, 0, K64 as u32).unwrap(), want[..K64]);
+}
+
+#[test]
+fn a_side_file_handle_goes_stale_when_its_inode_is_reused_by_another_file() {
+    use std::os::unix::fs::MetadataExt;
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 86, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let files = std::fs::read_dir(env.staging.join("sessions/vm"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("files");
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let dir = c.path("/vm").unwrap();
+    let old = c.create(&dir, "vm.lck").unwrap();
+    let ino = std::fs::metadata(files.join("vm.lck")).unwrap().ino();
+    c.remove(&dir, "vm.lck").unwrap();
+    // ext4 hands a freed inode to the next file created near it; try a
+    // few names until one gets it.
+    let reused = (0..64).find_map(|i| {
+        let name = format!("vm.vmx-{i}");
+        c.create(&dir, &name).unwrap();
+        (std::fs::metadata(files.join(&name)).unwrap().ino() == ino).then_some(name)
+    });
+    let reused = reused.expect("no new file got the removed file's inode (not ext4?)");
+    assert_eq!(
+        c.getattr(&old).err(),
+        Some(nfsstat3::NFS3ERR_STALE),
+        "the removed file's handle names {reused}, which has its inode"
+    );
+    assert!(c.write(&old, 0, b"lock", stable_how::FILE_SYNC).is_err());
+    assert_eq!(std::fs::read(files.join(&reused)).unwrap(), b"");
+}

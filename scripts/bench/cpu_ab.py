@@ -37,6 +37,13 @@ import cold  # noqa: E402
 GiB = 1 << 30
 
 
+def minor_faults(pid):
+    """The process's minor page faults so far (every thread): a fresh
+    anonymous page the daemon touches is one."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def one(work, garage, port, name, path, prefix, runtime, perf=None, status=False, flags=()):
     with B.Scope(work, f"ab-{name}-{int(time.time() * 1000)}") as s:
         rfs, disk = cold.recoverfs_system(s, f"s3://{B.Garage.BUCKET}/{prefix}", garage.env(port),
@@ -48,6 +55,7 @@ def one(work, garage, port, name, path, prefix, runtime, perf=None, status=False
                                      "-p", str(rfs.proc.pid)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             time.sleep(1)
+        flt0 = minor_faults(rfs.proc.pid)
         m = B.Meter({"system": rfs.proc.pid}).start()
         r = B.fio_job(s.dir, "seq", disk, "read", "1M", cold.INFLIGHT, runtime, direct=1,
                       engine="libaio", time_based=False)
@@ -56,6 +64,7 @@ def one(work, garage, port, name, path, prefix, runtime, perf=None, status=False
             prec.send_signal(2)
             prec.wait(timeout=120)
         r["own_cpu_s_per_gib"] = r["cpu_s_by"]["system"] / (r["io_bytes"] / GiB)
+        r["minflt_per_gib"] = (minor_faults(rfs.proc.pid) - flt0) / (r["io_bytes"] / GiB)
         if status:
             st = rfs.status("bench")["disks"][0]
             r["status"] = {k: st.get(k) for k in ("fetched_bytes", "reads", "read_hits")}
@@ -104,7 +113,7 @@ def main():
                 r = one(work, garage, port, name, path, f"ab-{group}", a.runtime, flags=flags[name])
                 res["runs"][name].append(r)
                 B.log(f"round {rnd + 1} {name}: {r['mb_s']:.0f} MB/s, own {r['cpu_s_by']['system']:.2f}s "
-                      f"= {r['own_cpu_s_per_gib']:.3f} CPU-s/GiB")
+                      f"= {r['own_cpu_s_per_gib']:.3f} CPU-s/GiB, {r['minflt_per_gib']:.0f} minor faults/GiB")
         for name in a.perf:
             path, group = next((p, g) for n, p, g in bins if n == name)
             out = os.path.join(work, f"perf-{name}.data")

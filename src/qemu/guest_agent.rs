@@ -105,6 +105,37 @@ impl GuestAgent {
         Ok(r.as_u64().unwrap_or(0))
     }
 
+    /// Connects to the agent at `path` and freezes, waiting at most
+    /// `timeout` for the freeze. A freeze not answered in time may still
+    /// finish in the guest, and qemu-ga on Linux never thaws by itself: the
+    /// guest would stay frozen with nobody to thaw it. So before the error
+    /// is returned the freeze is undone on a new connection, whose sync
+    /// waits behind the freeze (the agent runs commands in order). A
+    /// refusal from the agent needs no undo: it thaws a failed freeze
+    /// itself.
+    pub fn connect_and_freeze(
+        path: &Path,
+        sync: Duration,
+        timeout: Duration,
+    ) -> Result<(GuestAgent, u64)> {
+        let mut a = GuestAgent::connect(path, sync)?;
+        let e = match a.execute("guest-fsfreeze-freeze", None, timeout) {
+            Ok(r) => return Ok((a, r.as_u64().unwrap_or(0))),
+            Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(e),
+            Err(e) => e,
+        };
+        drop(a);
+        let undo = GuestAgent::connect(path, FREEZE_TIMEOUT.max(sync)).and_then(|mut b| b.fsthaw());
+        let what = match undo {
+            Ok(n) => format!("the freeze was undone ({n} filesystems thawed)"),
+            Err(u) => format!(
+                "THE GUEST MAY STILL BE FROZEN: thawing it failed ({u}); \
+                 thaw it with guest-fsfreeze-thaw through its agent"
+            ),
+        };
+        Err(Error::new(e.kind(), format!("{e}; {what}")))
+    }
+
     /// Thaws them; the number thawed.
     pub fn fsthaw(&mut self) -> Result<u64> {
         let r = self.execute("guest-fsfreeze-thaw", None, FREEZE_TIMEOUT)?;

@@ -366,11 +366,12 @@ impl Relocation {
         Ok(())
     }
 
-    /// Syncs the target, then the staging the batch's changed blocks were
-    /// read from, then records the batch as copied: a copied bit never
-    /// claims bytes that a crash could take from either side. Only the
-    /// bitmap words the batch touched are written, so a run of a million
-    /// holes costs one sync.
+    /// Syncs the target, then records the batch as copied: a copied bit
+    /// never claims bytes a crash could take from the target. Staging is not
+    /// synced: a changed block's copied bit is forgotten whenever the state
+    /// is opened (the restart rule above), so it is copied again from what
+    /// staging kept. Only the bitmap words the batch touched are written, so
+    /// a run of a million holes costs one sync.
     fn commit(&self, i: usize, batch: &mut Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());

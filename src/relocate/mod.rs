@@ -31,7 +31,10 @@
 //!   cannot be made durable the disks fail (reads go on, writes and flushes
 //!   get EIO) so target and staging can never diverge. A crash before the
 //!   commit resumes the copy from staging; after it, the session is served
-//!   from the target. Never a mix.
+//!   from the target. Never a mix. The target's `vm.json`, which tells an
+//!   administrator the copy is complete, is written only after the commit
+//!   (and by a restarted daemon if it is missing), and removed when a
+//!   relocation begins.
 //! * A relocation starts from empty targets: files are created or emptied
 //!   (mode 0600, in a 0700 directory, never through a symbolic link), so no
 //!   byte of an old file can survive where the backup has zeros.
@@ -323,6 +326,11 @@ impl Relocation {
         storage
             .sync_dir(session_dir)
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
+        // The target's vm.json says it is complete: not until this one is.
+        let config = meta.target.join("vm.json");
+        storage
+            .remove_file(&config)
+            .ctx(|| format!("remove {}", config.display()))?;
         let r = Self::open(src, meta, Open::Empty)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
@@ -370,11 +378,14 @@ impl Relocation {
             for (d, t) in r.disks.iter().zip(&r.targets) {
                 d.switch_to(t.clone());
             }
-            *r.state.lock() = (
-                State::Done,
-                None,
-                Some("switched before the daemon restarted".into()),
-            );
+            let mut note = "switched before the daemon restarted".to_string();
+            let placed = r.storage.exists(&r.target_dir.join("vm.json"));
+            if !placed.unwrap_or(false) {
+                if let Err(e) = r.place_config() {
+                    note = format!("{note}; {e}");
+                }
+            }
+            *r.state.lock() = (State::Done, None, Some(note));
         }
         Ok(Some(r))
     }
@@ -669,16 +680,9 @@ impl Relocation {
         }
     }
 
-    /// Write the target's `vm.json`, pause writes, copy the rest, sync,
-    /// commit `switched`, switch. The caller set the state `Switching`.
+    /// Pause writes, copy the rest, sync, commit `switched`, switch, then
+    /// write the target's `vm.json`. The caller set the state `Switching`.
     fn cutover(self: &Arc<Self>) -> Result<()> {
-        // Before the write pause: it does not depend on the guest.
-        io::replace(
-            self.storage.as_ref(),
-            &self.target_dir.join("vm.json"),
-            &self.config_json,
-        )
-        .map_err(|e| e.context("cutover"))?;
         let t0 = Instant::now();
         let guards: Vec<_> = self.disks.iter().map(|d| d.pause_writes()).collect();
         let r = self.prepare_cutover().and_then(|()| self.commit_cutover());
@@ -688,8 +692,25 @@ impl Relocation {
         self.clock.lock().stop();
         *self.pause_ms.lock() = Some(pause);
         tracing::info!(vm = %self.vm, target = %self.target_dir.display(), pause_ms = pause, "relocation cut over");
-        self.set_state(State::Done, None);
+        let note = self.place_config().err().map(|e| e.to_string());
+        self.set_state(State::Done, note);
         Ok(())
+    }
+
+    /// Writes the target's `vm.json`, which marks it complete, so only after
+    /// the commit (out of the write pause). A failure leaves a complete
+    /// target without it: said in the status, and written again by a
+    /// restarted daemon.
+    fn place_config(&self) -> Result<()> {
+        let p = self.target_dir.join("vm.json");
+        io::replace(self.storage.as_ref(), &p, &self.config_json).map_err(|e| {
+            let e = e.context(
+                "the target is complete but its vm.json could not be written \
+                 (a restarted daemon writes it)",
+            );
+            tracing::error!(vm = %self.vm, "{e}");
+            e
+        })
     }
 
     /// Everything that can fail, with writes paused: the final pass and

@@ -141,6 +141,11 @@ fn a_cutover_whose_commit_fails_leaves_every_disk_on_staging() {
         disks.iter().all(|d| !d.is_switched()),
         "a disk switched without a commit"
     );
+    let config = rig.dir.path().join("primary/vm/vm.json");
+    assert!(
+        !config.exists(),
+        "the target has vm.json, as if complete, without a commit"
+    );
     // The guest goes on, on staging, and its flushed write survives a restart.
     disks[0].write(BS as u64, b"after").unwrap();
     disks[0].flush().unwrap();
@@ -149,6 +154,7 @@ fn a_cutover_whose_commit_fails_leaves_every_disk_on_staging() {
     assert!(again.iter().all(|d| !d.is_switched()));
     assert_eq!(again[0].read(BS as u64, 5).unwrap(), b"after");
     assert_eq!(again[1].read(5, 6).unwrap(), b"before");
+    assert!(!config.exists());
 }
 
 #[test]
@@ -184,6 +190,32 @@ fn a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_b
     want[5..11].copy_from_slice(b"before");
     assert_eq!(again[1].read(0, BLOCKS * BS).unwrap(), want);
     assert_eq!(again[0].read(0, BLOCKS * BS).unwrap(), rig.images[0]);
+}
+
+#[test]
+fn a_write_waiting_out_a_cutover_whose_commit_was_not_made_durable_is_refused() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let target = rig
+        .storage
+        .open(&rig.dir.path().join("primary/vm/disk0.raw"), Open::Empty)
+        .unwrap();
+    target.set_len((BLOCKS * BS) as u64).unwrap();
+    let gate = disks[0].pause_writes();
+    let d = disks[0].clone();
+    let w = std::thread::spawn(move || d.write(5, b"late"));
+    // The write passes the failed-disk check and waits at the gate.
+    std::thread::sleep(Duration::from_millis(300));
+    disks[0].switch_to(target);
+    disks[0].fail_hard(Error::new(ErrorKind::Io, "the commit was not made durable"));
+    drop(gate);
+    let e = w.join().unwrap().unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert_eq!(
+        rig.target_bytes(0)[..9],
+        [0u8; 9],
+        "a byte landed on the target"
+    );
 }
 
 #[test]
@@ -289,6 +321,26 @@ fn a_write_into_a_hole_still_completing_is_never_recorded_copied_as_a_hole() {
         rig.target_bytes(0) == want,
         "the target lost the write into the hole"
     );
+}
+
+#[test]
+fn a_target_gets_its_vm_json_once_the_cutover_commits_and_again_at_restart_if_it_lacks_it() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let config = rig.dir.path().join("primary/vm/vm.json");
+    std::fs::write(&config, b"an older relocation's").unwrap();
+    let r = rig.begin(&disks, None);
+    assert!(!config.exists(), "a new relocation keeps an old vm.json");
+    r.spawn();
+    assert_eq!(settle(&r), State::Done);
+    assert_eq!(std::fs::read(&config).unwrap(), b"{}\n");
+    // Lost (say, placed by a daemon killed right after the commit): the
+    // restarted daemon places it.
+    std::fs::remove_file(&config).unwrap();
+    drop((disks, r));
+    let (again, _) = rig.restart();
+    assert!(again[0].is_switched());
+    assert_eq!(std::fs::read(&config).unwrap(), b"{}\n");
 }
 
 #[test]

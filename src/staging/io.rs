@@ -360,7 +360,10 @@ enum Direct {
 
 impl OsFile {
     fn new(file: File) -> OsFile {
-        Self::with_fills(file, DIRECT_FILLS.load(std::sync::atomic::Ordering::Relaxed))
+        Self::with_fills(
+            file,
+            DIRECT_FILLS.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     fn with_fills(file: File, fills_direct: bool) -> OsFile {

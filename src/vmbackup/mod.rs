@@ -83,7 +83,7 @@ use serde::Serialize;
 use crate::boot::NbdServer;
 use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
-use crate::qemu::guest_agent::GuestAgent;
+use crate::qemu::guest_agent::{GuestAgent, FREEZE_TIMEOUT};
 use crate::qemu::qmp::{BlockDevice, Qmp};
 use crate::repo::locks::WriterLock;
 use crate::repo::manifest::{DiskManifest, Manifest};
@@ -467,9 +467,8 @@ impl Vm {
         let Some(path) = self.spec.agent.clone() else {
             return;
         };
-        let r = GuestAgent::connect(&path, timeout).and_then(|mut a| a.fsfreeze().map(|_| a));
-        match r {
-            Ok(a) => {
+        match GuestAgent::connect_and_freeze(&path, timeout, FREEZE_TIMEOUT) {
+            Ok((a, _)) => {
                 self.agent = Some(a);
                 self.report.consistency = "application-consistent".into();
                 clock.event(&mut self.report, "frozen", None);

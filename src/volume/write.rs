@@ -83,6 +83,9 @@ impl Volume {
         let _slot = self.enter(crate::placement::IoClass::Sync, len);
         let t0 = Instant::now();
         let _gate = self.write_gate.read();
+        // Again: a cutover that held the gate may have failed the disk
+        // (its commit not durable) while this write waited.
+        self.check_failed()?;
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
             // Still tracked after cutover: the changed map is what status,

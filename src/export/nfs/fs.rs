@@ -9,6 +9,13 @@
 //! resumes the sessions it was serving), and a handle of a disk from one
 //! backup never reaches a session recovered from another (it is stale).
 //!
+//! A side file's inode number is reused by the filesystem once the file
+//! is removed, so its handle also carries the inode's generation (the
+//! number ext4, xfs and btrfs give each use of an inode, as knfsd does):
+//! a handle of a removed file is stale, never another file's. Where the
+//! filesystem has no generation (tmpfs) or the inode number needs more than
+//! 32 bits, the handle carries the inode number alone.
+//!
 //! **Side files** live in the session's staging (`files/` in its
 //! directory): they survive restarts and go away with `release --discard`.
 //! Disk files and vm.json refuse removal, renaming, truncation and changes
@@ -155,7 +162,10 @@ impl Namespace {
             Node::Dir(s) => (2, Some(&s.vm), None, 0),
             Node::Config(s) => (3, Some(&s.vm), Some(&s.backup), 0),
             Node::Disk(s, d) => (4, Some(&s.vm), Some(&s.backup), d.index as u64),
-            Node::Side(s, f) => (5, Some(&s.vm), Some(&s.backup), f.ino),
+            Node::Side(s, f) => match side_generation(f) {
+                Some(g) => (6, Some(&s.vm), Some(&s.backup), u64::from(g) << 32 | f.ino),
+                None => (5, Some(&s.vm), Some(&s.backup), f.ino),
+            },
         };
         let mut h = Vec::with_capacity(HANDLE_LEN);
         h.extend(MAGIC);
@@ -206,6 +216,12 @@ impl Namespace {
                 let f = side_by_ino(&s, id).ok_or(nfsstat3::NFS3ERR_STALE)?;
                 Ok(Node::Side(s, f))
             }
+            6 => {
+                let f = side_by_ino(&s, id & u64::from(u32::MAX))
+                    .filter(|f| side_generation(f).map(u64::from) == Some(id >> 32))
+                    .ok_or(nfsstat3::NFS3ERR_STALE)?;
+                Ok(Node::Side(s, f))
+            }
             _ => Err(nfsstat3::NFS3ERR_BADHANDLE),
         }
     }
@@ -213,6 +229,21 @@ impl Namespace {
     fn fileid(&self, n: &Node) -> u64 {
         match n {
             Node::Root => 1,
+            // From the inode number alone, as before generations were in
+            // handles: a client checks that a handle's fileid never changes.
+            Node::Side(s, f) => {
+                let mut h = Vec::with_capacity(HANDLE_LEN);
+                h.extend(MAGIC);
+                h.extend([VERSION, 5]);
+                h.extend(key(&s.vm));
+                h.extend(key(&s.backup));
+                h.extend(f.ino.to_be_bytes());
+                u64::from_be_bytes(
+                    blake3::hash(&h).as_bytes()[..8]
+                        .try_into()
+                        .expect("8 bytes"),
+                ) | (1 << 63)
+            }
             _ => {
                 let h = blake3::hash(&self.handle(n));
                 u64::from_be_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | (1 << 63)
@@ -405,7 +436,7 @@ pub fn side_name<'a>(s: &Arc<Session>, name: &'a [u8]) -> Result<&'a str, nfssta
     if n.len() > 255 {
         return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
     }
-    if n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0') {
+    if !one_component(n) {
         return Err(nfsstat3::NFS3ERR_INVAL);
     }
     if own_file(s, n).is_some() {
@@ -434,7 +465,18 @@ fn side_files(s: &Session) -> Vec<SideFile> {
     out
 }
 
+/// A name that stays inside the directory it is joined to: not empty, not
+/// `.` or `..`, no `/` (an absolute name would replace the whole path) and
+/// no NUL. Every side-file path is built from such a name, since a
+/// client's name is joined to the session's directory as it is.
+fn one_component(n: &str) -> bool {
+    !(n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0'))
+}
+
 fn side_by_name(s: &Session, name: &str) -> Option<SideFile> {
+    if !one_component(name) {
+        return None;
+    }
     let path = side_dir(s).join(name);
     let m = std::fs::symlink_metadata(&path).ok()?;
     m.is_file().then(|| SideFile {
@@ -442,6 +484,32 @@ fn side_by_name(s: &Session, name: &str) -> Option<SideFile> {
         path,
         ino: m.ino(),
     })
+}
+
+/// The generation of a side file's inode, if its filesystem keeps one
+/// and its inode number leaves room for it in a handle.
+fn side_generation(f: &SideFile) -> Option<u32> {
+    if f.ino > u64::from(u32::MAX) {
+        return None;
+    }
+    // O_NONBLOCK: never wait on a FIFO a client could not have made anyway.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(&f.path)
+        .ok()?;
+    let mut g: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETVERSION writes at most a c_long into `g`, which
+    // lives across the call; the descriptor is open.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::FS_IOC_GETVERSION,
+            &mut g,
+        )
+    };
+    // The filesystems write an int: its 32 bits are the generation.
+    (r == 0).then_some(g as u32)
 }
 
 fn side_by_ino(s: &Session, ino: u64) -> Option<SideFile> {

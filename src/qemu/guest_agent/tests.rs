@@ -26,7 +26,7 @@ fn boot(name: &str) -> Vm {
 }
 
 #[test]
-fn the_agent_of_a_running_debian_guest_pings_freezes_and_thaws_its_filesystems() {
+fn the_agent_of_a_running_debian_guest_pings_freezes_thaws_and_undoes_a_freeze_answered_too_late() {
     let mut v = boot("debian");
     // The agent starts late in the boot (TCG): retry the sync until then.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -64,6 +64,20 @@ fn the_agent_of_a_running_debian_guest_pings_freezes_and_thaws_its_filesystems()
         "{e}"
     );
     b.ping().unwrap();
+    drop(b);
+    // A freeze not answered in time still freezes the guest: it is undone
+    // before the error returns, not left for nobody to thaw.
+    let e = GuestAgent::connect_and_freeze(&v.agent, Duration::from_secs(10), Duration::ZERO)
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains(&format!(
+            "the freeze was undone ({frozen} filesystems thawed)"
+        )),
+        "{e}"
+    );
+    let mut c = GuestAgent::connect(&v.agent, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.fsfreeze_status().unwrap(), "thawed");
 }
 
 #[test]
