@@ -344,6 +344,20 @@ fn a_target_gets_its_vm_json_once_the_cutover_commits_and_again_at_restart_if_it
 }
 
 #[test]
+fn after_cutover_nothing_is_prefetched_into_staging() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    let fetched = disks[0].status().fetched_blocks;
+    assert!(
+        !disks[0].prefetch_block(7, crate::prefetch::Class::Profile),
+        "a prefetch was queued for a disk that reads its target"
+    );
+    assert_eq!(disks[0].status().fetched_blocks, fetched);
+}
+
+#[test]
 fn writes_after_cutover_are_still_marked_changed_durably() {
     let rig = rig();
     let disks = rig.volumes();
