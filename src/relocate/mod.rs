@@ -372,7 +372,21 @@ impl Relocation {
         let meta: Meta = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
         let switched = meta.switched;
-        let r = Self::open(src, meta, Open::Existing)?;
+        let target = meta.target.clone();
+        let r = match Self::open(src, meta, Open::Existing) {
+            Ok(r) => r,
+            // Before the commit staging holds the whole disk, so a target
+            // that cannot be opened (primary storage not mounted yet) must
+            // not keep the VM from being served. The record stays: a daemon
+            // restarted once the target is back resumes the copy.
+            Err(e) if !switched => {
+                tracing::error!(vm = src.vm, target = %target.display(),
+                    "relocation not resumed, the VM is served from staging: {e}; \
+                     restart the daemon once the target is reachable to resume it");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         if switched {
             // Every target is open before the first disk switches.
             for (d, t) in r.disks.iter().zip(&r.targets) {

@@ -344,6 +344,62 @@ fn a_target_gets_its_vm_json_once_the_cutover_commits_and_again_at_restart_if_it
 }
 
 #[test]
+fn an_unswitched_relocation_whose_target_is_unreachable_at_restart_leaves_the_vm_on_staging() {
+    let rig = rig();
+    let disks = rig.volumes();
+    disks[0].write(5, b"mine").unwrap();
+    disks[0].flush().unwrap();
+    let r = rig.begin(&disks, None);
+    drop((disks, r));
+    // Primary storage not mounted (yet) when the daemon comes back.
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(&primary, rig.dir.path().join("primary.away")).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(
+        reloc.is_none(),
+        "the relocation cannot run without its target"
+    );
+    assert!(again.iter().all(|d| !d.is_switched()));
+    assert_eq!(again[0].read(5, 4).unwrap(), b"mine", "the VM is served");
+    // Recorded still: a daemon restarted once the target is back resumes it.
+    std::fs::rename(rig.dir.path().join("primary.away"), &primary).unwrap();
+    drop(again);
+    let (_again, reloc) = rig.restart();
+    assert!(reloc.is_some_and(|r| r.state() != State::Done));
+}
+
+#[test]
+fn a_switched_relocation_whose_target_is_unreachable_at_restart_is_an_error() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    drop((disks, r));
+    std::fs::rename(
+        rig.dir.path().join("primary"),
+        rig.dir.path().join("primary.away"),
+    )
+    .unwrap();
+    let disks = rig.volumes();
+    let e = Relocation::reopen(rig.source(&disks)).err().unwrap();
+    assert!(e.to_string().contains("open relocation target"), "{e}");
+}
+
+#[test]
+fn after_cutover_nothing_is_prefetched_into_staging() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    let fetched = disks[0].status().fetched_blocks;
+    assert!(
+        !disks[0].prefetch_block(7, crate::prefetch::Class::Profile),
+        "a prefetch was queued for a disk that reads its target"
+    );
+    assert_eq!(disks[0].status().fetched_blocks, fetched);
+}
+
+#[test]
 fn writes_after_cutover_are_still_marked_changed_durably() {
     let rig = rig();
     let disks = rig.volumes();

@@ -624,8 +624,14 @@ impl Volume {
 
     /// Starts fetching `b` in the background unless it is local or
     /// already coming; true if this queued a fetch or raised its class.
+    /// Never after cutover: the disk reads its target, and staging would
+    /// only fill with blocks nobody reads.
     pub fn prefetch_block(&self, b: u64, class: Class) -> bool {
-        if b >= self.nblocks || !self.chunks.has_data(b) || self.store.present.test(b) {
+        if b >= self.nblocks
+            || !self.chunks.has_data(b)
+            || self.store.present.test(b)
+            || self.is_switched()
+        {
             return false;
         }
         self.start_fill(b, class).is_some()
