@@ -771,9 +771,8 @@ impl Relocation {
             }
         }
         drop(meta_io);
-        for (d, t) in self.disks.iter().zip(&self.targets) {
-            d.switch_to(t.clone());
-        }
+        // Failed before switched: a switched disk that has not failed has a
+        // durable commit (eviction relies on it to stop caring for staging).
         if let Some(e) = durable {
             let e = e.context(format!(
                 "the cutover of VM {} committed but could not be made durable",
@@ -783,6 +782,9 @@ impl Relocation {
             for d in &self.disks {
                 d.fail_hard(e.clone());
             }
+        }
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            d.switch_to(t.clone());
         }
         Ok(())
     }

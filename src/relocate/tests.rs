@@ -386,6 +386,26 @@ fn a_switched_relocation_whose_target_is_unreachable_at_restart_is_an_error() {
 }
 
 #[test]
+fn after_cutover_a_failing_staging_eviction_leaves_the_relocated_disk_writable() {
+    use crate::staging::budget::Evictable;
+    let rig = rig();
+    let disks = rig.volumes();
+    disks[0].read(0, 4 * BS).unwrap(); // staged, unchanged
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    rig.faults
+        .inject(Rule::fail(Op::Write, "disk0.present", libc::EIO));
+    let _ = disks[0].evict(4 * BS as u64);
+    assert!(
+        !disks[0].is_failed(),
+        "staging the disk no longer reads from failed it"
+    );
+    disks[0].write(BS as u64, b"on the target").unwrap();
+    disks[0].flush().unwrap();
+    assert_eq!(&rig.target_bytes(0)[BS..BS + 13], b"on the target");
+}
+
+#[test]
 fn after_cutover_nothing_is_prefetched_into_staging() {
     let rig = rig();
     let disks = rig.volumes();

@@ -450,9 +450,20 @@ impl Repository {
     /// Stores a chunk unless present. Returns the compressed bytes written
     /// (0 if it was already there). Concurrent writers of the same chunk
     /// are harmless: the content is identical by construction.
+    ///
+    /// A stored object is trusted without being read (reading every
+    /// deduplicated chunk would cost a backup its whole size in GETs), but
+    /// not at a size no encoding of `data` has: empty, or longer than the
+    /// worst case. Such an object is replaced (atomically), so a damaged
+    /// chunk is not reused by every later backup. Damage that keeps a
+    /// plausible size is what `verify` finds.
     pub fn put_chunk(&self, d: &Digest, data: &[u8]) -> Result<u64> {
-        if self.has_chunk(d)? {
-            return Ok(0);
+        match self.chunk_stored_size(d)? {
+            Some(n) if n > 0 && n <= limits::max_chunk_object(data.len()) => return Ok(0),
+            Some(n) => {
+                tracing::warn!(chunk = %d.key(), "a stored chunk of {n} bytes cannot hold its {} bytes: writing it again", data.len());
+            }
+            None => {}
         }
         let mut stored = chunk::encode(data, self.info.version >= 2)?;
         if let Some(k) = &self.keys {
@@ -545,5 +556,7 @@ pub fn random_hex(bytes: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+#[cfg(test)]
+mod dedup_tests;
 #[cfg(test)]
 mod version_tests;

@@ -215,7 +215,15 @@ impl Volume {
             self.store.present.bits().clear(b);
         }
         drop(gate);
-        let cleared = self.store.present.clear_many_durable(&victims);
+        let mut cleared = self.store.present.clear_many_durable(&victims);
+        // After a durable cutover staging is never read again: a presence
+        // map that cannot be written must not fail a disk that now lives on
+        // its target. (A cutover whose commit is not durable fails the disk
+        // before it switches it, so switched and not failed means durable.)
+        if let (Err(e), true) = (&cleared, self.is_switched() && !self.is_failed()) {
+            tracing::warn!(vm = %self.vm, disk = self.index, "staging after cutover: {e}");
+            cleared = Ok(());
+        }
         if cleared.is_ok() {
             self.punch(&victims);
             self.stats.evicted_blocks.add(victims.len() as u64);
