@@ -13,7 +13,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind};
@@ -97,9 +97,15 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
         )));
     }
     // Check every entry before writing anything.
+    check_tree(entries)?;
     for e in entries {
         let dst = dest(&to, &e.path);
-        check_no_link(&to, &dst)?;
+        if let Some(p) = dst.parent() {
+            check_no_link(&to, p)?;
+        }
+        if e.kind == EntryKind::Dir && is_link(&dst) {
+            return Err(link_refused(&dst));
+        }
         if e.kind != EntryKind::Dir && std::fs::symlink_metadata(&dst).is_ok() {
             return Err(Error::new(
                 crate::error::ErrorKind::AlreadyExists,
@@ -148,25 +154,58 @@ fn dest(to: &Path, guest_path: &str) -> PathBuf {
     to.join(guest_path.trim_start_matches('/'))
 }
 
-/// No component of `p` below `to` may be a symbolic link.
+/// No component of directory `p` below `to`, `p` included, may be a
+/// symbolic link: checked again before each entry is written, since a link
+/// an earlier entry created must not carry a later one out of `to`.
 fn check_no_link(to: &Path, p: &Path) -> Result<()> {
     let rel = p
         .strip_prefix(to)
         .map_err(|_| Error::invalid(format!("{} is outside {}", p.display(), to.display())))?;
     let mut cur = to.to_path_buf();
-    let parts: Vec<Component> = rel.components().collect();
-    for (i, c) in parts.iter().enumerate() {
+    for c in rel.components() {
         cur.push(c);
-        if i + 1 == parts.len() {
-            break;
+        if is_link(&cur) {
+            return Err(link_refused(&cur));
         }
-        if let Ok(m) = std::fs::symlink_metadata(&cur) {
-            if m.file_type().is_symlink() {
+    }
+    Ok(())
+}
+
+fn is_link(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+fn link_refused(p: &Path) -> Error {
+    Error::not_permitted(format!(
+        "{} is a symbolic link: refusing to restore through it",
+        p.display()
+    ))
+}
+
+/// The entries must form a tree a restore can create: each path once, and
+/// nothing below a symbolic link (a catalog comes from the guest, and a
+/// link it restores first would carry a later entry anywhere on the host).
+fn check_tree(entries: &[&Entry]) -> Result<()> {
+    let mut kinds = std::collections::HashMap::with_capacity(entries.len());
+    for e in entries {
+        if kinds.insert(e.path.as_str(), e.kind).is_some() {
+            return Err(Error::corrupt(format!(
+                "{} is in the file backup twice",
+                e.path
+            )));
+        }
+    }
+    for e in entries {
+        let mut up = Path::new(&e.path).parent();
+        while let Some(a) = up {
+            if kinds.get(a.to_str().unwrap_or_default()) == Some(&EntryKind::Symlink) {
                 return Err(Error::not_permitted(format!(
-                    "{} is a symbolic link: refusing to restore through it",
-                    cur.display()
+                    "{} is below {}, a symbolic link in the same backup: refusing to restore through it",
+                    e.path,
+                    a.display()
                 )));
             }
+            up = a.parent();
         }
     }
     Ok(())

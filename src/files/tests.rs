@@ -104,3 +104,79 @@ fn a_restore_never_writes_through_a_symbolic_link_nor_over_a_file() {
     assert_eq!(std::fs::read(to.join("srv/a/f")).unwrap(), b"mine");
     assert!(!to.join("srv/a/l").exists());
 }
+
+/// `entries` as a catalog a hostile guest could have sent: no file content.
+fn hostile(entries: Vec<(&str, EntryKind, u32, Option<&str>)>) -> Vec<Entry> {
+    entries
+        .into_iter()
+        .map(|(path, kind, mode, target)| Entry {
+            path: path.into(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 1_600_000_000,
+            mtime_nsec: 0,
+            size: 0,
+            target: target.map(str::to_string),
+            chunks: vec![],
+        })
+        .collect()
+}
+
+#[test]
+fn a_catalog_whose_symlink_is_a_later_entrys_parent_writes_nothing_outside_to() {
+    let d = tempfile::tempdir().unwrap();
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = elsewhere.to_str().unwrap();
+    let empty: &Content = &|_, _| Ok(());
+    let cases = [
+        // A file under the link the catalog itself creates.
+        (
+            hostile(vec![
+                ("/x", EntryKind::Symlink, 0o777, Some(target)),
+                ("/x/evil", EntryKind::File, 0o644, None),
+            ]),
+            "symbolic link",
+        ),
+        // The same path again, as a directory: its mode would go to the
+        // link's target.
+        (
+            hostile(vec![
+                ("/x", EntryKind::Symlink, 0o777, Some(target)),
+                ("/x", EntryKind::Dir, 0o777, None),
+            ]),
+            "twice",
+        ),
+        // Deeper: a directory created under the link.
+        (
+            hostile(vec![
+                ("/x", EntryKind::Symlink, 0o777, Some(target)),
+                ("/x/d", EntryKind::Dir, 0o777, None),
+            ]),
+            "symbolic link",
+        ),
+        // A directory entry where `--to` already has a link.
+        (
+            hostile(vec![("/y", EntryKind::Dir, 0o777, None)]),
+            "symbolic link",
+        ),
+    ];
+    for (i, (entries, why)) in cases.iter().enumerate() {
+        let to = d.path().join(format!("to{i}"));
+        std::fs::create_dir(&to).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, to.join("y")).unwrap();
+        let refs: Vec<&Entry> = entries.iter().collect();
+        let e = restore_with(&refs, &to, empty).unwrap_err();
+        assert!(e.to_string().contains(why), "case {i}: {e}");
+        assert_eq!(
+            std::fs::read_dir(&elsewhere).unwrap().count(),
+            0,
+            "case {i}: wrote through the link"
+        );
+        let mode = std::fs::metadata(&elsewhere).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755, "case {i}: chmod through the link");
+    }
+}
