@@ -33,7 +33,7 @@ pub(super) fn nfs_options(
         .map(|a| parse_listen(a, 2049, "--nfs"))
         .collect::<Result<Vec<_>>>()?;
     let allow = if allow.is_empty() {
-        crate::export::nfs::NfsOptions::loopback_only()
+        crate::export::loopback_only()
     } else {
         allow
             .iter()
