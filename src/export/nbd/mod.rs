@@ -27,6 +27,10 @@
 //! next `FLUSH` (on any connection) or at its own reply if it carried `FUA`;
 //! acknowledged writes without either may be lost on a crash until a flush.
 //!
+//! Access: over TCP only clients in the allowed networks (`--allow`) are
+//! served; any other is disconnected before the greeting (it learns nothing,
+//! not even the export names) and logged at most once a minute per host.
+//!
 //! Hostile or lost clients: every length read from the wire is bounded
 //! (options 64 KiB, READ/WRITE 32 MiB, in-flight payload per connection
 //! 256 MiB, block status work per request 1 GiB and 64 Ki extents); a
@@ -73,8 +77,9 @@ pub trait Exports: Send + Sync + 'static {
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
     fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
-    /// A TCP client connected from `peer`: a guard kept while the
-    /// connection lasts (the export point counts its hosts this way).
+    /// A TCP client connected from `peer` (and was not refused): a guard
+    /// kept while the connection lasts (the export point counts its hosts
+    /// this way).
     fn connected(&self, _peer: std::net::IpAddr) -> Option<Box<dyn Any + Send>> {
         None
     }
@@ -98,6 +103,9 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
+    /// TCP clients outside `allow` (`--allow`) are disconnected at once,
+    /// before the greeting (a Unix socket is guarded by its mode, 0600).
+    ///
     /// Binds every listener now (so a busy port or a bad address is reported at once as a clear one-line
     /// crate::error::Error: e.g. "NBD address 127.0.0.1:10809 is already in use", "NBD address 10.9.9.9:10809 is not an address of this host"),
     /// then serves on `rt`. A Unix socket path that exists and nobody answers on is replaced; one a live server answers on is Busy.
@@ -105,6 +113,7 @@ impl NbdServer {
         rt: &tokio::runtime::Handle,
         listen: &[Listen],
         exports: Arc<dyn Exports>,
+        allow: &[ipnet::IpNet],
     ) -> crate::error::Result<NbdServer> {
         // Listeners register with the runtime's reactor.
         let _entered = rt.enter();
@@ -123,14 +132,30 @@ impl NbdServer {
         }
         let (stop, _) = watch::channel(false);
         let running = Arc::new(Running::default());
+        let access = Arc::new(Access {
+            allow: allow.to_vec(),
+            refused: crate::util::HostLogLimit::new(REFUSED_LOG_EVERY),
+        });
         let mut tcp_addrs = vec![];
         for (l, addr) in tcp {
             tcp_addrs.push(addr);
-            let task = accept_loop(l, exports.clone(), stop.subscribe(), running.enter());
+            let task = accept_loop(
+                l,
+                exports.clone(),
+                access.clone(),
+                stop.subscribe(),
+                running.enter(),
+            );
             rt.spawn(task.instrument(tracing::info_span!("nbd", listen = %addr)));
         }
         for (l, file) in unix.into_iter().zip(&sockets) {
-            let task = accept_loop(l, exports.clone(), stop.subscribe(), running.enter());
+            let task = accept_loop(
+                l,
+                exports.clone(),
+                access.clone(),
+                stop.subscribe(),
+                running.enter(),
+            );
             let span = tracing::info_span!("nbd", listen = %file.path.display());
             rt.spawn(task.instrument(span));
         }
@@ -348,9 +373,39 @@ impl Acceptor for tokio::net::UnixListener {
     }
 }
 
+/// Who may connect over TCP, and the rate limit of the refusals' log.
+struct Access {
+    allow: Vec<ipnet::IpNet>,
+    refused: crate::util::HostLogLimit,
+}
+
+/// A refused host is logged at most this often (a scanner or a
+/// misconfigured hypervisor retries in a loop).
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl Access {
+    /// Whether a client at `ip` (None: a Unix socket) may be served; logs
+    /// a refusal.
+    fn admits(&self, ip: Option<std::net::IpAddr>, peer: &str) -> bool {
+        let Some(ip) = ip else { return true };
+        if crate::export::allows(&self.allow, ip) {
+            return true;
+        }
+        if let Some(held_back) = self.refused.check(ip, std::time::Instant::now()) {
+            tracing::warn!(
+                peer,
+                refused_since_last_line = held_back,
+                "NBD client refused: its address is not in the allowed networks (--allow)"
+            );
+        }
+        false
+    }
+}
+
 async fn accept_loop<L: Acceptor>(
     listener: L,
     exports: Arc<dyn Exports>,
+    access: Arc<Access>,
     mut stop: watch::Receiver<bool>,
     _running: Entered,
 ) {
@@ -360,14 +415,16 @@ async fn accept_loop<L: Acceptor>(
             _ = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.next() => match r {
-                Ok((stream, peer, ip)) => {
+                // A refused client is dropped unanswered: it learns
+                // nothing, not even that this is an NBD server.
+                Ok((stream, peer, ip)) => if access.admits(ip, &peer) {
                     let held = ip.and_then(|ip| exports.connected(ip));
                     let c = connection(stream, peer, exports.clone(), stop.clone());
                     conns.spawn(async move {
                         c.await;
                         drop(held);
                     });
-                }
+                },
                 Err(e) => accept_failed(e).await,
             },
         }

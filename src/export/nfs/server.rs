@@ -32,7 +32,8 @@ const IN_FLIGHT: usize = 64;
 pub struct NfsOptions {
     /// Addresses with the port NFS and MOUNT are served on (111 too).
     pub listen: Vec<SocketAddr>,
-    /// Client addresses allowed to mount; everyone else is refused.
+    /// Client networks allowed to mount (`--allow`, shared with NBD);
+    /// everyone else is refused.
     pub allow: Vec<IpNet>,
     /// Map root (and AUTH_NULL) callers of other hosts to `anon`. Root on
     /// this host (loopback) can read staging anyway and is not squashed.
@@ -208,7 +209,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     if allowed {
         tracing::debug!(%peer, "NFS client connected");
     } else {
-        tracing::warn!(%peer, "NFS client refused: its address is not on the export's list (--nfs-allow)");
+        tracing::warn!(%peer, "NFS client refused: its address is not in the allowed networks (--allow)");
     }
     let conn = Arc::new(Conn::default());
     let (mut rd, mut wr) = s.into_split();

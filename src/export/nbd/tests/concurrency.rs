@@ -144,7 +144,7 @@ fn a_busy_port_and_a_foreign_address_are_clear_errors() {
     });
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(addr)], exports.clone())
+    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(addr)], exports.clone(), &[])
         .err()
         .unwrap();
     assert_eq!(e.kind(), ErrorKind::Busy);
@@ -154,7 +154,7 @@ fn a_busy_port_and_a_foreign_address_are_clear_errors() {
     );
 
     let foreign: SocketAddr = "192.0.2.1:10809".parse().unwrap();
-    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(foreign)], exports)
+    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(foreign)], exports, &[])
         .err()
         .unwrap();
     assert_eq!(
@@ -187,6 +187,7 @@ fn a_unix_socket_replaces_a_dead_one_refuses_a_live_one_and_is_removed_at_shutdo
         h.rt.handle(),
         &[Listen::Unix(path.clone())],
         exports.clone(),
+        &[],
     )
     .err()
     .unwrap();
@@ -198,7 +199,7 @@ fn a_unix_socket_replaces_a_dead_one_refuses_a_live_one_and_is_removed_at_shutdo
 
     // Anything that is not a socket is left alone.
     std::fs::write(&path, b"precious").unwrap();
-    let e = NbdServer::start(h.rt.handle(), &[Listen::Unix(path.clone())], exports)
+    let e = NbdServer::start(h.rt.handle(), &[Listen::Unix(path.clone())], exports, &[])
         .err()
         .unwrap();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
