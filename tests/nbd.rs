@@ -394,9 +394,43 @@ fn an_export_points_nbd_port_closes_on_hosts_outside_the_allowed_networks_before
         .filter(|l| l.contains("NBD client refused") && l.contains(&refused.to_string()))
         .count();
     assert_eq!(lines, 1, "{log}");
-    // An allowed host gets the greeting and the list of exports.
+    // An allowed host gets the greeting, and is counted as one of the
+    // point's hosts only once it has chosen an export.
     let mut s = connect_from(allowed, port);
     assert_eq!(&first_bytes(&mut s)[..8], b"NBDMAGIC");
+    let hosts = || {
+        let out = env.ok(&[
+            "export-points",
+            "--socket",
+            env.socket.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["export_points"][0]["hosts"].clone()
+    };
+    assert_eq!(
+        hosts(),
+        serde_json::json!([]),
+        "counted before the handshake"
+    );
     let list = ok(&["nbdinfo", "--list", &format!("nbd://{port}")]);
     assert!(list.contains("vm/disk0"), "{list}");
+    assert_eq!(hosts(), serde_json::json!([]), "counted for a listing");
+    drop(s);
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "sleep 2500"])
+        .arg(format!("nbd://{port}/vm/disk0"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hosts() == serde_json::json!([]) {
+        assert!(
+            Instant::now() < deadline,
+            "a client with an export open is not counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(hosts()[0]["host"], "127.0.0.1", "{}", hosts());
+    holder.wait().unwrap();
 }

@@ -30,6 +30,8 @@
 //! Access: over TCP only clients in the allowed networks (`--allow`) are
 //! served; any other is disconnected before the greeting (it learns nothing,
 //! not even the export names) and logged at most once a minute per host.
+//! A client counts as a host of the export point only once it has chosen
+//! an export.
 //!
 //! Hostile or lost clients: every length read from the wire is bounded
 //! (options 64 KiB, READ/WRITE 32 MiB, in-flight payload per connection
@@ -77,9 +79,9 @@ pub trait Exports: Send + Sync + 'static {
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
     fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
-    /// A TCP client connected from `peer` (and was not refused): a guard
-    /// kept while the connection lasts (the export point counts its hosts
-    /// this way).
+    /// A TCP client from `peer` chose an export: a guard kept while the
+    /// connection lasts (the export point counts its hosts this way; a
+    /// refused host, a probe or a listing is not one of them).
     fn connected(&self, _peer: std::net::IpAddr) -> Option<Box<dyn Any + Send>> {
         None
     }
@@ -418,12 +420,7 @@ async fn accept_loop<L: Acceptor>(
                 // A refused client is dropped unanswered: it learns
                 // nothing, not even that this is an NBD server.
                 Ok((stream, peer, ip)) => if access.admits(ip, &peer) {
-                    let held = ip.and_then(|ip| exports.connected(ip));
-                    let c = connection(stream, peer, exports.clone(), stop.clone());
-                    conns.spawn(async move {
-                        c.await;
-                        drop(held);
-                    });
+                    conns.spawn(connection(stream, peer, ip, exports.clone(), stop.clone()));
                 },
                 Err(e) => accept_failed(e).await,
             },
@@ -458,6 +455,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 3 } else
 async fn connection<S>(
     mut stream: S,
     peer: String,
+    ip: Option<std::net::IpAddr>,
     exports: Arc<dyn Exports>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -481,6 +479,8 @@ async fn connection<S>(
                 return;
             }
         };
+        // Only now a host of the export point (held to the end).
+        let _host = ip.and_then(|ip| exports.connected(ip));
         tracing::Span::current().record("export", n.name.as_str());
         tracing::info!(
             size = n.size,
