@@ -217,11 +217,6 @@ impl Exports {
                         tracing::info!(export_point = name, address = %a, "NBD export serving");
                     }
                     crate::export::nbd::Listen::Unix(p) => {
-                        // Like the control socket: only the daemon's user.
-                        let _ = std::fs::set_permissions(
-                            p,
-                            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                        );
                         urls.nbd
                             .push(format!("nbd+unix:///?socket={}", p.display()));
                         tracing::info!(export_point = name, socket = %p.display(), "NBD export serving");

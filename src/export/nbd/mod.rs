@@ -30,8 +30,8 @@
 //! Access: over TCP only clients in the allowed networks (`--allow`) are
 //! served; any other is disconnected before the greeting (it learns nothing,
 //! not even the export names) and logged at most once a minute per host.
-//! A client counts as a host of the export point only once it has chosen
-//! an export.
+//! A Unix socket appears with mode 0600. A client counts as a host of the
+//! export point only once it has chosen an export.
 //!
 //! Hostile or lost clients: every length read from the wire is bounded
 //! (options 64 KiB, READ/WRITE 32 MiB, in-flight payload per connection
@@ -51,7 +51,7 @@
 
 use std::any::Any;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -290,12 +290,29 @@ fn tcp_bind_error(addr: SocketAddr, e: std::io::Error) -> Error {
 }
 
 /// Binds a Unix listener (in the runtime's context) after removing a dead
-/// socket left at `path`.
+/// socket left at `path`. The socket appears there with mode 0600: it is
+/// bound in a private directory (0700) next to `path`, given its mode, and
+/// only then linked into place, so that whatever the umask, no other user
+/// can connect in between.
 fn bind_unix(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)> {
     let ctx = || format!("NBD socket {}", path.display());
     remove_stale_socket(path)?;
-    let l = tokio::net::UnixListener::bind(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".nbd-")
+        .tempdir_in(dir)
+        .ctx(|| format!("create a private directory in {}", dir.display()))?;
+    let tmp = private.path().join("s");
+    let l = tokio::net::UnixListener::bind(&tmp).ctx(ctx)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .ctx(|| format!("set the mode of NBD socket {} to 0600", tmp.display()))?;
+    // A link, not a rename: a socket another server bound at `path` since
+    // the check above is not replaced.
+    std::fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
             Error::busy(format!("NBD socket {} is already in use", path.display()))
         }
         _ => Error::io(ctx(), e),
