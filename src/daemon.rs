@@ -25,6 +25,9 @@ pub struct ServeOptions {
     pub nfs: Option<crate::export::nfs::NfsOptions>,
     /// Where NBD is served (none: not at all).
     pub nbd: Vec<crate::export::nbd::Listen>,
+    /// Client networks allowed on NBD over TCP (`--allow`; NFS has its
+    /// copy in `nfs`).
+    pub allow: Vec<ipnet::IpNet>,
     /// Benchmarks: a delay added to every chunk read from the repository.
     pub repo_delay: Option<Duration>,
     /// Bounds of every staging directory (see `staging::budget`).
@@ -146,7 +149,7 @@ struct Exports {
 impl Exports {
     /// Every export point's frontends: a point with its own address serves
     /// NFS (and 111) and NBD there; the default point serves on `--nfs` and
-    /// `--nbd`.
+    /// `--nbd`. Both serve only the `--allow` networks over TCP.
     fn start(
         rt: &tokio::runtime::Runtime,
         ds: &Arc<Datastore>,
@@ -167,7 +170,7 @@ impl Exports {
                 ),
                 _ => (opts.nfs.clone(), opts.nbd.clone()),
             };
-            if let Err(e) = started.start_point(rt, ds, p, nfs, &nbd) {
+            if let Err(e) = started.start_point(rt, ds, p, nfs, &nbd, &opts.allow) {
                 started.shutdown();
                 return Err(e.context(format!("export point {}", p.name())));
             }
@@ -182,6 +185,7 @@ impl Exports {
         point: &Arc<crate::placement::ExportPoint>,
         nfs: Option<crate::export::nfs::NfsOptions>,
         nbd: &[crate::export::nbd::Listen],
+        allow: &[ipnet::IpNet],
     ) -> Result<()> {
         let mut urls = crate::session::ExportUrls::default();
         let name = point.name();
@@ -203,7 +207,7 @@ impl Exports {
                 ds: ds.clone(),
                 point: point.clone(),
             });
-            let server = crate::export::nbd::NbdServer::start(rt.handle(), nbd, exports)?;
+            let server = crate::export::nbd::NbdServer::start(rt.handle(), nbd, exports, allow)?;
             let mut tcp = server.tcp_addrs().into_iter();
             for l in nbd {
                 match l {
@@ -213,11 +217,6 @@ impl Exports {
                         tracing::info!(export_point = name, address = %a, "NBD export serving");
                     }
                     crate::export::nbd::Listen::Unix(p) => {
-                        // Like the control socket: only the daemon's user.
-                        let _ = std::fs::set_permissions(
-                            p,
-                            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                        );
                         urls.nbd
                             .push(format!("nbd+unix:///?socket={}", p.display()));
                         tracing::info!(export_point = name, socket = %p.display(), "NBD export serving");

@@ -320,9 +320,89 @@ impl LogLimit {
     }
 }
 
+/// Hosts a [`HostLogLimit`] remembers; lines about hosts beyond them
+/// share one [`LogLimit`].
+const LOG_LIMIT_HOSTS: usize = 4096;
+
+/// A [`LogLimit`] per client host: each host's first line goes out, then
+/// at most one per `every`. A flood from many hosts grows neither memory
+/// nor the log without bound: at most `LOG_LIMIT_HOSTS` hosts are
+/// remembered (hosts quiet for `every` are forgotten first), and the
+/// others share one limit.
+pub struct HostLogLimit {
+    every: std::time::Duration,
+    /// Per host: when its last line went out, and the lines held back since.
+    hosts:
+        parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u64)>>,
+    others: LogLimit,
+}
+
+impl HostLogLimit {
+    pub fn new(every: std::time::Duration) -> HostLogLimit {
+        HostLogLimit {
+            every,
+            hosts: Default::default(),
+            others: LogLimit::new(every),
+        }
+    }
+
+    /// An occurrence for `host` at `now`: like [`LogLimit::check`].
+    pub fn check(&self, host: std::net::IpAddr, now: std::time::Instant) -> Option<u64> {
+        let mut hosts = self.hosts.lock();
+        let quiet = |last: std::time::Instant| now.saturating_duration_since(last) >= self.every;
+        if let Some(h) = hosts.get_mut(&host) {
+            if !quiet(h.0) {
+                h.1 += 1;
+                return None;
+            }
+            h.0 = now;
+            return Some(std::mem::take(&mut h.1));
+        }
+        if hosts.len() >= LOG_LIMIT_HOSTS {
+            hosts.retain(|_, h| !quiet(h.0));
+        }
+        if hosts.len() >= LOG_LIMIT_HOSTS {
+            drop(hosts);
+            return self.others.check(now);
+        }
+        hosts.insert(host, (now, 0));
+        Some(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_limited_log_line_goes_out_once_per_period_per_host_and_many_hosts_share_one_limit() {
+        use std::net::{IpAddr, Ipv4Addr};
+        use std::time::{Duration, Instant};
+        let l = HostLogLimit::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (a, b) = (IpAddr::from([198, 18, 0, 2]), IpAddr::from([198, 18, 0, 3]));
+        assert_eq!(l.check(a, at(0)), Some(0));
+        assert_eq!(l.check(a, at(1)), None);
+        assert_eq!(l.check(b, at(1)), Some(0), "another host has its own limit");
+        assert_eq!(l.check(a, at(59)), None);
+        assert_eq!(l.check(a, at(60)), Some(2));
+        // A full table of hosts seen now: a new host shares the overflow
+        // limit, whose first line goes out, its second not.
+        let l = HostLogLimit::new(Duration::from_secs(60));
+        for i in 0..LOG_LIMIT_HOSTS as u32 {
+            let h = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(l.check(h, at(0)), Some(0));
+        }
+        let c = IpAddr::from([198, 19, 0, 1]);
+        let d = IpAddr::from([198, 19, 0, 2]);
+        assert_eq!(l.check(c, at(1)), Some(0));
+        assert_eq!(l.check(d, at(2)), None);
+        assert_eq!(l.hosts.lock().len(), LOG_LIMIT_HOSTS);
+        // Hosts quiet for a period are forgotten to make room.
+        assert_eq!(l.check(d, at(60)), Some(0));
+        assert!(l.hosts.lock().len() < LOG_LIMIT_HOSTS);
+    }
 
     #[test]
     fn a_limited_log_line_goes_out_first_then_once_per_period_with_the_count_held_back() {

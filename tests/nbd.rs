@@ -317,3 +317,120 @@ fn bad_nbd_addresses_and_unknown_exports_are_refused_clearly() {
         );
     }
 }
+
+/// Connects to `to` from the local address `from` (any 127.x address is
+/// this host's), so that a test can be a host of its choosing.
+fn connect_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let s = rt
+        .block_on(async {
+            let s = tokio::net::TcpSocket::new_v4()?;
+            s.bind((from, 0).into())?;
+            s.connect(to).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// What the server sends before the client says anything: the 18-byte
+/// greeting, or nothing if it closes at once (a timeout panics).
+fn first_bytes(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = vec![];
+    let mut buf = [0u8; 18];
+    while got.len() < 18 {
+        match s.read(&mut buf[..18 - got.len()]) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("no greeting and no close: {e}"),
+        }
+    }
+    got
+}
+
+#[test]
+fn an_export_points_nbd_port_closes_on_hosts_outside_the_allowed_networks_before_the_greeting() {
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 93, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    // Clients come from 127.0.0.1 unless they bind another 127.x address:
+    // only 127.0.0.1 is allowed, so the check (not the route) decides.
+    let listen = own_loopback();
+    let refused = loop {
+        let a = own_loopback();
+        if a != listen {
+            break a;
+        }
+    };
+    let allowed = std::net::Ipv4Addr::LOCALHOST;
+    env.serve_args = vec![
+        "--export-point".into(),
+        format!("a,listen={listen}"),
+        "--allow".into(),
+        format!("{allowed}/32"),
+    ];
+    let d = env.serve();
+    env.recover("vm", None);
+    let port: std::net::SocketAddr = (listen, 10809).into();
+    // Twice: refused at once both times, logged once.
+    for _ in 0..2 {
+        let mut s = connect_from(refused, port);
+        assert_eq!(
+            first_bytes(&mut s),
+            b"",
+            "a host outside the allowed networks got bytes"
+        );
+    }
+    let log = d.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("NBD client refused") && l.contains(&refused.to_string()))
+        .count();
+    assert_eq!(lines, 1, "{log}");
+    // An allowed host gets the greeting, and is counted as one of the
+    // point's hosts only once it has chosen an export.
+    let mut s = connect_from(allowed, port);
+    assert_eq!(&first_bytes(&mut s)[..8], b"NBDMAGIC");
+    let hosts = || {
+        let out = env.ok(&[
+            "export-points",
+            "--socket",
+            env.socket.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["export_points"][0]["hosts"].clone()
+    };
+    assert_eq!(
+        hosts(),
+        serde_json::json!([]),
+        "counted before the handshake"
+    );
+    let list = ok(&["nbdinfo", "--list", &format!("nbd://{port}")]);
+    assert!(list.contains("vm/disk0"), "{list}");
+    assert_eq!(hosts(), serde_json::json!([]), "counted for a listing");
+    drop(s);
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "sleep 2500"])
+        .arg(format!("nbd://{port}/vm/disk0"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hosts() == serde_json::json!([]) {
+        assert!(
+            Instant::now() < deadline,
+            "a client with an export open is not counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(hosts()[0]["host"], "127.0.0.1", "{}", hosts());
+    holder.wait().unwrap();
+}

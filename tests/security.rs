@@ -1,7 +1,8 @@
 //! Who may touch what (issue 10 items 12-14): a staging directory that is
 //! not ours is refused before anything in it changes; the control socket
 //! appears with its final mode and serves only root, the daemon's user and
-//! its group; the disks belong to the hypervisor's user and nobody else.
+//! its group; the NBD socket appears with mode 0600; the disks belong to
+//! the hypervisor's user and nobody else.
 //! Other users are `nobody` (65534, group nogroup) and an unnamed uid,
 //! 65533, run through `setpriv`.
 
@@ -111,6 +112,38 @@ fn the_control_socket_appears_with_its_final_mode_even_under_umask_0() {
         how.contains(AddWatchFlags::IN_MOVED_TO),
         "the socket was created in place ({how:?}), so for a moment it had the umask's mode"
     );
+}
+
+#[test]
+fn the_nbd_socket_appears_with_mode_0600_even_under_umask_0() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 2, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let dir = env.path("nbd");
+    std::fs::create_dir(&dir).unwrap();
+    let sock = dir.join("nbd.sock");
+    env.serve_args = vec!["--nbd".into(), format!("unix:{}", sock.display())];
+    env.serve_umask = Some(0);
+    let ino = Inotify::init(InitFlags::empty()).unwrap();
+    ino.add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+        .unwrap();
+    let watched = sock.clone();
+    let watcher = std::thread::spawn(move || loop {
+        for ev in ino.read_events().unwrap() {
+            if ev.name.as_deref() == Some(std::ffi::OsStr::new("nbd.sock")) {
+                // Looked at the moment the name appears.
+                return mode(&watched);
+            }
+        }
+    });
+    let _d = env.serve();
+    let first_mode = watcher.join().unwrap();
+    assert_eq!(
+        first_mode, 0o600,
+        "the NBD socket appeared with mode {first_mode:o}"
+    );
+    assert_eq!(mode(&sock), 0o600);
 }
 
 #[test]

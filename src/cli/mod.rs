@@ -303,10 +303,12 @@ pub enum Command {
         /// port 111 of ADDR; repeatable.
         #[arg(long, value_name = "ADDR[:PORT]")]
         nfs: Vec<String>,
-        /// Client networks allowed to use the NFS export (CIDR or address;
-        /// repeatable; default: loopback only).
-        #[arg(long, value_name = "CIDR")]
-        nfs_allow: Vec<String>,
+        /// Client networks allowed on the network exports, NFS and NBD over
+        /// TCP (and every export point's): CIDR or address, repeatable;
+        /// default: loopback only. Others are refused (NBD: disconnected
+        /// before the greeting).
+        #[arg(long, value_name = "CIDR", visible_alias = "nfs-allow")]
+        allow: Vec<String>,
         /// Do not map root on other hosts to nobody (ESXi needs root access).
         #[arg(long)]
         nfs_no_root_squash: bool,
@@ -315,7 +317,9 @@ pub enum Command {
         #[arg(long)]
         nfs_write_through: bool,
         /// Serve NBD on ADDR (port 10809 unless given) or on a Unix socket;
-        /// repeatable. No TLS: keep it on loopback or a trusted network.
+        /// repeatable. Over TCP only --allow networks are served; a Unix
+        /// socket is mode 0600. No TLS: keep it on loopback or a trusted
+        /// network.
         #[arg(long, value_name = "ADDR[:PORT]|unix:PATH")]
         nbd: Vec<String>,
         /// A datastore export point with its own address (NFS on PORT,
@@ -325,7 +329,7 @@ pub enum Command {
         /// in the mount, --staging or another point's), its own staging
         /// directory, e.g. on another disk (default: --staging). Points may
         /// share a staging= directory. Repeatable. Replaces --nfs/--nbd;
-        /// --nfs-allow and the other NFS options apply to every point.
+        /// --allow and the NFS options apply to every point.
         #[arg(
             long,
             value_name = "NAME,listen=ADDR[,port=P][,nbd-port=P][,staging=DIR][,max-inflight=N]"
@@ -598,7 +602,7 @@ pub fn run(cli: Cli) -> Result<()> {
             staging_max,
             staging_reserve,
             nfs,
-            nfs_allow,
+            allow,
             nfs_no_root_squash,
             nfs_write_through,
             nbd,
@@ -616,9 +620,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let owner = owner.as_deref().map(serve::parse_owner).transpose()?;
             crate::staging::io::set_direct_fills(stage_fills_direct);
+            let network = !nfs.is_empty()
+                || !export_point.is_empty()
+                || nbd.iter().any(|l| !l.starts_with("unix:"));
+            let allow = serve::allow_list(&allow, network)?;
             let nfs = serve::nfs_options(
                 &nfs,
-                &nfs_allow,
+                &allow,
                 !nfs_no_root_squash,
                 nfs_write_through,
                 owner,
@@ -652,6 +660,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 staging_limits,
                 nfs,
                 nbd,
+                allow,
                 repo_delay: repo_delay_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
                 repo,
                 staging,

@@ -1,4 +1,4 @@
-//! Parsing of `serve`'s options: listen addresses, NFS access, export
+//! Parsing of `serve`'s options: listen addresses, client access, export
 //! points and owners.
 
 use crate::error::{Error, Result};
@@ -14,45 +14,52 @@ pub(super) fn parse_listen(s: &str, default_port: u16, what: &str) -> Result<std
         .map_err(|_| Error::invalid(format!("{what} {s:?}: expected ADDR or ADDR:PORT")))
 }
 
+/// `--allow` (or its old name `--nfs-allow`): the client networks of
+/// every network frontend, NFS and NBD over TCP; loopback if none given.
+/// Refused without a network frontend to apply to.
+pub(super) fn allow_list(allow: &[String], network_frontends: bool) -> Result<Vec<ipnet::IpNet>> {
+    if allow.is_empty() {
+        return Ok(crate::export::loopback_only());
+    }
+    if !network_frontends {
+        return Err(Error::invalid(
+            "--allow needs a network export: --nfs ADDR, --nbd ADDR or --export-point",
+        ));
+    }
+    allow
+        .iter()
+        .map(|a| {
+            a.parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    Error::invalid(format!(
+                        "--allow {a:?}: expected a network (198.18.0.0/15) or an address"
+                    ))
+                })
+        })
+        .collect()
+}
+
 pub(super) fn nfs_options(
     listen: &[String],
-    allow: &[String],
+    allow: &[ipnet::IpNet],
     root_squash: bool,
     write_through: bool,
     owner: Option<(u32, u32)>,
     export_points: bool,
 ) -> Result<Option<crate::export::nfs::NfsOptions>> {
     if listen.is_empty() && !export_points {
-        if !allow.is_empty() {
-            return Err(Error::invalid("--nfs-allow needs --nfs ADDR"));
-        }
         return Ok(None);
     }
     let listen = listen
         .iter()
         .map(|a| parse_listen(a, 2049, "--nfs"))
         .collect::<Result<Vec<_>>>()?;
-    let allow = if allow.is_empty() {
-        crate::export::nfs::NfsOptions::loopback_only()
-    } else {
-        allow
-            .iter()
-            .map(|a| {
-                a.parse::<ipnet::IpNet>()
-                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        Error::invalid(format!(
-                            "--nfs-allow {a:?}: expected a network (198.18.0.0/15) or an address"
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?
-    };
     // SAFETY: getuid/getgid cannot fail and touch no memory.
     let me = unsafe { (libc::getuid(), libc::getgid()) };
     Ok(Some(crate::export::nfs::NfsOptions {
         listen,
-        allow,
+        allow: allow.to_vec(),
         root_squash,
         anon: (65534, 65534),
         write_through,
@@ -107,4 +114,33 @@ pub(super) fn parse_owner(s: &str) -> Result<(u32, u32)> {
     };
     let gid = crate::api::peer::group_id(g).map_err(|e| e.context("--owner"))?;
     Ok((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_list_defaults_to_loopback_takes_networks_and_addresses_and_needs_a_network_export()
+    {
+        assert_eq!(
+            allow_list(&[], false).unwrap(),
+            crate::export::loopback_only()
+        );
+        let l = allow_list(&["198.18.0.0/15".into(), "192.0.2.7".into()], true).unwrap();
+        assert_eq!(
+            l,
+            [
+                "198.18.0.0/15".parse().unwrap(),
+                "192.0.2.7/32".parse().unwrap()
+            ]
+        );
+        let e = allow_list(&["198.18.0.0/99".into()], true).unwrap_err();
+        assert!(e.to_string().contains("expected a network"), "{e}");
+        let e = allow_list(&["198.18.0.0/15".into()], false).unwrap_err();
+        assert!(
+            e.to_string().contains("--allow needs a network export"),
+            "{e}"
+        );
+    }
 }

@@ -15,11 +15,33 @@ pub mod fuse;
 pub mod nbd;
 pub mod nfs;
 
+use std::net::IpAddr;
 use std::sync::Arc;
+
+use ipnet::IpNet;
 
 use crate::error::{Error, Result};
 use crate::placement::ExportPoint;
 use crate::session::Datastore;
+
+/// The default client networks of the network frontends: this host only.
+pub fn loopback_only() -> Vec<IpNet> {
+    vec![
+        "127.0.0.0/8".parse().expect("a network"),
+        "::1/128".parse().expect("a network"),
+    ]
+}
+
+/// Whether a client at `ip` is in the allowed networks (`--allow`; NFS
+/// and NBD over TCP check it the same way). An IPv4 client on a dual-stack
+/// socket shows as `::ffff:a.b.c.d` and is matched as `a.b.c.d`.
+pub fn allows(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
 
 /// The disks of one export point as NBD exports: `vm/diskN` for every
 /// disk of every session served there. An open export holds its session
@@ -79,5 +101,23 @@ impl nbd::Exports for DiskExports {
             .attach()
             .ok_or_else(|| Error::not_found(format!("VM {vm} is being released")))?;
         Ok((d, Box::new(held)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_listed_client_addresses_are_allowed() {
+        let l = loopback_only();
+        assert!(allows(&l, "127.0.0.1".parse().unwrap()));
+        assert!(allows(&l, "::1".parse().unwrap()));
+        assert!(allows(&l, "::ffff:127.0.0.9".parse().unwrap()));
+        assert!(!allows(&l, "198.18.0.2".parse().unwrap()));
+        assert!(!allows(&l, "::ffff:198.18.0.2".parse().unwrap()));
+        let net = vec!["198.18.0.0/15".parse().unwrap()];
+        assert!(allows(&net, "198.19.3.4".parse().unwrap()));
+        assert!(!allows(&net, "127.0.0.1".parse().unwrap()));
     }
 }

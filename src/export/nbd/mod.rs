@@ -27,6 +27,12 @@
 //! next `FLUSH` (on any connection) or at its own reply if it carried `FUA`;
 //! acknowledged writes without either may be lost on a crash until a flush.
 //!
+//! Access: over TCP only clients in the allowed networks (`--allow`) are
+//! served; any other is disconnected before the greeting (it learns nothing,
+//! not even the export names) and logged at most once a minute per host.
+//! A Unix socket appears with mode 0600. A client counts as a host of the
+//! export point only once it has chosen an export.
+//!
 //! Hostile or lost clients: every length read from the wire is bounded
 //! (options 64 KiB, READ/WRITE 32 MiB, in-flight payload per connection
 //! 256 MiB, block status work per request 1 GiB and 64 Ki extents); a
@@ -45,7 +51,7 @@
 
 use std::any::Any;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,8 +79,9 @@ pub trait Exports: Send + Sync + 'static {
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
     fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
-    /// A TCP client connected from `peer`: a guard kept while the
-    /// connection lasts (the export point counts its hosts this way).
+    /// A TCP client from `peer` chose an export: a guard kept while the
+    /// connection lasts (the export point counts its hosts this way; a
+    /// refused host, a probe or a listing is not one of them).
     fn connected(&self, _peer: std::net::IpAddr) -> Option<Box<dyn Any + Send>> {
         None
     }
@@ -98,6 +105,9 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
+    /// TCP clients outside `allow` (`--allow`) are disconnected at once,
+    /// before the greeting (a Unix socket is guarded by its mode, 0600).
+    ///
     /// Binds every listener now (so a busy port or a bad address is reported at once as a clear one-line
     /// crate::error::Error: e.g. "NBD address 127.0.0.1:10809 is already in use", "NBD address 10.9.9.9:10809 is not an address of this host"),
     /// then serves on `rt`. A Unix socket path that exists and nobody answers on is replaced; one a live server answers on is Busy.
@@ -105,6 +115,7 @@ impl NbdServer {
         rt: &tokio::runtime::Handle,
         listen: &[Listen],
         exports: Arc<dyn Exports>,
+        allow: &[ipnet::IpNet],
     ) -> crate::error::Result<NbdServer> {
         // Listeners register with the runtime's reactor.
         let _entered = rt.enter();
@@ -123,14 +134,30 @@ impl NbdServer {
         }
         let (stop, _) = watch::channel(false);
         let running = Arc::new(Running::default());
+        let access = Arc::new(Access {
+            allow: allow.to_vec(),
+            refused: crate::util::HostLogLimit::new(REFUSED_LOG_EVERY),
+        });
         let mut tcp_addrs = vec![];
         for (l, addr) in tcp {
             tcp_addrs.push(addr);
-            let task = accept_loop(l, exports.clone(), stop.subscribe(), running.enter());
+            let task = accept_loop(
+                l,
+                exports.clone(),
+                access.clone(),
+                stop.subscribe(),
+                running.enter(),
+            );
             rt.spawn(task.instrument(tracing::info_span!("nbd", listen = %addr)));
         }
         for (l, file) in unix.into_iter().zip(&sockets) {
-            let task = accept_loop(l, exports.clone(), stop.subscribe(), running.enter());
+            let task = accept_loop(
+                l,
+                exports.clone(),
+                access.clone(),
+                stop.subscribe(),
+                running.enter(),
+            );
             let span = tracing::info_span!("nbd", listen = %file.path.display());
             rt.spawn(task.instrument(span));
         }
@@ -263,12 +290,29 @@ fn tcp_bind_error(addr: SocketAddr, e: std::io::Error) -> Error {
 }
 
 /// Binds a Unix listener (in the runtime's context) after removing a dead
-/// socket left at `path`.
+/// socket left at `path`. The socket appears there with mode 0600: it is
+/// bound in a private directory (0700) next to `path`, given its mode, and
+/// only then linked into place, so that whatever the umask, no other user
+/// can connect in between.
 fn bind_unix(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)> {
     let ctx = || format!("NBD socket {}", path.display());
     remove_stale_socket(path)?;
-    let l = tokio::net::UnixListener::bind(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".nbd-")
+        .tempdir_in(dir)
+        .ctx(|| format!("create a private directory in {}", dir.display()))?;
+    let tmp = private.path().join("s");
+    let l = tokio::net::UnixListener::bind(&tmp).ctx(ctx)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .ctx(|| format!("set the mode of NBD socket {} to 0600", tmp.display()))?;
+    // A link, not a rename: a socket another server bound at `path` since
+    // the check above is not replaced.
+    std::fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
             Error::busy(format!("NBD socket {} is already in use", path.display()))
         }
         _ => Error::io(ctx(), e),
@@ -348,9 +392,39 @@ impl Acceptor for tokio::net::UnixListener {
     }
 }
 
+/// Who may connect over TCP, and the rate limit of the refusals' log.
+struct Access {
+    allow: Vec<ipnet::IpNet>,
+    refused: crate::util::HostLogLimit,
+}
+
+/// A refused host is logged at most this often (a scanner or a
+/// misconfigured hypervisor retries in a loop).
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl Access {
+    /// Whether a client at `ip` (None: a Unix socket) may be served; logs
+    /// a refusal.
+    fn admits(&self, ip: Option<std::net::IpAddr>, peer: &str) -> bool {
+        let Some(ip) = ip else { return true };
+        if crate::export::allows(&self.allow, ip) {
+            return true;
+        }
+        if let Some(held_back) = self.refused.check(ip, std::time::Instant::now()) {
+            tracing::warn!(
+                peer,
+                refused_since_last_line = held_back,
+                "NBD client refused: its address is not in the allowed networks (--allow)"
+            );
+        }
+        false
+    }
+}
+
 async fn accept_loop<L: Acceptor>(
     listener: L,
     exports: Arc<dyn Exports>,
+    access: Arc<Access>,
     mut stop: watch::Receiver<bool>,
     _running: Entered,
 ) {
@@ -360,14 +434,11 @@ async fn accept_loop<L: Acceptor>(
             _ = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = listener.next() => match r {
-                Ok((stream, peer, ip)) => {
-                    let held = ip.and_then(|ip| exports.connected(ip));
-                    let c = connection(stream, peer, exports.clone(), stop.clone());
-                    conns.spawn(async move {
-                        c.await;
-                        drop(held);
-                    });
-                }
+                // A refused client is dropped unanswered: it learns
+                // nothing, not even that this is an NBD server.
+                Ok((stream, peer, ip)) => if access.admits(ip, &peer) {
+                    conns.spawn(connection(stream, peer, ip, exports.clone(), stop.clone()));
+                },
                 Err(e) => accept_failed(e).await,
             },
         }
@@ -401,6 +472,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(if cfg!(test) { 3 } else
 async fn connection<S>(
     mut stream: S,
     peer: String,
+    ip: Option<std::net::IpAddr>,
     exports: Arc<dyn Exports>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -424,6 +496,8 @@ async fn connection<S>(
                 return;
             }
         };
+        // Only now a host of the export point (held to the end).
+        let _host = ip.and_then(|ip| exports.connected(ip));
         tracing::Span::current().record("export", n.name.as_str());
         tracing::info!(
             size = n.size,

@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use super::proto::*;
 use super::*;
 use crate::disk::{Extent, ExtentFlags, MemDisk};
+use crate::export::loopback_only;
 use client::{raw_tcp, read_greeting, Client, Reply};
 
 mod client;
@@ -234,7 +235,7 @@ fn serve(disks: Vec<(&str, Arc<dyn Disk>)>, more: &[Listen]) -> Harness {
     });
     let mut listen = vec![Listen::Tcp("127.0.0.1:0".parse().unwrap())];
     listen.extend_from_slice(more);
-    let server = NbdServer::start(rt.handle(), &listen, exports).unwrap();
+    let server = NbdServer::start(rt.handle(), &listen, exports, &loopback_only()).unwrap();
     let addr = server.tcp_addrs()[0];
     Harness {
         server: Some(server),

@@ -32,9 +32,9 @@
 //! it names the same file again (safe: release flushed the session, or
 //! poisoned its mirror so the disk's verifier changes).
 //!
-//! **Access.** Each export lists the client networks allowed to use it
-//! (default: loopback only); others get MNT3ERR_ACCES and RPC AUTH_TOOWEAK,
-//! and a log line. Root (and AUTH_NULL) callers are squashed to the
+//! **Access.** Only the client networks of `--allow` (shared with NBD;
+//! default: loopback only) are served; others get MNT3ERR_ACCES and RPC
+//! AUTH_TOOWEAK, and a log line. Root (and AUTH_NULL) callers are squashed to the
 //! anonymous user unless `--nfs-no-root-squash` (ESXi needs root). A client
 //! connection that reads or writes a VM's files holds that VM's session
 //! open: `release` refuses until the client disconnects.

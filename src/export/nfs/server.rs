@@ -32,7 +32,8 @@ const IN_FLIGHT: usize = 64;
 pub struct NfsOptions {
     /// Addresses with the port NFS and MOUNT are served on (111 too).
     pub listen: Vec<SocketAddr>,
-    /// Client addresses allowed to mount; everyone else is refused.
+    /// Client networks allowed to mount (`--allow`, shared with NBD);
+    /// everyone else is refused.
     pub allow: Vec<IpNet>,
     /// Map root (and AUTH_NULL) callers of other hosts to `anon`. Root on
     /// this host (loopback) can read staging anyway and is not squashed.
@@ -45,19 +46,8 @@ pub struct NfsOptions {
 }
 
 impl NfsOptions {
-    pub fn loopback_only() -> Vec<IpNet> {
-        vec![
-            "127.0.0.0/8".parse().expect("a network"),
-            "::1/128".parse().expect("a network"),
-        ]
-    }
-
     fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.allow.iter().any(|n| n.contains(&ip))
+        crate::export::allows(&self.allow, ip)
     }
 
     fn caller(&self, cred: &Cred, peer: IpAddr) -> Caller {
@@ -219,7 +209,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     if allowed {
         tracing::debug!(%peer, "NFS client connected");
     } else {
-        tracing::warn!(%peer, "NFS client refused: its address is not on the export's list (--nfs-allow)");
+        tracing::warn!(%peer, "NFS client refused: its address is not in the allowed networks (--allow)");
     }
     let conn = Arc::new(Conn::default());
     let (mut rd, mut wr) = s.into_split();
@@ -339,21 +329,12 @@ mod tests {
     fn opts() -> NfsOptions {
         NfsOptions {
             listen: vec![],
-            allow: NfsOptions::loopback_only(),
+            allow: crate::export::loopback_only(),
             root_squash: true,
             anon: (65534, 65534),
             write_through: false,
             owner: (0, 0),
         }
-    }
-
-    #[test]
-    fn only_listed_client_addresses_are_allowed() {
-        let o = opts();
-        assert!(o.allows("127.0.0.1".parse().unwrap()));
-        assert!(o.allows("::1".parse().unwrap()));
-        assert!(o.allows("::ffff:127.0.0.9".parse().unwrap()));
-        assert!(!o.allows("198.18.0.2".parse().unwrap()));
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn own_server() -> (OwnServer, Vec<u8>) {
             Listen::Tcp("127.0.0.1:0".parse().unwrap()),
         ],
         Arc::new(OneDisk(disk)),
+        &crate::export::loopback_only(),
     )
     .unwrap();
     let s = OwnServer {

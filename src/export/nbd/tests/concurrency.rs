@@ -144,7 +144,7 @@ fn a_busy_port_and_a_foreign_address_are_clear_errors() {
     });
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(addr)], exports.clone())
+    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(addr)], exports.clone(), &[])
         .err()
         .unwrap();
     assert_eq!(e.kind(), ErrorKind::Busy);
@@ -154,7 +154,7 @@ fn a_busy_port_and_a_foreign_address_are_clear_errors() {
     );
 
     let foreign: SocketAddr = "192.0.2.1:10809".parse().unwrap();
-    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(foreign)], exports)
+    let e = NbdServer::start(rt.handle(), &[Listen::Tcp(foreign)], exports, &[])
         .err()
         .unwrap();
     assert_eq!(
@@ -187,6 +187,7 @@ fn a_unix_socket_replaces_a_dead_one_refuses_a_live_one_and_is_removed_at_shutdo
         h.rt.handle(),
         &[Listen::Unix(path.clone())],
         exports.clone(),
+        &[],
     )
     .err()
     .unwrap();
@@ -198,9 +199,59 @@ fn a_unix_socket_replaces_a_dead_one_refuses_a_live_one_and_is_removed_at_shutdo
 
     // Anything that is not a socket is left alone.
     std::fs::write(&path, b"precious").unwrap();
-    let e = NbdServer::start(h.rt.handle(), &[Listen::Unix(path.clone())], exports)
+    let e = NbdServer::start(h.rt.handle(), &[Listen::Unix(path.clone())], exports, &[])
         .err()
         .unwrap();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+}
+
+#[test]
+fn a_unix_socket_appears_with_mode_0600_even_under_umask_0() {
+    // The umask is the process's: this runs in a process of its own, so
+    // that no other test creates files under umask 0 meanwhile.
+    const CHILD: &str = "RECOVERFS_TEST_UMASK_0";
+    let name = "a_unix_socket_appears_with_mode_0600_even_under_umask_0";
+    if std::env::var_os(CHILD).is_none() {
+        let module = module_path!().split_once("::").unwrap().1;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &format!("{module}::{name}"), "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    // SAFETY: umask touches no memory.
+    unsafe { libc::umask(0) };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let rt = runtime();
+    let exports: Arc<dyn Exports> = Arc::new(TestExports {
+        disks: vec![],
+        guards: Arc::new(AtomicUsize::new(0)),
+    });
+    let server =
+        NbdServer::start(rt.handle(), &[Listen::Unix(path.clone())], exports, &[]).unwrap();
+    // Mode at the path the moment start returns: the daemon publishes the
+    // socket's URL right after, and clients may connect at once.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::symlink_metadata(&path).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["nbd.sock"], "the private directory is left behind");
+    assert_eq!(
+        Client::unix(&path).go(EXPORT).unwrap_err().0,
+        REP_ERR_UNKNOWN
+    );
+    drop(server);
 }
