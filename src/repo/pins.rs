@@ -10,6 +10,10 @@
 //! chunks) and the base of its live backups (the next one reuses that
 //! base's chunks).
 //!
+//! A new session puts its pin before it stages anything, then checks
+//! that its backup still exists; `forget` deletes, then reads the pins
+//! again and puts back what was pinned meanwhile (see `repo::forget`).
+//!
 //! Writing a pin never stops a recovery: a repository that cannot be
 //! written is logged, and the session runs unpinned until the next write.
 

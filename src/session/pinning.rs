@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use super::{Datastore, Session};
+use crate::error::{Error, Result};
 use crate::repo::pins::{self, Pin};
+use crate::repo::Repository;
 
 /// How often a daemon checks that its sessions' backups still exist.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -25,6 +27,41 @@ impl Datastore {
 
     pub(crate) fn pin(&self, s: &Session, serving: bool) {
         pins::put_logged(&self.repo, &self.pin_of(s, serving));
+    }
+
+    /// Pins backup `id` of `vm` for a new session at `dir`, *then* checks
+    /// that the backup still exists: a `forget` that did not see the pin
+    /// deleted it before, so it is `NotFound` now and no session starts on
+    /// it (see `repo::forget`). The pin is removed again if the session
+    /// does not start (the guard is dropped without [`NewPin::keep`]).
+    pub(crate) fn pin_new_session<'a>(
+        &'a self,
+        vm: &str,
+        id: &str,
+        dir: &Path,
+    ) -> Result<NewPin<'a>> {
+        let pin = Pin::new(vm, vec![id.into()], dir, true);
+        if let Err(e) = pins::put(&self.repo, &pin) {
+            // As `put_logged`: the session's own pin is tried again.
+            tracing::warn!(
+                vm,
+                "could not pin the session's backup in the repository (forget may remove it): {e}"
+            );
+            return Ok(NewPin {
+                repo: &self.repo,
+                pin: None,
+            });
+        }
+        let guard = NewPin {
+            repo: &self.repo,
+            pin: Some(pin),
+        };
+        if !self.repo.has_manifest(vm, id)? {
+            return Err(Error::not_found(format!(
+                "backup {id} of VM {vm} was removed from the repository (forget) while this recovery started"
+            )));
+        }
+        Ok(guard)
     }
 
     /// Removes the pin of discarded staging at `dir`.
@@ -56,6 +93,28 @@ impl Datastore {
                 tracing::error!(vm = %s.vm, "{}", warning.as_deref().unwrap_or(""));
             }
             *w = warning;
+        }
+    }
+}
+
+/// The pin a new session put before it started; removed on drop unless
+/// the session started.
+pub(crate) struct NewPin<'a> {
+    repo: &'a Repository,
+    pin: Option<Pin>,
+}
+
+impl NewPin<'_> {
+    /// The session started: its pin stays.
+    pub(crate) fn keep(mut self) {
+        self.pin = None;
+    }
+}
+
+impl Drop for NewPin<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pin.take() {
+            pins::remove_logged(self.repo, &p);
         }
     }
 }
