@@ -5,6 +5,8 @@
 //! forgotten with `forget --force` says so in `status`.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{Datastore, Session};
 use crate::error::{Error, Result};
@@ -25,8 +27,23 @@ impl Datastore {
         Pin::new(&s.vm, backups, &s.dir, serving)
     }
 
+    /// Writes the pin of `s`; a failed write is owed (see `check_backups`).
     pub(crate) fn pin(&self, s: &Session, serving: bool) {
-        pins::put_logged(&self.repo, &self.pin_of(s, serving));
+        let written = pins::put_logged(&self.repo, &self.pin_of(s, serving));
+        s.pin_owed.store(!written, Ordering::Release);
+    }
+
+    /// Writes the pin a served session owes, unless an operation on its VM
+    /// (a live backup, a release) runs: that writes or removes the pin
+    /// itself, and this one must not land after it. Tried at each check.
+    fn repin(&self, s: &Arc<Session>) {
+        let op = self.vm_op(&s.vm);
+        let Some(_op) = op.try_lock() else {
+            return;
+        };
+        if self.session(&s.vm).is_some_and(|now| Arc::ptr_eq(&now, s)) {
+            self.pin(s, true);
+        }
     }
 
     /// Pins backup `id` of `vm` for a new session at `dir`, *then* checks
@@ -69,11 +86,16 @@ impl Datastore {
         pins::remove_logged(&self.repo, &Pin::new(vm, vec![backup.into()], dir, false));
     }
 
-    /// Looks for every served session's backups in the repository and
-    /// records a warning for each that is gone. A repository that does
-    /// not answer changes nothing.
+    /// Writes the pins served sessions owe, then looks for every served
+    /// session's backups in the repository and records a warning for each
+    /// that is gone. A repository that does not answer changes nothing.
+    /// Pin first: then a `forget` either sees the pin or deleted before
+    /// it, and this check finds that (see `repo::forget`).
     pub fn check_backups(&self) {
         for s in self.sessions() {
+            if s.pin_owed.load(Ordering::Acquire) {
+                self.repin(&s);
+            }
             let pin = self.pin_of(&s, true);
             let mut gone = vec![];
             for b in &pin.backups {

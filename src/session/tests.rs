@@ -145,6 +145,23 @@ fn a_session_whose_backup_is_forgotten_as_it_pins_it_serves_nothing() {
 }
 
 #[test]
+fn a_session_whose_pin_could_not_be_written_is_pinned_by_the_next_backup_check() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.knobs.unreachable("pins/");
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.knobs.reachable();
+    assert!(crate::repo::pins::of_vm(&r.repo, "vm").unwrap().is_empty());
+    r.ds.check_backups();
+    let pins = crate::repo::pins::of_vm(&r.repo, "vm").unwrap();
+    assert_eq!(pins.len(), 1);
+    assert_eq!(
+        (pins[0].backups.clone(), pins[0].state.as_str()),
+        (vec![b1], "serving")
+    );
+}
+
+#[test]
 fn a_transient_repository_error_never_hides_kept_staging() {
     let r = rig();
     let (b1, _) = backup(&r, "vm", 1, 8);
