@@ -448,6 +448,9 @@ mod tests {
                 .unwrap_err();
         assert!(e.to_string().contains("was not refreshed"), "{e}");
         assert!(r.backup_ids("vm1").unwrap().is_empty());
+        // Seen here first, the lapse is remembered all the same.
+        w.0.fresh.lock().last_ok = Instant::now();
+        assert!(w.check_fresh().is_err());
     }
 
     #[test]
