@@ -81,6 +81,8 @@ pub struct Session {
     upload_gate: Mutex<()>,
     /// Set when its backup is gone from the repository (`pinning`).
     backup_gone: Mutex<Option<String>>,
+    /// Its last pin write failed: `check_backups` writes it again.
+    pin_owed: AtomicBool,
 }
 
 #[derive(Default)]

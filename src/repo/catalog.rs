@@ -230,7 +230,7 @@ impl ChunkSink {
                     self.new_chunks += 1;
                     new
                 } else {
-                    repo.chunk_stored_size(&digest)?.unwrap_or(0)
+                    repo.existing_chunk_size(&digest)?
                 };
                 self.sizes.insert(digest, size);
             }

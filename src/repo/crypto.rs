@@ -42,6 +42,11 @@ const KEY_FORMAT: &str = "recoverfs-key";
 const KDF_M_KIB: u32 = 64 * 1024;
 const KDF_T: u32 = 3;
 const KDF_P: u32 = 1;
+/// The most a key file may ask for: a damaged or hostile one must not
+/// make a load allocate terabytes or run for days.
+const KDF_MAX_M_KIB: u32 = 1 << 20;
+const KDF_MAX_T: u32 = 16;
+const KDF_MAX_P: u32 = 16;
 
 /// A repository's keys, derived from its master key.
 #[derive(Clone)]
@@ -201,7 +206,33 @@ fn unhex(s: &str, what: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
+impl Kdf {
+    fn check(&self, what: &str) -> Result<()> {
+        let over = |name: &str, v: u32, max: u32| {
+            (v > max).then(|| {
+                Error::corrupt(format!(
+                    "{what} is damaged: KDF {name} {v} is over the bound {max}"
+                ))
+            })
+        };
+        if self.algorithm != "argon2id" {
+            return Err(Error::corrupt(format!(
+                "{what} is damaged: unknown KDF {:?}",
+                self.algorithm
+            )));
+        }
+        match over("m_cost_kib", self.m_cost_kib, KDF_MAX_M_KIB)
+            .or_else(|| over("t_cost", self.t_cost, KDF_MAX_T))
+            .or_else(|| over("p_cost", self.p_cost, KDF_MAX_P))
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 fn wrapping_key(passphrase: &str, kdf: &Kdf) -> Result<[u8; 32]> {
+    kdf.check("key file")?;
     let params = argon2::Params::new(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost, Some(32))
         .map_err(|e| Error::corrupt(format!("key file KDF parameters: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -296,6 +327,7 @@ pub fn load_key_file(path: &Path, passphrase: Option<&str>) -> Result<Keys> {
     let master = match (&f.key, &f.kdf, &f.wrapped) {
         (Some(k), _, _) => unhex(k, &what)?,
         (None, Some(kdf), Some(w)) => {
+            kdf.check(&what)?;
             let p = passphrase.ok_or_else(|| {
                 Error::invalid(format!(
                     "{what} is protected by a passphrase: set RECOVERFS_PASSPHRASE or give --passphrase-file"
@@ -386,6 +418,28 @@ mod tests {
         assert!(e.to_string().contains(&d.to_string()), "{e}");
         assert!(k.open_chunk(&k.chunk_id(b"other"), &mut s.clone()).is_err());
         assert!(Keys::generate().open_chunk(&d, &mut s.clone()).is_err());
+    }
+
+    #[test]
+    fn a_key_file_asking_for_a_4_tib_kdf_is_corrupt_before_any_derivation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        write_key_file(&p, &Keys::generate(), Some("pw")).unwrap();
+        let mut f: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f["kdf"]["m_cost_kib"] = u32::MAX.into();
+        std::fs::write(&p, serde_json::to_vec(&f).unwrap()).unwrap();
+        // Reported as damaged even before a passphrase is asked for, and
+        // never derived with (that would allocate 4 TiB).
+        for pw in [None, Some("pw")] {
+            let e = load_key_file(&p, pw).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            assert!(e.to_string().contains("m_cost_kib"), "{e}");
+        }
+        f["kdf"]["m_cost_kib"] = KDF_M_KIB.into();
+        f["kdf"]["t_cost"] = u32::MAX.into();
+        std::fs::write(&p, serde_json::to_vec(&f).unwrap()).unwrap();
+        let e = load_key_file(&p, None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     }
 
     #[test]

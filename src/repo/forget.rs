@@ -9,6 +9,22 @@
 //! A manifest that cannot be read is kept and said so: its time, and
 //! whether anything uses it, are unknown.
 //!
+//! A session may start while forget runs: the pins are read when forget
+//! decides, and reading every manifest takes minutes on S3. So a daemon
+//! puts its pin *then* checks that the manifest still exists
+//! (`Datastore::pin_new_session`), and forget deletes *then* reads the
+//! pins again, putting back what a session pinned meanwhile. Each side
+//! writes before it reads, so one of them sees the other: if forget's
+//! second read misses the pin, the pin was put after the delete, and the
+//! daemon's check (later still) finds the manifest gone and serves
+//! nothing. Otherwise forget puts the manifest back. A daemon that
+//! checks in that short gap sees it gone and fails the recovery (it can
+//! be retried); one that found it before the delete is kept by the put
+//! back. (Reading the pins again only *before* deleting would leave a
+//! window: pin put and manifest found between that read and the delete.)
+//! Deleting and putting back happen under a writer lock (`repo::locks`),
+//! so gc sweeps nothing in between.
+//!
 //! File backups (`files/<vm>/<id>-files.json`, `repo::catalog`) are
 //! their own series: the policy applies to a VM's disk backups and,
 //! separately, to its file backups, as Proxmox Backup Server keeps one
@@ -22,9 +38,15 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use super::locks::WriterLock;
 use super::retention::{self, Candidate, Policy};
 use super::{pins, Repository};
 use crate::error::Result;
+
+/// Backups removed, and their bytes held to put one back, at a time.
+const REMOVE_BATCH: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct ForgetOptions {
@@ -89,7 +111,7 @@ pub struct BackupDecision {
     pub forced_from: Vec<String>,
 }
 
-pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport> {
+pub fn forget(repo: &Arc<Repository>, opts: &ForgetOptions) -> Result<ForgetReport> {
     opts.policy.check()?;
     let vms = vms(repo, opts.vm.as_deref())?;
     // Decide everything before removing anything.
@@ -105,21 +127,87 @@ pub fn forget(repo: &Repository, opts: &ForgetOptions) -> Result<ForgetReport> {
         kept: 0,
         removed: 0,
     };
-    for v in &report.vms {
-        let gone: Vec<String> = v
-            .backups
-            .iter()
-            .filter(|b| !b.keep)
-            .map(|b| b.kind.key(&v.vm, &b.id))
-            .collect();
-        report.removed += gone.len() as u64;
-        report.kept += (v.backups.len() - gone.len()) as u64;
-        if !opts.dry_run && !gone.is_empty() {
-            repo.backend().delete_many(&gone)?;
-            tracing::info!(vm = %v.vm, removed = gone.len(), "forgot backups");
+    let lock = match opts.dry_run {
+        true => None,
+        false => Some(WriterLock::acquire(repo, "forget")?),
+    };
+    for v in &mut report.vms {
+        if let Some(lock) = &lock {
+            remove(repo, lock, &v.vm, &mut v.backups, opts.force)?;
         }
+        let removed = v.backups.iter().filter(|b| !b.keep).count();
+        report.removed += removed as u64;
+        report.kept += (v.backups.len() - removed) as u64;
     }
     Ok(report)
+}
+
+/// Deletes the backups of `vm` decided `!keep`, then puts back any that a
+/// session pinned meanwhile (see the module doc), marking it kept.
+fn remove(
+    repo: &Repository,
+    lock: &WriterLock,
+    vm: &str,
+    backups: &mut [BackupDecision],
+    force: bool,
+) -> Result<()> {
+    let gone: Vec<usize> = (0..backups.len()).filter(|&i| !backups[i].keep).collect();
+    for batch in gone.chunks(REMOVE_BATCH) {
+        let keys: Vec<String> = batch
+            .iter()
+            .map(|&i| backups[i].kind.key(vm, &backups[i].id))
+            .collect();
+        let mut bodies = vec![];
+        for (&i, key) in batch.iter().zip(&keys) {
+            let limit = match backups[i].kind {
+                BackupKind::Disk => super::limits::MAX_MANIFEST_BYTES,
+                BackupKind::Files => super::catalog::MAX_CATALOG_BYTES,
+            };
+            bodies.push(repo.backend().get(key, limit)?);
+        }
+        repo.backend().delete_many(&keys)?;
+        tracing::info!(vm, removed = keys.len(), "forgot backups");
+        if force {
+            continue;
+        }
+        let users = users_of(repo, vm).map_err(|e| {
+            e.context(format!(
+                "backups of VM {vm} were removed, but the pins could not be read again: a recovery session started meanwhile may have lost its backup"
+            ))
+        })?;
+        for ((&i, key), body) in batch.iter().zip(&keys).zip(bodies) {
+            let b = &mut backups[i];
+            let (Some(u), Some(body)) = (users.get(&b.id), body) else {
+                continue;
+            };
+            repo.backend().put(key, &body).map_err(|e| {
+                e.context(format!(
+                    "put back backup {} of VM {vm}, pinned by a session while forget ran",
+                    b.id
+                ))
+            })?;
+            b.keep = true;
+            b.reason = format!("{}, pinned while forget ran: put back", u.join("; "));
+            tracing::warn!(vm, backup = %b.id, "a recovery session pinned a backup while forget removed it: put back");
+        }
+    }
+    // Nothing put back counts unless gc was kept away all along.
+    lock.check_fresh().map_err(|e| {
+        e.context(format!(
+            "forget of VM {vm}: backups put back may miss chunks"
+        ))
+    })
+}
+
+/// Per backup id, why sessions use it (their pins).
+fn users_of(repo: &Repository, vm: &str) -> Result<HashMap<String, Vec<String>>> {
+    let mut users: HashMap<String, Vec<String>> = HashMap::new();
+    for pin in pins::of_vm(repo, vm)? {
+        for b in &pin.backups {
+            users.entry(b.clone()).or_default().push(pin.reason());
+        }
+    }
+    Ok(users)
 }
 
 /// The VMs with disk or file backups (or the one asked for, if it has
@@ -142,12 +230,7 @@ fn vms(repo: &Repository, vm: Option<&str>) -> Result<Vec<String>> {
 }
 
 fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForget> {
-    let mut users: HashMap<String, Vec<String>> = HashMap::new();
-    for pin in pins::of_vm(repo, vm)? {
-        for b in &pin.backups {
-            users.entry(b.clone()).or_default().push(pin.reason());
-        }
-    }
+    let users = users_of(repo, vm)?;
     let mut backups = decide_series(repo, vm, BackupKind::Disk, &users, opts)?;
     backups.extend(decide_series(repo, vm, BackupKind::Files, &users, opts)?);
     Ok(VmForget {

@@ -34,7 +34,10 @@
 //! killed process and is ignored (host clocks must agree to within a few
 //! minutes). A holder that could not refresh for half of [`STALE`] (it
 //! was stopped, or the store was unreachable) no longer trusts its lock:
-//! a writer refuses to publish, a collector stops sweeping.
+//! a writer refuses to publish, a collector stops sweeping. That is for
+//! good, not until the next successful refresh: during the gap another
+//! party may have taken the lock for dead (a collector swept chunks the
+//! writer had counted on), and a fresh lock object cannot undo that.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,7 +146,7 @@ pub fn holders(repo: &Repository, kind: LockKind, except: Option<&str>) -> Resul
 struct Held {
     repo: Arc<Repository>,
     key: String,
-    last_ok: Arc<Mutex<Instant>>,
+    fresh: Arc<Mutex<Freshness>>,
     /// Dropped to stop the refresh thread at once.
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -163,35 +166,67 @@ impl Held {
         repo.backend()
             .put(&key, &body)
             .map_err(|e| e.context("take a repository lock"))?;
-        let last_ok = Arc::new(Mutex::new(Instant::now()));
+        let fresh = Arc::new(Mutex::new(Freshness {
+            last_ok: Instant::now(),
+            lapsed: None,
+        }));
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = {
-            let (repo, key, last_ok) = (repo.clone(), key.clone(), last_ok.clone());
+            let (repo, key, fresh) = (repo.clone(), key.clone(), fresh.clone());
             std::thread::Builder::new()
                 .name("repo-lock".into())
-                .spawn(move || refresh_loop(&repo, &key, &body, &last_ok, &stopped))
+                .spawn(move || refresh_loop(&repo, &key, &body, &fresh, &stopped))
                 .map_err(|e| Error::io("start the lock refresh thread", e))?
         };
         Ok(Held {
             repo: repo.clone(),
             key,
-            last_ok,
+            fresh,
             stop: Some(stop),
             thread: Some(thread),
         })
     }
 
-    /// Whether the lock was refreshed recently enough to be trusted.
+    /// Whether the lock was refreshed recently enough, and every time
+    /// since it was taken, to be trusted.
     fn check_fresh(&self) -> Result<()> {
-        let since = self.last_ok.lock().elapsed();
-        if since > STALE / 2 {
+        let mut f = self.fresh.lock();
+        if let Some(gap) = f.lapsed {
+            return Err(Error::busy(format!(
+                "the repository lock {} once went {} s without a refresh (process stopped or store unreachable): others may have taken it for dead meanwhile, so it is not trusted again",
+                self.key,
+                gap.as_secs()
+            )));
+        }
+        if let Some(gap) = f.note_gap() {
             return Err(Error::busy(format!(
                 "the repository lock {} was not refreshed for {} s (process stopped or store unreachable): others may have taken it for dead",
                 self.key,
-                since.as_secs()
+                gap.as_secs()
             )));
         }
         Ok(())
+    }
+}
+
+/// When a held lock was last rewritten, and whether it ever went too long
+/// without (then it stays untrusted: see the module doc).
+struct Freshness {
+    last_ok: Instant,
+    /// The first gap longer than `STALE / 2` seen.
+    lapsed: Option<Duration>,
+}
+
+impl Freshness {
+    /// Records a lapse if the time since the last rewrite is too long;
+    /// returns it if this call is the one that found it.
+    fn note_gap(&mut self) -> Option<Duration> {
+        let since = self.last_ok.elapsed();
+        if since > STALE / 2 && self.lapsed.is_none() {
+            self.lapsed = Some(since);
+            return self.lapsed;
+        }
+        None
     }
 }
 
@@ -199,15 +234,31 @@ fn refresh_loop(
     repo: &Repository,
     key: &str,
     body: &[u8],
-    last_ok: &Mutex<Instant>,
+    fresh: &Mutex<Freshness>,
     stopped: &crossbeam_channel::Receiver<()>,
 ) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
-        let started = Instant::now();
-        match repo.backend().put(key, body) {
-            Ok(()) => *last_ok.lock() = started,
-            Err(e) => tracing::warn!(key, "could not refresh a repository lock: {e}"),
-        }
+        refresh_once(repo, key, body, fresh);
+    }
+}
+
+/// One rewrite of the lock object. The gap is measured once the write is
+/// done, before `last_ok` moves on, so a lapse is seen even if nobody
+/// called `check_fresh` during it.
+fn refresh_once(repo: &Repository, key: &str, body: &[u8], fresh: &Mutex<Freshness>) {
+    let started = Instant::now();
+    let put = repo.backend().put(key, body);
+    let mut f = fresh.lock();
+    if let Some(gap) = f.note_gap() {
+        tracing::warn!(
+            key,
+            "a repository lock was not refreshed for {} s: it is no longer trusted",
+            gap.as_secs()
+        );
+    }
+    match put {
+        Ok(()) => f.last_ok = started,
+        Err(e) => tracing::warn!(key, "could not refresh a repository lock: {e}"),
     }
 }
 
@@ -391,12 +442,35 @@ mod tests {
         let w = WriterLock::acquire(&r, "vm1").unwrap();
         w.check_fresh().unwrap();
         // As if the process had been stopped for six minutes.
-        *w.0.last_ok.lock() = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+        w.0.fresh.lock().last_ok = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
         let e =
             super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
                 .unwrap_err();
         assert!(e.to_string().contains("was not refreshed"), "{e}");
         assert!(r.backup_ids("vm1").unwrap().is_empty());
+        // Seen here first, the lapse is remembered all the same.
+        w.0.fresh.lock().last_ok = Instant::now();
+        assert!(w.check_fresh().is_err());
+    }
+
+    #[test]
+    fn a_writer_whose_lock_lapsed_publishes_nothing_even_after_a_later_refresh() {
+        let (_d, r) = repo();
+        let w = WriterLock::acquire(&r, "vm1").unwrap();
+        // Stopped for six minutes: a collector elsewhere may have taken the
+        // lock for dead and swept chunks this writer already counted on.
+        w.0.fresh.lock().last_ok = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+        // The process resumes and its refresh thread rewrites the lock.
+        let body = r.backend().get(&w.0.key, 4096).unwrap().unwrap();
+        refresh_once(&r, &w.0.key, &body, &w.0.fresh);
+        let e =
+            super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+                .unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+        assert!(r.backup_ids("vm1").unwrap().is_empty());
+        // And stays distrusted: a lapse is never forgiven.
+        refresh_once(&r, &w.0.key, &body, &w.0.fresh);
+        assert!(w.check_fresh().is_err());
     }
 
     #[test]

@@ -60,6 +60,13 @@ impl DiskManifest {
                 super::limits::MAX_DISK_BYTES
             )));
         }
+        // Before chunk_count, which divides by it.
+        super::chunk::validate_chunk_size(self.chunk_size as u64).map_err(|_| {
+            Error::corrupt(format!(
+                "disk {} has invalid chunk size {}",
+                self.name, self.chunk_size
+            ))
+        })?;
         let expect = Self::chunk_count(self.size, self.chunk_size);
         if self.chunks.len() != expect {
             return Err(Error::corrupt(format!(
@@ -68,12 +75,6 @@ impl DiskManifest {
                 self.chunks.len()
             )));
         }
-        super::chunk::validate_chunk_size(self.chunk_size as u64).map_err(|_| {
-            Error::corrupt(format!(
-                "disk {} has invalid chunk size {}",
-                self.name, self.chunk_size
-            ))
-        })?;
         Ok(())
     }
 }
@@ -192,6 +193,15 @@ mod tests {
         let mut m = sample();
         m.disks[0].size = crate::repo::limits::MAX_DISK_BYTES + 1;
         assert!(Manifest::decode(&m.encode().unwrap(), "x").is_err());
+    }
+
+    #[test]
+    fn a_manifest_with_chunk_size_zero_is_corrupt_not_a_panic() {
+        let mut m = sample();
+        m.disks[0].chunk_size = 0;
+        let e = Manifest::decode(&m.encode().unwrap(), "x").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        assert!(e.to_string().contains("invalid chunk size 0"), "{e}");
     }
 
     #[test]

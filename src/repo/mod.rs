@@ -477,6 +477,17 @@ impl Repository {
         self.backend.size(&d.key())
     }
 
+    /// Stored size of a chunk a backup found, or relies on: one that is
+    /// not there is an error, since a manifest naming it would not read.
+    pub fn existing_chunk_size(&self, d: &Digest) -> Result<u64> {
+        self.chunk_stored_size(d)?.ok_or_else(|| {
+            Error::corrupt(format!(
+                "chunk {} is missing from the repository although a backup relies on it (removed by a gc that did not see the backup's lock?); nothing was published: run the backup again, then verify",
+                d.to_hex()
+            ))
+        })
+    }
+
     /// Reads and verifies a chunk. `what` names the chunk's place (VM,
     /// backup, disk, block) for the error. Returns plain bytes and the
     /// number of bytes transferred from the repository.

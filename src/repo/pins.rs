@@ -10,8 +10,13 @@
 //! chunks) and the base of its live backups (the next one reuses that
 //! base's chunks).
 //!
+//! A new session puts its pin before it stages anything, then checks
+//! that its backup still exists; `forget` deletes, then reads the pins
+//! again and puts back what was pinned meanwhile (see `repo::forget`).
+//!
 //! Writing a pin never stops a recovery: a repository that cannot be
-//! written is logged, and the session runs unpinned until the next write.
+//! written is logged, and a served session's daemon writes the pin again
+//! at its next check of the session's backups (`session::pinning`).
 
 use serde::{Deserialize, Serialize};
 
@@ -80,11 +85,14 @@ pub fn remove(repo: &Repository, pin: &Pin) -> Result<()> {
     repo.backend().delete(&pin.key())
 }
 
-/// `put`/`remove`, logged instead of failing (see the module docs).
-pub fn put_logged(repo: &Repository, pin: &Pin) {
-    if let Err(e) = put(repo, pin) {
-        tracing::warn!(vm = %pin.vm, "could not pin the session's backups in the repository (forget may remove them): {e}");
+/// `put`/`remove`, logged instead of failing (see the module docs);
+/// whether the pin was written.
+pub fn put_logged(repo: &Repository, pin: &Pin) -> bool {
+    let r = put(repo, pin);
+    if let Err(e) = &r {
+        tracing::warn!(vm = %pin.vm, "could not pin the session's backups in the repository (forget may remove them until it is written again): {e}");
     }
+    r.is_ok()
 }
 
 pub fn remove_logged(repo: &Repository, pin: &Pin) {

@@ -25,12 +25,17 @@ pub struct Knobs {
     panic_next: Arc<AtomicBool>,
     /// Keys containing one of these fail as if the store did not answer.
     unreachable: Arc<Mutex<Vec<String>>>,
+    /// Run once, just before the first access of a key containing the
+    /// string: another party's step, taken at a chosen point.
+    hooks: Arc<Mutex<Vec<(String, Hook)>>>,
     /// Chunk objects read so far.
     chunk_reads: Arc<AtomicU64>,
     /// Chunk reads in progress, and the most there ever were at once.
     chunk_reads_now: Arc<AtomicU64>,
     chunk_reads_peak: Arc<AtomicU64>,
 }
+
+type Hook = Box<dyn FnOnce() + Send>;
 
 /// What a read waits for before it reaches the directory.
 struct Wait {
@@ -108,8 +113,24 @@ impl Knobs {
         self.unreachable.lock().clear();
     }
 
+    /// Runs `f` once, just before the first access of a key containing
+    /// `part` (the access then sees what `f` did).
+    pub fn before_first(&self, part: &str, f: impl FnOnce() + Send + 'static) {
+        self.hooks.lock().push((part.into(), Box::new(f)));
+    }
+
     /// The failures and waits the knobs give an access of `key`.
     fn check(&self, key: &str) -> Result<Wait> {
+        let due: Vec<Hook> = {
+            let mut hooks = self.hooks.lock();
+            let (due, rest) = std::mem::take(&mut *hooks)
+                .into_iter()
+                .partition(|(p, _)| key.contains(p.as_str()));
+            *hooks = rest;
+            due.into_iter().map(|(_, f)| f).collect()
+        };
+        // Outside the lock: a hook may use this backend itself.
+        due.into_iter().for_each(|f| f());
         if self
             .unreachable
             .lock()

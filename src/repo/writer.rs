@@ -344,7 +344,7 @@ pub fn stored_bytes_after(
     let size = |d: &Digest| -> Result<u64> {
         match known.get(d) {
             Some(n) => Ok(*n),
-            None => Ok(repo.chunk_stored_size(d)?.unwrap_or(0)),
+            None => repo.existing_chunk_size(d),
         }
     };
     let mut total = base.stored_bytes;
@@ -414,7 +414,7 @@ fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
     let stored_size = if new_bytes > 0 {
         new_bytes
     } else {
-        repo.chunk_stored_size(&digest)?.unwrap_or(0)
+        repo.existing_chunk_size(&digest)?
     };
     Ok(Outcome::Stored {
         digest,
@@ -523,6 +523,63 @@ mod tests {
                 None => assert!(want.iter().all(|&b| b == 0), "chunk {i}"),
             }
         }
+    }
+
+    /// A repository behind test knobs, with one chunk stored; its digest.
+    fn repo_with_a_chunk(
+        d: &tempfile::TempDir,
+    ) -> (Arc<Repository>, super::super::testing::Knobs, Digest) {
+        let path = d.path().join("r");
+        Repository::open_or_create(path.to_str().unwrap()).unwrap();
+        let knobs = super::super::testing::Knobs::default();
+        let backend = super::super::testing::TestBackend::new(&path, knobs.clone());
+        let repo = Repository::open_backend(Box::new(backend)).unwrap();
+        let data = vec![7u8; 65536];
+        let st = store_chunk(&repo, &data).unwrap();
+        let Outcome::Stored { digest, .. } = st else {
+            panic!("not zeros")
+        };
+        (repo, knobs, digest)
+    }
+
+    #[test]
+    fn a_chunk_that_vanishes_after_a_backup_found_it_is_an_error_not_size_zero() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, knobs, digest) = repo_with_a_chunk(&d);
+        // Found (exists), then removed before its size is asked: by a
+        // collector that did not see this writer's lock.
+        let (key, again, dir) = (digest.key(), knobs.clone(), d.path().join("r"));
+        knobs.before_first(&key.clone(), move || {
+            again.before_first(&key.clone(), move || {
+                use super::super::backend::Backend;
+                super::super::backend::LocalDir::new(&dir)
+                    .delete(&key)
+                    .unwrap()
+            })
+        });
+        let e = store_chunk(&repo, &[7u8; 65536]).err().unwrap();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains(&digest.to_hex()), "{e}");
+    }
+
+    #[test]
+    fn a_base_chunk_missing_from_the_repository_is_an_error_in_stored_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _knobs, digest) = repo_with_a_chunk(&d);
+        let base = DiskManifest {
+            name: "disk0".into(),
+            size: 2 * 65536,
+            chunk_size: 65536,
+            chunks: [Some(digest), Some(Digest::of(b"never stored"))]
+                .into_iter()
+                .collect(),
+            stored_bytes: 100,
+            new_bytes: 0,
+        };
+        // Both chunks rewritten as zeros: each old one's size is asked.
+        let e = stored_bytes_after(&repo, &base, &ChunkIndex::zeros(2), &Default::default())
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
     }
 
     #[test]

@@ -5,9 +5,13 @@
 //! forgotten with `forget --force` says so in `status`.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{Datastore, Session};
+use crate::error::{Error, Result};
 use crate::repo::pins::{self, Pin};
+use crate::repo::Repository;
 
 /// How often a daemon checks that its sessions' backups still exist.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -23,8 +27,58 @@ impl Datastore {
         Pin::new(&s.vm, backups, &s.dir, serving)
     }
 
+    /// Writes the pin of `s`; a failed write is owed (see `check_backups`).
     pub(crate) fn pin(&self, s: &Session, serving: bool) {
-        pins::put_logged(&self.repo, &self.pin_of(s, serving));
+        let written = pins::put_logged(&self.repo, &self.pin_of(s, serving));
+        s.pin_owed.store(!written, Ordering::Release);
+    }
+
+    /// Writes the pin a served session owes, unless an operation on its VM
+    /// (a live backup, a release) runs: that writes or removes the pin
+    /// itself, and this one must not land after it. Tried at each check.
+    fn repin(&self, s: &Arc<Session>) {
+        let op = self.vm_op(&s.vm);
+        let Some(_op) = op.try_lock() else {
+            return;
+        };
+        if self.session(&s.vm).is_some_and(|now| Arc::ptr_eq(&now, s)) {
+            self.pin(s, true);
+        }
+    }
+
+    /// Pins backup `id` of `vm` for a new session at `dir`, *then* checks
+    /// that the backup still exists: a `forget` that did not see the pin
+    /// deleted it before, so it is `NotFound` now and no session starts on
+    /// it (see `repo::forget`). The pin is removed again if the session
+    /// does not start (the guard is dropped without [`NewPin::keep`]).
+    pub(crate) fn pin_new_session<'a>(
+        &'a self,
+        vm: &str,
+        id: &str,
+        dir: &Path,
+    ) -> Result<NewPin<'a>> {
+        let pin = Pin::new(vm, vec![id.into()], dir, true);
+        if let Err(e) = pins::put(&self.repo, &pin) {
+            // As `put_logged`: the session's own pin is tried again.
+            tracing::warn!(
+                vm,
+                "could not pin the session's backup in the repository (forget may remove it): {e}"
+            );
+            return Ok(NewPin {
+                repo: &self.repo,
+                pin: None,
+            });
+        }
+        let guard = NewPin {
+            repo: &self.repo,
+            pin: Some(pin),
+        };
+        if !self.repo.has_manifest(vm, id)? {
+            return Err(Error::not_found(format!(
+                "backup {id} of VM {vm} was removed from the repository (forget) while this recovery started"
+            )));
+        }
+        Ok(guard)
     }
 
     /// Removes the pin of discarded staging at `dir`.
@@ -32,11 +86,16 @@ impl Datastore {
         pins::remove_logged(&self.repo, &Pin::new(vm, vec![backup.into()], dir, false));
     }
 
-    /// Looks for every served session's backups in the repository and
-    /// records a warning for each that is gone. A repository that does
-    /// not answer changes nothing.
+    /// Writes the pins served sessions owe, then looks for every served
+    /// session's backups in the repository and records a warning for each
+    /// that is gone. A repository that does not answer changes nothing.
+    /// Pin first: then a `forget` either sees the pin or deleted before
+    /// it, and this check finds that (see `repo::forget`).
     pub fn check_backups(&self) {
         for s in self.sessions() {
+            if s.pin_owed.load(Ordering::Acquire) {
+                self.repin(&s);
+            }
             let pin = self.pin_of(&s, true);
             let mut gone = vec![];
             for b in &pin.backups {
@@ -56,6 +115,28 @@ impl Datastore {
                 tracing::error!(vm = %s.vm, "{}", warning.as_deref().unwrap_or(""));
             }
             *w = warning;
+        }
+    }
+}
+
+/// The pin a new session put before it started; removed on drop unless
+/// the session started.
+pub(crate) struct NewPin<'a> {
+    repo: &'a Repository,
+    pin: Option<Pin>,
+}
+
+impl NewPin<'_> {
+    /// The session started: its pin stays.
+    pub(crate) fn keep(mut self) {
+        self.pin = None;
+    }
+}
+
+impl Drop for NewPin<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pin.take() {
+            pins::remove_logged(self.repo, &p);
         }
     }
 }

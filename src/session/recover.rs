@@ -1,6 +1,8 @@
 //! Starting (or resuming) a recovery session: choose the backup (kept
-//! staging first), place it on an export point, open its staging, build
-//! its volumes, mark it active, pin its backup and start its prefetch.
+//! staging first), place it on an export point, pin a new session's
+//! backup and check it is still there (`repo::forget` says why), open its
+//! staging, build its volumes, mark it active, pin its backups and start
+//! its prefetch.
 //! The order is what makes a crash at any point safe: the session is
 //! marked active (served again by a restarted daemon) only once its
 //! staging is complete on disk (`open_session` writes `session.json`
@@ -104,8 +106,15 @@ impl Datastore {
             skipped,
             kept,
         } = chosen;
+        let new = kept.is_none();
         let staging = kept.unwrap_or_else(|| point.staging.clone());
         let dir = staging.session_dir(vm, &manifest.id);
+        // Before anything is staged. Kept staging has its pin from when
+        // it was released, and serves from its own copy of the manifest.
+        let new_pin = match new {
+            true => Some(self.pin_new_session(vm, &manifest.id, &dir)?),
+            false => None,
+        };
         let storage = staging.storage().clone();
         let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
         let backup_base = backup::load_base(storage.as_ref(), &dir, &manifest)?;
@@ -164,6 +173,7 @@ impl Datastore {
             upload: Mutex::new(None),
             upload_gate: Mutex::new(()),
             backup_gone: Mutex::new(None),
+            pin_owed: AtomicBool::new(false),
         });
         // Served from now on, at this export point, also by a daemon
         // restarted after a crash.
@@ -177,6 +187,9 @@ impl Datastore {
             &serde_json::to_vec(&record).expect("json"),
         )?;
         self.pin(&session, true);
+        if let Some(p) = new_pin {
+            p.keep();
+        }
         self.start_prefetch(&session);
         upload::resume(&self.repo, &session);
         self.sessions.write().insert(vm.into(), session.clone());

@@ -127,6 +127,41 @@ fn disk(r: &Rig, vm: &str) -> Arc<Volume> {
 }
 
 #[test]
+fn a_session_whose_backup_is_forgotten_as_it_pins_it_serves_nothing() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    // forget read the pins (none) before this session's pin, and deletes
+    // the manifest just as the pin is put: gc may sweep its chunks next.
+    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
+    let key = format!("backups/vm/{b1}.json");
+    r.knobs.before_first("pins/vm/", move || {
+        use crate::repo::backend::Backend;
+        plain.delete(&key).unwrap()
+    });
+    let e = r.ds.recover("vm", Some(&b1)).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+    assert!(r.ds.session("vm").is_none());
+    assert!(crate::repo::pins::of_vm(&r.repo, "vm").unwrap().is_empty());
+}
+
+#[test]
+fn a_session_whose_pin_could_not_be_written_is_pinned_by_the_next_backup_check() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.knobs.unreachable("pins/");
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.knobs.reachable();
+    assert!(crate::repo::pins::of_vm(&r.repo, "vm").unwrap().is_empty());
+    r.ds.check_backups();
+    let pins = crate::repo::pins::of_vm(&r.repo, "vm").unwrap();
+    assert_eq!(pins.len(), 1);
+    assert_eq!(
+        (pins[0].backups.clone(), pins[0].state.as_str()),
+        (vec![b1], "serving")
+    );
+}
+
+#[test]
 fn a_transient_repository_error_never_hides_kept_staging() {
     let r = rig();
     let (b1, _) = backup(&r, "vm", 1, 8);

@@ -236,6 +236,61 @@ fn a_backup_a_session_pins_is_kept_unless_forced() {
     assert_eq!(repo.backup_ids("vm").unwrap(), vec![new.id]);
 }
 
+#[test]
+fn a_session_pinned_while_forget_decides_keeps_its_backup() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r");
+    let (plain, _) = Repository::open_or_create(path.to_str().unwrap()).unwrap();
+    let knobs = crate::repo::testing::Knobs::default();
+    let repo = Repository::open_backend(Box::new(crate::repo::testing::TestBackend::new(
+        &path,
+        knobs.clone(),
+    )))
+    .unwrap();
+    let old = backup_at(&repo, "vm", DAY0);
+    let new = backup_at(&repo, "vm", DAY0 + DAY);
+    // forget has read the pins (none) and reads the manifests, minutes on
+    // S3: meanwhile a daemon recovers from `old`. Its pin lands just
+    // before forget reads old's manifest, and its check for the manifest
+    // finds it, since nothing is deleted yet.
+    let pin = crate::repo::pins::Pin::new("vm", vec![old.id.clone()], d.path(), true);
+    knobs.before_first(&format!("backups/vm/{}.json", old.id), move || {
+        crate::repo::pins::put(&plain, &pin).unwrap()
+    });
+    let opts = ForgetOptions {
+        vm: Some("vm".into()),
+        policy: Policy {
+            last: 1,
+            ..Default::default()
+        },
+        dry_run: false,
+        force: false,
+    };
+    let r = forget(&repo, &opts).unwrap();
+    assert_eq!(
+        repo.backup_ids("vm").unwrap(),
+        vec![old.id.clone(), new.id],
+        "the session's backup is still there"
+    );
+    assert_eq!((r.removed, r.kept), (0, 2));
+    let b = r.vms[0].backups.iter().find(|b| b.id == old.id).unwrap();
+    assert!(
+        b.keep && b.reason.contains("used by a live recovery session"),
+        "{b:?}"
+    );
+    // Its chunks survive gc, and it reads back whole.
+    collect(
+        &repo,
+        &[MANIFESTS],
+        GcOptions {
+            dry_run: false,
+            wait: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    verify_all(&repo);
+}
+
 /// A file backup of `vm` at `unix`: one file shared by every backup of
 /// the VM, one of the day's own.
 fn file_backup_at(repo: &Arc<Repository>, vm: &str, unix: u64) -> Catalog {

@@ -29,7 +29,7 @@ fn new_repo(d: &tempfile::TempDir) -> Arc<Repository> {
         .0
 }
 
-fn keep_last(repo: &Repository, n: u32) {
+fn keep_last(repo: &Arc<Repository>, n: u32) {
     forget(
         repo,
         &ForgetOptions {
