@@ -275,6 +275,7 @@ impl MountedDatastore {
             opts.fuse_passthrough,
         );
         let inodes = fs.inodes();
+        let notifier_slot = fs.notifier_slot();
         let mut options = vec![
             fuser::MountOption::FSName("recoverfs".into()),
             fuser::MountOption::Subtype("recoverfs".into()),
@@ -299,6 +300,7 @@ impl MountedDatastore {
         let bg = fuser::spawn_mount(fs, mount, &cfg)
             .map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
         let notifier = bg.notifier();
+        let _ = notifier_slot.set(notifier.clone());
         ds.add_on_release(Box::new(move |s| {
             let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&s.vm));
             inodes.forget(s.serial);

@@ -434,3 +434,37 @@ fn an_export_points_nbd_port_closes_on_hosts_outside_the_allowed_networks_before
     assert_eq!(hosts()[0]["host"], "127.0.0.1", "{}", hosts());
     holder.wait().unwrap();
 }
+
+#[test]
+fn a_fuse_reader_sees_a_write_made_over_nbd() {
+    let (env, addr) = nbd_env();
+    let data = random_image(&env.path("a.raw"), 16 * K64, 92, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.ok(&["recover", "--socket", env.socket.to_str().unwrap(), "vm"]);
+    let url = format!("nbd://{addr}/vm/disk0");
+    let fuse = env.mount.join("vm/disk0.raw");
+    // Buffered reads through FUSE: the kernel caches the pages.
+    assert!(std::fs::read(&fuse).unwrap() == data);
+    let open = std::fs::File::open(&fuse).unwrap();
+    let mut b = vec![0u8; 4096];
+    open.read_exact_at(&mut b, 3 * K64 as u64).unwrap();
+    ok(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 65536 4096",
+        &url,
+    ]);
+    ok(&["qemu-io", "-f", "raw", "-c", "write -z 196608 4096", &url]);
+    // A new open and the one held across the writes both see them.
+    let mut again = vec![0u8; 4096];
+    std::fs::File::open(&fuse)
+        .unwrap()
+        .read_exact_at(&mut again, K64 as u64)
+        .unwrap();
+    assert!(again == [0x5a; 4096], "a new FUSE open read stale bytes");
+    open.read_exact_at(&mut b, 3 * K64 as u64).unwrap();
+    assert!(b == [0; 4096], "an open FUSE file read stale bytes");
+}

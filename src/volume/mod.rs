@@ -276,6 +276,8 @@ pub struct Volume {
     /// The export point's queue that guest requests pass (none in tests
     /// that run a bare volume).
     io: OnceLock<Arc<crate::placement::IoQueue>>,
+    /// See [`Volume::watch_writes`].
+    write_watch: OnceLock<Box<dyn Fn(u64, u64) + Send + Sync>>,
     pub stats: VolumeStats,
     /// First reads (the profile being recorded) and the applied profile.
     pub(crate) tracker: Tracker,
@@ -430,6 +432,7 @@ impl Volume {
             failed: OnceLock::new(),
             sched,
             io: OnceLock::new(),
+            write_watch: OnceLock::new(),
             stats: VolumeStats::default(),
             tracker: Tracker::new(nblocks, record),
             streams: Detector::default(),
@@ -478,6 +481,18 @@ impl Volume {
         bytes: u64,
     ) -> Option<crate::placement::queue::Ticket> {
         self.io.get().map(|q| q.enter(class, bytes))
+    }
+
+    /// Registers `f`, told `(offset, length)` after every guest write to
+    /// this disk, whichever frontend it came from: a frontend whose kernel
+    /// caches the disk's bytes (FUSE's page cache) drops what another
+    /// frontend (NBD, NFS) wrote. One per disk; false if one is set.
+    pub fn watch_writes(&self, f: Box<dyn Fn(u64, u64) + Send + Sync>) -> bool {
+        self.write_watch.set(f).is_ok()
+    }
+
+    pub fn writes_watched(&self) -> bool {
+        self.write_watch.get().is_some()
     }
 
     /// A guest request's slot in the export point's queue: at once if it

@@ -299,7 +299,11 @@ fn a_staged_read_never_waits_behind_misses_holding_the_export_points_queue() {
     }
     let vol = f.vol.clone();
     let (hit_tx, hit_rx) = mpsc::channel();
-    std::thread::spawn(move || hit_tx.send(vol.read_bytes(3 * BS as u64 + 7, 4096)).unwrap());
+    std::thread::spawn(move || {
+        hit_tx
+            .send(vol.read_bytes(3 * BS as u64 + 7, 4096))
+            .unwrap()
+    });
     let hit = hit_rx.recv_timeout(Duration::from_secs(1));
     f.knobs.open_gate();
     let hit = hit.expect("a read of a staged block waited for the misses' fetches");

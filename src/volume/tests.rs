@@ -794,3 +794,20 @@ fn staging_write_failures_of_answered_misses_are_counted_apart_and_logged_once_a
         lines[0]
     );
 }
+
+#[test]
+fn an_unaligned_zeroing_fetches_no_block_it_covers_whole() {
+    let f = fixture(140, 35);
+    f.vol.write_zeroes(100, 130 * BS as u64).unwrap();
+    f.vol.quiesce(Duration::from_secs(30));
+    let st = f.vol.status();
+    // Its partial blocks, 0 and 130, are zero chunks: nothing to fetch.
+    assert_eq!(
+        st.fetched_blocks, 0,
+        "blocks fetched to be zeroed where a piece of the zeroing split them"
+    );
+    let got = f.vol.read(0, 132 * BS).unwrap();
+    assert_eq!(got[..100], f.data[..100]);
+    assert!(got[100..100 + 130 * BS].iter().all(|&b| b == 0));
+    assert_eq!(got[100 + 130 * BS..], f.data[100 + 130 * BS..132 * BS]);
+}

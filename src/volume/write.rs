@@ -32,23 +32,38 @@ impl Payload<'_> {
 impl Volume {
     /// Writes `data` at `off` into staging; the backup is never touched.
     pub fn write(&self, off: u64, data: &[u8]) -> Result<usize> {
-        self.write_payload(off, Payload::Data(data))?;
-        Ok(data.len())
+        let r = self.write_payload(off, Payload::Data(data));
+        self.tell_watcher(off, data.len() as u64);
+        r.map(|()| data.len())
+    }
+
+    /// Tells the write watcher (see [`Volume::watch_writes`]) that the range
+    /// may have changed, even after a failed write (part of it may have
+    /// landed). Called holding no slot, gate or claim: the watcher may wait
+    /// for the kernel, which may wait for a read the daemon serves.
+    fn tell_watcher(&self, off: u64, len: u64) {
+        if let Some(w) = self.write_watch.get() {
+            w(off, len);
+        }
     }
 
     /// Makes `[off, off + len)` read as zeros: holes punched in staging, no
     /// zero bytes moved, the blocks marked changed like any write.
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
         crate::disk::check_range("write zeroes", self.size, off, len)?;
-        // Bounded pieces: a write holds claims on the blocks it covers.
-        let piece = 64 * self.block_size;
+        // Bounded pieces (a write holds claims on the blocks it covers),
+        // each ending on a block boundary: a piece that split a block would
+        // fetch it to keep the half it does not zero.
+        let bs = self.block_size;
         let mut pos = off;
-        while pos < off + len {
-            let n = piece.min(off + len - pos);
-            self.write_payload(pos, Payload::Zeroes(n))?;
-            pos += n;
+        let mut r = Ok(());
+        while pos < off + len && r.is_ok() {
+            let end = ((pos / bs + 64) * bs).min(off + len);
+            r = self.write_payload(pos, Payload::Zeroes(end - pos));
+            pos = end;
         }
-        Ok(())
+        self.tell_watcher(off, len);
+        r
     }
 
     /// Whole blocks in the range read as zeros afterwards; partial blocks

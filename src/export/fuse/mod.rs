@@ -18,7 +18,7 @@
 //! opens of that disk are refused. See `passthrough`.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -66,6 +66,24 @@ pub struct RecoverFs {
     mounted: SystemTime,
     /// Kernel passthrough of read-only opens, and every disk open's mode.
     passthrough: Arc<Passthrough>,
+    /// Set once mounted: drops the kernel's cached pages of a disk that
+    /// another frontend wrote (see `watch_disk`).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+}
+
+thread_local! {
+    /// True while this thread serves a FUSE write: the kernel keeps its own
+    /// cache right for those, and asking it to drop pages it holds locked
+    /// for this very write would deadlock.
+    static SERVING_FUSE_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as the FUSE write it serves (see `SERVING_FUSE_WRITE`).
+fn as_fuse_write<T>(f: impl FnOnce() -> T) -> T {
+    SERVING_FUSE_WRITE.with(|w| w.set(true));
+    let r = f();
+    SERVING_FUSE_WRITE.with(|w| w.set(false));
+    r
 }
 
 fn errno(e: &Error) -> Errno {
@@ -100,7 +118,37 @@ impl RecoverFs {
             gid,
             mounted: SystemTime::now(),
             passthrough: Arc::new(Passthrough::new(passthrough)),
+            notifier: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where the daemon puts the mount's notifier once it has one.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// The kernel caches a disk's pages across opens (`FOPEN_KEEP_CACHE`),
+    /// which stays right for FUSE's own writes; a write over NBD or NFS must
+    /// drop the pages it changed, or a later FUSE read returns old bytes.
+    fn watch_disk(&self, ino: u64, d: &Volume) {
+        if d.writes_watched() {
+            return;
+        }
+        let notifier = self.notifier.clone();
+        d.watch_writes(Box::new(move |off, len| {
+            if SERVING_FUSE_WRITE.with(|w| w.get()) {
+                return;
+            }
+            if let Some(n) = notifier.get() {
+                let (off, len) = (off.min(i64::MAX as u64), len.min(i64::MAX as u64));
+                if let Err(e) = n.inval_inode(INodeNo(ino), off as i64, len as i64) {
+                    // ENOENT: the kernel holds nothing of the inode.
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        tracing::warn!(ino, "dropping the kernel's cached pages: {e}");
+                    }
+                }
+            }
+        }));
     }
 
     /// The inode table, for the release hook that forgets a session.
@@ -165,6 +213,7 @@ impl RecoverFs {
         reply: ReplyOpen,
         undo: impl FnOnce() + Send + 'static,
     ) {
+        self.watch_disk(ino, &d);
         if let Opened::MustWait(reply) = self.passthrough.open(ino, &d, read_only, reply) {
             // Not on the event thread: the wait may last seconds.
             let pt = self.passthrough.clone();
@@ -403,7 +452,9 @@ impl Filesystem for RecoverFs {
             Err(e) => return reply.error(if e == Errno::EISDIR { Errno::EACCES } else { e }),
         };
         let serve =
-            move |d: Arc<Volume>, data: &[u8], reply: ReplyWrite| match d.write(offset, data) {
+            move |d: Arc<Volume>, data: &[u8], reply: ReplyWrite| match as_fuse_write(|| {
+                d.write(offset, data)
+            }) {
                 Ok(n) => reply.written(n as u32),
                 Err(e) => reply.error(errno(&e)),
             };
@@ -471,10 +522,12 @@ impl Filesystem for RecoverFs {
             Ok(d) => d,
             Err(e) => return reply.error(if e == Errno::EISDIR { Errno::EACCES } else { e }),
         };
-        self.io.submit(move || match d.write_zeroes(offset, len) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        })
+        self.io.submit(
+            move || match as_fuse_write(|| d.write_zeroes(offset, len)) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+        )
     }
 
     fn getxattr(
