@@ -57,6 +57,7 @@ pub(super) fn nfs_options(
         anon: (65534, 65534),
         write_through,
         owner: owner.unwrap_or(me),
+        limits: Default::default(),
     }))
 }
 

@@ -48,7 +48,7 @@ pub mod rpc;
 pub mod server;
 pub mod xdr;
 
-pub use server::{NfsOptions, NfsServer};
+pub use server::{ConnLimits, NfsOptions, NfsServer};
 
 /// The write verifier of side files. They are plain files, whose unsynced
 /// data the page cache holds until a reboot or a failed writeback. The

@@ -2,18 +2,22 @@
 //! and NFS on its own port and on port 111 of the same address (QEMU's
 //! `nfs://` driver cannot be given a port and asks the portmapper there).
 //! A connection reads records, answers up to 64 calls at once on blocking
-//! threads, and writes replies in completion order. A READ of a disk that
+//! threads, and writes replies in completion order. A call keeps its place
+//! among the 64 until its reply is written, so a client that does not read
+//! its replies stops being read (it holds no thread), and one that takes
+//! none for `ConnLimits::write_timeout` is closed. A READ of a disk that
 //! must wait for a fetch within one block returns its thread at once: the
 //! disk sends its reply when the fetch ends (`proto::Later`), and the
 //! call keeps its place among the 64 until then.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::fs::{Caller, Namespace};
@@ -42,6 +46,28 @@ pub struct NfsOptions {
     pub write_through: bool,
     /// Owner of the VM directories and files.
     pub owner: (u32, u32),
+    /// How long a connection may keep the server waiting.
+    pub limits: ConnLimits,
+}
+
+/// Bounds on what one NFS connection may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// A reply the client does not take within this closes the connection
+    /// (its socket is full: it stopped reading).
+    pub write_timeout: Duration,
+    /// After a bad record, replies still in flight are written for this
+    /// long before the connection closes.
+    pub grace: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            write_timeout: Duration::from_secs(60),
+            grace: Duration::from_secs(5),
+        }
+    }
 }
 
 impl NfsOptions {
@@ -213,6 +239,19 @@ async fn accept_loop(
     conns.shutdown().await;
 }
 
+/// A reply record and the call's place among the `IN_FLIGHT`, which it
+/// keeps until the reply is written: replies a client does not read hold
+/// places, and its calls wait unread in the socket, not on our threads.
+type Reply = (Vec<u8>, Arc<OwnedSemaphorePermit>);
+
+/// Why a connection stopped reading calls.
+enum Ended {
+    /// A clean EOF: in-flight replies are still written.
+    Eof,
+    /// A bad record, or the writer gave up: what is in flight gets `grace`.
+    Dropped,
+}
+
 async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_port: u16) {
     let allowed = shared.opts.allows(peer.ip());
     let _host = allowed.then(|| shared.point.connected(peer.ip()));
@@ -221,42 +260,92 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     } else {
         tracing::warn!(%peer, "NFS client refused: its address is not on the export's list (--nfs-allow)");
     }
-    let conn = Arc::new(Conn::default());
-    let (mut rd, mut wr) = s.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
-    let writer = tokio::spawn(async move {
-        while let Some(rec) = rx.recv().await {
-            if wr.write_all(&rec).await.is_err() {
-                break;
+    let limits = shared.opts.limits;
+    let (rd, wr) = s.into_split();
+    // Unbounded, but each reply holds one of the IN_FLIGHT places.
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    // Reader and writer are one task: aborting it (shutdown) closes both.
+    let reading = read_calls(rd, peer, shared, nfs_port, allowed, tx);
+    let writing = write_replies(wr, rx, limits.write_timeout);
+    tokio::pin!(reading, writing);
+    let ended = tokio::select! {
+        ended = &mut reading => ended,
+        r = &mut writing => {
+            if let Err(e) = r {
+                tracing::warn!(%peer, "NFS connection dropped: {e}");
             }
+            return;
         }
-    });
+    };
+    let written = match ended {
+        Ended::Eof => writing.await,
+        Ended::Dropped => tokio::time::timeout(limits.grace, writing)
+            .await
+            .unwrap_or(Ok(())),
+    };
+    if let Err(e) = written {
+        tracing::warn!(%peer, "NFS connection dropped: {e}");
+    }
+    tracing::debug!(%peer, "NFS client disconnected");
+}
+
+/// Writes replies in completion order until every sender is gone; a reply
+/// the client does not take within `timeout` ends the connection.
+async fn write_replies(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    while let Some((rec, place)) = rx.recv().await {
+        tokio::time::timeout(timeout, wr.write_all(&rec))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client took no reply for {timeout:?}"),
+                )
+            })??;
+        drop(place);
+    }
+    Ok(())
+}
+
+/// Reads calls and answers each on a blocking thread, which hands its
+/// reply to the writer without waiting.
+async fn read_calls(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    nfs_port: u16,
+    allowed: bool,
+    tx: mpsc::UnboundedSender<Reply>,
+) -> Ended {
+    let conn = Arc::new(Conn::default());
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let rec = match read_record(&mut rd).await {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            Ok(None) => return Ended::Eof,
             Err(e) => {
                 tracing::warn!(%peer, "NFS connection dropped: {e}");
-                break;
+                return Ended::Dropped;
             }
         };
         let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
+            return Ended::Dropped;
         };
+        if tx.is_closed() {
+            return Ended::Dropped; // the writer gave up
+        }
         let (shared, conn, tx) = (shared.clone(), conn.clone(), tx.clone());
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            // The permit goes with the reply, also one sent later.
-            let permit = Arc::new(permit);
+            // The place goes with the reply, also one sent later.
+            let place = Arc::new(permit);
             let later = {
-                let (tx, h, permit) = (tx.clone(), handle.clone(), permit.clone());
+                let (tx, place) = (tx.clone(), place.clone());
                 move |reply: Vec<u8>| {
-                    let (tx, permit) = (tx.clone(), permit.clone());
-                    h.spawn(async move {
-                        let _ = tx.send(reply).await;
-                        drop(permit);
-                    });
+                    let _ = tx.send((reply, place.clone()));
                 }
             };
             let spawn: crate::disk::Spawner = Arc::new(move |job| drop(handle.spawn_blocking(job)));
@@ -271,13 +360,10 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
                 spawn,
             );
             if let Some(reply) = reply {
-                let _ = tx.blocking_send(reply);
+                let _ = tx.send((reply, place));
             }
         });
     }
-    drop(tx);
-    let _ = writer.await;
-    tracing::debug!(%peer, "NFS client disconnected");
 }
 
 /// The reply to one record; `None` for a record that is not a call.
@@ -335,6 +421,197 @@ fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    /// A server on an empty datastore, on a loopback address of its own
+    /// (port 111, so nothing else is bound), on a runtime of few blocking
+    /// threads so that threads held by one client show at once.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        server: Option<NfsServer>,
+        addr: SocketAddr,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            if let Some(s) = self.server.take() {
+                s.shutdown();
+            }
+        }
+    }
+
+    fn rig(tweak: impl FnOnce(&mut NfsOptions)) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            crate::repo::Repository::open_or_create(dir.path().join("repo").to_str().unwrap())
+                .unwrap();
+        let (staging, mnt) = (dir.path().join("staging"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let stagings =
+            crate::staging::StagingSet::open(&staging, &mnt, &[], repo.id(), "test").unwrap();
+        let ds = Datastore::new(
+            repo,
+            stagings,
+            &mnt,
+            4,
+            crate::prefetch::PrefetchOptions {
+                use_profile: false,
+                default_profile: false,
+                ..Default::default()
+            },
+            Default::default(),
+        );
+        let point = ds.points()[0].clone();
+        let r: u32 = rand::random();
+        let ip = std::net::Ipv4Addr::new(
+            127,
+            1 + (r >> 16) as u8 % 250,
+            (r >> 8) as u8,
+            2 + (r as u8) % 250,
+        );
+        let mut o = opts();
+        o.listen = vec![SocketAddr::new(ip.into(), 111)];
+        tweak(&mut o);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = NfsServer::start(rt.handle(), ds, point, o).unwrap();
+        let addr = server.addrs()[0];
+        Rig {
+            _dir: dir,
+            server: Some(server),
+            addr,
+            rt,
+        }
+    }
+
+    /// `n` NFS NULL calls (AUTH_NULL), one record each.
+    fn null_calls(n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * 44);
+        for xid in 0..n as u32 {
+            v.extend(nfs3_types::rpc::fragment_header::new(40, true).into_xdr_buf());
+            for x in [xid, 0, 2, 100_003, 3, 0, 0, 0, 0, 0] {
+                v.extend(x.to_be_bytes());
+            }
+        }
+        v
+    }
+
+    /// Reads one reply record; `None` at EOF (or a reset).
+    fn read_reply(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+        let mut h = [0u8; 4];
+        match s.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("reading a reply: {e}"),
+        }
+        let len = u32::from_be_bytes(h) & 0x7fff_ffff;
+        let mut body = vec![0; len as usize];
+        s.read_exact(&mut body).unwrap();
+        Some(body)
+    }
+
+    /// A client that sends NULL calls as fast as it can and never reads
+    /// its replies, with a small receive buffer so the server's socket
+    /// fills soon. Returns once the server stopped reading from it, with
+    /// the thread still sending and a flag that it saw its connection
+    /// closed.
+    fn flood_without_reading(
+        rig: &Rig,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let s = rig.rt.block_on(sock.connect(rig.addr)).unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (stalled, closed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (st, cl) = (stalled.clone(), closed.clone());
+        std::thread::spawn(move || {
+            let calls = null_calls(1000);
+            let mut s = s;
+            let (t0, mut at) = (Instant::now(), 0);
+            while t0.elapsed() < Duration::from_secs(120) {
+                // Whole records only: a partial write goes on where it ended.
+                match s.write(&calls[at..]) {
+                    Ok(n) => at = (at + n) % calls.len(),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        st.store(true, Ordering::Release)
+                    }
+                    Err(_) => {
+                        cl.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+            }
+        });
+        let t0 = Instant::now();
+        while !stalled.load(Ordering::Acquire) {
+            assert!(
+                !closed.load(Ordering::Acquire),
+                "the server closed the flooding client"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the server kept reading"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (stalled, closed)
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_replies_does_not_stall_other_clients() {
+        let rig = rig(|_| {});
+        let t0 = Instant::now();
+        let _flood = flood_without_reading(&rig);
+        eprintln!("the flooding client stalled after {:?}", t0.elapsed());
+        // The blocking threads (4 here) are all free for another client.
+        let mut b = std::net::TcpStream::connect(rig.addr).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        b.write_all(&null_calls(1)).unwrap();
+        let reply = read_reply(&mut b).expect("a reply");
+        assert_eq!(&reply[..4], &0u32.to_be_bytes(), "the NULL call's xid");
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_its_replies_is_closed_after_the_write_timeout() {
+        let rig = rig(|o| o.limits.write_timeout = Duration::from_secs(1));
+        let (_, closed) = flood_without_reading(&rig);
+        let t0 = Instant::now();
+        while !closed.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "a client that takes no replies keeps its connection"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     fn opts() -> NfsOptions {
         NfsOptions {
@@ -344,6 +621,7 @@ mod tests {
             anon: (65534, 65534),
             write_through: false,
             owner: (0, 0),
+            limits: Default::default(),
         }
     }
 
