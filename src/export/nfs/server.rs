@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
@@ -118,6 +118,50 @@ struct Shared {
     point: Arc<ExportPoint>,
     opts: NfsOptions,
     side_verifier: super::SideVerifier,
+    /// Refused hosts reconnect in loops: one line per host per minute.
+    refused_log: HostLog,
+}
+
+/// A warning about a host goes out at most once per host per `every`.
+/// Hosts whose period passed are forgotten when the map is full; with
+/// `MAX_HOSTS` hosts in their period, lines about new hosts are held back.
+struct HostLog {
+    every: Duration,
+    /// When each host's last line went out, and the lines held back since.
+    hosts: parking_lot::Mutex<std::collections::HashMap<IpAddr, (Instant, u64)>>,
+}
+
+impl HostLog {
+    const MAX_HOSTS: usize = 4096;
+
+    fn new(every: Duration) -> HostLog {
+        HostLog {
+            every,
+            hosts: Default::default(),
+        }
+    }
+
+    /// An occurrence for `ip` at `now`: `Some(held back since its last
+    /// line)` if a line should be logged, `None` if it is held back.
+    fn check(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let mut hosts = self.hosts.lock();
+        if let Some((last, held)) = hosts.get_mut(&ip) {
+            if now.saturating_duration_since(*last) < self.every {
+                *held += 1;
+                return None;
+            }
+            *last = now;
+            return Some(std::mem::take(held));
+        }
+        if hosts.len() >= Self::MAX_HOSTS {
+            hosts.retain(|_, (last, _)| now.saturating_duration_since(*last) < self.every);
+            if hosts.len() >= Self::MAX_HOSTS {
+                return None;
+            }
+        }
+        hosts.insert(ip, (now, 0));
+        Some(0)
+    }
 }
 
 pub struct NfsServer {
@@ -176,6 +220,7 @@ impl NfsServer {
             point,
             opts,
             side_verifier: super::SideVerifier::new(),
+            refused_log: HostLog::new(Duration::from_secs(60)),
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![];
@@ -250,6 +295,8 @@ enum Ended {
     Eof,
     /// A bad record, or the writer gave up: what is in flight gets `grace`.
     Dropped,
+    /// A refused host's one call was read: its reply gets `grace`.
+    Refused,
 }
 
 async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_port: u16) {
@@ -257,8 +304,8 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     let _host = allowed.then(|| shared.point.connected(peer.ip()));
     if allowed {
         tracing::debug!(%peer, "NFS client connected");
-    } else {
-        tracing::warn!(%peer, "NFS client refused: its address is not on the export's list (--nfs-allow)");
+    } else if let Some(held) = shared.refused_log.check(peer.ip(), Instant::now()) {
+        tracing::warn!(%peer, "NFS client refused: its address is not on the export's list (--nfs-allow); {held} more refused connections from it since the last line");
     }
     let limits = shared.opts.limits;
     let (rd, wr) = s.into_split();
@@ -279,7 +326,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     };
     let written = match ended {
         Ended::Eof => writing.await,
-        Ended::Dropped => tokio::time::timeout(limits.grace, writing)
+        Ended::Dropped | Ended::Refused => tokio::time::timeout(limits.grace, writing)
             .await
             .unwrap_or(Ok(())),
     };
@@ -363,6 +410,11 @@ async fn read_calls(
                 let _ = tx.send((reply, place));
             }
         });
+        // A refused host learns why (AUTH_TOOWEAK, MNT3ERR_ACCES) once,
+        // and holds nothing after that.
+        if !allowed {
+            return Ended::Refused;
+        }
     }
 }
 
@@ -422,7 +474,6 @@ fn answer(
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::time::{Duration, Instant};
 
     /// A server on an empty datastore, on a loopback address of its own
     /// (port 111, so nothing else is bound), on a runtime of few blocking
@@ -597,6 +648,56 @@ mod tests {
         b.write_all(&null_calls(1)).unwrap();
         let reply = read_reply(&mut b).expect("a reply");
         assert_eq!(&reply[..4], &0u32.to_be_bytes(), "the NULL call's xid");
+    }
+
+    #[test]
+    fn a_refused_hosts_warning_goes_out_once_per_host_per_minute() {
+        let log = HostLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (a, b): (IpAddr, IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        assert_eq!(log.check(a, at(0)), Some(0));
+        assert_eq!(log.check(a, at(1)), None);
+        assert_eq!(
+            log.check(b, at(2)),
+            Some(0),
+            "another host has its own minute"
+        );
+        assert_eq!(log.check(a, at(59)), None);
+        assert_eq!(log.check(a, at(60)), Some(2), "with the count held back");
+        assert_eq!(log.check(b, at(61)), None);
+    }
+
+    #[test]
+    fn a_host_log_full_of_hosts_forgets_those_whose_minute_passed() {
+        let log = HostLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let host = |i: usize| IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
+        for i in 0..HostLog::MAX_HOSTS {
+            assert_eq!(log.check(host(i), t0), Some(0));
+        }
+        let late = t0 + Duration::from_secs(1);
+        assert_eq!(log.check(host(HostLog::MAX_HOSTS), late), None, "full");
+        let next_minute = t0 + Duration::from_secs(60);
+        assert_eq!(log.check(host(HostLog::MAX_HOSTS), next_minute), Some(0));
+        assert_eq!(log.hosts.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_client_gets_one_reply_then_eof() {
+        let rig = rig(|o| o.allow = vec!["198.18.0.0/15".parse().unwrap()]);
+        let mut c = std::net::TcpStream::connect(rig.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        c.write_all(&null_calls(2)).unwrap();
+        let reply = read_reply(&mut c).expect("one reply");
+        // xid 0, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
+        let words: Vec<u32> = reply
+            .chunks(4)
+            .map(|w| u32::from_be_bytes(w.try_into().unwrap()))
+            .collect();
+        assert_eq!(words, [0, 1, 1, 1, 5]);
+        assert_eq!(read_reply(&mut c), None, "more than one reply");
     }
 
     #[test]
