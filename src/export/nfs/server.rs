@@ -59,6 +59,9 @@ pub struct ConnLimits {
     /// After a bad record, replies still in flight are written for this
     /// long before the connection closes.
     pub grace: Duration,
+    /// A record must arrive whole within this of its first byte (a
+    /// refused host's one record, within this of connecting).
+    pub record_timeout: Duration,
 }
 
 impl Default for ConnLimits {
@@ -66,6 +69,7 @@ impl Default for ConnLimits {
         ConnLimits {
             write_timeout: Duration::from_secs(60),
             grace: Duration::from_secs(5),
+            record_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -312,7 +316,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     // Unbounded, but each reply holds one of the IN_FLIGHT places.
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     // Reader and writer are one task: aborting it (shutdown) closes both.
-    let reading = read_calls(rd, peer, shared, nfs_port, allowed, tx);
+    let reading = read_calls(rd, peer, shared, nfs_port, allowed, tx, limits);
     let writing = write_replies(wr, rx, limits.write_timeout);
     tokio::pin!(reading, writing);
     let ended = tokio::select! {
@@ -360,17 +364,29 @@ async fn write_replies(
 /// Reads calls and answers each on a blocking thread, which hands its
 /// reply to the writer without waiting.
 async fn read_calls(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    rd: tokio::net::tcp::OwnedReadHalf,
     peer: SocketAddr,
     shared: Arc<Shared>,
     nfs_port: u16,
     allowed: bool,
     tx: mpsc::UnboundedSender<Reply>,
+    limits: ConnLimits,
 ) -> Ended {
+    // Small calls come whole with their record marks in one read.
+    let mut rd = tokio::io::BufReader::new(rd);
     let conn = Arc::new(Conn::default());
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
-        let rec = match read_record(&mut rd).await {
+        let record = read_record(&mut rd, limits.record_timeout);
+        let record = if allowed {
+            record.await
+        } else {
+            // A refused host may not even sit idle.
+            tokio::time::timeout(limits.record_timeout, record)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        };
+        let rec = match record {
             Ok(Some(r)) => r,
             Ok(None) => return Ended::Eof,
             Err(e) => {
@@ -698,6 +714,44 @@ mod tests {
             .collect();
         assert_eq!(words, [0, 1, 1, 1, 5]);
         assert_eq!(read_reply(&mut c), None, "more than one reply");
+    }
+
+    /// Sends `bytes` and expects the server to close the connection
+    /// within `within`.
+    fn closed_within(rig: &Rig, bytes: &[u8], within: Duration) {
+        let mut c = std::net::TcpStream::connect(rig.addr).unwrap();
+        c.set_read_timeout(Some(within)).unwrap();
+        c.write_all(bytes).unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} bytes instead of EOF"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("not closed after {:?}: {e}", t0.elapsed()),
+        }
+    }
+
+    #[test]
+    fn a_record_that_never_completes_is_closed_in_bounded_time() {
+        let rig = rig(|o| o.limits.record_timeout = Duration::from_millis(500));
+        // Claims a fragment of 1 MiB, sends 3 bytes of it.
+        closed_within(
+            &rig,
+            &[0x00, 0x0f, 0xff, 0xff, 1, 2, 3],
+            Duration::from_secs(3),
+        );
+        // Half a record mark.
+        closed_within(&rig, &[0x80, 0x00], Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_refused_client_that_sends_nothing_is_closed_in_bounded_time() {
+        let rig = rig(|o| {
+            o.allow = vec!["198.18.0.0/15".parse().unwrap()];
+            o.limits.record_timeout = Duration::from_millis(500);
+        });
+        closed_within(&rig, &[], Duration::from_secs(3));
     }
 
     #[test]
