@@ -21,12 +21,16 @@ pub(super) fn nfs_options(
     write_through: bool,
     owner: Option<(u32, u32)>,
     export_points: bool,
+    max_connections: usize,
 ) -> Result<Option<crate::export::nfs::NfsOptions>> {
     if listen.is_empty() && !export_points {
         if !allow.is_empty() {
             return Err(Error::invalid("--nfs-allow needs --nfs ADDR"));
         }
         return Ok(None);
+    }
+    if max_connections == 0 {
+        return Err(Error::invalid("--nfs-max-connections must be at least 1"));
     }
     let listen = listen
         .iter()
@@ -58,6 +62,7 @@ pub(super) fn nfs_options(
         write_through,
         owner: owner.unwrap_or(me),
         limits: Default::default(),
+        max_connections,
     }))
 }
 

@@ -48,6 +48,8 @@ pub struct NfsOptions {
     pub owner: (u32, u32),
     /// How long a connection may keep the server waiting.
     pub limits: ConnLimits,
+    /// Connections open at once per listener; more are closed at accept.
+    pub max_connections: usize,
 }
 
 /// Bounds on what one NFS connection may hold.
@@ -75,6 +77,10 @@ impl Default for ConnLimits {
 }
 
 impl NfsOptions {
+    /// `max_connections` unless told otherwise: a few hypervisors with a
+    /// few connections each, far below the open-file limit.
+    pub const MAX_CONNECTIONS: usize = 256;
+
     pub fn loopback_only() -> Vec<IpNet> {
         vec![
             "127.0.0.0/8".parse().expect("a network"),
@@ -124,6 +130,8 @@ struct Shared {
     side_verifier: super::SideVerifier,
     /// Refused hosts reconnect in loops: one line per host per minute.
     refused_log: HostLog,
+    /// So do broken clients: a dropped connection, likewise.
+    dropped_log: HostLog,
 }
 
 /// A warning about a host goes out at most once per host per `every`.
@@ -196,6 +204,10 @@ fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener> {
     })?;
     l.set_nonblocking(true)
         .map_err(|e| Error::io(format!("NFS {what} {addr}"), e))?;
+    // Accepted connections inherit it: a client host that vanished
+    // without closing does not hold its connection (and sessions) forever.
+    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::KeepAlive, &true)
+        .map_err(|e| Error::io(format!("NFS {what} {addr}: keepalive"), e.into()))?;
     Ok(l)
 }
 
@@ -225,6 +237,7 @@ impl NfsServer {
             opts,
             side_verifier: super::SideVerifier::new(),
             refused_log: HostLog::new(Duration::from_secs(60)),
+            dropped_log: HostLog::new(Duration::from_secs(60)),
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![];
@@ -269,13 +282,26 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let max = shared.opts.max_connections;
+    let places = Arc::new(Semaphore::new(max));
+    let over = crate::util::LogLimit::new(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             r = l.accept() => match r {
                 Ok((s, peer)) => {
+                    let Ok(place) = places.clone().try_acquire_owned() else {
+                        if let Some(held) = over.check(Instant::now()) {
+                            tracing::warn!(%peer, "NFS connection closed: {max} are open on this address already (--nfs-max-connections); {held} more closed since the last line");
+                        }
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
-                    conns.spawn(serve_conn(s, peer, shared.clone(), nfs_port));
+                    let conn = serve_conn(s, peer, shared.clone(), nfs_port);
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(place);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("NFS accept failed: {e}");
@@ -316,14 +342,14 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
     // Unbounded, but each reply holds one of the IN_FLIGHT places.
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     // Reader and writer are one task: aborting it (shutdown) closes both.
-    let reading = read_calls(rd, peer, shared, nfs_port, allowed, tx, limits);
+    let reading = read_calls(rd, peer, shared.clone(), nfs_port, allowed, tx, limits);
     let writing = write_replies(wr, rx, limits.write_timeout);
     tokio::pin!(reading, writing);
     let ended = tokio::select! {
         ended = &mut reading => ended,
         r = &mut writing => {
             if let Err(e) = r {
-                tracing::warn!(%peer, "NFS connection dropped: {e}");
+                dropped(&shared, peer, &e);
             }
             return;
         }
@@ -335,9 +361,16 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
             .unwrap_or(Ok(())),
     };
     if let Err(e) = written {
-        tracing::warn!(%peer, "NFS connection dropped: {e}");
+        dropped(&shared, peer, &e);
     }
     tracing::debug!(%peer, "NFS client disconnected");
+}
+
+/// Logs why a connection was dropped, at most once per host per minute.
+fn dropped(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
+    if let Some(held) = shared.dropped_log.check(peer.ip(), Instant::now()) {
+        tracing::warn!(%peer, "NFS connection dropped: {e}; {held} more from this host since the last line");
+    }
 }
 
 /// Writes replies in completion order until every sender is gone; a reply
@@ -390,7 +423,7 @@ async fn read_calls(
             Ok(Some(r)) => r,
             Ok(None) => return Ended::Eof,
             Err(e) => {
-                tracing::warn!(%peer, "NFS connection dropped: {e}");
+                dropped(&shared, peer, &e);
                 return Ended::Dropped;
             }
         };
@@ -733,6 +766,46 @@ mod tests {
     }
 
     #[test]
+    fn connections_over_the_cap_are_closed_at_accept_until_one_closes() {
+        let rig = rig(|o| o.max_connections = 2);
+        let served = |c: &mut std::net::TcpStream| {
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            c.write_all(&null_calls(1)).unwrap();
+            read_reply(c).is_some()
+        };
+        let mut a = std::net::TcpStream::connect(rig.addr).unwrap();
+        let mut b = std::net::TcpStream::connect(rig.addr).unwrap();
+        assert!(served(&mut a) && served(&mut b));
+        let mut c = std::net::TcpStream::connect(rig.addr).unwrap();
+        assert!(!served(&mut c), "a third connection was served");
+        drop(a);
+        let t0 = Instant::now();
+        loop {
+            let mut d = std::net::TcpStream::connect(rig.addr).unwrap();
+            if served(&mut d) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "a closed connection kept its place"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(served(&mut b), "the open one is still served");
+    }
+
+    #[test]
+    fn accepted_nfs_connections_have_keepalive() {
+        let l = bind("127.0.0.1:0".parse().unwrap(), "address").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let on = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::KeepAlive).unwrap();
+        assert!(on, "no keepalive on an accepted NFS connection");
+        drop(c);
+    }
+
+    #[test]
     fn a_record_that_never_completes_is_closed_in_bounded_time() {
         let rig = rig(|o| o.limits.record_timeout = Duration::from_millis(500));
         // Claims a fragment of 1 MiB, sends 3 bytes of it.
@@ -777,6 +850,7 @@ mod tests {
             write_through: false,
             owner: (0, 0),
             limits: Default::default(),
+            max_connections: NfsOptions::MAX_CONNECTIONS,
         }
     }
 
