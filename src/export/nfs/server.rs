@@ -349,7 +349,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
         ended = &mut reading => ended,
         r = &mut writing => {
             if let Err(e) = r {
-                dropped(&shared, peer, &e);
+                write_failed(&shared, peer, &e);
             }
             return;
         }
@@ -361,7 +361,7 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
             .unwrap_or(Ok(())),
     };
     if let Err(e) = written {
-        dropped(&shared, peer, &e);
+        write_failed(&shared, peer, &e);
     }
     tracing::debug!(%peer, "NFS client disconnected");
 }
@@ -370,6 +370,16 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
 fn dropped(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
     if let Some(held) = shared.dropped_log.check(peer.ip(), Instant::now()) {
         tracing::warn!(%peer, "NFS connection dropped: {e}; {held} more from this host since the last line");
+    }
+}
+
+/// A client that closed with calls in flight is no news; one that stopped
+/// taking replies is.
+fn write_failed(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        dropped(shared, peer, e);
+    } else {
+        tracing::debug!(%peer, "NFS client gone before its replies: {e}");
     }
 }
 
