@@ -710,6 +710,21 @@ mod tests {
     }
 
     #[test]
+    fn shutdown_closes_a_connection_whose_replies_are_stuck() {
+        let mut rig = rig(|_| {});
+        let (_, closed) = flood_without_reading(&rig);
+        rig.server.take().unwrap().shutdown();
+        let t0 = Instant::now();
+        while !closed.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the connection outlived the server"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
     fn a_refused_hosts_warning_goes_out_once_per_host_per_minute() {
         let log = HostLog::new(Duration::from_secs(60));
         let t0 = Instant::now();
