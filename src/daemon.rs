@@ -75,6 +75,29 @@ impl Default for MountOptions {
     }
 }
 
+/// Raises the soft limit of open files to the hard limit: the daemon is a
+/// file server, and at the usual soft 1024 a few hundred client
+/// connections leave no descriptor for opening repository files (guests
+/// would get EIO). A failure is logged, not fatal: the old limit stays.
+fn raise_open_files_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or fill the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 || l.rlim_cur >= l.rlim_max {
+            return;
+        }
+        let old = l.rlim_cur;
+        l.rlim_cur = l.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("cannot raise the open files limit from {old}: {e}");
+        }
+    }
+}
+
 /// What `serve` found at the mount point.
 #[derive(Debug, PartialEq)]
 enum MountPointState {
@@ -84,6 +107,7 @@ enum MountPointState {
 
 pub fn serve(opts: ServeOptions) -> Result<()> {
     crate::util::limit_malloc_arenas();
+    raise_open_files_limit();
     let repo = match opts.repo_delay {
         Some(d) => Repository::open_delayed(&opts.repo, d)?,
         None => Repository::open(&opts.repo)?,
@@ -552,6 +576,27 @@ mod tests {
         std::fs::write(d.path().join("f"), b"x").unwrap();
         let e = check_mount_point(d.path()).unwrap_err();
         assert!(e.to_string().contains("not empty"), "{e}");
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let get = || {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: fills the struct we pass.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) }, 0);
+            l
+        };
+        // Only a little under the hard limit: other tests run meanwhile.
+        let mut l = get();
+        l.rlim_cur = l.rlim_max - 1;
+        // SAFETY: reads the struct we pass.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) }, 0);
+        raise_open_files_limit();
+        let l = get();
+        assert_eq!(l.rlim_cur, l.rlim_max);
     }
 
     #[test]

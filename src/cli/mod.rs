@@ -316,6 +316,10 @@ pub enum Command {
         /// write verifiers, like QEMU's libnfs 4.0).
         #[arg(long)]
         nfs_write_through: bool,
+        /// NFS connections open at once per listening address and port;
+        /// more are closed at once (with a warning at most once a minute).
+        #[arg(long, value_name = "N", default_value_t = crate::export::nfs::NfsOptions::MAX_CONNECTIONS)]
+        nfs_max_connections: usize,
         /// Serve NBD on ADDR (port 10809 unless given) or on a Unix socket;
         /// repeatable. Over TCP only --allow networks are served; a Unix
         /// socket is mode 0600. No TLS: keep it on loopback or a trusted
@@ -605,6 +609,7 @@ pub fn run(cli: Cli) -> Result<()> {
             allow,
             nfs_no_root_squash,
             nfs_write_through,
+            nfs_max_connections,
             nbd,
             export_point,
             max_connections_per_host,
@@ -631,6 +636,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 nfs_write_through,
                 owner,
                 !export_point.is_empty(),
+                nfs_max_connections,
             )?;
             let nbd =
                 nbd.iter()

@@ -47,9 +47,13 @@ pub(super) fn nfs_options(
     write_through: bool,
     owner: Option<(u32, u32)>,
     export_points: bool,
+    max_connections: usize,
 ) -> Result<Option<crate::export::nfs::NfsOptions>> {
     if listen.is_empty() && !export_points {
         return Ok(None);
+    }
+    if max_connections == 0 {
+        return Err(Error::invalid("--nfs-max-connections must be at least 1"));
     }
     let listen = listen
         .iter()
@@ -64,6 +68,8 @@ pub(super) fn nfs_options(
         anon: (65534, 65534),
         write_through,
         owner: owner.unwrap_or(me),
+        limits: Default::default(),
+        max_connections,
     }))
 }
 

@@ -33,11 +33,18 @@
 //! poisoned its mirror so the disk's verifier changes).
 //!
 //! **Access.** Only the client networks of `--allow` (shared with NBD;
-//! default: loopback only) are served; others get MNT3ERR_ACCES and RPC
-//! AUTH_TOOWEAK, and a log line. Root (and AUTH_NULL) callers are squashed to the
+//! default: loopback only) are served; others get one MNT3ERR_ACCES or RPC
+//! AUTH_TOOWEAK reply, then their connection is closed, and a log line at
+//! most once per host a minute. Root (and AUTH_NULL) callers are squashed to the
 //! anonymous user unless `--nfs-no-root-squash` (ESXi needs root). A client
 //! connection that reads or writes a VM's files holds that VM's session
 //! open: `release` refuses until the client disconnects.
+//!
+//! **Connections** are bounded (`server::ConnLimits`, `--nfs-max-connections`):
+//! a client that stops reading its replies holds no thread and is closed
+//! after a write timeout; a record must arrive whole in bounded time, and
+//! its buffer grows with the bytes that arrive; TCP keepalive ends the
+//! connections of hosts that vanished.
 //!
 //! Not served: NLM locking (ESXi does its own `.lck-*` files), NFSv4,
 //! directories other than the VM directories, symlinks, hard links.
@@ -48,7 +55,7 @@ pub mod rpc;
 pub mod server;
 pub mod xdr;
 
-pub use server::{NfsOptions, NfsServer};
+pub use server::{ConnLimits, NfsOptions, NfsServer};
 
 /// The write verifier of side files. They are plain files, whose unsynced
 /// data the page cache holds until a reboot or a failed writeback. The

@@ -1,12 +1,15 @@
 //! ONC RPC over TCP (RFC 5531): record marking, call headers, AUTH_UNIX
 //! credentials, and replies. Records are bounded: a client cannot make the
-//! server buffer more than one maximal WRITE.
+//! server buffer more than one maximal WRITE, and a record's buffer grows
+//! with the bytes that arrive, not with the length a header claims.
 
 use nfs3_types::rpc::{
     accept_stat_data, accepted_reply, auth_stat, fragment_header, msg_body, opaque_auth,
     rejected_reply, reply_body, rpc_msg,
 };
 use nfs3_types::xdr_codec::Pack;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::xdr::{Garbage, Reader, MAX_AUTH, MAX_NAME};
@@ -46,32 +49,62 @@ pub enum BadCall {
     BadCred(u32),
 }
 
-/// Reads one record (all its fragments). `Ok(None)` at a clean EOF.
-pub async fn read_record(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+/// A record's buffer starts at most this large and then grows with what
+/// arrives, so a client claiming a large record and sending nothing costs
+/// little.
+const GROW: usize = 64 << 10;
+
+/// Reads one record (all its fragments). `Ok(None)` at a clean EOF. The
+/// wait for a record's first byte is not bounded (clients keep idle
+/// connections); the whole record must then arrive within `limit`.
+pub async fn read_record(
+    r: &mut (impl AsyncRead + Unpin),
+    limit: Duration,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut first = [0u8; 1];
+    if r.read(&mut first).await? == 0 {
+        return Ok(None);
+    }
+    match tokio::time::timeout(limit, read_rest(r, first[0])).await {
+        Ok(record) => record.map(Some),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("an RPC record did not arrive within {limit:?}"),
+        )),
+    }
+}
+
+/// The rest of a record whose first byte was `first`.
+async fn read_rest(r: &mut (impl AsyncRead + Unpin), first: u8) -> std::io::Result<Vec<u8>> {
     let mut record = Vec::new();
+    let mut h = [first, 0, 0, 0];
+    r.read_exact(&mut h[1..]).await?;
     loop {
-        let mut h = [0u8; 4];
-        match r.read_exact(&mut h).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && record.is_empty() => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        }
-        let h = fragment_header::from(h);
-        let len = h.fragment_length() as usize;
-        if record.len() + len > MAX_RECORD {
+        let header = fragment_header::from(h);
+        let len = header.fragment_length() as usize;
+        let end = record.len() + len;
+        if end > MAX_RECORD {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("RPC record over {MAX_RECORD} bytes"),
             ));
         }
-        let start = record.len();
-        record.resize(start + len, 0);
-        r.read_exact(&mut record[start..]).await?;
-        if h.eof() {
-            return Ok(Some(record));
+        let mut body = (&mut *r).take(len as u64);
+        while record.len() < end {
+            if record.len() == record.capacity() {
+                // Double what is held; the last step goes to the claimed
+                // end at once rather than copying a full buffer again.
+                let (held, rest) = (record.len().max(GROW), end - record.len());
+                record.reserve_exact(if rest <= 2 * held { rest } else { held });
+            }
+            if body.read_buf(&mut record).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
         }
+        if header.eof() {
+            return Ok(record);
+        }
+        r.read_exact(&mut h).await?;
     }
 }
 
@@ -259,10 +292,79 @@ mod tests {
         wire.extend(fragment_header::new(2, true).into_xdr_buf());
         wire.extend(b"de");
         let mut r = &wire[..];
-        assert_eq!(read_record(&mut r).await.unwrap().unwrap(), b"abcde");
-        assert!(read_record(&mut r).await.unwrap().is_none(), "clean EOF");
+        assert_eq!(read_record(&mut r, T).await.unwrap().unwrap(), b"abcde");
+        assert!(read_record(&mut r, T).await.unwrap().is_none(), "clean EOF");
         let huge = fragment_header::new(MAX_RECORD as u32 + 1, true).into_xdr_buf();
         let mut r = &huge[..];
-        assert!(read_record(&mut r).await.is_err());
+        assert!(read_record(&mut r, T).await.is_err());
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// Serves `wire` a few bytes at a time and notes the largest buffer
+    /// it was offered: `read_record` reads into the record's spare
+    /// allocation, so that is what a record allocated ahead of its bytes.
+    struct Trickle {
+        wire: Vec<u8>,
+        at: usize,
+        largest_offer: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let me = &mut *self;
+            me.largest_offer = me.largest_offer.max(buf.remaining());
+            let n = buf.remaining().min(me.wire.len() - me.at).min(1000);
+            buf.put_slice(&me.wire[me.at..me.at + n]);
+            me.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_buffer_grows_with_the_bytes_that_arrive_not_with_the_claimed_length() {
+        let claim = MAX_RECORD as u32 - 8;
+        let mut wire = fragment_header::new(claim, true).into_xdr_buf().to_vec();
+        wire.extend([7u8; 10_000]);
+        let mut r = Trickle {
+            wire: wire.clone(),
+            at: 0,
+            largest_offer: 0,
+        };
+        assert!(
+            read_record(&mut r, T).await.is_err(),
+            "the record is cut short"
+        );
+        assert!(r.largest_offer <= GROW, "{} bytes ahead", r.largest_offer);
+        // The whole record still arrives in one piece.
+        wire.extend(vec![9u8; claim as usize - 10_000]);
+        let mut r = Trickle {
+            wire,
+            at: 0,
+            largest_offer: 0,
+        };
+        let rec = read_record(&mut r, T).await.unwrap().unwrap();
+        assert_eq!(rec.len(), claim as usize);
+        assert!(rec[..10_000].iter().all(|&b| b == 7) && rec[10_000..].iter().all(|&b| b == 9));
+        assert!(rec.capacity() <= claim as usize + GROW);
+    }
+
+    #[tokio::test]
+    async fn a_record_that_stops_arriving_is_an_error_after_the_limit() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &[0x00, 0x0f, 0xff, 0xff, 1, 2])
+            .await
+            .unwrap();
+        let limited = read_record(&mut server, Duration::from_millis(300));
+        let e = tokio::time::timeout(Duration::from_secs(3), limited)
+            .await
+            .expect("read_record gave up by itself")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        drop(client);
     }
 }

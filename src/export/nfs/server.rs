@@ -2,18 +2,22 @@
 //! and NFS on its own port and on port 111 of the same address (QEMU's
 //! `nfs://` driver cannot be given a port and asks the portmapper there).
 //! A connection reads records, answers up to 64 calls at once on blocking
-//! threads, and writes replies in completion order. A READ of a disk that
+//! threads, and writes replies in completion order. A call keeps its place
+//! among the 64 until its reply is written, so a client that does not read
+//! its replies stops being read (it holds no thread), and one that takes
+//! none for `ConnLimits::write_timeout` is closed. A READ of a disk that
 //! must wait for a fetch within one block returns its thread at once: the
 //! disk sends its reply when the fetch ends (`proto::Later`), and the
 //! call keeps its place among the 64 until then.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::fs::{Caller, Namespace};
@@ -43,9 +47,41 @@ pub struct NfsOptions {
     pub write_through: bool,
     /// Owner of the VM directories and files.
     pub owner: (u32, u32),
+    /// How long a connection may keep the server waiting.
+    pub limits: ConnLimits,
+    /// Connections open at once per listener; more are closed at accept.
+    pub max_connections: usize,
+}
+
+/// Bounds on what one NFS connection may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// A reply the client does not take within this closes the connection
+    /// (its socket is full: it stopped reading).
+    pub write_timeout: Duration,
+    /// After a bad record, replies still in flight are written for this
+    /// long before the connection closes.
+    pub grace: Duration,
+    /// A record must arrive whole within this of its first byte (a
+    /// refused host's one record, within this of connecting).
+    pub record_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            write_timeout: Duration::from_secs(60),
+            grace: Duration::from_secs(5),
+            record_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl NfsOptions {
+    /// `max_connections` unless told otherwise: a few hypervisors with a
+    /// few connections each, far below the open-file limit.
+    pub const MAX_CONNECTIONS: usize = 256;
+
     fn allows(&self, ip: IpAddr) -> bool {
         crate::export::allows(&self.allow, ip)
     }
@@ -82,6 +118,52 @@ struct Shared {
     point: Arc<ExportPoint>,
     opts: NfsOptions,
     side_verifier: super::SideVerifier,
+    /// Refused hosts reconnect in loops: one line per host per minute.
+    refused_log: HostLog,
+    /// So do broken clients: a dropped connection, likewise.
+    dropped_log: HostLog,
+}
+
+/// A warning about a host goes out at most once per host per `every`.
+/// Hosts whose period passed are forgotten when the map is full; with
+/// `MAX_HOSTS` hosts in their period, lines about new hosts are held back.
+struct HostLog {
+    every: Duration,
+    /// When each host's last line went out, and the lines held back since.
+    hosts: parking_lot::Mutex<std::collections::HashMap<IpAddr, (Instant, u64)>>,
+}
+
+impl HostLog {
+    const MAX_HOSTS: usize = 4096;
+
+    fn new(every: Duration) -> HostLog {
+        HostLog {
+            every,
+            hosts: Default::default(),
+        }
+    }
+
+    /// An occurrence for `ip` at `now`: `Some(held back since its last
+    /// line)` if a line should be logged, `None` if it is held back.
+    fn check(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let mut hosts = self.hosts.lock();
+        if let Some((last, held)) = hosts.get_mut(&ip) {
+            if now.saturating_duration_since(*last) < self.every {
+                *held += 1;
+                return None;
+            }
+            *last = now;
+            return Some(std::mem::take(held));
+        }
+        if hosts.len() >= Self::MAX_HOSTS {
+            hosts.retain(|_, (last, _)| now.saturating_duration_since(*last) < self.every);
+            if hosts.len() >= Self::MAX_HOSTS {
+                return None;
+            }
+        }
+        hosts.insert(ip, (now, 0));
+        Some(0)
+    }
 }
 
 pub struct NfsServer {
@@ -112,6 +194,10 @@ fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener> {
     })?;
     l.set_nonblocking(true)
         .map_err(|e| Error::io(format!("NFS {what} {addr}"), e))?;
+    // Accepted connections inherit it: a client host that vanished
+    // without closing does not hold its connection (and sessions) forever.
+    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::KeepAlive, &true)
+        .map_err(|e| Error::io(format!("NFS {what} {addr}: keepalive"), e.into()))?;
     Ok(l)
 }
 
@@ -140,6 +226,8 @@ impl NfsServer {
             point,
             opts,
             side_verifier: super::SideVerifier::new(),
+            refused_log: HostLog::new(Duration::from_secs(60)),
+            dropped_log: HostLog::new(Duration::from_secs(60)),
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![];
@@ -184,13 +272,26 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let max = shared.opts.max_connections;
+    let places = Arc::new(Semaphore::new(max));
+    let over = crate::util::LogLimit::new(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             r = l.accept() => match r {
                 Ok((s, peer)) => {
+                    let Ok(place) = places.clone().try_acquire_owned() else {
+                        if let Some(held) = over.check(Instant::now()) {
+                            tracing::warn!(%peer, "NFS connection closed: {max} are open on this address already (--nfs-max-connections); {held} more closed since the last line");
+                        }
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
-                    conns.spawn(serve_conn(s, peer, shared.clone(), nfs_port));
+                    let conn = serve_conn(s, peer, shared.clone(), nfs_port);
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(place);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("NFS accept failed: {e}");
@@ -203,50 +304,144 @@ async fn accept_loop(
     conns.shutdown().await;
 }
 
+/// A reply record and the call's place among the `IN_FLIGHT`, which it
+/// keeps until the reply is written: replies a client does not read hold
+/// places, and its calls wait unread in the socket, not on our threads.
+type Reply = (Vec<u8>, Arc<OwnedSemaphorePermit>);
+
+/// Why a connection stopped reading calls.
+enum Ended {
+    /// A clean EOF: in-flight replies are still written.
+    Eof,
+    /// A bad record, or the writer gave up: what is in flight gets `grace`.
+    Dropped,
+    /// A refused host's one call was read: its reply gets `grace`.
+    Refused,
+}
+
 async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_port: u16) {
     let allowed = shared.opts.allows(peer.ip());
     let _host = allowed.then(|| shared.point.connected(peer.ip()));
     if allowed {
         tracing::debug!(%peer, "NFS client connected");
-    } else {
-        tracing::warn!(%peer, "NFS client refused: its address is not in the allowed networks (--allow)");
+    } else if let Some(held) = shared.refused_log.check(peer.ip(), Instant::now()) {
+        tracing::warn!(%peer, "NFS client refused: its address is not in the allowed networks (--allow); {held} more refused connections from it since the last line");
     }
-    let conn = Arc::new(Conn::default());
-    let (mut rd, mut wr) = s.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
-    let writer = tokio::spawn(async move {
-        while let Some(rec) = rx.recv().await {
-            if wr.write_all(&rec).await.is_err() {
-                break;
+    let limits = shared.opts.limits;
+    let (rd, wr) = s.into_split();
+    // Unbounded, but each reply holds one of the IN_FLIGHT places.
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    // Reader and writer are one task: aborting it (shutdown) closes both.
+    let reading = read_calls(rd, peer, shared.clone(), nfs_port, allowed, tx, limits);
+    let writing = write_replies(wr, rx, limits.write_timeout);
+    tokio::pin!(reading, writing);
+    let ended = tokio::select! {
+        ended = &mut reading => ended,
+        r = &mut writing => {
+            if let Err(e) = r {
+                write_failed(&shared, peer, &e);
             }
+            return;
         }
-    });
+    };
+    let written = match ended {
+        Ended::Eof => writing.await,
+        Ended::Dropped | Ended::Refused => tokio::time::timeout(limits.grace, writing)
+            .await
+            .unwrap_or(Ok(())),
+    };
+    if let Err(e) = written {
+        write_failed(&shared, peer, &e);
+    }
+    tracing::debug!(%peer, "NFS client disconnected");
+}
+
+/// Logs why a connection was dropped, at most once per host per minute.
+fn dropped(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
+    if let Some(held) = shared.dropped_log.check(peer.ip(), Instant::now()) {
+        tracing::warn!(%peer, "NFS connection dropped: {e}; {held} more from this host since the last line");
+    }
+}
+
+/// A client that closed with calls in flight is no news; one that stopped
+/// taking replies is.
+fn write_failed(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        dropped(shared, peer, e);
+    } else {
+        tracing::debug!(%peer, "NFS client gone before its replies: {e}");
+    }
+}
+
+/// Writes replies in completion order until every sender is gone; a reply
+/// the client does not take within `timeout` ends the connection.
+async fn write_replies(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    while let Some((rec, place)) = rx.recv().await {
+        tokio::time::timeout(timeout, wr.write_all(&rec))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client took no reply for {timeout:?}"),
+                )
+            })??;
+        drop(place);
+    }
+    Ok(())
+}
+
+/// Reads calls and answers each on a blocking thread, which hands its
+/// reply to the writer without waiting.
+async fn read_calls(
+    rd: tokio::net::tcp::OwnedReadHalf,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    nfs_port: u16,
+    allowed: bool,
+    tx: mpsc::UnboundedSender<Reply>,
+    limits: ConnLimits,
+) -> Ended {
+    // Small calls come whole with their record marks in one read.
+    let mut rd = tokio::io::BufReader::new(rd);
+    let conn = Arc::new(Conn::default());
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
-        let rec = match read_record(&mut rd).await {
+        let record = read_record(&mut rd, limits.record_timeout);
+        let record = if allowed {
+            record.await
+        } else {
+            // A refused host may not even sit idle.
+            tokio::time::timeout(limits.record_timeout, record)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        };
+        let rec = match record {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            Ok(None) => return Ended::Eof,
             Err(e) => {
-                tracing::warn!(%peer, "NFS connection dropped: {e}");
-                break;
+                dropped(&shared, peer, &e);
+                return Ended::Dropped;
             }
         };
         let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
+            return Ended::Dropped;
         };
+        if tx.is_closed() {
+            return Ended::Dropped; // the writer gave up
+        }
         let (shared, conn, tx) = (shared.clone(), conn.clone(), tx.clone());
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            // The permit goes with the reply, also one sent later.
-            let permit = Arc::new(permit);
+            // The place goes with the reply, also one sent later.
+            let place = Arc::new(permit);
             let later = {
-                let (tx, h, permit) = (tx.clone(), handle.clone(), permit.clone());
+                let (tx, place) = (tx.clone(), place.clone());
                 move |reply: Vec<u8>| {
-                    let (tx, permit) = (tx.clone(), permit.clone());
-                    h.spawn(async move {
-                        let _ = tx.send(reply).await;
-                        drop(permit);
-                    });
+                    let _ = tx.send((reply, place.clone()));
                 }
             };
             let spawn: crate::disk::Spawner = Arc::new(move |job| drop(handle.spawn_blocking(job)));
@@ -261,13 +456,15 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_por
                 spawn,
             );
             if let Some(reply) = reply {
-                let _ = tx.blocking_send(reply);
+                let _ = tx.send((reply, place));
             }
         });
+        // A refused host learns why (AUTH_TOOWEAK, MNT3ERR_ACCES) once,
+        // and holds nothing after that.
+        if !allowed {
+            return Ended::Refused;
+        }
     }
-    drop(tx);
-    let _ = writer.await;
-    tracing::debug!(%peer, "NFS client disconnected");
 }
 
 /// The reply to one record; `None` for a record that is not a call.
@@ -325,6 +522,339 @@ fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// A server on an empty datastore, on a loopback address of its own
+    /// (port 111, so nothing else is bound), on a runtime of few blocking
+    /// threads so that threads held by one client show at once.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        server: Option<NfsServer>,
+        addr: SocketAddr,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            if let Some(s) = self.server.take() {
+                s.shutdown();
+            }
+        }
+    }
+
+    fn rig(tweak: impl FnOnce(&mut NfsOptions)) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            crate::repo::Repository::open_or_create(dir.path().join("repo").to_str().unwrap())
+                .unwrap();
+        let (staging, mnt) = (dir.path().join("staging"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let stagings =
+            crate::staging::StagingSet::open(&staging, &mnt, &[], repo.id(), "test").unwrap();
+        let ds = Datastore::new(
+            repo,
+            stagings,
+            &mnt,
+            4,
+            crate::prefetch::PrefetchOptions {
+                use_profile: false,
+                default_profile: false,
+                ..Default::default()
+            },
+            Default::default(),
+        );
+        let point = ds.points()[0].clone();
+        let r: u32 = rand::random();
+        let ip = std::net::Ipv4Addr::new(
+            127,
+            1 + (r >> 16) as u8 % 250,
+            (r >> 8) as u8,
+            2 + (r as u8) % 250,
+        );
+        let mut o = opts();
+        o.listen = vec![SocketAddr::new(ip.into(), 111)];
+        tweak(&mut o);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = NfsServer::start(rt.handle(), ds, point, o).unwrap();
+        let addr = server.addrs()[0];
+        Rig {
+            _dir: dir,
+            server: Some(server),
+            addr,
+            rt,
+        }
+    }
+
+    /// `n` NFS NULL calls (AUTH_NULL), one record each.
+    fn null_calls(n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * 44);
+        for xid in 0..n as u32 {
+            v.extend(nfs3_types::rpc::fragment_header::new(40, true).into_xdr_buf());
+            for x in [xid, 0, 2, 100_003, 3, 0, 0, 0, 0, 0] {
+                v.extend(x.to_be_bytes());
+            }
+        }
+        v
+    }
+
+    /// Reads one reply record; `None` at EOF (or a reset).
+    fn read_reply(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+        let mut h = [0u8; 4];
+        match s.read_exact(&mut h) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("reading a reply: {e}"),
+        }
+        let len = u32::from_be_bytes(h) & 0x7fff_ffff;
+        let mut body = vec![0; len as usize];
+        s.read_exact(&mut body).unwrap();
+        Some(body)
+    }
+
+    /// A client that sends NULL calls as fast as it can and never reads
+    /// its replies, with a small receive buffer so the server's socket
+    /// fills soon. Returns once the server stopped reading from it, with
+    /// the thread still sending and a flag that it saw its connection
+    /// closed.
+    fn flood_without_reading(
+        rig: &Rig,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let s = rig.rt.block_on(sock.connect(rig.addr)).unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (stalled, closed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (st, cl) = (stalled.clone(), closed.clone());
+        std::thread::spawn(move || {
+            let calls = null_calls(1000);
+            let mut s = s;
+            let (t0, mut at) = (Instant::now(), 0);
+            while t0.elapsed() < Duration::from_secs(120) {
+                // Whole records only: a partial write goes on where it ended.
+                match s.write(&calls[at..]) {
+                    Ok(n) => at = (at + n) % calls.len(),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        st.store(true, Ordering::Release)
+                    }
+                    Err(_) => {
+                        cl.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+            }
+        });
+        let t0 = Instant::now();
+        while !stalled.load(Ordering::Acquire) {
+            assert!(
+                !closed.load(Ordering::Acquire),
+                "the server closed the flooding client"
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the server kept reading"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (stalled, closed)
+    }
+
+    #[test]
+    fn a_client_that_never_reads_its_replies_does_not_stall_other_clients() {
+        let rig = rig(|_| {});
+        let t0 = Instant::now();
+        let _flood = flood_without_reading(&rig);
+        eprintln!("the flooding client stalled after {:?}", t0.elapsed());
+        // The blocking threads (4 here) are all free for another client.
+        let mut b = std::net::TcpStream::connect(rig.addr).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        b.write_all(&null_calls(1)).unwrap();
+        let reply = read_reply(&mut b).expect("a reply");
+        assert_eq!(&reply[..4], &0u32.to_be_bytes(), "the NULL call's xid");
+    }
+
+    #[test]
+    fn shutdown_closes_a_connection_whose_replies_are_stuck() {
+        let mut rig = rig(|_| {});
+        let (_, closed) = flood_without_reading(&rig);
+        rig.server.take().unwrap().shutdown();
+        let t0 = Instant::now();
+        while !closed.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the connection outlived the server"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_refused_hosts_warning_goes_out_once_per_host_per_minute() {
+        let log = HostLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (a, b): (IpAddr, IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        assert_eq!(log.check(a, at(0)), Some(0));
+        assert_eq!(log.check(a, at(1)), None);
+        assert_eq!(
+            log.check(b, at(2)),
+            Some(0),
+            "another host has its own minute"
+        );
+        assert_eq!(log.check(a, at(59)), None);
+        assert_eq!(log.check(a, at(60)), Some(2), "with the count held back");
+        assert_eq!(log.check(b, at(61)), None);
+    }
+
+    #[test]
+    fn a_host_log_full_of_hosts_forgets_those_whose_minute_passed() {
+        let log = HostLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let host = |i: usize| IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
+        for i in 0..HostLog::MAX_HOSTS {
+            assert_eq!(log.check(host(i), t0), Some(0));
+        }
+        let late = t0 + Duration::from_secs(1);
+        assert_eq!(log.check(host(HostLog::MAX_HOSTS), late), None, "full");
+        let next_minute = t0 + Duration::from_secs(60);
+        assert_eq!(log.check(host(HostLog::MAX_HOSTS), next_minute), Some(0));
+        assert_eq!(log.hosts.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_client_gets_one_reply_then_eof() {
+        let rig = rig(|o| o.allow = vec!["198.18.0.0/15".parse().unwrap()]);
+        let mut c = std::net::TcpStream::connect(rig.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        c.write_all(&null_calls(2)).unwrap();
+        let reply = read_reply(&mut c).expect("one reply");
+        // xid 0, REPLY, MSG_DENIED, AUTH_ERROR, AUTH_TOOWEAK.
+        let words: Vec<u32> = reply
+            .chunks(4)
+            .map(|w| u32::from_be_bytes(w.try_into().unwrap()))
+            .collect();
+        assert_eq!(words, [0, 1, 1, 1, 5]);
+        assert_eq!(read_reply(&mut c), None, "more than one reply");
+    }
+
+    /// Sends `bytes` and expects the server to close the connection
+    /// within `within`.
+    fn closed_within(rig: &Rig, bytes: &[u8], within: Duration) {
+        let mut c = std::net::TcpStream::connect(rig.addr).unwrap();
+        c.set_read_timeout(Some(within)).unwrap();
+        c.write_all(bytes).unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} bytes instead of EOF"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("not closed after {:?}: {e}", t0.elapsed()),
+        }
+    }
+
+    #[test]
+    fn connections_over_the_cap_are_closed_at_accept_until_one_closes() {
+        let rig = rig(|o| o.max_connections = 2);
+        let served = |c: &mut std::net::TcpStream| {
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            c.write_all(&null_calls(1)).unwrap();
+            read_reply(c).is_some()
+        };
+        let mut a = std::net::TcpStream::connect(rig.addr).unwrap();
+        let mut b = std::net::TcpStream::connect(rig.addr).unwrap();
+        assert!(served(&mut a) && served(&mut b));
+        let mut c = std::net::TcpStream::connect(rig.addr).unwrap();
+        assert!(!served(&mut c), "a third connection was served");
+        drop(a);
+        let t0 = Instant::now();
+        loop {
+            let mut d = std::net::TcpStream::connect(rig.addr).unwrap();
+            if served(&mut d) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "a closed connection kept its place"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(served(&mut b), "the open one is still served");
+    }
+
+    #[test]
+    fn accepted_nfs_connections_have_keepalive() {
+        let l = bind("127.0.0.1:0".parse().unwrap(), "address").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let on = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::KeepAlive).unwrap();
+        assert!(on, "no keepalive on an accepted NFS connection");
+        drop(c);
+    }
+
+    #[test]
+    fn a_record_that_never_completes_is_closed_in_bounded_time() {
+        let rig = rig(|o| o.limits.record_timeout = Duration::from_millis(500));
+        // Claims a fragment of 1 MiB, sends 3 bytes of it.
+        closed_within(
+            &rig,
+            &[0x00, 0x0f, 0xff, 0xff, 1, 2, 3],
+            Duration::from_secs(3),
+        );
+        // Half a record mark.
+        closed_within(&rig, &[0x80, 0x00], Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_refused_client_that_sends_nothing_is_closed_in_bounded_time() {
+        let rig = rig(|o| {
+            o.allow = vec!["198.18.0.0/15".parse().unwrap()];
+            o.limits.record_timeout = Duration::from_millis(500);
+        });
+        closed_within(&rig, &[], Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_its_replies_is_closed_after_the_write_timeout() {
+        let rig = rig(|o| o.limits.write_timeout = Duration::from_secs(1));
+        let (_, closed) = flood_without_reading(&rig);
+        let t0 = Instant::now();
+        while !closed.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "a client that takes no replies keeps its connection"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     fn opts() -> NfsOptions {
         NfsOptions {
@@ -334,6 +864,8 @@ mod tests {
             anon: (65534, 65534),
             write_through: false,
             owner: (0, 0),
+            limits: Default::default(),
+            max_connections: NfsOptions::MAX_CONNECTIONS,
         }
     }
 
