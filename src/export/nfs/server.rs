@@ -119,51 +119,9 @@ struct Shared {
     opts: NfsOptions,
     side_verifier: super::SideVerifier,
     /// Refused hosts reconnect in loops: one line per host per minute.
-    refused_log: HostLog,
+    refused_log: crate::util::HostLogLimit,
     /// So do broken clients: a dropped connection, likewise.
-    dropped_log: HostLog,
-}
-
-/// A warning about a host goes out at most once per host per `every`.
-/// Hosts whose period passed are forgotten when the map is full; with
-/// `MAX_HOSTS` hosts in their period, lines about new hosts are held back.
-struct HostLog {
-    every: Duration,
-    /// When each host's last line went out, and the lines held back since.
-    hosts: parking_lot::Mutex<std::collections::HashMap<IpAddr, (Instant, u64)>>,
-}
-
-impl HostLog {
-    const MAX_HOSTS: usize = 4096;
-
-    fn new(every: Duration) -> HostLog {
-        HostLog {
-            every,
-            hosts: Default::default(),
-        }
-    }
-
-    /// An occurrence for `ip` at `now`: `Some(held back since its last
-    /// line)` if a line should be logged, `None` if it is held back.
-    fn check(&self, ip: IpAddr, now: Instant) -> Option<u64> {
-        let mut hosts = self.hosts.lock();
-        if let Some((last, held)) = hosts.get_mut(&ip) {
-            if now.saturating_duration_since(*last) < self.every {
-                *held += 1;
-                return None;
-            }
-            *last = now;
-            return Some(std::mem::take(held));
-        }
-        if hosts.len() >= Self::MAX_HOSTS {
-            hosts.retain(|_, (last, _)| now.saturating_duration_since(*last) < self.every);
-            if hosts.len() >= Self::MAX_HOSTS {
-                return None;
-            }
-        }
-        hosts.insert(ip, (now, 0));
-        Some(0)
-    }
+    dropped_log: crate::util::HostLogLimit,
 }
 
 pub struct NfsServer {
@@ -226,8 +184,8 @@ impl NfsServer {
             point,
             opts,
             side_verifier: super::SideVerifier::new(),
-            refused_log: HostLog::new(Duration::from_secs(60)),
-            dropped_log: HostLog::new(Duration::from_secs(60)),
+            refused_log: crate::util::HostLogLimit::new(Duration::from_secs(60)),
+            dropped_log: crate::util::HostLogLimit::new(Duration::from_secs(60)),
         });
         let (stop, stopped) = watch::channel(false);
         let mut tasks = vec![];
@@ -712,40 +670,6 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    #[test]
-    fn a_refused_hosts_warning_goes_out_once_per_host_per_minute() {
-        let log = HostLog::new(Duration::from_secs(60));
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let (a, b): (IpAddr, IpAddr) =
-            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
-        assert_eq!(log.check(a, at(0)), Some(0));
-        assert_eq!(log.check(a, at(1)), None);
-        assert_eq!(
-            log.check(b, at(2)),
-            Some(0),
-            "another host has its own minute"
-        );
-        assert_eq!(log.check(a, at(59)), None);
-        assert_eq!(log.check(a, at(60)), Some(2), "with the count held back");
-        assert_eq!(log.check(b, at(61)), None);
-    }
-
-    #[test]
-    fn a_host_log_full_of_hosts_forgets_those_whose_minute_passed() {
-        let log = HostLog::new(Duration::from_secs(60));
-        let t0 = Instant::now();
-        let host = |i: usize| IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
-        for i in 0..HostLog::MAX_HOSTS {
-            assert_eq!(log.check(host(i), t0), Some(0));
-        }
-        let late = t0 + Duration::from_secs(1);
-        assert_eq!(log.check(host(HostLog::MAX_HOSTS), late), None, "full");
-        let next_minute = t0 + Duration::from_secs(60);
-        assert_eq!(log.check(host(HostLog::MAX_HOSTS), next_minute), Some(0));
-        assert_eq!(log.hosts.lock().len(), 1);
     }
 
     #[test]
