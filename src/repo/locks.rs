@@ -46,8 +46,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::Repository;
-use crate::util::BootInstant;
 use crate::error::{Error, Result};
+use crate::util::BootInstant;
 
 /// How often a held lock is rewritten.
 pub const REFRESH: Duration = Duration::from_secs(60);
