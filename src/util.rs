@@ -320,6 +320,38 @@ impl LogLimit {
     }
 }
 
+/// A point on a clock that keeps counting while the machine is suspended
+/// (`CLOCK_BOOTTIME`), unlike [`std::time::Instant`] (`CLOCK_MONOTONIC`
+/// stops): for leases, whose holder must see that its time ran out while
+/// the host slept and others took the lease for dead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BootInstant(std::time::Duration);
+
+impl BootInstant {
+    pub fn now() -> BootInstant {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec the call writes; CLOCK_BOOTTIME
+        // exists on every Linux this runs on (2.6.39+), so it cannot fail.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        assert_eq!(r, 0, "clock_gettime(CLOCK_BOOTTIME)");
+        BootInstant(std::time::Duration::new(
+            ts.tv_sec as u64,
+            ts.tv_nsec as u32,
+        ))
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        BootInstant::now().0.saturating_sub(self.0)
+    }
+
+    pub fn checked_sub(&self, d: std::time::Duration) -> Option<BootInstant> {
+        self.0.checked_sub(d).map(BootInstant)
+    }
+}
+
 /// Hosts a [`HostLogLimit`] remembers; lines about hosts beyond them
 /// share one [`LogLimit`].
 const LOG_LIMIT_HOSTS: usize = 4096;
@@ -373,6 +405,20 @@ impl HostLogLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_boot_clock_moves_forward_with_time_slept() {
+        let t0 = BootInstant::now();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let e = t0.elapsed();
+        assert!(e >= std::time::Duration::from_millis(50), "{e:?}");
+        assert!(BootInstant::now() > t0);
+        assert_eq!(
+            t0.checked_sub(std::time::Duration::from_secs(1))
+                .map(|b| t0.0 - b.0),
+            Some(std::time::Duration::from_secs(1))
+        );
+    }
 
     #[test]
     fn a_host_limited_log_line_goes_out_once_per_period_per_host_and_many_hosts_share_one_limit() {

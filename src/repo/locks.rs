@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Repository;
 use crate::error::{Error, Result};
+use crate::util::BootInstant;
 
 /// How often a held lock is rewritten.
 pub const REFRESH: Duration = Duration::from_secs(60);
@@ -167,7 +168,7 @@ impl Held {
             .put(&key, &body)
             .map_err(|e| e.context("take a repository lock"))?;
         let fresh = Arc::new(Mutex::new(Freshness {
-            last_ok: Instant::now(),
+            last_ok: BootInstant::now(),
             lapsed: None,
         }));
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
@@ -212,7 +213,8 @@ impl Held {
 /// When a held lock was last rewritten, and whether it ever went too long
 /// without (then it stays untrusted: see the module doc).
 struct Freshness {
-    last_ok: Instant,
+    /// On the boot clock: a holder suspended past its lease must see it.
+    last_ok: BootInstant,
     /// The first gap longer than `STALE / 2` seen.
     lapsed: Option<Duration>,
 }
@@ -246,7 +248,7 @@ fn refresh_loop(
 /// done, before `last_ok` moves on, so a lapse is seen even if nobody
 /// called `check_fresh` during it.
 fn refresh_once(repo: &Repository, key: &str, body: &[u8], fresh: &Mutex<Freshness>) {
-    let started = Instant::now();
+    let started = BootInstant::now();
     let put = repo.backend().put(key, body);
     let mut f = fresh.lock();
     if let Some(gap) = f.note_gap() {
@@ -442,14 +444,14 @@ mod tests {
         let w = WriterLock::acquire(&r, "vm1").unwrap();
         w.check_fresh().unwrap();
         // As if the process had been stopped for six minutes.
-        w.0.fresh.lock().last_ok = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+        w.0.fresh.lock().last_ok = BootInstant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
         let e =
             super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
                 .unwrap_err();
         assert!(e.to_string().contains("was not refreshed"), "{e}");
         assert!(r.backup_ids("vm1").unwrap().is_empty());
         // Seen here first, the lapse is remembered all the same.
-        w.0.fresh.lock().last_ok = Instant::now();
+        w.0.fresh.lock().last_ok = BootInstant::now();
         assert!(w.check_fresh().is_err());
     }
 
@@ -459,7 +461,7 @@ mod tests {
         let w = WriterLock::acquire(&r, "vm1").unwrap();
         // Stopped for six minutes: a collector elsewhere may have taken the
         // lock for dead and swept chunks this writer already counted on.
-        w.0.fresh.lock().last_ok = Instant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+        w.0.fresh.lock().last_ok = BootInstant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
         // The process resumes and its refresh thread rewrites the lock.
         let body = r.backend().get(&w.0.key, 4096).unwrap().unwrap();
         refresh_once(&r, &w.0.key, &body, &w.0.fresh);

@@ -173,3 +173,28 @@ fn a_partial_write_waiting_on_a_failed_writes_claim_still_lands() {
         "wrong bytes"
     );
 }
+
+#[test]
+fn a_write_that_panics_holding_a_claim_leaves_no_reader_waiting_forever() {
+    let f = super::tests::fixture(8, 36);
+    *f.vol.claim_hook.lock() = Some(Arc::new(|_, b| {
+        if b == B {
+            panic!("a bug in the write path");
+        }
+    }));
+    let vol = f.vol.clone();
+    let at = B * BS as u64;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vol.write(at, &vec![7u8; BS])
+    }));
+    assert!(r.is_err(), "the hook did not panic");
+    *f.vol.claim_hook.lock() = None;
+    let (tx, rx) = mpsc::channel();
+    let vol = f.vol.clone();
+    std::thread::spawn(move || tx.send(vol.read(at, 10)).unwrap());
+    let got = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a reader waits forever on the panicked write's claim");
+    assert_eq!(got.unwrap(), f.data[BS..BS + 10]);
+    assert!(!f.vol.guest_busy(), "the write still counts as in flight");
+}

@@ -29,6 +29,48 @@ impl Payload<'_> {
     }
 }
 
+/// A write's claims and pins, given back when it ends however it ends: a
+/// panic on the way (caught by the frontend's pool, which keeps serving)
+/// must not leave readers of its blocks waiting forever.
+struct Held<'a> {
+    vol: &'a Volume,
+    off: u64,
+    owned: Vec<(u64, Arc<Slot>)>,
+    pinned: Vec<u64>,
+    /// The write succeeded (else its claims end as failed: readers read
+    /// the block as it still is).
+    ok: bool,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for b in self.pinned.drain(..) {
+            self.vol.unpin(b);
+        }
+        for (b, s) in self.owned.drain(..) {
+            self.vol.before_complete(self.off, b);
+            self.vol.complete_claim(b, &s, self.ok);
+        }
+    }
+}
+
+/// Counts a guest request in flight until dropped (see `guest_busy`),
+/// panics included.
+pub(super) struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> InFlight<'a> {
+    pub(super) fn new(n: &'a std::sync::atomic::AtomicU32) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Volume {
     /// Writes `data` at `off` into staging; the backup is never touched.
     pub fn write(&self, off: u64, data: &[u8]) -> Result<usize> {
@@ -101,7 +143,7 @@ impl Volume {
         // Again: a cutover that held the gate may have failed the disk
         // (its commit not durable) while this write waited.
         self.check_failed()?;
-        self.guest_inflight.fetch_add(1, Ordering::AcqRel);
+        let inflight = InFlight::new(&self.guest_inflight);
         let r = match self.target.get() {
             // Still tracked after cutover: the changed map is what status,
             // the NBD `recoverfs:changed` context and an incremental
@@ -120,7 +162,7 @@ impl Volume {
             }),
             None => self.write_staging(off, p),
         };
-        self.guest_inflight.fetch_sub(1, Ordering::AcqRel);
+        drop(inflight);
         self.guest_done(t0);
         if r.is_ok() {
             self.stats.writes.add(1);
@@ -158,25 +200,25 @@ impl Volume {
             .filter(|&b| !self.covers(off, len, b))
             .filter_map(|b| self.start_fill(b, Class::OnDemand).map(|s| (b, s)))
             .collect();
-        let mut owned = vec![];
-        let mut pinned = vec![];
+        let mut held = Held {
+            vol: self,
+            off,
+            owned: vec![],
+            pinned: vec![],
+            ok: false,
+        };
         let r = self
             .claim_in_order(
                 blocks.clone(),
                 off,
                 len,
                 &mut fills,
-                &mut owned,
-                &mut pinned,
+                &mut held.owned,
+                &mut held.pinned,
             )
             .and_then(|_| self.write_claimed(blocks, off, data));
-        for b in pinned {
-            self.unpin(b);
-        }
-        for (b, s) in owned {
-            self.before_complete(off, b);
-            self.complete_claim(b, &s, r.is_ok());
-        }
+        held.ok = r.is_ok();
+        drop(held);
         r
     }
 

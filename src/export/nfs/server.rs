@@ -92,12 +92,16 @@ impl NfsOptions {
             gid: self.anon.1,
             gids: vec![],
         };
+        let squash = self.root_squash && !is_loopback(peer);
+        // Group 0 is root's as much as user 0: squashed wherever it
+        // appears, as knfsd does.
+        let group = |g: u32| if squash && g == 0 { self.anon.1 } else { g };
         match cred {
-            Cred::Unix { uid: 0, .. } if self.root_squash && !is_loopback(peer) => anon,
+            Cred::Unix { uid: 0, .. } if squash => anon,
             Cred::Unix { uid, gid, gids } => Caller {
                 uid: *uid,
-                gid: *gid,
-                gids: gids.clone(),
+                gid: group(*gid),
+                gids: gids.iter().map(|&g| group(g)).collect(),
             },
             Cred::None => anon,
         }
@@ -810,7 +814,16 @@ mod tests {
             "local root can read staging anyway"
         );
         assert_eq!(o.caller(&Cred::None, local).uid, 65534);
+        // Group 0 is root's too: squashed wherever it appears, as knfsd does.
+        let wheel = Cred::Unix {
+            uid: 1000,
+            gid: 0,
+            gids: vec![5, 0],
+        };
+        let c = o.caller(&wheel, remote);
+        assert_eq!((c.uid, c.gid, c.gids), (1000, 65534, vec![5, 65534]));
         o.root_squash = false;
         assert_eq!(o.caller(&root, remote).uid, 0);
+        assert_eq!(o.caller(&wheel, remote).gid, 0);
     }
 }
