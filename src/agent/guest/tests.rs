@@ -2,7 +2,7 @@
 //! files, real hook scripts, a real repository.
 
 use super::*;
-use crate::agent::backup::{receive, Options, Target};
+use crate::agent::backup::{receive, Deadline, Options, Target};
 use crate::agent::container::{AgentConfig, CONFIG_FORMAT};
 use crate::repo::Repository;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -90,8 +90,11 @@ impl World {
             jobs: 1,
             allow_quiesced_stream: false,
             idle_timeout: Duration::from_secs(30),
+            max_duration: Duration::from_secs(600),
+            catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
         };
-        let got = receive(&self.repo, &host, &t, &opts, &|l| {
+        let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+        let got = receive(&self.repo, &host, deadline, &t, &opts, &|l| {
             lines.lock().unwrap().push(l.to_string())
         });
         drop(host);
@@ -214,4 +217,110 @@ fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
     let e = got.unwrap_err();
     assert!(e.to_string().contains("hook app pre failed"), "{e}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost\n");
+}
+
+fn target() -> Target {
+    Target {
+        name: "vm1".into(),
+        qmp: "/x".into(),
+        qga: None,
+    }
+}
+
+fn options(idle: Duration, max: Duration) -> Options {
+    Options {
+        container: "/x".into(),
+        paths: vec![],
+        hooks: vec![],
+        jobs: 1,
+        allow_quiesced_stream: false,
+        idle_timeout: idle,
+        max_duration: max,
+        catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
+    }
+}
+
+/// A hostile guest on one end of a socket pair: hello, then `rest`.
+fn hostile_guest(
+    rest: impl FnOnce(&mut FrameWriter<UnixStream>) -> std::io::Result<()> + Send + 'static,
+) -> (UnixStream, std::thread::JoinHandle<()>) {
+    let (guest, host) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut w = FrameWriter::new(guest);
+        let _ = w
+            .hello(&Hello {
+                version: "6.6".into(),
+                binary: "x".into(),
+            })
+            .and_then(|()| rest(&mut w))
+            // As the real agent: wait for the host's acknowledgement.
+            .and_then(|()| w.get_mut().read_exact(&mut [0u8; 1]));
+    });
+    (host, t)
+}
+
+#[test]
+fn a_guest_flooding_log_lines_keeps_a_bounded_log() {
+    use crate::agent::backup::{logger, AgentLog, MAX_LOG_BYTES, MAX_LOG_LINES};
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        let line = "y".repeat(2000);
+        for _ in 0..3 * MAX_LOG_LINES {
+            w.log(&line)?;
+        }
+        w.end()
+    });
+    let log = std::sync::Mutex::new(AgentLog::default());
+    let shown = std::sync::atomic::AtomicUsize::new(0);
+    let on_log = |_: &str, _: &str| {
+        shown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    let opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    let say = logger(&log, "vm1", &on_log);
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    receive(&w.repo, &host, deadline, &target(), &opts, &say).unwrap();
+    guest.join().unwrap();
+    drop(say);
+    let lines = log.into_inner().unwrap().into_lines();
+    let kept: usize = lines.iter().map(|l| l.len()).sum();
+    // The hello line, then as many 2000-byte lines as fit.
+    assert!(lines.len() <= MAX_LOG_LINES + 1, "{} lines", lines.len());
+    assert!(kept <= MAX_LOG_BYTES + 200, "{kept} bytes kept");
+    assert!(
+        shown.load(std::sync::atomic::Ordering::SeqCst) <= MAX_LOG_LINES,
+        "every line was shown"
+    );
+    let last = lines.last().unwrap();
+    assert!(last.contains("more log lines"), "{last}");
+    let dropped: usize = last.split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(dropped + lines.len() - 2, 3 * MAX_LOG_LINES, "{last}");
+}
+
+#[test]
+fn a_stream_that_trickles_forever_ends_at_the_overall_deadline() {
+    let w = World::new();
+    // A log line every 50 ms, well within the idle timeout, never an end.
+    let (host, guest) = hostile_guest(|w| loop {
+        w.log("still busy")?;
+        w.get_mut().flush()?;
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let repo = w.repo.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let opts = options(Duration::from_secs(30), Duration::from_secs(1));
+        let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+        let r = receive(&repo, &host, deadline, &target(), &opts, &|_| {});
+        drop(host);
+        let _ = tx.send(r);
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the host still receives a trickling stream after 20 s");
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("within --max-duration (1 s)"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // The guest's writes fail once the host has gone.
+    guest.join().unwrap();
 }
