@@ -161,6 +161,22 @@ fn backup(
     if hooks.is_empty() {
         return paths.iter().try_for_each(|p| send_tree(w, Path::new(p)));
     }
+    // Every `post` is read before any `pre` runs: once the application is
+    // quiesced, its resume must not depend on the container staying there.
+    let mut posts = vec![];
+    for h in hooks {
+        let p = container.join("hooks").join(h).join("post");
+        posts.push(match std::fs::read(&p) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("read hook {h} post (before anything is quiesced)"),
+                    e,
+                ))
+            }
+        });
+    }
     let plan = match copy::plan(paths) {
         Ok(p) => Some(p),
         Err(copy::PlanError::NoSpace(e)) if allow_quiesced_stream => {
@@ -174,9 +190,9 @@ fn backup(
     };
     let mut ran = vec![];
     let mut result = Ok(());
-    for h in hooks {
-        ran.push(h.clone());
-        if let Err(e) = hook(w, container, h, "pre", paths) {
+    for (h, post) in hooks.iter().zip(&posts) {
+        ran.push((h.clone(), post.as_deref()));
+        if let Err(e) = hook(w, container, h, "pre", paths, None) {
             result = Err(e);
             break;
         }
@@ -185,7 +201,8 @@ fn backup(
     let mut staged = None;
     if result.is_ok() {
         result = match &plan {
-            Some(p) => p.copy().map(|s| staged = Some(s)),
+            // The copy sends no frames: keep-alives meanwhile.
+            Some(p) => keeping_alive(w, || p.copy()).map(|s| staged = Some(s)),
             None => paths.iter().try_for_each(|p| send_tree(w, Path::new(p))),
         };
     }
@@ -202,11 +219,19 @@ fn backup(
             .map_err(io);
     }
     // Resume whatever was quiesced, in reverse order, whatever happened.
-    for h in ran.iter().rev() {
-        if let Err(e) = hook(w, container, h, "post", paths) {
-            let _ = w.log(&format!(
-                "WARNING: {e}: the application may not have resumed"
-            ));
+    // A `post` that fails or cannot run fails the backup: the
+    // application may still be quiesced, and someone must know.
+    for (h, post) in ran.iter().rev() {
+        let Some(post) = post else { continue };
+        if let Err(e) = hook(w, container, h, "post", paths, Some(post)) {
+            let e = Error::new(
+                e.kind(),
+                format!("{e}: the application may not have resumed"),
+            );
+            let _ = w.log(&format!("WARNING: {e}"));
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
     }
     result?;
@@ -237,23 +262,73 @@ fn io(e: std::io::Error) -> Error {
     Error::io("write to the stream port", e)
 }
 
-/// Runs `hooks/NAME/STAGE` if the container has it, its output as log lines.
+/// How often the agent sends a keep-alive frame while a hook or the copy
+/// runs (the host's idle timeout is at least 3 s).
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// Runs `work` on a thread of its own, sending keep-alive frames while it
+/// runs. A keep-alive that cannot be written is passed over: the work (a
+/// `post` among it) runs to its end, and the next real frame fails.
+fn keeping_alive<T: Send>(w: &mut FrameWriter<impl Write>, work: impl FnOnce() -> T + Send) -> T {
+    use std::sync::mpsc::RecvTimeoutError;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = s.spawn(move || {
+            let _ = tx.send(work());
+        });
+        loop {
+            match rx.recv_timeout(KEEPALIVE) {
+                Ok(v) => return v,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = w.keepalive();
+                }
+                Err(RecvTimeoutError::Disconnected) => match h.join() {
+                    Err(panic) => std::panic::resume_unwind(panic),
+                    Ok(()) => unreachable!("the work thread ended without sending"),
+                },
+            }
+        }
+    })
+}
+
+/// Runs `hooks/NAME/STAGE`, its output as log lines. `pre`: if the
+/// container has it. `post`: `saved` is its content read before any `pre`
+/// ran, run from memory if the container's copy cannot be run any more.
 fn hook(
     w: &mut FrameWriter<impl Write>,
     container: &Path,
     name: &str,
     stage: &str,
     paths: &[String],
+    saved: Option<&[u8]>,
 ) -> Result<()> {
     let script = container.join("hooks").join(name).join(stage);
-    if !script.exists() {
+    if saved.is_none() && !script.exists() {
         return Ok(());
     }
-    let out = Command::new(&script)
-        .env("RECOVERFS_PATHS", paths.join("\n"))
-        .env("RECOVERFS_HOOK_STAGE", stage)
-        .output()
-        .ctx(|| format!("run hook {name} {stage}"))?;
+    let run = |p: &Path| {
+        Command::new(p)
+            .env("RECOVERFS_PATHS", paths.join("\n"))
+            .env("RECOVERFS_HOOK_STAGE", stage)
+            .output()
+    };
+    let (out, fallback) = keeping_alive(w, || match (run(&script), saved) {
+        (Ok(o), _) => Ok((o, None)),
+        (Err(e), None) => Err(Error::io(format!("run hook {name} {stage}"), e)),
+        (Err(e), Some(bytes)) => match run_from_memory(bytes, run) {
+            Ok(o) => Ok((o, Some(e))),
+            Err(m) => Err(Error::new(
+                m.kind(),
+                format!("run hook {name} {stage}: {e}; from its copy in memory: {m}"),
+            )),
+        },
+    })?;
+    if let Some(e) = fallback {
+        w.log(&format!(
+            "WARNING: hook {name} {stage} could not be run from the container ({e}); ran the copy read before pre"
+        ))
+        .map_err(io)?;
+    }
     for line in String::from_utf8_lossy(&out.stdout)
         .lines()
         .chain(String::from_utf8_lossy(&out.stderr).lines())
@@ -268,6 +343,33 @@ fn hook(
         ));
     }
     Ok(())
+}
+
+/// Runs `bytes` as an executable through a memory file: written, then
+/// reopened read-only (a file open for writing cannot be executed) and
+/// inherited by the child through `/proc/self/fd`, so that a `#!`
+/// interpreter can open it too.
+fn run_from_memory(
+    bytes: &[u8],
+    run: impl Fn(&Path) -> std::io::Result<std::process::Output>,
+) -> Result<std::process::Output> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::os::fd::AsRawFd;
+    let mut w = File::from(
+        memfd_create(c"recoverfs-hook", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| Error::io("memfd_create", e.into()))?,
+    );
+    w.write_all(bytes)
+        .ctx(|| "write the hook to memory".into())?;
+    let r = File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))
+        .ctx(|| "reopen the hook in memory".into())?;
+    drop(w);
+    fcntl(r.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+        .map_err(|e| Error::io("let the hook in memory be inherited", e.into()))?;
+    let out = run(Path::new(&format!("/proc/self/fd/{}", r.as_raw_fd()))).ctx(|| "run it".into());
+    drop(r);
+    out
 }
 
 /// Writes what the host sends: each file appears whole (temp, fsync,

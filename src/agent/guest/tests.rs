@@ -68,6 +68,23 @@ impl World {
         Result<crate::repo::catalog::Catalog>,
         Vec<String>,
     ) {
+        self.backup_idle(job, Duration::from_secs(30))
+    }
+
+    /// [`World::backup`] with the host's idle timeout given.
+    fn backup_idle(
+        &self,
+        job: Job,
+        idle: Duration,
+    ) -> (
+        Result<()>,
+        Result<crate::repo::catalog::Catalog>,
+        Vec<String>,
+    ) {
+        // The copy directory is named by the pid (one agent a process):
+        // one backup at a time in this test process.
+        static ONE_AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AGENT.lock().unwrap_or_else(|p| p.into_inner());
         let (guest, host) = UnixStream::pair().unwrap();
         let container = self.dir.path().join("container");
         let agent = std::thread::spawn(move || {
@@ -89,7 +106,7 @@ impl World {
             hooks: vec![],
             jobs: 1,
             allow_quiesced_stream: false,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: idle,
             max_duration: Duration::from_secs(600),
             catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
         };
@@ -323,4 +340,88 @@ fn a_stream_that_trickles_forever_ends_at_the_overall_deadline() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     // The guest's writes fail once the host has gone.
     guest.join().unwrap();
+}
+
+/// Replaces the `app` hook's `stage` script.
+fn set_hook(w: &World, stage: &str, body: &str) {
+    let p = w.dir.path().join("container/hooks/app").join(stage);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn hook_log(w: &World) -> String {
+    std::fs::read_to_string(w.dir.path().join("hook.log")).unwrap_or_default()
+}
+
+fn with_app_hook(t: &Path) -> Job {
+    Job::Backup {
+        paths: vec![t.to_str().unwrap().into()],
+        hooks: vec!["app".into()],
+        allow_quiesced_stream: false,
+    }
+}
+
+#[test]
+fn a_post_hook_that_cannot_be_found_after_pre_runs_from_memory_not_skipped() {
+    let w = World::new();
+    let t = w.tree();
+    let c = w.dir.path().join("container");
+    let log = w.dir.path().join("hook.log");
+    // As if the container went away while the application was quiesced.
+    set_hook(
+        &w,
+        "pre",
+        &format!(
+            "echo pre >> {}\nmv {} {}",
+            log.display(),
+            c.join("hooks").display(),
+            c.join("hooks.gone").display()
+        ),
+    );
+    let (agent, got, lines) = w.backup(with_app_hook(&t));
+    assert!(!c.join("hooks").exists());
+    assert_eq!(hook_log(&w), "pre\npost\n", "post was skipped");
+    agent.unwrap();
+    got.unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("hook app post could not be run from the container")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_post_hook_that_fails_fails_the_backup() {
+    let w = World::new();
+    let t = w.tree();
+    set_hook(&w, "post", "echo cannot resume >&2\nexit 4");
+    let (agent, got, lines) = w.backup(with_app_hook(&t));
+    assert!(agent.is_err());
+    let e = got.unwrap_err();
+    assert!(
+        e.to_string().contains("hook app post failed")
+            && e.to_string().contains("may not have resumed"),
+        "{e}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("cannot resume")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_pre_hook_longer_than_the_idle_timeout_keeps_the_stream_alive() {
+    let w = World::new();
+    let t = w.tree();
+    let log = w.dir.path().join("hook.log");
+    set_hook(
+        &w,
+        "pre",
+        &format!("sleep 4\necho pre >> {}", log.display()),
+    );
+    let (agent, got, _) = w.backup_idle(with_app_hook(&t), Duration::from_secs(2));
+    got.unwrap();
+    agent.unwrap();
+    assert_eq!(hook_log(&w), "pre\npost\n");
 }
