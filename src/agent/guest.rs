@@ -21,7 +21,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -384,13 +384,22 @@ fn restore(
     let base = match to {
         Some(t) => {
             check_path(t).map_err(|e| e.context("--to"))?;
-            std::fs::create_dir_all(t).ctx(|| format!("create {t}"))?;
             Some(PathBuf::from(t))
         }
         None => None,
     };
+    let root = place::root()?;
+    let slash = Path::new("/");
+    // --to itself: created, and never through a link a user planted.
+    if let Some(b) = &base {
+        place::open_dirs(&root, slash, &place::components(b), true)
+            .map_err(|e| e.context("--to"))?;
+    }
+    let is_root = nix::unistd::Uid::effective().is_root();
     let mut dirs = vec![];
     let mut n = 0u64;
+    // The parent directory opened last: entries come in tree order.
+    let mut last: Option<(PathBuf, std::os::fd::OwnedFd)> = None;
     loop {
         let e = match r.next_frame()? {
             Frame::Header(e) => e,
@@ -404,58 +413,76 @@ fn restore(
             }
         };
         e.check_header()?;
-        let dst = match &base {
-            Some(b) => b.join(e.path.trim_start_matches('/')),
-            None => PathBuf::from(&e.path),
+        let dst = place::under(base.as_deref(), &e.path);
+        let names = place::components(&dst);
+        let Some((name, parents)) = names.split_last() else {
+            // `/` itself: a directory, its metadata set last.
+            if e.kind != EntryKind::Dir {
+                return Err(Error::invalid(format!(
+                    "cannot restore a {:?} as /",
+                    e.kind
+                )));
+            }
+            dirs.push((dst, e));
+            n += 1;
+            continue;
         };
-        if let Some(p) = dst.parent() {
-            std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+        let parent = dst.parent().unwrap_or(slash).to_path_buf();
+        if last.as_ref().map(|(p, _)| p) != Some(&parent) {
+            let fd = place::open_dirs(&root, slash, parents, true)?;
+            last = Some((parent.clone(), fd));
         }
-        let dir = dst.parent().unwrap_or(Path::new("/"));
-        let tmp = dir.join(format!(
+        let dir = &last.as_ref().expect("just opened").1;
+        let tmp = std::ffi::OsString::from(format!(
             ".{}.recoverfs-restore.{}",
-            dst.file_name().unwrap_or_default().to_string_lossy(),
+            name.to_string_lossy(),
             std::process::id()
         ));
+        let tmp_shown = parent.join(&tmp);
         match e.kind {
             EntryKind::Dir => {
-                std::fs::create_dir_all(&dst).ctx(|| format!("create {}", dst.display()))?;
+                place::open_dirs(dir, &parent, &[name], true)?;
                 dirs.push((dst, e));
                 n += 1;
                 continue;
             }
             EntryKind::File => {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .ctx(|| format!("create {}", tmp.display()))?;
+                let mut f = place::create_new(dir, &tmp, &tmp_shown)?;
                 let copied = std::io::copy(&mut r.content(e.size), &mut f)
-                    .and_then(|_| f.sync_all())
                     .map_err(|err| {
-                        let _ = std::fs::remove_file(&tmp);
                         err.get_ref()
                             .and_then(|i| i.downcast_ref::<Error>())
                             .cloned()
-                            .unwrap_or_else(|| Error::io(format!("write {}", tmp.display()), err))
-                    });
+                            .unwrap_or_else(|| {
+                                Error::io(format!("write {}", tmp_shown.display()), err)
+                            })
+                    })
+                    .and_then(|_| place::set_meta_fd(&f, &e, is_root, &tmp_shown))
+                    .and_then(|()| f.sync_all().ctx(|| format!("sync {}", tmp_shown.display())));
+                if copied.is_err() {
+                    let _ = place::remove(dir, &tmp, &tmp_shown);
+                }
                 copied?;
             }
             EntryKind::Symlink => {
-                let _ = std::fs::remove_file(&tmp);
-                std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &tmp)
-                    .ctx(|| format!("create link {}", tmp.display()))?;
+                place::remove(dir, &tmp, &tmp_shown)?;
+                nix::unistd::symlinkat(
+                    e.target.as_deref().unwrap_or_default(),
+                    Some(std::os::fd::AsRawFd::as_raw_fd(dir)),
+                    tmp.as_os_str(),
+                )
+                .map_err(|err| {
+                    Error::io(format!("create link {}", tmp_shown.display()), err.into())
+                })?;
+                place::set_link_meta(dir, &tmp, &e, is_root, &tmp_shown)?;
             }
         }
-        crate::files::set_meta(&tmp, &e, nix::unistd::Uid::effective().is_root())?;
-        std::fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))?;
-        crate::util::fsync_dir(dir)?;
+        place::replace(dir, &tmp, name, &dst)?;
         n += 1;
     }
     for (d, e) in dirs.iter().rev() {
-        crate::files::set_meta(d, e, nix::unistd::Uid::effective().is_root())?;
+        let fd = place::open_dirs(&root, slash, &place::components(d), false)?;
+        place::set_meta_fd(&fd, e, is_root, d)?;
     }
     w.log(&format!(
         "restored {n} entries {}",
@@ -527,6 +554,7 @@ fn send_content(w: &mut FrameWriter<impl Write>, path: &Path, size: u64) -> Resu
 }
 
 mod copy;
+mod place;
 
 #[cfg(test)]
 mod tests;
