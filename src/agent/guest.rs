@@ -245,14 +245,15 @@ fn backup(
 /// Sends what [`copy::Plan::copy`] took: original paths and metadata,
 /// contents from the copy.
 fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> {
-    for p in &s.skipped {
-        w.log(&format!("skipped {p} (a socket, device or FIFO)"))
-            .map_err(io)?;
+    for (p, why) in &s.skipped {
+        w.log(&format!("skipped {p} ({why})")).map_err(io)?;
     }
     for (e, src) in &s.entries {
         w.header(e).map_err(io)?;
         if let Some(src) = src {
-            send_content(w, src, e.size)?;
+            // The agent's own copy, in its private directory.
+            let f = File::open(src).ctx(|| format!("open {}", src.display()))?;
+            send_content(w, f, src, e.size)?;
         }
     }
     Ok(())
@@ -508,9 +509,22 @@ fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
             .log(&format!("skipped {} ({what})", path.display()))
             .map_err(io);
     };
+    // A file is opened before its header goes: one replaced since its
+    // stat is passed over, never read through a link.
+    let file = match entry.kind {
+        EntryKind::File => match copy::open_same(path, &m)? {
+            Some(f) => Some(f),
+            None => {
+                return w
+                    .log(&format!("skipped {} ({})", path.display(), copy::REPLACED))
+                    .map_err(io)
+            }
+        },
+        _ => None,
+    };
     w.header(&entry).map_err(io)?;
     match entry.kind {
-        EntryKind::File => send_content(w, path, entry.size),
+        EntryKind::File => send_content(w, file.expect("opened"), path, entry.size),
         EntryKind::Dir => {
             let mut names: Vec<PathBuf> = std::fs::read_dir(path)
                 .ctx(|| format!("list {}", path.display()))?
@@ -526,9 +540,13 @@ fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
 
 /// Exactly `size` bytes of a file: a file that shrank while read is padded
 /// with zeros and said in the log, one that grew is cut at `size`.
-fn send_content(w: &mut FrameWriter<impl Write>, path: &Path, size: u64) -> Result<()> {
+fn send_content(
+    w: &mut FrameWriter<impl Write>,
+    mut f: File,
+    path: &Path,
+    size: u64,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
-    let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
     let mut left = size;
     let mut buf = vec![0u8; super::stream::MAX_DATA];
     while left > 0 {

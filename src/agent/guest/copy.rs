@@ -59,8 +59,9 @@ impl Drop for Plan {
 /// with the copy to stream its contents from.
 pub struct Staged {
     pub entries: Vec<(Entry, Option<PathBuf>)>,
-    /// Sockets, devices and FIFOs passed over.
-    pub skipped: Vec<String>,
+    /// Entries passed over, and why: sockets, devices and FIFOs; files
+    /// replaced between their stat and their open.
+    pub skipped: Vec<(String, &'static str)>,
 }
 
 /// Sizes the trees, makes the copy directories and checks the space,
@@ -237,14 +238,19 @@ fn clone(src: &File, dst: &File) -> std::io::Result<()> {
 fn copy_tree(p: &Path, dir: &Path, n: &mut u64, s: &mut Staged) -> Result<()> {
     let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
     let Some(entry) = crate::files::entry_of(p, &m)? else {
-        s.skipped.push(p.display().to_string());
+        s.skipped
+            .push((p.display().to_string(), "a socket, device or FIFO"));
         return Ok(());
     };
     match entry.kind {
         EntryKind::File => {
+            let Some(src) = open_same(p, &m)? else {
+                s.skipped.push((p.display().to_string(), REPLACED));
+                return Ok(());
+            };
             *n += 1;
             let dst = dir.join(n.to_string());
-            copy_file(p, &dst, entry.size)?;
+            copy_file(src, p, &dst, entry.size)?;
             s.entries.push((entry, Some(dst)));
         }
         EntryKind::Dir => {
@@ -264,10 +270,33 @@ fn copy_tree(p: &Path, dir: &Path, n: &mut u64, s: &mut Staged) -> Result<()> {
     Ok(())
 }
 
-/// A reflink, else the first `size` bytes copied.
-fn copy_file(src: &Path, dst: &Path, size: u64) -> Result<()> {
+/// Why a file is passed over when [`open_same`] finds another in its place.
+pub const REPLACED: &str = "replaced while it was read";
+
+/// Opens the regular file `p` was when `m` was taken, or `None` if
+/// something else is there now: a link (`O_NOFOLLOW`) or another file
+/// (device and inode compared). The agent runs as root: a user who swaps a
+/// file for a link to `/etc/shadow` between the stat and the open must not
+/// get that into the backup. `O_NONBLOCK`, so a FIFO swapped in does not
+/// hang the open (reads of a regular file ignore it).
+pub fn open_same(p: &Path, m: &std::fs::Metadata) -> Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(Error::io(format!("open {}", p.display()), e)),
+    };
+    let now = f.metadata().ctx(|| format!("stat {}", p.display()))?;
+    Ok((now.is_file() && now.dev() == m.dev() && now.ino() == m.ino()).then_some(f))
+}
+
+/// A reflink of `s` (opened from `src`), else its first `size` bytes copied.
+fn copy_file(s: File, src: &Path, dst: &Path, size: u64) -> Result<()> {
     use std::io::Read;
-    let s = File::open(src).ctx(|| format!("open {}", src.display()))?;
     let mut d = File::create(dst).ctx(|| format!("create {}", dst.display()))?;
     if clone(&s, &d).is_ok() {
         return Ok(());
