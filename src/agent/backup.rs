@@ -9,7 +9,10 @@
 //! read-only, runs `recoverfs agent run` from it and unmounts it; receive
 //! the stream, chunking file contents into the repository as they come;
 //! acknowledge the end; wait for the script's exit; detach; and only then
-//! publish the catalog. Any failure (no agent, a missing path, a failed
+//! publish the catalog. The guest is not trusted: the stream is read
+//! within `--idle-timeout` and an overall `--max-duration`, the agent's
+//! log is bounded ([`AgentLog`]), and a catalog that would be over the
+//! limits it is read back with is refused before it is published. Any failure (no agent, a missing path, a failed
 //! hook, a container that does not attach, the agent or the VM killed, a
 //! truncated stream, a failed detach) publishes nothing; the chunks
 //! already stored are unreferenced and harmless, as after a failed disk

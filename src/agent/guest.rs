@@ -6,9 +6,13 @@
 //! A backup checks every path first (a missing one is an error frame and
 //! nothing runs). With hooks selected it prepares a consistent copy
 //! ([`copy`]: copy directories made and free space checked, before
-//! anything is quiesced), runs each hook's `pre` script (quiesce), walks
-//! the trees and copies the files, runs the `post` scripts (resume; also
-//! after a failure, so the application is never left quiesced), and only
+//! anything is quiesced), reads every hook's `post` script into memory
+//! (so resuming never depends on the container still being there), runs
+//! each hook's `pre` script (quiesce), walks the trees and copies the
+//! files, runs the `post` scripts (resume; also after a failure, so the
+//! application is never left quiesced; a `post` that fails or cannot run
+//! fails the backup), sending keep-alive frames while hooks and the copy
+//! run, and only
 //! then sends the files (headers with the original paths and the metadata
 //! taken while quiesced, contents from the copy), and ends the stream;
 //! the copy is removed whatever happened. So the application is quiesced
@@ -16,8 +20,10 @@
 //! fails before `pre`, unless the host allowed streaming while quiesced
 //! (`allow_quiesced_stream`). Without hooks nothing is quiesced and the
 //! files are sent as they are. Directories are walked in name order
-//! without following symbolic links. Hook output goes to the host as log
-//! lines.
+//! without following symbolic links; a file is read only if it is still
+//! the one its metadata came from. Hook output goes to the host as log
+//! lines. Restores write only through directories no user of the guest
+//! can redirect ([`place`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
