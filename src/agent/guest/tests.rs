@@ -552,3 +552,60 @@ fn agent_restore_follows_a_link_only_root_could_have_made() {
     assert!(lines.iter().any(|l| l.contains("restored 1")), "{lines:?}");
     assert_eq!(std::fs::read(real.join("f")).unwrap(), b"restored");
 }
+
+#[test]
+fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_received() {
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        for i in 0..10 {
+            w.header(&crate::repo::catalog::Entry {
+                path: format!("/d{i}"),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: 0,
+                target: None,
+                chunks: vec![],
+            })?;
+        }
+        w.end()
+    });
+    let mut opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    opts.catalog_limits = crate::repo::catalog::CatalogLimits {
+        entries: 4,
+        bytes: 1 << 20,
+    };
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    let e = receive(&w.repo, &host, deadline, &target(), &opts, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("more than 4 entries"), "{e}");
+    opts.catalog_limits = crate::repo::catalog::CatalogLimits {
+        entries: 100,
+        bytes: 200,
+    };
+    drop(host);
+    guest.join().unwrap();
+    let (host, guest) = hostile_guest(|w| {
+        for i in 0..10 {
+            w.header(&crate::repo::catalog::Entry {
+                path: format!("/d{i}"),
+                kind: EntryKind::Symlink,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: 0,
+                target: Some("t".repeat(100)),
+                chunks: vec![],
+            })?;
+        }
+        w.end()
+    });
+    let e = receive(&w.repo, &host, deadline, &target(), &opts, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("more than the 200"), "{e}");
+    drop(host);
+    guest.join().unwrap();
+}
