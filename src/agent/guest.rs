@@ -27,7 +27,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -504,44 +503,16 @@ fn restore(
 /// Sends `path` and, for a directory, everything under it.
 fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
-    let m = std::fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
-    let Some(entry) = crate::files::entry_of(path, &m)? else {
-        let what = if m.file_type().is_socket() {
-            "a socket"
-        } else {
-            "a device or FIFO"
-        };
-        return w
-            .log(&format!("skipped {} ({what})", path.display()))
-            .map_err(io);
-    };
-    // A file is opened before its header goes: one replaced since its
-    // stat is passed over, never read through a link.
-    let file = match entry.kind {
-        EntryKind::File => match copy::open_same(path, &m)? {
-            Some(f) => Some(f),
-            None => {
-                return w
-                    .log(&format!("skipped {} ({})", path.display(), copy::REPLACED))
-                    .map_err(io)
+    walk::walk(path, None, &mut |found| match found {
+        walk::Found::Skipped(p, why) => w.log(&format!("skipped {p} ({why})")).map_err(io),
+        walk::Found::Entry(e, file) => {
+            w.header(&e).map_err(io)?;
+            match file {
+                Some(f) => send_content(w, f, Path::new(&e.path), e.size),
+                None => Ok(()),
             }
-        },
-        _ => None,
-    };
-    w.header(&entry).map_err(io)?;
-    match entry.kind {
-        EntryKind::File => send_content(w, file.expect("opened"), path, entry.size),
-        EntryKind::Dir => {
-            let mut names: Vec<PathBuf> = std::fs::read_dir(path)
-                .ctx(|| format!("list {}", path.display()))?
-                .map(|d| d.map(|d| d.path()))
-                .collect::<std::io::Result<_>>()
-                .ctx(|| format!("list {}", path.display()))?;
-            names.sort();
-            names.iter().try_for_each(|p| send_tree(w, p))
         }
-        EntryKind::Symlink => Ok(()),
-    }
+    })
 }
 
 /// Exactly `size` bytes of a file: a file that shrank while read is padded
@@ -579,6 +550,7 @@ fn send_content(
 
 mod copy;
 mod place;
+mod walk;
 
 #[cfg(test)]
 mod tests;

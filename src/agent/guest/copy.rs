@@ -30,8 +30,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::walk::Found;
 use crate::error::{Error, IoContext, Result};
-use crate::repo::catalog::{Entry, EntryKind};
+use crate::repo::catalog::Entry;
 
 const PREFIX: &str = ".recoverfs-agent-copy.";
 
@@ -236,62 +237,19 @@ fn clone(src: &File, dst: &File) -> std::io::Result<()> {
 }
 
 fn copy_tree(p: &Path, dir: &Path, n: &mut u64, s: &mut Staged) -> Result<()> {
-    let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
-    let Some(entry) = crate::files::entry_of(p, &m)? else {
-        s.skipped
-            .push((p.display().to_string(), "a socket, device or FIFO"));
-        return Ok(());
-    };
-    match entry.kind {
-        EntryKind::File => {
-            let Some(src) = open_same(p, &m)? else {
-                s.skipped.push((p.display().to_string(), REPLACED));
-                return Ok(());
-            };
-            *n += 1;
-            let dst = dir.join(n.to_string());
-            copy_file(src, p, &dst, entry.size)?;
-            s.entries.push((entry, Some(dst)));
-        }
-        EntryKind::Dir => {
-            s.entries.push((entry, None));
-            let mut names: Vec<PathBuf> = std::fs::read_dir(p)
-                .ctx(|| format!("list {}", p.display()))?
-                .map(|d| d.map(|d| d.path()))
-                .collect::<std::io::Result<_>>()
-                .ctx(|| format!("list {}", p.display()))?;
-            names.sort();
-            for c in names.iter().filter(|c| !c.starts_with(dir)) {
-                copy_tree(c, dir, n, s)?;
+    super::walk::walk(p, Some(dir), &mut |found| {
+        match found {
+            Found::Skipped(p, why) => s.skipped.push((p, why)),
+            Found::Entry(e, Some(src)) => {
+                *n += 1;
+                let dst = dir.join(n.to_string());
+                copy_file(src, Path::new(&e.path), &dst, e.size)?;
+                s.entries.push((e, Some(dst)));
             }
+            Found::Entry(e, None) => s.entries.push((e, None)),
         }
-        EntryKind::Symlink => s.entries.push((entry, None)),
-    }
-    Ok(())
-}
-
-/// Why a file is passed over when [`open_same`] finds another in its place.
-pub const REPLACED: &str = "replaced while it was read";
-
-/// Opens the regular file `p` was when `m` was taken, or `None` if
-/// something else is there now: a link (`O_NOFOLLOW`) or another file
-/// (device and inode compared). The agent runs as root: a user who swaps a
-/// file for a link to `/etc/shadow` between the stat and the open must not
-/// get that into the backup. `O_NONBLOCK`, so a FIFO swapped in does not
-/// hang the open (reads of a regular file ignore it).
-pub fn open_same(p: &Path, m: &std::fs::Metadata) -> Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(p)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
-        Err(e) => return Err(Error::io(format!("open {}", p.display()), e)),
-    };
-    let now = f.metadata().ctx(|| format!("stat {}", p.display()))?;
-    Ok((now.is_file() && now.dev() == m.dev() && now.ino() == m.ino()).then_some(f))
+        Ok(())
+    })
 }
 
 /// A reflink of `s` (opened from `src`), else its first `size` bytes copied.
