@@ -20,8 +20,9 @@
 //! fails before `pre`, unless the host allowed streaming while quiesced
 //! (`allow_quiesced_stream`). Without hooks nothing is quiesced and the
 //! files are sent as they are. Directories are walked in name order
-//! without following symbolic links; a file is read only if it is still
-//! the one its metadata came from. Hook output goes to the host as log
+//! through their descriptors without following symbolic links, and a
+//! file is read only if it is still the one its metadata came from
+//! ([`walk`]). Hook output goes to the host as log
 //! lines. Restores write only through directories no user of the guest
 //! can redirect ([`place`]).
 

@@ -609,3 +609,35 @@ fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_receive
     drop(host);
     guest.join().unwrap();
 }
+
+#[test]
+fn without_hooks_the_agent_streams_the_tree_as_it_is() {
+    let w = World::new();
+    let t = w.tree();
+    let tp = t.to_str().unwrap().to_string();
+    let (agent, got, _) = w.backup(Job::Backup {
+        paths: vec![tp.clone()],
+        hooks: vec![],
+        allow_quiesced_stream: false,
+    });
+    agent.unwrap();
+    let c = got.unwrap();
+    let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            tp.clone(),
+            format!("{tp}/data.db"),
+            format!("{tp}/link"),
+            format!("{tp}/sub"),
+            format!("{tp}/sub/conf")
+        ]
+    );
+    assert_eq!(c.file_bytes, 3_000_004);
+    assert_eq!(c.find(&format!("{tp}/sub/conf")).unwrap().mode, 0o600);
+    assert_eq!(
+        c.find(&format!("{tp}/link")).unwrap().target.as_deref(),
+        Some("data.db")
+    );
+    assert!(hook_log(&w).is_empty(), "a hook ran");
+}
