@@ -9,7 +9,10 @@
 //! read-only, runs `recoverfs agent run` from it and unmounts it; receive
 //! the stream, chunking file contents into the repository as they come;
 //! acknowledge the end; wait for the script's exit; detach; and only then
-//! publish the catalog. Any failure (no agent, a missing path, a failed
+//! publish the catalog. The guest is not trusted: the stream is read
+//! within `--idle-timeout` and an overall `--max-duration`, the agent's
+//! log is bounded ([`AgentLog`]), and a catalog that would be over the
+//! limits it is read back with is refused before it is published. Any failure (no agent, a missing path, a failed
 //! hook, a container that does not attach, the agent or the VM killed, a
 //! truncated stream, a failed detach) publishes nothing; the chunks
 //! already stored are unreferenced and harmless, as after a failed disk
@@ -25,10 +28,10 @@ use serde::Serialize;
 
 use super::guest::Job;
 use super::session::run_in_guest;
-pub use super::session::Target;
+pub use super::session::{Deadline, Target, DEFAULT_MAX_DURATION};
 use super::stream::{describe, Frame, FrameReader};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::catalog::{Catalog, ChunkSink, EntryKind, CATALOG_FORMAT};
+use crate::repo::catalog::{Catalog, CatalogLimits, ChunkSink, EntryKind, CATALOG_FORMAT};
 use crate::repo::Repository;
 
 pub struct Options {
@@ -41,6 +44,57 @@ pub struct Options {
     pub allow_quiesced_stream: bool,
     /// Longest silence on the stream (a hook may take a while).
     pub idle_timeout: Duration,
+    /// Longest a VM's whole backup may take.
+    pub max_duration: Duration,
+    /// What the catalog may hold: [`CatalogLimits::STORED`], smaller in tests.
+    pub catalog_limits: CatalogLimits,
+}
+
+/// Log lines kept per VM: a guest may send log frames without end.
+pub const MAX_LOG_LINES: usize = 1000;
+/// Bytes of log lines kept per VM.
+pub const MAX_LOG_BYTES: usize = 1 << 20;
+
+/// The agent's log of one VM: the first [`MAX_LOG_LINES`] lines (at most
+/// [`MAX_LOG_BYTES`]), and a count of the rest.
+#[derive(Debug, Default)]
+pub struct AgentLog {
+    lines: Vec<String>,
+    bytes: usize,
+    dropped: u64,
+    dropped_bytes: u64,
+}
+
+impl AgentLog {
+    /// Keeps `line` if there is room; whether it was kept.
+    pub fn push(&mut self, line: &str) -> bool {
+        if self.lines.len() < MAX_LOG_LINES && self.bytes + line.len() <= MAX_LOG_BYTES {
+            self.bytes += line.len();
+            self.lines.push(line.to_string());
+            true
+        } else {
+            self.dropped += 1;
+            self.dropped_bytes += line.len() as u64;
+            false
+        }
+    }
+
+    /// What was left out, as a last line, if anything was.
+    pub fn summary(&self) -> Option<String> {
+        (self.dropped > 0).then(|| {
+            format!(
+                "{} more log lines ({} bytes) from the agent were not kept",
+                self.dropped, self.dropped_bytes
+            )
+        })
+    }
+
+    pub fn into_lines(mut self) -> Vec<String> {
+        if let Some(s) = self.summary() {
+            self.lines.push(s);
+        }
+        self.lines
+    }
 }
 
 /// What happened to one VM.
@@ -115,6 +169,20 @@ pub fn agent_backup(
         .collect())
 }
 
+/// What `receive` calls with each log line: keeps it in `log` and shows
+/// it through `on_log`, both only within the bound.
+pub(crate) fn logger<'a>(
+    log: &'a Mutex<AgentLog>,
+    vm: &'a str,
+    on_log: &'a (dyn Fn(&str, &str) + Sync),
+) -> impl Fn(&str) + Sync + 'a {
+    move |line: &str| {
+        if log.lock().expect("lock").push(line) {
+            on_log(vm, line);
+        }
+    }
+}
+
 fn one(
     repo: &Arc<Repository>,
     t: &Target,
@@ -123,13 +191,11 @@ fn one(
     on_log: &(dyn Fn(&str, &str) + Sync),
 ) -> VmOutcome {
     let t0 = Instant::now();
-    let log = Mutex::new(vec![]);
-    let say = |line: &str| {
-        on_log(&t.name, line);
-        log.lock().expect("lock").push(line.to_string());
-    };
+    let log = Mutex::new(AgentLog::default());
+    let say = logger(&log, &t.name, on_log);
     let _span = tracing::info_span!("agent_backup", vm = %t.name).entered();
     let r = backup_vm(repo, t, opts, &say);
+    drop(say);
     let mut o = VmOutcome {
         vm: t.name.clone(),
         backup: None,
@@ -154,7 +220,11 @@ fn one(
         Err(e) => o.error = Some(e.to_string()),
     }
     o.duration_ms = t0.elapsed().as_millis() as u64;
-    o.log = log.into_inner().expect("lock");
+    let log = log.into_inner().expect("lock");
+    if let Some(s) = log.summary() {
+        on_log(&t.name, &s);
+    }
+    o.log = log.into_lines();
     o
 }
 
@@ -172,30 +242,33 @@ fn backup_vm(
     // Held from before the first chunk is stored until the catalog is
     // published: no garbage collection sweeps in between.
     let lock = crate::repo::locks::WriterLock::acquire(repo, &t.name)?;
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
     let catalog = run_in_guest(
         t,
         &opts.container,
         &job,
-        opts.idle_timeout,
+        deadline,
         "agent-backup",
-        |stream| receive(repo, stream, t, opts, say),
+        |stream| receive(repo, stream, deadline, t, opts, say),
     )?;
     // Published only now: the container is off the VM.
     lock.check_fresh()?;
-    repo.publish_catalog(catalog)
+    repo.publish_catalog_within(catalog, std::time::SystemTime::now(), opts.catalog_limits)
 }
 
-/// Reads the agent's stream into the repository: the catalog (not yet
-/// published).
+/// Reads the agent's stream into the repository, within `deadline`: the
+/// catalog (not yet published). A catalog that grows past
+/// `opts.catalog_limits` stops it (it could not be published).
 pub(crate) fn receive(
     repo: &Arc<Repository>,
     stream: &UnixStream,
+    deadline: Deadline,
     t: &Target,
     opts: &Options,
     say: &(dyn Fn(&str) + Sync),
 ) -> Result<Catalog> {
     let mut fr = FrameReader::new(
-        std::io::BufReader::with_capacity(1 << 20, stream),
+        std::io::BufReader::with_capacity(1 << 20, deadline.reader(stream)),
         "the agent's stream",
     );
     let hello = match fr.next_frame()? {
@@ -214,17 +287,22 @@ pub(crate) fn receive(
     ));
     let mut sink = ChunkSink::default();
     let mut entries = vec![];
+    // The entries' JSON so far: about the catalog's size.
+    let mut json_bytes = 0u64;
     loop {
         match fr.next_frame()? {
             Frame::Log(l) => say(&l),
             Frame::Error(m) => return Err(agent_failed(m)),
             Frame::Header(mut e) => {
                 e.check_header()?;
+                opts.catalog_limits.check_entries(entries.len() + 1)?;
                 if e.kind == EntryKind::File {
                     let size = e.size;
                     e.chunks = sink.store(repo, fr.content(size))?;
                 }
                 e.check()?;
+                json_bytes += serde_json::to_vec(&e).expect("json").len() as u64 + 1;
+                opts.catalog_limits.check_bytes(json_bytes)?;
                 entries.push(e);
             }
             Frame::End(_) => break,

@@ -6,9 +6,13 @@
 //! A backup checks every path first (a missing one is an error frame and
 //! nothing runs). With hooks selected it prepares a consistent copy
 //! ([`copy`]: copy directories made and free space checked, before
-//! anything is quiesced), runs each hook's `pre` script (quiesce), walks
-//! the trees and copies the files, runs the `post` scripts (resume; also
-//! after a failure, so the application is never left quiesced), and only
+//! anything is quiesced), reads every hook's `post` script into memory
+//! (so resuming never depends on the container still being there), runs
+//! each hook's `pre` script (quiesce), walks the trees and copies the
+//! files, runs the `post` scripts (resume; also after a failure, so the
+//! application is never left quiesced; a `post` that fails or cannot run
+//! fails the backup), sending keep-alive frames while hooks and the copy
+//! run, and only
 //! then sends the files (headers with the original paths and the metadata
 //! taken while quiesced, contents from the copy), and ends the stream;
 //! the copy is removed whatever happened. So the application is quiesced
@@ -16,12 +20,14 @@
 //! fails before `pre`, unless the host allowed streaming while quiesced
 //! (`allow_quiesced_stream`). Without hooks nothing is quiesced and the
 //! files are sent as they are. Directories are walked in name order
-//! without following symbolic links. Hook output goes to the host as log
-//! lines.
+//! through their descriptors without following symbolic links, and a
+//! file is read only if it is still the one its metadata came from
+//! ([`walk`]). Hook output goes to the host as log
+//! lines. Restores write only through directories no user of the guest
+//! can redirect ([`place`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -161,6 +167,22 @@ fn backup(
     if hooks.is_empty() {
         return paths.iter().try_for_each(|p| send_tree(w, Path::new(p)));
     }
+    // Every `post` is read before any `pre` runs: once the application is
+    // quiesced, its resume must not depend on the container staying there.
+    let mut posts = vec![];
+    for h in hooks {
+        let p = container.join("hooks").join(h).join("post");
+        posts.push(match std::fs::read(&p) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("read hook {h} post (before anything is quiesced)"),
+                    e,
+                ))
+            }
+        });
+    }
     let plan = match copy::plan(paths) {
         Ok(p) => Some(p),
         Err(copy::PlanError::NoSpace(e)) if allow_quiesced_stream => {
@@ -174,9 +196,9 @@ fn backup(
     };
     let mut ran = vec![];
     let mut result = Ok(());
-    for h in hooks {
-        ran.push(h.clone());
-        if let Err(e) = hook(w, container, h, "pre", paths) {
+    for (h, post) in hooks.iter().zip(&posts) {
+        ran.push((h.clone(), post.as_deref()));
+        if let Err(e) = hook(w, container, h, "pre", paths, None) {
             result = Err(e);
             break;
         }
@@ -185,7 +207,8 @@ fn backup(
     let mut staged = None;
     if result.is_ok() {
         result = match &plan {
-            Some(p) => p.copy().map(|s| staged = Some(s)),
+            // The copy sends no frames: keep-alives meanwhile.
+            Some(p) => keeping_alive(w, || p.copy()).map(|s| staged = Some(s)),
             None => paths.iter().try_for_each(|p| send_tree(w, Path::new(p))),
         };
     }
@@ -202,11 +225,19 @@ fn backup(
             .map_err(io);
     }
     // Resume whatever was quiesced, in reverse order, whatever happened.
-    for h in ran.iter().rev() {
-        if let Err(e) = hook(w, container, h, "post", paths) {
-            let _ = w.log(&format!(
-                "WARNING: {e}: the application may not have resumed"
-            ));
+    // A `post` that fails or cannot run fails the backup: the
+    // application may still be quiesced, and someone must know.
+    for (h, post) in ran.iter().rev() {
+        let Some(post) = post else { continue };
+        if let Err(e) = hook(w, container, h, "post", paths, Some(post)) {
+            let e = Error::new(
+                e.kind(),
+                format!("{e}: the application may not have resumed"),
+            );
+            let _ = w.log(&format!("WARNING: {e}"));
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
     }
     result?;
@@ -220,14 +251,15 @@ fn backup(
 /// Sends what [`copy::Plan::copy`] took: original paths and metadata,
 /// contents from the copy.
 fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> {
-    for p in &s.skipped {
-        w.log(&format!("skipped {p} (a socket, device or FIFO)"))
-            .map_err(io)?;
+    for (p, why) in &s.skipped {
+        w.log(&format!("skipped {p} ({why})")).map_err(io)?;
     }
     for (e, src) in &s.entries {
         w.header(e).map_err(io)?;
         if let Some(src) = src {
-            send_content(w, src, e.size)?;
+            // The agent's own copy, in its private directory.
+            let f = File::open(src).ctx(|| format!("open {}", src.display()))?;
+            send_content(w, f, src, e.size)?;
         }
     }
     Ok(())
@@ -237,23 +269,73 @@ fn io(e: std::io::Error) -> Error {
     Error::io("write to the stream port", e)
 }
 
-/// Runs `hooks/NAME/STAGE` if the container has it, its output as log lines.
+/// How often the agent sends a keep-alive frame while a hook or the copy
+/// runs (the host's idle timeout is at least 3 s).
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// Runs `work` on a thread of its own, sending keep-alive frames while it
+/// runs. A keep-alive that cannot be written is passed over: the work (a
+/// `post` among it) runs to its end, and the next real frame fails.
+fn keeping_alive<T: Send>(w: &mut FrameWriter<impl Write>, work: impl FnOnce() -> T + Send) -> T {
+    use std::sync::mpsc::RecvTimeoutError;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = s.spawn(move || {
+            let _ = tx.send(work());
+        });
+        loop {
+            match rx.recv_timeout(KEEPALIVE) {
+                Ok(v) => return v,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = w.keepalive();
+                }
+                Err(RecvTimeoutError::Disconnected) => match h.join() {
+                    Err(panic) => std::panic::resume_unwind(panic),
+                    Ok(()) => unreachable!("the work thread ended without sending"),
+                },
+            }
+        }
+    })
+}
+
+/// Runs `hooks/NAME/STAGE`, its output as log lines. `pre`: if the
+/// container has it. `post`: `saved` is its content read before any `pre`
+/// ran, run from memory if the container's copy cannot be run any more.
 fn hook(
     w: &mut FrameWriter<impl Write>,
     container: &Path,
     name: &str,
     stage: &str,
     paths: &[String],
+    saved: Option<&[u8]>,
 ) -> Result<()> {
     let script = container.join("hooks").join(name).join(stage);
-    if !script.exists() {
+    if saved.is_none() && !script.exists() {
         return Ok(());
     }
-    let out = Command::new(&script)
-        .env("RECOVERFS_PATHS", paths.join("\n"))
-        .env("RECOVERFS_HOOK_STAGE", stage)
-        .output()
-        .ctx(|| format!("run hook {name} {stage}"))?;
+    let run = |p: &Path| {
+        Command::new(p)
+            .env("RECOVERFS_PATHS", paths.join("\n"))
+            .env("RECOVERFS_HOOK_STAGE", stage)
+            .output()
+    };
+    let (out, fallback) = keeping_alive(w, || match (run(&script), saved) {
+        (Ok(o), _) => Ok((o, None)),
+        (Err(e), None) => Err(Error::io(format!("run hook {name} {stage}"), e)),
+        (Err(e), Some(bytes)) => match run_from_memory(bytes, run) {
+            Ok(o) => Ok((o, Some(e))),
+            Err(m) => Err(Error::new(
+                m.kind(),
+                format!("run hook {name} {stage}: {e}; from its copy in memory: {m}"),
+            )),
+        },
+    })?;
+    if let Some(e) = fallback {
+        w.log(&format!(
+            "WARNING: hook {name} {stage} could not be run from the container ({e}); ran the copy read before pre"
+        ))
+        .map_err(io)?;
+    }
     for line in String::from_utf8_lossy(&out.stdout)
         .lines()
         .chain(String::from_utf8_lossy(&out.stderr).lines())
@@ -270,6 +352,33 @@ fn hook(
     Ok(())
 }
 
+/// Runs `bytes` as an executable through a memory file: written, then
+/// reopened read-only (a file open for writing cannot be executed) and
+/// inherited by the child through `/proc/self/fd`, so that a `#!`
+/// interpreter can open it too.
+fn run_from_memory(
+    bytes: &[u8],
+    run: impl Fn(&Path) -> std::io::Result<std::process::Output>,
+) -> Result<std::process::Output> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::os::fd::AsRawFd;
+    let mut w = File::from(
+        memfd_create(c"recoverfs-hook", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| Error::io("memfd_create", e.into()))?,
+    );
+    w.write_all(bytes)
+        .ctx(|| "write the hook to memory".into())?;
+    let r = File::open(format!("/proc/self/fd/{}", w.as_raw_fd()))
+        .ctx(|| "reopen the hook in memory".into())?;
+    drop(w);
+    fcntl(r.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
+        .map_err(|e| Error::io("let the hook in memory be inherited", e.into()))?;
+    let out = run(Path::new(&format!("/proc/self/fd/{}", r.as_raw_fd()))).ctx(|| "run it".into());
+    drop(r);
+    out
+}
+
 /// Writes what the host sends: each file appears whole (temp, fsync,
 /// rename over the old one), with mode, owner and modification time;
 /// directories get theirs last. The host's end frame is checked, so a
@@ -282,13 +391,22 @@ fn restore(
     let base = match to {
         Some(t) => {
             check_path(t).map_err(|e| e.context("--to"))?;
-            std::fs::create_dir_all(t).ctx(|| format!("create {t}"))?;
             Some(PathBuf::from(t))
         }
         None => None,
     };
+    let root = place::root()?;
+    let slash = Path::new("/");
+    // --to itself: created, and never through a link a user planted.
+    if let Some(b) = &base {
+        place::open_dirs(&root, slash, &place::components(b), true)
+            .map_err(|e| e.context("--to"))?;
+    }
+    let is_root = nix::unistd::Uid::effective().is_root();
     let mut dirs = vec![];
     let mut n = 0u64;
+    // The parent directory opened last: entries come in tree order.
+    let mut last: Option<(PathBuf, std::os::fd::OwnedFd)> = None;
     loop {
         let e = match r.next_frame()? {
             Frame::Header(e) => e,
@@ -302,58 +420,76 @@ fn restore(
             }
         };
         e.check_header()?;
-        let dst = match &base {
-            Some(b) => b.join(e.path.trim_start_matches('/')),
-            None => PathBuf::from(&e.path),
+        let dst = place::under(base.as_deref(), &e.path);
+        let names = place::components(&dst);
+        let Some((name, parents)) = names.split_last() else {
+            // `/` itself: a directory, its metadata set last.
+            if e.kind != EntryKind::Dir {
+                return Err(Error::invalid(format!(
+                    "cannot restore a {:?} as /",
+                    e.kind
+                )));
+            }
+            dirs.push((dst, e));
+            n += 1;
+            continue;
         };
-        if let Some(p) = dst.parent() {
-            std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+        let parent = dst.parent().unwrap_or(slash).to_path_buf();
+        if last.as_ref().map(|(p, _)| p) != Some(&parent) {
+            let fd = place::open_dirs(&root, slash, parents, true)?;
+            last = Some((parent.clone(), fd));
         }
-        let dir = dst.parent().unwrap_or(Path::new("/"));
-        let tmp = dir.join(format!(
+        let dir = &last.as_ref().expect("just opened").1;
+        let tmp = std::ffi::OsString::from(format!(
             ".{}.recoverfs-restore.{}",
-            dst.file_name().unwrap_or_default().to_string_lossy(),
+            name.to_string_lossy(),
             std::process::id()
         ));
+        let tmp_shown = parent.join(&tmp);
         match e.kind {
             EntryKind::Dir => {
-                std::fs::create_dir_all(&dst).ctx(|| format!("create {}", dst.display()))?;
+                place::open_dirs(dir, &parent, &[name], true)?;
                 dirs.push((dst, e));
                 n += 1;
                 continue;
             }
             EntryKind::File => {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .ctx(|| format!("create {}", tmp.display()))?;
+                let mut f = place::create_new(dir, &tmp, &tmp_shown)?;
                 let copied = std::io::copy(&mut r.content(e.size), &mut f)
-                    .and_then(|_| f.sync_all())
                     .map_err(|err| {
-                        let _ = std::fs::remove_file(&tmp);
                         err.get_ref()
                             .and_then(|i| i.downcast_ref::<Error>())
                             .cloned()
-                            .unwrap_or_else(|| Error::io(format!("write {}", tmp.display()), err))
-                    });
+                            .unwrap_or_else(|| {
+                                Error::io(format!("write {}", tmp_shown.display()), err)
+                            })
+                    })
+                    .and_then(|_| place::set_meta_fd(&f, &e, is_root, &tmp_shown))
+                    .and_then(|()| f.sync_all().ctx(|| format!("sync {}", tmp_shown.display())));
+                if copied.is_err() {
+                    let _ = place::remove(dir, &tmp, &tmp_shown);
+                }
                 copied?;
             }
             EntryKind::Symlink => {
-                let _ = std::fs::remove_file(&tmp);
-                std::os::unix::fs::symlink(e.target.as_deref().unwrap_or_default(), &tmp)
-                    .ctx(|| format!("create link {}", tmp.display()))?;
+                place::remove(dir, &tmp, &tmp_shown)?;
+                nix::unistd::symlinkat(
+                    e.target.as_deref().unwrap_or_default(),
+                    Some(std::os::fd::AsRawFd::as_raw_fd(dir)),
+                    tmp.as_os_str(),
+                )
+                .map_err(|err| {
+                    Error::io(format!("create link {}", tmp_shown.display()), err.into())
+                })?;
+                place::set_link_meta(dir, &tmp, &e, is_root, &tmp_shown)?;
             }
         }
-        crate::files::set_meta(&tmp, &e, nix::unistd::Uid::effective().is_root())?;
-        std::fs::rename(&tmp, &dst).ctx(|| format!("rename to {}", dst.display()))?;
-        crate::util::fsync_dir(dir)?;
+        place::replace(dir, &tmp, name, &dst)?;
         n += 1;
     }
     for (d, e) in dirs.iter().rev() {
-        crate::files::set_meta(d, e, nix::unistd::Uid::effective().is_root())?;
+        let fd = place::open_dirs(&root, slash, &place::components(d), false)?;
+        place::set_meta_fd(&fd, e, is_root, d)?;
     }
     w.log(&format!(
         "restored {n} entries {}",
@@ -368,38 +504,27 @@ fn restore(
 /// Sends `path` and, for a directory, everything under it.
 fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
-    let m = std::fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
-    let Some(entry) = crate::files::entry_of(path, &m)? else {
-        let what = if m.file_type().is_socket() {
-            "a socket"
-        } else {
-            "a device or FIFO"
-        };
-        return w
-            .log(&format!("skipped {} ({what})", path.display()))
-            .map_err(io);
-    };
-    w.header(&entry).map_err(io)?;
-    match entry.kind {
-        EntryKind::File => send_content(w, path, entry.size),
-        EntryKind::Dir => {
-            let mut names: Vec<PathBuf> = std::fs::read_dir(path)
-                .ctx(|| format!("list {}", path.display()))?
-                .map(|d| d.map(|d| d.path()))
-                .collect::<std::io::Result<_>>()
-                .ctx(|| format!("list {}", path.display()))?;
-            names.sort();
-            names.iter().try_for_each(|p| send_tree(w, p))
+    walk::walk(path, None, &mut |found| match found {
+        walk::Found::Skipped(p, why) => w.log(&format!("skipped {p} ({why})")).map_err(io),
+        walk::Found::Entry(e, file) => {
+            w.header(&e).map_err(io)?;
+            match file {
+                Some(f) => send_content(w, f, Path::new(&e.path), e.size),
+                None => Ok(()),
+            }
         }
-        EntryKind::Symlink => Ok(()),
-    }
+    })
 }
 
 /// Exactly `size` bytes of a file: a file that shrank while read is padded
 /// with zeros and said in the log, one that grew is cut at `size`.
-fn send_content(w: &mut FrameWriter<impl Write>, path: &Path, size: u64) -> Result<()> {
+fn send_content(
+    w: &mut FrameWriter<impl Write>,
+    mut f: File,
+    path: &Path,
+    size: u64,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
-    let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
     let mut left = size;
     let mut buf = vec![0u8; super::stream::MAX_DATA];
     while left > 0 {
@@ -425,6 +550,8 @@ fn send_content(w: &mut FrameWriter<impl Write>, path: &Path, size: u64) -> Resu
 }
 
 mod copy;
+mod place;
+mod walk;
 
 #[cfg(test)]
 mod tests;

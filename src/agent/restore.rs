@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::guest::Job;
-use super::session::{run_in_guest, Target};
+use super::session::{run_in_guest, Deadline, Target};
 use super::stream::{describe, Frame, FrameReader, FrameWriter};
 use crate::error::{Error, Result};
 use crate::repo::catalog::{Catalog, Entry, EntryKind};
@@ -26,25 +26,31 @@ pub fn agent_restore(
     entries: &[&Entry],
     to: Option<String>,
     idle: Duration,
+    max: Duration,
     say: &dyn Fn(&str),
 ) -> Result<u64> {
     if let Some(d) = &to {
         crate::repo::catalog::check_path(d).map_err(|e| e.context("--to"))?;
     }
     let job = Job::Restore { to };
-    run_in_guest(t, container, &job, idle, "agent-restore", |stream| {
-        send(repo, stream, c, entries, say)
+    let deadline = Deadline::start(idle, max);
+    run_in_guest(t, container, &job, deadline, "agent-restore", |stream| {
+        send(repo, stream, deadline, c, entries, say)
     })
 }
 
 fn send(
     repo: &Repository,
     stream: &UnixStream,
+    deadline: Deadline,
     c: &Catalog,
     entries: &[&Entry],
     say: &dyn Fn(&str),
 ) -> Result<u64> {
-    let mut fr = FrameReader::new(std::io::BufReader::new(stream), "the agent's stream");
+    let mut fr = FrameReader::new(
+        std::io::BufReader::new(deadline.reader(stream)),
+        "the agent's stream",
+    );
     match fr.next_frame()? {
         Frame::Hello(h) => say(&format!("agent {} (recoverfs {})", h.version, h.binary)),
         Frame::Error(m) => {

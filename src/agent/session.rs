@@ -7,6 +7,7 @@
 //! polls the script (if it ends and the stream does not, the stream is
 //! closed so the caller stops); then detach, whatever happened.
 
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,13 +53,85 @@ impl Target {
     }
 }
 
+/// How long one job may take: `idle`, the longest silence on its stream
+/// (a hook may take a while; the agent sends keep-alive frames meanwhile);
+/// and `max`, the whole job, counted from [`Deadline::start`]: a guest
+/// that trickles frames forever must not hold the host forever.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub idle: Duration,
+    pub max: Duration,
+    pub at: Instant,
+}
+
+/// `--max-duration` when none is given.
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+impl Deadline {
+    pub fn start(idle: Duration, max: Duration) -> Deadline {
+        Deadline {
+            idle,
+            max,
+            at: Instant::now() + max,
+        }
+    }
+
+    /// Reads `s` within the idle timeout and the overall deadline.
+    pub fn reader(self, s: &UnixStream) -> TimedRead<'_> {
+        TimedRead { s, d: self }
+    }
+
+    fn passed_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "the job did not finish within --max-duration ({} s)",
+                self.max.as_secs()
+            ),
+        )
+    }
+
+    fn passed(&self) -> std::io::Error {
+        std::io::Error::other(self.passed_error())
+    }
+}
+
+/// A stream read within a [`Deadline`]: each read waits at most the idle
+/// timeout and never past the overall deadline.
+pub struct TimedRead<'a> {
+    s: &'a UnixStream,
+    d: Deadline,
+}
+
+impl Read for TimedRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.d.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.d.passed());
+        }
+        self.s.set_read_timeout(Some(self.d.idle.min(left)))?;
+        match (&mut &*self.s).read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && Instant::now() >= self.d.at =>
+            {
+                Err(self.d.passed())
+            }
+            r => r,
+        }
+    }
+}
+
 /// Runs `job` in the guest of `t` with `container` attached; `body` is the
-/// host's side of the stream. `what` names the command in messages.
+/// host's side of the stream, which it reads within `deadline`
+/// ([`Deadline::reader`]). `what` names the command in messages.
 pub fn run_in_guest<T>(
     t: &Target,
     container: &Path,
     job: &Job,
-    idle: Duration,
+    deadline: Deadline,
     what: &str,
     body: impl FnOnce(&UnixStream) -> Result<T>,
 ) -> Result<T> {
@@ -82,7 +155,7 @@ pub fn run_in_guest<T>(
             container.display()
         ))
     })?;
-    let result = run_job(&mut ga, &mut att, t, job, idle, body);
+    let result = run_job(&mut ga, &mut att, t, job, deadline, body);
     // Detach whatever happened.
     let detached = att.detach();
     match (result, detached) {
@@ -136,12 +209,13 @@ fn run_job<T>(
     att: &mut Attachment,
     t: &Target,
     job: &Job,
-    idle: Duration,
+    deadline: Deadline,
     body: impl FnOnce(&UnixStream) -> Result<T>,
 ) -> Result<T> {
     let stream = att.stream.take().expect("attached with a stream");
+    // A backstop: the body reads through a TimedRead, which sets its own.
     stream
-        .set_read_timeout(Some(idle))
+        .set_read_timeout(Some(deadline.idle))
         .map_err(|e| Error::io("stream socket", e))?;
     let pid = exec::spawn(ga, &["/bin/sh", "-c", &script(att, job)])
         .map_err(|e| e.context(format!("VM {}: start the agent through guest-exec", t.name)))?;
@@ -151,9 +225,10 @@ fn run_job<T>(
         .map_err(|e| Error::io("stream socket", e))?;
     std::thread::scope(|s| {
         // Watches the guest process; if it ends and the stream does not
-        // follow, closes the stream so the reader stops.
+        // follow, or the deadline passes (a body blocked writing to a
+        // guest that stopped reading), closes the stream so the body stops.
         let watcher = s.spawn(|| -> Result<Exited> {
-            let r = watch(ga, pid, &done);
+            let r = watch(ga, pid, &done, deadline);
             let grace = Instant::now() + Duration::from_secs(10);
             while !done.load(Ordering::SeqCst) && Instant::now() < grace {
                 std::thread::sleep(Duration::from_millis(100));
@@ -175,12 +250,16 @@ fn run_job<T>(
     })
 }
 
-/// Polls the guest process until it ends (or `done` and it ended).
-fn watch(ga: &mut GuestAgent, pid: i64, done: &AtomicBool) -> Result<Exited> {
+/// Polls the guest process until it ends (or `done` and it ended), at
+/// the latest until the deadline.
+fn watch(ga: &mut GuestAgent, pid: i64, done: &AtomicBool, deadline: Deadline) -> Result<Exited> {
     let mut since_done: Option<Instant> = None;
     loop {
         if let Some(e) = exec::status(ga, pid)? {
             return Ok(e);
+        }
+        if Instant::now() >= deadline.at {
+            return Err(deadline.passed_error());
         }
         if done.load(Ordering::SeqCst) {
             let t = *since_done.get_or_insert_with(Instant::now);

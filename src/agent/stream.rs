@@ -5,8 +5,10 @@
 //! A frame is one type byte, a little-endian `u32` length and that many
 //! bytes. `V` hello (JSON: versions), `H` an entry's header (JSON: path,
 //! kind, mode, uid, gid, mtime, size, target), then for a file `D` frames
-//! carrying exactly `size` bytes, `L` a log line (hook output), `X` a
-//! fatal error (the sender stops), and `E` the end: JSON `{count, bytes,
+//! carrying exactly `size` bytes, `L` a log line (hook output), `K` a
+//! keep-alive (empty; sent while a hook or the copy runs, so a long one
+//! is not taken for a silent stream; readers pass over it), `X` a fatal
+//! error (the sender stops), and `E` the end: JSON `{count, bytes,
 //! checksum}`, where `checksum` is the BLAKE3 of every frame byte before
 //! it. A stream that stops before a valid `E` (a killed agent or VM, a lost
 //! byte) is an error, so a truncated stream never becomes a backup. Every
@@ -109,6 +111,12 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
+    /// A keep-alive frame, flushed.
+    pub fn keepalive(&mut self) -> std::io::Result<()> {
+        self.frame(b'K', &[])?;
+        self.w.flush()
+    }
+
     pub fn log(&mut self, line: &str) -> std::io::Result<()> {
         self.frame(b'L', truncate(line).as_bytes())
     }
@@ -193,9 +201,19 @@ impl<R: Read> FrameReader<R> {
         Error::corrupt(format!("{}: {msg}", self.what))
     }
 
-    /// The next frame. An end frame is checked: a count, byte total or
-    /// checksum that differs from what was received is an error.
+    /// The next frame (keep-alives passed over). An end frame is
+    /// checked: a count, byte total or checksum that differs from what was
+    /// received is an error.
     pub fn next_frame(&mut self) -> Result<Frame> {
+        loop {
+            if let Some(f) = self.frame()? {
+                return Ok(f);
+            }
+        }
+    }
+
+    /// One frame; `None` for a keep-alive.
+    fn frame(&mut self) -> Result<Option<Frame>> {
         let mut head = [0u8; 5];
         self.r
             .read_exact(&mut head)
@@ -203,6 +221,7 @@ impl<R: Read> FrameReader<R> {
         let kind = head[0];
         let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes")) as usize;
         let max = match kind {
+            b'K' => 0,
             b'D' => MAX_DATA,
             b'V' | b'H' | b'L' | b'X' | b'E' => MAX_META,
             k => return Err(self.bad(format!("unknown frame type {k:#04x}"))),
@@ -225,11 +244,12 @@ impl<R: Read> FrameReader<R> {
                     end.count, end.bytes, self.count
                 )));
             }
-            return Ok(Frame::End(end));
+            return Ok(Some(Frame::End(end)));
         }
         self.hash.update(&head);
         self.hash.update(&payload);
-        Ok(match kind {
+        Ok(Some(match kind {
+            b'K' => return Ok(None),
             b'D' => Frame::Data(payload),
             b'L' => Frame::Log(text(payload)),
             b'X' => Frame::Error(text(payload)),
@@ -249,7 +269,7 @@ impl<R: Read> FrameReader<R> {
                 }
                 Frame::Header(e)
             }
-        })
+        }))
     }
 
     /// A file's content as a reader: data frames until `size` bytes came.

@@ -218,7 +218,7 @@ pub fn backup(
     allow_quiesced_stream: bool,
     container: &Path,
     jobs: usize,
-    idle_timeout: u64,
+    (idle_timeout, max_duration): (u64, u64),
     json: bool,
 ) -> Result<()> {
     let targets = vms
@@ -242,7 +242,10 @@ pub fn backup(
         hooks,
         jobs: jobs.max(1),
         allow_quiesced_stream,
-        idle_timeout: Duration::from_secs(idle_timeout.max(1)),
+        // Longer than the agent's keep-alive interval.
+        idle_timeout: Duration::from_secs(idle_timeout.max(3)),
+        max_duration: Duration::from_secs(max_duration.max(1)),
+        catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
     };
     let out = agent_backup(&r, &targets, &opts, &|vm, line| {
         if !json {
@@ -296,7 +299,7 @@ pub fn restore(
     path: &str,
     to: Option<String>,
     container: &Path,
-    idle_timeout: u64,
+    (idle_timeout, max_duration): (u64, u64),
 ) -> Result<()> {
     let t = Target::parse(vm)?;
     let r = Repository::open(repo)?;
@@ -316,6 +319,7 @@ pub fn restore(
         &sel,
         to.clone(),
         Duration::from_secs(idle_timeout.max(1)),
+        Duration::from_secs(max_duration.max(1)),
         &|line| eprintln!("{}: {line}", t.name),
     )?;
     eprintln!(

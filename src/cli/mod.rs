@@ -175,6 +175,10 @@ pub enum Command {
         /// Seconds the agent's stream may stay silent.
         #[arg(long, default_value_t = 300)]
         idle_timeout: u64,
+        /// Seconds one VM's backup may take in all (a guest that keeps
+        /// the stream trickling is stopped then).
+        #[arg(long, default_value_t = 24 * 3600)]
+        max_duration: u64,
         #[arg(long)]
         json: bool,
     },
@@ -199,6 +203,9 @@ pub enum Command {
         container: PathBuf,
         #[arg(long, default_value_t = 300)]
         idle_timeout: u64,
+        /// Seconds the restore may take in all.
+        #[arg(long, default_value_t = 24 * 3600)]
+        max_duration: u64,
     },
     /// Single files from a file backup, or from a disk backup without
     /// booting it: ls, cat, restore.
@@ -552,6 +559,7 @@ pub fn run(cli: Cli) -> Result<()> {
             container,
             jobs,
             idle_timeout,
+            max_duration,
             json,
         } => agent::backup(
             &repo,
@@ -561,7 +569,7 @@ pub fn run(cli: Cli) -> Result<()> {
             allow_quiesced_stream,
             &container,
             jobs,
-            idle_timeout,
+            (idle_timeout, max_duration),
             json,
         ),
         Command::AgentRestore {
@@ -572,6 +580,7 @@ pub fn run(cli: Cli) -> Result<()> {
             to,
             container,
             idle_timeout,
+            max_duration,
         } => agent::restore(
             &repo,
             &vm,
@@ -579,7 +588,7 @@ pub fn run(cli: Cli) -> Result<()> {
             &path,
             to,
             &container,
-            idle_timeout,
+            (idle_timeout, max_duration),
         ),
         Command::Files { cmd } => agent::files(cmd),
         Command::Precopy(a) => precopy::run(a),

@@ -26,6 +26,46 @@ pub const CATALOG_FORMAT: u32 = 1;
 pub const MAX_CATALOG_BYTES: u64 = 1 << 30;
 /// Entries of one catalog.
 pub const MAX_ENTRIES: usize = 4_000_000;
+/// The limits a catalog is read back with ([`Repository::catalog`], `gc`),
+/// checked also before one is published: a catalog over them could be
+/// written but never read, so its backup could not be restored and `gc`
+/// would stop for the whole repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatalogLimits {
+    pub entries: usize,
+    /// Of the stored (sealed) document.
+    pub bytes: u64,
+}
+
+impl CatalogLimits {
+    pub const STORED: CatalogLimits = CatalogLimits {
+        entries: MAX_ENTRIES,
+        bytes: MAX_CATALOG_BYTES,
+    };
+
+    /// An error if `n` entries are more than a catalog may list.
+    pub fn check_entries(&self, n: usize) -> Result<()> {
+        if n > self.entries {
+            return Err(Error::invalid(format!(
+                "the file backup has more than {} entries, more than a catalog may list (it could never be read back); back up fewer paths per backup",
+                self.entries
+            )));
+        }
+        Ok(())
+    }
+
+    /// An error if a catalog of `n` bytes is larger than may be read back.
+    pub fn check_bytes(&self, n: u64) -> Result<()> {
+        if n > self.bytes {
+            return Err(Error::invalid(format!(
+                "the file backup's catalog would take {n} bytes, more than the {} a catalog may take (it could never be read back); back up fewer paths per backup",
+                self.bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Longest path the agent may report.
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Content-defined chunking of file contents: min, average, max bytes.
@@ -334,9 +374,21 @@ impl Repository {
     /// seam tests use to lay out file backups over simulated days.
     pub(crate) fn publish_catalog_at(
         &self,
-        mut c: Catalog,
+        c: Catalog,
         at: std::time::SystemTime,
     ) -> Result<Catalog> {
+        self.publish_catalog_within(c, at, CatalogLimits::STORED)
+    }
+
+    /// [`Repository::publish_catalog_at`], refusing (before anything is
+    /// written) a catalog over `limits`.
+    pub(crate) fn publish_catalog_within(
+        &self,
+        mut c: Catalog,
+        at: std::time::SystemTime,
+        limits: CatalogLimits,
+    ) -> Result<Catalog> {
+        limits.check_entries(c.entries.len())?;
         let now = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         c.created_unix = now.as_secs();
         c.created = rfc3339(c.created_unix);
@@ -356,9 +408,11 @@ impl Repository {
         };
         c.id = format!("{base}-files");
         for n in 1.. {
+            let sealed = self.seal("catalog", &c)?;
+            limits.check_bytes(sealed.len() as u64)?;
             if self
                 .backend()
-                .put_new(&catalog_key(&c.vm, &c.id), &self.seal("catalog", &c)?)?
+                .put_new(&catalog_key(&c.vm, &c.id), &sealed)?
             {
                 break;
             }

@@ -30,8 +30,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::walk::Found;
 use crate::error::{Error, IoContext, Result};
-use crate::repo::catalog::{Entry, EntryKind};
+use crate::repo::catalog::Entry;
 
 const PREFIX: &str = ".recoverfs-agent-copy.";
 
@@ -59,8 +60,9 @@ impl Drop for Plan {
 /// with the copy to stream its contents from.
 pub struct Staged {
     pub entries: Vec<(Entry, Option<PathBuf>)>,
-    /// Sockets, devices and FIFOs passed over.
-    pub skipped: Vec<String>,
+    /// Entries passed over, and why: sockets, devices and FIFOs; files
+    /// replaced between their stat and their open.
+    pub skipped: Vec<(String, &'static str)>,
 }
 
 /// Sizes the trees, makes the copy directories and checks the space,
@@ -235,39 +237,24 @@ fn clone(src: &File, dst: &File) -> std::io::Result<()> {
 }
 
 fn copy_tree(p: &Path, dir: &Path, n: &mut u64, s: &mut Staged) -> Result<()> {
-    let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
-    let Some(entry) = crate::files::entry_of(p, &m)? else {
-        s.skipped.push(p.display().to_string());
-        return Ok(());
-    };
-    match entry.kind {
-        EntryKind::File => {
-            *n += 1;
-            let dst = dir.join(n.to_string());
-            copy_file(p, &dst, entry.size)?;
-            s.entries.push((entry, Some(dst)));
-        }
-        EntryKind::Dir => {
-            s.entries.push((entry, None));
-            let mut names: Vec<PathBuf> = std::fs::read_dir(p)
-                .ctx(|| format!("list {}", p.display()))?
-                .map(|d| d.map(|d| d.path()))
-                .collect::<std::io::Result<_>>()
-                .ctx(|| format!("list {}", p.display()))?;
-            names.sort();
-            for c in names.iter().filter(|c| !c.starts_with(dir)) {
-                copy_tree(c, dir, n, s)?;
+    super::walk::walk(p, Some(dir), &mut |found| {
+        match found {
+            Found::Skipped(p, why) => s.skipped.push((p, why)),
+            Found::Entry(e, Some(src)) => {
+                *n += 1;
+                let dst = dir.join(n.to_string());
+                copy_file(src, Path::new(&e.path), &dst, e.size)?;
+                s.entries.push((e, Some(dst)));
             }
+            Found::Entry(e, None) => s.entries.push((e, None)),
         }
-        EntryKind::Symlink => s.entries.push((entry, None)),
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
-/// A reflink, else the first `size` bytes copied.
-fn copy_file(src: &Path, dst: &Path, size: u64) -> Result<()> {
+/// A reflink of `s` (opened from `src`), else its first `size` bytes copied.
+fn copy_file(s: File, src: &Path, dst: &Path, size: u64) -> Result<()> {
     use std::io::Read;
-    let s = File::open(src).ctx(|| format!("open {}", src.display()))?;
     let mut d = File::create(dst).ctx(|| format!("create {}", dst.display()))?;
     if clone(&s, &d).is_ok() {
         return Ok(());

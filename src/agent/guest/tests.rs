@@ -2,7 +2,7 @@
 //! files, real hook scripts, a real repository.
 
 use super::*;
-use crate::agent::backup::{receive, Options, Target};
+use crate::agent::backup::{receive, Deadline, Options, Target};
 use crate::agent::container::{AgentConfig, CONFIG_FORMAT};
 use crate::repo::Repository;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -68,6 +68,23 @@ impl World {
         Result<crate::repo::catalog::Catalog>,
         Vec<String>,
     ) {
+        self.backup_idle(job, Duration::from_secs(30))
+    }
+
+    /// [`World::backup`] with the host's idle timeout given.
+    fn backup_idle(
+        &self,
+        job: Job,
+        idle: Duration,
+    ) -> (
+        Result<()>,
+        Result<crate::repo::catalog::Catalog>,
+        Vec<String>,
+    ) {
+        // The copy directory is named by the pid (one agent a process):
+        // one backup at a time in this test process.
+        static ONE_AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AGENT.lock().unwrap_or_else(|p| p.into_inner());
         let (guest, host) = UnixStream::pair().unwrap();
         let container = self.dir.path().join("container");
         let agent = std::thread::spawn(move || {
@@ -89,9 +106,12 @@ impl World {
             hooks: vec![],
             jobs: 1,
             allow_quiesced_stream: false,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: idle,
+            max_duration: Duration::from_secs(600),
+            catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
         };
-        let got = receive(&self.repo, &host, &t, &opts, &|l| {
+        let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+        let got = receive(&self.repo, &host, deadline, &t, &opts, &|l| {
             lines.lock().unwrap().push(l.to_string())
         });
         drop(host);
@@ -214,4 +234,410 @@ fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
     let e = got.unwrap_err();
     assert!(e.to_string().contains("hook app pre failed"), "{e}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost\n");
+}
+
+fn target() -> Target {
+    Target {
+        name: "vm1".into(),
+        qmp: "/x".into(),
+        qga: None,
+    }
+}
+
+fn options(idle: Duration, max: Duration) -> Options {
+    Options {
+        container: "/x".into(),
+        paths: vec![],
+        hooks: vec![],
+        jobs: 1,
+        allow_quiesced_stream: false,
+        idle_timeout: idle,
+        max_duration: max,
+        catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
+    }
+}
+
+/// A hostile guest on one end of a socket pair: hello, then `rest`.
+fn hostile_guest(
+    rest: impl FnOnce(&mut FrameWriter<UnixStream>) -> std::io::Result<()> + Send + 'static,
+) -> (UnixStream, std::thread::JoinHandle<()>) {
+    let (guest, host) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut w = FrameWriter::new(guest);
+        let _ = w
+            .hello(&Hello {
+                version: "6.6".into(),
+                binary: "x".into(),
+            })
+            .and_then(|()| rest(&mut w))
+            // As the real agent: wait for the host's acknowledgement.
+            .and_then(|()| w.get_mut().read_exact(&mut [0u8; 1]));
+    });
+    (host, t)
+}
+
+#[test]
+fn a_guest_flooding_log_lines_keeps_a_bounded_log() {
+    use crate::agent::backup::{logger, AgentLog, MAX_LOG_BYTES, MAX_LOG_LINES};
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        let line = "y".repeat(2000);
+        for _ in 0..3 * MAX_LOG_LINES {
+            w.log(&line)?;
+        }
+        w.end()
+    });
+    let log = std::sync::Mutex::new(AgentLog::default());
+    let shown = std::sync::atomic::AtomicUsize::new(0);
+    let on_log = |_: &str, _: &str| {
+        shown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    let opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    let say = logger(&log, "vm1", &on_log);
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    receive(&w.repo, &host, deadline, &target(), &opts, &say).unwrap();
+    guest.join().unwrap();
+    drop(say);
+    let lines = log.into_inner().unwrap().into_lines();
+    let kept: usize = lines.iter().map(|l| l.len()).sum();
+    // The hello line, then as many 2000-byte lines as fit.
+    assert!(lines.len() <= MAX_LOG_LINES + 1, "{} lines", lines.len());
+    assert!(kept <= MAX_LOG_BYTES + 200, "{kept} bytes kept");
+    assert!(
+        shown.load(std::sync::atomic::Ordering::SeqCst) <= MAX_LOG_LINES,
+        "every line was shown"
+    );
+    let last = lines.last().unwrap();
+    assert!(last.contains("more log lines"), "{last}");
+    let dropped: usize = last.split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(dropped + lines.len() - 2, 3 * MAX_LOG_LINES, "{last}");
+}
+
+#[test]
+fn a_stream_that_trickles_forever_ends_at_the_overall_deadline() {
+    let w = World::new();
+    // A log line every 50 ms, well within the idle timeout, never an end.
+    let (host, guest) = hostile_guest(|w| loop {
+        w.log("still busy")?;
+        w.get_mut().flush()?;
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let repo = w.repo.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let opts = options(Duration::from_secs(30), Duration::from_secs(1));
+        let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+        let r = receive(&repo, &host, deadline, &target(), &opts, &|_| {});
+        drop(host);
+        let _ = tx.send(r);
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the host still receives a trickling stream after 20 s");
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("within --max-duration (1 s)"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // The guest's writes fail once the host has gone.
+    guest.join().unwrap();
+}
+
+/// Replaces the `app` hook's `stage` script.
+fn set_hook(w: &World, stage: &str, body: &str) {
+    let p = w.dir.path().join("container/hooks/app").join(stage);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn hook_log(w: &World) -> String {
+    std::fs::read_to_string(w.dir.path().join("hook.log")).unwrap_or_default()
+}
+
+fn with_app_hook(t: &Path) -> Job {
+    Job::Backup {
+        paths: vec![t.to_str().unwrap().into()],
+        hooks: vec!["app".into()],
+        allow_quiesced_stream: false,
+    }
+}
+
+#[test]
+fn a_post_hook_that_cannot_be_found_after_pre_runs_from_memory_not_skipped() {
+    let w = World::new();
+    let t = w.tree();
+    let c = w.dir.path().join("container");
+    let log = w.dir.path().join("hook.log");
+    // As if the container went away while the application was quiesced.
+    set_hook(
+        &w,
+        "pre",
+        &format!(
+            "echo pre >> {}\nmv {} {}",
+            log.display(),
+            c.join("hooks").display(),
+            c.join("hooks.gone").display()
+        ),
+    );
+    let (agent, got, lines) = w.backup(with_app_hook(&t));
+    assert!(!c.join("hooks").exists());
+    assert_eq!(hook_log(&w), "pre\npost\n", "post was skipped");
+    agent.unwrap();
+    got.unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("hook app post could not be run from the container")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_post_hook_that_fails_fails_the_backup() {
+    let w = World::new();
+    let t = w.tree();
+    set_hook(&w, "post", "echo cannot resume >&2\nexit 4");
+    let (agent, got, lines) = w.backup(with_app_hook(&t));
+    assert!(agent.is_err());
+    let e = got.unwrap_err();
+    assert!(
+        e.to_string().contains("hook app post failed")
+            && e.to_string().contains("may not have resumed"),
+        "{e}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("cannot resume")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_pre_hook_longer_than_the_idle_timeout_keeps_the_stream_alive() {
+    let w = World::new();
+    let t = w.tree();
+    let log = w.dir.path().join("hook.log");
+    set_hook(
+        &w,
+        "pre",
+        &format!("sleep 4\necho pre >> {}", log.display()),
+    );
+    let (agent, got, _) = w.backup_idle(with_app_hook(&t), Duration::from_secs(2));
+    got.unwrap();
+    agent.unwrap();
+    assert_eq!(hook_log(&w), "pre\npost\n");
+}
+
+/// Runs the agent's restore job under `to`, the host sending `files`
+/// (path, content); the agent's result and log lines.
+fn agent_restore(w: &World, to: &Path, files: &[(&str, &[u8])]) -> (Result<()>, Vec<String>) {
+    let (guest, host) = UnixStream::pair().unwrap();
+    let container = w.dir.path().join("container");
+    let job = Job::Restore {
+        to: Some(to.to_str().unwrap().into()),
+    };
+    let agent = std::thread::spawn(move || {
+        run_on(
+            std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
+            &container,
+            &job,
+        )
+    });
+    let mut fr = FrameReader::new(host.try_clone().unwrap(), "the agent's stream");
+    assert!(matches!(fr.next_frame().unwrap(), Frame::Hello(_)));
+    let mut fw = FrameWriter::new(host.try_clone().unwrap());
+    // The agent may stop early (that is what some tests want): then a
+    // write fails, and its answer is read below.
+    let sent = files.iter().try_for_each(|(p, data)| {
+        let e = crate::repo::catalog::Entry {
+            path: p.to_string(),
+            kind: EntryKind::File,
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            mtime: 1_700_000_000,
+            mtime_nsec: 0,
+            size: data.len() as u64,
+            target: None,
+            chunks: vec![],
+        };
+        fw.header(&e)?;
+        fw.data(data)
+    });
+    let _ = sent.and_then(|()| fw.end());
+    let mut lines = vec![];
+    loop {
+        match fr.next_frame() {
+            Ok(Frame::Log(l)) => lines.push(l),
+            Ok(Frame::Error(m)) => {
+                lines.push(m);
+                break;
+            }
+            Ok(_) | Err(_) => break,
+        }
+    }
+    let _ = (&host).write_all(b"A");
+    (agent.join().unwrap(), lines)
+}
+
+/// A symbolic link `link` -> `target` owned by an ordinary user.
+fn users_link(target: &Path, link: &Path) {
+    std::os::unix::fs::symlink(target, link).unwrap();
+    std::os::unix::fs::lchown(link, Some(65534), Some(65534)).unwrap();
+}
+
+#[test]
+fn agent_restore_refuses_to_write_through_a_parent_a_user_replaced_by_a_link() {
+    let w = World::new();
+    let to = w.dir.path().join("restored");
+    let outside = w.dir.path().join("outside");
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    users_link(&outside, &to.join("srv"));
+    let (agent, lines) = agent_restore(&w, &to, &[("/srv/app/f", b"restored")]);
+    let e = agent.unwrap_err();
+    assert!(
+        e.to_string().contains("refusing to restore through it"),
+        "{e}"
+    );
+    assert!(lines.iter().any(|l| l.contains("refusing")), "{lines:?}");
+    assert!(!outside.join("app").exists(), "written through the link");
+}
+
+#[test]
+fn agent_restore_does_not_write_through_a_link_planted_at_its_temp_name() {
+    let w = World::new();
+    let to = w.dir.path().join("restored");
+    std::fs::create_dir_all(to.join("srv")).unwrap();
+    let victim = w.dir.path().join("victim");
+    std::fs::write(&victim, b"secret").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tmp = to.join(format!("srv/.f.recoverfs-restore.{}", std::process::id()));
+    users_link(&victim, &tmp);
+    let (agent, lines) = agent_restore(
+        &w,
+        &to,
+        &[("/srv/f", b"restored"), ("/srv/new/sub/g", b"made")],
+    );
+    agent.unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("restored 2 entries")),
+        "{lines:?}"
+    );
+    assert_eq!(std::fs::read(to.join("srv/new/sub/g")).unwrap(), b"made");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+    let vm = std::fs::metadata(&victim).unwrap();
+    assert_eq!(
+        vm.permissions().mode() & 0o7777,
+        0o600,
+        "the victim's mode changed"
+    );
+    let f = to.join("srv/f");
+    assert!(std::fs::symlink_metadata(&f).unwrap().is_file());
+    assert_eq!(std::fs::read(&f).unwrap(), b"restored");
+    assert_eq!(std::fs::metadata(&f).unwrap().mtime(), 1_700_000_000);
+}
+
+#[test]
+fn agent_restore_follows_a_link_only_root_could_have_made() {
+    // As /lib -> usr/lib: root's link, in a directory only root can change.
+    assert!(nix::unistd::Uid::effective().is_root(), "run as root");
+    let w = World::new();
+    let to = w.dir.path().join("restored");
+    let real = w.dir.path().join("usr-srv");
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, to.join("srv")).unwrap();
+    let (agent, lines) = agent_restore(&w, &to, &[("/srv/f", b"restored")]);
+    agent.unwrap();
+    assert!(lines.iter().any(|l| l.contains("restored 1")), "{lines:?}");
+    assert_eq!(std::fs::read(real.join("f")).unwrap(), b"restored");
+}
+
+#[test]
+fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_received() {
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        for i in 0..10 {
+            w.header(&crate::repo::catalog::Entry {
+                path: format!("/d{i}"),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: 0,
+                target: None,
+                chunks: vec![],
+            })?;
+        }
+        w.end()
+    });
+    let mut opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    opts.catalog_limits = crate::repo::catalog::CatalogLimits {
+        entries: 4,
+        bytes: 1 << 20,
+    };
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    let e = receive(&w.repo, &host, deadline, &target(), &opts, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("more than 4 entries"), "{e}");
+    opts.catalog_limits = crate::repo::catalog::CatalogLimits {
+        entries: 100,
+        bytes: 200,
+    };
+    drop(host);
+    guest.join().unwrap();
+    let (host, guest) = hostile_guest(|w| {
+        for i in 0..10 {
+            w.header(&crate::repo::catalog::Entry {
+                path: format!("/d{i}"),
+                kind: EntryKind::Symlink,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                size: 0,
+                target: Some("t".repeat(100)),
+                chunks: vec![],
+            })?;
+        }
+        w.end()
+    });
+    let e = receive(&w.repo, &host, deadline, &target(), &opts, &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("more than the 200"), "{e}");
+    drop(host);
+    guest.join().unwrap();
+}
+
+#[test]
+fn without_hooks_the_agent_streams_the_tree_as_it_is() {
+    let w = World::new();
+    let t = w.tree();
+    let tp = t.to_str().unwrap().to_string();
+    let (agent, got, _) = w.backup(Job::Backup {
+        paths: vec![tp.clone()],
+        hooks: vec![],
+        allow_quiesced_stream: false,
+    });
+    agent.unwrap();
+    let c = got.unwrap();
+    let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            tp.clone(),
+            format!("{tp}/data.db"),
+            format!("{tp}/link"),
+            format!("{tp}/sub"),
+            format!("{tp}/sub/conf")
+        ]
+    );
+    assert_eq!(c.file_bytes, 3_000_004);
+    assert_eq!(c.find(&format!("{tp}/sub/conf")).unwrap().mode, 0o600);
+    assert_eq!(
+        c.find(&format!("{tp}/link")).unwrap().target.as_deref(),
+        Some("data.db")
+    );
+    assert!(hook_log(&w).is_empty(), "a hook ran");
 }

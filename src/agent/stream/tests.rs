@@ -112,3 +112,21 @@ fn oversized_frames_and_content_overruns_are_refused_before_allocation() {
         .unwrap_err();
     assert!(e.to_string().contains("unknown frame type"), "{e}");
 }
+
+#[test]
+fn keepalive_frames_are_passed_over_even_inside_a_file_and_carry_nothing() {
+    let mut w = FrameWriter::new(vec![]);
+    w.keepalive().unwrap();
+    w.header(&entry("/a", 6)).unwrap();
+    w.data(b"abc").unwrap();
+    w.keepalive().unwrap();
+    w.data(b"def").unwrap();
+    w.keepalive().unwrap();
+    w.end().unwrap();
+    let got = read_all(w.get_mut()).unwrap();
+    assert_eq!(got, vec![("/a".to_string(), b"abcdef".to_vec())]);
+    let e = FrameReader::new(&b"K\x01\0\0\0x"[..], "s")
+        .next_frame()
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 0"), "{e}");
+}

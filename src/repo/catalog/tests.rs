@@ -168,3 +168,50 @@ fn gc_keeps_every_chunk_a_file_backup_references_and_removes_the_rest() {
     }
     assert_eq!(back, data);
 }
+
+#[test]
+fn a_catalog_over_the_entry_or_size_limit_is_refused_before_publishing() {
+    let (_d, r) = repo();
+    let link = |i: usize| Entry {
+        path: format!("/srv/l{i}"),
+        kind: EntryKind::Symlink,
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size: 0,
+        target: Some("t".repeat(1000)),
+        chunks: vec![],
+    };
+    let at = std::time::SystemTime::now();
+    let roomy = CatalogLimits {
+        entries: 3,
+        bytes: 1 << 20,
+    };
+    // One entry too many.
+    let e = r
+        .publish_catalog_within(catalog("vm1", (0..4).map(link).collect()), at, roomy)
+        .unwrap_err();
+    assert!(e.to_string().contains("more than 3 entries"), "{e}");
+    // Within the count, but the sealed document is larger than allowed.
+    let three = catalog("vm1", (0..3).map(link).collect());
+    let e = r
+        .publish_catalog_within(
+            three.clone(),
+            at,
+            CatalogLimits {
+                entries: 3,
+                bytes: 2000,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("more than the 2000"), "{e}");
+    assert!(
+        r.catalog_ids("vm1").unwrap().is_empty(),
+        "a refused catalog was published"
+    );
+    // At the limits it is published and reads back.
+    let ok = r.publish_catalog_within(three, at, roomy).unwrap();
+    assert_eq!(r.catalog("vm1", &ok.id).unwrap(), ok);
+}
