@@ -483,9 +483,13 @@ impl Vm {
     fn stop(&mut self, clock: &Clock) -> Result<()> {
         let q = self.q()?;
         let running = q.status()?.running;
-        q.stop()?;
+        // Recorded before the stop goes out: QEMU answers it only after
+        // draining the guest's I/O (which can outlast the QMP timeout), so
+        // a stop that took effect may look failed, and must still be
+        // followed by a `cont`.
         self.was_running = running;
         self.stopped_at = Some(Instant::now());
+        self.q()?.stop().map_err(|e| e.context("stopping the VM"))?;
         clock.event(&mut self.report, "stopped", None);
         Ok(())
     }
@@ -512,7 +516,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Resumes the VM if it was running before the stop.
+    /// Resumes the VM if it was running before the stop (also after a
+    /// stop that seemed to fail: `cont` on a running VM changes nothing).
     fn resume(&mut self, clock: &Clock) -> Result<()> {
         let Some(at) = self.stopped_at.take() else {
             return Ok(());
@@ -523,7 +528,22 @@ impl Vm {
         };
         self.report.paused_ms = Some(at.elapsed().as_secs_f64() * 1000.0);
         clock.event(&mut self.report, "resumed", None);
-        r
+        r.map_err(|e| {
+            e.context("resuming the VM failed, THE VM IS PAUSED (resume it with QMP cont)")
+        })
+    }
+
+    /// [`Self::resume`]; its error fails the VM, or is added to the error
+    /// of a VM that failed already (a paused VM must not go unsaid).
+    fn resume_or_fail(&mut self, clock: &Clock) {
+        let Err(e) = self.resume(clock) else {
+            return;
+        };
+        tracing::error!(vm = %self.spec.name, "{e}");
+        match &mut self.report.error {
+            Some(first) => *first = format!("{first}; {e}"),
+            None => self.fail(clock, e),
+        }
     }
 
     fn thaw(&mut self, clock: &Clock) {
@@ -799,6 +819,8 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
     for &i in &order {
         if let Err(e) = vms[i].stop(&clock) {
             vms[i].fail(&clock, e);
+            // Not paused for the others' views: it takes no part.
+            vms[i].resume_or_fail(&clock);
         }
     }
     for &i in &order {
@@ -814,10 +836,7 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
             .unwrap_or_default()
     });
     for &i in &order {
-        if let Err(e) = vms[i].resume(&clock) {
-            let e = e.context("resuming the VM");
-            vms[i].fail(&clock, e);
-        }
+        vms[i].resume_or_fail(&clock);
     }
     for &i in &order {
         vms[i].thaw(&clock);

@@ -645,4 +645,35 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     assert_eq!(s.failed().len(), 1);
 }
 
+#[test]
+fn a_stop_answered_too_late_is_followed_by_cont() {
+    let v = vm(Some(&content()));
+    let (d, repo) = repo();
+    // QEMU carries the stop out, and its answer comes after the backup's
+    // QMP timeout (as when draining the guest's I/O outlasts it), well
+    // after it: the kernel may end a 30 s socket timeout seconds late.
+    let relay = d.path().join("relay.sock");
+    incremental::qmp_relay(
+        &relay,
+        &v.qmp,
+        |_| None,
+        |cmd| {
+            if cmd["execute"] == "stop" {
+                std::thread::sleep(crate::qemu::qmp::DEFAULT_TIMEOUT + Duration::from_secs(5));
+            }
+        },
+    );
+    let mut opts = options(&[("late", &v)], 1, None);
+    opts.vms[0].qmp = relay;
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "late");
+    let mut q = v.monitor();
+    assert!(q.status().unwrap().running, "the VM runs again: {r:?}");
+    assert!(r.paused_ms.is_some(), "{r:?}");
+    let e = r.error.as_deref().unwrap();
+    assert!(e.starts_with("stopping the VM: no answer to stop"), "{e}");
+    assert!(r.backup.is_none());
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+}
+
 pub(crate) mod incremental;
