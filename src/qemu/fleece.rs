@@ -157,10 +157,15 @@ fn open_steps(
         Some(json!({"driver": "file", "node-name": v.tmp, "filename": v.tmp_path})),
     )?;
     v.steps = 3;
+    // A store that cannot take the old data (host disk full or failing)
+    // must break the snapshot, whose reads then fail (and the backup with
+    // them), never the guest's write: QEMU 7.2's default,
+    // break-guest-write, fails the guest's I/O (QEMU >= 7.1 has the option).
     q.execute(
         "blockdev-add",
         Some(json!({"driver": "copy-before-write", "node-name": v.cbw,
-                    "file": v.node, "target": v.tmp})),
+                    "file": v.node, "target": v.tmp,
+                    "on-cbw-error": "break-snapshot"})),
     )?;
     v.steps = 4;
     set_drive(q, &v.device, &v.cbw)?;

@@ -581,6 +581,13 @@ impl Vm {
             Err(e) => {
                 // Say so when the VM is gone, not just what broke first.
                 let e = match self.q().and_then(|q| q.status()) {
+                    // QEMU breaks a view's snapshot (every read fails) when
+                    // its copy-before-write store cannot take the old data
+                    // a guest write displaces, rather than fail the write.
+                    Ok(_) if e.to_string().contains(crate::qemu::nbd::SERVER_FAILED) => e.context(
+                        "QEMU could not read the snapshot (broken if a copy-before-write store \
+                         failed: is the host's temporary directory full or failing?)",
+                    ),
                     Ok(_) => e,
                     Err(_) => e.context("the VM's QEMU is gone"),
                 };

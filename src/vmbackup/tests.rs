@@ -676,4 +676,71 @@ fn a_stop_answered_too_late_is_followed_by_cont() {
     assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
 }
 
+#[test]
+fn a_failing_copy_before_write_store_breaks_the_snapshot_not_the_guests_writes_and_the_backup_fails(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (d, repo) = repo();
+    // Each view's store is opened through blkdebug, every write to it an
+    // I/O error (as on a full or failing host disk).
+    let mon = Arc::new(Mutex::new(v.monitor()));
+    let m = mon.clone();
+    let relay = d.path().join("relay.sock");
+    incremental::qmp_relay(
+        &relay,
+        &v.qmp,
+        move |cmd| {
+            let a = &cmd["arguments"];
+            let store = cmd["execute"] == "blockdev-add"
+                && a["driver"] == "file"
+                && a["node-name"].as_str()?.starts_with("rfs-tmp-");
+            store.then(|| {
+                let args = json!({"driver": "blkdebug", "node-name": a["node-name"],
+                    "image": {"driver": "file", "filename": a["filename"]},
+                    "inject-error": [{"event": "pwritev", "iotype": "write", "errno": 5}]});
+                match m.lock().unwrap().execute("blockdev-add", Some(args)) {
+                    Ok(r) => json!({ "return": r }),
+                    Err(e) => json!({"error": {"class": "GenericError", "desc": e.to_string()}}),
+                }
+            })
+        },
+        |_| {},
+    );
+    // The guest overwrites data the view still has to read.
+    let out: Arc<Mutex<Option<String>>> = Arc::default();
+    let (m, o) = (mon.clone(), out.clone());
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "resumed" {
+            let r = m.lock().unwrap().execute(
+                "human-monitor-command",
+                Some(json!({"command-line": "qemu-io drive0 \"write -P 0xbb 0 65536\""})),
+            );
+            *o.lock().unwrap() = Some(format!("{r:?}"));
+        }
+    });
+    let mut opts = options(&[("cbw", &v)], 1, Some(hook));
+    opts.vms[0].qmp = relay;
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "cbw");
+    assert_eq!(
+        out.lock().unwrap().as_deref(),
+        Some("Ok(String(\"\"))"),
+        "the guest's write succeeds"
+    );
+    assert_eq!(std::fs::read(v.img.as_ref().unwrap()).unwrap()[0], 0xbb);
+    let e = r.error.as_deref().unwrap_or_else(|| panic!("{r:?}"));
+    assert!(
+        e.starts_with(
+            "QEMU could not read the snapshot (broken if a copy-before-write store failed"
+        ),
+        "{e}"
+    );
+    assert!(r.backup.is_none());
+    assert!(repo.backup_ids("cbw").unwrap_or_default().is_empty());
+    let mut q = mon.lock().unwrap();
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+    assert!(q.status().unwrap().running);
+}
+
 pub(crate) mod incremental;
