@@ -390,6 +390,19 @@ impl Vm {
         self.release(clock);
     }
 
+    /// [`Self::fail`], or adds `e` to the error of a VM that failed
+    /// already: what it says (a VM left paused or frozen) must not go
+    /// unsaid.
+    fn fail_or_add(&mut self, clock: &Clock, e: Error) {
+        match &mut self.report.error {
+            Some(first) => {
+                tracing::error!(vm = %self.spec.name, "{e}");
+                *first = format!("{first}; {e}");
+            }
+            None => self.fail(clock, e),
+        }
+    }
+
     /// Closes the views and stops the NBD server, best effort. After a
     /// manifest, each disk keeps the new bitmap alone (the next
     /// incremental's map); after a failure the new bitmap goes, merged into
@@ -533,31 +546,31 @@ impl Vm {
         })
     }
 
-    /// [`Self::resume`]; its error fails the VM, or is added to the error
-    /// of a VM that failed already (a paused VM must not go unsaid).
+    /// [`Self::resume`]; its error fails the VM ([`Self::fail_or_add`]).
     fn resume_or_fail(&mut self, clock: &Clock) {
         let Err(e) = self.resume(clock) else {
             return;
         };
-        tracing::error!(vm = %self.spec.name, "{e}");
-        match &mut self.report.error {
-            Some(first) => *first = format!("{first}; {e}"),
-            None => self.fail(clock, e),
-        }
+        self.fail_or_add(clock, e);
     }
 
-    fn thaw(&mut self, clock: &Clock) {
-        if let Some(mut a) = self.agent.take() {
-            match a.fsthaw() {
-                Ok(_) => clock.event(&mut self.report, "thawed", None),
-                Err(e) => {
-                    tracing::error!(vm = %self.spec.name, "thawing the guest's filesystems: {e}");
-                    self.report
-                        .warnings
-                        .push(format!("thawing the guest's filesystems failed: {e}"));
-                }
-            }
-        }
+    /// Thaws the guest's filesystems, retrying on a new connection; a thaw
+    /// that still fails fails the VM ([`Self::fail_or_add`]): a guest left
+    /// frozen must not pass for a successful backup.
+    fn thaw(&mut self, clock: &Clock, timeout: Duration) {
+        let Some(a) = self.agent.take() else {
+            return;
+        };
+        let path = self.spec.agent.clone().unwrap_or_default();
+        let Err(e) = a.thaw_or_retry(&path, timeout) else {
+            clock.event(&mut self.report, "thawed", None);
+            return;
+        };
+        let e = e.context(
+            "THE GUEST MAY STILL BE FROZEN: thawing its filesystems failed \
+             (thaw them with guest-fsfreeze-thaw through its agent)",
+        );
+        self.fail_or_add(clock, e);
     }
 
     /// Step 3: reads every view, publishes the manifest, releases.
@@ -846,7 +859,7 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
         vms[i].resume_or_fail(&clock);
     }
     for &i in &order {
-        vms[i].thaw(&clock);
+        vms[i].thaw(&clock, opts.agent_timeout);
     }
 
     // 3. and 4. Read busiest first, `jobs` at a time, release each early.
