@@ -314,6 +314,14 @@ impl Vm {
     fn prepare(&mut self) -> Result<()> {
         let q = Qmp::connect(&self.spec.qmp)?;
         self.qmp = Some(q);
+        // First: a leftover view holds a guest device.
+        let left = fleece::remove_leftovers(self.q()?)
+            .map_err(|e| e.context("removing what a killed backup left in QEMU"))?;
+        if !left.is_empty() {
+            let w = format!("removed what a killed backup left: {}", left.join(", "));
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
         self.disks = self.q()?.block_devices()?;
         if self.disks.is_empty() {
             return Err(Error::invalid("QEMU reports no disk to back up"));
@@ -325,7 +333,20 @@ impl Vm {
             .map_err(|e| Error::io("create a temporary directory", e))?;
         self.dir = Some(dir);
         let sock = self.socket();
-        fleece::start_nbd_server(self.q()?, &sock)?;
+        if let Err(e) = fleece::start_nbd_server(self.q()?, &sock) {
+            // A server without an NBD export serves nobody (a killed
+            // run's, or one started and never used): replaced.
+            let exports = self.q()?.execute("query-block-exports", None)?;
+            let nbd = (exports.as_array().into_iter().flatten()).any(|x| x["type"] == "nbd");
+            if nbd {
+                return Err(e);
+            }
+            fleece::stop_nbd_server(self.q()?)?;
+            fleece::start_nbd_server(self.q()?, &sock)?;
+            let w = format!("replaced QEMU's NBD server, which had no export ({e})");
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
         self.nbd_started = true;
         Ok(())
     }

@@ -829,4 +829,40 @@ fn a_thaw_whose_reply_is_lost_is_retried_on_a_new_connection_and_one_that_still_
     assert!(q.status().unwrap().running);
 }
 
+#[test]
+fn a_run_after_a_killed_run_removes_its_leftovers_and_backs_up() {
+    let data = content();
+    let v = vm(Some(&data));
+    // A run killed while its view was open: view, export and NBD server
+    // left in QEMU, the guest device on the copy-before-write filter.
+    let dead = tempfile::Builder::new()
+        .prefix("recoverfs-vmbackup-")
+        .tempdir()
+        .unwrap();
+    {
+        let mut q = Qmp::connect(&v.qmp).unwrap();
+        let disk = q.block_devices().unwrap().remove(0);
+        fleece::start_nbd_server(&mut q, &dead.path().join("nbd.sock")).unwrap();
+        q.stop().unwrap();
+        fleece::open_view(&mut q, &disk, "dead00-0-0", dead.path(), CHUNK).unwrap();
+        q.cont().unwrap();
+    }
+    let mut q = v.monitor();
+    assert!(!leftovers(&mut q).is_empty());
+    let (_d, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("again", &v)], 1, None)).unwrap();
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    let id = report(&s, "again").backup.clone().unwrap();
+    assert!(restored(&repo, "again", &id) == data);
+    let left = leftovers_but_kept(&mut q, &repo, "again", &id);
+    assert!(left.is_empty(), "{left:?}");
+    let exports = q.execute("query-block-exports", None).unwrap();
+    assert_eq!(exports, json!([]));
+    assert!(!dead.path().join("rfs-dead00-0-0.cbw").exists());
+    // The guest device writes to its own disk again.
+    hmp_write(&mut q, 0x5a, 0, 4096);
+    assert_eq!(std::fs::read(v.img.as_ref().unwrap()).unwrap()[0], 0x5a);
+    assert!(q.status().unwrap().running);
+}
+
 pub(crate) mod incremental;
