@@ -75,6 +75,7 @@ pub mod read;
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,7 +90,10 @@ use crate::repo::locks::WriterLock;
 use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::writer::{default_config, publish_manifest};
 use crate::repo::Repository;
-pub use read::{chunks_with_data, dirty_chunks, read_export, Base, Export, ReadOutcome};
+pub use read::{
+    chunks_with_data, dirty_chunks, read_export, read_export_until, Base, Export, ReadOutcome,
+    INTERRUPTED,
+};
 
 /// Called with (VM name, event name) as each event is recorded (tests use
 /// it to act at a precise point of a run).
@@ -602,10 +606,11 @@ impl Vm {
         lock: &WriterLock,
         opts: &Options,
         snapshot: &str,
+        stop: &AtomicBool,
     ) {
         clock.event(&mut self.report, "read_started", None);
         let t0 = Instant::now();
-        match self.store(repo, lock, opts, snapshot) {
+        match self.store(repo, lock, opts, snapshot, stop) {
             Ok(id) => {
                 self.report.backup = Some(id);
                 self.report.read_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -636,6 +641,7 @@ impl Vm {
         lock: &WriterLock,
         opts: &Options,
         snapshot: &str,
+        stop: &AtomicBool,
     ) -> Result<String> {
         let socket = self.socket();
         let mut disks = vec![];
@@ -653,8 +659,15 @@ impl Vm {
                 bitmap,
                 disk,
             });
-            let r = read_export(repo, &export(v.export.clone()), i, opts.chunk_size, base)
-                .map_err(|e| e.context(format!("disk {i}")))?;
+            let r = read_export_until(
+                repo,
+                &export(v.export.clone()),
+                i,
+                opts.chunk_size,
+                base,
+                stop,
+            )
+            .map_err(|e| e.context(format!("disk {i}")))?;
             self.report.bytes_read += r.read_bytes;
             self.report.chunks_read += r.chunks_read;
             self.report.new_bytes += r.disk.new_bytes;
@@ -794,7 +807,27 @@ fn check(opts: &Options) -> Result<()> {
 /// Backs up every VM of `opts` (see the module docs). Errors of single
 /// VMs are in the summary; an error here means nothing was attempted.
 pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
+    backup_vms_until(repo, opts, &AtomicBool::new(false))
+}
+
+/// [`backup_vms`] that a set `stop` (a signal) ends early through the
+/// normal cleanup: before the snapshot nothing is paused; once VMs are
+/// stopped, the snapshot step completes (views opened, every VM resumed
+/// and thawed) and then every VM not yet backed up fails with
+/// [`INTERRUPTED`], its views closed; a read under way ends at its next
+/// chunk.
+pub fn backup_vms_until(
+    repo: &Arc<Repository>,
+    opts: &Options,
+    stop: &AtomicBool,
+) -> Result<Summary> {
     check(opts)?;
+    let interrupted = || stop.load(Ordering::SeqCst);
+    let interrupt = |vm: &mut Vm, clock: &Clock| {
+        if vm.ok() {
+            vm.fail(clock, Error::new(crate::error::ErrorKind::Io, INTERRUPTED));
+        }
+    };
     // Held from before any base is read until the last manifest: no
     // collection sweeps meanwhile (`repo::locks`).
     let names: Vec<&str> = opts.vms.iter().map(|v| v.name.as_str()).collect();
@@ -853,6 +886,13 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
         vms[i].report.order = Some(pos + 1);
     }
 
+    if interrupted() {
+        for vm in &mut vms {
+            interrupt(vm, &clock);
+        }
+    }
+    let order: Vec<usize> = order.into_iter().filter(|&i| vms[i].ok()).collect();
+
     // 2. The common snapshot time.
     for &i in &order {
         vms[i].freeze(&clock, opts.agent_timeout);
@@ -882,6 +922,11 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
     for &i in &order {
         vms[i].thaw(&clock, opts.agent_timeout);
     }
+    if interrupted() {
+        for &i in &order {
+            interrupt(&mut vms[i], &clock);
+        }
+    }
 
     // 3. and 4. Read busiest first, `jobs` at a time, release each early.
     let queue: Mutex<VecDeque<usize>> =
@@ -895,7 +940,11 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
                     break;
                 };
                 let mut vm = slots[i].lock().expect("VM lock");
-                vm.read(&clock, repo, &lock, opts, &snap);
+                if interrupted() {
+                    interrupt(&mut vm, &clock);
+                    continue;
+                }
+                vm.read(&clock, repo, &lock, opts, &snap, stop);
             });
         }
     });

@@ -865,4 +865,32 @@ fn a_run_after_a_killed_run_removes_its_leftovers_and_backs_up() {
     assert!(q.status().unwrap().running);
 }
 
+#[test]
+fn a_signal_during_the_first_read_fails_every_vm_through_its_cleanup_resumed_and_without_views_or_manifests(
+) {
+    let vms: Vec<Vm> = (0..2).map(|_| vm(Some(&content()))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "read_started" {
+            s2.store(true, Ordering::SeqCst);
+        }
+    });
+    let (_d, repo) = repo();
+    let opts = options(&[("one", &vms[0]), ("two", &vms[1])], 1, Some(hook));
+    let s = backup_vms_until(&repo, &opts, &stop).unwrap();
+    assert_eq!(s.failed().len(), 2, "{:?}", s.vms);
+    for (n, v) in ["one", "two"].iter().zip(&vms) {
+        let r = report(&s, n);
+        let e = r.error.as_deref().unwrap();
+        assert!(e.contains(INTERRUPTED), "{n}: {e}");
+        assert!(repo.backup_ids(n).unwrap_or_default().is_empty());
+        assert!(at(r, "resumed") < at(r, "failed"));
+        let mut q = v.monitor();
+        assert!(leftovers(&mut q).is_empty(), "{n}: {:?}", leftovers(&mut q));
+        assert_eq!(q.execute("query-block-exports", None).unwrap(), json!([]));
+        assert!(q.status().unwrap().running, "{n}");
+    }
+}
+
 pub(crate) mod incremental;
