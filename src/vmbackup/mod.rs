@@ -17,7 +17,11 @@
 //!    snapshot time is recorded once, for all; then `cont` on every VM that
 //!    was running and thaw. The pause (stop to cont) is reported per VM. A
 //!    VM whose view cannot be opened has its views undone, is resumed, and
-//!    fails alone.
+//!    fails alone. A VM whose `stop` errs (QEMU answers it only after
+//!    draining the guest's I/O, which can outlast the QMP timeout) fails
+//!    and gets its `cont` at once. A thaw that fails is retried on a new
+//!    agent connection; one that still fails fails the VM ("THE GUEST MAY
+//!    STILL BE FROZEN"), as a failed `cont` does ("THE VM IS PAUSED").
 //! 3. *Read.* The views are read busiest first, `--jobs` VMs at a time:
 //!    `base:allocation` block status skips zero extents, every other chunk
 //!    is read over NBD and stored through [`store_chunks`](crate::repo::writer::store_chunks); then one
@@ -42,7 +46,17 @@
 //! **Failures:** a VM that disappears or errors mid-backup has its views
 //! torn down (best effort if QEMU is gone) and no manifest: manifests are
 //! written last and create-only, so nothing partial appears. The others go
-//! on; the summary says which failed.
+//! on; the summary says which failed. A copy-before-write store that cannot
+//! take old data (host disk full or failing) breaks its view's snapshot
+//! (`on-cbw-error: break-snapshot`), never the guest's write: the view's
+//! reads then fail, and so does that VM's backup.
+//!
+//! **Signals and kills:** [`backup_vms_until`] ends a run whose `stop` flag
+//! is set (the CLI sets it on SIGINT/SIGTERM) through the same cleanup:
+//! every VM resumed and thawed, views closed, no manifest. What a killed
+//! run leaves in QEMU (exports, nodes, the guest device on the filter, an
+//! NBD server without exports) the next run removes before it starts
+//! ([`fleece::remove_leftovers`]).
 //!
 //! **Incrementals:** every view carries a new dirty bitmap at chunk
 //! granularity, started at the snapshot instant, and a successful run
