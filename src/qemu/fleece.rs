@@ -262,6 +262,10 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
     }
 }
 
+/// The lock file a run holds (`flock`) in the directory of its views'
+/// stores while they may be in use: a live run's views are not leftovers.
+pub const RUN_LOCK: &str = "run.lock";
+
 /// Whether `name` is one of a view's names with `kind` before its tag
 /// (`rfs-` exports and bitmaps, `rfs-acc-`, `rfs-cbw-`, `rfs-tmp-` nodes);
 /// a tag starts with a 6-hex-digit run id, so pre-copy's `rfs-pc-` names
@@ -275,31 +279,47 @@ fn view_tag<'a>(name: &'a str, kind: &str) -> Option<&'a str> {
 /// Removes what runs killed with their views open left in QEMU: their
 /// exports, `snapshot-access`, copy-before-write and store nodes (guest
 /// devices switched back onto the disk's node, found by the view's
-/// bitmap) and store files. Their bitmaps stay (a successful run removes
+/// bitmap) and store files, but not those of a run still alive
+/// ([`RUN_LOCK`]). Their bitmaps stay (a successful run removes
 /// older ones; an incremental checks its base's). Returns what it
 /// removed, for the report.
 pub fn remove_leftovers(q: &mut Qmp) -> Result<Vec<String>> {
     let mut done = vec![];
-    let exports = q.execute("query-block-exports", None)?;
-    for e in exports.as_array().into_iter().flatten() {
-        let Some(id) = e["id"].as_str().filter(|i| view_tag(i, "").is_some()) else {
-            continue;
-        };
-        delete_export(q, id)?;
-        done.push(format!("export {id}"));
-    }
     let named = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
     let named = named.as_array().cloned().unwrap_or_default();
     let name = |n: &serde_json::Value| n["node-name"].as_str().unwrap_or("").to_string();
+    // A run still alive (another backup of this VM) holds the lock in its
+    // stores' directory: its views are in use.
+    let live: Vec<String> = (named.iter())
+        .filter_map(|n| {
+            let tag = view_tag(n["node-name"].as_str()?, "tmp-")?;
+            let lock = Path::new(n["file"].as_str()?).parent()?.join(RUN_LOCK);
+            let held = lock.exists() && matches!(crate::util::try_lock_file(&lock), Ok(None));
+            held.then(|| tag.to_string())
+        })
+        .collect();
+    let dead = |tag: Option<&str>| tag.is_some_and(|t| !live.iter().any(|l| l == t));
+    let exports = q.execute("query-block-exports", None)?;
+    for e in exports.as_array().into_iter().flatten() {
+        let Some(id) = e["id"].as_str() else {
+            continue;
+        };
+        let tag = view_tag(id, "").map(|t| t.strip_suffix("-map").unwrap_or(t));
+        if !dead(tag) {
+            continue;
+        }
+        delete_export(q, id)?;
+        done.push(format!("export {id}"));
+    }
     for n in named.iter().map(name) {
-        if view_tag(&n, "acc-").is_some() {
+        if dead(view_tag(&n, "acc-")) {
             q.execute("blockdev-del", Some(json!({"node-name": n})))?;
             done.push(format!("node {n}"));
         }
     }
     let devices = q.execute("query-block", None)?;
     for n in named.iter().map(name) {
-        let Some(tag) = view_tag(&n, "cbw-") else {
+        let Some(tag) = view_tag(&n, "cbw-").filter(|t| dead(Some(t))) else {
             continue;
         };
         let bitmap = format!("rfs-{tag}");
@@ -323,7 +343,7 @@ pub fn remove_leftovers(q: &mut Qmp) -> Result<Vec<String>> {
     }
     for m in &named {
         let n = name(m);
-        if view_tag(&n, "tmp-").is_none() {
+        if !dead(view_tag(&n, "tmp-")) {
             continue;
         }
         q.execute("blockdev-del", Some(json!({"node-name": n})))?;

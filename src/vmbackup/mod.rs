@@ -270,6 +270,8 @@ struct Vm {
     qmp: Option<Qmp>,
     disks: Vec<BlockDevice>,
     dir: Option<tempfile::TempDir>,
+    /// [`fleece::RUN_LOCK`] in `dir`, held while `dir` is.
+    run_lock: Option<std::fs::File>,
     nbd_started: bool,
     views: Vec<View>,
     was_running: bool,
@@ -301,6 +303,7 @@ impl Vm {
             qmp: None,
             disks: vec![],
             dir: None,
+            run_lock: None,
             nbd_started: false,
             views: vec![],
             was_running: false,
@@ -349,6 +352,10 @@ impl Vm {
             .prefix("recoverfs-vmbackup-")
             .tempdir()
             .map_err(|e| Error::io("create a temporary directory", e))?;
+        // Held while the views may be in use: not leftovers to a run of
+        // this VM that starts meanwhile.
+        let lock = crate::util::try_lock_file(&dir.path().join(fleece::RUN_LOCK))?;
+        self.run_lock = Some(lock.ok_or_else(|| Error::busy("a new run lock is held"))?);
         self.dir = Some(dir);
         let sock = self.socket();
         if let Err(e) = fleece::start_nbd_server(self.q()?, &sock) {
@@ -510,6 +517,7 @@ impl Vm {
         self.nbd_started = false;
         // The copy-before-write files and the socket go with the directory.
         self.dir = None;
+        self.run_lock = None;
         if had {
             clock.event(&mut self.report, "view_released", None);
         }

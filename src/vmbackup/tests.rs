@@ -839,6 +839,9 @@ fn a_run_after_a_killed_run_removes_its_leftovers_and_backs_up() {
         .prefix("recoverfs-vmbackup-")
         .tempdir()
         .unwrap();
+    let run_lock = crate::util::try_lock_file(&dead.path().join(fleece::RUN_LOCK))
+        .unwrap()
+        .unwrap();
     {
         let mut q = Qmp::connect(&v.qmp).unwrap();
         let disk = q.block_devices().unwrap().remove(0);
@@ -848,9 +851,21 @@ fn a_run_after_a_killed_run_removes_its_leftovers_and_backs_up() {
         q.cont().unwrap();
     }
     let mut q = v.monitor();
-    assert!(!leftovers(&mut q).is_empty());
+    let left = leftovers(&mut q);
+    assert!(left.contains(&"rfs-cbw-dead00-0-0".to_string()), "{left:?}");
     let (_d, repo) = repo();
-    let s = backup_vms(&repo, &options(&[("again", &v)], 1, None)).unwrap();
+    let opts = options(&[("again", &v)], 1, None);
+    // While that run lives (holds its lock), its view is left alone and
+    // the new run fails alone.
+    let s = backup_vms(&repo, &opts).unwrap();
+    let e = report(&s, "again").error.clone().unwrap();
+    assert!(e.contains("NBD server already running"), "{e}");
+    assert_eq!(leftovers(&mut q), left);
+    let exports = q.execute("query-block-exports", None).unwrap();
+    assert_eq!(exports.as_array().unwrap().len(), 1);
+    // Killed: its lock goes with it.
+    drop(run_lock);
+    let s = backup_vms(&repo, &opts).unwrap();
     assert!(s.failed().is_empty(), "{:?}", s.failed());
     let id = report(&s, "again").backup.clone().unwrap();
     assert!(restored(&repo, "again", &id) == data);
