@@ -11,6 +11,9 @@
 //!   last VM's backup finishes (from the command's event log);
 //! - every restored backup boots, and its boot counter shows the boot the
 //!   guest had finished before the snapshot.
+//!
+//! Also: a full repository fails one VM cleanly, and SIGINT ends a run
+//! through its cleanup (VM running, no view, no NBD server left).
 
 mod common;
 
@@ -451,4 +454,64 @@ fn a_repository_that_fills_mid_backup_fails_that_vm_in_one_line_leaves_no_backup
         "the restored disk differs"
     );
     drop(fs);
+}
+
+#[test]
+fn sigint_during_backup_vms_ends_it_through_its_cleanup_with_one_error_and_the_vm_running() {
+    let env = Env::new();
+    let img = env.path("data.raw");
+    random_image(&img, 4 << 20, 12, 1 << 20);
+    let qmp = env.path("vm.qmp");
+    // Running (no -S): firmware with nothing to boot.
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-display", "none", "-m", "64"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", img.display()))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = WriterVm {
+        name: "vm",
+        child,
+        qmp: qmp.clone(),
+        console: env.path("no-console"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while recoverfs::qemu::qmp::Qmp::connect(&qmp).is_err() {
+        assert!(Instant::now() < deadline, "QEMU answers on no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let repo = env.path("repo");
+    let run = Command::new(bin())
+        .args(["backup-vms", "--repo", repo.to_str().unwrap(), "--vm"])
+        .arg(format!("vm={}", qmp.display()))
+        .args(["--rate-window", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Signalled while it measures write rates, its NBD server started.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = Command::new("kill")
+        .args(["-INT", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("recoverfs: error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("interrupted by a signal"), "{err}");
+    assert_eq!(backup_leftovers(&vm.qmp), Vec::<String>::new());
+    let mut q = recoverfs::qemu::qmp::Qmp::connect(&vm.qmp).unwrap();
+    assert!(q.status().unwrap().running);
+    // Its NBD server is gone: starting one succeeds.
+    let sock = env.path("nbd.sock");
+    recoverfs::qemu::fleece::start_nbd_server(&mut q, &sock).unwrap();
 }

@@ -3,6 +3,8 @@
 //! (running QEMU VMs from one snapshot time).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{output, SocketArg};
@@ -133,7 +135,7 @@ pub(super) fn backup_vms(
     (incremental, order): (bool, crate::vmbackup::ReadOrder),
     json: bool,
 ) -> Result<()> {
-    use crate::vmbackup::{backup_vms, Options, VmSpec};
+    use crate::vmbackup::{backup_vms_until, Options, VmSpec};
     let chunk_size = validate_chunk_size(parse_size(chunk_size)?)?;
     let mut specs = vms
         .iter()
@@ -167,11 +169,14 @@ pub(super) fn backup_vms(
         order,
         hook: None,
     };
+    // Before any thread starts: they inherit the blocked signals.
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(&stop)?;
     let (r, created) = Repository::open_or_create(repo)?;
     if created {
         eprintln!("created repository {}", r.location());
     }
-    let summary = backup_vms(&r, &opts)?;
+    let summary = backup_vms_until(&r, &opts, &stop)?;
     output::backup_vms(&summary, json);
     let failed = summary.failed();
     if failed.is_empty() {
@@ -187,4 +192,29 @@ pub(super) fn backup_vms(
         summary.vms.len(),
         each.join("; ")
     )))
+}
+
+/// SIGINT and SIGTERM go to one thread (blocked in every other thread,
+/// which inherit this one's mask) that sets `stop`: the run resumes and
+/// thaws every VM and closes its views before it ends. A second signal
+/// exits at once; the next run removes what this one left in QEMU.
+fn stop_on_signals(stop: &Arc<AtomicBool>) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| Error::io("block signals", e.into()))?;
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: resuming and thawing the VMs, closing their views (again: exit now)");
+            stop.store(true, Ordering::SeqCst);
+        }
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: exiting; VMs may be left paused or frozen");
+            std::process::exit(130);
+        }
+    });
+    Ok(())
 }

@@ -157,10 +157,15 @@ fn open_steps(
         Some(json!({"driver": "file", "node-name": v.tmp, "filename": v.tmp_path})),
     )?;
     v.steps = 3;
+    // A store that cannot take the old data (host disk full or failing)
+    // must break the snapshot, whose reads then fail (and the backup with
+    // them), never the guest's write: QEMU 7.2's default,
+    // break-guest-write, fails the guest's I/O (QEMU >= 7.1 has the option).
     q.execute(
         "blockdev-add",
         Some(json!({"driver": "copy-before-write", "node-name": v.cbw,
-                    "file": v.node, "target": v.tmp})),
+                    "file": v.node, "target": v.tmp,
+                    "on-cbw-error": "break-snapshot"})),
     )?;
     v.steps = 4;
     set_drive(q, &v.device, &v.cbw)?;
@@ -255,6 +260,105 @@ pub fn close_view(q: &mut Qmp, v: &View, drop_bitmap: bool) -> Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The lock file a run holds (`flock`) in the directory of its views'
+/// stores while they may be in use: a live run's views are not leftovers.
+pub const RUN_LOCK: &str = "run.lock";
+
+/// Whether `name` is one of a view's names with `kind` before its tag
+/// (`rfs-` exports and bitmaps, `rfs-acc-`, `rfs-cbw-`, `rfs-tmp-` nodes);
+/// a tag starts with a 6-hex-digit run id, so pre-copy's `rfs-pc-` names
+/// never match. The tag, if so.
+fn view_tag<'a>(name: &'a str, kind: &str) -> Option<&'a str> {
+    let tag = name.strip_prefix("rfs-")?.strip_prefix(kind)?;
+    let run = tag.get(..7)?;
+    (run.ends_with('-') && run[..6].bytes().all(|b| b.is_ascii_hexdigit())).then_some(tag)
+}
+
+/// Removes what runs killed with their views open left in QEMU: their
+/// exports, `snapshot-access`, copy-before-write and store nodes (guest
+/// devices switched back onto the disk's node, found by the view's
+/// bitmap) and store files, but not those of a run still alive
+/// ([`RUN_LOCK`]). Their bitmaps stay (a successful run removes
+/// older ones; an incremental checks its base's). Returns what it
+/// removed, for the report.
+pub fn remove_leftovers(q: &mut Qmp) -> Result<Vec<String>> {
+    let mut done = vec![];
+    let named = q.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
+    let named = named.as_array().cloned().unwrap_or_default();
+    let name = |n: &serde_json::Value| n["node-name"].as_str().unwrap_or("").to_string();
+    // A run still alive (another backup of this VM) holds the lock in its
+    // stores' directory: its views are in use.
+    let live: Vec<String> = (named.iter())
+        .filter_map(|n| {
+            let tag = view_tag(n["node-name"].as_str()?, "tmp-")?;
+            let lock = Path::new(n["file"].as_str()?).parent()?.join(RUN_LOCK);
+            let held = lock.exists() && matches!(crate::util::try_lock_file(&lock), Ok(None));
+            held.then(|| tag.to_string())
+        })
+        .collect();
+    let dead = |tag: Option<&str>| tag.is_some_and(|t| !live.iter().any(|l| l == t));
+    let exports = q.execute("query-block-exports", None)?;
+    for e in exports.as_array().into_iter().flatten() {
+        let Some(id) = e["id"].as_str() else {
+            continue;
+        };
+        let tag = view_tag(id, "").map(|t| t.strip_suffix("-map").unwrap_or(t));
+        if !dead(tag) {
+            continue;
+        }
+        delete_export(q, id)?;
+        done.push(format!("export {id}"));
+    }
+    for n in named.iter().map(name) {
+        if dead(view_tag(&n, "acc-")) {
+            q.execute("blockdev-del", Some(json!({"node-name": n})))?;
+            done.push(format!("node {n}"));
+        }
+    }
+    let devices = q.execute("query-block", None)?;
+    for n in named.iter().map(name) {
+        let Some(tag) = view_tag(&n, "cbw-").filter(|t| dead(Some(t))) else {
+            continue;
+        };
+        let bitmap = format!("rfs-{tag}");
+        let has_bitmap = |m: &&serde_json::Value| {
+            (m["dirty-bitmaps"].as_array().into_iter().flatten()).any(|b| b["name"] == *bitmap)
+        };
+        for d in devices.as_array().into_iter().flatten() {
+            if d["inserted"]["node-name"] != *n {
+                continue;
+            }
+            let disk = named.iter().find(has_bitmap).map(name).ok_or_else(|| {
+                Error::not_found(format!(
+                    "{n} left by a killed backup: no node has its bitmap {bitmap}, \
+                     so its disk's node is unknown"
+                ))
+            })?;
+            set_drive(q, &device_path(d["qdev"].as_str().unwrap_or("")), &disk)?;
+        }
+        q.execute("blockdev-del", Some(json!({"node-name": n})))?;
+        done.push(format!("node {n}"));
+    }
+    for m in &named {
+        let n = name(m);
+        if !dead(view_tag(&n, "tmp-")) {
+            continue;
+        }
+        q.execute("blockdev-del", Some(json!({"node-name": n})))?;
+        done.push(format!("node {n}"));
+        // The store file, if it is where a view puts it (`rfs-TAG.cbw` in
+        // a `recoverfs-vmbackup-` directory).
+        let file = PathBuf::from(m["file"].as_str().unwrap_or(""));
+        let ours = |p: Option<&Path>, prefix: &str| {
+            p.and_then(|p| p.file_name()?.to_str().map(|f| f.starts_with(prefix))) == Some(true)
+        };
+        if ours(Some(&file), "rfs-") && ours(file.parent(), "recoverfs-vmbackup-") {
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+    Ok(done)
 }
 
 /// A block node as `query-named-block-nodes` shows it.

@@ -142,6 +142,22 @@ impl GuestAgent {
         Ok(r.as_u64().unwrap_or(0))
     }
 
+    /// Thaws through this connection and, if that fails (a reply lost,
+    /// the agent restarted), once more on a new one, whose sync waits
+    /// behind a thaw still running in the guest (the agent runs commands
+    /// in order): qemu-ga on Linux never thaws by itself. The number
+    /// thawed; an error says both failures.
+    pub fn thaw_or_retry(mut self, path: &Path, sync: Duration) -> Result<u64> {
+        let first = match self.fsthaw() {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
+        drop(self);
+        GuestAgent::connect(path, FREEZE_TIMEOUT.max(sync))
+            .and_then(|mut b| b.fsthaw())
+            .map_err(|e| Error::new(e.kind(), format!("{first}; again on a new connection: {e}")))
+    }
+
     /// `thawed` or `frozen`.
     pub fn fsfreeze_status(&mut self) -> Result<String> {
         let r = self.execute("guest-fsfreeze-status", None, self.timeout)?;

@@ -52,6 +52,11 @@ use crate::export::nbd::proto::{
     REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
 };
+
+/// In the message of every error reply of the server (a request it
+/// refused or could not carry out, as opposed to a broken connection).
+pub const SERVER_FAILED: &str = "the server failed";
+
 pub use crate::export::nbd::proto::{CONTEXT_ALLOCATION, STATE_HOLE, STATE_ZERO};
 
 /// The `qemu:dirty-bitmap:NAME` context flag of a dirty range.
@@ -478,7 +483,7 @@ impl<S: Read + Write> NbdClient<S> {
         Error::new(
             ErrorKind::Io,
             format!(
-                "{}: the server failed {} {offset}+{len} with {}{msg}",
+                "{}: {SERVER_FAILED} {} {offset}+{len} with {}{msg}",
                 self.what,
                 command_name(typ),
                 errno_name(e.errno)
@@ -505,7 +510,7 @@ impl<S: Read + Write> NbdClient<S> {
                 Err(Error::new(
                     ErrorKind::Io,
                     format!(
-                        "{}: the server failed {} with {}",
+                        "{}: {SERVER_FAILED} {} with {}",
                         self.what,
                         command_name(typ),
                         errno_name(errno)

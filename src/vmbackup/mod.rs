@@ -17,7 +17,11 @@
 //!    snapshot time is recorded once, for all; then `cont` on every VM that
 //!    was running and thaw. The pause (stop to cont) is reported per VM. A
 //!    VM whose view cannot be opened has its views undone, is resumed, and
-//!    fails alone.
+//!    fails alone. A VM whose `stop` errs (QEMU answers it only after
+//!    draining the guest's I/O, which can outlast the QMP timeout) fails
+//!    and gets its `cont` at once. A thaw that fails is retried on a new
+//!    agent connection; one that still fails fails the VM ("THE GUEST MAY
+//!    STILL BE FROZEN"), as a failed `cont` does ("THE VM IS PAUSED").
 //! 3. *Read.* The views are read busiest first, `--jobs` VMs at a time:
 //!    `base:allocation` block status skips zero extents, every other chunk
 //!    is read over NBD and stored through [`store_chunks`](crate::repo::writer::store_chunks); then one
@@ -42,7 +46,17 @@
 //! **Failures:** a VM that disappears or errors mid-backup has its views
 //! torn down (best effort if QEMU is gone) and no manifest: manifests are
 //! written last and create-only, so nothing partial appears. The others go
-//! on; the summary says which failed.
+//! on; the summary says which failed. A copy-before-write store that cannot
+//! take old data (host disk full or failing) breaks its view's snapshot
+//! (`on-cbw-error: break-snapshot`), never the guest's write: the view's
+//! reads then fail, and so does that VM's backup.
+//!
+//! **Signals and kills:** [`backup_vms_until`] ends a run whose `stop` flag
+//! is set (the CLI sets it on SIGINT/SIGTERM) through the same cleanup:
+//! every VM resumed and thawed, views closed, no manifest. What a killed
+//! run leaves in QEMU (exports, nodes, the guest device on the filter, an
+//! NBD server without exports) the next run removes before it starts
+//! ([`fleece::remove_leftovers`]).
 //!
 //! **Incrementals:** every view carries a new dirty bitmap at chunk
 //! granularity, started at the snapshot instant, and a successful run
@@ -75,6 +89,7 @@ pub mod read;
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,7 +104,10 @@ use crate::repo::locks::WriterLock;
 use crate::repo::manifest::{DiskManifest, Manifest};
 use crate::repo::writer::{default_config, publish_manifest};
 use crate::repo::Repository;
-pub use read::{chunks_with_data, dirty_chunks, read_export, Base, Export, ReadOutcome};
+pub use read::{
+    chunks_with_data, dirty_chunks, read_export, read_export_until, Base, Export, ReadOutcome,
+    INTERRUPTED,
+};
 
 /// Called with (VM name, event name) as each event is recorded (tests use
 /// it to act at a precise point of a run).
@@ -252,6 +270,8 @@ struct Vm {
     qmp: Option<Qmp>,
     disks: Vec<BlockDevice>,
     dir: Option<tempfile::TempDir>,
+    /// [`fleece::RUN_LOCK`] in `dir`, held while `dir` is.
+    run_lock: Option<std::fs::File>,
     nbd_started: bool,
     views: Vec<View>,
     was_running: bool,
@@ -283,6 +303,7 @@ impl Vm {
             qmp: None,
             disks: vec![],
             dir: None,
+            run_lock: None,
             nbd_started: false,
             views: vec![],
             was_running: false,
@@ -314,6 +335,14 @@ impl Vm {
     fn prepare(&mut self) -> Result<()> {
         let q = Qmp::connect(&self.spec.qmp)?;
         self.qmp = Some(q);
+        // First: a leftover view holds a guest device.
+        let left = fleece::remove_leftovers(self.q()?)
+            .map_err(|e| e.context("removing what a killed backup left in QEMU"))?;
+        if !left.is_empty() {
+            let w = format!("removed what a killed backup left: {}", left.join(", "));
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
         self.disks = self.q()?.block_devices()?;
         if self.disks.is_empty() {
             return Err(Error::invalid("QEMU reports no disk to back up"));
@@ -323,9 +352,26 @@ impl Vm {
             .prefix("recoverfs-vmbackup-")
             .tempdir()
             .map_err(|e| Error::io("create a temporary directory", e))?;
+        // Held while the views may be in use: not leftovers to a run of
+        // this VM that starts meanwhile.
+        let lock = crate::util::try_lock_file(&dir.path().join(fleece::RUN_LOCK))?;
+        self.run_lock = Some(lock.ok_or_else(|| Error::busy("a new run lock is held"))?);
         self.dir = Some(dir);
         let sock = self.socket();
-        fleece::start_nbd_server(self.q()?, &sock)?;
+        if let Err(e) = fleece::start_nbd_server(self.q()?, &sock) {
+            // A server without an NBD export serves nobody (a killed
+            // run's, or one started and never used): replaced.
+            let exports = self.q()?.execute("query-block-exports", None)?;
+            let nbd = (exports.as_array().into_iter().flatten()).any(|x| x["type"] == "nbd");
+            if nbd {
+                return Err(e);
+            }
+            fleece::stop_nbd_server(self.q()?)?;
+            fleece::start_nbd_server(self.q()?, &sock)?;
+            let w = format!("replaced QEMU's NBD server, which had no export ({e})");
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
         self.nbd_started = true;
         Ok(())
     }
@@ -388,6 +434,19 @@ impl Vm {
         self.report.error.get_or_insert(e.to_string());
         clock.event(&mut self.report, "failed", None);
         self.release(clock);
+    }
+
+    /// [`Self::fail`], or adds `e` to the error of a VM that failed
+    /// already: what it says (a VM left paused or frozen) must not go
+    /// unsaid.
+    fn fail_or_add(&mut self, clock: &Clock, e: Error) {
+        match &mut self.report.error {
+            Some(first) => {
+                tracing::error!(vm = %self.spec.name, "{e}");
+                *first = format!("{first}; {e}");
+            }
+            None => self.fail(clock, e),
+        }
     }
 
     /// Closes the views and stops the NBD server, best effort. After a
@@ -458,6 +517,7 @@ impl Vm {
         self.nbd_started = false;
         // The copy-before-write files and the socket go with the directory.
         self.dir = None;
+        self.run_lock = None;
         if had {
             clock.event(&mut self.report, "view_released", None);
         }
@@ -483,9 +543,13 @@ impl Vm {
     fn stop(&mut self, clock: &Clock) -> Result<()> {
         let q = self.q()?;
         let running = q.status()?.running;
-        q.stop()?;
+        // Recorded before the stop goes out: QEMU answers it only after
+        // draining the guest's I/O (which can outlast the QMP timeout), so
+        // a stop that took effect may look failed, and must still be
+        // followed by a `cont`.
         self.was_running = running;
         self.stopped_at = Some(Instant::now());
+        self.q()?.stop().map_err(|e| e.context("stopping the VM"))?;
         clock.event(&mut self.report, "stopped", None);
         Ok(())
     }
@@ -512,7 +576,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Resumes the VM if it was running before the stop.
+    /// Resumes the VM if it was running before the stop (also after a
+    /// stop that seemed to fail: `cont` on a running VM changes nothing).
     fn resume(&mut self, clock: &Clock) -> Result<()> {
         let Some(at) = self.stopped_at.take() else {
             return Ok(());
@@ -523,21 +588,36 @@ impl Vm {
         };
         self.report.paused_ms = Some(at.elapsed().as_secs_f64() * 1000.0);
         clock.event(&mut self.report, "resumed", None);
-        r
+        r.map_err(|e| {
+            e.context("resuming the VM failed, THE VM IS PAUSED (resume it with QMP cont)")
+        })
     }
 
-    fn thaw(&mut self, clock: &Clock) {
-        if let Some(mut a) = self.agent.take() {
-            match a.fsthaw() {
-                Ok(_) => clock.event(&mut self.report, "thawed", None),
-                Err(e) => {
-                    tracing::error!(vm = %self.spec.name, "thawing the guest's filesystems: {e}");
-                    self.report
-                        .warnings
-                        .push(format!("thawing the guest's filesystems failed: {e}"));
-                }
-            }
-        }
+    /// [`Self::resume`]; its error fails the VM ([`Self::fail_or_add`]).
+    fn resume_or_fail(&mut self, clock: &Clock) {
+        let Err(e) = self.resume(clock) else {
+            return;
+        };
+        self.fail_or_add(clock, e);
+    }
+
+    /// Thaws the guest's filesystems, retrying on a new connection; a thaw
+    /// that still fails fails the VM ([`Self::fail_or_add`]): a guest left
+    /// frozen must not pass for a successful backup.
+    fn thaw(&mut self, clock: &Clock, timeout: Duration) {
+        let Some(a) = self.agent.take() else {
+            return;
+        };
+        let path = self.spec.agent.clone().unwrap_or_default();
+        let Err(e) = a.thaw_or_retry(&path, timeout) else {
+            clock.event(&mut self.report, "thawed", None);
+            return;
+        };
+        let e = e.context(
+            "THE GUEST MAY STILL BE FROZEN: thawing its filesystems failed \
+             (thaw them with guest-fsfreeze-thaw through its agent)",
+        );
+        self.fail_or_add(clock, e);
     }
 
     /// Step 3: reads every view, publishes the manifest, releases.
@@ -548,10 +628,11 @@ impl Vm {
         lock: &WriterLock,
         opts: &Options,
         snapshot: &str,
+        stop: &AtomicBool,
     ) {
         clock.event(&mut self.report, "read_started", None);
         let t0 = Instant::now();
-        match self.store(repo, lock, opts, snapshot) {
+        match self.store(repo, lock, opts, snapshot, stop) {
             Ok(id) => {
                 self.report.backup = Some(id);
                 self.report.read_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -561,6 +642,13 @@ impl Vm {
             Err(e) => {
                 // Say so when the VM is gone, not just what broke first.
                 let e = match self.q().and_then(|q| q.status()) {
+                    // QEMU breaks a view's snapshot (every read fails) when
+                    // its copy-before-write store cannot take the old data
+                    // a guest write displaces, rather than fail the write.
+                    Ok(_) if e.to_string().contains(crate::qemu::nbd::SERVER_FAILED) => e.context(
+                        "QEMU could not read the snapshot (broken if a copy-before-write store \
+                         failed: is the host's temporary directory full or failing?)",
+                    ),
                     Ok(_) => e,
                     Err(_) => e.context("the VM's QEMU is gone"),
                 };
@@ -575,6 +663,7 @@ impl Vm {
         lock: &WriterLock,
         opts: &Options,
         snapshot: &str,
+        stop: &AtomicBool,
     ) -> Result<String> {
         let socket = self.socket();
         let mut disks = vec![];
@@ -592,8 +681,15 @@ impl Vm {
                 bitmap,
                 disk,
             });
-            let r = read_export(repo, &export(v.export.clone()), i, opts.chunk_size, base)
-                .map_err(|e| e.context(format!("disk {i}")))?;
+            let r = read_export_until(
+                repo,
+                &export(v.export.clone()),
+                i,
+                opts.chunk_size,
+                base,
+                stop,
+            )
+            .map_err(|e| e.context(format!("disk {i}")))?;
             self.report.bytes_read += r.read_bytes;
             self.report.chunks_read += r.chunks_read;
             self.report.new_bytes += r.disk.new_bytes;
@@ -733,7 +829,27 @@ fn check(opts: &Options) -> Result<()> {
 /// Backs up every VM of `opts` (see the module docs). Errors of single
 /// VMs are in the summary; an error here means nothing was attempted.
 pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
+    backup_vms_until(repo, opts, &AtomicBool::new(false))
+}
+
+/// [`backup_vms`] that a set `stop` (a signal) ends early through the
+/// normal cleanup: before the snapshot nothing is paused; once VMs are
+/// stopped, the snapshot step completes (views opened, every VM resumed
+/// and thawed) and then every VM not yet backed up fails with
+/// [`INTERRUPTED`], its views closed; a read under way ends at its next
+/// chunk.
+pub fn backup_vms_until(
+    repo: &Arc<Repository>,
+    opts: &Options,
+    stop: &AtomicBool,
+) -> Result<Summary> {
     check(opts)?;
+    let interrupted = || stop.load(Ordering::SeqCst);
+    let interrupt = |vm: &mut Vm, clock: &Clock| {
+        if vm.ok() {
+            vm.fail(clock, Error::new(crate::error::ErrorKind::Io, INTERRUPTED));
+        }
+    };
     // Held from before any base is read until the last manifest: no
     // collection sweeps meanwhile (`repo::locks`).
     let names: Vec<&str> = opts.vms.iter().map(|v| v.name.as_str()).collect();
@@ -792,6 +908,13 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
         vms[i].report.order = Some(pos + 1);
     }
 
+    if interrupted() {
+        for vm in &mut vms {
+            interrupt(vm, &clock);
+        }
+    }
+    let order: Vec<usize> = order.into_iter().filter(|&i| vms[i].ok()).collect();
+
     // 2. The common snapshot time.
     for &i in &order {
         vms[i].freeze(&clock, opts.agent_timeout);
@@ -799,6 +922,8 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
     for &i in &order {
         if let Err(e) = vms[i].stop(&clock) {
             vms[i].fail(&clock, e);
+            // Not paused for the others' views: it takes no part.
+            vms[i].resume_or_fail(&clock);
         }
     }
     for &i in &order {
@@ -814,13 +939,15 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
             .unwrap_or_default()
     });
     for &i in &order {
-        if let Err(e) = vms[i].resume(&clock) {
-            let e = e.context("resuming the VM");
-            vms[i].fail(&clock, e);
-        }
+        vms[i].resume_or_fail(&clock);
     }
     for &i in &order {
-        vms[i].thaw(&clock);
+        vms[i].thaw(&clock, opts.agent_timeout);
+    }
+    if interrupted() {
+        for &i in &order {
+            interrupt(&mut vms[i], &clock);
+        }
     }
 
     // 3. and 4. Read busiest first, `jobs` at a time, release each early.
@@ -835,7 +962,11 @@ pub fn backup_vms(repo: &Arc<Repository>, opts: &Options) -> Result<Summary> {
                     break;
                 };
                 let mut vm = slots[i].lock().expect("VM lock");
-                vm.read(&clock, repo, &lock, opts, &snap);
+                if interrupted() {
+                    interrupt(&mut vm, &clock);
+                    continue;
+                }
+                vm.read(&clock, repo, &lock, opts, &snap, stop);
             });
         }
     });

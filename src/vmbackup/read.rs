@@ -11,10 +11,11 @@
 use std::collections::HashSet;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::boot::NbdServer;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::qemu::nbd::{
     dirty_bitmap_context, Extent, NbdClient, CONTEXT_ALLOCATION, STATE_DIRTY, STATE_ZERO,
 };
@@ -24,6 +25,9 @@ use crate::repo::writer::{
     default_config, publish_manifest, store_chunks_with, stored_bytes_after,
 };
 use crate::repo::{ChunkIndex, Repository};
+
+/// The error of a read (or run) a signal ended.
+pub const INTERRUPTED: &str = "interrupted by a signal";
 
 /// An NBD export: where its server listens and its name.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +198,26 @@ pub fn read_export(
     chunk_size: u32,
     base: Option<Base>,
 ) -> Result<ReadOutcome> {
+    read_export_until(
+        repo,
+        export,
+        index,
+        chunk_size,
+        base,
+        &AtomicBool::new(false),
+    )
+}
+
+/// [`read_export`], ending with an error at the next chunk once `stop` is
+/// set (a signal: the caller unwinds through its cleanup).
+pub fn read_export_until(
+    repo: &Arc<Repository>,
+    export: &Export,
+    index: usize,
+    chunk_size: u32,
+    base: Option<Base>,
+    stop: &AtomicBool,
+) -> Result<ReadOutcome> {
     let mut c = Conn::open(export, &[CONTEXT_ALLOCATION])?;
     let size = c.size();
     let mut wanted = chunks_with_data(&c.status(CONTEXT_ALLOCATION)?, chunk_size);
@@ -220,6 +244,9 @@ pub fn read_export(
     let pool = Mutex::new(connections(export, c));
     let n = pool.lock().expect("NBD pool").len();
     let read = |i: u64, buf: &mut [u8]| {
+        if stop.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Io, INTERRUPTED));
+        }
         let mut c = pool
             .lock()
             .expect("NBD pool")

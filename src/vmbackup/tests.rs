@@ -645,4 +645,267 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     assert_eq!(s.failed().len(), 1);
 }
 
+#[test]
+fn a_stop_answered_too_late_is_followed_by_cont() {
+    let v = vm(Some(&content()));
+    let (d, repo) = repo();
+    // QEMU carries the stop out, and its answer comes after the backup's
+    // QMP timeout (as when draining the guest's I/O outlasts it), well
+    // after it: the kernel may end a 30 s socket timeout seconds late.
+    let relay = d.path().join("relay.sock");
+    incremental::qmp_relay(
+        &relay,
+        &v.qmp,
+        |_| None,
+        |cmd| {
+            if cmd["execute"] == "stop" {
+                std::thread::sleep(crate::qemu::qmp::DEFAULT_TIMEOUT + Duration::from_secs(5));
+            }
+        },
+    );
+    let mut opts = options(&[("late", &v)], 1, None);
+    opts.vms[0].qmp = relay;
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "late");
+    let mut q = v.monitor();
+    assert!(q.status().unwrap().running, "the VM runs again: {r:?}");
+    assert!(r.paused_ms.is_some(), "{r:?}");
+    let e = r.error.as_deref().unwrap();
+    assert!(e.starts_with("stopping the VM: no answer to stop"), "{e}");
+    assert!(r.backup.is_none());
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+}
+
+#[test]
+fn a_failing_copy_before_write_store_breaks_the_snapshot_not_the_guests_writes_and_the_backup_fails(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (d, repo) = repo();
+    // Each view's store is opened through blkdebug, every write to it an
+    // I/O error (as on a full or failing host disk).
+    let mon = Arc::new(Mutex::new(v.monitor()));
+    let m = mon.clone();
+    let relay = d.path().join("relay.sock");
+    incremental::qmp_relay(
+        &relay,
+        &v.qmp,
+        move |cmd| {
+            let a = &cmd["arguments"];
+            let store = cmd["execute"] == "blockdev-add"
+                && a["driver"] == "file"
+                && a["node-name"].as_str()?.starts_with("rfs-tmp-");
+            store.then(|| {
+                let args = json!({"driver": "blkdebug", "node-name": a["node-name"],
+                    "image": {"driver": "file", "filename": a["filename"]},
+                    "inject-error": [{"event": "pwritev", "iotype": "write", "errno": 5}]});
+                match m.lock().unwrap().execute("blockdev-add", Some(args)) {
+                    Ok(r) => json!({ "return": r }),
+                    Err(e) => json!({"error": {"class": "GenericError", "desc": e.to_string()}}),
+                }
+            })
+        },
+        |_| {},
+    );
+    // The guest overwrites data the view still has to read.
+    let out: Arc<Mutex<Option<String>>> = Arc::default();
+    let (m, o) = (mon.clone(), out.clone());
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "resumed" {
+            let r = m.lock().unwrap().execute(
+                "human-monitor-command",
+                Some(json!({"command-line": "qemu-io drive0 \"write -P 0xbb 0 65536\""})),
+            );
+            *o.lock().unwrap() = Some(format!("{r:?}"));
+        }
+    });
+    let mut opts = options(&[("cbw", &v)], 1, Some(hook));
+    opts.vms[0].qmp = relay;
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "cbw");
+    assert_eq!(
+        out.lock().unwrap().as_deref(),
+        Some("Ok(String(\"\"))"),
+        "the guest's write succeeds"
+    );
+    assert_eq!(std::fs::read(v.img.as_ref().unwrap()).unwrap()[0], 0xbb);
+    let e = r.error.as_deref().unwrap_or_else(|| panic!("{r:?}"));
+    assert!(
+        e.starts_with(
+            "QEMU could not read the snapshot (broken if a copy-before-write store failed"
+        ),
+        "{e}"
+    );
+    assert!(r.backup.is_none());
+    assert!(repo.backup_ids("cbw").unwrap_or_default().is_empty());
+    let mut q = mon.lock().unwrap();
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+    assert!(q.status().unwrap().running);
+}
+
+/// A scripted guest agent on `path` (the real one needs a booted guest):
+/// it syncs and freezes, and answers the `n`th `guest-fsfreeze-thaw`
+/// (counted from one) if `answer_thaw(n)`, else closes the connection
+/// unanswered (a lost reply, an agent restarted). Returns the connection
+/// number (from one) of each thaw seen.
+fn scripted_agent(
+    path: &Path,
+    answer_thaw: impl Fn(usize) -> bool + Send + 'static,
+) -> Arc<Mutex<Vec<usize>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let thaws: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let t = thaws.clone();
+    std::thread::spawn(move || {
+        for (conn, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let mut out = client.try_clone().unwrap();
+            for line in BufReader::new(client).split(b'\n') {
+                let Ok(line) = line else { break };
+                let start = line.iter().position(|&b| b != 0xff).unwrap_or(line.len());
+                let Ok(cmd) = serde_json::from_slice::<Value>(&line[start..]) else {
+                    continue;
+                };
+                let reply = match cmd["execute"].as_str().unwrap_or("") {
+                    "guest-sync-delimited" => {
+                        out.write_all(&[0xff]).unwrap();
+                        json!({"return": cmd["arguments"]["id"]})
+                    }
+                    "guest-fsfreeze-thaw" => {
+                        let mut t = t.lock().unwrap();
+                        t.push(conn + 1);
+                        if !answer_thaw(t.len()) {
+                            break;
+                        }
+                        json!({"return": 1})
+                    }
+                    _ => json!({"return": 1}),
+                };
+                if writeln!(out, "{reply}").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    thaws
+}
+
+#[test]
+fn a_thaw_whose_reply_is_lost_is_retried_on_a_new_connection_and_one_that_still_fails_fails_the_vm_saying_the_guest_may_be_frozen(
+) {
+    let (lost, stuck) = (vm(Some(&content())), vm(Some(&content())));
+    let (d, repo) = repo();
+    let (lost_qga, stuck_qga) = (d.path().join("lost.sock"), d.path().join("stuck.sock"));
+    let retried = scripted_agent(&lost_qga, |n| n > 1);
+    let never = scripted_agent(&stuck_qga, |_| false);
+    let mut opts = options(&[("lost", &lost), ("stuck", &stuck)], 1, None);
+    opts.vms[0].agent = Some(lost_qga);
+    opts.vms[1].agent = Some(stuck_qga);
+    let s = backup_vms(&repo, &opts).unwrap();
+
+    let r = report(&s, "lost");
+    assert_eq!(
+        *retried.lock().unwrap(),
+        [1, 2],
+        "thawed again on a new connection"
+    );
+    assert!(r.error.is_none() && r.backup.is_some(), "{r:?}");
+    assert!(at(r, "resumed") < at(r, "thawed"));
+    assert_eq!(r.consistency, "application-consistent");
+
+    let r = report(&s, "stuck");
+    assert_eq!(never.lock().unwrap().len(), 2);
+    let e = r.error.as_deref().unwrap_or_else(|| panic!("{r:?}"));
+    assert!(e.starts_with("THE GUEST MAY STILL BE FROZEN"), "{e}");
+    assert!(r.backup.is_none());
+    assert!(repo.backup_ids("stuck").unwrap_or_default().is_empty());
+    let mut q = stuck.monitor();
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+    assert!(q.status().unwrap().running);
+    let mut q = lost.monitor();
+    let id = report(&s, "lost").backup.clone().unwrap();
+    let left = leftovers_but_kept(&mut q, &repo, "lost", &id);
+    assert!(left.is_empty(), "{left:?}");
+    assert!(q.status().unwrap().running);
+}
+
+#[test]
+fn a_run_after_a_killed_run_removes_its_leftovers_and_backs_up() {
+    let data = content();
+    let v = vm(Some(&data));
+    // A run killed while its view was open: view, export and NBD server
+    // left in QEMU, the guest device on the copy-before-write filter.
+    let dead = tempfile::Builder::new()
+        .prefix("recoverfs-vmbackup-")
+        .tempdir()
+        .unwrap();
+    let run_lock = crate::util::try_lock_file(&dead.path().join(fleece::RUN_LOCK))
+        .unwrap()
+        .unwrap();
+    {
+        let mut q = Qmp::connect(&v.qmp).unwrap();
+        let disk = q.block_devices().unwrap().remove(0);
+        fleece::start_nbd_server(&mut q, &dead.path().join("nbd.sock")).unwrap();
+        q.stop().unwrap();
+        fleece::open_view(&mut q, &disk, "dead00-0-0", dead.path(), CHUNK).unwrap();
+        q.cont().unwrap();
+    }
+    let mut q = v.monitor();
+    let left = leftovers(&mut q);
+    assert!(left.contains(&"rfs-cbw-dead00-0-0".to_string()), "{left:?}");
+    let (_d, repo) = repo();
+    let opts = options(&[("again", &v)], 1, None);
+    // While that run lives (holds its lock), its view is left alone and
+    // the new run fails alone.
+    let s = backup_vms(&repo, &opts).unwrap();
+    let e = report(&s, "again").error.clone().unwrap();
+    assert!(e.contains("NBD server already running"), "{e}");
+    assert_eq!(leftovers(&mut q), left);
+    let exports = q.execute("query-block-exports", None).unwrap();
+    assert_eq!(exports.as_array().unwrap().len(), 1);
+    // Killed: its lock goes with it.
+    drop(run_lock);
+    let s = backup_vms(&repo, &opts).unwrap();
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    let id = report(&s, "again").backup.clone().unwrap();
+    assert!(restored(&repo, "again", &id) == data);
+    let left = leftovers_but_kept(&mut q, &repo, "again", &id);
+    assert!(left.is_empty(), "{left:?}");
+    let exports = q.execute("query-block-exports", None).unwrap();
+    assert_eq!(exports, json!([]));
+    assert!(!dead.path().join("rfs-dead00-0-0.cbw").exists());
+    // The guest device writes to its own disk again.
+    hmp_write(&mut q, 0x5a, 0, 4096);
+    assert_eq!(std::fs::read(v.img.as_ref().unwrap()).unwrap()[0], 0x5a);
+    assert!(q.status().unwrap().running);
+}
+
+#[test]
+fn a_signal_during_the_first_read_fails_every_vm_through_its_cleanup_resumed_and_without_views_or_manifests(
+) {
+    let vms: Vec<Vm> = (0..2).map(|_| vm(Some(&content()))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "read_started" {
+            s2.store(true, Ordering::SeqCst);
+        }
+    });
+    let (_d, repo) = repo();
+    let opts = options(&[("one", &vms[0]), ("two", &vms[1])], 1, Some(hook));
+    let s = backup_vms_until(&repo, &opts, &stop).unwrap();
+    assert_eq!(s.failed().len(), 2, "{:?}", s.vms);
+    for (n, v) in ["one", "two"].iter().zip(&vms) {
+        let r = report(&s, n);
+        let e = r.error.as_deref().unwrap();
+        assert!(e.contains(INTERRUPTED), "{n}: {e}");
+        assert!(repo.backup_ids(n).unwrap_or_default().is_empty());
+        assert!(at(r, "resumed") < at(r, "failed"));
+        let mut q = v.monitor();
+        assert!(leftovers(&mut q).is_empty(), "{n}: {:?}", leftovers(&mut q));
+        assert_eq!(q.execute("query-block-exports", None).unwrap(), json!([]));
+        assert!(q.status().unwrap().running, "{n}");
+    }
+}
+
 pub(crate) mod incremental;

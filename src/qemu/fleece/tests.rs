@@ -152,3 +152,15 @@ fn a_view_that_fails_half_way_is_undone_and_leaves_no_bitmap_and_no_foreign_file
     hmp_write(&mut q, 0xee, 0, 4096);
     assert_eq!(std::fs::read(&v.img).unwrap()[0], 0xee);
 }
+
+#[test]
+fn view_tag_matches_the_names_of_backup_vms_views_and_never_pre_copys() {
+    assert_eq!(view_tag("rfs-a1b2c3-0-1", ""), Some("a1b2c3-0-1"));
+    assert_eq!(view_tag("rfs-a1b2c3-0-1-map", ""), Some("a1b2c3-0-1-map"));
+    assert_eq!(view_tag("rfs-cbw-a1b2c3-2-0", "cbw-"), Some("a1b2c3-2-0"));
+    assert_eq!(view_tag("rfs-cbw-a1b2c3-2-0", "tmp-"), None);
+    assert_eq!(view_tag("rfs-pc-1a2b3c-d0", ""), None);
+    assert_eq!(view_tag("rfs-pc-1a2b3c-0", ""), None);
+    assert_eq!(view_tag("rfs-a1b2c", ""), None);
+    assert_eq!(view_tag("drive0", ""), None);
+}
