@@ -5,10 +5,7 @@
 //! would meet on a hypervisor's connection to that datastore.
 //!
 //! * At most `max_inflight` requests run at once; the rest wait, and
-//!   what waits is the queue the placement reads. A guest request served
-//!   from staging alone is admitted at once ([`IoQueue::enter_now`]) and
-//!   still counts in flight: misses waiting for the repository hold their
-//!   slots, and a staged block must never wait behind them.
+//!   what waits is the queue the placement reads.
 //! * Synchronous requests go first: an asynchronous one is admitted only
 //!   while no synchronous request waits, and never into the last quarter
 //!   of the slots, which stay free for guest I/O.
@@ -176,14 +173,6 @@ impl IoQueue {
         // Another waiter may fit too (several slots freed at once).
         self.cv.notify_all();
         t
-    }
-
-    /// A slot of `class` at once, past `max_inflight` if need be: for
-    /// requests that only touch staging (a pread, a write to a staged
-    /// block), which must not wait behind misses holding the slots.
-    pub fn enter_now(self: &Arc<Self>, class: IoClass, bytes: u64) -> Ticket {
-        let mut st = self.st.lock();
-        self.admit(&mut st, class, bytes)
     }
 
     /// A slot of `class` if one is free now.

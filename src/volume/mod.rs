@@ -495,16 +495,6 @@ impl Volume {
         self.write_watch.get().is_some()
     }
 
-    /// A guest request's slot in the export point's queue: at once if it
-    /// is served from staging alone (`local`), else when one is free.
-    fn enter_guest(&self, local: bool, bytes: u64) -> Option<crate::placement::queue::Ticket> {
-        let class = crate::placement::IoClass::Sync;
-        match local {
-            true => self.io.get().map(|q| q.enter_now(class, bytes)),
-            false => self.enter(class, bytes),
-        }
-    }
-
     /// Bytes of the applied profile's blocks not staged yet (approximated
     /// by whole blocks).
     pub fn profile_remaining_bytes(&self) -> u64 {

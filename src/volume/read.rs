@@ -30,7 +30,7 @@ impl Volume {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
-        let _slot = self.enter_guest(self.is_local(off, len), len);
+        let _slot = self.enter(crate::placement::IoClass::Sync, len);
         let t0 = Instant::now();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {

@@ -84,7 +84,8 @@ impl Volume {
     /// landed). Called holding no slot, gate or claim: the watcher may wait
     /// for the kernel, which may wait for a read the daemon serves.
     fn tell_watcher(&self, off: u64, len: u64) {
-        if let Some(w) = self.write_watch.get() {
+        // A zero length would drop the whole file's pages (to its end).
+        if let (Some(w), true) = (self.write_watch.get(), len > 0) {
             w(off, len);
         }
     }
@@ -137,7 +138,7 @@ impl Volume {
             tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
         // A failed disk takes no new bytes: they could never be made durable.
         self.check_failed()?;
-        let _slot = self.enter_guest(self.is_local(off, len), len);
+        let _slot = self.enter(crate::placement::IoClass::Sync, len);
         let t0 = Instant::now();
         let _gate = self.write_gate.read();
         // Again: a cutover that held the gate may have failed the disk
