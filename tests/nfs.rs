@@ -22,6 +22,12 @@ fn nfs_env(extra: &[&str]) -> (Env, String) {
     (env, addr)
 }
 
+/// The staging directory of VM `vm`'s one session.
+fn session_dir(env: &Env) -> std::path::PathBuf {
+    let mut dirs = std::fs::read_dir(env.staging.join("sessions/vm")).unwrap();
+    dirs.next().unwrap().unwrap().path()
+}
+
 fn tool(args: &[&str]) -> std::process::Output {
     Command::new(args[0])
         .args(&args[1..])
@@ -343,13 +349,7 @@ fn a_failed_side_file_write_changes_the_side_file_verifier_so_clients_resend() {
     // The next write fails on the server (an immutable file stands in for
     // a failed writeback, which the kernel reports to one descriptor only:
     // the COMMIT below, on a new one, would see nothing wrong).
-    let path = std::fs::read_dir(env.staging.join("sessions/vm"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("files/vm.vmx");
+    let path = session_dir(&env).join("files/vm.vmx");
     let (_, v2) = c.write(&vmx, 5, b"second", stable_how::UNSTABLE).unwrap();
     assert_eq!(v2, v1);
     {
@@ -383,12 +383,7 @@ fn a_name_with_a_slash_or_dotdot_never_reaches_outside_the_vm_directory() {
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let _d = env.serve();
     env.recover("vm", None);
-    let session = std::fs::read_dir(env.staging.join("sessions/vm"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let session = session_dir(&env);
     let victim = env.path("victim");
     std::fs::write(&victim, b"not the guest's").unwrap();
     let mut c = Client::mount(&addr, "/").unwrap();
@@ -423,26 +418,34 @@ fn a_side_file_handle_goes_stale_when_its_inode_is_reused_by_another_file() {
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let _d = env.serve();
     env.recover("vm", None);
-    let files = std::fs::read_dir(env.staging.join("sessions/vm"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path()
-        .join("files");
+    let files = session_dir(&env).join("files");
     let mut c = Client::mount(&addr, "/").unwrap();
     let dir = c.path("/vm").unwrap();
-    let old = c.create(&dir, "vm.lck").unwrap();
-    let ino = std::fs::metadata(files.join("vm.lck")).unwrap().ino();
-    c.remove(&dir, "vm.lck").unwrap();
-    // ext4 hands a freed inode to the next file created near it; try a
-    // few names until one gets it.
-    let reused = (0..64).find_map(|i| {
-        let name = format!("vm.vmx-{i}");
-        c.create(&dir, &name).unwrap();
-        (std::fs::metadata(files.join(&name)).unwrap().ino() == ino).then_some(name)
-    });
-    let reused = reused.expect("no new file got the removed file's inode (not ext4?)");
+    // ext4 hands a freed inode to the next file created near it, unless
+    // another test on this filesystem takes it first: rounds until one of
+    // our new files gets it.
+    let (old, reused) = (0..50)
+        .find_map(|round| {
+            let old = c.create(&dir, "vm.lck").unwrap();
+            let ino = std::fs::metadata(files.join("vm.lck")).unwrap().ino();
+            c.remove(&dir, "vm.lck").unwrap();
+            let names: Vec<String> = (0..16).map(|i| format!("vm.vmx-{round}-{i}")).collect();
+            let mut got = None;
+            for name in &names {
+                c.create(&dir, name).unwrap();
+                if std::fs::metadata(files.join(name)).unwrap().ino() == ino {
+                    got = Some(name.clone());
+                    break;
+                }
+            }
+            if got.is_none() {
+                for name in &names {
+                    let _ = c.remove(&dir, name);
+                }
+            }
+            got.map(|name| (old, name))
+        })
+        .expect("no new file got a removed file's inode in 50 rounds (not ext4?)");
     assert_eq!(
         c.getattr(&old).err(),
         Some(nfsstat3::NFS3ERR_STALE),

@@ -571,7 +571,8 @@ mod tests {
     }
 
     #[test]
-    fn a_base_chunk_missing_from_the_repository_fails_stored_bytes_only_if_the_new_backup_keeps_it() {
+    fn a_base_chunk_missing_from_the_repository_fails_stored_bytes_only_if_the_new_backup_keeps_it()
+    {
         let d = tempfile::tempdir().unwrap();
         let (repo, _knobs, digest) = repo_with_a_chunk(&d);
         let lost = Digest::of(b"never stored");
