@@ -80,7 +80,21 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
     let env = Env::new();
     let image = tiny_image();
     env.backup("tiny", "64K", &[&image]);
-    let o = env.verify_boot("tiny", MARKER);
+    // verify-boot's scratch directory goes under this test's own TMPDIR:
+    // another test runs verify-boot at the same time, and its mount is
+    // not this one's leftover.
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let verify = || {
+        std::process::Command::new(bin())
+            .args(["verify-boot", "--repo", env.repo_str(), "tiny"])
+            .args(["--marker", MARKER, "--timeout", "180"])
+            .env("RUST_LOG", "warn")
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap()
+    };
+    let o = verify();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -97,7 +111,7 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
     let n = stored.len();
     stored[n / 2] ^= 0xa5;
     std::fs::write(&chunk, stored).unwrap();
-    let o = env.verify_boot("tiny", MARKER);
+    let o = verify();
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -109,12 +123,18 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
         "the failure must name the damaged chunk: {out}"
     );
     assert!(err.contains("did not boot"), "{err}");
-    // Nothing is left mounted.
+    // Nothing is left mounted, and the scratch directories are gone.
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(
-        !mounts.contains("recoverfs-verify-"),
+        !mounts.contains(tmp.to_str().unwrap()),
         "verify-boot left a mount: {mounts}"
     );
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "verify-boot left scratch files: {left:?}");
 }
 
 /// The qemu-system process whose parent is `parent`, once it runs.
