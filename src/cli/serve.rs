@@ -52,8 +52,11 @@ pub(super) fn nfs_options(
     if listen.is_empty() && !export_points {
         return Ok(None);
     }
-    if max_connections == 0 {
-        return Err(Error::invalid("--nfs-max-connections must be at least 1"));
+    let most = crate::export::nfs::NfsOptions::MOST_CONNECTIONS;
+    if !(1..=most).contains(&max_connections) {
+        return Err(Error::invalid(format!(
+            "--nfs-max-connections {max_connections}: it must be from 1 to {most}"
+        )));
     }
     let listen = listen
         .iter()
@@ -125,6 +128,19 @@ pub(super) fn parse_owner(s: &str) -> Result<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nfs_max_connections_outside_one_to_the_most_is_refused_by_name() {
+        let opts = |n| nfs_options(&["127.0.0.1".into()], &[], true, false, None, false, n);
+        assert_eq!(opts(256).unwrap().unwrap().max_connections, 256);
+        for n in [0, usize::MAX] {
+            let e = opts(n).unwrap_err().to_string();
+            assert!(
+                e.contains("--nfs-max-connections") && e.contains("from 1 to"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn the_allow_list_defaults_to_loopback_takes_networks_and_addresses_and_needs_a_network_export()

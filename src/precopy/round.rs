@@ -45,6 +45,9 @@ pub(super) struct Job {
     /// Held for the job's life: `gc` sweeps nothing meanwhile, so the
     /// chunks the state records stay (see `repo::locks`).
     lock: WriterLock,
+    /// This QEMU process's job lock while we hold its QMP connection (a
+    /// round replaces QEMU's NBD server); the final backup takes its own.
+    vm_lock: Option<crate::qemu::VmLock>,
     vm: String,
     qmp: PathBuf,
     q: Option<Qmp>,
@@ -67,6 +70,7 @@ impl Job {
     pub(super) fn start(repo: Arc<Repository>, opts: &Options, dir: StateDir) -> Result<Job> {
         let lock = WriterLock::acquire(&repo, &opts.vm)?;
         let mut q = Qmp::connect(&opts.qmp)?;
+        let vm_lock = crate::qemu::VmLock::try_take(&q)?;
         let disks = q.block_devices()?;
         if disks.is_empty() {
             return Err(Error::invalid("QEMU reports no disk to pre-copy"));
@@ -116,6 +120,7 @@ impl Job {
         let mut job = Job {
             repo,
             lock,
+            vm_lock,
             vm: opts.vm.clone(),
             qmp: opts.qmp.clone(),
             q: Some(q),
@@ -497,6 +502,7 @@ impl Job {
             self.nbd_started = false;
         }
         self.q = None;
+        self.vm_lock = None;
         let vopts = vmbackup::Options {
             vms: vec![VmSpec {
                 name: self.vm.clone(),

@@ -488,3 +488,31 @@ fn a_throttled_chunk_costs_its_wait_for_the_workers_but_not_a_checkpoint_or_halt
 
 mod direct;
 mod throttle;
+
+#[test]
+fn a_pre_copy_started_during_a_backup_vms_run_on_the_vm_is_refused_and_the_backup_completes() {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    // The pre-copy goes through the VM's other monitor while backup-vms
+    // has started its NBD server (a round would replace it).
+    let mut o = o_until(&v, state.path(), 5.0);
+    o.qmp = v.mon.clone();
+    let err = Arc::new(Mutex::new(None));
+    let (pc_repo, out) = (repo.clone(), err.clone());
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "stopped" {
+            *out.lock().unwrap() = run(&pc_repo, &o, &Control::default()).err();
+        }
+    });
+    let s = backup_vms(&repo, &vm_options(&[("pc", &v)], 1, Some(hook))).unwrap();
+    let e = err
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the pre-copy was refused");
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("another recoverfs job"), "{e}");
+    assert!(s.vms[0].error.is_none(), "{:?}", s.vms[0]);
+}

@@ -19,6 +19,11 @@ use crate::util::validate_name;
 pub const PROFILE_FORMAT: &str = "recoverfs-profile-1";
 /// Recordings kept per VM; older ones age out.
 pub const MAX_RECORDINGS: usize = 5;
+/// First reads a disk's recording keeps (16 GiB of 64 KiB blocks: a boot
+/// reads far less), and a profile document holds in all: loading one
+/// costs about 200 bytes per access.
+pub const MAX_TRACE_ACCESSES: usize = 1 << 18;
+pub const MAX_PROFILE_ACCESSES: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProfileDoc {
@@ -91,15 +96,28 @@ impl ProfileDoc {
                 self.format
             )));
         }
+        let mut total = 0usize;
         for r in &self.recordings {
             for d in &r.disks {
-                if d.block_size == 0 || !d.block_size.is_power_of_two() {
+                // A backup's chunk size: anything else is forged, and
+                // would overflow block-to-byte arithmetic.
+                crate::repo::chunk::validate_chunk_size(d.block_size).map_err(|e| {
+                    Error::invalid(format!("{what}: disk{} has block size {e}", d.index))
+                })?;
+                if d.accesses.len() > MAX_TRACE_ACCESSES {
                     return Err(Error::invalid(format!(
-                        "{what}: disk{} has invalid block size {}",
-                        d.index, d.block_size
+                        "{what}: disk{} has {} recorded reads, more than {MAX_TRACE_ACCESSES}",
+                        d.index,
+                        d.accesses.len()
                     )));
                 }
+                total += d.accesses.len();
             }
+        }
+        if total > MAX_PROFILE_ACCESSES {
+            return Err(Error::invalid(format!(
+                "{what} has {total} recorded reads, more than {MAX_PROFILE_ACCESSES}"
+            )));
         }
         Ok(())
     }
@@ -187,7 +205,11 @@ impl MergedDisk {
         let mut done = std::collections::HashSet::new();
         let mut out = vec![];
         for p in &self.blocks {
-            let (s, e) = (p.block * self.block_size, (p.block + 1) * self.block_size);
+            // Checked: a block past the byte range maps to nothing.
+            let Some(s) = p.block.checked_mul(self.block_size) else {
+                continue;
+            };
+            let e = s.saturating_add(self.block_size);
             for b in s / block_size..e.div_ceil(block_size).min(nblocks) {
                 if chunks.has_data(b) && done.insert(b) {
                     out.push(Planned { block: b, ..*p });
@@ -379,6 +401,23 @@ mod tests {
             .map(|p| p.block)
             .collect();
         assert_eq!(big, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_forged_block_size_or_read_count_is_refused_and_planning_never_overflows() {
+        let mut doc = ProfileDoc::new("vm");
+        doc.push(rec(vec![Access(0, 0, d(0)), Access(4, 1, d(4))]));
+        doc.recordings[0].disks[0].block_size = 1 << 62;
+        let e = doc.check("profile").unwrap_err().to_string();
+        assert!(e.contains("block size"), "{e}");
+        // Even unchecked, block 4 of 2^62 bytes lies past any disk.
+        let m = &doc.merge()[0];
+        let index: ChunkIndex = (0..16u8).map(d).collect();
+        assert_eq!(m.plan_for(65536, &index).len(), 16);
+        let mut doc = ProfileDoc::new("vm");
+        doc.push(rec(vec![Access(0, 0, d(0)); MAX_TRACE_ACCESSES + 1]));
+        let e = doc.check("profile").unwrap_err().to_string();
+        assert!(e.contains("recorded reads"), "{e}");
     }
 
     #[test]

@@ -91,7 +91,10 @@ impl Tracker {
                 self.first_read_hits.fetch_add(1, Ordering::Relaxed);
             }
             if u128::from(t) <= self.window.as_millis() {
-                self.accesses.lock().push((b, t));
+                let mut a = self.accesses.lock();
+                if a.len() < crate::prefetch::profile::MAX_TRACE_ACCESSES {
+                    a.push((b, t));
+                }
             }
             if let Some(pt) = self.plan.get().and_then(|p| p.t_ms.get(&b)) {
                 self.progress_ms.fetch_max(*pt, Ordering::AcqRel);

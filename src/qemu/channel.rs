@@ -51,6 +51,10 @@ impl Channel {
         })
     }
 
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The process at the other end (`SO_PEERCRED`), if the kernel knows it.
     pub(crate) fn peer_pid(&self) -> Option<u32> {
         use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};

@@ -108,6 +108,11 @@ impl Qmp {
     }
 
     /// QEMU's process id (the QMP socket's peer), if the kernel knows it.
+    /// The socket this connection went to.
+    pub fn path(&self) -> &Path {
+        self.ch.path()
+    }
+
     pub fn peer_pid(&self) -> Option<u32> {
         self.ch.peer_pid()
     }

@@ -85,10 +85,24 @@ impl StagingSet {
             to_open.push((dir.to_path_buf(), name));
         }
         let mut dirs = vec![Arc::new(StagingDir::open(main, repo_id, repo_location)?)];
-        for (dir, name) in to_open {
+        let known_path = dirs[0].root().join(KNOWN);
+        let mut known = read_known(&known_path)?;
+        let before = known.len();
+        for ((dir, name), (resolved, _, _)) in to_open.into_iter().zip(&own) {
+            if known.contains(resolved) && !is_staging(resolved)? {
+                return Err(Error::invalid(format!(
+                    "export point {name}: staging={} was set up before and is now empty or                      missing: is its filesystem mounted? (its sessions would be hidden; if that                      disk is gone for good, give the point a new directory)",
+                    dir.display()
+                )));
+            }
             let s = StagingDir::open(&dir, repo_id, repo_location)
                 .map_err(|e| e.context(format!("export point {name}")))?;
+            known.insert(resolved.clone());
             dirs.push(Arc::new(s));
+        }
+        if known.len() != before {
+            let json = serde_json::to_vec_pretty(&known).expect("json");
+            crate::util::write_atomic(&known_path, &json, 0o600, true)?;
         }
         Ok(StagingSet { dirs, of_point })
     }
@@ -110,6 +124,31 @@ impl StagingSet {
 }
 
 const OWN: &str = "give each staging its own directory";
+
+/// In the main staging: every export point's staging (resolved path) it
+/// has served with. One of them found empty again is a disk not mounted,
+/// not a new staging: set up afresh, it would hide the sessions kept there
+/// and let `recover` start them over from their backups.
+const KNOWN: &str = "point-stagings.json";
+
+fn read_known(path: &Path) -> Result<std::collections::BTreeSet<PathBuf>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+    }
+}
+
+/// Whether `dir` holds a staging directory's `staging.json`.
+fn is_staging(dir: &Path) -> Result<bool> {
+    let info = dir.join("staging.json");
+    match info.symlink_metadata() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("stat {}", info.display()), e)),
+    }
+}
 
 /// Why `p` may not be used beside `other`, if it overlaps it.
 fn overlap(p: &Path, other: &Path, what: &str, hint: &str) -> Option<String> {
@@ -182,6 +221,27 @@ mod tests {
         assert!(Arc::ptr_eq(set.of_point("c"), set.main()));
         assert!(Arc::ptr_eq(set.of_point("d"), set.main()));
         assert_eq!(set.of_point("a").root(), std::fs::canonicalize(&x).unwrap());
+    }
+
+    #[test]
+    fn a_points_staging_found_empty_after_serving_is_refused_as_unmounted_and_a_new_one_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let (fast, other) = (d.path().join("fast"), d.path().join("other"));
+        drop(open(d.path(), &[("a", Some(&fast))]).unwrap());
+        // The disk holding it is not mounted at the next start.
+        std::fs::rename(&fast, d.path().join("unmounted")).unwrap();
+        std::fs::create_dir(&fast).unwrap();
+        let e = open(d.path(), &[("a", Some(&fast))])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("is its filesystem mounted?"), "{e}");
+        assert!(!fast.join("staging.json").exists(), "set up afresh");
+        // Mounted again: served as before; a new directory is fine.
+        std::fs::remove_dir(&fast).unwrap();
+        std::fs::rename(d.path().join("unmounted"), &fast).unwrap();
+        drop(open(d.path(), &[("a", Some(&fast)), ("b", Some(&other))]).unwrap());
+        let e = std::fs::remove_dir_all(&fast).map(|_| open(d.path(), &[("a", Some(&fast))]));
+        assert!(e.unwrap().is_err(), "a missing staging was set up afresh");
     }
 
     #[test]

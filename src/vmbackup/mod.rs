@@ -272,6 +272,9 @@ struct Vm {
     dir: Option<tempfile::TempDir>,
     /// [`fleece::RUN_LOCK`] in `dir`, held while `dir` is.
     run_lock: Option<std::fs::File>,
+    /// Held from connecting until the views are released: another run on
+    /// this VM would take over our NBD server.
+    vm_lock: Option<crate::qemu::VmLock>,
     nbd_started: bool,
     views: Vec<View>,
     was_running: bool,
@@ -304,6 +307,7 @@ impl Vm {
             disks: vec![],
             dir: None,
             run_lock: None,
+            vm_lock: None,
             nbd_started: false,
             views: vec![],
             was_running: false,
@@ -334,6 +338,7 @@ impl Vm {
     /// Step 1: connect, list the disks, start the NBD server.
     fn prepare(&mut self) -> Result<()> {
         let q = Qmp::connect(&self.spec.qmp)?;
+        self.vm_lock = crate::qemu::VmLock::try_take(&q)?;
         self.qmp = Some(q);
         // First: a leftover view holds a guest device.
         let left = fleece::remove_leftovers(self.q()?)
@@ -518,6 +523,7 @@ impl Vm {
         // The copy-before-write files and the socket go with the directory.
         self.dir = None;
         self.run_lock = None;
+        self.vm_lock = None;
         if had {
             clock.event(&mut self.report, "view_released", None);
         }

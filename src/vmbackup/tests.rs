@@ -909,3 +909,36 @@ fn a_signal_during_the_first_read_fails_every_vm_through_its_cleanup_resumed_and
 }
 
 pub(crate) mod incremental;
+
+#[test]
+fn a_second_run_on_a_vm_being_backed_up_fails_busy_through_another_monitor_and_the_first_completes()
+{
+    let data = content();
+    let v = vm(Some(&data));
+    let (_d, repo) = repo();
+    // Run B goes through the VM's other monitor while run A has started
+    // its NBD server and has no export yet (the VM is stopped for the
+    // snapshot): B must not take A's server over.
+    let mut second = options(&[("busy", &v)], 1, None);
+    second.vms[0].qmp = v.mon.clone();
+    let b_result = Arc::new(Mutex::new(None));
+    let (b_repo, b_out) = (repo.clone(), b_result.clone());
+    let hook: Hook = Arc::new(move |_, event| {
+        if event == "stopped" {
+            let s = backup_vms(&b_repo, &second).unwrap();
+            *b_out.lock().unwrap() = Some(report(&s, "busy").clone());
+        }
+    });
+    let s = backup_vms(&repo, &options(&[("busy", &v)], 1, Some(hook))).unwrap();
+    let b = b_result.lock().unwrap().take().expect("run B ran");
+    let e = b
+        .error
+        .as_deref()
+        .unwrap_or_else(|| panic!("run B succeeded: {b:?}"));
+    assert!(e.contains("another recoverfs job"), "{e}");
+    let a = report(&s, "busy");
+    assert!(a.error.is_none(), "run A failed: {a:?}");
+    let id = a.backup.clone().unwrap();
+    assert!(restored(&repo, "busy", &id) == data);
+    assert!(v.monitor().status().unwrap().running);
+}

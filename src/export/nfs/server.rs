@@ -81,6 +81,12 @@ impl NfsOptions {
     /// `max_connections` unless told otherwise: a few hypervisors with a
     /// few connections each, far below the open-file limit.
     pub const MAX_CONNECTIONS: usize = 256;
+    /// The most `--nfs-max-connections` may ask for: each connection is a
+    /// descriptor, and no open-file limit goes far beyond this.
+    pub const MOST_CONNECTIONS: usize = 1 << 20;
+    /// Connections of refused hosts open at once per listener (each gets
+    /// one reply): they never take an allowed host's places.
+    const REFUSED_CONNECTIONS: usize = 16;
 
     fn allows(&self, ip: IpAddr) -> bool {
         crate::export::allows(&self.allow, ip)
@@ -236,20 +242,30 @@ async fn accept_loop(
     let mut conns = JoinSet::new();
     let max = shared.opts.max_connections;
     let places = Arc::new(Semaphore::new(max));
+    // Hosts outside --allow draw on their own few places, so a refused
+    // host opening connections cannot shut out the hypervisors.
+    let refused_places = Arc::new(Semaphore::new(NfsOptions::REFUSED_CONNECTIONS));
     let over = crate::util::LogLimit::new(Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             r = l.accept() => match r {
                 Ok((s, peer)) => {
-                    let Ok(place) = places.clone().try_acquire_owned() else {
+                    let allowed = shared.opts.allows(peer.ip());
+                    let pool = if allowed { &places } else { &refused_places };
+                    let Ok(place) = pool.clone().try_acquire_owned() else {
+                        if !allowed {
+                            // Already logged per host by the refused
+                            // connections that hold the places.
+                            continue;
+                        }
                         if let Some(held) = over.check(Instant::now()) {
                             tracing::warn!(%peer, "NFS connection closed: {max} are open on this address already (--nfs-max-connections); {held} more closed since the last line");
                         }
                         continue;
                     };
                     let _ = s.set_nodelay(true);
-                    let conn = serve_conn(s, peer, shared.clone(), nfs_port);
+                    let conn = serve_conn(s, peer, shared.clone(), nfs_port, allowed);
                     conns.spawn(async move {
                         conn.await;
                         drop(place);
@@ -281,8 +297,13 @@ enum Ended {
     Refused,
 }
 
-async fn serve_conn(s: TcpStream, peer: SocketAddr, shared: Arc<Shared>, nfs_port: u16) {
-    let allowed = shared.opts.allows(peer.ip());
+async fn serve_conn(
+    s: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    nfs_port: u16,
+    allowed: bool,
+) {
     let _host = allowed.then(|| shared.point.connected(peer.ip()));
     if allowed {
         tracing::debug!(%peer, "NFS client connected");
@@ -735,6 +756,43 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(served(&mut b), "the open one is still served");
+    }
+
+    /// A TCP connection to `dst` from the local address `src`.
+    fn connect_from(rig: &Rig, src: std::net::Ipv4Addr, dst: SocketAddr) -> std::net::TcpStream {
+        rig.rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::new(src.into(), 0)).unwrap();
+            let s = s.connect(dst).await.unwrap().into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            s
+        })
+    }
+
+    #[test]
+    fn refused_hosts_holding_connections_never_take_an_allowed_hosts_places() {
+        let rig = rig(|o| {
+            o.allow = vec!["127.0.0.1/32".parse().unwrap()];
+            o.max_connections = 2;
+        });
+        // Refused connections that send nothing hold on for the record
+        // timeout (60 s here).
+        let refused: Vec<_> = (0..40)
+            .map(|_| connect_from(&rig, std::net::Ipv4Addr::new(127, 0, 0, 2), rig.addr))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut served = vec![];
+        for _ in 0..2 {
+            let mut c = connect_from(&rig, std::net::Ipv4Addr::LOCALHOST, rig.addr);
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            c.write_all(&null_calls(1)).unwrap();
+            assert!(
+                read_reply(&mut c).is_some(),
+                "an allowed host lost its place to refused connections"
+            );
+            served.push(c); // kept open: both places are the allowed host's
+        }
+        drop((refused, served));
     }
 
     #[test]
