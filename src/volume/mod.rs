@@ -785,7 +785,7 @@ impl Volume {
         self.failed_error().unwrap_or(e)
     }
 
-    fn failed_error(&self) -> Option<Error> {
+    pub(crate) fn failed_error(&self) -> Option<Error> {
         self.failed.get().map(|first| {
             Error::new(
                 ErrorKind::Io,
