@@ -292,10 +292,8 @@ impl Backend for LocalDir {
         let (mut files, mut bytes) = (0, 0);
         let mut dirs = vec![self.path("")];
         while let Some(p) = dirs.pop() {
-            let rd = match fs::read_dir(&p) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+            let Some(rd) = read_dir_if_any(&p)? else {
+                continue;
             };
             for entry in rd {
                 let entry = entry.ctx(|| format!("list {}", p.display()))?;
@@ -331,10 +329,8 @@ impl Backend for LocalDir {
         let mut dirs = vec![prefix.trim_matches('/').to_string()];
         while let Some(dir) = dirs.pop() {
             let p = self.path(&dir);
-            let rd = match fs::read_dir(&p) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+            let Some(rd) = read_dir_if_any(&p)? else {
+                continue;
             };
             for entry in rd {
                 let entry = entry.ctx(|| format!("list {}", p.display()))?;
@@ -471,6 +467,16 @@ impl Backend for Delayed {
     }
     fn retries(&self) -> u64 {
         self.inner.retries()
+    }
+}
+
+/// The entries of directory `p`; `None` if it is gone (deleted since it
+/// was listed).
+fn read_dir_if_any(p: &Path) -> Result<Option<fs::ReadDir>> {
+    match fs::read_dir(p) {
+        Ok(rd) => Ok(Some(rd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("list {}", p.display()), e)),
     }
 }
 
