@@ -267,10 +267,8 @@ impl Backend for LocalDir {
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let p = self.path(prefix);
-        let rd = match fs::read_dir(&p) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+        let Some(rd) = read_dir_if_any(&p)? else {
+            return Ok(vec![]);
         };
         let mut names = vec![];
         for entry in rd {
