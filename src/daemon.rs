@@ -350,7 +350,12 @@ impl MountedDatastore {
         let _ = self.flusher.join();
         let _ = self.checker.join();
         self.ds.stop_background();
-        let flush = self.ds.flush_all();
+        // A disk that failed earlier is skipped by the flush: its lost
+        // writes must still end the daemon with an error, not exit 0.
+        let flush = self
+            .ds
+            .flush_all()
+            .and_then(|()| self.ds.first_failure().map_or(Ok(()), Err));
         let unmount = self
             .bg
             .umount_and_join()

@@ -591,6 +591,16 @@ impl Datastore {
 
     /// Flushes every volume that has not failed (a failed one has said so
     /// in the log already); returns the first error.
+    /// An error naming the first disk that failed (a sync that did not
+    /// make its writes durable), if any: skipped by [`Self::flush_all`],
+    /// it must still make a shutdown fail.
+    pub fn first_failure(&self) -> Option<Error> {
+        self.sessions()
+            .iter()
+            .flat_map(|s| s.disks.iter())
+            .find_map(|d| d.failed_error())
+    }
+
     pub fn flush_all(&self) -> Result<()> {
         let mut first = Ok(());
         for s in self.sessions() {

@@ -15,6 +15,59 @@ const M: usize = 1 << 20;
 
 #[test]
 fn a_failed_writeback_of_staging_fails_every_later_fsync_and_shows_in_status() {
+    let (env, d, disk, f) = a_daemon_whose_staging_fails();
+    // The kernel reports a writeback error once; recoverfs must not.
+    for _ in 0..3 {
+        let e = f
+            .sync_data()
+            .expect_err("an fsync after a failed writeback succeeded");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    }
+    let st = env.disk_status("vm", 0);
+    let failed = st["failed"]
+        .as_str()
+        .expect("status shows the disk as failed");
+    assert!(
+        failed.contains("fsync") || failed.contains("write"),
+        "{failed}"
+    );
+    let log = d.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("disk0") && l.contains("failed") && l.contains("vm")),
+        "the log names the disk and the error: {log}"
+    );
+    drop(f);
+    // Release says what was lost, on one line, with a non-zero exit.
+    let o = env.release("vm", false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "release of a failed disk should report it"
+    );
+    assert!(err.contains("may be lost"), "{err}");
+    drop(d);
+    drop(disk);
+}
+
+#[test]
+fn a_daemon_stopped_with_a_failed_disk_exits_non_zero_naming_it() {
+    let (_env, mut d, disk, f) = a_daemon_whose_staging_fails();
+    drop(f);
+    let st = d.stop();
+    assert!(!st.success(), "serve exited 0 with a failed disk");
+    let log = d.log_text();
+    assert!(
+        log.contains("disk0 of VM vm has failed"),
+        "the exit names the failed disk: {log}"
+    );
+    drop(disk);
+}
+
+/// A daemon serving VM `vm` from staging on a disk that claims 1 GiB but
+/// has room for 24 MiB, written until its disk has failed (the flusher
+/// met the writeback error); the disk's file, still open.
+fn a_daemon_whose_staging_fails() -> (Env, Daemon, FailingDisk, std::fs::File) {
     let mut env = Env::new();
     // 256 MiB of zeros: a backup that stores nothing, a disk that takes writes.
     let img = env.path("zero.raw");
@@ -49,38 +102,7 @@ fn a_failed_writeback_of_staging_fails_every_later_fsync_and_shows_in_status() {
     while Instant::now() < deadline && env.disk_status("vm", 0)["failed"].is_null() {
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The kernel reports a writeback error once; recoverfs must not.
-    for _ in 0..3 {
-        let e = f
-            .sync_data()
-            .expect_err("an fsync after a failed writeback succeeded");
-        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-    }
-    let st = env.disk_status("vm", 0);
-    let failed = st["failed"]
-        .as_str()
-        .expect("status shows the disk as failed");
-    assert!(
-        failed.contains("fsync") || failed.contains("write"),
-        "{failed}"
-    );
-    let log = d.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("disk0") && l.contains("failed") && l.contains("vm")),
-        "the log names the disk and the error: {log}"
-    );
-    drop(f);
-    // Release says what was lost, on one line, with a non-zero exit.
-    let o = env.release("vm", false);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "release of a failed disk should report it"
-    );
-    assert!(err.contains("may be lost"), "{err}");
-    drop(d);
-    drop(disk);
+    (env, d, disk, f)
 }
 
 /// Stops this machine's DAMON `pageout` scheme while it lives, and starts

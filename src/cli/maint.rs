@@ -183,4 +183,12 @@ fn print_gc(r: &GcReport) {
             r.foreign_objects
         );
     }
+    if r.leftover_files > 0 {
+        println!(
+            "{} {} temp file(s) of killed writes ({})",
+            if r.dry_run { "would remove" } else { "removed" },
+            r.leftover_files,
+            human_bytes(r.leftover_bytes)
+        );
+    }
 }

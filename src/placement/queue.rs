@@ -6,6 +6,11 @@
 //!
 //! * At most `max_inflight` requests run at once; the rest wait, and
 //!   what waits is the queue the placement reads.
+//! * A guest request served from staging alone ([`IoQueue::enter_staged`])
+//!   runs at once and takes no slot: counted in flight and in completions
+//!   for the figures, but apart from admission. So a staged block never
+//!   waits behind misses holding the slots while the repository is slow,
+//!   and misses never wait behind staged I/O, however much of it there is.
 //! * Synchronous requests go first: an asynchronous one is admitted only
 //!   while no synchronous request waits, and never into the last quarter
 //!   of the slots, which stay free for guest I/O.
@@ -53,6 +58,9 @@ const SECONDS: usize = WINDOW.as_secs() as usize + 1;
 struct QState {
     inflight: [usize; 2],
     inflight_bytes: [u64; 2],
+    /// Staged guest requests running: no slot, not in admission.
+    staged: usize,
+    staged_bytes: u64,
     waiting: [usize; 2],
     waiting_bytes: [u64; 2],
     /// Completions per second since `origin`, in a ring.
@@ -92,12 +100,17 @@ pub struct Ticket {
     class: IoClass,
     bytes: u64,
     admitted: Instant,
+    /// From [`IoQueue::enter_staged`]: holds no slot.
+    staged: bool,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.q
-            .complete(self.class, self.bytes, self.admitted.elapsed());
+        let service = self.admitted.elapsed();
+        match self.staged {
+            true => self.q.complete_staged(self.bytes, service),
+            false => self.q.complete(self.class, self.bytes, service),
+        }
     }
 }
 
@@ -150,6 +163,23 @@ impl IoQueue {
             class,
             bytes,
             admitted: Instant::now(),
+            staged: false,
+        }
+    }
+
+    /// A guest request served from staging alone: runs at once, holds no
+    /// slot (see the module doc).
+    pub fn enter_staged(self: &Arc<Self>, bytes: u64) -> Ticket {
+        let mut st = self.st.lock();
+        st.staged += 1;
+        st.staged_bytes += bytes;
+        st.started.get_or_insert_with(Instant::now);
+        Ticket {
+            q: self.clone(),
+            class: IoClass::Sync,
+            bytes,
+            admitted: Instant::now(),
+            staged: true,
         }
     }
 
@@ -183,10 +213,31 @@ impl IoQueue {
     }
 
     fn complete(&self, class: IoClass, bytes: u64, service: Duration) {
-        let sec = self.second(Instant::now());
         let mut st = self.st.lock();
         st.inflight[class as usize] -= 1;
         st.inflight_bytes[class as usize] -= bytes;
+        self.count_completion(&mut st, class, bytes, service);
+        let waiters = st.waiting[0] + st.waiting[1] > 0;
+        drop(st);
+        if waiters {
+            self.cv.notify_all();
+        }
+        if let Some(f) = self.on_free.get() {
+            f();
+        }
+    }
+
+    /// A staged request ends: it freed no slot, so nobody is woken.
+    fn complete_staged(&self, bytes: u64, service: Duration) {
+        let mut st = self.st.lock();
+        st.staged -= 1;
+        st.staged_bytes -= bytes;
+        self.count_completion(&mut st, IoClass::Sync, bytes, service);
+    }
+
+    /// Adds a completion to the figures' current second.
+    fn count_completion(&self, st: &mut QState, class: IoClass, bytes: u64, service: Duration) {
+        let sec = self.second(Instant::now());
         let slot = &mut st.seconds[sec as usize % SECONDS];
         if slot.at != sec {
             *slot = Second {
@@ -197,14 +248,6 @@ impl IoQueue {
         slot.requests += 1;
         slot.bytes[class as usize] += bytes;
         slot.service += service;
-        let waiters = st.waiting[0] + st.waiting[1] > 0;
-        drop(st);
-        if waiters {
-            self.cv.notify_all();
-        }
-        if let Some(f) = self.on_free.get() {
-            f();
-        }
     }
 
     pub fn snapshot(&self) -> QueueFigures {
@@ -234,8 +277,8 @@ impl IoQueue {
             max_inflight: self.max_inflight,
             queued_requests: st.waiting[0] + st.waiting[1],
             queued_bytes: st.waiting_bytes[0] + st.waiting_bytes[1],
-            inflight_requests: st.inflight[0] + st.inflight[1],
-            inflight_bytes: st.inflight_bytes[0] + st.inflight_bytes[1],
+            inflight_requests: st.inflight[0] + st.inflight[1] + st.staged,
+            inflight_bytes: st.inflight_bytes[0] + st.inflight_bytes[1] + st.staged_bytes,
             drain_bytes_per_s: all as f64 / span,
             service_ms: if requests == 0 {
                 0.0
@@ -256,6 +299,21 @@ impl IoQueue {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn staged_requests_never_wait_for_slots_and_never_keep_a_miss_from_one() {
+        let q = IoQueue::new(2);
+        let misses: Vec<_> = (0..2).map(|_| q.enter(IoClass::Sync, 4096)).collect();
+        // Every slot held by misses: a staged request still runs.
+        let staged: Vec<_> = (0..100).map(|_| q.enter_staged(4096)).collect();
+        let f = q.snapshot();
+        assert_eq!(f.inflight_requests, 102);
+        drop(misses);
+        // A hundred staged requests in flight: a miss still gets a slot.
+        assert!(q.try_enter(IoClass::Sync, 4096).is_some());
+        drop(staged);
+        assert_eq!(q.snapshot().completed_requests, 103);
+    }
 
     #[test]
     fn requests_beyond_max_inflight_wait_and_show_as_queued() {

@@ -117,23 +117,36 @@ impl GuestAgent {
         path: &Path,
         sync: Duration,
         timeout: Duration,
-    ) -> Result<(GuestAgent, u64)> {
-        let mut a = GuestAgent::connect(path, sync)?;
+    ) -> std::result::Result<(GuestAgent, u64), FreezeError> {
+        let thawed = |error| FreezeError {
+            error,
+            may_be_frozen: false,
+        };
+        let mut a = GuestAgent::connect(path, sync).map_err(thawed)?;
         let e = match a.execute("guest-fsfreeze-freeze", None, timeout) {
             Ok(r) => return Ok((a, r.as_u64().unwrap_or(0))),
-            Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(e),
+            Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(thawed(e)),
             Err(e) => e,
         };
         drop(a);
         let undo = GuestAgent::connect(path, FREEZE_TIMEOUT.max(sync)).and_then(|mut b| b.fsthaw());
-        let what = match undo {
-            Ok(n) => format!("the freeze was undone ({n} filesystems thawed)"),
-            Err(u) => format!(
-                "THE GUEST MAY STILL BE FROZEN: thawing it failed ({u}); \
-                 thaw it with guest-fsfreeze-thaw through its agent"
+        let (what, may_be_frozen) = match undo {
+            Ok(n) => (
+                format!("the freeze was undone ({n} filesystems thawed)"),
+                false,
+            ),
+            Err(u) => (
+                format!(
+                    "THE GUEST MAY STILL BE FROZEN: thawing it failed ({u}); \
+                     thaw it with guest-fsfreeze-thaw through its agent"
+                ),
+                true,
             ),
         };
-        Err(Error::new(e.kind(), format!("{e}; {what}")))
+        Err(FreezeError {
+            error: Error::new(e.kind(), format!("{e}; {what}")),
+            may_be_frozen,
+        })
     }
 
     /// Thaws them; the number thawed.
@@ -162,6 +175,20 @@ impl GuestAgent {
     pub fn fsfreeze_status(&mut self) -> Result<String> {
         let r = self.execute("guest-fsfreeze-status", None, self.timeout)?;
         Ok(r.as_str().unwrap_or("").to_string())
+    }
+}
+
+/// A freeze that failed; `may_be_frozen` when undoing it failed too (the
+/// guest's writes may be blocked: not a warning).
+#[derive(Debug)]
+pub struct FreezeError {
+    pub error: Error,
+    pub may_be_frozen: bool,
+}
+
+impl std::fmt::Display for FreezeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 

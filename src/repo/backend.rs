@@ -11,6 +11,7 @@
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::{Error, IoContext, Result};
 use crate::util::{fsync_dir, write_atomic};
@@ -124,6 +125,12 @@ pub trait Backend: Send + Sync {
     /// are not an error.
     fn delete_many(&self, keys: &[String]) -> Result<()> {
         keys.iter().try_for_each(|k| self.delete(k))
+    }
+    /// Removes (or with `dry_run` only counts) what writes killed midway
+    /// left, untouched for `older_than`: (files, bytes). Stores whose
+    /// writes leave nothing behind have nothing to do.
+    fn sweep_leftover_writes(&self, _older_than: Duration, _dry_run: bool) -> Result<(u64, u64)> {
+        Ok((0, 0))
     }
     /// Where this is, for messages.
     fn location(&self) -> String;
@@ -260,10 +267,8 @@ impl Backend for LocalDir {
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let p = self.path(prefix);
-        let rd = match fs::read_dir(&p) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+        let Some(rd) = read_dir_if_any(&p)? else {
+            return Ok(vec![]);
         };
         let mut names = vec![];
         for entry in rd {
@@ -279,15 +284,51 @@ impl Backend for LocalDir {
         Ok(names)
     }
 
+    /// Temp files of `write_atomic` (`.NAME.tmp.PID.N`) anywhere below
+    /// the root: a writer killed between creating and renaming one.
+    fn sweep_leftover_writes(&self, older_than: Duration, dry_run: bool) -> Result<(u64, u64)> {
+        let (mut files, mut bytes) = (0, 0);
+        let mut dirs = vec![self.path("")];
+        while let Some(p) = dirs.pop() {
+            let Some(rd) = read_dir_if_any(&p)? else {
+                continue;
+            };
+            for entry in rd {
+                let entry = entry.ctx(|| format!("list {}", p.display()))?;
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    dirs.push(entry.path());
+                    continue;
+                }
+                let name = entry.file_name();
+                let old = meta.modified().ok().and_then(|m| m.elapsed().ok());
+                if !is_write_leftover(&name.to_string_lossy()) || old.is_none_or(|a| a < older_than)
+                {
+                    continue;
+                }
+                if !dry_run {
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(Error::io(format!("remove {}", entry.path().display()), e))
+                        }
+                    }
+                }
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        Ok((files, bytes))
+    }
+
     fn list_all(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let mut out = vec![];
         let mut dirs = vec![prefix.trim_matches('/').to_string()];
         while let Some(dir) = dirs.pop() {
             let p = self.path(&dir);
-            let rd = match fs::read_dir(&p) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(format!("list {}", p.display()), e)),
+            let Some(rd) = read_dir_if_any(&p)? else {
+                continue;
             };
             for entry in rd {
                 let entry = entry.ctx(|| format!("list {}", p.display()))?;
@@ -416,6 +457,9 @@ impl Backend for Delayed {
     fn delete_many(&self, keys: &[String]) -> Result<()> {
         self.inner.delete_many(keys)
     }
+    fn sweep_leftover_writes(&self, older_than: Duration, dry_run: bool) -> Result<(u64, u64)> {
+        self.inner.sweep_leftover_writes(older_than, dry_run)
+    }
     fn location(&self) -> String {
         self.inner.location()
     }
@@ -424,9 +468,58 @@ impl Backend for Delayed {
     }
 }
 
+/// The entries of directory `p`; `None` if it is gone (deleted since it
+/// was listed).
+fn read_dir_if_any(p: &Path) -> Result<Option<fs::ReadDir>> {
+    match fs::read_dir(p) {
+        Ok(rd) => Ok(Some(rd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("list {}", p.display()), e)),
+    }
+}
+
+/// `.NAME.tmp.PID.N`, as `util::write_atomic` names its temp files.
+fn is_write_leftover(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let mut parts = rest.rsplitn(4, '.');
+    let (n, pid, tmp) = (parts.next(), parts.next(), parts.next());
+    let digits =
+        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    digits(n) && digits(pid) && tmp == Some("tmp") && parts.next().is_some_and(|b| !b.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_killed_writes_old_temp_files_are_swept_and_fresh_ones_and_objects_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(d.path());
+        b.put("chunks/ab/abcd", b"chunk").unwrap();
+        let old = d.path().join("chunks/ab/.abcd.tmp.123.4");
+        let fresh = d.path().join("backups/.x.json.tmp.9.1");
+        std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+        for p in [&old, &fresh] {
+            fs::write(p, b"half").unwrap();
+        }
+        let day_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(day_ago)
+            .unwrap();
+        let day = Duration::from_secs(86400);
+        assert_eq!(b.sweep_leftover_writes(day, true).unwrap(), (1, 4));
+        assert!(old.exists(), "a dry run removed a file");
+        assert_eq!(b.sweep_leftover_writes(day, false).unwrap(), (1, 4));
+        assert!(!old.exists() && fresh.exists());
+        assert_eq!(b.get("chunks/ab/abcd", 10).unwrap().unwrap(), b"chunk");
+        assert!(!is_write_leftover(".hidden") && !is_write_leftover(".tmp.1.2"));
+    }
 
     #[test]
     fn objects_round_trip_and_listing_hides_temp_files() {

@@ -92,7 +92,16 @@ pub struct GcReport {
     pub kept_bytes: u64,
     /// Objects under `chunks/` that are not chunk objects: left alone.
     pub foreign_objects: u64,
+    /// Temp files of writes killed midway (local repositories), older
+    /// than [`LEFTOVER_AGE`]: removed (would be, with --dry-run).
+    pub leftover_files: u64,
+    pub leftover_bytes: u64,
 }
+
+/// A write's temp file untouched this long belongs to a writer that is
+/// gone: a live one renames it within seconds (and one that wakes after a
+/// removal fails its rename, and so its backup, rather than losing data).
+pub const LEFTOVER_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// What has been marked, and which objects were read.
 #[derive(Default)]
@@ -180,6 +189,10 @@ pub fn collect(
             repo.backend().delete_many(batch)?;
         }
     }
+    (report.leftover_files, report.leftover_bytes) = repo
+        .backend()
+        .sweep_leftover_writes(LEFTOVER_AGE, opts.dry_run)
+        .map_err(|e| e.context("removing temp files of killed writes"))?;
     drop(lock);
     tracing::info!(
         repo = %report.repo,

@@ -266,6 +266,9 @@ impl Backend for TestBackend {
         keys.iter().try_for_each(|k| self.knobs.before(k))?;
         self.inner.delete_many(keys)
     }
+    fn sweep_leftover_writes(&self, older_than: Duration, dry_run: bool) -> Result<(u64, u64)> {
+        self.inner.sweep_leftover_writes(older_than, dry_run)
+    }
     fn location(&self) -> String {
         self.inner.location()
     }

@@ -80,6 +80,9 @@ impl Datastore {
             }
             return Ok(self.info(&s, true, vec![], None));
         }
+        // A session served before a restart has a guest running on: its
+        // reads are no boot, and must not become a recording of one.
+        let restarted = matches!(placing, Placing::Kept { .. });
         // Which kept staging resumes decides where the VM may go: its
         // data stays in the staging directory it is in.
         let (point, host, decision, chosen) = match placing {
@@ -166,7 +169,7 @@ impl Datastore {
             host_ip: host.as_deref().and_then(|h| resolve_host(h).ok()),
             host: host.clone(),
             feeder: OnceLock::new(),
-            profile_done: AtomicBool::new(false),
+            profile_done: AtomicBool::new(restarted),
             state: Mutex::new(OpenState::default()),
             backup_base: Mutex::new(backup_base),
             backup_running: AtomicBool::new(false),

@@ -537,3 +537,26 @@ fn with_bounded_staging_a_new_recovery_goes_where_its_working_set_fits_or_is_ref
     let e = r.ds.recover("other", None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
 }
+
+#[test]
+fn a_session_resumed_after_a_restart_records_no_boot_profile_of_its_running_guest() {
+    let r = rig();
+    let (id, _) = backup(&r, "vm", 7, 4);
+    r.ds.recover("vm", Some(&id)).unwrap();
+    disk(&r, "vm").read(0, 4096).unwrap();
+    // The boot's recording, as the window's end saves it.
+    let s = r.ds.session("vm").unwrap();
+    assert!(s.save_profile(&r.repo, "session").unwrap());
+    drop(s);
+    let r = restart(r, &[]);
+    // The guest runs on: its reads now are no boot.
+    disk(&r, "vm").read(2 * BS as u64, 4096).unwrap();
+    r.ds.release("vm", false).unwrap();
+    let doc = crate::prefetch::profile::load(&r.repo, "vm")
+        .unwrap()
+        .unwrap();
+    let blocks: Vec<Vec<u64>> = (doc.recordings.iter())
+        .map(|rec| rec.disks[0].accesses.iter().map(|a| a.0).collect())
+        .collect();
+    assert_eq!(blocks, [vec![0]], "a resumed session recorded a boot");
+}

@@ -539,6 +539,8 @@ impl Vm {
                 self.report.consistency = "application-consistent".into();
                 clock.event(&mut self.report, "frozen", None);
             }
+            // A guest possibly left frozen takes no part: its error says so.
+            Err(e) if e.may_be_frozen => self.fail(clock, e.error),
             Err(e) => {
                 tracing::warn!(vm = %self.spec.name, "no filesystem freeze, the backup is crash-consistent: {e}");
                 self.report.consistency = format!("crash-consistent: guest agent: {e}");
@@ -926,6 +928,9 @@ pub fn backup_vms_until(
         vms[i].freeze(&clock, opts.agent_timeout);
     }
     for &i in &order {
+        if !vms[i].ok() {
+            continue; // failed at its freeze: not stopped
+        }
         if let Err(e) = vms[i].stop(&clock) {
             vms[i].fail(&clock, e);
             // Not paused for the others' views: it takes no part.

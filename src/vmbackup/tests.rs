@@ -752,6 +752,16 @@ fn scripted_agent(
     path: &Path,
     answer_thaw: impl Fn(usize) -> bool + Send + 'static,
 ) -> Arc<Mutex<Vec<usize>>> {
+    scripted_agent_with(path, true, answer_thaw)
+}
+
+/// [`scripted_agent`] whose `guest-fsfreeze-freeze` closes the connection
+/// unanswered unless `answer_freeze` (a freeze that timed out).
+fn scripted_agent_with(
+    path: &Path,
+    answer_freeze: bool,
+    answer_thaw: impl Fn(usize) -> bool + Send + 'static,
+) -> Arc<Mutex<Vec<usize>>> {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
     let thaws: Arc<Mutex<Vec<usize>>> = Arc::default();
@@ -779,6 +789,7 @@ fn scripted_agent(
                         }
                         json!({"return": 1})
                     }
+                    "guest-fsfreeze-freeze" if !answer_freeze => break,
                     _ => json!({"return": 1}),
                 };
                 if writeln!(out, "{reply}").is_err() {
@@ -941,4 +952,26 @@ fn a_second_run_on_a_vm_being_backed_up_fails_busy_through_another_monitor_and_t
     let id = a.backup.clone().unwrap();
     assert!(restored(&repo, "busy", &id) == data);
     assert!(v.monitor().status().unwrap().running);
+}
+
+#[test]
+fn a_freeze_that_fails_and_cannot_be_undone_fails_that_vm_saying_the_guest_may_be_frozen_and_never_pauses_it(
+) {
+    let (frozen, fine) = (vm(Some(&content())), vm(Some(&content())));
+    let (d, repo) = repo();
+    let qga = d.path().join("frozen.sock");
+    let thaws = scripted_agent_with(&qga, false, |_| false);
+    let mut opts = options(&[("frozen", &frozen), ("fine", &fine)], 1, None);
+    opts.vms[0].agent = Some(qga);
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "frozen");
+    assert_eq!(thaws.lock().unwrap().len(), 1, "the freeze was not undone");
+    let e = r.error.as_deref().unwrap_or_else(|| panic!("{r:?}"));
+    assert!(e.contains("THE GUEST MAY STILL BE FROZEN"), "{e}");
+    assert!(r.backup.is_none() && r.paused_ms.is_none(), "{r:?}");
+    let mut q = frozen.monitor();
+    assert!(q.status().unwrap().running);
+    assert!(leftovers(&mut q).is_empty(), "{:?}", leftovers(&mut q));
+    let r = report(&s, "fine");
+    assert!(r.error.is_none() && r.backup.is_some(), "{r:?}");
 }

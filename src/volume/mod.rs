@@ -25,7 +25,8 @@
 //!
 //! The in-flight table's lock is held only to decide who fills a block; all
 //! I/O happens outside it, so a slow fetch never blocks reads of staged
-//! blocks. Every fetch goes through the daemon's one [`Scheduler`] with a
+//! blocks; nor does the export point's queue, where staged I/O takes no
+//! slot (`IoQueue::enter_staged`). Every fetch goes through the daemon's one [`Scheduler`] with a
 //! class: a guest waiting on a block that a prefetch queued promotes that
 //! job, so each block is fetched once, whoever needed it first.
 //!
@@ -495,6 +496,16 @@ impl Volume {
         self.write_watch.get().is_some()
     }
 
+    /// A guest request's place in the export point's queue: at once and
+    /// apart from admission if staging alone serves it (`local`), else a
+    /// slot when one is free.
+    fn enter_guest(&self, local: bool, bytes: u64) -> Option<crate::placement::queue::Ticket> {
+        match local {
+            true => self.io.get().map(|q| q.enter_staged(bytes)),
+            false => self.enter(crate::placement::IoClass::Sync, bytes),
+        }
+    }
+
     /// Bytes of the applied profile's blocks not staged yet (approximated
     /// by whole blocks).
     pub fn profile_remaining_bytes(&self) -> u64 {
@@ -774,7 +785,7 @@ impl Volume {
         self.failed_error().unwrap_or(e)
     }
 
-    fn failed_error(&self) -> Option<Error> {
+    pub(crate) fn failed_error(&self) -> Option<Error> {
         self.failed.get().map(|first| {
             Error::new(
                 ErrorKind::Io,

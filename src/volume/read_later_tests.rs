@@ -280,3 +280,35 @@ fn a_reply_that_panics_does_not_keep_the_other_readers_of_the_block_unanswered()
         .expect("the second reader was never answered");
     assert_eq!(r.unwrap()[..], f.data[2 * BS + 512..][..512]);
 }
+
+#[test]
+fn a_staged_read_never_waits_behind_misses_holding_the_export_points_queue() {
+    let f = fixture(16, 34);
+    f.vol.read(3 * BS as u64, BS).unwrap();
+    f.vol.quiesce(Duration::from_secs(30));
+    f.vol.set_queue(crate::placement::queue::IoQueue::new(2));
+    let (pool, _hold) = busy_pool();
+    f.knobs.close_gate();
+    let (tx, rx) = mpsc::channel();
+    // Two misses wait for their fetches, holding both slots of the queue.
+    for (i, b) in [1usize, 2].into_iter().enumerate() {
+        assert!(f
+            .vol
+            .read_later((b * BS) as u64, 4096, to(&tx, i), &pool)
+            .is_ok());
+    }
+    let vol = f.vol.clone();
+    let (hit_tx, hit_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        hit_tx
+            .send(vol.read_bytes(3 * BS as u64 + 7, 4096))
+            .unwrap()
+    });
+    let hit = hit_rx.recv_timeout(Duration::from_secs(1));
+    f.knobs.open_gate();
+    let hit = hit.expect("a read of a staged block waited for the misses' fetches");
+    assert_eq!(hit.unwrap()[..], f.data[3 * BS + 7..3 * BS + 7 + 4096]);
+    for _ in 0..2 {
+        rx.recv_timeout(Duration::from_secs(30)).unwrap().1.unwrap();
+    }
+}

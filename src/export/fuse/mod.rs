@@ -135,6 +135,8 @@ impl RecoverFs {
             return;
         }
         let notifier = self.notifier.clone();
+        // Once a minute per disk: every write of a busy guest could fail.
+        let log = crate::util::LogLimit::new(std::time::Duration::from_secs(60));
         d.watch_writes(Box::new(move |off, len| {
             if SERVING_FUSE_WRITE.with(|w| w.get()) {
                 return;
@@ -144,7 +146,9 @@ impl RecoverFs {
                 if let Err(e) = n.inval_inode(INodeNo(ino), off as i64, len as i64) {
                     // ENOENT: the kernel holds nothing of the inode.
                     if e.raw_os_error() != Some(libc::ENOENT) {
-                        tracing::warn!(ino, "dropping the kernel's cached pages: {e}");
+                        if let Some(held) = log.check(std::time::Instant::now()) {
+                            tracing::warn!(ino, "dropping the kernel's cached pages: {e}; {held} more since the last line");
+                        }
                     }
                 }
             }

@@ -498,18 +498,19 @@ fn side_generation(f: &SideFile) -> Option<u32> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(&f.path)
         .ok()?;
-    let mut g: libc::c_long = 0;
-    // SAFETY: FS_IOC_GETVERSION writes at most a c_long into `g`, which
-    // lives across the call; the descriptor is open.
+    // The request is declared for a long; the filesystems write an int
+    // into its first bytes (so on any byte order those are the generation).
+    let mut g = [0u8; std::mem::size_of::<libc::c_long>()];
+    // SAFETY: FS_IOC_GETVERSION writes at most a c_long into `g`, which is
+    // that large and lives across the call; the descriptor is open.
     let r = unsafe {
         libc::ioctl(
             std::os::fd::AsRawFd::as_raw_fd(&file),
             libc::FS_IOC_GETVERSION,
-            &mut g,
+            g.as_mut_ptr(),
         )
     };
-    // The filesystems write an int: its 32 bits are the generation.
-    (r == 0).then_some(g as u32)
+    (r == 0).then(|| u32::from_ne_bytes([g[0], g[1], g[2], g[3]]))
 }
 
 fn side_by_ino(s: &Session, ino: u64) -> Option<SideFile> {

@@ -76,6 +76,7 @@ fn the_agent_of_a_running_debian_guest_pings_freezes_thaws_and_undoes_a_freeze_a
         )),
         "{e}"
     );
+    assert!(!e.may_be_frozen, "{e}");
     let mut c = GuestAgent::connect(&v.agent, Duration::from_secs(10)).unwrap();
     assert_eq!(c.fsfreeze_status().unwrap(), "thawed");
 }
