@@ -71,8 +71,13 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
                 continue; // a discard in progress, say
             }
             let dir = s.path();
-            let Ok(meta) = SessionMeta::load(&OsStorage, &dir) else {
-                continue; // never completed: not a session
+            let meta = match SessionMeta::load(&OsStorage, &dir) {
+                Ok(Some(meta)) => meta,
+                Ok(None) => continue, // never completed: not a session
+                Err(e) => {
+                    tracing::warn!("not listed: {e}");
+                    continue;
+                }
             };
             out.push(KeptSession {
                 staging: root.to_path_buf(),

@@ -65,6 +65,8 @@ pub struct StagingDir {
     storage: Arc<dyn Storage>,
     /// What this directory's sessions hold, and its limit (see `budget`).
     budget: Arc<budget::Budget>,
+    /// Session directories whose damage was logged (once each).
+    reported: parking_lot::Mutex<std::collections::HashSet<PathBuf>>,
     _lock: File,
 }
 
@@ -126,6 +128,7 @@ impl StagingDir {
         }
         Ok(StagingDir {
             budget: budget::Budget::new(&root),
+            reported: Default::default(),
             root,
             storage,
             _lock: lock,
@@ -211,10 +214,47 @@ impl StagingDir {
         self.root.join("sessions").join(vm).join(backup)
     }
 
-    /// Kept sessions of a VM, most recently recovered first.
+    /// Kept sessions of a VM, most recently recovered first. One whose
+    /// `session.json` is damaged is not one (see `damaged_sessions`); it
+    /// is logged once.
     pub fn kept_sessions(&self, vm: &str) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .completed_sessions(vm)
+            .into_iter()
+            .filter_map(|(backup, meta)| match meta {
+                Ok(meta) => Some((backup, meta.last_recovered)),
+                Err(e) => {
+                    let dir = self.session_dir(vm, &backup);
+                    if self.reported.lock().insert(dir) {
+                        tracing::warn!(
+                            vm,
+                            backup,
+                            "kept staging not resumed: {e}; discard it with `release --discard {vm}`"
+                        );
+                    }
+                    None
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+        out
+    }
+
+    /// Backups of `vm` whose staging has a `session.json` that cannot be
+    /// read: never resumed, removed by `release --discard`.
+    pub fn damaged_sessions(&self, vm: &str) -> Vec<String> {
+        self.completed_sessions(vm)
+            .into_iter()
+            .filter(|(_, meta)| meta.is_err())
+            .map(|(backup, _)| backup)
+            .collect()
+    }
+
+    /// Session directories of `vm` that have a `session.json`, and what
+    /// reading it gave.
+    fn completed_sessions(&self, vm: &str) -> Vec<(String, Result<SessionMeta>)> {
         let dir = self.root.join("sessions").join(vm);
-        let mut out: Vec<(String, u64)> = fs::read_dir(&dir)
+        fs::read_dir(&dir)
             .into_iter()
             .flatten()
             .flatten()
@@ -222,12 +262,10 @@ impl StagingDir {
                 let backup = e.file_name().to_str()?.to_string();
                 // Not a session: a discard in progress, say.
                 crate::util::validate_name("backup id", &backup).ok()?;
-                let meta = SessionMeta::load(self.storage.as_ref(), &e.path()).ok()?;
-                Some((backup, meta.last_recovered))
+                let meta = SessionMeta::load(self.storage.as_ref(), &e.path()).transpose()?;
+                Some((backup, meta))
             })
-            .collect();
-        out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-        out
+            .collect()
     }
 
     /// The manifest a kept session was recovered from, from its own copy;
@@ -389,13 +427,18 @@ pub struct DiskGeometry {
 }
 
 impl SessionMeta {
-    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
+    /// `None` if `dir` has no `session.json` (no session was completed
+    /// there); one that cannot be read or parsed is an error naming it.
+    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<Option<SessionMeta>> {
         let p = dir.join("session.json");
-        let bytes = storage
+        let Some(bytes) = storage
             .read(&p, MAX_META_BYTES)
             .ctx(|| format!("read {}", p.display()))?
-            .ok_or_else(|| Error::not_found(format!("{} is missing", p.display())))?;
+        else {
+            return Ok(None);
+        };
         serde_json::from_slice(&bytes)
+            .map(Some)
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))
     }
 
@@ -554,7 +597,17 @@ pub fn open_session(
             chunk_size: d.chunk_size,
         })
         .collect();
-    let existing = SessionMeta::load(storage, dir).ok();
+    // A damaged one is no new session: starting one would remove the
+    // live backup's files and zero the maps of the guest's writes.
+    let existing = SessionMeta::load(storage, dir).map_err(|e| {
+        e.context(format!(
+            "staging of backup {}/{} cannot be resumed, nothing in {} was changed (discard it with `release --discard {}`)",
+            m.vm,
+            m.id,
+            dir.display(),
+            m.vm
+        ))
+    })?;
     let resumed = existing.is_some();
     if let Some(meta) = &existing {
         if meta.disks != geometry {
@@ -876,6 +929,70 @@ mod tests {
             0,
             "a discard left something behind"
         );
+    }
+
+    /// Every file in `dir` and its bytes.
+    fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let bytes = fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_damaged_session_json_is_an_error_naming_it_and_removes_nothing() {
+        let b = Backed::new();
+        let root = b.dir.path().join("st");
+        let st = StagingDir::open(&root, "repo1", "/r").unwrap();
+        let vol = b.open();
+        vol.write(0, &vec![7u8; BS]).unwrap();
+        vol.flush().unwrap();
+        vol.close();
+        drop(vol);
+        // A session after a live backup: generation 1's files, which a
+        // new session would remove as leftovers.
+        let dir = b.session();
+        Since {
+            generation: 1,
+            base: b.m.id.clone(),
+        }
+        .store(&OsStorage, &dir)
+        .unwrap();
+        fs::copy(dir.join("manifest.json"), base_copy_path(&dir, 1)).unwrap();
+        PersistentBitmap::create(
+            &OsStorage,
+            &dirty_path(&dir, 0, 1),
+            MapKind::Dirty,
+            BS as u32,
+            4,
+        )
+        .unwrap();
+        let session_json = dir.join("session.json");
+        fs::write(&session_json, b"{\"vm\": \"vm\", \"back").unwrap();
+        let before = contents(&dir);
+
+        let e = open_session(&OsStorage, &dir, &b.m)
+            .err()
+            .expect("a damaged session.json was taken for a new session");
+        assert!(
+            e.to_string().contains(&session_json.display().to_string()),
+            "{e}"
+        );
+        assert!(e.to_string().contains("release --discard vm"), "{e}");
+        assert!(
+            contents(&dir) == before,
+            "opening a damaged session changed its files"
+        );
+        assert!(st.kept_sessions("vm").is_empty());
+        assert_eq!(st.damaged_sessions("vm"), vec![b.m.id.clone()]);
+        st.discard("vm", &b.m.id).unwrap();
+        assert!(!dir.exists());
     }
 
     #[test]
