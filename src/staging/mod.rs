@@ -643,7 +643,14 @@ pub fn open_session(
         .iter()
         .enumerate()
         .map(|(i, d)| open_disk(storage, dir, i, d, resumed, generation))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| match resumed {
+            true => e.context(format!(
+                "staging of backup {}/{} cannot be resumed (if it is damaged, discard it with `release --discard {}`)",
+                m.vm, m.id, m.vm
+            )),
+            false => e,
+        })?;
     // Written last: its presence means every file above exists.
     let meta = SessionMeta {
         vm: m.vm.clone(),
@@ -677,10 +684,13 @@ fn open_disk(
     })?;
     let len = data.len().ctx(|| format!("stat {}", data_path.display()))?;
     if len != d.size {
-        if resumed && len != 0 {
+        // Sized before session.json was written: a resumed one of another
+        // size (even empty) lost the guest's data.
+        if resumed {
             return Err(Error::corrupt(format!(
-                "staging file {} has the wrong size",
-                data_path.display()
+                "staging file {} has the wrong size ({len} bytes, the disk has {})",
+                data_path.display(),
+                d.size
             )));
         }
         data.set_len(d.size)
@@ -742,8 +752,9 @@ fn open_disk(
     })
 }
 
-/// A presence or changed map: a resumed session's as it is, a new
-/// session's all zero whatever file a discarded session left.
+/// A presence or changed map: a resumed session's as it is (it must
+/// exist: both are written before session.json), a new session's all zero
+/// whatever file a discarded session left.
 fn open_map(
     storage: &dyn Storage,
     path: &Path,
@@ -753,7 +764,7 @@ fn open_map(
 ) -> Result<PersistentBitmap> {
     let nblocks = DiskManifest::chunk_count(d.size, d.chunk_size);
     if resumed {
-        PersistentBitmap::open(storage, path, kind, d.chunk_size, nblocks)
+        PersistentBitmap::open_existing(storage, path, kind, d.chunk_size, nblocks)
     } else {
         PersistentBitmap::create(storage, path, kind, d.chunk_size, nblocks)
     }
@@ -993,6 +1004,39 @@ mod tests {
         assert_eq!(st.damaged_sessions("vm"), vec![b.m.id.clone()]);
         st.discard("vm", &b.m.id).unwrap();
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_resumed_session_with_a_missing_changed_or_present_map_is_refused_naming_it() {
+        for file in ["disk0.changed", "disk0.present", "disk0.data"] {
+            let b = Backed::new();
+            let vol = b.open();
+            vol.write(0, &vec![7u8; BS]).unwrap();
+            vol.flush().unwrap();
+            vol.close();
+            drop(vol);
+            let p = b.session().join(file);
+            if file.ends_with(".data") {
+                // Emptied: as good as gone.
+                File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap();
+            } else {
+                fs::remove_file(&p).unwrap();
+            }
+            let e = open_session(&OsStorage, &b.session(), &b.m)
+                .err()
+                .unwrap_or_else(|| {
+                    panic!("a resumed session with {file} missing or emptied was opened")
+                });
+            assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+            if !file.ends_with(".data") {
+                assert!(!p.exists(), "{file} was recreated");
+            }
+        }
     }
 
     #[test]
