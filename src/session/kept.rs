@@ -164,7 +164,17 @@ impl Datastore {
             )));
         }
         let mut kept = vec![];
-        for (b, s) in self.kept_sessions(vm, None) {
+        // Damaged staging too: it is never resumed, and this is how an
+        // admin is told to remove it.
+        let damaged = self
+            .search(None)
+            .flat_map(|s| s.damaged_sessions(vm).into_iter().map(|b| (b, s.clone())));
+        let all: Vec<_> = self
+            .kept_sessions(vm, None)
+            .into_iter()
+            .chain(damaged)
+            .collect();
+        for (b, s) in all {
             s.discard(vm, &b)?;
             self.unpin(vm, &b, &s.session_dir(vm, &b));
             if !kept.contains(&b) {

@@ -25,9 +25,22 @@ use crate::prefetch::profile;
 use crate::prefetch::tracker::RecordWindow;
 use crate::relocate::Relocation;
 use crate::repo::Manifest;
-use crate::staging::{open_session, StagingDir};
+use crate::staging::{open_session, StagingDir, Storage};
 use crate::util::validate_name;
 use crate::volume::Volume;
+
+/// Removes NFS side files from a new session's directory: any there are
+/// a discarded session's (a discard a crash interrupted), not this one's.
+fn remove_stale_side_files(storage: &dyn Storage, dir: &std::path::Path) -> Result<()> {
+    let files = crate::export::nfs::fs::side_dir_in(dir);
+    match std::fs::remove_dir_all(&files) {
+        Ok(()) => storage
+            .sync_dir(dir)
+            .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", files.display()), e)),
+    }
+}
 
 impl Datastore {
     /// Starts (or resumes) serving a VM. Without `backup`, kept staging of
@@ -120,6 +133,9 @@ impl Datastore {
         };
         let storage = staging.storage().clone();
         let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
+        if !resumed {
+            remove_stale_side_files(storage.as_ref(), &dir)?;
+        }
         let backup_base = backup::load_base(storage.as_ref(), &dir, &manifest)?;
         let record = RecordWindow {
             start: Instant::now(),

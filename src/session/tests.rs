@@ -358,6 +358,23 @@ fn main_staging(r: &Rig) -> PathBuf {
 }
 
 #[test]
+fn a_new_session_never_shows_side_files_a_half_removed_session_left() {
+    let r = rig();
+    let (id, _) = backup(&r, "vm", 1, 4);
+    // What a crash during an older daemon's discard could leave: no
+    // session.json, a hypervisor's side file.
+    let dir = main_staging(&r).join("sessions/vm").join(&id);
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    std::fs::write(dir.join("files/web01.vmx"), b"old").unwrap();
+    let info = r.ds.recover("vm", None).unwrap();
+    assert!(!info.resumed);
+    assert!(
+        !dir.join("files/web01.vmx").exists(),
+        "a new session shows a discarded session's side file"
+    );
+}
+
+#[test]
 fn a_session_on_a_point_with_its_own_staging_writes_its_files_there_and_not_in_the_main_staging() {
     let r = rig_with(POINTS);
     let (b, _) = backup(&r, "vm", 11, 4);

@@ -213,16 +213,73 @@ impl PersistentBitmap {
         block_size: u32,
         nblocks: u64,
     ) -> Result<Self> {
-        let header = Self::header(kind, block_size, nblocks);
-        let words_len = nblocks.div_ceil(64) * 8;
         let existed = storage
             .exists(path)
             .ctx(|| format!("stat {}", path.display()))?;
         if !existed {
-            let mut init = header.to_vec();
-            init.resize((HEADER_LEN + words_len) as usize, 0);
-            replace(storage, path, &init)?;
+            Self::write_zeroed(storage, path, kind, block_size, nblocks)?;
         }
+        Self::load(storage, path, kind, block_size, nblocks, existed)
+    }
+
+    /// Creates the map at `path` all zero, replacing (atomically) whatever
+    /// file was there: a new session trusts nothing it finds.
+    pub fn create(
+        storage: &dyn Storage,
+        path: &Path,
+        kind: MapKind,
+        block_size: u32,
+        nblocks: u64,
+    ) -> Result<Self> {
+        Self::write_zeroed(storage, path, kind, block_size, nblocks)?;
+        Self::load(storage, path, kind, block_size, nblocks, false)
+    }
+
+    /// Opens the map at `path`, which must exist: a resumed session whose
+    /// map is gone would silently forget blocks (refetch guest data over,
+    /// or leave written blocks out of the next backup).
+    pub fn open_existing(
+        storage: &dyn Storage,
+        path: &Path,
+        kind: MapKind,
+        block_size: u32,
+        nblocks: u64,
+    ) -> Result<Self> {
+        if !storage
+            .exists(path)
+            .ctx(|| format!("stat {}", path.display()))?
+        {
+            return Err(Error::corrupt(format!(
+                "staging map {} is missing",
+                path.display()
+            )));
+        }
+        Self::load(storage, path, kind, block_size, nblocks, true)
+    }
+
+    fn write_zeroed(
+        storage: &dyn Storage,
+        path: &Path,
+        kind: MapKind,
+        block_size: u32,
+        nblocks: u64,
+    ) -> Result<()> {
+        let mut init = Self::header(kind, block_size, nblocks).to_vec();
+        init.resize((HEADER_LEN + nblocks.div_ceil(64) * 8) as usize, 0);
+        replace(storage, path, &init)
+    }
+
+    /// Reads the map at `path` (`existed`: not just written by us).
+    fn load(
+        storage: &dyn Storage,
+        path: &Path,
+        kind: MapKind,
+        block_size: u32,
+        nblocks: u64,
+        existed: bool,
+    ) -> Result<Self> {
+        let header = Self::header(kind, block_size, nblocks);
+        let words_len = nblocks.div_ceil(64) * 8;
         let file = storage
             .open(path, Open::Existing)
             .ctx(|| format!("open {}", path.display()))?;

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::bitmap::{MapKind, PersistentBitmap};
 use super::io::OsStorage;
 use super::{budget::allocated_data_bytes, SessionMeta};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::repo::DiskManifest;
 
 /// One kept session, as `staging ls` shows it.
@@ -67,9 +67,17 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
     let sessions = root.join("sessions");
     for vm in std::fs::read_dir(&sessions).into_iter().flatten().flatten() {
         for s in std::fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            if crate::util::validate_name("backup id", &s.file_name().to_string_lossy()).is_err() {
+                continue; // a discard in progress, say
+            }
             let dir = s.path();
-            let Ok(meta) = SessionMeta::load(&OsStorage, &dir) else {
-                continue; // never completed: not a session
+            let meta = match SessionMeta::load(&OsStorage, &dir) {
+                Ok(Some(meta)) => meta,
+                Ok(None) => continue, // never completed: not a session
+                Err(e) => {
+                    tracing::warn!("not listed: {e}");
+                    continue;
+                }
             };
             out.push(KeptSession {
                 staging: root.to_path_buf(),
@@ -110,14 +118,14 @@ pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<
     }
     check_staging(root)?;
     let lock = super::StagingDir::lock(root)?;
+    super::remove_discard_leftovers(root);
     let mut removed = vec![];
     for s in list(root)?
         .into_iter()
         .filter(|s| s.vm == vm && backup.is_none_or(|b| b == s.backup))
     {
         let dir = root.join("sessions").join(vm).join(&s.backup);
-        std::fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
-        super::io::sync_parent(&OsStorage, &dir)?;
+        super::remove_session_dir(&OsStorage, &dir)?;
         removed.push(s.backup);
     }
     drop(lock);

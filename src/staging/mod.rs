@@ -15,6 +15,7 @@
 //! <staging>/sessions/<vm>/<backup>/diskN.cow      old bytes of frozen blocks while a live backup runs
 //! <staging>/sessions/<vm>/<backup>/diskN.uploaded-G  dirty blocks of generation G already stored as chunks
 //! <staging>/sessions/<vm>/<backup>/upload.json    the session uploader's settings while it is on
+//! <staging>/sessions/<vm>/.discarding-<backup>-<random>  a session being discarded
 //! ```
 //! Blocks are the disk's chunks, so one presence bit covers one fetch.
 //!
@@ -64,6 +65,8 @@ pub struct StagingDir {
     storage: Arc<dyn Storage>,
     /// What this directory's sessions hold, and its limit (see `budget`).
     budget: Arc<budget::Budget>,
+    /// Session directories whose damage was logged (once each).
+    reported: parking_lot::Mutex<std::collections::HashSet<PathBuf>>,
     _lock: File,
 }
 
@@ -109,6 +112,7 @@ impl StagingDir {
         // Only now is the directory known to be ours to change.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", root.display()))?;
+        remove_discard_leftovers(&root);
         if let Found::Empty = found {
             let info = StagingInfo {
                 format: "recoverfs-staging-1".into(),
@@ -124,6 +128,7 @@ impl StagingDir {
         }
         Ok(StagingDir {
             budget: budget::Budget::new(&root),
+            reported: Default::default(),
             root,
             storage,
             _lock: lock,
@@ -209,21 +214,58 @@ impl StagingDir {
         self.root.join("sessions").join(vm).join(backup)
     }
 
-    /// Kept sessions of a VM, most recently recovered first.
+    /// Kept sessions of a VM, most recently recovered first. One whose
+    /// `session.json` is damaged is not one (see `damaged_sessions`); it
+    /// is logged once.
     pub fn kept_sessions(&self, vm: &str) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .completed_sessions(vm)
+            .into_iter()
+            .filter_map(|(backup, meta)| match meta {
+                Ok(meta) => Some((backup, meta.last_recovered)),
+                Err(e) => {
+                    let dir = self.session_dir(vm, &backup);
+                    if self.reported.lock().insert(dir) {
+                        tracing::warn!(
+                            vm,
+                            backup,
+                            "kept staging not resumed: {e}; discard it with `release --discard {vm}`"
+                        );
+                    }
+                    None
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+        out
+    }
+
+    /// Backups of `vm` whose staging has a `session.json` that cannot be
+    /// read: never resumed, removed by `release --discard`.
+    pub fn damaged_sessions(&self, vm: &str) -> Vec<String> {
+        self.completed_sessions(vm)
+            .into_iter()
+            .filter(|(_, meta)| meta.is_err())
+            .map(|(backup, _)| backup)
+            .collect()
+    }
+
+    /// Session directories of `vm` that have a `session.json`, and what
+    /// reading it gave.
+    fn completed_sessions(&self, vm: &str) -> Vec<(String, Result<SessionMeta>)> {
         let dir = self.root.join("sessions").join(vm);
-        let mut out: Vec<(String, u64)> = fs::read_dir(&dir)
+        fs::read_dir(&dir)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| {
                 let backup = e.file_name().to_str()?.to_string();
-                let meta = SessionMeta::load(self.storage.as_ref(), &e.path()).ok()?;
-                Some((backup, meta.last_recovered))
+                // Not a session: a discard in progress, say.
+                crate::util::validate_name("backup id", &backup).ok()?;
+                let meta = SessionMeta::load(self.storage.as_ref(), &e.path()).transpose()?;
+                Some((backup, meta))
             })
-            .collect();
-        out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-        out
+            .collect()
     }
 
     /// The manifest a kept session was recovered from, from its own copy;
@@ -303,11 +345,67 @@ impl StagingDir {
     pub fn discard(&self, vm: &str, backup: &str) -> Result<()> {
         let dir = self.session_dir(vm, backup);
         if dir.exists() {
-            fs::remove_dir_all(&dir).ctx(|| format!("remove {}", dir.display()))?;
-            io::sync_parent(self.storage.as_ref(), &dir)?;
+            remove_session_dir(self.storage.as_ref(), &dir)?;
             self.budget.rescan();
         }
         Ok(())
+    }
+}
+
+/// Names a session directory gets while it is being removed: no scan
+/// takes it for a session (not a valid backup id).
+const DISCARDING: &str = ".discarding-";
+
+/// Removes a session directory so that no crash midway leaves a part of
+/// it where a later session of the same backup would take it up: it is
+/// renamed aside durably first (the commit), then removed.
+pub(crate) fn remove_session_dir(storage: &dyn Storage, dir: &Path) -> Result<()> {
+    let aside = retire_session_dir(storage, dir)?;
+    fs::remove_dir_all(&aside).ctx(|| format!("remove {}", aside.display()))?;
+    io::sync_parent(storage, &aside)
+}
+
+/// Renames `dir` to a `.discarding-` name beside it, durably.
+fn retire_session_dir(storage: &dyn Storage, dir: &Path) -> Result<PathBuf> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let aside = dir.with_file_name(format!(
+        "{DISCARDING}{}-{}",
+        name.unwrap_or_default(),
+        crate::repo::random_hex(8)
+    ));
+    fs::rename(dir, &aside).ctx(|| format!("rename {} to {}", dir.display(), aside.display()))?;
+    io::sync_parent(storage, dir)?;
+    Ok(aside)
+}
+
+/// Finishes discards a crash interrupted: removes every `.discarding-`
+/// directory under `root/sessions/<vm>/`. Failures are logged: what is
+/// left only takes room, it is never taken for a session.
+pub(crate) fn remove_discard_leftovers(root: &Path) {
+    for vm in fs::read_dir(root.join("sessions"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let mut removed = false;
+        for e in fs::read_dir(vm.path()).into_iter().flatten().flatten() {
+            if !e.file_name().to_string_lossy().starts_with(DISCARDING) {
+                continue;
+            }
+            match fs::remove_dir_all(e.path()) {
+                Ok(()) => removed = true,
+                Err(err) => tracing::warn!(
+                    "cannot remove {} (left by an interrupted discard): {err}",
+                    e.path().display()
+                ),
+            }
+        }
+        if removed {
+            tracing::info!(dir = %vm.path().display(), "finished a discard a crash interrupted");
+            if let Err(err) = File::open(vm.path()).and_then(|d| d.sync_all()) {
+                tracing::warn!("fsync directory {}: {err}", vm.path().display());
+            }
+        }
     }
 }
 
@@ -329,13 +427,18 @@ pub struct DiskGeometry {
 }
 
 impl SessionMeta {
-    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<SessionMeta> {
+    /// `None` if `dir` has no `session.json` (no session was completed
+    /// there); one that cannot be read or parsed is an error naming it.
+    pub(crate) fn load(storage: &dyn Storage, dir: &Path) -> Result<Option<SessionMeta>> {
         let p = dir.join("session.json");
-        let bytes = storage
+        let Some(bytes) = storage
             .read(&p, MAX_META_BYTES)
             .ctx(|| format!("read {}", p.display()))?
-            .ok_or_else(|| Error::not_found(format!("{} is missing", p.display())))?;
+        else {
+            return Ok(None);
+        };
         serde_json::from_slice(&bytes)
+            .map(Some)
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))
     }
 
@@ -457,6 +560,27 @@ fn remove_backup_leftovers(storage: &dyn Storage, dir: &Path, disks: usize, g: u
     Ok(())
 }
 
+/// Before a new session starts in `dir`: removes what a session discarded
+/// half-way (or an older daemon's interrupted discard) may have left there
+/// that would otherwise be taken up as this one's: a live backup's
+/// generation, the uploader's settings and record, a relocation.
+fn remove_stale_session_state(storage: &dyn Storage, dir: &Path, disks: usize) -> Result<()> {
+    let mut paths = vec![
+        dir.join("since.json"),
+        dir.join("upload.json"),
+        dir.join("relocation.json"),
+    ];
+    paths.extend((0..disks).map(|i| uploaded::uploaded_path(dir, i, 0)));
+    for p in paths {
+        storage
+            .remove_file(&p)
+            .ctx(|| format!("remove {}", p.display()))?;
+    }
+    storage
+        .sync_dir(dir)
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
 /// Opens or creates the staging of one recovery session. Returns the disk
 /// stores and whether existing staging was resumed.
 pub fn open_session(
@@ -473,7 +597,17 @@ pub fn open_session(
             chunk_size: d.chunk_size,
         })
         .collect();
-    let existing = SessionMeta::load(storage, dir).ok();
+    // A damaged one is no new session: starting one would remove the
+    // live backup's files and zero the maps of the guest's writes.
+    let existing = SessionMeta::load(storage, dir).map_err(|e| {
+        e.context(format!(
+            "staging of backup {}/{} cannot be resumed, nothing in {} was changed (discard it with `release --discard {}`)",
+            m.vm,
+            m.id,
+            dir.display(),
+            m.vm
+        ))
+    })?;
     let resumed = existing.is_some();
     if let Some(meta) = &existing {
         if meta.disks != geometry {
@@ -490,15 +624,17 @@ pub fn open_session(
             .ctx(|| format!("create {}", dir.display()))?;
     }
     let copy = dir.join("manifest.json");
-    if !storage
-        .exists(&copy)
-        .ctx(|| format!("stat {}", copy.display()))?
+    if !resumed
+        || !storage
+            .exists(&copy)
+            .ctx(|| format!("stat {}", copy.display()))?
     {
         io::replace(storage, &copy, &m.encode()?)?;
     }
     let generation = if resumed {
         Since::load(storage, dir)?.map_or(0, |s| s.generation)
     } else {
+        remove_stale_session_state(storage, dir, m.disks.len())?;
         0
     };
     remove_backup_leftovers(storage, dir, m.disks.len(), generation)?;
@@ -507,7 +643,14 @@ pub fn open_session(
         .iter()
         .enumerate()
         .map(|(i, d)| open_disk(storage, dir, i, d, resumed, generation))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| match resumed {
+            true => e.context(format!(
+                "staging of backup {}/{} cannot be resumed (if it is damaged, discard it with `release --discard {}`)",
+                m.vm, m.id, m.vm
+            )),
+            false => e,
+        })?;
     // Written last: its presence means every file above exists.
     let meta = SessionMeta {
         vm: m.vm.clone(),
@@ -530,11 +673,8 @@ fn open_disk(
 ) -> Result<DiskStore> {
     let data_path = dir.join(format!("disk{index}.data"));
     let nblocks = DiskManifest::chunk_count(d.size, d.chunk_size);
-    let how = if resumed {
-        Open::Existing
-    } else {
-        Open::Create
-    };
+    // A new session empties whatever a discarded one left in its place.
+    let how = if resumed { Open::Existing } else { Open::Empty };
     let data = storage.open(&data_path, how).map_err(|e| {
         if resumed && e.kind() == std::io::ErrorKind::NotFound {
             Error::corrupt(format!("staging file {} is missing", data_path.display()))
@@ -544,23 +684,27 @@ fn open_disk(
     })?;
     let len = data.len().ctx(|| format!("stat {}", data_path.display()))?;
     if len != d.size {
-        if resumed && len != 0 {
+        // Sized before session.json was written: a resumed one of another
+        // size (even empty) lost the guest's data.
+        if resumed {
             return Err(Error::corrupt(format!(
-                "staging file {} has the wrong size",
-                data_path.display()
+                "staging file {} has the wrong size ({len} bytes, the disk has {})",
+                data_path.display(),
+                d.size
             )));
         }
         data.set_len(d.size)
             .ctx(|| format!("size {}", data_path.display()))?;
     }
-    let mut present = PersistentBitmap::open(
+    let mut present = open_map(
         storage,
         &dir.join(format!("disk{index}.present")),
         MapKind::Present,
-        d.chunk_size,
-        nblocks,
+        d,
+        resumed,
     )?;
-    let trust = !resumed || data_reached_disk(data.as_ref(), &data_path);
+    // A new session's mirror is a discarded session's: never trusted.
+    let trust = resumed && data_reached_disk(data.as_ref(), &data_path);
     let added = present.attach_mirror(storage, &dir.join(format!("disk{index}.live")), trust)?;
     if added > 0 {
         tracing::info!(
@@ -569,12 +713,12 @@ fn open_disk(
             "staged blocks not yet synced by the previous daemon of this boot are kept"
         );
     }
-    let changed = PersistentBitmap::open(
+    let changed = open_map(
         storage,
         &dir.join(format!("disk{index}.changed")),
         MapKind::Changed,
-        d.chunk_size,
-        nblocks,
+        d,
+        resumed,
     )?;
     let dirty = match generation {
         0 => None,
@@ -606,6 +750,24 @@ fn open_disk(
         uploaded,
         data_path,
     })
+}
+
+/// A presence or changed map: a resumed session's as it is (it must
+/// exist: both are written before session.json), a new session's all zero
+/// whatever file a discarded session left.
+fn open_map(
+    storage: &dyn Storage,
+    path: &Path,
+    kind: MapKind,
+    d: &DiskManifest,
+    resumed: bool,
+) -> Result<PersistentBitmap> {
+    let nblocks = DiskManifest::chunk_count(d.size, d.chunk_size);
+    if resumed {
+        PersistentBitmap::open_existing(storage, path, kind, d.chunk_size, nblocks)
+    } else {
+        PersistentBitmap::create(storage, path, kind, d.chunk_size, nblocks)
+    }
 }
 
 /// Whether the staging data a previous daemon of this boot wrote reached
@@ -662,6 +824,220 @@ fn open_uploaded(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prefetch::Scheduler;
+    use crate::repo::Repository;
+    use crate::volume::Volume;
+    use rand::{Rng, SeedableRng};
+    use std::time::Duration;
+
+    const BS: usize = 65536;
+
+    /// A backup of one 4-block disk and its session directory on the real
+    /// filesystem, opened as `recover` opens it.
+    struct Backed {
+        dir: tempfile::TempDir,
+        repo: Arc<Repository>,
+        m: Manifest,
+        data: Vec<u8>,
+        sched: Arc<Scheduler>,
+    }
+
+    impl Backed {
+        fn new() -> Backed {
+            let dir = tempfile::tempdir().unwrap();
+            let (repo, _) =
+                Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
+            let mut data = vec![0u8; 4 * BS];
+            rand::rngs::StdRng::seed_from_u64(7).fill(&mut data[..]);
+            let m = crate::testutil::backup_images(&repo, dir.path(), "vm", BS, &[&data]);
+            Backed {
+                dir,
+                repo,
+                m,
+                data,
+                sched: Scheduler::new("test-fetch", 2),
+            }
+        }
+
+        fn session(&self) -> PathBuf {
+            self.dir.path().join("st/sessions/vm").join(&self.m.id)
+        }
+
+        fn open(&self) -> Arc<Volume> {
+            crate::testutil::open_volumes(
+                &OsStorage,
+                &self.session(),
+                &self.repo,
+                &self.m,
+                &self.sched,
+            )
+            .remove(0)
+        }
+    }
+
+    #[test]
+    fn a_session_dir_half_removed_by_an_interrupted_discard_never_serves_its_old_presence_bits() {
+        // remove_dir_all deletes in readdir order: a crash can leave the
+        // maps (and the mirror) without session.json, with or without the
+        // data file.
+        for guest_wrote in [false, true] {
+            let b = Backed::new();
+            let vol = b.open();
+            if guest_wrote {
+                vol.write(0, &vec![7u8; BS]).unwrap();
+            } else {
+                assert_eq!(vol.read(0, BS).unwrap(), b.data[..BS]);
+                vol.quiesce(Duration::from_secs(30));
+            }
+            vol.flush().unwrap();
+            vol.close();
+            drop(vol);
+            fs::remove_file(b.session().join("session.json")).unwrap();
+            if !guest_wrote {
+                fs::remove_file(b.session().join("disk0.data")).unwrap();
+            }
+            let vol = b.open();
+            assert!(
+                vol.read(0, BS).unwrap() == b.data[..BS],
+                "a new session served block 0 from a discarded session's staging (guest wrote: {guest_wrote})"
+            );
+            let st = vol.status();
+            assert_eq!(
+                st.blocks_changed, 0,
+                "a discarded session's changed bits carried over"
+            );
+            vol.close();
+        }
+    }
+
+    #[test]
+    fn a_discard_commits_by_renaming_the_session_aside_and_the_next_open_finishes_it() {
+        let b = Backed::new();
+        let root = b.dir.path().join("st");
+        let st = StagingDir::open(&root, "repo1", "/r").unwrap();
+        b.open().close();
+        assert_eq!(st.kept_sessions("vm").len(), 1);
+        // A discard killed right after its commit (the rename aside).
+        let aside = b
+            .session()
+            .with_file_name(format!("{DISCARDING}{}-0123", b.m.id));
+        fs::rename(b.session(), &aside).unwrap();
+        assert!(
+            st.kept_sessions("vm").is_empty(),
+            "a session being discarded was taken for a kept session"
+        );
+        assert!(inventory::list(&root).unwrap().is_empty());
+        drop(st);
+        let st = StagingDir::open(&root, "repo1", "/r").unwrap();
+        assert!(
+            !aside.exists(),
+            "the next open did not finish the interrupted discard"
+        );
+        b.open().close();
+        st.discard("vm", &b.m.id).unwrap();
+        assert_eq!(
+            fs::read_dir(root.join("sessions/vm")).unwrap().count(),
+            0,
+            "a discard left something behind"
+        );
+    }
+
+    /// Every file in `dir` and its bytes.
+    fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let bytes = fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_damaged_session_json_is_an_error_naming_it_and_removes_nothing() {
+        let b = Backed::new();
+        let root = b.dir.path().join("st");
+        let st = StagingDir::open(&root, "repo1", "/r").unwrap();
+        let vol = b.open();
+        vol.write(0, &vec![7u8; BS]).unwrap();
+        vol.flush().unwrap();
+        vol.close();
+        drop(vol);
+        // A session after a live backup: generation 1's files, which a
+        // new session would remove as leftovers.
+        let dir = b.session();
+        Since {
+            generation: 1,
+            base: b.m.id.clone(),
+        }
+        .store(&OsStorage, &dir)
+        .unwrap();
+        fs::copy(dir.join("manifest.json"), base_copy_path(&dir, 1)).unwrap();
+        PersistentBitmap::create(
+            &OsStorage,
+            &dirty_path(&dir, 0, 1),
+            MapKind::Dirty,
+            BS as u32,
+            4,
+        )
+        .unwrap();
+        let session_json = dir.join("session.json");
+        fs::write(&session_json, b"{\"vm\": \"vm\", \"back").unwrap();
+        let before = contents(&dir);
+
+        let e = open_session(&OsStorage, &dir, &b.m)
+            .err()
+            .expect("a damaged session.json was taken for a new session");
+        assert!(
+            e.to_string().contains(&session_json.display().to_string()),
+            "{e}"
+        );
+        assert!(e.to_string().contains("release --discard vm"), "{e}");
+        assert!(
+            contents(&dir) == before,
+            "opening a damaged session changed its files"
+        );
+        assert!(st.kept_sessions("vm").is_empty());
+        assert_eq!(st.damaged_sessions("vm"), vec![b.m.id.clone()]);
+        st.discard("vm", &b.m.id).unwrap();
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_resumed_session_with_a_missing_changed_or_present_map_is_refused_naming_it() {
+        for file in ["disk0.changed", "disk0.present", "disk0.data"] {
+            let b = Backed::new();
+            let vol = b.open();
+            vol.write(0, &vec![7u8; BS]).unwrap();
+            vol.flush().unwrap();
+            vol.close();
+            drop(vol);
+            let p = b.session().join(file);
+            if file.ends_with(".data") {
+                // Emptied: as good as gone.
+                File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap();
+            } else {
+                fs::remove_file(&p).unwrap();
+            }
+            let e = open_session(&OsStorage, &b.session(), &b.m)
+                .err()
+                .unwrap_or_else(|| {
+                    panic!("a resumed session with {file} missing or emptied was opened")
+                });
+            assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+            if !file.ends_with(".data") {
+                assert!(!p.exists(), "{file} was recreated");
+            }
+        }
+    }
 
     #[test]
     fn a_locked_staging_directory_is_refused() {

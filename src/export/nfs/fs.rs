@@ -426,7 +426,12 @@ fn own_file(s: &Arc<Session>, name: &str) -> Option<Node> {
 
 /// Where a session's side files live.
 pub fn side_dir(s: &Session) -> PathBuf {
-    s.dir.join("files")
+    side_dir_in(&s.dir)
+}
+
+/// The side-file directory of the session staged in `session_dir`.
+pub fn side_dir_in(session_dir: &std::path::Path) -> PathBuf {
+    session_dir.join("files")
 }
 
 /// A name a client may give a side file: what a local filesystem accepts,
