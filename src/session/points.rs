@@ -143,15 +143,28 @@ impl Datastore {
             if there.is_empty() {
                 tracing::warn!(vm, staging = %kept.root().display(), "no export point stages where this VM's kept staging is; placing it anywhere, its data stays there");
             } else {
-                figures.retain(|f| there.contains(&f.name.as_str()));
+                // Still candidates: a point the host uses counts for its
+                // connections whether or not it can take this VM.
+                for f in figures
+                    .iter_mut()
+                    .filter(|f| !there.contains(&f.name.as_str()))
+                {
+                    f.unavailable = Some(format!(
+                        "the VM's kept staging is under {}",
+                        kept.root().display()
+                    ));
+                }
                 note = Some(format!(
                     "kept staging under {}: only the export points staging there were considered",
                     kept.root().display()
                 ));
             }
         }
-        if kept.is_none() {
-            self.admit(vm, need, &want, &mut figures)?;
+        if kept.is_none() && self.admit(vm, need, &want, &mut figures)? {
+            note = Some(format!(
+                "points whose staging has no room for its expected working set ({}) were not considered",
+                human_bytes(need)
+            ));
         }
         let mut d = placement::decide(
             figures,
@@ -167,40 +180,42 @@ impl Datastore {
 
     /// Admission under bounded staging: a new recovery is considered only
     /// at points whose staging has room (see `Budget::room`) for `need`,
-    /// its expected working set; refused in one line when none has.
+    /// its expected working set (the others are marked unavailable);
+    /// refused in one line when none has. True if any point was marked.
     fn admit(
         &self,
         vm: &str,
         need: u64,
         want: &Want,
-        figures: &mut Vec<PointFigures>,
-    ) -> Result<()> {
+        figures: &mut [PointFigures],
+    ) -> Result<bool> {
         let mut refused = vec![];
-        figures.retain(|f| {
+        for f in figures.iter_mut() {
             let room = self
                 .point(&f.name)
                 .and_then(|p| p.staging.budget().room().map(|r| (r, p.staging.clone())));
-            match room {
-                Some((r, st)) if r < need => {
-                    refused.push((
-                        f.name.clone(),
-                        format!(
-                            "export point {} (staging {}: {} free of its limit)",
-                            f.name,
-                            st.root().display(),
-                            human_bytes(r)
-                        ),
-                    ));
-                    false
-                }
-                _ => true,
+            if let Some((r, st)) = room.filter(|(r, _)| *r < need) {
+                f.unavailable = Some(format!(
+                    "staging {}: {} free of its limit",
+                    st.root().display(),
+                    human_bytes(r)
+                ));
+                refused.push((
+                    f.name.clone(),
+                    format!(
+                        "export point {} (staging {}: {} free of its limit)",
+                        f.name,
+                        st.root().display(),
+                        human_bytes(r)
+                    ),
+                ));
             }
-        });
+        }
         let named_full = match want {
             Want::Named { name, .. } => refused.iter().any(|(n, _)| n == name),
             Want::Auto => false,
         };
-        if figures.is_empty() || named_full {
+        if figures.iter().all(|f| f.unavailable.is_some()) || named_full {
             let why: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
             return Err(Error::new(
                 ErrorKind::NoSpace,
@@ -211,7 +226,7 @@ impl Datastore {
                 ),
             ));
         }
-        Ok(())
+        Ok(!refused.is_empty())
     }
 
     /// Every export point's figures, as seen by a recovery for host `ip`.

@@ -32,6 +32,11 @@ fn rig() -> Rig {
 type Points<'a> = &'a [(&'a str, Option<&'a str>)];
 
 fn rig_with(points: Points) -> Rig {
+    rig_limited(points, crate::placement::DEFAULT_MAX_CONNECTIONS_PER_HOST)
+}
+
+/// `rig_with`, each host allowed `max_conn` export points.
+fn rig_limited(points: Points, max_conn: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let (created, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
@@ -39,7 +44,7 @@ fn rig_with(points: Points) -> Rig {
     let repo =
         Repository::open_backend(Box::new(TestBackend::new(&repo_path, knobs.clone()))).unwrap();
     let repo_id = created.id().to_string();
-    let ds = datastore(dir.path(), &repo, &repo_id, points);
+    let ds = datastore_limited(dir.path(), &repo, &repo_id, points, max_conn);
     Rig {
         dir,
         repo,
@@ -50,7 +55,21 @@ fn rig_with(points: Points) -> Rig {
 }
 
 fn datastore(dir: &Path, repo: &Arc<Repository>, repo_id: &str, points: Points) -> Arc<Datastore> {
-    let mut placement = PlacementConfig::default();
+    let max_conn = crate::placement::DEFAULT_MAX_CONNECTIONS_PER_HOST;
+    datastore_limited(dir, repo, repo_id, points, max_conn)
+}
+
+fn datastore_limited(
+    dir: &Path,
+    repo: &Arc<Repository>,
+    repo_id: &str,
+    points: Points,
+    max_conn: usize,
+) -> Arc<Datastore> {
+    let mut placement = PlacementConfig {
+        max_connections_per_host: max_conn,
+        ..PlacementConfig::default()
+    };
     if !points.is_empty() {
         placement.points = points
             .iter()
@@ -417,9 +436,18 @@ fn kept_staging_in_a_points_directory_resumes_and_auto_placement_stays_among_the
     let names: Vec<&str> = d
         .candidates
         .iter()
+        .filter(|c| c.eligible)
         .map(|c| c.figures.name.as_str())
         .collect();
     assert_eq!(names, ["b", "c"], "{d:?}");
+    let a = &d.candidates[0];
+    assert_eq!(a.figures.name, "a");
+    assert!(a
+        .figures
+        .unavailable
+        .as_deref()
+        .unwrap()
+        .contains("kept staging"));
     assert!(d.note.unwrap().contains(ssd(&r).to_str().unwrap()));
     r.ds.release("vm", false).unwrap();
     // The same idle daemon places a VM without kept staging on `a`.
@@ -536,4 +564,61 @@ fn with_bounded_staging_a_new_recovery_goes_where_its_working_set_fits_or_is_ref
     fast.budget().set_limits(65536, 0);
     let e = r.ds.recover("other", None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+}
+
+/// A hypervisor, by address (nothing connects: placement counts the
+/// sessions placed for it).
+const HOST: &str = "198.51.100.7";
+
+fn for_host(point: Option<&str>) -> PlaceRequest {
+    PlaceRequest {
+        host: Some(HOST.into()),
+        export_point: point.map(String::from),
+        force: false,
+    }
+}
+
+#[test]
+fn a_host_at_its_limit_is_not_given_a_new_point_because_its_own_point_is_full() {
+    let r = rig_limited(POINTS, 1);
+    backup(&r, "vm1", 31, 4);
+    backup(&r, "vm2", 32, 4);
+    r.ds.recover_placed("vm1", None, &for_host(Some("a")))
+        .unwrap();
+    // `a`'s staging has no room for vm2's working set (4 blocks); ssd has.
+    let dirs = r.ds.stagings().to_vec();
+    let (main, fast) = (&dirs[0], dirs.iter().find(|d| d.root() == ssd(&r)).unwrap());
+    main.budget().set_limits(2 * 65536, 0);
+    fast.budget().set_limits(64 << 20, 0);
+    let e =
+        r.ds.recover_placed("vm2", None, &for_host(None))
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("--max-connections-per-host 1") && msg.contains("export point a"),
+        "{msg}"
+    );
+    let e =
+        r.ds.recover_placed("vm2", None, &for_host(Some("b")))
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(r.ds.session("vm2").is_none(), "H now uses two points");
+    // Named with --force, past the limit: the decision counts a.
+    let forced = PlaceRequest {
+        force: true,
+        ..for_host(Some("b"))
+    };
+    let d = r.ds.place("vm2", &forced, None, 4 * 65536).unwrap();
+    assert_eq!((d.chosen.as_str(), d.host_connections), ("b", 1), "{d:?}");
+    let a = d.candidates.iter().find(|c| c.figures.name == "a").unwrap();
+    assert!(!a.eligible && a.figures.host_connected, "{d:?}");
+    assert!(
+        a.figures
+            .unavailable
+            .as_deref()
+            .unwrap()
+            .contains("free of its limit"),
+        "{d:?}"
+    );
 }
