@@ -255,6 +255,10 @@ pub struct Datastore {
     /// Where the network frontends of each export point serve, for
     /// `recover` to print URLs.
     urls: RwLock<HashMap<String, ExportUrls>>,
+    /// Placements decided and not yet served (`points::Reservation`).
+    pending: Arc<Mutex<points::Pending>>,
+    /// Serialises placements from gathering figures to reserving.
+    placing: Mutex<()>,
 }
 
 /// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
@@ -297,6 +301,8 @@ impl Datastore {
             on_release: RwLock::new(vec![]),
             vm_ops: Mutex::new(HashMap::new()),
             urls: RwLock::new(HashMap::new()),
+            pending: Arc::default(),
+            placing: Mutex::new(()),
         })
     }
 
@@ -620,6 +626,7 @@ mod relocation;
 use points::PlacementRecord;
 pub use points::{
     resolve_host, HostConnections, PlaceRequest, PlacementConfig, PointStatus, RelocationProgress,
+    Reservation,
 };
 
 #[cfg(test)]
