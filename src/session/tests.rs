@@ -688,3 +688,118 @@ fn a_placement_is_reserved_until_its_session_is_served_or_its_recovery_fails() {
         "counted once, as its session"
     );
 }
+
+/// `rig()` (the default export point) with staging on fault-injecting
+/// storage.
+fn rig_faulty() -> (Rig, crate::staging::io::fault::FaultyStorage) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let (created, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
+    let knobs = Knobs::default();
+    let repo =
+        Repository::open_backend(Box::new(TestBackend::new(&repo_path, knobs.clone()))).unwrap();
+    let repo_id = created.id().to_string();
+    let faults =
+        crate::staging::io::fault::FaultyStorage::new(crate::staging::io::OsStorage::shared());
+    let staging = StagingDir::open_with(
+        &dir.path().join("staging"),
+        &repo_id,
+        "test",
+        Arc::new(faults.clone()),
+    )
+    .unwrap();
+    let prefetch = PrefetchOptions {
+        use_profile: false,
+        default_profile: false,
+        ..Default::default()
+    };
+    let ds = Datastore::new(
+        repo.clone(),
+        StagingSet::single(staging),
+        &dir.path().join("mnt"),
+        4,
+        prefetch,
+        PlacementConfig::default(),
+    );
+    let r = Rig {
+        dir,
+        repo,
+        repo_id,
+        knobs,
+        ds,
+    };
+    (r, faults)
+}
+
+#[test]
+fn placement_and_status_do_not_wait_for_a_relocation_starting_on_a_slow_disk() {
+    use crate::staging::io::fault::{Op, Rule};
+    let (r, faults) = rig_faulty();
+    backup(&r, "vm1", 41, 4);
+    r.ds.recover("vm1", None).unwrap();
+    let s1 = r.ds.session("vm1").unwrap();
+    let to = r.dir.path().join("primary");
+    std::fs::create_dir(&to).unwrap();
+    // Starting forgets the old relocation durably: a sync of the session
+    // directory, here on a disk that takes a second.
+    let slow = Duration::from_millis(1500);
+    faults.inject(Rule::delay(Op::SyncDir, s1.dir.to_str().unwrap(), slow));
+    let relocating = {
+        let (ds, to) = (r.ds.clone(), to.clone());
+        std::thread::spawn(move || ds.relocate("vm1", &to, None, false))
+    };
+    // The target is made before that sync.
+    while !to.join("vm1").exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    r.ds.place("vm2", &PlaceRequest::default(), None, 0)
+        .unwrap();
+    let placing = t.elapsed();
+    let t = Instant::now();
+    r.ds.status(&s1);
+    let status = t.elapsed();
+    assert!(
+        placing < Duration::from_millis(100) && status < Duration::from_millis(100),
+        "placement took {placing:?}, status {status:?}, behind a relocation starting"
+    );
+    assert!(
+        !relocating.is_finished(),
+        "the relocation started too soon to tell"
+    );
+    relocating.join().unwrap().unwrap();
+    assert!(r.ds.status(&s1).relocation.is_some());
+}
+
+#[test]
+fn a_relocation_that_finishes_starting_after_the_shutdown_stopped_the_copiers_stops_itself() {
+    use crate::staging::io::fault::{Op, Rule};
+    let (r, faults) = rig_faulty();
+    backup(&r, "vm1", 42, 4);
+    r.ds.recover("vm1", None).unwrap();
+    let s1 = r.ds.session("vm1").unwrap();
+    let to = r.dir.path().join("primary");
+    std::fs::create_dir(&to).unwrap();
+    let slow = Duration::from_millis(500);
+    faults.inject(Rule::delay(Op::SyncDir, s1.dir.to_str().unwrap(), slow));
+    let relocating = {
+        let (ds, to) = (r.ds.clone(), to.clone());
+        // Slow enough that it would still be copying at the end.
+        std::thread::spawn(move || ds.relocate("vm1", &to, Some(0.01), false))
+    };
+    while !to.join("vm1").exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    r.ds.stop_background();
+    assert!(
+        !relocating.is_finished(),
+        "the relocation started too soon to tell"
+    );
+    relocating.join().unwrap().unwrap();
+    let reloc = s1.relocation.lock().clone().expect("installed");
+    assert!(
+        !reloc.copier_running(),
+        "a copier started after the shutdown stopped them still runs"
+    );
+}
