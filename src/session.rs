@@ -255,6 +255,12 @@ pub struct Datastore {
     /// Where the network frontends of each export point serve, for
     /// `recover` to print URLs.
     urls: RwLock<HashMap<String, ExportUrls>>,
+    /// Placements decided and not yet served (`points::Reservation`).
+    pending: Arc<Mutex<points::Pending>>,
+    /// Serialises placements from gathering figures to reserving.
+    placing: Mutex<()>,
+    /// `stop_background` ran (shutdown).
+    stopping: AtomicBool,
 }
 
 /// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
@@ -297,6 +303,9 @@ impl Datastore {
             on_release: RwLock::new(vec![]),
             vm_ops: Mutex::new(HashMap::new()),
             urls: RwLock::new(HashMap::new()),
+            pending: Arc::default(),
+            placing: Mutex::new(()),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -464,8 +473,11 @@ impl Datastore {
         let op = self.vm_op(vm);
         let _op = op.lock();
         let s = self.served(vm)?;
-        let mut slot = s.relocation.lock();
-        if let Some(r) = slot.as_ref() {
+        // The slot changes only under the VM's operation lock (held), so
+        // its own lock is not held across the target's I/O below:
+        // placement and status take it for every session.
+        let old = s.relocation.lock().clone();
+        if let Some(r) = old.as_ref() {
             match r.state() {
                 crate::relocate::State::Failed => r.stop(),
                 crate::relocate::State::Done => {
@@ -501,7 +513,11 @@ impl Datastore {
             forbidden: &forbidden,
         })?;
         let st = r.status();
-        *slot = Some(r);
+        *s.relocation.lock() = Some(r.clone());
+        // `stop_background` may have run through the slots meanwhile.
+        if self.stopping.load(Ordering::SeqCst) {
+            r.stop();
+        }
         tracing::info!(vm, target = %st.target.display(), "relocation started");
         Ok(st)
     }
@@ -509,6 +525,9 @@ impl Datastore {
     /// Stops every relocation copier and prefetcher and saves profiles
     /// (shutdown); copiers resume on recover.
     pub fn stop_background(&self) {
+        // Before the slots are read: a relocation installed after this
+        // pass stops itself (see `relocate`).
+        self.stopping.store(true, Ordering::SeqCst);
         for s in self.sessions() {
             if let Some(r) = s.relocation.lock().as_ref() {
                 r.stop();
@@ -630,6 +649,7 @@ mod relocation;
 use points::PlacementRecord;
 pub use points::{
     resolve_host, HostConnections, PlaceRequest, PlacementConfig, PointStatus, RelocationProgress,
+    Reservation,
 };
 
 #[cfg(test)]

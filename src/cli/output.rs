@@ -285,6 +285,9 @@ pub fn placement(r: &Value, explain: bool) {
                 ""
             }
         );
+        if let Some(why) = f["unavailable"].as_str() {
+            eprintln!("  {:<12} unavailable: {why}", "");
+        }
     }
 }
 

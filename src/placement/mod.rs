@@ -12,8 +12,11 @@
 //!
 //! Kept staging does not move: a VM whose kept session resumes is placed
 //! only among the points staging where that session is (the datastore
-//! filters the figures it passes to [`decide`]; naming another point is
-//! refused).
+//! marks the others [`PointFigures::unavailable`]; naming another point is
+//! refused). Points without staging room for a new recovery are marked
+//! the same way. An unavailable point is never chosen but still counts
+//! for the host's connections: a host at its limit whose own points
+//! cannot take a VM is refused, not given another point.
 //!
 //! **Placement** ([`decide`]) is a pure function of figures the datastore
 //! gathers per export point ([`PointFigures`]):
@@ -246,6 +249,11 @@ pub struct PointFigures {
     /// The host being placed uses this point (a live TCP peer or a
     /// session placed for it).
     pub host_connected: bool,
+    /// Why this point cannot take this recovery (set by the datastore: its
+    /// staging has no room, the VM's kept staging is elsewhere). It still
+    /// counts for the host's connections; it is never chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// The parts of a prediction, in ms.
@@ -402,6 +410,11 @@ pub fn decide(
                 names.join(", ")
             )));
         };
+        if let Some(why) = &c.figures.unavailable {
+            return Err(Error::busy(format!(
+                "export point {name} cannot take it: {why}"
+            )));
+        }
         if host.is_some() && !c.figures.host_connected && !headroom && !force {
             return Err(Error::busy(format!(
                 "host {} already uses {used} export point(s), its limit (--max-connections-per-host {max_conn}); placing it on {name} needs one more connection (pass --force to place it anyway)",
@@ -411,7 +424,7 @@ pub fn decide(
         c.eligible = true;
         return Ok(decision(name.clone(), Rule::Forced, candidates));
     }
-    if candidates.len() == 1 {
+    if candidates.len() == 1 && candidates[0].figures.unavailable.is_none() {
         candidates[0].eligible = true;
         let name = candidates[0].figures.name.clone();
         return Ok(decision(name, Rule::Only, candidates));
@@ -419,7 +432,7 @@ pub fn decide(
     let best_of = |connected: bool| {
         candidates
             .iter()
-            .filter(|c| c.figures.host_connected == connected)
+            .filter(|c| c.figures.unavailable.is_none() && c.figures.host_connected == connected)
             .map(|c| c.prediction.latency_ms)
             .fold(f64::INFINITY, f64::min)
     };
@@ -432,10 +445,27 @@ pub fn decide(
         Rule::ConnectionHeadroom
     };
     for c in candidates.iter_mut() {
-        c.eligible = match rule {
-            Rule::ConnectionHeadroom => !c.figures.host_connected,
-            _ => used == 0 || c.figures.host_connected,
-        };
+        c.eligible = c.figures.unavailable.is_none()
+            && match rule {
+                Rule::ConnectionHeadroom => !c.figures.host_connected,
+                _ => used == 0 || c.figures.host_connected,
+            };
+    }
+    if !candidates.iter().any(|c| c.eligible) {
+        let why: Vec<String> = candidates
+            .iter()
+            .filter_map(|c| {
+                let u = c.figures.unavailable.as_deref()?;
+                Some(format!("export point {}: {u}", c.figures.name))
+            })
+            .collect();
+        return Err(match &host {
+            Some(h) if !headroom && used > 0 => Error::busy(format!(
+                "host {h} already uses {used} export point(s), its limit (--max-connections-per-host {max_conn}), and none of them can take it ({}); name another with --export-point NAME --force to place it anyway",
+                why.join("; ")
+            )),
+            _ => Error::busy(format!("no export point can take it ({})", why.join("; "))),
+        });
     }
     let best = candidates
         .iter()

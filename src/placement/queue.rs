@@ -251,13 +251,15 @@ impl IoQueue {
     }
 
     pub fn snapshot(&self) -> QueueFigures {
+        let st = self.st.lock();
+        // The clock is read under the lock, so after that of every
+        // completion recorded; `complete` reads it before taking the lock,
+        // so a slot ahead of ours (if ever) is skipped, never subtracted.
         let now = Instant::now();
         let sec = self.second(now);
-        let st = self.st.lock();
-        let recent = st
-            .seconds
-            .iter()
-            .filter(|s| s.requests > 0 && sec - s.at < WINDOW.as_secs());
+        let recent = st.seconds.iter().filter(|s| {
+            s.requests > 0 && sec.checked_sub(s.at).is_some_and(|d| d < WINDOW.as_secs())
+        });
         let (mut requests, mut bytes, mut service) = (0u64, [0u64; 2], Duration::ZERO);
         for s in recent {
             requests += s.requests;
@@ -363,6 +365,22 @@ mod tests {
         sync.join().unwrap();
         drop(g);
         assert!(q.try_enter(IoClass::Async, 1).is_some());
+    }
+
+    #[test]
+    fn a_second_written_by_a_completion_after_the_snapshot_read_the_clock_is_ignored() {
+        let q = IoQueue::new(8);
+        // A completion on another thread read the clock after snapshot()
+        // did and wrote its second first.
+        let ahead = q.second(Instant::now()) + 1;
+        q.st.lock().seconds[ahead as usize % SECONDS] = Second {
+            at: ahead,
+            requests: 1,
+            bytes: [4096, 0],
+            service: Duration::from_millis(1),
+        };
+        let f = q.snapshot();
+        assert_eq!((f.completed_requests, f.drain_bytes_per_s), (0, 0.0));
     }
 
     #[test]

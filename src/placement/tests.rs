@@ -241,3 +241,41 @@ fn headroom_passes_over_unused_points_far_slower_than_one_the_host_uses() {
     let d = auto(vec![only_a_relocation("b"), used], Some("h"), 4);
     assert_eq!((d.chosen.as_str(), d.rule), ("b", Rule::ConnectionHeadroom));
 }
+
+#[test]
+fn an_unavailable_point_counts_for_the_hosts_connections_but_is_never_chosen() {
+    let mut full = point("a");
+    full.host_connected = true;
+    full.unavailable = Some("no room".into());
+    let pts = vec![full, point("b")];
+    // At the limit: its own point cannot take it, b would be one too many.
+    let e = decide(
+        pts.clone(),
+        &Want::Auto,
+        Some("h".into()),
+        1,
+        &Weights::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("uses 1 export point") && msg.contains("a: no room"),
+        "{msg}"
+    );
+    // With headroom: b, and the decision says the host uses one point.
+    let d = auto(pts.clone(), Some("h"), 2);
+    assert_eq!((d.chosen.as_str(), d.host_connections), ("b", 1));
+    assert!(!d.candidates[0].eligible);
+    // Without a host too, never the unavailable point, nor by name.
+    let mut idle_full = point("a");
+    idle_full.unavailable = Some("no room".into());
+    let d = auto(vec![idle_full.clone(), busy("b", 500_000_000)], None, 4);
+    assert_eq!(d.chosen, "b");
+    let named = Want::Named {
+        name: "a".into(),
+        force: true,
+    };
+    let e = decide(vec![idle_full], &named, None, 4, &Weights::default()).unwrap_err();
+    assert!(e.to_string().contains("no room"), "{e}");
+}

@@ -532,6 +532,15 @@ impl Relocation {
         *self.thread.lock() = Some(h);
     }
 
+    /// Tests only: the copier was started, not stopped, and still runs.
+    #[cfg(test)]
+    pub(crate) fn copier_running(&self) -> bool {
+        self.thread
+            .lock()
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+    }
+
     /// Stops the copier (the copy resumes with the next `recover`).
     pub fn stop(&self) {
         self.cancel.store(true, Ordering::Release);

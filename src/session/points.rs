@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::{Datastore, Session};
 use crate::error::{Error, ErrorKind, Result};
-use crate::placement::{self, Decision, PointFigures, PointSpec, Want, Weights};
+use crate::placement::{self, Decision, ExportPoint, PointFigures, PointSpec, Want, Weights};
 use crate::staging::StagingDir;
 use crate::util::human_bytes;
 
@@ -40,6 +41,37 @@ impl Default for PlacementConfig {
             max_connections_per_host: placement::DEFAULT_MAX_CONNECTIONS_PER_HOST,
             weights: Weights::default(),
         }
+    }
+}
+
+/// Placements decided but not served yet (see [`Reservation`]).
+#[derive(Default)]
+pub(super) struct Pending {
+    next: u64,
+    list: Vec<Placed>,
+}
+
+/// One pending placement: counted as a session of its host on its point,
+/// its expected working set as taken from its point's staging room.
+struct Placed {
+    id: u64,
+    point: Arc<ExportPoint>,
+    host_ip: Option<std::net::IpAddr>,
+    need: u64,
+}
+
+/// A placement held from the decision until its session is in the table
+/// (or its recovery failed): recoveries deciding meanwhile count it, so
+/// they do not all pick the same point nor together pass a host's
+/// connection limit. Dropping it ends it.
+pub struct Reservation {
+    pending: Arc<Mutex<Pending>>,
+    id: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pending.lock().list.retain(|p| p.id != self.id);
     }
 }
 
@@ -106,15 +138,20 @@ impl Datastore {
     /// Chooses the export point for a new recovery of `vm` (see
     /// `placement`). A VM whose kept staging resumes from `kept` goes only
     /// to a point that stages there (its data does not move); when no
-    /// point does any more, to any point, reading on from `kept`.
+    /// point does any more, to any point, reading on from `kept`. The
+    /// placement is reserved until the returned guard is dropped, which
+    /// the caller does once the session is in the table (or has failed).
     pub fn place(
         &self,
         vm: &str,
         req: &PlaceRequest,
         kept: Option<&Arc<StagingDir>>,
         need: u64,
-    ) -> Result<Decision> {
+    ) -> Result<(Decision, Reservation)> {
         let ip = req.host.as_deref().map(resolve_host).transpose()?;
+        // One at a time from the figures to the reservation, so the next
+        // placement sees this one.
+        let _placing = self.placing.lock();
         let want = match req.export_point.as_deref() {
             None | Some("auto") => Want::Auto,
             Some(n) => Want::Named {
@@ -143,15 +180,28 @@ impl Datastore {
             if there.is_empty() {
                 tracing::warn!(vm, staging = %kept.root().display(), "no export point stages where this VM's kept staging is; placing it anywhere, its data stays there");
             } else {
-                figures.retain(|f| there.contains(&f.name.as_str()));
+                // Still candidates: a point the host uses counts for its
+                // connections whether or not it can take this VM.
+                for f in figures
+                    .iter_mut()
+                    .filter(|f| !there.contains(&f.name.as_str()))
+                {
+                    f.unavailable = Some(format!(
+                        "the VM's kept staging is under {}",
+                        kept.root().display()
+                    ));
+                }
                 note = Some(format!(
                     "kept staging under {}: only the export points staging there were considered",
                     kept.root().display()
                 ));
             }
         }
-        if kept.is_none() {
-            self.admit(vm, need, &want, &mut figures)?;
+        if kept.is_none() && self.admit(vm, need, &want, &mut figures)? {
+            note = Some(format!(
+                "points whose staging has no room for its expected working set ({}) were not considered",
+                human_bytes(need)
+            ));
         }
         let mut d = placement::decide(
             figures,
@@ -161,46 +211,77 @@ impl Datastore {
             &self.placement.weights,
         )?;
         d.note = note;
+        let point = self.point(&d.chosen).expect("decided among ours").clone();
+        let reservation = self.reserve(point, ip, if kept.is_some() { 0 } else { need });
         tracing::info!(vm, host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
-        Ok(d)
+        Ok((d, reservation))
+    }
+
+    /// Holds a decided placement until the guard is dropped. Kept staging
+    /// is counted already: its `need` is 0.
+    fn reserve(
+        &self,
+        point: Arc<ExportPoint>,
+        host_ip: Option<std::net::IpAddr>,
+        need: u64,
+    ) -> Reservation {
+        let mut p = self.pending.lock();
+        p.next += 1;
+        let id = p.next;
+        p.list.push(Placed {
+            id,
+            point,
+            host_ip,
+            need,
+        });
+        Reservation {
+            pending: self.pending.clone(),
+            id,
+        }
     }
 
     /// Admission under bounded staging: a new recovery is considered only
     /// at points whose staging has room (see `Budget::room`) for `need`,
-    /// its expected working set; refused in one line when none has.
+    /// its expected working set (the others are marked unavailable);
+    /// refused in one line when none has. True if any point was marked.
     fn admit(
         &self,
         vm: &str,
         need: u64,
         want: &Want,
-        figures: &mut Vec<PointFigures>,
-    ) -> Result<()> {
+        figures: &mut [PointFigures],
+    ) -> Result<bool> {
         let mut refused = vec![];
-        figures.retain(|f| {
-            let room = self
-                .point(&f.name)
-                .and_then(|p| p.staging.budget().room().map(|r| (r, p.staging.clone())));
-            match room {
-                Some((r, st)) if r < need => {
-                    refused.push((
-                        f.name.clone(),
-                        format!(
-                            "export point {} (staging {}: {} free of its limit)",
-                            f.name,
-                            st.root().display(),
-                            human_bytes(r)
-                        ),
-                    ));
-                    false
-                }
-                _ => true,
+        for f in figures.iter_mut() {
+            let room = self.point(&f.name).and_then(|p| {
+                let r = p.staging.budget().room()?;
+                Some((
+                    r.saturating_sub(self.pending_need(&p.staging)),
+                    p.staging.clone(),
+                ))
+            });
+            if let Some((r, st)) = room.filter(|(r, _)| *r < need) {
+                f.unavailable = Some(format!(
+                    "staging {}: {} free of its limit",
+                    st.root().display(),
+                    human_bytes(r)
+                ));
+                refused.push((
+                    f.name.clone(),
+                    format!(
+                        "export point {} (staging {}: {} free of its limit)",
+                        f.name,
+                        st.root().display(),
+                        human_bytes(r)
+                    ),
+                ));
             }
-        });
+        }
         let named_full = match want {
             Want::Named { name, .. } => refused.iter().any(|(n, _)| n == name),
             Want::Auto => false,
         };
-        if figures.is_empty() || named_full {
+        if figures.iter().all(|f| f.unavailable.is_some()) || named_full {
             let why: Vec<String> = refused.into_iter().map(|(_, w)| w).collect();
             return Err(Error::new(
                 ErrorKind::NoSpace,
@@ -211,11 +292,31 @@ impl Datastore {
                 ),
             ));
         }
-        Ok(())
+        Ok(!refused.is_empty())
     }
 
-    /// Every export point's figures, as seen by a recovery for host `ip`.
+    /// Staging room taken by placements not served yet, in `staging`.
+    fn pending_need(&self, staging: &Arc<StagingDir>) -> u64 {
+        let pending = self.pending.lock();
+        let mine = pending
+            .list
+            .iter()
+            .filter(|p| Arc::ptr_eq(&p.point.staging, staging));
+        mine.map(|p| p.need).sum()
+    }
+
+    /// Every export point's figures, as seen by a recovery for host `ip`;
+    /// placements not served yet count as sessions of their host.
     pub fn point_figures(&self, ip: Option<std::net::IpAddr>) -> Vec<PointFigures> {
+        // Before the table: a reservation is dropped only after its session
+        // is in it, so a recovery is counted at least once.
+        let pending: Vec<(Arc<ExportPoint>, Option<std::net::IpAddr>)> = {
+            let p = self.pending.lock();
+            p.list
+                .iter()
+                .map(|p| (p.point.clone(), p.host_ip))
+                .collect()
+        };
         let sessions = self.sessions();
         let repo_fetch_ms = repo_fetch_ms(&sessions);
         self.points
@@ -225,12 +326,18 @@ impl Datastore {
                     .iter()
                     .filter(|s| Arc::ptr_eq(&s.point, p))
                     .collect();
-                let placed_for_host =
-                    ip.is_some_and(|ip| mine.iter().any(|s| s.host_ip == Some(ip)));
+                let reserved: Vec<Option<std::net::IpAddr>> = pending
+                    .iter()
+                    .filter(|(q, _)| Arc::ptr_eq(q, p))
+                    .map(|(_, h)| *h)
+                    .collect();
+                let placed_for_host = ip.is_some_and(|ip| {
+                    mine.iter().any(|s| s.host_ip == Some(ip)) || reserved.contains(&Some(ip))
+                });
                 let mut f = PointFigures {
                     name: p.name().into(),
                     queue: p.queue.snapshot(),
-                    sessions: mine.len(),
+                    sessions: mine.len() + reserved.len(),
                     repo_fetch_ms,
                     host_connected: ip.is_some_and(|ip| p.has_host(ip)) || placed_for_host,
                     ..Default::default()

@@ -98,13 +98,15 @@ impl Datastore {
         let restarted = matches!(placing, Placing::Kept { .. });
         // Which kept staging resumes decides where the VM may go: its
         // data stays in the staging directory it is in.
-        let (point, host, decision, chosen) = match placing {
+        // `reserved` is held until the session is in the table (any
+        // return before drops it): recoveries placed meanwhile count it.
+        let (point, host, decision, chosen, reserved) = match placing {
             Placing::New(req) => {
                 let chosen = self.choose_manifest(vm, backup, None)?;
                 let need = self.expected_working_set(vm, &chosen.manifest);
-                let d = self.place(vm, req, chosen.kept.as_ref(), need)?;
+                let (d, reserved) = self.place(vm, req, chosen.kept.as_ref(), need)?;
                 let p = self.point(&d.chosen).expect("decided among ours").clone();
-                (p, req.host.clone(), Some(d), chosen)
+                (p, req.host.clone(), Some(d), chosen, Some(reserved))
             }
             Placing::Kept {
                 point,
@@ -114,7 +116,7 @@ impl Datastore {
                 let mut chosen = self.choose_manifest(vm, backup, Some(&staging))?;
                 let p = self.kept_point(vm, &point, &staging);
                 chosen.kept = Some(staging);
-                (p, host, None, chosen)
+                (p, host, None, chosen, None)
             }
         };
         let Chosen {
@@ -212,6 +214,8 @@ impl Datastore {
         self.start_prefetch(&session);
         upload::resume(&self.repo, &session);
         self.sessions.write().insert(vm.into(), session.clone());
+        // Counted as a session from now on.
+        drop(reserved);
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
         Ok(self.info(&session, false, skipped, decision))
     }

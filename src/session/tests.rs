@@ -32,6 +32,11 @@ fn rig() -> Rig {
 type Points<'a> = &'a [(&'a str, Option<&'a str>)];
 
 fn rig_with(points: Points) -> Rig {
+    rig_limited(points, crate::placement::DEFAULT_MAX_CONNECTIONS_PER_HOST)
+}
+
+/// `rig_with`, each host allowed `max_conn` export points.
+fn rig_limited(points: Points, max_conn: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let repo_path = dir.path().join("repo");
     let (created, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
@@ -39,7 +44,7 @@ fn rig_with(points: Points) -> Rig {
     let repo =
         Repository::open_backend(Box::new(TestBackend::new(&repo_path, knobs.clone()))).unwrap();
     let repo_id = created.id().to_string();
-    let ds = datastore(dir.path(), &repo, &repo_id, points);
+    let ds = datastore_limited(dir.path(), &repo, &repo_id, points, max_conn);
     Rig {
         dir,
         repo,
@@ -50,7 +55,21 @@ fn rig_with(points: Points) -> Rig {
 }
 
 fn datastore(dir: &Path, repo: &Arc<Repository>, repo_id: &str, points: Points) -> Arc<Datastore> {
-    let mut placement = PlacementConfig::default();
+    let max_conn = crate::placement::DEFAULT_MAX_CONNECTIONS_PER_HOST;
+    datastore_limited(dir, repo, repo_id, points, max_conn)
+}
+
+fn datastore_limited(
+    dir: &Path,
+    repo: &Arc<Repository>,
+    repo_id: &str,
+    points: Points,
+    max_conn: usize,
+) -> Arc<Datastore> {
+    let mut placement = PlacementConfig {
+        max_connections_per_host: max_conn,
+        ..PlacementConfig::default()
+    };
     if !points.is_empty() {
         placement.points = points
             .iter()
@@ -434,9 +453,18 @@ fn kept_staging_in_a_points_directory_resumes_and_auto_placement_stays_among_the
     let names: Vec<&str> = d
         .candidates
         .iter()
+        .filter(|c| c.eligible)
         .map(|c| c.figures.name.as_str())
         .collect();
     assert_eq!(names, ["b", "c"], "{d:?}");
+    let a = &d.candidates[0];
+    assert_eq!(a.figures.name, "a");
+    assert!(a
+        .figures
+        .unavailable
+        .as_deref()
+        .unwrap()
+        .contains("kept staging"));
     assert!(d.note.unwrap().contains(ssd(&r).to_str().unwrap()));
     r.ds.release("vm", false).unwrap();
     // The same idle daemon places a VM without kept staging on `a`.
@@ -576,4 +604,242 @@ fn a_session_resumed_after_a_restart_records_no_boot_profile_of_its_running_gues
         .map(|rec| rec.disks[0].accesses.iter().map(|a| a.0).collect())
         .collect();
     assert_eq!(blocks, [vec![0]], "a resumed session recorded a boot");
+}
+
+/// A hypervisor, by address (nothing connects: placement counts the
+/// sessions placed for it).
+const HOST: &str = "198.51.100.7";
+
+fn for_host(point: Option<&str>) -> PlaceRequest {
+    PlaceRequest {
+        host: Some(HOST.into()),
+        export_point: point.map(String::from),
+        force: false,
+    }
+}
+
+#[test]
+fn a_host_at_its_limit_is_not_given_a_new_point_because_its_own_point_is_full() {
+    let r = rig_limited(POINTS, 1);
+    backup(&r, "vm1", 31, 4);
+    backup(&r, "vm2", 32, 4);
+    r.ds.recover_placed("vm1", None, &for_host(Some("a")))
+        .unwrap();
+    // `a`'s staging has no room for vm2's working set (4 blocks); ssd has.
+    let dirs = r.ds.stagings().to_vec();
+    let (main, fast) = (&dirs[0], dirs.iter().find(|d| d.root() == ssd(&r)).unwrap());
+    main.budget().set_limits(2 * 65536, 0);
+    fast.budget().set_limits(64 << 20, 0);
+    let e =
+        r.ds.recover_placed("vm2", None, &for_host(None))
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("--max-connections-per-host 1") && msg.contains("export point a"),
+        "{msg}"
+    );
+    let e =
+        r.ds.recover_placed("vm2", None, &for_host(Some("b")))
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(r.ds.session("vm2").is_none(), "H now uses two points");
+    // Named with --force, past the limit: the decision counts a.
+    let forced = PlaceRequest {
+        force: true,
+        ..for_host(Some("b"))
+    };
+    let (d, _) = r.ds.place("vm2", &forced, None, 4 * 65536).unwrap();
+    assert_eq!((d.chosen.as_str(), d.host_connections), ("b", 1), "{d:?}");
+    let a = d.candidates.iter().find(|c| c.figures.name == "a").unwrap();
+    assert!(!a.eligible && a.figures.host_connected, "{d:?}");
+    assert!(
+        a.figures
+            .unavailable
+            .as_deref()
+            .unwrap()
+            .contains("free of its limit"),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_placement_not_yet_served_counts_for_the_next() {
+    // One point per host: vm2 joins vm1's point; four: it spreads, as it
+    // would once vm1 is served.
+    for (max_conn, same) in [(1, true), (4, false)] {
+        let r = rig_limited(POINTS, max_conn);
+        let (d1, _held) = r.ds.place("vm1", &for_host(None), None, 0).unwrap();
+        let (d2, _) = r.ds.place("vm2", &for_host(None), None, 0).unwrap();
+        assert_eq!(d1.chosen == d2.chosen, same, "{max_conn}: {d1:?} {d2:?}");
+        assert_eq!(d2.host_connections, 1, "{d2:?}");
+    }
+    // Its expected working set takes staging room until it is served.
+    let r = rig_limited(POINTS, 4);
+    let dirs = r.ds.stagings().to_vec();
+    dirs[0].budget().set_limits(3 * 65536, 0);
+    let (d1, held) =
+        r.ds.place("vm1", &PlaceRequest::default(), None, 2 * 65536)
+            .unwrap();
+    assert_eq!(d1.chosen, "a");
+    let (d2, _) =
+        r.ds.place("vm2", &PlaceRequest::default(), None, 2 * 65536)
+            .unwrap();
+    assert_ne!(d2.chosen, "a", "{d2:?}");
+    drop(held);
+    let (d3, _) =
+        r.ds.place("vm3", &PlaceRequest::default(), None, 2 * 65536)
+            .unwrap();
+    assert_eq!(d3.chosen, "a", "a dropped reservation still counts: {d3:?}");
+}
+
+#[test]
+fn a_placement_is_reserved_until_its_session_is_served_or_its_recovery_fails() {
+    let r = rig_limited(POINTS, 4);
+    let (b1, _) = backup(&r, "vm", 33, 4);
+    let host = resolve_host(HOST).unwrap();
+    let placed_for_host = |r: &Rig| -> Vec<(String, usize)> {
+        r.ds.point_figures(Some(host))
+            .into_iter()
+            .filter(|f| f.host_connected || f.sessions > 0)
+            .map(|f| (f.name, f.sessions))
+            .collect()
+    };
+    // The manifest goes just as the session pins it: the recovery fails
+    // after it was placed.
+    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
+    let key = format!("backups/vm/{b1}.json");
+    r.knobs.before_first("pins/vm/", move || {
+        use crate::repo::backend::Backend;
+        plain.delete(&key).unwrap()
+    });
+    r.ds.recover_placed("vm", None, &for_host(None))
+        .unwrap_err();
+    assert_eq!(
+        placed_for_host(&r),
+        vec![],
+        "a failed recovery still counts"
+    );
+    backup(&r, "vm", 34, 4);
+    let info = r.ds.recover_placed("vm", None, &for_host(None)).unwrap();
+    assert_eq!(
+        placed_for_host(&r),
+        vec![(info.export_point, 1)],
+        "counted once, as its session"
+    );
+}
+
+/// `rig()` (the default export point) with staging on fault-injecting
+/// storage.
+fn rig_faulty() -> (Rig, crate::staging::io::fault::FaultyStorage) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_path = dir.path().join("repo");
+    let (created, _) = Repository::open_or_create(repo_path.to_str().unwrap()).unwrap();
+    let knobs = Knobs::default();
+    let repo =
+        Repository::open_backend(Box::new(TestBackend::new(&repo_path, knobs.clone()))).unwrap();
+    let repo_id = created.id().to_string();
+    let faults =
+        crate::staging::io::fault::FaultyStorage::new(crate::staging::io::OsStorage::shared());
+    let staging = StagingDir::open_with(
+        &dir.path().join("staging"),
+        &repo_id,
+        "test",
+        Arc::new(faults.clone()),
+    )
+    .unwrap();
+    let prefetch = PrefetchOptions {
+        use_profile: false,
+        default_profile: false,
+        ..Default::default()
+    };
+    let ds = Datastore::new(
+        repo.clone(),
+        StagingSet::single(staging),
+        &dir.path().join("mnt"),
+        4,
+        prefetch,
+        PlacementConfig::default(),
+    );
+    let r = Rig {
+        dir,
+        repo,
+        repo_id,
+        knobs,
+        ds,
+    };
+    (r, faults)
+}
+
+#[test]
+fn placement_and_status_do_not_wait_for_a_relocation_starting_on_a_slow_disk() {
+    use crate::staging::io::fault::{Op, Rule};
+    let (r, faults) = rig_faulty();
+    backup(&r, "vm1", 41, 4);
+    r.ds.recover("vm1", None).unwrap();
+    let s1 = r.ds.session("vm1").unwrap();
+    let to = r.dir.path().join("primary");
+    std::fs::create_dir(&to).unwrap();
+    // Starting forgets the old relocation durably: a sync of the session
+    // directory, here on a disk that takes a second.
+    let slow = Duration::from_millis(1500);
+    faults.inject(Rule::delay(Op::SyncDir, s1.dir.to_str().unwrap(), slow));
+    let relocating = {
+        let (ds, to) = (r.ds.clone(), to.clone());
+        std::thread::spawn(move || ds.relocate("vm1", &to, None, false))
+    };
+    // The target is made before that sync.
+    while !to.join("vm1").exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    r.ds.place("vm2", &PlaceRequest::default(), None, 0)
+        .unwrap();
+    let placing = t.elapsed();
+    let t = Instant::now();
+    r.ds.status(&s1);
+    let status = t.elapsed();
+    assert!(
+        placing < Duration::from_millis(100) && status < Duration::from_millis(100),
+        "placement took {placing:?}, status {status:?}, behind a relocation starting"
+    );
+    assert!(
+        !relocating.is_finished(),
+        "the relocation started too soon to tell"
+    );
+    relocating.join().unwrap().unwrap();
+    assert!(r.ds.status(&s1).relocation.is_some());
+}
+
+#[test]
+fn a_relocation_that_finishes_starting_after_the_shutdown_stopped_the_copiers_stops_itself() {
+    use crate::staging::io::fault::{Op, Rule};
+    let (r, faults) = rig_faulty();
+    backup(&r, "vm1", 42, 4);
+    r.ds.recover("vm1", None).unwrap();
+    let s1 = r.ds.session("vm1").unwrap();
+    let to = r.dir.path().join("primary");
+    std::fs::create_dir(&to).unwrap();
+    let slow = Duration::from_millis(500);
+    faults.inject(Rule::delay(Op::SyncDir, s1.dir.to_str().unwrap(), slow));
+    let relocating = {
+        let (ds, to) = (r.ds.clone(), to.clone());
+        // Slow enough that it would still be copying at the end.
+        std::thread::spawn(move || ds.relocate("vm1", &to, Some(0.01), false))
+    };
+    while !to.join("vm1").exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    r.ds.stop_background();
+    assert!(
+        !relocating.is_finished(),
+        "the relocation started too soon to tell"
+    );
+    relocating.join().unwrap().unwrap();
+    let reloc = s1.relocation.lock().clone().expect("installed");
+    assert!(
+        !reloc.copier_running(),
+        "a copier started after the shutdown stopped them still runs"
+    );
 }
