@@ -136,6 +136,11 @@ impl Datastore {
                 )
             })
             .collect::<Vec<_>>();
+        // From here on a failure must leave nothing of this attempt behind.
+        let mut unstarted = Unstarted {
+            disks: disks.clone(),
+            relocation: None,
+        };
         for d in &disks {
             d.set_queue(point.queue.clone());
             d.attach_budget(staging.budget().clone(), dir.clone());
@@ -150,6 +155,7 @@ impl Datastore {
             config_json: &config_json,
             session_dir: &dir,
         })?;
+        unstarted.relocation = relocation.clone();
         let session = Arc::new(Session {
             vm: vm.into(),
             backup: manifest.id.clone(),
@@ -186,6 +192,8 @@ impl Datastore {
             &manifest.id,
             &serde_json::to_vec(&record).expect("json"),
         )?;
+        // Nothing below fails: the session is started.
+        unstarted.disarm();
         self.pin(&session, true);
         if let Some(p) = new_pin {
             p.keep();
@@ -290,6 +298,36 @@ impl Datastore {
             export_point: s.point.name().into(),
             host: s.host.clone(),
             placement,
+        }
+    }
+}
+
+/// What a recovery has started before it is served: undone on drop unless
+/// disarmed, so a `recover` that fails part way leaves no copier running
+/// on volumes no session serves (a retried `recover` builds new ones over
+/// the same files: the orphan would copy stale data into the target and
+/// could commit a cutover missing every later write) and no disk counted
+/// as served by the staging budget.
+struct Unstarted {
+    disks: Vec<Arc<Volume>>,
+    relocation: Option<Arc<Relocation>>,
+}
+
+impl Unstarted {
+    fn disarm(&mut self) {
+        self.disks.clear();
+        self.relocation = None;
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        // The copier first (joined): it reads and writes through the disks.
+        if let Some(r) = self.relocation.take() {
+            r.stop();
+        }
+        for d in self.disks.drain(..) {
+            d.close();
         }
     }
 }
