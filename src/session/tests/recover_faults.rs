@@ -135,3 +135,37 @@ fn a_recover_that_fails_after_its_disks_joined_the_staging_budget_leaves_them_co
     let released = budget.status();
     assert_eq!((released.kept, released.used), (kept.kept, kept.used));
 }
+
+#[test]
+fn a_release_whose_active_marker_cannot_be_removed_durably_still_releases_fully() {
+    let r = rig();
+    let (b1, _) = backup(&r, "unmark", 63, 4);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = restart_over(r, &faults);
+    let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = released.clone();
+    r.ds.add_on_release(Box::new(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+    }));
+    r.ds.recover("unmark", None).unwrap();
+    disk(&r, "unmark").write(0, b"kept").unwrap();
+    let dir = r.ds.session("unmark").unwrap().dir.clone();
+    // The flushes are done when the marker goes: only its removal's
+    // directory sync fails.
+    faults.inject(Rule::fail(Op::SyncDir, dir.to_str().unwrap(), libc::EIO).times(1));
+    let e = r.ds.release("unmark", false).unwrap_err();
+    assert_eq!(faults.injected(), 1, "{e}");
+    assert!(r.ds.session("unmark").is_none());
+    assert_eq!(released.load(Ordering::SeqCst), 1, "on_release hooks ran");
+    let pins = crate::repo::pins::of_vm(&r.repo, "unmark").unwrap();
+    assert_eq!(
+        (pins.len(), pins[0].state.as_str(), pins[0].backups.clone()),
+        (1, "kept", vec![b1])
+    );
+    assert!(e.to_string().contains("was released"), "{e}");
+    // Released for good: resumed only when asked, with the write.
+    let r = restart(r, &[]);
+    assert!(r.ds.session("unmark").is_none());
+    r.ds.recover("unmark", None).unwrap();
+    assert_eq!(disk(&r, "unmark").read(0, 4).unwrap(), b"kept");
+}
