@@ -7,7 +7,9 @@
 //! marked active (served again by a restarted daemon) only once its
 //! staging is complete on disk (`open_session` writes `session.json`
 //! last), and it is in the session table, visible to the frontends, only
-//! after that.
+//! after that. A recover that fails part way stops and closes what it
+//! started (`Unstarted`): nothing of it runs on beside the session a
+//! retried recover builds over the same files.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
