@@ -162,10 +162,40 @@ fn a_release_whose_active_marker_cannot_be_removed_durably_still_releases_fully(
         (pins.len(), pins[0].state.as_str(), pins[0].backups.clone()),
         (1, "kept", vec![b1])
     );
-    assert!(e.to_string().contains("was released"), "{e}");
+    assert!(e.to_string().contains("may still be marked active"), "{e}");
     // Released for good: resumed only when asked, with the write.
     let r = restart(r, &[]);
     assert!(r.ds.session("unmark").is_none());
     r.ds.recover("unmark", None).unwrap();
     assert_eq!(disk(&r, "unmark").read(0, 4).unwrap(), b"kept");
+}
+
+#[test]
+fn a_release_whose_discard_cannot_be_made_durable_still_releases_fully_and_stays_pinned() {
+    let r = rig();
+    let (b1, _) = backup(&r, "dropvm", 64, 4);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = restart_over(r, &faults);
+    let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = released.clone();
+    r.ds.add_on_release(Box::new(move |_| {
+        seen.fetch_add(1, Ordering::SeqCst);
+    }));
+    r.ds.recover("dropvm", None).unwrap();
+    // The sync of the VM's directory after its session's is removed.
+    faults.inject(Rule::fail(Op::SyncDir, "/sessions/dropvm", libc::EIO).times(1));
+    let e = r.ds.release("dropvm", true).unwrap_err();
+    assert_eq!(faults.injected(), 1, "{e}");
+    assert!(r.ds.session("dropvm").is_none());
+    assert_eq!(released.load(Ordering::SeqCst), 1, "on_release hooks ran");
+    // Whatever of the staging is left stays protected from forget.
+    let pins = crate::repo::pins::of_vm(&r.repo, "dropvm").unwrap();
+    assert_eq!(
+        (pins.len(), pins[0].state.as_str(), pins[0].backups.clone()),
+        (1, "kept", vec![b1])
+    );
+    assert!(
+        e.to_string().contains("could not be fully discarded"),
+        "{e}"
+    );
 }
