@@ -403,8 +403,9 @@ impl Datastore {
     /// Ends a session after making its staging durable. Refused while any
     /// disk file is open. With `discard`, the staging data is deleted. Once
     /// this returns, nothing of the session writes to staging any more. A
-    /// disk whose staging could not be made durable is reported as an error
-    /// after the session is released.
+    /// disk whose staging could not be made durable, or an `active` marker
+    /// (or discarded staging) that could not be removed durably, is
+    /// reported as an error after the session is released in full.
     pub fn release(&self, vm: &str, discard: bool) -> Result<String> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
@@ -438,17 +439,45 @@ impl Datastore {
                 failed.push(format!("disk{}: {e}", d.index));
             }
         }
-        if discard {
-            session.staging.discard(vm, &session.backup)?;
-            self.unpin(vm, &session.backup, &session.dir);
+        // The session is closed for good: it is released fully (pin, hooks)
+        // whatever fails below, and the failure is reported after.
+        let unmarked = if discard {
+            let r = session.staging.discard(vm, &session.backup);
+            match &r {
+                Ok(()) => self.unpin(vm, &session.backup, &session.dir),
+                // What is left of the staging stays protected.
+                Err(_) => self.pin(&session, false),
+            }
+            r.map_err(|e| {
+                e.context(format!(
+                    "VM {vm} was released, but its staging could not be fully discarded \
+                     (what is left stays, kept and pinned)"
+                ))
+            })
         } else {
-            session.staging.set_active(vm, &session.backup, false)?;
+            let r = session.staging.set_active(vm, &session.backup, false);
             self.pin(&session, false);
-        }
+            // A restarted daemon that finds the marker serves it again,
+            // pinned as served: never half released.
+            r.map_err(|e| {
+                let durable = match failed.is_empty() {
+                    true => String::new(),
+                    false => format!(
+                        ", and it is not fully durable ({}): writes since the last good flush may be lost",
+                        failed.join("; ")
+                    ),
+                };
+                e.context(format!(
+                    "VM {vm} was released, but its staging may still be marked active \
+                     (a restarted daemon may serve it again){durable}"
+                ))
+            })
+        };
         for f in self.on_release.read().iter() {
             f(&session);
         }
         tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
+        unmarked?;
         if !failed.is_empty() && !discard {
             return Err(Error::new(
                 ErrorKind::Io,

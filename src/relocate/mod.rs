@@ -334,10 +334,19 @@ impl Relocation {
         let r = Self::open(src, meta, Open::Empty)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
-        r.storage
+        let recorded = r
+            .storage
             .sync_dir(&r.target_dir)
-            .ctx(|| format!("fsync directory {}", r.target_dir.display()))?;
-        r.store_meta()?;
+            .ctx(|| format!("fsync directory {}", r.target_dir.display()))
+            .and_then(|()| r.store_meta());
+        if let Err(e) = recorded {
+            // Not started: no disk may keep tracking its copies (eviction
+            // would wait for copied bits, passthrough stay refused).
+            for d in src.disks {
+                d.untrack_copies();
+            }
+            return Err(e);
+        }
         Ok(r)
     }
 

@@ -620,3 +620,36 @@ fn a_relocation_paused_before_a_restart_stays_paused_until_resumed() {
     assert!(disks.iter().all(|d| d.is_switched()));
     assert!(rig.target_bytes(0) == rig.images[0]);
 }
+
+#[test]
+fn a_relocation_whose_record_cannot_be_written_leaves_no_disk_tracking_copies() {
+    let rig = rig();
+    let disks = rig.volumes();
+    for d in &disks {
+        d.read(0, BLOCKS * BS).unwrap();
+        // Fully staged: a direct (passthrough) reader may read staging.
+        assert!(d.begin_direct_read().is_some());
+        d.end_direct_read();
+    }
+    rig.faults
+        .inject(Rule::fail(Op::Rename, "relocation.json", libc::ENOSPC).times(1));
+    let meta = Meta {
+        target: rig.dir.path().join("primary/vm"),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+    };
+    let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
+    assert_eq!(rig.faults.injected(), 1, "{e}");
+    // No relocation started: nothing may hold the disks to one (eviction
+    // waits for copied bits, passthrough is refused, as while copying).
+    for d in &disks {
+        assert!(
+            d.begin_direct_read().is_some(),
+            "disk{} still tracks the copies of a relocation that never started",
+            d.index
+        );
+        d.end_direct_read();
+    }
+}

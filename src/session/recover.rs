@@ -7,7 +7,9 @@
 //! marked active (served again by a restarted daemon) only once its
 //! staging is complete on disk (`open_session` writes `session.json`
 //! last), and it is in the session table, visible to the frontends, only
-//! after that.
+//! after that. A recover that fails part way stops and closes what it
+//! started (`Unstarted`): nothing of it runs on beside the session a
+//! retried recover builds over the same files.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -157,6 +159,11 @@ impl Datastore {
                 )
             })
             .collect::<Vec<_>>();
+        // From here on a failure must leave nothing of this attempt behind.
+        let mut unstarted = Unstarted {
+            disks: disks.clone(),
+            relocation: None,
+        };
         for d in &disks {
             d.set_queue(point.queue.clone());
             d.attach_budget(staging.budget().clone(), dir.clone());
@@ -171,6 +178,7 @@ impl Datastore {
             config_json: &config_json,
             session_dir: &dir,
         })?;
+        unstarted.relocation = relocation.clone();
         let session = Arc::new(Session {
             vm: vm.into(),
             backup: manifest.id.clone(),
@@ -207,6 +215,8 @@ impl Datastore {
             &manifest.id,
             &serde_json::to_vec(&record).expect("json"),
         )?;
+        // Nothing below fails: the session is started.
+        unstarted.disarm();
         self.pin(&session, true);
         if let Some(p) = new_pin {
             p.keep();
@@ -313,6 +323,36 @@ impl Datastore {
             export_point: s.point.name().into(),
             host: s.host.clone(),
             placement,
+        }
+    }
+}
+
+/// What a recovery has started before it is served: undone on drop unless
+/// disarmed, so a `recover` that fails part way leaves no copier running
+/// on volumes no session serves (a retried `recover` builds new ones over
+/// the same files: the orphan would copy stale data into the target and
+/// could commit a cutover missing every later write) and no disk counted
+/// as served by the staging budget.
+struct Unstarted {
+    disks: Vec<Arc<Volume>>,
+    relocation: Option<Arc<Relocation>>,
+}
+
+impl Unstarted {
+    fn disarm(&mut self) {
+        self.disks.clear();
+        self.relocation = None;
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        // The copier first (joined): it reads and writes through the disks.
+        if let Some(r) = self.relocation.take() {
+            r.stop();
+        }
+        for d in self.disks.drain(..) {
+            d.close();
         }
     }
 }
