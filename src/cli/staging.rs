@@ -92,6 +92,15 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
     }
     for s in &all {
         let daemon = served.iter().any(|(d, p)| *d == s.staging && p.is_some());
+        if let Some(why) = &s.damaged {
+            println!(
+                "{}  {}  {}  DAMAGED, cannot be resumed (staging drop removes it): {why}",
+                s.staging.display(),
+                s.vm,
+                s.backup
+            );
+            continue;
+        }
         println!(
             "{}  {}  {}  {} disk(s)  holds {}  changed {}  recovered {}{}",
             s.staging.display(),

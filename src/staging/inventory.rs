@@ -32,6 +32,9 @@ pub struct KeptSession {
     /// Marked active: a daemon served it last (and serves it now if the
     /// directory is locked).
     pub active: bool,
+    /// Why its `session.json` cannot be read: it cannot be resumed, only
+    /// dropped (the other figures are then 0 but `bytes_held`).
+    pub damaged: Option<String>,
 }
 
 /// The pid of the daemon holding `root`'s lock, `Some(0)` if held by an
@@ -75,7 +78,18 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
                 Ok(Some(meta)) => meta,
                 Ok(None) => continue, // never completed: not a session
                 Err(e) => {
-                    tracing::warn!("not listed: {e}");
+                    // Shown, so that it can be seen and dropped.
+                    out.push(KeptSession {
+                        staging: root.to_path_buf(),
+                        vm: vm.file_name().to_string_lossy().into_owned(),
+                        backup: s.file_name().to_string_lossy().into_owned(),
+                        disks: 0,
+                        bytes_held: allocated_data_bytes(&dir),
+                        changed_bytes: 0,
+                        last_recovered: 0,
+                        active: dir.join("active").exists(),
+                        damaged: Some(e.to_string()),
+                    });
                     continue;
                 }
             };
@@ -88,6 +102,7 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
                 last_recovered: meta.last_recovered,
                 vm: meta.vm,
                 backup: meta.backup,
+                damaged: None,
             });
         }
     }
@@ -139,4 +154,32 @@ pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<
         )));
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_kept_session_is_listed_as_such_and_can_be_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("staging");
+        drop(super::super::StagingDir::open(&root, "repo1", "/r").unwrap());
+        let dir = root.join("sessions/vm/20261123-120000");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("session.json"), b"{not json").unwrap();
+        let l = list(&root).unwrap();
+        assert_eq!(l.len(), 1, "a damaged session is not listed");
+        assert_eq!(
+            (l[0].vm.as_str(), l[0].backup.as_str()),
+            ("vm", "20261123-120000")
+        );
+        let why = l[0].damaged.as_deref().expect("shown as damaged");
+        assert!(why.contains("session.json"), "{why}");
+        assert_eq!(
+            drop_sessions(&root, "vm", None).unwrap(),
+            ["20261123-120000"]
+        );
+        assert!(!dir.exists());
+    }
 }
