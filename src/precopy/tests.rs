@@ -476,6 +476,54 @@ fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
 }
 
 #[test]
+fn a_gated_round_cut_at_its_end_stays_cut_when_the_wall_clock_steps_back_so_unread_chunks_keep_no_proof(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let end = SystemTime::now() + Duration::from_secs(3600);
+    let o = opts(&v, state.path(), End::Until(end));
+    // No backup: the round reads all 240 chunks with data, 8 batches. The
+    // first look at the clock (the first read's) is past the end, every
+    // later one 10 s before it.
+    let looks = Arc::new(AtomicU64::new(0));
+    let l = looks.clone();
+    let clock: round::Clock = Arc::new(move || match l.fetch_add(1, Ordering::SeqCst) {
+        0 => end + Duration::from_secs(1),
+        _ => end - Duration::from_secs(10),
+    });
+    let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+    let mut job = round::Job::start(repo.clone(), &o, dir).unwrap();
+    job.set_clock(clock);
+    let rep = job.round(&o, &Control::default(), true).unwrap();
+    drop(job);
+    assert!(looks.load(Ordering::SeqCst) >= 1, "the clock was not read");
+    let s = StateDir::open(state.path(), repo.id(), "pc")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert!(
+        !s.clean_at(rep.round),
+        "a cut round counted as complete: {rep:?}"
+    );
+    // Whatever the state says is proven is the disk's content (random
+    // bytes: a chunk recorded as zeros must be zeros).
+    let d = &s.disks[0];
+    for (k, since) in d.since.iter().enumerate() {
+        if since.is_some() {
+            let c = &data[k * CHUNK as usize..(k + 1) * CHUNK as usize];
+            assert_eq!(
+                d.chunks[k].is_none(),
+                c.iter().all(|&b| b == 0),
+                "chunk {k} is recorded as proven by round {since:?} with stale content"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_throttled_chunk_costs_its_wait_for_the_workers_but_not_a_checkpoint_or_halt_before_it() {
     let t = Instant::now();
     let ms = Duration::from_millis;
