@@ -98,6 +98,11 @@ pub use jobs::{JobStatus, Jobs, StartRequest};
 pub use state::{State, StateDir};
 pub use throttle::{Gate, IoCounts, Load, LoadLimit, LoadSource, Throttle};
 
+/// The lowest `--max-rate`, bytes per second (an 8 MiB chunk then takes
+/// two minutes): near 0 one chunk would wait for ages, and below about
+/// 1e-13 its due time overflows a `Duration`.
+pub const MIN_RATE: f64 = 65536.0;
+
 /// Where the state lives unless told.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/recoverfs/precopy";
 
@@ -252,8 +257,11 @@ fn check(opts: &Options) -> Result<()> {
         return Err(Error::invalid("--every must be more than 0 seconds"));
     }
     if let Some(r) = opts.max_rate {
-        if r.is_nan() || r <= 0.0 {
-            return Err(Error::invalid("--max-rate must be more than 0"));
+        if r.is_nan() || r < MIN_RATE {
+            return Err(Error::invalid(format!(
+                "--max-rate must be at least {} MB/s (64 KiB/s)",
+                MIN_RATE / 1e6
+            )));
         }
     }
     Ok(())

@@ -16,7 +16,7 @@ use super::cycle::{
 use super::direct::{self, DirectFile};
 use super::priority;
 use super::state::{State, StateDir};
-use super::throttle::{Gate, Throttle};
+use super::throttle::{Gate, Throttle, PAUSE_SLICE};
 use super::{Control, End, FinalReport, Options, RoundReport};
 use crate::error::{Error, Result};
 use crate::qemu::fleece;
@@ -387,7 +387,7 @@ impl Job {
         let throttle = &self.throttle;
         // When the last read (and its throttled pause) ended.
         let last_end: Mutex<Option<Instant>> = Mutex::new(None);
-        // Set when a gated read gives up because the round is cut short.
+        // Set when a read gives up because the round is cut short.
         let cut = AtomicBool::new(false);
         let read = |k: u64, buf: &mut [u8]| {
             let entry = Instant::now();
@@ -397,14 +397,14 @@ impl Job {
                 t.before_read_watched(&mut *q.lock().expect("QMP lock"), &go_on, &mut |t| {
                     publish(ctl, t)
                 })?;
-                // Cut short while held back: the rest of the batch must not
-                // follow at full speed (its chunks are read next round).
-                if !go_on() {
-                    cut.store(true, Ordering::SeqCst);
-                    return Err(Error::busy("pre-copy round cut short"));
-                }
             }
-            pace.wait(buf.len() as u64);
+            pace.wait(buf.len() as u64, &go_on);
+            // Cut short while held back or paced: the rest of the batch must
+            // not follow at full speed (its chunks are read next round).
+            if !go_on() {
+                cut.store(true, Ordering::SeqCst);
+                return Err(Error::busy("pre-copy round cut short"));
+            }
             let t0 = Instant::now();
             match &file {
                 Some(f) => f.read(k * cs as u64, buf)?,
@@ -695,14 +695,14 @@ fn agent(opts: &Options) -> Option<crate::qemu::guest_agent::GuestAgent> {
 }
 
 /// Paces reads to at most `rate` bytes per second on average.
-struct Pace {
+pub(super) struct Pace {
     rate: Option<f64>,
     start: Instant,
     bytes: Mutex<u64>,
 }
 
 impl Pace {
-    fn new(rate: Option<f64>) -> Pace {
+    pub(super) fn new(rate: Option<f64>) -> Pace {
         Pace {
             rate,
             start: Instant::now(),
@@ -710,15 +710,20 @@ impl Pace {
         }
     }
 
-    fn wait(&self, n: u64) {
+    /// Waits until `n` more bytes are due, or until `go_on` says no (a
+    /// stop, or the job's end: a low rate must not hold either back).
+    pub(super) fn wait(&self, n: u64, go_on: &dyn Fn() -> bool) {
         let Some(rate) = self.rate else { return };
         let due = {
             let mut b = self.bytes.lock().expect("pace lock");
             *b += n;
-            Duration::from_secs_f64(*b as f64 / rate)
+            Duration::try_from_secs_f64(*b as f64 / rate).unwrap_or(Duration::MAX)
         };
-        if let Some(left) = due.checked_sub(self.start.elapsed()) {
-            std::thread::sleep(left);
+        while let Some(left) = due.checked_sub(self.start.elapsed()) {
+            if left.is_zero() || !go_on() {
+                break;
+            }
+            std::thread::sleep(left.min(PAUSE_SLICE));
         }
     }
 }

@@ -523,6 +523,62 @@ fn a_gated_round_cut_at_its_end_stays_cut_when_the_wall_clock_steps_back_so_unre
     }
 }
 
+/// Options for what needs no VM.
+fn offline_opts() -> Options {
+    Options {
+        vm: "pc".into(),
+        qmp: "/run/pc.qmp".into(),
+        agent: None,
+        state_dir: "/nonexistent".into(),
+        chunk_size: CHUNK,
+        every: Duration::from_secs(1),
+        end: End::Never,
+        max_rate: None,
+        checkpoint: Duration::from_millis(200),
+        load_limit: None,
+        hook: None,
+    }
+}
+
+#[test]
+fn a_paced_wait_ends_soon_after_a_stop_and_still_paces_without_one() {
+    // 1 MiB at 100 kB/s is due in 10 s; a stop 100 ms in ends the wait.
+    let pace = round::Pace::new(Some(100e3));
+    let t0 = Instant::now();
+    let stop_at = t0 + Duration::from_millis(100);
+    pace.wait(MIB as u64, &|| Instant::now() < stop_at);
+    let waited = t0.elapsed();
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    assert!(waited >= Duration::from_millis(100), "{waited:?}");
+    // 20 kB at 1 MB/s: 20 ms.
+    let pace = round::Pace::new(Some(1e6));
+    let t0 = Instant::now();
+    pace.wait(20_000, &|| true);
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(20), "{waited:?}");
+    assert!(waited < Duration::from_millis(500), "{waited:?}");
+}
+
+#[test]
+fn a_max_rate_below_64_kib_per_second_is_a_one_line_error() {
+    let mut o = offline_opts();
+    for bad in [1e-14, 0.0, -1.0, f64::NAN, MIN_RATE - 1.0] {
+        o.max_rate = Some(bad);
+        let e = check(&o).err().unwrap();
+        assert_eq!(
+            e.kind(),
+            crate::error::ErrorKind::InvalidInput,
+            "{bad}: {e}"
+        );
+        assert!(e.to_string().contains("--max-rate"), "{bad}: {e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+    for good in [None, Some(MIN_RATE), Some(f64::INFINITY)] {
+        o.max_rate = good;
+        check(&o).unwrap();
+    }
+}
+
 #[test]
 fn a_throttled_chunk_costs_its_wait_for_the_workers_but_not_a_checkpoint_or_halt_before_it() {
     let t = Instant::now();
