@@ -103,6 +103,20 @@ pub use throttle::{Gate, IoCounts, Load, LoadLimit, LoadSource, Throttle};
 /// 1e-13 its due time overflows a `Duration`.
 pub const MIN_RATE: f64 = 65536.0;
 
+/// The latest end time taken, unix seconds (9999-12-31T23:59:59Z): later
+/// ones overflow `Duration` or `SystemTime`, or print as no date.
+pub const MAX_UNIX: f64 = 253_402_300_799.0;
+
+/// Unix seconds `t` as a time; `what` names it in the one-line error.
+pub fn unix_time(t: f64, what: &str) -> Result<SystemTime> {
+    if !(t.is_finite() && (0.0..=MAX_UNIX).contains(&t)) {
+        return Err(Error::invalid(format!(
+            "{what}: expected unix seconds (0 to {MAX_UNIX})"
+        )));
+    }
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t))
+}
+
 /// Where the state lives unless told.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/recoverfs/precopy";
 
