@@ -50,7 +50,10 @@
 //! next cycle work from it; the state file is then removed. A failed final
 //! backup re-enables the round bitmap and merges its new bitmap into it in
 //! one QMP transaction (vmbackup's hand-back), so the state stays valid; if
-//! that fails, the bitmaps go and the next run starts a new cycle.
+//! that fails, the bitmaps go and the next run starts a new cycle. A stop
+//! (SIGINT/SIGTERM, `DELETE`, daemon shutdown) before that backup starts
+//! skips it, also during the round before it: the state stays and the next
+//! run resumes. Once started (its snapshot), the backup runs to its end.
 //!
 //! **Crashes and lost state.** `kill -9` leaves QEMU's bitmaps and the last
 //! checkpoint: the next run resumes the cycle (chunks recorded at the
@@ -314,8 +317,7 @@ pub fn run(repo: &Arc<Repository>, opts: &Options, ctl: &Control) -> Result<Repo
                 s.state = "backup".into();
                 s.why = "the scheduled backup".into();
             });
-            let f = job.final_backup(opts, ctl)?;
-            report.final_backup = Some(f);
+            report.final_backup = job.final_backup(opts, ctl)?;
             Ok(())
         }
         _ => Ok(()),

@@ -478,14 +478,25 @@ impl Job {
     /// The scheduled backup: vmbackup with the recorded chunks and the
     /// newest round bitmap as its base, after a round if the last one did
     /// not complete; a plain incremental (or full) backup, said in the
-    /// report, if pre-copy has nothing usable.
-    pub(super) fn final_backup(&mut self, opts: &Options, ctl: &Control) -> Result<FinalReport> {
+    /// report, if pre-copy has nothing usable. None if stopped before the
+    /// backup started.
+    pub(super) fn final_backup(
+        &mut self,
+        opts: &Options,
+        ctl: &Control,
+    ) -> Result<Option<FinalReport>> {
         let mut fallback = None;
         if !self.state.clean_at(self.hi) {
             // Due now: read what is left whatever the guest's load.
             if let Err(e) = self.round(opts, ctl, false) {
                 fallback = Some(format!("the last pre-copy round failed: {e}"));
             }
+        }
+        // A stop skips the backup, as one a moment earlier would have: the
+        // state stays for the next run. Otherwise a stop that cut this
+        // round short would start a plain incremental that nothing stops.
+        if ctl.stopping() {
+            return Ok(None);
         }
         if fallback.is_none() && !self.state.clean_at(self.hi) {
             fallback = Some("the last pre-copy round did not complete".into());
@@ -534,14 +545,14 @@ impl Job {
             // Its bitmaps went with the backup (vmbackup keeps only its own).
             self.dir.remove()?;
         }
-        Ok(FinalReport {
+        Ok(Some(FinalReport {
             backup: vm.backup.clone(),
             mode: vm.mode.clone(),
             fallback,
             chunks_read: vm.chunks_read,
             since_backup_chunks,
             vm,
-        })
+        }))
     }
 
     /// The recorded chunks and the newest round bitmap, as vmbackup's base.

@@ -523,6 +523,34 @@ fn a_gated_round_cut_at_its_end_stays_cut_when_the_wall_clock_steps_back_so_unre
     }
 }
 
+#[test]
+fn a_stop_during_the_round_before_the_scheduled_backup_skips_the_backup_and_the_next_run_resumes() {
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let o = opts(&v, state.path(), in_secs(3600.0));
+    let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+    // No backup: every chunk is unknown, so the backup's round must read
+    // them all; a stop (SIGINT, DELETE, shutdown) cuts it at once.
+    let mut job = round::Job::start(repo.clone(), &o, dir).unwrap();
+    let ctl = Control::default();
+    ctl.stop();
+    let f = job.final_backup(&o, &ctl).unwrap();
+    assert!(f.is_none(), "a stopped job took a backup: {f:?}");
+    drop(job);
+    assert!(repo.resolve("pc", None).is_err(), "a backup of pc exists");
+    let next = run(
+        &repo,
+        &opts(&v, state.path(), in_secs(2.0)),
+        &Control::default(),
+    )
+    .unwrap();
+    assert!(next.start.starts_with("resumed cycle"), "{}", next.start);
+    let f = next.final_backup.unwrap();
+    assert_eq!((f.mode.as_str(), &f.fallback), ("precopy", &None));
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+}
+
 /// Options for what needs no VM.
 fn offline_opts() -> Options {
     Options {
