@@ -309,6 +309,11 @@ pub fn boot(
         .qga
         .clone()
         .unwrap_or_else(|| scratch.path().join("qga.sock"));
+    // Before QEMU starts: an error here must not leave a VM running.
+    let mut log = match console_log {
+        Some(p) => Some(std::fs::File::create(p).ctx(|| format!("create {}", p.display()))?),
+        None => None,
+    };
     let mut child = spec
         .command(&qga)
         .stdin(Stdio::null())
@@ -316,10 +321,6 @@ pub fn boot(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Error::io("start qemu-system-x86_64 (is QEMU installed?)", e))?;
-    let mut log = match console_log {
-        Some(p) => Some(std::fs::File::create(p).ctx(|| format!("create {}", p.display()))?),
-        None => None,
-    };
     let (tx, rx) = unbounded::<String>();
     for stream in [
         Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
@@ -430,6 +431,37 @@ pub fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_log_that_cannot_be_created_fails_the_boot_before_qemu_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let qga = d.path().join("marker-qga.sock");
+        let spec = QemuSpec {
+            disks: vec![],
+            memory_mib: 64,
+            extra: vec![],
+            qmp: None,
+            qga: Some(qga.clone()),
+        };
+        let watch = Watch {
+            marker: "never".into(),
+            timeout: Duration::from_secs(1),
+            settle: Duration::ZERO,
+            heartbeat: false,
+        };
+        let bad = d.path().join("no/such/dir/console.log");
+        let e = boot(&spec, &watch, Some(&bad), |_| {}, |_| None)
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("console.log"), "{e}");
+        // No QEMU of ours runs on (it would hold the recovered disk open).
+        std::thread::sleep(Duration::from_millis(300));
+        let ours = std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("marker-qga.sock"))
+        });
+        assert!(!ours, "a QEMU was left running");
+    }
 
     #[test]
     fn nbd_urls_become_reconnecting_blockdevs() {

@@ -463,21 +463,24 @@ fn publish_default_socket(socket: &Path) -> Option<PathBuf> {
     if std::os::unix::net::UnixStream::connect(&link).is_ok() {
         return None;
     }
+    // Only a link or a dead socket is ours to replace.
+    let replaceable = std::fs::symlink_metadata(&link).map_or(true, |m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_symlink() || m.file_type().is_socket()
+    });
+    if !replaceable {
+        return None;
+    }
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(socket, &link).ok().map(|_| link)
 }
 
 /// A socket file whose daemon answers is in use; a dead one is removed.
+/// Anything else at the path is refused and left alone (a mistyped
+/// `--socket` must never delete a key file), as is a socket we may not
+/// connect to (another user's daemon).
 fn check_socket(socket: &Path) -> Result<()> {
-    if socket.exists() {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Err(Error::busy(format!(
-                "socket {} is already served by a running recoverfs daemon",
-                socket.display()
-            )));
-        }
-        std::fs::remove_file(socket).ctx(|| format!("remove stale socket {}", socket.display()))?;
-    }
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = socket.parent() {
         if !dir.as_os_str().is_empty() && !dir.is_dir() {
             return Err(Error::not_found(format!(
@@ -486,7 +489,30 @@ fn check_socket(socket: &Path) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    let m = match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("--socket {}", socket.display()), e)),
+        Ok(m) => m,
+    };
+    if !m.file_type().is_socket() {
+        return Err(Error::invalid(format!(
+            "--socket {} exists and is not a socket; refusing to replace it",
+            socket.display()
+        )));
+    }
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(_) => Err(Error::busy(format!(
+            "socket {} is already served by a running recoverfs daemon",
+            socket.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(socket).ctx(|| format!("remove stale socket {}", socket.display()))
+        }
+        Err(e) => Err(Error::busy(format!(
+            "socket {} cannot be checked ({e}): another user's daemon? choose another --socket",
+            socket.display()
+        ))),
+    }
 }
 
 /// The mount point must be an existing, empty directory with nothing
@@ -572,6 +598,26 @@ fn unescape_mountinfo(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_path_that_is_not_a_socket_is_refused_and_left_alone_and_a_dead_socket_is_replaced()
+    {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("site-a.key");
+        std::fs::write(&key, b"the only copy of a key").unwrap();
+        let e = check_socket(&key).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&key).unwrap(), b"the only copy of a key");
+        // A socket nobody serves is stale; one that answers is in use.
+        let dead = d.path().join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        check_socket(&dead).unwrap();
+        assert!(!dead.exists());
+        let live = d.path().join("live.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let e = check_socket(&live).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    }
 
     #[test]
     fn missing_or_non_empty_mount_points_are_refused() {

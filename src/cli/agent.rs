@@ -421,9 +421,14 @@ fn copy_from(
     if e.kind != crate::repo::catalog::EntryKind::File {
         return Err(Error::invalid(format!("{} is not a regular file", e.path)));
     }
-    let p = root.join(e.path.trim_start_matches('/'));
-    let mut f =
-        std::fs::File::open(&p).map_err(|err| Error::io(format!("open {}", e.path), err))?;
+    let p = crate::files::disk::in_tree(root, &e.path)?;
+    // Not following a link, should the entry have changed into one.
+    let mut f = std::os::unix::fs::OpenOptionsExt::custom_flags(
+        std::fs::OpenOptions::new().read(true),
+        libc::O_NOFOLLOW,
+    )
+    .open(&p)
+    .map_err(|err| Error::io(format!("open {}", e.path), err))?;
     std::io::copy(&mut f, out).map_err(|err| Error::io(format!("copy {}", e.path), err))?;
     Ok(())
 }

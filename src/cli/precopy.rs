@@ -55,10 +55,11 @@ pub struct PrecopyArgs {
 /// `+SECONDS` from now, or an RFC 3339 time.
 pub fn parse_time(s: &str, what: &str) -> Result<SystemTime> {
     if let Some(secs) = s.strip_prefix('+') {
+        // Bounded like an absolute time: more would overflow `Duration`.
         let n: f64 = secs
             .parse()
             .ok()
-            .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+            .filter(|n: &f64| n.is_finite() && (0.0..=crate::precopy::MAX_UNIX).contains(n))
             .ok_or_else(|| Error::invalid(format!("{what} {s:?}: expected +SECONDS")))?;
         return Ok(SystemTime::now() + Duration::from_secs_f64(n));
     }
@@ -68,7 +69,10 @@ pub fn parse_time(s: &str, what: &str) -> Result<SystemTime> {
                 "{what} {s:?}: expected an RFC 3339 time (2026-11-22T13:00:00Z) or +SECONDS"
             ))
         })?;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_nanos(t.unix_timestamp_nanos().max(0) as u64))
+    // Seconds and nanoseconds apart: nanoseconds since 1970 overflow a u64
+    // after the year 2554.
+    let secs = u64::try_from(t.unix_timestamp()).unwrap_or(0);
+    Ok(SystemTime::UNIX_EPOCH + Duration::new(secs, t.nanosecond()))
 }
 
 pub fn run(a: PrecopyArgs) -> Result<()> {
@@ -250,5 +254,21 @@ pub fn print_jobs(r: &serde_json::Value, json: bool) {
         if let Some(b) = j["report"]["final"]["backup"].as_str() {
             println!("  backup {b} taken");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_too_far_ahead_are_one_line_errors_and_the_last_rfc3339_year_is_exact() {
+        for s in ["+1e20", "+1e12", "+inf", "+-1"] {
+            let e = parse_time(s, "--backup-at").err().unwrap();
+            assert!(e.to_string().contains("expected +SECONDS"), "{s}: {e}");
+        }
+        let t = parse_time("9999-12-31T23:59:59.5Z", "--until").unwrap();
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d, Duration::new(253_402_300_799, 500_000_000));
     }
 }

@@ -183,8 +183,9 @@ pub fn mount(
         let root = m.root.to_str().unwrap_or_default().to_string();
         if run("mount", &["-t", &fstype, "-o", opts, &dev, &root]).is_ok() {
             m.mounted = true;
-            let here = m.root.join(path.trim_start_matches('/'));
-            if partition.is_some() || std::fs::symlink_metadata(&here).is_ok() {
+            if partition.is_some()
+                || in_tree(&m.root, path).is_ok_and(|p| p.symlink_metadata().is_ok())
+            {
                 m.device = format!("{name} of disk{disk}");
                 m.fstype = fstype;
                 return Ok(m);
@@ -291,8 +292,47 @@ fn run(tool: &str, args: &[&str]) -> Result<String> {
 /// (guest paths), in name order, not following links.
 pub fn walk(root: &Path, path: &str) -> Result<Vec<crate::repo::catalog::Entry>> {
     let mut out = vec![];
-    walk_into(root, &root.join(path.trim_start_matches('/')), &mut out)?;
+    walk_into(root, &in_tree(root, path)?, &mut out)?;
     Ok(out)
+}
+
+/// Guest path `path` in the tree mounted at `root`. The kernel would
+/// resolve a link in the guest's tree against the host's root (an
+/// absolute `/var/run -> /run`, a hostile `/srv -> /etc`), so no
+/// component but the last may be a link: the host's files must never pass
+/// for the backup's. A trailing `/` is dropped (it would follow a link).
+pub fn in_tree(root: &Path, path: &str) -> Result<PathBuf> {
+    let path = match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    };
+    if path == "/" {
+        return Ok(root.to_path_buf());
+    }
+    crate::repo::catalog::check_path(path)?;
+    let names: Vec<&str> = path.split('/').skip(1).collect();
+    let mut p = root.to_path_buf();
+    for (i, name) in names.iter().enumerate() {
+        p.push(name);
+        if i + 1 == names.len() {
+            break;
+        }
+        let at = format!("/{}", names[..=i].join("/"));
+        let m = std::fs::symlink_metadata(&p).ctx(|| format!("stat {at} in the backup"))?;
+        if m.file_type().is_symlink() {
+            let to = std::fs::read_link(&p).unwrap_or_default();
+            return Err(Error::invalid(format!(
+                "{at} is a link in the guest (to {:?}): ask for the path it points to",
+                to
+            )));
+        }
+        if !m.is_dir() {
+            return Err(Error::not_found(format!(
+                "{at} is not a directory in the backup"
+            )));
+        }
+    }
+    Ok(p)
 }
 
 fn walk_into(root: &Path, p: &Path, out: &mut Vec<crate::repo::catalog::Entry>) -> Result<()> {
@@ -318,4 +358,31 @@ fn walk_into(root: &Path, p: &Path, out: &mut Vec<crate::repo::catalog::Entry>) 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::catalog::EntryKind;
+
+    #[test]
+    fn files_from_a_disk_backup_never_follow_a_guest_link_out_of_its_filesystem() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("fs"), d.path().join("outside"));
+        std::fs::create_dir_all(root.join("var")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"host file").unwrap();
+        // As Debian has /var/run -> /run, absolute: the host's, if followed.
+        std::os::unix::fs::symlink(&outside, root.join("var/run")).unwrap();
+        for asked in ["/var/run/", "/var/run"] {
+            let all = walk(&root, asked).unwrap();
+            let found: Vec<_> = all.iter().map(|e| (e.path.as_str(), e.kind)).collect();
+            assert_eq!(found, [("/var/run", EntryKind::Symlink)], "{asked}");
+        }
+        let e = walk(&root, "/var/run/secret").unwrap_err().to_string();
+        assert!(e.contains("/var/run is a link in the guest"), "{e}");
+        assert!(walk(&root, "/var/../../outside").is_err());
+        let all = walk(&root, "/").unwrap();
+        assert!(all.iter().all(|e| !e.path.contains("secret")), "{all:?}");
+    }
 }

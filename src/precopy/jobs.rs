@@ -104,12 +104,7 @@ impl Jobs {
 
     fn options(&self, r: StartRequest) -> Result<Options> {
         crate::util::validate_name("VM name", &r.vm)?;
-        let time = |t: f64, what: &str| {
-            if !(t.is_finite() && t >= 0.0) {
-                return Err(Error::invalid(format!("{what}: expected unix seconds")));
-            }
-            Ok(std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
-        };
+        let time = super::unix_time;
         let end = match (r.backup_at, r.until) {
             (Some(_), Some(_)) => {
                 return Err(Error::invalid("give backup_at or until, not both"));
@@ -125,7 +120,7 @@ impl Jobs {
         if !r.qmp.is_absolute() {
             return Err(Error::invalid("qmp: an absolute socket path"));
         }
-        Ok(Options {
+        let opts = Options {
             vm: r.vm,
             qmp: r.qmp,
             agent: r.agent,
@@ -137,7 +132,10 @@ impl Jobs {
             checkpoint: Duration::from_secs(2),
             load_limit: r.load_limit.as_deref().map(LoadLimit::parse).transpose()?,
             hook: None,
-        })
+        };
+        // Refused here (400), not in the job's thread.
+        super::check(&opts)?;
+        Ok(opts)
     }
 
     /// Starts a job; a VM whose job still runs is refused.
@@ -201,5 +199,51 @@ impl Jobs {
         for mut j in all {
             j.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn request(backup_at: Option<f64>, until: Option<f64>) -> StartRequest {
+        StartRequest {
+            vm: "pc".into(),
+            qmp: "/run/pc.qmp".into(),
+            agent: None,
+            every: None,
+            backup_at,
+            until,
+            chunk_size: None,
+            max_rate_mbps: None,
+            load_limit: None,
+        }
+    }
+
+    #[test]
+    fn end_times_and_rates_out_of_range_are_invalid_requests_not_panics() {
+        let (d, repo) = crate::vmbackup::tests::repo();
+        let jobs = Jobs::new(repo, d.path().join("precopy"));
+        for t in [1e20, f64::NAN, -1.0, f64::INFINITY, 1e12] {
+            for (r, what) in [
+                (request(Some(t), None), "backup_at"),
+                (request(None, Some(t)), "until"),
+            ] {
+                let e = jobs.options(r).err().unwrap();
+                assert_eq!(e.kind(), ErrorKind::InvalidInput, "{what} {t}: {e}");
+                assert!(e.to_string().contains(what), "{what} {t}: {e}");
+                assert!(!e.to_string().contains('\n'), "{e}");
+            }
+        }
+        let o = jobs.options(request(Some(2e9), None)).unwrap();
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        assert_eq!(o.end, End::BackupAt(t));
+        // A rate too low to wait out is refused before the job starts.
+        let mut r = request(None, None);
+        r.max_rate_mbps = Some(1e-20);
+        let e = jobs.options(r).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("--max-rate"), "{e}");
     }
 }

@@ -50,7 +50,10 @@
 //! next cycle work from it; the state file is then removed. A failed final
 //! backup re-enables the round bitmap and merges its new bitmap into it in
 //! one QMP transaction (vmbackup's hand-back), so the state stays valid; if
-//! that fails, the bitmaps go and the next run starts a new cycle.
+//! that fails, the bitmaps go and the next run starts a new cycle. A stop
+//! (SIGINT/SIGTERM, `DELETE`, daemon shutdown) before that backup starts
+//! skips it, also during the round before it: the state stays and the next
+//! run resumes. Once started (its snapshot), the backup runs to its end.
 //!
 //! **Crashes and lost state.** `kill -9` leaves QEMU's bitmaps and the last
 //! checkpoint: the next run resumes the cycle (chunks recorded at the
@@ -97,6 +100,25 @@ use crate::vmbackup::VmReport;
 pub use jobs::{JobStatus, Jobs, StartRequest};
 pub use state::{State, StateDir};
 pub use throttle::{Gate, IoCounts, Load, LoadLimit, LoadSource, Throttle};
+
+/// The lowest `--max-rate`, bytes per second (an 8 MiB chunk then takes
+/// two minutes): near 0 one chunk would wait for ages, and below about
+/// 1e-13 its due time overflows a `Duration`.
+pub const MIN_RATE: f64 = 65536.0;
+
+/// The latest end time taken, unix seconds (9999-12-31T23:59:59Z): later
+/// ones overflow `Duration` or `SystemTime`, or print as no date.
+pub const MAX_UNIX: f64 = 253_402_300_799.0;
+
+/// Unix seconds `t` as a time; `what` names it in the one-line error.
+pub fn unix_time(t: f64, what: &str) -> Result<SystemTime> {
+    if !(t.is_finite() && (0.0..=MAX_UNIX).contains(&t)) {
+        return Err(Error::invalid(format!(
+            "{what}: expected unix seconds (0 to {MAX_UNIX})"
+        )));
+    }
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t))
+}
 
 /// Where the state lives unless told.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/recoverfs/precopy";
@@ -252,8 +274,11 @@ fn check(opts: &Options) -> Result<()> {
         return Err(Error::invalid("--every must be more than 0 seconds"));
     }
     if let Some(r) = opts.max_rate {
-        if r.is_nan() || r <= 0.0 {
-            return Err(Error::invalid("--max-rate must be more than 0"));
+        if r.is_nan() || r < MIN_RATE {
+            return Err(Error::invalid(format!(
+                "--max-rate must be at least {} MB/s (64 KiB/s)",
+                MIN_RATE / 1e6
+            )));
         }
     }
     Ok(())
@@ -292,8 +317,7 @@ pub fn run(repo: &Arc<Repository>, opts: &Options, ctl: &Control) -> Result<Repo
                 s.state = "backup".into();
                 s.why = "the scheduled backup".into();
             });
-            let f = job.final_backup(opts, ctl)?;
-            report.final_backup = Some(f);
+            report.final_backup = job.final_backup(opts, ctl)?;
             Ok(())
         }
         _ => Ok(()),

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 
@@ -15,7 +16,7 @@ use super::cycle::{
 use super::direct::{self, DirectFile};
 use super::priority;
 use super::state::{State, StateDir};
-use super::throttle::{Gate, Throttle};
+use super::throttle::{Gate, Throttle, PAUSE_SLICE};
 use super::{Control, End, FinalReport, Options, RoundReport};
 use crate::error::{Error, Result};
 use crate::qemu::fleece;
@@ -40,6 +41,9 @@ fn export_name(cycle: &str, disk: usize) -> String {
     format!("{PREFIX}{cycle}-d{disk}")
 }
 
+/// The wall clock a round compares with the job's end (tests step it).
+pub(super) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
 pub(super) struct Job {
     repo: Arc<Repository>,
     /// Held for the job's life: `gc` sweeps nothing meanwhile, so the
@@ -60,6 +64,7 @@ pub(super) struct Job {
     tmp: tempfile::TempDir,
     nbd_started: bool,
     throttle: Mutex<Throttle>,
+    clock: Clock,
     pub(super) start: String,
     pub(super) warnings: Vec<String>,
 }
@@ -131,11 +136,18 @@ impl Job {
             tmp,
             nbd_started: false,
             throttle: Mutex::new(Throttle::new(opts.load_limit, agent(opts))),
+            clock: Arc::new(SystemTime::now),
             start,
             warnings,
         };
         job.start_nbd()?;
         Ok(job)
+    }
+
+    /// Replaces the wall clock the rounds' end checks read.
+    #[cfg(test)]
+    pub(super) fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     pub(super) fn cycle(&self) -> &str {
@@ -203,6 +215,7 @@ impl Job {
             },
             last_save: Instant::now(),
             gated,
+            go: GoOn::new(ctl, opts.end, gated, self.clock.clone()),
         };
         let held0 = self.throttle().held;
         for i in 0..self.disks.len() {
@@ -210,7 +223,7 @@ impl Job {
                 tracing::info_span!("precopy", vm = %self.vm, disk = i, round = new).entered();
             self.read_disk(i, old, &mut p)
                 .map_err(|e| e.context(format!("disk {i}")))?;
-            if p.cut_short() {
+            if p.go.cut() {
                 self.dir.save(&self.state)?;
                 p.rep.checkpoints += 1;
                 p.rep.held_ms = (self.throttle().held - held0).as_secs_f64() * 1000.0;
@@ -374,12 +387,13 @@ impl Job {
         );
         let c = Mutex::new(c);
         let (opts, ctl, gated, pace) = (p.opts, p.ctl, p.gated, &p.pace);
-        let go_on = || !(ctl.stopping() || gated && past_end(opts));
+        let go = &p.go;
+        let go_on = || go.go_on();
         let throttle = &self.throttle;
         // When the last read (and its throttled pause) ended.
         let last_end: Mutex<Option<Instant>> = Mutex::new(None);
-        // Set when a gated read gives up because the round is cut short.
-        let cut = std::sync::atomic::AtomicBool::new(false);
+        // Set when a read gives up because the round is cut short.
+        let cut = AtomicBool::new(false);
         let read = |k: u64, buf: &mut [u8]| {
             let entry = Instant::now();
             if gated {
@@ -388,14 +402,14 @@ impl Job {
                 t.before_read_watched(&mut *q.lock().expect("QMP lock"), &go_on, &mut |t| {
                     publish(ctl, t)
                 })?;
-                // Cut short while held back: the rest of the batch must not
-                // follow at full speed (its chunks are read next round).
-                if !go_on() {
-                    cut.store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(Error::busy("pre-copy round cut short"));
-                }
             }
-            pace.wait(buf.len() as u64);
+            pace.wait(buf.len() as u64, &go_on);
+            // Cut short while held back or paced: the rest of the batch must
+            // not follow at full speed (its chunks are read next round).
+            if !go_on() {
+                cut.store(true, Ordering::SeqCst);
+                return Err(Error::busy("pre-copy round cut short"));
+            }
             let t0 = Instant::now();
             match &file {
                 Some(f) => f.read(k * cs as u64, buf)?,
@@ -427,8 +441,7 @@ impl Job {
                 Ok(st) => st,
                 // The cut's own error; a real one that came with it is kept.
                 Err(e)
-                    if cut.load(std::sync::atomic::Ordering::SeqCst)
-                        && e.kind() == crate::error::ErrorKind::Busy =>
+                    if cut.load(Ordering::SeqCst) && e.kind() == crate::error::ErrorKind::Busy =>
                 {
                     StoredChunks::default()
                 }
@@ -470,14 +483,25 @@ impl Job {
     /// The scheduled backup: vmbackup with the recorded chunks and the
     /// newest round bitmap as its base, after a round if the last one did
     /// not complete; a plain incremental (or full) backup, said in the
-    /// report, if pre-copy has nothing usable.
-    pub(super) fn final_backup(&mut self, opts: &Options, ctl: &Control) -> Result<FinalReport> {
+    /// report, if pre-copy has nothing usable. None if stopped before the
+    /// backup started.
+    pub(super) fn final_backup(
+        &mut self,
+        opts: &Options,
+        ctl: &Control,
+    ) -> Result<Option<FinalReport>> {
         let mut fallback = None;
         if !self.state.clean_at(self.hi) {
             // Due now: read what is left whatever the guest's load.
             if let Err(e) = self.round(opts, ctl, false) {
                 fallback = Some(format!("the last pre-copy round failed: {e}"));
             }
+        }
+        // A stop skips the backup, as one a moment earlier would have: the
+        // state stays for the next run. Otherwise a stop that cut this
+        // round short would start a plain incremental that nothing stops.
+        if ctl.stopping() {
+            return Ok(None);
         }
         if fallback.is_none() && !self.state.clean_at(self.hi) {
             fallback = Some("the last pre-copy round did not complete".into());
@@ -527,14 +551,14 @@ impl Job {
             // Its bitmaps went with the backup (vmbackup keeps only its own).
             self.dir.remove()?;
         }
-        Ok(FinalReport {
+        Ok(Some(FinalReport {
             backup: vm.backup.clone(),
             mode: vm.mode.clone(),
             fallback,
             chunks_read: vm.chunks_read,
             since_backup_chunks,
             vm,
-        })
+        }))
     }
 
     /// The recorded chunks and the newest round bitmap, as vmbackup's base.
@@ -602,21 +626,51 @@ struct Pass<'a> {
     rep: RoundReport,
     last_save: Instant,
     gated: bool,
+    go: GoOn<'a>,
 }
 
-impl Pass<'_> {
-    /// Whether the round stops before its end (a stop, or the job's end
-    /// time while the load may hold it back).
-    fn cut_short(&self) -> bool {
-        self.ctl.stopping() || (self.gated && past_end(self.opts))
+/// Whether a round goes on: not after a stop, nor, while the guest's load
+/// may hold it back, once the job's end (the backup's time, or --until)
+/// has come. Latched: once it said no, the round is cut short for good. A
+/// cut read's whole batch is dropped, so a round that went on after a
+/// wall clock stepped back to before the end would count as complete
+/// while chunks it never read keep ids the new bitmap does not prove.
+struct GoOn<'a> {
+    ctl: &'a Control,
+    /// The end, where it cuts the round short (gated rounds).
+    end: Option<SystemTime>,
+    clock: Clock,
+    cut: AtomicBool,
+}
+
+impl<'a> GoOn<'a> {
+    fn new(ctl: &'a Control, end: End, gated: bool, clock: Clock) -> GoOn<'a> {
+        let end = match end {
+            End::BackupAt(t) | End::Until(t) if gated => Some(t),
+            _ => None,
+        };
+        GoOn {
+            ctl,
+            end,
+            clock,
+            cut: AtomicBool::new(false),
+        }
     }
-}
 
-/// The job's end (the backup's time, or --until) has come.
-fn past_end(opts: &Options) -> bool {
-    match opts.end {
-        End::BackupAt(t) | End::Until(t) => std::time::SystemTime::now() >= t,
-        End::Never => false,
+    fn go_on(&self) -> bool {
+        if self.cut.load(Ordering::SeqCst) {
+            return false;
+        }
+        let stop = self.ctl.stopping() || self.end.is_some_and(|e| (self.clock)() >= e);
+        if stop {
+            self.cut.store(true, Ordering::SeqCst);
+        }
+        !stop
+    }
+
+    /// Whether the round was cut short (as decided, never asked again).
+    fn cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
     }
 }
 
@@ -658,14 +712,14 @@ fn agent(opts: &Options) -> Option<crate::qemu::guest_agent::GuestAgent> {
 }
 
 /// Paces reads to at most `rate` bytes per second on average.
-struct Pace {
+pub(super) struct Pace {
     rate: Option<f64>,
     start: Instant,
     bytes: Mutex<u64>,
 }
 
 impl Pace {
-    fn new(rate: Option<f64>) -> Pace {
+    pub(super) fn new(rate: Option<f64>) -> Pace {
         Pace {
             rate,
             start: Instant::now(),
@@ -673,15 +727,20 @@ impl Pace {
         }
     }
 
-    fn wait(&self, n: u64) {
+    /// Waits until `n` more bytes are due, or until `go_on` says no (a
+    /// stop, or the job's end: a low rate must not hold either back).
+    pub(super) fn wait(&self, n: u64, go_on: &dyn Fn() -> bool) {
         let Some(rate) = self.rate else { return };
         let due = {
             let mut b = self.bytes.lock().expect("pace lock");
             *b += n;
-            Duration::from_secs_f64(*b as f64 / rate)
+            Duration::try_from_secs_f64(*b as f64 / rate).unwrap_or(Duration::MAX)
         };
-        if let Some(left) = due.checked_sub(self.start.elapsed()) {
-            std::thread::sleep(left);
+        while let Some(left) = due.checked_sub(self.start.elapsed()) {
+            if left.is_zero() || !go_on() {
+                break;
+            }
+            std::thread::sleep(left.min(PAUSE_SLICE));
         }
     }
 }

@@ -476,6 +476,138 @@ fn recorded_chunks_garbage_collected_between_runs_are_read_again() {
 }
 
 #[test]
+fn a_gated_round_cut_at_its_end_stays_cut_when_the_wall_clock_steps_back_so_unread_chunks_keep_no_proof(
+) {
+    let data = content();
+    let v = vm(Some(&data));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let end = SystemTime::now() + Duration::from_secs(3600);
+    let o = opts(&v, state.path(), End::Until(end));
+    // No backup: the round reads all 240 chunks with data, 8 batches. The
+    // first look at the clock (the first read's) is past the end, every
+    // later one 10 s before it.
+    let looks = Arc::new(AtomicU64::new(0));
+    let l = looks.clone();
+    let clock: round::Clock = Arc::new(move || match l.fetch_add(1, Ordering::SeqCst) {
+        0 => end + Duration::from_secs(1),
+        _ => end - Duration::from_secs(10),
+    });
+    let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+    let mut job = round::Job::start(repo.clone(), &o, dir).unwrap();
+    job.set_clock(clock);
+    let rep = job.round(&o, &Control::default(), true).unwrap();
+    drop(job);
+    assert!(looks.load(Ordering::SeqCst) >= 1, "the clock was not read");
+    let s = StateDir::open(state.path(), repo.id(), "pc")
+        .unwrap()
+        .load()
+        .unwrap()
+        .unwrap();
+    assert!(
+        !s.clean_at(rep.round),
+        "a cut round counted as complete: {rep:?}"
+    );
+    // Whatever the state says is proven is the disk's content (random
+    // bytes: a chunk recorded as zeros must be zeros).
+    let d = &s.disks[0];
+    for (k, since) in d.since.iter().enumerate() {
+        if since.is_some() {
+            let c = &data[k * CHUNK as usize..(k + 1) * CHUNK as usize];
+            assert_eq!(
+                d.chunks[k].is_none(),
+                c.iter().all(|&b| b == 0),
+                "chunk {k} is recorded as proven by round {since:?} with stale content"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_stop_during_the_round_before_the_scheduled_backup_skips_the_backup_and_the_next_run_resumes() {
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let state = tempfile::tempdir().unwrap();
+    let o = opts(&v, state.path(), in_secs(3600.0));
+    let dir = StateDir::open(state.path(), repo.id(), "pc").unwrap();
+    // No backup: every chunk is unknown, so the backup's round must read
+    // them all; a stop (SIGINT, DELETE, shutdown) cuts it at once.
+    let mut job = round::Job::start(repo.clone(), &o, dir).unwrap();
+    let ctl = Control::default();
+    ctl.stop();
+    let f = job.final_backup(&o, &ctl).unwrap();
+    assert!(f.is_none(), "a stopped job took a backup: {f:?}");
+    drop(job);
+    assert!(repo.resolve("pc", None).is_err(), "a backup of pc exists");
+    let next = run(
+        &repo,
+        &opts(&v, state.path(), in_secs(2.0)),
+        &Control::default(),
+    )
+    .unwrap();
+    assert!(next.start.starts_with("resumed cycle"), "{}", next.start);
+    let f = next.final_backup.unwrap();
+    assert_eq!((f.mode.as_str(), &f.fallback), ("precopy", &None));
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+}
+
+/// Options for what needs no VM.
+fn offline_opts() -> Options {
+    Options {
+        vm: "pc".into(),
+        qmp: "/run/pc.qmp".into(),
+        agent: None,
+        state_dir: "/nonexistent".into(),
+        chunk_size: CHUNK,
+        every: Duration::from_secs(1),
+        end: End::Never,
+        max_rate: None,
+        checkpoint: Duration::from_millis(200),
+        load_limit: None,
+        hook: None,
+    }
+}
+
+#[test]
+fn a_paced_wait_ends_soon_after_a_stop_and_still_paces_without_one() {
+    // 1 MiB at 100 kB/s is due in 10 s; a stop 100 ms in ends the wait.
+    let pace = round::Pace::new(Some(100e3));
+    let t0 = Instant::now();
+    let stop_at = t0 + Duration::from_millis(100);
+    pace.wait(MIB as u64, &|| Instant::now() < stop_at);
+    let waited = t0.elapsed();
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    assert!(waited >= Duration::from_millis(100), "{waited:?}");
+    // 20 kB at 1 MB/s: 20 ms.
+    let pace = round::Pace::new(Some(1e6));
+    let t0 = Instant::now();
+    pace.wait(20_000, &|| true);
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(20), "{waited:?}");
+    assert!(waited < Duration::from_millis(500), "{waited:?}");
+}
+
+#[test]
+fn a_max_rate_below_64_kib_per_second_is_a_one_line_error() {
+    let mut o = offline_opts();
+    for bad in [1e-14, 0.0, -1.0, f64::NAN, MIN_RATE - 1.0] {
+        o.max_rate = Some(bad);
+        let e = check(&o).err().unwrap();
+        assert_eq!(
+            e.kind(),
+            crate::error::ErrorKind::InvalidInput,
+            "{bad}: {e}"
+        );
+        assert!(e.to_string().contains("--max-rate"), "{bad}: {e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+    for good in [None, Some(MIN_RATE), Some(f64::INFINITY)] {
+        o.max_rate = good;
+        check(&o).unwrap();
+    }
+}
+
+#[test]
 fn a_throttled_chunk_costs_its_wait_for_the_workers_but_not_a_checkpoint_or_halt_before_it() {
     let t = Instant::now();
     let ms = Duration::from_millis;

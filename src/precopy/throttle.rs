@@ -70,7 +70,7 @@ const PACE_START: f64 = 16e6;
 const PACE_STEP: f64 = 4e6;
 const PACE_MIN: f64 = 1e6;
 /// A pause checks whether to go on at least this often.
-const PAUSE_SLICE: Duration = Duration::from_millis(50);
+pub(super) const PAUSE_SLICE: Duration = Duration::from_millis(50);
 
 /// `--load-limit latency=MS,p99=MS,queue=N,cpu=PCT` (any of them).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]

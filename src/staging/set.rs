@@ -91,7 +91,9 @@ impl StagingSet {
         for ((dir, name), (resolved, _, _)) in to_open.into_iter().zip(&own) {
             if known.contains(resolved) && !is_staging(resolved)? {
                 return Err(Error::invalid(format!(
-                    "export point {name}: staging={} was set up before and is now empty or                      missing: is its filesystem mounted? (its sessions would be hidden; if that                      disk is gone for good, give the point a new directory)",
+                    "export point {name}: staging={} was set up before and is now empty or \
+                     missing: is its filesystem mounted? (its sessions would be hidden; if that \
+                     disk is gone for good, give the point a new directory)",
                     dir.display()
                 )));
             }
@@ -235,6 +237,7 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("is its filesystem mounted?"), "{e}");
+        assert!(!e.to_string().contains("  "), "ragged: {e}");
         assert!(!fast.join("staging.json").exists(), "set up afresh");
         // Mounted again: served as before; a new directory is fine.
         std::fs::remove_dir(&fast).unwrap();
