@@ -446,3 +446,20 @@ fn a_listing_whose_reader_stops_early_ends_quietly_not_with_a_panic() {
         assert!(err.is_empty(), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn agent_restore_into_the_running_guest_needs_in_place_said() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    env.fails(
+        &[
+            "agent-restore",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm=/nonexistent/q.sock,qga=/nonexistent/g.sock",
+            "/etc",
+        ],
+        "only with --in-place",
+    );
+}

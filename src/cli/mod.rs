@@ -195,10 +195,13 @@ pub enum Command {
         backup: Option<String>,
         /// A path in the backup (a directory brings everything under it).
         path: String,
-        /// A directory in the guest to restore under (default: each
-        /// file's own place, replacing what is there).
-        #[arg(long)]
+        /// A directory in the guest to restore under.
+        #[arg(long, conflicts_with = "in_place")]
         to: Option<String>,
+        /// Restore each file to its own place in the running guest,
+        /// replacing what is there (without --to, this must be said).
+        #[arg(long)]
+        in_place: bool,
         #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
         container: PathBuf,
         #[arg(long, default_value_t = 300)]
@@ -578,18 +581,27 @@ pub fn run(cli: Cli) -> Result<()> {
             backup,
             path,
             to,
+            in_place,
             container,
             idle_timeout,
             max_duration,
-        } => agent::restore(
-            &repo,
-            &vm,
-            backup.as_deref(),
-            &path,
-            to,
-            &container,
-            (idle_timeout, max_duration),
-        ),
+        } => {
+            if to.is_none() && !in_place {
+                return Err(Error::invalid(
+                    "agent-restore replaces files in the running guest only with --in-place; \
+                     or restore under a directory with --to DIR",
+                ));
+            }
+            agent::restore(
+                &repo,
+                &vm,
+                backup.as_deref(),
+                &path,
+                to,
+                &container,
+                (idle_timeout, max_duration),
+            )
+        }
         Command::Files { cmd } => agent::files(cmd),
         Command::Precopy(a) => precopy::run(a),
         Command::Upload(a) => upload::run(a),
