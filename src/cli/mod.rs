@@ -15,6 +15,8 @@ mod staging;
 mod upload;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -834,14 +836,24 @@ pub fn run(cli: Cli) -> Result<()> {
             marker,
             timeout,
             console,
-        } => boot::verify(crate::verify_boot::VerifyBootOptions {
-            repo,
-            vm,
-            backup,
-            marker,
-            timeout: Duration::from_secs(timeout),
-            console_log: console,
-        }),
+        } => {
+            // Before any thread starts: they inherit the blocked signals.
+            let stop = Arc::new(AtomicBool::new(false));
+            stop_on_signals(
+                &stop,
+                "stopping QEMU, unmounting and removing the scratch staging",
+                "the scratch mount and staging in the temporary directory may be left",
+            )?;
+            boot::verify(crate::verify_boot::VerifyBootOptions {
+                repo,
+                vm,
+                backup,
+                marker,
+                timeout: Duration::from_secs(timeout),
+                console_log: console,
+                stop,
+            })
+        }
         Command::Release {
             socket,
             vm,
@@ -871,4 +883,29 @@ fn name_path(s: &str, what: &str) -> Result<(String, PathBuf)> {
             "{what} {s:?}: expected NAME=SOCKET"
         ))),
     }
+}
+
+/// SIGINT and SIGTERM go to one thread (blocked in every other thread,
+/// which inherit this one's mask) that sets `stop`, so the command ends
+/// through its cleanup (`then` says what it does). A second signal exits
+/// at once (`left` says what may stay).
+pub(crate) fn stop_on_signals(stop: &Arc<AtomicBool>, then: &str, left: &str) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| Error::io("block signals", e.into()))?;
+    let (stop, then, left) = (stop.clone(), then.to_string(), left.to_string());
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: {then} (again: exit now)");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: exiting; {left}");
+            std::process::exit(130);
+        }
+    });
+    Ok(())
 }
