@@ -424,27 +424,65 @@ fn run_api(
         .thread_name("api")
         .build()
         .ctx(|| "start the control API runtime".into())?;
-    rt.block_on(async {
+    let r = rt.block_on(async {
         let listener = crate::api::peer::bind(socket, group)?;
         let listener = crate::api::peer::CheckedListener::new(
             listener,
             crate::api::peer::PeerPolicy::for_daemon(group),
         );
         let link = publish_default_socket(socket);
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
+        // 1: the first SIGINT/SIGTERM, 2: a second one.
+        let (signals, mut seen) = tokio::sync::watch::channel(0u8);
+        tokio::spawn(count_signals(signals));
+        let mut first = seen.clone();
+        let shutdown = async move {
+            let _ = first.wait_for(|n| *n >= 1).await;
+        };
+        let api = crate::api::serve(ds, jobs, listener, shutdown);
+        // Requests in flight (a live backup can run for hours) get
+        // `SHUTDOWN_GRACE`; a second signal ends the wait at once.
+        let abandon = async move {
+            let _ = seen.wait_for(|n| *n >= 1).await;
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+                _ = seen.wait_for(|n| *n >= 2) => {}
             }
         };
-        crate::api::serve(ds, jobs, listener, shutdown)
-            .await
-            .ctx(|| "control API".into())?;
+        tokio::select! {
+            r = api => r.ctx(|| "control API".into())?,
+            _ = abandon => tracing::warn!(
+                "requests still in flight are abandoned (their clients get an error); staging is made durable now"
+            ),
+        }
         Ok(link)
-    })
+    });
+    // Not waiting for abandoned requests' threads: the process ends.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    r
+}
+
+/// How long a stopping daemon waits for control requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Counts SIGINT/SIGTERM into `n` (saturating at 2).
+async fn count_signals(n: tokio::sync::watch::Sender<u8>) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        tracing::error!("no SIGTERM handler: stop the daemon with SIGINT");
+        return;
+    };
+    loop {
+        let what = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        let k = (*n.borrow()).saturating_add(1).min(2);
+        match k {
+            1 => tracing::info!("{what}: shutting down"),
+            _ => tracing::warn!("{what} again: not waiting for requests in flight"),
+        }
+        n.send_replace(k);
+    }
 }
 
 /// Where clients look when no --socket is given: a link to the first

@@ -5,6 +5,22 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = recoverfs::cli::Cli::parse();
+    use recoverfs::cli::Command;
+    // Listing commands end quietly when their reader stops (`| head`), as
+    // Unix tools do (Rust ignores SIGPIPE, and `println!` then panics).
+    // The others keep it ignored: a write to a closed socket must be an
+    // error they clean up after, never sudden death.
+    if matches!(
+        cli.command,
+        Command::List { .. }
+            | Command::Verify { .. }
+            | Command::Status { .. }
+            | Command::ExportPoints { .. }
+    ) {
+        // SAFETY: single-threaded at this point; restores the default
+        // disposition of one signal.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // fuser logs replies that race an unmount as errors; ours are enough.
     let default = if matches!(cli.command, recoverfs::cli::Command::Serve { .. }) {
         "info,fuser=off"

@@ -346,6 +346,26 @@ impl Datastore {
             .clone()
     }
 
+    /// Takes `op`, VM `vm`'s operation lock, but refuses at once while a
+    /// live backup of the VM holds it: that can last hours, and a request
+    /// queued behind it would outlive its client's timeout and still be
+    /// carried out after, unasked.
+    fn lock_op<'a>(&self, vm: &str, op: &'a Mutex<()>) -> Result<parking_lot::MutexGuard<'a, ()>> {
+        loop {
+            if let Some(g) = op.try_lock_for(std::time::Duration::from_millis(50)) {
+                return Ok(g);
+            }
+            if self
+                .session(vm)
+                .is_some_and(|s| s.backup_running.load(Ordering::Acquire))
+            {
+                return Err(Error::busy(format!(
+                    "a live backup of VM {vm} is running (backup --session); try again when it ends"
+                )));
+            }
+        }
+    }
+
     /// Adds a hook a frontend runs when a session is gone (dentry
     /// invalidation, forgetting its handles).
     pub fn add_on_release(&self, f: Box<dyn Fn(&Session) + Send + Sync>) {
@@ -409,7 +429,7 @@ impl Datastore {
     pub fn release(&self, vm: &str, discard: bool) -> Result<String> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
-        let _op = op.lock();
+        let _op = self.lock_op(vm, &op)?;
         let session = self.served(vm)?;
         {
             let mut st = session.state.lock();
@@ -500,7 +520,7 @@ impl Datastore {
     ) -> Result<RelocationStatus> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
-        let _op = op.lock();
+        let _op = self.lock_op(vm, &op)?;
         let s = self.served(vm)?;
         // The slot changes only under the VM's operation lock (held), so
         // its own lock is not held across the target's I/O below:

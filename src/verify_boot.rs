@@ -20,6 +20,8 @@ pub struct VerifyBootOptions {
     pub marker: Option<String>,
     pub timeout: Duration,
     pub console_log: Option<PathBuf>,
+    /// Set (by a signal) to end the boot early, through the cleanup.
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct VerifyBootReport {
@@ -123,6 +125,9 @@ fn run(
         opts.console_log.as_deref(),
         |_| {},
         |_| {
+            if opts.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Some("interrupted (SIGINT/SIGTERM)".to_string());
+            }
             // A damaged chunk means the backup cannot be trusted: stop at once.
             session
                 .disks

@@ -365,9 +365,9 @@ fn agent_backup_of_a_running_debian_guest_restores_files_byte_for_byte_and_leave
         assert!(o.status.success(), "{err}");
         err
     };
-    let err = restore("/srv/app/app.conf", &[]);
+    let err = restore("/srv/app/app.conf", &["--in-place"]);
     assert!(err.contains("restored 1 entries to their places"), "{err}");
-    restore("/srv/app/logs", &[]);
+    restore("/srv/app/logs", &["--in-place"]);
     let back = guest(
         &vm,
         "cat /srv/app/app.conf; stat -c %a /srv/app/app.conf; wc -l < /srv/app/logs/app.log",

@@ -426,3 +426,40 @@ fn a_full_staging_disk_keeps_reads_right_fails_writes_cleanly_and_keeps_serving(
     f.read_exact_at(&mut buf, 0).unwrap();
     assert!(buf[..] == data[..K64]);
 }
+
+#[test]
+fn a_listing_whose_reader_stops_early_ends_quietly_not_with_a_panic() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    let repo = env.repo_str();
+    for args in [vec!["list", "--repo", repo], vec!["verify", "--repo", repo]] {
+        // A pipe whose reader is gone before the first line (`| head -0`).
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let o = std::process::Command::new(bin())
+            .args(&args)
+            .stdout(std::process::Stdio::from(w))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn agent_restore_into_the_running_guest_needs_in_place_said() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    env.fails(
+        &[
+            "agent-restore",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm=/nonexistent/q.sock,qga=/nonexistent/g.sock",
+            "/etc",
+        ],
+        "only with --in-place",
+    );
+}

@@ -282,3 +282,50 @@ fn boot_with_qmp_gives_a_monitor_that_controls_the_vm_and_never_replaces_a_file(
     std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(st.success(), "boot failed: {err}");
 }
+
+#[test]
+fn sigint_during_verify_boot_ends_it_through_its_cleanup() {
+    let env = Env::new();
+    let image = tiny_image();
+    env.backup("tiny", "64K", &[&image]);
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = Reap(
+        std::process::Command::new(bin())
+            .args(["verify-boot", "--repo", env.repo_str(), "tiny"])
+            .args(["--marker", "never-printed", "--timeout", "180"])
+            .env("TMPDIR", &tmp)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Once QEMU runs on the scratch mount.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while qemu_child_of(child.0.id()).is_none() {
+        assert!(std::time::Instant::now() < deadline, "no QEMU started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let st = child.0.wait().unwrap();
+    assert!(!st.success(), "an interrupted verify-boot passed");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(tmp.to_str().unwrap()),
+        "verify-boot left a mount: {mounts}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "verify-boot left scratch files: {left:?}");
+    let pins = env.repo.join("pins/tiny");
+    let pinned: Vec<_> = std::fs::read_dir(&pins)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(pinned.is_empty(), "verify-boot left a pin: {pinned:?}");
+}

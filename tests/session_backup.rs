@@ -221,3 +221,46 @@ fn a_daemon_killed_during_a_live_backup_leaves_no_backup_and_the_next_one_succee
     assert_restores(&env, &new, &img);
     drop(d);
 }
+
+#[test]
+fn a_daemon_stopped_during_a_live_backup_stops_within_seconds_and_the_backup_fails_cleanly() {
+    let mut env = Env::new();
+    let img = env.path("a.raw");
+    sparse_image(&img, 64 * MIB, 8, 3);
+    let base = env.backup("vm", "64K", &[&img]);
+    // Every chunk write takes a while: the backup would run for minutes.
+    env.serve_args = vec!["--repo-delay-ms".into(), "200".into()];
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    write_blocks(&disk, &img, 400, 4);
+    let chunks = walk(&env.repo.join("chunks"));
+    let mut child = std::process::Command::new(bin())
+        .args(["backup", "--session", "vm", "--socket"])
+        .arg(&env.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while walk(&env.repo.join("chunks")) == chunks {
+        assert!(Instant::now() < deadline, "the backup stored nothing");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let t0 = Instant::now();
+    d.stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "SIGTERM waited {:?} for the live backup",
+        t0.elapsed()
+    );
+    assert!(
+        !child.wait().unwrap().success(),
+        "the backup reported success"
+    );
+    drop(d);
+    assert_eq!(
+        backups_of(&env, "vm"),
+        vec![base],
+        "a stopped backup left a manifest"
+    );
+}

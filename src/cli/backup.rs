@@ -3,7 +3,7 @@
 //! (running QEMU VMs from one snapshot time).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,7 +171,13 @@ pub(super) fn backup_vms(
     };
     // Before any thread starts: they inherit the blocked signals.
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(&stop)?;
+    // The run resumes and thaws every VM and closes its views before it
+    // ends; the next run removes what a run exited at once left in QEMU.
+    super::stop_on_signals(
+        &stop,
+        "resuming and thawing the VMs, closing their views",
+        "VMs may be left paused or frozen",
+    )?;
     let (r, created) = Repository::open_or_create(repo)?;
     if created {
         eprintln!("created repository {}", r.location());
@@ -192,29 +198,4 @@ pub(super) fn backup_vms(
         summary.vms.len(),
         each.join("; ")
     )))
-}
-
-/// SIGINT and SIGTERM go to one thread (blocked in every other thread,
-/// which inherit this one's mask) that sets `stop`: the run resumes and
-/// thaws every VM and closes its views before it ends. A second signal
-/// exits at once; the next run removes what this one left in QEMU.
-fn stop_on_signals(stop: &Arc<AtomicBool>) -> Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block()
-        .map_err(|e| Error::io("block signals", e.into()))?;
-    let stop = stop.clone();
-    std::thread::spawn(move || {
-        if let Ok(sig) = set.wait() {
-            eprintln!("{sig}: resuming and thawing the VMs, closing their views (again: exit now)");
-            stop.store(true, Ordering::SeqCst);
-        }
-        if let Ok(sig) = set.wait() {
-            eprintln!("{sig}: exiting; VMs may be left paused or frozen");
-            std::process::exit(130);
-        }
-    });
-    Ok(())
 }

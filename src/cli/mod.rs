@@ -15,6 +15,8 @@ mod staging;
 mod upload;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -195,10 +197,13 @@ pub enum Command {
         backup: Option<String>,
         /// A path in the backup (a directory brings everything under it).
         path: String,
-        /// A directory in the guest to restore under (default: each
-        /// file's own place, replacing what is there).
-        #[arg(long)]
+        /// A directory in the guest to restore under.
+        #[arg(long, conflicts_with = "in_place")]
         to: Option<String>,
+        /// Restore each file to its own place in the running guest,
+        /// replacing what is there (without --to, this must be said).
+        #[arg(long)]
+        in_place: bool,
         #[arg(long, env = "RECOVERFS_AGENT_CONTAINER", default_value = agent::DEFAULT_CONTAINER)]
         container: PathBuf,
         #[arg(long, default_value_t = 300)]
@@ -578,18 +583,27 @@ pub fn run(cli: Cli) -> Result<()> {
             backup,
             path,
             to,
+            in_place,
             container,
             idle_timeout,
             max_duration,
-        } => agent::restore(
-            &repo,
-            &vm,
-            backup.as_deref(),
-            &path,
-            to,
-            &container,
-            (idle_timeout, max_duration),
-        ),
+        } => {
+            if to.is_none() && !in_place {
+                return Err(Error::invalid(
+                    "agent-restore replaces files in the running guest only with --in-place; \
+                     or restore under a directory with --to DIR",
+                ));
+            }
+            agent::restore(
+                &repo,
+                &vm,
+                backup.as_deref(),
+                &path,
+                to,
+                &container,
+                (idle_timeout, max_duration),
+            )
+        }
         Command::Files { cmd } => agent::files(cmd),
         Command::Precopy(a) => precopy::run(a),
         Command::Upload(a) => upload::run(a),
@@ -822,14 +836,24 @@ pub fn run(cli: Cli) -> Result<()> {
             marker,
             timeout,
             console,
-        } => boot::verify(crate::verify_boot::VerifyBootOptions {
-            repo,
-            vm,
-            backup,
-            marker,
-            timeout: Duration::from_secs(timeout),
-            console_log: console,
-        }),
+        } => {
+            // Before any thread starts: they inherit the blocked signals.
+            let stop = Arc::new(AtomicBool::new(false));
+            stop_on_signals(
+                &stop,
+                "stopping QEMU, unmounting and removing the scratch staging",
+                "the scratch mount and staging in the temporary directory may be left",
+            )?;
+            boot::verify(crate::verify_boot::VerifyBootOptions {
+                repo,
+                vm,
+                backup,
+                marker,
+                timeout: Duration::from_secs(timeout),
+                console_log: console,
+                stop,
+            })
+        }
         Command::Release {
             socket,
             vm,
@@ -859,4 +883,29 @@ fn name_path(s: &str, what: &str) -> Result<(String, PathBuf)> {
             "{what} {s:?}: expected NAME=SOCKET"
         ))),
     }
+}
+
+/// SIGINT and SIGTERM go to one thread (blocked in every other thread,
+/// which inherit this one's mask) that sets `stop`, so the command ends
+/// through its cleanup (`then` says what it does). A second signal exits
+/// at once (`left` says what may stay).
+pub(crate) fn stop_on_signals(stop: &Arc<AtomicBool>, then: &str, left: &str) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| Error::io("block signals", e.into()))?;
+    let (stop, then, left) = (stop.clone(), then.to_string(), left.to_string());
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: {then} (again: exit now)");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: exiting; {left}");
+            std::process::exit(130);
+        }
+    });
+    Ok(())
 }

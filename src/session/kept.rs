@@ -157,7 +157,7 @@ impl Datastore {
     pub fn discard_kept(&self, vm: &str) -> Result<Vec<String>> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
-        let _op = op.lock();
+        let _op = self.lock_op(vm, &op)?;
         if self.session(vm).is_some() {
             return Err(Error::busy(format!(
                 "VM {vm} is being served; release it with --discard instead"

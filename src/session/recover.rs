@@ -73,7 +73,7 @@ impl Datastore {
             validate_name("backup id", b)?;
         }
         let op = self.vm_op(vm);
-        let _op = op.lock();
+        let _op = self.lock_op(vm, &op)?;
         if let Some(s) = self.session(vm) {
             if backup.is_some_and(|b| b != s.backup) {
                 return Err(Error::busy(format!(

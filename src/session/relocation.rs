@@ -12,7 +12,7 @@ impl Datastore {
     pub fn pause_relocation(&self, vm: &str, pause: bool) -> Result<RelocationStatus> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
-        let _op = op.lock();
+        let _op = self.lock_op(vm, &op)?;
         let s = self.served(vm)?;
         let r = s
             .relocation

@@ -585,6 +585,7 @@ fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_frozen_through_its
         marker: Some("RECOVERFS-DEBIAN-UP".into()),
         timeout: Duration::from_secs(300),
         console_log: None,
+        stop: Default::default(),
     })
     .unwrap();
     assert!(

@@ -239,3 +239,34 @@ fn guest_writes_while_a_live_backup_stores_are_left_to_the_next_backup() {
     assert_eq!(restore(&r, "vm", &next.backup), now);
     r.ds.release("vm", true).unwrap();
 }
+
+#[test]
+fn a_release_during_a_live_backup_is_refused_at_once_not_queued_behind_it() {
+    let r = rig();
+    backup(&r, "vm", 33, 8);
+    r.ds.recover("vm", None).unwrap();
+    disk(&r, "vm").write(0, &block(3)).unwrap();
+    // Inside the backup (it holds the VM's lock): a release from another
+    // client, which must get its answer now, not hours later.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ds = r.ds.clone();
+    r.knobs.before_first("backups/vm/", move || {
+        let ds = ds.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let res = ds.release("vm", false);
+            let _ = tx.send((res, t0.elapsed()));
+        });
+        // The backup goes on only after the release had its chance.
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    r.ds.backup_session("vm").unwrap();
+    let (res, took) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let e = res.expect_err("a release during a live backup went through");
+    assert!(
+        e.to_string().contains("a live backup of VM vm is running"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(1), "the release waited {took:?}");
+    assert!(r.ds.session("vm").is_some());
+}
