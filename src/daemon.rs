@@ -113,6 +113,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         None => Repository::open(&opts.repo)?,
     };
     let mount = check_mount_point(&opts.mount)?;
+    // Before a new staging directory is made: a refusal leaves nothing.
+    if let Some(s) = &opts.socket {
+        check_socket(s)?;
+    }
     let points: Vec<(&str, Option<&Path>)> = opts
         .datastore
         .placement

@@ -263,6 +263,10 @@ fn shared_staging_sockets_and_foreign_staging_are_refused() {
         Some(env.socket.to_str().unwrap()),
         "already served",
     );
+    assert!(
+        !env.path("st2").exists(),
+        "a refused serve made a staging directory"
+    );
 }
 
 #[test]

@@ -54,14 +54,22 @@ impl Client {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value> {
-        let mut s = UnixStream::connect(&self.socket).map_err(|e| {
-            Error::new(
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "permission denied on the control socket {}: run as its owner, or ask for \
+                     serve --socket-group",
+                    self.socket.display()
+                ),
+            ),
+            _ => Error::new(
                 ErrorKind::NotFound,
                 format!(
                     "no recoverfs daemon on {} ({e}); start one with `recoverfs serve`",
                     self.socket.display()
                 ),
-            )
+            ),
         })?;
         s.set_read_timeout(Some(timeout)).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -72,7 +80,28 @@ impl Client {
         let io = |e| Error::io(format!("control socket {}", self.socket.display()), e);
         s.write_all(req.as_bytes()).map_err(io)?;
         let mut raw = vec![];
-        s.read_to_end(&mut raw).map_err(io)?;
+        s.read_to_end(&mut raw).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::new(
+                ErrorKind::Io,
+                format!(
+                    "the daemon on {} did not answer within {} s (it may still carry the \
+                     request out: check `recoverfs status`)",
+                    self.socket.display(),
+                    timeout.as_secs()
+                ),
+            ),
+            _ => io(e),
+        })?;
+        if raw.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "the daemon on {} closed the connection without an answer (stopped or \
+                     killed?): check `recoverfs status`",
+                    self.socket.display()
+                ),
+            ));
+        }
         let (status, json) = parse_response(&raw)?;
         if (200..300).contains(&status) {
             return Ok(json);
@@ -146,6 +175,21 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_that_closes_without_an_answer_is_named_not_a_malformed_response() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("c.sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf); // the request, then nothing
+        });
+        let e = Client::new(&sock).get("/sessions").unwrap_err().to_string();
+        assert!(e.contains("closed the connection without an answer"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 
     #[test]
     fn parses_plain_and_chunked_responses() {
