@@ -172,6 +172,23 @@ fn a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_b
         disks.iter().all(|d| d.is_switched()),
         "every disk is on its target"
     );
+    // Switched, but not a success: the status says why.
+    let st = r.status();
+    assert!(
+        st.error
+            .as_deref()
+            .is_some_and(|e| e.contains("could not be made durable")),
+        "{st:?}"
+    );
+    // And `relocate --wait`, reading the status the API serves, fails.
+    let session = serde_json::json!({
+        "relocation": st,
+        "disks": disks.iter().map(|d| d.status()).collect::<Vec<_>>(),
+    });
+    let e = crate::cli::output::wait_verdict("vm", &session)
+        .expect("the wait is over")
+        .unwrap_err();
+    assert!(e.to_string().contains("could not be made durable"), "{e}");
     // No new byte may land: the commit could still vanish in a crash.
     for d in &disks {
         let e = d.write(BS as u64, b"after").unwrap_err();
