@@ -262,6 +262,16 @@ fn a_failing_target_write_fails_the_relocation_and_records_no_block_it_did_not_w
         r.status()
     );
     assert!(disks.iter().all(|d| !d.is_switched()));
+    // `relocate --wait` ends, non-zero, naming the target's error.
+    let session = serde_json::json!({
+        "relocation": r.status(),
+        "disks": disks.iter().map(|d| d.status()).collect::<Vec<_>>(),
+    });
+    let e = crate::cli::output::wait_verdict("vm", &session)
+        .expect("the wait is over")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("failed") && e.contains("disk1"), "{e}");
     // Only the zero block (punched, not written) may be recorded on disk1.
     let copied: Vec<u64> = (0..BLOCKS as u64)
         .filter(|&b| r.copied[1].test(b))
