@@ -390,3 +390,59 @@ fn a_paused_relocation_stops_copying_stays_paused_across_kill9_and_resumes_to_a_
     );
     assert!(read_all(&primary.join("vm/disk0.raw")) == data);
 }
+
+/// `relocate --wait` used to poll forever once the relocation was paused.
+#[test]
+fn relocate_wait_ends_non_zero_saying_how_to_resume_when_the_relocation_is_paused() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 1024 * K64, 58, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let socket = env.socket.to_str().unwrap().to_string();
+    // 64 MiB at 4 MB/s: about 16 s of copying, time enough to pause it.
+    let mut wait = Command::new(bin())
+        .args(["relocate", "--socket", &socket, "vm", "--to"])
+        .arg(&primary)
+        .args(["--rate", "4", "--wait"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.status()["sessions"][0]["relocation"]["bytes_done"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.ok(&["relocate", "--socket", &socket, "vm", "--pause"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wait.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            wait.kill().unwrap();
+            wait.wait().unwrap();
+            panic!("relocate --wait still waits on a paused relocation");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = wait.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a paused relocation is not relocated: {err}"
+    );
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(
+        last.contains("paused") && last.contains("--resume"),
+        "{err}"
+    );
+    // Resumed, it completes.
+    let out = env.ok(&["relocate", "--socket", &socket, "vm", "--resume", "--wait"]);
+    assert!(out.contains("relocated VM vm"), "{out}");
+}

@@ -7,7 +7,7 @@ mod backup;
 mod boot;
 mod key;
 mod maint;
-mod output;
+pub(crate) mod output;
 mod precopy;
 mod profile;
 mod serve;

@@ -605,15 +605,18 @@ pub fn relocation_line(r: &Value) -> String {
     if let Some(p) = r["cutover_pause_ms"].as_f64() {
         line += &format!("  cutover pause {p:.1} ms");
     }
-    for k in ["note", "error"] {
-        if let Some(t) = r[k].as_str() {
-            line += &format!("  ({t})");
-        }
+    if let Some(t) = r["note"].as_str() {
+        line += &format!("  ({t})");
+    }
+    // Also on a `done` relocation whose commit was not made durable.
+    if let Some(t) = r["error"].as_str() {
+        line += &format!("  ERROR: {t}");
     }
     line
 }
 
-/// Follows a relocation until cutover (Ok) or failure (Err).
+/// Follows a relocation until `wait_verdict` ends the wait: Ok only at a
+/// clean cutover; a failure, a failed disk or a pause is an Err.
 pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
@@ -648,34 +651,78 @@ pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
             eprintln!("{}", relocation_line(r));
             last = std::time::Instant::now();
         }
-        match state {
-            "done" => {
-                bar.finish_and_clear();
-                println!("relocated VM {vm}: {}", relocation_line(r));
-                return Ok(());
-            }
-            "failed" => {
-                bar.finish_and_clear();
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    format!(
-                        "relocation of VM {vm} failed: {}",
-                        r["error"].as_str().unwrap_or("unknown error")
-                    ),
-                ));
-            }
-            "not-converging" if !warned => {
-                warned = true;
-                bar.suspend(|| {
-                    eprintln!(
-                        "warning: {}",
-                        r["note"].as_str().unwrap_or("relocation is not converging")
-                    )
-                });
-            }
-            _ => {}
+        if let Some(verdict) = wait_verdict(vm, &s) {
+            bar.finish_and_clear();
+            println!("{}", verdict?);
+            return Ok(());
+        }
+        if state == "not-converging" && !warned {
+            warned = true;
+            bar.suspend(|| {
+                eprintln!(
+                    "warning: {}",
+                    r["note"].as_str().unwrap_or("relocation is not converging")
+                )
+            });
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// What `relocate --wait` makes of a session's status: `None` while the
+/// relocation goes on, else the line to print on success or the one-line
+/// error that ends the wait (a non-zero exit). Success is a cutover with no
+/// error and no failed disk: a cutover whose commit could not be made
+/// durable is `done` with an error, and its disks refuse writes. A paused
+/// relocation ends the wait too, as an error: it is not relocated, and
+/// nothing would resume it while the command polls.
+pub(crate) fn wait_verdict(vm: &str, s: &Value) -> Option<Result<String>> {
+    let r = &s["relocation"];
+    if r.is_null() {
+        // Gone (or never reopened by a restarted daemon): nothing to wait for.
+        return Some(Err(Error::new(
+            ErrorKind::NotFound,
+            format!("VM {vm} has no relocation (a restarted daemon that could not reopen its target says why in its log)"),
+        )));
+    }
+    let state = r["state"].as_str().unwrap_or("");
+    if let (Some(e), "done" | "failed") = (r["error"].as_str(), state) {
+        let how = if state == "done" {
+            "cut over but failed"
+        } else {
+            "failed"
+        };
+        return Some(Err(Error::new(
+            ErrorKind::Io,
+            format!("relocation of VM {vm} {how}: {e}"),
+        )));
+    }
+    if state == "failed" {
+        return Some(Err(Error::new(
+            ErrorKind::Io,
+            format!("relocation of VM {vm} failed: unknown error"),
+        )));
+    }
+    let failed = s["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|d| Some((d["name"].as_str().unwrap_or("?"), d["failed"].as_str()?)));
+    if let Some((disk, e)) = failed {
+        return Some(Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "relocation of VM {vm} ({state}): {disk} FAILED: {e}; flushes and writes get EIO until the session is released"
+            ),
+        )));
+    }
+    match state {
+        "done" => Some(Ok(format!("relocated VM {vm}: {}", relocation_line(r)))),
+        "paused" => Some(Err(Error::busy(format!(
+            "relocation of VM {vm} is paused, not relocated ({}); `recoverfs relocate {vm} --resume --wait` continues it",
+            relocation_line(r)
+        )))),
+        _ => None,
     }
 }
 
@@ -722,4 +769,124 @@ fn scheduler_line(s: &Value) -> String {
         s["on_demand_latency_mean_ms"].as_f64().unwrap_or(0.0),
         s["on_demand_latency_p99_ms"].as_f64().unwrap_or(0.0),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A session's status as `GET /sessions/{vm}` returns it, trimmed to
+    /// what `--wait` reads.
+    fn session(relocation: Value, disk_failed: Option<&str>) -> Value {
+        json!({
+            "relocation": relocation,
+            "disks": [
+                {"name": "disk0", "failed": null},
+                {"name": "disk1", "failed": disk_failed},
+            ],
+        })
+    }
+
+    fn relocation(state: &str, error: Option<&str>) -> Value {
+        json!({
+            "state": state, "pass": 2, "bytes_done": 1 << 20, "bytes_total": 4 << 20,
+            "rate_mbps": 50.0, "dirty_blocks": 3, "error": error, "note": null,
+        })
+    }
+
+    #[test]
+    fn a_relocation_line_shows_the_error_of_a_done_relocation() {
+        let line = relocation_line(&relocation("done", Some("not durable")));
+        assert!(
+            line.starts_with("done") && line.ends_with("ERROR: not durable"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn wait_goes_on_while_the_relocation_copies_or_switches() {
+        for state in ["copying", "converging", "not-converging", "switching"] {
+            assert!(
+                wait_verdict("vm", &session(relocation(state, None), None)).is_none(),
+                "{state}"
+            );
+        }
+    }
+
+    #[test]
+    fn wait_succeeds_at_a_clean_cutover() {
+        let line = wait_verdict("vm", &session(relocation("done", None), None))
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with("relocated VM vm"), "{line}");
+    }
+
+    #[test]
+    fn wait_fails_naming_the_error_of_a_relocation_that_failed_while_copying() {
+        let e = wait_verdict(
+            "vm",
+            &session(
+                relocation(
+                    "failed",
+                    Some("write relocation target disk1: Input/output error"),
+                ),
+                None,
+            ),
+        )
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("failed") && e.contains("disk1: Input/output error"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn wait_fails_when_the_cutover_committed_but_was_not_made_durable() {
+        let not_durable = "cutover: the cutover of VM vm committed but could not be made durable";
+        let e = wait_verdict("vm", &session(relocation("done", Some(not_durable)), None))
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("could not be made durable"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn wait_fails_when_a_disk_of_the_session_has_failed() {
+        let e = wait_verdict(
+            "vm",
+            &session(relocation("done", None), Some("staging sync failed: EIO")),
+        )
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("disk1") && e.contains("staging sync failed"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn wait_returns_non_zero_with_how_to_resume_when_the_relocation_is_paused() {
+        let e = wait_verdict("vm", &session(relocation("paused", None), None))
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("paused") && e.contains("--resume"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn wait_fails_when_the_session_has_no_relocation() {
+        let e = wait_verdict("vm", &session(Value::Null, None))
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no relocation"), "{e}");
+    }
 }

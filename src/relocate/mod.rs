@@ -29,7 +29,8 @@
 //!   fail happens before it; after it there is only forward progress: every
 //!   disk switches to its target (which cannot fail), and if the commit
 //!   cannot be made durable the disks fail (reads go on, writes and flushes
-//!   get EIO) so target and staging can never diverge. A crash before the
+//!   get EIO) so target and staging can never diverge, and the state is
+//!   `Done` with that error (switched, not a success). A crash before the
 //!   commit resumes the copy from staging; after it, the session is served
 //!   from the target. Never a mix. The target's `vm.json`, which tells an
 //!   administrator the copy is complete, is written only after the commit
@@ -720,12 +721,14 @@ impl Relocation {
         let r = self.prepare_cutover().and_then(|()| self.commit_cutover());
         drop(guards);
         let pause = t0.elapsed().as_secs_f64() * 1000.0;
-        r.map_err(|e| e.context("cutover"))?;
+        let not_durable = r.map_err(|e| e.context("cutover"))?;
         self.clock.lock().stop();
         *self.pause_ms.lock() = Some(pause);
         tracing::info!(vm = %self.vm, target = %self.target_dir.display(), pause_ms = pause, "relocation cut over");
         let note = self.place_config().err().map(|e| e.to_string());
-        self.set_state(State::Done, note);
+        // `Done` (the disks did switch; it cannot be started again), but
+        // with the error when the commit is not durable: not a success.
+        *self.state.lock() = (State::Done, not_durable.map(|e| e.to_string()), note);
         Ok(())
     }
 
@@ -764,8 +767,10 @@ impl Relocation {
         Ok(())
     }
 
-    /// The commit point, then only forward progress.
-    fn commit_cutover(&self) -> Result<()> {
+    /// The commit point, then only forward progress. Err: nothing was
+    /// committed. Ok(Some): committed and switched, but the commit could not
+    /// be made durable (every disk failed).
+    fn commit_cutover(&self) -> Result<Option<Error>> {
         let meta_io = self.meta_io.lock();
         self.meta.lock().switched = true;
         if let Err(e) = self
@@ -791,7 +796,7 @@ impl Relocation {
         drop(meta_io);
         // Failed before switched: a switched disk that has not failed has a
         // durable commit (eviction relies on it to stop caring for staging).
-        if let Some(e) = durable {
+        let not_durable = durable.map(|e| {
             let e = e.context(format!(
                 "the cutover of VM {} committed but could not be made durable",
                 self.vm
@@ -800,11 +805,12 @@ impl Relocation {
             for d in &self.disks {
                 d.fail_hard(e.clone());
             }
-        }
+            e
+        });
         for (d, t) in self.disks.iter().zip(&self.targets) {
             d.switch_to(t.clone());
         }
-        Ok(())
+        Ok(not_durable)
     }
 
     pub fn status(&self) -> RelocationStatus {

@@ -172,6 +172,23 @@ fn a_cutover_whose_commit_cannot_be_made_durable_goes_forward_and_takes_no_new_b
         disks.iter().all(|d| d.is_switched()),
         "every disk is on its target"
     );
+    // Switched, but not a success: the status says why.
+    let st = r.status();
+    assert!(
+        st.error
+            .as_deref()
+            .is_some_and(|e| e.contains("could not be made durable")),
+        "{st:?}"
+    );
+    // And `relocate --wait`, reading the status the API serves, fails.
+    let session = serde_json::json!({
+        "relocation": st,
+        "disks": disks.iter().map(|d| d.status()).collect::<Vec<_>>(),
+    });
+    let e = crate::cli::output::wait_verdict("vm", &session)
+        .expect("the wait is over")
+        .unwrap_err();
+    assert!(e.to_string().contains("could not be made durable"), "{e}");
     // No new byte may land: the commit could still vanish in a crash.
     for d in &disks {
         let e = d.write(BS as u64, b"after").unwrap_err();
@@ -245,6 +262,16 @@ fn a_failing_target_write_fails_the_relocation_and_records_no_block_it_did_not_w
         r.status()
     );
     assert!(disks.iter().all(|d| !d.is_switched()));
+    // `relocate --wait` ends, non-zero, naming the target's error.
+    let session = serde_json::json!({
+        "relocation": r.status(),
+        "disks": disks.iter().map(|d| d.status()).collect::<Vec<_>>(),
+    });
+    let e = crate::cli::output::wait_verdict("vm", &session)
+        .expect("the wait is over")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("failed") && e.contains("disk1"), "{e}");
     // Only the zero block (punched, not written) may be recorded on disk1.
     let copied: Vec<u64> = (0..BLOCKS as u64)
         .filter(|&b| r.copied[1].test(b))
