@@ -549,6 +549,8 @@ impl Repository {
 
     /// Writes a manifest last, never replacing an existing backup.
     pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
+        limits::check_blocks(m.blocks())
+            .map_err(|e| e.context(format!("backup {}/{}", m.vm, m.id)))?;
         let bytes = m.encode_with(self.keys.as_ref())?;
         limits::check_manifest_len(bytes.len() as u64)
             .map_err(|e| e.context(format!("backup {}/{}", m.vm, m.id)))?;
