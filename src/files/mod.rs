@@ -100,7 +100,7 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
     check_tree(entries)?;
     for e in entries {
         let dst = dest(&to, &e.path);
-        if let Some(p) = dst.parent() {
+        if let Some(p) = parent_in(&to, &dst) {
             check_no_link(&to, p)?;
         }
         if e.kind == EntryKind::Dir && is_link(&dst) {
@@ -120,7 +120,7 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
     let mut dirs = vec![];
     for e in entries {
         let dst = dest(&to, &e.path);
-        if let Some(p) = dst.parent() {
+        if let Some(p) = parent_in(&to, &dst) {
             check_no_link(&to, p)?;
             std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
         }
@@ -152,6 +152,15 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
 
 fn dest(to: &Path, guest_path: &str) -> PathBuf {
     to.join(guest_path.trim_start_matches('/'))
+}
+
+/// The directory `dst` is created in; none for the guest's `/`, which is
+/// `to` itself (its parent lies outside).
+fn parent_in<'a>(to: &Path, dst: &'a Path) -> Option<&'a Path> {
+    if dst == to {
+        return None;
+    }
+    dst.parent()
 }
 
 /// No component of directory `p` below `to`, `p` included, may be a
