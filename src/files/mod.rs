@@ -224,11 +224,10 @@ fn check_tree(entries: &[&Entry]) -> Result<()> {
 /// the directory.
 fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
     let dir = dst.parent().expect("under --to");
-    let tmp = dir.join(format!(
-        ".{}.recoverfs-tmp.{}",
-        dst.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+    // Not derived from the file's name: a name near 255 bytes plus a
+    // suffix would be too long. One file is written at a time, and
+    // create_new never reuses a name that exists.
+    let tmp = dir.join(format!(".recoverfs-tmp.{}", std::process::id()));
     let r = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
