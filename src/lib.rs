@@ -101,11 +101,11 @@
 //! * `backups/<vm>/<id>.json` — `{"checksum": blake3(manifest bytes),
 //!   "manifest": {format, vm, id, created, config, disks: [{name, size,
 //!   chunk_size, chunks: [hex | n], stored_bytes, new_bytes}]}}`, at most
-//!   256 disks of at most 64 TiB (`repo::limits`); in `chunks` a number `n`
-//!   is a run of `n` zero chunks (format 2; format 1, still read, has one
-//!   `null` per zero chunk; see `repo::chunk_index`). Created only if
-//!   absent; on a store that ignores conditional PUTs the id gets a random
-//!   suffix.
+//!   256 disks of at most 64 TiB and 2^28 chunks in all (`repo::limits`);
+//!   in `chunks` a number `n` is a run of `n` zero chunks (format 2;
+//!   format 1, still read, has one `null` per zero chunk; see
+//!   `repo::chunk_index`). Created only if absent; on a store that ignores
+//!   conditional PUTs the id gets a random suffix.
 //! * `files/<vm>/<id>-files.json` — a file backup (`agent-backup`), sealed
 //!   the same way under `"catalog"`: `{format, vm, id, created, source:
 //!   {agent_version, paths, hooks}, entries: [{path, kind, mode, uid, gid,

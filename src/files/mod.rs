@@ -100,7 +100,7 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
     check_tree(entries)?;
     for e in entries {
         let dst = dest(&to, &e.path);
-        if let Some(p) = dst.parent() {
+        if let Some(p) = parent_in(&to, &dst) {
             check_no_link(&to, p)?;
         }
         if e.kind == EntryKind::Dir && is_link(&dst) {
@@ -120,7 +120,7 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
     let mut dirs = vec![];
     for e in entries {
         let dst = dest(&to, &e.path);
-        if let Some(p) = dst.parent() {
+        if let Some(p) = parent_in(&to, &dst) {
             check_no_link(&to, p)?;
             std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
         }
@@ -152,6 +152,15 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
 
 fn dest(to: &Path, guest_path: &str) -> PathBuf {
     to.join(guest_path.trim_start_matches('/'))
+}
+
+/// The directory `dst` is created in; none for the guest's `/`, which is
+/// `to` itself (its parent lies outside).
+fn parent_in<'a>(to: &Path, dst: &'a Path) -> Option<&'a Path> {
+    if dst == to {
+        return None;
+    }
+    dst.parent()
 }
 
 /// No component of directory `p` below `to`, `p` included, may be a
@@ -215,11 +224,10 @@ fn check_tree(entries: &[&Entry]) -> Result<()> {
 /// the directory.
 fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
     let dir = dst.parent().expect("under --to");
-    let tmp = dir.join(format!(
-        ".{}.recoverfs-tmp.{}",
-        dst.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+    // Not derived from the file's name: a name near 255 bytes plus a
+    // suffix would be too long. One file is written at a time, and
+    // create_new never reuses a name that exists.
+    let tmp = dir.join(format!(".recoverfs-tmp.{}", std::process::id()));
     let r = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -180,3 +180,59 @@ fn a_catalog_whose_symlink_is_a_later_entrys_parent_writes_nothing_outside_to() 
         assert_eq!(mode & 0o7777, 0o755, "case {i}: chmod through the link");
     }
 }
+
+#[test]
+fn restoring_the_root_directory_restores_into_to() {
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let e = |path: &str, kind, mode| Entry {
+        path: path.into(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: 1_600_000_000,
+        mtime_nsec: 0,
+        size: 0,
+        target: None,
+        chunks: vec![],
+    };
+    let entries = [
+        e("/", EntryKind::Dir, 0o755),
+        e("/a", EntryKind::File, 0o644),
+    ];
+    let refs: Vec<&Entry> = entries.iter().collect();
+    let empty: &Content = &|_, _| Ok(());
+    assert_eq!(restore_with(&refs, &to, empty).unwrap(), 2);
+    assert!(to.join("a").is_file());
+    assert_eq!(std::fs::metadata(&to).unwrap().mtime(), 1_600_000_000);
+}
+
+#[test]
+fn a_file_with_a_255_byte_name_restores() {
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let name = "n".repeat(255);
+    let entry = Entry {
+        path: format!("/{name}"),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 1_600_000_000,
+        mtime_nsec: 0,
+        size: 3,
+        target: None,
+        chunks: vec![],
+    };
+    let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
+    assert_eq!(restore_with(&[&entry], &to, content).unwrap(), 1);
+    assert_eq!(std::fs::read(to.join(&name)).unwrap(), b"abc");
+    assert_eq!(
+        std::fs::read_dir(&to).unwrap().count(),
+        1,
+        "no temp file left"
+    );
+}

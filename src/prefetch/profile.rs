@@ -8,11 +8,12 @@
 //! a block whose chunk differs in the recovered backup is skipped, since
 //! the recorded read says nothing about new content.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::repo::limits::MAX_DISKS;
 use crate::repo::{ChunkIndex, Digest, Repository};
 use crate::util::validate_name;
 
@@ -96,9 +97,36 @@ impl ProfileDoc {
                 self.format
             )));
         }
+        // Bounds what merging costs: a few recordings of at most a backup's
+        // disks each, every disk once.
+        if self.recordings.len() > MAX_RECORDINGS {
+            return Err(Error::invalid(format!(
+                "{what} has {} recordings, more than {MAX_RECORDINGS}",
+                self.recordings.len()
+            )));
+        }
         let mut total = 0usize;
         for r in &self.recordings {
+            if r.disks.len() > MAX_DISKS {
+                return Err(Error::invalid(format!(
+                    "{what}: a recording has {} disk traces, more than the {MAX_DISKS} disks a backup may have",
+                    r.disks.len()
+                )));
+            }
+            let mut indexes = HashSet::new();
             for d in &r.disks {
+                if d.index >= MAX_DISKS {
+                    return Err(Error::invalid(format!(
+                        "{what}: disk index {} is out of range (a backup has at most {MAX_DISKS} disks)",
+                        d.index
+                    )));
+                }
+                if !indexes.insert(d.index) {
+                    return Err(Error::invalid(format!(
+                        "{what}: a recording lists disk{} twice",
+                        d.index
+                    )));
+                }
                 // A backup's chunk size: anything else is forged, and
                 // would overflow block-to-byte arithmetic.
                 crate::repo::chunk::validate_chunk_size(d.block_size).map_err(|e| {
@@ -131,26 +159,21 @@ impl ProfileDoc {
 
     /// The merged profile of every disk, by disk index.
     pub fn merge(&self) -> Vec<MergedDisk> {
-        let mut indexes: Vec<usize> = self
-            .recordings
-            .iter()
-            .flat_map(|r| r.disks.iter().map(|d| d.index))
-            .collect();
-        indexes.sort_unstable();
-        indexes.dedup();
-        indexes
+        // Each disk's traces, newest first, in one pass (linear in the
+        // document, whatever its indexes).
+        let mut by_index: BTreeMap<usize, Vec<&DiskTrace>> = BTreeMap::new();
+        for r in self.recordings.iter().rev() {
+            for d in &r.disks {
+                by_index.entry(d.index).or_default().push(d);
+            }
+        }
+        by_index
             .into_iter()
-            .filter_map(|i| self.merge_disk(i))
+            .filter_map(|(i, traces)| Self::merge_disk(i, traces))
             .collect()
     }
 
-    fn merge_disk(&self, index: usize) -> Option<MergedDisk> {
-        let traces: Vec<&DiskTrace> = self
-            .recordings
-            .iter()
-            .rev()
-            .filter_map(|r| r.disks.iter().find(|d| d.index == index))
-            .collect();
+    fn merge_disk(index: usize, traces: Vec<&DiskTrace>) -> Option<MergedDisk> {
         // Recordings from a backup with another chunk size do not line up
         // block for block; the newest geometry wins.
         let block_size = traces.first()?.block_size;
@@ -418,6 +441,75 @@ mod tests {
         doc.push(rec(vec![Access(0, 0, d(0)); MAX_TRACE_ACCESSES + 1]));
         let e = doc.check("profile").unwrap_err().to_string();
         assert!(e.contains("recorded reads"), "{e}");
+    }
+
+    #[test]
+    fn a_profile_with_more_disk_traces_than_a_backup_has_disks_is_refused() {
+        use crate::repo::limits::MAX_DISKS;
+        let trace = |index| DiskTrace {
+            index,
+            block_size: 65536,
+            accesses: vec![Access(0, 0, d(0))],
+        };
+        let with_disks = |disks: Vec<DiskTrace>| {
+            let mut doc = ProfileDoc::new("vm");
+            doc.push(Recording {
+                disks,
+                ..rec(vec![])
+            });
+            doc
+        };
+        assert!(with_disks((0..MAX_DISKS).map(trace).collect())
+            .check("profile")
+            .is_ok());
+        let e = with_disks((0..=MAX_DISKS).map(trace).collect())
+            .check("profile")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk traces, more than"), "{e}");
+        let e = with_disks(vec![trace(MAX_DISKS)])
+            .check("profile")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("out of range"), "{e}");
+        let e = with_disks(vec![trace(1), trace(0), trace(1)])
+            .check("profile")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        // push trims to MAX_RECORDINGS; a stored or imported file may not.
+        let mut doc = with_disks(vec![trace(0)]);
+        doc.recordings = vec![doc.recordings[0].clone(); MAX_RECORDINGS + 1];
+        let e = doc.check("profile").unwrap_err().to_string();
+        assert!(e.contains("recordings, more than"), "{e}");
+    }
+
+    #[test]
+    fn merging_many_disks_keeps_each_disks_traces_newest_first() {
+        let mut doc = ProfileDoc::new("vm");
+        for r in 0..3u32 {
+            doc.push(Recording {
+                disks: (0..200usize)
+                    .rev()
+                    .map(|i| DiskTrace {
+                        index: i,
+                        // Disk 7 changed geometry in the newest recording.
+                        block_size: if i == 7 && r == 2 { 131072 } else { 65536 },
+                        accesses: vec![Access(i as u64, r * 10, d(r as u8))],
+                    })
+                    .collect(),
+                ..rec(vec![])
+            });
+        }
+        let m = doc.merge();
+        assert_eq!(
+            m.iter().map(|d| d.index).collect::<Vec<_>>(),
+            (0..200).collect::<Vec<_>>()
+        );
+        assert_eq!(m[5].recordings, 3);
+        assert_eq!(m[5].blocks[0].chunk, d(2), "the newest chunk is kept");
+        assert_eq!(m[5].blocks[0].t_ms, 10);
+        assert_eq!((m[7].block_size, m[7].recordings), (131072, 1));
     }
 
     #[test]

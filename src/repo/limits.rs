@@ -16,6 +16,14 @@ pub const MAX_META_BYTES: u64 = 1 << 20;
 pub const MAX_DISKS: usize = 256;
 /// Size of one disk: 64 TiB.
 pub const MAX_DISK_BYTES: u64 = 64 << 40;
+/// Blocks (chunks) of a backup's disks in all. Recovering costs per block
+/// a bit in each staging map (present, its live mirror, changed, dirty),
+/// in memory and on disk, written in full when a session starts: 2^28
+/// blocks is 32 MiB a map. That is 16 TiB of 64 KiB chunks (the tested
+/// sparse 10 TiB disk of 64 KiB blocks has 160 Mi) or 256 TiB of 1 MiB
+/// chunks; without it a forged manifest of a few bytes (256 disks of
+/// 64 TiB, one zero run each) would ask for 32 GiB a map.
+pub const MAX_BLOCKS: u64 = 1 << 28;
 /// Memory a VM configuration may ask QEMU for, in MiB (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
@@ -25,6 +33,17 @@ pub fn check_manifest_len(len: u64) -> crate::Result<()> {
     if len > MAX_MANIFEST_BYTES {
         return Err(crate::Error::invalid(format!(
             "its manifest would be {len} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have: back up with a larger --chunk-size"
+        )));
+    }
+    Ok(())
+}
+
+/// A backup whose disks have `blocks` chunks in all may be published (and
+/// recovered): see [`MAX_BLOCKS`].
+pub fn check_blocks(blocks: u64) -> crate::Result<()> {
+    if blocks > MAX_BLOCKS {
+        return Err(crate::Error::invalid(format!(
+            "its disks need {blocks} blocks in all, more than the {MAX_BLOCKS} a backup may have: back up with a larger --chunk-size"
         )));
     }
     Ok(())

@@ -125,7 +125,17 @@ impl Manifest {
             d.check()
                 .map_err(|e| e.context(format!("manifest {what}")))?;
         }
+        super::limits::check_blocks(m.blocks())
+            .map_err(|e| Error::corrupt(format!("manifest {what}: {e}")))?;
         Ok(m)
+    }
+
+    /// Chunks of all disks: what recovering it costs per block.
+    pub fn blocks(&self) -> u64 {
+        self.disks
+            .iter()
+            .map(|d| DiskManifest::chunk_count(d.size, d.chunk_size))
+            .sum()
     }
 
     pub fn virtual_size(&self) -> u64 {
@@ -193,6 +203,37 @@ mod tests {
         let mut m = sample();
         m.disks[0].size = crate::repo::limits::MAX_DISK_BYTES + 1;
         assert!(Manifest::decode(&m.encode().unwrap(), "x").is_err());
+    }
+
+    #[test]
+    fn a_manifest_needing_more_blocks_in_all_than_the_bound_is_refused() {
+        use crate::repo::limits::{MAX_BLOCKS, MAX_DISKS, MAX_DISK_BYTES};
+        let disk = |size: u64| DiskManifest {
+            name: "disk".into(),
+            size,
+            chunk_size: 65536,
+            chunks: ChunkIndex::zeros(size / 65536),
+            stored_bytes: 0,
+            new_bytes: 0,
+        };
+        // A few bytes of JSON: every disk at its largest, one zero run each.
+        let mut m = sample();
+        m.disks = vec![disk(MAX_DISK_BYTES); MAX_DISKS];
+        let bytes = m.encode().unwrap();
+        assert!(bytes.len() < 64 << 10, "{}", bytes.len());
+        let e = Manifest::decode(&bytes, "x").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        assert!(e.to_string().contains("blocks in all"), "{e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+        // Exactly the bound, over several disks, is a backup that reads back.
+        let per_disk = MAX_BLOCKS / 16 * 65536;
+        m.disks = vec![disk(per_disk); 16];
+        assert!(Manifest::decode(&m.encode().unwrap(), "x").is_ok());
+        m.disks.push(disk(65536));
+        assert!(Manifest::decode(&m.encode().unwrap(), "x").is_err());
+        // Nor is one written that could not be read back.
+        let e = crate::repo::limits::check_blocks(MAX_BLOCKS + 1).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -349,8 +349,17 @@ impl Repository {
             .list(&format!("backups/{vm}"))?
             .into_iter()
             .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+            .filter(|n| match validate_name("backup id", n) {
+                Ok(()) => true,
+                Err(e) => {
+                    // A stray file must not make every command on the VM fail.
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| tracing::warn!(vm, "ignoring backups/{vm}/{n}.json: {e}"));
+                    false
+                }
+            })
             .collect();
-        ids.sort();
+        ids.sort_by(|a, b| id_order(a, b));
         Ok(ids)
     }
 
@@ -549,11 +558,45 @@ impl Repository {
 
     /// Writes a manifest last, never replacing an existing backup.
     pub fn put_manifest(&self, m: &Manifest) -> Result<bool> {
+        limits::check_blocks(m.blocks())
+            .map_err(|e| e.context(format!("backup {}/{}", m.vm, m.id)))?;
         let bytes = m.encode_with(self.keys.as_ref())?;
         limits::check_manifest_len(bytes.len() as u64)
             .map_err(|e| e.context(format!("backup {}/{}", m.vm, m.id)))?;
         self.backend.put_new(&manifest_key(&m.vm, &m.id), &bytes)
     }
+}
+
+/// Time order of backup ids: `YYYYMMDD-HHMMSS`, maybe `.mmm-<hex>`, maybe
+/// `-<n>` for the n-th in one second. Digit runs compare as numbers, so
+/// `…-10` follows `…-9` (as text it would not); the fixed-width time
+/// fields compare as before.
+fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(s: &str) -> impl Iterator<Item = &str> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digit = first.is_ascii_digit();
+            let end = rest
+                .find(|c: char| c.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(end);
+            rest = tail;
+            Some(run)
+        })
+    }
+    let key = |r: &str| {
+        if r.starts_with(|c: char| c.is_ascii_digit()) {
+            let t = r.trim_start_matches('0');
+            (0u8, t.len(), t.to_string())
+        } else {
+            (1u8, 0, r.to_string())
+        }
+    };
+    runs(a)
+        .map(key)
+        .cmp(runs(b).map(key))
+        .then_with(|| a.cmp(b))
 }
 
 fn manifest_key(vm: &str, id: &str) -> String {
@@ -569,5 +612,37 @@ pub fn random_hex(bytes: usize) -> String {
 
 #[cfg(test)]
 mod dedup_tests;
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn backup_ids_skip_stray_names_and_sort_in_time_order() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        let (repo, _) = super::Repository::open_or_create(root.to_str().unwrap()).unwrap();
+        let dir = root.join("backups").join("vm");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ids = [
+            "20261121-000000-10",
+            "20261121-000001",
+            "20261121-000000",
+            "20261121-000000-9",
+            "20261121-000000-1",
+        ];
+        for n in ids.iter().copied().chain(["bad name"]) {
+            std::fs::write(dir.join(format!("{n}.json")), b"{}").unwrap();
+        }
+        assert_eq!(
+            repo.backup_ids("vm").unwrap(),
+            vec![
+                "20261121-000000",
+                "20261121-000000-1",
+                "20261121-000000-9",
+                "20261121-000000-10",
+                "20261121-000001",
+            ]
+        );
+    }
+}
 #[cfg(test)]
 mod version_tests;

@@ -95,6 +95,13 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
             return Err(Error::invalid("VM configuration must be a JSON object"));
         }
     }
+    // Refused before any reading, not only when its manifest is written.
+    super::chunk::validate_chunk_size(u64::from(req.chunk_size))?;
+    let blocks = (sizes.iter())
+        .map(|&s| DiskManifest::chunk_count(s, req.chunk_size))
+        .sum();
+    super::limits::check_blocks(blocks)
+        .map_err(|e| e.context(format!("backup of VM {}", req.vm)))?;
     let lock = WriterLock::acquire(repo, &req.vm)?;
     let total: u64 = sizes.iter().sum();
     let bar = progress_bar(req.progress, total);
@@ -594,6 +601,41 @@ mod tests {
             .collect();
         let e = stored_bytes_after(&repo, &base, &added, &Default::default()).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    }
+
+    #[test]
+    fn a_backup_needing_more_blocks_in_all_than_the_bound_is_refused_before_reading() {
+        use crate::repo::limits::MAX_BLOCKS;
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        // Two sparse images one chunk over half the bound each, with data.
+        let half = (MAX_BLOCKS / 2 + 1) * 65536;
+        let images: Vec<PathBuf> = (0..2)
+            .map(|i| {
+                let p = image(d.path(), &format!("disk{i}.raw"), b"data");
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(half)
+                    .unwrap();
+                p
+            })
+            .collect();
+        let e = run_backup(&repo, req("vm", images)).err().unwrap();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("blocks in all"), "{e}");
+        let stored = walkdir(&d.path().join("r").join("chunks"));
+        assert_eq!(stored, 0, "chunks were stored before the refusal");
+    }
+
+    fn walkdir(p: &Path) -> usize {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        rd.map(|e| e.unwrap().path())
+            .map(|p| if p.is_dir() { walkdir(&p) } else { 1 })
+            .sum()
     }
 
     #[test]
