@@ -47,6 +47,8 @@ const KDF_P: u32 = 1;
 const KDF_MAX_M_KIB: u32 = 1 << 20;
 const KDF_MAX_T: u32 = 16;
 const KDF_MAX_P: u32 = 16;
+/// A key file is a few hundred bytes.
+const MAX_KEY_FILE_BYTES: u64 = 64 << 10;
 
 /// A repository's keys, derived from its master key.
 #[derive(Clone)]
@@ -193,16 +195,22 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Decodes on bytes: a non-ASCII character is refused, never sliced
+/// through (slicing a `&str` inside one panics).
 fn unhex(s: &str, what: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return Err(Error::corrupt(format!("{what} is not hex")));
+    let not_hex = || Error::corrupt(format!("{what} is not hex"));
+    let digit = |b: u8| {
+        (b as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(not_hex)
+    };
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return Err(not_hex());
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| Error::corrupt(format!("{what} is not hex")))
-        })
+    b.chunks_exact(2)
+        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
         .collect()
 }
 
@@ -313,10 +321,27 @@ pub fn write_key_file(path: &Path, keys: &Keys, passphrase: Option<&str>) -> Res
     })
 }
 
+/// Reads at most `max` bytes of `path`: a wrong path (a disk image, a
+/// device) is refused, not read into memory.
+fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("read {what}"), e))?;
+    let mut bytes = vec![];
+    f.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(format!("read {what}"), e))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::invalid(format!(
+            "{what} is larger than {max} bytes: not a recoverfs key file"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Reads a key file; `passphrase` is needed if it is protected by one.
 pub fn load_key_file(path: &Path, passphrase: Option<&str>) -> Result<Keys> {
     let what = format!("key file {}", path.display());
-    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("read {what}"), e))?;
+    let bytes = read_bounded(path, MAX_KEY_FILE_BYTES, &what)?;
     let f: KeyFile = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("{what} is not a recoverfs key file ({e})")))?;
     if f.format != KEY_FORMAT || f.version != 1 {
@@ -440,6 +465,40 @@ mod tests {
         std::fs::write(&p, serde_json::to_vec(&f).unwrap()).unwrap();
         let e = load_key_file(&p, None).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    }
+
+    #[test]
+    fn a_key_file_with_non_ascii_hex_is_refused_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        write_key_file(&plain, &Keys::generate(), None).unwrap();
+        let wrapped = dir.path().join("wrapped");
+        write_key_file(&wrapped, &Keys::generate(), Some("pw")).unwrap();
+        // "aé…": byte 2 falls inside the two-byte 'é'.
+        let bad = "a\u{e9}b".repeat(16);
+        for (p, field) in [
+            (&plain, &["key"][..]),
+            (&wrapped, &["wrapped"][..]),
+            (&wrapped, &["kdf", "salt"][..]),
+        ] {
+            let mut f: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            let mut v = &mut f;
+            for k in field {
+                v = &mut v[*k];
+            }
+            *v = bad.clone().into();
+            let edited = dir.path().join("edited");
+            std::fs::write(&edited, serde_json::to_vec(&f).unwrap()).unwrap();
+            let e = load_key_file(&edited, Some("pw")).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{field:?}: {e}");
+            assert!(e.to_string().contains("hex"), "{field:?}: {e}");
+        }
+        // A huge file (a wrong path, a disk image) is refused unread.
+        let huge = dir.path().join("huge");
+        std::fs::write(&huge, vec![b' '; MAX_KEY_FILE_BYTES as usize + 1]).unwrap();
+        let e = load_key_file(&huge, None).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 
     #[test]
