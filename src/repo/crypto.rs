@@ -93,13 +93,14 @@ impl Keys {
         Digest(*blake3::keyed_hash(&self.id, data).as_bytes())
     }
 
-    /// The MAC of a sealed document's body under `field`.
-    pub fn mac(&self, field: &str, body: &[u8]) -> String {
+    /// The MAC of a sealed document's body under `field` (a
+    /// `blake3::Hash`: its `==` is constant-time).
+    pub fn mac(&self, field: &str, body: &[u8]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.mac);
         h.update(field.as_bytes());
         h.update(&[0]);
         h.update(body);
-        h.finalize().to_hex().to_string()
+        h.finalize()
     }
 
     /// Encrypts a chunk's compressed bytes for storage under id `d`.

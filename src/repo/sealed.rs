@@ -28,13 +28,10 @@ pub fn seal_with(field: &str, body: &impl Serialize, keys: Option<&Keys>) -> Res
         serde_json::to_string(body).map_err(|e| Error::invalid(format!("encode {field}: {e}")))?;
     let (name, sum) = match keys {
         Some(k) => ("mac", k.mac(field, body.as_bytes())),
-        None => (
-            "checksum",
-            blake3::hash(body.as_bytes()).to_hex().to_string(),
-        ),
+        None => ("checksum", blake3::hash(body.as_bytes())),
     };
     let field = serde_json::to_string(field).expect("a string encodes");
-    Ok(format!("{{\"{name}\":\"{sum}\",{field}:{body}}}\n").into_bytes())
+    Ok(format!("{{\"{name}\":\"{}\",{field}:{body}}}\n", sum.to_hex()).into_bytes())
 }
 
 /// [`unseal`]; with `keys`, the document must carry a valid MAC.
@@ -58,12 +55,19 @@ pub fn unseal_with<T: DeserializeOwned>(
             None => Error::corrupt(format!("{what} is damaged or truncated")),
         });
     };
-    let want: String = serde_json::from_str(sum.get())
-        .map_err(|_| Error::corrupt(format!("{what} has a malformed {name}")))?;
+    let malformed = || {
+        Error::corrupt(match keys {
+            Some(_) => format!("{what} has a malformed MAC (forged or damaged)"),
+            None => format!("{what} has a malformed checksum"),
+        })
+    };
+    let want: &str = serde_json::from_str(sum.get()).map_err(|_| malformed())?;
+    let want = blake3::Hash::from_hex(want).map_err(|_| malformed())?;
     let got = match keys {
         Some(k) => k.mac(field, body.get().as_bytes()),
-        None => blake3::hash(body.get().as_bytes()).to_hex().to_string(),
+        None => blake3::hash(body.get().as_bytes()),
     };
+    // blake3::Hash's == is constant-time: no timing hint for a forger.
     if got != want {
         return Err(Error::corrupt(match keys {
             Some(_) => format!("{what} fails its MAC (forged or damaged)"),
@@ -90,5 +94,39 @@ mod tests {
         assert!(e.to_string().contains("fails its checksum"), "{e}");
         let e = unseal::<serde_json::Value>(&s[..s.len() / 2], "doc", "t").unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_or_malformed_mac_or_checksum_is_refused() {
+        let keys = Keys::generate();
+        let v = serde_json::json!({"a": 1});
+        let check = |keys: Option<&Keys>, name: &str, want: &str| {
+            let s = String::from_utf8(seal_with("doc", &v, keys).unwrap()).unwrap();
+            let env: serde_json::Value = serde_json::from_str(&s).unwrap();
+            let good = env[name].as_str().unwrap().to_string();
+            assert_eq!(
+                unseal_with::<serde_json::Value>(s.as_bytes(), "doc", "t", keys).unwrap(),
+                v
+            );
+            // Another valid-looking sum, one too short, one not hex.
+            let mut flipped = good.clone().into_bytes();
+            flipped[0] = if flipped[0] == b'0' { b'1' } else { b'0' };
+            let flipped = String::from_utf8(flipped).unwrap();
+            for bad in [flipped, good[..62].to_string(), "zz".repeat(32)] {
+                if bad == good {
+                    continue;
+                }
+                let doc = s.replace(&good, &bad);
+                let e =
+                    unseal_with::<serde_json::Value>(doc.as_bytes(), "doc", "t", keys).unwrap_err();
+                assert!(e.to_string().contains(want), "{bad}: {e}");
+            }
+        };
+        check(None, "checksum", "checksum");
+        check(Some(&keys), "mac", "MAC");
+        // Another key's MAC is refused too.
+        let s = seal_with("doc", &v, Some(&keys)).unwrap();
+        let other = Keys::generate();
+        assert!(unseal_with::<serde_json::Value>(&s, "doc", "t", Some(&other)).is_err());
     }
 }
