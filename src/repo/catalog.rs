@@ -140,7 +140,7 @@ impl Entry {
         };
         if !ok || self.chunks.iter().any(|c| c.len == 0 || c.len > CDC_MAX) {
             return Err(Error::corrupt(format!(
-                "{}: size and content do not match",
+                "{:?}: size and content do not match",
                 self.path
             )));
         }
@@ -154,7 +154,7 @@ impl Entry {
         check_path(&self.path)?;
         if self.mode > 0o7777 {
             return Err(Error::corrupt(format!(
-                "{}: mode {:o} is more than permission bits",
+                "{:?}: mode {:o} is more than permission bits",
                 self.path, self.mode
             )));
         }
@@ -162,7 +162,7 @@ impl Entry {
             || (self.kind != EntryKind::File && self.size != 0)
         {
             return Err(Error::corrupt(format!(
-                "{}: a {:?} with a size or link target it cannot have",
+                "{:?}: a {:?} with a size or link target it cannot have",
                 self.path, self.kind
             )));
         }
@@ -356,7 +356,7 @@ impl Repository {
         let c = Catalog::decode(self, &bytes, &format!("{vm}/{id}"))?;
         if c.vm != vm || c.id != id {
             return Err(Error::corrupt(format!(
-                "catalog {vm}/{id} names {}/{}",
+                "catalog {vm}/{id} names {:?}/{:?}",
                 c.vm, c.id
             )));
         }

@@ -215,3 +215,22 @@ fn a_catalog_over_the_entry_or_size_limit_is_refused_before_publishing() {
     let ok = r.publish_catalog_within(three, at, roomy).unwrap();
     assert_eq!(r.catalog("vm1", &ok.id).unwrap(), ok);
 }
+
+#[test]
+fn an_error_about_a_path_with_a_newline_stays_on_one_line() {
+    let (_d, r) = repo();
+    let mut e = file("/x\nok: fake", vec![]);
+    e.mode = 0o17777;
+    let c = r.publish_catalog(catalog("vm1", vec![e])).unwrap();
+    let e = r.catalog("vm1", &c.id).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    assert!(!e.to_string().contains('\n'), "{e}");
+    assert!(e.to_string().contains("\\n"), "{e}");
+    let mut e = file("/y\nok: fake", vec![]);
+    e.size = 1;
+    assert!(!e.check().unwrap_err().to_string().contains('\n'));
+    e.size = 0;
+    e.kind = EntryKind::Dir;
+    e.target = Some("t".into());
+    assert!(!e.check().unwrap_err().to_string().contains('\n'));
+}
