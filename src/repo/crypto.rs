@@ -1,6 +1,6 @@
 //! Encrypted repositories: keys, chunk encryption, document MACs, key files.
 //!
-//! One random 256-bit master key per repository. Three subkeys are derived
+//! One random 256-bit master key per repository. Four subkeys are derived
 //! from it with BLAKE3's `derive_key` (each its own context string):
 //!
 //! * chunk ids: `blake3::keyed_hash(id key, plain bytes)`. Equal plaintext
@@ -14,8 +14,12 @@
 //!   becomes `mac`, `blake3::keyed_hash(mac key, field ‖ 0 ‖ body)`, so a
 //!   forged or edited manifest is refused by name. A document with only a
 //!   checksum is refused in an encrypted repository.
+//! * file-backup catalogs (guest paths, link targets, owners, times):
+//!   encrypted whole with XChaCha20-Poly1305 under a fourth subkey and a
+//!   random nonce, bound by associated data to the field and the object
+//!   key they are stored under (`repo::sealed::seal_encrypted`).
 //!
-//! `repo.json` carries the key's fingerprint (a fourth derived value), so
+//! `repo.json` carries the key's fingerprint (a fifth derived value), so
 //! a wrong key is named before anything is read. A document's MAC does not
 //! bind its key: a manifest swapped for another VM's or backup's fails the
 //! name check of `Repository::manifest`.
@@ -57,6 +61,9 @@ pub struct Keys {
     id: [u8; 32],
     mac: [u8; 32],
     aead: XChaCha20Poly1305,
+    /// Encrypted documents (file-backup catalogs): its own subkey, so a
+    /// document can never be opened as a chunk or the other way round.
+    doc_aead: XChaCha20Poly1305,
 }
 
 impl std::fmt::Debug for Keys {
@@ -74,11 +81,13 @@ impl Keys {
 
     fn from_master(master: [u8; 32]) -> Keys {
         let enc = blake3::derive_key("recoverfs 2026 chunk encryption v1", &master);
+        let doc = blake3::derive_key("recoverfs 2026 document encryption v1", &master);
         Keys {
             master,
             id: blake3::derive_key("recoverfs 2026 chunk id v1", &master),
             mac: blake3::derive_key("recoverfs 2026 document mac v1", &master),
             aead: XChaCha20Poly1305::new(&enc.into()),
+            doc_aead: XChaCha20Poly1305::new(&doc.into()),
         }
     }
 
@@ -101,6 +110,66 @@ impl Keys {
         h.update(&[0]);
         h.update(body);
         h.finalize()
+    }
+
+    /// What an encrypted document is bound to: its field and the key of
+    /// the object it is stored under, so one moved elsewhere fails.
+    fn document_aad(field: &str, object: &str) -> Vec<u8> {
+        let mut aad = b"recoverfs document v1\0".to_vec();
+        aad.extend_from_slice(field.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(object.as_bytes());
+        aad
+    }
+
+    /// Encrypts a document's body stored at `object`: nonce ‖ ciphertext+tag.
+    pub fn seal_document(&self, field: &str, object: &str, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ct = self
+            .doc_aead
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &Self::document_aad(field, object),
+                },
+            )
+            .map_err(|_| Error::invalid(format!("encrypt {field}")))?;
+        let mut out = Vec::with_capacity(NONCE + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Decrypts and authenticates in place what [`Keys::seal_document`]
+    /// made for `field` at `object`; `what` names it in errors.
+    pub fn open_document<'a>(
+        &self,
+        field: &str,
+        object: &str,
+        stored: &'a mut [u8],
+        what: &str,
+    ) -> Result<&'a [u8]> {
+        const TAG: usize = 16;
+        if stored.len() < NONCE + TAG {
+            return Err(Error::corrupt(format!("{what} is damaged or truncated")));
+        }
+        let (nonce, rest) = stored.split_at_mut(NONCE);
+        let (ct, tag) = rest.split_at_mut(rest.len() - TAG);
+        self.doc_aead
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                &Self::document_aad(field, object),
+                ct,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| {
+                Error::corrupt(format!(
+                    "{what} fails authentication (damaged, forged, or moved from another name)"
+                ))
+            })?;
+        Ok(ct)
     }
 
     /// Encrypts a chunk's compressed bytes for storage under id `d`.

@@ -3,7 +3,14 @@
 //! exact bytes, so a truncated or edited object is caught before use. In an
 //! encrypted repository it is a keyed MAC instead, `{"mac": "<hex>", ...}`,
 //! so a forged one is caught too (`repo::crypto`).
+//!
+//! A document whose body must not be readable in the store (a file
+//! backup's catalog) is encrypted instead ([`seal_encrypted`]):
+//! `{"aead": "xchacha20poly1305", "<field>": "<base64 of nonce ‖
+//! ciphertext+tag>"}`, authenticated by the AEAD's tag and bound to the
+//! object key it is stored under.
 
+use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -11,6 +18,8 @@ use std::collections::HashMap;
 
 use super::crypto::Keys;
 use crate::error::{Error, Result};
+
+const AEAD: &str = "xchacha20poly1305";
 
 /// Encodes `body` under `field` with its checksum.
 pub fn seal(field: &str, body: &impl Serialize) -> Result<Vec<u8>> {
@@ -41,8 +50,91 @@ pub fn unseal_with<T: DeserializeOwned>(
     what: &str,
     keys: Option<&Keys>,
 ) -> Result<T> {
-    let env: HashMap<String, Box<RawValue>> = serde_json::from_slice(bytes)
-        .map_err(|e| Error::corrupt(format!("{what} is damaged or truncated ({e})")))?;
+    let env = envelope(bytes, what)?;
+    decode_body(checked_body(&env, field, what, keys)?, what)
+}
+
+/// [`seal_with`] with the body encrypted under `keys`, for storage at
+/// `object` (it fails to open anywhere else).
+pub fn seal_encrypted(
+    field: &str,
+    body: &impl Serialize,
+    keys: &Keys,
+    object: &str,
+) -> Result<Vec<u8>> {
+    let plain =
+        serde_json::to_vec(body).map_err(|e| Error::invalid(format!("encode {field}: {e}")))?;
+    let sealed = keys.seal_document(field, object, &plain)?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(sealed);
+    let field = serde_json::to_string(field).expect("a string encodes");
+    Ok(format!("{{\"aead\":\"{AEAD}\",{field}:\"{b64}\"}}\n").into_bytes())
+}
+
+/// How a stored document was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// [`seal_encrypted`].
+    Encrypted,
+    /// [`seal_with`]: readable by anyone who can read the store.
+    Plain,
+}
+
+/// Decodes a document stored at `object` in either form. With `keys`, an
+/// encrypted one must open under them and a plain one must carry their
+/// MAC (a checksum anyone could write is refused); without, an encrypted
+/// one is refused.
+pub fn unseal_stored<T: DeserializeOwned>(
+    bytes: &[u8],
+    field: &str,
+    what: &str,
+    keys: Option<&Keys>,
+    object: &str,
+) -> Result<(T, Form)> {
+    let env = envelope(bytes, what)?;
+    let Some(aead) = env.get("aead") else {
+        let body = checked_body(&env, field, what, keys)?;
+        return Ok((decode_body(body, what)?, Form::Plain));
+    };
+    let Some(keys) = keys else {
+        return Err(Error::corrupt(format!(
+            "{what} is encrypted, but the repository is not: it was not written here"
+        )));
+    };
+    let aead: &str = serde_json::from_str(aead.get())
+        .map_err(|_| Error::corrupt(format!("{what} names a malformed cipher")))?;
+    if aead != AEAD {
+        return Err(Error::corrupt(format!(
+            "{what} is encrypted with unknown cipher {aead:?}"
+        )));
+    }
+    let Some(body) = env.get(field) else {
+        return Err(Error::corrupt(format!("{what} is damaged or truncated")));
+    };
+    let b64: &str = serde_json::from_str(body.get())
+        .map_err(|_| Error::corrupt(format!("{what} is damaged (its body is not a string)")))?;
+    let mut stored = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| Error::corrupt(format!("{what} is damaged (its body is not base64)")))?;
+    let plain = keys.open_document(field, object, &mut stored, what)?;
+    let doc = serde_json::from_slice(plain)
+        .map_err(|e| Error::corrupt(format!("{what} is malformed ({e})")))?;
+    Ok((doc, Form::Encrypted))
+}
+
+type Envelope = HashMap<String, Box<RawValue>>;
+
+fn envelope(bytes: &[u8], what: &str) -> Result<Envelope> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::corrupt(format!("{what} is damaged or truncated ({e})")))
+}
+
+/// The body under `field`, once its checksum or (with `keys`) MAC holds.
+fn checked_body<'a>(
+    env: &'a Envelope,
+    field: &str,
+    what: &str,
+    keys: Option<&Keys>,
+) -> Result<&'a RawValue> {
     let Some(body) = env.get(field) else {
         return Err(Error::corrupt(format!("{what} is damaged or truncated")));
     };
@@ -74,6 +166,10 @@ pub fn unseal_with<T: DeserializeOwned>(
             None => format!("{what} fails its checksum"),
         }));
     }
+    Ok(body)
+}
+
+fn decode_body<T: DeserializeOwned>(body: &RawValue, what: &str) -> Result<T> {
     serde_json::from_str(body.get())
         .map_err(|e| Error::corrupt(format!("{what} is malformed ({e})")))
 }
