@@ -107,7 +107,8 @@
 //!   `repo::chunk_index`). Created only if absent; on a store that ignores
 //!   conditional PUTs the id gets a random suffix.
 //! * `files/<vm>/<id>-files.json` — a file backup (`agent-backup`), sealed
-//!   the same way under `"catalog"`: `{format, vm, id, created, source:
+//!   the same way under `"catalog"` (in an encrypted repository encrypted
+//!   whole instead: `{"aead", "catalog": base64}`): `{format, vm, id, created, source:
 //!   {agent_version, paths, hooks}, entries: [{path, kind, mode, uid, gid,
 //!   mtime, mtime_nsec, size, target, chunks: [{digest, len}]}],
 //!   file_bytes, stored_bytes, new_bytes}`; file contents are

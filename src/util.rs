@@ -98,6 +98,24 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// The text of a caught panic, for the error or log line that replaces it.
+/// `s` for a line of terminal output: control characters (a newline, an
+/// escape sequence) and backslashes escaped Rust-style, so a hostile name
+/// can neither add a line nor drive the terminal.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() || c == '\\') {
+        return s.into();
+    }
+    s.chars()
+        .flat_map(|c| {
+            let plain = !c.is_control() && c != '\\';
+            let one = plain.then_some(c).into_iter();
+            let escaped = (!plain).then(|| c.escape_default()).into_iter().flatten();
+            one.chain(escaped)
+        })
+        .collect::<String>()
+        .into()
+}
+
 pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())

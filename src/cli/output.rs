@@ -145,7 +145,11 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
                     let places: Vec<String> = us
                         .iter()
                         .take(5)
-                        .map(|u| format!("{}/{} {} block {}", u.vm, u.backup, u.disk, u.block))
+                        .map(|u| {
+                            // A file backup's "disk" is a guest path: any bytes.
+                            let disk = crate::util::escape_controls(&u.disk);
+                            format!("{}/{} {disk} block {}", u.vm, u.backup, u.block)
+                        })
                         .collect();
                     let more = if us.len() > 5 {
                         format!(" and {} more", us.len() - 5)

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind};
 use crate::repo::Repository;
+use crate::util::escape_controls;
 
 pub mod disk;
 
@@ -301,7 +302,7 @@ pub fn entry_of(path: &Path, m: &std::fs::Metadata) -> Result<Option<Entry>> {
     }))
 }
 
-/// One `ls -l`-like line.
+/// One `ls -l`-like line; control characters in names are escaped.
 pub fn ls_line(e: &Entry) -> String {
     let kind = match e.kind {
         EntryKind::File => '-',
@@ -318,7 +319,7 @@ pub fn ls_line(e: &Entry) -> String {
     let target = e
         .target
         .as_deref()
-        .map(|t| format!(" -> {t}"))
+        .map(|t| format!(" -> {}", escape_controls(t)))
         .unwrap_or_default();
     format!(
         "{kind}{perms} {:>5} {:>5} {:>12} {} {}{target}",
@@ -326,7 +327,7 @@ pub fn ls_line(e: &Entry) -> String {
         e.gid,
         e.size,
         crate::util::rfc3339(e.mtime.max(0) as u64),
-        e.path
+        escape_controls(&e.path)
     )
 }
 

@@ -236,3 +236,25 @@ fn a_file_with_a_255_byte_name_restores() {
         "no temp file left"
     );
 }
+
+#[test]
+fn ls_shows_control_characters_in_a_path_or_link_target_escaped() {
+    let e = Entry {
+        path: "/x\nok: fake\u{1b}[2J".into(),
+        kind: EntryKind::Symlink,
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size: 0,
+        target: Some("t\r\\".into()),
+        chunks: vec![],
+    };
+    let line = ls_line(&e);
+    assert!(!line.chars().any(char::is_control), "{line:?}");
+    assert!(
+        line.ends_with("/x\\nok: fake\\u{1b}[2J -> t\\r\\\\"),
+        "{line}"
+    );
+}

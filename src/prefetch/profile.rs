@@ -256,6 +256,14 @@ pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
     let doc: ProfileDoc = repo.unseal(&bytes, "profile", &what)?;
     doc.check(&what)
         .map_err(|e| Error::corrupt(e.to_string()))?;
+    // The seal covers the body, not the object's name: another VM's
+    // profile copied here would otherwise steer this VM's recoveries.
+    if doc.vm != vm {
+        return Err(Error::corrupt(format!(
+            "{what} is the profile of VM {:?}, not of {vm:?} (copied or moved from another VM)",
+            doc.vm
+        )));
+    }
     Ok(Some(doc))
 }
 
@@ -527,6 +535,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("expected"), "{e}");
+    }
+
+    #[test]
+    fn a_profile_stored_under_another_vm_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("repo");
+        let (repo, _) = Repository::open_or_create_keyed(spec.to_str().unwrap(), None).unwrap();
+        let mut b = ProfileDoc::new("b");
+        b.push(rec(vec![Access(4, 10, d(4))]));
+        store(&repo, &b).unwrap();
+        assert_eq!(load(&repo, "b").unwrap(), Some(b));
+        // Its MAC or checksum covers the body, not the object's name: a
+        // copy under A's name must not steer A's recovery.
+        std::fs::copy(spec.join("profiles/b.json"), spec.join("profiles/a.json")).unwrap();
+        let e = load(&repo, "a").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+        let m = e.to_string();
+        assert!(m.contains("\"a\"") && m.contains("\"b\""), "{m}");
     }
 
     #[test]

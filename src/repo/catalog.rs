@@ -8,16 +8,24 @@
 //! into content-defined chunks (so an edit in the middle of a file changes
 //! only the chunks around it) and stored in the same deduplicated chunk
 //! store as disk chunks (ids keyed, chunks encrypted, in an encrypted
-//! repository). Like a manifest, a catalog is sealed (a checksum, or a MAC
-//! when encrypted), its chunks count for `gc` ([`REFERRER`]), it is written
+//! repository). Its chunks count for `gc` ([`REFERRER`]), it is written
 //! last (after every chunk it names) and created only if absent, so a
 //! backup that fails anywhere leaves no catalog. Ids end in `-files`, so a
 //! backup id names a disk backup or a file backup, never both.
+//!
+//! In an encrypted repository the whole body (guest paths, link targets,
+//! owners, times, the agent's `source`) is encrypted instead:
+//! `{"aead": "xchacha20poly1305", "catalog": "<base64>"}`, bound to its
+//! object key (`repo::sealed::seal_encrypted`), so the store shows only
+//! its size. Catalogs written by versions before that (2026-11-22/23) are
+//! plain with the repository's MAC: they are still read (only the key
+//! could have written them), with a warning; a plain catalog with just a
+//! checksum is refused there.
 
 use serde::{Deserialize, Serialize};
 
 use super::chunk::Digest;
-use super::Repository;
+use super::{sealed, Repository};
 use crate::error::{Error, Result};
 use crate::util::{rfc3339, validate_name};
 
@@ -140,7 +148,7 @@ impl Entry {
         };
         if !ok || self.chunks.iter().any(|c| c.len == 0 || c.len > CDC_MAX) {
             return Err(Error::corrupt(format!(
-                "{}: size and content do not match",
+                "{:?}: size and content do not match",
                 self.path
             )));
         }
@@ -154,7 +162,7 @@ impl Entry {
         check_path(&self.path)?;
         if self.mode > 0o7777 {
             return Err(Error::corrupt(format!(
-                "{}: mode {:o} is more than permission bits",
+                "{:?}: mode {:o} is more than permission bits",
                 self.path, self.mode
             )));
         }
@@ -162,7 +170,7 @@ impl Entry {
             || (self.kind != EntryKind::File && self.size != 0)
         {
             return Err(Error::corrupt(format!(
-                "{}: a {:?} with a size or link target it cannot have",
+                "{:?}: a {:?} with a size or link target it cannot have",
                 self.path, self.kind
             )));
         }
@@ -191,11 +199,31 @@ pub fn check_path(p: &str) -> Result<()> {
 }
 
 impl Catalog {
-    /// Parses and checks a stored catalog (authenticated when the
-    /// repository is encrypted).
-    pub fn decode(repo: &Repository, bytes: &[u8], what: &str) -> Result<Catalog> {
-        let c: Catalog = repo.unseal(bytes, "catalog", &format!("catalog {what}"))?;
+    /// Parses and checks a catalog stored at `key` (decrypted and
+    /// authenticated when the repository is encrypted).
+    pub fn decode(repo: &Repository, bytes: &[u8], key: &str, what: &str) -> Result<Catalog> {
+        let (c, form): (Catalog, _) = sealed::unseal_stored(
+            bytes,
+            "catalog",
+            &format!("catalog {what}"),
+            repo.keys.as_ref(),
+            key,
+        )?;
+        if form == sealed::Form::Plain && repo.keys.is_some() {
+            tracing::warn!(
+                "catalog {what} is stored unencrypted (written before catalogs were encrypted): its guest paths are readable by anyone who can read the repository; take a new file backup and forget this one to remove them"
+            );
+        }
         c.checked(what)
+    }
+
+    /// Encodes a catalog for storage at `key`: sealed, or encrypted when
+    /// the repository is.
+    fn encode(&self, repo: &Repository, key: &str) -> Result<Vec<u8>> {
+        match &repo.keys {
+            Some(k) => sealed::seal_encrypted("catalog", self, k, key),
+            None => repo.seal("catalog", self),
+        }
     }
 
     fn checked(self, what: &str) -> Result<Catalog> {
@@ -302,7 +330,7 @@ fn catalog_refs(repo: &Repository, key: &str, bytes: &[u8]) -> Result<Vec<Digest
         .strip_prefix("files/")
         .and_then(|k| k.strip_suffix(".json"))
         .unwrap_or(key);
-    let c = Catalog::decode(repo, bytes, what)?;
+    let c = Catalog::decode(repo, bytes, key, what)?;
     Ok(c.entries
         .iter()
         .flat_map(|e| e.chunks.iter().map(|c| c.digest))
@@ -349,14 +377,15 @@ impl Repository {
     pub fn catalog(&self, vm: &str, id: &str) -> Result<Catalog> {
         validate_name("VM name", vm)?;
         validate_name("backup id", id)?;
+        let key = catalog_key(vm, id);
         let bytes = self
             .backend()
-            .get(&catalog_key(vm, id), MAX_CATALOG_BYTES)?
+            .get(&key, MAX_CATALOG_BYTES)?
             .ok_or_else(|| Error::not_found(format!("unknown file backup {id:?} of VM {vm}")))?;
-        let c = Catalog::decode(self, &bytes, &format!("{vm}/{id}"))?;
+        let c = Catalog::decode(self, &bytes, &key, &format!("{vm}/{id}"))?;
         if c.vm != vm || c.id != id {
             return Err(Error::corrupt(format!(
-                "catalog {vm}/{id} names {}/{}",
+                "catalog {vm}/{id} names {:?}/{:?}",
                 c.vm, c.id
             )));
         }
@@ -408,12 +437,11 @@ impl Repository {
         };
         c.id = format!("{base}-files");
         for n in 1.. {
-            let sealed = self.seal("catalog", &c)?;
+            // Sealed anew for each id: an encrypted one is bound to its key.
+            let key = catalog_key(&c.vm, &c.id);
+            let sealed = c.encode(self, &key)?;
             limits.check_bytes(sealed.len() as u64)?;
-            if self
-                .backend()
-                .put_new(&catalog_key(&c.vm, &c.id), &sealed)?
-            {
+            if self.backend().put_new(&key, &sealed)? {
                 break;
             }
             c.id = format!("{base}-files-{n}");

@@ -1,6 +1,6 @@
 //! Encrypted repositories: keys, chunk encryption, document MACs, key files.
 //!
-//! One random 256-bit master key per repository. Three subkeys are derived
+//! One random 256-bit master key per repository. Four subkeys are derived
 //! from it with BLAKE3's `derive_key` (each its own context string):
 //!
 //! * chunk ids: `blake3::keyed_hash(id key, plain bytes)`. Equal plaintext
@@ -14,8 +14,12 @@
 //!   becomes `mac`, `blake3::keyed_hash(mac key, field ‖ 0 ‖ body)`, so a
 //!   forged or edited manifest is refused by name. A document with only a
 //!   checksum is refused in an encrypted repository.
+//! * file-backup catalogs (guest paths, link targets, owners, times):
+//!   encrypted whole with XChaCha20-Poly1305 under a fourth subkey and a
+//!   random nonce, bound by associated data to the field and the object
+//!   key they are stored under (`repo::sealed::seal_encrypted`).
 //!
-//! `repo.json` carries the key's fingerprint (a fourth derived value), so
+//! `repo.json` carries the key's fingerprint (a fifth derived value), so
 //! a wrong key is named before anything is read. A document's MAC does not
 //! bind its key: a manifest swapped for another VM's or backup's fails the
 //! name check of `Repository::manifest`.
@@ -47,6 +51,8 @@ const KDF_P: u32 = 1;
 const KDF_MAX_M_KIB: u32 = 1 << 20;
 const KDF_MAX_T: u32 = 16;
 const KDF_MAX_P: u32 = 16;
+/// A key file is a few hundred bytes.
+const MAX_KEY_FILE_BYTES: u64 = 64 << 10;
 
 /// A repository's keys, derived from its master key.
 #[derive(Clone)]
@@ -55,6 +61,9 @@ pub struct Keys {
     id: [u8; 32],
     mac: [u8; 32],
     aead: XChaCha20Poly1305,
+    /// Encrypted documents (file-backup catalogs): its own subkey, so a
+    /// document can never be opened as a chunk or the other way round.
+    doc_aead: XChaCha20Poly1305,
 }
 
 impl std::fmt::Debug for Keys {
@@ -72,11 +81,13 @@ impl Keys {
 
     fn from_master(master: [u8; 32]) -> Keys {
         let enc = blake3::derive_key("recoverfs 2026 chunk encryption v1", &master);
+        let doc = blake3::derive_key("recoverfs 2026 document encryption v1", &master);
         Keys {
             master,
             id: blake3::derive_key("recoverfs 2026 chunk id v1", &master),
             mac: blake3::derive_key("recoverfs 2026 document mac v1", &master),
             aead: XChaCha20Poly1305::new(&enc.into()),
+            doc_aead: XChaCha20Poly1305::new(&doc.into()),
         }
     }
 
@@ -91,13 +102,74 @@ impl Keys {
         Digest(*blake3::keyed_hash(&self.id, data).as_bytes())
     }
 
-    /// The MAC of a sealed document's body under `field`.
-    pub fn mac(&self, field: &str, body: &[u8]) -> String {
+    /// The MAC of a sealed document's body under `field` (a
+    /// `blake3::Hash`: its `==` is constant-time).
+    pub fn mac(&self, field: &str, body: &[u8]) -> blake3::Hash {
         let mut h = blake3::Hasher::new_keyed(&self.mac);
         h.update(field.as_bytes());
         h.update(&[0]);
         h.update(body);
-        h.finalize().to_hex().to_string()
+        h.finalize()
+    }
+
+    /// What an encrypted document is bound to: its field and the key of
+    /// the object it is stored under, so one moved elsewhere fails.
+    fn document_aad(field: &str, object: &str) -> Vec<u8> {
+        let mut aad = b"recoverfs document v1\0".to_vec();
+        aad.extend_from_slice(field.as_bytes());
+        aad.push(0);
+        aad.extend_from_slice(object.as_bytes());
+        aad
+    }
+
+    /// Encrypts a document's body stored at `object`: nonce ‖ ciphertext+tag.
+    pub fn seal_document(&self, field: &str, object: &str, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ct = self
+            .doc_aead
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &Self::document_aad(field, object),
+                },
+            )
+            .map_err(|_| Error::invalid(format!("encrypt {field}")))?;
+        let mut out = Vec::with_capacity(NONCE + ct.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Decrypts and authenticates in place what [`Keys::seal_document`]
+    /// made for `field` at `object`; `what` names it in errors.
+    pub fn open_document<'a>(
+        &self,
+        field: &str,
+        object: &str,
+        stored: &'a mut [u8],
+        what: &str,
+    ) -> Result<&'a [u8]> {
+        const TAG: usize = 16;
+        if stored.len() < NONCE + TAG {
+            return Err(Error::corrupt(format!("{what} is damaged or truncated")));
+        }
+        let (nonce, rest) = stored.split_at_mut(NONCE);
+        let (ct, tag) = rest.split_at_mut(rest.len() - TAG);
+        self.doc_aead
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                &Self::document_aad(field, object),
+                ct,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| {
+                Error::corrupt(format!(
+                    "{what} fails authentication (damaged, forged, or moved from another name)"
+                ))
+            })?;
+        Ok(ct)
     }
 
     /// Encrypts a chunk's compressed bytes for storage under id `d`.
@@ -193,16 +265,22 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Decodes on bytes: a non-ASCII character is refused, never sliced
+/// through (slicing a `&str` inside one panics).
 fn unhex(s: &str, what: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return Err(Error::corrupt(format!("{what} is not hex")));
+    let not_hex = || Error::corrupt(format!("{what} is not hex"));
+    let digit = |b: u8| {
+        (b as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(not_hex)
+    };
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return Err(not_hex());
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| Error::corrupt(format!("{what} is not hex")))
-        })
+    b.chunks_exact(2)
+        .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
         .collect()
 }
 
@@ -313,10 +391,27 @@ pub fn write_key_file(path: &Path, keys: &Keys, passphrase: Option<&str>) -> Res
     })
 }
 
+/// Reads at most `max` bytes of `path`: a wrong path (a disk image, a
+/// device) is refused, not read into memory.
+fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("read {what}"), e))?;
+    let mut bytes = vec![];
+    f.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(format!("read {what}"), e))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::invalid(format!(
+            "{what} is larger than {max} bytes: not a recoverfs key file"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Reads a key file; `passphrase` is needed if it is protected by one.
 pub fn load_key_file(path: &Path, passphrase: Option<&str>) -> Result<Keys> {
     let what = format!("key file {}", path.display());
-    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("read {what}"), e))?;
+    let bytes = read_bounded(path, MAX_KEY_FILE_BYTES, &what)?;
     let f: KeyFile = serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid(format!("{what} is not a recoverfs key file ({e})")))?;
     if f.format != KEY_FORMAT || f.version != 1 {
@@ -440,6 +535,40 @@ mod tests {
         std::fs::write(&p, serde_json::to_vec(&f).unwrap()).unwrap();
         let e = load_key_file(&p, None).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    }
+
+    #[test]
+    fn a_key_file_with_non_ascii_hex_is_refused_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        write_key_file(&plain, &Keys::generate(), None).unwrap();
+        let wrapped = dir.path().join("wrapped");
+        write_key_file(&wrapped, &Keys::generate(), Some("pw")).unwrap();
+        // "aé…": byte 2 falls inside the two-byte 'é'.
+        let bad = "a\u{e9}b".repeat(16);
+        for (p, field) in [
+            (&plain, &["key"][..]),
+            (&wrapped, &["wrapped"][..]),
+            (&wrapped, &["kdf", "salt"][..]),
+        ] {
+            let mut f: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            let mut v = &mut f;
+            for k in field {
+                v = &mut v[*k];
+            }
+            *v = bad.clone().into();
+            let edited = dir.path().join("edited");
+            std::fs::write(&edited, serde_json::to_vec(&f).unwrap()).unwrap();
+            let e = load_key_file(&edited, Some("pw")).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{field:?}: {e}");
+            assert!(e.to_string().contains("hex"), "{field:?}: {e}");
+        }
+        // A huge file (a wrong path, a disk image) is refused unread.
+        let huge = dir.path().join("huge");
+        std::fs::write(&huge, vec![b' '; MAX_KEY_FILE_BYTES as usize + 1]).unwrap();
+        let e = load_key_file(&huge, None).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 
     #[test]

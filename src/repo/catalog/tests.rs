@@ -215,3 +215,118 @@ fn a_catalog_over_the_entry_or_size_limit_is_refused_before_publishing() {
     let ok = r.publish_catalog_within(three, at, roomy).unwrap();
     assert_eq!(r.catalog("vm1", &ok.id).unwrap(), ok);
 }
+
+/// An encrypted repository in a temporary directory, and its path.
+fn encrypted_repo() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::sync::Arc<Repository>,
+) {
+    let d = tempfile::tempdir().unwrap();
+    let spec = d.path().join("repo");
+    let keys = crate::repo::crypto::Keys::generate();
+    let (r, _) = Repository::open_or_create_keyed(spec.to_str().unwrap(), Some(keys)).unwrap();
+    (d, spec, r)
+}
+
+#[test]
+fn an_encrypted_catalog_reveals_no_guest_path() {
+    let (d, spec, r) = encrypted_repo();
+    let data = noise(100_000, 3);
+    let chunks = ChunkSink::default().store(&r, &data[..]).unwrap();
+    let mut c = catalog("vm1", vec![file("/secret-name", chunks.clone())]);
+    c.entries.push(Entry {
+        path: "/secret-link".into(),
+        kind: EntryKind::Symlink,
+        mode: 0o777,
+        uid: 4242,
+        gid: 4343,
+        mtime: 1_234_567_890,
+        mtime_nsec: 0,
+        size: 0,
+        target: Some("secret-target".into()),
+        chunks: vec![],
+    });
+    c.source = serde_json::json!({"paths": ["/secret-source"], "agent": "secret-agent"});
+    let c = r.publish_catalog(c).unwrap();
+    let key = catalog_key("vm1", &c.id);
+    let raw = std::fs::read(spec.join(&key)).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    for plain in ["secret", "4242", "1234567890", "symlink", "mode", "source"] {
+        assert!(!text.contains(plain), "{plain:?} is readable in {text}");
+    }
+    // It reads back, counts for gc and restores.
+    let back = r.catalog("vm1", &c.id).unwrap();
+    assert_eq!(back, c);
+    let mut refs = catalog_refs(&r, &key, &raw).unwrap();
+    refs.sort();
+    let mut want: Vec<Digest> = chunks.iter().map(|c| c.digest).collect();
+    want.sort();
+    assert_eq!(refs, want);
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let all: Vec<&Entry> = back.entries.iter().collect();
+    crate::files::restore(&r, &back, &all, &to).unwrap();
+    assert_eq!(std::fs::read(to.join("secret-name")).unwrap(), data);
+    // Bound to its name: copied to another VM's or id's key, it is refused.
+    let moved = catalog_key("vm2", &c.id);
+    std::fs::create_dir_all(spec.join("files/vm2")).unwrap();
+    std::fs::write(spec.join(&moved), &raw).unwrap();
+    let e = r.catalog("vm2", &c.id).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    // A flipped bit is refused.
+    let mut bad = raw.clone();
+    let mid = bad.len() / 2;
+    bad[mid] = if bad[mid] == b'A' { b'B' } else { b'A' };
+    std::fs::write(spec.join(&key), &bad).unwrap();
+    let e = r.catalog("vm1", &c.id).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+}
+
+#[test]
+fn in_an_encrypted_repository_a_checksummed_plain_catalog_is_refused_and_a_maced_one_still_reads() {
+    let (_d, spec, r) = encrypted_repo();
+    let mut c = catalog("vm1", vec![]);
+    c.id = "20261122-120000-files".into();
+    let key = catalog_key("vm1", &c.id);
+    std::fs::create_dir_all(spec.join("files/vm1")).unwrap();
+    // Anyone can write a checksum: refused.
+    std::fs::write(
+        spec.join(&key),
+        super::super::sealed::seal("catalog", &c).unwrap(),
+    )
+    .unwrap();
+    let e = r.catalog("vm1", &c.id).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    // What versions before catalog encryption wrote (plain, with the
+    // repository's MAC) still reads: only the key could have written it.
+    std::fs::write(spec.join(&key), r.seal("catalog", &c).unwrap()).unwrap();
+    assert_eq!(r.catalog("vm1", &c.id).unwrap(), c);
+    // An encrypted catalog in a plain repository is refused.
+    let (_p, plain) = repo();
+    let sealed = c.encode(&r, &key).unwrap();
+    std::fs::create_dir_all(std::path::Path::new(&plain.location()).join("files/vm1")).unwrap();
+    std::fs::write(std::path::Path::new(&plain.location()).join(&key), sealed).unwrap();
+    let e = plain.catalog("vm1", &c.id).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("encrypted"), "{e}");
+}
+
+#[test]
+fn an_error_about_a_path_with_a_newline_stays_on_one_line() {
+    let (_d, r) = repo();
+    let mut e = file("/x\nok: fake", vec![]);
+    e.mode = 0o17777;
+    let c = r.publish_catalog(catalog("vm1", vec![e])).unwrap();
+    let e = r.catalog("vm1", &c.id).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    assert!(!e.to_string().contains('\n'), "{e}");
+    assert!(e.to_string().contains("\\n"), "{e}");
+    let mut e = file("/y\nok: fake", vec![]);
+    e.size = 1;
+    assert!(!e.check().unwrap_err().to_string().contains('\n'));
+    e.size = 0;
+    e.kind = EntryKind::Dir;
+    e.target = Some("t".into());
+    assert!(!e.check().unwrap_err().to_string().contains('\n'));
+}
