@@ -29,6 +29,10 @@ pub enum StagingCmd {
         vm: String,
         #[arg(long)]
         backup: Option<String>,
+        /// Also drop a session that was active when its daemon stopped
+        /// (killed, say): its guest may be waiting to reconnect.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -39,8 +43,9 @@ pub fn run(cmd: StagingCmd) -> Result<()> {
             staging,
             vm,
             backup,
+            force,
         } => {
-            let removed = inventory::drop_sessions(&staging, &vm, backup.as_deref()).map_err(
+            let removed = inventory::drop_sessions(&staging, &vm, backup.as_deref(), force).map_err(
                 |e| match e.kind() {
                     ErrorKind::Busy => Error::busy(format!(
                         "{e}; while it serves, drop kept staging with `recoverfs release --discard {vm}`"
@@ -110,7 +115,11 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
             human_bytes(s.bytes_held),
             human_bytes(s.changed_bytes),
             rfc3339(s.last_recovered),
-            if s.active && daemon { "  (served)" } else { "" }
+            match (s.active, daemon) {
+                (true, true) => "  (served)",
+                (true, false) => "  (active: its daemon is not running)",
+                _ => "",
+            }
         );
     }
     Ok(())
