@@ -178,6 +178,33 @@ pub fn drop_sessions(
     Ok(removed)
 }
 
+/// Removes this host's pins of `vm` (only of `backup` if given) whose
+/// session directory under `root` is gone: a dropped session's pin would
+/// keep its backup from `forget` for ever. Returns the backups they pinned.
+pub fn remove_stale_pins(
+    repo: &crate::repo::Repository,
+    root: &Path,
+    vm: &str,
+    backup: Option<&str>,
+) -> Result<Vec<String>> {
+    use crate::repo::pins;
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| Error::io(format!("resolve {}", root.display()), e))?;
+    let sessions = root.join("sessions").join(vm);
+    let mut removed = vec![];
+    for pin in pins::of_vm(repo, vm)? {
+        let dir = Path::new(&pin.staging);
+        let ours = pin.host == pins::hostname() && dir.parent() == Some(sessions.as_path());
+        let named = backup.is_none_or(|b| dir.file_name() == Some(b.as_ref()));
+        // `exists` false on an error too: then the next check is the drop's.
+        if ours && named && !dir.exists() {
+            pins::remove(repo, &pin)?;
+            removed.extend(pin.backups);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
