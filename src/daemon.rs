@@ -16,6 +16,9 @@ use crate::staging::StagingSet;
 pub struct ServeOptions {
     pub repo: String,
     pub staging: PathBuf,
+    /// `--staging-lost`: staging directories whose disk is gone for good;
+    /// found empty, their sessions' pins are removed (see `StagingSet`).
+    pub staging_lost: Vec<PathBuf>,
     pub mount: PathBuf,
     pub socket: Option<PathBuf>,
     /// Members of this group (a gid) may use the control socket too.
@@ -124,7 +127,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .iter()
         .map(|p| (p.name.as_str(), p.staging.as_deref()))
         .collect();
-    let staging = StagingSet::open(&opts.staging, &mount, &points, repo.id(), &repo.location())?;
+    let staging = StagingSet::open(&opts.staging, &mount, &points, &repo, &opts.staging_lost)?;
     for dir in staging.all() {
         dir.budget()
             .set_limits(opts.staging_limits.max, opts.staging_limits.reserve);

@@ -308,3 +308,49 @@ fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serve
         .contains("no kept sessions"));
     assert!(!env.staging.join("sessions/vm").join(&id).exists());
 }
+
+#[test]
+fn staging_drop_with_repo_removes_the_dropped_sessions_pin_so_forget_removes_its_backup() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    random_image(&img, MIB, 10, BS);
+    let old = env.backup("vm", "64K", &[&img]);
+    let (st, repo) = (env.staging.to_str().unwrap(), env.repo_str());
+    let mut d = env.serve();
+    env.recover("vm", None);
+    env.release_closed("vm", false);
+    d.stop();
+    // Dropped, but the repository cannot be reached: the pin stays, and
+    // the drop says so and how to remove it, exiting non-zero.
+    let gone = env.path("gone");
+    let err = env.fails(
+        &[
+            "staging",
+            "drop",
+            "--staging",
+            st,
+            "vm",
+            "--repo",
+            gone.to_str().unwrap(),
+        ],
+        "forget keeps their backups until `recoverfs staging drop",
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!env.staging.join("sessions/vm").join(&old).exists());
+    env.backup("vm", "64K", &[&img]);
+    let forget = ["forget", "--repo", repo, "--keep-last", "1"];
+    env.ok(&forget);
+    assert!(env.ok(&["list", "--repo", repo]).contains(&old), "unpinned");
+    // Again with --repo: no session is left, its stale pin is removed.
+    let out = env.ok(&["staging", "drop", "--staging", st, "vm", "--repo", repo]);
+    assert!(out.contains(&format!("pins of backup(s) {old}")), "{out}");
+    env.ok(&forget);
+    assert!(
+        !env.ok(&["list", "--repo", repo]).contains(&old),
+        "still kept"
+    );
+    env.fails(
+        &["staging", "drop", "--staging", st, "vm", "--repo", repo],
+        "no kept session of VM vm",
+    );
+}

@@ -259,6 +259,14 @@ pub enum Command {
         /// Export points without their own staging= stage here.
         #[arg(long)]
         staging: PathBuf,
+        /// A staging directory (--staging or a point's staging=) whose disk
+        /// is gone for good: found empty, it is set up afresh and the
+        /// repository's pins of the sessions this host kept there are
+        /// removed (their guests' later writes are lost; recover starts
+        /// from the backups). Without it, such a directory is refused as
+        /// not mounted. Give it once, not in a unit file. Repeatable.
+        #[arg(long, value_name = "DIR")]
+        staging_lost: Vec<PathBuf>,
         /// An empty directory to mount the datastore on.
         #[arg(long)]
         mount: PathBuf,
@@ -616,6 +624,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve {
             repo,
             staging,
+            staging_lost,
             mount,
             socket,
             socket_group,
@@ -693,6 +702,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 repo_delay: repo_delay_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
                 repo,
                 staging,
+                staging_lost,
                 mount,
                 socket,
                 socket_group: socket_group

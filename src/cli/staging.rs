@@ -29,6 +29,15 @@ pub enum StagingCmd {
         vm: String,
         #[arg(long)]
         backup: Option<String>,
+        /// The repository: the dropped sessions' pins are removed from it,
+        /// so that `forget` may remove their backups (without it they stay
+        /// pinned; run again with it to remove the pins).
+        #[arg(long)]
+        repo: Option<String>,
+        /// Also drop a session that was active when its daemon stopped
+        /// (killed, say): its guest may be waiting to reconnect.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -39,17 +48,62 @@ pub fn run(cmd: StagingCmd) -> Result<()> {
             staging,
             vm,
             backup,
+            repo,
+            force,
         } => {
-            let removed = inventory::drop_sessions(&staging, &vm, backup.as_deref()).map_err(
-                |e| match e.kind() {
+            let dropped = inventory::drop_sessions(&staging, &vm, backup.as_deref(), force)
+                .map_err(|e| match e.kind() {
                     ErrorKind::Busy => Error::busy(format!(
                         "{e}; while it serves, drop kept staging with `recoverfs release --discard {vm}`"
                     )),
                     _ => e,
-                },
-            )?;
-            for b in removed {
+                });
+            // A session dropped before without --repo left its pin: with
+            // --repo, that is removed even if no session is left to drop.
+            let (dropped, not_found) = match dropped {
+                Ok(d) => (d, None),
+                Err(e) if e.kind() == ErrorKind::NotFound && repo.is_some() => (vec![], Some(e)),
+                Err(e) => return Err(e),
+            };
+            for b in &dropped {
                 println!("dropped kept staging of VM {vm} from backup {b}");
+            }
+            let again = |repo: &str| {
+                format!(
+                    "recoverfs staging drop --staging {} {vm}{} --repo {repo}",
+                    staging.display(),
+                    backup
+                        .as_deref()
+                        .map(|b| format!(" --backup {b}"))
+                        .unwrap_or_default()
+                )
+            };
+            let Some(repo) = repo else {
+                eprintln!(
+                    "the repository still pins the dropped sessions' backups (forget keeps them): run `{}`",
+                    again("REPO")
+                );
+                return Ok(());
+            };
+            let unpinned = crate::repo::Repository::open(&repo)
+                .and_then(|r| inventory::remove_stale_pins(&r, &staging, &vm, backup.as_deref()))
+                .map_err(|e| {
+                    Error::new(
+                        e.kind(),
+                        format!(
+                            "could not remove the dropped sessions' pins from the repository ({e}); forget keeps their backups until `{}` succeeds",
+                            again(&repo)
+                        ),
+                    )
+                })?;
+            if let (Some(e), true) = (not_found, unpinned.is_empty()) {
+                return Err(e);
+            }
+            if !unpinned.is_empty() {
+                println!(
+                    "removed the repository's pins of backup(s) {} of VM {vm}",
+                    unpinned.join(", ")
+                );
             }
             Ok(())
         }
@@ -110,7 +164,11 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
             human_bytes(s.bytes_held),
             human_bytes(s.changed_bytes),
             rfc3339(s.last_recovered),
-            if s.active && daemon { "  (served)" } else { "" }
+            match (s.active, daemon) {
+                (true, true) => "  (served)",
+                (true, false) => "  (active: its daemon is not running)",
+                _ => "",
+            }
         );
     }
     Ok(())

@@ -120,3 +120,25 @@ pub fn of_vm(repo: &Repository, vm: &str) -> Result<Vec<Pin>> {
     }
     Ok(out)
 }
+
+/// The pins of this host whose session directory lies under `root`: the
+/// sessions the staging directory `root` held (a staging directory found
+/// empty with such pins is a disk not mounted, not a new one). A damaged
+/// pin is skipped with a warning: its host and directory are unknown.
+pub fn of_host_under(repo: &Repository, root: &std::path::Path) -> Result<Vec<Pin>> {
+    let host = hostname();
+    let mut out = vec![];
+    for o in repo.backend().list_all("pins")? {
+        let Some(bytes) = repo.backend().get(&o.key, super::limits::MAX_META_BYTES)? else {
+            continue;
+        };
+        match serde_json::from_slice::<Pin>(&bytes) {
+            Ok(pin) if pin.host == host && std::path::Path::new(&pin.staging).starts_with(root) => {
+                out.push(pin)
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pin {} is damaged ({e}): skipped", o.key),
+        }
+    }
+    Ok(out)
+}

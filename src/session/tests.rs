@@ -44,7 +44,7 @@ fn rig_limited(points: Points, max_conn: usize) -> Rig {
     let repo =
         Repository::open_backend(Box::new(TestBackend::new(&repo_path, knobs.clone()))).unwrap();
     let repo_id = created.id().to_string();
-    let ds = datastore_limited(dir.path(), &repo, &repo_id, points, max_conn);
+    let ds = datastore_limited(dir.path(), &repo, points, max_conn);
     Rig {
         dir,
         repo,
@@ -54,15 +54,14 @@ fn rig_limited(points: Points, max_conn: usize) -> Rig {
     }
 }
 
-fn datastore(dir: &Path, repo: &Arc<Repository>, repo_id: &str, points: Points) -> Arc<Datastore> {
+fn datastore(dir: &Path, repo: &Arc<Repository>, points: Points) -> Arc<Datastore> {
     let max_conn = crate::placement::DEFAULT_MAX_CONNECTIONS_PER_HOST;
-    datastore_limited(dir, repo, repo_id, points, max_conn)
+    datastore_limited(dir, repo, points, max_conn)
 }
 
 fn datastore_limited(
     dir: &Path,
     repo: &Arc<Repository>,
-    repo_id: &str,
     points: Points,
     max_conn: usize,
 ) -> Arc<Datastore> {
@@ -87,14 +86,8 @@ fn datastore_limited(
         .iter()
         .map(|p| (p.name.as_str(), p.staging.as_deref()))
         .collect();
-    let stagings = StagingSet::open(
-        &dir.join("staging"),
-        &dir.join("mnt"),
-        &named,
-        repo_id,
-        "test",
-    )
-    .unwrap();
+    let stagings =
+        StagingSet::open(&dir.join("staging"), &dir.join("mnt"), &named, repo, &[]).unwrap();
     let prefetch = PrefetchOptions {
         use_profile: false,
         default_profile: false,
@@ -116,7 +109,7 @@ fn restart(mut r: Rig, points: Points) -> Rig {
     r.ds.flush_all().unwrap();
     // The old datastore, and so its staging locks, go first.
     drop(r.ds);
-    r.ds = datastore(r.dir.path(), &r.repo, &r.repo_id, points);
+    r.ds = datastore(r.dir.path(), &r.repo, points);
     r.ds.resume_active();
     r
 }

@@ -93,16 +93,22 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
                     continue;
                 }
             };
+            // A map that cannot be read: listed damaged, not a failed
+            // listing (which would also block every drop here).
+            let (changed, damaged) = match changed_bytes(&dir, &meta) {
+                Ok(c) => (c, None),
+                Err(e) => (0, Some(e.to_string())),
+            };
             out.push(KeptSession {
                 staging: root.to_path_buf(),
-                changed_bytes: changed_bytes(&dir, &meta)?,
+                changed_bytes: changed,
                 bytes_held: allocated_data_bytes(&dir),
                 disks: meta.disks.len(),
                 active: dir.join("active").exists(),
                 last_recovered: meta.last_recovered,
                 vm: meta.vm,
                 backup: meta.backup,
-                damaged: None,
+                damaged,
             });
         }
     }
@@ -125,8 +131,14 @@ fn changed_bytes(dir: &Path, meta: &SessionMeta) -> Result<u64> {
 }
 
 /// Removes kept sessions of `vm` (only `backup` if given) from `root`;
-/// refused while a daemon holds the directory. Returns what was removed.
-pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<String>> {
+/// refused while a daemon holds the directory, and for a session a daemon
+/// was serving when it died unless `force`. Returns what was removed.
+pub fn drop_sessions(
+    root: &Path,
+    vm: &str,
+    backup: Option<&str>,
+    force: bool,
+) -> Result<Vec<String>> {
     crate::util::validate_name("VM name", vm)?;
     if let Some(b) = backup {
         crate::util::validate_name("backup id", b)?;
@@ -134,11 +146,21 @@ pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<
     check_staging(root)?;
     let lock = super::StagingDir::lock(root)?;
     super::remove_discard_leftovers(root);
-    let mut removed = vec![];
-    for s in list(root)?
+    let chosen: Vec<KeptSession> = list(root)?
         .into_iter()
         .filter(|s| s.vm == vm && backup.is_none_or(|b| b == s.backup))
-    {
+        .collect();
+    // The lock is ours, so no daemon serves it: an `active` marker is a
+    // daemon that died (killed), whose guest may be waiting to reconnect.
+    if let Some(s) = chosen.iter().find(|s| s.active && !force) {
+        return Err(Error::invalid(format!(
+            "the session of VM {vm} from backup {} in {} was active when its daemon stopped (its guest may be waiting to reconnect): start the daemon to resume it, or drop it with --force",
+            s.backup,
+            root.display()
+        )));
+    }
+    let mut removed = vec![];
+    for s in chosen {
         let dir = root.join("sessions").join(vm).join(&s.backup);
         super::remove_session_dir(&OsStorage, &dir)?;
         removed.push(s.backup);
@@ -156,9 +178,90 @@ pub fn drop_sessions(root: &Path, vm: &str, backup: Option<&str>) -> Result<Vec<
     Ok(removed)
 }
 
+/// Removes this host's pins of `vm` (only of `backup` if given) whose
+/// session directory under `root` is gone: a dropped session's pin would
+/// keep its backup from `forget` for ever. Returns the backups they pinned.
+pub fn remove_stale_pins(
+    repo: &crate::repo::Repository,
+    root: &Path,
+    vm: &str,
+    backup: Option<&str>,
+) -> Result<Vec<String>> {
+    use crate::repo::pins;
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| Error::io(format!("resolve {}", root.display()), e))?;
+    let sessions = root.join("sessions").join(vm);
+    let mut removed = vec![];
+    for pin in pins::of_vm(repo, vm)? {
+        let dir = Path::new(&pin.staging);
+        let ours = pin.host == pins::hostname() && dir.parent() == Some(sessions.as_path());
+        let named = backup.is_none_or(|b| dir.file_name() == Some(b.as_ref()));
+        // `exists` false on an error too: then the next check is the drop's.
+        if ours && named && !dir.exists() {
+            pins::remove(repo, &pin)?;
+            removed.extend(pin.backups);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A staging directory at `<d>/staging` with a kept session of `vm`
+    /// from backup `b1`, one 1 MiB disk; returns (root, session dir).
+    fn kept(d: &Path, vm: &str) -> (PathBuf, PathBuf) {
+        let root = d.join("staging");
+        drop(super::super::StagingDir::open(&root, "repo1", "/r").unwrap());
+        let dir = root.join("sessions").join(vm).join("b1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let meta = SessionMeta {
+            vm: vm.into(),
+            backup: "b1".into(),
+            disks: vec![super::super::DiskGeometry {
+                name: "disk0".into(),
+                size: 1 << 20,
+                chunk_size: 64 << 10,
+            }],
+            created: 1,
+            last_recovered: 1,
+        };
+        std::fs::write(dir.join("session.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        (root, dir)
+    }
+
+    #[test]
+    fn a_kept_session_with_a_damaged_changed_map_is_listed_damaged_and_can_be_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, dir) = kept(d.path(), "vm");
+        let (_, other) = kept(d.path(), "other");
+        std::fs::write(dir.join("disk0.changed"), b"garbage").unwrap();
+        let l = list(&root).unwrap();
+        assert_eq!(l.len(), 2, "{l:?}");
+        let why = l[1].damaged.as_deref().expect("shown as damaged");
+        assert!(why.contains("disk0.changed"), "{why}");
+        assert!(l[0].damaged.is_none(), "{l:?}");
+        assert_eq!(drop_sessions(&root, "other", None, false).unwrap(), ["b1"]);
+        assert!(!other.exists());
+        assert_eq!(drop_sessions(&root, "vm", None, false).unwrap(), ["b1"]);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_session_active_when_its_daemon_died_is_dropped_only_with_force() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, dir) = kept(d.path(), "vm");
+        std::fs::write(dir.join("active"), b"").unwrap();
+        assert!(list(&root).unwrap()[0].active);
+        let e = drop_sessions(&root, "vm", None, false)
+            .expect_err("an active session was dropped")
+            .to_string();
+        assert!(e.contains("active") && e.contains("--force"), "{e}");
+        assert!(dir.join("session.json").exists(), "removed anyway");
+        assert_eq!(drop_sessions(&root, "vm", None, true).unwrap(), ["b1"]);
+        assert!(!dir.exists());
+    }
 
     #[test]
     fn a_damaged_kept_session_is_listed_as_such_and_can_be_dropped() {
@@ -177,7 +280,7 @@ mod tests {
         let why = l[0].damaged.as_deref().expect("shown as damaged");
         assert!(why.contains("session.json"), "{why}");
         assert_eq!(
-            drop_sessions(&root, "vm", None).unwrap(),
+            drop_sessions(&root, "vm", None, false).unwrap(),
             ["20261123-120000"]
         );
         assert!(!dir.exists());

@@ -87,6 +87,18 @@ impl StagingDir {
         Self::open_with(root, repo_id, repo_location, OsStorage::shared())
     }
 
+    /// `open`, but a directory it would set up afresh (missing or empty)
+    /// is first shown to `fresh` (its resolved path), which may refuse it:
+    /// then nothing is written (a directory it created is removed again).
+    pub fn open_checked(
+        root: &Path,
+        repo_id: &str,
+        repo_location: &str,
+        fresh: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<StagingDir> {
+        Self::open_inner(root, repo_id, repo_location, OsStorage::shared(), fresh)
+    }
+
     /// `open` with session files on `storage` (tests: faults, recording).
     pub fn open_with(
         root: &Path,
@@ -94,7 +106,18 @@ impl StagingDir {
         repo_location: &str,
         storage: Arc<dyn Storage>,
     ) -> Result<StagingDir> {
-        if !root.exists() {
+        Self::open_inner(root, repo_id, repo_location, storage, &|_| Ok(()))
+    }
+
+    fn open_inner(
+        root: &Path,
+        repo_id: &str,
+        repo_location: &str,
+        storage: Arc<dyn Storage>,
+        fresh: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<StagingDir> {
+        let created = !root.exists();
+        if created {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -108,6 +131,14 @@ impl StagingDir {
         }
         let root = fs::canonicalize(root).ctx(|| format!("resolve {}", root.display()))?;
         let found = Self::identify(&root, repo_id)?;
+        if let Found::Empty = found {
+            if let Err(e) = fresh(&root) {
+                if created {
+                    let _ = fs::remove_dir(&root);
+                }
+                return Err(e);
+            }
+        }
         let lock = Self::lock(&root)?;
         // Only now is the directory known to be ours to change.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::StagingDir;
 use crate::error::{Error, IoContext, Result};
+use crate::repo::{pins, Repository};
 
 pub struct StagingSet {
     /// The main staging first, then each point's own, in first-use order.
@@ -37,9 +38,15 @@ impl StagingSet {
         main: &Path,
         mount: &Path,
         points: &[(&str, Option<&Path>)],
-        repo_id: &str,
-        repo_location: &str,
+        repo: &Repository,
+        lost: &[PathBuf],
     ) -> Result<StagingSet> {
+        let (repo_id, repo_location) = (repo.id(), repo.location());
+        let lost = lost
+            .iter()
+            .map(|p| resolve(p))
+            .collect::<Result<Vec<_>>>()?;
+        let fresh = |root: &Path| check_fresh(repo, root, &lost);
         let resolved_main = resolve(main)?;
         let resolved_mount = resolve(mount)?;
         // (resolved path, the point that named it first, index in `dirs`).
@@ -84,12 +91,17 @@ impl StagingSet {
             of_point.insert(name.to_string(), i);
             to_open.push((dir.to_path_buf(), name));
         }
-        let mut dirs = vec![Arc::new(StagingDir::open(main, repo_id, repo_location)?)];
+        let mut dirs = vec![Arc::new(StagingDir::open_checked(
+            main,
+            repo_id,
+            &repo_location,
+            &fresh,
+        )?)];
         let known_path = dirs[0].root().join(KNOWN);
         let mut known = read_known(&known_path)?;
         let before = known.len();
         for ((dir, name), (resolved, _, _)) in to_open.into_iter().zip(&own) {
-            if known.contains(resolved) && !is_staging(resolved)? {
+            if known.contains(resolved) && !lost.contains(resolved) && !is_staging(resolved)? {
                 return Err(Error::invalid(format!(
                     "export point {name}: staging={} was set up before and is now empty or \
                      missing: is its filesystem mounted? (its sessions would be hidden; if that \
@@ -97,7 +109,7 @@ impl StagingSet {
                     dir.display()
                 )));
             }
-            let s = StagingDir::open(&dir, repo_id, repo_location)
+            let s = StagingDir::open_checked(&dir, repo_id, &repo_location, &fresh)
                 .map_err(|e| e.context(format!("export point {name}")))?;
             known.insert(resolved.clone());
             dirs.push(Arc::new(s));
@@ -126,6 +138,43 @@ impl StagingSet {
 }
 
 const OWN: &str = "give each staging its own directory";
+
+/// Refuses to set up `root` afresh while the repository pins sessions this
+/// host kept there: its disk is not mounted (after a reboot, say), and
+/// set up anew it would hide them (`recover` would start over from the
+/// backup without the guest's later writes). Unless `root` is in `lost`
+/// (`--staging-lost`: that disk is gone for good): then those pins are
+/// removed and `root` is set up afresh.
+fn check_fresh(repo: &Repository, root: &Path, lost: &[PathBuf]) -> Result<()> {
+    let pins = pins::of_host_under(repo, root).map_err(|e| {
+        e.context(format!(
+            "staging {} is new or empty: cannot check the repository for sessions kept there",
+            root.display()
+        ))
+    })?;
+    if pins.is_empty() {
+        return Ok(());
+    }
+    let mut vms: Vec<&str> = pins.iter().map(|p| p.vm.as_str()).collect();
+    vms.sort();
+    vms.dedup();
+    let vms = vms.join(", ");
+    if lost.iter().any(|l| l == root) {
+        for p in &pins {
+            pins::remove(repo, p)?;
+        }
+        tracing::warn!(
+            "staging {} was lost (--staging-lost): removed the pins of the sessions kept there (VM {vms})",
+            root.display()
+        );
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "staging {} was set up afresh but the repository has sessions kept there (VM {vms}): is its filesystem mounted? Nothing was written to it. If that disk is gone for good, start once with --staging-lost {} (their pins are removed; recover then starts from the backups)",
+        root.display(),
+        root.display()
+    )))
+}
 
 /// In the main staging: every export point's staging (resolved path) it
 /// has served with. One of them found empty again is a disk not mounted,
@@ -198,10 +247,98 @@ fn resolve(p: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::pins::Pin;
+
+    fn repo(d: &Path) -> Arc<Repository> {
+        Repository::open_or_create(d.join("repo").to_str().unwrap())
+            .unwrap()
+            .0
+    }
 
     fn open(d: &Path, points: &[(&str, Option<&Path>)]) -> Result<StagingSet> {
+        open_lost(d, points, &[])
+    }
+
+    fn open_lost(
+        d: &Path,
+        points: &[(&str, Option<&Path>)],
+        lost: &[PathBuf],
+    ) -> Result<StagingSet> {
         std::fs::create_dir_all(d.join("mnt")).unwrap();
-        StagingSet::open(&d.join("s/main"), &d.join("mnt"), points, "repo1", "/r")
+        StagingSet::open(&d.join("s/main"), &d.join("mnt"), points, &repo(d), lost)
+    }
+
+    /// Replaces `dir` by an empty directory, as a mount point whose disk
+    /// is not mounted; the old one stays at `<dir>.unmounted`.
+    fn unmount(dir: &Path) {
+        std::fs::rename(dir, dir.with_extension("unmounted")).unwrap();
+        std::fs::create_dir(dir).unwrap();
+    }
+
+    #[test]
+    fn a_staging_found_empty_while_the_repository_pins_sessions_kept_there_is_refused_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let (main, fast) = (d.path().join("s/main"), d.path().join("fast"));
+        let set = open(d.path(), &[("a", Some(&fast))]).unwrap();
+        // Sessions kept in each (their pins, as a released session writes
+        // them), and one of another host at the same path.
+        let r = repo(d.path());
+        let kept = |vm: &str, root: &Path| {
+            Pin::new(
+                vm,
+                vec!["b1".into()],
+                &root.join("sessions").join(vm).join("b1"),
+                false,
+            )
+        };
+        pins::put(&r, &kept("web01", set.main().root())).unwrap();
+        pins::put(&r, &kept("db01", set.of_point("a").root())).unwrap();
+        let mut other = kept("elsewhere", set.main().root());
+        other.host = format!("{}-other", other.host);
+        pins::put(&r, &other).unwrap();
+        drop(set);
+        // After a reboot, the main staging's disk is not mounted.
+        unmount(&main);
+        let e = open(d.path(), &[("a", Some(&fast))])
+            .err()
+            .expect("refused");
+        let e = e.to_string();
+        assert!(e.contains("is its filesystem mounted?"), "{e}");
+        assert!(
+            e.contains("(VM web01)") && e.contains("--staging-lost"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_dir(&main).unwrap().count(), 0, "written into");
+        // Nor the point's, even with the main staging mounted and its record
+        // of the point's staging lost.
+        std::fs::remove_dir(&main).unwrap();
+        std::fs::rename(main.with_extension("unmounted"), &main).unwrap();
+        std::fs::remove_file(main.join(KNOWN)).unwrap();
+        unmount(&fast);
+        let e = open(d.path(), &[("a", Some(&fast))])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("(VM db01)"), "{e}");
+        assert_eq!(std::fs::read_dir(&fast).unwrap().count(), 0, "written into");
+        // A disk gone for good: --staging-lost drops its pins only, once.
+        drop(open_lost(d.path(), &[("a", Some(&fast))], std::slice::from_ref(&fast)).unwrap());
+        let vms: Vec<String> = ["web01", "db01", "elsewhere"]
+            .iter()
+            .filter(|v| !pins::of_vm(&r, v).unwrap().is_empty())
+            .map(|v| v.to_string())
+            .collect();
+        assert_eq!(vms, ["web01", "elsewhere"]);
+        // Another host's pin at the path of a new staging never blocks.
+        std::fs::remove_dir_all(&main).unwrap();
+        pins::remove(
+            &r,
+            &kept(
+                "web01",
+                &std::fs::canonicalize(d.path()).unwrap().join("s/main"),
+            ),
+        )
+        .unwrap();
+        drop(open(d.path(), &[]).unwrap());
     }
 
     #[test]

@@ -27,8 +27,7 @@ fn rig(tweak: impl FnOnce(&mut NfsOptions)) -> Rig {
         crate::repo::Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
     let (staging, mnt) = (dir.path().join("staging"), dir.path().join("mnt"));
     std::fs::create_dir_all(&mnt).unwrap();
-    let stagings =
-        crate::staging::StagingSet::open(&staging, &mnt, &[], repo.id(), "test").unwrap();
+    let stagings = crate::staging::StagingSet::open(&staging, &mnt, &[], &repo, &[]).unwrap();
     let ds = Datastore::new(
         repo,
         stagings,
