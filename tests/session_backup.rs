@@ -174,28 +174,8 @@ fn a_live_backup_of_40_mib_changed_on_a_1_5_gib_disk_reads_only_the_changed_bloc
 
 #[test]
 fn a_daemon_killed_during_a_live_backup_leaves_no_backup_and_the_next_one_succeeds() {
-    let mut env = Env::new();
-    let img = env.path("a.raw");
-    sparse_image(&img, 64 * MIB, 8, 3);
-    let base = env.backup("vm", "64K", &[&img]);
-    // Every chunk write takes a while: the backup is still storing when killed.
-    env.serve_args = vec!["--repo-delay-ms".into(), "200".into()];
-    let mut d = env.serve();
-    let disk = env.recover("vm", None)[0].clone();
-    write_blocks(&disk, &img, 400, 4);
-    let chunks = walk(&env.repo.join("chunks"));
-    let mut child = std::process::Command::new(bin())
-        .args(["backup", "--session", "vm", "--socket"])
-        .arg(&env.socket)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while walk(&env.repo.join("chunks")) == chunks {
-        assert!(Instant::now() < deadline, "the backup stored nothing");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let (mut env, img, base) = a_backed_up_vm();
+    let (mut d, mut child) = a_live_backup_storing(&mut env, &img);
     d.kill9();
     assert!(
         !child.wait().unwrap().success(),
@@ -224,28 +204,8 @@ fn a_daemon_killed_during_a_live_backup_leaves_no_backup_and_the_next_one_succee
 
 #[test]
 fn a_daemon_stopped_during_a_live_backup_stops_within_seconds_and_the_backup_fails_cleanly() {
-    let mut env = Env::new();
-    let img = env.path("a.raw");
-    sparse_image(&img, 64 * MIB, 8, 3);
-    let base = env.backup("vm", "64K", &[&img]);
-    // Every chunk write takes a while: the backup would run for minutes.
-    env.serve_args = vec!["--repo-delay-ms".into(), "200".into()];
-    let mut d = env.serve();
-    let disk = env.recover("vm", None)[0].clone();
-    write_blocks(&disk, &img, 400, 4);
-    let chunks = walk(&env.repo.join("chunks"));
-    let mut child = std::process::Command::new(bin())
-        .args(["backup", "--session", "vm", "--socket"])
-        .arg(&env.socket)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while walk(&env.repo.join("chunks")) == chunks {
-        assert!(Instant::now() < deadline, "the backup stored nothing");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let (mut env, img, base) = a_backed_up_vm();
+    let (mut d, mut child) = a_live_backup_storing(&mut env, &img);
     let t0 = Instant::now();
     d.stop();
     assert!(
@@ -263,4 +223,38 @@ fn a_daemon_stopped_during_a_live_backup_stops_within_seconds_and_the_backup_fai
         vec![base],
         "a stopped backup left a manifest"
     );
+}
+
+/// An env with VM `vm` backed up from a 64 MiB sparse image: (env, image,
+/// backup id).
+fn a_backed_up_vm() -> (Env, std::path::PathBuf, String) {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    sparse_image(&img, 64 * MIB, 8, 3);
+    let base = env.backup("vm", "64K", &[&img]);
+    (env, img, base)
+}
+
+/// A daemon whose every chunk write takes 200 ms, serving `vm` with 400
+/// blocks written, and a `backup --session` that has begun storing them
+/// (it would run for minutes).
+fn a_live_backup_storing(env: &mut Env, img: &Path) -> (Daemon, std::process::Child) {
+    env.serve_args = vec!["--repo-delay-ms".into(), "200".into()];
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    write_blocks(&disk, img, 400, 4);
+    let chunks = walk(&env.repo.join("chunks"));
+    let child = std::process::Command::new(bin())
+        .args(["backup", "--session", "vm", "--socket"])
+        .arg(&env.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while walk(&env.repo.join("chunks")) == chunks {
+        assert!(Instant::now() < deadline, "the backup stored nothing");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (d, child)
 }
