@@ -124,12 +124,17 @@ fn verify_boot_tells_a_bootable_backup_from_a_broken_one() {
     );
     assert!(err.contains("did not boot"), "{err}");
     // Nothing is left mounted, and the scratch directories are gone.
+    assert_verify_boot_left_nothing_in(&tmp);
+}
+
+/// Nothing of a verify-boot run with TMPDIR `tmp` is mounted or left there.
+fn assert_verify_boot_left_nothing_in(tmp: &std::path::Path) {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(
         !mounts.contains(tmp.to_str().unwrap()),
         "verify-boot left a mount: {mounts}"
     );
-    let left: Vec<_> = std::fs::read_dir(&tmp)
+    let left: Vec<_> = std::fs::read_dir(tmp)
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -309,17 +314,7 @@ fn sigint_during_verify_boot_ends_it_through_its_cleanup() {
     unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
     let st = child.0.wait().unwrap();
     assert!(!st.success(), "an interrupted verify-boot passed");
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(
-        !mounts.contains(tmp.to_str().unwrap()),
-        "verify-boot left a mount: {mounts}"
-    );
-    let left: Vec<_> = std::fs::read_dir(&tmp)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "verify-boot left scratch files: {left:?}");
+    assert_verify_boot_left_nothing_in(&tmp);
     let pins = env.repo.join("pins/tiny");
     let pinned: Vec<_> = std::fs::read_dir(&pins)
         .into_iter()

@@ -475,15 +475,6 @@ impl Volume {
         self.io.get()
     }
 
-    /// Waits for a slot of the export point's queue.
-    fn enter(
-        &self,
-        class: crate::placement::IoClass,
-        bytes: u64,
-    ) -> Option<crate::placement::queue::Ticket> {
-        self.io.get().map(|q| q.enter(class, bytes))
-    }
-
     /// Registers `f`, told `(offset, length)` after every guest write to
     /// this disk, whichever frontend it came from: a frontend whose kernel
     /// caches the disk's bytes (FUSE's page cache) drops what another
@@ -496,14 +487,16 @@ impl Volume {
         self.write_watch.get().is_some()
     }
 
-    /// A guest request's place in the export point's queue: at once and
-    /// apart from admission if staging alone serves it (`local`), else a
-    /// slot when one is free.
-    fn enter_guest(&self, local: bool, bytes: u64) -> Option<crate::placement::queue::Ticket> {
-        match local {
-            true => self.io.get().map(|q| q.enter_staged(bytes)),
-            false => self.enter(crate::placement::IoClass::Sync, bytes),
-        }
+    /// A guest request's place in the export point's queue, if the disk
+    /// has one: at once and apart from admission if staging alone serves
+    /// `[off, off + len)`, else a slot when one is free. The presence bits
+    /// are looked at only when there is a queue.
+    fn enter_guest(&self, off: u64, len: u64) -> Option<crate::placement::queue::Ticket> {
+        let q = self.io.get()?;
+        Some(match self.is_local(off, len) {
+            true => q.enter_staged(len),
+            false => q.enter(crate::placement::IoClass::Sync, len),
+        })
     }
 
     /// Bytes of the applied profile's blocks not staged yet (approximated

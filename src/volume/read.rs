@@ -30,7 +30,7 @@ impl Volume {
         let len = (len as u64).min(self.size.saturating_sub(off));
         let _span =
             tracing::trace_span!("read", vm = %self.vm, disk = self.index, offset = off).entered();
-        let _slot = self.enter_guest(self.is_local(off, len), len);
+        let _slot = self.enter_guest(off, len);
         let t0 = Instant::now();
         self.guest_inflight.fetch_add(1, Ordering::AcqRel);
         let r = match self.target.get() {
@@ -375,8 +375,7 @@ impl LaterRead {
         self.ticket = None;
         Box::new(move || {
             let r = {
-                let local = self.vol.is_local(self.off, self.len);
-                let _slot = self.vol.enter_guest(local, self.len);
+                let _slot = self.vol.enter_guest(self.off, self.len);
                 self.vol.read_source(self.off, self.len, Class::OnDemand)
             };
             self.answer(r)

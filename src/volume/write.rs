@@ -138,7 +138,7 @@ impl Volume {
             tracing::trace_span!("write", vm = %self.vm, disk = self.index, offset = off).entered();
         // A failed disk takes no new bytes: they could never be made durable.
         self.check_failed()?;
-        let _slot = self.enter_guest(self.is_local(off, len), len);
+        let _slot = self.enter_guest(off, len);
         let t0 = Instant::now();
         let _gate = self.write_gate.read();
         // Again: a cutover that held the gate may have failed the disk
