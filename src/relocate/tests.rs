@@ -804,11 +804,14 @@ fn a_cancel_removes_only_the_target_files_the_relocation_created_and_keeps_all_w
     assert_eq!(c.kept, [primary.join("disk1.raw")], "{c:?}");
     assert!(primary.join("disk1.raw").exists());
     drop(r);
-    // --keep-target keeps what it created too.
+    // --keep-target keeps what it created too; a paused one is cancelled
+    // like any.
     std::fs::remove_file(primary.join("disk1.raw")).unwrap();
     let r = rig.relocate_at(&disks, Some(1.0));
     wait_for_progress(&r);
+    assert_eq!(r.pause().unwrap().state, State::Paused);
     let c = r.cancel(true).unwrap();
+    assert!(!r.copier_running());
     assert!(c.removed.is_empty(), "{c:?}");
     assert_eq!(c.kept.len(), 2);
     assert!(primary.join("disk0.raw").exists() && primary.join("disk1.raw").exists());
