@@ -14,6 +14,7 @@
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
 //! | POST | /sessions/{vm}/relocate/pause | pause the copy (durably; replies once the copier stopped, state `paused`) |
 //! | POST | /sessions/{vm}/relocate/resume | resume a paused copy where it stopped |
+//! | POST | /sessions/{vm}/relocate/cancel `{"keep_target":..}` | cancel it for good (refused after cutover): copier stopped, record removed durably, target files it created removed; replies `{target, removed, kept}` |
 //! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
 //! | POST | /sessions/{vm}/upload `{"load_limit":"latency=MS,queue=N"?}` | start the session uploader (pre-copy for a recovered VM; resumed after a restart) |
 //! | GET | /sessions/{vm}/upload | its state (copying / throttled / halted / idle / paused), why, load, blocks uploaded, residue |
@@ -91,6 +92,10 @@ pub fn router(ds: Ds) -> Router {
         .route(
             "/sessions/{vm}/relocate/resume",
             axum::routing::post(resume_relocation),
+        )
+        .route(
+            "/sessions/{vm}/relocate/cancel",
+            axum::routing::post(cancel_relocation),
         )
         .route("/sessions/{vm}/backup", axum::routing::post(backup_session))
         .route(
@@ -231,6 +236,21 @@ async fn pause_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiRe
 
 async fn resume_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || ds.pause_relocation(&vm, false)).await
+}
+
+#[derive(Deserialize, Default)]
+struct CancelBody {
+    #[serde(default)]
+    keep_target: bool,
+}
+
+async fn cancel_relocation(
+    State(ds): State<Ds>,
+    Path(vm): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> ApiResult {
+    let b = body.map(|Json(b)| b).unwrap_or_default();
+    blocking(move || ds.cancel_relocation(&vm, b.keep_target)).await
 }
 
 async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {

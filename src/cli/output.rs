@@ -520,6 +520,31 @@ pub fn relocation_line(r: &Value) -> String {
     line
 }
 
+/// One line for a cancelled relocation (`POST .../relocate/cancel`).
+pub fn cancelled_line(vm: &str, r: &Value, keep_target: bool) -> String {
+    let paths = |k: &str| -> Vec<String> {
+        (r[k].as_array().into_iter().flatten())
+            .filter_map(|p| p.as_str().map(String::from))
+            .collect()
+    };
+    let mut line = format!(
+        "cancelled the relocation of VM {vm} to {}",
+        r["target"].as_str().unwrap_or("?")
+    );
+    let (removed, kept) = (paths("removed"), paths("kept"));
+    if !removed.is_empty() {
+        line += &format!("; removed {}", removed.join(", "));
+    }
+    if !kept.is_empty() {
+        let why = match keep_target {
+            true => "as asked",
+            false => "they were there before it",
+        };
+        line += &format!("; kept {} ({why})", kept.join(", "));
+    }
+    line
+}
+
 /// Follows a relocation until `wait_verdict` ends the wait: Ok only at a
 /// clean cutover; a failure, a failed disk or a pause is an Err.
 pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
@@ -587,7 +612,7 @@ pub(crate) fn wait_verdict(vm: &str, s: &Value) -> Option<Result<String>> {
         // Gone (or never reopened by a restarted daemon): nothing to wait for.
         return Some(Err(Error::new(
             ErrorKind::NotFound,
-            format!("VM {vm} has no relocation (a restarted daemon that could not reopen its target says why in its log)"),
+            format!("VM {vm} has no relocation (it was cancelled, or a restarted daemon could not reopen its target: its log says why)"),
         )));
     }
     let state = r["state"].as_str().unwrap_or("");
