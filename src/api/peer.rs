@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::pathauth::Caller;
 use crate::error::{Error, IoContext, Result};
 
 /// The users allowed on the control socket.
@@ -163,6 +164,28 @@ impl axum::serve::Listener for CheckedListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// The caller on one connection, for handlers that act on a path it
+/// names (`ConnectInfo<Peer>`, see [`super::pathauth`]); `None` if the
+/// kernel would not say.
+#[derive(Debug, Clone)]
+pub struct Peer(pub Option<Caller>);
+
+impl Peer {
+    pub fn caller(&self) -> Result<Caller> {
+        self.0
+            .clone()
+            .ok_or_else(|| Error::not_permitted("cannot identify the caller on this connection"))
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CheckedListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, CheckedListener>) -> Peer {
+        Peer(Caller::of(s.io()).ok())
     }
 }
 
