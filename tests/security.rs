@@ -382,3 +382,27 @@ fn a_socket_group_member_names_only_qmp_sockets_and_relocation_targets_it_could_
     .expect_err("no session to relocate");
     assert_eq!(e.kind(), recoverfs::error::ErrorKind::NotFound, "{e}");
 }
+
+#[test]
+fn the_socket_group_counts_among_the_groups_the_caller_connected_with() {
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 3, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let public = public_dir();
+    env.socket = public.path().join("ctl.sock");
+    env.serve_args = vec!["--socket-group".into(), "nogroup".into()];
+    let _d = env.serve();
+    // In the group only as a supplementary group of the connecting thread:
+    // its process (this test, root's) is in other groups, so what
+    // `/proc/PID/status` says would be wrong.
+    let sock = env.socket.clone();
+    let r = on_thread_as(65533, 65533, &[65534], move || {
+        recoverfs::api::client::Client::new(&sock).get("/sessions")
+    });
+    assert!(r.is_ok(), "a member of the socket group was refused: {r:?}");
+    let sock = env.socket.clone();
+    let r = on_thread_as(65533, 65533, &[], move || {
+        recoverfs::api::client::Client::new(&sock).get("/sessions")
+    });
+    assert!(r.is_err(), "a user outside the socket group was served");
+}
