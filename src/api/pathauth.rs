@@ -8,7 +8,7 @@
 //! | route | field | a caller that is not root needs |
 //! |---|---|---|
 //! | `POST /precopy` | `qmp`, `agent` | to be able to connect to the socket: write permission on it and search permission on every directory on the way ([`socket`]) |
-//! | `POST /sessions/{vm}/relocate` | `to` | write and search permission on the directory, search on every one above it, and (sticky directory) the right to replace `to/<vm>` ([`relocation_target`]) |
+//! | `POST /sessions/{vm}/relocate` | `to` | write and search permission on the directory, search on every one above it; if `to/<vm>` exists, write and search permission on it and (sticky directory) the right to replace it ([`relocation_target`]) |
 //!
 //! No other route takes a path: sessions, uploads and backups name VMs,
 //! backups and export points, which the daemon resolves itself; `boot`
@@ -201,6 +201,36 @@ fn stat_fd(fd: &OwnedFd, path: &Path) -> Result<Attr> {
         uid: st.st_uid,
         gid: st.st_gid,
     })
+}
+
+/// `name` in `dir`, not following a symbolic link; `None` if absent.
+fn stat_at(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<Attr>> {
+    let c = CString::new(name)
+        .map_err(|_| Error::invalid(format!("{} contains a NUL byte", path.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid C string; fstatat fills `st`, read only on success.
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Ok(None);
+        }
+        return Err(Error::io(format!("stat {}", path.display()), e));
+    }
+    // SAFETY: fstatat succeeded.
+    let st = unsafe { st.assume_init() };
+    Ok(Some(Attr {
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+    }))
 }
 
 /// `openat(dir, name, O_PATH | O_NOFOLLOW)`: no permission on the file
@@ -428,22 +458,25 @@ pub fn relocation_target(caller: &Caller, to: &Path, vm: &str) -> Result<PathBuf
     if !caller.permits(&w.attr, WRITE | SEARCH) {
         return Err(refused(w.attr.describe()));
     }
-    // In a sticky directory (/tmp) only an entry's owner (or the
-    // directory's) may replace it: the daemon would empty its files.
-    let sticky = w.attr.mode & libc::S_ISVTX != 0;
-    if sticky && w.attr.uid != uid {
-        let vm_path = w.path.join(vm);
-        match std::fs::symlink_metadata(&vm_path) {
-            Ok(m) if std::os::unix::fs::MetadataExt::uid(&m) != uid => {
-                return Err(refused(format!(
-                    "{} exists, owned by uid {}, in a sticky directory",
-                    vm_path.display(),
-                    std::os::unix::fs::MetadataExt::uid(&m)
-                )))
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("stat {}", vm_path.display()), e)),
+    // An existing `to/<vm>`: the daemon would empty the files in it, so
+    // the caller must be able to write in it, and in a sticky directory
+    // (/tmp) to own it (or the directory), as to replace it.
+    let vm_path = w.path.join(vm);
+    if let Some(entry) = stat_at(&w.fd, vm, &vm_path)? {
+        let sticky = w.attr.mode & libc::S_ISVTX != 0;
+        if sticky && w.attr.uid != uid && entry.uid != uid {
+            return Err(refused(format!(
+                "{} exists, owned by uid {}, in a sticky directory",
+                vm_path.display(),
+                entry.uid
+            )));
+        }
+        if entry.is_dir() && !caller.permits(&entry, WRITE | SEARCH) {
+            return Err(refused(format!(
+                "{} exists and uid {uid} may not write in it: {}",
+                vm_path.display(),
+                entry.describe()
+            )));
         }
     }
     Ok(w.path)

@@ -259,6 +259,22 @@ fn a_relocation_target_must_be_a_directory_the_caller_may_create_in() {
         "{e}"
     );
     chmod(&to, 0o777);
+    // An existing entry: the daemon would empty its files, so the caller
+    // must be able to write in it (root's own leftover, 0700, is not).
+    let old = to.join("old");
+    std::fs::create_dir(&old).unwrap();
+    chmod(&old, 0o700);
+    let e = relocation_target(&me, &to, "old").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotPermitted, "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "{} exists and uid 4242 may not write in it",
+            old.display()
+        )),
+        "{e}"
+    );
+    chmod(&old, 0o777);
+    assert_eq!(relocation_target(&me, &to, "old").unwrap(), to);
     let link = d.path().join("link");
     std::os::unix::fs::symlink(&to, &link).unwrap();
     assert_eq!(relocation_target(&me, &link, "pc").unwrap(), to);
@@ -270,6 +286,7 @@ fn a_relocation_target_must_be_a_directory_the_caller_may_create_in() {
     // In a sticky directory, another user's entry may not be replaced.
     chmod(&to, 0o1777);
     std::fs::create_dir(to.join("pc")).unwrap();
+    chmod(&to.join("pc"), 0o777);
     let e = relocation_target(&me, &to, "pc").err().unwrap();
     assert_eq!(e.kind(), ErrorKind::NotPermitted, "{e}");
     assert!(e.to_string().contains("sticky"), "{e}");
