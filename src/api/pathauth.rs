@@ -31,18 +31,20 @@
 //! swapping the path for a symbolic link (or another socket) after the
 //! check changes nothing, for the first connection and for every later one
 //! (a pre-copy job reconnects for its final backup and to thaw the guest).
-//! What remains: a later `chmod` of the socket is not seen (as for an open
-//! file), and a QEMU restarted behind the same path is not reached (the old
-//! socket is), so such a job fails and must be started again.
+//! What remains: a later `chmod` of the socket or of a directory on the way
+//! is not seen (as for an open file), and a QEMU restarted behind the same
+//! path is not reached (the old socket is), so such a job fails and must be
+//! started again. (`/proc` must be mounted.)
 //!
 //! A relocation target is recorded by path (a restarted daemon reopens it),
 //! so it cannot be pinned the same way: the check runs on the resolved
 //! directory, and the daemon then creates `to/<vm>` itself (root, 0700),
 //! refuses a symbolic link there and never opens a target file through
 //! one. The race that remains: a caller who may write `to` can, after the
-//! check, replace `to/<vm>` with a symbolic link to a directory elsewhere,
-//! and the daemon would then create or empty `disk*`, `vm.json` and its
-//! other target files in that directory, as root. Closing it needs the
+//! check, replace `to/<vm>` with a symbolic link to a directory elsewhere
+//! (or `to` itself, if it may write the directory above), and the daemon
+//! would then create or empty `disk*`, `vm.json` and its other target
+//! files in that directory, as root. Closing it needs the
 //! target files opened relative to a directory descriptor throughout the
 //! relocation code.
 
