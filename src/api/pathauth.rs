@@ -43,8 +43,8 @@
 //! one. The race that remains: a caller who may write `to` can, after the
 //! check, replace `to/<vm>` with a symbolic link to a directory elsewhere
 //! (or `to` itself, if it may write the directory above), and the daemon
-//! would then create or empty `disk*`, `vm.json` and its other target
-//! files in that directory, as root. Closing it needs the
+//! would then create, empty or (cancelling) remove `disk*`, `vm.json` and
+//! its other target files in that directory, as root. Closing it needs the
 //! target files opened relative to a directory descriptor throughout the
 //! relocation code.
 
