@@ -248,6 +248,33 @@ def free_port():
     return port
 
 
+class DamonPaused:
+    """Pauses this VM's DAMON-based reclaim for a measurement that needs a
+    hot page cache: it pages out page-cache pages it finds idle, recently
+    read ones included, so a file read in full just before a job is not
+    hot for the job (and which system loses pages is chance). Restored on
+    exit. `paused` says whether it was on and is now off."""
+    STATE = "/sys/kernel/mm/damon/admin/kdamonds/0/state"
+
+    def __enter__(self):
+        self.paused = False
+        try:
+            with open(self.STATE) as f:
+                on = f.read().strip() == "on"
+            if on:
+                with open(self.STATE, "w") as f:
+                    f.write("off")
+                self.paused = True
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.paused:
+            with open(self.STATE, "w") as f:
+                f.write("on")
+
+
 def loadavg():
     try:
         with open("/proc/loadavg") as f:

@@ -125,7 +125,8 @@ def run_job(s, res, job, name, target):
 def section_warm(cfg, work, image):
     res = {"runtime_s": cfg.warm_runtime, "rounds": cfg.rounds, "image_bytes": os.path.getsize(image),
            "jobs": {j: {s: [] for s in SYSTEMS} for j in WARM_JOBS}, "errors": {}}
-    with B.Scope(work, "warm") as s:
+    with B.Scope(work, "warm") as s, B.DamonPaused() as damon:
+        res["damon_paused"] = damon.paused
         repo = s.path("repo")
         res["backup"] = B.backup(repo, "bench", image)
         rfs, disk = staged_daemon(s, repo, "recoverfs", [], res)
@@ -230,7 +231,11 @@ def render(w):
         f"{w['image_bytes'] / MiB:.0f} MiB random image with zero holes, local directory repository, every block "
         f"staged (whole disk read once through FUSE, {w['stage_all_seconds']:.1f} s). Each system is read once in "
         "full right before its job, so its page cache is hot; then the same fio job (io_uring, buffered, "
-        f"{w['runtime_s']} s). {w['rounds']} rounds, systems interleaved (rotated order); median (min–max).\n")
+        f"{w['runtime_s']} s). {w['rounds']} rounds, systems interleaved (rotated order); median (min–max)."
+        + (" This VM's DAMON reclaim was paused for the section, for every system alike: it pages out "
+           "page-cache pages it finds idle, recently read ones included, so a file read in full just before "
+           "its job would not stay hot (and which system lost pages would be chance)."
+           if w.get("damon_paused") else "") + "\n")
     L.append("**Baseline: the staging data file read the same way** (buffered, hot): it is the file the daemon "
              "serves from and reads through the page cache, so it is the ceiling for any FUSE layer above it. "
              "**recoverfs** twice: as served by default (every read the kernel does not find in the FUSE file's "
