@@ -1161,6 +1161,12 @@ fn sigint_during_a_disk_backup_restore_ends_it_through_its_cleanup_with_whole_fi
     }
 }
 
+/// Guest shell: prints `agent-running` while `recoverfs agent run` runs
+/// (without pgrep, which the guest may lack).
+const AGENT_RUNNING: &str = "for p in /proc/[0-9]*; do \
+    tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^[^ ]*recoverfs agent run' && echo agent-running; \
+    done; true";
+
 #[test]
 fn sigint_during_agent_backup_resumes_the_application_detaches_the_container_and_publishes_nothing()
 {
@@ -1233,9 +1239,66 @@ fn sigint_during_agent_backup_resumes_the_application_detaches_the_container_and
     // In the guest: the application resumed; no agent, mount or copy left.
     let inside = guest(
         &vm,
-        "cat /srv/app/state; pgrep -f '[a]gent run' || true; \
-         grep recoverfs-agent /proc/mounts || true; ls -d /.recoverfs-agent-copy.* 2>/dev/null || true; \
-         ls /dev/virtio-ports/ | grep recoverfs.agent || true",
+        &format!(
+            "cat /srv/app/state; {AGENT_RUNNING}; grep recoverfs-agent /proc/mounts || true; \
+             ls -d /.recoverfs-agent-copy.* 2>/dev/null || true; \
+             ls /dev/virtio-ports/ | grep recoverfs.agent || true"
+        ),
     );
     assert_eq!(inside, "resumed\n", "the guest after the stop");
+}
+
+#[test]
+fn an_agent_backup_killed_while_quiesced_still_resumes_the_application_in_the_guest() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut vm = start_vm(env.dir.path(), "debian", true);
+    wait_agent(&mut vm);
+    guest(&vm, "mkdir -p /srv/app && echo running > /srv/app/state");
+    let h = hooks(
+        env.dir.path(),
+        &[(
+            "app",
+            "echo quiesced > /srv/app/state; sleep 5",
+            "echo resumed > /srv/app/state",
+        )],
+    );
+    let img = build_container(&env, "1.0.0", &h);
+    let mut child = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // The agent's hello comes just before it runs `pre`.
+    loop {
+        let l = lines.next().expect("no hello from the agent").unwrap();
+        if l.starts_with("deb: agent 1.0.0") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing could detach the container (only QMP can)...
+    assert_eq!(attached(&vm).len(), 4);
+    // ...but the agent sees its host gone, runs `post` and ends, and the
+    // script unmounts the container.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let inside = guest(
+            &vm,
+            &format!(
+                "cat /srv/app/state; {AGENT_RUNNING}; grep recoverfs-agent /proc/mounts || true"
+            ),
+        );
+        if inside == "resumed\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "60 s after the host was killed, the guest: {inside}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
