@@ -1302,3 +1302,74 @@ fn an_agent_backup_killed_while_quiesced_still_resumes_the_application_in_the_gu
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+#[test]
+fn sigint_during_agent_restore_leaves_whole_files_only_in_the_guest_and_nothing_attached() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut vm = start_vm(env.dir.path(), "debian", true);
+    wait_agent(&mut vm);
+    guest(
+        &vm,
+        "mkdir -p /srv/app && echo a > /srv/app/a && echo z > /srv/app/z && \
+         yes recoverfs | head -c 134217728 > /srv/app/big && sync",
+    );
+    let h = hooks(env.dir.path(), &[]);
+    let img = build_container(&env, "1.0.0", &h);
+    let o = agent_backup(&env, &vm, &img, &["--paths", "/srv/app"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = Command::new(bin())
+        .args(["agent-restore", "--repo", env.repo_str(), "--container"])
+        .arg(&img)
+        .arg("--vm")
+        .arg(format!("deb={},qga={}", vm.qmp.display(), vm.qga.display()))
+        .args(["/srv/app", "--to", "/restored"])
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut err = vec![];
+    // The host sends once the agent's hello came: 128 MiB over a
+    // virtio-serial port take longer than a second.
+    loop {
+        let l = lines.next().expect("no hello from the agent").unwrap();
+        err.push(l);
+        if err.last().unwrap().starts_with("deb: agent 1.0.0") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    err.extend(lines.map(|l| l.unwrap()));
+    let st = child.wait().unwrap();
+    let took = t0.elapsed();
+    let err = err.join("\n");
+    eprintln!("agent-restore ended {took:?} after SIGINT:\n{err}");
+    assert!(!st.success(), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("recoverfs: error: interrupted by SIGINT: VM deb: stopped")
+            && last.contains("the agent container was detached; 2 of 4 entries were sent"),
+        "{err}"
+    );
+    assert_eq!(attached(&vm), Vec::<String>::new(), "left attached in QEMU");
+    let scratch: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(scratch.is_empty(), "host scratch left: {scratch:?}");
+    // /srv/app/a whole; nothing of big, not even its temporary file.
+    let inside = guest(
+        &vm,
+        &format!(
+            "cd /restored/srv/app && ls -A && cat a; {AGENT_RUNNING}; \
+             grep recoverfs-agent /proc/mounts || true"
+        ),
+    );
+    assert_eq!(inside, "a\na\n", "the guest after the stop");
+}
