@@ -177,6 +177,8 @@ fn begin_relocation(
         pass: 1,
         rate_mbps,
         paused: false,
+        created: vec![],
+        created_dir: false,
     };
     Relocation::begin(source(storage, vol), meta).unwrap()
 }
@@ -682,6 +684,80 @@ fn a_crash_after_guest_writes_over_copied_blocks_never_leaves_them_vouched_for_b
             vol.close();
         }
     }
+}
+
+#[test]
+fn a_crash_anywhere_in_a_cancel_leaves_the_relocation_either_resumable_or_cancelled() {
+    // Half copied, some copies revoked by guest writes (flushed), then
+    // cancelled. Reopened after a crash at any operation of the cancel,
+    // either the relocation is recorded and resumes whole (its targets
+    // there, every copied bit true, the pass completes), or it is not
+    // recorded at all: never a record whose targets are gone.
+    let w = world(606, STILL);
+    let mem = MemStorage::new();
+    let storage: Arc<dyn Storage> = Arc::new(mem.clone());
+    storage.create_dir_all(Path::new(SESSION)).unwrap();
+    storage.create_dir_all(Path::new(TARGET)).unwrap();
+    let vol = open_volume(&w, &mem);
+    let r = begin_relocation(&storage, &vol, None);
+    r.resume_pass_unthrottled().unwrap();
+    let mut model = w.backup.clone();
+    for b in [2, 5, 9] {
+        vol.write((b * BS) as u64, &[b as u8; 100]).unwrap();
+        model[b * BS..][..100].fill(b as u8);
+    }
+    vol.flush().unwrap();
+    assert_eq!(r.status().dirty_blocks, 3);
+    let from = mem.position();
+    let c = r.cancel(false).unwrap();
+    assert!(c.leftover.is_none() && c.removed.len() == 1, "{c:?}");
+    let to = mem.position();
+    drop(r);
+    vol.close();
+    let record = Path::new(SESSION).join("relocation.json");
+    let (mut resumed, mut cancelled) = (0, 0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(606);
+    for cut in from..=to {
+        for (crash, state) in [
+            (Crash::Kill, mem.kill_state(cut)),
+            (Crash::PowerCut, mem.crash_state(cut, 0.0, &mut rng)),
+            (Crash::PowerCut, mem.crash_state(cut, 1.0, &mut rng)),
+        ] {
+            let st: Arc<dyn Storage> = Arc::new(state.clone());
+            let vol = open_volume(&w, &state);
+            let seen = vol.read(0, w.sc.blocks * BS).unwrap();
+            assert!(
+                seen == model,
+                "{crash:?} at operation {cut}: the disk lost a write"
+            );
+            match Relocation::reopen(source(&st, &vol)).unwrap() {
+                Some(r) => {
+                    resumed += 1;
+                    if let Err(e) = copied_blocks_match(&r, &seen, "")
+                        .and_then(|()| r.resume_pass_unthrottled().map_err(|e| e.to_string()))
+                        .and_then(|()| copied_blocks_match(&r, &seen, " after the copy resumed"))
+                    {
+                        panic!("{crash:?} at operation {cut}: {e}");
+                    }
+                    assert_eq!(r.status().dirty_blocks, 0);
+                }
+                None => {
+                    cancelled += 1;
+                    assert!(
+                        state.contents(&record).is_none(),
+                        "{crash:?} at operation {cut}: the relocation is recorded but could not \
+                         be resumed (its target is gone):\n{}",
+                        mem.describe(from..to)
+                    );
+                }
+            }
+            vol.close();
+        }
+    }
+    assert!(
+        resumed > 0 && cancelled > 0,
+        "{resumed} resumed, {cancelled} cancelled"
+    );
 }
 
 #[test]

@@ -446,3 +446,85 @@ fn relocate_wait_ends_non_zero_saying_how_to_resume_when_the_relocation_is_pause
     let out = env.ok(&["relocate", "--socket", &socket, "vm", "--resume", "--wait"]);
     assert!(out.contains("relocated VM vm"), "{out}");
 }
+
+/// An administrator who started a relocation to the wrong target cancels
+/// it and relocates elsewhere; the VM writes all along.
+#[test]
+fn a_cancelled_relocation_is_not_resumed_and_one_elsewhere_then_equals_the_disk() {
+    let env = Env::new();
+    let mut data = random_image(&env.path("a.raw"), 1024 * K64, 59, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let socket = env.socket.to_str().unwrap().to_string();
+    let cancel = ["relocate", "--socket", &socket, "vm", "--cancel"];
+    env.fails(&cancel, "no relocation to cancel");
+    let wrong = env.path("wrong");
+    std::fs::create_dir(&wrong).unwrap();
+    // 64 MiB at 4 MB/s: about 16 s of copying, time enough to cancel it.
+    let o = relocate(&env, "vm", &wrong, &["--rate", "4"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation(&env, "vm")["bytes_done"].as_u64().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all_at(b"before the cancel", 5 * K64 as u64)
+        .unwrap();
+    let t = Instant::now();
+    let out = env.ok(&cancel);
+    eprintln!("relocate --cancel took {:?}: {out}", t.elapsed());
+    assert!(
+        out.contains("cancelled the relocation of VM vm") && out.contains("disk0.raw"),
+        "{out}"
+    );
+    assert!(
+        !wrong.join("vm").exists(),
+        "the cancel left what the relocation created in {}",
+        wrong.display()
+    );
+    assert!(relocation(&env, "vm").is_null());
+    f.write_all_at(b"after the cancel", 6 * K64 as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    env.fails(&cancel, "no relocation to cancel");
+    // A restart does not resume it.
+    d.kill9();
+    std::mem::forget(d);
+    let _d2 = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(relocation(&env, "vm").is_null(), "resumed after a restart");
+    assert!(!wrong.join("vm").exists());
+    // Relocated elsewhere, the target is the disk.
+    let right = env.path("right");
+    std::fs::create_dir(&right).unwrap();
+    let o = relocate(&env, "vm", &right, &["--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Once cut over, the target is the live disk: no cancel.
+    env.fails(&cancel, "live disk");
+    // The disk as the VM wrote it (it reads the target since the cutover,
+    // so it is compared with the expected image too).
+    data[5 * K64..][..17].copy_from_slice(b"before the cancel");
+    data[6 * K64..][..16].copy_from_slice(b"after the cancel");
+    let expected = env.path("expected.raw");
+    std::fs::write(&expected, &data).unwrap();
+    let target = right.join("vm/disk0.raw");
+    for other in [&disk, &expected] {
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(other)
+            .arg(&target)
+            .output()
+            .expect("qemu-img is installed");
+        assert!(
+            cmp.status.success(),
+            "the target differs from {}: {}{}",
+            other.display(),
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+    }
+    assert!(right.join("vm/vm.json").exists());
+}

@@ -2,7 +2,8 @@
 //! not ours is refused before anything in it changes; the control socket
 //! appears with its final mode and serves only root, the daemon's user and
 //! its group; the NBD socket appears with mode 0600; the disks belong to
-//! the hypervisor's user and nobody else.
+//! the hypervisor's user and nobody else; a member of the socket group
+//! names only QMP sockets and relocation targets it could use itself.
 //! Other users are `nobody` (65534, group nogroup) and an unnamed uid,
 //! 65533, run through `setpriv`.
 
@@ -234,4 +235,174 @@ fn disks_belong_to_the_hypervisor_user_named_by_owner_and_to_nobody_else() {
     let o = run_as(65533, 65533, &[], &["cat", d]);
     assert!(!o.status.success(), "another user read the disk");
     assert!(String::from_utf8_lossy(&o.stderr).contains("Permission denied"));
+}
+
+/// Runs `f` on a thread of its own as uid:gid with `groups`. Raw system
+/// calls change only that thread's credentials (glibc's wrappers would
+/// change every thread's), and the kernel records them for each socket
+/// the thread connects, as it would for another process's.
+fn on_thread_as<T: Send + 'static>(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    std::thread::spawn(move || {
+        // SAFETY: plain system calls on this thread's credentials.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Waits (bounded) for a connection on `l`.
+fn connected(l: &std::os::unix::net::UnixListener, secs: u64) -> bool {
+    l.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if l.accept().is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_socket_group_member_names_only_qmp_sockets_and_relocation_targets_it_could_use_itself() {
+    use std::os::unix::net::UnixListener;
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 3, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let public = public_dir();
+    env.socket = public.path().join("ctl.sock");
+    env.serve_args = vec!["--socket-group".into(), "nogroup".into()];
+    let _d = env.serve();
+    // A VM of root's, whose monitor nobody else may use...
+    let roots = public.path().join("root.qmp");
+    let root_qmp = UnixListener::bind(&roots).unwrap();
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // ...also behind a link nobody may make...
+    let link = public.path().join("link.qmp");
+    std::os::unix::fs::symlink(&roots, &link).unwrap();
+    // ...and one of nobody's own.
+    let own = public.path().join("nobody.qmp");
+    let own_qmp = UnixListener::bind(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+
+    let as_nobody = |path: String, body: serde_json::Value| {
+        let sock = env.socket.clone();
+        on_thread_as(65534, 65534, &[65534], move || {
+            recoverfs::api::client::Client::new(&sock).post(&path, &body)
+        })
+    };
+    for qmp in [&roots, &link] {
+        let e = as_nobody(
+            "/precopy".into(),
+            serde_json::json!({"vm": "pc", "qmp": qmp}),
+        )
+        .expect_err("root's QMP socket was accepted from nobody");
+        let msg = e.to_string();
+        assert_eq!(e.kind(), recoverfs::error::ErrorKind::NotPermitted, "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "qmp: uid 65534 may not connect to {}",
+                qmp.display()
+            )),
+            "{msg}"
+        );
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+    }
+    // The guest agent's socket is checked the same way.
+    let e = as_nobody(
+        "/precopy".into(),
+        serde_json::json!({"vm": "pc", "qmp": own, "agent": roots}),
+    )
+    .expect_err("root's agent socket was accepted from nobody");
+    assert!(e.to_string().contains("agent: uid 65534"), "{e}");
+    assert!(
+        !connected(&root_qmp, 1),
+        "the daemon connected to root's VM"
+    );
+    // Its own socket is accepted, and the job reaches it.
+    let st = as_nobody(
+        "/precopy".into(),
+        serde_json::json!({"vm": "pc", "qmp": own}),
+    )
+    .expect("nobody's own QMP socket");
+    assert_eq!(st["running"], true, "{st}");
+    assert!(
+        connected(&own_qmp, 30),
+        "the job did not connect to nobody's socket"
+    );
+    // Root names any socket, as before.
+    let c = recoverfs::api::client::Client::new(&env.socket);
+    c.post("/precopy", &serde_json::json!({"vm": "pc2", "qmp": roots}))
+        .expect("root's own request");
+    assert!(
+        connected(&root_qmp, 30),
+        "the job did not connect to root's socket"
+    );
+    for vm in ["pc", "pc2"] {
+        c.delete(&format!("/precopy/{vm}")).unwrap();
+    }
+
+    // A relocation target nobody may not create in is refused before
+    // anything else; one it may passes on (to "no session").
+    let e = as_nobody(
+        "/sessions/vm/relocate".into(),
+        serde_json::json!({"to": public.path()}),
+    )
+    .expect_err("a relocation into root's directory was accepted from nobody");
+    assert_eq!(e.kind(), recoverfs::error::ErrorKind::NotPermitted, "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "relocation target: uid 65534 may not create vm in {}",
+            public.path().display()
+        )),
+        "{e}"
+    );
+    let open = public.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = as_nobody(
+        "/sessions/vm/relocate".into(),
+        serde_json::json!({"to": open}),
+    )
+    .expect_err("no session to relocate");
+    assert_eq!(e.kind(), recoverfs::error::ErrorKind::NotFound, "{e}");
+}
+
+#[test]
+fn the_socket_group_counts_among_the_groups_the_caller_connected_with() {
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 3, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let public = public_dir();
+    env.socket = public.path().join("ctl.sock");
+    env.serve_args = vec!["--socket-group".into(), "nogroup".into()];
+    let _d = env.serve();
+    // In the group only as a supplementary group of the connecting thread:
+    // its process (this test, root's) is in other groups, so what
+    // `/proc/PID/status` says would be wrong.
+    let sock = env.socket.clone();
+    let r = on_thread_as(65533, 65533, &[65534], move || {
+        recoverfs::api::client::Client::new(&sock).get("/sessions")
+    });
+    assert!(r.is_ok(), "a member of the socket group was refused: {r:?}");
+    let sock = env.socket.clone();
+    let r = on_thread_as(65533, 65533, &[], move || {
+        recoverfs::api::client::Client::new(&sock).get("/sessions")
+    });
+    assert!(r.is_err(), "a user outside the socket group was served");
 }

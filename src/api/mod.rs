@@ -11,9 +11,10 @@
 //! | GET | /sessions/{vm} | status of one session |
 //! | DELETE | /sessions/{vm}?discard=true | release |
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
-//! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation |
+//! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation; a caller that is not root names only a directory it may create in ([`pathauth`]) |
 //! | POST | /sessions/{vm}/relocate/pause | pause the copy (durably; replies once the copier stopped, state `paused`) |
 //! | POST | /sessions/{vm}/relocate/resume | resume a paused copy where it stopped |
+//! | POST | /sessions/{vm}/relocate/cancel `{"keep_target":..}` | cancel it for good (refused after cutover): copier stopped, record removed durably, target files it created removed; replies `{target, removed, kept}` |
 //! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
 //! | POST | /sessions/{vm}/upload `{"load_limit":"latency=MS,queue=N"?}` | start the session uploader (pre-copy for a recovered VM; resumed after a restart) |
 //! | GET | /sessions/{vm}/upload | its state (copying / throttled / halted / idle / paused), why, load, blocks uploaded, residue |
@@ -22,12 +23,13 @@
 //! | DELETE | /precopy/{vm} | stop a pre-copy job |
 
 pub mod client;
+pub mod pathauth;
 pub mod peer;
 pub mod precopy;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -92,6 +94,10 @@ pub fn router(ds: Ds) -> Router {
         .route(
             "/sessions/{vm}/relocate/resume",
             axum::routing::post(resume_relocation),
+        )
+        .route(
+            "/sessions/{vm}/relocate/cancel",
+            axum::routing::post(cancel_relocation),
         )
         .route("/sessions/{vm}/backup", axum::routing::post(backup_session))
         .route(
@@ -216,6 +222,7 @@ struct RelocateBody {
 async fn relocate(
     State(ds): State<Ds>,
     Path(vm): Path<String>,
+    ConnectInfo(peer): ConnectInfo<peer::Peer>,
     body: Option<Json<RelocateBody>>,
 ) -> ApiResult {
     let Some(Json(b)) = body else {
@@ -223,7 +230,12 @@ async fn relocate(
             "expected a JSON body {\"to\": DIR, \"rate_mbps\": N?, \"force\": bool?}",
         )));
     };
-    blocking(move || ds.relocate(&vm, &b.to, b.rate_mbps, b.force)).await
+    blocking(move || {
+        crate::util::validate_name("VM name", &vm)?;
+        let to = pathauth::relocation_target(&peer.caller()?, &b.to, &vm)?;
+        ds.relocate(&vm, &to, b.rate_mbps, b.force)
+    })
+    .await
 }
 
 async fn pause_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
@@ -232,6 +244,21 @@ async fn pause_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiRe
 
 async fn resume_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || ds.pause_relocation(&vm, false)).await
+}
+
+#[derive(Deserialize, Default)]
+struct CancelBody {
+    #[serde(default)]
+    keep_target: bool,
+}
+
+async fn cancel_relocation(
+    State(ds): State<Ds>,
+    Path(vm): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> ApiResult {
+    let b = body.map(|Json(b)| b).unwrap_or_default();
+    blocking(move || ds.cancel_relocation(&vm, b.keep_target)).await
 }
 
 async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
@@ -270,7 +297,12 @@ pub async fn serve(
     listener: peer::CheckedListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ds).merge(precopy::router(jobs)))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(ds).merge(precopy::router(jobs));
+    // Handlers that act on a caller's paths read its credentials.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<peer::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

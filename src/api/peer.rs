@@ -1,8 +1,9 @@
 //! Who may talk to the control socket, checked twice: the socket file is
 //! created with its final mode (0600, or 0660 with `--socket-group`) so no
 //! other user can connect even for an instant, and every connection's
-//! peer is checked with `SO_PEERCRED` (root, the daemon's own user, or a
-//! member of the socket group), in case the file's mode is ever loosened or
+//! peer is checked with `SO_PEERCRED` and `SO_PEERGROUPS` (root, the
+//! daemon's own user, or a member of the socket group, by the credentials
+//! it connected with), in case the file's mode is ever loosened or
 //! a connected descriptor is handed to another process.
 
 use std::io;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::pathauth::Caller;
 use crate::error::{Error, IoContext, Result};
 
 /// The users allowed on the control socket.
@@ -31,29 +33,9 @@ impl PeerPolicy {
     }
 
     /// True if a peer with these credentials may use the API.
-    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        if uid == 0 || uid == self.owner {
-            return true;
-        }
-        let Some(g) = self.group else {
-            return false;
-        };
-        gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g))
+    pub fn allows(&self, c: &Caller) -> bool {
+        c.uid == 0 || c.uid == self.owner || self.group.is_some_and(|g| c.in_group(g))
     }
-}
-
-/// A process's supplementary groups, from `/proc/PID/status`.
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
 }
 
 /// Binds `socket` so that it appears with its final mode and group: bound
@@ -103,9 +85,13 @@ impl CheckedListener {
     }
 
     fn admit(&self, stream: &UnixStream) -> io::Result<bool> {
-        let cred = stream.peer_cred()?;
-        let ok = self.policy.allows(cred.uid(), cred.gid(), cred.pid());
+        // The groups the kernel recorded at connect, not what
+        // `/proc/PID/status` says now (another thread's, or by now
+        // another process's).
+        let caller = Caller::of(stream)?;
+        let ok = self.policy.allows(&caller);
         if !ok {
+            let cred = stream.peer_cred()?;
             tracing::warn!(
                 uid = cred.uid(),
                 gid = cred.gid(),
@@ -166,6 +152,28 @@ impl axum::serve::Listener for CheckedListener {
     }
 }
 
+/// The caller on one connection, for handlers that act on a path it
+/// names (`ConnectInfo<Peer>`, see [`super::pathauth`]); `None` if the
+/// kernel would not say.
+#[derive(Debug, Clone)]
+pub struct Peer(pub Option<Caller>);
+
+impl Peer {
+    pub fn caller(&self) -> Result<Caller> {
+        self.0
+            .clone()
+            .ok_or_else(|| Error::not_permitted("cannot identify the caller on this connection"))
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, CheckedListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, CheckedListener>) -> Peer {
+        Peer(Caller::of(s.io()).ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,14 +184,20 @@ mod tests {
             owner: 1000,
             group: Some(2000),
         };
-        assert!(p.allows(0, 0, None));
-        assert!(p.allows(1000, 1000, None));
-        assert!(p.allows(1001, 2000, None));
-        assert!(!p.allows(1001, 1001, None));
+        let c = |uid, gid, groups: &[u32]| Caller {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        };
+        assert!(p.allows(&c(0, 0, &[])));
+        assert!(p.allows(&c(1000, 1000, &[])));
+        assert!(p.allows(&c(1001, 2000, &[])));
+        assert!(p.allows(&c(1001, 1001, &[7, 2000])));
+        assert!(!p.allows(&c(1001, 1001, &[7])));
         let no_group = PeerPolicy {
             owner: 1000,
             group: None,
         };
-        assert!(!no_group.allows(1001, 2000, None));
+        assert!(!no_group.allows(&c(1001, 2000, &[2000])));
     }
 }

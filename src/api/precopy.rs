@@ -3,16 +3,17 @@
 //! | method | path | effect |
 //! |---|---|---|
 //! | GET | /precopy | every job: state (copying / throttled / halted / waiting / ...), why, the guest's load, rounds, outcome |
-//! | POST | /precopy `{"vm":..,"qmp":..,"every":..,"backup_at":..,"until":..,"load_limit":..}` | start (or resume) a VM's job |
+//! | POST | /precopy `{"vm":..,"qmp":..,"agent":..,"every":..,"backup_at":..,"until":..,"load_limit":..}` | start (or resume) a VM's job; a caller that is not root names only sockets it may connect to ([`super::pathauth`]) |
 //! | DELETE | /precopy/{vm} | stop it at its next checkpoint (state kept) and forget it |
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::peer::Peer;
 use super::{blocking, ApiError, ApiResult};
 use crate::error::Error;
 use crate::precopy::{Jobs, StartRequest};
@@ -30,7 +31,11 @@ async fn list(State(j): State<J>) -> ApiResult {
     blocking(move || Ok(json!({ "jobs": j.list() }))).await
 }
 
-async fn start(State(j): State<J>, body: Option<Json<Value>>) -> ApiResult {
+async fn start(
+    State(j): State<J>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Option<Json<Value>>,
+) -> ApiResult {
     let parsed = body.map(|Json(v)| serde_json::from_value::<StartRequest>(v));
     let req = match parsed {
         Some(Ok(r)) => r,
@@ -45,7 +50,7 @@ async fn start(State(j): State<J>, body: Option<Json<Value>>) -> ApiResult {
             )))
         }
     };
-    blocking(move || j.start(req)).await
+    blocking(move || j.start(req, &peer.caller()?)).await
 }
 
 async fn stop(State(j): State<J>, Path(vm): Path<String>) -> ApiResult {

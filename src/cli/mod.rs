@@ -470,13 +470,13 @@ pub enum Command {
         console: Option<PathBuf>,
     },
     /// Copy a recovering VM's disks to primary storage while it runs, then
-    /// cut over; or pause / resume a relocation under way.
+    /// cut over; or pause / resume / cancel a relocation under way.
     Relocate {
         #[command(flatten)]
         socket: SocketArg,
         vm: String,
         /// Directory on primary storage; disks go to DIR/VM/diskN.raw.
-        #[arg(long, required_unless_present_any = ["pause", "resume"])]
+        #[arg(long, required_unless_present_any = ["pause", "resume", "cancel"])]
         to: Option<PathBuf>,
         /// Pause the relocation under way (kept across a daemon restart).
         #[arg(long, conflicts_with_all = ["to", "rate", "force", "resume", "wait"])]
@@ -484,6 +484,15 @@ pub enum Command {
         /// Resume a paused relocation where it stopped.
         #[arg(long, conflicts_with_all = ["to", "rate", "force"])]
         resume: bool,
+        /// Cancel the relocation for good (refused after cutover): the
+        /// copier stops, no restart resumes it, and the target files it
+        /// created are removed (never a file that was there before).
+        /// `--to` another directory may follow.
+        #[arg(long, conflicts_with_all = ["to", "rate", "force", "pause", "resume", "wait"])]
+        cancel: bool,
+        /// With --cancel: leave the partial target files in place.
+        #[arg(long, requires = "cancel")]
+        keep_target: bool,
         /// Copy rate limit in MB/s (raised up to 4x if the guest out-writes it).
         #[arg(long)]
         rate: Option<f64>,
@@ -777,12 +786,22 @@ pub fn run(cli: Cli) -> Result<()> {
             to,
             pause,
             resume,
+            cancel,
+            keep_target,
             rate,
             force,
             wait,
         } => {
             crate::util::validate_name("VM name", &vm)?;
             let c = client(&socket);
+            if cancel {
+                let r = c.post(
+                    &format!("/sessions/{vm}/relocate/cancel"),
+                    &json!({"keep_target": keep_target}),
+                )?;
+                println!("{}", output::cancelled_line(&vm, &r, keep_target));
+                return Ok(());
+            }
             if pause || resume {
                 let verb = if pause { "pause" } else { "resume" };
                 let st = c.post(&format!("/sessions/{vm}/relocate/{verb}"), &json!({}))?;

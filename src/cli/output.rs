@@ -1,12 +1,9 @@
 //! Human and JSON output of the CLI commands.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-
 use serde_json::Value;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::{Digest, Repository};
+use crate::repo::Repository;
 use crate::util::human_bytes;
 
 pub fn list(repo: &Repository, json: bool) -> Result<()> {
@@ -45,15 +42,6 @@ pub fn list(repo: &Repository, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Where a chunk is used, for naming damage.
-struct Use {
-    vm: String,
-    backup: String,
-    disk: String,
-    block: u64,
-    len: usize,
-}
-
 pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
     let vms = match vm {
         Some(v) => {
@@ -74,113 +62,26 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
             all
         }
     };
-    let mut uses: BTreeMap<Digest, Vec<Use>> = BTreeMap::new();
-    let mut damaged: Vec<String> = vec![];
-    let mut backups = 0;
-    for v in &vms {
-        let (ids, catalogs) = match backup {
-            Some(b) if crate::repo::catalog::is_catalog_id(b) => (vec![], vec![b.to_string()]),
-            Some(b) => (vec![b.to_string()], vec![]),
-            None => (repo.backup_ids(v)?, repo.catalog_ids(v)?),
-        };
-        for id in catalogs {
-            let c = match repo.catalog(v, &id) {
-                Ok(c) => c,
-                Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    damaged.push(format!("DAMAGED catalog {v}/{id}: {e}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            backups += 1;
-            for e in &c.entries {
-                for (i, ch) in e.chunks.iter().enumerate() {
-                    uses.entry(ch.digest).or_default().push(Use {
-                        vm: v.clone(),
-                        backup: id.clone(),
-                        disk: e.path.clone(),
-                        block: i as u64,
-                        len: ch.len as usize,
-                    });
-                }
-            }
-        }
-        for id in ids {
-            let m = match repo.manifest(v, &id) {
-                Ok(m) => m,
-                Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    damaged.push(format!("DAMAGED manifest {v}/{id}: {e}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            backups += 1;
-            for d in &m.disks {
-                for (i, c) in d.chunks.iter_present() {
-                    uses.entry(c).or_default().push(Use {
-                        vm: v.clone(),
-                        backup: id.clone(),
-                        disk: d.name.clone(),
-                        block: i,
-                        len: d.chunk_len(i),
-                    });
-                }
-            }
-        }
-    }
-    let work: Mutex<Vec<(&Digest, &Vec<Use>)>> = Mutex::new(uses.iter().collect());
-    let bad: Mutex<Vec<String>> = Mutex::new(vec![]);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
         .max(2);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let Some((d, us)) = work.lock().expect("lock").pop() else {
-                    break;
-                };
-                let first = &us[0];
-                if let Err(e) = repo.read_chunk(d, first.len, &"verify") {
-                    let places: Vec<String> = us
-                        .iter()
-                        .take(5)
-                        .map(|u| {
-                            // A file backup's "disk" is a guest path: any bytes.
-                            let disk = crate::util::escape_controls(&u.disk);
-                            format!("{}/{} {disk} block {}", u.vm, u.backup, u.block)
-                        })
-                        .collect();
-                    let more = if us.len() > 5 {
-                        format!(" and {} more", us.len() - 5)
-                    } else {
-                        String::new()
-                    };
-                    let why = e.to_string().replace(&format!("verify: chunk {d} "), "");
-                    bad.lock().expect("lock").push(format!(
-                        "DAMAGED chunk {d} ({why}) used by {}{more}",
-                        places.join(", ")
-                    ));
-                }
-            });
-        }
-    });
-    damaged.extend(bad.into_inner().expect("lock"));
-    damaged.sort();
-    for line in &damaged {
+    let r = crate::repo::verify::verify(repo, &vms, backup, threads)?;
+    for line in &r.damaged {
         println!("{line}");
     }
-    if damaged.is_empty() {
+    if r.damaged.is_empty() {
         println!(
-            "ok: {} chunks of {backups} backup(s) verified ({})",
-            uses.len(),
+            "ok: {} chunks of {} backup(s) verified ({})",
+            r.chunks,
+            r.backups,
             mode(repo)
         );
         Ok(())
     } else {
         Err(Error::corrupt(format!(
             "{} damaged object(s) in {}",
-            damaged.len(),
+            r.damaged.len(),
             repo.location()
         )))
     }
@@ -619,6 +520,31 @@ pub fn relocation_line(r: &Value) -> String {
     line
 }
 
+/// One line for a cancelled relocation (`POST .../relocate/cancel`).
+pub fn cancelled_line(vm: &str, r: &Value, keep_target: bool) -> String {
+    let paths = |k: &str| -> Vec<String> {
+        (r[k].as_array().into_iter().flatten())
+            .filter_map(|p| p.as_str().map(String::from))
+            .collect()
+    };
+    let mut line = format!(
+        "cancelled the relocation of VM {vm} to {}",
+        r["target"].as_str().unwrap_or("?")
+    );
+    let (removed, kept) = (paths("removed"), paths("kept"));
+    if !removed.is_empty() {
+        line += &format!("; removed {}", removed.join(", "));
+    }
+    if !kept.is_empty() {
+        let why = match keep_target {
+            true => "as asked",
+            false => "they were there before it",
+        };
+        line += &format!("; kept {} ({why})", kept.join(", "));
+    }
+    line
+}
+
 /// Follows a relocation until `wait_verdict` ends the wait: Ok only at a
 /// clean cutover; a failure, a failed disk or a pause is an Err.
 pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
@@ -686,7 +612,7 @@ pub(crate) fn wait_verdict(vm: &str, s: &Value) -> Option<Result<String>> {
         // Gone (or never reopened by a restarted daemon): nothing to wait for.
         return Some(Err(Error::new(
             ErrorKind::NotFound,
-            format!("VM {vm} has no relocation (a restarted daemon that could not reopen its target says why in its log)"),
+            format!("VM {vm} has no relocation (it was cancelled, or a restarted daemon could not reopen its target: its log says why)"),
         )));
     }
     let state = r["state"].as_str().unwrap_or("");

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{Control, End, LoadLimit, Options, Report, Status};
+use crate::api::pathauth::{self, Caller, PinnedSocket};
 use crate::error::{Error, Result};
 use crate::repo::chunk::validate_chunk_size;
 use crate::repo::Repository;
@@ -52,6 +53,9 @@ struct Job {
     ctl: Arc<Control>,
     thread: Option<std::thread::JoinHandle<Result<Report>>>,
     report: Option<Report>,
+    /// The sockets a caller that is not root named, held while the thread
+    /// may connect through them.
+    _pinned: Vec<PinnedSocket>,
 }
 
 impl Job {
@@ -138,8 +142,21 @@ impl Jobs {
         Ok(opts)
     }
 
-    /// Starts a job; a VM whose job still runs is refused.
-    pub fn start(&self, r: StartRequest) -> Result<JobStatus> {
+    /// Starts a job for `caller`; a VM whose job still runs is refused. A
+    /// caller that is not root may name only sockets it could connect to
+    /// itself, and the job connects to exactly those ([`pathauth`]).
+    pub fn start(&self, mut r: StartRequest, caller: &Caller) -> Result<JobStatus> {
+        let mut pinned = vec![];
+        if let Some(p) = pathauth::socket(caller, "qmp", &r.qmp)? {
+            r.qmp = p.path();
+            pinned.push(p);
+        }
+        if let Some(agent) = r.agent.as_mut() {
+            if let Some(p) = pathauth::socket(caller, "agent", agent)? {
+                *agent = p.path();
+                pinned.push(p);
+            }
+        }
         let opts = self.options(r)?;
         let mut jobs = self.jobs.lock().expect("jobs lock");
         if let Some(j) = jobs.get_mut(&opts.vm) {
@@ -161,6 +178,7 @@ impl Jobs {
             ctl,
             thread: Some(thread),
             report: None,
+            _pinned: pinned,
         };
         let st = job.status();
         jobs.insert(opts.vm, job);

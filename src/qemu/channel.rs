@@ -29,6 +29,8 @@ pub(crate) struct Channel {
 impl Channel {
     /// Connects; `hint` tells the user what to check when nothing listens.
     pub(crate) fn connect(what: &'static str, path: &Path, hint: &str) -> Result<Channel> {
+        // A socket pinned for a caller is named by where it was found.
+        let shown = crate::api::pathauth::shown(path);
         let stream = UnixStream::connect(path).map_err(|e| {
             Error::new(
                 match e.kind() {
@@ -37,15 +39,15 @@ impl Channel {
                     }
                     _ => ErrorKind::Io,
                 },
-                format!("cannot reach {what} {} ({e}): {hint}", path.display()),
+                format!("cannot reach {what} {} ({e}): {hint}", shown.display()),
             )
         })?;
         let writer = stream
             .try_clone()
-            .map_err(|e| Error::io(format!("{what} {}", path.display()), e))?;
+            .map_err(|e| Error::io(format!("{what} {}", shown.display()), e))?;
         Ok(Channel {
             what,
-            path: path.to_path_buf(),
+            path: shown,
             reader: BufReader::new(stream),
             writer,
         })

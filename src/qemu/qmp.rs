@@ -78,7 +78,7 @@ impl Qmp {
     pub fn connect_with(path: &Path, timeout: Duration) -> Result<Qmp> {
         let hint = format!(
             "is QEMU running with -qmp unix:{},server=on,wait=off?",
-            path.display()
+            crate::api::pathauth::shown(path).display()
         );
         let mut q = Qmp {
             ch: Channel::connect("QMP socket", path, &hint)?,

@@ -336,7 +336,7 @@ impl Relocation {
 
     /// Disk `d`'s target file, for messages.
     fn target_file(&self, d: &Volume) -> std::path::PathBuf {
-        self.target_dir.join(format!("disk{}.raw", d.index))
+        super::target_file_of(&self.target_dir, d)
     }
 
     /// Hands the batch to the committer (waiting while it commits the one

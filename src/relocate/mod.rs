@@ -46,6 +46,10 @@
 //!   written blocks committed), persists `paused` in `relocation.json` (a
 //!   restarted daemon keeps it paused) and holds off the cutover; resume
 //!   continues from the copied map.
+//! * **Cancel** (`cancel`): refused once the cutover began; otherwise stops
+//!   the copier, removes `relocation.json` durably (the commit: no restart
+//!   resumes it), then the copied maps and the target files this relocation
+//!   created (never one that was there before).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -103,6 +107,14 @@ pub(crate) struct Meta {
     /// Paused by the administrator: a restart keeps it paused.
     #[serde(default)]
     pub paused: bool,
+    /// Disks (indices) whose target file this relocation created: a
+    /// cancel removes only these, never a file that was there before
+    /// (`--force`). A record written before this field names none.
+    #[serde(default)]
+    pub created: Vec<usize>,
+    /// It created `target` itself: a cancel removes it if left empty.
+    #[serde(default)]
+    pub created_dir: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,13 +224,15 @@ impl Relocation {
         if req.rate_mbps.is_some_and(|r| !r.is_finite() || r <= 0.0) {
             return Err(Error::invalid("--rate must be a positive number of MB/s"));
         }
-        let target_dir = Self::check_target(&req)?;
+        let (target_dir, created_dir) = Self::check_target(&req)?;
         let meta = Meta {
             target: target_dir,
             switched: false,
             pass: 1,
             rate_mbps: req.rate_mbps,
             paused: false,
+            created: vec![],
+            created_dir,
         };
         let r = Self::begin(req.source, meta)?;
         r.spawn();
@@ -226,9 +240,10 @@ impl Relocation {
     }
 
     /// Validates `to` on the real filesystem and returns `to/<vm>`, made a
-    /// 0700 directory. Refuses symbolic links, overlap with the mount or
-    /// staging, a non-empty target without `force`, and too little room.
-    fn check_target(req: &Request) -> Result<PathBuf> {
+    /// 0700 directory, and whether it was made now. Refuses symbolic links,
+    /// overlap with the mount or staging, a non-empty target without
+    /// `force`, and too little room.
+    fn check_target(req: &Request) -> Result<(PathBuf, bool)> {
         let dir = std::fs::canonicalize(req.to)
             .map_err(|e| Error::io(format!("relocation target {}", req.to.display()), e))?;
         if !dir.is_dir() {
@@ -249,6 +264,7 @@ impl Relocation {
             }
         }
         let target_dir = dir.join(req.source.vm);
+        let mut missing = false;
         match std::fs::symlink_metadata(&target_dir) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(Error::invalid(format!(
@@ -275,7 +291,7 @@ impl Relocation {
                     ));
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing = true,
             Err(e) => return Err(Error::io(format!("stat {}", target_dir.display()), e)),
         }
         let needed: u64 = req.source.disks.iter().map(|d| d.non_hole_bytes()).sum();
@@ -300,13 +316,13 @@ impl Relocation {
         // The disks' data is the VM's: nobody else may read it.
         std::fs::set_permissions(&target_dir, std::fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", target_dir.display()))?;
-        Ok(target_dir)
+        Ok((target_dir, missing))
     }
 
     /// Starts a relocation into a checked `meta.target`: forgets any earlier
     /// relocation of this session (durably, before a target is touched),
     /// empties the targets, then records the new one.
-    pub(crate) fn begin(src: Source, meta: Meta) -> Result<Arc<Relocation>> {
+    pub(crate) fn begin(src: Source, mut meta: Meta) -> Result<Arc<Relocation>> {
         let (storage, session_dir) = (src.storage, src.session_dir);
         // Refused before any file is touched; `open` checks again, atomically.
         for d in src.disks {
@@ -332,6 +348,15 @@ impl Relocation {
         storage
             .remove_file(&config)
             .ctx(|| format!("remove {}", config.display()))?;
+        // Recorded for a cancel, which removes only what this relocation
+        // made. A file that cannot be looked at counts as there before.
+        meta.created = (src.disks.iter())
+            .filter(|d| {
+                let p = target_file_of(&meta.target, d);
+                storage.exists(&p).is_ok_and(|there| !there)
+            })
+            .map(|d| d.index)
+            .collect();
         let r = Self::open(src, meta, Open::Empty)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
@@ -419,7 +444,7 @@ impl Relocation {
         let mut targets = vec![];
         let mut copied = vec![];
         for d in disks {
-            let p = meta.target.join(format!("disk{}.raw", d.index));
+            let p = target_file_of(&meta.target, d);
             let f = storage
                 .open(&p, how)
                 .ctx(|| format!("open relocation target {}", p.display()))?;
@@ -551,11 +576,16 @@ impl Relocation {
             .is_some_and(|h| !h.is_finished())
     }
 
-    /// Stops the copier (the copy resumes with the next `recover`).
+    /// Stops the copier (the copy resumes with the next `recover`) and
+    /// returns once it has ended, also when another caller (shutdown, a
+    /// cancel) joins it: the handle's lock is held across the join (the
+    /// copier never takes it), and a cancel must not remove the record
+    /// while a copier could still write it.
     pub fn stop(&self) {
         self.cancel.store(true, Ordering::Release);
         self.wake_copier();
-        if let Some(h) = self.thread.lock().take() {
+        let mut thread = self.thread.lock();
+        if let Some(h) = thread.take() {
             let _ = h.join();
         }
     }
@@ -598,7 +628,7 @@ impl Relocation {
             }
             if self.remaining() <= (total / 16).clamp(1, CUTOVER_BLOCKS) {
                 if !self.begin_switching() {
-                    continue; // paused just now
+                    continue; // paused or stopped just now
                 }
                 return self.cutover();
             }
@@ -851,6 +881,11 @@ impl Relocation {
     }
 }
 
+/// Disk `d`'s file in the target directory `dir`.
+fn target_file_of(dir: &Path, d: &Volume) -> PathBuf {
+    dir.join(format!("disk{}.raw", d.index))
+}
+
 /// Bytes of the blocks marked copied: every block is full but the last.
 fn copied_bytes(d: &Volume, c: &PersistentBitmap) -> u64 {
     let n = d.nblocks();
@@ -861,7 +896,9 @@ fn copied_bytes(d: &Volume, c: &PersistentBitmap) -> u64 {
     }
 }
 
+mod cancel;
 mod copy;
 mod pause;
+pub use cancel::Cancelled;
 #[cfg(test)]
 mod tests;

@@ -60,10 +60,12 @@ impl Relocation {
         self.wake.notify_all();
     }
 
-    /// Moves to `Switching` unless a pause was asked (then false).
+    /// Moves to `Switching` unless a pause or a stop (cancel) was asked
+    /// (then false): either comes before the cutover starts and holds it
+    /// off, or finds it under way.
     pub(super) fn begin_switching(&self) -> bool {
         let mut st = self.state.lock();
-        if self.pause.load(Ordering::Acquire) {
+        if self.pause.load(Ordering::Acquire) || self.cancel.load(Ordering::Acquire) {
             return false;
         }
         *st = (State::Switching, None, None);

@@ -30,6 +30,7 @@ pub mod sealed;
 pub mod sparse;
 #[cfg(test)]
 pub mod testing;
+pub mod verify;
 pub mod writer;
 
 use std::path::Path;

@@ -163,6 +163,8 @@ impl Datastore {
         let mut unstarted = Unstarted {
             disks: disks.clone(),
             relocation: None,
+            // Made by this attempt: no guest ever saw it.
+            made: (!resumed).then(|| (staging.clone(), vm.to_string(), manifest.id.clone())),
         };
         for d in &disks {
             d.set_queue(point.queue.clone());
@@ -336,12 +338,16 @@ impl Datastore {
 struct Unstarted {
     disks: Vec<Arc<Volume>>,
     relocation: Option<Arc<Relocation>>,
+    /// The session directory, if this attempt made it: removed, or it
+    /// would stay as sparse disk-sized files that no session lists.
+    made: Option<(Arc<StagingDir>, String, String)>,
 }
 
 impl Unstarted {
     fn disarm(&mut self) {
         self.disks.clear();
         self.relocation = None;
+        self.made = None;
     }
 }
 
@@ -353,6 +359,15 @@ impl Drop for Unstarted {
         }
         for d in self.disks.drain(..) {
             d.close();
+        }
+        if let Some((staging, vm, backup)) = self.made.take() {
+            if let Err(e) = staging.discard(&vm, &backup) {
+                tracing::warn!(
+                    vm,
+                    backup,
+                    "cannot remove the staging of a recover that failed: {e}"
+                );
+            }
         }
     }
 }

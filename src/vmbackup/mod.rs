@@ -710,7 +710,7 @@ impl Vm {
             "devices": self.disks.iter().map(|d| &d.qdev).collect::<Vec<_>>(),
             "mode": self.report.mode,
             "base": self.report.base,
-            "qmp": self.spec.qmp,
+            "qmp": crate::api::pathauth::shown(&self.spec.qmp),
             // The next incremental's maps, kept in QEMU.
             "bitmaps": self.views.iter()
                 .map(|v| serde_json::json!({"node": v.node, "bitmap": v.bitmap}))

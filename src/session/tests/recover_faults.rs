@@ -137,6 +137,29 @@ fn a_recover_that_fails_after_its_disks_joined_the_staging_budget_leaves_them_co
 }
 
 #[test]
+fn a_new_recover_that_fails_leaves_no_session_directory_and_its_retry_serves_the_vm() {
+    let r = rig();
+    backup(&r, "fresh", 63, 8);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = restart_over(r, &faults);
+    let sessions = r.dir.path().join("staging/sessions/fresh");
+    let budget = r.ds.stagings()[0].budget().clone();
+    let before = budget.status();
+    faults.inject(Rule::fail(Op::Rename, "/active", libc::ENOSPC).times(1));
+    r.ds.recover("fresh", None).unwrap_err();
+    assert_eq!(faults.injected(), 1);
+    let left: Vec<_> = std::fs::read_dir(&sessions)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the failed recover left {left:?}");
+    let after = budget.status();
+    assert_eq!((after.kept, after.used), (before.kept, before.used));
+    r.ds.recover("fresh", None).unwrap();
+    assert_eq!(disk(&r, "fresh").read(0, BS).unwrap().len(), BS);
+    r.ds.release("fresh", true).unwrap();
+}
+
+#[test]
 fn a_release_whose_active_marker_cannot_be_removed_durably_still_releases_fully() {
     let r = rig();
     let (b1, _) = backup(&r, "unmark", 63, 4);

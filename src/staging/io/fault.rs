@@ -22,6 +22,7 @@ pub enum Op {
     SetLen,
     Rename,
     SyncDir,
+    Remove,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +231,7 @@ impl Storage for FaultyStorage {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.check(Op::Remove, path)?;
         self.inner.remove_file(path)
     }
 
