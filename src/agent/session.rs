@@ -251,6 +251,11 @@ fn run_job<T>(
     stream
         .set_read_timeout(Some(deadline.idle))
         .map_err(|e| Error::io("stream socket", e))?;
+    // Stopped while attaching: a script started now would wait a minute
+    // for the port a stop removes.
+    if stop.load(Ordering::SeqCst) {
+        return Err(Error::interrupted("stopped before the agent started"));
+    }
     let pid = exec::spawn(ga, &["/bin/sh", "-c", &script(att, job)])
         .map_err(|e| e.context(format!("VM {}: start the agent through guest-exec", t.name)))?;
     let done = AtomicBool::new(false);
