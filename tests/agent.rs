@@ -1264,7 +1264,11 @@ fn an_agent_backup_killed_while_quiesced_still_resumes_the_application_in_the_gu
         )],
     );
     let img = build_container(&env, "1.0.0", &h);
+    // Killed, it leaves its scratch directory: in the test's.
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
     let mut child = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app"])
+        .env("TMPDIR", &tmp)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
