@@ -25,6 +25,8 @@ pub enum ErrorKind {
     NoSpace,
     /// Any other I/O failure.
     Io,
+    /// Stopped on request (SIGINT/SIGTERM) before it was done.
+    Interrupted,
 }
 
 /// The library's error: a kind, a human context naming the object, and the
@@ -81,6 +83,9 @@ impl Error {
     pub fn not_permitted(context: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotPermitted, context)
     }
+    pub fn interrupted(context: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Interrupted, context)
+    }
 
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -96,6 +101,7 @@ impl Error {
             ErrorKind::AlreadyExists => libc::EEXIST,
             ErrorKind::NotPermitted => libc::EPERM,
             ErrorKind::NoSpace => libc::ENOSPC,
+            ErrorKind::Interrupted => libc::EINTR,
             ErrorKind::Io => self
                 .source
                 .as_ref()

@@ -1005,3 +1005,375 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
         "--vm a given twice",
     );
 }
+
+/// Mounts and loop devices under `dir` (this test's own: others run at
+/// the same time), from /proc/mounts and `losetup -J`.
+fn mounts_and_loops_under(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let dir = dir.to_str().unwrap();
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        // /proc/mounts escapes spaces as \040; test paths have none.
+        .filter(|m| m.starts_with(dir))
+        .map(str::to_string)
+        .collect();
+    let o = Command::new("losetup").arg("-J").output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let loops = v["loopdevices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["back-file"].as_str().is_some_and(|f| f.contains(dir)))
+        .map(|l| l["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    (mounts, loops)
+}
+
+/// Removes what a killed `files` left under a directory: mounts (deepest
+/// first, lazily: a dead FUSE mount refuses a plain umount) and loop
+/// devices, so a failing test leaves nothing behind either.
+struct UnmountUnder(PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let (mut mounts, loops) = mounts_and_loops_under(&self.0);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in &mounts {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        for l in &loops {
+            let _ = Command::new("losetup").args(["-d", l]).status();
+        }
+    }
+}
+
+/// A 4 KiB pattern repeated: a big file the backup stores as a few chunks,
+/// yet read back block by block through the scratch recovery.
+fn patterned(path: &Path, size: usize) {
+    use std::io::Write;
+    let block: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for _ in 0..size / block.len() {
+        f.write_all(&block).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+#[test]
+fn sigint_during_a_disk_backup_restore_ends_it_through_its_cleanup_with_whole_files_only() {
+    let env = Env::new();
+    // An ext4 disk (no partition table): three small files, a 256 MiB one
+    // (restored when the signal comes), one after it.
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    for n in ["a1", "a2", "a3", "z"] {
+        std::fs::write(src.join("data").join(n), format!("file {n}\n")).unwrap();
+    }
+    patterned(&src.join("data/big"), 256 << 20);
+    let img = env.path("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let o = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&src).unwrap();
+    let id = env.backup("sig", "1M", &[&img]);
+    std::fs::remove_file(&img).unwrap();
+
+    let tmp = env.path("tmp");
+    let to = env.path("to");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::create_dir(&to).unwrap();
+    let _cleanup = UnmountUnder(tmp.clone());
+    let child = Command::new(bin())
+        .args(["files", "restore", "--repo", env.repo_str(), "sig"])
+        .args(["--backup", &id, "/data", "--to"])
+        .arg(&to)
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once /data/big is being written (the temporary file every file is
+    // written to has more than a small file's bytes).
+    let partial = to.join(format!("data/.recoverfs-tmp.{}", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(Instant::now() < deadline, "/data/big was never written");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (mounts, loops) = mounts_and_loops_under(&tmp);
+    assert!(
+        mounts.len() == 2 && loops.len() == 1,
+        "mid-way, expected the FUSE and ext4 mounts and a loop device: {mounts:?} {loops:?}"
+    );
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    eprintln!("files restore ended {took:?} after SIGINT: {err}");
+    assert!(
+        !o.status.success(),
+        "an interrupted restore succeeded: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with(
+            "recoverfs: error: interrupted by SIGINT: restoring /data from disk backup"
+        ) && lines[0].contains("restored 4 of 6 entries (stopped while writing /data/big")
+            && lines[0].ends_with("the scratch recovery was unmounted and removed"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    let (mounts, loops) = mounts_and_loops_under(&tmp);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "left mounted: {mounts:?}, loop devices: {loops:?}"
+    );
+    let scratch: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(scratch.is_empty(), "scratch left: {scratch:?}");
+    let pins: Vec<_> = std::fs::read_dir(env.repo.join("pins/sig"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(pins.is_empty(), "a pin was left: {pins:?}");
+    // Whole files before the stop, nothing of the one being written.
+    let mut names: Vec<String> = std::fs::read_dir(to.join("data"))
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a1", "a2", "a3"]);
+    for n in ["a1", "a2", "a3"] {
+        let got = std::fs::read_to_string(to.join("data").join(n)).unwrap();
+        assert_eq!(got, format!("file {n}\n"));
+    }
+}
+
+/// Guest shell: prints `agent-running` while `recoverfs agent run` runs
+/// (without pgrep, which the guest may lack).
+const AGENT_RUNNING: &str = "for p in /proc/[0-9]*; do \
+    tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^[^ ]*recoverfs agent run' && echo agent-running; \
+    done; true";
+
+#[test]
+fn sigint_during_agent_backup_resumes_the_application_detaches_the_container_and_publishes_nothing()
+{
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut vm = start_vm(env.dir.path(), "debian", true);
+    wait_agent(&mut vm);
+    guest(&vm, "mkdir -p /srv/app && echo running > /srv/app/state");
+    // The signal comes while `pre` keeps the application quiesced.
+    let h = hooks(
+        env.dir.path(),
+        &[(
+            "app",
+            "echo quiesced > /srv/app/state; sleep 10",
+            "echo resumed > /srv/app/state",
+        )],
+    );
+    let img = build_container(&env, "1.0.0", &h);
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app"])
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr).lines() {
+            let _ = tx.send(l.unwrap());
+        }
+    });
+    let mut err = vec![];
+    // The agent's hello comes just before it runs `pre`.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !err
+        .iter()
+        .any(|l: &String| l.starts_with("deb: agent 1.0.0"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => err.push(l),
+            Err(e) => panic!("no hello from the agent ({e}): {err:?}"),
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(attached(&vm).len(), 4, "{err:?}");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    let st = child.wait().unwrap();
+    let took = t0.elapsed();
+    reader.join().unwrap();
+    err.extend(rx.try_iter());
+    let err = err.join("\n");
+    eprintln!("agent-backup ended {took:?} after SIGINT:\n{err}");
+    assert!(!st.success(), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "recoverfs: error: interrupted by SIGINT: 0 of 1 VMs backed up; VM deb: stopped"
+        ) && last.contains("the agent container was detached; no backup was published"),
+        "{err}"
+    );
+    assert_eq!(attached(&vm), Vec::<String>::new(), "left attached in QEMU");
+    assert_eq!(file_backups(&env), 0, "an interrupted backup was published");
+    let scratch: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(scratch.is_empty(), "host scratch left: {scratch:?}");
+    // In the guest: the application resumed; no agent, mount or copy left.
+    let inside = guest(
+        &vm,
+        &format!(
+            "cat /srv/app/state; {AGENT_RUNNING}; grep recoverfs-agent /proc/mounts || true; \
+             ls -d /.recoverfs-agent-copy.* 2>/dev/null || true; \
+             ls /dev/virtio-ports/ | grep recoverfs.agent || true"
+        ),
+    );
+    assert_eq!(inside, "resumed\n", "the guest after the stop");
+}
+
+#[test]
+fn an_agent_backup_killed_while_quiesced_still_resumes_the_application_in_the_guest() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut vm = start_vm(env.dir.path(), "debian", true);
+    wait_agent(&mut vm);
+    guest(&vm, "mkdir -p /srv/app && echo running > /srv/app/state");
+    let h = hooks(
+        env.dir.path(),
+        &[(
+            "app",
+            "echo quiesced > /srv/app/state; sleep 5",
+            "echo resumed > /srv/app/state",
+        )],
+    );
+    let img = build_container(&env, "1.0.0", &h);
+    // Killed, it leaves its scratch directory: in the test's.
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = agent_backup(&env, &vm, &img, &["--paths", "/srv/app", "--hooks", "app"])
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // The agent's hello comes just before it runs `pre`.
+    loop {
+        let l = lines.next().expect("no hello from the agent").unwrap();
+        if l.starts_with("deb: agent 1.0.0") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing could detach the container (only QMP can)...
+    assert_eq!(attached(&vm).len(), 4);
+    // ...but the agent sees its host gone, runs `post` and ends, and the
+    // script unmounts the container.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let inside = guest(
+            &vm,
+            &format!(
+                "cat /srv/app/state; {AGENT_RUNNING}; grep recoverfs-agent /proc/mounts || true"
+            ),
+        );
+        if inside == "resumed\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "60 s after the host was killed, the guest: {inside}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn sigint_during_agent_restore_leaves_whole_files_only_in_the_guest_and_nothing_attached() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut vm = start_vm(env.dir.path(), "debian", true);
+    wait_agent(&mut vm);
+    guest(
+        &vm,
+        "mkdir -p /srv/app && echo a > /srv/app/a && echo z > /srv/app/z && \
+         yes recoverfs | head -c 134217728 > /srv/app/big && sync",
+    );
+    let h = hooks(env.dir.path(), &[]);
+    let img = build_container(&env, "1.0.0", &h);
+    let o = agent_backup(&env, &vm, &img, &["--paths", "/srv/app"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = Command::new(bin())
+        .args(["agent-restore", "--repo", env.repo_str(), "--container"])
+        .arg(&img)
+        .arg("--vm")
+        .arg(format!("deb={},qga={}", vm.qmp.display(), vm.qga.display()))
+        .args(["/srv/app", "--to", "/restored"])
+        .env("TMPDIR", &tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut err = vec![];
+    // The host sends once the agent's hello came: 128 MiB over a
+    // virtio-serial port take longer than a second.
+    loop {
+        let l = lines.next().expect("no hello from the agent").unwrap();
+        err.push(l);
+        if err.last().unwrap().starts_with("deb: agent 1.0.0") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t0 = Instant::now();
+    err.extend(lines.map(|l| l.unwrap()));
+    let st = child.wait().unwrap();
+    let took = t0.elapsed();
+    let err = err.join("\n");
+    eprintln!("agent-restore ended {took:?} after SIGINT:\n{err}");
+    assert!(!st.success(), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("recoverfs: error: interrupted by SIGINT: VM deb: stopped")
+            && last.contains("the agent container was detached; 2 of 4 entries were sent"),
+        "{err}"
+    );
+    assert_eq!(attached(&vm), Vec::<String>::new(), "left attached in QEMU");
+    let scratch: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(scratch.is_empty(), "host scratch left: {scratch:?}");
+    // /srv/app/a whole; nothing of big, not even its temporary file.
+    let inside = guest(
+        &vm,
+        &format!(
+            "cd /restored/srv/app && ls -A && cat a; {AGENT_RUNNING}; \
+             grep recoverfs-agent /proc/mounts || true"
+        ),
+    );
+    assert_eq!(inside, "a\na\n", "the guest after the stop");
+}

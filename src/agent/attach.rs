@@ -127,6 +127,25 @@ impl Attachment {
         &mut self.qmp
     }
 
+    /// Removes the stream port alone, to stop the agent early: once its
+    /// port is gone, the guest's writes to it fail (while the host end is
+    /// merely closed they block, for ever), so the agent ends, after its
+    /// hooks' `post`, and the script unmounts the container, which stays
+    /// attached until [`Attachment::detach`].
+    pub fn unplug_port(&mut self) -> Result<()> {
+        let port_dev = format!("rfsagent-port-{}", self.id);
+        let Some(i) = self
+            .done
+            .iter()
+            .position(|s| matches!(s, Step::Device(d) if *d == port_dev))
+        else {
+            return Ok(());
+        };
+        self.delete_device(&port_dev)?;
+        self.done.remove(i);
+        Ok(())
+    }
+
     /// Removes everything attached, newest first; every step is tried,
     /// the first error is returned.
     pub fn detach(&mut self) -> Result<()> {

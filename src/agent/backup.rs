@@ -21,6 +21,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ pub struct Options {
     pub max_duration: Duration,
     /// What the catalog may hold: [`CatalogLimits::STORED`], smaller in tests.
     pub catalog_limits: CatalogLimits,
+    /// Set (by a signal) to stop: running jobs end early
+    /// ([`super::session`]), VMs not started are not.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// Log lines kept per VM: a guest may send log frames without end.
@@ -156,7 +160,11 @@ pub fn agent_backup(
                     i
                 };
                 let Some(t) = targets.get(i) else { break };
-                let o = one(repo, t, opts, &cfg.version, on_log);
+                let o = if opts.stop.load(Ordering::SeqCst) {
+                    not_started(t)
+                } else {
+                    one(repo, t, opts, &cfg.version, on_log)
+                };
                 out.lock().expect("lock")[i] = Some(o);
             });
         }
@@ -167,6 +175,22 @@ pub fn agent_backup(
         .into_iter()
         .map(|o| o.expect("every VM done"))
         .collect())
+}
+
+/// A VM left alone after a stop.
+fn not_started(t: &Target) -> VmOutcome {
+    VmOutcome {
+        vm: t.name.clone(),
+        backup: None,
+        agent_version: None,
+        entries: 0,
+        file_bytes: 0,
+        new_bytes: 0,
+        stored_bytes: 0,
+        duration_ms: 0,
+        error: Some(format!("VM {}: not started (interrupted)", t.name)),
+        log: vec![],
+    }
 }
 
 /// What `receive` calls with each log line: keeps it in `log` and shows
@@ -249,8 +273,16 @@ fn backup_vm(
         &job,
         deadline,
         "agent-backup",
+        &opts.stop,
         |stream| receive(repo, stream, deadline, t, opts, say),
-    )?;
+    )
+    .map_err(|e| {
+        if e.kind() == ErrorKind::Interrupted {
+            Error::interrupted(format!("{e}; no backup was published"))
+        } else {
+            e
+        }
+    })?;
     // Published only now: the container is off the VM.
     lock.check_fresh()?;
     repo.publish_catalog_within(catalog, std::time::SystemTime::now(), opts.catalog_limits)

@@ -74,7 +74,12 @@ pub fn run(port: &Path, container: &Path, job: &Job) -> Result<()> {
 pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
     let cfg = AgentConfig::load(container)?;
     let input = f.try_clone().ctx(|| "the stream port".into())?;
-    let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
+    let port = Port {
+        f,
+        connected: false,
+        since: Instant::now(),
+    };
+    let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, port));
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
     w.hello(&Hello {
         version: cfg.version.clone(),
@@ -110,8 +115,60 @@ pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
     }
     // The host acknowledges the end once it has it all: exiting earlier
     // could drop frames still queued in the port.
-    wait_ack(w.get_mut().get_mut(), Duration::from_secs(30));
+    wait_ack(&mut w.get_mut().get_mut().f, Duration::from_secs(30));
     result
+}
+
+/// How long the agent waits for the host end of its port to open.
+const CONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// The stream port, for writing. virtio-console blocks a write while the
+/// host end of the port is closed: for ever if the host process was
+/// killed, and the agent would then never run `post`. So each write waits
+/// for the port to be writable, and a port whose host end is closed
+/// (POLLHUP) after a write went through, or never opened within
+/// [`CONNECT_WAIT`], is an error: the agent ends as after any failure,
+/// `post` first.
+struct Port {
+    f: File,
+    connected: bool,
+    since: Instant,
+}
+
+impl Write for Port {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        loop {
+            let mut fds = [PollFd::new(self.f.as_fd(), PollFlags::POLLOUT)];
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                // Full: the host reads slowly (its own timeouts apply).
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            if fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLOUT))
+            {
+                let n = self.f.write(buf)?;
+                self.connected = true;
+                return Ok(n);
+            }
+            if self.connected || self.since.elapsed() > CONNECT_WAIT {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the host closed its end of the stream port",
+                ));
+            }
+            // Not opened by the host yet.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.f.flush()
+    }
 }
 
 fn wait_ack(f: &mut File, timeout: Duration) {

@@ -3,20 +3,27 @@
 //! mode, owner and times. The host sends headers and contents (every
 //! chunk read and verified) and an end frame the agent checks; the agent
 //! answers with log lines and its own end frame.
+//!
+//! Stopped part-way ([`super::session`]), the guest keeps what the agent
+//! wrote before the stream ended: each file whole (temp, fsync, rename),
+//! the one being written removed, directories without their metadata.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::guest::Job;
 use super::session::{run_in_guest, Deadline, Target};
 use super::stream::{describe, Frame, FrameReader, FrameWriter};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::catalog::{Catalog, Entry, EntryKind};
 use crate::repo::Repository;
 
-/// Copies `entries` of `c` into the guest of `t`; the number sent.
+/// Copies `entries` of `c` into the guest of `t`; the number sent. Once
+/// `stop` is set it ends early with an [`ErrorKind::Interrupted`] error
+/// saying how many entries were sent.
 #[allow(clippy::too_many_arguments)]
 pub fn agent_restore(
     repo: &Repository,
@@ -25,8 +32,8 @@ pub fn agent_restore(
     c: &Catalog,
     entries: &[&Entry],
     to: Option<String>,
-    idle: Duration,
-    max: Duration,
+    (idle, max): (Duration, Duration),
+    stop: &AtomicBool,
     say: &dyn Fn(&str),
 ) -> Result<u64> {
     if let Some(d) = &to {
@@ -34,8 +41,19 @@ pub fn agent_restore(
     }
     let job = Job::Restore { to };
     let deadline = Deadline::start(idle, max);
-    run_in_guest(t, container, &job, deadline, "agent-restore", |stream| {
-        send(repo, stream, deadline, c, entries, say)
+    let sent = AtomicU64::new(0);
+    run_in_guest(t, container, &job, deadline, "agent-restore", stop, |stream| {
+        send(repo, stream, deadline, c, entries, &sent, say)
+    })
+    .map_err(|e| {
+        if e.kind() != ErrorKind::Interrupted {
+            return e;
+        }
+        Error::interrupted(format!(
+            "{e}; {} of {} entries were sent: the guest keeps each one the agent received whole, written whole; the file it was writing is removed; directories created keep default modes and times",
+            sent.load(Ordering::SeqCst),
+            entries.len()
+        ))
     })
 }
 
@@ -45,6 +63,7 @@ fn send(
     deadline: Deadline,
     c: &Catalog,
     entries: &[&Entry],
+    sent: &AtomicU64,
     say: &dyn Fn(&str),
 ) -> Result<u64> {
     let mut fr = FrameReader::new(
@@ -76,6 +95,7 @@ fn send(
                 w.data(&data).map_err(io)?;
             }
         }
+        sent.fetch_add(1, Ordering::SeqCst);
     }
     w.end().map_err(io)?;
     loop {

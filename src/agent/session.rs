@@ -6,6 +6,15 @@
 //! it; hand the stream to the caller's side of the job while a watcher
 //! polls the script (if it ends and the stream does not, the stream is
 //! closed so the caller stops); then detach, whatever happened.
+//!
+//! A stop (SIGINT/SIGTERM set the caller's flag) is seen by the watcher
+//! within its poll: it closes the stream (the caller's side ends at once)
+//! and removes the stream port, so the agent's writes fail instead of
+//! blocking: the agent ends as after any failure, its hooks' `post`
+//! first (the application is never left quiesced); the watcher waits for
+//! the script to end ([`STOP_GRACE`] at most: it unmounts the container),
+//! and the container is detached. The job ends in an
+//! [`ErrorKind::Interrupted`] error saying what became of the agent.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -124,15 +133,21 @@ impl Read for TimedRead<'_> {
     }
 }
 
+/// How long a stopped job waits for the agent in the guest to end (its
+/// `post` hooks, then unmounting the container) before detaching.
+pub const STOP_GRACE: Duration = Duration::from_secs(60);
+
 /// Runs `job` in the guest of `t` with `container` attached; `body` is the
 /// host's side of the stream, which it reads within `deadline`
-/// ([`Deadline::reader`]). `what` names the command in messages.
+/// ([`Deadline::reader`]). `what` names the command in messages. Once
+/// `stop` is set the job ends early, as the module says.
 pub fn run_in_guest<T>(
     t: &Target,
     container: &Path,
     job: &Job,
     deadline: Deadline,
     what: &str,
+    stop: &AtomicBool,
     body: impl FnOnce(&UnixStream) -> Result<T>,
 ) -> Result<T> {
     let qga = t.qga.as_ref().ok_or_else(|| {
@@ -155,9 +170,27 @@ pub fn run_in_guest<T>(
             container.display()
         ))
     })?;
-    let result = run_job(&mut ga, &mut att, t, job, deadline, body);
+    let result = if stop.load(Ordering::SeqCst) {
+        Err(Error::interrupted("stopped before the agent started"))
+    } else {
+        run_job(&mut ga, &mut att, t, job, deadline, stop, body)
+    };
     // Detach whatever happened.
     let detached = att.detach();
+    if let (Err(e), true) = (&result, stop.load(Ordering::SeqCst)) {
+        let how = if e.kind() == ErrorKind::Interrupted {
+            e.to_string()
+        } else {
+            format!("stopped ({e})")
+        };
+        return Err(Error::interrupted(match detached {
+            Ok(()) => format!("VM {}: {how}; the agent container was detached", t.name),
+            Err(d) => format!(
+                "VM {}: {how}; detaching the agent container failed (devices rfsagent-*-{} may stay attached): {d}",
+                t.name, att.id
+            ),
+        }));
+    }
     match (result, detached) {
         (Ok(r), Ok(())) => Ok(r),
         (Ok(_), Err(e)) => Err(e.context(format!("VM {}", t.name))),
@@ -210,6 +243,7 @@ fn run_job<T>(
     t: &Target,
     job: &Job,
     deadline: Deadline,
+    stop: &AtomicBool,
     body: impl FnOnce(&UnixStream) -> Result<T>,
 ) -> Result<T> {
     let stream = att.stream.take().expect("attached with a stream");
@@ -217,6 +251,11 @@ fn run_job<T>(
     stream
         .set_read_timeout(Some(deadline.idle))
         .map_err(|e| Error::io("stream socket", e))?;
+    // Stopped while attaching: a script started now would wait a minute
+    // for the port a stop removes.
+    if stop.load(Ordering::SeqCst) {
+        return Err(Error::interrupted("stopped before the agent started"));
+    }
     let pid = exec::spawn(ga, &["/bin/sh", "-c", &script(att, job)])
         .map_err(|e| e.context(format!("VM {}: start the agent through guest-exec", t.name)))?;
     let done = AtomicBool::new(false);
@@ -227,8 +266,12 @@ fn run_job<T>(
         // Watches the guest process; if it ends and the stream does not
         // follow, or the deadline passes (a body blocked writing to a
         // guest that stopped reading), closes the stream so the body stops.
+        // On a stop, closes the stream and removes the port at once.
         let watcher = s.spawn(|| -> Result<Exited> {
-            let r = watch(ga, pid, &done, deadline);
+            let r = watch(ga, pid, &done, deadline, stop, &mut || {
+                let _ = killer.shutdown(std::net::Shutdown::Both);
+                att.unplug_port()
+            });
             let grace = Instant::now() + Duration::from_secs(10);
             while !done.load(Ordering::SeqCst) && Instant::now() < grace {
                 std::thread::sleep(Duration::from_millis(100));
@@ -246,22 +289,65 @@ fn run_job<T>(
         }
         done.store(true, Ordering::SeqCst);
         let exited = watcher.join().expect("watcher thread");
+        if received.is_err() && stop.load(Ordering::SeqCst) {
+            return Err(stopped_agent(exited));
+        }
         finish(received, exited, t)
     })
 }
 
+/// What became of the agent after a stop.
+fn stopped_agent(exited: Result<Exited>) -> Error {
+    Error::interrupted(match exited {
+        Ok(e) if e.success() => "stopped; the agent in the guest ended".to_string(),
+        Ok(e) => format!(
+            "stopped; the agent in the guest ended ({}: {})",
+            e.status(),
+            last_line(&e.stderr)
+        ),
+        Err(e) => format!("stopped; the agent in the guest had not ended ({e})"),
+    })
+}
+
 /// Polls the guest process until it ends (or `done` and it ended), at
-/// the latest until the deadline.
-fn watch(ga: &mut GuestAgent, pid: i64, done: &AtomicBool, deadline: Deadline) -> Result<Exited> {
+/// the latest until the deadline. Once `stop` is set, calls `on_stop`
+/// (once) and waits [`STOP_GRACE`] at most.
+fn watch(
+    ga: &mut GuestAgent,
+    pid: i64,
+    done: &AtomicBool,
+    deadline: Deadline,
+    stop: &AtomicBool,
+    on_stop: &mut dyn FnMut() -> Result<()>,
+) -> Result<Exited> {
     let mut since_done: Option<Instant> = None;
+    let mut stopped_at: Option<Instant> = None;
     loop {
         if let Some(e) = exec::status(ga, pid)? {
             return Ok(e);
         }
-        if Instant::now() >= deadline.at {
+        if stop.load(Ordering::SeqCst) {
+            match stopped_at {
+                None => {
+                    stopped_at = Some(Instant::now());
+                    if let Err(e) = on_stop() {
+                        // Then the agent may block on the port until the
+                        // detach removes it: waiting would not help.
+                        return Err(e.context("remove the stream port"));
+                    }
+                }
+                Some(t) if t.elapsed() > STOP_GRACE => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("not within {} s", STOP_GRACE.as_secs()),
+                    ));
+                }
+                Some(_) => {}
+            }
+        } else if Instant::now() >= deadline.at {
             return Err(deadline.passed_error());
         }
-        if done.load(Ordering::SeqCst) {
+        if done.load(Ordering::SeqCst) && stopped_at.is_none() {
             let t = *since_done.get_or_insert_with(Instant::now);
             if t.elapsed() > Duration::from_secs(60) {
                 return Err(Error::new(

@@ -53,6 +53,7 @@ impl IntoResponse for ApiError {
             ErrorKind::NotPermitted => StatusCode::FORBIDDEN,
             ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Corrupt | ErrorKind::Io => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Interrupted => StatusCode::SERVICE_UNAVAILABLE,
         };
         (
             code,

@@ -1,14 +1,17 @@
 //! `agent`, `agent-backup` and `files`: the agent container, granular
 //! backups of running VMs through it, and single-file restores.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Subcommand;
 
 use crate::agent::backup::{agent_backup, Options, Target};
 use crate::agent::container::{build, read_config, AgentConfig, BuildOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
 use crate::util::human_bytes;
 
@@ -100,7 +103,7 @@ enum Source {
 }
 
 impl FilesSource {
-    fn open(&self, path: &str) -> Result<Source> {
+    fn open(&self, path: &str, stop: &AtomicBool) -> Result<Source> {
         use crate::repo::catalog::is_catalog_id;
         let r = Repository::open(&self.repo)?;
         crate::util::validate_name("VM name", &self.vm)?;
@@ -135,6 +138,7 @@ impl FilesSource {
                 self.disk,
                 self.partition,
                 path,
+                stop,
             )?)),
         }
     }
@@ -221,6 +225,7 @@ pub fn backup(
     (idle_timeout, max_duration): (u64, u64),
     json: bool,
 ) -> Result<()> {
+    let stop = agent_stop()?;
     let targets = vms
         .iter()
         .map(|v| Target::parse(v))
@@ -246,6 +251,7 @@ pub fn backup(
         idle_timeout: Duration::from_secs(idle_timeout.max(3)),
         max_duration: Duration::from_secs(max_duration.max(1)),
         catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
+        stop: stop.clone(),
     };
     let out = agent_backup(&r, &targets, &opts, &|vm, line| {
         if !json {
@@ -281,14 +287,41 @@ pub fn backup(
             }
         }
     }
+    let done = out.len() - failed.len();
     match failed.len() {
         0 => Ok(()),
+        _ if stop.load(Ordering::SeqCst) => Err(interrupted_by(Error::interrupted(format!(
+            "{done} of {} VMs backed up; {}",
+            out.len(),
+            failed.join("; ")
+        )))),
         1 if out.len() == 1 => Err(Error::invalid(failed.pop().expect("one"))),
         n => Err(Error::invalid(format!(
             "{n} of {} VMs failed: {}",
             out.len(),
             failed.join("; ")
         ))),
+    }
+}
+
+/// The stop flag of `agent-backup` and `agent-restore`, set by SIGINT or
+/// SIGTERM; installed before any thread starts.
+fn agent_stop() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    super::stop_on_signals(
+        &stop,
+        "stopping: the agent ends in the guest (its hooks' post run first), then the container is detached",
+        "the agent container may stay attached to the VM (QMP ids rfsagent-*) and the agent may still run in the guest",
+    )?;
+    Ok(stop)
+}
+
+/// An interruption said as such, with the signal.
+fn interrupted_by(e: Error) -> Error {
+    if e.kind() == ErrorKind::Interrupted {
+        Error::interrupted(format!("interrupted by {}: {e}", super::stopped_by()))
+    } else {
+        e
     }
 }
 
@@ -301,6 +334,7 @@ pub fn restore(
     container: &Path,
     (idle_timeout, max_duration): (u64, u64),
 ) -> Result<()> {
+    let stop = agent_stop()?;
     let t = Target::parse(vm)?;
     let r = Repository::open(repo)?;
     let c = crate::files::catalog(&r, &t.name, backup)?;
@@ -318,10 +352,14 @@ pub fn restore(
         &c,
         &sel,
         to.clone(),
-        Duration::from_secs(idle_timeout.max(1)),
-        Duration::from_secs(max_duration.max(1)),
+        (
+            Duration::from_secs(idle_timeout.max(1)),
+            Duration::from_secs(max_duration.max(1)),
+        ),
+        &stop,
         &|line| eprintln!("{}: {line}", t.name),
-    )?;
+    )
+    .map_err(interrupted_by)?;
     eprintln!(
         "{}: restored {n} entries of {path} from file backup {} {}",
         t.name,
@@ -335,11 +373,25 @@ pub fn restore(
 }
 
 pub fn files(cmd: FilesCmd) -> Result<()> {
+    // Before any thread starts (the repository's, the FUSE session's).
+    let stop = Arc::new(AtomicBool::new(false));
+    super::stop_on_signals(
+        &stop,
+        "",
+        "a disk backup's scratch mount, loop device and staging ($TMPDIR/recoverfs-files-*) and a .recoverfs-tmp.PID file under --to may be left",
+    )?;
+    files_until(cmd, &stop).map_err(interrupted_by)
+}
+
+fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
     match cmd {
-        FilesCmd::Ls { src, path, json } => match src.open(&path)? {
+        FilesCmd::Ls { src, path, json } => match src.open(&path, stop)? {
             Source::Catalog(_, c) => ls(&crate::files::select(&c, &path)?, json),
             Source::Disk(m) => {
-                let all = crate::files::disk::walk(&m.root, &path)?;
+                let all = match crate::files::disk::walk(&m.root, &path, stop) {
+                    Ok(all) => all,
+                    Err(e) => return Err(closed_after(e, m)),
+                };
                 ls(&all.iter().collect::<Vec<_>>(), json)?;
                 finish_disk(m)
             }
@@ -347,7 +399,10 @@ pub fn files(cmd: FilesCmd) -> Result<()> {
         FilesCmd::Cat { src, path } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            match src.open(&path)? {
+            let flush = |out: &mut dyn std::io::Write| {
+                out.flush().map_err(|e| Error::io("write stdout", e))
+            };
+            let copied = match src.open(&path, stop)? {
                 Source::Catalog(r, c) => {
                     let e = c.find(path.trim_end_matches('/')).ok_or_else(|| {
                         Error::not_found(format!(
@@ -355,34 +410,56 @@ pub fn files(cmd: FilesCmd) -> Result<()> {
                             c.id, c.vm
                         ))
                     })?;
-                    crate::files::cat(&r, &c, e, &mut out)?;
+                    crate::files::cat(&r, &c, e, &mut out, stop)
                 }
                 Source::Disk(m) => {
-                    let e = crate::files::disk::walk(&m.root, &path)?.remove(0);
-                    copy_from(&m.root, &e, &mut out)?;
-                    std::io::Write::flush(&mut out).map_err(|e| Error::io("write stdout", e))?;
-                    return finish_disk(m);
+                    let r = crate::files::disk::walk(&m.root, &path, stop)
+                        .and_then(|mut all| copy_from(&m.root, &all.remove(0), &mut out, stop));
+                    return match r.and_then(|()| flush(&mut out)) {
+                        Ok(()) => finish_disk(m),
+                        Err(e) => {
+                            // What was copied reaches stdout, also when stopped.
+                            let _ = flush(&mut out);
+                            Err(closed_after(when_stopped(e, to_stdout(&path)), m))
+                        }
+                    };
                 }
-            }
-            std::io::Write::flush(&mut out).map_err(|e| Error::io("write stdout", e))
+            };
+            let flushed = flush(&mut out);
+            copied.map_err(|e| when_stopped(e, to_stdout(&path)))?;
+            flushed
         }
         FilesCmd::Restore { src, path, to } => {
-            let (n, from) = match src.open(&path)? {
+            let (n, from) = match src.open(&path, stop)? {
                 Source::Catalog(r, c) => {
+                    let from = format!("file backup {} of VM {}", c.id, c.vm);
                     let sel = crate::files::select(&c, &path)?;
-                    let n = crate::files::restore(&r, &c, &sel, &to)?;
-                    (n, format!("file backup {} of VM {}", c.id, c.vm))
+                    let n = crate::files::restore(&r, &c, &sel, &to, stop)
+                        .map_err(|e| when_stopped(e, restoring(&path, &from, &to)))?;
+                    (n, from)
                 }
                 Source::Disk(m) => {
-                    let all = crate::files::disk::walk(&m.root, &path)?;
-                    let sel: Vec<_> = all.iter().collect();
-                    let root = m.root.clone();
-                    let n =
-                        crate::files::restore_with(&sel, &to, &|e, out| copy_from(&root, e, out))?;
                     let from = format!(
                         "disk backup {} of VM {} ({} on {})",
                         m.backup, src.vm, m.fstype, m.device
                     );
+                    let root = m.root.clone();
+                    let r = crate::files::disk::walk(&m.root, &path, stop).and_then(|all| {
+                        let sel: Vec<_> = all.iter().collect();
+                        crate::files::restore_with(
+                            &sel,
+                            &to,
+                            &|e, out| copy_from(&root, e, out, stop),
+                            stop,
+                        )
+                    });
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let e = when_stopped(e, restoring(&path, &from, &to));
+                            return Err(closed_after(e, m));
+                        }
+                    };
                     finish_disk(m)?;
                     (n, from)
                 }
@@ -396,8 +473,37 @@ pub fn files(cmd: FilesCmd) -> Result<()> {
     }
 }
 
+/// `e` after `what`, if it is an interruption (it says how far it got).
+fn when_stopped(e: Error, what: String) -> Error {
+    if e.kind() == ErrorKind::Interrupted {
+        e.context(what)
+    } else {
+        e
+    }
+}
+
+fn to_stdout(path: &str) -> String {
+    format!("writing {path} to stdout")
+}
+
+fn restoring(path: &str, from: &str, to: &Path) -> String {
+    format!("restoring {path} from {from} under {}", to.display())
+}
+
+/// Unmounts and releases a disk backup after `e`; an interruption says
+/// whether that worked (a failure otherwise stays the error).
+fn closed_after(e: Error, m: crate::files::disk::Mounted) -> Error {
+    let closed = m.close();
+    if e.kind() != ErrorKind::Interrupted {
+        return e;
+    }
+    Error::interrupted(match closed {
+        Ok(()) => format!("{e}; the scratch recovery was unmounted and removed"),
+        Err(c) => format!("{e}; cleaning up the scratch recovery failed: {c}"),
+    })
+}
+
 fn ls(sel: &[&crate::repo::catalog::Entry], json: bool) -> Result<()> {
-    use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let r = if json {
         writeln!(out, "{}", serde_json::to_string_pretty(sel).expect("json"))
@@ -412,11 +518,13 @@ fn ls(sel: &[&crate::repo::catalog::Entry], json: bool) -> Result<()> {
     }
 }
 
-/// A file's bytes from a mounted disk backup.
+/// A file's bytes from a mounted disk backup, 1 MiB at a time: a stop
+/// ends it within one read of the FUSE-backed filesystem.
 fn copy_from(
     root: &Path,
     e: &crate::repo::catalog::Entry,
     out: &mut dyn std::io::Write,
+    stop: &AtomicBool,
 ) -> Result<()> {
     if e.kind != crate::repo::catalog::EntryKind::File {
         return Err(Error::invalid(format!("{} is not a regular file", e.path)));
@@ -429,8 +537,22 @@ fn copy_from(
     )
     .open(&p)
     .map_err(|err| Error::io(format!("open {}", e.path), err))?;
-    std::io::copy(&mut f, out).map_err(|err| Error::io(format!("copy {}", e.path), err))?;
-    Ok(())
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err(crate::files::copied_part(done, e));
+        }
+        let n = match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(Error::io(format!("read {}", e.path), err)),
+        };
+        out.write_all(&buf[..n])
+            .map_err(|err| Error::io(format!("copy {}", e.path), err))?;
+        done += n as u64;
+    }
 }
 
 /// Says what reading the disk backup fetched, and unmounts.

@@ -914,9 +914,20 @@ fn name_path(s: &str, what: &str) -> Result<(String, PathBuf)> {
     }
 }
 
+/// The signal that set the flag of [`stop_on_signals`] (0: none yet).
+static STOPPED_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// "SIGINT" or "SIGTERM": what stopped the command, for its last line.
+pub(crate) fn stopped_by() -> &'static str {
+    nix::sys::signal::Signal::try_from(STOPPED_BY.load(std::sync::atomic::Ordering::SeqCst))
+        .map(|s| s.as_str())
+        .unwrap_or("a signal")
+}
+
 /// SIGINT and SIGTERM go to one thread (blocked in every other thread,
 /// which inherit this one's mask) that sets `stop`, so the command ends
-/// through its cleanup (`then` says what it does). A second signal exits
+/// through its cleanup (`then` says what it does; empty: the command's
+/// own last line will, its cleanup being quick). A second signal exits
 /// at once (`left` says what may stay).
 pub(crate) fn stop_on_signals(stop: &Arc<AtomicBool>, then: &str, left: &str) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
@@ -928,7 +939,10 @@ pub(crate) fn stop_on_signals(stop: &Arc<AtomicBool>, then: &str, left: &str) ->
     let (stop, then, left) = (stop.clone(), then.to_string(), left.to_string());
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
-            eprintln!("{sig}: {then} (again: exit now)");
+            STOPPED_BY.store(sig as i32, std::sync::atomic::Ordering::SeqCst);
+            if !then.is_empty() {
+                eprintln!("{sig}: {then} (again: exit now)");
+            }
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if let Ok(sig) = set.wait() {

@@ -5,10 +5,12 @@
 //! partitions (`losetup -r -P`), the filesystem holding the path mounted
 //! read-only without replaying its journal (ext4 `noload`, xfs
 //! `norecovery`, btrfs `nologreplay`), then everything undone in reverse,
-//! also when something fails.
+//! also when something fails or a signal stops the command (its stop flag
+//! is checked between the steps of [`mount`] and of [`walk`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::daemon::{check_mount_point, MountOptions, MountedDatastore};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -88,7 +90,9 @@ impl Drop for Mounted {
 }
 
 /// Mounts the filesystem of disk `disk` of backup `backup` that holds
-/// `path` (or partition `partition`: 0 is the whole disk).
+/// `path` (or partition `partition`: 0 is the whole disk). Once `stop` is
+/// set it undoes what it did and ends with an
+/// [`ErrorKind::Interrupted`] error.
 pub fn mount(
     repo: &str,
     vm: &str,
@@ -96,6 +100,7 @@ pub fn mount(
     disk: usize,
     partition: Option<u32>,
     path: &str,
+    stop: &AtomicBool,
 ) -> Result<Mounted> {
     crate::util::validate_name("VM name", vm)?;
     let repo = Repository::open(repo)?;
@@ -146,7 +151,14 @@ pub fn mount(
         .recover(vm, Some(backup))?;
     let file = info.disks[disk].to_str().unwrap_or_default().to_string();
     let mut tried = vec![];
+    let stopped = || {
+        stop.load(Ordering::SeqCst)
+            .then(|| Error::interrupted("stopped before the filesystem was mounted"))
+    };
     for (num, offset, size) in partitions(&file, partition)? {
+        if let Some(e) = stopped() {
+            return Err(e);
+        }
         let dev = run(
             "losetup",
             &[
@@ -198,6 +210,9 @@ pub fn mount(
         }
         run("losetup", &["-d", &dev])?;
         m.loop_dev = None;
+    }
+    if let Some(e) = stopped() {
+        return Err(e);
     }
     Err(Error::not_found(format!(
         "{path} is on no filesystem of disk{disk} of backup {backup} of VM {vm} (looked in: {})",
@@ -289,10 +304,15 @@ fn run(tool: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Entries at or under `path` of a mounted tree, as a catalog has them
-/// (guest paths), in name order, not following links.
-pub fn walk(root: &Path, path: &str) -> Result<Vec<crate::repo::catalog::Entry>> {
+/// (guest paths), in name order, not following links; an
+/// [`ErrorKind::Interrupted`] error once `stop` is set.
+pub fn walk(
+    root: &Path,
+    path: &str,
+    stop: &AtomicBool,
+) -> Result<Vec<crate::repo::catalog::Entry>> {
     let mut out = vec![];
-    walk_into(root, &in_tree(root, path)?, &mut out)?;
+    walk_into(root, &in_tree(root, path)?, &mut out, stop)?;
     Ok(out)
 }
 
@@ -335,7 +355,18 @@ pub fn in_tree(root: &Path, path: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn walk_into(root: &Path, p: &Path, out: &mut Vec<crate::repo::catalog::Entry>) -> Result<()> {
+fn walk_into(
+    root: &Path,
+    p: &Path,
+    out: &mut Vec<crate::repo::catalog::Entry>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    if stop.load(Ordering::SeqCst) {
+        return Err(Error::interrupted(format!(
+            "stopped listing the backup's files after {} entries",
+            out.len()
+        )));
+    }
     let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
     let Some(mut e) = super::entry_of(p, &m)? else {
         return Ok(());
@@ -354,7 +385,7 @@ fn walk_into(root: &Path, p: &Path, out: &mut Vec<crate::repo::catalog::Entry>) 
             .collect();
         names.sort();
         for n in names {
-            walk_into(root, &n, out)?;
+            walk_into(root, &n, out, stop)?;
         }
     }
     Ok(())
@@ -374,15 +405,16 @@ mod tests {
         std::fs::write(outside.join("secret"), b"host file").unwrap();
         // As Debian has /var/run -> /run, absolute: the host's, if followed.
         std::os::unix::fs::symlink(&outside, root.join("var/run")).unwrap();
+        let go = AtomicBool::new(false);
         for asked in ["/var/run/", "/var/run"] {
-            let all = walk(&root, asked).unwrap();
+            let all = walk(&root, asked, &go).unwrap();
             let found: Vec<_> = all.iter().map(|e| (e.path.as_str(), e.kind)).collect();
             assert_eq!(found, [("/var/run", EntryKind::Symlink)], "{asked}");
         }
-        let e = walk(&root, "/var/run/secret").unwrap_err().to_string();
+        let e = walk(&root, "/var/run/secret", &go).unwrap_err().to_string();
         assert!(e.contains("/var/run is a link in the guest"), "{e}");
-        assert!(walk(&root, "/var/../../outside").is_err());
-        let all = walk(&root, "/").unwrap();
+        assert!(walk(&root, "/var/../../outside", &go).is_err());
+        let all = walk(&root, "/", &go).unwrap();
         assert!(all.iter().all(|e| !e.path.contains("secret")), "{all:?}");
     }
 }

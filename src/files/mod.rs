@@ -10,12 +10,18 @@
 //! their contents. Nothing existing is replaced, and no path is written
 //! through a symbolic link: every entry is checked before anything is
 //! written.
+//!
+//! A restore stopped part-way (SIGINT/SIGTERM set its stop flag) leaves a
+//! true subset: the entries before the stop, each whole with its
+//! metadata (directories get theirs too); the file being written is
+//! removed, never left under its name; the rest is not restored.
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind};
 use crate::repo::Repository;
 use crate::util::escape_controls;
@@ -66,30 +72,62 @@ fn normalise(p: &str) -> Result<String> {
     Ok(t.to_string())
 }
 
-/// Writes a file entry's content to `out`, every chunk verified.
-pub fn cat(repo: &Repository, c: &Catalog, e: &Entry, out: &mut dyn Write) -> Result<()> {
+/// Writes a file entry's content to `out`, every chunk verified; stops
+/// between chunks once `stop` is set (an [`ErrorKind::Interrupted`]
+/// error saying how far it got).
+pub fn cat(
+    repo: &Repository,
+    c: &Catalog,
+    e: &Entry,
+    out: &mut dyn Write,
+    stop: &AtomicBool,
+) -> Result<()> {
     if e.kind != EntryKind::File {
         return Err(Error::invalid(format!("{} is not a regular file", e.path)));
     }
+    let mut done = 0u64;
     for (i, ch) in e.chunks.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            return Err(copied_part(done, e));
+        }
         let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
         let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
         out.write_all(&data)
             .ctx(|| "write the file's content".into())?;
+        done += data.len() as u64;
     }
     Ok(())
 }
 
+/// A copy of `e` stopped after `done` bytes.
+pub fn copied_part(done: u64, e: &Entry) -> Error {
+    Error::interrupted(format!("{done} of {} bytes of {} copied", e.size, e.path))
+}
+
 /// Restores `entries` of a file backup under `to`; the number written.
-pub fn restore(repo: &Repository, c: &Catalog, entries: &[&Entry], to: &Path) -> Result<u64> {
-    restore_with(entries, to, &|e, out| cat(repo, c, e, out))
+pub fn restore(
+    repo: &Repository,
+    c: &Catalog,
+    entries: &[&Entry],
+    to: &Path,
+    stop: &AtomicBool,
+) -> Result<u64> {
+    restore_with(entries, to, &|e, out| cat(repo, c, e, out, stop), stop)
 }
 
 /// A file's content, written to the sink.
 pub type Content<'a> = dyn Fn(&Entry, &mut dyn Write) -> Result<()> + 'a;
 
-/// Restores `entries` under `to`, each file's bytes from `content`.
-pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<u64> {
+/// Restores `entries` under `to`, each file's bytes from `content`. Once
+/// `stop` is set (checked before each entry; `content` checks it while it
+/// copies) it ends with an [`ErrorKind::Interrupted`] error saying how
+/// many entries it restored, leaving the subset the module describes.
+pub fn restore_with(
+    entries: &[&Entry],
+    to: &Path,
+    content: &Content,
+    stop: &AtomicBool,
+) -> Result<u64> {
     let to = std::fs::canonicalize(to).ctx(|| format!("--to {}", to.display()))?;
     if !to.is_dir() {
         return Err(Error::invalid(format!(
@@ -119,7 +157,14 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
     }
     let root = nix::unistd::Uid::effective().is_root();
     let mut dirs = vec![];
+    let mut done = 0u64;
+    // Set when stopped: the file being written then, if one was.
+    let mut stopped: Option<Option<&str>> = None;
     for e in entries {
+        if stop.load(Ordering::SeqCst) {
+            stopped = Some(None);
+            break;
+        }
         let dst = dest(&to, &e.path);
         if let Some(p) = parent_in(&to, &dst) {
             check_no_link(&to, p)?;
@@ -133,7 +178,13 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
                 dirs.push((dst, *e));
             }
             EntryKind::File => {
-                write_file(content, e, &dst)?;
+                match write_file(content, e, &dst) {
+                    Err(err) if err.kind() == ErrorKind::Interrupted => {
+                        stopped = Some(Some(&e.path));
+                        break;
+                    }
+                    r => r?,
+                }
                 set_meta(&dst, e, root)?;
             }
             EntryKind::Symlink => {
@@ -143,12 +194,22 @@ pub fn restore_with(entries: &[&Entry], to: &Path, content: &Content) -> Result<
                 set_meta(&dst, e, root)?;
             }
         }
+        done += 1;
     }
     // Directories last, deepest first: their times change as they fill.
+    // Also after a stop: what is there is whole, metadata included.
     for (d, e) in dirs.iter().rev() {
         set_meta(d, e, root)?;
     }
-    Ok(entries.len() as u64)
+    match stopped {
+        None => Ok(done),
+        Some(at) => Err(Error::interrupted(format!(
+            "restored {done} of {} entries{}",
+            entries.len(),
+            at.map(|p| format!(" (stopped while writing {p}: removed, not kept half-written)"))
+                .unwrap_or_default()
+        ))),
+    }
 }
 
 fn dest(to: &Path, guest_path: &str) -> PathBuf {

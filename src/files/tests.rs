@@ -2,6 +2,9 @@ use super::*;
 use crate::repo::catalog::{ChunkSink, CATALOG_FORMAT};
 use std::os::unix::fs::PermissionsExt;
 
+/// A stop flag never set.
+static GO: AtomicBool = AtomicBool::new(false);
+
 /// A published file backup of `/srv/a` (dir), `/srv/a/f` and `/srv/a/l`.
 fn backup() -> (tempfile::TempDir, std::sync::Arc<Repository>, Catalog) {
     let d = tempfile::tempdir().unwrap();
@@ -46,7 +49,7 @@ fn a_directory_restores_with_modes_and_times_its_own_set_after_its_contents() {
     let to = d.path().join("to");
     std::fs::create_dir(&to).unwrap();
     let sel = select(&c, "/srv/a/").unwrap();
-    assert_eq!(restore(&r, &c, &sel, &to).unwrap(), 3);
+    assert_eq!(restore(&r, &c, &sel, &to, &GO).unwrap(), 3);
     assert_eq!(std::fs::read(to.join("srv/a/f")).unwrap(), b"content\n");
     let m = std::fs::metadata(to.join("srv/a")).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o750);
@@ -85,7 +88,7 @@ fn a_restore_never_writes_through_a_symbolic_link_nor_over_a_file() {
     std::fs::create_dir_all(&elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, to.join("srv")).unwrap();
     let sel = select(&c, "/srv/a").unwrap();
-    let e = restore(&r, &c, &sel, &to).unwrap_err();
+    let e = restore(&r, &c, &sel, &to, &GO).unwrap_err();
     assert!(
         e.to_string().contains("is a symbolic link: refusing"),
         "{e}"
@@ -99,7 +102,7 @@ fn a_restore_never_writes_through_a_symbolic_link_nor_over_a_file() {
     std::fs::remove_file(to.join("srv")).unwrap();
     std::fs::create_dir_all(to.join("srv/a")).unwrap();
     std::fs::write(to.join("srv/a/f"), b"mine").unwrap();
-    let e = restore(&r, &c, &sel, &to).unwrap_err();
+    let e = restore(&r, &c, &sel, &to, &GO).unwrap_err();
     assert!(e.to_string().contains("exists"), "{e}");
     assert_eq!(std::fs::read(to.join("srv/a/f")).unwrap(), b"mine");
     assert!(!to.join("srv/a/l").exists());
@@ -169,7 +172,7 @@ fn a_catalog_whose_symlink_is_a_later_entrys_parent_writes_nothing_outside_to() 
         std::fs::create_dir(&to).unwrap();
         std::os::unix::fs::symlink(&elsewhere, to.join("y")).unwrap();
         let refs: Vec<&Entry> = entries.iter().collect();
-        let e = restore_with(&refs, &to, empty).unwrap_err();
+        let e = restore_with(&refs, &to, empty, &GO).unwrap_err();
         assert!(e.to_string().contains(why), "case {i}: {e}");
         assert_eq!(
             std::fs::read_dir(&elsewhere).unwrap().count(),
@@ -204,7 +207,7 @@ fn restoring_the_root_directory_restores_into_to() {
     ];
     let refs: Vec<&Entry> = entries.iter().collect();
     let empty: &Content = &|_, _| Ok(());
-    assert_eq!(restore_with(&refs, &to, empty).unwrap(), 2);
+    assert_eq!(restore_with(&refs, &to, empty, &GO).unwrap(), 2);
     assert!(to.join("a").is_file());
     assert_eq!(std::fs::metadata(&to).unwrap().mtime(), 1_600_000_000);
 }
@@ -228,7 +231,7 @@ fn a_file_with_a_255_byte_name_restores() {
         chunks: vec![],
     };
     let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
-    assert_eq!(restore_with(&[&entry], &to, content).unwrap(), 1);
+    assert_eq!(restore_with(&[&entry], &to, content, &GO).unwrap(), 1);
     assert_eq!(std::fs::read(to.join(&name)).unwrap(), b"abc");
     assert_eq!(
         std::fs::read_dir(&to).unwrap().count(),
@@ -257,4 +260,64 @@ fn ls_shows_control_characters_in_a_path_or_link_target_escaped() {
         line.ends_with("/x\\nok: fake\\u{1b}[2J -> t\\r\\\\"),
         "{line}"
     );
+}
+
+#[test]
+fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_being_written() {
+    let d = tempfile::tempdir().unwrap();
+    let e = |path: &str, kind, mode| Entry {
+        path: path.into(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: 1_600_000_000,
+        mtime_nsec: 0,
+        size: 3,
+        target: None,
+        chunks: vec![],
+    };
+    let entries = [
+        e("/d", EntryKind::Dir, 0o750),
+        e("/d/a", EntryKind::File, 0o600),
+        e("/d/b", EntryKind::File, 0o600),
+        e("/d/c", EntryKind::File, 0o600),
+    ];
+    let refs: Vec<&Entry> = entries.iter().collect();
+    // Stopped while /d/b is written, then between entries.
+    for (i, stop_in) in ["/d/b", "/d/a"].into_iter().enumerate() {
+        let to = d.path().join(format!("to{i}"));
+        std::fs::create_dir(&to).unwrap();
+        let stop = AtomicBool::new(false);
+        let content: &Content = &|e, out| {
+            out.write_all(b"abc").ctx(|| "write".to_string())?;
+            if e.path == stop_in {
+                stop.store(true, Ordering::SeqCst);
+                if i == 0 {
+                    return Err(copied_part(3, e));
+                }
+            }
+            Ok(())
+        };
+        let err = restore_with(&refs, &to, content, &stop).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Interrupted, "{err}");
+        let msg = err.to_string();
+        let left: Vec<String> = std::fs::read_dir(to.join("d"))
+            .unwrap()
+            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["a"], "{msg}");
+        assert_eq!(std::fs::read(to.join("d/a")).unwrap(), b"abc");
+        if i == 0 {
+            assert!(
+                msg.contains("restored 2 of 4 entries") && msg.contains("while writing /d/b"),
+                "{msg}"
+            );
+        } else {
+            assert_eq!(msg, "restored 2 of 4 entries", "{msg}");
+        }
+        let m = std::fs::metadata(to.join("d")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o750, "{msg}");
+        assert_eq!(m.mtime(), 1_600_000_000, "{msg}");
+    }
 }

@@ -109,6 +109,7 @@ impl World {
             idle_timeout: idle,
             max_duration: Duration::from_secs(600),
             catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
+            stop: Default::default(),
         };
         let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
         let got = receive(&self.repo, &host, deadline, &t, &opts, &|l| {
@@ -157,7 +158,7 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
     let to = w.dir.path().join("restored");
     std::fs::create_dir(&to).unwrap();
     let sel = crate::files::select(&c, &tp).unwrap();
-    crate::files::restore(&w.repo, &c, &sel, &to).unwrap();
+    crate::files::restore(&w.repo, &c, &sel, &to, &Default::default()).unwrap();
     let r = to.join(tp.trim_start_matches('/'));
     for f in ["data.db", "sub/conf"] {
         assert_eq!(
@@ -180,7 +181,7 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
         Path::new("data.db")
     );
     // A second restore into the same place replaces nothing.
-    let e = crate::files::restore(&w.repo, &c, &sel, &to).unwrap_err();
+    let e = crate::files::restore(&w.repo, &c, &sel, &to, &Default::default()).unwrap_err();
     assert!(e.to_string().contains("exists"), "{e}");
 }
 
@@ -254,6 +255,7 @@ fn options(idle: Duration, max: Duration) -> Options {
         idle_timeout: idle,
         max_duration: max,
         catalog_limits: crate::repo::catalog::CatalogLimits::STORED,
+        stop: Default::default(),
     }
 }
 

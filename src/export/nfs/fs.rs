@@ -96,7 +96,7 @@ pub fn nfs_error(e: &Error) -> nfsstat3 {
         ErrorKind::AlreadyExists => nfsstat3::NFS3ERR_EXIST,
         ErrorKind::NotPermitted => nfsstat3::NFS3ERR_PERM,
         ErrorKind::NoSpace => nfsstat3::NFS3ERR_NOSPC,
-        ErrorKind::Corrupt | ErrorKind::Io => nfsstat3::NFS3ERR_IO,
+        ErrorKind::Corrupt | ErrorKind::Io | ErrorKind::Interrupted => nfsstat3::NFS3ERR_IO,
     }
 }
 

@@ -266,7 +266,7 @@ fn an_encrypted_catalog_reveals_no_guest_path() {
     let to = d.path().join("to");
     std::fs::create_dir(&to).unwrap();
     let all: Vec<&Entry> = back.entries.iter().collect();
-    crate::files::restore(&r, &back, &all, &to).unwrap();
+    crate::files::restore(&r, &back, &all, &to, &Default::default()).unwrap();
     assert_eq!(std::fs::read(to.join("secret-name")).unwrap(), data);
     // Bound to its name: copied to another VM's or id's key, it is refused.
     let moved = catalog_key("vm2", &c.id);
