@@ -245,7 +245,13 @@ impl Jobs {
                 // an end: the record stays (DELETE removes it itself).
                 let ended = match &r {
                     Ok(Ok(report)) => report.final_backup.is_some() || !c.stopping(),
-                    Ok(Err(_)) | Err(_) => true,
+                    Ok(Err(e)) => {
+                        // Also for a job a restarted daemon started, which
+                        // no client may be watching.
+                        tracing::error!(vm = %o.vm, "pre-copy job failed: {e}");
+                        true
+                    }
+                    Err(_) => true,
                 };
                 if ended {
                     if let Err(e) = record::remove(&root, &repo_id, &o.vm) {
