@@ -37,7 +37,9 @@
 //! What remains: a later `chmod` of the socket or of a directory on the way
 //! is not seen (as for an open file), and a QEMU restarted behind the same
 //! path is not reached (the old socket is), so such a job fails and must be
-//! started again. (`/proc` must be mounted.)
+//! started again. (`/proc` must be mounted.) A restarted daemon checks a
+//! recorded pre-copy job's sockets again with the caller's recorded
+//! credentials and pins them anew ([`crate::precopy::Jobs::restore`]).
 //!
 //! A relocation target is recorded by path (a restarted daemon reopens it),
 //! so it cannot be pinned the same way: the check runs on the resolved
@@ -67,8 +69,9 @@ pub const SEARCH: u32 = 1;
 /// Symbolic links followed in one path, as Linux's `MAXSYMLINKS`.
 const MAX_LINKS: u32 = 40;
 
-/// The credentials of a control-socket peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The credentials of a control-socket peer (recorded with a pre-copy
+/// job, which a restarted daemon checks again with them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
