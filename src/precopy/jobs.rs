@@ -85,8 +85,9 @@ struct Job {
     report: Option<Report>,
     restarted: Option<String>,
     /// The sockets a caller that is not root named, held while the thread
-    /// may connect through them.
-    _pinned: Vec<PinnedSocket>,
+    /// may connect through them (dropped once it ended: an ended job stays
+    /// listed, and must not hold descriptors meanwhile).
+    pinned: Vec<PinnedSocket>,
 }
 
 impl Job {
@@ -99,7 +100,9 @@ impl Job {
 
     fn join(&mut self) {
         let Some(t) = self.thread.take() else { return };
-        match t.join() {
+        let ended = t.join();
+        self.pinned.clear();
+        match ended {
             Ok(Ok(r)) => self.report = Some(r),
             // A job that failed before its rounds (no QMP, its lock held)
             // has not recorded its error yet.
@@ -281,7 +284,7 @@ impl Jobs {
             thread: Some(thread),
             report: None,
             restarted,
-            _pinned: pinned,
+            pinned,
         };
         let st = job.status();
         jobs.insert(opts.vm, job);
@@ -388,7 +391,7 @@ impl Jobs {
             thread: None,
             report: None,
             restarted: Some(m.clone()),
-            _pinned: vec![],
+            pinned: vec![],
         };
         self.jobs.lock().expect("jobs lock").insert(vm, job);
         m
@@ -582,5 +585,43 @@ mod tests {
         assert_eq!(j.status.state, "done", "{j:?}");
         assert!(j.status.error.is_none(), "{j:?}");
         assert!(!record::path(&root, repo.id(), "pc").exists());
+    }
+
+    /// Descriptors of this process open on `path`.
+    fn fds_on(path: &std::path::Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+            .count()
+    }
+
+    #[test]
+    fn a_job_that_ended_no_longer_holds_the_sockets_its_caller_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, repo) = crate::vmbackup::tests::repo();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        // A socket the caller may use, with no QEMU behind it: the job
+        // starts, then fails at once.
+        let sock = d.path().join("gone.qmp");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let caller = Caller {
+            uid: 4242,
+            gid: 4242,
+            groups: vec![],
+        };
+        let jobs = Jobs::new(repo, d.path().join("precopy"));
+        let mut r = request(None, None);
+        r.qmp = sock.clone();
+        jobs.start(r, &caller).unwrap();
+        let t = std::time::Instant::now();
+        while jobs.list()[0].running {
+            assert!(t.elapsed() < Duration::from_secs(20), "the job never ended");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(jobs.list()[0].status.state, "failed");
+        assert_eq!(fds_on(&sock), 0, "an ended job still holds its socket");
+        jobs.shutdown();
     }
 }
