@@ -137,6 +137,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .clone()
         .unwrap_or_else(|| staging.main().root().join("control.sock"));
     check_socket(&socket)?;
+    // The default link must name it from anywhere.
+    let socket = std::path::absolute(&socket).unwrap_or(socket);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -163,7 +165,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     jobs.shutdown();
     let _ = std::fs::remove_file(&socket);
     if let Ok(Some(link)) = &api_result {
-        let _ = std::fs::remove_file(link);
+        unpublish_default_socket(link, &socket);
     }
     // Clients go first (their attachments end), then staging is made durable.
     exports.shutdown();
@@ -439,7 +441,7 @@ fn run_api(
             listener,
             crate::api::peer::PeerPolicy::for_daemon(group),
         );
-        let link = publish_default_socket(socket);
+        let link = publish_default_socket(&default_socket_link(), socket);
         // 1: the first SIGINT/SIGTERM, 2: a second one.
         let (signals, mut seen) = tokio::sync::watch::channel(0u8);
         tokio::spawn(count_signals(signals));
@@ -505,9 +507,16 @@ pub fn default_socket_link() -> PathBuf {
 }
 
 /// Points the default link at our socket unless another live daemon owns it.
-fn publish_default_socket(socket: &Path) -> Option<PathBuf> {
-    let link = default_socket_link();
+fn publish_default_socket(link: &Path, socket: &Path) -> Option<PathBuf> {
+    let link = link.to_path_buf();
     if std::os::unix::net::UnixStream::connect(&link).is_ok() {
+        let other = std::fs::read_link(&link).unwrap_or_else(|_| link.clone());
+        tracing::warn!(
+            "the default link {} names another running daemon ({}): clients of this one must pass --socket {}",
+            link.display(),
+            other.display(),
+            socket.display()
+        );
         return None;
     }
     // Only a link or a dead socket is ours to replace.
@@ -520,6 +529,14 @@ fn publish_default_socket(socket: &Path) -> Option<PathBuf> {
     }
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(socket, &link).ok().map(|_| link)
+}
+
+/// Removes the default link if it still names `socket`: another daemon
+/// may have taken it since (if ours had stopped answering for a while).
+fn unpublish_default_socket(link: &Path, socket: &Path) {
+    if std::fs::read_link(link).is_ok_and(|t| t == socket) {
+        let _ = std::fs::remove_file(link);
+    }
 }
 
 /// A socket file whose daemon answers is in use; a dead one is removed.
@@ -664,6 +681,27 @@ mod tests {
         let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
         let e = check_socket(&live).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    }
+
+    #[test]
+    fn the_default_link_names_the_first_live_daemon_and_a_stopping_daemon_removes_only_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("default.sock");
+        let (a, b) = (d.path().join("a.sock"), d.path().join("b.sock"));
+        let la = std::os::unix::net::UnixListener::bind(&a).unwrap();
+        let _lb = std::os::unix::net::UnixListener::bind(&b).unwrap();
+        assert_eq!(publish_default_socket(&link, &a), Some(link.clone()));
+        // A second daemon leaves a live daemon's link alone.
+        assert_eq!(publish_default_socket(&link, &b), None);
+        assert_eq!(std::fs::read_link(&link).unwrap(), a);
+        // Once `a` stops answering, the next daemon takes the link...
+        drop(la);
+        assert_eq!(publish_default_socket(&link, &b), Some(link.clone()));
+        // ...and `a`'s shutdown must not remove it from under `b`.
+        unpublish_default_socket(&link, &a);
+        assert_eq!(std::fs::read_link(&link).unwrap(), b);
+        unpublish_default_socket(&link, &b);
+        assert!(std::fs::symlink_metadata(&link).is_err());
     }
 
     #[test]

@@ -17,12 +17,24 @@ const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 pub struct Client {
     socket: PathBuf,
+    /// The socket is the default link (no `--socket` given): with
+    /// several daemons it names only one, so "unknown VM" says which.
+    default_link: bool,
 }
 
 impl Client {
     pub fn new(socket: &Path) -> Self {
         Client {
             socket: socket.to_path_buf(),
+            default_link: false,
+        }
+    }
+
+    /// A client of the daemon behind the default link `link`.
+    pub fn via_default_link(link: &Path) -> Self {
+        Client {
+            socket: link.to_path_buf(),
+            default_link: true,
         }
     }
 
@@ -106,11 +118,14 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(json);
         }
-        let msg = json
+        let mut msg = json
             .get("error")
             .and_then(|m| m.as_str())
             .unwrap_or("request failed")
             .to_string();
+        if status == 404 && self.default_link {
+            msg.push_str(&self.which_daemon());
+        }
         let kind = match status {
             404 => ErrorKind::NotFound,
             400 => ErrorKind::InvalidInput,
@@ -120,6 +135,21 @@ impl Client {
             _ => ErrorKind::Io,
         };
         Err(Error::new(kind, msg))
+    }
+}
+
+impl Client {
+    /// " (asked the daemon on SOCKET, the default link's; ...)": what
+    /// an administrator with several daemons needs to read a "not found".
+    fn which_daemon(&self) -> String {
+        let target = std::fs::read_link(&self.socket)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| self.socket.display().to_string());
+        format!(
+            " (asked the daemon on {target}, which the default link {} names; another \
+             daemon? pass --socket)",
+            self.socket.display()
+        )
     }
 }
 
@@ -189,6 +219,46 @@ mod tests {
         let e = Client::new(&sock).get("/sessions").unwrap_err().to_string();
         assert!(e.contains("closed the connection without an answer"), "{e}");
         assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    /// A daemon on a fresh socket answering every request with 404.
+    fn daemon_answering_404(sock: &Path) {
+        let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
+            while let Ok((mut c, _)) = l.accept() {
+                let mut buf = [0u8; 512];
+                let _ = c.read(&mut buf);
+                let body = r#"{"error":"unknown VM web"}"#;
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn a_not_found_through_the_default_link_names_the_daemon_it_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("a.sock");
+        daemon_answering_404(&sock);
+        let link = d.path().join("default.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let e = Client::via_default_link(&link)
+            .get("/sessions/web")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = e.to_string();
+        assert!(e.contains("unknown VM web"), "{e}");
+        assert!(e.contains(&sock.display().to_string()), "{e}");
+        assert!(e.contains("pass --socket"), "{e}");
+        // Named explicitly, the daemon's own words are enough.
+        let e = Client::new(&sock)
+            .get("/sessions/web")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("--socket"), "{e}");
     }
 
     #[test]

@@ -897,11 +897,10 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 pub(super) fn client(s: &SocketArg) -> Client {
-    Client::new(
-        &s.socket
-            .clone()
-            .unwrap_or_else(crate::daemon::default_socket_link),
-    )
+    match &s.socket {
+        Some(p) => Client::new(p),
+        None => Client::via_default_link(&crate::daemon::default_socket_link()),
+    }
 }
 
 /// `NAME=PATH` of `what`.

@@ -18,7 +18,9 @@
 //! `json:` filename) over a local `file` or `host_device` node, and only
 //! if the file we open is one QEMU itself has open: the same device and
 //! inode as one of the QEMU process's descriptors (`/proc/PID/fd`, PID
-//! the QMP socket's peer), as long as the node. Anything else (qcow2, a
+//! the QMP socket's peer) that QEMU opened for reading (not `O_PATH`,
+//! not write-only: else whoever runs QEMU could have a file it cannot
+//! read copied into a backup), as long as the node. Anything else (qcow2, a
 //! filter on top, a remote image, another mount namespace, a QMP proxy)
 //! reads over NBD, and the round report says why. The decision is made
 //! again every round, since QEMU may have reopened or replaced the node.
@@ -111,10 +113,18 @@ impl DirectFile {
         let m = file
             .metadata()
             .map_err(|e| format!("cannot stat {path}: {e}"))?;
-        if !qemu_has_open(pid, m.dev(), m.ino())? {
-            return Err(format!(
-                "{path} is not a file QEMU (pid {pid}) has open (another mount namespace?)"
-            ));
+        match qemu_holds(pid, m.dev(), m.ino())? {
+            Held::ForReading => {}
+            Held::WithoutRead => {
+                return Err(format!(
+                    "QEMU (pid {pid}) holds {path} only without read access (O_PATH or write-only)"
+                ));
+            }
+            Held::No => {
+                return Err(format!(
+                    "{path} is not a file QEMU (pid {pid}) has open (another mount namespace?)"
+                ));
+            }
         }
         // A block device's metadata says 0 bytes; its end says its size.
         let len = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
@@ -157,12 +167,143 @@ impl DirectFile {
     }
 }
 
-/// Whether process `pid` has a descriptor open on device `dev`, inode
-/// `ino` (`/proc/PID/fd` links resolve in QEMU's own mount namespace).
-fn qemu_has_open(pid: u32, dev: u64, ino: u64) -> std::result::Result<bool, String> {
+/// How a process holds a file.
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    /// Through a descriptor it can read.
+    ForReading,
+    /// Only through descriptors it cannot read: `O_PATH` (which needs
+    /// only search permission on the directory) or write-only.
+    WithoutRead,
+    No,
+}
+
+/// How process `pid` holds device `dev`, inode `ino` (`/proc/PID/fd`
+/// links resolve in QEMU's own mount namespace).
+///
+/// Only a descriptor QEMU can read counts: whoever runs that QEMU
+/// (a caller that is not root, say) must not get a file's bytes into a
+/// backup by holding it open with `O_PATH` and naming it in a node; a
+/// readable descriptor gives them those bytes anyway.
+fn qemu_holds(pid: u32, dev: u64, ino: u64) -> std::result::Result<Held, String> {
     let dir = format!("/proc/{pid}/fd");
     let list = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {dir}: {e}"))?;
-    Ok(list
-        .flatten()
-        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino)))
+    let mut held = Held::No;
+    for fd in list.flatten() {
+        if !std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+        // Gone since the listing, or unreadable: not proof of anything.
+        let Some(flags) = std::fs::read_to_string(&info)
+            .ok()
+            .and_then(|t| fd_flags(&t))
+        else {
+            continue;
+        };
+        if readable(flags) {
+            return Ok(Held::ForReading);
+        }
+        held = Held::WithoutRead;
+    }
+    Ok(held)
+}
+
+/// The `flags:` field (octal) of a `/proc/PID/fdinfo/N` text.
+fn fd_flags(fdinfo: &str) -> Option<i32> {
+    let v = fdinfo.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    i32::from_str_radix(v.trim(), 8).ok()
+}
+
+fn readable(flags: i32) -> bool {
+    flags & libc::O_PATH == 0 && matches!(flags & libc::O_ACCMODE, libc::O_RDONLY | libc::O_RDWR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+
+    /// A process that opens `path` with Python's `os.open` `flags`
+    /// and says so: it stands in for QEMU holding the image.
+    struct Holder(Child);
+
+    impl Holder {
+        fn start(path: &std::path::Path, flags: &str) -> Holder {
+            let mut c = Command::new("python3")
+                .args(["-c", &format!(
+                    "import os,sys,time\nfd=os.open(sys.argv[1], {flags})\nprint('open', flush=True)\ntime.sleep(60)"
+                )])
+                .arg(path)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let mut line = String::new();
+            BufReader::new(c.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "open", "holder did not open {path:?}");
+            Holder(c)
+        }
+    }
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn image(dir: &tempfile::TempDir) -> RawFile {
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        RawFile {
+            path,
+            direct: false,
+            size: 8192,
+        }
+    }
+
+    #[test]
+    fn an_image_qemu_holds_for_reading_is_read_directly() {
+        let d = tempfile::tempdir().unwrap();
+        let raw = image(&d);
+        let h = Holder::start(&raw.path, "os.O_RDWR");
+        let f = DirectFile::open(&raw, Some(h.0.id())).expect("readable descriptor accepted");
+        let mut b = [0u8; 16];
+        f.read(4096, &mut b).unwrap();
+        assert_eq!(b, [7u8; 16]);
+    }
+
+    #[test]
+    fn an_image_qemu_holds_only_by_o_path_or_write_only_is_never_read_directly() {
+        let d = tempfile::tempdir().unwrap();
+        let raw = image(&d);
+        for flags in ["os.O_PATH", "os.O_WRONLY"] {
+            let h = Holder::start(&raw.path, flags);
+            let e = DirectFile::open(&raw, Some(h.0.id())).err().expect(flags);
+            assert!(e.contains("only without read access"), "{flags}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_image_qemu_does_not_hold_is_never_read_directly() {
+        let d = tempfile::tempdir().unwrap();
+        let raw = image(&d);
+        let other = d.path().join("other.raw");
+        std::fs::write(&other, b"x").unwrap();
+        let h = Holder::start(&other, "os.O_RDONLY");
+        let e = DirectFile::open(&raw, Some(h.0.id())).err().unwrap();
+        assert!(e.contains("is not a file QEMU"), "{e}");
+    }
+
+    #[test]
+    fn fdinfo_flags_are_read_as_octal() {
+        let t = "pos:\t0\nflags:\t0100002\nmnt_id:\t24\n";
+        assert_eq!(fd_flags(t), Some(0o100002));
+        assert!(readable(0o100002));
+        assert!(!readable(0o10000000));
+        assert!(!readable(0o100001));
+    }
 }
