@@ -36,17 +36,21 @@
 //! path is not reached (the old socket is), so such a job fails and must be
 //! started again. (`/proc` must be mounted.)
 //!
-//! A relocation target is recorded by path (a restarted daemon reopens it),
-//! so it cannot be pinned the same way: the check runs on the resolved
-//! directory, and the daemon then creates `to/<vm>` itself (root, 0700),
-//! refuses a symbolic link there and never opens a target file through
-//! one. The race that remains: a caller who may write `to` can, after the
-//! check, replace `to/<vm>` with a symbolic link to a directory elsewhere
-//! (or `to` itself, if it may write the directory above), and the daemon
-//! would then create, empty or (cancelling) remove `disk*`, `vm.json` and
-//! its other target files in that directory, as root. Closing it needs the
-//! target files opened relative to a directory descriptor throughout the
-//! relocation code.
+//! A relocation target is recorded by path (a restarted daemon reopens
+//! it), so it cannot be pinned the same way for good: the check runs on
+//! the resolved directory, the daemon then creates `to/<vm>` itself (root,
+//! 0700) and records its identity (device, inode). Every later use (the
+//! target files at the start and at a restart, `vm.json` at the cutover, a
+//! cancel's removals) opens the directory without following a symbolic
+//! link anywhere (`openat2`, `RESOLVE_NO_SYMLINKS`), checks that identity,
+//! and works through that open directory (`/proc/self/fd/N/name`), so a
+//! caller who renames `to/<vm>` and links or moves another directory into
+//! its place gets the relocation refused (a cancel leaves the files and
+//! says so), never root working in that directory. What remains: between
+//! this check and `to/<vm>` being created, a caller who may write `to` can
+//! put a directory of their own there (its files are theirs: see
+//! `relocation_target`); and a relocation's open target files keep being
+//! written where they are if their directory is moved (nothing else is).
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};
