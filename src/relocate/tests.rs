@@ -1029,3 +1029,31 @@ fn a_restarted_relocation_does_not_open_targets_through_a_symlinked_target_dir()
     std::fs::rename(primary.join("aside"), primary.join("vm")).unwrap();
     assert!(rig.restart().1.is_some());
 }
+
+#[test]
+fn a_force_relocation_never_empties_a_hard_linked_target_file() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // Someone else's file, linked into the target as if left over there.
+    let precious = rig.dir.path().join("precious");
+    std::fs::write(&precious, b"not the relocation's to empty").unwrap();
+    std::fs::hard_link(&precious, rig.dir.path().join("primary/vm/disk1.raw")).unwrap();
+    let meta = Meta {
+        target: rig.dir.path().join("primary/vm"),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+    };
+    let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert!(e.to_string().contains("link"), "{e}");
+    assert_eq!(
+        std::fs::read(&precious).unwrap(),
+        b"not the relocation's to empty"
+    );
+    assert!(disks.iter().all(|d| !d.is_switched()));
+}

@@ -18,7 +18,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,7 +86,8 @@ pub enum Open {
     Existing,
     /// Created (empty, mode 0600) if missing; an existing file is kept.
     Create,
-    /// Created if missing, emptied if present: no old byte can survive.
+    /// Created if missing, emptied if present: no old byte can survive. A
+    /// present file with more than one hard link is refused, not emptied.
     Empty,
 }
 
@@ -265,7 +266,8 @@ impl Storage for OsStorage {
                 .read(true)
                 .write(true)
                 .create(how != Open::Existing)
-                .truncate(how == Open::Empty)
+                // Emptied below, once known to be a file of its own.
+                .truncate(false)
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | flags)
                 .open(path)
@@ -285,9 +287,24 @@ impl Storage for OsStorage {
                 "it is not a regular file",
             ));
         }
-        if how == Open::Empty && meta.permissions().mode() & 0o777 != 0o600 {
-            // An existing file keeps its mode through O_TRUNC.
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        if how == Open::Empty {
+            // A file with another name elsewhere (a hard link put here, by
+            // someone who may write the directory, to a file they may not)
+            // is not ours to empty.
+            if meta.nlink() != 1 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "it has {} hard links, and recoverfs empties only a file of its own",
+                        meta.nlink()
+                    ),
+                ));
+            }
+            f.set_len(0)?;
+            if meta.permissions().mode() & 0o777 != 0o600 {
+                // An existing file keeps its mode.
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
         }
         Ok(Arc::new(OsFile::new(f)))
     }
