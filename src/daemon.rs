@@ -157,6 +157,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         repo.clone(),
         mounted.ds.staging_root().join("precopy"),
     ));
+    // The jobs a previous daemon ran (each logged; none stops the daemon).
+    jobs.restore(&crate::api::peer::PeerPolicy::for_daemon(opts.socket_group));
     let api_result = run_api(mounted.ds.clone(), jobs.clone(), &socket, opts.socket_group);
     jobs.shutdown();
     let _ = std::fs::remove_file(&socket);

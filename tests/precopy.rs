@@ -381,3 +381,76 @@ fn a_daemon_runs_a_pre_copy_job_to_its_scheduled_backup_shows_it_in_status_and_s
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     assert_eq!(stopped["running"], false, "{stopped}");
 }
+
+#[test]
+fn a_daemon_killed_while_its_pre_copy_job_waits_starts_the_job_again_and_it_takes_its_scheduled_backup(
+) {
+    let env = Env::new();
+    let mut data = vec![0u8; 8 * MIB];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut data[..]);
+    data[510..512].fill(0);
+    let vm = Vm::start(env.dir.path(), &data);
+    let base = backup_vms(&env, &vm);
+    let mut daemon = env.serve();
+    let c = recoverfs::api::client::Client::new(&env.socket);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let backup_at = now() + 15.0;
+    c.post(
+        "/precopy",
+        &serde_json::json!({"vm": "pc", "qmp": vm.qmp, "every": 3600, "backup_at": backup_at,
+                            "chunk_size": CHUNK}),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.get("/precopy").unwrap()["jobs"][0]["rounds"] != 1 {
+        assert!(Instant::now() < deadline, "no round");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(now() < backup_at - 3.0, "the round outlasted the schedule");
+    daemon.kill9();
+    std::mem::forget(daemon);
+    vm.write(0x62, 0, 2 * CHUNK);
+    let daemon = env.serve();
+    let listed = c.get("/precopy").unwrap();
+    let j = &listed["jobs"][0];
+    assert_eq!(j["vm"], "pc", "{listed}");
+    assert!(
+        j["restarted"]
+            .as_str()
+            .unwrap()
+            .starts_with("restarted with the daemon"),
+        "{listed}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let job = loop {
+        let j = c.get("/precopy").unwrap()["jobs"][0].clone();
+        if j["running"] == false {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "the job did not end: {j}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    assert!(now() >= backup_at, "the backup came early: {job}");
+    let r = &job["report"];
+    assert!(
+        r["start"].as_str().unwrap().starts_with("resumed cycle"),
+        "{r}"
+    );
+    let f = &r["final"];
+    assert_eq!(f["mode"], "precopy", "{f}");
+    assert_eq!(f["vm"]["base"], base.as_str(), "{f}");
+    let id = f["backup"].as_str().unwrap().to_string();
+    vm.monitor().stop().unwrap();
+    let full = backup_vms(&env, &vm);
+    let got = restored(env.repo_str(), "pc", &id, 0);
+    assert!(got == restored(env.repo_str(), "pc", &full, 0));
+    assert!(got == std::fs::read(&vm.img).unwrap());
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("pre-copy job of VM pc"), "{log}");
+}

@@ -17,11 +17,14 @@
 //! Root callers are not checked. The decision reads the caller's
 //! credentials as the kernel recorded them when it connected
 //! (`SO_PEERCRED`: uid and gid; `SO_PEERGROUPS`: supplementary groups) and
-//! applies the kernel's mode-bit rule: the owner's bits if the caller owns
-//! the file, else the group's if it is in the file's group, else the
-//! others'. POSIX ACLs and security modules are not consulted: an ACL that
-//! grants a named user more than the mode bits is refused here (safe), one
-//! that denies a named user what the mode bits grant others is not seen.
+//! applies the kernel's rule: the owner's bits if the caller owns the
+//! file, else the group's if it is in the file's group, else the others'.
+//! A file with a POSIX access ACL (`system.posix_acl_access`) is judged by
+//! the ACL as the kernel judges it (owner; named users, masked; owning and
+//! named groups, masked; others): with an ACL the mode's group bits are
+//! only its mask, so reading them as the owning group's would admit a
+//! member the ACL refuses. Security modules (SELinux, AppArmor) are not
+//! consulted.
 //!
 //! Symbolic links are resolved here, one component at a time, as the
 //! kernel would for the caller (each directory looked up in must be
@@ -34,7 +37,9 @@
 //! What remains: a later `chmod` of the socket or of a directory on the way
 //! is not seen (as for an open file), and a QEMU restarted behind the same
 //! path is not reached (the old socket is), so such a job fails and must be
-//! started again. (`/proc` must be mounted.)
+//! started again. (`/proc` must be mounted.) A restarted daemon checks a
+//! recorded pre-copy job's sockets again with the caller's recorded
+//! credentials and pins them anew ([`crate::precopy::Jobs::restore`]).
 //!
 //! A relocation target is recorded by path (a restarted daemon reopens
 //! it), so it cannot be pinned the same way for good: the check runs on
@@ -70,8 +75,9 @@ pub const SEARCH: u32 = 1;
 /// Symbolic links followed in one path, as Linux's `MAXSYMLINKS`.
 const MAX_LINKS: u32 = 40;
 
-/// The credentials of a control-socket peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The credentials of a control-socket peer (recorded with a pre-copy
+/// job, which a restarted daemon checks again with them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
@@ -117,6 +123,9 @@ impl Caller {
         if self.is_root() {
             return true;
         }
+        if let Some(acl) = &attr.acl {
+            return self.acl_permits(acl, attr, want);
+        }
         let shift = if self.uid == attr.uid {
             6
         } else if self.in_group(attr.gid) {
@@ -125,6 +134,34 @@ impl Caller {
             0
         };
         (attr.mode >> shift) & want == want
+    }
+
+    /// The kernel's ACL check (`posix_acl_permission`): the owner's entry;
+    /// else a named user's, masked; else, if any group entry applies
+    /// (owning group or named), granted only if one of them grants,
+    /// masked; else the others' entry.
+    fn acl_permits(&self, acl: &[AclEntry], attr: &Attr, want: u32) -> bool {
+        let grants = |perm: u16| u32::from(perm) & want == want;
+        let entry = |tag: u16| acl.iter().find(|e| e.tag == tag).map(|e| e.perm);
+        let mask = entry(ACL_MASK).unwrap_or(0o7);
+        if self.uid == attr.uid {
+            return entry(ACL_USER_OBJ).is_some_and(grants);
+        }
+        if let Some(e) = acl.iter().find(|e| e.tag == ACL_USER && e.id == self.uid) {
+            return grants(e.perm & mask);
+        }
+        let groups: Vec<u16> = (acl.iter())
+            .filter(|e| match e.tag {
+                ACL_GROUP_OBJ => self.in_group(attr.gid),
+                ACL_GROUP => self.in_group(e.id),
+                _ => false,
+            })
+            .map(|e| e.perm)
+            .collect();
+        if !groups.is_empty() {
+            return groups.iter().any(|&p| grants(p & mask));
+        }
+        entry(ACL_OTHER).is_some_and(grants)
     }
 }
 
@@ -159,13 +196,89 @@ fn peer_groups(stream: &impl AsFd) -> std::io::Result<Vec<u32>> {
     }
 }
 
-/// The parts of `stat` the decision reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The parts of `stat` the decision reads, and the file's access ACL.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
     /// `st_mode`: type and permission bits.
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// `system.posix_acl_access`, if the file has one.
+    pub acl: Option<Vec<AclEntry>>,
+}
+
+/// One entry of a POSIX access ACL, as the kernel stores it in
+/// `system.posix_acl_access` (little-endian: tag u16, perm u16, id u32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AclEntry {
+    pub tag: u16,
+    /// `READ | WRITE | SEARCH` bits.
+    pub perm: u16,
+    /// A uid (`ACL_USER`) or gid (`ACL_GROUP`); unused for the others.
+    pub id: u32,
+}
+
+pub const ACL_USER_OBJ: u16 = 0x01;
+pub const ACL_USER: u16 = 0x02;
+pub const ACL_GROUP_OBJ: u16 = 0x04;
+pub const ACL_GROUP: u16 = 0x08;
+pub const ACL_MASK: u16 = 0x10;
+pub const ACL_OTHER: u16 = 0x20;
+const ACL_XATTR_VERSION: u32 = 2;
+
+/// The entries of a `system.posix_acl_access` value; `None` if it is not
+/// one (then nothing is granted by it).
+pub fn parse_acl(b: &[u8]) -> Option<Vec<AclEntry>> {
+    let (head, rest) = b.split_at_checked(4)?;
+    if u32::from_le_bytes(head.try_into().ok()?) != ACL_XATTR_VERSION || rest.len() % 8 != 0 {
+        return None;
+    }
+    let entries = rest
+        .chunks_exact(8)
+        .map(|e| AclEntry {
+            tag: u16::from_le_bytes([e[0], e[1]]),
+            perm: u16::from_le_bytes([e[2], e[3]]),
+            id: u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        })
+        .collect();
+    Some(entries)
+}
+
+/// The access ACL of the file `path` names (`follow`: the last component
+/// may be a link to follow, as `/proc/self/fd/N` is); `None` if it has none.
+fn acl_of(path: &Path, follow: bool) -> Result<Option<Vec<AclEntry>>> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid(format!("{} contains a NUL byte", path.display())))?;
+    let name = c"system.posix_acl_access";
+    let mut buf = vec![0u8; 4 + 8 * 64];
+    loop {
+        // SAFETY: valid C strings; the kernel writes at most `buf.len()`
+        // bytes into `buf`, which lives across the call.
+        let n = unsafe {
+            let get = if follow {
+                libc::getxattr
+            } else {
+                libc::lgetxattr
+            };
+            get(
+                c.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            // One we cannot read grants nothing: an empty ACL.
+            return Ok(Some(parse_acl(&buf).unwrap_or_default()));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => return Ok(None),
+            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            _ => return Err(Error::io(format!("read the ACL of {}", path.display()), e)),
+        }
+    }
 }
 
 impl Attr {
@@ -204,10 +317,16 @@ fn stat_fd(fd: &OwnedFd, path: &Path) -> Result<Attr> {
     }
     // SAFETY: fstat succeeded.
     let st = unsafe { st.assume_init() };
+    // An O_PATH descriptor has no xattr calls of its own: through /proc.
+    let proc = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     Ok(Attr {
         mode: st.st_mode,
         uid: st.st_uid,
         gid: st.st_gid,
+        acl: match st.st_mode & libc::S_IFMT {
+            libc::S_IFLNK => None,
+            _ => acl_of(&proc, true)?,
+        },
     })
 }
 
@@ -234,10 +353,15 @@ fn stat_at(dir: &OwnedFd, name: &str, path: &Path) -> Result<Option<Attr>> {
     }
     // SAFETY: fstatat succeeded.
     let st = unsafe { st.assume_init() };
+    let proc = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
     Ok(Some(Attr {
         mode: st.st_mode,
         uid: st.st_uid,
         gid: st.st_gid,
+        acl: match st.st_mode & libc::S_IFMT {
+            libc::S_IFLNK => None,
+            _ => acl_of(&proc, false)?,
+        },
     }))
 }
 

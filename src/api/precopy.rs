@@ -3,8 +3,8 @@
 //! | method | path | effect |
 //! |---|---|---|
 //! | GET | /precopy | every job: state (copying / throttled / halted / waiting / ...), why, the guest's load, rounds, outcome |
-//! | POST | /precopy `{"vm":..,"qmp":..,"agent":..,"every":..,"backup_at":..,"until":..,"load_limit":..}` | start (or resume) a VM's job; a caller that is not root names only sockets it may connect to ([`super::pathauth`]) |
-//! | DELETE | /precopy/{vm} | stop it at its next checkpoint (state kept) and forget it |
+//! | POST | /precopy `{"vm":..,"qmp":..,"agent":..,"every":..,"backup_at":..,"until":..,"load_limit":..}` | start (or resume) a VM's job, recorded durably first (a restarted daemon starts it again, checking the caller's recorded credentials once more: [`crate::precopy::Jobs::restore`]); a caller that is not root names only sockets it may connect to ([`super::pathauth`]) |
+//! | DELETE | /precopy/{vm} | stop it at its next checkpoint (state kept), remove its record, and forget it |
 
 use std::sync::Arc;
 

@@ -251,6 +251,9 @@ pub fn print_jobs(r: &serde_json::Value, json: bool) {
         if let Some(e) = j["error"].as_str() {
             println!("  error: {e}");
         }
+        if let Some(r) = j["restarted"].as_str() {
+            println!("  {r}");
+        }
         if let Some(b) = j["report"]["final"]["backup"].as_str() {
             println!("  backup {b} taken");
         }

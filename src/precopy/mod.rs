@@ -82,6 +82,7 @@ mod cycle;
 mod direct;
 mod jobs;
 mod priority;
+mod record;
 mod round;
 mod state;
 mod throttle;

@@ -648,3 +648,153 @@ fn a_pre_copy_started_during_a_backup_vms_run_on_the_vm_is_refused_and_the_backu
     assert!(e.to_string().contains("another recoverfs job"), "{e}");
     assert!(s.vms[0].error.is_none(), "{:?}", s.vms[0]);
 }
+
+/// `POST /precopy` for the test VM, as a caller would send it.
+fn start_request(v: &Vm, backup_at: Option<f64>, until: Option<f64>) -> StartRequest {
+    StartRequest {
+        vm: "pc".into(),
+        qmp: v.qmp.clone(),
+        agent: None,
+        every: Some(3600.0),
+        backup_at,
+        until,
+        chunk_size: Some(CHUNK),
+        max_rate_mbps: None,
+        load_limit: None,
+    }
+}
+
+fn unix_in(secs: f64) -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + secs
+}
+
+/// Waits until `f` holds for the VM's listed job.
+fn wait_for_job(jobs: &Jobs, what: &str, f: impl Fn(&JobStatus) -> bool) -> JobStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(j) = jobs.list().into_iter().find(|j| j.status.vm == "pc") {
+            if f(&j) {
+                return j;
+            }
+        }
+        assert!(Instant::now() < deadline, "the job never got {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_daemon_job_stopped_with_the_daemon_is_started_again_from_its_record_with_its_callers_credentials_and_takes_the_backup_missed_meanwhile(
+) {
+    use crate::api::pathauth::Caller;
+    use crate::api::peer::PeerPolicy;
+    use std::os::unix::fs::PermissionsExt;
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let staging = tempfile::tempdir().unwrap();
+    let root = staging.path().join("precopy");
+    // A caller that is not root, allowed to connect to the VM's socket.
+    let set = |p: &std::path::Path, m| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    set(v.qmp.parent().unwrap(), 0o711);
+    set(&v.qmp, 0o666);
+    let caller = Caller {
+        uid: 4242,
+        gid: 4242,
+        groups: vec![],
+    };
+    let policy = PeerPolicy {
+        owner: 0,
+        group: Some(4242),
+    };
+    let backup_at = unix_in(8.0);
+    let jobs = Jobs::new(repo.clone(), root.clone());
+    jobs.start(start_request(&v, Some(backup_at), None), &caller)
+        .unwrap();
+    let j = wait_for_job(&jobs, "a round", |j| j.status.rounds >= 1);
+    assert!(j.running && j.restarted.is_none(), "{j:?}");
+    assert!(
+        unix_in(0.0) < backup_at,
+        "the first round outlasted the schedule"
+    );
+    // The daemon stops, and is down when the backup was due.
+    jobs.shutdown();
+    drop(jobs);
+    while unix_in(0.0) < backup_at + 0.5 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    hmp_write(&mut v.monitor(), 0x5a, 0, CHUNK as usize);
+    let jobs = Jobs::new(repo.clone(), root.clone());
+    assert!(jobs.list().is_empty());
+    let said = jobs.restore(&policy);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("by uid 4242"), "{said:?}");
+    assert!(said[0].contains("the backup is taken now"), "{said:?}");
+    let j = wait_for_job(&jobs, "an end", |j| !j.running);
+    assert!(
+        j.restarted
+            .as_deref()
+            .unwrap()
+            .contains("passed while the daemon was down"),
+        "{j:?}"
+    );
+    assert_eq!(j.status.state, "done", "{j:?}");
+    let report = j.report.unwrap();
+    assert!(
+        report.start.starts_with("resumed cycle"),
+        "{}",
+        report.start
+    );
+    let f = report.final_backup.unwrap();
+    assert_eq!((f.mode.as_str(), &f.fallback), ("precopy", &None));
+    assert_identical_to_a_full_backup_now(&repo, &v, &f.backup.unwrap());
+    // Its backup taken, the job has ended: nothing to start again.
+    assert!(Jobs::new(repo.clone(), root.clone())
+        .restore(&policy)
+        .is_empty());
+}
+
+#[test]
+fn delete_and_a_job_that_ended_or_failed_leave_no_record_to_start_again() {
+    use crate::api::pathauth::Caller;
+    use crate::api::peer::PeerPolicy;
+    let v = vm(Some(&content()));
+    let (_r, repo) = repo();
+    let staging = tempfile::tempdir().unwrap();
+    let root = staging.path().join("precopy");
+    let record = root.join(repo.id()).join("pc").join("job.json");
+    let policy = PeerPolicy {
+        owner: 0,
+        group: None,
+    };
+    let restored = || Jobs::new(repo.clone(), root.clone()).restore(&policy);
+    let jobs = Jobs::new(repo.clone(), root.clone());
+    // Recorded before the start answers; DELETE removes it.
+    jobs.start(start_request(&v, None, None), &Caller::root())
+        .unwrap();
+    assert!(record.exists());
+    wait_for_job(&jobs, "a round", |j| j.status.rounds >= 1);
+    jobs.stop("pc").unwrap();
+    assert!(!record.exists());
+    assert!(restored().is_empty());
+    // `until` reached.
+    jobs.start(start_request(&v, None, Some(unix_in(2.0))), &Caller::root())
+        .unwrap();
+    assert!(record.exists());
+    let j = wait_for_job(&jobs, "an end", |j| !j.running);
+    assert_eq!(j.status.state, "done", "{j:?}");
+    assert!(!record.exists());
+    assert!(restored().is_empty());
+    // Failed (no QEMU there): listed failed, not started again.
+    let mut r = start_request(&v, None, None);
+    r.qmp = v.qmp.with_file_name("gone.sock");
+    jobs.start(r, &Caller::root()).unwrap();
+    let j = wait_for_job(&jobs, "an end", |j| !j.running);
+    assert_eq!(j.status.state, "failed", "{j:?}");
+    assert!(!record.exists());
+    assert!(restored().is_empty());
+}

@@ -47,14 +47,14 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let mut damaged = vec![];
     let mut lens: HashMap<Digest, usize> = HashMap::new();
-    let backups = walk(repo, vms, backup, &mut damaged, |d, len, _| {
+    let backups = walk(repo, vms, backup, Walk::First, &mut damaged, |d, len, _| {
         lens.entry(*d).or_insert(len);
     })?;
     let bad = check_chunks(repo, &lens, threads.max(1));
     let chunks = lens.len() as u64;
     drop(lens);
     if !bad.is_empty() {
-        damaged.extend(name_places(repo, vms, backup, bad)?);
+        damaged.extend(name_places(repo, vms, backup, bad));
     }
     damaged.sort();
     Ok(VerifyReport {
@@ -64,6 +64,16 @@ pub fn verify(
     })
 }
 
+/// Which walk: the first decides what is read; the second only names
+/// where damaged chunks are used.
+#[derive(Clone, Copy, PartialEq)]
+enum Walk {
+    First,
+    /// A backup forgotten or damaged since the first walk is passed over:
+    /// the damage found must still be reported.
+    Again,
+}
+
 /// Calls `each` with every chunk reference of the chosen backups; a
 /// manifest or catalog that cannot be decoded is a line in `damaged`.
 /// Returns the number of backups read.
@@ -71,6 +81,7 @@ fn walk(
     repo: &Repository,
     vms: &[String],
     backup: Option<&str>,
+    which: Walk,
     damaged: &mut Vec<String>,
     mut each: impl FnMut(&Digest, usize, Place<'_>),
 ) -> Result<u64> {
@@ -84,6 +95,7 @@ fn walk(
         for id in catalogs {
             let c = match repo.catalog(v, &id) {
                 Ok(c) => c,
+                Err(_) if which == Walk::Again => continue,
                 Err(e) if e.kind() == ErrorKind::Corrupt => {
                     damaged.push(format!("DAMAGED catalog {v}/{id}: {e}"));
                     continue;
@@ -106,6 +118,7 @@ fn walk(
         for id in ids {
             let m = match repo.manifest(v, &id) {
                 Ok(m) => m,
+                Err(_) if which == Walk::Again => continue,
                 Err(e) if e.kind() == ErrorKind::Corrupt => {
                     damaged.push(format!("DAMAGED manifest {v}/{id}: {e}"));
                     continue;
@@ -156,16 +169,18 @@ fn check_chunks(
 }
 
 /// One line per damaged chunk: why, and the first places that use it.
+/// Never fails: the damage found is reported even if the manifests can no
+/// longer be read.
 fn name_places(
     repo: &Repository,
     vms: &[String],
     backup: Option<&str>,
     bad: HashMap<Digest, String>,
-) -> Result<Vec<String>> {
+) -> Vec<String> {
     let mut uses: HashMap<Digest, (Vec<String>, u64)> = HashMap::new();
     // Damaged manifests were named by the first walk.
     let mut again = vec![];
-    walk(repo, vms, backup, &mut again, |d, _, p| {
+    let walked = walk(repo, vms, backup, Walk::Again, &mut again, |d, _, p| {
         if !bad.contains_key(d) {
             return;
         }
@@ -175,7 +190,7 @@ fn name_places(
             let disk = crate::util::escape_controls(p.disk);
             named.push(format!("{}/{} {disk} block {}", p.vm, p.backup, p.block));
         }
-    })?;
+    });
     let mut lines = vec![];
     for (d, why) in &bad {
         let (named, count) = uses.remove(d).unwrap_or_default();
@@ -183,12 +198,14 @@ fn name_places(
             0 => String::new(),
             n => format!(" and {n} more"),
         };
-        lines.push(format!(
-            "DAMAGED chunk {d} ({why}) used by {}{more}",
-            named.join(", ")
-        ));
+        let used = match (&walked, named.is_empty()) {
+            (Err(e), _) => format!("where it is used could not be read again: {e}"),
+            (Ok(_), true) => "used by no backup still listed (forgotten while verify ran)".into(),
+            (Ok(_), false) => format!("used by {}{more}", named.join(", ")),
+        };
+        lines.push(format!("DAMAGED chunk {d} ({why}) {used}"));
     }
-    Ok(lines)
+    lines
 }
 
 #[cfg(test)]
@@ -261,5 +278,38 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with(" and 3 more"), "{line}");
+    }
+
+    #[test]
+    fn a_backup_forgotten_while_verify_reads_still_leaves_every_damaged_chunk_reported() {
+        let (d, repo, knobs) = repo();
+        let old = backup_at(&repo, "web", DAY0);
+        backup_at(&repo, "web", DAY0 + 86_400);
+        // Chunk 0 is shared by both backups.
+        let shared = old.disks[0].chunks.get(0).expect("chunk 0 is data");
+        let path = d.path().join("r").join(shared.key());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        // `forget` removes the old backup after the second walk listed it,
+        // just before that walk reads it.
+        let file = d
+            .path()
+            .join("r/backups/web")
+            .join(format!("{}.json", old.id));
+        let key = format!("backups/web/{}.json", old.id);
+        let k = knobs.clone();
+        knobs.before_first(&shared.key(), move || {
+            k.before_first(&key, move || std::fs::remove_file(file).unwrap())
+        });
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
+        let line = &r.damaged[0];
+        assert!(
+            line.starts_with(&format!("DAMAGED chunk {shared} (")),
+            "{line}"
+        );
+        assert!(line.ends_with(" disk0 block 0"), "{line}");
+        assert!(!line.contains(&old.id), "{line}");
     }
 }

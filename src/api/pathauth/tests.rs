@@ -12,6 +12,7 @@ fn attr(mode: u32, uid: u32, gid: u32) -> Attr {
         mode: libc::S_IFSOCK | mode,
         uid,
         gid,
+        acl: None,
     }
 }
 
@@ -353,4 +354,95 @@ fn a_peer_is_known_by_the_credentials_it_connected_with() {
     let mut want = expected;
     want.groups.sort();
     assert_eq!(got, want);
+}
+
+/// `system.posix_acl_access` bytes of `entries` (tag, perm, id).
+fn acl_blob(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut b = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        b.extend(tag.to_le_bytes());
+        b.extend(perm.to_le_bytes());
+        b.extend(id.to_le_bytes());
+    }
+    b
+}
+
+/// `user::rwx, group::r-x, group:OPS:rwx, mask::rwx, other::---`, as
+/// `setfacl -m g:ops:rwx,g::rx` leaves a socket whose mode then reads 0770.
+fn ops_acl(ops: u32) -> Vec<u8> {
+    acl_blob(&[
+        (ACL_USER_OBJ, 7, u32::MAX),
+        (ACL_GROUP_OBJ, 5, u32::MAX),
+        (ACL_GROUP, 7, ops),
+        (ACL_MASK, 7, u32::MAX),
+        (ACL_OTHER, 0, u32::MAX),
+    ])
+}
+
+#[test]
+fn an_acl_decides_as_the_kernel_does_owner_named_user_groups_masked_then_others() {
+    let (owner, group, ops, named) = (1000, 2000, 3000, 1002);
+    let mut a = attr(0o770, owner, group);
+    a.acl = parse_acl(&acl_blob(&[
+        (ACL_USER_OBJ, 6, u32::MAX),
+        (ACL_USER, 7, named),
+        (ACL_GROUP_OBJ, 5, u32::MAX),
+        (ACL_GROUP, 7, ops),
+        (ACL_MASK, 5, u32::MAX),
+        (ACL_OTHER, 2, u32::MAX),
+    ]));
+    assert!(a.acl.is_some());
+    // The owner's entry, unmasked.
+    assert!(caller(owner, owner, &[]).permits(&a, WRITE));
+    // A named user's entry, masked (r-x): no write.
+    assert!(!caller(named, 1, &[]).permits(&a, WRITE));
+    assert!(caller(named, 1, &[]).permits(&a, READ));
+    // Group entries, masked: the mode's group bits (7) are the mask's
+    // place and admit nothing on their own.
+    assert!(!caller(1001, group, &[]).permits(&a, WRITE));
+    assert!(!caller(1001, 1001, &[ops]).permits(&a, WRITE));
+    assert!(caller(1001, 1001, &[ops]).permits(&a, READ | SEARCH));
+    // A caller in a group entry never falls back to the others' entry.
+    assert!(caller(1001, group, &[]).permits(&a, READ));
+    assert!(caller(1001, 1001, &[]).permits(&a, WRITE));
+    assert!(!caller(1001, 1001, &[]).permits(&a, READ));
+    // Not an ACL: nothing granted by it.
+    assert_eq!(parse_acl(&[1, 0, 0, 0]), None);
+    assert_eq!(parse_acl(&[2, 0, 0, 0, 1]), None);
+}
+
+#[test]
+fn a_socket_whose_acl_refuses_its_owning_group_write_is_refused_to_a_member_the_mode_bits_admit() {
+    let d = public_dir();
+    let sock = d.path().join("acl.sock");
+    let _l = listen(&sock, 0o770);
+    let me = give_to_a_caller(&sock);
+    let (group, ops) = (4343, 4344);
+    std::os::unix::fs::lchown(&sock, Some(0), Some(group)).unwrap();
+    let c = CString::new(sock.as_os_str().as_bytes()).unwrap();
+    let blob = ops_acl(ops);
+    // SAFETY: valid C strings and a buffer of the length given.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            blob.as_ptr().cast(),
+            blob.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        m.permissions().mode() & 0o777,
+        0o770,
+        "the mode shows the mask"
+    );
+    // In the owning group: the mode's group bits say rwx, the ACL r-x.
+    let member = caller(me.uid, me.gid, &[group]);
+    let msg = refused(socket(&member, "qmp", &sock));
+    assert!(msg.contains("may not connect"), "{msg}");
+    // In the named group the ACL admits.
+    let op = caller(me.uid, me.gid, &[ops]);
+    assert!(socket(&op, "qmp", &sock).unwrap().is_some());
 }
