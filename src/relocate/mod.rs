@@ -470,6 +470,7 @@ impl Relocation {
             }
             Err(e) => return Err(e),
         };
+        r.adopt_target_id(&dir);
         if switched {
             // Every target is open before the first disk switches.
             for (d, t) in r.disks.iter().zip(&r.targets) {
@@ -573,6 +574,26 @@ impl Relocation {
 
     fn encode_meta(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(&*self.meta.lock()).expect("json")
+    }
+
+    /// A record written before identities were kept has none: the
+    /// directory reopened now (reached without links) is the one every
+    /// later use must find again, so one moved or replaced from here on is
+    /// refused as for a new record. If it cannot be written now (logged),
+    /// it holds in memory and the next record write carries it.
+    fn adopt_target_id(&self, dir: &PinnedDir) {
+        let Some(id) = dir.id() else { return };
+        {
+            let mut m = self.meta.lock();
+            if m.target_id.is_some() {
+                return;
+            }
+            m.target_id = Some(id);
+        }
+        if let Err(e) = self.store_meta() {
+            tracing::warn!(vm = %self.vm, "could not record the relocation target's identity in {}: {e}",
+                self.meta_path.display());
+        }
     }
 
     fn store_meta(&self) -> Result<()> {

@@ -1057,3 +1057,37 @@ fn a_force_relocation_never_empties_a_hard_linked_target_file() {
     );
     assert!(disks.iter().all(|d| !d.is_switched()));
 }
+
+#[test]
+fn a_relocation_recorded_without_the_target_identity_takes_it_at_restart_and_then_refuses_another_dir(
+) {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    // As an older version recorded it: no identity.
+    let record = rig.session_dir.join("relocation.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(v.as_object_mut().unwrap().remove("target_id").is_some());
+    std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_some(), "an old record is resumed");
+    drop((again, reloc));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(v["target_id"]["ino"].is_u64(), "recorded: {v}");
+    // Another directory in its place from now on: not resumed.
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(primary.join("vm"), primary.join("aside")).unwrap();
+    std::fs::create_dir(primary.join("vm")).unwrap();
+    for i in 0..2 {
+        std::fs::write(primary.join(format!("vm/disk{i}.raw")), b"keep").unwrap();
+    }
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "not resumed in another directory");
+    drop(again);
+    assert_eq!(
+        std::fs::read(primary.join("vm/disk0.raw")).unwrap(),
+        b"keep"
+    );
+}
