@@ -455,7 +455,7 @@ impl Relocation {
         let switched = meta.switched;
         let target = meta.target.clone();
         let opened = pin_target(src.storage.as_ref(), &meta)
-            .and_then(|dir| Self::open_in(src, meta, Open::Existing, &dir).map(|r| (r, dir)));
+            .and_then(|dir| Self::open_in(src, meta, Open::ExistingSole, &dir).map(|r| (r, dir)));
         let (r, dir) = match opened {
             Ok(r) => r,
             // Before the commit staging holds the whole disk, so a target

@@ -1091,3 +1091,26 @@ fn a_relocation_recorded_without_the_target_identity_takes_it_at_restart_and_the
         b"keep"
     );
 }
+
+#[test]
+fn a_restarted_relocation_never_writes_a_target_file_replaced_by_a_hard_link() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    // Someone who may write the target directory puts a link to another
+    // file in place of a target (fs.protected_hardlinks=0 lets them link
+    // any file).
+    let precious = rig.dir.path().join("precious");
+    std::fs::write(&precious, b"not the relocation's to write").unwrap();
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    std::fs::remove_file(&t).unwrap();
+    std::fs::hard_link(&precious, &t).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "not resumed into a linked file");
+    drop(again);
+    assert_eq!(
+        std::fs::read(&precious).unwrap(),
+        b"not the relocation's to write"
+    );
+}

@@ -84,6 +84,10 @@ pub trait BlockFile: Send + Sync {
 pub enum Open {
     /// The file must exist; its contents are kept.
     Existing,
+    /// As `Existing`, and the file must have no other hard link: a file
+    /// reopened in a directory others may write (a relocation target) is
+    /// not written if a link to another file was put in its place.
+    ExistingSole,
     /// Created (empty, mode 0600) if missing; an existing file is kept.
     Create,
     /// Created if missing, emptied if present: no old byte can survive. A
@@ -265,7 +269,7 @@ impl Storage for OsStorage {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(how != Open::Existing)
+                .create(!matches!(how, Open::Existing | Open::ExistingSole))
                 // Emptied below, once known to be a file of its own.
                 .truncate(false)
                 .mode(0o600)
@@ -287,19 +291,19 @@ impl Storage for OsStorage {
                 "it is not a regular file",
             ));
         }
+        // A file with another name elsewhere (a hard link put here, by
+        // someone who may write the directory, to a file they may not) is
+        // not ours to empty or write.
+        if matches!(how, Open::Empty | Open::ExistingSole) && meta.nlink() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "it has {} hard links, and recoverfs empties or writes only a file of its own",
+                    meta.nlink()
+                ),
+            ));
+        }
         if how == Open::Empty {
-            // A file with another name elsewhere (a hard link put here, by
-            // someone who may write the directory, to a file they may not)
-            // is not ours to empty.
-            if meta.nlink() != 1 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "it has {} hard links, and recoverfs empties only a file of its own",
-                        meta.nlink()
-                    ),
-                ));
-            }
             f.set_len(0)?;
             if meta.permissions().mode() & 0o777 != 0o600 {
                 // An existing file keeps its mode.
