@@ -872,6 +872,12 @@ impl Relocation {
             t.sync_data()
                 .ctx(|| format!("fsync relocation target disk{i}"))?;
         }
+        // The files were written through descriptors, wherever their
+        // directory went since: committed only while it is still the
+        // recorded target, or the VM would live on files at another path,
+        // which no restart would reopen (nor `vm.json` mark complete).
+        let meta = self.meta.lock().clone();
+        pin_target(self.storage.as_ref(), &meta)?;
         Ok(())
     }
 

@@ -1114,3 +1114,18 @@ fn a_restarted_relocation_never_writes_a_target_file_replaced_by_a_hard_link() {
         b"not the relocation's to write"
     );
 }
+
+#[test]
+fn a_relocation_whose_target_dir_was_replaced_by_a_symlink_fails_before_the_cutover() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    let (victim, bytes) = swap_target_for_a_link(&rig);
+    r.spawn();
+    assert_eq!(settle(&r), State::Failed, "{:?}", r.status());
+    assert!(disks.iter().all(|d| !d.is_switched()));
+    let e = r.status().error.unwrap_or_default();
+    assert!(e.contains("symbolic link"), "{e}");
+    assert!(!victim.join("vm.json").exists());
+    assert_eq!(std::fs::read(victim.join("disk0.raw")).unwrap(), bytes);
+}
