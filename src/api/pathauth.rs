@@ -51,13 +51,18 @@
 //! and works through that open directory (`/proc/self/fd/N/name`), so a
 //! caller who renames `to/<vm>` and links or moves another directory into
 //! its place gets the relocation refused (a cancel leaves the files and
-//! says so), never root working in that directory. A target file is
-//! emptied only if it has no other name (one hard link), for every caller.
+//! says so), never root working in that directory (a record from before
+//! identities were kept takes the one it finds, without links, at its
+//! first restart). A target file is emptied, or reopened by a restarted
+//! daemon, only if it has no other name (one hard link), for every caller.
 //! What remains: between this check and the daemon's use, a caller who may
 //! write `to` can put a directory of their own at `to/<vm>`, or a file into
 //! it that they do not own but could move there (the ownership check above
-//! is not repeated); and a relocation's open target files keep being
-//! written where they are if their directory is moved (nothing else is).
+//! is not repeated, nor at a restart, which does not know the caller); and
+//! a relocation's open target files keep being written where they are if
+//! their directory is moved until its cutover, which then fails before
+//! its commit (nothing else is written there: a restart and a cancel
+//! refuse it too).
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};

@@ -41,8 +41,11 @@
 //!   byte of an old file can survive where the backup has zeros.
 //! * The target directory is recorded with its identity, and every later
 //!   use works in it only if it is still that directory, reached without
-//!   following a link (see `pin_target`): a restart does not resume into a
-//!   directory moved or linked into its place, a cancel leaves the files.
+//!   following a link (see `pin_target`): the cutover does not commit, a
+//!   restart does not resume into a directory moved or linked into its
+//!   place (nor a target file with another hard link), a cancel leaves the
+//!   files. An older record without the identity takes the directory found
+//!   at its first restart.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
 //! * **Pause and resume** (`pause`, `resume_copy`; see `pause`): a pause
