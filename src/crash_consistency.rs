@@ -179,6 +179,7 @@ fn begin_relocation(
         paused: false,
         created: vec![],
         created_dir: false,
+        target_id: None,
     };
     Relocation::begin(source(storage, vol), meta).unwrap()
 }

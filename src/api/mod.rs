@@ -246,7 +246,35 @@ async fn resume_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiR
     blocking(move || ds.pause_relocation(&vm, false)).await
 }
 
-#[derive(Deserialize, Default)]
+/// A JSON body that may be left out: only an empty body is `T::default()`.
+/// The body is read as JSON whatever its Content-Type says: axum's
+/// `Option<Json<T>>` is `None` for a body sent without one, which would
+/// take `{"keep_target":true}` for the default (and remove the files). A
+/// body that is not the JSON expected is refused (400).
+struct JsonOrEmpty<T>(T);
+
+impl<T: serde::de::DeserializeOwned + Default, S: Send + Sync> axum::extract::FromRequest<S>
+    for JsonOrEmpty<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let body = <axum::body::Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
+            .await
+            .map_err(|e| ApiError(Error::invalid(e.body_text())))?;
+        // Blank says nothing (a client's stray newline).
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonOrEmpty(T::default()));
+        }
+        serde_json::from_slice(&body).map(JsonOrEmpty).map_err(|e| {
+            ApiError(Error::invalid(format!(
+                "the request body is not the JSON expected: {e}"
+            )))
+        })
+    }
+}
+
+#[derive(Deserialize, Default, Debug)]
 struct CancelBody {
     #[serde(default)]
     keep_target: bool,
@@ -255,9 +283,8 @@ struct CancelBody {
 async fn cancel_relocation(
     State(ds): State<Ds>,
     Path(vm): Path<String>,
-    body: Option<Json<CancelBody>>,
+    JsonOrEmpty(b): JsonOrEmpty<CancelBody>,
 ) -> ApiResult {
-    let b = body.map(|Json(b)| b).unwrap_or_default();
     blocking(move || ds.cancel_relocation(&vm, b.keep_target)).await
 }
 
@@ -268,17 +295,8 @@ async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResu
 async fn start_upload(
     State(ds): State<Ds>,
     Path(vm): Path<String>,
-    body: Option<Json<Value>>,
+    JsonOrEmpty(req): JsonOrEmpty<crate::session::UploadRequest>,
 ) -> ApiResult {
-    let req = match body.map(|Json(v)| serde_json::from_value(v)) {
-        None => crate::session::UploadRequest::default(),
-        Some(Ok(r)) => r,
-        Some(Err(e)) => {
-            return Err(ApiError(Error::invalid(format!(
-                "bad upload request (expected {{\"load_limit\": \"latency=MS,queue=N\"?}}): {e}"
-            ))))
-        }
-    };
     blocking(move || ds.start_upload(&vm, req)).await
 }
 
@@ -305,4 +323,70 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::FromRequest;
+
+    /// What `JsonOrEmpty<T>` makes of `body` sent with `content_type`: the
+    /// value, or the status the request is refused with.
+    async fn read<T: serde::de::DeserializeOwned + Default>(
+        body: &str,
+        content_type: Option<&str>,
+    ) -> Result<T, StatusCode> {
+        let mut req = axum::http::Request::builder().method("POST");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let req = req.body(axum::body::Body::from(body.to_owned())).unwrap();
+        match JsonOrEmpty::<T>::from_request(req, &()).await {
+            Ok(JsonOrEmpty(v)) => Ok(v),
+            Err(e) => Err(e.into_response().status()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_body_without_content_type_is_read_and_only_an_empty_one_is_the_default() {
+        let keep = r#"{"keep_target":true}"#;
+        // None: what axum's Option<Json<_>> took for no body at all, so
+        // the files were removed; the second is what `curl -d` sends.
+        for ct in [
+            None,
+            Some("application/x-www-form-urlencoded"),
+            Some("application/json"),
+        ] {
+            let b: CancelBody = read(keep, ct).await.unwrap();
+            assert!(b.keep_target, "content-type {ct:?}");
+        }
+        for ct in [None, Some("application/json")] {
+            for blank in ["", "\n"] {
+                let b: CancelBody = read(blank, ct).await.unwrap();
+                assert!(!b.keep_target, "{blank:?} {ct:?}");
+            }
+        }
+        // Not the JSON expected: refused, never taken as "remove the files".
+        for (body, ct) in [
+            ("keep_target=true", None),
+            (
+                "keep_target=true",
+                Some("application/x-www-form-urlencoded"),
+            ),
+            ("{\"keep_target\":", Some("application/json")),
+            ("{\"keep_target\":1}", None),
+        ] {
+            let e = read::<CancelBody>(body, ct).await.unwrap_err();
+            assert_eq!(e, StatusCode::BAD_REQUEST, "{body:?} {ct:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upload_body_without_content_type_keeps_its_load_limit() {
+        let r: crate::session::UploadRequest =
+            read(r#"{"load_limit":"latency=50"}"#, None).await.unwrap();
+        assert_eq!(r.load_limit.as_deref(), Some("latency=50"));
+        let r: crate::session::UploadRequest = read("", None).await.unwrap();
+        assert_eq!(r.load_limit, None);
+    }
 }

@@ -8,7 +8,7 @@
 //! | route | field | a caller that is not root needs |
 //! |---|---|---|
 //! | `POST /precopy` | `qmp`, `agent` | to be able to connect to the socket: write permission on it and search permission on every directory on the way ([`socket`]) |
-//! | `POST /sessions/{vm}/relocate` | `to` | write and search permission on the directory, search on every one above it; if `to/<vm>` exists, write and search permission on it and (sticky directory) the right to replace it ([`relocation_target`]) |
+//! | `POST /sessions/{vm}/relocate` | `to` | write and search permission on the directory, search on every one above it; if `to/<vm>` exists, write and search permission on it, to own every `disk*.raw` and `vm.json` in it, and (sticky directory) the right to replace it ([`relocation_target`]) |
 //!
 //! No other route takes a path: sessions, uploads and backups name VMs,
 //! backups and export points, which the daemon resolves itself; `boot`
@@ -41,17 +41,28 @@
 //! recorded pre-copy job's sockets again with the caller's recorded
 //! credentials and pins them anew ([`crate::precopy::Jobs::restore`]).
 //!
-//! A relocation target is recorded by path (a restarted daemon reopens it),
-//! so it cannot be pinned the same way: the check runs on the resolved
-//! directory, and the daemon then creates `to/<vm>` itself (root, 0700),
-//! refuses a symbolic link there and never opens a target file through
-//! one. The race that remains: a caller who may write `to` can, after the
-//! check, replace `to/<vm>` with a symbolic link to a directory elsewhere
-//! (or `to` itself, if it may write the directory above), and the daemon
-//! would then create, empty or (cancelling) remove `disk*`, `vm.json` and
-//! its other target files in that directory, as root. Closing it needs the
-//! target files opened relative to a directory descriptor throughout the
-//! relocation code.
+//! A relocation target is recorded by path (a restarted daemon reopens
+//! it), so it cannot be pinned the same way for good: the check runs on
+//! the resolved directory, the daemon then creates `to/<vm>` itself (root,
+//! 0700) and records its identity (device, inode). Every later use (the
+//! target files at the start and at a restart, `vm.json` at the cutover, a
+//! cancel's removals) opens the directory without following a symbolic
+//! link anywhere (`openat2`, `RESOLVE_NO_SYMLINKS`), checks that identity,
+//! and works through that open directory (`/proc/self/fd/N/name`), so a
+//! caller who renames `to/<vm>` and links or moves another directory into
+//! its place gets the relocation refused (a cancel leaves the files and
+//! says so), never root working in that directory (a record from before
+//! identities were kept takes the one it finds, without links, at its
+//! first restart). A target file is emptied, or reopened by a restarted
+//! daemon, only if it has no other name (one hard link), for every caller.
+//! What remains: between this check and the daemon's use, a caller who may
+//! write `to` can put a directory of their own at `to/<vm>`, or a file into
+//! it that they do not own but could move there (the ownership check above
+//! is not repeated, nor at a restart, which does not know the caller); and
+//! a relocation's open target files keep being written where they are if
+//! their directory is moved until its cutover, which then fails before
+//! its commit (nothing else is written there: a restart and a cancel
+//! refuse it too).
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};
@@ -604,8 +615,50 @@ pub fn relocation_target(caller: &Caller, to: &Path, vm: &str) -> Result<PathBuf
                 entry.describe()
             )));
         }
+        if entry.is_dir() {
+            if let Some(why) = foreign_target_file(caller, &w.fd, vm, &vm_path)? {
+                return Err(refused(why));
+            }
+        }
     }
     Ok(w.path)
+}
+
+/// A file in `to/<vm>` that `--force` would have root empty (`disk*.raw`)
+/// or replace (`vm.json`) but that `caller` does not own, as a reason to
+/// refuse. Being able to write in the directory is not enough: the daemon
+/// would write the file itself, which its owner may not have allowed.
+fn foreign_target_file(
+    caller: &Caller,
+    to: &OwnedFd,
+    vm: &str,
+    vm_path: &Path,
+) -> Result<Option<String>> {
+    let dir = open_path(Some(to), OsStr::new(vm), vm_path)?;
+    let listing = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let entries = std::fs::read_dir(&listing)
+        .map_err(|e| Error::io(format!("read {}", vm_path.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("read {}", vm_path.display()), e))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let ours = name == "vm.json" || (name.starts_with("disk") && name.ends_with(".raw"));
+        if !ours {
+            continue;
+        }
+        let path = vm_path.join(&name);
+        if let Some(a) = stat_at(&dir, &name, &path)? {
+            if a.uid != caller.uid {
+                return Ok(Some(format!(
+                    "{} exists, owned by uid {}, and would be overwritten",
+                    path.display(),
+                    a.uid
+                )));
+            }
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -24,7 +24,10 @@
 //!    `keep_target`), then its directory if this relocation created it and
 //!    it is empty. A file that was there before (`--force` emptied it) is
 //!    kept: recoverfs removes only what it made (a record written before
-//!    `created` existed names nothing, so everything is kept).
+//!    `created` existed names nothing, so everything is kept). Nothing is
+//!    removed in a directory that is not the one the relocation began in,
+//!    or through a link (see `pin_target`): then, as when the target cannot
+//!    be reached, the files are left and named.
 //!
 //! A failure in 4 or 5 leaves the relocation cancelled and is reported,
 //! naming what is left. A crash in them leaves files no record refers to:
@@ -37,10 +40,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{target_file_of, Meta, Relocation, Source, State};
+use super::{pin_target, target_file_of, Meta, Relocation, Source, State};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::limits::MAX_META_BYTES;
-use crate::staging::io::{self, Storage};
+use crate::staging::io::{self, PinnedDir, Storage};
 use crate::volume::Volume;
 
 /// What a cancel did.
@@ -162,6 +165,96 @@ fn forget_record(storage: &dyn Storage, meta_path: &Path) -> Result<()> {
     io::sync_parent(storage, meta_path)
 }
 
+/// Removes disks `remove`'s files from `dir`, the pinned target, and
+/// lists them as `removed` under their recorded names.
+fn remove_files(
+    storage: &dyn Storage,
+    meta: &Meta,
+    dir: &PinnedDir,
+    remove: &[&Arc<Volume>],
+    removed: &mut Vec<PathBuf>,
+    problems: &mut Vec<String>,
+) {
+    let before = removed.len();
+    for d in remove {
+        let (p, shown) = (
+            target_file_of(dir.path(), d),
+            target_file_of(&meta.target, d),
+        );
+        // Not listed when missing (a target unreachable since the start).
+        match storage.exists(&p).and_then(|there| match there {
+            true => storage.remove_file(&p).map(|()| true),
+            false => Ok(false),
+        }) {
+            Ok(true) => removed.push(shown),
+            Ok(false) => {}
+            Err(e) => problems.push(format!("remove {}: {e}", shown.display())),
+        }
+    }
+    if removed.len() > before {
+        if let Err(e) = storage.sync_dir(dir.path()) {
+            problems.push(format!("fsync directory {}: {e}", meta.target.display()));
+        }
+    }
+}
+
+/// Removes the target directory if empty and still the one the relocation
+/// began in. It is on the real filesystem (`check_target` made it); its
+/// parent is pinned, so the entry looked at is the one removed (an empty
+/// directory swapped in between the two steps would be the only loss).
+fn remove_target_dir(
+    storage: &dyn Storage,
+    meta: &Meta,
+    removed: &mut Vec<PathBuf>,
+    problems: &mut Vec<String>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(parent), Some(name)) = (meta.target.parent(), meta.target.file_name()) else {
+        return;
+    };
+    let up = match storage.pin_dir(parent) {
+        Ok(up) => up,
+        Err(e) => {
+            problems.push(format!("remove {}: {e}", meta.target.display()));
+            return;
+        }
+    };
+    let p = up.path().join(name);
+    let same = match std::fs::symlink_metadata(&p) {
+        Ok(m) => {
+            m.is_dir()
+                && meta
+                    .target_id
+                    .is_none_or(|id| id.dev == m.dev() && id.ino == m.ino())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            problems.push(format!("remove {}: {e}", meta.target.display()));
+            return;
+        }
+    };
+    if !same {
+        problems.push(format!(
+            "{} was replaced since the relocation began: left",
+            meta.target.display()
+        ));
+        return;
+    }
+    // Removed only if empty, so nothing kept or added since goes with it.
+    match std::fs::remove_dir(&p) {
+        Ok(()) => {
+            removed.push(meta.target.clone());
+            if let Err(e) = storage.sync_dir(up.path()) {
+                problems.push(format!("fsync directory {}: {e}", parent.display()));
+            }
+        }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+        Err(e) => problems.push(format!("remove {}: {e}", meta.target.display())),
+    }
+}
+
 /// Steps 4 and 5, after the commit: nothing here can undo the cancel, so
 /// every failure is collected into `leftover` and the rest goes on.
 fn clean_up(
@@ -184,43 +277,37 @@ fn clean_up(
         problems.push(format!("fsync directory {}: {e}", session_dir.display()));
     }
     let (mut removed, mut kept) = (vec![], vec![]);
+    let mut remove = vec![];
     for d in disks {
-        let p = target_file_of(&meta.target, d);
         if keep_target || !meta.created.contains(&d.index) {
-            kept.push(p);
-            continue;
-        }
-        // Not listed when missing (a target unreachable since the start).
-        match storage.exists(&p).and_then(|there| match there {
-            true => storage.remove_file(&p).map(|()| true),
-            false => Ok(false),
-        }) {
-            Ok(true) => removed.push(p),
-            Ok(false) => {}
-            Err(e) => problems.push(format!("remove {}: {e}", p.display())),
+            kept.push(target_file_of(&meta.target, d));
+        } else {
+            remove.push(d);
         }
     }
-    if !removed.is_empty() {
-        if let Err(e) = storage.sync_dir(&meta.target) {
-            problems.push(format!("fsync directory {}: {e}", meta.target.display()));
-        }
-    }
-    // The directory is on the real filesystem (`check_target` made it):
-    // removed only if empty, so nothing kept or added since goes with it.
-    if meta.created_dir && !keep_target {
-        match std::fs::remove_dir(&meta.target) {
-            Ok(()) => {
-                removed.push(meta.target.clone());
-                if let Some(parent) = meta.target.parent() {
-                    if let Err(e) = storage.sync_dir(parent) {
-                        problems.push(format!("fsync directory {}: {e}", parent.display()));
-                    }
+    let remove_dir = meta.created_dir && !keep_target;
+    // Only reached when there is something to remove in it.
+    if !remove.is_empty() || remove_dir {
+        match pin_target(storage, meta) {
+            Ok(dir) => {
+                remove_files(storage, meta, &dir, &remove, &mut removed, &mut problems);
+                drop(dir);
+                if remove_dir {
+                    remove_target_dir(storage, meta, &mut removed, &mut problems);
                 }
             }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
-            Err(e) => problems.push(format!("remove {}: {e}", meta.target.display())),
+            // Moved, replaced or unreachable (primary storage not mounted):
+            // nothing in it is touched, and what is left there is named.
+            Err(e) => {
+                let mut left: Vec<String> = remove
+                    .iter()
+                    .map(|d| target_file_of(&meta.target, d).display().to_string())
+                    .collect();
+                if remove_dir {
+                    left.push(meta.target.display().to_string());
+                }
+                problems.push(format!("{e}: left {}", left.join(", ")));
+            }
         }
     }
     let leftover = (!problems.is_empty()).then(|| {

@@ -39,6 +39,13 @@
 //! * A relocation starts from empty targets: files are created or emptied
 //!   (mode 0600, in a 0700 directory, never through a symbolic link), so no
 //!   byte of an old file can survive where the backup has zeros.
+//! * The target directory is recorded with its identity, and every later
+//!   use works in it only if it is still that directory, reached without
+//!   following a link (see `pin_target`): the cutover does not commit, a
+//!   restart does not resume into a directory moved or linked into its
+//!   place (nor a target file with another hard link), a cancel leaves the
+//!   files. An older record without the identity takes the directory found
+//!   at its first restart.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
 //! * **Pause and resume** (`pause`, `resume_copy`; see `pause`): a pause
@@ -62,7 +69,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::limits::MAX_META_BYTES;
-use crate::staging::io::{self, BlockFile, Open, Storage};
+use crate::staging::io::{self, BlockFile, DirId, Open, PinnedDir, Storage};
 use crate::staging::{MapKind, PersistentBitmap};
 use crate::volume::Volume;
 
@@ -115,6 +122,33 @@ pub(crate) struct Meta {
     /// It created `target` itself: a cancel removes it if left empty.
     #[serde(default)]
     pub created_dir: bool,
+    /// `target`'s identity when the relocation began: every later use
+    /// (restart, cancel, `vm.json`) works in that directory or not at all,
+    /// never in one moved or linked into its place (see `pin_target`). A
+    /// record written before this field has none: links are still refused.
+    #[serde(default)]
+    pub target_id: Option<DirId>,
+}
+
+/// Opens the recorded target directory for use: never through a symbolic
+/// link, and only while it is the directory the relocation began in. The
+/// files in it are then reached through the pinned directory (see
+/// `io::PinnedDir`), so nothing swapped in after this check is touched.
+/// A caller who may write the directory above the target can rename it
+/// and link another directory in its place at any time: root would then
+/// create, empty or remove files there.
+pub(crate) fn pin_target(storage: &dyn Storage, meta: &Meta) -> Result<PinnedDir> {
+    let shown = meta.target.display();
+    let dir = storage
+        .pin_dir(&meta.target)
+        .map_err(|e| Error::io(format!("open relocation target {shown}"), e))?;
+    match (meta.target_id, dir.id()) {
+        (Some(want), Some(got)) if want != got => Err(Error::invalid(format!(
+            "relocation target {shown} is no longer the directory the relocation began in \
+             (it was moved or replaced since), which recoverfs never works in"
+        ))),
+        _ => Ok(dir),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -224,7 +258,7 @@ impl Relocation {
         if req.rate_mbps.is_some_and(|r| !r.is_finite() || r <= 0.0) {
             return Err(Error::invalid("--rate must be a positive number of MB/s"));
         }
-        let (target_dir, created_dir) = Self::check_target(&req)?;
+        let (target_dir, created_dir, target_id) = Self::check_target(&req)?;
         let meta = Meta {
             target: target_dir,
             switched: false,
@@ -233,6 +267,7 @@ impl Relocation {
             paused: false,
             created: vec![],
             created_dir,
+            target_id: Some(target_id),
         };
         let r = Self::begin(req.source, meta)?;
         r.spawn();
@@ -240,10 +275,10 @@ impl Relocation {
     }
 
     /// Validates `to` on the real filesystem and returns `to/<vm>`, made a
-    /// 0700 directory, and whether it was made now. Refuses symbolic links,
-    /// overlap with the mount or staging, a non-empty target without
-    /// `force`, and too little room.
-    fn check_target(req: &Request) -> Result<(PathBuf, bool)> {
+    /// 0700 directory, whether it was made now, and its identity. Refuses
+    /// symbolic links, overlap with the mount or staging, a non-empty
+    /// target without `force`, and too little room.
+    fn check_target(req: &Request) -> Result<(PathBuf, bool, DirId)> {
         let dir = std::fs::canonicalize(req.to)
             .map_err(|e| Error::io(format!("relocation target {}", req.to.display()), e))?;
         if !dir.is_dir() {
@@ -313,10 +348,22 @@ impl Relocation {
             .storage
             .create_dir_all(&target_dir)
             .ctx(|| format!("create {}", target_dir.display()))?;
-        // The disks' data is the VM's: nobody else may read it.
-        std::fs::set_permissions(&target_dir, std::fs::Permissions::from_mode(0o700))
+        let pinned = req
+            .source
+            .storage
+            .pin_dir(&target_dir)
+            .map_err(|e| Error::io(format!("relocation target {}", target_dir.display()), e))?;
+        // The disks' data is the VM's: nobody else may read it. (Through
+        // the pinned directory: a link swapped in is not chmodded.)
+        std::fs::set_permissions(pinned.path(), std::fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", target_dir.display()))?;
-        Ok((target_dir, missing))
+        let id = pinned.id().ok_or_else(|| {
+            Error::invalid(format!(
+                "relocation target {} has no identity to record",
+                target_dir.display()
+            ))
+        })?;
+        Ok((target_dir, missing, id))
     }
 
     /// Starts a relocation into a checked `meta.target`: forgets any earlier
@@ -343,26 +390,28 @@ impl Relocation {
         storage
             .sync_dir(session_dir)
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
+        // The directory every later use must find again (`pin_target`).
+        let dir = pin_target(storage.as_ref(), &meta)?;
+        meta.target_id = dir.id();
         // The target's vm.json says it is complete: not until this one is.
-        let config = meta.target.join("vm.json");
         storage
-            .remove_file(&config)
-            .ctx(|| format!("remove {}", config.display()))?;
+            .remove_file(&dir.path().join("vm.json"))
+            .ctx(|| format!("remove {}", meta.target.join("vm.json").display()))?;
         // Recorded for a cancel, which removes only what this relocation
         // made. A file that cannot be looked at counts as there before.
         meta.created = (src.disks.iter())
             .filter(|d| {
-                let p = target_file_of(&meta.target, d);
+                let p = target_file_of(dir.path(), d);
                 storage.exists(&p).is_ok_and(|there| !there)
             })
             .map(|d| d.index)
             .collect();
-        let r = Self::open(src, meta, Open::Empty)?;
+        let r = Self::open_in(src, meta, Open::Empty, &dir)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
         let recorded = r
             .storage
-            .sync_dir(&r.target_dir)
+            .sync_dir(dir.path())
             .ctx(|| format!("fsync directory {}", r.target_dir.display()))
             .and_then(|()| r.store_meta());
         if let Err(e) = recorded {
@@ -408,7 +457,9 @@ impl Relocation {
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
         let switched = meta.switched;
         let target = meta.target.clone();
-        let r = match Self::open(src, meta, Open::Existing) {
+        let opened = pin_target(src.storage.as_ref(), &meta)
+            .and_then(|dir| Self::open_in(src, meta, Open::ExistingSole, &dir).map(|r| (r, dir)));
+        let (r, dir) = match opened {
             Ok(r) => r,
             // Before the commit staging holds the whole disk, so a target
             // that cannot be opened (primary storage not mounted yet) must
@@ -422,13 +473,14 @@ impl Relocation {
             }
             Err(e) => return Err(e),
         };
+        r.adopt_target_id(&dir);
         if switched {
             // Every target is open before the first disk switches.
             for (d, t) in r.disks.iter().zip(&r.targets) {
                 d.switch_to(t.clone());
             }
             let mut note = "switched before the daemon restarted".to_string();
-            let placed = r.storage.exists(&r.target_dir.join("vm.json"));
+            let placed = r.storage.exists(&dir.path().join("vm.json"));
             if !placed.unwrap_or(false) {
                 if let Err(e) = r.place_config() {
                     note = format!("{note}; {e}");
@@ -439,18 +491,20 @@ impl Relocation {
         Ok(Some(r))
     }
 
-    fn open(src: Source, meta: Meta, how: Open) -> Result<Arc<Relocation>> {
+    /// Opens the target files in `dir`, the pinned `meta.target`.
+    fn open_in(src: Source, meta: Meta, how: Open, dir: &PinnedDir) -> Result<Arc<Relocation>> {
         let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
         let mut targets = vec![];
         let mut copied = vec![];
         for d in disks {
-            let p = target_file_of(&meta.target, d);
+            let shown = target_file_of(&meta.target, d);
             let f = storage
-                .open(&p, how)
-                .ctx(|| format!("open relocation target {}", p.display()))?;
-            if f.len().ctx(|| format!("stat {}", p.display()))? != d.size {
+                .open(&target_file_of(dir.path(), d), how)
+                .ctx(|| format!("open relocation target {}", shown.display()))?;
+            if f.len().ctx(|| format!("stat {}", shown.display()))? != d.size {
                 // A sparse file of the disk's size: zero blocks stay holes.
-                f.set_len(d.size).ctx(|| format!("size {}", p.display()))?;
+                f.set_len(d.size)
+                    .ctx(|| format!("size {}", shown.display()))?;
             }
             targets.push(f);
             let m = PersistentBitmap::open(
@@ -523,6 +577,26 @@ impl Relocation {
 
     fn encode_meta(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(&*self.meta.lock()).expect("json")
+    }
+
+    /// A record written before identities were kept has none: the
+    /// directory reopened now (reached without links) is the one every
+    /// later use must find again, so one moved or replaced from here on is
+    /// refused as for a new record. If it cannot be written now (logged),
+    /// it holds in memory and the next record write carries it.
+    fn adopt_target_id(&self, dir: &PinnedDir) {
+        let Some(id) = dir.id() else { return };
+        {
+            let mut m = self.meta.lock();
+            if m.target_id.is_some() {
+                return;
+            }
+            m.target_id = Some(id);
+        }
+        if let Err(e) = self.store_meta() {
+            tracing::warn!(vm = %self.vm, "could not record the relocation target's identity in {}: {e}",
+                self.meta_path.display());
+        }
     }
 
     fn store_meta(&self) -> Result<()> {
@@ -767,8 +841,15 @@ impl Relocation {
     /// target without it: said in the status, and written again by a
     /// restarted daemon.
     fn place_config(&self) -> Result<()> {
-        let p = self.target_dir.join("vm.json");
-        io::replace(self.storage.as_ref(), &p, &self.config_json).map_err(|e| {
+        let meta = self.meta.lock().clone();
+        let shown = self.target_dir.join("vm.json");
+        let placed = pin_target(self.storage.as_ref(), &meta).and_then(|dir| {
+            let p = dir.path().join("vm.json");
+            (self.storage.rename_into_place(&p, &self.config_json))
+                .and_then(|()| self.storage.sync_dir(dir.path()))
+                .ctx(|| format!("write {}", shown.display()))
+        });
+        placed.map_err(|e| {
             let e = e.context(
                 "the target is complete but its vm.json could not be written \
                  (a restarted daemon writes it)",
@@ -794,6 +875,12 @@ impl Relocation {
             t.sync_data()
                 .ctx(|| format!("fsync relocation target disk{i}"))?;
         }
+        // The files were written through descriptors, wherever their
+        // directory went since: committed only while it is still the
+        // recorded target, or the VM would live on files at another path,
+        // which no restart would reopen (nor `vm.json` mark complete).
+        let meta = self.meta.lock().clone();
+        pin_target(self.storage.as_ref(), &meta)?;
         Ok(())
     }
 

@@ -96,6 +96,7 @@ impl Rig {
             paused: false,
             created: vec![],
             created_dir: false,
+            target_id: None,
         };
         Relocation::begin(self.source(disks), meta).unwrap()
     }
@@ -242,7 +243,7 @@ fn a_failing_target_fails_the_relocation_before_any_switch() {
     let rig = rig();
     let disks = rig.volumes();
     rig.faults
-        .inject(Rule::fail(Op::Sync, "primary/vm/disk1.raw", libc::EIO));
+        .inject(Rule::fail(Op::Sync, "disk1.raw", libc::EIO));
     let r = rig.relocate(&disks);
     assert_eq!(settle(&r), State::Failed);
     assert!(disks.iter().all(|d| !d.is_switched()));
@@ -255,7 +256,7 @@ fn a_failing_target_write_fails_the_relocation_and_records_no_block_it_did_not_w
     let rig = rig();
     let disks = rig.volumes();
     rig.faults
-        .inject(Rule::fail(Op::Write, "primary/vm/disk1.raw", libc::EIO));
+        .inject(Rule::fail(Op::Write, "disk1.raw", libc::EIO));
     let r = rig.relocate(&disks);
     assert_eq!(settle(&r), State::Failed);
     assert!(
@@ -487,6 +488,7 @@ fn a_resumed_relocation_zeroes_holes_over_stale_target_bytes_before_marking_them
         paused: false,
         created: vec![],
         created_dir: false,
+        target_id: None,
     };
     drop(Relocation::begin(rig.source(&disks), meta).unwrap());
     drop(disks);
@@ -672,6 +674,7 @@ fn a_relocation_whose_record_cannot_be_written_leaves_no_disk_tracking_copies() 
         paused: false,
         created: vec![],
         created_dir: false,
+        target_id: None,
     };
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert_eq!(rig.faults.injected(), 1, "{e}");
@@ -776,6 +779,7 @@ fn a_cancel_mid_copy_is_durable_and_a_relocation_elsewhere_then_copies_what_the_
         paused: false,
         created: vec![],
         created_dir: false,
+        target_id: None,
     };
     let r = Relocation::begin(rig.source(&disks), meta).unwrap();
     r.spawn();
@@ -918,7 +922,8 @@ fn a_cancel_whose_record_cannot_be_removed_leaves_the_relocation_resumable_and_c
 }
 
 #[test]
-fn a_recorded_relocation_whose_target_was_unreachable_at_restart_can_still_be_cancelled() {
+fn a_recorded_relocation_whose_target_was_unreachable_at_restart_can_still_be_cancelled_naming_what_is_left(
+) {
     let rig = rig();
     let disks = rig.volumes();
     let r = rig.relocate_at(&disks, Some(1.0));
@@ -934,6 +939,12 @@ fn a_recorded_relocation_whose_target_was_unreachable_at_restart_can_still_be_ca
         .unwrap()
         .expect("recorded");
     assert!(c.removed.is_empty(), "{c:?}");
+    // The files it could not reach are named as left.
+    let left = c.leftover.as_ref().expect("named as left").to_string();
+    for i in 0..2 {
+        let p = primary.join(format!("disk{i}.raw"));
+        assert!(left.contains(&*p.to_string_lossy()), "{left}");
+    }
     assert!(!rig.session_dir.join("relocation.json").exists());
     assert!(Relocation::cancel_recorded(rig.source(&disks), false)
         .unwrap()
@@ -942,4 +953,179 @@ fn a_recorded_relocation_whose_target_was_unreachable_at_restart_can_still_be_ca
     // The target back, nothing resumes.
     std::fs::rename(&moved, &primary).unwrap();
     assert!(rig.restart().1.is_none());
+}
+
+/// Moves the target directory `primary/vm` aside and puts a symbolic link to
+/// `victim` (another VM's relocated disks, with known bytes) in its place,
+/// as a caller who may write `primary` can at any time.
+fn swap_target_for_a_link(rig: &Rig) -> (PathBuf, Vec<u8>) {
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(primary.join("vm"), primary.join("aside")).unwrap();
+    let victim = rig.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    let bytes = b"another VM's live disk".to_vec();
+    for i in 0..2 {
+        std::fs::write(victim.join(format!("disk{i}.raw")), &bytes).unwrap();
+    }
+    std::os::unix::fs::symlink(&victim, primary.join("vm")).unwrap();
+    (victim, bytes)
+}
+
+#[test]
+fn a_cancel_never_removes_files_through_a_target_replaced_by_a_symlink() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate_at(&disks, Some(1.0));
+    wait_for_progress(&r);
+    let (victim, bytes) = swap_target_for_a_link(&rig);
+    let c = r.cancel(false).unwrap();
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read(victim.join(format!("disk{i}.raw"))).unwrap(),
+            bytes,
+            "{c:?}"
+        );
+    }
+    assert!(c.removed.is_empty(), "{c:?}");
+    // Cancelled, but the files are left and the answer says why.
+    assert!(!rig.session_dir.join("relocation.json").exists());
+    let left = c.leftover.expect("the files left are named").to_string();
+    assert!(left.contains("symbolic link"), "{left}");
+    assert!(rig.dir.path().join("primary/aside/disk0.raw").exists());
+}
+
+#[test]
+fn a_restarted_relocation_does_not_open_targets_through_a_symlinked_target_dir() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    drop((disks, r));
+    let (victim, bytes) = swap_target_for_a_link(&rig);
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "not resumed through the link");
+    assert!(again.iter().all(|d| !d.is_switched()));
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read(victim.join(format!("disk{i}.raw"))).unwrap(),
+            bytes
+        );
+    }
+    // Nor into another real directory put in its place.
+    drop(again);
+    let primary = rig.dir.path().join("primary");
+    std::fs::remove_file(primary.join("vm")).unwrap();
+    std::fs::rename(&victim, primary.join("vm")).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "not resumed in another directory");
+    drop(again);
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read(primary.join(format!("vm/disk{i}.raw"))).unwrap(),
+            bytes
+        );
+    }
+    // Its own directory back: resumed.
+    std::fs::rename(primary.join("vm"), &victim).unwrap();
+    std::fs::rename(primary.join("aside"), primary.join("vm")).unwrap();
+    assert!(rig.restart().1.is_some());
+}
+
+#[test]
+fn a_force_relocation_never_empties_a_hard_linked_target_file() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // Someone else's file, linked into the target as if left over there.
+    let precious = rig.dir.path().join("precious");
+    std::fs::write(&precious, b"not the relocation's to empty").unwrap();
+    std::fs::hard_link(&precious, rig.dir.path().join("primary/vm/disk1.raw")).unwrap();
+    let meta = Meta {
+        target: rig.dir.path().join("primary/vm"),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+    };
+    let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert!(e.to_string().contains("link"), "{e}");
+    assert_eq!(
+        std::fs::read(&precious).unwrap(),
+        b"not the relocation's to empty"
+    );
+    assert!(disks.iter().all(|d| !d.is_switched()));
+}
+
+#[test]
+fn a_relocation_recorded_without_the_target_identity_takes_it_at_restart_and_then_refuses_another_dir(
+) {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    // As an older version recorded it: no identity.
+    let record = rig.session_dir.join("relocation.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(v.as_object_mut().unwrap().remove("target_id").is_some());
+    std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_some(), "an old record is resumed");
+    drop((again, reloc));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(v["target_id"]["ino"].is_u64(), "recorded: {v}");
+    // Another directory in its place from now on: not resumed.
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(primary.join("vm"), primary.join("aside")).unwrap();
+    std::fs::create_dir(primary.join("vm")).unwrap();
+    for i in 0..2 {
+        std::fs::write(primary.join(format!("vm/disk{i}.raw")), b"keep").unwrap();
+    }
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "not resumed in another directory");
+    drop(again);
+    assert_eq!(
+        std::fs::read(primary.join("vm/disk0.raw")).unwrap(),
+        b"keep"
+    );
+}
+
+#[test]
+fn a_restarted_relocation_never_writes_a_target_file_replaced_by_a_hard_link() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    // Someone who may write the target directory puts a link to another
+    // file in place of a target (fs.protected_hardlinks=0 lets them link
+    // any file).
+    let precious = rig.dir.path().join("precious");
+    std::fs::write(&precious, b"not the relocation's to write").unwrap();
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    std::fs::remove_file(&t).unwrap();
+    std::fs::hard_link(&precious, &t).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "not resumed into a linked file");
+    drop(again);
+    assert_eq!(
+        std::fs::read(&precious).unwrap(),
+        b"not the relocation's to write"
+    );
+}
+
+#[test]
+fn a_relocation_whose_target_dir_was_replaced_by_a_symlink_fails_before_the_cutover() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    let (victim, bytes) = swap_target_for_a_link(&rig);
+    r.spawn();
+    assert_eq!(settle(&r), State::Failed, "{:?}", r.status());
+    assert!(disks.iter().all(|d| !d.is_switched()));
+    let e = r.status().error.unwrap_or_default();
+    assert!(e.contains("symbolic link"), "{e}");
+    assert!(!victim.join("vm.json").exists());
+    assert_eq!(std::fs::read(victim.join("disk0.raw")).unwrap(), bytes);
 }

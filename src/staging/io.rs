@@ -17,9 +17,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::util::{AlignedBuf, DIRECT_ALIGN};
@@ -81,9 +84,14 @@ pub trait BlockFile: Send + Sync {
 pub enum Open {
     /// The file must exist; its contents are kept.
     Existing,
+    /// As `Existing`, and the file must have no other hard link: a file
+    /// reopened in a directory others may write (a relocation target) is
+    /// not written if a link to another file was put in its place.
+    ExistingSole,
     /// Created (empty, mode 0600) if missing; an existing file is kept.
     Create,
-    /// Created if missing, emptied if present: no old byte can survive.
+    /// Created if missing, emptied if present: no old byte can survive. A
+    /// present file with more than one hard link is refused, not emptied.
     Empty,
 }
 
@@ -110,10 +118,57 @@ pub trait Storage: Send + Sync {
     /// `sync_dir` of the parent.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     fn exists(&self, path: &Path) -> io::Result<bool>;
+    /// Opens directory `dir` (absolute) without following a symbolic link
+    /// in any of its components, and holds it: the returned
+    /// [`PinnedDir::path`] names that very directory for as long as the
+    /// `PinnedDir` lives, whatever `dir` is renamed to or replaced by.
+    fn pin_dir(&self, dir: &Path) -> io::Result<PinnedDir>;
     /// Names the period in which unsynced writes stay readable: it changes
     /// when the page cache is lost (a reboot, a power cut). Empty if unknown,
     /// which trusts nothing unsynced.
     fn boot_id(&self) -> String;
+}
+
+/// A directory's identity: no other directory has it while it exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A directory held open (see [`Storage::pin_dir`]).
+#[derive(Debug)]
+pub struct PinnedDir {
+    /// `/proc/self/fd/N/.` for a real directory: the kernel resolves the
+    /// magic link to the open directory itself, never again by name, so
+    /// every path under it is looked up relative to that descriptor (as
+    /// `openat` would). The `.` makes the directory itself openable with
+    /// `O_NOFOLLOW` (`sync_dir`); `Path::parent` would drop it, so the
+    /// directory's own path is this one, never a file's parent.
+    path: PathBuf,
+    /// `None` where the storage has no such notion (in memory).
+    id: Option<DirId>,
+    _fd: Option<OwnedFd>,
+}
+
+impl PinnedDir {
+    /// A directory of a storage without descriptors: its name is all there is.
+    pub fn by_name(dir: &Path) -> PinnedDir {
+        PinnedDir {
+            path: dir.to_path_buf(),
+            id: None,
+            _fd: None,
+        }
+    }
+
+    /// The directory, for [`Storage`] calls on the files in it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn id(&self) -> Option<DirId> {
+        self.id
+    }
 }
 
 /// Replaces `path` atomically and durably: `rename_into_place`, then
@@ -133,6 +188,57 @@ pub fn sync_parent(storage: &dyn Storage, path: &Path) -> Result<()> {
     storage
         .sync_dir(dir)
         .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+/// `openat2(RESOLVE_NO_SYMLINKS)` of a directory; before Linux 5.6, a
+/// path already in canonical form opened `O_NOFOLLOW` (a link swapped into
+/// a component between the two steps is then not seen, but the caller's
+/// identity check still refuses a directory that is not the one expected).
+fn open_dir_no_symlinks(dir: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: open_how is plain data; zeroed is its documented default.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: c and how outlive the call; the size is how's.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a new descriptor, owned by nobody else.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a symbolic link is on the way, which recoverfs never follows",
+        )),
+        Some(libc::ENOSYS) => {
+            if std::fs::canonicalize(dir)? != dir {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a symbolic link is on the way, which recoverfs never follows",
+                ));
+            }
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(dir)
+                .map_err(refuse_links)
+                .map(OwnedFd::from)
+        }
+        _ => Err(e),
+    }
 }
 
 /// The real filesystem.
@@ -163,8 +269,9 @@ impl Storage for OsStorage {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(how != Open::Existing)
-                .truncate(how == Open::Empty)
+                .create(!matches!(how, Open::Existing | Open::ExistingSole))
+                // Emptied below, once known to be a file of its own.
+                .truncate(false)
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | flags)
                 .open(path)
@@ -184,9 +291,24 @@ impl Storage for OsStorage {
                 "it is not a regular file",
             ));
         }
-        if how == Open::Empty && meta.permissions().mode() & 0o777 != 0o600 {
-            // An existing file keeps its mode through O_TRUNC.
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        // A file with another name elsewhere (a hard link put here, by
+        // someone who may write the directory, to a file they may not) is
+        // not ours to empty or write.
+        if matches!(how, Open::Empty | Open::ExistingSole) && meta.nlink() != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "it has {} hard links, and recoverfs empties or writes only a file of its own",
+                    meta.nlink()
+                ),
+            ));
+        }
+        if how == Open::Empty {
+            f.set_len(0)?;
+            if meta.permissions().mode() & 0o777 != 0o600 {
+                // An existing file keeps its mode.
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
         }
         Ok(Arc::new(OsFile::new(f)))
     }
@@ -302,6 +424,31 @@ impl Storage for OsStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn pin_dir(&self, dir: &Path) -> io::Result<PinnedDir> {
+        let fd = open_dir_no_symlinks(dir)?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fd is open; st is written by fstat before it is read.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstat succeeded.
+        let st = unsafe { st.assume_init() };
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is not a directory",
+            ));
+        }
+        Ok(PinnedDir {
+            path: PathBuf::from(format!("/proc/self/fd/{}/.", fd.as_raw_fd())),
+            id: Some(DirId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }),
+            _fd: Some(fd),
+        })
     }
 
     fn boot_id(&self) -> String {

@@ -301,6 +301,37 @@ fn a_relocation_target_must_be_a_directory_the_caller_may_create_in() {
 }
 
 #[test]
+fn a_relocation_over_existing_target_files_needs_them_owned_by_the_caller() {
+    let d = public_dir();
+    let me = caller(STRANGER, STRANGER, &[]);
+    let to = d.path().join("primary");
+    std::fs::create_dir(&to).unwrap();
+    chmod(&to, 0o777);
+    let pc = to.join("pc");
+    std::fs::create_dir(&pc).unwrap();
+    chmod(&pc, 0o777);
+    // Files the caller does not own: --force would have root empty them.
+    for name in ["disk0.raw", "vm.json"] {
+        let f = pc.join(name);
+        std::fs::write(&f, b"root's").unwrap();
+        let e = relocation_target(&me, &to, "pc").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotPermitted, "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("{} exists, owned by uid 0", f.display())),
+            "{e}"
+        );
+        std::os::unix::fs::lchown(&f, Some(STRANGER), None).unwrap();
+    }
+    // Its own files, and files recoverfs never touches, are fine.
+    std::fs::write(pc.join("notes.txt"), b"root's").unwrap();
+    assert_eq!(relocation_target(&me, &to, "pc").unwrap(), to);
+    // Root may name anything.
+    std::os::unix::fs::lchown(pc.join("disk0.raw"), Some(0), None).unwrap();
+    assert_eq!(relocation_target(&Caller::root(), &to, "pc").unwrap(), to);
+}
+
+#[test]
 fn a_peer_is_known_by_the_credentials_it_connected_with() {
     assert_eq!(euid(), 0, "run as root (to set groups)");
     // Made on a thread whose groups are not the process's (raw system

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{BlockFile, Open, Storage};
+use super::{BlockFile, Open, PinnedDir, Storage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -237,6 +237,10 @@ impl Storage for FaultyStorage {
 
     fn exists(&self, path: &Path) -> io::Result<bool> {
         self.inner.exists(path)
+    }
+
+    fn pin_dir(&self, dir: &Path) -> io::Result<PinnedDir> {
+        self.inner.pin_dir(dir)
     }
 
     fn boot_id(&self) -> String {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rand::Rng;
 
-use super::{BlockFile, Open, Storage};
+use super::{BlockFile, Open, PinnedDir, Storage};
 
 const SECTOR: u64 = 512;
 
@@ -290,7 +290,7 @@ impl Storage for MemStorage {
                 i
             }
             (Some(i), _) => i,
-            (None, Open::Existing) => return Err(not_found()),
+            (None, Open::Existing | Open::ExistingSole) => return Err(not_found()),
             (None, _) => {
                 let i = st.files.len();
                 st.files.push(vec![]);
@@ -383,6 +383,14 @@ impl Storage for MemStorage {
     fn exists(&self, path: &Path) -> io::Result<bool> {
         let st = self.st.lock();
         Ok(st.names.contains_key(path) || st.dirs.contains(path))
+    }
+
+    /// Memory has no links to follow and no descriptors: the name it is.
+    fn pin_dir(&self, dir: &Path) -> io::Result<PinnedDir> {
+        if !self.st.lock().dirs.contains(dir) {
+            return Err(not_found());
+        }
+        Ok(PinnedDir::by_name(dir))
     }
 
     fn boot_id(&self) -> String {
