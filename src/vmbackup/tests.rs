@@ -4,15 +4,21 @@
 //! and checks while the backup holds the first.
 
 use super::*;
+use crate::qemu::fleece;
+use crate::qemu::guest_agent::GuestAgent;
 use crate::qemu::nbd::{Extent, STATE_ZERO};
 use crate::qemu::qmp::Qmp;
 use crate::qemu::testing::{hmp_write, paused_vm, vm_with_agent, Proc};
+use crate::repo::Repository;
 use clap::Parser;
 use rand::RngCore;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65536;

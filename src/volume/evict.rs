@@ -61,8 +61,9 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
+use super::fill::Slot;
 use super::stripes::Stripes;
-use super::{Slot, Volume};
+use super::Volume;
 use crate::error::{IoContext, Result};
 use crate::prefetch::Class;
 use crate::staging::budget::{Budget, Evictable};

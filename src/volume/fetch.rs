@@ -62,7 +62,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use super::{Slot, Volume};
+use super::fill::Slot;
+use super::Volume;
 use crate::error::{Error, ErrorKind, Result};
 use crate::prefetch::scheduler::Step;
 use crate::repo::backend::{GetFuture, Got};

@@ -46,211 +46,62 @@
 //! **Release.** `close` ends fetching: a fetch still running writes nothing
 //! to staging after `close` returns, so a later session on the same staging
 //! never sees a released session's writes.
+//!
+//! Layout: this file holds the volume's state and its `Disk` face; each
+//! part of the data flow is a sibling:
+//! * `extents`: what the maps say about a range (served locally? which
+//!   extents?), asked before a request runs;
+//! * `read`: the guest's reads; `write`: the guest's writes;
+//! * `fill`: the in-flight table, one fill per missing block, and the
+//!   slot its waiters wait on; `fetch`: one fill's fetch from the backup;
+//! * `staging_io`: every change to staging, under the I/O gate, and
+//!   `close`;
+//! * `flush`: durability (group commit) and the sticky failure;
+//! * `evict`: staged blocks given back under a staging limit;
+//! * `freeze`: a live backup's dirty maps, freeze and copy-on-write;
+//! * `upload`: the session uploader's upload record;
+//! * `relocation`: the relocation copier's reads, stamps and cutover;
+//! * `passthrough`: direct (kernel) readers;
+//! * `stripes`: per-block counters folded onto stripes;
+//! * `status`: the disk's counters and status figures.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use parking_lot::{Condvar, Mutex, RwLock};
-use serde::Serialize;
+use parking_lot::{Mutex, RwLock};
 
-use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::metrics::{Counter, LatencyHistogram};
-use crate::prefetch::scheduler::{tenant_of, Job};
+use crate::error::{Error, Result};
+use crate::prefetch::scheduler::tenant_of;
 use crate::prefetch::stream::Detector;
-use crate::prefetch::tracker::{ProfileFigures, RecordWindow, Tracker};
-use crate::prefetch::{Class, Scheduler};
+use crate::prefetch::tracker::{RecordWindow, Tracker};
+use crate::prefetch::Scheduler;
 use crate::repo::{ChunkIndex, DiskManifest, Manifest, Repository};
 use crate::staging::io::BlockFile;
 use crate::staging::{DiskStore, PersistentBitmap};
 
 mod evict;
+mod extents;
 mod fetch;
+mod fill;
+mod flush;
 mod freeze;
 mod passthrough;
 mod read;
 mod relocation;
+mod staging_io;
+mod status;
 mod stripes;
 mod upload;
 mod write;
 
+use fill::Slot;
 pub use freeze::Frozen;
 pub(crate) use relocation::CopyRead;
+pub use status::{DiskStatus, VolumeStats};
 pub use upload::Uploaded;
-
-/// Where one block fill stands; readers and writers wait on it.
-struct Slot {
-    done: Mutex<Option<Result<()>>>,
-    cv: Condvar,
-    /// The queued fetch, or (before it is queued) the most urgent class a
-    /// waiter asked for; one lock so a promotion is never lost.
-    job: Mutex<(Option<Arc<Job>>, Class)>,
-    /// Room taken in the staging budget for this fill (see `evict`).
-    reserved: AtomicBool,
-    /// A fetch's verified plain bytes, set before its staging write and
-    /// `finish`: its readers answer from them at once (they live as long
-    /// as the slot's last waiter, or the last reply that borrows them).
-    data: OnceLock<Bytes>,
-    /// Readers that hold no thread (`Volume::read_later`): run by whoever
-    /// sets `data` or ends the fill, whichever comes first; `None` once
-    /// they ran (later ones run at once). Locked before `done` where both
-    /// are (`when_data`); `finish` never nests them.
-    then: Mutex<Option<Vec<Reader>>>,
-}
-
-/// A reader waiting for a fill without a thread (see `Slot::when_data`).
-type Reader = Box<dyn FnOnce() + Send>;
-
-impl Slot {
-    fn new(class: Class) -> Arc<Slot> {
-        Arc::new(Slot {
-            done: Mutex::new(None),
-            cv: Condvar::new(),
-            job: Mutex::new((None, class)),
-            reserved: AtomicBool::new(false),
-            data: OnceLock::new(),
-            then: Mutex::new(Some(Vec::new())),
-        })
-    }
-
-    /// A waiter of class `class` wants this fill sooner.
-    fn promote(&self, sched: &Scheduler, class: Class) {
-        let mut j = self.job.lock();
-        match &j.0 {
-            Some(job) => sched.promote(job, class),
-            None => j.1 = j.1.min(class),
-        }
-    }
-
-    fn finish(&self, r: Result<()>) {
-        *self.done.lock() = Some(r);
-        self.cv.notify_all();
-        self.run_readers();
-    }
-
-    /// A fetch's verified bytes, before they are staged: readers answer
-    /// from them now; writers still wait for `finish` (the staging write
-    /// and the presence bit come first).
-    fn set_data(&self, data: Bytes) {
-        let _ = self.data.set(data);
-        // Under `done`'s lock: a reader in `wait_data` checks both under it.
-        drop(self.done.lock());
-        self.cv.notify_all();
-        self.run_readers();
-    }
-
-    fn run_readers(&self) {
-        let then = self.then.lock().take();
-        for f in then.into_iter().flatten() {
-            // Each answers a guest request: one reply that panics must not
-            // leave the others unanswered (they were taken off the slot).
-            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                tracing::error!(
-                    "a read's reply panicked: {}",
-                    crate::util::panic_message(&p)
-                );
-            }
-        }
-    }
-
-    /// Runs `f` once the fill's bytes are there or the fill has ended:
-    /// now if so, else on the thread that gets there first (a fetch engine
-    /// CPU thread). `f` must not wait.
-    fn when_data(&self, f: Reader) {
-        let mut then = self.then.lock();
-        if let Some(waiting) = then.as_mut() {
-            if self.data.get().is_none() && self.done.lock().is_none() {
-                waiting.push(f);
-                return;
-            }
-        }
-        drop(then);
-        f()
-    }
-
-    /// The fill's outcome, once it has ended.
-    fn outcome(&self) -> Option<Result<()>> {
-        self.done.lock().clone()
-    }
-
-    fn wait(&self) -> Result<()> {
-        let mut g = self.done.lock();
-        while g.is_none() {
-            self.cv.wait(&mut g);
-        }
-        g.as_ref().expect("set").clone()
-    }
-
-    /// Waits until the fetched bytes are there (they may not be staged
-    /// yet) or the fill has ended; the bytes, or the fill's outcome.
-    fn wait_data(&self) -> Result<Option<&Bytes>> {
-        let mut g = self.done.lock();
-        loop {
-            if let Some(d) = self.data.get() {
-                return Ok(Some(d));
-            }
-            if let Some(r) = g.as_ref() {
-                return r.clone().map(|()| None);
-            }
-            self.cv.wait(&mut g);
-        }
-    }
-}
-
-/// The outcome of asking for a block under the in-flight lock.
-enum Claim {
-    Present,
-    /// Someone else is filling it: wait.
-    Wait(Arc<Slot>),
-    /// We fill it and must end it (`complete`; a write: `complete_claim`).
-    Owner(Arc<Slot>),
-}
-
-#[derive(Default)]
-pub struct VolumeStats {
-    pub reads: Counter,
-    pub read_bytes: Counter,
-    /// Reads served without waiting for any fetch.
-    pub read_hits: Counter,
-    pub writes: Counter,
-    pub write_bytes: Counter,
-    pub fetched_blocks: Counter,
-    /// Bytes transferred from the repository (compressed).
-    pub fetched_bytes: Counter,
-    /// Fetches that failed (GET, verification, decoding): their readers
-    /// got the error.
-    pub fetch_errors: Counter,
-    /// Fetches whose verified bytes answered their readers but could not
-    /// be written to staging (e.g. it is full): no read failed; the block
-    /// stays missing and is fetched again when read.
-    pub staging_write_errors: Counter,
-    pub fetch_latency: LatencyHistogram,
-    pub flushes: Counter,
-    /// Blocks given back to keep staging under its limit (see `evict`).
-    pub evicted_blocks: Counter,
-    /// Reads that found a block missing after its fill (evicted, or a
-    /// guest write that claimed it failed) and filled it again.
-    pub refills: Counter,
-    /// Reads of the staging data file on behalf of guest and internal
-    /// reads (preads; a fetch's waiters answer without one).
-    pub staging_reads: Counter,
-    /// Guest reads that waited for a fetch holding no thread
-    /// (`Volume::read_later`).
-    pub later_reads: Counter,
-    /// The most recent fetch failure, for status and verify-boot.
-    pub last_fetch_error: Mutex<Option<String>>,
-    /// The most recent failed staging write of fetched bytes, for status.
-    pub last_staging_write_error: Mutex<Option<String>>,
-    /// Guest reads and writes completed, and the time
-    /// they took: the session uploader's load figures (see `upload`).
-    pub guest_ops: Counter,
-    pub guest_time_ns: Counter,
-    /// Their latencies, for a p99 limit.
-    pub guest_latency: LatencyHistogram,
-}
 
 pub struct Volume {
     pub vm: String,
@@ -332,64 +183,6 @@ pub struct Volume {
 /// Tests only: see `Volume::claim_hook`.
 #[cfg(test)]
 pub(crate) type ClaimHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
-
-/// Per-disk figures for `status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct DiskStatus {
-    pub index: usize,
-    pub name: String,
-    pub size: u64,
-    pub block_size: u64,
-    pub blocks_total: u64,
-    pub blocks_staged: u64,
-    pub blocks_changed: u64,
-    /// Blocks written since the session's last live backup (or since
-    /// recovery, before the first).
-    pub blocks_dirty: u64,
-    pub zero_blocks: u64,
-    pub reads: u64,
-    pub read_bytes: u64,
-    pub read_hits: u64,
-    pub writes: u64,
-    pub write_bytes: u64,
-    pub fetched_blocks: u64,
-    pub fetched_bytes: u64,
-    /// Fetches that failed: their reads failed (see `last_fetch_error`).
-    pub fetch_errors: u64,
-    /// Fetched blocks that could not be staged (e.g. staging is full):
-    /// their reads were answered from the verified bytes; the block is
-    /// fetched again when read (see `last_staging_write_error`).
-    pub staging_write_errors: u64,
-    pub fetch_latency_mean_ms: f64,
-    pub fetch_latency_p99_ms: f64,
-    pub fetches_in_flight: usize,
-    pub flushes: u64,
-    /// Blocks evicted to keep staging under its limit (see `evict`).
-    pub evicted_blocks: u64,
-    /// Reads that found a block evicted after its fill and filled it again.
-    pub refills: u64,
-    /// Preads of the staging data file that served reads (a miss is
-    /// answered from the fetched bytes without one).
-    pub staging_reads: u64,
-    /// Reads that waited for a fetch holding no thread (FUSE, NBD, NFS).
-    pub later_reads: u64,
-    /// The kernel reads this disk's file itself for a read-only FUSE open
-    /// (`serve --fuse-passthrough`): no eviction, no relocation start,
-    /// and writable FUSE opens are refused until it closes.
-    pub passthrough: bool,
-    pub last_fetch_error: Option<String>,
-    pub last_staging_write_error: Option<String>,
-    /// Set once a sync of this disk's staging failed: every later flush
-    /// fails with EIO until the session is released.
-    pub failed: Option<String>,
-    /// Share of the applied profile's blocks already staged (0..1; 1 when
-    /// there is no profile to stage).
-    pub profile_coverage: f64,
-    /// Share of guest reads served from staging without a fetch (0..1;
-    /// 1 before the first read).
-    pub profile_hit_ratio: f64,
-    pub profile: ProfileFigures,
-}
 
 impl Volume {
     /// Disk `index` of backup `m`, staged in `store`, its fetches queued
@@ -487,36 +280,6 @@ impl Volume {
         self.write_watch.get().is_some()
     }
 
-    /// A guest request's place in the export point's queue, if the disk
-    /// has one: at once and apart from admission if staging alone serves
-    /// `[off, off + len)`, else a slot when one is free. The presence bits
-    /// are looked at only when there is a queue.
-    fn enter_guest(&self, off: u64, len: u64) -> Option<crate::placement::queue::Ticket> {
-        let q = self.io.get()?;
-        Some(match self.is_local(off, len) {
-            true => q.enter_staged(len),
-            false => q.enter(crate::placement::IoClass::Sync, len),
-        })
-    }
-
-    /// Bytes of the applied profile's blocks not staged yet (approximated
-    /// by whole blocks).
-    pub fn profile_remaining_bytes(&self) -> u64 {
-        let f = self.tracker.figures(|b| self.store.present.test(b));
-        f.blocks.saturating_sub(f.staged) * self.block_size
-    }
-
-    /// Bytes of blocks with data in the backup that are not staged yet.
-    pub fn unstaged_bytes(&self) -> u64 {
-        if self.target.get().is_some() {
-            return 0;
-        }
-        (self.chunks.iter_present())
-            .filter(|&(b, _)| !self.store.present.test(b))
-            .map(|(b, _)| self.block_len(b))
-            .sum()
-    }
-
     fn block_len(&self, b: u64) -> u64 {
         (self.size - b * self.block_size).min(self.block_size)
     }
@@ -528,390 +291,8 @@ impl Volume {
         off / self.block_size..(off + len - 1) / self.block_size + 1
     }
 
-    /// True if a read of the range needs no fetch: frontends serve such
-    /// reads on their event threads and hand the rest to I/O workers.
-    pub fn is_local(&self, off: u64, len: u64) -> bool {
-        if self.target.get().is_some() {
-            return true;
-        }
-        let len = len.min(self.size.saturating_sub(off));
-        self.blocks(off, len)
-            .all(|b| self.store.present.test(b) || !self.chunks.has_data(b))
-    }
-
-    /// True if a write of the range neither waits for a fetch nor syncs a
-    /// map or the upload record nor waits for another writer's map sync
-    /// (every block staged and durably marked changed, no valid upload
-    /// entry to clear; a copy is revoked in memory) nor waits out a
-    /// cutover's pause: frontends may serve it on an event thread.
-    pub fn write_is_quick(&self, off: u64, len: u64) -> bool {
-        if self.write_gate.is_locked_exclusive() {
-            return false;
-        }
-        let len = len.min(self.size.saturating_sub(off));
-        if self.target.get().is_some() {
-            return self.blocks(off, len).all(|b| {
-                self.store.changed.test_durable(b)
-                    && self.dirty_is_quick(b)
-                    && self.upload_is_quick(b)
-            });
-        }
-        self.blocks(off, len).all(|b| {
-            self.store.present.test(b)
-                && self.store.changed.test_durable(b)
-                && self.dirty_is_quick(b)
-                && self.upload_is_quick(b)
-        })
-    }
-
-    fn claim(&self, b: u64, class: Class) -> Claim {
-        if self.store.present.test(b) {
-            return Claim::Present;
-        }
-        let mut map = self.inflight.lock();
-        if self.store.present.test(b) {
-            return Claim::Present;
-        }
-        if let Some(s) = map.get(&b) {
-            return Claim::Wait(s.clone());
-        }
-        let s = Slot::new(class);
-        map.insert(b, s.clone());
-        Claim::Owner(s)
-    }
-
-    /// Ends a fill: on success the block is present before it leaves the
-    /// in-flight table, so no second fetch can start in between.
-    fn complete(&self, b: u64, slot: &Slot, r: Result<()>) {
-        self.release_fill(b, slot, r.is_ok());
-        slot.finish(r);
-    }
-
-    /// Ends a guest write's claim on `b`: the block is present if the
-    /// write's data landed. Its waiters (readers, the copier, other
-    /// writers) are told `Ok` either way: a failed write's error is its
-    /// own caller's, and the block is then as the claim found it (not
-    /// staged, the backup's bytes), so a waiter plans again (reads staging
-    /// or fetches) instead of failing for a write it did not make.
-    fn complete_claim(&self, b: u64, slot: &Slot, landed: bool) {
-        self.release_fill(b, slot, landed);
-        slot.finish(Ok(()));
-    }
-
-    /// A fill's block leaves the in-flight table, present first if `ok`.
-    fn release_fill(&self, b: u64, slot: &Slot, ok: bool) {
-        if ok {
-            // Outside the in-flight lock (it writes the same-boot mirror),
-            // yet before the block leaves the table: no second fetch starts.
-            self.store.present.set(b);
-            self.touch(b);
-        }
-        self.settle(slot, ok);
-        self.inflight.lock().remove(&b);
-    }
-
-    /// Ends a fill that left nothing in staging (the copier's fetch): the
-    /// block stays missing, its waiters answer from the slot's bytes.
-    fn complete_unstaged(&self, b: u64, slot: &Slot, r: Result<()>) {
-        self.settle(slot, false);
-        self.inflight.lock().remove(&b);
-        slot.finish(r);
-    }
-
-    /// Starts filling block `b` from the backup unless it is present, at
-    /// priority `class`. Returns a slot to wait on, or `None` when the
-    /// block is already local.
-    fn start_fill(&self, b: u64, class: Class) -> Option<Arc<Slot>> {
-        match self.claim(b, class) {
-            Claim::Present => None,
-            Claim::Wait(s) => {
-                s.promote(&self.sched, class);
-                Some(s)
-            }
-            Claim::Owner(s) => {
-                match self.chunks.get(b) {
-                    None => {
-                        let r = self.admit(&s).and_then(|()| self.zero_fill(b));
-                        self.complete(b, &s, r);
-                    }
-                    Some(_) => self.queue_fetch(b, &s, true),
-                }
-                Some(s)
-            }
-        }
-    }
-
-    /// Starts fetching `b` in the background unless it is local or
-    /// already coming; true if this queued a fetch or raised its class.
-    /// Never after cutover: the disk reads its target, and staging would
-    /// only fill with blocks nobody reads.
-    pub fn prefetch_block(&self, b: u64, class: Class) -> bool {
-        if b >= self.nblocks
-            || !self.chunks.has_data(b)
-            || self.store.present.test(b)
-            || self.is_switched()
-        {
-            return false;
-        }
-        self.start_fill(b, class).is_some()
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::busy(format!(
-                "disk{} of VM {} was released",
-                self.index, self.vm
-            )));
-        }
-        Ok(())
-    }
-
-    /// Every write into staging: never after `close` returned.
-    fn staging_write(&self, data: &[u8], off: u64) -> Result<()> {
-        self.staging_io("write", |f| f.write_all_at(data, off))
-    }
-
-    /// [`Volume::staging_write`] of a fetched block: past the page cache
-    /// where the filesystem allows (`BlockFile::write_fill_at`).
-    fn staging_fill(&self, data: &[u8], off: u64) -> Result<()> {
-        self.staging_io("write", |f| f.write_fill_at(data, off))
-    }
-
-    /// One change to the staging file, under the I/O gate and only while
-    /// the disk is open; `what` names it in the error.
-    fn staging_io(
-        &self,
-        what: &str,
-        op: impl FnOnce(&dyn crate::staging::BlockFile) -> std::io::Result<()>,
-    ) -> Result<()> {
-        let _g = self.io_gate.read();
-        self.check_open()?;
-        op(self.store.data.as_ref())
-            .ctx(|| format!("{what} staging {}", self.store.data_path.display()))
-    }
-
-    /// Makes a zero block's staging range read as zeros (it may hold
-    /// leftovers of a write that was never acknowledged before a crash).
-    fn zero_fill(&self, b: u64) -> Result<()> {
-        self.staging_zero(b * self.block_size, self.block_len(b))
-    }
-
-    /// Zeros a staging range (a hole where the filesystem can punch one);
-    /// like every staging write, never after `close`.
-    fn staging_zero(&self, off: u64, len: u64) -> Result<()> {
-        self.staging_io("zero", |f| f.punch_hole(off, len))
-    }
-
-    /// Waits for each fill to end: the first error of a fill that left no
-    /// bytes. A fetch whose staging write failed after its bytes were
-    /// verified still answers readers from them.
-    fn wait_fills<'a>(slots: impl IntoIterator<Item = &'a Arc<Slot>>) -> Result<()> {
-        let mut first = Ok(());
-        for s in slots {
-            if let Err(e) = s.wait() {
-                if s.data.get().is_none() && first.is_ok() {
-                    first = Err(e);
-                }
-            }
-        }
-        first
-    }
-
-    /// Makes every write and fetch completed before the call durable: data
-    /// first, then the presence map (from a snapshot taken before the data
-    /// sync), then the changed map. Only then may a guest's fsync be
-    /// answered. Concurrent calls are grouped: a sync that started after a
-    /// call was made covers it, so waiting callers share one sync.
-    pub fn flush(&self) -> Result<()> {
-        let me = self.flush_requests.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut covered = self.flush_lock.lock();
-        self.check_failed()?;
-        if *covered >= me {
-            return Ok(());
-        }
-        // Every request numbered up to here was made before this sync starts.
-        let upto = self.flush_requests.load(Ordering::Acquire);
-        self.sync_all()?;
-        *covered = upto;
-        self.stats.flushes.add(1);
-        Ok(())
-    }
-
-    fn sync_all(&self) -> Result<()> {
-        if let Some(t) = self.target.get() {
-            return t
-                .sync_data()
-                .ctx(|| format!("fsync relocated disk{}", self.index))
-                .map_err(|e| self.fail(e));
-        }
-        let snap = self.store.present.snapshot_if_dirty();
-        if let Err(e) = self.store.data.sync_data() {
-            return Err(self.fail(Error::io(
-                format!("fsync {}", self.store.data_path.display()),
-                e,
-            )));
-        }
-        if let Some(s) = snap {
-            self.store
-                .present
-                .write_snapshot(&s)
-                .map_err(|e| self.fail(e))?;
-        }
-        self.store.changed.persist().map_err(|e| self.fail(e))
-    }
-
-    /// Records the first failed sync (logged once, naming the disk) and
-    /// returns the sticky error every later flush gets.
-    fn fail(&self, e: Error) -> Error {
-        if self.failed.set(e.clone()).is_ok() {
-            // Pages the mirror describes may be gone: a restart must not
-            // trust it, and NFS clients must resend (the epoch changes).
-            self.store.present.poison_mirror();
-            tracing::error!(
-                vm = %self.vm,
-                disk = self.index,
-                "staging of disk{} of VM {} failed: {e}; every later flush of this disk fails until the session is released",
-                self.index,
-                self.vm
-            );
-        }
-        self.failed_error().unwrap_or(e)
-    }
-
-    pub(crate) fn failed_error(&self) -> Option<Error> {
-        self.failed.get().map(|first| {
-            Error::new(
-                ErrorKind::Io,
-                format!(
-                    "disk{} of VM {} has failed ({first}); writes since its last good flush may be lost; release the session",
-                    self.index, self.vm
-                ),
-            )
-        })
-    }
-
-    fn check_failed(&self) -> Result<()> {
-        match self.failed_error() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// True once a sync of this disk failed (see `flush`).
-    pub fn is_failed(&self) -> bool {
-        self.failed.get().is_some()
-    }
-
-    /// Extents of `[off, off + len)`: a zero chunk not staged is a hole;
-    /// staged blocks are local; changed blocks were written by the guest.
-    /// After a cutover everything is local on the target.
-    /// Walked by runs: each extent ends where the changed map, the
-    /// presence map or (for blocks not staged) the backup's data runs
-    /// change, found a bitmap word or a chunk run at a time.
-    pub fn block_status(&self, off: u64, len: u64) -> Vec<crate::disk::Extent> {
-        let switched = self.target.get().is_some();
-        let (present, changed) = (self.store.present.bits(), self.store.changed.bits());
-        // The end of the run of bits in `[b, to)` equal to bit `b`.
-        let same = |m: &crate::staging::AtomicBitmap, b: u64, to: u64| match m.test(b) {
-            true => m.next_clear(b, to),
-            false => m.next_set(b, to),
-        };
-        crate::disk::extents_by_runs(self.size, self.block_size, off, len, |b, to| {
-            let staged = switched || present.test(b);
-            let data = self.chunks.has_data(b);
-            let mut end = same(changed, b, to);
-            if !switched {
-                end = same(present, b, end);
-            }
-            if !staged {
-                let data_end = match data {
-                    true => self.chunks.data_end(b),
-                    false => self.chunks.next_data(b).unwrap_or(to),
-                };
-                end = end.min(data_end);
-            }
-            let hole = !staged && !data;
-            let flags = crate::disk::ExtentFlags {
-                hole,
-                zero: hole,
-                staged,
-                changed: changed.test(b),
-            };
-            (flags, end)
-        })
-    }
-
-    /// Changed blocks as half-open block ranges.
-    pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
-        self.store.changed.bits().ranges()
-    }
-
     pub fn block_size(&self) -> u64 {
         self.block_size
-    }
-
-    pub fn status(&self) -> DiskStatus {
-        let s = &self.stats;
-        let profile = self.tracker.figures(|b| self.store.present.test(b));
-        let ratio = |num: u64, den: u64| {
-            if den == 0 {
-                1.0
-            } else {
-                num as f64 / den as f64
-            }
-        };
-        DiskStatus {
-            profile_coverage: ratio(profile.staged, profile.blocks),
-            profile_hit_ratio: ratio(s.read_hits.get(), s.reads.get()),
-            profile,
-            index: self.index,
-            name: self.name(),
-            size: self.size,
-            block_size: self.block_size,
-            blocks_total: self.nblocks,
-            blocks_staged: self.store.present.bits().count(),
-            blocks_changed: self.store.changed.bits().count(),
-            blocks_dirty: self.blocks_dirty(),
-            zero_blocks: self.chunks.zero_chunks(),
-            reads: s.reads.get(),
-            read_bytes: s.read_bytes.get(),
-            read_hits: s.read_hits.get(),
-            writes: s.writes.get(),
-            write_bytes: s.write_bytes.get(),
-            fetched_blocks: s.fetched_blocks.get(),
-            fetched_bytes: s.fetched_bytes.get(),
-            fetch_errors: s.fetch_errors.get(),
-            staging_write_errors: s.staging_write_errors.get(),
-            fetch_latency_mean_ms: s.fetch_latency.mean_us() / 1000.0,
-            fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
-            fetches_in_flight: self.inflight.lock().len(),
-            flushes: s.flushes.get(),
-            evicted_blocks: s.evicted_blocks.get(),
-            refills: s.refills.get(),
-            staging_reads: s.staging_reads.get(),
-            later_reads: s.later_reads.get(),
-            passthrough: self.direct_readers() > 0,
-            last_fetch_error: s.last_fetch_error.lock().clone(),
-            last_staging_write_error: s.last_staging_write_error.lock().clone(),
-            failed: self.failed.get().map(|e| e.to_string()),
-        }
-    }
-
-    /// Ends the volume's fetching and writing (at release): queued fetches
-    /// finish without touching the repository or staging, and once this
-    /// returns no running fetch or write can still land in staging.
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        drop(self.io_gate.write());
-        self.detach_budget();
-    }
-
-    /// Waits for in-flight fills to settle (used before release/shutdown).
-    pub fn quiesce(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.inflight.lock().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 }
 

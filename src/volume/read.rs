@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Slot, Volume};
+use super::fill::Slot;
+use super::Volume;
 use crate::disk::{ReadDone, Spawner};
 use crate::error::{IoContext, Result};
 use crate::prefetch::stream::Geometry;

@@ -5,7 +5,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Claim, Slot, Volume};
+use super::fill::{Claim, Slot};
+use super::Volume;
 use crate::error::{Error, Result};
 use crate::prefetch::Class;
 use crate::staging::io::BlockFile;

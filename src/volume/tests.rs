@@ -3,10 +3,14 @@
 //! defects of issue 10 (deadlock, promotion, panics, release, sticky failure).
 
 use super::*;
+use crate::prefetch::Class;
 use crate::repo::testing::{Knobs, TestBackend};
 use crate::staging::io::{OsStorage, Storage};
+use bytes::Bytes;
+use parking_lot::Condvar;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
+use std::time::Instant;
 
 const BS: usize = 65536;
 

@@ -9,7 +9,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Claim, Slot, Volume};
+use super::fill::{Claim, Slot};
+use super::Volume;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::prefetch::Class;
 

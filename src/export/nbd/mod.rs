@@ -46,8 +46,10 @@
 //! GPL.
 //!
 //! Layout: `proto` holds the wire constants and encoders, `handshake`
-//! the option phase, `transmission` the request phase; this file binds
-//! the listeners and runs the connections.
+//! the option phase, `transmission` the request phase (the connection;
+//! below it `execute` runs a request against the disk, `extents` shapes
+//! the disk's extents for a reply, `reply` encodes and writes replies);
+//! this file binds the listeners and runs the connections.
 
 use std::any::Any;
 use std::net::SocketAddr;

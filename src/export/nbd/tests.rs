@@ -579,7 +579,7 @@ fn block_status_of_stripes(blocks: u64) -> Reply {
     let mut c = h.open(EXPORT);
     let r = c.call(CMD_BLOCK_STATUS, 0, 0, u32::MAX, &[]);
     assert_eq!(r.error, 0);
-    assert!(d.longest.load(Ordering::SeqCst) as u64 <= transmission::MAX_STATUS_QUERY);
+    assert!(d.longest.load(Ordering::SeqCst) as u64 <= transmission::extents::MAX_STATUS_QUERY);
     r
 }
 
@@ -587,9 +587,9 @@ fn block_status_of_stripes(blocks: u64) -> Reply {
 fn block_status_bounds_the_range_it_queries_and_the_extents_it_returns() {
     let r = block_status_of_stripes(1);
     for (_, descriptors) in &r.status {
-        assert_eq!(descriptors.len(), transmission::MAX_EXTENTS);
+        assert_eq!(descriptors.len(), transmission::extents::MAX_EXTENTS);
         let covered: u64 = descriptors.iter().map(|(l, _)| *l as u64).sum();
-        assert_eq!(covered, transmission::MAX_EXTENTS as u64 * 4096);
+        assert_eq!(covered, transmission::extents::MAX_EXTENTS as u64 * 4096);
     }
 }
 
