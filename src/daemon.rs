@@ -509,6 +509,11 @@ pub fn default_socket_link() -> PathBuf {
 /// Points the default link at our socket unless another live daemon owns it.
 fn publish_default_socket(link: &Path, socket: &Path) -> Option<PathBuf> {
     let link = link.to_path_buf();
+    // Left by this daemon's previous run (killed): it names our socket,
+    // which answers because we already listen.
+    if std::fs::read_link(&link).is_ok_and(|t| t == socket) {
+        return Some(link);
+    }
     if std::os::unix::net::UnixStream::connect(&link).is_ok() {
         let other = std::fs::read_link(&link).unwrap_or_else(|_| link.clone());
         tracing::warn!(
@@ -702,6 +707,18 @@ mod tests {
         assert_eq!(std::fs::read_link(&link).unwrap(), b);
         unpublish_default_socket(&link, &b);
         assert!(std::fs::symlink_metadata(&link).is_err());
+    }
+
+    #[test]
+    fn a_daemon_restarted_on_the_same_socket_takes_back_the_link_it_left() {
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("default.sock");
+        let a = d.path().join("a.sock");
+        // The link a killed run left; the new run listens before publishing.
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let _la = std::os::unix::net::UnixListener::bind(&a).unwrap();
+        assert_eq!(publish_default_socket(&link, &a), Some(link.clone()));
+        assert_eq!(std::fs::read_link(&link).unwrap(), a);
     }
 
     #[test]

@@ -251,10 +251,17 @@ async fn resume_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiR
 /// `Option<Json<T>>` is `None` for a body sent without one, which would
 /// take `{"keep_target":true}` for the default (and remove the files). A
 /// body that is not the JSON expected is refused (400).
+/// Unknown fields are refused too (the body types say
+/// `deny_unknown_fields`): `{"keep-target":true}` must not mean "remove".
 struct JsonOrEmpty<T>(T);
 
-impl<T: serde::de::DeserializeOwned + Default, S: Send + Sync> axum::extract::FromRequest<S>
-    for JsonOrEmpty<T>
+/// A request body's shape, for the one-line refusal.
+trait BodyShape {
+    const SHAPE: &'static str;
+}
+
+impl<T: serde::de::DeserializeOwned + Default + BodyShape, S: Send + Sync>
+    axum::extract::FromRequest<S> for JsonOrEmpty<T>
 {
     type Rejection = ApiError;
 
@@ -268,16 +275,34 @@ impl<T: serde::de::DeserializeOwned + Default, S: Send + Sync> axum::extract::Fr
         }
         serde_json::from_slice(&body).map(JsonOrEmpty).map_err(|e| {
             ApiError(Error::invalid(format!(
-                "the request body is not the JSON expected: {e}"
+                "the request body is not the JSON expected ({}): {e}",
+                T::SHAPE
             )))
         })
     }
 }
 
 #[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
 struct CancelBody {
     #[serde(default)]
     keep_target: bool,
+}
+
+impl BodyShape for CancelBody {
+    const SHAPE: &'static str = r#"{"keep_target": true|false}, or no body"#;
+}
+
+/// `UploadRequest` as the API takes it: it is also the stored
+/// `upload.json`, which must stay readable with fields added later.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct UploadBody {
+    load_limit: Option<String>,
+}
+
+impl BodyShape for UploadBody {
+    const SHAPE: &'static str = r#"{"load_limit": "latency=MS,queue=N"}, or no body"#;
 }
 
 async fn cancel_relocation(
@@ -295,8 +320,11 @@ async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResu
 async fn start_upload(
     State(ds): State<Ds>,
     Path(vm): Path<String>,
-    JsonOrEmpty(req): JsonOrEmpty<crate::session::UploadRequest>,
+    JsonOrEmpty(b): JsonOrEmpty<UploadBody>,
 ) -> ApiResult {
+    let req = crate::session::UploadRequest {
+        load_limit: b.load_limit,
+    };
     blocking(move || ds.start_upload(&vm, req)).await
 }
 
@@ -332,7 +360,7 @@ mod tests {
 
     /// What `JsonOrEmpty<T>` makes of `body` sent with `content_type`: the
     /// value, or the status the request is refused with.
-    async fn read<T: serde::de::DeserializeOwned + Default>(
+    async fn read<T: serde::de::DeserializeOwned + Default + BodyShape>(
         body: &str,
         content_type: Option<&str>,
     ) -> Result<T, StatusCode> {
@@ -375,6 +403,9 @@ mod tests {
             ),
             ("{\"keep_target\":", Some("application/json")),
             ("{\"keep_target\":1}", None),
+            // A misspelt field is not "no field": refused, never "remove".
+            ("{\"keep-target\":true}", Some("application/json")),
+            ("{\"keepTarget\":true}", None),
         ] {
             let e = read::<CancelBody>(body, ct).await.unwrap_err();
             assert_eq!(e, StatusCode::BAD_REQUEST, "{body:?} {ct:?}");
@@ -383,10 +414,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_upload_body_without_content_type_keeps_its_load_limit() {
-        let r: crate::session::UploadRequest =
-            read(r#"{"load_limit":"latency=50"}"#, None).await.unwrap();
+        let r: UploadBody = read(r#"{"load_limit":"latency=50"}"#, None).await.unwrap();
         assert_eq!(r.load_limit.as_deref(), Some("latency=50"));
-        let r: crate::session::UploadRequest = read("", None).await.unwrap();
+        let r: UploadBody = read("", None).await.unwrap();
         assert_eq!(r.load_limit, None);
+        let e = read::<UploadBody>(r#"{"load-limit":"latency=50"}"#, None).await;
+        assert_eq!(e.unwrap_err(), StatusCode::BAD_REQUEST);
     }
 }

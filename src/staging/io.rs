@@ -223,7 +223,7 @@ fn open_dir_no_symlinks(dir: &Path) -> io::Result<OwnedFd> {
             io::ErrorKind::InvalidInput,
             "a symbolic link is on the way, which recoverfs never follows",
         )),
-        Some(libc::ENOSYS) => {
+        Some(n) if openat2_unavailable(n) => {
             if std::fs::canonicalize(dir)? != dir {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -239,6 +239,15 @@ fn open_dir_no_symlinks(dir: &Path) -> io::Result<OwnedFd> {
         }
         _ => Err(e),
     }
+}
+
+/// Whether `openat2` failing with `errno` means the call is not there:
+/// ENOSYS before Linux 5.6, EPERM from a seccomp filter that refuses
+/// syscalls it does not know (Docker before 20.10, systemd's
+/// `SystemCallFilter` without `SystemCallErrorNumber=ENOSYS`). Opening a
+/// directory read-only has no other EPERM.
+fn openat2_unavailable(errno: i32) -> bool {
+    matches!(errno, libc::ENOSYS | libc::EPERM)
 }
 
 /// The real filesystem.
@@ -713,6 +722,16 @@ impl BlockFile for OsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seccomp_refusal_of_openat2_falls_back_like_a_kernel_without_it() {
+        assert!(openat2_unavailable(libc::ENOSYS));
+        assert!(openat2_unavailable(libc::EPERM));
+        // Real answers about the directory are not "unavailable".
+        for e in [libc::EACCES, libc::ENOENT, libc::ENOTDIR, libc::ELOOP] {
+            assert!(!openat2_unavailable(e), "{e}");
+        }
+    }
 
     #[test]
     fn open_never_follows_a_symlink_and_empty_leaves_no_old_byte() {
