@@ -1,6 +1,6 @@
-//! A live virtual disk: the read/write/flush API every frontend (FUSE now,
-//! NFS and NBD later) calls. It joins a backup's chunk list with a staging
-//! store.
+//! A live virtual disk: the read/write/flush API every frontend (FUSE,
+//! NFS and NBD) and every job that reads or copies a disk calls. It joins
+//! a backup's chunk list with a staging store.
 //!
 //! * A read of a staged block is a read of the staging file.
 //! * A read of a missing block starts a fetch (at most one per block, via
