@@ -317,6 +317,9 @@ pub(crate) fn receive(
         "agent {} (recoverfs {})",
         hello.version, hello.binary
     ));
+    if let Some(w) = hello.warning() {
+        say(&w);
+    }
     let mut sink = ChunkSink::default();
     let mut entries = vec![];
     // The entries' JSON so far: about the catalog's size.

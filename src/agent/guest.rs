@@ -84,6 +84,7 @@ pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
     w.hello(&Hello {
         version: cfg.version.clone(),
         binary: env!("CARGO_PKG_VERSION").to_string(),
+        features: super::stream::agent_features(),
     })
     .and_then(|()| w.get_mut().flush())
     .map_err(io)?;

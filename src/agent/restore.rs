@@ -71,7 +71,12 @@ fn send(
         "the agent's stream",
     );
     match fr.next_frame()? {
-        Frame::Hello(h) => say(&format!("agent {} (recoverfs {})", h.version, h.binary)),
+        Frame::Hello(h) => {
+            say(&format!("agent {} (recoverfs {})", h.version, h.binary));
+            if let Some(w) = h.warning() {
+                say(&w);
+            }
+        }
         Frame::Error(m) => {
             return Err(Error::invalid(format!(
                 "the agent failed in the guest: {m}"

@@ -45,6 +45,35 @@ pub struct Hello {
     pub version: String,
     /// The recoverfs binary's version.
     pub binary: String,
+    /// What the agent's binary does that older ones did not (absent in
+    /// their hello): the host warns about what an old one lacks.
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// The agent waits for the port to be writable, so a host end that closed
+/// (a killed host command) is a write error and the `post` hook runs.
+pub const FEATURE_PORT_WAIT: &str = "port-wait";
+
+/// Every feature of this binary's agent.
+pub fn agent_features() -> Vec<String> {
+    vec![FEATURE_PORT_WAIT.to_string()]
+}
+
+impl Hello {
+    /// The one-line warning for an agent container built before
+    /// `features` it lacks mattered, if any.
+    pub fn warning(&self) -> Option<String> {
+        if self.features.iter().any(|f| f == FEATURE_PORT_WAIT) {
+            return None;
+        }
+        Some(format!(
+            "warning: agent container {} predates the guest agent's wait for the host: if this \
+             command is killed while the application is quiesced, the application may stay \
+             quiesced; rebuild the container (`recoverfs agent build`) and attach the new one",
+            self.version
+        ))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

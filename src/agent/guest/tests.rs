@@ -270,6 +270,7 @@ fn hostile_guest(
             .hello(&Hello {
                 version: "6.6".into(),
                 binary: "x".into(),
+                features: crate::agent::stream::agent_features(),
             })
             .and_then(|()| rest(&mut w))
             // As the real agent: wait for the host's acknowledgement.

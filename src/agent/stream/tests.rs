@@ -22,6 +22,7 @@ fn sample() -> (Vec<u8>, Vec<u8>) {
     w.hello(&Hello {
         version: "1".into(),
         binary: "0.1.0".into(),
+        features: agent_features(),
     })
     .unwrap();
     w.log("hook app pre: quiesced").unwrap();
@@ -129,4 +130,22 @@ fn keepalive_frames_are_passed_over_even_inside_a_file_and_carry_nothing() {
         .next_frame()
         .unwrap_err();
     assert!(e.to_string().contains("at most 0"), "{e}");
+}
+
+#[test]
+fn a_hello_from_an_agent_built_before_the_port_wait_is_read_and_warned_about() {
+    // What agents before the port wait sent: no `features`.
+    let old: Hello = serde_json::from_str(r#"{"version":"3","binary":"0.1.0"}"#).unwrap();
+    let w = old.warning().expect("an old agent is warned about");
+    assert!(w.contains("agent build") && w.contains("quiesced"), "{w}");
+    assert_eq!(w.lines().count(), 1, "{w}");
+    let new = Hello {
+        version: "4".into(),
+        binary: "0.1.0".into(),
+        features: agent_features(),
+    };
+    assert_eq!(new.warning(), None);
+    // The guest agent's own hello carries the feature.
+    let back: Hello = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
+    assert_eq!(back.warning(), None);
 }
