@@ -1337,3 +1337,30 @@ fn a_force_relocation_refusing_one_target_file_empties_none() {
         "a copied map without a record"
     );
 }
+
+#[test]
+fn a_cancel_whose_target_is_missing_from_a_parent_on_another_filesystem_names_what_is_left() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    // Primary storage not mounted: its mount point is there, empty, on the
+    // filesystem below (another device than the target's, in this boot).
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(&primary, rig.dir.path().join("away")).unwrap();
+    std::fs::create_dir(&primary).unwrap();
+    edit_record(&rig, |v| {
+        let dev = v["target_id"]["dev"].as_u64().unwrap();
+        v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
+    });
+    let (disks, again) = rig.restart();
+    assert!(again.is_none(), "served from staging");
+    let c = Relocation::cancel_recorded(rig.source(&disks), false)
+        .unwrap()
+        .expect("recorded");
+    let left = c.leftover.expect("named as left").to_string();
+    assert!(
+        left.contains(&*primary.join("vm/disk0.raw").to_string_lossy()),
+        "{left}"
+    );
+}
