@@ -46,9 +46,10 @@
 //! the resolved directory, the daemon then creates `to/<vm>` itself (root,
 //! 0700) and records its identity (device, inode, with its owner and the
 //! boot it was read in: in another boot, whose device numbers may differ,
-//! the same inode and owner are required instead; a caller who is not root
-//! can make neither a directory owned by root nor, while the original
-//! holds the relocation's files, its inode number free). Every later use (the
+//! the same inode, owner and filesystem type are required instead; a
+//! caller who is not root can make neither a directory owned by root nor,
+//! while the original holds the relocation's files, its inode number free,
+//! and can mount only FUSE, whose type differs). Every later use (the
 //! target files at the start and at a restart, `vm.json` at the cutover, a
 //! cancel's removals) opens the directory without following a symbolic
 //! link anywhere (`openat2`, `RESOLVE_NO_SYMLINKS`), checks that identity,

@@ -231,6 +231,9 @@ fn remove_target_dir(
                 ino: m.ino(),
                 uid: Some(m.uid()),
                 boot: storage.boot_id(),
+                // Only an empty directory is removed, and a mount point
+                // cannot be: its type does not matter here.
+                fs_type: meta.target_id.as_ref().and_then(|id| id.fs_type),
             };
             m.is_dir() && meta.target_id.as_ref().is_none_or(|id| id.admits(&now))
         }

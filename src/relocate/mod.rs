@@ -45,7 +45,8 @@
 //!   restart does not resume into a directory moved or linked into its
 //!   place, a cancel leaves the files. The device number is trusted only
 //!   in the boot that read it (see `TargetId`): after a reboot the same
-//!   inode and owner will do, and the identity is recorded again. An older
+//!   inode, owner and filesystem type will do, and the identity is
+//!   recorded again. An older
 //!   record without the identity takes the directory found at its first
 //!   restart.
 //! * Each target file's inode number is recorded when it is created or
@@ -150,9 +151,10 @@ pub(crate) struct Meta {
 /// subvolumes, ZFS and overlayfs get anonymous ones in mount order, dm-N
 /// and NVMe minors follow probe order), so it is trusted only within the
 /// boot that read it. In another boot the directory must have the same
-/// inode number and the same owner: a caller who is not root cannot make a
-/// directory owned by another uid, nor free the original's inode (and so
-/// have it reused) while that directory holds the relocation's files.
+/// inode number, the same owner and the same type of filesystem: a caller
+/// who is not root cannot make a directory owned by another uid, nor free
+/// the original's inode (and so have it reused) while that directory holds
+/// the relocation's files, nor mount anything but FUSE.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TargetId {
     pub dev: u64,
@@ -164,6 +166,11 @@ pub(crate) struct TargetId {
     /// written before it was kept).
     #[serde(default)]
     pub boot: String,
+    /// The filesystem's type: in another boot it must be the same, or a
+    /// caller could mount a FUSE filesystem of their own there, which
+    /// reports whatever inode and owner it likes.
+    #[serde(default)]
+    pub fs_type: Option<u64>,
 }
 
 impl TargetId {
@@ -175,6 +182,7 @@ impl TargetId {
             ino,
             uid: dir.owner(),
             boot: storage.boot_id(),
+            fs_type: dir.fs_type(),
         })
     }
 
@@ -188,7 +196,7 @@ impl TargetId {
         if same_boot || self.uid.is_none() {
             return same;
         }
-        self.ino == now.ino && self.uid == now.uid
+        self.ino == now.ino && self.uid == now.uid && self.fs_type == now.fs_type
     }
 }
 
@@ -216,7 +224,7 @@ pub(crate) fn pin_target(storage: &dyn Storage, meta: &Meta) -> Result<PinnedDir
     }
     if want.dev != now.dev {
         tracing::warn!(target = %shown, "the relocation target's device number changed from {} to \
-            {} (a reboot or remount); same inode and owner, so the same directory", want.dev, now.dev);
+            {} (a reboot or remount); same inode, owner and filesystem type, so the same directory", want.dev, now.dev);
     }
     Ok(dir)
 }

@@ -1251,6 +1251,23 @@ fn after_a_reboot_a_directory_put_in_the_targets_place_or_owned_by_another_is_re
     let (again, reloc) = rig.restart();
     assert!(reloc.is_none(), "resumed in a directory of another owner");
     drop(again);
+    // The same inode and owner on another type of filesystem (a FUSE one
+    // a caller mounted there reports any inode and owner it likes).
+    edit_record(&rig, |v| {
+        let uid = v["target_id"]["uid"].as_u64().unwrap();
+        v["target_id"]["uid"] = (uid - 1).into();
+        let fs = v["target_id"]["fs_type"].as_u64().unwrap();
+        v["target_id"]["fs_type"] = (fs ^ 1).into();
+    });
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "resumed on another type of filesystem");
+    drop(again);
+    // All as recorded but the device: resumed.
+    edit_record(&rig, |v| {
+        let fs = v["target_id"]["fs_type"].as_u64().unwrap();
+        v["target_id"]["fs_type"] = (fs ^ 1).into();
+    });
+    assert!(rig.restart().1.is_some());
 }
 
 #[test]

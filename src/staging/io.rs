@@ -160,6 +160,8 @@ pub struct PinnedDir {
     id: Option<DirId>,
     /// The owner's uid, as `id`.
     owner: Option<u32>,
+    /// The filesystem's type (`statfs` `f_type`), as `id`.
+    fs_type: Option<u64>,
     _fd: Option<OwnedFd>,
 }
 
@@ -170,6 +172,7 @@ impl PinnedDir {
             path: dir.to_path_buf(),
             id: None,
             owner: None,
+            fs_type: None,
             _fd: None,
         }
     }
@@ -185,6 +188,10 @@ impl PinnedDir {
 
     pub fn owner(&self) -> Option<u32> {
         self.owner
+    }
+
+    pub fn fs_type(&self) -> Option<u64> {
+        self.fs_type
     }
 }
 
@@ -453,6 +460,13 @@ impl Storage for OsStorage {
         }
         // SAFETY: fstat succeeded.
         let st = unsafe { st.assume_init() };
+        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: fd is open; fs is written by fstatfs before it is read.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatfs succeeded.
+        let fs = unsafe { fs.assume_init() };
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -466,6 +480,9 @@ impl Storage for OsStorage {
                 ino: st.st_ino,
             }),
             owner: Some(st.st_uid),
+            // A magic number: `as` keeps every bit whatever its C type.
+            #[allow(clippy::unnecessary_cast)]
+            fs_type: Some(fs.f_type as u64),
             _fd: Some(fd),
         })
     }
