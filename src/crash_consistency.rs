@@ -180,6 +180,7 @@ fn begin_relocation(
         created: vec![],
         created_dir: false,
         target_id: None,
+        target_inos: Default::default(),
     };
     Relocation::begin(source(storage, vol), meta).unwrap()
 }

@@ -26,8 +26,12 @@
 //!    kept: recoverfs removes only what it made (a record written before
 //!    `created` existed names nothing, so everything is kept). Nothing is
 //!    removed in a directory that is not the one the relocation began in,
-//!    or through a link (see `pin_target`): then, as when the target cannot
-//!    be reached, the files are left and named.
+//!    or through a link (see `pin_target`): the files are then left, and
+//!    said to be wherever that directory went (never named by the paths
+//!    that now lead to another directory's files). A target that cannot be
+//!    reached (primary storage not mounted) has its files left and named.
+//!    One gone from a reachable parent (removed by an administrator) left
+//!    nothing: the cancel succeeds, naming nothing (see `find_target`).
 //!
 //! A failure in 4 or 5 leaves the relocation cancelled and is reported,
 //! naming what is left. A crash in them leaves files no record refers to:
@@ -40,7 +44,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{pin_target, target_file_of, Meta, Relocation, Source, State};
+use super::{is_replaced, pin_target, target_file_of, Meta, Relocation, Source, State, TargetId};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::limits::MAX_META_BYTES;
 use crate::staging::io::{self, PinnedDir, Storage};
@@ -222,10 +226,16 @@ fn remove_target_dir(
     let p = up.path().join(name);
     let same = match std::fs::symlink_metadata(&p) {
         Ok(m) => {
-            m.is_dir()
-                && meta
-                    .target_id
-                    .is_none_or(|id| id.dev == m.dev() && id.ino == m.ino())
+            let now = TargetId {
+                dev: m.dev(),
+                ino: m.ino(),
+                uid: Some(m.uid()),
+                boot: storage.boot_id(),
+                // Only an empty directory is removed, and a mount point
+                // cannot be: its type does not matter here.
+                fs_type: meta.target_id.as_ref().and_then(|id| id.fs_type),
+            };
+            m.is_dir() && meta.target_id.as_ref().is_none_or(|id| id.admits(&now))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
@@ -252,6 +262,48 @@ fn remove_target_dir(
             if e.kind() == std::io::ErrorKind::NotFound
                 || e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
         Err(e) => problems.push(format!("remove {}: {e}", meta.target.display())),
+    }
+}
+
+/// What is at the recorded target, which `pin_target` refused with `e`.
+enum Found {
+    Gone,
+    Replaced,
+    Unreachable,
+}
+
+/// Tells a target removed already from one replaced and one unreachable.
+/// Absent from a directory above it that can be reached is gone, unless
+/// that directory is on another filesystem than the target was (within one
+/// boot: device numbers may change at a reboot), as when primary storage is
+/// not mounted over it (after a reboot that case passes for gone).
+fn find_target(storage: &dyn Storage, meta: &Meta, e: &Error) -> Found {
+    if is_replaced(e) {
+        return Found::Replaced;
+    }
+    let (Some(parent), Some(name)) = (meta.target.parent(), meta.target.file_name()) else {
+        return Found::Unreachable;
+    };
+    let Ok(up) = storage.pin_dir(parent) else {
+        return Found::Unreachable;
+    };
+    match std::fs::symlink_metadata(up.path().join(name)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let elsewhere = match (&meta.target_id, up.id()) {
+                (Some(id), Some(up)) => {
+                    !id.boot.is_empty() && id.boot == storage.boot_id() && up.dev != id.dev
+                }
+                _ => false,
+            };
+            if elsewhere {
+                Found::Unreachable
+            } else {
+                Found::Gone
+            }
+        }
+        // A link in its place (another directory is refused as `is_replaced`).
+        Ok(m) if m.file_type().is_symlink() => Found::Replaced,
+        _ => Found::Unreachable,
     }
 }
 
@@ -296,18 +348,29 @@ fn clean_up(
                     remove_target_dir(storage, meta, &mut removed, &mut problems);
                 }
             }
-            // Moved, replaced or unreachable (primary storage not mounted):
-            // nothing in it is touched, and what is left there is named.
-            Err(e) => {
-                let mut left: Vec<String> = remove
-                    .iter()
-                    .map(|d| target_file_of(&meta.target, d).display().to_string())
-                    .collect();
-                if remove_dir {
-                    left.push(meta.target.display().to_string());
+            // Gone, replaced or unreachable: nothing in it is touched.
+            Err(e) => match find_target(storage, meta, &e) {
+                // Removed already (say, by an administrator): nothing is left.
+                Found::Gone => {}
+                // Its names now lead to another directory's files: never
+                // named as this relocation's.
+                Found::Replaced => problems.push(format!(
+                    "{e}: not reached: the files this relocation made are wherever that \
+                     directory went, not those now at {}",
+                    meta.target.display()
+                )),
+                // Primary storage not mounted, say: what is left there is named.
+                Found::Unreachable => {
+                    let mut left: Vec<String> = remove
+                        .iter()
+                        .map(|d| target_file_of(&meta.target, d).display().to_string())
+                        .collect();
+                    if remove_dir {
+                        left.push(meta.target.display().to_string());
+                    }
+                    problems.push(format!("{e}: left {}", left.join(", ")));
                 }
-                problems.push(format!("{e}: left {}", left.join(", ")));
-            }
+            },
         }
     }
     let leftover = (!problems.is_empty()).then(|| {

@@ -43,9 +43,17 @@
 //!   use works in it only if it is still that directory, reached without
 //!   following a link (see `pin_target`): the cutover does not commit, a
 //!   restart does not resume into a directory moved or linked into its
-//!   place (nor a target file with another hard link), a cancel leaves the
-//!   files. An older record without the identity takes the directory found
-//!   at its first restart.
+//!   place, a cancel leaves the files. The device number is trusted only
+//!   in the boot that read it (see `TargetId`): after a reboot the same
+//!   inode, owner and filesystem type will do, and the identity is
+//!   recorded again. An older
+//!   record without the identity takes the directory found at its first
+//!   restart.
+//! * Each target file's inode number is recorded when it is created or
+//!   emptied: a restart writes a file with another hard link only if it is
+//!   that very file (an administrator's `cp -al` snapshot of the target
+//!   must not keep a relocated VM from being served), never one put in its
+//!   place. `--force` checks every existing file before emptying any.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
 //! * **Pause and resume** (`pause`, `resume_copy`; see `pause`): a pause
@@ -58,6 +66,7 @@
 //!   resumes it), then the copied maps and the target files this relocation
 //!   created (never one that was there before).
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,7 +136,68 @@ pub(crate) struct Meta {
     /// never in one moved or linked into its place (see `pin_target`). A
     /// record written before this field has none: links are still refused.
     #[serde(default)]
-    pub target_id: Option<DirId>,
+    pub target_id: Option<TargetId>,
+    /// Each target file's inode number (by disk index) since this
+    /// relocation created or emptied it: a restart writes a file with
+    /// other hard links only if it is that very file (`Open::ExistingIno`).
+    /// A record written before this field has none: such a file is refused.
+    #[serde(default)]
+    pub target_inos: BTreeMap<usize, u64>,
+}
+
+/// A target directory's identity as recorded (see `pin_target`).
+///
+/// A device number is not stable across a reboot or remount (NFS, btrfs
+/// subvolumes, ZFS and overlayfs get anonymous ones in mount order, dm-N
+/// and NVMe minors follow probe order), so it is trusted only within the
+/// boot that read it. In another boot the directory must have the same
+/// inode number, the same owner and the same type of filesystem: a caller
+/// who is not root cannot make a directory owned by another uid, nor free
+/// the original's inode (and so have it reused) while that directory holds
+/// the relocation's files, nor mount anything but FUSE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TargetId {
+    pub dev: u64,
+    pub ino: u64,
+    /// The owner's uid; `None` in a record written before it was kept.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// `Storage::boot_id` when `dev` was read; empty if unknown (a record
+    /// written before it was kept).
+    #[serde(default)]
+    pub boot: String,
+    /// The filesystem's type: in another boot it must be the same, or a
+    /// caller could mount a FUSE filesystem of their own there, which
+    /// reports whatever inode and owner it likes.
+    #[serde(default)]
+    pub fs_type: Option<u64>,
+}
+
+impl TargetId {
+    /// `dir`'s identity now; `None` where the storage has none (in memory).
+    fn of(storage: &dyn Storage, dir: &PinnedDir) -> Option<TargetId> {
+        let DirId { dev, ino } = dir.id()?;
+        Some(TargetId {
+            dev,
+            ino,
+            uid: dir.owner(),
+            boot: storage.boot_id(),
+            fs_type: dir.fs_type(),
+        })
+    }
+
+    /// Whether `now`, a directory identified in this boot, is the one
+    /// recorded.
+    fn admits(&self, now: &TargetId) -> bool {
+        let same = self.dev == now.dev && self.ino == now.ino;
+        let same_boot = !self.boot.is_empty() && self.boot == now.boot;
+        // Without a recorded owner (an older record) only the strict
+        // check is left, as when it was written.
+        if same_boot || self.uid.is_none() {
+            return same;
+        }
+        self.ino == now.ino && self.uid == now.uid && self.fs_type == now.fs_type
+    }
 }
 
 /// Opens the recorded target directory for use: never through a symbolic
@@ -142,13 +212,27 @@ pub(crate) fn pin_target(storage: &dyn Storage, meta: &Meta) -> Result<PinnedDir
     let dir = storage
         .pin_dir(&meta.target)
         .map_err(|e| Error::io(format!("open relocation target {shown}"), e))?;
-    match (meta.target_id, dir.id()) {
-        (Some(want), Some(got)) if want != got => Err(Error::invalid(format!(
+    let (Some(want), Some(now)) = (&meta.target_id, TargetId::of(storage, &dir)) else {
+        return Ok(dir);
+    };
+    if !want.admits(&now) {
+        // A state of the target, not a bad request: `Busy` (409).
+        return Err(Error::busy(format!(
             "relocation target {shown} is no longer the directory the relocation began in \
              (it was moved or replaced since), which recoverfs never works in"
-        ))),
-        _ => Ok(dir),
+        )));
     }
+    if want.dev != now.dev {
+        tracing::warn!(target = %shown, "the relocation target's device number changed from {} to \
+            {} (a reboot or remount); same inode, owner and filesystem type, so the same directory", want.dev, now.dev);
+    }
+    Ok(dir)
+}
+
+/// Whether `e` (from `pin_target`) says the target is another directory,
+/// not that it could not be reached.
+fn is_replaced(e: &Error) -> bool {
+    e.kind() == ErrorKind::Busy
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -268,6 +352,7 @@ impl Relocation {
             created: vec![],
             created_dir,
             target_id: Some(target_id),
+            target_inos: BTreeMap::new(),
         };
         let r = Self::begin(req.source, meta)?;
         r.spawn();
@@ -278,7 +363,7 @@ impl Relocation {
     /// 0700 directory, whether it was made now, and its identity. Refuses
     /// symbolic links, overlap with the mount or staging, a non-empty
     /// target without `force`, and too little room.
-    fn check_target(req: &Request) -> Result<(PathBuf, bool, DirId)> {
+    fn check_target(req: &Request) -> Result<(PathBuf, bool, TargetId)> {
         let dir = std::fs::canonicalize(req.to)
             .map_err(|e| Error::io(format!("relocation target {}", req.to.display()), e))?;
         if !dir.is_dir() {
@@ -357,7 +442,7 @@ impl Relocation {
         // the pinned directory: a link swapped in is not chmodded.)
         std::fs::set_permissions(pinned.path(), std::fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", target_dir.display()))?;
-        let id = pinned.id().ok_or_else(|| {
+        let id = TargetId::of(req.source.storage.as_ref(), &pinned).ok_or_else(|| {
             Error::invalid(format!(
                 "relocation target {} has no identity to record",
                 target_dir.display()
@@ -392,7 +477,7 @@ impl Relocation {
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
         // The directory every later use must find again (`pin_target`).
         let dir = pin_target(storage.as_ref(), &meta)?;
-        meta.target_id = dir.id();
+        meta.target_id = TargetId::of(storage.as_ref(), &dir);
         // The target's vm.json says it is complete: not until this one is.
         storage
             .remove_file(&dir.path().join("vm.json"))
@@ -406,13 +491,33 @@ impl Relocation {
             })
             .map(|d| d.index)
             .collect();
+        // Every file there already must be one `Open::Empty` takes, before
+        // any is emptied: one refused after another was emptied would leave
+        // that one's data lost (`--force`) with nothing started. (`open`
+        // checks again as it empties.)
+        for d in src
+            .disks
+            .iter()
+            .filter(|d| !meta.created.contains(&d.index))
+        {
+            let shown = target_file_of(&meta.target, d);
+            match storage.open(&target_file_of(dir.path(), d), Open::ExistingSole) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => {
+                    r.ctx(|| format!("open relocation target {}", shown.display()))?;
+                }
+            }
+        }
         let r = Self::open_in(src, meta, Open::Empty, &dir)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
         let recorded = r
-            .storage
-            .sync_dir(dir.path())
-            .ctx(|| format!("fsync directory {}", r.target_dir.display()))
+            .record_inos()
+            .and_then(|()| {
+                r.storage
+                    .sync_dir(dir.path())
+                    .ctx(|| format!("fsync directory {}", r.target_dir.display()))
+            })
             .and_then(|()| r.store_meta());
         if let Err(e) = recorded {
             // Not started: no disk may keep tracking its copies (eviction
@@ -457,7 +562,11 @@ impl Relocation {
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
         let switched = meta.switched;
         let target = meta.target.clone();
-        let opened = pin_target(src.storage.as_ref(), &meta)
+        let pinned = pin_target(src.storage.as_ref(), &meta);
+        // Another directory at the target's path (not one unreachable, nor
+        // a file in it refused).
+        let replaced = pinned.as_ref().err().is_some_and(is_replaced);
+        let opened = pinned
             .and_then(|dir| Self::open_in(src, meta, Open::ExistingSole, &dir).map(|r| (r, dir)));
         let (r, dir) = match opened {
             Ok(r) => r,
@@ -466,10 +575,31 @@ impl Relocation {
             // not keep the VM from being served. The record stays: a daemon
             // restarted once the target is back resumes the copy.
             Err(e) if !switched => {
+                let then = if replaced {
+                    format!(
+                        "cancel it (`recoverfs relocate {} --cancel`) and relocate again, or \
+                         put the directory it began in back at {} and restart the daemon",
+                        src.vm,
+                        target.display()
+                    )
+                } else {
+                    "restart the daemon once the target is reachable to resume it".into()
+                };
                 tracing::error!(vm = src.vm, target = %target.display(),
-                    "relocation not resumed, the VM is served from staging: {e}; \
-                     restart the daemon once the target is reachable to resume it");
+                    "relocation not resumed, the VM is served from staging: {e}; {then}");
                 return Ok(None);
+            }
+            // The target is the VM's live disk: not served from anything else.
+            Err(e) if replaced => {
+                return Err(e.context(format!(
+                    "VM {vm} was relocated to {t} and cannot be served: its disks are the \
+                     files in the directory the relocation cut over to, complete with vm.json \
+                     (a VM runs from them without recoverfs). Put that directory back at {t} \
+                     and recover again, or run the VM from it and drop this session with \
+                     `recoverfs release {vm} --discard`",
+                    vm = src.vm,
+                    t = target.display()
+                )))
             }
             Err(e) => return Err(e),
         };
@@ -491,13 +621,18 @@ impl Relocation {
         Ok(Some(r))
     }
 
-    /// Opens the target files in `dir`, the pinned `meta.target`.
+    /// Opens the target files in `dir`, the pinned `meta.target`; with
+    /// `ExistingSole`, a file whose inode number is recorded as `ExistingIno`.
     fn open_in(src: Source, meta: Meta, how: Open, dir: &PinnedDir) -> Result<Arc<Relocation>> {
         let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
         let mut targets = vec![];
         let mut copied = vec![];
         for d in disks {
             let shown = target_file_of(&meta.target, d);
+            let how = match (how, meta.target_inos.get(&d.index)) {
+                (Open::ExistingSole, Some(&ino)) => Open::ExistingIno(ino),
+                _ => how,
+            };
             let f = storage
                 .open(&target_file_of(dir.path(), d), how)
                 .ctx(|| format!("open relocation target {}", shown.display()))?;
@@ -579,24 +714,49 @@ impl Relocation {
         serde_json::to_vec_pretty(&*self.meta.lock()).expect("json")
     }
 
-    /// A record written before identities were kept has none: the
-    /// directory reopened now (reached without links) is the one every
-    /// later use must find again, so one moved or replaced from here on is
-    /// refused as for a new record. If it cannot be written now (logged),
-    /// it holds in memory and the next record write carries it.
+    /// Records the identity of `dir`, the target reopened now (and accepted
+    /// by `pin_target`), and of the files opened in it, where the record
+    /// differs: one written before identities were kept has none (the
+    /// directory reached now without links is the one every later use must
+    /// find again), and one written in another boot (or with another
+    /// device number) is made strict again for this boot. If it cannot be
+    /// written now (logged), it holds in memory and the next record write
+    /// carries it.
     fn adopt_target_id(&self, dir: &PinnedDir) {
-        let Some(id) = dir.id() else { return };
+        let Some(id) = TargetId::of(self.storage.as_ref(), dir) else {
+            return;
+        };
+        // A file that cannot be looked at keeps what was recorded.
+        let mut inos = self.meta.lock().target_inos.clone();
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            if let Ok(Some(ino)) = t.ino() {
+                inos.insert(d.index, ino);
+            }
+        }
         {
             let mut m = self.meta.lock();
-            if m.target_id.is_some() {
+            if m.target_id.as_ref() == Some(&id) && m.target_inos == inos {
                 return;
             }
             m.target_id = Some(id);
+            m.target_inos = inos;
         }
         if let Err(e) = self.store_meta() {
             tracing::warn!(vm = %self.vm, "could not record the relocation target's identity in {}: {e}",
                 self.meta_path.display());
         }
+    }
+
+    /// Records which files are this relocation's (`Meta::target_inos`),
+    /// once they were created or emptied.
+    fn record_inos(&self) -> Result<()> {
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            let shown = target_file_of(&self.target_dir, d);
+            if let Some(ino) = t.ino().ctx(|| format!("stat {}", shown.display()))? {
+                self.meta.lock().target_inos.insert(d.index, ino);
+            }
+        }
+        Ok(())
     }
 
     fn store_meta(&self) -> Result<()> {

@@ -97,6 +97,7 @@ impl Rig {
             created: vec![],
             created_dir: false,
             target_id: None,
+            target_inos: Default::default(),
         };
         Relocation::begin(self.source(disks), meta).unwrap()
     }
@@ -489,6 +490,7 @@ fn a_resumed_relocation_zeroes_holes_over_stale_target_bytes_before_marking_them
         created: vec![],
         created_dir: false,
         target_id: None,
+        target_inos: Default::default(),
     };
     drop(Relocation::begin(rig.source(&disks), meta).unwrap());
     drop(disks);
@@ -675,6 +677,7 @@ fn a_relocation_whose_record_cannot_be_written_leaves_no_disk_tracking_copies() 
         created: vec![],
         created_dir: false,
         target_id: None,
+        target_inos: Default::default(),
     };
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert_eq!(rig.faults.injected(), 1, "{e}");
@@ -780,6 +783,7 @@ fn a_cancel_mid_copy_is_durable_and_a_relocation_elsewhere_then_copies_what_the_
         created: vec![],
         created_dir: false,
         target_id: None,
+        target_inos: Default::default(),
     };
     let r = Relocation::begin(rig.source(&disks), meta).unwrap();
     r.spawn();
@@ -931,8 +935,9 @@ fn a_recorded_relocation_whose_target_was_unreachable_at_restart_can_still_be_ca
     r.stop();
     drop((r, disks));
     let primary = rig.dir.path().join("primary/vm");
-    let moved = rig.dir.path().join("primary/gone");
-    std::fs::rename(&primary, &moved).unwrap();
+    // Primary storage unreachable: nothing above the target either.
+    let (mount, moved) = (rig.dir.path().join("primary"), rig.dir.path().join("away"));
+    std::fs::rename(&mount, &moved).unwrap();
     let (disks, again) = rig.restart();
     assert!(again.is_none(), "served from staging");
     let c = Relocation::cancel_recorded(rig.source(&disks), false)
@@ -951,7 +956,7 @@ fn a_recorded_relocation_whose_target_was_unreachable_at_restart_can_still_be_ca
         .is_none());
     drop(disks);
     // The target back, nothing resumes.
-    std::fs::rename(&moved, &primary).unwrap();
+    std::fs::rename(&moved, &mount).unwrap();
     assert!(rig.restart().1.is_none());
 }
 
@@ -991,6 +996,11 @@ fn a_cancel_never_removes_files_through_a_target_replaced_by_a_symlink() {
     assert!(!rig.session_dir.join("relocation.json").exists());
     let left = c.leftover.expect("the files left are named").to_string();
     assert!(left.contains("symbolic link"), "{left}");
+    assert!(left.contains("not reached"), "{left}");
+    assert!(
+        !left.contains("disk0.raw"),
+        "names the link's files: {left}"
+    );
     assert!(rig.dir.path().join("primary/aside/disk0.raw").exists());
 }
 
@@ -1047,6 +1057,7 @@ fn a_force_relocation_never_empties_a_hard_linked_target_file() {
         created: vec![],
         created_dir: false,
         target_id: None,
+        target_inos: Default::default(),
     };
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert!(e.to_string().contains("disk1.raw"), "{e}");
@@ -1128,4 +1139,245 @@ fn a_relocation_whose_target_dir_was_replaced_by_a_symlink_fails_before_the_cuto
     assert!(e.contains("symbolic link"), "{e}");
     assert!(!victim.join("vm.json").exists());
     assert_eq!(std::fs::read(victim.join("disk0.raw")).unwrap(), bytes);
+}
+
+/// Edits the session's `relocation.json` as `f` says.
+fn edit_record(rig: &Rig, f: impl FnOnce(&mut serde_json::Value)) {
+    let record = rig.session_dir.join("relocation.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&record, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+fn read_record(rig: &Rig) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(rig.session_dir.join("relocation.json")).unwrap())
+        .unwrap()
+}
+
+/// As a reboot may leave it: the target's device number another (NFS,
+/// btrfs, ZFS, overlayfs, dm-N), recorded in another boot.
+fn as_if_rebooted(v: &mut serde_json::Value) {
+    let dev = v["target_id"]["dev"].as_u64().unwrap();
+    v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
+    v["target_id"]["boot"] = "another-boot".into();
+}
+
+#[test]
+fn a_relocation_whose_target_device_number_changed_across_a_reboot_resumes_and_is_recorded_again() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    let before = read_record(&rig);
+    edit_record(&rig, as_if_rebooted);
+    let (again, reloc) = rig.restart();
+    let r = reloc.expect("resumed with the same inode and owner");
+    assert_ne!(r.state(), State::Done);
+    drop((again, r));
+    // Recorded again for this boot, so the next check is strict.
+    let v = read_record(&rig);
+    assert_eq!(v["target_id"], before["target_id"], "{v}");
+    assert_eq!(v["target_id"]["boot"], OsStorage.boot_id().as_str());
+}
+
+#[test]
+fn a_switched_relocation_whose_target_device_number_changed_across_a_reboot_is_served_from_it() {
+    let rig = rig();
+    let disks = rig.volumes();
+    disks[0].write(5, b"mine").unwrap();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    drop((disks, r));
+    edit_record(&rig, as_if_rebooted);
+    let (again, reloc) = rig.restart();
+    assert_eq!(reloc.expect("served").state(), State::Done);
+    assert!(again.iter().all(|d| d.is_switched()));
+    assert_eq!(again[0].read(5, 4).unwrap(), b"mine");
+}
+
+#[test]
+fn a_target_device_number_changed_within_the_same_boot_is_refused_and_says_what_to_do() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    let dev = |v: &mut serde_json::Value| {
+        let dev = v["target_id"]["dev"].as_u64().unwrap();
+        v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
+    };
+    edit_record(&rig, dev);
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "resumed in another directory");
+    drop(again);
+    // Switched: the session does not start, and the error is a state,
+    // not a bad request, and says what the administrator can do.
+    edit_record(&rig, |v| v["switched"] = true.into());
+    let disks = rig.volumes();
+    let e = Relocation::reopen(rig.source(&disks)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("release vm --discard"), "{e}");
+    assert!(disks.iter().all(|d| !d.is_switched()));
+}
+
+#[test]
+fn after_a_reboot_a_directory_put_in_the_targets_place_or_owned_by_another_is_refused() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    edit_record(&rig, as_if_rebooted);
+    // Same owner (the caller's), another inode.
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(primary.join("vm"), primary.join("aside")).unwrap();
+    std::fs::create_dir(primary.join("vm")).unwrap();
+    for i in 0..2 {
+        std::fs::write(primary.join(format!("vm/disk{i}.raw")), b"keep").unwrap();
+    }
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "resumed in another directory");
+    drop(again);
+    assert_eq!(
+        std::fs::read(primary.join("vm/disk0.raw")).unwrap(),
+        b"keep"
+    );
+    // The same inode, but recorded with another owner.
+    std::fs::remove_dir_all(primary.join("vm")).unwrap();
+    std::fs::rename(primary.join("aside"), primary.join("vm")).unwrap();
+    edit_record(&rig, |v| {
+        let uid = v["target_id"]["uid"].as_u64().unwrap();
+        v["target_id"]["uid"] = (uid + 1).into();
+    });
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "resumed in a directory of another owner");
+    drop(again);
+    // The same inode and owner on another type of filesystem (a FUSE one
+    // a caller mounted there reports any inode and owner it likes).
+    edit_record(&rig, |v| {
+        let uid = v["target_id"]["uid"].as_u64().unwrap();
+        v["target_id"]["uid"] = (uid - 1).into();
+        let fs = v["target_id"]["fs_type"].as_u64().unwrap();
+        v["target_id"]["fs_type"] = (fs ^ 1).into();
+    });
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "resumed on another type of filesystem");
+    drop(again);
+    // All as recorded but the device: resumed.
+    edit_record(&rig, |v| {
+        let fs = v["target_id"]["fs_type"].as_u64().unwrap();
+        v["target_id"]["fs_type"] = (fs ^ 1).into();
+    });
+    assert!(rig.restart().1.is_some());
+}
+
+#[test]
+fn a_switched_target_file_with_another_name_elsewhere_is_still_served() {
+    let rig = rig();
+    let disks = rig.volumes();
+    disks[1].write(5, b"mine").unwrap();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    drop((disks, r));
+    // An administrator's `cp -al` snapshot of the primary directory.
+    let snap = rig.dir.path().join("snapshot");
+    std::fs::create_dir(&snap).unwrap();
+    for i in 0..2 {
+        let f = format!("disk{i}.raw");
+        std::fs::hard_link(rig.dir.path().join("primary/vm").join(&f), snap.join(&f)).unwrap();
+    }
+    let (again, reloc) = rig.restart();
+    assert_eq!(reloc.expect("served").state(), State::Done);
+    assert!(again.iter().all(|d| d.is_switched()));
+    assert_eq!(again[1].read(5, 4).unwrap(), b"mine");
+}
+
+#[test]
+fn a_cancel_after_the_target_dir_was_removed_succeeds_naming_nothing() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    std::fs::remove_dir_all(rig.dir.path().join("primary/vm")).unwrap();
+    let c = r.cancel(false).unwrap();
+    assert!(c.leftover.is_none(), "{:?}", c.leftover);
+    assert!(c.removed.is_empty(), "{c:?}");
+    assert!(!rig.session_dir.join("relocation.json").exists());
+}
+
+#[test]
+fn a_cancel_after_the_target_dir_was_replaced_never_names_the_new_dirs_files() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(primary.join("vm"), primary.join("aside")).unwrap();
+    std::fs::create_dir(primary.join("vm")).unwrap();
+    std::fs::write(primary.join("vm/disk0.raw"), b"keep").unwrap();
+    let c = r.cancel(false).unwrap();
+    let left = c.leftover.expect("said").to_string();
+    assert!(left.contains("not reached"), "{left}");
+    assert!(!left.contains("disk0.raw"), "{left}");
+    assert_eq!(
+        std::fs::read(primary.join("vm/disk0.raw")).unwrap(),
+        b"keep"
+    );
+    assert!(primary.join("aside/disk0.raw").exists());
+}
+
+#[test]
+fn a_force_relocation_refusing_one_target_file_empties_none() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let primary = rig.dir.path().join("primary/vm");
+    std::fs::write(primary.join("disk0.raw"), b"an old copy, kept on refusal").unwrap();
+    let precious = rig.dir.path().join("precious");
+    std::fs::write(&precious, b"not the relocation's to empty").unwrap();
+    std::fs::hard_link(&precious, primary.join("disk1.raw")).unwrap();
+    let meta = Meta {
+        target: primary.clone(),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+        target_inos: Default::default(),
+    };
+    let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert!(
+        std::fs::read(primary.join("disk0.raw")).unwrap() == b"an old copy, kept on refusal",
+        "disk0.raw was emptied"
+    );
+    assert!(
+        !rig.session_dir.join("disk0.copied").exists(),
+        "a copied map without a record"
+    );
+}
+
+#[test]
+fn a_cancel_whose_target_is_missing_from_a_parent_on_another_filesystem_names_what_is_left() {
+    let rig = rig();
+    let disks = rig.volumes();
+    drop(rig.begin(&disks, None));
+    drop(disks);
+    // Primary storage not mounted: its mount point is there, empty, on the
+    // filesystem below (another device than the target's, in this boot).
+    let primary = rig.dir.path().join("primary");
+    std::fs::rename(&primary, rig.dir.path().join("away")).unwrap();
+    std::fs::create_dir(&primary).unwrap();
+    edit_record(&rig, |v| {
+        let dev = v["target_id"]["dev"].as_u64().unwrap();
+        v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
+    });
+    let (disks, again) = rig.restart();
+    assert!(again.is_none(), "served from staging");
+    let c = Relocation::cancel_recorded(rig.source(&disks), false)
+        .unwrap()
+        .expect("recorded");
+    let left = c.leftover.expect("named as left").to_string();
+    assert!(
+        left.contains(&*primary.join("vm/disk0.raw").to_string_lossy()),
+        "{left}"
+    );
 }

@@ -77,6 +77,11 @@ pub trait BlockFile: Send + Sync {
     fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
+    /// The file's inode number on its filesystem (see
+    /// [`Open::ExistingIno`]); `None` where there is none (in memory).
+    fn ino(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// How [`Storage::open`] treats an existing or missing file.
@@ -88,6 +93,11 @@ pub enum Open {
     /// reopened in a directory others may write (a relocation target) is
     /// not written if a link to another file was put in its place.
     ExistingSole,
+    /// As `ExistingSole`, but other hard links are accepted if the file's
+    /// inode number is this one, recorded when it was created or emptied:
+    /// it is then that very file, and another name for it elsewhere (an
+    /// administrator's `cp -al` snapshot) does not make it another's.
+    ExistingIno(u64),
     /// Created (empty, mode 0600) if missing; an existing file is kept.
     Create,
     /// Created if missing, emptied if present: no old byte can survive. A
@@ -148,6 +158,10 @@ pub struct PinnedDir {
     path: PathBuf,
     /// `None` where the storage has no such notion (in memory).
     id: Option<DirId>,
+    /// The owner's uid, as `id`.
+    owner: Option<u32>,
+    /// The filesystem's type (`statfs` `f_type`), as `id`.
+    fs_type: Option<u64>,
     _fd: Option<OwnedFd>,
 }
 
@@ -157,6 +171,8 @@ impl PinnedDir {
         PinnedDir {
             path: dir.to_path_buf(),
             id: None,
+            owner: None,
+            fs_type: None,
             _fd: None,
         }
     }
@@ -168,6 +184,14 @@ impl PinnedDir {
 
     pub fn id(&self) -> Option<DirId> {
         self.id
+    }
+
+    pub fn owner(&self) -> Option<u32> {
+        self.owner
+    }
+
+    pub fn fs_type(&self) -> Option<u64> {
+        self.fs_type
     }
 }
 
@@ -278,7 +302,7 @@ impl Storage for OsStorage {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(!matches!(how, Open::Existing | Open::ExistingSole))
+                .create(matches!(how, Open::Create | Open::Empty))
                 // Emptied below, once known to be a file of its own.
                 .truncate(false)
                 .mode(0o600)
@@ -303,7 +327,8 @@ impl Storage for OsStorage {
         // A file with another name elsewhere (a hard link put here, by
         // someone who may write the directory, to a file they may not) is
         // not ours to empty or write.
-        if matches!(how, Open::Empty | Open::ExistingSole) && meta.nlink() != 1 {
+        let ours = matches!(how, Open::ExistingIno(ino) if ino == meta.ino());
+        if !matches!(how, Open::Existing | Open::Create) && meta.nlink() != 1 && !ours {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -444,6 +469,13 @@ impl Storage for OsStorage {
         }
         // SAFETY: fstat succeeded.
         let st = unsafe { st.assume_init() };
+        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: fd is open; fs is written by fstatfs before it is read.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatfs succeeded.
+        let fs = unsafe { fs.assume_init() };
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -456,6 +488,10 @@ impl Storage for OsStorage {
                 dev: st.st_dev,
                 ino: st.st_ino,
             }),
+            owner: Some(st.st_uid),
+            // A magic number: `as` keeps every bit whatever its C type.
+            #[allow(clippy::unnecessary_cast)]
+            fs_type: Some(fs.f_type as u64),
             _fd: Some(fd),
         })
     }
@@ -709,6 +745,10 @@ impl BlockFile for OsFile {
         Ok(self.file.metadata()?.len())
     }
 
+    fn ino(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.file.metadata()?.ino()))
+    }
+
     fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         Some(std::os::fd::AsFd::as_fd(&self.file))
     }
@@ -839,6 +879,27 @@ mod tests {
         let err = f.read_append(&mut out, 2000, 299_000).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(out.len(), 200_004, "a failed read appends nothing");
+    }
+
+    #[test]
+    fn a_file_with_another_hard_link_is_opened_only_as_the_recorded_inode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk0.raw");
+        let ino = OsStorage
+            .open(&p, Open::Empty)
+            .unwrap()
+            .ino()
+            .unwrap()
+            .unwrap();
+        std::fs::hard_link(&p, d.path().join("snapshot")).unwrap();
+        assert!(OsStorage.open(&p, Open::ExistingSole).is_err());
+        assert!(OsStorage.open(&p, Open::ExistingIno(ino)).is_ok());
+        let e = OsStorage
+            .open(&p, Open::ExistingIno(ino + 1))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("hard links"), "{e}");
+        assert!(OsStorage.open(&p, Open::Empty).is_err());
     }
 
     #[test]

@@ -284,6 +284,10 @@ impl BlockFile for FaultyFile {
         self.inner.len()
     }
 
+    fn ino(&self) -> io::Result<Option<u64>> {
+        self.inner.ino()
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.owner.check(Op::SetLen, &self.path)?;
         self.inner.set_len(len)

@@ -290,7 +290,9 @@ impl Storage for MemStorage {
                 i
             }
             (Some(i), _) => i,
-            (None, Open::Existing | Open::ExistingSole) => return Err(not_found()),
+            (None, Open::Existing | Open::ExistingSole | Open::ExistingIno(_)) => {
+                return Err(not_found())
+            }
             (None, _) => {
                 let i = st.files.len();
                 st.files.push(vec![]);
