@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
@@ -508,6 +508,24 @@ impl Datastore {
             ));
         }
         Ok(session.backup.clone())
+    }
+
+    /// [`Self::release`] of a throwaway recovery whose reader (QEMU, a
+    /// loop device) has just let go: the kernel sends the FUSE release of
+    /// its handles in the background, after the process is gone or the
+    /// device detached, so they may still count as open for a moment. A
+    /// disk still open after `wait` is an error, never passed over: the
+    /// session's repository pin would be left behind.
+    pub fn release_when_closed(&self, vm: &str, discard: bool, wait: Duration) -> Result<String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.release(vm, discard) {
+                Err(e) if e.kind() == ErrorKind::Busy && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Starts relocating a VM's disks to `to/<vm>/` on primary storage.

@@ -43,6 +43,9 @@ impl VerifyBootReport {
     }
 }
 
+/// How long the scratch recovery waits for QEMU's disk handles to close.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
 /// Removes the scratch directory even when verification fails midway.
 struct Scratch(tempfile::TempDir);
 
@@ -82,10 +85,22 @@ pub fn verify_boot(opts: VerifyBootOptions) -> Result<VerifyBootReport> {
         &MountOptions::default(),
     )?;
     let result = run(&mounted, &opts, &manifest.id, &marker);
-    let _ = mounted.ds.release(&opts.vm, true);
+    // QEMU has exited; its disk handles close in the background.
+    let released = match result {
+        // Never recovered: nothing to release.
+        Err(_) if mounted.ds.session(&opts.vm).is_none() => Ok(String::new()),
+        _ => mounted.ds.release_when_closed(&opts.vm, true, RELEASE_WAIT),
+    };
     let stopped = mounted.shutdown();
     drop(scratch);
     let report = result?;
+    released.map_err(|e| {
+        e.context(format!(
+            "verify-boot could not release its scratch recovery of VM {} (its pin under \
+             pins/{}/ in the repository may be left, keeping backup {} from gc)",
+            opts.vm, opts.vm, manifest.id
+        ))
+    })?;
     stopped?;
     Ok(report)
 }

@@ -313,10 +313,7 @@ pub(crate) fn receive(
             )))
         }
     };
-    say(&format!(
-        "agent {} (recoverfs {})",
-        hello.version, hello.binary
-    ));
+    say(&hello.describe());
     if let Some(w) = hello.warning() {
         say(&w);
     }

@@ -72,7 +72,7 @@ fn send(
     );
     match fr.next_frame()? {
         Frame::Hello(h) => {
-            say(&format!("agent {} (recoverfs {})", h.version, h.binary));
+            say(&h.describe());
             if let Some(w) = h.warning() {
                 say(&w);
             }

@@ -71,8 +71,17 @@ impl Hello {
             "warning: agent container {} predates the guest agent's wait for the host: if this \
              command is killed while the application is quiesced, the application may stay \
              quiesced; rebuild the container (`recoverfs agent build`) and attach the new one",
-            self.version
+            crate::util::escape_controls(&self.version)
         ))
+    }
+
+    /// "agent V (recoverfs B)", one line whatever the guest sent.
+    pub fn describe(&self) -> String {
+        format!(
+            "agent {} (recoverfs {})",
+            crate::util::escape_controls(&self.version),
+            crate::util::escape_controls(&self.binary)
+        )
     }
 }
 

@@ -44,12 +44,13 @@
 //! A relocation target is recorded by path (a restarted daemon reopens
 //! it), so it cannot be pinned the same way for good: the check runs on
 //! the resolved directory, the daemon then creates `to/<vm>` itself (root,
-//! 0700) and records its identity (device, inode, with its owner and the
-//! boot it was read in: in another boot, whose device numbers may differ,
-//! the same inode, owner and filesystem type are required instead; a
-//! caller who is not root can make neither a directory owned by root nor,
-//! while the original holds the relocation's files, its inode number free,
-//! and can mount only FUSE, whose type differs). Every later use (the
+//! 0700) and records its identity (device, inode, owner, filesystem type,
+//! and whether only root can change its path: every directory from `/`
+//! down owned by root and writable by nobody else; only there may the
+//! device number differ later, as it does after a reboot or remount,
+//! with the same inode, owner and filesystem type; anywhere a caller may
+//! write, a btrfs snapshot of a subvolume of theirs or a FUSE mount of
+//! theirs could match all but the device). Every later use (the
 //! target files at the start and at a restart, `vm.json` at the cutover, a
 //! cancel's removals) opens the directory without following a symbolic
 //! link anywhere (`openat2`, `RESOLVE_NO_SYMLINKS`), checks that identity,
@@ -60,8 +61,8 @@
 //! identities were kept takes the one it finds, without links, at its
 //! first restart). A target file is emptied only if it has no other name
 //! (one hard link), for every caller, and all are checked before any is
-//! emptied; a restarted daemon reopens one with other names only if it is
-//! the very file (inode) the relocation created or emptied, recorded then.
+//! emptied; where a caller may write, a restarted daemon reopens only the
+//! very file (inode) the relocation created or emptied, recorded then.
 //! What remains: between this check and the daemon's use, a caller who may
 //! write `to` can put a directory of their own at `to/<vm>`, or a file into
 //! it that they do not own but could move there (the ownership check above
@@ -69,11 +70,11 @@
 //! a relocation's open target files keep being written where they are if
 //! their directory is moved until its cutover, which then fails before
 //! its commit (nothing else is written there: a restart and a cancel
-//! refuse it too); after a reboot, an inode number freed and reused is
-//! told apart only by its owner (root can reuse one, a caller cannot while
-//! the target exists); and a recorded target file emptied by someone else
-//! and removed may have its inode number reused by a file linked into its
-//! place (root only, as the directory is root's and 0700).
+//! refuse it too: a file swapped into a caller's own `to/<vm>` before
+//! the cutover is refused at the next restart, when the VM's live disk is
+//! the file moved aside); and a recorded target file emptied by someone
+//! else and removed may have its inode number reused by a file linked
+//! into its place (root only, as the directory is root's and 0700).
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};

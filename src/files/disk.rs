@@ -71,7 +71,16 @@ impl Mounted {
             if let Some(s) = d.ds.session(&self.vm) {
                 s.discard_profile();
             }
-            let _ = d.ds.release(&self.vm, true);
+            // A detached loop device closes its handle in the background.
+            if d.ds.session(&self.vm).is_some() {
+                if let Err(e) = d.ds.release_when_closed(&self.vm, true, RELEASE_WAIT) {
+                    first.get_or_insert(e.context(format!(
+                        "release the scratch recovery of VM {} (its pin under pins/{}/ \
+                         in the repository may be left)",
+                        self.vm, self.vm
+                    )));
+                }
+            }
             if let Err(e) = d.shutdown() {
                 first.get_or_insert(e);
             }
@@ -82,6 +91,9 @@ impl Mounted {
         }
     }
 }
+
+/// How long the scratch recovery waits for the loop device's handle to close.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Drop for Mounted {
     fn drop(&mut self) {

@@ -234,6 +234,7 @@ fn remove_target_dir(
                 // Only an empty directory is removed, and a mount point
                 // cannot be: its type does not matter here.
                 fs_type: meta.target_id.as_ref().and_then(|id| id.fs_type),
+                root_only: super::only_root_can_change(&meta.target),
             };
             m.is_dir() && meta.target_id.as_ref().is_none_or(|id| id.admits(&now))
         }

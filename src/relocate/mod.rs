@@ -43,17 +43,18 @@
 //!   use works in it only if it is still that directory, reached without
 //!   following a link (see `pin_target`): the cutover does not commit, a
 //!   restart does not resume into a directory moved or linked into its
-//!   place, a cancel leaves the files. The device number is trusted only
-//!   in the boot that read it (see `TargetId`): after a reboot the same
-//!   inode, owner and filesystem type will do, and the identity is
-//!   recorded again. An older
+//!   place, a cancel leaves the files. Another device number (a reboot,
+//!   a remount) is accepted only where nobody but root can change the
+//!   path (see `TargetId`): there the same inode, owner and filesystem
+//!   type will do, and the identity is recorded again. An older
 //!   record without the identity takes the directory found at its first
 //!   restart.
 //! * Each target file's inode number is recorded when it is created or
-//!   emptied: a restart writes a file with another hard link only if it is
-//!   that very file (an administrator's `cp -al` snapshot of the target
-//!   must not keep a relocated VM from being served), never one put in its
-//!   place. `--force` checks every existing file before emptying any.
+//!   emptied: where a user may write, a restart writes only that very file
+//!   (another hard link to it, an administrator's `cp -al` snapshot, does
+//!   not matter), never one put in its place; where only root can change
+//!   the path, whatever root put there. `--force` checks every existing
+//!   file before emptying any.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
 //! * **Pause and resume** (`pause`, `resume_copy`; see `pause`): a pause
@@ -149,12 +150,16 @@ pub(crate) struct Meta {
 ///
 /// A device number is not stable across a reboot or remount (NFS, btrfs
 /// subvolumes, ZFS and overlayfs get anonymous ones in mount order, dm-N
-/// and NVMe minors follow probe order), so it is trusted only within the
-/// boot that read it. In another boot the directory must have the same
-/// inode number, the same owner and the same type of filesystem: a caller
-/// who is not root cannot make a directory owned by another uid, nor free
-/// the original's inode (and so have it reused) while that directory holds
-/// the relocation's files, nor mount anything but FUSE.
+/// and NVMe minors follow probe order, an iSCSI re-login gets a new
+/// disk). Another device number is accepted only where nobody but root
+/// can have put another directory at the path (`root_only`, recorded and
+/// true now): every directory from `/` down to the target owned by root
+/// and writable by nobody else; then the same inode number and type of
+/// filesystem will do. Anywhere a caller that is not root may write, a
+/// btrfs snapshot of a subvolume they own (same inodes, same owners, same
+/// filesystem type), a FUSE filesystem of their own mounted there, or a
+/// directory they own whose inode they can free and win again could pass
+/// any such test: there the device and inode must both be the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TargetId {
     pub dev: u64,
@@ -163,19 +168,25 @@ pub(crate) struct TargetId {
     #[serde(default)]
     pub uid: Option<u32>,
     /// `Storage::boot_id` when `dev` was read; empty if unknown (a record
-    /// written before it was kept).
+    /// written before it was kept). Kept for diagnosis: whether another
+    /// device number is accepted depends on `root_only`, not on the boot
+    /// (a remount changes it within one boot).
     #[serde(default)]
     pub boot: String,
-    /// The filesystem's type: in another boot it must be the same, or a
-    /// caller could mount a FUSE filesystem of their own there, which
-    /// reports whatever inode and owner it likes.
+    /// The filesystem's type (`statfs` `f_type`): with another device
+    /// number it must be the same.
     #[serde(default)]
     pub fs_type: Option<u64>,
+    /// Only root can have changed what the target's path names (see
+    /// `only_root_can_change`); false in a record written before it was kept.
+    #[serde(default)]
+    pub root_only: bool,
 }
 
 impl TargetId {
-    /// `dir`'s identity now; `None` where the storage has none (in memory).
-    fn of(storage: &dyn Storage, dir: &PinnedDir) -> Option<TargetId> {
+    /// The identity of `dir`, pinned at `path`, now; `None` where the
+    /// storage has none (in memory).
+    fn of(storage: &dyn Storage, dir: &PinnedDir, path: &Path) -> Option<TargetId> {
         let DirId { dev, ino } = dir.id()?;
         Some(TargetId {
             dev,
@@ -183,21 +194,37 @@ impl TargetId {
             uid: dir.owner(),
             boot: storage.boot_id(),
             fs_type: dir.fs_type(),
+            root_only: only_root_can_change(path),
         })
     }
 
-    /// Whether `now`, a directory identified in this boot, is the one
-    /// recorded.
+    /// Whether `now` is the directory recorded.
     fn admits(&self, now: &TargetId) -> bool {
-        let same = self.dev == now.dev && self.ino == now.ino;
-        let same_boot = !self.boot.is_empty() && self.boot == now.boot;
-        // Without a recorded owner (an older record) only the strict
-        // check is left, as when it was written.
-        if same_boot || self.uid.is_none() {
-            return same;
+        if self.dev == now.dev && self.ino == now.ino {
+            return true;
         }
-        self.ino == now.ino && self.uid == now.uid && self.fs_type == now.fs_type
+        self.root_only
+            && now.root_only
+            && self.ino == now.ino
+            && self.uid == now.uid
+            && self.fs_type == now.fs_type
     }
+}
+
+/// Whether only root can have changed what `path` (absolute) names: every
+/// directory from `/` down to it is owned by root and writable by nobody
+/// else (a sticky, world-writable `/tmp` is not).
+fn only_root_can_change(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mut p = PathBuf::new();
+    for c in path.components() {
+        p.push(c);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0 => {}
+            _ => return false,
+        }
+    }
+    path.is_absolute()
 }
 
 /// Opens the recorded target directory for use: never through a symbolic
@@ -212,19 +239,21 @@ pub(crate) fn pin_target(storage: &dyn Storage, meta: &Meta) -> Result<PinnedDir
     let dir = storage
         .pin_dir(&meta.target)
         .map_err(|e| Error::io(format!("open relocation target {shown}"), e))?;
-    let (Some(want), Some(now)) = (&meta.target_id, TargetId::of(storage, &dir)) else {
+    let (Some(want), Some(now)) = (&meta.target_id, TargetId::of(storage, &dir, &meta.target))
+    else {
         return Ok(dir);
     };
     if !want.admits(&now) {
         // A state of the target, not a bad request: `Busy` (409).
         return Err(Error::busy(format!(
             "relocation target {shown} is no longer the directory the relocation began in \
-             (it was moved or replaced since), which recoverfs never works in"
+             (it was moved or replaced since, or remounted where others may write, which \
+             recoverfs cannot tell from a replacement), which recoverfs never works in"
         )));
     }
     if want.dev != now.dev {
         tracing::warn!(target = %shown, "the relocation target's device number changed from {} to \
-            {} (a reboot or remount); same inode, owner and filesystem type, so the same directory", want.dev, now.dev);
+            {} (a reboot or remount); same inode, owner and filesystem type on a path only root can change, so the same directory", want.dev, now.dev);
     }
     Ok(dir)
 }
@@ -442,12 +471,13 @@ impl Relocation {
         // the pinned directory: a link swapped in is not chmodded.)
         std::fs::set_permissions(pinned.path(), std::fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", target_dir.display()))?;
-        let id = TargetId::of(req.source.storage.as_ref(), &pinned).ok_or_else(|| {
-            Error::invalid(format!(
-                "relocation target {} has no identity to record",
-                target_dir.display()
-            ))
-        })?;
+        let id =
+            TargetId::of(req.source.storage.as_ref(), &pinned, &target_dir).ok_or_else(|| {
+                Error::invalid(format!(
+                    "relocation target {} has no identity to record",
+                    target_dir.display()
+                ))
+            })?;
         Ok((target_dir, missing, id))
     }
 
@@ -477,7 +507,7 @@ impl Relocation {
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
         // The directory every later use must find again (`pin_target`).
         let dir = pin_target(storage.as_ref(), &meta)?;
-        meta.target_id = TargetId::of(storage.as_ref(), &dir);
+        meta.target_id = TargetId::of(storage.as_ref(), &dir, &meta.target);
         // The target's vm.json says it is complete: not until this one is.
         storage
             .remove_file(&dir.path().join("vm.json"))
@@ -621,15 +651,21 @@ impl Relocation {
         Ok(Some(r))
     }
 
-    /// Opens the target files in `dir`, the pinned `meta.target`; with
-    /// `ExistingSole`, a file whose inode number is recorded as `ExistingIno`.
+    /// Opens the target files in `dir`, the pinned `meta.target`. With
+    /// `ExistingSole` (a reopen): on a path only root can change, whatever
+    /// is there (root put it); elsewhere the very file recorded
+    /// (`ExistingIno`), or, in a record without inode numbers, a file
+    /// with no other hard link.
     fn open_in(src: Source, meta: Meta, how: Open, dir: &PinnedDir) -> Result<Arc<Relocation>> {
         let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
+        let root_only = meta.target_id.as_ref().is_some_and(|t| t.root_only)
+            && only_root_can_change(&meta.target);
         let mut targets = vec![];
         let mut copied = vec![];
         for d in disks {
             let shown = target_file_of(&meta.target, d);
             let how = match (how, meta.target_inos.get(&d.index)) {
+                (Open::ExistingSole, _) if root_only => Open::Existing,
                 (Open::ExistingSole, Some(&ino)) => Open::ExistingIno(ino),
                 _ => how,
             };
@@ -718,12 +754,12 @@ impl Relocation {
     /// by `pin_target`), and of the files opened in it, where the record
     /// differs: one written before identities were kept has none (the
     /// directory reached now without links is the one every later use must
-    /// find again), and one written in another boot (or with another
-    /// device number) is made strict again for this boot. If it cannot be
+    /// find again), and one with another device number (accepted where
+    /// only root can change the path) takes the one found now. If it cannot be
     /// written now (logged), it holds in memory and the next record write
     /// carries it.
     fn adopt_target_id(&self, dir: &PinnedDir) {
-        let Some(id) = TargetId::of(self.storage.as_ref(), dir) else {
+        let Some(id) = TargetId::of(self.storage.as_ref(), dir, &self.target_dir) else {
             return;
         };
         // A file that cannot be looked at keeps what was recorded.

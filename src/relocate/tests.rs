@@ -32,7 +32,20 @@ fn rig() -> Rig {
 
 /// Two disks of `size` bytes of random data, block 3 zero.
 fn rig_of(size: usize) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
+    rig_in(size, tempfile::tempdir().unwrap())
+}
+
+/// A rig whose target path only root can change (`/run` is root's, 0755;
+/// `/tmp` is world-writable): the tests run as root.
+fn root_only_rig() -> Rig {
+    let dir = tempfile::Builder::new()
+        .prefix("rfs-reloc-")
+        .tempdir_in("/run")
+        .unwrap();
+    rig_in(BLOCKS * BS, dir)
+}
+
+fn rig_in(size: usize, dir: tempfile::TempDir) -> Rig {
     let (repo, _) = Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let images: Vec<Vec<u8>> = (0..2)
@@ -1164,8 +1177,9 @@ fn as_if_rebooted(v: &mut serde_json::Value) {
 }
 
 #[test]
-fn a_relocation_whose_target_device_number_changed_across_a_reboot_resumes_and_is_recorded_again() {
-    let rig = rig();
+fn a_relocation_whose_target_device_number_changed_on_a_path_only_root_can_change_resumes_and_is_recorded_again(
+) {
+    let rig = root_only_rig();
     let disks = rig.volumes();
     drop(rig.begin(&disks, None));
     drop(disks);
@@ -1182,8 +1196,9 @@ fn a_relocation_whose_target_device_number_changed_across_a_reboot_resumes_and_i
 }
 
 #[test]
-fn a_switched_relocation_whose_target_device_number_changed_across_a_reboot_is_served_from_it() {
-    let rig = rig();
+fn a_switched_relocation_whose_target_device_number_changed_on_a_path_only_root_can_change_is_served_from_it(
+) {
+    let rig = root_only_rig();
     let disks = rig.volumes();
     disks[0].write(5, b"mine").unwrap();
     let r = rig.relocate(&disks);
@@ -1197,16 +1212,16 @@ fn a_switched_relocation_whose_target_device_number_changed_across_a_reboot_is_s
 }
 
 #[test]
-fn a_target_device_number_changed_within_the_same_boot_is_refused_and_says_what_to_do() {
+fn a_target_device_number_changed_where_others_may_write_is_refused_and_says_what_to_do() {
+    // Under the world-writable /tmp: a caller's btrfs snapshot of a
+    // subvolume of theirs has the same inodes, owners and filesystem type
+    // on another device, so another device is never accepted there, even
+    // after a reboot.
     let rig = rig();
     let disks = rig.volumes();
     drop(rig.begin(&disks, None));
     drop(disks);
-    let dev = |v: &mut serde_json::Value| {
-        let dev = v["target_id"]["dev"].as_u64().unwrap();
-        v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
-    };
-    edit_record(&rig, dev);
+    edit_record(&rig, as_if_rebooted);
     let (again, reloc) = rig.restart();
     assert!(reloc.is_none(), "resumed in another directory");
     drop(again);
@@ -1222,7 +1237,7 @@ fn a_target_device_number_changed_within_the_same_boot_is_refused_and_says_what_
 
 #[test]
 fn after_a_reboot_a_directory_put_in_the_targets_place_or_owned_by_another_is_refused() {
-    let rig = rig();
+    let rig = root_only_rig();
     let disks = rig.volumes();
     drop(rig.begin(&disks, None));
     drop(disks);
@@ -1262,12 +1277,58 @@ fn after_a_reboot_a_directory_put_in_the_targets_place_or_owned_by_another_is_re
     let (again, reloc) = rig.restart();
     assert!(reloc.is_none(), "resumed on another type of filesystem");
     drop(again);
-    // All as recorded but the device: resumed.
+    // All as recorded but the device, on a path others may write now.
     edit_record(&rig, |v| {
         let fs = v["target_id"]["fs_type"].as_u64().unwrap();
         v["target_id"]["fs_type"] = (fs ^ 1).into();
     });
+    use std::os::unix::fs::PermissionsExt;
+    let loose = std::fs::Permissions::from_mode(0o777);
+    std::fs::set_permissions(&primary, loose).unwrap();
+    let (again, reloc) = rig.restart();
+    assert!(reloc.is_none(), "resumed where others may write");
+    drop(again);
+    // All as recorded but the device, where only root writes: resumed.
+    std::fs::set_permissions(&primary, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert!(rig.restart().1.is_some());
+}
+
+#[test]
+fn a_target_file_replaced_where_others_may_write_is_never_served_after_cutover() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    drop((disks, r));
+    // The owner of a directory under /tmp moves the live disk aside and
+    // puts a file of their own, with one link, under its name.
+    let vm = rig.dir.path().join("primary/vm");
+    std::fs::rename(vm.join("disk0.raw"), vm.join("aside")).unwrap();
+    std::fs::write(vm.join("disk0.raw"), vec![0u8; BLOCKS * BS]).unwrap();
+    let disks = rig.volumes();
+    let e = Relocation::reopen(rig.source(&disks))
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("replaced"), "{e}");
+    assert!(disks.iter().all(|d| !d.is_switched()));
+}
+
+#[test]
+fn a_target_file_replaced_where_only_root_writes_is_served_as_roots_choice() {
+    let rig = root_only_rig();
+    let disks = rig.volumes();
+    disks[1].write(5, b"mine").unwrap();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+    drop((disks, r));
+    // An administrator restores disk0 from a copy (a new inode).
+    let vm = rig.dir.path().join("primary/vm");
+    std::fs::copy(vm.join("disk0.raw"), vm.join("copy")).unwrap();
+    std::fs::rename(vm.join("copy"), vm.join("disk0.raw")).unwrap();
+    let (again, reloc) = rig.restart();
+    assert_eq!(reloc.expect("served").state(), State::Done);
+    assert!(again.iter().all(|d| d.is_switched()));
+    assert_eq!(again[1].read(5, 4).unwrap(), b"mine");
 }
 
 #[test]

@@ -837,3 +837,34 @@ fn a_relocation_that_finishes_starting_after_the_shutdown_stopped_the_copiers_st
         "a copier started after the shutdown stopped them still runs"
     );
 }
+
+#[test]
+fn a_throwaway_release_waits_for_handles_the_kernel_closes_late_and_never_leaves_the_pin() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let s = r.ds.session("vm").unwrap();
+    // QEMU has exited, but the kernel's release of its handle is late.
+    assert!(s.open_handle());
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        s.close_handle();
+    });
+    r.ds.release_when_closed("vm", true, Duration::from_secs(10))
+        .unwrap();
+    late.join().unwrap();
+    assert!(r.ds.session("vm").is_none());
+    assert!(crate::repo::pins::of_vm(&r.repo, "vm").unwrap().is_empty());
+    // A handle that never closes is an error after the wait, not a
+    // release passed over in silence.
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let s = r.ds.session("vm").unwrap();
+    assert!(s.open_handle());
+    let t = Instant::now();
+    let e =
+        r.ds.release_when_closed("vm", true, Duration::from_millis(200));
+    assert_eq!(e.unwrap_err().kind(), crate::error::ErrorKind::Busy);
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    s.close_handle();
+    r.ds.release("vm", true).unwrap();
+}

@@ -93,10 +93,10 @@ pub enum Open {
     /// reopened in a directory others may write (a relocation target) is
     /// not written if a link to another file was put in its place.
     ExistingSole,
-    /// As `ExistingSole`, but other hard links are accepted if the file's
-    /// inode number is this one, recorded when it was created or emptied:
-    /// it is then that very file, and another name for it elsewhere (an
-    /// administrator's `cp -al` snapshot) does not make it another's.
+    /// The file must be this inode, recorded when it was created or
+    /// emptied: then it is that very file, and another name for it
+    /// elsewhere (an administrator's `cp -al` snapshot) does not make it
+    /// another's; any other file (one put in its place) is refused.
     ExistingIno(u64),
     /// Created (empty, mode 0600) if missing; an existing file is kept.
     Create,
@@ -327,7 +327,19 @@ impl Storage for OsStorage {
         // A file with another name elsewhere (a hard link put here, by
         // someone who may write the directory, to a file they may not) is
         // not ours to empty or write.
-        let ours = matches!(how, Open::ExistingIno(ino) if ino == meta.ino());
+        if let Open::ExistingIno(ino) = how {
+            if ino != meta.ino() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "it is not the file recoverfs made there (inode {}, recorded {ino}): \
+                         it was replaced since",
+                        meta.ino()
+                    ),
+                ));
+            }
+        }
+        let ours = matches!(how, Open::ExistingIno(_));
         if !matches!(how, Open::Existing | Open::Create) && meta.nlink() != 1 && !ours {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -898,8 +910,26 @@ mod tests {
             .open(&p, Open::ExistingIno(ino + 1))
             .err()
             .unwrap();
-        assert!(e.to_string().contains("hard links"), "{e}");
+        assert!(e.to_string().contains("replaced"), "{e}");
         assert!(OsStorage.open(&p, Open::Empty).is_err());
+    }
+
+    #[test]
+    fn a_file_put_in_place_of_the_recorded_inode_is_refused_even_with_one_link() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("disk0.raw");
+        let ino = OsStorage
+            .open(&p, Open::Empty)
+            .unwrap()
+            .ino()
+            .unwrap()
+            .unwrap();
+        // Someone who may write the directory moves ours aside and puts
+        // a file of their own under its name.
+        std::fs::rename(&p, d.path().join("aside")).unwrap();
+        std::fs::write(&p, b"theirs").unwrap();
+        let e = OsStorage.open(&p, Open::ExistingIno(ino)).err().unwrap();
+        assert!(e.to_string().contains("replaced"), "{e}");
     }
 
     #[test]

@@ -148,4 +148,12 @@ fn a_hello_from_an_agent_built_before_the_port_wait_is_read_and_warned_about() {
     // The guest agent's own hello carries the feature.
     let back: Hello = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
     assert_eq!(back.warning(), None);
+    // A guest's hello cannot split a line the host prints.
+    let odd = Hello {
+        version: "3\nrecoverfs: done".into(),
+        binary: "0.1\r".into(),
+        features: vec![],
+    };
+    assert_eq!(odd.warning().unwrap().lines().count(), 1);
+    assert_eq!(odd.describe().lines().count(), 1, "{}", odd.describe());
 }
