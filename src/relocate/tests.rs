@@ -1170,6 +1170,22 @@ fn read_record(rig: &Rig) -> serde_json::Value {
 
 /// As a reboot may leave it: the target's device number another (NFS,
 /// btrfs, ZFS, overlayfs, dm-N), recorded in another boot.
+/// Writes "mine" at offset 5 of disk `disk`, relocates and cuts over.
+fn cut_over_with_mine(rig: &Rig, disk: usize) {
+    let disks = rig.volumes();
+    disks[disk].write(5, b"mine").unwrap();
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Done);
+}
+
+/// A restart serves the VM from its target, "mine" at 5 of disk `disk`.
+fn assert_served_from_target_with_mine(rig: &Rig, disk: usize) {
+    let (again, reloc) = rig.restart();
+    assert_eq!(reloc.expect("served").state(), State::Done);
+    assert!(again.iter().all(|d| d.is_switched()));
+    assert_eq!(again[disk].read(5, 4).unwrap(), b"mine");
+}
+
 fn as_if_rebooted(v: &mut serde_json::Value) {
     let dev = v["target_id"]["dev"].as_u64().unwrap();
     v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
@@ -1199,16 +1215,9 @@ fn a_relocation_whose_target_device_number_changed_on_a_path_only_root_can_chang
 fn a_switched_relocation_whose_target_device_number_changed_on_a_path_only_root_can_change_is_served_from_it(
 ) {
     let rig = root_only_rig();
-    let disks = rig.volumes();
-    disks[0].write(5, b"mine").unwrap();
-    let r = rig.relocate(&disks);
-    assert_eq!(settle(&r), State::Done);
-    drop((disks, r));
+    cut_over_with_mine(&rig, 0);
     edit_record(&rig, as_if_rebooted);
-    let (again, reloc) = rig.restart();
-    assert_eq!(reloc.expect("served").state(), State::Done);
-    assert!(again.iter().all(|d| d.is_switched()));
-    assert_eq!(again[0].read(5, 4).unwrap(), b"mine");
+    assert_served_from_target_with_mine(&rig, 0);
 }
 
 #[test]
@@ -1316,29 +1325,18 @@ fn a_target_file_replaced_where_others_may_write_is_never_served_after_cutover()
 #[test]
 fn a_target_file_replaced_where_only_root_writes_is_served_as_roots_choice() {
     let rig = root_only_rig();
-    let disks = rig.volumes();
-    disks[1].write(5, b"mine").unwrap();
-    let r = rig.relocate(&disks);
-    assert_eq!(settle(&r), State::Done);
-    drop((disks, r));
+    cut_over_with_mine(&rig, 1);
     // An administrator restores disk0 from a copy (a new inode).
     let vm = rig.dir.path().join("primary/vm");
     std::fs::copy(vm.join("disk0.raw"), vm.join("copy")).unwrap();
     std::fs::rename(vm.join("copy"), vm.join("disk0.raw")).unwrap();
-    let (again, reloc) = rig.restart();
-    assert_eq!(reloc.expect("served").state(), State::Done);
-    assert!(again.iter().all(|d| d.is_switched()));
-    assert_eq!(again[1].read(5, 4).unwrap(), b"mine");
+    assert_served_from_target_with_mine(&rig, 1);
 }
 
 #[test]
 fn a_switched_target_file_with_another_name_elsewhere_is_still_served() {
     let rig = rig();
-    let disks = rig.volumes();
-    disks[1].write(5, b"mine").unwrap();
-    let r = rig.relocate(&disks);
-    assert_eq!(settle(&r), State::Done);
-    drop((disks, r));
+    cut_over_with_mine(&rig, 1);
     // An administrator's `cp -al` snapshot of the primary directory.
     let snap = rig.dir.path().join("snapshot");
     std::fs::create_dir(&snap).unwrap();
@@ -1346,10 +1344,7 @@ fn a_switched_target_file_with_another_name_elsewhere_is_still_served() {
         let f = format!("disk{i}.raw");
         std::fs::hard_link(rig.dir.path().join("primary/vm").join(&f), snap.join(&f)).unwrap();
     }
-    let (again, reloc) = rig.restart();
-    assert_eq!(reloc.expect("served").state(), State::Done);
-    assert!(again.iter().all(|d| d.is_switched()));
-    assert_eq!(again[1].read(5, 4).unwrap(), b"mine");
+    assert_served_from_target_with_mine(&rig, 1);
 }
 
 #[test]

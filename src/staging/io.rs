@@ -893,16 +893,17 @@ mod tests {
         assert_eq!(out.len(), 200_004, "a failed read appends nothing");
     }
 
+    /// `disk0.raw` in `d`, as `Open::Empty` makes it, and its inode.
+    fn made_file(d: &tempfile::TempDir) -> (std::path::PathBuf, u64) {
+        let p = d.path().join("disk0.raw");
+        let f = OsStorage.open(&p, Open::Empty).unwrap();
+        (p, f.ino().unwrap().unwrap())
+    }
+
     #[test]
     fn a_file_with_another_hard_link_is_opened_only_as_the_recorded_inode() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("disk0.raw");
-        let ino = OsStorage
-            .open(&p, Open::Empty)
-            .unwrap()
-            .ino()
-            .unwrap()
-            .unwrap();
+        let (p, ino) = made_file(&d);
         std::fs::hard_link(&p, d.path().join("snapshot")).unwrap();
         assert!(OsStorage.open(&p, Open::ExistingSole).is_err());
         assert!(OsStorage.open(&p, Open::ExistingIno(ino)).is_ok());
@@ -917,13 +918,7 @@ mod tests {
     #[test]
     fn a_file_put_in_place_of_the_recorded_inode_is_refused_even_with_one_link() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("disk0.raw");
-        let ino = OsStorage
-            .open(&p, Open::Empty)
-            .unwrap()
-            .ino()
-            .unwrap()
-            .unwrap();
+        let (p, ino) = made_file(&d);
         // Someone who may write the directory moves ours aside and puts
         // a file of their own under its name.
         std::fs::rename(&p, d.path().join("aside")).unwrap();
