@@ -70,9 +70,9 @@
 //! a relocation's open target files keep being written where they are if
 //! their directory is moved until its cutover, which then fails before
 //! its commit (nothing else is written there: a restart and a cancel
-//! refuse it too: a file swapped into a caller's own `to/<vm>` before
-//! the cutover is refused at the next restart, when the VM's live disk is
-//! the file moved aside); and a recorded target file emptied by someone
+//! refuse it too, as they do a file swapped in under a target's name:
+//! the cutover checks each name still leads to the file written); and a
+//! recorded target file emptied by someone
 //! else and removed may have its inode number reused by a file linked
 //! into its place (root only, as the directory is root's and 0700).
 

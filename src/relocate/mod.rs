@@ -53,8 +53,9 @@
 //!   emptied: where a user may write, a restart writes only that very file
 //!   (another hard link to it, an administrator's `cp -al` snapshot, does
 //!   not matter), never one put in its place; where only root can change
-//!   the path, whatever root put there. `--force` checks every existing
-//!   file before emptying any.
+//!   the path, whatever root put there. The cutover commits only while
+//!   each name still leads to the file written. `--force` checks every
+//!   existing file before emptying any.
 //! * The VM comes first: the copier yields while guest I/O is in flight and
 //!   honours a rate limit, raised (up to 4×) when the guest out-writes it.
 //! * **Pause and resume** (`pause`, `resume_copy`; see `pause`): a pause
@@ -68,7 +69,7 @@
 //!   created (never one that was there before).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1076,7 +1077,23 @@ impl Relocation {
         // recorded target, or the VM would live on files at another path,
         // which no restart would reopen (nor `vm.json` mark complete).
         let meta = self.meta.lock().clone();
-        pin_target(self.storage.as_ref(), &meta)?;
+        let dir = pin_target(self.storage.as_ref(), &meta)?;
+        // And each name still leads to the file written: a file put under
+        // it is what `vm.json` and a restart would take for the VM's disk.
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            let shown = target_file_of(&meta.target, d);
+            let Some(ino) = t.ino().ctx(|| format!("stat {}", shown.display()))? else {
+                continue;
+            };
+            let now = std::fs::symlink_metadata(target_file_of(dir.path(), d)).map(|m| m.ino());
+            if now.as_ref().ok() != Some(&ino) {
+                return Err(Error::busy(format!(
+                    "relocation target {} is no longer the file written (moved or replaced \
+                     since): not cutting over",
+                    shown.display()
+                )));
+            }
+        }
         Ok(())
     }
 

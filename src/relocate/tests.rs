@@ -1154,6 +1154,25 @@ fn a_relocation_whose_target_dir_was_replaced_by_a_symlink_fails_before_the_cuto
     assert_eq!(std::fs::read(victim.join("disk0.raw")).unwrap(), bytes);
 }
 
+#[test]
+fn a_relocation_whose_target_file_was_replaced_fails_before_the_cutover() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    // The daemon keeps writing the file it opened, moved aside; another
+    // file now has its name, which a restart would open as the VM's disk.
+    let vm = rig.dir.path().join("primary/vm");
+    std::fs::rename(vm.join("disk1.raw"), vm.join("aside")).unwrap();
+    std::fs::write(vm.join("disk1.raw"), b"theirs").unwrap();
+    r.spawn();
+    assert_eq!(settle(&r), State::Failed, "{:?}", r.status());
+    assert!(disks.iter().all(|d| !d.is_switched()));
+    let e = r.status().error.unwrap_or_default();
+    assert!(e.contains("disk1.raw") && e.contains("replaced"), "{e}");
+    assert!(!vm.join("vm.json").exists());
+    assert_eq!(std::fs::read(vm.join("disk1.raw")).unwrap(), b"theirs");
+}
+
 /// Edits the session's `relocation.json` as `f` says.
 fn edit_record(rig: &Rig, f: impl FnOnce(&mut serde_json::Value)) {
     let record = rig.session_dir.join("relocation.json");
@@ -1168,8 +1187,6 @@ fn read_record(rig: &Rig) -> serde_json::Value {
         .unwrap()
 }
 
-/// As a reboot may leave it: the target's device number another (NFS,
-/// btrfs, ZFS, overlayfs, dm-N), recorded in another boot.
 /// Writes "mine" at offset 5 of disk `disk`, relocates and cuts over.
 fn cut_over_with_mine(rig: &Rig, disk: usize) {
     let disks = rig.volumes();
@@ -1186,6 +1203,8 @@ fn assert_served_from_target_with_mine(rig: &Rig, disk: usize) {
     assert_eq!(again[disk].read(5, 4).unwrap(), b"mine");
 }
 
+/// As a reboot may leave it: the target's device number another (NFS,
+/// btrfs, ZFS, overlayfs, dm-N), recorded in another boot.
 fn as_if_rebooted(v: &mut serde_json::Value) {
     let dev = v["target_id"]["dev"].as_u64().unwrap();
     v["target_id"]["dev"] = (dev ^ 0x5a5a).into();
