@@ -44,9 +44,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::{is_replaced, pin_target, target_file_of, Meta, Relocation, Source, State, TargetId};
+use super::target::{is_replaced, TargetId};
+use super::{pin_target, target_file_of, Meta, Relocation, Source, State};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::repo::limits::MAX_META_BYTES;
 use crate::staging::io::{self, PinnedDir, Storage};
 use crate::volume::Volume;
 
@@ -128,16 +128,10 @@ impl Relocation {
     /// opened (its target was unreachable when the daemon restarted, so the
     /// VM is served from staging); `Ok(None)` if none is recorded.
     pub fn cancel_recorded(src: Source, keep_target: bool) -> Result<Option<Cancelled>> {
-        let p = Self::meta_path(src.session_dir);
-        let Some(bytes) = src
-            .storage
-            .read(&p, MAX_META_BYTES)
-            .ctx(|| format!("read {}", p.display()))?
-        else {
+        let Some(meta) = Self::read_meta(&src)? else {
             return Ok(None);
         };
-        let meta: Meta = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
+        let p = Self::meta_path(src.session_dir);
         if meta.switched {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,

@@ -80,7 +80,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::limits::MAX_META_BYTES;
-use crate::staging::io::{self, BlockFile, DirId, Open, PinnedDir, Storage};
+use crate::staging::io::{self, BlockFile, Open, PinnedDir, Storage};
 use crate::staging::{MapKind, PersistentBitmap};
 use crate::volume::Volume;
 
@@ -145,124 +145,6 @@ pub(crate) struct Meta {
     /// A record written before this field has none: such a file is refused.
     #[serde(default)]
     pub target_inos: BTreeMap<usize, u64>,
-}
-
-/// A target directory's identity as recorded (see `pin_target`).
-///
-/// A device number is not stable across a reboot or remount (NFS, btrfs
-/// subvolumes, ZFS and overlayfs get anonymous ones in mount order, dm-N
-/// and NVMe minors follow probe order, an iSCSI re-login gets a new
-/// disk). Another device number is accepted only where nobody but root
-/// can have put another directory at the path (`root_only`, recorded and
-/// true now): every directory from `/` down to the target owned by root
-/// and writable by nobody else; then the same inode number and type of
-/// filesystem will do. Anywhere a caller that is not root may write, a
-/// btrfs snapshot of a subvolume they own (same inodes, same owners, same
-/// filesystem type), a FUSE filesystem of their own mounted there, or a
-/// directory they own whose inode they can free and win again could pass
-/// any such test: there the device and inode must both be the same.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct TargetId {
-    pub dev: u64,
-    pub ino: u64,
-    /// The owner's uid; `None` in a record written before it was kept.
-    #[serde(default)]
-    pub uid: Option<u32>,
-    /// `Storage::boot_id` when `dev` was read; empty if unknown (a record
-    /// written before it was kept). Kept for diagnosis: whether another
-    /// device number is accepted depends on `root_only`, not on the boot
-    /// (a remount changes it within one boot).
-    #[serde(default)]
-    pub boot: String,
-    /// The filesystem's type (`statfs` `f_type`): with another device
-    /// number it must be the same.
-    #[serde(default)]
-    pub fs_type: Option<u64>,
-    /// Only root can have changed what the target's path names (see
-    /// `only_root_can_change`); false in a record written before it was kept.
-    #[serde(default)]
-    pub root_only: bool,
-}
-
-impl TargetId {
-    /// The identity of `dir`, pinned at `path`, now; `None` where the
-    /// storage has none (in memory).
-    fn of(storage: &dyn Storage, dir: &PinnedDir, path: &Path) -> Option<TargetId> {
-        let DirId { dev, ino } = dir.id()?;
-        Some(TargetId {
-            dev,
-            ino,
-            uid: dir.owner(),
-            boot: storage.boot_id(),
-            fs_type: dir.fs_type(),
-            root_only: only_root_can_change(path),
-        })
-    }
-
-    /// Whether `now` is the directory recorded.
-    fn admits(&self, now: &TargetId) -> bool {
-        if self.dev == now.dev && self.ino == now.ino {
-            return true;
-        }
-        self.root_only
-            && now.root_only
-            && self.ino == now.ino
-            && self.uid == now.uid
-            && self.fs_type == now.fs_type
-    }
-}
-
-/// Whether only root can have changed what `path` (absolute) names: every
-/// directory from `/` down to it is owned by root and writable by nobody
-/// else (a sticky, world-writable `/tmp` is not).
-fn only_root_can_change(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let mut p = PathBuf::new();
-    for c in path.components() {
-        p.push(c);
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0 => {}
-            _ => return false,
-        }
-    }
-    path.is_absolute()
-}
-
-/// Opens the recorded target directory for use: never through a symbolic
-/// link, and only while it is the directory the relocation began in. The
-/// files in it are then reached through the pinned directory (see
-/// `io::PinnedDir`), so nothing swapped in after this check is touched.
-/// A caller who may write the directory above the target can rename it
-/// and link another directory in its place at any time: root would then
-/// create, empty or remove files there.
-pub(crate) fn pin_target(storage: &dyn Storage, meta: &Meta) -> Result<PinnedDir> {
-    let shown = meta.target.display();
-    let dir = storage
-        .pin_dir(&meta.target)
-        .map_err(|e| Error::io(format!("open relocation target {shown}"), e))?;
-    let (Some(want), Some(now)) = (&meta.target_id, TargetId::of(storage, &dir, &meta.target))
-    else {
-        return Ok(dir);
-    };
-    if !want.admits(&now) {
-        // A state of the target, not a bad request: `Busy` (409).
-        return Err(Error::busy(format!(
-            "relocation target {shown} is no longer the directory the relocation began in \
-             (it was moved or replaced since, or remounted where others may write, which \
-             recoverfs cannot tell from a replacement), which recoverfs never works in"
-        )));
-    }
-    if want.dev != now.dev {
-        tracing::warn!(target = %shown, "the relocation target's device number changed from {} to \
-            {} (a reboot or remount); same inode, owner and filesystem type on a path only root can change, so the same directory", want.dev, now.dev);
-    }
-    Ok(dir)
-}
-
-/// Whether `e` (from `pin_target`) says the target is another directory,
-/// not that it could not be reached.
-fn is_replaced(e: &Error) -> bool {
-    e.kind() == ErrorKind::Busy
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -578,9 +460,8 @@ impl Relocation {
         Ok(r)
     }
 
-    /// `resume` without starting the copier: opens the recorded state and,
-    /// if the cutover had committed, switches the disks to their targets.
-    pub(crate) fn reopen(src: Source) -> Result<Option<Arc<Relocation>>> {
+    /// The session's recorded relocation, if any.
+    fn read_meta(src: &Source) -> Result<Option<Meta>> {
         let p = Self::meta_path(src.session_dir);
         let Some(bytes) = src
             .storage
@@ -589,8 +470,17 @@ impl Relocation {
         else {
             return Ok(None);
         };
-        let meta: Meta = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))
+    }
+
+    /// `resume` without starting the copier: opens the recorded state and,
+    /// if the cutover had committed, switches the disks to their targets.
+    pub(crate) fn reopen(src: Source) -> Result<Option<Arc<Relocation>>> {
+        let Some(meta) = Self::read_meta(&src)? else {
+            return Ok(None);
+        };
         let switched = meta.switched;
         let target = meta.target.clone();
         let pinned = pin_target(src.storage.as_ref(), &meta);
@@ -1199,6 +1089,10 @@ fn copied_bytes(d: &Volume, c: &PersistentBitmap) -> u64 {
 mod cancel;
 mod copy;
 mod pause;
+mod target;
+
 pub use cancel::Cancelled;
+pub(crate) use target::pin_target;
+use target::{is_replaced, only_root_can_change, TargetId};
 #[cfg(test)]
 mod tests;

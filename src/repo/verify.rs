@@ -93,14 +93,8 @@ fn walk(
             None => (repo.backup_ids(v)?, repo.catalog_ids(v)?),
         };
         for id in catalogs {
-            let c = match repo.catalog(v, &id) {
-                Ok(c) => c,
-                Err(_) if which == Walk::Again => continue,
-                Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    damaged.push(format!("DAMAGED catalog {v}/{id}: {e}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(c) = readable(repo.catalog(v, &id), which, damaged, "catalog", v, &id)? else {
+                continue;
             };
             backups += 1;
             for e in &c.entries {
@@ -116,14 +110,9 @@ fn walk(
             }
         }
         for id in ids {
-            let m = match repo.manifest(v, &id) {
-                Ok(m) => m,
-                Err(_) if which == Walk::Again => continue,
-                Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    damaged.push(format!("DAMAGED manifest {v}/{id}: {e}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(m) = readable(repo.manifest(v, &id), which, damaged, "manifest", v, &id)?
+            else {
+                continue;
             };
             backups += 1;
             for d in &m.disks {
@@ -206,6 +195,27 @@ fn name_places(
         lines.push(format!("DAMAGED chunk {d} ({why}) {used}"));
     }
     lines
+}
+
+/// A backup's document, or `None` to pass it over: gone since the first
+/// walk (the second only names places), or damaged (named in `damaged`).
+fn readable<T>(
+    r: Result<T>,
+    which: Walk,
+    damaged: &mut Vec<String>,
+    what: &str,
+    vm: &str,
+    id: &str,
+) -> Result<Option<T>> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(_) if which == Walk::Again => Ok(None),
+        Err(e) if e.kind() == ErrorKind::Corrupt => {
+            damaged.push(format!("DAMAGED {what} {vm}/{id}: {e}"));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
