@@ -36,7 +36,7 @@ use crate::placement::{Decision, ExportPoint};
 use crate::prefetch::feeder::Feeder;
 use crate::prefetch::profile::{self, DiskTrace, Recording};
 use crate::prefetch::{PrefetchOptions, SchedulerStatus};
-use crate::relocate::{Relocation, RelocationStatus};
+use crate::relocate::{NotResumed, Relocation, RelocationStatus};
 use crate::repo::Repository;
 use crate::staging::{StagingDir, StagingSet};
 use crate::util::validate_name;
@@ -58,6 +58,10 @@ pub struct Session {
     /// staging the one it was found in.
     pub staging: Arc<StagingDir>,
     pub relocation: Mutex<Option<Arc<Relocation>>>,
+    /// A relocation recorded but not reopened by a restarted daemon (see
+    /// `relocate::not_resumed`); never set while `relocation` is. Both
+    /// change only under the VM's operation lock.
+    pub relocation_not_resumed: Mutex<Option<NotResumed>>,
     /// The export point it is served at, and the hypervisor it was
     /// placed for.
     pub point: Arc<ExportPoint>,
@@ -581,6 +585,8 @@ impl Datastore {
         })?;
         let st = r.status();
         *s.relocation.lock() = Some(r.clone());
+        // It replaced the record of one not resumed (see `Relocation::begin`).
+        *s.relocation_not_resumed.lock() = None;
         // `stop_background` may have run through the slots meanwhile.
         if self.stopping.load(Ordering::SeqCst) {
             r.stop();
@@ -667,7 +673,8 @@ impl Datastore {
             path: self.mount.join(&s.vm),
             repo_retries: self.repo.retries(),
             scheduler: s.point.sched.status(),
-            relocation: s.relocation.lock().as_ref().map(|r| r.status()),
+            relocation: (s.relocation.lock().as_ref().map(|r| r.status()))
+                .or_else(|| s.relocation_not_resumed.lock().as_ref().map(|h| h.status())),
             backup_base: s.backup_base.lock().base.id.clone(),
             backup_gone: s.backup_gone.lock().clone(),
             upload,

@@ -54,6 +54,26 @@ fn wait_state(env: &Env, vm: &str, want: &str, timeout: Duration) -> serde_json:
     }
 }
 
+/// VM `vm`, a 64 MiB disk of random data (`seed`), recovered and
+/// relocating to `primary/` at `rate` MB/s, once its first bytes are
+/// copied: the daemon, the disk's bytes and `primary`.
+fn relocating(env: &Env, seed: u64, rate: &str) -> (Daemon, Vec<u8>, std::path::PathBuf) {
+    let data = random_image(&env.path("a.raw"), 1024 * K64, seed, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let o = relocate(env, "vm", &primary, &["--rate", rate]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation(env, "vm")["bytes_done"].as_u64().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (d, data, primary)
+}
+
 fn fio(args: &[&str]) -> std::process::Output {
     Command::new("fio")
         .args(args)
@@ -328,20 +348,8 @@ fn relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link
 #[test]
 fn a_paused_relocation_stops_copying_stays_paused_across_kill9_and_resumes_to_a_complete_target() {
     let env = Env::new();
-    let data = random_image(&env.path("a.raw"), 1024 * K64, 57, K64);
-    env.backup("vm", "64K", &[&env.path("a.raw")]);
-    let mut d = env.serve();
-    env.recover("vm", None);
-    let primary = env.path("primary");
-    std::fs::create_dir(&primary).unwrap();
     // 64 MiB at 8 MB/s: about 8 s of copying.
-    let o = relocate(&env, "vm", &primary, &["--rate", "8"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while relocation(&env, "vm")["bytes_done"].as_u64().unwrap() == 0 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut d, data, primary) = relocating(&env, 57, "8");
     let socket = env.socket.to_str().unwrap().to_string();
     let t = Instant::now();
     let out = env.ok(&["relocate", "--socket", &socket, "vm", "--pause"]);
@@ -527,4 +535,40 @@ fn a_cancelled_relocation_is_not_resumed_and_one_elsewhere_then_equals_the_disk(
         );
     }
     assert!(right.join("vm/vm.json").exists());
+}
+
+/// Primary storage not mounted yet when the daemon comes back after a
+/// crash: the VM is served from staging, `status` says the relocation was
+/// not resumed and why, and once the target is back `relocate --resume`
+/// finishes it in the running daemon (no second restart).
+#[test]
+fn a_relocation_whose_target_was_gone_at_restart_shows_not_resumed_and_resume_completes_it() {
+    let env = Env::new();
+    let (mut d, data, primary) = relocating(&env, 59, "12");
+    d.kill9();
+    std::mem::forget(d);
+    let away = env.path("primary.away");
+    std::fs::rename(&primary, &away).unwrap();
+    let _d2 = env.serve();
+    let disks = env.recover("vm", None);
+    // Served from staging meanwhile.
+    assert!(read_all(&disks[0]) == data);
+    let r = relocation(&env, "vm");
+    assert_eq!(r["state"], "not-resumed", "{r}");
+    assert!(r["bytes_done"].as_u64().unwrap() > 0, "{r}");
+    let socket = env.socket.to_str().unwrap().to_string();
+    let shown = env.ok(&["status", "--socket", &socket]);
+    assert!(
+        shown.contains("NOT RESUMED") && shown.contains("recoverfs relocate vm --resume"),
+        "{shown}"
+    );
+    let err = env.fails(
+        &["relocate", "--socket", &socket, "vm", "--resume"],
+        "still cannot be resumed",
+    );
+    eprintln!("{shown}{err}");
+    std::fs::rename(&away, &primary).unwrap();
+    let out = env.ok(&["relocate", "--socket", &socket, "vm", "--resume", "--wait"]);
+    assert!(out.contains("relocated VM vm"), "{out}");
+    assert!(read_all(&primary.join("vm/disk0.raw")) == data);
 }

@@ -463,7 +463,8 @@ pub enum Command {
         /// Pause the relocation under way (kept across a daemon restart).
         #[arg(long, conflicts_with_all = ["to", "rate", "force", "resume", "wait"])]
         pause: bool,
-        /// Resume a paused relocation where it stopped.
+        /// Resume a paused relocation where it stopped, or reopen one a
+        /// restarted daemon could not (its target was unreachable).
         #[arg(long, conflicts_with_all = ["to", "rate", "force"])]
         resume: bool,
         /// Cancel the relocation for good (refused after cutover): the

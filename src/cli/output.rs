@@ -494,6 +494,19 @@ fn staging_line(st: &Value) -> String {
 
 pub fn relocation_line(r: &Value) -> String {
     let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    if r["state"] == "not-resumed" {
+        // Not copying: what was done, why it stopped, what to do.
+        return format!(
+            "NOT RESUMED after a daemon restart, served from staging; {}/{} ({:.1}%) copied, \
+             pass {}: {}; {}",
+            human_bytes(n("bytes_done")),
+            human_bytes(n("bytes_total")),
+            n("bytes_done") as f64 * 100.0 / n("bytes_total").max(1) as f64,
+            n("pass"),
+            r["error"].as_str().unwrap_or("?"),
+            r["note"].as_str().unwrap_or("?"),
+        );
+    }
     let mut line = format!(
         "{} pass {}  {}/{} ({:.1}%)  {:.1} MB/s  dirty blocks {}",
         r["state"].as_str().unwrap_or("?"),
@@ -612,10 +625,17 @@ pub(crate) fn wait_verdict(vm: &str, s: &Value) -> Option<Result<String>> {
         // Gone (or never reopened by a restarted daemon): nothing to wait for.
         return Some(Err(Error::new(
             ErrorKind::NotFound,
-            format!("VM {vm} has no relocation (it was cancelled, or a restarted daemon could not reopen its target: its log says why)"),
+            format!("VM {vm} has no relocation (none was started, or it was cancelled)"),
         )));
     }
     let state = r["state"].as_str().unwrap_or("");
+    if state == "not-resumed" {
+        return Some(Err(Error::busy(format!(
+            "relocation of VM {vm} to {}: {}",
+            r["target"].as_str().unwrap_or("?"),
+            relocation_line(r)
+        ))));
+    }
     if let (Some(e), "done" | "failed") = (r["error"].as_str(), state) {
         let how = if state == "done" {
             "cut over but failed"
@@ -808,6 +828,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("paused") && e.contains("--resume"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn a_relocation_not_resumed_is_shown_with_its_reason_and_ends_a_wait_non_zero() {
+        let mut r = relocation(
+            "not-resumed",
+            Some("open relocation target /p/vm: No such file or directory"),
+        );
+        r["note"] = json!("run `recoverfs relocate vm --resume` once the target is reachable");
+        let line = relocation_line(&r);
+        assert!(
+            line.starts_with("NOT RESUMED")
+                && line.contains("1.0 MiB/4.0 MiB")
+                && line.contains("No such file")
+                && line.contains("--resume"),
+            "{line}"
+        );
+        let e = wait_verdict("vm", &session(r, None))
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NOT RESUMED") && e.contains("--resume"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }
 

@@ -63,6 +63,10 @@
 //!   written blocks committed), persists `paused` in `relocation.json` (a
 //!   restarted daemon keeps it paused) and holds off the cutover; resume
 //!   continues from the copied map.
+//! * **Not resumed** (`not_resumed`): a restart that cannot open the
+//!   target of a relocation that had not cut over serves the VM from
+//!   staging and keeps the record; `status` shows it, and a resume reopens
+//!   it in the running daemon once the target is back.
 //! * **Cancel** (`cancel`): refused once the cutover began; otherwise stops
 //!   the copier, removes `relocation.json` durably (the commit: no restart
 //!   resumes it), then the copied maps and the target files this relocation
@@ -103,6 +107,9 @@ pub enum State {
     Done,
     Failed,
     NotConverging,
+    /// Recorded, but a restarted daemon could not reopen its target (see
+    /// `not_resumed`): shown by `status`, never the state of a copier.
+    NotResumed,
 }
 
 impl State {
@@ -448,14 +455,20 @@ impl Relocation {
     }
 
     /// Picks up a relocation recorded in `session_dir`, if any: serves from
-    /// the target if it had switched, otherwise resumes copying.
-    pub fn resume(src: Source) -> Result<Option<Arc<Relocation>>> {
-        let r = Self::reopen(src)?;
-        if let Some(r) = &r {
-            if r.state() != State::Done {
+    /// the target if it had switched, otherwise resumes copying; one whose
+    /// target cannot be opened before the cutover is `NotResumed` (logged).
+    pub fn resume(src: Source) -> Result<Reopened> {
+        let r = Self::reopen_or_hold(src)?;
+        match &r {
+            Reopened::Live(r) if r.state() != State::Done => {
                 tracing::info!(vm = src.vm, target = %r.target_dir.display(), "resuming relocation");
                 r.spawn();
             }
+            Reopened::NotResumed(h) => {
+                tracing::error!(vm = src.vm, target = %h.target.display(),
+                    "relocation not resumed, the VM is served from staging: {}; {}", h.error, h.then);
+            }
+            _ => {}
         }
         Ok(r)
     }
@@ -475,11 +488,21 @@ impl Relocation {
             .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))
     }
 
+    /// `resume` without starting the copier, and `None` for a relocation
+    /// not reopened (see `reopen_or_hold`).
+    #[cfg(test)]
+    pub(crate) fn reopen(src: Source) -> Result<Option<Arc<Relocation>>> {
+        Ok(match Self::reopen_or_hold(src)? {
+            Reopened::Live(r) => Some(r),
+            Reopened::None | Reopened::NotResumed(_) => None,
+        })
+    }
+
     /// `resume` without starting the copier: opens the recorded state and,
     /// if the cutover had committed, switches the disks to their targets.
-    pub(crate) fn reopen(src: Source) -> Result<Option<Arc<Relocation>>> {
+    pub(crate) fn reopen_or_hold(src: Source) -> Result<Reopened> {
         let Some(meta) = Self::read_meta(&src)? else {
-            return Ok(None);
+            return Ok(Reopened::None);
         };
         let switched = meta.switched;
         let target = meta.target.clone();
@@ -487,28 +510,19 @@ impl Relocation {
         // Another directory at the target's path (not one unreachable, nor
         // a file in it refused).
         let replaced = pinned.as_ref().err().is_some_and(is_replaced);
+        let recorded = meta.clone();
         let opened = pinned
             .and_then(|dir| Self::open_in(src, meta, Open::ExistingSole, &dir).map(|r| (r, dir)));
         let (r, dir) = match opened {
             Ok(r) => r,
             // Before the commit staging holds the whole disk, so a target
             // that cannot be opened (primary storage not mounted yet) must
-            // not keep the VM from being served. The record stays: a daemon
-            // restarted once the target is back resumes the copy.
+            // not keep the VM from being served. The record stays: `relocate
+            // --resume`, or a restarted daemon, tries again.
             Err(e) if !switched => {
-                let then = if replaced {
-                    format!(
-                        "cancel it (`recoverfs relocate {} --cancel`) and relocate again, or \
-                         put the directory it began in back at {} and restart the daemon",
-                        src.vm,
-                        target.display()
-                    )
-                } else {
-                    "restart the daemon once the target is reachable to resume it".into()
-                };
-                tracing::error!(vm = src.vm, target = %target.display(),
-                    "relocation not resumed, the VM is served from staging: {e}; {then}");
-                return Ok(None);
+                return Ok(Reopened::NotResumed(NotResumed::new(
+                    &src, &recorded, e, replaced,
+                )))
             }
             // The target is the VM's live disk: not served from anything else.
             Err(e) if replaced => {
@@ -539,7 +553,7 @@ impl Relocation {
             }
             *r.state.lock() = (State::Done, None, Some(note));
         }
-        Ok(Some(r))
+        Ok(Reopened::Live(r))
     }
 
     /// Opens the target files in `dir`, the pinned `meta.target`. With
@@ -1088,10 +1102,12 @@ fn copied_bytes(d: &Volume, c: &PersistentBitmap) -> u64 {
 
 mod cancel;
 mod copy;
+mod not_resumed;
 mod pause;
 mod target;
 
 pub use cancel::Cancelled;
+pub use not_resumed::{NotResumed, Reopened};
 pub(crate) use target::pin_target;
 use target::{is_replaced, only_root_can_change, TargetId};
 #[cfg(test)]

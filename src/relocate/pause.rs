@@ -119,6 +119,13 @@ impl Relocation {
                         self.vm
                     )))
                 }
+                // Never a copier's state (see `not_resumed`).
+                State::NotResumed => {
+                    return Err(Error::invalid(format!(
+                        "the relocation of VM {} is not running",
+                        self.vm
+                    )))
+                }
             }
             self.pause.store(true, Ordering::Release);
         }

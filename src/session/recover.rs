@@ -25,7 +25,7 @@ use crate::placement::Decision;
 use crate::prefetch::feeder::{Feeder, Source};
 use crate::prefetch::profile;
 use crate::prefetch::tracker::RecordWindow;
-use crate::relocate::Relocation;
+use crate::relocate::{Relocation, Reopened};
 use crate::repo::Manifest;
 use crate::staging::{open_session, StagingDir, Storage};
 use crate::util::validate_name;
@@ -173,13 +173,17 @@ impl Datastore {
         let mut config_json = serde_json::to_vec_pretty(&manifest.config).expect("json");
         config_json.push(b'\n');
         // A relocation in progress (or finished) survives restarts.
-        let relocation = Relocation::resume(crate::relocate::Source {
+        let (relocation, not_resumed) = match Relocation::resume(crate::relocate::Source {
             storage: &storage,
             vm,
             disks: &disks,
             config_json: &config_json,
             session_dir: &dir,
-        })?;
+        })? {
+            Reopened::Live(r) => (Some(r), None),
+            Reopened::NotResumed(h) => (None, Some(h)),
+            Reopened::None => (None, None),
+        };
         unstarted.relocation = relocation.clone();
         let session = Arc::new(Session {
             vm: vm.into(),
@@ -192,6 +196,7 @@ impl Datastore {
             dir,
             staging: staging.clone(),
             relocation: Mutex::new(relocation),
+            relocation_not_resumed: Mutex::new(not_resumed),
             point: point.clone(),
             // A name that no longer resolves counts for no host.
             host_ip: host.as_deref().and_then(|h| resolve_host(h).ok()),

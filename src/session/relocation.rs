@@ -2,28 +2,88 @@
 //! `relocate::cancel`) a session's relocation, under the VM's lock like
 //! every other change to the session.
 
-use super::Datastore;
+use std::sync::atomic::Ordering;
+
+use super::{Datastore, Session};
 use crate::error::{Error, Result};
-use crate::relocate::{Cancelled, Relocation, RelocationStatus};
+use crate::relocate::{Cancelled, Relocation, RelocationStatus, Reopened};
 use crate::util::validate_name;
 
 impl Datastore {
     /// Pauses (`pause`) or resumes VM `vm`'s relocation; returns its status
     /// once the copier has parked or gone on.
+    /// A relocation a restarted daemon did not reopen is reopened by a
+    /// resume (see `retry_relocation`).
     pub fn pause_relocation(&self, vm: &str, pause: bool) -> Result<RelocationStatus> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
         let _op = self.lock_op(vm, &op)?;
         let s = self.served(vm)?;
-        let r = s
-            .relocation
-            .lock()
-            .clone()
-            .ok_or_else(|| Error::not_found(format!("VM {vm} is not being relocated")))?;
+        let running = s.relocation.lock().clone();
+        let Some(r) = running else {
+            let held = s.relocation_not_resumed.lock().clone();
+            return match held {
+                Some(_) if !pause => self.retry_relocation(&s, vm),
+                Some(h) => Err(Error::busy(format!(
+                    "the relocation of VM {vm} to {} is not running to pause (a restarted \
+                     daemon could not reopen it): {}; {}",
+                    h.target.display(),
+                    h.error,
+                    h.then
+                ))),
+                None => Err(Error::not_found(format!("VM {vm} is not being relocated"))),
+            };
+        };
         if pause {
             r.pause()
         } else {
             r.resume_copy()
+        }
+    }
+
+    /// Reopens the relocation recorded in `s` that a restarted daemon could
+    /// not (its target was unreachable, say), as the restart would have,
+    /// and lets it copy (also if it had been paused). Still not reopenable:
+    /// the reason, as an error. The caller holds the VM's operation lock.
+    fn retry_relocation(&self, s: &Session, vm: &str) -> Result<RelocationStatus> {
+        let src = crate::relocate::Source {
+            storage: s.staging.storage(),
+            vm,
+            disks: &s.disks,
+            config_json: &s.config_json,
+            session_dir: &s.dir,
+        };
+        match Relocation::reopen_or_hold(src)? {
+            Reopened::Live(r) => {
+                *s.relocation_not_resumed.lock() = None;
+                tracing::info!(vm, target = %r.status().target.display(), "relocation reopened, resuming it");
+                r.spawn();
+                *s.relocation.lock() = Some(r.clone());
+                // `stop_background` may have run through the slots meanwhile.
+                if self.stopping.load(Ordering::SeqCst) {
+                    r.stop();
+                }
+                r.resume_copy()
+            }
+            Reopened::NotResumed(h) => {
+                let e = Error::new(
+                    h.error.kind(),
+                    format!(
+                        "the relocation of VM {vm} to {} still cannot be resumed: {}; {}",
+                        h.target.display(),
+                        h.error,
+                        h.then
+                    ),
+                );
+                *s.relocation_not_resumed.lock() = Some(h);
+                Err(e)
+            }
+            Reopened::None => {
+                *s.relocation_not_resumed.lock() = None;
+                Err(Error::not_found(format!(
+                    "VM {vm} has no relocation recorded"
+                )))
+            }
         }
     }
 
@@ -45,17 +105,21 @@ impl Datastore {
                 *s.relocation.lock() = None;
                 c
             }
-            None => Relocation::cancel_recorded(
-                crate::relocate::Source {
-                    storage: s.staging.storage(),
-                    vm,
-                    disks: &s.disks,
-                    config_json: &s.config_json,
-                    session_dir: &s.dir,
-                },
-                keep_target,
-            )?
-            .ok_or_else(|| Error::not_found(format!("VM {vm} has no relocation to cancel")))?,
+            None => {
+                let c = Relocation::cancel_recorded(
+                    crate::relocate::Source {
+                        storage: s.staging.storage(),
+                        vm,
+                        disks: &s.disks,
+                        config_json: &s.config_json,
+                        session_dir: &s.dir,
+                    },
+                    keep_target,
+                )?;
+                // The record is gone (or was): nothing left to resume.
+                *s.relocation_not_resumed.lock() = None;
+                c.ok_or_else(|| Error::not_found(format!("VM {vm} has no relocation to cancel")))?
+            }
         };
         if let Some(e) = &c.leftover {
             return Err(e.clone().context(format!(

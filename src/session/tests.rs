@@ -548,6 +548,7 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
 
 mod live_backup;
 mod recover_faults;
+mod relocation;
 mod upload;
 
 #[test]

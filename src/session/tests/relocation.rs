@@ -1,0 +1,127 @@
+//! A relocation a restarted daemon could not reopen (its target was not
+//! reachable) is shown by `status` with the reason and what to do, and is
+//! resumed (or cancelled) in the running daemon, without another restart.
+
+use super::*;
+use crate::relocate::State;
+
+/// `vm` recovered and relocating to `primary/` (recorded with no rate
+/// limit, its copier stopped before it copied anything; `paused` by the
+/// administrator first); the daemon then restarts with `primary` moved
+/// away, as if not mounted yet.
+fn relocation_left_unreachable(vm: &str, paused: bool) -> (Rig, Vec<u8>, PathBuf, PathBuf) {
+    let r = rig();
+    let (_, data) = backup(&r, vm, 51, 16);
+    r.ds.recover(vm, None).unwrap();
+    let primary = r.dir.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    // Slow enough that nothing is copied before the copier stops.
+    r.ds.relocate(vm, &primary, Some(0.001), false).unwrap();
+    if paused {
+        r.ds.pause_relocation(vm, true).unwrap();
+    }
+    r.ds.stop_background();
+    // The record as a relocation without a rate limit would have it, so
+    // the resumed copy finishes at once.
+    let s = r.ds.session(vm).unwrap();
+    let rec = s.dir.join("relocation.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    meta["rate_mbps"] = serde_json::Value::Null;
+    std::fs::write(&rec, serde_json::to_vec(&meta).unwrap()).unwrap();
+    drop(s);
+    let away = r.dir.path().join("primary.away");
+    std::fs::rename(&primary, &away).unwrap();
+    (restart(r, &[]), data, primary, away)
+}
+
+fn relocation_status(r: &Rig, vm: &str) -> Option<RelocationStatus> {
+    r.ds.status(&r.ds.session(vm).unwrap()).relocation
+}
+
+#[test]
+fn a_relocation_a_restart_could_not_reopen_shows_in_status_with_the_reason_and_what_to_do() {
+    let (r, data, primary, _away) = relocation_left_unreachable("vm", false);
+    // Served from staging meanwhile.
+    assert_eq!(disk(&r, "vm").read(0, BS).unwrap(), data[..BS]);
+    let st = relocation_status(&r, "vm").expect("shown, not hidden");
+    assert_eq!(st.state, State::NotResumed);
+    assert_eq!(st.target, primary.join("vm"));
+    assert_eq!(st.bytes_total, data.len() as u64);
+    let error = st.error.unwrap();
+    assert!(error.contains("open relocation target"), "{error}");
+    assert!(st.note.unwrap().contains("recoverfs relocate vm --resume"));
+    // Nothing runs to pause: the refusal says why.
+    let e = r.ds.pause_relocation("vm", true).unwrap_err().to_string();
+    assert!(
+        e.contains("not running") && e.contains("open relocation target"),
+        "{e}"
+    );
+}
+
+#[test]
+fn resume_reopens_a_relocation_not_resumed_at_restart_once_its_target_is_back_and_it_cuts_over() {
+    let (r, data, primary, away) = relocation_left_unreachable("vm", false);
+    // Still unreachable: an error with the reason, and still shown.
+    let e = r.ds.pause_relocation("vm", false).unwrap_err().to_string();
+    assert!(
+        e.contains("still cannot be resumed") && e.contains("open relocation target"),
+        "{e}"
+    );
+    assert_eq!(
+        relocation_status(&r, "vm").unwrap().state,
+        State::NotResumed
+    );
+    // A guest write meanwhile goes to staging and must reach the target.
+    let d = disk(&r, "vm");
+    d.write(3 * BS as u64, b"written while not resumed")
+        .unwrap();
+    d.flush().unwrap();
+    // Primary storage mounted again: resumed in this daemon.
+    std::fs::rename(&away, &primary).unwrap();
+    r.ds.pause_relocation("vm", false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relocation_status(&r, "vm").unwrap().state != State::Done {
+        assert!(Instant::now() < deadline, "relocation did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(d.is_switched());
+    let mut want = data.clone();
+    want[3 * BS..3 * BS + 25].copy_from_slice(b"written while not resumed");
+    assert_eq!(std::fs::read(primary.join("vm/disk0.raw")).unwrap(), want);
+    assert!(r
+        .ds
+        .session("vm")
+        .unwrap()
+        .relocation_not_resumed
+        .lock()
+        .is_none());
+}
+
+#[test]
+fn cancelling_a_relocation_not_resumed_at_restart_leaves_the_session_without_one() {
+    let (r, _, _, _) = relocation_left_unreachable("vm", false);
+    r.ds.cancel_relocation("vm", false).unwrap_err(); // its files could not be reached
+    assert!(
+        relocation_status(&r, "vm").is_none(),
+        "cancelled, nothing shown"
+    );
+    let e = r.ds.pause_relocation("vm", false).unwrap_err().to_string();
+    assert!(e.contains("not being relocated"), "{e}");
+}
+
+#[test]
+fn resume_of_a_relocation_paused_before_a_restart_that_could_not_reopen_it_lets_it_copy() {
+    let (r, data, primary, away) = relocation_left_unreachable("vm", true);
+    let st = relocation_status(&r, "vm").unwrap();
+    assert!(st.note.unwrap().contains("paused"));
+    std::fs::rename(&away, &primary).unwrap();
+    let st = r.ds.pause_relocation("vm", false).unwrap();
+    assert_ne!(st.state, State::Paused, "resumed, not only reopened");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relocation_status(&r, "vm").unwrap().state != State::Done {
+        assert!(Instant::now() < deadline, "relocation did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(std::fs::read(primary.join("vm/disk0.raw")).unwrap(), data);
+}
