@@ -21,7 +21,11 @@
 //! | DELETE | /sessions/{vm}/upload | stop it (what it uploaded stays usable) |
 //! | GET, POST | /precopy | pre-copy jobs of running QEMU VMs ([`precopy`]) |
 //! | DELETE | /precopy/{vm} | stop a pre-copy job |
+//!
+//! Bodies go through [`body`]: JSON whatever the Content-Type, unknown
+//! fields refused, 400 or 413 as a JSON error like every other.
 
+mod body;
 pub mod client;
 pub mod pathauth;
 pub mod peer;
@@ -39,6 +43,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, ErrorKind};
 use crate::session::Datastore;
+use body::{BodyShape, JsonBody, JsonOrEmpty};
 
 type Ds = Arc<Datastore>;
 
@@ -128,6 +133,7 @@ async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RecoverBody {
     vm: String,
     backup: Option<String>,
@@ -141,12 +147,12 @@ async fn export_points(State(ds): State<Ds>) -> ApiResult {
     blocking(move || Ok(json!({ "export_points": ds.point_status() }))).await
 }
 
-async fn recover(State(ds): State<Ds>, body: Option<Json<RecoverBody>>) -> ApiResult {
-    let Some(Json(body)) = body else {
-        return Err(ApiError(Error::invalid(
-            "expected a JSON body {\"vm\": NAME, \"backup\": ID?}",
-        )));
-    };
+impl BodyShape for RecoverBody {
+    const SHAPE: &'static str =
+        r#"{"vm": NAME, "backup": ID?, "host": HOST?, "export_point": NAME?, "force": bool?}"#;
+}
+
+async fn recover(State(ds): State<Ds>, JsonBody(body): JsonBody<RecoverBody>) -> ApiResult {
     blocking(move || {
         let req = crate::session::PlaceRequest {
             host: body.host,
@@ -212,6 +218,7 @@ async fn changed(State(ds): State<Ds>, Path((vm, n)): Path<(String, usize)>) -> 
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RelocateBody {
     to: std::path::PathBuf,
     rate_mbps: Option<f64>,
@@ -219,17 +226,16 @@ struct RelocateBody {
     force: bool,
 }
 
+impl BodyShape for RelocateBody {
+    const SHAPE: &'static str = r#"{"to": DIR, "rate_mbps": N?, "force": bool?}"#;
+}
+
 async fn relocate(
     State(ds): State<Ds>,
     Path(vm): Path<String>,
     ConnectInfo(peer): ConnectInfo<peer::Peer>,
-    body: Option<Json<RelocateBody>>,
+    JsonBody(b): JsonBody<RelocateBody>,
 ) -> ApiResult {
-    let Some(Json(b)) = body else {
-        return Err(ApiError(Error::invalid(
-            "expected a JSON body {\"to\": DIR, \"rate_mbps\": N?, \"force\": bool?}",
-        )));
-    };
     blocking(move || {
         crate::util::validate_name("VM name", &vm)?;
         let to = pathauth::relocation_target(&peer.caller()?, &b.to, &vm)?;
@@ -244,42 +250,6 @@ async fn pause_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiRe
 
 async fn resume_relocation(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || ds.pause_relocation(&vm, false)).await
-}
-
-/// A JSON body that may be left out: only an empty body is `T::default()`.
-/// The body is read as JSON whatever its Content-Type says: axum's
-/// `Option<Json<T>>` is `None` for a body sent without one, which would
-/// take `{"keep_target":true}` for the default (and remove the files). A
-/// body that is not the JSON expected is refused (400).
-/// Unknown fields are refused too (the body types say
-/// `deny_unknown_fields`): `{"keep-target":true}` must not mean "remove".
-struct JsonOrEmpty<T>(T);
-
-/// A request body's shape, for the one-line refusal.
-trait BodyShape {
-    const SHAPE: &'static str;
-}
-
-impl<T: serde::de::DeserializeOwned + Default + BodyShape, S: Send + Sync>
-    axum::extract::FromRequest<S> for JsonOrEmpty<T>
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let body = <axum::body::Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
-            .await
-            .map_err(|e| ApiError(Error::invalid(e.body_text())))?;
-        // Blank says nothing (a client's stray newline).
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(JsonOrEmpty(T::default()));
-        }
-        serde_json::from_slice(&body).map(JsonOrEmpty).map_err(|e| {
-            ApiError(Error::invalid(format!(
-                "the request body is not the JSON expected ({}): {e}",
-                T::SHAPE
-            )))
-        })
-    }
 }
 
 #[derive(Deserialize, Default, Debug)]

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::Router;
 use serde_json::{json, Value};
 
+use super::body::{refuse_unknown_fields, BodyShape, JsonBody};
 use super::peer::Peer;
 use super::{blocking, ApiError, ApiResult};
 use crate::error::Error;
@@ -31,25 +32,25 @@ async fn list(State(j): State<J>) -> ApiResult {
     blocking(move || Ok(json!({ "jobs": j.list() }))).await
 }
 
+/// `POST /precopy`'s body: a `StartRequest`, which is also the job's
+/// record (`job.json`, read by later versions with fields added), so its
+/// unknown fields are refused here (`refuse_unknown_fields`), not by serde.
+#[derive(serde::Deserialize)]
+#[serde(transparent)]
+struct StartBody(Value);
+
+impl BodyShape for StartBody {
+    const SHAPE: &'static str = r#"{"vm": NAME, "qmp": SOCKET, "agent": SOCKET?, "every": S?, "backup_at": T?, "until": T?, "chunk_size": BYTES?, "max_rate_mbps": N?, "load_limit": SPEC?}"#;
+}
+
 async fn start(
     State(j): State<J>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    body: Option<Json<Value>>,
+    JsonBody(StartBody(v)): JsonBody<StartBody>,
 ) -> ApiResult {
-    let parsed = body.map(|Json(v)| serde_json::from_value::<StartRequest>(v));
-    let req = match parsed {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => {
-            return Err(ApiError(Error::invalid(format!(
-                "bad pre-copy request: {e}"
-            ))))
-        }
-        None => {
-            return Err(ApiError(Error::invalid(
-                "expected a JSON body {\"vm\": NAME, \"qmp\": SOCKET, ...}",
-            )))
-        }
-    };
+    let req = serde_json::from_value::<StartRequest>(v.clone())
+        .map_err(|e| ApiError(Error::invalid(format!("bad pre-copy request: {e}"))))?;
+    refuse_unknown_fields(&v, &req, StartBody::SHAPE)?;
     blocking(move || j.start(req, &peer.caller()?)).await
 }
 
