@@ -600,6 +600,16 @@ fn api_bodies_misspelt_malformed_or_too_large_are_refused_and_change_nothing() {
     assert_eq!(r["state"], "copying", "{r}");
     assert!(primary.join("vm/disk0.raw").exists());
 
+    // A release query misspelt or of the wrong type: refused, still served.
+    for q in ["dicsard=true", "discard=yes"] {
+        refused(
+            api(&env, "DELETE", &format!("/sessions/vm?{q}"), b"", None),
+            400,
+            "discard=true|false",
+        );
+    }
+    assert_eq!(env.status()["sessions"].as_array().unwrap().len(), 1);
+
     let body = br#"{"vm":"vm","qmp":"/nonexistent/qmp.sock","max_rate_mbs":5}"#;
     refused(
         api(&env, "POST", "/precopy", body, None),

@@ -175,6 +175,7 @@ async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResu
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ReleaseQuery {
     #[serde(default)]
     discard: bool,
@@ -183,8 +184,15 @@ struct ReleaseQuery {
 async fn release(
     State(ds): State<Ds>,
     Path(vm): Path<String>,
-    Query(q): Query<ReleaseQuery>,
+    q: Result<Query<ReleaseQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
+    // `?dicsard=true` is not "keep staging", nor `?discard=yes` plain text.
+    let Query(q) = q.map_err(|e| {
+        ApiError(Error::invalid(format!(
+            "{} (expected ?discard=true|false)",
+            e.body_text()
+        )))
+    })?;
     blocking(move || {
         if ds.session(&vm).is_none() && q.discard {
             let kept = ds.discard_kept(&vm)?;
