@@ -568,6 +568,17 @@ impl Datastore {
                 }
             }
         }
+        // Replacing it would leave its partial files where nothing names
+        // them (a cancel removes or names them): the administrator decides.
+        if let Some(h) = s.relocation_not_resumed.lock().as_ref() {
+            return Err(Error::busy(format!(
+                "VM {vm} has a relocation to {} that a restarted daemon could not reopen ({}): \
+                 resume it (`recoverfs relocate {vm} --resume`) or cancel it (`recoverfs \
+                 relocate {vm} --cancel`) first",
+                h.target.display(),
+                h.error
+            )));
+        }
         let mut forbidden = vec![self.mount.as_path()];
         forbidden.extend(self.stagings().iter().map(|s| s.root()));
         let r = Relocation::start(crate::relocate::Request {
@@ -585,8 +596,6 @@ impl Datastore {
         })?;
         let st = r.status();
         *s.relocation.lock() = Some(r.clone());
-        // It replaced the record of one not resumed (see `Relocation::begin`).
-        *s.relocation_not_resumed.lock() = None;
         // `stop_background` may have run through the slots meanwhile.
         if self.stopping.load(Ordering::SeqCst) {
             r.stop();

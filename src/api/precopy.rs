@@ -57,3 +57,29 @@ async fn start(
 async fn stop(State(j): State<J>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || j.stop(&vm)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(body: &str) -> Result<StartRequest, String> {
+        let v: Value = serde_json::from_str(body).unwrap();
+        let req: StartRequest = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+        refuse_unknown_fields(&v, &req, StartBody::SHAPE).map_err(|e| e.0.to_string())?;
+        Ok(req)
+    }
+
+    #[test]
+    fn the_readme_example_body_with_its_nulls_is_accepted_and_a_misspelt_field_refused() {
+        // As README.md's control API table gives it (null fields included):
+        // a field that stopped serialising would refuse it.
+        let readme = r#"{"vm": "db01", "qmp": "/run/db01.qmp", "agent": null, "every": 60,
+            "backup_at": 1700000000, "until": null, "chunk_size": 1048576,
+            "max_rate_mbps": null, "load_limit": "latency=5"}"#;
+        let req = checked(readme).unwrap();
+        assert_eq!(req.load_limit.as_deref(), Some("latency=5"));
+        assert!(checked(r#"{"vm": "db01", "qmp": "/run/db01.qmp"}"#).is_ok());
+        let e = checked(r#"{"vm": "db01", "qmp": "/q", "max_rate_mbs": 5}"#).unwrap_err();
+        assert!(e.contains("unknown field(s) max_rate_mbs"), "{e}");
+    }
+}

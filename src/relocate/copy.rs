@@ -63,6 +63,11 @@
 //!   while the guest writes, competing with the guest's own I/O;
 //! * resume of a paused relocation in the same daemon goes by memory; a
 //!   paused relocation reopened after a restart gets the rule like any;
+//! * the rule is applied after the map is installed on the volume (and a
+//!   fence), never before: a relocation reopened in a running daemon
+//!   (`relocate --resume` of one a restart could not reopen) races the
+//!   guest's writes, and a write between the rule and the install would
+//!   stay trusted as copied (see `Relocation::open_in`);
 //! * a forgotten block that is a hole (a zero block written, its staged
 //!   bytes lost) is punched on the resumed target before it is recorded
 //!   (`take_holes`: a reopened target is never `fresh`);

@@ -590,19 +590,10 @@ impl Relocation {
                 d.block_size() as u32,
                 d.nblocks(),
             )?;
-            // The restart rule (see `copy`, "Revoking a copy"), on every
-            // open: a fresh map has nothing to forget.
-            let forgotten = d.forget_copies_of_changed(&m);
-            if forgotten > 0 {
-                tracing::info!(
-                    vm = src.vm,
-                    disk = d.index,
-                    blocks = forgotten,
-                    "copying the blocks the guest changed again"
-                );
-            }
             copied.push(Arc::new(m));
         }
+        #[cfg(test)]
+        test_hooks::before_tracking(session_dir);
         for (i, (d, m)) in disks.iter().zip(&copied).enumerate() {
             if let Err(e) = d.track_copies(m.clone()) {
                 // A passthrough open came after `begin` checked: no disk
@@ -611,6 +602,26 @@ impl Relocation {
                     d.untrack_copies();
                 }
                 return Err(e);
+            }
+        }
+        // The restart rule (see `copy`, "Revoking a copy"), on every open (a
+        // fresh map has nothing to forget), only now that the maps are
+        // installed: the guest may be writing (`relocate --resume` reopens
+        // in a running daemon). A write sets its changed bit, fences, then
+        // revokes in the map it finds installed (`Volume::announce_write`);
+        // here the map is installed, then the fence, then the changed bits
+        // are read: either side sees the other, so no block written before
+        // the copier starts stays trusted as copied.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for (d, m) in disks.iter().zip(&copied) {
+            let forgotten = d.forget_copies_of_changed(m);
+            if forgotten > 0 {
+                tracing::info!(
+                    vm = src.vm,
+                    disk = d.index,
+                    blocks = forgotten,
+                    "copying the blocks the guest changed again"
+                );
             }
         }
         let rate = meta.rate_mbps;
@@ -1112,3 +1123,34 @@ pub(crate) use target::pin_target;
 use target::{is_replaced, only_root_can_change, TargetId};
 #[cfg(test)]
 mod tests;
+
+/// Tests only: a step run by `open_in` once the copied maps are read and
+/// before they are installed, for the session directory it was set for
+/// (tests run in parallel), to race a guest write with the reopen.
+#[cfg(test)]
+pub(crate) mod test_hooks {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    type Hook = Arc<dyn Fn() + Send + Sync>;
+    static BEFORE_TRACKING: parking_lot::Mutex<Option<HashMap<PathBuf, Hook>>> =
+        parking_lot::Mutex::new(None);
+
+    pub(crate) fn set_before_tracking(session_dir: &Path, hook: Hook) {
+        BEFORE_TRACKING
+            .lock()
+            .get_or_insert_with(HashMap::new)
+            .insert(session_dir.to_path_buf(), hook);
+    }
+
+    pub(super) fn before_tracking(session_dir: &Path) {
+        let hook = BEFORE_TRACKING
+            .lock()
+            .as_mut()
+            .and_then(|m| m.remove(session_dir));
+        if let Some(h) = hook {
+            h();
+        }
+    }
+}

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{copied_bytes, Meta, Relocation, RelocationStatus, Source, State};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::staging::{MapKind, PersistentBitmap};
 
 /// What a (re)start finds recorded in a session.
@@ -53,6 +53,12 @@ impl NotResumed {
                 "cancel it (`recoverfs relocate {vm} --cancel`) and relocate again, or put the \
                  directory it began in back at {} and run `recoverfs relocate {vm} --resume`",
                 meta.target.display()
+            )
+        } else if error.kind() == ErrorKind::Busy {
+            // Not the target: the disk is held (a passthrough open).
+            format!(
+                "run `recoverfs relocate {vm} --resume` once that is done, or cancel it \
+                 (`recoverfs relocate {vm} --cancel`)"
             )
         } else {
             format!(

@@ -1456,3 +1456,47 @@ fn a_cancel_whose_target_is_missing_from_a_parent_on_another_filesystem_names_wh
         "{left}"
     );
 }
+
+/// `relocate --resume` reopens a relocation in a running daemon: a guest
+/// write that lands while the copied maps are read and installed must not
+/// leave its block trusted as copied (the cutover would commit a target
+/// without it).
+#[test]
+fn a_guest_write_racing_a_reopen_in_a_running_daemon_is_never_trusted_as_copied() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    r.resume_pass_unthrottled().unwrap();
+    assert!(r.copied_map(0).test(5), "block 5 copied, from the backup");
+    r.stop();
+    drop(r);
+    // As a restart that could not reopen it leaves the disks: not tracking.
+    for d in &disks {
+        d.untrack_copies();
+    }
+    let writer = disks[0].clone();
+    crate::relocate::test_hooks::set_before_tracking(
+        &rig.session_dir,
+        Arc::new(move || {
+            writer
+                .write(5 * BS as u64, b"written during the reopen")
+                .unwrap();
+            writer.flush().unwrap();
+        }),
+    );
+    let r = Relocation::reopen(rig.source(&disks))
+        .unwrap()
+        .expect("reopened");
+    assert_eq!(
+        disks[0].read(5 * BS as u64, 25).unwrap(),
+        b"written during the reopen"
+    );
+    assert!(
+        !r.copied_map(0).test(5),
+        "a block the guest wrote during the reopen is trusted as copied"
+    );
+    // And the copy that follows puts the write on the target.
+    r.resume_pass_unthrottled().unwrap();
+    let t = std::fs::read(rig.dir.path().join("primary/vm/disk0.raw")).unwrap();
+    assert_eq!(&t[5 * BS..5 * BS + 25], b"written during the reopen");
+}

@@ -55,10 +55,11 @@ impl Datastore {
         };
         match Relocation::reopen_or_hold(src)? {
             Reopened::Live(r) => {
-                *s.relocation_not_resumed.lock() = None;
                 tracing::info!(vm, target = %r.status().target.display(), "relocation reopened, resuming it");
                 r.spawn();
+                // Installed before the entry goes: `status` never shows none.
                 *s.relocation.lock() = Some(r.clone());
+                *s.relocation_not_resumed.lock() = None;
                 // `stop_background` may have run through the slots meanwhile.
                 if self.stopping.load(Ordering::SeqCst) {
                     r.stop();
@@ -66,15 +67,14 @@ impl Datastore {
                 r.resume_copy()
             }
             Reopened::NotResumed(h) => {
-                let e = Error::new(
-                    h.error.kind(),
-                    format!(
-                        "the relocation of VM {vm} to {} still cannot be resumed: {}; {}",
-                        h.target.display(),
-                        h.error,
-                        h.then
-                    ),
-                );
+                // 409 whatever the cause: the state is not ready yet (a
+                // missing target's ENOENT is not "no such relocation").
+                let e = Error::busy(format!(
+                    "the relocation of VM {vm} to {} still cannot be resumed: {}; {}",
+                    h.target.display(),
+                    h.error,
+                    h.then
+                ));
                 *s.relocation_not_resumed.lock() = Some(h);
                 Err(e)
             }

@@ -51,6 +51,18 @@ fn a_relocation_a_restart_could_not_reopen_shows_in_status_with_the_reason_and_w
     let error = st.error.unwrap();
     assert!(error.contains("open relocation target"), "{error}");
     assert!(st.note.unwrap().contains("recoverfs relocate vm --resume"));
+    // Another target is refused until it is resumed or cancelled: its
+    // partial files would be left where nothing names them.
+    let elsewhere = r.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let e = r.ds.relocate("vm", &elsewhere, None, false).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    assert!(e.to_string().contains("--cancel"), "{e}");
+    assert!(!elsewhere.join("vm").exists());
+    assert_eq!(
+        relocation_status(&r, "vm").unwrap().state,
+        State::NotResumed
+    );
     // Nothing runs to pause: the refusal says why.
     let e = r.ds.pause_relocation("vm", true).unwrap_err().to_string();
     assert!(
@@ -63,7 +75,10 @@ fn a_relocation_a_restart_could_not_reopen_shows_in_status_with_the_reason_and_w
 fn resume_reopens_a_relocation_not_resumed_at_restart_once_its_target_is_back_and_it_cuts_over() {
     let (r, data, primary, away) = relocation_left_unreachable("vm", false);
     // Still unreachable: an error with the reason, and still shown.
-    let e = r.ds.pause_relocation("vm", false).unwrap_err().to_string();
+    let e = r.ds.pause_relocation("vm", false).unwrap_err();
+    // 409, not the missing target's 404 ("no such relocation").
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    let e = e.to_string();
     assert!(
         e.contains("still cannot be resumed") && e.contains("open relocation target"),
         "{e}"
@@ -100,7 +115,7 @@ fn resume_reopens_a_relocation_not_resumed_at_restart_once_its_target_is_back_an
 
 #[test]
 fn cancelling_a_relocation_not_resumed_at_restart_leaves_the_session_without_one() {
-    let (r, _, _, _) = relocation_left_unreachable("vm", false);
+    let (r, data, _, _) = relocation_left_unreachable("vm", false);
     r.ds.cancel_relocation("vm", false).unwrap_err(); // its files could not be reached
     assert!(
         relocation_status(&r, "vm").is_none(),
@@ -108,6 +123,16 @@ fn cancelling_a_relocation_not_resumed_at_restart_leaves_the_session_without_one
     );
     let e = r.ds.pause_relocation("vm", false).unwrap_err().to_string();
     assert!(e.contains("not being relocated"), "{e}");
+    // Then one elsewhere runs to its cutover.
+    let elsewhere = r.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    r.ds.relocate("vm", &elsewhere, None, false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relocation_status(&r, "vm").unwrap().state != State::Done {
+        assert!(Instant::now() < deadline, "relocation did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(std::fs::read(elsewhere.join("vm/disk0.raw")).unwrap(), data);
 }
 
 #[test]
