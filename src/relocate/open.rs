@@ -1,0 +1,460 @@
+//! Starting a relocation (the target checked and made, files created or
+//! emptied, the record written) and reopening a recorded one at a
+//! (re)start: the target pinned, its files opened, the copied maps
+//! installed on the disks and the restart rule applied (see `copy`).
+
+use super::*;
+
+impl Relocation {
+    /// Checks the target and starts copying.
+    pub fn start(req: Request) -> Result<Arc<Relocation>> {
+        if req.rate_mbps.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+            return Err(Error::invalid("--rate must be a positive number of MB/s"));
+        }
+        let (target_dir, created_dir, target_id) = Self::check_target(&req)?;
+        let meta = Meta {
+            target: target_dir,
+            switched: false,
+            pass: 1,
+            rate_mbps: req.rate_mbps,
+            paused: false,
+            created: vec![],
+            created_dir,
+            target_id: Some(target_id),
+            target_inos: BTreeMap::new(),
+        };
+        let r = Self::begin(req.source, meta)?;
+        r.spawn();
+        Ok(r)
+    }
+
+    /// Validates `to` on the real filesystem and returns `to/<vm>`, made a
+    /// 0700 directory, whether it was made now, and its identity. Refuses
+    /// symbolic links, overlap with the mount or staging, a non-empty
+    /// target without `force`, and too little room.
+    pub(super) fn check_target(req: &Request) -> Result<(PathBuf, bool, TargetId)> {
+        let dir = std::fs::canonicalize(req.to)
+            .map_err(|e| Error::io(format!("relocation target {}", req.to.display()), e))?;
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "relocation target {} is not a directory",
+                dir.display()
+            )));
+        }
+        for f in req.forbidden {
+            if let Ok(f) = std::fs::canonicalize(f) {
+                if dir.starts_with(&f) || f.starts_with(dir.join(req.source.vm)) {
+                    return Err(Error::invalid(format!(
+                        "relocation target {} overlaps {}: choose a directory on primary storage",
+                        dir.display(),
+                        f.display()
+                    )));
+                }
+            }
+        }
+        let target_dir = dir.join(req.source.vm);
+        let mut missing = false;
+        match std::fs::symlink_metadata(&target_dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::invalid(format!(
+                    "relocation target {} is a symbolic link, which recoverfs never follows",
+                    target_dir.display()
+                )))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::invalid(format!(
+                    "relocation target {} exists and is not a directory",
+                    target_dir.display()
+                )))
+            }
+            Ok(_) => {
+                let mut rd = std::fs::read_dir(&target_dir)
+                    .ctx(|| format!("read {}", target_dir.display()))?;
+                if rd.next().is_some() && !req.force {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "relocation target {} is not empty (use --force to overwrite)",
+                            target_dir.display()
+                        ),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing = true,
+            Err(e) => return Err(Error::io(format!("stat {}", target_dir.display()), e)),
+        }
+        let needed: u64 = req.source.disks.iter().map(|d| d.non_hole_bytes()).sum();
+        let st = nix::sys::statvfs::statvfs(&dir)
+            .map_err(|e| Error::io(format!("statvfs {}", dir.display()), e.into()))?;
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if avail < needed {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "relocation target {} has {} free, the disks need up to {}",
+                    dir.display(),
+                    crate::util::human_bytes(avail),
+                    crate::util::human_bytes(needed)
+                ),
+            ));
+        }
+        req.source
+            .storage
+            .create_dir_all(&target_dir)
+            .ctx(|| format!("create {}", target_dir.display()))?;
+        let pinned = req
+            .source
+            .storage
+            .pin_dir(&target_dir)
+            .map_err(|e| Error::io(format!("relocation target {}", target_dir.display()), e))?;
+        // The disks' data is the VM's: nobody else may read it. (Through
+        // the pinned directory: a link swapped in is not chmodded.)
+        std::fs::set_permissions(pinned.path(), std::fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("chmod {}", target_dir.display()))?;
+        let id =
+            TargetId::of(req.source.storage.as_ref(), &pinned, &target_dir).ok_or_else(|| {
+                Error::invalid(format!(
+                    "relocation target {} has no identity to record",
+                    target_dir.display()
+                ))
+            })?;
+        Ok((target_dir, missing, id))
+    }
+
+    /// Starts a relocation into a checked `meta.target`: forgets any earlier
+    /// relocation of this session (durably, before a target is touched),
+    /// empties the targets, then records the new one.
+    pub(crate) fn begin(src: Source, mut meta: Meta) -> Result<Arc<Relocation>> {
+        let (storage, session_dir) = (src.storage, src.session_dir);
+        // Refused before any file is touched; `open` checks again, atomically.
+        for d in src.disks {
+            d.check_no_staging_reader()?;
+        }
+        // Old copied bits must be gone for good before a target is emptied,
+        // or a crash could leave them claiming blocks the target lost.
+        let meta_path = Self::meta_path(session_dir);
+        storage
+            .remove_file(&meta_path)
+            .ctx(|| format!("remove {}", meta_path.display()))?;
+        for d in src.disks {
+            let p = Self::copied_path(session_dir, d);
+            storage
+                .remove_file(&p)
+                .ctx(|| format!("remove {}", p.display()))?;
+        }
+        storage
+            .sync_dir(session_dir)
+            .ctx(|| format!("fsync directory {}", session_dir.display()))?;
+        // The directory every later use must find again (`pin_target`).
+        let dir = pin_target(storage.as_ref(), &meta)?;
+        meta.target_id = TargetId::of(storage.as_ref(), &dir, &meta.target);
+        // The target's vm.json says it is complete: not until this one is.
+        storage
+            .remove_file(&dir.path().join("vm.json"))
+            .ctx(|| format!("remove {}", meta.target.join("vm.json").display()))?;
+        // Recorded for a cancel, which removes only what this relocation
+        // made. A file that cannot be looked at counts as there before.
+        meta.created = (src.disks.iter())
+            .filter(|d| {
+                let p = target_file_of(dir.path(), d);
+                storage.exists(&p).is_ok_and(|there| !there)
+            })
+            .map(|d| d.index)
+            .collect();
+        // Every file there already must be one `Open::Empty` takes, before
+        // any is emptied: one refused after another was emptied would leave
+        // that one's data lost (`--force`) with nothing started. (`open`
+        // checks again as it empties.)
+        for d in src
+            .disks
+            .iter()
+            .filter(|d| !meta.created.contains(&d.index))
+        {
+            let shown = target_file_of(&meta.target, d);
+            match storage.open(&target_file_of(dir.path(), d), Open::ExistingSole) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => {
+                    r.ctx(|| format!("open relocation target {}", shown.display()))?;
+                }
+            }
+        }
+        let r = Self::open_in(src, meta, Open::Empty, &dir)?;
+        // The new target files' names must be durable before the relocation
+        // that relies on them is recorded.
+        let recorded = r
+            .record_inos()
+            .and_then(|()| {
+                r.storage
+                    .sync_dir(dir.path())
+                    .ctx(|| format!("fsync directory {}", r.target_dir.display()))
+            })
+            .and_then(|()| r.store_meta());
+        if let Err(e) = recorded {
+            // Not started: no disk may keep tracking its copies (eviction
+            // would wait for copied bits, passthrough stay refused).
+            for d in src.disks {
+                d.untrack_copies();
+            }
+            return Err(e);
+        }
+        Ok(r)
+    }
+
+    /// Picks up a relocation recorded in `session_dir`, if any: serves from
+    /// the target if it had switched, otherwise resumes copying; one whose
+    /// target cannot be opened before the cutover is `NotResumed` (logged).
+    pub fn resume(src: Source) -> Result<Reopened> {
+        let r = Self::reopen_or_hold(src)?;
+        match &r {
+            Reopened::Live(r) if r.state() != State::Done => {
+                tracing::info!(vm = src.vm, target = %r.target_dir.display(), "resuming relocation");
+                r.spawn();
+            }
+            Reopened::NotResumed(h) => {
+                tracing::error!(vm = src.vm, target = %h.target.display(),
+                    "relocation not resumed, the VM is served from staging: {}; {}", h.error, h.then);
+            }
+            _ => {}
+        }
+        Ok(r)
+    }
+
+    /// The session's recorded relocation, if any.
+    pub(super) fn read_meta(src: &Source) -> Result<Option<Meta>> {
+        let p = Self::meta_path(src.session_dir);
+        let Some(bytes) = src
+            .storage
+            .read(&p, MAX_META_BYTES)
+            .ctx(|| format!("read {}", p.display()))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", p.display())))
+    }
+
+    /// `resume` without starting the copier, and `None` for a relocation
+    /// not reopened (see `reopen_or_hold`).
+    #[cfg(test)]
+    pub(crate) fn reopen(src: Source) -> Result<Option<Arc<Relocation>>> {
+        Ok(match Self::reopen_or_hold(src)? {
+            Reopened::Live(r) => Some(r),
+            Reopened::None | Reopened::NotResumed(_) => None,
+        })
+    }
+
+    /// `resume` without starting the copier: opens the recorded state and,
+    /// if the cutover had committed, switches the disks to their targets.
+    pub(crate) fn reopen_or_hold(src: Source) -> Result<Reopened> {
+        let Some(meta) = Self::read_meta(&src)? else {
+            return Ok(Reopened::None);
+        };
+        let switched = meta.switched;
+        let target = meta.target.clone();
+        let pinned = pin_target(src.storage.as_ref(), &meta);
+        // Another directory at the target's path (not one unreachable, nor
+        // a file in it refused).
+        let replaced = pinned.as_ref().err().is_some_and(is_replaced);
+        let recorded = meta.clone();
+        let opened = pinned
+            .and_then(|dir| Self::open_in(src, meta, Open::ExistingSole, &dir).map(|r| (r, dir)));
+        let (r, dir) = match opened {
+            Ok(r) => r,
+            // Before the commit staging holds the whole disk, so a target
+            // that cannot be opened (primary storage not mounted yet) must
+            // not keep the VM from being served. The record stays: `relocate
+            // --resume`, or a restarted daemon, tries again.
+            Err(e) if !switched => {
+                return Ok(Reopened::NotResumed(NotResumed::new(
+                    &src, &recorded, e, replaced,
+                )))
+            }
+            // The target is the VM's live disk: not served from anything else.
+            Err(e) if replaced => {
+                return Err(e.context(format!(
+                    "VM {vm} was relocated to {t} and cannot be served: its disks are the \
+                     files in the directory the relocation cut over to, complete with vm.json \
+                     (a VM runs from them without recoverfs). Put that directory back at {t} \
+                     and recover again, or run the VM from it and drop this session with \
+                     `recoverfs release {vm} --discard`",
+                    vm = src.vm,
+                    t = target.display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        r.adopt_target_id(&dir);
+        if switched {
+            // Every target is open before the first disk switches.
+            for (d, t) in r.disks.iter().zip(&r.targets) {
+                d.switch_to(t.clone());
+            }
+            let mut note = "switched before the daemon restarted".to_string();
+            let placed = r.storage.exists(&dir.path().join("vm.json"));
+            if !placed.unwrap_or(false) {
+                if let Err(e) = r.place_config() {
+                    note = format!("{note}; {e}");
+                }
+            }
+            *r.state.lock() = (State::Done, None, Some(note));
+        }
+        Ok(Reopened::Live(r))
+    }
+
+    /// Opens the target files in `dir`, the pinned `meta.target`. With
+    /// `ExistingSole` (a reopen): on a path only root can change, whatever
+    /// is there (root put it); elsewhere the very file recorded
+    /// (`ExistingIno`), or, in a record without inode numbers, a file
+    /// with no other hard link.
+    pub(super) fn open_in(
+        src: Source,
+        meta: Meta,
+        how: Open,
+        dir: &PinnedDir,
+    ) -> Result<Arc<Relocation>> {
+        let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
+        let root_only = meta.target_id.as_ref().is_some_and(|t| t.root_only)
+            && only_root_can_change(&meta.target);
+        let mut targets = vec![];
+        let mut copied = vec![];
+        for d in disks {
+            let shown = target_file_of(&meta.target, d);
+            let how = match (how, meta.target_inos.get(&d.index)) {
+                (Open::ExistingSole, _) if root_only => Open::Existing,
+                (Open::ExistingSole, Some(&ino)) => Open::ExistingIno(ino),
+                _ => how,
+            };
+            let f = storage
+                .open(&target_file_of(dir.path(), d), how)
+                .ctx(|| format!("open relocation target {}", shown.display()))?;
+            if f.len().ctx(|| format!("stat {}", shown.display()))? != d.size {
+                // A sparse file of the disk's size: zero blocks stay holes.
+                f.set_len(d.size)
+                    .ctx(|| format!("size {}", shown.display()))?;
+            }
+            targets.push(f);
+            let m = PersistentBitmap::open(
+                storage.as_ref(),
+                &Self::copied_path(session_dir, d),
+                MapKind::Copied,
+                d.block_size() as u32,
+                d.nblocks(),
+            )?;
+            copied.push(Arc::new(m));
+        }
+        #[cfg(test)]
+        test_hooks::before_tracking(session_dir);
+        for (i, (d, m)) in disks.iter().zip(&copied).enumerate() {
+            if let Err(e) = d.track_copies(m.clone()) {
+                // A passthrough open came after `begin` checked: no disk
+                // may be left tracking a relocation that did not start.
+                for d in &disks[..i] {
+                    d.untrack_copies();
+                }
+                return Err(e);
+            }
+        }
+        // The restart rule (see `copy`, "Revoking a copy"), on every open (a
+        // fresh map has nothing to forget), only now that the maps are
+        // installed: the guest may be writing (`relocate --resume` reopens
+        // in a running daemon). A write sets its changed bit, fences, then
+        // revokes in the map it finds installed (`Volume::announce_write`);
+        // here the map is installed, then the fence, then the changed bits
+        // are read: either side sees the other, so no block written before
+        // the copier starts stays trusted as copied.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for (d, m) in disks.iter().zip(&copied) {
+            let forgotten = d.forget_copies_of_changed(m);
+            if forgotten > 0 {
+                tracing::info!(
+                    vm = src.vm,
+                    disk = d.index,
+                    blocks = forgotten,
+                    "copying the blocks the guest changed again"
+                );
+            }
+        }
+        let rate = meta.rate_mbps;
+        let paused = meta.paused;
+        Ok(Arc::new(Relocation {
+            vm: src.vm.into(),
+            disks: disks.to_vec(),
+            storage,
+            targets,
+            copied,
+            target_dir: meta.target.clone(),
+            fresh: how == Open::Empty,
+            meta_path: Self::meta_path(session_dir),
+            config_json: src.config_json.to_vec(),
+            meta: Mutex::new(meta),
+            meta_io: Mutex::new(()),
+            state: Mutex::new((State::Copying, None, None)),
+            rate_limit: Mutex::new(rate),
+            initial_rate: rate,
+            bytes_copied: AtomicU64::new(0),
+            clock: Mutex::new(pause::Clock::default()),
+            blocks_marked: AtomicU64::new(0),
+            copies_lost: AtomicU64::new(0),
+            next_slot: Mutex::new(Instant::now()),
+            progress: Mutex::new(Progress {
+                at: Instant::now(),
+                marked: 0,
+                revoked: 0,
+                stalled: 0,
+            }),
+            pause_ms: Mutex::new(None),
+            cancel: AtomicBool::new(false),
+            pause: AtomicBool::new(paused),
+            wake: parking_lot::Condvar::new(),
+            thread: Mutex::new(None),
+            #[cfg(test)]
+            commit_hook: Mutex::new(None),
+        }))
+    }
+
+    /// Records the identity of `dir`, the target reopened now (and accepted
+    /// by `pin_target`), and of the files opened in it, where the record
+    /// differs: one written before identities were kept has none (the
+    /// directory reached now without links is the one every later use must
+    /// find again), and one with another device number (accepted where
+    /// only root can change the path) takes the one found now. If it cannot be
+    /// written now (logged), it holds in memory and the next record write
+    /// carries it.
+    pub(super) fn adopt_target_id(&self, dir: &PinnedDir) {
+        let Some(id) = TargetId::of(self.storage.as_ref(), dir, &self.target_dir) else {
+            return;
+        };
+        // A file that cannot be looked at keeps what was recorded.
+        let mut inos = self.meta.lock().target_inos.clone();
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            if let Ok(Some(ino)) = t.ino() {
+                inos.insert(d.index, ino);
+            }
+        }
+        {
+            let mut m = self.meta.lock();
+            if m.target_id.as_ref() == Some(&id) && m.target_inos == inos {
+                return;
+            }
+            m.target_id = Some(id);
+            m.target_inos = inos;
+        }
+        if let Err(e) = self.store_meta() {
+            tracing::warn!(vm = %self.vm, "could not record the relocation target's identity in {}: {e}",
+                self.meta_path.display());
+        }
+    }
+
+    /// Records which files are this relocation's (`Meta::target_inos`),
+    /// once they were created or emptied.
+    pub(super) fn record_inos(&self) -> Result<()> {
+        for (d, t) in self.disks.iter().zip(&self.targets) {
+            let shown = target_file_of(&self.target_dir, d);
+            if let Some(ino) = t.ino().ctx(|| format!("stat {}", shown.display()))? {
+                self.meta.lock().target_inos.insert(d.index, ino);
+            }
+        }
+        Ok(())
+    }
+}
