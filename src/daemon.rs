@@ -312,7 +312,7 @@ impl MountedDatastore {
         let inodes = fs.inodes();
         let notifier_slot = fs.notifier_slot();
         let mut options = vec![
-            fuser::MountOption::FSName("recoverfs".into()),
+            fuser::MountOption::FSName(RECOVERFS_FS_NAME.into()),
             fuser::MountOption::Subtype("recoverfs".into()),
             fuser::MountOption::DefaultPermissions,
             fuser::MountOption::NoDev,
@@ -355,7 +355,8 @@ impl MountedDatastore {
     }
 
     /// Durable first, then unmount: a guest still running sees ENOTCONN,
-    /// never lost writes.
+    /// never lost writes; an unmount refused because disks are open names
+    /// their VMs and detaches the mount (`unmount_refused`).
     pub fn shutdown(self) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         let _ = self.flusher.join();
@@ -367,13 +368,38 @@ impl MountedDatastore {
             .ds
             .flush_all()
             .and_then(|()| self.ds.first_failure().map_or(Ok(()), Err));
-        let unmount = self
-            .bg
-            .umount_and_join()
-            .map_err(|e| Error::io(format!("unmount {}", self.mount.display()), e));
+        let unmount = self.bg.umount_and_join().map_err(|e| {
+            let held: Vec<String> = (self.ds.sessions().iter())
+                .filter(|s| s.open_handles() > 0)
+                .map(|s| s.vm.clone())
+                .collect();
+            unmount_refused(&self.mount, e, &held)
+        });
         flush?;
         unmount
     }
+}
+
+/// The daemon stops all the same (SIGTERM at host shutdown must): says
+/// which VMs lose their disks, and detaches the mount lazily so the next
+/// `serve` mounts cleanly instead of finding a dead mount.
+fn unmount_refused(mount: &Path, e: std::io::Error, held: &[String]) -> Error {
+    let shown = mount.display();
+    let detached = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH).is_ok();
+    let then = if detached {
+        "the mount was detached".to_string()
+    } else {
+        format!("run `fusermount3 -u -z {shown}`")
+    };
+    if held.is_empty() {
+        return Error::io(format!("unmount {shown} ({then})"), e);
+    }
+    Error::busy(format!(
+        "stopped while VM(s) {} still had disks open on {shown} (unmount: {e}): their disk I/O \
+         now fails with ENOTCONN, so restart them after `serve` and `recover` (every \
+         acknowledged write is kept); {then}",
+        held.join(", ")
+    ))
 }
 
 fn spawn_flusher(
@@ -626,11 +652,24 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
         Ok(_) => {}
     }
     let abs = std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))?;
-    if is_mounted(&abs) {
-        return Err(Error::busy(format!(
-            "mount point {} is busy: something is already mounted there (unmount it first)",
-            mount.display()
-        )));
+    match mounted_fs(&abs) {
+        None => {}
+        // "Unmount it first" would take the disks from under its VMs: the
+        // daemon serving it is alive (a dead one's mount is `Stale`).
+        Some((fs, source)) if fs.starts_with("fuse") && source == RECOVERFS_FS_NAME => {
+            return Err(Error::busy(format!(
+                "mount point {} is served by a running recoverfs daemon: choose another --mount \
+                 (unmounting it would take the disks from under that daemon's VMs)",
+                mount.display()
+            )))
+        }
+        Some((fs, _)) => {
+            return Err(Error::busy(format!(
+                "mount point {} is busy: a {fs} file system is mounted there (unmount it first, or \
+                 choose another --mount)",
+                mount.display()
+            )))
+        }
     }
     let mut entries = std::fs::read_dir(&abs).ctx(|| format!("read {}", abs.display()))?;
     if entries.next().is_some() {
@@ -642,18 +681,35 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
     Ok(MountPointState::Ready)
 }
 
-fn is_mounted(abs: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = abs.to_string_lossy();
-    info.lines().any(|l| {
-        l.split_whitespace()
-            .nth(4)
-            .map(unescape_mountinfo)
-            .as_deref()
-            == Some(&*want)
-    })
+/// The source this daemon's FUSE mounts show (`FSName`; the type is
+/// `fuse`, or `fuse.recoverfs` where the subtype is kept).
+const RECOVERFS_FS_NAME: &str = "recoverfs";
+
+/// The type and source of the file system mounted at `abs` (the last
+/// mount there), if any.
+fn mounted_fs(abs: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mount_in(&info, &abs.to_string_lossy())
+}
+
+/// `mountinfo`'s type and source of the last mount at `want`: the two
+/// fields after the ` - ` separator (optional fields come before it).
+fn mount_in(mountinfo: &str, want: &str) -> Option<(String, String)> {
+    mountinfo
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .map(unescape_mountinfo)
+                .as_deref()
+                == Some(want)
+        })
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().skip_while(|f| *f != "-");
+            f.next()?;
+            Some((f.next()?.to_string(), unescape_mountinfo(f.next()?)))
+        })
+        .last()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -667,6 +723,21 @@ fn unescape_mountinfo(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_point_served_by_a_live_recoverfs_is_told_apart_from_another_mount() {
+        let info = "\
+36 25 0:32 / /srv/mnt rw,nosuid,nodev shared:1 - fuse recoverfs rw,user_id=0
+37 25 0:33 / /srv/other\\040dir rw master:2 - tmpfs tmpfs rw
+38 25 0:34 / /srv/both rw - tmpfs tmpfs rw
+39 38 0:35 / /srv/both rw - fuse.recoverfs recoverfs rw\n";
+        let at = |p| mount_in(info, p).map(|(t, s)| format!("{t} {s}"));
+        assert_eq!(at("/srv/mnt").as_deref(), Some("fuse recoverfs"));
+        assert_eq!(at("/srv/other dir").as_deref(), Some("tmpfs tmpfs"));
+        // Stacked: the last mount is the one a lookup reaches.
+        assert_eq!(at("/srv/both").as_deref(), Some("fuse.recoverfs recoverfs"));
+        assert_eq!(at("/srv"), None);
+    }
 
     #[test]
     fn a_socket_path_that_is_not_a_socket_is_refused_and_left_alone_and_a_dead_socket_is_replaced()

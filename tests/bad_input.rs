@@ -223,7 +223,8 @@ fn bad_mount_points_are_refused() {
     std::fs::write(full.join("x"), b"keep").unwrap();
     serve_fails(&env, &r, &st, full.to_str().unwrap(), None, "not empty");
     assert_eq!(std::fs::read(full.join("x")).unwrap(), b"keep");
-    // A mount point already served by another daemon is busy.
+    // A mount point already served by another daemon is that daemon's:
+    // never "unmount it first", which would take its VMs' disks.
     let _d = env.serve();
     let st2 = env.path("staging2");
     let sock2 = env.path("s2.sock");
@@ -233,7 +234,7 @@ fn bad_mount_points_are_refused() {
         st2.to_str().unwrap(),
         env.mount.to_str().unwrap(),
         Some(sock2.to_str().unwrap()),
-        "busy",
+        "served by a running recoverfs daemon: choose another --mount",
     );
 }
 
@@ -618,4 +619,43 @@ fn api_bodies_misspelt_malformed_or_too_large_are_refused_and_change_nothing() {
     );
     let (_, jobs) = api(&env, "GET", "/precopy", b"", None);
     assert!(jobs["jobs"].as_array().unwrap().is_empty(), "{jobs}");
+}
+
+/// SIGTERM (host shutdown) while a VM still has a disk open: the daemon
+/// stops all the same, names the VM whose disk I/O now fails, and leaves
+/// no dead mount behind; the next `serve` serves the write it had taken.
+#[test]
+fn stopping_the_daemon_with_a_disk_open_names_the_vm_and_leaves_no_dead_mount() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    f.write_all_at(b"kept", 0).unwrap();
+    f.sync_all().unwrap();
+    assert!(!d.stop().success(), "a VM lost its disk: not a clean stop");
+    let log = d.log_text();
+    let err = log
+        .lines()
+        .rfind(|l| l.starts_with("recoverfs: error: "))
+        .unwrap_or_else(|| panic!("no error line: {log}"));
+    assert!(
+        err.contains("VM(s) vm ") && err.contains("ENOTCONN") && err.contains("detached"),
+        "{err}"
+    );
+    // Not a dead mount (ENOTCONN) but the empty directory again.
+    assert!(std::fs::metadata(&env.mount).unwrap().is_dir());
+    drop(f);
+    let _d2 = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let mut head = [0u8; 4];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert_eq!(&head, b"kept");
 }
