@@ -697,6 +697,7 @@ fn mounted_fs(abs: &Path) -> Option<(String, String)> {
 fn mount_in(mountinfo: &str, want: &str) -> Option<(String, String)> {
     mountinfo
         .lines()
+        .rev()
         .filter(|l| {
             l.split_whitespace()
                 .nth(4)
@@ -709,7 +710,7 @@ fn mount_in(mountinfo: &str, want: &str) -> Option<(String, String)> {
             f.next()?;
             Some((f.next()?.to_string(), unescape_mountinfo(f.next()?)))
         })
-        .last()
+        .next()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
