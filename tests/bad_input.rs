@@ -659,3 +659,22 @@ fn stopping_the_daemon_with_a_disk_open_names_the_vm_and_leaves_no_dead_mount() 
         .unwrap();
     assert_eq!(&head, b"kept");
 }
+
+/// `verify --backup ID` without `--vm` checks the VM that has that backup,
+/// not every VM (which failed on the first VM without it).
+#[test]
+fn verify_of_a_backup_id_alone_finds_its_vm_and_an_unknown_id_is_named() {
+    let env = Env::new();
+    let first = repo_with_vm(&env);
+    random_image(&env.path("b.raw"), 2 * K64, 33, K64);
+    // Ids are the second a backup began: another second, another id.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let id = env.backup("zz-app", "64K", &[&env.path("b.raw")]);
+    assert_ne!(id, first);
+    let out = env.ok(&["verify", "--repo", env.repo_str(), "--backup", &id]);
+    assert!(out.contains("of 1 backup(s) verified"), "{out}");
+    env.fails(
+        &["verify", "--repo", env.repo_str(), "--backup", "20200101-000000"],
+        "no VM in",
+    );
+}

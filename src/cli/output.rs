@@ -42,6 +42,25 @@ pub fn list(repo: &Repository, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Of `vms`, those with a disk or file backup `id`; none is an error.
+fn vms_with_backup(repo: &Repository, vms: Vec<String>, id: &str) -> Result<Vec<String>> {
+    let mut with = vec![];
+    for v in vms {
+        if repo.backup_ids(&v)?.iter().any(|b| b == id)
+            || repo.catalog_ids(&v)?.iter().any(|b| b == id)
+        {
+            with.push(v);
+        }
+    }
+    if with.is_empty() {
+        return Err(Error::not_found(format!(
+            "unknown backup {id:?}: no VM in {} has it",
+            repo.location()
+        )));
+    }
+    Ok(with)
+}
+
 pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
     let vms = match vm {
         Some(v) => {
@@ -59,7 +78,12 @@ pub fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Resu
             all.extend(repo.catalog_vms()?);
             all.sort();
             all.dedup();
-            all
+            match backup {
+                // `--backup ID` alone: the VMs that have it (ids are times,
+                // so two VMs may), not every VM ("unknown backup of VM x").
+                Some(id) => vms_with_backup(repo, all, id)?,
+                None => all,
+            }
         }
     };
     let threads = std::thread::available_parallelism()
