@@ -674,7 +674,13 @@ fn verify_of_a_backup_id_alone_finds_its_vm_and_an_unknown_id_is_named() {
     let out = env.ok(&["verify", "--repo", env.repo_str(), "--backup", &id]);
     assert!(out.contains("of 1 backup(s) verified"), "{out}");
     env.fails(
-        &["verify", "--repo", env.repo_str(), "--backup", "20200101-000000"],
+        &[
+            "verify",
+            "--repo",
+            env.repo_str(),
+            "--backup",
+            "20200101-000000",
+        ],
         "no VM in",
     );
 }

@@ -59,6 +59,23 @@ impl Client {
         )
     }
 
+    /// Why nobody answers: a link (the default one) names the socket of
+    /// a daemon that is gone, while another daemon may well run.
+    fn no_daemon(&self, e: &std::io::Error) -> String {
+        let shown = self.socket.display();
+        match std::fs::read_link(&self.socket) {
+            Ok(to) => format!(
+                "no recoverfs daemon on {shown} (a link to {}, {e}: the daemon that made it is \
+                 gone); pass --socket with a running daemon's socket, or start one with \
+                 `recoverfs serve`",
+                to.display()
+            ),
+            Err(_) => {
+                format!("no recoverfs daemon on {shown} ({e}); start one with `recoverfs serve`")
+            }
+        }
+    }
+
     fn request(
         &self,
         method: &str,
@@ -75,13 +92,7 @@ impl Client {
                     self.socket.display()
                 ),
             ),
-            _ => Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "no recoverfs daemon on {} ({e}); start one with `recoverfs serve`",
-                    self.socket.display()
-                ),
-            ),
+            _ => Error::new(ErrorKind::NotFound, self.no_daemon(&e)),
         })?;
         s.set_read_timeout(Some(timeout)).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -236,6 +247,25 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn a_default_link_to_a_daemon_that_is_gone_says_so_and_names_its_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("gone.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let link = d.path().join("default.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let e = Client::via_default_link(&link).get("/health").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = e.to_string();
+        assert!(
+            e.contains(&sock.display().to_string())
+                && e.contains("is gone")
+                && e.contains("pass --socket"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]
