@@ -465,6 +465,10 @@ impl Datastore {
         }
         // The session is closed for good: it is released fully (pin, hooks)
         // whatever fails below, and the failure is reported after.
+        let relocation_left = match discard {
+            true => self.cancel_relocation_of_discarded(&session, vm),
+            false => None,
+        };
         let unmarked = if discard {
             let r = session.staging.discard(vm, &session.backup);
             match &r {
@@ -502,6 +506,9 @@ impl Datastore {
         }
         tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
         unmarked?;
+        if let Some(e) = relocation_left {
+            return Err(e.context(format!("VM {vm} was released and its staging discarded")));
+        }
         if !failed.is_empty() && !discard {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -512,6 +519,49 @@ impl Datastore {
             ));
         }
         Ok(session.backup.clone())
+    }
+
+    /// `release --discard` of a VM whose relocation has not cut over: the
+    /// relocation is cancelled as `relocate --cancel` does (the target
+    /// files it created are removed; files there before it are kept), since
+    /// nothing would name its partial files once the staging is gone. One
+    /// that cut over keeps its target: that is the VM's disk now. What
+    /// could not be removed, or a cancel refused, is the error returned.
+    fn cancel_relocation_of_discarded(&self, s: &Session, vm: &str) -> Option<Error> {
+        let live = s.relocation.lock().clone();
+        let cancelled = match live {
+            Some(r) if r.state() == crate::relocate::State::Done => return None,
+            Some(r) => r.cancel(false),
+            None => {
+                let src = crate::relocate::Source {
+                    storage: s.staging.storage(),
+                    vm,
+                    disks: &s.disks,
+                    config_json: &s.config_json,
+                    session_dir: &s.dir,
+                };
+                match Relocation::cancel_recorded(src, false) {
+                    Ok(None) => return None,
+                    Ok(Some(c)) => Ok(c),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match cancelled {
+            Ok(c) => {
+                tracing::info!(vm, target = %c.target.display(), removed = ?c.removed, kept = ?c.kept,
+                    "relocation cancelled with the discarded staging");
+                c.leftover.map(|e| {
+                    e.context(format!(
+                        "its relocation to {} was cancelled, but files are left",
+                        c.target.display()
+                    ))
+                })
+            }
+            Err(e) => Some(e.context(
+                "its relocation could not be cancelled: its partial target files (without vm.json) stay",
+            )),
+        }
     }
 
     /// [`Self::release`] of a throwaway recovery whose reader (QEMU, a

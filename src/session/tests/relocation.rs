@@ -150,3 +150,32 @@ fn resume_of_a_relocation_paused_before_a_restart_that_could_not_reopen_it_lets_
     }
     assert_eq!(std::fs::read(primary.join("vm/disk0.raw")).unwrap(), data);
 }
+
+#[test]
+fn release_discard_of_a_vm_still_relocating_removes_the_partial_target_files_it_made() {
+    let r = rig();
+    backup(&r, "vm", 52, 16);
+    r.ds.recover("vm", None).unwrap();
+    let primary = r.dir.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    r.ds.relocate("vm", &primary, Some(0.001), false).unwrap();
+    assert!(primary.join("vm/disk0.raw").exists());
+    r.ds.release("vm", true).unwrap();
+    // Nothing would name them once the staging is gone.
+    assert!(!primary.join("vm").exists(), "partial target left");
+    assert!(std::fs::read_dir(&primary).unwrap().next().is_none());
+}
+
+#[test]
+fn release_discard_of_a_vm_whose_relocation_was_not_resumed_names_the_files_it_cannot_reach() {
+    let (r, _, primary, away) = relocation_left_unreachable("vm", false);
+    let e = r.ds.release("vm", true).unwrap_err().to_string();
+    assert!(
+        e.contains("released and its staging discarded") && e.contains("disk0.raw"),
+        "{e}"
+    );
+    assert!(r.ds.session("vm").is_none());
+    // Back, its files are the ones named: nothing else removed them.
+    std::fs::rename(&away, &primary).unwrap();
+    assert!(primary.join("vm/disk0.raw").exists());
+}
