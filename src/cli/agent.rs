@@ -2,6 +2,7 @@
 //! backups of running VMs through it, and single-file restores.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -398,7 +399,12 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
         },
         FilesCmd::Cat { src, path } => {
             let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
+            let _held = stdout.lock();
+            // A stop interrupts a write a stalled reader would block for ever.
+            let mut out = std::io::BufWriter::with_capacity(
+                1 << 16,
+                super::stopout::StoppableOut::new(stdout.as_fd(), stop),
+            );
             let flush = |out: &mut dyn std::io::Write| {
                 out.flush().map_err(|e| Error::io("write stdout", e))
             };

@@ -14,6 +14,7 @@ mod precopy;
 mod profile;
 mod serve;
 mod staging;
+mod stopout;
 mod upload;
 
 use std::path::PathBuf;

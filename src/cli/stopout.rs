@@ -1,0 +1,133 @@
+//! Standard output that a stop (SIGINT, SIGTERM) can interrupt.
+//!
+//! `files cat … | reader`: once the reader stops reading (stalled, or
+//! paused in a pager), a plain write to the full pipe blocks for ever, and
+//! the stop flag set by the signal handler is never looked at; the command
+//! then hangs until the reader exits, holding its scratch recovery. So each
+//! write first waits for room with poll(2) in short steps, checking the
+//! flag, then writes at most `PIPE_BUF` bytes, which a pipe reported
+//! writable takes without blocking. Regular files and terminals are always
+//! ready: for them it is a plain write in 4 KiB pieces (buffer it).
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// What poll's POLLOUT promises a pipe takes whole (Linux: one page).
+const PIPE_BUF: usize = 4096;
+/// The error of a write the stop flag ended.
+pub const STOPPED: &str = "stopped while the reader of standard output was not reading";
+/// How often a blocked write looks at the stop flag.
+const STEP_MS: u16 = 200;
+
+pub struct StoppableOut<'a> {
+    fd: BorrowedFd<'a>,
+    stop: &'a AtomicBool,
+}
+
+impl<'a> StoppableOut<'a> {
+    pub fn new(fd: BorrowedFd<'a>, stop: &'a AtomicBool) -> Self {
+        StoppableOut { fd, stop }
+    }
+
+    /// Waits until `fd` takes a write, or the stop flag is set.
+    fn wait_for_room(&self) -> io::Result<()> {
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                // Not `Interrupted`: `write_all` retries that for ever.
+                return Err(io::Error::other(STOPPED));
+            }
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLOUT)];
+            match poll(&mut fds, PollTimeout::from(STEP_MS)) {
+                // Ready, or an error/hangup the write itself reports.
+                Ok(n) if n > 0 => return Ok(()),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Write for StoppableOut<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            self.wait_for_room()?;
+            match nix::unistd::write(self.fd, &buf[..buf.len().min(PIPE_BUF)]) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    /// A pipe whose reader never reads, filled to the brim.
+    fn full_pipe() -> (OwnedFd, OwnedFd) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let fl = nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        let nb = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nb)).unwrap();
+        let mut n = 0;
+        while nix::unistd::write(&w, &[0u8; 4096]).is_ok() {
+            n += 1;
+            assert!(n < 1000, "the pipe never filled: O_NONBLOCK not set?");
+        }
+        nix::fcntl::fcntl(
+            w.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nb - nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        (r, w)
+    }
+
+    #[test]
+    fn a_write_to_a_pipe_nobody_reads_ends_soon_after_the_stop_flag_is_set() {
+        let (_r, w) = full_pipe();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = Instant::now();
+            let writer = s.spawn(|| StoppableOut::new(w.as_fd(), &stop).write_all(&[1u8; 1 << 20]));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!writer.is_finished(), "the full pipe took the write");
+            stop.store(true, Ordering::SeqCst);
+            let e = writer.join().unwrap().unwrap_err();
+            assert_eq!(e.to_string(), STOPPED);
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        });
+    }
+
+    #[test]
+    fn a_reader_that_reads_gets_every_byte_in_order() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let stop = AtomicBool::new(false);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || {
+                let mut got = vec![];
+                io::Read::read_to_end(&mut std::fs::File::from(r), &mut got).unwrap();
+                got
+            });
+            let mut out = io::BufWriter::new(StoppableOut::new(w.as_fd(), &stop));
+            out.write_all(&data).unwrap();
+            out.flush().unwrap();
+            drop(out);
+            drop(w);
+            assert_eq!(reader.join().unwrap(), data);
+        });
+    }
+}
