@@ -85,6 +85,8 @@ pub struct Session {
     upload_gate: Mutex<()>,
     /// Set when its backup is gone from the repository (`pinning`).
     backup_gone: Mutex<Option<String>>,
+    /// Why the repository did not answer the last check (`pinning`).
+    repo_unreachable: Mutex<Option<String>>,
     /// Its last pin write failed: `check_backups` writes it again.
     pin_owed: AtomicBool,
 }
@@ -207,6 +209,10 @@ pub struct SessionStatus {
     /// Its backup was removed from the repository (`forget --force`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_gone: Option<String>,
+    /// The repository did not answer (as itself) the last check of its
+    /// backups: why. Blocks not yet staged cannot be read meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo_unreachable: Option<String>,
     /// The session uploader, if started (`upload`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload: Option<UploadStatus>,
@@ -736,6 +742,7 @@ impl Datastore {
                 .or_else(|| s.relocation_not_resumed.lock().as_ref().map(|h| h.status())),
             backup_base: s.backup_base.lock().base.id.clone(),
             backup_gone: s.backup_gone.lock().clone(),
+            repo_unreachable: s.repo_unreachable.lock().clone(),
             upload,
             disks: s.disks.iter().map(|d| d.status()).collect(),
         }

@@ -213,3 +213,80 @@ fn a_backup_a_recovery_session_uses_is_kept_by_forget_unless_forced_and_then_sta
         .unwrap_or(0);
     assert_eq!(pins, 0);
 }
+
+/// Lock objects in the repository whose names start with `prefix`.
+fn locks_named(env: &Env, prefix: &str) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(env.repo.join("locks")) else {
+        return vec![];
+    };
+    rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+/// Runs recoverfs with `args`, sends it SIGINT once it holds a lock named
+/// `prefix*`, and returns its exit code and stderr.
+fn interrupted_holding(env: &Env, args: &[&str], prefix: &str) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while locks_named(env, prefix).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{args:?} took no {prefix} lock"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "{args:?} ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn sigint_of_a_gc_waiting_for_a_backup_or_of_a_backup_blocked_reading_its_source_leaves_no_lock() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    random_image(&img, 4 * K64, 1, K64);
+    env.backup("vm", "64K", &[&img]);
+    let repo = env.repo_str();
+    // A backup running on another host: gc waits for it.
+    let locks = env.repo.join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    let other = locks.join("backup-elsewhere.json");
+    let doc = r#"{"kind":"backup","host":"elsewhere","pid":1,"what":"vm2","started":"2026-11-23T21:00:00Z"}"#;
+    std::fs::write(&other, doc).unwrap();
+    let (code, err) = interrupted_holding(&env, &["gc", "--repo", repo, "--wait", "60"], "gc-");
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        locks_named(&env, "gc-").is_empty(),
+        "gc left its lock: {err}"
+    );
+    assert!(other.exists(), "gc removed another host's lock");
+    std::fs::remove_file(&other).unwrap();
+
+    // An NBD server that accepts and never answers.
+    let sock = env.path("stalled.sock");
+    let _server = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let url = format!("nbd+unix:///vol?socket={}", sock.display());
+    let (code, err) = interrupted_holding(
+        &env,
+        &["backup", "--repo", repo, "--vm", "nbdvm", &url],
+        "backup-",
+    );
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        locks_named(&env, "").is_empty(),
+        "backup left its lock: {err}"
+    );
+    // And both work again at once.
+    env.ok(&["gc", "--repo", repo, "--wait", "0"]);
+}

@@ -64,6 +64,8 @@ pub(super) fn backup(
             crate::repo::writer::image_size(img)?;
         }
     }
+    // Before any thread starts: they inherit the blocked signals.
+    super::release_locks_on_signals("backup")?;
     let (r, created) = Repository::open_or_create(repo)?;
     if created {
         eprintln!("created repository {}", r.location());

@@ -139,6 +139,8 @@ fn print_forget(r: &ForgetReport) {
 }
 
 pub fn run_gc(a: GcArgs) -> Result<()> {
+    // Before any thread starts: they inherit the blocked signals.
+    super::release_locks_on_signals("gc")?;
     let repo = Repository::open(&a.repo)?;
     let r = collect(
         &repo,

@@ -461,6 +461,29 @@ pub(crate) fn stop_on_signals(stop: &Arc<AtomicBool>, then: &str, left: &str) ->
         }
         if let Ok(sig) = set.wait() {
             eprintln!("{sig}: exiting; {left}");
+            crate::repo::locks::release_all(Duration::from_secs(2));
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// For commands whose only cleanup is their repository locks (`gc`, and
+/// `backup` of images or NBD exports, which may be blocked in a read
+/// that no flag would interrupt): SIGINT or SIGTERM removes the locks
+/// (after a manifest or a batch of deletes under way) and exits at once.
+/// What the command wrote stays unreferenced until the next `gc`.
+pub(crate) fn release_locks_on_signals(what: &'static str) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .map_err(|e| Error::io("block signals", e.into()))?;
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            let n = crate::repo::locks::release_all(Duration::from_secs(10));
+            eprintln!("{sig}: {what} stopped; {n} repository lock(s) removed");
             std::process::exit(130);
         }
     });

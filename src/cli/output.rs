@@ -425,6 +425,9 @@ pub fn status(r: &Value, json: bool) -> Result<()> {
         if let Some(w) = s["backup_gone"].as_str() {
             println!("  WARNING: {w}");
         }
+        if let Some(w) = s["repo_unreachable"].as_str() {
+            println!("  repository unreachable: {w}");
+        }
         let r = &s["relocation"];
         if r.is_object() {
             println!(

@@ -183,6 +183,19 @@ impl LocalDir {
         if parent.is_dir() {
             return Ok(());
         }
+        // Directories are made only in a repository that is there: never
+        // the root again once it was moved away, nor in an empty directory
+        // in its place (a share not mounted), where they would hide under
+        // the share once it is mounted.
+        if !self.root.join(super::INFO_KEY).is_file() {
+            return Err(Error::new(
+                crate::error::ErrorKind::Io,
+                format!(
+                    "repository {} is unreachable: no repo.json there (moved away, or a share not mounted?)",
+                    self.root.display()
+                ),
+            ));
+        }
         let mut missing = vec![];
         let mut cur = parent;
         while !cur.is_dir() {
@@ -498,6 +511,7 @@ mod tests {
     fn a_killed_writes_old_temp_files_are_swept_and_fresh_ones_and_objects_kept() {
         let d = tempfile::tempdir().unwrap();
         let b = LocalDir::new(d.path());
+        b.put(super::super::INFO_KEY, b"{}").unwrap();
         b.put("chunks/ab/abcd", b"chunk").unwrap();
         let old = d.path().join("chunks/ab/.abcd.tmp.123.4");
         let fresh = d.path().join("backups/.x.json.tmp.9.1");
@@ -525,6 +539,7 @@ mod tests {
     fn objects_round_trip_and_listing_hides_temp_files() {
         let d = tempfile::tempdir().unwrap();
         let b = LocalDir::new(d.path());
+        b.put(super::super::INFO_KEY, b"{}").unwrap();
         assert_eq!(b.get("a/b/c", 10).unwrap(), None);
         b.put("a/b/c", b"hello").unwrap();
         assert_eq!(b.get("a/b/c", 10).unwrap().unwrap(), b"hello");
@@ -536,5 +551,23 @@ mod tests {
         assert_eq!(b.size("a/b/c").unwrap(), Some(5));
         b.delete("a/b/c").unwrap();
         assert!(!b.exists("a/b/c").unwrap());
+    }
+
+    #[test]
+    fn a_write_never_recreates_a_repository_moved_away_nor_fills_an_empty_directory_in_its_place() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("r");
+        fs::create_dir(&root).unwrap();
+        let b = LocalDir::new(&root);
+        b.put(super::super::INFO_KEY, b"{}").unwrap();
+        b.put("pins/vm/a.json", b"pin").unwrap();
+        fs::rename(&root, d.path().join("away")).unwrap();
+        let e = b.put("pins/vm/b.json", b"pin").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Io, "{e}");
+        assert!(!root.exists(), "the repository directory was made again");
+        // An unmounted share: its mount point, empty.
+        fs::create_dir(&root).unwrap();
+        assert!(b.put("pins/vm/b.json", b"pin").is_err());
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
     }
 }

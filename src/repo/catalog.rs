@@ -352,12 +352,16 @@ pub fn is_catalog_id(id: &str) -> bool {
 impl Repository {
     /// VMs with file backups.
     pub fn catalog_vms(&self) -> Result<Vec<String>> {
-        Ok(self
+        let vms: Vec<String> = self
             .backend()
             .list("files")?
             .into_iter()
             .filter(|n| validate_name("VM", n).is_ok())
-            .collect())
+            .collect();
+        if vms.is_empty() {
+            self.confirm_identity()?;
+        }
+        Ok(vms)
     }
 
     /// File backup ids of a VM, oldest first.
@@ -371,6 +375,9 @@ impl Repository {
             .filter(|n| validate_name("backup id", n).is_ok())
             .collect();
         ids.sort();
+        if ids.is_empty() {
+            self.confirm_identity()?;
+        }
         Ok(ids)
     }
 

@@ -184,7 +184,9 @@ pub fn collect(
         .collect();
     if !opts.dry_run {
         for batch in doomed.chunks(BATCH) {
-            lock.check_fresh()
+            // Held across the batch: a signal's lock release waits for it.
+            let _held = lock
+                .hold()
                 .map_err(|e| e.context("gc stopped part way (what it removed was unreferenced)"))?;
             repo.backend().delete_many(batch)?;
         }

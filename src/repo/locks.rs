@@ -32,7 +32,11 @@
 //! Locks are refreshed (rewritten) every [`REFRESH`] by a thread; a lock
 //! whose object was last modified more than [`STALE`] ago belongs to a
 //! killed process and is ignored (host clocks must agree to within a few
-//! minutes). A holder that could not refresh for half of [`STALE`] (it
+//! minutes). A lock of a process on this host (same hostname, boot id and
+//! pid namespace) that is gone, or whose pid another program has now
+//! (start time), is stale at once and removed: waiting out [`STALE`] for
+//! a holder known dead only delays backups or gc. A process that is
+//! stopped by a signal removes its locks itself ([`release_all`]). A holder that could not refresh for half of [`STALE`] (it
 //! was stopped, or the store was unreachable) no longer trusts its lock:
 //! a writer refuses to publish, a collector stops sweeping. That is for
 //! good, not until the next successful refresh: during the gap another
@@ -81,6 +85,75 @@ pub struct LockDoc {
     /// What it does: the VM being backed up, or `gc`.
     pub what: String,
     pub started: String,
+    /// Which boot of `host` (`/proc/sys/kernel/random/boot_id`): with the
+    /// pid namespace, what makes `pid` checkable from this host. Absent
+    /// in older locks, which then only go stale by age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// `/proc/self/ns/pid` of the holder: containers share hostname and
+    /// boot id but not pids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns: Option<String>,
+    /// The holder's start time (clock ticks after boot, `/proc/PID/stat`),
+    /// so a pid reused by another program is told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+}
+
+/// This process as a lock names it: hostname, boot id, pid namespace.
+struct Me {
+    host: String,
+    boot_id: Option<String>,
+    pid_ns: Option<String>,
+}
+
+fn me() -> &'static Me {
+    static ME: std::sync::OnceLock<Me> = std::sync::OnceLock::new();
+    ME.get_or_init(|| Me {
+        host: super::pins::hostname(),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty()),
+        pid_ns: std::fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned()),
+    })
+}
+
+/// Start time of process `pid` (field 22 of `/proc/PID/stat`), if readable.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Why a lock's holder is known dead: it ran on this host, in this boot
+/// and pid namespace, and its pid is gone or belongs to another program.
+/// `None` when that cannot be known (another host, an older lock).
+fn dead_local_holder(doc: &LockDoc) -> Option<String> {
+    let me = me();
+    let same_host = doc.host == me.host
+        && doc.boot_id.is_some()
+        && doc.boot_id == me.boot_id
+        && doc.pid_ns.is_some()
+        && doc.pid_ns == me.pid_ns;
+    let pid = i32::try_from(doc.pid).ok().filter(|&p| p > 0)?;
+    if !same_host {
+        return None;
+    }
+    use nix::errno::Errno;
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Err(Errno::ESRCH) => Some(format!("pid {pid} on this host has exited")),
+        // Alive (EPERM: another user's): unless the pid was reused.
+        _ => match (doc.start_time, start_time(doc.pid)) {
+            (Some(was), Some(now)) if was != now => Some(format!(
+                "pid {pid} on this host is another program now (started at {now}, not {was})"
+            )),
+            _ => None,
+        },
+    }
 }
 
 /// A fresh lock another process holds.
@@ -131,6 +204,16 @@ pub fn holders(repo: &Repository, kind: LockKind, except: Option<&str>) -> Resul
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(why) = doc.as_ref().and_then(dead_local_holder) {
+            // Its holder can never remove or refresh it.
+            match repo.backend().delete(&o.key) {
+                Ok(()) => tracing::warn!(key = %o.key, "removed a stale repository lock: {why}"),
+                Err(e) => {
+                    tracing::warn!(key = %o.key, "a repository lock is stale ({why}) but could not be removed, so it is ignored: {e}")
+                }
+            }
+            continue;
+        }
         out.push(Holder {
             key: o.key.clone(),
             kind,
@@ -143,10 +226,55 @@ pub fn holders(repo: &Repository, kind: LockKind, except: Option<&str>) -> Resul
     Ok(out)
 }
 
+/// The locks this process holds, for [`release_all`].
+static HELD: Mutex<Vec<(Arc<Repository>, String, Gate)>> = Mutex::new(Vec::new());
+
+/// Taken for each step a lock protects (a refresh, a manifest's publication,
+/// a batch of gc deletes) and by [`release_all`], which sets it: then the
+/// lock object is gone, and no step runs again under it.
+type Gate = Arc<Mutex<bool>>;
+
+/// Removes every lock this process holds, each once no protected step is
+/// running under it (waiting at most `wait`, else it is left to go stale:
+/// at once for this host, by age for others). For a process about to exit
+/// on a signal. Returns how many were removed.
+pub fn release_all(wait: Duration) -> usize {
+    release_matching(wait, |_| true)
+}
+
+/// [`release_all`] of the locks in repositories `of` picks.
+fn release_matching(wait: Duration, of: impl Fn(&Arc<Repository>) -> bool) -> usize {
+    let held: Vec<_> = HELD.lock().clone();
+    let mut removed = 0;
+    for (repo, key, gate) in held.into_iter().filter(|(r, _, _)| of(r)) {
+        let Some(mut released) = gate.try_lock_for(wait) else {
+            tracing::warn!(
+                key,
+                "a repository lock is in use by a step that did not finish in {} s: left behind",
+                wait.as_secs()
+            );
+            continue;
+        };
+        if std::mem::replace(&mut *released, true) {
+            continue;
+        }
+        match repo.backend().delete(&key) {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(
+                key,
+                "could not remove a repository lock (it goes stale in {} s): {e}",
+                STALE.as_secs()
+            ),
+        }
+    }
+    removed
+}
+
 /// A lock object this process holds, refreshed by a thread, removed on drop.
 struct Held {
     repo: Arc<Repository>,
     key: String,
+    gate: Gate,
     fresh: Arc<Mutex<Freshness>>,
     /// Dropped to stop the refresh thread at once.
     stop: Option<crossbeam_channel::Sender<()>>,
@@ -162,6 +290,9 @@ impl Held {
             pid: std::process::id(),
             what: what.into(),
             started: crate::util::rfc3339(crate::util::now_unix()),
+            boot_id: me().boot_id.clone(),
+            pid_ns: me().pid_ns.clone(),
+            start_time: start_time(std::process::id()),
         };
         let body = serde_json::to_vec_pretty(&doc).expect("serializable");
         repo.backend()
@@ -171,26 +302,51 @@ impl Held {
             last_ok: BootInstant::now(),
             lapsed: None,
         }));
+        let gate = Gate::default();
+        // Registered before anything can fail, so a signal now removes it.
+        HELD.lock().push((repo.clone(), key.clone(), gate.clone()));
+        let mut held = Held {
+            repo: repo.clone(),
+            key: key.clone(),
+            gate: gate.clone(),
+            fresh: fresh.clone(),
+            stop: None,
+            thread: None,
+        };
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = {
-            let (repo, key, fresh) = (repo.clone(), key.clone(), fresh.clone());
+            let repo = repo.clone();
             std::thread::Builder::new()
                 .name("repo-lock".into())
-                .spawn(move || refresh_loop(&repo, &key, &body, &fresh, &stopped))
+                .spawn(move || refresh_loop(&repo, &key, &body, &gate, &fresh, &stopped))
                 .map_err(|e| Error::io("start the lock refresh thread", e))?
         };
-        Ok(Held {
-            repo: repo.clone(),
-            key,
-            fresh,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        held.stop = Some(stop);
+        held.thread = Some(thread);
+        Ok(held)
+    }
+
+    /// Holds the lock for one protected step (see [`Gate`]), which must
+    /// not run once the lock is released or no longer trusted.
+    fn hold(&self) -> Result<parking_lot::MutexGuard<'_, bool>> {
+        let g = self.gate.lock();
+        if *g {
+            return Err(released(&self.key));
+        }
+        self.check_fresh_gated()?;
+        Ok(g)
+    }
+
+    fn check_fresh(&self) -> Result<()> {
+        if *self.gate.lock() {
+            return Err(released(&self.key));
+        }
+        self.check_fresh_gated()
     }
 
     /// Whether the lock was refreshed recently enough, and every time
     /// since it was taken, to be trusted.
-    fn check_fresh(&self) -> Result<()> {
+    fn check_fresh_gated(&self) -> Result<()> {
         let mut f = self.fresh.lock();
         if let Some(gap) = f.lapsed {
             return Err(Error::busy(format!(
@@ -232,22 +388,41 @@ impl Freshness {
     }
 }
 
+/// A lock released by [`release_all`] (the process is stopping).
+fn released(key: &str) -> Error {
+    Error::interrupted(format!(
+        "the repository lock {key} was released (the process is stopping)"
+    ))
+}
+
 fn refresh_loop(
     repo: &Repository,
     key: &str,
     body: &[u8],
+    gate: &Mutex<bool>,
     fresh: &Mutex<Freshness>,
     stopped: &crossbeam_channel::Receiver<()>,
 ) {
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
-        refresh_once(repo, key, body, fresh);
+        refresh_once(repo, key, body, gate, fresh);
     }
 }
 
-/// One rewrite of the lock object. The gap is measured once the write is
+/// One rewrite of the lock object, never after a release (it would put
+/// the removed object back). The gap is measured once the write is
 /// done, before `last_ok` moves on, so a lapse is seen even if nobody
 /// called `check_fresh` during it.
-fn refresh_once(repo: &Repository, key: &str, body: &[u8], fresh: &Mutex<Freshness>) {
+fn refresh_once(
+    repo: &Repository,
+    key: &str,
+    body: &[u8],
+    gate: &Mutex<bool>,
+    fresh: &Mutex<Freshness>,
+) {
+    let released = gate.lock();
+    if *released {
+        return;
+    }
     let started = BootInstant::now();
     let put = repo.backend().put(key, body);
     let mut f = fresh.lock();
@@ -269,6 +444,10 @@ impl Drop for Held {
         drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        HELD.lock().retain(|(_, k, _)| *k != self.key);
+        if *self.gate.lock() {
+            return; // removed by `release_all`
         }
         if let Err(e) = self.repo.backend().delete(&self.key) {
             tracing::warn!(key = %self.key, "could not remove a repository lock (it goes stale in {} s): {e}", STALE.as_secs());
@@ -311,6 +490,12 @@ impl WriterLock {
         self.0.check_fresh()
     }
 
+    /// [`WriterLock::check_fresh`], and the lock stays until the guard is
+    /// dropped: a signal's [`release_all`] waits for the publication.
+    pub fn hold(&self) -> Result<impl Drop + '_> {
+        self.0.hold()
+    }
+
     /// Checks that backup `id` of `vm` exists now: its chunks then stay
     /// for as long as this lock is held, so a writer may reuse them.
     pub fn require_manifest(&self, vm: &str, id: &str) -> Result<()> {
@@ -351,6 +536,11 @@ impl GcLock {
 
     pub fn check_fresh(&self) -> Result<()> {
         self.0.check_fresh()
+    }
+
+    /// As [`WriterLock::hold`], for a batch of deletes.
+    pub fn hold(&self) -> Result<impl Drop + '_> {
+        self.0.hold()
     }
 }
 
@@ -464,15 +654,140 @@ mod tests {
         w.0.fresh.lock().last_ok = BootInstant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
         // The process resumes and its refresh thread rewrites the lock.
         let body = r.backend().get(&w.0.key, 4096).unwrap().unwrap();
-        refresh_once(&r, &w.0.key, &body, &w.0.fresh);
+        refresh_once(&r, &w.0.key, &body, &w.0.gate, &w.0.fresh);
         let e =
             super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
                 .unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
         assert!(r.backup_ids("vm1").unwrap().is_empty());
         // And stays distrusted: a lapse is never forgiven.
-        refresh_once(&r, &w.0.key, &body, &w.0.fresh);
+        refresh_once(&r, &w.0.key, &body, &w.0.gate, &w.0.fresh);
         assert!(w.check_fresh().is_err());
+    }
+
+    /// Puts a lock object as a process with `doc` would have.
+    fn plant(r: &Repository, doc: &LockDoc) -> String {
+        let key = format!("{DIR}/{}planted.json", doc.kind.prefix());
+        r.backend()
+            .put(&key, &serde_json::to_vec(doc).unwrap())
+            .unwrap();
+        key
+    }
+
+    /// A lock as this host's process `pid` writes it.
+    fn local_doc(kind: LockKind, pid: u32) -> LockDoc {
+        LockDoc {
+            kind,
+            host: me().host.clone(),
+            pid,
+            what: "vm".into(),
+            started: "2026-11-23T21:00:00Z".into(),
+            boot_id: me().boot_id.clone(),
+            pid_ns: me().pid_ns.clone(),
+            start_time: start_time(pid),
+        }
+    }
+
+    /// The pid of a process that has exited (and been reaped).
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn a_lock_of_a_dead_process_on_this_host_is_removed_at_once_and_delays_neither_gc_nor_backup() {
+        let (_d, r) = repo();
+        let pid = dead_pid();
+        // `backup` killed (SIGKILL) while it read its source.
+        let key = plant(&r, &local_doc(LockKind::Backup, pid));
+        GcLock::acquire(&r, Duration::ZERO).expect("not delayed by a dead writer");
+        assert!(
+            !r.backend().exists(&key).unwrap(),
+            "the stale lock is removed"
+        );
+        // `gc` killed while it waited for writers.
+        let key = plant(&r, &local_doc(LockKind::Gc, pid));
+        let r2 = r.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || tx.send(WriterLock::acquire(&r2, "vm").is_ok()));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "a backup waits for a dead collector"
+        );
+        assert!(!r.backend().exists(&key).unwrap());
+    }
+
+    #[test]
+    fn a_lock_whose_pid_now_runs_another_program_is_stale() {
+        let (_d, r) = repo();
+        let mut doc = local_doc(LockKind::Backup, std::process::id());
+        let now = doc.start_time.expect("this process's start time");
+        assert!(dead_local_holder(&doc).is_none(), "a live holder is live");
+        doc.start_time = Some(now + 1);
+        let key = plant(&r, &doc);
+        assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+        assert!(!r.backend().exists(&key).unwrap());
+    }
+
+    #[test]
+    fn a_dead_pid_on_another_host_boot_or_pid_namespace_or_in_an_older_lock_waits_for_the_stale_time(
+    ) {
+        let (_d, r) = repo();
+        let pid = dead_pid();
+        let others = [
+            LockDoc {
+                host: "elsewhere".into(),
+                ..local_doc(LockKind::Backup, pid)
+            },
+            LockDoc {
+                boot_id: Some("another-boot".into()),
+                ..local_doc(LockKind::Backup, pid)
+            },
+            LockDoc {
+                pid_ns: Some("pid:[1]".into()),
+                ..local_doc(LockKind::Backup, pid)
+            },
+            LockDoc {
+                boot_id: None,
+                pid_ns: None,
+                start_time: None,
+                ..local_doc(LockKind::Backup, pid)
+            },
+        ];
+        for doc in others {
+            let key = plant(&r, &doc);
+            assert_eq!(
+                holders(&r, LockKind::Backup, None).unwrap().len(),
+                1,
+                "{doc:?}"
+            );
+            r.backend().delete(&key).unwrap();
+        }
+    }
+
+    #[test]
+    fn released_locks_are_removed_and_nothing_is_published_or_refreshed_under_them_after() {
+        let (_d, r) = repo();
+        let w = WriterLock::acquire(&r, "vm1").unwrap();
+        let body = r.backend().get(&w.0.key, 4096).unwrap().unwrap();
+        let mine = |x: &Arc<Repository>| Arc::ptr_eq(x, &r);
+        assert_eq!(release_matching(Duration::from_secs(1), mine), 1);
+        assert!(r.backend().list_all(DIR).unwrap().is_empty());
+        refresh_once(&r, &w.0.key, &body, &w.0.gate, &w.0.fresh);
+        assert!(
+            r.backend().list_all(DIR).unwrap().is_empty(),
+            "a refresh put it back"
+        );
+        let e =
+            super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+                .unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Interrupted, "{e}");
+        assert!(r.backup_ids("vm1").unwrap().is_empty());
+        drop(w);
+        assert_eq!(release_matching(Duration::from_secs(1), mine), 0);
     }
 
     #[test]

@@ -273,6 +273,45 @@ impl Repository {
         &self.info.id
     }
 
+    /// Checks that the store still answers as this repository (its
+    /// `repo.json`, with its id) before an absence is believed: a
+    /// directory moved away, an empty one in its place (a share not
+    /// mounted) or another repository there would otherwise pass for a
+    /// repository whose backups are gone. Unreachable is an I/O error,
+    /// never `NotFound`.
+    pub fn confirm_identity(&self) -> Result<()> {
+        let loc = self.location();
+        let unreachable = |why: String| {
+            Error::new(
+                crate::error::ErrorKind::Io,
+                format!("repository {loc} does not answer as itself: {why}"),
+            )
+        };
+        let bytes = match self.backend.get(INFO_KEY, limits::MAX_META_BYTES) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return Err(unreachable(
+                    "no repo.json (moved away, or a share not mounted?)".into(),
+                ))
+            }
+            Err(e) => return Err(unreachable(format!("repo.json cannot be read: {e}"))),
+        };
+        match serde_json::from_slice::<RepoInfo>(&bytes) {
+            Ok(i) if i.id == self.info.id => Ok(()),
+            Ok(i) => Err(unreachable(format!(
+                "it holds another repository now (id {}, not {})",
+                i.id, self.info.id
+            ))),
+            Err(e) => Err(unreachable(format!("repo.json is damaged ({e})"))),
+        }
+    }
+
+    /// `v`, an answer that something is absent, once the repository has
+    /// confirmed it is itself ([`Repository::confirm_identity`]).
+    fn absent<T>(&self, v: T) -> Result<T> {
+        self.confirm_identity().map(|()| v)
+    }
+
     /// The key's fingerprint if the repository is encrypted.
     pub fn encryption(&self) -> Option<&crypto::EncryptionInfo> {
         self.info.encryption.as_ref()
@@ -320,12 +359,16 @@ impl Repository {
     }
 
     pub fn vms(&self) -> Result<Vec<String>> {
-        Ok(self
+        let vms: Vec<String> = self
             .backend
             .list("backups")?
             .into_iter()
             .filter(|n| validate_name("VM", n).is_ok())
-            .collect())
+            .collect();
+        match vms.is_empty() {
+            true => self.absent(vms),
+            false => Ok(vms),
+        }
     }
 
     /// `[vm]` if it has backups (an error naming it if not), else every VM.
@@ -361,26 +404,26 @@ impl Repository {
             })
             .collect();
         ids.sort_by(|a, b| id_order(a, b));
-        Ok(ids)
+        match ids.is_empty() {
+            true => self.absent(ids),
+            false => Ok(ids),
+        }
     }
 
     pub fn manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
         validate_name("VM name", vm)?;
         validate_name("backup id", id)?;
         let key = manifest_key(vm, id);
-        let bytes = self
-            .backend
-            .get(&key, limits::MAX_MANIFEST_BYTES)?
-            .ok_or_else(|| {
-                if self.backup_ids(vm).map(|v| v.is_empty()).unwrap_or(true) {
-                    Error::not_found(format!(
-                        "unknown VM {vm:?}: no backups in {}",
-                        self.location()
-                    ))
-                } else {
-                    Error::not_found(format!("unknown backup {id:?} of VM {vm}"))
-                }
-            })?;
+        let Some(bytes) = self.backend.get(&key, limits::MAX_MANIFEST_BYTES)? else {
+            // An unreachable repository is an error, not "unknown".
+            return Err(match self.backup_ids(vm)?.is_empty() {
+                true => Error::not_found(format!(
+                    "unknown VM {vm:?}: no backups in {}",
+                    self.location()
+                )),
+                false => Error::not_found(format!("unknown backup {id:?} of VM {vm}")),
+            });
+        };
         let m = self.decode_manifest(&bytes, &format!("{vm}/{id}"))?;
         if m.vm != vm || m.id != id {
             return Err(Error::corrupt(format!(
@@ -392,11 +435,15 @@ impl Repository {
     }
 
     /// Whether a backup's manifest exists: `Ok(false)` only when the
-    /// repository says it does not; an unreachable one is an error.
+    /// repository, answering as itself, says it does not; an unreachable
+    /// one (or one whose identity cannot be read) is an error.
     pub fn has_manifest(&self, vm: &str, id: &str) -> Result<bool> {
         validate_name("VM name", vm)?;
         validate_name("backup id", id)?;
-        self.backend.exists(&manifest_key(vm, id))
+        match self.backend.exists(&manifest_key(vm, id))? {
+            true => Ok(true),
+            false => self.absent(false),
+        }
     }
 
     /// The newest backup of a VM, or the given one.

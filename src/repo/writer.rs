@@ -148,7 +148,9 @@ pub(crate) fn publish_manifest_at(
     disks: Vec<DiskManifest>,
     at: std::time::SystemTime,
 ) -> Result<Manifest> {
-    lock.check_fresh()
+    // Held to the end: a signal's lock release waits for the manifest.
+    let _held = lock
+        .hold()
         .map_err(|e| e.context(format!("backup of VM {vm} not published")))?;
     let now = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let created_unix = now.as_secs();

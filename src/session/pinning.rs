@@ -88,7 +88,9 @@ impl Datastore {
 
     /// Writes the pins served sessions owe, then looks for every served
     /// session's backups in the repository and records a warning for each
-    /// that is gone. A repository that does not answer changes nothing.
+    /// that is gone. A repository that does not answer, or not as itself
+    /// (moved away, a share not mounted), is recorded as unreachable and
+    /// changes nothing else: only its own "absent" means gone.
     /// Pin first: then a `forget` either sees the pin or deleted before
     /// it, and this check finds that (see `repo::forget`).
     pub fn check_backups(&self) {
@@ -98,10 +100,28 @@ impl Datastore {
             }
             let pin = self.pin_of(&s, true);
             let mut gone = vec![];
+            let mut unreachable = None;
             for b in &pin.backups {
-                if let Ok(false) = self.repo.has_manifest(&s.vm, b) {
-                    gone.push(b.clone());
+                match self.repo.has_manifest(&s.vm, b) {
+                    Ok(true) => {}
+                    Ok(false) => gone.push(b.clone()),
+                    Err(e) => {
+                        unreachable = Some(e.to_string());
+                        break;
+                    }
                 }
+            }
+            {
+                let mut u = s.repo_unreachable.lock();
+                match (&*u, &unreachable) {
+                    (None, Some(e)) => tracing::warn!(vm = %s.vm, "repository unreachable: {e}"),
+                    (Some(_), None) => tracing::info!(vm = %s.vm, "the repository answers again"),
+                    _ => {}
+                }
+                *u = unreachable.clone();
+            }
+            if unreachable.is_some() {
+                continue;
             }
             let warning = (!gone.is_empty()).then(|| {
                 format!(

@@ -209,6 +209,7 @@ impl Datastore {
             upload: Mutex::new(None),
             upload_gate: Mutex::new(()),
             backup_gone: Mutex::new(None),
+            repo_unreachable: Mutex::new(None),
             pin_owed: AtomicBool::new(false),
         });
         // Served from now on, at this export point, also by a daemon

@@ -207,6 +207,81 @@ fn a_fully_staged_session_resumes_while_the_repository_is_unreachable() {
     r.ds.release("vm", false).ok();
 }
 
+/// A fully staged session with a guest write is kept; `out_of_place`
+/// leaves the repository's path without it (the repository moved away).
+/// The session resumes from its own manifest copy; nothing calls its
+/// backup gone nor writes there; status says unreachable until it is back.
+fn kept_staging_resumes_and_no_backup_is_called_gone_while(out_of_place: fn(&Path)) {
+    let r = rig();
+    let (b1, mut data) = backup(&r, "vm", 3, 8);
+    r.ds.recover("vm", None).unwrap();
+    let d = disk(&r, "vm");
+    assert_eq!(d.read(0, data.len()).unwrap(), data, "stages every block");
+    d.write(100, b"kept").unwrap();
+    data[100..104].copy_from_slice(b"kept");
+    r.ds.release("vm", false).unwrap();
+    let (root, away) = (r.dir.path().join("repo"), r.dir.path().join("away"));
+    std::fs::rename(&root, &away).unwrap();
+    out_of_place(&root);
+    let info = r.ds.recover("vm", None).unwrap();
+    assert_eq!((info.backup.as_str(), info.resumed), (b1.as_str(), true));
+    assert!(info.skipped.is_empty());
+    assert_eq!(disk(&r, "vm").read(0, data.len()).unwrap(), data);
+    let e = r.ds.recover("other", None).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains("does not answer as itself"), "{e}");
+    r.ds.check_backups();
+    let st = r.ds.status(&r.ds.session("vm").unwrap());
+    assert_eq!(st.backup_gone, None);
+    let why = st.repo_unreachable.expect("status says unreachable");
+    assert!(why.contains("no repo.json"), "{why}");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "written where the repository was: {left:?}"
+    );
+    // It comes back: the next check clears the status.
+    let _ = std::fs::remove_dir(&root);
+    std::fs::rename(&away, &root).unwrap();
+    r.ds.check_backups();
+    let st = r.ds.status(&r.ds.session("vm").unwrap());
+    assert_eq!((st.backup_gone, st.repo_unreachable), (None, None));
+    r.ds.release("vm", false).ok();
+}
+
+#[test]
+fn kept_staging_resumes_while_the_repository_directory_is_missing() {
+    kept_staging_resumes_and_no_backup_is_called_gone_while(|_| {});
+}
+
+#[test]
+fn kept_staging_resumes_while_an_empty_directory_stands_in_for_the_repository() {
+    // An NFS share not mounted: its empty mount point.
+    kept_staging_resumes_and_no_backup_is_called_gone_while(|root| {
+        std::fs::create_dir(root).unwrap()
+    });
+}
+
+#[test]
+fn a_served_sessions_backup_is_not_called_gone_while_the_repository_is_moved_away() {
+    let r = rig();
+    backup(&r, "vm", 3, 4);
+    r.ds.recover("vm", None).unwrap();
+    let root = r.dir.path().join("repo");
+    std::fs::rename(&root, r.dir.path().join("away")).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    r.ds.check_backups();
+    let st = r.ds.status(&r.ds.session("vm").unwrap());
+    assert_eq!(
+        st.backup_gone, None,
+        "an empty directory answered for the repository"
+    );
+    assert!(st.repo_unreachable.is_some());
+    r.ds.release("vm", false).ok();
+}
+
 #[test]
 fn kept_staging_is_passed_over_only_when_its_backup_is_gone() {
     let r = rig();

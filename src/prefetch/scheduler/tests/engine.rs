@@ -8,6 +8,8 @@ fn objects(n: usize) -> (tempfile::TempDir, Arc<TestBackend>, Knobs, Vec<String>
     let dir = tempfile::tempdir().unwrap();
     let knobs = Knobs::default();
     let b = Arc::new(TestBackend::new(dir.path(), knobs.clone()));
+    // A local backend makes directories only in a repository (its repo.json).
+    b.put("repo.json", b"{}").unwrap();
     let keys: Vec<String> = (0..n)
         .map(|i| format!("chunks/{:02x}/{i:06}", i % 256))
         .collect();
