@@ -61,6 +61,9 @@ pub struct MountOptions {
     pub prefetch: crate::prefetch::PrefetchOptions,
     /// Export points and how recoveries are placed on them.
     pub placement: crate::session::PlacementConfig,
+    /// A throwaway recovery's datastore (`files`, `verify-boot`): its
+    /// sessions end with this process (see `Datastore::set_throwaway`).
+    pub throwaway: bool,
 }
 
 impl Default for MountOptions {
@@ -74,6 +77,7 @@ impl Default for MountOptions {
             flush_interval: Duration::from_secs(2),
             prefetch: Default::default(),
             placement: Default::default(),
+            throwaway: false,
         }
     }
 }
@@ -301,6 +305,9 @@ impl MountedDatastore {
             opts.prefetch.clone(),
             opts.placement.clone(),
         );
+        if opts.throwaway {
+            ds.set_throwaway();
+        }
         // FUSE's background requests and io threads match the GETs the
         // fetch engine keeps in flight (at least 64).
         let fs = RecoverFs::new(

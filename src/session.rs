@@ -271,6 +271,10 @@ pub struct Datastore {
     placing: Mutex<()>,
     /// `stop_background` ran (shutdown).
     stopping: AtomicBool,
+    /// Set for a throwaway recovery (`files`, `verify-boot`): its pins
+    /// name this process, so a `forget` after it was killed before its
+    /// cleanup drops them (`repo::pins::Pin::owner`).
+    pin_owner: std::sync::OnceLock<crate::repo::locks::Owner>,
 }
 
 /// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
@@ -316,7 +320,13 @@ impl Datastore {
             pending: Arc::default(),
             placing: Mutex::new(()),
             stopping: AtomicBool::new(false),
+            pin_owner: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Marks a throwaway datastore: its sessions end with this process.
+    pub fn set_throwaway(&self) {
+        let _ = self.pin_owner.set(crate::repo::locks::this_process());
     }
 
     /// Records where the network frontends of export point `point` serve.

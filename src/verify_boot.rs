@@ -82,7 +82,10 @@ pub fn verify_boot(opts: VerifyBootOptions) -> Result<VerifyBootReport> {
         repo.clone(),
         crate::staging::StagingSet::single(staging),
         &mnt,
-        &MountOptions::default(),
+        &MountOptions {
+            throwaway: true,
+            ..MountOptions::default()
+        },
     )?;
     let result = run(&mounted, &opts, &manifest.id, &marker);
     // QEMU has exited; its disk handles close in the background.

@@ -242,6 +242,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
                     prefetch: prefetch.options(),
                     placement,
+                    // The daemon's sessions resume after it: never throwaway.
+                    throwaway: false,
                 },
             })
         }

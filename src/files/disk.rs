@@ -134,7 +134,10 @@ pub fn mount(
     }
     let fuse = check_mount_point(&fuse)?;
     let staging = StagingDir::open(&scratch.path().join("staging"), repo.id(), &repo.location())?;
-    let mut opts = MountOptions::default();
+    let mut opts = MountOptions {
+        throwaway: true,
+        ..MountOptions::default()
+    };
     // Fetch only what the filesystem reads.
     opts.prefetch.use_profile = false;
     opts.prefetch.default_profile = false;

@@ -170,7 +170,7 @@ fn remove(
         if force {
             continue;
         }
-        let users = users_of(repo, vm).map_err(|e| {
+        let users = users_of(repo, vm, false).map_err(|e| {
             e.context(format!(
                 "backups of VM {vm} were removed, but the pins could not be read again: a recovery session started meanwhile may have lost its backup"
             ))
@@ -199,10 +199,19 @@ fn remove(
     })
 }
 
-/// Per backup id, why sessions use it (their pins).
-fn users_of(repo: &Repository, vm: &str) -> Result<HashMap<String, Vec<String>>> {
+/// Per backup id, why sessions use it (their pins). The pin of a
+/// throwaway recovery whose process is gone protects nothing: it is
+/// passed over, and removed if `drop_dead`.
+fn users_of(repo: &Repository, vm: &str, drop_dead: bool) -> Result<HashMap<String, Vec<String>>> {
     let mut users: HashMap<String, Vec<String>> = HashMap::new();
     for pin in pins::of_vm(repo, vm)? {
+        if let Some(why) = pin.dead_owner() {
+            if drop_dead {
+                tracing::warn!(vm, staging = %pin.staging, "removing the pin of a throwaway recovery that was killed before its cleanup ({why})");
+                pins::remove_logged(repo, &pin);
+            }
+            continue;
+        }
         for b in &pin.backups {
             users.entry(b.clone()).or_default().push(pin.reason());
         }
@@ -230,7 +239,7 @@ fn vms(repo: &Repository, vm: Option<&str>) -> Result<Vec<String>> {
 }
 
 fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForget> {
-    let users = users_of(repo, vm)?;
+    let users = users_of(repo, vm, !opts.dry_run)?;
     let mut backups = decide_series(repo, vm, BackupKind::Disk, &users, opts)?;
     backups.extend(decide_series(repo, vm, BackupKind::Files, &users, opts)?);
     Ok(VmForget {

@@ -129,17 +129,44 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Why a lock's holder is known dead: it ran on this host, in this boot
-/// and pid namespace, and its pid is gone or belongs to another program.
-/// `None` when that cannot be known (another host, an older lock).
-fn dead_local_holder(doc: &LockDoc) -> Option<String> {
+/// A process as a lock or a throwaway recovery's pin names it: what makes
+/// it checkable from another process of the same host, boot and pid
+/// namespace (see `dead_process`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub host: String,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+}
+
+/// This process, as `Owner`.
+pub fn this_process() -> Owner {
     let me = me();
-    let same_host = doc.host == me.host
-        && doc.boot_id.is_some()
-        && doc.boot_id == me.boot_id
-        && doc.pid_ns.is_some()
-        && doc.pid_ns == me.pid_ns;
-    let pid = i32::try_from(doc.pid).ok().filter(|&p| p > 0)?;
+    Owner {
+        host: me.host.clone(),
+        pid: std::process::id(),
+        boot_id: me.boot_id.clone(),
+        pid_ns: me.pid_ns.clone(),
+        start_time: start_time(std::process::id()),
+    }
+}
+
+/// Why `o` is known dead: it ran on this host, in this boot and pid
+/// namespace, and its pid is gone or belongs to another program. `None`
+/// when that cannot be known (another host, an older record).
+pub fn dead_process(o: &Owner) -> Option<String> {
+    let me = me();
+    let same_host = o.host == me.host
+        && o.boot_id.is_some()
+        && o.boot_id == me.boot_id
+        && o.pid_ns.is_some()
+        && o.pid_ns == me.pid_ns;
+    let pid = i32::try_from(o.pid).ok().filter(|&p| p > 0)?;
     if !same_host {
         return None;
     }
@@ -147,13 +174,24 @@ fn dead_local_holder(doc: &LockDoc) -> Option<String> {
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Err(Errno::ESRCH) => Some(format!("pid {pid} on this host has exited")),
         // Alive (EPERM: another user's): unless the pid was reused.
-        _ => match (doc.start_time, start_time(doc.pid)) {
+        _ => match (o.start_time, start_time(o.pid)) {
             (Some(was), Some(now)) if was != now => Some(format!(
                 "pid {pid} on this host is another program now (started at {now}, not {was})"
             )),
             _ => None,
         },
     }
+}
+
+/// Why a lock's holder is known dead (see `dead_process`).
+fn dead_local_holder(doc: &LockDoc) -> Option<String> {
+    dead_process(&Owner {
+        host: doc.host.clone(),
+        pid: doc.pid,
+        boot_id: doc.boot_id.clone(),
+        pid_ns: doc.pid_ns.clone(),
+        start_time: doc.start_time,
+    })
 }
 
 /// A fresh lock another process holds.

@@ -36,6 +36,12 @@ pub struct Pin {
     pub state: String,
     /// When it was last written (RFC 3339).
     pub written: String,
+    /// The process of a throwaway recovery (`files`, `verify-boot`): its
+    /// session lives only as long as that process, so once it is known
+    /// dead (killed before its cleanup) the pin protects nothing and
+    /// `forget` drops it. Daemons' pins have none: their sessions resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<super::locks::Owner>,
 }
 
 impl Pin {
@@ -47,7 +53,13 @@ impl Pin {
             staging: staging.display().to_string(),
             state: if serving { "serving" } else { "kept" }.into(),
             written: crate::util::rfc3339(crate::util::now_unix()),
+            owner: None,
         }
+    }
+
+    /// Why its throwaway session is known to be gone (see `owner`).
+    pub fn dead_owner(&self) -> Option<String> {
+        self.owner.as_ref().and_then(super::locks::dead_process)
     }
 
     fn key(&self) -> String {

@@ -24,7 +24,13 @@ impl Datastore {
         if base != s.backup {
             backups.push(base);
         }
-        Pin::new(&s.vm, backups, &s.dir, serving)
+        self.owned(Pin::new(&s.vm, backups, &s.dir, serving))
+    }
+
+    /// `pin` naming this process if the datastore is a throwaway one.
+    fn owned(&self, mut pin: Pin) -> Pin {
+        pin.owner = self.pin_owner.get().cloned();
+        pin
     }
 
     /// Writes the pin of `s`; a failed write is owed (see `check_backups`).
@@ -57,7 +63,7 @@ impl Datastore {
         id: &str,
         dir: &Path,
     ) -> Result<NewPin<'a>> {
-        let pin = Pin::new(vm, vec![id.into()], dir, true);
+        let pin = self.owned(Pin::new(vm, vec![id.into()], dir, true));
         if let Err(e) = pins::put(&self.repo, &pin) {
             // As `put_logged`: the session's own pin is tried again.
             tracing::warn!(

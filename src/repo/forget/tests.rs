@@ -452,3 +452,55 @@ fn file_backups_are_their_own_series_forgotten_by_the_policy_and_gc_frees_their_
     let r = run(true, Some("notes"));
     assert_eq!((r.kept, r.removed), (4, 0));
 }
+
+#[test]
+fn the_pin_of_a_throwaway_recovery_killed_before_its_cleanup_is_dropped_and_a_live_ones_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+    let old = backup_at(&repo, "vm", DAY0);
+    let new = backup_at(&repo, "vm", DAY0 + DAY);
+    let opts = ForgetOptions {
+        vm: Some("vm".into()),
+        policy: Policy {
+            last: 1,
+            ..Default::default()
+        },
+        dry_run: false,
+        force: false,
+    };
+    // `files` running (this process): its pin protects the backup.
+    let mut pin =
+        crate::repo::pins::Pin::new("vm", vec![old.id.clone()], &d.path().join("a"), true);
+    pin.owner = Some(crate::repo::locks::this_process());
+    crate::repo::pins::put(&repo, &pin).unwrap();
+    let r = forget(&repo, &opts).unwrap();
+    assert_eq!(
+        r.removed, 0,
+        "a live throwaway recovery's backup was forgotten"
+    );
+    // Killed before its cleanup: a process of this host that has exited.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    pin.owner.as_mut().unwrap().pid = dead;
+    pin.owner.as_mut().unwrap().start_time = None;
+    crate::repo::pins::put(&repo, &pin).unwrap();
+    // Another host's throwaway pin cannot be judged: it still protects.
+    let mut far =
+        crate::repo::pins::Pin::new("vm", vec![old.id.clone()], &d.path().join("b"), true);
+    far.owner = Some(crate::repo::locks::Owner {
+        host: "elsewhere".into(),
+        ..pin.owner.clone().unwrap()
+    });
+    far.host = "elsewhere".into();
+    crate::repo::pins::put(&repo, &far).unwrap();
+    assert_eq!(forget(&repo, &opts).unwrap().removed, 0);
+    crate::repo::pins::remove(&repo, &far).unwrap();
+    let r = forget(&repo, &opts).unwrap();
+    assert_eq!(r.removed, 1, "{r:?}");
+    assert_eq!(repo.backup_ids("vm").unwrap(), vec![new.id]);
+    assert!(
+        crate::repo::pins::of_vm(&repo, "vm").unwrap().is_empty(),
+        "the dead pin stays"
+    );
+}
