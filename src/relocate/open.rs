@@ -328,19 +328,47 @@ impl Relocation {
             let f = storage
                 .open(&target_file_of(dir.path(), d), how)
                 .ctx(|| format!("open relocation target {}", shown.display()))?;
-            if f.len().ctx(|| format!("stat {}", shown.display()))? != d.size {
+            let len = f.len().ctx(|| format!("stat {}", shown.display()))?;
+            if meta.switched && len != d.size {
+                // The VM's live disk: never resized into what it is not.
+                return Err(Error::corrupt(format!(
+                    "relocation target {} is {len} bytes, not the {} of the disk it is (the \
+                     VM's live disk since the cutover): not served; put the file the \
+                     relocation cut over to back",
+                    shown.display(),
+                    d.size
+                )));
+            }
+            let map_path = Self::copied_path(session_dir, d);
+            let (bs, n) = (d.block_size() as u32, d.nblocks());
+            let mut m =
+                PersistentBitmap::open(storage.as_ref(), &map_path, MapKind::Copied, bs, n)?;
+            if !meta.switched && how != Open::Empty {
+                if let Some(why) = unbacked_copies(d, f.as_ref(), &m, len)
+                    .ctx(|| format!("find the holes of {}", shown.display()))?
+                {
+                    tracing::warn!(vm = src.vm, disk = d.index, target = %shown.display(),
+                        "relocation target {} {why}: it does not hold what disk{}'s copied \
+                         map vouches for (re-created or truncated since?), so every block of \
+                         it is copied again", shown.display(), d.index);
+                    // Durably, before the copier writes a byte: a crash
+                    // before the copier rewrites the map could otherwise
+                    // leave its old bits over a target now the right size.
+                    m = PersistentBitmap::create(
+                        storage.as_ref(),
+                        &map_path,
+                        MapKind::Copied,
+                        bs,
+                        n,
+                    )?;
+                }
+            }
+            if len != d.size {
                 // A sparse file of the disk's size: zero blocks stay holes.
                 f.set_len(d.size)
                     .ctx(|| format!("size {}", shown.display()))?;
             }
             targets.push(f);
-            let m = PersistentBitmap::open(
-                storage.as_ref(),
-                &Self::copied_path(session_dir, d),
-                MapKind::Copied,
-                d.block_size() as u32,
-                d.nblocks(),
-            )?;
             copied.push(Arc::new(m));
         }
         #[cfg(test)]
@@ -457,4 +485,49 @@ impl Relocation {
         }
         Ok(())
     }
+}
+
+/// Why the target `f` (`len` bytes) of disk `d` cannot hold what its copied
+/// map `m` vouches for, if it cannot: another length than the disk's, or a
+/// hole over a whole block the map marks copied that has backup data and
+/// was never changed (the copier wrote its nonzero bytes; a block the copy
+/// found zero, a backup hole or zeros the guest wrote, is punched). Only
+/// whole blocks count: a filesystem that stores zero pages as holes (ZFS
+/// with compression) may leave holes inside a copied block's data.
+fn unbacked_copies(
+    d: &Volume,
+    f: &dyn BlockFile,
+    m: &PersistentBitmap,
+    len: u64,
+) -> std::io::Result<Option<String>> {
+    if len != d.size {
+        return Ok(Some(format!("is {len} bytes, not the disk's {}", d.size)));
+    }
+    let bs = d.block_size();
+    let mut at = 0;
+    while let Some(h) = f.next_hole(at)? {
+        // The blocks wholly inside the hole; the disk's last, short block
+        // ends at the file's end.
+        let first = h.start.div_ceil(bs);
+        let end = if h.end >= len {
+            d.nblocks()
+        } else {
+            h.end / bs
+        };
+        if let Some(b) = (first < end)
+            .then(|| d.first_copied_backup_data(m, first..end))
+            .flatten()
+        {
+            return Ok(Some(format!(
+                "has a hole over block {b} (bytes {}..{}), marked copied",
+                b * bs,
+                ((b + 1) * bs).min(len)
+            )));
+        }
+        if h.end <= at {
+            break;
+        }
+        at = h.end;
+    }
+    Ok(None)
 }

@@ -1500,3 +1500,110 @@ fn a_guest_write_racing_a_reopen_in_a_running_daemon_is_never_trusted_as_copied(
     let t = std::fs::read(rig.dir.path().join("primary/vm/disk0.raw")).unwrap();
     assert_eq!(&t[5 * BS..5 * BS + 25], b"written during the reopen");
 }
+
+/// Copies every block of both disks of a relocation begun in `rig` (no
+/// cutover) and stops, as a daemon killed before converging would.
+fn copy_all_then_crash(rig: &Rig) {
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    r.resume_pass_unthrottled().unwrap();
+    assert_eq!(r.copied_map(0).bits().count(), BLOCKS as u64);
+    drop((r, disks));
+}
+
+/// Copied blocks in disk `i`'s map file, as a restarted daemon reads it.
+fn copied_on_disk(rig: &Rig, i: usize) -> u64 {
+    let m = PersistentBitmap::open(
+        &OsStorage,
+        &rig.session_dir.join(format!("disk{i}.copied")),
+        MapKind::Copied,
+        BS as u32,
+        BLOCKS as u64,
+    )
+    .unwrap();
+    m.bits().count()
+}
+
+/// Restarts `rig`, expects disk 0's copied map forgotten (durably) and
+/// disk 1's kept, then lets the relocation finish: every target is the
+/// image.
+fn assert_disk0_copied_again(rig: &Rig) {
+    let (disks, r) = rig.restart();
+    let r = r.expect("resumed");
+    assert_eq!(r.copied_map(0).bits().count(), 0, "disk0's copies trusted");
+    assert_eq!(copied_on_disk(rig, 0), 0, "the forgotten map is durable");
+    assert_eq!(r.copied_map(1).bits().count(), BLOCKS as u64);
+    r.spawn();
+    assert_eq!(settle(&r), State::Done);
+    for (i, d) in disks.iter().enumerate() {
+        assert!(rig.target_bytes(i) == rig.images[i], "disk{i}");
+        assert!(d.read(0, BLOCKS * BS).unwrap() == rig.images[i]);
+    }
+}
+
+#[test]
+fn a_resumed_relocation_trusts_copies_over_a_target_whose_only_holes_are_backup_holes() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // A zero block the guest wrote is a hole on the target too.
+    disks[0].write_zeroes(9 * BS as u64, BS as u64).unwrap();
+    disks[0].flush().unwrap();
+    drop(disks);
+    copy_all_then_crash(&rig);
+    let (_disks, r) = rig.restart();
+    let r = r.unwrap();
+    // Block 3 (a backup hole) is a hole in the target: still trusted; the
+    // guest's block 9 is forgotten by the restart rule only.
+    assert_eq!(r.copied_map(0).bits().count(), BLOCKS as u64 - 1);
+    assert!(r.copied_map(0).test(3));
+    assert_eq!(r.copied_map(1).bits().count(), BLOCKS as u64);
+}
+
+#[test]
+fn a_resumed_relocation_whose_target_file_was_emptied_to_holes_copies_that_disk_again() {
+    let rig = rig();
+    copy_all_then_crash(&rig);
+    // As a tmpfs remounted and the file made again with `truncate -s`: the
+    // same name, inode and length, all holes.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rig.dir.path().join("primary/vm/disk0.raw"))
+        .unwrap();
+    f.set_len(0).unwrap();
+    f.set_len((BLOCKS * BS) as u64).unwrap();
+    drop(f);
+    assert_disk0_copied_again(&rig);
+}
+
+#[test]
+fn a_resumed_relocation_whose_target_file_has_another_length_copies_that_disk_again() {
+    let rig = rig();
+    copy_all_then_crash(&rig);
+    // `touch`ed in place of the lost file: size 0.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rig.dir.path().join("primary/vm/disk0.raw"))
+        .unwrap();
+    f.set_len(0).unwrap();
+    drop(f);
+    assert_disk0_copied_again(&rig);
+}
+
+#[test]
+fn a_switched_relocation_whose_target_file_has_another_length_is_not_served() {
+    let rig = rig();
+    cut_over_with_mine(&rig, 0);
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    f.set_len((BLOCKS * BS / 2) as u64).unwrap();
+    drop(f);
+    let disks = rig.volumes();
+    let e = Relocation::reopen(rig.source(&disks)).err().unwrap();
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert!(e.to_string().contains("not served"), "{e}");
+    assert_eq!(
+        std::fs::metadata(&t).unwrap().len(),
+        (BLOCKS * BS / 2) as u64,
+        "resized"
+    );
+}

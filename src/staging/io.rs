@@ -82,6 +82,13 @@ pub trait BlockFile: Send + Sync {
     fn ino(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// The first hole at or after `from` as a byte range, the file's end
+    /// excluded (`SEEK_HOLE`, then `SEEK_DATA`: one call per hole, however
+    /// large the file); `None` if there is none, or none this storage can
+    /// tell (in memory, a filesystem without hole reporting).
+    fn next_hole(&self, _from: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        Ok(None)
+    }
 }
 
 /// How [`Storage::open`] treats an existing or missing file.
@@ -759,6 +766,42 @@ impl BlockFile for OsFile {
 
     fn ino(&self) -> io::Result<Option<u64>> {
         Ok(Some(self.file.metadata()?.ino()))
+    }
+
+    fn next_hole(&self, from: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        let fd = self.file.as_raw_fd();
+        let len = self.len()?;
+        if from >= len {
+            return Ok(None);
+        }
+        // SAFETY: lseek on an fd we own; reads and writes here are
+        // positioned (pread/pwrite), so the offset it moves is unused.
+        let seek = |off: u64, whence: i32| unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        let start = match seek(from, libc::SEEK_HOLE) {
+            n if n >= 0 => n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                // Shrunk meanwhile: no hole before the end.
+                return match e.raw_os_error() {
+                    Some(libc::ENXIO) => Ok(None),
+                    _ => Err(e),
+                };
+            }
+        };
+        if start >= len {
+            return Ok(None);
+        }
+        let end = match seek(start, libc::SEEK_DATA) {
+            n if n >= 0 => n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::ENXIO) => len, // a hole to the end
+                    _ => return Err(e),
+                }
+            }
+        };
+        Ok(Some(start..end.max(start)))
     }
 
     fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
