@@ -68,6 +68,20 @@ impl Relocation {
                 )))
             }
             Ok(_) => {
+                let config = target_dir.join("vm.json");
+                if std::fs::symlink_metadata(&config).is_ok() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "relocation target {} holds a complete relocated copy of a VM \
+                             ({} is there), which a VM may run from: never overwritten, not \
+                             even with --force; relocate elsewhere, or remove that directory \
+                             yourself if nothing uses it",
+                            target_dir.display(),
+                            config.display()
+                        ),
+                    ));
+                }
                 let mut rd = std::fs::read_dir(&target_dir)
                     .ctx(|| format!("read {}", target_dir.display()))?;
                 if rd.next().is_some() && !req.force {
@@ -130,6 +144,47 @@ impl Relocation {
         for d in src.disks {
             d.check_no_staging_reader()?;
         }
+        // The directory every later use must find again (`pin_target`).
+        let dir = pin_target(storage.as_ref(), &meta)?;
+        meta.target_id = TargetId::of(storage.as_ref(), &dir, &meta.target);
+        // Recorded for a cancel, which removes only what this relocation
+        // made. A file that cannot be looked at counts as there before.
+        meta.created = (src.disks.iter())
+            .filter(|d| {
+                let p = target_file_of(dir.path(), d);
+                storage.exists(&p).is_ok_and(|there| !there)
+            })
+            .map(|d| d.index)
+            .collect();
+        // Every file there already must be one `Open::EmptyLocked` takes,
+        // before any is emptied (or this session's record is dropped): one
+        // refused after another was emptied would leave that one's data
+        // lost (`--force`) with nothing started. Not one another relocation
+        // or session has open (it holds a lock on it while it does): a
+        // VM may run from it. (`open` checks again as it empties.)
+        for d in src
+            .disks
+            .iter()
+            .filter(|d| !meta.created.contains(&d.index))
+        {
+            let shown = target_file_of(&meta.target, d);
+            match storage.open(&target_file_of(dir.path(), d), Open::ExistingSole) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => {
+                    let f = r.ctx(|| format!("open relocation target {}", shown.display()))?;
+                    if let Err(e) = f.try_lock(true) {
+                        let e = in_use(e, &shown, "lock");
+                        return Err(match e.kind() {
+                            ErrorKind::Busy => Error::busy(format!(
+                                "{e}: nothing was emptied; stop what uses it, or relocate \
+                                 elsewhere"
+                            )),
+                            _ => e,
+                        });
+                    }
+                }
+            }
+        }
         // Old copied bits must be gone for good before a target is emptied,
         // or a crash could leave them claiming blocks the target lost.
         let meta_path = Self::meta_path(session_dir);
@@ -145,40 +200,11 @@ impl Relocation {
         storage
             .sync_dir(session_dir)
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
-        // The directory every later use must find again (`pin_target`).
-        let dir = pin_target(storage.as_ref(), &meta)?;
-        meta.target_id = TargetId::of(storage.as_ref(), &dir, &meta.target);
         // The target's vm.json says it is complete: not until this one is.
         storage
             .remove_file(&dir.path().join("vm.json"))
             .ctx(|| format!("remove {}", meta.target.join("vm.json").display()))?;
-        // Recorded for a cancel, which removes only what this relocation
-        // made. A file that cannot be looked at counts as there before.
-        meta.created = (src.disks.iter())
-            .filter(|d| {
-                let p = target_file_of(dir.path(), d);
-                storage.exists(&p).is_ok_and(|there| !there)
-            })
-            .map(|d| d.index)
-            .collect();
-        // Every file there already must be one `Open::Empty` takes, before
-        // any is emptied: one refused after another was emptied would leave
-        // that one's data lost (`--force`) with nothing started. (`open`
-        // checks again as it empties.)
-        for d in src
-            .disks
-            .iter()
-            .filter(|d| !meta.created.contains(&d.index))
-        {
-            let shown = target_file_of(&meta.target, d);
-            match storage.open(&target_file_of(dir.path(), d), Open::ExistingSole) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                r => {
-                    r.ctx(|| format!("open relocation target {}", shown.display()))?;
-                }
-            }
-        }
-        let r = Self::open_in(src, meta, Open::Empty, &dir)?;
+        let r = Self::open_in(src, meta, Open::EmptyLocked, &dir)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
         let recorded = r
@@ -327,7 +353,15 @@ impl Relocation {
             };
             let f = storage
                 .open(&target_file_of(dir.path(), d), how)
-                .ctx(|| format!("open relocation target {}", shown.display()))?;
+                .map_err(|e| in_use(e, &shown, "open"))?;
+            // Held while this relocation has the file open: another's
+            // `--force` never empties it (`begin`).
+            if how != Open::EmptyLocked
+                && !f.try_lock(false).map_err(|e| in_use(e, &shown, "lock"))?
+            {
+                tracing::warn!(target = %shown.display(), "this filesystem keeps no locks: \
+                    another recoverfs relocation is not kept from emptying this file");
+            }
             let len = f.len().ctx(|| format!("stat {}", shown.display()))?;
             if meta.switched && len != d.size {
                 // The VM's live disk: never resized into what it is not.
@@ -343,7 +377,7 @@ impl Relocation {
             let (bs, n) = (d.block_size() as u32, d.nblocks());
             let mut m =
                 PersistentBitmap::open(storage.as_ref(), &map_path, MapKind::Copied, bs, n)?;
-            if !meta.switched && how != Open::Empty {
+            if !meta.switched && how != Open::EmptyLocked {
                 if let Some(why) = unbacked_copies(d, f.as_ref(), &m, len)
                     .ctx(|| format!("find the holes of {}", shown.display()))?
                 {
@@ -412,7 +446,7 @@ impl Relocation {
             targets,
             copied,
             target_dir: meta.target.clone(),
-            fresh: how == Open::Empty,
+            fresh: how == Open::EmptyLocked,
             meta_path: Self::meta_path(session_dir),
             config_json: src.config_json.to_vec(),
             meta: Mutex::new(meta),
@@ -530,4 +564,17 @@ fn unbacked_copies(
         at = h.end;
     }
     Ok(None)
+}
+
+/// An error of `what` ("open", "lock") on the target file `shown`; a lock
+/// held elsewhere is `Busy` (409): the file is in use, the request is fine.
+fn in_use(e: std::io::Error, shown: &Path, what: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        return Error::busy(format!(
+            "relocation target {} is in use by another recoverfs relocation or session \
+             (a VM may run from it)",
+            shown.display()
+        ));
+    }
+    Error::io(format!("{what} relocation target {}", shown.display()), e)
 }

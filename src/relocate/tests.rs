@@ -1607,3 +1607,95 @@ fn a_switched_relocation_whose_target_file_has_another_length_is_not_served() {
         "resized"
     );
 }
+
+#[test]
+fn a_force_relocation_never_empties_a_target_another_relocation_serves_from() {
+    // Daemon A relocated its VM to P/vm and serves it from there.
+    let a = rig();
+    cut_over_with_mine(&a, 0);
+    let (a_disks, a_reloc) = a.restart();
+    let live = a.dir.path().join("primary/vm");
+    let before = std::fs::read(live.join("disk0.raw")).unwrap();
+    // Daemon B (its own staging) relocates a VM of the same name there.
+    let b = rig();
+    let b_disks = b.volumes();
+    let meta = Meta {
+        target: live.clone(),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+        target_inos: Default::default(),
+    };
+    let e = Relocation::begin(b.source(&b_disks), meta).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("in use by another recoverfs"), "{e}");
+    assert!(std::fs::read(live.join("disk0.raw")).unwrap() == before);
+    assert_eq!(a_disks[0].read(5, 4).unwrap(), b"mine");
+    drop((a_disks, a_reloc));
+}
+
+#[test]
+fn a_relocation_never_empties_a_target_file_locked_by_another_open() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    std::fs::write(&t, b"in use").unwrap();
+    // Another open file description holds its shared lock.
+    let other = OsStorage.open(&t, Open::Existing).unwrap();
+    assert!(other.try_lock(false).unwrap());
+    let meta = Meta {
+        target: rig.dir.path().join("primary/vm"),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+        target_inos: Default::default(),
+    };
+    let e = Relocation::begin(rig.source(&disks), meta.clone())
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert_eq!(std::fs::read(&t).unwrap(), b"in use");
+    // Closed: emptied and relocated.
+    drop(other);
+    let r = Relocation::begin(rig.source(&disks), meta).unwrap();
+    r.spawn();
+    assert_eq!(settle(&r), State::Done);
+    assert!(rig.target_bytes(1) == rig.images[1]);
+}
+
+/// A `relocate --to <to> --force` request of `rig`'s VM.
+fn forced<'a>(rig: &'a Rig, disks: &'a [Arc<Volume>], to: &'a Path) -> Request<'a> {
+    Request {
+        source: rig.source(disks),
+        to,
+        rate_mbps: None,
+        force: true,
+        forbidden: &[],
+    }
+}
+
+#[test]
+fn a_force_relocation_over_a_complete_relocated_copy_is_refused_saying_what_to_do() {
+    let rig = rig();
+    cut_over_with_mine(&rig, 0);
+    let before = rig.target_bytes(0);
+    // Another session of the VM (its relocation forgotten) relocates over
+    // the copy, whose vm.json says a VM may run from it.
+    std::fs::remove_dir_all(&rig.session_dir).unwrap();
+    let disks = rig.volumes();
+    let to = rig.dir.path().join("primary");
+    let e = Relocation::start(forced(&rig, &disks, &to)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("vm.json"), "{e}");
+    assert!(e.to_string().contains("remove that directory"), "{e}");
+    assert!(rig.target_bytes(0) == before);
+}

@@ -292,6 +292,10 @@ impl BlockFile for FaultyFile {
         self.inner.next_hole(from)
     }
 
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        self.inner.try_lock(exclusive)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.owner.check(Op::SetLen, &self.path)?;
         self.inner.set_len(len)
