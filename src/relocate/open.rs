@@ -53,6 +53,7 @@ impl Relocation {
             }
         }
         let target_dir = dir.join(req.source.vm);
+        refuse_recoverfs_dirs(&target_dir)?;
         let mut missing = false;
         match std::fs::symlink_metadata(&target_dir) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -577,4 +578,65 @@ fn in_use(e: std::io::Error, shown: &Path, what: &str) -> Error {
         ));
     }
     Error::io(format!("{what} relocation target {}", shown.display()), e)
+}
+
+/// Refuses a target `dir` (canonical, maybe not there yet) inside any
+/// recoverfs staging directory (its `staging.json` in `dir` or a directory
+/// above it: another daemon's too, not only this one's) or any recoverfs
+/// FUSE mount (`fuse.recoverfs` in `/proc/self/mountinfo`): the copy would
+/// land in what recoverfs itself serves or evicts.
+fn refuse_recoverfs_dirs(dir: &Path) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::invalid(format!(
+            "relocation target {} is inside {what}: choose a directory on primary storage",
+            dir.display()
+        )))
+    };
+    for up in dir.ancestors() {
+        if up.join(crate::staging::STAGING_MARKER).is_file() {
+            return refuse(format!("the recoverfs staging directory {}", up.display()));
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .ctx(|| "read /proc/self/mountinfo".to_string())?;
+    if let Some(m) = recoverfs_mount_over(&mountinfo, dir) {
+        return refuse(format!("the recoverfs mount {}", m.display()));
+    }
+    Ok(())
+}
+
+/// The recoverfs FUSE mount (type `fuse.recoverfs`) at `dir` or above it in
+/// `mountinfo` (the format of `/proc/self/mountinfo`), if any.
+pub(super) fn recoverfs_mount_over(mountinfo: &str, dir: &Path) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let point = unescape_mountinfo(left.split(' ').nth(4)?);
+        let fstype = right.split(' ').next()?;
+        (fstype == "fuse.recoverfs" && dir.starts_with(&point)).then_some(point)
+    })
+}
+
+/// A mountinfo field, its `\ooo` escapes (space, tab, newline, backslash)
+/// decoded.
+fn unescape_mountinfo(f: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = f.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(o)) => {
+                out.push(o.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }

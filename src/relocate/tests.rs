@@ -4,6 +4,7 @@
 //! write acknowledged on one side and served from the other after a restart.
 //! Then the pipelined copier against racing guest writes, and pause/resume.
 
+use super::open::recoverfs_mount_over;
 use super::*;
 use crate::prefetch::Scheduler;
 use crate::repo::Repository;
@@ -1698,4 +1699,40 @@ fn a_force_relocation_over_a_complete_relocated_copy_is_refused_saying_what_to_d
     assert!(e.to_string().contains("vm.json"), "{e}");
     assert!(e.to_string().contains("remove that directory"), "{e}");
     assert!(rig.target_bytes(0) == before);
+}
+
+#[test]
+fn a_target_inside_any_recoverfs_staging_directory_is_refused() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // Another daemon's staging directory, not one of this daemon's.
+    let other = rig.dir.path().join("stg2");
+    std::fs::create_dir_all(other.join("sessions")).unwrap();
+    std::fs::write(other.join(crate::staging::STAGING_MARKER), b"{}").unwrap();
+    for to in [other.clone(), other.join("sessions")] {
+        let e = Relocation::start(forced(&rig, &disks, &to)).err().unwrap();
+        assert!(e.to_string().contains("staging directory"), "{e}");
+        assert!(!to.join("vm").exists(), "made in {}", to.display());
+    }
+}
+
+#[test]
+fn a_recoverfs_fuse_mount_is_found_at_or_above_a_target_and_nowhere_else() {
+    let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:44 / /tmp/explore/mnt\\040a rw,nosuid,nodev,relatime shared:20 - fuse.recoverfs recoverfs rw,user_id=0
+41 22 0:45 / /srv/other rw,relatime shared:21 - fuse.sshfs host:/ rw
+";
+    let over = |p: &str| recoverfs_mount_over(info, Path::new(p));
+    assert_eq!(
+        over("/tmp/explore/mnt a"),
+        Some("/tmp/explore/mnt a".into())
+    );
+    assert_eq!(
+        over("/tmp/explore/mnt a/web01"),
+        Some("/tmp/explore/mnt a".into())
+    );
+    assert_eq!(over("/tmp/explore/mnt ab"), None);
+    assert_eq!(over("/srv/other/x"), None);
+    assert_eq!(over("/tmp/explore"), None);
 }
