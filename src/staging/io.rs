@@ -89,7 +89,7 @@ pub trait BlockFile: Send + Sync {
     fn next_hole(&self, _from: u64) -> io::Result<Option<std::ops::Range<u64>>> {
         Ok(None)
     }
-    /// Takes, without waiting, a lock on the whole file held for as long as
+    /// Takes, without waiting, a lock on the file held for as long as
     /// this open file lives (an open file description lock: another open
     /// of the same file, in this process or another, conflicts), or
     /// converts the one held, atomically: shared, or `exclusive`. Held
@@ -294,6 +294,12 @@ fn open_dir_no_symlinks(dir: &Path) -> io::Result<OwnedFd> {
 fn openat2_unavailable(errno: i32) -> bool {
     matches!(errno, libc::ENOSYS | libc::EPERM)
 }
+
+/// The one byte [`BlockFile::try_lock`] locks, far past any disk's end: a
+/// lock on the whole file would make QEMU's image locking (OFD locks on
+/// bytes 100.. and 200..) take the image for one in use, and `qemu-img`
+/// would refuse even to read a relocated VM's disk.
+const LOCK_BYTE: u64 = 1 << 62;
 
 /// A lock held elsewhere (see [`BlockFile::try_lock`]), said as what it means.
 pub fn in_use(e: io::Error) -> io::Error {
@@ -844,7 +850,8 @@ impl BlockFile for OsFile {
     }
 
     fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
-        // SAFETY: plain data; zeroed is "the whole file from offset 0".
+        // SAFETY: plain data; every field meant is set below, the rest
+        // (l_pid, which OFD locks require to be 0) zero.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = if exclusive {
             libc::F_WRLCK
@@ -852,6 +859,8 @@ impl BlockFile for OsFile {
             libc::F_RDLCK
         } as _;
         fl.l_whence = libc::SEEK_SET as _;
+        fl.l_start = LOCK_BYTE as _;
+        fl.l_len = 1;
         // SAFETY: fcntl on an fd we own with a valid flock; OFD locks
         // belong to the open file description, so they convert atomically
         // and end when the last descriptor of it closes.
