@@ -12,6 +12,7 @@ use crate::export::fuse::RecoverFs;
 use crate::repo::Repository;
 use crate::session::Datastore;
 use crate::staging::StagingSet;
+use crate::util::mountinfo;
 
 pub struct ServeOptions {
     pub repo: String,
@@ -319,7 +320,7 @@ impl MountedDatastore {
         let inodes = fs.inodes();
         let notifier_slot = fs.notifier_slot();
         let mut options = vec![
-            fuser::MountOption::FSName(RECOVERFS_FS_NAME.into()),
+            fuser::MountOption::FSName(mountinfo::RECOVERFS_SOURCE.into()),
             fuser::MountOption::Subtype("recoverfs".into()),
             fuser::MountOption::DefaultPermissions,
             fuser::MountOption::NoDev,
@@ -659,22 +660,24 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
         Ok(_) => {}
     }
     let abs = std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))?;
-    match mounted_fs(&abs) {
+    let mounts = mountinfo::current();
+    match mountinfo::at(&mounts, &abs) {
         None => {}
         // "Unmount it first" would take the disks from under its VMs: the
         // daemon serving it is alive (a dead one's mount is `Stale`).
-        Some((fs, source)) if fs.starts_with("fuse") && source == RECOVERFS_FS_NAME => {
+        Some(m) if m.is_recoverfs() => {
             return Err(Error::busy(format!(
                 "mount point {} is served by a running recoverfs daemon: choose another --mount \
                  (unmounting it would take the disks from under that daemon's VMs)",
                 mount.display()
             )))
         }
-        Some((fs, _)) => {
+        Some(m) => {
             return Err(Error::busy(format!(
-                "mount point {} is busy: a {fs} file system is mounted there (unmount it first, or \
+                "mount point {} is busy: a {} file system is mounted there (unmount it first, or \
                  choose another --mount)",
-                mount.display()
+                mount.display(),
+                m.fs_type
             )))
         }
     }
@@ -688,64 +691,9 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
     Ok(MountPointState::Ready)
 }
 
-/// The source this daemon's FUSE mounts show (`FSName`; the type is
-/// `fuse`, or `fuse.recoverfs` where the subtype is kept).
-const RECOVERFS_FS_NAME: &str = "recoverfs";
-
-/// The type and source of the file system mounted at `abs` (the last
-/// mount there), if any.
-fn mounted_fs(abs: &Path) -> Option<(String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mount_in(&info, &abs.to_string_lossy())
-}
-
-/// `mountinfo`'s type and source of the last mount at `want`: the two
-/// fields after the ` - ` separator (optional fields come before it).
-fn mount_in(mountinfo: &str, want: &str) -> Option<(String, String)> {
-    mountinfo
-        .lines()
-        .rev()
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(4)
-                .map(unescape_mountinfo)
-                .as_deref()
-                == Some(want)
-        })
-        .filter_map(|l| {
-            let mut f = l.split_whitespace().skip_while(|f| *f != "-");
-            f.next()?;
-            Some((f.next()?.to_string(), unescape_mountinfo(f.next()?)))
-        })
-        .next()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_mount_point_served_by_a_live_recoverfs_is_told_apart_from_another_mount() {
-        let info = "\
-36 25 0:32 / /srv/mnt rw,nosuid,nodev shared:1 - fuse recoverfs rw,user_id=0
-37 25 0:33 / /srv/other\\040dir rw master:2 - tmpfs tmpfs rw
-38 25 0:34 / /srv/both rw - tmpfs tmpfs rw
-39 38 0:35 / /srv/both rw - fuse.recoverfs recoverfs rw\n";
-        let at = |p| mount_in(info, p).map(|(t, s)| format!("{t} {s}"));
-        assert_eq!(at("/srv/mnt").as_deref(), Some("fuse recoverfs"));
-        assert_eq!(at("/srv/other dir").as_deref(), Some("tmpfs tmpfs"));
-        // Stacked: the last mount is the one a lookup reaches.
-        assert_eq!(at("/srv/both").as_deref(), Some("fuse.recoverfs recoverfs"));
-        assert_eq!(at("/srv"), None);
-    }
 
     #[test]
     fn a_socket_path_that_is_not_a_socket_is_refused_and_left_alone_and_a_dead_socket_is_replaced()

@@ -645,6 +645,16 @@ impl Datastore {
                 h.error
             )));
         }
+        if old
+            .as_ref()
+            .is_some_and(|r| r.state() == crate::relocate::State::Failed)
+        {
+            // Stopped above: its target files close with it, and with them
+            // their locks, which would keep a `--force` over the same
+            // target out (see `Relocation::begin`).
+            *s.relocation.lock() = None;
+            drop(old);
+        }
         let mut forbidden = vec![self.mount.as_path()];
         forbidden.extend(self.stagings().iter().map(|s| s.root()));
         let r = Relocation::start(crate::relocate::Request {

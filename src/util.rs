@@ -532,3 +532,108 @@ mod tests {
         assert!(parse_size("12Q").is_err());
     }
 }
+
+/// `/proc/self/mountinfo`, read by the daemon (is a mount point free?) and
+/// by relocation (is a target inside a recoverfs mount?).
+pub mod mountinfo {
+    use std::path::{Path, PathBuf};
+
+    /// The source recoverfs's FUSE mounts show (`FSName`). Their type is
+    /// `fuse`, or `fuse.recoverfs` where the subtype is kept (fusermount3
+    /// drops it): the source is what tells them.
+    pub const RECOVERFS_SOURCE: &str = "recoverfs";
+
+    /// One mount: where, its type and its source.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Mount {
+        pub point: PathBuf,
+        pub fs_type: String,
+        pub source: String,
+    }
+
+    impl Mount {
+        pub fn is_recoverfs(&self) -> bool {
+            self.fs_type.starts_with("fuse") && self.source == RECOVERFS_SOURCE
+        }
+    }
+
+    /// Every mount in `text` (the format of `/proc/self/mountinfo`), in
+    /// order: a later one at the same point is the one a lookup reaches.
+    pub fn parse(text: &str) -> Vec<Mount> {
+        text.lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let point = unescape(left.split(' ').nth(4)?);
+                let mut r = right.split(' ');
+                let fs_type = r.next()?.to_string();
+                let source = r.next().map(unescape)?;
+                Some(Mount {
+                    point,
+                    fs_type,
+                    source: source.to_string_lossy().into_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// This process's mounts; none if they cannot be read.
+    pub fn current() -> Vec<Mount> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|t| parse(&t))
+            .unwrap_or_default()
+    }
+
+    /// The last mount at `point`, if any.
+    pub fn at<'a>(mounts: &'a [Mount], point: &Path) -> Option<&'a Mount> {
+        mounts.iter().rev().find(|m| m.point == point)
+    }
+
+    /// A mountinfo field, its `\ooo` escapes (space, tab, newline,
+    /// backslash) decoded.
+    fn unescape(f: &str) -> PathBuf {
+        use std::os::unix::ffi::OsStringExt;
+        let b = f.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let oct = b
+                .get(i + 1..i + 4)
+                .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+            match (b[i], oct) {
+                (b'\\', Some(o)) => {
+                    out.push(o.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                    i += 4;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        PathBuf::from(std::ffi::OsString::from_vec(out))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn mounts_are_read_with_escapes_and_recoverfs_is_told_by_its_source() {
+            let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:44 / /tmp/mnt\\040a rw,nosuid shared:20 - fuse recoverfs rw,user_id=0
+41 22 0:45 / /srv/other rw,relatime master:2 - fuse.sshfs host:/ rw
+42 22 0:46 / /srv/both rw - tmpfs tmpfs rw
+43 42 0:47 / /srv/both rw - fuse.recoverfs recoverfs rw
+";
+            let m = parse(info);
+            assert_eq!(m.len(), 5);
+            let a = at(&m, Path::new("/tmp/mnt a")).unwrap();
+            assert!(a.is_recoverfs(), "{a:?}");
+            assert!(!at(&m, Path::new("/srv/other")).unwrap().is_recoverfs());
+            // Stacked: the last mount is the one a lookup reaches.
+            assert!(at(&m, Path::new("/srv/both")).unwrap().is_recoverfs());
+            assert_eq!(at(&m, Path::new("/srv")), None);
+        }
+    }
+}

@@ -38,7 +38,17 @@
 //!   relocation begins.
 //! * A relocation starts from empty targets: files are created or emptied
 //!   (mode 0600, in a 0700 directory, never through a symbolic link), so no
-//!   byte of an old file can survive where the backup has zeros.
+//!   byte of an old file can survive where the backup has zeros. It holds
+//!   an OFD lock on each target file while it has it open (shared; taken
+//!   exclusive to empty it), so `--force` never empties a file another
+//!   relocation or session (another daemon's too) copies to or serves from;
+//!   nor a `DIR/VM` with `vm.json`, nor one inside any recoverfs staging
+//!   directory or FUSE mount.
+//! * A reopened relocation not cut over trusts a disk's copied map only
+//!   while its target file can hold what the map vouches for: the disk's
+//!   size, and no hole over a whole copied block with backup data the guest
+//!   never changed (`open::unbacked_copies`); otherwise the map is replaced
+//!   by an empty one, durably, and the disk copied again.
 //! * The target directory is recorded with its identity, and every later
 //!   use works in it only if it is still that directory, reached without
 //!   following a link (see `pin_target`): the cutover does not commit, a

@@ -4,6 +4,7 @@
 //! installed on the disks and the restart rule applied (see `copy`).
 
 use super::*;
+use crate::util::mountinfo::{self, Mount};
 
 impl Relocation {
     /// Checks the target and starts copying.
@@ -53,6 +54,7 @@ impl Relocation {
             }
         }
         let target_dir = dir.join(req.source.vm);
+        refuse_recoverfs_dirs(&target_dir)?;
         let mut missing = false;
         match std::fs::symlink_metadata(&target_dir) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -68,6 +70,20 @@ impl Relocation {
                 )))
             }
             Ok(_) => {
+                let config = target_dir.join("vm.json");
+                if std::fs::symlink_metadata(&config).is_ok() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "relocation target {} holds a complete relocated copy of a VM \
+                             ({} is there), which a VM may run from: never overwritten, not \
+                             even with --force; relocate elsewhere, or remove that directory \
+                             yourself if nothing uses it",
+                            target_dir.display(),
+                            config.display()
+                        ),
+                    ));
+                }
                 let mut rd = std::fs::read_dir(&target_dir)
                     .ctx(|| format!("read {}", target_dir.display()))?;
                 if rd.next().is_some() && !req.force {
@@ -130,6 +146,47 @@ impl Relocation {
         for d in src.disks {
             d.check_no_staging_reader()?;
         }
+        // The directory every later use must find again (`pin_target`).
+        let dir = pin_target(storage.as_ref(), &meta)?;
+        meta.target_id = TargetId::of(storage.as_ref(), &dir, &meta.target);
+        // Recorded for a cancel, which removes only what this relocation
+        // made. A file that cannot be looked at counts as there before.
+        meta.created = (src.disks.iter())
+            .filter(|d| {
+                let p = target_file_of(dir.path(), d);
+                storage.exists(&p).is_ok_and(|there| !there)
+            })
+            .map(|d| d.index)
+            .collect();
+        // Every file there already must be one `Open::EmptyLocked` takes,
+        // before any is emptied (or this session's record is dropped): one
+        // refused after another was emptied would leave that one's data
+        // lost (`--force`) with nothing started. Not one another relocation
+        // or session has open (it holds a lock on it while it does): a
+        // VM may run from it. (`open` checks again as it empties.)
+        for d in src
+            .disks
+            .iter()
+            .filter(|d| !meta.created.contains(&d.index))
+        {
+            let shown = target_file_of(&meta.target, d);
+            match storage.open(&target_file_of(dir.path(), d), Open::ExistingSole) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => {
+                    let f = r.ctx(|| format!("open relocation target {}", shown.display()))?;
+                    if let Err(e) = f.try_lock(true) {
+                        let e = in_use(e, &shown, "lock");
+                        return Err(match e.kind() {
+                            ErrorKind::Busy => Error::busy(format!(
+                                "{e}: nothing was emptied; stop what uses it, or relocate \
+                                 elsewhere"
+                            )),
+                            _ => e,
+                        });
+                    }
+                }
+            }
+        }
         // Old copied bits must be gone for good before a target is emptied,
         // or a crash could leave them claiming blocks the target lost.
         let meta_path = Self::meta_path(session_dir);
@@ -145,40 +202,11 @@ impl Relocation {
         storage
             .sync_dir(session_dir)
             .ctx(|| format!("fsync directory {}", session_dir.display()))?;
-        // The directory every later use must find again (`pin_target`).
-        let dir = pin_target(storage.as_ref(), &meta)?;
-        meta.target_id = TargetId::of(storage.as_ref(), &dir, &meta.target);
         // The target's vm.json says it is complete: not until this one is.
         storage
             .remove_file(&dir.path().join("vm.json"))
             .ctx(|| format!("remove {}", meta.target.join("vm.json").display()))?;
-        // Recorded for a cancel, which removes only what this relocation
-        // made. A file that cannot be looked at counts as there before.
-        meta.created = (src.disks.iter())
-            .filter(|d| {
-                let p = target_file_of(dir.path(), d);
-                storage.exists(&p).is_ok_and(|there| !there)
-            })
-            .map(|d| d.index)
-            .collect();
-        // Every file there already must be one `Open::Empty` takes, before
-        // any is emptied: one refused after another was emptied would leave
-        // that one's data lost (`--force`) with nothing started. (`open`
-        // checks again as it empties.)
-        for d in src
-            .disks
-            .iter()
-            .filter(|d| !meta.created.contains(&d.index))
-        {
-            let shown = target_file_of(&meta.target, d);
-            match storage.open(&target_file_of(dir.path(), d), Open::ExistingSole) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                r => {
-                    r.ctx(|| format!("open relocation target {}", shown.display()))?;
-                }
-            }
-        }
-        let r = Self::open_in(src, meta, Open::Empty, &dir)?;
+        let r = Self::open_in(src, meta, Open::EmptyLocked, &dir)?;
         // The new target files' names must be durable before the relocation
         // that relies on them is recorded.
         let recorded = r
@@ -327,20 +355,56 @@ impl Relocation {
             };
             let f = storage
                 .open(&target_file_of(dir.path(), d), how)
-                .ctx(|| format!("open relocation target {}", shown.display()))?;
-            if f.len().ctx(|| format!("stat {}", shown.display()))? != d.size {
+                .map_err(|e| in_use(e, &shown, "open"))?;
+            // Held while this relocation has the file open: another's
+            // `--force` never empties it (`begin`).
+            if how != Open::EmptyLocked
+                && !f.try_lock(false).map_err(|e| in_use(e, &shown, "lock"))?
+            {
+                tracing::warn!(target = %shown.display(), "this filesystem keeps no locks: \
+                    another recoverfs relocation is not kept from emptying this file");
+            }
+            let len = f.len().ctx(|| format!("stat {}", shown.display()))?;
+            if meta.switched && len != d.size {
+                // The VM's live disk: never resized into what it is not.
+                return Err(Error::corrupt(format!(
+                    "relocation target {} is {len} bytes, not the {} of the disk it is (the \
+                     VM's live disk since the cutover): not served; put the file the \
+                     relocation cut over to back",
+                    shown.display(),
+                    d.size
+                )));
+            }
+            let map_path = Self::copied_path(session_dir, d);
+            let (bs, n) = (d.block_size() as u32, d.nblocks());
+            let mut m =
+                PersistentBitmap::open(storage.as_ref(), &map_path, MapKind::Copied, bs, n)?;
+            if !meta.switched && how != Open::EmptyLocked {
+                if let Some(why) = unbacked_copies(d, f.as_ref(), &m, len)
+                    .ctx(|| format!("find the holes of {}", shown.display()))?
+                {
+                    tracing::warn!(vm = src.vm, disk = d.index, target = %shown.display(),
+                        "relocation target {} {why}: it does not hold what disk{}'s copied \
+                         map vouches for (re-created or truncated since?), so every block of \
+                         it is copied again", shown.display(), d.index);
+                    // Durably, before the copier writes a byte: a crash
+                    // before the copier rewrites the map could otherwise
+                    // leave its old bits over a target now the right size.
+                    m = PersistentBitmap::create(
+                        storage.as_ref(),
+                        &map_path,
+                        MapKind::Copied,
+                        bs,
+                        n,
+                    )?;
+                }
+            }
+            if len != d.size {
                 // A sparse file of the disk's size: zero blocks stay holes.
                 f.set_len(d.size)
                     .ctx(|| format!("size {}", shown.display()))?;
             }
             targets.push(f);
-            let m = PersistentBitmap::open(
-                storage.as_ref(),
-                &Self::copied_path(session_dir, d),
-                MapKind::Copied,
-                d.block_size() as u32,
-                d.nblocks(),
-            )?;
             copied.push(Arc::new(m));
         }
         #[cfg(test)]
@@ -384,7 +448,7 @@ impl Relocation {
             targets,
             copied,
             target_dir: meta.target.clone(),
-            fresh: how == Open::Empty,
+            fresh: how == Open::EmptyLocked,
             meta_path: Self::meta_path(session_dir),
             config_json: src.config_json.to_vec(),
             meta: Mutex::new(meta),
@@ -457,4 +521,95 @@ impl Relocation {
         }
         Ok(())
     }
+}
+
+/// Why the target `f` (`len` bytes) of disk `d` cannot hold what its copied
+/// map `m` vouches for, if it cannot: another length than the disk's, or a
+/// hole over a whole block the map marks copied that has backup data and
+/// was never changed (the copier wrote its nonzero bytes; a block the copy
+/// found zero, a backup hole or zeros the guest wrote, is punched). Only
+/// whole blocks count: a filesystem that stores zero pages as holes (ZFS
+/// with compression) may leave holes inside a copied block's data.
+fn unbacked_copies(
+    d: &Volume,
+    f: &dyn BlockFile,
+    m: &PersistentBitmap,
+    len: u64,
+) -> std::io::Result<Option<String>> {
+    if len != d.size {
+        return Ok(Some(format!("is {len} bytes, not the disk's {}", d.size)));
+    }
+    let bs = d.block_size();
+    let mut at = 0;
+    while let Some(h) = f.next_hole(at)? {
+        // The blocks wholly inside the hole; the disk's last, short block
+        // ends at the file's end.
+        let first = h.start.div_ceil(bs);
+        let end = if h.end >= len {
+            d.nblocks()
+        } else {
+            h.end / bs
+        };
+        if let Some(b) = (first < end)
+            .then(|| d.first_copied_backup_data(m, first..end))
+            .flatten()
+        {
+            return Ok(Some(format!(
+                "has a hole over block {b} (bytes {}..{}), marked copied",
+                b * bs,
+                ((b + 1) * bs).min(len)
+            )));
+        }
+        if h.end <= at {
+            break;
+        }
+        at = h.end;
+    }
+    Ok(None)
+}
+
+/// An error of `what` ("open", "lock") on the target file `shown`; a lock
+/// held elsewhere is `Busy` (409): the file is in use, the request is fine.
+fn in_use(e: std::io::Error, shown: &Path, what: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        return Error::busy(format!(
+            "relocation target {} is in use by another recoverfs relocation or session \
+             (a VM may run from it)",
+            shown.display()
+        ));
+    }
+    Error::io(format!("{what} relocation target {}", shown.display()), e)
+}
+
+/// Refuses a target `dir` (canonical, maybe not there yet) inside any
+/// recoverfs staging directory (its `staging.json` in `dir` or a directory
+/// above it: another daemon's too, not only this one's) or any recoverfs
+/// FUSE mount (`/proc/self/mountinfo`, see `util::mountinfo`): the copy would
+/// land in what recoverfs itself serves or evicts.
+fn refuse_recoverfs_dirs(dir: &Path) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::invalid(format!(
+            "relocation target {} is inside {what}: choose a directory on primary storage",
+            dir.display()
+        )))
+    };
+    for up in dir.ancestors() {
+        if up.join(crate::staging::STAGING_MARKER).is_file() {
+            return refuse(format!("the recoverfs staging directory {}", up.display()));
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .ctx(|| "read /proc/self/mountinfo".to_string())?;
+    if let Some(m) = recoverfs_mount_over(&mountinfo::parse(&mountinfo), dir) {
+        return refuse(format!("the recoverfs mount {}", m.display()));
+    }
+    Ok(())
+}
+
+/// The recoverfs FUSE mount at `dir` or above it among `mounts`, if any.
+pub(super) fn recoverfs_mount_over(mounts: &[Mount], dir: &Path) -> Option<PathBuf> {
+    mounts
+        .iter()
+        .find(|m| m.is_recoverfs() && dir.starts_with(&m.point))
+        .map(|m| m.point.clone())
 }

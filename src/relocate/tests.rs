@@ -4,6 +4,7 @@
 //! write acknowledged on one side and served from the other after a restart.
 //! Then the pipelined copier against racing guest writes, and pause/resume.
 
+use super::open::recoverfs_mount_over;
 use super::*;
 use crate::prefetch::Scheduler;
 use crate::repo::Repository;
@@ -1499,4 +1500,240 @@ fn a_guest_write_racing_a_reopen_in_a_running_daemon_is_never_trusted_as_copied(
     r.resume_pass_unthrottled().unwrap();
     let t = std::fs::read(rig.dir.path().join("primary/vm/disk0.raw")).unwrap();
     assert_eq!(&t[5 * BS..5 * BS + 25], b"written during the reopen");
+}
+
+/// Copies every block of both disks of a relocation begun in `rig` (no
+/// cutover) and stops, as a daemon killed before converging would.
+fn copy_all_then_crash(rig: &Rig) {
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    r.resume_pass_unthrottled().unwrap();
+    assert_eq!(r.copied_map(0).bits().count(), BLOCKS as u64);
+    drop((r, disks));
+}
+
+/// Copied blocks in disk `i`'s map file, as a restarted daemon reads it.
+fn copied_on_disk(rig: &Rig, i: usize) -> u64 {
+    let m = PersistentBitmap::open(
+        &OsStorage,
+        &rig.session_dir.join(format!("disk{i}.copied")),
+        MapKind::Copied,
+        BS as u32,
+        BLOCKS as u64,
+    )
+    .unwrap();
+    m.bits().count()
+}
+
+/// Restarts `rig`, expects disk 0's copied map forgotten (durably) and
+/// disk 1's kept, then lets the relocation finish: every target is the
+/// image.
+fn assert_disk0_copied_again(rig: &Rig) {
+    let (disks, r) = rig.restart();
+    let r = r.expect("resumed");
+    assert_eq!(r.copied_map(0).bits().count(), 0, "disk0's copies trusted");
+    assert_eq!(copied_on_disk(rig, 0), 0, "the forgotten map is durable");
+    assert_eq!(r.copied_map(1).bits().count(), BLOCKS as u64);
+    r.spawn();
+    assert_eq!(settle(&r), State::Done);
+    for (i, d) in disks.iter().enumerate() {
+        assert!(rig.target_bytes(i) == rig.images[i], "disk{i}");
+        assert!(d.read(0, BLOCKS * BS).unwrap() == rig.images[i]);
+    }
+}
+
+#[test]
+fn a_resumed_relocation_trusts_copies_over_a_target_whose_only_holes_are_backup_holes() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // A zero block the guest wrote is a hole on the target too.
+    disks[0].write_zeroes(9 * BS as u64, BS as u64).unwrap();
+    disks[0].flush().unwrap();
+    drop(disks);
+    copy_all_then_crash(&rig);
+    let (_disks, r) = rig.restart();
+    let r = r.unwrap();
+    // Block 3 (a backup hole) is a hole in the target: still trusted; the
+    // guest's block 9 is forgotten by the restart rule only.
+    assert_eq!(r.copied_map(0).bits().count(), BLOCKS as u64 - 1);
+    assert!(r.copied_map(0).test(3));
+    assert_eq!(r.copied_map(1).bits().count(), BLOCKS as u64);
+}
+
+#[test]
+fn a_resumed_relocation_whose_target_file_was_emptied_to_holes_copies_that_disk_again() {
+    let rig = rig();
+    copy_all_then_crash(&rig);
+    // As a tmpfs remounted and the file made again with `truncate -s`: the
+    // same name, inode and length, all holes.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rig.dir.path().join("primary/vm/disk0.raw"))
+        .unwrap();
+    f.set_len(0).unwrap();
+    f.set_len((BLOCKS * BS) as u64).unwrap();
+    drop(f);
+    assert_disk0_copied_again(&rig);
+}
+
+#[test]
+fn a_resumed_relocation_whose_target_file_has_another_length_copies_that_disk_again() {
+    let rig = rig();
+    copy_all_then_crash(&rig);
+    // `touch`ed in place of the lost file: size 0.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(rig.dir.path().join("primary/vm/disk0.raw"))
+        .unwrap();
+    f.set_len(0).unwrap();
+    drop(f);
+    assert_disk0_copied_again(&rig);
+}
+
+#[test]
+fn a_switched_relocation_whose_target_file_has_another_length_is_not_served() {
+    let rig = rig();
+    cut_over_with_mine(&rig, 0);
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    let f = std::fs::OpenOptions::new().write(true).open(&t).unwrap();
+    f.set_len((BLOCKS * BS / 2) as u64).unwrap();
+    drop(f);
+    let disks = rig.volumes();
+    let e = Relocation::reopen(rig.source(&disks)).err().unwrap();
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert!(e.to_string().contains("not served"), "{e}");
+    assert_eq!(
+        std::fs::metadata(&t).unwrap().len(),
+        (BLOCKS * BS / 2) as u64,
+        "resized"
+    );
+}
+
+#[test]
+fn a_force_relocation_never_empties_a_target_another_relocation_serves_from() {
+    // Daemon A relocated its VM to P/vm and serves it from there.
+    let a = rig();
+    cut_over_with_mine(&a, 0);
+    let (a_disks, a_reloc) = a.restart();
+    let live = a.dir.path().join("primary/vm");
+    let before = std::fs::read(live.join("disk0.raw")).unwrap();
+    // Daemon B (its own staging) relocates a VM of the same name there.
+    let b = rig();
+    let b_disks = b.volumes();
+    let meta = Meta {
+        target: live.clone(),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+        target_inos: Default::default(),
+    };
+    let e = Relocation::begin(b.source(&b_disks), meta).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("in use by another recoverfs"), "{e}");
+    assert!(std::fs::read(live.join("disk0.raw")).unwrap() == before);
+    assert_eq!(a_disks[0].read(5, 4).unwrap(), b"mine");
+    drop((a_disks, a_reloc));
+}
+
+#[test]
+fn a_relocation_never_empties_a_target_file_locked_by_another_open() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    std::fs::write(&t, b"in use").unwrap();
+    // Another open file description holds its shared lock.
+    let other = OsStorage.open(&t, Open::Existing).unwrap();
+    assert!(other.try_lock(false).unwrap());
+    let meta = Meta {
+        target: rig.dir.path().join("primary/vm"),
+        switched: false,
+        pass: 1,
+        rate_mbps: None,
+        paused: false,
+        created: vec![],
+        created_dir: false,
+        target_id: None,
+        target_inos: Default::default(),
+    };
+    let e = Relocation::begin(rig.source(&disks), meta.clone())
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("disk1.raw"), "{e}");
+    assert_eq!(std::fs::read(&t).unwrap(), b"in use");
+    // Closed: emptied and relocated.
+    drop(other);
+    let r = Relocation::begin(rig.source(&disks), meta).unwrap();
+    r.spawn();
+    assert_eq!(settle(&r), State::Done);
+    assert!(rig.target_bytes(1) == rig.images[1]);
+}
+
+/// A `relocate --to <to> --force` request of `rig`'s VM.
+fn forced<'a>(rig: &'a Rig, disks: &'a [Arc<Volume>], to: &'a Path) -> Request<'a> {
+    Request {
+        source: rig.source(disks),
+        to,
+        rate_mbps: None,
+        force: true,
+        forbidden: &[],
+    }
+}
+
+#[test]
+fn a_force_relocation_over_a_complete_relocated_copy_is_refused_saying_what_to_do() {
+    let rig = rig();
+    cut_over_with_mine(&rig, 0);
+    let before = rig.target_bytes(0);
+    // Another session of the VM (its relocation forgotten) relocates over
+    // the copy, whose vm.json says a VM may run from it.
+    std::fs::remove_dir_all(&rig.session_dir).unwrap();
+    let disks = rig.volumes();
+    let to = rig.dir.path().join("primary");
+    let e = Relocation::start(forced(&rig, &disks, &to)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("vm.json"), "{e}");
+    assert!(e.to_string().contains("remove that directory"), "{e}");
+    assert!(rig.target_bytes(0) == before);
+}
+
+#[test]
+fn a_target_inside_any_recoverfs_staging_directory_is_refused() {
+    let rig = rig();
+    let disks = rig.volumes();
+    // Another daemon's staging directory, not one of this daemon's.
+    let other = rig.dir.path().join("stg2");
+    std::fs::create_dir_all(other.join("sessions")).unwrap();
+    std::fs::write(other.join(crate::staging::STAGING_MARKER), b"{}").unwrap();
+    for to in [other.clone(), other.join("sessions")] {
+        let e = Relocation::start(forced(&rig, &disks, &to)).err().unwrap();
+        assert!(e.to_string().contains("staging directory"), "{e}");
+        assert!(!to.join("vm").exists(), "made in {}", to.display());
+    }
+}
+
+#[test]
+fn a_recoverfs_fuse_mount_is_found_at_or_above_a_target_and_nowhere_else() {
+    let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:44 / /tmp/explore/mnt\\040a rw,nosuid,nodev,relatime shared:20 - fuse recoverfs rw,user_id=0
+41 22 0:45 / /srv/other rw,relatime shared:21 - fuse.sshfs host:/ rw
+";
+    let mounts = crate::util::mountinfo::parse(info);
+    let over = |p: &str| recoverfs_mount_over(&mounts, Path::new(p));
+    assert_eq!(
+        over("/tmp/explore/mnt a"),
+        Some("/tmp/explore/mnt a".into())
+    );
+    assert_eq!(
+        over("/tmp/explore/mnt a/web01"),
+        Some("/tmp/explore/mnt a".into())
+    );
+    assert_eq!(over("/tmp/explore/mnt ab"), None);
+    assert_eq!(over("/srv/other/x"), None);
+    assert_eq!(over("/tmp/explore"), None);
 }

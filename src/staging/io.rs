@@ -82,6 +82,22 @@ pub trait BlockFile: Send + Sync {
     fn ino(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// The first hole at or after `from` as a byte range, the file's end
+    /// excluded (`SEEK_HOLE`, then `SEEK_DATA`: one call per hole, however
+    /// large the file); `None` if there is none, or none this storage can
+    /// tell (in memory, a filesystem without hole reporting).
+    fn next_hole(&self, _from: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        Ok(None)
+    }
+    /// Takes, without waiting, a lock on the file held for as long as
+    /// this open file lives (an open file description lock: another open
+    /// of the same file, in this process or another, conflicts), or
+    /// converts the one held, atomically: shared, or `exclusive`. Held
+    /// elsewhere: `WouldBlock`. `Ok(false)`: this filesystem keeps no locks
+    /// (nothing else is kept out either).
+    fn try_lock(&self, _exclusive: bool) -> io::Result<bool> {
+        Ok(true)
+    }
 }
 
 /// How [`Storage::open`] treats an existing or missing file.
@@ -103,6 +119,11 @@ pub enum Open {
     /// Created if missing, emptied if present: no old byte can survive. A
     /// present file with more than one hard link is refused, not emptied.
     Empty,
+    /// As `Empty`, under an exclusive lock ([`BlockFile::try_lock`]) taken
+    /// before the file is emptied (refused, `WouldBlock`, while another
+    /// open holds any), then turned shared: a relocation target, which no
+    /// other relocation may empty while this one has it open.
+    EmptyLocked,
 }
 
 /// Where files live. Paths are absolute.
@@ -274,6 +295,23 @@ fn openat2_unavailable(errno: i32) -> bool {
     matches!(errno, libc::ENOSYS | libc::EPERM)
 }
 
+/// The one byte [`BlockFile::try_lock`] locks, far past any disk's end: a
+/// lock on the whole file would make QEMU's image locking (OFD locks on
+/// bytes 100.. and 200..) take the image for one in use, and `qemu-img`
+/// would refuse even to read a relocated VM's disk.
+const LOCK_BYTE: u64 = 1 << 62;
+
+/// A lock held elsewhere (see [`BlockFile::try_lock`]), said as what it means.
+pub fn in_use(e: io::Error) -> io::Error {
+    if e.kind() != io::ErrorKind::WouldBlock {
+        return e;
+    }
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "it is in use by another recoverfs relocation or session (it holds a lock on it)",
+    )
+}
+
 /// The real filesystem.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct OsStorage;
@@ -302,7 +340,10 @@ impl Storage for OsStorage {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(matches!(how, Open::Create | Open::Empty))
+                .create(matches!(
+                    how,
+                    Open::Create | Open::Empty | Open::EmptyLocked
+                ))
                 // Emptied below, once known to be a file of its own.
                 .truncate(false)
                 .mode(0o600)
@@ -349,14 +390,25 @@ impl Storage for OsStorage {
                 ),
             ));
         }
-        if how == Open::Empty {
-            f.set_len(0)?;
+        let locked = how == Open::EmptyLocked;
+        let f = OsFile::new(f);
+        if locked && !f.try_lock(true).map_err(in_use)? {
+            tracing::warn!(path = %path.display(), "this filesystem keeps no locks: another \
+                recoverfs relocation is not kept from emptying this file");
+        }
+        if matches!(how, Open::Empty | Open::EmptyLocked) {
+            f.file.set_len(0)?;
             if meta.permissions().mode() & 0o777 != 0o600 {
                 // An existing file keeps its mode.
-                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                f.file
+                    .set_permissions(std::fs::Permissions::from_mode(0o600))?;
             }
         }
-        Ok(Arc::new(OsFile::new(f)))
+        if locked {
+            // Emptied: others may now open it to read, never to empty it.
+            f.try_lock(false)?;
+        }
+        Ok(Arc::new(f))
     }
 
     fn read(&self, path: &Path, limit: u64) -> io::Result<Option<Vec<u8>>> {
@@ -759,6 +811,71 @@ impl BlockFile for OsFile {
 
     fn ino(&self) -> io::Result<Option<u64>> {
         Ok(Some(self.file.metadata()?.ino()))
+    }
+
+    fn next_hole(&self, from: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        let fd = self.file.as_raw_fd();
+        let len = self.len()?;
+        if from >= len {
+            return Ok(None);
+        }
+        // SAFETY: lseek on an fd we own; reads and writes here are
+        // positioned (pread/pwrite), so the offset it moves is unused.
+        let seek = |off: u64, whence: i32| unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        let start = match seek(from, libc::SEEK_HOLE) {
+            n if n >= 0 => n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                // Shrunk meanwhile: no hole before the end.
+                return match e.raw_os_error() {
+                    Some(libc::ENXIO) => Ok(None),
+                    _ => Err(e),
+                };
+            }
+        };
+        if start >= len {
+            return Ok(None);
+        }
+        let end = match seek(start, libc::SEEK_DATA) {
+            n if n >= 0 => n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::ENXIO) => len, // a hole to the end
+                    _ => return Err(e),
+                }
+            }
+        };
+        Ok(Some(start..end.max(start)))
+    }
+
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        // SAFETY: plain data; every field meant is set below, the rest
+        // (l_pid, which OFD locks require to be 0) zero.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as _;
+        fl.l_whence = libc::SEEK_SET as _;
+        fl.l_start = LOCK_BYTE as _;
+        fl.l_len = 1;
+        // SAFETY: fcntl on an fd we own with a valid flock; OFD locks
+        // belong to the open file description, so they convert atomically
+        // and end when the last descriptor of it closes.
+        let rc = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EACCES) => Err(io::ErrorKind::WouldBlock.into()),
+            // No locks here (NFS mounted `nolock` keeps them local; some
+            // FUSE filesystems have none).
+            Some(libc::ENOLCK | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => Ok(false),
+            _ => Err(e),
+        }
     }
 
     fn as_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

@@ -56,6 +56,10 @@ use crate::repo::limits::{MAX_MANIFEST_BYTES, MAX_META_BYTES};
 use crate::repo::Manifest;
 use crate::util::write_atomic;
 
+/// The file that makes a directory a staging directory (`staging.json`):
+/// a relocation target is never inside one (`relocate`).
+pub const STAGING_MARKER: &str = "staging.json";
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StagingInfo {
     format: String,

@@ -190,6 +190,34 @@ impl Volume {
         copied.bits().clear_each_of(self.store.changed.bits())
     }
 
+    /// The first block in `blocks` that `copied` marks, that has data in
+    /// the backup and that the guest never changed: one whose copy on the
+    /// target holds the backup's bytes, never all zeros (a backup stores an
+    /// all-zero chunk as none). Walks the backup's data runs and the map's
+    /// words, never block by block (the changed blocks among the copied
+    /// ones aside, which the restart rule forgets anyway).
+    pub(crate) fn first_copied_backup_data(
+        &self,
+        copied: &PersistentBitmap,
+        blocks: std::ops::Range<u64>,
+    ) -> Option<u64> {
+        let end = blocks.end.min(self.nblocks);
+        let mut at = blocks.start;
+        while at < end {
+            let s = self.chunks.next_data(at).map_or(end, |d| d.min(end));
+            let e = self.chunks.data_end(s).min(end);
+            let mut b = copied.bits().next_set(s, e);
+            while b < e {
+                if !self.store.changed.test(b) {
+                    return Some(b);
+                }
+                b = copied.bits().next_set(b + 1, e);
+            }
+            at = e.max(s + 1);
+        }
+        None
+    }
+
     /// Ends it (a relocation that could not start).
     pub(crate) fn untrack_copies(&self) {
         *self.copied.write() = None;

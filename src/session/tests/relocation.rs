@@ -179,3 +179,33 @@ fn release_discard_of_a_vm_whose_relocation_was_not_resumed_names_the_files_it_c
     std::fs::rename(&away, &primary).unwrap();
     assert!(primary.join("vm/disk0.raw").exists());
 }
+
+#[test]
+fn a_failed_relocation_can_be_started_again_with_force_over_its_own_target() {
+    use crate::staging::io::fault::{Op, Rule};
+    let (r, faults) = rig_faulty();
+    let (_, data) = backup(&r, "vm", 53, 16);
+    r.ds.recover("vm", None).unwrap();
+    let primary = r.dir.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    faults.inject(Rule::fail(Op::Write, "disk0.raw", libc::EIO));
+    r.ds.relocate("vm", &primary, None, false).unwrap();
+    let settled = |want: State| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = relocation_status(&r, "vm").unwrap();
+            if st.state == want {
+                return st;
+            }
+            assert!(std::time::Instant::now() < deadline, "{st:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    settled(State::Failed);
+    faults.clear();
+    // Its files are left, open in the failed one: it lets go of them (and
+    // of their locks), so the same daemon may empty them again.
+    r.ds.relocate("vm", &primary, None, true).unwrap();
+    settled(State::Done);
+    assert!(std::fs::read(primary.join("vm/disk0.raw")).unwrap() == data);
+}

@@ -288,6 +288,14 @@ impl BlockFile for FaultyFile {
         self.inner.ino()
     }
 
+    fn next_hole(&self, from: u64) -> io::Result<Option<std::ops::Range<u64>>> {
+        self.inner.next_hole(from)
+    }
+
+    fn try_lock(&self, exclusive: bool) -> io::Result<bool> {
+        self.inner.try_lock(exclusive)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.owner.check(Op::SetLen, &self.path)?;
         self.inner.set_len(len)

@@ -284,7 +284,7 @@ impl Storage for MemStorage {
             return Err(not_found());
         }
         let ino = match (st.names.get(path).copied(), how) {
-            (Some(i), Open::Empty) => {
+            (Some(i), Open::Empty | Open::EmptyLocked) => {
                 st.files[i].clear();
                 Self::record(&mut st, Event::SetLen { ino: i, len: 0 });
                 i

@@ -178,3 +178,62 @@ fn create_dir_all_refuses_a_symlinked_directory() {
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 }
+
+/// As QEMU's image locking on bytes 100.. and 200.. of `f` (read-only):
+/// takes a shared OFD lock on `len` bytes at `start`, or (`test_write`)
+/// asks whether a write lock there would be granted (`F_OFD_GETLK`); true
+/// if granted, or would be.
+fn qemu_lock(f: &File, start: i64, len: i64, test_write: bool) -> bool {
+    // SAFETY: plain data, the fields meant set below, l_pid 0.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if test_write {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as _;
+    fl.l_whence = libc::SEEK_SET as _;
+    fl.l_start = start;
+    fl.l_len = len;
+    let cmd = if test_write {
+        libc::F_OFD_GETLK
+    } else {
+        libc::F_OFD_SETLK
+    };
+    // SAFETY: fcntl on an open file with a valid flock.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    rc == 0 && (!test_write || i32::from(fl.l_type) == libc::F_UNLCK)
+}
+
+#[test]
+fn a_target_lock_keeps_other_opens_from_emptying_but_leaves_qemus_lock_bytes_free() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("disk0.raw");
+    std::fs::write(&p, b"in use").unwrap();
+    let held = OsStorage.open(&p, Open::Existing).unwrap();
+    assert!(held.try_lock(false).unwrap());
+    // Another open (another daemon) can share it, never empty it.
+    let other = OsStorage.open(&p, Open::Existing).unwrap();
+    assert!(other.try_lock(false).unwrap());
+    assert_eq!(
+        other.try_lock(true).unwrap_err().kind(),
+        io::ErrorKind::WouldBlock
+    );
+    drop(other);
+    let e = OsStorage.open(&p, Open::EmptyLocked).err().unwrap();
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+    assert!(e.to_string().contains("in use by another recoverfs"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), b"in use");
+    // qemu-img reading the disk meanwhile tests and takes its bytes.
+    let qemu = File::open(&p).unwrap();
+    assert!(qemu_lock(&qemu, 100, 128, false));
+    assert!(
+        qemu_lock(&qemu, 200, 64, true),
+        "QEMU would see the image as locked"
+    );
+    drop((qemu, held));
+    // Let go: emptied, and held shared again.
+    let mine = OsStorage.open(&p, Open::EmptyLocked).unwrap();
+    assert_eq!(mine.len().unwrap(), 0);
+    let other = OsStorage.open(&p, Open::Existing).unwrap();
+    assert!(other.try_lock(true).is_err());
+}
