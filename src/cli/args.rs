@@ -363,7 +363,8 @@ pub enum Command {
         cmd: staging::StagingCmd,
     },
     /// Start (or resume) a recovery session and print the disk paths. Without
-    /// --backup, the VM's kept staging is resumed unless its backup is gone.
+    /// --backup, the VM's kept staging is resumed unless its backup is gone;
+    /// a VM with kept staging of several backups is refused (name one).
     Recover {
         #[command(flatten)]
         socket: SocketArg,
