@@ -548,9 +548,13 @@ impl Datastore {
         // its own lock is not held across the target's I/O below:
         // placement and status take it for every session.
         let old = s.relocation.lock().clone();
+        let mut failed = None;
         if let Some(r) = old.as_ref() {
             match r.state() {
-                crate::relocate::State::Failed => r.stop(),
+                crate::relocate::State::Failed => {
+                    r.stop();
+                    failed = Some(r.clone());
+                }
                 crate::relocate::State::Done => {
                     return Err(Error::new(
                         crate::error::ErrorKind::AlreadyExists,
@@ -593,6 +597,18 @@ impl Datastore {
             rate_mbps,
             force,
             forbidden: &forbidden,
+        })
+        .map_err(|e| match &failed {
+            // Its own partial files are what is "not empty": say why
+            // they are there and what to do, not only "use --force".
+            Some(f)
+                if e.kind() == crate::error::ErrorKind::AlreadyExists
+                    && std::fs::canonicalize(to)
+                        .is_ok_and(|to| to.join(vm) == f.status().target) =>
+            {
+                f.failed_error()
+            }
+            _ => e,
         })?;
         let st = r.status();
         *s.relocation.lock() = Some(r.clone());
