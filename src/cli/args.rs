@@ -465,7 +465,8 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["to", "rate", "force", "resume", "wait"])]
         pause: bool,
         /// Resume a paused relocation where it stopped, or reopen one a
-        /// restarted daemon could not (its target was unreachable).
+        /// restarted daemon could not (its target was unreachable); with
+        /// --wait, also follows one that runs (after a Ctrl-C of a wait).
         #[arg(long, conflicts_with_all = ["to", "rate", "force"])]
         resume: bool,
         /// Cancel the relocation for good (refused after cutover): the

@@ -286,6 +286,13 @@ pub fn run(cli: Cli) -> Result<()> {
             wait,
         } => {
             crate::util::validate_name("VM name", &vm)?;
+            // A signal ends only the waiting (the relocation goes on in the
+            // daemon): the wait's last line says so. Set up before any
+            // thread starts, as `stop_on_signals` needs.
+            let stop = Arc::new(AtomicBool::new(false));
+            if wait {
+                stop_on_signals(&stop, "", "the relocation goes on in the daemon")?;
+            }
             let c = client(&socket);
             if cancel {
                 let r = c.post(
@@ -300,7 +307,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let st = c.post(&format!("/sessions/{vm}/relocate/{verb}"), &json!({}))?;
                 println!("relocation of VM {vm}: {}", output::relocation_line(&st));
                 if wait && resume {
-                    output::wait_relocation(&c, &vm)?;
+                    output::wait_relocation(&c, &vm, &stop)?;
                 }
                 return Ok(());
             }
@@ -317,7 +324,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 st["target"].as_str().unwrap_or("?")
             );
             if wait {
-                output::wait_relocation(&c, &vm)?;
+                output::wait_relocation(&c, &vm, &stop)?;
             }
             Ok(())
         }
