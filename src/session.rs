@@ -614,9 +614,15 @@ impl Datastore {
         // its own lock is not held across the target's I/O below:
         // placement and status take it for every session.
         let old = s.relocation.lock().clone();
+        let mut failed = None;
         if let Some(r) = old.as_ref() {
             match r.state() {
-                crate::relocate::State::Failed => r.stop(),
+                crate::relocate::State::Failed => {
+                    r.stop();
+                    // What to say of it, not the relocation itself: it must
+                    // close its files (and their locks) before the start.
+                    failed = Some((r.status().target, r.failed_error()));
+                }
                 crate::relocate::State::Done => {
                     return Err(Error::new(
                         crate::error::ErrorKind::AlreadyExists,
@@ -669,6 +675,17 @@ impl Datastore {
             rate_mbps,
             force,
             forbidden: &forbidden,
+        })
+        .map_err(|e| match &failed {
+            // Its own partial files are what is "not empty": say why
+            // they are there and what to do, not only "use --force".
+            Some((target, why))
+                if e.kind() == crate::error::ErrorKind::AlreadyExists
+                    && std::fs::canonicalize(to).is_ok_and(|to| to.join(vm) == *target) =>
+            {
+                why.clone()
+            }
+            _ => e,
         })?;
         let st = r.status();
         *s.relocation.lock() = Some(r.clone());

@@ -455,6 +455,58 @@ fn relocate_wait_ends_non_zero_saying_how_to_resume_when_the_relocation_is_pause
     assert!(out.contains("relocated VM vm"), "{out}");
 }
 
+/// Ctrl-C of `relocate --wait` used to exit 130 saying nothing while the
+/// relocation went on in the daemon.
+#[test]
+fn ctrl_c_of_relocate_wait_says_the_relocation_goes_on_and_resume_wait_follows_it_again() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 256 * K64, 59, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let socket = env.socket.to_str().unwrap().to_string();
+    // 16 MiB at 4 MB/s: about 4 s of copying.
+    let wait = Command::new(bin())
+        .args(["relocate", "--socket", &socket, "vm", "--to"])
+        .arg(&primary)
+        .args(["--rate", "4", "--wait"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation(&env, "vm")["bytes_done"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(wait.id() as i32, libc::SIGINT) };
+    let o = wait.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a wait cut short is not a relocation");
+    let last = err.trim().lines().last().unwrap_or("");
+    for want in [
+        "SIGINT",
+        "goes on in the daemon",
+        "recoverfs relocate vm --resume --wait",
+        "--pause",
+        "--cancel",
+    ] {
+        assert!(last.contains(want), "{want:?} not in the last line: {err}");
+    }
+    let state = relocation(&env, "vm")["state"].clone();
+    assert!(
+        ["copying", "converging", "switching", "done"].contains(&state.as_str().unwrap()),
+        "the relocation stopped with the wait: {state}"
+    );
+    // Followed again as the line says, to the cutover.
+    let out = env.ok(&["relocate", "--socket", &socket, "vm", "--resume", "--wait"]);
+    assert!(out.contains("relocated VM vm"), "{out}");
+}
+
 /// An administrator who started a relocation to the wrong target cancels
 /// it and relocates elsewhere; the VM writes all along.
 #[test]

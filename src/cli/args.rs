@@ -363,7 +363,8 @@ pub enum Command {
         cmd: staging::StagingCmd,
     },
     /// Start (or resume) a recovery session and print the disk paths. Without
-    /// --backup, the VM's kept staging is resumed unless its backup is gone.
+    /// --backup, the VM's kept staging is resumed unless its backup is gone;
+    /// a VM with kept staging of several backups is refused (name one).
     Recover {
         #[command(flatten)]
         socket: SocketArg,
@@ -464,7 +465,8 @@ pub enum Command {
         #[arg(long, conflicts_with_all = ["to", "rate", "force", "resume", "wait"])]
         pause: bool,
         /// Resume a paused relocation where it stopped, or reopen one a
-        /// restarted daemon could not (its target was unreachable).
+        /// restarted daemon could not (its target was unreachable); with
+        /// --wait, also follows one that runs (after a Ctrl-C of a wait).
         #[arg(long, conflicts_with_all = ["to", "rate", "force"])]
         resume: bool,
         /// Cancel the relocation for good (refused after cutover): the

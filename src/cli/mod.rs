@@ -12,6 +12,7 @@ mod maint;
 pub(crate) mod output;
 mod precopy;
 mod profile;
+mod recover;
 mod serve;
 mod staging;
 mod stopout;
@@ -258,40 +259,18 @@ pub fn run(cli: Cli) -> Result<()> {
             force,
             explain,
             json,
-        } => {
-            for v in &vm {
-                crate::util::validate_name("VM name", v)?;
-            }
-            if backup.is_some() && vm.len() > 1 {
-                return Err(Error::invalid(
-                    "--backup names one backup: recover one VM with it",
-                ));
-            }
-            let c = client(&socket);
-            let mut all = vec![];
-            // One after another: each placement sees the sessions before it.
-            for v in &vm {
-                let r = c.post(
-                    "/sessions",
-                    &json!({"vm": v, "backup": backup, "host": host,
-                            "export_point": export_point, "force": force}),
-                )?;
-                if !json {
-                    output::recovered(&r, false);
-                    output::placement(&r, explain);
-                }
-                all.push(r);
-            }
-            if json {
-                let out = if all.len() == 1 {
-                    all.pop().expect("one")
-                } else {
-                    serde_json::Value::Array(all)
-                };
-                println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-            }
-            Ok(())
-        }
+        } => recover::run(
+            &socket,
+            recover::RecoverArgs {
+                vms: &vm,
+                backup: backup.as_deref(),
+                host: host.as_deref(),
+                export_point: &export_point,
+                force,
+                explain,
+                json,
+            },
+        ),
         Command::ExportPoints { socket, json } => {
             let r = client(&socket).get("/export-points")?;
             output::export_points(&r, json);
@@ -310,6 +289,13 @@ pub fn run(cli: Cli) -> Result<()> {
             wait,
         } => {
             crate::util::validate_name("VM name", &vm)?;
+            // A signal ends only the waiting (the relocation goes on in the
+            // daemon): the wait's last line says so. Set up before any
+            // thread starts, as `stop_on_signals` needs.
+            let stop = Arc::new(AtomicBool::new(false));
+            if wait {
+                stop_on_signals(&stop, "", "the relocation goes on in the daemon")?;
+            }
             let c = client(&socket);
             if cancel {
                 let r = c.post(
@@ -324,7 +310,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let st = c.post(&format!("/sessions/{vm}/relocate/{verb}"), &json!({}))?;
                 println!("relocation of VM {vm}: {}", output::relocation_line(&st));
                 if wait && resume {
-                    output::wait_relocation(&c, &vm)?;
+                    output::wait_relocation(&c, &vm, &stop)?;
                 }
                 return Ok(());
             }
@@ -341,7 +327,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 st["target"].as_str().unwrap_or("?")
             );
             if wait {
-                output::wait_relocation(&c, &vm)?;
+                output::wait_relocation(&c, &vm, &stop)?;
             }
             Ok(())
         }

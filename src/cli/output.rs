@@ -587,7 +587,22 @@ pub fn cancelled_line(vm: &str, r: &Value, keep_target: bool) -> String {
 
 /// Follows a relocation until `wait_verdict` ends the wait: Ok only at a
 /// clean cutover; a failure, a failed disk or a pause is an Err.
-pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
+pub fn wait_relocation(
+    c: &crate::api::client::Client,
+    vm: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    wait_relocation_with(|| c.get(&format!("/sessions/{vm}")), vm, stop)
+}
+
+/// `wait_relocation` over `get` (the session's status). `stop` (a signal)
+/// ends only the waiting: the relocation goes on in the daemon, and the
+/// error says so and how to follow, pause or cancel it.
+fn wait_relocation_with(
+    mut get: impl FnMut() -> Result<Value>,
+    vm: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
@@ -603,7 +618,7 @@ pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
     let mut last = std::time::Instant::now() - std::time::Duration::from_secs(60);
     let mut warned = false;
     loop {
-        let s = c.get(&format!("/sessions/{vm}"))?;
+        let s = get()?;
         let r = &s["relocation"];
         let state = r["state"].as_str().unwrap_or("");
         bar.set_length(r["bytes_total"].as_u64().unwrap_or(0));
@@ -625,6 +640,18 @@ pub fn wait_relocation(c: &crate::api::client::Client, vm: &str) -> Result<()> {
             bar.finish_and_clear();
             println!("{}", verdict?);
             return Ok(());
+        }
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            bar.finish_and_clear();
+            return Err(Error::interrupted(format!(
+                "{}: stopped waiting; the relocation of VM {vm} to {} goes on in the daemon \
+                 ({}): follow it again with `recoverfs relocate {vm} --resume --wait` (or \
+                 `recoverfs status`), pause it with `recoverfs relocate {vm} --pause`, or \
+                 cancel it with `recoverfs relocate {vm} --cancel`",
+                super::stopped_by(),
+                r["target"].as_str().unwrap_or("?"),
+                relocation_line(r)
+            )));
         }
         if state == "not-converging" && !warned {
             warned = true;
@@ -779,6 +806,41 @@ mod tests {
             line.starts_with("done") && line.ends_with("ERROR: not durable"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_signal_ends_the_wait_saying_the_relocation_goes_on_and_how_to_follow_pause_or_cancel_it() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = AtomicBool::new(false);
+        let mut polls = 0;
+        let e = wait_relocation_with(
+            || {
+                polls += 1;
+                assert!(polls < 5, "the wait went on after the signal");
+                // The signal comes while the relocation copies.
+                stop.store(polls == 2, Ordering::SeqCst);
+                Ok(session(relocation("copying", None), None))
+            },
+            "vm",
+            &stop,
+        )
+        .expect_err("a wait cut short is not a relocation");
+        assert_eq!((e.kind(), polls), (ErrorKind::Interrupted, 2));
+        let e = e.to_string();
+        for want in [
+            "goes on in the daemon",
+            "(copying",
+            "recoverfs relocate vm --resume --wait",
+            "recoverfs relocate vm --pause",
+            "recoverfs relocate vm --cancel",
+        ] {
+            assert!(e.contains(want), "{want:?} not in: {e}");
+        }
+        // A relocation that has ended says how it ended, signal or not.
+        stop.store(true, Ordering::SeqCst);
+        let done =
+            wait_relocation_with(|| Ok(session(relocation("done", None), None)), "vm", &stop);
+        assert!(done.is_ok(), "{done:?}");
     }
 
     #[test]

@@ -99,7 +99,8 @@ impl Relocation {
     pub fn pause(&self) -> Result<RelocationStatus> {
         {
             let st = self.state.lock();
-            match st.0 {
+            let state = st.0;
+            match state {
                 State::Copying | State::Converging | State::NotConverging | State::Paused => {}
                 State::Switching => {
                     return Err(Error::busy(format!(
@@ -114,10 +115,8 @@ impl Relocation {
                     ))
                 }
                 State::Failed => {
-                    return Err(Error::invalid(format!(
-                        "the relocation of VM {} failed; start it again instead",
-                        self.vm
-                    )))
+                    drop(st);
+                    return Err(self.failed_error());
                 }
                 // Never a copier's state (see `not_resumed`).
                 State::NotResumed => {
@@ -134,8 +133,12 @@ impl Relocation {
         Ok(self.status())
     }
 
-    /// Lets a paused copier go on (durably recorded first).
+    /// Lets a paused copier go on (durably recorded first). A failed
+    /// relocation has no copier to go on: refused, saying what to do.
     pub fn resume_copy(&self) -> Result<RelocationStatus> {
+        if self.state() == State::Failed {
+            return Err(self.failed_error());
+        }
         if !self.pause_requested() {
             return Ok(self.status());
         }
@@ -144,6 +147,23 @@ impl Relocation {
         self.wake_copier();
         self.settle(|s| s == State::Paused)?;
         Ok(self.status())
+    }
+
+    /// Why a failed relocation goes no further and what to do: the answer
+    /// to a resume or pause of it, and to a new one into its directory
+    /// (whose partial files it left there).
+    pub fn failed_error(&self) -> Error {
+        let st = self.status();
+        let dir = st.target.parent().unwrap_or(&st.target).display();
+        Error::busy(format!(
+            "the relocation of VM {vm} to {} failed ({}) and nothing resumes it: cancel it \
+             (`recoverfs relocate {vm} --cancel`, which removes its partial files) and start \
+             another with --to, or fix the cause and start again into the same directory \
+             with `recoverfs relocate {vm} --to {dir} --force`",
+            st.target.display(),
+            st.error.as_deref().unwrap_or("no reason recorded"),
+            vm = self.vm,
+        ))
     }
 
     /// Records `paused` in `relocation.json`; on failure the flag goes

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::placement::ExportPoint;
 use crate::repo::Manifest;
 use crate::staging::StagingDir;
-use crate::util::validate_name;
+use crate::util::{human_bytes, rfc3339, validate_name};
 
 impl Datastore {
     /// The manifest to serve, the staging directory of its kept session
@@ -46,16 +46,28 @@ impl Datastore {
             return Ok(Chosen::new(self.repo.manifest(vm, b)?, vec![]));
         }
         let mut skipped = vec![];
+        let mut resumable: Vec<(Manifest, &Arc<StagingDir>)> = vec![];
         for (b, s) in &kept {
+            // One backup kept twice is one choice: the newer copy.
+            if resumable.iter().any(|(m, _)| &m.id == b) {
+                continue;
+            }
             match self.kept_backup(s, vm, b)? {
-                Some(m) => {
-                    warn_if_kept_twice(vm, b, s, &kept);
-                    return Ok(Chosen::kept(m, skipped, s));
-                }
+                Some(m) => resumable.push((m, s)),
                 None => skipped.push(b.clone()),
             }
         }
-        Ok(Chosen::new(self.repo.resolve(vm, None)?, skipped))
+        match resumable.len() {
+            0 => Ok(Chosen::new(self.repo.resolve(vm, None)?, skipped)),
+            1 => {
+                let (m, s) = resumable.pop().expect("one");
+                warn_if_kept_twice(vm, &m.id, s, &kept);
+                Ok(Chosen::kept(m, skipped, s))
+            }
+            // Resuming the most recently recovered one would hide the
+            // guest's writes in the others: the admin chooses.
+            _ => Err(several_kept(vm, &resumable)),
+        }
     }
 
     /// Every staging directory, or only `within`.
@@ -209,6 +221,36 @@ impl Chosen {
             kept: Some(staging.clone()),
         }
     }
+}
+
+/// The refusal of a `recover` without a backup for a VM with several
+/// kept sessions, listing each so that the admin can choose.
+fn several_kept(vm: &str, resumable: &[(Manifest, &Arc<StagingDir>)]) -> Error {
+    let list: Vec<String> = resumable
+        .iter()
+        .map(|(m, s)| {
+            let dir = s.session_dir(vm, &m.id);
+            let (changed, recovered) = match crate::staging::inventory::summary(&dir) {
+                Ok((changed, recovered)) => (human_bytes(changed), rfc3339(recovered)),
+                Err(e) => {
+                    tracing::warn!(vm, backup = %m.id, "cannot read kept staging's figures: {e}");
+                    ("?".into(), "?".into())
+                }
+            };
+            format!(
+                "backup {} (changed {changed}, last recovered {recovered})",
+                m.id
+            )
+        })
+        .collect();
+    Error::busy(format!(
+        "VM {vm} has {} kept sessions, so recover does not guess which to resume: {}; \
+         choose one with `recover {vm} --backup ID`, or drop the ones not wanted \
+         (`recover {vm} --backup ID` then `release --discard {vm}`; `staging drop --backup ID` \
+         while no daemon serves the staging directory)",
+        resumable.len(),
+        list.join(", ")
+    ))
 }
 
 /// One backup kept in two staging directories (export points' stagings

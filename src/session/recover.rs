@@ -46,8 +46,9 @@ fn remove_stale_side_files(storage: &dyn Storage, dir: &std::path::Path) -> Resu
 
 impl Datastore {
     /// Starts (or resumes) serving a VM. Without `backup`, kept staging of
-    /// the VM is resumed first so earlier guest writes are never hidden;
-    /// otherwise the newest backup is used.
+    /// the VM is resumed first so earlier guest writes are never hidden
+    /// (refused if there is more than one to choose from); otherwise the
+    /// newest backup is used.
     pub fn recover(&self, vm: &str, backup: Option<&str>) -> Result<RecoverInfo> {
         self.recover_placed(vm, backup, &PlaceRequest::default())
     }

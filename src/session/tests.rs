@@ -300,6 +300,53 @@ fn kept_staging_is_passed_over_only_when_its_backup_is_gone() {
 }
 
 #[test]
+fn recover_without_a_backup_refuses_to_choose_among_several_kept_sessions_and_lists_them() {
+    let r = rig();
+    let (older, _) = backup(&r, "vm", 8, 4);
+    let (newer, _) = backup(&r, "vm", 9, 4);
+    assert_eq!(r.ds.recover("vm", None).unwrap().backup, newer);
+    disk(&r, "vm").write(0, b"GUESTDATA!").unwrap();
+    disk(&r, "vm").flush().unwrap();
+    r.ds.release("vm", false).unwrap();
+    // Recovered last, so the old choice would resume it and hide GUESTDATA.
+    r.ds.recover("vm", Some(&older)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    let e = r.ds.recover("vm", None).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    let msg = e.to_string();
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    for want in [
+        format!("backup {newer} (changed 64.0 KiB, last recovered 20"),
+        format!("backup {older} (changed 0 B, last recovered 20"),
+        "--backup ID".into(),
+        "release --discard vm".into(),
+    ] {
+        assert!(msg.contains(&want), "{want:?} not in: {msg}");
+    }
+    assert!(r.ds.session("vm").is_none(), "a session started anyway");
+    let info = r.ds.recover("vm", Some(&newer)).unwrap();
+    assert!(info.resumed);
+    assert_eq!(disk(&r, "vm").read(0, 10).unwrap(), b"GUESTDATA!");
+}
+
+#[test]
+fn recover_without_a_backup_resumes_the_one_kept_session_beside_one_whose_backup_is_gone() {
+    let r = rig();
+    let (gone, _) = backup(&r, "vm", 10, 4);
+    let (kept, _) = backup(&r, "vm", 11, 4);
+    r.ds.recover("vm", Some(&kept)).unwrap();
+    disk(&r, "vm").write(0, b"kept").unwrap();
+    r.ds.release("vm", false).unwrap();
+    r.ds.recover("vm", Some(&gone)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    std::fs::remove_file(r.dir.path().join(format!("repo/backups/vm/{gone}.json"))).unwrap();
+    let info = r.ds.recover("vm", None).unwrap();
+    assert_eq!((info.backup.as_str(), info.resumed), (kept.as_str(), true));
+    assert_eq!(info.skipped, vec![gone]);
+    assert_eq!(disk(&r, "vm").read(0, 4).unwrap(), b"kept");
+}
+
+#[test]
 fn a_recover_waits_for_a_release_and_a_released_fetch_never_lands_in_the_next_session() {
     let r = rig();
     let (_, data) = backup(&r, "vm", 6, 4);

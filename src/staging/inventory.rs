@@ -116,6 +116,14 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
     Ok(out)
 }
 
+/// Bytes the guest changed and when it was last recovered, of the kept
+/// session in `dir` (for a `recover` that lists its choices).
+pub(crate) fn summary(dir: &Path) -> Result<(u64, u64)> {
+    let meta = SessionMeta::load(&OsStorage, dir)?
+        .ok_or_else(|| Error::not_found(format!("{}/session.json", dir.display())))?;
+    Ok((changed_bytes(dir, &meta)?, meta.last_recovered))
+}
+
 fn changed_bytes(dir: &Path, meta: &SessionMeta) -> Result<u64> {
     let mut total = 0;
     for (i, d) in meta.disks.iter().enumerate() {

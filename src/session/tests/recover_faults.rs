@@ -32,7 +32,7 @@ fn faulty_datastore(
 
 /// The daemon stops (copiers and prefetch stopped, staging flushed)
 /// without releasing anything, and starts again over `faults`.
-fn restart_over(mut r: Rig, faults: &FaultyStorage) -> Rig {
+pub(super) fn restart_over(mut r: Rig, faults: &FaultyStorage) -> Rig {
     r.ds.stop_background();
     r.ds.flush_all().unwrap();
     // The old datastore, and so its staging lock, goes first.

@@ -4,6 +4,8 @@
 
 use super::*;
 use crate::relocate::State;
+use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+use crate::staging::OsStorage;
 
 /// `vm` recovered and relocating to `primary/` (recorded with no rate
 /// limit, its copier stopped before it copied anything; `paused` by the
@@ -208,4 +210,71 @@ fn a_failed_relocation_can_be_started_again_with_force_over_its_own_target() {
     r.ds.relocate("vm", &primary, None, true).unwrap();
     settled(State::Done);
     assert!(std::fs::read(primary.join("vm/disk0.raw")).unwrap() == data);
+}
+
+/// `vm` recovered and relocated to `<rig>/primary` on a daemon whose every
+/// write to the target fails with ENOSPC, until that failed the copier;
+/// returns the rig, the faults and `primary`.
+fn relocation_failed_for_enospc(vm: &str) -> (Rig, FaultyStorage, PathBuf) {
+    let r = rig();
+    backup(&r, vm, 71, 16);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = super::recover_faults::restart_over(r, &faults);
+    r.ds.recover(vm, None).unwrap();
+    // The target is written through its pinned directory (/proc/self/fd).
+    faults.inject(Rule::fail(Op::Write, "/disk0.raw", libc::ENOSPC));
+    let primary = r.dir.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    r.ds.relocate(vm, &primary, None, false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation_status(&r, vm).unwrap().state != State::Failed {
+        assert!(Instant::now() < deadline, "{:?}", relocation_status(&r, vm));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (r, faults, primary)
+}
+
+/// The refusal of what cannot go on with a failed relocation: it says it
+/// failed, why, and both ways on.
+fn assert_says_failed_why_and_what_to_do(e: &crate::error::Error, primary: &Path) {
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    let e = e.to_string();
+    for want in [
+        "failed (",
+        "No space left on device",
+        "recoverfs relocate vm --cancel",
+        &format!("recoverfs relocate vm --to {} --force", primary.display()),
+    ] {
+        assert!(e.contains(want), "{want:?} not in: {e}");
+    }
+}
+
+#[test]
+fn resume_of_a_failed_relocation_is_refused_saying_why_and_what_to_do() {
+    let (r, _faults, primary) = relocation_failed_for_enospc("vm");
+    let e = r.ds.pause_relocation("vm", false).unwrap_err();
+    assert_says_failed_why_and_what_to_do(&e, &primary);
+    let e = r.ds.pause_relocation("vm", true).unwrap_err();
+    assert_says_failed_why_and_what_to_do(&e, &primary);
+    assert_eq!(relocation_status(&r, "vm").unwrap().state, State::Failed);
+}
+
+#[test]
+fn relocating_again_into_a_failed_relocations_directory_says_why_it_is_not_empty() {
+    let (r, faults, primary) = relocation_failed_for_enospc("vm");
+    let e = r.ds.relocate("vm", &primary, None, false).unwrap_err();
+    assert_says_failed_why_and_what_to_do(&e, &primary);
+    // Fixed, the way the refusal gives starts it again.
+    faults.clear();
+    r.ds.relocate("vm", &primary, None, true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation_status(&r, "vm").unwrap().state != State::Done {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            relocation_status(&r, "vm")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r.ds.release("vm", false).unwrap();
 }
