@@ -181,6 +181,7 @@ fn begin_relocation(
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     Relocation::begin(source(storage, vol), meta).unwrap()
 }

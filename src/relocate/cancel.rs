@@ -335,9 +335,40 @@ fn clean_up(
     let remove_dir = meta.created_dir && !keep_target;
     // Only reached when there is something to remove in it.
     if !remove.is_empty() || remove_dir {
-        match pin_target(storage, meta) {
-            Ok(dir) => {
+        let owned = pin_target(storage, meta)
+            .and_then(|dir| super::target::check_owner(storage, meta, &dir).map(|o| (dir, o)));
+        match owned {
+            // Another relocation's files now (a `--force` over them), or
+            // a directory made again since: never removed as this one's.
+            Err(e) if e.kind() == ErrorKind::Busy && pin_target(storage, meta).is_ok() => {
+                kept.extend(remove.iter().map(|d| target_file_of(&meta.target, d)));
+                problems.push(format!("{e}; left"));
+            }
+            Ok((dir, super::target::Owned::Unmarked)) => {
+                let there = |d: &&&Arc<Volume>| {
+                    (storage.exists(&target_file_of(dir.path(), d))).unwrap_or(true)
+                };
+                let left: Vec<_> = (remove.iter().filter(there))
+                    .map(|d| target_file_of(&meta.target, d))
+                    .collect();
+                if !left.is_empty() {
+                    problems.push(format!(
+                        "{} has no {}: made again since, its files are not this relocation's; left",
+                        meta.target.display(),
+                        super::target::OWNER_MARK
+                    ));
+                }
+                kept.extend(left);
+            }
+            Ok((dir, super::target::Owned::Ours)) => {
                 remove_files(storage, meta, &dir, &remove, &mut removed, &mut problems);
+                if !keep_target {
+                    // Nothing of this relocation's is left to claim.
+                    let mark = dir.path().join(super::target::OWNER_MARK);
+                    if let Err(e) = storage.remove_file(&mark) {
+                        problems.push(format!("remove {}: {e}", mark.display()));
+                    }
+                }
                 drop(dir);
                 if remove_dir {
                     remove_target_dir(storage, meta, &mut removed, &mut problems);

@@ -166,6 +166,14 @@ pub(crate) struct Meta {
     /// A record written before this field has none: such a file is refused.
     #[serde(default)]
     pub target_inos: BTreeMap<usize, u64>,
+    /// The id written into `DIR/VM/.recoverfs-relocation` when this
+    /// relocation began (see `target::check_owner`): a later relocation
+    /// into the same directory (`--force`, another session or daemon)
+    /// writes its own, and from then on this one never writes, resumes
+    /// into or removes those files. A record written before this field
+    /// has none: not checked.
+    #[serde(default)]
+    pub owner_mark: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

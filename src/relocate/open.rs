@@ -23,6 +23,7 @@ impl Relocation {
             created_dir,
             target_id: Some(target_id),
             target_inos: BTreeMap::new(),
+            owner_mark: None,
         };
         let r = Self::begin(req.source, meta)?;
         r.spawn();
@@ -206,11 +207,15 @@ impl Relocation {
         storage
             .remove_file(&dir.path().join("vm.json"))
             .ctx(|| format!("remove {}", meta.target.join("vm.json").display()))?;
-        let r = Self::open_in(src, meta, Open::EmptyLocked, &dir)?;
-        // The new target files' names must be durable before the relocation
-        // that relies on them is recorded.
+        // These files are this relocation's from now on (`check_owner`).
+        let mark = target::new_owner_mark();
+        meta.owner_mark = Some(mark.clone());
+        let r = Self::open_in(src, meta, Open::EmptyLocked, &dir, false)?;
+        // The new target files' names (and the mark) must be durable before
+        // the relocation that relies on them is recorded.
         let recorded = r
             .record_inos()
+            .and_then(|()| target::write_owner_mark(r.storage.as_ref(), &dir, &mark))
             .and_then(|()| {
                 r.storage
                     .sync_dir(dir.path())
@@ -280,13 +285,24 @@ impl Relocation {
         };
         let switched = meta.switched;
         let target = meta.target.clone();
-        let pinned = pin_target(src.storage.as_ref(), &meta);
-        // Another directory at the target's path (not one unreachable, nor
-        // a file in it refused).
+        let mut unmarked = false;
+        let pinned = pin_target(src.storage.as_ref(), &meta).and_then(|dir| {
+            // Not cut over: files another relocation took since are not
+            // resumed into (after a cutover they are this VM's live disk,
+            // which a `--force` never empties: it is locked, and vm.json).
+            if !switched {
+                let owned = target::check_owner(src.storage.as_ref(), &meta, &dir)?;
+                unmarked = owned == target::Owned::Unmarked;
+            }
+            Ok(dir)
+        });
+        // Another directory at the target's path, or another relocation's
+        // files in it (not one unreachable, nor a file in it refused).
         let replaced = pinned.as_ref().err().is_some_and(is_replaced);
         let recorded = meta.clone();
-        let opened = pinned
-            .and_then(|dir| Self::open_in(src, meta, Open::ExistingSole, &dir).map(|r| (r, dir)));
+        let opened = pinned.and_then(|dir| {
+            Self::open_in(src, meta, Open::ExistingSole, &dir, unmarked).map(|r| (r, dir))
+        });
         let (r, dir) = match opened {
             Ok(r) => r,
             // Before the commit staging holds the whole disk, so a target
@@ -313,6 +329,20 @@ impl Relocation {
             Err(e) => return Err(e),
         };
         r.adopt_target_id(&dir);
+        if unmarked {
+            // Copied again from scratch: its files are this relocation's
+            // work from here on. Not written: the next reopen copies again.
+            let mark = r.meta.lock().owner_mark.clone();
+            let marked = mark.map_or(Ok(()), |m| {
+                target::write_owner_mark(r.storage.as_ref(), &dir, &m).and_then(|()| {
+                    (r.storage.sync_dir(dir.path()))
+                        .ctx(|| format!("fsync directory {}", r.target_dir.display()))
+                })
+            });
+            if let Err(e) = marked {
+                tracing::warn!(vm = src.vm, "{e}: the next reopen copies every disk again");
+            }
+        }
         if switched {
             // Every target is open before the first disk switches.
             for (d, t) in r.disks.iter().zip(&r.targets) {
@@ -335,11 +365,15 @@ impl Relocation {
     /// is there (root put it); elsewhere the very file recorded
     /// (`ExistingIno`), or, in a record without inode numbers, a file
     /// with no other hard link.
+    /// `unmarked`: the target directory lacks this relocation's owner mark
+    /// (`target::Owned::Unmarked`): every disk is copied again, as for a
+    /// target that cannot hold its copied map.
     pub(super) fn open_in(
         src: Source,
         meta: Meta,
         how: Open,
         dir: &PinnedDir,
+        unmarked: bool,
     ) -> Result<Arc<Relocation>> {
         let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
         let root_only = meta.target_id.as_ref().is_some_and(|t| t.root_only)
@@ -357,7 +391,13 @@ impl Relocation {
                 .open(&target_file_of(dir.path(), d), how)
                 .map_err(|e| in_use(e, &shown, "open"))?;
             // Held while this relocation has the file open: another's
-            // `--force` never empties it (`begin`).
+            // `--force` never empties it (`begin`). A reopen before the
+            // cutover must be the only one with it open (shared alone
+            // would let two relocations write it): exclusive first, then
+            // down to shared (atomic for OFD locks).
+            if how != Open::EmptyLocked && !meta.switched {
+                f.try_lock(true).map_err(|e| in_use(e, &shown, "lock"))?;
+            }
             if how != Open::EmptyLocked
                 && !f.try_lock(false).map_err(|e| in_use(e, &shown, "lock"))?
             {
@@ -380,9 +420,12 @@ impl Relocation {
             let mut m =
                 PersistentBitmap::open(storage.as_ref(), &map_path, MapKind::Copied, bs, n)?;
             if !meta.switched && how != Open::EmptyLocked {
-                if let Some(why) = unbacked_copies(d, f.as_ref(), &m, len)
-                    .ctx(|| format!("find the holes of {}", shown.display()))?
-                {
+                let why = match unmarked {
+                    true => Some(format!("has no {}", target::OWNER_MARK)),
+                    false => unbacked_copies(d, f.as_ref(), &m, len)
+                        .ctx(|| format!("find the holes of {}", shown.display()))?,
+                };
+                if let Some(why) = why {
                     tracing::warn!(vm = src.vm, disk = d.index, target = %shown.display(),
                         "relocation target {} {why}: it does not hold what disk{}'s copied \
                          map vouches for (re-created or truncated since?), so every block of \

@@ -127,3 +127,67 @@ pub(crate) fn pin_target(storage: &dyn Storage, meta: &Meta) -> Result<PinnedDir
 pub(super) fn is_replaced(e: &Error) -> bool {
     e.kind() == ErrorKind::Busy
 }
+
+/// The file in `DIR/VM` naming the relocation whose files these are.
+pub(super) const OWNER_MARK: &str = ".recoverfs-relocation";
+
+/// A new relocation's id for `OWNER_MARK`.
+pub(super) fn new_owner_mark() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Writes `mark` into the pinned target `dir` (synced with the directory
+/// by the caller's `sync_dir`, before the relocation is recorded).
+pub(super) fn write_owner_mark(storage: &dyn Storage, dir: &PinnedDir, mark: &str) -> Result<()> {
+    let p = dir.path().join(OWNER_MARK);
+    storage
+        .rename_into_place(&p, mark.as_bytes())
+        .map_err(|e| Error::io(format!("write {}", p.display()), e))
+}
+
+/// Refuses `dir`, the pinned target of `meta`, if it is now another
+/// relocation's: its `OWNER_MARK` names another (or none), or, not cut
+/// over, it holds a complete copy (`vm.json`: only a cutover places it).
+/// Such files were emptied and written by that other relocation (a
+/// `--force` over them, in another session or daemon): resuming into them
+/// would write this backup's blocks into that copy (a VM may run from
+/// it), and a cancel would remove them. `Busy`, like a replaced directory.
+/// What `check_owner` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owned {
+    /// The mark names this relocation (or the record predates marks).
+    Ours,
+    /// No mark where this relocation wrote one: the directory was made
+    /// again since (primary storage formatted or remounted empty, as tmpfs
+    /// does with the same device and inode numbers). Nothing in it is
+    /// this relocation's work: a reopen copies every disk again (and marks
+    /// it anew), a cancel leaves its files.
+    Unmarked,
+}
+
+pub(crate) fn check_owner(storage: &dyn Storage, meta: &Meta, dir: &PinnedDir) -> Result<Owned> {
+    let shown = meta.target.display();
+    let another = |why: String| {
+        Err(Error::busy(format!(
+            "relocation target {shown} is now another relocation's ({why}): this one never \
+             writes or removes its files"
+        )))
+    };
+    if let Some(mine) = &meta.owner_mark {
+        let p = dir.path().join(OWNER_MARK);
+        let found = match storage.read(&p, 256) {
+            Ok(Some(b)) if b == mine.as_bytes() => Owned::Ours,
+            Ok(Some(_)) => return another(format!("{OWNER_MARK} names another")),
+            Ok(None) => Owned::Unmarked,
+            Err(e) => return Err(Error::io(format!("read {}/{OWNER_MARK}", shown), e)),
+        };
+        if !meta.switched && storage.exists(&dir.path().join("vm.json")).unwrap_or(false) {
+            return another("it holds a complete relocated copy, vm.json".into());
+        }
+        return Ok(found);
+    }
+    if !meta.switched && storage.exists(&dir.path().join("vm.json")).unwrap_or(false) {
+        return another("it holds a complete relocated copy, vm.json".into());
+    }
+    Ok(Owned::Ours)
+}

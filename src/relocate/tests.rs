@@ -112,6 +112,7 @@ impl Rig {
             created_dir: false,
             target_id: None,
             target_inos: Default::default(),
+            owner_mark: None,
         };
         Relocation::begin(self.source(disks), meta).unwrap()
     }
@@ -164,9 +165,11 @@ fn a_cutover_whose_commit_fails_leaves_every_disk_on_staging() {
         !config.exists(),
         "the target has vm.json, as if complete, without a commit"
     );
-    // The guest goes on, on staging, and its flushed write survives a restart.
+    // The guest goes on, on staging, and its flushed write survives a restart
+    // (the old daemon, and its hold on the target files, gone).
     disks[0].write(BS as u64, b"after").unwrap();
     disks[0].flush().unwrap();
+    drop(r);
     let (again, reloc) = rig.restart();
     assert!(reloc.is_some_and(|r| r.state() != State::Done));
     assert!(again.iter().all(|d| !d.is_switched()));
@@ -505,6 +508,7 @@ fn a_resumed_relocation_zeroes_holes_over_stale_target_bytes_before_marking_them
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     drop(Relocation::begin(rig.source(&disks), meta).unwrap());
     drop(disks);
@@ -692,6 +696,7 @@ fn a_relocation_whose_record_cannot_be_written_leaves_no_disk_tracking_copies() 
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert_eq!(rig.faults.injected(), 1, "{e}");
@@ -798,6 +803,7 @@ fn a_cancel_mid_copy_is_durable_and_a_relocation_elsewhere_then_copies_what_the_
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     let r = Relocation::begin(rig.source(&disks), meta).unwrap();
     r.spawn();
@@ -1072,6 +1078,7 @@ fn a_force_relocation_never_empties_a_hard_linked_target_file() {
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert!(e.to_string().contains("disk1.raw"), "{e}");
@@ -1418,6 +1425,7 @@ fn a_force_relocation_refusing_one_target_file_empties_none() {
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert!(e.to_string().contains("disk1.raw"), "{e}");
@@ -1630,6 +1638,7 @@ fn a_force_relocation_never_empties_a_target_another_relocation_serves_from() {
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     let e = Relocation::begin(b.source(&b_disks), meta).err().unwrap();
     assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
@@ -1658,6 +1667,7 @@ fn a_relocation_never_empties_a_target_file_locked_by_another_open() {
         created_dir: false,
         target_id: None,
         target_inos: Default::default(),
+        owner_mark: None,
     };
     let e = Relocation::begin(rig.source(&disks), meta.clone())
         .err()
@@ -1736,4 +1746,27 @@ fn a_recoverfs_fuse_mount_is_found_at_or_above_a_target_and_nowhere_else() {
     assert_eq!(over("/tmp/explore/mnt ab"), None);
     assert_eq!(over("/srv/other/x"), None);
     assert_eq!(over("/tmp/explore"), None);
+}
+
+/// Shared locks alone would let two relocations (two daemons, one down
+/// while the other took the files) both write one target: a reopen before
+/// the cutover must be the only holder.
+#[test]
+fn a_reopen_of_a_relocation_whose_target_another_open_holds_is_not_resumed() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.begin(&disks, None);
+    r.stop();
+    drop(r);
+    let t = rig.dir.path().join("primary/vm/disk1.raw");
+    let other = OsStorage.open(&t, Open::Existing).unwrap();
+    assert!(other.try_lock(false).unwrap());
+    let (_disks, reloc) = rig.restart();
+    assert!(
+        reloc.is_none(),
+        "resumed beside another holder of its target"
+    );
+    drop(other);
+    let (_disks, reloc) = rig.restart();
+    assert!(reloc.is_some(), "not resumed once the file was let go");
 }

@@ -278,3 +278,44 @@ fn relocating_again_into_a_failed_relocations_directory_says_why_it_is_not_empty
     }
     r.ds.release("vm", false).unwrap();
 }
+
+/// Two sessions of one VM (two backups) relocated into one directory: the
+/// later, with `--force`, took the files over and cut over to them. The
+/// earlier, recovered again (as the several-kept-sessions refusal
+/// suggests), must neither resume into that copy nor remove it when
+/// discarded.
+#[test]
+fn an_earlier_relocation_never_resumes_into_or_removes_files_a_later_one_took_with_force() {
+    let r = rig();
+    let (x, _) = backup(&r, "vm", 61, 16);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (y, ydata) = backup(&r, "vm", 62, 16);
+    assert_ne!(x, y);
+    let primary = r.dir.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    r.ds.recover("vm", Some(&x)).unwrap();
+    r.ds.relocate("vm", &primary, Some(0.001), false).unwrap();
+    r.ds.release("vm", false).unwrap();
+    r.ds.recover("vm", Some(&y)).unwrap();
+    r.ds.relocate("vm", &primary, None, true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relocation_status(&r, "vm").unwrap().state != State::Done {
+        assert!(Instant::now() < deadline, "relocation did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    r.ds.release("vm", false).unwrap();
+    let disk = primary.join("vm/disk0.raw");
+    assert_eq!(std::fs::read(&disk).unwrap(), ydata);
+    // As if the later one were still copying (no vm.json yet): only the
+    // owner marks tell the two apart.
+    std::fs::remove_file(primary.join("vm/vm.json")).unwrap();
+    r.ds.recover("vm", Some(&x)).unwrap();
+    let st = relocation_status(&r, "vm").expect("shown");
+    assert_eq!(st.state, State::NotResumed, "{st:?}");
+    assert!(st.error.unwrap().contains("another relocation's"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(std::fs::read(&disk).unwrap(), ydata, "written into");
+    let e = r.ds.release("vm", true).unwrap_err().to_string();
+    assert!(e.contains("another relocation's"), "{e}");
+    assert_eq!(std::fs::read(&disk).unwrap(), ydata, "removed or written");
+}
