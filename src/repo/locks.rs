@@ -105,6 +105,10 @@ struct Me {
     host: String,
     boot_id: Option<String>,
     pid_ns: Option<String>,
+    /// `/proc` shows this pid namespace (`/proc/self` is our pid): else
+    /// `/proc/PID/stat` is another namespace's process, and start times
+    /// read there say nothing (a live holder would pass for reused).
+    proc_is_ours: bool,
 }
 
 fn me() -> &'static Me {
@@ -118,11 +122,19 @@ fn me() -> &'static Me {
         pid_ns: std::fs::read_link("/proc/self/ns/pid")
             .ok()
             .map(|p| p.to_string_lossy().into_owned()),
+        proc_is_ours: std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str()?.parse::<u32>().ok())
+            == Some(std::process::id()),
     })
 }
 
-/// Start time of process `pid` (field 22 of `/proc/PID/stat`), if readable.
+/// Start time of process `pid` (field 22 of `/proc/PID/stat`), if readable
+/// and `/proc` is this pid namespace's.
 fn start_time(pid: u32) -> Option<u64> {
+    if !me().proc_is_ours {
+        return None;
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses.
     let after = &stat[stat.rfind(')')? + 1..];

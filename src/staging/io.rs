@@ -826,9 +826,12 @@ impl BlockFile for OsFile {
             n if n >= 0 => n as u64,
             _ => {
                 let e = io::Error::last_os_error();
-                // Shrunk meanwhile: no hole before the end.
+                // Shrunk meanwhile: no hole before the end. A filesystem
+                // that cannot tell holes (EINVAL, EOPNOTSUPP) reports none,
+                // as `SEEK_HOLE`'s generic fallback does: never an error
+                // that would keep a relocation from being reopened.
                 return match e.raw_os_error() {
-                    Some(libc::ENXIO) => Ok(None),
+                    Some(libc::ENXIO | libc::EINVAL | libc::EOPNOTSUPP) => Ok(None),
                     _ => Err(e),
                 };
             }
