@@ -608,6 +608,41 @@ fn unbacked_copies(
         }
         at = h.end;
     }
+    zeroed_copy(d, f, m)
+}
+
+/// How many copied blocks `zeroed_copy` reads per disk.
+const ZERO_SAMPLES: u64 = 8;
+
+/// A block the map marks copied, with backup data the guest never changed,
+/// that reads all zeros from the target: such a block is never zero (the
+/// backup stores zero blocks as holes), so the file was rewritten or rolled
+/// back in place (a NAS snapshot; or a filesystem that reports no holes,
+/// NFSv3, where `next_hole` sees none). The first such block of each of
+/// `ZERO_SAMPLES` equal stretches of the disk is read: a file zeroed in
+/// place shows at once; a partly rolled-back one may pass, as with holes.
+fn zeroed_copy(
+    d: &Volume,
+    f: &dyn BlockFile,
+    m: &PersistentBitmap,
+) -> std::io::Result<Option<String>> {
+    let n = d.nblocks();
+    let step = n.div_ceil(ZERO_SAMPLES).max(1);
+    let mut buf = vec![];
+    for start in (0..n).step_by(step as usize) {
+        let Some(b) = d.first_copied_backup_data(m, start..(start + step).min(n)) else {
+            continue;
+        };
+        let (off, len) = d.block_range(b);
+        buf.resize(len as usize, 0);
+        f.read_exact_at(&mut buf, off)?;
+        if buf.iter().all(|&x| x == 0) {
+            return Ok(Some(format!(
+                "reads zeros over block {b} (bytes {off}..{}), marked copied",
+                off + len
+            )));
+        }
+    }
     Ok(None)
 }
 

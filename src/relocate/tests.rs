@@ -1585,6 +1585,21 @@ fn a_resumed_relocation_whose_target_file_was_emptied_to_holes_copies_that_disk_
 }
 
 #[test]
+fn a_resumed_relocation_whose_target_file_was_zeroed_in_place_without_holes_copies_that_disk_again()
+{
+    let rig = rig();
+    copy_all_then_crash(&rig);
+    // As a NAS snapshot rolled back, or a filesystem that reports no
+    // holes (NFSv3): the same file and length, zeros written, no hole.
+    std::fs::write(
+        rig.dir.path().join("primary/vm/disk0.raw"),
+        vec![0u8; BLOCKS * BS],
+    )
+    .unwrap();
+    assert_disk0_copied_again(&rig);
+}
+
+#[test]
 fn a_resumed_relocation_whose_target_file_has_another_length_copies_that_disk_again() {
     let rig = rig();
     copy_all_then_crash(&rig);
