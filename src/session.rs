@@ -134,6 +134,17 @@ impl Session {
         s.open = s.open.saturating_sub(1);
     }
 
+    /// What a relocation of this session copies (`relocate::Source`).
+    pub(crate) fn relocation_source(&self) -> crate::relocate::Source<'_> {
+        crate::relocate::Source {
+            storage: self.staging.storage(),
+            vm: &self.vm,
+            disks: &self.disks,
+            config_json: &self.config_json,
+            session_dir: &self.dir,
+        }
+    }
+
     pub fn open_handles(&self) -> u64 {
         self.state.lock().open
     }
@@ -549,13 +560,7 @@ impl Datastore {
             Some(r) if r.state() == crate::relocate::State::Done => return None,
             Some(r) => r.cancel(false),
             None => {
-                let src = crate::relocate::Source {
-                    storage: s.staging.storage(),
-                    vm,
-                    disks: &s.disks,
-                    config_json: &s.config_json,
-                    session_dir: &s.dir,
-                };
+                let src = s.relocation_source();
                 match Relocation::cancel_recorded(src, false) {
                     Ok(None) => return None,
                     Ok(Some(c)) => Ok(c),
@@ -664,13 +669,7 @@ impl Datastore {
         let mut forbidden = vec![self.mount.as_path()];
         forbidden.extend(self.stagings().iter().map(|s| s.root()));
         let r = Relocation::start(crate::relocate::Request {
-            source: crate::relocate::Source {
-                storage: s.staging.storage(),
-                vm,
-                disks: &s.disks,
-                config_json: &s.config_json,
-                session_dir: &s.dir,
-            },
+            source: s.relocation_source(),
             to,
             rate_mbps,
             force,

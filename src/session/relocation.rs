@@ -46,13 +46,7 @@ impl Datastore {
     /// and lets it copy (also if it had been paused). Still not reopenable:
     /// the reason, as an error. The caller holds the VM's operation lock.
     fn retry_relocation(&self, s: &Session, vm: &str) -> Result<RelocationStatus> {
-        let src = crate::relocate::Source {
-            storage: s.staging.storage(),
-            vm,
-            disks: &s.disks,
-            config_json: &s.config_json,
-            session_dir: &s.dir,
-        };
+        let src = s.relocation_source();
         match Relocation::reopen_or_hold(src)? {
             Reopened::Live(r) => {
                 tracing::info!(vm, target = %r.status().target.display(), "relocation reopened, resuming it");
@@ -106,16 +100,7 @@ impl Datastore {
                 c
             }
             None => {
-                let c = Relocation::cancel_recorded(
-                    crate::relocate::Source {
-                        storage: s.staging.storage(),
-                        vm,
-                        disks: &s.disks,
-                        config_json: &s.config_json,
-                        session_dir: &s.dir,
-                    },
-                    keep_target,
-                )?;
+                let c = Relocation::cancel_recorded(s.relocation_source(), keep_target)?;
                 // The record is gone (or was): nothing left to resume.
                 *s.relocation_not_resumed.lock() = None;
                 c.ok_or_else(|| Error::not_found(format!("VM {vm} has no relocation to cancel")))?
