@@ -118,14 +118,14 @@ def qemu_http_cor(s, url, size):
     return p, f"nbd+unix:///disk0?socket={sock}"
 
 
-def raw_get_ceiling(workdir, url, size, n_requests, length=MiB):
+def raw_get_ceiling(workdir, url, size, n_requests, length=MiB, align=MiB):
     """`curl --parallel` (one C event loop) keeping INFLIGHT ranged GETs of
     `length` bytes of the raw object in flight straight at the proxy, each
-    at a different 1 MiB-aligned offset (like the first touches)."""
+    at a different `align`-aligned offset (1 MiB: like the first touches)."""
     cfg = os.path.join(workdir, "ceiling.curl")
     with open(cfg, "w") as f:
         for i in range(n_requests):
-            off = (i * 7919 % (size // MiB)) * MiB
+            off = (i * 7919 % (size // align)) * align
             f.write(f'url = "{url}"\nrange = "{off}-{off + length - 1}"\noutput = "/dev/null"\n')
     t = time.monotonic()
     r = B.run(["curl", "-s", "-f", "--parallel", "--parallel-immediate", "--parallel-max", str(INFLIGHT),

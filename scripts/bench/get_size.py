@@ -42,7 +42,7 @@ import cold  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
-INFLIGHT = 16
+INFLIGHT = cold.INFLIGHT  # the same 16 GETs in flight as section 2
 SIZES = (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)
 CHUNKS = ("1M", "4M")
 KEY = "raw-get-size.img"
@@ -50,24 +50,12 @@ KEY = "raw-get-size.img"
 
 def ranged_gets(workdir, url, image_bytes, length, total=GiB):
     """`total` bytes as ranged GETs of `length` at `length`-aligned offsets
-    spread over the image, 16 in flight. MB/s, GETs/s, seconds."""
+    spread over the image, 16 in flight (section 2's ceiling, at another
+    size). MB/s, GETs/s, seconds, bytes."""
     n = max(total // length, INFLIGHT)
-    slots = image_bytes // length
-    cfg = os.path.join(workdir, f"gets-{length}.curl")
-    with open(cfg, "w") as f:
-        for i in range(n):
-            off = (i * 7919 % slots) * length
-            f.write(f'url = "{url}"\nrange = "{off}-{off + length - 1}"\noutput = "/dev/null"\n')
-    t = time.monotonic()
-    r = B.run(["curl", "-s", "-f", "--parallel", "--parallel-immediate", "--parallel-max", str(INFLIGHT),
-               "-w", "%{http_code} %{size_download}\\n", "-K", cfg], timeout=900, check=False)
-    secs = time.monotonic() - t
-    got = [line.split() for line in r.stdout.splitlines() if line.strip()]
-    bad = [g for g in got if g[0] != "206" or int(g[1]) != length]
-    if r.returncode != 0 or len(got) != n or bad:
-        raise RuntimeError(f"curl rc {r.returncode}, {len(got)} of {n} replies, {len(bad)} bad: "
-                           f"{(r.stderr or str(bad[:2]))[-200:]}")
-    return {"mb_s": n * length / secs / 1e6, "gets_per_s": n / secs, "seconds": secs, "bytes": n * length}
+    r = cold.raw_get_ceiling(workdir, url, image_bytes, n, length=length, align=length)
+    return {"mb_s": r["mb_s"], "gets_per_s": r["requests_per_s"], "seconds": r["seconds"],
+            "bytes": n * length}
 
 
 def main():
