@@ -124,7 +124,9 @@
 //!   (`repo::locks`: why backups and `gc` cannot race).
 //! * `pins/<vm>/<hash>.json` — `{vm, backups, host, staging, state,
 //!   written}`: backups a recovery session uses, which `forget` keeps
-//!   (`repo::pins`).
+//!   (`repo::pins`), and who serves or keeps which VM: a new recovery of
+//!   a VM another daemon's pin names is refused unless `--second-copy`
+//!   (`session::tests::elsewhere`).
 //!
 //! Staging (a directory, mode 0700, locked by the serving daemon; a
 //! directory that is neither empty nor a staging directory is refused

@@ -60,7 +60,7 @@ fn backup_to_s3_recover_from_s3_and_compare_bytes() {
 }
 
 #[test]
-fn two_daemons_recover_the_same_vm_from_one_bucket_at_once() {
+fn two_daemons_recover_the_same_vm_from_one_bucket_at_once_when_the_second_is_told_to() {
     let g = Garage::single();
     let env = s3_env(&g, "");
     let data = random_image(&env.path("a.raw"), 64 * K64, 43, K64);
@@ -72,7 +72,21 @@ fn two_daemons_recover_the_same_vm_from_one_bucket_at_once() {
     let s2 = env.path("s2.sock");
     let _d2 = Daemon::start(&env, &st2, &m2, &s2);
     let disk1 = env.recover("vm", None)[0].clone();
+    // Not without being asked: the first daemon serves it.
     let o = env.run(&["recover", "--socket", s2.to_str().unwrap(), "vm"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("VM vm is already served on host") && err.contains("--second-copy"),
+        "{err}"
+    );
+    let o = env.run(&[
+        "recover",
+        "--socket",
+        s2.to_str().unwrap(),
+        "vm",
+        "--second-copy",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let disk2 = m2.join("vm/disk0.raw");
     let t = std::thread::spawn(move || read_all(&disk2));

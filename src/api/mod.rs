@@ -141,6 +141,8 @@ struct RecoverBody {
     export_point: Option<String>,
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    second_copy: bool,
 }
 
 async fn export_points(State(ds): State<Ds>) -> ApiResult {
@@ -148,8 +150,7 @@ async fn export_points(State(ds): State<Ds>) -> ApiResult {
 }
 
 impl BodyShape for RecoverBody {
-    const SHAPE: &'static str =
-        r#"{"vm": NAME, "backup": ID?, "host": HOST?, "export_point": NAME?, "force": bool?}"#;
+    const SHAPE: &'static str = r#"{"vm": NAME, "backup": ID?, "host": HOST?, "export_point": NAME?, "force": bool?, "second_copy": bool?}"#;
 }
 
 async fn recover(State(ds): State<Ds>, JsonBody(body): JsonBody<RecoverBody>) -> ApiResult {
@@ -159,7 +160,7 @@ async fn recover(State(ds): State<Ds>, JsonBody(body): JsonBody<RecoverBody>) ->
             export_point: body.export_point,
             force: body.force,
         };
-        ds.recover_placed(&body.vm, body.backup.as_deref(), &req)
+        ds.recover_second_copy(&body.vm, body.backup.as_deref(), &req, body.second_copy)
     })
     .await
 }

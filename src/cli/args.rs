@@ -385,6 +385,11 @@ pub enum Command {
         /// connection over its limit for it.
         #[arg(long)]
         force: bool,
+        /// Recover even if another daemon serves the VM or keeps its
+        /// staging: a second writable copy, without that one's writes
+        /// (refused otherwise).
+        #[arg(long)]
+        second_copy: bool,
         /// Show every export point's figures and which rule chose.
         #[arg(long)]
         explain: bool,

@@ -257,6 +257,7 @@ pub fn run(cli: Cli) -> Result<()> {
             host,
             export_point,
             force,
+            second_copy,
             explain,
             json,
         } => recover::run(
@@ -267,6 +268,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 host: host.as_deref(),
                 export_point: &export_point,
                 force,
+                second_copy,
                 explain,
                 json,
             },

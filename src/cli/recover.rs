@@ -14,6 +14,7 @@ pub struct RecoverArgs<'a> {
     pub host: Option<&'a str>,
     pub export_point: &'a str,
     pub force: bool,
+    pub second_copy: bool,
     pub explain: bool,
     pub json: bool,
 }
@@ -33,7 +34,8 @@ pub fn run(socket: &SocketArg, a: RecoverArgs) -> Result<()> {
         let r = c.post(
             "/sessions",
             &json!({"vm": v, "backup": a.backup, "host": a.host,
-                    "export_point": a.export_point, "force": a.force}),
+                    "export_point": a.export_point, "force": a.force,
+                    "second_copy": a.second_copy}),
         );
         match &r {
             Ok(r) if !a.json => {

@@ -14,6 +14,10 @@
 //! that its backup still exists; `forget` deletes, then reads the pins
 //! again and puts back what was pinned meanwhile (see `repo::forget`).
 //!
+//! Pins also say which daemon serves or keeps a VM: a new recovery of a
+//! VM another daemon's pin names is refused unless asked for a second
+//! copy (`Datastore::refuse_recovered_elsewhere`).
+//!
 //! Writing a pin never stops a recovery: a repository that cannot be
 //! written is logged, and a served session's daemon writes the pin again
 //! at its next check of the session's backups (`session::pinning`).

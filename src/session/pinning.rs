@@ -87,6 +87,54 @@ impl Datastore {
         Ok(guard)
     }
 
+    /// Refuses a new recovery of `vm` that another daemon already serves
+    /// or keeps (explore1 M8): a second writable copy drifts from the
+    /// first, and the guest writes kept there are not seen here. Read
+    /// from the pins, after this session put its own, so that of two
+    /// daemons starting at once at least one sees the other. A pin that
+    /// cannot be read stops no recovery: it is logged.
+    pub(crate) fn refuse_recovered_elsewhere(&self, vm: &str) -> Result<()> {
+        let others = match pins::of_vm(&self.repo, vm) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    vm,
+                    "cannot tell whether another daemon recovers this VM: {e}"
+                );
+                return Ok(());
+            }
+        };
+        let host = pins::hostname();
+        let Some(other) = others.iter().find(|p| {
+            let local = p.host == host;
+            // A throwaway recovery (`files`, `verify-boot`) keeps no writes;
+            // a session of this host whose directory is gone (deleted, or
+            // on a disk not mounted: the writes stay there) has none here.
+            let gone_here = local && !Path::new(&p.staging).exists();
+            let ours = local && self.holds_staging_of(vm, &p.staging);
+            p.owner.is_none() && !ours && !gone_here
+        }) else {
+            return Ok(());
+        };
+        let what = match other.state.as_str() {
+            "serving" => "is already served",
+            _ => "has kept staging (guest writes not in any backup)",
+        };
+        Err(Error::busy(format!(
+            "VM {vm} {what} on host {} in {} (pin written {}): a recovery here would be a second writable copy without its writes; release it there first, or run `recoverfs recover {vm} --second-copy` to recover it here anyway",
+            other.host, other.staging, other.written
+        )))
+    }
+
+    /// Whether `session_dir` is a session directory of `vm` in one of this
+    /// daemon's staging directories.
+    fn holds_staging_of(&self, vm: &str, session_dir: &str) -> bool {
+        let parent = Path::new(session_dir).parent();
+        self.points()
+            .iter()
+            .any(|p| parent == p.staging.session_dir(vm, "-").parent())
+    }
+
     /// Removes the pin of discarded staging at `dir`.
     pub(crate) fn unpin(&self, vm: &str, backup: &str, dir: &Path) {
         pins::remove_logged(&self.repo, &Pin::new(vm, vec![backup.into()], dir, false));

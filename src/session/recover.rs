@@ -60,7 +60,19 @@ impl Datastore {
         backup: Option<&str>,
         req: &PlaceRequest,
     ) -> Result<RecoverInfo> {
-        self.recover_at(vm, backup, Placing::New(req))
+        self.recover_second_copy(vm, backup, req, false)
+    }
+
+    /// `recover_placed`; with `second_copy`, also when another daemon
+    /// serves the VM or keeps its staging (refused otherwise).
+    pub fn recover_second_copy(
+        &self,
+        vm: &str,
+        backup: Option<&str>,
+        req: &PlaceRequest,
+        second_copy: bool,
+    ) -> Result<RecoverInfo> {
+        self.recover_at(vm, backup, Placing::New { req, second_copy })
     }
 
     pub(super) fn recover_at(
@@ -82,10 +94,14 @@ impl Datastore {
                     s.backup
                 )));
             }
-            if let Placing::New(PlaceRequest {
-                export_point: Some(p),
+            if let Placing::New {
+                req:
+                    PlaceRequest {
+                        export_point: Some(p),
+                        ..
+                    },
                 ..
-            }) = &placing
+            } = &placing
             {
                 if p != "auto" && p != s.point.name() {
                     return Err(Error::busy(format!(
@@ -99,12 +115,19 @@ impl Datastore {
         // A session served before a restart has a guest running on: its
         // reads are no boot, and must not become a recording of one.
         let restarted = matches!(placing, Placing::Kept { .. });
+        let alone = matches!(
+            placing,
+            Placing::New {
+                second_copy: false,
+                ..
+            }
+        );
         // Which kept staging resumes decides where the VM may go: its
         // data stays in the staging directory it is in.
         // `reserved` is held until the session is in the table (any
         // return before drops it): recoveries placed meanwhile count it.
         let (point, host, decision, chosen, reserved) = match placing {
-            Placing::New(req) => {
+            Placing::New { req, .. } => {
                 let chosen = self.choose_manifest(vm, backup, None)?;
                 let need = self.expected_working_set(vm, &chosen.manifest);
                 let (d, reserved) = self.place(vm, req, chosen.kept.as_ref(), need)?;
@@ -136,6 +159,9 @@ impl Datastore {
             true => Some(self.pin_new_session(vm, &manifest.id, &dir)?),
             false => None,
         };
+        if alone {
+            self.refuse_recovered_elsewhere(vm)?;
+        }
         let storage = staging.storage().clone();
         let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
         if !resumed {
@@ -381,8 +407,12 @@ impl Drop for Unstarted {
 
 /// How `recover_at` places a session.
 pub(super) enum Placing<'a> {
-    /// A new recovery: decide.
-    New(&'a PlaceRequest),
+    /// A new recovery: decide; refused if another daemon serves or keeps
+    /// the VM, unless `second_copy`.
+    New {
+        req: &'a PlaceRequest,
+        second_copy: bool,
+    },
     /// A session that was served before the restart, found in `staging`:
     /// where it was (its recorded point and host).
     Kept {

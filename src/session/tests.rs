@@ -668,6 +668,7 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
     assert_eq!(s2.disks[0].read(5, 7).unwrap(), b"v2 data");
 }
 
+mod elsewhere;
 mod live_backup;
 mod recover_faults;
 mod relocation;

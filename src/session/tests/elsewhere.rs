@@ -1,0 +1,81 @@
+//! A VM another daemon serves or keeps is not recovered a second time
+//! without being asked (explore1 M8): two writable copies would drift
+//! apart, and the guest writes kept there would not be seen here.
+
+use super::*;
+
+/// A second daemon's datastore on the rig's repository, with its own
+/// staging directory (`<rig>/<name>/staging`) on the same host.
+fn other_daemon(r: &Rig, name: &str) -> Arc<Datastore> {
+    let d = r.dir.path().join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    datastore(&d, &r.repo, &[])
+}
+
+fn pins(r: &Rig) -> Vec<crate::repo::pins::Pin> {
+    crate::repo::pins::of_vm(&r.repo, "vm").unwrap()
+}
+
+#[test]
+fn a_vm_served_by_another_daemon_is_refused_with_where_and_recovered_only_with_second_copy() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let there = r.ds.session("vm").unwrap().dir.display().to_string();
+    let other = other_daemon(&r, "b");
+    let e = other.recover("vm", None).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    let msg = e.to_string();
+    for part in ["VM vm is already served on host", &there, "--second-copy"] {
+        assert!(msg.contains(part), "{part:?} not in {msg}");
+    }
+    // Nothing of the refused attempt is left: no session, no pin.
+    assert!(other.session("vm").is_none());
+    assert_eq!(pins(&r).len(), 1);
+    let req = PlaceRequest::default();
+    other.recover_second_copy("vm", None, &req, true).unwrap();
+    assert!(other.session("vm").is_some());
+    assert_eq!(pins(&r).len(), 2);
+    // The first daemon, asked again, serves its own session as before.
+    assert!(r.ds.recover("vm", None).is_ok());
+}
+
+#[test]
+fn a_vm_kept_by_another_daemon_is_refused_until_that_staging_is_discarded() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    let other = other_daemon(&r, "b");
+    let e = other.recover("vm", Some(&b1)).unwrap_err();
+    assert!(e.to_string().contains("has kept staging"), "{e}");
+    // Its own kept staging resumes as before.
+    r.ds.recover("vm", None).unwrap();
+    r.ds.release("vm", true).unwrap();
+    other.recover("vm", Some(&b1)).unwrap();
+}
+
+#[test]
+fn a_throwaway_recovery_of_the_vm_elsewhere_does_not_stop_a_recovery() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    // What `files` or `verify-boot` put, from a live process.
+    let mut pin =
+        crate::repo::pins::Pin::new("vm", vec![b1.clone()], &r.dir.path().join("t"), true);
+    pin.owner = Some(crate::repo::locks::this_process());
+    crate::repo::pins::put(&r.repo, &pin).unwrap();
+    r.ds.recover("vm", Some(&b1)).unwrap();
+}
+
+#[test]
+fn a_session_of_this_host_whose_staging_directory_is_gone_does_not_stop_a_recovery() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    let gone = r.dir.path().join("gone/staging/sessions/vm").join(&b1);
+    std::fs::create_dir_all(&gone).unwrap();
+    let pin = crate::repo::pins::Pin::new("vm", vec![b1.clone()], &gone, true);
+    crate::repo::pins::put(&r.repo, &pin).unwrap();
+    assert!(r.ds.recover("vm", Some(&b1)).is_err());
+    std::fs::remove_dir_all(r.dir.path().join("gone")).unwrap();
+    r.ds.recover("vm", Some(&b1)).unwrap();
+}
