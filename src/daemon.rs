@@ -133,6 +133,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .map(|p| (p.name.as_str(), p.staging.as_deref()))
         .collect();
     let staging = StagingSet::open(&opts.staging, &mount, &points, &repo, &opts.staging_lost)?;
+    // The staging is locked: its previous daemon is gone.
+    let main_root = staging.main().root().to_path_buf();
+    detach_previous_mount(&main_root, &mount);
     for dir in staging.all() {
         dir.budget()
             .set_limits(opts.staging_limits.max, opts.staging_limits.reserve);
@@ -151,6 +154,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .build()
         .ctx(|| "start the export runtime".into())?;
     let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts.datastore)?;
+    if let Err(e) = crate::staging::last_mount::write(&main_root, &mount) {
+        tracing::warn!("could not record the mount point in the staging directory (a later daemon there with another --mount will not detach this one if it is left dead): {e}");
+    }
     let exports = match Exports::start(&rt, &mounted.ds, &opts) {
         Ok(e) => e,
         Err(e) => {
@@ -639,6 +645,35 @@ pub fn check_mount_point(mount: &Path) -> Result<PathBuf> {
         }
     }
     std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))
+}
+
+/// Detaches the dead FUSE mount the previous daemon of this staging left
+/// at another mount point than `mount` (see `staging::last_mount`). Only
+/// a dead recoverfs mount is touched: a mount point since reused, or
+/// served by a live daemon, is left alone. Never fails `serve`.
+fn detach_previous_mount(root: &Path, mount: &Path) {
+    let Some(prev) = crate::staging::last_mount::read(root) else {
+        return;
+    };
+    if prev == mount || mount_point_state(&prev).ok() != Some(MountPointState::Stale) {
+        return;
+    }
+    let mounts = mountinfo::current();
+    if !mountinfo::at(&mounts, &prev).is_some_and(|m| m.is_recoverfs()) {
+        return;
+    }
+    match nix::mount::umount2(&prev, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) => tracing::warn!(
+            "detached the dead mount {} left by the previous daemon of this staging (now serving at {})",
+            prev.display(),
+            mount.display()
+        ),
+        Err(e) => tracing::warn!(
+            "the previous daemon of this staging left a dead mount at {} that cannot be detached ({e}); run `fusermount3 -u -z {}`",
+            prev.display(),
+            prev.display()
+        ),
+    }
 }
 
 fn mount_point_state(mount: &Path) -> Result<MountPointState> {

@@ -250,3 +250,50 @@ fn a_backup_killed_midway_leaves_no_backup_and_the_next_one_succeeds() {
         &id,
     ]);
 }
+
+/// Whether anything is mounted at `p` (an absolute path), by mountinfo.
+fn mounted_at(p: &std::path::Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = p.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+#[test]
+fn a_daemon_restarted_on_its_staging_with_another_mount_detaches_the_dead_mount_the_killed_one_left(
+) {
+    let env = Env::new();
+    let original = random_image(&env.path("a.raw"), 8 * K64, 23, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let old_mount = std::fs::canonicalize(&env.mount).unwrap();
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(b"kept", 0)
+        .unwrap();
+    d.kill9();
+    let e = std::fs::metadata(&env.mount).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    assert!(mounted_at(&old_mount));
+    let m2 = env.path("mnt2");
+    std::fs::create_dir(&m2).unwrap();
+    let d2 = Daemon::start(&env, &env.staging, &m2, &env.socket);
+    assert!(
+        !mounted_at(&old_mount),
+        "the dead mount is still there: {}",
+        d2.log_text()
+    );
+    assert!(
+        d2.log_text().contains("detached the dead mount"),
+        "{}",
+        d2.log_text()
+    );
+    // The VM comes back at the new mount point with its write.
+    let disk = env.recover("vm", None)[0].clone();
+    assert!(disk.starts_with(&m2), "{}", disk.display());
+    let now = read_all(&disk);
+    assert_eq!(&now[..4], b"kept");
+    assert_eq!(now[4..], original[4..]);
+}
