@@ -134,6 +134,9 @@
 //! `staging=DIR` if it has one, all laid out alike; a session lives in the
 //! staging of the point it was created at and never moves:
 //! * `staging.json` — the repository id it belongs to.
+//! * `mount.json` — where its daemon last mounted (main staging only): a
+//!   daemon started there with another `--mount` detaches the dead mount
+//!   a killed one left (`staging::last_mount`).
 //! * `sessions/<vm>/<backup>/manifest.json` — the backup's manifest as
 //!   recovered, so a kept session resumes while the repository is down.
 //! * `…/diskN.data` — sparse file, disk-sized (opened `O_NOATIME`).
