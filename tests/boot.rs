@@ -231,11 +231,14 @@ impl Drop for Reap {
 }
 
 #[test]
-fn boot_with_qmp_gives_a_monitor_that_controls_the_vm_and_never_replaces_a_file() {
+fn boot_with_qmp_gives_a_monitor_that_controls_the_vm_and_never_replaces_a_file_and_boots_the_backup_named(
+) {
     use recoverfs::qemu::qmp::Qmp;
     use std::time::{Duration, Instant};
     let env = Env::new();
-    env.backup("tiny", "64K", &[&tiny_image()]);
+    let older = env.backup("tiny", "64K", &[&tiny_image()]);
+    let newest = env.backup("tiny", "64K", &[&tiny_image()]);
+    assert_ne!(older, newest);
     let _d = env.serve();
     let sock = env.socket.to_str().unwrap();
 
@@ -262,6 +265,7 @@ fn boot_with_qmp_gives_a_monitor_that_controls_the_vm_and_never_replaces_a_file(
             "boot", "--socket", sock, "tiny", "--quiet", "--marker", MARKER,
         ])
         .args(["--timeout", "180", "--qmp", qmp.to_str().unwrap()])
+        .args(["--backup", &older])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -286,6 +290,14 @@ fn boot_with_qmp_gives_a_monitor_that_controls_the_vm_and_never_replaces_a_file(
     let mut err = String::new();
     std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(st.success(), "boot failed: {err}");
+    // It booted the backup named, not the newest; another one now is
+    // refused in one line naming the one served.
+    assert_eq!(env.status()["sessions"][0]["backup"], older.as_str());
+    let out = env.fails(
+        &["boot", "--socket", sock, "tiny", "--backup", &newest],
+        &format!("already being recovered from backup {older}"),
+    );
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
 }
 
 #[test]

@@ -415,6 +415,10 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArg,
         vm: String,
+        /// The backup to recover if the VM is not served yet (as `recover
+        /// --backup`); default: its kept staging, else the newest backup.
+        #[arg(long)]
+        backup: Option<String>,
         /// How QEMU reaches the disks: the FUSE files, or the daemon's NFS or
         /// NBD export. NBD is recommended: it reconnects, so a daemon restart
         /// is invisible to the guest.

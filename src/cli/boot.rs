@@ -86,27 +86,46 @@ fn sources(info: &Value, via: Via) -> Result<Vec<DiskSource>> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn boot_session(
-    client: &Client,
-    vm: &str,
-    via: Via,
-    marker: Option<String>,
-    timeout: Duration,
-    console: Option<PathBuf>,
-    quiet: bool,
-    qmp: Option<PathBuf>,
-    qga: Option<PathBuf>,
-) -> Result<()> {
+/// What `boot` was asked (see `cli::args`).
+pub struct BootArgs {
+    pub vm: String,
+    /// Recover this backup if the VM is not served yet.
+    pub backup: Option<String>,
+    pub via: Via,
+    pub marker: Option<String>,
+    pub timeout: Duration,
+    pub console: Option<PathBuf>,
+    pub quiet: bool,
+    pub qmp: Option<PathBuf>,
+    pub qga: Option<PathBuf>,
+}
+
+pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
+    let BootArgs {
+        vm,
+        backup,
+        via,
+        marker,
+        timeout,
+        console,
+        quiet,
+        qmp,
+        qga,
+    } = a;
+    let vm = vm.as_str();
     crate::util::validate_name("VM name", vm)?;
+    if let Some(b) = &backup {
+        crate::util::validate_name("backup id", b)?;
+    }
     if let Some(p) = &qmp {
         crate::boot::check_qmp_path(p)?;
     }
     if let Some(p) = &qga {
         crate::boot::check_socket_path(p, "--qga", "guest agent")?;
     }
-    // Recover is idempotent: it returns the running session's disks.
-    let info = client.post("/sessions", &json!({"vm": vm}))?;
+    // Recover is idempotent: it returns the running session's disks (a
+    // session of another backup than `--backup` is refused, naming it).
+    let info = client.post("/sessions", &json!({"vm": vm, "backup": backup}))?;
     let config_path = info["config"]
         .as_str()
         .map(PathBuf::from)

@@ -345,6 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Boot {
             socket,
             vm,
+            backup,
             via,
             marker,
             timeout,
@@ -354,14 +355,17 @@ pub fn run(cli: Cli) -> Result<()> {
             qga,
         } => boot::boot_session(
             &client(&socket),
-            &vm,
-            via,
-            marker,
-            Duration::from_secs(timeout),
-            console,
-            quiet,
-            qmp,
-            qga,
+            boot::BootArgs {
+                vm,
+                backup,
+                via,
+                marker,
+                timeout: Duration::from_secs(timeout),
+                console,
+                quiet,
+                qmp,
+                qga,
+            },
         ),
         Command::VerifyBoot {
             repo,

@@ -710,7 +710,12 @@ mod missing_tests {
     use crate::error::ErrorKind;
 
     /// A repository with one stored chunk; (dir, root, repo, digest).
-    fn one_chunk() -> (tempfile::TempDir, std::path::PathBuf, Arc<Repository>, Digest) {
+    fn one_chunk() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Arc<Repository>,
+        Digest,
+    ) {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("r");
         let (repo, _) = Repository::open_or_create(root.to_str().unwrap()).unwrap();
@@ -726,13 +731,18 @@ mod missing_tests {
         // A share not mounted: an empty directory where the repository was.
         std::fs::rename(&root, d.path().join("away")).unwrap();
         std::fs::create_dir(&root).unwrap();
-        let e = repo.read_chunk(&digest, 4096, &"disk0 block 0").unwrap_err();
+        let e = repo
+            .read_chunk(&digest, 4096, &"disk0 block 0")
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Io, "{e}");
         assert!(e.to_string().contains("does not answer as itself"), "{e}");
         // Back in place: it reads again.
         std::fs::remove_dir(&root).unwrap();
         std::fs::rename(d.path().join("away"), &root).unwrap();
-        assert_eq!(repo.read_chunk(&digest, 4096, &"x").unwrap().0, vec![7u8; 4096]);
+        assert_eq!(
+            repo.read_chunk(&digest, 4096, &"x").unwrap().0,
+            vec![7u8; 4096]
+        );
     }
 
     #[test]
@@ -740,8 +750,13 @@ mod missing_tests {
         let (_d, root, repo, digest) = one_chunk();
         let key = root.join(digest.key());
         std::fs::remove_file(&key).unwrap();
-        let e = repo.read_chunk(&digest, 4096, &"disk0 block 0").unwrap_err();
+        let e = repo
+            .read_chunk(&digest, 4096, &"disk0 block 0")
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-        assert!(e.to_string().contains("is missing from the repository"), "{e}");
+        assert!(
+            e.to_string().contains("is missing from the repository"),
+            "{e}"
+        );
     }
 }
