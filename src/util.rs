@@ -543,17 +543,30 @@ pub mod mountinfo {
     /// drops it): the source is what tells them.
     pub const RECOVERFS_SOURCE: &str = "recoverfs";
 
-    /// One mount: where, its type and its source.
+    /// One mount: where, its type, its source and the filesystem's own
+    /// (super block) options.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Mount {
         pub point: PathBuf,
         pub fs_type: String,
         pub source: String,
+        pub super_options: String,
     }
 
     impl Mount {
         pub fn is_recoverfs(&self) -> bool {
             self.fs_type.starts_with("fuse") && self.source == RECOVERFS_SOURCE
+        }
+
+        /// An NFS mount whose POSIX (and so OFD) locks stay on this host
+        /// (`nolock`, shown as `local_lock=all`, or `local_lock=posix`):
+        /// its locks do not keep another host's process out.
+        pub fn locks_stay_local(&self) -> bool {
+            self.fs_type.starts_with("nfs")
+                && self
+                    .super_options
+                    .split(',')
+                    .any(|o| matches!(o, "nolock" | "local_lock=all" | "local_lock=posix"))
         }
     }
 
@@ -567,10 +580,12 @@ pub mod mountinfo {
                 let mut r = right.split(' ');
                 let fs_type = r.next()?.to_string();
                 let source = r.next().map(unescape)?;
+                let super_options = r.next().unwrap_or_default().to_string();
                 Some(Mount {
                     point,
                     fs_type,
                     source: source.to_string_lossy().into_owned(),
+                    super_options,
                 })
             })
             .collect()
@@ -581,6 +596,18 @@ pub mod mountinfo {
         std::fs::read_to_string("/proc/self/mountinfo")
             .map(|t| parse(&t))
             .unwrap_or_default()
+    }
+
+    /// The mount a lookup of `path` (absolute, canonical as far as it
+    /// exists) reaches: the longest mount point above it, the last
+    /// listed of those at that point.
+    pub fn holding<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+        mounts
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| path.starts_with(&m.point))
+            .max_by_key(|(i, m)| (m.point.components().count(), *i))
+            .map(|(_, m)| m)
     }
 
     /// The last mount at `point`, if any.
@@ -634,6 +661,24 @@ pub mod mountinfo {
             // Stacked: the last mount is the one a lookup reaches.
             assert!(at(&m, Path::new("/srv/both")).unwrap().is_recoverfs());
             assert_eq!(at(&m, Path::new("/srv")), None);
+        }
+
+        #[test]
+        fn the_mount_holding_a_path_is_the_deepest_and_nfs_nolock_keeps_locks_local() {
+            let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 0:50 / /srv/nfs rw,relatime - nfs 198.18.0.2:/export rw,vers=3,hard,nolock,proto=tcp,local_lock=all,addr=198.18.0.2
+31 22 0:51 / /srv/nfs4 rw,relatime - nfs4 198.18.0.3:/ rw,vers=4.2,hard,proto=tcp,local_lock=none,addr=198.18.0.3
+32 22 0:52 / /srv/posix rw - nfs 198.18.0.2:/p rw,vers=3,local_lock=posix
+";
+            let m = parse(info);
+            let h = |p: &str| holding(&m, Path::new(p)).unwrap();
+            assert_eq!(h("/srv/nfs/vm/disk0.raw").point, Path::new("/srv/nfs"));
+            assert!(h("/srv/nfs/vm").locks_stay_local());
+            assert!(h("/srv/posix/vm").locks_stay_local());
+            assert!(!h("/srv/nfs4/vm").locks_stay_local());
+            assert_eq!(h("/srv/nfsx").point, Path::new("/"));
+            assert!(!h("/srv/nfsx").locks_stay_local());
         }
     }
 }

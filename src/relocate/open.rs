@@ -56,6 +56,7 @@ impl Relocation {
         }
         let target_dir = dir.join(req.source.vm);
         refuse_recoverfs_dirs(&target_dir)?;
+        warn_if_locks_stay_local(&target_dir);
         let mut missing = false;
         match std::fs::symlink_metadata(&target_dir) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -682,6 +683,15 @@ fn refuse_recoverfs_dirs(dir: &Path) -> Result<()> {
         return refuse(format!("the recoverfs mount {}", m.display()));
     }
     Ok(())
+}
+
+/// Logs that the target's locks (which keep two relocations from one
+/// target file) do not reach other hosts: NFS mounted `nolock`.
+fn warn_if_locks_stay_local(dir: &Path) {
+    let mounts = mountinfo::current();
+    if let Some(m) = mountinfo::holding(&mounts, dir).filter(|m| m.locks_stay_local()) {
+        tracing::warn!(target = %dir.display(), mount = %m.point.display(), "the target is on NFS mounted without network locks (nolock): a relocation from another host to the same files is not kept out; mount it with locks, or make sure no other host relocates there");
+    }
 }
 
 /// The recoverfs FUSE mount at `dir` or above it among `mounts`, if any.
