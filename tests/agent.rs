@@ -607,10 +607,10 @@ echo resumed > /srv/app/state; touch /srv/app/after-post"),
     // thread, without its finished threads (the copy's 32 MiB), which once
     // made the last sample look like nothing was streamed. The largest
     // lags the end by one read, so half the file is a generous bar.
+    let after_post = n[1].saturating_sub(n[0]);
     assert!(
-        n[1] - n[0] >= 16 << 20,
-        "the agent wrote only {} bytes after post: it streamed while quiesced",
-        n[1] - n[0]
+        after_post >= 16 << 20,
+        "the agent wrote only {after_post} bytes after post: it streamed while quiesced"
     );
     // The backup holds the quiesced state; the guest moved on.
     let cat = |path: &str| {

@@ -61,14 +61,26 @@ fn tiny_vm_boots_from_its_backup_and_keeps_its_writes_across_release_crash_and_r
     std::fs::create_dir(&mount2).unwrap();
     let socket2 = env.path("control2.sock");
     let _d3 = Daemon::start(&env, &staging2, &mount2, &socket2);
-    let o = env.run(&[
-        "recover",
-        "--socket",
-        socket2.to_str().unwrap(),
-        "tiny",
-        "--backup",
-        &id2,
-    ]);
+    let recover2 = |more: &[&str]| {
+        let mut args = vec![
+            "recover",
+            "--socket",
+            socket2.to_str().unwrap(),
+            "tiny",
+            "--backup",
+            &id2,
+        ];
+        args.extend(more);
+        env.run(&args)
+    };
+    // d2 still serves tiny: a second copy only when asked for.
+    let o = recover2(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is served by a recoverfs daemon on host"),
+        "{err}"
+    );
+    let o = recover2(&["--second-copy"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let disk2 = mount2.join("tiny/disk0.raw");
     assert_eq!(boot_counter_of(&disk2, "boot of the re-backup"), 4);

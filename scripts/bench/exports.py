@@ -283,8 +283,7 @@ def section_cold(work, rounds, disk_mib, delay_ms):
             peer from an empty cache."""
             if s.name.startswith("recoverfs"):
                 if "d" in state:
-                    B.stop_process(state["d"].proc)
-                    B.unmount(state["d"].mount)
+                    state["d"].stop_and_drop_staging()
                 n = state.get("n", 0) + 1
                 state["n"] = n
                 d = start_daemon(scope, repo, f"rfs{n}", extra=["--repo-delay-ms", str(delay_ms)])

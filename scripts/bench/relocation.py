@@ -97,6 +97,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.p.kill()
         subprocess.run(["fusermount3", "-u", "-z", self.mount], capture_output=True)
+        # A throwaway staging: left, its kept session would make the next
+        # daemon on this repository refuse the VM as recovered elsewhere.
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def fio_latency(disk, seconds):

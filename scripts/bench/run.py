@@ -147,6 +147,11 @@ class Scope:
         os.makedirs(self.dir)
         self.procs = []
         self.mounts = []
+        # Staging directories of recoverfs daemons, removed at close even
+        # with --keep: a stopped daemon's kept sessions would otherwise make
+        # the next daemon on the same repository refuse the VM as recovered
+        # elsewhere (its pin names a staging directory that still exists).
+        self.stagings = []
 
     def __enter__(self):
         return self
@@ -207,6 +212,10 @@ class Scope:
             if p.poll() is None:
                 p.kill()
         self.procs, self.mounts = [], []
+        for st in self.stagings:
+            if not mounted_under(st):
+                shutil.rmtree(st, ignore_errors=True)
+        self.stagings = []
         if REMOVE_SCOPES and not mounted_under(self.dir):
             # Staging, repositories and images of a finished experiment:
             # dozens of runs would not fit on the disk otherwise.
@@ -436,9 +445,18 @@ class Recoverfs:
             "--mount", self.mount, "--socket", self.socket,
             "--fetch-workers", str(self.fetch_workers)] + self.args, env=self.env)
         self.scope.add_mount(self.mount)
+        self.scope.stagings.append(self.staging)
         wait_for(lambda: os.path.exists(self.socket) and mounted(self.mount), 30,
                  "recoverfs serve", self.proc, self.scope)
         return self
+
+    def stop_and_drop_staging(self):
+        """Stops the daemon and removes its staging (a throwaway one), so
+        that a next daemon on the same repository may recover its VMs."""
+        stop_process(self.proc)
+        unmount(self.mount)
+        if not mounted_under(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def recover(self, vm):
         r = run([self.bin, "recover", "--socket", self.socket, vm], env=self.env, timeout=120)

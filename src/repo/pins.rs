@@ -120,19 +120,38 @@ pub fn remove_logged(repo: &Repository, pin: &Pin) {
 /// Every pin of `vm`. A pin that cannot be read is an error: what it
 /// protects is unknown.
 pub fn of_vm(repo: &Repository, vm: &str) -> Result<Vec<Pin>> {
+    read_of_vm(repo, vm, &|key, e| {
+        Err(Error::corrupt(format!(
+            "pin {key} is damaged ({e}): the backups it protects are unknown; remove it by hand if its session is gone"
+        )))
+    })
+}
+
+/// Every pin of `vm` that can be read; a damaged one is logged and passed
+/// over (for checks that must not stop on it, unlike `forget`).
+pub fn of_vm_readable(repo: &Repository, vm: &str) -> Result<Vec<Pin>> {
+    read_of_vm(repo, vm, &|key, e| {
+        tracing::warn!("pin {key} is damaged ({e}): passed over");
+        Ok(())
+    })
+}
+
+/// The pins of `vm`; `damaged` decides about one that does not parse.
+fn read_of_vm(
+    repo: &Repository,
+    vm: &str,
+    damaged: &dyn Fn(&str, serde_json::Error) -> Result<()>,
+) -> Result<Vec<Pin>> {
     validate_name("VM name", vm)?;
     let mut out = vec![];
     for o in repo.backend().list_all(&format!("pins/{vm}"))? {
         let Some(bytes) = repo.backend().get(&o.key, super::limits::MAX_META_BYTES)? else {
             continue;
         };
-        let pin: Pin = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::corrupt(format!(
-                "pin {} is damaged ({e}): the backups it protects are unknown; remove it by hand if its session is gone",
-                o.key
-            ))
-        })?;
-        out.push(pin);
+        match serde_json::from_slice::<Pin>(&bytes) {
+            Ok(pin) => out.push(pin),
+            Err(e) => damaged(&o.key, e)?,
+        }
     }
     Ok(out)
 }

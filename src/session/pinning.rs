@@ -91,10 +91,16 @@ impl Datastore {
     /// or keeps (explore1 M8): a second writable copy drifts from the
     /// first, and the guest writes kept there are not seen here. Read
     /// from the pins, after this session put its own, so that of two
-    /// daemons starting at once at least one sees the other. A pin that
-    /// cannot be read stops no recovery: it is logged.
+    /// daemons starting at once at least one sees the other (both may
+    /// then be refused; a retry of one succeeds). A throwaway recovery
+    /// (`files`, `verify-boot`) makes no copy that drifts: never refused,
+    /// and its pins never refuse. A pin that cannot be read is logged and
+    /// passed over.
     pub(crate) fn refuse_recovered_elsewhere(&self, vm: &str) -> Result<()> {
-        let others = match pins::of_vm(&self.repo, vm) {
+        if self.pin_owner.get().is_some() {
+            return Ok(());
+        }
+        let others = match pins::of_vm_readable(&self.repo, vm) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(
@@ -107,32 +113,26 @@ impl Datastore {
         let host = pins::hostname();
         let Some(other) = others.iter().find(|p| {
             let local = p.host == host;
-            // A throwaway recovery (`files`, `verify-boot`) keeps no writes;
-            // a session of this host whose directory is gone (deleted, or
-            // on a disk not mounted: the writes stay there) has none here.
-            let gone_here = local && !Path::new(&p.staging).exists();
-            let ours = local && self.holds_staging_of(vm, &p.staging);
+            // A session of this host whose directory is known gone
+            // (deleted, or on a disk not mounted: the writes stay there)
+            // has none here; one that cannot be looked at still counts.
+            let gone_here = local && matches!(Path::new(&p.staging).try_exists(), Ok(false));
+            let ours = local && self.holds_staging(&p.staging);
             p.owner.is_none() && !ours && !gone_here
         }) else {
             return Ok(());
         };
-        let what = match other.state.as_str() {
-            "serving" => "is already served",
-            _ => "has kept staging (guest writes not in any backup)",
-        };
-        Err(Error::busy(format!(
-            "VM {vm} {what} on host {} in {} (pin written {}): a recovery here would be a second writable copy without its writes; release it there first, or run `recoverfs recover {vm} --second-copy` to recover it here anyway",
-            other.host, other.staging, other.written
-        )))
+        Err(Error::busy(recovered_elsewhere(vm, other)))
     }
 
-    /// Whether `session_dir` is a session directory of `vm` in one of this
-    /// daemon's staging directories.
-    fn holds_staging_of(&self, vm: &str, session_dir: &str) -> bool {
-        let parent = Path::new(session_dir).parent();
-        self.points()
+    /// Whether `session_dir` lies in one of this daemon's staging
+    /// directories (`--staging` and every export point's own).
+    fn holds_staging(&self, session_dir: &str) -> bool {
+        let dir = Path::new(session_dir);
+        self.stagings
+            .all()
             .iter()
-            .any(|p| parent == p.staging.session_dir(vm, "-").parent())
+            .any(|s| dir.starts_with(s.root()))
     }
 
     /// Removes the pin of discarded staging at `dir`.
@@ -213,4 +213,35 @@ impl Drop for NewPin<'_> {
             pins::remove_logged(self.repo, &p);
         }
     }
+}
+
+/// Why a recovery of `vm` here is refused while `other` serves or keeps
+/// it, and what to do: one line (the pin's fields come from the
+/// repository, so control characters are shown as `?`).
+pub(super) fn recovered_elsewhere(vm: &str, other: &Pin) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    };
+    let (host, dir, written) = (
+        clean(&other.host),
+        clean(&other.staging),
+        clean(&other.written),
+    );
+    let (what, there) = match other.state.as_str() {
+        "serving" => (
+            "is served by a recoverfs daemon",
+            "To move it here, back it up there and `release --discard` it",
+        ),
+        _ => (
+            "has kept staging (guest writes no backup holds)",
+            "Resume it there, or to move it here back it up there and `release --discard` it",
+        ),
+    };
+    format!(
+        "VM {vm} {what} on host {host} in {dir} (its pin in the repository, written {written}): \
+         recovering it here too would make a second writable copy without those writes. {there}; \
+         to recover it here anyway: `recoverfs recover {vm} --second-copy` (then `boot`)"
+    )
 }

@@ -26,7 +26,12 @@ fn a_vm_served_by_another_daemon_is_refused_with_where_and_recovered_only_with_s
     let e = other.recover("vm", None).unwrap_err();
     assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
     let msg = e.to_string();
-    for part in ["VM vm is already served on host", &there, "--second-copy"] {
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+    for part in [
+        "VM vm is served by a recoverfs daemon on host",
+        &there,
+        "--second-copy",
+    ] {
         assert!(msg.contains(part), "{part:?} not in {msg}");
     }
     // Nothing of the refused attempt is left: no session, no pin.
@@ -59,12 +64,71 @@ fn a_vm_kept_by_another_daemon_is_refused_until_that_staging_is_discarded() {
 fn a_throwaway_recovery_of_the_vm_elsewhere_does_not_stop_a_recovery() {
     let r = rig();
     let (b1, _) = backup(&r, "vm", 1, 4);
-    // What `files` or `verify-boot` put, from a live process.
+    // What `files` or `verify-boot` put, from a live process, on another
+    // host (so that only its owner tells it apart).
     let mut pin =
         crate::repo::pins::Pin::new("vm", vec![b1.clone()], &r.dir.path().join("t"), true);
     pin.owner = Some(crate::repo::locks::this_process());
+    pin.host = "other-host".into();
     crate::repo::pins::put(&r.repo, &pin).unwrap();
     r.ds.recover("vm", Some(&b1)).unwrap();
+}
+
+#[test]
+fn a_throwaway_recovery_of_a_vm_another_daemon_serves_or_keeps_is_not_refused() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    // `files` and `verify-boot` recover in a throwaway datastore.
+    let scratch = other_daemon(&r, "files");
+    scratch.set_throwaway();
+    scratch.recover("vm", Some(&b1)).unwrap();
+    scratch.release("vm", true).unwrap();
+    r.ds.release("vm", false).unwrap();
+    let scratch = other_daemon(&r, "verify");
+    scratch.set_throwaway();
+    scratch.recover("vm", Some(&b1)).unwrap();
+    // The same from a daemon is refused.
+    assert!(other_daemon(&r, "c").recover("vm", Some(&b1)).is_err());
+}
+
+#[test]
+fn a_kept_session_in_the_main_staging_resumes_when_every_point_has_its_own() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    // Restarted with one point staging elsewhere: the kept session stays
+    // in the main staging, which is still this daemon's.
+    let r = restart(r, &[("d", Some("ssd"))]);
+    let info = r.ds.recover("vm", None).unwrap();
+    assert!(info.resumed, "{info:?}");
+}
+
+#[test]
+fn a_damaged_pin_beside_another_daemons_is_passed_over_and_the_other_still_refuses() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
+    use crate::repo::backend::Backend;
+    plain
+        .put("pins/vm/0000000000000000.json", b"{damaged")
+        .unwrap();
+    let e = other_daemon(&r, "b").recover("vm", None).unwrap_err();
+    assert!(
+        e.to_string().contains("is served by a recoverfs daemon"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_refusal_shows_control_characters_of_a_forged_pin_as_question_marks() {
+    let mut pin = crate::repo::pins::Pin::new("vm", vec!["b".into()], Path::new("/s/x\ny"), true);
+    pin.host = "h\r\nFAKE".into();
+    let msg = super::super::pinning::recovered_elsewhere("vm", &pin);
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+    assert!(msg.contains("host h??FAKE in /s/x?y"), "{msg}");
 }
 
 #[test]
