@@ -241,6 +241,10 @@ pub struct RecoverInfo {
     pub skipped: Vec<String>,
     /// True if the session was already being served.
     pub already_active: bool,
+    /// What the administrator must know about this recovery (e.g. kept
+    /// staging of the VM that is not there now and was not resumed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     pub config: PathBuf,
     pub disks: Vec<PathBuf>,
     /// Per disk, the NFS and NBD URLs that reach it.

@@ -77,7 +77,8 @@ fn two_daemons_recover_the_same_vm_from_one_bucket_at_once_when_the_second_is_to
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(
-        err.contains("VM vm is already served on host") && err.contains("--second-copy"),
+        err.contains("VM vm is served by a recoverfs daemon on host")
+            && err.contains("--second-copy"),
         "{err}"
     );
     let o = env.run(&[

@@ -143,6 +143,9 @@ pub fn recovered(r: &Value, json: bool) {
             b.as_str().unwrap_or("?")
         );
     }
+    for w in r["warnings"].as_array().cloned().unwrap_or_default() {
+        eprintln!("warning: {}", w.as_str().unwrap_or("?"));
+    }
     // One line per disk path (scripts read these), then its NFS and NBD
     // URLs, indented.
     if let Some(disks) = r["disks"].as_array() {

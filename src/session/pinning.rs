@@ -96,9 +96,15 @@ impl Datastore {
     /// (`files`, `verify-boot`) makes no copy that drifts: never refused,
     /// and its pins never refuse. A pin that cannot be read is logged and
     /// passed over.
-    pub(crate) fn refuse_recovered_elsewhere(&self, vm: &str) -> Result<()> {
+    ///
+    /// A session of this host whose directory is known gone (deleted, or
+    /// on a disk not mounted) does not refuse: `serve` already refused a
+    /// staging directory found empty where sessions were and said to give
+    /// a new directory only if that disk is gone for good. It is returned
+    /// as a warning for the administrator (explore2: it was silent).
+    pub(crate) fn refuse_recovered_elsewhere(&self, vm: &str, backup: &str) -> Result<Vec<String>> {
         if self.pin_owner.get().is_some() {
-            return Ok(());
+            return Ok(vec![]);
         }
         let others = match pins::of_vm_readable(&self.repo, vm) {
             Ok(p) => p,
@@ -107,22 +113,32 @@ impl Datastore {
                     vm,
                     "cannot tell whether another daemon recovers this VM: {e}"
                 );
-                return Ok(());
+                return Ok(vec![]);
             }
         };
         let host = pins::hostname();
-        let Some(other) = others.iter().find(|p| {
+        let mut warnings = vec![];
+        for p in others.iter().filter(|p| p.owner.is_none()) {
             let local = p.host == host;
-            // A session of this host whose directory is known gone
-            // (deleted, or on a disk not mounted: the writes stay there)
-            // has none here; one that cannot be looked at still counts.
-            let gone_here = local && matches!(Path::new(&p.staging).try_exists(), Ok(false));
-            let ours = local && self.holds_staging(&p.staging);
-            p.owner.is_none() && !ours && !gone_here
-        }) else {
-            return Ok(());
-        };
-        Err(Error::busy(recovered_elsewhere(vm, other)))
+            if local && self.holds_staging(&p.staging) {
+                continue;
+            }
+            // Only a definite "not found": one that cannot be looked at
+            // still counts.
+            if local && matches!(Path::new(&p.staging).try_exists(), Ok(false)) {
+                let w = not_there(vm, p, backup);
+                tracing::warn!(vm, "{w}");
+                warnings.push(w);
+                continue;
+            }
+            if local {
+                if let Some(root) = unserved_staging_root(&p.staging) {
+                    return Err(Error::busy(not_served(vm, p, &root)));
+                }
+            }
+            return Err(Error::busy(recovered_elsewhere(vm, p)));
+        }
+        Ok(warnings)
     }
 
     /// Whether `session_dir` lies in one of this daemon's staging
@@ -215,15 +231,63 @@ impl Drop for NewPin<'_> {
     }
 }
 
+/// What a recovery of `vm` from `backup` passed over: a session of this
+/// host whose directory `p` names is not there now.
+fn not_there(vm: &str, p: &Pin, backup: &str) -> String {
+    let what = match p.state.as_str() {
+        "serving" => "a session",
+        _ => "kept staging",
+    };
+    format!(
+        "VM {vm} had {what} on this host in {} (its pin in the repository, written {}), which is not there now (a disk not mounted?): not resumed, the VM starts from backup {backup}; if that disk comes back, its guest writes are there (serve that directory again)",
+        clean(&p.staging),
+        clean(&p.written)
+    )
+}
+
+/// The staging directory holding session directory `dir` (of this host),
+/// if no live process holds its lock: a staging a daemon served before
+/// and none serves now (left out of `--export-point`s at a restart, say).
+fn unserved_staging_root(dir: &str) -> Option<std::path::PathBuf> {
+    let root = Path::new(dir).ancestors().nth(3)?;
+    if !root.join(crate::staging::STAGING_MARKER).is_file() {
+        return None;
+    }
+    let pid = std::fs::read_to_string(root.join("lock"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
+    (!alive).then(|| root.to_path_buf())
+}
+
+/// Why a recovery of `vm` is refused while this host's staging `root`,
+/// which no daemon serves now, holds its session `p`.
+fn not_served(vm: &str, p: &Pin, root: &Path) -> String {
+    let what = match p.state.as_str() {
+        "serving" => "a session",
+        _ => "kept staging",
+    };
+    format!(
+        "VM {vm} has {what} on this host in {}, a staging directory no running daemon serves (its guest writes are there): serve that directory again (`--staging {}`, or an export point's `staging={}`) to resume it, or `recoverfs recover {vm} --second-copy` to start from the backup here instead",
+        clean(&p.staging),
+        clean(&root.display().to_string()),
+        clean(&root.display().to_string())
+    )
+}
+
+/// `s` with control characters shown as `?` (pins come from the
+/// repository: one line stays one line).
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Why a recovery of `vm` here is refused while `other` serves or keeps
 /// it, and what to do: one line (the pin's fields come from the
 /// repository, so control characters are shown as `?`).
 pub(super) fn recovered_elsewhere(vm: &str, other: &Pin) -> String {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect()
-    };
     let (host, dir, written) = (
         clean(&other.host),
         clean(&other.staging),

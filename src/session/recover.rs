@@ -88,7 +88,14 @@ impl Datastore {
         let op = self.vm_op(vm);
         let _op = self.lock_op(vm, &op)?;
         if let Some(s) = self.session(vm) {
-            if backup.is_some_and(|b| b != s.backup) {
+            if let Some(b) = backup.filter(|b| *b != s.backup) {
+                // "Release it first" is wrong advice for a typo.
+                if !self.repo.has_manifest(vm, b)? {
+                    return Err(Error::not_found(format!(
+                        "unknown backup \"{b}\" of VM {vm} (the VM is being recovered from backup {})",
+                        s.backup
+                    )));
+                }
                 return Err(Error::busy(format!(
                     "VM {vm} is already being recovered from backup {}; release it first",
                     s.backup
@@ -159,9 +166,10 @@ impl Datastore {
             true => Some(self.pin_new_session(vm, &manifest.id, &dir)?),
             false => None,
         };
-        if alone {
-            self.refuse_recovered_elsewhere(vm)?;
-        }
+        let warnings = match alone {
+            true => self.refuse_recovered_elsewhere(vm, &manifest.id)?,
+            false => vec![],
+        };
         let storage = staging.storage().clone();
         let (stores, resumed) = open_session(storage.as_ref(), &dir, &manifest)?;
         if !resumed {
@@ -262,7 +270,9 @@ impl Datastore {
         // Counted as a session from now on.
         drop(reserved);
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
-        Ok(self.info(&session, false, skipped, decision))
+        let mut info = self.info(&session, false, skipped, decision);
+        info.warnings = warnings;
+        Ok(info)
     }
 
     /// Starts following the VM's profile; when the recording window
@@ -348,6 +358,7 @@ impl Datastore {
             resumed: s.resumed,
             skipped,
             already_active,
+            warnings: vec![],
             config: dir.join("vm.json"),
             disks: s
                 .disks

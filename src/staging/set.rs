@@ -91,6 +91,18 @@ impl StagingSet {
             of_point.insert(name.to_string(), i);
             to_open.push((dir.to_path_buf(), name));
         }
+        // FUSE mounted over its own staging: every recover would fail.
+        if let Some(why) = overlap(
+            &resolved_main,
+            &resolved_mount,
+            "the mount point",
+            "choose one outside it",
+        ) {
+            return Err(Error::invalid(format!(
+                "--staging {} {why}",
+                main.display()
+            )));
+        }
         let mut dirs = vec![Arc::new(StagingDir::open_checked(
             main,
             repo_id,
@@ -105,7 +117,9 @@ impl StagingSet {
                 return Err(Error::invalid(format!(
                     "export point {name}: staging={} was set up before and is now empty or \
                      missing: is its filesystem mounted? (its sessions would be hidden; if that \
-                     disk is gone for good, give the point a new directory)",
+                     disk is gone for good, start once with --staging-lost {}: their pins are \
+                     removed and recover starts them from the backups)",
+                    dir.display(),
                     dir.display()
                 )));
             }
@@ -118,6 +132,7 @@ impl StagingSet {
             let json = serde_json::to_vec_pretty(&known).expect("json");
             crate::util::write_atomic(&known_path, &json, 0o600, true)?;
         }
+        warn_unserved(&known, &own);
         Ok(StagingSet { dirs, of_point })
     }
 
@@ -138,6 +153,33 @@ impl StagingSet {
 }
 
 const OWN: &str = "give each staging its own directory";
+
+/// Logs each staging directory an export point served before that no
+/// point names now while it holds sessions: their VMs are not resumed
+/// (their NFS and NBD clients find nothing) until it is served again.
+fn warn_unserved(known: &std::collections::BTreeSet<PathBuf>, own: &[(PathBuf, &str, usize)]) {
+    for k in known {
+        if own.iter().any(|(p, _, _)| p == k) {
+            continue;
+        }
+        let vms: Vec<String> = std::fs::read_dir(k.join("sessions"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().read_dir().is_ok_and(|mut s| s.next().is_some()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !vms.is_empty() {
+            tracing::warn!(
+                "staging {} was served by an export point before and no --export-point names it now: its sessions (VM {}) are not resumed; give a point `staging={}` again to serve them",
+                k.display(),
+                vms.join(", "),
+                k.display()
+            );
+        }
+    }
+}
 
 /// Refuses to set up `root` afresh while the repository pins sessions this
 /// host kept there: its disk is not mounted (after a reboot, say), and
@@ -382,6 +424,25 @@ mod tests {
         drop(open(d.path(), &[("a", Some(&fast)), ("b", Some(&other))]).unwrap());
         let e = std::fs::remove_dir_all(&fast).map(|_| open(d.path(), &[("a", Some(&fast))]));
         assert!(e.unwrap().is_err(), "a missing staging was set up afresh");
+    }
+
+    #[test]
+    fn a_main_staging_at_inside_or_around_the_mount_point_is_refused_before_anything_is_created() {
+        let d = tempfile::tempdir().unwrap();
+        let mnt = d.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        for (main, why) in [
+            (mnt.clone(), "is the mount point"),
+            (mnt.join("st"), "is inside the mount point"),
+            (d.path().to_path_buf(), "contains the mount point"),
+        ] {
+            let e = StagingSet::open(&main, &mnt, &[], &repo(d.path()), &[])
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.starts_with("--staging ") && e.contains(why), "{e}");
+            assert!(!main.join("staging.json").exists(), "{e}");
+        }
     }
 
     #[test]

@@ -141,5 +141,55 @@ fn a_session_of_this_host_whose_staging_directory_is_gone_does_not_stop_a_recove
     crate::repo::pins::put(&r.repo, &pin).unwrap();
     assert!(r.ds.recover("vm", Some(&b1)).is_err());
     std::fs::remove_dir_all(r.dir.path().join("gone")).unwrap();
+    // Not silently: the administrator is told what was passed over.
+    let info = r.ds.recover("vm", Some(&b1)).unwrap();
+    assert_eq!(info.warnings.len(), 1, "{info:?}");
+    let w = &info.warnings[0];
+    assert!(
+        w.contains("had a session on this host in") && w.contains("not there now"),
+        "{w}"
+    );
+}
+
+#[test]
+fn a_mistyped_backup_of_a_served_vm_is_unknown_not_release_it_first() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
     r.ds.recover("vm", Some(&b1)).unwrap();
+    let e = r.ds.recover("vm", Some("20991231-000000")).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("unknown backup"), "{e}");
+    let (b2, _) = backup(&r, "vm", 2, 4);
+    let e = r.ds.recover("vm", Some(&b2)).unwrap_err();
+    assert!(e.to_string().contains("release it first"), "{e}");
+}
+
+#[test]
+fn a_vm_kept_in_a_staging_no_daemon_serves_is_refused_naming_that_directory() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    let root = r.ds.staging_root().to_path_buf();
+    // Its daemon stopped (the lock names a process that is gone).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    drop(r.ds);
+    std::fs::write(root.join("lock"), format!("{pid}\n")).unwrap();
+    let other = {
+        let d = r.dir.path().join("b");
+        std::fs::create_dir_all(&d).unwrap();
+        datastore(&d, &r.repo, &[])
+    };
+    let e = other.recover("vm", None).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("a staging directory no running daemon serves"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("--staging {}", root.display())),
+        "{msg}"
+    );
 }
