@@ -348,3 +348,26 @@ fn sigint_during_verify_boot_ends_it_through_its_cleanup() {
         .collect();
     assert!(pinned.is_empty(), "verify-boot left a pin: {pinned:?}");
 }
+
+#[test]
+fn a_boot_refused_before_qemu_starts_leaves_no_session_it_recovered_behind() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let sock = env.socket.to_str().unwrap();
+    // This daemon serves no NBD export: refused after the recover.
+    let out = env.fails(
+        &["boot", "--socket", sock, "tiny", "--via", "nbd"],
+        "no NBD export",
+    );
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    assert!(out.contains("its new recovery was discarded"), "{out}");
+    assert_eq!(env.status()["sessions"].as_array().unwrap().len(), 0);
+    // A session that was there before the boot stays.
+    env.recover("tiny", None);
+    env.fails(
+        &["boot", "--socket", sock, "tiny", "--via", "nbd"],
+        "no NBD export",
+    );
+    assert_eq!(env.status()["sessions"].as_array().unwrap().len(), 1);
+}

@@ -86,6 +86,31 @@ fn sources(info: &Value, via: Via) -> Result<Vec<DiskSource>> {
         .collect()
 }
 
+/// A boot refused before QEMU started ends the session it recovered
+/// itself (a new one discarded: no guest ran on it; resumed kept staging
+/// kept), so a refusal leaves nothing served behind; `e` says what it did.
+fn undo_recover(client: &Client, vm: &str, info: &Value, e: Error) -> Error {
+    if info["already_active"].as_bool() != Some(false) {
+        return e;
+    }
+    let discard = info["resumed"].as_bool() == Some(false);
+    let path = match discard {
+        true => format!("/sessions/{vm}?discard=true"),
+        false => format!("/sessions/{vm}"),
+    };
+    match client.delete(&path) {
+        Ok(_) if discard => e.context(format!(
+            "VM {vm} was not booted (its new recovery was discarded)"
+        )),
+        Ok(_) => e.context(format!(
+            "VM {vm} was not booted (its resumed staging was released, kept)"
+        )),
+        Err(u) => e.context(format!(
+            "VM {vm} was not booted, and stays recovered ({u}); `recoverfs release {vm}` ends it"
+        )),
+    }
+}
+
 /// What `boot` was asked (see `cli::args`).
 pub struct BootArgs {
     pub vm: String,
@@ -143,7 +168,11 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "login:".into());
-    let mut spec = QemuSpec::from_config(&config, sources(&info, via)?)?;
+    let spec = sources(&info, via).and_then(|s| QemuSpec::from_config(&config, s));
+    let mut spec = match spec {
+        Ok(s) => s,
+        Err(e) => return Err(undo_recover(client, vm, &info, e)),
+    };
     spec.qmp = qmp;
     spec.qga = qga;
     let watch = Watch {
