@@ -87,6 +87,9 @@
 //! ## On-disk formats
 //!
 //! Repository (a directory or an S3 bucket; keys mirror paths):
+//! * `space-reserve` (local repositories) — 256 KiB that a lock write
+//!   failing for space gives back, so `forget`/`gc` can run on a full
+//!   filesystem (`gc::forget_and_gc_free_space_on_a_repository_filesystem_filled_to_the_last_block`).
 //! * `repo.json` — `{format, version, id, created}`; `id` ties staging to it;
 //!   an encrypted repository adds `encryption: {aead, chunk_id, mac,
 //!   fingerprint}` (`repo::crypto`): chunk ids are then keyed BLAKE3,

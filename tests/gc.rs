@@ -290,3 +290,49 @@ fn sigint_of_a_gc_waiting_for_a_backup_or_of_a_backup_blocked_reading_its_source
     // And both work again at once.
     env.ok(&["gc", "--repo", repo, "--wait", "0"]);
 }
+
+#[test]
+fn forget_and_gc_free_space_on_a_repository_filesystem_filled_to_the_last_block() {
+    let env = Env::new();
+    let fs = env.path("small");
+    let _t = Tmpfs::mount(&fs, "12m");
+    let repo = fs.join("repo");
+    let repo_s = repo.to_str().unwrap();
+    let img = env.path("a.raw");
+    for seed in [1, 2] {
+        random_image(&img, 48 * K64, seed, K64);
+        env.ok(&[
+            "backup",
+            "--repo",
+            repo_s,
+            "--vm",
+            "vm",
+            "--chunk-size",
+            "64K",
+            img.to_str().unwrap(),
+        ]);
+    }
+    let reserve = repo.join(recoverfs::repo::backend::RESERVE);
+    assert!(reserve.exists(), "the repository keeps a space reserve");
+    // Filled to the last block (by backups, or anything else there).
+    let mut filler = std::fs::File::create(fs.join("filler")).unwrap();
+    let block = vec![0xa5u8; 64 << 10];
+    while std::io::Write::write_all(&mut filler, &block).is_ok() {}
+    drop(filler);
+    // forget and gc take their locks from the reserve and free space.
+    env.ok(&["forget", "--repo", repo_s, "--vm", "vm", "--keep-last", "1"]);
+    env.ok(&["gc", "--repo", repo_s]);
+    assert_eq!(
+        Repository::open(repo_s)
+            .unwrap()
+            .backup_ids("vm")
+            .unwrap()
+            .len(),
+        1
+    );
+    // With room again, the next open makes a new reserve.
+    assert!(
+        reserve.exists(),
+        "the reserve is made again once there is room"
+    );
+}

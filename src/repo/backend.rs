@@ -134,6 +134,9 @@ pub trait Backend: Send + Sync {
     }
     /// Where this is, for messages.
     fn location(&self) -> String;
+    /// Keeps the store's space reserve if it has one and room for it
+    /// (see [`LocalDir`]); never fails.
+    fn keep_space_reserve(&self) {}
     /// Requests retried after transient failures (remote stores).
     fn retries(&self) -> u64 {
         0
@@ -159,12 +162,44 @@ pub fn too_large(what: &str, len: u64, limit: u64) -> Error {
 
 /// A repository in a local directory. Objects are files; every write is
 /// temp file + fsync + rename + fsync of the directory.
+///
+/// Space reserve: backups can fill the filesystem to its last block, and
+/// then `forget` and `gc` could not write the lock they take before
+/// deleting anything, so nothing could free space (explore2). The
+/// directory keeps `space-reserve` (256 KiB of written zeros, made on
+/// open when there is room); a lock write that fails for space gives it
+/// back and is tried once more. Only lock writes may use it: a backup
+/// that fills the filesystem fails as before.
 #[derive(Clone)]
 pub struct LocalDir {
     root: PathBuf,
 }
 
+/// The space reserve's name and size (see [`LocalDir`]).
+pub const RESERVE: &str = "space-reserve";
+const RESERVE_BYTES: usize = 256 << 10;
+
 impl LocalDir {
+    /// `write`, and for a lock that failed for space, once more after the
+    /// space reserve is given back.
+    fn with_reserve<T>(&self, key: &str, write: impl Fn() -> Result<T>) -> Result<T> {
+        match write() {
+            Err(e) if e.kind() == crate::error::ErrorKind::NoSpace && key.starts_with("locks/") => {
+                match std::fs::remove_file(self.path(RESERVE)) {
+                    Ok(()) => {
+                        tracing::warn!(repo = %self.root.display(), "the repository's filesystem is full: its space reserve was given back to take a lock (forget and gc free space; the reserve is made again when there is room)");
+                        write()
+                    }
+                    Err(_) => Err(e.context(format!(
+                        "the repository's filesystem is full (and its space reserve is used up): free space on {}",
+                        self.root.display()
+                    ))),
+                }
+            }
+            r => r,
+        }
+    }
+
     pub fn new(root: &Path) -> Self {
         LocalDir {
             root: root.to_path_buf(),
@@ -252,16 +287,31 @@ impl Backend for LocalDir {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.ensure_parent(key)?;
-        write_atomic(&self.path(key), data, 0o644, true)
+        self.with_reserve(key, || {
+            self.ensure_parent(key)?;
+            write_atomic(&self.path(key), data, 0o644, true)
+        })
     }
 
     fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
-        self.ensure_parent(key)?;
-        match write_atomic(&self.path(key), data, 0o644, false) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == crate::error::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
+        self.with_reserve(key, || {
+            self.ensure_parent(key)?;
+            match write_atomic(&self.path(key), data, 0o644, false) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == crate::error::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn keep_space_reserve(&self) {
+        let p = self.path(RESERVE);
+        if p.exists() {
+            return;
+        }
+        match write_atomic(&p, &vec![0u8; RESERVE_BYTES], 0o600, false) {
+            Ok(()) => tracing::debug!(path = %p.display(), "space reserve made"),
+            Err(e) => tracing::debug!(path = %p.display(), "no room for the space reserve: {e}"),
         }
     }
 

@@ -131,6 +131,7 @@ impl Repository {
             }
             _ => {}
         }
+        backend.keep_space_reserve();
         Ok(Arc::new(Repository {
             backend,
             info,
