@@ -148,7 +148,12 @@ fn check_chunks(
                     break;
                 };
                 if let Err(e) = repo.read_chunk(d, *len, &"verify") {
-                    let why = e.to_string().replace(&format!("verify: chunk {d} "), "");
+                    // Its own id is the line's: say only why.
+                    let why = e
+                        .to_string()
+                        .replace(&format!("verify: chunk {d} "), "")
+                        .replace(&format!("chunk {d} of verify: "), "")
+                        .replace(&format!("chunk {d} of verify "), "");
                     bad.lock().expect("lock").insert(*d, why);
                 }
             });
@@ -321,5 +326,21 @@ mod tests {
         );
         assert!(line.ends_with(" disk0 block 0"), "{line}");
         assert!(!line.contains(&old.id), "{line}");
+    }
+
+    #[test]
+    fn a_missing_chunk_is_named_once_with_only_why() {
+        let (d, repo, _) = repo();
+        let m = backup_at(&repo, "web", DAY0);
+        let gone = m.disks[0].chunks.get(0).expect("chunk 0 is data");
+        std::fs::remove_file(d.path().join("r").join(gone.key())).unwrap();
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        let line = &r.damaged[0];
+        assert!(
+            line.starts_with(&format!(
+                "DAMAGED chunk {gone} (is missing from the repository) used by web/"
+            )),
+            "{line}"
+        );
     }
 }
