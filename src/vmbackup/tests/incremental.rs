@@ -173,11 +173,25 @@ fn a_failed_incremental_merges_its_bitmap_into_the_previous_one_so_the_next_read
     assert!(restored(&repo, "merge", r.backup.as_deref().unwrap()) == now);
 }
 
+/// Tests that back up through a relay take turns: a run's lock on a VM is
+/// keyed on the process behind its QMP socket (`SO_PEERCRED`), and behind
+/// a relay that is this test process, so two such tests at once refuse
+/// each other ("another recoverfs job is changing this VM's block
+/// devices") whenever the test order runs them side by side.
+static RELAYED: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+thread_local! {
+    /// The running test's turn, taken by its first relay and let go when
+    /// its thread ends.
+    static TURN: std::cell::RefCell<Option<parking_lot::MutexGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A QMP relay listening on `path`, passing each connection on to QEMU's
 /// socket `to`. It logs every command; `answer` may reply to one in
 /// QEMU's place (QEMU then never sees it); `before_reply` runs before
 /// QEMU's reply to a command is passed back, i.e. between two of the
-/// client's commands.
+/// client's commands. Waits for the test's turn (see [`RELAYED`]).
 pub(crate) fn qmp_relay(
     path: &Path,
     to: &Path,
@@ -187,6 +201,12 @@ pub(crate) fn qmp_relay(
     use std::io::{BufRead, BufReader, Write};
     use std::net::Shutdown;
     use std::os::unix::net::{UnixListener, UnixStream};
+    TURN.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.is_none() {
+            *t = Some(RELAYED.lock());
+        }
+    });
     let listener = UnixListener::bind(path).unwrap();
     let log = Arc::new(Mutex::new(vec![]));
     let (answer, before_reply) = (Arc::new(answer), Arc::new(before_reply));

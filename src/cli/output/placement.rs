@@ -1,0 +1,134 @@
+//! Export points: where a recovery was placed and why (`recover
+//! --explain`), and every export point's load (`export-points`).
+
+use serde_json::Value;
+
+/// Where a recovery was placed; with `explain`, every export point's
+/// figures and the rule (on stderr: stdout carries the disk paths).
+pub(crate) fn placement(r: &Value, explain: bool) {
+    let vm = r["vm"].as_str().unwrap_or("?");
+    let point = r["export_point"].as_str().unwrap_or("?");
+    let p = &r["placement"];
+    if p.is_null() {
+        eprintln!("VM {vm} is served at export point {point}");
+        return;
+    }
+    let rule = p["rule"].as_str().unwrap_or("?");
+    eprintln!("VM {vm} placed at export point {point} (rule: {rule})");
+    if let Some(note) = p["note"].as_str() {
+        eprintln!("  {note}");
+    }
+    if !explain {
+        return;
+    }
+    eprintln!(
+        "  host {} uses {} of {} connection(s)",
+        p["host"].as_str().unwrap_or("(none given)"),
+        p["host_connections"],
+        p["max_connections_per_host"]
+    );
+    eprintln!(
+        "  {:<12} {:>8} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}",
+        "point",
+        "eligible",
+        "connected",
+        "predict_ms",
+        "service",
+        "queue_ms",
+        "future",
+        "async",
+        "repo_ms",
+        "async%"
+    );
+    for c in p["candidates"].as_array().cloned().unwrap_or_default() {
+        let f = &c["figures"];
+        let pr = &c["prediction"];
+        let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+        eprintln!(
+            "  {:<12} {:>8} {:>9} {:>10.3} {:>9.3} {:>9.3} {:>8.3} {:>8.3} {:>9.3} {:>6.1}%{}",
+            f["name"].as_str().unwrap_or("?"),
+            c["eligible"].as_bool().unwrap_or(false),
+            f["host_connected"].as_bool().unwrap_or(false),
+            n(&pr["latency_ms"]),
+            n(&pr["service_ms"]),
+            n(&pr["queue_ms"]),
+            n(&pr["future_ms"]),
+            n(&pr["async_ms"]),
+            n(&pr["repository_ms"]),
+            n(&f["queue"]["async_share"]) * 100.0,
+            if f["name"] == r["export_point"] {
+                "  <- chosen"
+            } else {
+                ""
+            }
+        );
+        if let Some(why) = f["unavailable"].as_str() {
+            eprintln!("  {:<12} unavailable: {why}", "");
+        }
+    }
+}
+
+/// `export-points`.
+pub(crate) fn export_points(r: &Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+        return;
+    }
+    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+    for p in r["export_points"].as_array().cloned().unwrap_or_default() {
+        let q = &p["queue"];
+        println!(
+            "{}  listen {}  predicted {:.3} ms",
+            p["name"].as_str().unwrap_or("?"),
+            p["listen"].as_str().unwrap_or("--nfs/--nbd"),
+            n(&p["predicted"]["latency_ms"])
+        );
+        let names = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+        println!("  staging: {}", p["staging"].as_str().unwrap_or("?"));
+        println!("  sessions: {}", names(&p["sessions"]).join(", "));
+        let hosts: Vec<String> = p["hosts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|h| {
+                format!(
+                    "{} ({} conn)",
+                    h["host"].as_str().unwrap_or("?"),
+                    h["connections"]
+                )
+            })
+            .collect();
+        println!("  hosts: {}", hosts.join(", "));
+        println!(
+            "  queue: {} queued ({} B), {} in flight ({} B) of {}, drain {:.1} MB/s, service {:.3} ms, async share {:.1}%",
+            q["queued_requests"],
+            q["queued_bytes"],
+            q["inflight_requests"],
+            q["inflight_bytes"],
+            q["max_inflight"],
+            n(&q["drain_bytes_per_s"]) / 1e6,
+            n(&q["service_ms"]),
+            n(&q["async_share"]) * 100.0
+        );
+        for rl in p["relocations"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "  relocation of {}: {} {:.1}% ({} B to go)",
+                rl["vm"].as_str().unwrap_or("?"),
+                rl["state"].as_str().unwrap_or("?"),
+                n(&rl["progress"]) * 100.0,
+                rl["bytes_remaining"]
+            );
+        }
+        for u in names(&p["urls"]) {
+            println!("  {u}");
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Recovery sessions: a recovery started (`recover`), one released
+//! (`release`), and `status`: every session with its disks, relocation,
+//! uploader and the daemon's staging directories and fetch queue.
+
+use serde_json::Value;
+
+use super::relocation::relocation_line;
+use crate::error::Result;
+use crate::util::human_bytes;
+
+pub(crate) fn recovered(r: &Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+        return;
+    }
+    let vm = r["vm"].as_str().unwrap_or("?");
+    let backup = r["backup"].as_str().unwrap_or("?");
+    let how = if r["already_active"].as_bool() == Some(true) {
+        "already recovering"
+    } else if r["resumed"].as_bool() == Some(true) {
+        "resumed staging of"
+    } else {
+        "recovering"
+    };
+    eprintln!("{how} VM {vm} from backup {backup}");
+    for b in r["skipped"].as_array().cloned().unwrap_or_default() {
+        eprintln!(
+            "note: kept staging of VM {vm} from backup {} was not resumed: that backup is gone from the repository (the staging stays on disk; `release --discard {vm}` removes it)",
+            b.as_str().unwrap_or("?")
+        );
+    }
+    for w in r["warnings"].as_array().cloned().unwrap_or_default() {
+        eprintln!("warning: {}", w.as_str().unwrap_or("?"));
+    }
+    // One line per disk path (scripts read these), then its NFS and NBD
+    // URLs, indented.
+    if let Some(disks) = r["disks"].as_array() {
+        for (i, d) in disks.iter().enumerate() {
+            println!("{}", d.as_str().unwrap_or("?"));
+            for u in r["urls"][i].as_array().cloned().unwrap_or_default() {
+                println!("    {}", u.as_str().unwrap_or("?"));
+            }
+        }
+    }
+}
+
+pub(crate) fn released(r: &Value) {
+    let vm = r["vm"].as_str().unwrap_or("?");
+    let discarded = r["discarded"]
+        .as_array()
+        .map(|a| !a.is_empty())
+        .unwrap_or(false);
+    match (r["released"].as_bool() == Some(true), discarded) {
+        (true, true) => println!("released VM {vm}; staging discarded"),
+        (true, false) => println!("released VM {vm}; staging kept for a later recover"),
+        _ => println!("discarded kept staging of VM {vm}"),
+    }
+}
+
+pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("json"));
+        return Ok(());
+    }
+    let sessions = r["sessions"].as_array().cloned().unwrap_or_default();
+    for st in r["staging"].as_array().cloned().unwrap_or_default() {
+        println!("{}", staging_line(&st));
+    }
+    if sessions.is_empty() {
+        println!("no recovery sessions");
+    }
+    for s in sessions {
+        println!(
+            "VM {}  backup {}{}  {}  open handles {}",
+            s["vm"].as_str().unwrap_or("?"),
+            s["backup"].as_str().unwrap_or("?"),
+            if s["resumed"].as_bool() == Some(true) {
+                " (resumed)"
+            } else {
+                ""
+            },
+            s["path"].as_str().unwrap_or("?"),
+            s["open_handles"]
+        );
+        if let Some(b) = s["backup_base"]
+            .as_str()
+            .filter(|b| Some(*b) != s["backup"].as_str())
+        {
+            println!("  last live backup {b}: dirty blocks are relative to it");
+        }
+        if let Some(w) = s["backup_gone"].as_str() {
+            println!("  WARNING: {w}");
+        }
+        if let Some(w) = s["repo_unreachable"].as_str() {
+            println!("  repository unreachable: {w}");
+        }
+        let r = &s["relocation"];
+        if r.is_object() {
+            println!(
+                "  relocation to {}: {}",
+                r["target"].as_str().unwrap_or("?"),
+                relocation_line(r)
+            );
+        }
+        let u = &s["upload"];
+        if u.is_object() {
+            let n = |k: &str| u[k].as_u64().unwrap_or(0);
+            let why = u["why"].as_str().filter(|w| !w.is_empty());
+            println!(
+                "  uploader: {}{}, {} blocks uploaded, residue {} blocks",
+                u["state"].as_str().unwrap_or("?"),
+                why.map(|w| format!(" ({w})")).unwrap_or_default(),
+                n("blocks_uploaded"),
+                n("residue"),
+            );
+        }
+        if s["repo_retries"].as_u64().unwrap_or(0) > 0 {
+            println!("  repository retries: {}", s["repo_retries"]);
+        }
+        for d in s["disks"].as_array().cloned().unwrap_or_default() {
+            println!("  {}", profile_line(&d));
+            let n = |k: &str| d[k].as_u64().unwrap_or(0);
+            let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
+            let total = n("blocks_total").max(1);
+            let reads = n("reads");
+            let hit = f("profile_hit_ratio") * 100.0;
+            println!(
+                "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {} (dirty {})  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}{}",
+                d["name"].as_str().unwrap_or("?"),
+                human_bytes(n("size")),
+                n("blocks_staged"),
+                n("blocks_total"),
+                n("blocks_staged") as f64 * 100.0 / total as f64,
+                n("blocks_changed"),
+                n("blocks_dirty"),
+                human_bytes(n("fetched_bytes")),
+                reads,
+                hit,
+                n("writes"),
+                f("fetch_latency_mean_ms"),
+                f("fetch_latency_p99_ms"),
+                if n("fetch_errors") > 0 { format!("  FETCH ERRORS {}", n("fetch_errors")) } else { String::new() },
+                if n("staging_write_errors") > 0 { format!("  STAGING WRITE ERRORS {}", n("staging_write_errors")) } else { String::new() }
+            );
+            if let Some(e) = d["failed"].as_str() {
+                println!(
+                    "  {:<6} FAILED: {e}; flushes and writes get EIO until the session is released",
+                    d["name"].as_str().unwrap_or("?")
+                );
+            }
+            if d["passthrough"].as_bool() == Some(true) {
+                println!(
+                    "  {:<6} open read-only with FUSE passthrough: writable FUSE opens get EBUSY until it is closed",
+                    d["name"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        println!("  {}", scheduler_line(&s["scheduler"]));
+    }
+    Ok(())
+}
+
+/// One staging directory's use, limit, evictions and pressure.
+fn staging_line(st: &Value) -> String {
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    let limit = match st["limit"].as_u64() {
+        Some(l) => format!(
+            "of {} limit ({:.0}% pressure)",
+            human_bytes(l),
+            st["pressure"].as_f64().unwrap_or(0.0) * 100.0
+        ),
+        None => "(no limit)".into(),
+    };
+    let mut line = format!(
+        "staging {}: {} used {limit}  kept sessions {}  evicted {} blocks ({})",
+        st["root"].as_str().unwrap_or("?"),
+        human_bytes(n("used")),
+        human_bytes(n("kept")),
+        n("evicted_blocks"),
+        human_bytes(n("evicted_bytes")),
+    );
+    if n("refused_fills") > 0 {
+        line += &format!("  FULL: {} fills refused", n("refused_fills"));
+    }
+    line
+}
+
+/// Profile coverage and first-read hits of one disk.
+fn profile_line(d: &Value) -> String {
+    let p = &d["profile"];
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    let first = n("first_reads");
+    let staged_first = if first == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {}/{first} first reads found the block staged",
+            n("first_read_hits")
+        )
+    };
+    match p["source"].as_str() {
+        Some(src) => format!(
+            "{}: {src} profile {}/{} blocks staged ({:.1}%){staged_first}",
+            d["name"].as_str().unwrap_or("?"),
+            n("staged"),
+            n("blocks"),
+            d["profile_coverage"].as_f64().unwrap_or(0.0) * 100.0
+        ),
+        None => format!(
+            "{}: no profile{staged_first}",
+            d["name"].as_str().unwrap_or("?")
+        ),
+    }
+}
+
+/// The daemon-wide fetch queue per priority class.
+fn scheduler_line(s: &Value) -> String {
+    let q = &s["queued"];
+    let n = |k: &str| q[k].as_u64().unwrap_or(0);
+    format!(
+        "fetch queue: on-demand {} profile {} relocation {} readahead {}  background limit {}/{} in flight  on-demand latency mean {:.2} ms p99 {:.2} ms",
+        n("on_demand"),
+        n("profile"),
+        n("relocation"),
+        n("readahead"),
+        s["background_limit"],
+        s["max_in_flight"],
+        s["on_demand_latency_mean_ms"].as_f64().unwrap_or(0.0),
+        s["on_demand_latency_p99_ms"].as_f64().unwrap_or(0.0),
+    )
+}
