@@ -299,7 +299,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(Error::invalid(format!("invalid size unit in {s:?}"))),
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(Error::invalid(format!(
+                "invalid size unit in {s:?} (a whole number, then nothing or B, K, M, G or T; powers of 1024)"
+            )))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| Error::invalid(format!("size {s:?} is too large")))
@@ -530,6 +535,10 @@ mod tests {
         assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("12Q").is_err());
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert_eq!(parse_size("2TiB").unwrap(), 2 << 40);
+        let e = parse_size("2P").unwrap_err().to_string();
+        assert!(e.contains("B, K, M, G or T"), "{e}");
     }
 }
 
