@@ -289,14 +289,62 @@ fn staging_of_another_repository_is_refused_when_idle() {
     );
 }
 
+/// `list` with one damaged manifest: the others listed, the damaged one
+/// on its own line (stdout) or an entry with an `error` (JSON), and a
+/// one-line error with a non-zero exit at the end.
+fn list_with_damage(env: &Env, damaged: &str, why: &str, good: &str) {
+    let o = env.run(&["list", "--repo", env.repo_str()]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        err.starts_with("recoverfs: error: 1 damaged backup(s)") && err.lines().count() == 1,
+        "{err}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("DAMAGED"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with(&format!("DAMAGED manifest {damaged}: ")) && line.contains(why),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("other ") && l.contains(good)),
+        "{out}"
+    );
+    let o = env.run(&["list", "--repo", env.repo_str(), "--json"]);
+    assert!(!o.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let all = doc["backups"].as_array().unwrap();
+    assert_eq!(all.len(), 2, "{doc}");
+    let (vm, id) = damaged.split_once('/').unwrap();
+    let bad = all.iter().find(|b| b["vm"] == vm).unwrap();
+    assert_eq!(
+        (bad["id"].as_str(), bad["kind"].as_str()),
+        (Some(id), Some("disk")),
+        "{doc}"
+    );
+    assert!(bad["error"].as_str().unwrap().contains(why), "{doc}");
+    let ok = all.iter().find(|b| b["vm"] == "other").unwrap();
+    assert!(
+        ok["id"] == good && ok["error"].is_null() && ok["disks"] == 1,
+        "{doc}"
+    );
+}
+
 #[test]
 fn corrupt_or_truncated_manifests_are_reported() {
     let env = Env::new();
     let id = repo_with_vm(&env);
+    let good = env.backup("other", "64K", &[&env.path("a.raw")]);
     let manifest = env.repo.join("backups/vm").join(format!("{id}.json"));
     let bytes = std::fs::read(&manifest).unwrap();
     std::fs::write(&manifest, &bytes[..bytes.len() / 2]).unwrap();
-    env.fails(&["list", "--repo", env.repo_str()], "damaged or truncated");
+    list_with_damage(&env, &format!("vm/{id}"), "damaged or truncated", &good);
     let o = env.run(&["verify", "--repo", env.repo_str()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("DAMAGED manifest vm/{id}")));
@@ -312,7 +360,7 @@ fn corrupt_or_truncated_manifests_are_reported() {
     let c = if &s[i..i + 1] == "0" { "1" } else { "0" };
     s.replace_range(i..i + 1, c);
     std::fs::write(&manifest, s).unwrap();
-    env.fails(&["list", "--repo", env.repo_str()], "checksum");
+    list_with_damage(&env, &format!("vm/{id}"), "checksum", &good);
 }
 
 #[test]

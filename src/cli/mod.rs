@@ -140,7 +140,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Files { cmd } => agent::files(cmd),
         Command::Precopy(a) => precopy::run(a),
         Command::Upload(a) => upload::run(a),
-        Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
+        Command::List { repo, json } => maint::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
         Command::Verify { repo, vm, backup } => {
