@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde_json::json;
 
 pub use args::{Cli, Command, SocketArg};
+pub use stopout::end_quietly_when_stdout_closes;
 
 use crate::api::client::Client;
 use crate::error::{Error, Result};
