@@ -30,7 +30,7 @@ pub enum NbdServer {
 }
 
 impl DiskSource {
-    /// Parses an `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` URL.
+    /// Parses an `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` URL.
     pub fn nbd(url: &str) -> Result<DiskSource> {
         let bad = || Error::invalid(format!("not an NBD URL recoverfs serves: {url}"));
         if let Some(rest) = url.strip_prefix("nbd+unix:///") {
@@ -42,14 +42,26 @@ impl DiskSource {
         }
         let rest = url.strip_prefix("nbd://").ok_or_else(bad)?;
         let (hostport, export) = rest.split_once('/').ok_or_else(bad)?;
-        let (host, port) = hostport.rsplit_once(':').ok_or_else(bad)?;
+        // `[IPv6]` or a name/IPv4, then `:PORT` or nothing: the NBD URI
+        // standard's default port, as nbdinfo and nbdcopy take it.
+        let (host, port) = match hostport.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').ok_or_else(bad)?,
+            None => hostport.split_at(hostport.find(':').unwrap_or(hostport.len())),
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let port = match port {
+            "" => crate::placement::NBD_PORT,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(bad)?,
+        };
         Ok(DiskSource::Nbd {
             server: NbdServer::Tcp {
-                host: host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string(),
-                port: port.parse().map_err(|_| bad())?,
+                host: host.to_string(),
+                port,
             },
             export: export.to_string(),
         })
@@ -474,6 +486,44 @@ mod tests {
         let d = DiskSource::nbd("nbd+unix:///vm/disk1?socket=/run/a,b.sock").unwrap();
         assert!(d.args(1).join(" ").contains("server.path=/run/a,,b.sock"));
         assert!(DiskSource::nbd("nfs://x/y").is_err());
+    }
+
+    #[test]
+    fn an_nbd_url_without_a_port_means_the_default_port_10809_as_in_nbdinfo() {
+        let tcp = |url: &str| match DiskSource::nbd(url).unwrap() {
+            DiskSource::Nbd {
+                server: NbdServer::Tcp { host, port },
+                export,
+            } => (host, port, export),
+            d => panic!("{url}: {d:?}"),
+        };
+        let at = |h: &str, p: u16, e: &str| (h.to_string(), p, e.to_string());
+        assert_eq!(
+            tcp("nbd://127.0.0.11/app01/disk0"),
+            at("127.0.0.11", 10809, "app01/disk0")
+        );
+        assert_eq!(
+            tcp("nbd://[::1]/app01/disk0"),
+            at("::1", 10809, "app01/disk0")
+        );
+        assert_eq!(
+            tcp("nbd://[::1]:10900/a/disk0"),
+            at("::1", 10900, "a/disk0")
+        );
+        assert_eq!(
+            tcp("nbd://backup-host:10810/a/disk1"),
+            at("backup-host", 10810, "a/disk1")
+        );
+        for bad in [
+            "nbd://h:/a",
+            "nbd://h:x/a",
+            "nbd://[::1/a",
+            "nbd://[::1]x/a",
+            "nbd://h:1:2/a",
+            "nbd:///a",
+        ] {
+            assert!(DiskSource::nbd(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,24 +5,9 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = recoverfs::cli::Cli::parse();
-    use recoverfs::cli::Command;
-    // Listing commands end quietly when their reader stops (`| head`), as
-    // Unix tools do (Rust ignores SIGPIPE, and `println!` then panics).
-    // The others keep it ignored: a write to a closed socket must be an
-    // error they clean up after, never sudden death.
-    if matches!(
-        cli.command,
-        Command::List { .. }
-            | Command::Verify { .. }
-            | Command::Status { .. }
-            | Command::ExportPoints { .. }
-    ) {
-        // SAFETY: single-threaded at this point; restores the default
-        // disposition of one signal.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
+    let serve = matches!(cli.command, recoverfs::cli::Command::Serve { .. });
     // fuser logs replies that race an unmount as errors; ours are enough.
-    let default = if matches!(cli.command, recoverfs::cli::Command::Serve { .. }) {
+    let default = if serve {
         "info,fuser=off"
     } else {
         "warn,fuser=off"
@@ -37,7 +22,15 @@ fn main() -> std::process::ExitCode {
         // plain lines an administrator can grep.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match recoverfs::cli::run(cli).map_err(anyhow::Error::from) {
+    // Every command but the daemon ends quietly, as if killed by SIGPIPE,
+    // when the reader of its output goes away (`| head`); SIGPIPE stays
+    // ignored (see `end_quietly_when_stdout_closes`). The daemon's panics
+    // stay loud whatever its stdout is.
+    let r = match serve {
+        true => recoverfs::cli::run(cli),
+        false => recoverfs::cli::end_quietly_when_stdout_closes(|| recoverfs::cli::run(cli)),
+    };
+    match r.map_err(anyhow::Error::from) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("recoverfs: error: {e}");

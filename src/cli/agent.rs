@@ -393,8 +393,9 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     Ok(all) => all,
                     Err(e) => return Err(closed_after(e, m)),
                 };
-                ls(&all.iter().collect::<Vec<_>>(), json)?;
-                finish_disk(m)
+                let listed = ls(&all.iter().collect::<Vec<_>>(), json);
+                // Unmounted whatever the listing did; a failure to is told first.
+                finish_disk(m).and(listed)
             }
         },
         FilesCmd::Cat { src, path } => {
@@ -517,11 +518,10 @@ fn ls(sel: &[&crate::repo::catalog::Entry], json: bool) -> Result<()> {
         sel.iter()
             .try_for_each(|e| writeln!(out, "{}", crate::files::ls_line(e)))
     };
-    match r.and_then(|()| out.flush()) {
-        // A reader that stopped early (`| head`) is not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.map_err(|e| Error::io("write stdout", e)),
-    }
+    // A reader that stopped early (`| head`): EPIPE, which ends the
+    // command quietly (`end_quietly_when_stdout_closes`), as it does others.
+    r.and_then(|()| out.flush())
+        .map_err(|e| Error::io("write stdout", e))
 }
 
 /// A file's bytes from a mounted disk backup, 1 MiB at a time: a stop

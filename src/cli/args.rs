@@ -60,7 +60,7 @@ pub enum Command {
         #[arg(long, default_value = "1M")]
         chunk_size: String,
         /// Raw image files (or block devices), or NBD exports as
-        /// `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`
+        /// `nbd://HOST[:PORT]/EXPORT` (port 10809 by default) or `nbd+unix:///EXPORT?socket=PATH`
         /// (zero extents the server reports are skipped), one per disk.
         #[arg(required_unless_present = "session")]
         images: Vec<PathBuf>,

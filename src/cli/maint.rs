@@ -1,14 +1,78 @@
-//! `recoverfs forget` and `recoverfs gc`: retention and garbage
-//! collection of a repository (`repo::forget`, `repo::gc`).
+//! `recoverfs list`, `recoverfs forget` and `recoverfs gc`: the backups
+//! of a repository, retention and garbage collection (`repo::forget`,
+//! `repo::gc`).
 
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::repo::forget::{forget, ForgetOptions, ForgetReport};
 use crate::repo::gc::{collect, GcOptions, GcReport, Referrer};
 use crate::repo::retention::Policy;
-use crate::repo::Repository;
+use crate::repo::{Listed, Repository};
 use crate::util::human_bytes;
+
+/// `recoverfs list`: every backup that reads, and for each damaged one a
+/// `DAMAGED manifest|catalog VM/ID: why` line (as `verify` names it) or,
+/// in JSON, an entry with an `error`. Damage makes the exit non-zero once
+/// all is listed, so scripts notice.
+pub fn list(repo: &Repository, json: bool) -> Result<()> {
+    let all = repo.list_backups()?;
+    let damaged = all
+        .iter()
+        .filter(|b| matches!(b, Listed::Damaged { .. }))
+        .count();
+    if json {
+        let doc = serde_json::json!({"repo": repo.location(), "backups": all});
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+    } else if all.is_empty() {
+        println!("no backups in {}", repo.location());
+    } else {
+        print_list(&all);
+    }
+    match damaged {
+        0 => Ok(()),
+        n => Err(Error::corrupt(format!(
+            "{n} damaged backup(s) in {} (the DAMAGED lines); `recoverfs verify` checks every backup and chunk",
+            repo.location()
+        ))),
+    }
+}
+
+fn print_list(all: &[Listed]) {
+    println!(
+        "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
+        "VM", "BACKUP", "KIND", "CREATED", "DISKS", "SIZE", "STORED", "NEW"
+    );
+    for b in all {
+        match b {
+            Listed::Backup(b) => println!(
+                "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
+                b.vm,
+                b.id,
+                b.kind,
+                b.created,
+                b.disks,
+                human_bytes(b.virtual_size),
+                human_bytes(b.stored_bytes),
+                human_bytes(b.new_bytes)
+            ),
+            Listed::Damaged {
+                vm,
+                id,
+                kind,
+                error,
+                ..
+            } => {
+                let what = if *kind == "files" {
+                    "catalog"
+                } else {
+                    "manifest"
+                };
+                println!("DAMAGED {what} {vm}/{id}: {error}");
+            }
+        }
+    }
+}
 
 #[derive(clap::Args)]
 pub struct ForgetArgs {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde_json::json;
 
 pub use args::{Cli, Command, SocketArg};
+pub use stopout::end_quietly_when_stdout_closes;
 
 use crate::api::client::Client;
 use crate::error::{Error, Result};
@@ -140,7 +141,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Files { cmd } => agent::files(cmd),
         Command::Precopy(a) => precopy::run(a),
         Command::Upload(a) => upload::run(a),
-        Command::List { repo, json } => output::list(&*Repository::open(&repo)?, json),
+        Command::List { repo, json } => maint::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
         Command::Verify { repo, vm, backup } => {

@@ -1,5 +1,5 @@
 //! Human and JSON output of the CLI commands, a module per family of
-//! commands: `repository` (`list`, `verify`), `sessions` (`recover`,
+//! commands: `repository` (`verify`), `sessions` (`recover`,
 //! `release`, `status`), `placement` (where a recovery was placed,
 //! `export-points`), `backup` (`backup --session`, `backup-vms`) and
 //! `relocation` (`relocate`: its status line, `--cancel`, `--wait`).
@@ -16,5 +16,5 @@ pub(crate) use placement::{export_points, placement};
 #[cfg(test)]
 pub(crate) use relocation::wait_verdict;
 pub(crate) use relocation::{cancelled_line, relocation_line, wait_relocation};
-pub(crate) use repository::{list, verify};
+pub(crate) use repository::verify;
 pub(crate) use sessions::{recovered, released, status};

@@ -1,4 +1,5 @@
-//! Standard output that a stop (SIGINT, SIGTERM) can interrupt.
+//! Standard output that a stop (SIGINT, SIGTERM) can interrupt, and
+//! commands that end quietly when the reader of their output goes away.
 //!
 //! `files cat … | reader`: once the reader stops reading (stalled, or
 //! paused in a pager), a plain write to the full pipe blocks for ever, and
@@ -68,6 +69,81 @@ impl Write for StoppableOut<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Runs a command so that, when the reader of standard output goes away
+/// (`| head -1`), it ends as a Unix tool killed by SIGPIPE does: no
+/// message, exit status 141 in the shell. Not 0: output was lost, and a
+/// command that was going to fail (`list` of a damaged repository) must
+/// not look successful to `set -o pipefail`.
+///
+/// SIGPIPE itself stays ignored (Rust's default): with its default action
+/// a write to a closed socket (S3, NBD, the daemon's control socket) would
+/// kill the command on the spot, repository locks and scratch mounts
+/// left behind. So the write fails with EPIPE instead, and this catches
+/// both forms that takes: `println!`'s panic ("failed printing to
+/// stdout"), unwound here so destructors release what the command holds;
+/// and an error (of a `write` to stdout) returned with EPIPE. Either
+/// counts only while stdout is indeed a pipe or socket with no reader,
+/// so an EPIPE of a socket is still reported as the error it is.
+pub fn end_quietly_when_stdout_closes<T>(
+    f: impl FnOnce() -> crate::error::Result<T>,
+) -> crate::error::Result<T> {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_closed_stdout_panic(text(info.payload())) {
+            return default(info);
+        }
+        // Another thread's panic would reach the main thread as a new
+        // one ("a scoped thread panicked"), or not at all: end here.
+        if std::thread::current().name() != Some("main") {
+            die_of_sigpipe();
+        }
+    }));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Err(e)) if e.errno() == libc::EPIPE && stdout_reader_gone() => die_of_sigpipe(),
+        Ok(r) => r,
+        Err(p) => {
+            if is_closed_stdout_panic(text(&*p)) {
+                die_of_sigpipe();
+            }
+            std::panic::resume_unwind(p)
+        }
+    }
+}
+
+/// A panic's message, when it is text.
+fn text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    (payload.downcast_ref::<String>().map(String::as_str))
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+}
+
+/// Whether a panic is `print!`'s on a stdout whose reader is gone.
+fn is_closed_stdout_panic(msg: Option<&str>) -> bool {
+    msg.is_some_and(|m| m.starts_with("failed printing to stdout")) && stdout_reader_gone()
+}
+
+/// Whether stdout is a pipe or socket whose reader has gone: poll reports
+/// an error or hang-up on it (never on a file or a live pipe).
+fn stdout_reader_gone() -> bool {
+    let stdout = io::stdout();
+    let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::POLLOUT)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
+/// Ends the process as SIGPIPE's default action does.
+fn die_of_sigpipe() -> ! {
+    use nix::sys::signal::{raise, signal, SigHandler, SigSet, Signal};
+    // SAFETY: restores the default action of one signal; no handler runs.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGPIPE);
+    let _ = set.thread_unblock();
+    let _ = raise(Signal::SIGPIPE);
+    std::process::exit(128 + libc::SIGPIPE)
 }
 
 #[cfg(test)]

@@ -86,6 +86,21 @@ pub struct BackupSummary {
     pub new_bytes: u64,
 }
 
+/// One backup in `list`: its summary, or why its manifest (`disk`) or
+/// catalog (`files`) does not read. In JSON the summary's fields, or
+/// `vm`, `id`, `kind` and `error`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Listed {
+    Backup(BackupSummary),
+    Damaged {
+        vm: String,
+        id: String,
+        kind: &'static str,
+        error: String,
+    },
+}
+
 impl Repository {
     /// Opens an existing repository; a missing one or a directory that is
     /// not a repository is a clear error.
@@ -464,12 +479,33 @@ impl Repository {
         }
     }
 
-    pub fn summaries(&self) -> Result<Vec<BackupSummary>> {
+    /// Every backup of every VM, disk and file backups alike. A damaged
+    /// manifest or catalog is one `Damaged` entry, so one bad document
+    /// hides none of the others; any other failure (an unreachable
+    /// repository) fails the whole listing.
+    pub fn list_backups(&self) -> Result<Vec<Listed>> {
+        fn damaged(e: Error, vm: &str, id: &str, kind: &'static str) -> Result<Listed> {
+            match e.kind() {
+                crate::error::ErrorKind::Corrupt => Ok(Listed::Damaged {
+                    vm: vm.to_string(),
+                    id: id.to_string(),
+                    kind,
+                    error: e.to_string(),
+                }),
+                _ => Err(e),
+            }
+        }
         let mut out = vec![];
         for vm in self.vms()? {
             for id in self.backup_ids(&vm)? {
-                let m = self.manifest(&vm, &id)?;
-                out.push(BackupSummary {
+                let m = match self.manifest(&vm, &id) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        out.push(damaged(e, &vm, &id, "disk")?);
+                        continue;
+                    }
+                };
+                out.push(Listed::Backup(BackupSummary {
                     vm: vm.clone(),
                     id,
                     kind: "disk",
@@ -478,13 +514,19 @@ impl Repository {
                     virtual_size: m.virtual_size(),
                     stored_bytes: m.stored_bytes(),
                     new_bytes: m.new_bytes(),
-                });
+                }));
             }
         }
         for vm in self.catalog_vms()? {
             for id in self.catalog_ids(&vm)? {
-                let c = self.catalog(&vm, &id)?;
-                out.push(BackupSummary {
+                let c = match self.catalog(&vm, &id) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        out.push(damaged(e, &vm, &id, "files")?);
+                        continue;
+                    }
+                };
+                out.push(Listed::Backup(BackupSummary {
                     vm: vm.clone(),
                     id,
                     kind: "files",
@@ -493,11 +535,16 @@ impl Repository {
                     virtual_size: c.file_bytes,
                     stored_bytes: c.stored_bytes,
                     new_bytes: c.new_bytes,
-                });
+                }));
             }
         }
-        // Each VM's backups of both kinds together, in time order.
-        out.sort_by(|a, b| (&a.vm, &a.created, &a.id).cmp(&(&b.vm, &b.created, &b.id)));
+        // Each VM's backups of both kinds together, in time order, then
+        // its damaged ones (no time to place them by).
+        let key = |l: &Listed| match l {
+            Listed::Backup(b) => (b.vm.clone(), false, b.created.clone(), b.id.clone()),
+            Listed::Damaged { vm, id, .. } => (vm.clone(), true, String::new(), id.clone()),
+        };
+        out.sort_by_cached_key(key);
         Ok(out)
     }
 

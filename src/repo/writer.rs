@@ -108,7 +108,8 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
     let mut disks = vec![];
     let mut reports = vec![];
     for (i, (path, size)) in req.images.iter().zip(&sizes).enumerate() {
-        let (dm, rep) = backup_disk(repo, &format!("disk{i}"), path, *size, req.chunk_size, &bar)?;
+        let name = format!("disk{i}");
+        let (dm, rep) = backup_disk(repo, &name, path, *size, req.chunk_size, &|b| bar.inc(b))?;
         disks.push(dm);
         reports.push(rep);
     }
@@ -374,15 +375,20 @@ pub fn stored_bytes_after(
     Ok(total)
 }
 
+/// Reads one image into chunks; `done(bytes)` as each part is done.
 fn backup_disk(
     repo: &Arc<Repository>,
     name: &str,
     path: &Path,
     size: u64,
     chunk_size: u32,
-    bar: &indicatif::ProgressBar,
+    done: &dyn Fn(u64),
 ) -> Result<(DiskManifest, DiskReport)> {
     let file = File::open(path).ctx(|| format!("open image {}", path.display()))?;
+    let before = Stamp::of(&file, path)?;
+    if before.as_ref().is_some_and(|b| b.len != size) {
+        return Err(changed(path, "its size changed since the backup began"));
+    }
     let n = DiskManifest::chunk_count(size, chunk_size);
     let extents = super::sparse::data_extents(&file, size)
         .map_err(|e| e.context(format!("image {}", path.display())))?;
@@ -393,14 +399,20 @@ fn backup_disk(
     let data_len: u64 = (with_data.iter())
         .map(|r| (r.end * cs).min(size) - r.start * cs)
         .sum();
-    bar.inc(size - data_len);
+    done(size - data_len);
     let read = |idx: u64, buf: &mut [u8]| -> Result<()> {
         let off = idx * chunk_size as u64;
         file.read_exact_at(buf, off)
             .ctx(|| format!("read {} at {off}", path.display()))
     };
     let indexes = with_data.into_iter().flatten();
-    let st = store_chunks(repo, size, chunk_size, indexes, &read, &|b| bar.inc(b))?;
+    let st = store_chunks(repo, size, chunk_size, indexes, &read, done)?;
+    if let Some(before) = before {
+        let after = Stamp::of(&file, path)?.expect("still a regular file");
+        if let Some(what) = before.changed(&after) {
+            return Err(changed(path, &what));
+        }
+    }
     let chunks = ChunkIndex::zeros(n).with_changes(st.chunks.iter().copied());
     let rep = DiskReport {
         name: name.into(),
@@ -420,6 +432,68 @@ fn backup_disk(
         new_bytes: st.new_bytes,
     };
     Ok((dm, rep))
+}
+
+/// What a writer changes in a regular file: its size, mtime and ctime
+/// (ctime too, since a writer may set mtime back). Read before and after
+/// the image is: a difference means the copy mixes blocks of two moments.
+/// A block device has no such stamp (its mtime stays as it was).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(file: &File, path: &Path) -> Result<Option<Stamp>> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file
+            .metadata()
+            .ctx(|| format!("image {}", path.display()))?;
+        Ok(m.file_type().is_file().then(|| Stamp {
+            len: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }))
+    }
+
+    /// How `after` differs, in words; `None`: not at all.
+    fn changed(&self, after: &Stamp) -> Option<String> {
+        let at = |(s, ns): (i64, i64)| {
+            let t = rfc3339(s.max(0) as u64);
+            format!("{}.{ns:09}Z", t.trim_end_matches('Z'))
+        };
+        if self.len != after.len {
+            Some(format!("size {} then {} bytes", self.len, after.len))
+        } else if self.mtime != after.mtime {
+            Some(format!(
+                "modified at {} then {}",
+                at(self.mtime),
+                at(after.mtime)
+            ))
+        } else if self.ctime != after.ctime {
+            Some(format!(
+                "inode changed at {} then {}",
+                at(self.ctime),
+                at(after.ctime)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// A torn image fails the backup rather than becoming a restore point
+/// that `list` shows and retention counts like a good one; its chunks
+/// stay for the next run to reuse (or `gc` to free).
+fn changed(path: &Path, what: &str) -> Error {
+    Error::busy(format!(
+        "image {} changed while it was read ({what}): the copy would mix blocks \
+         of two moments, so nothing was published; back up an image nothing \
+         writes to (VM shut down, or a snapshot), or a running VM with `backup-vms`",
+        path.display()
+    ))
 }
 
 fn store_chunk(repo: &Repository, data: &[u8]) -> Result<Outcome> {
@@ -638,6 +712,73 @@ mod tests {
         rd.map(|e| e.unwrap().path())
             .map(|p| if p.is_dir() { walkdir(&p) } else { 1 })
             .sum()
+    }
+
+    /// A 4-chunk image last modified an hour ago (so a write now moves
+    /// its mtime whatever the clock's grain), with a handle to change it.
+    fn old_image(dir: &Path) -> (PathBuf, File, u64) {
+        let data: Vec<u8> = (0..4 * 65536).map(|i| (i % 251) as u8 + 1).collect();
+        let p = image(dir, "disk0.raw", &data);
+        let f = File::options().write(true).open(&p).unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        f.set_modified(hour_ago).unwrap();
+        (p, f, data.len() as u64)
+    }
+
+    /// Runs `change` once, while the image is being read.
+    fn backup_changing(
+        repo: &Arc<Repository>,
+        p: &Path,
+        size: u64,
+        change: impl Fn(),
+    ) -> Result<(DiskManifest, DiskReport)> {
+        let once = std::sync::Once::new();
+        backup_disk(repo, "disk0", p, size, 65536, &|_| once.call_once(&change))
+    }
+
+    #[test]
+    fn an_image_written_while_it_is_read_fails_naming_it_and_what_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        let (p, f, size) = old_image(d.path());
+        let e = backup_changing(&repo, &p, size, || f.write_all_at(b"new", 65536).unwrap())
+            .expect_err("a torn image was backed up");
+        assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("image {} changed while it was read", p.display())),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("modified at") && msg.contains("backup-vms"),
+            "{msg}"
+        );
+        // Left alone, the same image backs up.
+        backup_disk(&repo, "disk0", &p, size, 65536, &|_| {}).unwrap();
+    }
+
+    #[test]
+    fn an_image_grown_or_with_its_mtime_set_back_while_read_is_caught_by_size_and_ctime() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        let (p, f, size) = old_image(d.path());
+        let grow = || f.set_len(size + 65536).unwrap();
+        let e = backup_changing(&repo, &p, size, grow).expect_err("grown");
+        assert!(
+            e.to_string().contains("size 262144 then 327680 bytes"),
+            "{e}"
+        );
+        // A writer that puts the old mtime back still moves ctime; the
+        // pause lets the coarse file clock tick past the stamp taken first.
+        f.set_len(size).unwrap();
+        let mtime = f.metadata().unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let hidden = || {
+            f.write_all_at(b"new", 0).unwrap();
+            f.set_modified(mtime).unwrap();
+        };
+        let e = backup_changing(&repo, &p, size, hidden).expect_err("mtime set back");
+        assert!(e.to_string().contains("inode changed at"), "{e}");
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct Export {
 }
 
 impl Export {
-    /// Parses `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+    /// Parses `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
     pub fn parse(url: &str) -> Result<Export> {
         match crate::boot::DiskSource::nbd(url)? {
             crate::boot::DiskSource::Nbd { server, export } => Ok(Export {

@@ -1,45 +1,8 @@
-//! `list` and `verify`: the backups a repository holds, and a check of
-//! their chunks.
+//! `verify`: a check of a repository's chunks (`list` is printed in
+//! `cli::maint`, beside its reading, which goes on past a damaged manifest).
 
 use crate::error::{Error, Result};
 use crate::repo::Repository;
-use crate::util::human_bytes;
-
-pub(crate) fn list(repo: &Repository, json: bool) -> Result<()> {
-    let all = repo.summaries()?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"repo": repo.location(), "backups": all})
-            )
-            .expect("json")
-        );
-        return Ok(());
-    }
-    if all.is_empty() {
-        println!("no backups in {}", repo.location());
-        return Ok(());
-    }
-    println!(
-        "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
-        "VM", "BACKUP", "KIND", "CREATED", "DISKS", "SIZE", "STORED", "NEW"
-    );
-    for b in all {
-        println!(
-            "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
-            b.vm,
-            b.id,
-            b.kind,
-            b.created,
-            b.disks,
-            human_bytes(b.virtual_size),
-            human_bytes(b.stored_bytes),
-            human_bytes(b.new_bytes)
-        );
-    }
-    Ok(())
-}
 
 /// Of `vms`, those with a disk or file backup `id`; none is an error.
 fn vms_with_backup(repo: &Repository, vms: Vec<String>, id: &str) -> Result<Vec<String>> {
