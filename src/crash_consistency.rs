@@ -172,16 +172,8 @@ fn begin_relocation(
     rate_mbps: Option<f64>,
 ) -> Arc<Relocation> {
     let meta = Meta {
-        target: PathBuf::from(TARGET),
-        switched: false,
-        pass: 1,
         rate_mbps,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
+        ..Meta::first_pass(PathBuf::from(TARGET))
     };
     Relocation::begin(source(storage, vol), meta).unwrap()
 }

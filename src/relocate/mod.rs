@@ -176,6 +176,25 @@ pub(crate) struct Meta {
     pub owner_mark: Option<String>,
 }
 
+impl Meta {
+    /// A new relocation's record to `target`, before anything was copied,
+    /// created or checked (fields set by `start` override it).
+    pub(crate) fn first_pass(target: PathBuf) -> Meta {
+        Meta {
+            target,
+            switched: false,
+            pass: 1,
+            rate_mbps: None,
+            paused: false,
+            created: vec![],
+            created_dir: false,
+            target_id: None,
+            target_inos: BTreeMap::new(),
+            owner_mark: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RelocationStatus {
     pub state: State,

@@ -14,16 +14,10 @@ impl Relocation {
         }
         let (target_dir, created_dir, target_id) = Self::check_target(&req)?;
         let meta = Meta {
-            target: target_dir,
-            switched: false,
-            pass: 1,
             rate_mbps: req.rate_mbps,
-            paused: false,
-            created: vec![],
             created_dir,
             target_id: Some(target_id),
-            target_inos: BTreeMap::new(),
-            owner_mark: None,
+            ..Meta::first_pass(target_dir)
         };
         let r = Self::begin(req.source, meta)?;
         r.spawn();

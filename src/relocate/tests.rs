@@ -108,16 +108,8 @@ impl Rig {
     /// A relocation recorded and opened, its copier not started.
     fn begin(&self, disks: &[Arc<Volume>], rate_mbps: Option<f64>) -> Arc<Relocation> {
         let meta = Meta {
-            target: self.dir.path().join("primary/vm"),
-            switched: false,
-            pass: 1,
             rate_mbps,
-            paused: false,
-            created: vec![],
-            created_dir: false,
-            target_id: None,
-            target_inos: Default::default(),
-            owner_mark: None,
+            ..Meta::first_pass(self.dir.path().join("primary/vm"))
         };
         Relocation::begin(self.source(disks), meta).unwrap()
     }

@@ -88,18 +88,7 @@ fn a_cancel_mid_copy_is_durable_and_a_relocation_elsewhere_then_copies_what_the_
     // Relocated elsewhere, the new target is the disk the VM sees.
     let other = rig.dir.path().join("other/vm");
     std::fs::create_dir_all(&other).unwrap();
-    let meta = Meta {
-        target: other.clone(),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(other.clone());
     let r = Relocation::begin(rig.source(&disks), meta).unwrap();
     r.spawn();
     assert_eq!(settle(&r), State::Done);

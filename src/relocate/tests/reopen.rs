@@ -56,18 +56,7 @@ fn a_resumed_relocation_zeroes_holes_over_stale_target_bytes_before_marking_them
     // The relocation is recorded, its targets emptied; then, as after a
     // crash that took a staged write away but not its copy, the target
     // holds bytes over the hole.
-    let meta = Meta {
-        target: rig.dir.path().join("primary/vm"),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(rig.dir.path().join("primary/vm"));
     drop(Relocation::begin(rig.source(&disks), meta).unwrap());
     drop(disks);
     let t = rig.dir.path().join("primary/vm/disk0.raw");

@@ -19,18 +19,7 @@ fn a_relocation_whose_record_cannot_be_written_leaves_no_disk_tracking_copies() 
     }
     rig.faults
         .inject(Rule::fail(Op::Rename, "relocation.json", libc::ENOSPC).times(1));
-    let meta = Meta {
-        target: rig.dir.path().join("primary/vm"),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(rig.dir.path().join("primary/vm"));
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert_eq!(rig.faults.injected(), 1, "{e}");
     // No relocation started: nothing may hold the disks to one (eviction
@@ -53,18 +42,7 @@ fn a_force_relocation_never_empties_a_hard_linked_target_file() {
     let precious = rig.dir.path().join("precious");
     std::fs::write(&precious, b"not the relocation's to empty").unwrap();
     std::fs::hard_link(&precious, rig.dir.path().join("primary/vm/disk1.raw")).unwrap();
-    let meta = Meta {
-        target: rig.dir.path().join("primary/vm"),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(rig.dir.path().join("primary/vm"));
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert!(e.to_string().contains("disk1.raw"), "{e}");
     assert!(e.to_string().contains("link"), "{e}");
@@ -84,18 +62,7 @@ fn a_force_relocation_refusing_one_target_file_empties_none() {
     let precious = rig.dir.path().join("precious");
     std::fs::write(&precious, b"not the relocation's to empty").unwrap();
     std::fs::hard_link(&precious, primary.join("disk1.raw")).unwrap();
-    let meta = Meta {
-        target: primary.clone(),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(primary.clone());
     let e = Relocation::begin(rig.source(&disks), meta).err().unwrap();
     assert!(e.to_string().contains("disk1.raw"), "{e}");
     assert!(
@@ -119,18 +86,7 @@ fn a_force_relocation_never_empties_a_target_another_relocation_serves_from() {
     // Daemon B (its own staging) relocates a VM of the same name there.
     let b = rig();
     let b_disks = b.volumes();
-    let meta = Meta {
-        target: live.clone(),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(live.clone());
     let e = Relocation::begin(b.source(&b_disks), meta).err().unwrap();
     assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
     assert!(e.to_string().contains("in use by another recoverfs"), "{e}");
@@ -148,18 +104,7 @@ fn a_relocation_never_empties_a_target_file_locked_by_another_open() {
     // Another open file description holds its shared lock.
     let other = OsStorage.open(&t, Open::Existing).unwrap();
     assert!(other.try_lock(false).unwrap());
-    let meta = Meta {
-        target: rig.dir.path().join("primary/vm"),
-        switched: false,
-        pass: 1,
-        rate_mbps: None,
-        paused: false,
-        created: vec![],
-        created_dir: false,
-        target_id: None,
-        target_inos: Default::default(),
-        owner_mark: None,
-    };
+    let meta = Meta::first_pass(rig.dir.path().join("primary/vm"));
     let e = Relocation::begin(rig.source(&disks), meta.clone())
         .err()
         .unwrap();
