@@ -246,19 +246,14 @@ fn not_there(vm: &str, p: &Pin, backup: &str) -> String {
 }
 
 /// The staging directory holding session directory `dir` (of this host),
-/// if no live process holds its lock: a staging a daemon served before
-/// and none serves now (left out of `--export-point`s at a restart, say).
+/// if no process holds its lock: a staging a daemon served before and
+/// none serves now (left out of `--export-point`s at a restart, say).
 fn unserved_staging_root(dir: &str) -> Option<std::path::PathBuf> {
     let root = Path::new(dir).ancestors().nth(3)?;
     if !root.join(crate::staging::STAGING_MARKER).is_file() {
         return None;
     }
-    let pid = std::fs::read_to_string(root.join("lock"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let alive = pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
-    (!alive).then(|| root.to_path_buf())
+    matches!(crate::staging::inventory::lock_holder(root), Ok(None)).then(|| root.to_path_buf())
 }
 
 /// Why a recovery of `vm` is refused while this host's staging `root`,
