@@ -336,3 +336,58 @@ fn forget_and_gc_free_space_on_a_repository_filesystem_filled_to_the_last_block(
         "the reserve is made again once there is room"
     );
 }
+
+#[test]
+fn the_pin_of_a_host_lost_for_good_is_listed_and_dropped_and_then_the_vm_recovers_here() {
+    use recoverfs::repo::pins::{self, Pin};
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 8 * K64, 7, K64);
+    let id = env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let repo = env.repo_str();
+    // A daemon on a host lost in the disaster served it.
+    let r = Repository::open(repo).unwrap();
+    let dir = format!("/var/lib/recoverfs/sessions/vm/{id}");
+    let mut pin = Pin::new("vm", vec![id.clone()], Path::new(&dir), true);
+    pin.host = "lost-host".into();
+    pins::put(&r, &pin).unwrap();
+    let _d = env.serve();
+    let sock = env.socket.to_str().unwrap();
+    let err = env.fails(
+        &["recover", "--socket", sock, "vm"],
+        "is served by a recoverfs daemon on host lost-host",
+    );
+    assert!(
+        err.contains(&format!(
+            "recoverfs pins drop --repo {repo} vm --host lost-host"
+        )),
+        "{err}"
+    );
+    let ls = env.ok(&["pins", "ls", "--repo", repo]);
+    assert!(
+        ls.contains("vm serving on host lost-host, written ") && ls.contains(&dir),
+        "{ls}"
+    );
+    let out = env.ok(&["pins", "drop", "--repo", repo, "vm", "--host", "lost-host"]);
+    assert!(
+        out.contains("removed: vm serving on host lost-host"),
+        "{out}"
+    );
+    env.recover("vm", None);
+    // This host's own session is not this command's to drop.
+    env.fails(
+        &[
+            "pins",
+            "drop",
+            "--repo",
+            repo,
+            "vm",
+            "--host",
+            &pins::hostname(),
+        ],
+        "has a session on this host",
+    );
+    env.fails(
+        &["pins", "drop", "--repo", repo, "vm", "--host", "lost-host"],
+        "no pin of VM vm names host lost-host",
+    );
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use super::{agent, boot, key, maint, precopy, profile, staging, upload};
+use super::{agent, boot, key, maint, pins, precopy, profile, staging, upload};
 
 #[derive(Parser)]
 #[command(
@@ -356,6 +356,12 @@ pub enum Command {
     Profile {
         #[command(subcommand)]
         cmd: profile::ProfileCmd,
+    },
+    /// Which daemon serves or keeps which VM, as the repository records it:
+    /// list the pins, drop those of a host lost for good.
+    Pins {
+        #[command(subcommand)]
+        cmd: pins::PinsCmd,
     },
     /// Kept sessions in staging directories: list them, drop one.
     Staging {

@@ -10,6 +10,7 @@ mod boot;
 mod key;
 mod maint;
 pub(crate) mod output;
+mod pins;
 mod precopy;
 mod profile;
 mod recover;
@@ -250,6 +251,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Profile { cmd } => profile::run(cmd),
+        Command::Pins { cmd } => pins::run(cmd),
         Command::Staging { cmd } => staging::run(cmd),
         Command::Recover {
             socket,

@@ -136,7 +136,11 @@ impl Datastore {
                     return Err(Error::busy(not_served(vm, p, &root)));
                 }
             }
-            return Err(Error::busy(recovered_elsewhere(vm, p)));
+            return Err(Error::busy(recovered_elsewhere(
+                vm,
+                p,
+                &self.repo.location(),
+            )));
         }
         Ok(warnings)
     }
@@ -271,18 +275,16 @@ fn not_served(vm: &str, p: &Pin, root: &Path) -> String {
     )
 }
 
-/// `s` with control characters shown as `?` (pins come from the
-/// repository: one line stays one line).
+/// `s` with control characters escaped (pins come from the repository:
+/// one line stays one line).
 fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    crate::util::escape_controls(s).into_owned()
 }
 
 /// Why a recovery of `vm` here is refused while `other` serves or keeps
 /// it, and what to do: one line (the pin's fields come from the
-/// repository, so control characters are shown as `?`).
-pub(super) fn recovered_elsewhere(vm: &str, other: &Pin) -> String {
+/// repository: control characters escaped).
+pub(super) fn recovered_elsewhere(vm: &str, other: &Pin, repo: &str) -> String {
     let (host, dir, written) = (
         clean(&other.host),
         clean(&other.staging),
@@ -301,6 +303,7 @@ pub(super) fn recovered_elsewhere(vm: &str, other: &Pin) -> String {
     format!(
         "VM {vm} {what} on host {host} in {dir} (its pin in the repository, written {written}): \
          recovering it here too would make a second writable copy without those writes. {there}; \
-         to recover it here anyway: `recoverfs recover {vm} --second-copy` (then `boot`)"
+         to recover it here anyway: `recoverfs recover {vm} --second-copy` (then `boot`); if host \
+         {host} is lost for good, `recoverfs pins drop --repo {repo} {vm} --host {host}` removes its pin"
     )
 }

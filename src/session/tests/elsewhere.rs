@@ -123,12 +123,12 @@ fn a_damaged_pin_beside_another_daemons_is_passed_over_and_the_other_still_refus
 }
 
 #[test]
-fn a_refusal_shows_control_characters_of_a_forged_pin_as_question_marks() {
+fn a_refusal_shows_control_characters_of_a_forged_pin_escaped_on_one_line() {
     let mut pin = crate::repo::pins::Pin::new("vm", vec!["b".into()], Path::new("/s/x\ny"), true);
     pin.host = "h\r\nFAKE".into();
-    let msg = super::super::pinning::recovered_elsewhere("vm", &pin);
+    let msg = super::super::pinning::recovered_elsewhere("vm", &pin, "/r");
     assert_eq!(msg.lines().count(), 1, "{msg}");
-    assert!(msg.contains("host h??FAKE in /s/x?y"), "{msg}");
+    assert!(msg.contains("host h\\r\\nFAKE in /s/x\\ny"), "{msg}");
 }
 
 #[test]

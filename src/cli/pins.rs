@@ -1,0 +1,142 @@
+//! `recoverfs pins ls|drop`: the repository's record of which daemon
+//! serves or keeps which VM (`repo::pins`). A pin protects its backups
+//! from `forget` and refuses a second recovery of its VM elsewhere; the
+//! pin of a host lost for good would do both for ever, and nothing but
+//! this command removes it (`staging drop --repo` removes this host's).
+
+use clap::Subcommand;
+
+use crate::error::{Error, Result};
+use crate::repo::pins::{self, Pin};
+use crate::repo::Repository;
+
+#[derive(Subcommand)]
+pub enum PinsCmd {
+    /// List the pins: VM, host, state, when written, staging directory
+    /// and the backups each protects.
+    Ls {
+        #[arg(long)]
+        repo: String,
+        /// Only this VM's.
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the pins of VM that name host HOST (and, with --staging,
+    /// that directory): for a host lost for good. A session of this host
+    /// whose staging directory is there is refused (`release --discard`
+    /// or `staging drop --repo` end it with its staging), and so is a
+    /// throwaway recovery whose process still runs.
+    Drop {
+        #[arg(long)]
+        repo: String,
+        vm: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        staging: Option<String>,
+    },
+}
+
+pub fn run(cmd: PinsCmd) -> Result<()> {
+    match cmd {
+        PinsCmd::Ls { repo, vm, json } => ls(&*Repository::open(&repo)?, vm.as_deref(), json),
+        PinsCmd::Drop {
+            repo,
+            vm,
+            host,
+            staging,
+        } => drop_pins(&*Repository::open(&repo)?, &vm, &host, staging.as_deref()),
+    }
+}
+
+fn ls(repo: &Repository, vm: Option<&str>, json: bool) -> Result<()> {
+    let vms = match vm {
+        Some(v) => vec![v.to_string()],
+        None => repo.backend().list("pins")?,
+    };
+    let mut all = vec![];
+    for v in &vms {
+        all.extend(pins::of_vm_readable(repo, v)?);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "pins": all })).expect("json")
+        );
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no pins in {}", repo.location());
+        return Ok(());
+    }
+    for p in &all {
+        println!("{}", line(p));
+    }
+    Ok(())
+}
+
+/// One pin, for people (control characters of a forged one shown as `?`).
+fn line(p: &Pin) -> String {
+    let who = match &p.owner {
+        Some(o) => format!(" (throwaway, pid {})", o.pid),
+        None => String::new(),
+    };
+    let text = format!(
+        "{} {} on host {}{who}, written {}, in {}: backups {}",
+        p.vm,
+        p.state,
+        p.host,
+        p.written,
+        p.staging,
+        p.backups.join(", ")
+    );
+    crate::util::escape_controls(&text).into_owned()
+}
+
+fn drop_pins(repo: &Repository, vm: &str, host: &str, staging: Option<&str>) -> Result<()> {
+    let matching: Vec<Pin> = pins::of_vm_readable(repo, vm)?
+        .into_iter()
+        .filter(|p| p.host == host && staging.is_none_or(|s| p.staging == s))
+        .collect();
+    if matching.is_empty() {
+        return Err(Error::not_found(format!(
+            "no pin of VM {vm} names host {host}{}: see `recoverfs pins ls --repo {} {vm}`",
+            staging.map(|s| format!(" and {s}")).unwrap_or_default(),
+            repo.location()
+        )));
+    }
+    for p in &matching {
+        refuse_live(p)?;
+    }
+    for p in &matching {
+        pins::remove(repo, p)?;
+        println!("removed: {}", line(p));
+    }
+    eprintln!(
+        "forget no longer keeps those backups for these sessions, and VM {vm} may be recovered elsewhere without --second-copy"
+    );
+    Ok(())
+}
+
+/// A pin whose session is known to live here is not this command's.
+fn refuse_live(p: &Pin) -> Result<()> {
+    if p.owner.is_some() && p.dead_owner().is_none() && p.host == pins::hostname() {
+        return Err(Error::busy(format!(
+            "the pin of VM {} in {} is a throwaway recovery's whose process still runs: it goes when that ends",
+            p.vm, p.staging
+        )));
+    }
+    if p.owner.is_none()
+        && p.host == pins::hostname()
+        && std::path::Path::new(&p.staging)
+            .try_exists()
+            .unwrap_or(true)
+    {
+        return Err(Error::busy(format!(
+            "VM {} has a session on this host in {}: end it with `recoverfs release --discard {}` (served) or `recoverfs staging drop --repo` (kept), which remove its pin with its staging",
+            p.vm, p.staging, p.vm
+        )));
+    }
+    Ok(())
+}
