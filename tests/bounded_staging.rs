@@ -258,6 +258,46 @@ fn a_recovery_whose_working_set_does_not_fit_the_staging_limit_is_refused_in_one
     assert!(!env.staging.join("sessions/vm").exists());
 }
 
+/// The tester's report: `--staging-max 20M` on an 8 MiB filesystem was
+/// not capped without `--staging-reserve`; the filesystem filled with
+/// clean blocks, nothing was evicted and guest writes failed ENOSPC.
+#[test]
+fn a_staging_max_above_its_filesystem_is_capped_so_guest_writes_evict_clean_blocks_instead_of_failing(
+) {
+    let mut env = Env::new();
+    let _fs = Tmpfs::mount(&env.path("small"), "8m");
+    env.staging = env.path("small/staging");
+    env.serve_args = vec!["--staging-max".into(), "20M".into()];
+    // Two 6 MiB disks of data (no zero chunks): more than the filesystem.
+    let mut models = vec![];
+    for (vm, seed) in [("a", 31u64), ("b", 32)] {
+        let img = env.path(&format!("{vm}.img"));
+        let mut data = vec![0u8; 6 * MIB];
+        rand::rngs::StdRng::seed_from_u64(seed).fill(&mut data[..]);
+        std::fs::write(&img, &data).unwrap();
+        env.backup(vm, "64K", &[&img]);
+        models.push(data);
+    }
+    let _d = env.serve();
+    let a = env.recover("a", None)[0].clone();
+    assert!(std::fs::read(&a).unwrap() == models[0], "a differs");
+    let b = env.recover("b", None)[0].clone();
+    let written = vec![0x5au8; 3 * MIB];
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&written, MIB as u64).unwrap();
+        f.sync_all().unwrap();
+    }
+    models[1][MIB..4 * MIB].copy_from_slice(&written);
+    assert!(std::fs::read(&b).unwrap() == models[1], "b differs");
+    assert!(std::fs::read(&a).unwrap() == models[0], "a differs after b");
+    let st = env.status();
+    let s = &st["staging"][0];
+    assert!(s["limit"].as_u64().unwrap() <= 8 << 20, "{s}");
+    assert!(s["evicted_blocks"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["refused_fills"].as_u64(), Some(0), "{s}");
+}
+
 #[test]
 fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serves_it() {
     let env = Env::new();

@@ -9,8 +9,10 @@
 //! whenever the set of served disks changes. So staging use is an upper
 //! bound of what the data files hold.
 //!
-//! **The limit.** The hard limit is `--staging-max`, lowered so that the
-//! filesystem keeps `--staging-reserve` bytes free. A fill that would pass
+//! **The limit.** The hard limit is `--staging-max`, lowered to what the
+//! filesystem can hold for this staging (its use plus the filesystem's free
+//! bytes) less `--staging-reserve`: a limit above the filesystem would let
+//! it fill up before eviction starts, and fills then fail. A fill that would pass
 //! it first runs an eviction step itself; if nothing can be evicted (every
 //! staged block changed, in flight, or pinned by a writer) the fill fails
 //! with ENOSPC, counted in `refused`, and the limit holds. A background
@@ -55,7 +57,8 @@ pub struct BudgetStatus {
     pub max: Option<u64>,
     /// `--staging-reserve`: bytes the filesystem keeps free.
     pub reserve: u64,
-    /// The limit in force now (max, lowered by the free-space reserve).
+    /// The limit in force now (max, lowered to what the filesystem can
+    /// hold less the reserve).
     pub limit: Option<u64>,
     /// Bytes of sessions kept but not served (included in `used`).
     pub kept: u64,
@@ -81,6 +84,9 @@ pub struct Budget {
     reserve: AtomicU64,
     /// Served disks' staged and reserved bytes.
     live: AtomicU64,
+    /// Of `live`, reservations whose fill has not written staging yet:
+    /// the filesystem's free bytes do not show them.
+    unwritten: AtomicU64,
     /// Kept, unserved sessions' allocated bytes.
     kept: AtomicU64,
     members: Mutex<Vec<Member>>,
@@ -109,6 +115,7 @@ impl Budget {
             max: AtomicU64::new(0),
             reserve: AtomicU64::new(0),
             live: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
             kept: AtomicU64::new(0),
             members: Mutex::new(vec![]),
             cursor: Mutex::new(0),
@@ -150,17 +157,24 @@ impl Budget {
         self.live.load(Ordering::Acquire) + self.kept.load(Ordering::Acquire)
     }
 
-    /// The limit in force: `max`, lowered so the filesystem keeps
-    /// `reserve` bytes free; `None` without either.
+    /// The limit in force: `max`, lowered to what the filesystem can hold
+    /// for this staging (what it uses plus what is free) less `reserve`;
+    /// `None` without either.
     pub fn limit(&self) -> Option<u64> {
         let max = self.max.load(Ordering::Acquire);
         let reserve = self.reserve.load(Ordering::Acquire);
+        if max == 0 && reserve == 0 {
+            return None;
+        }
         let mut limit = (max != 0).then_some(max);
-        if reserve != 0 {
-            if let Some(avail) = available_bytes(&self.root) {
-                let by_space = self.used() + avail.saturating_sub(reserve);
-                limit = Some(limit.map_or(by_space, |l| l.min(by_space)));
-            }
+        if let Some(avail) = available_bytes(&self.root) {
+            // Reserved but not written yet: counted in `used`, not yet
+            // missing from `avail`; counted once.
+            let on_disk = self
+                .used()
+                .saturating_sub(self.unwritten.load(Ordering::Acquire));
+            let by_space = on_disk + avail.saturating_sub(reserve);
+            limit = Some(limit.map_or(by_space, |l| l.min(by_space)));
         }
         limit
     }
@@ -213,6 +227,8 @@ impl Budget {
     pub fn reserve(&self, bytes: u64) -> Result<()> {
         let mut waited = false;
         loop {
+            // Before `live`: a limit computed meanwhile errs low, not high.
+            self.unwritten.fetch_add(bytes, Ordering::AcqRel);
             let limit = self.limit();
             let kept = self.kept.load(Ordering::Acquire);
             // Counted only if it fits: the count itself never passes the limit.
@@ -231,7 +247,10 @@ impl Budget {
                     }
                     return Ok(());
                 }
-                Err(live) => live + kept,
+                Err(live) => {
+                    self.settle_unwritten(bytes);
+                    live + kept
+                }
             };
             let limit = limit.expect("only a limit refuses");
             if !waited {
@@ -256,7 +275,22 @@ impl Budget {
 
     /// Gives back a reservation whose fill failed.
     pub fn unreserve(&self, bytes: u64) {
+        self.settle_unwritten(bytes);
         self.take_back(bytes);
+    }
+
+    /// A reservation's fill wrote staging: the filesystem's free bytes
+    /// show it now.
+    pub fn written(&self, bytes: u64) {
+        self.settle_unwritten(bytes);
+    }
+
+    fn settle_unwritten(&self, bytes: u64) {
+        let _ = self
+            .unwritten
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
     }
 
     /// Lowers the served count, never below zero (a late settlement of a
@@ -389,4 +423,64 @@ fn available_bytes(dir: &Path) -> Option<u64> {
     nix::sys::statvfs::statvfs(dir)
         .ok()
         .map(|s| s.blocks_available() * s.fragment_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tmpfs of `size` on a fresh directory (root needed): a small
+    /// filesystem of known size. Unmounted on drop.
+    struct Tmpfs {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl Tmpfs {
+        fn new(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("fs");
+            std::fs::create_dir(&path).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={size}").as_str()),
+            )
+            .expect("mount tmpfs (root needed)");
+            Tmpfs { _dir: dir, path }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// A kept session whose data file holds `bytes`.
+    fn kept_session(root: &Path, bytes: usize) {
+        let dir = root.join("sessions/vm/b1");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("disk0.data"), vec![1u8; bytes]).unwrap();
+    }
+
+    #[test]
+    fn a_staging_max_above_the_filesystem_is_lowered_to_what_it_holds_even_without_a_reserve() {
+        const MIB: u64 = 1 << 20;
+        let fs = Tmpfs::new("8m");
+        kept_session(&fs.path, 7 << 20);
+        let b = Budget::new(&fs.path);
+        b.set_limits(20 * MIB, 0);
+        let st = b.status();
+        assert_eq!(st.used, 7 * MIB, "{st:?}");
+        // Our 7 MiB and the 1 MiB still free.
+        assert_eq!(st.limit, Some(8 * MIB), "{st:?}");
+        assert!(st.pressure > 0.85, "{st:?}");
+        assert_eq!(b.room(), Some(MIB));
+        // A limit the filesystem can hold stays as given.
+        b.set_limits(2 * MIB, 0);
+        assert_eq!(b.limit(), Some(2 * MIB));
+    }
 }
