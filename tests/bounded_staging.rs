@@ -298,6 +298,72 @@ fn a_staging_max_above_its_filesystem_is_capped_so_guest_writes_evict_clean_bloc
     assert_eq!(s["refused_fills"].as_u64(), Some(0), "{s}");
 }
 
+/// The tester's report: `--staging-reserve 10M` on an 8 MiB filesystem
+/// started with a 0-byte limit and recover said "raise --staging-max",
+/// never given; `--staging-max 1K` was accepted.
+#[test]
+fn a_reserve_the_filesystem_cannot_hold_or_a_tiny_max_is_refused_at_serve_and_a_binding_reserve_is_named_at_recover(
+) {
+    let mut env = Env::new();
+    let _fs = Tmpfs::mount(&env.path("small"), "8m");
+    env.staging = env.path("small/staging");
+    let img = env.path("a.img");
+    random_image(&img, 6 * MIB, 33, BS);
+    env.backup("a", "64K", &[&img]);
+    let (staging, mount, socket) = (
+        env.staging.to_str().unwrap(),
+        env.mount.to_str().unwrap(),
+        env.socket.to_str().unwrap(),
+    );
+    let base = [
+        "serve",
+        "--repo",
+        env.repo_str(),
+        "--staging",
+        staging,
+        "--mount",
+        mount,
+        "--socket",
+        socket,
+    ];
+    // Refused at once in one line; a daemon that starts instead is
+    // stopped after 20 s (and the test fails, it does not hang).
+    let refused = |extra: [&str; 2], needle: &str| {
+        let o = std::process::Command::new("timeout")
+            .arg("20")
+            .arg(bin())
+            .args(base)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            !o.status.success() && o.status.code() != Some(124),
+            "serve {extra:?} was not refused: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+        err
+    };
+    let err = refused(["--staging-reserve", "10M"], "--staging-reserve 10.0 MiB");
+    assert!(err.contains("8.0 MiB in all"), "{err}");
+    assert!(!env.staging.exists(), "a refused serve made its staging");
+    refused(
+        ["--staging-max", "1K"],
+        "--staging-max 1.0 KiB is too small",
+    );
+    // A reserve the filesystem holds, leaving too little for the VM.
+    env.serve_args = vec!["--staging-reserve".into(), "5M".into()];
+    let _d = env.serve();
+    let err = env.fails(
+        &["recover", "--socket", socket, "a"],
+        "lower --staging-reserve (5.0 MiB kept free on a filesystem of 8.0 MiB",
+    );
+    assert!(!err.contains("--staging-max"), "{err}");
+    assert_eq!(env.status()["staging"][0]["limited_by"], "staging-reserve");
+}
+
 #[test]
 fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serves_it() {
     let env = Env::new();

@@ -252,6 +252,8 @@ impl Datastore {
         figures: &mut [PointFigures],
     ) -> Result<bool> {
         let mut refused = vec![];
+        // What would make room, once per staging that has none.
+        let mut hints: Vec<String> = vec![];
         for f in figures.iter_mut() {
             let room = self.point(&f.name).and_then(|p| {
                 let r = p.staging.budget().room()?;
@@ -261,6 +263,10 @@ impl Datastore {
                 ))
             });
             if let Some((r, st)) = room.filter(|(r, _)| *r < need) {
+                let hint = st.budget().raise_hint();
+                if !hints.contains(&hint) {
+                    hints.push(hint);
+                }
                 f.unavailable = Some(format!(
                     "staging {}: {} free of its limit",
                     st.root().display(),
@@ -286,9 +292,10 @@ impl Datastore {
             return Err(Error::new(
                 ErrorKind::NoSpace,
                 format!(
-                    "VM {vm} was not recovered: its expected working set ({}) does not fit in {}; release or relocate a session, drop kept staging, or raise --staging-max",
+                    "VM {vm} was not recovered: its expected working set ({}) does not fit in {}; release or relocate a session, drop kept staging, or {}",
                     human_bytes(need),
-                    why.join(", ")
+                    why.join(", "),
+                    hints.join(", or ")
                 ),
             ));
         }
