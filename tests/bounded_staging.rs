@@ -221,7 +221,7 @@ fn a_guest_reading_a_disk_4x_the_staging_limit_keeps_working_under_it_and_every_
             "--backup",
             &live_id,
         ],
-        "expected working set (64.0 MiB) does not fit",
+        "expected working set (64.0 MiB, from its operational profile) does not fit",
     );
     assert!(err.contains("16.0 MiB free"), "{err}");
     env.ok(&["profile", "clear", "--repo", env.repo_str(), "vm"]);
