@@ -132,13 +132,18 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .iter()
         .map(|p| (p.name.as_str(), p.staging.as_deref()))
         .collect();
+    let limits = &opts.staging_limits;
+    let roots = std::iter::once(opts.staging.as_path()).chain(points.iter().filter_map(|p| p.1));
+    for root in roots {
+        crate::staging::budget::check_limits(root, limits.max, limits.reserve)?;
+    }
     let staging = StagingSet::open(&opts.staging, &mount, &points, &repo, &opts.staging_lost)?;
     // The staging is locked: its previous daemon is gone.
     let main_root = staging.main().root().to_path_buf();
     detach_previous_mount(&main_root, &mount);
     for dir in staging.all() {
-        dir.budget()
-            .set_limits(opts.staging_limits.max, opts.staging_limits.reserve);
+        dir.budget().set_limits(limits.max, limits.reserve);
+        dir.budget().warn_if_small();
     }
     let socket = opts
         .socket

@@ -77,7 +77,8 @@
 //! The first failed sync of a disk is sticky: every later flush and write of
 //! that disk fails with EIO until the session is released (reads go on).
 //!
-//! Staging may be bounded (`serve --staging-max`, `staging::budget`): each
+//! Staging may be bounded (`serve --staging-max`, `staging::budget`; the
+//! limit never above what the staging's filesystem can hold): each
 //! fetch first takes room in its staging directory's budget; over the limit
 //! unchanged, idle blocks are evicted (CLOCK), their presence bits cleared
 //! durably before their holes are punched (`volume::evict`); changed blocks

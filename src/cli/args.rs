@@ -292,13 +292,15 @@ pub enum Command {
         /// Seconds between background flushes of the staging maps.
         #[arg(long, default_value_t = 2.0)]
         flush_interval: f64,
-        /// Most bytes each staging directory may hold (e.g. 64G): staged
-        /// blocks the guest never changed are evicted, least recently used
-        /// first, and fetched again when read; changed blocks never are.
+        /// Most bytes each staging directory may hold (e.g. 64G, at least
+        /// 1M; never more than its filesystem holds): staged blocks the
+        /// guest never changed are evicted, least recently used first, and
+        /// fetched again when read; changed blocks never are.
         #[arg(long, value_name = "SIZE")]
         staging_max: Option<String>,
         /// Bytes to keep free on each staging filesystem (e.g. 1G): lowers
-        /// the limit, with or without --staging-max.
+        /// the limit, with or without --staging-max; refused if it leaves
+        /// less than 1M of the filesystem.
         #[arg(long, value_name = "SIZE")]
         staging_reserve: Option<String>,
         /// Serve NFSv3 on ADDR (port 2049 unless given) and a portmapper on

@@ -60,6 +60,30 @@ struct Placed {
     need: u64,
 }
 
+/// A new recovery's expected working set, and where the figure came from
+/// (shown when it does not fit).
+#[derive(Debug, Clone, Copy)]
+pub struct Need {
+    pub bytes: u64,
+    pub from: Option<&'static str>,
+}
+
+impl From<u64> for Need {
+    fn from(bytes: u64) -> Need {
+        Need { bytes, from: None }
+    }
+}
+
+impl std::fmt::Display for Need {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", human_bytes(self.bytes))?;
+        match self.from {
+            Some(from) => write!(f, ", {from}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A placement held from the decision until its session is in the table
 /// (or its recovery failed): recoveries deciding meanwhile count it, so
 /// they do not all pick the same point nor together pass a host's
@@ -146,8 +170,9 @@ impl Datastore {
         vm: &str,
         req: &PlaceRequest,
         kept: Option<&Arc<StagingDir>>,
-        need: u64,
+        need: impl Into<Need>,
     ) -> Result<(Decision, Reservation)> {
+        let need = need.into();
         let ip = req.host.as_deref().map(resolve_host).transpose()?;
         // One at a time from the figures to the reservation, so the next
         // placement sees this one.
@@ -199,8 +224,7 @@ impl Datastore {
         }
         if kept.is_none() && self.admit(vm, need, &want, &mut figures)? {
             note = Some(format!(
-                "points whose staging has no room for its expected working set ({}) were not considered",
-                human_bytes(need)
+                "points whose staging has no room for its expected working set ({need}) were not considered"
             ));
         }
         let mut d = placement::decide(
@@ -212,7 +236,7 @@ impl Datastore {
         )?;
         d.note = note;
         let point = self.point(&d.chosen).expect("decided among ours").clone();
-        let reservation = self.reserve(point, ip, if kept.is_some() { 0 } else { need });
+        let reservation = self.reserve(point, ip, if kept.is_some() { 0 } else { need.bytes });
         tracing::info!(vm, host = ?req.host, chosen = %d.chosen, rule = ?d.rule, "placed a recovery");
         Ok((d, reservation))
     }
@@ -247,11 +271,13 @@ impl Datastore {
     fn admit(
         &self,
         vm: &str,
-        need: u64,
+        need: Need,
         want: &Want,
         figures: &mut [PointFigures],
     ) -> Result<bool> {
         let mut refused = vec![];
+        // What would make room, once per staging that has none.
+        let mut hints: Vec<String> = vec![];
         for f in figures.iter_mut() {
             let room = self.point(&f.name).and_then(|p| {
                 let r = p.staging.budget().room()?;
@@ -260,7 +286,11 @@ impl Datastore {
                     p.staging.clone(),
                 ))
             });
-            if let Some((r, st)) = room.filter(|(r, _)| *r < need) {
+            if let Some((r, st)) = room.filter(|(r, _)| *r < need.bytes) {
+                let hint = st.budget().raise_hint();
+                if !hints.contains(&hint) {
+                    hints.push(hint);
+                }
                 f.unavailable = Some(format!(
                     "staging {}: {} free of its limit",
                     st.root().display(),
@@ -286,9 +316,9 @@ impl Datastore {
             return Err(Error::new(
                 ErrorKind::NoSpace,
                 format!(
-                    "VM {vm} was not recovered: its expected working set ({}) does not fit in {}; release or relocate a session, drop kept staging, or raise --staging-max",
-                    human_bytes(need),
-                    why.join(", ")
+                    "VM {vm} was not recovered: its expected working set ({need}) does not fit in {}; release or relocate a session, drop kept staging, or {}",
+                    why.join(", "),
+                    hints.join(", or ")
                 ),
             ));
         }

@@ -18,6 +18,7 @@ use std::time::{Instant, SystemTime};
 use parking_lot::Mutex;
 
 use super::kept::Chosen;
+use super::points::Need;
 use super::points::{resolve_host, PlaceRequest, PlacementRecord};
 use super::{backup, upload, Datastore, OpenState, RecoverInfo, Session, DEFAULT_WORKING_SET};
 use crate::error::{Error, Result};
@@ -297,27 +298,43 @@ impl Datastore {
     }
 
     /// What a new recovery of `vm` from `m` is expected to stage (for
-    /// admission under bounded staging): its operational profile's blocks,
-    /// else `DEFAULT_WORKING_SET`; never more than its disks.
-    fn expected_working_set(&self, vm: &str, m: &Manifest) -> u64 {
+    /// admission under bounded staging): its operational profile's blocks
+    /// (unless `serve --no-profile`: a profile not followed stages
+    /// nothing), else `DEFAULT_WORKING_SET`; never more than its disks.
+    fn expected_working_set(&self, vm: &str, m: &Manifest) -> Need {
         let disks: u64 = m.disks.iter().map(|d| d.size).sum();
         if !self.stagings.all().iter().any(|s| s.budget().is_limited()) {
-            return 0;
+            return Need::from(0);
         }
-        let profiled = match profile::load(&self.repo, vm) {
-            Ok(Some(doc)) => doc
-                .merge()
-                .iter()
-                .map(|d| d.blocks.len() as u64 * d.block_size)
-                .sum(),
-            _ => 0,
+        let profiled = match self.prefetch.use_profile {
+            false => None,
+            true => match profile::load(&self.repo, vm) {
+                Ok(Some(doc)) => Some(
+                    doc.merge()
+                        .iter()
+                        .map(|d| d.blocks.len() as u64 * d.block_size)
+                        .sum(),
+                ),
+                _ => None,
+            },
         };
-        let need = if profiled > 0 {
-            profiled
-        } else {
-            DEFAULT_WORKING_SET
+        let (bytes, from) = match profiled {
+            Some(p) if p > 0 => (p, "from its operational profile"),
+            _ if !self.prefetch.use_profile => {
+                (DEFAULT_WORKING_SET, "the default: serve --no-profile")
+            }
+            _ => (DEFAULT_WORKING_SET, "the default: no operational profile"),
         };
-        need.min(disks)
+        match bytes > disks {
+            true => Need {
+                bytes: disks,
+                from: Some("the size of its disks"),
+            },
+            false => Need {
+                bytes,
+                from: Some(from),
+            },
+        }
     }
 
     /// Per disk: the stored profile mapped onto this backup, else the

@@ -702,6 +702,56 @@ fn with_bounded_staging_a_new_recovery_goes_where_its_working_set_fits_or_is_ref
 }
 
 #[test]
+fn under_no_profile_a_stored_profile_does_not_size_admission_and_a_refusal_says_where_its_figure_came_from(
+) {
+    use crate::prefetch::profile::{self, Access, DiskTrace, Recording};
+    // The rig serves as `serve --no-profile` does (use_profile: false).
+    let r = rig();
+    // 24 MiB, all zero chunks but one: more than the default working set.
+    let blocks = 384u64;
+    let mut data = vec![0u8; blocks as usize * BS];
+    data[..BS].fill(7);
+    let img = r.dir.path().join("big.img");
+    std::fs::write(&img, &data).unwrap();
+    let rep = run_backup(
+        &r.repo,
+        BackupRequest {
+            vm: "big".into(),
+            config: None,
+            chunk_size: BS as u32,
+            images: vec![img],
+            progress: false,
+        },
+    )
+    .unwrap();
+    // A stored profile of the whole disk: 24 MiB.
+    let rec = Recording {
+        recorded: "2026-11-24T00:00:00Z".into(),
+        backup: rep.manifest.id.clone(),
+        source: "session".into(),
+        disks: vec![DiskTrace {
+            index: 0,
+            block_size: BS as u64,
+            accesses: (0..blocks).map(|b| Access(b, 0, None)).collect(),
+        }],
+    };
+    profile::append(&r.repo, "big", rec).unwrap();
+    let budget = r.ds.stagings()[0].budget().clone();
+    // 20 MiB holds the default 16 MiB, not the profile's 24 MiB.
+    budget.set_limits(20 << 20, 0);
+    r.ds.recover("big", None).unwrap();
+    r.ds.release("big", true).unwrap();
+    budget.set_limits(8 << 20, 0);
+    let e = r.ds.recover("big", None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+    assert!(
+        e.to_string()
+            .contains("expected working set (16.0 MiB, the default: serve --no-profile)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_session_resumed_after_a_restart_records_no_boot_profile_of_its_running_guest() {
     let r = rig();
     let (id, _) = backup(&r, "vm", 7, 4);

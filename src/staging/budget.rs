@@ -9,8 +9,10 @@
 //! whenever the set of served disks changes. So staging use is an upper
 //! bound of what the data files hold.
 //!
-//! **The limit.** The hard limit is `--staging-max`, lowered so that the
-//! filesystem keeps `--staging-reserve` bytes free. A fill that would pass
+//! **The limit.** The hard limit is `--staging-max`, lowered to what the
+//! filesystem can hold for this staging (its use plus the filesystem's free
+//! bytes) less `--staging-reserve`: a limit above the filesystem would let
+//! it fill up before eviction starts, and fills then fail. A fill that would pass
 //! it first runs an eviction step itself; if nothing can be evicted (every
 //! staged block changed, in flight, or pinned by a writer) the fill fails
 //! with ENOSPC, counted in `refused`, and the limit holds. A background
@@ -32,6 +34,24 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::human_bytes;
+
+/// The smallest `--staging-max`, and the least a `--staging-reserve` must
+/// leave of its filesystem: 16 blocks of the smallest block size (64 KiB).
+/// Below it a staging admits next to nothing.
+pub const MIN_LIMIT: u64 = 16 * crate::repo::chunk::MIN_CHUNK_SIZE;
+
+/// What sets the limit in force (`status --json`: `limited_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bound {
+    /// `--staging-max`.
+    StagingMax,
+    /// The filesystem's free bytes less `--staging-reserve`.
+    StagingReserve,
+    /// The filesystem's free bytes (no reserve given).
+    Filesystem,
+}
 
 /// A served disk the budget can ask to give bytes back.
 pub trait Evictable: Send + Sync {
@@ -55,8 +75,11 @@ pub struct BudgetStatus {
     pub max: Option<u64>,
     /// `--staging-reserve`: bytes the filesystem keeps free.
     pub reserve: u64,
-    /// The limit in force now (max, lowered by the free-space reserve).
+    /// The limit in force now (max, lowered to what the filesystem can
+    /// hold less the reserve).
     pub limit: Option<u64>,
+    /// What sets `limit`.
+    pub limited_by: Option<Bound>,
     /// Bytes of sessions kept but not served (included in `used`).
     pub kept: u64,
     pub evicted_blocks: u64,
@@ -81,6 +104,9 @@ pub struct Budget {
     reserve: AtomicU64,
     /// Served disks' staged and reserved bytes.
     live: AtomicU64,
+    /// Of `live`, reservations whose fill has not written staging yet:
+    /// the filesystem's free bytes do not show them.
+    unwritten: AtomicU64,
     /// Kept, unserved sessions' allocated bytes.
     kept: AtomicU64,
     members: Mutex<Vec<Member>>,
@@ -109,6 +135,7 @@ impl Budget {
             max: AtomicU64::new(0),
             reserve: AtomicU64::new(0),
             live: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
             kept: AtomicU64::new(0),
             members: Mutex::new(vec![]),
             cursor: Mutex::new(0),
@@ -150,19 +177,75 @@ impl Budget {
         self.live.load(Ordering::Acquire) + self.kept.load(Ordering::Acquire)
     }
 
-    /// The limit in force: `max`, lowered so the filesystem keeps
-    /// `reserve` bytes free; `None` without either.
+    /// The limit in force: `max`, lowered to what the filesystem can hold
+    /// for this staging (what it uses plus what is free) less `reserve`;
+    /// `None` without either.
     pub fn limit(&self) -> Option<u64> {
+        self.limit_by().map(|(l, _)| l)
+    }
+
+    /// The limit in force and what sets it.
+    pub fn limit_by(&self) -> Option<(u64, Bound)> {
         let max = self.max.load(Ordering::Acquire);
         let reserve = self.reserve.load(Ordering::Acquire);
-        let mut limit = (max != 0).then_some(max);
-        if reserve != 0 {
-            if let Some(avail) = available_bytes(&self.root) {
-                let by_space = self.used() + avail.saturating_sub(reserve);
-                limit = Some(limit.map_or(by_space, |l| l.min(by_space)));
+        if max == 0 && reserve == 0 {
+            return None;
+        }
+        let mut limit = (max != 0).then_some((max, Bound::StagingMax));
+        if let Some((_, avail)) = fs_space(&self.root) {
+            // Reserved but not written yet: counted in `used`, not yet
+            // missing from `avail`; counted once.
+            let on_disk = self
+                .used()
+                .saturating_sub(self.unwritten.load(Ordering::Acquire));
+            let by_space = on_disk + avail.saturating_sub(reserve);
+            if limit.is_none_or(|(l, _)| by_space < l) {
+                let by = match reserve {
+                    0 => Bound::Filesystem,
+                    _ => Bound::StagingReserve,
+                };
+                limit = Some((by_space, by));
             }
         }
         limit
+    }
+
+    /// What would raise the limit in force, for a refusal: the flag or
+    /// the filesystem that sets it, never a flag that was not given.
+    pub fn raise_hint(&self) -> String {
+        let space = match fs_space(&self.root) {
+            Some((size, avail)) => format!(
+                "a filesystem of {}, {} available",
+                human_bytes(size),
+                human_bytes(avail)
+            ),
+            None => "its filesystem".into(),
+        };
+        match self.limit_by().map(|(_, b)| b) {
+            Some(Bound::StagingReserve) => format!(
+                "lower --staging-reserve ({} kept free on {space})",
+                human_bytes(self.reserve.load(Ordering::Acquire))
+            ),
+            Some(Bound::Filesystem) => format!("free space on its filesystem ({space})"),
+            _ => "raise --staging-max".into(),
+        }
+    }
+
+    /// Logs at start what keeps this staging small: a filesystem smaller
+    /// than `--staging-max`, or a reserve leaving almost nothing now.
+    pub fn warn_if_small(&self) {
+        let max = self.max.load(Ordering::Acquire);
+        let root = self.root.display();
+        if let (Some((size, _)), true) = (fs_space(&self.root), max != 0) {
+            if size < max {
+                tracing::warn!("staging {root}: --staging-max {} is more than its filesystem holds ({} in all); the limit follows the filesystem's free bytes", human_bytes(max), human_bytes(size));
+            }
+        }
+        if let Some((limit, by)) = self.limit_by() {
+            if limit < MIN_LIMIT && by != Bound::StagingMax {
+                tracing::warn!("staging {root}: only {} can be staged now; new recoveries are refused until there is room ({})", human_bytes(limit), self.raise_hint());
+            }
+        }
     }
 
     /// Starts counting a served disk whose staging holds `staged` bytes.
@@ -213,6 +296,8 @@ impl Budget {
     pub fn reserve(&self, bytes: u64) -> Result<()> {
         let mut waited = false;
         loop {
+            // Before `live`: a limit computed meanwhile errs low, not high.
+            self.unwritten.fetch_add(bytes, Ordering::AcqRel);
             let limit = self.limit();
             let kept = self.kept.load(Ordering::Acquire);
             // Counted only if it fits: the count itself never passes the limit.
@@ -231,7 +316,10 @@ impl Budget {
                     }
                     return Ok(());
                 }
-                Err(live) => live + kept,
+                Err(live) => {
+                    self.settle_unwritten(bytes);
+                    live + kept
+                }
             };
             let limit = limit.expect("only a limit refuses");
             if !waited {
@@ -244,10 +332,11 @@ impl Budget {
                 return Err(Error::new(
                     ErrorKind::NoSpace,
                     format!(
-                        "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release or relocate a session, or raise --staging-max",
+                        "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release or relocate a session, or {}",
                         self.root.display(),
-                        crate::util::human_bytes(used),
-                        crate::util::human_bytes(limit)
+                        human_bytes(used),
+                        human_bytes(limit),
+                        self.raise_hint()
                     ),
                 ));
             }
@@ -256,7 +345,22 @@ impl Budget {
 
     /// Gives back a reservation whose fill failed.
     pub fn unreserve(&self, bytes: u64) {
+        self.settle_unwritten(bytes);
         self.take_back(bytes);
+    }
+
+    /// A reservation's fill wrote staging: the filesystem's free bytes
+    /// show it now.
+    pub fn written(&self, bytes: u64) {
+        self.settle_unwritten(bytes);
+    }
+
+    fn settle_unwritten(&self, bytes: u64) {
+        let _ = self
+            .unwritten
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
     }
 
     /// Lowers the served count, never below zero (a late settlement of a
@@ -310,7 +414,8 @@ impl Budget {
     }
 
     pub fn status(&self) -> BudgetStatus {
-        let limit = self.limit();
+        let limited = self.limit_by();
+        let limit = limited.map(|(l, _)| l);
         let used = self.used();
         let max = self.max.load(Ordering::Acquire);
         BudgetStatus {
@@ -319,6 +424,7 @@ impl Budget {
             max: (max != 0).then_some(max),
             reserve: self.reserve.load(Ordering::Acquire),
             limit,
+            limited_by: limited.map(|(_, b)| b),
             kept: self.kept.load(Ordering::Acquire),
             evicted_blocks: self.evicted_blocks.load(Ordering::Relaxed),
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
@@ -384,9 +490,152 @@ pub fn allocated_data_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Free bytes for unprivileged users on the filesystem holding `dir`.
-fn available_bytes(dir: &Path) -> Option<u64> {
-    nix::sys::statvfs::statvfs(dir)
-        .ok()
-        .map(|s| s.blocks_available() * s.fragment_size())
+/// Size and free bytes (for unprivileged users) of the filesystem holding
+/// `dir`.
+fn fs_space(dir: &Path) -> Option<(u64, u64)> {
+    nix::sys::statvfs::statvfs(dir).ok().map(|s| {
+        (
+            s.blocks() * s.fragment_size(),
+            s.blocks_available() * s.fragment_size(),
+        )
+    })
+}
+
+/// Refuses limits that could never admit anything: a `--staging-max`
+/// below [`MIN_LIMIT`], or a `--staging-reserve` leaving less than that
+/// of the filesystem that holds (or, before it is made, will hold) the
+/// staging directory `dir`, even with nothing else on it.
+pub fn check_limits(dir: &Path, max: u64, reserve: u64) -> Result<()> {
+    if max != 0 && max < MIN_LIMIT {
+        return Err(Error::invalid(format!(
+            "--staging-max {} is too small: staging needs at least {} (16 blocks of 64 KiB) to admit anything",
+            human_bytes(max),
+            human_bytes(MIN_LIMIT)
+        )));
+    }
+    if reserve == 0 {
+        return Ok(());
+    }
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // Not made yet: it will be on its nearest existing parent's filesystem.
+    let Some((size, _)) = dir.ancestors().find(|a| a.exists()).and_then(fs_space) else {
+        return Ok(());
+    };
+    if size < reserve.saturating_add(MIN_LIMIT) {
+        return Err(Error::invalid(format!(
+            "--staging-reserve {} leaves no room for staging {}: its filesystem is {} in all, and the reserve must leave at least {} of it",
+            human_bytes(reserve),
+            dir.display(),
+            human_bytes(size),
+            human_bytes(MIN_LIMIT)
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tmpfs of `size` on a fresh directory (root needed): a small
+    /// filesystem of known size. Unmounted on drop.
+    struct Tmpfs {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+    }
+
+    impl Tmpfs {
+        fn new(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("fs");
+            std::fs::create_dir(&path).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={size}").as_str()),
+            )
+            .expect("mount tmpfs (root needed)");
+            Tmpfs { _dir: dir, path }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// A kept session whose data file holds `bytes`.
+    fn kept_session(root: &Path, bytes: usize) {
+        let dir = root.join("sessions/vm/b1");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("disk0.data"), vec![1u8; bytes]).unwrap();
+    }
+
+    #[test]
+    fn a_staging_max_above_the_filesystem_is_lowered_to_what_it_holds_even_without_a_reserve() {
+        const MIB: u64 = 1 << 20;
+        let fs = Tmpfs::new("8m");
+        kept_session(&fs.path, 7 << 20);
+        let b = Budget::new(&fs.path);
+        b.set_limits(20 * MIB, 0);
+        let st = b.status();
+        assert_eq!(st.used, 7 * MIB, "{st:?}");
+        // Our 7 MiB and the 1 MiB still free.
+        assert_eq!(st.limit, Some(8 * MIB), "{st:?}");
+        assert!(st.pressure > 0.85, "{st:?}");
+        assert_eq!(b.room(), Some(MIB));
+        // A limit the filesystem can hold stays as given.
+        b.set_limits(2 * MIB, 0);
+        assert_eq!(b.limit(), Some(2 * MIB));
+    }
+
+    #[test]
+    fn a_reserve_leaving_nothing_of_the_filesystem_and_a_tiny_max_are_refused_naming_the_flag() {
+        let fs = Tmpfs::new("8m");
+        // Not made yet: its parent's filesystem counts.
+        let staging = fs.path.join("staging");
+        let e = check_limits(&staging, 0, 10 << 20).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--staging-reserve 10.0 MiB") && msg.contains("8.0 MiB in all"),
+            "{msg}"
+        );
+        check_limits(&staging, 0, 5 << 20).unwrap();
+        let e = check_limits(&staging, 1024, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("--staging-max 1.0 KiB is too small"),
+            "{e}"
+        );
+        check_limits(&staging, MIN_LIMIT, 0).unwrap();
+    }
+
+    #[test]
+    fn a_fill_refused_under_a_reserve_names_the_reserve_not_a_staging_max_never_given() {
+        let fs = Tmpfs::new("8m");
+        let b = Budget::new(&fs.path);
+        b.set_limits(0, 7 << 20);
+        assert_eq!(b.status().limited_by, Some(Bound::StagingReserve));
+        let e = b.reserve(2 << 20).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("lower --staging-reserve (7.0 MiB kept free on a filesystem of 8.0 MiB")
+                && !msg.contains("--staging-max"),
+            "{msg}"
+        );
+        // No reserve, a max above the filesystem: the filesystem is named.
+        b.set_limits(20 << 20, 0);
+        assert_eq!(b.status().limited_by, Some(Bound::Filesystem));
+        let e = b.reserve(9 << 20).unwrap_err();
+        assert!(
+            e.to_string().contains("free space on its filesystem"),
+            "{e}"
+        );
+        b.set_limits(MIN_LIMIT, 0);
+        assert_eq!(b.status().limited_by, Some(Bound::StagingMax));
+        assert_eq!(b.raise_hint(), "raise --staging-max");
+    }
 }

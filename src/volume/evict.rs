@@ -128,11 +128,15 @@ impl Volume {
         Ok(())
     }
 
-    /// After a fill ended: a failed one returns its reservation.
+    /// After a fill ended: a failed one returns its reservation; a
+    /// written one tells the budget its bytes are on the filesystem now.
     pub(super) fn settle(&self, slot: &Slot, ok: bool) {
-        if !ok && slot.reserved.swap(false, Ordering::AcqRel) {
+        if slot.reserved.swap(false, Ordering::AcqRel) {
             if let Some((budget, _)) = self.evict.budget.get() {
-                budget.unreserve(self.block_size);
+                match ok {
+                    true => budget.written(self.block_size),
+                    false => budget.unreserve(self.block_size),
+                }
             }
         }
     }
