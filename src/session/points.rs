@@ -316,7 +316,7 @@ impl Datastore {
             return Err(Error::new(
                 ErrorKind::NoSpace,
                 format!(
-                    "VM {vm} was not recovered: its expected working set ({need}) does not fit in {}; release or relocate a session, drop kept staging, or {}",
+                    "VM {vm} was not recovered: its expected working set ({need}) does not fit in {}; release a session with --discard (a relocated one once it has cut over), drop kept staging, or {}",
                     why.join(", "),
                     hints.join(", or ")
                 ),

@@ -332,7 +332,7 @@ impl Budget {
                 return Err(Error::new(
                     ErrorKind::NoSpace,
                     format!(
-                        "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release or relocate a session, or {}",
+                        "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release a session with --discard (a relocated one once it has cut over), or {}",
                         self.root.display(),
                         human_bytes(used),
                         human_bytes(limit),
