@@ -305,6 +305,32 @@ fn heartbeat(
 
 /// Boots and watches. `on_line` sees every console line; `tick` runs about every 250 ms with the elapsed
 /// time; returning `Some(reason)` aborts the boot.
+/// QEMU, killed and reaped when the boot ends however it ends: an unwind
+/// (a console line printed to a closed pipe, `boot | head`) would
+/// otherwise leave the VM running on the recovered disks, watched by
+/// nothing (review20).
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn boot(
     spec: &QemuSpec,
     watch: &Watch,
@@ -326,13 +352,14 @@ pub fn boot(
         Some(p) => Some(std::fs::File::create(p).ctx(|| format!("create {}", p.display()))?),
         None => None,
     };
-    let mut child = spec
-        .command(&qga)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::io("start qemu-system-x86_64 (is QEMU installed?)", e))?;
+    let mut child = KillOnDrop(
+        spec.command(&qga)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::io("start qemu-system-x86_64 (is QEMU installed?)", e))?,
+    );
     let (tx, rx) = unbounded::<String>();
     for stream in [
         Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,

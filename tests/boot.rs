@@ -371,3 +371,37 @@ fn a_boot_refused_before_qemu_starts_leaves_no_session_it_recovered_behind() {
     );
     assert_eq!(env.status()["sessions"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_boot_whose_console_reader_goes_away_stops_its_vm() {
+    use std::io::BufRead;
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let mut child = std::process::Command::new(bin())
+        .args(["boot", "--socket", env.socket.to_str().unwrap(), "tiny"])
+        .args(["--marker", "never-printed", "--timeout", "120"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    // `boot tiny | head -1`: the reader goes, the console goes on.
+    drop(out);
+    let st = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGPIPE), "{st}");
+    // No QEMU is left running on the recovered disk.
+    let disk = env.mount.join("tiny/disk0.raw");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", disk.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "QEMU still runs: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
