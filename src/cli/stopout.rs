@@ -95,8 +95,10 @@ pub fn end_quietly_when_stdout_closes<T>(
             return default(info);
         }
         // Another thread's panic would reach the main thread as a new
-        // one ("a scoped thread panicked"), or not at all: end here.
+        // one ("a scoped thread panicked"), or not at all: end here, with
+        // the repository locks released first (nothing unwinds).
         if std::thread::current().name() != Some("main") {
+            crate::repo::locks::release_all(std::time::Duration::from_secs(2));
             die_of_sigpipe();
         }
     }));
