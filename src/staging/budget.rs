@@ -121,7 +121,31 @@ pub struct Budget {
     wake_lock: Mutex<bool>,
     /// The background evictor was started.
     started: std::sync::atomic::AtomicBool,
+    /// The last `statvfs` of the staging's filesystem, reused by fills for
+    /// [`SPACE_TTL`] (a fill per block would otherwise ask the filesystem
+    /// each time: an RPC per block with staging on NFS).
+    space: Mutex<Option<SpaceSample>>,
+    /// Bytes fills have written since the budget began: a sample's free
+    /// bytes less those written after it.
+    written_total: AtomicU64,
+    /// `statvfs` calls made (tests).
+    samples: AtomicU64,
 }
+
+/// A `statvfs` answer and when it was taken.
+#[derive(Clone, Copy)]
+struct SpaceSample {
+    at: std::time::Instant,
+    size: u64,
+    avail: u64,
+    /// `written_total` then.
+    written: u64,
+}
+
+/// How long fills reuse a filesystem sample. Written bytes are taken off
+/// it; space freed meanwhile shows at the next sample (errs low). A fill
+/// refused on a sample asks the filesystem again before refusing.
+const SPACE_TTL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// High and low watermarks, in per mille of the limit.
 const HIGH: u64 = 900;
@@ -146,6 +170,9 @@ impl Budget {
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
             started: std::sync::atomic::AtomicBool::new(false),
+            space: Mutex::new(None),
+            written_total: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
         });
         b.rescan();
         b
@@ -186,13 +213,40 @@ impl Budget {
 
     /// The limit in force and what sets it.
     pub fn limit_by(&self) -> Option<(u64, Bound)> {
+        self.limit_on(true)
+    }
+
+    /// The filesystem's size and free bytes: asked now (`fresh`), or a
+    /// sample younger than [`SPACE_TTL`] less what fills wrote since.
+    fn space(&self, fresh: bool) -> Option<(u64, u64)> {
+        let mut last = self.space.lock();
+        let written = self.written_total.load(Ordering::Acquire);
+        if let Some(s) = last.filter(|s| !fresh && s.at.elapsed() < SPACE_TTL) {
+            return Some((
+                s.size,
+                s.avail.saturating_sub(written.saturating_sub(s.written)),
+            ));
+        }
+        self.samples.fetch_add(1, Ordering::Relaxed);
+        let (size, avail) = fs_space(&self.root)?;
+        *last = Some(SpaceSample {
+            at: std::time::Instant::now(),
+            size,
+            avail,
+            written,
+        });
+        Some((size, avail))
+    }
+
+    /// [`Self::limit_by`], on a fresh or a recent filesystem sample.
+    fn limit_on(&self, fresh: bool) -> Option<(u64, Bound)> {
         let max = self.max.load(Ordering::Acquire);
         let reserve = self.reserve.load(Ordering::Acquire);
         if max == 0 && reserve == 0 {
             return None;
         }
         let mut limit = (max != 0).then_some((max, Bound::StagingMax));
-        if let Some((_, avail)) = fs_space(&self.root) {
+        if let Some((_, avail)) = self.space(fresh) {
             // Reserved but not written yet: counted in `used`, not yet
             // missing from `avail`; counted once.
             let on_disk = self
@@ -295,10 +349,12 @@ impl Budget {
     /// runs eviction steps first; fails with ENOSPC when nothing can go.
     pub fn reserve(&self, bytes: u64) -> Result<()> {
         let mut waited = false;
+        // A recent filesystem sample first; a refusal asks it again.
+        let mut fresh = false;
         loop {
             // Before `live`: a limit computed meanwhile errs low, not high.
             self.unwritten.fetch_add(bytes, Ordering::AcqRel);
-            let limit = self.limit();
+            let limit = self.limit_on(fresh).map(|(l, _)| l);
             let kept = self.kept.load(Ordering::Acquire);
             // Counted only if it fits: the count itself never passes the limit.
             let taken = self
@@ -318,6 +374,10 @@ impl Budget {
                 }
                 Err(live) => {
                     self.settle_unwritten(bytes);
+                    if !fresh {
+                        fresh = true;
+                        continue;
+                    }
                     live + kept
                 }
             };
@@ -352,6 +412,7 @@ impl Budget {
     /// A reservation's fill wrote staging: the filesystem's free bytes
     /// show it now.
     pub fn written(&self, bytes: u64) {
+        self.written_total.fetch_add(bytes, Ordering::AcqRel);
         self.settle_unwritten(bytes);
     }
 
@@ -590,6 +651,29 @@ mod tests {
         // A limit the filesystem can hold stays as given.
         b.set_limits(2 * MIB, 0);
         assert_eq!(b.limit(), Some(2 * MIB));
+    }
+
+    #[test]
+    fn fills_in_a_burst_ask_the_filesystem_once_and_count_what_they_wrote_against_its_answer() {
+        const MIB: u64 = 1 << 20;
+        let fs = Tmpfs::new("8m");
+        let b = Budget::new(&fs.path);
+        b.set_limits(20 * MIB, 0);
+        let before = b.samples.load(Ordering::Relaxed);
+        for _ in 0..64 {
+            b.reserve(64 << 10).unwrap();
+            b.written(64 << 10);
+        }
+        let asked = b.samples.load(Ordering::Relaxed) - before;
+        assert!(asked <= 2, "statvfs {asked} times for 64 fills");
+        // The 4 MiB "written" count against the sample: nothing was really
+        // written, so the recent answer is 4 MiB below a fresh one.
+        let before = b.samples.load(Ordering::Relaxed);
+        let (_, recent) = b.space(false).unwrap();
+        let resampled = b.samples.load(Ordering::Relaxed) != before;
+        let (_, now) = b.space(true).unwrap();
+        // (Unless the sample aged out meanwhile, on a loaded machine.)
+        assert!(resampled || now - recent == 4 * MIB, "{now} {recent}");
     }
 
     #[test]
