@@ -1,5 +1,6 @@
-//! Fixtures shared by unit tests: a backup of given images, and the
-//! volumes of a session opened on any storage, as `recover` opens them.
+//! Fixtures shared by unit tests: a backup of given images, the volumes
+//! of a session opened on any storage, as `recover` opens them, and a
+//! small tmpfs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -98,4 +99,34 @@ pub fn incompressible(n: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A tmpfs of `size` mounted on a fresh directory (root needed): a small
+/// filesystem of known size. Unmounted on drop.
+pub struct Tmpfs {
+    _dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    pub fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mount tmpfs (root needed)");
+        Tmpfs { _dir: dir, path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
 }

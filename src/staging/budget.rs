@@ -598,35 +598,7 @@ pub fn check_limits(dir: &Path, max: u64, reserve: u64) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// A tmpfs of `size` on a fresh directory (root needed): a small
-    /// filesystem of known size. Unmounted on drop.
-    struct Tmpfs {
-        _dir: tempfile::TempDir,
-        path: PathBuf,
-    }
-
-    impl Tmpfs {
-        fn new(size: &str) -> Tmpfs {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("fs");
-            std::fs::create_dir(&path).unwrap();
-            nix::mount::mount(
-                Some("tmpfs"),
-                &path,
-                Some("tmpfs"),
-                nix::mount::MsFlags::empty(),
-                Some(format!("size={size}").as_str()),
-            )
-            .expect("mount tmpfs (root needed)");
-            Tmpfs { _dir: dir, path }
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
+    use crate::testutil::Tmpfs;
 
     /// A kept session whose data file holds `bytes`.
     fn kept_session(root: &Path, bytes: usize) {
