@@ -341,6 +341,16 @@ impl LogLimit {
             }
         }
     }
+
+    /// [`LogLimit::check`] now, as the end of the line to log: empty, or
+    /// how many were held back; `None` if this one is held back.
+    pub fn line_suffix(&self) -> Option<String> {
+        self.check(std::time::Instant::now())
+            .map(|held| match held {
+                0 => String::new(),
+                n => format!(" ({n} more not logged since the last such line)"),
+            })
+    }
 }
 
 /// A point on a clock that keeps counting while the machine is suspended

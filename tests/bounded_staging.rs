@@ -298,6 +298,73 @@ fn a_staging_max_above_its_filesystem_is_capped_so_guest_writes_evict_clean_bloc
     assert_eq!(s["refused_fills"].as_u64(), Some(0), "{s}");
 }
 
+/// Staging full of blocks the guest changed: nothing can be evicted. A
+/// guest read of a block not staged is answered from the repository
+/// without staging it (it used to fail ENOSPC, an I/O error in the guest);
+/// a write that needs room still fails ENOSPC, and the limit holds.
+#[test]
+fn a_guest_read_of_an_unstaged_block_when_staging_is_full_of_changed_blocks_is_answered_not_failed()
+{
+    let mut env = Env::new();
+    env.serve_args = vec!["--staging-max".into(), "16M".into()];
+    let img = env.path("disk.img");
+    let mut model = vec![0u8; 48 * MIB];
+    rand::rngs::StdRng::seed_from_u64(23).fill(&mut model[..]);
+    std::fs::write(&img, &model).unwrap();
+    let id = env.backup("vm", "64K", &[&img]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let data_file = env.staging.join("sessions/vm").join(&id).join("disk0.data");
+    // The guest changes the first 16 MiB: the whole limit.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for i in 0..16 {
+            let data = vec![i as u8 + 1; MIB];
+            f.write_all_at(&data, (i * MIB) as u64).unwrap();
+            model[i * MIB..(i + 1) * MIB].copy_from_slice(&data);
+        }
+        f.sync_all().unwrap();
+    }
+    let st = env.status();
+    assert_eq!(st["staging"][0]["used"].as_u64(), Some(LIMIT), "{st}");
+    // Every byte reads right, the unstaged 32 MiB from the repository.
+    assert!(std::fs::read(&disk).unwrap() == model, "the disk differs");
+    assert_under_limit(&env, &data_file, "after reading through");
+    let st = env.status();
+    let d = &st["sessions"][0]["disks"][0];
+    assert!(
+        d["read_through"].as_u64().unwrap() >= 32 * MIB as u64 / BS as u64,
+        "{d}"
+    );
+    assert_eq!(d["fetch_errors"].as_u64(), Some(0), "{d}");
+    assert!(
+        st["staging"][0]["refused_fills"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    let text = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
+    assert!(text.contains("READ THROUGH (staging full)"), "{text}");
+    // A write of a block not staged needs room: ENOSPC, at the write or
+    // at the sync, and the block still reads as the backup's.
+    let off = 40 * MIB;
+    let failed = {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![0xee; BS], off as u64)
+            .and_then(|()| f.sync_all())
+            .unwrap_err()
+    };
+    assert_eq!(failed.raw_os_error(), Some(libc::ENOSPC), "{failed}");
+    let mut back = vec![0u8; BS];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut back, off as u64)
+        .unwrap();
+    assert!(
+        back == model[off..off + BS],
+        "the refused write changed the block"
+    );
+    assert_under_limit(&env, &data_file, "after the refused write");
+}
+
 /// The tester's report: `--staging-reserve 10M` on an 8 MiB filesystem
 /// started with a 0-byte limit and recover said "raise --staging-max",
 /// never given; `--staging-max 1K` was accepted.

@@ -15,7 +15,11 @@
 //! it fill up before eviction starts, and fills then fail. A fill that would pass
 //! it first runs an eviction step itself; if nothing can be evicted (every
 //! staged block changed, in flight, or pinned by a writer) the fill fails
-//! with ENOSPC, counted in `refused`, and the limit holds. A background
+//! with ENOSPC, counted in `refused`, and the limit holds: a write that
+//! needs the room fails, a prefetch stops, and a read's fill reads through
+//! (its bytes answer the read and are not staged, see `volume::fetch`);
+//! right after a scan found nothing to evict, reads' fills are refused
+//! without another ([`BARREN_TTL`]). A background
 //! thread evicts from a high watermark (90 % of the limit) down to a low
 //! one (80 %) so fills rarely wait.
 //!
@@ -130,6 +134,10 @@ pub struct Budget {
     written_total: AtomicU64,
     /// `statvfs` calls made (tests).
     samples: AtomicU64,
+    /// When an eviction step of a refused reservation last freed nothing:
+    /// reads through a full staging are refused without another scan for
+    /// [`BARREN_TTL`] (see [`Budget::reserve_for_read`]).
+    barren: Mutex<Option<std::time::Instant>>,
 }
 
 /// A `statvfs` answer and when it was taken.
@@ -146,6 +154,12 @@ struct SpaceSample {
 /// it; space freed meanwhile shows at the next sample (errs low). A fill
 /// refused on a sample asks the filesystem again before refusing.
 const SPACE_TTL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a fill a read can do without skips eviction after a step
+/// found nothing to evict: a scan of every disk, under each disk's
+/// exclusive eviction gate, for each miss of a full staging would stall
+/// its staged reads for nothing.
+const BARREN_TTL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// High and low watermarks, in per mille of the limit.
 const HIGH: u64 = 900;
@@ -173,6 +187,7 @@ impl Budget {
             space: Mutex::new(None),
             written_total: AtomicU64::new(0),
             samples: AtomicU64::new(0),
+            barren: Mutex::new(None),
         });
         b.rescan();
         b
@@ -348,6 +363,24 @@ impl Budget {
     /// Takes `bytes` before a fill writes them to staging. Over the limit,
     /// runs eviction steps first; fails with ENOSPC when nothing can go.
     pub fn reserve(&self, bytes: u64) -> Result<()> {
+        self.reserve_as(bytes, false)
+    }
+
+    /// [`Budget::reserve`] for a fill a read can do without (it then reads
+    /// through, unstaged): shortly after an eviction step found nothing to
+    /// evict, a fill over the limit is refused at once, without scanning
+    /// again. Writes and prefetches always scan: a write refused fails.
+    pub fn reserve_for_read(&self, bytes: u64) -> Result<()> {
+        self.reserve_as(bytes, true)
+    }
+
+    fn recently_barren(&self) -> bool {
+        self.barren
+            .lock()
+            .is_some_and(|at| at.elapsed() < BARREN_TTL)
+    }
+
+    fn reserve_as(&self, bytes: u64, for_read: bool) -> Result<()> {
         let mut waited = false;
         // A recent filesystem sample first; a refusal asks it again.
         let mut fresh = false;
@@ -374,9 +407,15 @@ impl Budget {
                 }
                 Err(live) => {
                     self.settle_unwritten(bytes);
-                    if !fresh {
+                    let barren = for_read && self.recently_barren();
+                    if !fresh && !barren {
                         fresh = true;
                         continue;
+                    }
+                    if barren {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                        let limit = limit.expect("only a limit refuses");
+                        return Err(self.full(live + kept, limit));
                     }
                     live + kept
                 }
@@ -388,19 +427,25 @@ impl Budget {
             }
             let freed = self.evict_step((used + bytes).saturating_sub(limit).max(bytes))?;
             if freed == 0 {
+                *self.barren.lock() = Some(std::time::Instant::now());
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::new(
-                    ErrorKind::NoSpace,
-                    format!(
-                        "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release a session with --discard (a relocated one once it has cut over), or {}",
-                        self.root.display(),
-                        human_bytes(used),
-                        human_bytes(limit),
-                        self.raise_hint()
-                    ),
-                ));
+                return Err(self.full(used, limit));
             }
         }
+    }
+
+    /// The refusal of a fill: staging is full and nothing can be evicted.
+    fn full(&self, used: u64, limit: u64) -> Error {
+        Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "staging {} is full: {} used of its {} limit and nothing can be evicted (every staged block is changed or in use); release a session with --discard (a relocated one once it has cut over), or {}",
+                self.root.display(),
+                human_bytes(used),
+                human_bytes(limit),
+                self.raise_hint()
+            ),
+        )
     }
 
     /// Gives back a reservation whose fill failed.
@@ -666,6 +711,56 @@ mod tests {
             "{e}"
         );
         check_limits(&staging, MIN_LIMIT, 0).unwrap();
+    }
+
+    /// A disk with nothing to evict that counts how often it is asked.
+    struct Barren(AtomicU64);
+
+    impl Evictable for Barren {
+        fn evict(&self, _want: u64) -> Result<u64> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(0)
+        }
+        fn session_dir(&self) -> PathBuf {
+            PathBuf::new()
+        }
+        fn unevictable_bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn reads_through_a_full_staging_do_not_scan_for_victims_again_right_after_a_scan_found_none() {
+        let fs = Tmpfs::new("8m");
+        let b = Budget::new(&fs.path);
+        b.set_limits(MIN_LIMIT, 0);
+        let disk = Arc::new(Barren(AtomicU64::new(0)));
+        let weak: Weak<dyn Evictable> = Arc::downgrade(&disk) as _;
+        b.attach(weak, fs.path.join("sessions/vm/b1"), 0);
+        let asked = || disk.0.load(Ordering::Relaxed);
+        let over = 2 * MIN_LIMIT;
+        assert_eq!(b.reserve(over).unwrap_err().kind(), ErrorKind::NoSpace);
+        assert_eq!(asked(), 1);
+        // Within BARREN_TTL: a read's fill is refused without a scan,
+        // a write's (or a prefetch's) still scans.
+        assert_eq!(
+            b.reserve_for_read(over).unwrap_err().kind(),
+            ErrorKind::NoSpace
+        );
+        assert_eq!(asked(), 1);
+        assert!(b.reserve(over).is_err());
+        assert_eq!(asked(), 2);
+        std::thread::sleep(BARREN_TTL + Duration::from_millis(20));
+        assert!(b.reserve_for_read(over).is_err());
+        assert_eq!(
+            asked(),
+            3,
+            "a read's fill scans again once BARREN_TTL passed"
+        );
+        // A fill that fits never scans.
+        b.reserve_for_read(MIN_LIMIT / 2).unwrap();
+        assert_eq!(asked(), 3);
+        assert_eq!(b.status().refused_fills, 4);
     }
 
     #[test]

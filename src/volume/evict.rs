@@ -128,6 +128,16 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Volume::admit`] for a fill a read waits for, which reads through
+    /// if refused (see `Budget::reserve_for_read`).
+    pub(super) fn admit_for_read(&self, slot: &Slot) -> Result<()> {
+        if let Some((budget, _)) = self.evict.budget.get() {
+            budget.reserve_for_read(self.block_size)?;
+            slot.reserved.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// After a fill ended: a failed one returns its reservation; a
     /// written one tells the budget its bytes are on the filesystem now.
     pub(super) fn settle(&self, slot: &Slot, ok: bool) {

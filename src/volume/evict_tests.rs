@@ -112,19 +112,38 @@ fn reads_and_writes_racing_the_evictor_always_see_the_model_and_staging_stays_un
     assert_eq!(budget.status().refused_fills, 0);
 }
 
-#[test]
-fn a_fill_that_cannot_evict_anything_fails_with_enospc_and_the_limit_holds() {
-    let f = fixture(16, 42);
+/// A fixture whose staging budget (4 blocks) is full of changed blocks:
+/// nothing can be evicted.
+fn full_of_changed_blocks(seed: u64) -> (super::super::tests::Fixture, Arc<Budget>) {
+    let f = fixture(16, seed);
     let budget = Budget::new(&f.staging);
     budget.set_limits(4 * BS as u64, 0);
     f.vol.attach_budget(budget.clone(), f.staging.clone());
     for b in 0..4u64 {
         f.vol.write(b * BS as u64, &vec![b as u8 + 1; BS]).unwrap();
     }
-    let e = f.vol.read(8 * BS as u64, 10).unwrap_err();
-    assert_eq!(e.kind(), crate::error::ErrorKind::NoSpace, "{e}");
-    assert!(e.to_string().contains("nothing can be evicted"), "{e}");
-    assert_eq!(budget.status().refused_fills, 1);
+    (f, budget)
+}
+
+#[test]
+fn a_read_finding_staging_full_and_nothing_evictable_is_answered_from_the_repository_unstaged() {
+    let (f, budget) = full_of_changed_blocks(42);
+    for (off, len) in [(8 * BS + 7, 10), (8 * BS, BS), (6 * BS - 5, 2 * BS + 10)] {
+        assert_eq!(
+            f.vol.read(off as u64, len).unwrap(),
+            f.data[off..off + len],
+            "read of {len} bytes at {off}"
+        );
+        // Its fill leaves the in-flight table after answering: the next
+        // read must not join it.
+        f.vol.quiesce(std::time::Duration::from_secs(10));
+    }
+    let st = f.vol.status();
+    assert!(!f.vol.is_local(8 * BS as u64, 1), "block 8 was staged");
+    // Block 8 read through three times (fetched each time), 6 and 7
+    // once; block 5 is a zero chunk.
+    assert_eq!((st.read_through, st.fetched_blocks), (5, 5), "{st:?}");
+    assert_eq!(st.fetch_errors, 0);
     assert!(budget.used() <= 4 * BS as u64);
     for b in 0..4u64 {
         assert_eq!(
@@ -132,6 +151,81 @@ fn a_fill_that_cannot_evict_anything_fails_with_enospc_and_the_limit_holds() {
             vec![b as u8 + 1; BS]
         );
     }
+}
+
+#[test]
+fn a_write_that_needs_room_in_a_full_staging_fails_with_enospc_and_the_limit_holds() {
+    let (f, budget) = full_of_changed_blocks(43);
+    // A partial write needs the block's old bytes staged; a whole one
+    // needs room for its own.
+    for (off, len) in [(9 * BS + 3, 100), (11 * BS, BS)] {
+        let e = f.vol.write(off as u64, &vec![9; len]).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::NoSpace, "{e}");
+        assert!(e.to_string().contains("nothing can be evicted"), "{e}");
+        assert_eq!(f.vol.read(off as u64, len).unwrap(), f.data[off..off + len]);
+    }
+    assert!(budget.status().refused_fills >= 2);
+    assert!(budget.used() <= 4 * BS as u64);
+}
+
+/// Puts a fill of block `b` in the in-flight table as a prefetch holds
+/// it, runs `read` (which must join it), then ends it as a prefetch
+/// refused room in staging ends: with `NoSpace` and no bytes.
+fn join_a_refused_prefetch<T: Send + 'static>(
+    f: &super::super::tests::Fixture,
+    b: u64,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    use super::super::fill::Slot;
+    use std::time::{Duration, Instant};
+    let slot = Slot::new(crate::prefetch::Class::Profile);
+    f.vol.inflight.lock().insert(b, slot.clone());
+    let reader = std::thread::spawn(read);
+    // A read joining the fill marks it.
+    let t0 = Instant::now();
+    while !slot.read_waits.load(Ordering::Acquire) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the read did not join"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.vol.inflight.lock().remove(&b);
+    slot.finish(Err(crate::error::Error::new(
+        crate::error::ErrorKind::NoSpace,
+        "staging is full (test)",
+    )));
+    reader.join().unwrap()
+}
+
+#[test]
+fn a_read_that_joined_a_prefetch_refused_room_reads_through_instead_of_failing() {
+    let (f, _budget) = full_of_changed_blocks(44);
+    // Within one block (the fetched-block path), and across two (pieces).
+    for (b, off, len) in [(8u64, 8 * BS + 5, 100), (12, 12 * BS - 10, 20)] {
+        let vol = f.vol.clone();
+        let got = join_a_refused_prefetch(&f, b, move || vol.read(off as u64, len));
+        assert_eq!(got.unwrap(), f.data[off..off + len], "read at {off}");
+    }
+    assert!(f.vol.status().read_through >= 2);
+}
+
+#[test]
+fn a_read_waiting_later_on_a_prefetch_refused_room_is_answered_not_failed() {
+    let (f, _budget) = full_of_changed_blocks(45);
+    let pool = crate::pool::WorkerPool::new("test-io", 2);
+    let spawner: crate::disk::Spawner = Arc::new(move |job| pool.submit(job));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let vol = f.vol.clone();
+    let off = 8 * BS + 5;
+    join_a_refused_prefetch(&f, 8, move || {
+        let done: crate::disk::ReadDone = Box::new(move |r| tx.send(r).unwrap());
+        assert!(vol.read_later(off as u64, 100, done, &spawner).is_ok());
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("answered");
+    assert_eq!(got.unwrap()[..], f.data[off..off + 100]);
 }
 
 #[test]

@@ -53,6 +53,15 @@
 //! hit (every block staged) is one pread into a buffer that is not
 //! zero-filled first (`BlockFile::read_append`).
 //!
+//! **Staging full.** When the budget refuses room (full, nothing
+//! evictable: every staged block changed), a fetch a read waits for
+//! (`Slot::read_waits`) reads through: its bytes answer the read, nothing
+//! is staged, the block is fetched again when read (`read_through` in the
+//! disk's status). A prefetch is refused (not a fetch error); a read that
+//! joined it too late starts its own fill (`read::is_room_refusal`). A
+//! guest read therefore never fails for want of staging room; a write that
+//! needs room does (ENOSPC).
+//!
 //! A [`Fetch`] always answers its slot exactly once: when it succeeds or
 //! fails, when a stage panics, and when it is dropped unrun (the volume
 //! was released, or the engine stopped), so no reader ever waits forever.
@@ -77,8 +86,11 @@ pub(super) struct Fetch {
     started: Option<Instant>,
     answered: bool,
     /// Write staging and mark the block present (false: the copier's
-    /// fetch, see the module doc).
+    /// fetch, see the module doc, or a read through a full staging).
     stage: bool,
+    /// A staged fetch that found no room in staging and reads through:
+    /// its bytes answer its readers and are not staged.
+    read_through: bool,
 }
 
 impl Drop for Fetch {
@@ -114,10 +126,14 @@ impl Fetch {
         .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
         drop(v);
         match r {
-            Ok(request) => Step::Get {
-                request,
-                then: Box::new(move |got| self.finish(got)),
-            },
+            Ok((request, staged)) => {
+                self.read_through = self.stage && !staged;
+                self.stage = staged;
+                Step::Get {
+                    request,
+                    then: Box::new(move |got| self.finish(got)),
+                }
+            }
             Err(e) => {
                 self.answer(Err(e));
                 Step::Done
@@ -132,7 +148,7 @@ impl Fetch {
         };
         let _span = v.fetch_span(self.b).entered();
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            v.store_fetched(self.b, &self.slot, got, self.stage)
+            v.store_fetched(self.b, &self.slot, got, self.stage, !self.read_through)
         }))
         .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
         drop(v);
@@ -156,6 +172,7 @@ impl Volume {
             started: None,
             answered: false,
             stage,
+            read_through: false,
         };
         let bytes = self.block_len(b);
         j.0 = Some(
@@ -188,20 +205,51 @@ impl Volume {
     }
 
     /// Before the GET: still open, and room in staging for the block (if
-    /// it is to be staged).
-    fn fetch_request(&self, b: u64, slot: &Slot, stage: bool) -> Result<GetFuture> {
+    /// it is to be staged). The request, and whether the block is staged.
+    fn fetch_request(&self, b: u64, slot: &Slot, stage: bool) -> Result<(GetFuture, bool)> {
         self.check_open()?;
-        if stage {
-            self.admit(slot)?;
-        }
+        let stage = stage && self.room_for_fill(b, slot)?;
         let digest = self.chunks.get(b).expect("fetch of a zero chunk");
-        Ok(self.repo.chunk_request(&digest, self.block_len(b) as usize))
+        Ok((
+            self.repo.chunk_request(&digest, self.block_len(b) as usize),
+            stage,
+        ))
+    }
+
+    /// Room in staging for a fill of `b`. Where there is none (full, and
+    /// nothing can be evicted) but a read waits for the block, false: the
+    /// fetch reads through, so the read is answered (from the repository,
+    /// each time it is read) instead of failing with ENOSPC. A prefetch
+    /// or a write's fill gets the refusal.
+    fn room_for_fill(&self, b: u64, slot: &Slot) -> Result<bool> {
+        if !slot.read_waits.load(Ordering::Acquire) {
+            return self.admit(slot).map(|()| true);
+        }
+        match self.admit_for_read(slot) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NoSpace => {
+                self.stats.read_through.add(1);
+                if let Some(more) = self.read_through_log.line_suffix() {
+                    tracing::warn!(vm = %self.vm, disk = self.index, block = b, "a read's block is fetched without being staged (it is fetched again each time it is read): {e}{more}");
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// After the GET: verified plain bytes into staging (if staged) and
     /// the slot; the bytes read from the repository, and whether the
-    /// block was staged.
-    fn store_fetched(&self, b: u64, slot: &Slot, got: Got, stage: bool) -> Result<(u64, bool)> {
+    /// block was staged. An unstaged fetch a more urgent waiter promoted
+    /// is staged after all if `promotable` (not a read through).
+    fn store_fetched(
+        &self,
+        b: u64,
+        slot: &Slot,
+        got: Got,
+        stage: bool,
+        promotable: bool,
+    ) -> Result<(u64, bool)> {
         let digest = self.chunks.get(b).expect("fetch of a zero chunk");
         let (data, n) = self.repo.open_chunk(
             &digest,
@@ -209,7 +257,7 @@ impl Volume {
             self.block_len(b) as usize,
             &self.chunk_place(b),
         )?;
-        let stage = stage || self.stage_promoted_copy(slot);
+        let stage = stage || (promotable && self.stage_promoted_copy(slot));
         let data = data.into_bytes();
         // A released disk's readers get its error, not the bytes.
         self.check_open()?;
@@ -255,13 +303,14 @@ impl Volume {
             Err(e) if slot.data.get().is_some() => {
                 self.stats.staging_write_errors.add(1);
                 *self.stats.last_staging_write_error.lock() = Some(e.to_string());
-                if let Some(held) = self.staging_write_log.check(Instant::now()) {
-                    let more = match held {
-                        0 => String::new(),
-                        n => format!(" ({n} more not logged since the last such line)"),
-                    };
+                if let Some(more) = self.staging_write_log.line_suffix() {
                     tracing::warn!(vm = %self.vm, disk = self.index, block = b, "a fetched block could not be staged (its reads were answered; it is fetched again when read): {e}{more}");
                 }
+            }
+            // A prefetch refused room in a full staging: nothing failed
+            // (the budget counts it; a read's fill reads through instead).
+            Err(e) if e.kind() == ErrorKind::NoSpace => {
+                tracing::debug!(vm = %self.vm, disk = self.index, block = b, "fetch not started: {e}");
             }
             Err(e) => {
                 self.stats.fetch_errors.add(1);

@@ -4,7 +4,7 @@
 //! write paths, which both claim blocks here, and from `fetch`, which runs
 //! a fill's fetch.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -26,6 +26,10 @@ pub(super) struct Slot {
     pub(super) job: Mutex<(Option<Arc<Job>>, Class)>,
     /// Room taken in the staging budget for this fill (see `evict`).
     pub(super) reserved: AtomicBool,
+    /// A read waits for this fill's bytes: if staging has no room for the
+    /// block, the fetch reads it through (answers from memory, stages
+    /// nothing) instead of failing the read (see `fetch`).
+    pub(super) read_waits: AtomicBool,
     /// A fetch's verified plain bytes, set before its staging write and
     /// `finish`: its readers answer from them at once (they live as long
     /// as the slot's last waiter, or the last reply that borrows them).
@@ -47,6 +51,7 @@ impl Slot {
             cv: Condvar::new(),
             job: Mutex::new((None, class)),
             reserved: AtomicBool::new(false),
+            read_waits: AtomicBool::new(false),
             data: OnceLock::new(),
             then: Mutex::new(Some(Vec::new())),
         })
@@ -204,13 +209,30 @@ impl Volume {
     /// priority `class`. Returns a slot to wait on, or `None` when the
     /// block is already local.
     pub(super) fn start_fill(&self, b: u64, class: Class) -> Option<Arc<Slot>> {
+        self.start_fill_for(b, class, false)
+    }
+
+    /// [`Volume::start_fill`] for a read that waits for the block's bytes:
+    /// the fill reads through when staging is full (see `Slot::read_waits`).
+    /// A read that joins a fill already refused room gets `NoSpace` from
+    /// it and starts again here (see `read::is_room_refusal`).
+    pub(super) fn start_read_fill(&self, b: u64, class: Class) -> Option<Arc<Slot>> {
+        self.start_fill_for(b, class, true)
+    }
+
+    fn start_fill_for(&self, b: u64, class: Class, read: bool) -> Option<Arc<Slot>> {
         match self.claim(b, class) {
             Claim::Present => None,
             Claim::Wait(s) => {
+                if read {
+                    s.read_waits.store(true, Ordering::Release);
+                }
                 s.promote(&self.sched, class);
                 Some(s)
             }
             Claim::Owner(s) => {
+                // Before the fetch is queued: its prepare may run at once.
+                s.read_waits.store(read, Ordering::Release);
                 match self.chunks.get(b) {
                     None => {
                         let r = self.admit(&s).and_then(|()| self.zero_fill(b));

@@ -170,6 +170,8 @@ pub struct Volume {
     /// Staging writes of fetched bytes fail for every miss while staging
     /// is full: their warning is rate limited.
     staging_write_log: crate::util::LogLimit,
+    /// One warning per 10 s for reads through a full staging.
+    read_through_log: crate::util::LogLimit,
     /// Tests only: called by a write after it claimed or waited for each
     /// block, to force an interleaving of concurrent writes.
     #[cfg(test)]
@@ -247,6 +249,7 @@ impl Volume {
             evict: evict::Eviction::new(nblocks),
             direct_readers: Mutex::new(0),
             staging_write_log: crate::util::LogLimit::new(Duration::from_secs(10)),
+            read_through_log: crate::util::LogLimit::new(Duration::from_secs(10)),
             #[cfg(test)]
             claim_hook: Mutex::new(None),
             #[cfg(test)]

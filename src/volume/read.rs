@@ -114,7 +114,7 @@ impl Volume {
         };
         self.stats.later_reads.add(1);
         self.observe_guest_read(off, len);
-        let Some(slot) = self.start_fill(b, Class::OnDemand) else {
+        let Some(slot) = self.start_read_fill(b, Class::OnDemand) else {
             spawn(read.on_pool());
             return Ok(());
         };
@@ -126,6 +126,9 @@ impl Volume {
                 return read.answer(Ok((d.slice(start..start + len as usize), false)));
             }
             match fill.outcome().expect("no bytes: the fill ended") {
+                // A prefetch this read joined after it was refused room:
+                // the general path fills (reads through) for itself.
+                Err(e) if is_room_refusal(&e) => spawn(read.on_pool()),
                 Err(e) => read.answer(Err(e)),
                 Ok(()) => spawn(read.on_pool()),
             }
@@ -213,9 +216,10 @@ impl Volume {
             return None;
         }
         let b = blocks.start;
-        let s = self.start_fill(b, class)?;
+        let s = self.start_read_fill(b, class)?;
         let data = match s.wait_data() {
             Ok(d) => d?,
+            Err(e) if is_room_refusal(&e) => return None,
             Err(e) => return Some(Err(e)),
         };
         let start = (off - b * self.block_size) as usize;
@@ -236,15 +240,22 @@ impl Volume {
         let mut todo: Vec<u64> = self.blocks(off, len).collect();
         let mut hit = true;
         let mut laid_out = false;
+        let mut refusals = 0;
         loop {
             // Start every missing fetch first so a multi-block read fetches in parallel.
             let slots: Vec<(u64, Arc<Slot>)> = todo
                 .iter()
                 .filter(|&&b| self.chunks.has_data(b))
-                .filter_map(|&b| self.start_fill(b, class).map(|s| (b, s)))
+                .filter_map(|&b| self.start_read_fill(b, class).map(|s| (b, s)))
                 .collect();
             hit &= slots.is_empty();
-            Self::wait_fills(slots.iter().map(|(_, s)| s))?;
+            match Self::wait_fills(slots.iter().map(|(_, s)| s)) {
+                // A prefetch this read joined after it was refused room:
+                // its block is still missing, and the next round's fill is
+                // this read's own, which reads through.
+                Err(e) if is_room_refusal(&e) && refusals < MAX_ROOM_REFUSALS => refusals += 1,
+                r => r?,
+            }
             let fetched = |b: u64| {
                 slots
                     .iter()
@@ -344,6 +355,18 @@ impl Volume {
             .read_exact_at(dst, s)
             .ctx(|| format!("read staging {}", self.store.data_path.display()))
     }
+}
+
+/// Rounds a read tries again after joining fills refused room in staging
+/// (each such fill was a prefetch's; a read's own fill reads through, so
+/// one round is enough unless new prefetches keep being refused).
+const MAX_ROOM_REFUSALS: u32 = 8;
+
+/// A fill ended with no bytes because staging had no room for it: a
+/// prefetch's or a write's fill, which a read joined too late to make it
+/// read through (see `Volume::start_read_fill`).
+fn is_room_refusal(e: &crate::error::Error) -> bool {
+    e.kind() == crate::error::ErrorKind::NoSpace
 }
 
 /// A read answered later (`Volume::read_later`), until it is answered:

@@ -27,6 +27,10 @@ pub struct VolumeStats {
     /// be written to staging (e.g. it is full): no read failed; the block
     /// stays missing and is fetched again when read.
     pub staging_write_errors: Counter,
+    /// Blocks fetched for a read without being staged because staging
+    /// had no room (full, nothing evictable): the read was answered; the
+    /// block is fetched again when read.
+    pub read_through: Counter,
     pub fetch_latency: LatencyHistogram,
     pub flushes: Counter,
     /// Blocks given back to keep staging under its limit (see `evict`).
@@ -79,6 +83,9 @@ pub struct DiskStatus {
     /// their reads were answered from the verified bytes; the block is
     /// fetched again when read (see `last_staging_write_error`).
     pub staging_write_errors: u64,
+    /// Blocks read through a full staging: fetched for a read and not
+    /// staged (no room, nothing evictable); fetched again when read.
+    pub read_through: u64,
     pub fetch_latency_mean_ms: f64,
     pub fetch_latency_p99_ms: f64,
     pub fetches_in_flight: usize,
@@ -161,6 +168,7 @@ impl Volume {
             fetched_bytes: s.fetched_bytes.get(),
             fetch_errors: s.fetch_errors.get(),
             staging_write_errors: s.staging_write_errors.get(),
+            read_through: s.read_through.get(),
             fetch_latency_mean_ms: s.fetch_latency.mean_us() / 1000.0,
             fetch_latency_p99_ms: s.fetch_latency.quantile_us(0.99) / 1000.0,
             fetches_in_flight: self.inflight.lock().len(),

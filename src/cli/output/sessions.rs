@@ -125,7 +125,7 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
             let reads = n("reads");
             let hit = f("profile_hit_ratio") * 100.0;
             println!(
-                "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {} (dirty {})  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}{}",
+                "  {:<6} {:>10}  staged {}/{} blocks ({:.1}%)  changed {} (dirty {})  fetched {}  reads {} ({:.1}% local)  writes {}  fetch mean {:.2} ms p99 {:.2} ms{}{}{}",
                 d["name"].as_str().unwrap_or("?"),
                 human_bytes(n("size")),
                 n("blocks_staged"),
@@ -140,7 +140,8 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
                 f("fetch_latency_mean_ms"),
                 f("fetch_latency_p99_ms"),
                 if n("fetch_errors") > 0 { format!("  FETCH ERRORS {}", n("fetch_errors")) } else { String::new() },
-                if n("staging_write_errors") > 0 { format!("  STAGING WRITE ERRORS {}", n("staging_write_errors")) } else { String::new() }
+                if n("staging_write_errors") > 0 { format!("  STAGING WRITE ERRORS {}", n("staging_write_errors")) } else { String::new() },
+                if n("read_through") > 0 { format!("  READ THROUGH (staging full) {}", n("read_through")) } else { String::new() }
             );
             if let Some(e) = d["failed"].as_str() {
                 println!(
