@@ -84,8 +84,9 @@
 //! durably before their holes are punched (`volume::evict`); changed blocks
 //! never are. When nothing can be evicted a read's fetch reads through (its
 //! bytes answer the read, nothing is staged) and a write that needs room
-//! fails ENOSPC. A new recovery is admitted only where its expected working
-//! set fits.
+//! fails ENOSPC. Prefetch fills only below the low watermark and evicts no
+//! other disk's blocks. A new recovery is admitted only where its expected
+//! working set fits (a prefetched profile below that watermark).
 //!
 //! ## On-disk formats
 //!

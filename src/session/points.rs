@@ -66,11 +66,18 @@ struct Placed {
 pub struct Need {
     pub bytes: u64,
     pub from: Option<&'static str>,
+    /// Staged ahead by prefetch (an operational profile), which stays
+    /// below the staging's low watermark: it must fit there.
+    pub prefetched: bool,
 }
 
 impl From<u64> for Need {
     fn from(bytes: u64) -> Need {
-        Need { bytes, from: None }
+        Need {
+            bytes,
+            from: None,
+            prefetched: false,
+        }
     }
 }
 
@@ -280,7 +287,11 @@ impl Datastore {
         let mut hints: Vec<String> = vec![];
         for f in figures.iter_mut() {
             let room = self.point(&f.name).and_then(|p| {
-                let r = p.staging.budget().room()?;
+                let budget = p.staging.budget();
+                let r = match need.prefetched {
+                    true => budget.prefetch_room()?,
+                    false => budget.room()?,
+                };
                 Some((
                     r.saturating_sub(self.pending_need(&p.staging)),
                     p.staging.clone(),
@@ -291,20 +302,17 @@ impl Datastore {
                 if !hints.contains(&hint) {
                     hints.push(hint);
                 }
-                f.unavailable = Some(format!(
-                    "staging {}: {} free of its limit",
+                let free = format!(
+                    "staging {}: {} free {}",
                     st.root().display(),
-                    human_bytes(r)
-                ));
-                refused.push((
-                    f.name.clone(),
-                    format!(
-                        "export point {} (staging {}: {} free of its limit)",
-                        f.name,
-                        st.root().display(),
-                        human_bytes(r)
-                    ),
-                ));
+                    human_bytes(r),
+                    match need.prefetched {
+                        true => "below its low watermark (80 % of its limit, where prefetch stops)",
+                        false => "of its limit",
+                    }
+                );
+                refused.push((f.name.clone(), format!("export point {} ({free})", f.name)));
+                f.unavailable = Some(free);
             }
         }
         let named_full = match want {

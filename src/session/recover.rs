@@ -325,14 +325,17 @@ impl Datastore {
             }
             _ => (DEFAULT_WORKING_SET, "the default: no operational profile"),
         };
+        let prefetched = profiled.is_some_and(|p| p > 0);
         match bytes > disks {
             true => Need {
                 bytes: disks,
                 from: Some("the size of its disks"),
+                prefetched,
             },
             false => Need {
                 bytes,
                 from: Some(from),
+                prefetched,
             },
         }
     }

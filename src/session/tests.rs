@@ -65,6 +65,22 @@ fn datastore_limited(
     points: Points,
     max_conn: usize,
 ) -> Arc<Datastore> {
+    // As `serve --no-profile`: most tests want no prefetch of their own.
+    let prefetch = PrefetchOptions {
+        use_profile: false,
+        default_profile: false,
+        ..Default::default()
+    };
+    datastore_prefetching(dir, repo, points, max_conn, prefetch)
+}
+
+fn datastore_prefetching(
+    dir: &Path,
+    repo: &Arc<Repository>,
+    points: Points,
+    max_conn: usize,
+    prefetch: PrefetchOptions,
+) -> Arc<Datastore> {
     let mut placement = PlacementConfig {
         max_connections_per_host: max_conn,
         ..PlacementConfig::default()
@@ -88,11 +104,6 @@ fn datastore_limited(
         .collect();
     let stagings =
         StagingSet::open(&dir.join("staging"), &dir.join("mnt"), &named, repo, &[]).unwrap();
-    let prefetch = PrefetchOptions {
-        use_profile: false,
-        default_profile: false,
-        ..Default::default()
-    };
     Datastore::new(
         repo.clone(),
         stagings,
@@ -668,88 +679,12 @@ fn a_restarted_session_whose_point_stages_elsewhere_now_is_served_where_its_stag
     assert_eq!(s2.disks[0].read(5, 7).unwrap(), b"v2 data");
 }
 
+mod admission;
 mod elsewhere;
 mod live_backup;
 mod recover_faults;
 mod relocation;
 mod upload;
-
-#[test]
-fn with_bounded_staging_a_new_recovery_goes_where_its_working_set_fits_or_is_refused() {
-    let r = rig_with(POINTS);
-    backup(&r, "fresh", 21, 4);
-    backup(&r, "other", 22, 4);
-    // The main staging (point a) cannot hold a 4-block disk; ssd can.
-    let dirs = r.ds.stagings().to_vec();
-    let (main, fast) = (&dirs[0], dirs.iter().find(|d| d.root() == ssd(&r)).unwrap());
-    main.budget().set_limits(2 * 65536, 0);
-    fast.budget().set_limits(64 << 20, 0);
-    // An idle daemon would place it on `a`; `a` has no room.
-    let info = r.ds.recover("fresh", None).unwrap();
-    assert!(["b", "c"].contains(&info.export_point.as_str()), "{info:?}");
-    let e = r.ds.recover_placed("other", None, &at("a")).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
-    let msg = e.to_string();
-    assert!(
-        msg.contains("expected working set") && msg.contains("export point a"),
-        "{msg}"
-    );
-    assert!(r.ds.session("other").is_none());
-    // With no room anywhere, auto placement is refused too.
-    fast.budget().set_limits(65536, 0);
-    let e = r.ds.recover("other", None).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
-}
-
-#[test]
-fn under_no_profile_a_stored_profile_does_not_size_admission_and_a_refusal_says_where_its_figure_came_from(
-) {
-    use crate::prefetch::profile::{self, Access, DiskTrace, Recording};
-    // The rig serves as `serve --no-profile` does (use_profile: false).
-    let r = rig();
-    // 24 MiB, all zero chunks but one: more than the default working set.
-    let blocks = 384u64;
-    let mut data = vec![0u8; blocks as usize * BS];
-    data[..BS].fill(7);
-    let img = r.dir.path().join("big.img");
-    std::fs::write(&img, &data).unwrap();
-    let rep = run_backup(
-        &r.repo,
-        BackupRequest {
-            vm: "big".into(),
-            config: None,
-            chunk_size: BS as u32,
-            images: vec![img],
-            progress: false,
-        },
-    )
-    .unwrap();
-    // A stored profile of the whole disk: 24 MiB.
-    let rec = Recording {
-        recorded: "2026-11-24T00:00:00Z".into(),
-        backup: rep.manifest.id.clone(),
-        source: "session".into(),
-        disks: vec![DiskTrace {
-            index: 0,
-            block_size: BS as u64,
-            accesses: (0..blocks).map(|b| Access(b, 0, None)).collect(),
-        }],
-    };
-    profile::append(&r.repo, "big", rec).unwrap();
-    let budget = r.ds.stagings()[0].budget().clone();
-    // 20 MiB holds the default 16 MiB, not the profile's 24 MiB.
-    budget.set_limits(20 << 20, 0);
-    r.ds.recover("big", None).unwrap();
-    r.ds.release("big", true).unwrap();
-    budget.set_limits(8 << 20, 0);
-    let e = r.ds.recover("big", None).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
-    assert!(
-        e.to_string()
-            .contains("expected working set (16.0 MiB, the default: serve --no-profile)"),
-        "{e}"
-    );
-}
 
 #[test]
 fn a_session_resumed_after_a_restart_records_no_boot_profile_of_its_running_guest() {

@@ -19,7 +19,15 @@
 //! needs the room fails, a prefetch stops, and a read's fill reads through
 //! (its bytes answer the read and are not staged, see `volume::fetch`);
 //! right after a scan found nothing to evict, reads' fills are refused
-//! without another ([`BARREN_TTL`]). A background
+//! without another ([`BARREN_TTL`]).
+//!
+//! **Prefetch** (profile, relocation order, readahead) only fills below
+//! the low watermark (80 %) and evicts nothing of another disk: one VM's
+//! prefetch must not push another VM's working set out (readahead may
+//! evict its own disk's blocks; a profile or relocation-order prefetch
+//! nothing, its earlier blocks being wanted first). So a recovery whose
+//! profile is prefetched is admitted only where it fits below that
+//! watermark ([`Budget::prefetch_room`]). A background
 //! thread evicts from a high watermark (90 % of the limit) down to a low
 //! one (80 %) so fills rarely wait.
 //!
@@ -92,6 +100,9 @@ pub struct BudgetStatus {
     pub refused_fills: u64,
     /// Fills that had to run an eviction step before they could go on.
     pub fills_waited: u64,
+    /// Prefetches not made: staging at its low watermark and their own
+    /// disk had nothing to evict (prefetch never evicts other disks').
+    pub prefetches_held_back: u64,
     /// `used / limit` (0 without a limit).
     pub pressure: f64,
 }
@@ -120,6 +131,8 @@ pub struct Budget {
     evicted_bytes: AtomicU64,
     refused: AtomicU64,
     waited: AtomicU64,
+    /// Prefetches refused at the low watermark (`reserve_speculative`).
+    held_back: AtomicU64,
     /// Wakes the background evictor.
     wake: Condvar,
     wake_lock: Mutex<bool>,
@@ -181,6 +194,7 @@ impl Budget {
             evicted_bytes: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             waited: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
             started: std::sync::atomic::AtomicBool::new(false),
@@ -350,14 +364,17 @@ impl Budget {
     /// `None` without a limit.
     pub fn room(&self) -> Option<u64> {
         let limit = self.limit()?;
-        let held: u64 = self
-            .members
+        Some(limit.saturating_sub(self.kept.load(Ordering::Acquire) + self.held()))
+    }
+
+    /// Served disks' bytes no eviction can free (their changed blocks).
+    fn held(&self) -> u64 {
+        self.members
             .lock()
             .iter()
             .filter_map(|m| m.disk.upgrade())
             .map(|d| d.unevictable_bytes())
-            .sum();
-        Some(limit.saturating_sub(self.kept.load(Ordering::Acquire) + held))
+            .sum()
     }
 
     /// Takes `bytes` before a fill writes them to staging. Over the limit,
@@ -372,6 +389,64 @@ impl Budget {
     /// again. Writes and prefetches always scan: a write refused fails.
     pub fn reserve_for_read(&self, bytes: u64) -> Result<()> {
         self.reserve_as(bytes, true)
+    }
+
+    /// Takes `bytes` for a prefetch (profile, relocation order,
+    /// readahead): only below the low watermark, making room there by
+    /// evicting from `own` (the prefetching disk, for readahead) alone;
+    /// refused (`held_back`) when that frees nothing. So one VM's prefetch
+    /// never evicts another VM's blocks, nor wakes the background evictor
+    /// that would; guest misses (any VM's) still fill up to the limit.
+    pub fn reserve_speculative(&self, bytes: u64, own: Option<&dyn Evictable>) -> Result<()> {
+        let mut fresh = false;
+        loop {
+            self.unwritten.fetch_add(bytes, Ordering::AcqRel);
+            let Some(limit) = self.limit_on(fresh).map(|(l, _)| l) else {
+                self.live.fetch_add(bytes, Ordering::AcqRel);
+                return Ok(());
+            };
+            let low = limit / 1000 * LOW;
+            let kept = self.kept.load(Ordering::Acquire);
+            let taken = self
+                .live
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                    (live + bytes + kept <= low).then_some(live + bytes)
+                });
+            if taken.is_ok() {
+                return Ok(());
+            }
+            self.settle_unwritten(bytes);
+            if !fresh {
+                fresh = true;
+                continue;
+            }
+            let freed = own.map_or(0, |d| {
+                d.evict(bytes).unwrap_or_else(|e| {
+                    tracing::error!(staging = %self.root.display(), "eviction failed: {e}");
+                    0
+                })
+            });
+            if freed == 0 {
+                self.held_back.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "prefetch held back: staging {} is at its low watermark ({} of its {} limit) and prefetch evicts no other disk's blocks (readahead only its own)",
+                        self.root.display(),
+                        human_bytes(low),
+                        human_bytes(limit)
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// Bytes a new recovery's prefetch could stage here: as
+    /// [`Budget::room`], below the low watermark (see
+    /// [`Budget::reserve_speculative`]).
+    pub fn prefetch_room(&self) -> Option<u64> {
+        let low = self.limit()? / 1000 * LOW;
+        Some(low.saturating_sub(self.kept.load(Ordering::Acquire) + self.held()))
     }
 
     fn recently_barren(&self) -> bool {
@@ -536,6 +611,7 @@ impl Budget {
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             refused_fills: self.refused.load(Ordering::Relaxed),
             fills_waited: self.waited.load(Ordering::Relaxed),
+            prefetches_held_back: self.held_back.load(Ordering::Relaxed),
             pressure: limit.map_or(0.0, |l| used as f64 / l.max(1) as f64),
         }
     }

@@ -138,6 +138,20 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Volume::admit`] for a prefetch of class `class`: below the low
+    /// watermark (see `Budget::reserve_speculative`). Readahead may evict
+    /// this disk's own blocks for room (a sequential reader moves on from
+    /// what it read); a profile or relocation-order prefetch evicts
+    /// nothing (its earlier blocks are wanted sooner than its later ones).
+    pub(super) fn admit_speculative(&self, slot: &Slot, class: Class) -> Result<()> {
+        if let Some((budget, _)) = self.evict.budget.get() {
+            let own: Option<&dyn Evictable> = (class == Class::Readahead).then_some(self);
+            budget.reserve_speculative(self.block_size, own)?;
+            slot.reserved.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// After a fill ended: a failed one returns its reservation; a
     /// written one tells the budget its bytes are on the filesystem now.
     pub(super) fn settle(&self, slot: &Slot, ok: bool) {

@@ -266,3 +266,48 @@ fn a_staged_read_or_write_never_waits_for_an_evictions_map_sync() {
         "a staged read and a quick write waited {waited:?} for the eviction's sync"
     );
 }
+
+#[test]
+fn one_disks_prefetch_stays_below_the_low_watermark_and_never_evicts_another_disks_blocks() {
+    let (a, b) = (fixture(32, 46), fixture(32, 47));
+    let budget = Budget::new(&a.staging);
+    // 20 blocks; the low watermark holds 16.
+    let limit = 20 * BS as u64;
+    budget.set_limits(limit, 0);
+    a.vol.attach_budget(budget.clone(), a.staging.clone());
+    b.vol.attach_budget(budget.clone(), b.staging.clone());
+    // Disk a's working set: 10 blocks read by its guest.
+    let working: Vec<u64> = (1..32).filter(|b| b % 5 != 0).take(10).collect();
+    for &blk in &working {
+        a.vol.read(blk * BS as u64, 100).unwrap();
+    }
+    a.vol.quiesce(std::time::Duration::from_secs(10));
+    // Disk b prefetches all it has (a profile), twice over.
+    for _ in 0..2 {
+        for blk in 0..32 {
+            b.vol.prefetch_block(blk, crate::prefetch::Class::Profile);
+        }
+        b.vol.quiesce(std::time::Duration::from_secs(10));
+    }
+    for &blk in &working {
+        assert!(
+            a.vol.is_local(blk * BS as u64, 100),
+            "disk a's block {blk} was evicted for disk b's prefetch"
+        );
+    }
+    let st = budget.status();
+    assert!(st.used <= limit / 1000 * 800, "{st:?}");
+    assert!(st.prefetches_held_back > 0, "{st:?}");
+    // b staged what fitted below the watermark (80 % of 20 blocks, less
+    // a rounding: 15) beside a's 10.
+    let low_blocks = limit / 1000 * 800 / BS as u64;
+    assert_eq!(b.vol.status().blocks_staged, low_blocks - 10, "{st:?}");
+    assert_eq!(b.vol.status().fetch_errors, 0);
+    // A guest miss of b still fills up to the limit, evicting as usual.
+    let miss = (0..32u64)
+        .find(|&blk| blk % 5 != 0 && !b.vol.is_local(blk * BS as u64, 100))
+        .unwrap();
+    b.vol.read(miss * BS as u64, 100).unwrap();
+    b.vol.quiesce(std::time::Duration::from_secs(10));
+    assert!(b.vol.is_local(miss * BS as u64, 100));
+}

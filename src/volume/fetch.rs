@@ -77,6 +77,21 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::prefetch::scheduler::Step;
 use crate::repo::backend::{GetFuture, Got};
 
+/// What a fetch's prepare decided (see `Volume::room_for_fill`).
+enum Request {
+    /// The GET to await, and whether its bytes are staged.
+    Get(GetFuture, bool),
+    /// A prefetch that found no room: no GET.
+    HeldBack,
+}
+
+/// Where a fill's bytes may go.
+enum Room {
+    Stage,
+    ReadThrough,
+    HoldBack,
+}
+
 /// A queued or running fetch of one block.
 pub(super) struct Fetch {
     vol: Weak<Volume>,
@@ -126,13 +141,22 @@ impl Fetch {
         .unwrap_or_else(|p| Err(v.internal_error(self.b, &p)));
         drop(v);
         match r {
-            Ok((request, staged)) => {
+            Ok(Request::Get(request, staged)) => {
                 self.read_through = self.stage && !staged;
                 self.stage = staged;
                 Step::Get {
                     request,
                     then: Box::new(move |got| self.finish(got)),
                 }
+            }
+            Ok(Request::HeldBack) => {
+                self.answered = true;
+                if let Some(v) = self.vol.upgrade() {
+                    v.held_back(self.b, &self.slot);
+                } else {
+                    self.slot.finish(Ok(()));
+                }
+                Step::Done
             }
             Err(e) => {
                 self.answer(Err(e));
@@ -206,33 +230,54 @@ impl Volume {
 
     /// Before the GET: still open, and room in staging for the block (if
     /// it is to be staged). The request, and whether the block is staged.
-    fn fetch_request(&self, b: u64, slot: &Slot, stage: bool) -> Result<(GetFuture, bool)> {
+    fn fetch_request(&self, b: u64, slot: &Slot, stage: bool) -> Result<Request> {
         self.check_open()?;
-        let stage = stage && self.room_for_fill(b, slot)?;
+        let stage = match stage {
+            true => match self.room_for_fill(b, slot)? {
+                Room::Stage => true,
+                Room::ReadThrough => false,
+                Room::HoldBack => return Ok(Request::HeldBack),
+            },
+            false => false,
+        };
         let digest = self.chunks.get(b).expect("fetch of a zero chunk");
-        Ok((
+        Ok(Request::Get(
             self.repo.chunk_request(&digest, self.block_len(b) as usize),
             stage,
         ))
     }
 
-    /// Room in staging for a fill of `b`. Where there is none (full, and
-    /// nothing can be evicted) but a read waits for the block, false: the
-    /// fetch reads through, so the read is answered (from the repository,
-    /// each time it is read) instead of failing with ENOSPC. A prefetch
-    /// or a write's fill gets the refusal.
-    fn room_for_fill(&self, b: u64, slot: &Slot) -> Result<bool> {
+    /// Room in staging for a fill of `b`:
+    /// * a read waits for it: room if there is any, else it reads through
+    ///   (answered from the repository each time it is read) rather than
+    ///   fail with ENOSPC;
+    /// * a prefetch (no read waits yet): room below the low watermark,
+    ///   evicting no other disk's blocks, else it is held back (ends with
+    ///   no bytes; a read that joined it plans again);
+    /// * a write's fill: room, evicting any disk's, or ENOSPC.
+    fn room_for_fill(&self, b: u64, slot: &Slot) -> Result<Room> {
         if !slot.read_waits.load(Ordering::Acquire) {
-            return self.admit(slot).map(|()| true);
+            let class = slot.job.lock().0.as_ref().map(|j| j.class());
+            if let Some(c) = class.filter(|&c| c > crate::prefetch::Class::OnDemand) {
+                return match self.admit_speculative(slot, c) {
+                    Ok(()) => Ok(Room::Stage),
+                    Err(e) if e.kind() == ErrorKind::NoSpace => {
+                        tracing::trace!(vm = %self.vm, disk = self.index, block = b, "{e}");
+                        Ok(Room::HoldBack)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            return self.admit(slot).map(|()| Room::Stage);
         }
         match self.admit_for_read(slot) {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Room::Stage),
             Err(e) if e.kind() == ErrorKind::NoSpace => {
                 self.stats.read_through.add(1);
                 if let Some(more) = self.read_through_log.line_suffix() {
                     tracing::warn!(vm = %self.vm, disk = self.index, block = b, "a read's block is fetched without being staged (it is fetched again each time it is read): {e}{more}");
                 }
-                Ok(false)
+                Ok(Room::ReadThrough)
             }
             Err(e) => Err(e),
         }
@@ -270,16 +315,26 @@ impl Volume {
         Ok((n, stage))
     }
 
+    /// A prefetch held back for want of room ends with no bytes and no
+    /// error: nothing failed, and its waiters (a read or write that joined
+    /// it after its prepare) find the block missing and fill it
+    /// themselves, as after a failed write's claim.
+    fn held_back(&self, b: u64, slot: &Slot) {
+        self.complete_unstaged(b, slot, Ok(()));
+    }
+
     /// An unstaged (copier's) fetch that a more urgent waiter promoted is
     /// staged after all, if staging has room for it now.
     fn stage_promoted_copy(&self, slot: &Slot) -> bool {
-        let promoted = slot
-            .job
-            .lock()
-            .0
-            .as_ref()
-            .is_some_and(|j| j.class() < crate::prefetch::Class::Relocation);
-        promoted && self.admit(slot).is_ok()
+        use crate::prefetch::Class;
+        let class = slot.job.lock().0.as_ref().map(|j| j.class());
+        match class {
+            // A guest waits (its read is answered either way).
+            _ if slot.read_waits.load(Ordering::Acquire) => self.admit_for_read(slot).is_ok(),
+            Some(Class::OnDemand) => self.admit(slot).is_ok(),
+            Some(c) if c < Class::Relocation => self.admit_speculative(slot, c).is_ok(),
+            _ => false,
+        }
     }
 
     /// The end of a fetch, however it ended: figures, the log line, then

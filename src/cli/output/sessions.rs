@@ -180,6 +180,12 @@ fn staging_line(st: &Value) -> String {
         n("evicted_blocks"),
         human_bytes(n("evicted_bytes")),
     );
+    if n("prefetches_held_back") > 0 {
+        line += &format!(
+            "  prefetch held back {} times at the low watermark",
+            n("prefetches_held_back")
+        );
+    }
     if n("refused_fills") > 0 {
         line += &format!("  FULL: {} fills refused", n("refused_fills"));
     }
