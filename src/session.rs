@@ -290,6 +290,9 @@ pub struct Datastore {
     /// name this process, so a `forget` after it was killed before its
     /// cleanup drops them (`repo::pins::Pin::owner`).
     pin_owner: std::sync::OnceLock<crate::repo::locks::Owner>,
+    /// This host's name as its pins give it: the system's, asked once
+    /// (tests set another, `set_host`).
+    host: std::sync::OnceLock<String>,
 }
 
 /// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
@@ -336,7 +339,22 @@ impl Datastore {
             placing: Mutex::new(()),
             stopping: AtomicBool::new(false),
             pin_owner: std::sync::OnceLock::new(),
+            host: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The host name its pins give (`repo::pins::Pin::host`).
+    pub(crate) fn host(&self) -> &str {
+        self.host.get_or_init(crate::repo::pins::hostname)
+    }
+
+    /// Tests: this daemon's host is called `name` (a renamed host, or two
+    /// of one name). Before anything is pinned.
+    #[cfg(test)]
+    pub(crate) fn set_host(&self, name: &str) {
+        self.host
+            .set(name.into())
+            .expect("set before the host was used");
     }
 
     /// Marks a throwaway datastore: its sessions end with this process.
@@ -503,7 +521,7 @@ impl Datastore {
         let unmarked = if discard {
             let r = session.staging.discard(vm, &session.backup);
             match &r {
-                Ok(()) => self.unpin(vm, &session.backup, &session.dir),
+                Ok(()) => self.unpin(vm, &session.backup, &session.staging),
                 // What is left of the staging stays protected.
                 Err(_) => self.pin(&session, false),
             }

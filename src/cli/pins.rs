@@ -13,7 +13,7 @@ use crate::repo::Repository;
 #[derive(Subcommand)]
 pub enum PinsCmd {
     /// List the pins: VM, host, state, when written, staging directory
-    /// and the backups each protects.
+    /// (and its id) and the backups each protects.
     Ls {
         #[arg(long)]
         repo: String,
@@ -82,8 +82,12 @@ fn line(p: &Pin) -> String {
         Some(o) => format!(" (throwaway, pid {})", o.pid),
         None => String::new(),
     };
+    let id = match &p.staging_id {
+        Some(id) => format!(" (staging id {id})"),
+        None => String::new(),
+    };
     let text = format!(
-        "{} {} on host {}{who}, written {}, in {}: backups {}",
+        "{} {} on host {}{who}, written {}, in {}{id}: backups {}",
         p.vm,
         p.state,
         p.host,
@@ -127,16 +131,52 @@ fn refuse_live(p: &Pin) -> Result<()> {
             p.vm, p.staging
         )));
     }
-    if p.owner.is_none()
-        && p.host == pins::hostname()
-        && std::path::Path::new(&p.staging)
-            .try_exists()
-            .unwrap_or(true)
-    {
+    if p.owner.is_none() && session_here(p) {
         return Err(Error::busy(format!(
             "VM {} has a session on this host in {}: end it with `recoverfs release --discard {}` (served) or `recoverfs staging drop --repo` (kept), which remove its pin with its staging",
             p.vm, p.staging, p.vm
         )));
     }
     Ok(())
+}
+
+/// Whether the session `p` pins has its staging here: the directory at
+/// its path is there, and (a pin with a staging id) in the staging
+/// directory of that id, whatever host name the pin gives (this host
+/// renamed) and not another's of the same name and paths. One that
+/// cannot be looked at counts as here.
+fn session_here(p: &Pin) -> bool {
+    let dir = std::path::Path::new(&p.staging);
+    if !dir.try_exists().unwrap_or(true) {
+        return false;
+    }
+    match &p.staging_id {
+        None => p.host == pins::hostname(),
+        Some(id) => match dir.ancestors().nth(3).map(crate::staging::id_at) {
+            Some(Ok(here)) => here.as_ref() == Some(id),
+            Some(Err(_)) => true,
+            None => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_refuses_a_session_in_a_staging_here_by_its_id_and_not_another_hosts_of_this_name() {
+        let d = tempfile::tempdir().unwrap();
+        let staging = crate::staging::StagingDir::open(&d.path().join("s"), "r1", "/r").unwrap();
+        let dir = staging.session_dir("vm", "b1");
+        std::fs::create_dir_all(&dir).unwrap();
+        // This host's, pinned before it was renamed: refused.
+        let mut ours = Pin::new("vm", vec!["b1".into()], &dir, true).in_staging(staging.id());
+        ours.host = "old-name".into();
+        let e = refuse_live(&ours).unwrap_err().to_string();
+        assert!(e.contains("has a session on this host"), "{e}");
+        // Another host of this name whose staging has the same path.
+        let theirs = Pin::new("vm", vec!["b1".into()], &dir, true).in_staging("another");
+        refuse_live(&theirs).unwrap();
+    }
 }

@@ -1,8 +1,16 @@
 //! Pins: which backups recovery sessions use, recorded in the repository
 //! so that `forget`, run from any host, leaves them alone.
 //!
-//! `pins/<vm>/<id>.json` per session, `<id>` a hash of the daemon's host
-//! name and the session's staging directory. A daemon puts it when a
+//! `pins/<vm>/<id>.json` per session, `<id>` a hash of the id of the
+//! staging directory the session is in (`staging.json`, made once per
+//! directory) and the session's directory name there. Not of the host
+//! name: a renamed host rewrites its pins under the same keys, and two
+//! hosts of one name with the same staging paths (clones, containers,
+//! "localhost") have different ids, so neither overwrites nor removes the
+//! other's pin. A pin written before ids (no `staging_id`) has the key
+//! of the host name and the session directory; it is still read, is still
+//! this host's by host and path, and is removed once its session's pin is
+//! written with an id (`put`). A daemon puts it when a
 //! session starts or resumes (state `serving`), rewrites it at `release`
 //! (state `kept`: the staging stays and resumes later) and after a live
 //! backup (its new base), and deletes it when the staging is discarded.
@@ -36,6 +44,11 @@ pub struct Pin {
     pub host: String,
     /// The session's staging directory on that host.
     pub staging: String,
+    /// The id of the staging directory holding `staging`: the daemon that
+    /// pinned is the one serving that directory, whatever its host is
+    /// called. None in a pin written before ids (then host and path say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_id: Option<String>,
     /// `serving` or `kept`.
     pub state: String,
     /// When it was last written (RFC 3339).
@@ -55,6 +68,7 @@ impl Pin {
             backups,
             host: hostname(),
             staging: staging.display().to_string(),
+            staging_id: None,
             state: if serving { "serving" } else { "kept" }.into(),
             written: crate::util::rfc3339(crate::util::now_unix()),
             owner: None,
@@ -66,7 +80,31 @@ impl Pin {
         self.owner.as_ref().and_then(super::locks::dead_process)
     }
 
+    /// `self` naming staging directory `id`.
+    pub fn in_staging(mut self, id: &str) -> Pin {
+        self.staging_id = Some(id.into());
+        self
+    }
+
+    /// Where it is stored: of its staging directory's id and its session
+    /// directory's name (the backup id, one per VM in a staging directory),
+    /// so that neither a new host name nor a moved mount point changes it.
     fn key(&self) -> String {
+        let Some(id) = &self.staging_id else {
+            return self.legacy_key();
+        };
+        let dir = std::path::Path::new(&self.staging);
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_else(|| self.staging.as_str().into());
+        let hash = blake3::hash(format!("staging-id\0{id}\0{name}").as_bytes()).to_hex();
+        format!("pins/{}/{}.json", self.vm, &hash[..16])
+    }
+
+    /// The key a pin without a staging id has (and had before ids), of its
+    /// host and session directory.
+    fn legacy_key(&self) -> String {
         let id = blake3::hash(format!("{}\0{}", self.host, self.staging).as_bytes()).to_hex();
         format!("pins/{}/{}.json", self.vm, &id[..16])
     }
@@ -80,6 +118,16 @@ impl Pin {
         };
         format!("used by {what} on host {} ({})", self.host, self.staging)
     }
+
+    /// Whether a daemon serving the staging directories `ids` on host
+    /// `host` wrote it: its staging id is one of them, or (a pin written
+    /// before ids) it names `host` and `holds` its directory.
+    pub fn is_of(&self, ids: &[&str], host: &str, holds: impl FnOnce(&str) -> bool) -> bool {
+        match &self.staging_id {
+            Some(id) => ids.contains(&id.as_str()),
+            None => self.host == host && holds(&self.staging),
+        }
+    }
 }
 
 pub fn hostname() -> String {
@@ -89,16 +137,32 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Writes (or rewrites) a session's pin.
+/// Writes (or rewrites) a session's pin. One with a staging id then
+/// removes the pin this host wrote for that session directory before ids
+/// (by the old rule, host and path, that one is this session's): left,
+/// it would keep its backups from `forget` for ever. Not removed (a
+/// repository that takes the put and not the delete) is logged: it
+/// only protects, and the next put tries again.
 pub fn put(repo: &Repository, pin: &Pin) -> Result<()> {
     validate_name("VM name", &pin.vm)?;
     let body = serde_json::to_vec_pretty(pin).expect("serializable");
-    repo.backend().put(&pin.key(), &body)
+    repo.backend().put(&pin.key(), &body)?;
+    if pin.staging_id.is_some() {
+        if let Err(e) = repo.backend().delete(&pin.legacy_key()) {
+            tracing::warn!(vm = %pin.vm, "could not remove the session's pin written before staging ids (it keeps its backups from forget until removed): {e}");
+        }
+    }
+    Ok(())
 }
 
-/// Removes a session's pin (its staging is gone).
+/// Removes a session's pin (its staging is gone), and for one with a
+/// staging id the pin of its session written before ids (see `put`).
 pub fn remove(repo: &Repository, pin: &Pin) -> Result<()> {
-    repo.backend().delete(&pin.key())
+    repo.backend().delete(&pin.key())?;
+    if pin.staging_id.is_some() {
+        repo.backend().delete(&pin.legacy_key())?;
+    }
+    Ok(())
 }
 
 /// `put`/`remove`, logged instead of failing (see the module docs);

@@ -188,7 +188,7 @@ impl Datastore {
             .collect();
         for (b, s) in all {
             s.discard(vm, &b)?;
-            self.unpin(vm, &b, &s.session_dir(vm, &b));
+            self.unpin(vm, &b, &s);
             if !kept.contains(&b) {
                 kept.push(b);
             }

@@ -12,6 +12,7 @@ use super::{Datastore, Session};
 use crate::error::{Error, Result};
 use crate::repo::pins::{self, Pin};
 use crate::repo::Repository;
+use crate::staging::StagingDir;
 
 /// How often a daemon checks that its sessions' backups still exist.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -24,11 +25,22 @@ impl Datastore {
         if base != s.backup {
             backups.push(base);
         }
-        self.owned(Pin::new(&s.vm, backups, &s.dir, serving))
+        self.new_pin(&s.vm, backups, &s.staging, &s.dir, serving)
     }
 
-    /// `pin` naming this process if the datastore is a throwaway one.
-    fn owned(&self, mut pin: Pin) -> Pin {
+    /// The pin of a session at `dir` in `staging`: naming this host, the
+    /// staging directory's id, and this process if the datastore is a
+    /// throwaway one.
+    fn new_pin(
+        &self,
+        vm: &str,
+        backups: Vec<String>,
+        staging: &StagingDir,
+        dir: &Path,
+        serving: bool,
+    ) -> Pin {
+        let mut pin = Pin::new(vm, backups, dir, serving).in_staging(staging.id());
+        pin.host = self.host().into();
         pin.owner = self.pin_owner.get().cloned();
         pin
     }
@@ -52,7 +64,7 @@ impl Datastore {
         }
     }
 
-    /// Pins backup `id` of `vm` for a new session at `dir`, *then* checks
+    /// Pins backup `id` of `vm` for a new session in `staging`, *then* checks
     /// that the backup still exists: a `forget` that did not see the pin
     /// deleted it before, so it is `NotFound` now and no session starts on
     /// it (see `repo::forget`). The pin is removed again if the session
@@ -61,9 +73,10 @@ impl Datastore {
         &'a self,
         vm: &str,
         id: &str,
-        dir: &Path,
+        staging: &StagingDir,
     ) -> Result<NewPin<'a>> {
-        let pin = self.owned(Pin::new(vm, vec![id.into()], dir, true));
+        let dir = staging.session_dir(vm, id);
+        let pin = self.new_pin(vm, vec![id.into()], staging, &dir, true);
         if let Err(e) = pins::put(&self.repo, &pin) {
             // As `put_logged`: the session's own pin is tried again.
             tracing::warn!(
@@ -97,6 +110,14 @@ impl Datastore {
     /// and its pins never refuse. A pin that cannot be read is logged and
     /// passed over.
     ///
+    /// This daemon's own pins are those naming one of its staging
+    /// directories' ids, whatever host name they give (it was renamed),
+    /// or, written before ids, this host's name and a directory in one of
+    /// them. Another directory's pin giving this host's name is this
+    /// host's only if the directory at its path is that one or none: a
+    /// host of the same name (a clone, a container) may use the same
+    /// paths.
+    ///
     /// A session of this host whose directory is known gone (deleted, or
     /// on a disk not mounted) does not refuse: `serve` already refused a
     /// staging directory found empty where sessions were and said to give
@@ -116,13 +137,25 @@ impl Datastore {
                 return Ok(vec![]);
             }
         };
-        let host = pins::hostname();
+        let host = self.host();
+        let ids: Vec<&str> = self.stagings.all().iter().map(|s| s.id()).collect();
         let mut warnings = vec![];
         for p in others.iter().filter(|p| p.owner.is_none()) {
-            let local = p.host == host;
-            if local && self.holds_staging(&p.staging) {
+            if p.is_of(&ids, host, |dir| self.holds_staging(dir)) {
                 continue;
             }
+            let local = p.host == host
+                && match &p.staging_id {
+                    None => true,
+                    Some(id) => {
+                        let root = Path::new(&p.staging).ancestors().nth(3);
+                        match root.map(crate::staging::id_at).transpose() {
+                            Ok(here) => here.flatten().is_none_or(|here| here == *id),
+                            // Cannot be looked at: another's, refused.
+                            Err(_) => false,
+                        }
+                    }
+                };
             // Only a definite "not found": one that cannot be looked at
             // still counts.
             if local && matches!(Path::new(&p.staging).try_exists(), Ok(false)) {
@@ -155,9 +188,12 @@ impl Datastore {
             .any(|s| dir.starts_with(s.root()))
     }
 
-    /// Removes the pin of discarded staging at `dir`.
-    pub(crate) fn unpin(&self, vm: &str, backup: &str, dir: &Path) {
-        pins::remove_logged(&self.repo, &Pin::new(vm, vec![backup.into()], dir, false));
+    /// Removes the pin of the discarded staging of `vm` from `backup` in
+    /// `staging`.
+    pub(crate) fn unpin(&self, vm: &str, backup: &str, staging: &StagingDir) {
+        let dir = staging.session_dir(vm, backup);
+        let pin = self.new_pin(vm, vec![backup.into()], staging, &dir, false);
+        pins::remove_logged(&self.repo, &pin);
     }
 
     /// Writes the pins served sessions owe, then looks for every served

@@ -164,7 +164,7 @@ impl Datastore {
         // Before anything is staged. Kept staging has its pin from when
         // it was released, and serves from its own copy of the manifest.
         let new_pin = match new {
-            true => Some(self.pin_new_session(vm, &manifest.id, &dir)?),
+            true => Some(self.pin_new_session(vm, &manifest.id, &staging)?),
             false => None,
         };
         let warnings = match alone {

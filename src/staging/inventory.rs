@@ -186,8 +186,8 @@ pub fn drop_sessions(
     Ok(removed)
 }
 
-/// Removes this host's pins of `vm` (only of `backup` if given) whose
-/// session directory under `root` is gone: a dropped session's pin would
+/// Removes the pins of `vm` (only of `backup` if given) of sessions in
+/// `root` whose session directory is gone: a dropped session's pin would
 /// keep its backup from `forget` for ever. Returns the backups they pinned.
 pub fn remove_stale_pins(
     repo: &crate::repo::Repository,
@@ -199,13 +199,24 @@ pub fn remove_stale_pins(
     let root = std::fs::canonicalize(root)
         .map_err(|e| Error::io(format!("resolve {}", root.display()), e))?;
     let sessions = root.join("sessions").join(vm);
+    let id = super::id_at(&root)?;
+    let host = pins::hostname();
     let mut removed = vec![];
     for pin in pins::of_vm(repo, vm)? {
-        let dir = Path::new(&pin.staging);
-        let ours = pin.host == pins::hostname() && dir.parent() == Some(sessions.as_path());
+        let named = Path::new(&pin.staging).file_name();
+        // Of this directory: by its id (whatever the host was called and
+        // wherever the directory was mounted), or for a pin from before
+        // ids by this host's name and the path.
+        let dir = match &pin.staging_id {
+            Some(p) if Some(p) == id.as_ref() => named.map(|n| sessions.join(n)),
+            Some(_) => None,
+            None => Some(PathBuf::from(&pin.staging))
+                .filter(|d| pin.host == host && d.parent() == Some(sessions.as_path())),
+        };
+        let Some(dir) = dir else { continue };
         let named = backup.is_none_or(|b| dir.file_name() == Some(b.as_ref()));
         // `exists` false on an error too: then the next check is the drop's.
-        if ours && named && !dir.exists() {
+        if named && !dir.exists() {
             pins::remove(repo, &pin)?;
             removed.extend(pin.backups);
         }
@@ -292,5 +303,27 @@ mod tests {
             ["20261123-120000"]
         );
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_dropped_sessions_pin_is_removed_by_its_stagings_id_whatever_host_name_it_gives() {
+        use crate::repo::pins::{self, Pin};
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            crate::repo::Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+        let (root, dir) = kept(d.path(), "vm");
+        let root = std::fs::canonicalize(root).unwrap();
+        let id = super::super::id_at(&root).unwrap().expect("an id");
+        let dir = std::fs::canonicalize(dir).unwrap();
+        // Pinned before the host was renamed; and a pin of another host of
+        // this name whose staging has the same path (its own id).
+        let mut ours = Pin::new("vm", vec!["b1".into()], &dir, false).in_staging(&id);
+        ours.host = "old-name".into();
+        pins::put(&repo, &ours).unwrap();
+        let theirs = Pin::new("vm", vec!["b1".into()], &dir, true).in_staging("another");
+        pins::put(&repo, &theirs).unwrap();
+        assert_eq!(drop_sessions(&root, "vm", None, false).unwrap(), ["b1"]);
+        assert_eq!(remove_stale_pins(&repo, &root, "vm", None).unwrap(), ["b1"]);
+        assert_eq!(pins::of_vm(&repo, "vm").unwrap(), [theirs]);
     }
 }

@@ -1,7 +1,7 @@
 //! The local staging store: where fetched blocks and guest writes live.
 //!
 //! ```text
-//! <staging>/staging.json                      which repository this belongs to
+//! <staging>/staging.json                      which repository this belongs to, and this directory's id
 //! <staging>/lock                              flock held by the serving daemon
 //! <staging>/sessions/<vm>/<backup>/manifest.json  the backup's manifest, as recovered
 //! <staging>/sessions/<vm>/<backup>/session.json   geometry; written last
@@ -66,12 +66,37 @@ struct StagingInfo {
     format: String,
     repo_id: String,
     repo: String,
+    /// This directory's own random id, made once: the repository's pins
+    /// name it, so that a daemon knows its pins whatever its host is
+    /// called now, and two hosts of one name with the same paths (clones,
+    /// containers) never take each other's (`repo::pins`). Directories set
+    /// up before ids get one at their next open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+}
+
+/// The id of the staging directory `root`, read from its `staging.json`;
+/// `None` if there is none there (a disk not mounted, a directory gone)
+/// or it has no id yet.
+pub fn id_at(root: &Path) -> Result<Option<String>> {
+    let path = root.join(STAGING_MARKER);
+    let Some(bytes) = OsStorage
+        .read(&path, MAX_META_BYTES)
+        .ctx(|| format!("read {}", path.display()))?
+    else {
+        return Ok(None);
+    };
+    let info: StagingInfo = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))?;
+    Ok(info.id)
 }
 
 /// An opened, locked staging directory. Dropping it releases the lock.
 pub struct StagingDir {
     root: PathBuf,
     storage: Arc<dyn Storage>,
+    /// Its id (`StagingInfo::id`).
+    id: String,
     /// What this directory's sessions hold, and its limit (see `budget`).
     budget: Arc<budget::Budget>,
     /// Session directories whose damage was logged (once each).
@@ -82,7 +107,7 @@ pub struct StagingDir {
 /// What `StagingDir::open` found before touching anything.
 enum Found {
     /// A staging directory of the right repository.
-    Ours,
+    Ours(StagingInfo),
     /// Empty (or holding only a lock left by an interrupted first start).
     Empty,
 }
@@ -153,24 +178,34 @@ impl StagingDir {
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", root.display()))?;
         remove_discard_leftovers(&root);
-        if let Found::Empty = found {
-            let info = StagingInfo {
-                format: "recoverfs-staging-1".into(),
-                repo_id: repo_id.into(),
-                repo: repo_location.into(),
-            };
-            write_atomic(
-                &root.join("staging.json"),
-                &serde_json::to_vec_pretty(&info).expect("json"),
-                0o600,
-                true,
-            )?;
-        }
+        let id = match found {
+            Found::Ours(StagingInfo { id: Some(id), .. }) => id,
+            // Set up before ids: given one now, written (durably, replacing
+            // the file atomically) before any pin can name it.
+            Found::Ours(mut info) => {
+                let id = crate::repo::random_hex(16);
+                info.id = Some(id.clone());
+                write_info(&root, &info)?;
+                id
+            }
+            Found::Empty => {
+                let id = crate::repo::random_hex(16);
+                let info = StagingInfo {
+                    format: "recoverfs-staging-1".into(),
+                    repo_id: repo_id.into(),
+                    repo: repo_location.into(),
+                    id: Some(id.clone()),
+                };
+                write_info(&root, &info)?;
+                id
+            }
+        };
         Ok(StagingDir {
             budget: budget::Budget::new(&root),
             reported: Default::default(),
             root,
             storage,
+            id,
             _lock: lock,
         })
     }
@@ -194,7 +229,7 @@ impl StagingDir {
                         info.repo
                     )));
                 }
-                Ok(Found::Ours)
+                Ok(Found::Ours(info))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
@@ -240,6 +275,11 @@ impl StagingDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// This directory's id, which its sessions' pins name.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -390,6 +430,13 @@ impl StagingDir {
         }
         Ok(())
     }
+}
+
+/// Writes `root`'s `staging.json`: a temporary file, synced, renamed over
+/// it, the directory synced.
+fn write_info(root: &Path, info: &StagingInfo) -> Result<()> {
+    let json = serde_json::to_vec_pretty(info).expect("json");
+    write_atomic(&root.join(STAGING_MARKER), &json, 0o600, true)
 }
 
 /// Names a session directory gets while it is being removed: no scan

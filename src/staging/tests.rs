@@ -238,3 +238,28 @@ fn staging_of_another_repository_is_refused() {
         .unwrap();
     assert!(e.to_string().contains("another repository"), "{e}");
 }
+
+#[test]
+fn a_staging_directory_keeps_one_id_and_one_set_up_before_ids_gets_one_at_its_next_open() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("st");
+    let id = StagingDir::open(&root, "r1", "/r")
+        .unwrap()
+        .id()
+        .to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    let other = StagingDir::open(&d.path().join("other"), "r1", "/r").unwrap();
+    assert_ne!(other.id(), id);
+    assert_eq!(StagingDir::open(&root, "r1", "/r").unwrap().id(), id);
+    assert_eq!(id_at(&root).unwrap().as_deref(), Some(id.as_str()));
+    // As a daemon before ids wrote it.
+    let old = r#"{"format": "recoverfs-staging-1", "repo_id": "r1", "repo": "/r"}"#;
+    std::fs::write(root.join(STAGING_MARKER), old).unwrap();
+    assert_eq!(id_at(&root).unwrap(), None);
+    let new = StagingDir::open(&root, "r1", "/r")
+        .unwrap()
+        .id()
+        .to_string();
+    assert_eq!(id_at(&root).unwrap(), Some(new.clone()));
+    assert_eq!(StagingDir::open(&root, "r1", "/r").unwrap().id(), new);
+}

@@ -3,6 +3,7 @@
 //! apart, and the guest writes kept there would not be seen here.
 
 use super::*;
+use crate::repo::pins::{self, Pin};
 
 /// A second daemon's datastore on the rig's repository, with its own
 /// staging directory (`<rig>/<name>/staging`) on the same host.
@@ -187,5 +188,138 @@ fn a_vm_kept_in_a_staging_no_daemon_serves_is_refused_naming_that_directory() {
     assert!(
         msg.contains(&format!("--staging {}", root.display())),
         "{msg}"
+    );
+}
+
+/// `r` restarted on a host now called `name` (renamed since).
+fn restart_as(mut r: Rig, name: &str) -> Rig {
+    r.ds.flush_all().unwrap();
+    drop(r.ds);
+    r.ds = datastore(r.dir.path(), &r.repo, &[]);
+    r.ds.set_host(name);
+    r.ds.resume_active();
+    r
+}
+
+#[test]
+fn a_daemon_of_the_same_host_name_and_staging_path_keeps_its_own_pin_and_refuses_a_second_copy() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    // Another machine of this name whose staging has the same path (a
+    // clone, a container) serves the VM: its pin names the session
+    // directory this daemon would use, and its own staging's id.
+    let there = other_daemon(&r, "b");
+    let there_id = there.stagings.main().id().to_string();
+    let here = r.ds.stagings.main().session_dir("vm", &b1);
+    let theirs = Pin::new("vm", vec![b1.clone()], &here, true).in_staging(&there_id);
+    assert_eq!(theirs.host, r.ds.host());
+    pins::put(&r.repo, &theirs).unwrap();
+    let e = r.ds.recover("vm", Some(&b1)).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    assert!(
+        e.to_string().contains("is served by a recoverfs daemon"),
+        "{e}"
+    );
+    // The refused attempt took its own pin back, not the other's.
+    assert_eq!(pins(&r), std::slice::from_ref(&theirs));
+    // Asked for a second copy, each daemon has its own pin, and the other
+    // rewriting (its release) or removing its own (its discard) leaves
+    // this one's: the backup this session reads stays protected.
+    let req = PlaceRequest::default();
+    r.ds.recover_second_copy("vm", Some(&b1), &req, true)
+        .unwrap();
+    assert_eq!(pins(&r).len(), 2, "{:?}", pins(&r));
+    let mut kept = theirs.clone();
+    kept.state = "kept".into();
+    pins::put(&r.repo, &kept).unwrap();
+    assert_eq!(pins(&r).len(), 2, "{:?}", pins(&r));
+    pins::remove(&r.repo, &kept).unwrap();
+    let left = pins(&r);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        left[0].staging_id.as_deref(),
+        Some(r.ds.stagings.main().id())
+    );
+    assert_eq!(left[0].state, "serving");
+}
+
+#[test]
+fn a_renamed_host_resumes_its_own_sessions_and_leaves_no_pin_under_its_old_name() {
+    let r = rig();
+    r.ds.set_host("old-name");
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    // Restarted after the host was renamed: its kept staging is its own.
+    let r = restart_as(r, "new-name");
+    let info = r.ds.recover("vm", None).unwrap();
+    assert!(info.resumed, "{info:?}");
+    let hosts = |r: &Rig| -> Vec<(String, String)> {
+        pins(r).into_iter().map(|p| (p.host, p.state)).collect()
+    };
+    assert_eq!(hosts(&r), [("new-name".into(), "serving".into())]);
+    // Served across another rename (resumed at the restart): still one.
+    let r = restart_as(r, "third-name");
+    assert!(r.ds.session("vm").is_some());
+    assert_eq!(hosts(&r), [("third-name".into(), "serving".into())]);
+    r.ds.release("vm", true).unwrap();
+    assert!(pins(&r).is_empty(), "{:?}", pins(&r));
+}
+
+#[test]
+fn a_pin_from_before_staging_ids_still_protects_its_backup_and_is_replaced_when_pinned_again() {
+    let r = rig();
+    let (b1, data) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    // The pin as a daemon before staging ids wrote it: no id, its key of
+    // the host name and the session directory.
+    let [ours] = &pins(&r)[..] else {
+        panic!("{:?}", pins(&r))
+    };
+    pins::remove(&r.repo, ours).unwrap();
+    let old = serde_json::json!({
+        "vm": "vm", "backups": [b1], "host": ours.host, "staging": ours.staging,
+        "state": "kept", "written": ours.written,
+    });
+    let hash = blake3::hash(format!("{}\0{}", ours.host, ours.staging).as_bytes()).to_hex();
+    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
+    use crate::repo::backend::Backend;
+    plain
+        .put(
+            &format!("pins/vm/{}.json", &hash[..16]),
+            old.to_string().as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(pins(&r)[0].staging_id, None);
+    // forget keeps its backup, so gc keeps the chunks of the blocks the
+    // kept staging never fetched.
+    backup(&r, "vm", 2, 4);
+    let opts = crate::repo::forget::ForgetOptions {
+        vm: Some("vm".into()),
+        policy: crate::repo::retention::Policy {
+            last: 1,
+            ..Default::default()
+        },
+        dry_run: false,
+        force: false,
+    };
+    let f = crate::repo::forget::forget(&r.repo, &opts).unwrap();
+    assert_eq!(f.removed, 0, "{f:?}");
+    let gc = crate::repo::gc::GcOptions {
+        dry_run: false,
+        wait: Duration::ZERO,
+    };
+    crate::repo::gc::collect(&r.repo, &[crate::repo::gc::MANIFESTS], gc).unwrap();
+    // This daemon's by host and path: resumed, not refused.
+    let info = r.ds.recover("vm", None).unwrap();
+    assert!(info.resumed, "{info:?}");
+    assert_eq!(disk(&r, "vm").read(0, data.len()).unwrap(), data);
+    // Pinned again with its staging's id: the old pin is gone.
+    let left = pins(&r);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        left[0].staging_id.as_deref(),
+        Some(r.ds.stagings.main().id())
     );
 }
