@@ -49,6 +49,11 @@ pub struct Pin {
     /// called. None in a pin written before ids (then host and path say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging_id: Option<String>,
+    /// Its session may have a pin written before ids, which `put` then
+    /// removes (its staging directory got its id at this daemon's start);
+    /// otherwise `put` makes no second request.
+    #[serde(skip)]
+    pub replaces_legacy: bool,
     /// `serving` or `kept`.
     pub state: String,
     /// When it was last written (RFC 3339).
@@ -69,6 +74,7 @@ impl Pin {
             host: hostname(),
             staging: staging.display().to_string(),
             staging_id: None,
+            replaces_legacy: false,
             state: if serving { "serving" } else { "kept" }.into(),
             written: crate::util::rfc3339(crate::util::now_unix()),
             owner: None,
@@ -137,17 +143,18 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// Writes (or rewrites) a session's pin. One with a staging id then
-/// removes the pin this host wrote for that session directory before ids
-/// (by the old rule, host and path, that one is this session's): left,
-/// it would keep its backups from `forget` for ever. Not removed (a
-/// repository that takes the put and not the delete) is logged: it
-/// only protects, and the next put tries again.
+/// Writes (or rewrites) a session's pin. One with a staging id whose
+/// directory predates ids (`replaces_legacy`) then removes the pin this
+/// host wrote for that session directory before ids (by the old rule,
+/// host and path, that one is this session's): left, it would keep its
+/// backups from `forget` for ever. Not removed (a repository that takes
+/// the put and not the delete) is logged: it only protects, and the
+/// next put of this daemon tries again. Other puts make one request.
 pub fn put(repo: &Repository, pin: &Pin) -> Result<()> {
     validate_name("VM name", &pin.vm)?;
     let body = serde_json::to_vec_pretty(pin).expect("serializable");
     repo.backend().put(&pin.key(), &body)?;
-    if pin.staging_id.is_some() {
+    if pin.staging_id.is_some() && pin.replaces_legacy {
         if let Err(e) = repo.backend().delete(&pin.legacy_key()) {
             tracing::warn!(vm = %pin.vm, "could not remove the session's pin written before staging ids (it keeps its backups from forget until removed): {e}");
         }

@@ -40,6 +40,7 @@ impl Datastore {
         serving: bool,
     ) -> Pin {
         let mut pin = Pin::new(vm, backups, dir, serving).in_staging(staging.id());
+        pin.replaces_legacy = staging.predates_ids();
         pin.host = self.host().into();
         pin.owner = self.pin_owner.get().cloned();
         pin

@@ -97,6 +97,9 @@ pub struct StagingDir {
     storage: Arc<dyn Storage>,
     /// Its id (`StagingInfo::id`).
     id: String,
+    /// It was set up before ids and got its id at this open: its sessions
+    /// may have pins of the old key, which their next pins replace.
+    predates_ids: bool,
     /// What this directory's sessions hold, and its limit (see `budget`).
     budget: Arc<budget::Budget>,
     /// Session directories whose damage was logged (once each).
@@ -178,6 +181,7 @@ impl StagingDir {
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", root.display()))?;
         remove_discard_leftovers(&root);
+        let predates_ids = matches!(found, Found::Ours(StagingInfo { id: None, .. }));
         let id = match found {
             Found::Ours(StagingInfo { id: Some(id), .. }) => id,
             // Set up before ids: given one now, written (durably, replacing
@@ -206,6 +210,7 @@ impl StagingDir {
             root,
             storage,
             id,
+            predates_ids,
             _lock: lock,
         })
     }
@@ -280,6 +285,11 @@ impl StagingDir {
     /// This directory's id, which its sessions' pins name.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether it was set up before ids (and got its id at this open).
+    pub fn predates_ids(&self) -> bool {
+        self.predates_ids
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
