@@ -160,6 +160,43 @@ fn images_that_are_not_files_or_block_devices_are_refused() {
 }
 
 #[test]
+fn empty_images_and_configs_asking_for_no_memory_are_refused_before_the_repository_exists() {
+    let env = Env::new();
+    let r = env.repo_str().to_string();
+    std::fs::write(env.path("empty.raw"), b"").unwrap();
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            env.path("empty.raw").to_str().unwrap(),
+        ],
+        "empty.raw is empty",
+    );
+    random_image(&env.path("a.raw"), K64, 1, K64);
+    std::fs::write(env.path("cfg.json"), br#"{"memory_mib": 0}"#).unwrap();
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            "--config",
+            env.path("cfg.json").to_str().unwrap(),
+            env.path("a.raw").to_str().unwrap(),
+        ],
+        "memory_mib 0",
+    );
+    assert!(
+        !env.repo.exists(),
+        "a refused backup created the repository"
+    );
+}
+
+#[test]
 fn unknown_vm_backup_and_malformed_names_are_refused() {
     let env = Env::new();
     repo_with_vm(&env);
