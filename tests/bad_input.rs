@@ -242,6 +242,32 @@ fn unknown_vm_backup_and_malformed_names_are_refused() {
 }
 
 #[test]
+fn an_nbd_unix_socket_without_a_path_is_refused_in_one_line_before_anything_starts() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    let (r, st) = (env.repo_str(), env.staging.to_str().unwrap());
+    let m = env.mount.to_str().unwrap();
+    let s = env.socket.to_str().unwrap();
+    env.fails(
+        &[
+            "serve",
+            "--repo",
+            r,
+            "--staging",
+            st,
+            "--mount",
+            m,
+            "--socket",
+            s,
+            "--nbd",
+            "unix:",
+        ],
+        "no socket path: give unix:PATH",
+    );
+    assert!(!env.staging.exists() && !env.socket.exists());
+}
+
+#[test]
 fn bad_mount_points_are_refused() {
     let env = Env::new();
     repo_with_vm(&env);
