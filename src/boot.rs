@@ -130,9 +130,10 @@ impl QemuSpec {
             None | Some(serde_json::Value::Null) => 512,
             Some(m) => {
                 let max = host_memory_mib().min(crate::repo::limits::MAX_MEMORY_MIB);
-                m.as_u64().filter(|v| (16..=max).contains(v)).ok_or_else(|| {
+                crate::repo::limits::memory_mib_within(m, max).ok_or_else(|| {
                     Error::invalid(format!(
-                        "the VM configuration asks for memory_mib {m}; it must be a whole number from 16 to {max} (this host's memory)"
+                        "the VM configuration asks for memory_mib {m}; it must be a whole number from {} to {max} (this host's memory)",
+                        crate::repo::limits::MIN_MEMORY_MIB
                     ))
                 })?
             }

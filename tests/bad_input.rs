@@ -160,6 +160,43 @@ fn images_that_are_not_files_or_block_devices_are_refused() {
 }
 
 #[test]
+fn empty_images_and_configs_asking_for_no_memory_are_refused_before_the_repository_exists() {
+    let env = Env::new();
+    let r = env.repo_str().to_string();
+    std::fs::write(env.path("empty.raw"), b"").unwrap();
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            env.path("empty.raw").to_str().unwrap(),
+        ],
+        "empty.raw is empty",
+    );
+    random_image(&env.path("a.raw"), K64, 1, K64);
+    std::fs::write(env.path("cfg.json"), br#"{"memory_mib": 0}"#).unwrap();
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            &r,
+            "--vm",
+            "v",
+            "--config",
+            env.path("cfg.json").to_str().unwrap(),
+            env.path("a.raw").to_str().unwrap(),
+        ],
+        "memory_mib 0",
+    );
+    assert!(
+        !env.repo.exists(),
+        "a refused backup created the repository"
+    );
+}
+
+#[test]
 fn unknown_vm_backup_and_malformed_names_are_refused() {
     let env = Env::new();
     repo_with_vm(&env);
@@ -202,6 +239,32 @@ fn unknown_vm_backup_and_malformed_names_are_refused() {
         0,
         "nothing was created"
     );
+}
+
+#[test]
+fn an_nbd_unix_socket_without_a_path_is_refused_in_one_line_before_anything_starts() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    let (r, st) = (env.repo_str(), env.staging.to_str().unwrap());
+    let m = env.mount.to_str().unwrap();
+    let s = env.socket.to_str().unwrap();
+    env.fails(
+        &[
+            "serve",
+            "--repo",
+            r,
+            "--staging",
+            st,
+            "--mount",
+            m,
+            "--socket",
+            s,
+            "--nbd",
+            "unix:",
+        ],
+        "no socket path: give unix:PATH",
+    );
+    assert!(!env.staging.exists() && !env.socket.exists());
 }
 
 #[test]

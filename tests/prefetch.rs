@@ -184,6 +184,39 @@ fn profiles_export_import_clear_and_skip_blocks_whose_chunk_changed() {
 }
 
 #[test]
+fn a_profile_of_another_vm_is_imported_only_onto_the_same_disks_or_with_other_vm() {
+    let env = Env::new();
+    random_image(&env.path("big.raw"), 8 * K64, 1, K64);
+    random_image(&env.path("small.raw"), 2 * K64, 2, K64);
+    let (big, small) = (env.path("big.raw"), env.path("small.raw"));
+    let a = env.backup("a", "64K", &[&big, &small]);
+    env.backup("b", "64K", &[&big]);
+    env.backup("c", "64K", &[&big, &small]);
+    let doc = serde_json::json!({"format": "recoverfs-profile-1", "vm": "a", "recordings": [
+        {"recorded": "2026-11-24T00:00:00Z", "backup": a, "source": "session",
+         "disks": [{"index": 1, "block_size": 65536, "accesses": [[1, 100, null]]}]}]});
+    std::fs::write(env.path("a.json"), doc.to_string()).unwrap();
+    let (repo, f) = (env.repo_str(), env.path("a.json"));
+    let f = f.to_str().unwrap();
+    env.fails(
+        &["profile", "import", "--repo", repo, "b", f],
+        "VM a had 2 disk(s): 512.0 KiB, 128.0 KiB where VM b has 1 disk(s): 512.0 KiB; --other-vm imports it anyway",
+    );
+    assert_eq!(
+        profile_json(&env, "b")["recordings"],
+        serde_json::json!([]),
+        "nothing stored"
+    );
+    env.ok(&["profile", "import", "--repo", repo, "c", f]);
+    assert_eq!(
+        profile_json(&env, "c")["recordings"][0]["backup"],
+        a.as_str()
+    );
+    env.ok(&["profile", "import", "--repo", repo, "b", f, "--other-vm"]);
+    assert_eq!(profile_json(&env, "b")["vm"], "b");
+}
+
+#[test]
 fn an_on_demand_read_during_heavy_prefetch_is_served_within_one_fetch_latency() {
     const BLOCKS: usize = 512;
     let g = Garage::single();

@@ -172,6 +172,33 @@ fn after_the_uploader_a_live_backup_reads_only_the_residue_and_restores_exactly_
 }
 
 #[test]
+fn upload_status_after_a_stop_says_stopped_with_what_was_uploaded() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    image(&img, 5);
+    env.backup("vm", "64K", &[&img]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    write_blocks(&disk, &img, &[1, 7, 9], 6);
+    upload(&env, &[]);
+    wait_upload(&env, "upload of 3 blocks", |s| s["blocks_uploaded"] == 3);
+    assert_eq!(upload(&env, &["--stop"])["state"], "stopped");
+    let st = upload(&env, &["--status"]);
+    assert_eq!(st["state"], "stopped", "{st}");
+    assert_eq!(st["running"], false, "{st}");
+    assert_eq!(st["blocks_uploaded"], 3, "{st}");
+    let sock = env.socket.to_str().unwrap();
+    let text = env.ok(&["upload", "vm", "--status", "--socket", sock]);
+    assert!(text.contains("VM vm: uploader stopped;"), "{text}");
+    let text = env.ok(&["status", "--socket", sock]);
+    assert!(
+        text.contains("uploader: stopped, 3 blocks uploaded"),
+        "{text}"
+    );
+    env.release_closed("vm", true);
+}
+
+#[test]
 fn a_daemon_killed_mid_upload_resumes_without_uploading_recorded_blocks_again_and_a_damaged_record_falls_back(
 ) {
     let mut env = Env::new();

@@ -282,6 +282,47 @@ impl Drop for QemuNbd {
     }
 }
 
+impl QemuNbd {
+    /// Serves `img` read-only as export `vol` on `sock`, once it listens.
+    fn serve(img: &Path, sock: &Path) -> QemuNbd {
+        let server = QemuNbd(
+            Command::new("qemu-nbd")
+                .args(["--read-only", "--persistent", "--shared=4", "-f", "raw"])
+                .args(["-x", "vol"])
+                .arg("-k")
+                .arg(sock)
+                .arg(img)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+#[test]
+fn an_empty_nbd_export_is_refused_and_no_backup_is_published() {
+    let env = Env::new();
+    let img = env.path("empty.raw");
+    std::fs::write(&img, b"").unwrap();
+    let sock = env.path("nbd.sock");
+    let _server = QemuNbd::serve(&img, &sock);
+    let url = format!("nbd+unix:///vol?socket={}", sock.display());
+    // The export's size is known only once connected, after the
+    // repository is opened (or created).
+    env.ok(&["init", "--repo", env.repo_str()]);
+    env.fails(
+        &["backup", "--repo", env.repo_str(), "--vm", "nbdvm", &url],
+        "is empty (0 bytes)",
+    );
+    let list = env.ok(&["list", "--repo", env.repo_str()]);
+    assert!(!list.contains("nbdvm"), "{list}");
+}
+
 #[test]
 fn backup_of_an_nbd_export_reads_only_its_data_extents_and_restores_byte_for_byte() {
     let env = Env::new();
@@ -300,21 +341,7 @@ fn backup_of_an_nbd_export_reads_only_its_data_extents_and_restores_byte_for_byt
     let mut want = data;
     want[4 << 20..].fill(0);
     let sock = env.path("nbd.sock");
-    let _server = QemuNbd(
-        Command::new("qemu-nbd")
-            .args(["--read-only", "--persistent", "--shared=4", "-f", "raw"])
-            .args(["-x", "vol"])
-            .arg("-k")
-            .arg(&sock)
-            .arg(&img)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "qemu-nbd does not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _server = QemuNbd::serve(&img, &sock);
     let url = format!("nbd+unix:///vol?socket={}", sock.display());
     let out = env.run(&[
         "backup",

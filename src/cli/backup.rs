@@ -46,6 +46,9 @@ pub(super) fn backup(
         }
         None => None,
     };
+    if let Some(c) = &config {
+        crate::repo::writer::check_config(c)?;
+    }
     let urls: Vec<&str> = images.iter().filter_map(|p| p.to_str()).collect();
     let nbd = urls.iter().filter(|u| Export::is_url(u)).count();
     if nbd > 0 && nbd != images.len() {

@@ -197,16 +197,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 !export_point.is_empty(),
                 nfs_max_connections,
             )?;
-            let nbd =
-                nbd.iter()
-                    .map(|l| match l.strip_prefix("unix:") {
-                        Some(p) => std::path::absolute(p)
-                            .map(crate::export::nbd::Listen::Unix)
-                            .map_err(|e| Error::io(format!("--nbd {l}"), e)),
-                        None => serve::parse_listen(l, 10809, "--nbd")
-                            .map(crate::export::nbd::Listen::Tcp),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+            let nbd = nbd
+                .iter()
+                .map(|l| serve::parse_nbd_listen(l))
+                .collect::<Result<Vec<_>>>()?;
             let size = |flag: &str, v: Option<String>| -> Result<u64> {
                 match v {
                     None => Ok(0),

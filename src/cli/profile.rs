@@ -70,6 +70,11 @@ pub enum ProfileCmd {
         repo: String,
         vm: String,
         file: PathBuf,
+        /// Import a profile recorded for another VM even if its disks
+        /// (count and sizes, from the backup it was recorded from) cannot
+        /// be shown to match this VM's newest backup.
+        #[arg(long)]
+        other_vm: bool,
     },
     /// Delete the VM's profile; its next recovery uses the default one.
     Clear {
@@ -100,12 +105,17 @@ pub fn run(cmd: ProfileCmd) -> Result<()> {
             }
             Ok(())
         }
-        ProfileCmd::Import { repo, vm, file } => {
+        ProfileCmd::Import {
+            repo,
+            vm,
+            file,
+            other_vm,
+        } => {
             crate::util::validate_name("VM name", &vm)?;
             let repo = Repository::open(&repo)?;
             let bytes = read_input(&file)?;
-            let doc = profile::parse_export(&bytes, &vm, &file.display().to_string())?;
-            profile::store(&repo, &doc)?;
+            let doc = profile::parse_export(&bytes, &file.display().to_string())?;
+            let doc = profile::import(&repo, doc, &vm, other_vm)?;
             eprintln!(
                 "imported {} recording(s) as the profile of VM {vm}",
                 doc.recordings.len()

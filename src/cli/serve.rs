@@ -14,6 +14,22 @@ pub(super) fn parse_listen(s: &str, default_port: u16, what: &str) -> Result<std
         .map_err(|_| Error::invalid(format!("{what} {s:?}: expected ADDR or ADDR:PORT")))
 }
 
+/// `--nbd`: `ADDR[:PORT]` (port 10809 unless given) or `unix:PATH`.
+pub(super) fn parse_nbd_listen(l: &str) -> Result<crate::export::nbd::Listen> {
+    use crate::export::nbd::Listen;
+    match l.strip_prefix("unix:") {
+        // Blank, it would be a socket named by spaces in the working
+        // directory, or an error about making a path absolute.
+        Some(p) if p.trim().is_empty() => Err(Error::invalid(format!(
+            "--nbd {l:?}: no socket path: give unix:PATH"
+        ))),
+        Some(p) => std::path::absolute(p)
+            .map(Listen::Unix)
+            .map_err(|e| Error::io(format!("--nbd {l}"), e)),
+        None => parse_listen(l, 10809, "--nbd").map(Listen::Tcp),
+    }
+}
+
 /// `--allow` (or its old name `--nfs-allow`): the client networks of
 /// every network frontend, NFS and NBD over TCP; loopback if none given.
 /// Refused without a network frontend to apply to.
@@ -128,6 +144,25 @@ pub(super) fn parse_owner(s: &str) -> Result<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_nbd_unix_socket_without_a_path_is_refused_saying_what_to_give() {
+        use crate::export::nbd::Listen;
+        let cwd = std::env::current_dir().unwrap();
+        assert!(matches!(parse_nbd_listen("unix:/run/n.sock"),
+            Ok(Listen::Unix(p)) if p == std::path::Path::new("/run/n.sock")));
+        assert!(matches!(parse_nbd_listen("unix:n.sock"),
+            Ok(Listen::Unix(p)) if p == cwd.join("n.sock")));
+        assert!(matches!(
+            parse_nbd_listen("127.0.0.1"),
+            Ok(Listen::Tcp(a)) if a.port() == 10809
+        ));
+        for bad in ["unix:", "unix:  "] {
+            let e = parse_nbd_listen(bad).expect_err("an empty path accepted");
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput, "{e}");
+            assert!(e.to_string().contains("unix:PATH"), "{e}");
+        }
+    }
 
     #[test]
     fn nfs_max_connections_outside_one_to_the_most_is_refused_by_name() {

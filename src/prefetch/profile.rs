@@ -319,13 +319,68 @@ pub fn clear(repo: &Repository, vm: &str) -> Result<bool> {
 }
 
 /// Parses an exported profile for import as `vm`'s.
-pub fn parse_export(bytes: &[u8], vm: &str, what: &str) -> Result<ProfileDoc> {
-    let mut doc: ProfileDoc = serde_json::from_slice(bytes)
+pub fn parse_export(bytes: &[u8], what: &str) -> Result<ProfileDoc> {
+    let doc: ProfileDoc = serde_json::from_slice(bytes)
         .map_err(|e| Error::invalid(format!("{what} is not a recoverfs profile ({e})")))?;
     doc.check(what)?;
-    // A profile may come from another VM (a clone of the same template).
-    doc.vm = vm.into();
     Ok(doc)
+}
+
+/// Stores an exported profile (see [`parse_export`]) as `vm`'s, replacing
+/// its profile; returns what was stored. One recorded for another VM (a
+/// clone of the same template) is taken only if the disks of the backup
+/// its newest recording was made from, in this repository, have the count
+/// and sizes of `vm`'s newest backup, or with `other_vm`: recorded on other
+/// disks, its blocks would be staged by position into unrelated data.
+pub fn import(
+    repo: &Repository,
+    mut doc: ProfileDoc,
+    vm: &str,
+    other_vm: bool,
+) -> Result<ProfileDoc> {
+    validate_name("VM name", vm)?;
+    if doc.vm != vm && !other_vm {
+        same_disks(repo, &doc, vm).map_err(|why| {
+            Error::invalid(format!(
+                "the profile was recorded for VM {} and {why}; --other-vm imports it anyway",
+                doc.vm
+            ))
+        })?;
+    }
+    doc.vm = vm.into();
+    store(repo, &doc)?;
+    Ok(doc)
+}
+
+/// Why the newest recording of `doc` (of another VM) cannot be shown to be
+/// of disks like `vm`'s newest backup's.
+fn same_disks(repo: &Repository, doc: &ProfileDoc, vm: &str) -> std::result::Result<(), String> {
+    let Some(rec) = doc.recordings.last() else {
+        return Ok(()); // Nothing to stage.
+    };
+    let sizes = |m: &crate::repo::manifest::Manifest| -> Vec<u64> {
+        m.disks.iter().map(|d| d.size).collect()
+    };
+    let shown = |s: &[u64]| -> String {
+        let each: Vec<String> = s.iter().map(|&b| crate::util::human_bytes(b)).collect();
+        format!("{} disk(s): {}", s.len(), each.join(", "))
+    };
+    let from = repo
+        .manifest(&doc.vm, &rec.backup)
+        .map_err(|e| format!("its disks cannot be compared with VM {vm}'s ({e})"))?;
+    let to = repo
+        .resolve(vm, None)
+        .map_err(|e| format!("its disks cannot be compared with VM {vm}'s ({e})"))?;
+    let (from, to) = (sizes(&from), sizes(&to));
+    if from != to {
+        return Err(format!(
+            "VM {} had {} where VM {vm} has {}",
+            doc.vm,
+            shown(&from),
+            shown(&to)
+        ));
+    }
+    Ok(())
 }
 
 /// Cumulative blocks first read by each time mark: the timeline `show` prints.
@@ -521,20 +576,77 @@ mod tests {
     }
 
     #[test]
-    fn an_exported_profile_imports_under_another_vm_name() {
+    fn an_exported_profile_parses_back_as_written_and_another_format_is_refused() {
         let mut doc = ProfileDoc::new("a");
         doc.push(rec(vec![Access(4, 10, d(4))]));
         let text = serde_json::to_vec_pretty(&doc).unwrap();
-        let back = parse_export(&text, "b", "file").unwrap();
-        assert_eq!(back.vm, "b");
-        assert_eq!(back.recordings, doc.recordings);
-        let e = parse_export(
-            b"{\"format\":\"x\",\"vm\":\"a\",\"recordings\":[]}",
-            "b",
-            "file",
-        )
-        .unwrap_err();
+        assert_eq!(parse_export(&text, "file").unwrap(), doc);
+        let e =
+            parse_export(b"{\"format\":\"x\",\"vm\":\"a\",\"recordings\":[]}", "file").unwrap_err();
         assert!(e.to_string().contains("expected"), "{e}");
+    }
+
+    /// A repository with VMs `a` and `c` (two disks of 4 and 2 blocks) and
+    /// `b` (one disk of 4 blocks); the id of `a`'s backup.
+    fn three_vms(dir: &std::path::Path) -> (std::sync::Arc<Repository>, String) {
+        let (repo, _) = Repository::open_or_create(dir.join("repo").to_str().unwrap()).unwrap();
+        let img = |name: &str, blocks: usize| {
+            let p = dir.join(name);
+            std::fs::write(&p, vec![1u8; blocks * 65536]).unwrap();
+            p
+        };
+        let (big, small) = (img("big.raw", 4), img("small.raw", 2));
+        let backup = |vm: &str, images: Vec<std::path::PathBuf>| {
+            let req = crate::repo::writer::BackupRequest {
+                vm: vm.into(),
+                config: None,
+                chunk_size: 65536,
+                images,
+                progress: false,
+            };
+            crate::repo::writer::run_backup(&repo, req)
+                .unwrap()
+                .manifest
+                .id
+        };
+        let id = backup("a", vec![big.clone(), small.clone()]);
+        backup("b", vec![big.clone()]);
+        backup("c", vec![big, small]);
+        (repo, id)
+    }
+
+    #[test]
+    fn a_profile_of_another_vm_is_imported_only_onto_the_same_disks_or_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, id) = three_vms(dir.path());
+        let mut doc = ProfileDoc::new("a");
+        let mut r = rec(vec![Access(3, 10, d(4))]);
+        r.backup = id;
+        doc.push(r);
+        // Same disks (a clone of the same template): imported as c's.
+        let c = import(&repo, doc.clone(), "c", false).unwrap();
+        assert_eq!((c.vm.as_str(), &c.recordings), ("c", &doc.recordings));
+        assert_eq!(load(&repo, "c").unwrap(), Some(c));
+        // b has one disk: refused, nothing stored, unless told.
+        let e = import(&repo, doc.clone(), "b", false).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput, "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("VM a") && m.contains("VM b") && m.contains("--other-vm"),
+            "{m}"
+        );
+        assert!(load(&repo, "b").unwrap().is_none());
+        assert_eq!(import(&repo, doc.clone(), "b", true).unwrap().vm, "b");
+        // Disks that cannot be compared: no backup of the target, or the
+        // recorded backup not in this repository.
+        let e = import(&repo, doc.clone(), "new", false).unwrap_err();
+        assert!(e.to_string().contains("--other-vm"), "{e}");
+        let mut elsewhere = doc.clone();
+        elsewhere.recordings[0].backup = "20200101-000000".into();
+        let e = import(&repo, elsewhere, "c", false).unwrap_err();
+        assert!(e.to_string().contains("--other-vm"), "{e}");
+        // Its own VM's profile needs no comparison.
+        assert_eq!(import(&repo, doc.clone(), "a", false).unwrap(), doc);
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! 4. The disks stop tracking copies (eviction no longer waits for copied
 //!    bits, passthrough may be granted again); the copied maps are removed.
 //! 5. The target files this relocation created are removed (not with
-//!    `keep_target`), then its directory if this relocation created it and
-//!    it is empty. A file that was there before (`--force` emptied it) is
+//!    `keep_target`), with its owner mark (`.recoverfs-relocation`, also
+//!    when every file was there before it), then its directory if this
+//!    relocation created it and it is empty. A file that was there before (`--force` emptied it) is
 //!    kept: recoverfs removes only what it made (a record written before
 //!    `created` existed names nothing, so everything is kept). Nothing is
 //!    removed in a directory that is not the one the relocation began in,
@@ -333,16 +334,24 @@ fn clean_up(
         }
     }
     let remove_dir = meta.created_dir && !keep_target;
+    // The mark names a relocation no record refers to once cancelled; left,
+    // it alone keeps a directory of files that were all there before
+    // (`--force`) from being empty again.
+    let remove_mark = meta.owner_mark.is_some() && !keep_target;
+    let files_or_dir = !remove.is_empty() || remove_dir;
     // Only reached when there is something to remove in it.
-    if !remove.is_empty() || remove_dir {
+    if files_or_dir || remove_mark {
         let owned = pin_target(storage, meta)
             .and_then(|dir| super::target::check_owner(storage, meta, &dir).map(|o| (dir, o)));
         match owned {
             // Another relocation's files now (a `--force` over them), or
             // a directory made again since: never removed as this one's.
+            // The mark there is then not this one's either.
             Err(e) if e.kind() == ErrorKind::Busy && pin_target(storage, meta).is_ok() => {
-                kept.extend(remove.iter().map(|d| target_file_of(&meta.target, d)));
-                problems.push(format!("{e}; left"));
+                if files_or_dir {
+                    kept.extend(remove.iter().map(|d| target_file_of(&meta.target, d)));
+                    problems.push(format!("{e}; left"));
+                }
             }
             Ok((dir, super::target::Owned::Unmarked)) => {
                 let there = |d: &&&Arc<Volume>| {
@@ -362,7 +371,7 @@ fn clean_up(
             }
             Ok((dir, super::target::Owned::Ours)) => {
                 remove_files(storage, meta, &dir, &remove, &mut removed, &mut problems);
-                if !keep_target {
+                if remove_mark {
                     // Nothing of this relocation's is left to claim.
                     let mark = dir.path().join(super::target::OWNER_MARK);
                     if let Err(e) = storage.remove_file(&mark) {
@@ -391,6 +400,10 @@ fn clean_up(
                         .iter()
                         .map(|d| target_file_of(&meta.target, d).display().to_string())
                         .collect();
+                    if remove_mark {
+                        let mark = meta.target.join(super::target::OWNER_MARK);
+                        left.push(mark.display().to_string());
+                    }
                     if remove_dir {
                         left.push(meta.target.display().to_string());
                     }

@@ -26,6 +26,16 @@ pub const MAX_DISK_BYTES: u64 = 64 << 40;
 pub const MAX_BLOCKS: u64 = 1 << 28;
 /// Memory a VM configuration may ask QEMU for, in MiB (1 TiB).
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Least memory a VM configuration may ask for, in MiB: below it no guest
+/// boots.
+pub const MIN_MEMORY_MIB: u64 = 16;
+
+/// A configuration's `memory_mib` if it is a whole number from
+/// [`MIN_MEMORY_MIB`] to `max`; the caller words the refusal (its `max`
+/// differs: the host's memory at boot, [`MAX_MEMORY_MIB`] at backup).
+pub fn memory_mib_within(m: &serde_json::Value, max: u64) -> Option<u64> {
+    m.as_u64().filter(|v| (MIN_MEMORY_MIB..=max).contains(v))
+}
 
 /// A manifest of `len` bytes may be published: one that could not be read
 /// back is refused before it exists.

@@ -45,8 +45,21 @@ pub struct BackupReport {
     pub disks: Vec<DiskReport>,
 }
 
-/// Size of a raw image: a regular file or a block device, nothing else.
+/// Size of a raw image: a regular file or a block device, nothing else,
+/// and not empty (a disk of 0 bytes would be published and could never
+/// boot).
 pub fn image_size(path: &Path) -> Result<u64> {
+    let size = any_image_size(path)?;
+    if size == 0 {
+        return Err(Error::invalid(format!(
+            "image {} is empty (0 bytes): there is no disk to back up",
+            path.display()
+        )));
+    }
+    Ok(size)
+}
+
+fn any_image_size(path: &Path) -> Result<u64> {
     let meta = std::fs::metadata(path).ctx(|| format!("image {}", path.display()))?;
     let ft = meta.file_type();
     if ft.is_file() {
@@ -73,6 +86,23 @@ pub fn image_size(path: &Path) -> Result<u64> {
     )))
 }
 
+/// A VM configuration given to a backup: a JSON object whose `memory_mib`,
+/// if it names one, a boot would accept on a large enough host (refused
+/// now, not when the backup is needed).
+pub fn check_config(config: &serde_json::Value) -> Result<()> {
+    if !config.is_object() {
+        return Err(Error::invalid("VM configuration must be a JSON object"));
+    }
+    use super::limits::{memory_mib_within, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+    match config.get("memory_mib") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(m) if memory_mib_within(m, MAX_MEMORY_MIB).is_some() => Ok(()),
+        Some(m) => Err(Error::invalid(format!(
+            "the VM configuration asks for memory_mib {m}; it must be a whole number from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"
+        ))),
+    }
+}
+
 pub fn default_config(vm: &str, disks: usize) -> serde_json::Value {
     let disks: Vec<_> = (0..disks)
         .map(|i| serde_json::json!({"name": format!("disk{i}"), "file": format!("disk{i}.raw"), "format": "raw", "bus": "virtio"}))
@@ -91,9 +121,7 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
         .map(|p| image_size(p))
         .collect::<Result<Vec<_>>>()?;
     if let Some(c) = &req.config {
-        if !c.is_object() {
-            return Err(Error::invalid("VM configuration must be a JSON object"));
-        }
+        check_config(c)?;
     }
     // Refused before any reading, not only when its manifest is written.
     super::chunk::validate_chunk_size(u64::from(req.chunk_size))?;
@@ -533,6 +561,60 @@ mod tests {
             images,
             progress: false,
         }
+    }
+
+    #[test]
+    fn an_empty_image_is_refused_before_anything_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+        let empty = image(d.path(), "empty.raw", b"");
+        let e = image_size(&empty).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("empty.raw"), "{e}");
+        let full = image(d.path(), "a.raw", &[1; 100]);
+        let e = run_backup(&repo, req("vm1", vec![full, empty]))
+            .err()
+            .expect("a 0-byte disk was backed up");
+        assert!(e.to_string().contains("0 bytes"), "{e}");
+        assert!(repo.vms().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_config_asking_for_memory_a_boot_would_refuse_is_refused_at_backup() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+        let img = image(d.path(), "a.raw", &[1; 100]);
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(15),
+            serde_json::json!(-1),
+            serde_json::json!("512"),
+            serde_json::json!(1.5),
+            serde_json::json!(crate::repo::limits::MAX_MEMORY_MIB + 1),
+        ] {
+            let mut r = req("vm1", vec![img.clone()]);
+            r.config = Some(serde_json::json!({ "memory_mib": bad }));
+            let e = run_backup(&repo, r)
+                .err()
+                .unwrap_or_else(|| panic!("memory_mib {bad} accepted"));
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("memory_mib"), "{e}");
+        }
+        assert!(repo.vms().unwrap().is_empty());
+        for good in [
+            serde_json::json!(16),
+            serde_json::json!(512),
+            serde_json::Value::Null,
+        ] {
+            let mut r = req("vm1", vec![img.clone()]);
+            r.config = Some(serde_json::json!({ "memory_mib": good }));
+            run_backup(&repo, r).unwrap();
+        }
+        let mut r = req("vm1", vec![img.clone()]);
+        r.config = Some(serde_json::json!({}));
+        run_backup(&repo, r).unwrap();
     }
 
     #[test]

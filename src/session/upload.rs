@@ -147,12 +147,14 @@ pub(crate) struct Job {
 
 impl Job {
     fn stop(&mut self) {
+        let t = self.ask_stop();
+        join(&self.ctl, t);
+    }
+
+    /// Tells the thread to stop; it is the caller's to [`join`].
+    fn ask_stop(&mut self) -> Option<std::thread::JoinHandle<()>> {
         self.ctl.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                self.ctl.status.lock().error = Some("the uploader panicked".into());
-            }
-        }
+        self.thread.take()
     }
 
     pub(crate) fn status(&self, s: &Session) -> UploadStatus {
@@ -163,6 +165,15 @@ impl Job {
         st.residue = residue;
         st.generation = s.backup_base.lock().generation;
         st
+    }
+}
+
+/// Waits for a stopped uploader's thread.
+fn join(ctl: &Control, thread: Option<std::thread::JoinHandle<()>>) {
+    if let Some(t) = thread {
+        if t.join().is_err() {
+            ctl.status.lock().error = Some("the uploader panicked".into());
+        }
     }
 }
 
@@ -226,7 +237,8 @@ impl Datastore {
         self.upload_status(vm)
     }
 
-    /// The uploader's status; not found if it was never started.
+    /// The uploader's status (`stopped` after a stop); not found if it was
+    /// never started in this session.
     pub fn upload_status(&self, vm: &str) -> Result<UploadStatus> {
         validate_name("VM name", vm)?;
         let s = self.served(vm)?;
@@ -238,7 +250,9 @@ impl Datastore {
     }
 
     /// Stops the uploader (its entries stay valid for the next backup)
-    /// and forgets that it was on.
+    /// and forgets that it was on: a restarted daemon does not resume it.
+    /// The stopped job stays in the session, so its status says `stopped`
+    /// (with what it uploaded) until a start or the release.
     pub fn stop_upload(&self, vm: &str) -> Result<UploadStatus> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
@@ -250,17 +264,23 @@ impl Datastore {
             .remove_file(&p)
             .map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
         io::sync_parent(storage.as_ref(), &p)?;
-        let mut job = s
-            .upload
-            .lock()
-            .take()
-            .ok_or_else(|| Error::not_found(format!("no uploader for VM {vm}")))?;
-        job.stop();
-        let mut st = job.status(&s);
-        if st.error.is_none() {
-            st.state = "stopped".into();
+        // Joined outside the slot's lock: a status asked meanwhile must
+        // not wait on the thread (nor find no uploader).
+        let (ctl, thread) = {
+            let mut slot = s.upload.lock();
+            let job = slot
+                .as_mut()
+                .ok_or_else(|| Error::not_found(format!("no uploader for VM {vm}")))?;
+            (job.ctl.clone(), job.ask_stop())
+        };
+        join(&ctl, thread);
+        {
+            let mut st = ctl.status.lock();
+            if st.error.is_none() {
+                st.state = "stopped".into();
+            }
         }
-        Ok(st)
+        Ok(Job { ctl, thread: None }.status(&s))
     }
 }
 

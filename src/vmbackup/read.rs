@@ -298,11 +298,21 @@ pub fn backup_exports(
     exports: &[Export],
     chunk_size: u32,
 ) -> Result<(Manifest, Vec<ReadOutcome>)> {
+    if let Some(c) = &config {
+        crate::repo::writer::check_config(c)?;
+    }
     let lock = WriterLock::acquire(repo, vm)?;
     let mut reads = vec![];
     for (i, e) in exports.iter().enumerate() {
         let r = read_export(repo, e, i, chunk_size, None)
             .map_err(|err| err.context(format!("NBD export {:?}", e.name)))?;
+        // As an empty image file is: nothing of it was stored.
+        if r.disk.size == 0 {
+            return Err(Error::invalid(format!(
+                "NBD export {:?} is empty (0 bytes): there is no disk to back up",
+                e.name
+            )));
+        }
         reads.push(r);
     }
     let disks = reads.iter().map(|r| r.disk.clone()).collect();

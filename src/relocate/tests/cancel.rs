@@ -131,6 +131,26 @@ fn a_cancel_removes_only_the_target_files_the_relocation_created_and_keeps_all_w
 }
 
 #[test]
+fn a_cancel_of_a_relocation_forced_over_existing_files_removes_its_owner_mark() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let primary = rig.dir.path().join("primary/vm");
+    // Both files there before (--force): none is the relocation's to remove.
+    for i in 0..2 {
+        std::fs::write(primary.join(format!("disk{i}.raw")), b"old").unwrap();
+    }
+    let r = rig.begin(&disks, None);
+    let mark = primary.join(crate::relocate::target::OWNER_MARK);
+    assert!(mark.exists());
+    let c = r.cancel(false).unwrap();
+    assert!(c.leftover.is_none(), "{:?}", c.leftover);
+    assert!(c.removed.is_empty(), "{c:?}");
+    assert_eq!(c.kept.len(), 2, "{c:?}");
+    // It would name a relocation no record refers to any more.
+    assert!(!mark.exists(), "owner mark left after the cancel");
+}
+
+#[test]
 fn a_cancel_after_the_cutover_is_refused_and_changes_nothing() {
     let rig = rig();
     let disks = rig.volumes();

@@ -169,6 +169,27 @@ fn release_discard_of_a_vm_still_relocating_removes_the_partial_target_files_it_
 }
 
 #[test]
+fn release_discard_of_a_vm_relocating_with_force_over_old_files_keeps_them_and_leaves_no_mark() {
+    let r = rig();
+    backup(&r, "vm", 52, 16);
+    r.ds.recover("vm", None).unwrap();
+    let target = r.dir.path().join("primary/vm");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("disk0.raw"), b"old").unwrap();
+    r.ds.relocate("vm", target.parent().unwrap(), Some(0.001), true)
+        .unwrap();
+    assert!(target.join(".recoverfs-relocation").exists());
+    r.ds.release("vm", true).unwrap();
+    // The file was there before: kept (emptied by --force), with nothing
+    // naming the cancelled relocation beside it.
+    let left: Vec<_> = std::fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["disk0.raw"]);
+}
+
+#[test]
 fn release_discard_of_a_vm_whose_relocation_was_not_resumed_names_the_files_it_cannot_reach() {
     let (r, _, primary, away) = relocation_left_unreachable("vm", false);
     let e = r.ds.release("vm", true).unwrap_err().to_string();

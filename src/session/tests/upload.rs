@@ -203,3 +203,29 @@ fn uploaded_chunks_collected_while_no_uploader_ran_are_read_by_the_backup_and_it
     assert!(restore(&r, "vm", &b.backup) == at_freeze);
     r.ds.release("vm", true).unwrap();
 }
+
+#[test]
+fn the_uploaders_status_after_a_stop_says_stopped_and_never_started_is_not_found() {
+    let r = rig();
+    backup(&r, "vm", 54, 16);
+    r.ds.recover("vm", None).unwrap();
+    let e = r.ds.upload_status("vm").unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+    let d = disk(&r, "vm");
+    d.write(5, &[1; 1000]).unwrap();
+    r.ds.start_upload("vm", UploadRequest::default()).unwrap();
+    wait_for("the upload of 1 block", || {
+        r.ds.upload_status("vm").unwrap().blocks_uploaded == 1
+    });
+    r.ds.stop_upload("vm").unwrap();
+    let st = r.ds.upload_status("vm").unwrap();
+    assert_eq!((st.state.as_str(), st.running), ("stopped", false));
+    assert_eq!(st.blocks_uploaded, 1, "{st:?}");
+    let s = r.ds.session("vm").unwrap();
+    assert_eq!(r.ds.status(&s).upload.expect("shown").state, "stopped");
+    // A second stop says the same, and a start runs it again.
+    assert_eq!(r.ds.stop_upload("vm").unwrap().state, "stopped");
+    r.ds.start_upload("vm", UploadRequest::default()).unwrap();
+    assert_ne!(r.ds.upload_status("vm").unwrap().state, "stopped");
+    r.ds.release("vm", true).unwrap();
+}
