@@ -81,6 +81,17 @@ impl Pending {
         self.tiers.iter().all(VecDeque::is_empty)
     }
 
+    /// Makes room in bounded staging for the blocks still to fetch (see
+    /// `Budget::make_room_below_low`): prefetch itself evicts no other
+    /// disk's blocks.
+    fn make_room(&self) {
+        let bs = self.vol.block_size();
+        let missing = (self.tiers.iter().flatten())
+            .filter(|p| !self.vol.is_local(p.block * bs, bs))
+            .count() as u64;
+        self.vol.make_room_for_prefetch(missing * bs);
+    }
+
     /// Releases every block planned up to `until_ms`, while the queue has room.
     fn release(&mut self, sched: &Scheduler, until_ms: u32) {
         for tier in &mut self.tiers {
@@ -142,6 +153,9 @@ fn run(
         .into_iter()
         .filter_map(|(vol, src)| plan(vol, src, settings))
         .collect();
+    for p in &pending {
+        p.make_room();
+    }
     let mut on_window_end = Some(on_window_end);
     let horizon = settings.horizon.as_millis().min(u32::MAX as u128) as u32;
     while !stop.load(Ordering::Acquire) {

@@ -23,11 +23,13 @@
 //!
 //! **Prefetch** (profile, relocation order, readahead) only fills below
 //! the low watermark (80 %) and evicts nothing of another disk: one VM's
-//! prefetch must not push another VM's working set out (readahead may
-//! evict its own disk's blocks; a profile or relocation-order prefetch
-//! nothing, its earlier blocks being wanted first). So a recovery whose
-//! profile is prefetched is admitted only where it fits below that
-//! watermark ([`Budget::prefetch_room`]). A background
+//! prefetch must not push another VM's working set out. Readahead may
+//! replace its own disk's blocks while staging sits at the watermark; a
+//! profile or relocation-order prefetch evicts nothing (its earlier blocks
+//! are wanted first). A recovery whose profile is prefetched is admitted
+//! only where it fits below that watermark ([`Budget::prefetch_room`],
+//! counting other disks' unchanged blocks), and room is made there once,
+//! before its prefetch starts ([`Budget::make_room_below_low`]). A background
 //! thread evicts from a high watermark (90 % of the limit) down to a low
 //! one (80 %) so fills rarely wait.
 //!
@@ -172,7 +174,7 @@ const SPACE_TTL: std::time::Duration = std::time::Duration::from_millis(100);
 /// found nothing to evict: a scan of every disk, under each disk's
 /// exclusive eviction gate, for each miss of a full staging would stall
 /// its staged reads for nothing.
-const BARREN_TTL: std::time::Duration = std::time::Duration::from_millis(100);
+pub(crate) const BARREN_TTL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// High and low watermarks, in per mille of the limit.
 const HIGH: u64 = 900;
@@ -392,16 +394,20 @@ impl Budget {
     }
 
     /// Takes `bytes` for a prefetch (profile, relocation order,
-    /// readahead): only below the low watermark, making room there by
-    /// evicting from `own` (the prefetching disk, for readahead) alone;
-    /// refused (`held_back`) when that frees nothing. So one VM's prefetch
-    /// never evicts another VM's blocks, nor wakes the background evictor
-    /// that would; guest misses (any VM's) still fill up to the limit.
-    pub fn reserve_speculative(&self, bytes: u64, own: Option<&dyn Evictable>) -> Result<()> {
-        let mut fresh = false;
+    /// readahead): only below the low watermark, on the recent filesystem
+    /// sample (a prefetch held back costs no `statvfs`). A readahead
+    /// (`own`: it evicts `bytes` or more of its own disk's blocks, and
+    /// returns what it freed) may replace its own disk's blocks while
+    /// staging sits at the watermark: one eviction, when that alone makes
+    /// room. Anything else is held back (`held_back`). So one VM's
+    /// prefetch never evicts another VM's blocks nor wakes the background
+    /// evictor that would; guest misses (any VM's) still fill up to the
+    /// limit.
+    pub fn reserve_speculative(&self, bytes: u64, own: Option<&dyn Fn(u64) -> u64>) -> Result<()> {
+        let mut evicted = false;
         loop {
             self.unwritten.fetch_add(bytes, Ordering::AcqRel);
-            let Some(limit) = self.limit_on(fresh).map(|(l, _)| l) else {
+            let Some(limit) = self.limit_on(false).map(|(l, _)| l) else {
                 self.live.fetch_add(bytes, Ordering::AcqRel);
                 return Ok(());
             };
@@ -412,31 +418,50 @@ impl Budget {
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
                     (live + bytes + kept <= low).then_some(live + bytes)
                 });
-            if taken.is_ok() {
-                return Ok(());
-            }
+            let live = match taken {
+                Ok(_) => return Ok(()),
+                Err(live) => live,
+            };
             self.settle_unwritten(bytes);
-            if !fresh {
-                fresh = true;
-                continue;
+            // Over the watermark by more than this block (guest misses
+            // pushed staging up, or other disks fill it): evicting its own
+            // blocks would not make room for it.
+            let at_watermark = live + kept <= low;
+            match own {
+                Some(evict) if !evicted && at_watermark && evict(bytes) > 0 => evicted = true,
+                _ => {
+                    self.held_back.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::new(
+                        ErrorKind::NoSpace,
+                        format!(
+                            "prefetch held back: staging {} is at its low watermark ({} of its {} limit) and prefetch evicts no other disk's blocks (readahead only its own)",
+                            self.root.display(),
+                            human_bytes(low),
+                            human_bytes(limit)
+                        ),
+                    ));
+                }
             }
-            let freed = own.map_or(0, |d| {
-                d.evict(bytes).unwrap_or_else(|e| {
-                    tracing::error!(staging = %self.root.display(), "eviction failed: {e}");
-                    0
-                })
-            });
-            if freed == 0 {
-                self.held_back.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::new(
-                    ErrorKind::NoSpace,
-                    format!(
-                        "prefetch held back: staging {} is at its low watermark ({} of its {} limit) and prefetch evicts no other disk's blocks (readahead only its own)",
-                        self.root.display(),
-                        human_bytes(low),
-                        human_bytes(limit)
-                    ),
-                ));
+        }
+    }
+
+    /// Before a recovery's profile prefetch: evicts (CLOCK, every disk)
+    /// until `bytes` more fit below the low watermark, or nothing more can
+    /// go. Admission found room for the profile there counting other
+    /// disks' unchanged blocks (`prefetch_room`), which prefetch itself
+    /// may not evict; without this a warm staging (the steady state, at
+    /// 80-90 %) would hold back every block of the new VM's profile.
+    pub fn make_room_below_low(&self, bytes: u64) {
+        let Some(limit) = self.limit() else { return };
+        let low = limit / 1000 * LOW;
+        loop {
+            let over = (self.used() + bytes).saturating_sub(low);
+            if over == 0 {
+                return;
+            }
+            match self.evict_step(over) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
             }
         }
     }

@@ -72,6 +72,10 @@ use crate::staging::AtomicBitmap;
 /// Blocks evicted per exclusive hold of the gate.
 const BATCH: u64 = 32;
 
+/// Blocks a readahead evicts of its own disk at a time (see
+/// `Volume::evict_for_readahead`).
+const READAHEAD_EVICT_BLOCKS: u64 = 8;
+
 /// A volume's eviction state: its gate, pins and CLOCK, and the budget it
 /// counts against.
 pub(super) struct Eviction {
@@ -87,6 +91,8 @@ pub(super) struct Eviction {
     pub(super) clock_hand: Mutex<u64>,
     /// The staging budget this disk counts against, and its session dir.
     budget: OnceLock<(Arc<Budget>, PathBuf)>,
+    /// When a readahead's eviction of this disk last freed nothing.
+    barren: Mutex<Option<std::time::Instant>>,
 }
 
 impl Eviction {
@@ -97,6 +103,7 @@ impl Eviction {
             referenced: AtomicBitmap::new(nblocks),
             clock_hand: Mutex::new(0),
             budget: OnceLock::new(),
+            barren: Mutex::new(None),
         }
     }
 }
@@ -145,11 +152,45 @@ impl Volume {
     /// nothing (its earlier blocks are wanted sooner than its later ones).
     pub(super) fn admit_speculative(&self, slot: &Slot, class: Class) -> Result<()> {
         if let Some((budget, _)) = self.evict.budget.get() {
-            let own: Option<&dyn Evictable> = (class == Class::Readahead).then_some(self);
+            let evict_own = |want: u64| self.evict_for_readahead(want);
+            let own: Option<&dyn Fn(u64) -> u64> =
+                (class == Class::Readahead && !self.own_barren()).then_some(&evict_own);
             budget.reserve_speculative(self.block_size, own)?;
             slot.reserved.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Evicts a batch of this disk's own blocks for its readahead (a
+    /// batch, not one block: each eviction syncs the presence map); one
+    /// that frees nothing makes the next readaheads skip eviction for
+    /// `BARREN_TTL` (a scan of every block for each would be wasted).
+    fn evict_for_readahead(&self, want: u64) -> u64 {
+        let freed = self
+            .evict_batch(want.max(READAHEAD_EVICT_BLOCKS * self.block_size))
+            .unwrap_or_else(|e| {
+                tracing::error!(vm = %self.vm, disk = self.index, "eviction failed: {e}");
+                0
+            });
+        if freed == 0 {
+            *self.evict.barren.lock() = Some(std::time::Instant::now());
+        }
+        freed
+    }
+
+    fn own_barren(&self) -> bool {
+        self.evict
+            .barren
+            .lock()
+            .is_some_and(|at| at.elapsed() < crate::staging::budget::BARREN_TTL)
+    }
+
+    /// Before this disk's profile prefetch of `bytes`: room below the low
+    /// watermark (see `Budget::make_room_below_low`).
+    pub fn make_room_for_prefetch(&self, bytes: u64) {
+        if let Some((budget, _)) = self.evict.budget.get() {
+            budget.make_room_below_low(bytes);
+        }
     }
 
     /// After a fill ended: a failed one returns its reservation; a

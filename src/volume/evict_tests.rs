@@ -168,114 +168,133 @@ fn a_write_that_needs_room_in_a_full_staging_fails_with_enospc_and_the_limit_hol
     assert!(budget.used() <= 4 * BS as u64);
 }
 
+/// How a fill ends with no bytes for those that joined it: a write's
+/// fill refused room (`NoSpace`), or a prefetch held back (`Ok`).
+fn ended_without_bytes() -> [crate::error::Result<()>; 2] {
+    [
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::NoSpace,
+            "staging is full (test)",
+        )),
+        Ok(()),
+    ]
+}
+
 /// Puts a fill of block `b` in the in-flight table as a prefetch holds
-/// it, runs `read` (which must join it), then ends it as a prefetch
-/// refused room in staging ends: with `NoSpace` and no bytes.
-fn join_a_refused_prefetch<T: Send + 'static>(
+/// it, runs `io` (which must join it: `joined` says when), then ends it
+/// with `outcome` and no bytes.
+fn join_a_fill_ending_without_bytes<T: Send + 'static>(
     f: &super::super::tests::Fixture,
     b: u64,
-    read: impl FnOnce() -> T + Send + 'static,
+    outcome: crate::error::Result<()>,
+    joined: fn(&super::super::fill::Slot) -> bool,
+    io: impl FnOnce() -> T + Send + 'static,
 ) -> T {
     use super::super::fill::Slot;
     use std::time::{Duration, Instant};
+    // An earlier read's fill of `b` leaves the table after answering it.
+    f.vol.quiesce(Duration::from_secs(10));
     let slot = Slot::new(crate::prefetch::Class::Profile);
-    f.vol.inflight.lock().insert(b, slot.clone());
-    let reader = std::thread::spawn(read);
-    // A read joining the fill marks it.
+    let earlier = f.vol.inflight.lock().insert(b, slot.clone());
+    assert!(earlier.is_none(), "block {b} was being filled");
+    let t = std::thread::spawn(io);
     let t0 = Instant::now();
-    while !slot.read_waits.load(Ordering::Acquire) {
+    while !joined(&slot) {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "the read did not join"
+            "the I/O did not join"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
     f.vol.inflight.lock().remove(&b);
-    slot.finish(Err(crate::error::Error::new(
-        crate::error::ErrorKind::NoSpace,
-        "staging is full (test)",
-    )));
-    reader.join().unwrap()
+    slot.finish(outcome);
+    t.join().unwrap()
+}
+
+fn read_joined(s: &super::super::fill::Slot) -> bool {
+    s.read_waits.load(Ordering::Acquire)
 }
 
 #[test]
-fn a_read_that_joined_a_prefetch_refused_room_reads_through_instead_of_failing() {
+fn a_read_that_joined_a_fill_refused_room_or_held_back_reads_through_instead_of_failing() {
     let (f, _budget) = full_of_changed_blocks(44);
     // Within one block (the fetched-block path), and across two (pieces).
-    for (b, off, len) in [(8u64, 8 * BS + 5, 100), (12, 12 * BS - 10, 20)] {
-        let vol = f.vol.clone();
-        let got = join_a_refused_prefetch(&f, b, move || vol.read(off as u64, len));
-        assert_eq!(got.unwrap(), f.data[off..off + len], "read at {off}");
+    for outcome in ended_without_bytes() {
+        for (b, off, len) in [(8u64, 8 * BS + 5, 100), (12, 12 * BS - 10, 20)] {
+            let vol = f.vol.clone();
+            let got =
+                join_a_fill_ending_without_bytes(&f, b, outcome.clone(), read_joined, move || {
+                    vol.read(off as u64, len)
+                });
+            assert_eq!(got.unwrap(), f.data[off..off + len], "read at {off}");
+        }
     }
-    assert!(f.vol.status().read_through >= 2);
+    assert!(f.vol.status().read_through >= 4);
 }
 
 #[test]
-fn a_read_waiting_later_on_a_prefetch_refused_room_is_answered_not_failed() {
+fn a_read_waiting_later_on_a_fill_refused_room_or_held_back_is_answered_not_failed() {
     let (f, _budget) = full_of_changed_blocks(45);
     let pool = crate::pool::WorkerPool::new("test-io", 2);
     let spawner: crate::disk::Spawner = Arc::new(move |job| pool.submit(job));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let vol = f.vol.clone();
     let off = 8 * BS + 5;
-    join_a_refused_prefetch(&f, 8, move || {
-        let done: crate::disk::ReadDone = Box::new(move |r| tx.send(r).unwrap());
-        assert!(vol.read_later(off as u64, 100, done, &spawner).is_ok());
-    });
-    let got = rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("answered");
-    assert_eq!(got.unwrap()[..], f.data[off..off + 100]);
+    for outcome in ended_without_bytes() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (vol, spawner) = (f.vol.clone(), spawner.clone());
+        join_a_fill_ending_without_bytes(&f, 8, outcome, read_joined, move || {
+            let done: crate::disk::ReadDone = Box::new(move |r| tx.send(r).unwrap());
+            assert!(vol.read_later(off as u64, 100, done, &spawner).is_ok());
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("answered");
+        assert_eq!(got.unwrap()[..], f.data[off..off + 100]);
+    }
 }
 
 #[test]
-fn a_staged_read_or_write_never_waits_for_an_evictions_map_sync() {
-    use crate::staging::budget::Evictable;
-    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
-    use crate::staging::io::OsStorage;
-    use std::time::{Duration, Instant};
-    let faults = FaultyStorage::new(OsStorage::shared());
-    let f = super::super::tests::fixture_on(8, 42, Arc::new(faults.clone()));
-    f.vol.read(0, 8 * BS).unwrap();
-    f.vol.write(7 * BS as u64, b"changed").unwrap();
-    f.vol.flush().unwrap();
-    // The eviction's presence-map sync hangs for 2 s.
-    faults.inject(Rule::delay(
-        Op::Sync,
-        "disk0.present",
-        Duration::from_secs(2),
-    ));
-    let evictor = {
-        let vol = f.vol.clone();
-        std::thread::spawn(move || vol.evict(BS as u64).unwrap())
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    // What FUSE serves on its event threads: a staged read, a quick write.
-    let staged = (1..7u64)
-        .find(|&b| f.vol.is_local(b * BS as u64, BS as u64) && b % 5 != 0)
-        .expect("a block still staged");
-    let t = Instant::now();
-    let off = staged * BS as u64;
-    assert_eq!(f.vol.read(off, BS).unwrap(), f.data[off as usize..][..BS]);
-    assert!(f.vol.write_is_quick(7 * BS as u64, 3));
-    f.vol.write(7 * BS as u64, b"again").unwrap();
-    let waited = t.elapsed();
-    assert_eq!(evictor.join().unwrap(), BS as u64, "one block evicted");
-    assert!(
-        waited < Duration::from_millis(1500),
-        "a staged read and a quick write waited {waited:?} for the eviction's sync"
+fn a_partial_write_that_joined_a_held_back_prefetch_fills_the_block_itself_and_lands() {
+    let f = fixture(16, 48);
+    let budget = Budget::new(&f.staging);
+    budget.set_limits(8 * BS as u64, 0);
+    f.vol.attach_budget(budget.clone(), f.staging.clone());
+    let vol = f.vol.clone();
+    join_a_fill_ending_without_bytes(
+        &f,
+        8,
+        Ok(()),
+        |s| s.write_waits.load(Ordering::Acquire),
+        move || vol.write(8 * BS as u64 + 10, b"written").unwrap(),
     );
+    let mut want = f.data[8 * BS..9 * BS].to_vec();
+    want[10..17].copy_from_slice(b"written");
+    assert_eq!(f.vol.read(8 * BS as u64, BS).unwrap(), want);
+}
+
+/// Two disks of `blocks` blocks (seeds `seed`, `seed + 1`) sharing one
+/// staging budget of `limit_blocks` blocks.
+fn two_disks(
+    blocks: usize,
+    seed: u64,
+    limit_blocks: u64,
+) -> (
+    super::super::tests::Fixture,
+    super::super::tests::Fixture,
+    Arc<Budget>,
+) {
+    let (a, b) = (fixture(blocks, seed), fixture(blocks, seed + 1));
+    let budget = Budget::new(&a.staging);
+    budget.set_limits(limit_blocks * BS as u64, 0);
+    a.vol.attach_budget(budget.clone(), a.staging.clone());
+    b.vol.attach_budget(budget.clone(), b.staging.clone());
+    (a, b, budget)
 }
 
 #[test]
 fn one_disks_prefetch_stays_below_the_low_watermark_and_never_evicts_another_disks_blocks() {
-    let (a, b) = (fixture(32, 46), fixture(32, 47));
-    let budget = Budget::new(&a.staging);
-    // 20 blocks; the low watermark holds 16.
+    // 20 blocks; the low watermark holds 15 (16, less a rounding).
+    let (a, b, budget) = two_disks(32, 46, 20);
     let limit = 20 * BS as u64;
-    budget.set_limits(limit, 0);
-    a.vol.attach_budget(budget.clone(), a.staging.clone());
-    b.vol.attach_budget(budget.clone(), b.staging.clone());
     // Disk a's working set: 10 blocks read by its guest.
     let working: Vec<u64> = (1..32).filter(|b| b % 5 != 0).take(10).collect();
     for &blk in &working {
@@ -310,4 +329,63 @@ fn one_disks_prefetch_stays_below_the_low_watermark_and_never_evicts_another_dis
     b.vol.read(miss * BS as u64, 100).unwrap();
     b.vol.quiesce(std::time::Duration::from_secs(10));
     assert!(b.vol.is_local(miss * BS as u64, 100));
+}
+
+/// A disk of 64 blocks (every fifth a zero chunk) and its first `n` data
+/// blocks read by its guest (staged, unchanged).
+fn warmed(f: &super::super::tests::Fixture, n: usize) -> Vec<u64> {
+    let blocks: Vec<u64> = (0..64).filter(|b| b % 5 != 0).take(n).collect();
+    for &b in &blocks {
+        f.vol.read(b * BS as u64, 100).unwrap();
+    }
+    f.vol.quiesce(std::time::Duration::from_secs(10));
+    blocks
+}
+
+#[test]
+fn readahead_replaces_its_own_disks_blocks_at_the_watermark_and_is_held_back_above_it() {
+    use crate::prefetch::Class;
+    // 40 blocks: the low watermark holds 31, the high 36.
+    let (a, b, budget) = two_disks(64, 49, 40);
+    // At the watermark, disk a's own: a readahead evicts a batch of a's.
+    let read = warmed(&a, 31);
+    let next = (0..64).find(|&x| x % 5 != 0 && !read.contains(&x)).unwrap();
+    assert!(a.vol.prefetch_block(next, Class::Readahead));
+    a.vol.quiesce(std::time::Duration::from_secs(10));
+    assert!(a.vol.is_local(next * BS as u64, 1));
+    assert_eq!(a.vol.status().evicted_blocks, 8);
+    // Guest misses of b push staging over the watermark (a's 24 and b's
+    // 11 of 40, below the high one): b's readahead is held back, evicting
+    // nothing.
+    warmed(&b, 11);
+    let before = budget.status();
+    assert_eq!(before.used, 35 * BS as u64, "{before:?}");
+    assert!(b.vol.prefetch_block(41, Class::Readahead));
+    b.vol.quiesce(std::time::Duration::from_secs(10));
+    let after = budget.status();
+    assert!(!b.vol.is_local(41 * BS as u64, 1));
+    assert_eq!(after.evicted_blocks, before.evicted_blocks, "{after:?}");
+    assert_eq!(after.prefetches_held_back, before.prefetches_held_back + 1);
+}
+
+#[test]
+fn a_profile_admitted_into_a_warm_staging_makes_room_below_the_watermark_and_is_staged() {
+    use crate::prefetch::Class;
+    let (a, b, budget) = two_disks(64, 51, 40);
+    let limit = 40 * BS as u64;
+    // Disk a's guest read 34 blocks (85 %: the steady state of a shared
+    // staging, between the watermarks).
+    warmed(&a, 34);
+    // Disk b's profile: 10 blocks, which fit below the watermark once
+    // a's oldest go (admission counts them as room).
+    let profile: Vec<u64> = (0..64).filter(|x| x % 5 != 0).take(10).collect();
+    b.vol.make_room_for_prefetch(10 * BS as u64);
+    for &x in &profile {
+        b.vol.prefetch_block(x, Class::Profile);
+    }
+    b.vol.quiesce(std::time::Duration::from_secs(10));
+    let st = budget.status();
+    assert_eq!(b.vol.status().blocks_staged, 10, "{st:?}");
+    assert_eq!(st.prefetches_held_back, 0, "{st:?}");
+    assert!(st.used <= limit / 1000 * 800, "{st:?}");
 }

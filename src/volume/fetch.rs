@@ -57,10 +57,12 @@
 //! evictable: every staged block changed), a fetch a read waits for
 //! (`Slot::read_waits`) reads through: its bytes answer the read, nothing
 //! is staged, the block is fetched again when read (`read_through` in the
-//! disk's status). A prefetch is refused (not a fetch error); a read that
-//! joined it too late starts its own fill (`read::is_room_refusal`). A
-//! guest read therefore never fails for want of staging room; a write that
-//! needs room does (ENOSPC).
+//! disk's status). A fill a write waits for (`Slot::write_waits`) is
+//! refused (ENOSPC: the write needs the block staged); a read that joined
+//! it starts its own fill (`read::is_room_refusal`). A prefetch only fills
+//! below the low watermark (`Budget::reserve_speculative`); one held back
+//! ends with no bytes and no error, and whoever joined it plans again. A
+//! guest read therefore never fails for want of staging room.
 //!
 //! A [`Fetch`] always answers its slot exactly once: when it succeeds or
 //! fails, when a stage panics, and when it is dropped unrun (the volume
@@ -256,6 +258,11 @@ impl Volume {
     ///   no bytes; a read that joined it plans again);
     /// * a write's fill: room, evicting any disk's, or ENOSPC.
     fn room_for_fill(&self, b: u64, slot: &Slot) -> Result<Room> {
+        // A write needs the block staged: room, or its refusal (a read
+        // that joined it then fills for itself, reading through).
+        if slot.write_waits.load(Ordering::Acquire) {
+            return self.admit(slot).map(|()| Room::Stage);
+        }
         if !slot.read_waits.load(Ordering::Acquire) {
             let class = slot.job.lock().0.as_ref().map(|j| j.class());
             if let Some(c) = class.filter(|&c| c > crate::prefetch::Class::OnDemand) {

@@ -30,6 +30,9 @@ pub(super) struct Slot {
     /// block, the fetch reads it through (answers from memory, stages
     /// nothing) instead of failing the read (see `fetch`).
     pub(super) read_waits: AtomicBool,
+    /// A write waits for this fill to stage the block: it never reads
+    /// through (see `Volume::start_write_fill`).
+    pub(super) write_waits: AtomicBool,
     /// A fetch's verified plain bytes, set before its staging write and
     /// `finish`: its readers answer from them at once (they live as long
     /// as the slot's last waiter, or the last reply that borrows them).
@@ -44,6 +47,13 @@ pub(super) struct Slot {
 /// A reader waiting for a fill without a thread (see `Slot::when_data`).
 type Reader = Box<dyn FnOnce() + Send>;
 
+/// Who waits for a fill (see `Slot::read_waits`, `Slot::write_waits`).
+#[derive(Clone, Copy)]
+pub(super) enum Waiter {
+    Read,
+    Write,
+}
+
 impl Slot {
     pub(super) fn new(class: Class) -> Arc<Slot> {
         Arc::new(Slot {
@@ -52,9 +62,19 @@ impl Slot {
             job: Mutex::new((None, class)),
             reserved: AtomicBool::new(false),
             read_waits: AtomicBool::new(false),
+            write_waits: AtomicBool::new(false),
             data: OnceLock::new(),
             then: Mutex::new(Some(Vec::new())),
         })
+    }
+
+    /// Records who waits (never cleared: the fill is theirs too).
+    fn mark(&self, waiter: Option<Waiter>) {
+        match waiter {
+            Some(Waiter::Read) => self.read_waits.store(true, Ordering::Release),
+            Some(Waiter::Write) => self.write_waits.store(true, Ordering::Release),
+            None => {}
+        }
     }
 
     /// A waiter of class `class` wants this fill sooner.
@@ -206,10 +226,10 @@ impl Volume {
     }
 
     /// Starts filling block `b` from the backup unless it is present, at
-    /// priority `class`. Returns a slot to wait on, or `None` when the
-    /// block is already local.
+    /// priority `class`, for a prefetch (nobody waits yet). Returns a slot
+    /// to wait on, or `None` when the block is already local.
     pub(super) fn start_fill(&self, b: u64, class: Class) -> Option<Arc<Slot>> {
-        self.start_fill_for(b, class, false)
+        self.start_fill_for(b, class, None)
     }
 
     /// [`Volume::start_fill`] for a read that waits for the block's bytes:
@@ -217,22 +237,28 @@ impl Volume {
     /// A read that joins a fill already refused room gets `NoSpace` from
     /// it and starts again here (see `read::is_room_refusal`).
     pub(super) fn start_read_fill(&self, b: u64, class: Class) -> Option<Arc<Slot>> {
-        self.start_fill_for(b, class, true)
+        self.start_fill_for(b, class, Some(Waiter::Read))
     }
 
-    fn start_fill_for(&self, b: u64, class: Class, read: bool) -> Option<Arc<Slot>> {
+    /// [`Volume::start_fill`] for a write that needs the block staged (it
+    /// covers part of it): the fill never reads through, or the write
+    /// would start it again for each read that joined it.
+    pub(super) fn start_write_fill(&self, b: u64) -> Option<Arc<Slot>> {
+        self.start_fill_for(b, Class::OnDemand, Some(Waiter::Write))
+    }
+
+    fn start_fill_for(&self, b: u64, class: Class, waiter: Option<Waiter>) -> Option<Arc<Slot>> {
         match self.claim(b, class) {
             Claim::Present => None,
             Claim::Wait(s) => {
-                if read {
-                    s.read_waits.store(true, Ordering::Release);
-                }
+                s.mark(waiter);
                 s.promote(&self.sched, class);
                 Some(s)
             }
             Claim::Owner(s) => {
                 // Before the fetch is queued: its prepare may run at once.
-                s.read_waits.store(read, Ordering::Release);
+                // (Only ever set: a reader may have joined since the claim.)
+                s.mark(waiter);
                 match self.chunks.get(b) {
                     None => {
                         let r = self.admit(&s).and_then(|()| self.zero_fill(b));

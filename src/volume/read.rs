@@ -126,8 +126,8 @@ impl Volume {
                 return read.answer(Ok((d.slice(start..start + len as usize), false)));
             }
             match fill.outcome().expect("no bytes: the fill ended") {
-                // A prefetch this read joined after it was refused room:
-                // the general path fills (reads through) for itself.
+                // A write's fill this read joined was refused room: the
+                // general path fills (reads through) for itself.
                 Err(e) if is_room_refusal(&e) => spawn(read.on_pool()),
                 Err(e) => read.answer(Err(e)),
                 Ok(()) => spawn(read.on_pool()),
@@ -250,8 +250,8 @@ impl Volume {
                 .collect();
             hit &= slots.is_empty();
             match Self::wait_fills(slots.iter().map(|(_, s)| s)) {
-                // A prefetch this read joined after it was refused room:
-                // its block is still missing, and the next round's fill is
+                // A write's fill this read joined was refused room: its
+                // block is still missing, and the next round's fill is
                 // this read's own, which reads through.
                 Err(e) if is_room_refusal(&e) && refusals < MAX_ROOM_REFUSALS => refusals += 1,
                 r => r?,
@@ -358,13 +358,13 @@ impl Volume {
 }
 
 /// Rounds a read tries again after joining fills refused room in staging
-/// (each such fill was a prefetch's; a read's own fill reads through, so
-/// one round is enough unless new prefetches keep being refused).
+/// (each such fill was a write's; a read's own fill reads through, so one
+/// round is enough unless new writes' fills keep being refused).
 const MAX_ROOM_REFUSALS: u32 = 8;
 
 /// A fill ended with no bytes because staging had no room for it: a
-/// prefetch's or a write's fill, which a read joined too late to make it
-/// read through (see `Volume::start_read_fill`).
+/// write's fill, which never reads through (a prefetch held back ends
+/// `Ok` with no bytes, and its joiners plan again anyway).
 fn is_room_refusal(e: &crate::error::Error) -> bool {
     e.kind() == crate::error::ErrorKind::NoSpace
 }

@@ -200,7 +200,7 @@ impl Volume {
         let mut fills: Vec<(u64, Arc<Slot>)> = blocks
             .clone()
             .filter(|&b| !self.covers(off, len, b))
-            .filter_map(|b| self.start_fill(b, Class::OnDemand).map(|s| (b, s)))
+            .filter_map(|b| self.start_write_fill(b).map(|s| (b, s)))
             .collect();
         let mut held = Held {
             vol: self,
@@ -275,7 +275,7 @@ impl Volume {
             // The slot may have been another write's claim that failed, or
             // the block may be evicted again before it is pinned.
             loop {
-                while let Some(s) = self.start_fill(b, Class::OnDemand) {
+                while let Some(s) = self.start_write_fill(b) {
                     s.wait()?;
                 }
                 if self.pin_if_present(b) {

@@ -120,8 +120,9 @@ fn a_profile_is_admitted_only_where_it_fits_below_the_low_watermark_where_prefet
     };
     profile::append(&r.repo, "vm", rec).unwrap();
     let budget = r.ds.stagings()[0].budget().clone();
-    // 15 MiB holds the profile, its 80 % (12 MiB) does not: prefetch would
-    // evict its own first blocks to stage its last.
+    // 15 MiB holds the profile, its 80 % (12 MiB) does not: prefetch stops
+    // there, and the working set the profile stands for would not stay
+    // staged (steady state is 80-90 % of the limit).
     budget.set_limits(15 << 20, 0);
     let e = r.ds.recover("vm", None).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
