@@ -237,9 +237,19 @@ def warm_chunks(repo):
                     pass
 
 
+def release_all(rfs, names):
+    """Discards every session (outside the timings): their pins go, so
+    the next round's daemon, on a fresh staging at the same path, is not
+    refused for sessions the repository says are kept there."""
+    for n in names:
+        rfs.release(n)
+
+
 def one(cfg, work, repo, names, label):
     with B.Scope(work, f"fleet-{label}-api") as s:
-        api_secs = recover_many_api(B.Recoverfs(s, repo, args=SERVE_ARGS, fetch_workers=FETCHES).start(), names)
+        rfs = B.Recoverfs(s, repo, args=SERVE_ARGS, fetch_workers=FETCHES).start()
+        api_secs = recover_many_api(rfs, names)
+        release_all(rfs, names)
     with B.Scope(work, f"fleet-{label}") as s:
         rfs = B.Recoverfs(s, repo, args=SERVE_ARGS, fetch_workers=FETCHES).start()
         secs, disks = recover_many(rfs, names)
@@ -253,6 +263,7 @@ def one(cfg, work, repo, names, label):
         # all sessions: a daemon-wide figure, for reference.
         sched = rfs.status(names[0]).get("scheduler", {})
         daemon = sched.get("on_demand_latency_p99_ms")
+        release_all(rfs, names)
         return {"recover_s": secs, "recover_api_s": api_secs, "on_demand_p99_ms": p99, "latency_bins": bins,
                 "daemon_on_demand_p99_ms": daemon, "daemon_scheduler": sched, "load": load.figures}
 
