@@ -152,6 +152,11 @@ class Scope:
         # the next daemon on the same repository refuse the VM as recovered
         # elsewhere (its pin names a staging directory that still exists).
         self.stagings = []
+        # Run first at close, while the daemons still serve: each discards
+        # its sessions, so their pins go with them (a next daemon on a
+        # fresh staging at the same path, as the next round's is, would be
+        # refused for sessions the repository says are kept there).
+        self.closers = []
 
     def __enter__(self):
         return self
@@ -197,6 +202,12 @@ class Scope:
             return ""
 
     def close(self):
+        for f in reversed(self.closers):
+            try:
+                f()
+            except Exception:
+                pass
+        self.closers = []
         for p in reversed(self.procs):
             try:
                 stop_process(p)
@@ -446,9 +457,22 @@ class Recoverfs:
             "--fetch-workers", str(self.fetch_workers)] + self.args, env=self.env)
         self.scope.add_mount(self.mount)
         self.scope.stagings.append(self.staging)
+        self.scope.closers.append(self.discard_sessions)
         wait_for(lambda: os.path.exists(self.socket) and mounted(self.mount), 30,
                  "recoverfs serve", self.proc, self.scope)
         return self
+
+    def discard_sessions(self):
+        """Releases every session of a running daemon with --discard
+        (its pin goes too); nothing if the daemon is gone."""
+        if self.proc.poll() is not None:
+            return
+        r = run([self.bin, "status", "--socket", self.socket, "--json"], env=self.env, timeout=30, check=False)
+        if r.returncode != 0:
+            return
+        for sess in json.loads(r.stdout).get("sessions", []):
+            run([self.bin, "release", "--socket", self.socket, sess["vm"], "--discard"], env=self.env,
+                timeout=120, check=False)
 
     def stop_and_drop_staging(self):
         """Stops the daemon and removes its staging (a throwaway one), so
