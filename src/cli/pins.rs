@@ -86,8 +86,12 @@ fn line(p: &Pin) -> String {
         Some(id) => format!(" (staging id {id})"),
         None => String::new(),
     };
+    let machine = match (&p.machine, p.on_other_machine()) {
+        (Some(m), true) => format!(" (another machine of that name: id {m})"),
+        _ => String::new(),
+    };
     let text = format!(
-        "{} {} on host {}{who}, written {}, in {}{id}: backups {}",
+        "{} {} on host {}{machine}{who}, written {}, in {}{id}: backups {}",
         p.vm,
         p.state,
         p.host,
@@ -125,7 +129,8 @@ fn drop_pins(repo: &Repository, vm: &str, host: &str, staging: Option<&str>) -> 
 
 /// A pin whose session is known to live here is not this command's.
 fn refuse_live(p: &Pin) -> Result<()> {
-    if p.owner.is_some() && p.dead_owner().is_none() && p.host == pins::hostname() {
+    let this_host = p.host == pins::hostname() && !p.on_other_machine();
+    if p.owner.is_some() && p.dead_owner().is_none() && this_host {
         return Err(Error::busy(format!(
             "the pin of VM {} in {} is a throwaway recovery's whose process still runs: it goes when that ends",
             p.vm, p.staging
@@ -151,7 +156,7 @@ fn session_here(p: &Pin) -> bool {
         return false;
     }
     match &p.staging_id {
-        None => p.host == pins::hostname(),
+        None => p.host == pins::hostname() && !p.on_other_machine(),
         Some(id) => match dir.ancestors().nth(3).map(crate::staging::id_at) {
             Some(Ok(here)) => here.as_ref() == Some(id),
             Some(Err(_)) => true,

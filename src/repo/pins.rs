@@ -10,7 +10,11 @@
 //! other's pin. A pin written before ids (no `staging_id`) has the key
 //! of the host name and the session directory; it is still read, is still
 //! this host's by host and path, and is removed once its session's pin is
-//! written with an id (`put`). A daemon puts it when a
+//! written with an id (`put`). Where a staging directory's id cannot be
+//! asked (a new or empty staging checked for sessions kept there, a pin
+//! without an id), "this host's" also needs the pin's machine id
+//! (`/etc/machine-id`, where both sides have one) to be this machine's:
+//! a host of the same name is not this one. A daemon puts it when a
 //! session starts or resumes (state `serving`), rewrites it at `release`
 //! (state `kept`: the staging stays and resumes later) and after a live
 //! backup (its new base), and deletes it when the staging is discarded.
@@ -49,6 +53,13 @@ pub struct Pin {
     /// called. None in a pin written before ids (then host and path say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging_id: Option<String>,
+    /// The machine that wrote it (`/etc/machine-id`), where known: a host
+    /// of the same name (a clone, a container) is another machine, so its
+    /// pins at the same paths are never taken for this host's (see
+    /// [`of_host_under`]). None in older pins and where there is no
+    /// machine id: then the host name alone says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
     /// Its session may have a pin written before ids, which `put` then
     /// removes (its staging directory got its id at this daemon's start);
     /// otherwise `put` makes no second request.
@@ -74,6 +85,7 @@ impl Pin {
             host: hostname(),
             staging: staging.display().to_string(),
             staging_id: None,
+            machine: machine_id(),
             replaces_legacy: false,
             state: if serving { "serving" } else { "kept" }.into(),
             written: crate::util::rfc3339(crate::util::now_unix()),
@@ -133,6 +145,27 @@ impl Pin {
             Some(id) => ids.contains(&id.as_str()),
             None => self.host == host && holds(&self.staging),
         }
+    }
+}
+
+/// This machine's id (`/etc/machine-id`), read once; `None` where there
+/// is none (some containers) or it is not a plain id.
+pub fn machine_id() -> Option<String> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let id = std::fs::read_to_string("/etc/machine-id").ok()?;
+        let id = id.trim();
+        (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| id.to_string())
+    })
+    .clone()
+}
+
+impl Pin {
+    /// Written on another machine than this one, as far as both machine
+    /// ids say (unknown on either side: not known to be another).
+    pub fn on_other_machine(&self) -> bool {
+        matches!((&self.machine, machine_id()), (Some(theirs), Some(ours)) if *theirs != ours)
     }
 }
 
@@ -229,8 +262,10 @@ fn read_of_vm(
 
 /// The pins of this host whose session directory lies under `root`: the
 /// sessions the staging directory `root` held (a staging directory found
-/// empty with such pins is a disk not mounted, not a new one). A damaged
-/// pin is skipped with a warning: its host and directory are unknown.
+/// empty with such pins is a disk not mounted, not a new one). A pin of
+/// another machine of the same host name is not this host's (its
+/// `--staging-lost` must not remove it). A damaged pin is skipped with a
+/// warning: its host and directory are unknown.
 pub fn of_host_under(repo: &Repository, root: &std::path::Path) -> Result<Vec<Pin>> {
     let host = hostname();
     let mut out = vec![];
@@ -239,7 +274,11 @@ pub fn of_host_under(repo: &Repository, root: &std::path::Path) -> Result<Vec<Pi
             continue;
         };
         match serde_json::from_slice::<Pin>(&bytes) {
-            Ok(pin) if pin.host == host && std::path::Path::new(&pin.staging).starts_with(root) => {
+            Ok(pin)
+                if pin.host == host
+                    && !pin.on_other_machine()
+                    && std::path::Path::new(&pin.staging).starts_with(root) =>
+            {
                 out.push(pin)
             }
             Ok(_) => {}

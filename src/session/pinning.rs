@@ -146,6 +146,7 @@ impl Datastore {
                 continue;
             }
             let local = p.host == host
+                && !p.on_other_machine()
                 && match &p.staging_id {
                     None => true,
                     Some(id) => {

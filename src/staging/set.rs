@@ -338,6 +338,16 @@ mod tests {
         let mut other = kept("elsewhere", set.main().root());
         other.host = format!("{}-other", other.host);
         pins::put(&r, &other).unwrap();
+        // A machine of the same host name (a clone) with the same paths:
+        // another machine's session, not one kept here.
+        let mut clone = kept("clone01", set.main().root());
+        clone.machine = Some("0".repeat(32));
+        pins::put(&r, &clone).unwrap();
+        // Without a machine id here, the host name alone says (as before).
+        let ours = match pins::machine_id() {
+            Some(_) => "(VM web01)",
+            None => "(VM clone01, web01)",
+        };
         drop(set);
         // After a reboot, the main staging's disk is not mounted.
         unmount(&main);
@@ -346,10 +356,7 @@ mod tests {
             .expect("refused");
         let e = e.to_string();
         assert!(e.contains("is its filesystem mounted?"), "{e}");
-        assert!(
-            e.contains("(VM web01)") && e.contains("--staging-lost"),
-            "{e}"
-        );
+        assert!(e.contains(ours) && e.contains("--staging-lost"), "{e}");
         assert_eq!(std::fs::read_dir(&main).unwrap().count(), 0, "written into");
         // Nor the point's, even with the main staging mounted and its record
         // of the point's staging lost.
@@ -364,12 +371,12 @@ mod tests {
         assert_eq!(std::fs::read_dir(&fast).unwrap().count(), 0, "written into");
         // A disk gone for good: --staging-lost drops its pins only, once.
         drop(open_lost(d.path(), &[("a", Some(&fast))], std::slice::from_ref(&fast)).unwrap());
-        let vms: Vec<String> = ["web01", "db01", "elsewhere"]
+        let vms: Vec<String> = ["web01", "db01", "elsewhere", "clone01"]
             .iter()
             .filter(|v| !pins::of_vm(&r, v).unwrap().is_empty())
             .map(|v| v.to_string())
             .collect();
-        assert_eq!(vms, ["web01", "elsewhere"]);
+        assert_eq!(vms, ["web01", "elsewhere", "clone01"]);
         // Another host's pin at the path of a new staging never blocks.
         std::fs::remove_dir_all(&main).unwrap();
         pins::remove(
