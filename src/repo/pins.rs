@@ -61,8 +61,8 @@ pub struct Pin {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
     /// Its session may have a pin written before ids, which `put` then
-    /// removes (its staging directory got its id at this daemon's start);
-    /// otherwise `put` makes no second request.
+    /// removes (its staging directory was set up before ids); otherwise
+    /// `put` makes no second request.
     #[serde(skip)]
     pub replaces_legacy: bool,
     /// `serving` or `kept`.

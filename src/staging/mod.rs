@@ -73,6 +73,12 @@ struct StagingInfo {
     /// up before ids get one at their next open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    /// Set up before ids: its sessions may have pins of the old key
+    /// (host and path), which their pins with the id replace. Kept for
+    /// good: a session kept now may be resumed, and re-pinned, after
+    /// many restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    legacy_pins: bool,
 }
 
 /// The id of the staging directory `root`, read from its `staging.json`;
@@ -97,8 +103,8 @@ pub struct StagingDir {
     storage: Arc<dyn Storage>,
     /// Its id (`StagingInfo::id`).
     id: String,
-    /// It was set up before ids and got its id at this open: its sessions
-    /// may have pins of the old key, which their next pins replace.
+    /// It was set up before ids: its sessions may have pins of the old
+    /// key, which their pins replace (`StagingInfo::legacy_pins`).
     predates_ids: bool,
     /// What this directory's sessions hold, and its limit (see `budget`).
     budget: Arc<budget::Budget>,
@@ -181,7 +187,10 @@ impl StagingDir {
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .ctx(|| format!("chmod {}", root.display()))?;
         remove_discard_leftovers(&root);
-        let predates_ids = matches!(found, Found::Ours(StagingInfo { id: None, .. }));
+        let predates_ids = match &found {
+            Found::Ours(info) => info.legacy_pins || info.id.is_none(),
+            Found::Empty => false,
+        };
         let id = match found {
             Found::Ours(StagingInfo { id: Some(id), .. }) => id,
             // Set up before ids: given one now, written (durably, replacing
@@ -189,6 +198,7 @@ impl StagingDir {
             Found::Ours(mut info) => {
                 let id = crate::repo::random_hex(16);
                 info.id = Some(id.clone());
+                info.legacy_pins = true;
                 write_info(&root, &info)?;
                 id
             }
@@ -199,6 +209,7 @@ impl StagingDir {
                     repo_id: repo_id.into(),
                     repo: repo_location.into(),
                     id: Some(id.clone()),
+                    legacy_pins: false,
                 };
                 write_info(&root, &info)?;
                 id
@@ -287,7 +298,8 @@ impl StagingDir {
         &self.id
     }
 
-    /// Whether it was set up before ids (and got its id at this open).
+    /// Whether it was set up before ids: its sessions' pins replace pins
+    /// of the old key (see `StagingInfo::legacy_pins`).
     pub fn predates_ids(&self) -> bool {
         self.predates_ids
     }

@@ -312,12 +312,13 @@ fn a_pin_from_before_staging_ids_still_protects_its_backup_and_is_replaced_when_
     };
     crate::repo::gc::collect(&r.repo, &[crate::repo::gc::MANIFESTS], gc).unwrap();
     // Its staging directory as set up before ids: it gets one at the
-    // daemon's next start.
+    // daemon's next start, and the session is resumed only after another.
     let marker = main_staging(&r).join("staging.json");
     let mut info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
     info.as_object_mut().unwrap().remove("id");
     std::fs::write(&marker, info.to_string()).unwrap();
+    let r = restart(r, &[]);
     let r = restart(r, &[]);
     // This daemon's by host and path: resumed, not refused.
     let info = r.ds.recover("vm", None).unwrap();
