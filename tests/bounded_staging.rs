@@ -369,6 +369,62 @@ fn a_guest_read_of_an_unstaged_block_when_staging_is_full_of_changed_blocks_is_a
     assert_under_limit(&env, &data_file, "after the refused write");
 }
 
+/// Guest writes fill a staging whose limit is its filesystem's free space
+/// (`--staging-max` above it, no `--staging-reserve`): the writes past the
+/// limit fail ENOSPC, but the session's own files (presence and changed
+/// maps, their atomic rewrites) still find room, so the disk never fails
+/// and every write acknowledged before stays readable after a flush.
+#[test]
+fn guest_writes_filling_a_staging_capped_by_its_filesystem_leave_room_for_its_maps_and_never_fail_the_disk(
+) {
+    let mut env = Env::new();
+    let _fs = Tmpfs::mount(&env.path("small"), "24m");
+    env.staging = env.path("small/staging");
+    env.serve_args = vec!["--staging-max".into(), "40M".into()];
+    let img = env.path("a.img");
+    let mut model = vec![0u8; 32 * MIB];
+    rand::rngs::StdRng::seed_from_u64(33).fill(&mut model[..]);
+    std::fs::write(&img, &model).unwrap();
+    env.backup("a", "64K", &[&img]);
+    let _d = env.serve();
+    let disk = env.recover("a", None)[0].clone();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let mut refused = false;
+    for i in 0..32 {
+        let data = vec![i as u8 + 1; MIB];
+        match f
+            .write_all_at(&data, (i * MIB) as u64)
+            .and_then(|()| f.sync_all())
+        {
+            Ok(()) => model[i * MIB..(i + 1) * MIB].copy_from_slice(&data),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "write {i}: {e}");
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "32 MiB of guest writes fitted a 24 MiB filesystem");
+    let st = env.status();
+    let d = &st["sessions"][0]["disks"][0];
+    assert!(d["failed"].is_null(), "the disk failed: {d}");
+    // A flush now succeeds, and what was acknowledged reads back.
+    f.sync_all().unwrap();
+    let mut back = vec![0u8; 32 * MIB];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    let written = (0..32)
+        .take_while(|&i| model[i * MIB] == i as u8 + 1)
+        .count();
+    assert!(written > 0);
+    assert!(
+        back[..written * MIB] == model[..written * MIB],
+        "acknowledged writes lost"
+    );
+}
+
 /// The tester's report: `--staging-reserve 10M` on an 8 MiB filesystem
 /// started with a 0-byte limit and recover said "raise --staging-max",
 /// never given; `--staging-max 1K` was accepted.
