@@ -86,7 +86,8 @@
 //! bytes answer the read, nothing is staged) and a write that needs room
 //! fails ENOSPC. Prefetch fills only below the low watermark and evicts no
 //! other disk's blocks. A new recovery is admitted only where its expected
-//! working set fits (a prefetched profile below that watermark).
+//! working set fits (a profile that does not fit below that watermark is
+//! admitted with a warning).
 //!
 //! ## On-disk formats
 //!

@@ -67,7 +67,8 @@ pub struct Need {
     pub bytes: u64,
     pub from: Option<&'static str>,
     /// Staged ahead by prefetch (an operational profile), which stays
-    /// below the staging's low watermark: it must fit there.
+    /// below the staging's low watermark: admitted where it fits the
+    /// limit, with a warning where it does not fit below the watermark.
     pub prefetched: bool,
 }
 
@@ -287,11 +288,7 @@ impl Datastore {
         let mut hints: Vec<String> = vec![];
         for f in figures.iter_mut() {
             let room = self.point(&f.name).and_then(|p| {
-                let budget = p.staging.budget();
-                let r = match need.prefetched {
-                    true => budget.prefetch_room()?,
-                    false => budget.room()?,
-                };
+                let r = p.staging.budget().room()?;
                 Some((
                     r.saturating_sub(self.pending_need(&p.staging)),
                     p.staging.clone(),
@@ -303,13 +300,9 @@ impl Datastore {
                     hints.push(hint);
                 }
                 let free = format!(
-                    "staging {}: {} free {}",
+                    "staging {}: {} free of its limit",
                     st.root().display(),
-                    human_bytes(r),
-                    match need.prefetched {
-                        true => "below its low watermark (80 % of its limit, where prefetch stops)",
-                        false => "of its limit",
-                    }
+                    human_bytes(r)
                 );
                 refused.push((f.name.clone(), format!("export point {} ({free})", f.name)));
                 f.unavailable = Some(free);
@@ -331,6 +324,33 @@ impl Datastore {
             ));
         }
         Ok(!refused.is_empty())
+    }
+
+    /// A warning for a recovery admitted at `point` whose profile does
+    /// not fit below its staging's low watermark, where prefetch stops
+    /// (see `Budget::reserve_speculative`): admitted all the same (it fits
+    /// the limit), its prefetch stages only part of its profile.
+    pub(super) fn prefetch_shortfall(
+        &self,
+        vm: &str,
+        need: Need,
+        point: &ExportPoint,
+    ) -> Option<String> {
+        if !need.prefetched {
+            return None;
+        }
+        let room = point.staging.budget().prefetch_room()?;
+        // This recovery's own placement is among the pending ones.
+        let others = self.pending_need(&point.staging).saturating_sub(need.bytes);
+        let room = room.saturating_sub(others);
+        (room < need.bytes).then(|| {
+            format!(
+                "VM {vm}'s operational profile ({}) does not fit below the low watermark of staging {} ({} free there, 80 % of its limit, where prefetch stops): its prefetch stages part of it, the rest is fetched when read; raise the staging's limit to prefetch all of it",
+                human_bytes(need.bytes),
+                point.staging.root().display(),
+                human_bytes(room)
+            )
+        })
     }
 
     /// Staging room taken by placements not served yet, in `staging`.

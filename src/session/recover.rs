@@ -134,12 +134,14 @@ impl Datastore {
         // data stays in the staging directory it is in.
         // `reserved` is held until the session is in the table (any
         // return before drops it): recoveries placed meanwhile count it.
+        let mut shortfall = None;
         let (point, host, decision, chosen, reserved) = match placing {
             Placing::New { req, .. } => {
                 let chosen = self.choose_manifest(vm, backup, None)?;
                 let need = self.expected_working_set(vm, &chosen.manifest);
                 let (d, reserved) = self.place(vm, req, chosen.kept.as_ref(), need)?;
                 let p = self.point(&d.chosen).expect("decided among ours").clone();
+                shortfall = self.prefetch_shortfall(vm, need, &p);
                 (p, req.host.clone(), Some(d), chosen, Some(reserved))
             }
             Placing::Kept {
@@ -273,6 +275,7 @@ impl Datastore {
         tracing::info!(vm, backup = %manifest.id, resumed, export_point = %point.name(), "recovery session started");
         let mut info = self.info(&session, false, skipped, decision);
         info.warnings = warnings;
+        info.warnings.extend(shortfall);
         Ok(info)
     }
 

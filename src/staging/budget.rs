@@ -26,10 +26,10 @@
 //! prefetch must not push another VM's working set out. Readahead may
 //! replace its own disk's blocks while staging sits at the watermark; a
 //! profile or relocation-order prefetch evicts nothing (its earlier blocks
-//! are wanted first). A recovery whose profile is prefetched is admitted
-//! only where it fits below that watermark ([`Budget::prefetch_room`],
-//! counting other disks' unchanged blocks), and room is made there once,
-//! before its prefetch starts ([`Budget::make_room_below_low`]). A background
+//! are wanted first). Before a recovery's profile prefetch, room is
+//! made below that watermark once ([`Budget::make_room_below_low`]); a
+//! profile that does not fit there ([`Budget::prefetch_room`], counting
+//! other disks' unchanged blocks) is admitted with a warning. A background
 //! thread evicts from a high watermark (90 % of the limit) down to a low
 //! one (80 %) so fills rarely wait.
 //!
