@@ -62,8 +62,8 @@ pub(crate) fn placement(r: &Value, explain: bool) {
                 ""
             }
         );
-        if let Some(why) = f["unavailable"].as_str() {
-            eprintln!("  {:<12} unavailable: {why}", "");
+        if let Some(why) = c["not_eligible"].as_str() {
+            eprintln!("  {:<12} not eligible: {why}", "");
         }
     }
 }
