@@ -100,9 +100,10 @@ pub(crate) fn export_points(r: &Value, json: bool) {
             .iter()
             .map(|h| {
                 format!(
-                    "{} ({} conn)",
+                    "{} ({} conn, {} session(s) placed for it)",
                     h["host"].as_str().unwrap_or("?"),
-                    h["connections"]
+                    h["connections"],
+                    h["sessions"]
                 )
             })
             .collect();
