@@ -496,6 +496,11 @@ fn client_without_daemon_says_so() {
         ],
         "no recoverfs daemon",
     );
+    // The directory the socket is in, not the socket.
+    env.fails(
+        &["status", "--socket", env.path("").to_str().unwrap()],
+        "is a directory, not a daemon's control socket",
+    );
 }
 
 /// Staging on a file system with room for a few blocks: every read still
