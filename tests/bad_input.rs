@@ -242,6 +242,32 @@ fn unknown_vm_backup_and_malformed_names_are_refused() {
 }
 
 #[test]
+fn an_unresolvable_host_for_several_vms_is_refused_once_and_recovers_none() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    random_image(&env.path("b.raw"), 2 * K64, 32, K64);
+    env.backup("vm2", "64K", &[&env.path("b.raw")]);
+    let _d = env.serve();
+    let s = env.socket.to_str().unwrap().to_string();
+    let args = [
+        "recover",
+        "--socket",
+        &s,
+        "vm",
+        "vm2",
+        "--host",
+        "no-such-host.invalid",
+    ];
+    let err = env.fails(&args, "no-such-host.invalid");
+    assert!(err.contains("neither an address nor a name"), "{err}");
+    assert_eq!(
+        env.status()["sessions"],
+        serde_json::json!([]),
+        "a VM was recovered"
+    );
+}
+
+#[test]
 fn an_nbd_unix_socket_without_a_path_is_refused_in_one_line_before_anything_starts() {
     let env = Env::new();
     repo_with_vm(&env);
@@ -469,6 +495,11 @@ fn client_without_daemon_says_so() {
             env.path("none.sock").to_str().unwrap(),
         ],
         "no recoverfs daemon",
+    );
+    // The directory the socket is in, not the socket.
+    env.fails(
+        &["status", "--socket", env.path("").to_str().unwrap()],
+        "is a directory, not a daemon's control socket",
     );
 }
 

@@ -539,6 +539,36 @@ fn staging_ls_lists_kept_sessions_and_drop_removes_one_only_when_no_daemon_serve
 }
 
 #[test]
+fn staging_ls_of_the_main_staging_lists_the_sessions_of_export_points_with_their_own_staging() {
+    let mut env = Env::new();
+    let img = env.path("disk.img");
+    random_image(&img, 2 * MIB, 10, BS);
+    let id = env.backup("vm", "64K", &[&img]);
+    let own = env.path("own");
+    env.serve_args = vec![
+        "--export-point".into(),
+        format!("a,listen={}", own_loopback()),
+        "--export-point".into(),
+        format!("b,listen={},staging={}", own_loopback(), own.display()),
+    ];
+    let mut d = env.serve();
+    let sock = env.socket.to_str().unwrap();
+    env.ok(&["recover", "--socket", sock, "vm", "--export-point", "b"]);
+    env.release_closed("vm", false);
+    d.stop();
+    let st = env.staging.to_str().unwrap();
+    let ls = env.ok(&["staging", "ls", "--staging", st]);
+    let own = std::fs::canonicalize(&own).unwrap();
+    assert!(
+        ls.contains(&format!("{}  vm  {id}", own.display())),
+        "b's session is not listed: {ls}"
+    );
+    let ls: serde_json::Value =
+        serde_json::from_str(&env.ok(&["staging", "ls", "--staging", st, "--json"])).unwrap();
+    assert_eq!(ls["sessions"][0]["staging"], own.to_str().unwrap(), "{ls}");
+}
+
+#[test]
 fn staging_drop_with_repo_removes_the_dropped_sessions_pin_so_forget_removes_its_backup() {
     let env = Env::new();
     let img = env.path("disk.img");

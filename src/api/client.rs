@@ -76,6 +76,40 @@ impl Client {
         }
     }
 
+    /// Why `--socket` names no socket at all: a directory (the one the
+    /// socket is in, say: the sockets in it are named) or a plain file.
+    fn not_a_socket(&self) -> Option<Error> {
+        use std::os::unix::fs::FileTypeExt;
+        let t = std::fs::metadata(&self.socket).ok()?.file_type();
+        let what = if t.is_socket() {
+            return None;
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_file() {
+            "a regular file"
+        } else {
+            "not a socket"
+        };
+        let mut msg = format!(
+            "--socket {} is {what}, not a daemon's control socket: give the socket file (`serve --socket`)",
+            self.socket.display()
+        );
+        if t.is_dir() {
+            let mut inside: Vec<String> = std::fs::read_dir(&self.socket)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+                .map(|e| e.path().display().to_string())
+                .collect();
+            inside.sort();
+            if !inside.is_empty() {
+                msg += &format!(", such as {}", inside.join(" or "));
+            }
+        }
+        Some(Error::invalid(msg))
+    }
+
     fn request(
         &self,
         method: &str,
@@ -92,7 +126,9 @@ impl Client {
                     self.socket.display()
                 ),
             ),
-            _ => Error::new(ErrorKind::NotFound, self.no_daemon(&e)),
+            _ => self
+                .not_a_socket()
+                .unwrap_or_else(|| Error::new(ErrorKind::NotFound, self.no_daemon(&e))),
         })?;
         s.set_read_timeout(Some(timeout)).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
@@ -247,6 +283,32 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn a_directory_or_plain_file_given_as_the_socket_is_named_as_such_in_one_line() {
+        let d = tempfile::tempdir().unwrap();
+        // The daemon's socket inside: named as the one to give.
+        let _l = std::os::unix::net::UnixListener::bind(d.path().join("control.sock")).unwrap();
+        let e = Client::new(d.path()).get("/status").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        let e = e.to_string();
+        let want = format!(
+            "--socket {} is a directory, not a daemon's control socket: give the socket file (`serve --socket`), such as {}",
+            d.path().display(),
+            d.path().join("control.sock").display()
+        );
+        assert_eq!(e, want);
+        let f = d.path().join("notes");
+        std::fs::write(&f, b"").unwrap();
+        let e = Client::new(&f).get("/status").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "--socket {} is a regular file, not a daemon's control socket: give the socket file (`serve --socket`)",
+                f.display()
+            )
+        );
     }
 
     #[test]

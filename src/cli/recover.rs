@@ -28,12 +28,19 @@ pub fn run(socket: &SocketArg, a: RecoverArgs) -> Result<()> {
             "--backup names one backup: recover one VM with it",
         ));
     }
+    // Resolved once, here: a name that does not resolve is one error, not
+    // one per VM, and every VM is placed for the same address.
+    let host = a
+        .host
+        .map(crate::session::resolve_host)
+        .transpose()?
+        .map(|ip| ip.to_string());
     let c = client(socket);
     // One after another: each placement sees the sessions before it.
     let tried = each(a.vms, |v| {
         let r = c.post(
             "/sessions",
-            &json!({"vm": v, "backup": a.backup, "host": a.host,
+            &json!({"vm": v, "backup": a.backup, "host": host,
                     "export_point": a.export_point, "force": a.force,
                     "second_copy": a.second_copy}),
         );

@@ -13,8 +13,8 @@ pub enum StagingCmd {
     /// List the sessions kept in staging directories: VM, backup, bytes
     /// held, bytes the guest changed, and whether a daemon serves them.
     Ls {
-        /// A staging directory (repeatable: --staging and each export
-        /// point's staging=).
+        /// A staging directory (repeatable). A daemon's --staging lists
+        /// too the staging= directories its export points served with.
         #[arg(long, required = true)]
         staging: Vec<PathBuf>,
         #[arg(long)]
@@ -111,9 +111,10 @@ pub fn run(cmd: StagingCmd) -> Result<()> {
 }
 
 fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
+    let (dirs, missing) = inventory::with_point_stagings(dirs)?;
     let mut all = vec![];
     let mut served = vec![];
-    for d in dirs {
+    for d in &dirs {
         all.extend(inventory::list(d)?);
         served.push((d.clone(), inventory::lock_holder(d)?));
     }
@@ -132,7 +133,11 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "sessions": rows })).expect("json")
+            serde_json::to_string_pretty(&serde_json::json!({
+                "sessions": rows,
+                "point_stagings_not_mounted": missing,
+            }))
+            .expect("json")
         );
         return Ok(());
     }
@@ -140,6 +145,12 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
         if let Some(p) = pid {
             println!("{}: in use by a recoverfs daemon (pid {p})", d.display());
         }
+    }
+    for m in &missing {
+        println!(
+            "{}: an export point's staging served before, not a staging directory now (is its filesystem mounted?)",
+            m.display()
+        );
     }
     if all.is_empty() {
         println!("no kept sessions");

@@ -350,6 +350,9 @@ pub struct Candidate {
     pub prediction: Prediction,
     /// Whether the rule that chose considered this point.
     pub eligible: bool,
+    /// Why it was not considered (set for every point not eligible).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_eligible: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -391,6 +394,7 @@ pub fn decide(
             prediction: predict(&f, w),
             figures: f,
             eligible: false,
+            not_eligible: None,
         })
         .collect();
     let decision = |chosen: String, rule: Rule, candidates: Vec<Candidate>| Decision {
@@ -422,6 +426,14 @@ pub fn decide(
             )));
         }
         c.eligible = true;
+        for c in candidates.iter_mut().filter(|c| &c.figures.name != name) {
+            c.not_eligible = Some(
+                c.figures
+                    .unavailable
+                    .clone()
+                    .unwrap_or_else(|| format!("not the point named (--export-point {name})")),
+            );
+        }
         return Ok(decision(name.clone(), Rule::Forced, candidates));
     }
     if candidates.len() == 1 && candidates[0].figures.unavailable.is_none() {
@@ -444,12 +456,27 @@ pub fn decide(
     } else {
         Rule::ConnectionHeadroom
     };
+    let h = host.as_deref().unwrap_or_default();
     for c in candidates.iter_mut() {
-        c.eligible = c.figures.unavailable.is_none()
-            && match rule {
-                Rule::ConnectionHeadroom => !c.figures.host_connected,
-                _ => used == 0 || c.figures.host_connected,
-            };
+        c.not_eligible = if let Some(u) = &c.figures.unavailable {
+            Some(u.clone())
+        } else {
+            match rule {
+                Rule::ConnectionHeadroom if c.figures.host_connected => Some(format!(
+                    "host {h} uses it already and may open another connection: a point it does not use yet is preferred"
+                )),
+                Rule::ConnectionHeadroom => None,
+                _ if used == 0 || c.figures.host_connected => None,
+                Rule::LeastLatencyOverHeadroom => Some(format!(
+                    "host {h} does not use it, and the best point it does not use predicts {best_fresh:.3} ms, over {:.3} ms more than the best it uses ({best_used:.3} ms)",
+                    w.headroom_max_extra_ms
+                )),
+                _ => Some(format!(
+                    "host {h} does not use it and already uses {used} export point(s), its limit (--max-connections-per-host {max_conn})"
+                )),
+            }
+        };
+        c.eligible = c.not_eligible.is_none();
     }
     if !candidates.iter().any(|c| c.eligible) {
         let why: Vec<String> = candidates

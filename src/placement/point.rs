@@ -90,8 +90,4 @@ impl ExportPoint {
     pub fn hosts(&self) -> Vec<(IpAddr, usize)> {
         self.conns.lock().iter().map(|(ip, n)| (*ip, *n)).collect()
     }
-
-    pub fn has_host(&self, ip: IpAddr) -> bool {
-        self.conns.lock().contains_key(&canonical(ip))
-    }
 }

@@ -279,3 +279,48 @@ fn an_unavailable_point_counts_for_the_hosts_connections_but_is_never_chosen() {
     let e = decide(vec![idle_full], &named, None, 4, &Weights::default()).unwrap_err();
     assert!(e.to_string().contains("no room"), "{e}");
 }
+
+#[test]
+fn every_point_not_eligible_says_why_under_every_rule() {
+    let connected = |p: PointFigures| PointFigures {
+        host_connected: true,
+        ..p
+    };
+    let full = PointFigures {
+        unavailable: Some("no room".into()),
+        ..point("f")
+    };
+    let forced = Want::Named {
+        name: "b".into(),
+        force: false,
+    };
+    let w = Weights::default();
+    let decisions = [
+        // Connection headroom: the point the host uses already.
+        auto(
+            vec![connected(busy("a", 0)), point("b"), full.clone()],
+            Some("h"),
+            2,
+        ),
+        // At the limit: the point the host does not use.
+        auto(
+            vec![connected(busy("a", 0)), point("b"), full.clone()],
+            Some("h"),
+            1,
+        ),
+        // Headroom passed over: the far slower unused point.
+        auto(
+            vec![sync_queue_of_slow_misses("a"), connected(point("c"))],
+            Some("h"),
+            4,
+        ),
+        // Named: the others.
+        decide(vec![point("a"), point("b"), full], &forced, None, 4, &w).unwrap(),
+    ];
+    for d in decisions {
+        assert!(d.candidates.iter().any(|c| !c.eligible), "{d:?}");
+        for c in &d.candidates {
+            assert_eq!(c.eligible, c.not_eligible.is_none(), "{:?}: {c:?}", d.rule);
+        }
+    }
+}

@@ -124,7 +124,8 @@ pub struct PointStatus {
     /// Where its new sessions stage.
     pub staging: std::path::PathBuf,
     pub sessions: Vec<String>,
-    /// Connected hypervisor hosts and their live TCP connections.
+    /// Hypervisor hosts using it: live TCP connections or sessions placed
+    /// for them (what placement counts as a host's points).
     pub hosts: Vec<HostConnections>,
     pub queue: placement::QueueFigures,
     /// Per session with a relocation, its progress (0..1).
@@ -134,10 +135,16 @@ pub struct PointStatus {
     pub urls: Vec<String>,
 }
 
+/// A hypervisor host using an export point: with a live TCP connection,
+/// or a session placed for it there (it has not connected yet, say).
+/// Placement counts exactly these as the host's points.
 #[derive(Debug, Serialize)]
 pub struct HostConnections {
     pub host: std::net::IpAddr,
+    /// Live TCP connections.
     pub connections: usize,
+    /// Sessions placed for it there (placements not served yet included).
+    pub sessions: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -366,6 +373,19 @@ impl Datastore {
     /// Every export point's figures, as seen by a recovery for host `ip`;
     /// placements not served yet count as sessions of their host.
     pub fn point_figures(&self, ip: Option<std::net::IpAddr>) -> Vec<PointFigures> {
+        self.points_with_hosts(ip)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect()
+    }
+
+    /// Every export point's figures and the hosts using it; a point counts
+    /// as connected for `ip` exactly when `ip` is among its hosts, so that
+    /// `export-points` and `recover --explain` agree.
+    fn points_with_hosts(
+        &self,
+        ip: Option<std::net::IpAddr>,
+    ) -> Vec<(PointFigures, Vec<HostConnections>)> {
         // Before the table: a reservation is dropped only after its session
         // is in it, so a recovery is counted at least once.
         let pending: Vec<(Arc<ExportPoint>, Option<std::net::IpAddr>)> = {
@@ -389,15 +409,34 @@ impl Datastore {
                     .filter(|(q, _)| Arc::ptr_eq(q, p))
                     .map(|(_, h)| *h)
                     .collect();
-                let placed_for_host = ip.is_some_and(|ip| {
-                    mine.iter().any(|s| s.host_ip == Some(ip)) || reserved.contains(&Some(ip))
-                });
+                let mut hosts: std::collections::BTreeMap<std::net::IpAddr, HostConnections> = p
+                    .hosts()
+                    .into_iter()
+                    .map(|(host, connections)| {
+                        let h = HostConnections {
+                            host,
+                            connections,
+                            sessions: 0,
+                        };
+                        (host, h)
+                    })
+                    .collect();
+                let placed = mine.iter().filter_map(|s| s.host_ip);
+                for host in placed.chain(reserved.iter().flatten().copied()) {
+                    let h = hosts.entry(host).or_insert(HostConnections {
+                        host,
+                        connections: 0,
+                        sessions: 0,
+                    });
+                    h.sessions += 1;
+                }
                 let mut f = PointFigures {
                     name: p.name().into(),
                     queue: p.queue.snapshot(),
                     sessions: mine.len() + reserved.len(),
                     repo_fetch_ms,
-                    host_connected: ip.is_some_and(|ip| p.has_host(ip)) || placed_for_host,
+                    host_connected: ip
+                        .is_some_and(|ip| hosts.contains_key(&placement::point::canonical(ip))),
                     ..Default::default()
                 };
                 for s in mine {
@@ -413,19 +452,19 @@ impl Datastore {
                         f.profile_remaining_bytes += d.profile_remaining_bytes();
                     }
                 }
-                f
+                (f, hosts.into_values().collect())
             })
             .collect()
     }
 
     /// `export-points`: every export point with its figures.
     pub fn point_status(&self) -> Vec<PointStatus> {
-        let figures = self.point_figures(None);
+        let figures = self.points_with_hosts(None);
         let urls = self.urls.read();
         self.points
             .iter()
             .zip(figures)
-            .map(|(p, f)| {
+            .map(|(p, (f, hosts))| {
                 let sessions = self.sessions_at(p.name());
                 let relocations = sessions
                     .iter()
@@ -447,11 +486,7 @@ impl Datastore {
                     nbd_port: p.spec.nbd_port,
                     staging: p.staging.root().to_path_buf(),
                     sessions: sessions.iter().map(|s| s.vm.clone()).collect(),
-                    hosts: p
-                        .hosts()
-                        .into_iter()
-                        .map(|(host, connections)| HostConnections { host, connections })
-                        .collect(),
+                    hosts,
                     queue: f.queue,
                     relocations,
                     predicted: placement::predict(&f, &self.placement.weights),

@@ -977,3 +977,30 @@ fn a_throwaway_release_waits_for_handles_the_kernel_closes_late_and_never_leaves
     s.close_handle();
     r.ds.release("vm", true).unwrap();
 }
+
+#[test]
+fn export_points_lists_the_same_hosts_on_each_point_as_placement_counts_connected() {
+    let r = rig_limited(POINTS, 4);
+    backup(&r, "vm1", 35, 4);
+    // Placed for HOST at a: nothing of HOST connects yet.
+    r.ds.recover_placed("vm1", None, &for_host(Some("a")))
+        .unwrap();
+    // Another host with a live connection at b and no session.
+    let other = resolve_host("198.51.100.8").unwrap();
+    let _conn = r.ds.point("b").unwrap().connected(other);
+    let host = resolve_host(HOST).unwrap();
+    let status = r.ds.point_status();
+    for ip in [host, other] {
+        let placing = r.ds.point_figures(Some(ip));
+        for (s, f) in status.iter().zip(&placing) {
+            let listed = s.hosts.iter().any(|h| h.host == ip);
+            assert_eq!(
+                listed, f.host_connected,
+                "point {}: export-points lists {ip}: {listed}, placement counts it connected: {}",
+                s.name, f.host_connected
+            );
+        }
+    }
+    let a = status.iter().find(|s| s.name == "a").unwrap();
+    assert!(a.hosts.iter().any(|h| h.host == host), "{a:?}");
+}

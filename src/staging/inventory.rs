@@ -63,6 +63,32 @@ fn check_staging(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The staging directories `staging ls` lists for `dirs`: each, then each
+/// export point's own staging that one of them (a main staging) has served
+/// with, so that `--staging MAIN` shows every session its daemon keeps.
+/// Second: those recorded that are no staging directory now (their disk
+/// not mounted, say), to be named rather than listed.
+pub fn with_point_stagings(dirs: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    // Recorded paths are resolved: compare resolved ones.
+    let resolved = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut seen: Vec<PathBuf> = dirs.iter().map(|d| resolved(d)).collect();
+    let (mut out, mut missing) = (dirs.to_vec(), vec![]);
+    for d in dirs {
+        for p in super::set::point_stagings(d)? {
+            if seen.contains(&p) || seen.contains(&resolved(&p)) {
+                continue;
+            }
+            seen.push(p.clone());
+            if p.join(super::STAGING_MARKER).is_file() {
+                out.push(p);
+            } else {
+                missing.push(p);
+            }
+        }
+    }
+    Ok((out, missing))
+}
+
 /// Every kept session of the staging directory `root`.
 pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
     check_staging(root)?;
@@ -265,6 +291,30 @@ mod tests {
         assert!(!other.exists());
         assert_eq!(drop_sessions(&root, "vm", None, false).unwrap(), ["b1"]);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn the_main_stagings_listing_adds_the_stagings_its_export_points_served_with() {
+        let d = tempfile::tempdir().unwrap();
+        let (main, _) = kept(d.path(), "vm");
+        let (own, _) = kept(&d.path().join("disk2"), "vm2");
+        let gone = d.path().join("disk3/staging");
+        // As the daemon records them: resolved paths.
+        let own = std::fs::canonicalize(&own).unwrap();
+        let known = serde_json::to_vec(&[&own, &gone]).unwrap();
+        std::fs::write(main.join("point-stagings.json"), known).unwrap();
+        let (dirs, missing) = with_point_stagings(std::slice::from_ref(&main)).unwrap();
+        assert_eq!(dirs, [main.clone(), own.clone()]);
+        assert_eq!(missing, [gone]);
+        let vms: Vec<String> = dirs
+            .iter()
+            .flat_map(|d| list(d).unwrap())
+            .map(|s| s.vm)
+            .collect();
+        assert_eq!(vms, ["vm", "vm2"]);
+        // Named as well: listed once.
+        let (dirs, _) = with_point_stagings(&[main.clone(), own.clone()]).unwrap();
+        assert_eq!(dirs, [main, own]);
     }
 
     #[test]

@@ -224,6 +224,12 @@ fn check_fresh(repo: &Repository, root: &Path, lost: &[PathBuf]) -> Result<()> {
 /// and let `recover` start them over from their backups.
 const KNOWN: &str = "point-stagings.json";
 
+/// Every export point's staging (resolved path) the main staging `main`
+/// has served with; none if it never had one.
+pub(crate) fn point_stagings(main: &Path) -> Result<std::collections::BTreeSet<PathBuf>> {
+    read_known(&main.join(KNOWN))
+}
+
 fn read_known(path: &Path) -> Result<std::collections::BTreeSet<PathBuf>> {
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)

@@ -62,8 +62,8 @@ pub(crate) fn placement(r: &Value, explain: bool) {
                 ""
             }
         );
-        if let Some(why) = f["unavailable"].as_str() {
-            eprintln!("  {:<12} unavailable: {why}", "");
+        if let Some(why) = c["not_eligible"].as_str() {
+            eprintln!("  {:<12} not eligible: {why}", "");
         }
     }
 }
@@ -100,9 +100,10 @@ pub(crate) fn export_points(r: &Value, json: bool) {
             .iter()
             .map(|h| {
                 format!(
-                    "{} ({} conn)",
+                    "{} ({} conn, {} session(s) placed for it)",
                     h["host"].as_str().unwrap_or("?"),
-                    h["connections"]
+                    h["connections"],
+                    h["sessions"]
                 )
             })
             .collect();
