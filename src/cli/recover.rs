@@ -28,13 +28,13 @@ pub fn run(socket: &SocketArg, a: RecoverArgs) -> Result<()> {
             "--backup names one backup: recover one VM with it",
         ));
     }
-    // Resolved once, here: a name that does not resolve is one error, not
-    // one per VM, and every VM is placed for the same address.
-    let host = a
-        .host
-        .map(crate::session::resolve_host)
-        .transpose()?
-        .map(|ip| ip.to_string());
+    // Checked once, here: a name that does not resolve is one error, not
+    // one per VM. The name itself is sent (the daemon resolves it too):
+    // placement records and `--explain` show what the admin typed.
+    if let Some(h) = &a.host {
+        crate::session::resolve_host(h)?;
+    }
+    let host = a.host;
     let c = client(socket);
     // One after another: each placement sees the sessions before it.
     let tried = each(a.vms, |v| {
