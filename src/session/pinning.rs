@@ -159,8 +159,13 @@ impl Datastore {
                     }
                 };
             // Only a definite "not found": one that cannot be looked at
-            // still counts.
-            if local && matches!(Path::new(&p.staging).try_exists(), Ok(false)) {
+            // still counts. And not in a staging directory a running daemon
+            // serves: that one is creating the session now (its pin comes
+            // before its directory), a race both must not win (explore3).
+            if local
+                && matches!(Path::new(&p.staging).try_exists(), Ok(false))
+                && !served_staging_root(&p.staging)
+            {
                 let w = not_there(vm, p, backup);
                 tracing::warn!(vm, "{w}");
                 warnings.push(w);
@@ -290,6 +295,17 @@ fn not_there(vm: &str, p: &Pin, backup: &str) -> String {
 /// The staging directory holding session directory `dir` (of this host),
 /// if no process holds its lock: a staging a daemon served before and
 /// none serves now (left out of `--export-point`s at a restart, say).
+/// Whether the staging directory holding session directory `dir` is
+/// served by a running daemon (its lock is held); false if that cannot
+/// be told.
+fn served_staging_root(dir: &str) -> bool {
+    let Some(root) = Path::new(dir).ancestors().nth(3) else {
+        return false;
+    };
+    root.join(crate::staging::STAGING_MARKER).is_file()
+        && matches!(crate::staging::inventory::lock_holder(root), Ok(Some(_)))
+}
+
 fn unserved_staging_root(dir: &str) -> Option<std::path::PathBuf> {
     let root = Path::new(dir).ancestors().nth(3)?;
     if !root.join(crate::staging::STAGING_MARKER).is_file() {

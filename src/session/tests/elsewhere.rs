@@ -152,6 +152,25 @@ fn a_session_of_this_host_whose_staging_directory_is_gone_does_not_stop_a_recove
     );
 }
 
+/// Two daemons of this host recovering one VM at once: each puts its pin
+/// before it makes its session directory, so one may find the other's pin
+/// naming a directory not there yet. That is a session being made, not a
+/// disk not mounted: refused, never both recovered (explore3 HIGH).
+#[test]
+fn a_pin_another_running_daemon_of_this_host_just_put_refuses_before_its_directory_exists() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    let other = other_daemon(&r, "b");
+    let staging = other.stagings.main().clone();
+    let pinned = other.pin_new_session("vm", &b1, &staging).unwrap();
+    assert!(!staging.session_dir("vm", &b1).exists());
+    let e = r.ds.recover("vm", Some(&b1)).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
+    assert!(r.ds.session("vm").is_none());
+    drop(pinned);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+}
+
 #[test]
 fn a_mistyped_backup_of_a_served_vm_is_unknown_not_release_it_first() {
     let r = rig();
