@@ -184,4 +184,28 @@ mod tests {
         let theirs = Pin::new("vm", vec!["b1".into()], &dir, true).in_staging("another");
         refuse_live(&theirs).unwrap();
     }
+
+    #[test]
+    fn drop_removes_the_pin_it_listed_even_stored_under_another_name_than_its_content_gives() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+        let mut ghost = Pin::new(
+            "vm",
+            vec!["b1".into()],
+            std::path::Path::new("/gone/s/sessions/vm/b1"),
+            true,
+        );
+        ghost.host = "ghost".into();
+        // Copied by hand under a name of its own.
+        let body = serde_json::to_vec(&ghost).unwrap();
+        repo.backend()
+            .put("pins/vm/0123456789abcdef.json", &body)
+            .unwrap();
+        drop_pins(&repo, "vm", "ghost", None).unwrap();
+        assert!(
+            pins::of_vm(&repo, "vm").unwrap().is_empty(),
+            "`removed` was said of a pin still there"
+        );
+    }
 }

@@ -40,7 +40,7 @@ use super::Repository;
 use crate::error::{Error, Result};
 use crate::util::validate_name;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pin {
     pub vm: String,
     /// The backups it uses: its own, then its live-backup base if another.
@@ -65,6 +65,12 @@ pub struct Pin {
     /// `put` makes no second request.
     #[serde(skip)]
     pub replaces_legacy: bool,
+    /// The key it was read from, for a pin read from the repository:
+    /// `remove` deletes that object (a pin whose name does not match its
+    /// content, copied or made by hand, would otherwise stay while
+    /// `remove` deleted the key its content gives).
+    #[serde(skip)]
+    pub read_from: Option<String>,
     /// `serving` or `kept`.
     pub state: String,
     /// When it was last written (RFC 3339).
@@ -77,6 +83,16 @@ pub struct Pin {
     pub owner: Option<super::locks::Owner>,
 }
 
+/// The same pin: what is stored (not where it was read from, nor what
+/// `put` does besides).
+impl PartialEq for Pin {
+    fn eq(&self, o: &Pin) -> bool {
+        serde_json::to_value(self).ok() == serde_json::to_value(o).ok()
+    }
+}
+
+impl Eq for Pin {}
+
 impl Pin {
     pub fn new(vm: &str, backups: Vec<String>, staging: &std::path::Path, serving: bool) -> Pin {
         Pin {
@@ -87,6 +103,7 @@ impl Pin {
             staging_id: None,
             machine: machine_id(),
             replaces_legacy: false,
+            read_from: None,
             state: if serving { "serving" } else { "kept" }.into(),
             written: crate::util::rfc3339(crate::util::now_unix()),
             owner: None,
@@ -198,7 +215,10 @@ pub fn put(repo: &Repository, pin: &Pin) -> Result<()> {
 /// Removes a session's pin (its staging is gone), and for one with a
 /// staging id the pin of its session written before ids (see `put`).
 pub fn remove(repo: &Repository, pin: &Pin) -> Result<()> {
-    repo.backend().delete(&pin.key())?;
+    // One read from the repository: the object it was read from, whatever
+    // its content says its key is (another object may have that key).
+    let key = pin.read_from.clone().unwrap_or_else(|| pin.key());
+    repo.backend().delete(&key)?;
     if pin.staging_id.is_some() {
         repo.backend().delete(&pin.legacy_key())?;
     }
@@ -253,7 +273,10 @@ fn read_of_vm(
             continue;
         };
         match serde_json::from_slice::<Pin>(&bytes) {
-            Ok(pin) => out.push(pin),
+            Ok(mut pin) => {
+                pin.read_from = Some(o.key);
+                out.push(pin)
+            }
             Err(e) => damaged(&o.key, e)?,
         }
     }
@@ -274,11 +297,12 @@ pub fn of_host_under(repo: &Repository, root: &std::path::Path) -> Result<Vec<Pi
             continue;
         };
         match serde_json::from_slice::<Pin>(&bytes) {
-            Ok(pin)
+            Ok(mut pin)
                 if pin.host == host
                     && !pin.on_other_machine()
                     && std::path::Path::new(&pin.staging).starts_with(root) =>
             {
+                pin.read_from = Some(o.key);
                 out.push(pin)
             }
             Ok(_) => {}
