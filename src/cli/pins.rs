@@ -33,6 +33,9 @@ pub enum PinsCmd {
         vm: String,
         #[arg(long)]
         host: String,
+        /// Only pins of sessions in this staging directory (as `pins ls`
+        /// shows it, or one of its session directories); on a lost host
+        /// the path is that host's, taken as written.
         #[arg(long)]
         staging: Option<String>,
     },
@@ -105,7 +108,7 @@ fn line(p: &Pin) -> String {
 fn drop_pins(repo: &Repository, vm: &str, host: &str, staging: Option<&str>) -> Result<()> {
     let matching: Vec<Pin> = pins::of_vm_readable(repo, vm)?
         .into_iter()
-        .filter(|p| p.host == host && staging.is_none_or(|s| p.staging == s))
+        .filter(|p| p.host == host && staging.is_none_or(|s| in_staging(&p.staging, s)))
         .collect();
     if matching.is_empty() {
         return Err(Error::not_found(format!(
@@ -125,6 +128,13 @@ fn drop_pins(repo: &Repository, vm: &str, host: &str, staging: Option<&str>) -> 
         "forget no longer keeps those backups for these sessions, and VM {vm} may be recovered elsewhere without --second-copy"
     );
     Ok(())
+}
+
+/// Whether session directory `session` is `staging` or lies in it (a
+/// staging directory, or a session directory; a trailing `/` ignored).
+fn in_staging(session: &str, staging: &str) -> bool {
+    let staging = staging.trim_end_matches('/');
+    !staging.is_empty() && std::path::Path::new(session).starts_with(staging)
 }
 
 /// A pin whose session is known to live here is not this command's.
@@ -183,6 +193,17 @@ mod tests {
         // Another host of this name whose staging has the same path.
         let theirs = Pin::new("vm", vec!["b1".into()], &dir, true).in_staging("another");
         refuse_live(&theirs).unwrap();
+    }
+
+    #[test]
+    fn drop_takes_a_staging_directory_or_a_session_directory_for_staging() {
+        let session = "/st1/sessions/vma/20261124-040018";
+        for s in ["/st1", "/st1/", session] {
+            assert!(in_staging(session, s), "{s}");
+        }
+        for s in ["/st", "/st1/sessions/vmb", "", "/"] {
+            assert!(!in_staging(session, s), "{s}");
+        }
     }
 
     #[test]
