@@ -773,7 +773,24 @@ impl Datastore {
                 }
             }
         }
+        self.warn_stagings_over_limit();
         resumed
+    }
+
+    /// Says so at start where what staging holds for good (kept sessions,
+    /// guest-changed blocks) already reaches its limit, as after a restart
+    /// with a lower `--staging-max` (explore3): nothing new can be staged.
+    fn warn_stagings_over_limit(&self) {
+        for staging in self.stagings() {
+            if let Some((fixed, limit)) = staging.budget().unevictable_over_limit() {
+                tracing::warn!(
+                    "staging {} holds {} that cannot be evicted (kept sessions and blocks the guests changed), at or over its {} limit: no new block is staged there (reads are read from the repository each time, writes to blocks not staged fail ENOSPC) until sessions are released with --discard or the limit is raised",
+                    staging.root().display(),
+                    crate::util::human_bytes(fixed),
+                    crate::util::human_bytes(limit)
+                );
+            }
+        }
     }
 
     pub fn status(&self, s: &Session) -> SessionStatus {

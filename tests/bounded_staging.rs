@@ -421,6 +421,46 @@ fn guest_writes_filling_a_staging_capped_by_its_filesystem_leave_room_for_its_ma
     );
 }
 
+/// A restart with a `--staging-max` below what the sessions already hold
+/// for good (guest-changed blocks) says so at start: nothing new can be
+/// staged there until sessions go (explore3: it started silently).
+#[test]
+fn a_restart_with_a_limit_below_the_changed_blocks_held_says_so_at_start() {
+    let mut env = Env::new();
+    env.serve_args = vec!["--staging-max".into(), "16M".into()];
+    let img = env.path("a.img");
+    let mut data = vec![0u8; 8 * MIB];
+    rand::rngs::StdRng::seed_from_u64(41).fill(&mut data[..]);
+    std::fs::write(&img, &data).unwrap();
+    env.backup("a", "64K", &[&img]);
+    let mut d = env.serve();
+    let disk = env.recover("a", None)[0].clone();
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![7u8; 4 * MIB], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(!d.log_text().contains("at or over its"), "{}", d.log_text());
+    d.kill9();
+    drop(d);
+    env.serve_args = vec!["--staging-max".into(), "2M".into()];
+    let d = env.serve();
+    let log = d.log_text();
+    assert!(
+        log.contains("holds 4.0 MiB that cannot be evicted")
+            && log.contains("at or over its 2.0 MiB limit"),
+        "{log}"
+    );
+    // The guest's writes are all there, and unread blocks still read.
+    let mut back = vec![0u8; 8 * MIB];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert!(back[..4 * MIB].iter().all(|&b| b == 7));
+    assert!(back[4 * MIB..] == data[4 * MIB..]);
+}
+
 /// The tester's report: `--staging-reserve 10M` on an 8 MiB filesystem
 /// started with a 0-byte limit and recover said "raise --staging-max",
 /// never given; `--staging-max 1K` was accepted.

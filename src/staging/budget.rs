@@ -369,6 +369,16 @@ impl Budget {
         Some(limit.saturating_sub(self.kept.load(Ordering::Acquire) + self.held()))
     }
 
+    /// What no eviction can free here (kept sessions, served disks'
+    /// changed blocks) and the limit, when that reaches the limit: then
+    /// no new block can be staged (reads read through, writes to blocks
+    /// not staged fail ENOSPC).
+    pub fn unevictable_over_limit(&self) -> Option<(u64, u64)> {
+        let limit = self.limit()?;
+        let fixed = self.kept.load(Ordering::Acquire) + self.held();
+        (fixed >= limit).then_some((fixed, limit))
+    }
+
     /// Served disks' bytes no eviction can free (their changed blocks).
     fn held(&self) -> u64 {
         self.members
