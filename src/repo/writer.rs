@@ -103,6 +103,23 @@ pub fn check_config(config: &serde_json::Value) -> Result<()> {
     }
 }
 
+/// A configuration that lists its disks lists one per image backed up:
+/// a recovered `vm.json` naming no disk, or fewer, beside the disk files
+/// would mislead whoever boots it.
+pub fn check_config_disks(config: &serde_json::Value, images: usize) -> Result<()> {
+    match config.get("disks") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::Array(d)) if d.len() == images => Ok(()),
+        Some(serde_json::Value::Array(d)) => Err(Error::invalid(format!(
+            "the VM configuration lists {} disk(s) and {images} image(s) were given: list one per image, in order, or leave \"disks\" out",
+            d.len()
+        ))),
+        Some(_) => Err(Error::invalid(
+            "the VM configuration's \"disks\" must be a list (one entry per image)",
+        )),
+    }
+}
+
 pub fn default_config(vm: &str, disks: usize) -> serde_json::Value {
     let disks: Vec<_> = (0..disks)
         .map(|i| serde_json::json!({"name": format!("disk{i}"), "file": format!("disk{i}.raw"), "format": "raw", "bus": "virtio"}))
@@ -122,6 +139,7 @@ pub fn run_backup(repo: &Arc<Repository>, req: BackupRequest) -> Result<BackupRe
         .collect::<Result<Vec<_>>>()?;
     if let Some(c) = &req.config {
         check_config(c)?;
+        check_config_disks(c, req.images.len())?;
     }
     // Refused before any reading, not only when its manifest is written.
     super::chunk::validate_chunk_size(u64::from(req.chunk_size))?;
@@ -578,6 +596,34 @@ mod tests {
             .expect("a 0-byte disk was backed up");
         assert!(e.to_string().contains("0 bytes"), "{e}");
         assert!(repo.vms().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_config_listing_another_number_of_disks_than_images_is_refused_at_backup() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _) =
+            Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+        let img = image(d.path(), "a.raw", &[1; 100]);
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!([{"name": "disk0"}, {"name": "disk1"}]),
+            serde_json::json!("disk0"),
+        ] {
+            let mut r = req("vm1", vec![img.clone()]);
+            r.config = Some(serde_json::json!({ "disks": bad }));
+            let e = run_backup(&repo, r)
+                .err()
+                .unwrap_or_else(|| panic!("disks {bad} accepted"));
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput);
+            assert!(
+                e.to_string().contains("\"disks\"") || e.to_string().contains("disk(s)"),
+                "{e}"
+            );
+        }
+        assert!(repo.vms().unwrap().is_empty());
+        let mut r = req("vm1", vec![img]);
+        r.config = Some(serde_json::json!({ "disks": [{"name": "disk0"}] }));
+        run_backup(&repo, r).unwrap();
     }
 
     #[test]

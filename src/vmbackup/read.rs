@@ -300,6 +300,7 @@ pub fn backup_exports(
 ) -> Result<(Manifest, Vec<ReadOutcome>)> {
     if let Some(c) = &config {
         crate::repo::writer::check_config(c)?;
+        crate::repo::writer::check_config_disks(c, exports.len())?;
     }
     let lock = WriterLock::acquire(repo, vm)?;
     let mut reads = vec![];
