@@ -89,8 +89,12 @@ fn line(p: &Pin) -> String {
         Some(id) => format!(" (staging id {id})"),
         None => String::new(),
     };
-    let machine = match (&p.machine, p.on_other_machine()) {
-        (Some(m), true) => format!(" (another machine of that name: id {m})"),
+    // Only worth saying of a pin that names this host's name.
+    let machine = match (
+        &p.machine,
+        p.on_other_machine() && p.host == pins::hostname(),
+    ) {
+        (Some(m), true) => format!(" (another machine of this host's name: machine id {m})"),
         _ => String::new(),
     };
     let text = format!(

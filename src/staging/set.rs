@@ -46,7 +46,12 @@ impl StagingSet {
             .iter()
             .map(|p| resolve(p))
             .collect::<Result<Vec<_>>>()?;
-        let fresh = |root: &Path| check_fresh(repo, root, &lost);
+        // The `--staging-lost` directories set up afresh at this start.
+        let used = std::cell::RefCell::new(vec![]);
+        let fresh = |root: &Path| {
+            used.borrow_mut().push(root.to_path_buf());
+            check_fresh(repo, root, &lost)
+        };
         let resolved_main = resolve(main)?;
         let resolved_mount = resolve(mount)?;
         // (resolved path, the point that named it first, index in `dirs`).
@@ -133,6 +138,7 @@ impl StagingSet {
             crate::util::write_atomic(&known_path, &json, 0o600, true)?;
         }
         warn_unserved(&known, &own);
+        warn_lost_unused(&lost, &used.borrow());
         Ok(StagingSet { dirs, of_point })
     }
 
@@ -153,6 +159,26 @@ impl StagingSet {
 }
 
 const OWN: &str = "give each staging its own directory";
+
+/// Logs each `--staging-lost` directory this start did not set up afresh
+/// (it holds its staging, or no staging of this daemon is there): the
+/// flag is for one start after a disk is lost, not for every start
+/// (explore3: a repeated one was silently ignored).
+fn warn_lost_unused(lost: &[PathBuf], fresh: &[PathBuf]) {
+    for l in lost_unused(lost, fresh) {
+        tracing::warn!(
+            "--staging-lost {} ignored: no staging directory was set up afresh there at this start (it holds its staging, or no --staging or export point names it); give --staging-lost once, after that disk is lost, not at every start",
+            l.display()
+        );
+    }
+}
+
+/// The `lost` directories not among those set up afresh (`fresh`).
+fn lost_unused<'a>(lost: &'a [PathBuf], fresh: &[PathBuf]) -> Vec<&'a PathBuf> {
+    lost.iter()
+        .filter(|l| !fresh.iter().any(|f| resolve(f).is_ok_and(|f| f == **l)))
+        .collect()
+}
 
 /// Logs each staging directory an export point served before that no
 /// point names now while it holds sessions: their VMs are not resumed
@@ -394,6 +420,20 @@ mod tests {
         )
         .unwrap();
         drop(open(d.path(), &[]).unwrap());
+    }
+
+    #[test]
+    fn a_staging_lost_flag_for_a_directory_that_holds_its_staging_is_reported_as_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let (main, other) = (d.path().join("s/main"), d.path().join("other"));
+        drop(open(d.path(), &[]).unwrap());
+        std::fs::create_dir_all(&other).unwrap();
+        let lost = [resolve(&main).unwrap(), resolve(&other).unwrap()];
+        // Neither was set up afresh: the main one holds its staging, the
+        // other is no staging of this daemon.
+        assert_eq!(lost_unused(&lost, &[]), lost.iter().collect::<Vec<_>>());
+        // One set up afresh is not reported.
+        assert_eq!(lost_unused(&lost, &lost[..1]), vec![&lost[1]]);
     }
 
     #[test]
