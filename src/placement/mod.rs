@@ -144,6 +144,14 @@ impl PointSpec {
         if spec.listen.is_none() {
             return Err(bad("listen=ADDR is required".into()));
         }
+        // One listener per port: NFS (and the portmapper on 111) and NBD.
+        if spec.nfs_port == spec.nbd_port || spec.nbd_port == 111 {
+            return Err(bad(format!(
+                "nbd-port {} is taken by this point's own {}: give NFS and NBD different ports",
+                spec.nbd_port,
+                if spec.nbd_port == 111 { "portmapper (111)" } else { "NFS port" }
+            )));
+        }
         Ok(spec)
     }
 
