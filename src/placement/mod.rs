@@ -149,7 +149,11 @@ impl PointSpec {
             return Err(bad(format!(
                 "nbd-port {} is taken by this point's own {}: give NFS and NBD different ports",
                 spec.nbd_port,
-                if spec.nbd_port == 111 { "portmapper (111)" } else { "NFS port" }
+                if spec.nbd_port == 111 {
+                    "portmapper (111)"
+                } else {
+                    "NFS port"
+                }
             )));
         }
         Ok(spec)

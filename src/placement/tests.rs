@@ -48,7 +48,10 @@ fn export_point_specs_parse_and_bad_ones_say_why() {
         ("ds1,listen=::1,max-inflight=1", "must be a number"),
         ("ds1,listen=::1,staging=srv/x", "must be an absolute path"),
         ("ds1,listen=::1,staging=", "must be an absolute path"),
-        ("ds1,listen=::1,port=24049,nbd-port=24049", "taken by this point's own NFS port"),
+        (
+            "ds1,listen=::1,port=24049,nbd-port=24049",
+            "taken by this point's own NFS port",
+        ),
         ("ds1,listen=::1,nbd-port=111", "portmapper"),
     ] {
         let e = PointSpec::parse(bad).unwrap_err().to_string();

@@ -92,6 +92,15 @@ impl std::fmt::Display for Need {
     }
 }
 
+/// `free`, for a refusal of `need` (larger): in bytes where both would
+/// read the same rounded ("6.4 MiB does not fit in 6.4 MiB free").
+fn less_than(free: u64, need: u64) -> String {
+    match human_bytes(free) == human_bytes(need) {
+        true => format!("{free} bytes (of {need} needed)"),
+        false => human_bytes(free),
+    }
+}
+
 /// A placement held from the decision until its session is in the table
 /// (or its recovery failed): recoveries deciding meanwhile count it, so
 /// they do not all pick the same point nor together pass a host's
@@ -309,7 +318,7 @@ impl Datastore {
                 let free = format!(
                     "staging {}: {} free of its limit",
                     st.root().display(),
-                    human_bytes(r)
+                    less_than(r, need.bytes)
                 );
                 refused.push((f.name.clone(), format!("export point {} ({free})", f.name)));
                 f.unavailable = Some(free);
@@ -511,5 +520,17 @@ fn repo_fetch_ms(sessions: &[Arc<Session>]) -> f64 {
         0.0
     } else {
         sum / n as f64 / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod less_than_tests {
+    #[test]
+    fn a_refusal_shows_bytes_where_the_rounded_figures_would_read_the_same() {
+        assert_eq!(
+            super::less_than(6_710_886, 6_750_208),
+            "6710886 bytes (of 6750208 needed)"
+        );
+        assert_eq!(super::less_than(1 << 20, 16 << 20), "1.0 MiB");
     }
 }
