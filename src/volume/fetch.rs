@@ -369,8 +369,9 @@ impl Volume {
                     tracing::warn!(vm = %self.vm, disk = self.index, block = b, "a fetched block could not be staged (its reads were answered; it is fetched again when read): {e}{more}");
                 }
             }
-            // A prefetch refused room in a full staging: nothing failed
-            // (the budget counts it; a read's fill reads through instead).
+            // A write's fill refused room in a full staging: the write
+            // gets ENOSPC itself; no fetch failed (the budget counts it,
+            // and a read that joined it fills for itself, reading through).
             Err(e) if e.kind() == ErrorKind::NoSpace => {
                 tracing::debug!(vm = %self.vm, disk = self.index, block = b, "fetch not started: {e}");
             }
