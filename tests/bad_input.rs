@@ -163,31 +163,21 @@ fn images_that_are_not_files_or_block_devices_are_refused() {
 fn empty_images_and_configs_asking_for_no_memory_are_refused_before_the_repository_exists() {
     let env = Env::new();
     let r = env.repo_str().to_string();
+    let backup_fails = |args: &[&str], want: &str| {
+        let mut all = vec!["backup", "--repo", &r, "--vm", "v"];
+        all.extend_from_slice(args);
+        env.fails(&all, want);
+    };
     std::fs::write(env.path("empty.raw"), b"").unwrap();
-    env.fails(
-        &[
-            "backup",
-            "--repo",
-            &r,
-            "--vm",
-            "v",
-            env.path("empty.raw").to_str().unwrap(),
-        ],
+    backup_fails(
+        &[env.path("empty.raw").to_str().unwrap()],
         "empty.raw is empty",
     );
     random_image(&env.path("a.raw"), K64, 1, K64);
     std::fs::write(env.path("cfg.json"), br#"{"memory_mib": 0}"#).unwrap();
-    env.fails(
-        &[
-            "backup",
-            "--repo",
-            &r,
-            "--vm",
-            "v",
-            "--config",
-            env.path("cfg.json").to_str().unwrap(),
-            env.path("a.raw").to_str().unwrap(),
-        ],
+    let (cfg, img) = (env.path("cfg.json"), env.path("a.raw"));
+    backup_fails(
+        &["--config", cfg.to_str().unwrap(), img.to_str().unwrap()],
         "memory_mib 0",
     );
     assert!(
