@@ -171,7 +171,7 @@ fn session_here(p: &Pin) -> bool {
     }
     match &p.staging_id {
         None => p.host == pins::hostname() && !p.on_other_machine(),
-        Some(id) => match dir.ancestors().nth(3).map(crate::staging::id_at) {
+        Some(id) => match crate::staging::root_of_session(dir).map(crate::staging::id_at) {
             Some(Ok(here)) => here.as_ref() == Some(id),
             Some(Err(_)) => true,
             None => false,

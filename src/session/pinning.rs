@@ -150,7 +150,7 @@ impl Datastore {
                 && match &p.staging_id {
                     None => true,
                     Some(id) => {
-                        let root = Path::new(&p.staging).ancestors().nth(3);
+                        let root = crate::staging::root_of_session(Path::new(&p.staging));
                         match root.map(crate::staging::id_at).transpose() {
                             Ok(here) => here.flatten().is_none_or(|here| here == *id),
                             // Cannot be looked at: another's, refused.
@@ -164,7 +164,7 @@ impl Datastore {
             // before its directory), a race both must not win (explore3).
             if local
                 && matches!(Path::new(&p.staging).try_exists(), Ok(false))
-                && !served_staging_root(&p.staging)
+                && !staging_of(&p.staging).is_some_and(|(_, served)| served)
             {
                 let w = not_there(vm, p, backup);
                 tracing::warn!(vm, "{w}");
@@ -172,7 +172,7 @@ impl Datastore {
                 continue;
             }
             if local {
-                if let Some(root) = unserved_staging_root(&p.staging) {
+                if let Some((root, false)) = staging_of(&p.staging) {
                     return Err(Error::busy(not_served(vm, p, &root)));
                 }
             }
@@ -292,26 +292,19 @@ fn not_there(vm: &str, p: &Pin, backup: &str) -> String {
     )
 }
 
-/// The staging directory holding session directory `dir` (of this host),
-/// if no process holds its lock: a staging a daemon served before and
-/// none serves now (left out of `--export-point`s at a restart, say).
-/// Whether the staging directory holding session directory `dir` is
-/// served by a running daemon (its lock is held); false if that cannot
-/// be told.
-fn served_staging_root(dir: &str) -> bool {
-    let Some(root) = Path::new(dir).ancestors().nth(3) else {
-        return false;
-    };
-    root.join(crate::staging::STAGING_MARKER).is_file()
-        && matches!(crate::staging::inventory::lock_holder(root), Ok(Some(_)))
-}
-
-fn unserved_staging_root(dir: &str) -> Option<std::path::PathBuf> {
-    let root = Path::new(dir).ancestors().nth(3)?;
+/// The staging directory holding session directory `dir` (of this
+/// host), and whether a running daemon serves it (its lock is held);
+/// `None` where there is no staging directory or that cannot be told.
+/// One no daemon serves was served before and is not now (left out of
+/// `--export-point`s at a restart, say); one served with the session's
+/// directory not there yet is a session being made.
+fn staging_of(dir: &str) -> Option<(std::path::PathBuf, bool)> {
+    let root = crate::staging::root_of_session(Path::new(dir))?;
     if !root.join(crate::staging::STAGING_MARKER).is_file() {
         return None;
     }
-    matches!(crate::staging::inventory::lock_holder(root), Ok(None)).then(|| root.to_path_buf())
+    let served = crate::staging::inventory::lock_holder(root).ok()?.is_some();
+    Some((root.to_path_buf(), served))
 }
 
 /// Why a recovery of `vm` is refused while this host's staging `root`,

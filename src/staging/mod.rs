@@ -81,6 +81,12 @@ struct StagingInfo {
     legacy_pins: bool,
 }
 
+/// The staging directory holding session directory `session`
+/// (`<staging>/sessions/<vm>/<backup>`).
+pub fn root_of_session(session: &Path) -> Option<&Path> {
+    session.ancestors().nth(3)
+}
+
 /// The id of the staging directory `root`, read from its `staging.json`;
 /// `None` if there is none there (a disk not mounted, a directory gone)
 /// or it has no id yet.
