@@ -3,7 +3,8 @@
 //! this test can.
 //!
 //! A workload (guest writes, reads that fetch, guest flushes, prefetches,
-//! the background flusher, and optionally a relocation through cutover)
+//! the background flusher, optionally a second guest writer racing the
+//! first on the same blocks, and optionally a relocation through cutover)
 //! runs on a volume whose staging is in [`MemStorage`], which records every
 //! write, sync, rename and directory sync. From the record it builds many
 //! "power cut here" states: everything durable by the cut, plus a random
@@ -31,7 +32,7 @@
 //! `RECOVERFS_CRASH_STATES=N` checks N.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,9 @@ struct Scenario {
     /// An uploader (as `session::upload` does it) stores dirty blocks and
     /// records them all along.
     uploads: bool,
+    /// A second guest writer (a queue depth above 1) writes and flushes
+    /// beside the first, often other sectors of the blocks it writes.
+    second_writer: bool,
 }
 
 /// A small disk with no background work: tests that drive it by hand.
@@ -81,6 +85,7 @@ const STILL: Scenario = Scenario {
     live_backups: false,
     staging_max_blocks: None,
     uploads: false,
+    second_writer: false,
 };
 
 /// A guest write as the checker needs it.
@@ -95,6 +100,43 @@ struct Write {
     /// Position at which the write returned: from there on it must survive
     /// a daemon crash (`kill -9` keeps the page cache).
     done_at: usize,
+    /// Its place among completed writes: a flush that began after it was
+    /// counted covers it.
+    seq: u64,
+}
+
+/// The guest's writes, from one writer thread or two. Overlapping writes
+/// never run at once (the later waits), so for every sector the order of
+/// the starts is the order its bytes landed in.
+#[derive(Default)]
+struct Log {
+    writes: parking_lot::Mutex<Vec<Write>>,
+    busy: parking_lot::Mutex<Vec<std::ops::Range<usize>>>,
+    freed: parking_lot::Condvar,
+    /// Writes completed so far.
+    done: AtomicU64,
+}
+
+impl Log {
+    fn claim(&self, r: std::ops::Range<usize>) {
+        let mut busy = self.busy.lock();
+        while busy.iter().any(|b| b.start < r.end && r.start < b.end) {
+            self.freed.wait(&mut busy);
+        }
+        busy.push(r);
+    }
+
+    fn unclaim(&self, r: &std::ops::Range<usize>) {
+        self.busy.lock().retain(|b| b != r);
+        self.freed.notify_all();
+    }
+
+    /// Every write, in the order they started.
+    fn into_writes(self) -> Vec<Write> {
+        let mut w = self.writes.into_inner();
+        w.sort_by_key(|x| x.start);
+        w
+    }
 }
 
 /// How the run ends at the cut.
@@ -179,30 +221,81 @@ fn begin_relocation(
 }
 
 /// A guest write, recorded for the checker.
-fn guest_write(
-    vol: &Arc<Volume>,
-    mem: &MemStorage,
-    writes: &mut Vec<Write>,
-    off: usize,
-    data: Vec<u8>,
-) {
+fn guest_write(vol: &Arc<Volume>, mem: &MemStorage, log: &Log, off: usize, data: Vec<u8>) {
+    let range = off..off + data.len();
+    log.claim(range.clone());
     let start = mem.position();
     vol.write(off as u64, &data).unwrap();
-    writes.push(Write {
+    let done_at = mem.position();
+    let seq = log.done.fetch_add(1, Ordering::SeqCst);
+    log.writes.lock().push(Write {
         off,
         data,
         start,
         acked_at: None,
-        done_at: mem.position(),
+        done_at,
+        seq,
     });
+    log.unclaim(&range);
 }
 
-/// A guest flush: every write before it is acknowledged once it returns.
-fn guest_flush(vol: &Volume, mem: &MemStorage, writes: &mut [Write]) {
+/// A guest flush: every write completed before it began is acknowledged
+/// once it returns.
+fn guest_flush(vol: &Volume, mem: &MemStorage, log: &Log) {
+    let began = log.done.load(Ordering::SeqCst);
     vol.flush().unwrap();
     let at = mem.position();
-    for wr in writes.iter_mut().rev().take_while(|w| w.acked_at.is_none()) {
-        wr.acked_at = Some(at);
+    for wr in log.writes.lock().iter_mut() {
+        if wr.acked_at.is_none() && wr.seq < began {
+            wr.acked_at = Some(at);
+        }
+    }
+}
+
+/// A random guest write within the first `blocks` blocks: a whole block
+/// or a few sectors.
+fn random_write(rng: &mut impl Rng, blocks: usize) -> (usize, Vec<u8>) {
+    let (off, len) = if rng.gen_bool(0.25) {
+        (rng.gen_range(0..blocks) * BS, BS)
+    } else {
+        let len = rng.gen_range(1..=3 * BS / SECTOR) * SECTOR;
+        (rng.gen_range(0..(blocks * BS - len) / SECTOR) * SECTOR, len)
+    };
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data[..]);
+    (off, data)
+}
+
+/// The second guest writer: writes (and sometimes flushes) near the
+/// blocks the first wrote last, until `stop`.
+fn second_writer(
+    vol: Arc<Volume>,
+    mem: MemStorage,
+    log: Arc<Log>,
+    blocks: usize,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x2d);
+    while !stop.load(Ordering::Relaxed) {
+        // Other sectors of a block the first writer just wrote, mostly:
+        // the races worth having are on the same block.
+        let near = log.writes.lock().last().map(|w| w.off / BS);
+        let (off, data) = match near {
+            Some(b) if rng.gen_bool(0.7) => {
+                let len = rng.gen_range(1..=16) * SECTOR;
+                let off = b * BS + rng.gen_range(0..(BS - len) / SECTOR) * SECTOR;
+                let mut data = vec![0u8; len];
+                rng.fill(&mut data[..]);
+                (off, data)
+            }
+            _ => random_write(&mut rng, blocks),
+        };
+        guest_write(&vol, &mem, &log, off, data);
+        if rng.gen_bool(0.1) {
+            guest_flush(&vol, &mem, &log);
+        }
+        std::thread::sleep(Duration::from_micros(rng.gen_range(0..1500)));
     }
 }
 
@@ -239,7 +332,13 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         std::thread::spawn(move || uploader(repo, vol, storage, stop))
     });
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut writes: Vec<Write> = vec![];
+    let log = Arc::new(Log::default());
+    let writes = &*log;
+    let stop_second = Arc::new(AtomicBool::new(false));
+    let second = w.sc.second_writer.then(|| {
+        let (vol, mem, log, stop) = (vol.clone(), mem.clone(), log.clone(), stop_second.clone());
+        std::thread::spawn(move || second_writer(vol, mem, log, write_blocks, seed, stop))
+    });
     let mut reloc: Option<Arc<Relocation>> = None;
     let mut backups = None;
     let ops = w.sc.guest_ops;
@@ -275,23 +374,13 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         }
         let roll = rng.gen_range(0..100u32);
         if roll < w.sc.flush_pct {
-            guest_flush(&vol, mem, &mut writes);
+            guest_flush(&vol, mem, writes);
             continue;
         }
         match roll {
             0..=44 => {
-                let (off, len) = if rng.gen_bool(0.25) {
-                    (rng.gen_range(0..write_blocks) * BS, BS)
-                } else {
-                    let len = rng.gen_range(1..=3 * BS / SECTOR) * SECTOR;
-                    (
-                        rng.gen_range(0..(write_blocks * BS - len) / SECTOR) * SECTOR,
-                        len,
-                    )
-                };
-                let mut data = vec![0u8; len];
-                rng.fill(&mut data[..]);
-                guest_write(&vol, mem, &mut writes, off, data);
+                let (off, data) = random_write(&mut rng, write_blocks);
+                guest_write(&vol, mem, writes, off, data);
             }
             45..=79 => {
                 let off = rng.gen_range(0..blocks * BS - 1);
@@ -304,6 +393,10 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
                 }
             }
         }
+    }
+    stop_second.store(true, Ordering::Relaxed);
+    if let Some(t) = second {
+        t.join().expect("the second writer's writes succeed");
     }
     if let Some(r) = &reloc {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -320,9 +413,9 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         for _ in 0..20 {
             let off = rng.gen_range(0..blocks * BS / SECTOR - 8) * SECTOR;
             let data: Vec<u8> = (0..8 * SECTOR).map(|_| rng.gen()).collect();
-            guest_write(&vol, mem, &mut writes, off, data);
+            guest_write(&vol, mem, writes, off, data);
             if rng.gen_bool(0.3) {
-                guest_flush(&vol, mem, &mut writes);
+                guest_flush(&vol, mem, writes);
             }
         }
         r.stop();
@@ -350,7 +443,7 @@ fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
         );
     }
     vol.close();
-    writes
+    Arc::into_inner(log).expect("no writer left").into_writes()
 }
 
 /// Checks the state after `crash` at `cut`; `Err` describes the first
@@ -567,6 +660,7 @@ fn power_cuts_and_daemon_crashes_during_guest_writes_fetches_and_flushes_keep_ev
             live_backups: false,
             staging_max_blocks: None,
             uploads: false,
+            second_writer: true,
         },
     );
 }
@@ -586,6 +680,7 @@ fn power_cuts_and_daemon_crashes_during_relocation_and_cutover_never_mix_version
             live_backups: false,
             staging_max_blocks: None,
             uploads: false,
+            second_writer: false,
         },
     );
 }
@@ -770,6 +865,7 @@ fn power_cuts_and_daemon_crashes_during_eviction_never_expose_zeros_or_lose_a_wr
             live_backups: false,
             staging_max_blocks: Some(16),
             uploads: false,
+            second_writer: false,
         },
     );
 }
@@ -787,6 +883,7 @@ fn power_cuts_and_daemon_crashes_during_live_backups_leave_every_change_in_the_d
             live_backups: true,
             staging_max_blocks: None,
             uploads: false,
+            second_writer: true,
         },
     );
 }
@@ -807,6 +904,7 @@ fn power_cuts_and_daemon_crashes_while_the_uploader_races_guest_writes_and_live_
             live_backups: true,
             staging_max_blocks: None,
             uploads: true,
+            second_writer: true,
         },
     );
 }

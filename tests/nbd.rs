@@ -318,6 +318,43 @@ fn bad_nbd_addresses_and_unknown_exports_are_refused_clearly() {
     }
 }
 
+/// A client that asks one export point for a VM another point serves is
+/// told which point, and the URL to use there (QEMU shows the server's
+/// message; libnbd 1.14 only the errno).
+#[test]
+fn an_nbd_client_at_the_wrong_export_point_is_told_where_the_vm_is_served() {
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 94, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let a = own_loopback();
+    let b = loop {
+        let b = own_loopback();
+        if b != a {
+            break b;
+        }
+    };
+    env.serve_args = vec![
+        "--export-point".into(),
+        format!("a,listen={a}"),
+        "--export-point".into(),
+        format!("b,listen={b}"),
+    ];
+    let _d = env.serve();
+    let sock = env.socket.to_str().unwrap().to_string();
+    env.ok(&["recover", "--socket", &sock, "vm", "--export-point", "b"]);
+    let o = run(&["qemu-img", "info", &format!("nbd://{a}:10809/vm/disk0")]);
+    assert!(!o.status.success(), "point a served a VM of point b");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let want = format!("VM vm is served at export point b: nbd://{b}:10809/vm/disk0");
+    assert!(err.contains(&want), "{err}");
+    // At its own point it is served.
+    ok(&["qemu-img", "info", &format!("nbd://{b}:10809/vm/disk0")]);
+    // A VM served nowhere gets the plain answer.
+    let o = run(&["qemu-img", "info", &format!("nbd://{a}:10809/other/disk0")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("nbdinfo --list shows the exports"), "{err}");
+}
+
 /// Connects to `to` from the local address `from` (any 127.x address is
 /// this host's), so that a test can be a host of its choosing.
 fn connect_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::net::TcpStream {

@@ -102,6 +102,27 @@ impl nbd::Exports for DiskExports {
             .ok_or_else(|| Error::not_found(format!("VM {vm} is being released")))?;
         Ok((d, Box::new(held)))
     }
+
+    fn elsewhere(&self, name: &str) -> Option<String> {
+        let vm = name.split_once('/').map_or(name, |(vm, _)| vm);
+        let s = self.ds.session(vm)?;
+        let point = s.point.name();
+        if point == self.point.name() {
+            return None;
+        }
+        let urls: Vec<String> = (0..s.disks.len())
+            .flat_map(|i| self.ds.disk_urls(&s, i))
+            .filter(|u| u.starts_with("nbd"))
+            .collect();
+        Some(if urls.is_empty() {
+            format!("VM {vm} is served at export point {point}, which has no NBD server")
+        } else {
+            format!(
+                "VM {vm} is served at export point {point}: {}",
+                urls.join(" ")
+            )
+        })
+    }
 }
 
 #[cfg(test)]

@@ -101,6 +101,28 @@ fn read_trusted(
     Some((words, epoch))
 }
 
+/// Whether the old mirror's own pages reached the disk. The mirror is
+/// never synced; a writeback error on it (reported to the first sync of a
+/// new descriptor) means the kernel may have dropped words this file still
+/// seems to hold, so it must not be trusted, and the epoch changes, as
+/// for the data file (`data_reached_disk`). A missing file is no error.
+fn reached_disk(storage: &dyn Storage, path: &Path) -> bool {
+    let synced = storage
+        .open(path, super::io::Open::Existing)
+        .and_then(|f| f.sync_data());
+    match synced {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            tracing::error!(
+                "fsync {}: {e}; the same-boot presence mirror is not trusted: blocks first written but not flushed before the restart read as the backup's, and the disk's epoch changes (NFS clients resend unstable writes)",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
 impl LiveMirror {
     /// Opens the mirror at `path` for a map whose synced words are
     /// `synced`, and starts a new one holding `synced` plus whatever is
@@ -118,7 +140,7 @@ impl LiveMirror {
     ) -> Result<Opened> {
         let boot_id = storage.boot_id();
         let boot = boot_hash(&boot_id);
-        let previous = if boot_id.is_empty() || !trust {
+        let previous = if boot_id.is_empty() || !trust || !reached_disk(storage, path) {
             None
         } else {
             read_trusted(storage, path, block_size, nblocks, &boot)
@@ -267,6 +289,23 @@ mod tests {
         let c = LiveMirror::open(&killed, Path::new(P), 4096, 64, &[0], true).unwrap();
         assert!(c.trusted.is_none(), "a poisoned mirror is not trusted");
         assert_ne!(c.mirror.epoch(), a.mirror.epoch());
+    }
+
+    #[test]
+    fn a_mirror_whose_own_writeback_failed_is_not_trusted_and_changes_the_epoch() {
+        use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+        let m = storage();
+        let a = LiveMirror::open(&m, Path::new(P), 4096, 64, &[0], true).unwrap();
+        a.mirror.record(3);
+        let killed = std::sync::Arc::new(m.kill_state(m.position()));
+        let faults = FaultyStorage::new(killed);
+        faults.inject(Rule::fail(Op::Sync, "disk0.live", libc::EIO).times(1));
+        let b = LiveMirror::open(&faults, Path::new(P), 4096, 64, &[0], true).unwrap();
+        assert!(
+            b.trusted.is_none(),
+            "a mirror the kernel failed to write back was trusted"
+        );
+        assert_ne!(b.mirror.epoch(), a.mirror.epoch());
     }
 
     #[test]

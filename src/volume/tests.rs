@@ -594,17 +594,17 @@ fn concurrent_first_writes_share_changed_map_syncs() {
 
 /// A disk of `blocks` 64 KiB random blocks backed up, and a way to open
 /// its session on any storage, as a restarted daemon would.
-struct Reopenable {
+pub(super) struct Reopenable {
     _dir: tempfile::TempDir,
     repo: Arc<Repository>,
     m: crate::repo::Manifest,
     data: Vec<u8>,
-    sdir: PathBuf,
+    pub(super) sdir: PathBuf,
     sched: Arc<Scheduler>,
 }
 
 impl Reopenable {
-    fn new(blocks: usize, seed: u64) -> Reopenable {
+    pub(super) fn new(blocks: usize, seed: u64) -> Reopenable {
         let dir = tempfile::tempdir().unwrap();
         let (repo, _) =
             Repository::open_or_create(dir.path().join("repo").to_str().unwrap()).unwrap();
@@ -622,7 +622,7 @@ impl Reopenable {
         }
     }
 
-    fn open(&self, storage: &dyn Storage) -> Arc<Volume> {
+    pub(super) fn open(&self, storage: &dyn Storage) -> Arc<Volume> {
         crate::testutil::open_volumes(storage, &self.sdir, &self.repo, &self.m, &self.sched)
             .remove(0)
     }

@@ -7,8 +7,9 @@
 //! the file as far as a crash can tell), `b`'s content is the entry's
 //! chunk. Kept by two rules, the copied map's discipline (`relocation`):
 //! * a guest write announces itself (`writes_started`), then, if the entry
-//!   is valid, clears it in memory and zeroes it in the file, synced,
-//!   before its data lands;
+//!   is valid, zeroes it in the file, synced, and only then clears it in
+//!   memory, before its data lands (so a second write to the block in the
+//!   meantime sees the entry valid and waits for a synced zeroing too);
 //! * the uploader reads the block at a stamp (no write in progress), stores
 //!   the chunk (durable), flushes the disk (the bytes it read are durable
 //!   in staging: an entry written may reach the disk before any sync of
@@ -193,22 +194,30 @@ impl Volume {
         let Some(u) = self.live.uploaded.read().clone() else {
             return Ok(());
         };
-        let mut cleared = false;
+        let mut cleared = vec![];
         for b in blocks {
             if !u.valid.test(b) {
                 continue;
             }
             let _g = u.stripes[b as usize % STRIPES].lock();
-            if u.valid.clear(b) {
+            // The valid bit stays set until the zeroed entry is synced: a
+            // second write to `b` meanwhile sees it, zeroes and syncs too,
+            // rather than landing its data before any zeroing is durable.
+            if u.valid.test(b) {
                 u.digests.lock().remove(&b);
                 u.record.clear(b)?;
-                cleared = true;
+                cleared.push(b);
             }
         }
-        if cleared {
-            u.record.sync()?;
+        if cleared.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let synced = u.record.sync();
+        for b in cleared {
+            let _g = u.stripes[b as usize % STRIPES].lock();
+            u.valid.clear(b);
+        }
+        synced
     }
 
     /// A guest request that started at `t0` ended: counted for the

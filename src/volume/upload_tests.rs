@@ -253,6 +253,66 @@ fn after_a_failed_sync_of_the_upload_record_a_guest_write_over_an_uploaded_block
     assert!(vol.is_failed());
 }
 
+/// review22 M1: a second write to a block whose upload entry a first
+/// write is still zeroing must not land (and be flushed) before a zeroing
+/// is durable: after a power cut the entry would name the old chunk, and
+/// the next live backup would take it for a block the guest rewrote.
+#[test]
+fn a_second_write_to_a_block_whose_entry_another_write_is_zeroing_lands_only_after_a_synced_zeroing(
+) {
+    use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+    use crate::staging::io::mem::MemStorage;
+    let r = super::tests::Reopenable::new(8, 45);
+    let mem = MemStorage::new();
+    let faults = FaultyStorage::new(Arc::new(mem.clone()));
+    let vol = r.open(&faults);
+    let path = uploaded_path(&r.sdir, 0, 0);
+    let rec = UploadRecord::create(&faults, &path, BS as u32, vol.nblocks(), 0).unwrap();
+    let u = Uploaded::new(rec, Default::default(), vol.nblocks());
+    vol.set_uploaded(Some(u.clone()));
+    vol.write(BS as u64, &vec![1; BS]).unwrap();
+    let (old, stamp) = upload_read(&vol, 1);
+    assert!(vol
+        .mark_uploaded(&u, 1, stamp, Some(Digest::of(&old)))
+        .unwrap());
+    u.sync().unwrap();
+    vol.flush().unwrap();
+    let entry_on_disk = |m: &MemStorage| {
+        UploadRecord::open(m, &path, BS as u32, vol.nblocks(), 0)
+            .unwrap()
+            .1
+            .contains_key(&1)
+    };
+    // The first write's sync of the zeroed entry is held up.
+    faults.inject(Rule::delay(
+        Op::Sync,
+        "uploaded-0",
+        Duration::from_millis(700),
+    ));
+    std::thread::scope(|s| {
+        let first = s.spawn(|| vol.write(BS as u64, &[2; 512]));
+        // Until its zeroing is written (not yet synced).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while entry_on_disk(&mem.kill_state(mem.position())) {
+            assert!(
+                Instant::now() < deadline,
+                "the first write never zeroed the entry"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vol.write(BS as u64 + 4096, &[3; 512]).unwrap();
+        vol.flush().unwrap();
+        // Power cut now: nothing unsynced survives.
+        let mut rng = rand::rngs::mock::StepRng::new(0, 0);
+        let cut = mem.crash_state(mem.position(), 0.0, &mut rng);
+        assert!(
+            !entry_on_disk(&cut),
+            "a flushed write over block 1 left its upload entry valid on disk"
+        );
+        first.join().unwrap().unwrap();
+    });
+}
+
 #[test]
 fn a_write_over_an_uploaded_block_is_not_quick_as_it_syncs_the_upload_record() {
     let f = fixture(16, 42);

@@ -186,9 +186,11 @@ fn resolve(list: Vec<(String, String)>, name: &str) -> Option<(String, String)> 
 }
 
 /// Why `name` resolved to nothing, for the client's error message.
-fn unknown_message(name: &str, count: usize) -> String {
+fn unknown_message(exports: &Arc<dyn Exports>, name: &str, count: usize) -> String {
     if name.is_empty() {
         format!("no default export: this server has {count} exports, name one (nbdinfo --list shows them)")
+    } else if let Some(there) = exports.elsewhere(name) {
+        format!("no export named {name:?} on this server: {there}")
     } else {
         format!("no export named {name:?} on this server (nbdinfo --list shows the exports)")
     }
@@ -247,7 +249,7 @@ where
     let list = list_exports(exports).await;
     let count = list.len();
     let Some((name, _)) = resolve(list, &requested) else {
-        let msg = unknown_message(&requested, count);
+        let msg = unknown_message(exports, &requested, count);
         tracing::info!("NBD client refused: {msg}");
         return Err(End::Refused(msg));
     };
@@ -316,7 +318,7 @@ where
     let list = list_exports(exports).await;
     let count = list.len();
     let Some((name, description)) = resolve(list, &requested) else {
-        let msg = unknown_message(&requested, count);
+        let msg = unknown_message(exports, &requested, count);
         reply(s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
         return Ok(Next::Continue);
     };
@@ -441,7 +443,7 @@ where
     let list = list_exports(exports).await;
     let count = list.len();
     let Some((name, _)) = resolve(list, &requested) else {
-        let msg = unknown_message(&requested, count);
+        let msg = unknown_message(exports, &requested, count);
         return reply(s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await;
     };
     let contexts = if set {

@@ -81,6 +81,12 @@ pub trait Exports: Send + Sync + 'static {
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
     fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
+    /// For a name this server does not export: where it is exported
+    /// instead, if anywhere (a VM served at another export point), so a
+    /// client at the wrong address is told where to connect.
+    fn elsewhere(&self, _name: &str) -> Option<String> {
+        None
+    }
     /// A TCP client from `peer` chose an export: a guard kept while the
     /// connection lasts (the export point counts its hosts this way; a
     /// refused host, a probe or a listing is not one of them).
