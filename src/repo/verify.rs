@@ -136,10 +136,14 @@ pub fn repair(
             Err(e) => return Err(e),
         }
         let key = d.key();
+        let aside = format!("{}/{}", super::QUARANTINE, d.to_hex());
+        // A missing one is recorded too (empty): no incremental backup
+        // names it again until it is stored again.
         let Some(raw) = repo.backend().get(&key, limits::max_chunk_object(*len))? else {
-            continue; // missing: nothing to set aside
+            repo.backend().put(&aside, b"")?;
+            lines.push(format!("REPAIRED chunk {d}: missing, recorded as {aside}"));
+            continue;
         };
-        let aside = format!("quarantine/{}", d.to_hex());
         repo.backend().put(&aside, &raw)?;
         repo.backend().delete(&key)?;
         tracing::warn!(chunk = %key, "a damaged chunk was set aside as {aside}");
