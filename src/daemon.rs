@@ -699,6 +699,12 @@ fn mount_point_state(mount: &Path) -> Result<MountPointState> {
         }
         Ok(_) => {}
     }
+    // A stat of a dead FUSE mount's root may still be answered from the
+    // kernel's attribute cache (a restart within a second of a crash took
+    // it for a live daemon's); a statfs always asks the daemon.
+    if nix::sys::statvfs::statvfs(mount) == Err(nix::errno::Errno::ENOTCONN) {
+        return Ok(MountPointState::Stale);
+    }
     let abs = std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))?;
     let mounts = mountinfo::current();
     match mountinfo::at(&mounts, &abs) {

@@ -220,6 +220,10 @@ pub struct SessionStatus {
     /// Its backup was removed from the repository (`forget --force`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_gone: Option<String>,
+    /// Its pin could not be written to the repository (tried again at
+    /// every check): until it is, a `forget` may remove its backup.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unpinned: bool,
     /// The repository did not answer (as itself) the last check of its
     /// backups: why. Blocks not yet staged cannot be read meanwhile.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -817,6 +821,7 @@ impl Datastore {
                 .or_else(|| s.relocation_not_resumed.lock().as_ref().map(|h| h.status())),
             backup_base: s.backup_base.lock().base.id.clone(),
             backup_gone: s.backup_gone.lock().clone(),
+            unpinned: s.pin_owed.load(std::sync::atomic::Ordering::Acquire),
             repo_unreachable: s.repo_unreachable.lock().clone(),
             upload,
             disks: s.disks.iter().map(|d| d.status()).collect(),

@@ -421,6 +421,55 @@ fn guest_writes_filling_a_staging_capped_by_its_filesystem_leave_room_for_its_ma
     );
 }
 
+/// explore4 M1: reads fill a staging filesystem (no limit given) to its
+/// last block; a daemon killed and restarted there, which can create no
+/// new file or directory, still resumes the session and serves the
+/// guest's acknowledged write (it said "discard it" and served nothing).
+#[test]
+fn a_daemon_restarted_on_a_full_staging_filesystem_resumes_its_session_and_serves_its_writes() {
+    let mut env = Env::new();
+    let fs = LoopExt4::mount(&env.path("small"), "40M");
+    env.staging = fs.path().join("staging");
+    env.socket = fs.path().join("control.sock");
+    let img = env.path("a.img");
+    let mut model = vec![0u8; 64 * MIB];
+    rand::rngs::StdRng::seed_from_u64(47).fill(&mut model[..]);
+    std::fs::write(&img, &model).unwrap();
+    env.backup("a", "64K", &[&img]);
+    let mut d = env.serve();
+    let disk = env.recover("a", None)[0].clone();
+    assert!(
+        std::fs::read(&disk).unwrap() == model,
+        "the disk reads wrong"
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all_at(b"acknowledged", 100).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let free = nix::sys::statvfs::statvfs(fs.path()).unwrap();
+    let free = free.blocks_available() * free.fragment_size();
+    assert!(
+        free < 256 << 10,
+        "the staging filesystem is not full: {free} bytes free"
+    );
+    d.kill9();
+    let d = env.serve();
+    let st = env.status();
+    let s = &st["sessions"][0];
+    assert_eq!(
+        s["vm"],
+        "a",
+        "the session was not resumed: {st}\n{}",
+        d.log_text()
+    );
+    let mut got = [0u8; 12];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut got, 100)
+        .unwrap();
+    assert_eq!(&got, b"acknowledged");
+}
+
 /// A restart with a `--staging-max` below what the sessions already hold
 /// for good (guest-changed blocks) says so at start: nothing new can be
 /// staged there until sessions go (explore3: it started silently).

@@ -108,6 +108,55 @@ fn forget_and_gc_from_the_command_line_keep_the_newest_free_the_rest_and_verify_
 /// A `backup` process in a loop (each round brings back the chunks of a
 /// backup forgotten two rounds before, so it reuses chunks gc may be
 /// about to remove) against `forget` + `gc` processes in a loop.
+/// A damaged chunk (same size, flipped bits) would be reused by every
+/// later backup: `verify --repair` sets it aside, and a backup of the same
+/// image then stores it again, healing the older backup too.
+#[test]
+fn verify_repair_sets_a_damaged_chunk_aside_and_the_next_backup_heals_every_backup_using_it() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    random_image(&img, 8 * K64, 77, K64);
+    let first = env.backup("vm", "64K", &[&img]);
+    let repo = env.repo_str().to_string();
+    let c = Repository::open(&repo)
+        .unwrap()
+        .manifest("vm", &first)
+        .unwrap()
+        .disks[0]
+        .chunks
+        .get(2)
+        .unwrap();
+    let path = env.repo.join(c.key());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let o = env.run(&["verify", "--repo", &repo]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("run verify --repair"), "{err}");
+    let o = env.run(&["verify", "--repo", &repo, "--repair"]);
+    assert!(!o.status.success(), "damage was found: the command fails");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(out.contains(&format!("DAMAGED chunk {c}")), "{out}");
+    assert!(
+        out.contains(&format!("REPAIRED chunk {c}: set aside as quarantine/")),
+        "{out}"
+    );
+    assert!(err.contains("1 damaged chunk(s) set aside"), "{err}");
+    assert!(
+        !path.exists(),
+        "the damaged chunk is still where backups find it"
+    );
+    assert_eq!(
+        std::fs::read(env.repo.join("quarantine").join(c.to_hex())).unwrap(),
+        bytes
+    );
+    env.backup("vm", "64K", &[&img]);
+    let out = env.ok(&["verify", "--repo", &repo]);
+    assert!(out.starts_with("ok: "), "{out}");
+}
+
 #[test]
 fn gc_racing_backups_from_another_process_never_removes_a_chunk_a_manifest_needs() {
     let env = Env::new();

@@ -281,6 +281,56 @@ fn a_vm_relocated_while_running_boots_from_the_target_without_recoverfs() {
     assert_eq!(boot_counter(&primary.join("tiny/disk0.raw")), 2);
 }
 
+/// explore4 M5: after a cutover and a release, the relocated files are a
+/// VM's disks that QEMU may run from directly. A recover while a QEMU
+/// holds them open (its image locks) is refused instead of making two
+/// writers; once it is gone, the VM is served from them again.
+#[test]
+fn a_relocated_disk_a_qemu_holds_open_is_not_served_again_until_it_lets_go() {
+    let env = Env::new();
+    let m = 1 << 20;
+    let data = random_image(&env.path("a.raw"), 8 * m, 56, m);
+    env.backup("vm", "1M", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    std::fs::create_dir_all(&primary).unwrap();
+    let o = relocate(&env, "vm", &primary, &["--wait"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(env.release("vm", false).status.success());
+    let target = primary.join("vm/disk0.raw");
+    let mut qemu = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "sleep 60000"])
+        .arg(&target)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Until QEMU holds a lock on the image (`/proc/locks` names its inode).
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&target).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("OFDLCK") && l.contains(&format!(":{ino} ")))
+    {
+        assert!(Instant::now() < deadline, "qemu-io never locked the image");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sock = env.socket.to_str().unwrap().to_string();
+    let err = env.fails(
+        &["recover", "--socket", &sock, "vm"],
+        "in use by another program",
+    );
+    assert!(err.contains(target.to_str().unwrap()), "{err}");
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let disk = env.recover("vm", None)[0].clone();
+    assert!(
+        read_all(&disk) == data,
+        "the relocated disk differs from the backup"
+    );
+}
+
 #[test]
 fn relocating_with_force_over_an_old_file_leaves_no_old_byte_and_follows_no_link() {
     use std::os::unix::fs::PermissionsExt;

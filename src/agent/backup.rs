@@ -283,8 +283,10 @@ fn backup_vm(
             e
         }
     })?;
-    // Published only now: the container is off the VM.
-    lock.check_fresh()?;
+    // Published only now: the container is off the VM. The lock is held
+    // through the publication: a signal's `release_all` waits for it
+    // rather than removing the lock under it.
+    let _held = lock.hold()?;
     repo.publish_catalog_within(catalog, std::time::SystemTime::now(), opts.catalog_limits)
 }
 

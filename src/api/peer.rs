@@ -41,13 +41,35 @@ impl PeerPolicy {
 /// Binds `socket` so that it appears with its final mode and group: bound
 /// in a private directory next to it, given its mode, then renamed into
 /// place.
+///
+/// On a full filesystem (a staging filesystem that filled up: a new
+/// directory needs a block, a socket only an inode) it is bound under a
+/// temporary name in the same directory instead: until its chmod only
+/// the umask's mode guards it, and every connection's credentials are
+/// checked all the same (`CheckedListener`).
 pub fn bind(socket: &Path, group: Option<u32>) -> Result<UnixListener> {
     let dir = socket.parent().unwrap_or(Path::new("."));
-    let private = tempfile::Builder::new()
+    let private = match tempfile::Builder::new()
         .prefix(".recoverfs-sock-")
         .tempdir_in(dir)
-        .ctx(|| format!("create a private directory in {}", dir.display()))?;
-    let tmp: PathBuf = private.path().join("s");
+    {
+        Ok(p) => Some(p),
+        Err(e) if e.kind() == std::io::ErrorKind::StorageFull => None,
+        Err(e) => {
+            return Err(Error::io(
+                format!("create a private directory in {}", dir.display()),
+                e,
+            ))
+        }
+    };
+    let tmp: PathBuf = match &private {
+        Some(p) => p.path().join("s"),
+        None => {
+            let t = dir.join(format!(".recoverfs-sock-{}", std::process::id()));
+            let _ = std::fs::remove_file(&t);
+            t
+        }
+    };
     let listener =
         UnixListener::bind(&tmp).ctx(|| format!("bind control socket {}", socket.display()))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };

@@ -230,6 +230,14 @@ pub enum Command {
         vm: Option<String>,
         #[arg(long)]
         backup: Option<String>,
+        /// Set damaged chunks aside (under quarantine/, holding the gc
+        /// lock), so the next backup that reads those bytes stores them
+        /// again and the backups naming them read again.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: how long to wait for running backups (seconds).
+        #[arg(long, default_value_t = 300, requires = "repair")]
+        wait: u64,
     },
     /// Run the recovery datastore in the foreground.
     Serve {

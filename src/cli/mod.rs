@@ -145,9 +145,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::List { repo, json } => maint::list(&*Repository::open(&repo)?, json),
         Command::Forget(a) => maint::run_forget(a),
         Command::Gc(a) => maint::run_gc(a),
-        Command::Verify { repo, vm, backup } => {
-            output::verify(&*Repository::open(&repo)?, vm.as_deref(), backup.as_deref())
-        }
+        Command::Verify {
+            repo,
+            vm,
+            backup,
+            repair,
+            wait,
+        } => output::verify(
+            &Repository::open(&repo)?,
+            vm.as_deref(),
+            backup.as_deref(),
+            repair.then(|| std::time::Duration::from_secs(wait)),
+        ),
         Command::Serve {
             repo,
             staging,

@@ -48,7 +48,7 @@ pub(super) struct Job {
     repo: Arc<Repository>,
     /// Held for the job's life: `gc` sweeps nothing meanwhile, so the
     /// chunks the state records stay (see `repo::locks`).
-    lock: WriterLock,
+    lock: Arc<WriterLock>,
     /// This QEMU process's job lock while we hold its QMP connection (a
     /// round replaces QEMU's NBD server); the final backup takes its own.
     vm_lock: Option<crate::qemu::VmLock>,
@@ -73,7 +73,7 @@ impl Job {
     /// Connects, removes leftovers, and resumes the saved cycle if QEMU
     /// still has what it needs, or starts a new one (saying why).
     pub(super) fn start(repo: Arc<Repository>, opts: &Options, dir: StateDir) -> Result<Job> {
-        let lock = WriterLock::acquire(&repo, &opts.vm)?;
+        let lock = Arc::new(WriterLock::acquire(&repo, &opts.vm)?);
         let mut q = Qmp::connect(&opts.qmp)?;
         let vm_lock = crate::qemu::VmLock::try_take(&q)?;
         let disks = q.block_devices()?;
@@ -586,6 +586,7 @@ impl Job {
             bitmaps: vec![bitmap_name(&self.state.cycle, self.hi); self.disks.len()],
             mode: "precopy".into(),
             base: self.state.base.clone(),
+            vouched_by: Some(self.lock.clone()),
         })
     }
 

@@ -399,6 +399,22 @@ impl Relocation {
                 tracing::warn!(target = %shown.display(), "this filesystem keeps no locks: \
                     another recoverfs relocation is not kept from emptying this file");
             }
+            // After the cutover the file is the VM's disk, which a QEMU
+            // may run from directly (the README says it can): serving it
+            // too would make two writers of it.
+            if meta.switched
+                && f.image_locked_elsewhere()
+                    .ctx(|| format!("check the locks of {}", shown.display()))?
+            {
+                return Err(Error::busy(format!(
+                    "relocated disk {} is in use by another program (it holds QEMU's image \
+                     locks: a VM running from it directly?): not served, two writers would \
+                     corrupt it; stop that program and recover again, or drop this session \
+                     with `recoverfs release {} --discard`",
+                    shown.display(),
+                    src.vm
+                )));
+            }
             let len = f.len().ctx(|| format!("stat {}", shown.display()))?;
             if meta.switched && len != d.size {
                 // The VM's live disk: never resized into what it is not.

@@ -31,8 +31,13 @@
 //!
 //! Locks are refreshed (rewritten) every [`REFRESH`] by a thread; a lock
 //! whose object was last modified more than [`STALE`] ago belongs to a
-//! killed process and is ignored (host clocks must agree to within a few
-//! minutes). A lock of a process on this host (same hostname, boot id and
+//! killed process and is ignored. Ages are read on the store's clock: the
+//! store stamps every lock object, so a party that has just put its own
+//! lock measures the others' against that lock's stamp, and a host clock
+//! minutes off (S3 signing tolerates 15) cannot make a live lock look
+//! dead. The host clock is used only when no own lock is in the listing
+//! (a writer waiting for a collector, with its own lock removed; it
+//! checks again with its lock put before it proceeds). A lock of a process on this host (same hostname, boot id and
 //! pid namespace) that is gone, or whose pid another program has now
 //! (start time), is stale at once and removed: waiting out [`STALE`] for
 //! a holder known dead only delays backups or gc. A process that is
@@ -235,13 +240,17 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// Fresh locks of `kind` held by others (not `except`).
-pub fn holders(repo: &Repository, kind: LockKind, except: Option<&str>) -> Result<Vec<Holder>> {
-    let now = crate::util::now_unix();
+/// Fresh locks of `kind` held by others. `own`: the caller's lock, put
+/// (or refreshed) just before; its stamp in the listing is "now" on the
+/// store's clock for every age (see the module doc), and it is never
+/// among the holders.
+pub fn holders(repo: &Repository, kind: LockKind, own: Option<&str>) -> Result<Vec<Holder>> {
+    let listed = repo.backend().list_all(DIR)?;
+    let now = store_now(&listed, own);
     let mut out = vec![];
-    for o in repo.backend().list_all(DIR)? {
+    for o in listed {
         let name = o.key.rsplit('/').next().unwrap_or("");
-        if !name.starts_with(kind.prefix()) || Some(o.key.as_str()) == except {
+        if !name.starts_with(kind.prefix()) || Some(o.key.as_str()) == own {
             continue;
         }
         let age_secs = now.saturating_sub(o.modified_unix);
@@ -274,6 +283,26 @@ pub fn holders(repo: &Repository, kind: LockKind, except: Option<&str>) -> Resul
         });
     }
     Ok(out)
+}
+
+/// "Now" on the store's clock: the stamp of the caller's own lock in the
+/// listing, or the host's clock when it is not there. A host clock more
+/// than a minute off the store's is logged once: it does not change what
+/// is stale, but the lock's `started` and the ages it reports are off.
+fn store_now(listed: &[super::backend::ObjectInfo], own: Option<&str>) -> u64 {
+    let host_now = crate::util::now_unix();
+    let Some(stamp) = own.and_then(|k| listed.iter().find(|o| o.key == k)) else {
+        return host_now;
+    };
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let skew = host_now.abs_diff(stamp.modified_unix);
+    if skew > 60 && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            lock = %stamp.key,
+            "this host's clock is {skew} s off the repository store's (the stamp of the lock just written); lock ages are read on the store's clock, but fix the host's time (NTP)"
+        );
+    }
+    stamp.modified_unix
 }
 
 /// The locks this process holds, for [`release_all`].
@@ -515,7 +544,7 @@ impl WriterLock {
         let mut said = false;
         loop {
             let held = Held::put(repo, LockKind::Backup, vm)?;
-            let gcs = holders(repo, LockKind::Gc, None)?;
+            let gcs = holders(repo, LockKind::Gc, Some(&held.key))?;
             if gcs.is_empty() {
                 return Ok(WriterLock(held));
             }
@@ -568,7 +597,7 @@ impl GcLock {
         let deadline = Instant::now() + wait;
         let held = Held::put(repo, LockKind::Gc, "gc")?;
         loop {
-            let writers = holders(repo, LockKind::Backup, None)?;
+            let writers = holders(repo, LockKind::Backup, Some(&held.key))?;
             if writers.is_empty() {
                 return Ok(GcLock(held));
             }
@@ -676,6 +705,51 @@ mod tests {
             .unwrap();
         assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
         GcLock::acquire(&r, Duration::ZERO).unwrap();
+    }
+
+    /// review23 M1: a host whose clock runs ahead of the store's by more
+    /// than the stale time must still see a collector's fresh lock.
+    #[test]
+    fn lock_ages_are_read_on_the_stores_clock_so_a_host_clock_ahead_of_it_sees_a_fresh_lock_as_fresh(
+    ) {
+        let (d, r) = repo();
+        let stamp = |key: &str, ago: Duration| {
+            std::fs::File::options()
+                .write(true)
+                .open(d.path().join("r").join(key))
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - ago)
+                .unwrap();
+        };
+        let doc = |kind: LockKind| {
+            serde_json::to_vec(&LockDoc {
+                kind,
+                host: "another-host".into(),
+                pid: 1,
+                what: "x".into(),
+                started: "2026-01-01T00:00:00Z".into(),
+                boot_id: None,
+                pid_ns: None,
+                start_time: None,
+            })
+            .unwrap()
+        };
+        // The store's clock is 1,000 s behind this host's: a collector put
+        // its lock 10 s before this writer put its own.
+        let (gc, own) = (
+            format!("{DIR}/gc-other.json"),
+            format!("{DIR}/backup-own.json"),
+        );
+        r.backend().put(&gc, &doc(LockKind::Gc)).unwrap();
+        r.backend().put(&own, &doc(LockKind::Backup)).unwrap();
+        stamp(&gc, Duration::from_secs(1010));
+        stamp(&own, Duration::from_secs(1000));
+        let seen = holders(&r, LockKind::Gc, Some(&own)).unwrap();
+        assert_eq!(seen.len(), 1, "a live collector's lock was taken for dead");
+        assert_eq!(seen[0].age_secs, 10);
+        // 700 s older than the writer's own on the store's clock: stale.
+        stamp(&gc, Duration::from_secs(1700));
+        assert!(holders(&r, LockKind::Gc, Some(&own)).unwrap().is_empty());
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub enum Listed {
     },
 }
 
+/// Where `verify --repair` keeps damaged chunks it set aside (and an
+/// empty object for each one it found missing), named by chunk id.
+pub const QUARANTINE: &str = "quarantine";
+
 impl Repository {
     /// Opens an existing repository; a missing one or a directory that is
     /// not a repository is a clear error.
@@ -576,6 +580,18 @@ impl Repository {
         }
         self.backend.put(&d.key(), &stored)?;
         Ok(stored.len() as u64)
+    }
+
+    /// Chunks `verify --repair` set aside (or found missing), from
+    /// `quarantine/`: a backup must not name one again unless it has been
+    /// stored again since (see `writer::stored_bytes_after`).
+    pub fn quarantined(&self) -> Result<std::collections::HashSet<Digest>> {
+        Ok(self
+            .backend
+            .list(QUARANTINE)?
+            .iter()
+            .filter_map(|n| Digest::from_hex(n).ok())
+            .collect())
     }
 
     pub fn chunk_stored_size(&self, d: &Digest) -> Result<Option<u64>> {

@@ -7,11 +7,23 @@
 //! its VM, backup and disk names cost about 150 bytes *per reference*
 //! (gigabytes for a repository of large disks). Where a damaged chunk is
 //! used is found by a second walk, only when something is damaged.
+//!
+//! Damage (a chunk that fails its checks, or is missing) is told apart
+//! from a chunk the store did not answer for (an I/O error: an outage is
+//! not damage, and must never be repaired). `verify --repair` ([`repair`])
+//! sets damaged chunk objects aside under `quarantine/`, holding the gc
+//! lock (no backup runs meanwhile): a stored chunk is never read again by
+//! a backup that deduplicates onto it, so a damaged one would otherwise be
+//! reused by every later backup. With it gone, the next backup that reads
+//! those bytes stores the chunk again, and every backup naming it reads
+//! again (content addressing).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use super::{Digest, Repository};
+use super::locks::GcLock;
+use super::{limits, Digest, Repository};
 use crate::error::{ErrorKind, Result};
 
 /// Uses of one damaged chunk named in its line; the rest are counted.
@@ -26,6 +38,12 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// One line per damaged manifest, catalog or chunk, sorted.
     pub damaged: Vec<String>,
+    /// Damaged chunks, with their plain length: what [`repair`] sets
+    /// aside (those still stored).
+    pub corrupt: Vec<(Digest, usize)>,
+    /// One line for the chunks the store did not answer for (I/O errors):
+    /// not checked, not damage.
+    pub unreadable: Option<String>,
 }
 
 /// Where a chunk is used.
@@ -50,10 +68,15 @@ pub fn verify(
     let backups = walk(repo, vms, backup, Walk::First, &mut damaged, |d, len, _| {
         lens.entry(*d).or_insert(len);
     })?;
-    let bad = check_chunks(repo, &lens, threads.max(1));
+    let failed = check_chunks(repo, &lens, threads.max(1));
+    let (bad, unread): (HashMap<_, _>, HashMap<_, _>) = failed
+        .into_iter()
+        .partition(|(_, (kind, _))| is_damage(*kind));
+    let corrupt = bad.keys().map(|d| (*d, lens[d])).collect();
     let chunks = lens.len() as u64;
     drop(lens);
     if !bad.is_empty() {
+        let bad = bad.into_iter().map(|(d, (_, why))| (d, why)).collect();
         damaged.extend(name_places(repo, vms, backup, bad));
     }
     damaged.sort();
@@ -61,7 +84,72 @@ pub fn verify(
         backups,
         chunks,
         damaged,
+        corrupt,
+        unreadable: unreadable_line(unread),
     })
+}
+
+/// Whether a chunk read's error says the chunk is damaged (fails its
+/// checks, or is missing from a repository that answers as itself: both
+/// `Corrupt`), not that the store could not be read.
+fn is_damage(kind: ErrorKind) -> bool {
+    kind == ErrorKind::Corrupt
+}
+
+/// One line for every chunk the store did not answer for: how many, and
+/// the first few with why.
+fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>) -> Option<String> {
+    if unread.is_empty() {
+        return None;
+    }
+    let mut named: Vec<String> = unread
+        .iter()
+        .map(|(d, (_, why))| format!("{d} ({why})"))
+        .collect();
+    named.sort();
+    let more = named.len().saturating_sub(PLACES_NAMED);
+    named.truncate(PLACES_NAMED);
+    Some(format!(
+        "UNREADABLE: {} chunk(s) could not be read, so they were not checked (not damage: the store did not answer): {}{}; run verify again once the store answers",
+        unread.len(),
+        named.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    ))
+}
+
+/// `verify --repair`: sets each chunk of `corrupt` aside (copied to
+/// `quarantine/<id>`, then removed) if it still fails its checks, holding
+/// the gc lock (waiting at most `wait` for running backups). One line per
+/// chunk set aside.
+pub fn repair(
+    repo: &Arc<Repository>,
+    corrupt: &[(Digest, usize)],
+    wait: Duration,
+) -> Result<Vec<String>> {
+    let lock = GcLock::acquire(repo, wait)?;
+    let mut lines = vec![];
+    for (d, len) in corrupt {
+        let _held = lock.hold()?;
+        match repo.read_chunk(d, *len, &"repair") {
+            Ok(_) => continue, // stored again meanwhile
+            Err(e) if e.kind() == ErrorKind::Corrupt => {}
+            Err(e) => return Err(e),
+        }
+        let key = d.key();
+        let aside = format!("{}/{}", super::QUARANTINE, d.to_hex());
+        // A missing one is recorded too (empty): no incremental backup
+        // names it again until it is stored again.
+        let Some(raw) = repo.backend().get(&key, limits::max_chunk_object(*len))? else {
+            repo.backend().put(&aside, b"")?;
+            lines.push(format!("REPAIRED chunk {d}: missing, recorded as {aside}"));
+            continue;
+        };
+        repo.backend().put(&aside, &raw)?;
+        repo.backend().delete(&key)?;
+        tracing::warn!(chunk = %key, "a damaged chunk was set aside as {aside}");
+        lines.push(format!("REPAIRED chunk {d}: set aside as {aside}"));
+    }
+    Ok(lines)
 }
 
 /// Which walk: the first decides what is read; the second only names
@@ -136,7 +224,7 @@ fn check_chunks(
     repo: &Repository,
     lens: &HashMap<Digest, usize>,
     threads: usize,
-) -> HashMap<Digest, String> {
+) -> HashMap<Digest, (ErrorKind, String)> {
     // Threads take the next chunk from one shared iterator: no second
     // list of the chunks.
     let work = Mutex::new(lens.iter());
@@ -154,7 +242,7 @@ fn check_chunks(
                         .replace(&format!("verify: chunk {d} "), "")
                         .replace(&format!("chunk {d} of verify: "), "")
                         .replace(&format!("chunk {d} of verify "), "");
-                    bad.lock().expect("lock").insert(*d, why);
+                    bad.lock().expect("lock").insert(*d, (e.kind(), why));
                 }
             });
         }
@@ -342,5 +430,69 @@ mod tests {
             )),
             "{line}"
         );
+    }
+
+    /// review23 M2: a damaged chunk is set aside by `--repair`; the next
+    /// backup that has its bytes stores it again (a dedup hit before
+    /// would have reused the damaged object), and every backup naming it
+    /// reads again.
+    #[test]
+    fn repair_sets_a_damaged_chunk_aside_so_storing_its_bytes_again_heals_every_backup_naming_it() {
+        let (d, repo, _) = repo();
+        let mut chunk = None;
+        for day in 0..3 {
+            let m = backup_at(&repo, "web", DAY0 + day * 86_400);
+            chunk = m.disks[0].chunks.get(0);
+        }
+        let c = chunk.expect("chunk 0 is data");
+        let len = 64 << 10;
+        let (good, _) = repo.read_chunk(&c, len, &"test").unwrap();
+        let path = d.path().join("r").join(c.key());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            repo.put_chunk(&c, &good).unwrap(),
+            0,
+            "a damaged chunk of a plausible size is reused by a backup"
+        );
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        assert_eq!(r.corrupt, vec![(c, good.len())]);
+        let lines = repair(&repo, &r.corrupt, Duration::ZERO).unwrap();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let aside = d.path().join("r/quarantine").join(c.to_hex());
+        assert_eq!(
+            std::fs::read(aside).unwrap(),
+            bytes,
+            "the damaged object is kept aside"
+        );
+        assert!(!repo.has_chunk(&c).unwrap());
+        assert!(
+            repo.put_chunk(&c, &good).unwrap() > 0,
+            "the next backup with these bytes does not store the chunk again"
+        );
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        assert!(
+            r.damaged.is_empty() && r.corrupt.is_empty(),
+            "{:?}",
+            r.damaged
+        );
+        assert_eq!(r.backups, 3);
+    }
+
+    /// review23 L1: a store that does not answer is not damage, and
+    /// nothing of it is offered for repair.
+    #[test]
+    fn chunks_the_store_does_not_answer_for_are_unreadable_not_damaged_and_never_repaired() {
+        let (_d, repo, knobs) = repo();
+        backup_at(&repo, "web", DAY0);
+        knobs.unreachable("chunks/");
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        knobs.reachable();
+        assert!(r.damaged.is_empty(), "{:?}", r.damaged);
+        assert!(r.corrupt.is_empty());
+        let line = r.unreadable.expect("reported");
+        assert!(line.starts_with("UNREADABLE: "), "{line}");
+        assert!(line.contains("not damage"), "{line}");
     }
 }

@@ -418,6 +418,20 @@ pub fn stored_bytes_after(
     for d in after.difference(&before) {
         total += size(d)?;
     }
+    // Kept chunks are not looked up one by one (an incremental of a large
+    // disk keeps millions), but one `verify --repair` found damaged and
+    // set aside must have been stored again since.
+    let quarantined = repo.quarantined()?;
+    for d in after
+        .intersection(&before)
+        .filter(|d| quarantined.contains(*d))
+    {
+        if !repo.has_chunk(d)? {
+            return Err(Error::corrupt(format!(
+                "chunk {d} of the base backup was found damaged and set aside (verify --repair) and has not been stored again: this backup would name it; take a full backup, which stores it again"
+            )));
+        }
+    }
     Ok(total)
 }
 
@@ -805,6 +819,39 @@ mod tests {
             .collect();
         let e = stored_bytes_after(&repo, &base, &added, &Default::default()).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+    }
+
+    /// explore4 M4: an incremental keeps its base's chunks unread; one
+    /// that `verify --repair` set aside (damaged) must not be named again
+    /// until a backup has stored it again.
+    #[test]
+    fn a_kept_chunk_verify_repair_set_aside_fails_the_backup_until_it_is_stored_again() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, _knobs, digest) = repo_with_a_chunk(&d);
+        let base = DiskManifest {
+            name: "disk0".into(),
+            size: 65536,
+            chunk_size: 65536,
+            chunks: [Some(digest)].into_iter().collect(),
+            stored_bytes: 100,
+            new_bytes: 0,
+        };
+        let kept = base.chunks.clone();
+        stored_bytes_after(&repo, &base, &kept, &Default::default()).unwrap();
+        let path = d.path().join("r").join(digest.key());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[2] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let lines =
+            super::super::verify::repair(&repo, &[(digest, 65536)], std::time::Duration::ZERO)
+                .unwrap();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let e = stored_bytes_after(&repo, &base, &kept, &Default::default()).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("take a full backup"), "{e}");
+        // A full backup stores it again: then it may be kept.
+        assert!(repo.put_chunk(&digest, &[7u8; 65536]).unwrap() > 0);
+        stored_bytes_after(&repo, &base, &kept, &Default::default()).unwrap();
     }
 
     #[test]

@@ -78,20 +78,25 @@ impl Datastore {
     ) -> Result<NewPin<'a>> {
         let dir = staging.session_dir(vm, id);
         let pin = self.new_pin(vm, vec![id.into()], staging, &dir, true);
-        if let Err(e) = pins::put(&self.repo, &pin) {
-            // As `put_logged`: the session's own pin is tried again.
-            tracing::warn!(
-                vm,
-                "could not pin the session's backup in the repository (forget may remove it): {e}"
-            );
-            return Ok(NewPin {
+        let guard = match pins::put(&self.repo, &pin) {
+            Ok(()) => NewPin {
                 repo: &self.repo,
-                pin: None,
-            });
-        }
-        let guard = NewPin {
-            repo: &self.repo,
-            pin: Some(pin),
+                pin: Some(pin),
+            },
+            Err(e) => {
+                // The session starts unpinned (a read-only repository must
+                // not stop a recovery); its pin is tried again at every
+                // check, and `status` says so meanwhile. The backup is
+                // still checked: a forget may have removed it already.
+                tracing::warn!(
+                    vm,
+                    "could not pin the session's backup in the repository (a forget may remove it until the pin is written; tried again at every check): {e}"
+                );
+                NewPin {
+                    repo: &self.repo,
+                    pin: None,
+                }
+            }
         };
         if !self.repo.has_manifest(vm, id)? {
             return Err(Error::not_found(format!(
@@ -242,7 +247,7 @@ impl Datastore {
             }
             let warning = (!gone.is_empty()).then(|| {
                 format!(
-                    "backup {} of VM {} was removed from the repository (forget --force): blocks not yet staged cannot be read once gc runs, and live backups need a full read; relocate the VM or back it up from its disks",
+                    "backup {} of VM {} was removed from the repository (forget --force, or a forget while the session's pin was missing): blocks not yet staged cannot be read once gc runs, and live backups need a full read; relocate the VM or back it up from its disks",
                     gone.join(", "),
                     s.vm
                 )

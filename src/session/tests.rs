@@ -184,6 +184,34 @@ fn a_session_whose_pin_could_not_be_written_is_pinned_by_the_next_backup_check()
     );
 }
 
+/// review23 L4: a pin that cannot be written does not skip the check
+/// that the backup still exists, and `status` says the session is
+/// unpinned until its pin is written.
+#[test]
+fn a_session_whose_pin_cannot_be_written_still_refuses_a_backup_forgotten_meanwhile_and_shows_unpinned(
+) {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
+    let key = format!("backups/vm/{b1}.json");
+    r.knobs.before_first("pins/vm/", move || {
+        use crate::repo::backend::Backend;
+        plain.delete(&key).unwrap()
+    });
+    r.knobs.unreachable("pins/");
+    let e = r.ds.recover("vm", Some(&b1)).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+    assert!(r.ds.session("vm").is_none());
+
+    let (b2, _) = backup(&r, "vm", 2, 8);
+    r.ds.recover("vm", Some(&b2)).unwrap();
+    let s = r.ds.session("vm").unwrap();
+    assert!(r.ds.status(&s).unpinned, "status hides a missing pin");
+    r.knobs.reachable();
+    r.ds.check_backups();
+    assert!(!r.ds.status(&s).unpinned);
+}
+
 #[test]
 fn a_transient_repository_error_never_hides_kept_staging() {
     let r = rig();

@@ -123,6 +123,36 @@ fn reached_disk(storage: &dyn Storage, path: &Path) -> bool {
     }
 }
 
+/// Rewrites the mirror at `path` with `body` in the blocks it already
+/// has (no new space), if it is `body`'s size: poisoned first, so that a
+/// kill in between leaves it untrusted rather than old words under a new
+/// header; the header last. Never synced, as every mirror write.
+fn rewrite_in_place(storage: &dyn Storage, path: &Path, body: &[u8]) -> Result<Arc<dyn BlockFile>> {
+    let file = storage
+        .open(path, Open::Existing)
+        .ctx(|| format!("open {}", path.display()))?;
+    let len = file.len().ctx(|| format!("stat {}", path.display()))?;
+    if len != body.len() as u64 {
+        return Err(crate::error::Error::new(
+            crate::error::ErrorKind::NoSpace,
+            format!("{} is not the mirror's size", path.display()),
+        ));
+    }
+    let h = HEADER_LEN as usize;
+    let write = |at: usize, b: &[u8]| {
+        file.write_all_at(b, at as u64)
+            .ctx(|| format!("write {}", path.display()))
+    };
+    write(0, &[0u8; 8])?;
+    write(h, &body[h..])?;
+    write(0, &body[..h])?;
+    tracing::warn!(
+        "{}: the staging filesystem is full; the presence mirror was rewritten in place",
+        path.display()
+    );
+    Ok(file)
+}
+
 impl LiveMirror {
     /// Opens the mirror at `path` for a map whose synced words are
     /// `synced`, and starts a new one holding `synced` plus whatever is
@@ -158,10 +188,17 @@ impl LiveMirror {
         for w in &words {
             body.extend(w.to_le_bytes());
         }
-        replace(storage, path, &body)?;
-        let file = storage
-            .open(path, Open::Existing)
-            .ctx(|| format!("open {}", path.display()))?;
+        let file = match replace(storage, path, &body) {
+            Ok(()) => storage
+                .open(path, Open::Existing)
+                .ctx(|| format!("open {}", path.display()))?,
+            // A full staging filesystem must not keep a session from
+            // resuming: its old mirror's blocks are rewritten instead.
+            Err(e) if e.kind() == crate::error::ErrorKind::NoSpace => {
+                rewrite_in_place(storage, path, &body).map_err(|_| e)?
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Opened {
             mirror: LiveMirror {
                 file,
@@ -306,6 +343,28 @@ mod tests {
             "a mirror the kernel failed to write back was trusted"
         );
         assert_ne!(b.mirror.epoch(), a.mirror.epoch());
+    }
+
+    /// explore4 M1: a restart on a full staging filesystem cannot write a
+    /// new mirror file; the old one is rewritten in place, keeping what
+    /// it trusted, and stays a valid mirror for the next restart.
+    #[test]
+    fn on_a_full_filesystem_the_mirror_is_rewritten_in_place_and_keeps_its_bits_and_epoch() {
+        use crate::staging::io::fault::{FaultyStorage, Op, Rule};
+        let m = storage();
+        let a = LiveMirror::open(&m, Path::new(P), 4096, 130, &[1, 0, 0], true).unwrap();
+        a.mirror.record(64 + 5);
+        let killed = m.kill_state(m.position());
+        let faults = FaultyStorage::new(std::sync::Arc::new(killed.clone()));
+        faults.inject(Rule::fail(Op::Rename, "disk0.live", libc::ENOSPC));
+        let b = LiveMirror::open(&faults, Path::new(P), 4096, 130, &[1, 0, 0], true).unwrap();
+        assert_eq!(b.trusted, Some(vec![1, 1 << 5, 0]));
+        assert_eq!(b.mirror.epoch(), a.mirror.epoch());
+        b.mirror.record(3);
+        let again = killed.kill_state(killed.position());
+        let c = LiveMirror::open(&again, Path::new(P), 4096, 130, &[0, 0, 0], true).unwrap();
+        assert_eq!(c.trusted, Some(vec![1 | 1 << 3, 1 << 5, 0]));
+        assert_eq!(c.mirror.epoch(), a.mirror.epoch());
     }
 
     #[test]

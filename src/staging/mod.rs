@@ -405,6 +405,12 @@ impl StagingDir {
     /// exported (`placement`, JSON), read back by [`Self::active_placement`].
     pub fn mark_active(&self, vm: &str, backup: &str, placement: &[u8]) -> Result<()> {
         let p = self.session_dir(vm, backup).join("active");
+        // A resumed session is marked so already: nothing to write (which
+        // a full staging filesystem could not).
+        let limit = placement.len() as u64 + 1;
+        if self.storage.read(&p, limit).ok().flatten().as_deref() == Some(placement) {
+            return Ok(());
+        }
         io::replace(self.storage.as_ref(), &p, placement)
     }
 

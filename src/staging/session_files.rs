@@ -249,6 +249,12 @@ pub fn open_session(
         .map(|(i, d)| open_disk(storage, dir, i, d, resumed, generation))
         .collect::<Result<Vec<_>>>()
         .map_err(|e| match resumed {
+            // Nothing is wrong with the staging: never suggest discarding
+            // it (the guest's writes are there).
+            true if e.kind() == crate::error::ErrorKind::NoSpace => e.context(format!(
+                "staging of backup {}/{} cannot be resumed while its filesystem is full: free space there (its guest writes are kept in it; do not discard it), then recover {} again",
+                m.vm, m.id, m.vm
+            )),
             true => e.context(format!(
                 "staging of backup {}/{} cannot be resumed (if it is damaged, discard it with `release --discard {}`)",
                 m.vm, m.id, m.vm
@@ -263,7 +269,14 @@ pub fn open_session(
         created: existing.map(|e| e.created).unwrap_or_else(now_unix),
         last_recovered: now_unix(),
     };
-    meta.store(storage, dir)?;
+    match meta.store(storage, dir) {
+        // Resumed, it only moves `last_recovered` on: a full staging
+        // filesystem must not keep the guest's writes from being served.
+        Err(e) if resumed && e.kind() == crate::error::ErrorKind::NoSpace => {
+            tracing::warn!(vm = %m.vm, "the staging filesystem is full: the session resumes without recording when ({e})");
+        }
+        r => r?,
+    }
     Ok((stores, resumed))
 }
 

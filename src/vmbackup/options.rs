@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::repo::locks::WriterLock;
 use crate::repo::manifest::Manifest;
 
 /// Called with (VM name, event name) as each event is recorded (tests use
@@ -33,15 +34,32 @@ pub struct VmSpec {
 /// recorded chunk may be stale (`precopy`: the chunks it copied, and its
 /// newest round's bitmap). The backup disables each bitmap at the
 /// snapshot and reads only what it marks, exactly as for an incremental.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GivenBase {
     /// Disk geometry and chunk ids (`stored_bytes`: of its distinct chunks).
     pub manifest: Manifest,
+    /// The writer lock under which the caller found its chunks (written
+    /// by it, or checked to exist). They are in no manifest, so only that
+    /// lock keeps a collector from them: it must still be trusted when the
+    /// manifest naming them is published, and is held through it.
+    pub vouched_by: Option<Arc<WriterLock>>,
     pub bitmaps: Vec<String>,
     /// The backup's `mode` (e.g. `precopy`).
     pub mode: String,
     /// The backup recorded as the base in the new manifest, if any.
     pub base: Option<String>,
+}
+
+impl std::fmt::Debug for GivenBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GivenBase")
+            .field("manifest", &self.manifest)
+            .field("vouched_by", &self.vouched_by.is_some())
+            .field("bitmaps", &self.bitmaps)
+            .field("mode", &self.mode)
+            .field("base", &self.base)
+            .finish()
+    }
 }
 
 pub struct Options {

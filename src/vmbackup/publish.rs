@@ -107,6 +107,14 @@ impl Vm {
                 .map(|v| serde_json::json!({"node": v.node, "bitmap": v.bitmap}))
                 .collect::<Vec<_>>(),
         });
+        // A caller's chunks (a pre-copy's) are kept by its own lock.
+        let _vouched = match self.spec.base.as_ref().and_then(|b| b.vouched_by.as_ref()) {
+            Some(l) => Some(
+                l.hold()
+                    .map_err(|e| e.context("the lock that kept the pre-copied chunks from gc"))?,
+            ),
+            None => None,
+        };
         Ok(publish_manifest(repo, lock, &self.spec.name, config, disks)?.id)
     }
 }

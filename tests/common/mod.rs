@@ -608,6 +608,43 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A small ext4 filesystem on a loop device (an image file under `dir`),
+/// mounted at `dir/mnt`: unlike tmpfs, a new directory or file there needs
+/// a block, as on a real staging disk. Unmounted (lazily) when dropped.
+pub struct LoopExt4(PathBuf);
+
+impl LoopExt4 {
+    pub fn mount(dir: &Path, size: &str) -> LoopExt4 {
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let img = dir.join("fs.img");
+        let run = |cmd: &mut Command| {
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{cmd:?}: {o:?}");
+        };
+        run(Command::new("truncate").args(["-s", size]).arg(&img));
+        // No blocks reserved for root: the daemon (root) fills them all.
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&img));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt));
+        LoopExt4(mnt)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Disk `n` of backup `id` of `vm`, read back through the repository.
 pub fn restored(repo: &str, vm: &str, id: &str, n: usize) -> Vec<u8> {
     let repo = recoverfs::repo::Repository::open(repo).unwrap();

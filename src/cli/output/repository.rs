@@ -23,7 +23,14 @@ fn vms_with_backup(repo: &Repository, vms: Vec<String>, id: &str) -> Result<Vec<
     Ok(with)
 }
 
-pub(crate) fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) -> Result<()> {
+/// `verify`; with `repair` (the wait for running backups), damaged chunks
+/// are set aside after the report.
+pub(crate) fn verify(
+    repo: &std::sync::Arc<Repository>,
+    vm: Option<&str>,
+    backup: Option<&str>,
+    repair: Option<std::time::Duration>,
+) -> Result<()> {
     let vms = match vm {
         Some(v) => {
             crate::util::validate_name("VM name", v)?;
@@ -53,24 +60,51 @@ pub(crate) fn verify(repo: &Repository, vm: Option<&str>, backup: Option<&str>) 
         .unwrap_or(2)
         .max(2);
     let r = crate::repo::verify::verify(repo, &vms, backup, threads)?;
-    for line in &r.damaged {
+    for line in r.damaged.iter().chain(&r.unreadable) {
         println!("{line}");
     }
-    if r.damaged.is_empty() {
+    let repaired = match repair {
+        Some(wait) if !r.corrupt.is_empty() => {
+            let lines = crate::repo::verify::repair(repo, &r.corrupt, wait)?;
+            for line in &lines {
+                println!("{line}");
+            }
+            lines.len()
+        }
+        _ => 0,
+    };
+    if r.damaged.is_empty() && r.unreadable.is_none() {
         println!(
             "ok: {} chunks of {} backup(s) verified ({})",
             r.chunks,
             r.backups,
             mode(repo)
         );
-        Ok(())
-    } else {
-        Err(Error::corrupt(format!(
-            "{} damaged object(s) in {}",
-            r.damaged.len(),
-            repo.location()
-        )))
+        return Ok(());
     }
+    if r.damaged.is_empty() {
+        return Err(Error::new(
+            crate::error::ErrorKind::Io,
+            format!(
+                "verify of {} is incomplete: some chunks could not be read",
+                repo.location()
+            ),
+        ));
+    }
+    let next = if repaired > 0 {
+        format!(
+            "; {repaired} damaged chunk(s) set aside: the backups above read again once a backup stores those bytes again (a full one: an incremental backup refuses to reuse a chunk that is gone)"
+        )
+    } else if !r.corrupt.is_empty() && repair.is_none() {
+        "; run verify --repair to set damaged chunks aside, so the next full backup stores them again".into()
+    } else {
+        String::new()
+    };
+    Err(Error::corrupt(format!(
+        "{} damaged object(s) in {}{next}",
+        r.damaged.len(),
+        repo.location()
+    )))
 }
 
 /// Which mode a repository uses, for `verify`.

@@ -91,6 +91,9 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
         if let Some(w) = s["backup_gone"].as_str() {
             println!("  WARNING: {w}");
         }
+        if s["unpinned"].as_bool() == Some(true) {
+            println!("  WARNING: its backup is not pinned in the repository (the pin could not be written; tried again at every check): until it is, a forget may remove the backup");
+        }
         if let Some(w) = s["repo_unreachable"].as_str() {
             println!("  repository unreachable: {w}");
         }

@@ -296,6 +296,10 @@ impl BlockFile for FaultyFile {
         self.inner.try_lock(exclusive)
     }
 
+    fn image_locked_elsewhere(&self) -> io::Result<bool> {
+        self.inner.image_locked_elsewhere()
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.owner.check(Op::SetLen, &self.path)?;
         self.inner.set_len(len)
