@@ -212,6 +212,31 @@ fn a_session_whose_pin_cannot_be_written_still_refuses_a_backup_forgotten_meanwh
     assert!(!r.ds.status(&s).unpinned);
 }
 
+/// explore4 L1: a damaged copy of the manifest in kept staging gives way
+/// to the repository's (checked), which replaces it; the guest's writes
+/// are resumed, named backup or not.
+#[test]
+fn kept_staging_whose_manifest_copy_is_damaged_resumes_from_the_repositorys_copy() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    for named in [true, false] {
+        r.ds.recover("vm", None).unwrap();
+        disk(&r, "vm").write(0, b"the guest wrote this").unwrap();
+        r.ds.release("vm", false).unwrap();
+        let copy = main_staging(&r)
+            .join("sessions/vm")
+            .join(&b1)
+            .join("manifest.json");
+        std::fs::write(&copy, b"{\"trunc").unwrap();
+        let info = r.ds.recover("vm", named.then_some(b1.as_str())).unwrap();
+        assert!(info.resumed, "named {named}: not resumed");
+        assert_eq!(disk(&r, "vm").read(0, 20).unwrap(), b"the guest wrote this");
+        let fixed = std::fs::read(&copy).unwrap();
+        assert!(fixed.len() > 100, "the damaged copy was not replaced");
+        r.ds.release("vm", false).unwrap();
+    }
+}
+
 #[test]
 fn a_transient_repository_error_never_hides_kept_staging() {
     let r = rig();

@@ -376,6 +376,13 @@ impl StagingDir {
             .collect()
     }
 
+    /// Replaces a kept session's copy of its manifest (a damaged one, by
+    /// the repository's, which was checked when read).
+    pub fn replace_kept_manifest(&self, m: &Manifest) -> Result<()> {
+        let p = self.session_dir(&m.vm, &m.id).join("manifest.json");
+        io::replace(self.storage.as_ref(), &p, &m.encode()?)
+    }
+
     /// The manifest a kept session was recovered from, from its own copy;
     /// `None` for a session made before copies were kept.
     pub fn kept_manifest(&self, vm: &str, backup: &str) -> Result<Option<Manifest>> {
