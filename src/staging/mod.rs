@@ -413,10 +413,11 @@ impl StagingDir {
     pub fn mark_active(&self, vm: &str, backup: &str, placement: &[u8]) -> Result<()> {
         let p = self.session_dir(vm, backup).join("active");
         // A resumed session is marked so already: nothing to write (which
-        // a full staging filesystem could not).
+        // a full staging filesystem could not), only its name made durable
+        // in case a crash came between its rename and that sync.
         let limit = placement.len() as u64 + 1;
         if self.storage.read(&p, limit).ok().flatten().as_deref() == Some(placement) {
-            return Ok(());
+            return io::sync_parent(self.storage.as_ref(), &p);
         }
         io::replace(self.storage.as_ref(), &p, placement)
     }
