@@ -258,3 +258,36 @@ fn a_live_backup_storing(env: &mut Env, img: &Path) -> (Daemon, std::process::Ch
     }
     (d, child)
 }
+
+/// explore4 L4: `backup` of a disk file on a recoverfs mount works, but
+/// says that its guest's writes meanwhile are not caught, and what to use.
+#[test]
+fn a_plain_backup_of_a_disk_file_on_the_mount_warns_to_use_backup_session() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64 as usize, 61, K64 as usize);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let o = env.run(&[
+        "backup",
+        "--repo",
+        env.repo_str(),
+        "--vm",
+        "copy",
+        disk.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("is a disk of a VM recoverfs serves"), "{err}");
+    assert!(err.contains("backup --session VM"), "{err}");
+    // An image elsewhere gets no such warning.
+    let o = env.run(&[
+        "backup",
+        "--repo",
+        env.repo_str(),
+        "--vm",
+        "vm",
+        env.path("a.raw").to_str().unwrap(),
+    ]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning:"));
+}

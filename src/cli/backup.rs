@@ -66,6 +66,7 @@ pub(super) fn backup(
         for img in &images {
             crate::repo::writer::image_size(img)?;
         }
+        warn_images_on_recoverfs(&images);
     }
     // Before any thread starts: they inherit the blocked signals.
     super::release_locks_on_signals("backup")?;
@@ -203,4 +204,25 @@ pub(super) fn backup_vms(
         summary.vms.len(),
         each.join("; ")
     )))
+}
+
+/// A disk file of a recoverfs mount (a VM being recovered) is read like
+/// any image, but the change check does not see what its guest writes
+/// meanwhile through NBD or NFS (explore4 L4): said, with what to use.
+fn warn_images_on_recoverfs(images: &[std::path::PathBuf]) {
+    let mounts = crate::util::mountinfo::current();
+    for img in images {
+        let Ok(abs) = std::fs::canonicalize(img) else {
+            continue;
+        };
+        if mounts
+            .iter()
+            .any(|m| m.is_recoverfs() && abs.starts_with(&m.point))
+        {
+            eprintln!(
+                "warning: {} is a disk of a VM recoverfs serves: writes its guest makes while it is read are not caught; for a running VM use `recoverfs backup --session VM`",
+                img.display()
+            );
+        }
+    }
 }

@@ -319,7 +319,12 @@ impl Relocation {
     fn write_next(&self, w: &mut Walk) -> Result<()> {
         let f = w.window.pop_front().expect("a block in flight");
         w.window_bytes -= f.len;
-        let data = w.d.finish_copy_read(f.b, f.read)?;
+        let data = w.d.finish_copy_read(f.b, f.read).inspect_err(|e| {
+            // Damage (`Corrupt`) fails the relocation; an outage does not.
+            if e.kind() == crate::error::ErrorKind::Io {
+                self.source_unreachable.store(true, Ordering::Release);
+            }
+        })?;
         let t = &self.targets[w.i];
         let off = f.b * w.d.block_size();
         if is_zero(&data) {

@@ -244,6 +244,9 @@ pub struct Relocation {
     blocks_marked: AtomicU64,
     /// Copies thrown away because the guest wrote the block meanwhile.
     copies_lost: AtomicU64,
+    /// The last pass ended on a block the repository did not answer for
+    /// (an I/O error, not damage): the copier waits and tries again.
+    source_unreachable: AtomicBool,
     progress: Mutex<Progress>,
     /// When the rate limit allows the next copy.
     next_slot: Mutex<Instant>,

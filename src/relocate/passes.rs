@@ -8,6 +8,8 @@ impl Relocation {
     pub(super) fn run(self: &Arc<Self>) -> Result<()> {
         let total: u64 = self.disks.iter().map(|d| d.nblocks()).sum();
         self.clock.lock().start();
+        // Since when the repository has not answered, and the next wait.
+        let mut outage: Option<(Instant, Duration)> = None;
         'passes: loop {
             if self.cancel.load(Ordering::Acquire) {
                 return Ok(());
@@ -17,11 +19,22 @@ impl Relocation {
                 continue;
             }
             for i in 0..self.disks.len() {
-                if !self.copy_pass(i, false)? {
+                self.source_unreachable.store(false, Ordering::Release);
+                match self.copy_pass(i, false) {
+                    Ok(true) => {}
                     // Cancelled, or paused: the pass starts over (from
                     // the copied map) once resumed.
-                    continue 'passes;
+                    Ok(false) => continue 'passes,
+                    Err(e) if self.source_unreachable.load(Ordering::Acquire) => {
+                        self.wait_for_source(&e, &mut outage);
+                        continue 'passes;
+                    }
+                    Err(e) => return Err(e),
                 }
+            }
+            if outage.take().is_some() {
+                tracing::info!(vm = %self.vm, "the repository answers again: the copy goes on");
+                self.set_state(self.state(), None);
             }
             if self.remaining() <= (total / 16).clamp(1, CUTOVER_BLOCKS) {
                 if !self.begin_switching() {
@@ -42,6 +55,31 @@ impl Relocation {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+    }
+
+    /// The repository did not answer for a block (an outage, `e`): the
+    /// copier waits, 1 s and then twice as long each time up to 30 s, and
+    /// starts the pass over from its copied map; `status` says why in the
+    /// meantime. A pause or a cancel ends the wait at once. A relocation
+    /// used to fail for good on an outage of seconds (explore4 M2).
+    fn wait_for_source(&self, e: &Error, outage: &mut Option<(Instant, Duration)>) {
+        let (since, wait) = outage.get_or_insert((Instant::now(), Duration::from_secs(1)));
+        let note = format!(
+            "waiting for the repository, which has not answered for {} s ({e}); the copy goes on when it does",
+            since.elapsed().as_secs()
+        );
+        tracing::warn!(vm = %self.vm, "{note}");
+        self.set_state(self.state(), Some(note));
+        let deadline = Instant::now() + *wait;
+        let mut st = self.state.lock();
+        while Instant::now() < deadline
+            && !self.pause_requested()
+            && !self.cancel.load(Ordering::Acquire)
+        {
+            self.wake.wait_until(&mut st, deadline);
+        }
+        drop(st);
+        *wait = (*wait * 2).min(Duration::from_secs(30));
     }
 
     /// Forgets the pacing history (after a pause).

@@ -124,8 +124,11 @@ impl Marks {
                     continue;
                 };
                 let refs = (r.refs)(repo, &o.key, &bytes).map_err(|e| {
+                    let advice = in_use_advice(repo, &o.key).unwrap_or_else(|| {
+                        "if that backup is lost, delete the object by hand".into()
+                    });
                     e.context(format!(
-                        "gc stopped before removing anything: {} cannot be read, so what it references is unknown (if that backup is lost, delete the object by hand)",
+                        "gc stopped before removing anything: {} cannot be read, so what it references is unknown ({advice})",
                         o.key
                     ))
                 })?;
@@ -135,6 +138,29 @@ impl Marks {
         }
         Ok(())
     }
+}
+
+/// For a damaged manifest `backups/VM/ID.json` that recovery sessions
+/// still use (pinned): never to be deleted, and where those sessions keep
+/// the copy they serve from (explore4 M3: gc advised deleting it).
+fn in_use_advice(repo: &Repository, key: &str) -> Option<String> {
+    let rest = key.strip_prefix("backups/")?.strip_suffix(".json")?;
+    let (vm, id) = rest.split_once('/')?;
+    let pins = super::pins::of_vm_readable(repo, vm).ok()?;
+    // A pin names its session's directory; the first backup is the one
+    // the session was recovered from, whose manifest it copied there.
+    let copies: Vec<String> = pins
+        .iter()
+        .filter(|p| p.backups.first().is_some_and(|b| b == id))
+        .map(|p| format!("{}:{}/manifest.json", p.host, p.staging))
+        .collect();
+    if copies.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "do not delete it: backup {vm}/{id} is in use by a recovery session, which serves from its own copy of the manifest ({}); in an unencrypted repository that copy is the same object and can be put back in its place",
+        copies.join(", ")
+    ))
 }
 
 /// The digest a key under `chunks/` names, if it is a chunk object's key.

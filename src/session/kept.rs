@@ -38,7 +38,7 @@ impl Datastore {
                 }
             }
             for s in dirs {
-                if let Some(m) = s.kept_manifest(vm, b)? {
+                if let Some(m) = self.kept_copy(s, vm, b)? {
                     warn_if_kept_twice(vm, b, s, &kept);
                     return Ok(Chosen::kept(m, vec![], s));
                 }
@@ -101,6 +101,25 @@ impl Datastore {
         all.into_iter().map(|(b, _, s)| (b, s)).collect()
     }
 
+    /// A kept session's copy of its manifest. A damaged copy gives way to
+    /// the repository's when that reads (it is checked: same backup), and
+    /// is replaced by it (explore4 L1: a damaged copy blocked the recovery
+    /// although the repository's was fine).
+    fn kept_copy(&self, staging: &StagingDir, vm: &str, b: &str) -> Result<Option<Manifest>> {
+        let e = match staging.kept_manifest(vm, b) {
+            Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => e,
+            r => return r,
+        };
+        let Ok(m) = self.repo.manifest(vm, b) else {
+            return Err(e);
+        };
+        tracing::warn!(vm, backup = b, "{e}; the repository's copy is used instead");
+        if let Err(w) = staging.replace_kept_manifest(&m) {
+            tracing::warn!(vm, backup = b, "could not replace the damaged copy: {w}");
+        }
+        Ok(Some(m))
+    }
+
     /// The manifest of a kept session, or `None` only if the repository
     /// says its backup does not exist. Any other answer (an unreachable or
     /// failing repository) resumes from the session's own copy, or fails
@@ -111,7 +130,7 @@ impl Datastore {
         vm: &str,
         b: &str,
     ) -> Result<Option<Manifest>> {
-        let local = staging.kept_manifest(vm, b).map_err(|e| {
+        let local = self.kept_copy(staging, vm, b).map_err(|e| {
             e.context(format!(
                 "kept staging of VM {vm} (backup {b}) is damaged; discard it with `release --discard {vm}` or name another backup with --backup"
             ))

@@ -149,18 +149,24 @@ fn disk(r: &Rig, vm: &str) -> Arc<Volume> {
     r.ds.session(vm).expect("session").disks[0].clone()
 }
 
+/// A `forget` that read the pins (none) before a new session's pin, and
+/// deletes backup `b` of `vm` just as that pin is put.
+fn forget_as_its_pin_is_put(r: &Rig, b: &str) {
+    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
+    let key = format!("backups/vm/{b}.json");
+    r.knobs.before_first("pins/vm/", move || {
+        use crate::repo::backend::Backend;
+        plain.delete(&key).unwrap()
+    });
+}
+
 #[test]
 fn a_session_whose_backup_is_forgotten_as_it_pins_it_serves_nothing() {
     let r = rig();
     let (b1, _) = backup(&r, "vm", 1, 8);
     // forget read the pins (none) before this session's pin, and deletes
     // the manifest just as the pin is put: gc may sweep its chunks next.
-    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
-    let key = format!("backups/vm/{b1}.json");
-    r.knobs.before_first("pins/vm/", move || {
-        use crate::repo::backend::Backend;
-        plain.delete(&key).unwrap()
-    });
+    forget_as_its_pin_is_put(&r, &b1);
     let e = r.ds.recover("vm", Some(&b1)).unwrap_err();
     assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
     assert!(r.ds.session("vm").is_none());
@@ -192,12 +198,7 @@ fn a_session_whose_pin_cannot_be_written_still_refuses_a_backup_forgotten_meanwh
 ) {
     let r = rig();
     let (b1, _) = backup(&r, "vm", 1, 8);
-    let plain = crate::repo::backend::LocalDir::new(&r.dir.path().join("repo"));
-    let key = format!("backups/vm/{b1}.json");
-    r.knobs.before_first("pins/vm/", move || {
-        use crate::repo::backend::Backend;
-        plain.delete(&key).unwrap()
-    });
+    forget_as_its_pin_is_put(&r, &b1);
     r.knobs.unreachable("pins/");
     let e = r.ds.recover("vm", Some(&b1)).unwrap_err();
     assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
@@ -210,6 +211,31 @@ fn a_session_whose_pin_cannot_be_written_still_refuses_a_backup_forgotten_meanwh
     r.knobs.reachable();
     r.ds.check_backups();
     assert!(!r.ds.status(&s).unpinned);
+}
+
+/// explore4 L1: a damaged copy of the manifest in kept staging gives way
+/// to the repository's (checked), which replaces it; the guest's writes
+/// are resumed, named backup or not.
+#[test]
+fn kept_staging_whose_manifest_copy_is_damaged_resumes_from_the_repositorys_copy() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    for named in [true, false] {
+        r.ds.recover("vm", None).unwrap();
+        disk(&r, "vm").write(0, b"the guest wrote this").unwrap();
+        r.ds.release("vm", false).unwrap();
+        let copy = main_staging(&r)
+            .join("sessions/vm")
+            .join(&b1)
+            .join("manifest.json");
+        std::fs::write(&copy, b"{\"trunc").unwrap();
+        let info = r.ds.recover("vm", named.then_some(b1.as_str())).unwrap();
+        assert!(info.resumed, "named {named}: not resumed");
+        assert_eq!(disk(&r, "vm").read(0, 20).unwrap(), b"the guest wrote this");
+        let fixed = std::fs::read(&copy).unwrap();
+        assert!(fixed.len() > 100, "the damaged copy was not replaced");
+        r.ds.release("vm", false).unwrap();
+    }
 }
 
 #[test]

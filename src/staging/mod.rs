@@ -376,6 +376,13 @@ impl StagingDir {
             .collect()
     }
 
+    /// Replaces a kept session's copy of its manifest (a damaged one, by
+    /// the repository's, which was checked when read).
+    pub fn replace_kept_manifest(&self, m: &Manifest) -> Result<()> {
+        let p = self.session_dir(&m.vm, &m.id).join("manifest.json");
+        io::replace(self.storage.as_ref(), &p, &m.encode()?)
+    }
+
     /// The manifest a kept session was recovered from, from its own copy;
     /// `None` for a session made before copies were kept.
     pub fn kept_manifest(&self, vm: &str, backup: &str) -> Result<Option<Manifest>> {
@@ -406,10 +413,11 @@ impl StagingDir {
     pub fn mark_active(&self, vm: &str, backup: &str, placement: &[u8]) -> Result<()> {
         let p = self.session_dir(vm, backup).join("active");
         // A resumed session is marked so already: nothing to write (which
-        // a full staging filesystem could not).
+        // a full staging filesystem could not), only its name made durable
+        // in case a crash came between its rename and that sync.
         let limit = placement.len() as u64 + 1;
         if self.storage.read(&p, limit).ok().flatten().as_deref() == Some(placement) {
-            return Ok(());
+            return io::sync_parent(self.storage.as_ref(), &p);
         }
         io::replace(self.storage.as_ref(), &p, placement)
     }

@@ -132,3 +132,42 @@ fn guest_writes_all_through_a_pipelined_copy_leave_the_target_equal_to_every_wri
         );
     }
 }
+
+/// explore4 M2: the repository unreachable while the copy reads blocks
+/// not staged (moved away, as a share that went down) does not fail the
+/// relocation: it waits, says so in `status`, and completes once the
+/// repository answers again.
+#[test]
+fn a_repository_outage_during_the_copy_is_waited_out_and_the_relocation_completes() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let (repo, away) = (
+        rig.dir.path().join("repo"),
+        rig.dir.path().join("repo.away"),
+    );
+    std::fs::rename(&repo, &away).unwrap();
+    let r = rig.relocate(&disks);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = r.status();
+        assert_ne!(st.state, State::Failed, "{st:?}");
+        if st
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("waiting for the repository"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wait shown: {st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::rename(&away, &repo).unwrap();
+    assert_eq!(settle(&r), State::Done, "{:?}", r.status());
+    assert!(r.status().note.is_none_or(|n| !n.contains("waiting")));
+    for i in 0..2 {
+        assert!(
+            rig.target_bytes(i) == rig.images[i],
+            "disk{i}'s target differs"
+        );
+    }
+}

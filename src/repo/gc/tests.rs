@@ -112,6 +112,29 @@ fn a_damaged_manifest_stops_gc_before_anything_is_removed() {
     assert!(repo.has_chunk(&a.disks[0].chunks.get(2).unwrap()).unwrap());
 }
 
+/// explore4 M3: a damaged manifest a recovery session uses is not to be
+/// deleted by hand; gc names the session's own copy instead.
+#[test]
+fn a_damaged_manifest_a_session_uses_is_not_advised_deleted_and_its_copy_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = new_repo(&d);
+    let b = backup_at(&repo, "vm", T0);
+    let session = std::path::Path::new("/staging/sessions/vm").join(&b.id);
+    let pin = crate::repo::pins::Pin::new("vm", vec![b.id.clone()], &session, true);
+    crate::repo::pins::put(&repo, &pin).unwrap();
+    let key = format!("backups/vm/{}.json", b.id);
+    repo.backend().put(&key, b"{").unwrap();
+    let e = collect(&repo, &referrers(), opts(false))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not delete it"), "{e}");
+    assert!(!e.contains("delete the object by hand"), "{e}");
+    assert!(
+        e.contains(&format!("{}/manifest.json", session.display())),
+        "{e}"
+    );
+}
+
 #[test]
 fn objects_under_chunks_that_are_not_chunks_are_left_alone() {
     let d = tempfile::tempdir().unwrap();
