@@ -335,6 +335,7 @@ impl Relocation {
                 .ctx(|| format!("write {}", self.target_file(w.d).display()))?;
         }
         self.bytes_copied.fetch_add(f.len, Ordering::Relaxed);
+        self.outage_over();
         w.batch.blocks.push((f.b, f.stamp));
         w.batch.bytes += f.len;
         w.batch.started();

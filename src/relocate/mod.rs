@@ -247,6 +247,9 @@ pub struct Relocation {
     /// The last pass ended on a block the repository did not answer for
     /// (an I/O error, not damage): the copier waits and tries again.
     source_unreachable: AtomicBool,
+    /// `status` shows the wait for the repository: cleared at the first
+    /// block copied after it, not at the end of a pass (explore5 M4).
+    outage_shown: AtomicBool,
     progress: Mutex<Progress>,
     /// When the rate limit allows the next copy.
     next_slot: Mutex<Instant>,

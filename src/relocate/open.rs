@@ -515,6 +515,7 @@ impl Relocation {
             blocks_marked: AtomicU64::new(0),
             copies_lost: AtomicU64::new(0),
             source_unreachable: AtomicBool::new(false),
+            outage_shown: AtomicBool::new(false),
             next_slot: Mutex::new(Instant::now()),
             progress: Mutex::new(Progress {
                 at: Instant::now(),

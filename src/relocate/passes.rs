@@ -32,10 +32,7 @@ impl Relocation {
                     Err(e) => return Err(e),
                 }
             }
-            if outage.take().is_some() {
-                tracing::info!(vm = %self.vm, "the repository answers again: the copy goes on");
-                self.set_state(self.state(), None);
-            }
+            outage = None;
             if self.remaining() <= (total / 16).clamp(1, CUTOVER_BLOCKS) {
                 if !self.begin_switching() {
                     continue; // paused or stopped just now
@@ -70,6 +67,7 @@ impl Relocation {
         );
         tracing::warn!(vm = %self.vm, "{note}");
         self.set_state(self.state(), Some(note));
+        self.outage_shown.store(true, Ordering::Release);
         let deadline = Instant::now() + *wait;
         let mut st = self.state.lock();
         while Instant::now() < deadline
@@ -80,6 +78,22 @@ impl Relocation {
         }
         drop(st);
         *wait = (*wait * 2).min(Duration::from_secs(30));
+    }
+
+    /// A block was copied: a wait for the repository shown is over.
+    pub(super) fn outage_over(&self) {
+        if !self.outage_shown.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!(vm = %self.vm, "the repository answers again: the copy goes on");
+        let mut st = self.state.lock();
+        if st
+            .2
+            .as_deref()
+            .is_some_and(|n| n.starts_with("waiting for the repository"))
+        {
+            st.2 = None;
+        }
     }
 
     /// Forgets the pacing history (after a pause).

@@ -594,6 +594,11 @@ impl GcLock {
     /// Takes the collector lock and waits until no writer holds the
     /// repository, for at most `wait`; `Busy` naming the writers after.
     pub fn acquire(repo: &Arc<Repository>, wait: Duration) -> Result<GcLock> {
+        Self::acquire_for(repo, wait, "gc")
+    }
+
+    /// As [`GcLock::acquire`], for `command` (named in the refusal).
+    pub fn acquire_for(repo: &Arc<Repository>, wait: Duration, command: &str) -> Result<GcLock> {
         let deadline = Instant::now() + wait;
         let held = Held::put(repo, LockKind::Gc, "gc")?;
         loop {
@@ -604,7 +609,7 @@ impl GcLock {
             if Instant::now() >= deadline {
                 let each: Vec<String> = writers.iter().map(|h| h.to_string()).collect();
                 return Err(Error::busy(format!(
-                    "{} backup(s) in progress ({}); nothing was removed: run gc again later or give a longer --wait",
+                    "{} backup(s) in progress ({}); nothing was removed: run {command} again later or give a longer --wait (a session uploader holds its lock until the next backup --session)",
                     writers.len(),
                     each.join("; ")
                 )));

@@ -126,7 +126,7 @@ pub fn repair(
     corrupt: &[(Digest, usize)],
     wait: Duration,
 ) -> Result<Vec<String>> {
-    let lock = GcLock::acquire(repo, wait)?;
+    let lock = GcLock::acquire_for(repo, wait, "verify --repair")?;
     let mut lines = vec![];
     for (d, len) in corrupt {
         let _held = lock.hold()?;
@@ -140,8 +140,10 @@ pub fn repair(
         // A missing one is recorded too (empty): no incremental backup
         // names it again until it is stored again.
         let Some(raw) = repo.backend().get(&key, limits::max_chunk_object(*len))? else {
-            repo.backend().put(&aside, b"")?;
-            lines.push(format!("REPAIRED chunk {d}: missing, recorded as {aside}"));
+            // Never over a copy an earlier repair set aside (explore5 M1).
+            if repo.backend().put_new(&aside, b"")? {
+                lines.push(format!("REPAIRED chunk {d}: missing, recorded as {aside}"));
+            }
             continue;
         };
         repo.backend().put(&aside, &raw)?;
@@ -462,11 +464,20 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         let aside = d.path().join("r/quarantine").join(c.to_hex());
         assert_eq!(
-            std::fs::read(aside).unwrap(),
+            std::fs::read(&aside).unwrap(),
             bytes,
             "the damaged object is kept aside"
         );
         assert!(!repo.has_chunk(&c).unwrap());
+        // A second repair finds it missing: the copy set aside stays.
+        let again = verify(&repo, &["web".into()], None, 2).unwrap();
+        assert_eq!(again.corrupt.len(), 1);
+        repair(&repo, &again.corrupt, Duration::ZERO).unwrap();
+        assert_eq!(
+            std::fs::read(&aside).unwrap(),
+            bytes,
+            "a second repair emptied the copy"
+        );
         assert!(
             repo.put_chunk(&c, &good).unwrap() > 0,
             "the next backup with these bytes does not store the chunk again"

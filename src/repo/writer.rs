@@ -428,7 +428,7 @@ pub fn stored_bytes_after(
     {
         if !repo.has_chunk(d)? {
             return Err(Error::corrupt(format!(
-                "chunk {d} of the base backup was found damaged and set aside (verify --repair) and has not been stored again: this backup would name it; take a full backup, which stores it again"
+                "chunk {d} of the base backup was found damaged and set aside (verify --repair) and has not been stored again: this backup would name it; take a full backup, which stores it again (of a VM recoverfs serves: `recoverfs backup --repo REPO --vm VM` with its disks' NBD URLs from `status`; a block never staged is lost with the chunk)"
             )));
         }
     }

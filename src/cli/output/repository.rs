@@ -96,7 +96,12 @@ pub(crate) fn verify(
             "; {repaired} damaged chunk(s) set aside: the backups above read again once a backup stores those bytes again (a full one: an incremental backup refuses to reuse a chunk that is gone)"
         )
     } else if !r.corrupt.is_empty() && repair.is_none() {
-        "; run verify --repair to set damaged chunks aside, so the next full backup stores them again".into()
+        let aside = repo.quarantined().unwrap_or_default();
+        let new = r.corrupt.iter().filter(|(d, _)| !aside.contains(d)).count();
+        match new {
+            0 => "; the damaged chunks were set aside already (verify --repair): a full backup that has their bytes stores them again".into(),
+            _ => "; run verify --repair to set damaged chunks aside, so the next full backup stores them again".into(),
+        }
     } else {
         String::new()
     };

@@ -37,9 +37,9 @@
 //! (options 64 KiB, READ/WRITE 32 MiB, in-flight payload per connection
 //! 256 MiB, block status work per request 1 GiB and 64 Ki extents); a
 //! violation ends the connection with a warning. A client has 60 s to
-//! choose an export. TCP keepalive is on, so a connection whose peer
-//! vanished (and with it the export's guard) ends after the kernel's
-//! keepalive time (2 h by default) instead of never.
+//! choose an export. TCP keepalive is on (`export::keep_alive`), so a
+//! connection whose peer vanished (and with it the export's guard) ends
+//! after about two minutes instead of never.
 //!
 //! Why written here: no crate fits. `libnbd` has no crate on crates.io,
 //! `nbd` 0.3 lacks `NBD_OPT_GO` and structured replies, and `tokio-nbd` is
@@ -274,7 +274,7 @@ fn bind_tcp(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr)> {
     }
     .ctx(ctx)?;
     socket.set_reuseaddr(true).ctx(ctx)?;
-    socket.set_keepalive(true).ctx(ctx)?;
+    crate::export::keep_alive(&socket).ctx(ctx)?;
     socket.bind(addr).map_err(|e| tcp_bind_error(addr, e))?;
     let listener = socket
         .listen(BACKLOG)

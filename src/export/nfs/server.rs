@@ -164,8 +164,8 @@ fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener> {
         .map_err(|e| Error::io(format!("NFS {what} {addr}"), e))?;
     // Accepted connections inherit it: a client host that vanished
     // without closing does not hold its connection (and sessions) forever.
-    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::KeepAlive, &true)
-        .map_err(|e| Error::io(format!("NFS {what} {addr}: keepalive"), e.into()))?;
+    crate::export::keep_alive(&l)
+        .map_err(|e| Error::io(format!("NFS {what} {addr}: keepalive"), e))?;
     Ok(l)
 }
 

@@ -295,8 +295,13 @@ fn accepted_nfs_connections_have_keepalive() {
     let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
     l.set_nonblocking(false).unwrap();
     let (s, _) = l.accept().unwrap();
-    let on = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::KeepAlive).unwrap();
+    use nix::sys::socket::{getsockopt, sockopt};
+    let on = getsockopt(&s, sockopt::KeepAlive).unwrap();
     assert!(on, "no keepalive on an accepted NFS connection");
+    // A vanished host is dropped in about two minutes, not two hours.
+    assert_eq!(getsockopt(&s, sockopt::TcpKeepIdle).unwrap(), 60);
+    assert_eq!(getsockopt(&s, sockopt::TcpKeepInterval).unwrap(), 10);
+    assert_eq!(getsockopt(&s, sockopt::TcpKeepCount).unwrap(), 6);
     drop(c);
 }
 
