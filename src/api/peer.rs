@@ -54,7 +54,14 @@ pub fn bind(socket: &Path, group: Option<u32>) -> Result<UnixListener> {
         .tempdir_in(dir)
     {
         Ok(p) => Some(p),
-        Err(e) if e.kind() == std::io::ErrorKind::StorageFull => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            None
+        }
         Err(e) => {
             return Err(Error::io(
                 format!("create a private directory in {}", dir.display()),

@@ -26,17 +26,19 @@ use crate::session::Datastore;
 
 /// TCP keepalive for a listener of a network frontend, inherited by its
 /// connections: a client host that vanished without closing (a hypervisor
-/// powered off, a cable pulled) is dropped after about two minutes
-/// (60 s idle, then 6 probes 10 s apart), so its connection stops holding
-/// the VM's disks open (`release` refuses while it does). The kernel's
-/// defaults (2 h, then 9 probes 75 s apart) kept them for over 2 hours
-/// (explore5 M2).
+/// powered off, a cable pulled) is dropped after about six minutes of
+/// silence (2 min idle, then 8 probes 30 s apart), so its connection stops
+/// holding the VM's disks open (`release` refuses while it does). The
+/// kernel's defaults (2 h, then 9 probes 75 s apart) kept them for over 2
+/// hours (explore5 M2); much less would end idle NBD connections across a
+/// short network partition (a switch reboot), failing a client without
+/// `reconnect-delay` at its next request.
 pub fn keep_alive(socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt};
     setsockopt(socket, sockopt::KeepAlive, &true)?;
-    setsockopt(socket, sockopt::TcpKeepIdle, &60)?;
-    setsockopt(socket, sockopt::TcpKeepInterval, &10)?;
-    setsockopt(socket, sockopt::TcpKeepCount, &6)?;
+    setsockopt(socket, sockopt::TcpKeepIdle, &120)?;
+    setsockopt(socket, sockopt::TcpKeepInterval, &30)?;
+    setsockopt(socket, sockopt::TcpKeepCount, &8)?;
     Ok(())
 }
 

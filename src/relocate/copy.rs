@@ -319,9 +319,12 @@ impl Relocation {
     fn write_next(&self, w: &mut Walk) -> Result<()> {
         let f = w.window.pop_front().expect("a block in flight");
         w.window_bytes -= f.len;
+        let staged = w.d.is_staged(f.b);
         let data = w.d.finish_copy_read(f.b, f.read).inspect_err(|e| {
-            // Damage (`Corrupt`) fails the relocation; an outage does not.
-            if e.kind() == crate::error::ErrorKind::Io {
+            // Damage (`Corrupt`) fails the relocation, and so does an I/O
+            // error of staging (its disk failing); the repository not
+            // answering for a block not staged is an outage.
+            if e.kind() == crate::error::ErrorKind::Io && !staged {
                 self.source_unreachable.store(true, Ordering::Release);
             }
         })?;

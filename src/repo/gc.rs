@@ -155,10 +155,17 @@ fn in_use_advice(repo: &Repository, key: &str) -> Option<String> {
         .map(|p| format!("{}:{}/manifest.json", p.host, p.staging))
         .collect();
     if copies.is_empty() {
-        return None;
+        let base = pins
+            .iter()
+            .any(|p| p.backups.iter().skip(1).any(|b| b == id));
+        return base.then(|| {
+            format!(
+            "do not delete it: backup {vm}/{id} is the base of a recovery session's live backups"
+        )
+        });
     }
     Some(format!(
-        "do not delete it: backup {vm}/{id} is in use by a recovery session, which serves from its own copy of the manifest ({}); in an unencrypted repository that copy is the same object and can be put back in its place",
+        "do not delete it: backup {vm}/{id} is in use by a recovery session, which serves from its own copy of the manifest ({}); in an unencrypted repository that copy is an equivalent object and can be put back in its place",
         copies.join(", ")
     ))
 }

@@ -307,10 +307,10 @@ fn openat2_unavailable(errno: i32) -> bool {
 /// would refuse even to read a relocated VM's disk.
 const LOCK_BYTE: u64 = 1 << 62;
 
-/// The bytes QEMU's image locking uses (`raw` format, file protocol): one
-/// per permission it holds from 100, one per permission it does not
-/// share from 200.
-const QEMU_LOCK_BYTES: std::ops::Range<u64> = 100..300;
+/// The byte of QEMU's image locking (file protocol: one byte per
+/// permission held from 100) that says it holds write permission: a
+/// reader (`qemu-img info`, a backup tool) is no second writer.
+const QEMU_LOCK_BYTES: std::ops::Range<u64> = 101..102;
 
 /// A lock held elsewhere (see [`BlockFile::try_lock`]), said as what it means.
 pub fn in_use(e: io::Error) -> io::Error {

@@ -261,6 +261,12 @@ impl Volume {
     /// claim is tested first, under the in-flight lock; `complete_claim`
     /// sets the present bit before it drops the claim, so one of the two
     /// tests sees such a write.
+    /// Whether block `b` is staged (its copy read comes from staging, not
+    /// the repository), or the disk serves its target already.
+    pub(crate) fn is_staged(&self, b: u64) -> bool {
+        self.target.get().is_some() || self.store.present.test(b)
+    }
+
     pub(crate) fn is_hole(&self, b: u64) -> bool {
         if self.chunks.has_data(b) || self.inflight.lock().contains_key(&b) {
             return false;

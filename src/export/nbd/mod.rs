@@ -39,7 +39,7 @@
 //! violation ends the connection with a warning. A client has 60 s to
 //! choose an export. TCP keepalive is on (`export::keep_alive`), so a
 //! connection whose peer vanished (and with it the export's guard) ends
-//! after about two minutes instead of never.
+//! after about six minutes instead of never.
 //!
 //! Why written here: no crate fits. `libnbd` has no crate on crates.io,
 //! `nbd` 0.3 lacks `NBD_OPT_GO` and structured replies, and `tokio-nbd` is

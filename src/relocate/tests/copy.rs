@@ -187,3 +187,26 @@ fn a_repository_outage_during_the_copy_is_waited_out_and_the_relocation_complete
         );
     }
 }
+
+/// review24 M3: an I/O error of staging itself (its disk failing) is no
+/// repository outage: the relocation fails naming it, it does not wait.
+#[test]
+fn a_staging_read_error_during_the_copy_fails_the_relocation_and_is_not_waited_out() {
+    use crate::staging::io::fault::{Op, Rule};
+    let rig = rig();
+    let disks = rig.volumes();
+    for d in &disks {
+        d.read(0, (BLOCKS * BS) as u64 as usize).unwrap(); // every block staged
+    }
+    rig.faults
+        .inject(Rule::fail(Op::Read, "disk0.data", libc::EIO));
+    let r = rig.relocate(&disks);
+    assert_eq!(settle(&r), State::Failed, "{:?}", r.status());
+    let st = r.status();
+    assert!(
+        st.note
+            .as_deref()
+            .is_none_or(|n| !n.contains("waiting for the repository")),
+        "{st:?}"
+    );
+}

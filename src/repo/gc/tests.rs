@@ -119,10 +119,14 @@ fn a_damaged_manifest_a_session_uses_is_not_advised_deleted_and_its_copy_is_name
     let d = tempfile::tempdir().unwrap();
     let repo = new_repo(&d);
     let b = backup_at(&repo, "vm", T0);
+    let base = backup_at(&repo, "vm", T0 + DAY);
     let session = std::path::Path::new("/staging/sessions/vm").join(&b.id);
-    let pin = crate::repo::pins::Pin::new("vm", vec![b.id.clone()], &session, true);
+    // Recovered from `b`, its live backups based on `base`.
+    let pin =
+        crate::repo::pins::Pin::new("vm", vec![b.id.clone(), base.id.clone()], &session, true);
     crate::repo::pins::put(&repo, &pin).unwrap();
     let key = format!("backups/vm/{}.json", b.id);
+    let good = repo.backend().get(&key, 1 << 30).unwrap().unwrap();
     repo.backend().put(&key, b"{").unwrap();
     let e = collect(&repo, &referrers(), opts(false))
         .unwrap_err()
@@ -131,6 +135,16 @@ fn a_damaged_manifest_a_session_uses_is_not_advised_deleted_and_its_copy_is_name
     assert!(!e.contains("delete the object by hand"), "{e}");
     assert!(
         e.contains(&format!("{}/manifest.json", session.display())),
+        "{e}"
+    );
+    repo.backend().put(&key, &good).unwrap();
+    let bkey = format!("backups/vm/{}.json", base.id);
+    repo.backend().put(&bkey, b"{").unwrap();
+    let e = collect(&repo, &referrers(), opts(false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the base of a recovery session's live backups"),
         "{e}"
     );
 }

@@ -298,10 +298,10 @@ fn accepted_nfs_connections_have_keepalive() {
     use nix::sys::socket::{getsockopt, sockopt};
     let on = getsockopt(&s, sockopt::KeepAlive).unwrap();
     assert!(on, "no keepalive on an accepted NFS connection");
-    // A vanished host is dropped in about two minutes, not two hours.
-    assert_eq!(getsockopt(&s, sockopt::TcpKeepIdle).unwrap(), 60);
-    assert_eq!(getsockopt(&s, sockopt::TcpKeepInterval).unwrap(), 10);
-    assert_eq!(getsockopt(&s, sockopt::TcpKeepCount).unwrap(), 6);
+    // A vanished host is dropped in about six minutes, not two hours.
+    assert_eq!(getsockopt(&s, sockopt::TcpKeepIdle).unwrap(), 120);
+    assert_eq!(getsockopt(&s, sockopt::TcpKeepInterval).unwrap(), 30);
+    assert_eq!(getsockopt(&s, sockopt::TcpKeepCount).unwrap(), 8);
     drop(c);
 }
 
