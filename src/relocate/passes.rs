@@ -82,7 +82,10 @@ impl Relocation {
 
     /// A block was copied: a wait for the repository shown is over.
     pub(super) fn outage_over(&self) {
-        if !self.outage_shown.swap(false, Ordering::AcqRel) {
+        // A load first: this runs for every block copied.
+        if !self.outage_shown.load(Ordering::Acquire)
+            || !self.outage_shown.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         tracing::info!(vm = %self.vm, "the repository answers again: the copy goes on");

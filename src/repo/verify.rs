@@ -117,48 +117,65 @@ fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>) -> Option<Strin
     ))
 }
 
+/// What `verify --repair` did: one line per chunk, and how many it set
+/// aside or recorded (a chunk that reads well now is left in place).
+#[derive(Debug, Default)]
+pub struct Repaired {
+    pub lines: Vec<String>,
+    pub set_aside: usize,
+}
+
 /// `verify --repair`: sets each chunk of `corrupt` aside (copied to
 /// `quarantine/<id>`, then removed) if it still fails its checks, holding
-/// the gc lock (waiting at most `wait` for running backups). One line per
-/// chunk set aside.
+/// the gc lock (waiting at most `wait` for running backups).
 pub fn repair(
     repo: &Arc<Repository>,
     corrupt: &[(Digest, usize)],
     wait: Duration,
-) -> Result<Vec<String>> {
+) -> Result<Repaired> {
     let lock = GcLock::acquire_for(repo, wait, "verify --repair")?;
-    let mut lines = vec![];
+    let mut out = Repaired::default();
     for (d, len) in corrupt {
         let _held = lock.hold()?;
-        match repo.read_chunk(d, *len, &"repair") {
-            Ok(_) => continue, // stored again meanwhile
+        let key = d.key();
+        // One read, checked: the bytes set aside are the bytes that fail
+        // (a first read damaged on the way must not cost a good chunk).
+        // A missing one is damage only where the repository answers as
+        // itself (`open_chunk`), never an unmounted share.
+        let raw = repo.backend().get(&key, limits::max_chunk_object(*len))?;
+        let got = Ok(raw.clone().map(super::backend::ObjectBuf::from));
+        match repo.open_chunk(d, got, *len, &"repair") {
+            Ok(_) => {
+                out.lines
+                    .push(format!("chunk {d} reads well now: left in place"));
+                continue;
+            }
             Err(e) if e.kind() == ErrorKind::Corrupt => {}
             Err(e) => return Err(e),
         }
-        let key = d.key();
         let aside = format!("{}/{}", super::QUARANTINE, d.to_hex());
-        // A missing one is recorded too (empty): no incremental backup
-        // names it again until it is stored again.
-        let Some(raw) = repo.backend().get(&key, limits::max_chunk_object(*len))? else {
-            // Never over a copy an earlier repair set aside (explore5 M1).
-            if repo.backend().put_new(&aside, b"")? {
-                lines.push(format!("REPAIRED chunk {d}: missing, recorded as {aside}"));
+        match raw {
+            // Recorded (empty), so no incremental backup names it again
+            // until it is stored again; never over a copy an earlier
+            // repair set aside (explore5 M1).
+            None => {
+                if repo.backend().put_new(&aside, b"")? {
+                    out.lines
+                        .push(format!("REPAIRED chunk {d}: missing, recorded as {aside}"));
+                    out.set_aside += 1;
+                }
             }
-            continue;
-        };
-        // The object as read now must itself fail its checks: a first read
-        // damaged on the way must not cost a good chunk.
-        let got = Ok(Some(super::backend::ObjectBuf::from(raw.clone())));
-        if repo.open_chunk(d, got, *len, &"repair").is_ok() {
-            lines.push(format!("chunk {d} reads well now: left in place"));
-            continue;
+            Some(raw) => {
+                repo.backend().put(&aside, &raw)?;
+                repo.backend().delete(&key)?;
+                tracing::warn!(chunk = %key, "a damaged chunk was set aside as {aside}");
+                out.lines
+                    .push(format!("REPAIRED chunk {d}: set aside as {aside}"));
+                out.set_aside += 1;
+            }
         }
-        repo.backend().put(&aside, &raw)?;
-        repo.backend().delete(&key)?;
-        tracing::warn!(chunk = %key, "a damaged chunk was set aside as {aside}");
-        lines.push(format!("REPAIRED chunk {d}: set aside as {aside}"));
     }
-    Ok(lines)
+    Ok(out)
 }
 
 /// Which walk: the first decides what is read; the second only names
@@ -467,8 +484,8 @@ mod tests {
         );
         let r = verify(&repo, &["web".into()], None, 2).unwrap();
         assert_eq!(r.corrupt, vec![(c, good.len())]);
-        let lines = repair(&repo, &r.corrupt, Duration::ZERO).unwrap();
-        assert_eq!(lines.len(), 1, "{lines:?}");
+        let done = repair(&repo, &r.corrupt, Duration::ZERO).unwrap();
+        assert_eq!(done.set_aside, 1, "{done:?}");
         let aside = d.path().join("r/quarantine").join(c.to_hex());
         assert_eq!(
             std::fs::read(&aside).unwrap(),
@@ -479,7 +496,8 @@ mod tests {
         // A second repair finds it missing: the copy set aside stays.
         let again = verify(&repo, &["web".into()], None, 2).unwrap();
         assert_eq!(again.corrupt.len(), 1);
-        repair(&repo, &again.corrupt, Duration::ZERO).unwrap();
+        let done = repair(&repo, &again.corrupt, Duration::ZERO).unwrap();
+        assert_eq!(done.set_aside, 0, "{done:?}");
         assert_eq!(
             std::fs::read(&aside).unwrap(),
             bytes,
@@ -496,6 +514,11 @@ mod tests {
             r.damaged
         );
         assert_eq!(r.backups, 3);
+        // A chunk that reads well when repair reads it is left in place,
+        // and not counted as set aside.
+        let done = repair(&repo, &[(c, good.len())], Duration::ZERO).unwrap();
+        assert_eq!(done.set_aside, 0, "{done:?}");
+        assert!(repo.has_chunk(&c).unwrap(), "repair removed a good chunk");
     }
 
     /// review23 L1: a store that does not answer is not damage, and

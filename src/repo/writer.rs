@@ -842,10 +842,10 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[2] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let lines =
+        let done =
             super::super::verify::repair(&repo, &[(digest, 65536)], std::time::Duration::ZERO)
                 .unwrap();
-        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(done.set_aside, 1, "{done:?}");
         let e = stored_bytes_after(&repo, &base, &kept, &Default::default()).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
         assert!(e.to_string().contains("take a full backup"), "{e}");

@@ -65,11 +65,11 @@ pub(crate) fn verify(
     }
     let repaired = match repair {
         Some(wait) if !r.corrupt.is_empty() => {
-            let lines = crate::repo::verify::repair(repo, &r.corrupt, wait)?;
-            for line in &lines {
+            let done = crate::repo::verify::repair(repo, &r.corrupt, wait)?;
+            for line in &done.lines {
                 println!("{line}");
             }
-            lines.len()
+            done.set_aside
         }
         _ => 0,
     };
