@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::export::fuse::RecoverFs;
 use crate::repo::Repository;
 use crate::session::Datastore;
@@ -106,6 +106,48 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The repository to serve from. One that does not answer (unreachable,
+/// or not there: a share not mounted) is opened from the copy of its
+/// identity `--staging` keeps, so that a daemon restarted during an
+/// outage serves what staging holds: the guests' own writes and every
+/// staged block (`repo::unconfirmed`).
+fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
+    let e = match opts.repo_delay {
+        Some(d) => return Repository::open_delayed(&opts.repo, d),
+        None => match Repository::open(&opts.repo) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        },
+    };
+    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound) {
+        return Err(e);
+    }
+    let recorded = match crate::staging::recorded_repository(&opts.staging) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(e),
+        Err(e2) => {
+            tracing::warn!("{e2}");
+            return Err(e);
+        }
+    };
+    let (at, info) = recorded;
+    let id = info.id.clone();
+    match Repository::open_recorded(&opts.repo, info, &at) {
+        Ok(repo) => {
+            tracing::warn!(
+                repo = %repo.location(),
+                "the repository does not answer ({e}): starting from staging {}'s record of it (id {id}). Staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself",
+                opts.staging.display()
+            );
+            Ok(repo)
+        }
+        Err(e2) => {
+            tracing::warn!("not starting without the repository: {e2}");
+            Err(e)
+        }
+    }
+}
+
 /// What `serve` found at the mount point.
 #[derive(Debug, PartialEq)]
 enum MountPointState {
@@ -116,10 +158,7 @@ enum MountPointState {
 pub fn serve(opts: ServeOptions) -> Result<()> {
     crate::util::limit_malloc_arenas();
     raise_open_files_limit();
-    let repo = match opts.repo_delay {
-        Some(d) => Repository::open_delayed(&opts.repo, d)?,
-        None => Repository::open(&opts.repo)?,
-    };
+    let repo = open_repository(&opts)?;
     let mount = check_mount_point(&opts.mount)?;
     // Before a new staging directory is made: a refusal leaves nothing.
     if let Some(s) = &opts.socket {

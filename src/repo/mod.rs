@@ -30,6 +30,7 @@ pub mod sealed;
 pub mod sparse;
 #[cfg(test)]
 pub mod testing;
+pub mod unconfirmed;
 pub mod verify;
 pub mod writer;
 
@@ -53,7 +54,7 @@ const REPO_FORMAT: &str = "recoverfs-repository";
 /// written with zstd frames only, so older binaries can still read it.
 const REPO_VERSION: u32 = 2;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RepoInfo {
     pub format: String,
     pub version: u32,
@@ -129,6 +130,15 @@ impl Repository {
     /// `encryption` must not pass for a plain repository).
     fn with_keys(backend: Box<dyn Backend>, keys: Option<crypto::Keys>) -> Result<Arc<Repository>> {
         let info = Self::read_info(backend.as_ref())?;
+        Self::with_info(backend, info, keys)
+    }
+
+    /// [`Repository::with_keys`] with `info` already read.
+    fn with_info(
+        backend: Box<dyn Backend>,
+        info: RepoInfo,
+        keys: Option<crypto::Keys>,
+    ) -> Result<Arc<Repository>> {
         let loc = backend.location();
         match (&info.encryption, &keys) {
             (Some(_), None) => {
@@ -232,6 +242,39 @@ impl Repository {
         Self::with_keys(backend, Self::process_keys()?)
     }
 
+    /// Opens the repository at `spec` from `recorded`, the copy of its
+    /// identity a staging directory keeps, because the store does not
+    /// answer now (a degraded start, `unconfirmed`): nothing is asked of
+    /// the store until it answers as that repository. `recorded_at` is
+    /// where the staging's repository was: another `spec` is refused (a
+    /// typo must not start a daemon that never finds its repository).
+    pub fn open_recorded(
+        spec: &str,
+        recorded: RepoInfo,
+        recorded_at: &str,
+    ) -> Result<Arc<Repository>> {
+        let backend = Self::backend_unchecked(spec)?;
+        let loc = backend.location();
+        if loc != recorded_at {
+            return Err(Error::invalid(format!(
+                "repository {loc} is not the one the staging directory records ({recorded_at})"
+            )));
+        }
+        let backend = Box::new(unconfirmed::Unconfirmed::new(backend, &recorded.id));
+        Self::with_info(backend, recorded, Self::process_keys()?)
+    }
+
+    /// The backend for `spec` without looking at the store: a local
+    /// directory that is not there (yet) is taken as named.
+    fn backend_unchecked(spec: &str) -> Result<Box<dyn Backend>> {
+        let path = Path::new(spec);
+        if spec.contains("://") || path.exists() {
+            return Self::backend_for(spec, false, &[]);
+        }
+        let abs = std::path::absolute(path).map_err(|e| Error::io(format!("resolve {spec}"), e))?;
+        Ok(Box::new(LocalDir::new(&abs)))
+    }
+
     fn backend_for(
         spec: &str,
         create: bool,
@@ -291,6 +334,12 @@ impl Repository {
 
     pub fn id(&self) -> &str {
         &self.info.id
+    }
+
+    /// Its identity, as read at open (or as a staging directory recorded
+    /// it, `open_recorded`).
+    pub fn info(&self) -> &RepoInfo {
+        &self.info
     }
 
     /// Checks that the store still answers as this repository (its
