@@ -411,6 +411,33 @@ fn a_name_with_a_slash_or_dotdot_never_reaches_outside_the_vm_directory() {
 }
 
 #[test]
+fn a_name_over_255_bytes_is_answered_nametoolong_by_every_procedure_not_garbage() {
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 86, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let dir = c.path("/vm").unwrap();
+    c.create(&dir, "vm.vmx").unwrap();
+    let long = "x".repeat(256);
+    let too_long = Some(nfsstat3::NFS3ERR_NAMETOOLONG);
+    assert_eq!(c.lookup(&dir, &long).err(), too_long, "LOOKUP");
+    assert_eq!(c.create(&dir, &long).err(), too_long, "CREATE");
+    assert_eq!(c.remove(&dir, &long).err(), too_long, "REMOVE");
+    assert_eq!(c.rename(&dir, "vm.vmx", &long).err(), too_long, "RENAME to");
+    assert_eq!(
+        c.rename(&dir, &long, "b.vmx").err(),
+        too_long,
+        "RENAME from"
+    );
+    // 255 bytes is a name like any other.
+    let longest = "y".repeat(255);
+    c.create(&dir, &longest).unwrap();
+    c.lookup(&dir, &longest).unwrap();
+}
+
+#[test]
 fn a_side_file_handle_goes_stale_when_its_inode_is_reused_by_another_file() {
     use std::os::unix::fs::MetadataExt;
     let (env, addr) = nfs_env(&[]);

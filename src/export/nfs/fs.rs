@@ -332,6 +332,9 @@ impl Namespace {
     }
 
     pub fn lookup(&self, c: &Caller, dir: &Node, name: &[u8]) -> Result<Node, nfsstat3> {
+        if name.len() > super::xdr::MAX_NAME {
+            return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
+        }
         let name = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_NOENT)?;
         if !dir.is_dir() {
             return Err(nfsstat3::NFS3ERR_NOTDIR);
@@ -438,7 +441,7 @@ pub fn side_dir_in(session_dir: &std::path::Path) -> PathBuf {
 /// and not the name of the VM's own files.
 pub fn side_name<'a>(s: &Arc<Session>, name: &'a [u8]) -> Result<&'a str, nfsstat3> {
     let n = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
-    if n.len() > 255 {
+    if n.len() > super::xdr::MAX_NAME {
         return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
     }
     if !one_component(n) {
