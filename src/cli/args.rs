@@ -90,6 +90,11 @@ pub enum Command {
         /// filesystems at the snapshot (application-consistent); repeatable.
         #[arg(long = "agent", value_name = "NAME=QGA_SOCKET")]
         agents: Vec<String>,
+        /// Back up VM NAME although its QEMU's UUID (or name) is not the one
+        /// its newest backup was taken from (the VM was re-created); without
+        /// it that VM fails, as another VM's socket would; repeatable.
+        #[arg(long = "new-identity", value_name = "NAME")]
+        new_identity: Vec<String>,
         /// VMs read at the same time.
         #[arg(long, default_value_t = 1)]
         jobs: usize,

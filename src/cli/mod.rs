@@ -69,6 +69,7 @@ pub fn run(cli: Cli) -> Result<()> {
             repo,
             vms,
             agents,
+            new_identity,
             jobs,
             chunk_size,
             rate_window,
@@ -78,7 +79,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => backup::backup_vms(
             &repo,
             &vms,
-            &agents,
+            (&agents, &new_identity),
             jobs,
             &chunk_size,
             rate_window,

@@ -37,6 +37,43 @@ pub struct RunState {
     pub status: String,
 }
 
+/// A QEMU's own name and UUID (`-name`, `-uuid`), each `None` if not set
+/// (QEMU answers an all-zero UUID then).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct QemuIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+impl QemuIdentity {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none() && self.uuid.is_none()
+    }
+
+    /// Whether `self` and `other` are surely different QEMUs' identities:
+    /// UUIDs decide where both have one, else names where both have one.
+    pub fn differs_from(&self, other: &QemuIdentity) -> bool {
+        match (&self.uuid, &other.uuid, &self.name, &other.name) {
+            (Some(a), Some(b), _, _) => !a.eq_ignore_ascii_case(b),
+            (_, _, Some(a), Some(b)) => a != b,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for QemuIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.uuid, &self.name) {
+            (Some(u), Some(n)) => write!(f, "uuid {u}, name {n:?}"),
+            (Some(u), None) => write!(f, "uuid {u}"),
+            (None, Some(n)) => write!(f, "name {n:?}"),
+            (None, None) => write!(f, "no uuid or name"),
+        }
+    }
+}
+
 /// One drive of `query-block` that has a medium.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BlockDevice {
@@ -173,6 +210,19 @@ impl Qmp {
     /// Resumes the guest's vCPUs (`cont`).
     pub fn cont(&mut self) -> Result<()> {
         self.execute("cont", None).map(drop)
+    }
+
+    /// Who this QEMU says it is: its `-name` and `-uuid`, each if set.
+    pub fn identity(&mut self) -> Result<QemuIdentity> {
+        let name = self.execute("query-name", None)?;
+        let uuid = self.execute("query-uuid", None)?;
+        Ok(QemuIdentity {
+            name: name["name"].as_str().map(str::to_string),
+            uuid: uuid["UUID"]
+                .as_str()
+                .filter(|u| u.chars().any(|c| c != '0' && c != '-'))
+                .map(str::to_string),
+        })
     }
 
     /// The drives that have a medium, in QEMU's order.

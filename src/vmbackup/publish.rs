@@ -102,6 +102,8 @@ impl Vm {
             "mode": self.report.mode,
             "base": self.report.base,
             "qmp": crate::api::pathauth::shown(&self.spec.qmp),
+            // Checked at the next backup of this name (`Vm::check_identity`).
+            "qemu": self.identity,
             // The next incremental's maps, kept in QEMU.
             "bitmaps": self.views.iter()
                 .map(|v| serde_json::json!({"node": v.node, "bitmap": v.bitmap}))

@@ -86,6 +86,11 @@ fn content() -> Vec<u8> {
 
 /// A running VM with a virtio disk holding `disk` (none: no disk at all).
 pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
+    vm_with_args(disk, &[])
+}
+
+/// [`vm`] whose QEMU also gets `extra` arguments (`-uuid`, `-name`).
+pub(crate) fn vm_with_args(disk: Option<&[u8]>, extra: &[&str]) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
     let img = disk.map(|data| {
@@ -101,7 +106,7 @@ pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
         }
         img
     });
-    let cmd = match &img {
+    let mut cmd = match &img {
         Some(img) => paused_vm(img, &qmp),
         None => {
             let mut c = Command::new("qemu-system-x86_64");
@@ -110,6 +115,7 @@ pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
             c
         }
     };
+    cmd.args(extra);
     start(cmd, qmp, img, dir)
 }
 
@@ -148,6 +154,7 @@ pub(crate) fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> O
                 qmp: v.qmp.clone(),
                 agent: None,
                 base: None,
+                new_identity: false,
             })
             .collect(),
         jobs,

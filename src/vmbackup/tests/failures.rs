@@ -269,3 +269,45 @@ fn a_signal_during_the_first_read_fails_every_vm_through_its_cleanup_resumed_and
         assert!(q.status().unwrap().running, "{n}");
     }
 }
+
+#[test]
+fn a_qemu_whose_uuid_is_not_the_one_of_the_vms_newest_backup_fails_that_vm_unless_told_the_vm_was_re_created(
+) {
+    const UUID_A: &str = "6f1b3c2e-0000-4000-8000-00000000000a";
+    const UUID_B: &str = "6f1b3c2e-0000-4000-8000-00000000000b";
+    let a = vm_with_args(Some(&content()), &["-uuid", UUID_A, "-name", "web01"]);
+    let b = vm_with_args(Some(&content()), &["-uuid", UUID_B, "-name", "db01"]);
+    let (_d, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("web01", &a)], 1, None)).unwrap();
+    assert!(report(&s, "web01").error.is_none());
+    let first = repo.backup_ids("web01").unwrap()[0].clone();
+    let m = repo.manifest("web01", &first).unwrap();
+    assert_eq!(m.config["backup_vms"]["qemu"]["uuid"], UUID_A);
+    // db01's socket given for web01: refused, nothing published.
+    let s = backup_vms(&repo, &options(&[("web01", &b)], 1, None)).unwrap();
+    let e = report(&s, "web01").error.clone().unwrap();
+    assert!(e.contains(UUID_A) && e.contains(UUID_B), "{e}");
+    assert!(e.contains("--new-identity web01"), "{e}");
+    assert_eq!(repo.backup_ids("web01").unwrap().len(), 1);
+    assert!(
+        leftovers(&mut b.monitor()).is_empty(),
+        "nothing left in QEMU"
+    );
+    // The same QEMU again passes; a re-created VM passes when told.
+    let s = backup_vms(&repo, &options(&[("web01", &a)], 1, None)).unwrap();
+    assert!(report(&s, "web01").error.is_none());
+    let mut opts = options(&[("web01", &b)], 1, None);
+    opts.vms[0].new_identity = true;
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "web01");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("--new-identity")),
+        "{:?}",
+        r.warnings
+    );
+    let ids = repo.backup_ids("web01").unwrap();
+    assert_eq!(ids.len(), 3);
+    let m = repo.manifest("web01", ids.last().unwrap()).unwrap();
+    assert_eq!(m.config["backup_vms"]["qemu"]["uuid"], UUID_B);
+}
