@@ -784,92 +784,9 @@ pub fn random_hex(bytes: usize) -> String {
 mod dedup_tests;
 
 #[cfg(test)]
-mod id_tests {
-    #[test]
-    fn backup_ids_skip_stray_names_and_sort_in_time_order() {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("r");
-        let (repo, _) = super::Repository::open_or_create(root.to_str().unwrap()).unwrap();
-        let dir = root.join("backups").join("vm");
-        std::fs::create_dir_all(&dir).unwrap();
-        let ids = [
-            "20261121-000000-10",
-            "20261121-000001",
-            "20261121-000000",
-            "20261121-000000-9",
-            "20261121-000000-1",
-        ];
-        for n in ids.iter().copied().chain(["bad name"]) {
-            std::fs::write(dir.join(format!("{n}.json")), b"{}").unwrap();
-        }
-        assert_eq!(
-            repo.backup_ids("vm").unwrap(),
-            vec![
-                "20261121-000000",
-                "20261121-000000-1",
-                "20261121-000000-9",
-                "20261121-000000-10",
-                "20261121-000001",
-            ]
-        );
-    }
-}
+mod id_tests;
 #[cfg(test)]
 mod version_tests;
 
 #[cfg(test)]
-mod missing_tests {
-    use super::*;
-    use crate::error::ErrorKind;
-
-    /// A repository with one stored chunk; (dir, root, repo, digest).
-    fn one_chunk() -> (
-        tempfile::TempDir,
-        std::path::PathBuf,
-        Arc<Repository>,
-        Digest,
-    ) {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("r");
-        let (repo, _) = Repository::open_or_create(root.to_str().unwrap()).unwrap();
-        let data = vec![7u8; 4096];
-        let digest = repo.chunk_id(&data);
-        repo.put_chunk(&digest, &data).unwrap();
-        (d, root, repo, digest)
-    }
-
-    #[test]
-    fn a_chunk_read_while_the_repository_is_out_of_place_is_unreachable_not_missing() {
-        let (d, root, repo, digest) = one_chunk();
-        // A share not mounted: an empty directory where the repository was.
-        std::fs::rename(&root, d.path().join("away")).unwrap();
-        std::fs::create_dir(&root).unwrap();
-        let e = repo
-            .read_chunk(&digest, 4096, &"disk0 block 0")
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-        assert!(e.to_string().contains("does not answer as itself"), "{e}");
-        // Back in place: it reads again.
-        std::fs::remove_dir(&root).unwrap();
-        std::fs::rename(d.path().join("away"), &root).unwrap();
-        assert_eq!(
-            repo.read_chunk(&digest, 4096, &"x").unwrap().0,
-            vec![7u8; 4096]
-        );
-    }
-
-    #[test]
-    fn a_chunk_absent_from_a_repository_in_place_is_missing() {
-        let (_d, root, repo, digest) = one_chunk();
-        let key = root.join(digest.key());
-        std::fs::remove_file(&key).unwrap();
-        let e = repo
-            .read_chunk(&digest, 4096, &"disk0 block 0")
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-        assert!(
-            e.to_string().contains("is missing from the repository"),
-            "{e}"
-        );
-    }
-}
+mod missing_tests;
