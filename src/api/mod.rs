@@ -180,6 +180,8 @@ async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResu
 struct ReleaseQuery {
     #[serde(default)]
     discard: bool,
+    /// With `discard`: only the kept staging of this backup.
+    backup: Option<String>,
 }
 
 async fn release(
@@ -195,6 +197,14 @@ async fn release(
         )))
     })?;
     blocking(move || {
+        let served = ds.session(&vm).map(|s| s.backup.clone());
+        if let Some(b) = q.backup.as_deref().filter(|b| served.as_deref() != Some(*b)) {
+            if !q.discard {
+                return Err(Error::invalid("?backup= goes with ?discard=true"));
+            }
+            let kept = ds.discard_kept_backup(&vm, b)?;
+            return Ok(json!({"vm": vm, "released": false, "discarded": kept}));
+        }
         if ds.session(&vm).is_none() && q.discard {
             let kept = ds.discard_kept(&vm)?;
             if kept.is_empty() {

@@ -527,5 +527,9 @@ pub enum Command {
         vm: String,
         #[arg(long)]
         discard: bool,
+        /// With --discard: only the staging kept from backup ID (the
+        /// session served, if it is another, stays).
+        #[arg(long, value_name = "ID", requires = "discard")]
+        backup: Option<String>,
     },
 }

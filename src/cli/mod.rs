@@ -403,9 +403,15 @@ pub fn run(cli: Cli) -> Result<()> {
             socket,
             vm,
             discard,
+            backup,
         } => {
             crate::util::validate_name("VM name", &vm)?;
-            let r = client(&socket).delete(&format!("/sessions/{vm}?discard={discard}"))?;
+            let mut path = format!("/sessions/{vm}?discard={discard}");
+            if let Some(b) = &backup {
+                crate::util::validate_name("backup id", b)?;
+                path.push_str(&format!("&backup={b}"));
+            }
+            let r = client(&socket).delete(&path)?;
             output::released(&r);
             Ok(())
         }

@@ -216,6 +216,43 @@ impl Datastore {
     }
 }
 
+impl Datastore {
+    /// Drops the staging of `vm` kept from `backup` (every staging
+    /// directory), which is not the session served: the note of a recover
+    /// that passed it over points here, and `release --discard` alone
+    /// would discard the session just started.
+    pub fn discard_kept_backup(&self, vm: &str, backup: &str) -> Result<Vec<String>> {
+        validate_name("VM name", vm)?;
+        validate_name("backup id", backup)?;
+        let op = self.vm_op(vm);
+        let _op = self.lock_op(vm, &op)?;
+        if self.session(vm).is_some_and(|s| s.backup == backup) {
+            return Err(Error::busy(format!(
+                "VM {vm} is being served from backup {backup}; release it with --discard (without --backup)"
+            )));
+        }
+        let damaged = self
+            .search(None)
+            .flat_map(|s| s.damaged_sessions(vm).into_iter().map(|b| (b, s.clone())));
+        let all: Vec<_> = self
+            .kept_sessions(vm, None)
+            .into_iter()
+            .chain(damaged)
+            .filter(|(b, _)| b == backup)
+            .collect();
+        if all.is_empty() {
+            return Err(Error::not_found(format!(
+                "no kept staging of VM {vm} from backup {backup}"
+            )));
+        }
+        for (b, s) in &all {
+            s.discard(vm, b)?;
+            self.unpin(vm, b, s);
+        }
+        Ok(vec![backup.to_string()])
+    }
+}
+
 /// What `choose_manifest` picked.
 pub(super) struct Chosen {
     pub(super) manifest: Manifest,
