@@ -721,6 +721,34 @@ fn detach_previous_mount(root: &Path, mount: &Path) {
 }
 
 fn mount_point_state(mount: &Path) -> Result<MountPointState> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = mount.to_path_buf();
+    // A FUSE daemon that is stopped (SIGSTOP, a debugger) or hung answers
+    // no stat: `serve` must say so, not hang with it (review24 L4). The
+    // probe's thread is left blocked; the refusal ends the process.
+    let probe = std::thread::Builder::new()
+        .name("mount-probe".into())
+        .spawn(move || {
+            let _ = tx.send(probe_mount_point(&path));
+        });
+    if let Err(e) = probe {
+        return Err(Error::io("start the mount point probe", e));
+    }
+    rx.recv_timeout(MOUNT_PROBE_TIMEOUT).unwrap_or_else(|_| {
+        Err(Error::busy(format!(
+            "mount point {} does not answer within {} s: the FUSE daemon serving it is stopped or hung (`kill -CONT` it, or stop it); choose another --mount",
+            mount.display(),
+            MOUNT_PROBE_TIMEOUT.as_secs()
+        )))
+    })
+}
+
+/// How long a mount point's stat may take before its FUSE daemon is taken
+/// for stopped or hung.
+const MOUNT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`mount_point_state`], on this thread (it may block on a FUSE mount).
+fn probe_mount_point(mount: &Path) -> Result<MountPointState> {
     match std::fs::metadata(mount) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(MountPointState::Stale),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
