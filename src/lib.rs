@@ -53,8 +53,10 @@
 //!  agent container (agent::*): QMP attach (chardev + virtserialport, blockdev-add ro +
 //!            scsi-hd) ──▶ guest-exec: mount, `recoverfs agent run` (pre, copy, post, frames) ──▶
 //!            content-defined chunks ──▶ detach ──▶ catalog files/<vm>/<id>-files.json
-//!  files: catalog entries + chunks, or a disk backup's filesystem on a read-only loop
-//!            device over a throwaway recovery
+//!  files: catalog entries + chunks, or a disk backup's filesystem mounted read-only (its
+//!            journal replayed into scratch staging) from a loop device over a throwaway recovery
+//!  serve without the repository (repo::unconfirmed): its identity from staging.json's copy;
+//!            every request checks repo.json (same id) until the store answers as itself
 //!  backup-vms (vmbackup): write rates (query-blockstats) ──▶ fsfreeze ──▶ stop every VM ──▶ one
 //!            view per disk ──▶ one snapshot time ──▶ cont, thaw ──▶ busiest first, --jobs at a time:
 //!            vmbackup::read (base:allocation, dirty bitmap) ──▶ store chunks ──▶ manifest ──▶ release
