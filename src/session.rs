@@ -745,6 +745,10 @@ impl Datastore {
     pub fn resume_active(&self) -> Vec<String> {
         let mut resumed = vec![];
         for staging in self.stagings() {
+            for (vm, backup) in staging.active_damaged_sessions() {
+                tracing::error!(vm, backup, "could not resume the session that was active before the restart: its session.json is damaged (release --discard --backup removes it)");
+                self.mark_not_served(&vm, &backup, staging);
+            }
             for (vm, backup) in staging.active_sessions() {
                 let rec: Option<PlacementRecord> =
                     serde_json::from_slice(&staging.active_placement(&vm, &backup)).ok();
@@ -772,7 +776,8 @@ impl Datastore {
                             vm,
                             backup,
                             "could not resume the session that was active before the restart: {e}"
-                        )
+                        );
+                        self.mark_not_served(&vm, &backup, staging);
                     }
                 }
             }

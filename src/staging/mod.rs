@@ -508,6 +508,27 @@ impl StagingDir {
         out
     }
 
+    /// Sessions marked served (`active`) whose `session.json` does not
+    /// read: never resumed, so their pins must not say served.
+    pub fn active_damaged_sessions(&self) -> Vec<(String, String)> {
+        let root = self.root.join("sessions");
+        let mut out = vec![];
+        for vm in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let Some(vm) = vm.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if crate::util::validate_name("VM name", &vm).is_err() {
+                continue;
+            }
+            for b in self.damaged_sessions(&vm) {
+                if self.session_dir(&vm, &b).join("active").exists() {
+                    out.push((vm.clone(), b));
+                }
+            }
+        }
+        out
+    }
+
     /// Deletes a session's staging data for good.
     pub fn discard(&self, vm: &str, backup: &str) -> Result<()> {
         let dir = self.session_dir(vm, backup);

@@ -351,3 +351,42 @@ fn a_pin_from_before_staging_ids_still_protects_its_backup_and_is_replaced_when_
         Some(r.ds.stagings.main().id())
     );
 }
+
+#[test]
+fn a_session_that_cannot_be_resumed_after_a_restart_is_pinned_as_kept_not_served() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    assert_eq!(pins(&r)[0].state, "serving");
+    let dir = r.ds.stagings.main().session_dir("vm", &b1);
+    r.ds.flush_all().unwrap();
+    drop(r.ds);
+    // Its manifest gone from staging and repository while the daemon was
+    // down (removed by hand): the session does not resume.
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    r.repo
+        .backend()
+        .delete(&format!("backups/vm/{b1}.json"))
+        .unwrap();
+    let ds = datastore(r.dir.path(), &r.repo, &[]);
+    assert!(ds.resume_active().is_empty());
+    let p = crate::repo::pins::of_vm(&r.repo, "vm").unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].state, "kept", "{:?}", p[0]);
+    assert_eq!(p[0].backups, vec![b1.clone()]);
+}
+
+#[test]
+fn a_served_session_whose_session_json_was_damaged_is_pinned_as_kept_at_the_restart() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let dir = r.ds.stagings.main().session_dir("vm", &b1);
+    r.ds.flush_all().unwrap();
+    drop(r.ds);
+    std::fs::write(dir.join("session.json"), b"{ damaged").unwrap();
+    let ds = datastore(r.dir.path(), &r.repo, &[]);
+    assert!(ds.resume_active().is_empty());
+    let p = crate::repo::pins::of_vm(&r.repo, "vm").unwrap();
+    assert_eq!(p[0].state, "kept", "{:?}", p[0]);
+}
