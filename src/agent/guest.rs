@@ -210,6 +210,11 @@ fn backup(
             )));
         }
     }
+    let (paths, notes) = distinct_paths(paths);
+    for n in &notes {
+        w.log(n).map_err(io)?;
+    }
+    let paths = &paths[..];
     for h in hooks {
         if !cfg.hooks.contains(h) {
             return Err(Error::not_found(format!(
@@ -304,6 +309,48 @@ fn backup(
         None => Ok(()),
     }
     // `plan` drops here: the copy is removed, also on an early return.
+}
+
+/// `paths` without those another one's walk already covers, each with a
+/// note: a path given twice, and one inside another given path that the
+/// walk reaches (no symbolic link in between: the walk follows none, so a
+/// path below a link is walked on its own). Otherwise their entries would
+/// be in the backup twice.
+fn distinct_paths(paths: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    let mut unique = vec![];
+    let mut notes = vec![];
+    for p in paths {
+        if seen.insert(p.as_str()) {
+            unique.push(p.clone());
+        } else {
+            notes.push(format!("{p} was given twice; it is backed up once"));
+        }
+    }
+    let covers = |q: &str, p: &str| {
+        let (q, p) = (Path::new(q), Path::new(p));
+        p != q
+            && p.starts_with(q)
+            && p.ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with(q))
+                .all(|a| std::fs::symlink_metadata(a).is_ok_and(|m| m.is_dir()))
+    };
+    let mut kept = vec![];
+    for p in &unique {
+        // The outermost: the one actually walked.
+        match unique
+            .iter()
+            .filter(|q| covers(q, p))
+            .min_by_key(|q| q.len())
+        {
+            Some(q) => notes.push(format!(
+                "{p} is inside {q}, also given; it is backed up once, as part of {q}"
+            )),
+            None => kept.push(p.clone()),
+        }
+    }
+    (kept, notes)
 }
 
 /// Sends what [`copy::Plan::copy`] took: original paths and metadata,

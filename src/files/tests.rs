@@ -321,3 +321,39 @@ fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_b
         assert_eq!(m.mtime(), 1_600_000_000, "{msg}");
     }
 }
+
+#[test]
+fn a_catalog_with_identical_repeated_entries_lists_and_restores_each_once() {
+    // What an agent given overlapping --paths (`/srv/a /srv/a/f`) wrote.
+    let (d, r, mut c) = backup();
+    let again: Vec<Entry> = c.entries[1..].to_vec();
+    c.entries.extend(again);
+    c.entries.push(c.entries[0].clone());
+    let sel = select(&c, "/srv/a").unwrap();
+    let paths: Vec<&str> = sel.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["/srv/a", "/srv/a/f", "/srv/a/l"]);
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    // Also given the repeats directly.
+    let all: Vec<&Entry> = c.entries.iter().collect();
+    assert_eq!(restore(&r, &c, &all, &to, &GO).unwrap(), 3);
+    assert_eq!(
+        std::fs::read(to.join("srv/a/f")).unwrap(),
+        b"content\n".to_vec()
+    );
+    // A path twice, differently: refused before anything is written.
+    let mut changed = c.entries[1].clone();
+    changed.mtime += 1;
+    c.entries.push(changed);
+    let sel = select(&c, "/srv/a").unwrap();
+    assert_eq!(sel.len(), 4, "both versions are listed");
+    let to2 = d.path().join("to2");
+    std::fs::create_dir(&to2).unwrap();
+    let e = restore(&r, &c, &sel, &to2, &GO).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("/srv/a/f is in the file backup twice"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(&to2).unwrap().count(), 0);
+}

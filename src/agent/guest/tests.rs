@@ -723,3 +723,84 @@ fn the_agent_warns_about_a_file_that_shrank_after_its_data_and_once() {
     }
     assert!(matches!(r.next_frame().unwrap(), Frame::End(_)));
 }
+
+#[test]
+fn overlapping_paths_are_backed_up_once_with_a_note() {
+    let w = World::new();
+    let t = w.tree();
+    let tp = t.to_str().unwrap().to_string();
+    // A path below a link to a directory is not in the walk of `tp`
+    // (links are not followed): walked on its own, and kept.
+    std::os::unix::fs::symlink("sub", t.join("ldir")).unwrap();
+    for hooks in [vec![], vec!["app".to_string()]] {
+        let (agent, got, lines) = w.backup(Job::Backup {
+            paths: vec![
+                format!("{tp}/sub"),
+                tp.clone(),
+                format!("{tp}/sub/conf"),
+                tp.clone(),
+                format!("{tp}/ldir/conf"),
+            ],
+            hooks: hooks.clone(),
+            allow_quiesced_stream: false,
+        });
+        agent.unwrap();
+        let c = got.unwrap();
+        let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                tp.clone(),
+                format!("{tp}/data.db"),
+                format!("{tp}/ldir"),
+                format!("{tp}/link"),
+                format!("{tp}/sub"),
+                format!("{tp}/sub/conf"),
+                format!("{tp}/ldir/conf"),
+            ],
+            "hooks {hooks:?}"
+        );
+        let said = |s: &str| lines.iter().any(|l| l.contains(s));
+        assert!(said(&format!("{tp} was given twice")), "{lines:?}");
+        assert!(said(&format!("{tp}/sub is inside {tp},")), "{lines:?}");
+        assert!(said(&format!("{tp}/sub/conf is inside {tp},")), "{lines:?}");
+        assert!(!said("ldir/conf is inside"), "{lines:?}");
+        assert!(!said("came a second time"), "{lines:?}");
+    }
+}
+
+#[test]
+fn entries_an_older_agent_sends_twice_are_received_once() {
+    // An agent before it dropped overlapping --paths, given `/d /d`.
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        for _ in 0..2 {
+            w.header(&crate::repo::catalog::Entry {
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                ..file_entry("/d", 0)
+            })?;
+            w.header(&file_entry("/d/f", 3))?;
+            w.data(b"abc")?;
+        }
+        w.end()
+    });
+    let lines = std::sync::Mutex::new(vec![]);
+    let opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    let c = receive(&w.repo, &host, deadline, &target(), &opts, &|l| {
+        lines.lock().unwrap().push(l.to_string())
+    })
+    .unwrap();
+    guest.join().unwrap();
+    let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["/d", "/d/f"]);
+    assert_eq!(c.file_bytes, 3);
+    let lines = lines.into_inner().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("2 entries came a second time")),
+        "{lines:?}"
+    );
+}
