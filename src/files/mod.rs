@@ -392,11 +392,18 @@ pub fn ls_line(e: &Entry) -> String {
         EntryKind::Symlink => 'l',
     };
     let mut perms = String::new();
-    for shift in [6, 3, 0] {
+    // setuid, setgid and sticky in the x places, as ls: s/t over x, S/T
+    // without it.
+    for (shift, special, set) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
         let b = (e.mode >> shift) & 7;
         perms.push(if b & 4 != 0 { 'r' } else { '-' });
         perms.push(if b & 2 != 0 { 'w' } else { '-' });
-        perms.push(if b & 1 != 0 { 'x' } else { '-' });
+        perms.push(match (b & 1 != 0, e.mode & special != 0) {
+            (true, false) => 'x',
+            (false, false) => '-',
+            (true, true) => set,
+            (false, true) => set.to_ascii_uppercase(),
+        });
     }
     let target = e
         .target

@@ -323,6 +323,32 @@ fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_b
 }
 
 #[test]
+fn ls_shows_setuid_setgid_and_sticky_bits_as_ls_does() {
+    let line = |kind, mode| {
+        let e = Entry {
+            path: "/x".into(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            target: None,
+            chunks: vec![],
+        };
+        ls_line(&e).split(' ').next().unwrap().to_string()
+    };
+    assert_eq!(line(EntryKind::File, 0o4755), "-rwsr-xr-x");
+    assert_eq!(line(EntryKind::Dir, 0o1777), "drwxrwxrwt");
+    assert_eq!(line(EntryKind::File, 0o6711), "-rws--s--x");
+    assert_eq!(line(EntryKind::File, 0o4644), "-rwSr--r--");
+    assert_eq!(line(EntryKind::File, 0o2644), "-rw-r-Sr--");
+    assert_eq!(line(EntryKind::Dir, 0o1770), "drwxrwx--T");
+    assert_eq!(line(EntryKind::File, 0o640), "-rw-r-----");
+}
+
+#[test]
 fn a_catalog_with_identical_repeated_entries_lists_and_restores_each_once() {
     // What an agent given overlapping --paths (`/srv/a /srv/a/f`) wrote.
     let (d, r, mut c) = backup();
