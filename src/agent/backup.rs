@@ -323,20 +323,34 @@ pub(crate) fn receive(
     let mut entries = vec![];
     // The entries' JSON so far: about the catalog's size.
     let mut json_bytes = 0u64;
+    // Paths received: an agent before it dropped overlapping `--paths`
+    // sends what two of them cover twice; kept once (`files restore`
+    // refuses a path twice).
+    let mut received = std::collections::HashSet::new();
+    let mut repeated = 0u64;
     loop {
         match fr.next_frame()? {
             Frame::Log(l) => say(&l),
             Frame::Error(m) => return Err(agent_failed(m)),
             Frame::Header(mut e) => {
                 e.check_header()?;
+                if received.contains(&e.path) {
+                    repeated += 1;
+                    if e.kind == EntryKind::File {
+                        let mut content = fr.content_logging(e.size, say);
+                        std::io::copy(&mut content, &mut std::io::sink()).map_err(stream_error)?;
+                    }
+                    continue;
+                }
                 opts.catalog_limits.check_entries(entries.len() + 1)?;
                 if e.kind == EntryKind::File {
                     let size = e.size;
-                    e.chunks = sink.store(repo, fr.content(size))?;
+                    e.chunks = sink.store(repo, fr.content_logging(size, say))?;
                 }
                 e.check()?;
                 json_bytes += serde_json::to_vec(&e).expect("json").len() as u64 + 1;
                 opts.catalog_limits.check_bytes(json_bytes)?;
+                received.insert(e.path.clone());
                 entries.push(e);
             }
             Frame::End(_) => break,
@@ -347,6 +361,12 @@ pub(crate) fn receive(
                 )))
             }
         }
+    }
+    if repeated > 0 {
+        say(&format!(
+            "{repeated} {} came a second time (overlapping --paths): each is in the backup once",
+            if repeated == 1 { "entry" } else { "entries" }
+        ));
     }
     // All of it came: let the agent exit.
     let mut w = stream;
@@ -369,6 +389,15 @@ pub(crate) fn receive(
         new_bytes: sink.new_bytes,
         entries,
     })
+}
+
+/// An error reading a file's content: ours (carried through
+/// `io::Error::other`) as it was.
+fn stream_error(e: std::io::Error) -> Error {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<Error>())
+        .cloned()
+        .unwrap_or_else(|| Error::io("read the agent's stream", e))
 }
 
 fn agent_failed(m: String) -> Error {
