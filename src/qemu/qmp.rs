@@ -225,26 +225,49 @@ impl Qmp {
         })
     }
 
-    /// The drives that have a medium, in QEMU's order.
+    /// The guest's disks, in QEMU's order: [`Self::guest_disks`] without
+    /// the drives it leaves out.
     pub fn block_devices(&mut self) -> Result<Vec<BlockDevice>> {
+        Ok(self.guest_disks()?.0)
+    }
+
+    /// The drives of `query-block` that have a medium and are the guest's
+    /// disks, in QEMU's order, and one line for each other drive with a
+    /// medium, naming it and why it is not one: a drive without a guest
+    /// device (`-drive if=none` that no `-device` uses; the guest does not
+    /// see it, and a view cannot be put under a device that is not there).
+    pub fn guest_disks(&mut self) -> Result<(Vec<BlockDevice>, Vec<String>)> {
         let r = self.execute("query-block", None)?;
         let list = r.as_array().ok_or_else(|| {
             self.ch
                 .protocol_error("query-block did not return a list".into())
         })?;
-        Ok(list
-            .iter()
-            .filter_map(|d| {
-                let ins = d.get("inserted")?;
-                Some(BlockDevice {
-                    device: str_of(d, "device"),
-                    qdev: str_of(d, "qdev"),
-                    node_name: str_of(ins, "node-name"),
-                    file: str_of(ins, "file"),
-                    read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
-                })
-            })
-            .collect())
+        let (mut disks, mut skipped) = (vec![], vec![]);
+        for d in list {
+            let Some(ins) = d.get("inserted") else {
+                continue; // an empty drive (a CD-ROM without a disc)
+            };
+            let dev = BlockDevice {
+                device: str_of(d, "device"),
+                qdev: str_of(d, "qdev"),
+                node_name: str_of(ins, "node-name"),
+                file: str_of(ins, "file"),
+                read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+            };
+            let name = match (dev.device.as_str(), dev.node_name.as_str()) {
+                ("", node) => format!("node {node}"),
+                (drive, _) => format!("drive {drive}"),
+            };
+            if dev.qdev.is_empty() {
+                skipped.push(format!(
+                    "{name} ({}) has no guest device: not backed up",
+                    dev.file
+                ));
+            } else {
+                disks.push(dev);
+            }
+        }
+        Ok((disks, skipped))
     }
 
     /// Counters of every drive.

@@ -100,10 +100,19 @@ impl Vm {
             tracing::warn!(vm = %self.spec.name, "{w}");
             self.report.warnings.push(w);
         }
-        self.disks = self.q()?.block_devices()?;
-        if self.disks.is_empty() {
-            return Err(Error::invalid("QEMU reports no disk to back up"));
+        let (disks, skipped) = self.q()?.guest_disks()?;
+        if disks.is_empty() {
+            let mut e = "QEMU reports no disk to back up".to_string();
+            if !skipped.is_empty() {
+                e = format!("{e} ({})", skipped.join("; "));
+            }
+            return Err(Error::invalid(e));
         }
+        for w in skipped {
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
+        self.disks = disks;
         self.report.disks = self.disks.len();
         let dir = tempfile::Builder::new()
             .prefix("recoverfs-vmbackup-")

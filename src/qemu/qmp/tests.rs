@@ -169,3 +169,31 @@ fn a_vm_that_exits_mid_call_is_an_error_not_a_hang() {
         "{e}"
     );
 }
+
+#[test]
+fn guest_disks_leave_out_drives_without_a_device_naming_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, x) = (dir.path().join("disk.raw"), dir.path().join("x.raw"));
+    for f in [&img, &x] {
+        std::fs::write(f, vec![0u8; 1 << 20]).unwrap();
+    }
+    let qmp = dir.path().join("qmp.sock");
+    let mut cmd = paused_vm(&img, &qmp);
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=nodev", x.display()));
+    let mut proc = Proc::spawn(&mut cmd);
+    proc.wait_for(&qmp);
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let (disks, skipped) = q.guest_disks().unwrap();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert_eq!(disks[0].device, "drive0");
+    assert_eq!(q.block_devices().unwrap(), disks);
+    assert_eq!(
+        skipped,
+        [format!(
+            "drive nodev ({}) has no guest device: not backed up",
+            x.display()
+        )]
+    );
+    drop(proc);
+}
