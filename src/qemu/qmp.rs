@@ -235,7 +235,9 @@ impl Qmp {
     /// disks, in QEMU's order, and one line for each other drive with a
     /// medium, naming it and why it is not one: a drive without a guest
     /// device (`-drive if=none` that no `-device` uses; the guest does not
-    /// see it, and a view cannot be put under a device that is not there).
+    /// see it, and a view cannot be put under a device that is not there)
+    /// or a removable medium (a CD-ROM's or floppy's image, read-only to
+    /// the guest and swapped at will: not part of the VM's disks).
     pub fn guest_disks(&mut self) -> Result<(Vec<BlockDevice>, Vec<String>)> {
         let r = self.execute("query-block", None)?;
         let list = r.as_array().ok_or_else(|| {
@@ -262,6 +264,20 @@ impl Qmp {
                 skipped.push(format!(
                     "{name} ({}) has no guest device: not backed up",
                     dev.file
+                ));
+            } else if d.get("removable").and_then(Value::as_bool) == Some(true) {
+                // Its device's type (`ide-cd`, `scsi-cd`, `floppy`) names it.
+                let kind = self
+                    .execute(
+                        "qom-get",
+                        Some(json!({"path": dev.qdev, "property": "type"})),
+                    )
+                    .ok()
+                    .and_then(|t| t.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "removable".into());
+                skipped.push(format!(
+                    "{name} ({kind} {}) holds a removable medium ({}): not backed up",
+                    dev.qdev, dev.file
                 ));
             } else {
                 disks.push(dev);

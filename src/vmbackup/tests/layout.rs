@@ -1,5 +1,6 @@
-//! What a backup records of a VM's layout: its disks only (not a drive
-//! without a guest device, a warning naming it).
+//! What a backup records of a VM's layout: its disks only (not a CD-ROM's
+//! or floppy's medium, not a drive without a guest device, each a warning
+//! naming it).
 
 use super::*;
 
@@ -8,6 +9,56 @@ fn only_manifest(repo: &Repository, vm: &str) -> crate::repo::manifest::Manifest
     let ids = repo.backup_ids(vm).unwrap();
     assert_eq!(ids.len(), 1, "{ids:?}");
     repo.resolve(vm, Some(&ids[0])).unwrap()
+}
+
+#[test]
+fn cdroms_are_skipped_with_a_warning_and_the_data_disk_stays_disk0() {
+    let data = content();
+    let d = tempfile::tempdir().unwrap();
+    let iso = d.path().join("cd.iso");
+    std::fs::write(&iso, vec![7u8; 3 * MIB]).unwrap();
+    // One CD-ROM with a disc from the command line (ide0-cd0), one empty
+    // (ide1-cd0) that gets its disc over QMP.
+    let cd = format!(
+        "if=ide,media=cdrom,index=1,format=raw,file={}",
+        iso.display()
+    );
+    let v = vm_with_args(
+        Some(&data),
+        &["-drive", &cd, "-drive", "if=ide,media=cdrom,index=2"],
+    );
+    v.monitor()
+        .execute(
+            "blockdev-change-medium",
+            Some(json!({"device": "ide1-cd0", "filename": iso, "format": "raw"})),
+        )
+        .unwrap();
+    let (_r, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("cd", &v)], 1, None)).unwrap();
+    let r = report(&s, "cd");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.disks, 1, "{r:?}");
+    for drive in ["ide0-cd1", "ide1-cd0"] {
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.starts_with(&format!("drive {drive} (ide-cd "))
+                    && w.contains("removable medium")
+                    && w.contains("cd.iso")
+                    && w.ends_with("not backed up")),
+            "{drive}: {:?}",
+            r.warnings
+        );
+    }
+    let m = only_manifest(&repo, "cd");
+    assert_eq!(m.disks.len(), 1);
+    assert_eq!(m.config["disks"].as_array().unwrap().len(), 1);
+    assert_eq!(m.config["disks"][0]["name"], "disk0");
+    assert_eq!(
+        m.config["backup_vms"]["devices"].as_array().unwrap().len(),
+        1
+    );
+    assert!(restored(&repo, "cd", &m.id) == data);
 }
 
 #[test]
