@@ -88,6 +88,13 @@ pub struct BlockDevice {
     pub read_only: bool,
 }
 
+/// A guest's memory and vCPU count ([`Qmp::machine_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MachineSize {
+    pub memory_mib: u64,
+    pub vcpus: usize,
+}
+
 /// Byte and operation counters of one drive (`query-blockstats`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct BlockStats {
@@ -284,6 +291,30 @@ impl Qmp {
             }
         }
         Ok((disks, skipped))
+    }
+
+    /// The guest's memory and vCPUs: `query-memory-size-summary`'s base
+    /// memory (QEMU's `-m`) and `query-cpus-fast`'s count.
+    pub fn machine_size(&mut self) -> Result<MachineSize> {
+        let m = self.execute("query-memory-size-summary", None)?;
+        let base = m
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                self.ch.protocol_error(format!(
+                    "query-memory-size-summary gave no base-memory: {}",
+                    short(&m)
+                ))
+            })?;
+        let cpus = self.execute("query-cpus-fast", None)?;
+        let vcpus = cpus.as_array().map(Vec::len).ok_or_else(|| {
+            self.ch
+                .protocol_error("query-cpus-fast did not return a list".into())
+        })?;
+        Ok(MachineSize {
+            memory_mib: base.div_ceil(1 << 20),
+            vcpus,
+        })
     }
 
     /// Counters of every drive.

@@ -95,6 +95,11 @@ impl Vm {
             disks.push(r.disk);
         }
         let mut config = default_config(&self.spec.name, disks.len());
+        // What `recoverfs boot` gives the recovered VM (`-m memory_mib`).
+        if let Some(m) = self.machine {
+            config["memory_mib"] = m.memory_mib.into();
+            config["vcpus"] = m.vcpus.into();
+        }
         config["backup_vms"] = serde_json::json!({
             "snapshot_time": snapshot,
             "consistency": self.report.consistency,

@@ -245,3 +245,20 @@ fn guest_disks_leave_out_removable_media_naming_each() {
     }
     drop(proc);
 }
+
+#[test]
+fn machine_size_is_qemus_memory_and_vcpu_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut cmd = paused_vm(&img, &qmp);
+    // The last -m counts (paused_vm gives one).
+    cmd.args(["-m", "1024", "-smp", "2"]);
+    let mut proc = Proc::spawn(&mut cmd);
+    proc.wait_for(&qmp);
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let m = q.machine_size().unwrap();
+    assert_eq!((m.memory_mib, m.vcpus), (1024, 2));
+    drop(proc);
+}

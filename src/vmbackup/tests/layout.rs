@@ -1,6 +1,6 @@
 //! What a backup records of a VM's layout: its disks only (not a CD-ROM's
 //! or floppy's medium, not a drive without a guest device, each a warning
-//! naming it).
+//! naming it), and its memory and vCPUs as QEMU reports them.
 
 use super::*;
 
@@ -81,4 +81,18 @@ fn a_drive_without_a_guest_device_is_skipped_with_a_warning_and_the_vm_is_backed
     assert!(r.warnings.contains(&w), "{:?}", r.warnings);
     let m = only_manifest(&repo, "nd");
     assert!(restored(&repo, "nd", &m.id) == data);
+}
+
+#[test]
+fn the_manifest_records_the_vms_memory_and_vcpus() {
+    let v = vm_with_args(Some(&content()), &["-m", "96", "-smp", "3"]);
+    let (_r, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("sized", &v)], 1, None)).unwrap();
+    assert!(s.vms[0].error.is_none(), "{:?}", s.vms[0].error);
+    let m = only_manifest(&repo, "sized");
+    assert_eq!(m.config["memory_mib"], 96, "{}", m.config);
+    assert_eq!(m.config["vcpus"], 3, "{}", m.config);
+    // What `recoverfs boot` gives the recovered VM.
+    let spec = crate::boot::QemuSpec::from_config(&m.config, vec![]).unwrap();
+    assert_eq!(spec.memory_mib, 96);
 }
