@@ -1,6 +1,7 @@
 //! What a backup records of a VM's layout: its disks only (not a CD-ROM's
 //! or floppy's medium, not a drive without a guest device, each a warning
-//! naming it), and its memory and vCPUs as QEMU reports them.
+//! naming it), its memory and vCPUs as QEMU reports them, and its QMP
+//! socket as an absolute path.
 
 use super::*;
 
@@ -95,4 +96,26 @@ fn the_manifest_records_the_vms_memory_and_vcpus() {
     // What `recoverfs boot` gives the recovered VM.
     let spec = crate::boot::QemuSpec::from_config(&m.config, vec![]).unwrap();
     assert_eq!(spec.memory_mib, 96);
+}
+
+#[test]
+fn the_manifest_records_the_qmp_socket_absolute() {
+    let v = vm(Some(&content()));
+    // The socket named relative to the working directory (not changed:
+    // tests share it), as an operator may give it.
+    let cwd = std::env::current_dir().unwrap();
+    let mut rel = PathBuf::new();
+    for _ in cwd.components().skip(1) {
+        rel.push("..");
+    }
+    rel.push(v.qmp.strip_prefix("/").unwrap());
+    assert!(rel.is_relative());
+    let (_r, repo) = repo();
+    let mut o = options(&[("rel", &v)], 1, None);
+    o.vms[0].qmp = rel;
+    let s = backup_vms(&repo, &o).unwrap();
+    assert!(s.vms[0].error.is_none(), "{:?}", s.vms[0].error);
+    let m = only_manifest(&repo, "rel");
+    let recorded = PathBuf::from(m.config["backup_vms"]["qmp"].as_str().unwrap());
+    assert_eq!(recorded, std::fs::canonicalize(&v.qmp).unwrap());
 }
