@@ -119,3 +119,19 @@ fn the_manifest_records_the_qmp_socket_absolute() {
     let recorded = PathBuf::from(m.config["backup_vms"]["qmp"].as_str().unwrap());
     assert_eq!(recorded, std::fs::canonicalize(&v.qmp).unwrap());
 }
+
+#[test]
+fn backup_vms_help_does_not_say_full_backups_only() {
+    use clap::CommandFactory;
+    let mut cli = crate::cli::Cli::command();
+    let help = cli
+        .find_subcommand_mut("backup-vms")
+        .unwrap()
+        .render_help()
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!help.contains("(full backups)"), "{help}");
+    assert!(help.contains("--incremental what changed"), "{help}");
+}
