@@ -77,8 +77,9 @@ pub enum Command {
         json: bool,
     },
     /// Back up running QEMU VMs from one common snapshot time, busiest
-    /// first (full backups). Exits non-zero if any VM
-    /// failed; the others are backed up all the same.
+    /// first (full backups, or with --incremental what changed since each
+    /// VM's previous backup). Exits non-zero if any VM failed; the others
+    /// are backed up all the same.
     BackupVms {
         #[arg(long)]
         repo: String,

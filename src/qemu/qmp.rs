@@ -88,6 +88,13 @@ pub struct BlockDevice {
     pub read_only: bool,
 }
 
+/// A guest's memory and vCPU count ([`Qmp::machine_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MachineSize {
+    pub memory_mib: u64,
+    pub vcpus: usize,
+}
+
 /// Byte and operation counters of one drive (`query-blockstats`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct BlockStats {
@@ -225,26 +232,89 @@ impl Qmp {
         })
     }
 
-    /// The drives that have a medium, in QEMU's order.
+    /// The guest's disks, in QEMU's order: [`Self::guest_disks`] without
+    /// the drives it leaves out.
     pub fn block_devices(&mut self) -> Result<Vec<BlockDevice>> {
+        Ok(self.guest_disks()?.0)
+    }
+
+    /// The drives of `query-block` that have a medium and are the guest's
+    /// disks, in QEMU's order, and one line for each other drive with a
+    /// medium, naming it and why it is not one: a drive without a guest
+    /// device (`-drive if=none` that no `-device` uses; the guest does not
+    /// see it, and a view cannot be put under a device that is not there)
+    /// or a removable medium (a CD-ROM's or floppy's image, read-only to
+    /// the guest and swapped at will: not part of the VM's disks).
+    pub fn guest_disks(&mut self) -> Result<(Vec<BlockDevice>, Vec<String>)> {
         let r = self.execute("query-block", None)?;
         let list = r.as_array().ok_or_else(|| {
             self.ch
                 .protocol_error("query-block did not return a list".into())
         })?;
-        Ok(list
-            .iter()
-            .filter_map(|d| {
-                let ins = d.get("inserted")?;
-                Some(BlockDevice {
-                    device: str_of(d, "device"),
-                    qdev: str_of(d, "qdev"),
-                    node_name: str_of(ins, "node-name"),
-                    file: str_of(ins, "file"),
-                    read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
-                })
-            })
-            .collect())
+        let (mut disks, mut skipped) = (vec![], vec![]);
+        for d in list {
+            let Some(ins) = d.get("inserted") else {
+                continue; // an empty drive (a CD-ROM without a disc)
+            };
+            let dev = BlockDevice {
+                device: str_of(d, "device"),
+                qdev: str_of(d, "qdev"),
+                node_name: str_of(ins, "node-name"),
+                file: str_of(ins, "file"),
+                read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+            };
+            let name = match (dev.device.as_str(), dev.node_name.as_str()) {
+                ("", node) => format!("node {node}"),
+                (drive, _) => format!("drive {drive}"),
+            };
+            if dev.qdev.is_empty() {
+                skipped.push(format!(
+                    "{name} ({}) has no guest device: not backed up",
+                    dev.file
+                ));
+            } else if d.get("removable").and_then(Value::as_bool) == Some(true) {
+                // Its device's type (`ide-cd`, `scsi-cd`, `floppy`) names it.
+                let kind = self
+                    .execute(
+                        "qom-get",
+                        Some(json!({"path": dev.qdev, "property": "type"})),
+                    )
+                    .ok()
+                    .and_then(|t| t.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "removable".into());
+                skipped.push(format!(
+                    "{name} ({kind} {}) holds a removable medium ({}): not backed up",
+                    dev.qdev, dev.file
+                ));
+            } else {
+                disks.push(dev);
+            }
+        }
+        Ok((disks, skipped))
+    }
+
+    /// The guest's memory and vCPUs: `query-memory-size-summary`'s base
+    /// memory (QEMU's `-m`) and `query-cpus-fast`'s count.
+    pub fn machine_size(&mut self) -> Result<MachineSize> {
+        let m = self.execute("query-memory-size-summary", None)?;
+        let base = m
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                self.ch.protocol_error(format!(
+                    "query-memory-size-summary gave no base-memory: {}",
+                    short(&m)
+                ))
+            })?;
+        let cpus = self.execute("query-cpus-fast", None)?;
+        let vcpus = cpus.as_array().map(Vec::len).ok_or_else(|| {
+            self.ch
+                .protocol_error("query-cpus-fast did not return a list".into())
+        })?;
+        Ok(MachineSize {
+            memory_mib: base.div_ceil(1 << 20),
+            vcpus,
+        })
     }
 
     /// Counters of every drive.

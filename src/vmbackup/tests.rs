@@ -5,7 +5,8 @@
 //!
 //! The VMs, the repository and the checks more than one concern (and
 //! `precopy`'s tests) use are here; the tests are in a module per concern:
-//! `plan`, `snapshot`, `failures`, `agent`, `runs` and `incremental`.
+//! `plan`, `snapshot`, `failures`, `agent`, `runs`, `incremental` and
+//! `layout`.
 
 use super::*;
 use crate::qemu::fleece;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 mod agent;
 mod failures;
 pub(crate) mod incremental;
+mod layout;
 mod plan;
 mod runs;
 mod snapshot;

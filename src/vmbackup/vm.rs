@@ -12,7 +12,7 @@ use super::report::{Clock, VmReport};
 use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
-use crate::qemu::qmp::{BlockDevice, QemuIdentity, Qmp};
+use crate::qemu::qmp::{BlockDevice, MachineSize, QemuIdentity, Qmp};
 use crate::repo::Repository;
 
 /// One VM's state through a run.
@@ -39,6 +39,9 @@ pub(super) struct Vm {
     pub(super) prev_disabled: usize,
     /// Who its QEMU says it is, recorded in the manifest.
     pub(super) identity: QemuIdentity,
+    /// Its memory and vCPUs, recorded in the manifest's configuration
+    /// (none: QEMU did not say, the defaults are recorded).
+    pub(super) machine: Option<MachineSize>,
 }
 
 impl Vm {
@@ -66,6 +69,7 @@ impl Vm {
             prev: None,
             prev_disabled: 0,
             identity: QemuIdentity::default(),
+            machine: None,
         }
     }
 
@@ -92,6 +96,17 @@ impl Vm {
         self.vm_lock = crate::qemu::VmLock::try_take(&q)?;
         self.qmp = Some(q);
         self.identity = self.q()?.identity()?;
+        match self.q()?.machine_size() {
+            Ok(m) => self.machine = Some(m),
+            Err(e) => {
+                let w = format!(
+                    "memory and vCPUs not read from QEMU ({e}): the backup's configuration \
+                     records the defaults (512 MiB, 1 vCPU)"
+                );
+                tracing::warn!(vm = %self.spec.name, "{w}");
+                self.report.warnings.push(w);
+            }
+        }
         // First: a leftover view holds a guest device.
         let left = fleece::remove_leftovers(self.q()?)
             .map_err(|e| e.context("removing what a killed backup left in QEMU"))?;
@@ -100,10 +115,19 @@ impl Vm {
             tracing::warn!(vm = %self.spec.name, "{w}");
             self.report.warnings.push(w);
         }
-        self.disks = self.q()?.block_devices()?;
-        if self.disks.is_empty() {
-            return Err(Error::invalid("QEMU reports no disk to back up"));
+        let (disks, skipped) = self.q()?.guest_disks()?;
+        if disks.is_empty() {
+            let mut e = "QEMU reports no disk to back up".to_string();
+            if !skipped.is_empty() {
+                e = format!("{e} ({})", skipped.join("; "));
+            }
+            return Err(Error::invalid(e));
         }
+        for w in skipped {
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
+        self.disks = disks;
         self.report.disks = self.disks.len();
         let dir = tempfile::Builder::new()
             .prefix("recoverfs-vmbackup-")

@@ -96,9 +96,7 @@ fn an_unreachable_qmp_socket_and_a_vm_without_disks_fail_alone_with_one_line_err
 #[test]
 fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     let good = vm(Some(&content()));
-    // A second drive with no guest device: its view cannot switch a
-    // device onto the copy-before-write filter, after the first view is
-    // open.
+    // A second disk, with its guest device.
     let dir = tempfile::tempdir().unwrap();
     let (img, extra, qmp) = (
         dir.path().join("a.raw"),
@@ -108,18 +106,53 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     std::fs::write(&img, content()).unwrap();
     std::fs::write(&extra, content()).unwrap();
     let mut cmd = paused_vm(&img, &qmp);
-    cmd.arg("-drive").arg(format!(
-        "file={},format=raw,if=none,id=drive1",
-        extra.display()
-    ));
+    cmd.arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=drive1",
+            extra.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=drive1,id=vd1"]);
     let broken = start(cmd, qmp, Some(img), dir);
-    let mut q = broken.monitor();
+    // Once the first view is open, the second's dirty bitmap name (the
+    // first's with disk 1 for disk 0) is taken on its node: that view
+    // cannot open. One client per QMP socket: the monitor is shared.
+    let mon = Arc::new(Mutex::new(broken.monitor()));
+    let m = mon.clone();
+    let hook: Hook = Arc::new(move |vm, event| {
+        if vm != "broken" || event != "view_opened" {
+            return;
+        }
+        let mut q = m.lock().unwrap();
+        let nodes = q
+            .execute("query-named-block-nodes", Some(json!({"flat": true})))
+            .unwrap();
+        let bitmaps: Vec<String> = (nodes.as_array().unwrap().iter())
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b["name"].as_str().map(str::to_string))
+            .collect();
+        let first = bitmaps.iter().find(|b| b.ends_with("-0-0")).unwrap();
+        let second = format!("{}-1", first.strip_suffix("-0").unwrap());
+        let node = q.block_devices().unwrap()[1].node_name.clone();
+        q.execute(
+            "block-dirty-bitmap-add",
+            Some(json!({"node": node, "name": second})),
+        )
+        .unwrap();
+    });
     let (_d, repo) = repo();
     let s = backup_vms(
         &repo,
-        &options(&[("broken", &broken), ("good", &good)], 1, None),
+        &options(&[("broken", &broken), ("good", &good)], 1, Some(hook)),
     )
     .unwrap();
+    let mut q = Arc::try_unwrap(mon).ok().unwrap().into_inner().unwrap();
+    // The test's own bitmap goes; nothing of the backup's may be left.
+    let node = q.block_devices().unwrap()[1].node_name.clone();
+    let taken = leftovers(&mut q);
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    let name = taken[0].strip_prefix("bitmap ").unwrap();
+    assert!(name.ends_with("-0-1"), "{taken:?}");
+    fleece::bitmap_op(&mut q, "remove", &node, name).unwrap();
     let r = report(&s, "broken");
     let e = r.error.as_deref().unwrap();
     assert!(e.starts_with("disk 1 ("), "{e}");
