@@ -282,10 +282,17 @@ impl Qmp {
                     .ok()
                     .and_then(|t| t.as_str().map(str::to_string))
                     .unwrap_or_else(|| "removable".into());
-                skipped.push(format!(
-                    "{name} ({kind} {}) holds a removable medium ({}): not backed up",
-                    dev.qdev, dev.file
-                ));
+                // A disc (or any medium the guest cannot write) is media,
+                // not the VM's data; a writable removable disk (a floppy,
+                // `removable=on`) may hold the guest's writes: kept.
+                if kind.ends_with("-cd") || dev.read_only {
+                    skipped.push(format!(
+                        "{name} ({kind} {}) holds a removable medium ({}): not backed up",
+                        dev.qdev, dev.file
+                    ));
+                } else {
+                    disks.push(dev);
+                }
             } else {
                 disks.push(dev);
             }

@@ -4,8 +4,9 @@
 //! recovered VMs).
 //!
 //! 1. *Connect and measure.* QMP to every VM ([`Qmp`](crate::qemu::qmp::Qmp)); its disks from
-//!    `query-block` ([`Qmp::guest_disks`](crate::qemu::qmp::Qmp::guest_disks): a CD-ROM's or
-//!    floppy's medium and a drive without a guest device are left out,
+//!    `query-block` ([`Qmp::guest_disks`](crate::qemu::qmp::Qmp::guest_disks): a disc, any
+//!    read-only removable medium and a drive without a guest device are left out
+//!    (a writable floppy or `removable=on` disk is backed up),
 //!    each a warning; a VM without a disk fails alone), its memory and
 //!    vCPUs for the manifest's configuration; QEMU's NBD server
 //!    started on a Unix socket in a private temporary directory (before

@@ -227,13 +227,11 @@ fn guest_disks_leave_out_removable_media_naming_each() {
     proc.wait_for(&qmp);
     let mut q = Qmp::connect(&qmp).unwrap();
     let (disks, skipped) = q.guest_disks().unwrap();
-    assert_eq!(disks.len(), 1, "{disks:?}");
-    assert_eq!(disks[0].device, "drive0");
-    assert_eq!(skipped.len(), 2, "{skipped:?}");
-    for (s, (drive, kind, file)) in skipped
-        .iter()
-        .zip([("ide1-cd0", "ide-cd", &iso), ("floppy0", "floppy", &fd)])
-    {
+    // A writable floppy may hold the guest's writes: backed up.
+    let names: Vec<&str> = disks.iter().map(|d| d.device.as_str()).collect();
+    assert_eq!(names, ["drive0", "floppy0"], "{disks:?}");
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    for (s, (drive, kind, file)) in skipped.iter().zip([("ide1-cd0", "ide-cd", &iso)]) {
         assert!(
             s.starts_with(&format!("drive {drive} ({kind} /machine/"))
                 && s.ends_with(&format!(
