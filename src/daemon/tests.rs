@@ -1,3 +1,4 @@
+use super::mount_point::mount_point_state;
 use super::*;
 
 #[test]
