@@ -145,10 +145,11 @@ fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
             );
             Ok(repo)
         }
-        Err(e2) => {
-            tracing::warn!("not starting without the repository: {e2}");
-            Err(e)
-        }
+        // Both: why the repository did not open, and why its record did not do.
+        Err(e2) => Err(Error::new(
+            e.kind(),
+            format!("{e} (and not started from staging's record of it: {e2})"),
+        )),
     }
 }
 

@@ -197,13 +197,9 @@ async fn release(
         )))
     })?;
     blocking(move || {
-        let served = ds.session(&vm).map(|s| s.backup.clone());
-        if let Some(b) = q.backup.as_deref().filter(|b| served.as_deref() != Some(*b)) {
-            if !q.discard {
-                return Err(Error::invalid("?backup= goes with ?discard=true"));
-            }
-            let kept = ds.discard_kept_backup(&vm, b)?;
-            return Ok(json!({"vm": vm, "released": false, "discarded": kept}));
+        if let Some(b) = &q.backup {
+            let (released, discarded) = ds.release_backup(&vm, b, q.discard)?;
+            return Ok(json!({"vm": vm, "released": released, "backup": b, "discarded": discarded}));
         }
         if ds.session(&vm).is_none() && q.discard {
             let kept = ds.discard_kept(&vm)?;

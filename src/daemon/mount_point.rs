@@ -83,7 +83,7 @@ pub(super) fn mount_point_state(mount: &Path) -> Result<MountPointState> {
     }
     rx.recv_timeout(MOUNT_PROBE_TIMEOUT).unwrap_or_else(|_| {
         Err(Error::busy(format!(
-            "mount point {} does not answer within {} s: the FUSE daemon serving it is stopped or hung (`kill -CONT` it, or stop it); choose another --mount",
+            "mount point {} does not answer within {} s: a FUSE daemon serving it is stopped (`kill -CONT` it, or stop it) or a filesystem there hangs; choose another --mount",
             mount.display(),
             MOUNT_PROBE_TIMEOUT.as_secs()
         )))

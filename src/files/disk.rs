@@ -253,7 +253,7 @@ fn mount_replaying(fstype: &str, dev: &str, root: &str, name: &str) -> bool {
     };
     let mounted = run("mount", &["-t", fstype, "-o", without, dev, root]).is_ok();
     if mounted {
-        tracing::warn!("the {fstype} journal on {name} does not replay: mounted without it, so files changed shortly before the backup may be missing or older");
+        tracing::warn!("{name} ({fstype}) did not mount with its journal replayed: mounted without the replay, so files changed shortly before the backup may be missing or older");
     }
     mounted
 }

@@ -282,10 +282,10 @@ impl Qmp {
                     .ok()
                     .and_then(|t| t.as_str().map(str::to_string))
                     .unwrap_or_else(|| "removable".into());
-                // A disc (or any medium the guest cannot write) is media,
-                // not the VM's data; a writable removable disk (a floppy,
-                // `removable=on`) may hold the guest's writes: kept.
-                if kind.ends_with("-cd") || dev.read_only {
+                // A disc is media, not the VM's data; any other removable
+                // disk (a floppy, `removable=on`) may hold the guest's
+                // data: kept, read-only or not.
+                if kind.ends_with("-cd") {
                     skipped.push(format!(
                         "{name} ({kind} {}) holds a removable medium ({}): not backed up",
                         dev.qdev, dev.file

@@ -260,7 +260,8 @@ impl Repository {
                 "repository {loc} is not the one the staging directory records ({recorded_at})"
             )));
         }
-        let backend = Box::new(unconfirmed::Unconfirmed::new(backend, &recorded.id));
+        Self::check_info(&loc, &recorded)?;
+        let backend = Box::new(unconfirmed::Unconfirmed::new(backend, &recorded));
         Self::with_info(backend, recorded, Self::process_keys()?)
     }
 
@@ -318,6 +319,13 @@ impl Repository {
             })?;
         let info: RepoInfo = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{loc}/repo.json is damaged ({e})")))?;
+        Self::check_info(&loc, &info)?;
+        Ok(info)
+    }
+
+    /// The format and version this binary reads and writes, checked on
+    /// `repo.json` as read, and on a staging directory's copy of it.
+    fn check_info(loc: &str, info: &RepoInfo) -> Result<()> {
         if info.format != REPO_FORMAT {
             return Err(Error::invalid(format!(
                 "{loc} is not a recoverfs repository"
@@ -329,7 +337,7 @@ impl Repository {
                 info.version
             )));
         }
-        Ok(info)
+        Ok(())
     }
 
     pub fn id(&self) -> &str {

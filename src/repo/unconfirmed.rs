@@ -3,7 +3,8 @@
 //! copy a staging directory keeps of it (`staging::recorded_repository`).
 //!
 //! Until the store answers as that repository (its `repo.json`, with the
-//! same id), nothing else is asked of it: every request first reads
+//! same id, a format and version this binary supports, and the same
+//! encryption), nothing else is asked of it: every request first reads
 //! `repo.json`, and fails as unreachable (`ErrorKind::Io`) if that does not
 //! name the repository. So a pin is never written into an unmounted
 //! share's empty mount point, and no answer of another store (a bucket
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::backend::{Backend, GetFuture, ObjectInfo};
 use super::limits::MAX_META_BYTES;
-use super::{RepoInfo, INFO_KEY};
+use super::{RepoInfo, Repository, INFO_KEY};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How long a failed identity check answers for.
@@ -33,7 +34,7 @@ pub struct Unconfirmed {
 }
 
 struct Gate {
-    id: String,
+    recorded: RepoInfo,
     location: String,
     confirmed: AtomicBool,
     /// The last failed check: when, and why.
@@ -43,12 +44,12 @@ struct Gate {
 }
 
 impl Unconfirmed {
-    pub fn new(inner: Box<dyn Backend>, id: &str) -> Unconfirmed {
+    pub fn new(inner: Box<dyn Backend>, recorded: &RepoInfo) -> Unconfirmed {
         let location = inner.location();
         Unconfirmed {
             inner: Arc::from(inner),
             gate: Arc::new(Gate {
-                id: id.into(),
+                recorded: recorded.clone(),
                 location,
                 confirmed: AtomicBool::new(false),
                 failed: parking_lot::Mutex::new(None),
@@ -76,7 +77,10 @@ impl Unconfirmed {
             return Err(e);
         }
         let got = self.inner.get(INFO_KEY, MAX_META_BYTES);
-        self.gate.judge(got)
+        if self.gate.judge(got)? {
+            self.inner.keep_space_reserve();
+        }
+        Ok(())
     }
 }
 
@@ -88,21 +92,35 @@ impl Gate {
     }
 
     /// Decides from a read of `repo.json` whether the store is the
-    /// repository, and remembers the outcome.
-    fn judge(&self, got: Result<Option<Vec<u8>>>) -> Result<()> {
+    /// repository, and remembers the outcome; whether this call confirmed
+    /// it (the first to).
+    fn judge(&self, got: Result<Option<Vec<u8>>>) -> Result<bool> {
+        let rec = &self.recorded;
+        let fingerprint = |i: &RepoInfo| i.encryption.as_ref().map(|e| e.fingerprint.clone());
         let why = match got {
             Ok(Some(bytes)) => match serde_json::from_slice::<RepoInfo>(&bytes) {
-                Ok(i) if i.id == self.id => {
-                    if !self.confirmed.swap(true, Ordering::AcqRel) {
-                        tracing::info!(
-                            repo = %self.location,
-                            "the repository answers as itself: the start without it is over"
-                        );
-                    }
-                    *self.failed.lock() = None;
-                    return Ok(());
+                Ok(i) if i.id != rec.id => {
+                    format!("it holds another repository (id {}, not {})", i.id, rec.id)
                 }
-                Ok(i) => format!("it holds another repository (id {}, not {})", i.id, self.id),
+                // A newer recoverfs may have changed it meanwhile: this
+                // binary must not write to what it would refuse to open.
+                Ok(i) => match Repository::check_info(&self.location, &i) {
+                    Err(e) => e.to_string(),
+                    Ok(()) if fingerprint(&i) != fingerprint(rec) => {
+                        "its encryption is not the one recorded".into()
+                    }
+                    Ok(()) => {
+                        let first = !self.confirmed.swap(true, Ordering::AcqRel);
+                        if first {
+                            tracing::info!(
+                                repo = %self.location,
+                                "the repository answers as itself: the start without it is over"
+                            );
+                        }
+                        *self.failed.lock() = None;
+                        return Ok(first);
+                    }
+                },
                 Err(e) => format!("its repo.json is damaged ({e})"),
             },
             Ok(None) => "no repo.json (moved away, or a share not mounted?)".into(),
@@ -142,7 +160,11 @@ impl Backend for Unconfirmed {
                     return Err(e);
                 }
                 let info = inner.get_async(INFO_KEY, MAX_META_BYTES).await;
-                gate.judge(info.map(|o| o.map(|b| b.into_vec())))?;
+                if gate.judge(info.map(|o| o.map(|b| b.into_vec())))? {
+                    // Blocking file I/O: not on the engine's runtime.
+                    let inner = inner.clone();
+                    tokio::task::spawn_blocking(move || inner.keep_space_reserve());
+                }
             }
             inner.get_async(&key, limit).await
         })
@@ -207,19 +229,22 @@ mod tests {
     use super::*;
     use crate::repo::LocalDir;
 
-    fn info(id: &str) -> Vec<u8> {
-        serde_json::to_vec(&RepoInfo {
+    fn repo_info(id: &str, version: u32) -> RepoInfo {
+        RepoInfo {
             format: super::super::REPO_FORMAT.into(),
-            version: 2,
+            version,
             id: id.into(),
             created: "2026-11-24T00:00:00Z".into(),
             encryption: None,
-        })
-        .unwrap()
+        }
+    }
+
+    fn info(id: &str) -> Vec<u8> {
+        serde_json::to_vec(&repo_info(id, 2)).unwrap()
     }
 
     fn gate_on(dir: &std::path::Path) -> Unconfirmed {
-        Unconfirmed::new(Box::new(LocalDir::new(dir)), "aaaa")
+        Unconfirmed::new(Box::new(LocalDir::new(dir)), &repo_info("aaaa", 2))
     }
 
     #[test]
@@ -279,5 +304,21 @@ mod tests {
         let got = rt.block_on(g.get_async("chunks/ab/abcd", 1 << 20)).unwrap();
         assert_eq!(&got.unwrap()[..], b"bytes");
         assert!(g.confirmed());
+    }
+
+    #[test]
+    fn a_store_whose_repo_json_this_binary_would_refuse_to_open_is_not_taken_for_the_repository() {
+        let d = tempfile::tempdir().unwrap();
+        let g = gate_on(d.path());
+        // The same id, a version from a newer recoverfs.
+        let newer = serde_json::to_vec(&repo_info("aaaa", 99)).unwrap();
+        std::fs::write(d.path().join("repo.json"), newer).unwrap();
+        let e = g.put("pins/vm/x.json", b"{}").unwrap_err();
+        assert!(
+            e.to_string().contains("unsupported repository version 99"),
+            "{e}"
+        );
+        assert!(!g.confirmed());
+        assert!(!d.path().join("pins").exists());
     }
 }

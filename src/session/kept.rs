@@ -221,11 +221,8 @@ impl Datastore {
     /// directory), which is not the session served: the note of a recover
     /// that passed it over points here, and `release --discard` alone
     /// would discard the session just started.
-    pub fn discard_kept_backup(&self, vm: &str, backup: &str) -> Result<Vec<String>> {
-        validate_name("VM name", vm)?;
-        validate_name("backup id", backup)?;
-        let op = self.vm_op(vm);
-        let _op = self.lock_op(vm, &op)?;
+    /// Called with the VM's lock held (`release_backup`).
+    pub(super) fn discard_kept_backup_locked(&self, vm: &str, backup: &str) -> Result<Vec<String>> {
         if self.session(vm).is_some_and(|s| s.backup == backup) {
             return Err(Error::busy(format!(
                 "VM {vm} is being served from backup {backup}; release it with --discard (without --backup)"

@@ -20,6 +20,38 @@ impl Datastore {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
         let _op = self.lock_op(vm, &op)?;
+        self.release_locked(vm, discard)
+    }
+
+    /// `release VM [--discard] --backup ID`: the session served from
+    /// backup ID is released, or, with `discard`, the staging kept from it
+    /// dropped; decided under the VM's lock, so that a release or recover
+    /// meanwhile never makes it touch another backup's staging (review25
+    /// M1). What was released or discarded: (released, backup ids).
+    pub fn release_backup(
+        &self,
+        vm: &str,
+        backup: &str,
+        discard: bool,
+    ) -> Result<(bool, Vec<String>)> {
+        validate_name("VM name", vm)?;
+        validate_name("backup id", backup)?;
+        let op = self.vm_op(vm);
+        let _op = self.lock_op(vm, &op)?;
+        if self.session(vm).is_some_and(|s| s.backup == backup) {
+            let b = self.release_locked(vm, discard)?;
+            return Ok((true, if discard { vec![b] } else { vec![] }));
+        }
+        if !discard {
+            return Err(Error::not_found(format!(
+                "VM {vm} is not served from backup {backup} (only --discard drops a kept staging)"
+            )));
+        }
+        Ok((false, self.discard_kept_backup_locked(vm, backup)?))
+    }
+
+    /// [`Datastore::release`] with the VM's lock held.
+    fn release_locked(&self, vm: &str, discard: bool) -> Result<String> {
         let session = self.served(vm)?;
         {
             let mut st = session.state.lock();

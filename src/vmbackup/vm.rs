@@ -195,7 +195,7 @@ impl Vm {
         );
         if !self.spec.new_identity {
             return Err(Error::invalid(format!(
-                "{what}: is it another VM's socket? If VM {vm} was re-created, pass --new-identity {vm}"
+                "{what}: is it another VM's socket? If VM {vm} was re-created, pass --new-identity {vm} (pre-copy: take one `backup-vms --new-identity {vm}` first)"
             )));
         }
         tracing::warn!(vm = %vm, "{what} (--new-identity)");
