@@ -97,6 +97,11 @@ pub fn root_of_session(session: &Path) -> Option<&Path> {
 /// `None` if there is none there (a disk not mounted, a directory gone)
 /// or it has no id yet.
 pub fn id_at(root: &Path) -> Result<Option<String>> {
+    Ok(read_info(root)?.and_then(|i| i.id))
+}
+
+/// `root`'s `staging.json`, if there is one.
+fn read_info(root: &Path) -> Result<Option<StagingInfo>> {
     let path = root.join(STAGING_MARKER);
     let Some(bytes) = OsStorage
         .read(&path, MAX_META_BYTES)
@@ -104,9 +109,9 @@ pub fn id_at(root: &Path) -> Result<Option<String>> {
     else {
         return Ok(None);
     };
-    let info: StagingInfo = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))?;
-    Ok(info.id)
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))
 }
 
 /// The repository the staging directory `root` records: where it was,
@@ -114,15 +119,9 @@ pub fn id_at(root: &Path) -> Result<Option<String>> {
 /// `None` if `root` is no staging directory or has no copy (set up by a
 /// daemon that kept none, and not opened with its repository since).
 pub fn recorded_repository(root: &Path) -> Result<Option<(String, crate::repo::RepoInfo)>> {
-    let path = root.join(STAGING_MARKER);
-    let Some(bytes) = OsStorage
-        .read(&path, MAX_META_BYTES)
-        .ctx(|| format!("read {}", path.display()))?
-    else {
+    let Some(info) = read_info(root)? else {
         return Ok(None);
     };
-    let info: StagingInfo = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))?;
     Ok(info
         .repo_info
         .filter(|r| r.id == info.repo_id)
