@@ -119,6 +119,11 @@ pub struct QemuSpec {
     /// virtio-scsi controller, so the agent container can be attached to
     /// it later (`agent-backup`).
     pub qga: Option<PathBuf>,
+    /// The VM's own UUID (`-uuid`, the guest's SMBIOS system UUID), as
+    /// `backup-vms` recorded it: a guest that keys on it (cloud-init's
+    /// instance id, licences) sees the same machine after a recovery, and
+    /// the next `backup-vms` of it finds the same identity.
+    pub uuid: Option<String>,
 }
 
 impl QemuSpec {
@@ -138,12 +143,23 @@ impl QemuSpec {
                 })?
             }
         };
+        let uuid = config["backup_vms"]["qemu"]["uuid"]
+            .as_str()
+            .map(|u| {
+                is_uuid(u).then(|| u.to_string()).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "the VM configuration's QEMU uuid {u:?} is not a UUID"
+                    ))
+                })
+            })
+            .transpose()?;
         Ok(QemuSpec {
             disks,
             memory_mib,
             extra: vec![],
             qmp: None,
             qga: None,
+            uuid,
         })
     }
 
@@ -171,6 +187,9 @@ impl QemuSpec {
         if let Ok(extra) = std::env::var("RECOVERFS_QEMU_ARGS") {
             c.args(extra.split_whitespace());
         }
+        if let Some(u) = &self.uuid {
+            c.args(["-uuid", u]);
+        }
         for (i, d) in self.disks.iter().enumerate() {
             c.args(d.args(i));
         }
@@ -193,6 +212,17 @@ impl QemuSpec {
         c.args(&self.extra);
         c
     }
+}
+
+/// `8-4-4-4-12` hexadecimal digits, as QEMU's `-uuid` takes (the config
+/// comes from a backup: nothing else reaches QEMU's command line).
+fn is_uuid(u: &str) -> bool {
+    let groups: Vec<&str> = u.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// Checks a `--qmp` socket path before QEMU binds it. QEMU removes
@@ -482,6 +512,7 @@ mod tests {
             extra: vec![],
             qmp: None,
             qga: Some(qga.clone()),
+            uuid: None,
         };
         let watch = Watch {
             marker: "never".into(),
@@ -501,6 +532,33 @@ mod tests {
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains("marker-qga.sock"))
         });
         assert!(!ours, "a QEMU was left running");
+    }
+
+    #[test]
+    fn a_recovered_vm_boots_with_the_uuid_its_backup_recorded_and_a_forged_one_is_refused() {
+        let config = serde_json::json!({
+            "memory_mib": 64,
+            "backup_vms": {"qemu": {"uuid": "6f1b3c2e-0000-4000-8000-00000000000a", "name": "web01"}}
+        });
+        let spec = QemuSpec::from_config(&config, vec![]).unwrap();
+        let args: Vec<String> = spec
+            .command(Path::new("/tmp/qga.sock"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = args.iter().position(|a| a == "-uuid").expect("-uuid given");
+        assert_eq!(args[at + 1], "6f1b3c2e-0000-4000-8000-00000000000a");
+        // None recorded: QEMU's own.
+        let plain = QemuSpec::from_config(&serde_json::json!({}), vec![]).unwrap();
+        assert!(!plain
+            .command(Path::new("/tmp/qga.sock"))
+            .get_args()
+            .any(|a| a == "-uuid"));
+        let forged = serde_json::json!({"backup_vms": {"qemu": {"uuid": "x,id=evil"}}});
+        let e = QemuSpec::from_config(&forged, vec![])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("is not a UUID"), "{e}");
     }
 
     #[test]

@@ -7,12 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::export::fuse::RecoverFs;
 use crate::repo::Repository;
 use crate::session::Datastore;
 use crate::staging::StagingSet;
 use crate::util::mountinfo;
+
+mod mount_point;
+pub use mount_point::check_mount_point;
+use mount_point::detach_previous_mount;
 
 pub struct ServeOptions {
     pub repo: String,
@@ -106,20 +110,53 @@ fn raise_open_files_limit() {
     }
 }
 
-/// What `serve` found at the mount point.
-#[derive(Debug, PartialEq)]
-enum MountPointState {
-    Ready,
-    Stale,
+/// The repository to serve from. One that does not answer (unreachable,
+/// or not there: a share not mounted) is opened from the copy of its
+/// identity `--staging` keeps, so that a daemon restarted during an
+/// outage serves what staging holds: the guests' own writes and every
+/// staged block (`repo::unconfirmed`).
+fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
+    let e = match opts.repo_delay {
+        Some(d) => return Repository::open_delayed(&opts.repo, d),
+        None => match Repository::open(&opts.repo) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        },
+    };
+    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound) {
+        return Err(e);
+    }
+    let recorded = match crate::staging::recorded_repository(&opts.staging) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(e),
+        Err(e2) => {
+            tracing::warn!("{e2}");
+            return Err(e);
+        }
+    };
+    let (at, info) = recorded;
+    let id = info.id.clone();
+    match Repository::open_recorded(&opts.repo, info, &at) {
+        Ok(repo) => {
+            tracing::warn!(
+                repo = %repo.location(),
+                "the repository does not answer ({e}): starting from staging {}'s record of it (id {id}). Staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself",
+                opts.staging.display()
+            );
+            Ok(repo)
+        }
+        // Both: why the repository did not open, and why its record did not do.
+        Err(e2) => Err(Error::new(
+            e.kind(),
+            format!("{e} (and not started from staging's record of it: {e2})"),
+        )),
+    }
 }
 
 pub fn serve(opts: ServeOptions) -> Result<()> {
     crate::util::limit_malloc_arenas();
     raise_open_files_limit();
-    let repo = match opts.repo_delay {
-        Some(d) => Repository::open_delayed(&opts.repo, d)?,
-        None => Repository::open(&opts.repo)?,
-    };
+    let repo = open_repository(&opts)?;
     let mount = check_mount_point(&opts.mount)?;
     // Before a new staging directory is made: a refusal leaves nothing.
     if let Some(s) = &opts.socket {
@@ -629,220 +666,5 @@ fn check_socket(socket: &Path) -> Result<()> {
     }
 }
 
-/// The mount point must be an existing, empty directory with nothing
-/// mounted on it. A stale FUSE mount (its daemon died) is detached.
-pub fn check_mount_point(mount: &Path) -> Result<PathBuf> {
-    let state = mount_point_state(mount)?;
-    if state == MountPointState::Stale {
-        tracing::warn!(mount = %mount.display(), "detaching stale FUSE mount left by a dead daemon");
-        nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-            Error::busy(format!(
-                "{} holds a stale mount that cannot be detached ({e}); run `fusermount3 -u -z {}`",
-                mount.display(),
-                mount.display()
-            ))
-        })?;
-        if mount_point_state(mount)? != MountPointState::Ready {
-            return Err(Error::busy(format!(
-                "{} is still busy after detaching a stale mount",
-                mount.display()
-            )));
-        }
-    }
-    std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))
-}
-
-/// Detaches the dead FUSE mount the previous daemon of this staging left
-/// at another mount point than `mount` (see `staging::last_mount`). Only
-/// a dead recoverfs mount is touched: a mount point since reused, or
-/// served by a live daemon, is left alone. Never fails `serve`.
-fn detach_previous_mount(root: &Path, mount: &Path) {
-    let Some(prev) = crate::staging::last_mount::read(root) else {
-        return;
-    };
-    if prev == mount || mount_point_state(&prev).ok() != Some(MountPointState::Stale) {
-        return;
-    }
-    let mounts = mountinfo::current();
-    if !mountinfo::at(&mounts, &prev).is_some_and(|m| m.is_recoverfs()) {
-        return;
-    }
-    match nix::mount::umount2(&prev, nix::mount::MntFlags::MNT_DETACH) {
-        Ok(()) => tracing::warn!(
-            "detached the dead mount {} left by the previous daemon of this staging (now serving at {})",
-            prev.display(),
-            mount.display()
-        ),
-        Err(e) => tracing::warn!(
-            "the previous daemon of this staging left a dead mount at {} that cannot be detached ({e}); run `fusermount3 -u -z {}`",
-            prev.display(),
-            prev.display()
-        ),
-    }
-}
-
-fn mount_point_state(mount: &Path) -> Result<MountPointState> {
-    match std::fs::metadata(mount) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Ok(MountPointState::Stale),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::not_found(format!(
-                "mount point {} does not exist",
-                mount.display()
-            )))
-        }
-        Err(e) => return Err(Error::io(format!("mount point {}", mount.display()), e)),
-        Ok(m) if !m.is_dir() => {
-            return Err(Error::invalid(format!(
-                "mount point {} is not a directory",
-                mount.display()
-            )))
-        }
-        Ok(_) => {}
-    }
-    // A stat of a dead FUSE mount's root may still be answered from the
-    // kernel's attribute cache (a restart within a second of a crash took
-    // it for a live daemon's); a statfs always asks the daemon.
-    if nix::sys::statvfs::statvfs(mount) == Err(nix::errno::Errno::ENOTCONN) {
-        return Ok(MountPointState::Stale);
-    }
-    let abs = std::fs::canonicalize(mount).ctx(|| format!("resolve {}", mount.display()))?;
-    let mounts = mountinfo::current();
-    match mountinfo::at(&mounts, &abs) {
-        None => {}
-        // "Unmount it first" would take the disks from under its VMs: the
-        // daemon serving it is alive (a dead one's mount is `Stale`).
-        Some(m) if m.is_recoverfs() => {
-            return Err(Error::busy(format!(
-                "mount point {} is served by a running recoverfs daemon: choose another --mount \
-                 (unmounting it would take the disks from under that daemon's VMs)",
-                mount.display()
-            )))
-        }
-        Some(m) => {
-            return Err(Error::busy(format!(
-                "mount point {} is busy: a {} file system is mounted there (unmount it first, or \
-                 choose another --mount)",
-                mount.display(),
-                m.fs_type
-            )))
-        }
-    }
-    let mut entries = std::fs::read_dir(&abs).ctx(|| format!("read {}", abs.display()))?;
-    if entries.next().is_some() {
-        return Err(Error::invalid(format!(
-            "mount point {} is not empty",
-            mount.display()
-        )));
-    }
-    Ok(MountPointState::Ready)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_socket_path_that_is_not_a_socket_is_refused_and_left_alone_and_a_dead_socket_is_replaced()
-    {
-        let d = tempfile::tempdir().unwrap();
-        let key = d.path().join("site-a.key");
-        std::fs::write(&key, b"the only copy of a key").unwrap();
-        let e = check_socket(&key).unwrap_err().to_string();
-        assert!(e.contains("not a socket"), "{e}");
-        assert_eq!(std::fs::read(&key).unwrap(), b"the only copy of a key");
-        // A socket nobody serves is stale; one that answers is in use.
-        let dead = d.path().join("dead.sock");
-        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
-        check_socket(&dead).unwrap();
-        assert!(!dead.exists());
-        let live = d.path().join("live.sock");
-        let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
-        let e = check_socket(&live).unwrap_err();
-        assert_eq!(e.kind(), crate::error::ErrorKind::Busy, "{e}");
-    }
-
-    #[test]
-    fn the_default_link_names_the_first_live_daemon_and_a_stopping_daemon_removes_only_its_own() {
-        let d = tempfile::tempdir().unwrap();
-        let link = d.path().join("default.sock");
-        let (a, b) = (d.path().join("a.sock"), d.path().join("b.sock"));
-        let la = std::os::unix::net::UnixListener::bind(&a).unwrap();
-        let _lb = std::os::unix::net::UnixListener::bind(&b).unwrap();
-        assert_eq!(publish_default_socket(&link, &a), Some(link.clone()));
-        // A second daemon leaves a live daemon's link alone.
-        assert_eq!(publish_default_socket(&link, &b), None);
-        assert_eq!(std::fs::read_link(&link).unwrap(), a);
-        // Once `a` stops answering, the next daemon takes the link...
-        drop(la);
-        assert_eq!(publish_default_socket(&link, &b), Some(link.clone()));
-        // ...and `a`'s shutdown must not remove it from under `b`.
-        unpublish_default_socket(&link, &a);
-        assert_eq!(std::fs::read_link(&link).unwrap(), b);
-        unpublish_default_socket(&link, &b);
-        assert!(std::fs::symlink_metadata(&link).is_err());
-    }
-
-    #[test]
-    fn a_daemon_restarted_on_the_same_socket_takes_back_the_link_it_left() {
-        let d = tempfile::tempdir().unwrap();
-        let link = d.path().join("default.sock");
-        let a = d.path().join("a.sock");
-        // The link a killed run left; the new run listens before publishing.
-        std::os::unix::fs::symlink(&a, &link).unwrap();
-        let _la = std::os::unix::net::UnixListener::bind(&a).unwrap();
-        assert_eq!(publish_default_socket(&link, &a), Some(link.clone()));
-        assert_eq!(std::fs::read_link(&link).unwrap(), a);
-    }
-
-    #[test]
-    fn missing_or_non_empty_mount_points_are_refused() {
-        let d = tempfile::tempdir().unwrap();
-        let e = check_mount_point(&d.path().join("nope")).unwrap_err();
-        assert!(e.to_string().contains("does not exist"), "{e}");
-        std::fs::write(d.path().join("f"), b"x").unwrap();
-        let e = check_mount_point(d.path()).unwrap_err();
-        assert!(e.to_string().contains("not empty"), "{e}");
-    }
-
-    #[test]
-    fn the_open_files_limit_is_raised_to_the_hard_limit() {
-        let get = || {
-            let mut l = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: fills the struct we pass.
-            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) }, 0);
-            l
-        };
-        // Only a little under the hard limit: other tests run meanwhile.
-        let mut l = get();
-        l.rlim_cur = l.rlim_max - 1;
-        // SAFETY: reads the struct we pass.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) }, 0);
-        raise_open_files_limit();
-        let l = get();
-        assert_eq!(l.rlim_cur, l.rlim_max);
-    }
-
-    #[test]
-    fn a_mounted_directory_is_busy() {
-        // / is always a mount point.
-        let e = mount_point_state(Path::new("/")).unwrap_err();
-        assert!(e.to_string().contains("busy"), "{e}");
-    }
-
-    #[test]
-    fn a_socket_nobody_answers_is_removed() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("s.sock");
-        drop(std::os::unix::net::UnixListener::bind(&p).unwrap());
-        check_socket(&p).unwrap();
-        assert!(!p.exists());
-        let _live = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        assert!(check_socket(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("already served"));
-    }
-}
+mod tests;

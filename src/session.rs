@@ -26,12 +26,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::placement::{Decision, ExportPoint};
 use crate::prefetch::feeder::Feeder;
 use crate::prefetch::profile::{self, DiskTrace, Recording};
@@ -477,158 +477,6 @@ impl Datastore {
         nfs.chain(nbd).collect()
     }
 
-    /// Ends a session after making its staging durable. Refused while any
-    /// disk file is open. With `discard`, the staging data is deleted. Once
-    /// this returns, nothing of the session writes to staging any more. A
-    /// disk whose staging could not be made durable, or an `active` marker
-    /// (or discarded staging) that could not be removed durably, is
-    /// reported as an error after the session is released in full.
-    pub fn release(&self, vm: &str, discard: bool) -> Result<String> {
-        validate_name("VM name", vm)?;
-        let op = self.vm_op(vm);
-        let _op = self.lock_op(vm, &op)?;
-        let session = self.served(vm)?;
-        {
-            let mut st = session.state.lock();
-            if st.open > 0 {
-                return Err(Error::busy(format!(
-                    "a disk of VM {vm} is still open ({} handle(s)); stop the VM first",
-                    st.open
-                )));
-            }
-            st.released = true;
-        }
-        self.sessions.write().remove(vm);
-        // The copier stops here; the next recover resumes it.
-        if let Some(r) = session.relocation.lock().as_ref() {
-            r.stop();
-        }
-        session.stop_prefetch();
-        // Its entries stay; the next recover resumes it.
-        upload::halt(&session);
-        session.save_profile_logged(&self.repo);
-        for d in &session.disks {
-            d.close();
-        }
-        let mut failed = vec![];
-        for d in &session.disks {
-            if let Err(e) = d.flush() {
-                failed.push(format!("disk{}: {e}", d.index));
-            }
-        }
-        // The session is closed for good: it is released fully (pin, hooks)
-        // whatever fails below, and the failure is reported after.
-        let relocation_left = match discard {
-            true => self.cancel_relocation_of_discarded(&session, vm),
-            false => None,
-        };
-        let unmarked = if discard {
-            let r = session.staging.discard(vm, &session.backup);
-            match &r {
-                Ok(()) => self.unpin(vm, &session.backup, &session.staging),
-                // What is left of the staging stays protected.
-                Err(_) => self.pin(&session, false),
-            }
-            r.map_err(|e| {
-                e.context(format!(
-                    "VM {vm} was released, but its staging could not be fully discarded \
-                     (what is left stays, kept and pinned)"
-                ))
-            })
-        } else {
-            let r = session.staging.set_active(vm, &session.backup, false);
-            self.pin(&session, false);
-            // A restarted daemon that finds the marker serves it again,
-            // pinned as served: never half released.
-            r.map_err(|e| {
-                let durable = match failed.is_empty() {
-                    true => String::new(),
-                    false => format!(
-                        ", and it is not fully durable ({}): writes since the last good flush may be lost",
-                        failed.join("; ")
-                    ),
-                };
-                e.context(format!(
-                    "VM {vm} was released, but its staging may still be marked active \
-                     (a restarted daemon may serve it again){durable}"
-                ))
-            })
-        };
-        for f in self.on_release.read().iter() {
-            f(&session);
-        }
-        tracing::info!(vm, backup = %session.backup, discard, "recovery session released");
-        unmarked?;
-        if let Some(e) = relocation_left {
-            return Err(e.context(format!("VM {vm} was released and its staging discarded")));
-        }
-        if !failed.is_empty() && !discard {
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!(
-                    "VM {vm} was released, but its staging is not fully durable ({}): writes since the last good flush may be lost",
-                    failed.join("; ")
-                ),
-            ));
-        }
-        Ok(session.backup.clone())
-    }
-
-    /// `release --discard` of a VM whose relocation has not cut over: the
-    /// relocation is cancelled as `relocate --cancel` does (the target
-    /// files it created are removed; files there before it are kept), since
-    /// nothing would name its partial files once the staging is gone. One
-    /// that cut over keeps its target: that is the VM's disk now. What
-    /// could not be removed, or a cancel refused, is the error returned.
-    fn cancel_relocation_of_discarded(&self, s: &Session, vm: &str) -> Option<Error> {
-        let live = s.relocation.lock().clone();
-        let cancelled = match live {
-            Some(r) if r.state() == crate::relocate::State::Done => return None,
-            Some(r) => r.cancel(false),
-            None => {
-                let src = s.relocation_source();
-                match Relocation::cancel_recorded(src, false) {
-                    Ok(None) => return None,
-                    Ok(Some(c)) => Ok(c),
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        match cancelled {
-            Ok(c) => {
-                tracing::info!(vm, target = %c.target.display(), removed = ?c.removed, kept = ?c.kept,
-                    "relocation cancelled with the discarded staging");
-                c.leftover.map(|e| {
-                    e.context(format!(
-                        "its relocation to {} was cancelled, but files are left",
-                        c.target.display()
-                    ))
-                })
-            }
-            Err(e) => Some(e.context(
-                "its relocation could not be cancelled: its partial target files (without vm.json) stay",
-            )),
-        }
-    }
-
-    /// [`Self::release`] of a throwaway recovery whose reader (QEMU, a
-    /// loop device) has just let go: the kernel sends the FUSE release of
-    /// its handles in the background, after the process is gone or the
-    /// device detached, so they may still count as open for a moment. A
-    /// disk still open after `wait` is an error, never passed over: the
-    /// session's repository pin would be left behind.
-    pub fn release_when_closed(&self, vm: &str, discard: bool, wait: Duration) -> Result<String> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match self.release(vm, discard) {
-                Err(e) if e.kind() == ErrorKind::Busy && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                r => return r,
-            }
-        }
-    }
-
     /// Starts relocating a VM's disks to `to/<vm>/` on primary storage.
     pub fn relocate(
         &self,
@@ -745,6 +593,10 @@ impl Datastore {
     pub fn resume_active(&self) -> Vec<String> {
         let mut resumed = vec![];
         for staging in self.stagings() {
+            for (vm, backup) in staging.active_damaged_sessions() {
+                tracing::error!(vm, backup, "could not resume the session that was active before the restart: its session.json is damaged (release --discard --backup removes it)");
+                self.mark_not_served(&vm, &backup, staging);
+            }
             for (vm, backup) in staging.active_sessions() {
                 let rec: Option<PlacementRecord> =
                     serde_json::from_slice(&staging.active_placement(&vm, &backup)).ok();
@@ -772,7 +624,8 @@ impl Datastore {
                             vm,
                             backup,
                             "could not resume the session that was active before the restart: {e}"
-                        )
+                        );
+                        self.mark_not_served(&vm, &backup, staging);
                     }
                 }
             }
@@ -865,6 +718,7 @@ pub use upload::{UploadRequest, UploadStatus};
 mod points;
 mod recover;
 use recover::Placing;
+mod release;
 mod relocation;
 use points::PlacementRecord;
 pub use points::{

@@ -317,6 +317,60 @@ fn bad_mount_points_are_refused() {
     );
 }
 
+/// Sends `sig` to `pid`.
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: a signal to a child process of this test; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+/// Resumes a stopped process when dropped, also when the test fails.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[test]
+fn a_mount_point_whose_daemon_is_stopped_is_refused_in_seconds_not_waited_on() {
+    let env = Env::new();
+    repo_with_vm(&env);
+    let d = env.serve();
+    // Past the kernel's attribute cache, a stat of the mount asks the daemon.
+    signal(d.pid(), libc::SIGSTOP);
+    let _resume = Continue(d.pid());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let st2 = env.path("staging2");
+    let sock2 = env.path("s2.sock");
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--repo", env.repo_str(), "--staging"])
+        .arg(&st2)
+        .arg("--mount")
+        .arg(&env.mount)
+        .arg("--socket")
+        .arg(&sock2)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("serve waited on the stopped daemon's mount point");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("does not answer within 5 s"), "{err}");
+    assert!(!st2.exists(), "a refusal made the staging directory");
+}
+
 #[test]
 fn shared_staging_sockets_and_foreign_staging_are_refused() {
     let env = Env::new();

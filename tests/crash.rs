@@ -297,3 +297,121 @@ fn a_daemon_restarted_on_its_staging_with_another_mount_detaches_the_dead_mount_
     assert_eq!(&now[..4], b"kept");
     assert_eq!(now[4..], original[4..]);
 }
+
+/// Only the blocks read are read: the kernel reads none ahead.
+fn no_readahead(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an advice call on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    assert_eq!(r, 0);
+}
+
+/// Polls `f` every 200 ms for up to `secs` seconds; the last value.
+fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_daemon_restarted_after_a_crash_while_its_repository_is_away_serves_what_staging_holds_and_the_rest_once_it_is_back(
+) {
+    let mut env = Env::new();
+    // Only what the guest reads is staged.
+    env.serve_args = vec!["--no-profile".into()];
+    let original = random_image(&env.path("a.raw"), 16 * K64, 23, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let ours = vec![0xa5u8; K64];
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        no_readahead(&f);
+        let mut buf = vec![0u8; K64];
+        // Not in order: the daemon reads nothing ahead of them.
+        for b in [6u64, 0, 3] {
+            f.read_exact_at(&mut buf, b * K64 as u64).unwrap();
+        }
+        f.write_all_at(&ours, 2 * K64 as u64).unwrap();
+        f.sync_all().unwrap();
+    }
+    d.kill9();
+    std::mem::forget(d);
+    // The repository's share is not mounted when the host comes back.
+    let away = env.path("repo.away");
+    std::fs::rename(&env.repo, &away).unwrap();
+    std::fs::create_dir(&env.repo).unwrap();
+    let d = env.serve();
+    assert!(
+        d.log_text().contains("does not answer"),
+        "the start without the repository is said: {}",
+        d.log_text()
+    );
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    no_readahead(&f);
+    let mut buf = vec![0u8; K64];
+    for b in [0usize, 2, 3, 6] {
+        f.read_exact_at(&mut buf, (b * K64) as u64).unwrap();
+        let want = if b == 2 {
+            &ours[..]
+        } else {
+            &original[b * K64..(b + 1) * K64]
+        };
+        assert!(buf == want, "block {b} reads as staged");
+    }
+    // A block never read, and not a hole (a hole reads without the repository).
+    let b = (9..16)
+        .find(|b| original[b * K64..(b + 1) * K64].iter().any(|&x| x != 0))
+        .unwrap();
+    let at = (b * K64) as u64;
+    let e = f.read_exact_at(&mut buf, at).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "a block not staged: {e}");
+    let pinned_dir = env.repo.join("pins");
+    assert!(
+        !pinned_dir.exists(),
+        "nothing is written into the empty mount point"
+    );
+    let session = |env: &Env| env.status()["sessions"][0].clone();
+    assert!(
+        wait_for(25, || {
+            let s = session(&env);
+            s["repo_unreachable"].is_string() && s["unpinned"] == true
+        }),
+        "status says the repository is unreachable: {}",
+        session(&env)
+    );
+    // The share is mounted again.
+    std::fs::remove_dir(&env.repo).unwrap();
+    std::fs::rename(&away, &env.repo).unwrap();
+    assert!(
+        wait_for(10, || f.read_exact_at(&mut buf, at).is_ok()),
+        "a block not staged reads once the repository is back"
+    );
+    assert!(buf == original[b * K64..(b + 1) * K64]);
+    assert!(
+        wait_for(25, || {
+            let s = session(&env);
+            s["repo_unreachable"].is_null() && s["unpinned"].is_null()
+        }),
+        "the session is pinned and the outage over: {}",
+        session(&env)
+    );
+    assert!(pinned_dir.exists(), "its pin is in the repository");
+    assert!(
+        d.log_text().contains("answers as itself"),
+        "{}",
+        d.log_text()
+    );
+}

@@ -440,3 +440,60 @@ fn the_pin_of_a_host_lost_for_good_is_listed_and_dropped_and_then_the_vm_recover
         "no pin of VM vm names host lost-host",
     );
 }
+
+#[test]
+fn the_note_of_a_recover_that_passed_over_kept_staging_names_a_command_that_discards_only_that_staging(
+) {
+    let env = Env::new();
+    let repo = env.repo_str().to_string();
+    random_image(&env.path("a.raw"), 4 * K64, 31, K64);
+    let old = env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let sock = env.socket.to_str().unwrap().to_string();
+    env.recover("vm", None);
+    env.release_closed("vm", false);
+    random_image(&env.path("b.raw"), 4 * K64, 32, K64);
+    let new = env.backup("vm", "64K", &[&env.path("b.raw")]);
+    env.ok(&[
+        "forget",
+        "--repo",
+        &repo,
+        "--vm",
+        "vm",
+        "--keep-last",
+        "1",
+        "--force",
+    ]);
+    let o = env.run(&["recover", "--socket", &sock, "vm"]);
+    assert!(o.status.success());
+    let note = String::from_utf8_lossy(&o.stderr).to_string();
+    let hint = format!("`release vm --discard --backup {old}`");
+    assert!(note.contains(&hint), "{note}");
+    // Following it discards the old staging only; the new session is served.
+    let out = env.ok(&[
+        "release",
+        "--socket",
+        &sock,
+        "vm",
+        "--discard",
+        "--backup",
+        &old,
+    ]);
+    assert!(out.contains(&format!("(backup {old})")), "{out}");
+    let sessions = env.staging.join("sessions/vm");
+    assert!(!sessions.join(&old).exists(), "the old staging stays");
+    assert!(sessions.join(&new).exists(), "the served session went");
+    assert_eq!(env.status()["sessions"][0]["backup"], new.as_str());
+    env.fails(
+        &[
+            "release",
+            "--socket",
+            &sock,
+            "vm",
+            "--discard",
+            "--backup",
+            &old,
+        ],
+        "no kept staging of VM vm from backup",
+    );
+}

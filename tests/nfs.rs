@@ -411,6 +411,104 @@ fn a_name_with_a_slash_or_dotdot_never_reaches_outside_the_vm_directory() {
 }
 
 #[test]
+fn a_name_over_255_bytes_is_answered_nametoolong_by_every_procedure_not_garbage() {
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 86, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let mut c = Client::mount(&addr, "/").unwrap();
+    let dir = c.path("/vm").unwrap();
+    c.create(&dir, "vm.vmx").unwrap();
+    let long = "x".repeat(256);
+    let too_long = Some(nfsstat3::NFS3ERR_NAMETOOLONG);
+    assert_eq!(c.lookup(&dir, &long).err(), too_long, "LOOKUP");
+    assert_eq!(c.create(&dir, &long).err(), too_long, "CREATE");
+    assert_eq!(c.remove(&dir, &long).err(), too_long, "REMOVE");
+    assert_eq!(c.rename(&dir, "vm.vmx", &long).err(), too_long, "RENAME to");
+    assert_eq!(
+        c.rename(&dir, &long, "b.vmx").err(),
+        too_long,
+        "RENAME from"
+    );
+    // 255 bytes is a name like any other.
+    let longest = "y".repeat(255);
+    c.create(&dir, &longest).unwrap();
+    c.lookup(&dir, &longest).unwrap();
+}
+
+#[test]
+fn a_client_resetting_its_connection_is_no_warning_and_a_record_over_the_limit_is() {
+    use std::io::Write;
+    let (env, addr) = nfs_env(&[]);
+    random_image(&env.path("a.raw"), 4 * K64, 87, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let at: std::net::SocketAddr = format!("{addr}:2049").parse().unwrap();
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(at).unwrap();
+        // A record header whose body never comes, then a reset (RST).
+        s.write_all(&[0x80, 0, 0, 40]).unwrap();
+        let off = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &off).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        !d.log_text().contains("NFS connection dropped"),
+        "a reset was logged as a warning: {}",
+        d.log_text()
+    );
+    // A fragment claiming 2 GiB: dropped, and said.
+    let mut s = std::net::TcpStream::connect(at).unwrap();
+    s.write_all(&0xffff_fff0u32.to_be_bytes()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !d.log_text().contains("NFS connection dropped") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_lookup_at_the_wrong_export_point_logs_where_the_vm_is_served_once_a_minute() {
+    let mut env = Env::new();
+    random_image(&env.path("a.raw"), 4 * K64, 88, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let a = own_loopback();
+    let b = loop {
+        let b = own_loopback();
+        if b != a {
+            break b;
+        }
+    };
+    env.serve_args = vec![
+        "--export-point".into(),
+        format!("a,listen={a}"),
+        "--export-point".into(),
+        format!("b,listen={b}"),
+    ];
+    let d = env.serve();
+    let sock = env.socket.to_str().unwrap().to_string();
+    env.ok(&["recover", "--socket", &sock, "vm", "--export-point", "b"]);
+    let mut c = Client::mount(&a.to_string(), "/").unwrap();
+    let root = c.path("/").unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.lookup(&root, "vm").err(), Some(nfsstat3::NFS3ERR_NOENT));
+    }
+    let want = format!("export point b serves it: nfs://{b}");
+    let log = d.log_text();
+    assert_eq!(log.matches(&want).count(), 1, "{log}");
+    // At its own point it is served; a VM served nowhere is not logged.
+    let mut c = Client::mount(&b.to_string(), "/").unwrap();
+    c.path("/vm").unwrap();
+    let mut c = Client::mount(&a.to_string(), "/").unwrap();
+    assert!(c.path("/other").is_err());
+    assert!(!d.log_text().contains("VM other"), "{}", d.log_text());
+}
+
+#[test]
 fn a_side_file_handle_goes_stale_when_its_inode_is_reused_by_another_file() {
     use std::os::unix::fs::MetadataExt;
     let (env, addr) = nfs_env(&[]);

@@ -284,6 +284,32 @@ fn a_kept_session_resumes_from_its_manifest_copy_while_the_store_is_down() {
 }
 
 #[test]
+fn a_daemon_restarted_after_a_crash_while_the_store_is_down_serves_what_staging_holds() {
+    let mut g = Garage::single();
+    let env = s3_env(&g, "restart-offline");
+    let mut data = random_image(&env.path("a.raw"), 16 * K64, 65, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    assert!(read_all(&disk) == data, "stages the whole disk");
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all_at(b"written before the crash", 100).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    data[100..124].copy_from_slice(b"written before the crash");
+    d.kill9();
+    std::mem::forget(d);
+    g.stop_node(0);
+    let d = env.serve();
+    assert!(d.log_text().contains("does not answer"), "{}", d.log_text());
+    let disk = env.recover("vm", None)[0].clone();
+    assert!(
+        read_all(&disk) == data,
+        "the restarted daemon serves the staged disk and the guest's write"
+    );
+}
+
+#[test]
 fn forget_and_gc_on_s3_remove_only_unreferenced_chunks_and_a_racing_backup_keeps_its_chunks() {
     let g = Garage::single();
     let env = s3_env(&g, "gc");

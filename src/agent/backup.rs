@@ -67,11 +67,17 @@ pub struct AgentLog {
     bytes: usize,
     dropped: u64,
     dropped_bytes: u64,
+    /// Entries the agent passed over (`skipped PATH (why)`), counted
+    /// whether or not their lines are kept (review25 M3).
+    skipped: u64,
 }
 
 impl AgentLog {
     /// Keeps `line` if there is room; whether it was kept.
     pub fn push(&mut self, line: &str) -> bool {
+        if line.starts_with(SKIPPED) {
+            self.skipped += 1;
+        }
         if self.lines.len() < MAX_LOG_LINES && self.bytes + line.len() <= MAX_LOG_BYTES {
             self.bytes += line.len();
             self.lines.push(line.to_string());
@@ -101,6 +107,9 @@ impl AgentLog {
     }
 }
 
+/// How the agent's log line about an entry it passed over begins.
+const SKIPPED: &str = "skipped ";
+
 /// What happened to one VM.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmOutcome {
@@ -113,6 +122,9 @@ pub struct VmOutcome {
     pub stored_bytes: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// Entries passed over (sockets, devices, FIFOs, names that are not
+    /// UTF-8), each a `skipped` log line (which the log's bound may drop).
+    pub skipped: u64,
     /// The agent's log lines (hook output, warnings).
     pub log: Vec<String>,
 }
@@ -189,6 +201,7 @@ fn not_started(t: &Target) -> VmOutcome {
         stored_bytes: 0,
         duration_ms: 0,
         error: Some(format!("VM {}: not started (interrupted)", t.name)),
+        skipped: 0,
         log: vec![],
     }
 }
@@ -230,6 +243,7 @@ fn one(
         stored_bytes: 0,
         duration_ms: 0,
         error: None,
+        skipped: 0,
         log: vec![],
     };
     match r {
@@ -248,6 +262,7 @@ fn one(
     if let Some(s) = log.summary() {
         on_log(&t.name, &s);
     }
+    o.skipped = log.skipped;
     o.log = log.into_lines();
     o
 }
@@ -323,20 +338,34 @@ pub(crate) fn receive(
     let mut entries = vec![];
     // The entries' JSON so far: about the catalog's size.
     let mut json_bytes = 0u64;
+    // Paths received: an agent before it dropped overlapping `--paths`
+    // sends what two of them cover twice; kept once (`files restore`
+    // refuses a path twice).
+    let mut received = std::collections::HashSet::new();
+    let mut repeated = 0u64;
     loop {
         match fr.next_frame()? {
             Frame::Log(l) => say(&l),
             Frame::Error(m) => return Err(agent_failed(m)),
             Frame::Header(mut e) => {
                 e.check_header()?;
+                if received.contains(&e.path) {
+                    repeated += 1;
+                    if e.kind == EntryKind::File {
+                        let mut content = fr.content_logging(e.size, say);
+                        std::io::copy(&mut content, &mut std::io::sink()).map_err(stream_error)?;
+                    }
+                    continue;
+                }
                 opts.catalog_limits.check_entries(entries.len() + 1)?;
                 if e.kind == EntryKind::File {
                     let size = e.size;
-                    e.chunks = sink.store(repo, fr.content(size))?;
+                    e.chunks = sink.store(repo, fr.content_logging(size, say))?;
                 }
                 e.check()?;
                 json_bytes += serde_json::to_vec(&e).expect("json").len() as u64 + 1;
                 opts.catalog_limits.check_bytes(json_bytes)?;
+                received.insert(e.path.clone());
                 entries.push(e);
             }
             Frame::End(_) => break,
@@ -347,6 +376,12 @@ pub(crate) fn receive(
                 )))
             }
         }
+    }
+    if repeated > 0 {
+        say(&format!(
+            "{repeated} {} came a second time (overlapping --paths): each is in the backup once",
+            if repeated == 1 { "entry" } else { "entries" }
+        ));
     }
     // All of it came: let the agent exit.
     let mut w = stream;
@@ -371,6 +406,15 @@ pub(crate) fn receive(
     })
 }
 
+/// An error reading a file's content: ours (carried through
+/// `io::Error::other`) as it was.
+fn stream_error(e: std::io::Error) -> Error {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<Error>())
+        .cloned()
+        .unwrap_or_else(|| Error::io("read the agent's stream", e))
+}
+
 fn agent_failed(m: String) -> Error {
     let kind = if m.contains("does not exist") {
         ErrorKind::NotFound
@@ -378,4 +422,21 @@ fn agent_failed(m: String) -> Error {
         ErrorKind::Io
     };
     Error::new(kind, format!("the agent failed in the guest: {m}"))
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn entries_passed_over_are_counted_even_when_the_log_bound_drops_their_lines() {
+        let mut log = AgentLog::default();
+        for i in 0..MAX_LOG_LINES {
+            assert!(log.push(&format!("hook: line {i}")));
+        }
+        assert!(!log.push("skipped /srv/t/bad\\xff (its name is not UTF-8)"));
+        assert!(!log.push("skipped /run/x.sock (a socket, device or FIFO)"));
+        assert_eq!(log.skipped, 2);
+        assert!(log.summary().unwrap().starts_with("2 more log lines"));
+    }
 }

@@ -210,6 +210,11 @@ fn backup(
             )));
         }
     }
+    let (paths, notes) = distinct_paths(paths);
+    for n in &notes {
+        w.log(n).map_err(io)?;
+    }
+    let paths = &paths[..];
     for h in hooks {
         if !cfg.hooks.contains(h) {
             return Err(Error::not_found(format!(
@@ -306,6 +311,48 @@ fn backup(
     // `plan` drops here: the copy is removed, also on an early return.
 }
 
+/// `paths` without those another one's walk already covers, each with a
+/// note: a path given twice, and one inside another given path that the
+/// walk reaches (no symbolic link in between: the walk follows none, so a
+/// path below a link is walked on its own). Otherwise their entries would
+/// be in the backup twice.
+fn distinct_paths(paths: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    let mut unique = vec![];
+    let mut notes = vec![];
+    for p in paths {
+        if seen.insert(p.as_str()) {
+            unique.push(p.clone());
+        } else {
+            notes.push(format!("{p} was given twice; it is backed up once"));
+        }
+    }
+    let covers = |q: &str, p: &str| {
+        let (q, p) = (Path::new(q), Path::new(p));
+        p != q
+            && p.starts_with(q)
+            && p.ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with(q))
+                .all(|a| std::fs::symlink_metadata(a).is_ok_and(|m| m.is_dir()))
+    };
+    let mut kept = vec![];
+    for p in &unique {
+        // The outermost: the one actually walked.
+        match unique
+            .iter()
+            .filter(|q| covers(q, p))
+            .min_by_key(|q| q.len())
+        {
+            Some(q) => notes.push(format!(
+                "{p} is inside {q}, also given; it is backed up once, as part of {q}"
+            )),
+            None => kept.push(p.clone()),
+        }
+    }
+    (kept, notes)
+}
+
 /// Sends what [`copy::Plan::copy`] took: original paths and metadata,
 /// contents from the copy.
 fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> {
@@ -317,7 +364,7 @@ fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> 
         if let Some(src) = src {
             // The agent's own copy, in its private directory.
             let f = File::open(src).ctx(|| format!("open {}", src.display()))?;
-            send_content(w, f, src, e.size)?;
+            send_content(w, f, src, &e.path, e.size)?;
         }
     }
     Ok(())
@@ -567,7 +614,7 @@ fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
         walk::Found::Entry(e, file) => {
             w.header(&e).map_err(io)?;
             match file {
-                Some(f) => send_content(w, f, Path::new(&e.path), e.size),
+                Some(f) => send_content(w, f, Path::new(&e.path), &e.path, e.size),
                 None => Ok(()),
             }
         }
@@ -575,34 +622,46 @@ fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
 }
 
 /// Exactly `size` bytes of a file: a file that shrank while read is padded
-/// with zeros and said in the log, one that grew is cut at `size`.
+/// with zeros and said in the log, one that grew is cut at `size`. The
+/// warning follows the file's data: hosts before they took log frames
+/// among a file's data failed the backup on one.
+///
+/// `path` is what is read (the agent's copy, with hooks), `name` the
+/// guest path it stands for.
 fn send_content(
     w: &mut FrameWriter<impl Write>,
     mut f: File,
     path: &Path,
+    name: &str,
     size: u64,
 ) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
     let mut left = size;
+    let mut padded = 0u64;
     let mut buf = vec![0u8; super::stream::MAX_DATA];
     while left > 0 {
         let want = left.min(buf.len() as u64) as usize;
-        let n = f
-            .read(&mut buf[..want])
-            .ctx(|| format!("read {}", path.display()))?;
+        let n = if padded > 0 {
+            0
+        } else {
+            f.read(&mut buf[..want])
+                .ctx(|| format!("read {}", path.display()))?
+        };
         if n == 0 {
-            w.log(&format!(
-                "WARNING: {} shrank while it was read; padded with zeros",
-                path.display()
-            ))
-            .map_err(io)?;
             buf[..want].fill(0);
             w.data(&buf[..want]).map_err(io)?;
             left -= want as u64;
+            padded += want as u64;
             continue;
         }
         w.data(&buf[..n]).map_err(io)?;
         left -= n as u64;
+    }
+    if padded > 0 {
+        w.log(&format!(
+            "WARNING: {name} shrank while it was read; its last {padded} of {size} bytes are zeros in the backup"
+        ))
+        .map_err(io)?;
     }
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! A frame is one type byte, a little-endian `u32` length and that many
 //! bytes. `V` hello (JSON: versions), `H` an entry's header (JSON: path,
 //! kind, mode, uid, gid, mtime, size, target), then for a file `D` frames
-//! carrying exactly `size` bytes, `L` a log line (hook output), `K` a
+//! carrying exactly `size` bytes (`L` frames may come between them: older
+//! agents warn there about a file that shrank while it was read), `L` a
+//! log line (hook output, warnings), `K` a
 //! keep-alive (empty; sent while a hook or the copy runs, so a long one
 //! is not taken for a silent stream; readers pass over it), `X` a fatal
 //! error (the sender stops), and `E` the end: JSON `{count, bytes,
@@ -319,6 +321,21 @@ impl<R: Read> FrameReader<R> {
             left: size,
             buf: vec![],
             pos: 0,
+            on_log: None,
+        }
+    }
+
+    /// [`Self::content`], passing log frames among the data frames to
+    /// `on_log`: an agent warns there about a file that shrank while it
+    /// was read (it pads it with zeros), and that must not fail the backup.
+    pub fn content_logging<'a>(
+        &'a mut self,
+        size: u64,
+        on_log: &'a (dyn Fn(&str) + 'a),
+    ) -> Content<'a, R> {
+        Content {
+            on_log: Some(on_log),
+            ..self.content(size)
         }
     }
 }
@@ -328,6 +345,8 @@ pub struct Content<'a, R: Read> {
     left: u64,
     buf: Vec<u8>,
     pos: usize,
+    /// Where log frames among the data go; `None`: they are an error.
+    on_log: Option<&'a (dyn Fn(&str) + 'a)>,
 }
 
 impl<R: Read> Read for Content<'_, R> {
@@ -347,6 +366,11 @@ impl<R: Read> Read for Content<'_, R> {
                         ErrorKind::Io,
                         format!("the agent failed: {m}"),
                     )))
+                }
+                Frame::Log(l) if self.on_log.is_some() => {
+                    if let Some(say) = self.on_log {
+                        say(&l);
+                    }
                 }
                 other => {
                     return Err(std::io::Error::other(self.fr.bad(format!(

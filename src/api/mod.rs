@@ -180,6 +180,8 @@ async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResu
 struct ReleaseQuery {
     #[serde(default)]
     discard: bool,
+    /// With `discard`: only the kept staging of this backup.
+    backup: Option<String>,
 }
 
 async fn release(
@@ -195,6 +197,10 @@ async fn release(
         )))
     })?;
     blocking(move || {
+        if let Some(b) = &q.backup {
+            let (released, discarded) = ds.release_backup(&vm, b, q.discard)?;
+            return Ok(json!({"vm": vm, "released": released, "backup": b, "discarded": discarded}));
+        }
         if ds.session(&vm).is_none() && q.discard {
             let kept = ds.discard_kept(&vm)?;
             if kept.is_empty() {

@@ -267,8 +267,13 @@ pub fn backup(
         match (&o.backup, &o.error) {
             (Some(id), _) => {
                 if !json {
+                    // Always said, even when the log's bound dropped their lines.
+                    let skipped = match o.skipped {
+                        0 => String::new(),
+                        n => format!(", {n} entries SKIPPED (sockets, devices, FIFOs, names not UTF-8: see the `skipped` lines)"),
+                    };
                     eprintln!(
-                        "{}: file backup {id}: {} entries, {} of files, {} new, agent {}, {:.1} s",
+                        "{}: file backup {id}: {} entries, {} of files, {} new, agent {}, {:.1} s{skipped}",
                         o.vm,
                         o.entries,
                         human_bytes(o.file_bytes),

@@ -77,8 +77,9 @@ pub enum Command {
         json: bool,
     },
     /// Back up running QEMU VMs from one common snapshot time, busiest
-    /// first (full backups). Exits non-zero if any VM
-    /// failed; the others are backed up all the same.
+    /// first (full backups, or with --incremental what changed since each
+    /// VM's previous backup). Exits non-zero if any VM failed; the others
+    /// are backed up all the same.
     BackupVms {
         #[arg(long)]
         repo: String,
@@ -90,6 +91,11 @@ pub enum Command {
         /// filesystems at the snapshot (application-consistent); repeatable.
         #[arg(long = "agent", value_name = "NAME=QGA_SOCKET")]
         agents: Vec<String>,
+        /// Back up VM NAME although its QEMU's UUID (or name) is not the one
+        /// its newest backup was taken from (the VM was re-created); without
+        /// it that VM fails, as another VM's socket would; repeatable.
+        #[arg(long = "new-identity", value_name = "NAME")]
+        new_identity: Vec<String>,
         /// VMs read at the same time.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
@@ -522,5 +528,9 @@ pub enum Command {
         vm: String,
         #[arg(long)]
         discard: bool,
+        /// With --discard: only the staging kept from backup ID (the
+        /// session served, if it is another, stays).
+        #[arg(long, value_name = "ID", requires = "discard")]
+        backup: Option<String>,
     },
 }

@@ -134,7 +134,7 @@ pub(super) fn backup(
 pub(super) fn backup_vms(
     repo: &str,
     vms: &[String],
-    agents: &[String],
+    (agents, new_identity): (&[String], &[String]),
     jobs: usize,
     chunk_size: &str,
     rate_window: f64,
@@ -147,6 +147,7 @@ pub(super) fn backup_vms(
         .iter()
         .map(|v| {
             super::name_path(v, "--vm").map(|(name, qmp)| VmSpec {
+                new_identity: new_identity.contains(&name),
                 name,
                 qmp,
                 agent: None,
@@ -161,6 +162,14 @@ pub(super) fn backup_vms(
             .find(|s| s.name == name)
             .ok_or_else(|| Error::invalid(format!("--agent {a:?}: no --vm {name}=...")))?;
         spec.agent = Some(path);
+    }
+    if let Some(n) = new_identity
+        .iter()
+        .find(|n| !specs.iter().any(|s| &s.name == *n))
+    {
+        return Err(Error::invalid(format!(
+            "--new-identity {n}: no --vm {n}=..."
+        )));
     }
     if !(0.0..=60.0).contains(&rate_window) {
         return Err(Error::invalid("--rate-window: 0 to 60 seconds"));

@@ -69,6 +69,7 @@ pub fn run(cli: Cli) -> Result<()> {
             repo,
             vms,
             agents,
+            new_identity,
             jobs,
             chunk_size,
             rate_window,
@@ -78,7 +79,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => backup::backup_vms(
             &repo,
             &vms,
-            &agents,
+            (&agents, &new_identity),
             jobs,
             &chunk_size,
             rate_window,
@@ -402,9 +403,15 @@ pub fn run(cli: Cli) -> Result<()> {
             socket,
             vm,
             discard,
+            backup,
         } => {
             crate::util::validate_name("VM name", &vm)?;
-            let r = client(&socket).delete(&format!("/sessions/{vm}?discard={discard}"))?;
+            let mut path = format!("/sessions/{vm}?discard={discard}");
+            if let Some(b) = &backup {
+                crate::util::validate_name("backup id", b)?;
+                path.push_str(&format!("&backup={b}"));
+            }
+            let r = client(&socket).delete(&path)?;
             output::released(&r);
             Ok(())
         }

@@ -1,12 +1,21 @@
 //! Files from a **disk backup**, without booting the VM: a throwaway
 //! recovery (temporary staging and FUSE mount, as `verify-boot` makes,
 //! with profiles and the default profile off, so only what is read is
-//! fetched), the disk file attached to a read-only loop device with its
-//! partitions (`losetup -r -P`), the filesystem holding the path mounted
-//! read-only without replaying its journal (ext4 `noload`, xfs
-//! `norecovery`, btrfs `nologreplay`), then everything undone in reverse,
-//! also when something fails or a signal stops the command (its stop flag
-//! is checked between the steps of [`mount`] and of [`walk`]).
+//! fetched), the disk file attached to a loop device per partition, the
+//! filesystem holding the path mounted read-only, then everything undone
+//! in reverse, also when something fails or a signal stops the command
+//! (its stop flag is checked between the steps of [`mount`] and of
+//! [`walk`]).
+//!
+//! A crash-consistent backup (a live one, or one whose guest agent did not
+//! freeze) may hold its newest metadata only in the filesystem's journal:
+//! mounted without replaying it (ext4 `noload`), files written before the
+//! backup would be missing or stale (explore6 H1). So the loop device is
+//! writable and the mount read-only *with* replay: ext4, xfs and btrfs
+//! replay their journal on a read-only mount of a writable device, and the
+//! replay writes go to the throwaway session's scratch staging, never to
+//! the backup. A journal that does not replay is mounted without it, with
+//! a warning that the files are then as of the last checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -179,7 +188,6 @@ pub fn mount(
             &[
                 "--find",
                 "--show",
-                "--read-only",
                 "--offset",
                 &offset.to_string(),
                 "--sizelimit",
@@ -201,14 +209,8 @@ pub fn mount(
             m.loop_dev = None;
             continue;
         };
-        let opts = match fstype.as_str() {
-            "ext2" | "ext3" | "ext4" => "ro,noload",
-            "xfs" => "ro,norecovery",
-            "btrfs" => "ro,rescue=nologreplay",
-            _ => "ro",
-        };
         let root = m.root.to_str().unwrap_or_default().to_string();
-        if run("mount", &["-t", &fstype, "-o", opts, &dev, &root]).is_ok() {
+        if mount_replaying(&fstype, &dev, &root, &name) {
             m.mounted = true;
             if partition.is_some()
                 || in_tree(&m.root, path).is_ok_and(|p| p.symlink_metadata().is_ok())
@@ -233,6 +235,27 @@ pub fn mount(
         "{path} is on no filesystem of disk{disk} of backup {backup} of VM {vm} (looked in: {})",
         tried.join(", ")
     )))
+}
+
+/// Mounts `dev` read-only at `root`, replaying its journal (into the
+/// throwaway session's staging); if that fails, without the replay, with
+/// a warning (the files are then as of the last checkpoint). Whether it
+/// is mounted.
+fn mount_replaying(fstype: &str, dev: &str, root: &str, name: &str) -> bool {
+    if run("mount", &["-t", fstype, "-o", "ro", dev, root]).is_ok() {
+        return true;
+    }
+    let without = match fstype {
+        "ext3" | "ext4" => "ro,noload",
+        "xfs" => "ro,norecovery",
+        "btrfs" => "ro,rescue=nologreplay",
+        _ => return false,
+    };
+    let mounted = run("mount", &["-t", fstype, "-o", without, dev, root]).is_ok();
+    if mounted {
+        tracing::warn!("{name} ({fstype}) did not mount with its journal replayed: mounted without the replay, so files changed shortly before the backup may be missing or older");
+    }
+    mounted
 }
 
 /// Partitions of a disk image as (number, byte offset, byte size), from

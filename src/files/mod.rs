@@ -51,7 +51,7 @@ pub fn catalog(repo: &Repository, vm: &str, backup: Option<&str>) -> Result<Cata
 /// The entries at or under `path`; an error if there are none.
 pub fn select<'a>(c: &'a Catalog, path: &str) -> Result<Vec<&'a Entry>> {
     let path = normalise(path)?;
-    let v: Vec<&Entry> = c.under(&path).collect();
+    let v = distinct(&c.under(&path).collect::<Vec<_>>());
     if v.is_empty() {
         return Err(Error::not_found(format!(
             "{path} is not in file backup {} of VM {}",
@@ -136,7 +136,7 @@ pub fn restore_with(
         )));
     }
     // Check every entry before writing anything.
-    check_tree(entries)?;
+    let entries = &check_tree(entries)?[..];
     for e in entries {
         let dst = dest(&to, &e.path);
         if let Some(p) = parent_in(&to, &dst) {
@@ -253,20 +253,41 @@ fn link_refused(p: &Path) -> Error {
     ))
 }
 
-/// The entries must form a tree a restore can create: each path once, and
-/// nothing below a symbolic link (a catalog comes from the guest, and a
-/// link it restores first would carry a later entry anywhere on the host).
-fn check_tree(entries: &[&Entry]) -> Result<()> {
-    let mut kinds = std::collections::HashMap::with_capacity(entries.len());
+/// `entries` without those identical to an earlier one: agents before
+/// they dropped overlapping `--paths` (`/srv /srv/app`) sent what two of
+/// them cover twice. A path twice with different metadata or content
+/// stays twice (`files ls` shows both; a restore refuses it).
+pub fn distinct<'a>(entries: &[&'a Entry]) -> Vec<&'a Entry> {
+    let mut seen: std::collections::HashMap<&str, Vec<&Entry>> =
+        std::collections::HashMap::with_capacity(entries.len());
+    let mut out = Vec::with_capacity(entries.len());
     for e in entries {
+        let same = seen.entry(e.path.as_str()).or_default();
+        if !same.contains(e) {
+            same.push(*e);
+            out.push(*e);
+        }
+    }
+    out
+}
+
+/// The entries must form a tree a restore can create: each path once
+/// (identical repeats are dropped, see [`distinct`]), and nothing below a
+/// symbolic link (a catalog comes from the guest, and a link it restores
+/// first would carry a later entry anywhere on the host). The entries, each
+/// path once.
+fn check_tree<'a>(entries: &[&'a Entry]) -> Result<Vec<&'a Entry>> {
+    let entries = distinct(entries);
+    let mut kinds = std::collections::HashMap::with_capacity(entries.len());
+    for e in &entries {
         if kinds.insert(e.path.as_str(), e.kind).is_some() {
             return Err(Error::corrupt(format!(
-                "{} is in the file backup twice",
-                e.path
+                "{} is in the file backup twice, with different metadata or content (changed between the walks of overlapping --paths?): `files ls` shows both; restore around it",
+                escape_controls(&e.path)
             )));
         }
     }
-    for e in entries {
+    for e in &entries {
         let mut up = Path::new(&e.path).parent();
         while let Some(a) = up {
             if kinds.get(a.to_str().unwrap_or_default()) == Some(&EntryKind::Symlink) {
@@ -279,7 +300,7 @@ fn check_tree(entries: &[&Entry]) -> Result<()> {
             up = a.parent();
         }
     }
-    Ok(())
+    Ok(entries)
 }
 
 /// Temp file, content, fsync, rename (never over an existing file), fsync
@@ -371,11 +392,18 @@ pub fn ls_line(e: &Entry) -> String {
         EntryKind::Symlink => 'l',
     };
     let mut perms = String::new();
-    for shift in [6, 3, 0] {
+    // setuid, setgid and sticky in the x places, as ls: s/t over x, S/T
+    // without it.
+    for (shift, special, set) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
         let b = (e.mode >> shift) & 7;
         perms.push(if b & 4 != 0 { 'r' } else { '-' });
         perms.push(if b & 2 != 0 { 'w' } else { '-' });
-        perms.push(if b & 1 != 0 { 'x' } else { '-' });
+        perms.push(match (b & 1 != 0, e.mode & special != 0) {
+            (true, false) => 'x',
+            (false, false) => '-',
+            (true, true) => set,
+            (false, true) => set.to_ascii_uppercase(),
+        });
     }
     let target = e
         .target

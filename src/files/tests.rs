@@ -321,3 +321,65 @@ fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_b
         assert_eq!(m.mtime(), 1_600_000_000, "{msg}");
     }
 }
+
+#[test]
+fn ls_shows_setuid_setgid_and_sticky_bits_as_ls_does() {
+    let line = |kind, mode| {
+        let e = Entry {
+            path: "/x".into(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            target: None,
+            chunks: vec![],
+        };
+        ls_line(&e).split(' ').next().unwrap().to_string()
+    };
+    assert_eq!(line(EntryKind::File, 0o4755), "-rwsr-xr-x");
+    assert_eq!(line(EntryKind::Dir, 0o1777), "drwxrwxrwt");
+    assert_eq!(line(EntryKind::File, 0o6711), "-rws--s--x");
+    assert_eq!(line(EntryKind::File, 0o4644), "-rwSr--r--");
+    assert_eq!(line(EntryKind::File, 0o2644), "-rw-r-Sr--");
+    assert_eq!(line(EntryKind::Dir, 0o1770), "drwxrwx--T");
+    assert_eq!(line(EntryKind::File, 0o640), "-rw-r-----");
+}
+
+#[test]
+fn a_catalog_with_identical_repeated_entries_lists_and_restores_each_once() {
+    // What an agent given overlapping --paths (`/srv/a /srv/a/f`) wrote.
+    let (d, r, mut c) = backup();
+    let again: Vec<Entry> = c.entries[1..].to_vec();
+    c.entries.extend(again);
+    c.entries.push(c.entries[0].clone());
+    let sel = select(&c, "/srv/a").unwrap();
+    let paths: Vec<&str> = sel.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["/srv/a", "/srv/a/f", "/srv/a/l"]);
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    // Also given the repeats directly.
+    let all: Vec<&Entry> = c.entries.iter().collect();
+    assert_eq!(restore(&r, &c, &all, &to, &GO).unwrap(), 3);
+    assert_eq!(
+        std::fs::read(to.join("srv/a/f")).unwrap(),
+        b"content\n".to_vec()
+    );
+    // A path twice, differently: refused before anything is written.
+    let mut changed = c.entries[1].clone();
+    changed.mtime += 1;
+    c.entries.push(changed);
+    let sel = select(&c, "/srv/a").unwrap();
+    assert_eq!(sel.len(), 4, "both versions are listed");
+    let to2 = d.path().join("to2");
+    std::fs::create_dir(&to2).unwrap();
+    let e = restore(&r, &c, &sel, &to2, &GO).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("/srv/a/f is in the file backup twice"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(&to2).unwrap().count(), 0);
+}

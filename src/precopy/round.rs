@@ -533,6 +533,7 @@ impl Job {
                 qmp: self.qmp.clone(),
                 agent: opts.agent.clone(),
                 base: given,
+                new_identity: false,
             }],
             jobs: 1,
             chunk_size: self.state.chunk_size,

@@ -5,7 +5,7 @@
 //! removes them), and a guest-agent client ([`guest_agent`]: fsfreeze).
 //!
 //! **How a backup of running VMs uses them** (`backup-vms`, in
-//! [`crate::vmbackup`]; full backups so far, incrementals to come):
+//! [`crate::vmbackup`]; full and incremental backups):
 //! 1. *Common snapshot time.* `guest-fsfreeze-freeze` in every guest that
 //!    runs `qemu-guest-agent` and is given an agent socket, `stop` on
 //!    every VM, then in each VM, while all are paused, per disk a dirty

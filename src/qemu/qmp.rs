@@ -37,6 +37,43 @@ pub struct RunState {
     pub status: String,
 }
 
+/// A QEMU's own name and UUID (`-name`, `-uuid`), each `None` if not set
+/// (QEMU answers an all-zero UUID then).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct QemuIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+}
+
+impl QemuIdentity {
+    pub fn is_empty(&self) -> bool {
+        self.name.is_none() && self.uuid.is_none()
+    }
+
+    /// Whether `self` and `other` are surely different QEMUs' identities:
+    /// UUIDs decide where both have one, else names where both have one.
+    pub fn differs_from(&self, other: &QemuIdentity) -> bool {
+        match (&self.uuid, &other.uuid, &self.name, &other.name) {
+            (Some(a), Some(b), _, _) => !a.eq_ignore_ascii_case(b),
+            (_, _, Some(a), Some(b)) => a != b,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for QemuIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.uuid, &self.name) {
+            (Some(u), Some(n)) => write!(f, "uuid {u}, name {n:?}"),
+            (Some(u), None) => write!(f, "uuid {u}"),
+            (None, Some(n)) => write!(f, "name {n:?}"),
+            (None, None) => write!(f, "no uuid or name"),
+        }
+    }
+}
+
 /// One drive of `query-block` that has a medium.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BlockDevice {
@@ -49,6 +86,13 @@ pub struct BlockDevice {
     /// The image file QEMU opened (`inserted.file`).
     pub file: String,
     pub read_only: bool,
+}
+
+/// A guest's memory and vCPU count ([`Qmp::machine_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MachineSize {
+    pub memory_mib: u64,
+    pub vcpus: usize,
 }
 
 /// Byte and operation counters of one drive (`query-blockstats`).
@@ -175,26 +219,109 @@ impl Qmp {
         self.execute("cont", None).map(drop)
     }
 
-    /// The drives that have a medium, in QEMU's order.
+    /// Who this QEMU says it is: its `-name` and `-uuid`, each if set.
+    pub fn identity(&mut self) -> Result<QemuIdentity> {
+        let name = self.execute("query-name", None)?;
+        let uuid = self.execute("query-uuid", None)?;
+        Ok(QemuIdentity {
+            name: name["name"].as_str().map(str::to_string),
+            uuid: uuid["UUID"]
+                .as_str()
+                .filter(|u| u.chars().any(|c| c != '0' && c != '-'))
+                .map(str::to_string),
+        })
+    }
+
+    /// The guest's disks, in QEMU's order: [`Self::guest_disks`] without
+    /// the drives it leaves out.
     pub fn block_devices(&mut self) -> Result<Vec<BlockDevice>> {
+        Ok(self.guest_disks()?.0)
+    }
+
+    /// The drives of `query-block` that have a medium and are the guest's
+    /// disks, in QEMU's order, and one line for each other drive with a
+    /// medium, naming it and why it is not one: a drive without a guest
+    /// device (`-drive if=none` that no `-device` uses; the guest does not
+    /// see it, and a view cannot be put under a device that is not there)
+    /// or a removable medium (a CD-ROM's or floppy's image, read-only to
+    /// the guest and swapped at will: not part of the VM's disks).
+    pub fn guest_disks(&mut self) -> Result<(Vec<BlockDevice>, Vec<String>)> {
         let r = self.execute("query-block", None)?;
         let list = r.as_array().ok_or_else(|| {
             self.ch
                 .protocol_error("query-block did not return a list".into())
         })?;
-        Ok(list
-            .iter()
-            .filter_map(|d| {
-                let ins = d.get("inserted")?;
-                Some(BlockDevice {
-                    device: str_of(d, "device"),
-                    qdev: str_of(d, "qdev"),
-                    node_name: str_of(ins, "node-name"),
-                    file: str_of(ins, "file"),
-                    read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
-                })
-            })
-            .collect())
+        let (mut disks, mut skipped) = (vec![], vec![]);
+        for d in list {
+            let Some(ins) = d.get("inserted") else {
+                continue; // an empty drive (a CD-ROM without a disc)
+            };
+            let dev = BlockDevice {
+                device: str_of(d, "device"),
+                qdev: str_of(d, "qdev"),
+                node_name: str_of(ins, "node-name"),
+                file: str_of(ins, "file"),
+                read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+            };
+            let name = match (dev.device.as_str(), dev.node_name.as_str()) {
+                ("", node) => format!("node {node}"),
+                (drive, _) => format!("drive {drive}"),
+            };
+            if dev.qdev.is_empty() {
+                skipped.push(format!(
+                    "{name} ({}) has no guest device: not backed up",
+                    dev.file
+                ));
+            } else if d.get("removable").and_then(Value::as_bool) == Some(true) {
+                // Its device's type (`ide-cd`, `scsi-cd`, `floppy`) names it.
+                let kind = self
+                    .execute(
+                        "qom-get",
+                        Some(json!({"path": dev.qdev, "property": "type"})),
+                    )
+                    .ok()
+                    .and_then(|t| t.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "removable".into());
+                // A disc is media, not the VM's data; any other removable
+                // disk (a floppy, `removable=on`) may hold the guest's
+                // data: kept, read-only or not.
+                if kind.ends_with("-cd") {
+                    skipped.push(format!(
+                        "{name} ({kind} {}) holds a removable medium ({}): not backed up",
+                        dev.qdev, dev.file
+                    ));
+                } else {
+                    disks.push(dev);
+                }
+            } else {
+                disks.push(dev);
+            }
+        }
+        Ok((disks, skipped))
+    }
+
+    /// The guest's memory and vCPUs: `query-memory-size-summary`'s base
+    /// memory (QEMU's `-m`) and `query-cpus-fast`'s count.
+    pub fn machine_size(&mut self) -> Result<MachineSize> {
+        let m = self.execute("query-memory-size-summary", None)?;
+        let base = m
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                self.ch.protocol_error(format!(
+                    "query-memory-size-summary gave no base-memory: {}",
+                    short(&m)
+                ))
+            })?;
+        let cpus = self.execute("query-cpus-fast", None)?;
+        let vcpus = cpus.as_array().map(Vec::len).ok_or_else(|| {
+            self.ch
+                .protocol_error("query-cpus-fast did not return a list".into())
+        })?;
+        Ok(MachineSize {
+            memory_mib: base.div_ceil(1 << 20),
+            vcpus,
+        })
     }
 
     /// Counters of every drive.

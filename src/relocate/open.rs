@@ -343,7 +343,8 @@ impl Relocation {
             for (d, t) in r.disks.iter().zip(&r.targets) {
                 d.switch_to(t.clone());
             }
-            let mut note = "switched before the daemon restarted".to_string();
+            // Reopened by a restart, or by a recover after a release.
+            let mut note = "switched before this session was reopened".to_string();
             let placed = r.storage.exists(&dir.path().join("vm.json"));
             if !placed.unwrap_or(false) {
                 if let Err(e) = r.place_config() {

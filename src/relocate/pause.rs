@@ -91,7 +91,10 @@ impl Relocation {
         // guest's writes while paused are not a race lost.
         self.restart_pacing();
         self.clock.lock().start();
-        tracing::info!(vm = %self.vm, "relocation resumed");
+        // A stop (shutdown, cancel) wakes it too: that is no resume.
+        if !self.cancel.load(Ordering::Acquire) {
+            tracing::info!(vm = %self.vm, "relocation resumed");
+        }
     }
 
     /// Stops the copier until `resume_copy`: durably recorded first, then

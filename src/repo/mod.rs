@@ -30,6 +30,7 @@ pub mod sealed;
 pub mod sparse;
 #[cfg(test)]
 pub mod testing;
+pub mod unconfirmed;
 pub mod verify;
 pub mod writer;
 
@@ -53,7 +54,7 @@ const REPO_FORMAT: &str = "recoverfs-repository";
 /// written with zstd frames only, so older binaries can still read it.
 const REPO_VERSION: u32 = 2;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RepoInfo {
     pub format: String,
     pub version: u32,
@@ -129,6 +130,15 @@ impl Repository {
     /// `encryption` must not pass for a plain repository).
     fn with_keys(backend: Box<dyn Backend>, keys: Option<crypto::Keys>) -> Result<Arc<Repository>> {
         let info = Self::read_info(backend.as_ref())?;
+        Self::with_info(backend, info, keys)
+    }
+
+    /// [`Repository::with_keys`] with `info` already read.
+    fn with_info(
+        backend: Box<dyn Backend>,
+        info: RepoInfo,
+        keys: Option<crypto::Keys>,
+    ) -> Result<Arc<Repository>> {
         let loc = backend.location();
         match (&info.encryption, &keys) {
             (Some(_), None) => {
@@ -232,6 +242,40 @@ impl Repository {
         Self::with_keys(backend, Self::process_keys()?)
     }
 
+    /// Opens the repository at `spec` from `recorded`, the copy of its
+    /// identity a staging directory keeps, because the store does not
+    /// answer now (a degraded start, `unconfirmed`): nothing is asked of
+    /// the store until it answers as that repository. `recorded_at` is
+    /// where the staging's repository was: another `spec` is refused (a
+    /// typo must not start a daemon that never finds its repository).
+    pub fn open_recorded(
+        spec: &str,
+        recorded: RepoInfo,
+        recorded_at: &str,
+    ) -> Result<Arc<Repository>> {
+        let backend = Self::backend_unchecked(spec)?;
+        let loc = backend.location();
+        if loc != recorded_at {
+            return Err(Error::invalid(format!(
+                "repository {loc} is not the one the staging directory records ({recorded_at})"
+            )));
+        }
+        Self::check_info(&loc, &recorded)?;
+        let backend = Box::new(unconfirmed::Unconfirmed::new(backend, &recorded));
+        Self::with_info(backend, recorded, Self::process_keys()?)
+    }
+
+    /// The backend for `spec` without looking at the store: a local
+    /// directory that is not there (yet) is taken as named.
+    fn backend_unchecked(spec: &str) -> Result<Box<dyn Backend>> {
+        let path = Path::new(spec);
+        if spec.contains("://") || path.exists() {
+            return Self::backend_for(spec, false, &[]);
+        }
+        let abs = std::path::absolute(path).map_err(|e| Error::io(format!("resolve {spec}"), e))?;
+        Ok(Box::new(LocalDir::new(&abs)))
+    }
+
     fn backend_for(
         spec: &str,
         create: bool,
@@ -275,6 +319,13 @@ impl Repository {
             })?;
         let info: RepoInfo = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(format!("{loc}/repo.json is damaged ({e})")))?;
+        Self::check_info(&loc, &info)?;
+        Ok(info)
+    }
+
+    /// The format and version this binary reads and writes, checked on
+    /// `repo.json` as read, and on a staging directory's copy of it.
+    fn check_info(loc: &str, info: &RepoInfo) -> Result<()> {
         if info.format != REPO_FORMAT {
             return Err(Error::invalid(format!(
                 "{loc} is not a recoverfs repository"
@@ -286,11 +337,17 @@ impl Repository {
                 info.version
             )));
         }
-        Ok(info)
+        Ok(())
     }
 
     pub fn id(&self) -> &str {
         &self.info.id
+    }
+
+    /// Its identity, as read at open (or as a staging directory recorded
+    /// it, `open_recorded`).
+    pub fn info(&self) -> &RepoInfo {
+        &self.info
     }
 
     /// Checks that the store still answers as this repository (its
@@ -735,92 +792,9 @@ pub fn random_hex(bytes: usize) -> String {
 mod dedup_tests;
 
 #[cfg(test)]
-mod id_tests {
-    #[test]
-    fn backup_ids_skip_stray_names_and_sort_in_time_order() {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("r");
-        let (repo, _) = super::Repository::open_or_create(root.to_str().unwrap()).unwrap();
-        let dir = root.join("backups").join("vm");
-        std::fs::create_dir_all(&dir).unwrap();
-        let ids = [
-            "20261121-000000-10",
-            "20261121-000001",
-            "20261121-000000",
-            "20261121-000000-9",
-            "20261121-000000-1",
-        ];
-        for n in ids.iter().copied().chain(["bad name"]) {
-            std::fs::write(dir.join(format!("{n}.json")), b"{}").unwrap();
-        }
-        assert_eq!(
-            repo.backup_ids("vm").unwrap(),
-            vec![
-                "20261121-000000",
-                "20261121-000000-1",
-                "20261121-000000-9",
-                "20261121-000000-10",
-                "20261121-000001",
-            ]
-        );
-    }
-}
+mod id_tests;
 #[cfg(test)]
 mod version_tests;
 
 #[cfg(test)]
-mod missing_tests {
-    use super::*;
-    use crate::error::ErrorKind;
-
-    /// A repository with one stored chunk; (dir, root, repo, digest).
-    fn one_chunk() -> (
-        tempfile::TempDir,
-        std::path::PathBuf,
-        Arc<Repository>,
-        Digest,
-    ) {
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("r");
-        let (repo, _) = Repository::open_or_create(root.to_str().unwrap()).unwrap();
-        let data = vec![7u8; 4096];
-        let digest = repo.chunk_id(&data);
-        repo.put_chunk(&digest, &data).unwrap();
-        (d, root, repo, digest)
-    }
-
-    #[test]
-    fn a_chunk_read_while_the_repository_is_out_of_place_is_unreachable_not_missing() {
-        let (d, root, repo, digest) = one_chunk();
-        // A share not mounted: an empty directory where the repository was.
-        std::fs::rename(&root, d.path().join("away")).unwrap();
-        std::fs::create_dir(&root).unwrap();
-        let e = repo
-            .read_chunk(&digest, 4096, &"disk0 block 0")
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-        assert!(e.to_string().contains("does not answer as itself"), "{e}");
-        // Back in place: it reads again.
-        std::fs::remove_dir(&root).unwrap();
-        std::fs::rename(d.path().join("away"), &root).unwrap();
-        assert_eq!(
-            repo.read_chunk(&digest, 4096, &"x").unwrap().0,
-            vec![7u8; 4096]
-        );
-    }
-
-    #[test]
-    fn a_chunk_absent_from_a_repository_in_place_is_missing() {
-        let (_d, root, repo, digest) = one_chunk();
-        let key = root.join(digest.key());
-        std::fs::remove_file(&key).unwrap();
-        let e = repo
-            .read_chunk(&digest, 4096, &"disk0 block 0")
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-        assert!(
-            e.to_string().contains("is missing from the repository"),
-            "{e}"
-        );
-    }
-}
+mod missing_tests;

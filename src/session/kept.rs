@@ -195,17 +195,7 @@ impl Datastore {
             )));
         }
         let mut kept = vec![];
-        // Damaged staging too: it is never resumed, and this is how an
-        // admin is told to remove it.
-        let damaged = self
-            .search(None)
-            .flat_map(|s| s.damaged_sessions(vm).into_iter().map(|b| (b, s.clone())));
-        let all: Vec<_> = self
-            .kept_sessions(vm, None)
-            .into_iter()
-            .chain(damaged)
-            .collect();
-        for (b, s) in all {
+        for (b, s) in self.discardable(vm) {
             s.discard(vm, &b)?;
             self.unpin(vm, &b, &s);
             if !kept.contains(&b) {
@@ -213,6 +203,47 @@ impl Datastore {
             }
         }
         Ok(kept)
+    }
+}
+
+impl Datastore {
+    /// Every kept staging of `vm` (backup, directory), damaged ones too:
+    /// those are never resumed, and discarding is how an administrator is
+    /// told to remove them.
+    fn discardable(&self, vm: &str) -> Vec<(String, Arc<StagingDir>)> {
+        let damaged = self
+            .search(None)
+            .flat_map(|s| s.damaged_sessions(vm).into_iter().map(|b| (b, s.clone())));
+        self.kept_sessions(vm, None)
+            .into_iter()
+            .chain(damaged)
+            .collect()
+    }
+
+    /// Drops the staging of `vm` kept from `backup` (every staging
+    /// directory), which is not the session served: the note of a recover
+    /// that passed it over points here, and `release --discard` alone
+    /// would discard the session just started.
+    /// Called with the VM's lock held (`release_backup`).
+    pub(super) fn discard_kept_backup_locked(&self, vm: &str, backup: &str) -> Result<Vec<String>> {
+        if self.session(vm).is_some_and(|s| s.backup == backup) {
+            return Err(Error::busy(format!(
+                "VM {vm} is being served from backup {backup}; release it with --discard (without --backup)"
+            )));
+        }
+        let all: Vec<_> = (self.discardable(vm).into_iter())
+            .filter(|(b, _)| b == backup)
+            .collect();
+        if all.is_empty() {
+            return Err(Error::not_found(format!(
+                "no kept staging of VM {vm} from backup {backup}"
+            )));
+        }
+        for (b, s) in &all {
+            s.discard(vm, b)?;
+            self.unpin(vm, b, s);
+        }
+        Ok(vec![backup.to_string()])
     }
 }
 

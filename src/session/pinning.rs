@@ -200,6 +200,30 @@ impl Datastore {
             .any(|s| dir.starts_with(s.root()))
     }
 
+    /// A session served before a restart that could not be resumed: its
+    /// pin says `kept` from now on (its staging stays, nothing serves it),
+    /// so `forget` and other hosts' refusals no longer call it a live
+    /// session (explore4 L3). Its backups stay pinned as they were; a pin
+    /// that cannot be read or written now is logged and left.
+    pub(crate) fn mark_not_served(&self, vm: &str, backup: &str, staging: &StagingDir) {
+        let dir = staging.session_dir(vm, backup);
+        let pins = match pins::of_vm_readable(&self.repo, vm) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(vm, "its pin still says `serving` (cannot read it: {e})");
+                return;
+            }
+        };
+        for mut p in pins {
+            let same_dir = Path::new(&p.staging).file_name() == dir.file_name();
+            if p.staging_id.as_deref() == Some(staging.id()) && same_dir && p.state == "serving" {
+                p.state = "kept".into();
+                p.written = crate::util::rfc3339(crate::util::now_unix());
+                pins::put_logged(&self.repo, &p);
+            }
+        }
+    }
+
     /// Removes the pin of the discarded staging of `vm` from `backup` in
     /// `staging`.
     pub(crate) fn unpin(&self, vm: &str, backup: &str, staging: &StagingDir) {

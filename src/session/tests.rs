@@ -4,6 +4,7 @@
 //! daemon-wide lock is held across repository I/O (item 8).
 
 use super::*;
+use crate::error::ErrorKind;
 use crate::prefetch::PrefetchOptions;
 use crate::repo::testing::{Knobs, TestBackend};
 use crate::repo::writer::{run_backup, BackupRequest};

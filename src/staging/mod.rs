@@ -1,7 +1,7 @@
 //! The local staging store: where fetched blocks and guest writes live.
 //!
 //! ```text
-//! <staging>/staging.json                      which repository this belongs to, and this directory's id
+//! <staging>/staging.json                      which repository this belongs to (with a copy of its repo.json), and this directory's id
 //! <staging>/lock                              flock held by the serving daemon
 //! <staging>/sessions/<vm>/<backup>/manifest.json  the backup's manifest, as recovered
 //! <staging>/sessions/<vm>/<backup>/session.json   geometry; written last
@@ -79,6 +79,12 @@ struct StagingInfo {
     /// many restarts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     legacy_pins: bool,
+    /// A copy of the repository's `repo.json`, so that a daemon restarted
+    /// while the repository does not answer can still serve what staging
+    /// holds (`Repository::open_recorded`). Written at each start with a
+    /// repository that answers, if it differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repo_info: Option<crate::repo::RepoInfo>,
 }
 
 /// The staging directory holding session directory `session`
@@ -91,6 +97,11 @@ pub fn root_of_session(session: &Path) -> Option<&Path> {
 /// `None` if there is none there (a disk not mounted, a directory gone)
 /// or it has no id yet.
 pub fn id_at(root: &Path) -> Result<Option<String>> {
+    Ok(read_info(root)?.and_then(|i| i.id))
+}
+
+/// `root`'s `staging.json`, if there is one.
+fn read_info(root: &Path) -> Result<Option<StagingInfo>> {
     let path = root.join(STAGING_MARKER);
     let Some(bytes) = OsStorage
         .read(&path, MAX_META_BYTES)
@@ -98,9 +109,23 @@ pub fn id_at(root: &Path) -> Result<Option<String>> {
     else {
         return Ok(None);
     };
-    let info: StagingInfo = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))?;
-    Ok(info.id)
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))
+}
+
+/// The repository the staging directory `root` records: where it was,
+/// and its copy of the repository's identity (`StagingInfo::repo_info`).
+/// `None` if `root` is no staging directory or has no copy (set up by a
+/// daemon that kept none, and not opened with its repository since).
+pub fn recorded_repository(root: &Path) -> Result<Option<(String, crate::repo::RepoInfo)>> {
+    let Some(info) = read_info(root)? else {
+        return Ok(None);
+    };
+    Ok(info
+        .repo_info
+        .filter(|r| r.id == info.repo_id)
+        .map(|r| (info.repo, r)))
 }
 
 /// An opened, locked staging directory. Dropping it releases the lock.
@@ -122,7 +147,7 @@ pub struct StagingDir {
 /// What `StagingDir::open` found before touching anything.
 enum Found {
     /// A staging directory of the right repository.
-    Ours(StagingInfo),
+    Ours(Box<StagingInfo>),
     /// Empty (or holding only a lock left by an interrupted first start).
     Empty,
 }
@@ -198,7 +223,7 @@ impl StagingDir {
             Found::Empty => false,
         };
         let id = match found {
-            Found::Ours(StagingInfo { id: Some(id), .. }) => id,
+            Found::Ours(info) if info.id.is_some() => info.id.expect("checked"),
             // Set up before ids: given one now, written (durably, replacing
             // the file atomically) before any pin can name it.
             Found::Ours(mut info) => {
@@ -216,6 +241,7 @@ impl StagingDir {
                     repo: repo_location.into(),
                     id: Some(id.clone()),
                     legacy_pins: false,
+                    repo_info: None,
                 };
                 write_info(&root, &info)?;
                 id
@@ -251,7 +277,7 @@ impl StagingDir {
                         info.repo
                     )));
                 }
-                Ok(Found::Ours(info))
+                Ok(Found::Ours(Box::new(info)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let entries = fs::read_dir(root).ctx(|| format!("read {}", root.display()))?;
@@ -297,6 +323,24 @@ impl StagingDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Keeps `info`, the identity of the repository that has just
+    /// answered as this directory's, in `staging.json` (replaced
+    /// atomically, synced), unless it is there already.
+    pub fn record_repository(&self, info: &crate::repo::RepoInfo) -> Result<()> {
+        let path = self.root.join(STAGING_MARKER);
+        let bytes = OsStorage
+            .read(&path, MAX_META_BYTES)
+            .ctx(|| format!("read {}", path.display()))?
+            .ok_or_else(|| Error::not_found(format!("{} is gone", path.display())))?;
+        let mut staged: StagingInfo = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))?;
+        if staged.repo_id != info.id || staged.repo_info.as_ref() == Some(info) {
+            return Ok(());
+        }
+        staged.repo_info = Some(info.clone());
+        write_info(&self.root, &staged)
     }
 
     /// This directory's id, which its sessions' pins name.
@@ -458,6 +502,27 @@ impl StagingDir {
                 .find(|(b, _)| self.session_dir(&vm, b).join("active").exists());
             if let Some((b, _)) = active {
                 out.push((vm, b));
+            }
+        }
+        out
+    }
+
+    /// Sessions marked served (`active`) whose `session.json` does not
+    /// read: never resumed, so their pins must not say served.
+    pub fn active_damaged_sessions(&self) -> Vec<(String, String)> {
+        let root = self.root.join("sessions");
+        let mut out = vec![];
+        for vm in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let Some(vm) = vm.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if crate::util::validate_name("VM name", &vm).is_err() {
+                continue;
+            }
+            for b in self.damaged_sessions(&vm) {
+                if self.session_dir(&vm, &b).join("active").exists() {
+                    out.push((vm.clone(), b));
+                }
             }
         }
         out

@@ -139,6 +139,13 @@ impl StagingSet {
         }
         warn_unserved(&known, &own);
         warn_lost_unused(&lost, &used.borrow());
+        // A failure costs only a later start without the repository (a
+        // full staging filesystem must not stop this one).
+        for d in &dirs {
+            if let Err(e) = d.record_repository(repo.info()) {
+                tracing::warn!(staging = %d.root().display(), "could not keep a copy of the repository's identity in staging (a daemon restarted there while the repository does not answer will not start): {e}");
+            }
+        }
         Ok(StagingSet { dirs, of_point })
     }
 
@@ -347,6 +354,41 @@ mod tests {
     fn unmount(dir: &Path) {
         std::fs::rename(dir, dir.with_extension("unmounted")).unwrap();
         std::fs::create_dir(dir).unwrap();
+    }
+
+    #[test]
+    fn every_staging_opened_with_its_repository_keeps_a_copy_of_its_identity_for_a_start_without_it(
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let point = d.path().join("s/p");
+        let set = open(d.path(), &[("p", Some(point.as_path()))]).unwrap();
+        let r = repo(d.path());
+        for s in set.all() {
+            let (at, info) = crate::staging::recorded_repository(s.root())
+                .unwrap()
+                .unwrap();
+            assert_eq!(at, r.location());
+            assert_eq!(&info, r.info());
+        }
+        drop(set);
+        // Written by an older daemon: no copy, and none is made up.
+        let marker = d.path().join("s/main/staging.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+        json.as_object_mut().unwrap().remove("repo_info");
+        std::fs::write(&marker, serde_json::to_vec(&json).unwrap()).unwrap();
+        assert!(
+            crate::staging::recorded_repository(&d.path().join("s/main"))
+                .unwrap()
+                .is_none()
+        );
+        // The next start with the repository answering writes it.
+        drop(open(d.path(), &[]).unwrap());
+        assert!(
+            crate::staging::recorded_repository(&d.path().join("s/main"))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct VmSpec {
     /// A base the caller vouches for (pre-copy), used instead of the
     /// newest backup whatever `incremental` says.
     pub base: Option<GivenBase>,
+    /// Back it up even if its QEMU's identity is not its newest backup's
+    /// (`--new-identity`: the VM was re-created).
+    pub new_identity: bool,
 }
 
 /// A base for one VM's backup that is not a backup of its own: the chunk

@@ -95,13 +95,24 @@ impl Vm {
             disks.push(r.disk);
         }
         let mut config = default_config(&self.spec.name, disks.len());
+        // What `recoverfs boot` gives the recovered VM (`-m memory_mib`).
+        if let Some(m) = self.machine {
+            config["memory_mib"] = m.memory_mib.into();
+            config["vcpus"] = m.vcpus.into();
+        }
+        let qmp = crate::api::pathauth::shown(&self.spec.qmp);
         config["backup_vms"] = serde_json::json!({
             "snapshot_time": snapshot,
             "consistency": self.report.consistency,
             "devices": self.disks.iter().map(|d| &d.qdev).collect::<Vec<_>>(),
             "mode": self.report.mode,
             "base": self.report.base,
-            "qmp": crate::api::pathauth::shown(&self.spec.qmp),
+            // Absolute: a relative path says nothing once the run is over.
+            "qmp": std::fs::canonicalize(&qmp)
+                .or_else(|_| std::path::absolute(&qmp))
+                .unwrap_or(qmp),
+            // Checked at the next backup of this name (`Vm::check_identity`).
+            "qemu": self.identity,
             // The next incremental's maps, kept in QEMU.
             "bitmaps": self.views.iter()
                 .map(|v| serde_json::json!({"node": v.node, "bitmap": v.bitmap}))

@@ -87,7 +87,7 @@ pub fn backup_vms_until(
 
     // 1. Connect, measure, order.
     for vm in &mut vms {
-        if let Err(e) = vm.prepare() {
+        if let Err(e) = vm.prepare().and_then(|()| vm.check_identity(repo)) {
             vm.fail(&clock, e);
         } else if let Some(b) = vm.spec.base.clone() {
             if let Err(e) = vm.use_base(&b, opts.chunk_size) {

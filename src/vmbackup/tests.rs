@@ -5,7 +5,8 @@
 //!
 //! The VMs, the repository and the checks more than one concern (and
 //! `precopy`'s tests) use are here; the tests are in a module per concern:
-//! `plan`, `snapshot`, `failures`, `agent`, `runs` and `incremental`.
+//! `plan`, `snapshot`, `failures`, `agent`, `runs`, `incremental` and
+//! `layout`.
 
 use super::*;
 use crate::qemu::fleece;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 mod agent;
 mod failures;
 pub(crate) mod incremental;
+mod layout;
 mod plan;
 mod runs;
 mod snapshot;
@@ -86,6 +88,11 @@ fn content() -> Vec<u8> {
 
 /// A running VM with a virtio disk holding `disk` (none: no disk at all).
 pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
+    vm_with_args(disk, &[])
+}
+
+/// [`vm`] whose QEMU also gets `extra` arguments (`-uuid`, `-name`).
+pub(crate) fn vm_with_args(disk: Option<&[u8]>, extra: &[&str]) -> Vm {
     let dir = tempfile::tempdir().unwrap();
     let qmp = dir.path().join("qmp.sock");
     let img = disk.map(|data| {
@@ -101,7 +108,7 @@ pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
         }
         img
     });
-    let cmd = match &img {
+    let mut cmd = match &img {
         Some(img) => paused_vm(img, &qmp),
         None => {
             let mut c = Command::new("qemu-system-x86_64");
@@ -110,6 +117,7 @@ pub(crate) fn vm(disk: Option<&[u8]>) -> Vm {
             c
         }
     };
+    cmd.args(extra);
     start(cmd, qmp, img, dir)
 }
 
@@ -148,6 +156,7 @@ pub(crate) fn options(vms: &[(&str, &Vm)], jobs: usize, hook: Option<Hook>) -> O
                 qmp: v.qmp.clone(),
                 agent: None,
                 base: None,
+                new_identity: false,
             })
             .collect(),
         jobs,

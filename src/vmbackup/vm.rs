@@ -12,7 +12,7 @@ use super::report::{Clock, VmReport};
 use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
-use crate::qemu::qmp::{BlockDevice, Qmp};
+use crate::qemu::qmp::{BlockDevice, MachineSize, QemuIdentity, Qmp};
 use crate::repo::Repository;
 
 /// One VM's state through a run.
@@ -37,6 +37,11 @@ pub(super) struct Vm {
     pub(super) prev: Option<Prev>,
     /// Previous bitmaps disabled at the snapshot (disks 0..n).
     pub(super) prev_disabled: usize,
+    /// Who its QEMU says it is, recorded in the manifest.
+    pub(super) identity: QemuIdentity,
+    /// Its memory and vCPUs, recorded in the manifest's configuration
+    /// (none: QEMU did not say, the defaults are recorded).
+    pub(super) machine: Option<MachineSize>,
 }
 
 impl Vm {
@@ -63,6 +68,8 @@ impl Vm {
             agent: None,
             prev: None,
             prev_disabled: 0,
+            identity: QemuIdentity::default(),
+            machine: None,
         }
     }
 
@@ -88,6 +95,18 @@ impl Vm {
         let q = Qmp::connect(&self.spec.qmp)?;
         self.vm_lock = crate::qemu::VmLock::try_take(&q)?;
         self.qmp = Some(q);
+        self.identity = self.q()?.identity()?;
+        match self.q()?.machine_size() {
+            Ok(m) => self.machine = Some(m),
+            Err(e) => {
+                let w = format!(
+                    "memory and vCPUs not read from QEMU ({e}): the backup's configuration \
+                     records the defaults (512 MiB, 1 vCPU)"
+                );
+                tracing::warn!(vm = %self.spec.name, "{w}");
+                self.report.warnings.push(w);
+            }
+        }
         // First: a leftover view holds a guest device.
         let left = fleece::remove_leftovers(self.q()?)
             .map_err(|e| e.context("removing what a killed backup left in QEMU"))?;
@@ -96,10 +115,19 @@ impl Vm {
             tracing::warn!(vm = %self.spec.name, "{w}");
             self.report.warnings.push(w);
         }
-        self.disks = self.q()?.block_devices()?;
-        if self.disks.is_empty() {
-            return Err(Error::invalid("QEMU reports no disk to back up"));
+        let (disks, skipped) = self.q()?.guest_disks()?;
+        if disks.is_empty() {
+            let mut e = "QEMU reports no disk to back up".to_string();
+            if !skipped.is_empty() {
+                e = format!("{e} ({})", skipped.join("; "));
+            }
+            return Err(Error::invalid(e));
         }
+        for w in skipped {
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
+        self.disks = disks;
         self.report.disks = self.disks.len();
         let dir = tempfile::Builder::new()
             .prefix("recoverfs-vmbackup-")
@@ -126,6 +154,54 @@ impl Vm {
             self.report.warnings.push(w);
         }
         self.nbd_started = true;
+        Ok(())
+    }
+
+    /// Refuses a QEMU that is surely not the one the VM's newest backup
+    /// was taken from (another UUID, or without UUIDs another name): a
+    /// wrong or swapped `--vm` socket would otherwise publish one VM's
+    /// disks under another's name. `--new-identity` accepts it (a VM
+    /// re-created), with a warning. A newest backup that does not read,
+    /// or records no identity, is no evidence either way.
+    pub(super) fn check_identity(&mut self, repo: &Repository) -> Result<()> {
+        if self.identity.is_empty() {
+            return Ok(());
+        }
+        let vm = &self.spec.name;
+        let newest = match repo.backup_ids(vm) {
+            Ok(ids) => ids.last().cloned(),
+            Err(e) => return Err(e.context("listing previous backups")),
+        };
+        let Some(id) = newest else { return Ok(()) };
+        let recorded = match repo.manifest(vm, &id) {
+            Ok(m) => m.config["backup_vms"]["qemu"].clone(),
+            Err(e) => {
+                let w = format!("QEMU's identity not checked: backup {id} does not read ({e})");
+                tracing::warn!(vm = %vm, "{w}");
+                self.report.warnings.push(w);
+                return Ok(());
+            }
+        };
+        let Ok(was) = serde_json::from_value::<QemuIdentity>(recorded) else {
+            return Ok(());
+        };
+        if !self.identity.differs_from(&was) {
+            return Ok(());
+        }
+        let what = format!(
+            "QMP socket {} answers for a QEMU with {}, but backup {id} of VM {vm} was taken from one with {was}",
+            crate::api::pathauth::shown(&self.spec.qmp).display(),
+            self.identity
+        );
+        if !self.spec.new_identity {
+            return Err(Error::invalid(format!(
+                "{what}: is it another VM's socket? If VM {vm} was re-created, pass --new-identity {vm} (pre-copy: take one `backup-vms --new-identity {vm}` first)"
+            )));
+        }
+        tracing::warn!(vm = %vm, "{what} (--new-identity)");
+        self.report
+            .warnings
+            .push(format!("{what} (--new-identity)"));
         Ok(())
     }
 

@@ -346,7 +346,15 @@ mod claim_tests;
 #[cfg(test)]
 mod copy_read_tests;
 #[cfg(test)]
+mod deadlock_tests;
+#[cfg(test)]
+mod durability_tests;
+#[cfg(test)]
 mod freeze_tests;
+#[cfg(test)]
+mod miss_tests;
+#[cfg(test)]
+mod prefetch_tests;
 #[cfg(test)]
 mod read_later_tests;
 #[cfg(test)]

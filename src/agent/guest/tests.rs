@@ -644,3 +644,163 @@ fn without_hooks_the_agent_streams_the_tree_as_it_is() {
     );
     assert!(hook_log(&w).is_empty(), "a hook ran");
 }
+
+fn file_entry(path: &str, size: u64) -> crate::repo::catalog::Entry {
+    crate::repo::catalog::Entry {
+        path: path.into(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size,
+        target: None,
+        chunks: vec![],
+    }
+}
+
+#[test]
+fn a_shrinking_file_warned_about_among_its_data_by_an_older_agent_is_backed_up() {
+    // What agents deployed before the warning moved after the data send
+    // for a file that shrank from 6 to 3 bytes while read.
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        w.header(&file_entry("/srv/f", 6))?;
+        w.data(b"abc")?;
+        w.log("WARNING: /srv/f shrank while it was read; padded with zeros")?;
+        w.data(&[0; 3])?;
+        w.header(&file_entry("/srv/g", 2))?;
+        w.data(b"ok")?;
+        w.end()
+    });
+    let lines = std::sync::Mutex::new(vec![]);
+    let opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    let c = receive(&w.repo, &host, deadline, &target(), &opts, &|l| {
+        lines.lock().unwrap().push(l.to_string())
+    })
+    .unwrap();
+    guest.join().unwrap();
+    let lines = lines.into_inner().unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("/srv/f shrank")),
+        "{lines:?}"
+    );
+    let mut got = vec![];
+    let f = c.find("/srv/f").unwrap();
+    crate::files::cat(&w.repo, &c, f, &mut got, &Default::default()).unwrap();
+    assert_eq!(got, b"abc\0\0\0");
+    assert_eq!(c.entries.len(), 2);
+}
+
+#[test]
+fn the_agent_warns_about_a_file_that_shrank_after_its_data_and_once() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("f");
+    std::fs::write(&p, b"abc").unwrap();
+    // Its stat said more than is there now: two data frames' worth.
+    let size = 2 * crate::agent::stream::MAX_DATA as u64 + 10;
+    let mut w = FrameWriter::new(vec![]);
+    w.header(&file_entry("/srv/f", size)).unwrap();
+    send_content(&mut w, File::open(&p).unwrap(), &p, "/srv/f", size).unwrap();
+    w.end().unwrap();
+    let bytes = w.get_mut().clone();
+    let mut r = FrameReader::new(&bytes[..], "s");
+    assert!(matches!(r.next_frame().unwrap(), Frame::Header(_)));
+    // What hosts before log frames among data read: the data, strictly.
+    let mut v = vec![];
+    r.content(size).read_to_end(&mut v).unwrap();
+    assert_eq!(v.len() as u64, size);
+    assert_eq!(&v[..3], b"abc");
+    assert!(v[3..].iter().all(|b| *b == 0));
+    match r.next_frame().unwrap() {
+        Frame::Log(l) => assert!(
+            l.contains("/srv/f shrank") && l.contains(&format!("{} of {size}", size - 3)),
+            "{l}"
+        ),
+        other => panic!("{}", describe(&other)),
+    }
+    assert!(matches!(r.next_frame().unwrap(), Frame::End(_)));
+}
+
+#[test]
+fn overlapping_paths_are_backed_up_once_with_a_note() {
+    let w = World::new();
+    let t = w.tree();
+    let tp = t.to_str().unwrap().to_string();
+    // A path below a link to a directory is not in the walk of `tp`
+    // (links are not followed): walked on its own, and kept.
+    std::os::unix::fs::symlink("sub", t.join("ldir")).unwrap();
+    for hooks in [vec![], vec!["app".to_string()]] {
+        let (agent, got, lines) = w.backup(Job::Backup {
+            paths: vec![
+                format!("{tp}/sub"),
+                tp.clone(),
+                format!("{tp}/sub/conf"),
+                tp.clone(),
+                format!("{tp}/ldir/conf"),
+            ],
+            hooks: hooks.clone(),
+            allow_quiesced_stream: false,
+        });
+        agent.unwrap();
+        let c = got.unwrap();
+        let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                tp.clone(),
+                format!("{tp}/data.db"),
+                format!("{tp}/ldir"),
+                format!("{tp}/link"),
+                format!("{tp}/sub"),
+                format!("{tp}/sub/conf"),
+                format!("{tp}/ldir/conf"),
+            ],
+            "hooks {hooks:?}"
+        );
+        let said = |s: &str| lines.iter().any(|l| l.contains(s));
+        assert!(said(&format!("{tp} was given twice")), "{lines:?}");
+        assert!(said(&format!("{tp}/sub is inside {tp},")), "{lines:?}");
+        assert!(said(&format!("{tp}/sub/conf is inside {tp},")), "{lines:?}");
+        assert!(!said("ldir/conf is inside"), "{lines:?}");
+        assert!(!said("came a second time"), "{lines:?}");
+    }
+}
+
+#[test]
+fn entries_an_older_agent_sends_twice_are_received_once() {
+    // An agent before it dropped overlapping --paths, given `/d /d`.
+    let w = World::new();
+    let (host, guest) = hostile_guest(|w| {
+        for _ in 0..2 {
+            w.header(&crate::repo::catalog::Entry {
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                ..file_entry("/d", 0)
+            })?;
+            w.header(&file_entry("/d/f", 3))?;
+            w.data(b"abc")?;
+        }
+        w.end()
+    });
+    let lines = std::sync::Mutex::new(vec![]);
+    let opts = options(Duration::from_secs(30), Duration::from_secs(600));
+    let deadline = Deadline::start(opts.idle_timeout, opts.max_duration);
+    let c = receive(&w.repo, &host, deadline, &target(), &opts, &|l| {
+        lines.lock().unwrap().push(l.to_string())
+    })
+    .unwrap();
+    guest.join().unwrap();
+    let paths: Vec<&str> = c.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["/d", "/d/f"]);
+    assert_eq!(c.file_bytes, 3);
+    let lines = lines.into_inner().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("2 entries came a second time")),
+        "{lines:?}"
+    );
+}

@@ -22,6 +22,28 @@ use crate::repo::catalog::{Entry, EntryKind};
 /// Why an entry that changed under the walk is passed over.
 pub const REPLACED: &str = "replaced while it was read";
 
+/// Why an entry whose name is not UTF-8 is passed over.
+pub const NOT_UTF8: &str = "its name is not UTF-8";
+/// Why a directory whose name is not UTF-8 is passed over.
+pub const NOT_UTF8_DIR: &str = "its name is not UTF-8; nothing under it is backed up";
+/// Why a symbolic link whose target is not UTF-8 is passed over.
+pub const LINK_NOT_UTF8: &str = "a symbolic link whose target is not UTF-8";
+
+/// `p` for a log line: bytes that are not UTF-8 as `\xNN`, control
+/// characters and `\` escaped, so the name is told without ambiguity.
+pub fn escaped(p: &Path) -> String {
+    use std::fmt::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for c in p.as_os_str().as_bytes().utf8_chunks() {
+        out.push_str(&crate::util::escape_controls(c.valid()));
+        for b in c.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
 /// What the walk found.
 pub enum Found {
     /// An entry in walk order; a regular file comes open.
@@ -77,7 +99,7 @@ fn visit(
     if skip.is_some_and(|s| full.starts_with(s)) {
         return Ok(());
     }
-    let shown = || full.display().to_string();
+    let shown = || escaped(full);
     let st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(errno(format!("stat {}", full.display())))?;
     let kind = match kind_of(&st) {
@@ -86,18 +108,28 @@ fn visit(
         SFlag::S_IFLNK => EntryKind::Symlink,
         _ => return f(Found::Skipped(shown(), "a socket, device or FIFO")),
     };
+    // The catalog holds UTF-8: such an entry is passed over and told,
+    // not the whole backup failed. Only a name below a given path can
+    // be one (those come as UTF-8).
+    let Some(path) = full.to_str() else {
+        let why = match kind {
+            EntryKind::Dir => NOT_UTF8_DIR,
+            _ => NOT_UTF8,
+        };
+        return f(Found::Skipped(escaped(full), why));
+    };
     let target = match kind {
-        EntryKind::Symlink => Some(
-            nix::fcntl::readlinkat(dir, name)
-                .map_err(errno(format!("read link {}", full.display())))?
-                .to_string_lossy()
-                .into_owned(),
-        ),
+        EntryKind::Symlink => {
+            let t = nix::fcntl::readlinkat(dir, name)
+                .map_err(errno(format!("read link {}", full.display())))?;
+            match t.into_string() {
+                Ok(t) => Some(t),
+                // Not stored altered (it would restore pointing elsewhere).
+                Err(_) => return f(Found::Skipped(escaped(full), LINK_NOT_UTF8)),
+            }
+        }
         _ => None,
     };
-    let path = full
-        .to_str()
-        .ok_or_else(|| Error::invalid(format!("{} is not UTF-8", full.display())))?;
     let entry = Entry {
         path: path.to_string(),
         kind,

@@ -157,3 +157,29 @@ fn a_hello_from_an_agent_built_before_the_port_wait_is_read_and_warned_about() {
     assert_eq!(odd.warning().unwrap().lines().count(), 1);
     assert_eq!(odd.describe().lines().count(), 1, "{}", odd.describe());
 }
+
+#[test]
+fn log_frames_among_a_files_data_reach_the_log_only_where_asked_for() {
+    let mut w = FrameWriter::new(vec![]);
+    w.header(&entry("/a", 6)).unwrap();
+    w.data(b"abc").unwrap();
+    w.log("WARNING: /a shrank").unwrap();
+    w.keepalive().unwrap();
+    w.data(&[0; 3]).unwrap();
+    w.end().unwrap();
+    let bytes = w.get_mut().clone();
+    let mut r = FrameReader::new(&bytes[..], "s");
+    r.next_frame().unwrap();
+    let lines = std::sync::Mutex::new(vec![]);
+    let say = |l: &str| lines.lock().unwrap().push(l.to_string());
+    let mut v = vec![];
+    r.content_logging(6, &say).read_to_end(&mut v).unwrap();
+    assert_eq!(v, b"abc\0\0\0");
+    assert_eq!(lines.into_inner().unwrap(), ["WARNING: /a shrank"]);
+    assert!(matches!(r.next_frame().unwrap(), Frame::End(_)));
+    // Without a log to go to (the guest's side of a restore), still refused.
+    let mut r = FrameReader::new(&bytes[..], "s");
+    r.next_frame().unwrap();
+    let e = r.content(6).read_to_end(&mut vec![]).unwrap_err();
+    assert!(e.to_string().contains("got a log line"), "{e}");
+}

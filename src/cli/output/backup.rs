@@ -26,7 +26,7 @@ pub(crate) fn session_backup(r: &Value) {
     }
     let fetched = n(r, "fetched_bytes");
     eprintln!(
-        "backup {} of VM {} (base {}): paused guest writes {:.1} ms, read {} from staging, {}; {} new bytes in {:.1} s",
+        "backup {} of VM {} (base {}): paused guest writes {:.1} ms, read {} of changed blocks, {}; {} new bytes in {:.1} s",
         r["backup"].as_str().unwrap_or("?"),
         r["vm"].as_str().unwrap_or("?"),
         r["base"].as_str().unwrap_or("?"),

@@ -25,8 +25,8 @@ pub(crate) fn recovered(r: &Value, json: bool) {
     eprintln!("{how} VM {vm} from backup {backup}");
     for b in r["skipped"].as_array().cloned().unwrap_or_default() {
         eprintln!(
-            "note: kept staging of VM {vm} from backup {} was not resumed: that backup is gone from the repository (the staging stays on disk; `release --discard {vm}` removes it)",
-            b.as_str().unwrap_or("?")
+            "note: kept staging of VM {vm} from backup {b} was not resumed: that backup is gone from the repository (the staging stays on disk; `release {vm} --discard --backup {b}` removes it)",
+            b = b.as_str().unwrap_or("?")
         );
     }
     for w in r["warnings"].as_array().cloned().unwrap_or_default() {
@@ -53,7 +53,15 @@ pub(crate) fn released(r: &Value) {
     match (r["released"].as_bool() == Some(true), discarded) {
         (true, true) => println!("released VM {vm}; staging discarded"),
         (true, false) => println!("released VM {vm}; staging kept for a later recover"),
-        _ => println!("discarded kept staging of VM {vm}"),
+        _ => {
+            let ids: Vec<&str> = (r["discarded"].as_array().into_iter().flatten())
+                .filter_map(|b| b.as_str())
+                .collect();
+            println!(
+                "discarded kept staging of VM {vm} (backup {})",
+                ids.join(", ")
+            )
+        }
     }
 }
 

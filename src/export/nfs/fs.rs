@@ -131,6 +131,9 @@ pub struct Namespace {
     owner: (u32, u32),
     fsid: u64,
     started: SystemTime,
+    /// VMs looked up here that another export point serves, and when the
+    /// log last said so (once a minute per VM: NFS has no message for it).
+    told_elsewhere: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl Namespace {
@@ -148,11 +151,47 @@ impl Namespace {
             owner,
             fsid,
             started: SystemTime::now(),
+            told_elsewhere: Default::default(),
         }
     }
 
     pub fn datastore(&self) -> &Arc<Datastore> {
         &self.ds
+    }
+
+    /// Logs, at most once a minute per VM, that a VM a client looked up
+    /// here is served at another export point, with its NFS URLs: the
+    /// client sees only "no such file" (explore5 L3).
+    fn say_if_elsewhere(&self, vm: &str) {
+        let Some(s) = self.ds.session(vm) else { return };
+        let point = s.point.name();
+        if point == self.point {
+            return;
+        }
+        let now = std::time::Instant::now();
+        {
+            let mut told = self.told_elsewhere.lock();
+            if told
+                .get(vm)
+                .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(60))
+            {
+                return;
+            }
+            told.insert(vm.to_string(), now);
+        }
+        let urls: Vec<String> = (0..s.disks.len())
+            .flat_map(|i| self.ds.disk_urls(&s, i))
+            .filter(|u| u.starts_with("nfs"))
+            .collect();
+        let where_ = match urls.is_empty() {
+            true => "which has no NFS server".to_string(),
+            false => urls.join(" "),
+        };
+        tracing::warn!(
+            vm,
+            "an NFS client looked up VM {vm} at export point {}, but export point {point} serves it: {where_}",
+            self.point
+        );
     }
 
     /// The handle of a node.
@@ -332,6 +371,9 @@ impl Namespace {
     }
 
     pub fn lookup(&self, c: &Caller, dir: &Node, name: &[u8]) -> Result<Node, nfsstat3> {
+        if name.len() > super::xdr::MAX_NAME {
+            return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
+        }
         let name = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_NOENT)?;
         if !dir.is_dir() {
             return Err(nfsstat3::NFS3ERR_NOTDIR);
@@ -339,11 +381,13 @@ impl Namespace {
         self.check(c, dir, X)?;
         match (dir, name) {
             (Node::Root, "." | "..") => Ok(Node::Root),
-            (Node::Root, vm) => self
-                .ds
-                .session_at(vm, &self.point)
-                .map(Node::Dir)
-                .ok_or(nfsstat3::NFS3ERR_NOENT),
+            (Node::Root, vm) => match self.ds.session_at(vm, &self.point) {
+                Some(s) => Ok(Node::Dir(s)),
+                None => {
+                    self.say_if_elsewhere(vm);
+                    Err(nfsstat3::NFS3ERR_NOENT)
+                }
+            },
             (Node::Dir(s), ".") => Ok(Node::Dir(s.clone())),
             (Node::Dir(_), "..") => Ok(Node::Root),
             (Node::Dir(s), name) => {
@@ -438,7 +482,7 @@ pub fn side_dir_in(session_dir: &std::path::Path) -> PathBuf {
 /// and not the name of the VM's own files.
 pub fn side_name<'a>(s: &Arc<Session>, name: &'a [u8]) -> Result<&'a str, nfsstat3> {
     let n = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
-    if n.len() > 255 {
+    if n.len() > super::xdr::MAX_NAME {
         return Err(nfsstat3::NFS3ERR_NAMETOOLONG);
     }
     if !one_component(n) {

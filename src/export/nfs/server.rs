@@ -346,6 +346,18 @@ fn dropped(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
     }
 }
 
+/// A client that reset its connection is no news (QEMU's libnfs does at
+/// every exit, explore5 L3); a record that does not decode, or a client
+/// that stalled mid-record, is.
+fn read_failed(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) {
+        tracing::debug!(%peer, "NFS client reset its connection: {e}");
+    } else {
+        dropped(shared, peer, e);
+    }
+}
+
 /// A client that closed with calls in flight is no news; one that stopped
 /// taking replies is.
 fn write_failed(shared: &Shared, peer: SocketAddr, e: &std::io::Error) {
@@ -406,7 +418,7 @@ async fn read_calls(
             Ok(Some(r)) => r,
             Ok(None) => return Ended::Eof,
             Err(e) => {
-                dropped(&shared, peer, &e);
+                read_failed(&shared, peer, &e);
                 return Ended::Dropped;
             }
         };

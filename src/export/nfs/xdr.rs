@@ -18,6 +18,10 @@ pub type Result<T> = std::result::Result<T, Garbage>;
 
 /// Longest file name (NFS3 and MOUNT), path (MOUNT) and auth body (RPC).
 pub const MAX_NAME: usize = 255;
+/// Longest file name decoded: NFS3's `filename3` has no bound of its own,
+/// and a name longer than [`MAX_NAME`] (up to this) is answered with
+/// NFS3ERR_NAMETOOLONG by the procedure, as a local filesystem would.
+pub const MAX_NAME_DECODED: usize = 4096;
 pub const MAX_PATH: usize = 1024;
 pub const MAX_AUTH: usize = 400;
 
@@ -94,7 +98,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn name(&mut self) -> Result<&'a [u8]> {
-        self.opaque(MAX_NAME)
+        self.opaque(MAX_NAME_DECODED)
     }
 
     pub fn createverf(&mut self) -> Result<createverf3> {

@@ -169,3 +169,94 @@ fn a_vm_that_exits_mid_call_is_an_error_not_a_hang() {
         "{e}"
     );
 }
+
+#[test]
+fn guest_disks_leave_out_drives_without_a_device_naming_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, x) = (dir.path().join("disk.raw"), dir.path().join("x.raw"));
+    for f in [&img, &x] {
+        std::fs::write(f, vec![0u8; 1 << 20]).unwrap();
+    }
+    let qmp = dir.path().join("qmp.sock");
+    let mut cmd = paused_vm(&img, &qmp);
+    cmd.arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=nodev", x.display()));
+    let mut proc = Proc::spawn(&mut cmd);
+    proc.wait_for(&qmp);
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let (disks, skipped) = q.guest_disks().unwrap();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    assert_eq!(disks[0].device, "drive0");
+    assert_eq!(q.block_devices().unwrap(), disks);
+    assert_eq!(
+        skipped,
+        [format!(
+            "drive nodev ({}) has no guest device: not backed up",
+            x.display()
+        )]
+    );
+    drop(proc);
+}
+
+#[test]
+fn guest_disks_leave_out_removable_media_naming_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, iso, fd) = (
+        dir.path().join("disk.raw"),
+        dir.path().join("cd.iso"),
+        dir.path().join("fd.img"),
+    );
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&fd, vec![0u8; 1_474_560]).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut cmd = paused_vm(&img, &qmp);
+    cmd.arg("-drive")
+        .arg(format!(
+            "if=ide,media=cdrom,index=2,format=raw,file={}",
+            iso.display()
+        ))
+        // No disc: not a medium, not named.
+        .args(["-drive", "if=ide,media=cdrom,index=3"])
+        .arg("-drive")
+        .arg(format!(
+            "if=floppy,index=0,format=raw,file={}",
+            fd.display()
+        ));
+    let mut proc = Proc::spawn(&mut cmd);
+    proc.wait_for(&qmp);
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let (disks, skipped) = q.guest_disks().unwrap();
+    // A writable floppy may hold the guest's writes: backed up.
+    let names: Vec<&str> = disks.iter().map(|d| d.device.as_str()).collect();
+    assert_eq!(names, ["drive0", "floppy0"], "{disks:?}");
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    for (s, (drive, kind, file)) in skipped.iter().zip([("ide1-cd0", "ide-cd", &iso)]) {
+        assert!(
+            s.starts_with(&format!("drive {drive} ({kind} /machine/"))
+                && s.ends_with(&format!(
+                    "holds a removable medium ({}): not backed up",
+                    file.display()
+                )),
+            "{skipped:?}"
+        );
+    }
+    drop(proc);
+}
+
+#[test]
+fn machine_size_is_qemus_memory_and_vcpu_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut cmd = paused_vm(&img, &qmp);
+    // The last -m counts (paused_vm gives one).
+    cmd.args(["-m", "1024", "-smp", "2"]);
+    let mut proc = Proc::spawn(&mut cmd);
+    proc.wait_for(&qmp);
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let m = q.machine_size().unwrap();
+    assert_eq!((m.memory_mib, m.vcpus), (1024, 2));
+    drop(proc);
+}

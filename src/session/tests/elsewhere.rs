@@ -351,3 +351,75 @@ fn a_pin_from_before_staging_ids_still_protects_its_backup_and_is_replaced_when_
         Some(r.ds.stagings.main().id())
     );
 }
+
+#[test]
+fn a_session_that_cannot_be_resumed_after_a_restart_is_pinned_as_kept_not_served() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    assert_eq!(pins(&r)[0].state, "serving");
+    let dir = r.ds.stagings.main().session_dir("vm", &b1);
+    r.ds.flush_all().unwrap();
+    drop(r.ds);
+    // Its manifest gone from staging and repository while the daemon was
+    // down (removed by hand): the session does not resume.
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    r.repo
+        .backend()
+        .delete(&format!("backups/vm/{b1}.json"))
+        .unwrap();
+    let ds = datastore(r.dir.path(), &r.repo, &[]);
+    assert!(ds.resume_active().is_empty());
+    let p = crate::repo::pins::of_vm(&r.repo, "vm").unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].state, "kept", "{:?}", p[0]);
+    assert_eq!(p[0].backups, vec![b1.clone()]);
+}
+
+#[test]
+fn a_served_session_whose_session_json_was_damaged_is_pinned_as_kept_at_the_restart() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let dir = r.ds.stagings.main().session_dir("vm", &b1);
+    r.ds.flush_all().unwrap();
+    drop(r.ds);
+    std::fs::write(dir.join("session.json"), b"{ damaged").unwrap();
+    let ds = datastore(r.dir.path(), &r.repo, &[]);
+    assert!(ds.resume_active().is_empty());
+    let p = crate::repo::pins::of_vm(&r.repo, "vm").unwrap();
+    assert_eq!(p[0].state, "kept", "{:?}", p[0]);
+}
+
+#[test]
+fn release_naming_a_backup_touches_only_that_backups_staging_whichever_session_is_served() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 4);
+    let (b2, _) = backup(&r, "vm", 2, 4);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    r.ds.recover("vm", Some(&b2)).unwrap();
+    let main = r.ds.stagings.main().clone();
+    // Not served, without discard: nothing to release, nothing touched.
+    let e = r.ds.release_backup("vm", &b1, false).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+    assert!(main.session_dir("vm", &b1).exists());
+    // b1's kept staging goes; b2 stays served.
+    assert_eq!(
+        r.ds.release_backup("vm", &b1, true).unwrap(),
+        (false, vec![b1.clone()])
+    );
+    assert!(!main.session_dir("vm", &b1).exists());
+    assert_eq!(r.ds.session("vm").unwrap().backup, b2);
+    // Naming the served backup releases it (kept without discard).
+    assert_eq!(
+        r.ds.release_backup("vm", &b2, false).unwrap(),
+        (true, vec![])
+    );
+    assert!(r.ds.session("vm").is_none());
+    assert!(main.session_dir("vm", &b2).exists());
+    // Gone: said, and b2's kept staging is not taken for it.
+    let e = r.ds.release_backup("vm", &b1, true).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+    assert!(main.session_dir("vm", &b2).exists());
+}

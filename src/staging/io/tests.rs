@@ -1,4 +1,8 @@
+use super::os::openat2_unavailable;
 use super::*;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 
 #[test]
 fn a_seccomp_refusal_of_openat2_falls_back_like_a_kernel_without_it() {

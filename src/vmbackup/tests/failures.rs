@@ -96,9 +96,7 @@ fn an_unreachable_qmp_socket_and_a_vm_without_disks_fail_alone_with_one_line_err
 #[test]
 fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     let good = vm(Some(&content()));
-    // A second drive with no guest device: its view cannot switch a
-    // device onto the copy-before-write filter, after the first view is
-    // open.
+    // A second disk, with its guest device.
     let dir = tempfile::tempdir().unwrap();
     let (img, extra, qmp) = (
         dir.path().join("a.raw"),
@@ -108,18 +106,53 @@ fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     std::fs::write(&img, content()).unwrap();
     std::fs::write(&extra, content()).unwrap();
     let mut cmd = paused_vm(&img, &qmp);
-    cmd.arg("-drive").arg(format!(
-        "file={},format=raw,if=none,id=drive1",
-        extra.display()
-    ));
+    cmd.arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=drive1",
+            extra.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=drive1,id=vd1"]);
     let broken = start(cmd, qmp, Some(img), dir);
-    let mut q = broken.monitor();
+    // Once the first view is open, the second's dirty bitmap name (the
+    // first's with disk 1 for disk 0) is taken on its node: that view
+    // cannot open. One client per QMP socket: the monitor is shared.
+    let mon = Arc::new(Mutex::new(broken.monitor()));
+    let m = mon.clone();
+    let hook: Hook = Arc::new(move |vm, event| {
+        if vm != "broken" || event != "view_opened" {
+            return;
+        }
+        let mut q = m.lock().unwrap();
+        let nodes = q
+            .execute("query-named-block-nodes", Some(json!({"flat": true})))
+            .unwrap();
+        let bitmaps: Vec<String> = (nodes.as_array().unwrap().iter())
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b["name"].as_str().map(str::to_string))
+            .collect();
+        let first = bitmaps.iter().find(|b| b.ends_with("-0-0")).unwrap();
+        let second = format!("{}-1", first.strip_suffix("-0").unwrap());
+        let node = q.block_devices().unwrap()[1].node_name.clone();
+        q.execute(
+            "block-dirty-bitmap-add",
+            Some(json!({"node": node, "name": second})),
+        )
+        .unwrap();
+    });
     let (_d, repo) = repo();
     let s = backup_vms(
         &repo,
-        &options(&[("broken", &broken), ("good", &good)], 1, None),
+        &options(&[("broken", &broken), ("good", &good)], 1, Some(hook)),
     )
     .unwrap();
+    let mut q = Arc::try_unwrap(mon).ok().unwrap().into_inner().unwrap();
+    // The test's own bitmap goes; nothing of the backup's may be left.
+    let node = q.block_devices().unwrap()[1].node_name.clone();
+    let taken = leftovers(&mut q);
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    let name = taken[0].strip_prefix("bitmap ").unwrap();
+    assert!(name.ends_with("-0-1"), "{taken:?}");
+    fleece::bitmap_op(&mut q, "remove", &node, name).unwrap();
     let r = report(&s, "broken");
     let e = r.error.as_deref().unwrap();
     assert!(e.starts_with("disk 1 ("), "{e}");
@@ -268,4 +301,46 @@ fn a_signal_during_the_first_read_fails_every_vm_through_its_cleanup_resumed_and
         assert_eq!(q.execute("query-block-exports", None).unwrap(), json!([]));
         assert!(q.status().unwrap().running, "{n}");
     }
+}
+
+#[test]
+fn a_qemu_whose_uuid_is_not_the_one_of_the_vms_newest_backup_fails_that_vm_unless_told_the_vm_was_re_created(
+) {
+    const UUID_A: &str = "6f1b3c2e-0000-4000-8000-00000000000a";
+    const UUID_B: &str = "6f1b3c2e-0000-4000-8000-00000000000b";
+    let a = vm_with_args(Some(&content()), &["-uuid", UUID_A, "-name", "web01"]);
+    let b = vm_with_args(Some(&content()), &["-uuid", UUID_B, "-name", "db01"]);
+    let (_d, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("web01", &a)], 1, None)).unwrap();
+    assert!(report(&s, "web01").error.is_none());
+    let first = repo.backup_ids("web01").unwrap()[0].clone();
+    let m = repo.manifest("web01", &first).unwrap();
+    assert_eq!(m.config["backup_vms"]["qemu"]["uuid"], UUID_A);
+    // db01's socket given for web01: refused, nothing published.
+    let s = backup_vms(&repo, &options(&[("web01", &b)], 1, None)).unwrap();
+    let e = report(&s, "web01").error.clone().unwrap();
+    assert!(e.contains(UUID_A) && e.contains(UUID_B), "{e}");
+    assert!(e.contains("--new-identity web01"), "{e}");
+    assert_eq!(repo.backup_ids("web01").unwrap().len(), 1);
+    assert!(
+        leftovers(&mut b.monitor()).is_empty(),
+        "nothing left in QEMU"
+    );
+    // The same QEMU again passes; a re-created VM passes when told.
+    let s = backup_vms(&repo, &options(&[("web01", &a)], 1, None)).unwrap();
+    assert!(report(&s, "web01").error.is_none());
+    let mut opts = options(&[("web01", &b)], 1, None);
+    opts.vms[0].new_identity = true;
+    let s = backup_vms(&repo, &opts).unwrap();
+    let r = report(&s, "web01");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("--new-identity")),
+        "{:?}",
+        r.warnings
+    );
+    let ids = repo.backup_ids("web01").unwrap();
+    assert_eq!(ids.len(), 3);
+    let m = repo.manifest("web01", ids.last().unwrap()).unwrap();
+    assert_eq!(m.config["backup_vms"]["qemu"]["uuid"], UUID_B);
 }

@@ -30,6 +30,7 @@ fn a_vm_name_or_a_qmp_socket_given_twice_is_refused_before_anything_is_touched()
         qmp: qmp.into(),
         agent: None,
         base: None,
+        new_identity: false,
     };
     let mut o = Options {
         vms: vec![spec("a", "/x/1.sock"), spec("a", "/x/2.sock")],

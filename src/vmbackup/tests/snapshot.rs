@@ -204,6 +204,7 @@ fn a_guest_writing_to_its_disk_is_measured_busiest_read_first_frozen_through_its
         qmp: deb_qmp,
         agent: Some(deb_qga),
         base: None,
+        new_identity: false,
     });
     opts.chunk_size = 1 << 20;
     opts.rate_window = Duration::from_secs(1);

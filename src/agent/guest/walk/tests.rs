@@ -112,3 +112,35 @@ fn the_walk_gives_every_entry_in_name_order_and_passes_over_a_fifo() {
     assert_eq!(got[4].1.as_deref(), Some(&b"D"[..]));
     assert_eq!(skipped, [(format!("{t}/p"), "a socket, device or FIFO")]);
 }
+
+#[test]
+fn names_and_link_targets_that_are_not_utf8_are_skipped_and_told_not_fatal() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let top = d.path().join("top");
+    std::fs::create_dir(&top).unwrap();
+    let raw = |b: &[u8]| top.join(OsStr::from_bytes(b));
+    std::fs::write(top.join("a"), b"a").unwrap();
+    std::fs::write(raw(b"bad\xff"), b"x").unwrap();
+    std::fs::create_dir(raw(b"dir\xfe")).unwrap();
+    std::fs::write(raw(b"dir\xfe").join("inner"), b"y").unwrap();
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"t\xfd"), top.join("link")).unwrap();
+    std::fs::write(top.join("z\\x41"), b"z").unwrap();
+    let (got, skipped) = walked(&top, |_| {});
+    let t = top.to_str().unwrap();
+    let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [t.to_string(), format!("{t}/a"), format!("{t}/z\\x41")]
+    );
+    assert_eq!(
+        skipped,
+        [
+            (format!("{t}/bad\\xff"), NOT_UTF8),
+            (format!("{t}/dir\\xfe"), NOT_UTF8_DIR),
+            (format!("{t}/link"), LINK_NOT_UTF8),
+        ]
+    );
+    // A real backslash is told escaped, unlike an invalid byte.
+    assert_eq!(escaped(&top.join("z\\x41")), format!("{t}/z\\\\x41"));
+}

@@ -1,0 +1,291 @@
+use super::*;
+
+fn repo() -> (tempfile::TempDir, Arc<Repository>) {
+    let d = tempfile::tempdir().unwrap();
+    let (r, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+    (d, r)
+}
+
+#[test]
+fn a_collector_waits_for_a_writer_and_gives_up_naming_it() {
+    let (_d, r) = repo();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let e = GcLock::acquire(&r, Duration::from_millis(300))
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    assert!(e.to_string().contains("backup of vm1 by pid"), "{e}");
+    assert!(
+        holders(&r, LockKind::Gc, None).unwrap().is_empty(),
+        "a collector that gave up leaves no lock"
+    );
+    drop(w);
+    let g = GcLock::acquire(&r, Duration::ZERO).unwrap();
+    // A writer now waits until the collector is done.
+    let r2 = r.clone();
+    let t0 = Instant::now();
+    let t = std::thread::spawn(move || WriterLock::acquire(&r2, "vm2").map(|_| t0.elapsed()));
+    std::thread::sleep(Duration::from_millis(800));
+    drop(g);
+    let waited = t.join().unwrap().unwrap();
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    assert!(r.backend().list_all(DIR).unwrap().is_empty());
+}
+
+#[test]
+fn a_waiting_collector_holds_new_writers_back_so_backups_cannot_starve_it() {
+    let (_d, r) = repo();
+    let w1 = WriterLock::acquire(&r, "vm1").unwrap();
+    let (r1, r2) = (r.clone(), r.clone());
+    let gc = std::thread::spawn(move || {
+        let g = GcLock::acquire(&r1, Duration::from_secs(60)).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        drop(g);
+        Instant::now()
+    });
+    while holders(&r, LockKind::Gc, None).unwrap().is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let w2 = std::thread::spawn(move || {
+        let w = WriterLock::acquire(&r2, "vm2").unwrap();
+        (Instant::now(), w)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!w2.is_finished(), "a new writer waits behind the collector");
+    drop(w1);
+    let gc_done = gc.join().unwrap();
+    let (w2_start, _w2) = w2.join().unwrap();
+    assert!(
+        w2_start >= gc_done,
+        "the new writer went after the collector"
+    );
+}
+
+#[test]
+fn a_lock_not_refreshed_for_the_stale_time_is_ignored() {
+    let (d, r) = repo();
+    // A writer killed -9 left its lock behind.
+    let key = format!("{DIR}/backup-dead.json");
+    r.backend().put(&key, b"{}").unwrap();
+    assert_eq!(holders(&r, LockKind::Backup, None).unwrap().len(), 1);
+    let path = d.path().join("r").join(&key);
+    let old = std::time::SystemTime::now() - STALE - Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+    GcLock::acquire(&r, Duration::ZERO).unwrap();
+}
+
+/// review23 M1: a host whose clock runs ahead of the store's by more
+/// than the stale time must still see a collector's fresh lock.
+#[test]
+fn lock_ages_are_read_on_the_stores_clock_so_a_host_clock_ahead_of_it_sees_a_fresh_lock_as_fresh() {
+    let (d, r) = repo();
+    let stamp = |key: &str, ago: Duration| {
+        std::fs::File::options()
+            .write(true)
+            .open(d.path().join("r").join(key))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - ago)
+            .unwrap();
+    };
+    let doc = |kind: LockKind| {
+        serde_json::to_vec(&LockDoc {
+            kind,
+            host: "another-host".into(),
+            pid: 1,
+            what: "x".into(),
+            started: "2026-01-01T00:00:00Z".into(),
+            boot_id: None,
+            pid_ns: None,
+            start_time: None,
+        })
+        .unwrap()
+    };
+    // The store's clock is 1,000 s behind this host's: a collector put
+    // its lock 10 s before this writer put its own.
+    let (gc, own) = (
+        format!("{DIR}/gc-other.json"),
+        format!("{DIR}/backup-own.json"),
+    );
+    r.backend().put(&gc, &doc(LockKind::Gc)).unwrap();
+    r.backend().put(&own, &doc(LockKind::Backup)).unwrap();
+    stamp(&gc, Duration::from_secs(1010));
+    stamp(&own, Duration::from_secs(1000));
+    let seen = holders(&r, LockKind::Gc, Some(&own)).unwrap();
+    assert_eq!(seen.len(), 1, "a live collector's lock was taken for dead");
+    assert_eq!(seen[0].age_secs, 10);
+    // 700 s older than the writer's own on the store's clock: stale.
+    stamp(&gc, Duration::from_secs(1700));
+    assert!(holders(&r, LockKind::Gc, Some(&own)).unwrap().is_empty());
+}
+
+#[test]
+fn a_writer_whose_lock_was_not_refreshed_for_half_the_stale_time_publishes_nothing() {
+    let (_d, r) = repo();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    w.check_fresh().unwrap();
+    // As if the process had been stopped for six minutes.
+    w.0.fresh.lock().last_ok = BootInstant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+    let e = super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+        .unwrap_err();
+    assert!(e.to_string().contains("was not refreshed"), "{e}");
+    assert!(r.backup_ids("vm1").unwrap().is_empty());
+    // Seen here first, the lapse is remembered all the same.
+    w.0.fresh.lock().last_ok = BootInstant::now();
+    assert!(w.check_fresh().is_err());
+}
+
+#[test]
+fn a_writer_whose_lock_lapsed_publishes_nothing_even_after_a_later_refresh() {
+    let (_d, r) = repo();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    // Stopped for six minutes: a collector elsewhere may have taken the
+    // lock for dead and swept chunks this writer already counted on.
+    w.0.fresh.lock().last_ok = BootInstant::now().checked_sub(STALE / 2 + REFRESH).unwrap();
+    // The process resumes and its refresh thread rewrites the lock.
+    let body = r.backend().get(&w.0.key, 4096).unwrap().unwrap();
+    refresh_once(&r, &w.0.key, &body, &w.0.gate, &w.0.fresh);
+    let e = super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    assert!(r.backup_ids("vm1").unwrap().is_empty());
+    // And stays distrusted: a lapse is never forgiven.
+    refresh_once(&r, &w.0.key, &body, &w.0.gate, &w.0.fresh);
+    assert!(w.check_fresh().is_err());
+}
+
+/// Puts a lock object as a process with `doc` would have.
+fn plant(r: &Repository, doc: &LockDoc) -> String {
+    let key = format!("{DIR}/{}planted.json", doc.kind.prefix());
+    r.backend()
+        .put(&key, &serde_json::to_vec(doc).unwrap())
+        .unwrap();
+    key
+}
+
+/// A lock as this host's process `pid` writes it.
+fn local_doc(kind: LockKind, pid: u32) -> LockDoc {
+    LockDoc {
+        kind,
+        host: me().host.clone(),
+        pid,
+        what: "vm".into(),
+        started: "2026-11-23T21:00:00Z".into(),
+        boot_id: me().boot_id.clone(),
+        pid_ns: me().pid_ns.clone(),
+        start_time: start_time(pid),
+    }
+}
+
+/// The pid of a process that has exited (and been reaped).
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn a_lock_of_a_dead_process_on_this_host_is_removed_at_once_and_delays_neither_gc_nor_backup() {
+    let (_d, r) = repo();
+    let pid = dead_pid();
+    // `backup` killed (SIGKILL) while it read its source.
+    let key = plant(&r, &local_doc(LockKind::Backup, pid));
+    GcLock::acquire(&r, Duration::ZERO).expect("not delayed by a dead writer");
+    assert!(
+        !r.backend().exists(&key).unwrap(),
+        "the stale lock is removed"
+    );
+    // `gc` killed while it waited for writers.
+    let key = plant(&r, &local_doc(LockKind::Gc, pid));
+    let r2 = r.clone();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || tx.send(WriterLock::acquire(&r2, "vm").is_ok()));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Ok(true),
+        "a backup waits for a dead collector"
+    );
+    assert!(!r.backend().exists(&key).unwrap());
+}
+
+#[test]
+fn a_lock_whose_pid_now_runs_another_program_is_stale() {
+    let (_d, r) = repo();
+    let mut doc = local_doc(LockKind::Backup, std::process::id());
+    let now = doc.start_time.expect("this process's start time");
+    assert!(dead_local_holder(&doc).is_none(), "a live holder is live");
+    doc.start_time = Some(now + 1);
+    let key = plant(&r, &doc);
+    assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+    assert!(!r.backend().exists(&key).unwrap());
+}
+
+#[test]
+fn a_dead_pid_on_another_host_boot_or_pid_namespace_or_in_an_older_lock_waits_for_the_stale_time() {
+    let (_d, r) = repo();
+    let pid = dead_pid();
+    let others = [
+        LockDoc {
+            host: "elsewhere".into(),
+            ..local_doc(LockKind::Backup, pid)
+        },
+        LockDoc {
+            boot_id: Some("another-boot".into()),
+            ..local_doc(LockKind::Backup, pid)
+        },
+        LockDoc {
+            pid_ns: Some("pid:[1]".into()),
+            ..local_doc(LockKind::Backup, pid)
+        },
+        LockDoc {
+            boot_id: None,
+            pid_ns: None,
+            start_time: None,
+            ..local_doc(LockKind::Backup, pid)
+        },
+    ];
+    for doc in others {
+        let key = plant(&r, &doc);
+        assert_eq!(
+            holders(&r, LockKind::Backup, None).unwrap().len(),
+            1,
+            "{doc:?}"
+        );
+        r.backend().delete(&key).unwrap();
+    }
+}
+
+#[test]
+fn released_locks_are_removed_and_nothing_is_published_or_refreshed_under_them_after() {
+    let (_d, r) = repo();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let body = r.backend().get(&w.0.key, 4096).unwrap().unwrap();
+    let mine = |x: &Arc<Repository>| Arc::ptr_eq(x, &r);
+    assert_eq!(release_matching(Duration::from_secs(1), mine), 1);
+    assert!(r.backend().list_all(DIR).unwrap().is_empty());
+    refresh_once(&r, &w.0.key, &body, &w.0.gate, &w.0.fresh);
+    assert!(
+        r.backend().list_all(DIR).unwrap().is_empty(),
+        "a refresh put it back"
+    );
+    let e = super::super::writer::publish_manifest(&r, &w, "vm1", serde_json::json!({}), vec![])
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Interrupted, "{e}");
+    assert!(r.backup_ids("vm1").unwrap().is_empty());
+    drop(w);
+    assert_eq!(release_matching(Duration::from_secs(1), mine), 0);
+}
+
+#[test]
+fn reusing_a_forgotten_backups_chunks_is_refused() {
+    let (_d, r) = repo();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let e = w.require_manifest("vm1", "20260101-000000").unwrap_err();
+    assert!(e.to_string().contains("no longer in the repository"), "{e}");
+}
