@@ -194,7 +194,7 @@ fn is_pseudo_fs(fd: &OwnedFd) -> bool {
         return false;
     }
     // SAFETY: the call succeeded, so the struct is initialised.
-    let kind = unsafe { st.assume_init() }.f_type as i64;
+    let kind = unsafe { st.assume_init() }.f_type;
     [
         libc::PROC_SUPER_MAGIC,
         libc::SYSFS_MAGIC,
