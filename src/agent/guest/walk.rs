@@ -209,7 +209,7 @@ fn is_pseudo_fs(fd: &OwnedFd) -> bool {
         libc::NSFS_MAGIC,
     ]
     .iter()
-    .any(|&m| m as i64 == kind)
+    .any(|&m| m == kind)
 }
 
 #[cfg(test)]
