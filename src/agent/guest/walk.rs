@@ -208,8 +208,7 @@ fn is_pseudo_fs(fd: &OwnedFd) -> bool {
         libc::DEVPTS_SUPER_MAGIC,
         libc::NSFS_MAGIC,
     ]
-    .iter()
-    .any(|&m| m == kind)
+    .contains(&kind)
 }
 
 #[cfg(test)]
