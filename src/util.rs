@@ -435,6 +435,51 @@ impl HostLogLimit {
     }
 }
 
+/// Writes a new file's content at increasing offsets, leaving a hole
+/// where a write is all zeros: a restored sparse file (a VM image, a
+/// database's preallocated file) takes the room it took before, not its
+/// full size (explore6 M5). [`SparseWriter::finish`] sets the length, so
+/// trailing zeros are a hole too. Only for a file created empty.
+pub struct SparseWriter<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl<'a> SparseWriter<'a> {
+    pub fn new(file: &'a std::fs::File) -> SparseWriter<'a> {
+        SparseWriter { file, pos: 0 }
+    }
+
+    /// Sets the file's length to what was written.
+    pub fn finish(self) -> std::io::Result<()> {
+        self.file.set_len(self.pos)
+    }
+}
+
+impl std::io::Write for SparseWriter<'_> {
+    /// In pieces ending at 64 KiB boundaries of the file: an all-zero
+    /// piece is skipped (a hole), even inside a chunk with data.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        const PIECE: u64 = 64 << 10;
+        let mut off = 0;
+        while off < buf.len() {
+            let at = self.pos + off as u64;
+            let n = ((PIECE - at % PIECE) as usize).min(buf.len() - off);
+            let piece = &buf[off..off + n];
+            if piece.iter().any(|&b| b != 0) {
+                std::os::unix::fs::FileExt::write_all_at(self.file, piece, at)?;
+            }
+            off += n;
+        }
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

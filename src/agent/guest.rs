@@ -559,8 +559,12 @@ fn restore(
                 continue;
             }
             EntryKind::File => {
-                let mut f = place::create_new(dir, &tmp, &tmp_shown)?;
-                let copied = std::io::copy(&mut r.content(e.size), &mut f)
+                let f = place::create_new(dir, &tmp, &tmp_shown)?;
+                // All-zero stretches stay holes: a sparse file restores
+                // sparse, and fits where it was backed up (explore6 M5).
+                let mut sparse = crate::util::SparseWriter::new(&f);
+                let copied = std::io::copy(&mut r.content(e.size), &mut sparse)
+                    .and_then(|_| sparse.finish())
                     .map_err(|err| {
                         err.get_ref()
                             .and_then(|i| i.downcast_ref::<Error>())

@@ -312,16 +312,16 @@ fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
     // create_new never reuses a name that exists.
     let tmp = dir.join(format!(".recoverfs-tmp.{}", std::process::id()));
     let r = (|| {
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
             .ctx(|| format!("create {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::new(&mut f);
+        // All-zero stretches stay holes: a sparse file restores sparse.
+        let mut w = crate::util::SparseWriter::new(&f);
         content(e, &mut w)?;
-        w.flush().ctx(|| format!("write {}", tmp.display()))?;
-        drop(w);
+        w.finish().ctx(|| format!("write {}", tmp.display()))?;
         f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
         std::fs::hard_link(&tmp, dst).ctx(|| format!("create {}", dst.display()))?;
         crate::util::fsync_dir(dir)

@@ -383,3 +383,55 @@ fn a_catalog_with_identical_repeated_entries_lists_and_restores_each_once() {
     );
     assert_eq!(std::fs::read_dir(&to2).unwrap().count(), 0);
 }
+
+#[test]
+fn a_sparse_file_restores_sparse_with_its_bytes_and_size() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let size: u64 = 64 << 20;
+    let entry = Entry {
+        path: "/disk.img".into(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 1_600_000_000,
+        mtime_nsec: 0,
+        size,
+        target: None,
+        chunks: vec![],
+    };
+    // Data at the start and mid-way, zeros elsewhere and at the end: as a
+    // file backup's content arrives, in pieces of any size.
+    let content: &Content = &|_, out| {
+        let mut zeros = vec![0u8; 1 << 20];
+        zeros[..5].copy_from_slice(b"start");
+        for i in 0..64 {
+            if i == 1 {
+                zeros[..5].fill(0);
+            }
+            if i == 32 {
+                out.write_all(&[7u8; 1 << 20]).ctx(|| "write".to_string())?;
+                continue;
+            }
+            out.write_all(&zeros).ctx(|| "write".to_string())?;
+        }
+        Ok(())
+    };
+    restore_with(&[&entry], &to, content, &GO).unwrap();
+    let p = to.join("disk.img");
+    let m = std::fs::metadata(&p).unwrap();
+    assert_eq!(m.len(), size);
+    assert!(
+        m.blocks() * 512 < 4 << 20,
+        "a 64 MiB file with 1 MiB of data took {} bytes",
+        m.blocks() * 512
+    );
+    let back = std::fs::read(&p).unwrap();
+    assert_eq!(&back[..5], b"start");
+    assert!(back[32 << 20..33 << 20].iter().all(|&b| b == 7));
+    assert!(back[5..32 << 20].iter().all(|&b| b == 0));
+    assert!(back[33 << 20..].iter().all(|&b| b == 0));
+}

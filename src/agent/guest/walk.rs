@@ -28,6 +28,9 @@ pub const NOT_UTF8: &str = "its name is not UTF-8";
 pub const NOT_UTF8_DIR: &str = "its name is not UTF-8; nothing under it is backed up";
 /// Why a symbolic link whose target is not UTF-8 is passed over.
 pub const LINK_NOT_UTF8: &str = "a symbolic link whose target is not UTF-8";
+/// Why what is under a kernel pseudo-filesystem's directory is passed over.
+pub const PSEUDO_FS: &str =
+    "a kernel filesystem (proc, sysfs, cgroup, ...): the directory is kept, not what is in it";
 
 /// `p` for a log line: bytes that are not UTF-8 as `\xNN`, control
 /// characters and `\` escaped, so the name is told without ambiguity.
@@ -159,6 +162,9 @@ fn visit(
                 return f(Found::Skipped(shown(), REPLACED));
             };
             f(Found::Entry(entry, None))?;
+            if is_pseudo_fs(&fd) {
+                return f(Found::Skipped(shown(), PSEUDO_FS));
+            }
             // The directory held open, not its path (which may have been
             // swapped for a link since).
             let held = format!("/proc/self/fd/{}", fd.as_raw_fd());
@@ -175,6 +181,34 @@ fn visit(
             Ok(())
         }
     }
+}
+
+/// Whether the directory `fd` is on a kernel pseudo-filesystem (`/proc`,
+/// `/sys`, cgroups, ...): its files describe the running system, not
+/// data, and reading some fails or never ends; a walk of `/` must get
+/// through them (explore6 M7). Mounts of real filesystems are walked.
+fn is_pseudo_fs(fd: &OwnedFd) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs fills the buffer we own from an open descriptor.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: the call succeeded, so the struct is initialised.
+    let kind = unsafe { st.assume_init() }.f_type;
+    [
+        libc::PROC_SUPER_MAGIC,
+        libc::SYSFS_MAGIC,
+        libc::CGROUP_SUPER_MAGIC,
+        libc::CGROUP2_SUPER_MAGIC,
+        libc::DEBUGFS_MAGIC,
+        libc::TRACEFS_MAGIC,
+        libc::SECURITYFS_MAGIC,
+        libc::SELINUX_MAGIC,
+        libc::BPF_FS_MAGIC,
+        libc::DEVPTS_SUPER_MAGIC,
+        libc::NSFS_MAGIC,
+    ]
+    .contains(&kind)
 }
 
 #[cfg(test)]

@@ -144,3 +144,23 @@ fn names_and_link_targets_that_are_not_utf8_are_skipped_and_told_not_fatal() {
     // A real backslash is told escaped, unlike an invalid byte.
     assert_eq!(escaped(&top.join("z\\x41")), format!("{t}/z\\\\x41"));
 }
+
+#[test]
+fn a_kernel_filesystem_directory_is_kept_and_what_is_in_it_passed_over_and_told() {
+    // /proc/sys/kernel: files whose reads describe the running kernel.
+    let (got, skipped) = walked(Path::new("/proc/sys/kernel"), |_| {});
+    assert_eq!(
+        got.len(),
+        1,
+        "only the directory itself: {:?}",
+        &got[..got.len().min(5)]
+    );
+    assert_eq!(got[0].0, "/proc/sys/kernel");
+    assert_eq!(skipped, vec![("/proc/sys/kernel".to_string(), PSEUDO_FS)]);
+    // A real filesystem is walked as before.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("f"), b"x").unwrap();
+    let (got, skipped) = walked(d.path(), |_| {});
+    assert_eq!(got.len(), 2);
+    assert!(skipped.is_empty());
+}
