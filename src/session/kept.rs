@@ -132,7 +132,7 @@ impl Datastore {
     ) -> Result<Option<Manifest>> {
         let local = self.kept_copy(staging, vm, b).map_err(|e| {
             e.context(format!(
-                "kept staging of VM {vm} (backup {b}) is damaged; discard it with `release --discard {vm}` or name another backup with --backup"
+                "kept staging of VM {vm} (backup {b}) is damaged; discard it with `release {vm} --discard --backup {b}` or name another backup with --backup"
             ))
         })?;
         match (local, self.repo.has_manifest(vm, b)) {
@@ -226,11 +226,8 @@ impl Datastore {
     /// would discard the session just started.
     /// Called with the VM's lock held (`release_backup`).
     pub(super) fn discard_kept_backup_locked(&self, vm: &str, backup: &str) -> Result<Vec<String>> {
-        if self.session(vm).is_some_and(|s| s.backup == backup) {
-            return Err(Error::busy(format!(
-                "VM {vm} is being served from backup {backup}; release it with --discard (without --backup)"
-            )));
-        }
+        // Never the served session's: `release_backup` asks only for
+        // a backup not served, under the VM's lock.
         let all: Vec<_> = (self.discardable(vm).into_iter())
             .filter(|(b, _)| b == backup)
             .collect();
@@ -296,7 +293,7 @@ fn several_kept(vm: &str, resumable: &[(Manifest, &Arc<StagingDir>)]) -> Error {
     Error::busy(format!(
         "VM {vm} has {} kept sessions, so recover does not guess which to resume: {}; \
          choose one with `recover {vm} --backup ID`, or drop the ones not wanted \
-         (`recover {vm} --backup ID` then `release --discard {vm}`; `staging drop --backup ID` \
+         (`release {vm} --discard --backup ID`; `staging drop --backup ID` \
          while no daemon serves the staging directory)",
         resumable.len(),
         list.join(", ")

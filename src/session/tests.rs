@@ -385,7 +385,7 @@ fn recover_without_a_backup_refuses_to_choose_among_several_kept_sessions_and_li
         format!("backup {newer} (changed 64.0 KiB, last recovered 20"),
         format!("backup {older} (changed 0 B, last recovered 20"),
         "--backup ID".into(),
-        "release --discard vm".into(),
+        "release vm --discard --backup ID".into(),
     ] {
         assert!(msg.contains(&want), "{want:?} not in: {msg}");
     }

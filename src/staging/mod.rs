@@ -381,7 +381,7 @@ impl StagingDir {
                         tracing::warn!(
                             vm,
                             backup,
-                            "kept staging not resumed: {e}; discard it with `release --discard {vm}`"
+                            "kept staging not resumed: {e}; discard it with `release {vm} --discard --backup {backup}`"
                         );
                     }
                     None
@@ -487,15 +487,8 @@ impl StagingDir {
     /// Sessions marked active, one per VM (the most recently recovered if
     /// a crash left more than one).
     pub fn active_sessions(&self) -> Vec<(String, String)> {
-        let root = self.root.join("sessions");
         let mut out = vec![];
-        for vm in fs::read_dir(&root).into_iter().flatten().flatten() {
-            let Some(vm) = vm.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if crate::util::validate_name("VM name", &vm).is_err() {
-                continue;
-            }
+        for vm in self.session_vms() {
             let active = self
                 .kept_sessions(&vm)
                 .into_iter()
@@ -510,15 +503,8 @@ impl StagingDir {
     /// Sessions marked served (`active`) whose `session.json` does not
     /// read: never resumed, so their pins must not say served.
     pub fn active_damaged_sessions(&self) -> Vec<(String, String)> {
-        let root = self.root.join("sessions");
         let mut out = vec![];
-        for vm in fs::read_dir(&root).into_iter().flatten().flatten() {
-            let Some(vm) = vm.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if crate::util::validate_name("VM name", &vm).is_err() {
-                continue;
-            }
+        for vm in self.session_vms() {
             for b in self.damaged_sessions(&vm) {
                 if self.session_dir(&vm, &b).join("active").exists() {
                     out.push((vm.clone(), b));
@@ -526,6 +512,17 @@ impl StagingDir {
             }
         }
         out
+    }
+
+    /// The VMs with a directory under `sessions/` (valid names only).
+    fn session_vms(&self) -> Vec<String> {
+        fs::read_dir(self.root.join("sessions"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|vm| crate::util::validate_name("VM name", vm).is_ok())
+            .collect()
     }
 
     /// Deletes a session's staging data for good.
