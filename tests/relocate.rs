@@ -716,3 +716,80 @@ fn a_relocation_resumed_over_a_re_created_tmpfs_target_copies_the_disk_again() {
     wait_state(&env, "vm", "done", Duration::from_secs(120));
     assert!(read_all(&primary.join("vm/disk0.raw")) == data);
 }
+
+/// Primary storage fills up mid-copy (something else writes there): the
+/// relocation fails with ENOSPC. `--resume` while it is still full fails
+/// again, for that reason; once room is made, `relocate --resume --wait`
+/// retries it in the running daemon (no restart) and cuts over, copying
+/// only what was left.
+#[test]
+fn a_relocation_failed_on_a_full_target_is_retried_by_resume_once_room_is_made() {
+    let env = Env::new();
+    let data = random_image(&env.path("a.raw"), 256 * K64, 62, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    let primary = env.path("primary");
+    let _fs = Tmpfs::mount(&primary, "24M");
+    let o = relocate(&env, "vm", &primary, &["--rate", "4"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relocation(&env, "vm")["bytes_done"].as_u64().unwrap() < 4 << 20 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Fill what is left of it.
+    let filler = primary.join("filler");
+    let f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut at = 0;
+    while f.write_all_at(&chunk, at).is_ok() {
+        at += chunk.len() as u64;
+    }
+    let failed = |env: &Env| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = relocation(env, "vm");
+            if r["state"] == "failed" {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "not failed: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let r = failed(&env);
+    assert!(
+        r["error"].as_str().unwrap().contains("No space left"),
+        "{r}"
+    );
+    // Still full: retried, and failed again for that.
+    let socket = env.socket.to_str().unwrap().to_string();
+    let _ = env.run(&["relocate", "--socket", &socket, "vm", "--resume"]);
+    let r = failed(&env);
+    assert!(
+        r["error"].as_str().unwrap().contains("No space left"),
+        "{r}"
+    );
+    let (total, done) = (
+        r["bytes_total"].as_u64().unwrap(),
+        r["bytes_done"].as_u64().unwrap(),
+    );
+    let copied = r["bytes_copied"].as_u64().unwrap();
+    let shown = env.ok(&["status", "--socket", &socket]);
+    assert!(shown.contains("No space left"), "{shown}");
+    // Room made: retried in this daemon, to the cutover.
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    let out = env.ok(&["relocate", "--socket", &socket, "vm", "--resume", "--wait"]);
+    assert!(out.contains("relocated VM vm"), "{out}");
+    assert!(read_all(&primary.join("vm/disk0.raw")) == data);
+    let r = relocation(&env, "vm");
+    let recopied = r["bytes_copied"].as_u64().unwrap() - copied;
+    eprintln!("{done} of {total} copied before, {recopied} after");
+    assert!(done > 0, "{r}");
+    assert!(
+        recopied <= total - done,
+        "the retry copied {recopied} bytes; only {} were left",
+        total - done
+    );
+}

@@ -13,7 +13,7 @@
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation; a caller that is not root names only a directory it may create in ([`pathauth`]) |
 //! | POST | /sessions/{vm}/relocate/pause | pause the copy (durably; replies once the copier stopped, state `paused`) |
-//! | POST | /sessions/{vm}/relocate/resume | resume a paused copy where it stopped, or reopen one a restarted daemon could not (`relocate::not_resumed`) |
+//! | POST | /sessions/{vm}/relocate/resume | resume a paused copy where it stopped, retry a failed one from its record (`relocate::retry`), or reopen one a restarted daemon could not (`relocate::not_resumed`) |
 //! | POST | /sessions/{vm}/relocate/cancel `{"keep_target":..}` | cancel it for good (refused after cutover): copier stopped, record removed durably, target files it created removed; replies `{target, removed, kept}` |
 //! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
 //! | POST | /sessions/{vm}/upload `{"load_limit":"latency=MS,queue=N"?}` | start the session uploader (pre-copy for a recovered VM; resumed after a restart) |

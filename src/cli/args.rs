@@ -495,9 +495,11 @@ pub enum Command {
         /// Pause the relocation under way (kept across a daemon restart).
         #[arg(long, conflicts_with_all = ["to", "rate", "force", "resume", "wait"])]
         pause: bool,
-        /// Resume a paused relocation where it stopped, or reopen one a
-        /// restarted daemon could not (its target was unreachable); with
-        /// --wait, also follows one that runs (after a Ctrl-C of a wait).
+        /// Resume a paused relocation where it stopped, retry a failed one
+        /// once its cause is fixed (the target full, say; blocks already
+        /// copied are kept), or reopen one a restarted daemon could not
+        /// (its target was unreachable); with --wait, also follows one
+        /// that runs (after a Ctrl-C of a wait).
         #[arg(long, conflicts_with_all = ["to", "rate", "force"])]
         resume: bool,
         /// Cancel the relocation for good (refused after cutover): the

@@ -77,6 +77,12 @@
 //!   target of a relocation that had not cut over serves the VM from
 //!   staging and keeps the record; `status` shows it, and a resume reopens
 //!   it in the running daemon once the target is back.
+//! * **Failed** (`retry`): a failure before the cutover's commit leaves
+//!   the record, the copied maps and the target files; a restart resumes
+//!   it, and so does `relocate --resume` in the running daemon once the
+//!   cause is fixed: reopened from the record as a restart would (copied
+//!   blocks kept), a new copier started, the failed one's open target files
+//!   taken over with their locks.
 //! * **Cancel** (`cancel`): refused once the cutover began; otherwise stops
 //!   the copier, removes `relocation.json` durably (the commit: no restart
 //!   resumes it), then the copied maps and the target files this relocation
@@ -84,7 +90,8 @@
 //!
 //! Files: `open` (start; reopen at a restart or `--resume`), `copy` (one
 //! pass, pipelined), `passes` (the copier's loop and pacing), `cutover`,
-//! `pause`, `cancel`, `not_resumed`, `target` (the directory's identity).
+//! `pause`, `cancel`, `not_resumed`, `retry` (a failed one reopened in the
+//! running daemon), `target` (the directory's identity).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -346,6 +353,8 @@ impl Relocation {
             .spawn(move || {
                 if let Err(e) = me.run() {
                     tracing::error!(vm = %me.vm, "relocation failed: {e}");
+                    // No longer copying: `copy_seconds` and the rate stop.
+                    me.clock.lock().stop();
                     *me.state.lock() = (State::Failed, Some(e.to_string()), None);
                 }
             })
@@ -374,6 +383,8 @@ impl Relocation {
         if let Some(h) = thread.take() {
             let _ = h.join();
         }
+        // Not copying from here on (a cancel that fails leaves it shown).
+        self.clock.lock().stop();
     }
 
     pub fn state(&self) -> State {
@@ -454,6 +465,7 @@ mod not_resumed;
 mod open;
 mod passes;
 mod pause;
+mod retry;
 mod target;
 
 pub use cancel::Cancelled;

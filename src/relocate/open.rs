@@ -205,7 +205,7 @@ impl Relocation {
         // These files are this relocation's from now on (`check_owner`).
         let mark = target::new_owner_mark();
         meta.owner_mark = Some(mark.clone());
-        let r = Self::open_in(src, meta, Open::EmptyLocked, &dir, false)?;
+        let r = Self::open_in(src, meta, Open::EmptyLocked, &dir, false, &[])?;
         // The new target files' names (and the mark) must be durable before
         // the relocation that relies on them is recorded.
         let recorded = r
@@ -278,6 +278,17 @@ impl Relocation {
         let Some(meta) = Self::read_meta(&src)? else {
             return Ok(Reopened::None);
         };
+        Self::reopen_recorded(src, meta, &[])
+    }
+
+    /// `reopen_or_hold` of `meta`, the record just read. `held`: the target
+    /// files a failed relocation of this session still has open (see
+    /// `retry`), taken over where the path still leads to them.
+    pub(super) fn reopen_recorded(
+        src: Source,
+        meta: Meta,
+        held: &[Arc<dyn BlockFile>],
+    ) -> Result<Reopened> {
         let switched = meta.switched;
         let target = meta.target.clone();
         let mut unmarked = false;
@@ -296,7 +307,7 @@ impl Relocation {
         let replaced = pinned.as_ref().err().is_some_and(is_replaced);
         let recorded = meta.clone();
         let opened = pinned.and_then(|dir| {
-            Self::open_in(src, meta, Open::ExistingSole, &dir, unmarked).map(|r| (r, dir))
+            Self::open_in(src, meta, Open::ExistingSole, &dir, unmarked, held).map(|r| (r, dir))
         });
         let (r, dir) = match opened {
             Ok(r) => r,
@@ -364,19 +375,26 @@ impl Relocation {
     /// `unmarked`: the target directory lacks this relocation's owner mark
     /// (`target::Owned::Unmarked`): every disk is copied again, as for a
     /// target that cannot hold its copied map.
+    /// `held` (a reopen by `retry`, in the order of `src.disks`): the files
+    /// the failed relocation of this session has open. Where the file
+    /// opened now is that very file, the held one is kept instead, with the
+    /// lock it has held since it was opened (exclusive first, like every
+    /// open here): nobody else can have locked the file since, and a second
+    /// lock of this daemon's own would conflict with it.
     pub(super) fn open_in(
         src: Source,
         meta: Meta,
         how: Open,
         dir: &PinnedDir,
         unmarked: bool,
+        held: &[Arc<dyn BlockFile>],
     ) -> Result<Arc<Relocation>> {
         let (storage, disks, session_dir) = (src.storage.clone(), src.disks, src.session_dir);
         let root_only = meta.target_id.as_ref().is_some_and(|t| t.root_only)
             && only_root_can_change(&meta.target);
         let mut targets = vec![];
         let mut copied = vec![];
-        for d in disks {
+        for (i, d) in disks.iter().enumerate() {
             let shown = target_file_of(&meta.target, d);
             let how = match (how, meta.target_inos.get(&d.index)) {
                 (Open::ExistingSole, _) if root_only => Open::Existing,
@@ -386,17 +404,21 @@ impl Relocation {
             let f = storage
                 .open(&target_file_of(dir.path(), d), how)
                 .map_err(|e| in_use(e, &shown, "open"))?;
+            let (f, locked) = match held.get(i) {
+                Some(h) if how != Open::EmptyLocked && same_file(h.as_ref(), f.as_ref()) => {
+                    (h.clone(), true)
+                }
+                _ => (f, how == Open::EmptyLocked),
+            };
             // Held while this relocation has the file open: another's
             // `--force` never empties it (`begin`). A reopen before the
             // cutover must be the only one with it open (shared alone
             // would let two relocations write it): exclusive first, then
             // down to shared (atomic for OFD locks).
-            if how != Open::EmptyLocked && !meta.switched {
+            if !locked && !meta.switched {
                 f.try_lock(true).map_err(|e| in_use(e, &shown, "lock"))?;
             }
-            if how != Open::EmptyLocked
-                && !f.try_lock(false).map_err(|e| in_use(e, &shown, "lock"))?
-            {
+            if !locked && !f.try_lock(false).map_err(|e| in_use(e, &shown, "lock"))? {
                 tracing::warn!(target = %shown.display(), "this filesystem keeps no locks: \
                     another recoverfs relocation is not kept from emptying this file");
             }
@@ -623,6 +645,16 @@ fn unbacked_copies(
         at = h.end;
     }
     zeroed_copy(d, f, m)
+}
+
+/// `a` and `b` are open descriptions of one file (the same inode, as the
+/// cutover compares them; both in the pinned target directory). Unknown
+/// (an error, no inode): not the same.
+fn same_file(a: &dyn BlockFile, b: &dyn BlockFile) -> bool {
+    match (a.ino(), b.ino()) {
+        (Ok(Some(x)), Ok(Some(y))) => x == y,
+        _ => false,
+    }
 }
 
 /// How many copied blocks `zeroed_copy` reads per disk.

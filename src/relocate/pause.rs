@@ -48,6 +48,12 @@ impl Clock {
     pub(super) fn active(&self) -> Duration {
         self.past + self.since.map_or(Duration::ZERO, |t| t.elapsed())
     }
+
+    /// Counts `earlier` too: the time copying of the failed relocation a
+    /// `retry` reopened in the same daemon.
+    pub(super) fn carry(&mut self, earlier: Duration) {
+        self.past += earlier;
+    }
 }
 
 impl Relocation {
@@ -137,7 +143,8 @@ impl Relocation {
     }
 
     /// Lets a paused copier go on (durably recorded first). A failed
-    /// relocation has no copier to go on: refused, saying what to do.
+    /// relocation has no copier to go on: refused, saying what to do (the
+    /// session's `--resume` reopens it instead, see `retry`).
     pub fn resume_copy(&self) -> Result<RelocationStatus> {
         if self.state() == State::Failed {
             return Err(self.failed_error());
@@ -153,16 +160,19 @@ impl Relocation {
     }
 
     /// Why a failed relocation goes no further and what to do: the answer
-    /// to a resume or pause of it, and to a new one into its directory
-    /// (whose partial files it left there).
+    /// to a pause of it, to a resume that could not reopen it (see
+    /// `retry`), and to a new one into its directory (whose partial files
+    /// it left there).
     pub fn failed_error(&self) -> Error {
         let st = self.status();
         let dir = st.target.parent().unwrap_or(&st.target).display();
         Error::busy(format!(
-            "the relocation of VM {vm} to {} failed ({}) and nothing resumes it: cancel it \
-             (`recoverfs relocate {vm} --cancel`, which removes its partial files) and start \
-             another with --to, or fix the cause and start again into the same directory \
-             with `recoverfs relocate {vm} --to {dir} --force`",
+            "the relocation of VM {vm} to {} failed ({}): fix the cause (free space on the \
+             target, say) and run `recoverfs relocate {vm} --resume`, which retries it where \
+             it stopped (the blocks already copied are kept); or cancel it (`recoverfs \
+             relocate {vm} --cancel`, which removes its partial files) and start another \
+             with --to; or start again from scratch into the same directory with \
+             `recoverfs relocate {vm} --to {dir} --force`",
             st.target.display(),
             st.error.as_deref().unwrap_or("no reason recorded"),
             vm = self.vm,

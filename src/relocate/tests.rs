@@ -2,7 +2,7 @@
 //! disks, their session's volumes over storage that injects faults, and a
 //! target directory. The rig and the helpers tests of more than one
 //! concern use are here; the tests are in a module per concern: `start`,
-//! `copy`, `pause`, `cutover`, `reopen`, `target` and `cancel`.
+//! `copy`, `pause`, `cutover`, `reopen`, `retry`, `target` and `cancel`.
 
 use super::*;
 use crate::prefetch::Scheduler;
@@ -16,6 +16,7 @@ mod copy;
 mod cutover;
 mod pause;
 mod reopen;
+mod retry;
 mod start;
 mod target;
 

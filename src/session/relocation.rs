@@ -1,19 +1,24 @@
-//! Pausing, resuming (see `relocate::pause`) and cancelling (see
-//! `relocate::cancel`) a session's relocation, under the VM's lock like
-//! every other change to the session.
+//! Pausing, resuming (see `relocate::pause`; a failed relocation is
+//! retried, see `relocate::retry`) and cancelling (see `relocate::cancel`)
+//! a session's relocation, under the VM's lock like every other change to
+//! the session: a resume, pause, cancel, `relocate --to` or release of one
+//! VM runs whole before the next begins, so a resume racing any of them
+//! ends in the state of one order or the other.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{Datastore, Session};
 use crate::error::{Error, Result};
-use crate::relocate::{Cancelled, Relocation, RelocationStatus, Reopened};
+use crate::relocate::{Cancelled, Relocation, RelocationStatus, Reopened, State};
 use crate::util::validate_name;
 
 impl Datastore {
     /// Pauses (`pause`) or resumes VM `vm`'s relocation; returns its status
     /// once the copier has parked or gone on.
     /// A relocation a restarted daemon did not reopen is reopened by a
-    /// resume (see `retry_relocation`).
+    /// resume (see `retry_relocation`), and so is a failed one (see
+    /// `retry_failed`).
     pub fn pause_relocation(&self, vm: &str, pause: bool) -> Result<RelocationStatus> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
@@ -36,9 +41,35 @@ impl Datastore {
         };
         if pause {
             r.pause()
+        } else if r.state() == State::Failed {
+            self.retry_failed(&s, vm, r)
         } else {
             r.resume_copy()
         }
+    }
+
+    /// Retries `failed`, the failed relocation in `s` (see
+    /// `relocate::retry`): reopened from its record as a restart would, it
+    /// replaces the failed one in the slot (never empty meanwhile, so
+    /// `status` always shows one) and copies. Not reopened: the failed one
+    /// stays, with the reason of now, as an error. The caller holds the
+    /// VM's operation lock.
+    fn retry_failed(
+        &self,
+        s: &Session,
+        vm: &str,
+        failed: Arc<Relocation>,
+    ) -> Result<RelocationStatus> {
+        let r = failed.retry(s.relocation_source())?;
+        *s.relocation.lock() = Some(r.clone());
+        drop(failed);
+        // `stop_background` may have run through the slots meanwhile.
+        if self.stopping.load(Ordering::SeqCst) {
+            r.stop();
+        }
+        tracing::info!(vm, target = %r.status().target.display(), "failed relocation resumed");
+        // Also if it had been paused when it failed.
+        r.resume_copy()
     }
 
     /// Reopens the relocation recorded in `s` that a restarted daemon could

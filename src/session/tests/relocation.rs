@@ -263,6 +263,7 @@ fn assert_says_failed_why_and_what_to_do(e: &crate::error::Error, primary: &Path
     for want in [
         "failed (",
         "No space left on device",
+        "recoverfs relocate vm --resume",
         "recoverfs relocate vm --cancel",
         &format!("recoverfs relocate vm --to {} --force", primary.display()),
     ] {
@@ -270,33 +271,142 @@ fn assert_says_failed_why_and_what_to_do(e: &crate::error::Error, primary: &Path
     }
 }
 
-#[test]
-fn resume_of_a_failed_relocation_is_refused_saying_why_and_what_to_do() {
-    let (r, _faults, primary) = relocation_failed_for_enospc("vm");
-    let e = r.ds.pause_relocation("vm", false).unwrap_err();
-    assert_says_failed_why_and_what_to_do(&e, &primary);
-    let e = r.ds.pause_relocation("vm", true).unwrap_err();
-    assert_says_failed_why_and_what_to_do(&e, &primary);
-    assert_eq!(relocation_status(&r, "vm").unwrap().state, State::Failed);
+/// Waits until `vm`'s relocation is in state `want`; returns its status.
+fn settled(r: &Rig, vm: &str, want: State) -> RelocationStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = relocation_status(r, vm).expect("a relocation shown");
+        if st.state == want {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{st:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
-fn relocating_again_into_a_failed_relocations_directory_says_why_it_is_not_empty() {
+fn resume_retries_a_failed_relocation_in_the_running_daemon_once_the_cause_is_fixed() {
     let (r, faults, primary) = relocation_failed_for_enospc("vm");
-    let e = r.ds.relocate("vm", &primary, None, false).unwrap_err();
+    let data = disk(&r, "vm").read(0, 16 * BS).unwrap();
+    // Nothing runs to pause: the refusal says why and how on.
+    let e = r.ds.pause_relocation("vm", true).unwrap_err();
     assert_says_failed_why_and_what_to_do(&e, &primary);
-    // Fixed, the way the refusal gives starts it again.
-    faults.clear();
-    r.ds.relocate("vm", &primary, None, true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while relocation_status(&r, "vm").unwrap().state != State::Done {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            relocation_status(&r, "vm")
-        );
-        std::thread::sleep(Duration::from_millis(10));
+    // Still no room: retried, and failed again for it (the answer may
+    // come before or after the new copier fails).
+    match r.ds.pause_relocation("vm", false) {
+        Ok(st) => assert_ne!(st.state, State::Done),
+        Err(e) => assert_says_failed_why_and_what_to_do(&e, &primary),
     }
+    let st = settled(&r, "vm", State::Failed);
+    assert!(st.error.unwrap().contains("No space left"));
+    assert!(r
+        .ds
+        .session("vm")
+        .unwrap()
+        .dir
+        .join("relocation.json")
+        .exists());
+    // Room made on primary storage: retried in this daemon, to the cutover.
+    faults.clear();
+    let st = r.ds.pause_relocation("vm", false).unwrap();
+    assert_ne!(st.state, State::Failed, "{st:?}");
+    let st = settled(&r, "vm", State::Done);
+    assert!(st.error.is_none(), "{st:?}");
+    let d = disk(&r, "vm");
+    assert!(d.is_switched());
+    assert!(std::fs::read(primary.join("vm/disk0.raw")).unwrap() == data);
+    assert!(primary.join("vm/vm.json").exists());
+    r.ds.release("vm", false).unwrap();
+}
+
+/// A failed relocation (target full, then room made) whose reopen by a
+/// resume takes a while (every open of the target file is held up), and
+/// whose copy too (each target write: 16 blocks, no cutover for 0.8 s).
+fn failed_relocation_with_a_slow_reopen(vm: &str) -> (Rig, FaultyStorage, PathBuf) {
+    let (r, faults, primary) = relocation_failed_for_enospc(vm);
+    faults.clear();
+    let slow = |op| Rule::delay(op, "/disk0.raw", Duration::from_millis(300));
+    faults.inject(slow(Op::Open));
+    faults.inject(Rule::delay(
+        Op::Write,
+        "/disk0.raw",
+        Duration::from_millis(50),
+    ));
+    (r, faults, primary)
+}
+
+#[test]
+fn a_resume_of_a_failed_relocation_racing_a_cancel_ends_cancelled_either_way() {
+    for cancel_first in [false, true] {
+        let (r, _faults, primary) = failed_relocation_with_a_slow_reopen("vm");
+        let ds = r.ds.clone();
+        let (first, second) = if cancel_first { (100, 0) } else { (0, 100) };
+        let resume = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(first));
+            ds.pause_relocation("vm", false)
+        });
+        std::thread::sleep(Duration::from_millis(second));
+        let cancelled = r.ds.cancel_relocation("vm", false).unwrap();
+        let resumed = resume.join().unwrap();
+        eprintln!("cancel first: {cancel_first}; resume: {resumed:?}");
+        match resumed {
+            // Retried first, then that relocation cancelled.
+            Ok(st) => assert!(!cancel_first, "{st:?}"),
+            Err(e) => {
+                assert!(cancel_first, "{e}");
+                assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}");
+            }
+        }
+        // One state: no relocation shown, recorded, copying or left.
+        assert!(relocation_status(&r, "vm").is_none());
+        let s = r.ds.session("vm").unwrap();
+        assert!(!s.dir.join("relocation.json").exists());
+        assert!(!s.dir.join("disk0.copied").exists());
+        assert!(
+            cancelled.removed.contains(&primary.join("vm/disk0.raw")),
+            "{cancelled:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!primary.join("vm").exists(), "a copier left writing");
+        assert!(!disk(&r, "vm").is_switched());
+        let e = r.ds.pause_relocation("vm", false).unwrap_err().to_string();
+        assert!(e.contains("not being relocated"), "{e}");
+        r.ds.release("vm", false).unwrap();
+    }
+}
+
+#[test]
+fn resumes_of_a_failed_relocation_racing_each_other_and_a_pause_leave_one_relocation() {
+    let (r, _faults, primary) = failed_relocation_with_a_slow_reopen("vm");
+    let data = disk(&r, "vm").read(0, 16 * BS).unwrap();
+    let racing: Vec<_> = [false, false, true]
+        .into_iter()
+        .map(|pause| {
+            let ds = r.ds.clone();
+            std::thread::spawn(move || (pause, ds.pause_relocation("vm", pause)))
+        })
+        .collect();
+    for h in racing {
+        match h.join().unwrap() {
+            // Each resume retried it or found it retried (running, or
+            // paused by the pause that came between).
+            (false, st) => assert_ne!(st.unwrap().state, State::Failed),
+            // The pause found it retried, or came first and found it failed.
+            (true, Ok(st)) => assert_eq!(st.state, State::Paused),
+            (true, Err(e)) => assert!(e.to_string().contains("failed ("), "{e}"),
+        }
+    }
+    // One relocation, its state the one its record says.
+    let s = r.ds.session("vm").unwrap();
+    assert!(s.relocation_not_resumed.lock().is_none());
+    let st = relocation_status(&r, "vm").unwrap();
+    let record = std::fs::read_to_string(s.dir.join("relocation.json")).unwrap();
+    let paused = record.contains("\"paused\": true");
+    assert_eq!(st.state == State::Paused, paused, "{st:?} / {record}");
+    assert_ne!(st.state, State::Failed, "{st:?}");
+    r.ds.pause_relocation("vm", false).unwrap();
+    settled(&r, "vm", State::Done);
+    assert!(std::fs::read(primary.join("vm/disk0.raw")).unwrap() == data);
     r.ds.release("vm", false).unwrap();
 }
 
