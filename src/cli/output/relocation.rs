@@ -177,21 +177,22 @@ pub(crate) fn wait_verdict(vm: &str, s: &Value) -> Option<Result<String>> {
             relocation_line(r)
         ))));
     }
-    if let (Some(e), "done" | "failed") = (r["error"].as_str(), state) {
-        let how = if state == "done" {
-            "cut over but failed"
-        } else {
-            "failed"
-        };
+    if let (Some(e), "done") = (r["error"].as_str(), state) {
         return Some(Err(Error::new(
             ErrorKind::Io,
-            format!("relocation of VM {vm} {how}: {e}"),
+            format!("relocation of VM {vm} cut over but failed: {e}"),
         )));
     }
     if state == "failed" {
+        // A failed relocation keeps what it copied and `--resume` retries
+        // it in the running daemon: say so, or the administrator is stuck.
+        let e = r["error"].as_str().unwrap_or("no reason recorded");
         return Some(Err(Error::new(
             ErrorKind::Io,
-            format!("relocation of VM {vm} failed: unknown error"),
+            format!(
+                "relocation of VM {vm} failed: {e}; fix the cause, then `recoverfs relocate {vm} \
+                 --resume --wait` retries it from where it stopped (or `--cancel` drops it)"
+            ),
         )));
     }
     let failed = s["disks"]
@@ -321,6 +322,11 @@ mod tests {
         assert!(
             e.contains("failed") && e.contains("disk1: Input/output error"),
             "{e}"
+        );
+        assert!(
+            e.contains("`recoverfs relocate vm --resume --wait` retries it")
+                && e.contains("--cancel"),
+            "names the way on: {e}"
         );
         assert!(!e.contains('\n'), "one line: {e}");
     }
