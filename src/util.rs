@@ -40,9 +40,7 @@ pub fn try_lock_file(path: &Path) -> Result<Option<File>> {
 /// With `replace == false` an existing file is an `AlreadyExists` error and
 /// is left untouched (link(2) instead of rename(2)).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32, replace: bool) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::invalid(format!("{} has no parent", path.display())))?;
+    let dir = dir_of(path)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp.{}.{}", std::process::id(), unique()));
     let result = (|| {
@@ -64,6 +62,16 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, replace: bool) -> Resul
     })();
     let _ = fs::remove_file(&tmp);
     result
+}
+
+/// The directory `path` is in: `.` for a bare file name (whose parent is
+/// the empty path, which no call can open).
+fn dir_of(path: &Path) -> Result<&Path> {
+    match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Ok(Path::new(".")),
+        Some(p) => Ok(p),
+        None => Err(Error::invalid(format!("{} has no parent", path.display()))),
+    }
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {

@@ -183,6 +183,73 @@ fn profiles_export_import_clear_and_skip_blocks_whose_chunk_changed() {
     assert_eq!(st["blocks_staged"], 2, "{st}");
 }
 
+/// explore7 M3 and L2: a damaged profile stopped `gc` while `verify`
+/// said all was well, and gc's advice (delete by hand) needs another tool
+/// on S3; `profile export -o NAME` (no directory) wrote the file and then
+/// failed to sync "the directory ''".
+#[test]
+fn verify_reports_a_damaged_profile_and_gc_names_the_command_that_removes_it() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 16 * K64, 4, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    {
+        let _d = env.serve();
+        let disk = env.recover("vm", None)[0].clone();
+        read_block(&disk, 3);
+        assert!(env.release("vm", true).status.success());
+    }
+    let out = Command::new(bin())
+        .args([
+            "profile",
+            "export",
+            "--repo",
+            env.repo_str(),
+            "vm",
+            "-o",
+            "bare.json",
+        ])
+        .current_dir(env.path(""))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.path("bare.json").is_file());
+
+    let key = Path::new(env.repo_str()).join("profiles/vm.json");
+    std::fs::write(&key, b"garbage\n").unwrap();
+    let e = env.fails(&["verify", "--repo", env.repo_str()], "1 damaged object(s)");
+    let o = env.run(&["verify", "--repo", env.repo_str()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("DAMAGED profile of VM vm") && text.contains("profile clear --repo"),
+        "verify names the damaged profile and the fix: {text} / {e}"
+    );
+    env.fails(
+        &["verify", "--repo", env.repo_str(), "--vm", "vm"],
+        "damaged",
+    );
+    // One backup's chunks: the profile is not the backup's.
+    let id = std::fs::read_dir(Path::new(env.repo_str()).join("backups/vm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find_map(|n| n.strip_suffix(".json").map(str::to_string))
+        .unwrap();
+    env.ok(&["verify", "--repo", env.repo_str(), "--backup", &id]);
+    env.fails(
+        &["gc", "--repo", env.repo_str(), "--dry-run"],
+        &format!(
+            "`recoverfs profile clear --repo {} vm` removes it",
+            env.repo_str()
+        ),
+    );
+    env.ok(&["profile", "clear", "--repo", env.repo_str(), "vm"]);
+    env.ok(&["verify", "--repo", env.repo_str()]);
+    env.ok(&["gc", "--repo", env.repo_str(), "--dry-run"]);
+}
+
 #[test]
 fn a_profile_of_another_vm_is_imported_only_onto_the_same_disks_or_with_other_vm() {
     let env = Env::new();

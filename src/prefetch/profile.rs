@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::limits::MAX_DISKS;
 use crate::repo::{ChunkIndex, Digest, Repository};
 use crate::util::validate_name;
@@ -265,6 +265,43 @@ pub fn load(repo: &Repository, vm: &str) -> Result<Option<ProfileDoc>> {
         )));
     }
     Ok(Some(doc))
+}
+
+/// The VMs with a stored profile (objects named as no VM can be are
+/// passed over: nothing loads them).
+pub fn vms(repo: &Repository) -> Result<Vec<String>> {
+    let mut out: Vec<String> = repo
+        .backend()
+        .list_all("profiles")?
+        .into_iter()
+        .filter_map(|o| {
+            Some(
+                o.key
+                    .strip_prefix("profiles/")?
+                    .strip_suffix(".json")?
+                    .to_string(),
+            )
+        })
+        .filter(|vm| validate_name("VM name", vm).is_ok())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// For `verify`: why the stored profile of `vm` cannot be used (`None`:
+/// none stored, or it is good); a store that does not answer is an error.
+/// A damaged profile is never used (recoveries pass over it, the next
+/// recording replaces it), but `gc` stops at it, so it is reported.
+pub fn damage(repo: &Repository, vm: &str) -> Result<Option<String>> {
+    match load(repo, vm) {
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == ErrorKind::Corrupt => Ok(Some(format!(
+            "DAMAGED profile of VM {vm} ({}): {e}; a profile is derived data: `recoverfs profile clear --repo {} {vm}` removes it, and `gc` stops at it until then",
+            key(vm),
+            repo.location()
+        ))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Profiles as referrers of chunks, for garbage collection: each first

@@ -124,9 +124,11 @@ impl Marks {
                     continue;
                 };
                 let refs = (r.refs)(repo, &o.key, &bytes).map_err(|e| {
-                    let advice = in_use_advice(repo, &o.key).unwrap_or_else(|| {
-                        "if that backup is lost, delete the object by hand".into()
-                    });
+                    let advice = in_use_advice(repo, &o.key)
+                        .or_else(|| profile_advice(repo, &o.key))
+                        .unwrap_or_else(|| {
+                            "if that backup is lost, delete the object by hand".into()
+                        });
                     e.context(format!(
                         "gc stopped before removing anything: {} cannot be read, so what it references is unknown ({advice})",
                         o.key
@@ -167,6 +169,16 @@ fn in_use_advice(repo: &Repository, key: &str) -> Option<String> {
     Some(format!(
         "do not delete it: backup {vm}/{id} is in use by a recovery session, which serves from its own copy of the manifest ({}); in an unencrypted repository that copy is an equivalent object and can be put back in its place",
         copies.join(", ")
+    ))
+}
+
+/// For a damaged profile `profiles/VM.json`: derived data, removed by
+/// the command made for it (on S3 "by hand" needs another tool).
+fn profile_advice(repo: &Repository, key: &str) -> Option<String> {
+    let vm = key.strip_prefix("profiles/")?.strip_suffix(".json")?;
+    Some(format!(
+        "it is VM {vm}'s prefetch profile, derived data: `recoverfs profile clear --repo {} {vm}` removes it, and the VM's next recording makes a new one",
+        repo.location()
     ))
 }
 

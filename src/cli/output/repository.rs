@@ -59,7 +59,20 @@ pub(crate) fn verify(
         .map(|n| n.get())
         .unwrap_or(2)
         .max(2);
-    let r = crate::repo::verify::verify(repo, &vms, backup, threads)?;
+    let mut r = crate::repo::verify::verify(repo, &vms, backup, threads)?;
+    if backup.is_none() {
+        // A profile belongs to a VM, not to a backup; with every VM, also
+        // those with a profile and no backup left.
+        let mut with_profile = match vm {
+            Some(_) => vms.clone(),
+            None => crate::prefetch::profile::vms(repo)?,
+        };
+        with_profile.dedup();
+        for v in &with_profile {
+            r.damaged.extend(crate::prefetch::profile::damage(repo, v)?);
+        }
+        r.damaged.sort();
+    }
     for line in r.damaged.iter().chain(&r.unreadable) {
         println!("{line}");
     }
