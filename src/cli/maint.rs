@@ -168,6 +168,9 @@ pub fn run_forget(a: ForgetArgs) -> Result<()> {
 fn print_forget(r: &ForgetReport) {
     for v in &r.vms {
         println!("VM {}:", v.vm);
+        for w in &v.warnings {
+            println!("  WARNING: {w}");
+        }
         for b in &v.backups {
             let what = match (b.keep, r.dry_run) {
                 (true, _) => "keep",

@@ -73,7 +73,17 @@ pub struct VmForget {
     pub vm: String,
     /// Newest first.
     pub backups: Vec<BackupDecision>,
+    /// Backups dated after this host's clock (see [`FUTURE_SLACK`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
+
+/// A backup dated further than this after the clock of the host running
+/// `forget` was taken on a host whose clock is wrong (or the id was
+/// forged): it is the newest for every rule, so it takes `--keep-last`'s
+/// place from a backup of today. Policies count backups by their time, as
+/// PBS does, so it is said, not decided otherwise.
+pub const FUTURE_SLACK: u64 = 3600;
 
 /// The two series of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,6 +114,9 @@ pub struct BackupDecision {
     pub kind: BackupKind,
     pub id: String,
     pub created: String,
+    /// `created` as Unix seconds (0 if unreadable).
+    #[serde(skip)]
+    pub created_unix: u64,
     pub keep: bool,
     pub reason: String,
     /// With `force`: the sessions that used it (told through `status`).
@@ -242,10 +255,33 @@ fn decide_vm(repo: &Repository, vm: &str, opts: &ForgetOptions) -> Result<VmForg
     let users = users_of(repo, vm, !opts.dry_run)?;
     let mut backups = decide_series(repo, vm, BackupKind::Disk, &users, opts)?;
     backups.extend(decide_series(repo, vm, BackupKind::Files, &users, opts)?);
+    let warnings = dated_in_the_future(&backups, crate::util::now_unix());
+    for w in &warnings {
+        tracing::warn!(vm, "{w}");
+    }
     Ok(VmForget {
         vm: vm.into(),
         backups,
+        warnings,
     })
+}
+
+/// One line per backup of `backups` dated more than [`FUTURE_SLACK`]
+/// after `now`.
+fn dated_in_the_future(backups: &[BackupDecision], now: u64) -> Vec<String> {
+    backups
+        .iter()
+        .filter(|b| b.created_unix > now.saturating_add(FUTURE_SLACK))
+        .map(|b| {
+            format!(
+                "{} backup {} is dated {}, after this host's clock ({}): every rule counts it as the newest, so it takes the place of a backup of today (a host with a wrong clock took it?); `--dry-run` shows what goes",
+                b.kind.name(),
+                b.id,
+                b.created,
+                crate::util::rfc3339(now)
+            )
+        })
+        .collect()
 }
 
 /// The policy over one series of a VM: its disk or its file backups.
@@ -276,6 +312,7 @@ fn decide_series(
                     kind,
                     id,
                     created: "?".into(),
+                    created_unix: 0,
                     keep: true,
                     reason: format!(
                         "{} unreadable, kept ({e})",
@@ -309,6 +346,7 @@ fn decide_series(
                 _ => vec![],
             },
             created: crate::util::rfc3339(d.created_unix),
+            created_unix: d.created_unix,
             id: d.id,
             keep: d.keep,
             reason: d.reason,

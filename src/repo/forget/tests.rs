@@ -504,3 +504,60 @@ fn the_pin_of_a_throwaway_recovery_killed_before_its_cleanup_is_dropped_and_a_li
         "the dead pin stays"
     );
 }
+
+/// explore7 L3: a backup from a host whose clock ran years ahead took
+/// `--keep-last`'s place from today's backups, and nothing said so.
+#[test]
+fn a_backup_dated_after_this_hosts_clock_is_named_in_a_warning_and_decided_as_usual() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _) = Repository::open_or_create(d.path().join("r").to_str().unwrap()).unwrap();
+    let now = crate::util::now_unix();
+    let today = backup_at(&repo, "vm", now - 60);
+    let ahead = backup_at(&repo, "vm", now + 365 * DAY);
+    backup_at(&repo, "other", now - 60);
+    let opts = ForgetOptions {
+        vm: None,
+        policy: Policy {
+            last: 1,
+            ..Default::default()
+        },
+        dry_run: true,
+        force: false,
+    };
+    let r = forget(&repo, &opts).unwrap();
+    let vm = r.vms.iter().find(|v| v.vm == "vm").unwrap();
+    assert_eq!(vm.warnings.len(), 1, "{:?}", vm.warnings);
+    assert!(
+        vm.warnings[0].contains(&ahead.id) && vm.warnings[0].contains("after this host's clock"),
+        "{:?}",
+        vm.warnings
+    );
+    // Decided by time, as PBS does: the dated-ahead one is the newest.
+    let kept: Vec<&str> = vm
+        .backups
+        .iter()
+        .filter(|b| b.keep)
+        .map(|b| b.id.as_str())
+        .collect();
+    assert_eq!(kept, [ahead.id.as_str()]);
+    assert!(vm.backups.iter().any(|b| b.id == today.id && !b.keep));
+    let other = r.vms.iter().find(|v| v.vm == "other").unwrap();
+    assert!(other.warnings.is_empty(), "{:?}", other.warnings);
+    // Within the slack (a clock a few minutes ahead): nothing said.
+    let soon = vec![BackupDecision {
+        kind: BackupKind::Disk,
+        id: "x".into(),
+        created: String::new(),
+        created_unix: now + FUTURE_SLACK,
+        keep: true,
+        reason: String::new(),
+        forced_from: vec![],
+    }];
+    assert!(dated_in_the_future(&soon, now).is_empty());
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["warnings"].is_array()));
+}
