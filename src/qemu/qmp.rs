@@ -21,6 +21,15 @@ use crate::error::Result;
 /// How long one command may take unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`Qmp::connect`] waits for the greeting (or the caller's
+/// timeout, if shorter). QEMU greets a new client at once, from its main
+/// loop; a socket that accepts and stays silent is not a free QMP monitor:
+/// another chardev (a serial port, a guest agent's), a monitor that
+/// already has a client (QEMU serves one at a time; the next waits
+/// unanswered until it leaves), or a QEMU whose main loop hangs. Waiting a
+/// command's 30 s for it only delays the one-line error.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Qmp {
     ch: Channel,
     timeout: Duration,
@@ -114,11 +123,14 @@ pub struct BlockStats {
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and leaves capabilities negotiation.
+    /// Connects, reads the greeting (within [`GREETING_TIMEOUT`]) and
+    /// leaves capabilities negotiation.
     pub fn connect(path: &Path) -> Result<Qmp> {
         Self::connect_with(path, DEFAULT_TIMEOUT)
     }
 
+    /// [`Self::connect`] whose commands may take `timeout`; the greeting
+    /// is waited for [`GREETING_TIMEOUT`] at most.
     pub fn connect_with(path: &Path, timeout: Duration) -> Result<Qmp> {
         let hint = format!(
             "is QEMU running with -qmp unix:{},server=on,wait=off?",
@@ -131,8 +143,21 @@ impl Qmp {
             events: vec![],
             version: (0, 0, 0),
         };
+        let wait = timeout.min(GREETING_TIMEOUT);
         let greeting =
-            q.ch.read_message(Instant::now() + timeout, "the QMP greeting")?;
+            q.ch.read_message_in_time(Instant::now() + wait, "the QMP greeting")?
+                .ok_or_else(|| {
+                    crate::error::Error::new(
+                        crate::error::ErrorKind::Io,
+                        format!(
+                            "{} answered no QMP greeting within {} s: is it the VM's QMP monitor \
+                             socket (QEMU greets at once), with no other client (libvirt, another \
+                             recoverfs job) connected to it?",
+                            q.ch.path().display(),
+                            wait.as_secs_f64()
+                        ),
+                    )
+                })?;
         let v = greeting
             .get("QMP")
             .and_then(|g| g.get("version"))
