@@ -267,7 +267,14 @@ fn guest_disks_leave_out_removable_media_naming_each() {
         .arg(format!(
             "if=floppy,index=0,format=raw,file={}",
             fd.display()
-        ));
+        ))
+        // A disc in a USB CD-ROM drive (a scsi-cd on the USB device's bus).
+        .args(["-device", "qemu-xhci", "-drive"])
+        .arg(format!(
+            "if=none,id=usbcd,media=cdrom,format=raw,file={}",
+            iso.display()
+        ))
+        .args(["-device", "usb-storage,drive=usbcd"]);
     let mut proc = Proc::spawn(&mut cmd);
     proc.wait_for(&qmp);
     let mut q = Qmp::connect(&qmp).unwrap();
@@ -275,8 +282,16 @@ fn guest_disks_leave_out_removable_media_naming_each() {
     // A writable floppy may hold the guest's writes: backed up.
     let names: Vec<&str> = disks.iter().map(|d| d.device.as_str()).collect();
     assert_eq!(names, ["drive0", "floppy0"], "{disks:?}");
-    assert_eq!(skipped.len(), 1, "{skipped:?}");
-    for (s, (drive, kind, file)) in skipped.iter().zip([("ide1-cd0", "ide-cd", &iso)]) {
+    // The guest devices' types: the buses a backup records.
+    assert_eq!(disks[0].device_type, "virtio-blk-device");
+    assert_eq!(disks[0].bus(), Some("virtio"));
+    assert_eq!(disks[1].device_type, "floppy");
+    assert_eq!(disks[1].bus(), None);
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    for (s, (drive, kind, file)) in skipped
+        .iter()
+        .zip([("ide1-cd0", "ide-cd", &iso), ("usbcd", "scsi-cd", &iso)])
+    {
         assert!(
             s.starts_with(&format!("drive {drive} ({kind} /machine/"))
                 && s.ends_with(&format!(
