@@ -67,7 +67,9 @@ impl DiskSource {
         })
     }
 
-    /// QEMU arguments attaching this disk as virtio disk number `i`.
+    /// QEMU arguments attaching this disk as virtio disk number `i`, as
+    /// before backups recorded buses: a VM whose disks are all virtio gets
+    /// the same command line, so the same PCI layout, as it always did.
     fn args(&self, i: usize) -> Vec<String> {
         // A comma inside a QEMU option value is written twice.
         let q = |s: &str| s.replace(',', ",,");
@@ -79,6 +81,30 @@ impl DiskSource {
             DiskSource::Nfs(url) => vec![
                 "-drive".into(),
                 format!("file={},format=raw,if=virtio", q(url)),
+            ],
+            DiskSource::Nbd { .. } => {
+                let mut a = self.backend(i);
+                a.extend(["-device".into(), format!("virtio-blk-pci,drive=rfs{i}")]);
+                a
+            }
+        }
+    }
+
+    /// QEMU arguments giving this disk's block backend the name `rfs{i}`,
+    /// for a `-device` to attach ([`DiskBus::device`]).
+    fn backend(&self, i: usize) -> Vec<String> {
+        let q = |s: &str| s.replace(',', ",,");
+        match self {
+            DiskSource::File(p) => vec![
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=rfs{i}",
+                    q(&p.to_string_lossy())
+                ),
+            ],
+            DiskSource::Nfs(url) => vec![
+                "-drive".into(),
+                format!("file={},format=raw,if=none,id=rfs{i}", q(url)),
             ],
             DiskSource::Nbd { server, export } => {
                 let server = match server {
@@ -98,16 +124,81 @@ impl DiskSource {
                         "driver=nbd,node-name=rfs{i},{server},export={},reconnect-delay=60",
                         q(export)
                     ),
-                    "-device".into(),
-                    format!("virtio-blk-pci,drive=rfs{i}"),
                 ]
             }
         }
     }
 }
 
+/// The bus a disk is attached on: the one the guest found it on when it was
+/// backed up (`bus` of the disk in the VM configuration, which `backup-vms`
+/// records from QEMU). A guest booted with its root disk on another bus
+/// than its own (Windows, an initramfs without virtio drivers) does not
+/// find it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiskBus {
+    /// `virtio-blk-pci`.
+    Virtio,
+    /// `scsi-hd` on the VM's `virtio-scsi-pci` controller (`rfs-scsi0`).
+    Scsi,
+    /// `ide-hd` on QEMU's default `pc` machine's IDE controller (PIIX):
+    /// the VM's IDE disks in order on `ide.0` master and slave, then
+    /// `ide.1` (QEMU places no more than two without `bus` and `unit`);
+    /// four at most.
+    Ide,
+    /// An `nvme` controller of its own, serial `rfs{i}`.
+    Nvme,
+}
+
+/// IDE disks [`DiskBus::Ide`] places: two buses of two.
+const MAX_IDE_DISKS: usize = 4;
+
+impl DiskBus {
+    /// Disk `i`'s bus from its entry in a VM configuration's `disks`. None
+    /// (a configuration of a backup made before buses were recorded, or
+    /// without `disks`) is virtio, as such VMs were always booted; a value
+    /// not among the four is virtio too, with a warning (no configuration
+    /// text reaches QEMU's command line).
+    pub fn from_config(disk: &serde_json::Value, i: usize) -> DiskBus {
+        match disk.get("bus") {
+            None | Some(serde_json::Value::Null) => DiskBus::Virtio,
+            Some(b) => match b.as_str() {
+                Some("virtio") => DiskBus::Virtio,
+                Some("scsi") => DiskBus::Scsi,
+                Some("ide") => DiskBus::Ide,
+                Some("nvme") => DiskBus::Nvme,
+                _ => {
+                    tracing::warn!(
+                        "disk {i}: the VM configuration's bus {b} is not one recoverfs boot \
+                         attaches (virtio, scsi, ide, nvme): attached as virtio"
+                    );
+                    DiskBus::Virtio
+                }
+            },
+        }
+    }
+
+    /// The `-device` attaching backend `rfs{i}` (see [`DiskSource`]'s
+    /// `backend`) as disk `i`, the `k`th on its bus, first in the boot
+    /// order when `i` is 0.
+    fn device(self, i: usize, k: usize) -> String {
+        match self {
+            DiskBus::Virtio => format!("virtio-blk-pci,drive=rfs{i},bootindex={i}"),
+            DiskBus::Scsi => format!("scsi-hd,drive=rfs{i},bus=rfs-scsi0.0,bootindex={i}"),
+            DiskBus::Ide => format!(
+                "ide-hd,drive=rfs{i},bus=ide.{},unit={},bootindex={i}",
+                k / 2,
+                k % 2
+            ),
+            DiskBus::Nvme => format!("nvme,drive=rfs{i},serial=rfs{i},bootindex={i}"),
+        }
+    }
+}
+
 pub struct QemuSpec {
     pub disks: Vec<DiskSource>,
+    /// Each disk's bus, by index (one missing: virtio).
+    pub buses: Vec<DiskBus>,
     pub memory_mib: u64,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
@@ -153,8 +244,18 @@ impl QemuSpec {
                 })
             })
             .transpose()?;
+        let buses: Vec<DiskBus> = (0..disks.len())
+            .map(|i| DiskBus::from_config(&config["disks"][i], i))
+            .collect();
+        let ide = buses.iter().filter(|b| **b == DiskBus::Ide).count();
+        if ide > MAX_IDE_DISKS {
+            return Err(Error::invalid(format!(
+                "the VM configuration puts {ide} disks on bus ide; QEMU's pc machine has {MAX_IDE_DISKS} IDE places"
+            )));
+        }
         Ok(QemuSpec {
             disks,
+            buses,
             memory_mib,
             extra: vec![],
             qmp: None,
@@ -166,7 +267,7 @@ impl QemuSpec {
     /// The guest has no network: a verification boot must not reach
     /// production services. QEMU gets a cleared environment (no repository
     /// credentials) and its seccomp sandbox.
-    fn command(&self, qga: &Path) -> Command {
+    pub(crate) fn command(&self, qga: &Path) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
         c.env_clear().env(
             "PATH",
@@ -190,8 +291,31 @@ impl QemuSpec {
         if let Some(u) = &self.uuid {
             c.args(["-uuid", u]);
         }
+        // All virtio (every backup from before buses were recorded): the
+        // command line as it always was. Otherwise each disk is a backend
+        // and a device on its bus, every one with its place in the boot
+        // order (disk 0 first, whatever the buses); SCSI disks go on the
+        // controller below, once it exists.
+        let bus = |i: usize| self.buses.get(i).copied().unwrap_or(DiskBus::Virtio);
+        let all_virtio = (0..self.disks.len()).all(|i| bus(i) == DiskBus::Virtio);
+        let mut scsi = vec![];
+        let mut on_bus = std::collections::HashMap::new();
         for (i, d) in self.disks.iter().enumerate() {
-            c.args(d.args(i));
+            if all_virtio {
+                c.args(d.args(i));
+                continue;
+            }
+            c.args(d.backend(i));
+            let b = bus(i);
+            let k = on_bus.entry(b).or_insert(0usize);
+            let device = b.device(i, *k);
+            *k += 1;
+            match b {
+                DiskBus::Scsi => scsi.push(device),
+                _ => {
+                    c.args(["-device", &device]);
+                }
+            }
         }
         if let Some(p) = &self.qmp {
             // A comma inside a QEMU option value is written twice.
@@ -199,8 +323,11 @@ impl QemuSpec {
             c.args(["-qmp", &format!("unix:{p},server=on,wait=off")]);
         }
         let qga = qga.to_string_lossy().replace(',', ",,");
-        c.args(["-device", "virtio-scsi-pci,id=rfs-scsi0"])
-            .args(["-device", "virtio-serial-pci,id=rfs-serial0"])
+        c.args(["-device", "virtio-scsi-pci,id=rfs-scsi0"]);
+        for d in &scsi {
+            c.args(["-device", d]);
+        }
+        c.args(["-device", "virtio-serial-pci,id=rfs-serial0"])
             .args([
                 "-chardev",
                 &format!("socket,path={qga},server=on,wait=off,id=rfs-qga0"),
@@ -508,6 +635,7 @@ mod tests {
         let qga = d.path().join("marker-qga.sock");
         let spec = QemuSpec {
             disks: vec![],
+            buses: vec![],
             memory_mib: 64,
             extra: vec![],
             qmp: None,
@@ -559,6 +687,99 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("is not a UUID"), "{e}");
+    }
+
+    fn args_of(spec: &QemuSpec) -> Vec<String> {
+        spec.command(Path::new("/tmp/qga.sock"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn files(n: usize) -> Vec<DiskSource> {
+        (0..n)
+            .map(|i| DiskSource::File(PathBuf::from(format!("/m/vm/disk{i}.raw"))))
+            .collect()
+    }
+
+    #[test]
+    fn disks_are_attached_on_the_buses_their_backup_recorded_disk0_first() {
+        let config = serde_json::json!({"disks": [
+            {"name": "disk0", "bus": "ide"}, {"name": "disk1", "bus": "virtio"},
+            {"name": "disk2", "bus": "scsi"}, {"name": "disk3", "bus": "nvme"},
+            {"name": "disk4", "bus": "sata,id=x"}, {"name": "disk5"},
+            {"name": "disk6", "bus": "ide"}, {"name": "disk7", "bus": "ide"}]});
+        let mut disks = files(5);
+        disks.push(DiskSource::nbd("nbd://127.0.0.5/vm/disk5").unwrap());
+        disks.extend(files(8).into_iter().skip(6));
+        let spec = QemuSpec::from_config(&config, disks).unwrap();
+        use DiskBus::*;
+        assert_eq!(
+            spec.buses,
+            [Ide, Virtio, Scsi, Nvme, Virtio, Virtio, Ide, Ide]
+        );
+        let a = args_of(&spec);
+        let devices: Vec<&str> = a
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "ide-hd,drive=rfs0,bus=ide.0,unit=0,bootindex=0",
+                "virtio-blk-pci,drive=rfs1,bootindex=1",
+                "nvme,drive=rfs3,serial=rfs3,bootindex=3",
+                "virtio-blk-pci,drive=rfs4,bootindex=4",
+                "virtio-blk-pci,drive=rfs5,bootindex=5",
+                // QEMU places two IDE disks at most by itself.
+                "ide-hd,drive=rfs6,bus=ide.0,unit=1,bootindex=6",
+                "ide-hd,drive=rfs7,bus=ide.1,unit=0,bootindex=7",
+                // The SCSI disk once its controller exists.
+                "virtio-scsi-pci,id=rfs-scsi0",
+                "scsi-hd,drive=rfs2,bus=rfs-scsi0.0,bootindex=2",
+                "virtio-serial-pci,id=rfs-serial0",
+                "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0",
+            ]
+        );
+        assert!(a.contains(&"file=/m/vm/disk0.raw,format=raw,if=none,id=rfs0".to_string()));
+        assert!(a
+            .iter()
+            .any(|x| x.starts_with("driver=nbd,node-name=rfs5,")));
+        // The configuration's text never reaches QEMU.
+        assert!(!a.iter().any(|x| x.contains("sata")), "{a:?}");
+        // More IDE disks than the machine has places: refused up front.
+        let five = serde_json::json!({"disks": vec![serde_json::json!({"bus": "ide"}); 5]});
+        let e = QemuSpec::from_config(&five, files(5)).err().unwrap();
+        assert!(e.to_string().contains("5 disks on bus ide"), "{e}");
+    }
+
+    #[test]
+    fn a_config_without_buses_or_all_virtio_boots_with_the_command_line_it_always_had() {
+        for config in [
+            serde_json::json!({}),
+            serde_json::json!({"disks": [{"name": "disk0"}, {"name": "disk1"}]}),
+            serde_json::json!({"disks": [{"bus": "virtio"}, {"bus": "virtio"}]}),
+            // writer::default_config's, as `backup` records it.
+            crate::repo::writer::default_config("vm", 2),
+        ] {
+            let spec = QemuSpec::from_config(&config, files(2)).unwrap();
+            let a = args_of(&spec);
+            let drives: Vec<&str> = a
+                .windows(2)
+                .filter(|w| w[0] == "-drive")
+                .map(|w| w[1].as_str())
+                .collect();
+            assert_eq!(
+                drives,
+                [
+                    "file=/m/vm/disk0.raw,format=raw,if=virtio",
+                    "file=/m/vm/disk1.raw,format=raw,if=virtio"
+                ],
+                "{config}"
+            );
+            assert!(!a.iter().any(|x| x.contains("bootindex")), "{a:?}");
+        }
     }
 
     #[test]

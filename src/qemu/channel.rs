@@ -82,8 +82,21 @@ impl Channel {
 
     /// Reads one JSON message (one line) before `deadline`.
     pub(crate) fn read_message(&mut self, deadline: Instant, waiting_for: &str) -> Result<Value> {
-        let line = self.read_until(b'\n', deadline, waiting_for)?;
-        serde_json::from_slice(&line).map_err(|e| {
+        self.read_message_in_time(deadline, waiting_for)?
+            .ok_or_else(|| self.timed_out(waiting_for))
+    }
+
+    /// [`Self::read_message`], `None` if no whole line came before
+    /// `deadline` (for a caller that words that itself).
+    pub(crate) fn read_message_in_time(
+        &mut self,
+        deadline: Instant,
+        waiting_for: &str,
+    ) -> Result<Option<Value>> {
+        let Some(line) = self.read_line_in_time(b'\n', deadline, waiting_for)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&line).map(Some).map_err(|e| {
             self.protocol_error(format!(
                 "not JSON while waiting for {waiting_for} ({e}): {:?}",
                 String::from_utf8_lossy(&line[..line.len().min(80)])
@@ -98,11 +111,22 @@ impl Channel {
         deadline: Instant,
         waiting_for: &str,
     ) -> Result<Vec<u8>> {
+        self.read_line_in_time(end, deadline, waiting_for)?
+            .ok_or_else(|| self.timed_out(waiting_for))
+    }
+
+    /// [`Self::read_until`], `None` when `deadline` passes first.
+    fn read_line_in_time(
+        &mut self,
+        end: u8,
+        deadline: Instant,
+        waiting_for: &str,
+    ) -> Result<Option<Vec<u8>>> {
         let mut line = vec![];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(self.timed_out(waiting_for));
+                return Ok(None);
             }
             self.reader
                 .get_ref()
@@ -121,7 +145,7 @@ impl Channel {
                         ),
                     ))
                 }
-                Ok(_) if line.last() == Some(&end) => return Ok(line),
+                Ok(_) if line.last() == Some(&end) => return Ok(Some(line)),
                 Ok(_) if line.len() > MAX_LINE => {
                     return Err(self.protocol_error(format!(
                         "a line longer than {MAX_LINE} bytes while waiting for {waiting_for}"
@@ -134,7 +158,7 @@ impl Channel {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(self.timed_out(waiting_for))
+                    return Ok(None)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {

@@ -21,6 +21,15 @@ use crate::error::Result;
 /// How long one command may take unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`Qmp::connect`] waits for the greeting (or the caller's
+/// timeout, if shorter). QEMU greets a new client at once, from its main
+/// loop; a socket that accepts and stays silent is not a free QMP monitor:
+/// another chardev (a serial port, a guest agent's), a monitor that
+/// already has a client (QEMU serves one at a time; the next waits
+/// unanswered until it leaves), or a QEMU whose main loop hangs. Waiting a
+/// command's 30 s for it only delays the one-line error.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub struct Qmp {
     ch: Channel,
     timeout: Duration,
@@ -86,6 +95,27 @@ pub struct BlockDevice {
     /// The image file QEMU opened (`inserted.file`).
     pub file: String,
     pub read_only: bool,
+    /// The guest device's QOM type (`virtio-blk-device`, `scsi-hd`,
+    /// `ide-hd`, `nvme`, `floppy`; for a SCSI disk of a USB storage device,
+    /// that device's, `usb-storage`), empty if QEMU did not say.
+    pub device_type: String,
+}
+
+impl BlockDevice {
+    /// The bus the guest finds this disk on, as a backup's configuration
+    /// records it and `recoverfs boot` attaches it: `virtio`, `scsi`,
+    /// `ide` or `nvme`; `None` for any other device (a floppy, a USB
+    /// disk) or one QEMU did not name.
+    pub fn bus(&self) -> Option<&'static str> {
+        let t = self.device_type.as_str();
+        match t {
+            _ if t.starts_with("virtio-blk") => Some("virtio"),
+            "scsi-hd" | "scsi-disk" | "scsi-block" => Some("scsi"),
+            "ide-hd" | "ide-drive" => Some("ide"),
+            "nvme" | "nvme-ns" => Some("nvme"),
+            _ => None,
+        }
+    }
 }
 
 /// A guest's memory and vCPU count ([`Qmp::machine_size`]).
@@ -114,11 +144,14 @@ pub struct BlockStats {
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and leaves capabilities negotiation.
+    /// Connects, reads the greeting (within [`GREETING_TIMEOUT`]) and
+    /// leaves capabilities negotiation.
     pub fn connect(path: &Path) -> Result<Qmp> {
         Self::connect_with(path, DEFAULT_TIMEOUT)
     }
 
+    /// [`Self::connect`] whose commands may take `timeout`; the greeting
+    /// is waited for [`GREETING_TIMEOUT`] at most.
     pub fn connect_with(path: &Path, timeout: Duration) -> Result<Qmp> {
         let hint = format!(
             "is QEMU running with -qmp unix:{},server=on,wait=off?",
@@ -131,8 +164,21 @@ impl Qmp {
             events: vec![],
             version: (0, 0, 0),
         };
+        let wait = timeout.min(GREETING_TIMEOUT);
         let greeting =
-            q.ch.read_message(Instant::now() + timeout, "the QMP greeting")?;
+            q.ch.read_message_in_time(Instant::now() + wait, "the QMP greeting")?
+                .ok_or_else(|| {
+                    crate::error::Error::new(
+                        crate::error::ErrorKind::Io,
+                        format!(
+                            "{} answered no QMP greeting within {} s: is it the VM's QMP monitor \
+                             socket (QEMU greets at once), with no other client (libvirt, another \
+                             recoverfs job) connected to it?",
+                            q.ch.path().display(),
+                            wait.as_secs_f64()
+                        ),
+                    )
+                })?;
         let v = greeting
             .get("QMP")
             .and_then(|g| g.get("version"))
@@ -256,12 +302,13 @@ impl Qmp {
             let Some(ins) = d.get("inserted") else {
                 continue; // an empty drive (a CD-ROM without a disc)
             };
-            let dev = BlockDevice {
+            let mut dev = BlockDevice {
                 device: str_of(d, "device"),
                 qdev: str_of(d, "qdev"),
                 node_name: str_of(ins, "node-name"),
                 file: str_of(ins, "file"),
                 read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+                device_type: String::new(),
             };
             let name = match (dev.device.as_str(), dev.node_name.as_str()) {
                 ("", node) => format!("node {node}"),
@@ -272,16 +319,15 @@ impl Qmp {
                     "{name} ({}) has no guest device: not backed up",
                     dev.file
                 ));
-            } else if d.get("removable").and_then(Value::as_bool) == Some(true) {
+                continue;
+            }
+            dev.device_type = self.device_type(&dev.qdev);
+            if d.get("removable").and_then(Value::as_bool) == Some(true) {
                 // Its device's type (`ide-cd`, `scsi-cd`, `floppy`) names it.
-                let kind = self
-                    .execute(
-                        "qom-get",
-                        Some(json!({"path": dev.qdev, "property": "type"})),
-                    )
-                    .ok()
-                    .and_then(|t| t.as_str().map(str::to_string))
-                    .unwrap_or_else(|| "removable".into());
+                let kind = match dev.device_type.as_str() {
+                    "" => "removable",
+                    t => t,
+                };
                 // A disc is media, not the VM's data; any other removable
                 // disk (a floppy, `removable=on`) may hold the guest's
                 // data: kept, read-only or not.
@@ -290,14 +336,39 @@ impl Qmp {
                         "{name} ({kind} {}) holds a removable medium ({}): not backed up",
                         dev.qdev, dev.file
                     ));
-                } else {
-                    disks.push(dev);
+                    continue;
                 }
-            } else {
-                disks.push(dev);
             }
+            disks.push(dev);
         }
         Ok((disks, skipped))
+    }
+
+    /// [`BlockDevice::device_type`] of the guest device at QOM path `qdev`
+    /// (empty if QEMU does not say): its `type`, or for a SCSI disk whose
+    /// bus belongs to a USB device (`usb-storage`, `usb-bot`, `usb-uas`),
+    /// that device's type: the guest sees a USB disk. (A `scsi-cd` stays
+    /// one, on USB too: a disc, left out by [`Self::guest_disks`].)
+    fn device_type(&mut self, qdev: &str) -> String {
+        let mut qom_get = |path: &str, property: &str| {
+            self.execute("qom-get", Some(json!({"path": path, "property": property})))
+                .ok()
+                .and_then(|t| t.as_str().map(str::to_string))
+        };
+        let Some(t) = qom_get(qdev, "type") else {
+            return String::new();
+        };
+        if !matches!(t.as_str(), "scsi-hd" | "scsi-disk" | "scsi-block") {
+            return t;
+        }
+        // `/machine/peripheral-anon/device[4]/scsi.0`: the bus, then its device.
+        let owner = qom_get(qdev, "parent_bus")
+            .and_then(|bus| bus.rsplit_once('/').map(|(o, _)| o.to_string()))
+            .and_then(|o| qom_get(&o, "type"));
+        match owner {
+            Some(o) if o.starts_with("usb-") => o,
+            _ => t,
+        }
     }
 
     /// The guest's memory and vCPUs: `query-memory-size-summary`'s base

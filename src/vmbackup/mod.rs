@@ -7,8 +7,11 @@
 //!    `query-block` ([`Qmp::guest_disks`](crate::qemu::qmp::Qmp::guest_disks): a disc in a
 //!    CD-ROM drive and a drive without a guest device are left out (a floppy
 //!    or `removable=on` disk is backed up),
-//!    each a warning; a VM without a disk fails alone), its memory and
-//!    vCPUs for the manifest's configuration; QEMU's NBD server
+//!    each a warning; a VM without a disk fails alone), each disk's bus
+//!    (its guest device's QOM type: virtio, scsi, ide or nvme, which
+//!    `recoverfs boot` attaches it to; any other is recorded as virtio
+//!    with a warning), its memory and vCPUs for the manifest's
+//!    configuration; QEMU's NBD server
 //!    started on a Unix socket in a private temporary directory (before
 //!    any pause, so it costs the guest nothing). Each VM's write rate is
 //!    measured over the same window, one thread per VM, and

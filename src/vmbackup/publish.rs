@@ -95,6 +95,12 @@ impl Vm {
             disks.push(r.disk);
         }
         let mut config = default_config(&self.spec.name, disks.len());
+        // The bus the guest finds each disk on, which `recoverfs boot`
+        // attaches it to (a guest whose root disk moves from IDE or SCSI
+        // to virtio may not find it).
+        for (c, d) in (config["disks"].as_array_mut().into_iter().flatten()).zip(&self.disks) {
+            c["bus"] = d.bus().unwrap_or("virtio").into();
+        }
         // What `recoverfs boot` gives the recovered VM (`-m memory_mib`).
         if let Some(m) = self.machine {
             config["memory_mib"] = m.memory_mib.into();

@@ -127,6 +127,24 @@ impl Vm {
             tracing::warn!(vm = %self.spec.name, "{w}");
             self.report.warnings.push(w);
         }
+        // Each disk's bus is recorded (`publish`) for `recoverfs boot`;
+        // one it cannot attach the same way is recorded as virtio.
+        for (i, d) in disks.iter().enumerate() {
+            if d.bus().is_some() {
+                continue;
+            }
+            let what = match d.device_type.as_str() {
+                "" => "a device QEMU did not name the type of".to_string(),
+                t => format!("a {t} device"),
+            };
+            let w = format!(
+                "disk {i} ({what}, {}) is recorded on bus virtio: recoverfs boot attaches \
+                 virtio, scsi, ide and nvme disks only",
+                d.qdev
+            );
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
         self.disks = disks;
         self.report.disks = self.disks.len();
         let dir = tempfile::Builder::new()

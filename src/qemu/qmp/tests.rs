@@ -151,10 +151,55 @@ fn a_missing_socket_a_non_qmp_peer_and_a_silent_one_are_one_line_errors() {
         .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert!(
-        e.to_string().contains("no answer to the QMP greeting"),
+        e.to_string()
+            .contains("silent.sock answered no QMP greeting within 0.3 s"),
         "{e}"
     );
     t.join().unwrap();
+}
+
+/// A socket that accepts and never speaks (a chardev that is not a
+/// monitor): [`GREETING_TIMEOUT`], not a command's 30 s, ends the wait,
+/// in one line that says what to check.
+#[test]
+fn a_socket_that_never_greets_fails_after_the_greeting_timeout_not_30_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("serial.sock");
+    let l = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let t = std::thread::spawn(move || {
+        let (_s, _) = l.accept().unwrap();
+        std::thread::sleep(GREETING_TIMEOUT + Duration::from_secs(3));
+    });
+    let t0 = Instant::now();
+    let e = Qmp::connect(&silent).err().unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took >= GREETING_TIMEOUT && took < GREETING_TIMEOUT + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{} answered no QMP greeting within 5 s: is it the VM's QMP monitor socket (QEMU \
+             greets at once), with no other client (libvirt, another recoverfs job) connected \
+             to it?",
+            silent.display()
+        )
+    );
+    t.join().unwrap();
+}
+
+/// QEMU serves one client per monitor: a second one is accepted by the
+/// kernel and left unanswered, which the greeting timeout ends too.
+#[test]
+fn a_monitor_that_already_has_a_client_fails_a_second_one_in_seconds() {
+    let v = vm();
+    let mut first = Qmp::connect(&v.qmp).unwrap();
+    let t0 = Instant::now();
+    let e = Qmp::connect(&v.qmp).err().unwrap();
+    assert!(t0.elapsed() < GREETING_TIMEOUT + Duration::from_secs(2));
+    assert!(e.to_string().contains("no other client"), "{e}");
+    assert_eq!(first.status().unwrap().status, "prelaunch");
 }
 
 #[test]
@@ -222,7 +267,14 @@ fn guest_disks_leave_out_removable_media_naming_each() {
         .arg(format!(
             "if=floppy,index=0,format=raw,file={}",
             fd.display()
-        ));
+        ))
+        // A disc in a USB CD-ROM drive (a scsi-cd on the USB device's bus).
+        .args(["-device", "qemu-xhci", "-drive"])
+        .arg(format!(
+            "if=none,id=usbcd,media=cdrom,format=raw,file={}",
+            iso.display()
+        ))
+        .args(["-device", "usb-storage,drive=usbcd"]);
     let mut proc = Proc::spawn(&mut cmd);
     proc.wait_for(&qmp);
     let mut q = Qmp::connect(&qmp).unwrap();
@@ -230,8 +282,16 @@ fn guest_disks_leave_out_removable_media_naming_each() {
     // A writable floppy may hold the guest's writes: backed up.
     let names: Vec<&str> = disks.iter().map(|d| d.device.as_str()).collect();
     assert_eq!(names, ["drive0", "floppy0"], "{disks:?}");
-    assert_eq!(skipped.len(), 1, "{skipped:?}");
-    for (s, (drive, kind, file)) in skipped.iter().zip([("ide1-cd0", "ide-cd", &iso)]) {
+    // The guest devices' types: the buses a backup records.
+    assert_eq!(disks[0].device_type, "virtio-blk-device");
+    assert_eq!(disks[0].bus(), Some("virtio"));
+    assert_eq!(disks[1].device_type, "floppy");
+    assert_eq!(disks[1].bus(), None);
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    for (s, (drive, kind, file)) in skipped
+        .iter()
+        .zip([("ide1-cd0", "ide-cd", &iso), ("usbcd", "scsi-cd", &iso)])
+    {
         assert!(
             s.starts_with(&format!("drive {drive} ({kind} /machine/"))
                 && s.ends_with(&format!(

@@ -93,6 +93,42 @@ fn an_unreachable_qmp_socket_and_a_vm_without_disks_fail_alone_with_one_line_err
     );
 }
 
+/// A socket that accepts and never speaks QMP (a serial chardev's, or a
+/// monitor another client holds) fails its VM in seconds, not after a
+/// command's 30 s, with a line that says what to check.
+#[test]
+fn a_socket_that_answers_no_qmp_greeting_fails_its_vm_within_the_greeting_timeout() {
+    let good = vm(Some(&content()));
+    let d = tempfile::tempdir().unwrap();
+    let silent = d.path().join("serial.sock");
+    let l = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let t = std::thread::spawn(move || {
+        let (_s, _) = l.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let (_r, repo) = repo();
+    let mut o = options(&[("mute", &good), ("good", &good)], 1, None);
+    o.vms[0].qmp = silent.clone();
+    let s = backup_vms(&repo, &o).unwrap();
+    let r = report(&s, "mute");
+    assert_eq!(
+        r.error.as_deref(),
+        Some(
+            format!(
+                "{} answered no QMP greeting within 5 s: is it the VM's QMP monitor socket \
+                 (QEMU greets at once), with no other client (libvirt, another recoverfs job) \
+                 connected to it?",
+                silent.display()
+            )
+            .as_str()
+        )
+    );
+    let failed_after = Duration::from_micros(at(r, "failed"));
+    assert!(failed_after < Duration::from_secs(15), "{failed_after:?}");
+    assert!(report(&s, "good").error.is_none(), "{s:?}");
+    t.join().unwrap();
+}
+
 #[test]
 fn a_vm_whose_second_view_cannot_open_is_undone_resumed_and_fails_alone() {
     let good = vm(Some(&content()));

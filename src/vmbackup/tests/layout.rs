@@ -135,3 +135,86 @@ fn backup_vms_help_does_not_say_full_backups_only() {
     assert!(!help.contains("(full backups)"), "{help}");
     assert!(help.contains("--incremental what changed"), "{help}");
 }
+
+/// Each disk's bus is recorded from its guest device (a disk on a USB
+/// stick, which `recoverfs boot` cannot attach alike, as virtio with a
+/// warning), and `recoverfs boot` attaches each disk of the recovered VM
+/// on the bus recorded: a next backup of it records the same buses.
+#[test]
+fn each_disks_bus_is_recorded_and_a_recovered_vm_gets_its_disks_on_the_same_buses() {
+    let d = tempfile::tempdir().unwrap();
+    let image = |n: &str| {
+        let p = d.path().join(n);
+        std::fs::write(&p, vec![0u8; MIB]).unwrap();
+        p
+    };
+    let drive =
+        |n: &str, id: &str| format!("file={},format=raw,if=none,id={id}", image(n).display());
+    let (d1, d2, d3, d4, d5, d6) = (
+        drive("ide.raw", "d1"),
+        drive("scsi.raw", "d2"),
+        drive("nvme.raw", "d3"),
+        drive("usb.raw", "d4"),
+        drive("ide2.raw", "d5"),
+        drive("ide3.raw", "d6"),
+    );
+    #[rustfmt::skip]
+    let v = vm_with_args(Some(&content()), &[
+        "-drive", &d1, "-device", "ide-hd,drive=d1,bus=ide.1,unit=1",
+        "-device", "virtio-scsi-pci,id=vs", "-drive", &d2, "-device", "scsi-hd,drive=d2,bus=vs.0",
+        "-drive", &d3, "-device", "nvme,drive=d3,serial=n3",
+        "-device", "qemu-xhci", "-drive", &d4, "-device", "usb-storage,drive=d4",
+        // Three IDE disks: more than QEMU places without bus and unit.
+        "-drive", &d5, "-device", "ide-hd,drive=d5,bus=ide.0,unit=0",
+        "-drive", &d6, "-device", "ide-hd,drive=d6,bus=ide.0,unit=1",
+    ]);
+    let (_r, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("buses", &v)], 1, None)).unwrap();
+    let r = report(&s, "buses");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.disks, 7, "{r:?}");
+    let usb: Vec<&String> = r.warnings.iter().filter(|w| w.contains("bus")).collect();
+    assert_eq!(usb.len(), 1, "{:?}", r.warnings);
+    assert!(
+        usb[0].starts_with("disk 4 (a usb-storage device, /machine/")
+            && usb[0].ends_with(
+                "is recorded on bus virtio: recoverfs boot attaches virtio, scsi, ide and nvme disks only"
+            ),
+        "{usb:?}"
+    );
+    let m = only_manifest(&repo, "buses");
+    let buses: Vec<&str> = (m.config["disks"].as_array().unwrap().iter())
+        .map(|d| d["bus"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        buses,
+        ["virtio", "ide", "scsi", "nvme", "virtio", "ide", "ide"]
+    );
+
+    // Booted from the backup (paused: the command line is what counts).
+    let copies: Vec<_> = (0..7)
+        .map(|i| crate::boot::DiskSource::File(image(&format!("r{i}.raw"))))
+        .collect();
+    let mut spec = crate::boot::QemuSpec::from_config(&m.config, copies).unwrap();
+    let qmp = d.path().join("booted.qmp");
+    spec.qmp = Some(qmp.clone());
+    let mut cmd = spec.command(&d.path().join("qga.sock"));
+    cmd.arg("-S");
+    let mut booted = Proc::spawn(&mut cmd);
+    booted.wait_for(&qmp);
+    let disks = Qmp::connect(&qmp).unwrap().block_devices().unwrap();
+    let again: Vec<Option<&str>> = disks.iter().map(|d| d.bus()).collect();
+    assert_eq!(
+        again,
+        [
+            Some("virtio"),
+            Some("ide"),
+            Some("scsi"),
+            Some("nvme"),
+            Some("virtio"),
+            Some("ide"),
+            Some("ide")
+        ],
+        "{disks:?}"
+    );
+}

@@ -86,4 +86,13 @@ fn a_second_run_on_a_vm_being_backed_up_fails_busy_through_another_monitor_and_t
     let id = a.backup.clone().unwrap();
     assert!(restored(&repo, "busy", &id) == data);
     assert!(v.monitor().status().unwrap().running);
+    // Both runs are done: the QEMU process's lock file is gone with them.
+    let pid = v.proc.lock().unwrap().0.id();
+    let left: Vec<_> = std::fs::read_dir(crate::qemu::vm_lock::lock_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("recoverfs-qemu-{pid}-")))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
