@@ -277,6 +277,9 @@ fn backup_vm(
         paths: opts.paths.clone(),
         hooks: opts.hooks.clone(),
         allow_quiesced_stream: opts.allow_quiesced_stream,
+        // This host takes hole frames: a sparse file's holes do not cross
+        // the channel (agents before them ignore this and send zeros).
+        holes: true,
     };
     // Held from before the first chunk is stored until the catalog is
     // published: no garbage collection sweeps in between.

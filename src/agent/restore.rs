@@ -70,12 +70,15 @@ fn send(
         std::io::BufReader::new(deadline.reader(stream)),
         "the agent's stream",
     );
-    match fr.next_frame()? {
+    let holes = match fr.next_frame()? {
         Frame::Hello(h) => {
             say(&h.describe());
             if let Some(w) = h.warning() {
                 say(&w);
             }
+            // An agent that reads hole frames: all-zero chunks (a sparse
+            // file's holes) do not cross the channel.
+            h.has(super::stream::FEATURE_HOLES)
         }
         Frame::Error(m) => {
             return Err(Error::invalid(format!(
@@ -88,7 +91,7 @@ fn send(
                 describe(&other)
             )))
         }
-    }
+    };
     let io = |e: std::io::Error| Error::io("send to the agent", e);
     let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, stream));
     for e in entries {
@@ -97,7 +100,11 @@ fn send(
             for (i, ch) in e.chunks.iter().enumerate() {
                 let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
                 let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
-                w.data(&data).map_err(io)?;
+                if holes && data.iter().all(|&b| b == 0) {
+                    w.hole(data.len() as u64).map_err(io)?;
+                } else {
+                    w.data(&data).map_err(io)?;
+                }
             }
         }
         sent.fetch_add(1, Ordering::SeqCst);

@@ -273,6 +273,9 @@ pub struct ChunkSink {
     pub new_bytes: u64,
     pub new_chunks: u64,
     pub file_bytes: u64,
+    /// The id of an all-zero chunk, by length: a sparse file's holes come
+    /// as runs of such chunks, hashed once.
+    zero_ids: std::collections::HashMap<usize, Digest>,
 }
 
 impl ChunkSink {
@@ -290,7 +293,14 @@ impl ChunkSink {
                     .unwrap_or_else(|| Error::io("read file content", e)),
                 other => Error::new(crate::error::ErrorKind::Io, other.to_string()),
             })?;
-            let digest = repo.chunk_id(&c.data);
+            let digest = if c.data.iter().all(|&b| b == 0) {
+                *self
+                    .zero_ids
+                    .entry(c.data.len())
+                    .or_insert_with(|| repo.chunk_id(&c.data))
+            } else {
+                repo.chunk_id(&c.data)
+            };
             if !self.sizes.contains_key(&digest) {
                 let new = repo.put_chunk(&digest, &c.data)?;
                 let size = if new > 0 {
