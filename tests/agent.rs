@@ -920,6 +920,7 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
                 size: data.len() as u64,
                 target: None,
                 chunks,
+                inode: None,
             }],
             file_bytes: data.len() as u64,
             stored_bytes: sink.stored_bytes(),

@@ -4,7 +4,9 @@
 //! `files/<vm>/<id>.json` holds `{"checksum": blake3(body), "catalog":
 //! {format, vm, id, created, created_unix, source, entries: [{path, kind,
 //! mode, uid, gid, mtime, mtime_nsec, size, target, chunks: [{digest,
-//! len}]}], file_bytes, stored_bytes, new_bytes}}`. File contents are cut
+//! len}], inode: {dev, ino, nlink}}], file_bytes, stored_bytes,
+//! new_bytes}}` (`inode` only for a file with several links, since
+//! 2026-11-24: older readers pass over it). File contents are cut
 //! into content-defined chunks (so an edit in the middle of a file changes
 //! only the chunks around it) and stored in the same deduplicated chunk
 //! store as disk chunks (ids keyed, chunks encrypted, in an encrypted
@@ -115,6 +117,21 @@ pub struct Entry {
     /// A file's content, in order; empty for anything else.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkRef>,
+    /// A regular file with more than one link: its inode, so that a
+    /// restore can make the entries of one inode hard links again. Absent
+    /// for anything else, and in catalogs (and from agents) before
+    /// 2026-11-24, whose links restore as separate files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<Inode>,
+}
+
+/// Where a file with several links lived in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Inode {
+    pub dev: u64,
+    pub ino: u64,
+    /// Its link count then (the links outside the backup count too).
+    pub nlink: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,7 +184,7 @@ impl Entry {
             )));
         }
         if (self.kind == EntryKind::Symlink) != self.target.is_some()
-            || (self.kind != EntryKind::File && self.size != 0)
+            || (self.kind != EntryKind::File && (self.size != 0 || self.inode.is_some()))
         {
             return Err(Error::corrupt(format!(
                 "{:?}: a {:?} with a size or link target it cannot have",

@@ -451,6 +451,7 @@ fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_receive
                 size: 0,
                 target: None,
                 chunks: vec![],
+                inode: None,
             })?;
         }
         w.end()
@@ -482,6 +483,7 @@ fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_receive
                 size: 0,
                 target: Some("t".repeat(100)),
                 chunks: vec![],
+                inode: None,
             })?;
         }
         w.end()
@@ -537,6 +539,7 @@ fn file_entry(path: &str, size: u64) -> crate::repo::catalog::Entry {
         size,
         target: None,
         chunks: vec![],
+        inode: None,
     }
 }
 
@@ -686,5 +689,6 @@ fn entries_an_older_agent_sends_twice_are_received_once() {
     );
 }
 
+mod links;
 mod restore;
 mod sparse;

@@ -12,6 +12,7 @@ fn entry(path: &str, size: u64) -> Entry {
         size,
         target: None,
         chunks: vec![],
+        inode: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn file(path: &str, chunks: Vec<ChunkRef>) -> Entry {
         size: chunks.iter().map(|c| c.len as u64).sum(),
         target: None,
         chunks,
+        inode: None,
     }
 }
 
@@ -88,6 +89,7 @@ fn a_published_catalog_reads_back_and_a_tampered_one_is_refused() {
         size: 0,
         target: None,
         chunks: vec![],
+        inode: None,
     });
     let one = r.publish_catalog(c.clone()).unwrap();
     let two = r.publish_catalog(c).unwrap();
@@ -183,6 +185,7 @@ fn a_catalog_over_the_entry_or_size_limit_is_refused_before_publishing() {
         size: 0,
         target: Some("t".repeat(1000)),
         chunks: vec![],
+        inode: None,
     };
     let at = std::time::SystemTime::now();
     let roomy = CatalogLimits {
@@ -246,6 +249,7 @@ fn an_encrypted_catalog_reveals_no_guest_path() {
         size: 0,
         target: Some("secret-target".into()),
         chunks: vec![],
+        inode: None,
     });
     c.source = serde_json::json!({"paths": ["/secret-source"], "agent": "secret-agent"});
     let c = r.publish_catalog(c).unwrap();
