@@ -334,3 +334,40 @@ fn an_error_about_a_path_with_a_newline_stays_on_one_line() {
     e.target = Some("t".into());
     assert!(!e.check().unwrap_err().to_string().contains('\n'));
 }
+
+#[test]
+fn an_inode_is_kept_for_linked_files_absent_before_and_refused_elsewhere() {
+    // An entry of a catalog written before inodes were recorded.
+    let old: Entry = serde_json::from_str(
+        r#"{"path":"/a","kind":"file","mode":420,"uid":0,"gid":0,"mtime":1,"mtime_nsec":0,"size":0}"#,
+    )
+    .unwrap();
+    assert_eq!(old.inode, None);
+    assert!(!serde_json::to_string(&old).unwrap().contains("inode"));
+    let mut e = file("/b", vec![]);
+    e.inode = Some(Inode {
+        dev: 2049,
+        ino: 77,
+        nlink: 2,
+    });
+    let back: Entry = serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap();
+    assert_eq!(back, e);
+    back.check().unwrap();
+    // Only a regular file has one.
+    let mut d = e.clone();
+    d.kind = EntryKind::Dir;
+    assert!(d.check().is_err());
+}
+
+#[test]
+fn zero_chunks_are_stored_as_when_hashed_each_time() {
+    let (_d, r) = repo();
+    let mut data = vec![0u8; 3 << 20];
+    data[1 << 20] = 1;
+    let mut a = ChunkSink::default();
+    let got = a.store(&r, &data[..]).unwrap();
+    let zero = got.iter().find(|c| c.len == CDC_MAX).unwrap();
+    assert_eq!(zero.digest, r.chunk_id(&vec![0u8; CDC_MAX as usize]));
+    let sum: u64 = got.iter().map(|c| c.len as u64).sum();
+    assert_eq!(sum, data.len() as u64);
+}
