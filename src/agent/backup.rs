@@ -363,7 +363,7 @@ pub(crate) fn receive(
                 opts.catalog_limits.check_entries(entries.len() + 1)?;
                 if e.kind == EntryKind::File {
                     let size = e.size;
-                    e.chunks = sink.store(repo, fr.content_logging(size, say))?;
+                    e.chunks = sink.store_sparse(repo, fr.content_logging(size, say))?;
                 }
                 e.check()?;
                 json_bytes += serde_json::to_vec(&e).expect("json").len() as u64 + 1;

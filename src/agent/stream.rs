@@ -452,6 +452,21 @@ impl<R: Read> Read for Content<'_, R> {
     }
 }
 
+impl<R: Read> crate::repo::catalog::SparseRead for Content<'_, R> {
+    fn zeros_ahead(&self) -> u64 {
+        if self.pos == self.buf.len() {
+            self.zeros
+        } else {
+            0
+        }
+    }
+
+    fn skip_zeros(&mut self, n: u64) {
+        assert!(n <= self.zeros_ahead(), "skipped past the hole");
+        self.zeros -= n;
+    }
+}
+
 /// A frame, for an error message.
 pub fn describe(f: &Frame) -> String {
     match f {

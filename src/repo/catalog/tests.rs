@@ -371,3 +371,112 @@ fn zero_chunks_are_stored_as_when_hashed_each_time() {
     let sum: u64 = got.iter().map(|c| c.len as u64).sum();
     assert_eq!(sum, data.len() as u64);
 }
+
+/// Bytes and announced zero runs, as the agent's stream gives them.
+struct Segments {
+    segs: std::collections::VecDeque<(bool, Vec<u8>, u64)>,
+    /// Zero bytes passed over unread.
+    skipped: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl std::io::Read for Segments {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let Some((zero, data, left)) = self.segs.front_mut() else {
+            return Ok(0);
+        };
+        let n = if *zero {
+            let n = (out.len() as u64).min(*left) as usize;
+            out[..n].fill(0);
+            *left -= n as u64;
+            n
+        } else {
+            let n = out.len().min(data.len());
+            out[..n].copy_from_slice(&data[..n]);
+            data.drain(..n);
+            n
+        };
+        if (*zero && *left == 0) || (!*zero && data.is_empty()) {
+            self.segs.pop_front();
+        }
+        Ok(n)
+    }
+}
+
+impl SparseRead for Segments {
+    fn zeros_ahead(&self) -> u64 {
+        match self.segs.front() {
+            Some((true, _, n)) => *n,
+            _ => 0,
+        }
+    }
+    fn skip_zeros(&mut self, n: u64) {
+        let f = self.segs.front_mut().unwrap();
+        assert!(f.0 && n <= f.2);
+        f.2 -= n;
+        self.skipped.set(self.skipped.get() + n);
+        if f.2 == 0 {
+            self.segs.pop_front();
+        }
+    }
+}
+
+#[test]
+fn holes_are_cut_into_the_chunks_streamcdc_cuts_from_the_same_zeros() {
+    let (_d, r) = repo();
+    // Data, holes of every length around CDC_MAX, zeros inside data.
+    let mut noise_data = noise(3 << 20, 9);
+    noise_data[100_000..900_000].fill(0);
+    let holes = [
+        1u64,
+        CDC_MIN as u64,
+        CDC_MAX as u64 - 1,
+        CDC_MAX as u64,
+        CDC_MAX as u64 + 1,
+        5 * CDC_MAX as u64 + 12345,
+        64 << 20,
+    ];
+    for (i, &hole) in holes.iter().enumerate() {
+        for tail in [false, true] {
+            let mut segs = std::collections::VecDeque::new();
+            let a = noise_data[..1_000_000 + i * 7777].to_vec();
+            let b = noise_data[2_000_000..].to_vec();
+            segs.push_back((false, a.clone(), 0));
+            segs.push_back((true, vec![], hole));
+            segs.push_back((false, b.clone(), 0));
+            if tail {
+                segs.push_back((true, vec![], hole));
+            }
+            let mut whole = a;
+            whole.resize(whole.len() + hole as usize, 0);
+            whole.extend_from_slice(&b);
+            if tail {
+                whole.resize(whole.len() + hole as usize, 0);
+            }
+            let mut reference = vec![];
+            for c in fastcdc::v2020::StreamCDC::new(&whole[..], CDC_MIN, CDC_AVG, CDC_MAX) {
+                let c = c.unwrap();
+                reference.push((r.chunk_id(&c.data), c.length as u32));
+            }
+            let skipped = std::rc::Rc::new(std::cell::Cell::new(0));
+            let src = Segments {
+                segs,
+                skipped: skipped.clone(),
+            };
+            let got: Vec<_> = ChunkSink::default()
+                .store_sparse(&r, src)
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.digest, c.len))
+                .collect();
+            assert!(got == reference, "hole {hole}, tail {tail}: other chunks");
+            if hole == 64 << 20 {
+                // All but a window or two of it never read.
+                assert!(
+                    skipped.get() > hole - 2 * CDC_MAX as u64,
+                    "{}",
+                    skipped.get()
+                );
+            }
+        }
+    }
+}
