@@ -920,6 +920,7 @@ fn container_builds_and_file_backups_refuse_bad_input_and_verify_names_a_damaged
                 size: data.len() as u64,
                 target: None,
                 chunks,
+                inode: None,
             }],
             file_bytes: data.len() as u64,
             stored_bytes: sink.stored_bytes(),
@@ -1381,4 +1382,53 @@ fn sigint_during_agent_restore_leaves_whole_files_only_in_the_guest_and_nothing_
         ),
     );
     assert_eq!(inside, "a\na\n", "the guest after the stop");
+}
+
+#[test]
+fn a_sparse_file_and_hard_links_in_a_running_guest_restore_as_they_were_without_streaming_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let mut vm = start_vm(env.dir.path(), "debian", true);
+    wait_agent(&mut vm);
+    // 1 GiB with 1 MiB of data in its middle, and a second link to it.
+    let sum = guest(
+        &vm,
+        "mkdir -p /srv/sp && truncate -s 1G /srv/sp/disk.img && \
+         head -c 1048576 /dev/urandom | dd of=/srv/sp/disk.img bs=1M seek=500 conv=notrunc 2>/dev/null && \
+         ln /srv/sp/disk.img /srv/sp/disk.link && sync && sha256sum /srv/sp/disk.img",
+    );
+    let img = build_container(&env, "1.0.0", &hooks(env.dir.path(), &[]));
+    let t0 = Instant::now();
+    let o = agent_backup(&env, &vm, &img, &["--paths", "/srv/sp"])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    eprintln!("agent-backup of a 1 GiB sparse file (1 MiB data): {took:?}");
+    let to = env.path("restored");
+    std::fs::create_dir(&to).unwrap();
+    env.ok(&[
+        "files",
+        "restore",
+        "--repo",
+        env.repo_str(),
+        "deb",
+        "/srv/sp",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    let (a, b) = (to.join("srv/sp/disk.img"), to.join("srv/sp/disk.link"));
+    assert_eq!(sha256(&a), sum[..64]);
+    let (ma, mb) = (
+        std::fs::metadata(&a).unwrap(),
+        std::fs::metadata(&b).unwrap(),
+    );
+    assert_eq!(ma.len(), 1 << 30);
+    assert!(
+        ma.blocks() * 512 < 8 << 20,
+        "not sparse: {} blocks",
+        ma.blocks()
+    );
+    assert_eq!((ma.dev(), ma.ino()), (mb.dev(), mb.ino()), "not one file");
 }

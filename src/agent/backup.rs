@@ -277,6 +277,9 @@ fn backup_vm(
         paths: opts.paths.clone(),
         hooks: opts.hooks.clone(),
         allow_quiesced_stream: opts.allow_quiesced_stream,
+        // This host takes hole frames: a sparse file's holes do not cross
+        // the channel (agents before them ignore this and send zeros).
+        holes: true,
     };
     // Held from before the first chunk is stored until the catalog is
     // published: no garbage collection sweeps in between.
@@ -360,7 +363,7 @@ pub(crate) fn receive(
                 opts.catalog_limits.check_entries(entries.len() + 1)?;
                 if e.kind == EntryKind::File {
                     let size = e.size;
-                    e.chunks = sink.store(repo, fr.content_logging(size, say))?;
+                    e.chunks = sink.store_sparse(repo, fr.content_logging(size, say))?;
                 }
                 e.check()?;
                 json_bytes += serde_json::to_vec(&e).expect("json").len() as u64 + 1;

@@ -22,7 +22,9 @@
 //! files are sent as they are. Directories are walked in name order
 //! through their descriptors without following symbolic links, and a
 //! file is read only if it is still the one its metadata came from
-//! ([`walk`]). Hook output goes to the host as log
+//! ([`walk`]). A sparse file's holes are never read (`SEEK_DATA`), and
+//! when the host's job says it takes hole frames they and all-zero
+//! stretches do not cross the channel ([`send_content`]). Hook output goes to the host as log
 //! lines. Restores write only through directories no user of the guest
 //! can redirect ([`place`]).
 
@@ -52,6 +54,11 @@ pub enum Job {
         /// application stays quiesced instead of failing.
         #[serde(default)]
         allow_quiesced_stream: bool,
+        /// The host takes `Z` (hole) frames: holes and all-zero stretches
+        /// of files are sent as such, not as zeros. Absent from the jobs
+        /// of hosts before them, which then get zeros in data frames.
+        #[serde(default)]
+        holes: bool,
     },
     /// Files the host sends, written to their place or under `to`.
     Restore {
@@ -93,13 +100,14 @@ pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
             paths,
             hooks,
             allow_quiesced_stream,
+            holes,
         } => backup(
             &mut w,
             container,
             &cfg,
             paths,
             hooks,
-            *allow_quiesced_stream,
+            (*allow_quiesced_stream, *holes),
         ),
         Job::Restore { to } => restore(
             &mut w,
@@ -197,7 +205,7 @@ fn backup(
     cfg: &AgentConfig,
     paths: &[String],
     hooks: &[String],
-    allow_quiesced_stream: bool,
+    (allow_quiesced_stream, holes): (bool, bool),
 ) -> Result<()> {
     if paths.is_empty() {
         return Err(Error::invalid("no paths to back up"));
@@ -228,7 +236,9 @@ fn backup(
         }
     }
     if hooks.is_empty() {
-        return paths.iter().try_for_each(|p| send_tree(w, Path::new(p)));
+        return paths
+            .iter()
+            .try_for_each(|p| send_tree(w, Path::new(p), holes));
     }
     // Every `post` is read before any `pre` runs: once the application is
     // quiesced, its resume must not depend on the container staying there.
@@ -272,7 +282,9 @@ fn backup(
         result = match &plan {
             // The copy sends no frames: keep-alives meanwhile.
             Some(p) => keeping_alive(w, || p.copy()).map(|s| staged = Some(s)),
-            None => paths.iter().try_for_each(|p| send_tree(w, Path::new(p))),
+            None => paths
+                .iter()
+                .try_for_each(|p| send_tree(w, Path::new(p), holes)),
         };
     }
     if let (Some(p), Some(s)) = (&plan, &staged) {
@@ -305,7 +317,7 @@ fn backup(
     }
     result?;
     match staged {
-        Some(s) => send_staged(w, &s),
+        Some(s) => send_staged(w, &s, holes),
         None => Ok(()),
     }
     // `plan` drops here: the copy is removed, also on an early return.
@@ -355,7 +367,7 @@ fn distinct_paths(paths: &[String]) -> (Vec<String>, Vec<String>) {
 
 /// Sends what [`copy::Plan::copy`] took: original paths and metadata,
 /// contents from the copy.
-fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> {
+fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged, holes: bool) -> Result<()> {
     for (p, why) in &s.skipped {
         w.log(&format!("skipped {p} ({why})")).map_err(io)?;
     }
@@ -364,7 +376,7 @@ fn send_staged(w: &mut FrameWriter<impl Write>, s: &copy::Staged) -> Result<()> 
         if let Some(src) = src {
             // The agent's own copy, in its private directory.
             let f = File::open(src).ctx(|| format!("open {}", src.display()))?;
-            send_content(w, f, src, &e.path, e.size)?;
+            send_content(w, f, src, &e.path, e.size, holes)?;
         }
     }
     Ok(())
@@ -512,6 +524,10 @@ fn restore(
     let mut n = 0u64;
     // The parent directory opened last: entries come in tree order.
     let mut last: Option<(PathBuf, std::os::fd::OwnedFd)> = None;
+    // The first file restored of each inode the host sent (`Entry::inode`,
+    // only where its links are to be links again): where it was written
+    // and what it became, for the links to it.
+    let mut firsts: std::collections::HashMap<(u64, u64), Written> = Default::default();
     loop {
         let e = match r.next_frame()? {
             Frame::Header(e) => e,
@@ -558,6 +574,14 @@ fn restore(
                 n += 1;
                 continue;
             }
+            EntryKind::File if link_to_first(dir, &tmp, &e, &firsts, w, &root)? => {
+                // The link's content still comes (agents before links
+                // wrote it out): read and passed over.
+                std::io::copy(&mut r.content(e.size), &mut std::io::sink()).map_err(|err| {
+                    let _ = place::remove(dir, &tmp, &tmp_shown);
+                    stream_err(err, &tmp_shown)
+                })?;
+            }
             EntryKind::File => {
                 let f = place::create_new(dir, &tmp, &tmp_shown)?;
                 // All-zero stretches stay holes: a sparse file restores
@@ -565,20 +589,24 @@ fn restore(
                 let mut sparse = crate::util::SparseWriter::new(&f);
                 let copied = std::io::copy(&mut r.content(e.size), &mut sparse)
                     .and_then(|_| sparse.finish())
-                    .map_err(|err| {
-                        err.get_ref()
-                            .and_then(|i| i.downcast_ref::<Error>())
-                            .cloned()
-                            .unwrap_or_else(|| {
-                                Error::io(format!("write {}", tmp_shown.display()), err)
-                            })
-                    })
+                    .map_err(|err| stream_err(err, &tmp_shown))
                     .and_then(|_| place::set_meta_fd(&f, &e, is_root, &tmp_shown))
                     .and_then(|()| f.sync_all().ctx(|| format!("sync {}", tmp_shown.display())));
                 if copied.is_err() {
                     let _ = place::remove(dir, &tmp, &tmp_shown);
                 }
                 copied?;
+                if let Some(ino) = e.inode {
+                    let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&f)).map_err(
+                        |err| Error::io(format!("stat {}", tmp_shown.display()), err.into()),
+                    )?;
+                    firsts.entry((ino.dev, ino.ino)).or_insert(Written {
+                        parent: parent.clone(),
+                        name: name.to_os_string(),
+                        header: e.clone(),
+                        file: (st.st_dev, st.st_ino),
+                    });
+                }
             }
             EntryKind::Symlink => {
                 place::remove(dir, &tmp, &tmp_shown)?;
@@ -610,15 +638,141 @@ fn restore(
     .map_err(|e| Error::io("write to the stream port", e))
 }
 
+/// A file an `agent-restore` wrote, that later entries may be links to.
+struct Written {
+    parent: PathBuf,
+    name: std::ffi::OsString,
+    header: crate::repo::catalog::Entry,
+    /// Its device and inode number here.
+    file: (u64, u64),
+}
+
+/// Makes `tmp` in `dir` a hard link to the file restored first of `e`'s
+/// inode, if the host sent one with the same header: whether it did. A
+/// first file that is no longer the one written there, or a link that
+/// cannot be made (another filesystem, one without hard links), is a
+/// copy instead, said in the log.
+fn link_to_first(
+    dir: &std::os::fd::OwnedFd,
+    tmp: &std::ffi::OsStr,
+    e: &crate::repo::catalog::Entry,
+    firsts: &std::collections::HashMap<(u64, u64), Written>,
+    w: &mut FrameWriter<impl Write>,
+    root: &std::os::fd::OwnedFd,
+) -> Result<bool> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use std::os::fd::AsRawFd;
+    let Some(first) = e
+        .inode
+        .and_then(|i| firsts.get(&(i.dev, i.ino)))
+        .filter(|f| same_file(&f.header, e))
+    else {
+        return Ok(false);
+    };
+    let shown = first.parent.join(&first.name);
+    let linked = place::open_dirs(
+        root,
+        Path::new("/"),
+        &place::components(&first.parent),
+        false,
+    )
+    .map_err(|err| err.to_string())
+    .and_then(|d| {
+        // The first file pinned by a descriptor, checked, and linked from
+        // that descriptor: a user who swaps the name in between gets no
+        // link to another file.
+        let fd = nix::fcntl::openat(
+            Some(d.as_raw_fd()),
+            first.name.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|err| err.to_string())?;
+        // SAFETY: `fd` was just returned by openat and is owned by no one else.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|err| err.to_string())?;
+        if (st.st_dev, st.st_ino) != first.file {
+            return Err("it was replaced since".to_string());
+        }
+        let _ = nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            tmp,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        nix::unistd::linkat(
+            Some(fd.as_raw_fd()),
+            std::ffi::OsStr::new(""),
+            Some(dir.as_raw_fd()),
+            tmp,
+            AtFlags::AT_EMPTY_PATH,
+        )
+        .or_else(|_| {
+            // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH: through /proc.
+            nix::unistd::linkat(
+                None,
+                std::ffi::OsStr::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())),
+                Some(dir.as_raw_fd()),
+                tmp,
+                AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        })
+        .map_err(|err| err.to_string())
+    });
+    match linked {
+        Ok(()) => Ok(true),
+        Err(why) => {
+            w.log(&format!(
+                "{} was a hard link to {} in the backup; restored as a separate copy ({why})",
+                e.path,
+                shown.display()
+            ))
+            .map_err(io)?;
+            Ok(false)
+        }
+    }
+}
+
+/// Whether two headers of one inode say the same about it.
+fn same_file(a: &crate::repo::catalog::Entry, b: &crate::repo::catalog::Entry) -> bool {
+    (
+        a.kind,
+        a.size,
+        a.mode,
+        a.uid,
+        a.gid,
+        a.mtime,
+        a.mtime_nsec,
+        a.inode,
+    ) == (
+        b.kind,
+        b.size,
+        b.mode,
+        b.uid,
+        b.gid,
+        b.mtime,
+        b.mtime_nsec,
+        b.inode,
+    )
+}
+
+/// An error from reading a file's content off the stream or writing it
+/// to `shown`: ours (carried through `io::Error::other`) as it was.
+fn stream_err(err: std::io::Error, shown: &Path) -> Error {
+    err.get_ref()
+        .and_then(|i| i.downcast_ref::<Error>())
+        .cloned()
+        .unwrap_or_else(|| Error::io(format!("write {}", shown.display()), err))
+}
+
 /// Sends `path` and, for a directory, everything under it.
-fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
+fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path, holes: bool) -> Result<()> {
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
     walk::walk(path, None, &mut |found| match found {
         walk::Found::Skipped(p, why) => w.log(&format!("skipped {p} ({why})")).map_err(io),
         walk::Found::Entry(e, file) => {
             w.header(&e).map_err(io)?;
             match file {
-                Some(f) => send_content(w, f, Path::new(&e.path), &e.path, e.size),
+                Some(f) => send_content(w, f, Path::new(&e.path), &e.path, e.size, holes),
                 None => Ok(()),
             }
         }
@@ -630,44 +784,138 @@ fn send_tree(w: &mut FrameWriter<impl Write>, path: &Path) -> Result<()> {
 /// warning follows the file's data: hosts before they took log frames
 /// among a file's data failed the backup on one.
 ///
+/// Holes are not read ([`next_data`]), and with `holes` (the host takes
+/// `Z` frames) neither they nor data pieces that are all zeros cross the
+/// channel: each is one hole frame. Without `holes` they are sent as
+/// zeros in data frames, as before. Either way every byte recorded is
+/// what the file held when that stretch was looked at: read, or a hole
+/// `SEEK_DATA` reported then (which reads as zeros then); a file whose
+/// size, modification or change time moved while it was sent is said in
+/// the log, as it may mix old and new content.
+///
 /// `path` is what is read (the agent's copy, with hooks), `name` the
 /// guest path it stands for.
 fn send_content(
     w: &mut FrameWriter<impl Write>,
-    mut f: File,
+    f: File,
     path: &Path,
     name: &str,
     size: u64,
+    holes: bool,
 ) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let io = |e: std::io::Error| Error::io("write to the stream port", e);
-    let mut left = size;
+    let before = f.metadata().ctx(|| format!("stat {}", path.display()))?;
+    let mut pos = 0u64;
     let mut padded = 0u64;
+    // Cleared where the filesystem cannot tell holes: read everything.
+    let mut seek = true;
     let mut buf = vec![0u8; super::stream::MAX_DATA];
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = if padded > 0 {
-            0
+    'file: while pos < size {
+        let (data, end) = if seek {
+            match next_data(&f, pos, size) {
+                NextData::Data(d, e) => (d, e),
+                NextData::None => {
+                    // Only a hole up to the file's end now; past that end
+                    // (it shrank) is padding, warned about below.
+                    let now = f.metadata().ctx(|| format!("stat {}", path.display()))?;
+                    (now.len().clamp(pos, size), size)
+                }
+                NextData::Unsupported => {
+                    seek = false;
+                    (pos, size)
+                }
+            }
         } else {
-            f.read(&mut buf[..want])
-                .ctx(|| format!("read {}", path.display()))?
+            (pos, size)
         };
-        if n == 0 {
-            buf[..want].fill(0);
-            w.data(&buf[..want]).map_err(io)?;
-            left -= want as u64;
-            padded += want as u64;
-            continue;
+        w.zeros(data - pos, holes).map_err(io)?;
+        pos = data;
+        while pos < end {
+            let want = (end - pos).min(buf.len() as u64) as usize;
+            let n = f
+                .read_at(&mut buf[..want], pos)
+                .ctx(|| format!("read {}", path.display()))?;
+            if n == 0 {
+                padded = size - pos;
+                w.zeros(padded, holes).map_err(io)?;
+                break 'file;
+            }
+            if holes && buf[..n].iter().all(|&b| b == 0) {
+                w.hole(n as u64).map_err(io)?;
+            } else {
+                w.data(&buf[..n]).map_err(io)?;
+            }
+            pos += n as u64;
         }
-        w.data(&buf[..n]).map_err(io)?;
-        left -= n as u64;
     }
     if padded > 0 {
         w.log(&format!(
             "WARNING: {name} shrank while it was read; its last {padded} of {size} bytes are zeros in the backup"
         ))
         .map_err(io)?;
+    } else if f.metadata().is_ok_and(|now| changed(&before, &now)) {
+        w.log(&format!(
+            "WARNING: {name} changed while it was read; its copy in the backup may mix old and new content"
+        ))
+        .map_err(io)?;
     }
     Ok(())
+}
+
+/// Whether a file's size, modification or change time moved.
+fn changed(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    (
+        a.size(),
+        a.mtime(),
+        a.mtime_nsec(),
+        a.ctime(),
+        a.ctime_nsec(),
+    ) != (
+        b.size(),
+        b.mtime(),
+        b.mtime_nsec(),
+        b.ctime(),
+        b.ctime_nsec(),
+    )
+}
+
+/// Where the next data of a file is, from `lseek(SEEK_DATA/SEEK_HOLE)`.
+#[derive(Debug, PartialEq, Eq)]
+enum NextData {
+    /// Data from the first offset to the second (at most `size`): what
+    /// lies before the first is a hole.
+    Data(u64, u64),
+    /// No data from the offset asked for up to `size`.
+    None,
+    /// The filesystem cannot tell: read it all.
+    Unsupported,
+}
+
+/// The next stretch of data at or after `pos`, within `size`. Asked just
+/// before that stretch is read, so a hole is a hole at the moment its
+/// zeros are recorded.
+fn next_data(f: &File, pos: u64, size: u64) -> NextData {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let Ok(at) = i64::try_from(pos) else {
+        return NextData::Unsupported;
+    };
+    let data = match lseek(f.as_raw_fd(), at, Whence::SeekData) {
+        Ok(d) => d as u64,
+        Err(Errno::ENXIO) => return NextData::None,
+        Err(_) => return NextData::Unsupported,
+    };
+    if data >= size {
+        return NextData::None;
+    }
+    match lseek(f.as_raw_fd(), data as i64, Whence::SeekHole) {
+        Ok(h) if h as u64 > data => NextData::Data(data, (h as u64).min(size)),
+        // Contradicting itself (the file changing): read to the end.
+        _ => NextData::Data(data, size),
+    }
 }
 
 mod copy;

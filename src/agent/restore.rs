@@ -57,7 +57,7 @@ pub fn agent_restore(
     })
 }
 
-fn send(
+pub(crate) fn send(
     repo: &Repository,
     stream: &UnixStream,
     deadline: Deadline,
@@ -70,12 +70,15 @@ fn send(
         std::io::BufReader::new(deadline.reader(stream)),
         "the agent's stream",
     );
-    match fr.next_frame()? {
+    let holes = match fr.next_frame()? {
         Frame::Hello(h) => {
             say(&h.describe());
             if let Some(w) = h.warning() {
                 say(&w);
             }
+            // An agent that reads hole frames: all-zero chunks (a sparse
+            // file's holes) do not cross the channel.
+            h.has(super::stream::FEATURE_HOLES)
         }
         Frame::Error(m) => {
             return Err(Error::invalid(format!(
@@ -88,16 +91,40 @@ fn send(
                 describe(&other)
             )))
         }
-    }
+    };
     let io = |e: std::io::Error| Error::io("send to the agent", e);
     let mut w = FrameWriter::new(std::io::BufWriter::with_capacity(1 << 20, stream));
-    for e in entries {
-        w.header(e).map_err(io)?;
+    // Inodes only where the agent is to link files again: a link and the
+    // first file of its inode. Agents before links pass over them (and
+    // write each link out, from the content that is sent for it too).
+    let (links, notes) = crate::files::link_plan(entries);
+    for n in &notes {
+        say(n);
+    }
+    let mut keep = vec![false; entries.len()];
+    for (i, l) in links.iter().enumerate() {
+        if let Some(j) = l {
+            keep[i] = true;
+            keep[*j] = true;
+        }
+    }
+    for (i, e) in entries.iter().enumerate() {
+        if e.inode.is_some() && !keep[i] {
+            let mut e = (*e).clone();
+            e.inode = None;
+            w.header(&e).map_err(io)?;
+        } else {
+            w.header(e).map_err(io)?;
+        }
         if e.kind == EntryKind::File {
             for (i, ch) in e.chunks.iter().enumerate() {
                 let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
                 let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
-                w.data(&data).map_err(io)?;
+                if holes && data.iter().all(|&b| b == 0) {
+                    w.hole(data.len() as u64).map_err(io)?;
+                } else {
+                    w.data(&data).map_err(io)?;
+                }
             }
         }
         sent.fetch_add(1, Ordering::SeqCst);

@@ -6,7 +6,8 @@
 //! bytes. `V` hello (JSON: versions), `H` an entry's header (JSON: path,
 //! kind, mode, uid, gid, mtime, size, target), then for a file `D` frames
 //! carrying exactly `size` bytes (`L` frames may come between them: older
-//! agents warn there about a file that shrank while it was read), `L` a
+//! agents warn there about a file that shrank while it was read; `Z`
+//! frames may stand for some of them, see below), `L` a
 //! log line (hook output, warnings), `K` a
 //! keep-alive (empty; sent while a hook or the copy runs, so a long one
 //! is not taken for a silent stream; readers pass over it), `X` a fatal
@@ -15,6 +16,16 @@
 //! it. A stream that stops before a valid `E` (a killed agent or VM, a lost
 //! byte) is an error, so a truncated stream never becomes a backup. Every
 //! length is bounded before anything is allocated.
+//!
+//! A `Z` frame (a little-endian `u64`: how many) stands for that many
+//! zero bytes of a file's content, which do not cross the channel: a
+//! hole of a sparse file, or a stretch of data that is all zeros. It is
+//! sent only to a reader that said it takes them (hosts before them fail
+//! on the unknown type, so no backup is ever wrong, only refused): an
+//! agent in a backup only when the host's job asks for it
+//! ([`super::guest::Job::Backup`]'s `holes`), the host in an
+//! `agent-restore` only when the agent's hello lists [`FEATURE_HOLES`].
+//! Older agents never send one, and their streams read as before.
 //!
 //! Backups send guest → host; `agent-restore` sends host → guest and the
 //! guest answers with `L`, `X` or `E` frames of its own.
@@ -36,6 +47,8 @@ pub enum Frame {
     Hello(Hello),
     Header(Entry),
     Data(Vec<u8>),
+    /// That many zero bytes of a file.
+    Hole(u64),
     Log(String),
     Error(String),
     End(End),
@@ -57,12 +70,21 @@ pub struct Hello {
 /// (a killed host command) is a write error and the `post` hook runs.
 pub const FEATURE_PORT_WAIT: &str = "port-wait";
 
+/// The agent reads `Z` (hole) frames in a restore, and sends them in a
+/// backup whose job asks for them.
+pub const FEATURE_HOLES: &str = "holes";
+
 /// Every feature of this binary's agent.
 pub fn agent_features() -> Vec<String> {
-    vec![FEATURE_PORT_WAIT.to_string()]
+    vec![FEATURE_PORT_WAIT.to_string(), FEATURE_HOLES.to_string()]
 }
 
 impl Hello {
+    /// Whether the agent said it has `feature`.
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+
     /// The one-line warning for an agent container built before
     /// `features` it lacks mattered, if any.
     pub fn warning(&self) -> Option<String> {
@@ -147,6 +169,30 @@ impl<W: Write> FrameWriter<W> {
     pub fn data(&mut self, d: &[u8]) -> std::io::Result<()> {
         for piece in d.chunks(MAX_DATA) {
             self.frame(b'D', piece)?;
+        }
+        Ok(())
+    }
+
+    /// `n` zero bytes of a file, as one frame (nothing if `n` is 0). Only
+    /// for a reader that takes them (see the module).
+    pub fn hole(&mut self, n: u64) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.frame(b'Z', &n.to_le_bytes())
+    }
+
+    /// `n` zero bytes of a file: one `Z` frame if `holes`, else data frames.
+    pub fn zeros(&mut self, n: u64, holes: bool) -> std::io::Result<()> {
+        if holes {
+            return self.hole(n);
+        }
+        let zero = vec![0u8; (n.min(MAX_DATA as u64)) as usize];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(zero.len() as u64) as usize;
+            self.frame(b'D', &zero[..k])?;
+            left -= k as u64;
         }
         Ok(())
     }
@@ -263,11 +309,15 @@ impl<R: Read> FrameReader<R> {
         let max = match kind {
             b'K' => 0,
             b'D' => MAX_DATA,
+            b'Z' => 8,
             b'V' | b'H' | b'L' | b'X' | b'E' => MAX_META,
             k => return Err(self.bad(format!("unknown frame type {k:#04x}"))),
         };
         if len > max {
             return Err(self.bad(format!("a frame of {len} bytes (at most {max})")));
+        }
+        if kind == b'Z' && len != 8 {
+            return Err(self.bad(format!("a hole frame of {len} bytes (not 8)")));
         }
         let mut payload = vec![0u8; len];
         self.r
@@ -291,6 +341,7 @@ impl<R: Read> FrameReader<R> {
         Ok(Some(match kind {
             b'K' => return Ok(None),
             b'D' => Frame::Data(payload),
+            b'Z' => Frame::Hole(u64::from_le_bytes(payload[..].try_into().expect("8 bytes"))),
             b'L' => Frame::Log(text(payload)),
             b'X' => Frame::Error(text(payload)),
             b'V' => Frame::Hello(
@@ -312,15 +363,16 @@ impl<R: Read> FrameReader<R> {
         }))
     }
 
-    /// A file's content as a reader: data frames until `size` bytes came.
-    /// Anything but a data frame, or more bytes than `size`, is an error
-    /// (returned through `io::Error::other`).
+    /// A file's content as a reader: data and hole frames until `size`
+    /// bytes came (a hole reads as zeros). Anything else, or more bytes
+    /// than `size`, is an error (returned through `io::Error::other`).
     pub fn content(&mut self, size: u64) -> Content<'_, R> {
         Content {
             fr: self,
             left: size,
             buf: vec![],
             pos: 0,
+            zeros: 0,
             on_log: None,
         }
     }
@@ -345,13 +397,15 @@ pub struct Content<'a, R: Read> {
     left: u64,
     buf: Vec<u8>,
     pos: usize,
+    /// Zero bytes of a hole frame not read yet (after `buf`).
+    zeros: u64,
     /// Where log frames among the data go; `None`: they are an error.
     on_log: Option<&'a (dyn Fn(&str) + 'a)>,
 }
 
 impl<R: Read> Read for Content<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.buf.len() {
+        while self.pos == self.buf.len() && self.zeros == 0 {
             if self.left == 0 {
                 return Ok(0);
             }
@@ -360,6 +414,10 @@ impl<R: Read> Read for Content<'_, R> {
                     self.left -= d.len() as u64;
                     self.buf = d;
                     self.pos = 0;
+                }
+                Frame::Hole(n) if n <= self.left && n > 0 => {
+                    self.left -= n;
+                    self.zeros = n;
                 }
                 Frame::Error(m) => {
                     return Err(std::io::Error::other(Error::new(
@@ -381,10 +439,31 @@ impl<R: Read> Read for Content<'_, R> {
                 }
             }
         }
+        if self.pos == self.buf.len() {
+            let n = (out.len() as u64).min(self.zeros) as usize;
+            out[..n].fill(0);
+            self.zeros -= n as u64;
+            return Ok(n);
+        }
         let n = out.len().min(self.buf.len() - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+impl<R: Read> crate::repo::catalog::SparseRead for Content<'_, R> {
+    fn zeros_ahead(&self) -> u64 {
+        if self.pos == self.buf.len() {
+            self.zeros
+        } else {
+            0
+        }
+    }
+
+    fn skip_zeros(&mut self, n: u64) {
+        assert!(n <= self.zeros_ahead(), "skipped past the hole");
+        self.zeros -= n;
     }
 }
 
@@ -394,6 +473,7 @@ pub fn describe(f: &Frame) -> String {
         Frame::Hello(_) => "a hello frame".into(),
         Frame::Header(e) => format!("the header of {}", e.path),
         Frame::Data(d) => format!("{} bytes of data", d.len()),
+        Frame::Hole(n) => format!("a hole of {n} bytes"),
         Frame::Log(_) => "a log line".into(),
         Frame::Error(m) => format!("an error ({m})"),
         Frame::End(_) => "the end frame".into(),

@@ -9,7 +9,9 @@
 //! run as root) and modification time; directories get theirs after
 //! their contents. Nothing existing is replaced, and no path is written
 //! through a symbolic link: every entry is checked before anything is
-//! written.
+//! written. Files the backup recorded as links to one inode are restored
+//! as hard links to one file again ([`link_plan`]), or as copies (with a
+//! warning) where a link cannot be made (a mount below `--to`).
 //!
 //! A restore stopped part-way (SIGINT/SIGTERM set its stop flag) leaves a
 //! true subset: the entries before the stop, each whole with its
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind};
+use crate::repo::catalog::{check_path, is_catalog_id, Catalog, Entry, EntryKind, Inode};
 use crate::repo::Repository;
 use crate::util::escape_controls;
 
@@ -156,11 +158,17 @@ pub fn restore_with(
         }
     }
     let root = nix::unistd::Uid::effective().is_root();
+    let (links, notes) = link_plan(entries);
+    for n in &notes {
+        tracing::warn!("{n}");
+    }
+    // Where each file was restored, for the links to it.
+    let mut written: Vec<Option<PathBuf>> = vec![None; entries.len()];
     let mut dirs = vec![];
     let mut done = 0u64;
     // Set when stopped: the file being written then, if one was.
     let mut stopped: Option<Option<&str>> = None;
-    for e in entries {
+    for (i, e) in entries.iter().enumerate() {
         if stop.load(Ordering::SeqCst) {
             stopped = Some(None);
             break;
@@ -178,6 +186,23 @@ pub fn restore_with(
                 dirs.push((dst, *e));
             }
             EntryKind::File => {
+                let first = links[i].and_then(|j| written[j].as_deref());
+                if let Some(first) = first {
+                    match std::fs::hard_link(first, &dst) {
+                        Ok(()) => {
+                            crate::util::fsync_dir(dst.parent().expect("under --to"))?;
+                            done += 1;
+                            continue;
+                        }
+                        // Another filesystem (a mount below --to), or one
+                        // without hard links: a copy.
+                        Err(err) => tracing::warn!(
+                            "{} was a hard link to {} in the guest; restored as a separate copy ({err})",
+                            escape_controls(&e.path),
+                            escape_controls(&entries[links[i].expect("linked")].path)
+                        ),
+                    }
+                }
                 match write_file(content, e, &dst) {
                     Err(err) if err.kind() == ErrorKind::Interrupted => {
                         stopped = Some(Some(&e.path));
@@ -186,6 +211,7 @@ pub fn restore_with(
                     r => r?,
                 }
                 set_meta(&dst, e, root)?;
+                written[i] = Some(dst);
             }
             EntryKind::Symlink => {
                 let t = e.target.as_deref().unwrap_or_default();
@@ -210,6 +236,59 @@ pub fn restore_with(
                 .unwrap_or_default()
         ))),
     }
+}
+
+/// Which entries to restore as hard links: for each entry, the index of
+/// the earlier one of the same inode it is a link to. Only for files the
+/// backup recorded the inode of ([`Entry::inode`], since 2026-11-24;
+/// older backups restore links as separate files) and whose size,
+/// content and metadata are those of the first entry of that inode:
+/// links whose file changed between their reads (their copies differ)
+/// stay separate files, each with its own bytes, with a note (the second
+/// value) saying so.
+pub fn link_plan(entries: &[&Entry]) -> (Vec<Option<usize>>, Vec<String>) {
+    let mut first: std::collections::HashMap<(u64, u64), usize> = Default::default();
+    let mut links = vec![None; entries.len()];
+    let mut notes = vec![];
+    for (i, e) in entries.iter().enumerate() {
+        let Some(ino) = e.inode.filter(|_| e.kind == EntryKind::File) else {
+            continue;
+        };
+        let Some(&j) = first.get(&(ino.dev, ino.ino)) else {
+            first.insert((ino.dev, ino.ino), i);
+            continue;
+        };
+        let f = entries[j];
+        let same = (
+            f.size,
+            &f.chunks,
+            f.mode,
+            f.uid,
+            f.gid,
+            f.mtime,
+            f.mtime_nsec,
+            f.inode,
+        ) == (
+            e.size,
+            &e.chunks,
+            e.mode,
+            e.uid,
+            e.gid,
+            e.mtime,
+            e.mtime_nsec,
+            e.inode,
+        );
+        if same {
+            links[i] = Some(j);
+        } else {
+            notes.push(format!(
+                "{} and {} were hard links to one file in the guest, but it changed between their reads: restored as separate files, each as it was read",
+                escape_controls(&f.path),
+                escape_controls(&e.path)
+            ));
+        }
+    }
+    (links, notes)
 }
 
 fn dest(to: &Path, guest_path: &str) -> PathBuf {
@@ -381,6 +460,11 @@ pub fn entry_of(path: &Path, m: &std::fs::Metadata) -> Result<Option<Entry>> {
         size: if kind == EntryKind::File { m.size() } else { 0 },
         target,
         chunks: vec![],
+        inode: (kind == EntryKind::File && m.nlink() > 1).then_some(Inode {
+            dev: m.dev(),
+            ino: m.ino(),
+            nlink: m.nlink(),
+        }),
     }))
 }
 

@@ -22,6 +22,7 @@ fn backup() -> (tempfile::TempDir, std::sync::Arc<Repository>, Catalog) {
         size,
         target: target.map(str::to_string),
         chunks,
+        inode: None,
     };
     let c = Catalog {
         format: CATALOG_FORMAT,
@@ -123,6 +124,7 @@ fn hostile(entries: Vec<(&str, EntryKind, u32, Option<&str>)>) -> Vec<Entry> {
             size: 0,
             target: target.map(str::to_string),
             chunks: vec![],
+            inode: None,
         })
         .collect()
 }
@@ -200,6 +202,7 @@ fn restoring_the_root_directory_restores_into_to() {
         size: 0,
         target: None,
         chunks: vec![],
+        inode: None,
     };
     let entries = [
         e("/", EntryKind::Dir, 0o755),
@@ -229,6 +232,7 @@ fn a_file_with_a_255_byte_name_restores() {
         size: 3,
         target: None,
         chunks: vec![],
+        inode: None,
     };
     let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
     assert_eq!(restore_with(&[&entry], &to, content, &GO).unwrap(), 1);
@@ -253,6 +257,7 @@ fn ls_shows_control_characters_in_a_path_or_link_target_escaped() {
         size: 0,
         target: Some("t\r\\".into()),
         chunks: vec![],
+        inode: None,
     };
     let line = ls_line(&e);
     assert!(!line.chars().any(char::is_control), "{line:?}");
@@ -276,6 +281,7 @@ fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_b
         size: 3,
         target: None,
         chunks: vec![],
+        inode: None,
     };
     let entries = [
         e("/d", EntryKind::Dir, 0o750),
@@ -336,6 +342,7 @@ fn ls_shows_setuid_setgid_and_sticky_bits_as_ls_does() {
             size: 0,
             target: None,
             chunks: vec![],
+            inode: None,
         };
         ls_line(&e).split(' ').next().unwrap().to_string()
     };
@@ -402,6 +409,7 @@ fn a_sparse_file_restores_sparse_with_its_bytes_and_size() {
         size,
         target: None,
         chunks: vec![],
+        inode: None,
     };
     // Data at the start and mid-way, zeros elsewhere and at the end: as a
     // file backup's content arrives, in pieces of any size.

@@ -4,7 +4,9 @@
 //! `files/<vm>/<id>.json` holds `{"checksum": blake3(body), "catalog":
 //! {format, vm, id, created, created_unix, source, entries: [{path, kind,
 //! mode, uid, gid, mtime, mtime_nsec, size, target, chunks: [{digest,
-//! len}]}], file_bytes, stored_bytes, new_bytes}}`. File contents are cut
+//! len}], inode: {dev, ino, nlink}}], file_bytes, stored_bytes,
+//! new_bytes}}` (`inode` only for a file with several links, since
+//! 2026-11-24: older readers pass over it). File contents are cut
 //! into content-defined chunks (so an edit in the middle of a file changes
 //! only the chunks around it) and stored in the same deduplicated chunk
 //! store as disk chunks (ids keyed, chunks encrypted, in an encrypted
@@ -115,6 +117,21 @@ pub struct Entry {
     /// A file's content, in order; empty for anything else.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkRef>,
+    /// A regular file with more than one link: its inode, so that a
+    /// restore can make the entries of one inode hard links again. Absent
+    /// for anything else, and in catalogs (and from agents) before
+    /// 2026-11-24, whose links restore as separate files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<Inode>,
+}
+
+/// Where a file with several links lived in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Inode {
+    pub dev: u64,
+    pub ino: u64,
+    /// Its link count then (the links outside the backup count too).
+    pub nlink: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,7 +184,7 @@ impl Entry {
             )));
         }
         if (self.kind == EntryKind::Symlink) != self.target.is_some()
-            || (self.kind != EntryKind::File && self.size != 0)
+            || (self.kind != EntryKind::File && (self.size != 0 || self.inode.is_some()))
         {
             return Err(Error::corrupt(format!(
                 "{:?}: a {:?} with a size or link target it cannot have",
@@ -273,42 +290,142 @@ pub struct ChunkSink {
     pub new_bytes: u64,
     pub new_chunks: u64,
     pub file_bytes: u64,
+    /// The id of an all-zero chunk, by length: a sparse file's holes come
+    /// as runs of such chunks, hashed once.
+    zero_ids: std::collections::HashMap<usize, Digest>,
+    /// [`ChunkSink::zero_cut`], once known.
+    zero_cut: Option<usize>,
+}
+
+/// A file's content that may know the zero bytes coming next without
+/// reading them (the holes of the agent's stream).
+pub trait SparseRead: std::io::Read {
+    /// Zero bytes that come next, known without reading them.
+    fn zeros_ahead(&self) -> u64;
+    /// Passes over `n` of them (at most [`Self::zeros_ahead`]).
+    fn skip_zeros(&mut self, n: u64);
+}
+
+/// A source that knows of no zeros ahead.
+struct Dense<R>(R);
+
+impl<R: std::io::Read> std::io::Read for Dense<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: std::io::Read> SparseRead for Dense<R> {
+    fn zeros_ahead(&self) -> u64 {
+        0
+    }
+    fn skip_zeros(&mut self, n: u64) {
+        assert_eq!(n, 0, "no zeros ahead");
+    }
+}
+
+/// Where FastCDC (as `StreamCDC` over the same bytes) cuts the chunk that
+/// starts `window` (the `CDC_MAX` bytes from its start, fewer at the end).
+fn first_cut(window: &[u8]) -> usize {
+    fastcdc::v2020::FastCDC::new(window, CDC_MIN, CDC_AVG, CDC_MAX)
+        .next()
+        .map_or(window.len(), |c| c.length)
 }
 
 impl ChunkSink {
     /// Reads `src` to its end, storing each chunk not yet in the
     /// repository; the chunk list in order.
     pub fn store(&mut self, repo: &Repository, src: impl std::io::Read) -> Result<Vec<ChunkRef>> {
+        self.store_sparse(repo, Dense(src))
+    }
+
+    /// [`Self::store`] of a source that knows where its zeros are: a
+    /// window of zeros is cut without being read or scanned, so a hole of
+    /// a sparse file costs one chunk reference per `CDC_MAX`-sized cut,
+    /// not a pass over its bytes. The chunks are those [`Self::store`]
+    /// (FastCDC's `StreamCDC`) cuts from the same bytes: a chunk's end
+    /// depends only on the `CDC_MAX` bytes from its start.
+    pub fn store_sparse(
+        &mut self,
+        repo: &Repository,
+        mut src: impl SparseRead,
+    ) -> Result<Vec<ChunkRef>> {
+        let max = CDC_MAX as usize;
         let mut out = vec![];
-        for c in fastcdc::v2020::StreamCDC::new(src, CDC_MIN, CDC_AVG, CDC_MAX) {
-            let c = c.map_err(|e| match e {
-                // Our own errors travel through io::Error::other.
-                fastcdc::v2020::Error::IoError(e) => e
-                    .get_ref()
-                    .and_then(|i| i.downcast_ref::<Error>())
-                    .cloned()
-                    .unwrap_or_else(|| Error::io("read file content", e)),
-                other => Error::new(crate::error::ErrorKind::Io, other.to_string()),
-            })?;
-            let digest = repo.chunk_id(&c.data);
-            if !self.sizes.contains_key(&digest) {
-                let new = repo.put_chunk(&digest, &c.data)?;
-                let size = if new > 0 {
-                    self.new_bytes += new;
-                    self.new_chunks += 1;
-                    new
-                } else {
-                    repo.existing_chunk_size(&digest)?
-                };
-                self.sizes.insert(digest, size);
+        // The bytes from the current chunk's start (at most `max`).
+        let mut buf: Vec<u8> = Vec::with_capacity(max);
+        let mut eof = false;
+        loop {
+            if !eof
+                && src.zeros_ahead() > 0
+                && buf.len() as u64 + src.zeros_ahead() >= max as u64
+                && buf.iter().all(|&b| b == 0)
+            {
+                // The whole window is zeros: its cut is the zero window's.
+                let len = self.zero_cut();
+                let from_buf = len.min(buf.len());
+                buf.truncate(buf.len() - from_buf);
+                src.skip_zeros((len - from_buf) as u64);
+                self.put(repo, &vec![0u8; len], &mut out)?;
+                continue;
             }
-            self.file_bytes += c.length as u64;
-            out.push(ChunkRef {
-                digest,
-                len: c.length as u32,
-            });
+            while !eof && buf.len() < max {
+                let at = buf.len();
+                buf.resize(max, 0);
+                let n = src.read(&mut buf[at..]).map_err(|e| {
+                    e.get_ref()
+                        .and_then(|i| i.downcast_ref::<Error>())
+                        .cloned()
+                        .unwrap_or_else(|| Error::io("read file content", e))
+                });
+                buf.truncate(at + *n.as_ref().unwrap_or(&0));
+                if n? == 0 {
+                    eof = true;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(out);
+            }
+            let len = first_cut(&buf);
+            self.put(repo, &buf[..len], &mut out)?;
+            buf.drain(..len);
         }
-        Ok(out)
+    }
+
+    /// Where FastCDC cuts a window of `CDC_MAX` zero bytes.
+    fn zero_cut(&mut self) -> usize {
+        *self
+            .zero_cut
+            .get_or_insert_with(|| first_cut(&vec![0u8; CDC_MAX as usize]))
+    }
+
+    /// Stores (or references) one chunk.
+    fn put(&mut self, repo: &Repository, data: &[u8], out: &mut Vec<ChunkRef>) -> Result<()> {
+        let digest = if data.iter().all(|&b| b == 0) {
+            *self
+                .zero_ids
+                .entry(data.len())
+                .or_insert_with(|| repo.chunk_id(data))
+        } else {
+            repo.chunk_id(data)
+        };
+        if !self.sizes.contains_key(&digest) {
+            let new = repo.put_chunk(&digest, data)?;
+            let size = if new > 0 {
+                self.new_bytes += new;
+                self.new_chunks += 1;
+                new
+            } else {
+                repo.existing_chunk_size(&digest)?
+            };
+            self.sizes.insert(digest, size);
+        }
+        self.file_bytes += data.len() as u64;
+        out.push(ChunkRef {
+            digest,
+            len: data.len() as u32,
+        });
+        Ok(())
     }
 
     /// Compressed bytes of the distinct chunks stored or referenced.

@@ -13,7 +13,8 @@
 //! Bound: before the `pre` hooks run, the trees are walked and sized and
 //! each copy directory is created; one file is reflinked as a probe. If
 //! reflinks work, no data space is needed; otherwise the filesystem must
-//! have the files' total size free, with 1/16 to spare. If it has not,
+//! have the space the files take free (allocated, not apparent, size: a
+//! plain copy keeps a sparse file's holes), with 1/16 to spare. If it has not,
 //! the backup fails there, clearly and before anything is quiesced —
 //! unless the host asked (`--allow-quiesced-stream`) to stream while the
 //! application stays quiesced instead, which is then said in the log.
@@ -118,7 +119,7 @@ pub fn plan(paths: &[String]) -> std::result::Result<Plan, PlanError> {
             return Err(PlanError::NoSpace(Error::new(
                 crate::error::ErrorKind::NoSpace,
                 format!(
-                    "not enough free space in the guest for a consistent copy in {}: it needs {} (the selected files and 1/16 to spare; this filesystem has no reflinks), {} is free; nothing was quiesced. Free space, or pass --allow-quiesced-stream to stream while the application stays quiesced",
+                    "not enough free space in the guest for a consistent copy in {}: it needs {} (the space the selected files take and 1/16 to spare; this filesystem has no reflinks), {} is free; nothing was quiesced. Free space, or pass --allow-quiesced-stream to stream while the application stays quiesced",
                     dir.display(),
                     crate::util::human_bytes(need),
                     crate::util::human_bytes(free)
@@ -157,11 +158,15 @@ impl Plan {
     }
 }
 
-/// Bytes of the regular files under `p` and the first such file.
+/// Bytes the regular files under `p` take (allocated: a sparse file's
+/// copy keeps its holes) and the first such file.
 fn size_tree(p: &Path) -> Result<(u64, Option<PathBuf>)> {
     let m = std::fs::symlink_metadata(p).ctx(|| format!("stat {}", p.display()))?;
     if m.is_file() {
-        return Ok((m.size(), (m.size() > 0).then(|| p.to_path_buf())));
+        return Ok((
+            m.blocks().saturating_mul(512),
+            (m.size() > 0).then(|| p.to_path_buf()),
+        ));
     }
     if !m.is_dir() {
         return Ok((0, None));
@@ -252,21 +257,54 @@ fn copy_tree(p: &Path, dir: &Path, n: &mut u64, s: &mut Staged) -> Result<()> {
     })
 }
 
-/// A reflink of `s` (opened from `src`), else its first `size` bytes copied.
+/// A reflink of `s` (opened from `src`), else its first `size` bytes copied
+/// with its holes left holes (a file that shrank meanwhile is copied as
+/// long as it is, so that streaming the copy warns about it).
 fn copy_file(s: File, src: &Path, dst: &Path, size: u64) -> Result<()> {
-    use std::io::Read;
-    let mut d = File::create(dst).ctx(|| format!("create {}", dst.display()))?;
+    let d = File::create(dst).ctx(|| format!("create {}", dst.display()))?;
     if clone(&s, &d).is_ok() {
         return Ok(());
     }
-    std::io::copy(&mut s.take(size), &mut d).ctx(|| {
+    copy_sparse(&s, &d, size).ctx(|| {
         format!(
             "copy {} to {} (the guest's free space?)",
             src.display(),
             dst.display()
         )
-    })?;
-    Ok(())
+    })
+}
+
+/// The data of `s` up to `size` into the empty `d`, holes and all-zero
+/// pieces left holes.
+fn copy_sparse(s: &File, d: &File, size: u64) -> std::io::Result<()> {
+    use super::NextData;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut pos, mut len) = (0u64, size);
+    'file: while pos < size {
+        let (data, end) = match super::next_data(s, pos, size) {
+            NextData::Data(a, b) => (a, b),
+            NextData::None => {
+                len = s.metadata()?.len().clamp(pos, size);
+                break;
+            }
+            NextData::Unsupported => (pos, size),
+        };
+        pos = data;
+        while pos < end {
+            let want = (end - pos).min(buf.len() as u64) as usize;
+            let n = s.read_at(&mut buf[..want], pos)?;
+            if n == 0 {
+                len = pos;
+                break 'file;
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                d.write_all_at(&buf[..n], pos)?;
+            }
+            pos += n as u64;
+        }
+    }
+    d.set_len(len)
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+/// The copy directory is named by the pid (one agent a process): one
+/// backup at a time in this test process.
+static ONE_AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct World {
     dir: tempfile::TempDir,
     repo: Arc<Repository>,
@@ -81,9 +85,6 @@ impl World {
         Result<crate::repo::catalog::Catalog>,
         Vec<String>,
     ) {
-        // The copy directory is named by the pid (one agent a process):
-        // one backup at a time in this test process.
-        static ONE_AGENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = ONE_AGENT.lock().unwrap_or_else(|p| p.into_inner());
         let (guest, host) = UnixStream::pair().unwrap();
         let container = self.dir.path().join("container");
@@ -129,6 +130,7 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
         paths: vec![tp.clone()],
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
+        holes: true,
     });
     let c = w.repo.publish_catalog(got.unwrap()).unwrap();
     agent.unwrap();
@@ -193,6 +195,7 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
         paths: vec![t.to_str().unwrap().into(), "/no/such/path".into()],
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
+        holes: true,
     });
     let e = got.unwrap_err();
     assert!(
@@ -206,6 +209,7 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
         paths: vec![t.to_str().unwrap().into()],
         hooks: vec!["db".into()],
         allow_quiesced_stream: false,
+        holes: true,
     });
     let e = got.unwrap_err();
     assert!(
@@ -230,6 +234,7 @@ fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
         paths: vec![t.to_str().unwrap().into()],
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
+        holes: true,
     });
     assert!(agent.is_err());
     let e = got.unwrap_err();
@@ -361,6 +366,7 @@ fn with_app_hook(t: &Path) -> Job {
         paths: vec![t.to_str().unwrap().into()],
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
+        holes: true,
     }
 }
 
@@ -445,6 +451,7 @@ fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_receive
                 size: 0,
                 target: None,
                 chunks: vec![],
+                inode: None,
             })?;
         }
         w.end()
@@ -476,6 +483,7 @@ fn a_guest_sending_more_entries_than_a_catalog_may_hold_is_stopped_while_receive
                 size: 0,
                 target: Some("t".repeat(100)),
                 chunks: vec![],
+                inode: None,
             })?;
         }
         w.end()
@@ -495,6 +503,7 @@ fn without_hooks_the_agent_streams_the_tree_as_it_is() {
         paths: vec![tp.clone()],
         hooks: vec![],
         allow_quiesced_stream: false,
+        holes: true,
     });
     agent.unwrap();
     let c = got.unwrap();
@@ -530,6 +539,7 @@ fn file_entry(path: &str, size: u64) -> crate::repo::catalog::Entry {
         size,
         target: None,
         chunks: vec![],
+        inode: None,
     }
 }
 
@@ -576,7 +586,7 @@ fn the_agent_warns_about_a_file_that_shrank_after_its_data_and_once() {
     let size = 2 * crate::agent::stream::MAX_DATA as u64 + 10;
     let mut w = FrameWriter::new(vec![]);
     w.header(&file_entry("/srv/f", size)).unwrap();
-    send_content(&mut w, File::open(&p).unwrap(), &p, "/srv/f", size).unwrap();
+    send_content(&mut w, File::open(&p).unwrap(), &p, "/srv/f", size, false).unwrap();
     w.end().unwrap();
     let bytes = w.get_mut().clone();
     let mut r = FrameReader::new(&bytes[..], "s");
@@ -616,6 +626,7 @@ fn overlapping_paths_are_backed_up_once_with_a_note() {
             ],
             hooks: hooks.clone(),
             allow_quiesced_stream: false,
+            holes: true,
         });
         agent.unwrap();
         let c = got.unwrap();
@@ -678,4 +689,6 @@ fn entries_an_older_agent_sends_twice_are_received_once() {
     );
 }
 
+mod links;
 mod restore;
+mod sparse;

@@ -17,7 +17,7 @@ use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 
 use crate::error::{Error, Result};
-use crate::repo::catalog::{Entry, EntryKind};
+use crate::repo::catalog::{Entry, EntryKind, Inode};
 
 /// Why an entry that changed under the walk is passed over.
 pub const REPLACED: &str = "replaced while it was read";
@@ -148,6 +148,13 @@ fn visit(
         },
         target,
         chunks: vec![],
+        // A file's other links may be in the backup too: a restore links
+        // them again.
+        inode: (kind == EntryKind::File && st.st_nlink > 1).then_some(Inode {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            nlink: st.st_nlink,
+        }),
     };
     match kind {
         EntryKind::Symlink => f(Found::Entry(entry, None)),

@@ -12,6 +12,7 @@ fn entry(path: &str, size: u64) -> Entry {
         size,
         target: None,
         chunks: vec![],
+        inode: None,
     }
 }
 
@@ -182,4 +183,45 @@ fn log_frames_among_a_files_data_reach_the_log_only_where_asked_for() {
     r.next_frame().unwrap();
     let e = r.content(6).read_to_end(&mut vec![]).unwrap_err();
     assert!(e.to_string().contains("got a log line"), "{e}");
+}
+
+#[test]
+fn hole_frames_read_as_zeros_within_the_size_and_are_bounded() {
+    let mut w = FrameWriter::new(vec![]);
+    w.header(&entry("/s", 10)).unwrap();
+    w.data(b"ab").unwrap();
+    w.hole(5).unwrap();
+    w.hole(0).unwrap();
+    w.zeros(2, true).unwrap();
+    w.data(b"c").unwrap();
+    w.header(&entry("/t", 3)).unwrap();
+    w.zeros(3, false).unwrap();
+    w.end().unwrap();
+    let bytes = w.get_mut().clone();
+    // Two hole frames of 13 bytes, not 7 zeros; `zeros` without holes is data.
+    assert_eq!(bytes.iter().filter(|&&b| b == b'Z').count(), 2);
+    assert_eq!(
+        read_all(&bytes).unwrap(),
+        vec![
+            ("/s".into(), b"ab\0\0\0\0\0\0\0c".to_vec()),
+            ("/t".into(), vec![0; 3])
+        ]
+    );
+    // A hole past the file's size is refused, as data past it is.
+    let mut w = FrameWriter::new(vec![]);
+    w.header(&entry("/a", 4)).unwrap();
+    w.data(b"a").unwrap();
+    w.hole(4).unwrap();
+    w.end().unwrap();
+    let e = read_all(w.get_mut()).unwrap_err();
+    assert!(e.to_string().contains("a hole of 4 bytes"), "{e}");
+    // A hole frame is exactly a u64.
+    let e = FrameReader::new(&b"Z\x07\0\0\0\0\0\0\0\0\0\0"[..], "s")
+        .next_frame()
+        .unwrap_err();
+    assert!(e.to_string().contains("not 8"), "{e}");
+    let e = FrameReader::new(&b"Z\x09\0\0\0"[..], "s")
+        .next_frame()
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 8"), "{e}");
 }

@@ -41,6 +41,7 @@ fn file(path: &str, chunks: Vec<ChunkRef>) -> Entry {
         size: chunks.iter().map(|c| c.len as u64).sum(),
         target: None,
         chunks,
+        inode: None,
     }
 }
 
@@ -88,6 +89,7 @@ fn a_published_catalog_reads_back_and_a_tampered_one_is_refused() {
         size: 0,
         target: None,
         chunks: vec![],
+        inode: None,
     });
     let one = r.publish_catalog(c.clone()).unwrap();
     let two = r.publish_catalog(c).unwrap();
@@ -183,6 +185,7 @@ fn a_catalog_over_the_entry_or_size_limit_is_refused_before_publishing() {
         size: 0,
         target: Some("t".repeat(1000)),
         chunks: vec![],
+        inode: None,
     };
     let at = std::time::SystemTime::now();
     let roomy = CatalogLimits {
@@ -246,6 +249,7 @@ fn an_encrypted_catalog_reveals_no_guest_path() {
         size: 0,
         target: Some("secret-target".into()),
         chunks: vec![],
+        inode: None,
     });
     c.source = serde_json::json!({"paths": ["/secret-source"], "agent": "secret-agent"});
     let c = r.publish_catalog(c).unwrap();
@@ -329,4 +333,150 @@ fn an_error_about_a_path_with_a_newline_stays_on_one_line() {
     e.kind = EntryKind::Dir;
     e.target = Some("t".into());
     assert!(!e.check().unwrap_err().to_string().contains('\n'));
+}
+
+#[test]
+fn an_inode_is_kept_for_linked_files_absent_before_and_refused_elsewhere() {
+    // An entry of a catalog written before inodes were recorded.
+    let old: Entry = serde_json::from_str(
+        r#"{"path":"/a","kind":"file","mode":420,"uid":0,"gid":0,"mtime":1,"mtime_nsec":0,"size":0}"#,
+    )
+    .unwrap();
+    assert_eq!(old.inode, None);
+    assert!(!serde_json::to_string(&old).unwrap().contains("inode"));
+    let mut e = file("/b", vec![]);
+    e.inode = Some(Inode {
+        dev: 2049,
+        ino: 77,
+        nlink: 2,
+    });
+    let back: Entry = serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap();
+    assert_eq!(back, e);
+    back.check().unwrap();
+    // Only a regular file has one.
+    let mut d = e.clone();
+    d.kind = EntryKind::Dir;
+    assert!(d.check().is_err());
+}
+
+#[test]
+fn zero_chunks_are_stored_as_when_hashed_each_time() {
+    let (_d, r) = repo();
+    let mut data = vec![0u8; 3 << 20];
+    data[1 << 20] = 1;
+    let mut a = ChunkSink::default();
+    let got = a.store(&r, &data[..]).unwrap();
+    let zero = got.iter().find(|c| c.len == CDC_MAX).unwrap();
+    assert_eq!(zero.digest, r.chunk_id(&vec![0u8; CDC_MAX as usize]));
+    let sum: u64 = got.iter().map(|c| c.len as u64).sum();
+    assert_eq!(sum, data.len() as u64);
+}
+
+/// Bytes and announced zero runs, as the agent's stream gives them.
+struct Segments {
+    segs: std::collections::VecDeque<(bool, Vec<u8>, u64)>,
+    /// Zero bytes passed over unread.
+    skipped: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl std::io::Read for Segments {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let Some((zero, data, left)) = self.segs.front_mut() else {
+            return Ok(0);
+        };
+        let n = if *zero {
+            let n = (out.len() as u64).min(*left) as usize;
+            out[..n].fill(0);
+            *left -= n as u64;
+            n
+        } else {
+            let n = out.len().min(data.len());
+            out[..n].copy_from_slice(&data[..n]);
+            data.drain(..n);
+            n
+        };
+        if (*zero && *left == 0) || (!*zero && data.is_empty()) {
+            self.segs.pop_front();
+        }
+        Ok(n)
+    }
+}
+
+impl SparseRead for Segments {
+    fn zeros_ahead(&self) -> u64 {
+        match self.segs.front() {
+            Some((true, _, n)) => *n,
+            _ => 0,
+        }
+    }
+    fn skip_zeros(&mut self, n: u64) {
+        let f = self.segs.front_mut().unwrap();
+        assert!(f.0 && n <= f.2);
+        f.2 -= n;
+        self.skipped.set(self.skipped.get() + n);
+        if f.2 == 0 {
+            self.segs.pop_front();
+        }
+    }
+}
+
+#[test]
+fn holes_are_cut_into_the_chunks_streamcdc_cuts_from_the_same_zeros() {
+    let (_d, r) = repo();
+    // Data, holes of every length around CDC_MAX, zeros inside data.
+    let mut noise_data = noise(3 << 20, 9);
+    noise_data[100_000..900_000].fill(0);
+    let holes = [
+        1u64,
+        CDC_MIN as u64,
+        CDC_MAX as u64 - 1,
+        CDC_MAX as u64,
+        CDC_MAX as u64 + 1,
+        5 * CDC_MAX as u64 + 12345,
+        64 << 20,
+    ];
+    for (i, &hole) in holes.iter().enumerate() {
+        for tail in [false, true] {
+            let mut segs = std::collections::VecDeque::new();
+            let a = noise_data[..1_000_000 + i * 7777].to_vec();
+            let b = noise_data[2_000_000..].to_vec();
+            segs.push_back((false, a.clone(), 0));
+            segs.push_back((true, vec![], hole));
+            segs.push_back((false, b.clone(), 0));
+            if tail {
+                segs.push_back((true, vec![], hole));
+            }
+            let mut whole = a;
+            whole.resize(whole.len() + hole as usize, 0);
+            whole.extend_from_slice(&b);
+            if tail {
+                whole.resize(whole.len() + hole as usize, 0);
+            }
+            let mut reference = vec![];
+            for c in fastcdc::v2020::StreamCDC::new(&whole[..], CDC_MIN, CDC_AVG, CDC_MAX) {
+                let c = c.unwrap();
+                reference.push((r.chunk_id(&c.data), c.length as u32));
+            }
+            let skipped = std::rc::Rc::new(std::cell::Cell::new(0));
+            let src = Segments {
+                segs,
+                skipped: skipped.clone(),
+            };
+            let got: Vec<_> = ChunkSink::default()
+                .store_sparse(&r, src)
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.digest, c.len))
+                .collect();
+            assert!(got == reference, "hole {hole}, tail {tail}: other chunks");
+            if hole == 64 << 20 {
+                // All but a window or two of it never read.
+                assert!(
+                    skipped.get() > hole - 2 * CDC_MAX as u64,
+                    "{}",
+                    skipped.get()
+                );
+            }
+        }
+    }
 }

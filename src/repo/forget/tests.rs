@@ -311,6 +311,7 @@ fn file_backup_at(repo: &Arc<Repository>, vm: &str, unix: u64) -> Catalog {
             size: data.len() as u64,
             target: None,
             chunks: sink.store(repo, &data[..]).unwrap(),
+            inode: None,
         });
     }
     let c = Catalog {

@@ -29,7 +29,8 @@ fn the_copy_holds_the_files_as_they_were_and_goes_away_and_too_little_space_is_r
         Err(PlanError::NoSpace(e) | PlanError::Other(e)) => panic!("{e}"),
     };
     assert!(!p.reflink, "tmpfs has no reflinks");
-    assert_eq!(p.bytes, (1 << 20) + 4);
+    // What the files take: 1 MiB and a page.
+    assert_eq!(p.bytes, (1 << 20) + 4096);
     let mine = format!("{PREFIX}{}", std::process::id());
     assert_eq!(
         copies(&fs.path),
@@ -79,4 +80,33 @@ fn the_copy_holds_the_files_as_they_were_and_goes_away_and_too_little_space_is_r
         Err(PlanError::Other(e)) => panic!("{e}"),
     }
     assert_eq!(copies(&fs.path), Vec::<String>::new(), "left on failure");
+}
+
+#[test]
+fn a_sparse_file_is_sized_by_what_it_takes_and_copied_with_its_holes() {
+    use std::os::unix::fs::FileExt;
+    let fs = Tmpfs::new("4m");
+    let app = fs.path.join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    // 64 MiB on a 4 MiB filesystem: 8 KiB of data, the rest holes.
+    let f = File::create(app.join("disk.img")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+    drop(f);
+    let paths = vec![app.to_str().unwrap().to_string()];
+    let p = match plan(&paths) {
+        Ok(p) => p,
+        Err(PlanError::NoSpace(e) | PlanError::Other(e)) => panic!("{e}"),
+    };
+    assert_eq!(p.bytes, 8192);
+    let staged = p.copy().unwrap();
+    let src = staged.entries[1].1.as_ref().unwrap();
+    let m = std::fs::metadata(src).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    assert!(m.blocks() * 512 <= 8192, "{} blocks", m.blocks());
+    let got = std::fs::read(src).unwrap();
+    assert_eq!(&got[..4], b"head");
+    assert_eq!(&got[(64 << 20) - 4..], b"tail");
+    assert!(got[4..(64 << 20) - 4].iter().all(|&b| b == 0));
 }

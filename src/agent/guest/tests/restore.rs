@@ -35,6 +35,7 @@ fn agent_restore(w: &World, to: &Path, files: &[(&str, &[u8])]) -> (Result<()>, 
             size: data.len() as u64,
             target: None,
             chunks: vec![],
+            inode: None,
         };
         fw.header(&e)?;
         fw.data(data)
