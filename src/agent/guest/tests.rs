@@ -63,6 +63,21 @@ impl World {
         t
     }
 
+    /// The agent running `job` in a thread with this world's container,
+    /// and the host's end of its socket pair.
+    fn spawn_agent(&self, job: Job) -> (UnixStream, std::thread::JoinHandle<Result<()>>) {
+        let (guest, host) = UnixStream::pair().unwrap();
+        let container = self.dir.path().join("container");
+        let agent = std::thread::spawn(move || {
+            run_on(
+                std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
+                &container,
+                &job,
+            )
+        });
+        (host, agent)
+    }
+
     /// Runs the agent on one end and the host's receiver on the other.
     fn backup(
         &self,
@@ -86,15 +101,7 @@ impl World {
         Vec<String>,
     ) {
         let _one = ONE_AGENT.lock().unwrap_or_else(|p| p.into_inner());
-        let (guest, host) = UnixStream::pair().unwrap();
-        let container = self.dir.path().join("container");
-        let agent = std::thread::spawn(move || {
-            run_on(
-                std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
-                &container,
-                &job,
-            )
-        });
+        let (host, agent) = self.spawn_agent(job);
         let lines = std::sync::Mutex::new(vec![]);
         let t = Target {
             name: "vm1".into(),

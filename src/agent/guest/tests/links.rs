@@ -118,17 +118,8 @@ fn links_into_another_filesystem_and_of_older_backups_restore_as_copies() {
 /// `agent-restore`'s host side against the agent's restore job over a
 /// socket pair; the agent's result and log lines.
 fn agent_restore(w: &World, c: &Catalog, entries: &[&Entry], to: &Path) -> Vec<String> {
-    let (guest, host) = UnixStream::pair().unwrap();
-    let container = w.dir.path().join("container");
-    let job = Job::Restore {
+    let (host, agent) = w.spawn_agent(Job::Restore {
         to: Some(to.to_str().unwrap().into()),
-    };
-    let agent = std::thread::spawn(move || {
-        run_on(
-            std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
-            &container,
-            &job,
-        )
     });
     let lines = std::sync::Mutex::new(vec![]);
     let deadline = Deadline::start(Duration::from_secs(30), Duration::from_secs(600));

@@ -6,17 +6,8 @@ use super::*;
 /// Runs the agent's restore job under `to`, the host sending `files`
 /// (path, content); the agent's result and log lines.
 fn agent_restore(w: &World, to: &Path, files: &[(&str, &[u8])]) -> (Result<()>, Vec<String>) {
-    let (guest, host) = UnixStream::pair().unwrap();
-    let container = w.dir.path().join("container");
-    let job = Job::Restore {
+    let (host, agent) = w.spawn_agent(Job::Restore {
         to: Some(to.to_str().unwrap().into()),
-    };
-    let agent = std::thread::spawn(move || {
-        run_on(
-            std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
-            &container,
-            &job,
-        )
     });
     let mut fr = FrameReader::new(host.try_clone().unwrap(), "the agent's stream");
     assert!(matches!(fr.next_frame().unwrap(), Frame::Hello(_)));

@@ -138,17 +138,8 @@ fn hole_frames_from_the_host_restore_a_sparse_file_in_the_guest() {
     let w = World::new();
     let to = w.dir.path().join("to");
     std::fs::create_dir(&to).unwrap();
-    let (guest, host) = UnixStream::pair().unwrap();
-    let container = w.dir.path().join("container");
-    let job = Job::Restore {
+    let (host, agent) = w.spawn_agent(Job::Restore {
         to: Some(to.to_str().unwrap().into()),
-    };
-    let agent = std::thread::spawn(move || {
-        run_on(
-            std::fs::File::from(std::os::fd::OwnedFd::from(guest)),
-            &container,
-            &job,
-        )
     });
     let mut fr = FrameReader::new(host.try_clone().unwrap(), "the agent's stream");
     match fr.next_frame().unwrap() {
