@@ -215,6 +215,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // The jobs a previous daemon ran (each logged; none stops the daemon).
     jobs.restore(&crate::api::peer::PeerPolicy::for_daemon(opts.socket_group));
     let api_result = run_api(mounted.ds.clone(), jobs.clone(), &socket, opts.socket_group);
+    // From here on a store that does not answer (or not as the
+    // repository) must not hold the stop for minutes: what the stop
+    // still asks of it (pins, profiles, lock removals) is time-boxed or
+    // skipped, and logged (`Backend::begin_shutdown`).
+    repo.backend().begin_shutdown();
     jobs.shutdown();
     let _ = std::fs::remove_file(&socket);
     if let Ok(Some(link)) = &api_result {

@@ -15,6 +15,14 @@
 //! (Garage 2.5 does): [`S3Backend::create_only_is_atomic`] finds out once
 //! per process with a probe object, and the backup writer then gives each
 //! backup id a random suffix, so two writers still cannot collide.
+//!
+//! A store that accepts connections and never answers must not hold a
+//! daemon's start or stop for minutes (explore7 M2): the identity probe
+//! (the GET of `repo.json` that decides whether a daemon starts from
+//! staging's record) waits [`PROBE_TIMEOUT`] and is not retried after it;
+//! once the daemon stops ([`Backend::begin_shutdown`]), every attempt,
+//! including those in flight, has [`STOP_TIMEOUT`] left and none is
+//! retried, and after one found no answer the rest are skipped at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +37,13 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::util::AlignedBuf;
 
 const ATTEMPTS: u32 = 6;
+/// How long the GET of `repo.json` may wait for an answer. A store that
+/// gives none in this time is not asked again by that request: a daemon
+/// then starts from staging's record of the repository without waiting
+/// out a series of 30 s timeouts.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a request may still take once the daemon stops.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct S3Backend {
     store: Arc<dyn ObjectStore>,
@@ -38,6 +53,67 @@ pub struct S3Backend {
     retries: Arc<AtomicU64>,
     /// Whether the store honours create-only PUTs (probed once).
     create_only: std::sync::OnceLock<bool>,
+    /// The identity probe's wait (see [`PROBE_TIMEOUT`]).
+    probe_timeout: Duration,
+    stop: Arc<Stopping>,
+}
+
+/// The daemon's stop, as the requests see it (see the module docs).
+struct Stopping {
+    /// `true` once the daemon stops.
+    tx: tokio::sync::watch::Sender<bool>,
+    /// A request found no answer during the stop: the rest are skipped.
+    gave_up: std::sync::atomic::AtomicBool,
+}
+
+impl Stopping {
+    fn stopping(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Records that the store did not answer during the stop; logged once.
+    fn give_up(&self, bucket: &str, what: &str, why: &str) {
+        if !self.gave_up.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                %bucket,
+                "the S3 store did not answer while the daemon stops (S3 {what}: {why}): the requests still to come are skipped (a session's pin not rewritten now is rewritten at the next start or backup check; a lock not removed goes stale)"
+            );
+        }
+    }
+}
+
+/// One attempt of a request, bounded by `limit` and by the daemon's stop.
+enum Attempt<T> {
+    Done(object_store::Result<T>),
+    /// No answer within the limit.
+    TimedOut(Duration),
+    /// No answer within [`STOP_TIMEOUT`] of the daemon's stop.
+    Stopped,
+}
+
+async fn attempt<T>(
+    fut: impl std::future::Future<Output = object_store::Result<T>>,
+    limit: Option<Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Attempt<T> {
+    let limit_passes = async {
+        match limit {
+            Some(l) => tokio::time::sleep(l).await,
+            None => std::future::pending().await,
+        }
+    };
+    let stop_passes = async {
+        // The sender lives as long as the request (its `Arc<Stopping>`).
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(STOP_TIMEOUT).await
+    };
+    tokio::select! {
+        r = fut => Attempt::Done(r),
+        () = limit_passes => Attempt::TimedOut(limit.unwrap_or_default()),
+        () = stop_passes => Attempt::Stopped,
+    }
 }
 
 impl S3Backend {
@@ -113,6 +189,11 @@ impl S3Backend {
             rt,
             retries: Arc::default(),
             create_only: std::sync::OnceLock::new(),
+            probe_timeout: PROBE_TIMEOUT,
+            stop: Arc::new(Stopping {
+                tx: tokio::sync::watch::Sender::new(false),
+                gave_up: Default::default(),
+            }),
         })
     }
 
@@ -186,7 +267,7 @@ impl S3Backend {
     where
         F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
-        self.wait(what, self.retrying(what, op))
+        self.wait(what, self.retrying(what, None, op))
     }
 
     /// Runs `fut` on the backend's runtime and waits for its answer.
@@ -204,10 +285,12 @@ impl S3Backend {
     }
 
     /// A request with its retries, as a future that holds no thread while
-    /// it waits (between attempts too).
+    /// it waits (between attempts too). An attempt with no answer within
+    /// `limit` ends the request (the identity probe's).
     fn retrying<T: Send + 'static, F>(
         &self,
         what: &str,
+        limit: Option<Duration>,
         mut op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
     where
@@ -215,19 +298,53 @@ impl S3Backend {
     {
         let (store, retries) = (self.store.clone(), self.retries.clone());
         let (bucket, what) = (self.bucket.clone(), what.to_string());
+        let stop = self.stop.clone();
         async move {
             let mut delay = Duration::from_millis(50);
-            for attempt in 1..=ATTEMPTS {
-                match op(store.clone()).await {
-                    Ok(v) => return Ok(v),
-                    Err(e) if attempt < ATTEMPTS && transient(&e) => {
-                        retries.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%bucket, attempt, "S3 {what} failed, retrying: {e}");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(map_err(&what, e)),
+            for n in 1..=ATTEMPTS {
+                if stop.gave_up.load(Ordering::Acquire) {
+                    return Err(skipped_at_stop(&what));
                 }
+                let e = match attempt(op(store.clone()), limit, stop.tx.subscribe()).await {
+                    Attempt::Done(Ok(v)) => return Ok(v),
+                    Attempt::Done(Err(e)) => e,
+                    Attempt::TimedOut(t) => {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
+                        ))
+                    }
+                    Attempt::Stopped => {
+                        let why = format!("no answer within {} s", STOP_TIMEOUT.as_secs());
+                        stop.give_up(&bucket, &what, &why);
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("S3 {what}: {why} of the daemon's stop"),
+                        ));
+                    }
+                };
+                if !transient(&e) {
+                    return Err(map_err(&what, e));
+                }
+                if stop.stopping() {
+                    stop.give_up(&bucket, &what, &e.to_string());
+                    return Err(map_err(&what, e));
+                }
+                if n == ATTEMPTS {
+                    tracing::warn!(%bucket, "S3 {what} failed {n} times, giving up: {e}");
+                    return Err(map_err(&what, e));
+                }
+                retries.fetch_add(1, Ordering::Relaxed);
+                // One line per request when its retries begin, one if it
+                // gives up (a store down mid-backup must not print a
+                // line for every attempt of every chunk in flight).
+                if n == 1 {
+                    tracing::warn!(%bucket, "S3 {what} failed, retrying (up to {ATTEMPTS} attempts): {e}");
+                } else {
+                    tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
             unreachable!("the last attempt returns")
         }
@@ -240,7 +357,8 @@ impl S3Backend {
         limit: u64,
     ) -> impl std::future::Future<Output = Got> + Send + 'static {
         let p = self.path(key);
-        let fut = self.retrying(&format!("GET {key}"), move |s| {
+        let wait = (key == super::INFO_KEY).then_some(self.probe_timeout);
+        let fut = self.retrying(&format!("GET {key}"), wait, move |s| {
             let p = p.clone();
             async move {
                 let r = s.get(&p).await?;
@@ -302,6 +420,14 @@ fn transient(e: &object_store::Error) -> bool {
             | object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. }
             | object_store::Error::InvalidPath { .. }
+    )
+}
+
+/// A request not made: the store did not answer during the daemon's stop.
+fn skipped_at_stop(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Io,
+        format!("S3 {what}: skipped (the store did not answer while the daemon stops)"),
     )
 }
 
@@ -481,6 +607,10 @@ impl Backend for S3Backend {
     fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }
+
+    fn begin_shutdown(&self) {
+        self.stop.tx.send_replace(true);
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +681,76 @@ mod tests {
         async fn copy_if_not_exists(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
             self.inner.copy_if_not_exists(a, b).await
         }
+    }
+
+    /// A store that accepts connections and never answers (explore7 M2):
+    /// its address, and how many connections it accepted.
+    fn silent_store() -> (u16, Arc<AtomicU64>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let n = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = vec![];
+            for c in l.incoming() {
+                n.fetch_add(1, Ordering::SeqCst);
+                held.push(c);
+            }
+        });
+        (port, accepted)
+    }
+
+    fn backend_at(port: u16) -> S3Backend {
+        let vars: Vec<(String, String)> = [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_ACCESS_KEY_ID", "GK0123".into()),
+            ("AWS_SECRET_ACCESS_KEY", "secret".into()),
+            ("AWS_REGION", "garage".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        S3Backend::open("s3://bucket/site", &vars).unwrap()
+    }
+
+    #[test]
+    fn the_identity_probe_of_a_store_that_never_answers_ends_after_one_short_wait() {
+        let (port, accepted) = silent_store();
+        let mut b = backend_at(port);
+        b.probe_timeout = Duration::from_secs(1);
+        let t0 = std::time::Instant::now();
+        let e = b.get(crate::repo::INFO_KEY, 1 << 20).unwrap_err();
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "the probe took {:?}: {e}",
+            t0.elapsed()
+        );
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(e.to_string().contains("no answer in 1 s"), "{e}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the probe was retried");
+    }
+
+    #[test]
+    fn at_the_daemons_stop_a_request_to_a_silent_store_ends_within_seconds_and_the_rest_are_skipped(
+    ) {
+        let (port, _) = silent_store();
+        let b = Arc::new(backend_at(port));
+        let b2 = b.clone();
+        let t0 = std::time::Instant::now();
+        let pin = std::thread::spawn(move || b2.put("pins/vm/x.json", b"{}"));
+        std::thread::sleep(Duration::from_millis(300));
+        b.begin_shutdown();
+        let e = pin.join().unwrap().unwrap_err();
+        assert!(
+            t0.elapsed() < STOP_TIMEOUT + Duration::from_secs(2),
+            "the request in flight held the stop {:?}: {e}",
+            t0.elapsed()
+        );
+        assert!(e.to_string().contains("of the daemon's stop"), "{e}");
+        let t1 = std::time::Instant::now();
+        let e = b.put("profiles/vm/p.json", b"{}").unwrap_err();
+        assert!(t1.elapsed() < Duration::from_millis(500), "{e}");
+        assert!(e.to_string().contains("skipped"), "{e}");
     }
 
     #[test]
