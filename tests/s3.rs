@@ -445,3 +445,52 @@ fn a_daemon_whose_store_never_answers_starts_and_stops_within_seconds() {
     assert_eq!(pins[0].state, "serving");
     drop(d);
 }
+
+/// explore7 L1: a bucket that does not exist is named as such (it said
+/// "not a recoverfs repository (no repo.json)"), and neither it nor a
+/// wrong secret is retried (each was, five times, one warning a retry).
+#[test]
+fn a_missing_bucket_and_a_wrong_secret_fail_at_once_saying_what_to_fix() {
+    let g = Garage::single();
+    let img = tiny_image();
+    let env = Env::s3("s3://no-such-bucket/site", g.env(0));
+    let t0 = std::time::Instant::now();
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm",
+            img.to_str().unwrap(),
+        ],
+        "bucket no-such-bucket does not exist (or these credentials cannot see it)",
+    );
+    env.fails(
+        &["list", "--repo", env.repo_str()],
+        "bucket no-such-bucket does not exist",
+    );
+    let mut wrong = g.env(0);
+    for (k, v) in wrong.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "f".repeat(64);
+        }
+    }
+    let env = Env::s3(&format!("s3://{BUCKET}/site"), wrong);
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm",
+            img.to_str().unwrap(),
+        ],
+        "access denied to bucket recoverfs-test: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+}
