@@ -215,6 +215,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // The jobs a previous daemon ran (each logged; none stops the daemon).
     jobs.restore(&crate::api::peer::PeerPolicy::for_daemon(opts.socket_group));
     let api_result = run_api(mounted.ds.clone(), jobs.clone(), &socket, opts.socket_group);
+    // From here on a store that does not answer (or not as the
+    // repository) must not hold the stop for minutes: what the stop
+    // still asks of it (pins, profiles, lock removals) is time-boxed or
+    // skipped, and logged (`Backend::begin_shutdown`).
+    repo.backend().begin_shutdown();
     jobs.shutdown();
     let _ = std::fs::remove_file(&socket);
     if let Ok(Some(link)) = &api_result {
@@ -223,6 +228,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // Clients go first (their attachments end), then staging is made durable.
     exports.shutdown();
     let stopped = mounted.shutdown();
+    // A request abandoned above (a live backup runs in its request's
+    // thread, which the process does not wait for) still holds its writer
+    // lock: removed, as a signalled CLI backup removes its own, so another
+    // host's gc does not wait for it to go stale (explore7 L4). Its
+    // manifest is never published after that (`locks::release_all`).
+    let released = crate::repo::locks::release_all(Duration::from_secs(2));
+    if released > 0 {
+        tracing::info!("removed {released} repository lock(s) of work abandoned at the stop");
+    }
     tracing::info!("stopped");
     api_result?;
     stopped

@@ -394,3 +394,103 @@ fn an_encrypted_repository_on_s3_dedups_verifies_and_holds_no_plaintext() {
         );
     }
 }
+
+/// explore7 M2: a store that accepts connections and never answers. A
+/// daemon with a kept session comes up from staging's record after one
+/// short identity probe (it took 4.5 min: a series of 30 s timeouts, then
+/// a second one on the start path) and stops within seconds (it took 3
+/// min: pin rewrites retried against the silent store).
+#[test]
+fn a_daemon_whose_store_never_answers_starts_and_stops_within_seconds() {
+    use std::time::{Duration, Instant};
+    let g = Garage::single();
+    let mut env = s3_env(&g, "silent");
+    random_image(&env.path("a.raw"), 16 * K64, 44, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    d.stop();
+    drop(d);
+    let proxy = LatencyProxy::start(g.nodes[0].s3_port, 40_000, None);
+    env.extra_env = proxy.route(g.env(0));
+    let t0 = Instant::now();
+    let mut d = env.serve();
+    let up = t0.elapsed();
+    let log = d.log_text();
+    assert!(up < Duration::from_secs(15), "came up in {up:?}: {log}");
+    assert!(log.contains("starting from staging"), "{log}");
+    // The API answers (and its signal handler is in place).
+    assert_eq!(env.status()["sessions"][0]["vm"], "vm");
+    let t1 = Instant::now();
+    let st = d.stop();
+    let stopped = t1.elapsed();
+    let log = d.log_text();
+    assert!(
+        stopped < Duration::from_secs(8),
+        "stopped in {stopped:?}: {log}"
+    );
+    assert!(log.contains("nothing more is asked of it"), "{log}");
+    assert!(st.success(), "{st}: {log}");
+    drop(d);
+    // The pin not rewritten at that stop is rewritten at the next start.
+    drop(proxy);
+    env.extra_env = g.env(0);
+    let restarted = recoverfs::util::rfc3339(recoverfs::util::now_unix());
+    let d = env.serve();
+    assert_eq!(env.status()["sessions"][0]["vm"], "vm");
+    let repo = recoverfs::repo::Repository::open_with(env.repo_str(), &g.env(0)).unwrap();
+    let pins = recoverfs::repo::pins::of_vm(&repo, "vm").unwrap();
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    assert!(pins[0].written >= restarted, "{pins:?} {restarted}");
+    assert_eq!(pins[0].state, "serving");
+    drop(d);
+}
+
+/// explore7 L1: a bucket that does not exist is named as such (it said
+/// "not a recoverfs repository (no repo.json)"), and neither it nor a
+/// wrong secret is retried (each was, five times, one warning a retry).
+#[test]
+fn a_missing_bucket_and_a_wrong_secret_fail_at_once_saying_what_to_fix() {
+    let g = Garage::single();
+    let img = tiny_image();
+    let env = Env::s3("s3://no-such-bucket/site", g.env(0));
+    let t0 = std::time::Instant::now();
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm",
+            img.to_str().unwrap(),
+        ],
+        "bucket no-such-bucket does not exist (or these credentials cannot see it)",
+    );
+    env.fails(
+        &["list", "--repo", env.repo_str()],
+        "bucket no-such-bucket does not exist",
+    );
+    let mut wrong = g.env(0);
+    for (k, v) in wrong.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "f".repeat(64);
+        }
+    }
+    let env = Env::s3(&format!("s3://{BUCKET}/site"), wrong);
+    env.fails(
+        &[
+            "backup",
+            "--repo",
+            env.repo_str(),
+            "--vm",
+            "vm",
+            img.to_str().unwrap(),
+        ],
+        "access denied to bucket recoverfs-test: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t0.elapsed()
+    );
+}

@@ -223,6 +223,14 @@ fn a_daemon_stopped_during_a_live_backup_stops_within_seconds_and_the_backup_fai
         vec![base],
         "a stopped backup left a manifest"
     );
+    // explore7 L4: nor its writer lock (another host's gc waited 10 min).
+    let locks: Vec<_> = std::fs::read_dir(env.repo.join("locks"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        locks.is_empty(),
+        "a stopped backup left its lock: {locks:?}"
+    );
 }
 
 /// An env with VM `vm` backed up from a 64 MiB sparse image: (env, image,

@@ -141,6 +141,14 @@ pub trait Backend: Send + Sync {
     fn retries(&self) -> u64 {
         0
     }
+    /// The daemon stops: what it still asks (pins, profiles, lock
+    /// removals) must not hold the stop for minutes. A store that is not
+    /// confirmed as the repository is asked nothing more
+    /// (`unconfirmed`); a remote store's requests get a short time-box
+    /// and no retries, and once one found no answer the rest are skipped
+    /// (`s3`). Each skip is logged; nothing skipped is lost: a pin not
+    /// rewritten now is rewritten at the next start or backup check.
+    fn begin_shutdown(&self) {}
 }
 
 /// One object found by [`Backend::list_all`].
@@ -525,6 +533,9 @@ impl Backend for Delayed {
     }
     fn location(&self) -> String {
         self.inner.location()
+    }
+    fn begin_shutdown(&self) {
+        self.inner.begin_shutdown()
     }
     fn retries(&self) -> u64 {
         self.inner.retries()

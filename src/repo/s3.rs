@@ -15,12 +15,20 @@
 //! (Garage 2.5 does): [`S3Backend::create_only_is_atomic`] finds out once
 //! per process with a probe object, and the backup writer then gives each
 //! backup id a random suffix, so two writers still cannot collide.
+//!
+//! A store that accepts connections and never answers must not hold a
+//! daemon's start or stop for minutes (explore7 M2): the identity probe
+//! (the GET of `repo.json` that decides whether a daemon starts from
+//! staging's record) waits [`PROBE_TIMEOUT`] and is not retried after it;
+//! once the daemon stops ([`Backend::begin_shutdown`]), every attempt,
+//! including those in flight, has [`STOP_TIMEOUT`] left and none is
+//! retried, and after one found no answer the rest are skipped at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
@@ -29,6 +37,13 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::util::AlignedBuf;
 
 const ATTEMPTS: u32 = 6;
+/// How long the GET of `repo.json` may wait for an answer. A store that
+/// gives none in this time is not asked again by that request: a daemon
+/// then starts from staging's record of the repository without waiting
+/// out a series of 30 s timeouts.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a request may still take once the daemon stops.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct S3Backend {
     store: Arc<dyn ObjectStore>,
@@ -38,6 +53,180 @@ pub struct S3Backend {
     retries: Arc<AtomicU64>,
     /// Whether the store honours create-only PUTs (probed once).
     create_only: std::sync::OnceLock<bool>,
+    /// The identity probe's wait (see [`PROBE_TIMEOUT`]).
+    probe_timeout: Duration,
+    stop: Arc<Stopping>,
+    /// How the store's answers are read (see [`Failure`]).
+    hints: Arc<Hints>,
+}
+
+/// What turns a failed request into a message that says what to fix.
+#[derive(Default)]
+struct Hints {
+    bucket: String,
+    /// Where credentials are asked for when none are given: the EC2
+    /// instance metadata endpoint (`None`: credentials were given).
+    metadata: Option<String>,
+}
+
+/// What a failed request means, beyond object_store's error variants
+/// (a LIST or DeleteObjects answered 403 or 404 comes as a generic error
+/// with the status and body in its text).
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// A 5xx, 408, 429, a timeout or a connection failure: may pass.
+    Transient,
+    /// `NoSuchBucket`.
+    NoBucket,
+    /// 401/403: a wrong key or secret, or a key without access.
+    Denied,
+    /// No credentials given, and the instance metadata service did not
+    /// give any.
+    NoCredentials,
+    /// Any other definite answer (404, 409, 412, other 4xx).
+    Final,
+}
+
+impl Hints {
+    fn failure(&self, e: &object_store::Error) -> Failure {
+        let text = e.to_string();
+        if let Some(m) = &self.metadata {
+            if text.contains(m.trim_end_matches('/')) {
+                return Failure::NoCredentials;
+            }
+        }
+        if text.contains("<Code>NoSuchBucket</Code>") {
+            return Failure::NoBucket;
+        }
+        match e {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => Failure::Denied,
+            object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+            | object_store::Error::InvalidPath { .. } => Failure::Final,
+            _ => match http_status(&text) {
+                Some(401 | 403) => Failure::Denied,
+                Some(408 | 429) => Failure::Transient,
+                Some(s) if (400..500).contains(&s) => Failure::Final,
+                _ => Failure::Transient,
+            },
+        }
+    }
+
+    /// `e` as this crate's error, saying what to fix where it can.
+    fn error(&self, what: &str, e: object_store::Error) -> Error {
+        let bucket = &self.bucket;
+        let text = e.to_string().replace('\n', " ");
+        match self.failure(&e) {
+            Failure::NoBucket => Error::new(
+                ErrorKind::Io,
+                format!(
+                    "S3 {what}: bucket {bucket} does not exist (or these credentials cannot see it)"
+                ),
+            ),
+            Failure::Denied => Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "S3 {what}: access denied to bucket {bucket}: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the key may read and write the bucket ({text})"
+                ),
+            ),
+            Failure::NoCredentials => Error::new(
+                ErrorKind::NotPermitted,
+                format!(
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or AWS_CONTAINER_CREDENTIALS_RELATIVE_URI); without them they are asked of the EC2 instance metadata service at {}, which gave none (S3 {what}: {text})",
+                    self.metadata.as_deref().unwrap_or_default()
+                ),
+            ),
+            Failure::Transient | Failure::Final => map_err(what, e),
+        }
+    }
+}
+
+/// The HTTP status object_store's message gives (`... status code: 404
+/// Not Found: ...`), if any.
+fn http_status(text: &str) -> Option<u16> {
+    let at = text.find("status code: ")? + "status code: ".len();
+    text.get(at..at + 3)?.parse().ok()
+}
+
+/// Where object_store asks for credentials when the builder was given
+/// none: the instance metadata endpoint, unless credentials (a key, web
+/// identity, a container's) are configured or requests are not signed.
+fn instance_metadata_endpoint(b: &AmazonS3Builder) -> Option<String> {
+    let set = |k: AmazonS3ConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+    let env = |k: &str| std::env::var_os(k).is_some();
+    let given = set(AmazonS3ConfigKey::AccessKeyId)
+        || set(AmazonS3ConfigKey::SecretAccessKey)
+        || (env("AWS_WEB_IDENTITY_TOKEN_FILE") && env("AWS_ROLE_ARN"))
+        || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || (set(AmazonS3ConfigKey::ContainerCredentialsFullUri)
+            && set(AmazonS3ConfigKey::ContainerAuthorizationTokenFile))
+        || b.get_config_value(&AmazonS3ConfigKey::SkipSignature)
+            .is_some_and(|v| v == "true");
+    (!given).then(|| {
+        b.get_config_value(&AmazonS3ConfigKey::MetadataEndpoint)
+            .unwrap_or_else(|| "http://169.254.169.254".into())
+    })
+}
+
+/// The daemon's stop, as the requests see it (see the module docs).
+struct Stopping {
+    /// `true` once the daemon stops.
+    tx: tokio::sync::watch::Sender<bool>,
+    /// A request found no answer during the stop: the rest are skipped.
+    gave_up: std::sync::atomic::AtomicBool,
+}
+
+impl Stopping {
+    fn stopping(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Records that the store did not answer during the stop; logged once.
+    fn give_up(&self, bucket: &str, what: &str, why: &str) {
+        if !self.gave_up.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                %bucket,
+                "the S3 store did not answer while the daemon stops (S3 {what}: {why}): the requests still to come are skipped (a session's pin not rewritten now is rewritten at the next start or backup check; a lock not removed goes stale)"
+            );
+        }
+    }
+}
+
+/// One attempt of a request, bounded by `limit` and by the daemon's stop.
+enum Attempt<T> {
+    Done(object_store::Result<T>),
+    /// No answer within the limit.
+    TimedOut(Duration),
+    /// No answer within [`STOP_TIMEOUT`] of the daemon's stop.
+    Stopped,
+}
+
+async fn attempt<T>(
+    fut: impl std::future::Future<Output = object_store::Result<T>>,
+    limit: Option<Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Attempt<T> {
+    let limit_passes = async {
+        match limit {
+            Some(l) => tokio::time::sleep(l).await,
+            None => std::future::pending().await,
+        }
+    };
+    let stop_passes = async {
+        // The sender lives as long as the request (its `Arc<Stopping>`).
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(STOP_TIMEOUT).await
+    };
+    tokio::select! {
+        r = fut => Attempt::Done(r),
+        () = limit_passes => Attempt::TimedOut(limit.unwrap_or_default()),
+        () = stop_passes => Attempt::Stopped,
+    }
 }
 
 impl S3Backend {
@@ -85,10 +274,16 @@ impl S3Backend {
         if var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_none() {
             b = b.with_virtual_hosted_style_request(false);
         }
+        let metadata = instance_metadata_endpoint(&b);
         let store = b
             .build()
             .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
-        Self::with_store(Arc::new(store), bucket, prefix)
+        let mut s3 = Self::with_store(Arc::new(store), bucket, prefix)?;
+        s3.hints = Arc::new(Hints {
+            bucket: bucket.into(),
+            metadata,
+        });
+        Ok(s3)
     }
 
     /// A backend on any object store (tests use object_store's in-memory one).
@@ -113,6 +308,15 @@ impl S3Backend {
             rt,
             retries: Arc::default(),
             create_only: std::sync::OnceLock::new(),
+            probe_timeout: PROBE_TIMEOUT,
+            stop: Arc::new(Stopping {
+                tx: tokio::sync::watch::Sender::new(false),
+                gave_up: Default::default(),
+            }),
+            hints: Arc::new(Hints {
+                bucket: bucket.into(),
+                metadata: None,
+            }),
         })
     }
 
@@ -186,7 +390,7 @@ impl S3Backend {
     where
         F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
-        self.wait(what, self.retrying(what, op))
+        self.wait(what, self.retrying(what, None, op))
     }
 
     /// Runs `fut` on the backend's runtime and waits for its answer.
@@ -204,10 +408,12 @@ impl S3Backend {
     }
 
     /// A request with its retries, as a future that holds no thread while
-    /// it waits (between attempts too).
+    /// it waits (between attempts too). An attempt with no answer within
+    /// `limit` ends the request (the identity probe's).
     fn retrying<T: Send + 'static, F>(
         &self,
         what: &str,
+        limit: Option<Duration>,
         mut op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
     where
@@ -215,19 +421,53 @@ impl S3Backend {
     {
         let (store, retries) = (self.store.clone(), self.retries.clone());
         let (bucket, what) = (self.bucket.clone(), what.to_string());
+        let (stop, hints) = (self.stop.clone(), self.hints.clone());
         async move {
             let mut delay = Duration::from_millis(50);
-            for attempt in 1..=ATTEMPTS {
-                match op(store.clone()).await {
-                    Ok(v) => return Ok(v),
-                    Err(e) if attempt < ATTEMPTS && transient(&e) => {
-                        retries.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%bucket, attempt, "S3 {what} failed, retrying: {e}");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(map_err(&what, e)),
+            for n in 1..=ATTEMPTS {
+                if stop.gave_up.load(Ordering::Acquire) {
+                    return Err(skipped_at_stop(&what));
                 }
+                let e = match attempt(op(store.clone()), limit, stop.tx.subscribe()).await {
+                    Attempt::Done(Ok(v)) => return Ok(v),
+                    Attempt::Done(Err(e)) => e,
+                    Attempt::TimedOut(t) => {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
+                        ))
+                    }
+                    Attempt::Stopped => {
+                        let why = format!("no answer within {} s", STOP_TIMEOUT.as_secs());
+                        stop.give_up(&bucket, &what, &why);
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("S3 {what}: {why} of the daemon's stop"),
+                        ));
+                    }
+                };
+                if hints.failure(&e) != Failure::Transient {
+                    return Err(hints.error(&what, e));
+                }
+                if stop.stopping() {
+                    stop.give_up(&bucket, &what, &e.to_string());
+                    return Err(hints.error(&what, e));
+                }
+                if n == ATTEMPTS {
+                    tracing::warn!(%bucket, "S3 {what} failed {n} times, giving up: {e}");
+                    return Err(hints.error(&what, e));
+                }
+                retries.fetch_add(1, Ordering::Relaxed);
+                // One line per request when its retries begin, one if it
+                // gives up (a store down mid-backup must not print a
+                // line for every attempt of every chunk in flight).
+                if n == 1 {
+                    tracing::warn!(%bucket, "S3 {what} failed, retrying (up to {ATTEMPTS} attempts): {e}");
+                } else {
+                    tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
             unreachable!("the last attempt returns")
         }
@@ -240,7 +480,8 @@ impl S3Backend {
         limit: u64,
     ) -> impl std::future::Future<Output = Got> + Send + 'static {
         let p = self.path(key);
-        let fut = self.retrying(&format!("GET {key}"), move |s| {
+        let wait = (key == super::INFO_KEY).then_some(self.probe_timeout);
+        let fut = self.retrying(&format!("GET {key}"), wait, move |s| {
             let p = p.clone();
             async move {
                 let r = s.get(&p).await?;
@@ -291,17 +532,11 @@ fn body_length_error(path: &str, len: usize) -> object_store::Error {
     }
 }
 
-/// NotFound and precondition answers are final; everything else (5xx,
-/// timeouts, connection resets) may pass.
-fn transient(e: &object_store::Error) -> bool {
-    !matches!(
-        e,
-        object_store::Error::NotFound { .. }
-            | object_store::Error::AlreadyExists { .. }
-            | object_store::Error::Precondition { .. }
-            | object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. }
-            | object_store::Error::InvalidPath { .. }
+/// A request not made: the store did not answer during the daemon's stop.
+fn skipped_at_stop(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Io,
+        format!("S3 {what}: skipped (the store did not answer while the daemon stops)"),
     )
 }
 
@@ -481,6 +716,10 @@ impl Backend for S3Backend {
     fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }
+
+    fn begin_shutdown(&self) {
+        self.stop.tx.send_replace(true);
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +790,230 @@ mod tests {
         async fn copy_if_not_exists(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
             self.inner.copy_if_not_exists(a, b).await
         }
+    }
+
+    /// A store that accepts connections and never answers (explore7 M2):
+    /// its address, and how many connections it accepted.
+    fn silent_store() -> (u16, Arc<AtomicU64>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let n = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = vec![];
+            for c in l.incoming() {
+                n.fetch_add(1, Ordering::SeqCst);
+                held.push(c);
+            }
+        });
+        (port, accepted)
+    }
+
+    fn backend_at(port: u16) -> S3Backend {
+        let vars: Vec<(String, String)> = [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_ACCESS_KEY_ID", "GK0123".into()),
+            ("AWS_SECRET_ACCESS_KEY", "secret".into()),
+            ("AWS_REGION", "garage".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        S3Backend::open("s3://bucket/site", &vars).unwrap()
+    }
+
+    #[test]
+    fn the_identity_probe_of_a_store_that_never_answers_ends_after_one_short_wait() {
+        let (port, accepted) = silent_store();
+        let mut b = backend_at(port);
+        b.probe_timeout = Duration::from_secs(1);
+        let t0 = std::time::Instant::now();
+        let e = b.get(crate::repo::INFO_KEY, 1 << 20).unwrap_err();
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "the probe took {:?}: {e}",
+            t0.elapsed()
+        );
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(e.to_string().contains("no answer in 1 s"), "{e}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the probe was retried");
+    }
+
+    #[test]
+    fn at_the_daemons_stop_a_request_to_a_silent_store_ends_within_seconds_and_the_rest_are_skipped(
+    ) {
+        let (port, _) = silent_store();
+        let b = Arc::new(backend_at(port));
+        let b2 = b.clone();
+        let t0 = std::time::Instant::now();
+        let pin = std::thread::spawn(move || b2.put("pins/vm/x.json", b"{}"));
+        std::thread::sleep(Duration::from_millis(300));
+        b.begin_shutdown();
+        let e = pin.join().unwrap().unwrap_err();
+        assert!(
+            t0.elapsed() < STOP_TIMEOUT + Duration::from_secs(2),
+            "the request in flight held the stop {:?}: {e}",
+            t0.elapsed()
+        );
+        assert!(e.to_string().contains("of the daemon's stop"), "{e}");
+        let t1 = std::time::Instant::now();
+        let e = b.put("profiles/vm/p.json", b"{}").unwrap_err();
+        assert!(t1.elapsed() < Duration::from_millis(500), "{e}");
+        assert!(e.to_string().contains("skipped"), "{e}");
+    }
+
+    /// A store whose every request fails with a generic error of `text`
+    /// (how object_store reports a LIST answered 403 or 404), counting
+    /// the requests.
+    #[derive(Debug)]
+    struct Refusing {
+        text: &'static str,
+        calls: AtomicU64,
+    }
+
+    impl std::fmt::Display for Refusing {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Refusing")
+        }
+    }
+
+    impl Refusing {
+        fn err(&self) -> object_store::Error {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            object_store::Error::Generic {
+                store: "S3",
+                source: self.text.into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for Refusing {
+        async fn put_opts(
+            &self,
+            _: &ObjPath,
+            _: PutPayload,
+            _: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            Err(self.err())
+        }
+        async fn put_multipart_opts(
+            &self,
+            _: &ObjPath,
+            _: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            Err(self.err())
+        }
+        async fn get_opts(&self, _: &ObjPath, _: GetOptions) -> object_store::Result<GetResult> {
+            Err(self.err())
+        }
+        async fn delete(&self, _: &ObjPath) -> object_store::Result<()> {
+            Err(self.err())
+        }
+        fn list(
+            &self,
+            _: Option<&ObjPath>,
+        ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+            let e = self.err();
+            Box::pin(futures::stream::once(async move { Err(e) }))
+        }
+        async fn list_with_delimiter(
+            &self,
+            _: Option<&ObjPath>,
+        ) -> object_store::Result<ListResult> {
+            Err(self.err())
+        }
+        async fn copy(&self, _: &ObjPath, _: &ObjPath) -> object_store::Result<()> {
+            Err(self.err())
+        }
+        async fn copy_if_not_exists(&self, _: &ObjPath, _: &ObjPath) -> object_store::Result<()> {
+            Err(self.err())
+        }
+    }
+
+    fn refusing(text: &'static str) -> (Arc<Refusing>, S3Backend) {
+        let store = Arc::new(Refusing {
+            text,
+            calls: AtomicU64::new(0),
+        });
+        let b = S3Backend::with_store(store.clone(), "backups", "").unwrap();
+        (store, b)
+    }
+
+    #[test]
+    fn a_missing_bucket_is_named_and_not_retried() {
+        let (store, b) = refusing(
+            "Error performing list request: Error performing GET http://127.0.0.1:3900/backups?list-type=2 in 1ms - Server returned non-2xx status code: 404 Not Found: <?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>Bucket not found: backups</Message></Error>",
+        );
+        let e = b.list("").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("bucket backups does not exist (or these credentials cannot see it)"),
+            "{e}"
+        );
+        assert_eq!(store.calls.load(Ordering::SeqCst), 1, "retried: {e}");
+        assert_eq!(b.retries(), 0);
+    }
+
+    #[test]
+    fn a_refused_key_says_what_to_check_and_is_not_retried() {
+        let (store, b) = refusing(
+            "Error performing list request: Error performing GET http://127.0.0.1:3900/backups?list-type=2 in 1ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error><Code>AccessDenied</Code><Message>Forbidden: Invalid signature</Message></Error>",
+        );
+        let e = b.list("").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotPermitted, "{e}");
+        assert!(e.to_string().contains("access denied to bucket backups: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), "{e}");
+        assert_eq!(store.calls.load(Ordering::SeqCst), 1, "retried: {e}");
+    }
+
+    #[test]
+    fn a_server_error_is_still_retried() {
+        let (store, b) = refusing(
+            "Error performing list request: Error performing GET http://127.0.0.1:3900/backups?list-type=2 in 1ms - Server returned non-2xx status code: 503 Service Unavailable: ",
+        );
+        assert!(b.list("").is_err());
+        assert_eq!(store.calls.load(Ordering::SeqCst), ATTEMPTS as u64);
+    }
+
+    #[test]
+    fn without_credentials_the_error_says_to_set_them_not_that_the_metadata_service_refused() {
+        // An instance metadata service that refuses, as off EC2.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicU64::new(0));
+        let n = asked.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for c in l.incoming().flatten() {
+                n.fetch_add(1, Ordering::SeqCst);
+                let mut r = std::io::BufReader::new(c);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = r.get_mut().write_all(
+                    b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        let (silent, _) = silent_store();
+        let vars: Vec<(String, String)> = [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{silent}")),
+            ("AWS_METADATA_ENDPOINT", format!("http://127.0.0.1:{port}")),
+            ("AWS_REGION", "garage".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let b = S3Backend::open("s3://backups", &vars).unwrap();
+        let e = b.list("").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+            "{e}"
+        );
+        assert_eq!(e.kind(), ErrorKind::NotPermitted, "{e}");
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "retried: {e}");
     }
 
     #[test]

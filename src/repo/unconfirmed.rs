@@ -11,9 +11,19 @@
 //! restored elsewhere, a wrong path) is taken for the repository's. Once
 //! the store has answered as itself, requests pass straight through.
 //!
-//! A failed check answers the requests of the next second too: during an
-//! outage every request would otherwise pay a full GET of `repo.json`
-//! (with its retries) before its own.
+//! A failed check answers the requests that follow for a while: during
+//! an outage every request would otherwise pay a full GET of `repo.json`
+//! before its own. It holds for a second, or as long as the check took
+//! if longer (a store that times out is then asked at most half the
+//! time). The gate is made because the store did not answer the daemon's
+//! start: that counts as a failed check holding [`START_HOLDS`], so the
+//! start (resuming sessions, pinning them) does not ask again at once
+//! (explore7 M2: it did, a second series of probes of minutes).
+//!
+//! Once the daemon stops ([`Backend::begin_shutdown`]), a store not yet
+//! confirmed is asked nothing more: the requests of the stop (pins,
+//! profiles) fail at once, logged; a pin not rewritten then is rewritten
+//! at the next start or backup check.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,8 +34,11 @@ use super::limits::MAX_META_BYTES;
 use super::{RepoInfo, Repository, INFO_KEY};
 use crate::error::{Error, ErrorKind, Result};
 
-/// How long a failed identity check answers for.
+/// How long a failed identity check answers for (at least).
 const FAILED_CHECK_HOLDS: Duration = Duration::from_secs(1);
+/// How long the failure that made the gate (the store did not answer at
+/// the daemon's start) answers for: the start's own requests.
+pub const START_HOLDS: Duration = Duration::from_secs(20);
 
 /// `inner`, asked nothing until it has answered as repository `id`.
 pub struct Unconfirmed {
@@ -33,12 +46,21 @@ pub struct Unconfirmed {
     gate: Arc<Gate>,
 }
 
+/// A failed identity check: when it ended, how long it answers for, why.
+struct Failed {
+    at: Instant,
+    holds: Duration,
+    why: String,
+}
+
 struct Gate {
     recorded: RepoInfo,
     location: String,
     confirmed: AtomicBool,
-    /// The last failed check: when, and why.
-    failed: parking_lot::Mutex<Option<(Instant, String)>>,
+    /// The daemon stops: an unconfirmed store is asked nothing more.
+    stopping: AtomicBool,
+    /// The last failed check.
+    failed: parking_lot::Mutex<Option<Failed>>,
     /// One synchronous check at a time; the others then see its outcome.
     checking: parking_lot::Mutex<()>,
 }
@@ -52,7 +74,13 @@ impl Unconfirmed {
                 recorded: recorded.clone(),
                 location,
                 confirmed: AtomicBool::new(false),
-                failed: parking_lot::Mutex::new(None),
+                stopping: AtomicBool::new(false),
+                // Why the gate is made (see the module docs).
+                failed: parking_lot::Mutex::new(Some(Failed {
+                    at: Instant::now(),
+                    holds: START_HOLDS,
+                    why: "it did not answer when the daemon started".into(),
+                })),
                 checking: parking_lot::Mutex::new(()),
             }),
         }
@@ -64,7 +92,8 @@ impl Unconfirmed {
     }
 
     /// Ok once the store has answered as the repository; otherwise reads
-    /// its `repo.json` (unless a check failed within the last second).
+    /// its `repo.json` (unless a check failed recently, or the daemon
+    /// stops).
     fn check(&self) -> Result<()> {
         if self.confirmed() {
             return Ok(());
@@ -73,11 +102,12 @@ impl Unconfirmed {
         if self.confirmed() {
             return Ok(());
         }
-        if let Some(e) = self.gate.recent_failure() {
+        if let Some(e) = self.gate.not_now() {
             return Err(e);
         }
+        let started = Instant::now();
         let got = self.inner.get(INFO_KEY, MAX_META_BYTES);
-        if self.gate.judge(got)? {
+        if self.gate.judge(got, started.elapsed())? {
             self.inner.keep_space_reserve();
         }
         Ok(())
@@ -85,16 +115,22 @@ impl Unconfirmed {
 }
 
 impl Gate {
-    fn recent_failure(&self) -> Option<Error> {
+    /// Why the store is not asked now: a check failed recently, or the
+    /// daemon stops.
+    fn not_now(&self) -> Option<Error> {
+        if self.stopping.load(Ordering::Acquire) {
+            let why = "not asked while the daemon stops";
+            return Some(self.unreachable(why));
+        }
         let failed = self.failed.lock();
-        let (at, why) = failed.as_ref()?;
-        (at.elapsed() < FAILED_CHECK_HOLDS).then(|| self.unreachable(why))
+        let f = failed.as_ref()?;
+        (f.at.elapsed() < f.holds).then(|| self.unreachable(&f.why))
     }
 
     /// Decides from a read of `repo.json` whether the store is the
     /// repository, and remembers the outcome; whether this call confirmed
     /// it (the first to).
-    fn judge(&self, got: Result<Option<Vec<u8>>>) -> Result<bool> {
+    fn judge(&self, got: Result<Option<Vec<u8>>>, took: Duration) -> Result<bool> {
         let rec = &self.recorded;
         let fingerprint = |i: &RepoInfo| i.encryption.as_ref().map(|e| e.fingerprint.clone());
         let why = match got {
@@ -127,7 +163,11 @@ impl Gate {
             Err(e) => format!("repo.json cannot be read: {e}"),
         };
         let e = self.unreachable(&why);
-        *self.failed.lock() = Some((Instant::now(), why));
+        *self.failed.lock() = Some(Failed {
+            at: Instant::now(),
+            holds: took.max(FAILED_CHECK_HOLDS),
+            why,
+        });
         Err(e)
     }
 
@@ -156,11 +196,13 @@ impl Backend for Unconfirmed {
         let (inner, gate, key) = (self.inner.clone(), self.gate.clone(), key.to_string());
         Box::pin(async move {
             if !gate.confirmed.load(Ordering::Acquire) {
-                if let Some(e) = gate.recent_failure() {
+                if let Some(e) = gate.not_now() {
                     return Err(e);
                 }
+                let started = Instant::now();
                 let info = inner.get_async(INFO_KEY, MAX_META_BYTES).await;
-                if gate.judge(info.map(|o| o.map(|b| b.into_vec())))? {
+                let info = info.map(|o| o.map(|b| b.into_vec()));
+                if gate.judge(info, started.elapsed())? {
                     // Blocking file I/O: not on the engine's runtime.
                     let inner = inner.clone();
                     tokio::task::spawn_blocking(move || inner.keep_space_reserve());
@@ -222,6 +264,15 @@ impl Backend for Unconfirmed {
     fn retries(&self) -> u64 {
         self.inner.retries()
     }
+    fn begin_shutdown(&self) {
+        if !self.gate.stopping.swap(true, Ordering::AcqRel) && !self.confirmed() {
+            tracing::warn!(
+                repo = %self.gate.location,
+                "the repository has not answered as itself since the daemon started without it: nothing more is asked of it while the daemon stops (pins and profiles are not rewritten now; a session's pin is rewritten at the next start or backup check)"
+            );
+        }
+        self.inner.begin_shutdown();
+    }
 }
 
 #[cfg(test)]
@@ -243,8 +294,11 @@ mod tests {
         serde_json::to_vec(&repo_info(id, 2)).unwrap()
     }
 
+    /// A gate whose start failure has passed.
     fn gate_on(dir: &std::path::Path) -> Unconfirmed {
-        Unconfirmed::new(Box::new(LocalDir::new(dir)), &repo_info("aaaa", 2))
+        let g = Unconfirmed::new(Box::new(LocalDir::new(dir)), &repo_info("aaaa", 2));
+        *g.gate.failed.lock() = None;
+        g
     }
 
     #[test]
@@ -271,6 +325,65 @@ mod tests {
         assert!(g.confirmed());
         std::fs::remove_file(d.path().join("repo.json")).unwrap();
         g.put("pins/vm/y.json", b"{}").unwrap();
+    }
+
+    #[test]
+    fn a_gate_made_because_the_store_did_not_answer_the_start_does_not_ask_it_again_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        // The store answers as the repository now: not asked all the same.
+        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
+        let g = Unconfirmed::new(Box::new(LocalDir::new(d.path())), &repo_info("aaaa", 2));
+        let e = g.exists("backups/vm/b.json").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did not answer when the daemon started"),
+            "{e}"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(g.get_async("chunks/ab/abcd", 1 << 20)).is_err());
+        assert!(!g.confirmed());
+        assert!(g.gate.failed.lock().as_ref().unwrap().holds >= START_HOLDS);
+    }
+
+    #[test]
+    fn a_failed_check_holds_as_long_as_it_took() {
+        let d = tempfile::tempdir().unwrap();
+        let g = gate_on(d.path());
+        assert!(g.gate.judge(Ok(None), Duration::from_secs(8)).is_err());
+        assert_eq!(
+            g.gate.failed.lock().as_ref().unwrap().holds,
+            Duration::from_secs(8)
+        );
+        assert!(g.gate.judge(Ok(None), Duration::ZERO).is_err());
+        assert_eq!(
+            g.gate.failed.lock().as_ref().unwrap().holds,
+            FAILED_CHECK_HOLDS
+        );
+    }
+
+    #[test]
+    fn once_the_daemon_stops_an_unconfirmed_store_is_asked_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let g = gate_on(d.path());
+        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
+        g.begin_shutdown();
+        let e = g.put("pins/vm/x.json", b"{}").unwrap_err();
+        assert!(
+            e.to_string().contains("not asked while the daemon stops"),
+            "{e}"
+        );
+        assert!(!d.path().join("pins").exists());
+        assert!(!g.confirmed());
+        // A confirmed one is asked as before.
+        let d2 = tempfile::tempdir().unwrap();
+        std::fs::write(d2.path().join("repo.json"), info("aaaa")).unwrap();
+        let g2 = gate_on(d2.path());
+        g2.put("pins/vm/x.json", b"{}").unwrap();
+        g2.begin_shutdown();
+        g2.put("pins/vm/y.json", b"{}").unwrap();
     }
 
     #[test]
