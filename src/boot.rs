@@ -362,6 +362,47 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Makes the process `c` starts get SIGKILL when this process dies, even
+/// by a `kill -9` or a second SIGINT's `exit` that skip every destructor
+/// ([`KillOnDrop`] included): QEMU must not run on, orphaned, on the
+/// recovered disks (a session nobody can release while they are open, a
+/// throwaway mount that stays) (explore7 M1). SIGKILL, as a timeout stops
+/// QEMU: nobody is left to follow a SIGTERM QEMU does not act on.
+///
+/// The kernel sends the signal when the *thread* that forked the child
+/// ends, not the process. [`boot`] is that thread's caller and returns
+/// only once QEMU is killed and reaped (every path, unwinds included, goes
+/// through [`KillOnDrop`]), so whatever thread runs it outlives its QEMU
+/// unless the whole process dies, which is the case meant.
+fn die_with_this_process(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes two system calls
+    // (prctl, getppid) and may `_exit`; it allocates nothing and takes no
+    // lock (`last_os_error` only reads errno).
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // This process died between the fork and the prctl: no signal
+            // will come, and QEMU must not start.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn boot(
     spec: &QemuSpec,
     watch: &Watch,
@@ -383,11 +424,14 @@ pub fn boot(
         Some(p) => Some(std::fs::File::create(p).ctx(|| format!("create {}", p.display()))?),
         None => None,
     };
+    let mut command = spec.command(&qga);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_this_process(&mut command);
     let mut child = KillOnDrop(
-        spec.command(&qga)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        command
             .spawn()
             .map_err(|e| Error::io("start qemu-system-x86_64 (is QEMU installed?)", e))?,
     );

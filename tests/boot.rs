@@ -405,3 +405,79 @@ fn a_boot_whose_console_reader_goes_away_stops_its_vm() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+/// Whether process `pid` has ended: gone, or a zombie not reaped yet.
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("Z")
+        }
+    }
+}
+
+/// Waits up to `secs` seconds for `pid` to end.
+fn ends_within(pid: u32, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ended(pid) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// The QEMU `parent` starts, once it runs (60 s at most).
+fn wait_for_qemu_of(parent: u32) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(q) = qemu_child_of(parent) {
+            return q;
+        }
+        assert!(std::time::Instant::now() < deadline, "no QEMU started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Kills a QEMU a failed test left running.
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        // SAFETY: a signal to a process this test saw start; ended ones
+        // are not signalled.
+        if !ended(self.0) {
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_kill_9_of_boot_takes_its_qemu_with_it_and_the_disk_can_be_released() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let mut child = Reap(
+        std::process::Command::new(bin())
+            .args(["boot", "--socket", env.socket.to_str().unwrap(), "tiny"])
+            .args(["--quiet", "--marker", "never-printed", "--timeout", "120"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let qemu = KillPid(wait_for_qemu_of(child.0.id()));
+    // `kill -9`: no destructor, no signal handler runs in boot.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert!(
+        ends_within(qemu.0, 5),
+        "QEMU {} runs on, orphaned, after a kill -9 of boot",
+        qemu.0
+    );
+    env.release_closed("tiny", false);
+}
