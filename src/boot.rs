@@ -334,12 +334,11 @@ fn heartbeat(
     }
 }
 
-/// Boots and watches. `on_line` sees every console line; `tick` runs about every 250 ms with the elapsed
-/// time; returning `Some(reason)` aborts the boot.
 /// QEMU, killed and reaped when the boot ends however it ends: an unwind
 /// (a console line printed to a closed pipe, `boot | head`) would
 /// otherwise leave the VM running on the recovered disks, watched by
-/// nothing (review20).
+/// nothing (review20). A signal or `kill -9` that ends the process skips
+/// this: see [`die_with_this_process`].
 struct KillOnDrop(std::process::Child);
 
 impl std::ops::Deref for KillOnDrop {
@@ -403,6 +402,10 @@ fn die_with_this_process(c: &mut Command) {
     }
 }
 
+/// Boots and watches. `on_line` sees every console line; `tick` runs
+/// about every 250 ms with the elapsed time; returning `Some(reason)`
+/// aborts the boot (after the marker: ends the wait for the guest to
+/// power off). QEMU is then killed (SIGKILL), as at the timeout.
 pub fn boot(
     spec: &QemuSpec,
     watch: &Watch,
@@ -524,6 +527,13 @@ pub fn boot(
                 clean_exit = st.success();
                 break;
             }
+            // A stop (a signal) does not wait for the guest either.
+            if last_tick.elapsed() >= Duration::from_millis(250) {
+                last_tick = Instant::now();
+                if tick(start.elapsed()).is_some() {
+                    break;
+                }
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -576,6 +586,45 @@ mod tests {
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains("marker-qga.sock"))
         });
         assert!(!ours, "a QEMU was left running");
+    }
+
+    #[test]
+    fn a_stop_after_the_marker_does_not_wait_for_the_guest_to_power_off() {
+        // A paused QEMU (no guest runs) whose own warning is the marker.
+        let mut spec =
+            QemuSpec::from_config(&serde_json::json!({"memory_mib": 64}), vec![]).unwrap();
+        spec.extra = ["-S", "-cpu", "qemu64,+avx512f"].map(String::from).to_vec();
+        let watch = Watch {
+            marker: "TCG doesn't support requested feature".into(),
+            timeout: Duration::from_secs(60),
+            settle: Duration::from_secs(60),
+            heartbeat: false,
+        };
+        let t = Instant::now();
+        let mut marker_at = None;
+        let r = boot(
+            &spec,
+            &watch,
+            None,
+            |_| {},
+            // The signal comes a second into the wait for the power-off.
+            |elapsed| {
+                let at = *marker_at.get_or_insert(elapsed);
+                (elapsed > at + Duration::from_secs(1)).then(|| "stopped by SIGTERM".to_string())
+            },
+        )
+        .unwrap();
+        assert!(
+            matches!(r.outcome, Outcome::Marker { .. }),
+            "{:?}",
+            r.outcome
+        );
+        assert!(!r.clean_exit);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the stop waited {:?} for a guest that never powers off",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -144,7 +144,7 @@ fn run(
         |_| {},
         |_| {
             if opts.stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return Some("interrupted (SIGINT/SIGTERM)".to_string());
+                return Some("interrupted (SIGINT/SIGTERM/SIGHUP)".to_string());
             }
             // A damaged chunk means the backup cannot be trusted: stop at once.
             session

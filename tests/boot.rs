@@ -481,3 +481,46 @@ fn a_kill_9_of_boot_takes_its_qemu_with_it_and_the_disk_can_be_released() {
     );
     env.release_closed("tiny", false);
 }
+
+#[test]
+fn sigterm_or_sighup_to_boot_stops_its_qemu_as_a_timeout_does_and_says_so() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // SIGHUP: the terminal `boot` ran in was closed.
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+        let mut child = Reap(
+            std::process::Command::new(bin())
+                .args(["boot", "--socket", env.socket.to_str().unwrap(), "tiny"])
+                .args(["--quiet", "--marker", "never-printed", "--timeout", "120"])
+                .env("TMPDIR", &tmp)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let qemu = KillPid(wait_for_qemu_of(child.0.id()));
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.0.id() as i32, sig) };
+        let st = child.0.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        // It exits through its cleanup, not by the signal's default action.
+        assert_eq!(st.code(), Some(1), "{name}: {st}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.contains(&format!(
+                "{name}: the boot of VM tiny was stopped: QEMU was killed"
+            )) && last.contains("`recoverfs release tiny`"),
+            "{name}: {err}"
+        );
+        assert!(ended(qemu.0), "{name}: QEMU {} runs on", qemu.0);
+        // Its scratch directory (the guest agent's socket) is gone.
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{name}: boot left {left:?}");
+        // The session stays, and nothing holds its disk any more.
+        env.release_closed("tiny", false);
+    }
+}
