@@ -524,3 +524,70 @@ fn sigterm_or_sighup_to_boot_stops_its_qemu_as_a_timeout_does_and_says_so() {
         env.release_closed("tiny", false);
     }
 }
+
+#[test]
+fn a_kill_9_of_verify_boot_takes_its_qemu_and_the_next_run_removes_its_dead_mount_and_staging() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let _detach = DetachUnder(tmp.clone());
+    let verify = |timeout: &str| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["verify-boot", "--repo", env.repo_str(), "tiny"])
+            .args(["--marker", "never-printed", "--timeout", timeout])
+            .env("TMPDIR", &tmp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let mut child = Reap(verify("120").spawn().unwrap());
+    let qemu = KillPid(wait_for_qemu_of(child.0.id()));
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert!(
+        ends_within(qemu.0, 5),
+        "QEMU {} runs on after a kill -9 of verify-boot",
+        qemu.0
+    );
+    // It left its dead mount, its staging and the boot's directory.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(mounts.contains(tmp.to_str().unwrap()), "{mounts}");
+    let mut left: Vec<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert!(
+        left.len() == 2
+            && left[0].starts_with("recoverfs-boot-")
+            && left[1].starts_with("recoverfs-verify-"),
+        "{left:?}"
+    );
+    // The next run removes them (and its own), saying so.
+    let o = verify("1").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("left by a recoverfs run that died without its cleanup")
+            .count(),
+        2,
+        "{err}"
+    );
+    assert_verify_boot_left_nothing_in(&tmp);
+}
+
+/// Detaches what a failed test left mounted under a directory.
+struct DetachUnder(std::path::PathBuf);
+
+impl Drop for DetachUnder {
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for point in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if std::path::Path::new(point).starts_with(&self.0) {
+                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
