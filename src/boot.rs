@@ -461,12 +461,11 @@ fn heartbeat(
     }
 }
 
-/// Boots and watches. `on_line` sees every console line; `tick` runs about every 250 ms with the elapsed
-/// time; returning `Some(reason)` aborts the boot.
 /// QEMU, killed and reaped when the boot ends however it ends: an unwind
 /// (a console line printed to a closed pipe, `boot | head`) would
 /// otherwise leave the VM running on the recovered disks, watched by
-/// nothing (review20).
+/// nothing (review20). A signal or `kill -9` that ends the process skips
+/// this: see [`die_with_this_process`].
 struct KillOnDrop(std::process::Child);
 
 impl std::ops::Deref for KillOnDrop {
@@ -489,6 +488,191 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The kinds of scratch directory `boot` and `verify-boot` make in the
+/// temporary directory: `recoverfs-KIND-XXXXXX`.
+const SCRATCH_KINDS: [&str; 2] = ["boot", "verify"];
+
+/// The file in a scratch directory naming the process that made it.
+const SCRATCH_OWNER: &str = "owner.json";
+
+/// A new scratch directory `recoverfs-KIND-XXXXXX` in the temporary
+/// directory, removed when dropped. Its `owner.json` names this process
+/// (host, boot, pid namespace, pid, start time, as a repository lock
+/// does), so that once a `kill -9` or a crash left it behind,
+/// [`remove_stale_scratch`] can prove its owner dead.
+pub(crate) fn scratch_dir(kind: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("recoverfs-{kind}-"))
+        .tempdir()
+        .ctx(|| "create a scratch directory".into())?;
+    let owner = dir.path().join(SCRATCH_OWNER);
+    let doc = serde_json::to_vec(&crate::repo::locks::this_process())
+        .map_err(|e| Error::io("encode the scratch directory's owner", e.into()))?;
+    std::fs::write(&owner, doc).ctx(|| format!("write {}", owner.display()))?;
+    Ok(dir)
+}
+
+/// Why the run that made scratch directory `dir` is known dead: its
+/// `owner.json` names a process of this host, boot and pid namespace that
+/// is gone. `None` when that cannot be proven (no or an unreadable owner
+/// file: an older run, or one that just made the directory).
+fn dead_scratch_owner(dir: &Path) -> Option<String> {
+    let owner = dir.join(SCRATCH_OWNER);
+    if !std::fs::symlink_metadata(&owner).ok()?.is_file() {
+        return None;
+    }
+    let o: crate::repo::locks::Owner = serde_json::from_slice(&std::fs::read(&owner).ok()?).ok()?;
+    crate::repo::locks::dead_process(&o)
+}
+
+/// Removes the scratch directories in `tmp` that `boot` and `verify-boot`
+/// runs left when they died without their cleanup (`kill -9`, a crash):
+/// only directories of this user whose owner file (see [`scratch_dir`])
+/// names a process proven dead. A dead FUSE mount of a `verify-boot` in
+/// one is detached first (its server was that process); a directory with
+/// any other mount under it is left alone, as is one without an owner
+/// file (older runs). Returns the directories removed; the rest is logged.
+pub(crate) fn remove_stale_scratch(tmp: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(tmp) = std::fs::canonicalize(tmp) else {
+        return vec![];
+    };
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return vec![];
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut removed = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let ours = name.to_str().is_some_and(|n| {
+            SCRATCH_KINDS
+                .iter()
+                .any(|k| n.starts_with(&format!("recoverfs-{k}-")))
+        });
+        if !ours {
+            continue;
+        }
+        let dir = tmp.join(&name);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() && m.uid() == euid => {}
+            _ => continue,
+        }
+        let Some(why) = dead_scratch_owner(&dir) else {
+            continue;
+        };
+        if !detach_dead_mounts(&dir) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::warn!(
+                    "removed {}, left by a recoverfs run that died without its cleanup ({why})",
+                    dir.display()
+                );
+                removed.push(dir);
+            }
+            // Another run removed it first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "cannot remove {}, left by a recoverfs run that died ({why}): {e}",
+                dir.display()
+            ),
+        }
+    }
+    removed
+}
+
+/// Detaches the recoverfs FUSE mounts under `dir`, a dead run's scratch
+/// directory (their server was that run). False if a mount stays under
+/// it: nothing is removed through a mount.
+fn detach_dead_mounts(dir: &Path) -> bool {
+    use crate::util::mountinfo;
+    let under = || -> Vec<mountinfo::Mount> {
+        mountinfo::current()
+            .into_iter()
+            .filter(|m| m.point.starts_with(dir))
+            .collect()
+    };
+    // The last mounted first.
+    for m in under().iter().rev() {
+        if !m.is_recoverfs() {
+            tracing::warn!(
+                "{} is left: a {} file system is mounted at {}",
+                dir.display(),
+                m.fs_type,
+                m.point.display()
+            );
+            return false;
+        }
+        if nix::mount::umount2(&m.point, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            // Not root: the mount was fusermount3's.
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&m.point)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let left = under();
+    if let Some(m) = left.first() {
+        tracing::warn!(
+            "{} is left: the dead mount at {} cannot be detached (`fusermount3 -u -z {}`)",
+            dir.display(),
+            m.point.display(),
+            m.point.display()
+        );
+        return false;
+    }
+    true
+}
+
+/// Makes the process `c` starts get SIGKILL when this process dies, even
+/// by a `kill -9` or a second SIGINT's `exit` that skip every destructor
+/// ([`KillOnDrop`] included): QEMU must not run on, orphaned, on the
+/// recovered disks (a session nobody can release while they are open, a
+/// throwaway mount that stays) (explore7 M1). SIGKILL, as a timeout stops
+/// QEMU: nobody is left to follow a SIGTERM QEMU does not act on.
+///
+/// The kernel sends the signal when the *thread* that forked the child
+/// ends, not the process. [`boot`] is that thread's caller and returns
+/// only once QEMU is killed and reaped (every path, unwinds included, goes
+/// through [`KillOnDrop`]), so whatever thread runs it outlives its QEMU
+/// unless the whole process dies, which is the case meant.
+fn die_with_this_process(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes two system calls
+    // (prctl, getppid) and may `_exit`; it allocates nothing and takes no
+    // lock (`last_os_error` only reads errno).
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // This process died between the fork and the prctl: no signal
+            // will come, and QEMU must not start.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Boots and watches. `on_line` sees every console line; `tick` runs
+/// about every 250 ms with the elapsed time; returning `Some(reason)`
+/// aborts the boot (after the marker: ends the wait for the guest to
+/// power off). QEMU is then killed (SIGKILL), as at the timeout.
 pub fn boot(
     spec: &QemuSpec,
     watch: &Watch,
@@ -497,10 +681,7 @@ pub fn boot(
     mut tick: impl FnMut(Duration) -> Option<String>,
 ) -> Result<BootReport> {
     // Every VM gets a guest-agent channel: here, or in a scratch directory.
-    let scratch = tempfile::Builder::new()
-        .prefix("recoverfs-boot-")
-        .tempdir()
-        .ctx(|| "create a scratch directory".into())?;
+    let scratch = scratch_dir("boot")?;
     let qga = spec
         .qga
         .clone()
@@ -510,11 +691,14 @@ pub fn boot(
         Some(p) => Some(std::fs::File::create(p).ctx(|| format!("create {}", p.display()))?),
         None => None,
     };
+    let mut command = spec.command(&qga);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_this_process(&mut command);
     let mut child = KillOnDrop(
-        spec.command(&qga)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        command
             .spawn()
             .map_err(|e| Error::io("start qemu-system-x86_64 (is QEMU installed?)", e))?,
     );
@@ -607,6 +791,13 @@ pub fn boot(
                 clean_exit = st.success();
                 break;
             }
+            // A stop (a signal) does not wait for the guest either.
+            if last_tick.elapsed() >= Duration::from_millis(250) {
+                last_tick = Instant::now();
+                if tick(start.elapsed()).is_some() {
+                    break;
+                }
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -660,6 +851,149 @@ mod tests {
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains("marker-qga.sock"))
         });
         assert!(!ours, "a QEMU was left running");
+    }
+
+    #[test]
+    fn only_scratch_directories_whose_owner_is_proven_dead_are_removed() {
+        use crate::repo::locks::{this_process, Owner};
+        let tmp = tempfile::tempdir().unwrap();
+        let me = this_process();
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let make = |name: &str, owner: Option<&Owner>| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir_all(d.join("staging/vm")).unwrap();
+            std::fs::write(d.join("staging/vm/disk0.raw"), b"x").unwrap();
+            if let Some(o) = owner {
+                std::fs::write(d.join(SCRATCH_OWNER), serde_json::to_vec(o).unwrap()).unwrap();
+            }
+            d
+        };
+        let dead = Owner {
+            pid: dead_pid,
+            ..me.clone()
+        };
+        let reused = Owner {
+            start_time: me.start_time.map(|t| t + 1),
+            ..me.clone()
+        };
+        let elsewhere = Owner {
+            host: "another-host".into(),
+            ..dead.clone()
+        };
+        let gone = [
+            make("recoverfs-verify-dead01", Some(&dead)),
+            make("recoverfs-boot-dead02", Some(&dead)),
+            // This pid, now another program than the run that made it.
+            make("recoverfs-verify-reuse", Some(&reused)),
+        ];
+        let kept = [
+            // A live run's: this process.
+            make("recoverfs-verify-live01", Some(&me)),
+            make("recoverfs-boot-live02", Some(&me)),
+            // No owner recorded (an older run, or one being made).
+            make("recoverfs-verify-old001", None),
+            // Another host's (a shared /tmp): not provably dead.
+            make("recoverfs-verify-other", Some(&elsewhere)),
+            // Not a scratch directory of boot or verify-boot.
+            make("recoverfs-e2e-dead03", Some(&dead)),
+            make("mine-dead04", Some(&dead)),
+        ];
+        // Another user's (only root can make one).
+        let theirs = make("recoverfs-verify-theirs", Some(&dead));
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&theirs, Some(1), None).unwrap();
+        } else {
+            std::fs::remove_dir_all(&theirs).unwrap();
+            make("recoverfs-verify-theirs", Some(&me));
+        }
+        // A symbolic link to a dead run's directory is not followed.
+        let target = make("elsewhere", Some(&dead));
+        std::os::unix::fs::symlink(&target, tmp.path().join("recoverfs-verify-link")).unwrap();
+        let mut removed = remove_stale_scratch(tmp.path());
+        removed.sort();
+        let canon = |p: &Path| {
+            std::fs::canonicalize(p.parent().unwrap())
+                .unwrap()
+                .join(p.file_name().unwrap())
+        };
+        let mut want: Vec<PathBuf> = gone.iter().map(|p| canon(p)).collect();
+        want.sort();
+        assert_eq!(removed, want);
+        for d in &gone {
+            assert!(!d.exists(), "{} stays", d.display());
+        }
+        for d in kept.iter().chain([&target, &theirs]) {
+            assert!(
+                d.join("staging/vm/disk0.raw").exists(),
+                "{} was touched",
+                d.display()
+            );
+        }
+        assert!(tmp
+            .path()
+            .join("recoverfs-verify-link")
+            .symlink_metadata()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_scratch_directory_names_its_owner_and_is_removed_when_dropped() {
+        let d = scratch_dir("boot").unwrap();
+        let path = d.path().to_path_buf();
+        assert!(path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("recoverfs-boot-"));
+        let o: crate::repo::locks::Owner =
+            serde_json::from_slice(&std::fs::read(path.join(SCRATCH_OWNER)).unwrap()).unwrap();
+        assert_eq!(o, crate::repo::locks::this_process());
+        // Alive: never another run's to remove.
+        assert_eq!(dead_scratch_owner(&path), None);
+        drop(d);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_stop_after_the_marker_does_not_wait_for_the_guest_to_power_off() {
+        // A paused QEMU (no guest runs) whose own warning is the marker.
+        let mut spec =
+            QemuSpec::from_config(&serde_json::json!({"memory_mib": 64}), vec![]).unwrap();
+        spec.extra = ["-S", "-cpu", "qemu64,+avx512f"].map(String::from).to_vec();
+        let watch = Watch {
+            marker: "TCG doesn't support requested feature".into(),
+            timeout: Duration::from_secs(60),
+            settle: Duration::from_secs(60),
+            heartbeat: false,
+        };
+        let t = Instant::now();
+        let mut marker_at = None;
+        let r = boot(
+            &spec,
+            &watch,
+            None,
+            |_| {},
+            // The signal comes a second into the wait for the power-off.
+            |elapsed| {
+                let at = *marker_at.get_or_insert(elapsed);
+                (elapsed > at + Duration::from_secs(1)).then(|| "stopped by SIGTERM".to_string())
+            },
+        )
+        .unwrap();
+        assert!(
+            matches!(r.outcome, Outcome::Marker { .. }),
+            "{:?}",
+            r.outcome
+        );
+        assert!(!r.clean_exit);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the stop waited {:?} for a guest that never powers off",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -64,12 +64,10 @@ pub fn verify_boot(opts: VerifyBootOptions) -> Result<VerifyBootReport> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "login:".into());
-    let scratch = Scratch(
-        tempfile::Builder::new()
-            .prefix("recoverfs-verify-")
-            .tempdir()
-            .ctx(|| "create scratch directory".into())?,
-    );
+    // What killed runs left (their QEMU died with them): a dead mount,
+    // its staging, the boot's socket directory.
+    crate::boot::remove_stale_scratch(&std::env::temp_dir());
+    let scratch = Scratch(crate::boot::scratch_dir("verify")?);
     let mnt = scratch.0.path().join("mnt");
     std::fs::create_dir(&mnt).ctx(|| format!("create {}", mnt.display()))?;
     let mnt = check_mount_point(&mnt)?;
@@ -144,7 +142,7 @@ fn run(
         |_| {},
         |_| {
             if opts.stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return Some("interrupted (SIGINT/SIGTERM)".to_string());
+                return Some("interrupted (SIGINT/SIGTERM/SIGHUP)".to_string());
             }
             // A damaged chunk means the backup cannot be trusted: stop at once.
             session

@@ -405,3 +405,189 @@ fn a_boot_whose_console_reader_goes_away_stops_its_vm() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+/// Whether process `pid` has ended: gone, or a zombie not reaped yet.
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("Z")
+        }
+    }
+}
+
+/// Waits up to `secs` seconds for `pid` to end.
+fn ends_within(pid: u32, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ended(pid) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// The QEMU `parent` starts, once it runs (60 s at most).
+fn wait_for_qemu_of(parent: u32) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(q) = qemu_child_of(parent) {
+            return q;
+        }
+        assert!(std::time::Instant::now() < deadline, "no QEMU started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Kills a QEMU a failed test left running.
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        // SAFETY: a signal to a process this test saw start; ended ones
+        // are not signalled.
+        if !ended(self.0) {
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_kill_9_of_boot_takes_its_qemu_with_it_and_the_disk_can_be_released() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let mut child = Reap(
+        std::process::Command::new(bin())
+            .args(["boot", "--socket", env.socket.to_str().unwrap(), "tiny"])
+            .args(["--quiet", "--marker", "never-printed", "--timeout", "120"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let qemu = KillPid(wait_for_qemu_of(child.0.id()));
+    // `kill -9`: no destructor, no signal handler runs in boot.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert!(
+        ends_within(qemu.0, 5),
+        "QEMU {} runs on, orphaned, after a kill -9 of boot",
+        qemu.0
+    );
+    env.release_closed("tiny", false);
+}
+
+#[test]
+fn sigterm_or_sighup_to_boot_stops_its_qemu_as_a_timeout_does_and_says_so() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let _d = env.serve();
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // SIGHUP: the terminal `boot` ran in was closed.
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
+        let mut child = Reap(
+            std::process::Command::new(bin())
+                .args(["boot", "--socket", env.socket.to_str().unwrap(), "tiny"])
+                .args(["--quiet", "--marker", "never-printed", "--timeout", "120"])
+                .env("TMPDIR", &tmp)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let qemu = KillPid(wait_for_qemu_of(child.0.id()));
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.0.id() as i32, sig) };
+        let st = child.0.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        // It exits through its cleanup, not by the signal's default action.
+        assert_eq!(st.code(), Some(1), "{name}: {st}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.contains(&format!(
+                "{name}: the boot of VM tiny was stopped: QEMU was killed"
+            )) && last.contains("`recoverfs release tiny`"),
+            "{name}: {err}"
+        );
+        assert!(ended(qemu.0), "{name}: QEMU {} runs on", qemu.0);
+        // Its scratch directory (the guest agent's socket) is gone.
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{name}: boot left {left:?}");
+        // The session stays, and nothing holds its disk any more.
+        env.release_closed("tiny", false);
+    }
+}
+
+#[test]
+fn a_kill_9_of_verify_boot_takes_its_qemu_and_the_next_run_removes_its_dead_mount_and_staging() {
+    let env = Env::new();
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let _detach = DetachUnder(tmp.clone());
+    let verify = |timeout: &str| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["verify-boot", "--repo", env.repo_str(), "tiny"])
+            .args(["--marker", "never-printed", "--timeout", timeout])
+            .env("TMPDIR", &tmp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let mut child = Reap(verify("120").spawn().unwrap());
+    let qemu = KillPid(wait_for_qemu_of(child.0.id()));
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert!(
+        ends_within(qemu.0, 5),
+        "QEMU {} runs on after a kill -9 of verify-boot",
+        qemu.0
+    );
+    // It left its dead mount, its staging and the boot's directory.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(mounts.contains(tmp.to_str().unwrap()), "{mounts}");
+    let mut left: Vec<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert!(
+        left.len() == 2
+            && left[0].starts_with("recoverfs-boot-")
+            && left[1].starts_with("recoverfs-verify-"),
+        "{left:?}"
+    );
+    // The next run removes them (and its own), saying so.
+    let o = verify("1").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("left by a recoverfs run that died without its cleanup")
+            .count(),
+        2,
+        "{err}"
+    );
+    assert_verify_boot_left_nothing_in(&tmp);
+}
+
+/// Detaches what a failed test left mounted under a directory.
+struct DetachUnder(std::path::PathBuf);
+
+impl Drop for DetachUnder {
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        for point in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if std::path::Path::new(point).starts_with(&self.0) {
+                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}

@@ -123,6 +123,9 @@ pub struct BootArgs {
     pub quiet: bool,
     pub qmp: Option<PathBuf>,
     pub qga: Option<PathBuf>,
+    /// Set by SIGINT, SIGTERM or SIGHUP: QEMU is stopped as at the
+    /// timeout, and the boot fails saying so.
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
@@ -136,6 +139,7 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
         quiet,
         qmp,
         qga,
+        stop,
     } = a;
     let vm = vm.as_str();
     crate::util::validate_name("VM name", vm)?;
@@ -196,6 +200,9 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
             }
         },
         |elapsed| {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Some(format!("stopped by {}", super::stopped_by()));
+            }
             if let Ok(st) = client.get(&path) {
                 if tty {
                     eprint!("\r\x1b[2K{}", progress_line(&st, elapsed));
@@ -210,6 +217,14 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
     )?;
     if tty {
         eprintln!();
+    }
+    // QEMU is stopped and reaped; the recovery is the daemon's and stays.
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::interrupted(format!(
+            "{}: the boot of VM {vm} was stopped: QEMU was killed, as at --timeout; the VM \
+             stays recovered (`recoverfs release {vm}` ends it)",
+            super::stopped_by()
+        )));
     }
     let st = client.get(&path)?;
     let disks = st["disks"].as_array().cloned().unwrap_or_default();

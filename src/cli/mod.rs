@@ -360,20 +360,31 @@ pub fn run(cli: Cli) -> Result<()> {
             quiet,
             qmp,
             qga,
-        } => boot::boot_session(
-            &client(&socket),
-            boot::BootArgs {
-                vm,
-                backup,
-                via,
-                marker,
-                timeout: Duration::from_secs(timeout),
-                console,
-                quiet,
-                qmp,
-                qga,
-            },
-        ),
+        } => {
+            // Before any thread starts: they inherit the blocked signals.
+            // The boot's last line says what a signal did.
+            let stop = Arc::new(AtomicBool::new(false));
+            stop_on_signals_and_hangup(
+                &stop,
+                "",
+                "QEMU is killed with this process; the VM stays recovered",
+            )?;
+            boot::boot_session(
+                &client(&socket),
+                boot::BootArgs {
+                    vm,
+                    backup,
+                    via,
+                    marker,
+                    timeout: Duration::from_secs(timeout),
+                    console,
+                    quiet,
+                    qmp,
+                    qga,
+                    stop,
+                },
+            )
+        }
         Command::VerifyBoot {
             repo,
             vm,
@@ -384,7 +395,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             // Before any thread starts: they inherit the blocked signals.
             let stop = Arc::new(AtomicBool::new(false));
-            stop_on_signals(
+            stop_on_signals_and_hangup(
                 &stop,
                 "stopping QEMU, unmounting and removing the scratch staging",
                 "the scratch mount and staging in the temporary directory may be left",
@@ -451,10 +462,39 @@ pub(crate) fn stopped_by() -> &'static str {
 /// own last line will, its cleanup being quick). A second signal exits
 /// at once (`left` says what may stay).
 pub(crate) fn stop_on_signals(stop: &Arc<AtomicBool>, then: &str, left: &str) -> Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signal::Signal;
+    stop_on(&[Signal::SIGINT, Signal::SIGTERM], stop, then, left)
+}
+
+/// [`stop_on_signals`], and SIGHUP too: the terminal of a command that
+/// runs a VM (`boot`, `verify-boot`) was closed. Its default action would
+/// end the process on the spot, skipping the cleanup.
+pub(crate) fn stop_on_signals_and_hangup(
+    stop: &Arc<AtomicBool>,
+    then: &str,
+    left: &str,
+) -> Result<()> {
+    use nix::sys::signal::Signal;
+    stop_on(
+        &[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP],
+        stop,
+        then,
+        left,
+    )
+}
+
+/// [`stop_on_signals`] for `signals`.
+fn stop_on(
+    signals: &[nix::sys::signal::Signal],
+    stop: &Arc<AtomicBool>,
+    then: &str,
+    left: &str,
+) -> Result<()> {
+    use nix::sys::signal::SigSet;
     let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
+    for s in signals {
+        set.add(*s);
+    }
     set.thread_block()
         .map_err(|e| Error::io("block signals", e.into()))?;
     let (stop, then, left) = (stop.clone(), then.to_string(), left.to_string());
