@@ -127,7 +127,9 @@ def fs_of(path):
     """The filesystem type and device a path lives on, for the report."""
     r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", path],
                        capture_output=True, text=True, check=True)
-    return " ".join(r.stdout.split("\n")[0].split())
+    fstype, *source = r.stdout.split("\n")[0].split()
+    # A RAM file system's source is its type again ("tmpfs tmpfs").
+    return " ".join([fstype] + [x for x in source if x != fstype])
 
 
 def relocation_of(sock):
@@ -345,7 +347,9 @@ def main():
             f"the two targets goes first alternating), to {res['separate_primary_fs']}: this machine has one "
             f"disk, so a RAM file system stands in for primary storage on a device of its own. The repository's "
             f"device then serves reads only, as it does where primary storage is another array, and the ratio "
-            f"is the copier's own overhead against `verify` without the two competing for one device.\n")
+            f"is the copier's own overhead against `verify` without the two competing for one device. A ratio "
+            f"above 1 says the copier, with many reads in flight, read the repository faster than `verify`'s "
+            f"threads did.\n")
     valid = [p for p in res["segments"] if p["valid"]]
     for k in ("read_p99_us", "write_p99_us", "read_p50_us", "write_p50_us"):
         res[f"pair_ratio_{k}"] = spread([p[f"ratio_{k}"] for p in valid])
