@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -696,10 +696,11 @@ fn a_relocation_resumed_over_a_re_created_tmpfs_target_copies_the_disk_again() {
         assert!(Instant::now() < deadline, "no progress");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let dev = std::fs::metadata(&primary).unwrap().dev();
     d.kill9();
     std::mem::forget(d);
     drop(fs);
-    let _fs = Tmpfs::mount(&primary, "128M");
+    let (_fs, _held) = remount_on_device(&env, &primary, dev);
     std::fs::create_dir(primary.join("vm")).unwrap();
     let f = std::fs::File::create(primary.join("vm/disk0.raw")).unwrap();
     f.set_len(data.len() as u64).unwrap();
@@ -715,6 +716,27 @@ fn a_relocation_resumed_over_a_re_created_tmpfs_target_copies_the_disk_again() {
     // At the recorded 1 MB/s: about 16 s.
     wait_state(&env, "vm", "done", Duration::from_secs(120));
     assert!(read_all(&primary.join("vm/disk0.raw")) == data);
+}
+
+/// A tmpfs mounted again at `dir` with device number `dev`, the one the
+/// unmounted tmpfs there had, and the tmpfs mounts that took lower free
+/// numbers meanwhile (held until the test ends). The kernel gives a new
+/// tmpfs the lowest free anonymous device number, so the same one only if
+/// no other mount (another test's tmpfs or FUSE mount in this binary) freed
+/// a lower one in between: those are taken by placeholders until `dir`'s
+/// turn comes.
+fn remount_on_device(env: &Env, dir: &Path, dev: u64) -> (Tmpfs, Vec<Tmpfs>) {
+    let mut held = vec![];
+    for k in 0..64 {
+        let fs = Tmpfs::mount(dir, "128M");
+        let got = std::fs::metadata(dir).unwrap().dev();
+        if got == dev {
+            return (fs, held);
+        }
+        drop(fs);
+        held.push(Tmpfs::mount(&env.path(&format!("hold{k}")), "1M"));
+    }
+    panic!("no tmpfs got device {dev:#x} again: another mount holds it");
 }
 
 /// Primary storage fills up mid-copy (something else writes there): the
