@@ -366,7 +366,7 @@ impl ChunkSink {
                 let from_buf = len.min(buf.len());
                 buf.truncate(buf.len() - from_buf);
                 src.skip_zeros((len - from_buf) as u64);
-                self.put(repo, &vec![0u8; len], &mut out)?;
+                self.put_zeros(repo, len, &mut out)?;
                 continue;
             }
             while !eof && buf.len() < max {
@@ -401,16 +401,40 @@ impl ChunkSink {
 
     /// Stores (or references) one chunk.
     fn put(&mut self, repo: &Repository, data: &[u8], out: &mut Vec<ChunkRef>) -> Result<()> {
-        let digest = if data.iter().all(|&b| b == 0) {
-            *self
-                .zero_ids
-                .entry(data.len())
-                .or_insert_with(|| repo.chunk_id(data))
-        } else {
-            repo.chunk_id(data)
+        let digest = match data.iter().all(|&b| b == 0) {
+            true => self.zero_id(repo, data.len()),
+            false => repo.chunk_id(data),
         };
+        self.record(repo, digest, data.len(), || data.into(), out)
+    }
+
+    /// Stores (or references) a chunk of `len` zeros: a hole's bytes are
+    /// made only to hash them once per length and to store them once.
+    fn put_zeros(&mut self, repo: &Repository, len: usize, out: &mut Vec<ChunkRef>) -> Result<()> {
+        let digest = self.zero_id(repo, len);
+        self.record(repo, digest, len, || vec![0u8; len].into(), out)
+    }
+
+    /// The id of a chunk of `len` zeros (hashed once per length).
+    fn zero_id(&mut self, repo: &Repository, len: usize) -> Digest {
+        *self
+            .zero_ids
+            .entry(len)
+            .or_insert_with(|| repo.chunk_id(&vec![0u8; len]))
+    }
+
+    /// References chunk `digest` of `len` bytes, storing `data()` first
+    /// if this catalog has not met it yet.
+    fn record<'a>(
+        &mut self,
+        repo: &Repository,
+        digest: Digest,
+        len: usize,
+        data: impl FnOnce() -> std::borrow::Cow<'a, [u8]>,
+        out: &mut Vec<ChunkRef>,
+    ) -> Result<()> {
         if !self.sizes.contains_key(&digest) {
-            let new = repo.put_chunk(&digest, data)?;
+            let new = repo.put_chunk(&digest, &data())?;
             let size = if new > 0 {
                 self.new_bytes += new;
                 self.new_chunks += 1;
@@ -420,10 +444,10 @@ impl ChunkSink {
             };
             self.sizes.insert(digest, size);
         }
-        self.file_bytes += data.len() as u64;
+        self.file_bytes += len as u64;
         out.push(ChunkRef {
             digest,
-            len: data.len() as u32,
+            len: len as u32,
         });
         Ok(())
     }
