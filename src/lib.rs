@@ -120,7 +120,7 @@
 //!   the same way under `"catalog"` (in an encrypted repository encrypted
 //!   whole instead: `{"aead", "catalog": base64}`): `{format, vm, id, created, source:
 //!   {agent_version, paths, hooks}, entries: [{path, kind, mode, uid, gid,
-//!   mtime, mtime_nsec, size, target, chunks: [{digest, len}]}],
+//!   mtime, mtime_nsec, size, target, chunks: [{digest, len, repeat}]}],
 //!   file_bytes, stored_bytes, new_bytes}`; file contents are
 //!   content-defined chunks (FastCDC) in the same `chunks/`. Created only
 //!   if absent, after every chunk it names and after the agent container

@@ -117,12 +117,20 @@ pub(crate) fn send(
             w.header(e).map_err(io)?;
         }
         if e.kind == EntryKind::File {
-            for (i, ch) in e.chunks.iter().enumerate() {
+            let mut i = 0u64;
+            for ch in &e.chunks {
                 let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
                 let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
+                i += ch.repeat;
                 if holes && data.iter().all(|&b| b == 0) {
-                    w.hole(data.len() as u64).map_err(io)?;
-                } else {
+                    // A run of zero chunks is one hole frame's worth.
+                    let bytes = ch
+                        .run_bytes()
+                        .ok_or_else(|| Error::corrupt("a run too long"))?;
+                    w.hole(bytes).map_err(io)?;
+                    continue;
+                }
+                for _ in 0..ch.repeat {
                     w.data(&data).map_err(io)?;
                 }
             }

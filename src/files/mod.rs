@@ -87,16 +87,23 @@ pub fn cat(
     if e.kind != EntryKind::File {
         return Err(Error::invalid(format!("{} is not a regular file", e.path)));
     }
-    let mut done = 0u64;
-    for (i, ch) in e.chunks.iter().enumerate() {
+    let (mut done, mut i) = (0u64, 0u64);
+    for ch in &e.chunks {
         if stop.load(Ordering::SeqCst) {
             return Err(copied_part(done, e));
         }
         let what = format!("{}/{} {} chunk {i}", c.vm, c.id, e.path);
+        // A run (a sparse file's hole) is read and checked once.
         let (data, _) = repo.read_chunk(&ch.digest, ch.len as usize, &what)?;
-        out.write_all(&data)
-            .ctx(|| "write the file's content".into())?;
-        done += data.len() as u64;
+        for _ in 0..ch.repeat {
+            if stop.load(Ordering::SeqCst) {
+                return Err(copied_part(done, e));
+            }
+            out.write_all(&data)
+                .ctx(|| "write the file's content".into())?;
+            done += data.len() as u64;
+        }
+        i += ch.repeat;
     }
     Ok(())
 }

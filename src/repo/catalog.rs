@@ -4,9 +4,14 @@
 //! `files/<vm>/<id>.json` holds `{"checksum": blake3(body), "catalog":
 //! {format, vm, id, created, created_unix, source, entries: [{path, kind,
 //! mode, uid, gid, mtime, mtime_nsec, size, target, chunks: [{digest,
-//! len}], inode: {dev, ino, nlink}}], file_bytes, stored_bytes,
+//! len, repeat}], inode: {dev, ino, nlink}}], file_bytes, stored_bytes,
 //! new_bytes}}` (`inode` only for a file with several links, since
-//! 2026-11-24: older readers pass over it). File contents are cut
+//! 2026-11-24: older readers pass over it). `repeat` (absent: once) says
+//! a chunk follows itself that many times: a sparse file's hole is a run
+//! of one zero chunk, so a 10 TiB hole takes one reference, not 20
+//! million. A catalog with a run is written as format 2, which a reader
+//! from before runs refuses as an unknown format (it would otherwise
+//! take the file to be short); one without stays format 1. File contents are cut
 //! into content-defined chunks (so an edit in the middle of a file changes
 //! only the chunks around it) and stored in the same deduplicated chunk
 //! store as disk chunks (ids keyed, chunks encrypted, in an encrypted
@@ -32,6 +37,8 @@ use crate::error::{Error, Result};
 use crate::util::{rfc3339, validate_name};
 
 pub const CATALOG_FORMAT: u32 = 1;
+/// The format of a catalog with a chunk run (`repeat` over 1).
+pub const CATALOG_FORMAT_RUNS: u32 = 2;
 /// A catalog document (one JSON entry per file).
 pub const MAX_CATALOG_BYTES: u64 = 1 << 30;
 /// Entries of one catalog.
@@ -95,6 +102,24 @@ pub enum EntryKind {
 pub struct ChunkRef {
     pub digest: Digest,
     pub len: u32,
+    /// How many times in a row the file has this chunk (at least 1).
+    #[serde(default = "once", skip_serializing_if = "is_once")]
+    pub repeat: u64,
+}
+
+fn once() -> u64 {
+    1
+}
+
+fn is_once(n: &u64) -> bool {
+    *n == 1
+}
+
+impl ChunkRef {
+    /// The bytes of the whole run, `None` if that overflows.
+    pub fn run_bytes(&self) -> Option<u64> {
+        (self.len as u64).checked_mul(self.repeat)
+    }
 }
 
 /// One file, directory or symbolic link as the guest had it.
@@ -157,13 +182,14 @@ impl Entry {
     /// before it is used to name or write a file.
     pub fn check(&self) -> Result<()> {
         self.check_header()?;
-        let sum: u64 = self.chunks.iter().map(|c| c.len as u64).sum();
+        let sum = (self.chunks.iter()).try_fold(0u64, |sum, c| sum.checked_add(c.run_bytes()?));
         let ok = match self.kind {
-            EntryKind::File => sum == self.size,
+            EntryKind::File => sum == Some(self.size),
             EntryKind::Dir => self.chunks.is_empty(),
             EntryKind::Symlink => self.chunks.is_empty() && self.target.is_some(),
         };
-        if !ok || self.chunks.iter().any(|c| c.len == 0 || c.len > CDC_MAX) {
+        let bad = |c: &ChunkRef| c.len == 0 || c.len > CDC_MAX || c.repeat == 0;
+        if !ok || self.chunks.iter().any(bad) {
             return Err(Error::corrupt(format!(
                 "{:?}: size and content do not match",
                 self.path
@@ -245,10 +271,17 @@ impl Catalog {
 
     fn checked(self, what: &str) -> Result<Catalog> {
         let c = self;
-        if c.format != CATALOG_FORMAT {
+        if c.format != CATALOG_FORMAT && c.format != CATALOG_FORMAT_RUNS {
             return Err(Error::corrupt(format!(
                 "catalog {what} has unknown format {}",
                 c.format
+            )));
+        }
+        if c.format != c.needed_format() {
+            return Err(Error::corrupt(format!(
+                "catalog {what} is format {} but {} chunk runs",
+                c.format,
+                if c.has_runs() { "has" } else { "has no" }
             )));
         }
         if c.entries.len() > MAX_ENTRIES {
@@ -274,6 +307,18 @@ impl Catalog {
         self.entries
             .iter()
             .filter(move |e| e.path == path || e.path.starts_with(&prefix))
+    }
+
+    fn has_runs(&self) -> bool {
+        (self.entries.iter()).any(|e| e.chunks.iter().any(|c| c.repeat != 1))
+    }
+
+    /// The oldest format that can say what this catalog says.
+    fn needed_format(&self) -> u32 {
+        match self.has_runs() {
+            true => CATALOG_FORMAT_RUNS,
+            false => CATALOG_FORMAT,
+        }
     }
 
     pub fn find(&self, path: &str) -> Option<&Entry> {
@@ -445,10 +490,14 @@ impl ChunkSink {
             self.sizes.insert(digest, size);
         }
         self.file_bytes += len as u64;
-        out.push(ChunkRef {
-            digest,
-            len: len as u32,
-        });
+        match out.last_mut() {
+            Some(last) if last.digest == digest => last.repeat += 1,
+            _ => out.push(ChunkRef {
+                digest,
+                len: len as u32,
+                repeat: 1,
+            }),
+        }
         Ok(())
     }
 
@@ -566,6 +615,7 @@ impl Repository {
         limits: CatalogLimits,
     ) -> Result<Catalog> {
         limits.check_entries(c.entries.len())?;
+        c.format = c.needed_format();
         let now = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         c.created_unix = now.as_secs();
         c.created = rfc3339(c.created_unix);

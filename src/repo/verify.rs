@@ -212,14 +212,16 @@ fn walk(
             };
             backups += 1;
             for e in &c.entries {
-                for (i, ch) in e.chunks.iter().enumerate() {
+                let mut i = 0u64;
+                for ch in &e.chunks {
                     let place = Place {
                         vm: v,
                         backup: &id,
                         disk: &e.path,
-                        block: i as u64,
+                        block: i,
                     };
                     each(&ch.digest, ch.len as usize, place);
+                    i += ch.repeat;
                 }
             }
         }

@@ -38,7 +38,7 @@ fn file(path: &str, chunks: Vec<ChunkRef>) -> Entry {
         gid: 2,
         mtime: 1_700_000_000,
         mtime_nsec: 5,
-        size: chunks.iter().map(|c| c.len as u64).sum(),
+        size: chunks.iter().map(|c| c.run_bytes().unwrap()).sum(),
         target: None,
         chunks,
         inode: None,
@@ -368,7 +368,7 @@ fn zero_chunks_are_stored_as_when_hashed_each_time() {
     let got = a.store(&r, &data[..]).unwrap();
     let zero = got.iter().find(|c| c.len == CDC_MAX).unwrap();
     assert_eq!(zero.digest, r.chunk_id(&vec![0u8; CDC_MAX as usize]));
-    let sum: u64 = got.iter().map(|c| c.len as u64).sum();
+    let sum: u64 = got.iter().map(|c| c.run_bytes().unwrap()).sum();
     assert_eq!(sum, data.len() as u64);
 }
 
@@ -466,7 +466,7 @@ fn holes_are_cut_into_the_chunks_streamcdc_cuts_from_the_same_zeros() {
                 .store_sparse(&r, src)
                 .unwrap()
                 .into_iter()
-                .map(|c| (c.digest, c.len))
+                .flat_map(|c| std::iter::repeat_n((c.digest, c.len), c.repeat as usize))
                 .collect();
             assert!(got == reference, "hole {hole}, tail {tail}: other chunks");
             if hole == 64 << 20 {
@@ -479,4 +479,116 @@ fn holes_are_cut_into_the_chunks_streamcdc_cuts_from_the_same_zeros() {
             }
         }
     }
+}
+
+/// A hole of `hole` bytes between two bits of data, as the agent's
+/// stream gives it (zeros known ahead, never read).
+fn sparse_file(hole: u64) -> (Segments, std::rc::Rc<std::cell::Cell<u64>>) {
+    let skipped = std::rc::Rc::new(std::cell::Cell::new(0));
+    let segs = [
+        (false, noise(300_000, 3), 0),
+        (true, vec![], hole),
+        (false, noise(200_000, 4), 0),
+    ];
+    let src = Segments {
+        segs: segs.into_iter().collect(),
+        skipped: skipped.clone(),
+    };
+    (src, skipped)
+}
+
+#[test]
+fn a_terabyte_hole_takes_one_chunk_run_in_a_format_2_catalog_and_restores_its_bytes() {
+    let (_d, r) = repo();
+    let hole = 1u64 << 40;
+    let (src, _) = sparse_file(hole);
+    let chunks = ChunkSink::default().store_sparse(&r, src).unwrap();
+    let runs: Vec<_> = chunks.iter().filter(|c| c.repeat > 1).collect();
+    assert_eq!(runs.len(), 1, "{} references", chunks.len());
+    assert!(chunks.len() < 16, "{} references", chunks.len());
+    let c = r
+        .publish_catalog(catalog("vm1", vec![file("/srv/sparse", chunks)]))
+        .unwrap();
+    assert_eq!(c.format, CATALOG_FORMAT_RUNS);
+    let stored = r
+        .backend()
+        .get(&catalog_key("vm1", &c.id), 1 << 30)
+        .unwrap()
+        .unwrap();
+    assert!(stored.len() < 4096, "{} bytes stored", stored.len());
+    let back = r.catalog("vm1", &c.id).unwrap();
+    assert_eq!(back.entries[0].size, 500_000 + hole);
+
+    // Its bytes, with a smaller hole of the same form (1 TiB would take
+    // long to compare): data, zeros, data, read once per run.
+    let (src, _) = sparse_file(64 << 20);
+    let chunks = ChunkSink::default().store_sparse(&r, src).unwrap();
+    assert!(chunks.iter().any(|c| c.repeat > 1));
+    let c = r
+        .publish_catalog(catalog("vm1", vec![file("/srv/small", chunks)]))
+        .unwrap();
+    let back = r.catalog("vm1", &c.id).unwrap();
+    let mut got = vec![];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    crate::files::cat(&r, &back, &back.entries[0], &mut got, &stop).unwrap();
+    let mut want = noise(300_000, 3);
+    want.resize(want.len() + (64 << 20), 0);
+    want.extend_from_slice(&noise(200_000, 4));
+    assert!(got == want, "the restored bytes differ");
+}
+
+#[test]
+fn a_catalog_without_runs_stays_format_1_for_older_readers() {
+    let (_d, r) = repo();
+    let chunks = ChunkSink::default()
+        .store(&r, &noise(300_000, 5)[..])
+        .unwrap();
+    let c = r
+        .publish_catalog(catalog("vm1", vec![file("/srv/a", chunks)]))
+        .unwrap();
+    assert_eq!(c.format, CATALOG_FORMAT);
+    let stored = r
+        .backend()
+        .get(&catalog_key("vm1", &c.id), 1 << 30)
+        .unwrap()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&stored).contains("repeat"));
+}
+
+#[test]
+fn runs_that_do_not_add_up_or_do_not_match_the_format_are_refused() {
+    let (_d, r) = repo();
+    let (src, _) = sparse_file(64 << 20);
+    let chunks = ChunkSink::default().store_sparse(&r, src).unwrap();
+    let good = catalog("vm1", vec![file("/srv/s", chunks)]);
+    let mut c = good.clone();
+    c.format = CATALOG_FORMAT_RUNS;
+    assert!(c.clone().checked("x").is_ok());
+    // A format 1 catalog with a run: an older writer never made one.
+    c.format = CATALOG_FORMAT;
+    assert!(c.checked("x").is_err(), "format 1 with a run");
+    let run = |c: &mut Catalog| {
+        (c.entries[0].chunks.iter_mut())
+            .find(|ch| ch.repeat > 1)
+            .unwrap()
+            .repeat
+    };
+    let mut c = good.clone();
+    c.format = CATALOG_FORMAT_RUNS;
+    let n = run(&mut c);
+    for bad in [0, n - 1, n + 1, u64::MAX] {
+        let mut c = c.clone();
+        (c.entries[0].chunks.iter_mut())
+            .find(|ch| ch.repeat == n)
+            .unwrap()
+            .repeat = bad;
+        assert!(c.checked("x").is_err(), "a run of {bad} accepted");
+    }
+    // Format 2 without a run: not what a writer makes.
+    let plain = ChunkSink::default()
+        .store(&r, &noise(300_000, 6)[..])
+        .unwrap();
+    let mut c = catalog("vm1", vec![file("/srv/p", plain)]);
+    c.format = CATALOG_FORMAT_RUNS;
+    assert!(c.checked("x").is_err(), "format 2 without a run");
 }
