@@ -35,7 +35,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ClientConfigKey, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 pub use retry::REQUEST_DEADLINE;
-use retry::{attempt, Attempt};
+use retry::{attempt, Attempt, Ending, RetryLog};
 
 use super::backend::{Backend, GetFuture, Got, ObjectBuf};
 use crate::error::{Error, ErrorKind, Result};
@@ -62,6 +62,8 @@ pub struct S3Backend {
     probe_timeout: Duration,
     /// How long a request may take in all (see [`REQUEST_DEADLINE`]).
     deadline: Duration,
+    /// Retries told once for all requests (see `retry`).
+    log: Arc<RetryLog>,
     stop: Arc<Stopping>,
     /// How the store's answers are read (see [`Failure`]).
     hints: Arc<Hints>,
@@ -289,6 +291,7 @@ impl S3Backend {
             create_only: std::sync::OnceLock::new(),
             probe_timeout: PROBE_TIMEOUT,
             deadline: REQUEST_DEADLINE,
+            log: Arc::new(RetryLog::new(bucket)),
             stop: Arc::new(Stopping {
                 tx: tokio::sync::watch::Sender::new(false),
                 gave_up: Default::default(),
@@ -403,12 +406,14 @@ impl S3Backend {
         let (store, retries) = (self.store.clone(), self.retries.clone());
         let (bucket, what) = (self.bucket.clone(), what.to_string());
         let (stop, hints, deadline) = (self.stop.clone(), self.hints.clone(), self.deadline);
+        let log = self.log.clone();
         // A listing is not cut at its deadline (see `retry`).
         let cut = !what.starts_with("LIST ");
         async move {
             // From the first poll: the fetch engine makes a GET before
             // its turn comes.
             let end = tokio::time::Instant::now() + deadline;
+            let mut ending = Ending::new(log.clone());
             let no_answer = |n: u32, last: Option<&object_store::Error>| {
                 let last = last.map_or(String::new(), |e| {
                     format!("; the last failed: {}", e.to_string().replace('\n', " "))
@@ -419,7 +424,7 @@ impl S3Backend {
                     retry::kind_of(&what),
                     deadline.as_secs_f64()
                 );
-                tracing::warn!(%bucket, "{line}, giving up");
+                log.gave_up(format!("{line}, giving up"));
                 Err(Error::new(ErrorKind::Io, line))
             };
             let mut delay = Duration::from_millis(50);
@@ -429,7 +434,10 @@ impl S3Backend {
                 }
                 let cut_at = cut.then_some(end);
                 let e = match attempt(op(store.clone()), limit, cut_at, stop.tx.subscribe()).await {
-                    Attempt::Done(Ok(v)) => return Ok(v),
+                    Attempt::Done(Ok(v)) => {
+                        ending.answered = true;
+                        return Ok(v);
+                    }
                     Attempt::Done(Err(e)) => e,
                     Attempt::TimedOut(t) => {
                         return Err(Error::new(
@@ -448,6 +456,7 @@ impl S3Backend {
                     }
                 };
                 if hints.failure(&e) != Failure::Transient {
+                    ending.answered = true;
                     return Err(hints.error(&what, e));
                 }
                 if stop.stopping() {
@@ -455,7 +464,7 @@ impl S3Backend {
                     return Err(hints.error(&what, e));
                 }
                 if n == ATTEMPTS {
-                    tracing::warn!(%bucket, "S3 {what} failed {n} times, giving up: {e}");
+                    log.gave_up(format!("S3 {what} failed {n} times, giving up: {e}"));
                     return Err(hints.error(&what, e));
                 }
                 // No attempt starts at or after the deadline.
@@ -463,14 +472,10 @@ impl S3Backend {
                     return no_answer(n, Some(&e));
                 }
                 retries.fetch_add(1, Ordering::Relaxed);
-                // One line per request when its retries begin, one if it
-                // gives up (a store down mid-backup must not print a
-                // line for every attempt of every chunk in flight).
-                if n == 1 {
-                    tracing::warn!(%bucket, "S3 {what} failed, retrying (up to {ATTEMPTS} attempts): {e}");
-                } else {
-                    tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
-                }
+                // Told once for all requests (see `retry`).
+                log.retries(!ending.retried, &what, &e, std::time::Instant::now());
+                ending.retried = true;
+                tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

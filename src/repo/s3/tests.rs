@@ -472,3 +472,105 @@ fn a_request_ends_at_its_deadline_but_a_listing_that_answers_is_not_cut() {
     // A listing's pages each answer; a large bucket's may take longer.
     assert_eq!(b.list("pins/vm").unwrap(), vec!["p.json".to_string()]);
 }
+
+/// An in-memory store that answers every GET 503 while `down`.
+#[derive(Debug)]
+struct Flaky {
+    inner: object_store::memory::InMemory,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for Flaky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Flaky")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Flaky {
+    async fn put_opts(
+        &self,
+        p: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(p, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        p: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(p, opts).await
+    }
+    async fn get_opts(&self, p: &ObjPath, o: GetOptions) -> object_store::Result<GetResult> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(object_store::Error::Generic {
+                store: "S3",
+                source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
+            });
+        }
+        self.inner.get_opts(p, o).await
+    }
+    async fn delete(&self, p: &ObjPath) -> object_store::Result<()> {
+        self.inner.delete(p).await
+    }
+    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy(a, b).await
+    }
+    async fn copy_if_not_exists(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(a, b).await
+    }
+}
+
+/// fixs3b: 64 fetches in flight while the store is down printed a line
+/// each when their retries began; now one line says how many retry, each
+/// give-up is still said, and one line says when the store answers again.
+#[test]
+fn retry_warnings_of_64_requests_in_flight_are_one_line_and_one_when_the_store_answers_again() {
+    let store = Arc::new(Flaky {
+        inner: object_store::memory::InMemory::new(),
+        down: true.into(),
+    });
+    let b = S3Backend::with_store(store.clone(), "backups", "").unwrap();
+    b.put("chunks/ab/abcd", b"x").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let gets: Vec<_> = (0..64)
+        .map(|_| b.get_async("chunks/ab/abcd", 100))
+        .collect();
+    for r in rt.block_on(futures::future::join_all(gets)) {
+        assert!(r.is_err());
+    }
+    let said = b.log.said.lock().clone();
+    let not_answering: Vec<_> = said
+        .iter()
+        .filter(|l| l.starts_with("S3 store not answering"))
+        .collect();
+    assert_eq!(not_answering.len(), 1, "{said:#?}");
+    assert!(
+        not_answering[0].contains("503 Service Unavailable"),
+        "{said:#?}"
+    );
+    let gave_up = said.iter().filter(|l| l.contains("giving up")).count();
+    assert_eq!(gave_up, 64, "{said:#?}");
+    assert_eq!(said.len(), 65, "{said:#?}");
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(b.get("chunks/ab/abcd", 100).unwrap().unwrap(), b"x");
+    assert_eq!(b.get("chunks/ab/abcd", 100).unwrap().unwrap(), b"x");
+    let said = b.log.said.lock().clone();
+    assert_eq!(said.len(), 66, "{said:#?}");
+    assert!(
+        said[65].starts_with("S3 store answers again ("),
+        "{said:#?}"
+    );
+    assert!(
+        said[65].ends_with("; 0 requests still retrying)"),
+        "{said:#?}"
+    );
+}
