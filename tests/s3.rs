@@ -494,3 +494,126 @@ fn a_missing_bucket_and_a_wrong_secret_fail_at_once_saying_what_to_fix() {
         t0.elapsed()
     );
 }
+
+/// The latency proxy on `port` stopped (SIGSTOP) while this lives: the
+/// kernel still accepts connections to it and takes requests, and nothing
+/// answers, as a store that hangs. Continued when dropped.
+struct Frozen(i32);
+
+impl Frozen {
+    fn proxy(port: u16) -> Frozen {
+        let listen = format!("127.0.0.1:{port}");
+        let pid = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+                args.iter().any(|a| a.ends_with(b"latency-proxy.py"))
+                    && args.contains(&listen.as_bytes())
+            })
+            .expect("the latency proxy's process");
+        // SAFETY: a signal to the proxy this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// One 64 KiB block of `disk` read with O_DIRECT (past the kernel's page
+/// cache: the daemon answers it); how long it took.
+fn read_direct(
+    disk: &std::path::Path,
+    block: u64,
+) -> (std::io::Result<Vec<u8>>, std::time::Duration) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let t = std::time::Instant::now();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(disk)
+        .unwrap();
+    let mut buf = vec![0u8; K64 + 4096];
+    let at = buf.as_ptr().align_offset(4096);
+    let r = f
+        .read_exact_at(&mut buf[at..at + K64], block * K64 as u64)
+        .map(|()| buf[at..at + K64].to_vec());
+    (r, t.elapsed())
+}
+
+/// fixs3b: a store that answered and then hangs (accepts connections,
+/// never replies) failed a read of a block not yet staged only after six
+/// per-attempt timeouts (3 min with the default 30 s), longer than a
+/// guest waits for its disk. With `AWS_TIMEOUT=2s` the deadline is 4 s.
+#[test]
+fn a_store_that_hangs_fails_unstaged_reads_at_the_deadline_and_staged_blocks_still_read() {
+    use std::time::{Duration, Instant};
+    let g = Garage::single();
+    let proxy = LatencyProxy::start(g.nodes[0].s3_port, 0, None);
+    let mut env = Env::s3(&format!("s3://{BUCKET}/hangs"), proxy.route(g.env(0)));
+    let data = random_image(&env.path("a.raw"), 16 * K64, 47, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    env.extra_env.push(("AWS_TIMEOUT".into(), "2s".into()));
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let (r, _) = read_direct(&disk, 0);
+    assert!(r.unwrap() == data[..K64]);
+    env.settled_disk_status("vm", 0);
+
+    let frozen = Frozen::proxy(proxy.port);
+    // Two readers of one block (one fetch, two waiters), one of another.
+    let readers: Vec<_> = [8u64, 8, 12]
+        .into_iter()
+        .map(|b| {
+            let disk = disk.clone();
+            std::thread::spawn(move || read_direct(&disk, b))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile a staged block reads at once, and `status` answers.
+    let (r, took) = read_direct(&disk, 0);
+    assert!(r.unwrap() == data[..K64]);
+    assert!(
+        took < Duration::from_millis(500),
+        "a staged read took {took:?}"
+    );
+    let t = Instant::now();
+    let st = env.status();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "status took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        st["sessions"][0]["disks"][0]["fetches_in_flight"].as_u64() >= Some(2),
+        "{st}"
+    );
+    for r in readers {
+        let (r, took) = r.join().unwrap();
+        let e = r.expect_err("a read of a block not staged while the store hangs");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        assert!(
+            took < Duration::from_secs(4 + 3),
+            "the read failed after {took:?}: {}",
+            d.log_text()
+        );
+    }
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!("(chunk) in bucket {BUCKET}: no answer in 4 s")),
+        "{log}"
+    );
+    // The failure is not remembered: once the store answers, it reads.
+    drop(frozen);
+    let (r, took) = read_direct(&disk, 8);
+    assert!(r.unwrap() == data[8 * K64..9 * K64], "{took:?}");
+    let (r, _) = read_direct(&disk, 12);
+    assert!(r.unwrap() == data[12 * K64..13 * K64]);
+}

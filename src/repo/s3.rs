@@ -23,6 +23,8 @@
 //! once the daemon stops ([`Backend::begin_shutdown`]), every attempt,
 //! including those in flight, has [`STOP_TIMEOUT`] left and none is
 //! retried, and after one found no answer the rest are skipped at once.
+//! A store that answered and then stops answering fails each request at
+//! its deadline ([`REQUEST_DEADLINE`], attempts included; see `retry`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +32,10 @@ use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{ClientConfigKey, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
+
+pub use retry::REQUEST_DEADLINE;
+use retry::{attempt, Attempt, Ending, RetryLog};
 
 use super::backend::{Backend, GetFuture, Got, ObjectBuf};
 use crate::error::{Error, ErrorKind, Result};
@@ -55,6 +60,10 @@ pub struct S3Backend {
     create_only: std::sync::OnceLock<bool>,
     /// The identity probe's wait (see [`PROBE_TIMEOUT`]).
     probe_timeout: Duration,
+    /// How long a request may take in all (see [`REQUEST_DEADLINE`]).
+    deadline: Duration,
+    /// Retries told once for all requests (see `retry`).
+    log: Arc<RetryLog>,
     stop: Arc<Stopping>,
     /// How the store's answers are read (see [`Failure`]).
     hints: Arc<Hints>,
@@ -195,40 +204,6 @@ impl Stopping {
     }
 }
 
-/// One attempt of a request, bounded by `limit` and by the daemon's stop.
-enum Attempt<T> {
-    Done(object_store::Result<T>),
-    /// No answer within the limit.
-    TimedOut(Duration),
-    /// No answer within [`STOP_TIMEOUT`] of the daemon's stop.
-    Stopped,
-}
-
-async fn attempt<T>(
-    fut: impl std::future::Future<Output = object_store::Result<T>>,
-    limit: Option<Duration>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Attempt<T> {
-    let limit_passes = async {
-        match limit {
-            Some(l) => tokio::time::sleep(l).await,
-            None => std::future::pending().await,
-        }
-    };
-    let stop_passes = async {
-        // The sender lives as long as the request (its `Arc<Stopping>`).
-        if stop.wait_for(|s| *s).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(STOP_TIMEOUT).await
-    };
-    tokio::select! {
-        r = fut => Attempt::Done(r),
-        () = limit_passes => Attempt::TimedOut(limit.unwrap_or_default()),
-        () = stop_passes => Attempt::Stopped,
-    }
-}
-
 impl S3Backend {
     /// `spec` is `s3://BUCKET[/PREFIX]`. Credentials, endpoint and region
     /// come from the standard AWS_* environment variables; `overrides`
@@ -275,10 +250,16 @@ impl S3Backend {
             b = b.with_virtual_hosted_style_request(false);
         }
         let metadata = instance_metadata_endpoint(&b);
+        // object_store's per-attempt timeout, `AWS_TIMEOUT` if set (a
+        // value that does not parse is refused by `build`).
+        let attempt = b
+            .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::Timeout))
+            .and_then(|t| retry::parse_duration(&t));
         let store = b
             .build()
             .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
         let mut s3 = Self::with_store(Arc::new(store), bucket, prefix)?;
+        s3.deadline = attempt.map_or(REQUEST_DEADLINE, retry::deadline_for);
         s3.hints = Arc::new(Hints {
             bucket: bucket.into(),
             metadata,
@@ -309,6 +290,8 @@ impl S3Backend {
             retries: Arc::default(),
             create_only: std::sync::OnceLock::new(),
             probe_timeout: PROBE_TIMEOUT,
+            deadline: REQUEST_DEADLINE,
+            log: Arc::new(RetryLog::new(bucket)),
             stop: Arc::new(Stopping {
                 tx: tokio::sync::watch::Sender::new(false),
                 gave_up: Default::default(),
@@ -409,7 +392,8 @@ impl S3Backend {
 
     /// A request with its retries, as a future that holds no thread while
     /// it waits (between attempts too). An attempt with no answer within
-    /// `limit` ends the request (the identity probe's).
+    /// `limit` ends the request (the identity probe's). The request ends
+    /// at its deadline (see [`REQUEST_DEADLINE`]).
     fn retrying<T: Send + 'static, F>(
         &self,
         what: &str,
@@ -421,15 +405,39 @@ impl S3Backend {
     {
         let (store, retries) = (self.store.clone(), self.retries.clone());
         let (bucket, what) = (self.bucket.clone(), what.to_string());
-        let (stop, hints) = (self.stop.clone(), self.hints.clone());
+        let (stop, hints, deadline) = (self.stop.clone(), self.hints.clone(), self.deadline);
+        let log = self.log.clone();
+        // A listing is not cut at its deadline (see `retry`).
+        let cut = !what.starts_with("LIST ");
         async move {
+            // From the first poll: the fetch engine makes a GET before
+            // its turn comes.
+            let end = tokio::time::Instant::now() + deadline;
+            let mut ending = Ending::new(log.clone());
+            let no_answer = |n: u32, last: Option<&object_store::Error>| {
+                let last = last.map_or(String::new(), |e| {
+                    format!("; the last failed: {}", e.to_string().replace('\n', " "))
+                });
+                let s = if n == 1 { "" } else { "s" };
+                let line = format!(
+                    "S3 {what} ({}) in bucket {bucket}: no answer in {} s ({n} attempt{s}{last})",
+                    retry::kind_of(&what),
+                    deadline.as_secs_f64()
+                );
+                log.gave_up(format!("{line}, giving up"));
+                Err(Error::new(ErrorKind::Io, line))
+            };
             let mut delay = Duration::from_millis(50);
             for n in 1..=ATTEMPTS {
                 if stop.gave_up.load(Ordering::Acquire) {
                     return Err(skipped_at_stop(&what));
                 }
-                let e = match attempt(op(store.clone()), limit, stop.tx.subscribe()).await {
-                    Attempt::Done(Ok(v)) => return Ok(v),
+                let cut_at = cut.then_some(end);
+                let e = match attempt(op(store.clone()), limit, cut_at, stop.tx.subscribe()).await {
+                    Attempt::Done(Ok(v)) => {
+                        ending.answered = true;
+                        return Ok(v);
+                    }
                     Attempt::Done(Err(e)) => e,
                     Attempt::TimedOut(t) => {
                         return Err(Error::new(
@@ -437,6 +445,7 @@ impl S3Backend {
                             format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
                         ))
                     }
+                    Attempt::PastDeadline => return no_answer(n, None),
                     Attempt::Stopped => {
                         let why = format!("no answer within {} s", STOP_TIMEOUT.as_secs());
                         stop.give_up(&bucket, &what, &why);
@@ -447,6 +456,7 @@ impl S3Backend {
                     }
                 };
                 if hints.failure(&e) != Failure::Transient {
+                    ending.answered = true;
                     return Err(hints.error(&what, e));
                 }
                 if stop.stopping() {
@@ -454,18 +464,18 @@ impl S3Backend {
                     return Err(hints.error(&what, e));
                 }
                 if n == ATTEMPTS {
-                    tracing::warn!(%bucket, "S3 {what} failed {n} times, giving up: {e}");
+                    log.gave_up(format!("S3 {what} failed {n} times, giving up: {e}"));
                     return Err(hints.error(&what, e));
                 }
-                retries.fetch_add(1, Ordering::Relaxed);
-                // One line per request when its retries begin, one if it
-                // gives up (a store down mid-backup must not print a
-                // line for every attempt of every chunk in flight).
-                if n == 1 {
-                    tracing::warn!(%bucket, "S3 {what} failed, retrying (up to {ATTEMPTS} attempts): {e}");
-                } else {
-                    tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
+                // No attempt starts at or after the deadline.
+                if tokio::time::Instant::now() + delay >= end {
+                    return no_answer(n, Some(&e));
                 }
+                retries.fetch_add(1, Ordering::Relaxed);
+                // Told once for all requests (see `retry`).
+                log.retries(!ending.retried, &what, &e, std::time::Instant::now());
+                ending.retried = true;
+                tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
@@ -722,5 +732,6 @@ impl Backend for S3Backend {
     }
 }
 
+mod retry;
 #[cfg(test)]
 mod tests;

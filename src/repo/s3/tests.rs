@@ -361,3 +361,216 @@ fn a_create_only_put_never_replaces_an_existing_manifest() {
     assert!(!b.put_create("backups/vm/1.json", b"third").unwrap());
     assert_eq!(b.get("backups/vm/1.json", 100).unwrap().unwrap(), b"first");
 }
+
+/// An in-memory store whose GETs and listings take `delay` to answer.
+#[derive(Debug)]
+struct Slow {
+    inner: object_store::memory::InMemory,
+    delay: Duration,
+}
+
+impl std::fmt::Display for Slow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slow")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Slow {
+    async fn put_opts(
+        &self,
+        p: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(p, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        p: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(p, opts).await
+    }
+    async fn get_opts(&self, p: &ObjPath, o: GetOptions) -> object_store::Result<GetResult> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.get_opts(p, o).await
+    }
+    async fn delete(&self, p: &ObjPath) -> object_store::Result<()> {
+        self.inner.delete(p).await
+    }
+    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy(a, b).await
+    }
+    async fn copy_if_not_exists(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(a, b).await
+    }
+}
+
+/// fixs3b: a store that answered and then stops answering failed a
+/// fetch only after 6 attempts' timeouts (3 min with the default 30 s).
+#[test]
+fn a_fetch_from_a_store_that_stopped_answering_fails_at_its_deadline_naming_bucket_and_kind() {
+    let (port, accepted) = silent_store();
+    let mut b = backend_at(port);
+    assert_eq!(b.deadline, REQUEST_DEADLINE, "without AWS_TIMEOUT");
+    // object_store's own per-attempt timeout: the deadline is two of them.
+    let mut vars = vec![("AWS_TIMEOUT".to_string(), "1s".to_string())];
+    vars.push((
+        "AWS_ENDPOINT_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
+    vars.push(("AWS_ACCESS_KEY_ID".into(), "GK0123".into()));
+    vars.push(("AWS_SECRET_ACCESS_KEY".into(), "secret".into()));
+    b = S3Backend::open("s3://bucket/site", &vars).unwrap();
+    assert_eq!(b.deadline, Duration::from_secs(2));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = std::time::Instant::now();
+    let e = rt
+        .block_on(b.get_async("chunks/ab12/ab12cd", 1 << 20))
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3000),
+        "failed after {took:?}: {e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "S3 GET chunks/ab12/ab12cd (chunk) in bucket bucket: no answer in 2 s (2 attempts"
+        ),
+        "{e}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "{e}");
+}
+
+#[test]
+fn a_request_ends_at_its_deadline_but_a_listing_that_answers_is_not_cut() {
+    let store = Arc::new(Slow {
+        inner: object_store::memory::InMemory::new(),
+        delay: Duration::from_millis(700),
+    });
+    let mut b = S3Backend::with_store(store, "backups", "").unwrap();
+    b.deadline = Duration::from_millis(300);
+    b.put("pins/vm/p.json", b"{}").unwrap();
+    let t0 = std::time::Instant::now();
+    let e = b.get("pins/vm/p.json", 100).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_millis(600), "{e}");
+    assert!(
+        e.to_string()
+            .contains("(pin) in bucket backups: no answer in 0.3 s (1 attempt)"),
+        "{e}"
+    );
+    // A listing's pages each answer; a large bucket's may take longer.
+    assert_eq!(b.list("pins/vm").unwrap(), vec!["p.json".to_string()]);
+}
+
+/// An in-memory store that answers every GET 503 while `down`.
+#[derive(Debug)]
+struct Flaky {
+    inner: object_store::memory::InMemory,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for Flaky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Flaky")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Flaky {
+    async fn put_opts(
+        &self,
+        p: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(p, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        p: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(p, opts).await
+    }
+    async fn get_opts(&self, p: &ObjPath, o: GetOptions) -> object_store::Result<GetResult> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(object_store::Error::Generic {
+                store: "S3",
+                source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
+            });
+        }
+        self.inner.get_opts(p, o).await
+    }
+    async fn delete(&self, p: &ObjPath) -> object_store::Result<()> {
+        self.inner.delete(p).await
+    }
+    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(p)
+    }
+    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy(a, b).await
+    }
+    async fn copy_if_not_exists(&self, a: &ObjPath, b: &ObjPath) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(a, b).await
+    }
+}
+
+/// fixs3b: 64 fetches in flight while the store is down printed a line
+/// each when their retries began; now one line says how many retry, each
+/// give-up is still said, and one line says when the store answers again.
+#[test]
+fn retry_warnings_of_64_requests_in_flight_are_one_line_and_one_when_the_store_answers_again() {
+    let store = Arc::new(Flaky {
+        inner: object_store::memory::InMemory::new(),
+        down: true.into(),
+    });
+    let b = S3Backend::with_store(store.clone(), "backups", "").unwrap();
+    b.put("chunks/ab/abcd", b"x").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let gets: Vec<_> = (0..64)
+        .map(|_| b.get_async("chunks/ab/abcd", 100))
+        .collect();
+    for r in rt.block_on(futures::future::join_all(gets)) {
+        assert!(r.is_err());
+    }
+    let said = b.log.said.lock().clone();
+    let not_answering: Vec<_> = said
+        .iter()
+        .filter(|l| l.starts_with("S3 store not answering"))
+        .collect();
+    assert_eq!(not_answering.len(), 1, "{said:#?}");
+    assert!(
+        not_answering[0].contains("503 Service Unavailable"),
+        "{said:#?}"
+    );
+    let gave_up = said.iter().filter(|l| l.contains("giving up")).count();
+    assert_eq!(gave_up, 64, "{said:#?}");
+    assert_eq!(said.len(), 65, "{said:#?}");
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(b.get("chunks/ab/abcd", 100).unwrap().unwrap(), b"x");
+    assert_eq!(b.get("chunks/ab/abcd", 100).unwrap().unwrap(), b"x");
+    let said = b.log.said.lock().clone();
+    assert_eq!(said.len(), 66, "{said:#?}");
+    assert!(
+        said[65].starts_with("S3 store answers again ("),
+        "{said:#?}"
+    );
+    assert!(
+        said[65].ends_with("; 0 requests still retrying)"),
+        "{said:#?}"
+    );
+}
