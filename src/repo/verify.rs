@@ -44,7 +44,15 @@ pub struct VerifyReport {
     /// One line for the chunks the store did not answer for (I/O errors):
     /// not checked, not damage.
     pub unreadable: Option<String>,
+    /// Chunks read and checked (good or damaged): all of `chunks` unless
+    /// the store stopped answering.
+    pub checked: u64,
 }
+
+/// Chunk reads in a row the store does not answer (each already retried
+/// by the backend) after which `verify` stops asking: the store is down,
+/// and asking for every remaining chunk would take hours to say so.
+const UNANSWERED_IN_A_ROW: usize = 8;
 
 /// Where a chunk is used.
 struct Place<'a> {
@@ -68,7 +76,7 @@ pub fn verify(
     let backups = walk(repo, vms, backup, Walk::First, &mut damaged, |d, len, _| {
         lens.entry(*d).or_insert(len);
     })?;
-    let failed = check_chunks(repo, &lens, threads.max(1));
+    let (failed, checked, not_read) = check_chunks(repo, &lens, threads.max(1));
     let (bad, unread): (HashMap<_, _>, HashMap<_, _>) = failed
         .into_iter()
         .partition(|(_, (kind, _))| is_damage(*kind));
@@ -85,7 +93,8 @@ pub fn verify(
         chunks,
         damaged,
         corrupt,
-        unreadable: unreadable_line(unread),
+        unreadable: unreadable_line(unread, not_read),
+        checked,
     })
 }
 
@@ -98,10 +107,16 @@ fn is_damage(kind: ErrorKind) -> bool {
 
 /// One line for every chunk the store did not answer for: how many, and
 /// the first few with why.
-fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>) -> Option<String> {
-    if unread.is_empty() {
+fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>, not_read: u64) -> Option<String> {
+    if unread.is_empty() && not_read == 0 {
         return None;
     }
+    let stopped = match not_read {
+        0 => String::new(),
+        n => format!(
+            "; verify stopped asking after {UNANSWERED_IN_A_ROW} chunks in a row went unanswered: {n} more chunk(s) not read"
+        ),
+    };
     let mut named: Vec<String> = unread
         .iter()
         .map(|(d, (_, why))| format!("{d} ({why})"))
@@ -110,7 +125,7 @@ fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>) -> Option<Strin
     let more = named.len().saturating_sub(PLACES_NAMED);
     named.truncate(PLACES_NAMED);
     Some(format!(
-        "UNREADABLE: {} chunk(s) could not be read, so they were not checked (not damage: the store did not answer): {}{}; run verify again once the store answers",
+        "UNREADABLE: {} chunk(s) could not be read, so they were not checked (not damage: the store did not answer): {}{}{stopped}; run verify again once the store answers",
         unread.len(),
         named.join(", "),
         if more > 0 { format!(" and {more} more") } else { String::new() }
@@ -247,23 +262,41 @@ fn walk(
     Ok(backups)
 }
 
-/// Reads every chunk of `lens`; returns the damaged ones, each with why.
+/// Reads every chunk of `lens` until [`UNANSWERED_IN_A_ROW`] reads in a
+/// row go unanswered; returns the chunks that failed, each with why, how
+/// many were checked, and how many were not read.
 fn check_chunks(
     repo: &Repository,
     lens: &HashMap<Digest, usize>,
     threads: usize,
-) -> HashMap<Digest, (ErrorKind, String)> {
+) -> (HashMap<Digest, (ErrorKind, String)>, u64, u64) {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     // Threads take the next chunk from one shared iterator: no second
     // list of the chunks.
     let work = Mutex::new(lens.iter());
     let bad = Mutex::new(HashMap::new());
+    let (unanswered, checked, asked) = (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
+                if unanswered.load(Ordering::Acquire) >= UNANSWERED_IN_A_ROW {
+                    break;
+                }
                 let Some((d, len)) = work.lock().expect("lock").next() else {
                     break;
                 };
-                if let Err(e) = repo.read_chunk(d, *len, &"verify") {
+                asked.fetch_add(1, Ordering::Relaxed);
+                let r = repo.read_chunk(d, *len, &"verify");
+                match &r {
+                    Err(e) if !is_damage(e.kind()) => {
+                        unanswered.fetch_add(1, Ordering::AcqRel);
+                    }
+                    _ => {
+                        unanswered.store(0, Ordering::Release);
+                        checked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if let Err(e) = r {
                     // Its own id is the line's: say only why.
                     let why = e
                         .to_string()
@@ -275,7 +308,12 @@ fn check_chunks(
             });
         }
     });
-    bad.into_inner().expect("lock")
+    let not_read = lens.len() as u64 - asked.into_inner();
+    (
+        bad.into_inner().expect("lock"),
+        checked.into_inner(),
+        not_read,
+    )
 }
 
 /// One line per damaged chunk: why, and the first places that use it.
@@ -537,5 +575,37 @@ mod tests {
         let line = r.unreadable.expect("reported");
         assert!(line.starts_with("UNREADABLE: "), "{line}");
         assert!(line.contains("not damage"), "{line}");
+    }
+
+    /// explore8 M1: a store that went away was asked for every chunk,
+    /// each request retried: about 100 minutes to say it was down.
+    #[test]
+    fn verify_stops_asking_once_chunks_in_a_row_go_unanswered_and_counts_what_it_checked() {
+        let (_d, repo, knobs) = repo();
+        for day in 0..40 {
+            backup_at(&repo, "web", DAY0 + day * 86_400);
+        }
+        let all = verify(&repo, &["web".into()], None, 2).unwrap();
+        assert!(all.chunks > 3 * UNANSWERED_IN_A_ROW as u64, "{all:?}");
+        assert_eq!(all.checked, all.chunks);
+        knobs.unreachable("chunks/");
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        knobs.reachable();
+        assert_eq!(r.checked, 0);
+        let line = r.unreadable.expect("reported");
+        let asked: u64 = line["UNREADABLE: ".len()..]
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a count");
+        assert!(
+            asked < UNANSWERED_IN_A_ROW as u64 + 2,
+            "{asked} of {} chunks asked for: {line}",
+            r.chunks
+        );
+        assert!(
+            line.contains(&format!("{} more chunk(s) not read", r.chunks - asked)),
+            "{line}"
+        );
     }
 }

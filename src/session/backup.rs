@@ -221,7 +221,11 @@ impl Datastore {
             disks: &s.disks,
             backup_base: &s.backup_base,
         };
-        let r = run(&self.repo, &live)?;
+        // Said in the log too: the client that asked may be gone.
+        let r = run(&self.repo, &live).inspect_err(|e| {
+            tracing::warn!("live backup of VM {vm} failed, nothing was published: {e}")
+        })?;
+        tracing::info!(vm, backup = %r.backup, "live backup of VM {vm} published");
         // Its new base is protected from forget from now on.
         self.pin(&s, true);
         Ok(r)

@@ -95,6 +95,19 @@ pub(crate) fn verify(
         );
         return Ok(());
     }
+    if r.unreadable.is_some() {
+        // What was read is worth knowing: the outage is not damage.
+        println!(
+            "checked: {} of {} chunks of {} backup(s) read and checked{}",
+            r.checked,
+            r.chunks,
+            r.backups,
+            match r.damaged.is_empty() {
+                true => ", no damage among them",
+                false => "",
+            }
+        );
+    }
     if r.damaged.is_empty() {
         return Err(Error::new(
             crate::error::ErrorKind::Io,

@@ -386,3 +386,52 @@ fn non_regular_image_is_rejected() {
         "{e}"
     );
 }
+
+#[test]
+fn a_store_that_stops_answering_ends_a_backup_at_once_not_after_every_chunk() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, knobs, _) = repo_with_a_chunk(&d);
+    knobs.unreachable("chunks/");
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    let read = |i: u64, buf: &mut [u8]| {
+        reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        buf.fill((i % 250 + 1) as u8);
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        Ok(())
+    };
+    let n = 2_000u64;
+    let e = store_chunks(&repo, n * 4096, 4096, 0..n, &read, &|_| {})
+        .expect_err("the store is unreachable");
+    assert_eq!(e.kind(), crate::error::ErrorKind::Io, "{e}");
+    // Those already read or queued when the first put failed, no more.
+    let read = reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        read < 64,
+        "{read} of {n} chunks read after the store failed"
+    );
+}
+
+#[test]
+fn a_read_error_ends_a_backup_before_the_other_chunks_are_stored() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, _knobs, _) = repo_with_a_chunk(&d);
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    let read = |i: u64, buf: &mut [u8]| {
+        reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if i == 3 {
+            return Err(crate::error::Error::io(
+                "read block 3",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        buf.fill(1);
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        Ok(())
+    };
+    let n = 2_000u64;
+    let e = store_chunks_with(&repo, n * 4096, 4096, 0..n, 2, &read, &|_| {})
+        .expect_err("a block could not be read");
+    assert!(e.to_string().contains("block 3"), "{e}");
+    let read = reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(read < 64, "{read} of {n} chunks read after the read error");
+}
