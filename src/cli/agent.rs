@@ -75,6 +75,11 @@ pub enum FilesCmd {
         path: String,
         #[arg(long, default_value = ".")]
         to: PathBuf,
+        /// Keep a file or link already under --to that is what the backup
+        /// has (size, time, mode; a link's target) instead of refusing:
+        /// carries on a restore that was stopped or failed.
+        #[arg(long)]
+        skip_existing: bool,
     },
 }
 
@@ -441,12 +446,21 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
             copied.map_err(|e| when_stopped(e, to_stdout(&path)))?;
             flushed
         }
-        FilesCmd::Restore { src, path, to } => {
+        FilesCmd::Restore {
+            src,
+            path,
+            to,
+            skip_existing,
+        } => {
+            let existing = match skip_existing {
+                true => crate::files::Existing::Skip,
+                false => crate::files::Existing::Refuse,
+            };
             let (n, from) = match src.open(&path, stop)? {
                 Source::Catalog(r, c) => {
                     let from = format!("file backup {} of VM {}", c.id, c.vm);
                     let sel = crate::files::select(&c, &path)?;
-                    let n = crate::files::restore(&r, &c, &sel, &to, stop)
+                    let n = crate::files::restore_from(&r, &c, &sel, &to, stop, existing)
                         .map_err(|e| when_stopped(e, restoring(&path, &from, &to)))?;
                     (n, from)
                 }
@@ -458,18 +472,19 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     let root = m.root.clone();
                     let r = crate::files::disk::walk(&m.root, &path, stop).and_then(|all| {
                         let sel: Vec<_> = all.iter().collect();
-                        crate::files::restore_with(
+                        crate::files::restore_into(
                             &sel,
                             &to,
                             &|e, out| copy_from(&root, e, out, stop),
                             stop,
+                            existing,
                         )
                     });
                     let n = match r {
                         Ok(n) => n,
                         Err(e) => {
                             let e = when_stopped(e, restoring(&path, &from, &to));
-                            return Err(closed_after(e, m));
+                            return Err(closed_after(from_repository(e), m));
                         }
                     };
                     finish_disk(m)?;
@@ -492,6 +507,21 @@ fn when_stopped(e: Error, what: String) -> Error {
     } else {
         e
     }
+}
+
+/// A disk backup's files are read through a scratch recovery: an I/O
+/// error reading one is the repository's (explore8 M2: it read like a
+/// failing disk at 3 a.m.).
+fn from_repository(e: Error) -> Error {
+    if e.kind() != ErrorKind::Io {
+        return e;
+    }
+    Error::new(
+        ErrorKind::Io,
+        format!(
+            "{e} (the disk backup is read from the repository: an I/O error here is the repository's, most likely not answering: see the lines above)"
+        ),
+    )
 }
 
 fn to_stdout(path: &str) -> String {

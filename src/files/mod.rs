@@ -121,7 +121,20 @@ pub fn restore(
     to: &Path,
     stop: &AtomicBool,
 ) -> Result<u64> {
-    restore_with(entries, to, &|e, out| cat(repo, c, e, out, stop), stop)
+    restore_from(repo, c, entries, to, stop, Existing::Refuse)
+}
+
+/// [`restore`], with what to do about entries already there.
+pub fn restore_from(
+    repo: &Repository,
+    c: &Catalog,
+    entries: &[&Entry],
+    to: &Path,
+    stop: &AtomicBool,
+    existing: Existing,
+) -> Result<u64> {
+    let content = |e: &Entry, out: &mut dyn Write| cat(repo, c, e, out, stop);
+    restore_into(entries, to, &content, stop, existing)
 }
 
 /// A file's content, written to the sink.
@@ -137,6 +150,29 @@ pub fn restore_with(
     content: &Content,
     stop: &AtomicBool,
 ) -> Result<u64> {
+    restore_into(entries, to, content, stop, Existing::Refuse)
+}
+
+/// What a restore does with an entry already under `--to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuses to start: restore into an empty directory.
+    Refuse,
+    /// Keeps a file or link that is what the entry says (kind, size,
+    /// mtime, mode; a link's target), and refuses to start if one is not:
+    /// a restore writes each file whole (temporary name, fsync, rename),
+    /// so what a stopped run left is whole, and a rerun carries on.
+    Skip,
+}
+
+/// [`restore_with`], with what to do about entries already there.
+pub fn restore_into(
+    entries: &[&Entry],
+    to: &Path,
+    content: &Content,
+    stop: &AtomicBool,
+    existing: Existing,
+) -> Result<u64> {
     let to = std::fs::canonicalize(to).ctx(|| format!("--to {}", to.display()))?;
     if !to.is_dir() {
         return Err(Error::invalid(format!(
@@ -146,7 +182,8 @@ pub fn restore_with(
     }
     // Check every entry before writing anything.
     let entries = &check_tree(entries)?[..];
-    for e in entries {
+    let mut kept = vec![false; entries.len()];
+    for (i, e) in entries.iter().enumerate() {
         let dst = dest(&to, &e.path);
         if let Some(p) = parent_in(&to, &dst) {
             check_no_link(&to, p)?;
@@ -154,13 +191,26 @@ pub fn restore_with(
         if e.kind == EntryKind::Dir && is_link(&dst) {
             return Err(link_refused(&dst));
         }
-        if e.kind != EntryKind::Dir && std::fs::symlink_metadata(&dst).is_ok() {
+        let Ok(there) = std::fs::symlink_metadata(&dst) else {
+            continue;
+        };
+        if e.kind == EntryKind::Dir {
+            continue;
+        }
+        kept[i] = existing == Existing::Skip && is_as_restored(e, &dst, &there);
+        if !kept[i] {
             return Err(Error::new(
                 crate::error::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists; restore into an empty directory (--to)",
-                    dst.display()
-                ),
+                match existing {
+                    Existing::Refuse => format!(
+                        "{} exists; restore into an empty directory (--to), or add --skip-existing to keep what a stopped restore wrote",
+                        dst.display()
+                    ),
+                    Existing::Skip => format!(
+                        "{} exists and is not what the backup has (kind, size, time or mode differ): move it away first",
+                        dst.display()
+                    ),
+                },
             ));
         }
     }
@@ -175,27 +225,33 @@ pub fn restore_with(
     let mut done = 0u64;
     // Set when stopped: the file being written then, if one was.
     let mut stopped: Option<Option<&str>> = None;
-    for (i, e) in entries.iter().enumerate() {
-        if stop.load(Ordering::SeqCst) {
-            stopped = Some(None);
-            break;
-        }
-        let dst = dest(&to, &e.path);
-        if let Some(p) = parent_in(&to, &dst) {
-            check_no_link(&to, p)?;
-            std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
-        }
-        match e.kind {
-            EntryKind::Dir => {
-                if !dst.is_dir() {
-                    std::fs::create_dir(&dst).ctx(|| format!("create {}", dst.display()))?;
-                }
-                dirs.push((dst, *e));
+    let mut run = || -> Result<()> {
+        for (i, e) in entries.iter().enumerate() {
+            if stop.load(Ordering::SeqCst) {
+                stopped = Some(None);
+                break;
             }
-            EntryKind::File => {
-                let first = links[i].and_then(|j| written[j].as_deref());
-                if let Some(first) = first {
-                    match std::fs::hard_link(first, &dst) {
+            let dst = dest(&to, &e.path);
+            if kept[i] {
+                written[i] = Some(dst);
+                done += 1;
+                continue;
+            }
+            if let Some(p) = parent_in(&to, &dst) {
+                check_no_link(&to, p)?;
+                std::fs::create_dir_all(p).ctx(|| format!("create {}", p.display()))?;
+            }
+            match e.kind {
+                EntryKind::Dir => {
+                    if !dst.is_dir() {
+                        std::fs::create_dir(&dst).ctx(|| format!("create {}", dst.display()))?;
+                    }
+                    dirs.push((dst, *e));
+                }
+                EntryKind::File => {
+                    let first = links[i].and_then(|j| written[j].as_deref());
+                    if let Some(first) = first {
+                        match std::fs::hard_link(first, &dst) {
                         Ok(()) => {
                             crate::util::fsync_dir(dst.parent().expect("under --to"))?;
                             done += 1;
@@ -209,39 +265,70 @@ pub fn restore_with(
                             escape_controls(&entries[links[i].expect("linked")].path)
                         ),
                     }
-                }
-                match write_file(content, e, &dst) {
-                    Err(err) if err.kind() == ErrorKind::Interrupted => {
-                        stopped = Some(Some(&e.path));
-                        break;
                     }
-                    r => r?,
+                    match write_file(content, e, &dst) {
+                        Err(err) if err.kind() == ErrorKind::Interrupted => {
+                            stopped = Some(Some(&e.path));
+                            break;
+                        }
+                        r => r?,
+                    }
+                    set_meta(&dst, e, root)?;
+                    written[i] = Some(dst);
                 }
-                set_meta(&dst, e, root)?;
-                written[i] = Some(dst);
+                EntryKind::Symlink => {
+                    let t = e.target.as_deref().unwrap_or_default();
+                    std::os::unix::fs::symlink(t, &dst)
+                        .ctx(|| format!("create link {}", dst.display()))?;
+                    set_meta(&dst, e, root)?;
+                }
             }
-            EntryKind::Symlink => {
-                let t = e.target.as_deref().unwrap_or_default();
-                std::os::unix::fs::symlink(t, &dst)
-                    .ctx(|| format!("create link {}", dst.display()))?;
-                set_meta(&dst, e, root)?;
-            }
+            done += 1;
         }
-        done += 1;
-    }
+        Ok(())
+    };
+    let r = run();
     // Directories last, deepest first: their times change as they fill.
-    // Also after a stop: what is there is whole, metadata included.
+    // Also after a stop or a failure: what is there is whole, metadata
+    // included, and a rerun with --skip-existing keeps it.
     for (d, e) in dirs.iter().rev() {
         set_meta(d, e, root)?;
+    }
+    let carry_on = "each file restored is whole: add --skip-existing to carry on";
+    if let Err(e) = r {
+        return Err(e.context(format!(
+            "restored {done} of {} entries ({carry_on}), then",
+            entries.len()
+        )));
     }
     match stopped {
         None => Ok(done),
         Some(at) => Err(Error::interrupted(format!(
-            "restored {done} of {} entries{}",
+            "restored {done} of {} entries{}; {carry_on}",
             entries.len(),
             at.map(|p| format!(" (stopped while writing {p}: removed, not kept half-written)"))
                 .unwrap_or_default()
         ))),
+    }
+}
+
+/// Whether `dst` (whose metadata is `there`) is what restoring `e` makes.
+fn is_as_restored(e: &Entry, dst: &Path, there: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ft = there.file_type();
+    match e.kind {
+        EntryKind::File => {
+            ft.is_file()
+                && there.len() == e.size
+                && there.mtime() == e.mtime
+                && there.mtime_nsec() == e.mtime_nsec as i64
+                && there.mode() & 0o7777 == e.mode
+        }
+        EntryKind::Symlink => {
+            ft.is_symlink()
+                && std::fs::read_link(dst).ok().as_deref() == e.target.as_deref().map(Path::new)
+        }
+        EntryKind::Dir => ft.is_dir(),
     }
 }
 

@@ -5,6 +5,23 @@ use std::os::unix::fs::PermissionsExt;
 /// A stop flag never set.
 static GO: AtomicBool = AtomicBool::new(false);
 
+/// An entry of no content, mtime 1,600,000,000.
+fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
+    Entry {
+        path: path.into(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: 1_600_000_000,
+        mtime_nsec: 0,
+        size: 0,
+        target: None,
+        chunks: vec![],
+        inode: None,
+    }
+}
+
 /// A published file backup of `/srv/a` (dir), `/srv/a/f` and `/srv/a/l`.
 fn backup() -> (tempfile::TempDir, std::sync::Arc<Repository>, Catalog) {
     let d = tempfile::tempdir().unwrap();
@@ -320,12 +337,77 @@ fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_b
                 "{msg}"
             );
         } else {
-            assert_eq!(msg, "restored 2 of 4 entries", "{msg}");
+            assert!(msg.starts_with("restored 2 of 4 entries; "), "{msg}");
         }
+        assert!(msg.contains("add --skip-existing to carry on"), "{msg}");
         let m = std::fs::metadata(to.join("d")).unwrap();
         assert_eq!(m.permissions().mode() & 0o7777, 0o750, "{msg}");
         assert_eq!(m.mtime(), 1_600_000_000, "{msg}");
+        // Again without --skip-existing: refused before anything is written.
+        let all: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
+        let err = restore_with(&refs, &to, all, &GO).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        assert!(err.to_string().contains("--skip-existing"), "{err}");
+        // With it: what the stopped run wrote is kept, the rest written.
+        let rewritten = std::sync::Mutex::new(vec![]);
+        let counted: &Content = &|e, out| {
+            rewritten.lock().unwrap().push(e.path.clone());
+            out.write_all(b"abc").ctx(|| "write".to_string())
+        };
+        let n = restore_into(&refs, &to, counted, &GO, Existing::Skip).unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(*rewritten.lock().unwrap(), ["/d/b", "/d/c"]);
+        for f in ["a", "b", "c"] {
+            assert_eq!(std::fs::read(to.join("d").join(f)).unwrap(), b"abc");
+        }
     }
+}
+
+#[test]
+fn skip_existing_refuses_a_file_that_is_not_what_the_backup_has() {
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    let mut e = entry("/f", EntryKind::File, 0o640);
+    e.size = 3;
+    let refs = [&e];
+    let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
+    std::fs::create_dir(&to).unwrap();
+    restore_with(&refs, &to, content, &GO).unwrap();
+    // Same bytes count, other time: written by someone else.
+    let f = to.join("f");
+    std::fs::write(&f, b"xyz").unwrap();
+    let err = restore_into(&refs, &to, content, &GO, Existing::Skip).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert!(err.to_string().contains("not what the backup has"), "{err}");
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        b"xyz",
+        "an existing file was replaced"
+    );
+}
+
+#[test]
+fn a_failed_restore_says_how_far_it_got_and_how_to_carry_on() {
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let mut a = entry("/a", EntryKind::File, 0o640);
+    let mut b = entry("/b", EntryKind::File, 0o640);
+    (a.size, b.size) = (3, 3);
+    let refs = [&a, &b];
+    let content: &Content = &|e, out| match e.path.as_str() {
+        "/b" => Err(Error::io(
+            "read /b",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        )),
+        _ => out.write_all(b"abc").ctx(|| "write".to_string()),
+    };
+    let err = restore_with(&refs, &to, content, &GO).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("restored 1 of 2 entries (each file restored is whole: add --skip-existing to carry on), then: read /b"),
+        "{msg}"
+    );
 }
 
 #[test]
