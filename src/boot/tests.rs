@@ -11,6 +11,7 @@ fn a_console_log_that_cannot_be_created_fails_the_boot_before_qemu_runs() {
     let spec = QemuSpec {
         disks: vec![],
         buses: vec![],
+        scsi: vec![],
         memory_mib: 64,
         extra: vec![],
         qmp: None,
@@ -269,6 +270,69 @@ fn disks_are_attached_on_the_buses_their_backup_recorded_disk0_first() {
     let five = serde_json::json!({"disks": vec![serde_json::json!({"bus": "ide"}); 5]});
     let e = QemuSpec::from_config(&five, files(5)).err().unwrap();
     assert!(e.to_string().contains("5 disks on bus ide"), "{e}");
+}
+
+fn devices_of(spec: &QemuSpec) -> Vec<String> {
+    let a = args_of(spec);
+    a.windows(2)
+        .filter(|w| w[0] == "-device")
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+#[test]
+fn scsi_disks_get_the_controller_model_their_backup_recorded() {
+    let lsi = serde_json::json!({"bus": "scsi", "controller": "lsi53c895a"});
+    let mut disks = vec![
+        serde_json::json!({"bus": "scsi", "controller": "megasas"}),
+        serde_json::json!({"bus": "virtio"}),
+        // Before models were recorded: virtio-scsi, as always.
+        serde_json::json!({"bus": "scsi"}),
+        serde_json::json!({"bus": "scsi", "controller": "virtio-scsi-pci-non-transitional"}),
+        // Unknown: virtio-scsi (with a warning); never on the command line.
+        serde_json::json!({"bus": "scsi", "controller": "evil,id=x"}),
+    ];
+    // Nine disks on lsi53c895a: eight targets each, so two controllers.
+    disks.extend(std::iter::repeat_n(lsi, 9));
+    let config = serde_json::json!({ "disks": disks });
+    let spec = QemuSpec::from_config(&config, files(14)).unwrap();
+    assert_eq!(
+        spec.scsi[..5],
+        [
+            "megasas",
+            VIRTIO_SCSI,
+            VIRTIO_SCSI,
+            VIRTIO_SCSI,
+            VIRTIO_SCSI
+        ]
+    );
+    let mut want: Vec<String> = [
+        "virtio-blk-pci,drive=rfs1,bootindex=1",
+        // The VM's own controllers, then rfs-scsi0 last: QEMU puts a
+        // `device_add scsi-hd` without a bus (agent-backup's) on the newest.
+        "megasas,id=rfs-scsi1",
+        "lsi53c895a,id=rfs-scsi2",
+        "lsi53c895a,id=rfs-scsi3",
+        "virtio-scsi-pci,id=rfs-scsi0",
+        "scsi-hd,drive=rfs0,bus=rfs-scsi1.0,bootindex=0",
+        "scsi-hd,drive=rfs2,bus=rfs-scsi0.0,bootindex=2",
+        "scsi-hd,drive=rfs3,bus=rfs-scsi0.0,bootindex=3",
+        "scsi-hd,drive=rfs4,bus=rfs-scsi0.0,bootindex=4",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 5..14 {
+        let c = if i < 13 { 2 } else { 3 };
+        want.push(format!(
+            "scsi-hd,drive=rfs{i},bus=rfs-scsi{c}.0,bootindex={i}"
+        ));
+    }
+    want.push("virtio-serial-pci,id=rfs-serial0".into());
+    want.push(
+        "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0".into(),
+    );
+    assert_eq!(devices_of(&spec), want);
+    assert!(!args_of(&spec).iter().any(|x| x.contains("evil")));
 }
 
 #[test]
