@@ -137,6 +137,8 @@ pub struct QemuSpec {
     /// Each SCSI disk's controller model ([`scsi_controller`]), by index
     /// (one missing: [`VIRTIO_SCSI`]).
     pub scsi: Vec<&'static str>,
+    /// Each disk's serial ([`disk_serial`]), by index (one missing: none).
+    pub serials: Vec<Option<String>>,
     pub memory_mib: u64,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
@@ -191,6 +193,9 @@ impl QemuSpec {
                 _ => VIRTIO_SCSI,
             })
             .collect();
+        let serials = (0..disks.len())
+            .map(|i| disk_serial(&config["disks"][i], i))
+            .collect();
         let ide = buses.iter().filter(|b| **b == DiskBus::Ide).count();
         if ide > MAX_IDE_DISKS {
             return Err(Error::invalid(format!(
@@ -201,6 +206,7 @@ impl QemuSpec {
             disks,
             buses,
             scsi,
+            serials,
             memory_mib,
             extra: vec![],
             qmp: None,
@@ -236,13 +242,16 @@ impl QemuSpec {
         if let Some(u) = &self.uuid {
             c.args(["-uuid", u]);
         }
-        // All virtio (every backup from before buses were recorded): the
-        // command line as it always was. Otherwise each disk is a backend
-        // and a device on its bus, every one with its place in the boot
-        // order (disk 0 first, whatever the buses); SCSI disks go on their
-        // controllers below, once those exist.
+        // All virtio without serials (every backup from before buses were
+        // recorded): the command line as it always was. Otherwise each
+        // disk is a backend and a device on its bus, every one with its
+        // place in the boot order (disk 0 first, whatever the buses) and
+        // its serial; SCSI disks go on their controllers below, once
+        // those exist.
         let bus = |i: usize| self.buses.get(i).copied().unwrap_or(DiskBus::Virtio);
-        let legacy = (0..self.disks.len()).all(|i| bus(i) == DiskBus::Virtio);
+        let serial = |i: usize| self.serials.get(i).and_then(|s| s.as_deref());
+        let legacy =
+            (0..self.disks.len()).all(|i| bus(i) == DiskBus::Virtio && serial(i).is_none());
         let mut scsi = vec![];
         // Controllers of other models than virtio-scsi: (model, id, disks).
         let mut controllers: Vec<(&str, String, usize)> = vec![];
@@ -273,7 +282,7 @@ impl QemuSpec {
                 }
                 _ => "rfs-scsi0.0".to_string(),
             };
-            let device = b.device(i, *k, &scsi_bus);
+            let device = b.device(i, *k, &scsi_bus, serial(i));
             *k += 1;
             match b {
                 DiskBus::Scsi => scsi.push(device),
@@ -650,7 +659,7 @@ pub fn boot(
 mod devices;
 use devices::MAX_IDE_DISKS;
 mod scratch;
-pub use devices::{known_scsi_controller, scsi_controller, DiskBus, VIRTIO_SCSI};
+pub use devices::{disk_serial, known_scsi_controller, scsi_controller, DiskBus, VIRTIO_SCSI};
 pub(crate) use scratch::{remove_stale_scratch, scratch_dir};
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The guest devices `boot` attaches a recovered VM's disks on, as its
 //! backup recorded them (`disks[i]` of the VM configuration): the bus
-//! ([`DiskBus`]) and a SCSI disk's controller model ([`scsi_controller`]).
-//! Nothing of the configuration's text reaches QEMU's command line.
+//! ([`DiskBus`]), a SCSI disk's controller model ([`scsi_controller`]) and
+//! the disk's serial ([`disk_serial`]). Nothing of the configuration's
+//! text reaches QEMU's command line but a serial, checked and quoted.
 
 /// The bus a disk is attached on: the one the guest found it on when it was
 /// backed up (`bus` of the disk in the VM configuration, which `backup-vms`
@@ -21,7 +22,8 @@ pub enum DiskBus {
     /// `ide.1` (QEMU places no more than two without `bus` and `unit`);
     /// four at most.
     Ide,
-    /// An `nvme` controller of its own, serial `rfs{i}`.
+    /// An `nvme` controller of its own, serial the disk's or `rfs{i}`
+    /// (QEMU requires one).
     Nvme,
 }
 
@@ -55,9 +57,10 @@ impl DiskBus {
 
     /// The `-device` attaching backend `rfs{i}` (see `DiskSource`'s
     /// `backend`) as disk `i`, the `k`th on its bus, first in the boot
-    /// order when `i` is 0; a SCSI disk on `scsi_bus`.
-    pub(super) fn device(self, i: usize, k: usize, scsi_bus: &str) -> String {
-        match self {
+    /// order when `i` is 0; a SCSI disk on `scsi_bus`, with its `serial`
+    /// if it has one.
+    pub(super) fn device(self, i: usize, k: usize, scsi_bus: &str, serial: Option<&str>) -> String {
+        let mut d = match self {
             DiskBus::Virtio => format!("virtio-blk-pci,drive=rfs{i},bootindex={i}"),
             DiskBus::Scsi => format!("scsi-hd,drive=rfs{i},bus={scsi_bus},bootindex={i}"),
             DiskBus::Ide => format!(
@@ -65,9 +68,21 @@ impl DiskBus {
                 k / 2,
                 k % 2
             ),
-            DiskBus::Nvme => format!("nvme,drive=rfs{i},serial=rfs{i},bootindex={i}"),
+            DiskBus::Nvme => {
+                let s = serial.map(quote).unwrap_or_else(|| format!("rfs{i}"));
+                return format!("nvme,drive=rfs{i},serial={s},bootindex={i}");
+            }
+        };
+        if let Some(s) = serial {
+            d.push_str(&format!(",serial={}", quote(s)));
         }
+        d
     }
+}
+
+/// A comma inside a QEMU option value is written twice.
+fn quote(s: &str) -> String {
+    s.replace(',', ",,")
 }
 
 /// The SCSI controller a recovered VM's SCSI disks go on when their
@@ -129,4 +144,33 @@ pub fn scsi_controller(disk: &serde_json::Value, i: usize) -> &'static str {
         SCSI_MODELS.map(|(n, _)| n).join(", ")
     );
     VIRTIO_SCSI
+}
+
+/// The longest serial `boot` passes on (QEMU keeps 20 bytes of an IDE,
+/// virtio or NVMe disk's, 36 of a SCSI disk's).
+const MAX_SERIAL: usize = 64;
+
+/// Disk `i`'s serial from `serial` of its entry in a VM configuration's
+/// `disks`, which `boot` gives its device (so `/dev/disk/by-id` names and
+/// Windows' disk identities stay): none when not recorded (older
+/// backups, a disk without one); printable ASCII of at most 64 bytes
+/// only, else none with a warning.
+pub fn disk_serial(disk: &serde_json::Value, i: usize) -> Option<String> {
+    let s = disk.get("serial").filter(|s| !s.is_null())?;
+    match s.as_str() {
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= MAX_SERIAL
+                && t.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+        {
+            Some(t.to_string())
+        }
+        _ => {
+            tracing::warn!(
+                "disk {i}: the VM configuration's serial {s} is not printable ASCII of 1 to \
+                 {MAX_SERIAL} bytes: the disk is attached without a serial"
+            );
+            None
+        }
+    }
 }

@@ -12,6 +12,7 @@ fn a_console_log_that_cannot_be_created_fails_the_boot_before_qemu_runs() {
         disks: vec![],
         buses: vec![],
         scsi: vec![],
+        serials: vec![],
         memory_mib: 64,
         extra: vec![],
         qmp: None,
@@ -333,6 +334,59 @@ fn scsi_disks_get_the_controller_model_their_backup_recorded() {
     );
     assert_eq!(devices_of(&spec), want);
     assert!(!args_of(&spec).iter().any(|x| x.contains("evil")));
+}
+
+#[test]
+fn every_disk_gets_the_serial_its_backup_recorded_checked_and_quoted() {
+    let config = serde_json::json!({"disks": [
+        {"bus": "scsi", "controller": "lsi53c895a", "serial": "LSI,0"},
+        {"bus": "virtio", "serial": "vd 1"},
+        {"bus": "scsi", "serial": "vs2"},
+        {"bus": "nvme", "serial": "nv3"},
+        {"bus": "nvme"},
+        {"bus": "ide", "serial": "ide5"},
+        // Not passed on: not a string, not printable, too long, empty.
+        {"bus": "ide", "serial": 7},
+        {"bus": "virtio", "serial": "bad\u{1}serial,id=x"},
+        {"bus": "virtio", "serial": "x".repeat(65)},
+        {"bus": "virtio", "serial": ""},
+        {"bus": "virtio"}]});
+    let spec = QemuSpec::from_config(&config, files(11)).unwrap();
+    assert_eq!(spec.serials[6..], [None, None, None, None, None]);
+    assert_eq!(
+        devices_of(&spec),
+        [
+            "virtio-blk-pci,drive=rfs1,bootindex=1,serial=vd 1",
+            "nvme,drive=rfs3,serial=nv3,bootindex=3",
+            // QEMU requires an NVMe disk's serial.
+            "nvme,drive=rfs4,serial=rfs4,bootindex=4",
+            "ide-hd,drive=rfs5,bus=ide.0,unit=0,bootindex=5,serial=ide5",
+            "ide-hd,drive=rfs6,bus=ide.0,unit=1,bootindex=6",
+            "virtio-blk-pci,drive=rfs7,bootindex=7",
+            "virtio-blk-pci,drive=rfs8,bootindex=8",
+            "virtio-blk-pci,drive=rfs9,bootindex=9",
+            "virtio-blk-pci,drive=rfs10,bootindex=10",
+            "lsi53c895a,id=rfs-scsi1",
+            "virtio-scsi-pci,id=rfs-scsi0",
+            "scsi-hd,drive=rfs0,bus=rfs-scsi1.0,bootindex=0,serial=LSI,,0",
+            "scsi-hd,drive=rfs2,bus=rfs-scsi0.0,bootindex=2,serial=vs2",
+            "virtio-serial-pci,id=rfs-serial0",
+            "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0",
+        ]
+    );
+    assert!(!args_of(&spec).iter().any(|x| x.contains("id=x")));
+    // All virtio, one with a serial: devices, not `-drive if=virtio`,
+    // which has no serial.
+    let config =
+        serde_json::json!({"disks": [{"bus": "virtio"}, {"bus": "virtio", "serial": "s1"}]});
+    let spec = QemuSpec::from_config(&config, files(2)).unwrap();
+    assert_eq!(
+        devices_of(&spec)[..2],
+        [
+            "virtio-blk-pci,drive=rfs0,bootindex=0",
+            "virtio-blk-pci,drive=rfs1,bootindex=1,serial=s1"
+        ]
+    );
 }
 
 #[test]

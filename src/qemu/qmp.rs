@@ -105,6 +105,9 @@ pub struct BlockDevice {
     /// `recoverfs boot` creates for it; empty otherwise or if QEMU did not
     /// say.
     pub controller: String,
+    /// The guest device's `serial` property (what `/dev/disk/by-id` and
+    /// Windows name the disk by), empty if not set or QEMU did not say.
+    pub serial: String,
 }
 
 impl BlockDevice {
@@ -316,6 +319,7 @@ impl Qmp {
                 read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
                 device_type: String::new(),
                 controller: String::new(),
+                serial: String::new(),
             };
             let name = match (dev.device.as_str(), dev.node_name.as_str()) {
                 ("", node) => format!("node {node}"),
@@ -329,6 +333,7 @@ impl Qmp {
                 continue;
             }
             (dev.device_type, dev.controller) = self.device_type(&dev.qdev);
+            dev.serial = self.qom_get(&dev.qdev, "serial").unwrap_or_default();
             if d.get("removable").and_then(Value::as_bool) == Some(true) {
                 // Its device's type (`ide-cd`, `scsi-cd`, `floppy`) names it.
                 let kind = match dev.device_type.as_str() {

@@ -12,7 +12,7 @@
 //!    `recoverfs boot` attaches it to; any other is recorded as virtio
 //!    with a warning), a SCSI disk's controller model (the QOM type of
 //!    the device owning its bus; one `boot` does not create: a warning),
-//!    its memory and vCPUs for the manifest's
+//!    each disk's serial if set, its memory and vCPUs for the manifest's
 //!    configuration; QEMU's NBD server
 //!    started on a Unix socket in a private temporary directory (before
 //!    any pause, so it costs the guest nothing). Each VM's write rate is

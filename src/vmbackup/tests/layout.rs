@@ -219,13 +219,13 @@ fn each_disks_bus_is_recorded_and_a_recovered_vm_gets_its_disks_on_the_same_buse
     );
 }
 
-/// A SCSI disk's controller model is recorded (a guest without the
-/// driver of another does not see the disk), and `recoverfs boot` gives
-/// the recovered VM the same: its next backup records the same
-/// controllers. The agent container's
+/// A SCSI disk's controller model and every disk's serial are recorded
+/// (the guest's drivers and `/dev/disk/by-id` names depend on them), and
+/// `recoverfs boot` gives the recovered VM the same: its next backup
+/// records the same controllers and serials. The agent container's
 /// `device_add scsi-hd` (no bus) still lands on `rfs-scsi0`.
 #[test]
-fn scsi_controller_models_are_recorded_and_a_recovered_vm_gets_them() {
+fn scsi_controller_models_and_serials_are_recorded_and_a_recovered_vm_gets_them() {
     let d = tempfile::tempdir().unwrap();
     let image = |n: &str| {
         let p = d.path().join(n);
@@ -243,10 +243,10 @@ fn scsi_controller_models_are_recorded_and_a_recovered_vm_gets_them() {
     #[rustfmt::skip]
     let v = vm_with_args(Some(&content()), &[
         "-device", "lsi53c895a,id=lsi", "-drive", &d1,
-        "-device", "scsi-hd,drive=d1,bus=lsi.0",
-        "-device", "megasas,id=mr", "-drive", &d2, "-device", "scsi-hd,drive=d2,bus=mr.0",
+        "-device", "scsi-hd,drive=d1,bus=lsi.0,serial=LSI-SER,,1",
+        "-device", "megasas,id=mr", "-drive", &d2, "-device", "scsi-hd,drive=d2,bus=mr.0,serial=mr-2",
         "-device", "virtio-scsi-pci,id=vs", "-drive", &d3, "-device", "scsi-hd,drive=d3,bus=vs.0",
-        "-drive", &d4, "-device", "virtio-blk-pci,drive=d4",
+        "-drive", &d4, "-device", "virtio-blk-pci,drive=d4,serial=vblk-4",
     ]);
     let (_r, repo) = repo();
     let s = backup_vms(&repo, &options(&[("hba", &v)], 1, None)).unwrap();
@@ -282,6 +282,12 @@ fn scsi_controller_models_are_recorded_and_a_recovered_vm_gets_them() {
         "{}",
         m.config
     );
+    assert_eq!(
+        field("serial"),
+        [None, some("LSI-SER,1"), some("mr-2"), None, some("vblk-4")],
+        "{}",
+        m.config
+    );
 
     // Booted from the backup (paused: the devices are what counts).
     let copies: Vec<_> = (0..5)
@@ -296,17 +302,17 @@ fn scsi_controller_models_are_recorded_and_a_recovered_vm_gets_them() {
     booted.wait_for(&qmp);
     let mut q = Qmp::connect(&qmp).unwrap();
     let disks = q.block_devices().unwrap();
-    let again: Vec<(Option<&str>, &str)> = (disks.iter())
-        .map(|d| (d.bus(), d.controller.as_str()))
+    let again: Vec<(Option<&str>, &str, &str)> = (disks.iter())
+        .map(|d| (d.bus(), d.controller.as_str(), d.serial.as_str()))
         .collect();
     assert_eq!(
         again,
         [
-            (Some("virtio"), ""),
-            (Some("scsi"), "lsi53c895a"),
-            (Some("scsi"), "megasas"),
-            (Some("scsi"), "virtio-scsi-pci"),
-            (Some("virtio"), ""),
+            (Some("virtio"), "", ""),
+            (Some("scsi"), "lsi53c895a", "LSI-SER,1"),
+            (Some("scsi"), "megasas", "mr-2"),
+            (Some("scsi"), "virtio-scsi-pci", ""),
+            (Some("virtio"), "", "vblk-4"),
         ],
         "{disks:?}"
     );
