@@ -520,6 +520,8 @@ pub fn boot(
     mut on_line: impl FnMut(&str),
     mut tick: impl FnMut(Duration) -> Option<String>,
 ) -> Result<BootReport> {
+    // What killed runs left (as `verify-boot` and `precopy` sweep it).
+    remove_stale_scratch(&std::env::temp_dir());
     // Every VM gets a guest-agent channel: here, or in a scratch directory.
     let scratch = scratch_dir("boot")?;
     let qga = spec
@@ -663,4 +665,4 @@ pub use devices::{disk_serial, known_scsi_controller, scsi_controller, DiskBus, 
 pub(crate) use scratch::{remove_stale_scratch, scratch_dir};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

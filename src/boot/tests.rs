@@ -493,3 +493,60 @@ fn memory_from_a_backup_config_is_bounded_before_qemu_sees_it() {
         assert!(e.to_string().contains("memory_mib"), "{e}");
     }
 }
+
+/// A scratch directory in the temporary directory whose owner file names
+/// a process that is gone (a run killed with `kill -9`), and one whose
+/// owner is this process (a live run's).
+pub(crate) fn dead_and_live_scratch(kind: &str) -> (PathBuf, PathBuf) {
+    use crate::repo::locks::{this_process, Owner};
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let me = this_process();
+    let dead = Owner {
+        pid: dead_pid,
+        ..me.clone()
+    };
+    let make = |owner: &Owner| {
+        let d = tempfile::Builder::new()
+            .prefix(&format!("recoverfs-{kind}-"))
+            .tempdir()
+            .unwrap()
+            .keep();
+        std::fs::write(d.join("nbd.sock"), b"x").unwrap();
+        std::fs::write(d.join(SCRATCH_OWNER), serde_json::to_vec(owner).unwrap()).unwrap();
+        d
+    };
+    (make(&dead), make(&me))
+}
+
+#[test]
+fn a_boot_removes_the_scratch_directories_killed_runs_left() {
+    let (dead, live) = dead_and_live_scratch("boot");
+    let (dead_verify, live_verify) = dead_and_live_scratch("verify");
+    let spec = QemuSpec {
+        disks: vec![],
+        buses: vec![],
+        scsi: vec![],
+        serials: vec![],
+        memory_mib: 64,
+        // QEMU refuses it: the boot ends at once.
+        extra: vec!["-no-such-option".into()],
+        qmp: None,
+        qga: None,
+        uuid: None,
+    };
+    let watch = Watch {
+        marker: "never".into(),
+        timeout: Duration::from_secs(30),
+        settle: Duration::ZERO,
+        heartbeat: false,
+    };
+    let r = boot(&spec, &watch, None, |_| {}, |_| None).unwrap();
+    assert!(matches!(r.outcome, Outcome::Exited(_)), "{:?}", r.outcome);
+    assert!(!dead.exists(), "{} stays", dead.display());
+    assert!(!dead_verify.exists(), "{} stays", dead_verify.display());
+    assert!(live.join("nbd.sock").exists());
+    std::fs::remove_dir_all(&live).unwrap();
+    std::fs::remove_dir_all(&live_verify).unwrap();
+}
