@@ -91,7 +91,7 @@ impl DiskSource {
     }
 
     /// QEMU arguments giving this disk's block backend the name `rfs{i}`,
-    /// for a `-device` to attach ([`DiskBus::device`]).
+    /// for a `-device` to attach (`DiskBus::device`).
     fn backend(&self, i: usize) -> Vec<String> {
         let q = |s: &str| s.replace(',', ",,");
         match self {
@@ -130,75 +130,15 @@ impl DiskSource {
     }
 }
 
-/// The bus a disk is attached on: the one the guest found it on when it was
-/// backed up (`bus` of the disk in the VM configuration, which `backup-vms`
-/// records from QEMU). A guest booted with its root disk on another bus
-/// than its own (Windows, an initramfs without virtio drivers) does not
-/// find it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DiskBus {
-    /// `virtio-blk-pci`.
-    Virtio,
-    /// `scsi-hd` on the VM's `virtio-scsi-pci` controller (`rfs-scsi0`).
-    Scsi,
-    /// `ide-hd` on QEMU's default `pc` machine's IDE controller (PIIX):
-    /// the VM's IDE disks in order on `ide.0` master and slave, then
-    /// `ide.1` (QEMU places no more than two without `bus` and `unit`);
-    /// four at most.
-    Ide,
-    /// An `nvme` controller of its own, serial `rfs{i}`.
-    Nvme,
-}
-
-/// IDE disks [`DiskBus::Ide`] places: two buses of two.
-const MAX_IDE_DISKS: usize = 4;
-
-impl DiskBus {
-    /// Disk `i`'s bus from its entry in a VM configuration's `disks`. None
-    /// (a configuration of a backup made before buses were recorded, or
-    /// without `disks`) is virtio, as such VMs were always booted; a value
-    /// not among the four is virtio too, with a warning (no configuration
-    /// text reaches QEMU's command line).
-    pub fn from_config(disk: &serde_json::Value, i: usize) -> DiskBus {
-        match disk.get("bus") {
-            None | Some(serde_json::Value::Null) => DiskBus::Virtio,
-            Some(b) => match b.as_str() {
-                Some("virtio") => DiskBus::Virtio,
-                Some("scsi") => DiskBus::Scsi,
-                Some("ide") => DiskBus::Ide,
-                Some("nvme") => DiskBus::Nvme,
-                _ => {
-                    tracing::warn!(
-                        "disk {i}: the VM configuration's bus {b} is not one recoverfs boot \
-                         attaches (virtio, scsi, ide, nvme): attached as virtio"
-                    );
-                    DiskBus::Virtio
-                }
-            },
-        }
-    }
-
-    /// The `-device` attaching backend `rfs{i}` (see [`DiskSource`]'s
-    /// `backend`) as disk `i`, the `k`th on its bus, first in the boot
-    /// order when `i` is 0.
-    fn device(self, i: usize, k: usize) -> String {
-        match self {
-            DiskBus::Virtio => format!("virtio-blk-pci,drive=rfs{i},bootindex={i}"),
-            DiskBus::Scsi => format!("scsi-hd,drive=rfs{i},bus=rfs-scsi0.0,bootindex={i}"),
-            DiskBus::Ide => format!(
-                "ide-hd,drive=rfs{i},bus=ide.{},unit={},bootindex={i}",
-                k / 2,
-                k % 2
-            ),
-            DiskBus::Nvme => format!("nvme,drive=rfs{i},serial=rfs{i},bootindex={i}"),
-        }
-    }
-}
-
 pub struct QemuSpec {
     pub disks: Vec<DiskSource>,
     /// Each disk's bus, by index (one missing: virtio).
     pub buses: Vec<DiskBus>,
+    /// Each SCSI disk's controller model ([`scsi_controller`]), by index
+    /// (one missing: [`VIRTIO_SCSI`]).
+    pub scsi: Vec<&'static str>,
+    /// Each disk's serial ([`disk_serial`]), by index (one missing: none).
+    pub serials: Vec<Option<String>>,
     pub memory_mib: u64,
     /// Extra arguments appended verbatim.
     pub extra: Vec<String>,
@@ -247,6 +187,15 @@ impl QemuSpec {
         let buses: Vec<DiskBus> = (0..disks.len())
             .map(|i| DiskBus::from_config(&config["disks"][i], i))
             .collect();
+        let scsi = (0..disks.len())
+            .map(|i| match buses[i] {
+                DiskBus::Scsi => scsi_controller(&config["disks"][i], i),
+                _ => VIRTIO_SCSI,
+            })
+            .collect();
+        let serials = (0..disks.len())
+            .map(|i| disk_serial(&config["disks"][i], i))
+            .collect();
         let ide = buses.iter().filter(|b| **b == DiskBus::Ide).count();
         if ide > MAX_IDE_DISKS {
             return Err(Error::invalid(format!(
@@ -256,6 +205,8 @@ impl QemuSpec {
         Ok(QemuSpec {
             disks,
             buses,
+            scsi,
+            serials,
             memory_mib,
             extra: vec![],
             qmp: None,
@@ -291,24 +242,47 @@ impl QemuSpec {
         if let Some(u) = &self.uuid {
             c.args(["-uuid", u]);
         }
-        // All virtio (every backup from before buses were recorded): the
-        // command line as it always was. Otherwise each disk is a backend
-        // and a device on its bus, every one with its place in the boot
-        // order (disk 0 first, whatever the buses); SCSI disks go on the
-        // controller below, once it exists.
+        // All virtio without serials (every backup from before buses were
+        // recorded): the command line as it always was. Otherwise each
+        // disk is a backend and a device on its bus, every one with its
+        // place in the boot order (disk 0 first, whatever the buses) and
+        // its serial; SCSI disks go on their controllers below, once
+        // those exist.
         let bus = |i: usize| self.buses.get(i).copied().unwrap_or(DiskBus::Virtio);
-        let all_virtio = (0..self.disks.len()).all(|i| bus(i) == DiskBus::Virtio);
+        let serial = |i: usize| self.serials.get(i).and_then(|s| s.as_deref());
+        let legacy =
+            (0..self.disks.len()).all(|i| bus(i) == DiskBus::Virtio && serial(i).is_none());
         let mut scsi = vec![];
+        // Controllers of other models than virtio-scsi: (model, id, disks).
+        let mut controllers: Vec<(&str, String, usize)> = vec![];
         let mut on_bus = std::collections::HashMap::new();
         for (i, d) in self.disks.iter().enumerate() {
-            if all_virtio {
+            if legacy {
                 c.args(d.args(i));
                 continue;
             }
             c.args(d.backend(i));
             let b = bus(i);
             let k = on_bus.entry(b).or_insert(0usize);
-            let device = b.device(i, *k);
+            let model = self.scsi.get(i).copied().unwrap_or(VIRTIO_SCSI);
+            let scsi_bus = match b {
+                DiskBus::Scsi if model != VIRTIO_SCSI => {
+                    let free = (controllers.iter_mut())
+                        .find(|(m, _, n)| *m == model && *n < devices::scsi_capacity(model));
+                    let (_, id, n) = match free {
+                        Some(c) => c,
+                        None => {
+                            let id = format!("rfs-scsi{}", controllers.len() + 1);
+                            controllers.push((model, id, 0));
+                            controllers.last_mut().expect("pushed")
+                        }
+                    };
+                    *n += 1;
+                    format!("{id}.0")
+                }
+                _ => "rfs-scsi0.0".to_string(),
+            };
+            let device = b.device(i, *k, &scsi_bus, serial(i));
             *k += 1;
             match b {
                 DiskBus::Scsi => scsi.push(device),
@@ -323,6 +297,12 @@ impl QemuSpec {
             c.args(["-qmp", &format!("unix:{p},server=on,wait=off")]);
         }
         let qga = qga.to_string_lossy().replace(',', ",,");
+        // The VM's own SCSI controllers first: QEMU puts a `device_add
+        // scsi-hd` without a bus (the agent container's) on the newest,
+        // which stays `rfs-scsi0`.
+        for (model, id, _) in &controllers {
+            c.args(["-device", &format!("{model},id={id}")]);
+        }
         c.args(["-device", "virtio-scsi-pci,id=rfs-scsi0"]);
         for d in &scsi {
             c.args(["-device", d]);
@@ -540,6 +520,8 @@ pub fn boot(
     mut on_line: impl FnMut(&str),
     mut tick: impl FnMut(Duration) -> Option<String>,
 ) -> Result<BootReport> {
+    // What killed runs left (as `verify-boot` and `precopy` sweep it).
+    remove_stale_scratch(&std::env::temp_dir());
     // Every VM gets a guest-agent channel: here, or in a scratch directory.
     let scratch = scratch_dir("boot")?;
     let qga = spec
@@ -676,8 +658,11 @@ pub fn boot(
     })
 }
 
+mod devices;
+use devices::MAX_IDE_DISKS;
 mod scratch;
+pub use devices::{disk_serial, known_scsi_controller, scsi_controller, DiskBus, VIRTIO_SCSI};
 pub(crate) use scratch::{remove_stale_scratch, scratch_dir};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,15 +1,17 @@
-//! Scratch directories of `boot` and `verify-boot` (`recoverfs-KIND-XXXXXX`
-//! in the temporary directory): each names its owner, so that what a
-//! killed run left is removed once that owner is proven dead.
+//! Scratch directories of `boot`, `verify-boot` and `precopy`
+//! (`recoverfs-KIND-XXXXXX` in the temporary directory): each names its
+//! owner, so that what a killed run left is removed once that owner is
+//! proven dead, by the next run of any of them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, IoContext, Result};
 
-/// The kinds of scratch directory `boot` and `verify-boot` make in the
-/// temporary directory: `recoverfs-KIND-XXXXXX`.
-const SCRATCH_KINDS: [&str; 2] = ["boot", "verify"];
+/// The kinds of scratch directory `boot`, `verify-boot` and `precopy`
+/// (its NBD socket's) make in the temporary directory:
+/// `recoverfs-KIND-XXXXXX`.
+const SCRATCH_KINDS: [&str; 3] = ["boot", "verify", "precopy"];
 
 /// The file in a scratch directory naming the process that made it.
 pub(super) const SCRATCH_OWNER: &str = "owner.json";
@@ -44,8 +46,8 @@ pub(super) fn dead_scratch_owner(dir: &Path) -> Option<String> {
     crate::repo::locks::dead_process(&o)
 }
 
-/// Removes the scratch directories in `tmp` that `boot` and `verify-boot`
-/// runs left when they died without their cleanup (`kill -9`, a crash):
+/// Removes the scratch directories in `tmp` that `boot`, `verify-boot`
+/// and `precopy` runs left when they died without their cleanup (`kill -9`, a crash):
 /// only directories of this user whose owner file (see [`scratch_dir`])
 /// names a process proven dead. A dead FUSE mount of a `verify-boot` in
 /// one is detached first (its server was that process); a directory with

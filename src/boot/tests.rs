@@ -11,6 +11,8 @@ fn a_console_log_that_cannot_be_created_fails_the_boot_before_qemu_runs() {
     let spec = QemuSpec {
         disks: vec![],
         buses: vec![],
+        scsi: vec![],
+        serials: vec![],
         memory_mib: 64,
         extra: vec![],
         qmp: None,
@@ -271,6 +273,122 @@ fn disks_are_attached_on_the_buses_their_backup_recorded_disk0_first() {
     assert!(e.to_string().contains("5 disks on bus ide"), "{e}");
 }
 
+fn devices_of(spec: &QemuSpec) -> Vec<String> {
+    let a = args_of(spec);
+    a.windows(2)
+        .filter(|w| w[0] == "-device")
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+#[test]
+fn scsi_disks_get_the_controller_model_their_backup_recorded() {
+    let lsi = serde_json::json!({"bus": "scsi", "controller": "lsi53c895a"});
+    let mut disks = vec![
+        serde_json::json!({"bus": "scsi", "controller": "megasas"}),
+        serde_json::json!({"bus": "virtio"}),
+        // Before models were recorded: virtio-scsi, as always.
+        serde_json::json!({"bus": "scsi"}),
+        serde_json::json!({"bus": "scsi", "controller": "virtio-scsi-pci-non-transitional"}),
+        // Unknown: virtio-scsi (with a warning); never on the command line.
+        serde_json::json!({"bus": "scsi", "controller": "evil,id=x"}),
+    ];
+    // Nine disks on lsi53c895a: eight targets each, so two controllers.
+    disks.extend(std::iter::repeat_n(lsi, 9));
+    let config = serde_json::json!({ "disks": disks });
+    let spec = QemuSpec::from_config(&config, files(14)).unwrap();
+    assert_eq!(
+        spec.scsi[..5],
+        [
+            "megasas",
+            VIRTIO_SCSI,
+            VIRTIO_SCSI,
+            VIRTIO_SCSI,
+            VIRTIO_SCSI
+        ]
+    );
+    let mut want: Vec<String> = [
+        "virtio-blk-pci,drive=rfs1,bootindex=1",
+        // The VM's own controllers, then rfs-scsi0 last: QEMU puts a
+        // `device_add scsi-hd` without a bus (agent-backup's) on the newest.
+        "megasas,id=rfs-scsi1",
+        "lsi53c895a,id=rfs-scsi2",
+        "lsi53c895a,id=rfs-scsi3",
+        "virtio-scsi-pci,id=rfs-scsi0",
+        "scsi-hd,drive=rfs0,bus=rfs-scsi1.0,bootindex=0",
+        "scsi-hd,drive=rfs2,bus=rfs-scsi0.0,bootindex=2",
+        "scsi-hd,drive=rfs3,bus=rfs-scsi0.0,bootindex=3",
+        "scsi-hd,drive=rfs4,bus=rfs-scsi0.0,bootindex=4",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 5..14 {
+        let c = if i < 13 { 2 } else { 3 };
+        want.push(format!(
+            "scsi-hd,drive=rfs{i},bus=rfs-scsi{c}.0,bootindex={i}"
+        ));
+    }
+    want.push("virtio-serial-pci,id=rfs-serial0".into());
+    want.push(
+        "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0".into(),
+    );
+    assert_eq!(devices_of(&spec), want);
+    assert!(!args_of(&spec).iter().any(|x| x.contains("evil")));
+}
+
+#[test]
+fn every_disk_gets_the_serial_its_backup_recorded_checked_and_quoted() {
+    let config = serde_json::json!({"disks": [
+        {"bus": "scsi", "controller": "lsi53c895a", "serial": "LSI,0"},
+        {"bus": "virtio", "serial": "vd 1"},
+        {"bus": "scsi", "serial": "vs2"},
+        {"bus": "nvme", "serial": "nv3"},
+        {"bus": "nvme"},
+        {"bus": "ide", "serial": "ide5"},
+        // Not passed on: not a string, not printable, too long, empty.
+        {"bus": "ide", "serial": 7},
+        {"bus": "virtio", "serial": "bad\u{1}serial,id=x"},
+        {"bus": "virtio", "serial": "x".repeat(65)},
+        {"bus": "virtio", "serial": ""},
+        {"bus": "virtio"}]});
+    let spec = QemuSpec::from_config(&config, files(11)).unwrap();
+    assert_eq!(spec.serials[6..], [None, None, None, None, None]);
+    assert_eq!(
+        devices_of(&spec),
+        [
+            "virtio-blk-pci,drive=rfs1,bootindex=1,serial=vd 1",
+            "nvme,drive=rfs3,serial=nv3,bootindex=3",
+            // QEMU requires an NVMe disk's serial.
+            "nvme,drive=rfs4,serial=rfs4,bootindex=4",
+            "ide-hd,drive=rfs5,bus=ide.0,unit=0,bootindex=5,serial=ide5",
+            "ide-hd,drive=rfs6,bus=ide.0,unit=1,bootindex=6",
+            "virtio-blk-pci,drive=rfs7,bootindex=7",
+            "virtio-blk-pci,drive=rfs8,bootindex=8",
+            "virtio-blk-pci,drive=rfs9,bootindex=9",
+            "virtio-blk-pci,drive=rfs10,bootindex=10",
+            "lsi53c895a,id=rfs-scsi1",
+            "virtio-scsi-pci,id=rfs-scsi0",
+            "scsi-hd,drive=rfs0,bus=rfs-scsi1.0,bootindex=0,serial=LSI,,0",
+            "scsi-hd,drive=rfs2,bus=rfs-scsi0.0,bootindex=2,serial=vs2",
+            "virtio-serial-pci,id=rfs-serial0",
+            "virtserialport,bus=rfs-serial0.0,chardev=rfs-qga0,name=org.qemu.guest_agent.0",
+        ]
+    );
+    assert!(!args_of(&spec).iter().any(|x| x.contains("id=x")));
+    // All virtio, one with a serial: devices, not `-drive if=virtio`,
+    // which has no serial.
+    let config =
+        serde_json::json!({"disks": [{"bus": "virtio"}, {"bus": "virtio", "serial": "s1"}]});
+    let spec = QemuSpec::from_config(&config, files(2)).unwrap();
+    assert_eq!(
+        devices_of(&spec)[..2],
+        [
+            "virtio-blk-pci,drive=rfs0,bootindex=0",
+            "virtio-blk-pci,drive=rfs1,bootindex=1,serial=s1"
+        ]
+    );
+}
+
 #[test]
 fn a_config_without_buses_or_all_virtio_boots_with_the_command_line_it_always_had() {
     for config in [
@@ -374,4 +492,61 @@ fn memory_from_a_backup_config_is_bounded_before_qemu_sees_it() {
             .unwrap_or_else(|| panic!("{bad} accepted"));
         assert!(e.to_string().contains("memory_mib"), "{e}");
     }
+}
+
+/// A scratch directory in the temporary directory whose owner file names
+/// a process that is gone (a run killed with `kill -9`), and one whose
+/// owner is this process (a live run's).
+pub(crate) fn dead_and_live_scratch(kind: &str) -> (PathBuf, PathBuf) {
+    use crate::repo::locks::{this_process, Owner};
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let me = this_process();
+    let dead = Owner {
+        pid: dead_pid,
+        ..me.clone()
+    };
+    let make = |owner: &Owner| {
+        let d = tempfile::Builder::new()
+            .prefix(&format!("recoverfs-{kind}-"))
+            .tempdir()
+            .unwrap()
+            .keep();
+        std::fs::write(d.join("nbd.sock"), b"x").unwrap();
+        std::fs::write(d.join(SCRATCH_OWNER), serde_json::to_vec(owner).unwrap()).unwrap();
+        d
+    };
+    (make(&dead), make(&me))
+}
+
+#[test]
+fn a_boot_removes_the_scratch_directories_killed_runs_left() {
+    let (dead, live) = dead_and_live_scratch("boot");
+    let (dead_verify, live_verify) = dead_and_live_scratch("verify");
+    let spec = QemuSpec {
+        disks: vec![],
+        buses: vec![],
+        scsi: vec![],
+        serials: vec![],
+        memory_mib: 64,
+        // QEMU refuses it: the boot ends at once.
+        extra: vec!["-no-such-option".into()],
+        qmp: None,
+        qga: None,
+        uuid: None,
+    };
+    let watch = Watch {
+        marker: "never".into(),
+        timeout: Duration::from_secs(30),
+        settle: Duration::ZERO,
+        heartbeat: false,
+    };
+    let r = boot(&spec, &watch, None, |_| {}, |_| None).unwrap();
+    assert!(matches!(r.outcome, Outcome::Exited(_)), "{:?}", r.outcome);
+    assert!(!dead.exists(), "{} stays", dead.display());
+    assert!(!dead_verify.exists(), "{} stays", dead_verify.display());
+    assert!(live.join("nbd.sock").exists());
+    std::fs::remove_dir_all(&live).unwrap();
+    std::fs::remove_dir_all(&live_verify).unwrap();
 }

@@ -96,10 +96,10 @@ impl Job {
                 None
             }
         };
-        let tmp = tempfile::Builder::new()
-            .prefix("recoverfs-precopy-")
-            .tempdir()
-            .map_err(|e| Error::io("create a temporary directory", e))?;
+        // Its owner named, so that once a kill leaves it, the next run
+        // (this sweep, or `boot`'s) removes it.
+        crate::boot::remove_stale_scratch(&std::env::temp_dir());
+        let tmp = crate::boot::scratch_dir("precopy")?;
         let (mut state, hi, start) = match resumed {
             Some((s, hi)) => {
                 let start = format!("resumed cycle {} at round {}", s.cycle, hi);
@@ -163,6 +163,12 @@ impl Job {
         self.q
             .as_mut()
             .ok_or_else(|| Error::invalid("no QMP connection"))
+    }
+
+    /// The directory of QEMU's NBD server socket.
+    #[cfg(test)]
+    pub(super) fn scratch(&self) -> &std::path::Path {
+        self.tmp.path()
     }
 
     fn socket(&self) -> PathBuf {

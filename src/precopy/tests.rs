@@ -12,9 +12,7 @@ use crate::vmbackup::tests::incremental::{
 use crate::vmbackup::tests::{options as vm_options, repo, restored, vm, Vm};
 use crate::vmbackup::{backup_vms, Hook};
 use rand::RngCore;
-use std::collections::BTreeSet;
-use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::{collections::BTreeSet, sync::atomic::AtomicU64, time::Instant};
 
 const MIB: usize = 1 << 20;
 const CHUNK: u32 = 65536;
@@ -619,6 +617,7 @@ fn a_throttled_chunk_costs_its_wait_for_the_workers_but_not_a_checkpoint_or_halt
 }
 
 mod direct;
+mod scratch;
 mod throttle;
 
 #[test]

@@ -99,6 +99,15 @@ pub struct BlockDevice {
     /// `ide-hd`, `nvme`, `floppy`; for a SCSI disk of a USB storage device,
     /// that device's, `usb-storage`), empty if QEMU did not say.
     pub device_type: String,
+    /// For a SCSI disk, its controller's QOM type (the device owning its
+    /// bus: `lsi53c895a`, `megasas`, `pvscsi`, `virtio-scsi-pci`, ...;
+    /// for virtio, the PCI device, not its `virtio-scsi-device`), which
+    /// `recoverfs boot` creates for it; empty otherwise or if QEMU did not
+    /// say.
+    pub controller: String,
+    /// The guest device's `serial` property (what `/dev/disk/by-id` and
+    /// Windows name the disk by), empty if not set or QEMU did not say.
+    pub serial: String,
 }
 
 impl BlockDevice {
@@ -309,6 +318,8 @@ impl Qmp {
                 file: str_of(ins, "file"),
                 read_only: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
                 device_type: String::new(),
+                controller: String::new(),
+                serial: String::new(),
             };
             let name = match (dev.device.as_str(), dev.node_name.as_str()) {
                 ("", node) => format!("node {node}"),
@@ -321,7 +332,8 @@ impl Qmp {
                 ));
                 continue;
             }
-            dev.device_type = self.device_type(&dev.qdev);
+            (dev.device_type, dev.controller) = self.device_type(&dev.qdev);
+            dev.serial = self.qom_get(&dev.qdev, "serial").unwrap_or_default();
             if d.get("removable").and_then(Value::as_bool) == Some(true) {
                 // Its device's type (`ide-cd`, `scsi-cd`, `floppy`) names it.
                 let kind = match dev.device_type.as_str() {
@@ -344,31 +356,49 @@ impl Qmp {
         Ok((disks, skipped))
     }
 
-    /// [`BlockDevice::device_type`] of the guest device at QOM path `qdev`
-    /// (empty if QEMU does not say): its `type`, or for a SCSI disk whose
-    /// bus belongs to a USB device (`usb-storage`, `usb-bot`, `usb-uas`),
-    /// that device's type: the guest sees a USB disk. (A `scsi-cd` stays
-    /// one, on USB too: a disc, left out by [`Self::guest_disks`].)
-    fn device_type(&mut self, qdev: &str) -> String {
-        let mut qom_get = |path: &str, property: &str| {
-            self.execute("qom-get", Some(json!({"path": path, "property": property})))
-                .ok()
-                .and_then(|t| t.as_str().map(str::to_string))
-        };
-        let Some(t) = qom_get(qdev, "type") else {
-            return String::new();
+    /// A string property of the QOM object at `path`, if QEMU gives one.
+    fn qom_get(&mut self, path: &str, property: &str) -> Option<String> {
+        self.execute("qom-get", Some(json!({"path": path, "property": property})))
+            .ok()
+            .and_then(|t| t.as_str().map(str::to_string))
+    }
+
+    /// [`BlockDevice::device_type`] and [`BlockDevice::controller`] of the
+    /// guest device at QOM path `qdev` (empty if QEMU does not say): its
+    /// `type`, or for a SCSI disk whose bus belongs to a USB device
+    /// (`usb-storage`, `usb-bot`, `usb-uas`), that device's type: the guest
+    /// sees a USB disk. (A `scsi-cd` stays one, on USB too: a disc, left
+    /// out by [`Self::guest_disks`].) A SCSI disk's controller is the
+    /// device owning its bus; a virtio one's `virtio-scsi-device` is named
+    /// by its proxy (`virtio-scsi-pci`), the device on the command line.
+    fn device_type(&mut self, qdev: &str) -> (String, String) {
+        let Some(t) = self.qom_get(qdev, "type") else {
+            return (String::new(), String::new());
         };
         if !matches!(t.as_str(), "scsi-hd" | "scsi-disk" | "scsi-block") {
-            return t;
+            return (t, String::new());
         }
         // `/machine/peripheral-anon/device[4]/scsi.0`: the bus, then its device.
-        let owner = qom_get(qdev, "parent_bus")
+        let Some(owner) = self
+            .qom_get(qdev, "parent_bus")
             .and_then(|bus| bus.rsplit_once('/').map(|(o, _)| o.to_string()))
-            .and_then(|o| qom_get(&o, "type"));
-        match owner {
-            Some(o) if o.starts_with("usb-") => o,
-            _ => t,
+        else {
+            return (t, String::new());
+        };
+        let Some(mut model) = self.qom_get(&owner, "type") else {
+            return (t, String::new());
+        };
+        if model.starts_with("usb-") {
+            return (model, String::new());
         }
+        // `/machine/peripheral/vs/virtio-backend`: its proxy is the parent.
+        if model.starts_with("virtio-") && model.ends_with("-device") {
+            let proxy = owner.rsplit_once('/').map(|(p, _)| p.to_string());
+            model = proxy
+                .and_then(|p| self.qom_get(&p, "type"))
+                .unwrap_or_default();
+        }
+        (t, model)
     }
 
     /// The guest's memory and vCPUs: `query-memory-size-summary`'s base

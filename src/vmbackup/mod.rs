@@ -10,7 +10,9 @@
 //!    each a warning; a VM without a disk fails alone), each disk's bus
 //!    (its guest device's QOM type: virtio, scsi, ide or nvme, which
 //!    `recoverfs boot` attaches it to; any other is recorded as virtio
-//!    with a warning), its memory and vCPUs for the manifest's
+//!    with a warning), a SCSI disk's controller model (the QOM type of
+//!    the device owning its bus; one `boot` does not create: a warning),
+//!    each disk's serial if set, its memory and vCPUs for the manifest's
 //!    configuration; QEMU's NBD server
 //!    started on a Unix socket in a private temporary directory (before
 //!    any pause, so it costs the guest nothing). Each VM's write rate is

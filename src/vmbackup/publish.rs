@@ -98,8 +98,17 @@ impl Vm {
         // The bus the guest finds each disk on, which `recoverfs boot`
         // attaches it to (a guest whose root disk moves from IDE or SCSI
         // to virtio may not find it).
+        // A SCSI disk's controller model, which `boot` creates for it (a
+        // guest without the driver of another does not see the disk), and
+        // each disk's serial (its `/dev/disk/by-id` name, Windows' disk id).
         for (c, d) in (config["disks"].as_array_mut().into_iter().flatten()).zip(&self.disks) {
             c["bus"] = d.bus().unwrap_or("virtio").into();
+            if d.bus() == Some("scsi") && !d.controller.is_empty() {
+                c["controller"] = d.controller.clone().into();
+            }
+            if !d.serial.is_empty() {
+                c["serial"] = d.serial.clone().into();
+            }
         }
         // What `recoverfs boot` gives the recovered VM (`-m memory_mib`).
         if let Some(m) = self.machine {

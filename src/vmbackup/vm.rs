@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::base::{check_base, find_base, Prev};
 use super::options::{GivenBase, VmSpec};
 use super::report::{Clock, VmReport};
+use crate::boot::{known_scsi_controller, VIRTIO_SCSI};
 use crate::error::{Error, Result};
 use crate::qemu::fleece::{self, View};
 use crate::qemu::guest_agent::GuestAgent;
@@ -140,6 +141,20 @@ impl Vm {
             let w = format!(
                 "disk {i} ({what}, {}) is recorded on bus virtio: recoverfs boot attaches \
                  virtio, scsi, ide and nvme disks only",
+                d.qdev
+            );
+            tracing::warn!(vm = %self.spec.name, "{w}");
+            self.report.warnings.push(w);
+        }
+        // A SCSI disk's controller model is recorded too; `boot` creates a
+        // model it does not know as virtio-scsi.
+        for (i, d) in disks.iter().enumerate() {
+            let m = d.controller.as_str();
+            if d.bus() != Some("scsi") || m.is_empty() || known_scsi_controller(m).is_some() {
+                continue;
+            }
+            let w = format!(
+                "disk {i} ({}) is on a SCSI controller of model {m}, which recoverfs boot does                  not create: a recovered VM gets it on {VIRTIO_SCSI}",
                 d.qdev
             );
             tracing::warn!(vm = %self.spec.name, "{w}");

@@ -218,3 +218,124 @@ fn each_disks_bus_is_recorded_and_a_recovered_vm_gets_its_disks_on_the_same_buse
         "{disks:?}"
     );
 }
+
+/// A SCSI disk's controller model and every disk's serial are recorded
+/// (the guest's drivers and `/dev/disk/by-id` names depend on them), and
+/// `recoverfs boot` gives the recovered VM the same: its next backup
+/// records the same controllers and serials. The agent container's
+/// `device_add scsi-hd` (no bus) still lands on `rfs-scsi0`.
+#[test]
+fn scsi_controller_models_and_serials_are_recorded_and_a_recovered_vm_gets_them() {
+    let d = tempfile::tempdir().unwrap();
+    let image = |n: &str| {
+        let p = d.path().join(n);
+        std::fs::write(&p, vec![0u8; MIB]).unwrap();
+        p
+    };
+    let drive =
+        |n: &str, id: &str| format!("file={},format=raw,if=none,id={id}", image(n).display());
+    let (d1, d2, d3, d4) = (
+        drive("lsi.raw", "d1"),
+        drive("mr.raw", "d2"),
+        drive("vs.raw", "d3"),
+        drive("vd.raw", "d4"),
+    );
+    #[rustfmt::skip]
+    let v = vm_with_args(Some(&content()), &[
+        "-device", "lsi53c895a,id=lsi", "-drive", &d1,
+        "-device", "scsi-hd,drive=d1,bus=lsi.0,serial=LSI-SER,,1",
+        "-device", "megasas,id=mr", "-drive", &d2, "-device", "scsi-hd,drive=d2,bus=mr.0,serial=mr-2",
+        "-device", "virtio-scsi-pci,id=vs", "-drive", &d3, "-device", "scsi-hd,drive=d3,bus=vs.0",
+        "-drive", &d4, "-device", "virtio-blk-pci,drive=d4,serial=vblk-4",
+    ]);
+    let (_r, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("hba", &v)], 1, None)).unwrap();
+    let r = report(&s, "hba");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let m = only_manifest(&repo, "hba");
+    let field = |k: &str| -> Vec<Option<String>> {
+        (m.config["disks"].as_array().unwrap().iter())
+            .map(|d| d.get(k).and_then(|v| v.as_str()).map(str::to_string))
+            .collect()
+    };
+    let some = |s: &str| Some(s.to_string());
+    assert_eq!(
+        field("bus"),
+        [
+            some("virtio"),
+            some("scsi"),
+            some("scsi"),
+            some("scsi"),
+            some("virtio")
+        ]
+    );
+    assert_eq!(
+        field("controller"),
+        [
+            None,
+            some("lsi53c895a"),
+            some("megasas"),
+            some("virtio-scsi-pci"),
+            None
+        ],
+        "{}",
+        m.config
+    );
+    assert_eq!(
+        field("serial"),
+        [None, some("LSI-SER,1"), some("mr-2"), None, some("vblk-4")],
+        "{}",
+        m.config
+    );
+
+    // Booted from the backup (paused: the devices are what counts).
+    let copies: Vec<_> = (0..5)
+        .map(|i| crate::boot::DiskSource::File(image(&format!("r{i}.raw"))))
+        .collect();
+    let mut spec = crate::boot::QemuSpec::from_config(&m.config, copies).unwrap();
+    let qmp = d.path().join("booted.qmp");
+    spec.qmp = Some(qmp.clone());
+    let mut cmd = spec.command(&d.path().join("qga.sock"));
+    cmd.arg("-S");
+    let mut booted = Proc::spawn(&mut cmd);
+    booted.wait_for(&qmp);
+    let mut q = Qmp::connect(&qmp).unwrap();
+    let disks = q.block_devices().unwrap();
+    let again: Vec<(Option<&str>, &str, &str)> = (disks.iter())
+        .map(|d| (d.bus(), d.controller.as_str(), d.serial.as_str()))
+        .collect();
+    assert_eq!(
+        again,
+        [
+            (Some("virtio"), "", ""),
+            (Some("scsi"), "lsi53c895a", "LSI-SER,1"),
+            (Some("scsi"), "megasas", "mr-2"),
+            (Some("scsi"), "virtio-scsi-pci", ""),
+            (Some("virtio"), "", "vblk-4"),
+        ],
+        "{disks:?}"
+    );
+    // What `agent-backup` attaches goes on the VM's virtio-scsi.
+    let img = image("agent.raw");
+    q.execute(
+        "blockdev-add",
+        Some(
+            json!({"driver": "raw", "node-name": "ag", "read-only": true,
+                    "file": {"driver": "file", "filename": img, "read-only": true}}),
+        ),
+    )
+    .unwrap();
+    q.execute(
+        "device_add",
+        Some(json!({"driver": "scsi-hd", "id": "agent", "drive": "ag"})),
+    )
+    .unwrap();
+    let bus = q
+        .execute(
+            "qom-get",
+            Some(json!({"path": "agent", "property": "parent_bus"})),
+        )
+        .unwrap();
+    assert!(bus.as_str().unwrap().ends_with("/rfs-scsi0.0"), "{bus}");
+}
