@@ -208,19 +208,7 @@ fn restoring_the_root_directory_restores_into_to() {
     let d = tempfile::tempdir().unwrap();
     let to = d.path().join("to");
     std::fs::create_dir(&to).unwrap();
-    let e = |path: &str, kind, mode| Entry {
-        path: path.into(),
-        kind,
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime: 1_600_000_000,
-        mtime_nsec: 0,
-        size: 0,
-        target: None,
-        chunks: vec![],
-        inode: None,
-    };
+    let e = entry;
     let entries = [
         e("/", EntryKind::Dir, 0o755),
         e("/a", EntryKind::File, 0o644),
@@ -238,21 +226,10 @@ fn a_file_with_a_255_byte_name_restores() {
     let to = d.path().join("to");
     std::fs::create_dir(&to).unwrap();
     let name = "n".repeat(255);
-    let entry = Entry {
-        path: format!("/{name}"),
-        kind: EntryKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: 1_600_000_000,
-        mtime_nsec: 0,
-        size: 3,
-        target: None,
-        chunks: vec![],
-        inode: None,
-    };
+    let mut file = entry(&format!("/{name}"), EntryKind::File, 0o644);
+    file.size = 3;
     let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
-    assert_eq!(restore_with(&[&entry], &to, content, &GO).unwrap(), 1);
+    assert_eq!(restore_with(&[&file], &to, content, &GO).unwrap(), 1);
     assert_eq!(std::fs::read(to.join(&name)).unwrap(), b"abc");
     assert_eq!(
         std::fs::read_dir(&to).unwrap().count(),
@@ -288,17 +265,8 @@ fn ls_shows_control_characters_in_a_path_or_link_target_escaped() {
 fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_being_written() {
     let d = tempfile::tempdir().unwrap();
     let e = |path: &str, kind, mode| Entry {
-        path: path.into(),
-        kind,
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime: 1_600_000_000,
-        mtime_nsec: 0,
         size: 3,
-        target: None,
-        chunks: vec![],
-        inode: None,
+        ..entry(path, kind, mode)
     };
     let entries = [
         e("/d", EntryKind::Dir, 0o750),
