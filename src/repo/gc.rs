@@ -228,12 +228,18 @@ pub fn collect(
         .map(|(k, v)| (k.to_string(), v.len() as u64))
         .collect();
     if !opts.dry_run {
-        for batch in doomed.chunks(BATCH) {
+        for (i, batch) in doomed.chunks(BATCH).enumerate() {
             // Held across the batch: a signal's lock release waits for it.
             let _held = lock
                 .hold()
                 .map_err(|e| e.context("gc stopped part way (what it removed was unreferenced)"))?;
-            repo.backend().delete_many(batch)?;
+            repo.backend().delete_many(batch).map_err(|e| {
+                e.context(format!(
+                    "gc stopped part way: {} of {} unreferenced chunks removed before this batch (nothing referenced was touched); run gc again",
+                    i * BATCH,
+                    doomed.len()
+                ))
+            })?;
         }
     }
     (report.leftover_files, report.leftover_bytes) = repo
