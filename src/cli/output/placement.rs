@@ -68,6 +68,22 @@ pub(crate) fn placement(r: &Value, explain: bool) {
     }
 }
 
+/// Where a point serves: its address, or for the default point the
+/// URLs of `--nfs`/`--nbd` (FUSE only without them).
+fn point_listens(p: &Value) -> String {
+    if let Some(ip) = p["listen"].as_str() {
+        return format!("listen {ip}");
+    }
+    let urls: Vec<&str> = (p["urls"].as_array().map(Vec::as_slice).unwrap_or_default())
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    match urls.is_empty() {
+        true => "FUSE only (no --nfs or --nbd)".into(),
+        false => format!("serves {}", urls.join(" ")),
+    }
+}
+
 /// `export-points`.
 pub(crate) fn export_points(r: &Value, json: bool) {
     if json {
@@ -78,9 +94,9 @@ pub(crate) fn export_points(r: &Value, json: bool) {
     for p in r["export_points"].as_array().cloned().unwrap_or_default() {
         let q = &p["queue"];
         println!(
-            "{}  listen {}  predicted {:.3} ms",
+            "{}  {}  predicted {:.3} ms",
             p["name"].as_str().unwrap_or("?"),
-            p["listen"].as_str().unwrap_or("--nfs/--nbd"),
+            point_listens(&p),
             n(&p["predicted"]["latency_ms"])
         );
         let names = |v: &Value| -> Vec<String> {
@@ -131,5 +147,26 @@ pub(crate) fn export_points(r: &Value, json: bool) {
         for u in names(&p["urls"]) {
             println!("  {u}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::point_listens;
+    use serde_json::json;
+
+    /// explore8 LOW: the default point without --nfs/--nbd read as if it
+    /// listened on an address called "--nfs/--nbd".
+    #[test]
+    fn a_point_says_where_it_serves_and_the_default_without_frontends_says_fuse_only() {
+        let named = json!({"listen": "198.18.0.1", "urls": ["nfs://198.18.0.1"]});
+        assert_eq!(point_listens(&named), "listen 198.18.0.1");
+        let default = json!({"listen": null, "urls": ["nfs://127.0.0.1", "nbd://127.0.0.1:10809"]});
+        assert_eq!(
+            point_listens(&default),
+            "serves nfs://127.0.0.1 nbd://127.0.0.1:10809"
+        );
+        let fuse = json!({"listen": null, "urls": []});
+        assert_eq!(point_listens(&fuse), "FUSE only (no --nfs or --nbd)");
     }
 }
