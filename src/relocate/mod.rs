@@ -429,8 +429,13 @@ impl Relocation {
             rate_mbps: rate,
             copy_seconds: secs,
             rate_limit_mbps: *self.rate_limit.lock(),
-            eta_s: (state.is_running() && state != State::Paused && rate > 0.0)
-                .then(|| left as f64 / (rate * 1e6)),
+            // None while it waits for the repository: the average rate
+            // decays then, and an ETA from it would only grow.
+            eta_s: (state.is_running()
+                && state != State::Paused
+                && rate > 0.0
+                && !self.outage_shown.load(Ordering::Acquire))
+            .then(|| left as f64 / (rate * 1e6)),
             dirty_blocks: if state == State::Done {
                 0
             } else {

@@ -22,13 +22,13 @@ pub(crate) fn relocation_line(r: &Value) -> String {
         );
     }
     let mut line = format!(
-        "{} pass {}  {}/{} ({:.1}%)  {:.1} MB/s  dirty blocks {}",
+        "{} pass {}  {}/{} ({:.1}%)  {}  dirty blocks {}",
         r["state"].as_str().unwrap_or("?"),
         n("pass"),
         human_bytes(n("bytes_done")),
         human_bytes(n("bytes_total")),
         n("bytes_done") as f64 * 100.0 / n("bytes_total").max(1) as f64,
-        r["rate_mbps"].as_f64().unwrap_or(0.0),
+        rate(r),
         n("dirty_blocks"),
     );
     if let Some(eta) = r["eta_s"].as_f64() {
@@ -45,6 +45,16 @@ pub(crate) fn relocation_line(r: &Value) -> String {
         line += &format!("  ERROR: {t}");
     }
     line
+}
+
+/// The copy's rate, or "stalled" while it waits for the repository (the
+/// average would only decay: explore8 LOW).
+fn rate(r: &Value) -> String {
+    let waiting = (r["note"].as_str()).is_some_and(|n| n.starts_with("waiting for the repository"));
+    match waiting {
+        true => "stalled".into(),
+        false => format!("{:.1} MB/s", r["rate_mbps"].as_f64().unwrap_or(0.0)),
+    }
 }
 
 /// One line for a cancelled relocation (`POST .../relocate/cancel`).
@@ -111,8 +121,8 @@ fn wait_relocation_with(
         bar.set_length(r["bytes_total"].as_u64().unwrap_or(0));
         bar.set_position(r["bytes_done"].as_u64().unwrap_or(0));
         bar.set_message(format!(
-            "{:.1} MB/s pass {} ETA {}",
-            r["rate_mbps"].as_f64().unwrap_or(0.0),
+            "{} pass {} ETA {}",
+            rate(r),
             r["pass"],
             r["eta_s"]
                 .as_f64()

@@ -137,6 +137,43 @@ fn guest_writes_all_through_a_pipelined_copy_leave_the_target_equal_to_every_wri
 /// not staged (moved away, as a share that went down) does not fail the
 /// relocation: it waits, says so in `status`, and completes once the
 /// repository answers again.
+/// explore8 LOW: while it waited, the ETA grew from a decaying average.
+#[test]
+fn a_relocation_waiting_for_the_repository_gives_no_eta() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let (repo, away) = (
+        rig.dir.path().join("repo"),
+        rig.dir.path().join("repo.away"),
+    );
+    let r = rig.relocate_at(&disks, Some(0.2));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while r.status().bytes_copied == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing copied: {:?}",
+            r.status()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::rename(&repo, &away).unwrap();
+    loop {
+        let st = r.status();
+        if st
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("waiting for the repository"))
+        {
+            assert_eq!(st.eta_s, None, "{st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wait shown: {st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::rename(&away, &repo).unwrap();
+    let _ = r.cancel(false);
+}
+
 #[test]
 fn a_repository_outage_during_the_copy_is_waited_out_and_the_relocation_completes() {
     let rig = rig();
