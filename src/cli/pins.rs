@@ -82,7 +82,14 @@ fn ls(repo: &Repository, vm: Option<&str>, json: bool) -> Result<()> {
 /// One pin, for people (control characters of a forged one shown as `?`).
 fn line(p: &Pin) -> String {
     let who = match &p.owner {
-        Some(o) => format!(" (throwaway, pid {})", o.pid),
+        // Its state is what it wrote last: a killed process wrote no end.
+        Some(o) => match p.dead_owner() {
+            Some(why) => format!(
+                " (throwaway, pid {}: its process is gone ({why}); the next forget drops it)",
+                o.pid
+            ),
+            None => format!(" (throwaway, pid {})", o.pid),
+        },
         None => String::new(),
     };
     let id = match &p.staging_id {
@@ -197,6 +204,25 @@ mod tests {
         // Another host of this name whose staging has the same path.
         let theirs = Pin::new("vm", vec!["b1".into()], &dir, true).in_staging("another");
         refuse_live(&theirs).unwrap();
+    }
+
+    /// explore8 LOW: a killed `files` run's pin read as `serving`.
+    #[test]
+    fn a_throwaway_pin_whose_process_is_gone_says_so() {
+        let dir = std::path::Path::new("/s/sessions/vm/b1");
+        let mut p = Pin::new("vm", vec!["b1".into()], dir, true);
+        p.owner = Some(crate::repo::locks::this_process());
+        let live = line(&p);
+        assert!(!live.contains("gone"), "{live}");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        p.owner.as_mut().unwrap().pid = pid;
+        let dead = line(&p);
+        assert!(
+            dead.contains(&format!("(throwaway, pid {pid}: its process is gone (pid {pid} on this host has exited); the next forget drops it)")),
+            "{dead}"
+        );
     }
 
     #[test]
