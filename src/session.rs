@@ -204,6 +204,8 @@ pub struct SessionStatus {
     pub vm: String,
     pub backup: String,
     pub export_point: String,
+    /// Per disk, the NFS and NBD URLs that reach it (as `recover` said).
+    pub urls: Vec<Vec<String>>,
     pub host: Option<String>,
     pub resumed: bool,
     pub started: String,
@@ -657,6 +659,7 @@ impl Datastore {
         SessionStatus {
             vm: s.vm.clone(),
             backup: s.backup.clone(),
+            urls: s.disks.iter().map(|d| self.disk_urls(s, d.index)).collect(),
             resumed: s.resumed,
             started: crate::util::rfc3339(
                 s.started
