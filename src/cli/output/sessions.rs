@@ -108,6 +108,9 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
             s["open_handles"]
         );
         println!("  {}", served_line(&s));
+        if s["backup_running"].as_bool() == Some(true) {
+            println!("  a live backup (backup --session) is running");
+        }
         if let Some(b) = s["backup_base"]
             .as_str()
             .filter(|b| Some(*b) != s["backup"].as_str())
