@@ -204,6 +204,11 @@ pub struct SessionStatus {
     pub vm: String,
     pub backup: String,
     pub export_point: String,
+    /// Per disk, the NFS and NBD URLs that reach it (as `recover` said).
+    pub urls: Vec<Vec<String>>,
+    /// A live backup (`backup --session`) of it is running now.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub backup_running: bool,
     pub host: Option<String>,
     pub resumed: bool,
     pub started: String,
@@ -657,6 +662,8 @@ impl Datastore {
         SessionStatus {
             vm: s.vm.clone(),
             backup: s.backup.clone(),
+            urls: s.disks.iter().map(|d| self.disk_urls(s, d.index)).collect(),
+            backup_running: s.backup_running.load(std::sync::atomic::Ordering::Acquire),
             resumed: s.resumed,
             started: crate::util::rfc3339(
                 s.started

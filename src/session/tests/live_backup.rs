@@ -185,9 +185,15 @@ fn a_second_backup_of_a_vm_while_one_runs_is_busy() {
     r.ds.recover("vm", None).unwrap();
     disk(&r, "vm").write(0, &block(9)).unwrap();
     let s = r.ds.session("vm").unwrap();
+    assert!(!r.ds.status(&s).backup_running);
     s.backup_running.store(true, Ordering::SeqCst);
     let e = r.ds.backup_session("vm").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    // explore8 M1: `status` did not show it.
+    assert!(
+        r.ds.status(&s).backup_running,
+        "status hides the running backup"
+    );
     s.backup_running.store(false, Ordering::SeqCst);
     r.ds.backup_session("vm").unwrap();
     drop(s);
