@@ -7,7 +7,8 @@
 //! container and a stream port ([`super::attach`]); `guest-exec` a small
 //! shell script that waits for the disk and port, mounts the container
 //! read-only, runs `recoverfs agent run` from it and unmounts it; receive
-//! the stream, chunking file contents into the repository as they come;
+//! the stream, chunking file contents into the repository as they come
+//! (and sending an agent that waits for it a keep-alive byte every 2 s);
 //! acknowledge the end; wait for the script's exit; detach; and only then
 //! publish the catalog. The guest is not trusted: the stream is read
 //! within `--idle-timeout` and an overall `--max-duration`, the agent's
@@ -18,7 +19,6 @@
 //! already stored are unreferenced and harmless, as after a failed disk
 //! backup.
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -280,6 +280,9 @@ fn backup_vm(
         // This host takes hole frames: a sparse file's holes do not cross
         // the channel (agents before them ignore this and send zeros).
         holes: true,
+        // This host sends keep-alives to an agent that waits for the
+        // acknowledgement while they come (older agents ignore this).
+        keepalive: true,
     };
     // Held from before the first chunk is stored until the catalog is
     // published: no garbage collection sweeps in between.
@@ -337,6 +340,54 @@ pub(crate) fn receive(
     if let Some(w) = hello.warning() {
         say(&w);
     }
+    // An agent that waits for the acknowledgement while the host is
+    // alive hears from it every few seconds, however far behind a slow
+    // store leaves the host (agents before it take any byte for the
+    // acknowledgement: they get none).
+    let keepalive = hello.has(super::stream::FEATURE_ACK_WAIT);
+    let done = AtomicBool::new(false);
+    let (sink, entries) = std::thread::scope(|s| {
+        if keepalive {
+            s.spawn(|| keep_alive(stream, &done));
+        }
+        let r = entries(repo, &mut fr, opts, say);
+        #[cfg(test)]
+        std::thread::sleep(ACK_DELAY.get());
+        done.store(true, Ordering::SeqCst);
+        r
+    })?;
+    // All of it came: let the agent exit. The end frame proved the stream
+    // whole, so an agent that already went (one before keep-alives gives
+    // up after 30 s) does not make it less so.
+    if let Err(e) = send_byte(stream, b'A') {
+        tracing::debug!(error = %e, "acknowledge the agent's stream");
+    }
+    Ok(Catalog {
+        format: CATALOG_FORMAT,
+        vm: t.name.clone(),
+        id: String::new(),
+        created: String::new(),
+        created_unix: 0,
+        source: serde_json::json!({
+            "agent_version": hello.version,
+            "agent_binary": hello.binary,
+            "paths": opts.paths,
+            "hooks": opts.hooks,
+        }),
+        file_bytes: sink.file_bytes,
+        stored_bytes: sink.stored_bytes(),
+        new_bytes: sink.new_bytes,
+        entries,
+    })
+}
+
+/// The entries of the stream up to its end frame, their contents stored.
+fn entries(
+    repo: &Arc<Repository>,
+    fr: &mut FrameReader<impl std::io::Read>,
+    opts: &Options,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<(ChunkSink, Vec<crate::repo::catalog::Entry>)> {
     let mut sink = ChunkSink::default();
     let mut entries = vec![];
     // The entries' JSON so far: about the catalog's size.
@@ -386,27 +437,47 @@ pub(crate) fn receive(
             if repeated == 1 { "entry" } else { "entries" }
         ));
     }
-    // All of it came: let the agent exit.
-    let mut w = stream;
-    w.write_all(b"A")
-        .map_err(|e| Error::io("acknowledge the agent's stream", e))?;
-    Ok(Catalog {
-        format: CATALOG_FORMAT,
-        vm: t.name.clone(),
-        id: String::new(),
-        created: String::new(),
-        created_unix: 0,
-        source: serde_json::json!({
-            "agent_version": hello.version,
-            "agent_binary": hello.binary,
-            "paths": opts.paths,
-            "hooks": opts.hooks,
-        }),
-        file_bytes: sink.file_bytes,
-        stored_bytes: sink.stored_bytes(),
-        new_bytes: sink.new_bytes,
-        entries,
-    })
+    Ok((sink, entries))
+}
+
+/// How often the host sends a keep-alive byte to an agent that waits for
+/// the acknowledgement ([`super::guest`]'s `ack`: it gives up after a
+/// minute without one).
+const HOST_KEEPALIVE: Duration = Duration::from_secs(2);
+
+/// Sends a `K` byte every [`HOST_KEEPALIVE`] until `done`.
+fn keep_alive(stream: &UnixStream, done: &AtomicBool) {
+    let mut next = Instant::now() + HOST_KEEPALIVE;
+    while !done.load(Ordering::SeqCst) {
+        if Instant::now() >= next {
+            // Full (an agent that does not read): passed over.
+            let _ = send_byte(stream, b'K');
+            next = Instant::now() + HOST_KEEPALIVE;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One byte to the agent, never blocking (a guest that reads nothing must
+/// not hold the host).
+fn send_byte(stream: &UnixStream, b: u8) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    send(
+        stream.as_raw_fd(),
+        &[b],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    )
+    .map(|_| ())
+    .map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test seam: how long the host waits after the end frame before it
+    /// acknowledges it (a host behind a slow store), keep-alives going on.
+    pub(crate) static ACK_DELAY: std::cell::Cell<Duration> =
+        const { std::cell::Cell::new(Duration::ZERO) };
 }
 
 /// An error reading a file's content: ours (carried through

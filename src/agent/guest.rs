@@ -26,7 +26,9 @@
 //! when the host's job says it takes hole frames they and all-zero
 //! stretches do not cross the channel ([`send_content`]). Hook output goes to the host as log
 //! lines. Restores write only through directories no user of the guest
-//! can redirect ([`place`]).
+//! can redirect ([`place`]). After the end frame of a backup the agent
+//! waits for the host's acknowledgement as long as the host is alive
+//! ([`ack`]: keep-alive bytes from a host that sends them).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -59,6 +61,12 @@ pub enum Job {
         /// of hosts before them, which then get zeros in data frames.
         #[serde(default)]
         holes: bool,
+        /// The host sends keep-alive bytes while it drains the stream to
+        /// an agent that says it reads them ([`super::stream::FEATURE_ACK_WAIT`]):
+        /// the agent then waits for the acknowledgement while they come
+        /// ([`ack`]). Absent from the jobs of hosts before them.
+        #[serde(default)]
+        keepalive: bool,
     },
     /// Files the host sends, written to their place or under `to`.
     Restore {
@@ -95,12 +103,21 @@ pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
     })
     .and_then(|()| w.get_mut().flush())
     .map_err(io)?;
+    // What the host sends in a backup (keep-alives, the acknowledgement),
+    // read from now on so that nothing piles up in the port.
+    let listener = match job {
+        Job::Backup { .. } => Some(ack::Listener::start(
+            input.try_clone().ctx(|| "the stream port".into())?,
+        )),
+        Job::Restore { .. } => None,
+    };
     let result = match job {
         Job::Backup {
             paths,
             hooks,
             allow_quiesced_stream,
             holes,
+            ..
         } => backup(
             &mut w,
             container,
@@ -123,8 +140,14 @@ pub fn run_on(f: File, container: &Path, job: &Job) -> Result<()> {
         }
     }
     // The host acknowledges the end once it has it all: exiting earlier
-    // could drop frames still queued in the port.
-    wait_ack(&mut w.get_mut().get_mut().f, Duration::from_secs(30));
+    // could drop frames still queued in the port. In a backup the host
+    // may be far behind (a slow store): wait while it is alive ([`ack`]).
+    match (listener, job) {
+        (Some(l), Job::Backup { keepalive, .. }) => {
+            l.wait(ack::OLD_HOST_WAIT, keepalive.then_some(ack::ACK_SILENCE));
+        }
+        _ => wait_ack(&mut w.get_mut().get_mut().f, Duration::from_secs(30)),
+    }
     result
 }
 
@@ -650,6 +673,7 @@ fn next_data(f: &File, pos: u64, size: u64) -> NextData {
     }
 }
 
+mod ack;
 mod copy;
 mod place;
 mod restore;

@@ -5,7 +5,9 @@
 //! container read-only, runs `recoverfs agent run` from it and unmounts
 //! it; hand the stream to the caller's side of the job while a watcher
 //! polls the script (if it ends and the stream does not, the stream is
-//! closed so the caller stops); then detach, whatever happened.
+//! closed so the caller stops: in a backup, once the stream stops
+//! bringing what the agent sent before it ended, which a host behind a
+//! slow store reads long after); then detach, whatever happened.
 //!
 //! A stop (SIGINT/SIGTERM set the caller's flag) is seen by the watcher
 //! within its poll: it closes the stream (the caller's side ends at once)
@@ -272,13 +274,12 @@ fn run_job<T>(
                 let _ = killer.shutdown(std::net::Shutdown::Both);
                 att.unplug_port()
             });
-            let grace = Instant::now() + Duration::from_secs(10);
-            while !done.load(Ordering::SeqCst) && Instant::now() < grace {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if !done.load(Ordering::SeqCst) {
-                let _ = killer.shutdown(std::net::Shutdown::Both);
-            }
+            // What the agent sent before it ended may still be on its way
+            // in a backup (the body only reads): a host behind a slow
+            // store reads it long after (an agent before keep-alives exits
+            // 30 s after its end frame, acknowledged or not).
+            let follow = r.is_ok() && matches!(job, Job::Backup { .. });
+            settle(&killer, &done, follow, deadline, stop, AFTER_EXIT);
             r
         });
         let received = body(&stream);
@@ -294,6 +295,47 @@ fn run_job<T>(
         }
         finish(received, exited, t)
     })
+}
+
+/// How long the body may go on after the agent ended without its stream
+/// bringing anything more.
+const AFTER_EXIT: Duration = Duration::from_secs(10);
+
+/// After the agent ended (or the job's time passed): lets the body end
+/// on its own, and closes `stream` so that it stops once `grace` passed
+/// (with `follow`: `grace` without a byte waiting to be read: the stream
+/// still brings what the agent sent, and nothing is read from a socket
+/// that holds bytes), the deadline passed, or the job is stopped.
+fn settle(
+    stream: &UnixStream,
+    done: &AtomicBool,
+    follow: bool,
+    deadline: Deadline,
+    stop: &AtomicBool,
+    grace: Duration,
+) {
+    let mut quiet = Instant::now();
+    while !done.load(Ordering::SeqCst) {
+        if follow && waiting(stream) {
+            quiet = Instant::now();
+        }
+        if quiet.elapsed() > grace || Instant::now() >= deadline.at || stop.load(Ordering::SeqCst) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `stream` has something to read (or its end).
+fn waiting(stream: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
 }
 
 /// What became of the agent after a stop.
@@ -393,3 +435,6 @@ fn finish<T>(received: Result<T>, exited: Result<Exited>, t: &Target) -> Result<
 fn last_line(s: &str) -> &str {
     s.trim().lines().last().unwrap_or("")
 }
+
+#[cfg(test)]
+mod tests;

@@ -29,6 +29,13 @@
 //!
 //! Backups send guest → host; `agent-restore` sends host → guest and the
 //! guest answers with `L`, `X` or `E` frames of its own.
+//!
+//! The other way in a backup, the host sends single bytes: `A`, the
+//! acknowledgement once it has checked the end frame (the agent exits only
+//! then: frames may still be queued in the port), and, to an agent that
+//! lists [`FEATURE_ACK_WAIT`], a `K` keep-alive every few seconds while it
+//! receives, so the agent waits for the acknowledgement however far behind
+//! a slow store leaves the host, and gives up only on a silent host.
 
 use std::io::{Read, Write};
 
@@ -74,9 +81,19 @@ pub const FEATURE_PORT_WAIT: &str = "port-wait";
 /// backup whose job asks for them.
 pub const FEATURE_HOLES: &str = "holes";
 
+/// In a backup the agent reads the host's `K` keep-alive bytes (sent when
+/// the job says `keepalive`) and waits for the acknowledgement while they
+/// come. Agents before it take any byte for the acknowledgement and wait
+/// 30 s at most: the host sends them no keep-alive.
+pub const FEATURE_ACK_WAIT: &str = "ack-wait";
+
 /// Every feature of this binary's agent.
 pub fn agent_features() -> Vec<String> {
-    vec![FEATURE_PORT_WAIT.to_string(), FEATURE_HOLES.to_string()]
+    vec![
+        FEATURE_PORT_WAIT.to_string(),
+        FEATURE_HOLES.to_string(),
+        FEATURE_ACK_WAIT.to_string(),
+    ]
 }
 
 impl Hello {

@@ -138,6 +138,7 @@ fn the_agent_streams_a_tree_between_its_hooks_and_it_restores_identically() {
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     });
     let c = w.repo.publish_catalog(got.unwrap()).unwrap();
     agent.unwrap();
@@ -203,6 +204,7 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     });
     let e = got.unwrap_err();
     assert!(
@@ -217,6 +219,7 @@ fn a_missing_path_or_hook_is_an_error_frame_and_no_hook_runs() {
         hooks: vec!["db".into()],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     });
     let e = got.unwrap_err();
     assert!(
@@ -242,6 +245,7 @@ fn a_failing_pre_hook_still_runs_post_and_sends_no_end() {
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     });
     assert!(agent.is_err());
     let e = got.unwrap_err();
@@ -374,6 +378,7 @@ fn with_app_hook(t: &Path) -> Job {
         hooks: vec!["app".into()],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     }
 }
 
@@ -511,6 +516,7 @@ fn without_hooks_the_agent_streams_the_tree_as_it_is() {
         hooks: vec![],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     });
     agent.unwrap();
     let c = got.unwrap();
@@ -634,6 +640,7 @@ fn overlapping_paths_are_backed_up_once_with_a_note() {
             hooks: hooks.clone(),
             allow_quiesced_stream: false,
             holes: true,
+            keepalive: true,
         });
         agent.unwrap();
         let c = got.unwrap();
@@ -696,6 +703,7 @@ fn entries_an_older_agent_sends_twice_are_received_once() {
     );
 }
 
+mod ack;
 mod links;
 mod restore;
 mod sparse;

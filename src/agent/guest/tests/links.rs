@@ -24,6 +24,7 @@ fn backed_up(w: &World, t: &Path) -> Catalog {
         hooks: vec![],
         allow_quiesced_stream: false,
         holes: true,
+        keepalive: true,
     });
     agent.unwrap();
     w.repo.publish_catalog(got.unwrap()).unwrap()

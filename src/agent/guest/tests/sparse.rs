@@ -69,6 +69,7 @@ fn job(t: &Path, hooks: bool, holes: bool) -> Job {
         hooks: if hooks { vec!["app".into()] } else { vec![] },
         allow_quiesced_stream: false,
         holes,
+        keepalive: false,
     }
 }
 
