@@ -452,15 +452,20 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
             to,
             skip_existing,
         } => {
-            let existing = match skip_existing {
-                true => crate::files::Existing::Skip,
-                false => crate::files::Existing::Refuse,
+            // Notes (a hard link restored as a copy) for the person
+            // restoring, as agent-restore says them, not only the log.
+            let how = crate::files::How {
+                existing: match skip_existing {
+                    true => crate::files::Existing::Skip,
+                    false => crate::files::Existing::Refuse,
+                },
+                say: &|n| eprintln!("note: {n}"),
             };
             let (n, from) = match src.open(&path, stop)? {
                 Source::Catalog(r, c) => {
                     let from = format!("file backup {} of VM {}", c.id, c.vm);
                     let sel = crate::files::select(&c, &path)?;
-                    let n = crate::files::restore_from(&r, &c, &sel, &to, stop, existing)
+                    let n = crate::files::restore_from(&r, &c, &sel, &to, stop, &how)
                         .map_err(|e| when_stopped(e, restoring(&path, &from, &to)))?;
                     (n, from)
                 }
@@ -477,7 +482,7 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                             &to,
                             &|e, out| copy_from(&root, e, out, stop),
                             stop,
-                            existing,
+                            &how,
                         )
                     });
                     let n = match r {

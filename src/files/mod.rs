@@ -121,7 +121,7 @@ pub fn restore(
     to: &Path,
     stop: &AtomicBool,
 ) -> Result<u64> {
-    restore_from(repo, c, entries, to, stop, Existing::Refuse)
+    restore_from(repo, c, entries, to, stop, &How::default())
 }
 
 /// [`restore`], with what to do about entries already there.
@@ -131,10 +131,10 @@ pub fn restore_from(
     entries: &[&Entry],
     to: &Path,
     stop: &AtomicBool,
-    existing: Existing,
+    how: &How,
 ) -> Result<u64> {
     let content = |e: &Entry, out: &mut dyn Write| cat(repo, c, e, out, stop);
-    restore_into(entries, to, &content, stop, existing)
+    restore_into(entries, to, &content, stop, how)
 }
 
 /// A file's content, written to the sink.
@@ -150,7 +150,7 @@ pub fn restore_with(
     content: &Content,
     stop: &AtomicBool,
 ) -> Result<u64> {
-    restore_into(entries, to, content, stop, Existing::Refuse)
+    restore_into(entries, to, content, stop, &How::default())
 }
 
 /// What a restore does with an entry already under `--to`.
@@ -165,14 +165,31 @@ pub enum Existing {
     Skip,
 }
 
+/// How a restore treats entries already there, and where its notes go.
+pub struct How<'a> {
+    pub existing: Existing,
+    /// A note for the person restoring (a hard link restored as a copy).
+    pub say: &'a dyn Fn(&str),
+}
+
+impl Default for How<'_> {
+    fn default() -> Self {
+        How {
+            existing: Existing::Refuse,
+            say: &|n| tracing::warn!("{n}"),
+        }
+    }
+}
+
 /// [`restore_with`], with what to do about entries already there.
 pub fn restore_into(
     entries: &[&Entry],
     to: &Path,
     content: &Content,
     stop: &AtomicBool,
-    existing: Existing,
+    how: &How,
 ) -> Result<u64> {
+    let existing = how.existing;
     let to = std::fs::canonicalize(to).ctx(|| format!("--to {}", to.display()))?;
     if !to.is_dir() {
         return Err(Error::invalid(format!(
@@ -217,7 +234,7 @@ pub fn restore_into(
     let root = nix::unistd::Uid::effective().is_root();
     let (links, notes) = link_plan(entries);
     for n in &notes {
-        tracing::warn!("{n}");
+        (how.say)(n);
     }
     // Where each file was restored, for the links to it.
     let mut written: Vec<Option<PathBuf>> = vec![None; entries.len()];
@@ -259,11 +276,11 @@ pub fn restore_into(
                         }
                         // Another filesystem (a mount below --to), or one
                         // without hard links: a copy.
-                        Err(err) => tracing::warn!(
+                        Err(err) => (how.say)(&format!(
                             "{} was a hard link to {} in the guest; restored as a separate copy ({err})",
                             escape_controls(&e.path),
                             escape_controls(&entries[links[i].expect("linked")].path)
-                        ),
+                        )),
                     }
                     }
                     match write_file(content, e, &dst) {

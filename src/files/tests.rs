@@ -5,6 +5,14 @@ use std::os::unix::fs::PermissionsExt;
 /// A stop flag never set.
 static GO: AtomicBool = AtomicBool::new(false);
 
+/// `--skip-existing`, notes to the log.
+fn skip() -> How<'static> {
+    How {
+        existing: Existing::Skip,
+        ..How::default()
+    }
+}
+
 /// An entry of no content, mtime 1,600,000,000.
 fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
     Entry {
@@ -322,7 +330,7 @@ fn a_stopped_restore_keeps_whole_files_with_their_metadata_and_removes_the_one_b
             rewritten.lock().unwrap().push(e.path.clone());
             out.write_all(b"abc").ctx(|| "write".to_string())
         };
-        let n = restore_into(&refs, &to, counted, &GO, Existing::Skip).unwrap();
+        let n = restore_into(&refs, &to, counted, &GO, &skip()).unwrap();
         assert_eq!(n, 4);
         assert_eq!(*rewritten.lock().unwrap(), ["/d/b", "/d/c"]);
         for f in ["a", "b", "c"] {
@@ -344,7 +352,7 @@ fn skip_existing_refuses_a_file_that_is_not_what_the_backup_has() {
     // Same bytes count, other time: written by someone else.
     let f = to.join("f");
     std::fs::write(&f, b"xyz").unwrap();
-    let err = restore_into(&refs, &to, content, &GO, Existing::Skip).unwrap_err();
+    let err = restore_into(&refs, &to, content, &GO, &skip()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
     assert!(err.to_string().contains("not what the backup has"), "{err}");
     assert_eq!(
@@ -492,4 +500,34 @@ fn a_sparse_file_restores_sparse_with_its_bytes_and_size() {
     assert!(back[32 << 20..33 << 20].iter().all(|&b| b == 7));
     assert!(back[5..32 << 20].iter().all(|&b| b == 0));
     assert!(back[33 << 20..].iter().all(|&b| b == 0));
+}
+
+/// fixagent3 LOW: a restore's notes went to the log only.
+#[test]
+fn a_note_about_hard_links_goes_to_the_person_restoring() {
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let ino = Some(crate::repo::catalog::Inode {
+        dev: 1,
+        ino: 2,
+        nlink: 2,
+    });
+    let (mut a, mut b) = (
+        entry("/a", EntryKind::File, 0o640),
+        entry("/b", EntryKind::File, 0o640),
+    );
+    (a.size, b.size, a.inode, b.inode) = (3, 3, ino, ino);
+    b.mtime += 1; // It changed between the reads of its two links.
+    let notes = std::sync::Mutex::new(vec![]);
+    let say = |n: &str| notes.lock().unwrap().push(n.to_string());
+    let how = How {
+        existing: Existing::Refuse,
+        say: &say,
+    };
+    let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
+    assert_eq!(restore_into(&[&a, &b], &to, content, &GO, &how).unwrap(), 2);
+    let notes = notes.into_inner().unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("restored as separate files"), "{notes:?}");
 }
