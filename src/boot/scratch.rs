@@ -8,10 +8,11 @@ use std::process::{Command, Stdio};
 
 use crate::error::{Error, IoContext, Result};
 
-/// The kinds of scratch directory `boot`, `verify-boot` and `precopy`
-/// (its NBD socket's) make in the temporary directory:
+/// The kinds of scratch directory `boot`, `verify-boot`, `precopy` (its
+/// NBD socket's) and `backup-vms` (its stores') make in the temporary
+/// directory:
 /// `recoverfs-KIND-XXXXXX`.
-const SCRATCH_KINDS: [&str; 3] = ["boot", "verify", "precopy"];
+const SCRATCH_KINDS: [&str; 4] = ["boot", "verify", "precopy", "vmbackup"];
 
 /// The file in a scratch directory naming the process that made it.
 pub(super) const SCRATCH_OWNER: &str = "owner.json";

@@ -154,7 +154,7 @@ impl Vm {
                 continue;
             }
             let w = format!(
-                "disk {i} ({}) is on a SCSI controller of model {m}, which recoverfs boot does                  not create: a recovered VM gets it on {VIRTIO_SCSI}",
+                "disk {i} ({}) is on a SCSI controller of model {m}, which recoverfs boot does not create: a recovered VM gets it on {VIRTIO_SCSI}",
                 d.qdev
             );
             tracing::warn!(vm = %self.spec.name, "{w}");
@@ -162,10 +162,12 @@ impl Vm {
         }
         self.disks = disks;
         self.report.disks = self.disks.len();
-        let dir = tempfile::Builder::new()
-            .prefix("recoverfs-vmbackup-")
-            .tempdir()
-            .map_err(|e| Error::io("create a temporary directory", e))?;
+        // Its owner named, so that once a kill leaves it (with its stores,
+        // which can be large) the next run of any VM's backup, a boot or a
+        // pre-copy removes it; QEMU may still hold a store open, which the
+        // next backup of that VM detaches (`fleece::remove_leftovers`).
+        crate::boot::remove_stale_scratch(&std::env::temp_dir());
+        let dir = crate::boot::scratch_dir("vmbackup")?;
         // Held while the views may be in use: not leftovers to a run of
         // this VM that starts meanwhile.
         let lock = crate::util::try_lock_file(&dir.path().join(fleece::RUN_LOCK))?;

@@ -96,3 +96,20 @@ fn a_second_run_on_a_vm_being_backed_up_fails_busy_through_another_monitor_and_t
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// fixqemu2 LOW: a killed run's directory (its run lock, its stores)
+/// stayed for good.
+#[test]
+fn a_run_removes_the_directories_killed_runs_left_and_not_a_live_ones() {
+    let (dead, live) = crate::boot::tests::dead_and_live_scratch("vmbackup");
+    let v = vm(Some(&content()));
+    let (_d, repo) = repo();
+    let s = backup_vms(&repo, &options(&[("swept", &v)], 1, None)).unwrap();
+    assert!(s.failed().is_empty(), "{:?}", s.failed());
+    let gone = !dead.exists();
+    let kept = live.join("nbd.sock").exists();
+    let _ = std::fs::remove_dir_all(&live);
+    let _ = std::fs::remove_dir_all(&dead);
+    assert!(gone, "{} stays", dead.display());
+    assert!(kept, "a live run's directory was removed");
+}
