@@ -354,15 +354,6 @@ pub(crate) fn receive(
         // for the keep-alive thread (review26 L2).
         let _done = SetOnDrop(&done);
         let r = entries(repo, &mut fr, opts, say);
-        /// Sets its flag when dropped.
-        struct SetOnDrop<'a>(&'a AtomicBool);
-
-        impl Drop for SetOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
-
         #[cfg(test)]
         std::thread::sleep(ACK_DELAY.get());
         r
@@ -481,6 +472,15 @@ fn send_byte(stream: &UnixStream, b: u8) -> std::io::Result<()> {
     )
     .map(|_| ())
     .map_err(std::io::Error::from)
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]
