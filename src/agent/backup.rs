@@ -350,10 +350,12 @@ pub(crate) fn receive(
         if keepalive {
             s.spawn(|| keep_alive(stream, &done));
         }
+        // Set however `entries` ends, a panic included: the scope waits
+        // for the keep-alive thread (review26 L2).
+        let _done = SetOnDrop(&done);
         let r = entries(repo, &mut fr, opts, say);
         #[cfg(test)]
         std::thread::sleep(ACK_DELAY.get());
-        done.store(true, Ordering::SeqCst);
         r
     })?;
     // All of it came: let the agent exit. The end frame proved the stream
@@ -470,6 +472,15 @@ fn send_byte(stream: &UnixStream, b: u8) -> std::io::Result<()> {
     )
     .map(|_| ())
     .map_err(std::io::Error::from)
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]

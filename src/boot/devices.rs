@@ -91,13 +91,15 @@ fn quote(s: &str) -> String {
 pub const VIRTIO_SCSI: &str = "virtio-scsi-pci";
 
 /// The other SCSI controllers `boot` creates as recorded (QEMU 7.2's PCI
-/// SCSI host adapters), each with the disks one takes (targets QEMU gives
-/// `scsi-hd` on it; more disks get another controller of the model).
+/// SCSI host adapters), each with the disks one takes (more disks get
+/// another controller of the model). The LSI and ESP adapters take 7:
+/// QEMU gives `scsi-hd` target 7 too, but that is the adapter's own ID,
+/// which guest drivers do not scan (review26 L1).
 const SCSI_MODELS: [(&str, usize); 8] = [
-    ("lsi53c895a", 8),
-    ("lsi53c810", 8),
-    ("am53c974", 8),
-    ("dc390", 8),
+    ("lsi53c895a", 7),
+    ("lsi53c810", 7),
+    ("am53c974", 7),
+    ("dc390", 7),
     ("mptsas1068", 8),
     ("megasas", 64),
     ("megasas-gen2", 64),

@@ -293,7 +293,8 @@ fn scsi_disks_get_the_controller_model_their_backup_recorded() {
         // Unknown: virtio-scsi (with a warning); never on the command line.
         serde_json::json!({"bus": "scsi", "controller": "evil,id=x"}),
     ];
-    // Nine disks on lsi53c895a: eight targets each, so two controllers.
+    // Nine disks on lsi53c895a: seven targets each (7 is the adapter's
+    // own ID), so two controllers.
     disks.extend(std::iter::repeat_n(lsi, 9));
     let config = serde_json::json!({ "disks": disks });
     let spec = QemuSpec::from_config(&config, files(14)).unwrap();
@@ -323,7 +324,7 @@ fn scsi_disks_get_the_controller_model_their_backup_recorded() {
     .map(String::from)
     .to_vec();
     for i in 5..14 {
-        let c = if i < 13 { 2 } else { 3 };
+        let c = if i < 12 { 2 } else { 3 };
         want.push(format!(
             "scsi-hd,drive=rfs{i},bus=rfs-scsi{c}.0,bootindex={i}"
         ));

@@ -283,14 +283,13 @@ pub fn restore_into(
                         )),
                     }
                     }
-                    match write_file(content, e, &dst) {
+                    match write_file(content, e, &dst, root) {
                         Err(err) if err.kind() == ErrorKind::Interrupted => {
                             stopped = Some(Some(&e.path));
                             break;
                         }
                         r => r?,
                     }
-                    set_meta(&dst, e, root)?;
                     written[i] = Some(dst);
                 }
                 EntryKind::Symlink => {
@@ -308,16 +307,20 @@ pub fn restore_into(
     // Directories last, deepest first: their times change as they fill.
     // Also after a stop or a failure: what is there is whole, metadata
     // included, and a rerun with --skip-existing keeps it.
-    for (d, e) in dirs.iter().rev() {
-        set_meta(d, e, root)?;
-    }
+    let dirs_done = dirs
+        .iter()
+        .rev()
+        .try_for_each(|(d, e)| set_meta(d, e, root));
     let carry_on = "each file restored is whole: add --skip-existing to carry on";
+    // The run's own error first: a directory's metadata failing after it
+    // is the lesser news (review26 L4).
     if let Err(e) = r {
         return Err(e.context(format!(
             "restored {done} of {} entries ({carry_on}), then",
             entries.len()
         )));
     }
+    dirs_done?;
     match stopped {
         None => Ok(done),
         Some(at) => Err(Error::interrupted(format!(
@@ -335,11 +338,16 @@ fn is_as_restored(e: &Entry, dst: &Path, there: &std::fs::Metadata) -> bool {
     let ft = there.file_type();
     match e.kind {
         EntryKind::File => {
+            // A file system with coarser times (vfat: 2 s) keeps less of
+            // the mtime; chmod by a user not in the file's group drops
+            // the setgid bit (review26 M1).
+            let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+            let skew = ns(there.mtime(), there.mtime_nsec()) - ns(e.mtime, e.mtime_nsec as i64);
+            let mode = there.mode() & 0o7777;
             ft.is_file()
                 && there.len() == e.size
-                && there.mtime() == e.mtime
-                && there.mtime_nsec() == e.mtime_nsec as i64
-                && there.mode() & 0o7777 == e.mode
+                && skew.abs() < 2_000_000_000
+                && (mode == e.mode || mode == e.mode & !0o2000)
         }
         EntryKind::Symlink => {
             ft.is_symlink()
@@ -495,7 +503,7 @@ fn check_tree<'a>(entries: &[&'a Entry]) -> Result<Vec<&'a Entry>> {
 
 /// Temp file, content, fsync, rename (never over an existing file), fsync
 /// the directory.
-fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
+fn write_file(content: &Content, e: &Entry, dst: &Path, root: bool) -> Result<()> {
     let dir = dst.parent().expect("under --to");
     // Not derived from the file's name: a name near 255 bytes plus a
     // suffix would be too long. One file is written at a time, and
@@ -512,6 +520,11 @@ fn write_file(content: &Content, e: &Entry, dst: &Path) -> Result<()> {
         let mut w = crate::util::SparseWriter::new(&f);
         content(e, &mut w)?;
         w.finish().ctx(|| format!("write {}", tmp.display()))?;
+        // Its metadata before it appears: a file under its name is whole
+        // with its mode, owner and time, which `--skip-existing` checks
+        // (review26 M1: a kill between the link and the metadata left a
+        // whole file the rerun refused).
+        set_meta(&tmp, e, root)?;
         f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
         std::fs::hard_link(&tmp, dst).ctx(|| format!("create {}", dst.display()))?;
         crate::util::fsync_dir(dir)

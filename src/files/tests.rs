@@ -531,3 +531,37 @@ fn a_note_about_hard_links_goes_to_the_person_restoring() {
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(notes[0].contains("restored as separate files"), "{notes:?}");
 }
+
+/// review26 M1: a file system with coarser times keeps less of the mtime
+/// than the backup has; the rerun must still keep what it wrote.
+#[test]
+fn skip_existing_keeps_a_whole_file_whose_time_the_file_system_rounded() {
+    let d = tempfile::tempdir().unwrap();
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let mut e = entry("/f", EntryKind::File, 0o640);
+    (e.size, e.mtime_nsec) = (3, 999_999_999);
+    let content: &Content = &|_, out| out.write_all(b"abc").ctx(|| "write".to_string());
+    restore_with(&[&e], &to, content, &GO).unwrap();
+    let f = to.join("f");
+    // As vfat would keep it: the second, rounded up.
+    let rounded = nix::sys::time::TimeSpec::new(e.mtime + 1, 0);
+    nix::sys::stat::utimensat(
+        None,
+        &f,
+        &nix::sys::time::TimeSpec::UTIME_OMIT,
+        &rounded,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let rewritten = std::sync::atomic::AtomicBool::new(false);
+    let counted: &Content = &|_, out| {
+        rewritten.store(true, Ordering::SeqCst);
+        out.write_all(b"abc").ctx(|| "write".to_string())
+    };
+    assert_eq!(restore_into(&[&e], &to, counted, &GO, &skip()).unwrap(), 1);
+    assert!(
+        !rewritten.load(Ordering::SeqCst),
+        "a whole file was written again"
+    );
+}

@@ -114,7 +114,7 @@ fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>, not_read: u64) 
     let stopped = match not_read {
         0 => String::new(),
         n => format!(
-            "; verify stopped asking after {UNANSWERED_IN_A_ROW} chunks in a row went unanswered: {n} more chunk(s) not read"
+            "; verify stopped asking after {UNANSWERED_IN_A_ROW} chunks in a row could not be read (the first above says why): {n} more chunk(s) not read"
         ),
     };
     let mut named: Vec<String> = unread

@@ -68,13 +68,17 @@ pub(crate) fn released(r: &Value) {
 /// Where a session is served: its export point and each disk's URLs
 /// (explore8 LOW: after a restart moved it, only the log said where).
 fn served_line(s: &Value) -> String {
+    let point = s["export_point"].as_str().unwrap_or("?");
+    if s.get("urls").is_none() {
+        // A daemon from before URLs were in its status (review26 L3).
+        return format!("export point {point}");
+    }
     let urls: Vec<&str> = (s["urls"].as_array().into_iter().flatten())
         .flat_map(|d| d.as_array().into_iter().flatten())
         .filter_map(Value::as_str)
         .collect();
     format!(
-        "export point {}: {}",
-        s["export_point"].as_str().unwrap_or("?"),
+        "export point {point}: {}",
         match urls.is_empty() {
             true => "FUSE only".to_string(),
             false => urls.join("  "),
@@ -283,5 +287,7 @@ mod served_tests {
         );
         let fuse = json!({"export_point": "default", "urls": [[]]});
         assert_eq!(served_line(&fuse), "export point default: FUSE only");
+        let older = json!({"export_point": "ds1"});
+        assert_eq!(served_line(&older), "export point ds1");
     }
 }
