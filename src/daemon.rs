@@ -214,6 +214,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     ));
     // The jobs a previous daemon ran (each logged; none stops the daemon).
     jobs.restore(&crate::api::peer::PeerPolicy::for_daemon(opts.socket_group));
+    // The start's own requests are made: a store that was away for them
+    // is asked again at the next request (`repo::unconfirmed`).
+    repo.backend().end_of_start();
     let api_result = run_api(mounted.ds.clone(), jobs.clone(), &socket, opts.socket_group);
     // From here on a store that does not answer (or not as the
     // repository) must not hold the stop for minutes: what the stop

@@ -149,6 +149,10 @@ pub trait Backend: Send + Sync {
     /// (`s3`). Each skip is logged; nothing skipped is lost: a pin not
     /// rewritten now is rewritten at the next start or backup check.
     fn begin_shutdown(&self) {}
+    /// The daemon's start (resuming sessions, pins, jobs) is over: a store
+    /// that did not answer it may be asked again at the next request
+    /// (`unconfirmed`), not only once the start's hold has passed.
+    fn end_of_start(&self) {}
 }
 
 /// One object found by [`Backend::list_all`].
@@ -536,6 +540,9 @@ impl Backend for Delayed {
     }
     fn begin_shutdown(&self) {
         self.inner.begin_shutdown()
+    }
+    fn end_of_start(&self) {
+        self.inner.end_of_start()
     }
     fn retries(&self) -> u64 {
         self.inner.retries()

@@ -18,7 +18,9 @@
 //! time). The gate is made because the store did not answer the daemon's
 //! start: that counts as a failed check holding [`START_HOLDS`], so the
 //! start (resuming sessions, pinning them) does not ask again at once
-//! (explore7 M2: it did, a second series of probes of minutes).
+//! (explore7 M2: it did, a second series of probes of minutes). The hold
+//! ends with the start ([`Backend::end_of_start`]): a store back seconds
+//! later is asked at the next request, not up to 20 s after the start.
 //!
 //! Once the daemon stops ([`Backend::begin_shutdown`]), a store not yet
 //! confirmed is asked nothing more: the requests of the stop (pins,
@@ -51,6 +53,8 @@ struct Failed {
     at: Instant,
     holds: Duration,
     why: String,
+    /// The daemon's start found no store: this hold ends with the start.
+    at_start: bool,
 }
 
 struct Gate {
@@ -80,6 +84,7 @@ impl Unconfirmed {
                     at: Instant::now(),
                     holds: START_HOLDS,
                     why: "it did not answer when the daemon started".into(),
+                    at_start: true,
                 })),
                 checking: parking_lot::Mutex::new(()),
             }),
@@ -167,6 +172,7 @@ impl Gate {
             at: Instant::now(),
             holds: took.max(FAILED_CHECK_HOLDS),
             why,
+            at_start: false,
         });
         Err(e)
     }
@@ -273,6 +279,14 @@ impl Backend for Unconfirmed {
         }
         self.inner.begin_shutdown();
     }
+    fn end_of_start(&self) {
+        let mut failed = self.gate.failed.lock();
+        if failed.as_ref().is_some_and(|f| f.at_start) {
+            *failed = None;
+        }
+        drop(failed);
+        self.inner.end_of_start();
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +360,30 @@ mod tests {
         assert!(rt.block_on(g.get_async("chunks/ab/abcd", 1 << 20)).is_err());
         assert!(!g.confirmed());
         assert!(g.gate.failed.lock().as_ref().unwrap().holds >= START_HOLDS);
+    }
+
+    #[test]
+    fn a_store_back_right_after_the_start_is_asked_once_the_start_is_over() {
+        let d = tempfile::tempdir().unwrap();
+        let g = Unconfirmed::new(Box::new(LocalDir::new(d.path())), &repo_info("aaaa", 2));
+        // Back within a second of the start: still held while it lasts.
+        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
+        std::fs::write(d.path().join("b.json"), b"{}").unwrap();
+        assert!(g.exists("b.json").is_err());
+        g.end_of_start();
+        assert!(g.exists("b.json").unwrap());
+        assert!(g.confirmed());
+    }
+
+    #[test]
+    fn the_end_of_the_start_does_not_lift_a_hold_of_a_later_failed_check() {
+        let d = tempfile::tempdir().unwrap();
+        let g = gate_on(d.path());
+        assert!(g.exists("b.json").is_err(), "no repo.json: a failed check");
+        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
+        g.end_of_start();
+        let e = g.exists("b.json").unwrap_err();
+        assert!(e.to_string().contains("no repo.json"), "{e}");
     }
 
     #[test]
