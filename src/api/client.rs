@@ -51,11 +51,24 @@ impl Client {
     /// `POST /sessions/{vm}/backup`: answers when the backup is published,
     /// which may take as long as storing every changed block.
     pub fn backup_session(&self, vm: &str) -> Result<Value> {
-        self.request(
+        self.backup_session_with(vm, |_| {})
+    }
+
+    /// [`Self::backup_session`] that its caller can cancel: `connected`
+    /// gets a handle of the connection once the request is sent. Shutting
+    /// down its write side (or closing it) tells the daemon that the
+    /// client went away: it cancels the backup and closes the connection.
+    pub fn backup_session_with(
+        &self,
+        vm: &str,
+        connected: impl FnOnce(UnixStream),
+    ) -> Result<Value> {
+        self.request_with(
             "POST",
             &format!("/sessions/{vm}/backup"),
             Some(&Value::Object(Default::default())),
             BACKUP_TIMEOUT,
+            connected,
         )
     }
 
@@ -117,6 +130,17 @@ impl Client {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value> {
+        self.request_with(method, path, body, timeout, |_| {})
+    }
+
+    fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+        connected: impl FnOnce(UnixStream),
+    ) -> Result<Value> {
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::PermissionDenied => Error::new(
                 ErrorKind::NotPermitted,
@@ -138,6 +162,9 @@ impl Client {
         );
         let io = |e| Error::io(format!("control socket {}", self.socket.display()), e);
         s.write_all(req.as_bytes()).map_err(io)?;
+        if let Ok(c) = s.try_clone() {
+            connected(c);
+        }
         let mut raw = vec![];
         s.read_to_end(&mut raw).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::new(
