@@ -12,8 +12,6 @@ use serde_json::Value;
 use crate::error::{Error, ErrorKind, Result};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-/// A live backup stores every block changed since its base.
-const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 pub struct Client {
     socket: PathBuf,
@@ -67,7 +65,9 @@ impl Client {
             "POST",
             &format!("/sessions/{vm}/backup"),
             Some(&Value::Object(Default::default())),
-            BACKUP_TIMEOUT,
+            // No limit: it stores every block changed since its base, and
+            // a client that gives up cancels it (Ctrl-C does, at will).
+            None,
             connected,
         )
     }
@@ -130,7 +130,7 @@ impl Client {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value> {
-        self.request_with(method, path, body, timeout, |_| {})
+        self.request_with(method, path, body, Some(timeout), |_| {})
     }
 
     fn request_with(
@@ -138,7 +138,7 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&Value>,
-        timeout: Duration,
+        timeout: Option<Duration>,
         connected: impl FnOnce(UnixStream),
     ) -> Result<Value> {
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
@@ -154,7 +154,7 @@ impl Client {
                 .not_a_socket()
                 .unwrap_or_else(|| Error::new(ErrorKind::NotFound, self.no_daemon(&e))),
         })?;
-        s.set_read_timeout(Some(timeout)).ok();
+        s.set_read_timeout(timeout).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: recoverfs\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -173,7 +173,7 @@ impl Client {
                     "the daemon on {} did not answer within {} s (it may still carry the \
                      request out: check `recoverfs status`)",
                     self.socket.display(),
-                    timeout.as_secs()
+                    timeout.unwrap_or_default().as_secs()
                 ),
             ),
             _ => io(e),
