@@ -256,7 +256,7 @@ fn a_live_backup_storing(env: &mut Env, img: &Path) -> (Daemon, std::process::Ch
         .args(["backup", "--session", "vm", "--socket"])
         .arg(&env.socket)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -265,6 +265,106 @@ fn a_live_backup_storing(env: &mut Env, img: &Path) -> (Daemon, std::process::Ch
         std::thread::sleep(Duration::from_millis(2));
     }
     (d, child)
+}
+
+/// Whether `status` shows a live backup of `vm` running.
+fn backup_running(env: &Env) -> bool {
+    let st = env.status();
+    let s = st["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["vm"] == "vm");
+    s.expect("session listed")["backup_running"] == true
+}
+
+/// Waits up to `secs` for `status` to show no live backup of `vm`.
+fn wait_not_running(env: &Env, d: &Daemon, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while backup_running(env) {
+        assert!(
+            Instant::now() < deadline,
+            "the live backup still runs {secs} s after its client went away: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// fixlive: Ctrl-C on `backup --session` cancels the backup in the daemon
+/// (it went on to the end, refusing another backup and `release`
+/// meanwhile): nothing is published, the changed blocks stay for the next
+/// backup, a second backup is accepted at once; a client killed outright
+/// (no chance to say anything) cancels it too.
+#[test]
+fn a_live_backup_whose_client_is_interrupted_or_killed_is_cancelled_and_publishes_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let (mut env, img, base) = a_backed_up_vm();
+    let (d, child) = a_live_backup_storing(&mut env, &img);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("client after {:?}: {err}", t0.elapsed());
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cancelling the live backup"), "{err}");
+    assert!(err.contains("cancelled: nothing was published"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the client took {:?} to end",
+        t0.elapsed()
+    );
+    wait_not_running(&env, &d, 5);
+    let log = d.log_text();
+    for l in log.lines().filter(|l| l.contains("cancelled")) {
+        eprintln!("daemon: {l}");
+    }
+    assert_eq!(
+        log.matches("live backup of VM vm cancelled: the client went away after ")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains(" of 400 chunks"), "{log}");
+    assert_eq!(backups_of(&env, "vm"), vec![base.clone()]);
+    assert_eq!(env.disk_status("vm", 0)["blocks_dirty"], 400);
+    // A second backup is accepted; its client is killed outright.
+    let mut second = std::process::Command::new(bin())
+        .args(["backup", "--session", "vm", "--socket"])
+        .arg(&env.socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !backup_running(&env) {
+        if let Some(st) = second.try_wait().unwrap() {
+            let mut e = String::new();
+            second
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut e)
+                .unwrap();
+            panic!("the second backup ended ({st}): {e}");
+        }
+        assert!(Instant::now() < deadline, "the second backup did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    wait_not_running(&env, &d, 5);
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("live backup of VM vm cancelled: the client went away")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(backups_of(&env, "vm"), vec![base.clone()]);
+    assert_eq!(env.disk_status("vm", 0)["blocks_dirty"], 400);
+    drop(d);
 }
 
 /// explore4 L4: `backup` of a disk file on a recoverfs mount works, but

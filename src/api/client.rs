@@ -12,8 +12,6 @@ use serde_json::Value;
 use crate::error::{Error, ErrorKind, Result};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-/// A live backup stores every block changed since its base.
-const BACKUP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 pub struct Client {
     socket: PathBuf,
@@ -51,11 +49,26 @@ impl Client {
     /// `POST /sessions/{vm}/backup`: answers when the backup is published,
     /// which may take as long as storing every changed block.
     pub fn backup_session(&self, vm: &str) -> Result<Value> {
-        self.request(
+        self.backup_session_with(vm, |_| {})
+    }
+
+    /// [`Self::backup_session`] that its caller can cancel: `connected`
+    /// gets a handle of the connection once the request is sent. Shutting
+    /// down its write side (or closing it) tells the daemon that the
+    /// client went away: it cancels the backup and closes the connection.
+    pub fn backup_session_with(
+        &self,
+        vm: &str,
+        connected: impl FnOnce(UnixStream),
+    ) -> Result<Value> {
+        self.request_with(
             "POST",
             &format!("/sessions/{vm}/backup"),
             Some(&Value::Object(Default::default())),
-            BACKUP_TIMEOUT,
+            // No limit: it stores every block changed since its base, and
+            // a client that gives up cancels it (Ctrl-C does, at will).
+            None,
+            connected,
         )
     }
 
@@ -117,6 +130,17 @@ impl Client {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value> {
+        self.request_with(method, path, body, Some(timeout), |_| {})
+    }
+
+    fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Option<Duration>,
+        connected: impl FnOnce(UnixStream),
+    ) -> Result<Value> {
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::PermissionDenied => Error::new(
                 ErrorKind::NotPermitted,
@@ -130,7 +154,7 @@ impl Client {
                 .not_a_socket()
                 .unwrap_or_else(|| Error::new(ErrorKind::NotFound, self.no_daemon(&e))),
         })?;
-        s.set_read_timeout(Some(timeout)).ok();
+        s.set_read_timeout(timeout).ok();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: recoverfs\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -138,6 +162,9 @@ impl Client {
         );
         let io = |e| Error::io(format!("control socket {}", self.socket.display()), e);
         s.write_all(req.as_bytes()).map_err(io)?;
+        if let Ok(c) = s.try_clone() {
+            connected(c);
+        }
         let mut raw = vec![];
         s.read_to_end(&mut raw).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::new(
@@ -146,7 +173,7 @@ impl Client {
                     "the daemon on {} did not answer within {} s (it may still carry the \
                      request out: check `recoverfs status`)",
                     self.socket.display(),
-                    timeout.as_secs()
+                    timeout.unwrap_or_default().as_secs()
                 ),
             ),
             _ => io(e),

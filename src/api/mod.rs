@@ -15,7 +15,7 @@
 //! | POST | /sessions/{vm}/relocate/pause | pause the copy (durably; replies once the copier stopped, state `paused`) |
 //! | POST | /sessions/{vm}/relocate/resume | resume a paused copy where it stopped, retry a failed one from its record (`relocate::retry`), or reopen one a restarted daemon could not (`relocate::not_resumed`) |
 //! | POST | /sessions/{vm}/relocate/cancel `{"keep_target":..}` | cancel it for good (refused after cutover): copier stopped, record removed durably, target files it created removed; replies `{target, removed, kept}` |
-//! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published) |
+//! | POST | /sessions/{vm}/backup | live backup from the changed-block map (replies when it is published; cancelled, nothing published, if the client goes away first) |
 //! | POST | /sessions/{vm}/upload `{"load_limit":"latency=MS,queue=N"?}` | start the session uploader (pre-copy for a recovered VM; resumed after a restart) |
 //! | GET | /sessions/{vm}/upload | its state (copying / throttled / halted / idle / paused), why, load, blocks uploaded, residue |
 //! | DELETE | /sessions/{vm}/upload | stop it (what it uploaded stays usable) |
@@ -298,8 +298,22 @@ async fn cancel_relocation(
     blocking(move || ds.cancel_relocation(&vm, b.keep_target)).await
 }
 
+/// Sets a live backup's cancel flag when dropped: hyper drops the handler
+/// when the connection ends before the answer (it reads the EOF of a
+/// client that went away: Ctrl-C, SIGTERM, a dropped ssh session).
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 async fn backup_session(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
-    blocking(move || ds.backup_session(&vm)).await
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Dropped after the answer too, when the flag no longer matters.
+    let _on_drop = CancelOnDrop(cancel.clone());
+    blocking(move || ds.backup_session_until(&vm, &cancel)).await
 }
 
 async fn start_upload(

@@ -2,29 +2,143 @@
 //! exports; or `--session VM` through the daemon) and `backup-vms`
 //! (running QEMU VMs from one snapshot time).
 
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{output, SocketArg};
-use crate::error::{Error, Result};
+use crate::api::client::Client;
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::chunk::validate_chunk_size;
 use crate::repo::writer::{run_backup, BackupRequest};
 use crate::repo::Repository;
 use crate::util::{human_bytes, parse_size};
 use crate::vmbackup::read::{backup_exports, Export};
 
-/// `backup --session VM`: the daemon backs the session up.
+/// `backup --session VM`: the daemon backs the session up. SIGINT,
+/// SIGTERM or SIGHUP cancels it: the daemon stops at its next chunk and
+/// publishes nothing once it sees the connection end.
 pub(super) fn backup_session(socket: &SocketArg, vm: &str, json: bool) -> Result<()> {
     crate::util::validate_name("VM name", vm)?;
-    let r = super::client(socket).backup_session(vm)?;
+    let client = super::client(socket);
+    let conn = Arc::new(Cancel::default());
+    cancel_on_signals(&conn)?;
+    // A cancel that comes too late shows as a new base.
+    let before = session_state(&client, vm).ok().and_then(|(_, b)| b);
+    let r = client.backup_session_with(vm, |s| conn.connected(s));
+    if conn.stop.load(Ordering::SeqCst) {
+        match &r {
+            // Published before the daemon saw the cancel: said as it is.
+            Ok(_) => eprintln!("the live backup was published before the daemon saw the cancel"),
+            Err(e) if e.kind() != ErrorKind::Io => {}
+            Err(_) => return cancelled(&client, vm, before),
+        }
+    }
+    let r = r?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r).expect("json"));
         return Ok(());
     }
     output::session_backup(&r);
     Ok(())
+}
+
+/// The connection of a cancellable `backup --session`, and whether a
+/// signal asked to cancel it.
+#[derive(Default)]
+struct Cancel {
+    stop: AtomicBool,
+    conn: Mutex<Option<UnixStream>>,
+}
+
+impl Cancel {
+    /// The request is sent: a cancel that came first ends it now.
+    fn connected(&self, s: UnixStream) {
+        let mut c = self.conn.lock().expect("connection lock");
+        if self.stop.load(Ordering::SeqCst) {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        *c = Some(s);
+    }
+
+    /// Tells the daemon the client is gone: it reads the end of the
+    /// request stream, cancels the backup and closes the connection.
+    fn cancel(&self) {
+        let c = self.conn.lock().expect("connection lock");
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = &*c {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP go to one thread (blocked in this one):
+/// the first cancels the backup, a second exits at once.
+fn cancel_on_signals(c: &Arc<Cancel>) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set.thread_block()
+        .map_err(|e| Error::io("block signals", e.into()))?;
+    let c = c.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("{sig}: cancelling the live backup… (again: exit now)");
+            c.cancel();
+        }
+        if let Ok(sig) = set.wait() {
+            eprintln!(
+                "{sig}: exiting; the daemon cancels the backup when it sees the connection end"
+            );
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// Whether a live backup of the session runs, and its base.
+fn session_state(client: &Client, vm: &str) -> Result<(bool, Option<String>)> {
+    let s = client.get(&format!("/sessions/{vm}"))?;
+    let base = s["backup_base"].as_str().map(str::to_string);
+    Ok((s["backup_running"].as_bool() == Some(true), base))
+}
+
+/// After a cancel, once the daemon closed the connection: waits (a while)
+/// for its status to show the backup ended, and says what happened: an
+/// error, or the new id if the backup was published before the cancel
+/// reached the daemon (its base changed from `before`).
+fn cancelled(client: &Client, vm: &str, before: Option<String>) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match session_state(client, vm) {
+            Ok((false, Some(now))) if before.as_ref().is_some_and(|b| *b != now) => {
+                eprintln!("the cancel came too late: the live backup was published as {now}");
+                println!("{now}");
+                return Ok(());
+            }
+            Ok((false, _)) => {
+                return Err(Error::interrupted(format!(
+                    "live backup of VM {vm} cancelled: nothing was published"
+                )))
+            }
+            Err(e) => {
+                return Err(Error::interrupted(format!(
+                    "live backup of VM {vm} cancelled; its status could not be read ({e})"
+                )))
+            }
+            Ok((true, _)) if std::time::Instant::now() >= deadline => {
+                return Err(Error::interrupted(format!(
+                    "live backup of VM {vm} cancelled, but the daemon still shows it running after 30 s: check `recoverfs status` and its log"
+                )))
+            }
+            Ok((true, _)) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 pub(super) fn backup(

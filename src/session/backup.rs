@@ -59,9 +59,18 @@
 //! whichever generation a restart finds is complete; the error names the
 //! backup that was written, and the session refuses further live backups
 //! until it is recovered again.
+//!
+//! **Cancel.** A backup asked through the control API is cancelled when
+//! its client goes away (Ctrl-C, SIGTERM, a dropped ssh session): the
+//! handler sets the backup's cancel flag when hyper drops it, the reader
+//! stops at the next chunk boundary and the backup ends as one that did
+//! not reach its manifest (step 3): nothing is published, generation G's
+//! map keeps every write since the base, and the log says
+//! `live backup of VM … cancelled: the client went away after N of M
+//! chunks`. Chunks stored before the cancel stay unreferenced until `gc`.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -195,6 +204,17 @@ impl Datastore {
     /// Backs up a live session from its dirty maps (see the module docs).
     /// Busy while another backup of the VM runs; refused for a failed disk.
     pub fn backup_session(&self, vm: &str) -> Result<SessionBackupReport> {
+        self.backup_session_until(vm, &AtomicBool::new(false))
+    }
+
+    /// [`Self::backup_session`], cancelled (an `Interrupted` error, nothing
+    /// published, the dirty maps as they were) once `cancel` is set: the
+    /// control API sets it when the client that asked goes away.
+    pub fn backup_session_until(
+        &self,
+        vm: &str,
+        cancel: &AtomicBool,
+    ) -> Result<SessionBackupReport> {
         validate_name("VM name", vm)?;
         let no_session = || Error::not_found(format!("no recovery session for VM {vm}"));
         let s = self.session(vm).ok_or_else(no_session)?;
@@ -222,8 +242,9 @@ impl Datastore {
             backup_base: &s.backup_base,
         };
         // Said in the log too: the client that asked may be gone.
-        let r = run(&self.repo, &live).inspect_err(|e| {
-            tracing::warn!("live backup of VM {vm} failed, nothing was published: {e}")
+        let r = run_until(&self.repo, &live, cancel).inspect_err(|e| match e.kind() {
+            ErrorKind::Interrupted if cancel.load(Ordering::Acquire) => tracing::warn!("{e}"),
+            _ => tracing::warn!("live backup of VM {vm} failed, nothing was published: {e}"),
         })?;
         tracing::info!(vm, backup = %r.backup, "live backup of VM {vm} published");
         // Its new base is protected from forget from now on.
@@ -242,7 +263,17 @@ pub(crate) struct Live<'a> {
     pub(crate) backup_base: &'a parking_lot::Mutex<BackupBase>,
 }
 
+#[cfg(test)]
 pub(crate) fn run(repo: &Arc<Repository>, s: &Live) -> Result<SessionBackupReport> {
+    run_until(repo, s, &AtomicBool::new(false))
+}
+
+/// [`run`], cancelled before its manifest once `cancel` is set.
+pub(crate) fn run_until(
+    repo: &Arc<Repository>,
+    s: &Live,
+    cancel: &AtomicBool,
+) -> Result<SessionBackupReport> {
     let t0 = Instant::now();
     let (g, base) = {
         let b = s.backup_base.lock();
@@ -285,7 +316,7 @@ pub(crate) fn run(repo: &Arc<Repository>, s: &Live) -> Result<SessionBackupRepor
     };
     let pause_ms = tp.elapsed().as_secs_f64() * 1000.0;
     tracing::info!(vm = %s.vm, pause_ms, "guest writes paused for the backup's freeze");
-    let (manifest, disks) = match store(repo, s, &base, &frozen) {
+    let (manifest, disks) = match store(repo, s, &base, &frozen, cancel) {
         Ok(r) => r,
         Err(e) => {
             abort(storage.as_ref(), dir, s, g, s.disks.len());
@@ -446,13 +477,46 @@ fn remove_all(storage: &dyn Storage, dir: &Path, paths: &[std::path::PathBuf]) -
         .ctx(|| format!("fsync directory {}", dir.display()))
 }
 
+/// Chunks a live backup has stored, of how many, and whether its client
+/// is gone.
+struct Progress<'a> {
+    vm: &'a str,
+    cancel: &'a AtomicBool,
+    done: AtomicU64,
+    total: u64,
+}
+
+impl Progress<'_> {
+    /// The cancel error if the client is gone: checked before each chunk
+    /// is read and before the manifest.
+    fn check(&self) -> Result<()> {
+        if !self.cancel.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(Error::interrupted(format!(
+            "live backup of VM {} cancelled: the client went away after {} of {} chunks",
+            self.vm,
+            self.done.load(Ordering::Acquire),
+            self.total
+        )))
+    }
+}
+
 /// Step 3: stores each disk's frozen blocks and publishes the manifest.
 fn store(
     repo: &Arc<Repository>,
     s: &Live,
     base: &Manifest,
     frozen: &[Frozen],
+    cancel: &AtomicBool,
 ) -> Result<(Manifest, Vec<SessionBackupDisk>)> {
+    let mut progress = Progress {
+        vm: s.vm,
+        cancel,
+        done: AtomicU64::new(0),
+        total: frozen.iter().map(|f| f.read.len() as u64).sum(),
+    };
+    progress.check()?;
     // The base's chunks and the session's own backup's are reused: both
     // must still exist once the writer lock is held.
     let lock = WriterLock::acquire(repo, s.vm)?;
@@ -463,23 +527,42 @@ fn store(
         lock.require_manifest(s.vm, id)
             .map_err(|e| e.context(format!("live backup of VM {}", s.vm)))?;
     }
+    // What each disk takes from the uploader, first: M, the chunks to
+    // read, is then known for the cancel's log line.
+    let ups = (s.disks.iter().zip(frozen))
+        .map(|(d, f)| take_uploaded(repo, d, f))
+        .collect::<Result<Vec<_>>>()?;
+    let residues: Vec<Vec<u64>> = (frozen.iter().zip(&ups))
+        .map(|(f, up)| {
+            (f.read.iter().copied())
+                .filter(|b| !up.taken.contains_key(b))
+                .collect()
+        })
+        .collect();
+    progress.total = residues.iter().map(|r| r.len() as u64).sum();
+    let progress = &progress;
     let mut disks = vec![];
     let mut reports = vec![];
-    for ((d, f), bd) in s.disks.iter().zip(frozen).zip(&base.disks) {
+    let per_disk = s.disks.iter().zip(frozen).zip(&base.disks);
+    for ((((d, f), bd), up), residue) in per_disk.zip(ups).zip(residues) {
         let _span = tracing::info_span!("disk", disk = d.index).entered();
-        let up = take_uploaded(repo, d, f)?;
-        let residue: Vec<u64> = (f.read.iter().copied())
-            .filter(|b| !up.taken.contains_key(b))
-            .collect();
-        let read = |b: u64, buf: &mut [u8]| d.read_frozen(b, buf).map(|_| ());
-        let mut st = store_chunks(
+        let read = |b: u64, buf: &mut [u8]| {
+            progress.check()?;
+            d.read_frozen(b, buf).map(|_| ())
+        };
+        let done = |_| {
+            progress.done.fetch_add(1, Ordering::AcqRel);
+        };
+        let stored = store_chunks(
             repo,
             d.size,
             bd.chunk_size,
             residue.iter().copied(),
             &read,
-            &|_| {},
-        )?;
+            &done,
+        );
+        // A read that failed because the client went away: the cancel.
+        let mut st = stored.map_err(|e| progress.check().err().unwrap_or(e))?;
         st.sizes.extend(up.sizes);
         // Frozen blocks never staged are the session's own backup chunk;
         // those read or taken from the uploader are what they hold now.
@@ -512,6 +595,8 @@ fn store(
             new_bytes: st.new_bytes,
         });
     }
+    // The last point where a cancel publishes nothing.
+    progress.check()?;
     let m = publish_manifest(repo, &lock, s.vm, base.config.clone(), disks)?;
     Ok((m, reports))
 }

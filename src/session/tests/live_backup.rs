@@ -276,3 +276,65 @@ fn a_release_during_a_live_backup_is_refused_at_once_not_queued_behind_it() {
     assert!(took < Duration::from_secs(1), "the release waited {took:?}");
     assert!(r.ds.session("vm").is_some());
 }
+
+/// fixlive: a live backup whose client went away (the control API sets
+/// its cancel flag) stops at the next chunk, publishes nothing and leaves
+/// the dirty map whole: the next backup has every block written before
+/// it, and during it.
+#[test]
+fn a_cancelled_live_backup_publishes_nothing_and_the_next_backup_has_every_block() {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2)) as u64;
+    let frozen = 3 * workers + 20;
+    let blocks = frozen + 4;
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 38, blocks as usize);
+    r.ds.recover("vm", None).unwrap();
+    let d = disk(&r, "vm");
+    for b in 0..frozen {
+        d.write(b * BS as u64, &block(b as u8)).unwrap();
+    }
+    r.knobs.close_gate();
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backup = {
+        let (ds, cancel) = (r.ds.clone(), cancel.clone());
+        std::thread::spawn(move || ds.backup_session_until("vm", &cancel))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !d.is_frozen() {
+        assert!(std::time::Instant::now() < deadline, "no freeze");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // After the freeze: a frozen block not read yet, and a new one.
+    d.write((frozen - 1) * BS as u64, &block(201)).unwrap();
+    d.write((frozen + 1) * BS as u64, &block(202)).unwrap();
+    cancel.store(true, Ordering::SeqCst);
+    r.knobs.open_gate();
+    let e = backup
+        .join()
+        .unwrap()
+        .expect_err("a cancelled live backup was published");
+    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("live backup of VM vm cancelled: the client went away after ")
+            && msg.ends_with(&format!(" of {frozen} chunks")),
+        "{msg}"
+    );
+    assert_eq!(r.repo.backup_ids("vm").unwrap(), vec![b1.clone()]);
+    let s = r.ds.session("vm").unwrap();
+    let st = r.ds.status(&s);
+    assert!(!st.backup_running);
+    assert_eq!(st.backup_base, b1);
+    assert_eq!(st.disks[0].blocks_dirty, frozen + 1);
+    assert!(!d.is_frozen());
+    for f in ["disk0.dirty-1", "disk0.cow", "since.json", "base-1.json"] {
+        assert!(!s.dir.join(f).exists(), "{f} was left");
+    }
+    let next = r.ds.backup_session("vm").unwrap();
+    assert_eq!(next.base, b1);
+    assert_eq!(next.disks[0].blocks_read, frozen + 1);
+    let now = d.read(0, blocks as usize * BS).unwrap();
+    assert_eq!(restore(&r, "vm", &next.backup), now);
+    drop(s);
+    r.ds.release("vm", true).unwrap();
+}
