@@ -343,7 +343,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(ds).merge(precopy::router(jobs));
-    // Handlers that act on a caller's paths read its credentials.
+    // Handlers that act on a caller's paths read its credentials. A live
+    // backup is cancelled when hyper drops its handler on the client's EOF
+    // (`CancelOnDrop`): HTTP/1 half-close must stay off for that.
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<peer::Peer>(),

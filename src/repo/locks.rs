@@ -541,8 +541,20 @@ impl WriterLock {
     /// Takes a writer lock for backing up `vm`, waiting while a
     /// collector holds (or waits for) the repository.
     pub fn acquire(repo: &Arc<Repository>, vm: &str) -> Result<WriterLock> {
+        Self::acquire_until(repo, vm, &|| Ok(()))
+    }
+
+    /// [`WriterLock::acquire`] that gives up with `stop`'s error, asked at
+    /// every poll while a collector holds the repository (a live backup
+    /// whose client went away must not wait for a long gc to end).
+    pub fn acquire_until(
+        repo: &Arc<Repository>,
+        vm: &str,
+        stop: &dyn Fn() -> Result<()>,
+    ) -> Result<WriterLock> {
         let mut said = false;
         loop {
+            stop()?;
             let held = Held::put(repo, LockKind::Backup, vm)?;
             let gcs = holders(repo, LockKind::Gc, Some(&held.key))?;
             if gcs.is_empty() {
@@ -563,6 +575,7 @@ impl WriterLock {
             // here and would put its lock again at once, in a loop.
             std::thread::sleep(POLL);
             while !holders(repo, LockKind::Gc, None)?.is_empty() {
+                stop()?;
                 std::thread::sleep(POLL);
             }
         }

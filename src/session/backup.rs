@@ -519,7 +519,7 @@ fn store(
     progress.check()?;
     // The base's chunks and the session's own backup's are reused: both
     // must still exist once the writer lock is held.
-    let lock = WriterLock::acquire(repo, s.vm)?;
+    let lock = WriterLock::acquire_until(repo, s.vm, &|| progress.check())?;
     let mut reused: Vec<&str> = vec![&base.id];
     reused.extend(s.disks.iter().map(|d| d.backup.as_str()));
     reused.dedup();

@@ -289,3 +289,36 @@ fn reusing_a_forgotten_backups_chunks_is_refused() {
     let e = w.require_manifest("vm1", "20260101-000000").unwrap_err();
     assert!(e.to_string().contains("no longer in the repository"), "{e}");
 }
+
+#[test]
+fn a_writer_waiting_for_a_collector_gives_up_when_told_to_stop() {
+    let (_d, r) = repo();
+    let g = GcLock::acquire(&r, Duration::ZERO).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (r2, stop2) = (r.clone(), stop.clone());
+    let t = std::thread::spawn(move || {
+        let check = || match stop2.load(std::sync::atomic::Ordering::Acquire) {
+            true => Err(Error::interrupted("stopped".to_string())),
+            false => Ok(()),
+        };
+        WriterLock::acquire_until(&r2, "vm2", &check).map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!t.is_finished(), "it waits while the collector holds");
+    let t0 = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    while !t.is_finished() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still waiting after the stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = t.join().unwrap().unwrap_err();
+    assert_eq!(e.to_string(), "stopped");
+    drop(g);
+    assert!(
+        r.backend().list_all(DIR).unwrap().is_empty(),
+        "no writer lock left"
+    );
+}
