@@ -1,6 +1,8 @@
 //! The `recoverfs` binary: parse arguments, set up logging, run, and turn
 //! any error into one line on stderr with a non-zero exit.
 
+use std::io::Write;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
@@ -33,7 +35,9 @@ fn main() -> std::process::ExitCode {
     match r.map_err(anyhow::Error::from) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("recoverfs: error: {e}");
+            // Not `eprintln!`: a closed terminal would turn the error's
+            // exit status into a panic's (101).
+            let _ = writeln!(std::io::stderr(), "recoverfs: error: {e}");
             std::process::ExitCode::FAILURE
         }
     }

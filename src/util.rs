@@ -462,6 +462,15 @@ impl<'a> SparseWriter<'a> {
     pub fn finish(self) -> std::io::Result<()> {
         self.file.set_len(self.pos)
     }
+
+    /// Takes `n` zero bytes as a hole, without writing or looking at them:
+    /// a hole of a TiB costs nothing (`finish` sets the length).
+    pub fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        self.pos = (self.pos.checked_add(n))
+            .filter(|&p| p <= i64::MAX as u64)
+            .ok_or_else(|| std::io::Error::other("a hole past the largest file"))?;
+        Ok(())
+    }
 }
 
 impl std::io::Write for SparseWriter<'_> {

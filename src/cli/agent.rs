@@ -261,11 +261,11 @@ pub fn backup(
     };
     let out = agent_backup(&r, &targets, &opts, &|vm, line| {
         if !json {
-            eprintln!("{vm}: {line}");
+            tell!("{vm}: {line}");
         }
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        say!("{}", serde_json::to_string_pretty(&out).expect("json"));
     }
     let mut failed = vec![];
     for o in &out {
@@ -277,7 +277,7 @@ pub fn backup(
                         0 => String::new(),
                         n => format!(", {n} entries SKIPPED (sockets, devices, FIFOs, names not UTF-8: see the `skipped` lines)"),
                     };
-                    eprintln!(
+                    tell!(
                         "{}: file backup {id}: {} entries, {} of files, {} new, agent {}, {:.1} s{skipped}",
                         o.vm,
                         o.entries,
@@ -286,13 +286,13 @@ pub fn backup(
                         o.agent_version.as_deref().unwrap_or("?"),
                         o.duration_ms as f64 / 1000.0
                     );
-                    println!("{} {id}", o.vm);
+                    say!("{} {id}", o.vm);
                 }
             }
             (None, e) => {
                 let e = e.as_deref().unwrap_or("failed");
                 if !json {
-                    eprintln!("{}: FAILED: {e}", o.vm);
+                    tell!("{}: FAILED: {e}", o.vm);
                 }
                 failed.push(e.to_string());
             }
@@ -368,10 +368,12 @@ pub fn restore(
             Duration::from_secs(max_duration.max(1)),
         ),
         &stop,
-        &|line| eprintln!("{}: {line}", t.name),
+        &|line| {
+            tell!("{}: {line}", t.name);
+        },
     )
     .map_err(interrupted_by)?;
-    eprintln!(
+    tell!(
         "{}: restored {n} entries of {path} from file backup {} {}",
         t.name,
         c.id,
@@ -459,7 +461,9 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     true => crate::files::Existing::Skip,
                     false => crate::files::Existing::Refuse,
                 },
-                say: &|n| eprintln!("note: {n}"),
+                say: &|n| {
+                    tell!("note: {n}");
+                },
             };
             let (n, from) = match src.open(&path, stop)? {
                 Source::Catalog(r, c) => {
@@ -496,7 +500,7 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     (n, from)
                 }
             };
-            eprintln!(
+            tell!(
                 "restored {n} entries of {path} from {from} under {}",
                 to.display()
             );
@@ -604,7 +608,7 @@ fn copy_from(
 /// Says what reading the disk backup fetched, and unmounts.
 fn finish_disk(m: crate::files::disk::Mounted) -> Result<()> {
     let (fetched, size) = m.fetched();
-    eprintln!(
+    tell!(
         "read {} on {} of disk backup {}: fetched {} of the {} disk",
         m.fstype,
         m.device,

@@ -195,20 +195,25 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
         |line| {
             if !quiet {
                 // Keep the progress line below the console output.
-                eprint!("{}", if tty { "\r\x1b[2K" } else { "" });
-                println!("  | {line}");
+                tell_part!("{}", if tty { "\r\x1b[2K" } else { "" });
+                say!("  | {line}");
             }
         },
         |elapsed| {
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return Some(format!("stopped by {}", super::stopped_by()));
             }
+            // Nobody reads the console any more (`boot | head -1`, a
+            // closed terminal): the VM is stopped as at the timeout.
+            if super::say::gone(super::say::To::Out) {
+                return Some("the console's reader (standard output) went away".into());
+            }
             if let Ok(st) = client.get(&path) {
                 if tty {
-                    eprint!("\r\x1b[2K{}", progress_line(&st, elapsed));
+                    tell_part!("\r\x1b[2K{}", progress_line(&st, elapsed));
                     let _ = std::io::stderr().flush();
                 } else if last_print.elapsed() >= Duration::from_secs(2) {
-                    eprintln!("{}", progress_line(&st, elapsed));
+                    tell!("{}", progress_line(&st, elapsed));
                     last_print = Instant::now();
                 }
             }
@@ -216,7 +221,7 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
         },
     )?;
     if tty {
-        eprintln!();
+        tell!();
     }
     // QEMU is stopped and reaped; the recovery is the daemon's and stays.
     if stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -225,6 +230,18 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
              stays recovered (`recoverfs release {vm}` ends it)",
             super::stopped_by()
         )));
+    }
+    // Its console could not be written: QEMU was stopped, and the command
+    // fails with the write's error (EPIPE of a pipe nobody reads ends it
+    // as SIGPIPE would: `end_quietly_when_stdout_closes`).
+    if let Some(e) = super::say::failure(super::say::To::Out) {
+        return Err(Error::io(
+            format!(
+                "the boot of VM {vm} was stopped (QEMU was killed; the VM stays recovered): \
+                 write its console to standard output"
+            ),
+            e,
+        ));
     }
     let st = client.get(&path)?;
     let disks = st["disks"].as_array().cloned().unwrap_or_default();
@@ -235,12 +252,12 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
     let size: u64 = disks.iter().map(|d| d["size"].as_u64().unwrap_or(0)).sum();
     match report.outcome {
         Outcome::Marker { line, after } => {
-            println!(
+            say!(
                 "marker reached after {:.1} s: {}",
                 after.as_secs_f64(),
                 line.trim()
             );
-            println!(
+            say!(
                 "fetched {} of {} disk ({:.1}%); {}",
                 human_bytes(fetched),
                 human_bytes(size),
@@ -254,11 +271,11 @@ pub fn boot_session(client: &Client, a: BootArgs) -> Result<()> {
             Ok(())
         }
         Outcome::Heartbeat { os, after } => {
-            println!(
+            say!(
                 "guest agent answered after {:.1} s: {os}",
                 after.as_secs_f64()
             );
-            println!(
+            say!(
                 "fetched {} of {} disk ({:.1}%); the VM was stopped",
                 human_bytes(fetched),
                 human_bytes(size),
@@ -294,7 +311,7 @@ pub fn verify(opts: VerifyBootOptions) -> Result<()> {
         human_bytes(r.disk_bytes)
     );
     if r.passed() {
-        println!(
+        say!(
             "PASS: VM {} backup {} {} ({fetched})",
             r.vm,
             r.backup,
@@ -302,11 +319,11 @@ pub fn verify(opts: VerifyBootOptions) -> Result<()> {
         );
         return Ok(());
     }
-    println!("console (last lines):");
+    say!("console (last lines):");
     for l in &r.console_tail {
-        println!("  | {l}");
+        say!("  | {l}");
     }
-    println!(
+    say!(
         "FAIL: VM {} backup {}: {} ({fetched})",
         r.vm,
         r.backup,

@@ -3,6 +3,9 @@
 //! over its control socket. The commands and their flags are declared in
 //! `args`; this module dispatches them.
 
+// First: its macros (`say!`, `tell!`) serve the modules below.
+#[macro_use]
+pub(crate) mod say;
 mod agent;
 mod args;
 mod backup;
@@ -317,7 +320,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if pause || resume {
                 let verb = if pause { "pause" } else { "resume" };
                 let st = c.post(&format!("/sessions/{vm}/relocate/{verb}"), &json!({}))?;
-                println!("relocation of VM {vm}: {}", output::relocation_line(&st));
+                say!("relocation of VM {vm}: {}", output::relocation_line(&st));
                 if wait && resume {
                     output::wait_relocation(&c, &vm, &stop)?;
                 }
@@ -331,7 +334,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &format!("/sessions/{vm}/relocate"),
                 &json!({"to": to, "rate_mbps": rate, "force": force}),
             )?;
-            eprintln!(
+            tell!(
                 "relocating VM {vm} to {}",
                 st["target"].as_str().unwrap_or("?")
             );
@@ -502,12 +505,14 @@ fn stop_on(
         if let Ok(sig) = set.wait() {
             STOPPED_BY.store(sig as i32, std::sync::atomic::Ordering::SeqCst);
             if !then.is_empty() {
-                eprintln!("{sig}: {then} (again: exit now)");
+                // Not `eprintln!`: on a closed terminal (SIGHUP) it would
+                // panic, and the flag would never be set.
+                tell!("{sig}: {then} (again: exit now)");
             }
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if let Ok(sig) = set.wait() {
-            eprintln!("{sig}: exiting; {left}");
+            tell!("{sig}: exiting; {left}");
             crate::repo::locks::release_all(Duration::from_secs(2));
             std::process::exit(130);
         }
@@ -530,7 +535,7 @@ pub(crate) fn release_locks_on_signals(what: &'static str) -> Result<()> {
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
             let n = crate::repo::locks::release_all(Duration::from_secs(10));
-            eprintln!("{sig}: {what} stopped; {n} repository lock(s) removed");
+            tell!("{sig}: {what} stopped; {n} repository lock(s) removed");
             std::process::exit(130);
         }
     });

@@ -116,7 +116,7 @@ pub fn run(a: PrecopyArgs) -> Result<()> {
     let _ = watcher.join();
     let report = r?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        say!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else {
         print_report(&report);
     }
@@ -135,7 +135,7 @@ fn stop_on_signals(ctl: &Arc<Control>) -> Result<()> {
     let ctl = ctl.clone();
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
-            eprintln!("{sig}: stopping at the next checkpoint");
+            tell!("{sig}: stopping at the next checkpoint");
             ctl.stop();
         }
     });
@@ -163,17 +163,17 @@ fn print_rounds(ctl: &Control) {
                     )
                 })
                 .unwrap_or_default();
-            eprintln!("{}{load} {}", s.state, s.why);
+            tell!("{}{load} {}", s.state, s.why);
             gate = s.state.clone();
         }
         for w in s.warnings.iter().skip(warned) {
-            eprintln!("warning: {w}");
+            tell!("warning: {w}");
         }
         warned = s.warnings.len();
         if s.rounds > seen {
             seen = s.rounds;
             if let Some(r) = &s.last_round {
-                eprintln!(
+                tell!(
                     "round {}: {} chunks marked, {} read ({}), {} zero, {} already recorded, {:.1} s ({:.1} s held back)",
                     r.round,
                     r.dirty_chunks,
@@ -194,28 +194,28 @@ fn print_rounds(ctl: &Control) {
 }
 
 fn print_report(r: &Report) {
-    eprintln!("VM {}: {} (cycle {})", r.vm, r.start, r.cycle);
+    tell!("VM {}: {} (cycle {})", r.vm, r.start, r.cycle);
     let read: u64 = r.rounds.iter().map(|x| x.chunks_read).sum();
-    eprintln!("{} rounds, {read} chunks pre-copied", r.rounds.len());
+    tell!("{} rounds, {read} chunks pre-copied", r.rounds.len());
     let Some(f) = &r.final_backup else {
-        eprintln!("no backup taken; the next run resumes");
+        tell!("no backup taken; the next run resumes");
         return;
     };
     if let Some(why) = &f.fallback {
-        eprintln!("warning: the pre-copied chunks were not used: {why}");
+        tell!("warning: the pre-copied chunks were not used: {why}");
     }
     let plain = f
         .since_backup_chunks
         .map(|n| format!(" (a plain incremental: {n})"))
         .unwrap_or_default();
-    eprintln!(
+    tell!(
         "backup {} ({}): the final step read {} chunks{plain}, paused {:.1} ms",
         f.backup.as_deref().unwrap_or("?"),
         f.mode,
         f.chunks_read,
         f.vm.paused_ms.unwrap_or(0.0)
     );
-    println!("{}", f.backup.as_deref().unwrap_or(""));
+    say!("{}", f.backup.as_deref().unwrap_or(""));
 }
 
 /// `status`: the daemon's pre-copy jobs (`GET /precopy`).

@@ -565,3 +565,90 @@ fn skip_existing_keeps_a_whole_file_whose_time_the_file_system_rounded() {
         "a whole file was written again"
     );
 }
+
+/// A file backup of `/srv/big.img`: 5000 bytes of data, a hole of 1 TiB
+/// (a run of the zero chunk), 5000 more bytes; the catalog, both pieces.
+pub(crate) fn tib_hole_backup(r: &Repository) -> (Catalog, Vec<u8>, Vec<u8>) {
+    use crate::repo::catalog::{ChunkRef, CATALOG_FORMAT_RUNS, CDC_MAX};
+    let head: Vec<u8> = (0..5000u32).map(|i| (i % 251 + 1) as u8).collect();
+    let tail: Vec<u8> = (0..5000u32).map(|i| (i % 241 + 3) as u8).collect();
+    let mut sink = ChunkSink::default();
+    let zeros = vec![0u8; CDC_MAX as usize];
+    let zero = r.chunk_id(&zeros);
+    r.put_chunk(&zero, &zeros).unwrap();
+    let hole = 1u64 << 40;
+    let mut chunks = sink.store(r, &head[..]).unwrap();
+    chunks.push(ChunkRef {
+        digest: zero,
+        len: CDC_MAX,
+        repeat: hole / CDC_MAX as u64,
+    });
+    chunks.extend(sink.store(r, &tail[..]).unwrap());
+    let size = head.len() as u64 + hole + tail.len() as u64;
+    let c = Catalog {
+        format: CATALOG_FORMAT_RUNS,
+        vm: "vm1".into(),
+        id: String::new(),
+        created: String::new(),
+        created_unix: 0,
+        source: serde_json::json!({}),
+        entries: vec![Entry {
+            size,
+            chunks,
+            ..entry("/srv/big.img", EntryKind::File, 0o640)
+        }],
+        file_bytes: size,
+        stored_bytes: 0,
+        new_bytes: 0,
+    };
+    (r.publish_catalog(c).unwrap(), head, tail)
+}
+
+/// Checks `p` is the sparse file of [`tib_hole_backup`].
+pub(crate) fn assert_tib_hole_file(p: &Path, head: &[u8], tail: &[u8]) {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let m = std::fs::metadata(p).unwrap();
+    let hole = 1u64 << 40;
+    assert_eq!(m.len(), head.len() as u64 + hole + tail.len() as u64);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "not sparse: {} blocks",
+        m.blocks()
+    );
+    let f = std::fs::File::open(p).unwrap();
+    let mut got = vec![0u8; head.len() + (64 << 10)];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(&got[..head.len()], head);
+    assert!(got[head.len()..].iter().all(|&b| b == 0));
+    let mut got = vec![0u8; (64 << 10) + tail.len()];
+    let at = m.len() - got.len() as u64;
+    f.read_exact_at(&mut got, at).unwrap();
+    let (zeros, end) = got.split_at(64 << 10);
+    assert!(zeros.iter().all(|&b| b == 0));
+    assert_eq!(end, tail);
+}
+
+#[test]
+fn a_file_with_a_tib_hole_restores_sparse_in_well_under_a_second() {
+    let d = tempfile::tempdir().unwrap();
+    let (r, _) = Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+    let (c, head, tail) = tib_hole_backup(&r);
+    let to = d.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let sel = select(&c, "/srv/big.img").unwrap();
+    // Stopped after 20 s: without the fix it wrote (and scanned) the TiB.
+    let stop = AtomicBool::new(false);
+    let t = std::time::Instant::now();
+    let n = std::thread::scope(|s| {
+        let restore = s.spawn(|| restore_from(&r, &c, &sel, &to, &stop, &How::default()));
+        while !restore.is_finished() && t.elapsed() < std::time::Duration::from_secs(20) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::SeqCst);
+        restore.join().unwrap()
+    });
+    let took = t.elapsed();
+    assert_eq!(n.unwrap(), 1);
+    assert!(took < std::time::Duration::from_millis(500), "{took:?}");
+    assert_tib_hole_file(&to.join("srv/big.img"), &head, &tail);
+}

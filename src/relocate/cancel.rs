@@ -12,15 +12,23 @@
 //!    good, or finds it under way.
 //! 2. The copier stops (reads in flight abandoned, written blocks
 //!    committed: every copied bit stays true).
-//! 3. **The commit:** `relocation.json` is removed and the session
+//! 3. **The intent:** `relocation.json` is rewritten with `cancelling`
+//!    (atomically, synced). From then on the relocation is never resumed:
+//!    a restarted daemon holds it as not resumed, and `relocate --resume`
+//!    refuses it, both saying "was cancelled; its record could not be
+//!    removed: …; run relocate --cancel again", which finishes it. If this
+//!    write fails the relocation is not cancelled: it stays recorded as it
+//!    was, `failed` (its copier is stopped), a restart resumes it, and a
+//!    cancel may be asked again (`--resume` in this daemon refuses it).
+//! 4. **The commit:** `relocation.json` is removed and the session
 //!    directory synced. Before it the relocation is recorded whole (record,
-//!    copied maps, targets), and a restarted daemon resumes it; after it no
-//!    daemon does. If this step fails the relocation is not cancelled: it
-//!    stays recorded, `failed` (its copier is stopped), a restart resumes
-//!    it, and a cancel may be asked again.
-//! 4. The disks stop tracking copies (eviction no longer waits for copied
+//!    copied maps, targets); after it nothing is recorded. If this step
+//!    fails the record stays, marked: the cancel is not finished, and is
+//!    finished by the next one (fixmisc 2: a relocation whose record could
+//!    not be removed was resumed as if it had failed on its own).
+//! 5. The disks stop tracking copies (eviction no longer waits for copied
 //!    bits, passthrough may be granted again); the copied maps are removed.
-//! 5. The target files this relocation created are removed (not with
+//! 6. The target files this relocation created are removed (not with
 //!    `keep_target`), with its owner mark (`.recoverfs-relocation`, also
 //!    when every file was there before it), then its directory if this
 //!    relocation created it and it is empty. A file that was there before (`--force` emptied it) is
@@ -34,7 +42,7 @@
 //!    One gone from a reachable parent (removed by an administrator) left
 //!    nothing: the cancel succeeds, naming nothing (see `find_target`).
 //!
-//! A failure in 4 or 5 leaves the relocation cancelled and is reported,
+//! A failure in 5 or 6 leaves the relocation cancelled and is reported,
 //! naming what is left. A crash in them leaves files no record refers to:
 //! a partial copy without `vm.json`, which never passes for a complete one
 //! (remove it by hand, or relocate over it with `--force`).
@@ -96,23 +104,33 @@ impl Relocation {
             self.cancel.store(true, Ordering::Release);
         }
         self.stop();
-        let meta = self.meta.lock().clone();
+        // Marked in memory too: `retry` refuses it even if the mark
+        // cannot be written.
+        let meta = {
+            let mut m = self.meta.lock();
+            m.cancelling = true;
+            m.clone()
+        };
         let forgotten = {
             let _io = self.meta_io.lock();
-            forget_record(self.storage.as_ref(), &self.meta_path)
+            let marked = mark_cancelling(self.storage.as_ref(), &self.meta_path, &meta);
+            marked.map(|()| forget_record(self.storage.as_ref(), &self.meta_path))
         };
-        if let Err(e) = forgotten {
-            let e = e.context(format!(
-                "the relocation of VM {} was not cancelled",
+        let e = match forgotten {
+            Ok(Ok(())) => None,
+            // Nothing durable says cancel: a restart resumes it.
+            Err(e) => Some(e.context(format!(
+                "the relocation of VM {} was not cancelled (its copier is stopped; a restarted \
+                 daemon may resume it): cancel again",
                 self.vm
-            ));
-            *self.state.lock() = (
-                State::Failed,
-                Some(format!(
-                    "{e}; its copier is stopped, a restarted daemon may resume it: cancel again"
-                )),
-                None,
-            );
+            ))),
+            Ok(Err(e)) => Some(Error::new(
+                e.kind(),
+                not_removed(&self.vm, &self.target_dir, &e),
+            )),
+        };
+        if let Some(e) = e {
+            *self.state.lock() = (State::Failed, Some(e.to_string()), None);
             return Err(e);
         }
         tracing::info!(vm = %self.vm, target = %self.target_dir.display(), "relocation cancelled");
@@ -143,8 +161,14 @@ impl Relocation {
                 ),
             ));
         }
-        forget_record(src.storage.as_ref(), &p)
+        let marked = Meta {
+            cancelling: true,
+            ..meta.clone()
+        };
+        mark_cancelling(src.storage.as_ref(), &p, &marked)
             .map_err(|e| e.context(format!("the relocation of VM {} was not cancelled", src.vm)))?;
+        forget_record(src.storage.as_ref(), &p)
+            .map_err(|e| Error::new(e.kind(), not_removed(src.vm, &meta.target, &e)))?;
         tracing::info!(vm = src.vm, target = %meta.target.display(), "relocation (not resumed) cancelled");
         Ok(Some(clean_up(
             src.storage.as_ref(),
@@ -154,6 +178,24 @@ impl Relocation {
             keep_target,
         )))
     }
+}
+
+/// The intent of a cancel, durably: `meta`, marked `cancelling`, replaces
+/// the record.
+fn mark_cancelling(storage: &dyn Storage, meta_path: &Path, meta: &Meta) -> Result<()> {
+    debug_assert!(meta.cancelling);
+    let bytes = serde_json::to_vec_pretty(meta).expect("json");
+    io::replace(storage, meta_path, &bytes)
+}
+
+/// The line of a cancel whose record, marked, could not be removed (`e`);
+/// also what a resume or a restart then says (see `NotResumed::cancelled`).
+pub(super) fn not_removed(vm: &str, target: &Path, e: &dyn std::fmt::Display) -> String {
+    format!(
+        "the relocation of VM {vm} to {} was cancelled; its record could not be removed: {e}; \
+         run `recoverfs relocate {vm} --cancel` again",
+        target.display()
+    )
 }
 
 /// The commit of a cancel: the record gone, durably.

@@ -84,9 +84,10 @@
 //!   blocks kept), a new copier started, the failed one's open target files
 //!   taken over with their locks.
 //! * **Cancel** (`cancel`): refused once the cutover began; otherwise stops
-//!   the copier, removes `relocation.json` durably (the commit: no restart
-//!   resumes it), then the copied maps and the target files this relocation
-//!   created (never one that was there before).
+//!   the copier, marks `relocation.json` `cancelling` durably (from then on
+//!   no restart or `--resume` reopens it), removes it durably, then the
+//!   copied maps and the target files this relocation created (never one
+//!   that was there before).
 //!
 //! Files: `open` (start; reopen at a restart or `--resume`), `copy` (one
 //! pass, pipelined), `passes` (the copier's loop and pacing), `cutover`,
@@ -181,6 +182,12 @@ pub(crate) struct Meta {
     /// has none: not checked.
     #[serde(default)]
     pub owner_mark: Option<String>,
+    /// A cancel began: written durably before the record is removed (see
+    /// `cancel`), so a cancel whose removal failed stays a cancel: no
+    /// restart and no `--resume` reopens it, `--cancel` again finishes it.
+    /// Absent (false) in every other record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelling: bool,
 }
 
 impl Meta {
@@ -198,6 +205,7 @@ impl Meta {
             target_id: None,
             target_inos: BTreeMap::new(),
             owner_mark: None,
+            cancelling: false,
         }
     }
 }

@@ -78,6 +78,23 @@ impl NotResumed {
         }
     }
 
+    /// `meta`, marked `cancelling` by a cancel whose removal of the record
+    /// failed: never reopened; a cancel again finishes it.
+    pub(super) fn cancelled(src: &Source, meta: &Meta) -> NotResumed {
+        let e = Error::busy(super::cancel::not_removed(
+            src.vm,
+            &meta.target,
+            &"a cancel did not finish",
+        ));
+        NotResumed {
+            then: format!(
+                "it is not resumed: run `recoverfs relocate {} --cancel` again",
+                src.vm
+            ),
+            ..NotResumed::new(src, meta, e, false)
+        }
+    }
+
     /// The session's relocation as `status` shows it: not copying (the VM
     /// is served from staging), with the reason (`error`) and what to do
     /// (`note`).

@@ -290,6 +290,10 @@ impl Relocation {
         held: &[Arc<dyn BlockFile>],
     ) -> Result<Reopened> {
         let switched = meta.switched;
+        // Cancelled, its record not removed: held until cancelled again.
+        if meta.cancelling && !switched {
+            return Ok(Reopened::NotResumed(NotResumed::cancelled(&src, &meta)));
+        }
         let target = meta.target.clone();
         let mut unmarked = false;
         let pinned = pin_target(src.storage.as_ref(), &meta).and_then(|dir| {

@@ -57,6 +57,14 @@ impl Relocation {
         // It ended when it failed (or a cancel that could not commit
         // stopped it): joined, nothing of it runs from here on.
         self.stop();
+        // The administrator cancelled it: never resumed, however the
+        // cancel failed (its state's error says what, and to cancel again).
+        if self.meta.lock().cancelling {
+            let why = self.state.lock().1.clone();
+            return Err(Error::busy(why.unwrap_or_else(|| {
+                super::cancel::not_removed(&self.vm, &self.target_dir, &"unknown")
+            })));
+        }
         let meta = match Self::read_meta(&src) {
             Ok(Some(meta)) => meta,
             Ok(None) => {
@@ -78,6 +86,13 @@ impl Relocation {
             }
             Err(e) => return Err(self.still_failed(e.to_string(), None)),
         };
+        if meta.cancelling {
+            return Err(Error::busy(super::cancel::not_removed(
+                &self.vm,
+                &self.target_dir,
+                &"a cancel did not finish",
+            )));
+        }
         if meta.switched || self.meta.lock().switched {
             // Not a failure before the commit: never reopened here.
             return Err(self.failed_error());

@@ -10,7 +10,7 @@ use crate::util::human_bytes;
 pub(crate) fn session_backup(r: &Value) {
     let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     for d in r["disks"].as_array().cloned().unwrap_or_default() {
-        eprintln!(
+        tell!(
             "{}: {} blocks changed, {} taken as uploaded, {} read ({}; {} copied aside while the guest wrote): {} new ({} stored), {} reused, {} zero",
             d["name"].as_str().unwrap_or("?"),
             n(&d, "blocks_frozen"),
@@ -25,7 +25,7 @@ pub(crate) fn session_backup(r: &Value) {
         );
     }
     let fetched = n(r, "fetched_bytes");
-    eprintln!(
+    tell!(
         "backup {} of VM {} (base {}): paused guest writes {:.1} ms, read {} of changed blocks, {}; {} new bytes in {:.1} s",
         r["backup"].as_str().unwrap_or("?"),
         r["vm"].as_str().unwrap_or("?"),
@@ -40,17 +40,17 @@ pub(crate) fn session_backup(r: &Value) {
         n(r, "new_bytes"),
         r["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0,
     );
-    println!("{}", r["backup"].as_str().unwrap_or("?"));
+    say!("{}", r["backup"].as_str().unwrap_or("?"));
 }
 
 /// `backup-vms`: per VM a line on stderr (or the whole summary as JSON on
 /// stdout); `NAME BACKUP_ID` on stdout for each VM backed up.
 pub(crate) fn backup_vms(s: &crate::vmbackup::Summary, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(s).expect("json"));
+        say!("{}", serde_json::to_string_pretty(s).expect("json"));
         return;
     }
-    eprintln!(
+    tell!(
         "snapshot {} (run {}), {} VM(s), {} at a time",
         s.snapshot_time.as_deref().unwrap_or("not taken"),
         s.run_id,
@@ -76,7 +76,7 @@ pub(crate) fn backup_vms(s: &crate::vmbackup::Summary, json: bool) {
             (None, Some(e)) => format!("FAILED: {e}"),
             (None, None) => "not backed up".into(),
         };
-        eprintln!(
+        tell!(
             "{order} VM {} ({}/s written): {what}; {paused}; read {} in {:.1} s ({}/s), {} new, {} copied before write; {}",
             v.vm,
             human_bytes(v.write_rate as u64),
@@ -88,12 +88,12 @@ pub(crate) fn backup_vms(s: &crate::vmbackup::Summary, json: bool) {
             v.consistency,
         );
         for w in &v.warnings {
-            eprintln!("  warning: {w}");
+            tell!("  warning: {w}");
         }
     }
     for v in &s.vms {
         if let Some(id) = &v.backup {
-            println!("{} {id}", v.vm);
+            say!("{} {id}", v.vm);
         }
     }
 }

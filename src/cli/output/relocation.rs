@@ -130,12 +130,12 @@ fn wait_relocation_with(
                 .unwrap_or_else(|| "-".into())
         ));
         if !tty && last.elapsed() >= std::time::Duration::from_secs(5) {
-            eprintln!("{}", relocation_line(r));
+            tell!("{}", relocation_line(r));
             last = std::time::Instant::now();
         }
         if let Some(verdict) = wait_verdict(vm, &s) {
             bar.finish_and_clear();
-            println!("{}", verdict?);
+            say!("{}", verdict?);
             return Ok(());
         }
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -153,7 +153,7 @@ fn wait_relocation_with(
         if state == "not-converging" && !warned {
             warned = true;
             bar.suspend(|| {
-                eprintln!(
+                tell!(
                     "warning: {}",
                     r["note"].as_str().unwrap_or("relocation is not converging")
                 )

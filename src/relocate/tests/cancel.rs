@@ -1,5 +1,5 @@
 //! Cancelling a relocation: durable and prompt mid-copy, refused once the
-//! cutover began, resumable when its record cannot be removed, and never
+//! cutover began, never resumed when its record cannot be removed, and never
 //! removing a file it did not create or reaches only through a target
 //! directory replaced since.
 
@@ -216,35 +216,83 @@ fn a_cancel_asked_while_the_cutover_runs_is_refused_and_the_cutover_completes() 
 }
 
 #[test]
-fn a_cancel_whose_record_cannot_be_removed_leaves_the_relocation_resumable_and_can_be_asked_again()
-{
+fn a_cancel_whose_record_cannot_be_removed_is_never_resumed_and_finishes_when_asked_again() {
     let rig = rig();
     let disks = rig.volumes();
     let r = rig.relocate_at(&disks, Some(1.0));
     wait_for_progress(&r);
     rig.faults
         .inject(Rule::fail(Op::Remove, "relocation.json", libc::EIO).times(1));
-    let e = r.cancel(false).unwrap_err();
+    let e = r.cancel(false).unwrap_err().to_string();
     assert_eq!(rig.faults.injected(), 1, "{e}");
-    assert!(e.to_string().contains("not cancelled"), "{e}");
+    assert!(
+        e.contains("was cancelled; its record could not be removed")
+            && e.contains("`recoverfs relocate vm --cancel` again"),
+        "{e}"
+    );
     assert_eq!(r.state(), State::Failed);
     assert!(!r.copier_running());
-    // Nothing was removed: the record, the copied maps, the targets.
+    // Nothing was removed (the record, the copied maps, the targets), and
+    // the record says it was being cancelled.
     let primary = rig.dir.path().join("primary/vm");
-    assert!(rig.session_dir.join("relocation.json").exists());
+    let record = std::fs::read_to_string(rig.session_dir.join("relocation.json")).unwrap();
+    assert!(record.contains("\"cancelling\": true"), "{record}");
     for i in 0..2 {
         assert!(rig.session_dir.join(format!("disk{i}.copied")).exists());
         assert!(primary.join(format!("disk{i}.raw")).exists());
     }
+    // `relocate --resume` in this daemon refuses it (fixmisc 2: it was
+    // reopened as if it had failed on its own), saying to cancel again.
+    let Err(e) = r.retry(rig.source(&disks)) else {
+        panic!("a cancelled relocation was resumed");
+    };
+    assert!(e.to_string().contains("was cancelled"), "{e}");
+    assert!(!r.copier_running());
     drop((r, disks));
-    // A restart resumes it; cancelled again, it is gone for good.
+    // Nor does a restart: held, served from staging, saying why.
     let (disks, again) = rig.restart();
-    let r = again.expect("resumable");
-    assert_ne!(r.state(), State::Done);
-    r.spawn();
-    wait_for_progress(&r);
-    r.cancel(false).unwrap();
+    assert!(
+        again.is_none(),
+        "a cancelled relocation was resumed at a restart"
+    );
+    let Reopened::NotResumed(h) = Relocation::reopen_or_hold(rig.source(&disks)).unwrap() else {
+        panic!("not held");
+    };
+    let shown = format!("{}; {}", h.error, h.then);
+    assert!(
+        shown.contains("was cancelled") && shown.contains("--cancel` again"),
+        "{shown}"
+    );
+    // Cancelled again, it is gone for good with what it created.
+    let c = Relocation::cancel_recorded(rig.source(&disks), false)
+        .unwrap()
+        .expect("recorded");
+    assert!(c.leftover.is_none(), "{c:?}");
     assert!(!primary.join("disk0.raw").exists());
+    assert!(!rig.session_dir.join("relocation.json").exists());
+    drop(disks);
+    assert!(rig.restart().1.is_none());
+}
+
+#[test]
+fn a_cancel_whose_mark_cannot_be_written_cancels_nothing_and_is_not_resumed_in_the_daemon() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate_at(&disks, Some(1.0));
+    wait_for_progress(&r);
+    rig.faults
+        .inject(Rule::fail(Op::Rename, "relocation.json", libc::EIO).with_data(b"cancelling"));
+    let e = r.cancel(false).unwrap_err().to_string();
+    assert!(e.contains("not cancelled"), "{e}");
+    let record = std::fs::read_to_string(rig.session_dir.join("relocation.json")).unwrap();
+    assert!(!record.contains("cancelling"), "{record}");
+    // Asked to cancel: not resumed in this daemon, whatever failed.
+    assert!(r.retry(rig.source(&disks)).is_err());
+    assert!(!r.copier_running());
+    // Cancelled again, it is gone.
+    rig.faults.clear();
+    r.cancel(false).unwrap();
+    assert!(!rig.dir.path().join("primary/vm/disk0.raw").exists());
     drop((r, disks));
     assert!(rig.restart().1.is_none());
 }

@@ -169,3 +169,35 @@ fn hole_frames_from_the_host_restore_a_sparse_file_in_the_guest() {
     assert!(got[3..].iter().all(|&b| b == 0));
     assert!(std::fs::metadata(&f).unwrap().blocks() * 512 < 1 << 20);
 }
+
+#[test]
+fn agent_restore_of_a_file_with_a_tib_hole_sends_one_hole_frame_and_the_guest_seeks() {
+    let w = World::new();
+    let (c, head, tail) = crate::files::tests::tib_hole_backup(&w.repo);
+    let to = w.dir.path().join("to");
+    std::fs::create_dir(&to).unwrap();
+    let sel = crate::files::select(&c, "/srv/big.img").unwrap();
+    let (host, agent) = w.spawn_agent(Job::Restore {
+        to: Some(to.to_str().unwrap().into()),
+    });
+    let t = std::time::Instant::now();
+    let (done, got) = std::sync::mpsc::channel();
+    let (repo, c2) = (w.repo.clone(), c.clone());
+    // The host's side, as `agent-restore` runs it: without the fix the
+    // guest read the hole out as a TiB of zeros and looked at each.
+    std::thread::spawn(move || {
+        let sel = crate::files::select(&c2, "/srv/big.img").unwrap();
+        let deadline = Deadline::start(Duration::from_secs(600), Duration::from_secs(600));
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        let r = crate::agent::restore::send(&repo, &host, deadline, &c2, &sel, &sent, &|_| {});
+        let _ = done.send(r);
+    });
+    let r = got
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the restore of a TiB hole took more than 20 s");
+    let took = t.elapsed();
+    assert_eq!(r.unwrap(), sel.len() as u64);
+    agent.join().unwrap().unwrap();
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    crate::files::tests::assert_tib_hole_file(&to.join("srv/big.img"), &head, &tail);
+}
