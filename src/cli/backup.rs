@@ -32,7 +32,7 @@ pub(super) fn backup_session(socket: &SocketArg, vm: &str, json: bool) -> Result
     if conn.stop.load(Ordering::SeqCst) {
         match &r {
             // Published before the daemon saw the cancel: said as it is.
-            Ok(_) => eprintln!("the live backup was published before the daemon saw the cancel"),
+            Ok(_) => _ = tell!("the live backup was published before the daemon saw the cancel"),
             Err(e) if e.kind() != ErrorKind::Io => {}
             Err(_) => return cancelled(&client, vm, before),
         }
@@ -87,14 +87,13 @@ fn cancel_on_signals(c: &Arc<Cancel>) -> Result<()> {
         .map_err(|e| Error::io("block signals", e.into()))?;
     let c = c.clone();
     std::thread::spawn(move || {
+        // The cancel before its line: a SIGHUP's terminal may be gone.
         if let Ok(sig) = set.wait() {
-            eprintln!("{sig}: cancelling the live backup… (again: exit now)");
             c.cancel();
+            tell!("{sig}: cancelling the live backup… (again: exit now)");
         }
         if let Ok(sig) = set.wait() {
-            eprintln!(
-                "{sig}: exiting; the daemon cancels the backup when it sees the connection end"
-            );
+            tell!("{sig}: exiting; the daemon cancels the backup when it sees the connection end");
             std::process::exit(130);
         }
     });
@@ -117,8 +116,8 @@ fn cancelled(client: &Client, vm: &str, before: Option<String>) -> Result<()> {
     loop {
         match session_state(client, vm) {
             Ok((false, Some(now))) if before.as_ref().is_some_and(|b| *b != now) => {
-                eprintln!("the cancel came too late: the live backup was published as {now}");
-                println!("{now}");
+                tell!("the cancel came too late: the live backup was published as {now}");
+                say!("{now}");
                 return Ok(());
             }
             Ok((false, _)) => {
