@@ -27,7 +27,8 @@
 //! its deadline ([`REQUEST_DEADLINE`], attempts included; see `retry`).
 //!
 //! An object too large to cross a slow link within one attempt (a large
-//! VM's manifest) is read in parts pinned to one version (see `large`).
+//! VM's manifest) is read in parts pinned to one version and written with
+//! a timeout scaled to its size (see `large`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,6 +73,9 @@ pub struct S3Backend {
     hints: Arc<Hints>,
     /// object_store's per-attempt timeout (`AWS_TIMEOUT` or 30 s).
     attempt_timeout: Duration,
+    /// The same store without object_store's timeout: large PUTs have
+    /// their own, scaled to the body (see `large`).
+    untimed: Arc<dyn ObjectStore>,
 }
 
 /// What turns a failed request into a message that says what to fix.
@@ -260,10 +264,19 @@ impl S3Backend {
         let attempt = b
             .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::Timeout))
             .and_then(|t| retry::parse_duration(&t));
+        let untimed = b
+            .clone()
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                large::NO_TIMEOUT,
+            )
+            .build()
+            .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
         let store = b
             .build()
             .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
         let mut s3 = Self::with_store(Arc::new(store), bucket, prefix)?;
+        s3.untimed = Arc::new(untimed);
         s3.deadline = attempt.map_or(REQUEST_DEADLINE, retry::deadline_for);
         s3.attempt_timeout = attempt.unwrap_or(retry::ATTEMPT_TIMEOUT);
         s3.hints = Arc::new(Hints {
@@ -289,6 +302,7 @@ impl S3Backend {
             .build()
             .map_err(|e| Error::io("start the S3 runtime", e))?;
         Ok(S3Backend {
+            untimed: store.clone(),
             attempt_timeout: retry::ATTEMPT_TIMEOUT,
             store,
             bucket: bucket.to_string(),
@@ -315,17 +329,22 @@ impl S3Backend {
         let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
         let attempts = Arc::new(AtomicU64::new(0));
         let tries = attempts.clone();
-        let r = self.call(&format!("PUT (create-only) {key}"), move |s| {
-            tries.fetch_add(1, Ordering::Relaxed);
-            let (p, payload) = (p.clone(), payload.clone());
-            async move {
+        let what = format!("PUT (create-only) {key}");
+        let (req, timeout) = self.put_req(data.len() as u64);
+        let r = self.wait(
+            &what,
+            req.retrying(&what, None, move |s| {
+                tries.fetch_add(1, Ordering::Relaxed);
+                let (p, payload) = (p.clone(), payload.clone());
                 let opts = PutOptions {
                     mode: PutMode::Create,
                     ..Default::default()
                 };
-                s.put_opts(&p, payload, opts).await.map(|_| ())
-            }
-        });
+                large::timed(timeout, async move {
+                    s.put_opts(&p, payload, opts).await.map(|_| ())
+                })
+            }),
+        );
         match r {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -444,6 +463,19 @@ impl S3Backend {
             }
         }
     }
+
+    /// The request a PUT of `len` bytes is made with, and the timeout of
+    /// each of its attempts if object_store's is not it (see `large`).
+    fn put_req(&self, len: u64) -> (Req, Option<Duration>) {
+        let mut req = self.req();
+        if len <= large::part_bytes(self.attempt_timeout) {
+            return (req, None);
+        }
+        let timeout = large::put_timeout(self.attempt_timeout, len);
+        req.store = self.untimed.clone();
+        req.deadline = retry::deadline_for(timeout);
+        (req, Some(timeout))
+    }
 }
 
 /// The body's frames copied into one buffer aligned for direct I/O, as
@@ -520,10 +552,15 @@ impl Backend for S3Backend {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
-        self.call(&format!("PUT {key}"), move |s| {
-            let (p, payload) = (p.clone(), payload.clone());
-            async move { s.put(&p, payload).await.map(|_| ()) }
-        })
+        let what = format!("PUT {key}");
+        let (req, timeout) = self.put_req(data.len() as u64);
+        self.wait(
+            &what,
+            req.retrying(&what, None, move |s| {
+                let (p, payload) = (p.clone(), payload.clone());
+                large::timed(timeout, async move { s.put(&p, payload).await.map(|_| ()) })
+            }),
+        )
     }
 
     /// A create-only conditional PUT (see the module docs for stores that

@@ -17,7 +17,18 @@
 //! between is never stitched together from two versions. It is read
 //! again once from the start; replaced again, the read fails saying so.
 //!
-//! **Writes** are not changed here.
+//! **Writes** of a body larger than a part are one PUT as before, on a
+//! second client without object_store's timeout; each attempt has its own
+//! instead, [`put_timeout`]: the attempt timeout plus the body's time at
+//! [`SLOWEST_LINK`], and the request's deadline is scaled the same way.
+//! Not a multipart upload: object_store's multipart uploads have no
+//! create-only mode, and a manifest is written create-only (`put_new`:
+//! an existing object is never replaced by a store that honours
+//! `If-None-Match`); a multipart upload completed after a HEAD found no
+//! object would leave a window in which two writers both complete. One
+//! PUT keeps that guarantee exactly; what it costs is that an attempt cut
+//! by a failing link sends the whole body again (backups end with one such
+//! object per disk set, not per chunk).
 
 use std::ops::Range;
 use std::time::Duration;
@@ -46,12 +57,44 @@ pub const PARTS_IN_FLIGHT: usize = 2;
 const PART_MIN: u64 = 64 << 10;
 const PART_MAX: u64 = 16 << 20;
 
+/// object_store's timeout on the client for large PUTs: none in effect
+/// (each attempt is cut by [`timed`] instead).
+pub const NO_TIMEOUT: &str = "24h";
+
 /// The part size for a per-attempt timeout of `attempt`: what
 /// [`PARTS_IN_FLIGHT`] parts sharing a link at [`SLOWEST_LINK`] each
 /// transfer in one attempt. An object larger than this is read in parts.
 pub fn part_bytes(attempt: Duration) -> u64 {
     let bytes = attempt.as_secs_f64() * SLOWEST_LINK as f64 / PARTS_IN_FLIGHT as f64;
     (bytes as u64).clamp(PART_MIN, PART_MAX)
+}
+
+/// The timeout of one attempt of a PUT of `len` bytes: the attempt
+/// timeout (the exchange's own waits) plus the body at [`SLOWEST_LINK`].
+pub fn put_timeout(attempt: Duration, len: u64) -> Duration {
+    attempt + Duration::from_secs_f64(len as f64 / SLOWEST_LINK as f64)
+}
+
+/// `fut` cut after `timeout` (if given) with an error retried like
+/// object_store's own timeout.
+pub async fn timed<T>(
+    timeout: Option<Duration>,
+    fut: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    let Some(t) = timeout else {
+        return fut.await;
+    };
+    match tokio::time::timeout(t, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "timed out: no complete answer in {} s (this attempt's time for its body)",
+                t.as_secs_f64()
+            )
+            .into(),
+        }),
+    }
 }
 
 /// The first GET's answer.

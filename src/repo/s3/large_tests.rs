@@ -1,5 +1,5 @@
 //! Objects larger than one attempt can carry (see `large`): read in
-//! parts pinned to one version.
+//! parts pinned to one version, written with a timeout scaled to them.
 
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,33 @@ fn an_object_replaced_while_read_in_parts_is_read_again_whole_or_refused() {
             "{e}"
         );
     }
+}
+
+/// A 3 MB PUT over a 1 MB/s link with 1 s attempts took 3 s, past its
+/// 2 s deadline: a backup failed at its end, after all its chunks. Each
+/// attempt now has 1 s + 3 MB at 512 KiB/s; create-only still refuses to
+/// replace.
+#[test]
+fn a_put_too_large_for_one_attempt_gets_a_timeout_scaled_to_its_body() {
+    let store = Arc::new(Link::new(1_000_000));
+    let b = backend(store.clone());
+    let data = pattern(3_000_000, 4);
+    assert!(b.put_new(KEY, &data).unwrap());
+    assert!(!b.put_new(KEY, &pattern(3_000_000, 5)).unwrap());
+    b.put("files/vm/1.cat", &data).unwrap();
+    assert_eq!(b.retries(), 0);
+    assert!(b.get(KEY, 1 << 30).unwrap().unwrap() == data);
+    let t = large::put_timeout(Duration::from_secs(1), 3 << 20);
+    assert_eq!(t, Duration::from_secs(7));
+    // The attempt is still cut at its scaled timeout.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cut = rt.block_on(large::timed(
+        Some(Duration::from_millis(50)),
+        std::future::pending::<object_store::Result<()>>(),
+    ));
+    let e = cut.unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert_eq!(b.hints.failure(&e), Failure::Transient);
 }
 
 trait NowOk {
