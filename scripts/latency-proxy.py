@@ -7,7 +7,10 @@ first byte of the response is passed back (one round trip per request, as
 on a real network), and responses can share a bandwidth cap.
 
     scripts/latency-proxy.py --listen 127.0.0.1:9000 --upstream 127.0.0.1:3900 \
-        --latency-ms 20 [--bandwidth-mbps 100]
+        --latency-ms 20 [--bandwidth-mbps 100] [--rate 2]
+
+--bandwidth-mbps caps responses only (downloads); --rate caps both
+directions, each with its own cap (a slow link: uploads too).
 
 Point AWS_ENDPOINT_URL at the --listen address. Prints "ready" on stdout
 once listening, and "bytes N" (response bytes passed on so far) on each
@@ -45,9 +48,10 @@ class Bucket:
                 await asyncio.sleep((n - self.tokens) / self.rate)
 
 
-async def pipe_requests(reader, writer, state):
+async def pipe_requests(reader, writer, state, bucket):
     while data := await reader.read(1 << 16):
         state["pending"] = True
+        await bucket.take(len(data))
         writer.write(data)
         await writer.drain()
     writer.close()
@@ -66,7 +70,7 @@ async def pipe_responses(reader, writer, state, latency, bucket):
     writer.close()
 
 
-async def handle(client_r, client_w, upstream, latency, bucket):
+async def handle(client_r, client_w, upstream, latency, bucket, up_bucket):
     host, port = upstream
     try:
         up_r, up_w = await asyncio.open_connection(host, port)
@@ -76,7 +80,7 @@ async def handle(client_r, client_w, upstream, latency, bucket):
     state = {"pending": False}
     try:
         await asyncio.gather(
-            pipe_requests(client_r, up_w, state),
+            pipe_requests(client_r, up_w, state, up_bucket),
             pipe_responses(up_r, client_w, state, latency, bucket),
         )
     except (ConnectionError, OSError):
@@ -97,10 +101,12 @@ async def main():
     ap.add_argument("--upstream", required=True, type=hostport)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--bandwidth-mbps", type=float, default=0.0, help="MB/s cap on responses; 0 = none")
+    ap.add_argument("--rate", type=float, default=0.0, help="MB/s cap on each direction; 0 = none")
     a = ap.parse_args()
-    bucket = Bucket(a.bandwidth_mbps * 1e6)
+    bucket = Bucket((a.rate or a.bandwidth_mbps) * 1e6)
+    up_bucket = Bucket(a.rate * 1e6)
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, a.upstream, a.latency_ms / 1000.0, bucket), a.listen[0], a.listen[1]
+        lambda r, w: handle(r, w, a.upstream, a.latency_ms / 1000.0, bucket, up_bucket), a.listen[0], a.listen[1]
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

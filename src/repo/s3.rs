@@ -25,6 +25,10 @@
 //! retried, and after one found no answer the rest are skipped at once.
 //! A store that answered and then stops answering fails each request at
 //! its deadline ([`REQUEST_DEADLINE`], attempts included; see `retry`).
+//!
+//! An object too large to cross a slow link within one attempt (a large
+//! VM's manifest) is read in parts pinned to one version and written with
+//! a timeout scaled to its size (see `large`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,7 +39,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ClientConfigKey, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 pub use retry::REQUEST_DEADLINE;
-use retry::{attempt, Attempt, Ending, RetryLog};
+use retry::{Req, RetryLog};
 
 use super::backend::{Backend, GetFuture, Got, ObjectBuf};
 use crate::error::{Error, ErrorKind, Result};
@@ -67,6 +71,11 @@ pub struct S3Backend {
     stop: Arc<Stopping>,
     /// How the store's answers are read (see [`Failure`]).
     hints: Arc<Hints>,
+    /// object_store's per-attempt timeout (`AWS_TIMEOUT` or 30 s).
+    attempt_timeout: Duration,
+    /// The same store without object_store's timeout: large PUTs have
+    /// their own, scaled to the body (see `large`).
+    untimed: Arc<dyn ObjectStore>,
 }
 
 /// What turns a failed request into a message that says what to fix.
@@ -255,11 +264,21 @@ impl S3Backend {
         let attempt = b
             .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::Timeout))
             .and_then(|t| retry::parse_duration(&t));
+        let untimed = b
+            .clone()
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                large::NO_TIMEOUT,
+            )
+            .build()
+            .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
         let store = b
             .build()
             .map_err(|e| Error::invalid(format!("S3 repository {spec}: {e}")))?;
         let mut s3 = Self::with_store(Arc::new(store), bucket, prefix)?;
+        s3.untimed = Arc::new(untimed);
         s3.deadline = attempt.map_or(REQUEST_DEADLINE, retry::deadline_for);
+        s3.attempt_timeout = attempt.unwrap_or(retry::ATTEMPT_TIMEOUT);
         s3.hints = Arc::new(Hints {
             bucket: bucket.into(),
             metadata,
@@ -283,6 +302,8 @@ impl S3Backend {
             .build()
             .map_err(|e| Error::io("start the S3 runtime", e))?;
         Ok(S3Backend {
+            untimed: store.clone(),
+            attempt_timeout: retry::ATTEMPT_TIMEOUT,
             store,
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
@@ -308,17 +329,22 @@ impl S3Backend {
         let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
         let attempts = Arc::new(AtomicU64::new(0));
         let tries = attempts.clone();
-        let r = self.call(&format!("PUT (create-only) {key}"), move |s| {
-            tries.fetch_add(1, Ordering::Relaxed);
-            let (p, payload) = (p.clone(), payload.clone());
-            async move {
+        let what = format!("PUT (create-only) {key}");
+        let (req, timeout) = self.put_req(data.len() as u64);
+        let r = self.wait(
+            &what,
+            req.retrying(&what, None, move |s| {
+                tries.fetch_add(1, Ordering::Relaxed);
+                let (p, payload) = (p.clone(), payload.clone());
                 let opts = PutOptions {
                     mode: PutMode::Create,
                     ..Default::default()
                 };
-                s.put_opts(&p, payload, opts).await.map(|_| ())
-            }
-        });
+                large::timed(timeout, async move {
+                    s.put_opts(&p, payload, opts).await.map(|_| ())
+                })
+            }),
+        );
         match r {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -390,127 +416,65 @@ impl S3Backend {
             .map_err(|_| Error::new(ErrorKind::Io, format!("S3 {what}: request dropped")))?
     }
 
-    /// A request with its retries, as a future that holds no thread while
-    /// it waits (between attempts too). An attempt with no answer within
-    /// `limit` ends the request (the identity probe's). The request ends
-    /// at its deadline (see [`REQUEST_DEADLINE`]).
+    /// A request with its retries (see [`Req::retrying`]).
     fn retrying<T: Send + 'static, F>(
         &self,
         what: &str,
         limit: Option<Duration>,
-        mut op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
+        op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
     where
         F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
-        let (store, retries) = (self.store.clone(), self.retries.clone());
-        let (bucket, what) = (self.bucket.clone(), what.to_string());
-        let (stop, hints, deadline) = (self.stop.clone(), self.hints.clone(), self.deadline);
-        let log = self.log.clone();
-        // A listing is not cut at its deadline (see `retry`).
-        let cut = !what.starts_with("LIST ");
-        async move {
-            // From the first poll: the fetch engine makes a GET before
-            // its turn comes.
-            let end = tokio::time::Instant::now() + deadline;
-            let mut ending = Ending::new(log.clone());
-            let no_answer = |n: u32, last: Option<&object_store::Error>| {
-                let last = last.map_or(String::new(), |e| {
-                    format!("; the last failed: {}", e.to_string().replace('\n', " "))
-                });
-                let s = if n == 1 { "" } else { "s" };
-                let line = format!(
-                    "S3 {what} ({}) in bucket {bucket}: no answer in {} s ({n} attempt{s}{last})",
-                    retry::kind_of(&what),
-                    deadline.as_secs_f64()
-                );
-                log.gave_up(format!("{line}, giving up"));
-                Err(Error::new(ErrorKind::Io, line))
-            };
-            let mut delay = Duration::from_millis(50);
-            for n in 1..=ATTEMPTS {
-                if stop.gave_up.load(Ordering::Acquire) {
-                    return Err(skipped_at_stop(&what));
-                }
-                let cut_at = cut.then_some(end);
-                let e = match attempt(op(store.clone()), limit, cut_at, stop.tx.subscribe()).await {
-                    Attempt::Done(Ok(v)) => {
-                        ending.answered = true;
-                        return Ok(v);
-                    }
-                    Attempt::Done(Err(e)) => e,
-                    Attempt::TimedOut(t) => {
-                        return Err(Error::new(
-                            ErrorKind::Io,
-                            format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
-                        ))
-                    }
-                    Attempt::PastDeadline => return no_answer(n, None),
-                    Attempt::Stopped => {
-                        let why = format!("no answer within {} s", STOP_TIMEOUT.as_secs());
-                        stop.give_up(&bucket, &what, &why);
-                        return Err(Error::new(
-                            ErrorKind::Io,
-                            format!("S3 {what}: {why} of the daemon's stop"),
-                        ));
-                    }
-                };
-                if hints.failure(&e) != Failure::Transient {
-                    ending.answered = true;
-                    return Err(hints.error(&what, e));
-                }
-                if stop.stopping() {
-                    stop.give_up(&bucket, &what, &e.to_string());
-                    return Err(hints.error(&what, e));
-                }
-                if n == ATTEMPTS {
-                    log.gave_up(format!("S3 {what} failed {n} times, giving up: {e}"));
-                    return Err(hints.error(&what, e));
-                }
-                // No attempt starts at or after the deadline.
-                if tokio::time::Instant::now() + delay >= end {
-                    return no_answer(n, Some(&e));
-                }
-                retries.fetch_add(1, Ordering::Relaxed);
-                // Told once for all requests (see `retry`).
-                log.retries(!ending.retried, &what, &e, std::time::Instant::now());
-                ending.retried = true;
-                tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            unreachable!("the last attempt returns")
+        self.req().retrying(what, limit, op)
+    }
+
+    /// What a request needs of the backend, owned (a request's future
+    /// outlives the borrow of the backend that made it).
+    fn req(&self) -> Req {
+        Req {
+            store: self.store.clone(),
+            retries: self.retries.clone(),
+            bucket: self.bucket.clone(),
+            stop: self.stop.clone(),
+            hints: self.hints.clone(),
+            deadline: self.deadline,
+            log: self.log.clone(),
         }
     }
 
-    /// A GET with its retries; `None` if the object does not exist.
+    /// A GET with its retries; `None` if the object does not exist. An
+    /// object larger than a part is read in parts (see `large`).
     fn get_request(
         &self,
         key: &str,
         limit: u64,
     ) -> impl std::future::Future<Output = Got> + Send + 'static {
-        let p = self.path(key);
+        let (req, p, key) = (self.req(), self.path(key), key.to_string());
         let wait = (key == super::INFO_KEY).then_some(self.probe_timeout);
-        let fut = self.retrying(&format!("GET {key}"), wait, move |s| {
-            let p = p.clone();
-            async move {
-                let r = s.get(&p).await?;
-                // The length is known from the headers: refuse before the body.
-                if r.meta.size > limit {
-                    return Ok(Err(r.meta.size));
-                }
-                collect_aligned(r).await.map(Ok)
-            }
-        });
+        let part = large::part_bytes(self.attempt_timeout);
         let what = format!("{}/{key}", self.location());
         async move {
-            match fut.await {
+            match large::get(req, p, &key, limit, part, wait).await {
                 Ok(Ok(b)) => Ok(Some(ObjectBuf::Aligned(b))),
                 Ok(Err(len)) => Err(super::backend::too_large(&what, len, limit)),
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
             }
         }
+    }
+
+    /// The request a PUT of `len` bytes is made with, and the timeout of
+    /// each of its attempts if object_store's is not it (see `large`).
+    fn put_req(&self, len: u64) -> (Req, Option<Duration>) {
+        let mut req = self.req();
+        if len <= large::part_bytes(self.attempt_timeout) {
+            return (req, None);
+        }
+        let timeout = large::put_timeout(self.attempt_timeout, len);
+        req.store = self.untimed.clone();
+        req.deadline = retry::deadline_for(timeout);
+        (req, Some(timeout))
     }
 }
 
@@ -588,10 +552,15 @@ impl Backend for S3Backend {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let (p, payload) = (self.path(key), PutPayload::from(data.to_vec()));
-        self.call(&format!("PUT {key}"), move |s| {
-            let (p, payload) = (p.clone(), payload.clone());
-            async move { s.put(&p, payload).await.map(|_| ()) }
-        })
+        let what = format!("PUT {key}");
+        let (req, timeout) = self.put_req(data.len() as u64);
+        self.wait(
+            &what,
+            req.retrying(&what, None, move |s| {
+                let (p, payload) = (p.clone(), payload.clone());
+                large::timed(timeout, async move { s.put(&p, payload).await.map(|_| ()) })
+            }),
+        )
     }
 
     /// A create-only conditional PUT (see the module docs for stores that
@@ -732,6 +701,9 @@ impl Backend for S3Backend {
     }
 }
 
+mod large;
+#[cfg(test)]
+mod large_tests;
 mod retry;
 #[cfg(test)]
 mod tests;

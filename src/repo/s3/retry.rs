@@ -24,7 +24,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::STOP_TIMEOUT;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+
+use super::{skipped_at_stop, Failure, Hints, Stopping, ATTEMPTS, STOP_TIMEOUT};
+use crate::error::{Error, ErrorKind, Result};
 
 /// object_store's timeout of one attempt (one HTTP exchange, its body
 /// included) unless `AWS_TIMEOUT` sets another.
@@ -263,6 +269,119 @@ pub async fn attempt<T>(
         () = limit_passes => Attempt::TimedOut(limit.unwrap_or_default()),
         () = deadline_passes => Attempt::PastDeadline,
         () = stop_passes => Attempt::Stopped,
+    }
+}
+
+/// What a request needs of its backend (see [`S3Backend::req`]).
+#[derive(Clone)]
+pub struct Req {
+    pub store: Arc<dyn ObjectStore>,
+    pub retries: Arc<AtomicU64>,
+    pub bucket: String,
+    pub stop: Arc<Stopping>,
+    pub hints: Arc<Hints>,
+    pub deadline: Duration,
+    pub log: Arc<RetryLog>,
+}
+
+impl Req {
+    /// A request with its retries, as a future that holds no thread while
+    /// it waits (between attempts too). An attempt with no answer within
+    /// `limit` ends the request (the identity probe's). The request ends
+    /// at its deadline (see [`REQUEST_DEADLINE`]).
+    pub fn retrying<T: Send + 'static, F>(
+        self,
+        what: &str,
+        limit: Option<Duration>,
+        mut op: impl FnMut(Arc<dyn ObjectStore>) -> F + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let Req {
+            store,
+            retries,
+            bucket,
+            stop,
+            hints,
+            deadline,
+            log,
+        } = self;
+        let what = what.to_string();
+        // A listing is not cut at its deadline (see `retry`).
+        let cut = !what.starts_with("LIST ");
+        async move {
+            // From the first poll: the fetch engine makes a GET before
+            // its turn comes.
+            let end = tokio::time::Instant::now() + deadline;
+            let mut ending = Ending::new(log.clone());
+            let no_answer = |n: u32, last: Option<&object_store::Error>| {
+                let last = last.map_or(String::new(), |e| {
+                    format!("; the last failed: {}", e.to_string().replace('\n', " "))
+                });
+                let s = if n == 1 { "" } else { "s" };
+                let line = format!(
+                    "S3 {what} ({}) in bucket {bucket}: no answer in {} s ({n} attempt{s}{last})",
+                    kind_of(&what),
+                    deadline.as_secs_f64()
+                );
+                log.gave_up(format!("{line}, giving up"));
+                Err(Error::new(ErrorKind::Io, line))
+            };
+            let mut delay = Duration::from_millis(50);
+            for n in 1..=ATTEMPTS {
+                if stop.gave_up.load(Ordering::Acquire) {
+                    return Err(skipped_at_stop(&what));
+                }
+                let cut_at = cut.then_some(end);
+                let e = match attempt(op(store.clone()), limit, cut_at, stop.tx.subscribe()).await {
+                    Attempt::Done(Ok(v)) => {
+                        ending.answered = true;
+                        return Ok(v);
+                    }
+                    Attempt::Done(Err(e)) => e,
+                    Attempt::TimedOut(t) => {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
+                        ))
+                    }
+                    Attempt::PastDeadline => return no_answer(n, None),
+                    Attempt::Stopped => {
+                        let why = format!("no answer within {} s", STOP_TIMEOUT.as_secs());
+                        stop.give_up(&bucket, &what, &why);
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("S3 {what}: {why} of the daemon's stop"),
+                        ));
+                    }
+                };
+                if hints.failure(&e) != Failure::Transient {
+                    ending.answered = true;
+                    return Err(hints.error(&what, e));
+                }
+                if stop.stopping() {
+                    stop.give_up(&bucket, &what, &e.to_string());
+                    return Err(hints.error(&what, e));
+                }
+                if n == ATTEMPTS {
+                    log.gave_up(format!("S3 {what} failed {n} times, giving up: {e}"));
+                    return Err(hints.error(&what, e));
+                }
+                // No attempt starts at or after the deadline.
+                if tokio::time::Instant::now() + delay >= end {
+                    return no_answer(n, Some(&e));
+                }
+                retries.fetch_add(1, Ordering::Relaxed);
+                // Told once for all requests (see `retry`).
+                log.retries(!ending.retried, &what, &e, std::time::Instant::now());
+                ending.retried = true;
+                tracing::debug!(%bucket, attempt = n, "S3 {what} failed, retrying: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            unreachable!("the last attempt returns")
+        }
     }
 }
 
