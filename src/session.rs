@@ -71,6 +71,12 @@ pub struct Session {
     feeder: OnceLock<Feeder>,
     /// The recording was saved (or must not be): at most once per session.
     profile_done: AtomicBool,
+    /// A throwaway recovery (`files`, `verify-boot`): its reads are what a
+    /// restore or a check needs, not the VM's boot, so the background
+    /// paths never save them as a profile; only `verify-boot` does, after
+    /// a boot it verified (explore9 M1: a `files` run longer than the
+    /// recording window saved one, and the next recovery followed it).
+    throwaway: bool,
     /// Open disk handles and whether the session was released, under one
     /// lock so an open can never slip past a release.
     state: Mutex<OpenState>,
@@ -182,6 +188,9 @@ impl Session {
     /// `save_profile` for background paths (release, shutdown, window
     /// end): a profile is an optimisation, so a failure is logged, not fatal.
     pub fn save_profile_logged(&self, repo: &Repository) {
+        if self.throwaway {
+            return;
+        }
         if let Err(e) = self.save_profile(repo, "session") {
             tracing::warn!(vm = %self.vm, "could not save the operational profile: {e}");
         }
@@ -369,6 +378,11 @@ impl Datastore {
     /// Marks a throwaway datastore: its sessions end with this process.
     pub fn set_throwaway(&self) {
         let _ = self.pin_owner.set(crate::repo::locks::this_process());
+    }
+
+    /// Whether this is a throwaway datastore (see [`Self::set_throwaway`]).
+    pub(crate) fn is_throwaway(&self) -> bool {
+        self.pin_owner.get().is_some()
     }
 
     /// Records where the network frontends of export point `point` serve.

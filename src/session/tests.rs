@@ -589,6 +589,34 @@ fn a_session_resumed_after_a_restart_records_no_boot_profile_of_its_running_gues
     assert_eq!(blocks, [vec![0]], "a resumed session recorded a boot");
 }
 
+#[test]
+fn a_throwaway_recoverys_reads_never_become_a_profile_unless_verify_boot_saves_them() {
+    let r = rig();
+    r.ds.set_throwaway();
+    let (id, _) = backup(&r, "vm", 7, 4);
+    r.ds.recover("vm", Some(&id)).unwrap();
+    disk(&r, "vm").read(0, 4096).unwrap();
+    // What the window's end and a release do: nothing for a throwaway.
+    r.ds.session("vm").unwrap().save_profile_logged(&r.repo);
+    r.ds.release("vm", false).unwrap();
+    assert!(
+        crate::prefetch::profile::load(&r.repo, "vm")
+            .unwrap()
+            .is_none(),
+        "a throwaway recovery's reads were saved as the VM's profile"
+    );
+    // A verified boot saves its reads on purpose.
+    r.ds.recover("vm", Some(&id)).unwrap();
+    disk(&r, "vm").read(0, 4096).unwrap();
+    let s = r.ds.session("vm").unwrap();
+    assert!(s.save_profile(&r.repo, "verify-boot").unwrap());
+    drop(s);
+    r.ds.release("vm", false).unwrap();
+    assert!(crate::prefetch::profile::load(&r.repo, "vm")
+        .unwrap()
+        .is_some());
+}
+
 /// `rig()` (the default export point) with staging on fault-injecting
 /// storage.
 fn rig_faulty() -> (Rig, crate::staging::io::fault::FaultyStorage) {
