@@ -399,3 +399,38 @@ fn a_plain_backup_of_a_disk_file_on_the_mount_warns_to_use_backup_session() {
     ]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("warning:"));
 }
+
+/// review27 M1: `backup --session > ids.txt` on a full disk lost the new
+/// backup's id and exited 0. The backup is published (the work was done),
+/// but the command fails, saying its result was not written.
+#[test]
+fn a_live_backup_whose_id_cannot_be_written_fails_though_the_backup_exists() {
+    let (env, img, base) = a_backed_up_vm();
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    write_blocks(&disk, &img, 4, 5);
+    let o = std::process::Command::new(bin())
+        .args(["backup", "--session", "vm", "--socket"])
+        .arg(&env.socket)
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "exit 0 with the backup's id lost: {err}"
+    );
+    assert!(
+        err.contains("writing its result to standard output failed"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let ids = backups_of(&env, "vm");
+    assert_eq!(ids.len(), 2, "the backup itself was published: {ids:?}");
+    assert!(ids.contains(&base));
+}

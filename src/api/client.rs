@@ -12,6 +12,9 @@ use serde_json::Value;
 use crate::error::{Error, ErrorKind, Result};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// What an error says when the daemon closed the connection before any
+/// answer (see [`Client::unanswered`]).
+const NO_ANSWER: &str = "closed the connection without an answer";
 
 pub struct Client {
     socket: PathBuf,
@@ -44,6 +47,15 @@ impl Client {
     }
     pub fn delete(&self, path: &str) -> Result<Value> {
         self.request("DELETE", path, None, DEFAULT_TIMEOUT)
+    }
+
+    /// Whether `e` is a request the daemon never answered (the connection
+    /// closed, or failed while the answer was awaited), as opposed to an
+    /// answer that is an error: only the first can be a cancel's doing.
+    pub fn unanswered(e: &Error) -> bool {
+        let text = e.to_string();
+        e.kind() == ErrorKind::Io
+            && (text.contains(NO_ANSWER) || text.starts_with("control socket"))
     }
 
     /// `POST /sessions/{vm}/backup`: answers when the backup is published,
@@ -182,8 +194,7 @@ impl Client {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!(
-                    "the daemon on {} closed the connection without an answer (stopped or \
-                     killed?): check `recoverfs status`",
+                    "the daemon on {} {NO_ANSWER} (stopped or killed?): check `recoverfs status`",
                     self.socket.display()
                 ),
             ));
@@ -392,5 +403,25 @@ mod tests {
             parse_response(chunked).unwrap(),
             (404, serde_json::json!({"a":2}))
         );
+    }
+
+    #[test]
+    fn only_a_request_left_without_an_answer_counts_as_unanswered_not_a_daemon_error() {
+        let closed = Error::new(
+            ErrorKind::Io,
+            format!("the daemon on /run/x.sock {NO_ANSWER} (stopped or killed?)"),
+        );
+        assert!(Client::unanswered(&closed));
+        let reset = Error::io(
+            "control socket /run/x.sock",
+            std::io::Error::from_raw_os_error(libc::ECONNRESET),
+        );
+        assert!(Client::unanswered(&reset));
+        // A 500 the daemon answered: its message must reach the user.
+        let answered = Error::new(
+            ErrorKind::Io,
+            "live backup of VM vm: backup b was written, but since.json could not be",
+        );
+        assert!(!Client::unanswered(&answered));
     }
 }

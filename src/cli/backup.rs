@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{output, SocketArg};
 use crate::api::client::Client;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::repo::chunk::validate_chunk_size;
 use crate::repo::writer::{run_backup, BackupRequest};
 use crate::repo::Repository;
@@ -33,13 +33,15 @@ pub(super) fn backup_session(socket: &SocketArg, vm: &str, json: bool) -> Result
         match &r {
             // Published before the daemon saw the cancel: said as it is.
             Ok(_) => _ = tell!("the live backup was published before the daemon saw the cancel"),
-            Err(e) if e.kind() != ErrorKind::Io => {}
+            // The daemon's own answer (a failure after the manifest, say)
+            // is said as it is (review27 M2); only no answer is the cancel.
+            Err(e) if !Client::unanswered(e) => {}
             Err(_) => return cancelled(&client, vm, before),
         }
     }
     let r = r?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+        say!("{}", serde_json::to_string_pretty(&r).expect("json"));
         return Ok(());
     }
     output::session_backup(&r);
@@ -119,6 +121,14 @@ fn cancelled(client: &Client, vm: &str, before: Option<String>) -> Result<()> {
                 tell!("the cancel came too late: the live backup was published as {now}");
                 say!("{now}");
                 return Ok(());
+            }
+            // The base before the request was not read: whether a late
+            // cancel let it publish cannot be told (review27 L2).
+            Ok((false, _)) if before.is_none() => {
+                return Err(Error::interrupted(format!(
+                    "live backup of VM {vm} cancelled; whether it was published before the \
+                     daemon saw the cancel is not known: see `recoverfs list --repo …`"
+                )))
             }
             Ok((false, _)) => {
                 return Err(Error::interrupted(format!(

@@ -504,12 +504,13 @@ fn stop_on(
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
             STOPPED_BY.store(sig as i32, std::sync::atomic::Ordering::SeqCst);
+            // The flag before the line: a write to a closed terminal
+            // fails, but one to a paused one (Ctrl-S, an unread pipe)
+            // blocks, and the stop must not wait for it.
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
             if !then.is_empty() {
-                // Not `eprintln!`: on a closed terminal (SIGHUP) it would
-                // panic, and the flag would never be set.
                 tell!("{sig}: {then} (again: exit now)");
             }
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if let Ok(sig) = set.wait() {
             tell!("{sig}: exiting; {left}");

@@ -135,8 +135,9 @@ fn stop_on_signals(ctl: &Arc<Control>) -> Result<()> {
     let ctl = ctl.clone();
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
-            tell!("{sig}: stopping at the next checkpoint");
+            // The stop before the line, which a paused terminal blocks.
             ctl.stop();
+            tell!("{sig}: stopping at the next checkpoint");
         }
     });
     Ok(())

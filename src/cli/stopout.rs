@@ -104,7 +104,7 @@ pub fn end_quietly_when_stdout_closes<T>(
     }));
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Err(e)) if e.errno() == libc::EPIPE && stdout_reader_gone() => die_of_sigpipe(),
-        Ok(r) => r,
+        Ok(r) => lost_lines(r),
         Err(p) => {
             if is_closed_stdout_panic(text(&*p)) {
                 die_of_sigpipe();
@@ -112,6 +112,40 @@ pub fn end_quietly_when_stdout_closes<T>(
             std::panic::resume_unwind(p)
         }
     }
+}
+
+/// `r`, unless a line of its output (`say!`) was lost: a reader gone is
+/// SIGPIPE's exit as above; any other failed write (a full disk under
+/// `> ids.txt`) fails the command, since a backup's id it printed is lost
+/// and must not look like success (review27 M1). Only a terminal that was
+/// hung up (EIO on a tty) leaves the exit the work deserves: nobody is
+/// there to read it.
+fn lost_lines<T>(r: crate::error::Result<T>) -> crate::error::Result<T> {
+    use super::say::{failure, To};
+    let Some(e) = failure(To::Out) else {
+        return r;
+    };
+    if e.raw_os_error() == Some(libc::EPIPE) && stdout_reader_gone() {
+        die_of_sigpipe();
+    }
+    // A hung-up tty no longer answers isatty (its ioctls fail with EIO):
+    // a character device failing a write with EIO is taken for one.
+    let hung_up_tty = e.raw_os_error() == Some(libc::EIO) && stdout_is_char_device();
+    match r {
+        Ok(_) if !hung_up_tty => Err(crate::error::Error::io(
+            "the work was done, but writing its result to standard output failed",
+            e,
+        )),
+        r => r,
+    }
+}
+
+fn stdout_is_char_device() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let fd = io::stdout().as_fd().try_clone_to_owned();
+    fd.ok()
+        .and_then(|fd| std::fs::File::from(fd).metadata().ok())
+        .is_some_and(|m| m.file_type().is_char_device())
 }
 
 /// A panic's message, when it is text.

@@ -91,6 +91,8 @@ impl NotResumed {
                 "it is not resumed: run `recoverfs relocate {} --cancel` again",
                 src.vm
             ),
+            // `--resume` refuses it: no advice to resume a paused one.
+            paused: false,
             ..NotResumed::new(src, meta, e, false)
         }
     }

@@ -165,6 +165,13 @@ impl Relocation {
     /// it left there).
     pub fn failed_error(&self) -> Error {
         let st = self.status();
+        // A cancel that could not finish: its error says to cancel again,
+        // and `--resume` refuses it (review27 L4).
+        if self.meta.lock().cancelling {
+            return Error::busy(st.error.unwrap_or_else(|| {
+                super::cancel::not_removed(&self.vm, &st.target, &"a cancel did not finish")
+            }));
+        }
         let dir = st.target.parent().unwrap_or(&st.target).display();
         Error::busy(format!(
             "the relocation of VM {vm} to {} failed ({}): fix the cause (free space on the \

@@ -289,6 +289,14 @@ pub(crate) fn run_until(
         (b.generation, b.base.clone())
     };
     check(s, &base)?;
+    // A client gone while the backup waited for its locks: the guest's
+    // writes are not paused for a freeze nobody wants (review27 L6).
+    if cancel.load(Ordering::Acquire) {
+        return Err(Error::interrupted(format!(
+            "live backup of VM {} cancelled: the client went away before it began",
+            s.vm
+        )));
+    }
     let storage = s.storage.clone();
     let dir = s.dir;
     let next = prepare(storage.as_ref(), dir, s, g)?;

@@ -248,6 +248,12 @@ fn a_cancel_whose_record_cannot_be_removed_is_never_resumed_and_finishes_when_as
     };
     assert!(e.to_string().contains("was cancelled"), "{e}");
     assert!(!r.copier_running());
+    // What a pause or a new `--to` is told: to cancel again, not to resume.
+    let told = r.failed_error().to_string();
+    assert!(
+        told.contains("--cancel` again") && !told.contains("--resume"),
+        "{told}"
+    );
     drop((r, disks));
     // Nor does a restart: held, served from staging, saying why.
     let (disks, again) = rig.restart();
@@ -258,6 +264,12 @@ fn a_cancel_whose_record_cannot_be_removed_is_never_resumed_and_finishes_when_as
     let Reopened::NotResumed(h) = Relocation::reopen_or_hold(rig.source(&disks)).unwrap() else {
         panic!("not held");
     };
+    let st = h.status();
+    assert!(
+        !st.note.as_deref().unwrap_or("").contains("--resume"),
+        "{:?}",
+        st.note
+    );
     let shown = format!("{}; {}", h.error, h.then);
     assert!(
         shown.contains("was cancelled") && shown.contains("--cancel` again"),

@@ -338,3 +338,33 @@ fn a_cancelled_live_backup_publishes_nothing_and_the_next_backup_has_every_block
     drop(s);
     r.ds.release("vm", true).unwrap();
 }
+
+#[test]
+fn a_live_backup_whose_client_went_away_before_it_began_never_freezes_the_guest() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 39, 8);
+    r.ds.recover("vm", None).unwrap();
+    let d = disk(&r, "vm");
+    d.write(0, &block(7)).unwrap();
+    let gone = std::sync::atomic::AtomicBool::new(true);
+    let e = r.ds.backup_session_until("vm", &gone).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+    assert!(
+        e.to_string()
+            .ends_with("the client went away before it began"),
+        "{e}"
+    );
+    let s = r.ds.session("vm").unwrap();
+    assert!(
+        !s.dir.join("disk0.dirty-1").exists(),
+        "a freeze was prepared"
+    );
+    assert_eq!(r.repo.backup_ids("vm").unwrap(), vec![b1.clone()]);
+    let next = r.ds.backup_session("vm").unwrap();
+    assert_eq!(
+        (next.base.as_str(), next.disks[0].blocks_read),
+        (b1.as_str(), 1)
+    );
+    drop(s);
+    r.ds.release("vm", true).unwrap();
+}
