@@ -1,5 +1,5 @@
-//! Scratch directories of `boot`, `verify-boot` and `precopy`
-//! (`recoverfs-KIND-XXXXXX` in the temporary directory): each names its
+//! Scratch directories of `boot`, `verify-boot`, `precopy`, `backup-vms`
+//! and `files` (`recoverfs-KIND-XXXXXX` in the temporary directory): each names its
 //! owner, so that what a killed run left is removed once that owner is
 //! proven dead, by the next run of any of them.
 
@@ -9,10 +9,10 @@ use std::process::{Command, Stdio};
 use crate::error::{Error, IoContext, Result};
 
 /// The kinds of scratch directory `boot`, `verify-boot`, `precopy` (its
-/// NBD socket's) and `backup-vms` (its stores') make in the temporary
-/// directory:
+/// NBD socket's), `backup-vms` (its stores') and `files` (a disk backup's
+/// recovery, loop device and mount) make in the temporary directory:
 /// `recoverfs-KIND-XXXXXX`.
-const SCRATCH_KINDS: [&str; 4] = ["boot", "verify", "precopy", "vmbackup"];
+const SCRATCH_KINDS: [&str; 5] = ["boot", "verify", "precopy", "vmbackup", "files"];
 
 /// The file in a scratch directory naming the process that made it.
 pub(super) const SCRATCH_OWNER: &str = "owner.json";
@@ -115,8 +115,16 @@ fn detach_dead_mounts(dir: &Path) -> bool {
             .filter(|m| m.point.starts_with(dir))
             .collect()
     };
+    let mut loops = vec![];
     // The last mounted first.
     for m in under().iter().rev() {
+        // A `files` run's file system, on a loop device over a disk of
+        // its own dead FUSE mount: detached, and the device after it.
+        if let Some(dev) = loop_backed_under(m, dir) {
+            let _ = nix::mount::umount2(&m.point, nix::mount::MntFlags::MNT_DETACH);
+            loops.push(dev);
+            continue;
+        }
         if !m.is_recoverfs() {
             tracing::warn!(
                 "{} is left: a {} file system is mounted at {}",
@@ -137,6 +145,14 @@ fn detach_dead_mounts(dir: &Path) -> bool {
                 .status();
         }
     }
+    for dev in loops {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&dev)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     let left = under();
     if let Some(m) = left.first() {
         tracing::warn!(
@@ -148,4 +164,17 @@ fn detach_dead_mounts(dir: &Path) -> bool {
         return false;
     }
     true
+}
+
+/// The loop device `m` is mounted from, if its backing file is under
+/// `dir` (a dead `files` run's disk, on its own FUSE mount there).
+fn loop_backed_under(m: &crate::util::mountinfo::Mount, dir: &Path) -> Option<String> {
+    let dev = m.source.strip_prefix("/dev/")?;
+    if !dev.starts_with("loop") || dev.contains('/') {
+        return None;
+    }
+    let backing = std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file")).ok()?;
+    Path::new(backing.trim_end())
+        .starts_with(dir)
+        .then(|| m.source.clone())
 }

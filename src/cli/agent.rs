@@ -391,7 +391,7 @@ pub fn files(cmd: FilesCmd) -> Result<()> {
     super::stop_on_signals(
         &stop,
         "",
-        "a disk backup's scratch mount, loop device and staging ($TMPDIR/recoverfs-files-*) and a .recoverfs-tmp.PID file under --to may be left",
+        "a disk backup's scratch mount, loop device and staging ($TMPDIR/recoverfs-files-*) and a .recoverfs-tmp.PID file under --to may be left (the next run removes them)",
     )?;
     files_until(cmd, &stop).map_err(interrupted_by)
 }

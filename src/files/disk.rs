@@ -132,10 +132,9 @@ pub fn mount(
             manifest.disks.len()
         )));
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("recoverfs-files-")
-        .tempdir()
-        .ctx(|| "create a scratch directory".into())?;
+    // What killed runs left (mounts, loop devices, staging) goes first.
+    crate::boot::remove_stale_scratch(&std::env::temp_dir());
+    let scratch = crate::boot::scratch_dir("files")?;
     let fuse = scratch.path().join("fuse");
     let root = scratch.path().join("fs");
     for d in [&fuse, &root] {

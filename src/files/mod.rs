@@ -273,6 +273,14 @@ pub fn restore_into(
             ));
         }
     }
+    // A killed restore's temporary file (kill -9: no cleanup ran) in a
+    // directory this one writes to: removed, said (explore9 L1).
+    for gone in remove_dead_temps(&to, entries) {
+        (how.say)(&format!(
+            "removed {}, a file a killed restore was writing",
+            gone.display()
+        ));
+    }
     let root = nix::unistd::Uid::effective().is_root();
     let (links, notes) = link_plan(entries);
     for n in &notes {
@@ -541,6 +549,38 @@ fn check_tree<'a>(entries: &[&'a Entry]) -> Result<Vec<&'a Entry>> {
         }
     }
     Ok(entries)
+}
+
+/// The temporary files (`.recoverfs-tmp.PID`, see [`write_file`]) of
+/// restores whose process is gone, in the directories under `to` that
+/// `entries` write files to: removed; the paths removed. A PID that is in
+/// use again (another process now) keeps its file: never a live one's.
+fn remove_dead_temps(to: &Path, entries: &[&Entry]) -> Vec<PathBuf> {
+    let dirs: std::collections::BTreeSet<PathBuf> = (entries.iter())
+        .filter(|e| e.kind != EntryKind::Dir)
+        .filter_map(|e| dest(to, &e.path).parent().map(Path::to_path_buf))
+        .collect();
+    let mut removed = vec![];
+    for dir in dirs {
+        let Ok(list) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for f in list.flatten() {
+            let name = f.file_name();
+            let pid = (name.to_str())
+                .and_then(|n| n.strip_prefix(".recoverfs-tmp."))
+                .and_then(|p| p.parse::<i32>().ok());
+            let Some(pid) = pid.filter(|&p| p > 0) else {
+                continue;
+            };
+            let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH);
+            if gone && std::fs::remove_file(f.path()).is_ok() {
+                removed.push(f.path());
+            }
+        }
+    }
+    removed
 }
 
 /// Temp file, content, fsync, rename (never over an existing file), fsync

@@ -345,52 +345,10 @@ fn patterned(path: &Path, size: usize) {
 #[test]
 fn sigint_during_a_disk_backup_restore_ends_it_through_its_cleanup_with_whole_files_only() {
     let env = Env::new();
-    // An ext4 disk (no partition table): three small files, a 256 MiB one
-    // (restored when the signal comes), one after it.
-    let src = env.path("src");
-    std::fs::create_dir_all(src.join("data")).unwrap();
-    for n in ["a1", "a2", "a3", "z"] {
-        std::fs::write(src.join("data").join(n), format!("file {n}\n")).unwrap();
-    }
-    patterned(&src.join("data/big"), 256 << 20);
-    let img = env.path("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(320 << 20)
-        .unwrap();
-    let o = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::remove_dir_all(&src).unwrap();
-    let id = env.backup("sig", "1M", &[&img]);
-    std::fs::remove_file(&img).unwrap();
-
-    let tmp = env.path("tmp");
-    let to = env.path("to");
-    std::fs::create_dir(&tmp).unwrap();
-    std::fs::create_dir(&to).unwrap();
-    let _cleanup = UnmountUnder(tmp.clone());
-    let child = Command::new(bin())
-        .args(["files", "restore", "--repo", env.repo_str(), "sig"])
-        .args(["--backup", &id, "/data", "--to"])
-        .arg(&to)
-        .env("TMPDIR", &tmp)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Once /data/big is being written (the temporary file every file is
-    // written to has more than a small file's bytes).
-    let partial = to.join(format!("data/.recoverfs-tmp.{}", child.id()));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 1 << 20 {
-        assert!(Instant::now() < deadline, "/data/big was never written");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let id = an_ext4_disk_backup(&env);
+    let (tmp, to, _cleanup) = scratch_and_target(&env);
+    let child = restore_of_data(&env, &id, &tmp, &to, &[]);
+    wait_for_big(&to, &child);
     let (mounts, loops) = mounts_and_loops_under(&tmp);
     assert!(
         mounts.len() == 2 && loops.len() == 1,
@@ -441,4 +399,111 @@ fn sigint_during_a_disk_backup_restore_ends_it_through_its_cleanup_with_whole_fi
         let got = std::fs::read_to_string(to.join("data").join(n)).unwrap();
         assert_eq!(got, format!("file {n}\n"));
     }
+}
+
+/// A backup of an ext4 disk (no partition table): three small files, a
+/// 256 MiB one (being restored when a test stops the restore), one after.
+fn an_ext4_disk_backup(env: &Env) -> String {
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    for n in ["a1", "a2", "a3", "z"] {
+        std::fs::write(src.join("data").join(n), format!("file {n}\n")).unwrap();
+    }
+    patterned(&src.join("data/big"), 256 << 20);
+    let img = env.path("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let o = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&src).unwrap();
+    let id = env.backup("sig", "1M", &[&img]);
+    std::fs::remove_file(&img).unwrap();
+    id
+}
+
+/// A `TMPDIR` for the restore's scratch, cleaned up however the test
+/// ends, and an empty `--to`.
+fn scratch_and_target(env: &Env) -> (PathBuf, PathBuf, UnmountUnder) {
+    let tmp = env.path("tmp");
+    let to = env.path("to");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::create_dir(&to).unwrap();
+    let cleanup = UnmountUnder(tmp.clone());
+    (tmp, to, cleanup)
+}
+
+/// `files restore` of /data from backup `id` into `to`, scratch in `tmp`.
+fn restore_of_data(env: &Env, id: &str, tmp: &Path, to: &Path, extra: &[&str]) -> Child {
+    Command::new(bin())
+        .args(["files", "restore", "--repo", env.repo_str(), "sig"])
+        .args(["--backup", id, "/data", "--to"])
+        .arg(to)
+        .args(extra)
+        .env("TMPDIR", tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until /data/big is being written (the temporary file every file
+/// is written to has more than a small file's bytes).
+fn wait_for_big(to: &Path, child: &Child) {
+    let partial = to.join(format!("data/.recoverfs-tmp.{}", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(Instant::now() < deadline, "/data/big was never written");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// explore9 L1, L2: a restore killed outright (no cleanup) left its FUSE
+/// and ext4 mounts, its loop device and scratch staging, and a partial
+/// `.recoverfs-tmp.PID` under `--to`; the rerun (`--skip-existing`)
+/// removes them all, says so, and restores the rest whole.
+#[test]
+fn a_rerun_after_a_killed_disk_backup_restore_removes_what_it_left_and_finishes() {
+    let env = Env::new();
+    let id = an_ext4_disk_backup(&env);
+    let (tmp, to, _cleanup) = scratch_and_target(&env);
+    let mut child = restore_of_data(&env, &id, &tmp, &to, &[]);
+    wait_for_big(&to, &child);
+    let partial = to.join(format!("data/.recoverfs-tmp.{}", child.id()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mounts, loops) = mounts_and_loops_under(&tmp);
+    assert!(
+        mounts.len() == 2 && loops.len() == 1,
+        "{mounts:?} {loops:?}"
+    );
+    assert!(partial.exists());
+    let o = restore_of_data(&env, &id, &tmp, &to, &["--skip-existing"])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("a file a killed restore was writing"), "{err}");
+    let (mounts, loops) = mounts_and_loops_under(&tmp);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "left: {mounts:?} {loops:?}"
+    );
+    let scratch: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(scratch.is_empty(), "scratch left: {scratch:?}");
+    let mut names: Vec<String> = std::fs::read_dir(to.join("data"))
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a1", "a2", "a3", "big", "z"]);
+    let want = env.path("want");
+    patterned(&want, 256 << 20);
+    assert!(std::fs::read(to.join("data/big")).unwrap() == std::fs::read(&want).unwrap());
 }
