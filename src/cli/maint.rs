@@ -39,14 +39,32 @@ pub fn list(repo: &Repository, json: bool) -> Result<()> {
 }
 
 fn print_list(all: &[Listed]) {
-    println!(
-        "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
+    for line in list_lines(all) {
+        println!("{line}");
+    }
+}
+
+/// `list`'s table: a header, a line per backup or damaged one.
+fn list_lines(all: &[Listed]) -> Vec<String> {
+    let mut out = vec![];
+    // As wide as the longest name and id (a file backup's id is longer
+    // than a disk backup's: explore9 L5), at least the usual widths.
+    let backups = || {
+        all.iter().filter_map(|b| match b {
+            Listed::Backup(b) => Some(b),
+            Listed::Damaged { .. } => None,
+        })
+    };
+    let vm_w = backups().map(|b| b.vm.chars().count()).fold(16, usize::max);
+    let id_w = backups().map(|b| b.id.chars().count()).fold(26, usize::max);
+    out.push(format!(
+        "{:<vm_w$} {:<id_w$} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
         "VM", "BACKUP", "KIND", "CREATED", "DISKS", "SIZE", "STORED", "NEW"
-    );
+    ));
     for b in all {
         match b {
-            Listed::Backup(b) => println!(
-                "{:<16} {:<26} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
+            Listed::Backup(b) => out.push(format!(
+                "{:<vm_w$} {:<id_w$} {:<5} {:<21} {:>5} {:>11} {:>11} {:>11}",
                 b.vm,
                 b.id,
                 b.kind,
@@ -55,7 +73,7 @@ fn print_list(all: &[Listed]) {
                 human_bytes(b.virtual_size),
                 human_bytes(b.stored_bytes),
                 human_bytes(b.new_bytes)
-            ),
+            )),
             Listed::Damaged {
                 vm,
                 id,
@@ -68,10 +86,11 @@ fn print_list(all: &[Listed]) {
                 } else {
                     "manifest"
                 };
-                println!("DAMAGED {what} {vm}/{id}: {error}");
+                out.push(format!("DAMAGED {what} {vm}/{id}: {error}"));
             }
         }
     }
+    out
 }
 
 #[derive(clap::Args)]
@@ -259,5 +278,39 @@ fn print_gc(r: &GcReport) {
             r.leftover_files,
             human_bytes(r.leftover_bytes)
         );
+    }
+}
+
+#[cfg(test)]
+mod list_tests {
+    use super::*;
+    use crate::repo::BackupSummary;
+
+    fn summary(vm: &str, id: &str, kind: &'static str) -> Listed {
+        Listed::Backup(BackupSummary {
+            vm: vm.into(),
+            id: id.into(),
+            kind,
+            created: "2026-11-24T19:43:20Z".into(),
+            disks: 1,
+            virtual_size: 1 << 30,
+            stored_bytes: 1 << 20,
+            new_bytes: 1 << 20,
+        })
+    }
+
+    #[test]
+    fn list_columns_line_up_with_file_backup_ids_and_long_vm_names() {
+        let all = [
+            summary("fsvm", "20261124-194320.727-08d5b6", "disk"),
+            summary("fsvm", "20261124-194320.727-bb01a1-files", "files"),
+            summary("a-vm-name-longer-than-sixteen", "20261124-194321", "disk"),
+        ];
+        let lines = list_lines(&all);
+        let kind_at = |l: &str| 1 + l.find(" disk ").or_else(|| l.find(" files ")).unwrap();
+        let header = lines[0].find("KIND").unwrap();
+        for l in &lines[1..] {
+            assert_eq!(kind_at(l), header, "{lines:#?}");
+        }
     }
 }
