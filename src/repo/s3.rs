@@ -523,10 +523,23 @@ fn map_err(what: &str, e: object_store::Error) -> Error {
         _ => ErrorKind::Io,
     };
     // object_store's message carries the HTTP status where there was one.
-    Error::new(
-        kind,
-        format!("S3 {what}: {}", e.to_string().replace('\n', " ")),
-    )
+    Error::new(kind, format!("S3 {what}: {}", error_text(&e)))
+}
+
+/// `e`'s message and its sources' that it does not already say: the
+/// HTTP client's "error sending request" says why only in a source
+/// (`Connection refused`; explore9 L4).
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !more.is_empty() && !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text.replace('\n', " ")
 }
 
 impl Backend for S3Backend {

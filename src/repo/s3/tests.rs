@@ -574,3 +574,34 @@ fn retry_warnings_of_64_requests_in_flight_are_one_line_and_one_when_the_store_a
         "{said:#?}"
     );
 }
+
+/// An error whose message hides its cause in a source, as the HTTP
+/// client's "error sending request" does.
+#[derive(Debug)]
+struct Sending(std::io::Error);
+
+impl std::fmt::Display for Sending {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("HTTP error: error sending request")
+    }
+}
+
+impl std::error::Error for Sending {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[test]
+fn a_request_that_could_not_be_sent_says_why_from_the_error_sources() {
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    let e = object_store::Error::Generic {
+        store: "S3",
+        source: Box::new(Sending(refused)),
+    };
+    let msg = super::map_err("GET repo.json", e).to_string();
+    assert!(
+        msg.contains("error sending request") && msg.contains("connection refused"),
+        "{msg}"
+    );
+}
