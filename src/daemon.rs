@@ -14,6 +14,7 @@ use crate::session::Datastore;
 use crate::staging::StagingSet;
 use crate::util::mountinfo;
 
+mod exports_moved;
 mod mount_point;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
@@ -206,6 +207,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             return Err(e);
         }
     };
+    // Resumed sessions' clients attached where the previous daemon served
+    // are named if those addresses are gone (explore9 M6).
+    exports_moved::check_and_record(&main_root, &mounted.ds, &exports.served);
     tracing::info!(repo = %repo.location(), mount = %mount.display(), socket = %socket.display(), "serving");
     // Pre-copy jobs keep their state beside the sessions.
     let jobs = Arc::new(crate::precopy::Jobs::new(
@@ -249,6 +253,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 struct Exports {
     nfs: Vec<crate::export::nfs::NfsServer>,
     nbd: Vec<crate::export::nbd::NbdServer>,
+    /// Where each export point serves (`staging::last_exports`).
+    served: std::collections::BTreeMap<String, crate::staging::last_exports::Served>,
 }
 
 impl Exports {
@@ -263,6 +269,7 @@ impl Exports {
         let mut started = Exports {
             nfs: vec![],
             nbd: vec![],
+            served: Default::default(),
         };
         for p in ds.points() {
             let (nfs, nbd) = match (p.spec.nfs_addr(), p.spec.nbd_addr()) {
@@ -293,6 +300,7 @@ impl Exports {
         allow: &[ipnet::IpNet],
     ) -> Result<()> {
         let mut urls = crate::session::ExportUrls::default();
+        let mut served = crate::staging::last_exports::Served::default();
         let name = point.name();
         if let Some(o) = nfs {
             let listen = o.listen.clone();
@@ -300,6 +308,7 @@ impl Exports {
                 crate::export::nfs::NfsServer::start(rt.handle(), ds.clone(), point.clone(), o)?;
             self.nfs.push(server);
             for a in &listen {
+                served.nfs.push(a.to_string());
                 urls.nfs.push(match a.ip() {
                     std::net::IpAddr::V6(ip) => format!("nfs://[{ip}]"),
                     ip => format!("nfs://{ip}"),
@@ -318,10 +327,12 @@ impl Exports {
                 match l {
                     crate::export::nbd::Listen::Tcp(_) => {
                         let a = tcp.next().expect("one bound address per TCP listener");
+                        served.nbd.push(a.to_string());
                         urls.nbd.push(format!("nbd://{a}"));
                         tracing::info!(export_point = name, address = %a, "NBD export serving");
                     }
                     crate::export::nbd::Listen::Unix(p) => {
+                        served.nbd.push(format!("unix:{}", p.display()));
                         urls.nbd
                             .push(format!("nbd+unix:///?socket={}", p.display()));
                         tracing::info!(export_point = name, socket = %p.display(), "NBD export serving");
@@ -331,6 +342,7 @@ impl Exports {
             self.nbd.push(server);
         }
         ds.set_urls(name, urls);
+        self.served.insert(name.into(), served);
         Ok(())
     }
 
@@ -535,6 +547,9 @@ fn run_api(
         .build()
         .ctx(|| "start the control API runtime".into())?;
     let r = rt.block_on(async {
+        // Handlers first: a SIGTERM as soon as the socket answers must
+        // stop the daemon cleanly, not kill it (a test's stop did).
+        let handlers = SignalHandlers::install();
         let listener = crate::api::peer::bind(socket, group)?;
         let listener = crate::api::peer::CheckedListener::new(
             listener,
@@ -543,7 +558,7 @@ fn run_api(
         let link = publish_default_socket(&default_socket_link(), socket);
         // 1: the first SIGINT/SIGTERM, 2: a second one.
         let (signals, mut seen) = tokio::sync::watch::channel(0u8);
-        tokio::spawn(count_signals(signals));
+        tokio::spawn(count_signals(signals, handlers));
         let mut first = seen.clone();
         let shutdown = async move {
             let _ = first.wait_for(|n| *n >= 1).await;
@@ -574,16 +589,38 @@ fn run_api(
 /// How long a stopping daemon waits for control requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// SIGINT and SIGTERM handlers, installed before the socket is bound.
+struct SignalHandlers {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl SignalHandlers {
+    fn install() -> Option<SignalHandlers> {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(int), Ok(term)) => Some(SignalHandlers { int, term }),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(
+                    "no SIGINT/SIGTERM handler ({e}): a signal ends the daemon as a crash would"
+                );
+                None
+            }
+        }
+    }
+}
+
 /// Counts SIGINT/SIGTERM into `n` (saturating at 2).
-async fn count_signals(n: tokio::sync::watch::Sender<u8>) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        tracing::error!("no SIGTERM handler: stop the daemon with SIGINT");
+async fn count_signals(n: tokio::sync::watch::Sender<u8>, handlers: Option<SignalHandlers>) {
+    let Some(SignalHandlers { mut int, mut term }) = handlers else {
         return;
     };
     loop {
         let what = tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = int.recv() => "SIGINT",
             _ = term.recv() => "SIGTERM",
         };
         let k = (*n.borrow()).saturating_add(1).min(2);

@@ -32,6 +32,7 @@ pub mod bitmap;
 pub mod budget;
 pub mod inventory;
 pub mod io;
+pub mod last_exports;
 pub mod last_mount;
 pub mod live;
 pub mod session_files;
