@@ -154,6 +154,9 @@
 //! * `mount.json` — where its daemon last mounted (main staging only): a
 //!   daemon started there with another `--mount` detaches the dead mount
 //!   a killed one left (`staging::last_mount`).
+//! * `exports.json` — where each export point's NFS and NBD last listened
+//!   (main staging only): a restart on other addresses names the resumed
+//!   VMs whose clients must reattach (`staging::last_exports`).
 //! * `sessions/<vm>/<backup>/manifest.json` — the backup's manifest as
 //!   recovered, so a kept session resumes while the repository is down.
 //! * `…/diskN.data` — sparse file, disk-sized (opened `O_NOATIME`).
