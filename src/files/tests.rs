@@ -569,21 +569,26 @@ fn skip_existing_keeps_a_whole_file_whose_time_the_file_system_rounded() {
 /// A file backup of `/srv/big.img`: 5000 bytes of data, a hole of 1 TiB
 /// (a run of the zero chunk), 5000 more bytes; the catalog, both pieces.
 pub(crate) fn tib_hole_backup(r: &Repository) -> (Catalog, Vec<u8>, Vec<u8>) {
-    use crate::repo::catalog::{ChunkRef, CATALOG_FORMAT_RUNS, CDC_MAX};
     let head: Vec<u8> = (0..5000u32).map(|i| (i % 251 + 1) as u8).collect();
     let tail: Vec<u8> = (0..5000u32).map(|i| (i % 241 + 3) as u8).collect();
+    (hole_backup(r, &head, 1 << 40, &tail), head, tail)
+}
+
+/// A file backup of `/srv/big.img`: `head`, a hole of `hole` bytes (a run
+/// of the zero chunk; a multiple of its length), `tail`.
+fn hole_backup(r: &Repository, head: &[u8], hole: u64, tail: &[u8]) -> Catalog {
+    use crate::repo::catalog::{ChunkRef, CATALOG_FORMAT_RUNS, CDC_MAX};
     let mut sink = ChunkSink::default();
     let zeros = vec![0u8; CDC_MAX as usize];
     let zero = r.chunk_id(&zeros);
     r.put_chunk(&zero, &zeros).unwrap();
-    let hole = 1u64 << 40;
-    let mut chunks = sink.store(r, &head[..]).unwrap();
+    let mut chunks = sink.store(r, head).unwrap();
     chunks.push(ChunkRef {
         digest: zero,
         len: CDC_MAX,
         repeat: hole / CDC_MAX as u64,
     });
-    chunks.extend(sink.store(r, &tail[..]).unwrap());
+    chunks.extend(sink.store(r, tail).unwrap());
     let size = head.len() as u64 + hole + tail.len() as u64;
     let c = Catalog {
         format: CATALOG_FORMAT_RUNS,
@@ -601,7 +606,39 @@ pub(crate) fn tib_hole_backup(r: &Repository) -> (Catalog, Vec<u8>, Vec<u8>) {
         stored_bytes: 0,
         new_bytes: 0,
     };
-    (r.publish_catalog(c).unwrap(), head, tail)
+    r.publish_catalog(c).unwrap()
+}
+
+/// review27: a hole that ends the file, and a file that is all hole,
+/// restore with their length (the sparse writer's last seek is no write).
+#[test]
+fn a_file_ending_in_a_hole_or_all_hole_restores_its_length_sparse() {
+    use crate::repo::catalog::CDC_MAX;
+    use std::os::unix::fs::MetadataExt;
+    let hole = 64 * CDC_MAX as u64;
+    for head in [&b"data before the hole"[..], &[]] {
+        let d = tempfile::tempdir().unwrap();
+        let (r, _) = Repository::open_or_create(d.path().join("repo").to_str().unwrap()).unwrap();
+        let c = hole_backup(&r, head, hole, &[]);
+        let to = d.path().join("to");
+        std::fs::create_dir(&to).unwrap();
+        let sel = select(&c, "/srv/big.img").unwrap();
+        assert_eq!(
+            restore_from(&r, &c, &sel, &to, &GO, &How::default()).unwrap(),
+            1
+        );
+        let p = to.join("srv/big.img");
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), head.len() as u64 + hole, "head {}", head.len());
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "not sparse: {} blocks",
+            m.blocks()
+        );
+        let got = std::fs::read(&p).unwrap();
+        assert_eq!(&got[..head.len()], head);
+        assert!(got[head.len()..].iter().all(|&b| b == 0));
+    }
 }
 
 /// Checks `p` is the sparse file of [`tib_hole_backup`].
