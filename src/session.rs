@@ -84,6 +84,8 @@ pub struct Session {
     pub(crate) backup_base: Mutex<backup::BackupBase>,
     /// A live backup of this session is running.
     backup_running: AtomicBool,
+    /// How far it is.
+    pub(crate) backup_progress: backup::LiveProgress,
     /// The session uploader, if started (`upload`).
     upload: Mutex<Option<upload::Job>>,
     /// Held by the uploader for each batch and by a live backup for its
@@ -218,6 +220,9 @@ pub struct SessionStatus {
     /// A live backup (`backup --session`) of it is running now.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub backup_running: bool,
+    /// How far that live backup is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_progress: Option<backup::LiveBackupProgress>,
     pub host: Option<String>,
     pub resumed: bool,
     pub started: String,
@@ -678,6 +683,7 @@ impl Datastore {
             backup: s.backup.clone(),
             urls: s.disks.iter().map(|d| self.disk_urls(s, d.index)).collect(),
             backup_running: s.backup_running.load(std::sync::atomic::Ordering::Acquire),
+            backup_progress: s.backup_progress.shown(),
             resumed: s.resumed,
             started: crate::util::rfc3339(
                 s.started

@@ -148,6 +148,7 @@ pub(super) fn workload(w: &World, mem: &MemStorage, seed: u64) -> Vec<Write> {
                     storage,
                     disks: &disks,
                     backup_base: &base,
+                    progress: &Default::default(),
                 };
                 for _ in 0..2 {
                     run_live(&repo, &live).unwrap();

@@ -189,6 +189,7 @@ struct Running<'a>(&'a Session);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.backup_running.store(false, Ordering::Release);
+        *self.0.backup_progress.started.lock() = None;
     }
 }
 
@@ -224,6 +225,7 @@ impl Datastore {
             )));
         }
         let _running = Running(&s);
+        s.backup_progress.begin();
         let op = self.vm_op(vm);
         let _op = op.lock();
         // The uploader finishes its batch and records nothing until the
@@ -240,6 +242,7 @@ impl Datastore {
             storage: s.staging.storage().clone(),
             disks: &s.disks,
             backup_base: &s.backup_base,
+            progress: &s.backup_progress,
         };
         // Said in the log too: the client that asked may be gone.
         let r = run_until(&self.repo, &live, cancel).inspect_err(|e| match e.kind() {
@@ -261,6 +264,43 @@ pub(crate) struct Live<'a> {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) disks: &'a [Arc<Volume>],
     pub(crate) backup_base: &'a parking_lot::Mutex<BackupBase>,
+    pub(crate) progress: &'a LiveProgress,
+}
+
+/// How far the running live backup of a session is, for `status`
+/// (explore9 L6: it said only that one was running).
+#[derive(Default)]
+pub(crate) struct LiveProgress {
+    done: AtomicU64,
+    total: AtomicU64,
+    started: parking_lot::Mutex<Option<Instant>>,
+}
+
+/// [`LiveProgress`] as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveBackupProgress {
+    /// Changed chunks stored so far, of how many (0 of 0 until the
+    /// freeze has counted them).
+    pub chunks_done: u64,
+    pub chunks_total: u64,
+    pub seconds: f64,
+}
+
+impl LiveProgress {
+    fn begin(&self) {
+        self.done.store(0, Ordering::Release);
+        self.total.store(0, Ordering::Release);
+        *self.started.lock() = Some(Instant::now());
+    }
+
+    pub(crate) fn shown(&self) -> Option<LiveBackupProgress> {
+        let started = (*self.started.lock())?;
+        Some(LiveBackupProgress {
+            chunks_done: self.done.load(Ordering::Acquire),
+            chunks_total: self.total.load(Ordering::Acquire),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -490,8 +530,8 @@ fn remove_all(storage: &dyn Storage, dir: &Path, paths: &[std::path::PathBuf]) -
 struct Progress<'a> {
     vm: &'a str,
     cancel: &'a AtomicBool,
-    done: AtomicU64,
-    total: u64,
+    done: &'a AtomicU64,
+    total: &'a AtomicU64,
 }
 
 impl Progress<'_> {
@@ -505,7 +545,7 @@ impl Progress<'_> {
             "live backup of VM {} cancelled: the client went away after {} of {} chunks",
             self.vm,
             self.done.load(Ordering::Acquire),
-            self.total
+            self.total.load(Ordering::Acquire)
         )))
     }
 }
@@ -518,12 +558,14 @@ fn store(
     frozen: &[Frozen],
     cancel: &AtomicBool,
 ) -> Result<(Manifest, Vec<SessionBackupDisk>)> {
-    let mut progress = Progress {
+    let progress = Progress {
         vm: s.vm,
         cancel,
-        done: AtomicU64::new(0),
-        total: frozen.iter().map(|f| f.read.len() as u64).sum(),
+        done: &s.progress.done,
+        total: &s.progress.total,
     };
+    let frozen_blocks: u64 = frozen.iter().map(|f| f.read.len() as u64).sum();
+    progress.total.store(frozen_blocks, Ordering::Release);
     progress.check()?;
     // The base's chunks and the session's own backup's are reused: both
     // must still exist once the writer lock is held.
@@ -547,7 +589,8 @@ fn store(
                 .collect()
         })
         .collect();
-    progress.total = residues.iter().map(|r| r.len() as u64).sum();
+    let residue: u64 = residues.iter().map(|r| r.len() as u64).sum();
+    progress.total.store(residue, Ordering::Release);
     let progress = &progress;
     let mut disks = vec![];
     let mut reports = vec![];

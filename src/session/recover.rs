@@ -245,6 +245,7 @@ impl Datastore {
             state: Mutex::new(OpenState::default()),
             backup_base: Mutex::new(backup_base),
             backup_running: AtomicBool::new(false),
+            backup_progress: Default::default(),
             upload: Mutex::new(None),
             upload_gate: Mutex::new(()),
             backup_gone: Mutex::new(None),

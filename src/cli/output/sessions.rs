@@ -113,7 +113,7 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
         );
         println!("  {}", served_line(&s));
         if s["backup_running"].as_bool() == Some(true) {
-            println!("  a live backup (backup --session) is running");
+            println!("  {}", live_backup_line(&s["backup_progress"]));
         }
         if let Some(b) = s["backup_base"]
             .as_str()
@@ -273,10 +273,42 @@ fn scheduler_line(s: &Value) -> String {
     )
 }
 
+/// A running live backup, with how far it is when the daemon says.
+fn live_backup_line(p: &Value) -> String {
+    let line = "a live backup (backup --session) is running";
+    let (Some(done), Some(total), Some(secs)) = (
+        p["chunks_done"].as_u64(),
+        p["chunks_total"].as_u64(),
+        p["seconds"].as_f64(),
+    ) else {
+        return line.into();
+    };
+    match total {
+        // Not counted yet (or nothing to read): only the time.
+        0 => format!("{line}: {secs:.0} s"),
+        _ => format!("{line}: {done} of {total} changed chunks stored, {secs:.0} s"),
+    }
+}
+
 #[cfg(test)]
 mod served_tests {
-    use super::served_line;
+    use super::{live_backup_line, served_line};
     use serde_json::json;
+
+    #[test]
+    fn a_running_live_backup_says_how_far_it_is_and_an_older_daemon_that_it_runs() {
+        let p = json!({"chunks_done": 120, "chunks_total": 400, "seconds": 35.2});
+        assert_eq!(
+            live_backup_line(&p),
+            "a live backup (backup --session) is running: 120 of 400 changed chunks stored, 35 s"
+        );
+        let freezing = json!({"chunks_done": 0, "chunks_total": 0, "seconds": 0.4});
+        assert!(live_backup_line(&freezing).ends_with("is running: 0 s"));
+        assert_eq!(
+            live_backup_line(&serde_json::Value::Null),
+            "a live backup (backup --session) is running"
+        );
+    }
 
     #[test]
     fn a_session_line_says_its_export_point_and_each_disks_urls() {

@@ -304,6 +304,19 @@ fn a_cancelled_live_backup_publishes_nothing_and_the_next_backup_has_every_block
         assert!(std::time::Instant::now() < deadline, "no freeze");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // `status` says how far it is (explore9 L6): every frozen block
+    // counted, not all stored (the store is held).
+    let s = r.ds.session("vm").unwrap();
+    let p = loop {
+        let p = r.ds.status(&s).backup_progress.expect("progress shown");
+        if p.chunks_total == frozen || std::time::Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(p.chunks_total, frozen, "{p:?}");
+    assert!(p.chunks_done < frozen, "{p:?}");
+    drop(s);
     // After the freeze: a frozen block not read yet, and a new one.
     d.write((frozen - 1) * BS as u64, &block(201)).unwrap();
     d.write((frozen + 1) * BS as u64, &block(202)).unwrap();
@@ -324,6 +337,7 @@ fn a_cancelled_live_backup_publishes_nothing_and_the_next_backup_has_every_block
     let s = r.ds.session("vm").unwrap();
     let st = r.ds.status(&s);
     assert!(!st.backup_running);
+    assert!(st.backup_progress.is_none());
     assert_eq!(st.backup_base, b1);
     assert_eq!(st.disks[0].blocks_dirty, frozen + 1);
     assert!(!d.is_frozen());
