@@ -646,4 +646,4 @@ impl GcLock {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

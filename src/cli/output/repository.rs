@@ -63,17 +63,20 @@ pub(crate) fn verify(
     if backup.is_none() {
         // A profile belongs to a VM, not to a backup; with every VM, also
         // those with a profile and no backup left.
-        let mut with_profile = match vm {
-            Some(_) => vms.clone(),
-            None => crate::prefetch::profile::vms(repo)?,
-        };
-        with_profile.dedup();
-        for v in &with_profile {
-            r.damaged.extend(crate::prefetch::profile::damage(repo, v)?);
-        }
-        r.damaged.sort();
+        r.then("operational profiles", || {
+            let mut with_profile = match vm {
+                Some(_) => vms.clone(),
+                None => crate::prefetch::profile::vms(repo)?,
+            };
+            with_profile.dedup();
+            let mut lines = vec![];
+            for v in &with_profile {
+                lines.extend(crate::prefetch::profile::damage(repo, v)?);
+            }
+            Ok(lines)
+        });
     }
-    for line in r.damaged.iter().chain(&r.unreadable) {
+    for line in r.damaged.iter().chain(&r.unreadable).chain(&r.not_done) {
         println!("{line}");
     }
     let repaired = match repair {
@@ -86,7 +89,8 @@ pub(crate) fn verify(
         }
         _ => 0,
     };
-    if r.damaged.is_empty() && r.unreadable.is_none() {
+    let incomplete = r.unreadable.is_some() || !r.not_done.is_empty();
+    if r.damaged.is_empty() && !incomplete {
         println!(
             "ok: {} chunks of {} backup(s) verified ({})",
             r.chunks,
@@ -95,7 +99,7 @@ pub(crate) fn verify(
         );
         return Ok(());
     }
-    if r.unreadable.is_some() {
+    if incomplete {
         // What was read is worth knowing: the outage is not damage.
         println!(
             "checked: {} of {} chunks of {} backup(s) read and checked{}",
@@ -112,7 +116,7 @@ pub(crate) fn verify(
         return Err(Error::new(
             crate::error::ErrorKind::Io,
             format!(
-                "verify of {} is incomplete: some chunks could not be read",
+                "verify of {} is incomplete: the store did not answer for some of it",
                 repo.location()
             ),
         ));

@@ -322,3 +322,96 @@ fn a_writer_waiting_for_a_collector_gives_up_when_told_to_stop() {
         "no writer lock left"
     );
 }
+
+/// A store that stops answering: while `hang` is set, every request for
+/// a key starting with one of `parts` waits `for_` and then fails as a
+/// remote store's request does at its deadline. Everything else is the
+/// local directory's.
+pub(crate) struct Hanging {
+    inner: super::super::backend::LocalDir,
+    pub hang: Arc<std::sync::atomic::AtomicBool>,
+    parts: Vec<String>,
+    for_: Duration,
+}
+
+impl Hanging {
+    /// A repository at `path` (created) whose store hangs for `for_` on
+    /// keys starting with `parts` once the returned flag is set.
+    pub(crate) fn repo(
+        path: &std::path::Path,
+        parts: &[&str],
+        for_: Duration,
+    ) -> (Arc<Repository>, Arc<std::sync::atomic::AtomicBool>) {
+        Repository::open_or_create(path.to_str().unwrap()).unwrap();
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let b = Hanging {
+            inner: super::super::backend::LocalDir::new(path),
+            hang: hang.clone(),
+            parts: parts.iter().map(|p| p.to_string()).collect(),
+            for_,
+        };
+        (Repository::open_backend(Box::new(b)).unwrap(), hang)
+    }
+
+    fn before(&self, key: &str) -> Result<()> {
+        let hung = self.hang.load(std::sync::atomic::Ordering::SeqCst)
+            && self.parts.iter().any(|p| key.starts_with(p.as_str()));
+        if !hung {
+            return Ok(());
+        }
+        std::thread::sleep(self.for_);
+        Err(Error::new(
+            crate::error::ErrorKind::Io,
+            format!(
+                "test store: {key}: no answer in {} ms",
+                self.for_.as_millis()
+            ),
+        ))
+    }
+}
+
+impl super::super::backend::Backend for Hanging {
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        self.before(key)?;
+        self.inner.get(key, limit)
+    }
+    fn get_async(&self, key: &str, limit: u64) -> super::super::backend::GetFuture {
+        let r = self.before(key);
+        let read = self.inner.get_async(key, limit);
+        Box::pin(async move {
+            r?;
+            read.await
+        })
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.before(key)?;
+        self.inner.put(key, data)
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.before(key)?;
+        self.inner.put_new(key, data)
+    }
+    fn exists(&self, key: &str) -> Result<bool> {
+        self.before(key)?;
+        self.inner.exists(key)
+    }
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        self.before(key)?;
+        self.inner.size(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.before(prefix)?;
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.before(key)?;
+        self.inner.delete(key)
+    }
+    fn list_all(&self, prefix: &str) -> Result<Vec<super::super::backend::ObjectInfo>> {
+        self.before(prefix)?;
+        self.inner.list_all(prefix)
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
