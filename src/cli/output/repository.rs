@@ -76,10 +76,19 @@ pub(crate) fn verify(
             Ok(lines)
         });
     }
-    for line in r.damaged.iter().chain(&r.unreadable).chain(&r.not_done) {
+    for line in r.damaged.iter().chain(&r.unreadable) {
         println!("{line}");
     }
     let repaired = match repair {
+        // Not against a store that stopped answering: its error would
+        // take the report's place.
+        Some(_) if !r.corrupt.is_empty() && r.stopped.is_some() => {
+            r.not_done.push(format!(
+                "NOT REPAIRED: {} damaged chunk(s): verify stopped asking the store; run verify --repair again once it answers",
+                r.corrupt.len()
+            ));
+            0
+        }
         Some(wait) if !r.corrupt.is_empty() => {
             let done = crate::repo::verify::repair(repo, &r.corrupt, wait)?;
             for line in &done.lines {
@@ -111,6 +120,10 @@ pub(crate) fn verify(
                 false => "",
             }
         );
+    }
+    // After the chunk tally: a later step the store did not answer for.
+    for line in &r.not_done {
+        println!("{line}");
     }
     if r.damaged.is_empty() {
         return Err(Error::new(
