@@ -41,7 +41,11 @@
 //! pid namespace) that is gone, or whose pid another program has now
 //! (start time), is stale at once and removed: waiting out [`STALE`] for
 //! a holder known dead only delays backups or gc. A process that is
-//! stopped by a signal removes its locks itself ([`release_all`]). A holder that could not refresh for half of [`STALE`] (it
+//! stopped by a signal removes its locks itself ([`release_all`]). A
+//! lock dropped while the store does not answer (its refresh hangs, or
+//! its removal) is left behind after a few seconds, logged, to go stale
+//! like a killed process's: a failed backup is not held for more request
+//! deadlines. A holder that could not refresh for half of [`STALE`] (it
 //! was stopped, or the store was unreachable) no longer trusts its lock:
 //! a writer refuses to publish, a collector stops sweeping. That is for
 //! good, not until the next successful refresh: during the gap another
@@ -518,18 +522,72 @@ fn refresh_once(
     }
 }
 
+/// How long dropping a lock waits for its refresh thread's request and
+/// then for its removal. A store that answers removes a lock in well under
+/// a second; one that just failed to answer would hold a failed backup for
+/// two more request deadlines (explore9 M4: 3 × 60 s in all). A lock left
+/// behind goes stale by design: at once for this host once the process
+/// is gone, after [`STALE`] for others.
+const RELEASE_WAIT: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(5)
+};
+
 impl Drop for Held {
     fn drop(&mut self) {
+        // Stops the refresh thread at its next wait; a refresh in flight
+        // holds the gate until its request ends, and is never joined.
         drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let thread = self.thread.take();
         HELD.lock().retain(|(_, k, _)| *k != self.key);
-        if *self.gate.lock() {
+        let start = Instant::now();
+        let left = |what: &str| {
+            tracing::warn!(
+                key = %self.key,
+                "a repository lock was left behind ({what}): it goes stale in {} s, at once for this host once this process is gone",
+                STALE.as_secs()
+            );
+        };
+        // Released under the gate, so no refresh puts the object back
+        // after its removal, and never while a protected step runs.
+        let Some(mut released) = self.gate.try_lock_for(RELEASE_WAIT) else {
+            left(&format!(
+                "its refresh got no answer from the store in {} s",
+                RELEASE_WAIT.as_secs_f32()
+            ));
+            return;
+        };
+        if std::mem::replace(&mut *released, true) {
             return; // removed by `release_all`
         }
-        if let Err(e) = self.repo.backend().delete(&self.key) {
-            tracing::warn!(key = %self.key, "could not remove a repository lock (it goes stale in {} s): {e}", STALE.as_secs());
+        drop(released);
+        // Not in a request (the gate was free): it ends at once.
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        let (done, removed) = crossbeam_channel::bounded(1);
+        let (repo, key) = (self.repo.clone(), self.key.clone());
+        let spawned = std::thread::Builder::new()
+            .name("repo-unlock".into())
+            .spawn(move || {
+                let _ = done.send(repo.backend().delete(&key));
+            });
+        let r = match spawned {
+            Ok(_) => removed.recv_timeout(
+                RELEASE_WAIT
+                    .saturating_sub(start.elapsed())
+                    .max(RELEASE_WAIT / 4),
+            ),
+            Err(_) => Ok(self.repo.backend().delete(&self.key)),
+        };
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => left(&format!("could not remove it: {e}")),
+            Err(_) => left(&format!(
+                "the store did not answer its removal in {} s",
+                RELEASE_WAIT.as_secs_f32()
+            )),
         }
     }
 }
@@ -646,4 +704,4 @@ impl GcLock {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

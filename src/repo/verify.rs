@@ -47,12 +47,62 @@ pub struct VerifyReport {
     /// Chunks read and checked (good or damaged): all of `chunks` unless
     /// the store stopped answering.
     pub checked: u64,
+    /// Set when the chunk check stopped asking a store that stopped
+    /// answering: later steps that need the store are not started.
+    pub stopped: Option<Stopped>,
+    /// One line per later step not done, or failed because the store
+    /// did not answer ([`VerifyReport::then`]): not damage.
+    pub not_done: Vec<String>,
+}
+
+impl VerifyReport {
+    /// A later step of `verify` that needs the store (`what`, for its
+    /// line): its damage lines are added; not started once the chunk check
+    /// stopped for a store that stopped answering, and a failure of the
+    /// store is one more line, after the chunk tally (explore9 M3: the
+    /// profile check's error replaced the whole report). Damage found
+    /// before is never lost to a later step's error.
+    pub fn then(&mut self, what: &str, step: impl FnOnce() -> Result<Vec<String>>) {
+        if self.stopped.is_some() {
+            self.not_done.push(format!(
+                "NOT CHECKED: {what}: verify stopped asking the store (see UNREADABLE above)"
+            ));
+            return;
+        }
+        match step() {
+            Ok(lines) => {
+                self.damaged.extend(lines);
+                self.damaged.sort();
+            }
+            Err(e) => self
+                .not_done
+                .push(format!("NOT CHECKED: {what} could not be read: {e}")),
+        }
+    }
 }
 
 /// Chunk reads in a row the store does not answer (each already retried
 /// by the backend) after which `verify` stops asking: the store is down,
 /// and asking for every remaining chunk would take hours to say so.
 const UNANSWERED_IN_A_ROW: usize = 8;
+
+/// A read unanswered after at least this long, while the store answered
+/// no read of any thread for at least half as long, also stops `verify`:
+/// every thread's read is hanging, and waiting for
+/// [`UNANSWERED_IN_A_ROW`] of them, a deadline (60 s on S3) per thread
+/// each, cost minutes to say the store had stopped (explore9 M3). A
+/// quick failure (a local I/O error) never stops it this way.
+const SILENT_FOR: Duration = Duration::from_secs(1);
+
+/// Why the chunk check stopped before reading every chunk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stopped {
+    /// [`UNANSWERED_IN_A_ROW`] reads in a row went unanswered.
+    InARow,
+    /// A read went unanswered for this long, and no read was answered
+    /// for at least half of it.
+    Silent(Duration),
+}
 
 /// Where a chunk is used.
 struct Place<'a> {
@@ -76,7 +126,7 @@ pub fn verify(
     let backups = walk(repo, vms, backup, Walk::First, &mut damaged, |d, len, _| {
         lens.entry(*d).or_insert(len);
     })?;
-    let (failed, checked, not_read) = check_chunks(repo, &lens, threads.max(1));
+    let (failed, checked, not_read, stopped) = check_chunks(repo, &lens, threads.max(1));
     let (bad, unread): (HashMap<_, _>, HashMap<_, _>) = failed
         .into_iter()
         .partition(|(_, (kind, _))| is_damage(*kind));
@@ -93,8 +143,10 @@ pub fn verify(
         chunks,
         damaged,
         corrupt,
-        unreadable: unreadable_line(unread, not_read),
+        unreadable: unreadable_line(unread, not_read, stopped),
         checked,
+        stopped: stopped.filter(|_| not_read > 0),
+        not_done: vec![],
     })
 }
 
@@ -107,14 +159,25 @@ fn is_damage(kind: ErrorKind) -> bool {
 
 /// One line for every chunk the store did not answer for: how many, and
 /// the first few with why.
-fn unreadable_line(unread: HashMap<Digest, (ErrorKind, String)>, not_read: u64) -> Option<String> {
+fn unreadable_line(
+    unread: HashMap<Digest, (ErrorKind, String)>,
+    not_read: u64,
+    why: Option<Stopped>,
+) -> Option<String> {
     if unread.is_empty() && not_read == 0 {
         return None;
     }
+    let after = match why {
+        Some(Stopped::Silent(d)) => format!(
+            "a chunk read went unanswered for {} s while the store answered nothing else",
+            d.as_secs()
+        ),
+        _ => format!("{UNANSWERED_IN_A_ROW} chunks in a row could not be read"),
+    };
     let stopped = match not_read {
         0 => String::new(),
         n => format!(
-            "; verify stopped asking after {UNANSWERED_IN_A_ROW} chunks in a row could not be read (the first above says why): {n} more chunk(s) not read"
+            "; verify stopped asking after {after} (the first above says why): {n} more chunk(s) not read"
         ),
     };
     let mut named: Vec<String> = unread
@@ -262,37 +325,62 @@ fn walk(
     Ok(backups)
 }
 
+/// Chunks whose read failed, each with why.
+type Failed = HashMap<Digest, (ErrorKind, String)>;
+
 /// Reads every chunk of `lens` until [`UNANSWERED_IN_A_ROW`] reads in a
-/// row go unanswered; returns the chunks that failed, each with why, how
-/// many were checked, and how many were not read.
+/// row go unanswered, or one goes unanswered in a silence (see
+/// [`SILENT_FOR`]); returns the chunks that failed, each with why, how
+/// many were checked, how many were not read, and why it stopped.
 fn check_chunks(
     repo: &Repository,
     lens: &HashMap<Digest, usize>,
     threads: usize,
-) -> (HashMap<Digest, (ErrorKind, String)>, u64, u64) {
+) -> (Failed, u64, u64, Option<Stopped>) {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     // Threads take the next chunk from one shared iterator: no second
     // list of the chunks.
     let work = Mutex::new(lens.iter());
     let bad = Mutex::new(HashMap::new());
     let (unanswered, checked, asked) = (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let stopped = Mutex::new(None);
+    // When the store last answered a read, in ns after `t0`.
+    let t0 = std::time::Instant::now();
+    let last_answer = AtomicU64::new(0);
+    let ns = |t: std::time::Instant| t.duration_since(t0).as_nanos() as u64;
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                if unanswered.load(Ordering::Acquire) >= UNANSWERED_IN_A_ROW {
+                if stopped.lock().expect("lock").is_some() {
                     break;
                 }
                 let Some((d, len)) = work.lock().expect("lock").next() else {
                     break;
                 };
                 asked.fetch_add(1, Ordering::Relaxed);
+                let start = std::time::Instant::now();
                 let r = repo.read_chunk(d, *len, &"verify");
+                let end = std::time::Instant::now();
                 match &r {
                     Err(e) if !is_damage(e.kind()) => {
-                        unanswered.fetch_add(1, Ordering::AcqRel);
+                        let took = end - start;
+                        let silence = ns(end).saturating_sub(last_answer.load(Ordering::Acquire));
+                        let why = if took >= SILENT_FOR && silence >= (took / 2).as_nanos() as u64 {
+                            Some(Stopped::Silent(took))
+                        } else if unanswered.fetch_add(1, Ordering::AcqRel) + 1
+                            >= UNANSWERED_IN_A_ROW
+                        {
+                            Some(Stopped::InARow)
+                        } else {
+                            None
+                        };
+                        if let Some(why) = why {
+                            stopped.lock().expect("lock").get_or_insert(why);
+                        }
                     }
                     _ => {
                         unanswered.store(0, Ordering::Release);
+                        last_answer.fetch_max(ns(end), Ordering::AcqRel);
                         checked.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -313,6 +401,7 @@ fn check_chunks(
         bad.into_inner().expect("lock"),
         checked.into_inner(),
         not_read,
+        stopped.into_inner().expect("lock"),
     )
 }
 
@@ -606,6 +695,67 @@ mod tests {
         assert!(
             line.contains(&format!("{} more chunk(s) not read", r.chunks - asked)),
             "{line}"
+        );
+    }
+
+    /// explore9 M3: a store that hangs (each read answered by nothing
+    /// until its deadline) cost one deadline per thread per round until 8
+    /// in a row, then the profile check's own deadline, whose error
+    /// replaced the report. Now: about one deadline, the profile step is
+    /// not started, and the report says so.
+    #[test]
+    fn a_store_that_hangs_costs_about_one_deadline_and_later_steps_are_not_started() {
+        let d = tempfile::tempdir().unwrap();
+        let deadline = Duration::from_millis(1500);
+        let (repo, hang) = crate::repo::locks::tests::Hanging::repo(
+            &d.path().join("r"),
+            &["chunks/", "profiles/"],
+            deadline,
+        );
+        for day in 0..40 {
+            backup_at(&repo, "web", DAY0 + day * 86_400);
+        }
+        hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        let mut r = verify(&repo, &["web".into()], None, 2).unwrap();
+        let mut asked_profiles = false;
+        r.then("operational profiles", || {
+            asked_profiles = true;
+            crate::prefetch::profile::vms(&repo)?;
+            Ok(vec![])
+        });
+        let took = t.elapsed();
+        hang.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            took < deadline * 2,
+            "{took:?} for a store that hangs {deadline:?} a request: {r:?}"
+        );
+        assert!(!asked_profiles, "the profile step asked a silent store");
+        assert!(matches!(r.stopped, Some(Stopped::Silent(_))), "{r:?}");
+        let line = r.unreadable.as_deref().expect("reported");
+        assert!(line.contains("more chunk(s) not read"), "{line}");
+        assert!(line.contains("answered nothing else"), "{line}");
+        assert_eq!(r.not_done.len(), 1, "{:?}", r.not_done);
+        assert!(r.not_done[0].starts_with("NOT CHECKED: operational profiles"));
+    }
+
+    /// A later step that fails for the store is one line; the damage
+    /// found before it is kept.
+    #[test]
+    fn a_later_step_the_store_fails_is_a_line_and_keeps_the_damage_found() {
+        let (d, repo, _) = repo();
+        let m = backup_at(&repo, "web", DAY0);
+        let gone = m.disks[0].chunks.get(0).expect("chunk 0 is data");
+        std::fs::remove_file(d.path().join("r").join(gone.key())).unwrap();
+        let mut r = verify(&repo, &["web".into()], None, 2).unwrap();
+        assert_eq!(r.stopped, None);
+        r.then("operational profiles", || {
+            Err(crate::error::Error::new(ErrorKind::Io, "no answer in 60 s"))
+        });
+        assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
+        assert_eq!(
+            r.not_done,
+            vec!["NOT CHECKED: operational profiles could not be read: no answer in 60 s"]
         );
     }
 }

@@ -336,6 +336,12 @@ pub fn store_chunks_with(
                         continue;
                     }
                     let r = store_chunk(&repo, &data);
+                    if r.is_err() {
+                        // At once, not when the results are read: this
+                        // worker's next job must not ask a store that
+                        // just did not answer (explore9 M4).
+                        failed.store(true, std::sync::atomic::Ordering::Release);
+                    }
                     if res_tx.send((idx, r)).is_err() {
                         break;
                     }

@@ -63,20 +63,32 @@ pub(crate) fn verify(
     if backup.is_none() {
         // A profile belongs to a VM, not to a backup; with every VM, also
         // those with a profile and no backup left.
-        let mut with_profile = match vm {
-            Some(_) => vms.clone(),
-            None => crate::prefetch::profile::vms(repo)?,
-        };
-        with_profile.dedup();
-        for v in &with_profile {
-            r.damaged.extend(crate::prefetch::profile::damage(repo, v)?);
-        }
-        r.damaged.sort();
+        r.then("operational profiles", || {
+            let mut with_profile = match vm {
+                Some(_) => vms.clone(),
+                None => crate::prefetch::profile::vms(repo)?,
+            };
+            with_profile.dedup();
+            let mut lines = vec![];
+            for v in &with_profile {
+                lines.extend(crate::prefetch::profile::damage(repo, v)?);
+            }
+            Ok(lines)
+        });
     }
     for line in r.damaged.iter().chain(&r.unreadable) {
         println!("{line}");
     }
     let repaired = match repair {
+        // Not against a store that stopped answering: its error would
+        // take the report's place.
+        Some(_) if !r.corrupt.is_empty() && r.stopped.is_some() => {
+            r.not_done.push(format!(
+                "NOT REPAIRED: {} damaged chunk(s): verify stopped asking the store; run verify --repair again once it answers",
+                r.corrupt.len()
+            ));
+            0
+        }
         Some(wait) if !r.corrupt.is_empty() => {
             let done = crate::repo::verify::repair(repo, &r.corrupt, wait)?;
             for line in &done.lines {
@@ -86,7 +98,8 @@ pub(crate) fn verify(
         }
         _ => 0,
     };
-    if r.damaged.is_empty() && r.unreadable.is_none() {
+    let incomplete = r.unreadable.is_some() || !r.not_done.is_empty();
+    if r.damaged.is_empty() && !incomplete {
         println!(
             "ok: {} chunks of {} backup(s) verified ({})",
             r.chunks,
@@ -95,7 +108,7 @@ pub(crate) fn verify(
         );
         return Ok(());
     }
-    if r.unreadable.is_some() {
+    if incomplete {
         // What was read is worth knowing: the outage is not damage.
         println!(
             "checked: {} of {} chunks of {} backup(s) read and checked{}",
@@ -108,11 +121,15 @@ pub(crate) fn verify(
             }
         );
     }
+    // After the chunk tally: a later step the store did not answer for.
+    for line in &r.not_done {
+        println!("{line}");
+    }
     if r.damaged.is_empty() {
         return Err(Error::new(
             crate::error::ErrorKind::Io,
             format!(
-                "verify of {} is incomplete: some chunks could not be read",
+                "verify of {} is incomplete: the store did not answer for some of it",
                 repo.location()
             ),
         ));

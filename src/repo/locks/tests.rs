@@ -322,3 +322,182 @@ fn a_writer_waiting_for_a_collector_gives_up_when_told_to_stop() {
         "no writer lock left"
     );
 }
+
+/// A store that stops answering: while `hang` is set, every request for
+/// a key starting with one of `parts` waits `for_` and then fails as a
+/// remote store's request does at its deadline. Everything else is the
+/// local directory's.
+pub(crate) struct Hanging {
+    inner: super::super::backend::LocalDir,
+    pub hang: Arc<std::sync::atomic::AtomicBool>,
+    parts: Vec<String>,
+    for_: Duration,
+    /// The store starts hanging at the first request for a key starting
+    /// with this.
+    from: Option<String>,
+}
+
+impl Hanging {
+    /// A repository at `path` (created) whose store hangs for `for_` on
+    /// keys starting with `parts` once the returned flag is set.
+    pub(crate) fn repo(
+        path: &std::path::Path,
+        parts: &[&str],
+        for_: Duration,
+    ) -> (Arc<Repository>, Arc<std::sync::atomic::AtomicBool>) {
+        Hanging::repo_from(path, parts, for_, None)
+    }
+
+    /// [`Hanging::repo`] whose store starts hanging by itself at the
+    /// first request for a key starting with `from`.
+    pub(crate) fn repo_from(
+        path: &std::path::Path,
+        parts: &[&str],
+        for_: Duration,
+        from: Option<&str>,
+    ) -> (Arc<Repository>, Arc<std::sync::atomic::AtomicBool>) {
+        Repository::open_or_create(path.to_str().unwrap()).unwrap();
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let b = Hanging {
+            inner: super::super::backend::LocalDir::new(path),
+            hang: hang.clone(),
+            parts: parts.iter().map(|p| p.to_string()).collect(),
+            for_,
+            from: from.map(str::to_string),
+        };
+        (Repository::open_backend(Box::new(b)).unwrap(), hang)
+    }
+
+    fn before(&self, key: &str) -> Result<()> {
+        if self.from.as_deref().is_some_and(|f| key.starts_with(f)) {
+            self.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let hung = self.hang.load(std::sync::atomic::Ordering::SeqCst)
+            && self.parts.iter().any(|p| key.starts_with(p.as_str()));
+        if !hung {
+            return Ok(());
+        }
+        std::thread::sleep(self.for_);
+        Err(Error::new(
+            crate::error::ErrorKind::Io,
+            format!(
+                "test store: {key}: no answer in {} ms",
+                self.for_.as_millis()
+            ),
+        ))
+    }
+}
+
+impl super::super::backend::Backend for Hanging {
+    fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        self.before(key)?;
+        self.inner.get(key, limit)
+    }
+    fn get_async(&self, key: &str, limit: u64) -> super::super::backend::GetFuture {
+        let r = self.before(key);
+        let read = self.inner.get_async(key, limit);
+        Box::pin(async move {
+            r?;
+            read.await
+        })
+    }
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.before(key)?;
+        self.inner.put(key, data)
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.before(key)?;
+        self.inner.put_new(key, data)
+    }
+    fn exists(&self, key: &str) -> Result<bool> {
+        self.before(key)?;
+        self.inner.exists(key)
+    }
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        self.before(key)?;
+        self.inner.size(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.before(prefix)?;
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.before(key)?;
+        self.inner.delete(key)
+    }
+    fn list_all(&self, prefix: &str) -> Result<Vec<super::super::backend::ObjectInfo>> {
+        self.before(prefix)?;
+        self.inner.list_all(prefix)
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+/// A lock whose object has not been rewritten since `ago` (its file's
+/// time, as a store stamps it).
+fn age(d: &tempfile::TempDir, key: &str, ago: Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(d.path().join("r").join(key))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - ago)
+        .unwrap();
+}
+
+/// explore9 M4: a failed backup against a store that hangs took three
+/// request deadlines to end: its own, then the join of the lock's refresh
+/// thread (in its own request), then the lock's removal. Now the lock is
+/// left behind within a bound, and goes stale later.
+#[test]
+fn a_lock_dropped_while_its_refresh_hangs_is_left_behind_at_once_and_goes_stale_later() {
+    let d = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_secs(3);
+    let (r, hang) = Hanging::repo(&d.path().join("r"), &["locks/"], deadline);
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    let body = r.backend().get(&key, 4096).unwrap().unwrap();
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The refresh thread's rewrite, in flight when the backup fails.
+    let refresh = {
+        let (r, key, gate, fresh) = (r.clone(), key.clone(), w.0.gate.clone(), w.0.fresh.clone());
+        std::thread::spawn(move || refresh_once(&r, &key, &body, &gate, &fresh))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    drop(w);
+    let took = t.elapsed();
+    assert!(took < deadline / 2, "dropping the lock took {took:?}");
+    refresh.join().unwrap();
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(r.backend().exists(&key).unwrap(), "left behind");
+    age(&d, &key, STALE + Duration::from_secs(5));
+    assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+    GcLock::acquire(&r, Duration::ZERO).unwrap();
+}
+
+#[test]
+fn a_lock_whose_removal_hangs_is_left_behind_within_a_bound_and_goes_stale_later() {
+    let d = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_secs(3);
+    let (r, hang) = Hanging::repo(&d.path().join("r"), &["locks/"], deadline);
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    drop(w);
+    let took = t.elapsed();
+    assert!(took < deadline / 2, "dropping the lock took {took:?}");
+    // The removal still under way ends on its own, unanswered.
+    std::thread::sleep(deadline);
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(r.backend().exists(&key).unwrap(), "left behind");
+    assert_eq!(holders(&r, LockKind::Backup, None).unwrap().len(), 1);
+    age(&d, &key, STALE + Duration::from_secs(5));
+    assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+    // A store that answers still has the lock removed at once.
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    drop(w);
+    assert!(!r.backend().exists(&key).unwrap());
+}
