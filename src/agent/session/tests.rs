@@ -79,3 +79,27 @@ fn a_body_waiting_for_a_stream_that_brings_nothing_more_is_stopped_a_grace_later
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     drop(agent);
 }
+
+/// The agent killed in the guest: QEMU closes its end with the host's
+/// keep-alives unread, and Linux fails the host's read with ECONNRESET.
+/// That is the stream's end (the end-frame check then says truncated),
+/// not an I/O error that hides what happened (the e2e test of a killed
+/// agent failed with "Connection reset by peer" now and then).
+#[test]
+fn a_stream_whose_peer_closed_with_keep_alives_unread_ends_as_eof_not_an_error() {
+    let (host, qemu) = UnixStream::pair().unwrap();
+    (&host).write_all(b"K").unwrap();
+    drop(qemu);
+    let mut raw = [0u8; 8];
+    let e = (&host).read(&mut raw).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "the kernel's answer"
+    );
+    let (host, qemu) = UnixStream::pair().unwrap();
+    (&host).write_all(b"K").unwrap();
+    drop(qemu);
+    let d = Deadline::start(Duration::from_secs(5), Duration::from_secs(5));
+    assert_eq!(d.reader(&host).read(&mut raw).unwrap(), 0);
+}
