@@ -10,8 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::last_mount::{read_record, write_record};
 use crate::error::Result;
-use crate::repo::limits::MAX_META_BYTES;
 
 const FILE: &str = "exports.json";
 
@@ -34,13 +34,7 @@ struct Record {
 /// The addresses recorded in staging `root` per export point, if a
 /// record can be read.
 pub fn read(root: &Path) -> Option<BTreeMap<String, Served>> {
-    use super::Storage;
-    let bytes = super::OsStorage
-        .read(&root.join(FILE), MAX_META_BYTES)
-        .ok()??;
-    serde_json::from_slice::<Record>(&bytes)
-        .ok()
-        .map(|r| r.points)
+    read_record::<Record>(root, FILE).map(|r| r.points)
 }
 
 /// Records `points` as where this process serves (atomically: temp,
@@ -50,8 +44,7 @@ pub fn write(root: &Path, points: &BTreeMap<String, Served>) -> Result<()> {
         points: points.clone(),
         pid: std::process::id(),
     };
-    let body = serde_json::to_vec_pretty(&r).expect("json");
-    crate::util::write_atomic(&root.join(FILE), &body, 0o600, true)
+    write_record(root, FILE, &r)
 }
 
 #[cfg(test)]

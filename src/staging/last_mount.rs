@@ -22,13 +22,7 @@ struct Record {
 
 /// The mount point recorded in staging `root`, if any can be read.
 pub fn read(root: &Path) -> Option<PathBuf> {
-    use super::Storage;
-    let bytes = super::OsStorage
-        .read(&root.join(FILE), MAX_META_BYTES)
-        .ok()??;
-    serde_json::from_slice::<Record>(&bytes)
-        .ok()
-        .map(|r| r.mount)
+    read_record::<Record>(root, FILE).map(|r| r.mount)
 }
 
 /// Records `mount` (absolute) as this process's mount point.
@@ -37,8 +31,24 @@ pub fn write(root: &Path, mount: &Path) -> Result<()> {
         mount: mount.to_path_buf(),
         pid: std::process::id(),
     };
-    let body = serde_json::to_vec_pretty(&r).expect("json");
-    crate::util::write_atomic(&root.join(FILE), &body, 0o600, true)
+    write_record(root, FILE, &r)
+}
+
+/// The small JSON record `file` in staging `root`, if it reads and
+/// parses (a missing or damaged one is none: these records only help).
+pub(super) fn read_record<T: serde::de::DeserializeOwned>(root: &Path, file: &str) -> Option<T> {
+    use super::Storage;
+    let bytes = super::OsStorage
+        .read(&root.join(file), MAX_META_BYTES)
+        .ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Writes `record` as `file` in staging `root` atomically (temp, fsync,
+/// rename, fsync of the directory).
+pub(super) fn write_record<T: Serialize>(root: &Path, file: &str, record: &T) -> Result<()> {
+    let body = serde_json::to_vec_pretty(record).expect("json");
+    crate::util::write_atomic(&root.join(file), &body, 0o600, true)
 }
 
 #[cfg(test)]
