@@ -255,6 +255,13 @@ fn a_cancel_whose_record_cannot_be_removed_is_never_resumed_and_finishes_when_as
         "{told}"
     );
     drop((r, disks));
+    // Recorded as paused too: `status` must still not advise `--resume`.
+    let meta = rig.session_dir.join("relocation.json");
+    let paused = std::fs::read_to_string(&meta)
+        .unwrap()
+        .replace("\"paused\": false", "\"paused\": true");
+    assert!(paused.contains("\"paused\": true"), "{paused}");
+    std::fs::write(&meta, paused).unwrap();
     // Nor does a restart: held, served from staging, saying why.
     let (disks, again) = rig.restart();
     assert!(
