@@ -595,7 +595,7 @@ mod tests {
     fn repair_sets_a_damaged_chunk_aside_so_storing_its_bytes_again_heals_every_backup_naming_it() {
         let (d, repo, _) = repo();
         let mut chunk = None;
-        for day in 0..3 {
+        for day in 0..12 {
             let m = backup_at(&repo, "web", DAY0 + day * 86_400);
             chunk = m.disks[0].chunks.get(0);
         }
@@ -757,5 +757,41 @@ mod tests {
             r.not_done,
             vec!["NOT CHECKED: operational profiles could not be read: no answer in 60 s"]
         );
+    }
+}
+
+#[cfg(test)]
+mod review28_tests {
+    use super::*;
+    use crate::repo::forget::tests::backup_at;
+    use crate::repo::testing::{Knobs, TestBackend};
+    const DAY0: u64 = 1_792_281_600;
+
+    /// review28: reads that take 4 s each (a slow link) all answered, and
+    /// one chunk that fails after 1.2 s (a transient error exhausted): the
+    /// silence rule takes it for a store that stopped answering.
+    #[test]
+    fn review28_one_failing_chunk_on_a_slow_link_stops_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r");
+        Repository::open_or_create(path.to_str().unwrap()).unwrap();
+        let knobs = Knobs::default();
+        let repo = Repository::open_backend(Box::new(TestBackend::new(&path, knobs.clone()))).unwrap();
+        let mut ms = vec![];
+        for day in 0..12 {
+            ms.push(backup_at(&repo, "web", DAY0 + day * 86_400));
+        }
+        let bad = ms[1].disks[0].chunks.get(1).expect("day chunk").key();
+        knobs.unreachable(&bad);
+        let k2 = knobs.clone();
+        let b2 = bad.clone();
+        knobs.before_first(&bad, move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            let _ = (&k2, &b2);
+        });
+        knobs.chunk_delay(2000);
+        let r = verify(&repo, &["web".into()], None, 2).unwrap();
+        eprintln!("chunks {} checked {} stopped {:?} unreadable {:?}", r.chunks, r.checked, r.stopped, r.unreadable);
+        assert!(matches!(r.stopped, Some(Stopped::Silent(_))), "{r:?}");
     }
 }

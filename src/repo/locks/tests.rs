@@ -501,3 +501,29 @@ fn a_lock_whose_removal_hangs_is_left_behind_within_a_bound_and_goes_stale_later
     drop(w);
     assert!(!r.backend().exists(&key).unwrap());
 }
+
+/// review28: a store that answers a lock's removal, just slower than
+/// RELEASE_WAIT: the drop returns first and the removal is left to a
+/// detached thread. A CLI process (backup, gc) exits right after the
+/// drop, killing that thread: the lock stays for STALE on other hosts.
+#[test]
+fn review28_a_slow_but_answering_removal_is_abandoned_by_the_drop() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r");
+    Repository::open_or_create(path.to_str().unwrap()).unwrap();
+    let knobs = crate::repo::testing::Knobs::default();
+    let b = crate::repo::testing::TestBackend::new(&path, knobs.clone());
+    let r = Repository::open_backend(Box::new(b)).unwrap();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    knobs.before_first(&key, || std::thread::sleep(Duration::from_millis(1000)));
+    let t = Instant::now();
+    drop(w);
+    let took = t.elapsed();
+    let left = r.backend().exists(&key).unwrap();
+    eprintln!("drop took {took:?}; lock object still there after drop: {left}");
+    assert!(took < Duration::from_millis(600));
+    assert!(left, "the drop returned before the (answered) removal");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(!r.backend().exists(&key).unwrap(), "removed later, in the background");
+}
