@@ -378,13 +378,10 @@ impl Hanging {
             return Ok(());
         }
         std::thread::sleep(self.for_);
-        Err(Error::new(
-            crate::error::ErrorKind::Io,
-            format!(
-                "test store: {key}: no answer in {} ms",
-                self.for_.as_millis()
-            ),
-        ))
+        Err(Error::unanswered(format!(
+            "test store: {key}: no answer in {} ms",
+            self.for_.as_millis()
+        )))
     }
 }
 

@@ -326,7 +326,7 @@ impl Req {
                     deadline.as_secs_f64()
                 );
                 log.gave_up(format!("{line}, giving up"));
-                Err(Error::new(ErrorKind::Io, line))
+                Err(Error::unanswered(line))
             };
             let mut delay = Duration::from_millis(50);
             for n in 1..=ATTEMPTS {
@@ -341,10 +341,10 @@ impl Req {
                     }
                     Attempt::Done(Err(e)) => e,
                     Attempt::TimedOut(t) => {
-                        return Err(Error::new(
-                            ErrorKind::Io,
-                            format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
-                        ))
+                        return Err(Error::unanswered(format!(
+                            "S3 {what}: no answer in {} s",
+                            t.as_secs_f64()
+                        )))
                     }
                     Attempt::PastDeadline => return no_answer(n, None),
                     Attempt::Stopped => {
