@@ -16,8 +16,7 @@ fn one_failing_chunk_over_a_slow_link_leaves_every_other_chunk_checked() {
     let path = d.path().join("r");
     Repository::open_or_create(path.to_str().unwrap()).unwrap();
     let knobs = Knobs::default();
-    let repo =
-        Repository::open_backend(Box::new(TestBackend::new(&path, knobs.clone()))).unwrap();
+    let repo = Repository::open_backend(Box::new(TestBackend::new(&path, knobs.clone()))).unwrap();
     let ms: Vec<_> = (0..8)
         .map(|day| backup_at(&repo, "web", DAY0 + day * 86_400))
         .collect();
