@@ -37,6 +37,9 @@ pub struct Error {
     kind: ErrorKind,
     context: String,
     source: Option<Arc<io::Error>>,
+    /// The store did not answer the request in its deadline (see
+    /// [`Error::unanswered`]).
+    unanswered: bool,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -47,7 +50,24 @@ impl Error {
             kind,
             context: context.into(),
             source: None,
+            unanswered: false,
         }
+    }
+
+    /// A request the store did not answer within its deadline (kind
+    /// `Io`): unlike any other failure, it says nothing about the object
+    /// and much about the store, so callers that decide whether a store
+    /// stopped answering (`verify`) test for it, not for the text.
+    pub fn unanswered(context: impl Into<String>) -> Self {
+        Error {
+            unanswered: true,
+            ..Self::new(ErrorKind::Io, context)
+        }
+    }
+
+    /// Whether this is [`Error::unanswered`]'s error.
+    pub fn is_unanswered(&self) -> bool {
+        self.unanswered
     }
 
     /// Wraps an OS error; ENOSPC/EDQUOT and ENOENT keep their meaning.
@@ -65,6 +85,7 @@ impl Error {
             kind,
             context: context.into(),
             source: Some(Arc::new(err)),
+            unanswered: false,
         }
     }
 

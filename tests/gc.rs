@@ -497,3 +497,73 @@ fn the_note_of_a_recover_that_passed_over_kept_staging_names_a_command_that_disc
         "no kept staging of VM vm from backup",
     );
 }
+
+/// The repository bind-mounted read-only over itself; the bind is
+/// removed on drop, even when the test fails.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn over(dir: &Path) -> ReadOnly {
+        let run = |args: &[&str]| {
+            let ok = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount {args:?} failed");
+        };
+        run(&["--bind"]);
+        let ro = ReadOnly(dir.to_path_buf());
+        run(&["-o", "remount,ro,bind"]);
+        ro
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// explore10 H1: a session released while the repository took no writes
+/// (read-only here; full in the report) was never pinned afterwards, so
+/// `forget` removed the backup its unstaged blocks read. Now `release`
+/// warns, `staging ls` says UNPINNED, and the daemon writes the pin once
+/// the repository takes writes again: `forget` then keeps the backup.
+#[test]
+fn a_kept_session_released_into_a_read_only_repository_is_pinned_once_it_is_writable() {
+    let env = Env::new();
+    let img = env.path("a.raw");
+    versioned_image(&img, 0, 0);
+    let old = env.backup("vm", "64K", &[&img]);
+    let repo = env.repo_str();
+    let _d = env.serve();
+    let ro = ReadOnly::over(&env.repo);
+    env.recover("vm", Some(&old));
+    let o = env.release("vm", false);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("did not take the kept staging's pin"), "{err}");
+    let ls = env.ok(&["staging", "ls", "--staging", env.staging.to_str().unwrap()]);
+    assert!(ls.contains("UNPINNED"), "{ls}");
+    drop(ro);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !env
+        .ok(&["pins", "ls", "--repo", repo, "vm"])
+        .contains("kept")
+    {
+        assert!(Instant::now() < deadline, "the owed pin was never written");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ls = env.ok(&["staging", "ls", "--staging", env.staging.to_str().unwrap()]);
+    assert!(!ls.contains("UNPINNED"), "{ls}");
+    versioned_image(&img, 1, 1);
+    env.backup("vm", "64K", &[&img]);
+    let out = env.ok(&["forget", "--repo", repo, "--keep-last", "1"]);
+    assert!(
+        out.contains("used by the kept staging of a recovery session"),
+        "{out}"
+    );
+}

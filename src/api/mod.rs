@@ -209,7 +209,9 @@ async fn release(
             return Ok(json!({"vm": vm, "released": false, "discarded": kept}));
         }
         let backup = ds.release(&vm, q.discard)?;
-        Ok(json!({"vm": vm, "released": true, "backup": backup, "discarded": if q.discard { vec![backup.clone()] } else { vec![] }}))
+        // Kept, but its pin not written: the client says what that risks.
+        let pin_owed = !q.discard && ds.kept_pin_owed(&vm, &backup);
+        Ok(json!({"vm": vm, "released": true, "backup": backup, "discarded": if q.discard { vec![backup.clone()] } else { vec![] }, "pin_owed": pin_owed}))
     })
     .await
 }

@@ -167,7 +167,7 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
             continue;
         }
         println!(
-            "{}  {}  {}  {} disk(s)  holds {}  changed {}  recovered {}{}",
+            "{}  {}  {}  {} disk(s)  holds {}  changed {}  recovered {}{}{}",
             s.staging.display(),
             s.vm,
             s.backup,
@@ -179,6 +179,10 @@ fn ls(dirs: &[PathBuf], json: bool) -> Result<()> {
                 (true, true) => "  (served)",
                 (true, false) => "  (active: its daemon is not running)",
                 _ => "",
+            },
+            match s.pin_owed {
+                true => "  UNPINNED: its pin could not be written; `forget` may remove its backup until a daemon serving this directory writes it",
+                false => "",
             }
         );
     }

@@ -141,6 +141,14 @@ pub trait Backend: Send + Sync {
     fn retries(&self) -> u64 {
         0
     }
+    /// False while the store is failing: a request is retrying or gave up
+    /// unanswered, and none was answered since. Work that may be left
+    /// behind (a lock's removal) then gets a short wait instead of a
+    /// request deadline; a store that is slow but answering gets its
+    /// full deadline (review28 M1).
+    fn answering(&self) -> bool {
+        true
+    }
     /// The daemon stops: what it still asks (pins, profiles, lock
     /// removals) must not hold the stop for minutes. A store that is not
     /// confirmed as the repository is asked nothing more
@@ -546,6 +554,9 @@ impl Backend for Delayed {
     }
     fn retries(&self) -> u64 {
         self.inner.retries()
+    }
+    fn answering(&self) -> bool {
+        self.inner.answering()
     }
 }
 

@@ -523,9 +523,14 @@ fn refresh_once(
 }
 
 /// How long dropping a lock waits for its refresh thread's request and
-/// then for its removal. A store that answers removes a lock in well under
-/// a second; one that just failed to answer would hold a failed backup for
-/// two more request deadlines (explore9 M4: 3 × 60 s in all). A lock left
+/// then for its removal when the store is failing
+/// (`Backend::answering`): one that just failed to answer would hold a
+/// failed backup for two more request deadlines (explore9 M4: 3 × 60 s
+/// in all). A store that answers, however slowly, gets its requests'
+/// own deadlines: a lock left behind by a run that succeeded would
+/// block other hosts' backups or gc for [`STALE`] (review28 M1), and a
+/// CLI process exits right after the drop, so the removal is made on
+/// the dropping thread, never left to one the exit kills. A lock left
 /// behind goes stale by design: at once for this host once the process
 /// is gone, after [`STALE`] for others.
 const RELEASE_WAIT: Duration = if cfg!(test) {
@@ -537,11 +542,10 @@ const RELEASE_WAIT: Duration = if cfg!(test) {
 impl Drop for Held {
     fn drop(&mut self) {
         // Stops the refresh thread at its next wait; a refresh in flight
-        // holds the gate until its request ends, and is never joined.
+        // holds the gate until its request ends.
         drop(self.stop.take());
         let thread = self.thread.take();
         HELD.lock().retain(|(_, k, _)| *k != self.key);
-        let start = Instant::now();
         let left = |what: &str| {
             tracing::warn!(
                 key = %self.key,
@@ -549,47 +553,57 @@ impl Drop for Held {
                 STALE.as_secs()
             );
         };
-        // Released under the gate, so no refresh puts the object back
-        // after its removal, and never while a protected step runs.
-        let Some(mut released) = self.gate.try_lock_for(RELEASE_WAIT) else {
-            left(&format!(
-                "its refresh got no answer from the store in {} s",
-                RELEASE_WAIT.as_secs_f32()
-            ));
+        if self.repo.backend().answering() {
+            if let Err(e) = release(&self.repo, &self.key, &self.gate, thread) {
+                left(&format!("could not remove it: {e}"));
+            }
             return;
-        };
-        if std::mem::replace(&mut *released, true) {
-            return; // removed by `release_all`
         }
-        drop(released);
-        // Not in a request (the gate was free): it ends at once.
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
-        let (done, removed) = crossbeam_channel::bounded(1);
-        let (repo, key) = (self.repo.clone(), self.key.clone());
+        // A failing store: the release runs on a thread of its own and is
+        // waited for only [`RELEASE_WAIT`]. If the store answers later, it
+        // still ends there in a process that lives on (the daemon), so a
+        // refresh that was in flight does not leave the lock fresh.
+        let (done, ended) = crossbeam_channel::bounded(1);
+        let (repo, key, gate) = (self.repo.clone(), self.key.clone(), self.gate.clone());
         let spawned = std::thread::Builder::new()
             .name("repo-unlock".into())
             .spawn(move || {
-                let _ = done.send(repo.backend().delete(&key));
+                let _ = done.send(release(&repo, &key, &gate, thread));
             });
         let r = match spawned {
-            Ok(_) => removed.recv_timeout(
-                RELEASE_WAIT
-                    .saturating_sub(start.elapsed())
-                    .max(RELEASE_WAIT / 4),
-            ),
-            Err(_) => Ok(self.repo.backend().delete(&self.key)),
+            Ok(_) => ended.recv_timeout(RELEASE_WAIT),
+            Err(_) => Ok(release(&self.repo, &self.key, &self.gate, None)),
         };
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => left(&format!("could not remove it: {e}")),
             Err(_) => left(&format!(
-                "the store did not answer its removal in {} s",
+                "the store did not answer in {} s; the removal goes on while this process lives",
                 RELEASE_WAIT.as_secs_f32()
             )),
         }
     }
+}
+
+/// Removes lock `key` once, under its gate, so that no refresh puts the
+/// object back after it and none runs while a protected step does; `Ok`
+/// also when `release_all` removed it first. Joins the refresh `thread`
+/// (told to stop: it ends at once once the gate was free).
+fn release(
+    repo: &Repository,
+    key: &str,
+    gate: &Mutex<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+) -> Result<()> {
+    let mut released = gate.lock();
+    if std::mem::replace(&mut *released, true) {
+        return Ok(());
+    }
+    drop(released);
+    if let Some(t) = thread {
+        let _ = t.join();
+    }
+    repo.backend().delete(key)
 }
 
 /// A backup writer's lock: while held, no collector sweeps.

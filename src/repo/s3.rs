@@ -709,6 +709,10 @@ impl Backend for S3Backend {
         self.retries.load(Ordering::Relaxed)
     }
 
+    fn answering(&self) -> bool {
+        self.log.answering()
+    }
+
     fn begin_shutdown(&self) {
         self.stop.tx.send_replace(true);
     }

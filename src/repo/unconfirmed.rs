@@ -270,6 +270,9 @@ impl Backend for Unconfirmed {
     fn retries(&self) -> u64 {
         self.inner.retries()
     }
+    fn answering(&self) -> bool {
+        self.inner.answering()
+    }
     fn begin_shutdown(&self) {
         if !self.gate.stopping.swap(true, Ordering::AcqRel) && !self.confirmed() {
             tracing::warn!(

@@ -90,8 +90,12 @@ const UNANSWERED_IN_A_ROW: usize = 8;
 /// no read of any thread for at least half as long, also stops `verify`:
 /// every thread's read is hanging, and waiting for
 /// [`UNANSWERED_IN_A_ROW`] of them, a deadline (60 s on S3) per thread
-/// each, cost minutes to say the store had stopped (explore9 M3). A
-/// quick failure (a local I/O error) never stops it this way.
+/// each, cost minutes to say the store had stopped (explore9 M3). Only a
+/// read that ended at its deadline with no answer counts
+/// ([`crate::error::Error::is_unanswered`]): any other failure, however long it took
+/// (one object's errors until its retries ran out, over a slow link whose
+/// every read takes seconds), is that chunk's, and the rest are still
+/// read (review28 M2).
 const SILENT_FOR: Duration = Duration::from_secs(1);
 
 /// Why the chunk check stopped before reading every chunk.
@@ -145,7 +149,9 @@ pub fn verify(
         corrupt,
         unreadable: unreadable_line(unread, not_read, stopped),
         checked,
-        stopped: stopped.filter(|_| not_read > 0),
+        // Kept when it stopped at the last read too: later steps must not
+        // ask a store that just went silent (review28 M2).
+        stopped,
         not_done: vec![],
     })
 }
@@ -365,7 +371,10 @@ fn check_chunks(
                     Err(e) if !is_damage(e.kind()) => {
                         let took = end - start;
                         let silence = ns(end).saturating_sub(last_answer.load(Ordering::Acquire));
-                        let why = if took >= SILENT_FOR && silence >= (took / 2).as_nanos() as u64 {
+                        let silent = e.is_unanswered()
+                            && took >= SILENT_FOR
+                            && silence >= (took / 2).as_nanos() as u64;
+                        let why = if silent {
                             Some(Stopped::Silent(took))
                         } else if unanswered.fetch_add(1, Ordering::AcqRel) + 1
                             >= UNANSWERED_IN_A_ROW
@@ -759,3 +768,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod slow_link_tests;

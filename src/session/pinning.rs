@@ -46,10 +46,60 @@ impl Datastore {
         pin
     }
 
-    /// Writes the pin of `s`; a failed write is owed (see `check_backups`).
+    /// Writes the pin of `s`; a failed write is owed (see `check_backups`):
+    /// in memory while `s` is served, and on disk in its staging, which
+    /// outlives a release and the daemon (explore10 H1: a release into a
+    /// full or read-only repository left the kept staging unpinned for
+    /// good, so a later `forget` and `gc` took what it reads).
     pub(crate) fn pin(&self, s: &Session, serving: bool) {
         let written = pins::put_logged(&self.repo, &self.pin_of(s, serving));
         s.pin_owed.store(!written, Ordering::Release);
+        if let Err(e) = s.staging.set_pin_owed(&s.vm, &s.backup, !written) {
+            tracing::warn!(vm = %s.vm, "could not record in staging whether its pin is owed: {e}");
+        }
+    }
+
+    /// Whether the kept staging of `vm` from `backup` (in any staging
+    /// directory) owes its pin.
+    pub(crate) fn kept_pin_owed(&self, vm: &str, backup: &str) -> bool {
+        self.stagings.all().iter().any(|st| st.pin_owed(vm, backup))
+    }
+
+    /// Writes the pins kept sessions owe (not served: a served one's is
+    /// written by `repin`), each under its VM's operation lock, so that
+    /// it never lands after a recover or discard of that staging.
+    fn repin_kept(&self) {
+        for st in self.stagings.all().iter() {
+            for (vm, b) in st.owed_pins() {
+                let op = self.vm_op(&vm);
+                let Some(_op) = op.try_lock() else {
+                    continue;
+                };
+                if self.session(&vm).is_some() || !st.pin_owed(&vm, &b) {
+                    continue;
+                }
+                let dir = st.session_dir(&vm, &b);
+                let mut backups = vec![b.clone()];
+                match crate::staging::session_files::Since::load(st.storage().as_ref(), &dir) {
+                    Ok(Some(since)) if since.base != b => backups.push(since.base),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(vm, backup = %b, "its kept staging's pin is owed, and its live-backup base cannot be read: {e}");
+                        continue;
+                    }
+                }
+                let pin = self.new_pin(&vm, backups, st, &dir, false);
+                if pins::put_logged(&self.repo, &pin) {
+                    tracing::info!(vm, backup = %b, "wrote the pin its kept staging owed since its release");
+                    if let Err(e) = st.set_pin_owed(&vm, &b, false) {
+                        tracing::warn!(
+                            vm,
+                            "could not record in staging that its pin is written: {e}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Writes the pin a served session owes, unless an operation on its VM
@@ -232,7 +282,7 @@ impl Datastore {
         pins::remove_logged(&self.repo, &pin);
     }
 
-    /// Writes the pins served sessions owe, then looks for every served
+    /// Writes the pins kept and served sessions owe, then looks for every served
     /// session's backups in the repository and records a warning for each
     /// that is gone. A repository that does not answer, or not as itself
     /// (moved away, a share not mounted), is recorded as unreachable and
@@ -240,6 +290,7 @@ impl Datastore {
     /// Pin first: then a `forget` either sees the pin or deleted before
     /// it, and this check finds that (see `repo::forget`).
     pub fn check_backups(&self) {
+        self.repin_kept();
         for s in self.sessions() {
             if s.pin_owed.load(Ordering::Acquire) {
                 self.repin(&s);

@@ -560,6 +560,7 @@ fn main_staging(r: &Rig) -> PathBuf {
 mod admission;
 mod elsewhere;
 mod host_placement;
+mod kept_pin;
 mod live_backup;
 mod point_staging;
 mod recover_faults;

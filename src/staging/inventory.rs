@@ -32,6 +32,9 @@ pub struct KeptSession {
     /// Marked active: a daemon served it last (and serves it now if the
     /// directory is locked).
     pub active: bool,
+    /// Its repository pin could not be written (`StagingDir::set_pin_owed`):
+    /// the backup it reads is not protected from `forget` until it is.
+    pub pin_owed: bool,
     /// Why its `session.json` cannot be read: it cannot be resumed, only
     /// dropped (the other figures are then 0 but `bytes_held`).
     pub damaged: Option<String>,
@@ -114,6 +117,7 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
                         changed_bytes: 0,
                         last_recovered: 0,
                         active: dir.join("active").exists(),
+                        pin_owed: dir.join(super::PIN_OWED).exists(),
                         damaged: Some(e.to_string()),
                     });
                     continue;
@@ -131,6 +135,7 @@ pub fn list(root: &Path) -> Result<Vec<KeptSession>> {
                 bytes_held: allocated_data_bytes(&dir),
                 disks: meta.disks.len(),
                 active: dir.join("active").exists(),
+                pin_owed: dir.join(super::PIN_OWED).exists(),
                 last_recovered: meta.last_recovered,
                 vm: meta.vm,
                 backup: meta.backup,

@@ -88,6 +88,10 @@ struct StagingInfo {
     repo_info: Option<crate::repo::RepoInfo>,
 }
 
+/// In a session's directory: present while its repository pin could not
+/// be written (see [`StagingDir::set_pin_owed`]).
+pub const PIN_OWED: &str = "pin-owed";
+
 /// The staging directory holding session directory `session`
 /// (`<staging>/sessions/<vm>/<backup>`).
 pub fn root_of_session(session: &Path) -> Option<&Path> {
@@ -483,6 +487,44 @@ impl StagingDir {
                 .ctx(|| format!("remove {}", p.display()))?;
             io::sync_parent(self.storage.as_ref(), &p)
         }
+    }
+
+    /// Records durably whether the kept session of `vm` from `backup` owes
+    /// its repository pin (the write failed at release: a repository full
+    /// or read-only). A daemon writes owed pins at every check, also of
+    /// sessions it does not serve, so the marker must outlive the
+    /// released session and the daemon (explore10 H1). Touches the
+    /// filesystem only when the answer changes.
+    pub fn set_pin_owed(&self, vm: &str, backup: &str, owed: bool) -> Result<()> {
+        let p = self.session_dir(vm, backup).join(PIN_OWED);
+        match (owed, self.pin_owed(vm, backup)) {
+            (true, false) => io::replace(self.storage.as_ref(), &p, b""),
+            (false, true) => {
+                self.storage
+                    .remove_file(&p)
+                    .ctx(|| format!("remove {}", p.display()))?;
+                io::sync_parent(self.storage.as_ref(), &p)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the kept session of `vm` from `backup` owes its pin.
+    pub fn pin_owed(&self, vm: &str, backup: &str) -> bool {
+        self.session_dir(vm, backup).join(PIN_OWED).exists()
+    }
+
+    /// Kept sessions (VM, backup) that owe their repository pin.
+    pub fn owed_pins(&self) -> Vec<(String, String)> {
+        let mut out = vec![];
+        for vm in self.session_vms() {
+            for (b, _) in self.kept_sessions(&vm) {
+                if self.pin_owed(&vm, &b) {
+                    out.push((vm.clone(), b));
+                }
+            }
+        }
+        out
     }
 
     /// Sessions marked active, one per VM (the most recently recovered if

@@ -348,6 +348,7 @@ fn sigint_during_a_disk_backup_restore_ends_it_through_its_cleanup_with_whole_fi
     let id = an_ext4_disk_backup(&env);
     let (tmp, to, _cleanup) = scratch_and_target(&env);
     let child = restore_of_data(&env, &id, &tmp, &to, &[]);
+    let mut guard = KillOnDrop::of(&child);
     wait_for_big(&to, &child);
     let (mounts, loops) = mounts_and_loops_under(&tmp);
     assert!(
@@ -358,6 +359,7 @@ fn sigint_during_a_disk_backup_restore_ends_it_through_its_cleanup_with_whole_fi
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let t0 = Instant::now();
     let o = child.wait_with_output().unwrap();
+    guard.disarm();
     let took = t0.elapsed();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     eprintln!("files restore ended {took:?} after SIGINT: {err}");
@@ -453,6 +455,30 @@ fn restore_of_data(env: &Env, id: &str, tmp: &Path, to: &Path, extra: &[&str]) -
         .unwrap()
 }
 
+/// Kills a running `files restore` when a test fails before waiting for
+/// it (review28 L6: it kept running, under mounts the test's cleanup then
+/// took away); disarmed once the test has waited for it.
+struct KillOnDrop(Option<u32>);
+
+impl KillOnDrop {
+    fn of(child: &Child) -> KillOnDrop {
+        KillOnDrop(Some(child.id()))
+    }
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: a signal to our own child, not yet waited for (so
+            // its pid is not reused).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Waits until /data/big is being written (the temporary file every file
 /// is written to has more than a small file's bytes).
 fn wait_for_big(to: &Path, child: &Child) {
@@ -474,10 +500,12 @@ fn a_rerun_after_a_killed_disk_backup_restore_removes_what_it_left_and_finishes(
     let id = an_ext4_disk_backup(&env);
     let (tmp, to, _cleanup) = scratch_and_target(&env);
     let mut child = restore_of_data(&env, &id, &tmp, &to, &[]);
+    let mut guard = KillOnDrop::of(&child);
     wait_for_big(&to, &child);
     let partial = to.join(format!("data/.recoverfs-tmp.{}", child.id()));
     child.kill().unwrap();
     child.wait().unwrap();
+    guard.disarm();
     let (mounts, loops) = mounts_and_loops_under(&tmp);
     assert!(
         mounts.len() == 2 && loops.len() == 1,

@@ -52,7 +52,15 @@ pub(crate) fn released(r: &Value) {
         .unwrap_or(false);
     match (r["released"].as_bool() == Some(true), discarded) {
         (true, true) => println!("released VM {vm}; staging discarded"),
-        (true, false) => println!("released VM {vm}; staging kept for a later recover"),
+        (true, false) => {
+            println!("released VM {vm}; staging kept for a later recover");
+            if r["pin_owed"].as_bool() == Some(true) {
+                let b = r["backup"].as_str().unwrap_or("?");
+                eprintln!(
+                    "warning: the repository did not take the kept staging's pin (full or read-only? see the daemon's log): until the daemon writes it (it tries every 10 s while it runs), `forget` does not see backup {b} as in use, and a `gc` after it would take blocks this staging still reads from the repository"
+                );
+            }
+        }
         _ => {
             let ids: Vec<&str> = (r["discarded"].as_array().into_iter().flatten())
                 .filter_map(|b| b.as_str())

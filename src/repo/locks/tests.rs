@@ -378,17 +378,17 @@ impl Hanging {
             return Ok(());
         }
         std::thread::sleep(self.for_);
-        Err(Error::new(
-            crate::error::ErrorKind::Io,
-            format!(
-                "test store: {key}: no answer in {} ms",
-                self.for_.as_millis()
-            ),
-        ))
+        Err(Error::unanswered(format!(
+            "test store: {key}: no answer in {} ms",
+            self.for_.as_millis()
+        )))
     }
 }
 
 impl super::super::backend::Backend for Hanging {
+    fn answering(&self) -> bool {
+        !self.hang.load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>> {
         self.before(key)?;
         self.inner.get(key, limit)
@@ -500,4 +500,26 @@ fn a_lock_whose_removal_hangs_is_left_behind_within_a_bound_and_goes_stale_later
     let key = w.0.key.clone();
     drop(w);
     assert!(!r.backend().exists(&key).unwrap());
+}
+
+/// review28 M1: a store that answers a lock's removal, only slower than
+/// the short wait a failing store gets. The drop returned first and left
+/// the removal to a thread that a CLI process's exit kills: the lock
+/// stayed for STALE on other hosts. Now the drop waits for the answer.
+#[test]
+fn a_slow_but_answering_store_has_the_lock_removed_before_the_drop_returns() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r");
+    Repository::open_or_create(path.to_str().unwrap()).unwrap();
+    let knobs = crate::repo::testing::Knobs::default();
+    let b = crate::repo::testing::TestBackend::new(&path, knobs.clone());
+    let r = Repository::open_backend(Box::new(b)).unwrap();
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    knobs.before_first(&key, || std::thread::sleep(RELEASE_WAIT * 3));
+    drop(w);
+    assert!(
+        !r.backend().exists(&key).unwrap(),
+        "the lock outlived its drop"
+    );
 }

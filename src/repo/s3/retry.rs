@@ -112,6 +112,9 @@ pub struct RetryLog {
     /// Whether `not answering` was said and `answers again` not yet (the
     /// check every successful request makes, without the lock).
     told: std::sync::atomic::AtomicBool,
+    /// Whether an attempt failed since the store last answered a request
+    /// (`Backend::answering`; unlike `told`, not held back by `period`).
+    failing: std::sync::atomic::AtomicBool,
     /// Every line said (tests).
     #[cfg(test)]
     pub said: Mutex<Vec<String>>,
@@ -134,6 +137,7 @@ impl RetryLog {
             period: RETRY_LOG_PERIOD,
             state: Mutex::default(),
             told: Default::default(),
+            failing: Default::default(),
             #[cfg(test)]
             said: Mutex::default(),
         }
@@ -148,6 +152,8 @@ impl RetryLog {
     /// An attempt of `what` failed with `e` and the request retries;
     /// `first`: its first failure (it now counts as retrying).
     pub fn retries(&self, first: bool, what: &str, e: &dyn std::fmt::Display, now: Instant) {
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut st = self.state.lock();
         st.retrying += usize::from(first);
         if st
@@ -172,6 +178,10 @@ impl RetryLog {
     /// A request ended: `retried` if it had failed before, `answered` if
     /// the store answered it (a definite answer, not a failure to retry).
     pub fn ended(&self, retried: bool, answered: bool, now: Instant) {
+        if answered {
+            self.failing
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
         let told = self.told.load(std::sync::atomic::Ordering::Acquire);
         if !(retried || answered && told) {
             return;
@@ -193,8 +203,15 @@ impl RetryLog {
         ));
     }
 
+    /// False from an attempt's failure until a request is answered.
+    pub fn answering(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// A request gives up: always said, with its error.
     pub fn gave_up(&self, line: String) {
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Release);
         self.say(line);
     }
 }
@@ -326,7 +343,7 @@ impl Req {
                     deadline.as_secs_f64()
                 );
                 log.gave_up(format!("{line}, giving up"));
-                Err(Error::new(ErrorKind::Io, line))
+                Err(Error::unanswered(line))
             };
             let mut delay = Duration::from_millis(50);
             for n in 1..=ATTEMPTS {
@@ -341,10 +358,10 @@ impl Req {
                     }
                     Attempt::Done(Err(e)) => e,
                     Attempt::TimedOut(t) => {
-                        return Err(Error::new(
-                            ErrorKind::Io,
-                            format!("S3 {what}: no answer in {} s", t.as_secs_f64()),
-                        ))
+                        return Err(Error::unanswered(format!(
+                            "S3 {what}: no answer in {} s",
+                            t.as_secs_f64()
+                        )))
                     }
                     Attempt::PastDeadline => return no_answer(n, None),
                     Attempt::Stopped => {
@@ -431,6 +448,25 @@ mod tests {
         let log = RetryLog::new("b");
         log.ended(false, true, Instant::now());
         assert!(log.said.lock().is_empty());
+    }
+
+    /// `Backend::answering` for S3: false from a failed attempt (also
+    /// within the period in which `not answering` is not said again) and
+    /// after a request gave up, true again once one is answered.
+    #[test]
+    fn the_store_counts_as_failing_from_a_failed_attempt_until_a_request_is_answered() {
+        let log = RetryLog::new("b");
+        let t0 = Instant::now();
+        assert!(log.answering());
+        log.retries(true, "GET k", &"timeout", t0);
+        assert!(!log.answering());
+        log.ended(true, true, t0);
+        assert!(log.answering());
+        log.retries(true, "GET k", &"timeout", t0 + Duration::from_secs(1));
+        assert!(!log.answering(), "a failure within the period counts too");
+        log.gave_up("S3 GET k: no answer in 60 s".into());
+        log.ended(true, false, t0 + Duration::from_secs(2));
+        assert!(!log.answering());
     }
 
     #[test]

@@ -1,0 +1,78 @@
+//! A kept session's pin that its release could not write (a repository
+//! full or read-only) is owed on disk, and written by a later check of
+//! any daemon serving that staging (explore10 H1).
+
+use super::*;
+use crate::repo::pins;
+
+/// The pin of `vm` in the repository: its backups and state.
+fn pin_of(r: &Rig, vm: &str) -> Vec<(Vec<String>, String)> {
+    let mut p: Vec<_> = pins::of_vm(&r.repo, vm)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.backups, p.state))
+        .collect();
+    p.sort();
+    p
+}
+
+/// explore10 H1: released while the repository took no writes, the kept
+/// staging was never pinned afterwards (the owed pin lived in the
+/// released session's memory), so `forget` and `gc` took its backup.
+#[test]
+fn a_kept_pin_the_release_could_not_write_is_written_by_the_next_check() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.knobs.unreachable("pins/");
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    disk(&r, "vm").write(0, b"the guest wrote this").unwrap();
+    r.ds.release("vm", false).unwrap();
+    assert!(r.ds.kept_pin_owed("vm", &b1));
+    let listed = crate::staging::inventory::list(&main_staging(&r)).unwrap();
+    assert!(listed[0].pin_owed, "staging ls hides it: {listed:?}");
+    r.ds.check_backups();
+    assert!(
+        r.ds.kept_pin_owed("vm", &b1),
+        "owed while the store refuses"
+    );
+
+    r.knobs.reachable();
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "kept".to_string())]
+    );
+    assert!(!r.ds.kept_pin_owed("vm", &b1));
+    let listed = crate::staging::inventory::list(&main_staging(&r)).unwrap();
+    assert!(!listed[0].pin_owed);
+}
+
+/// The owed pin outlives the daemon: a restarted one, which does not
+/// resume the released session, writes it at its first check.
+#[test]
+fn a_kept_pin_still_owed_when_the_daemon_stops_is_written_by_the_next_daemon() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.knobs.unreachable("pins/");
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    let r = restart(r, &[]);
+    assert!(
+        r.ds.session("vm").is_none(),
+        "a released session was resumed"
+    );
+    r.knobs.reachable();
+    assert!(pin_of(&r, "vm").is_empty());
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "kept".to_string())]
+    );
+    // Resumed later: its pin says serving again, nothing is owed.
+    r.ds.recover("vm", None).unwrap();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "serving".to_string())]
+    );
+    assert!(!r.ds.kept_pin_owed("vm", &b1));
+}
