@@ -141,6 +141,12 @@ fn seek_data_and_seek_hole_find_the_backups_holes_and_a_guest_write_into_one_mak
 
     assert_eq!(data_by_lseek(&f, SIZE), DATA);
     assert_eq!(qemu_data(&disk), DATA);
+    // Python's os.lseek, another client, agrees.
+    let py = "import os, sys\n\
+              fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+              print(os.lseek(fd, 1 << 20, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE))";
+    let got = tool(&["python3", "-c", py, disk.to_str().unwrap()]);
+    assert_eq!(got.trim(), format!("{} {MIB}", 16 * MIB + BS));
     // st_blocks counts the data: the file looks sparse (cp and tar ask
     // SEEK_DATA only then).
     let data_bytes = |d: &[(u64, u64)]| d.iter().map(|(s, e)| e - s).sum::<u64>();
