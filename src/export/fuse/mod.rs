@@ -23,14 +23,15 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
 
 pub mod inodes;
 mod passthrough;
+mod seek;
 use crate::disk::{ReadDone, Spawner};
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
@@ -188,10 +189,17 @@ impl RecoverFs {
             ),
             Node::Disk(s, d) => (FileType::RegularFile, 0o600, d.size, 1, s.started),
         };
+        // A disk's allocated bytes, so a sparse one looks sparse (see `seek`).
+        let used = match node {
+            Node::Disk(_, d) => {
+                seek::allocated_bytes(size, d.block_size(), d.chunks(), &d.changed_ranges())
+            }
+            _ => size,
+        };
         FileAttr {
             ino: INodeNo(ino),
             size,
-            blocks: size.div_ceil(512),
+            blocks: used.div_ceil(512),
             atime: time,
             mtime: time,
             ctime: time,
@@ -532,6 +540,49 @@ impl Filesystem for RecoverFs {
                 Err(e) => reply.error(errno(&e)),
             },
         )
+    }
+
+    /// SEEK_DATA / SEEK_HOLE from the disk's block status (see `seek`).
+    /// Passthrough opens reach here too (the kernel passes reads and
+    /// writes to the backing file, never lseek); their disk is complete,
+    /// its holes are the zero blocks never written, which the staging file
+    /// leaves as holes too, so both answers agree.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        // Never ENOSYS: the kernel would stop asking for the whole mount.
+        let Some(want) = seek::Want::of(whence) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let answer = |r: Result<u64, Errno>, reply: ReplyLseek| match r {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(e),
+        };
+        let d = match self.node(ino.0) {
+            Some(Node::Disk(_, d)) => d,
+            Some(Node::Config(s)) => {
+                return answer(
+                    seek::all_data(s.config_json.len() as u64, offset, want),
+                    reply,
+                )
+            }
+            Some(_) => return reply.error(Errno::EINVAL),
+            None => return reply.error(Errno::ENOENT),
+        };
+        match seek::seek(&*d, offset, want, seek::EVENT_THREAD) {
+            Ok(seek::Seek::At(at)) => answer(Ok(at), reply),
+            Err(e) => answer(Err(e), reply),
+            // A long scan: on a worker, not the event thread.
+            Ok(seek::Seek::Unsure) => self
+                .io
+                .submit(move || answer(seek::settle(&*d, offset, want, seek::WORKER), reply)),
+        }
     }
 
     fn getxattr(
