@@ -318,37 +318,105 @@ static HELD: Mutex<Vec<(Arc<Repository>, String, Gate)>> = Mutex::new(Vec::new()
 type Gate = Arc<Mutex<bool>>;
 
 /// Removes every lock this process holds, each once no protected step is
-/// running under it (waiting at most `wait`, else it is left to go stale:
-/// at once for this host, by age for others). For a process about to exit
-/// on a signal. Returns how many were removed.
+/// running under it (waiting at most `wait`), all at once: a store that
+/// does not answer holds the whole release for at most `wait` and
+/// [`RELEASE_WAIT`] more, not a request deadline per lock (with N locks,
+/// a stop took N minutes). A lock not removed in that time is left
+/// behind, told in one line, to go stale as a killed process's does: at
+/// once for this host once this process is gone, after [`STALE`] for
+/// others. For a process about to exit on a signal, or a daemon's stop.
+/// Returns how many were removed.
 pub fn release_all(wait: Duration) -> usize {
     release_matching(wait, |_| true)
 }
 
+/// Why [`release_matching`] did not remove a lock.
+enum NotRemoved {
+    /// Removed before (its holder dropped it, or an earlier release).
+    Already,
+    /// A protected step held it past `wait`.
+    InUse,
+    Failed(Error),
+}
+
+/// Releases one lock under its gate (see [`Gate`]); the gate is set for
+/// good even if the removal fails, so no step runs under it again.
+fn release_one(
+    repo: &Repository,
+    key: &str,
+    gate: &Mutex<bool>,
+    wait: Duration,
+) -> std::result::Result<(), NotRemoved> {
+    let mut released = gate.try_lock_for(wait).ok_or(NotRemoved::InUse)?;
+    if std::mem::replace(&mut *released, true) {
+        return Err(NotRemoved::Already);
+    }
+    repo.backend().delete(key).map_err(NotRemoved::Failed)
+}
+
 /// [`release_all`] of the locks in repositories `of` picks.
 fn release_matching(wait: Duration, of: impl Fn(&Arc<Repository>) -> bool) -> usize {
-    let held: Vec<_> = HELD.lock().clone();
-    let mut removed = 0;
-    for (repo, key, gate) in held.into_iter().filter(|(r, _, _)| of(r)) {
-        let Some(mut released) = gate.try_lock_for(wait) else {
-            tracing::warn!(
-                key,
-                "a repository lock is in use by a step that did not finish in {} s: left behind",
-                wait.as_secs()
-            );
-            continue;
-        };
-        if std::mem::replace(&mut *released, true) {
-            continue;
+    let held: Vec<_> = HELD
+        .lock()
+        .iter()
+        .filter(|(r, _, _)| of(r))
+        .cloned()
+        .collect();
+    if held.is_empty() {
+        return 0;
+    }
+    let until = Instant::now() + wait + RELEASE_WAIT;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut keys = vec![];
+    for (repo, key, gate) in held {
+        keys.push(key.clone());
+        // A thread each: a removal that hangs holds none of the others.
+        let (tx2, repo2, key2, gate2) = (tx.clone(), repo.clone(), key.clone(), gate.clone());
+        let started = std::thread::Builder::new()
+            .name("repo-unlock".into())
+            .spawn(move || {
+                let r = release_one(&repo2, &key2, &gate2, wait);
+                let _ = tx2.send((key2, r));
+            });
+        if started.is_err() {
+            let r = release_one(&repo, &key, &gate, wait);
+            let _ = tx.send((key, r));
         }
-        match repo.backend().delete(&key) {
+    }
+    drop(tx);
+    let (mut removed, mut already, mut left) = (0, 0, vec![]);
+    let mut answered = std::collections::BTreeSet::new();
+    while let Ok((key, r)) = rx.recv_deadline(until) {
+        answered.insert(key.clone());
+        match r {
             Ok(()) => removed += 1,
-            Err(e) => tracing::warn!(
-                key,
-                "could not remove a repository lock (it goes stale in {} s): {e}",
-                STALE.as_secs()
-            ),
+            Err(NotRemoved::Already) => already += 1,
+            Err(NotRemoved::InUse) => left.push(format!(
+                "{key}: in use by a step that did not finish in {} s",
+                wait.as_secs_f32()
+            )),
+            Err(NotRemoved::Failed(e)) => left.push(format!("{key}: {e}")),
         }
+    }
+    let silent: Vec<&str> = keys
+        .iter()
+        .filter(|k| !answered.contains(*k))
+        .map(String::as_str)
+        .collect();
+    if !silent.is_empty() {
+        left.push(format!(
+            "{}: no answer from the store in {} s",
+            silent.join(", "),
+            (wait + RELEASE_WAIT).as_secs_f32()
+        ));
+    }
+    if !left.is_empty() {
+        tracing::warn!(
+            "{} repository lock(s) left behind ({}): they go stale in {} s, at once for this host once this process is gone",
+            keys.len() - removed - already,
+            left.join("; "),
+            STALE.as_secs()
+        );
     }
     removed
 }
@@ -523,7 +591,8 @@ fn refresh_once(
 }
 
 /// How long dropping a lock waits for its refresh thread's request and
-/// then for its removal. A store that answers removes a lock in well under
+/// then for its removal; and how long [`release_all`] waits for all its
+/// removals beyond its `wait`. A store that answers removes a lock in well under
 /// a second; one that just failed to answer would hold a failed backup for
 /// two more request deadlines (explore9 M4: 3 × 60 s in all). A lock left
 /// behind goes stale by design: at once for this host once the process
