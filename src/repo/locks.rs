@@ -317,9 +317,10 @@ static HELD: Mutex<Vec<(Arc<Repository>, String, Gate)>> = Mutex::new(Vec::new()
 /// lock object is gone, and no step runs again under it.
 type Gate = Arc<Mutex<bool>>;
 
-/// Removes every lock this process holds, each once no protected step is
-/// running under it (waiting at most `wait`), all at once: a store that
-/// does not answer holds the whole release for at most `wait` and
+/// Removes every lock this process holds, all at once, each once no
+/// protected step is running under it (waiting at most `wait`) and then
+/// waiting at most [`RELEASE_WAIT`] for its removal: a store that does
+/// not answer holds the whole release for at most `wait` and
 /// [`RELEASE_WAIT`] more, not a request deadline per lock (with N locks,
 /// a stop took N minutes). A lock not removed in that time is left
 /// behind, told in one line, to go stale as a killed process's does: at
@@ -328,6 +329,13 @@ type Gate = Arc<Mutex<bool>>;
 /// Returns how many were removed.
 pub fn release_all(wait: Duration) -> usize {
     release_matching(wait, |_| true)
+}
+
+/// How the release of one lock goes (see [`release_one`]).
+enum Step {
+    /// Under its gate, released: its removal starts.
+    Gated,
+    Done(std::result::Result<(), NotRemoved>),
 }
 
 /// Why [`release_matching`] did not remove a lock.
@@ -339,19 +347,26 @@ enum NotRemoved {
     Failed(Error),
 }
 
-/// Releases one lock under its gate (see [`Gate`]); the gate is set for
-/// good even if the removal fails, so no step runs under it again.
+/// Releases one lock under its gate (see [`Gate`]), telling each step;
+/// the gate is set for good even if the removal fails, so no step runs
+/// under it again.
 fn release_one(
     repo: &Repository,
     key: &str,
     gate: &Mutex<bool>,
     wait: Duration,
-) -> std::result::Result<(), NotRemoved> {
-    let mut released = gate.try_lock_for(wait).ok_or(NotRemoved::InUse)?;
+    tell: impl Fn(Step),
+) {
+    let Some(mut released) = gate.try_lock_for(wait) else {
+        return tell(Step::Done(Err(NotRemoved::InUse)));
+    };
     if std::mem::replace(&mut *released, true) {
-        return Err(NotRemoved::Already);
+        return tell(Step::Done(Err(NotRemoved::Already)));
     }
-    repo.backend().delete(key).map_err(NotRemoved::Failed)
+    tell(Step::Gated);
+    tell(Step::Done(
+        repo.backend().delete(key).map_err(NotRemoved::Failed),
+    ));
 }
 
 /// [`release_all`] of the locks in repositories `of` picks.
@@ -365,29 +380,43 @@ fn release_matching(wait: Duration, of: impl Fn(&Arc<Repository>) -> bool) -> us
     if held.is_empty() {
         return 0;
     }
-    let until = Instant::now() + wait + RELEASE_WAIT;
     let (tx, rx) = crossbeam_channel::unbounded();
-    let mut keys = vec![];
+    // When each lock is given up on: at first, after `wait` for its gate
+    // and the removal's time; once its removal starts, the removal's time.
+    let first_due = Instant::now() + wait + RELEASE_WAIT;
+    let mut due = std::collections::BTreeMap::new();
     for (repo, key, gate) in held {
-        keys.push(key.clone());
+        due.insert(key.clone(), first_due);
         // A thread each: a removal that hangs holds none of the others.
-        let (tx2, repo2, key2, gate2) = (tx.clone(), repo.clone(), key.clone(), gate.clone());
+        let tell = {
+            let (tx, key) = (tx.clone(), key.clone());
+            move |step| {
+                let _ = tx.send((key.clone(), step));
+            }
+        };
+        let (repo2, key2, gate2, tell2) = (repo.clone(), key.clone(), gate.clone(), tell.clone());
         let started = std::thread::Builder::new()
             .name("repo-unlock".into())
-            .spawn(move || {
-                let r = release_one(&repo2, &key2, &gate2, wait);
-                let _ = tx2.send((key2, r));
-            });
+            .spawn(move || release_one(&repo2, &key2, &gate2, wait, tell2));
         if started.is_err() {
-            let r = release_one(&repo, &key, &gate, wait);
-            let _ = tx.send((key, r));
+            release_one(&repo, &key, &gate, wait, tell);
         }
     }
     drop(tx);
+    let total = due.len();
     let (mut removed, mut already, mut left) = (0, 0, vec![]);
-    let mut answered = std::collections::BTreeSet::new();
-    while let Ok((key, r)) = rx.recv_deadline(until) {
-        answered.insert(key.clone());
+    while let Some(&until) = due.values().max() {
+        let Ok((key, step)) = rx.recv_deadline(until) else {
+            break;
+        };
+        let r = match step {
+            Step::Gated => {
+                due.insert(key, Instant::now() + RELEASE_WAIT);
+                continue;
+            }
+            Step::Done(r) => r,
+        };
+        due.remove(&key);
         match r {
             Ok(()) => removed += 1,
             Err(NotRemoved::Already) => already += 1,
@@ -398,22 +427,18 @@ fn release_matching(wait: Duration, of: impl Fn(&Arc<Repository>) -> bool) -> us
             Err(NotRemoved::Failed(e)) => left.push(format!("{key}: {e}")),
         }
     }
-    let silent: Vec<&str> = keys
-        .iter()
-        .filter(|k| !answered.contains(*k))
-        .map(String::as_str)
-        .collect();
-    if !silent.is_empty() {
+    if !due.is_empty() {
+        let silent: Vec<&str> = due.keys().map(String::as_str).collect();
         left.push(format!(
-            "{}: no answer from the store in {} s",
+            "{}: the store did not answer the removal in {} s",
             silent.join(", "),
-            (wait + RELEASE_WAIT).as_secs_f32()
+            RELEASE_WAIT.as_secs_f32()
         ));
     }
     if !left.is_empty() {
         tracing::warn!(
             "{} repository lock(s) left behind ({}): they go stale in {} s, at once for this host once this process is gone",
-            keys.len() - removed - already,
+            total - removed - already,
             left.join("; "),
             STALE.as_secs()
         );
