@@ -115,7 +115,9 @@ fn raise_open_files_limit() {
 /// or not there: a share not mounted) is opened from the copy of its
 /// identity `--staging` keeps, so that a daemon restarted during an
 /// outage serves what staging holds: the guests' own writes and every
-/// staged block (`repo::unconfirmed`).
+/// staged block (`repo::unconfirmed`). One that answers but refuses as
+/// configured (a missing S3 bucket, wrong credentials, a wrong region)
+/// fails the start: waiting would not change its answer.
 fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
     let e = match opts.repo_delay {
         Some(d) => return Repository::open_delayed(&opts.repo, d),
@@ -124,7 +126,12 @@ fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
             Err(e) => e,
         },
     };
-    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound) {
+    // A store that answered with what waiting will not change (a bucket
+    // that does not exist, a request refused as malformed) is a
+    // configuration to fix, not an outage to ride out: the start fails.
+    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound)
+        || crate::repo::backend::Misconfigured::is(&e)
+    {
         return Err(e);
     }
     let recorded = match crate::staging::recorded_repository(&opts.staging) {

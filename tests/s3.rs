@@ -464,11 +464,14 @@ fn a_missing_bucket_and_a_wrong_secret_fail_at_once_saying_what_to_fix() {
             "vm",
             img.to_str().unwrap(),
         ],
-        "bucket no-such-bucket does not exist (or these credentials cannot see it)",
+        &format!(
+            "S3 bucket \"no-such-bucket\" does not exist at http://127.0.0.1:{}: GET repo.json answered NoSuchBucket",
+            g.nodes[0].s3_port
+        ),
     );
     env.fails(
         &["list", "--repo", env.repo_str()],
-        "bucket no-such-bucket does not exist",
+        "S3 bucket \"no-such-bucket\" does not exist at http://127.0.0.1:",
     );
     let mut wrong = g.env(0);
     for (k, v) in wrong.iter_mut() {
@@ -493,6 +496,131 @@ fn a_missing_bucket_and_a_wrong_secret_fail_at_once_saying_what_to_fix() {
         "{:?}",
         t0.elapsed()
     );
+}
+
+/// `serve` run to its end (or killed after `limit`: `None`): its exit
+/// status and what it wrote to stderr.
+fn serve_to_end(env: &Env, limit: std::time::Duration) -> (Option<i32>, String) {
+    let log = env.path("serve-to-end.log");
+    let mut c = std::process::Command::new(bin())
+        .args(["serve", "--repo", env.repo_str(), "--staging"])
+        .arg(env.path("staging"))
+        .arg("--mount")
+        .arg(env.path("mnt"))
+        .arg("--socket")
+        .arg(env.path("control.sock"))
+        .env("RUST_LOG", "warn")
+        .envs(env.extra_env.iter().cloned())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let code = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st.code();
+        }
+        if t0.elapsed() > limit {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    (code, std::fs::read_to_string(&log).unwrap())
+}
+
+/// `garage bucket ARGS` on node 0.
+fn garage_bucket(g: &Garage, args: &[&str]) {
+    let o = std::process::Command::new(common::garage::garage_bin())
+        .arg("-c")
+        .arg(&g.nodes[0].config)
+        .arg("bucket")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// fixstart: a daemon whose staging records the repository started
+/// *degraded* when the store answered that the bucket does not exist (or
+/// refused the request as malformed: a wrong region), as if the store
+/// were away, and waited. The store answered: it is a configuration to
+/// fix. The start fails at once with one line naming bucket and
+/// endpoint, nothing mounted, and the staging serves again once the
+/// bucket is back.
+#[test]
+fn a_daemon_whose_bucket_does_not_exist_or_that_is_refused_fails_to_start_and_does_not_wait() {
+    use std::time::{Duration, Instant};
+    let g = Garage::single();
+    let mut env = s3_env(&g, "gone");
+    random_image(&env.path("a.raw"), 4 * K64, 45, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    d.stop();
+    drop(d);
+    // The bucket, known by another name only: as if removed, or another
+    // store at the endpoint.
+    garage_bucket(&g, &["alias", BUCKET, "moved-away"]);
+    garage_bucket(&g, &["unalias", BUCKET]);
+    let mnt = env.path("mnt").to_str().unwrap().to_string();
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(&mnt)
+    };
+    let t0 = Instant::now();
+    let (code, err) = serve_to_end(&env, Duration::from_secs(20));
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let line = format!(
+        "recoverfs: error: S3 bucket \"{BUCKET}\" does not exist at http://127.0.0.1:{}: GET repo.json answered NoSuchBucket",
+        g.nodes[0].s3_port
+    );
+    assert!(err.lines().any(|l| l.starts_with(&line)), "{err}");
+    assert!(!err.contains("starting from staging"), "{err}");
+    assert!(!mounted(), "{err}");
+    assert!(!env.path("control.sock").exists());
+    // A wrong region (400 AuthorizationHeaderMalformed) and a wrong
+    // secret (403) fail the same way.
+    garage_bucket(&g, &["alias", "moved-away", BUCKET]);
+    let good = g.env(0);
+    let set = |k: &str, v: &str| {
+        let mut e = good.clone();
+        e.iter_mut()
+            .filter(|(n, _)| n == k)
+            .for_each(|(_, x)| *x = v.into());
+        e
+    };
+    for (wrong, says) in [
+        (
+            set("AWS_REGION", "us-east-1"),
+            "AuthorizationHeaderMalformed",
+        ),
+        (
+            set("AWS_SECRET_ACCESS_KEY", &"f".repeat(64)),
+            "access denied to bucket",
+        ),
+    ] {
+        env.extra_env = wrong;
+        let (code, err) = serve_to_end(&env, Duration::from_secs(20));
+        assert!(code.is_some_and(|c| c != 0), "{code:?}: {err}");
+        assert!(
+            err.contains("recoverfs: error: ") && err.contains(says),
+            "{err}"
+        );
+        assert!(!err.contains("starting from staging"), "{err}");
+        assert!(!mounted(), "{err}");
+    }
+    // Nothing was changed: with the bucket back, the session resumes.
+    env.extra_env = good;
+    let d = env.serve();
+    assert_eq!(env.status()["sessions"][0]["vm"], "vm");
+    assert!(!d.log_text().contains("starting from staging"));
+    drop(d);
 }
 
 /// The latency proxy on `port` stopped (SIGSTOP) while this lives: the

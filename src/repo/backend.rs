@@ -173,6 +173,50 @@ pub struct ObjectInfo {
     pub modified_unix: u64,
 }
 
+/// A store's answer that waiting will not change: it is there and
+/// answers, but refuses what it is asked as configured (an S3 bucket that
+/// does not exist, a request refused as malformed: a wrong region, an
+/// endpoint that is not S3). Carried as the source of the error (kind
+/// `Io`, so a guest's read still sees EIO), so that a daemon's start
+/// tells it from an outage: a typo must fail the start, not start it
+/// degraded from staging's record (`daemon::open_repository`).
+#[derive(Debug)]
+pub struct Misconfigured(pub String);
+
+impl std::fmt::Display for Misconfigured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Misconfigured {}
+
+impl Misconfigured {
+    /// An `Io` error saying `context: why`, marked as a misconfiguration.
+    pub fn error(context: impl Into<String>, why: impl Into<String>) -> Error {
+        Error::io(context, std::io::Error::other(Misconfigured(why.into())))
+    }
+
+    /// Whether `e` (or an error it wraps) is a [`Misconfigured`] answer.
+    pub fn is(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut at = Some(e);
+        while let Some(e) = at {
+            if e.is::<Misconfigured>() {
+                return true;
+            }
+            // An io::Error's `source` skips the error it wraps.
+            let wrapped = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref());
+            if wrapped.is_some_and(|w| w.is::<Misconfigured>()) {
+                return true;
+            }
+            at = e.source();
+        }
+        false
+    }
+}
+
 /// An object over its bound: damaged or forged, never read whole.
 pub fn too_large(what: &str, len: u64, limit: u64) -> Error {
     Error::corrupt(format!(

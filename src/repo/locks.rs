@@ -317,41 +317,10 @@ static HELD: Mutex<Vec<(Arc<Repository>, String, Gate)>> = Mutex::new(Vec::new()
 /// lock object is gone, and no step runs again under it.
 type Gate = Arc<Mutex<bool>>;
 
-/// Removes every lock this process holds, each once no protected step is
-/// running under it (waiting at most `wait`, else it is left to go stale:
-/// at once for this host, by age for others). For a process about to exit
-/// on a signal. Returns how many were removed.
-pub fn release_all(wait: Duration) -> usize {
-    release_matching(wait, |_| true)
-}
-
-/// [`release_all`] of the locks in repositories `of` picks.
-fn release_matching(wait: Duration, of: impl Fn(&Arc<Repository>) -> bool) -> usize {
-    let held: Vec<_> = HELD.lock().clone();
-    let mut removed = 0;
-    for (repo, key, gate) in held.into_iter().filter(|(r, _, _)| of(r)) {
-        let Some(mut released) = gate.try_lock_for(wait) else {
-            tracing::warn!(
-                key,
-                "a repository lock is in use by a step that did not finish in {} s: left behind",
-                wait.as_secs()
-            );
-            continue;
-        };
-        if std::mem::replace(&mut *released, true) {
-            continue;
-        }
-        match repo.backend().delete(&key) {
-            Ok(()) => removed += 1,
-            Err(e) => tracing::warn!(
-                key,
-                "could not remove a repository lock (it goes stale in {} s): {e}",
-                STALE.as_secs()
-            ),
-        }
-    }
-    removed
-}
+mod release;
+pub use release::release_all;
+#[cfg(test)]
+use release::release_matching;
 
 /// A lock object this process holds, refreshed by a thread, removed on drop.
 struct Held {
@@ -524,13 +493,15 @@ fn refresh_once(
 
 /// How long dropping a lock waits for its refresh thread's request and
 /// then for its removal when the store is failing
-/// (`Backend::answering`): one that just failed to answer would hold a
-/// failed backup for two more request deadlines (explore9 M4: 3 × 60 s
-/// in all). A store that answers, however slowly, gets its requests'
-/// own deadlines: a lock left behind by a run that succeeded would
-/// block other hosts' backups or gc for [`STALE`] (review28 M1), and a
-/// CLI process exits right after the drop, so the removal is made on
-/// the dropping thread, never left to one the exit kills. A lock left
+/// (`Backend::answering`), and how long [`release_all`] waits for all its
+/// removals beyond its `wait`: a store that just failed to answer would
+/// hold a failed backup for two more request deadlines (explore9 M4:
+/// 3 × 60 s in all). A dropped lock on a store that answers, however
+/// slowly, gets its requests' own deadlines: a lock left behind by a run
+/// that succeeded would block other hosts' backups or gc for [`STALE`]
+/// (review28 M1), and a CLI process exits right after the drop, so the
+/// removal is made on the dropping thread, never left to one the exit
+/// kills. A lock left
 /// behind goes stale by design: at once for this host once the process
 /// is gone, after [`STALE`] for others.
 const RELEASE_WAIT: Duration = if cfg!(test) {

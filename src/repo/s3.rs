@@ -35,6 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+
+use failure::{Failure, Hints};
 use object_store::path::Path as ObjPath;
 use object_store::{ClientConfigKey, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
@@ -76,117 +78,6 @@ pub struct S3Backend {
     /// The same store without object_store's timeout: large PUTs have
     /// their own, scaled to the body (see `large`).
     untimed: Arc<dyn ObjectStore>,
-}
-
-/// What turns a failed request into a message that says what to fix.
-#[derive(Default)]
-struct Hints {
-    bucket: String,
-    /// Where credentials are asked for when none are given: the EC2
-    /// instance metadata endpoint (`None`: credentials were given).
-    metadata: Option<String>,
-}
-
-/// What a failed request means, beyond object_store's error variants
-/// (a LIST or DeleteObjects answered 403 or 404 comes as a generic error
-/// with the status and body in its text).
-#[derive(Debug, PartialEq, Eq)]
-enum Failure {
-    /// A 5xx, 408, 429, a timeout or a connection failure: may pass.
-    Transient,
-    /// `NoSuchBucket`.
-    NoBucket,
-    /// 401/403: a wrong key or secret, or a key without access.
-    Denied,
-    /// No credentials given, and the instance metadata service did not
-    /// give any.
-    NoCredentials,
-    /// Any other definite answer (404, 409, 412, other 4xx).
-    Final,
-}
-
-impl Hints {
-    fn failure(&self, e: &object_store::Error) -> Failure {
-        let text = e.to_string();
-        if let Some(m) = &self.metadata {
-            if text.contains(m.trim_end_matches('/')) {
-                return Failure::NoCredentials;
-            }
-        }
-        if text.contains("<Code>NoSuchBucket</Code>") {
-            return Failure::NoBucket;
-        }
-        match e {
-            object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => Failure::Denied,
-            object_store::Error::NotFound { .. }
-            | object_store::Error::AlreadyExists { .. }
-            | object_store::Error::Precondition { .. }
-            | object_store::Error::NotModified { .. }
-            | object_store::Error::InvalidPath { .. } => Failure::Final,
-            _ => match http_status(&text) {
-                Some(401 | 403) => Failure::Denied,
-                Some(408 | 429) => Failure::Transient,
-                Some(s) if (400..500).contains(&s) => Failure::Final,
-                _ => Failure::Transient,
-            },
-        }
-    }
-
-    /// `e` as this crate's error, saying what to fix where it can.
-    fn error(&self, what: &str, e: object_store::Error) -> Error {
-        let bucket = &self.bucket;
-        let text = e.to_string().replace('\n', " ");
-        match self.failure(&e) {
-            Failure::NoBucket => Error::new(
-                ErrorKind::Io,
-                format!(
-                    "S3 {what}: bucket {bucket} does not exist (or these credentials cannot see it)"
-                ),
-            ),
-            Failure::Denied => Error::new(
-                ErrorKind::NotPermitted,
-                format!(
-                    "S3 {what}: access denied to bucket {bucket}: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the key may read and write the bucket ({text})"
-                ),
-            ),
-            Failure::NoCredentials => Error::new(
-                ErrorKind::NotPermitted,
-                format!(
-                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, or AWS_CONTAINER_CREDENTIALS_RELATIVE_URI); without them they are asked of the EC2 instance metadata service at {}, which gave none (S3 {what}: {text})",
-                    self.metadata.as_deref().unwrap_or_default()
-                ),
-            ),
-            Failure::Transient | Failure::Final => map_err(what, e),
-        }
-    }
-}
-
-/// The HTTP status object_store's message gives (`... status code: 404
-/// Not Found: ...`), if any.
-fn http_status(text: &str) -> Option<u16> {
-    let at = text.find("status code: ")? + "status code: ".len();
-    text.get(at..at + 3)?.parse().ok()
-}
-
-/// Where object_store asks for credentials when the builder was given
-/// none: the instance metadata endpoint, unless credentials (a key, web
-/// identity, a container's) are configured or requests are not signed.
-fn instance_metadata_endpoint(b: &AmazonS3Builder) -> Option<String> {
-    let set = |k: AmazonS3ConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
-    let env = |k: &str| std::env::var_os(k).is_some();
-    let given = set(AmazonS3ConfigKey::AccessKeyId)
-        || set(AmazonS3ConfigKey::SecretAccessKey)
-        || (env("AWS_WEB_IDENTITY_TOKEN_FILE") && env("AWS_ROLE_ARN"))
-        || set(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
-        || (set(AmazonS3ConfigKey::ContainerCredentialsFullUri)
-            && set(AmazonS3ConfigKey::ContainerAuthorizationTokenFile))
-        || b.get_config_value(&AmazonS3ConfigKey::SkipSignature)
-            .is_some_and(|v| v == "true");
-    (!given).then(|| {
-        b.get_config_value(&AmazonS3ConfigKey::MetadataEndpoint)
-            .unwrap_or_else(|| "http://169.254.169.254".into())
-    })
 }
 
 /// The daemon's stop, as the requests see it (see the module docs).
@@ -258,7 +149,8 @@ impl S3Backend {
         if var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_none() {
             b = b.with_virtual_hosted_style_request(false);
         }
-        let metadata = instance_metadata_endpoint(&b);
+        let metadata = failure::instance_metadata_endpoint(&b);
+        let endpoint = failure::endpoint(&b);
         // object_store's per-attempt timeout, `AWS_TIMEOUT` if set (a
         // value that does not parse is refused by `build`).
         let attempt = b
@@ -282,6 +174,7 @@ impl S3Backend {
         s3.hints = Arc::new(Hints {
             bucket: bucket.into(),
             metadata,
+            endpoint: Some(endpoint),
         });
         Ok(s3)
     }
@@ -319,7 +212,7 @@ impl S3Backend {
             }),
             hints: Arc::new(Hints {
                 bucket: bucket.into(),
-                metadata: None,
+                ..Default::default()
             }),
         })
     }
@@ -718,6 +611,7 @@ impl Backend for S3Backend {
     }
 }
 
+mod failure;
 mod large;
 #[cfg(test)]
 mod large_tests;

@@ -523,3 +523,58 @@ fn a_slow_but_answering_store_has_the_lock_removed_before_the_drop_returns() {
         "the lock outlived its drop"
     );
 }
+
+/// fixstart: `release_all` removed locks one after another, each DELETE
+/// with the store's full request deadline: with a store that does not
+/// answer and N locks, a stop took N deadlines. Now the whole release is
+/// bounded by its `wait` and [`RELEASE_WAIT`], and the locks not removed
+/// are left behind, to go stale later.
+#[test]
+fn releasing_several_locks_on_a_store_that_does_not_answer_ends_within_one_bound() {
+    let d = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_secs(4);
+    let (r, hang) = Hanging::repo(&d.path().join("r"), &["locks/"], deadline);
+    let locks: Vec<_> = (0..4)
+        .map(|i| WriterLock::acquire(&r, &format!("vm{i}")).unwrap())
+        .collect();
+    let keys: Vec<String> = locks.iter().map(|w| w.0.key.clone()).collect();
+    let mine = |x: &Arc<Repository>| Arc::ptr_eq(x, &r);
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let wait = Duration::from_millis(200);
+    let t = Instant::now();
+    assert_eq!(release_matching(wait, mine), 0);
+    let took = t.elapsed();
+    assert!(
+        took < wait + RELEASE_WAIT + Duration::from_millis(500),
+        "releasing 4 locks took {took:?} (one after another: 4 × {deadline:?})"
+    );
+    // Nothing runs under them any more, removed or not.
+    for w in &locks {
+        assert!(w.check_fresh().is_err());
+    }
+    // The removals still under way end on their own, unanswered.
+    std::thread::sleep(deadline + Duration::from_millis(200));
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    drop(locks);
+    for key in &keys {
+        assert!(r.backend().exists(key).unwrap(), "{key} left behind");
+    }
+    assert_eq!(holders(&r, LockKind::Backup, None).unwrap().len(), 4);
+    for key in &keys {
+        age(&d, key, STALE + Duration::from_secs(5));
+    }
+    assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+    // A store that answers has them all removed, at once, but for one
+    // whose step (a manifest's publication) outlasts `wait`: left.
+    let locks: Vec<_> = (0..4)
+        .map(|i| WriterLock::acquire(&r, &format!("vm{i}")).unwrap())
+        .collect();
+    let publishing = locks[0].hold().unwrap();
+    let t = Instant::now();
+    assert_eq!(release_matching(wait, mine), 3);
+    assert!(t.elapsed() < wait + RELEASE_WAIT, "{:?}", t.elapsed());
+    assert_eq!(holders(&r, LockKind::Backup, None).unwrap().len(), 1);
+    drop(publishing);
+    drop(locks);
+    assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
+}

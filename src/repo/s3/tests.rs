@@ -211,7 +211,8 @@ fn a_missing_bucket_is_named_and_not_retried() {
     let e = b.list("").unwrap_err();
     assert!(
         e.to_string()
-            .contains("bucket backups does not exist (or these credentials cannot see it)"),
+            .starts_with("S3 bucket \"backups\" does not exist: LIST")
+            && e.to_string().contains("answered NoSuchBucket"),
         "{e}"
     );
     assert_eq!(store.calls.load(Ordering::SeqCst), 1, "retried: {e}");
