@@ -55,6 +55,21 @@ const DENIED_CODES: &[&str] = &[
     "ExpiredToken",
 ];
 
+/// S3 error codes a store sends with a 4xx status for a failure that
+/// passes (the AWS SDKs retry them): `RequestTimeout` comes as 400 when a
+/// slow link did not carry a PUT's body in the store's time. Retried,
+/// never taken for a configuration to fix.
+const TRANSIENT_CODES: &[&str] = &[
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+];
+
 impl Hints {
     pub fn failure(&self, e: &object_store::Error) -> Failure {
         let text = error_text(e);
@@ -72,6 +87,9 @@ impl Hints {
         }
         if code.is_some_and(|c| DENIED_CODES.contains(&c)) {
             return Failure::Denied;
+        }
+        if code.is_some_and(|c| TRANSIENT_CODES.contains(&c)) {
+            return Failure::Transient;
         }
         match status {
             Some(401 | 403) => Failure::Denied,
@@ -285,6 +303,9 @@ mod tests {
         ] {
             assert_eq!(h.failure(&generic(&status(s))), Failure::Final, "{s}");
         }
+        // A slow link's PUT: 400 with a code that says it passes.
+        let slow = status("400 Bad Request") + "<Error><Code>RequestTimeout</Code></Error>";
+        assert_eq!(h.failure(&generic(&slow)), Failure::Transient);
     }
 
     /// A request that got no answer has no status: retried.
