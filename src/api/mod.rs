@@ -5,7 +5,7 @@
 //! | method | path | effect |
 //! |---|---|---|
 //! | GET | /health | daemon identity |
-//! | GET | /sessions | status of every session |
+//! | GET | /sessions | status of every session, each staging directory, and (`moved`) per export point the clients a restart left on addresses no longer served |
 //! | POST | /sessions `{"vm":..,"backup":..,"host":..,"export_point":..,"force":..}` | recover (start or resume), placed on an export point; the reply says where and why |
 //! | GET | /export-points | every export point: sessions, hosts, queue, predicted latency |
 //! | GET | /sessions/{vm} | status of one session |
@@ -127,7 +127,11 @@ async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
     blocking(move || {
         let all: Vec<_> = ds.sessions().iter().map(|s| ds.status(s)).collect();
         let staging: Vec<_> = ds.stagings().iter().map(|d| d.budget().status()).collect();
-        Ok(json!({ "sessions": all, "staging": staging }))
+        // Clients a restart left on addresses no longer served, per export
+        // point, while their sessions are served (`daemon::exports_moved`).
+        let vms_at = |p: &str| ds.sessions_at(p).iter().map(|s| s.vm.clone()).collect();
+        let moved = crate::staging::last_exports::moved(ds.staging_root(), vms_at);
+        Ok(json!({ "sessions": all, "staging": staging, "moved": moved }))
     })
     .await
 }

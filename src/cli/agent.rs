@@ -432,8 +432,9 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     crate::files::cat(&r, &c, e, &mut out, stop)
                 }
                 Source::Disk(m) => {
-                    let r = crate::files::disk::walk(&m.root, &path, stop)
-                        .and_then(|mut all| copy_from(&m.root, &all.remove(0), &mut out, stop));
+                    let r = crate::files::disk::walk(&m.root, &path, stop).and_then(|mut all| {
+                        crate::files::disk::copy_file(&m.root, &all.remove(0), &mut out, stop)
+                    });
                     return match r.and_then(|()| flush(&mut out)) {
                         Ok(()) => finish_disk(m),
                         Err(e) => {
@@ -484,7 +485,7 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                         crate::files::restore_into(
                             &sel,
                             &to,
-                            &|e, out| copy_from(&root, e, out, stop),
+                            &|e, out| crate::files::disk::copy_file(&root, e, out, stop),
                             stop,
                             &how,
                         )
@@ -566,43 +567,6 @@ fn ls(sel: &[&crate::repo::catalog::Entry], json: bool) -> Result<()> {
     // command quietly (`end_quietly_when_stdout_closes`), as it does others.
     r.and_then(|()| out.flush())
         .map_err(|e| Error::io("write stdout", e))
-}
-
-/// A file's bytes from a mounted disk backup, 1 MiB at a time: a stop
-/// ends it within one read of the FUSE-backed filesystem.
-fn copy_from(
-    root: &Path,
-    e: &crate::repo::catalog::Entry,
-    out: &mut dyn std::io::Write,
-    stop: &AtomicBool,
-) -> Result<()> {
-    if e.kind != crate::repo::catalog::EntryKind::File {
-        return Err(Error::invalid(format!("{} is not a regular file", e.path)));
-    }
-    let p = crate::files::disk::in_tree(root, &e.path)?;
-    // Not following a link, should the entry have changed into one.
-    let mut f = std::os::unix::fs::OpenOptionsExt::custom_flags(
-        std::fs::OpenOptions::new().read(true),
-        libc::O_NOFOLLOW,
-    )
-    .open(&p)
-    .map_err(|err| Error::io(format!("open {}", e.path), err))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return Err(crate::files::copied_part(done, e));
-        }
-        let n = match std::io::Read::read(&mut f, &mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(Error::io(format!("read {}", e.path), err)),
-        };
-        out.write_all(&buf[..n])
-            .map_err(|err| Error::io(format!("copy {}", e.path), err))?;
-        done += n as u64;
-    }
 }
 
 /// Says what reading the disk backup fetched, and unmounts.

@@ -2,75 +2,154 @@
 //! than before (another `--nbd`/`--nfs`, an export point's address
 //! changed, a frontend turned off) strands the clients attached to the
 //! old ones: QEMU's NBD reconnect and libnfs keep trying the old port
-//! (explore9 M6). `serve` compares with where the previous daemon of its
-//! staging served (`staging::last_exports`) and names, per export point,
-//! the VMs resumed there whose clients must reattach.
+//! (explore9 M6). `serve` compares with where the clients of each VM
+//! resumed at a point last attached (`staging::last_exports`: where the
+//! previous daemon of its staging served, or, if a restart already
+//! stranded them, where they were stranded from) and names, per export
+//! point, the VMs whose clients must reattach: in the log at every start
+//! that finds them stranded, and in `status` until their sessions are
+//! released or a restart serves the old address again (fixstatus 2: a
+//! second restart on the new address said nothing, and only the log said
+//! it once).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::session::Datastore;
-use crate::staging::last_exports::{self, Served};
+use crate::staging::last_exports::{self, Last, Served, Stranded};
 
-/// Warns (one line per export point) where resumed sessions' clients are
-/// stranded, then records `now` for the next start. Never fails `serve`.
+/// Warns (one line per export point and group of VMs) where resumed
+/// sessions' clients are stranded, then records `now` and them for the
+/// next start and for `status`, and drops a VM from the record when its
+/// session is released. Never fails `serve`.
 pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<String, Served>) {
-    if let Some(before) = last_exports::read(root) {
-        let vms_at = |point: &str| -> Vec<String> {
-            ds.sessions_at(point).iter().map(|s| s.vm.clone()).collect()
-        };
-        for line in moved(&before, now, vms_at) {
-            tracing::warn!("{line}");
-        }
+    let since = crate::util::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    let vms_at = |point: &str| -> Vec<String> {
+        ds.sessions_at(point).iter().map(|s| s.vm.clone()).collect()
+    };
+    let found = match last_exports::read(root) {
+        Some(before) => strand(&before, now, vms_at, &since),
+        None => BTreeMap::new(),
+    };
+    for line in lines(now, &found, &since) {
+        tracing::warn!("{line}");
     }
-    if let Err(e) = last_exports::write(root, now) {
+    let stranded = (found.into_iter())
+        .map(|(point, vms)| (point, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
+        .collect();
+    let last = Last {
+        points: now.clone(),
+        stranded,
+    };
+    if let Err(e) = last_exports::write(root, &last) {
         tracing::warn!("could not record the export addresses in the staging directory (a later daemon there on other addresses will not say which clients must reattach): {e}");
     }
+    let root = root.to_path_buf();
+    ds.add_on_release(Box::new(move |s| {
+        if let Err(e) = last_exports::forget_vm(&root, &s.vm) {
+            tracing::warn!(vm = %s.vm, "could not drop the released VM from the record of stranded clients (status may name it until the next restart): {e}");
+        }
+    }));
 }
 
-/// The warning of each export point whose sessions (`vms_at`, the ones
-/// resumed) were served on addresses that are no longer served.
-fn moved(
-    before: &BTreeMap<String, Served>,
+/// Per export point, per VM resumed there (`vms_at`) whose clients are
+/// stranded now: where they last attached (per frontend), and what of it
+/// is not served now (with when that began). A point the previous daemon
+/// did not have strands no one.
+fn strand(
+    before: &Last,
     now: &BTreeMap<String, Served>,
     vms_at: impl Fn(&str) -> Vec<String>,
-) -> Vec<String> {
-    let mut lines = vec![];
+    since: &str,
+) -> BTreeMap<String, BTreeMap<String, (Served, Stranded)>> {
+    let mut out: BTreeMap<String, BTreeMap<String, (Served, Stranded)>> = BTreeMap::new();
     for (point, served) in now {
-        let Some(prev) = before.get(point) else {
+        let Some(prev) = before.points.get(point) else {
             continue;
         };
-        let mut parts = vec![];
-        let mut stranded = vec![];
-        for (what, old, new) in [
-            ("NFS", &prev.nfs, &served.nfs),
-            ("NBD", &prev.nbd, &served.nbd),
-        ] {
-            let kept: BTreeSet<&String> = new.iter().collect();
-            let gone: Vec<&String> = old.iter().filter(|a| !kept.contains(a)).collect();
-            if gone.is_empty() {
+        for vm in vms_at(point) {
+            let was = before.stranded.get(point).and_then(|vms| vms.get(&vm));
+            // Stranded by a restart before: still there, as far as anyone
+            // can tell; else where the previous daemon served.
+            let last = |stranded: Option<&Vec<String>>, served: &Vec<String>| {
+                stranded.filter(|a| !a.is_empty()).unwrap_or(served).clone()
+            };
+            let clients = Served {
+                nfs: last(was.map(|w| &w.nfs), &prev.nfs),
+                nbd: last(was.map(|w| &w.nbd), &prev.nbd),
+            };
+            let gone = |old: &Vec<String>, new: &Vec<String>| -> Vec<String> {
+                let kept: BTreeSet<&String> = new.iter().collect();
+                old.iter().filter(|a| !kept.contains(a)).cloned().collect()
+            };
+            let (nfs, nbd) = (
+                gone(&clients.nfs, &served.nfs),
+                gone(&clients.nbd, &served.nbd),
+            );
+            if nfs.is_empty() && nbd.is_empty() {
                 continue;
             }
-            let now = match new.is_empty() {
-                true => "not served".to_string(),
-                false => format!("now on {}", join(new.iter())),
+            let since = match was {
+                Some(w) if (&w.nfs, &w.nbd) == (&nfs, &nbd) => w.since.clone(),
+                _ => since.to_string(),
             };
-            parts.push(format!("{what} was served on {}, {now}", join(old.iter())));
-            stranded.extend(gone);
+            let s = Stranded { nfs, nbd, since };
+            out.entry(point.clone())
+                .or_default()
+                .insert(vm, (clients, s));
         }
-        if parts.is_empty() {
-            continue;
+    }
+    out
+}
+
+/// The log's warning per export point and group of VMs stranded alike
+/// (saying since when if not since this start, `since`).
+fn lines(
+    now: &BTreeMap<String, Served>,
+    found: &BTreeMap<String, BTreeMap<String, (Served, Stranded)>>,
+    since: &str,
+) -> Vec<String> {
+    let mut lines = vec![];
+    for (point, vms) in found {
+        let served = now.get(point).cloned().unwrap_or_default();
+        let mut groups: Vec<(&Served, &Stranded, Vec<&str>)> = vec![];
+        for (vm, (clients, s)) in vms {
+            match groups.iter_mut().find(|(c, g, _)| (*c, *g) == (clients, s)) {
+                Some((_, _, v)) => v.push(vm),
+                None => groups.push((clients, s, vec![vm])),
+            }
         }
-        let vms = vms_at(point);
-        if vms.is_empty() {
-            continue;
+        for (clients, s, vms) in groups {
+            let mut parts = vec![];
+            for (what, old, new, gone) in [
+                ("NFS", &clients.nfs, &served.nfs, &s.nfs),
+                ("NBD", &clients.nbd, &served.nbd, &s.nbd),
+            ] {
+                if gone.is_empty() {
+                    continue;
+                }
+                let now = match new.is_empty() {
+                    true => "not served".to_string(),
+                    false => format!("now on {}", join(new.iter())),
+                };
+                parts.push(format!("{what} was served on {}, {now}", join(old.iter())));
+            }
+            let stranded = s.nfs.iter().chain(&s.nbd);
+            lines.push(format!(
+                "export point {point}: {}: clients attached to {} (VMs {}) must reattach{}",
+                parts.join("; "),
+                join(stranded),
+                vms.join(", "),
+                match s.since == since {
+                    true => String::new(),
+                    false => format!(" (stranded since the restart at {})", s.since),
+                }
+            ));
         }
-        lines.push(format!(
-            "export point {point}: {}: clients attached to {} (VMs {}) must reattach",
-            parts.join("; "),
-            join(stranded.into_iter()),
-            vms.join(", ")
-        ));
     }
     lines
 }
@@ -96,6 +175,102 @@ mod tests {
 
     fn vms(_: &str) -> Vec<String> {
         vec!["a".into(), "b".into()]
+    }
+
+    /// The log's lines of a start on `now` after one on `before`.
+    fn moved(
+        before: &BTreeMap<String, Served>,
+        now: &BTreeMap<String, Served>,
+        vms_at: impl Fn(&str) -> Vec<String>,
+    ) -> Vec<String> {
+        let last = Last {
+            points: before.clone(),
+            stranded: BTreeMap::new(),
+        };
+        lines(now, &strand(&last, now, vms_at, "T1"), "T1")
+    }
+
+    /// The record a start on `now` after `before` writes, and its lines.
+    fn start(
+        before: &Last,
+        now: &BTreeMap<String, Served>,
+        vms_at: impl Fn(&str) -> Vec<String>,
+        since: &str,
+    ) -> (Last, Vec<String>) {
+        let found = strand(before, now, vms_at, since);
+        let lines = lines(now, &found, since);
+        let stranded = (found.into_iter())
+            .map(|(p, vms)| (p, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
+            .collect();
+        let last = Last {
+            points: now.clone(),
+            stranded,
+        };
+        (last, lines)
+    }
+
+    /// fixstatus 2: the second restart on the new address said nothing,
+    /// though the clients were never seen to reattach.
+    #[test]
+    fn stranded_clients_are_named_at_every_restart_until_the_old_address_is_served_again() {
+        let (a, b) = ("127.0.0.1:10899", "127.0.0.1:10900");
+        let first = Last {
+            points: one(served(&["127.0.0.1:2049"], &[a])),
+            stranded: BTreeMap::new(),
+        };
+        let on_b = one(served(&["127.0.0.1:2049"], &[b]));
+        let (second, said) = start(&first, &on_b, vms, "T1");
+        assert_eq!(
+            said,
+            [format!("export point default: NBD was served on {a}, now on {b}: clients attached to {a} (VMs a, b) must reattach")]
+        );
+        // Recorded: NBD only, NFS did not move.
+        let s = &second.stranded["default"]["a"];
+        assert_eq!(
+            (s.nfs.len(), s.nbd.as_slice(), s.since.as_str()),
+            (0, [a.to_string()].as_slice(), "T1")
+        );
+        // B again: still stranded on A, since the first restart; a VM
+        // released meanwhile (not resumed) is not named.
+        let only_a = |_: &str| vec!["a".to_string()];
+        let (third, said) = start(&second, &on_b, only_a, "T2");
+        assert_eq!(
+            said,
+            [format!("export point default: NBD was served on {a}, now on {b}: clients attached to {a} (VMs a) must reattach (stranded since the restart at T1)")]
+        );
+        assert_eq!(third.stranded["default"].len(), 1);
+        assert_eq!(third.stranded["default"]["a"].since, "T1");
+        // A third address: still A's clients, now stranded anew.
+        let on_c = one(served(&["127.0.0.1:2049"], &["127.0.0.1:10901"]));
+        let (fourth, said) = start(&third, &on_c, only_a, "T3");
+        assert!(
+            said[0].contains(&format!("clients attached to {a} (VMs a)")),
+            "{said:?}"
+        );
+        assert_eq!(fourth.stranded["default"]["a"].nbd, [a]);
+        // Back on A: they reattach by themselves; nothing said or kept.
+        let on_a = one(served(&["127.0.0.1:2049"], &[a]));
+        let (fifth, said) = start(&fourth, &on_a, only_a, "T4");
+        assert!(said.is_empty() && fifth.stranded.is_empty(), "{said:?}");
+        // And a VM recovered on B whose daemon restarts on C is named
+        // for B, beside one still stranded from A.
+        let (sixth, _) = start(&fourth, &on_c, |_| vec!["a".into(), "n".into()], "T5");
+        assert_eq!(sixth.stranded["default"]["a"].nbd, [a]);
+        assert!(
+            !sixth.stranded["default"].contains_key("n"),
+            "n was recovered on C"
+        );
+        let on_b_again = Last {
+            points: on_b.clone(),
+            stranded: sixth.stranded.clone(),
+        };
+        let (_, said) = start(&on_b_again, &on_c, |_| vec!["a".into(), "n".into()], "T6");
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said.iter()
+                .any(|l| l.contains(&format!("clients attached to {b} (VMs n)"))),
+            "{said:?}"
+        );
     }
 
     #[test]

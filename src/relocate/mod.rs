@@ -87,7 +87,8 @@
 //!   the copier, marks `relocation.json` `cancelling` durably (from then on
 //!   no restart or `--resume` reopens it), removes it durably, then the
 //!   copied maps and the target files this relocation created (never one
-//!   that was there before).
+//!   that was there before). One that could not finish shows in `status`
+//!   as such (`cancel_unfinished`: the command that finishes it).
 //!
 //! Files: `open` (start; reopen at a restart or `--resume`), `copy` (one
 //! pass, pipelined), `passes` (the copier's loop and pacing), `cutover`,
@@ -232,6 +233,19 @@ pub struct RelocationStatus {
     pub cutover_pause_ms: Option<f64>,
     pub error: Option<String>,
     pub note: Option<String>,
+    /// A cancel began and could not finish (`relocate --cancel`, then
+    /// its record could not be written or removed, or the daemon stopped
+    /// mid-cancel): the copy is stopped for good and never resumed, and
+    /// this is the one command that finishes it. `state` stays what older
+    /// readers know, `failed` (in the daemon the cancel ran in) or
+    /// `not-resumed` (after a restart); `status` shows `cancel unfinished`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_unfinished: Option<String>,
+}
+
+/// The command that finishes VM `vm`'s unfinished cancel.
+pub(crate) fn finish_cancel(vm: &str) -> String {
+    format!("recoverfs relocate {vm} --cancel")
 }
 
 pub struct Relocation {
@@ -427,10 +441,15 @@ impl Relocation {
         let rate = copied as f64 / secs.max(0.001) / 1e6;
         let left = bs_total.saturating_sub(done);
         let done = if state == State::Done { bs_total } else { done };
+        // Read once: a guard taken in the literal lives to its end.
+        let (pass, cancelling) = {
+            let m = self.meta.lock();
+            (m.pass, m.cancelling)
+        };
         RelocationStatus {
             state,
             target: self.target_dir.clone(),
-            pass: self.meta.lock().pass,
+            pass,
             bytes_done: done,
             bytes_total: bs_total,
             bytes_copied: copied,
@@ -452,6 +471,7 @@ impl Relocation {
             cutover_pause_ms: *self.pause_ms.lock(),
             error,
             note,
+            cancel_unfinished: cancelling.then(|| finish_cancel(&self.vm)),
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct NotResumed {
     pub error: Error,
     /// What the administrator can do about it, one sentence.
     pub then: String,
+    /// Held because a cancel of it did not finish (see `cancelled`).
+    vm: String,
+    cancelling: bool,
 }
 
 impl NotResumed {
@@ -75,6 +78,8 @@ impl NotResumed {
             bytes_total: src.disks.iter().map(|d| d.size).sum(),
             error,
             then,
+            vm: vm.to_string(),
+            cancelling: false,
         }
     }
 
@@ -93,8 +98,19 @@ impl NotResumed {
             ),
             // `--resume` refuses it: no advice to resume a paused one.
             paused: false,
+            cancelling: true,
             ..NotResumed::new(src, meta, e, false)
         }
+    }
+
+    /// What a session holds after a cancel of its relocation not resumed
+    /// (`cancel_recorded`) failed: the relocation as a restart would find
+    /// it (marked `cancelling`: held as a cancel to finish), or `None` if
+    /// the record is not marked (the mark could not be written: it is as
+    /// it was) or cannot be read.
+    pub fn after_failed_cancel(src: Source) -> Option<NotResumed> {
+        let meta = Relocation::read_meta(&src).ok()??;
+        (meta.cancelling && !meta.switched).then(|| NotResumed::cancelled(&src, &meta))
     }
 
     /// The session's relocation as `status` shows it: not copying (the VM
@@ -121,6 +137,7 @@ impl NotResumed {
             cutover_pause_ms: None,
             error: Some(self.error.to_string()),
             note: Some(format!("{}{paused}", self.then)),
+            cancel_unfinished: self.cancelling.then(|| super::finish_cancel(&self.vm)),
         }
     }
 }

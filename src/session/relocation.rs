@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::{Datastore, Session};
 use crate::error::{Error, Result};
-use crate::relocate::{Cancelled, Relocation, RelocationStatus, Reopened, State};
+use crate::relocate::{Cancelled, NotResumed, Relocation, RelocationStatus, Reopened, State};
 use crate::util::validate_name;
 
 impl Datastore {
@@ -131,7 +131,16 @@ impl Datastore {
                 c
             }
             None => {
-                let c = Relocation::cancel_recorded(s.relocation_source(), keep_target)?;
+                let c = Relocation::cancel_recorded(s.relocation_source(), keep_target);
+                let c = c.inspect_err(|_| {
+                    // Marked `cancelling` before the removal failed: shown
+                    // (and refused a resume) as the cancel to finish it is,
+                    // not as the relocation not resumed it was.
+                    let src = s.relocation_source();
+                    if let Some(h) = NotResumed::after_failed_cancel(src) {
+                        *s.relocation_not_resumed.lock() = Some(h);
+                    }
+                })?;
                 // The record is gone (or was): nothing left to resume.
                 *s.relocation_not_resumed.lock() = None;
                 c.ok_or_else(|| Error::not_found(format!("VM {vm} has no relocation to cancel")))?

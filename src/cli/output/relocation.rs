@@ -8,6 +8,17 @@ use crate::util::human_bytes;
 
 pub(crate) fn relocation_line(r: &Value) -> String {
     let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    if let Some(finish) = r["cancel_unfinished"].as_str() {
+        // Its own state, whatever `state` says for older readers (`failed`
+        // in the daemon that tried, `not-resumed` after a restart).
+        return format!(
+            "CANCEL UNFINISHED: the copy is stopped for good and never resumed, the VM is \
+             served from staging; {}/{} copied: {}; finish the cancel with `{finish}`",
+            human_bytes(n("bytes_done")),
+            human_bytes(n("bytes_total")),
+            r["error"].as_str().unwrap_or("?"),
+        );
+    }
     if r["state"] == "not-resumed" {
         // Not copying: what was done, why it stopped, what to do.
         return format!(
@@ -180,7 +191,8 @@ pub(crate) fn wait_verdict(vm: &str, s: &Value) -> Option<Result<String>> {
         )));
     }
     let state = r["state"].as_str().unwrap_or("");
-    if state == "not-resumed" {
+    // Before `failed`: `--resume` refuses it, only a cancel ends it.
+    if state == "not-resumed" || r["cancel_unfinished"].is_string() {
         return Some(Err(Error::busy(format!(
             "relocation of VM {vm} to {}: {}",
             r["target"].as_str().unwrap_or("?"),
@@ -399,6 +411,36 @@ mod tests {
             .to_string();
         assert!(e.contains("NOT RESUMED") && e.contains("--resume"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn an_unfinished_cancel_shows_as_such_with_the_command_that_finishes_it_and_ends_a_wait() {
+        let error = "the relocation of VM vm to /p/vm was cancelled; its record could not be \
+                     removed: remove relocation.json: Input/output error; run `recoverfs \
+                     relocate vm --cancel` again";
+        // `failed` in the daemon the cancel ran in, `not-resumed` after a
+        // restart: older readers keep their state, the new field says more.
+        for state in ["failed", "not-resumed"] {
+            let mut r = relocation(state, Some(error));
+            r["cancel_unfinished"] = json!("recoverfs relocate vm --cancel");
+            let line = relocation_line(&r);
+            assert!(
+                line.starts_with("CANCEL UNFINISHED")
+                    && line.contains("1.0 MiB/4.0 MiB")
+                    && line.contains("Input/output error")
+                    && line.ends_with("finish the cancel with `recoverfs relocate vm --cancel`")
+                    && !line.contains("--resume"),
+                "{line}"
+            );
+            let e = wait_verdict("vm", &session(r, None)).unwrap().unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Busy);
+            let e = e.to_string();
+            assert!(
+                e.contains("CANCEL UNFINISHED") && !e.contains("--resume"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 
     #[test]

@@ -103,6 +103,11 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
     for st in r["staging"].as_array().cloned().unwrap_or_default() {
         println!("{}", staging_line(&st));
     }
+    // Per export point, the clients a restart stranded (daemons from
+    // before it send none).
+    for m in r["moved"].as_array().cloned().unwrap_or_default() {
+        println!("WARNING: {}", m["warning"].as_str().unwrap_or("?"));
+    }
     if sessions.is_empty() {
         println!("no recovery sessions");
     }

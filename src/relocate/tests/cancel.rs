@@ -293,6 +293,45 @@ fn a_cancel_whose_record_cannot_be_removed_is_never_resumed_and_finishes_when_as
     assert!(rig.restart().1.is_none());
 }
 
+/// fixstatus 1: a cancel that could not finish showed as `failed` (or, after
+/// a restart, `not-resumed`), the cancel named only in its error text.
+#[test]
+fn a_cancel_that_could_not_finish_shows_its_own_state_and_the_command_that_finishes_it() {
+    let rig = rig();
+    let disks = rig.volumes();
+    let r = rig.relocate_at(&disks, Some(1.0));
+    wait_for_progress(&r);
+    let json = serde_json::to_value(r.status()).unwrap();
+    assert!(json.get("cancel_unfinished").is_none(), "{json}");
+    rig.faults
+        .inject(Rule::fail(Op::Remove, "relocation.json", libc::EIO).times(1));
+    r.cancel(false).unwrap_err();
+    let finish = Some("recoverfs relocate vm --cancel");
+    let st = r.status();
+    assert_eq!(st.state, State::Failed, "older readers keep their state");
+    assert_eq!(st.cancel_unfinished.as_deref(), finish);
+    let json = serde_json::to_value(&st).unwrap();
+    assert_eq!(json["state"], "failed");
+    assert_eq!(json["cancel_unfinished"], "recoverfs relocate vm --cancel");
+    // Held as such by a restart.
+    drop((r, disks));
+    let (disks, _) = rig.restart();
+    let Reopened::NotResumed(h) = Relocation::reopen_or_hold(rig.source(&disks)).unwrap() else {
+        panic!("not held");
+    };
+    let st = h.status();
+    assert_eq!(st.state, State::NotResumed);
+    assert_eq!(st.cancel_unfinished.as_deref(), finish);
+    // Finished, nothing is left to show.
+    Relocation::cancel_recorded(rig.source(&disks), false)
+        .unwrap()
+        .expect("recorded");
+    assert!(matches!(
+        Relocation::reopen_or_hold(rig.source(&disks)).unwrap(),
+        Reopened::None
+    ));
+}
+
 #[test]
 fn a_cancel_whose_mark_cannot_be_written_cancels_nothing_and_is_not_resumed_in_the_daemon() {
     let rig = rig();
@@ -305,6 +344,11 @@ fn a_cancel_whose_mark_cannot_be_written_cancels_nothing_and_is_not_resumed_in_t
     assert!(e.contains("not cancelled"), "{e}");
     let record = std::fs::read_to_string(rig.session_dir.join("relocation.json")).unwrap();
     assert!(!record.contains("cancelling"), "{record}");
+    // Shown as a cancel to finish, with its command (fixstatus 1).
+    assert_eq!(
+        r.status().cancel_unfinished.as_deref(),
+        Some("recoverfs relocate vm --cancel")
+    );
     // Asked to cancel: not resumed in this daemon, whatever failed.
     assert!(r.retry(rig.source(&disks)).is_err());
     assert!(!r.copier_running());

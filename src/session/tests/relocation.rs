@@ -115,6 +115,50 @@ fn resume_reopens_a_relocation_not_resumed_at_restart_once_its_target_is_back_an
         .is_none());
 }
 
+/// fixstatus 1: a cancel of a relocation not resumed whose record could
+/// not be removed left `status` showing it `not-resumed`, advising the
+/// `--resume` that then refused it.
+#[test]
+fn a_cancel_of_a_relocation_not_resumed_that_could_not_finish_shows_as_such_in_status() {
+    let (r, _data, _, _away) = relocation_left_unreachable("vm", false);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = super::recover_faults::restart_over(r, &faults);
+    r.ds.resume_active();
+    let st = relocation_status(&r, "vm").expect("held");
+    assert_eq!((st.state, st.cancel_unfinished), (State::NotResumed, None));
+    faults.inject(Rule::fail(Op::Remove, "relocation.json", libc::EIO).times(1));
+    let e = r.ds.cancel_relocation("vm", false).unwrap_err().to_string();
+    assert!(e.contains("its record could not be removed"), "{e}");
+    let st = relocation_status(&r, "vm").expect("still recorded, still shown");
+    // Older readers keep their state; the cancel is named, with its command.
+    assert_eq!(st.state, State::NotResumed);
+    assert_eq!(
+        st.cancel_unfinished.as_deref(),
+        Some("recoverfs relocate vm --cancel")
+    );
+    let note = st.note.unwrap_or_default();
+    assert!(
+        note.contains("--cancel` again") && !note.contains("--resume"),
+        "{note}"
+    );
+    let json = serde_json::to_value(relocation_status(&r, "vm").unwrap()).unwrap();
+    assert_eq!(json["state"], "not-resumed");
+    assert_eq!(json["cancel_unfinished"], "recoverfs relocate vm --cancel");
+    // Not resumed, however asked.
+    let e = r.ds.pause_relocation("vm", false).unwrap_err().to_string();
+    assert!(e.contains("was cancelled"), "{e}");
+    // The command named finishes it (its files could not be reached).
+    r.ds.cancel_relocation("vm", false).unwrap_err();
+    assert!(relocation_status(&r, "vm").is_none());
+    assert!(!r
+        .ds
+        .session("vm")
+        .unwrap()
+        .dir
+        .join("relocation.json")
+        .exists());
+}
+
 #[test]
 fn cancelling_a_relocation_not_resumed_at_restart_leaves_the_session_without_one() {
     let (r, data, _, _) = relocation_left_unreachable("vm", false);
