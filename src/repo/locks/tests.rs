@@ -469,11 +469,44 @@ fn a_lock_dropped_while_its_refresh_hangs_is_left_behind_at_once_and_goes_stale_
     let took = t.elapsed();
     assert!(took < deadline / 2, "dropping the lock took {took:?}");
     refresh.join().unwrap();
+    // The release goes on behind the drop once the refresh ends (in a
+    // process that lives on): its removal, asked while the store still
+    // hangs, gets no answer either, and the lock stays behind.
+    std::thread::sleep(Duration::from_secs(1));
     hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(deadline);
     assert!(r.backend().exists(&key).unwrap(), "left behind");
     age(&d, &key, STALE + Duration::from_secs(5));
     assert!(holders(&r, LockKind::Backup, None).unwrap().is_empty());
     GcLock::acquire(&r, Duration::ZERO).unwrap();
+}
+
+/// review28 M1: a lock dropped while the store fails is released on a
+/// thread of its own, which carries on past the drop's short wait: once
+/// the refresh in flight ends and the store answers, the lock is removed
+/// (a daemon no longer leaves it looking held until it goes stale).
+#[test]
+fn a_release_left_to_its_own_thread_removes_the_lock_once_the_store_answers() {
+    let d = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_secs(2);
+    let (r, hang) = Hanging::repo(&d.path().join("r"), &["locks/"], deadline);
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    let body = r.backend().get(&key, 4096).unwrap().unwrap();
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refresh = {
+        let (r, key, gate, fresh) = (r.clone(), key.clone(), w.0.gate.clone(), w.0.fresh.clone());
+        std::thread::spawn(move || refresh_once(&r, &key, &body, &gate, &fresh))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    drop(w);
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    refresh.join().unwrap();
+    let until = Instant::now() + deadline * 2;
+    while r.backend().exists(&key).unwrap() {
+        assert!(Instant::now() < until, "the lock was never removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
