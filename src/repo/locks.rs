@@ -496,18 +496,25 @@ fn refresh_once(
 /// (`Backend::answering`), and how long [`release_all`] waits for all its
 /// removals beyond its `wait`: a store that just failed to answer would
 /// hold a failed backup for two more request deadlines (explore9 M4:
-/// 3 × 60 s in all). A dropped lock on a store that answers, however
-/// slowly, gets its requests' own deadlines: a lock left behind by a run
-/// that succeeded would block other hosts' backups or gc for [`STALE`]
-/// (review28 M1), and a CLI process exits right after the drop, so the
-/// removal is made on the dropping thread, never left to one the exit
-/// kills. A lock left
-/// behind goes stale by design: at once for this host once the process
-/// is gone, after [`STALE`] for others.
+/// 3 × 60 s in all). A lock left behind goes stale by design: at once for
+/// this host once the process is gone, after [`STALE`] for others.
 const RELEASE_WAIT: Duration = if cfg!(test) {
     Duration::from_millis(300)
 } else {
     Duration::from_secs(5)
+};
+
+/// How long dropping a lock waits on a store that answers, however
+/// slowly: about one S3 request deadline. A lock left behind by a run
+/// that succeeded would block other hosts' backups or gc for [`STALE`]
+/// (review28 M1), and a CLI process exits right after the drop, killing
+/// a removal still under way. Bounded all the same: a local repository
+/// on a share that stops answering reports itself answering, and must
+/// not hang the process for good (review29 H1).
+const PATIENT_WAIT: Duration = if cfg!(test) {
+    Duration::from_secs(3)
+} else {
+    Duration::from_secs(65)
 };
 
 impl Drop for Held {
@@ -524,16 +531,14 @@ impl Drop for Held {
                 STALE.as_secs()
             );
         };
-        if self.repo.backend().answering() {
-            if let Err(e) = release(&self.repo, &self.key, &self.gate, thread) {
-                left(&format!("could not remove it: {e}"));
-            }
-            return;
-        }
-        // A failing store: the release runs on a thread of its own and is
-        // waited for only [`RELEASE_WAIT`]. If the store answers later, it
-        // still ends there in a process that lives on (the daemon), so a
-        // refresh that was in flight does not leave the lock fresh.
+        let wait = match self.repo.backend().answering() {
+            true => PATIENT_WAIT,
+            false => RELEASE_WAIT,
+        };
+        // The release runs on a thread of its own, waited for `wait`. If
+        // the store answers later, it still ends there in a process that
+        // lives on (the daemon), so a refresh that was in flight does not
+        // leave the lock looking held.
         let (done, ended) = crossbeam_channel::bounded(1);
         let (repo, key, gate) = (self.repo.clone(), self.key.clone(), self.gate.clone());
         let spawned = std::thread::Builder::new()
@@ -542,7 +547,7 @@ impl Drop for Held {
                 let _ = done.send(release(&repo, &key, &gate, thread));
             });
         let r = match spawned {
-            Ok(_) => ended.recv_timeout(RELEASE_WAIT),
+            Ok(_) => ended.recv_timeout(wait),
             Err(_) => Ok(release(&self.repo, &self.key, &self.gate, None)),
         };
         match r {
@@ -550,7 +555,7 @@ impl Drop for Held {
             Ok(Err(e)) => left(&format!("could not remove it: {e}")),
             Err(_) => left(&format!(
                 "the store did not answer in {} s; the removal goes on while this process lives",
-                RELEASE_WAIT.as_secs_f32()
+                wait.as_secs_f32()
             )),
         }
     }

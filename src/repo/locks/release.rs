@@ -55,6 +55,9 @@ fn release_one(
     if std::mem::replace(&mut *released, true) {
         return tell(Step::Done(Err(NotRemoved::Already)));
     }
+    // The flag set is the release: a dropped lock waiting for the gate
+    // must not also wait for this removal (review29 H1).
+    drop(released);
     tell(Step::Gated);
     tell(Step::Done(
         repo.backend().delete(key).map_err(NotRemoved::Failed),

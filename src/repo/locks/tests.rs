@@ -481,6 +481,37 @@ fn a_lock_dropped_while_its_refresh_hangs_is_left_behind_at_once_and_goes_stale_
     GcLock::acquire(&r, Duration::ZERO).unwrap();
 }
 
+/// review29 H1: a store that says it answers (a local repository on a
+/// share, which has no deadline) and then hangs its removal: the drop
+/// waited for good. Now it is bounded by PATIENT_WAIT, the lock left
+/// behind, and removed once the store answers (in a process that lives on).
+#[test]
+fn a_drop_on_a_store_that_hangs_while_it_says_it_answers_is_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("r");
+    Repository::open_or_create(path.to_str().unwrap()).unwrap();
+    let knobs = crate::repo::testing::Knobs::default();
+    let b = crate::repo::testing::TestBackend::new(&path, knobs.clone());
+    let r = Repository::open_backend(Box::new(b)).unwrap();
+    assert!(r.backend().answering());
+    let w = WriterLock::acquire(&r, "vm1").unwrap();
+    let key = w.0.key.clone();
+    knobs.before_first(&key, || std::thread::sleep(PATIENT_WAIT * 2));
+    let t = Instant::now();
+    drop(w);
+    let took = t.elapsed();
+    assert!(
+        took < PATIENT_WAIT + Duration::from_secs(1),
+        "dropping the lock took {took:?}"
+    );
+    assert!(r.backend().exists(&key).unwrap(), "left behind at the drop");
+    let until = Instant::now() + PATIENT_WAIT * 2;
+    while r.backend().exists(&key).unwrap() {
+        assert!(Instant::now() < until, "the removal never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// review28 M1: a lock dropped while the store fails is released on a
 /// thread of its own, which carries on past the drop's short wait: once
 /// the refresh in flight ends and the store answers, the lock is removed

@@ -203,6 +203,13 @@ impl RetryLog {
         ));
     }
 
+    /// A request ended unanswered without retrying (its attempt timed
+    /// out): the store counts as failing (`answering`).
+    pub fn mark_failing(&self) {
+        self.failing
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// False from an attempt's failure until a request is answered.
     pub fn answering(&self) -> bool {
         !self.failing.load(std::sync::atomic::Ordering::Acquire)
@@ -358,10 +365,11 @@ impl Req {
                     }
                     Attempt::Done(Err(e)) => e,
                     Attempt::TimedOut(t) => {
+                        log.mark_failing();
                         return Err(Error::unanswered(format!(
                             "S3 {what}: no answer in {} s",
                             t.as_secs_f64()
-                        )))
+                        )));
                     }
                     Attempt::PastDeadline => return no_answer(n, None),
                     Attempt::Stopped => {
