@@ -75,7 +75,13 @@ impl Datastore {
                 let Some(_op) = op.try_lock() else {
                     continue;
                 };
-                if self.session(&vm).is_some() || !st.pin_owed(&vm, &b) {
+                // Only this very session served again writes its own pin
+                // (`repin`); the VM served from another backup or staging
+                // does not pay this one's debt (review29 M1).
+                let served_here = self
+                    .session(&vm)
+                    .is_some_and(|s| s.backup == b && s.staging.id() == st.id());
+                if served_here || !st.pin_owed(&vm, &b) {
                     continue;
                 }
                 let dir = st.session_dir(&vm, &b);

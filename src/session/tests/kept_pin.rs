@@ -76,3 +76,28 @@ fn a_kept_pin_still_owed_when_the_daemon_stops_is_written_by_the_next_daemon() {
     );
     assert!(!r.ds.kept_pin_owed("vm", &b1));
 }
+
+/// review29 M1: the VM recovered again from another backup while the
+/// kept staging still owed its pin: the check passed over every VM served,
+/// so the kept backup stayed unpinned as long as the new session lived.
+#[test]
+fn a_kept_pin_owed_while_the_vm_is_served_from_another_backup_is_written() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    let (b2, _) = backup(&r, "vm", 2, 8);
+    r.knobs.unreachable("pins/");
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    disk(&r, "vm").write(0, b"the guest wrote this").unwrap();
+    r.ds.release("vm", false).unwrap();
+    r.knobs.reachable();
+    r.ds.recover("vm", Some(&b2)).unwrap();
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![
+            (vec![b1.clone()], "kept".to_string()),
+            (vec![b2.clone()], "serving".to_string())
+        ]
+    );
+    assert!(!r.ds.kept_pin_owed("vm", &b1));
+}
