@@ -127,11 +127,16 @@ fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
         },
     };
     // A store that answered with what waiting will not change (a bucket
-    // that does not exist, a request refused as malformed) is a
-    // configuration to fix, not an outage to ride out: the start fails.
-    if !matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound)
-        || crate::repo::backend::Misconfigured::is(&e)
-    {
+    // that does not exist, a request refused as malformed, a key refused)
+    // is a configuration to fix: with nothing of this repository in
+    // staging the start fails, saying what. A staging directory that
+    // records this very repository holds sessions of it, served before
+    // from this address: the VMs come first (a store still syncing, a
+    // failover, keys rotated under a running service), so the start goes
+    // on degraded, saying so as an error (review29 M2).
+    let answered =
+        crate::repo::backend::Misconfigured::is(&e) || e.kind() == ErrorKind::NotPermitted;
+    if !(matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound) || answered) {
         return Err(e);
     }
     let recorded = match crate::staging::recorded_repository(&opts.staging) {
@@ -145,6 +150,14 @@ fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
     let (at, info) = recorded;
     let id = info.id.clone();
     match Repository::open_recorded(&opts.repo, info, &at) {
+        Ok(repo) if answered => {
+            tracing::error!(
+                repo = %repo.location(),
+                "the store refuses this repository ({e}): starting from staging {}'s record of it (id {id}), which it served before from this address. Staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself: fix what this says (bucket, region, keys) and the daemon carries on by itself",
+                opts.staging.display()
+            );
+            Ok(repo)
+        }
         Ok(repo) => {
             tracing::warn!(
                 repo = %repo.location(),

@@ -500,11 +500,11 @@ fn a_missing_bucket_and_a_wrong_secret_fail_at_once_saying_what_to_fix() {
 
 /// `serve` run to its end (or killed after `limit`: `None`): its exit
 /// status and what it wrote to stderr.
-fn serve_to_end(env: &Env, limit: std::time::Duration) -> (Option<i32>, String) {
+fn serve_to_end(env: &Env, staging: &str, limit: std::time::Duration) -> (Option<i32>, String) {
     let log = env.path("serve-to-end.log");
     let mut c = std::process::Command::new(bin())
         .args(["serve", "--repo", env.repo_str(), "--staging"])
-        .arg(env.path("staging"))
+        .arg(env.path(staging))
         .arg("--mount")
         .arg(env.path("mnt"))
         .arg("--socket")
@@ -544,15 +544,17 @@ fn garage_bucket(g: &Garage, args: &[&str]) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// fixstart: a daemon whose staging records the repository started
-/// *degraded* when the store answered that the bucket does not exist (or
-/// refused the request as malformed: a wrong region), as if the store
-/// were away, and waited. The store answered: it is a configuration to
-/// fix. The start fails at once with one line naming bucket and
-/// endpoint, nothing mounted, and the staging serves again once the
-/// bucket is back.
+/// fixstart: a store that answered that the bucket does not exist (or
+/// refused the request as malformed: a wrong region; or the key) was
+/// taken for a store away, and waited. With a fresh staging directory it
+/// is a configuration to fix: the start fails at once with one line
+/// naming bucket and endpoint, nothing mounted. With a staging directory
+/// that records this very repository (review29 M2: a store still
+/// syncing, a failover, keys rotated) the VMs come first: the start goes
+/// on degraded, saying so as an error, and carries on once the store
+/// answers as itself again.
 #[test]
-fn a_daemon_whose_bucket_does_not_exist_or_that_is_refused_fails_to_start_and_does_not_wait() {
+fn a_refusing_store_fails_a_fresh_start_at_once_and_starts_a_recorded_staging_degraded() {
     use std::time::{Duration, Instant};
     let g = Garage::single();
     let mut env = s3_env(&g, "gone");
@@ -573,7 +575,7 @@ fn a_daemon_whose_bucket_does_not_exist_or_that_is_refused_fails_to_start_and_do
             .contains(&mnt)
     };
     let t0 = Instant::now();
-    let (code, err) = serve_to_end(&env, Duration::from_secs(20));
+    let (code, err) = serve_to_end(&env, "fresh-staging", Duration::from_secs(20));
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {err}");
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     let line = format!(
@@ -581,11 +583,26 @@ fn a_daemon_whose_bucket_does_not_exist_or_that_is_refused_fails_to_start_and_do
         g.nodes[0].s3_port
     );
     assert!(err.lines().any(|l| l.starts_with(&line)), "{err}");
-    assert!(!err.contains("starting from staging"), "{err}");
     assert!(!mounted(), "{err}");
     assert!(!env.path("control.sock").exists());
+    assert!(
+        !env.path("fresh-staging").exists(),
+        "a refused start made a staging directory"
+    );
+    // The staging that records it: degraded, the session served, the
+    // refusal an error line.
+    let d = env.serve();
+    assert_eq!(env.status()["sessions"][0]["vm"], "vm");
+    let log = d.log_text();
+    assert!(
+        log.contains("ERROR")
+            && log.contains("the store refuses this repository")
+            && log.contains("does not exist"),
+        "{log}"
+    );
+    drop(d);
     // A wrong region (400 AuthorizationHeaderMalformed) and a wrong
-    // secret (403) fail the same way.
+    // secret (403): refused fresh, degraded over the recorded staging.
     garage_bucket(&g, &["alias", "moved-away", BUCKET]);
     let good = g.env(0);
     let set = |k: &str, v: &str| {
@@ -606,16 +623,23 @@ fn a_daemon_whose_bucket_does_not_exist_or_that_is_refused_fails_to_start_and_do
         ),
     ] {
         env.extra_env = wrong;
-        let (code, err) = serve_to_end(&env, Duration::from_secs(20));
+        let (code, err) = serve_to_end(&env, "fresh-staging", Duration::from_secs(20));
         assert!(code.is_some_and(|c| c != 0), "{code:?}: {err}");
         assert!(
             err.contains("recoverfs: error: ") && err.contains(says),
             "{err}"
         );
-        assert!(!err.contains("starting from staging"), "{err}");
         assert!(!mounted(), "{err}");
+        let d = env.serve();
+        assert_eq!(env.status()["sessions"][0]["vm"], "vm");
+        let log = d.log_text();
+        assert!(
+            log.contains("the store refuses this repository") && log.contains(says),
+            "{log}"
+        );
+        drop(d);
     }
-    // Nothing was changed: with the bucket back, the session resumes.
+    // With the store right again, the session resumes, not degraded.
     env.extra_env = good;
     let d = env.serve();
     assert_eq!(env.status()["sessions"][0]["vm"], "vm");

@@ -68,6 +68,8 @@ const TRANSIENT_CODES: &[&str] = &[
     "SlowDown",
     "InternalError",
     "ServiceUnavailable",
+    // A clock not yet synced after a power cut: passes once it is.
+    "RequestTimeTooSkewed",
 ];
 
 impl Hints {
