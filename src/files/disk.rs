@@ -474,8 +474,17 @@ pub(crate) fn copy_data(
             }
             let want = (end - pos).min(buf.len() as u64) as usize;
             let n = match f.read_at(&mut buf[..want], pos) {
-                // It shrank: what it holds now is all there is.
-                Ok(0) => return Ok(read),
+                // Short of the size it had: never a restored file that
+                // silently lacks its end (review29 L3).
+                Ok(0) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "read {}: it ends at {pos} bytes, short of the {size} it had when the copy began",
+                            e.path
+                        ),
+                    ))
+                }
                 Ok(n) => n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(Error::io(format!("read {}", e.path), err)),
