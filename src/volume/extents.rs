@@ -98,6 +98,12 @@ impl Volume {
         })
     }
 
+    /// How many blocks the guest changed: a count of the map's words, no
+    /// allocation (FUSE's `st_blocks`, asked on event threads).
+    pub fn changed_blocks(&self) -> u64 {
+        self.store.changed.bits().count()
+    }
+
     /// Changed blocks as half-open block ranges.
     pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
         self.store.changed.bits().ranges()

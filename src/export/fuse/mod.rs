@@ -192,7 +192,8 @@ impl RecoverFs {
         // A disk's allocated bytes, so a sparse one looks sparse (see `seek`).
         let used = match node {
             Node::Disk(_, d) => {
-                seek::allocated_bytes(size, d.block_size(), d.chunks(), &d.changed_ranges())
+                let data = d.chunks().data_chunks();
+                seek::allocated_bytes(size, d.block_size(), data, d.changed_blocks())
             }
             _ => size,
         };

@@ -46,7 +46,6 @@
 use fuser::Errno;
 
 use crate::disk::Disk;
-use crate::repo::chunk_index::ChunkIndex;
 
 /// What an lseek looks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,25 +193,20 @@ pub fn all_data(len: u64, off: i64, want: Want) -> Result<u64, Errno> {
     }
 }
 
-/// The bytes a disk of `size` in blocks of `bs` holds: its blocks with
-/// backup data (`chunks`) and the zero blocks the guest wrote (`changed`,
-/// block ranges). For `st_blocks` only, where it makes a sparse disk look
-/// sparse; SEEK_DATA / SEEK_HOLE never depend on it. Costs the changed
-/// ranges and the backup's data runs within them, not the disk's blocks.
-pub fn allocated_bytes(size: u64, bs: u64, chunks: &ChunkIndex, changed: &[(u64, u64)]) -> u64 {
-    let mut blocks = chunks.data_chunks();
-    for &(s, e) in changed {
-        // The changed blocks without backup data: not counted yet.
-        let mut data = 0;
-        let mut b = s;
-        while let Some(d) = chunks.next_data(b).filter(|&d| d < e) {
-            let end = chunks.data_end(d).min(e);
-            data += end - d;
-            b = end;
-        }
-        blocks += (e - s) - data;
-    }
-    blocks.saturating_mul(bs).min(size)
+/// The bytes a disk of `size` in blocks of `bs` holds, at most: its
+/// backup's data chunks and the blocks the guest changed (a changed block
+/// with backup data counts twice), never past the size. For `st_blocks`
+/// only, where it makes a sparse disk look sparse; SEEK_DATA / SEEK_HOLE
+/// never depend on it. Asked on event threads at every getattr, so it
+/// takes counts, not a walk of the ranges (review29 L1: 3.4 s and a
+/// 256 MiB list per call for a 2 TiB disk with every other block
+/// written); an over-count only makes a disk look less sparse than it is.
+/// Never 0 while any block holds data.
+pub fn allocated_bytes(size: u64, bs: u64, data_chunks: u64, changed_blocks: u64) -> u64 {
+    data_chunks
+        .saturating_add(changed_blocks)
+        .saturating_mul(bs)
+        .min(size)
 }
 
 #[cfg(test)]
