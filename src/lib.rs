@@ -163,6 +163,9 @@
 //! * `sessions/<vm>/<backup>/pin-owed` — present while the session's
 //!   repository pin could not be written (a release into a full or
 //!   read-only repository): any daemon serving the directory writes it.
+//! * `unpins-owed/<vm>+<backup>.json` — the pin of a discarded session the
+//!   repository refused to remove, written atomically: any daemon serving
+//!   the directory removes it later (not if that session was made again).
 //! * `sessions/<vm>/<backup>/manifest.json` — the backup's manifest as
 //!   recovered, so a kept session resumes while the repository is down.
 //! * `…/diskN.data` — sparse file, disk-sized (opened `O_NOATIME`).

@@ -282,10 +282,56 @@ impl Datastore {
 
     /// Removes the pin of the discarded staging of `vm` from `backup` in
     /// `staging`.
-    pub(crate) fn unpin(&self, vm: &str, backup: &str, staging: &StagingDir) {
+    /// A removal the repository refuses now is owed, in `staging`, and
+    /// retried by `check_backups` (explore11 M1); returns whether it is.
+    pub(crate) fn unpin(&self, vm: &str, backup: &str, staging: &StagingDir) -> bool {
         let dir = staging.session_dir(vm, backup);
         let pin = self.new_pin(vm, vec![backup.into()], staging, &dir, false);
-        pins::remove_logged(&self.repo, &pin);
+        let Err(e) = pins::remove(&self.repo, &pin) else {
+            return false;
+        };
+        tracing::warn!(
+            vm,
+            backup,
+            "could not remove the discarded session's pin from the repository (its backups stay protected from forget until it is; tried again at every check): {e}"
+        );
+        let owed = serde_json::to_vec(&pin)
+            .map_err(|e| Error::io("encode a pin", e.into()))
+            .and_then(|doc| staging.owe_unpin(vm, backup, &doc));
+        if let Err(e) = owed {
+            tracing::warn!(vm, backup, "could not record the owed removal of its pin (remove it with `recoverfs pins drop`): {e}");
+        }
+        true
+    }
+
+    /// Removes the pins discarded sessions still owe the repository, each
+    /// under its VM's operation lock. A session of that VM and backup made
+    /// again in that staging directory since has a pin of the same key,
+    /// its own: the debt is then dropped, the pin kept.
+    fn unpin_owed(&self) {
+        for st in self.stagings.all().iter() {
+            for (vm, b, doc) in st.owed_unpins() {
+                let op = self.vm_op(&vm);
+                let Some(_op) = op.try_lock() else {
+                    continue;
+                };
+                let paid = match st.session_dir(&vm, &b).exists() {
+                    true => true,
+                    false => match serde_json::from_slice::<Pin>(&doc) {
+                        Ok(pin) => pins::remove(&self.repo, &pin).is_ok(),
+                        Err(e) => {
+                            tracing::warn!(vm, backup = %b, "an owed pin removal cannot be read ({e}): remove its pin with `recoverfs pins drop`");
+                            true
+                        }
+                    },
+                };
+                if paid {
+                    if let Err(e) = st.unpin_paid(&vm, &b) {
+                        tracing::warn!(vm, backup = %b, "{e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Writes the pins kept and served sessions owe, then looks for every served
@@ -296,6 +342,7 @@ impl Datastore {
     /// Pin first: then a `forget` either sees the pin or deleted before
     /// it, and this check finds that (see `repo::forget`).
     pub fn check_backups(&self) {
+        self.unpin_owed();
         self.repin_kept();
         for s in self.sessions() {
             if s.pin_owed.load(Ordering::Acquire) {

@@ -90,7 +90,9 @@ impl Datastore {
         let unmarked = if discard {
             let r = session.staging.discard(vm, &session.backup);
             match &r {
-                Ok(()) => self.unpin(vm, &session.backup, &session.staging),
+                Ok(()) => {
+                    self.unpin(vm, &session.backup, &session.staging);
+                }
                 // What is left of the staging stays protected.
                 Err(_) => self.pin(&session, false),
             }

@@ -37,6 +37,7 @@ pub mod last_mount;
 pub mod live;
 pub mod session_files;
 pub mod set;
+pub mod unpins;
 pub mod uploaded;
 
 use std::fs::{self, File};

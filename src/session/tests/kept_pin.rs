@@ -101,3 +101,45 @@ fn a_kept_pin_owed_while_the_vm_is_served_from_another_backup_is_written() {
     );
     assert!(!r.ds.kept_pin_owed("vm", &b1));
 }
+
+/// explore11 M1: a discard while the repository refused writes left the
+/// session's pin (still `serving`) for good: `forget` kept its backup for
+/// ever. The removal is owed in staging and made by a later check.
+#[test]
+fn a_pin_a_discard_could_not_remove_is_removed_by_a_later_check() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    r.knobs.unreachable("pins/");
+    r.ds.discard_kept("vm").unwrap();
+    r.knobs.reachable();
+    assert_eq!(pin_of(&r, "vm").len(), 1, "the refused removal left it");
+    r.ds.check_backups();
+    assert!(pin_of(&r, "vm").is_empty(), "the owed removal was not made");
+    // Paid once: a later recover's pin is not removed by it.
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.check_backups();
+    assert_eq!(pin_of(&r, "vm").len(), 1);
+}
+
+/// An owed removal whose session was made again in the same staging
+/// directory (same pin key) is dropped, and the new session's pin kept.
+#[test]
+fn an_owed_pin_removal_is_dropped_when_its_session_is_recovered_again_first() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", false).unwrap();
+    r.knobs.unreachable("pins/");
+    r.ds.discard_kept("vm").unwrap();
+    r.knobs.reachable();
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "serving".to_string())]
+    );
+    r.ds.check_backups();
+    assert_eq!(pin_of(&r, "vm").len(), 1);
+}
