@@ -135,7 +135,14 @@ impl Hints {
             // region, an endpoint that is not S3): the store answered,
             // and will answer the same.
             Failure::Final if matches!(e, object_store::Error::Generic { .. }) => {
-                Misconfigured::error(format!("S3 {what}"), text)
+                // A region the store does not serve: say which setting.
+                let hint = match s3_code(&text) {
+                    Some("AuthorizationHeaderMalformed") => {
+                        "check AWS_REGION: the store signs for another region (named in its answer): "
+                    }
+                    _ => "",
+                };
+                Misconfigured::error(format!("S3 {what}"), format!("{hint}{text}"))
             }
             Failure::Transient | Failure::Final => map_err(what, e),
         }
@@ -305,6 +312,11 @@ mod tests {
         ] {
             assert_eq!(h.failure(&generic(&status(s))), Failure::Final, "{s}");
         }
+        // A wrong region: the error names the setting.
+        let region =
+            status("400 Bad Request") + "<Error><Code>AuthorizationHeaderMalformed</Code></Error>";
+        let e = h.error("GET repo.json", generic(&region)).to_string();
+        assert!(e.contains("check AWS_REGION"), "{e}");
         // A slow link's PUT: 400 with a code that says it passes.
         let slow = status("400 Bad Request") + "<Error><Code>RequestTimeout</Code></Error>";
         assert_eq!(h.failure(&generic(&slow)), Failure::Transient);
