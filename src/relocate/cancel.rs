@@ -114,6 +114,8 @@ impl Relocation {
         let forgotten = {
             let _io = self.meta_io.lock();
             let marked = mark_cancelling(self.storage.as_ref(), &self.meta_path, &meta);
+            self.cancel_unmarked
+                .store(marked.is_err(), Ordering::Release);
             marked.map(|()| forget_record(self.storage.as_ref(), &self.meta_path))
         };
         let e = match forgotten {

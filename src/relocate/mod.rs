@@ -241,6 +241,10 @@ pub struct RelocationStatus {
     /// `not-resumed` (after a restart); `status` shows `cancel unfinished`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_unfinished: Option<String>,
+    /// With `cancel_unfinished`: not even the `cancelling` mark could be
+    /// written, so a restarted daemon resumes the copy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_unmarked: bool,
 }
 
 /// The command that finishes VM `vm`'s unfinished cancel.
@@ -284,6 +288,10 @@ pub struct Relocation {
     next_slot: Mutex<Instant>,
     pause_ms: Mutex<Option<f64>>,
     cancel: AtomicBool,
+    /// A cancel could not write its `cancelling` mark: nothing durable
+    /// says cancel, and a restarted daemon resumes the copy (status says
+    /// so, not "never resumed": explore11 M2).
+    cancel_unmarked: AtomicBool,
     /// Pause requested (see `pause`); set and read under `state` where it
     /// decides against a cutover.
     pause: AtomicBool,
@@ -472,6 +480,7 @@ impl Relocation {
             error,
             note,
             cancel_unfinished: cancelling.then(|| finish_cancel(&self.vm)),
+            cancel_unmarked: cancelling && self.cancel_unmarked.load(Ordering::Acquire),
         }
     }
 }

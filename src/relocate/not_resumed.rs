@@ -138,6 +138,8 @@ impl NotResumed {
             error: Some(self.error.to_string()),
             note: Some(format!("{}{paused}", self.then)),
             cancel_unfinished: self.cancelling.then(|| super::finish_cancel(&self.vm)),
+            // Read from its durable record: the mark was written.
+            cancel_unmarked: false,
         }
     }
 }

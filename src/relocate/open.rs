@@ -552,6 +552,7 @@ impl Relocation {
             }),
             pause_ms: Mutex::new(None),
             cancel: AtomicBool::new(false),
+            cancel_unmarked: AtomicBool::new(false),
             pause: AtomicBool::new(paused),
             wake: parking_lot::Condvar::new(),
             thread: Mutex::new(None),

@@ -11,6 +11,16 @@ pub(crate) fn relocation_line(r: &Value) -> String {
     if let Some(finish) = r["cancel_unfinished"].as_str() {
         // Its own state, whatever `state` says for older readers (`failed`
         // in the daemon that tried, `not-resumed` after a restart).
+        if r["cancel_unmarked"] == true {
+            return format!(
+                "CANCEL NOT RECORDED: the copy is stopped in this daemon, but nothing durable \
+                 says cancel and a restarted daemon resumes it; {}/{} copied: {}; cancel again \
+                 with `{finish}`",
+                human_bytes(n("bytes_done")),
+                human_bytes(n("bytes_total")),
+                r["error"].as_str().unwrap_or("?"),
+            );
+        }
         return format!(
             "CANCEL UNFINISHED: the copy is stopped for good and never resumed, the VM is \
              served from staging; {}/{} copied: {}; finish the cancel with `{finish}`",
@@ -441,6 +451,22 @@ mod tests {
             );
             assert!(!e.contains('\n'), "one line: {e}");
         }
+        // Not even its mark written: a restart resumes it, and the line
+        // must not say "never resumed" (explore11 M2).
+        let mut r = relocation(
+            "failed",
+            Some("write relocation.json: Operation not permitted"),
+        );
+        r["cancel_unfinished"] = json!("recoverfs relocate vm --cancel");
+        r["cancel_unmarked"] = json!(true);
+        let line = relocation_line(&r);
+        assert!(
+            line.starts_with("CANCEL NOT RECORDED")
+                && line.contains("a restarted daemon resumes it")
+                && !line.contains("never resumed")
+                && line.ends_with("cancel again with `recoverfs relocate vm --cancel`"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -313,6 +313,11 @@ fn a_cancel_that_could_not_finish_shows_its_own_state_and_the_command_that_finis
     let json = serde_json::to_value(&st).unwrap();
     assert_eq!(json["state"], "failed");
     assert_eq!(json["cancel_unfinished"], "recoverfs relocate vm --cancel");
+    // Its mark was written: never resumed, rightly said so.
+    assert!(
+        !st.cancel_unmarked && json.get("cancel_unmarked").is_none(),
+        "{json}"
+    );
     // Held as such by a restart.
     drop((r, disks));
     let (disks, _) = rig.restart();
@@ -349,6 +354,9 @@ fn a_cancel_whose_mark_cannot_be_written_cancels_nothing_and_is_not_resumed_in_t
         r.status().cancel_unfinished.as_deref(),
         Some("recoverfs relocate vm --cancel")
     );
+    // Nothing durable says cancel: status must not say "never resumed"
+    // (explore11 M2).
+    assert!(r.status().cancel_unmarked);
     // Asked to cancel: not resumed in this daemon, whatever failed.
     assert!(r.retry(rig.source(&disks)).is_err());
     assert!(!r.copier_running());
