@@ -8,28 +8,38 @@
 //! stranded them, where they were stranded from) and names, per export
 //! point, the VMs whose clients must reattach: in the log at every start
 //! that finds them stranded, and in `status` until their sessions are
-//! released or a restart serves the old address again (fixstatus 2: a
-//! second restart on the new address said nothing, and only the log said
-//! it once).
+//! released, a restart serves the old address again, or they reattach
+//! (fixstatus 2: a second restart on the new address said nothing, and
+//! only the log said it once). A VM's clients reattached when NFS or NBD
+//! attaches to its session after the restart (`Session::attach`, which
+//! only they call; this daemon serves only the new addresses): `status`
+//! leaves the VM out at once, the record drops it at that attach and again
+//! at the stop (fixviews 1: a client reattached by hand was named at every
+//! restart until the session was released).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::session::Datastore;
+use crate::session::{Datastore, Session};
 use crate::staging::last_exports::{self, Last, Served, Stranded};
 
 /// Warns (one line per export point and group of VMs) where resumed
 /// sessions' clients are stranded, then records `now` and them for the
 /// next start and for `status`, and drops a VM from the record when its
-/// session is released. Never fails `serve`.
+/// session is released or its clients reattach. Never fails `serve`.
 pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<String, Served>) {
     let since = crate::util::rfc3339(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     );
+    // A VM a client reached already (the frontends serve before this) is
+    // not stranded.
     let vms_at = |point: &str| -> Vec<String> {
-        ds.sessions_at(point).iter().map(|s| s.vm.clone()).collect()
+        (ds.sessions_at(point).iter())
+            .filter(|s| !s.network_attached())
+            .map(|s| s.vm.clone())
+            .collect()
     };
     let found = match last_exports::read(root) {
         Some(before) => strand(&before, now, vms_at, &since),
@@ -38,7 +48,7 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
     for line in lines(now, &found, &since) {
         tracing::warn!("{line}");
     }
-    let stranded = (found.into_iter())
+    let stranded: last_exports::StrandedAt = (found.into_iter())
         .map(|(point, vms)| (point, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
         .collect();
     let last = Last {
@@ -48,12 +58,50 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
     if let Err(e) = last_exports::write(root, &last) {
         tracing::warn!("could not record the export addresses in the staging directory (a later daemon there on other addresses will not say which clients must reattach): {e}");
     }
+    // Hooked after the record is written, so the first attach drops the
+    // VM from this record; one that came before the hook is done here.
+    for (point, vms) in &last.stranded {
+        for s in ds.sessions_at(point) {
+            if !vms.contains_key(&s.vm) {
+                continue;
+            }
+            let r = root.to_path_buf();
+            if !s.on_network_attach(Box::new(move |s: &Session| reattached(&r, &s.vm))) {
+                reattached(root, &s.vm);
+            }
+        }
+    }
     let root = root.to_path_buf();
     ds.add_on_release(Box::new(move |s| {
         if let Err(e) = last_exports::forget_vm(&root, &s.vm) {
             tracing::warn!(vm = %s.vm, "could not drop the released VM from the record of stranded clients (status may name it until the next restart): {e}");
         }
     }));
+}
+
+/// NFS or NBD attached to VM `vm` since this start: its clients are no
+/// longer stranded; dropped from the record.
+fn reattached(root: &Path, vm: &str) {
+    tracing::info!(vm, "a client attached to the VM over NFS or NBD: its clients are no longer taken to be stranded on an address a restart left");
+    if let Err(e) = last_exports::forget_vms(root, |v| v == vm) {
+        tracing::warn!(vm, "could not drop the reattached VM from the record of stranded clients (tried again at the stop; a restart before it names the VM again): {e}");
+    }
+}
+
+/// At the stop (no frontend attaches any more): drops the VMs NFS or NBD
+/// attached to from the record, for a record write at the attach that
+/// failed.
+pub(super) fn at_stop(root: &Path, ds: &Datastore) {
+    let attached: BTreeSet<String> = (ds.sessions().iter())
+        .filter(|s| s.network_attached())
+        .map(|s| s.vm.clone())
+        .collect();
+    if attached.is_empty() {
+        return;
+    }
+    if let Err(e) = last_exports::forget_vms(root, |vm| attached.contains(vm)) {
+        tracing::warn!("could not drop the reattached VMs from the record of stranded clients (the next start names them again): {e}");
+    }
 }
 
 /// Per export point, per VM resumed there (`vms_at`) whose clients are
