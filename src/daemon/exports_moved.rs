@@ -45,11 +45,16 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
         Some(before) => strand(&before, now, vms_at, &since),
         None => BTreeMap::new(),
     };
-    for line in lines(now, &found, &since) {
+    for line in lines(now, &found) {
         tracing::warn!("{line}");
     }
     let stranded: last_exports::StrandedAt = (found.into_iter())
-        .map(|(point, vms)| (point, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
+        .map(|(point, vms)| {
+            (
+                point,
+                vms.into_iter().map(|(vm, (_, s, _))| (vm, s)).collect(),
+            )
+        })
         .collect();
     let last = Last {
         points: now.clone(),
@@ -113,8 +118,8 @@ fn strand(
     now: &BTreeMap<String, Served>,
     vms_at: impl Fn(&str) -> Vec<String>,
     since: &str,
-) -> BTreeMap<String, BTreeMap<String, (Served, Stranded)>> {
-    let mut out: BTreeMap<String, BTreeMap<String, (Served, Stranded)>> = BTreeMap::new();
+) -> Found {
+    let mut out = Found::new();
     for (point, served) in now {
         let Some(prev) = before.points.get(point) else {
             continue;
@@ -141,37 +146,41 @@ fn strand(
             if nfs.is_empty() && nbd.is_empty() {
                 continue;
             }
-            let since = match was {
-                Some(w) if (&w.nfs, &w.nbd) == (&nfs, &nbd) => w.since.clone(),
-                _ => since.to_string(),
+            let (since, carried) = match was {
+                Some(w) if (&w.nfs, &w.nbd) == (&nfs, &nbd) => (w.since.clone(), true),
+                _ => (since.to_string(), false),
             };
             let s = Stranded { nfs, nbd, since };
             out.entry(point.clone())
                 .or_default()
-                .insert(vm, (clients, s));
+                .insert(vm, (clients, s, carried));
         }
     }
     out
 }
 
+/// Per export point, per VM: where its clients last attached, what of it
+/// is stranded, and whether an earlier restart stranded them so.
+type Found = BTreeMap<String, BTreeMap<String, (Served, Stranded, bool)>>;
+
 /// The log's warning per export point and group of VMs stranded alike
-/// (saying since when if not since this start, `since`).
-fn lines(
-    now: &BTreeMap<String, Served>,
-    found: &BTreeMap<String, BTreeMap<String, (Served, Stranded)>>,
-    since: &str,
-) -> Vec<String> {
+/// (saying since when if an earlier restart stranded them: not by its
+/// time, which a restart within the same second shares).
+fn lines(now: &BTreeMap<String, Served>, found: &Found) -> Vec<String> {
     let mut lines = vec![];
     for (point, vms) in found {
         let served = now.get(point).cloned().unwrap_or_default();
-        let mut groups: Vec<(&Served, &Stranded, Vec<&str>)> = vec![];
-        for (vm, (clients, s)) in vms {
-            match groups.iter_mut().find(|(c, g, _)| (*c, *g) == (clients, s)) {
-                Some((_, _, v)) => v.push(vm),
-                None => groups.push((clients, s, vec![vm])),
+        let mut groups: Vec<(&Served, &Stranded, bool, Vec<&str>)> = vec![];
+        for (vm, (clients, s, carried)) in vms {
+            let same = |(c, g, k, _): &&mut (&Served, &Stranded, bool, Vec<&str>)| {
+                (*c, *g, *k) == (clients, s, *carried)
+            };
+            match groups.iter_mut().find(same) {
+                Some((_, _, _, v)) => v.push(vm),
+                None => groups.push((clients, s, *carried, vec![vm])),
             }
         }
-        for (clients, s, vms) in groups {
+        for (clients, s, carried, vms) in groups {
             let mut parts = vec![];
             for (what, old, new, gone) in [
                 ("NFS", &clients.nfs, &served.nfs, &s.nfs),
@@ -192,9 +201,9 @@ fn lines(
                 parts.join("; "),
                 join(stranded),
                 vms.join(", "),
-                match s.since == since {
-                    true => String::new(),
-                    false => format!(" (stranded since the restart at {})", s.since),
+                match carried {
+                    false => String::new(),
+                    true => format!(" (stranded since the restart at {})", s.since),
                 }
             ));
         }
@@ -235,7 +244,7 @@ mod tests {
             points: before.clone(),
             stranded: BTreeMap::new(),
         };
-        lines(now, &strand(&last, now, vms_at, "T1"), "T1")
+        lines(now, &strand(&last, now, vms_at, "T1"))
     }
 
     /// The record a start on `now` after `before` writes, and its lines.
@@ -246,9 +255,9 @@ mod tests {
         since: &str,
     ) -> (Last, Vec<String>) {
         let found = strand(before, now, vms_at, since);
-        let lines = lines(now, &found, since);
+        let lines = lines(now, &found);
         let stranded = (found.into_iter())
-            .map(|(p, vms)| (p, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
+            .map(|(p, vms)| (p, vms.into_iter().map(|(vm, (_, s, _))| (vm, s)).collect()))
             .collect();
         let last = Last {
             points: now.clone(),
@@ -317,6 +326,25 @@ mod tests {
         assert!(
             said.iter()
                 .any(|l| l.contains(&format!("clients attached to {b} (VMs n)"))),
+            "{said:?}"
+        );
+    }
+
+    /// A second restart within the same second (the same `since`) said
+    /// nothing of the earlier one: "since" was told by the time alone.
+    #[test]
+    fn a_restart_in_the_same_second_still_says_an_earlier_one_stranded_them() {
+        let (a, b) = ("127.0.0.1:10899", "127.0.0.1:10900");
+        let first = Last {
+            points: one(served(&[], &[a])),
+            stranded: BTreeMap::new(),
+        };
+        let on_b = one(served(&[], &[b]));
+        let (second, said) = start(&first, &on_b, vms, "T1");
+        assert!(!said[0].contains("stranded since"), "{said:?}");
+        let (_, said) = start(&second, &on_b, vms, "T1");
+        assert!(
+            said[0].ends_with("must reattach (stranded since the restart at T1)"),
             "{said:?}"
         );
     }
