@@ -254,6 +254,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     }
     // Clients go first (their attachments end), then staging is made durable.
     exports.shutdown();
+    // Clients that reattached since the start are stranded no more.
+    exports_moved::at_stop(&main_root, &mounted.ds);
     let stopped = mounted.shutdown();
     // A request abandoned above (a live backup runs in its request's
     // thread, which the process does not wait for) still holds its writer

@@ -80,6 +80,8 @@ pub struct Session {
     /// Open disk handles and whether the session was released, under one
     /// lock so an open can never slip past a release.
     state: Mutex<OpenState>,
+    /// A network frontend attached to it in this daemon run (`attach`).
+    network: Mutex<NetworkAttach>,
     /// Which backup the disks' dirty maps are relative to (live backups).
     pub(crate) backup_base: Mutex<backup::BackupBase>,
     /// A live backup of this session is running.
@@ -105,6 +107,16 @@ struct OpenState {
     released: bool,
 }
 
+/// Runs at a session's first network attach (`daemon::exports_moved`).
+type OnAttach = Box<dyn FnOnce(&Session) + Send>;
+
+/// NFS or NBD attached since this daemon started; what runs at the first.
+#[derive(Default)]
+struct NetworkAttach {
+    seen: bool,
+    first: Option<OnAttach>,
+}
+
 /// An open handle held by a frontend (an NFS client using the VM, an NBD
 /// connection with a disk open): release refuses while any exists.
 pub struct Attachment(Arc<Session>);
@@ -122,9 +134,36 @@ impl Drop for Attachment {
 }
 
 impl Session {
-    /// Holds the session open for a frontend; `None` once it is released.
+    /// Holds the session open for a network frontend (NFS, NBD: only they
+    /// call it); `None` once it is released. The first one of this daemon
+    /// run runs what [`Self::on_network_attach`] left.
     pub fn attach(self: &Arc<Self>) -> Option<Attachment> {
-        self.open_handle().then(|| Attachment(self.clone()))
+        let held = self.open_handle().then(|| Attachment(self.clone()))?;
+        let first = {
+            let mut n = self.network.lock();
+            n.seen = true;
+            n.first.take()
+        };
+        if let Some(f) = first {
+            f(self);
+        }
+        Some(held)
+    }
+
+    /// NFS or NBD attached to it since this daemon started.
+    pub fn network_attached(&self) -> bool {
+        self.network.lock().seen
+    }
+
+    /// Runs `f` at the first network attach; `false` (and `f` dropped) if
+    /// one happened already.
+    pub(crate) fn on_network_attach(&self, f: OnAttach) -> bool {
+        let mut n = self.network.lock();
+        if n.seen {
+            return false;
+        }
+        n.first = Some(f);
+        true
     }
 
     /// Counts an open file handle; fails once the session is released.

@@ -107,3 +107,67 @@ fn a_restart_on_another_nbd_port_names_the_stranded_clients_until_the_old_port_i
     let record = std::fs::read_to_string(env.staging.join("exports.json")).unwrap();
     assert!(!record.contains("tiny"), "{record}");
 }
+
+/// `GET /sessions/{vm}`: one VM's status.
+fn session_status(env: &Env, vm: &str) -> serde_json::Value {
+    let o = std::process::Command::new("curl")
+        .args(["-sf", "--unix-socket", env.socket.to_str().unwrap()])
+        .arg(format!("http://x/sessions/{vm}"))
+        .output()
+        .expect("curl is installed");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// fixviews 1 and 2: a client that reattached to the new port by hand was
+/// named at every restart until the session was released; and one VM's
+/// status did not name its stranded clients at all.
+#[test]
+fn a_client_that_reattached_to_the_new_port_clears_the_vm_at_once_and_for_the_next_restart() {
+    let mut env = Env::new();
+    let ip = own_loopback();
+    let (old, new) = (format!("{ip}:10899"), format!("{ip}:10900"));
+    env.serve_args = vec!["--nbd".into(), old.clone()];
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let mut d = env.serve();
+    env.recover("tiny", None);
+    assert!(d.stop().success(), "{}", d.log_text());
+    drop(d);
+
+    env.serve_args = vec!["--nbd".into(), new.clone()];
+    let mut d = env.serve();
+    assert!(d.log_text().contains(MOVED), "{}", d.log_text());
+    assert_eq!(moved(&env).len(), 1);
+    // One VM's status names them too (fixviews 2).
+    let one = session_status(&env, "tiny");
+    let m = one["moved"].as_array().cloned().unwrap_or_default();
+    assert!(
+        m.len() == 1
+            && m[0]["vms"] == serde_json::json!(["tiny"])
+            && m[0]["nbd_from"] == serde_json::json!([old]),
+        "{one}"
+    );
+    // A client reattaches by hand, to the new port.
+    let url = format!("nbd://{new}/tiny/disk0");
+    let o = std::process::Command::new("nbdinfo")
+        .arg(&url)
+        .output()
+        .expect("nbdinfo is installed (Debian libnbd-bin)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // `status` at once, and the record at that attach (a crash now would
+    // not name it again).
+    assert!(moved(&env).is_empty(), "{:?}", moved(&env));
+    assert_eq!(session_status(&env, "tiny")["moved"], serde_json::json!([]));
+    let record = std::fs::read_to_string(env.staging.join("exports.json")).unwrap();
+    assert!(!record.contains("tiny"), "{record}");
+    assert!(d.stop().success(), "{}", d.log_text());
+    drop(d);
+
+    // The next restart on the same new port says nothing.
+    let mut d = env.serve();
+    let log = d.log_text();
+    assert!(log.contains("resumed a session"), "{log}");
+    assert!(!log.contains(MOVED), "{log}");
+    assert!(moved(&env).is_empty());
+    assert!(d.stop().success(), "{}", d.log_text());
+}

@@ -5,10 +5,10 @@
 //! | method | path | effect |
 //! |---|---|---|
 //! | GET | /health | daemon identity |
-//! | GET | /sessions | status of every session, each staging directory, and (`moved`) per export point the clients a restart left on addresses no longer served |
+//! | GET | /sessions | status of every session, each staging directory, and (`moved`) per export point the clients a restart left on addresses no longer served (until one attaches over NFS or NBD) |
 //! | POST | /sessions `{"vm":..,"backup":..,"host":..,"export_point":..,"force":..}` | recover (start or resume), placed on an export point; the reply says where and why |
 //! | GET | /export-points | every export point: sessions, hosts, queue, predicted latency |
-//! | GET | /sessions/{vm} | status of one session |
+//! | GET | /sessions/{vm} | status of one session, with (`moved`) its clients a restart left on addresses no longer served |
 //! | DELETE | /sessions/{vm}?discard=true | release |
 //! | GET | /sessions/{vm}/disks/{n}/changed | changed block ranges |
 //! | POST | /sessions/{vm}/relocate `{"to":..,"rate_mbps":..,"force":..}` | start relocation; a caller that is not root names only a directory it may create in ([`pathauth`]) |
@@ -127,10 +127,7 @@ async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
     blocking(move || {
         let all: Vec<_> = ds.sessions().iter().map(|s| ds.status(s)).collect();
         let staging: Vec<_> = ds.stagings().iter().map(|d| d.budget().status()).collect();
-        // Clients a restart left on addresses no longer served, per export
-        // point, while their sessions are served (`daemon::exports_moved`).
-        let vms_at = |p: &str| ds.sessions_at(p).iter().map(|s| s.vm.clone()).collect();
-        let moved = crate::staging::last_exports::moved(ds.staging_root(), vms_at);
+        let moved = moved(&ds, |_| true);
         Ok(json!({ "sessions": all, "staging": staging, "moved": moved }))
     })
     .await
@@ -169,12 +166,28 @@ async fn recover(State(ds): State<Ds>, JsonBody(body): JsonBody<RecoverBody>) ->
     .await
 }
 
+/// Clients a restart left on addresses no longer served, per export point,
+/// of the VMs `of` takes while their sessions are served and no client
+/// reattached over NFS or NBD since (`daemon::exports_moved`).
+fn moved(ds: &Ds, of: impl Fn(&str) -> bool) -> Vec<crate::staging::last_exports::Moved> {
+    let vms_at = |p: &str| {
+        (ds.sessions_at(p).iter())
+            .filter(|s| of(&s.vm) && !s.network_attached())
+            .map(|s| s.vm.clone())
+            .collect()
+    };
+    crate::staging::last_exports::moved(ds.staging_root(), vms_at)
+}
+
 async fn session_status(State(ds): State<Ds>, Path(vm): Path<String>) -> ApiResult {
     blocking(move || {
         let s = ds
             .session(&vm)
             .ok_or_else(|| Error::not_found(format!("no recovery session for VM {vm}")))?;
-        Ok(ds.status(&s))
+        let mut status = serde_json::to_value(ds.status(&s)).expect("serializable");
+        // Its stranded clients, as `GET /sessions` names them (fixviews 2).
+        status["moved"] = json!(moved(&ds, |v| v == vm));
+        Ok(status)
     })
     .await
 }

@@ -8,38 +8,53 @@
 //! stranded them, where they were stranded from) and names, per export
 //! point, the VMs whose clients must reattach: in the log at every start
 //! that finds them stranded, and in `status` until their sessions are
-//! released or a restart serves the old address again (fixstatus 2: a
-//! second restart on the new address said nothing, and only the log said
-//! it once).
+//! released, a restart serves the old address again, or they reattach
+//! (fixstatus 2: a second restart on the new address said nothing, and
+//! only the log said it once). A VM's clients reattached when NFS or NBD
+//! attaches to its session after the restart (`Session::attach`, which
+//! only they call; this daemon serves only the new addresses): `status`
+//! leaves the VM out at once, the record drops it at that attach and again
+//! at the stop (fixviews 1: a client reattached by hand was named at every
+//! restart until the session was released).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::session::Datastore;
+use crate::session::{Datastore, Session};
 use crate::staging::last_exports::{self, Last, Served, Stranded};
 
 /// Warns (one line per export point and group of VMs) where resumed
 /// sessions' clients are stranded, then records `now` and them for the
 /// next start and for `status`, and drops a VM from the record when its
-/// session is released. Never fails `serve`.
+/// session is released or its clients reattach. Never fails `serve`.
 pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<String, Served>) {
     let since = crate::util::rfc3339(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     );
+    // A VM a client reached already (the frontends serve before this) is
+    // not stranded.
     let vms_at = |point: &str| -> Vec<String> {
-        ds.sessions_at(point).iter().map(|s| s.vm.clone()).collect()
+        (ds.sessions_at(point).iter())
+            .filter(|s| !s.network_attached())
+            .map(|s| s.vm.clone())
+            .collect()
     };
     let found = match last_exports::read(root) {
         Some(before) => strand(&before, now, vms_at, &since),
         None => BTreeMap::new(),
     };
-    for line in lines(now, &found, &since) {
+    for line in lines(now, &found) {
         tracing::warn!("{line}");
     }
-    let stranded = (found.into_iter())
-        .map(|(point, vms)| (point, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
+    let stranded: last_exports::StrandedAt = (found.into_iter())
+        .map(|(point, vms)| {
+            (
+                point,
+                vms.into_iter().map(|(vm, (_, s, _))| (vm, s)).collect(),
+            )
+        })
         .collect();
     let last = Last {
         points: now.clone(),
@@ -48,12 +63,50 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
     if let Err(e) = last_exports::write(root, &last) {
         tracing::warn!("could not record the export addresses in the staging directory (a later daemon there on other addresses will not say which clients must reattach): {e}");
     }
+    // Hooked after the record is written, so the first attach drops the
+    // VM from this record; one that came before the hook is done here.
+    for (point, vms) in &last.stranded {
+        for s in ds.sessions_at(point) {
+            if !vms.contains_key(&s.vm) {
+                continue;
+            }
+            let r = root.to_path_buf();
+            if !s.on_network_attach(Box::new(move |s: &Session| reattached(&r, &s.vm))) {
+                reattached(root, &s.vm);
+            }
+        }
+    }
     let root = root.to_path_buf();
     ds.add_on_release(Box::new(move |s| {
         if let Err(e) = last_exports::forget_vm(&root, &s.vm) {
             tracing::warn!(vm = %s.vm, "could not drop the released VM from the record of stranded clients (status may name it until the next restart): {e}");
         }
     }));
+}
+
+/// NFS or NBD attached to VM `vm` since this start: its clients are no
+/// longer stranded; dropped from the record.
+fn reattached(root: &Path, vm: &str) {
+    tracing::info!(vm, "a client attached to the VM over NFS or NBD: its clients are no longer taken to be stranded on an address a restart left");
+    if let Err(e) = last_exports::forget_vms(root, |v| v == vm) {
+        tracing::warn!(vm, "could not drop the reattached VM from the record of stranded clients (tried again at the stop; a restart before it names the VM again): {e}");
+    }
+}
+
+/// At the stop (no frontend attaches any more): drops the VMs NFS or NBD
+/// attached to from the record, for a record write at the attach that
+/// failed.
+pub(super) fn at_stop(root: &Path, ds: &Datastore) {
+    let attached: BTreeSet<String> = (ds.sessions().iter())
+        .filter(|s| s.network_attached())
+        .map(|s| s.vm.clone())
+        .collect();
+    if attached.is_empty() {
+        return;
+    }
+    if let Err(e) = last_exports::forget_vms(root, |vm| attached.contains(vm)) {
+        tracing::warn!("could not drop the reattached VMs from the record of stranded clients (the next start names them again): {e}");
+    }
 }
 
 /// Per export point, per VM resumed there (`vms_at`) whose clients are
@@ -65,8 +118,8 @@ fn strand(
     now: &BTreeMap<String, Served>,
     vms_at: impl Fn(&str) -> Vec<String>,
     since: &str,
-) -> BTreeMap<String, BTreeMap<String, (Served, Stranded)>> {
-    let mut out: BTreeMap<String, BTreeMap<String, (Served, Stranded)>> = BTreeMap::new();
+) -> Found {
+    let mut out = Found::new();
     for (point, served) in now {
         let Some(prev) = before.points.get(point) else {
             continue;
@@ -93,37 +146,41 @@ fn strand(
             if nfs.is_empty() && nbd.is_empty() {
                 continue;
             }
-            let since = match was {
-                Some(w) if (&w.nfs, &w.nbd) == (&nfs, &nbd) => w.since.clone(),
-                _ => since.to_string(),
+            let (since, carried) = match was {
+                Some(w) if (&w.nfs, &w.nbd) == (&nfs, &nbd) => (w.since.clone(), true),
+                _ => (since.to_string(), false),
             };
             let s = Stranded { nfs, nbd, since };
             out.entry(point.clone())
                 .or_default()
-                .insert(vm, (clients, s));
+                .insert(vm, (clients, s, carried));
         }
     }
     out
 }
 
+/// Per export point, per VM: where its clients last attached, what of it
+/// is stranded, and whether an earlier restart stranded them so.
+type Found = BTreeMap<String, BTreeMap<String, (Served, Stranded, bool)>>;
+
 /// The log's warning per export point and group of VMs stranded alike
-/// (saying since when if not since this start, `since`).
-fn lines(
-    now: &BTreeMap<String, Served>,
-    found: &BTreeMap<String, BTreeMap<String, (Served, Stranded)>>,
-    since: &str,
-) -> Vec<String> {
+/// (saying since when if an earlier restart stranded them: not by its
+/// time, which a restart within the same second shares).
+fn lines(now: &BTreeMap<String, Served>, found: &Found) -> Vec<String> {
     let mut lines = vec![];
     for (point, vms) in found {
         let served = now.get(point).cloned().unwrap_or_default();
-        let mut groups: Vec<(&Served, &Stranded, Vec<&str>)> = vec![];
-        for (vm, (clients, s)) in vms {
-            match groups.iter_mut().find(|(c, g, _)| (*c, *g) == (clients, s)) {
-                Some((_, _, v)) => v.push(vm),
-                None => groups.push((clients, s, vec![vm])),
+        let mut groups: Vec<(&Served, &Stranded, bool, Vec<&str>)> = vec![];
+        for (vm, (clients, s, carried)) in vms {
+            let same = |(c, g, k, _): &&mut (&Served, &Stranded, bool, Vec<&str>)| {
+                (*c, *g, *k) == (clients, s, *carried)
+            };
+            match groups.iter_mut().find(same) {
+                Some((_, _, _, v)) => v.push(vm),
+                None => groups.push((clients, s, *carried, vec![vm])),
             }
         }
-        for (clients, s, vms) in groups {
+        for (clients, s, carried, vms) in groups {
             let mut parts = vec![];
             for (what, old, new, gone) in [
                 ("NFS", &clients.nfs, &served.nfs, &s.nfs),
@@ -144,9 +201,9 @@ fn lines(
                 parts.join("; "),
                 join(stranded),
                 vms.join(", "),
-                match s.since == since {
-                    true => String::new(),
-                    false => format!(" (stranded since the restart at {})", s.since),
+                match carried {
+                    false => String::new(),
+                    true => format!(" (stranded since the restart at {})", s.since),
                 }
             ));
         }
@@ -187,7 +244,7 @@ mod tests {
             points: before.clone(),
             stranded: BTreeMap::new(),
         };
-        lines(now, &strand(&last, now, vms_at, "T1"), "T1")
+        lines(now, &strand(&last, now, vms_at, "T1"))
     }
 
     /// The record a start on `now` after `before` writes, and its lines.
@@ -198,9 +255,9 @@ mod tests {
         since: &str,
     ) -> (Last, Vec<String>) {
         let found = strand(before, now, vms_at, since);
-        let lines = lines(now, &found, since);
+        let lines = lines(now, &found);
         let stranded = (found.into_iter())
-            .map(|(p, vms)| (p, vms.into_iter().map(|(vm, (_, s))| (vm, s)).collect()))
+            .map(|(p, vms)| (p, vms.into_iter().map(|(vm, (_, s, _))| (vm, s)).collect()))
             .collect();
         let last = Last {
             points: now.clone(),
@@ -269,6 +326,25 @@ mod tests {
         assert!(
             said.iter()
                 .any(|l| l.contains(&format!("clients attached to {b} (VMs n)"))),
+            "{said:?}"
+        );
+    }
+
+    /// A second restart within the same second (the same `since`) said
+    /// nothing of the earlier one: "since" was told by the time alone.
+    #[test]
+    fn a_restart_in_the_same_second_still_says_an_earlier_one_stranded_them() {
+        let (a, b) = ("127.0.0.1:10899", "127.0.0.1:10900");
+        let first = Last {
+            points: one(served(&[], &[a])),
+            stranded: BTreeMap::new(),
+        };
+        let on_b = one(served(&[], &[b]));
+        let (second, said) = start(&first, &on_b, vms, "T1");
+        assert!(!said[0].contains("stranded since"), "{said:?}");
+        let (_, said) = start(&second, &on_b, vms, "T1");
+        assert!(
+            said[0].ends_with("must reattach (stranded since the restart at T1)"),
             "{said:?}"
         );
     }

@@ -159,9 +159,15 @@ pub struct HostConnections {
 #[derive(Debug, Serialize)]
 pub struct RelocationProgress {
     pub vm: String,
+    /// As older readers know it: an unfinished cancel stays `Failed` or
+    /// `NotResumed`, with `cancel_unfinished` beside it.
     pub state: String,
     pub progress: f64,
     pub bytes_remaining: u64,
+    /// A cancel that could not finish: the command that finishes it (as
+    /// in `status`, `RelocationStatus::cancel_unfinished`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_unfinished: Option<String>,
 }
 
 /// The address a `--host` names.
@@ -478,12 +484,18 @@ impl Datastore {
                 let relocations = sessions
                     .iter()
                     .filter_map(|s| {
-                        let st = s.relocation.lock().as_ref()?.status();
+                        // As `status` has it: one a restart did not reopen
+                        // (an unfinished cancel among them) too.
+                        let st =
+                            (s.relocation.lock().as_ref().map(|r| r.status())).or_else(|| {
+                                s.relocation_not_resumed.lock().as_ref().map(|h| h.status())
+                            })?;
                         Some(RelocationProgress {
                             vm: s.vm.clone(),
                             state: format!("{:?}", st.state),
                             progress: st.bytes_done as f64 / st.bytes_total.max(1) as f64,
                             bytes_remaining: st.bytes_total.saturating_sub(st.bytes_done),
+                            cancel_unfinished: st.cancel_unfinished,
                         })
                     })
                     .collect();

@@ -241,6 +241,7 @@ impl Datastore {
             host: host.clone(),
             feeder: OnceLock::new(),
             profile_done: AtomicBool::new(restarted),
+            network: Default::default(),
             throwaway: self.is_throwaway(),
             state: Mutex::new(OpenState::default()),
             backup_base: Mutex::new(backup_base),

@@ -12,8 +12,10 @@
 //!   a daemon does not see which address a client reached it on, so a
 //!   second restart on the new address names them again (it said nothing
 //!   before), and one back on the old address clears them.
-//! * A VM drops out when its session is released ([`forget_vm`]) or is not
-//!   resumed at that point by a restart.
+//! * A VM drops out when its session is released ([`forget_vm`]), is not
+//!   resumed at that point by a restart, or its clients reattach: NFS or
+//!   NBD attaches to it since the restart ([`forget_vms`] at that first
+//!   attach, again at the stop; `status` leaves it out at once, fixviews 1).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -99,13 +101,22 @@ fn write_unlocked(root: &Path, last: &Last) -> Result<()> {
 /// VM `vm`'s session was released: its clients are no one's concern any
 /// more. Rewrites the record only if it names the VM.
 pub fn forget_vm(root: &Path, vm: &str) -> Result<()> {
+    forget_vms(root, |v| v == vm)
+}
+
+/// Drops the VMs `gone` says (released, or their clients reattached: a
+/// network attach since the restart, fixviews 1) from the stranded
+/// clients. Rewrites the record (atomically) only if it names one.
+pub fn forget_vms(root: &Path, gone: impl Fn(&str) -> bool) -> Result<()> {
     let _one = RECORD.lock();
     let Some(mut last) = read(root) else {
         return Ok(());
     };
     let mut named = false;
     for vms in last.stranded.values_mut() {
-        named |= vms.remove(vm).is_some();
+        let before = vms.len();
+        vms.retain(|vm, _| !gone(vm));
+        named |= vms.len() != before;
     }
     if !named {
         return Ok(());
@@ -186,7 +197,7 @@ fn warning(m: &Moved) -> String {
     }
     format!(
         "export point {}: {} at the restart at {}: clients of VMs {} must reattach (shown until \
-         their sessions are released or a restart serves the old address again)",
+         they reattach, their sessions are released or a restart serves the old address again)",
         m.export_point,
         parts.join("; "),
         m.since,
@@ -250,7 +261,8 @@ mod tests {
             m[0].warning,
             "export point default: NBD moved from 127.0.0.1:10899 to 127.0.0.1:10900 at the \
              restart at 2026-11-24T22:00:00Z: clients of VMs a, b must reattach (shown until \
-             their sessions are released or a restart serves the old address again)"
+             they reattach, their sessions are released or a restart serves the old address \
+             again)"
         );
         // Released: left out at once, then dropped from the record.
         assert_eq!(moved(d.path(), |_| vec!["b".into()])[0].vms, ["b"]);

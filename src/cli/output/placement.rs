@@ -136,13 +136,7 @@ pub(crate) fn export_points(r: &Value, json: bool) {
             n(&q["async_share"]) * 100.0
         );
         for rl in p["relocations"].as_array().cloned().unwrap_or_default() {
-            println!(
-                "  relocation of {}: {} {:.1}% ({} B to go)",
-                rl["vm"].as_str().unwrap_or("?"),
-                rl["state"].as_str().unwrap_or("?"),
-                n(&rl["progress"]) * 100.0,
-                rl["bytes_remaining"]
-            );
+            println!("  {}", relocation_progress(&rl));
         }
         for u in names(&p["urls"]) {
             println!("  {u}");
@@ -150,10 +144,48 @@ pub(crate) fn export_points(r: &Value, json: bool) {
     }
 }
 
+/// One relocation of an export point: its state and how far it is; an
+/// unfinished cancel as such, with the command that finishes it (its
+/// `state` is `Failed` or `NotResumed` for older readers).
+fn relocation_progress(rl: &Value) -> String {
+    let vm = rl["vm"].as_str().unwrap_or("?");
+    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+    if let Some(finish) = rl["cancel_unfinished"].as_str() {
+        return format!(
+            "relocation of {vm}: CANCEL UNFINISHED (stopped for good, never resumed; `{finish}` finishes it)"
+        );
+    }
+    format!(
+        "relocation of {vm}: {} {:.1}% ({} B to go)",
+        rl["state"].as_str().unwrap_or("?"),
+        n(&rl["progress"]) * 100.0,
+        rl["bytes_remaining"]
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::point_listens;
+    use super::{point_listens, relocation_progress};
     use serde_json::json;
+
+    /// fixviews 2: an unfinished cancel read `Failed` (or `NotResumed`
+    /// after a restart) in `export-points`.
+    #[test]
+    fn an_unfinished_cancel_says_so_and_how_to_finish_it() {
+        let mut rl = json!({"vm": "vm", "state": "Failed", "progress": 0.5, "bytes_remaining": 7});
+        assert_eq!(
+            relocation_progress(&rl),
+            "relocation of vm: Failed 50.0% (7 B to go)"
+        );
+        rl["cancel_unfinished"] = json!("recoverfs relocate vm --cancel");
+        let line = relocation_progress(&rl);
+        assert!(
+            line.starts_with("relocation of vm: CANCEL UNFINISHED")
+                && line.contains("`recoverfs relocate vm --cancel` finishes it")
+                && !line.contains("Failed"),
+            "{line}"
+        );
+    }
 
     /// explore8 LOW: the default point without --nfs/--nbd read as if it
     /// listened on an address called "--nfs/--nbd".

@@ -115,6 +115,35 @@ fn resume_reopens_a_relocation_not_resumed_at_restart_once_its_target_is_back_an
         .is_none());
 }
 
+/// fixviews 2: `export-points` left out a relocation not resumed, and
+/// showed an unfinished cancel by its state alone (`Failed`, `NotResumed`).
+#[test]
+fn export_points_show_a_relocation_not_resumed_and_an_unfinished_cancel_with_its_command() {
+    let (r, _data, _, _away) = relocation_left_unreachable("vm", false);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = super::recover_faults::restart_over(r, &faults);
+    r.ds.resume_active();
+    let shown = |r: &Rig| {
+        let points = serde_json::to_value(r.ds.point_status()).unwrap();
+        let all: Vec<serde_json::Value> = (points.as_array().unwrap().iter())
+            .flat_map(|p| p["relocations"].as_array().cloned().unwrap_or_default())
+            .collect();
+        assert_eq!(all.len(), 1, "{points}");
+        all[0].clone()
+    };
+    let rl = shown(&r);
+    assert_eq!(
+        (rl["vm"].as_str(), rl["state"].as_str()),
+        (Some("vm"), Some("NotResumed"))
+    );
+    assert!(rl.get("cancel_unfinished").is_none(), "{rl}");
+    faults.inject(Rule::fail(Op::Remove, "relocation.json", libc::EIO).times(1));
+    r.ds.cancel_relocation("vm", false).unwrap_err();
+    let rl = shown(&r);
+    assert_eq!(rl["state"], "NotResumed", "older readers keep their state");
+    assert_eq!(rl["cancel_unfinished"], "recoverfs relocate vm --cancel");
+}
+
 /// fixstatus 1: a cancel of a relocation not resumed whose record could
 /// not be removed left `status` showing it `not-resumed`, advising the
 /// `--resume` that then refused it.
