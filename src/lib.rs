@@ -158,8 +158,8 @@
 //!   (main staging only): a restart on other addresses names the resumed
 //!   VMs whose clients must reattach (`staging::last_exports`), and the
 //!   record keeps those stranded clients per point and VM (shown in
-//!   `status`) until the VM is released or a restart serves the old
-//!   address again.
+//!   `status`) until the VM is released, a client reattaches to it over
+//!   NFS or NBD, or a restart serves the old address again.
 //! * `sessions/<vm>/<backup>/pin-owed` — present while the session's
 //!   repository pin could not be written (a release into a full or
 //!   read-only repository): any daemon serving the directory writes it.

@@ -168,6 +168,10 @@ pub struct RelocationProgress {
     /// in `status`, `RelocationStatus::cancel_unfinished`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_unfinished: Option<String>,
+    /// With it: not even the cancel's mark was written, so a restart
+    /// resumes the copy (`RelocationStatus::cancel_unmarked`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_unmarked: bool,
 }
 
 /// The address a `--host` names.
@@ -496,6 +500,7 @@ impl Datastore {
                             progress: st.bytes_done as f64 / st.bytes_total.max(1) as f64,
                             bytes_remaining: st.bytes_total.saturating_sub(st.bytes_done),
                             cancel_unfinished: st.cancel_unfinished,
+                            cancel_unmarked: st.cancel_unmarked,
                         })
                     })
                     .collect();

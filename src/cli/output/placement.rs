@@ -151,6 +151,11 @@ fn relocation_progress(rl: &Value) -> String {
     let vm = rl["vm"].as_str().unwrap_or("?");
     let n = |v: &Value| v.as_f64().unwrap_or(0.0);
     if let Some(finish) = rl["cancel_unfinished"].as_str() {
+        if rl["cancel_unmarked"] == true {
+            return format!(
+                "relocation of {vm}: CANCEL NOT RECORDED (stopped here, a restart resumes it; `{finish}` again cancels it)"
+            );
+        }
         return format!(
             "relocation of {vm}: CANCEL UNFINISHED (stopped for good, never resumed; `{finish}` finishes it)"
         );
@@ -183,6 +188,13 @@ mod tests {
             line.starts_with("relocation of vm: CANCEL UNFINISHED")
                 && line.contains("`recoverfs relocate vm --cancel` finishes it")
                 && !line.contains("Failed"),
+            "{line}"
+        );
+        // Its mark not even written: a restart resumes it (explore11 M2).
+        rl["cancel_unmarked"] = json!(true);
+        let line = relocation_progress(&rl);
+        assert!(
+            line.contains("CANCEL NOT RECORDED") && !line.contains("never resumed"),
             "{line}"
         );
     }
