@@ -101,13 +101,13 @@ pub struct Session {
 
 #[derive(Default)]
 struct OpenState {
-    open: u64,
+    open: holders::Holders,
     released: bool,
 }
 
 /// An open handle held by a frontend (an NFS client using the VM, an NBD
 /// connection with a disk open): release refuses while any exists.
-pub struct Attachment(Arc<Session>);
+pub struct Attachment(Arc<Session>, u64);
 
 impl Attachment {
     pub fn session(&self) -> &Arc<Session> {
@@ -117,29 +117,40 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.0.close_handle();
+        self.0.close_handle(self.1);
     }
 }
 
 impl Session {
-    /// Holds the session open for a frontend; `None` once it is released.
-    pub fn attach(self: &Arc<Self>) -> Option<Attachment> {
-        self.open_handle().then(|| Attachment(self.clone()))
+    /// Holds the session open for a frontend (`by`); `None` once it is
+    /// released.
+    pub fn attach(self: &Arc<Self>, by: Holder) -> Option<Attachment> {
+        self.open_handle(by).map(|id| Attachment(self.clone(), id))
     }
 
-    /// Counts an open file handle; fails once the session is released.
-    pub fn open_handle(&self) -> bool {
+    /// Counts an open file handle held by `by`, returning the id that
+    /// closes it; `None` once the session is released.
+    pub fn open_handle(&self, by: Holder) -> Option<u64> {
         let mut s = self.state.lock();
         if s.released {
-            return false;
+            return None;
         }
-        s.open += 1;
-        true
+        Some(s.open.add(by))
     }
 
-    pub fn close_handle(&self) {
-        let mut s = self.state.lock();
-        s.open = s.open.saturating_sub(1);
+    pub fn close_handle(&self, id: u64) {
+        self.state.lock().open.remove(id);
+    }
+
+    /// A FUSE release of disk `disk` by thread `pid` (see
+    /// `Holders::remove_fuse`).
+    pub fn close_fuse_handle(&self, disk: usize, pid: u32) {
+        self.state.lock().open.remove_fuse(disk, pid);
+    }
+
+    /// Who holds the session's disks open.
+    pub fn holders(&self) -> Vec<Holder> {
+        self.state.lock().open.list()
     }
 
     /// What a relocation of this session copies (`relocate::Source`).
@@ -154,7 +165,7 @@ impl Session {
     }
 
     pub fn open_handles(&self) -> u64 {
-        self.state.lock().open
+        self.state.lock().open.len()
     }
 
     /// Saves what this session's guest read as a new recording of the
@@ -737,6 +748,8 @@ impl Datastore {
 
 pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
+mod holders;
+pub use holders::{Frontend, Holder};
 mod kept;
 mod pinning;
 pub(crate) mod upload;
@@ -746,6 +759,7 @@ mod points;
 mod recover;
 use recover::Placing;
 mod release;
+pub use release::{Released, ReleasedRelocation};
 mod relocation;
 use points::PlacementRecord;
 pub use points::{

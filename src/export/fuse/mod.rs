@@ -363,7 +363,7 @@ impl Filesystem for RecoverFs {
         reply.error(Errno::EPERM)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino.0) {
             Some(Node::Config(_)) => {
                 if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
@@ -375,12 +375,13 @@ impl Filesystem for RecoverFs {
                 if flags.0 & libc::O_TRUNC != 0 {
                     return reply.error(Errno::EPERM);
                 }
-                if !s.open_handle() {
+                let by = crate::session::Holder::fuse(d.index, req.pid());
+                let Some(id) = s.open_handle(by) else {
                     return reply.error(Errno::ENOENT);
-                }
+                };
                 let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
                 let session = s.clone();
-                self.open_disk(ino.0, d, read_only, reply, move || session.close_handle())
+                self.open_disk(ino.0, d, read_only, reply, move || session.close_handle(id))
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -389,7 +390,7 @@ impl Filesystem for RecoverFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -399,7 +400,7 @@ impl Filesystem for RecoverFs {
     ) {
         if let Some(Node::Disk(s, d)) = self.node(ino.0) {
             self.passthrough.release(ino.0, &d, fh);
-            s.close_handle();
+            s.close_fuse_handle(d.index, req.pid());
         }
         reply.ok()
     }
