@@ -142,12 +142,6 @@ impl Session {
         self.state.lock().open.remove(id);
     }
 
-    /// A FUSE release of disk `disk` by thread `pid` (see
-    /// `Holders::remove_fuse`).
-    pub fn close_fuse_handle(&self, disk: usize, pid: u32) {
-        self.state.lock().open.remove_fuse(disk, pid);
-    }
-
     /// Who holds the session's disks open.
     pub fn holders(&self) -> Vec<Holder> {
         self.state.lock().open.list()

@@ -40,9 +40,6 @@ pub struct Holder {
     /// The peer: a client address ("127.0.0.1:51234"), a unix socket's
     /// "unix:pid=…", or a FUSE opener's "pid 4242 (qemu-system-x86)".
     pub peer: String,
-    /// A FUSE opener's process id (to match its release).
-    #[serde(skip)]
-    pid: Option<u32>,
 }
 
 impl Holder {
@@ -53,7 +50,6 @@ impl Holder {
             via: Frontend::Nbd,
             disk: Some(disk),
             peer: peer.into(),
-            pid: None,
         }
     }
 
@@ -63,7 +59,6 @@ impl Holder {
             via: Frontend::Nfs,
             disk: None,
             peer: peer.to_string(),
-            pid: None,
         }
     }
 
@@ -80,7 +75,6 @@ impl Holder {
             via: Frontend::Fuse,
             disk: Some(disk),
             peer,
-            pid: Some(pid),
         }
     }
 }
@@ -125,23 +119,6 @@ impl Holders {
         self.open.remove(&id);
     }
 
-    /// A FUSE release of disk `disk`: the kernel names no open, only the
-    /// releasing thread (`pid`, 0 if none), so the newest FUSE open of
-    /// the disk by that process goes, else the newest FUSE open of the
-    /// disk (a descriptor passed on, its opener gone): the count is
-    /// always right, the names nearly always.
-    pub(super) fn remove_fuse(&mut self, disk: usize, pid: u32) {
-        let fuse = |h: &Holder| h.via == Frontend::Fuse && h.disk == Some(disk);
-        let pid = (pid != 0).then(|| process_of(pid));
-        let id = (self.open.iter().rev())
-            .find(|(_, h)| fuse(h) && pid.is_some() && h.pid == pid)
-            .or_else(|| self.open.iter().rev().find(|(_, h)| fuse(h)))
-            .map(|(id, _)| *id);
-        if let Some(id) = id {
-            self.open.remove(&id);
-        }
-    }
-
     pub(super) fn len(&self) -> u64 {
         self.open.len() as u64
     }
@@ -167,40 +144,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn holders_are_named_and_a_fuse_release_takes_its_openers_handle() {
+    fn holders_are_named_each_closed_by_its_own_id() {
         let mut h = Holders::default();
         let nbd = h.add(Holder::nbd(0, "127.0.0.1:51234"));
         let me = std::process::id();
         // This test's thread: its id is not the process's, its process is.
         // SAFETY: gettid takes no arguments and cannot fail.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
-        h.add(Holder::fuse(1, tid));
-        let other = Holder {
-            via: Frontend::Fuse,
-            disk: Some(1),
-            peer: "pid 1".into(),
-            pid: Some(1),
-        };
-        h.add(other.clone());
+        let mine = h.add(Holder::fuse(1, tid));
+        let other = h.add(Holder::fuse(1, u32::MAX));
         h.add(Holder::nfs("198.18.0.2:870"));
         let comm = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
         assert_eq!(
             describe(&h.list()),
             format!(
                 "disk0 over NBD by 127.0.0.1:51234; disk1 over FUSE by pid {me} ({}); \
-                 disk1 over FUSE by pid 1; its files over NFS by 198.18.0.2:870",
-                comm.trim()
+                 disk1 over FUSE by pid {}; its files over NFS by 198.18.0.2:870",
+                comm.trim(),
+                u32::MAX
             )
         );
         assert_eq!(h.len(), 4);
-        // Our release takes our open, though pid 1's is newer.
-        h.remove_fuse(1, tid);
-        assert!(h.list().contains(&other) && h.len() == 3);
-        // One nobody is known for takes one of that disk's.
-        h.remove_fuse(1, 0);
-        h.remove_fuse(0, 0);
-        assert_eq!(h.len(), 2, "an NBD handle is not a FUSE one");
+        // Our close takes our open, though the other one is newer.
+        h.remove(mine);
         h.remove(nbd);
-        assert_eq!(describe(&h.list()), "its files over NFS by 198.18.0.2:870");
+        assert_eq!(
+            describe(&h.list()),
+            format!(
+                "disk1 over FUSE by pid {}; its files over NFS by 198.18.0.2:870",
+                u32::MAX
+            )
+        );
+        h.remove(other);
+        assert_eq!(h.len(), 1);
     }
 }

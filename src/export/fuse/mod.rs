@@ -215,22 +215,25 @@ impl RecoverFs {
         }
     }
 
-    /// Opens a disk inode: passthrough or normal (see `passthrough`);
-    /// `undo` gives back the session handle if the open is refused.
+    /// Opens a disk inode: passthrough or normal (see `passthrough`),
+    /// with session handle `handle` in its file handle; `undo` gives the
+    /// session handle back if the open is refused.
     fn open_disk(
         &self,
         ino: u64,
         d: Arc<Volume>,
         read_only: bool,
         reply: ReplyOpen,
+        handle: u64,
         undo: impl FnOnce() + Send + 'static,
     ) {
         self.watch_disk(ino, &d);
-        if let Opened::MustWait(reply) = self.passthrough.open(ino, &d, read_only, reply) {
+        let opened = self.passthrough.open(ino, &d, read_only, reply, handle);
+        if let Opened::MustWait(reply) = opened {
             // Not on the event thread: the wait may last seconds.
             let pt = self.passthrough.clone();
             self.io
-                .submit(move || pt.wait_and_open(ino, &d, reply, undo));
+                .submit(move || pt.wait_and_open(ino, &d, reply, handle, undo));
         }
     }
 
@@ -381,7 +384,8 @@ impl Filesystem for RecoverFs {
                 };
                 let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
                 let session = s.clone();
-                self.open_disk(ino.0, d, read_only, reply, move || session.close_handle(id))
+                let undo = move || session.close_handle(id);
+                self.open_disk(ino.0, d, read_only, reply, id, undo)
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -390,7 +394,7 @@ impl Filesystem for RecoverFs {
 
     fn release(
         &self,
-        req: &Request,
+        _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -400,7 +404,7 @@ impl Filesystem for RecoverFs {
     ) {
         if let Some(Node::Disk(s, d)) = self.node(ino.0) {
             self.passthrough.release(ino.0, &d, fh);
-            s.close_fuse_handle(d.index, req.pid());
+            s.close_handle(passthrough::session_handle(fh));
         }
         reply.ok()
     }
