@@ -95,6 +95,33 @@ fn a_refused_release_names_the_fuse_opener_by_pid_and_command() {
         comm.trim()
     );
     assert!(err.contains(&said), "{err}");
+    // Another process opens it too (named as at its open: `sh`); ours
+    // closes: only the other is named.
+    let mut other = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 3<\"$0\"; echo; exec sleep 30")
+        .arg(env.mount.join("race3/disk0.raw"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     drop(f);
+    let want = format!("(1 handle(s)): disk0 over FUSE by pid {} (sh);", other.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = String::from_utf8_lossy(&env.release("race3", false).stderr).to_string();
+        if err.contains(&want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    other.kill().unwrap();
+    other.wait().unwrap();
     env.release_closed("race3", true);
 }
