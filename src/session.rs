@@ -103,7 +103,7 @@ pub struct Session {
 
 #[derive(Default)]
 struct OpenState {
-    open: u64,
+    open: holders::Holders,
     released: bool,
 }
 
@@ -119,7 +119,7 @@ struct NetworkAttach {
 
 /// An open handle held by a frontend (an NFS client using the VM, an NBD
 /// connection with a disk open): release refuses while any exists.
-pub struct Attachment(Arc<Session>);
+pub struct Attachment(Arc<Session>, u64);
 
 impl Attachment {
     pub fn session(&self) -> &Arc<Session> {
@@ -129,16 +129,19 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.0.close_handle();
+        self.0.close_handle(self.1);
     }
 }
 
 impl Session {
     /// Holds the session open for a network frontend (NFS, NBD: only they
-    /// call it); `None` once it is released. The first one of this daemon
-    /// run runs what [`Self::on_network_attach`] left.
-    pub fn attach(self: &Arc<Self>) -> Option<Attachment> {
-        let held = self.open_handle().then(|| Attachment(self.clone()))?;
+    /// call it; `by` names the client); `None` once it is released. The
+    /// first one of this daemon run runs what [`Self::on_network_attach`]
+    /// left.
+    pub fn attach(self: &Arc<Self>, by: Holder) -> Option<Attachment> {
+        let held = self
+            .open_handle(by)
+            .map(|id| Attachment(self.clone(), id))?;
         let first = {
             let mut n = self.network.lock();
             n.seen = true;
@@ -150,35 +153,23 @@ impl Session {
         Some(held)
     }
 
-    /// NFS or NBD attached to it since this daemon started.
-    pub fn network_attached(&self) -> bool {
-        self.network.lock().seen
-    }
-
-    /// Runs `f` at the first network attach; `false` (and `f` dropped) if
-    /// one happened already.
-    pub(crate) fn on_network_attach(&self, f: OnAttach) -> bool {
-        let mut n = self.network.lock();
-        if n.seen {
-            return false;
-        }
-        n.first = Some(f);
-        true
-    }
-
-    /// Counts an open file handle; fails once the session is released.
-    pub fn open_handle(&self) -> bool {
+    /// Counts an open file handle held by `by`, returning the id that
+    /// closes it; `None` once the session is released.
+    pub fn open_handle(&self, by: Holder) -> Option<u64> {
         let mut s = self.state.lock();
         if s.released {
-            return false;
+            return None;
         }
-        s.open += 1;
-        true
+        Some(s.open.add(by))
     }
 
-    pub fn close_handle(&self) {
-        let mut s = self.state.lock();
-        s.open = s.open.saturating_sub(1);
+    pub fn close_handle(&self, id: u64) {
+        self.state.lock().open.remove(id);
+    }
+
+    /// Who holds the session's disks open.
+    pub fn holders(&self) -> Vec<Holder> {
+        self.state.lock().open.list()
     }
 
     /// What a relocation of this session copies (`relocate::Source`).
@@ -193,7 +184,7 @@ impl Session {
     }
 
     pub fn open_handles(&self) -> u64 {
-        self.state.lock().open
+        self.state.lock().open.len()
     }
 
     /// Saves what this session's guest read as a new recording of the
@@ -776,6 +767,8 @@ impl Datastore {
 
 pub(crate) mod backup;
 pub use backup::{SessionBackupDisk, SessionBackupReport};
+mod holders;
+pub use holders::{Frontend, Holder};
 mod kept;
 mod pinning;
 pub(crate) mod upload;
@@ -785,6 +778,7 @@ mod points;
 mod recover;
 use recover::Placing;
 mod release;
+pub use release::{Released, ReleasedRelocation};
 mod relocation;
 use points::PlacementRecord;
 pub use points::{

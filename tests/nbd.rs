@@ -128,6 +128,9 @@ fn nbd_clients_map_copy_and_compare_the_recovered_disk() {
         !o.status.success(),
         "release while an NBD client has the disk open"
     );
+    // The client is named by its address (explore10 L4).
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("disk0 over NBD by 127."), "{err}");
     holder.wait().unwrap();
     let o = env.release("vm", false);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -109,6 +109,9 @@ fn nfs_clients_list_copy_write_and_keep_side_files_while_disks_stay_put() {
         !o.status.success(),
         "release while an NFS client uses the disk"
     );
+    // The client is named by its address (explore10 L4).
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("its files over NFS by 127."), "{err}");
     drop(c);
     // Side files survive a daemon crash...
     d.kill9();

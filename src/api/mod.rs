@@ -215,8 +215,8 @@ async fn release(
     })?;
     blocking(move || {
         if let Some(b) = &q.backup {
-            let (released, discarded) = ds.release_backup(&vm, b, q.discard)?;
-            return Ok(json!({"vm": vm, "released": released, "backup": b, "discarded": discarded}));
+            let (released, discarded, relocation) = ds.release_backup(&vm, b, q.discard)?;
+            return Ok(json!({"vm": vm, "released": released, "backup": b, "discarded": discarded, "relocation": relocation}));
         }
         if ds.session(&vm).is_none() && q.discard {
             let kept = ds.discard_kept(&vm)?;
@@ -225,10 +225,12 @@ async fn release(
             }
             return Ok(json!({"vm": vm, "released": false, "discarded": kept}));
         }
-        let backup = ds.release(&vm, q.discard)?;
+        let r = ds.release_report(&vm, q.discard)?;
+        let backup = r.backup;
         // Kept, but its pin not written: the client says what that risks.
         let pin_owed = !q.discard && ds.kept_pin_owed(&vm, &backup);
-        Ok(json!({"vm": vm, "released": true, "backup": backup, "discarded": if q.discard { vec![backup.clone()] } else { vec![] }, "pin_owed": pin_owed}))
+        // `relocation`: what became of it (null without one).
+        Ok(json!({"vm": vm, "released": true, "backup": backup, "discarded": if q.discard { vec![backup.clone()] } else { vec![] }, "pin_owed": pin_owed, "relocation": r.relocation}))
     })
     .await
 }

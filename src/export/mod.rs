@@ -99,6 +99,17 @@ impl nbd::Exports for DiskExports {
         Arc<dyn crate::disk::Disk>,
         Box<dyn std::any::Any + Send + Sync>,
     )> {
+        self.open_by(name, "an unnamed client")
+    }
+
+    fn open_by(
+        &self,
+        name: &str,
+        peer: &str,
+    ) -> Result<(
+        Arc<dyn crate::disk::Disk>,
+        Box<dyn std::any::Any + Send + Sync>,
+    )> {
         let unknown = || {
             Error::not_found(format!(
                 "no export {name:?}: expected VM/diskN of a VM being recovered"
@@ -116,7 +127,7 @@ impl nbd::Exports for DiskExports {
             .ok_or_else(unknown)?;
         let d = s.disks.get(index).cloned().ok_or_else(unknown)?;
         let held = s
-            .attach()
+            .attach(crate::session::Holder::nbd(index, peer))
             .ok_or_else(|| Error::not_found(format!("VM {vm} is being released")))?;
         Ok((d, Box::new(held)))
     }

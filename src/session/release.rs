@@ -2,12 +2,66 @@
 //! relocation that had not cut over cancelled), its pin and hooks, under
 //! the VM's lock like every other change to the session.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{upload, Datastore, Session};
+use serde::Serialize;
+
+use super::{holders, upload, Datastore, Session};
 use crate::error::{Error, ErrorKind, Result};
-use crate::relocate::Relocation;
+use crate::relocate::{Relocation, RelocationStatus, State};
 use crate::util::validate_name;
+
+/// What a release did: the session's backup, and what became of its
+/// relocation (explore10 L3: the client said nothing of it).
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub backup: String,
+    pub relocation: Option<ReleasedRelocation>,
+}
+
+/// A released session's relocation (`relocation` in the release API's
+/// answer).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReleasedRelocation {
+    pub target: PathBuf,
+    /// Its state when the session was released.
+    pub state: State,
+    /// `stopped`: not cut over, its copy stopped with the session, and the
+    /// next `recover` resumes it (paused, if it was: then `relocate
+    /// --resume`); `cut-over`: the VM's disks are the target files, kept;
+    /// `cancelled` (with `--discard`): its target files removed, those
+    /// there before it kept; `cancel-unfinished`: a cancel that could not
+    /// finish, which `relocate --cancel` finishes after the next
+    /// `recover`.
+    pub outcome: &'static str,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// `cancelled`: what it removed (files, then the directory) and kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<PathBuf>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<PathBuf>,
+}
+
+impl ReleasedRelocation {
+    fn of(st: &RelocationStatus) -> Self {
+        let outcome = match st.state {
+            _ if st.cancel_unfinished.is_some() => "cancel-unfinished",
+            State::Done => "cut-over",
+            _ => "stopped",
+        };
+        ReleasedRelocation {
+            target: st.target.clone(),
+            state: st.state,
+            outcome,
+            bytes_done: st.bytes_done,
+            bytes_total: st.bytes_total,
+            removed: vec![],
+            kept: vec![],
+        }
+    }
+}
 
 impl Datastore {
     /// Ends a session after making its staging durable. Refused while any
@@ -17,6 +71,11 @@ impl Datastore {
     /// (or discarded staging) that could not be removed durably, is
     /// reported as an error after the session is released in full.
     pub fn release(&self, vm: &str, discard: bool) -> Result<String> {
+        self.release_report(vm, discard).map(|r| r.backup)
+    }
+
+    /// [`Datastore::release`], saying what became of the relocation.
+    pub fn release_report(&self, vm: &str, discard: bool) -> Result<Released> {
         validate_name("VM name", vm)?;
         let op = self.vm_op(vm);
         let _op = self.lock_op(vm, &op)?;
@@ -27,46 +86,59 @@ impl Datastore {
     /// backup ID is released, or, with `discard`, the staging kept from it
     /// dropped; decided under the VM's lock, so that a release or recover
     /// meanwhile never makes it touch another backup's staging (review25
-    /// M1). What was released or discarded: (released, backup ids).
+    /// M1). What was released or discarded: (released, backup ids, what
+    /// became of a released session's relocation).
     pub fn release_backup(
         &self,
         vm: &str,
         backup: &str,
         discard: bool,
-    ) -> Result<(bool, Vec<String>)> {
+    ) -> Result<(bool, Vec<String>, Option<ReleasedRelocation>)> {
         validate_name("VM name", vm)?;
         validate_name("backup id", backup)?;
         let op = self.vm_op(vm);
         let _op = self.lock_op(vm, &op)?;
         if self.session(vm).is_some_and(|s| s.backup == backup) {
-            let b = self.release_locked(vm, discard)?;
-            return Ok((true, if discard { vec![b] } else { vec![] }));
+            let r = self.release_locked(vm, discard)?;
+            let discarded = if discard { vec![r.backup] } else { vec![] };
+            return Ok((true, discarded, r.relocation));
         }
         if !discard {
             return Err(Error::not_found(format!(
                 "VM {vm} is not served from backup {backup} (only --discard drops a kept staging)"
             )));
         }
-        Ok((false, self.discard_kept_backup_locked(vm, backup)?))
+        Ok((false, self.discard_kept_backup_locked(vm, backup)?, None))
     }
 
     /// [`Datastore::release`] with the VM's lock held.
-    fn release_locked(&self, vm: &str, discard: bool) -> Result<String> {
+    fn release_locked(&self, vm: &str, discard: bool) -> Result<Released> {
         let session = self.served(vm)?;
         {
             let mut st = session.state.lock();
-            if st.open > 0 {
+            if !st.open.is_empty() {
+                // Who holds it, so the right VM or client is stopped.
                 return Err(Error::busy(format!(
-                    "a disk of VM {vm} is still open ({} handle(s)); stop the VM first",
-                    st.open
+                    "a disk of VM {vm} is still open ({} handle(s)): {}; stop the VM first",
+                    st.open.len(),
+                    holders::describe(&st.open.list())
                 )));
             }
             st.released = true;
         }
         self.sessions.write().remove(vm);
         // The copier stops here; the next recover resumes it.
-        if let Some(r) = session.relocation.lock().as_ref() {
+        let mut relocation = session.relocation.lock().as_ref().map(|r| {
+            let before = r.state();
             r.stop();
+            let mut st = r.status();
+            st.state = before;
+            ReleasedRelocation::of(&st)
+        });
+        if relocation.is_none() {
+            // Recorded, not reopened after a restart: it stays recorded.
+            relocation = (session.relocation_not_resumed.lock().as_ref())
+                .map(|h| ReleasedRelocation::of(&h.status()));
         }
         session.stop_prefetch();
         // Its entries stay; the next recover resumes it.
@@ -84,7 +156,7 @@ impl Datastore {
         // The session is closed for good: it is released fully (pin, hooks)
         // whatever fails below, and the failure is reported after.
         let relocation_left = match discard {
-            true => self.cancel_relocation_of_discarded(&session, vm),
+            true => self.cancel_relocation_of_discarded(&session, vm, &mut relocation),
             false => None,
         };
         let unmarked = if discard {
@@ -138,7 +210,10 @@ impl Datastore {
                 ),
             ));
         }
-        Ok(session.backup.clone())
+        Ok(Released {
+            backup: session.backup.clone(),
+            relocation,
+        })
     }
 
     /// `release --discard` of a VM whose relocation has not cut over: the
@@ -147,7 +222,14 @@ impl Datastore {
     /// nothing would name its partial files once the staging is gone. One
     /// that cut over keeps its target: that is the VM's disk now. What
     /// could not be removed, or a cancel refused, is the error returned.
-    fn cancel_relocation_of_discarded(&self, s: &Session, vm: &str) -> Option<Error> {
+    /// `shown`: what the release reports of it, made `cancelled` with what
+    /// was removed and kept.
+    fn cancel_relocation_of_discarded(
+        &self,
+        s: &Session,
+        vm: &str,
+        shown: &mut Option<ReleasedRelocation>,
+    ) -> Option<Error> {
         let live = s.relocation.lock().clone();
         let cancelled = match live {
             Some(r) if r.state() == crate::relocate::State::Done => return None,
@@ -165,10 +247,31 @@ impl Datastore {
             Ok(c) => {
                 tracing::info!(vm, target = %c.target.display(), removed = ?c.removed, kept = ?c.kept,
                     "relocation cancelled with the discarded staging");
+                let r = shown.get_or_insert_with(|| ReleasedRelocation {
+                    target: c.target.clone(),
+                    state: State::NotResumed,
+                    outcome: "cancelled",
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    removed: vec![],
+                    kept: vec![],
+                });
+                r.outcome = "cancelled";
+                r.removed = c.removed.clone();
+                r.kept = c.kept.clone();
+                let paths = |v: &[PathBuf]| {
+                    let v: Vec<String> = v.iter().map(|p| p.display().to_string()).collect();
+                    match v.is_empty() {
+                        true => "none".to_string(),
+                        false => v.join(", "),
+                    }
+                };
                 c.leftover.map(|e| {
                     e.context(format!(
-                        "its relocation to {} was cancelled, but files are left",
-                        c.target.display()
+                        "its relocation to {} was cancelled (removed: {}; kept: {}), but files are left",
+                        c.target.display(),
+                        paths(&c.removed),
+                        paths(&c.kept)
                     ))
                 })
             }

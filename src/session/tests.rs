@@ -740,10 +740,10 @@ fn a_throwaway_release_waits_for_handles_the_kernel_closes_late_and_never_leaves
     r.ds.recover("vm", Some(&b1)).unwrap();
     let s = r.ds.session("vm").unwrap();
     // QEMU has exited, but the kernel's release of its handle is late.
-    assert!(s.open_handle());
+    let h = s.open_handle(Holder::nbd(0, "127.0.0.1:51234")).unwrap();
     let late = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
-        s.close_handle();
+        s.close_handle(h);
     });
     r.ds.release_when_closed("vm", true, Duration::from_secs(10))
         .unwrap();
@@ -754,12 +754,19 @@ fn a_throwaway_release_waits_for_handles_the_kernel_closes_late_and_never_leaves
     // release passed over in silence.
     r.ds.recover("vm", Some(&b1)).unwrap();
     let s = r.ds.session("vm").unwrap();
-    assert!(s.open_handle());
+    let h = s.open_handle(Holder::nbd(0, "127.0.0.1:51234")).unwrap();
     let t = Instant::now();
     let e =
         r.ds.release_when_closed("vm", true, Duration::from_millis(200));
-    assert_eq!(e.unwrap_err().kind(), crate::error::ErrorKind::Busy);
+    let e = e.unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::Busy);
+    // Who holds it is named (explore10 L4).
+    assert!(
+        e.to_string()
+            .contains("still open (1 handle(s)): disk0 over NBD by 127.0.0.1:51234;"),
+        "{e}"
+    );
     assert!(t.elapsed() >= Duration::from_millis(200));
-    s.close_handle();
+    s.close_handle(h);
     r.ds.release("vm", true).unwrap();
 }

@@ -71,6 +71,56 @@ pub(crate) fn released(r: &Value) {
             )
         }
     }
+    if let Some(line) = released_relocation(vm, &r["relocation"]) {
+        println!("{line}");
+    }
+}
+
+/// What became of a released session's relocation (explore10 L3: the
+/// copy stopped, or its files were removed, and only the log said so).
+fn released_relocation(vm: &str, r: &Value) -> Option<String> {
+    let target = r["target"].as_str()?;
+    let state = r["state"].as_str().unwrap_or("?");
+    let paths = |k: &str| {
+        let v: Vec<&str> = (r[k].as_array().into_iter().flatten())
+            .filter_map(Value::as_str)
+            .collect();
+        match v.is_empty() {
+            true => "nothing".to_string(),
+            false => v.join(", "),
+        }
+    };
+    let done = r["bytes_done"].as_u64().unwrap_or(0) as f64;
+    let total = r["bytes_total"].as_u64().unwrap_or(0).max(1) as f64;
+    let copied = format!("{:.1}% copied", done * 100.0 / total);
+    Some(match r["outcome"].as_str().unwrap_or("?") {
+        "cancelled" => format!(
+            "its relocation to {target} was cancelled: removed {}; kept {}",
+            paths("removed"),
+            paths("kept")
+        ),
+        "cut-over" => format!(
+            "its relocation to {target} had cut over: the VM's disks are the files there (kept)"
+        ),
+        "cancel-unfinished" => format!(
+            "its relocation to {target} has an unfinished cancel: `recoverfs recover {vm}` then `recoverfs relocate {vm} --cancel` finishes it"
+        ),
+        _ if state == "paused" => format!(
+            "its relocation to {target} ({copied}) is paused: `recoverfs recover {vm}` then `recoverfs relocate {vm} --resume` continues it"
+        ),
+        _ if state == "not-resumed" => format!(
+            "its relocation to {target} ({copied}, not resumed after a restart) stays recorded: `recoverfs recover {vm}` tries to reopen it"
+        ),
+        _ => {
+            let how = match state {
+                "copying" | "converging" => String::new(),
+                s => format!(", {s}"),
+            };
+            format!(
+                "its relocation to {target} ({copied}{how}) is stopped: `recoverfs recover {vm}` resumes it"
+            )
+        }
+    })
 }
 
 /// Where a session is served: its export point and each disk's URLs
@@ -305,8 +355,36 @@ fn live_backup_line(p: &Value) -> String {
 
 #[cfg(test)]
 mod served_tests {
-    use super::{live_backup_line, served_line};
+    use super::{live_backup_line, released_relocation, served_line};
     use serde_json::json;
+
+    #[test]
+    fn a_release_says_what_became_of_the_relocation() {
+        let stopped = json!({"target": "/prim/d64", "state": "copying", "outcome": "stopped",
+            "bytes_done": 42, "bytes_total": 100});
+        assert_eq!(
+            released_relocation("d64", &stopped).unwrap(),
+            "its relocation to /prim/d64 (42.0% copied) is stopped: `recoverfs recover d64` resumes it"
+        );
+        let paused = json!({"target": "/prim/d64", "state": "paused", "outcome": "stopped",
+            "bytes_done": 42, "bytes_total": 100});
+        assert!(released_relocation("d64", &paused)
+            .unwrap()
+            .ends_with("(42.0% copied) is paused: `recoverfs recover d64` then `recoverfs relocate d64 --resume` continues it"));
+        let cancelled = json!({"target": "/primA/race1", "state": "copying", "outcome": "cancelled",
+            "removed": ["/primA/race1/disk0.raw", "/primA/race1"]});
+        assert_eq!(
+            released_relocation("race1", &cancelled).unwrap(),
+            "its relocation to /primA/race1 was cancelled: removed /primA/race1/disk0.raw, /primA/race1; kept nothing"
+        );
+        let forced =
+            json!({"target": "/p/vm", "outcome": "cancelled", "kept": ["/p/vm/disk0.raw"]});
+        assert!(released_relocation("vm", &forced)
+            .unwrap()
+            .ends_with("removed nothing; kept /p/vm/disk0.raw"));
+        // None, or an older daemon: nothing.
+        assert_eq!(released_relocation("vm", &serde_json::Value::Null), None);
+    }
 
     #[test]
     fn a_running_live_backup_says_how_far_it_is_and_an_older_daemon_that_it_runs() {

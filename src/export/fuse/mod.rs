@@ -216,22 +216,25 @@ impl RecoverFs {
         }
     }
 
-    /// Opens a disk inode: passthrough or normal (see `passthrough`);
-    /// `undo` gives back the session handle if the open is refused.
+    /// Opens a disk inode: passthrough or normal (see `passthrough`),
+    /// with session handle `handle` in its file handle; `undo` gives the
+    /// session handle back if the open is refused.
     fn open_disk(
         &self,
         ino: u64,
         d: Arc<Volume>,
         read_only: bool,
         reply: ReplyOpen,
+        handle: u64,
         undo: impl FnOnce() + Send + 'static,
     ) {
         self.watch_disk(ino, &d);
-        if let Opened::MustWait(reply) = self.passthrough.open(ino, &d, read_only, reply) {
+        let opened = self.passthrough.open(ino, &d, read_only, reply, handle);
+        if let Opened::MustWait(reply) = opened {
             // Not on the event thread: the wait may last seconds.
             let pt = self.passthrough.clone();
             self.io
-                .submit(move || pt.wait_and_open(ino, &d, reply, undo));
+                .submit(move || pt.wait_and_open(ino, &d, reply, handle, undo));
         }
     }
 
@@ -364,7 +367,7 @@ impl Filesystem for RecoverFs {
         reply.error(Errno::EPERM)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino.0) {
             Some(Node::Config(_)) => {
                 if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
@@ -376,12 +379,14 @@ impl Filesystem for RecoverFs {
                 if flags.0 & libc::O_TRUNC != 0 {
                     return reply.error(Errno::EPERM);
                 }
-                if !s.open_handle() {
+                let by = crate::session::Holder::fuse(d.index, req.pid());
+                let Some(id) = s.open_handle(by) else {
                     return reply.error(Errno::ENOENT);
-                }
+                };
                 let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
                 let session = s.clone();
-                self.open_disk(ino.0, d, read_only, reply, move || session.close_handle())
+                let undo = move || session.close_handle(id);
+                self.open_disk(ino.0, d, read_only, reply, id, undo)
             }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
@@ -400,7 +405,7 @@ impl Filesystem for RecoverFs {
     ) {
         if let Some(Node::Disk(s, d)) = self.node(ino.0) {
             self.passthrough.release(ino.0, &d, fh);
-            s.close_handle();
+            s.close_handle(passthrough::session_handle(fh));
         }
         reply.ok()
     }

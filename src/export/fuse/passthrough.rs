@@ -43,8 +43,20 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::volume::Volume;
 
-/// The file handle of a passthrough open (normal opens have 0).
+/// The bit of a file handle that marks a passthrough open; the other bits
+/// are the session's id of the open handle (`Session::open_handle`), which
+/// the release closes.
 const PASSTHROUGH_FH: u64 = 1;
+
+/// The file handle of an open with session handle `handle`.
+pub fn file_handle(handle: u64, passthrough: bool) -> FileHandle {
+    FileHandle(handle << 1 | passthrough as u64)
+}
+
+/// The session handle of file handle `fh`.
+pub fn session_handle(fh: FileHandle) -> u64 {
+    fh.0 >> 1
+}
 
 /// How long a normal open waits for passthrough opens' releases before it
 /// is refused.
@@ -77,9 +89,9 @@ pub struct Passthrough {
     released: Condvar,
 }
 
-fn open_normally(reply: ReplyOpen) {
+fn open_normally(reply: ReplyOpen, handle: u64) {
     // Every write goes through us, so the kernel's cache stays coherent.
-    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+    reply.opened(file_handle(handle, false), FopenFlags::FOPEN_KEEP_CACHE)
 }
 
 impl Passthrough {
@@ -113,9 +125,17 @@ impl Passthrough {
 
     /// Opens disk inode `ino` in passthrough mode if it may (see the
     /// module doc), else normally if it can, else hands the reply back.
-    pub fn open(&self, ino: u64, d: &Volume, read_only: bool, reply: ReplyOpen) -> Opened {
+    /// `handle`: the session's id of the open, kept in its file handle.
+    pub fn open(
+        &self,
+        ino: u64,
+        d: &Volume,
+        read_only: bool,
+        reply: ReplyOpen,
+        handle: u64,
+    ) -> Opened {
         if !self.wanted {
-            open_normally(reply);
+            open_normally(reply, handle);
             return Opened::Replied;
         }
         let mut opens = self.opens.lock();
@@ -129,7 +149,7 @@ impl Passthrough {
             if let Some(id) = id {
                 o.backing = Some(id.clone());
                 o.passthrough += 1;
-                reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), &id);
+                reply.opened_passthrough(file_handle(handle, true), FopenFlags::empty(), &id);
                 return Opened::Replied;
             }
         }
@@ -137,7 +157,7 @@ impl Passthrough {
             return Opened::MustWait(reply);
         }
         o.normal += 1;
-        open_normally(reply);
+        open_normally(reply, handle);
         Opened::Replied
     }
 
@@ -172,7 +192,14 @@ impl Passthrough {
     /// Blocks up to [`RELEASE_GRACE`] for the passthrough opens of `ino` to
     /// be released, then opens normally; or refuses with EBUSY (logged),
     /// calling `undo` first. Runs off the event thread.
-    pub fn wait_and_open(&self, ino: u64, d: &Volume, reply: ReplyOpen, undo: impl FnOnce()) {
+    pub fn wait_and_open(
+        &self,
+        ino: u64,
+        d: &Volume,
+        reply: ReplyOpen,
+        handle: u64,
+        undo: impl FnOnce(),
+    ) {
         let deadline = Instant::now() + RELEASE_GRACE;
         let mut opens = self.opens.lock();
         let mut timed_out = false;
@@ -180,7 +207,7 @@ impl Passthrough {
             let o = opens.entry(ino).or_default();
             if o.passthrough == 0 {
                 o.normal += 1;
-                return open_normally(reply);
+                return open_normally(reply, handle);
             }
             if timed_out {
                 break o.passthrough;
@@ -203,7 +230,7 @@ impl Passthrough {
     pub fn release(&self, ino: u64, d: &Volume, fh: FileHandle) {
         let mut opens = self.opens.lock();
         let Some(o) = opens.get_mut(&ino) else { return };
-        if fh.0 == PASSTHROUGH_FH {
+        if fh.0 & PASSTHROUGH_FH != 0 {
             o.passthrough = o.passthrough.saturating_sub(1);
             if o.passthrough == 0 {
                 o.backing = None;

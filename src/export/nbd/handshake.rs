@@ -32,6 +32,8 @@ struct State {
     /// Contexts of the last NBD_OPT_SET_META_CONTEXT and the export they
     /// were set for; they apply only if the client goes to that export.
     meta: Option<(String, Contexts)>,
+    /// The client, as its connection names it (see `Exports::open_by`).
+    peer: String,
 }
 
 /// What one option led to.
@@ -42,12 +44,17 @@ enum Next {
 
 /// Runs the handshake up to the transmission phase; `Err` says why the
 /// connection ends instead (`End::Abort` for a clean abort).
-pub async fn negotiate<S>(s: &mut S, exports: &Arc<dyn Exports>) -> Result<Negotiated, End>
+pub async fn negotiate<S>(
+    s: &mut S,
+    exports: &Arc<dyn Exports>,
+    peer: &str,
+) -> Result<Negotiated, End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut st = State {
         no_zeroes: greet(s).await?,
+        peer: peer.to_string(),
         ..State::default()
     };
     loop {
@@ -200,11 +207,12 @@ fn unknown_message(exports: &Arc<dyn Exports>, name: &str, count: usize) -> Stri
 async fn open_export(
     exports: &Arc<dyn Exports>,
     name: &str,
+    peer: &str,
 ) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>, u64)> {
     let e = exports.clone();
-    let name = name.to_string();
+    let (name, peer) = (name.to_string(), peer.to_string());
     tokio::task::spawn_blocking(move || {
-        let (disk, guard) = e.open(&name)?;
+        let (disk, guard) = e.open_by(&name, &peer)?;
         let size = disk.size();
         Ok((disk, guard, size))
     })
@@ -253,7 +261,7 @@ where
         tracing::info!("NBD client refused: {msg}");
         return Err(End::Refused(msg));
     };
-    let (disk, guard, size) = open_export(exports, &name).await.map_err(|e| {
+    let (disk, guard, size) = open_export(exports, &name, &st.peer).await.map_err(|e| {
         tracing::info!("NBD client refused: cannot open export {name:?}: {e}");
         End::Refused(format!("cannot open export {name:?}: {e}"))
     })?;
@@ -322,7 +330,7 @@ where
         reply(s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
         return Ok(Next::Continue);
     };
-    let (disk, guard, size) = match open_export(exports, &name).await {
+    let (disk, guard, size) = match open_export(exports, &name, &st.peer).await {
         Ok(opened) => opened,
         Err(e) => {
             let typ = match e.kind() {

@@ -81,6 +81,15 @@ pub trait Exports: Send + Sync + 'static {
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
     fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
+    /// [`Exports::open`] by the client `peer` (its address, or a unix
+    /// socket's peer), which the export may name while it is held.
+    fn open_by(
+        &self,
+        name: &str,
+        _peer: &str,
+    ) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)> {
+        self.open(name)
+    }
     /// For a name this server does not export: where it is exported
     /// instead, if anywhere (a VM served at another export point), so a
     /// client at the wrong address is told where to connect.
@@ -490,7 +499,7 @@ async fn connection<S>(
     async move {
         let handshake = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            handshake::negotiate(&mut stream, &exports),
+            handshake::negotiate(&mut stream, &exports, &peer),
         );
         let negotiated = tokio::select! {
             r = handshake => r.unwrap_or(Err(proto::End::HandshakeTimeout)),

@@ -43,16 +43,26 @@ pub const MAX_IO: u32 = 1 << 20;
 #[derive(Default)]
 pub struct Conn {
     attached: Mutex<HashMap<u64, Attachment>>,
+    /// The client's address, which a refused release names.
+    peer: String,
 }
 
 impl Conn {
+    pub fn new(peer: std::net::SocketAddr) -> Conn {
+        Conn {
+            attached: Mutex::default(),
+            peer: peer.to_string(),
+        }
+    }
+
     /// Holds `s` open for this connection; STALE if it was released.
     fn attach(&self, s: &Arc<Session>) -> Result<(), nfsstat3> {
         let mut a = self.attached.lock();
         if a.contains_key(&s.serial) {
             return Ok(());
         }
-        let att = s.attach().ok_or(nfsstat3::NFS3ERR_STALE)?;
+        let by = crate::session::Holder::nfs(&self.peer);
+        let att = s.attach(by).ok_or(nfsstat3::NFS3ERR_STALE)?;
         a.insert(s.serial, att);
         Ok(())
     }

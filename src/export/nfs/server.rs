@@ -402,7 +402,7 @@ async fn read_calls(
 ) -> Ended {
     // Small calls come whole with their record marks in one read.
     let mut rd = tokio::io::BufReader::new(rd);
-    let conn = Arc::new(Conn::default());
+    let conn = Arc::new(Conn::new(peer));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let record = read_record(&mut rd, limits.record_timeout);

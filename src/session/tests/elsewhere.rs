@@ -407,14 +407,14 @@ fn release_naming_a_backup_touches_only_that_backups_staging_whichever_session_i
     // b1's kept staging goes; b2 stays served.
     assert_eq!(
         r.ds.release_backup("vm", &b1, true).unwrap(),
-        (false, vec![b1.clone()])
+        (false, vec![b1.clone()], None)
     );
     assert!(!main.session_dir("vm", &b1).exists());
     assert_eq!(r.ds.session("vm").unwrap().backup, b2);
     // Naming the served backup releases it (kept without discard).
     assert_eq!(
         r.ds.release_backup("vm", &b2, false).unwrap(),
-        (true, vec![])
+        (true, vec![], None)
     );
     assert!(r.ds.session("vm").is_none());
     assert!(main.session_dir("vm", &b2).exists());

@@ -235,10 +235,62 @@ fn release_discard_of_a_vm_still_relocating_removes_the_partial_target_files_it_
     std::fs::create_dir(&primary).unwrap();
     r.ds.relocate("vm", &primary, Some(0.001), false).unwrap();
     assert!(primary.join("vm/disk0.raw").exists());
-    r.ds.release("vm", true).unwrap();
+    let rel = r.ds.release_report("vm", true).unwrap().relocation.unwrap();
     // Nothing would name them once the staging is gone.
     assert!(!primary.join("vm").exists(), "partial target left");
     assert!(std::fs::read_dir(&primary).unwrap().next().is_none());
+    // The client is told what was removed (explore10 L3).
+    assert_eq!(rel.outcome, "cancelled");
+    assert_eq!(rel.target, primary.join("vm"));
+    assert_eq!(
+        rel.removed,
+        [primary.join("vm/disk0.raw"), primary.join("vm")]
+    );
+    assert!(rel.kept.is_empty());
+}
+
+#[test]
+fn release_of_a_vm_still_relocating_says_the_copy_stopped_and_how_far_it_got() {
+    let r = rig();
+    backup(&r, "vm", 52, 16);
+    r.ds.recover("vm", None).unwrap();
+    let primary = r.dir.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    r.ds.relocate("vm", &primary, Some(0.001), false).unwrap();
+    let rel =
+        r.ds.release_report("vm", false)
+            .unwrap()
+            .relocation
+            .unwrap();
+    assert_eq!(rel.outcome, "stopped");
+    assert_eq!(rel.target, primary.join("vm"));
+    assert!(rel.state.is_running(), "{rel:?}");
+    assert!(
+        rel.bytes_total > 0 && rel.bytes_done < rel.bytes_total,
+        "{rel:?}"
+    );
+    assert!(
+        primary.join("vm/disk0.raw").exists(),
+        "a stop removes nothing"
+    );
+    // Paused, it says so: a recover does not resume it.
+    r.ds.recover("vm", None).unwrap();
+    r.ds.pause_relocation("vm", true).unwrap();
+    let rel =
+        r.ds.release_report("vm", false)
+            .unwrap()
+            .relocation
+            .unwrap();
+    assert_eq!((rel.outcome, rel.state), ("stopped", State::Paused));
+    // Without one, there is nothing to say.
+    r.ds.recover("vm", None).unwrap();
+    r.ds.cancel_relocation("vm", false).unwrap();
+    assert!(r
+        .ds
+        .release_report("vm", false)
+        .unwrap()
+        .relocation
+        .is_none());
 }
 
 #[test]
@@ -252,7 +304,9 @@ fn release_discard_of_a_vm_relocating_with_force_over_old_files_keeps_them_and_l
     r.ds.relocate("vm", target.parent().unwrap(), Some(0.001), true)
         .unwrap();
     assert!(target.join(".recoverfs-relocation").exists());
-    r.ds.release("vm", true).unwrap();
+    let rel = r.ds.release_report("vm", true).unwrap().relocation.unwrap();
+    assert_eq!(rel.outcome, "cancelled");
+    assert_eq!(rel.kept, [target.join("disk0.raw")]);
     // The file was there before: kept (emptied by --force), with nothing
     // naming the cancelled relocation beside it.
     let left: Vec<_> = std::fs::read_dir(&target)
