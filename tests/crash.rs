@@ -384,6 +384,11 @@ fn a_daemon_restarted_after_a_crash_while_its_repository_is_away_serves_what_sta
         "nothing is written into the empty mount point"
     );
     let session = |env: &Env| env.status()["sessions"][0].clone();
+    // Daemon-wide at once, before any check of the session (explore11 M3).
+    let st = env.status();
+    assert!(st["repository_unreachable"].is_string(), "{st}");
+    let text = env.ok(&["status", "--socket", env.socket.to_str().unwrap()]);
+    assert!(text.contains("WARNING: repository unreachable"), "{text}");
     assert!(
         wait_for(25, || {
             let s = session(&env);
@@ -408,6 +413,7 @@ fn a_daemon_restarted_after_a_crash_while_its_repository_is_away_serves_what_sta
         "the session is pinned and the outage over: {}",
         session(&env)
     );
+    assert!(env.status()["repository_unreachable"].is_null());
     assert!(pinned_dir.exists(), "its pin is in the repository");
     assert!(
         d.log_text().contains("answers as itself"),

@@ -128,7 +128,9 @@ async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
         let all: Vec<_> = ds.sessions().iter().map(|s| ds.status(s)).collect();
         let staging: Vec<_> = ds.stagings().iter().map(|d| d.budget().status()).collect();
         let moved = moved(&ds, |_| true);
-        Ok(json!({ "sessions": all, "staging": staging, "moved": moved }))
+        // Daemon-wide, also with no session (explore11 M3).
+        let unconfirmed = ds.repo().backend().not_confirmed();
+        Ok(json!({ "sessions": all, "staging": staging, "moved": moved, "repository_unreachable": unconfirmed }))
     })
     .await
 }

@@ -157,6 +157,12 @@ pub trait Backend: Send + Sync {
     /// (`s3`). Each skip is logged; nothing skipped is lost: a pin not
     /// rewritten now is rewritten at the next start or backup check.
     fn begin_shutdown(&self) {}
+    /// Why the store has not answered as the repository since the daemon
+    /// started without it (a degraded start, `unconfirmed`); `None` once
+    /// it has, and for a store opened normally. For `status`.
+    fn not_confirmed(&self) -> Option<String> {
+        None
+    }
     /// The daemon's start (resuming sessions, pins, jobs) is over: a store
     /// that did not answer it may be asked again at the next request
     /// (`unconfirmed`), not only once the start's hold has passed.
@@ -601,6 +607,9 @@ impl Backend for Delayed {
     }
     fn answering(&self) -> bool {
         self.inner.answering()
+    }
+    fn not_confirmed(&self) -> Option<String> {
+        self.inner.not_confirmed()
     }
 }
 

@@ -273,6 +273,15 @@ impl Backend for Unconfirmed {
     fn answering(&self) -> bool {
         self.inner.answering()
     }
+    fn not_confirmed(&self) -> Option<String> {
+        if self.confirmed() {
+            return None;
+        }
+        Some(match self.gate.failed.lock().as_ref() {
+            Some(f) => f.why.clone(),
+            None => "it has not answered as itself since the daemon started without it".into(),
+        })
+    }
     fn begin_shutdown(&self) {
         if !self.gate.stopping.swap(true, Ordering::AcqRel) && !self.confirmed() {
             tracing::warn!(
@@ -309,6 +318,25 @@ mod tests {
 
     fn info(id: &str) -> Vec<u8> {
         serde_json::to_vec(&repo_info(id, 2)).unwrap()
+    }
+
+    /// `status` says why, daemon-wide, until the store answers as itself
+    /// (explore11 M3: only a session's periodic check said it).
+    #[test]
+    fn why_the_store_is_not_confirmed_is_told_until_it_answers_as_itself() {
+        let d = tempfile::tempdir().unwrap();
+        let g = Unconfirmed::new(Box::new(LocalDir::new(d.path())), &repo_info("aaaa", 2));
+        let why = g
+            .not_confirmed()
+            .expect("not confirmed at a degraded start");
+        assert!(
+            why.contains("did not answer when the daemon started"),
+            "{why}"
+        );
+        *g.gate.failed.lock() = None;
+        std::fs::write(d.path().join(INFO_KEY), info("aaaa")).unwrap();
+        g.exists("x").unwrap();
+        assert_eq!(g.not_confirmed(), None);
     }
 
     /// A gate whose start failure has passed.

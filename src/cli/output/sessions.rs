@@ -150,6 +150,11 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
         return Ok(());
     }
     let sessions = r["sessions"].as_array().cloned().unwrap_or_default();
+    if let Some(why) = r["repository_unreachable"].as_str() {
+        println!(
+            "WARNING: repository unreachable since the daemon started without it ({why}): staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself"
+        );
+    }
     for st in r["staging"].as_array().cloned().unwrap_or_default() {
         println!("{}", staging_line(&st));
     }
