@@ -516,11 +516,18 @@ impl StagingDir {
     }
 
     /// Kept sessions (VM, backup) that owe their repository pin.
+    /// Looks for the marker only: asked every 10 s, it must not read and
+    /// parse every kept session's `session.json` to find none.
     pub fn owed_pins(&self) -> Vec<(String, String)> {
         let mut out = vec![];
         for vm in self.session_vms() {
-            for (b, _) in self.kept_sessions(&vm) {
-                if self.pin_owed(&vm, &b) {
+            let dirs = fs::read_dir(self.root.join("sessions").join(&vm));
+            for e in dirs.into_iter().flatten().flatten() {
+                let Some(b) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                let named = crate::util::validate_name("backup id", &b).is_ok();
+                if named && e.path().join(PIN_OWED).exists() {
                     out.push((vm.clone(), b));
                 }
             }

@@ -102,11 +102,9 @@ fn a_kept_pin_owed_while_the_vm_is_served_from_another_backup_is_written() {
     assert!(!r.ds.kept_pin_owed("vm", &b1));
 }
 
-/// explore11 M1: a discard while the repository refused writes left the
-/// session's pin (still `serving`) for good: `forget` kept its backup for
-/// ever. The removal is owed in staging and made by a later check.
-#[test]
-fn a_pin_a_discard_could_not_remove_is_removed_by_a_later_check() {
+/// A session of `vm` recovered, released, then discarded while the
+/// repository refused pin changes: its removal is owed.
+fn discarded_while_pins_are_refused() -> (Rig, String) {
     let r = rig();
     let (b1, _) = backup(&r, "vm", 1, 8);
     r.ds.recover("vm", Some(&b1)).unwrap();
@@ -114,6 +112,15 @@ fn a_pin_a_discard_could_not_remove_is_removed_by_a_later_check() {
     r.knobs.unreachable("pins/");
     r.ds.discard_kept("vm").unwrap();
     r.knobs.reachable();
+    (r, b1)
+}
+
+/// explore11 M1: a discard while the repository refused writes left the
+/// session's pin (still `serving`) for good: `forget` kept its backup for
+/// ever. The removal is owed in staging and made by a later check.
+#[test]
+fn a_pin_a_discard_could_not_remove_is_removed_by_a_later_check() {
+    let (r, b1) = discarded_while_pins_are_refused();
     assert_eq!(pin_of(&r, "vm").len(), 1, "the refused removal left it");
     r.ds.check_backups();
     assert!(pin_of(&r, "vm").is_empty(), "the owed removal was not made");
@@ -127,13 +134,7 @@ fn a_pin_a_discard_could_not_remove_is_removed_by_a_later_check() {
 /// directory (same pin key) is dropped, and the new session's pin kept.
 #[test]
 fn an_owed_pin_removal_is_dropped_when_its_session_is_recovered_again_first() {
-    let r = rig();
-    let (b1, _) = backup(&r, "vm", 1, 8);
-    r.ds.recover("vm", Some(&b1)).unwrap();
-    r.ds.release("vm", false).unwrap();
-    r.knobs.unreachable("pins/");
-    r.ds.discard_kept("vm").unwrap();
-    r.knobs.reachable();
+    let (r, b1) = discarded_while_pins_are_refused();
     r.ds.recover("vm", Some(&b1)).unwrap();
     r.ds.check_backups();
     assert_eq!(
