@@ -15,6 +15,7 @@ use crate::staging::StagingSet;
 use crate::util::mountinfo;
 
 mod exports_moved;
+mod fuse_mount;
 mod mount_point;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
@@ -62,6 +63,8 @@ pub struct MountOptions {
     /// Kernel FUSE passthrough for read-only opens of complete disks (see
     /// `export::fuse::passthrough`; writable opens are refused meanwhile).
     pub fuse_passthrough: bool,
+    /// Keep the FUSE connection across a crash (see `export::fuse::keeper`).
+    pub fuse_keeper: bool,
     /// How often staged presence maps are made durable without an fsync.
     pub flush_interval: Duration,
     pub prefetch: crate::prefetch::PrefetchOptions,
@@ -80,6 +83,7 @@ impl Default for MountOptions {
             fetches_in_flight: 64,
             fuse_threads: 4,
             fuse_passthrough: false,
+            fuse_keeper: false,
             flush_interval: Duration::from_secs(2),
             prefetch: Default::default(),
             placement: Default::default(),
@@ -178,7 +182,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     crate::util::limit_malloc_arenas();
     raise_open_files_limit();
     let repo = open_repository(&opts)?;
-    let mount = check_mount_point(&opts.mount)?;
+    // Before the mount point is looked at: a kept mount answers nothing
+    // until a daemon serves it (see `export::fuse::keeper`).
+    let kept = fuse_mount::take_kept(&opts.staging, &opts.mount, opts.datastore.fuse_keeper);
+    let mount = match &kept {
+        Some((held, _)) => held.mount.clone(),
+        None => check_mount_point(&opts.mount)?,
+    };
     // Before a new staging directory is made: a refusal leaves nothing.
     if let Some(s) = &opts.socket {
         check_socket(s)?;
@@ -216,7 +226,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .thread_name("export")
         .build()
         .ctx(|| "start the export runtime".into())?;
-    let mounted = MountedDatastore::start(repo.clone(), staging, &mount, &opts.datastore)?;
+    let mounted =
+        MountedDatastore::start_kept(repo.clone(), staging, &mount, &opts.datastore, kept)?;
     if let Err(e) = crate::staging::last_mount::write(&main_root, &mount) {
         tracing::warn!("could not record the mount point in the staging directory (a later daemon there with another --mount will not detach this one if it is left dead): {e}");
     }
@@ -387,6 +398,11 @@ pub struct MountedDatastore {
     flusher: std::thread::JoinHandle<()>,
     checker: std::thread::JoinHandle<()>,
     mount: PathBuf,
+    /// The staging whose keeper holds the connection too (`fuse_keeper`).
+    keeper_root: Option<PathBuf>,
+    /// The connection was adopted from a crashed daemon: fuser did not
+    /// mount it, so the stop unmounts it.
+    adopted: bool,
 }
 
 impl MountedDatastore {
@@ -396,6 +412,18 @@ impl MountedDatastore {
         staging: StagingSet,
         mount: &Path,
         opts: &MountOptions,
+    ) -> Result<Self> {
+        Self::start_kept(repo, staging, mount, opts, None)
+    }
+
+    /// As `start`; `kept`: the connection a crashed daemon left with the
+    /// keeper, served instead of a new mount (`fuse_mount::take_kept`).
+    pub fn start_kept(
+        repo: Arc<Repository>,
+        staging: StagingSet,
+        mount: &Path,
+        opts: &MountOptions,
+        kept: Option<(crate::export::fuse::keeper::Held, std::os::fd::OwnedFd)>,
     ) -> Result<Self> {
         let ds = Datastore::new(
             repo,
@@ -410,12 +438,24 @@ impl MountedDatastore {
         }
         // FUSE's background requests and io threads match the GETs the
         // fetch engine keeps in flight (at least 64).
-        let fs = RecoverFs::new(
+        let keeper_root = if opts.fuse_keeper {
+            fuse_mount::keeper_root(ds.staging_root())
+        } else {
+            None
+        };
+        let mut fs = RecoverFs::new(
             ds.clone(),
             opts.fetches_in_flight.max(64),
             opts.owner,
             opts.fuse_passthrough,
         );
+        if let Some(root) = &keeper_root {
+            fs = fs.with_inodes(crate::export::fuse::inodes::Inodes::kept_in(
+                root,
+                kept.is_some(),
+            ));
+        }
+        let init_params = fs.init_params();
         let inodes = fs.inodes();
         let notifier_slot = fs.notifier_slot();
         let mut options = vec![
@@ -438,16 +478,28 @@ impl MountedDatastore {
             fuser::SessionACL::Owner
         };
         cfg.n_threads = Some(opts.fuse_threads.max(1));
-        cfg.clone_fd = true;
-        let bg = fuser::spawn_mount(fs, mount, &cfg)
-            .map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
+        // One device file for all event threads when it is kept: the
+        // requests a thread has read are listed on the file they were read
+        // from, and only the file the keeper holds outlives the daemon.
+        cfg.clone_fd = keeper_root.is_none();
+        let adopted = kept.is_some();
+        let bg = match kept {
+            Some((held, fd)) => {
+                // The kernel's requests name these sessions' inodes.
+                ds.resume_active();
+                fuse_mount::mount_adopted(fs, fd, &held, &cfg)?
+            }
+            None => fuse_mount::mount_fresh(fs, mount, &cfg, keeper_root.as_deref(), &init_params)?,
+        };
         let notifier = bg.notifier();
         let _ = notifier_slot.set(notifier.clone());
         ds.add_on_release(Box::new(move |s| {
             let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&s.vm));
-            inodes.forget(s.serial);
+            inodes.forget(&s.dir);
         }));
-        ds.resume_active();
+        if !adopted {
+            ds.resume_active();
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
         let checker = spawn_backup_checker(ds.clone(), stop.clone());
@@ -458,6 +510,8 @@ impl MountedDatastore {
             flusher,
             checker,
             mount: mount.to_path_buf(),
+            keeper_root,
+            adopted,
         })
     }
 
@@ -475,38 +529,24 @@ impl MountedDatastore {
             .ds
             .flush_all()
             .and_then(|()| self.ds.first_failure().map_or(Ok(()), Err));
-        let unmount = self.bg.umount_and_join().map_err(|e| {
+        let unmounted = if self.adopted {
+            fuse_mount::unmount_adopted(self.bg, &self.mount)
+        } else {
+            self.bg.umount_and_join()
+        };
+        if let Some(root) = &self.keeper_root {
+            fuse_mount::release_keeper(root);
+        }
+        let unmount = unmounted.map_err(|e| {
             let held: Vec<String> = (self.ds.sessions().iter())
                 .filter(|s| s.open_handles() > 0)
                 .map(|s| s.vm.clone())
                 .collect();
-            unmount_refused(&self.mount, e, &held)
+            fuse_mount::unmount_refused(&self.mount, e, &held)
         });
         flush?;
         unmount
     }
-}
-
-/// The daemon stops all the same (SIGTERM at host shutdown must): says
-/// which VMs lose their disks, and detaches the mount lazily so the next
-/// `serve` mounts cleanly instead of finding a dead mount.
-fn unmount_refused(mount: &Path, e: std::io::Error, held: &[String]) -> Error {
-    let shown = mount.display();
-    let detached = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH).is_ok();
-    let then = if detached {
-        "the mount was detached".to_string()
-    } else {
-        format!("run `fusermount3 -u -z {shown}`")
-    };
-    if held.is_empty() {
-        return Error::io(format!("unmount {shown} ({then})"), e);
-    }
-    Error::busy(format!(
-        "stopped while VM(s) {} still had disks open on {shown} (unmount: {e}): their disk I/O \
-         now fails with ENOTCONN, so restart them after `serve` and `recover` (every \
-         acknowledged write is kept); {then}",
-        held.join(", ")
-    ))
 }
 
 fn spawn_flusher(

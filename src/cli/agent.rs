@@ -105,7 +105,7 @@ pub struct FilesSource {
 /// Where `files` reads from.
 enum Source {
     Catalog(std::sync::Arc<Repository>, crate::repo::catalog::Catalog),
-    Disk(crate::files::disk::Mounted),
+    Disk(Box<crate::files::disk::Mounted>),
 }
 
 impl FilesSource {
@@ -137,7 +137,7 @@ impl FilesSource {
                 let c = crate::files::catalog(&r, &self.vm, self.backup.as_deref())?;
                 Ok(Source::Catalog(r, c))
             }
-            Some(id) => Ok(Source::Disk(crate::files::disk::mount(
+            Some(id) => Ok(Source::Disk(Box::new(crate::files::disk::mount(
                 &self.repo,
                 &self.vm,
                 &id,
@@ -145,7 +145,7 @@ impl FilesSource {
                 self.partition,
                 path,
                 stop,
-            )?)),
+            )?))),
         }
     }
 }
@@ -401,6 +401,7 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
         FilesCmd::Ls { src, path, json } => match src.open(&path, stop)? {
             Source::Catalog(_, c) => ls(&crate::files::select(&c, &path)?, json),
             Source::Disk(m) => {
+                let m = *m;
                 let all = match crate::files::disk::walk(&m.root, &path, stop) {
                     Ok(all) => all,
                     Err(e) => return Err(closed_after(e, m)),
@@ -432,6 +433,7 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     crate::files::cat(&r, &c, e, &mut out, stop)
                 }
                 Source::Disk(m) => {
+                    let m = *m;
                     let r = crate::files::disk::walk(&m.root, &path, stop).and_then(|mut all| {
                         crate::files::disk::copy_file(&m.root, &all.remove(0), &mut out, stop)
                     });
@@ -475,6 +477,7 @@ fn files_until(cmd: FilesCmd, stop: &AtomicBool) -> Result<()> {
                     (n, from)
                 }
                 Source::Disk(m) => {
+                    let m = *m;
                     let from = format!(
                         "disk backup {} of VM {} ({} on {})",
                         m.backup, src.vm, m.fstype, m.device

@@ -245,6 +245,14 @@ pub enum Command {
         #[arg(long, default_value_t = 300, requires = "repair")]
         wait: u64,
     },
+    /// Hold a FUSE connection across a crash of its daemon (started by
+    /// `serve`; see `export::fuse::keeper`).
+    #[command(hide = true)]
+    FuseKeeper {
+        /// The keeper's abstract socket name.
+        #[arg(long)]
+        name: String,
+    },
     /// Run the recovery datastore in the foreground.
     Serve {
         /// Repository: a directory or s3://BUCKET[/PREFIX].
@@ -296,6 +304,13 @@ pub enum Command {
         /// with EBUSY.
         #[arg(long)]
         fuse_passthrough: bool,
+        /// Do not keep the FUSE connection across a crash of the daemon. By
+        /// default a keeper process (`recoverfs fuse-keeper`) holds it: if
+        /// the daemon dies, guests' disk I/O waits (as on a hard NFS mount)
+        /// until the next `serve` of this staging answers it; without it,
+        /// the mount dies with the daemon and guests get ENOTCONN.
+        #[arg(long, env = "RECOVERFS_NO_FUSE_KEEPER")]
+        no_fuse_keeper: bool,
         /// Write blocks fetched from the repository into staging past the
         /// page cache (O_DIRECT): less CPU per cold GiB (no copy into new
         /// page-cache pages), but a staged block read again then comes

@@ -173,6 +173,7 @@ pub fn run(cli: Cli) -> Result<()> {
             fetches_in_flight,
             fuse_threads,
             fuse_passthrough,
+            no_fuse_keeper,
             stage_fills_direct,
             flush_interval,
             staging_max,
@@ -249,6 +250,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     fetches_in_flight: fetches_in_flight.max(1),
                     fuse_threads,
                     fuse_passthrough,
+                    fuse_keeper: !no_fuse_keeper,
                     flush_interval: Duration::from_secs_f64(flush_interval.clamp(0.1, 3600.0)),
                     prefetch: prefetch.options(),
                     placement,
@@ -257,6 +259,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
             })
         }
+        Command::FuseKeeper { name } => crate::export::fuse::keeper::run(&name),
         Command::Profile { cmd } => profile::run(cmd),
         Command::Pins { cmd } => pins::run(cmd),
         Command::Staging { cmd } => staging::run(cmd),

@@ -53,7 +53,7 @@ impl StagingSet {
             check_fresh(repo, root, &lost)
         };
         let resolved_main = resolve(main)?;
-        let resolved_mount = resolve(mount)?;
+        let resolved_mount = resolve_mount(mount)?;
         // (resolved path, the point that named it first, index in `dirs`).
         let mut own: Vec<(PathBuf, &str, usize)> = vec![];
         let mut of_point = HashMap::new();
@@ -299,6 +299,17 @@ fn overlap(p: &Path, other: &Path, what: &str, hint: &str) -> Option<String> {
 /// `p` made absolute, its longest existing ancestor canonicalised (so
 /// links and `..` resolve as the kernel will) and the rest, which does not
 /// exist yet and so holds no link, normalised lexically.
+/// `resolve` of a mount point without a look at the point itself: a
+/// mount a keeper holds for a crashed daemon answers no stat until this
+/// daemon serves it (`serve` gives it canonical already).
+fn resolve_mount(mount: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(mount).ctx(|| format!("resolve {}", mount.display()))?;
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(resolve(parent)?.join(name)),
+        _ => resolve(&abs),
+    }
+}
+
 fn resolve(p: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(p).ctx(|| format!("resolve {}", p.display()))?;
     let mut existing = abs.as_path();

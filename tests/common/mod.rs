@@ -49,6 +49,11 @@ pub struct Env {
     pub serve_args: Vec<String>,
     /// The daemon's umask (default: the test's).
     pub serve_umask: Option<u32>,
+    /// Keep the FUSE connection across a crash (serve's default). Off
+    /// here unless a test asks: the suite's crash tests were written for
+    /// a mount that dies with its daemon (tests/fuse_keeper.rs tests the
+    /// keeper).
+    pub fuse_keeper: bool,
 }
 
 impl Env {
@@ -74,6 +79,7 @@ impl Env {
             extra_env: vec![],
             serve_args: vec![],
             serve_umask: None,
+            fuse_keeper: false,
         }
     }
 
@@ -276,6 +282,10 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .args(&env.serve_args)
+            .env(
+                "RECOVERFS_NO_FUSE_KEEPER",
+                if env.fuse_keeper { "false" } else { "true" },
+            )
             .env("RUST_LOG", "info")
             .envs(env.extra_env.iter().cloned())
             .stdin(Stdio::null())

@@ -29,14 +29,19 @@ use fuser::{
 
 use crate::error::Error;
 
+pub mod adopt;
+mod inherited;
 pub mod inodes;
+pub mod keeper;
 mod passthrough;
 mod seek;
 use crate::disk::{ReadDone, Spawner};
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
 use crate::volume::Volume;
+use inherited::Inherited;
 use inodes::Inodes;
+use keeper::InitParams;
 use passthrough::{Opened, Passthrough};
 
 const TTL: Duration = Duration::from_secs(1);
@@ -70,6 +75,10 @@ pub struct RecoverFs {
     /// Set once mounted: drops the kernel's cached pages of a disk that
     /// another frontend wrote (see `watch_disk`).
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// What the kernel said at INIT, for the keeper (see `keeper`).
+    init_params: Arc<OnceLock<InitParams>>,
+    /// Opens made under a crashed daemon whose connection was adopted.
+    inherited: Inherited,
 }
 
 thread_local! {
@@ -120,6 +129,31 @@ impl RecoverFs {
             mounted: SystemTime::now(),
             passthrough: Arc::new(Passthrough::new(passthrough)),
             notifier: Arc::new(OnceLock::new()),
+            init_params: Arc::new(OnceLock::new()),
+            inherited: Inherited::default(),
+        }
+    }
+
+    /// Keeps the inode numbers in `inodes` (a table kept in staging, so a
+    /// daemon adopting this connection after a crash answers them alike).
+    pub fn with_inodes(mut self, inodes: Inodes) -> Self {
+        self.inodes = Arc::new(inodes);
+        self
+    }
+
+    /// Where the kernel's INIT parameters land once the mount is up.
+    pub fn init_params(&self) -> Arc<OnceLock<InitParams>> {
+        self.init_params.clone()
+    }
+
+    /// Counts an open inherited from a crashed daemon at its first I/O
+    /// (see `inherited`); our own handles pass at the cost of a compare.
+    fn note_handle(&self, req: &Request, ino: u64, fh: FileHandle) {
+        if passthrough::is_ours(fh) {
+            return;
+        }
+        if let Some(Node::Disk(s, d)) = self.node(ino) {
+            self.inherited.seen(ino, fh.0, &s, d.index, req.pid());
         }
     }
 
@@ -249,6 +283,12 @@ impl RecoverFs {
 
 impl Filesystem for RecoverFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let abi = config.kernel_abi();
+        let _ = self.init_params.set(InitParams {
+            major: abi.0,
+            minor: abi.1,
+            capabilities: config.capabilities().bits(),
+        });
         // Large requests keep per-request overhead low for VM disk I/O.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
@@ -404,6 +444,10 @@ impl Filesystem for RecoverFs {
         reply: ReplyEmpty,
     ) {
         if let Some(Node::Disk(s, d)) = self.node(ino.0) {
+            if !passthrough::is_ours(fh) {
+                self.inherited.released(ino.0, fh.0, &s);
+                return reply.ok();
+            }
             self.passthrough.release(ino.0, &d, fh);
             s.close_handle(passthrough::session_handle(fh));
         }
@@ -412,15 +456,16 @@ impl Filesystem for RecoverFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.note_handle(req, ino.0, fh);
         let d = match self.node(ino.0) {
             Some(Node::Config(s)) => {
                 let data = &s.config_json;
@@ -455,9 +500,9 @@ impl Filesystem for RecoverFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -465,6 +510,7 @@ impl Filesystem for RecoverFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.note_handle(req, ino.0, fh);
         let d = match self.disk(ino.0) {
             Ok(d) => d,
             Err(e) => return reply.error(if e == Errno::EISDIR { Errno::EACCES } else { e }),
@@ -486,13 +532,14 @@ impl Filesystem for RecoverFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.fsync(_req, ino, _fh, true, reply)
+        self.note_handle(req, ino.0, fh);
+        self.fsync(req, ino, fh, true, reply)
     }
 
     fn fsync(

@@ -43,19 +43,34 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::volume::Volume;
 
-/// The bit of a file handle that marks a passthrough open; the other bits
+/// The bit of a file handle that marks a passthrough open; bits 1..32
 /// are the session's id of the open handle (`Session::open_handle`), which
-/// the release closes.
+/// the release closes; the high 32 bits are this process's epoch, so a
+/// handle opened under a crashed daemon (see `keeper`) is never taken for
+/// one of ours.
 const PASSTHROUGH_FH: u64 = 1;
+
+/// This process's file-handle epoch: random, never 0.
+fn epoch() -> u64 {
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| (rand::random::<u32>() | 1) as u64)
+}
 
 /// The file handle of an open with session handle `handle`.
 pub fn file_handle(handle: u64, passthrough: bool) -> FileHandle {
-    FileHandle(handle << 1 | passthrough as u64)
+    debug_assert!(handle < 1 << 31);
+    FileHandle(epoch() << 32 | (handle & 0x7fff_ffff) << 1 | passthrough as u64)
 }
 
 /// The session handle of file handle `fh`.
 pub fn session_handle(fh: FileHandle) -> u64 {
-    fh.0 >> 1
+    (fh.0 & 0xffff_ffff) >> 1
+}
+
+/// Whether `fh` was handed out by this process (not inherited from the
+/// daemon whose connection it adopted).
+pub fn is_ours(fh: FileHandle) -> bool {
+    fh.0 >> 32 == epoch()
 }
 
 /// How long a normal open waits for passthrough opens' releases before it

@@ -1,0 +1,160 @@
+//! Serving a FUSE connection a dead daemon left with the keeper.
+//!
+//! fuser 0.18 can wrap an existing device fd (`Session::from_fd`), but it
+//! first waits for the kernel's INIT, which the kernel sent once, to the
+//! dead daemon. We cannot patch fuser here, so we build on what it has:
+//! the session is made over one end of a `SOCK_SEQPACKET` socket pair
+//! (one datagram per FUSE message, as on the device), to which we write an
+//! INIT carrying the kernel's original parameters (kept by the keeper).
+//! fuser answers it; the answer is read and dropped (the kernel already
+//! has the one it negotiated). Then the socket's fd number is made to
+//! denote the device (`dup2`), before fuser's loop reads anything, so the
+//! loop serves the kernel directly, with no copy in between.
+//!
+//! Last, `FUSE_NOTIFY_RESEND` (Linux 6.9+) moves the requests the dead
+//! daemon had read but not answered back to the kernel's pending queue,
+//! marked as resent: the new daemon answers them like any other. Every
+//! request the daemon serves is safe to serve twice: reads and writes of
+//! a block are idempotent, a resent open makes one more handle (closed
+//! by its release), a resent release or flush of an old handle is a no-op.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use super::keeper::InitParams;
+use crate::error::{Error, Result};
+
+const FUSE_INIT: u32 = 26;
+const FUSE_NOTIFY_RESEND: i32 = 7;
+const IN_HEADER: usize = 40;
+const INIT_IN: usize = 64;
+
+/// The INIT request the kernel would send with `p`.
+pub fn init_request(p: &InitParams, max_readahead: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(IN_HEADER + INIT_IN);
+    // fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid,
+    // total_extlen, padding.
+    b.extend(((IN_HEADER + INIT_IN) as u32).to_ne_bytes());
+    b.extend(FUSE_INIT.to_ne_bytes());
+    b.extend(1u64.to_ne_bytes());
+    b.extend(0u64.to_ne_bytes());
+    b.extend([0u8; 4 * 3]);
+    b.extend([0u8; 4]);
+    // fuse_init_in: major, minor, max_readahead, flags, flags2, unused[11].
+    b.extend(p.major.to_ne_bytes());
+    b.extend(p.minor.to_ne_bytes());
+    b.extend(max_readahead.to_ne_bytes());
+    b.extend((p.capabilities as u32).to_ne_bytes());
+    b.extend(((p.capabilities >> 32) as u32).to_ne_bytes());
+    b.extend([0u8; 4 * 11]);
+    b
+}
+
+/// The notification that has the kernel send unanswered requests again.
+fn resend_notification() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&16u32.to_ne_bytes());
+    b[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    b
+}
+
+/// Makes a fuser session over the connection whose device fd is
+/// `device`, as if the kernel had just sent INIT with `init`; `make`
+/// builds the session from the fd it is given. The session reads the
+/// device once this returns.
+pub fn session<S: AsFd>(
+    device: OwnedFd,
+    init: &InitParams,
+    max_readahead: u32,
+    make: impl FnOnce(OwnedFd) -> std::io::Result<S>,
+) -> Result<S> {
+    let (ours, theirs) = socket_pair()?;
+    let mut ours = ours;
+    ours.write_all(&init_request(init, max_readahead))
+        .map_err(|e| Error::io("write the INIT for fuser", e))?;
+    let session =
+        make(theirs).map_err(|e| Error::io("start the FUSE session on the kept connection", e))?;
+    let mut reply = [0u8; 256];
+    let n = ours
+        .read(&mut reply)
+        .map_err(|e| Error::io("read fuser's INIT answer", e))?;
+    if n < 16 || i32::from_ne_bytes(reply[4..8].try_into().expect("4")) != 0 {
+        return Err(Error::invalid("fuser refused the kept connection's INIT"));
+    }
+    // The session's fd number now denotes the device.
+    let fd = session.as_fd().as_raw_fd();
+    nix::unistd::dup2(device.as_raw_fd(), fd)
+        .map_err(|e| Error::io("point the FUSE session at the kept device", e.into()))?;
+    drop(device);
+    Ok(session)
+}
+
+/// Asks the kernel to send again what the previous daemon read but did
+/// not answer. A kernel before 6.9 refuses (EINVAL): those requests then
+/// wait until their callers give up, as they would have failed before.
+pub fn resend(device: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    nix::unistd::write(device, &resend_notification())
+        .map(|_| ())
+        .map_err(|e| {
+            Error::io(
+                "ask the kernel to resend unanswered FUSE requests",
+                e.into(),
+            )
+        })
+}
+
+/// A seqpacket pair as (our stream-like end, fuser's fd).
+fn socket_pair() -> Result<(SeqEnd, OwnedFd)> {
+    let (a, b) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::io("socketpair", e.into()))?;
+    Ok((SeqEnd(a), b))
+}
+
+/// Our end of the pair: one datagram per read or write.
+struct SeqEnd(OwnedFd);
+
+impl Read for SeqEnd {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        nix::unistd::read(self.0.as_raw_fd(), buf).map_err(std::io::Error::from)
+    }
+}
+
+impl Write for SeqEnd {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        nix::unistd::write(self.0.as_fd(), buf).map_err(std::io::Error::from)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synthetic_init_has_the_kernels_layout() {
+        let p = InitParams {
+            major: 7,
+            minor: 41,
+            capabilities: 0x0000_0002_8000_0001,
+        };
+        let b = init_request(&p, 1 << 20);
+        assert_eq!(b.len(), 104);
+        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), 104);
+        assert_eq!(u32::from_ne_bytes(b[4..8].try_into().unwrap()), FUSE_INIT);
+        assert_eq!(u32::from_ne_bytes(b[40..44].try_into().unwrap()), 7);
+        assert_eq!(u32::from_ne_bytes(b[44..48].try_into().unwrap()), 41);
+        assert_eq!(u32::from_ne_bytes(b[48..52].try_into().unwrap()), 1 << 20);
+        assert_eq!(
+            u32::from_ne_bytes(b[52..56].try_into().unwrap()),
+            0x8000_0001
+        );
+        assert_eq!(u32::from_ne_bytes(b[56..60].try_into().unwrap()), 2);
+    }
+}

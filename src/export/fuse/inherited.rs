@@ -1,0 +1,58 @@
+//! Opens inherited from a crashed daemon whose connection this one
+//! adopted (see `keeper`). The kernel still holds their file handles, which
+//! this process never gave out (`passthrough::is_ours`), so they are not
+//! counted as the session's open handles, and `release` would let the
+//! session go under a running guest. The first read, write or flush of
+//! such a handle counts it, under the pid of that request; its release
+//! uncounts it. A handle that does no I/O before its release is never
+//! counted: nothing to protect.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
+use crate::session::{Holder, Session};
+
+/// (inode, file handle) of an inherited open -> its session handle.
+#[derive(Default)]
+pub struct Inherited {
+    opens: Mutex<HashMap<(u64, u64), u64>>,
+}
+
+impl Inherited {
+    /// Counts inherited open `fh` of disk `index` of `s` on first use.
+    pub fn seen(&self, ino: u64, fh: u64, s: &Session, index: usize, pid: u32) {
+        let mut opens = self.opens.lock();
+        if opens.contains_key(&(ino, fh)) {
+            return;
+        }
+        if let Some(id) = s.open_handle(Holder::fuse(index, pid)) {
+            opens.insert((ino, fh), id);
+        }
+    }
+
+    /// The kernel released inherited open `fh`.
+    pub fn released(&self, ino: u64, fh: u64, s: &Session) {
+        if let Some(id) = self.opens.lock().remove(&(ino, fh)) {
+            s.close_handle(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::passthrough::{file_handle, is_ours};
+    use fuser::FileHandle;
+
+    #[test]
+    fn handles_of_another_process_are_told_from_ours() {
+        assert!(is_ours(file_handle(7, false)));
+        assert!(is_ours(file_handle(7, true)));
+        let theirs = FileHandle((file_handle(7, false).0 >> 32 ^ 0x8000_0000) << 32 | 7 << 1);
+        assert!(!is_ours(theirs));
+        assert!(
+            !is_ours(FileHandle(7 << 1)),
+            "a handle of an older binary (no epoch)"
+        );
+    }
+}

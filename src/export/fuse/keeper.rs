@@ -1,0 +1,462 @@
+//! The keeper: a FUSE connection that outlives a crashed daemon.
+//!
+//! The kernel ends a FUSE connection when the last open file of its
+//! `/dev/fuse` device closes. A daemon killed (SIGKILL, OOM, a panic that
+//! aborts) used to take the connection with it: the mount went dead and
+//! every guest with a disk open got ENOTCONN, although staging kept every
+//! acknowledged write. The keeper is a small process, `recoverfs
+//! fuse-keeper`, started beside the mount in its own session (a signal to
+//! the daemon's process group does not reach it), that holds one more
+//! copy of the device's file. While no daemon runs, the mount stays and
+//! the guests' requests wait in the kernel, as on a hard NFS mount; the
+//! next `serve` of the same staging takes the copy back and answers them
+//! (`adopt`). Requests the dead daemon had read but not answered are
+//! still in the kernel's processing list, because that list belongs to
+//! the device file the keeper holds (so the daemon never clones the fd
+//! per thread); `adopt` asks the kernel to send them again.
+//!
+//! The keeper listens on an abstract Unix socket named after the staging
+//! directory (no file to leave behind, no path-length limit) and serves
+//! only its own user (`SO_PEERCRED`). Messages are one datagram of JSON
+//! each way, a device fd beside it where one travels:
+//! - `hold` (with the fd): keep this connection (the mount point and the
+//!   kernel's INIT parameters go with it, for the synthetic INIT);
+//! - `take`: a copy of the fd and its parameters;
+//! - `drop`: close it and exit (a clean stop, or a `serve` at another
+//!   mount point: the old mount then ends as before, ENOTCONN).
+//!
+//! The keeper exits when the connection ends (its fd polls POLLERR: the
+//! mount was unmounted, or aborted), on `drop`, on SIGTERM (which is how an
+//! administrator who will not restart the daemon fails the waiting I/O),
+//! and if nothing is handed to it within [`FIRST_HOLD`].
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A keeper handed nothing within this time exits.
+const FIRST_HOLD: Duration = Duration::from_secs(30);
+/// How long a daemon waits for the keeper it started to listen.
+const START_WAIT: Duration = Duration::from_secs(5);
+const MAX_MESSAGE: usize = 4096;
+
+/// What the kernel said at INIT, replayed to fuser when a daemon adopts
+/// the connection (fuser shapes its replies by the ABI version).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitParams {
+    pub major: u32,
+    pub minor: u32,
+    pub capabilities: u64,
+}
+
+/// A connection as the keeper holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Held {
+    pub mount: PathBuf,
+    pub init: InitParams,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Hold(Held),
+    Take,
+    Drop,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+enum Answer {
+    Ok,
+    Held(Held),
+    Nothing,
+    Refused { why: String },
+}
+
+/// The abstract socket name of the keeper of staging `root`.
+pub fn name_of(root: &Path) -> String {
+    let h = blake3::hash(root.as_os_str().as_encoded_bytes());
+    format!("recoverfs-keeper-{}", &h.to_hex()[..24])
+}
+
+fn addr(name: &str) -> Result<UnixAddr> {
+    UnixAddr::new_abstract(name.as_bytes())
+        .map_err(|e| Error::io(format!("keeper address {name}"), e.into()))
+}
+
+fn seqpacket() -> Result<OwnedFd> {
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::io("keeper socket", e.into()))
+}
+
+fn send(sock: BorrowedFd<'_>, msg: &impl Serialize, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+    let body = serde_json::to_vec(msg).expect("json");
+    let iov = [IoSlice::new(&body)];
+    let fds;
+    let cmsg: Vec<ControlMessage> = match fd {
+        Some(f) => {
+            fds = [f.as_raw_fd()];
+            vec![ControlMessage::ScmRights(&fds)]
+        }
+        None => vec![],
+    };
+    socket::sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map_err(|e| Error::io("send to the FUSE keeper", e.into()))?;
+    Ok(())
+}
+
+fn receive<T: serde::de::DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Option<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let (len, fd) = {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = socket::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::io("receive from the FUSE keeper", e.into()))?;
+        let mut fd = None;
+        for c in msg
+            .cmsgs()
+            .map_err(|e| Error::io("keeper message", e.into()))?
+        {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for raw in fds {
+                    // SAFETY: the kernel just installed `raw` in this process
+                    // for us (SCM_RIGHTS); nothing else owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    fd.get_or_insert(owned);
+                }
+            }
+        }
+        (msg.bytes, fd)
+    };
+    let v = serde_json::from_slice(&buf[..len])
+        .map_err(|e| Error::invalid(format!("a FUSE keeper message does not parse: {e}")))?;
+    Ok((v, fd))
+}
+
+/// One request to the keeper of `name`: None when no keeper listens.
+fn ask(
+    name: &str,
+    req: &Request,
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<Option<(Answer, Option<OwnedFd>)>> {
+    let sock = seqpacket()?;
+    match socket::connect(sock.as_raw_fd(), &addr(name)?) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(Error::io("connect to the FUSE keeper", e.into())),
+    }
+    // A keeper that stops answering must not hang a start or a stop.
+    let t = nix::sys::time::TimeVal::new(10, 0);
+    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &t);
+    send(sock.as_fd(), req, fd)?;
+    receive(sock.as_fd()).map(Some)
+}
+
+/// The connection the keeper of staging `root` holds, with a copy of its
+/// device fd; None when there is no keeper or it holds nothing.
+pub fn take(root: &Path) -> Result<Option<(Held, OwnedFd)>> {
+    match ask(&name_of(root), &Request::Take, None)? {
+        Some((Answer::Held(h), Some(fd))) => Ok(Some((h, fd))),
+        Some((Answer::Held(_), None)) => Err(Error::invalid("the FUSE keeper sent no fd")),
+        Some((Answer::Refused { why }, _)) => Err(Error::not_permitted(why)),
+        _ => Ok(None),
+    }
+}
+
+/// Tells the keeper of staging `root` to let its connection go (and
+/// exit). No keeper is fine.
+pub fn release(root: &Path) -> Result<()> {
+    match ask(&name_of(root), &Request::Drop, None)? {
+        Some((Answer::Refused { why }, _)) => Err(Error::not_permitted(why)),
+        _ => Ok(()),
+    }
+}
+
+/// Hands `fd` (the mount's device file) to the keeper of staging `root`,
+/// starting one if none listens.
+pub fn hand_over(root: &Path, held: Held, fd: BorrowedFd<'_>) -> Result<()> {
+    let name = name_of(root);
+    let req = Request::Hold(held);
+    if let Some((a, _)) = ask(&name, &req, Some(fd))? {
+        return answered(a);
+    }
+    start(&name, root)?;
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        if let Some((a, _)) = ask(&name, &req, Some(fd))? {
+            return answered(a);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::io(
+                "start the FUSE keeper",
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "it did not listen within 5 s"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn answered(a: Answer) -> Result<()> {
+    match a {
+        Answer::Ok => Ok(()),
+        Answer::Refused { why } => Err(Error::not_permitted(why)),
+        _ => Err(Error::invalid("the FUSE keeper answered out of turn")),
+    }
+}
+
+/// Starts `recoverfs fuse-keeper` in a session of its own, its output to
+/// `fuse-keeper.log` in the staging directory.
+fn start(name: &str, root: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| Error::io("find the recoverfs binary", e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("fuse-keeper.log"))
+        .map_err(|e| {
+            Error::io(
+                format!("open {}", root.join("fuse-keeper.log").display()),
+                e,
+            )
+        })?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["fuse-keeper", "--name", name])
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io("start the FUSE keeper", e))?;
+    // Reap it in the background should it exit while the daemon runs.
+    std::thread::Builder::new()
+        .name("keeper-reaper".into())
+        .spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        })
+        .map_err(|e| Error::io("spawn a thread", e))?;
+    Ok(())
+}
+
+/// The keeper process's main loop (`recoverfs fuse-keeper --name NAME`).
+pub fn run(name: &str) -> Result<()> {
+    let listener = seqpacket()?;
+    match socket::bind(listener.as_raw_fd(), &addr(name)?) {
+        Ok(()) => {}
+        // Another keeper of this staging is running: it is the one.
+        Err(nix::errno::Errno::EADDRINUSE) => return Ok(()),
+        Err(e) => return Err(Error::io("bind the keeper socket", e.into())),
+    }
+    socket::listen(&listener, socket::Backlog::new(16).expect("backlog"))
+        .map_err(|e| Error::io("listen on the keeper socket", e.into()))?;
+    // SAFETY: getuid cannot fail and touches no memory.
+    let me = unsafe { libc::getuid() };
+    let started = Instant::now();
+    let mut held: Option<(Held, OwnedFd)> = None;
+    loop {
+        if held.is_none() && started.elapsed() > FIRST_HOLD {
+            eprintln!("fuse-keeper {name}: nothing handed over within 30 s; exiting");
+            return Ok(());
+        }
+        if let Some((h, fd)) = &held {
+            if connection_ended(fd.as_fd()) {
+                eprintln!(
+                    "fuse-keeper {name}: the connection of {} ended; exiting",
+                    h.mount.display()
+                );
+                return Ok(());
+            }
+        }
+        let mut fds = vec![nix::poll::PollFd::new(
+            listener.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if let Some((_, fd)) = &held {
+            fds.push(nix::poll::PollFd::new(
+                fd.as_fd(),
+                nix::poll::PollFlags::empty(),
+            ));
+        }
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(Error::io("poll", e.into())),
+        }
+        let readable = fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN));
+        drop(fds);
+        if !readable {
+            continue;
+        }
+        let Ok(raw) = socket::accept(listener.as_raw_fd()) else {
+            continue;
+        };
+        // SAFETY: accept just returned this new fd; we own it.
+        let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+        if serve_one(name, conn.as_fd(), me, &mut held) {
+            return Ok(());
+        }
+    }
+}
+
+/// Answers one request; true when the keeper should exit.
+fn serve_one(
+    name: &str,
+    conn: BorrowedFd<'_>,
+    me: u32,
+    held: &mut Option<(Held, OwnedFd)>,
+) -> bool {
+    let t = nix::sys::time::TimeVal::new(5, 0);
+    let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &t);
+    let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials);
+    if !peer.is_ok_and(|c| c.uid() == me || c.uid() == 0) {
+        let why = "the FUSE keeper serves only its own user".to_string();
+        let _ = send(conn, &Answer::Refused { why }, None);
+        return false;
+    }
+    let Ok((req, fd)) = receive::<Request>(conn) else {
+        return false;
+    };
+    match req {
+        Request::Hold(h) => match fd {
+            Some(fd) => {
+                eprintln!(
+                    "fuse-keeper {name}: holding the connection of {}",
+                    h.mount.display()
+                );
+                *held = Some((h, fd));
+                let _ = send(conn, &Answer::Ok, None);
+            }
+            None => {
+                let why = "hold came without a device fd".to_string();
+                let _ = send(conn, &Answer::Refused { why }, None);
+            }
+        },
+        Request::Take => match held {
+            Some((h, fd)) => {
+                let _ = send(conn, &Answer::Held(h.clone()), Some(fd.as_fd()));
+            }
+            None => {
+                let _ = send(conn, &Answer::Nothing, None);
+            }
+        },
+        Request::Drop => {
+            if let Some((h, _)) = held.take() {
+                eprintln!(
+                    "fuse-keeper {name}: letting the connection of {} go",
+                    h.mount.display()
+                );
+            }
+            let _ = send(conn, &Answer::Ok, None);
+            return true;
+        }
+    }
+    false
+}
+
+/// The kernel reports an ended connection (unmounted or aborted) as
+/// POLLERR on every copy of its device file.
+fn connection_ended(fd: BorrowedFd<'_>) -> bool {
+    let mut p = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::empty())];
+    match nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO) {
+        Ok(_) => p[0].revents().is_some_and(|r| {
+            r.intersects(
+                nix::poll::PollFlags::POLLERR
+                    | nix::poll::PollFlags::POLLHUP
+                    | nix::poll::PollFlags::POLLNVAL,
+            )
+        }),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeper_names_differ_per_staging_and_fit_an_abstract_address() {
+        let a = name_of(Path::new("/var/lib/recoverfs/staging"));
+        let b = name_of(Path::new("/var/lib/recoverfs/staging2"));
+        assert_ne!(a, b);
+        assert!(a.len() < 100);
+        assert_eq!(a, name_of(Path::new("/var/lib/recoverfs/staging")));
+    }
+
+    #[test]
+    fn a_held_fd_travels_to_a_taker_and_drop_ends_the_keeper() {
+        let name = format!("recoverfs-keeper-test-{}", std::process::id());
+        let keeper = {
+            let name = name.clone();
+            std::thread::spawn(move || run(&name))
+        };
+        // Any fd travels; a pipe's read end stands in for /dev/fuse here.
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let held = Held {
+            mount: "/mnt/x".into(),
+            init: InitParams {
+                major: 7,
+                minor: 41,
+                capabilities: 0x1234_0000_0001,
+            },
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            if let Some(a) = ask(&name, &Request::Hold(held.clone()), Some(r.as_fd())).unwrap() {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "keeper never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(matches!(answer.0, Answer::Ok));
+        let (a, fd) = ask(&name, &Request::Take, None).unwrap().unwrap();
+        let Answer::Held(h) = a else {
+            panic!("no connection held")
+        };
+        assert_eq!(h, held);
+        let fd = fd.expect("an fd");
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).unwrap();
+        let st0 = nix::sys::stat::fstat(r.as_raw_fd()).unwrap();
+        assert_eq!(
+            (st.st_dev, st.st_ino),
+            (st0.st_dev, st0.st_ino),
+            "the same pipe came back"
+        );
+        assert!(matches!(
+            ask(&name, &Request::Drop, None).unwrap().unwrap().0,
+            Answer::Ok
+        ));
+        keeper.join().unwrap().unwrap();
+        assert!(
+            ask(&name, &Request::Take, None).unwrap().is_none(),
+            "the keeper is gone"
+        );
+    }
+}

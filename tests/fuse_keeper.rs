@@ -1,0 +1,227 @@
+//! The FUSE connection outlives a crashed daemon (`export::fuse::keeper`):
+//! a process with a disk open keeps it across `kill -9` of the daemon and
+//! a restart on the same staging, with no error and every fsync kept.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const K64: usize = 64 << 10;
+const BLOCK: u64 = 4096;
+
+fn keeper_env() -> Env {
+    let mut env = Env::new();
+    env.fuse_keeper = true;
+    env
+}
+
+/// Crash: SIGKILL, and the guard's unmount is skipped (a real crash does
+/// not unmount either).
+fn crash(mut d: Daemon) {
+    d.kill9();
+    std::mem::forget(d);
+}
+
+/// Whether a keeper of staging `staging` holds a connection (asked on its
+/// socket, not by reading /proc: a process waiting on a kept mount can
+/// make its /proc files wait too).
+fn keeper_runs(staging: &Path) -> bool {
+    let root = std::fs::canonicalize(staging).unwrap();
+    matches!(recoverfs::export::fuse::keeper::take(&root), Ok(Some(_)))
+}
+
+/// Lets the keeper of `staging` go when the test ends, passed or not: a
+/// kept mount with no daemon would otherwise keep processes that close a
+/// file on it waiting (a close sends FLUSH) for good.
+struct LetGo(std::path::PathBuf);
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        if let Ok(root) = std::fs::canonicalize(&self.0) {
+            let _ = recoverfs::export::fuse::keeper::release(&root);
+        }
+    }
+}
+
+/// A process of its own (as QEMU is) with the disk open: the test process
+/// must hold no file of the mount, or the daemon it spawns while none
+/// serves would wait on that file's FLUSH at exec.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Writes 4 KiB blocks `seq` (each its number repeated) at blocks
+/// `seq * 7919 % n`, fsyncing each, until `stop` exists; then prints
+/// "offset seq" per acknowledged write and "error ..." per failure.
+const WRITER: &str = r#"
+import os, sys
+disk, n, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(disk, os.O_RDWR)
+seq, out = 0, []
+while not os.path.exists(stop):
+    at = seq * 7919 % n * 4096
+    try:
+        os.pwrite(fd, (b"%016d" % seq) * 256, at)
+        os.fdatasync(fd)
+        out.append("%d %d" % (at, seq))
+    except OSError as e:
+        out.append("error %d %s" % (seq, e))
+    seq += 1
+print("\n".join(out))
+"#;
+
+fn block_of(seq: u64) -> Vec<u8> {
+    format!("{seq:016}")
+        .into_bytes()
+        .repeat(BLOCK as usize / 16)
+}
+
+#[test]
+fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_every_fsync_kept() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    let size = 256 * K64;
+    random_image(&env.path("a.raw"), size, 31, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let stop = env.path("stop");
+    let mut writer = Child(
+        std::process::Command::new("python3")
+            .args(["-c", WRITER])
+            .arg(&disk)
+            .arg((size as u64 / BLOCK).to_string())
+            .arg(&stop)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        crash(d);
+        std::thread::sleep(Duration::from_millis(500));
+        d = env.serve();
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&stop, b"").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut writer.0.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(writer.0.wait().unwrap().success(), "the writer failed");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
+    // The last acknowledged write of each block is what it holds, read
+    // back through a clean restart.
+    let mut last = std::collections::HashMap::new();
+    for l in out.lines() {
+        let (at, seq) = l.split_once(' ').unwrap();
+        last.insert(at.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
+    }
+    assert!(last.len() > 50, "the writer made progress: {out}");
+    assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    for (at, seq) in last {
+        f.read_exact_at(&mut buf, at).unwrap();
+        assert!(buf == block_of(seq), "block at {at} lost write {seq}");
+    }
+}
+
+#[test]
+fn a_read_the_dead_daemon_had_taken_is_answered_by_the_next_one() {
+    let mut env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    // Every fetch takes 3 s: the read below is in the dead daemon's hands.
+    env.serve_args = vec![
+        "--repo-delay-ms".into(),
+        "3000".into(),
+        "--no-profile".into(),
+    ];
+    let size = 64 * K64;
+    let original = random_image(&env.path("a.raw"), size, 32, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let at = 40 * K64;
+    let got = env.path("got");
+    let _reader = Child(
+        std::process::Command::new("dd")
+            .arg(format!("if={}", disk.display()))
+            .arg(format!("of={}", got.display()))
+            .args(["bs=4096", "count=1", "iflag=direct"])
+            .arg(format!("skip={}", at / 4096))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    crash(d);
+    let _d = env.serve();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&got).map_or(true, |m| m.len() < 4096) {
+        assert!(
+            Instant::now() < deadline,
+            "the read the dead daemon had taken was never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        std::fs::read(&got).unwrap() == original[at..at + 4096],
+        "wrong bytes"
+    );
+}
+
+#[test]
+fn a_clean_stop_ends_the_keeper_and_a_restart_elsewhere_lets_the_kept_mount_go() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 33, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    assert!(keeper_runs(&env.staging), "serve started no keeper");
+    assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keeper_runs(&env.staging) {
+        assert!(
+            Instant::now() < deadline,
+            "the keeper outlived a clean stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A crash, then a daemon of the same staging at another mount point:
+    // the old mount is let go (it answers ENOTCONN, not a hang).
+    let d = env.serve();
+    env.recover("vm", None);
+    crash(d);
+    let mount2 = env.path("mnt2");
+    std::fs::create_dir(&mount2).unwrap();
+    let d2 = Daemon::start(&env, &env.staging, &mount2, &env.path("control2.sock"));
+    assert!(d2.log_text().contains("letting it go"), "{}", d2.log_text());
+    let (tx, rx) = mpsc::channel();
+    let old = env.mount.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::metadata(old.join("vm")).map(|_| ()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the old mount still waits for a daemon");
+    assert!(r.is_err(), "the old mount should be dead");
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(&env.mount)
+        .status();
+}
