@@ -196,8 +196,7 @@ impl Datastore {
         }
         let mut kept = vec![];
         for (b, s) in self.discardable(vm) {
-            s.discard(vm, &b)?;
-            self.unpin(vm, &b, &s);
+            self.discard_unpinned(vm, &b, &s)?;
             if !kept.contains(&b) {
                 kept.push(b);
             }
@@ -237,8 +236,7 @@ impl Datastore {
             )));
         }
         for (b, s) in &all {
-            s.discard(vm, b)?;
-            self.unpin(vm, b, s);
+            self.discard_unpinned(vm, b, s)?;
         }
         Ok(vec![backup.to_string()])
     }

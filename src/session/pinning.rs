@@ -4,9 +4,11 @@
 //! that its sessions' backups still exist, so a session whose backup was
 //! forgotten with `forget --force` says so in `status`.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{Datastore, Session};
 use crate::error::{Error, Result};
@@ -280,28 +282,59 @@ impl Datastore {
         }
     }
 
-    /// Removes the pin of the discarded staging of `vm` from `backup` in
-    /// `staging`.
-    /// A removal the repository refuses now is owed, in `staging`, and
-    /// retried by `check_backups` (explore11 M1); returns whether it is.
-    pub(crate) fn unpin(&self, vm: &str, backup: &str, staging: &StagingDir) -> bool {
+    /// Discards the staging of `vm` from `backup` in `staging`, then
+    /// removes its pin. The removal is owed (in `staging`) before the
+    /// staging goes, and paid once the pin is gone: a crash in between, or
+    /// a repository that refuses or hangs then, leaves the debt, which
+    /// `check_backups` pays (explore11 M1), never a pin nothing removes
+    /// (review30 L1: the debt was written only after a removal that could
+    /// take a minute). A discard that fails leaves the staging (what is
+    /// left of it) pinned and pays the debt, and is returned.
+    pub(crate) fn discard_unpinned(
+        &self,
+        vm: &str,
+        backup: &str,
+        staging: &StagingDir,
+    ) -> Result<()> {
         let dir = staging.session_dir(vm, backup);
         let pin = self.new_pin(vm, vec![backup.into()], staging, &dir, false);
-        let Err(e) = pins::remove(&self.repo, &pin) else {
-            return false;
+        let owe = || {
+            serde_json::to_vec(&pin)
+                .map_err(|e| Error::io("encode a pin", e.into()))
+                .and_then(|doc| staging.owe_unpin(vm, backup, &doc))
         };
-        tracing::warn!(
-            vm,
-            backup,
-            "could not remove the discarded session's pin from the repository (its backups stay protected from forget until it is; tried again at every check): {e}"
-        );
-        let owed = serde_json::to_vec(&pin)
-            .map_err(|e| Error::io("encode a pin", e.into()))
-            .and_then(|doc| staging.owe_unpin(vm, backup, &doc));
-        if let Err(e) = owed {
-            tracing::warn!(vm, backup, "could not record the owed removal of its pin (remove it with `recoverfs pins drop`): {e}");
+        let owed = owe();
+        if let Err(e) = &owed {
+            tracing::warn!(vm, backup, "could not record the removal of its pin before the discard (a crash before it is removed leaves it): {e}");
         }
-        true
+        let pay = || {
+            if let Err(e) = staging.unpin_paid(vm, backup) {
+                tracing::warn!(
+                    vm,
+                    backup,
+                    "could not drop the owed removal of its pin: {e}"
+                );
+            }
+        };
+        if let Err(e) = staging.discard(vm, backup) {
+            pay();
+            return Err(e);
+        }
+        match pins::remove(&self.repo, &pin) {
+            Ok(()) => pay(),
+            Err(e) => {
+                tracing::warn!(
+                    vm,
+                    backup,
+                    "could not remove the discarded session's pin from the repository (its backups stay protected from forget until it is; tried again at every check): {e}"
+                );
+                // Written before, or tried again now.
+                if let Err(e) = owed.or_else(|_| owe()) {
+                    tracing::warn!(vm, backup, "could not record the owed removal of its pin (remove it with `recoverfs pins drop`): {e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes the pins discarded sessions still owe the repository, each
@@ -319,9 +352,14 @@ impl Datastore {
                     true => true,
                     false => match serde_json::from_slice::<Pin>(&doc) {
                         Ok(pin) => pins::remove(&self.repo, &pin).is_ok(),
+                        // Left, and said (review30 L2: it was dropped, and
+                        // with it the only trace of a pin nothing removes).
                         Err(e) => {
-                            tracing::warn!(vm, backup = %b, "an owed pin removal cannot be read ({e}): remove its pin with `recoverfs pins drop`");
-                            true
+                            let file = st.owed_unpin_file(&vm, &b);
+                            if unreadable_debt_due(&file, Instant::now()) {
+                                tracing::warn!(vm, backup = %b, "an owed pin removal cannot be read ({e}): remove its pin with `recoverfs pins drop`, then {}", file.display());
+                            }
+                            false
                         }
                     },
                 };
@@ -385,6 +423,25 @@ impl Datastore {
                 tracing::error!(vm = %s.vm, "{}", warning.as_deref().unwrap_or(""));
             }
             *w = warning;
+        }
+    }
+}
+
+/// How often an owed pin removal that cannot be read is warned of: the
+/// check runs every 10 s.
+const UNREADABLE_DEBT_WARN_EVERY: Duration = Duration::from_secs(3600);
+
+/// Whether the owed pin removal `file`, which cannot be read, is to be
+/// warned of at `now`: at the first check that finds it, then once an
+/// hour (`UNREADABLE_DEBT_WARN_EVERY`).
+fn unreadable_debt_due(file: &Path, now: Instant) -> bool {
+    static WARNED: Mutex<BTreeMap<PathBuf, Instant>> = Mutex::new(BTreeMap::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    match warned.get(file) {
+        Some(&last) if now.saturating_duration_since(last) < UNREADABLE_DEBT_WARN_EVERY => false,
+        _ => {
+            warned.insert(file.to_path_buf(), now);
+            true
         }
     }
 }
@@ -486,4 +543,22 @@ pub(super) fn recovered_elsewhere(vm: &str, other: &Pin, repo: &str) -> String {
          to recover it here anyway: `recoverfs recover {vm} --second-copy` (then `boot`); if host \
          {host} is lost for good, `recoverfs pins drop --repo {repo} {vm} --host {host}` removes its pin"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// review30 L2: an unreadable debt is warned of at the first check
+    /// that finds it, then once an hour, not every 10 s.
+    #[test]
+    fn an_unreadable_debt_is_warned_of_once_an_hour() {
+        let f = Path::new("/nonexistent/review30-l2/unpins-owed/vm+b.json");
+        let t0 = Instant::now();
+        assert!(unreadable_debt_due(f, t0));
+        assert!(!unreadable_debt_due(f, t0 + CHECK_EVERY));
+        assert!(!unreadable_debt_due(f, t0 + UNREADABLE_DEBT_WARN_EVERY / 2));
+        assert!(unreadable_debt_due(f, t0 + UNREADABLE_DEBT_WARN_EVERY));
+        assert!(unreadable_debt_due(Path::new("/nonexistent/other"), t0));
+    }
 }

@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{holders, upload, Datastore, Session};
-use crate::error::{Error, ErrorKind, Result};
-use crate::relocate::{Relocation, RelocationStatus, State};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::relocate::{Meta, Relocation, RelocationStatus, State};
+use crate::repo::limits::MAX_META_BYTES;
+use crate::staging::io;
 use crate::util::validate_name;
+
+/// A session's relocation record (`relocate`'s `relocation.json`).
+const RECORD: &str = "relocation.json";
 
 /// What a release did: the session's backup, and what became of its
 /// relocation (explore10 L3: the client said nothing of it).
@@ -33,7 +38,11 @@ pub struct ReleasedRelocation {
     /// `cancelled` (with `--discard`): its target files removed, those
     /// there before it kept; `cancel-unfinished`: a cancel that could not
     /// finish, which `relocate --cancel` finishes after the next
-    /// `recover`.
+    /// `recover`; `cancel-not-recorded`: a cancel whose `cancelling` mark
+    /// could not be written, not even by the release (review30 M1):
+    /// nothing durable says cancel, so the next `recover` resumes the copy
+    /// (which may cut over), and `release --discard` cancels it with the
+    /// staging.
     pub outcome: &'static str,
     pub bytes_done: u64,
     pub bytes_total: u64,
@@ -47,6 +56,7 @@ pub struct ReleasedRelocation {
 impl ReleasedRelocation {
     fn of(st: &RelocationStatus) -> Self {
         let outcome = match st.state {
+            _ if st.cancel_unfinished.is_some() && st.cancel_unmarked => "cancel-not-recorded",
             _ if st.cancel_unfinished.is_some() => "cancel-unfinished",
             State::Done => "cut-over",
             _ => "stopped",
@@ -59,6 +69,41 @@ impl ReleasedRelocation {
             bytes_total: st.bytes_total,
             removed: vec![],
             kept: vec![],
+        }
+    }
+}
+
+/// Writes the `cancelling` mark a cancel of `s`'s relocation could not
+/// (see `relocate::cancel`, step 3): the record, as it is on disk, marked,
+/// replaces it atomically and durably. Its copier must be stopped. Whether
+/// the record is now marked (or gone: nothing to resume).
+fn mark_cancel(s: &Session, vm: &str) -> bool {
+    let path = s.dir.join(RECORD);
+    let storage = s.staging.storage().as_ref();
+    let marked = storage
+        .read(&path, MAX_META_BYTES)
+        .ctx(|| format!("read {}", path.display()))
+        .and_then(|bytes| {
+            let Some(bytes) = bytes else {
+                return Ok(());
+            };
+            let mut meta: Meta = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::corrupt(format!("{} is damaged ({e})", path.display())))?;
+            if meta.cancelling || meta.switched {
+                return Ok(());
+            }
+            meta.cancelling = true;
+            let bytes = serde_json::to_vec_pretty(&meta).expect("json");
+            io::replace(storage, &path, &bytes)
+        });
+    match marked {
+        Ok(()) => {
+            tracing::info!(vm, "the cancel of its relocation is recorded at release");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(vm, "the cancel of its relocation could not be recorded at release either (the next recover resumes the copy; release --discard cancels it): {e}");
+            false
         }
     }
 }
@@ -133,6 +178,12 @@ impl Datastore {
             r.stop();
             let mut st = r.status();
             st.state = before;
+            // A cancel whose mark could not be written: written now, with
+            // the copier stopped, or the next recover resumes the copy
+            // (review30 M1). A discard cancels it below anyway.
+            if st.cancel_unmarked && !discard {
+                st.cancel_unmarked = !mark_cancel(&session, vm);
+            }
             ReleasedRelocation::of(&st)
         });
         if relocation.is_none() {
@@ -160,13 +211,10 @@ impl Datastore {
             false => None,
         };
         let unmarked = if discard {
-            let r = session.staging.discard(vm, &session.backup);
-            match &r {
-                Ok(()) => {
-                    self.unpin(vm, &session.backup, &session.staging);
-                }
+            let r = self.discard_unpinned(vm, &session.backup, &session.staging);
+            if r.is_err() {
                 // What is left of the staging stays protected.
-                Err(_) => self.pin(&session, false),
+                self.pin(&session, false);
             }
             r.map_err(|e| {
                 e.context(format!(

@@ -105,6 +105,9 @@ fn released_relocation(vm: &str, r: &Value) -> Option<String> {
         "cancel-unfinished" => format!(
             "its relocation to {target} has an unfinished cancel: `recoverfs recover {vm}` then `recoverfs relocate {vm} --cancel` finishes it"
         ),
+        "cancel-not-recorded" => format!(
+            "its relocation to {target} ({copied}) was NOT cancelled: the cancel could not be recorded, so `recoverfs recover {vm}` resumes the copy (and it may cut over; `recoverfs relocate {vm} --cancel` then cancels it), and `recoverfs release {vm} --discard` cancels it with the staging"
+        ),
         _ if state == "paused" => format!(
             "its relocation to {target} ({copied}) is paused: `recoverfs recover {vm}` then `recoverfs relocate {vm} --resume` continues it"
         ),
@@ -387,6 +390,16 @@ mod served_tests {
         assert!(released_relocation("vm", &forced)
             .unwrap()
             .ends_with("removed nothing; kept /p/vm/disk0.raw"));
+        // review30 M1: a cancel not recorded is resumed by a recover.
+        let unmarked = json!({"target": "/prim/um", "state": "failed",
+            "outcome": "cancel-not-recorded", "bytes_done": 50, "bytes_total": 100});
+        let line = released_relocation("um", &unmarked).unwrap();
+        assert!(line.starts_with("its relocation to /prim/um (50.0% copied) was NOT cancelled"));
+        assert!(
+            line.contains("`recoverfs recover um` resumes the copy"),
+            "{line}"
+        );
+        assert!(line.contains("`recoverfs release um --discard` cancels it with the staging"));
         // None, or an older daemon: nothing.
         assert_eq!(released_relocation("vm", &serde_json::Value::Null), None);
     }

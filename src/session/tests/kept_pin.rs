@@ -102,6 +102,13 @@ fn a_kept_pin_owed_while_the_vm_is_served_from_another_backup_is_written() {
     assert!(!r.ds.kept_pin_owed("vm", &b1));
 }
 
+/// The pin removals owed in the rig's staging: (VM, backup).
+fn owed(r: &Rig) -> Vec<(String, String)> {
+    (r.ds.stagings()[0].owed_unpins().into_iter())
+        .map(|(vm, b, _)| (vm, b))
+        .collect()
+}
+
 /// A session of `vm` recovered, released, then discarded while the
 /// repository refused pin changes: its removal is owed.
 fn discarded_while_pins_are_refused() -> (Rig, String) {
@@ -124,6 +131,7 @@ fn a_pin_a_discard_could_not_remove_is_removed_by_a_later_check() {
     assert_eq!(pin_of(&r, "vm").len(), 1, "the refused removal left it");
     r.ds.check_backups();
     assert!(pin_of(&r, "vm").is_empty(), "the owed removal was not made");
+    assert!(owed(&r).is_empty(), "the removal made, its debt stays");
     // Paid once: a later recover's pin is not removed by it.
     r.ds.recover("vm", Some(&b1)).unwrap();
     r.ds.check_backups();
@@ -142,5 +150,61 @@ fn an_owed_pin_removal_is_dropped_when_its_session_is_recovered_again_first() {
         vec![(vec![b1.clone()], "serving".to_string())]
     );
     r.ds.check_backups();
+    assert_eq!(pin_of(&r, "vm").len(), 1);
+}
+
+/// A discard whose pin removal fails owes it; and (review30 L1) the debt
+/// is written before the staging goes: a crash (SIGKILL) after the
+/// discard, while the removal hangs on the store, left a `serving` pin
+/// that nothing removed, and `forget` kept its backup for ever.
+#[test]
+fn the_removal_of_a_discarded_sessions_pin_is_owed_before_the_discard() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    let staging = r.ds.stagings()[0].clone();
+    let dir = staging.session_dir("vm", &b1);
+    let debt = staging.owed_unpin_file("vm", &b1);
+    // The daemon "dies" as the removal reaches the store: what is on disk.
+    let seen = Arc::new(Mutex::new(None));
+    let at_removal = seen.clone();
+    r.knobs.before_first("pins/", move || {
+        *at_removal.lock() = Some((dir.exists(), debt.exists()));
+    });
+    r.knobs.unreachable("pins/");
+    r.ds.release("vm", true).unwrap();
+    assert_eq!(
+        *seen.lock(),
+        Some((false, true)),
+        "(staging left, debt written) when the removal began"
+    );
+    assert_eq!(owed(&r), vec![("vm".to_string(), b1.clone())]);
+    r.knobs.reachable();
+    assert_eq!(pin_of(&r, "vm").len(), 1, "the refused removal left it");
+    r.ds.check_backups();
+    assert!(pin_of(&r, "vm").is_empty() && owed(&r).is_empty());
+}
+
+/// A removal made at the discard leaves no debt.
+#[test]
+fn a_discard_whose_pin_is_removed_owes_nothing() {
+    let r = rig();
+    let (b1, _) = backup(&r, "vm", 1, 8);
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    r.ds.release("vm", true).unwrap();
+    assert!(pin_of(&r, "vm").is_empty() && owed(&r).is_empty());
+}
+
+/// review30 L2: an owed removal that does not parse was dropped, and with
+/// it the only trace of the pin left: it stays, and is warned of.
+#[test]
+fn an_owed_pin_removal_that_cannot_be_read_stays() {
+    let (r, b1) = discarded_while_pins_are_refused();
+    let file = r.ds.stagings()[0].owed_unpin_file("vm", &b1);
+    std::fs::write(&file, b"{not a pin").unwrap();
+    r.ds.check_backups();
+    r.ds.check_backups();
+    assert!(file.exists(), "dropped");
+    assert_eq!(owed(&r), vec![("vm".to_string(), b1)]);
     assert_eq!(pin_of(&r, "vm").len(), 1);
 }

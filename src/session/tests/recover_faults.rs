@@ -224,3 +224,79 @@ fn a_release_whose_discard_cannot_be_made_durable_still_releases_fully_and_stays
         "{e}"
     );
 }
+
+/// `vm` relocating, its daemon restarted over `faults`, then a cancel whose
+/// `cancelling` mark fails `times` times: the cancel says so.
+fn cancelled_unmarked(vm: &str, seed: u64, times: u64) -> (Rig, FaultyStorage) {
+    let r = rig();
+    recover_and_relocate_slowly(&r, vm, seed);
+    let faults = FaultyStorage::new(OsStorage::shared());
+    let r = restart_over(r, &faults);
+    r.ds.resume_active();
+    assert!(r.ds.session(vm).unwrap().relocation.lock().is_some());
+    faults.inject(Rule::fail(Op::Rename, "relocation.json", libc::EIO).times(times));
+    let e = r.ds.cancel_relocation(vm, false).unwrap_err();
+    assert!(e.to_string().contains("was not cancelled"), "{e}");
+    let st = r.ds.status(&r.ds.session(vm).unwrap()).relocation.unwrap();
+    assert!(st.cancel_unmarked && st.cancel_unfinished.is_some());
+    (r, faults)
+}
+
+/// review30 M1: a release after a cancel whose mark failed said the cancel
+/// was held (`cancel-unfinished`), but the next recover resumed the copy,
+/// which could cut over. The release writes the mark: the cancel is held.
+#[test]
+fn a_release_after_an_unmarked_cancel_records_the_cancel() {
+    let (r, faults) = cancelled_unmarked("um", 71, 1);
+    let rel =
+        r.ds.release_report("um", false)
+            .unwrap()
+            .relocation
+            .unwrap();
+    assert_eq!(faults.injected(), 1);
+    assert_eq!(rel.outcome, "cancel-unfinished");
+    r.ds.recover("um", None).unwrap();
+    let st =
+        r.ds.status(&r.ds.session("um").unwrap())
+            .relocation
+            .unwrap();
+    assert_eq!(
+        st.state,
+        crate::relocate::State::NotResumed,
+        "the copy was resumed: {st:?}"
+    );
+    assert!(st.cancel_unfinished.is_some());
+    assert!(r.ds.session("um").unwrap().relocation.lock().is_none());
+    let c = r.ds.cancel_relocation("um", false).unwrap();
+    assert!(!c.removed.is_empty(), "{c:?}");
+    r.ds.release("um", true).unwrap();
+}
+
+/// review30 M1: a mark the release cannot write either is said as such
+/// (`cancel-not-recorded`), not as a held cancel: the next recover resumes
+/// the copy.
+#[test]
+fn a_release_that_cannot_record_an_unmarked_cancel_says_a_recover_resumes_it() {
+    let (r, faults) = cancelled_unmarked("un", 72, 2);
+    let rel =
+        r.ds.release_report("un", false)
+            .unwrap()
+            .relocation
+            .unwrap();
+    assert_eq!(faults.injected(), 2);
+    assert_eq!(rel.outcome, "cancel-not-recorded");
+    let json = serde_json::to_value(&rel).unwrap();
+    assert_eq!(json["outcome"], "cancel-not-recorded");
+    r.ds.recover("un", None).unwrap();
+    let st =
+        r.ds.status(&r.ds.session("un").unwrap())
+            .relocation
+            .unwrap();
+    assert!(
+        st.state.is_running() && st.cancel_unfinished.is_none(),
+        "{st:?}"
+    );
+    // `release --discard` cancels it with the staging.
+    let rel = r.ds.release_report("un", true).unwrap().relocation.unwrap();
+    assert_eq!(rel.outcome, "cancelled");
+}
