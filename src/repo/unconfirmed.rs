@@ -15,18 +15,19 @@
 //! an outage every request would otherwise pay a full GET of `repo.json`
 //! before its own. It holds for a second, or as long as the check took
 //! if longer (a store that times out is then asked at most half the
-//! time). A request that finds a hold ending within [`WAITS_FOR_A_HOLD`]
+//! time). A request that finds a hold ending within `WAITS_FOR_A_HOLD`
 //! (a second) waits for its end and for the check then made, and takes
 //! that check's outcome: a store back during a hold answers the first
 //! read after it (explore11: the guest's read failed with EIO until the
 //! hold ended, and a guest may remount read-only on EIO). A store that
-//! stays down and fails checks at once (no `repo.json`, a refused
-//! connection) so fails a request within about a second, one check per
-//! hold however many requests wait; a hold with longer to go (a check
-//! that timed out, the start's) still fails a request at once, so a store
-//! that does not answer makes no read wait longer than a check. One check
-//! is in flight at a time: the requests that come meanwhile wait for its
-//! outcome, they do not ask `repo.json` again.
+//! stays down and fails checks at once (no `repo.json`) so fails a
+//! request within about a second, one check per hold however many
+//! requests wait; a hold with longer to go (the start's, a check that
+//! timed out or was retried: S3 retries a refused connection for about
+//! 1.6 s) still fails a request at once, so no read waits more than a
+//! second longer than it did. One check is in flight at a time: the
+//! requests that come meanwhile wait for its outcome, they do not ask
+//! `repo.json` again.
 //!
 //! The gate is made because the store did not answer the daemon's
 //! start: that counts as a failed check holding [`START_HOLDS`], so the
@@ -352,7 +353,7 @@ impl Backend for Unconfirmed {
         self.inner.get(key, limit)
     }
     /// The check is made on the fetch engine's runtime too, without a
-    /// blocking read (see [`check_async`]).
+    /// blocking read (see `check_async`).
     fn get_async(&self, key: &str, limit: u64) -> GetFuture {
         if self.confirmed() {
             return self.inner.get_async(key, limit);

@@ -412,11 +412,15 @@ fn a_dropped_check_or_the_stop_leaves_no_request_waiting() {
     let store = Fake::default();
     store.0.slow_ms.store(300, Ordering::SeqCst);
     store.set_up(true);
-    let g = store.gate();
+    let g = Arc::new(store.gate());
     let get = g.get_async("chunks/ab/abcd", 1 << 20);
     let cut = rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), get).await });
     assert!(cut.is_err(), "dropped during its check");
-    assert!(g.exists("b.json").unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let next = g.clone();
+    std::thread::spawn(move || tx.send(next.exists("b.json").is_ok()));
+    let got = rx.recv_timeout(Duration::from_secs(5));
+    assert_eq!(got, Ok(true), "the next request is not left waiting");
     // The dropped check never had its answer.
     assert_eq!(store.gets(), 1);
 
