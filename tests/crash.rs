@@ -421,3 +421,49 @@ fn a_daemon_restarted_after_a_crash_while_its_repository_is_away_serves_what_sta
         d.log_text()
     );
 }
+
+/// A store back within the hold of the identity check a guest's failed
+/// read made answers the very next read of a block not staged (explore11:
+/// it failed with EIO until the hold ended, a second outage for a guest
+/// that remounts read-only on EIO).
+#[test]
+fn the_first_read_after_the_repository_is_back_succeeds() {
+    let mut env = Env::new();
+    env.serve_args = vec!["--no-profile".into()];
+    let original = random_image(&env.path("a.raw"), 16 * K64, 29, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    d.kill9();
+    std::mem::forget(d);
+    let away = env.path("repo.away");
+    std::fs::rename(&env.repo, &away).unwrap();
+    std::fs::create_dir(&env.repo).unwrap();
+    // Its socket answers once the start (and the start's hold) is over.
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    no_readahead(&f);
+    let data: Vec<usize> = (0..16)
+        .filter(|b| original[b * K64..(b + 1) * K64].iter().any(|&x| x != 0))
+        .collect();
+    let mut buf = vec![0u8; K64];
+    let e = f
+        .read_exact_at(&mut buf, (data[0] * K64) as u64)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "the store is away: {e}");
+    // The share is mounted again right after that read's failed check.
+    std::fs::remove_dir(&env.repo).unwrap();
+    std::fs::rename(&away, &env.repo).unwrap();
+    let t = std::time::Instant::now();
+    let b = data[1];
+    f.read_exact_at(&mut buf, (b * K64) as u64)
+        .unwrap_or_else(|e| panic!("the first read once the store is back: {e}"));
+    assert!(buf == original[b * K64..(b + 1) * K64]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        d.log_text().contains("answers as itself"),
+        "{}",
+        d.log_text()
+    );
+}

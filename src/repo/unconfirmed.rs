@@ -15,7 +15,21 @@
 //! an outage every request would otherwise pay a full GET of `repo.json`
 //! before its own. It holds for a second, or as long as the check took
 //! if longer (a store that times out is then asked at most half the
-//! time). The gate is made because the store did not answer the daemon's
+//! time). A request that finds a hold ending within `WAITS_FOR_A_HOLD`
+//! (a second) waits for its end and for the check then made, and takes
+//! that check's outcome: a store back during a hold answers the first
+//! read after it (explore11: the guest's read failed with EIO until the
+//! hold ended, and a guest may remount read-only on EIO). A store that
+//! stays down and fails checks at once (no `repo.json`) so fails a
+//! request within about a second, one check per hold however many
+//! requests wait; a hold with longer to go (the start's, a check that
+//! timed out or was retried: S3 retries a refused connection for about
+//! 1.6 s) still fails a request at once, so no read waits more than a
+//! second longer than it did. One check is in flight at a time: the
+//! requests that come meanwhile wait for its outcome, they do not ask
+//! `repo.json` again.
+//!
+//! The gate is made because the store did not answer the daemon's
 //! start: that counts as a failed check holding [`START_HOLDS`], so the
 //! start (resuming sessions, pinning them) does not ask again at once
 //! (explore7 M2: it did, a second series of probes of minutes). The hold
@@ -31,6 +45,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{Condvar, Mutex};
+
 use super::backend::{Backend, GetFuture, ObjectInfo};
 use super::limits::MAX_META_BYTES;
 use super::{RepoInfo, Repository, INFO_KEY};
@@ -38,6 +54,11 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// How long a failed identity check answers for (at least).
 const FAILED_CHECK_HOLDS: Duration = Duration::from_secs(1);
+/// A request that finds a failed check holding for at most this long
+/// waits for the hold's end and the next check rather than failing: every
+/// hold of a check that failed at once, never one of a check that timed
+/// out (a multi-second wait on a store that stays down).
+const WAITS_FOR_A_HOLD: Duration = FAILED_CHECK_HOLDS;
 /// How long the failure that made the gate (the store did not answer at
 /// the daemon's start) answers for: the start's own requests.
 pub const START_HOLDS: Duration = Duration::from_secs(20);
@@ -63,10 +84,32 @@ struct Gate {
     confirmed: AtomicBool,
     /// The daemon stops: an unconfirmed store is asked nothing more.
     stopping: AtomicBool,
+    state: Mutex<State>,
+    /// Told when a check ends, a hold is lifted or the daemon stops:
+    /// to blocking requests, and (a count of the news) to those on a
+    /// runtime.
+    changed: Condvar,
+    news: tokio::sync::watch::Sender<u64>,
+}
+
+struct State {
     /// The last failed check.
-    failed: parking_lot::Mutex<Option<Failed>>,
-    /// One synchronous check at a time; the others then see its outcome.
-    checking: parking_lot::Mutex<()>,
+    failed: Option<Failed>,
+    /// A check is in flight: the others wait for its outcome.
+    checking: bool,
+    /// Checks ended so far: a request that saw one end while it waited
+    /// takes that outcome.
+    ended: u64,
+}
+
+/// What a request does next at the gate.
+enum Step {
+    Pass,
+    Fail(Error),
+    /// Make the check (the gate now counts it in flight).
+    Check,
+    /// Wait for news (a check in flight), or until then (a hold's end).
+    Wait(Option<Instant>),
 }
 
 impl Unconfirmed {
@@ -79,14 +122,19 @@ impl Unconfirmed {
                 location,
                 confirmed: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
-                // Why the gate is made (see the module docs).
-                failed: parking_lot::Mutex::new(Some(Failed {
-                    at: Instant::now(),
-                    holds: START_HOLDS,
-                    why: "it did not answer when the daemon started".into(),
-                    at_start: true,
-                })),
-                checking: parking_lot::Mutex::new(()),
+                state: Mutex::new(State {
+                    // Why the gate is made (see the module docs).
+                    failed: Some(Failed {
+                        at: Instant::now(),
+                        holds: START_HOLDS,
+                        why: "it did not answer when the daemon started".into(),
+                        at_start: true,
+                    }),
+                    checking: false,
+                    ended: 0,
+                }),
+                changed: Condvar::new(),
+                news: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -97,48 +145,177 @@ impl Unconfirmed {
     }
 
     /// Ok once the store has answered as the repository; otherwise reads
-    /// its `repo.json` (unless a check failed recently, or the daemon
-    /// stops).
+    /// its `repo.json`, or takes the outcome of a check in flight or of
+    /// one that failed recently (see the module docs).
     fn check(&self) -> Result<()> {
         if self.confirmed() {
             return Ok(());
         }
-        let _one = self.gate.checking.lock();
-        if self.confirmed() {
-            return Ok(());
+        let gate = &self.gate;
+        let mut st = gate.state.lock();
+        let seen = st.ended;
+        loop {
+            match gate.step(&mut st, seen) {
+                Step::Pass => return Ok(()),
+                Step::Fail(e) => return Err(e),
+                Step::Wait(Some(until)) => {
+                    let _ = gate.changed.wait_until(&mut st, until);
+                }
+                Step::Wait(None) => gate.changed.wait(&mut st),
+                Step::Check => break,
+            }
         }
-        if let Some(e) = self.gate.not_now() {
-            return Err(e);
-        }
+        drop(st);
+        let check = Checking(gate.clone(), false);
         let started = Instant::now();
         let got = self.inner.get(INFO_KEY, MAX_META_BYTES);
-        if self.gate.judge(got, started.elapsed())? {
+        if check.judge(got, started.elapsed())? {
             self.inner.keep_space_reserve();
         }
         Ok(())
     }
 }
 
-impl Gate {
-    /// Why the store is not asked now: a check failed recently, or the
-    /// daemon stops.
-    fn not_now(&self) -> Option<Error> {
-        if self.stopping.load(Ordering::Acquire) {
-            let why = "not asked while the daemon stops";
-            return Some(self.unreachable(why));
+/// [`Unconfirmed::check`] for a request on a runtime: waits without a
+/// thread, and reads `repo.json` without a blocking call (a store's
+/// blocking call must not run on the fetch engine's runtime).
+async fn check_async(gate: Arc<Gate>, inner: Arc<dyn Backend>) -> Result<()> {
+    let mut seen = None;
+    loop {
+        // Before the state is looked at: news from then on is not missed.
+        let mut news = gate.news.subscribe();
+        let step = {
+            let mut st = gate.state.lock();
+            let seen = *seen.get_or_insert(st.ended);
+            gate.step(&mut st, seen)
+        };
+        match step {
+            Step::Pass => return Ok(()),
+            Step::Fail(e) => return Err(e),
+            Step::Wait(None) => {
+                let _ = news.changed().await;
+            }
+            Step::Wait(Some(until)) => {
+                let until = tokio::time::Instant::from_std(until);
+                tokio::select! {
+                    _ = news.changed() => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+            Step::Check => break,
         }
-        let failed = self.failed.lock();
-        let f = failed.as_ref()?;
-        (f.at.elapsed() < f.holds).then(|| self.unreachable(&f.why))
+    }
+    let check = Checking(gate.clone(), false);
+    let started = Instant::now();
+    let info = inner.get_async(INFO_KEY, MAX_META_BYTES).await;
+    let info = info.map(|o| o.map(|b| b.into_vec()));
+    if check.judge(info, started.elapsed())? {
+        // Blocking file I/O: not on the engine's runtime.
+        tokio::task::spawn_blocking(move || inner.keep_space_reserve());
+    }
+    Ok(())
+}
+
+/// The check in flight; one dropped unjudged (a request dropped while it
+/// waits for `repo.json`) ends without an outcome, and a waiting request
+/// then makes the next.
+struct Checking(Arc<Gate>, bool);
+
+impl Checking {
+    /// Decides from a read of `repo.json` whether the store is the
+    /// repository, and tells the outcome to the requests waiting for it;
+    /// whether this call confirmed it (the first to).
+    fn judge(mut self, got: Result<Option<Vec<u8>>>, took: Duration) -> Result<bool> {
+        self.1 = true;
+        let gate = &self.0;
+        match gate.verdict(got) {
+            Ok(()) => {
+                let first = !gate.confirmed.swap(true, Ordering::AcqRel);
+                if first {
+                    tracing::info!(
+                        repo = %gate.location,
+                        "the repository answers as itself: the start without it is over"
+                    );
+                }
+                gate.end_check(Some(None));
+                Ok(first)
+            }
+            Err(why) => {
+                let e = gate.unreachable(&why);
+                gate.end_check(Some(Some(Failed {
+                    at: Instant::now(),
+                    holds: took.max(FAILED_CHECK_HOLDS),
+                    why,
+                    at_start: false,
+                })));
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.end_check(None);
+        }
+    }
+}
+
+impl Gate {
+    /// What a request that came when `seen` checks had ended does next.
+    fn step(&self, st: &mut State, seen: u64) -> Step {
+        if self.confirmed.load(Ordering::Acquire) {
+            return Step::Pass;
+        }
+        if self.stopping.load(Ordering::Acquire) {
+            return Step::Fail(self.unreachable("not asked while the daemon stops"));
+        }
+        if st.checking {
+            return Step::Wait(None);
+        }
+        if let Some(f) = &st.failed {
+            let left = f.holds.saturating_sub(f.at.elapsed());
+            if !left.is_zero() {
+                // A check that failed while this request waited answers
+                // it; so does a hold it cannot wait out.
+                if st.ended != seen || left > WAITS_FOR_A_HOLD {
+                    return Step::Fail(self.unreachable(&f.why));
+                }
+                return Step::Wait(Some(f.at + f.holds));
+            }
+        }
+        st.checking = true;
+        Step::Check
     }
 
-    /// Decides from a read of `repo.json` whether the store is the
-    /// repository, and remembers the outcome; whether this call confirmed
-    /// it (the first to).
-    fn judge(&self, got: Result<Option<Vec<u8>>>, took: Duration) -> Result<bool> {
+    /// A check ended: with a new failure (or `None`: confirmed), or
+    /// without an outcome (dropped).
+    fn end_check(&self, outcome: Option<Option<Failed>>) {
+        let mut st = self.state.lock();
+        st.checking = false;
+        st.ended += 1;
+        if let Some(failed) = outcome {
+            st.failed = failed;
+        }
+        drop(st);
+        self.tell();
+    }
+
+    /// Wakes the waiting requests to look again. The lock is taken
+    /// first: a blocking request that looked before a change made
+    /// outside it (the stop) is then already waiting, and is woken.
+    fn tell(&self) {
+        drop(self.state.lock());
+        self.changed.notify_all();
+        self.news.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether a read of `repo.json` names the repository; why not.
+    fn verdict(&self, got: Result<Option<Vec<u8>>>) -> std::result::Result<(), String> {
         let rec = &self.recorded;
         let fingerprint = |i: &RepoInfo| i.encryption.as_ref().map(|e| e.fingerprint.clone());
-        let why = match got {
+        Err(match got {
             Ok(Some(bytes)) => match serde_json::from_slice::<RepoInfo>(&bytes) {
                 Ok(i) if i.id != rec.id => {
                     format!("it holds another repository (id {}, not {})", i.id, rec.id)
@@ -150,31 +327,13 @@ impl Gate {
                     Ok(()) if fingerprint(&i) != fingerprint(rec) => {
                         "its encryption is not the one recorded".into()
                     }
-                    Ok(()) => {
-                        let first = !self.confirmed.swap(true, Ordering::AcqRel);
-                        if first {
-                            tracing::info!(
-                                repo = %self.location,
-                                "the repository answers as itself: the start without it is over"
-                            );
-                        }
-                        *self.failed.lock() = None;
-                        return Ok(first);
-                    }
+                    Ok(()) => return Ok(()),
                 },
                 Err(e) => format!("its repo.json is damaged ({e})"),
             },
             Ok(None) => "no repo.json (moved away, or a share not mounted?)".into(),
             Err(e) => format!("repo.json cannot be read: {e}"),
-        };
-        let e = self.unreachable(&why);
-        *self.failed.lock() = Some(Failed {
-            at: Instant::now(),
-            holds: took.max(FAILED_CHECK_HOLDS),
-            why,
-            at_start: false,
-        });
-        Err(e)
+        })
     }
 
     fn unreachable(&self, why: &str) -> Error {
@@ -194,26 +353,14 @@ impl Backend for Unconfirmed {
         self.inner.get(key, limit)
     }
     /// The check is made on the fetch engine's runtime too, without a
-    /// blocking read (a store's blocking call must not run there).
+    /// blocking read (see `check_async`).
     fn get_async(&self, key: &str, limit: u64) -> GetFuture {
         if self.confirmed() {
             return self.inner.get_async(key, limit);
         }
         let (inner, gate, key) = (self.inner.clone(), self.gate.clone(), key.to_string());
         Box::pin(async move {
-            if !gate.confirmed.load(Ordering::Acquire) {
-                if let Some(e) = gate.not_now() {
-                    return Err(e);
-                }
-                let started = Instant::now();
-                let info = inner.get_async(INFO_KEY, MAX_META_BYTES).await;
-                let info = info.map(|o| o.map(|b| b.into_vec()));
-                if gate.judge(info, started.elapsed())? {
-                    // Blocking file I/O: not on the engine's runtime.
-                    let inner = inner.clone();
-                    tokio::task::spawn_blocking(move || inner.keep_space_reserve());
-                }
-            }
+            check_async(gate, inner.clone()).await?;
             inner.get_async(&key, limit).await
         })
     }
@@ -277,13 +424,16 @@ impl Backend for Unconfirmed {
         if self.confirmed() {
             return None;
         }
-        Some(match self.gate.failed.lock().as_ref() {
+        Some(match self.gate.state.lock().failed.as_ref() {
             Some(f) => f.why.clone(),
             None => "it has not answered as itself since the daemon started without it".into(),
         })
     }
     fn begin_shutdown(&self) {
-        if !self.gate.stopping.swap(true, Ordering::AcqRel) && !self.confirmed() {
+        let first = !self.gate.stopping.swap(true, Ordering::AcqRel);
+        // Requests waiting at the gate fail now.
+        self.gate.tell();
+        if first && !self.confirmed() {
             tracing::warn!(
                 repo = %self.gate.location,
                 "the repository has not answered as itself since the daemon started without it: nothing more is asked of it while the daemon stops (pins and profiles are not rewritten now; a session's pin is rewritten at the next start or backup check)"
@@ -292,215 +442,15 @@ impl Backend for Unconfirmed {
         self.inner.begin_shutdown();
     }
     fn end_of_start(&self) {
-        let mut failed = self.gate.failed.lock();
-        if failed.as_ref().is_some_and(|f| f.at_start) {
-            *failed = None;
+        let mut st = self.gate.state.lock();
+        if st.failed.as_ref().is_some_and(|f| f.at_start) {
+            st.failed = None;
         }
-        drop(failed);
+        drop(st);
+        self.gate.tell();
         self.inner.end_of_start();
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::repo::LocalDir;
-
-    fn repo_info(id: &str, version: u32) -> RepoInfo {
-        RepoInfo {
-            format: super::super::REPO_FORMAT.into(),
-            version,
-            id: id.into(),
-            created: "2026-11-24T00:00:00Z".into(),
-            encryption: None,
-        }
-    }
-
-    fn info(id: &str) -> Vec<u8> {
-        serde_json::to_vec(&repo_info(id, 2)).unwrap()
-    }
-
-    /// `status` says why, daemon-wide, until the store answers as itself
-    /// (explore11 M3: only a session's periodic check said it).
-    #[test]
-    fn why_the_store_is_not_confirmed_is_told_until_it_answers_as_itself() {
-        let d = tempfile::tempdir().unwrap();
-        let g = Unconfirmed::new(Box::new(LocalDir::new(d.path())), &repo_info("aaaa", 2));
-        let why = g
-            .not_confirmed()
-            .expect("not confirmed at a degraded start");
-        assert!(
-            why.contains("did not answer when the daemon started"),
-            "{why}"
-        );
-        *g.gate.failed.lock() = None;
-        std::fs::write(d.path().join(INFO_KEY), info("aaaa")).unwrap();
-        g.exists("x").unwrap();
-        assert_eq!(g.not_confirmed(), None);
-    }
-
-    /// A gate whose start failure has passed.
-    fn gate_on(dir: &std::path::Path) -> Unconfirmed {
-        let g = Unconfirmed::new(Box::new(LocalDir::new(dir)), &repo_info("aaaa", 2));
-        *g.gate.failed.lock() = None;
-        g
-    }
-
-    #[test]
-    fn nothing_is_written_to_a_store_until_it_answers_as_the_repository() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        let e = g.put("pins/vm/x.json", b"{}").unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-        assert!(e.to_string().contains("no repo.json"), "{e}");
-        assert!(
-            !d.path().join("pins").exists(),
-            "a write reached an empty store"
-        );
-        // Another repository there is refused as well.
-        std::fs::write(d.path().join("repo.json"), info("bbbb")).unwrap();
-        std::thread::sleep(FAILED_CHECK_HOLDS);
-        let e = g.put("pins/vm/x.json", b"{}").unwrap_err();
-        assert!(e.to_string().contains("another repository"), "{e}");
-        assert!(!d.path().join("pins").exists());
-        // The repository itself: writes pass, and stay passing.
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        std::thread::sleep(FAILED_CHECK_HOLDS);
-        g.put("pins/vm/x.json", b"{}").unwrap();
-        assert!(g.confirmed());
-        std::fs::remove_file(d.path().join("repo.json")).unwrap();
-        g.put("pins/vm/y.json", b"{}").unwrap();
-    }
-
-    #[test]
-    fn a_gate_made_because_the_store_did_not_answer_the_start_does_not_ask_it_again_at_once() {
-        let d = tempfile::tempdir().unwrap();
-        // The store answers as the repository now: not asked all the same.
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        let g = Unconfirmed::new(Box::new(LocalDir::new(d.path())), &repo_info("aaaa", 2));
-        let e = g.exists("backups/vm/b.json").unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("did not answer when the daemon started"),
-            "{e}"
-        );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        assert!(rt.block_on(g.get_async("chunks/ab/abcd", 1 << 20)).is_err());
-        assert!(!g.confirmed());
-        assert!(g.gate.failed.lock().as_ref().unwrap().holds >= START_HOLDS);
-    }
-
-    #[test]
-    fn a_store_back_right_after_the_start_is_asked_once_the_start_is_over() {
-        let d = tempfile::tempdir().unwrap();
-        let g = Unconfirmed::new(Box::new(LocalDir::new(d.path())), &repo_info("aaaa", 2));
-        // Back within a second of the start: still held while it lasts.
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        std::fs::write(d.path().join("b.json"), b"{}").unwrap();
-        assert!(g.exists("b.json").is_err());
-        g.end_of_start();
-        assert!(g.exists("b.json").unwrap());
-        assert!(g.confirmed());
-    }
-
-    #[test]
-    fn the_end_of_the_start_does_not_lift_a_hold_of_a_later_failed_check() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        assert!(g.exists("b.json").is_err(), "no repo.json: a failed check");
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        g.end_of_start();
-        let e = g.exists("b.json").unwrap_err();
-        assert!(e.to_string().contains("no repo.json"), "{e}");
-    }
-
-    #[test]
-    fn a_failed_check_holds_as_long_as_it_took() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        assert!(g.gate.judge(Ok(None), Duration::from_secs(8)).is_err());
-        assert_eq!(
-            g.gate.failed.lock().as_ref().unwrap().holds,
-            Duration::from_secs(8)
-        );
-        assert!(g.gate.judge(Ok(None), Duration::ZERO).is_err());
-        assert_eq!(
-            g.gate.failed.lock().as_ref().unwrap().holds,
-            FAILED_CHECK_HOLDS
-        );
-    }
-
-    #[test]
-    fn once_the_daemon_stops_an_unconfirmed_store_is_asked_nothing() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        g.begin_shutdown();
-        let e = g.put("pins/vm/x.json", b"{}").unwrap_err();
-        assert!(
-            e.to_string().contains("not asked while the daemon stops"),
-            "{e}"
-        );
-        assert!(!d.path().join("pins").exists());
-        assert!(!g.confirmed());
-        // A confirmed one is asked as before.
-        let d2 = tempfile::tempdir().unwrap();
-        std::fs::write(d2.path().join("repo.json"), info("aaaa")).unwrap();
-        let g2 = gate_on(d2.path());
-        g2.put("pins/vm/x.json", b"{}").unwrap();
-        g2.begin_shutdown();
-        g2.put("pins/vm/y.json", b"{}").unwrap();
-    }
-
-    #[test]
-    fn a_failed_check_answers_the_next_second_of_requests_without_asking_the_store_again() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        assert!(g.get("backups/vm/b.json", 1 << 20).is_err());
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        // Within the second: still the old answer.
-        assert!(g.exists("backups/vm/b.json").is_err());
-        std::thread::sleep(FAILED_CHECK_HOLDS);
-        assert!(!g.exists("backups/vm/b.json").unwrap());
-    }
-
-    #[test]
-    fn an_async_get_checks_the_identity_without_blocking_and_then_reads() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        std::fs::create_dir_all(d.path().join("chunks/ab")).unwrap();
-        std::fs::write(d.path().join("chunks/ab/abcd"), b"bytes").unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let e = rt
-            .block_on(g.get_async("chunks/ab/abcd", 1 << 20))
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-        std::fs::write(d.path().join("repo.json"), info("aaaa")).unwrap();
-        std::thread::sleep(FAILED_CHECK_HOLDS);
-        let got = rt.block_on(g.get_async("chunks/ab/abcd", 1 << 20)).unwrap();
-        assert_eq!(&got.unwrap()[..], b"bytes");
-        assert!(g.confirmed());
-    }
-
-    #[test]
-    fn a_store_whose_repo_json_this_binary_would_refuse_to_open_is_not_taken_for_the_repository() {
-        let d = tempfile::tempdir().unwrap();
-        let g = gate_on(d.path());
-        // The same id, a version from a newer recoverfs.
-        let newer = serde_json::to_vec(&repo_info("aaaa", 99)).unwrap();
-        std::fs::write(d.path().join("repo.json"), newer).unwrap();
-        let e = g.put("pins/vm/x.json", b"{}").unwrap_err();
-        assert!(
-            e.to_string().contains("unsupported repository version 99"),
-            "{e}"
-        );
-        assert!(!g.confirmed());
-        assert!(!d.path().join("pins").exists());
-    }
-}
+mod tests;
