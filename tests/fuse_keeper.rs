@@ -55,8 +55,10 @@ struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
+        // No wait: on a failure the child may close its file on a kept
+        // mount with no daemon, and its exit waits until `LetGo` (dropped
+        // after it) lets the connection go.
         let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
