@@ -163,9 +163,15 @@
 //! * `sessions/<vm>/<backup>/pin-owed` — present while the session's
 //!   repository pin could not be written (a release into a full or
 //!   read-only repository): any daemon serving the directory writes it.
-//! * `unpins-owed/<vm>+<backup>.json` — the pin of a discarded session the
-//!   repository refused to remove, written atomically: any daemon serving
-//!   the directory removes it later (not if that session was made again).
+//! * `unpins-owed/<vm>+<backup>.json` — the pin removal a discard owes,
+//!   written atomically before the session's staging goes and removed once
+//!   the pin is (or the discard failed): any daemon serving the directory
+//!   removes a pin still owed later (not if that session was made again);
+//!   one that cannot be read stays, warned of hourly.
+//! * `fuse-inodes.json` — the FUSE inode number of each session, so a
+//!   daemon adopting the connection a crashed one left with the keeper
+//!   answers the numbers the kernel holds (`export::fuse::inodes`);
+//!   `fuse-keeper.log` — the keeper's lines.
 //! * `sessions/<vm>/<backup>/manifest.json` — the backup's manifest as
 //!   recovered, so a kept session resumes while the repository is down.
 //! * `…/diskN.data` — sparse file, disk-sized (opened `O_NOATIME`).
