@@ -115,6 +115,11 @@ fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_
         d = env.serve();
     }
     std::thread::sleep(Duration::from_millis(1000));
+    // The writer's handle was opened under the first daemon: the last one
+    // still counts it, so the release is refused while the disk is open.
+    let o = env.release("vm", false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("still open"), "{err}");
     std::fs::write(&stop, b"").unwrap();
     let mut out = String::new();
     std::io::Read::read_to_string(&mut writer.0.stdout.take().unwrap(), &mut out).unwrap();

@@ -16,16 +16,6 @@ pub fn keeper_root(staging: &Path) -> Option<PathBuf> {
     std::fs::canonicalize(staging).ok()
 }
 
-/// `mount` as the keeper records it, found without a stat of the mount
-/// point itself (which would wait for a daemon while a keeper holds it).
-fn mount_path(mount: &Path) -> PathBuf {
-    let abs = std::path::absolute(mount).unwrap_or_else(|_| mount.to_path_buf());
-    match (abs.parent(), abs.file_name()) {
-        (Some(p), Some(n)) => std::fs::canonicalize(p).map_or(abs.clone(), |p| p.join(n)),
-        _ => abs,
-    }
-}
-
 /// Before the mount point is looked at: the connection the keeper of
 /// `staging` holds, to adopt when it is the one at `mount`. A connection
 /// kept for another mount point (or when keeping is off) is let go, so
@@ -44,7 +34,7 @@ pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<(Held, O
             return None;
         }
     };
-    if keeping && held.mount == mount_path(mount) {
+    if keeping && crate::staging::set::resolve_mount(mount).is_ok_and(|m| m == held.mount) {
         tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
         return Some((held, fd));
     }

@@ -302,7 +302,7 @@ fn overlap(p: &Path, other: &Path, what: &str, hint: &str) -> Option<String> {
 /// `resolve` of a mount point without a look at the point itself: a
 /// mount a keeper holds for a crashed daemon answers no stat until this
 /// daemon serves it (`serve` gives it canonical already).
-fn resolve_mount(mount: &Path) -> Result<PathBuf> {
+pub(crate) fn resolve_mount(mount: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(mount).ctx(|| format!("resolve {}", mount.display()))?;
     match (abs.parent(), abs.file_name()) {
         (Some(parent), Some(name)) => Ok(resolve(parent)?.join(name)),

@@ -18,7 +18,6 @@
 //! a block are idempotent, a resent open makes one more handle (closed
 //! by its release), a resent release or flush of an old handle is a no-op.
 
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use super::keeper::InitParams;
@@ -69,15 +68,13 @@ pub fn session<S: AsFd>(
     make: impl FnOnce(OwnedFd) -> std::io::Result<S>,
 ) -> Result<S> {
     let (ours, theirs) = socket_pair()?;
-    let mut ours = ours;
-    ours.write_all(&init_request(init, max_readahead))
-        .map_err(|e| Error::io("write the INIT for fuser", e))?;
+    nix::unistd::write(&ours, &init_request(init, max_readahead))
+        .map_err(|e| Error::io("write the INIT for fuser", e.into()))?;
     let session =
         make(theirs).map_err(|e| Error::io("start the FUSE session on the kept connection", e))?;
     let mut reply = [0u8; 256];
-    let n = ours
-        .read(&mut reply)
-        .map_err(|e| Error::io("read fuser's INIT answer", e))?;
+    let n = nix::unistd::read(ours.as_raw_fd(), &mut reply)
+        .map_err(|e| Error::io("read fuser's INIT answer", e.into()))?;
     if n < 16 || i32::from_ne_bytes(reply[4..8].try_into().expect("4")) != 0 {
         return Err(Error::invalid("fuser refused the kept connection's INIT"));
     }
@@ -103,34 +100,16 @@ pub fn resend(device: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         })
 }
 
-/// A seqpacket pair as (our stream-like end, fuser's fd).
-fn socket_pair() -> Result<(SeqEnd, OwnedFd)> {
-    let (a, b) = nix::sys::socket::socketpair(
+/// A seqpacket pair (one datagram per FUSE message, as on the device):
+/// (our end, fuser's).
+fn socket_pair() -> Result<(OwnedFd, OwnedFd)> {
+    nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::SeqPacket,
         None,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|e| Error::io("socketpair", e.into()))?;
-    Ok((SeqEnd(a), b))
-}
-
-/// Our end of the pair: one datagram per read or write.
-struct SeqEnd(OwnedFd);
-
-impl Read for SeqEnd {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        nix::unistd::read(self.0.as_raw_fd(), buf).map_err(std::io::Error::from)
-    }
-}
-
-impl Write for SeqEnd {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        nix::unistd::write(self.0.as_fd(), buf).map_err(std::io::Error::from)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    .map_err(|e| Error::io("socketpair", e.into()))
 }
 
 #[cfg(test)]
