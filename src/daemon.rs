@@ -186,7 +186,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // until a daemon serves it (see `export::fuse::keeper`).
     let kept = fuse_mount::take_kept(&opts.staging, &opts.mount, opts.datastore.fuse_keeper);
     let mount = match &kept {
-        Some((held, _)) => held.mount.clone(),
+        Some(k) => k.mount().to_path_buf(),
         None => check_mount_point(&opts.mount)?,
     };
     // Before a new staging directory is made: a refusal leaves nothing.
@@ -393,16 +393,13 @@ impl Exports {
 /// runs behind its API, and what `verify-boot` runs in-process.
 pub struct MountedDatastore {
     pub ds: Arc<Datastore>,
-    bg: fuser::BackgroundSession,
+    fuse: fuse_mount::Served,
     stop: Arc<AtomicBool>,
     flusher: std::thread::JoinHandle<()>,
     checker: std::thread::JoinHandle<()>,
     mount: PathBuf,
     /// The staging whose keeper holds the connection too (`fuse_keeper`).
     keeper_root: Option<PathBuf>,
-    /// The connection was adopted from a crashed daemon: fuser did not
-    /// mount it, so the stop unmounts it.
-    adopted: bool,
 }
 
 impl MountedDatastore {
@@ -423,7 +420,7 @@ impl MountedDatastore {
         staging: StagingSet,
         mount: &Path,
         opts: &MountOptions,
-        kept: Option<(crate::export::fuse::keeper::Held, std::os::fd::OwnedFd)>,
+        kept: Option<fuse_mount::Kept>,
     ) -> Result<Self> {
         let ds = Datastore::new(
             repo,
@@ -477,21 +474,27 @@ impl MountedDatastore {
         } else {
             fuser::SessionACL::Owner
         };
-        cfg.n_threads = Some(opts.fuse_threads.max(1));
-        // One device file for all event threads when it is kept: the
-        // requests a thread has read are listed on the file they were read
-        // from, and only the file the keeper holds outlives the daemon.
-        cfg.clone_fd = keeper_root.is_none();
+        // fuser runs one thread per session: the daemon makes a session
+        // per event thread, each on its own clone of the device file.
+        cfg.n_threads = Some(1);
+        let threads = opts.fuse_threads.max(1);
         let adopted = kept.is_some();
-        let bg = match kept {
-            Some((held, fd)) => {
+        let fuse = match kept {
+            Some(kept) => {
                 // The kernel's requests name these sessions' inodes.
                 ds.resume_active();
-                fuse_mount::mount_adopted(fs, fd, &held, &cfg)?
+                fuse_mount::Served::adopt(fs, kept, &cfg, threads, keeper_root.as_deref())?
             }
-            None => fuse_mount::mount_fresh(fs, mount, &cfg, keeper_root.as_deref(), &init_params)?,
+            None => fuse_mount::Served::mount(
+                fs,
+                mount,
+                &cfg,
+                threads,
+                keeper_root.as_deref(),
+                &init_params,
+            )?,
         };
-        let notifier = bg.notifier();
+        let notifier = fuse.notifier();
         let _ = notifier_slot.set(notifier.clone());
         ds.add_on_release(Box::new(move |s| {
             let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&s.vm));
@@ -505,13 +508,12 @@ impl MountedDatastore {
         let checker = spawn_backup_checker(ds.clone(), stop.clone());
         Ok(MountedDatastore {
             ds,
-            bg,
+            fuse,
             stop,
             flusher,
             checker,
             mount: mount.to_path_buf(),
             keeper_root,
-            adopted,
         })
     }
 
@@ -529,11 +531,7 @@ impl MountedDatastore {
             .ds
             .flush_all()
             .and_then(|()| self.ds.first_failure().map_or(Ok(()), Err));
-        let unmounted = if self.adopted {
-            fuse_mount::unmount_adopted(self.bg, &self.mount)
-        } else {
-            self.bg.umount_and_join()
-        };
+        let unmounted = self.fuse.stop();
         if let Some(root) = &self.keeper_root {
             fuse_mount::release_keeper(root);
         }

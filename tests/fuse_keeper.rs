@@ -146,10 +146,13 @@ fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_
 }
 
 #[test]
-fn a_read_the_dead_daemon_had_taken_is_answered_by_the_next_one() {
+fn reads_the_dead_daemons_event_threads_had_taken_are_all_answered_by_the_next_one() {
     let mut env = keeper_env();
     let _let_go = LetGo(env.staging.clone());
-    // Every fetch takes 3 s: the read below is in the dead daemon's hands.
+    // Every fetch takes 3 s: the reads below are in the dead daemon's
+    // hands, spread over its event threads (each reads its own clone of
+    // the device file, and a request is listed on the clone it was read
+    // from: a clone that died with the daemon would fail its reads).
     env.serve_args = vec![
         "--repo-delay-ms".into(),
         "3000".into(),
@@ -160,33 +163,44 @@ fn a_read_the_dead_daemon_had_taken_is_answered_by_the_next_one() {
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
-    let at = 40 * K64;
-    let got = env.path("got");
-    let _reader = Child(
-        std::process::Command::new("dd")
-            .arg(format!("if={}", disk.display()))
-            .arg(format!("of={}", got.display()))
-            .args(["bs=4096", "count=1", "iflag=direct"])
-            .arg(format!("skip={}", at / 4096))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let reads: Vec<(usize, std::path::PathBuf)> = (0..12)
+        .map(|i| ((4 + 5 * i) * K64, env.path(&format!("got{i}"))))
+        .collect();
+    let mut readers: Vec<Child> = (reads.iter())
+        .map(|(at, got)| {
+            Child(
+                std::process::Command::new("dd")
+                    .arg(format!("if={}", disk.display()))
+                    .arg(format!("of={}", got.display()))
+                    .args(["bs=4096", "count=1", "iflag=direct"])
+                    .arg(format!("skip={}", at / 4096))
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(1000));
     crash(d);
     let _d = env.serve();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::metadata(&got).map_or(true, |m| m.len() < 4096) {
+    for ((at, got), reader) in reads.iter().zip(&mut readers) {
+        let status = loop {
+            if let Some(status) = reader.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the read at {at} the dead daemon had taken was never answered"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "the read at {at} failed");
         assert!(
-            Instant::now() < deadline,
-            "the read the dead daemon had taken was never answered"
+            std::fs::read(got).unwrap() == original[*at..at + 4096],
+            "wrong bytes at {at}"
         );
-        std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        std::fs::read(&got).unwrap() == original[at..at + 4096],
-        "wrong bytes"
-    );
 }
 
 #[test]

@@ -21,9 +21,9 @@ pub fn keeper_root(staging: &Path) -> Option<PathBuf> {
 /// kept for another mount point (or when keeping is off) is let go, so
 /// that mount ends as it did before keepers (ENOTCONN), and the stale
 /// mount is detached as usual.
-pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<(Held, OwnedFd)> {
+pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
     let root = keeper_root(staging)?;
-    let (held, fd) = match keeper::take(&root) {
+    let (held, fds) = match keeper::take(&root) {
         Ok(Some(k)) => k,
         Ok(None) => return None,
         Err(e) => {
@@ -36,75 +36,174 @@ pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<(Held, O
     };
     if keeping && crate::staging::set::resolve_mount(mount).is_ok_and(|m| m == held.mount) {
         tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
-        return Some((held, fd));
+        return Some(Kept { held, fds });
     }
     tracing::warn!(
         "the previous daemon's FUSE mount {} was kept for it; {}: letting it go (its open disks now fail with ENOTCONN)",
         held.mount.display(),
         if keeping { "this daemon mounts elsewhere" } else { "--no-fuse-keeper" }
     );
-    drop(fd);
+    drop(fds);
     if let Err(e) = keeper::release(&root) {
         tracing::warn!("the FUSE keeper of {} did not let go: {e}", root.display());
     }
     None
 }
 
-/// Mounts `fs` afresh at `mount`; with `keeper_root`, hands a copy of the
-/// connection to that staging's keeper (a failure is logged: the daemon
-/// serves, but its mount would die with it).
-pub fn mount_fresh(
-    fs: RecoverFs,
-    mount: &Path,
-    cfg: &fuser::Config,
-    keeper_root: Option<&Path>,
-    init: &Arc<OnceLock<InitParams>>,
-) -> Result<fuser::BackgroundSession> {
-    let session = fuser::Session::new(fs, mount, cfg)
-        .map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
-    if let Some(root) = keeper_root {
-        let held = init.get().map(|init| Held {
+/// A connection a crashed daemon left with the keeper: its parameters and
+/// the device files its event threads read.
+pub struct Kept {
+    held: Held,
+    fds: Vec<OwnedFd>,
+}
+
+impl Kept {
+    /// Where the connection is mounted.
+    pub fn mount(&self) -> &Path {
+        &self.held.mount
+    }
+}
+
+/// A FUSE connection served by one fuser session per event thread, each
+/// on its own device file (see `adopt::clone_device`).
+pub struct Served {
+    sessions: Vec<fuser::BackgroundSession>,
+    mount: PathBuf,
+    /// Adopted from a crashed daemon: fuser did not mount it, so `stop`
+    /// unmounts it.
+    adopted: bool,
+}
+
+impl Served {
+    /// Mounts `fs` afresh at `mount` with `threads` event threads; with
+    /// `keeper_root`, hands every device file to that staging's keeper (a
+    /// failure is logged: the daemon serves, but its mount would die with
+    /// it). `cfg` must ask fuser for one thread per session.
+    pub fn mount(
+        fs: RecoverFs,
+        mount: &Path,
+        cfg: &fuser::Config,
+        threads: usize,
+        keeper_root: Option<&Path>,
+        init: &Arc<OnceLock<InitParams>>,
+    ) -> Result<Served> {
+        let first = fuser::Session::new(fs.clone(), mount, cfg)
+            .map_err(|e| Error::io(format!("mount FUSE at {}", mount.display()), e))?;
+        let params = *init
+            .get()
+            .ok_or_else(|| Error::invalid("the kernel's INIT was not seen"))?;
+        let held = Held {
             mount: mount.to_path_buf(),
-            init: *init,
-        });
-        let handed = match held {
-            Some(h) => keeper::hand_over(root, h, session.as_fd()),
-            None => Err(Error::invalid("the kernel's INIT was not seen")),
+            init: params,
         };
-        if let Err(e) = handed {
-            tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
+        let sessions = more_sessions(vec![first], &fs, &held.init, cfg, threads)?;
+        if let Some(root) = keeper_root {
+            if let Err(e) = hand_over(root, &held, &sessions) {
+                tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
+            }
         }
+        Self::spawn(sessions, mount, false)
     }
-    session
-        .spawn()
-        .map_err(|e| Error::io("start the FUSE session", e))
+
+    /// Serves the connection `kept` with `fs`, on its kept device files
+    /// and clones up to `threads` (handed to the keeper of `keeper_root`
+    /// too). The sessions the kernel's requests name must be resumed
+    /// before this is called.
+    pub fn adopt(
+        fs: RecoverFs,
+        kept: Kept,
+        cfg: &fuser::Config,
+        threads: usize,
+        keeper_root: Option<&Path>,
+    ) -> Result<Served> {
+        let Kept { held, fds } = kept;
+        let was = fds.len();
+        let mut sessions = Vec::with_capacity(threads.max(was));
+        for fd in fds {
+            sessions.push(adopted_session(fd, &fs, &held.init, cfg)?);
+        }
+        let sessions = more_sessions(sessions, &fs, &held.init, cfg, threads)?;
+        if let (Some(root), true) = (keeper_root, sessions.len() > was) {
+            if let Err(e) = hand_over(root, &held, &sessions) {
+                tracing::warn!("the keeper did not take this daemon's new FUSE device files ({e}): requests their threads read are lost if this daemon dies");
+            }
+        }
+        if let Err(e) = adopt::resend(sessions[0].as_fd()) {
+            tracing::warn!("{e}: requests the previous daemon read but did not answer wait until their callers give up");
+        }
+        Self::spawn(sessions, &held.mount, true)
+    }
+
+    fn spawn(
+        sessions: Vec<fuser::Session<RecoverFs>>,
+        mount: &Path,
+        adopted: bool,
+    ) -> Result<Served> {
+        let sessions = (sessions.into_iter())
+            .map(|s| s.spawn())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::io("start the FUSE session", e))?;
+        Ok(Served {
+            sessions,
+            mount: mount.to_path_buf(),
+            adopted,
+        })
+    }
+
+    /// For notifications to the kernel (any device file of the
+    /// connection carries them).
+    pub fn notifier(&self) -> fuser::Notifier {
+        self.sessions[0].notifier()
+    }
+
+    /// Unmounts and waits for every event loop to end (each ends when its
+    /// device file reports the connection gone).
+    pub fn stop(self) -> std::io::Result<()> {
+        let mut sessions = self.sessions.into_iter();
+        let first = sessions.next().expect("a session");
+        if self.adopted {
+            nix::mount::umount2(&self.mount, nix::mount::MntFlags::empty())?;
+            first.join()?;
+        } else {
+            first.umount_and_join()?;
+        }
+        sessions.try_for_each(|s| s.join())
+    }
 }
 
-/// Serves the kept connection `fd` with `fs`: the sessions the kernel's
-/// requests name must be resumed before this is called.
-pub fn mount_adopted(
-    fs: RecoverFs,
-    fd: OwnedFd,
-    held: &Held,
+/// Adds sessions on clones of the first one's device file until there are
+/// `threads` (at most `keeper::MAX_FDS`).
+fn more_sessions(
+    mut sessions: Vec<fuser::Session<RecoverFs>>,
+    fs: &RecoverFs,
+    init: &InitParams,
     cfg: &fuser::Config,
-) -> Result<fuser::BackgroundSession> {
-    let acl = cfg.acl;
-    let session = adopt::session(fd, &held.init, MAX_IO, |fd| {
-        fuser::Session::from_fd(fs, fd, acl, cfg.clone())
-    })?;
-    if let Err(e) = adopt::resend(session.as_fd()) {
-        tracing::warn!("{e}: requests the previous daemon read but did not answer wait until their callers give up");
+    threads: usize,
+) -> Result<Vec<fuser::Session<RecoverFs>>> {
+    let threads = threads.clamp(1, keeper::MAX_FDS);
+    while sessions.len() < threads {
+        let device = adopt::clone_device(sessions[0].as_fd())?;
+        sessions.push(adopted_session(device, fs, init, cfg)?);
     }
-    session
-        .spawn()
-        .map_err(|e| Error::io("start the FUSE session", e))
+    Ok(sessions)
 }
 
-/// Unmounts an adopted connection (fuser did not mount it, so it cannot)
-/// and waits for its loop to end.
-pub fn unmount_adopted(bg: fuser::BackgroundSession, mount: &Path) -> std::io::Result<()> {
-    nix::mount::umount2(mount, nix::mount::MntFlags::empty())?;
-    bg.join()
+/// A fuser session on device file `fd` of a connection whose INIT was
+/// answered already (a clone, or a kept file).
+fn adopted_session(
+    fd: OwnedFd,
+    fs: &RecoverFs,
+    init: &InitParams,
+    cfg: &fuser::Config,
+) -> Result<fuser::Session<RecoverFs>> {
+    adopt::session(fd, init, MAX_IO, |fd| {
+        fuser::Session::from_fd(fs.clone(), fd, cfg.acl, cfg.clone())
+    })
+}
+
+fn hand_over(root: &Path, held: &Held, sessions: &[fuser::Session<RecoverFs>]) -> Result<()> {
+    let fds: Vec<_> = sessions.iter().map(|s| s.as_fd()).collect();
+    keeper::hand_over(root, held.clone(), &fds)
 }
 
 /// At a clean stop: the keeper lets the connection go, so a mount left

@@ -11,6 +11,10 @@
 //! denote the device (`dup2`), before fuser's loop reads anything, so the
 //! loop serves the kernel directly, with no copy in between.
 //!
+//! The same path makes the daemon's other event threads' sessions: each
+//! reads its own clone of the device file (`clone_device`), whose INIT
+//! the kernel never sends either.
+//!
 //! Last, `FUSE_NOTIFY_RESEND` (Linux 6.9+) moves the requests the dead
 //! daemon had read but not answered back to the kernel's pending queue,
 //! marked as resent: the new daemon answers them like any other. Every
@@ -27,6 +31,9 @@ const FUSE_INIT: u32 = 26;
 const FUSE_NOTIFY_RESEND: i32 = 7;
 const IN_HEADER: usize = 40;
 const INIT_IN: usize = 64;
+/// `_IOR(229, 0, uint32_t)`: makes an open /dev/fuse file another device
+/// file of the connection whose device fd it is given.
+const FUSE_DEV_IOC_CLONE: libc::c_ulong = (2 << 30) | (4 << 16) | (229 << 8);
 
 /// The INIT request the kernel would send with `p`.
 pub fn init_request(p: &InitParams, max_readahead: u32) -> Vec<u8> {
@@ -84,6 +91,32 @@ pub fn session<S: AsFd>(
         .map_err(|e| Error::io("point the FUSE session at the kept device", e.into()))?;
     drop(device);
     Ok(session)
+}
+
+/// A new device file of `device`'s connection. Requests read from a
+/// device file are listed on it until answered, so event threads reading
+/// their own clones do not contend for one list; a clone closed for good
+/// ends the requests listed on it (ECONNABORTED), which is why every clone
+/// goes to the keeper.
+pub fn clone_device(device: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+        .map_err(|e| Error::io("open /dev/fuse", e))?;
+    let mut source = device.as_raw_fd() as u32;
+    // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the source fd) from the
+    // pointer, which is valid for the call; both fds are open.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FUSE_DEV_IOC_CLONE, &mut source) };
+    if rc != 0 {
+        return Err(Error::io(
+            "clone the FUSE device file",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file.into())
 }
 
 /// Asks the kernel to send again what the previous daemon read but did

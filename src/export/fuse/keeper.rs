@@ -10,18 +10,20 @@
 //! copy of the device's file. While no daemon runs, the mount stays and
 //! the guests' requests wait in the kernel, as on a hard NFS mount; the
 //! next `serve` of the same staging takes the copy back and answers them
-//! (`adopt`). Requests the dead daemon had read but not answered are
-//! still in the kernel's processing list, because that list belongs to
-//! the device file the keeper holds (so the daemon never clones the fd
-//! per thread); `adopt` asks the kernel to send them again.
+//! (`adopt`). Each event thread of the daemon reads its own clone of the
+//! device file, and the keeper holds every clone: the requests a thread
+//! had read but not answered are listed on that clone (a clone closed for
+//! good ends them with ECONNABORTED), so they stay in the kernel, and
+//! `adopt` asks it to send them again.
 //!
 //! The keeper listens on an abstract Unix socket named after the staging
 //! directory (no file to leave behind, no path-length limit) and serves
 //! only its own user (`SO_PEERCRED`). Messages are one datagram of JSON
 //! each way, a device fd beside it where one travels:
-//! - `hold` (with the fd): keep this connection (the mount point and the
-//!   kernel's INIT parameters go with it, for the synthetic INIT);
-//! - `take`: a copy of the fd and its parameters;
+//! - `hold` (with the fds, up to [`MAX_FDS`]): keep this connection (the
+//!   mount point and the kernel's INIT parameters go with it, for the
+//!   synthetic INIT); a later `hold` replaces what was held;
+//! - `take`: copies of the fds and the parameters;
 //! - `drop`: close it and exit (a clean stop, or a `serve` at another
 //!   mount point: the old mount then ends as before, ENOTCONN).
 //!
@@ -31,7 +33,7 @@
 //! and if nothing is handed to it within [`FIRST_HOLD`].
 
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,8 @@ const FIRST_HOLD: Duration = Duration::from_secs(30);
 /// How long a daemon waits for the keeper it started to listen.
 const START_WAIT: Duration = Duration::from_secs(5);
 const MAX_MESSAGE: usize = 4096;
+/// Most device files one connection is kept with (one per event thread).
+pub const MAX_FDS: usize = 64;
 
 /// What the kernel said at INIT, replayed to fuser when a daemon adopts
 /// the connection (fuser shapes its replies by the ABI version).
@@ -103,26 +107,24 @@ fn seqpacket() -> Result<OwnedFd> {
     .map_err(|e| Error::io("keeper socket", e.into()))
 }
 
-fn send(sock: BorrowedFd<'_>, msg: &impl Serialize, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+fn send(sock: BorrowedFd<'_>, msg: &impl Serialize, fds: &[BorrowedFd<'_>]) -> Result<()> {
     let body = serde_json::to_vec(msg).expect("json");
     let iov = [IoSlice::new(&body)];
-    let fds;
-    let cmsg: Vec<ControlMessage> = match fd {
-        Some(f) => {
-            fds = [f.as_raw_fd()];
-            vec![ControlMessage::ScmRights(&fds)]
-        }
-        None => vec![],
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg: Vec<ControlMessage> = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
     };
     socket::sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
         .map_err(|e| Error::io("send to the FUSE keeper", e.into()))?;
     Ok(())
 }
 
-fn receive<T: serde::de::DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Option<OwnedFd>)> {
+fn receive<T: serde::de::DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let (len, fd) = {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (len, fds) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let msg = socket::recvmsg::<()>(
             sock.as_raw_fd(),
@@ -131,33 +133,32 @@ fn receive<T: serde::de::DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, O
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
         .map_err(|e| Error::io("receive from the FUSE keeper", e.into()))?;
-        let mut fd = None;
+        let mut fds = Vec::new();
         for c in msg
             .cmsgs()
             .map_err(|e| Error::io("keeper message", e.into()))?
         {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for raw in fds {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                for raw in received {
                     // SAFETY: the kernel just installed `raw` in this process
                     // for us (SCM_RIGHTS); nothing else owns it.
-                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                    fd.get_or_insert(owned);
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
                 }
             }
         }
-        (msg.bytes, fd)
+        (msg.bytes, fds)
     };
     let v = serde_json::from_slice(&buf[..len])
         .map_err(|e| Error::invalid(format!("a FUSE keeper message does not parse: {e}")))?;
-    Ok((v, fd))
+    Ok((v, fds))
 }
 
 /// One request to the keeper of `name`: None when no keeper listens.
 fn ask(
     name: &str,
     req: &Request,
-    fd: Option<BorrowedFd<'_>>,
-) -> Result<Option<(Answer, Option<OwnedFd>)>> {
+    fds: &[BorrowedFd<'_>],
+) -> Result<Option<(Answer, Vec<OwnedFd>)>> {
     let sock = seqpacket()?;
     match socket::connect(sock.as_raw_fd(), &addr(name)?) {
         Ok(()) => {}
@@ -167,16 +168,18 @@ fn ask(
     // A keeper that stops answering must not hang a start or a stop.
     let t = nix::sys::time::TimeVal::new(10, 0);
     let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &t);
-    send(sock.as_fd(), req, fd)?;
+    send(sock.as_fd(), req, fds)?;
     receive(sock.as_fd()).map(Some)
 }
 
-/// The connection the keeper of staging `root` holds, with a copy of its
-/// device fd; None when there is no keeper or it holds nothing.
-pub fn take(root: &Path) -> Result<Option<(Held, OwnedFd)>> {
-    match ask(&name_of(root), &Request::Take, None)? {
-        Some((Answer::Held(h), Some(fd))) => Ok(Some((h, fd))),
-        Some((Answer::Held(_), None)) => Err(Error::invalid("the FUSE keeper sent no fd")),
+/// The connection the keeper of staging `root` holds, with copies of its
+/// device files; None when there is no keeper or it holds nothing.
+pub fn take(root: &Path) -> Result<Option<(Held, Vec<OwnedFd>)>> {
+    match ask(&name_of(root), &Request::Take, &[])? {
+        Some((Answer::Held(_), fds)) if fds.is_empty() => {
+            Err(Error::invalid("the FUSE keeper sent no fd"))
+        }
+        Some((Answer::Held(h), fds)) => Ok(Some((h, fds))),
         Some((Answer::Refused { why }, _)) => Err(Error::not_permitted(why)),
         _ => Ok(None),
     }
@@ -185,24 +188,30 @@ pub fn take(root: &Path) -> Result<Option<(Held, OwnedFd)>> {
 /// Tells the keeper of staging `root` to let its connection go (and
 /// exit). No keeper is fine.
 pub fn release(root: &Path) -> Result<()> {
-    match ask(&name_of(root), &Request::Drop, None)? {
+    match ask(&name_of(root), &Request::Drop, &[])? {
         Some((Answer::Refused { why }, _)) => Err(Error::not_permitted(why)),
         _ => Ok(()),
     }
 }
 
-/// Hands `fd` (the mount's device file) to the keeper of staging `root`,
-/// starting one if none listens.
-pub fn hand_over(root: &Path, held: Held, fd: BorrowedFd<'_>) -> Result<()> {
+/// Hands `fds` (the mount's device files, at most [`MAX_FDS`]) to the
+/// keeper of staging `root`, starting one if none listens.
+pub fn hand_over(root: &Path, held: Held, fds: &[BorrowedFd<'_>]) -> Result<()> {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(Error::invalid(format!(
+            "a FUSE keeper holds 1 to {MAX_FDS} device files, not {}",
+            fds.len()
+        )));
+    }
     let name = name_of(root);
     let req = Request::Hold(held);
-    if let Some((a, _)) = ask(&name, &req, Some(fd))? {
+    if let Some((a, _)) = ask(&name, &req, fds)? {
         return answered(a);
     }
     start(&name, root)?;
     let deadline = Instant::now() + START_WAIT;
     loop {
-        if let Some((a, _)) = ask(&name, &req, Some(fd))? {
+        if let Some((a, _)) = ask(&name, &req, fds)? {
             return answered(a);
         }
         if Instant::now() > deadline {
@@ -279,14 +288,14 @@ pub fn run(name: &str) -> Result<()> {
     // SAFETY: getuid cannot fail and touches no memory.
     let me = unsafe { libc::getuid() };
     let started = Instant::now();
-    let mut held: Option<(Held, OwnedFd)> = None;
+    let mut held: Option<(Held, Vec<OwnedFd>)> = None;
     loop {
         if held.is_none() && started.elapsed() > FIRST_HOLD {
             eprintln!("fuse-keeper {name}: nothing handed over within 30 s; exiting");
             return Ok(());
         }
-        if let Some((h, fd)) = &held {
-            if connection_ended(fd.as_fd()) {
+        if let Some((h, fds)) = &held {
+            if connection_ended(fds[0].as_fd()) {
                 eprintln!(
                     "fuse-keeper {name}: the connection of {} ended; exiting",
                     h.mount.display()
@@ -298,9 +307,9 @@ pub fn run(name: &str) -> Result<()> {
             listener.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        if let Some((_, fd)) = &held {
+        if let Some((_, kept)) = &held {
             fds.push(nix::poll::PollFd::new(
-                fd.as_fd(),
+                kept[0].as_fd(),
                 nix::poll::PollFlags::empty(),
             ));
         }
@@ -331,40 +340,41 @@ fn serve_one(
     name: &str,
     conn: BorrowedFd<'_>,
     me: u32,
-    held: &mut Option<(Held, OwnedFd)>,
+    held: &mut Option<(Held, Vec<OwnedFd>)>,
 ) -> bool {
     let t = nix::sys::time::TimeVal::new(5, 0);
     let _ = socket::setsockopt(&conn, socket::sockopt::ReceiveTimeout, &t);
     let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials);
     if !peer.is_ok_and(|c| c.uid() == me || c.uid() == 0) {
         let why = "the FUSE keeper serves only its own user".to_string();
-        let _ = send(conn, &Answer::Refused { why }, None);
+        let _ = send(conn, &Answer::Refused { why }, &[]);
         return false;
     }
-    let Ok((req, fd)) = receive::<Request>(conn) else {
+    let Ok((req, fds)) = receive::<Request>(conn) else {
         return false;
     };
     match req {
-        Request::Hold(h) => match fd {
-            Some(fd) => {
-                eprintln!(
-                    "fuse-keeper {name}: holding the connection of {}",
-                    h.mount.display()
-                );
-                *held = Some((h, fd));
-                let _ = send(conn, &Answer::Ok, None);
-            }
-            None => {
-                let why = "hold came without a device fd".to_string();
-                let _ = send(conn, &Answer::Refused { why }, None);
-            }
-        },
+        Request::Hold(h) if !fds.is_empty() => {
+            eprintln!(
+                "fuse-keeper {name}: holding the connection of {} ({} device files)",
+                h.mount.display(),
+                fds.len()
+            );
+            // The files replaced stay open in the daemon that sent these.
+            *held = Some((h, fds));
+            let _ = send(conn, &Answer::Ok, &[]);
+        }
+        Request::Hold(_) => {
+            let why = "hold came without a device fd".to_string();
+            let _ = send(conn, &Answer::Refused { why }, &[]);
+        }
         Request::Take => match held {
-            Some((h, fd)) => {
-                let _ = send(conn, &Answer::Held(h.clone()), Some(fd.as_fd()));
+            Some((h, kept)) => {
+                let kept: Vec<BorrowedFd> = kept.iter().map(|f| f.as_fd()).collect();
+                let _ = send(conn, &Answer::Held(h.clone()), &kept);
             }
             None => {
-                let _ = send(conn, &Answer::Nothing, None);
+                let _ = send(conn, &Answer::Nothing, &[]);
             }
         },
         Request::Drop => {
@@ -374,7 +384,7 @@ fn serve_one(
                     h.mount.display()
                 );
             }
-            let _ = send(conn, &Answer::Ok, None);
+            let _ = send(conn, &Answer::Ok, &[]);
             return true;
         }
     }
@@ -411,14 +421,14 @@ mod tests {
     }
 
     #[test]
-    fn a_held_fd_travels_to_a_taker_and_drop_ends_the_keeper() {
+    fn held_fds_travel_to_a_taker_in_order_and_drop_ends_the_keeper() {
         let name = format!("recoverfs-keeper-test-{}", std::process::id());
         let keeper = {
             let name = name.clone();
             std::thread::spawn(move || run(&name))
         };
-        // Any fd travels; a pipe's read end stands in for /dev/fuse here.
-        let (r, _w) = nix::unistd::pipe().unwrap();
+        // Any fds travel; a pipe's two ends stand in for /dev/fuse clones.
+        let (r, w) = nix::unistd::pipe().unwrap();
         let held = Held {
             mount: "/mnt/x".into(),
             init: InitParams {
@@ -429,20 +439,31 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let answer = loop {
-            if let Some(a) = ask(&name, &Request::Hold(held.clone()), Some(r.as_fd())).unwrap() {
+            if let Some(a) =
+                ask(&name, &Request::Hold(held.clone()), &[r.as_fd(), w.as_fd()]).unwrap()
+            {
                 break a;
             }
             assert!(Instant::now() < deadline, "keeper never listened");
             std::thread::sleep(Duration::from_millis(10));
         };
         assert!(matches!(answer.0, Answer::Ok));
-        let (a, fd) = ask(&name, &Request::Take, None).unwrap().unwrap();
+        let (a, fds) = ask(&name, &Request::Take, &[]).unwrap().unwrap();
         let Answer::Held(h) = a else {
             panic!("no connection held")
         };
         assert_eq!(h, held);
-        let fd = fd.expect("an fd");
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).unwrap();
+        assert_eq!(fds.len(), 2, "every fd came back");
+        let flags = |fd: &OwnedFd| {
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap()
+                & libc::O_ACCMODE
+        };
+        assert_eq!(
+            (flags(&fds[0]), flags(&fds[1])),
+            (libc::O_RDONLY, libc::O_WRONLY),
+            "the read end first, then the write end"
+        );
+        let st = nix::sys::stat::fstat(fds[0].as_raw_fd()).unwrap();
         let st0 = nix::sys::stat::fstat(r.as_raw_fd()).unwrap();
         assert_eq!(
             (st.st_dev, st.st_ino),
@@ -450,12 +471,12 @@ mod tests {
             "the same pipe came back"
         );
         assert!(matches!(
-            ask(&name, &Request::Drop, None).unwrap().unwrap().0,
+            ask(&name, &Request::Drop, &[]).unwrap().unwrap().0,
             Answer::Ok
         ));
         keeper.join().unwrap().unwrap();
         assert!(
-            ask(&name, &Request::Take, None).unwrap().is_none(),
+            ask(&name, &Request::Take, &[]).unwrap().is_none(),
             "the keeper is gone"
         );
     }

@@ -1,6 +1,8 @@
 //! The FUSE frontend: `MOUNT/<vm>/{vm.json,diskN.raw}` over the datastore.
 //!
-//! fuser runs several event-loop threads (one cloned /dev/fuse fd each).
+//! Several event threads serve the mount, each a fuser session on its own
+//! clone of the /dev/fuse file (`daemon::fuse_mount`); they share one
+//! `RecoverFs` (a clone per session, its state behind `Arc`s).
 //! A read whose blocks are all local, or a write that needs neither a fetch
 //! nor a map sync, is served on the event thread. Anything that may wait is
 //! handed off, so an event thread never blocks on a device sync or the
@@ -57,6 +59,7 @@ enum Node {
     Disk(Arc<Session>, Arc<Volume>),
 }
 
+#[derive(Clone)]
 pub struct RecoverFs {
     ds: Arc<Datastore>,
     inodes: Arc<Inodes>,
@@ -78,7 +81,7 @@ pub struct RecoverFs {
     /// What the kernel said at INIT, for the keeper (see `keeper`).
     init_params: Arc<OnceLock<InitParams>>,
     /// Opens made under a crashed daemon whose connection was adopted.
-    inherited: Inherited,
+    inherited: Arc<Inherited>,
 }
 
 thread_local! {
@@ -130,7 +133,7 @@ impl RecoverFs {
             passthrough: Arc::new(Passthrough::new(passthrough)),
             notifier: Arc::new(OnceLock::new()),
             init_params: Arc::new(OnceLock::new()),
-            inherited: Inherited::default(),
+            inherited: Arc::default(),
         }
     }
 
@@ -284,11 +287,16 @@ impl RecoverFs {
 impl Filesystem for RecoverFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let abi = config.kernel_abi();
-        let _ = self.init_params.set(InitParams {
-            major: abi.0,
-            minor: abi.1,
-            capabilities: config.capabilities().bits(),
-        });
+        // Every session after the first is started with the first one's
+        // INIT replayed (`adopt`): its answer goes nowhere, so only the
+        // first one's settings and warnings count.
+        let first = (self.init_params)
+            .set(InitParams {
+                major: abi.0,
+                minor: abi.1,
+                capabilities: config.capabilities().bits(),
+            })
+            .is_ok();
         // Large requests keep per-request overhead low for VM disk I/O.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
@@ -299,12 +307,15 @@ impl Filesystem for RecoverFs {
         let _ = config.set_congestion_threshold((bg / 4 * 3).max(1));
         // Without ASYNC_DIO the kernel turns a guest's queue of O_DIRECT AIO
         // requests into one request at a time, so QD16 behaves like QD1.
-        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+        let async_dio = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
+        if let (Err(missing), true) = (async_dio, first) {
             tracing::warn!(
                 "kernel lacks FUSE capabilities {missing:?}: queued direct I/O is serialised"
             );
         }
-        self.passthrough.negotiate(config);
+        if first {
+            self.passthrough.negotiate(config);
+        }
         Ok(())
     }
 
