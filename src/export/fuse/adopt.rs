@@ -85,9 +85,11 @@ pub fn session<S: AsFd>(
     if n < 16 || i32::from_ne_bytes(reply[4..8].try_into().expect("4")) != 0 {
         return Err(Error::invalid("fuser refused the kept connection's INIT"));
     }
-    // The session's fd number now denotes the device.
+    // The session's fd number now denotes the device; close-on-exec, as
+    // every fd of the connection: a child that inherited one would hold
+    // the connection past the daemon's death.
     let fd = session.as_fd().as_raw_fd();
-    nix::unistd::dup2(device.as_raw_fd(), fd)
+    nix::unistd::dup3(device.as_raw_fd(), fd, nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("point the FUSE session at the kept device", e.into()))?;
     drop(device);
     Ok(session)
@@ -168,5 +170,36 @@ mod tests {
             0x8000_0001
         );
         assert_eq!(u32::from_ne_bytes(b[56..60].try_into().unwrap()), 2);
+    }
+
+    #[test]
+    fn the_session_fd_denotes_the_device_afterwards_and_is_closed_on_exec() {
+        let p = InitParams {
+            major: 7,
+            minor: 41,
+            capabilities: 1,
+        };
+        // A pipe's read end stands in for the device file.
+        let (device, _w) = nix::unistd::pipe().unwrap();
+        let device_id = nix::sys::stat::fstat(device.as_raw_fd()).unwrap();
+        let session = session(device, &p, 1 << 20, |fd| {
+            // As fuser does: read the INIT, answer it.
+            let mut init = [0u8; 256];
+            let n = nix::unistd::read(fd.as_raw_fd(), &mut init).unwrap();
+            assert_eq!(n, 104);
+            let mut answer = [0u8; 16];
+            answer[..4].copy_from_slice(&16u32.to_ne_bytes());
+            answer[8..16].copy_from_slice(&init[8..16]);
+            nix::unistd::write(&fd, &answer).unwrap();
+            Ok(fd)
+        })
+        .unwrap();
+        let st = nix::sys::stat::fstat(session.as_raw_fd()).unwrap();
+        assert_eq!((st.st_dev, st.st_ino), (device_id.st_dev, device_id.st_ino));
+        let flags = nix::fcntl::fcntl(session.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert!(
+            flags & libc::FD_CLOEXEC != 0,
+            "a child the daemon spawns would hold the connection"
+        );
     }
 }
