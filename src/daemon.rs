@@ -3,22 +3,21 @@
 //! and on SIGINT/SIGTERM makes staging durable before unmounting.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::export::fuse::RecoverFs;
 use crate::repo::Repository;
 use crate::session::Datastore;
 use crate::staging::StagingSet;
-use crate::util::mountinfo;
 
 mod exports_moved;
 mod fuse_mount;
 mod mount_point;
+mod mounted;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
+pub use mounted::MountedDatastore;
 
 pub struct ServeOptions {
     pub repo: String,
@@ -387,209 +386,6 @@ impl Exports {
             n.shutdown();
         }
     }
-}
-
-/// A datastore mounted on FUSE with its background flusher: what `serve`
-/// runs behind its API, and what `verify-boot` runs in-process.
-pub struct MountedDatastore {
-    pub ds: Arc<Datastore>,
-    fuse: fuse_mount::Served,
-    stop: Arc<AtomicBool>,
-    flusher: std::thread::JoinHandle<()>,
-    checker: std::thread::JoinHandle<()>,
-    mount: PathBuf,
-    /// The staging whose keeper holds the connection too (`fuse_keeper`).
-    keeper_root: Option<PathBuf>,
-}
-
-impl MountedDatastore {
-    /// `mount` must have passed `check_mount_point`.
-    pub fn start(
-        repo: Arc<Repository>,
-        staging: StagingSet,
-        mount: &Path,
-        opts: &MountOptions,
-    ) -> Result<Self> {
-        Self::start_kept(repo, staging, mount, opts, None)
-    }
-
-    /// As `start`; `kept`: the connection a crashed daemon left with the
-    /// keeper, served instead of a new mount (`fuse_mount::take_kept`).
-    pub fn start_kept(
-        repo: Arc<Repository>,
-        staging: StagingSet,
-        mount: &Path,
-        opts: &MountOptions,
-        kept: Option<fuse_mount::Kept>,
-    ) -> Result<Self> {
-        let ds = Datastore::new(
-            repo,
-            staging,
-            mount,
-            opts.fetches_in_flight,
-            opts.prefetch.clone(),
-            opts.placement.clone(),
-        );
-        if opts.throwaway {
-            ds.set_throwaway();
-        }
-        // FUSE's background requests and io threads match the GETs the
-        // fetch engine keeps in flight (at least 64).
-        let keeper_root = if opts.fuse_keeper {
-            fuse_mount::keeper_root(ds.staging_root())
-        } else {
-            None
-        };
-        let mut fs = RecoverFs::new(
-            ds.clone(),
-            opts.fetches_in_flight.max(64),
-            opts.owner,
-            opts.fuse_passthrough,
-        );
-        if let Some(root) = &keeper_root {
-            fs = fs.with_inodes(crate::export::fuse::inodes::Inodes::kept_in(
-                root,
-                kept.is_some(),
-            ));
-        }
-        let init_params = fs.init_params();
-        let inodes = fs.inodes();
-        let notifier_slot = fs.notifier_slot();
-        let mut options = vec![
-            fuser::MountOption::FSName(mountinfo::RECOVERFS_SOURCE.into()),
-            fuser::MountOption::Subtype("recoverfs".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoDev,
-            fuser::MountOption::NoSuid,
-            fuser::MountOption::NoAtime,
-            fuser::MountOption::RW,
-        ];
-        if opts.allow_other {
-            options.push(fuser::MountOption::CUSTOM("allow_other".into()));
-        }
-        let mut cfg = fuser::Config::default();
-        cfg.mount_options = options;
-        cfg.acl = if opts.allow_other {
-            fuser::SessionACL::All
-        } else {
-            fuser::SessionACL::Owner
-        };
-        // fuser runs one thread per session: the daemon makes a session
-        // per event thread, each on its own clone of the device file.
-        cfg.n_threads = Some(1);
-        let threads = opts.fuse_threads.max(1);
-        let adopted = kept.is_some();
-        let fuse = match kept {
-            Some(kept) => {
-                // The kernel's requests name these sessions' inodes.
-                ds.resume_active();
-                fuse_mount::Served::adopt(fs, kept, &cfg, threads, keeper_root.as_deref())?
-            }
-            None => fuse_mount::Served::mount(
-                fs,
-                mount,
-                &cfg,
-                threads,
-                keeper_root.as_deref(),
-                &init_params,
-            )?,
-        };
-        let notifier = fuse.notifier();
-        let _ = notifier_slot.set(notifier.clone());
-        ds.add_on_release(Box::new(move |s| {
-            let _ = notifier.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&s.vm));
-            inodes.forget(&s.dir);
-        }));
-        if !adopted {
-            ds.resume_active();
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let flusher = spawn_flusher(ds.clone(), stop.clone(), opts.flush_interval);
-        let checker = spawn_backup_checker(ds.clone(), stop.clone());
-        Ok(MountedDatastore {
-            ds,
-            fuse,
-            stop,
-            flusher,
-            checker,
-            mount: mount.to_path_buf(),
-            keeper_root,
-        })
-    }
-
-    /// Durable first, then unmount: a guest still running sees ENOTCONN,
-    /// never lost writes; an unmount refused because disks are open names
-    /// their VMs and detaches the mount (`unmount_refused`).
-    pub fn shutdown(self) -> Result<()> {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.flusher.join();
-        let _ = self.checker.join();
-        self.ds.stop_background();
-        // A disk that failed earlier is skipped by the flush: its lost
-        // writes must still end the daemon with an error, not exit 0.
-        let flush = self
-            .ds
-            .flush_all()
-            .and_then(|()| self.ds.first_failure().map_or(Ok(()), Err));
-        let unmounted = self.fuse.stop();
-        if let Some(root) = &self.keeper_root {
-            fuse_mount::release_keeper(root);
-        }
-        let unmount = unmounted.map_err(|e| {
-            let held: Vec<String> = (self.ds.sessions().iter())
-                .filter(|s| s.open_handles() > 0)
-                .map(|s| s.vm.clone())
-                .collect();
-            fuse_mount::unmount_refused(&self.mount, e, &held)
-        });
-        flush?;
-        unmount
-    }
-}
-
-fn spawn_flusher(
-    ds: Arc<Datastore>,
-    stop: Arc<AtomicBool>,
-    every: Duration,
-) -> std::thread::JoinHandle<()> {
-    spawn_every("flusher", stop, every, move || {
-        let _ = ds.flush_all();
-    })
-}
-
-/// Checks every few seconds that the sessions' backups still exist (on
-/// its own thread: the repository may be slow, flushes must not wait).
-fn spawn_backup_checker(ds: Arc<Datastore>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    spawn_every(
-        "backup-check",
-        stop,
-        crate::session::BACKUP_CHECK_EVERY,
-        move || ds.check_backups(),
-    )
-}
-
-/// A thread running `f` every `every` until `stop`.
-fn spawn_every(
-    name: &str,
-    stop: Arc<AtomicBool>,
-    every: Duration,
-    f: impl Fn() + Send + 'static,
-) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let tick = Duration::from_millis(100);
-            let mut waited = Duration::ZERO;
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(tick);
-                waited += tick;
-                if waited >= every {
-                    waited = Duration::ZERO;
-                    f();
-                }
-            }
-        })
-        .expect("spawn a daemon thread")
 }
 
 /// Serves the control API until SIGINT/SIGTERM; returns the default
