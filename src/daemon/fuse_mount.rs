@@ -18,11 +18,16 @@ pub fn keeper_root(staging: &Path) -> Option<PathBuf> {
 
 /// Before the mount point is looked at: the connection the keeper of
 /// `staging` holds, to adopt when it is the one at `mount`. A connection
-/// kept for another mount point (or when keeping is off) is let go, so
-/// that mount ends as it did before keepers (ENOTCONN), and the stale
-/// mount is detached as usual.
+/// kept for another mount point, no longer mounted (detached), or kept
+/// when keeping is off, is let go, so that mount ends as it did before
+/// keepers (ENOTCONN), and the stale mount is detached as usual. While a
+/// daemon holds the staging's lock, its keeper is not ours to touch: the
+/// start is refused at the lock.
 pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
     let root = keeper_root(staging)?;
+    if crate::staging::inventory::lock_holder(&root).is_ok_and(|h| h.is_some()) {
+        return None;
+    }
     let (held, fds) = match keeper::take(&root) {
         Ok(Some(k)) => k,
         Ok(None) => return None,
@@ -34,14 +39,21 @@ pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
             return None;
         }
     };
-    if keeping && crate::staging::set::resolve_mount(mount).is_ok_and(|m| m == held.mount) {
-        tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
-        return Some(Kept { held, fds });
-    }
+    let mounted = crate::util::mountinfo::at(&crate::util::mountinfo::current(), &held.mount)
+        .is_some_and(|m| m.is_recoverfs());
+    let here = crate::staging::set::resolve_mount(mount).is_ok_and(|m| m == held.mount);
+    let why = match (keeping, mounted, here) {
+        (true, true, true) => {
+            tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
+            return Some(Kept { held, fds });
+        }
+        (false, _, _) => "--no-fuse-keeper",
+        (true, false, _) => "it is no longer mounted there (detached)",
+        (true, true, false) => "this daemon mounts elsewhere",
+    };
     tracing::warn!(
-        "the previous daemon's FUSE mount {} was kept for it; {}: letting it go (its open disks now fail with ENOTCONN)",
+        "the previous daemon's FUSE mount {} was kept for it; {why}: letting it go (its open disks now fail with ENOTCONN)",
         held.mount.display(),
-        if keeping { "this daemon mounts elsewhere" } else { "--no-fuse-keeper" }
     );
     drop(fds);
     if let Err(e) = keeper::release(&root) {
@@ -117,15 +129,16 @@ impl Served {
         keeper_root: Option<&Path>,
     ) -> Result<Served> {
         let Kept { held, fds } = kept;
-        let was = fds.len();
-        let mut sessions = Vec::with_capacity(threads.max(was));
+        let mut sessions = Vec::with_capacity(threads.max(fds.len()));
         for fd in fds {
             sessions.push(adopted_session(fd, &fs, &held.init, cfg)?);
         }
         let sessions = more_sessions(sessions, &fs, &held.init, cfg, threads)?;
-        if let (Some(root), true) = (keeper_root, sessions.len() > was) {
+        // Again even with no new clone: a keeper that exited since the
+        // take is started anew.
+        if let Some(root) = keeper_root {
             if let Err(e) = hand_over(root, &held, &sessions) {
-                tracing::warn!("the keeper did not take this daemon's new FUSE device files ({e}): requests their threads read are lost if this daemon dies");
+                tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
             }
         }
         if let Err(e) = adopt::resend(sessions[0].as_fd()) {

@@ -303,16 +303,14 @@ pub fn run(name: &str) -> Result<()> {
                 return Ok(());
             }
         }
-        let mut fds = vec![nix::poll::PollFd::new(
+        // The listener only: a device file in a blocking poll would put the
+        // keeper on the connection's wait queue, woken by every request.
+        // `connection_ended` polls it with no timeout, which waits on
+        // nothing.
+        let mut fds = [nix::poll::PollFd::new(
             listener.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
-        if let Some((_, kept)) = &held {
-            fds.push(nix::poll::PollFd::new(
-                kept[0].as_fd(),
-                nix::poll::PollFlags::empty(),
-            ));
-        }
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(Error::io("poll", e.into())),
@@ -320,7 +318,6 @@ pub fn run(name: &str) -> Result<()> {
         let readable = fds[0]
             .revents()
             .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN));
-        drop(fds);
         if !readable {
             continue;
         }
