@@ -15,6 +15,7 @@ mod exports_moved;
 mod fuse_mount;
 mod mount_point;
 mod mounted;
+pub use fuse_mount::let_go as fuse_let_go;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
 pub use mounted::MountedDatastore;
@@ -233,7 +234,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let exports = match Exports::start(&rt, &mounted.ds, &opts) {
         Ok(e) => e,
         Err(e) => {
-            let _ = mounted.shutdown();
+            let _ = mounted.stop_after_failed_start();
             return Err(e);
         }
     };

@@ -246,3 +246,239 @@ fn a_clean_stop_ends_the_keeper_and_a_restart_elsewhere_lets_the_kept_mount_go()
         .arg(&env.mount)
         .status();
 }
+
+/// The keeper of `staging`'s pid, found by its arguments (which name the
+/// staging).
+fn keeper_pid(staging: &Path) -> Option<String> {
+    let root = std::fs::canonicalize(staging).unwrap();
+    let want = format!("--staging\0{}\0", root.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("fuse-keeper") && c.contains(&want)
+            })
+        })
+}
+
+fn context_switches(pid: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .filter(|l| l.contains("ctxt_switches"))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_keeper_is_not_woken_by_the_requests_of_the_mount_it_keeps() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 64 * K64, 36, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let _ = std::fs::read(&disk).unwrap();
+    let keeper = keeper_pid(&env.staging).expect("a keeper named after the staging");
+    let before = context_switches(&keeper);
+    let n = (64 * K64 / 4096) as u64;
+    let o = std::process::Command::new("dd")
+        .arg(format!("if={}", disk.display()))
+        .args(["of=/dev/null", "bs=4096", "iflag=direct"])
+        .arg(format!("count={n}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let woken = context_switches(&keeper) - before;
+    // It wakes once a second on its own; a dd of 1,024 reads takes about
+    // as long.
+    assert!(woken < n / 10, "keeper woken {woken} times for {n} reads");
+}
+
+#[test]
+fn a_refused_second_serve_at_another_mount_leaves_the_running_daemon_its_keeper() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 33, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    env.recover("vm", None);
+    assert!(keeper_runs(&env.staging), "serve started no keeper");
+    let mount2 = env.path("mnt2");
+    std::fs::create_dir(&mount2).unwrap();
+    for keeping in ["false", "true"] {
+        let o = std::process::Command::new(bin())
+            .args(["serve", "--repo", env.repo_str(), "--staging"])
+            .arg(&env.staging)
+            .arg("--mount")
+            .arg(&mount2)
+            .arg("--socket")
+            .arg(env.path("c2.sock"))
+            .env("RECOVERFS_NO_FUSE_KEEPER", keeping)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            !o.status.success(),
+            "a second serve of a locked staging ran: {err}"
+        );
+        assert!(
+            keeper_runs(&env.staging),
+            "a refused second serve (no keeper: {keeping}) made the running daemon's keeper let go: {err}"
+        );
+    }
+}
+
+/// A process of another user that binds the keeper's socket name first
+/// (the name is computable) is handed nothing; the daemon serves on, its
+/// mount unkept, and says so.
+#[test]
+fn the_daemon_hands_its_fuse_device_to_no_other_users_socket() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 35, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    std::fs::create_dir_all(&env.staging).unwrap();
+    let root = std::fs::canonicalize(&env.staging).unwrap();
+    let name = recoverfs::export::fuse::keeper::name_of(&root);
+    let squat = r#"
+import socket, os, sys, array
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind("\0" + sys.argv[1]); s.listen(4)
+print("listening uid", os.getuid(), flush=True)
+while True:
+    c, _ = s.accept()
+    msg, anc, flags, addr = c.recvmsg(4096, socket.CMSG_SPACE(256))
+    fds = []
+    for level, typ, data in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            a = array.array("i"); a.frombytes(data[:len(data) - len(data) % 4]); fds.extend(a)
+    print("got", msg.decode()[:80], [os.readlink("/proc/self/fd/%d" % f) for f in fds], flush=True)
+    c.send(b'{"answer":"ok"}'); c.close()
+"#;
+    let mut squatter = Child(
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", squat])
+            .arg(&name)
+            .current_dir("/")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = squatter.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(first.starts_with("listening uid 65534"), "{first}");
+    let d = env.serve();
+    env.recover("vm", None);
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<String> = rx.try_iter().collect();
+    // It sees connections closed with nothing sent ("got  []").
+    assert!(
+        got.iter().all(|l| l == "got  []"),
+        "uid 65534 was sent: {got:?}"
+    );
+    assert!(d.log_text().contains("held by process"), "{}", d.log_text());
+}
+
+/// A kept mount lazily detached after the crash (`umount -l`, with a disk
+/// still open, so the connection lives on) is let go, and the next
+/// `serve` mounts afresh where `recover` says the disks are.
+#[test]
+fn a_kept_connection_whose_mount_was_detached_is_let_go_and_serve_mounts_afresh() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 37, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let _holder = Child(
+        std::process::Command::new("sleep")
+            .arg("60")
+            .stdin(std::fs::File::open(&disk).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    crash(d);
+    let st = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&env.mount)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let d2 = env.serve();
+    assert!(
+        d2.log_text().contains("no longer mounted there"),
+        "{}",
+        d2.log_text()
+    );
+    let paths = env.recover("vm", None);
+    assert!(paths.iter().all(|p| p.exists()), "{paths:?}");
+}
+
+/// `recoverfs fuse-let-go`: refused while a daemon serves the staging;
+/// after a crash it ends the kept mount, so I/O waiting on it fails
+/// (ENOTCONN) instead of waiting for good.
+#[test]
+fn fuse_let_go_ends_a_kept_mount_with_no_daemon_and_is_refused_while_one_serves() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 38, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let let_go = || {
+        std::process::Command::new(bin())
+            .args(["fuse-let-go", "--staging"])
+            .arg(&env.staging)
+            .output()
+            .unwrap()
+    };
+    let o = let_go();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success() && err.contains("serves"), "{err}");
+    assert!(keeper_runs(&env.staging));
+    crash(d);
+    // A read waits on the kept mount with no daemon...
+    let mut reader = Child(
+        std::process::Command::new("dd")
+            .arg(format!("if={}", disk.display()))
+            .args(["of=/dev/null", "bs=4096", "count=1", "iflag=direct"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        reader.0.try_wait().unwrap().is_none(),
+        "the read did not wait"
+    );
+    let o = let_go();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // ...and fails once the keeper let go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = reader.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the read still waits after fuse-let-go"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "the read of a let-go mount succeeded");
+    assert!(!keeper_runs(&env.staging));
+}

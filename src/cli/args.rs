@@ -252,6 +252,18 @@ pub enum Command {
         /// The keeper's abstract socket name.
         #[arg(long)]
         name: String,
+        /// The staging it keeps the connection for (shown, not used).
+        #[arg(long)]
+        staging: Option<std::path::PathBuf>,
+    },
+    /// End a FUSE mount kept for a crashed daemon that will not be
+    /// restarted: its keeper lets the connection go, and disk I/O waiting
+    /// on the mount fails with ENOTCONN (refused while a daemon serves the
+    /// staging: stop it instead).
+    FuseLetGo {
+        /// The staging directory of the daemon that died.
+        #[arg(long)]
+        staging: std::path::PathBuf,
     },
     /// Run the recovery datastore in the foreground.
     Serve {

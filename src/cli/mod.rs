@@ -259,7 +259,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
             })
         }
-        Command::FuseKeeper { name } => crate::export::fuse::keeper::run(&name),
+        Command::FuseKeeper { name, .. } => crate::export::fuse::keeper::run(&name),
+        Command::FuseLetGo { staging } => crate::daemon::fuse_let_go(&staging),
         Command::Profile { cmd } => profile::run(cmd),
         Command::Pins { cmd } => pins::run(cmd),
         Command::Staging { cmd } => staging::run(cmd),

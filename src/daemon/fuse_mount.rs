@@ -163,6 +163,11 @@ impl Served {
         })
     }
 
+    /// Whether the connection was adopted from a crashed daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
     /// For notifications to the kernel (any device file of the
     /// connection carries them).
     pub fn notifier(&self) -> fuser::Notifier {
@@ -217,6 +222,33 @@ fn adopted_session(
 fn hand_over(root: &Path, held: &Held, sessions: &[fuser::Session<RecoverFs>]) -> Result<()> {
     let fds: Vec<_> = sessions.iter().map(|s| s.as_fd()).collect();
     keeper::hand_over(root, held.clone(), &fds)
+}
+
+/// `recoverfs fuse-let-go`: the keeper of `staging` lets its connection
+/// go, unless a daemon serves that staging (its stop is the way then).
+pub fn let_go(staging: &Path) -> Result<()> {
+    let root = std::fs::canonicalize(staging)
+        .map_err(|e| Error::io(format!("resolve {}", staging.display()), e))?;
+    if let Some(pid) = crate::staging::inventory::lock_holder(&root)? {
+        return Err(Error::busy(format!(
+            "a recoverfs daemon (pid {pid}) serves {}: stop it (SIGTERM) instead",
+            root.display()
+        )));
+    }
+    match keeper::take(&root)? {
+        Some((held, _)) => {
+            keeper::release(&root)?;
+            eprintln!(
+                "the FUSE mount {} is let go: disk I/O waiting on it fails with ENOTCONN",
+                held.mount.display()
+            );
+            Ok(())
+        }
+        None => Err(Error::not_found(format!(
+            "no FUSE keeper holds a connection for {}",
+            root.display()
+        ))),
+    }
 }
 
 /// At a clean stop: the keeper lets the connection go, so a mount left

@@ -144,6 +144,23 @@ impl MountedDatastore {
         })
     }
 
+    /// After the rest of a start failed: an adopted connection is left
+    /// with its keeper (durable first), so the guests waiting on it are
+    /// answered by the next `serve` instead of failing; anything else
+    /// stops as `shutdown` does.
+    pub fn stop_after_failed_start(self) -> Result<()> {
+        if !(self.fuse.adopted() && self.keeper_root.is_some()) {
+            return self.shutdown();
+        }
+        self.stop.store(true, Ordering::Release);
+        let _ = self.flusher.join();
+        let _ = self.checker.join();
+        self.ds.stop_background();
+        let flush = self.ds.flush_all();
+        tracing::warn!(mount = %self.mount.display(), "the FUSE mount stays with its keeper: the next `serve` adopts it");
+        flush
+    }
+
     /// Durable first, then unmount: a guest still running sees ENOTCONN,
     /// never lost writes; an unmount refused because disks are open names
     /// their VMs and detaches the mount (`unmount_refused`).

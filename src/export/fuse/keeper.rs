@@ -165,6 +165,19 @@ fn ask(
         Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => return Ok(None),
         Err(e) => return Err(Error::io("connect to the FUSE keeper", e.into())),
     }
+    // The name is public (any user can compute it and bind it first): the
+    // device file goes only to a keeper of this user, or of root.
+    let peer = socket::getsockopt(&sock, socket::sockopt::PeerCredentials)
+        .map_err(|e| Error::io("ask who holds the FUSE keeper's socket", e.into()))?;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid() != me && peer.uid() != 0 {
+        return Err(Error::not_permitted(format!(
+            "the FUSE keeper's socket name {name} is held by process {} of uid {}, not by a keeper of this user: nothing is sent to it",
+            peer.pid(),
+            peer.uid()
+        )));
+    }
     // A keeper that stops answering must not hang a start or a stop.
     let t = nix::sys::time::TimeVal::new(10, 0);
     let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &t);
@@ -248,7 +261,9 @@ fn start(name: &str, root: &Path) -> Result<()> {
             )
         })?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["fuse-keeper", "--name", name])
+    // The staging in its arguments names it to an administrator.
+    cmd.args(["fuse-keeper", "--name", name, "--staging"])
+        .arg(root)
         .current_dir("/")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -274,13 +289,19 @@ fn start(name: &str, root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The keeper process's main loop (`recoverfs fuse-keeper --name NAME`).
+/// The keeper process's main loop (`recoverfs fuse-keeper --name NAME`);
+/// its log lines name it by `name` and pid.
 pub fn run(name: &str) -> Result<()> {
+    let label = format!("{name} (pid {})", std::process::id());
     let listener = seqpacket()?;
     match socket::bind(listener.as_raw_fd(), &addr(name)?) {
         Ok(()) => {}
-        // Another keeper of this staging is running: it is the one.
-        Err(nix::errno::Errno::EADDRINUSE) => return Ok(()),
+        // Another keeper of this staging is running (it is the one), or a
+        // process that squats the name (`ask` sends it nothing).
+        Err(nix::errno::Errno::EADDRINUSE) => {
+            eprintln!("fuse-keeper {label}: the socket name is taken; exiting (a daemon hands nothing to a process of another user)");
+            return Ok(());
+        }
         Err(e) => return Err(Error::io("bind the keeper socket", e.into())),
     }
     socket::listen(&listener, socket::Backlog::new(16).expect("backlog"))
@@ -291,13 +312,13 @@ pub fn run(name: &str) -> Result<()> {
     let mut held: Option<(Held, Vec<OwnedFd>)> = None;
     loop {
         if held.is_none() && started.elapsed() > FIRST_HOLD {
-            eprintln!("fuse-keeper {name}: nothing handed over within 30 s; exiting");
+            eprintln!("fuse-keeper {label}: nothing handed over within 30 s; exiting");
             return Ok(());
         }
         if let Some((h, fds)) = &held {
             if connection_ended(fds[0].as_fd()) {
                 eprintln!(
-                    "fuse-keeper {name}: the connection of {} ended; exiting",
+                    "fuse-keeper {label}: the connection of {} ended; exiting",
                     h.mount.display()
                 );
                 return Ok(());
@@ -326,7 +347,7 @@ pub fn run(name: &str) -> Result<()> {
         };
         // SAFETY: accept just returned this new fd; we own it.
         let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-        if serve_one(name, conn.as_fd(), me, &mut held) {
+        if serve_one(&label, conn.as_fd(), me, &mut held) {
             return Ok(());
         }
     }
