@@ -35,16 +35,29 @@ fn keeper_runs(staging: &Path) -> bool {
     matches!(recoverfs::export::fuse::keeper::take(&root), Ok(Some(_)))
 }
 
-/// Lets the keeper of `staging` go when the test ends, passed or not: a
-/// kept mount with no daemon would otherwise keep processes that close a
-/// file on it waiting (a close sends FLUSH) for good.
-struct LetGo(std::path::PathBuf);
+/// Lets the keeper of the test's staging go when the test ends, passed or
+/// not, and detaches what is left at its mount point (a crashed daemon's
+/// guard is forgotten, so nothing else does): a kept mount with no daemon
+/// would otherwise keep processes that close a file on it waiting (a
+/// close sends FLUSH) for good.
+struct LetGo(std::path::PathBuf, std::path::PathBuf);
+
+impl LetGo {
+    fn of(env: &Env) -> LetGo {
+        LetGo(env.staging.clone(), env.mount.clone())
+    }
+}
 
 impl Drop for LetGo {
     fn drop(&mut self) {
         if let Ok(root) = std::fs::canonicalize(&self.0) {
             let _ = recoverfs::export::fuse::keeper::release(&root);
         }
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.1)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -91,7 +104,7 @@ fn block_of(seq: u64) -> Vec<u8> {
 #[test]
 fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_every_fsync_kept() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     let size = 256 * K64;
     random_image(&env.path("a.raw"), size, 31, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
@@ -121,8 +134,16 @@ fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("still open"), "{err}");
     std::fs::write(&stop, b"").unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut writer.0.stdout.take().unwrap(), &mut out).unwrap();
+    // Bounded: a writer stuck on a mount nobody answers fails the test.
+    let mut stdout = writer.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = tx.send(out);
+    });
+    let out = (rx.recv_timeout(Duration::from_secs(120)))
+        .expect("the writer did not finish within 120 s of being told to stop");
     assert!(writer.0.wait().unwrap().success(), "the writer failed");
     let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error")).collect();
     assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
@@ -148,7 +169,7 @@ fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_
 #[test]
 fn reads_the_dead_daemons_event_threads_had_taken_are_all_answered_by_the_next_one() {
     let mut env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     // Every fetch takes 3 s: the reads below are in the dead daemon's
     // hands, spread over its event threads (each reads its own clone of
     // the device file, and a request is listed on the clone it was read
@@ -206,7 +227,7 @@ fn reads_the_dead_daemons_event_threads_had_taken_are_all_answered_by_the_next_o
 #[test]
 fn a_clean_stop_ends_the_keeper_and_a_restart_elsewhere_lets_the_kept_mount_go() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 33, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let mut d = env.serve();
@@ -276,7 +297,7 @@ fn context_switches(pid: &str) -> u64 {
 #[test]
 fn the_keeper_is_not_woken_by_the_requests_of_the_mount_it_keeps() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 64 * K64, 36, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let _d = env.serve();
@@ -301,7 +322,7 @@ fn the_keeper_is_not_woken_by_the_requests_of_the_mount_it_keeps() {
 #[test]
 fn a_refused_second_serve_at_another_mount_leaves_the_running_daemon_its_keeper() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 33, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let _d = env.serve();
@@ -338,7 +359,7 @@ fn a_refused_second_serve_at_another_mount_leaves_the_running_daemon_its_keeper(
 #[test]
 fn the_daemon_hands_its_fuse_device_to_no_other_users_socket() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 35, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     std::fs::create_dir_all(&env.staging).unwrap();
@@ -399,7 +420,7 @@ while True:
 #[test]
 fn a_kept_connection_whose_mount_was_detached_is_let_go_and_serve_mounts_afresh() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 37, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let d = env.serve();
@@ -434,7 +455,7 @@ fn a_kept_connection_whose_mount_was_detached_is_let_go_and_serve_mounts_afresh(
 #[test]
 fn fuse_let_go_ends_a_kept_mount_with_no_daemon_and_is_refused_while_one_serves() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 38, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let d = env.serve();
