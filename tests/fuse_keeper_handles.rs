@@ -207,6 +207,17 @@ except OSError as e:
 /// EIO at once), and `release` refuses.
 #[test]
 fn a_passthrough_open_from_the_dead_daemon_is_still_known_after_adoption() {
+    passthrough_open_across_a_crash(true)
+}
+
+/// M2, restarted without `--fuse-passthrough`: the kernel still has the
+/// inode in passthrough mode, so a writable open waits as well.
+#[test]
+fn a_passthrough_open_from_the_dead_daemon_is_known_to_a_daemon_without_the_option() {
+    passthrough_open_across_a_crash(false)
+}
+
+fn passthrough_open_across_a_crash(restart_with_option: bool) {
     let mut env = keeper_env();
     env.serve_args = vec!["--fuse-passthrough".into()];
     let _let_go = LetGo(env.staging.clone());
@@ -236,6 +247,9 @@ while not os.path.exists(sys.argv[2]): time.sleep(0.1)
     let (child, out) = holder(script, &[&disk, &stop]);
     let passed = d.log_text();
     crash(d);
+    if !restart_with_option {
+        env.serve_args.clear();
+    }
     let d2 = env.serve();
     let t = std::time::Instant::now();
     let w = std::fs::OpenOptions::new()

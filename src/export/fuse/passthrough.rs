@@ -168,10 +168,16 @@ impl Passthrough {
         record: &Record,
     ) -> Opened {
         let refused = |ok| if ok { Opened::Replied } else { Opened::Refused };
+        let mut opens = self.opens.lock();
         if !self.wanted {
+            // Only a crashed daemon's passthrough opens (see `adopt`) are
+            // in the way: started with the option, restarted without it.
+            if opens.get(&ino).is_some_and(|o| o.passthrough > 0) {
+                return Opened::MustWait(reply);
+            }
+            drop(opens);
             return refused(open_normally(reply, handle, record));
         }
-        let mut opens = self.opens.lock();
         let o = opens.entry(ino).or_default();
         // Passthrough opens with no backing id of ours: a crashed daemon's.
         let theirs = o.passthrough > 0 && o.backing.is_none();
