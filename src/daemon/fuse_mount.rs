@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
+use crate::export::fuse::inodes::Inodes;
 use crate::export::fuse::keeper::{self, Held, InitParams};
 use crate::export::fuse::{adopt, RecoverFs, MAX_IO};
 
@@ -43,13 +44,19 @@ pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
         .is_some_and(|m| m.is_recoverfs());
     let here = crate::staging::set::resolve_mount(mount).is_ok_and(|m| m == held.mount);
     let why = match (keeping, mounted, here) {
-        (true, true, true) => {
-            tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
-            return Some(Kept { held, fds });
-        }
-        (false, _, _) => "--no-fuse-keeper",
-        (true, false, _) => "it is no longer mounted there (detached)",
-        (true, true, false) => "this daemon mounts elsewhere",
+        // The kernel holds the dead daemon's inode numbers and handles:
+        // without their record, an old number could be answered as
+        // another VM's disk.
+        (true, true, true) => match Inodes::load(&root, true) {
+            Ok(_) => {
+                tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
+                return Some(Kept { held, fds });
+            }
+            Err(e) => format!("its record of inode numbers and open handles is lost ({e})"),
+        },
+        (false, _, _) => "--no-fuse-keeper".into(),
+        (true, false, _) => "it is no longer mounted there (detached)".into(),
+        (true, true, false) => "this daemon mounts elsewhere".into(),
     };
     tracing::warn!(
         "the previous daemon's FUSE mount {} was kept for it; {why}: letting it go (its open disks now fail with ENOTCONN)",

@@ -1,11 +1,10 @@
 //! Opens inherited from a crashed daemon whose connection this one
 //! adopted (see `keeper`). The kernel still holds their file handles, which
-//! this process never gave out (`passthrough::is_ours`), so they are not
-//! counted as the session's open handles, and `release` would let the
-//! session go under a running guest. The first read, write or flush of
-//! such a handle counts it, under the pid of that request; its release
-//! uncounts it. A handle that does no I/O before its release is never
-//! counted: nothing to protect.
+//! this process never gave out (`passthrough::is_ours`). Each one recorded
+//! in staging (`handles`) is counted as its session's open handle at the
+//! adoption, before any request is served; its release uncounts it.
+//! One not recorded (a daemon of an older version) is counted at its first
+//! read, write or flush, under the pid of that request.
 
 use std::collections::HashMap;
 
@@ -29,6 +28,13 @@ impl Inherited {
         if let Some(id) = s.open_handle(Holder::fuse(index, pid)) {
             opens.insert((ino, fh), id);
         }
+    }
+
+    /// Counts recorded inherited open `fh` of disk `index` of `s` (by
+    /// `pid`) at the adoption.
+    pub fn adopt(&self, ino: u64, fh: u64, s: &Session, index: usize, pid: u32) -> bool {
+        self.seen(ino, fh, s, index, pid);
+        self.opens.lock().contains_key(&(ino, fh))
     }
 
     /// The kernel released inherited open `fh`.

@@ -32,6 +32,7 @@ use fuser::{
 use crate::error::Error;
 
 pub mod adopt;
+mod handles;
 mod inherited;
 pub mod inodes;
 pub mod keeper;
@@ -41,10 +42,11 @@ use crate::disk::{ReadDone, Spawner};
 use crate::pool::WorkerPool;
 use crate::session::{Datastore, Session};
 use crate::volume::Volume;
+use handles::Handles;
 use inherited::Inherited;
 use inodes::Inodes;
 use keeper::InitParams;
-use passthrough::{Opened, Passthrough};
+use passthrough::Passthrough;
 
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
@@ -82,6 +84,11 @@ pub struct RecoverFs {
     init_params: Arc<OnceLock<InitParams>>,
     /// Opens made under a crashed daemon whose connection was adopted.
     inherited: Arc<Inherited>,
+    /// Open disk handles, kept in staging for a daemon adopting the
+    /// connection (see `handles`).
+    handles: Arc<Handles>,
+    /// Set once the crashed daemon's handles are counted.
+    adopted: Arc<OnceLock<()>>,
 }
 
 thread_local! {
@@ -134,12 +141,18 @@ impl RecoverFs {
             notifier: Arc::new(OnceLock::new()),
             init_params: Arc::new(OnceLock::new()),
             inherited: Arc::default(),
+            handles: Arc::new(Handles::in_memory()),
+            adopted: Arc::default(),
         }
     }
 
     /// Keeps the inode numbers in `inodes` (a table kept in staging, so a
     /// daemon adopting this connection after a crash answers them alike).
+    /// The open handles kept beside it come with it (see `handles`).
     pub fn with_inodes(mut self, inodes: Inodes) -> Self {
+        if let Some(h) = inodes.take_handles() {
+            self.handles = Arc::new(h);
+        }
         self.inodes = Arc::new(inodes);
         self
     }
@@ -253,28 +266,6 @@ impl RecoverFs {
         }
     }
 
-    /// Opens a disk inode: passthrough or normal (see `passthrough`),
-    /// with session handle `handle` in its file handle; `undo` gives the
-    /// session handle back if the open is refused.
-    fn open_disk(
-        &self,
-        ino: u64,
-        d: Arc<Volume>,
-        read_only: bool,
-        reply: ReplyOpen,
-        handle: u64,
-        undo: impl FnOnce() + Send + 'static,
-    ) {
-        self.watch_disk(ino, &d);
-        let opened = self.passthrough.open(ino, &d, read_only, reply, handle);
-        if let Opened::MustWait(reply) = opened {
-            // Not on the event thread: the wait may last seconds.
-            let pt = self.passthrough.clone();
-            self.io
-                .submit(move || pt.wait_and_open(ino, &d, reply, handle, undo));
-        }
-    }
-
     fn disk(&self, ino: u64) -> Result<Arc<Volume>, Errno> {
         match self.node(ino) {
             Some(Node::Disk(_, d)) => Ok(d),
@@ -316,21 +307,29 @@ impl Filesystem for RecoverFs {
         if first {
             self.passthrough.negotiate(config);
         }
+        self.adopt_handles();
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_str().unwrap_or("");
         let found = match self.node(parent.0) {
-            Some(Node::Root) => self.ds.session(name).map(|s| self.inodes.base_of(&s)),
+            Some(Node::Root) => match self.ds.session(name) {
+                Some(s) => match self.inodes.base_of(&s) {
+                    Some(b) => Some(b),
+                    None => return reply.error(Errno::EIO),
+                },
+                None => None,
+            },
+            // The directory's base was recorded when it was looked up.
             Some(Node::Dir(s)) => match name {
-                "vm.json" => Some(self.inodes.base_of(&s) + 1),
+                "vm.json" => self.inodes.base_of(&s).map(|b| b + 1),
                 _ => name
                     .strip_prefix("disk")
                     .and_then(|n| n.strip_suffix(".raw"))
                     .and_then(|n| n.parse::<usize>().ok())
                     .filter(|&i| i < s.disks.len() && name == format!("disk{i}.raw"))
-                    .map(|i| self.inodes.base_of(&s) + 2 + i as u64),
+                    .and_then(|i| self.inodes.base_of(&s).map(|b| b + 2 + i as u64)),
             },
             _ => None,
         };
@@ -426,19 +425,7 @@ impl Filesystem for RecoverFs {
                 }
                 reply.opened(FileHandle(0), FopenFlags::empty())
             }
-            Some(Node::Disk(s, d)) => {
-                if flags.0 & libc::O_TRUNC != 0 {
-                    return reply.error(Errno::EPERM);
-                }
-                let by = crate::session::Holder::fuse(d.index, req.pid());
-                let Some(id) = s.open_handle(by) else {
-                    return reply.error(Errno::ENOENT);
-                };
-                let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-                let session = s.clone();
-                let undo = move || session.close_handle(id);
-                self.open_disk(ino.0, d, read_only, reply, id, undo)
-            }
+            Some(Node::Disk(s, d)) => self.open_disk(req, ino.0, s, d, flags, reply),
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -454,14 +441,7 @@ impl Filesystem for RecoverFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(Node::Disk(s, d)) = self.node(ino.0) {
-            if !passthrough::is_ours(fh) {
-                self.inherited.released(ino.0, fh.0, &s);
-                return reply.ok();
-            }
-            self.passthrough.release(ino.0, &d, fh);
-            s.close_handle(passthrough::session_handle(fh));
-        }
+        self.release_handle(ino.0, fh);
         reply.ok()
     }
 
@@ -681,20 +661,21 @@ impl Filesystem for RecoverFs {
         match self.node(ino.0) {
             Some(Node::Root) => {
                 entries.push((ROOT, FileType::Directory, "..".into()));
+                // A VM whose number cannot be recorded is left out.
                 for s in self.ds.sessions() {
-                    entries.push((self.inodes.base_of(&s), FileType::Directory, s.vm.clone()));
+                    if let Some(b) = self.inodes.base_of(&s) {
+                        entries.push((b, FileType::Directory, s.vm.clone()));
+                    }
                 }
             }
             Some(Node::Dir(s)) => {
+                // Recorded: the directory's inode is this base.
+                let base = ino.0;
                 entries.push((ROOT, FileType::Directory, "..".into()));
-                entries.push((
-                    self.inodes.base_of(&s) + 1,
-                    FileType::RegularFile,
-                    "vm.json".into(),
-                ));
+                entries.push((base + 1, FileType::RegularFile, "vm.json".into()));
                 for d in &s.disks {
                     entries.push((
-                        self.inodes.base_of(&s) + 2 + d.index as u64,
+                        base + 2 + d.index as u64,
                         FileType::RegularFile,
                         format!("disk{}.raw", d.index),
                     ));

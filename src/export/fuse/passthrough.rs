@@ -83,12 +83,22 @@ struct DiskOpens {
     normal: u32,
     passthrough: u32,
     /// Shared by all passthrough opens of the inode, as the kernel requires.
+    /// None while it has passthrough opens: theirs is a crashed daemon's
+    /// (see [`Passthrough::adopt`]), which this process cannot share.
     backing: Option<Arc<BackingId>>,
+    /// The volume is held complete (`Volume::begin_direct_read`).
+    held: bool,
 }
+
+/// Records an open's file handle before it is answered (`handles`); false
+/// if it could not be, and the open fails with EIO.
+pub type Record = Arc<dyn Fn(FileHandle) -> bool + Send + Sync>;
 
 /// What [`Passthrough::open`] did with an open.
 pub enum Opened {
     Replied,
+    /// Answered with an error: give the session handle back.
+    Refused,
     /// Passthrough opens are in the way: call [`Passthrough::wait_and_open`]
     /// off the event thread.
     MustWait(ReplyOpen),
@@ -104,9 +114,16 @@ pub struct Passthrough {
     released: Condvar,
 }
 
-fn open_normally(reply: ReplyOpen, handle: u64) {
+/// Opens normally if the open is recorded (false if not: EIO answered).
+fn open_normally(reply: ReplyOpen, handle: u64, record: &Record) -> bool {
+    let fh = file_handle(handle, false);
+    if !record(fh) {
+        reply.error(Errno::EIO);
+        return false;
+    }
     // Every write goes through us, so the kernel's cache stays coherent.
-    reply.opened(file_handle(handle, false), FopenFlags::FOPEN_KEEP_CACHE)
+    reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
+    true
 }
 
 impl Passthrough {
@@ -148,32 +165,71 @@ impl Passthrough {
         read_only: bool,
         reply: ReplyOpen,
         handle: u64,
+        record: &Record,
     ) -> Opened {
-        if !self.wanted {
-            open_normally(reply, handle);
-            return Opened::Replied;
-        }
+        let refused = |ok| if ok { Opened::Replied } else { Opened::Refused };
         let mut opens = self.opens.lock();
+        if !self.wanted {
+            // Only a crashed daemon's passthrough opens (see `adopt`) are
+            // in the way: started with the option, restarted without it.
+            if opens.get(&ino).is_some_and(|o| o.passthrough > 0) {
+                return Opened::MustWait(reply);
+            }
+            drop(opens);
+            return refused(open_normally(reply, handle, record));
+        }
         let o = opens.entry(ino).or_default();
-        if read_only && o.normal == 0 && self.on.load(Ordering::Acquire) {
+        // Passthrough opens with no backing id of ours: a crashed daemon's.
+        let theirs = o.passthrough > 0 && o.backing.is_none();
+        if read_only && o.normal == 0 && !theirs && self.on.load(Ordering::Acquire) {
             let id = match &o.backing {
                 // The disk is held complete since the first passthrough open.
                 Some(id) => Some(id.clone()),
                 None => self.backing(d, &reply).map(Arc::new),
             };
             if let Some(id) = id {
+                let fresh = o.backing.is_none();
+                let fh = file_handle(handle, true);
+                if !record(fh) {
+                    if fresh {
+                        d.end_direct_read();
+                    }
+                    reply.error(Errno::EIO);
+                    return Opened::Refused;
+                }
+                o.held |= fresh;
                 o.backing = Some(id.clone());
                 o.passthrough += 1;
-                reply.opened_passthrough(file_handle(handle, true), FopenFlags::empty(), &id);
+                reply.opened_passthrough(fh, FopenFlags::empty(), &id);
                 return Opened::Replied;
             }
         }
         if o.passthrough > 0 {
             return Opened::MustWait(reply);
         }
-        o.normal += 1;
-        open_normally(reply, handle);
-        Opened::Replied
+        let ok = open_normally(reply, handle, record);
+        o.normal += ok as u32;
+        refused(ok)
+    }
+
+    /// Counts an open the crashed daemon whose connection this one adopted
+    /// made (see `handles`), in its mode: a passthrough one holds the disk
+    /// complete again (its backing id is the crashed daemon's: this process
+    /// cannot close it, the kernel drops it with the connection).
+    pub fn adopt(&self, ino: u64, d: &Volume, passthrough: bool) {
+        let mut opens = self.opens.lock();
+        let o = opens.entry(ino).or_default();
+        if !passthrough {
+            o.normal += 1;
+            return;
+        }
+        if !o.held {
+            o.held = d.begin_direct_read().is_some();
+            if !o.held {
+                tracing::warn!(vm = %d.vm, disk = d.index, "a read-only open passed through under the crashed daemon, but the disk cannot be held complete now: its reader may see zeros where staging is evicted");
+            }
+        }
+        o.passthrough += 1;
     }
 
     /// A backing id for the file `d` serves from, holding `d` complete, if
@@ -213,6 +269,7 @@ impl Passthrough {
         d: &Volume,
         reply: ReplyOpen,
         handle: u64,
+        record: &Record,
         undo: impl FnOnce(),
     ) {
         let deadline = Instant::now() + RELEASE_GRACE;
@@ -221,8 +278,13 @@ impl Passthrough {
         let readers = loop {
             let o = opens.entry(ino).or_default();
             if o.passthrough == 0 {
-                o.normal += 1;
-                return open_normally(reply, handle);
+                if open_normally(reply, handle, record) {
+                    o.normal += 1;
+                } else {
+                    drop(opens);
+                    undo();
+                }
+                return;
             }
             if timed_out {
                 break o.passthrough;
@@ -249,7 +311,9 @@ impl Passthrough {
             o.passthrough = o.passthrough.saturating_sub(1);
             if o.passthrough == 0 {
                 o.backing = None;
-                d.end_direct_read();
+                if std::mem::take(&mut o.held) {
+                    d.end_direct_read();
+                }
                 self.released.notify_all();
             }
         } else {

@@ -1,0 +1,299 @@
+//! The FUSE mount's open disk handles, kept in staging
+//! (`fuse-handles.json`, next to `fuse-inodes.json`) while a keeper holds
+//! the connection: a daemon that adopts the connection of a crashed one
+//! (see `keeper`) counts every handle the kernel still holds as its
+//! session's open handle from the start, not at its next I/O, so `release`
+//! refuses under an idle or paused guest; and rebuilds each disk's
+//! passthrough state (its opens' modes, the disk held complete), so a
+//! writable open waits for inherited passthrough opens as for its own.
+//!
+//! A handle is recorded before its open is answered (an open that cannot
+//! be recorded fails with EIO) and forgotten at its release. Opens of VM
+//! disks are rare: each is one small atomic rewrite (temporary file,
+//! fsync, rename), done where the open is answered (the event thread, or
+//! the worker that waited for passthrough opens). A fresh mount starts the
+//! table empty (the kernel holds no handle of a new connection).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use std::sync::Arc;
+
+use super::passthrough::Opened;
+use crate::error::{Error, Result};
+use crate::session::{Holder, Session};
+use crate::volume::Volume;
+
+const FILE: &str = "fuse-handles.json";
+
+/// One open disk handle: the kernel's file handle is its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The disk's inode number.
+    pub ino: u64,
+    /// Its session's staging directory.
+    pub dir: PathBuf,
+    /// The disk's index in the session.
+    pub disk: usize,
+    /// The opener, as the kernel named it.
+    pub pid: u32,
+    /// Opened in passthrough mode (see `passthrough`).
+    pub passthrough: bool,
+}
+
+#[derive(Default)]
+pub struct Handles {
+    /// Where the table is kept; None keeps none (no keeper: a crash ends
+    /// the mount and every handle with it).
+    file: Option<PathBuf>,
+    open: Mutex<BTreeMap<u64, Record>>,
+    /// What the crashed daemon left, until adopted.
+    left: Mutex<Vec<(u64, Record)>>,
+}
+
+impl Handles {
+    /// The table kept in staging `root`: what is recorded there when
+    /// `adopting` (an error if it cannot be read: its handles would go
+    /// uncounted), else a new, empty one (written now, so a missing file
+    /// later means a table lost, not one never needed).
+    pub fn kept_in(root: &Path, adopting: bool) -> Result<Handles> {
+        let file = root.join(FILE);
+        let mut open: BTreeMap<u64, Record> = BTreeMap::new();
+        if adopting {
+            let body = std::fs::read(&file)
+                .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+            open = serde_json::from_slice(&body)
+                .map_err(|e| Error::corrupt(format!("{}: {e}", file.display())))?;
+        }
+        let h = Handles {
+            file: Some(file),
+            left: Mutex::new(open.iter().map(|(k, v)| (*k, v.clone())).collect()),
+            open: Mutex::new(open),
+        };
+        if !adopting {
+            h.save(&h.open.lock())?;
+        }
+        Ok(h)
+    }
+
+    /// A table in memory only, for a mount with no keeper (or whose kept
+    /// table could not be read).
+    pub fn in_memory() -> Handles {
+        Handles::default()
+    }
+
+    /// Records open `fh` before it is answered; an error if it could not
+    /// be recorded (the open must then fail).
+    pub fn opened(&self, fh: u64, rec: Record) -> Result<()> {
+        let mut open = self.open.lock();
+        open.insert(fh, rec);
+        let saved = self.save(&open);
+        if saved.is_err() {
+            open.remove(&fh);
+        }
+        saved
+    }
+
+    /// Forgets released `fh`, giving its record if it had one.
+    pub fn released(&self, fh: u64) -> Option<Record> {
+        let mut open = self.open.lock();
+        let rec = open.remove(&fh)?;
+        if let Err(e) = self.save(&open) {
+            // Left recorded: after a crash it would be counted until a
+            // release that never comes (release refuses, safe side).
+            tracing::warn!("could not record the release of a FUSE disk handle: {e}");
+        }
+        Some(rec)
+    }
+
+    /// The handles the crashed daemon left, once (to adopt).
+    pub fn take_left(&self) -> Vec<(u64, Record)> {
+        std::mem::take(&mut *self.left.lock())
+    }
+
+    /// Forgets a handle left by the crashed daemon whose session is gone.
+    pub fn drop_left(&self, fh: u64) {
+        self.released(fh);
+    }
+
+    fn save(&self, open: &BTreeMap<u64, Record>) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let body = serde_json::to_vec(open).expect("json");
+        crate::util::write_atomic(file, &body, 0o600, true)
+    }
+}
+
+impl super::RecoverFs {
+    /// Counts the handles the crashed daemon left (see the module doc),
+    /// once, before this process serves a request: every session's INIT
+    /// (replayed at adoption) passes here first.
+    pub(super) fn adopt_handles(&self) {
+        self.adopted.get_or_init(|| {
+            for (fh, rec) in self.handles.take_left() {
+                let s = self.ds.sessions().into_iter().find(|s| s.dir == rec.dir);
+                let d = s.as_ref().and_then(|s| s.disks.get(rec.disk).cloned());
+                let (Some(s), Some(d)) = (s, d) else {
+                    // Released before the crash: nothing left to hold.
+                    self.handles.drop_left(fh);
+                    continue;
+                };
+                if self.inherited.adopt(rec.ino, fh, &s, rec.disk, rec.pid) {
+                    self.passthrough.adopt(rec.ino, &d, rec.passthrough);
+                }
+            }
+        });
+    }
+
+    /// Opens disk `d` (inode `ino`) of `s`: passthrough or normal (see
+    /// `passthrough`), counted as the session's open handle (its id in the
+    /// file handle) and recorded before it is answered.
+    pub(super) fn open_disk(
+        &self,
+        req: &fuser::Request,
+        ino: u64,
+        s: Arc<Session>,
+        d: Arc<Volume>,
+        flags: fuser::OpenFlags,
+        reply: fuser::ReplyOpen,
+    ) {
+        if flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(fuser::Errno::EPERM);
+        }
+        let Some(handle) = s.open_handle(Holder::fuse(d.index, req.pid())) else {
+            return reply.error(fuser::Errno::ENOENT);
+        };
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        let record = self.recorder(ino, &s.dir, d.index, req.pid());
+        let undo = move || s.close_handle(handle);
+        self.watch_disk(ino, &d);
+        match (self.passthrough).open(ino, &d, read_only, reply, handle, &record) {
+            Opened::Replied => {}
+            Opened::Refused => undo(),
+            Opened::MustWait(reply) => {
+                // Not on the event thread: the wait may last seconds.
+                let pt = self.passthrough.clone();
+                self.io
+                    .submit(move || pt.wait_and_open(ino, &d, reply, handle, &record, undo));
+            }
+        }
+    }
+
+    /// What records a new open of disk `index` (inode `ino`) of the
+    /// session in `dir` by `pid`.
+    pub(super) fn recorder(
+        &self,
+        ino: u64,
+        dir: &Path,
+        disk: usize,
+        pid: u32,
+    ) -> super::passthrough::Record {
+        let handles = self.handles.clone();
+        let dir = dir.to_path_buf();
+        std::sync::Arc::new(move |fh: fuser::FileHandle| {
+            let rec = Record {
+                ino,
+                dir: dir.clone(),
+                disk,
+                pid,
+                passthrough: fh.0 & 1 != 0,
+            };
+            match handles.opened(fh.0, rec) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(disk, "open refused (EIO): could not record it in staging ({e}); a daemon adopting this mount after a crash would not count it");
+                    false
+                }
+            }
+        })
+    }
+
+    /// The kernel released disk inode `ino`'s handle `fh`: forgets its
+    /// record; for an inherited one, uncounts it.
+    pub(super) fn release_handle(&self, ino: u64, fh: fuser::FileHandle) {
+        let rec = self.handles.released(fh.0);
+        let Some(super::Node::Disk(s, d)) = self.node(ino) else {
+            return;
+        };
+        if super::passthrough::is_ours(fh) {
+            self.passthrough.release(ino, &d, fh);
+            s.close_handle(super::passthrough::session_handle(fh));
+            return;
+        }
+        self.inherited.released(ino, fh.0, &s);
+        // Only an adopted record was counted in the disk's modes.
+        if rec.is_some() {
+            self.passthrough.release(ino, &d, fh);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ino: u64, passthrough: bool) -> Record {
+        Record {
+            ino,
+            dir: "/s/a".into(),
+            disk: 0,
+            pid: 42,
+            passthrough,
+        }
+    }
+
+    #[test]
+    fn an_adopting_table_has_what_was_open_and_a_lost_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            Handles::kept_in(dir.path(), true).is_err(),
+            "no table: an adoption cannot count the handles"
+        );
+        let t = Handles::kept_in(dir.path(), false).unwrap();
+        t.opened(7 << 32 | 2, rec(8194, false)).unwrap();
+        t.opened(7 << 32 | 5, rec(8194, true)).unwrap();
+        t.opened(7 << 32 | 6, rec(8195, false)).unwrap();
+        assert_eq!(t.released(7 << 32 | 6), Some(rec(8195, false)));
+        let adopted = Handles::kept_in(dir.path(), true).unwrap();
+        assert_eq!(
+            adopted.take_left(),
+            vec![
+                (7 << 32 | 2, rec(8194, false)),
+                (7 << 32 | 5, rec(8194, true))
+            ]
+        );
+        assert!(adopted.take_left().is_empty());
+        assert!(adopted.released(7 << 32 | 5).is_some());
+        assert_eq!(
+            Handles::kept_in(dir.path(), true)
+                .unwrap()
+                .take_left()
+                .len(),
+            1
+        );
+        assert!(Handles::kept_in(dir.path(), false)
+            .unwrap()
+            .take_left()
+            .is_empty());
+        assert!(Handles::kept_in(dir.path(), true)
+            .unwrap()
+            .take_left()
+            .is_empty());
+        std::fs::write(dir.path().join(FILE), b"{").unwrap();
+        assert!(Handles::kept_in(dir.path(), true).is_err());
+    }
+
+    #[test]
+    fn an_open_that_cannot_be_recorded_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Handles::kept_in(dir.path(), false).unwrap();
+        std::fs::remove_file(dir.path().join(FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(FILE)).unwrap();
+        assert!(t.opened(1, rec(8194, false)).is_err());
+        assert_eq!(t.released(1), None);
+    }
+}

@@ -1,0 +1,288 @@
+//! What a daemon adopting a crashed one's FUSE connection knows of the
+//! kernel's state (review31 H3, H4, M2): the inode numbers it holds, and
+//! every open disk handle, recorded in staging before it is answered.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const K64: usize = 64 << 10;
+
+fn keeper_env() -> Env {
+    let mut env = Env::new();
+    env.fuse_keeper = true;
+    env
+}
+
+/// Crash: SIGKILL, and the guard's unmount is skipped.
+fn crash(mut d: Daemon) {
+    d.kill9();
+    std::mem::forget(d);
+}
+
+/// Lets the keeper of `staging` go when the test ends, passed or not.
+struct LetGo(std::path::PathBuf);
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        if let Ok(root) = std::fs::canonicalize(&self.0) {
+            let _ = recoverfs::export::fuse::keeper::release(&root);
+        }
+    }
+}
+
+/// A process of its own with a disk open (the test process holds none).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+/// Runs `script` (python) with `args`, until it prints "ready".
+fn holder(script: &str, args: &[&Path]) -> (Child, std::io::BufReader<std::process::ChildStdout>) {
+    let mut child = Child(
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    (child, out)
+}
+
+/// Lets the holder go on (it waits for `stop`), and returns what it said.
+fn finish(
+    stop: &Path,
+    mut child: Child,
+    mut out: std::io::BufReader<std::process::ChildStdout>,
+) -> String {
+    std::fs::write(stop, b"").unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    let _ = child.0.wait();
+    rest
+}
+
+/// H4: a handle opened under the dead daemon that does no I/O after the
+/// adoption (an idle or paused guest) still holds its session: `release`
+/// refuses, naming it.
+#[test]
+fn an_idle_handle_from_the_dead_daemon_holds_the_session_against_release() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 34, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let stop = env.path("stop");
+    let script = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"x" * 4096, 0); os.fdatasync(fd)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]): time.sleep(0.1)
+try:
+    os.pwrite(fd, b"y" * 4096, 4096); os.fdatasync(fd); print("wrote")
+except OSError as e:
+    print("error", e)
+"#;
+    let (child, out) = holder(script, &[&disk, &stop]);
+    crash(d);
+    let d2 = env.serve();
+    let o = env.release("vm", false);
+    let discard = env.release("vm", true);
+    let rest = finish(&stop, child, out);
+    // Its release arrived: the session goes now.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = env.release("vm", false);
+    drop(d2);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && !discard.status.success(),
+        "release went ahead while a process held the disk open (opened under the dead daemon); its next write: {rest}"
+    );
+    assert!(
+        err.contains("still open") && err.contains("disk0 over FUSE"),
+        "{err}"
+    );
+    assert_eq!(rest.trim(), "wrote");
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+}
+
+/// H3: an inode number is handed out only once recorded in staging (here
+/// a directory stands where the table goes; in life, a full staging):
+/// else an adopting daemon could give it to another session.
+#[test]
+fn an_inode_number_that_cannot_be_recorded_is_not_handed_out() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 39, K64);
+    env.backup("a", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let table = env.staging.join("fuse-inodes.json");
+    let _ = std::fs::remove_file(&table);
+    std::fs::create_dir(&table).unwrap();
+    let a = env.recover("a", None)[0].clone();
+    let refused = std::fs::metadata(&a)
+        .map(|_| ())
+        .map_err(|e| e.raw_os_error());
+    std::fs::remove_dir(&table).unwrap();
+    let later = std::fs::metadata(&a).map(|_| ());
+    drop(d);
+    assert_eq!(refused, Err(Some(libc::EIO)), "looked up unrecorded");
+    assert!(later.is_ok(), "{later:?}");
+}
+
+/// H3: if the inode table is lost before a crash, the adopting daemon
+/// never answers a number the kernel holds for one VM's open disk with
+/// another VM: the open file's write lands in no other VM's disk.
+#[test]
+fn a_lost_inode_table_never_maps_an_open_disk_to_another_vm() {
+    let env = keeper_env();
+    let _let_go = LetGo(env.staging.clone());
+    let size = 16 * K64;
+    for (i, vm) in ["a", "b", "c"].iter().enumerate() {
+        random_image(&env.path(&format!("{vm}.raw")), size, 40 + i as u64, K64);
+        env.backup(vm, "64K", &[&env.path(&format!("{vm}.raw"))]);
+    }
+    let d = env.serve();
+    let a = env.recover("a", None)[0].clone();
+    let b = env.recover("b", None)[0].clone();
+    // Lookups in this order: a gets the first base, b the second.
+    std::fs::metadata(&a).unwrap();
+    std::fs::metadata(&b).unwrap();
+    let stop = env.path("stop");
+    let script = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]): time.sleep(0.1)
+try:
+    os.pwrite(fd, b"B" * 4096, 0); os.fdatasync(fd); print("wrote")
+except OSError as e:
+    print("error", e)
+"#;
+    let (child, out) = holder(script, &[&b, &stop]);
+    std::fs::remove_file(env.staging.join("fuse-inodes.json")).unwrap();
+    crash(d);
+    let d2 = env.serve();
+    // Not adopted: the old disks fail (ENOTCONN) rather than risk an old
+    // number answered as another VM's.
+    let log = d2.log_text();
+    assert!(
+        log.contains("open handles is lost") && log.contains("letting it go"),
+        "{log}"
+    );
+    // The kernel's cached entries expire (TTL 1 s): then a lookup, not a
+    // getattr of the old number (which the new daemon answers ENOENT).
+    std::thread::sleep(Duration::from_millis(1100));
+    // The new daemon: c is looked up first, then a.
+    let c = env.recover("c", None)[0].clone();
+    std::fs::metadata(&c).unwrap();
+    std::fs::metadata(&a).unwrap();
+    let c_before = std::fs::read(&c).unwrap()[..4096].to_vec();
+    let a_before = std::fs::read(&a).unwrap()[..4096].to_vec();
+    let rest = finish(&stop, child, out);
+    let c_after = std::fs::read(&c).unwrap()[..4096].to_vec();
+    let a_after = std::fs::read(&a).unwrap()[..4096].to_vec();
+    drop(d2);
+    assert!(
+        c_after == c_before && a_after == a_before,
+        "b's open file wrote into another VM's disk (c changed: {}, a changed: {}); writer said: {rest}",
+        c_after != c_before,
+        a_after != a_before
+    );
+}
+
+/// M2: a passthrough open made under the dead daemon is known after the
+/// adoption: a writable open waits for it, then is refused with EBUSY (not
+/// EIO at once), and `release` refuses.
+#[test]
+fn a_passthrough_open_from_the_dead_daemon_is_still_known_after_adoption() {
+    passthrough_open_across_a_crash(true)
+}
+
+/// M2, restarted without `--fuse-passthrough`: the kernel still has the
+/// inode in passthrough mode, so a writable open waits as well.
+#[test]
+fn a_passthrough_open_from_the_dead_daemon_is_known_to_a_daemon_without_the_option() {
+    passthrough_open_across_a_crash(false)
+}
+
+fn passthrough_open_across_a_crash(restart_with_option: bool) {
+    let mut env = keeper_env();
+    env.serve_args = vec!["--fuse-passthrough".into()];
+    let _let_go = LetGo(env.staging.clone());
+    random_image(&env.path("a.raw"), 16 * K64, 38, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    // Stage it all through a writable open, then let its release arrive.
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        let mut buf = vec![0u8; 16 * K64];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = env.path("stop");
+    let script = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.pread(fd, 4096, 0)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]): time.sleep(0.1)
+"#;
+    let (child, out) = holder(script, &[&disk, &stop]);
+    let passed = d.log_text();
+    crash(d);
+    if !restart_with_option {
+        env.serve_args.clear();
+    }
+    let d2 = env.serve();
+    let t = std::time::Instant::now();
+    let w = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk);
+    let took = t.elapsed();
+    let w_err = w.as_ref().err().map(|e| e.raw_os_error());
+    drop(w);
+    let o = env.release("vm", false);
+    finish(&stop, child, out);
+    // Once the reader is gone, a writable open is served again.
+    std::thread::sleep(Duration::from_millis(500));
+    let again = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .map(|_| ());
+    let log = d2.log_text();
+    drop(d2);
+    assert_eq!(
+        w_err,
+        Some(Some(libc::EBUSY)),
+        "writable open after adoption, after {took:?}\n{passed}\n{log}"
+    );
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    assert!(!o.status.success(), "release went ahead\n{log}");
+    assert!(again.is_ok(), "{again:?}\n{log}");
+}
