@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::repo::Repository;
+use crate::error::{Error, IoContext, Result};
 use crate::session::Datastore;
 use crate::staging::StagingSet;
 
@@ -15,10 +14,12 @@ mod exports_moved;
 mod fuse_mount;
 mod mount_point;
 mod mounted;
+mod open_repository;
 pub use fuse_mount::let_go as fuse_let_go;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
 pub use mounted::MountedDatastore;
+use open_repository::open_repository;
 
 pub struct ServeOptions {
     pub repo: String,
@@ -112,69 +113,6 @@ fn raise_open_files_limit() {
             let e = std::io::Error::last_os_error();
             tracing::warn!("cannot raise the open files limit from {old}: {e}");
         }
-    }
-}
-
-/// The repository to serve from. One that does not answer (unreachable,
-/// or not there: a share not mounted) is opened from the copy of its
-/// identity `--staging` keeps, so that a daemon restarted during an
-/// outage serves what staging holds: the guests' own writes and every
-/// staged block (`repo::unconfirmed`). One that answers but refuses as
-/// configured (a missing S3 bucket, wrong credentials, a wrong region)
-/// fails the start: waiting would not change its answer.
-fn open_repository(opts: &ServeOptions) -> Result<Arc<Repository>> {
-    let e = match opts.repo_delay {
-        Some(d) => return Repository::open_delayed(&opts.repo, d),
-        None => match Repository::open(&opts.repo) {
-            Ok(r) => return Ok(r),
-            Err(e) => e,
-        },
-    };
-    // A store that answered with what waiting will not change (a bucket
-    // that does not exist, a request refused as malformed, a key refused)
-    // is a configuration to fix: with nothing of this repository in
-    // staging the start fails, saying what. A staging directory that
-    // records this very repository holds sessions of it, served before
-    // from this address: the VMs come first (a store still syncing, a
-    // failover, keys rotated under a running service), so the start goes
-    // on degraded, saying so as an error (review29 M2).
-    let answered =
-        crate::repo::backend::Misconfigured::is(&e) || e.kind() == ErrorKind::NotPermitted;
-    if !(matches!(e.kind(), ErrorKind::Io | ErrorKind::NotFound) || answered) {
-        return Err(e);
-    }
-    let recorded = match crate::staging::recorded_repository(&opts.staging) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Err(e),
-        Err(e2) => {
-            tracing::warn!("{e2}");
-            return Err(e);
-        }
-    };
-    let (at, info) = recorded;
-    let id = info.id.clone();
-    match Repository::open_recorded(&opts.repo, info, &at) {
-        Ok(repo) if answered => {
-            tracing::error!(
-                repo = %repo.location(),
-                "the store refuses this repository ({e}): starting from staging {}'s record of it (id {id}), which it served before from this address. Staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself: fix what this says (bucket, region, keys) and the daemon carries on by itself",
-                opts.staging.display()
-            );
-            Ok(repo)
-        }
-        Ok(repo) => {
-            tracing::warn!(
-                repo = %repo.location(),
-                "the repository does not answer ({e}): starting from staging {}'s record of it (id {id}). Staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself",
-                opts.staging.display()
-            );
-            Ok(repo)
-        }
-        // Both: why the repository did not open, and why its record did not do.
-        Err(e2) => Err(Error::new(
-            e.kind(),
-            format!("{e} (and not started from staging's record of it: {e2})"),
-        )),
     }
 }
 

@@ -107,14 +107,16 @@ struct OpenState {
     released: bool,
 }
 
-/// Runs at a session's first network attach (`daemon::exports_moved`).
+/// Runs at a session's first network attach over one frontend
+/// (`daemon::exports_moved`).
 type OnAttach = Box<dyn FnOnce(&Session) + Send>;
 
-/// NFS or NBD attached since this daemon started; what runs at the first.
+/// The frontends (NFS, NBD) that attached since this daemon started, and
+/// what runs at the first attach over each.
 #[derive(Default)]
 struct NetworkAttach {
-    seen: bool,
-    first: Option<OnAttach>,
+    seen: Vec<holders::Frontend>,
+    first: Vec<(holders::Frontend, OnAttach)>,
 }
 
 /// An open handle held by a frontend (an NFS client using the VM, an NBD
@@ -135,22 +137,20 @@ impl Drop for Attachment {
 
 impl Session {
     /// Holds the session open for a network frontend (NFS, NBD: only they
-    /// call it; `by` names the client); `None` once it is released. The
-    /// first one of this daemon run runs what [`Self::on_network_attach`]
-    /// left.
+    /// call it; `by` names the client) that uses it as a hypervisor does
+    /// (see [`Self::attached`]); `None` once it is released.
     pub fn attach(self: &Arc<Self>, by: Holder) -> Option<Attachment> {
-        let held = self
-            .open_handle(by)
-            .map(|id| Attachment(self.clone(), id))?;
-        let first = {
-            let mut n = self.network.lock();
-            n.seen = true;
-            n.first.take()
-        };
-        if let Some(f) = first {
-            f(self);
-        }
+        let via = by.via;
+        let held = self.hold(by)?;
+        self.attached(via);
         Some(held)
+    }
+
+    /// Holds the session open for a network frontend that only looks at it
+    /// or reads it so far (NFS before a write, review30 M2): `release`
+    /// refuses while it is held, but it is no attach (`attached`).
+    pub fn hold(self: &Arc<Self>, by: Holder) -> Option<Attachment> {
+        self.open_handle(by).map(|id| Attachment(self.clone(), id))
     }
 
     /// Counts an open file handle held by `by`, returning the id that

@@ -171,3 +171,146 @@ fn a_client_that_reattached_to_the_new_port_clears_the_vm_at_once_and_for_the_ne
     assert!(moved(&env).is_empty());
     assert!(d.stop().success(), "{}", d.log_text());
 }
+
+/// Runs a client tool; its output, which must be a success.
+fn run(args: &[&str]) -> String {
+    let o = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} (libnbd-bin, libnfs-utils): {e}", args[0]));
+    assert!(o.status.success(), "{args:?}: {o:?}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A VM recovered with NFS and NBD on `old`'s address, then resumed by a
+/// restart that serves both on `new`'s: its clients are stranded on both.
+fn stranded_on_both(env: &mut Env, old: &str, new: &str) -> Daemon {
+    let serve = |ip: &str, port: u16| {
+        vec![
+            "--nfs".to_string(),
+            ip.to_string(),
+            "--nbd".into(),
+            format!("{ip}:{port}"),
+        ]
+    };
+    env.serve_args = serve(old, 10899);
+    env.backup("tiny", "64K", &[&tiny_image()]);
+    let mut d = env.serve();
+    env.recover("tiny", None);
+    assert!(d.stop().success(), "{}", d.log_text());
+    drop(d);
+    env.serve_args = serve(new, 10900);
+    let d = env.serve();
+    let m = moved(env);
+    assert!(
+        m.len() == 1
+            && m[0]["nfs_from"] == serde_json::json!([format!("{old}:2049")])
+            && m[0]["nbd_from"] == serde_json::json!([format!("{old}:10899")]),
+        "{m:?}"
+    );
+    d
+}
+
+/// review30 M2: a look at the new address (`nbdinfo --list`, an
+/// NBD_OPT_INFO, an admin's `nfs-cat` or `nfs-ls`) is no reattach, though
+/// each of them cleared the VM's stranded clients.
+#[test]
+fn a_listing_an_nbd_info_or_an_nfs_read_does_not_clear_the_stranded_clients() {
+    let mut env = Env::new();
+    let (old, new) = (own_loopback().to_string(), own_loopback().to_string());
+    let mut d = stranded_on_both(&mut env, &old, &new);
+    let both = |after: &str| {
+        let m = moved(&env);
+        assert!(
+            m.len() == 1
+                && m[0]["nfs_from"] == serde_json::json!([format!("{old}:2049")])
+                && m[0]["nbd_from"] == serde_json::json!([format!("{old}:10899")]),
+            "after {after}: {m:?}"
+        );
+    };
+    let nbd = format!("nbd://{new}:10900");
+    let list = run(&["nbdinfo", "--list", &nbd]);
+    assert!(list.contains("tiny/disk0"), "{list}");
+    both("nbdinfo --list");
+    // NBD_OPT_INFO alone (plain `nbdinfo` goes on to NBD_OPT_GO); the
+    // system's python has the nbd module (python3-libnbd).
+    let size = run(&[
+        "/usr/bin/python3",
+        "-c",
+        &format!(
+            "import nbd; h = nbd.NBD(); h.set_opt_mode(True); \
+             h.connect_uri('{nbd}/tiny/disk0'); h.opt_info(); print(h.get_size()); h.opt_abort()"
+        ),
+    ]);
+    assert!(size.trim().parse::<u64>().unwrap() > 0, "{size}");
+    both("NBD_OPT_INFO");
+    run(&["nfs-ls", &format!("nfs://{new}/tiny")]);
+    let cat = std::process::Command::new("nfs-cat")
+        .arg(format!("nfs://{new}/tiny/disk0.raw"))
+        .output()
+        .expect("nfs-cat is installed (libnfs-utils)");
+    assert!(cat.status.success() && !cat.stdout.is_empty(), "{cat:?}");
+    both("nfs-ls, nfs-cat");
+    let record = std::fs::read_to_string(env.staging.join("exports.json")).unwrap();
+    assert!(record.contains("tiny"), "{record}");
+    assert!(d.stop().success(), "{}", d.log_text());
+    drop(d);
+    // And the next restart names them again, on both.
+    let mut d = env.serve();
+    let log = d.log_text();
+    let line = log.lines().find(|l| l.contains(MOVED)).unwrap_or_default();
+    assert!(
+        line.contains(&format!(
+            "clients attached to {old}:2049 {old}:10899 (VMs tiny)"
+        )),
+        "{log}"
+    );
+    assert!(d.stop().success(), "{}", d.log_text());
+}
+
+/// review30 M2: an attach over one frontend cleared the VM's stranded
+/// clients over both; a VM stranded on NFS and NBD stays stranded on the
+/// one that did not reattach. An NFS attach is a write to a disk.
+#[test]
+fn an_attach_over_one_frontend_clears_only_that_frontends_stranded_clients() {
+    let mut env = Env::new();
+    let (old, new) = (own_loopback().to_string(), own_loopback().to_string());
+    let mut d = stranded_on_both(&mut env, &old, &new);
+    // NBD reattaches: plain `nbdinfo` goes to transmission (NBD_OPT_GO).
+    run(&["nbdinfo", &format!("nbd://{new}:10900/tiny/disk0")]);
+    let nfs_only = |env: &Env| {
+        let m = moved(env);
+        m.len() == 1
+            && m[0]["nfs_from"] == serde_json::json!([format!("{old}:2049")])
+            && m[0]["nbd_from"] == serde_json::json!([])
+    };
+    assert!(nfs_only(&env), "{:?}\n{}", moved(&env), d.log_text());
+    assert!(d.stop().success(), "{}", d.log_text());
+    drop(d);
+    // Recorded so: the next restart names NFS's clients only.
+    let mut d = env.serve();
+    let log = d.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(MOVED)).collect();
+    assert!(
+        lines.len() == 1
+            && lines[0].contains(&format!(
+                "NFS was served on {old}:2049, now on {new}:2049: clients attached to {old}:2049 (VMs tiny) must reattach"
+            ))
+            && !lines[0].contains("NBD"),
+        "{log}"
+    );
+    assert!(nfs_only(&env), "{:?}", moved(&env));
+    // NFS reattaches: a client writes the disk.
+    let mut c = common::nfs::Client::mount(&new, "/tiny").unwrap();
+    let dir = c.root.clone();
+    let disk = c.lookup(&dir, "disk0.raw").unwrap();
+    let first = c.read(&disk, 0, 512).unwrap();
+    assert!(nfs_only(&env), "a read is no attach: {:?}", moved(&env));
+    c.write(&disk, 0, &first, nfs3_types::nfs3::stable_how::FILE_SYNC)
+        .unwrap();
+    assert!(moved(&env).is_empty(), "{:?}", moved(&env));
+    let record = std::fs::read_to_string(env.staging.join("exports.json")).unwrap();
+    assert!(!record.contains("tiny"), "{record}");
+    drop(c);
+    assert!(d.stop().success(), "{}", d.log_text());
+}

@@ -640,11 +640,26 @@ fn a_refusing_store_fails_a_fresh_start_at_once_and_starts_a_recorded_staging_de
         drop(d);
     }
     // With the store right again, the session resumes, not degraded.
-    env.extra_env = good;
+    env.extra_env = good.clone();
     let d = env.serve();
     assert_eq!(env.status()["sessions"][0]["vm"], "vm");
     assert!(!d.log_text().contains("starting from staging"));
+    // review30 L5: released (kept), nothing is left to serve: a refusing
+    // store fails the start over the recorded staging too, at once.
+    let o = env.release("vm", false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     drop(d);
+    env.extra_env = set("AWS_SECRET_ACCESS_KEY", &"f".repeat(64));
+    let t0 = Instant::now();
+    let (code, err) = serve_to_end(&env, "staging", Duration::from_secs(20));
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(
+        err.contains("access denied to bucket")
+            && err.contains("holds no session of it to serve without it"),
+        "{err}"
+    );
+    assert!(!mounted(), "{err}");
 }
 
 /// The latency proxy on `port` stopped (SIGSTOP) while this lives: the

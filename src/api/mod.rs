@@ -169,13 +169,13 @@ async fn recover(State(ds): State<Ds>, JsonBody(body): JsonBody<RecoverBody>) ->
 }
 
 /// Clients a restart left on addresses no longer served, per export point,
-/// of the VMs `of` takes while their sessions are served and no client
-/// reattached over NFS or NBD since (`daemon::exports_moved`).
+/// of the VMs `of` takes while their sessions are served, over the
+/// frontends that did not attach since (`daemon::exports_moved`).
 fn moved(ds: &Ds, of: impl Fn(&str) -> bool) -> Vec<crate::staging::last_exports::Moved> {
     let vms_at = |p: &str| {
         (ds.sessions_at(p).iter())
-            .filter(|s| of(&s.vm) && !s.network_attached())
-            .map(|s| s.vm.clone())
+            .filter(|s| of(&s.vm))
+            .map(|s| (s.vm.clone(), s.network_reached()))
             .collect()
     };
     crate::staging::last_exports::moved(ds.staging_root(), vms_at)

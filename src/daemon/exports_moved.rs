@@ -10,18 +10,24 @@
 //! that finds them stranded, and in `status` until their sessions are
 //! released, a restart serves the old address again, or they reattach
 //! (fixstatus 2: a second restart on the new address said nothing, and
-//! only the log said it once). A VM's clients reattached when NFS or NBD
-//! attaches to its session after the restart (`Session::attach`, which
-//! only they call; this daemon serves only the new addresses): `status`
-//! leaves the VM out at once, the record drops it at that attach and again
-//! at the stop (fixviews 1: a client reattached by hand was named at every
-//! restart until the session was released).
+//! only the log said it once). A VM's clients over NFS (or NBD)
+//! reattached when NFS (NBD) attaches to its session after the restart
+//! (`Session::attached`; this daemon serves only the new addresses):
+//! `status` leaves them out at once, the record drops them at that attach
+//! and again at the stop (fixviews 1: a client reattached by hand was
+//! named at every restart until the session was released). An attach is
+//! what a hypervisor does: an NBD client going to transmission
+//! (NBD_OPT_GO, NBD_OPT_EXPORT_NAME), an NFS client writing a disk (see
+//! `export::nfs::proto::Conn` for why not a read); not `nbdinfo --list`,
+//! an NBD_OPT_INFO, an admin's `nfs-cat` (review30 M2: each of them
+//! cleared the VM). And per frontend: a VM stranded on both stays stranded
+//! on NBD when NFS reattaches, and the other way round.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::session::{Datastore, Session};
-use crate::staging::last_exports::{self, Last, Served, Stranded};
+use crate::session::{Datastore, Frontend, Session};
+use crate::staging::last_exports::{self, Last, Reached, Served, Stranded};
 
 /// Warns (one line per export point and group of VMs) where resumed
 /// sessions' clients are stranded, then records `now` and them for the
@@ -33,12 +39,11 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     );
-    // A VM a client reached already (the frontends serve before this) is
-    // not stranded.
-    let vms_at = |point: &str| -> Vec<String> {
+    // A frontend that reached a VM already (they serve before this) has
+    // no clients of it stranded.
+    let vms_at = |point: &str| -> Vec<(String, Reached)> {
         (ds.sessions_at(point).iter())
-            .filter(|s| !s.network_attached())
-            .map(|s| s.vm.clone())
+            .map(|s| (s.vm.clone(), s.network_reached()))
             .collect()
     };
     let found = match last_exports::read(root) {
@@ -63,16 +68,26 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
     if let Err(e) = last_exports::write(root, &last) {
         tracing::warn!("could not record the export addresses in the staging directory (a later daemon there on other addresses will not say which clients must reattach): {e}");
     }
-    // Hooked after the record is written, so the first attach drops the
-    // VM from this record; one that came before the hook is done here.
+    // Hooked after the record is written, so the first attach over a
+    // frontend drops its clients from this record; one that came before
+    // the hook is done here.
     for (point, vms) in &last.stranded {
         for s in ds.sessions_at(point) {
-            if !vms.contains_key(&s.vm) {
+            let Some(stranded) = vms.get(&s.vm) else {
                 continue;
-            }
-            let r = root.to_path_buf();
-            if !s.on_network_attach(Box::new(move |s: &Session| reattached(&r, &s.vm))) {
-                reattached(root, &s.vm);
+            };
+            for (via, addrs) in [
+                (Frontend::Nfs, &stranded.nfs),
+                (Frontend::Nbd, &stranded.nbd),
+            ] {
+                if addrs.is_empty() {
+                    continue;
+                }
+                let r = root.to_path_buf();
+                let hook = Box::new(move |s: &Session| reattached(&r, &s.vm, via));
+                if !s.on_network_attach(via, hook) {
+                    reattached(root, &s.vm, via);
+                }
             }
         }
     }
@@ -84,28 +99,31 @@ pub(super) fn check_and_record(root: &Path, ds: &Datastore, now: &BTreeMap<Strin
     }));
 }
 
-/// NFS or NBD attached to VM `vm` since this start: its clients are no
-/// longer stranded; dropped from the record.
-fn reattached(root: &Path, vm: &str) {
-    tracing::info!(vm, "a client attached to the VM over NFS or NBD: its clients are no longer taken to be stranded on an address a restart left");
-    if let Err(e) = last_exports::forget_vms(root, |v| v == vm) {
-        tracing::warn!(vm, "could not drop the reattached VM from the record of stranded clients (tried again at the stop; a restart before it names the VM again): {e}");
+/// Frontend `via` attached to VM `vm` since this start: its clients over
+/// it are no longer stranded; dropped from the record.
+fn reattached(root: &Path, vm: &str, via: Frontend) {
+    tracing::info!(vm, "a client attached to the VM over {via}: its {via} clients are no longer taken to be stranded on an address a restart left");
+    let only = Reached {
+        nfs: via == Frontend::Nfs,
+        nbd: via == Frontend::Nbd,
+    };
+    if let Err(e) = last_exports::forget_reached(root, vm, only) {
+        tracing::warn!(vm, "could not drop the reattached VM's {via} clients from the record of stranded clients (tried again at the stop; a restart before it names them again): {e}");
     }
 }
 
-/// At the stop (no frontend attaches any more): drops the VMs NFS or NBD
-/// attached to from the record, for a record write at the attach that
-/// failed.
+/// At the stop (no frontend attaches any more): drops the clients of the
+/// frontends that attached from the record, for a record write at the
+/// attach that failed.
 pub(super) fn at_stop(root: &Path, ds: &Datastore) {
-    let attached: BTreeSet<String> = (ds.sessions().iter())
-        .filter(|s| s.network_attached())
-        .map(|s| s.vm.clone())
-        .collect();
-    if attached.is_empty() {
-        return;
-    }
-    if let Err(e) = last_exports::forget_vms(root, |vm| attached.contains(vm)) {
-        tracing::warn!("could not drop the reattached VMs from the record of stranded clients (the next start names them again): {e}");
+    for s in ds.sessions().iter() {
+        let r = s.network_reached();
+        if r == Reached::default() {
+            continue;
+        }
+        if let Err(e) = last_exports::forget_reached(root, &s.vm, r) {
+            tracing::warn!(vm = %s.vm, "could not drop the reattached VM's clients from the record of stranded clients (the next start names them again): {e}");
+        }
     }
 }
 
@@ -116,7 +134,7 @@ pub(super) fn at_stop(root: &Path, ds: &Datastore) {
 fn strand(
     before: &Last,
     now: &BTreeMap<String, Served>,
-    vms_at: impl Fn(&str) -> Vec<String>,
+    vms_at: impl Fn(&str) -> Vec<(String, Reached)>,
     since: &str,
 ) -> Found {
     let mut out = Found::new();
@@ -124,7 +142,7 @@ fn strand(
         let Some(prev) = before.points.get(point) else {
             continue;
         };
-        for vm in vms_at(point) {
+        for (vm, reached) in vms_at(point) {
             let was = before.stranded.get(point).and_then(|vms| vms.get(&vm));
             // Stranded by a restart before: still there, as far as anyone
             // can tell; else where the previous daemon served.
@@ -139,9 +157,14 @@ fn strand(
                 let kept: BTreeSet<&String> = new.iter().collect();
                 old.iter().filter(|a| !kept.contains(a)).cloned().collect()
             };
+            // Those of a frontend that reached it already are not.
+            let gone = |old, new, reached: bool| match reached {
+                true => vec![],
+                false => gone(old, new),
+            };
             let (nfs, nbd) = (
-                gone(&clients.nfs, &served.nfs),
-                gone(&clients.nbd, &served.nbd),
+                gone(&clients.nfs, &served.nfs, reached.nfs),
+                gone(&clients.nbd, &served.nbd, reached.nbd),
             );
             if nfs.is_empty() && nbd.is_empty() {
                 continue;
@@ -230,15 +253,22 @@ mod tests {
         BTreeMap::from([("default".to_string(), s)])
     }
 
-    fn vms(_: &str) -> Vec<String> {
-        vec!["a".into(), "b".into()]
+    fn vms(_: &str) -> Vec<(String, Reached)> {
+        at(&["a", "b"])
+    }
+
+    /// VMs `vms` resumed, no frontend reached since.
+    fn at(vms: &[&str]) -> Vec<(String, Reached)> {
+        (vms.iter())
+            .map(|v| (v.to_string(), Reached::default()))
+            .collect()
     }
 
     /// The log's lines of a start on `now` after one on `before`.
     fn moved(
         before: &BTreeMap<String, Served>,
         now: &BTreeMap<String, Served>,
-        vms_at: impl Fn(&str) -> Vec<String>,
+        vms_at: impl Fn(&str) -> Vec<(String, Reached)>,
     ) -> Vec<String> {
         let last = Last {
             points: before.clone(),
@@ -251,7 +281,7 @@ mod tests {
     fn start(
         before: &Last,
         now: &BTreeMap<String, Served>,
-        vms_at: impl Fn(&str) -> Vec<String>,
+        vms_at: impl Fn(&str) -> Vec<(String, Reached)>,
         since: &str,
     ) -> (Last, Vec<String>) {
         let found = strand(before, now, vms_at, since);
@@ -289,7 +319,7 @@ mod tests {
         );
         // B again: still stranded on A, since the first restart; a VM
         // released meanwhile (not resumed) is not named.
-        let only_a = |_: &str| vec!["a".to_string()];
+        let only_a = |_: &str| at(&["a"]);
         let (third, said) = start(&second, &on_b, only_a, "T2");
         assert_eq!(
             said,
@@ -311,7 +341,7 @@ mod tests {
         assert!(said.is_empty() && fifth.stranded.is_empty(), "{said:?}");
         // And a VM recovered on B whose daemon restarts on C is named
         // for B, beside one still stranded from A.
-        let (sixth, _) = start(&fourth, &on_c, |_| vec!["a".into(), "n".into()], "T5");
+        let (sixth, _) = start(&fourth, &on_c, |_| at(&["a", "n"]), "T5");
         assert_eq!(sixth.stranded["default"]["a"].nbd, [a]);
         assert!(
             !sixth.stranded["default"].contains_key("n"),
@@ -321,7 +351,7 @@ mod tests {
             points: on_b.clone(),
             stranded: sixth.stranded.clone(),
         };
-        let (_, said) = start(&on_b_again, &on_c, |_| vec!["a".into(), "n".into()], "T6");
+        let (_, said) = start(&on_b_again, &on_c, |_| at(&["a", "n"]), "T6");
         assert_eq!(said.len(), 2, "{said:?}");
         assert!(
             said.iter()

@@ -102,6 +102,8 @@ impl nbd::Exports for DiskExports {
         self.open_by(name, "an unnamed client")
     }
 
+    /// An attach of the VM over NBD (`Session::attach`): the client goes
+    /// to transmission.
     fn open_by(
         &self,
         name: &str,
@@ -110,26 +112,19 @@ impl nbd::Exports for DiskExports {
         Arc<dyn crate::disk::Disk>,
         Box<dyn std::any::Any + Send + Sync>,
     )> {
-        let unknown = || {
-            Error::not_found(format!(
-                "no export {name:?}: expected VM/diskN of a VM being recovered"
-            ))
-        };
-        let (vm, disk) = name.split_once('/').ok_or_else(unknown)?;
-        let index: usize = disk
-            .strip_prefix("disk")
-            .and_then(|n| n.parse().ok())
-            .filter(|i| disk == format!("disk{i}"))
-            .ok_or_else(unknown)?;
-        let s = self
-            .ds
-            .session_at(vm, self.point.name())
-            .ok_or_else(unknown)?;
-        let d = s.disks.get(index).cloned().ok_or_else(unknown)?;
-        let held = s
-            .attach(crate::session::Holder::nbd(index, peer))
-            .ok_or_else(|| Error::not_found(format!("VM {vm} is being released")))?;
+        let (s, d) = self.resolve(name)?;
+        let held = (s.attach(crate::session::Holder::nbd(d.index, peer)))
+            .ok_or_else(|| Error::not_found(format!("VM {} is being released", s.vm)))?;
         Ok((d, Box::new(held)))
+    }
+
+    /// NBD_OPT_INFO: no attach (review30 M2), so a VM's clients stranded
+    /// on an address a restart left stay named.
+    fn look(&self, name: &str, peer: &str) -> Result<Arc<dyn crate::disk::Disk>> {
+        let (s, d) = self.resolve(name)?;
+        (s.hold(crate::session::Holder::nbd(d.index, peer)))
+            .ok_or_else(|| Error::not_found(format!("VM {} is being released", s.vm)))?;
+        Ok(d)
     }
 
     fn elsewhere(&self, name: &str) -> Option<String> {
@@ -151,6 +146,32 @@ impl nbd::Exports for DiskExports {
                 urls.join(" ")
             )
         })
+    }
+}
+
+impl DiskExports {
+    /// The session and disk export `name` (`vm/diskN`) names here.
+    fn resolve(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<crate::session::Session>, Arc<crate::volume::Volume>)> {
+        let unknown = || {
+            Error::not_found(format!(
+                "no export {name:?}: expected VM/diskN of a VM being recovered"
+            ))
+        };
+        let (vm, disk) = name.split_once('/').ok_or_else(unknown)?;
+        let index: usize = disk
+            .strip_prefix("disk")
+            .and_then(|n| n.parse().ok())
+            .filter(|i| disk == format!("disk{i}"))
+            .ok_or_else(unknown)?;
+        let s = self
+            .ds
+            .session_at(vm, self.point.name())
+            .ok_or_else(unknown)?;
+        let d = s.disks.get(index).cloned().ok_or_else(unknown)?;
+        Ok((s, d))
     }
 }
 

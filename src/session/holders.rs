@@ -141,19 +141,50 @@ pub fn describe(holders: &[Holder]) -> String {
 
 /// Which network frontends reached a session (`daemon::exports_moved`).
 impl super::Session {
-    /// NFS or NBD attached to it since this daemon started.
-    pub fn network_attached(&self) -> bool {
-        self.network.lock().seen
+    /// Frontend `via` (NFS or NBD) attached to it since this daemon
+    /// started: an NBD client went to transmission, an NFS client wrote a
+    /// disk (review30 M2: a listing, an NBD_OPT_INFO or an admin's
+    /// `nfs-cat` is no attach). The first over `via` runs what
+    /// [`Self::on_network_attach`] left for it.
+    pub fn attached(&self, via: Frontend) {
+        let first: Vec<super::OnAttach> = {
+            let mut n = self.network.lock();
+            if n.seen.contains(&via) {
+                return;
+            }
+            n.seen.push(via);
+            let (now, later) = std::mem::take(&mut n.first)
+                .into_iter()
+                .partition(|(f, _)| *f == via);
+            n.first = later;
+            now.into_iter().map(|(_, f)| f).collect()
+        };
+        for f in first {
+            f(self);
+        }
     }
 
-    /// Runs `f` at the first network attach; `false` (and `f` dropped) if
-    /// one happened already.
-    pub(crate) fn on_network_attach(&self, f: super::OnAttach) -> bool {
+    /// Frontend `via` attached to it since this daemon started.
+    pub fn network_attached(&self, via: Frontend) -> bool {
+        self.network.lock().seen.contains(&via)
+    }
+
+    /// Which of NFS and NBD attached to it since this daemon started.
+    pub fn network_reached(&self) -> crate::staging::last_exports::Reached {
+        crate::staging::last_exports::Reached {
+            nfs: self.network_attached(Frontend::Nfs),
+            nbd: self.network_attached(Frontend::Nbd),
+        }
+    }
+
+    /// Runs `f` at the first attach over `via`; `false` (and `f` dropped)
+    /// if one happened already.
+    pub(crate) fn on_network_attach(&self, via: Frontend, f: super::OnAttach) -> bool {
         let mut n = self.network.lock();
-        if n.seen {
+        if n.seen.contains(&via) {
             return false;
         }
-        n.first = Some(f);
+        n.first.push((via, f));
         true
     }
 }

@@ -16,6 +16,13 @@ use crate::repo::pins::{self, Pin};
 use crate::repo::Repository;
 use crate::staging::StagingDir;
 
+/// Session directories whose owed pin removal was made without their VM's
+/// operation lock and not looked at under it since (`unpin_owed`): a
+/// session made there meanwhile may have lost its pin. Per process; the
+/// paths name their staging directories.
+static UNCHECKED: parking_lot::Mutex<std::collections::BTreeSet<PathBuf>> =
+    parking_lot::Mutex::new(std::collections::BTreeSet::new());
+
 /// How often a daemon checks that its sessions' backups still exist.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -337,38 +344,85 @@ impl Datastore {
         Ok(())
     }
 
-    /// Removes the pins discarded sessions still owe the repository, each
-    /// under its VM's operation lock. A session of that VM and backup made
-    /// again in that staging directory since has a pin of the same key,
-    /// its own: the debt is then dropped, the pin kept.
+    /// Removes the pins discarded sessions still owe the repository. A
+    /// session of that VM and backup made again in that staging directory
+    /// since has a pin of the same key, its own: the debt is then dropped,
+    /// the pin kept. Looked at under the VM's operation lock, but the
+    /// removal is made without it (review30 L3: a store that does not
+    /// answer held it, and every operation on the VM, for up to a minute
+    /// at every check, per debt): looked at again under it after, a
+    /// session made again meanwhile has its pin written again, which the
+    /// removal may have taken. The first removal that fails ends the round:
+    /// the others would wait on the same store.
     fn unpin_owed(&self) {
         for st in self.stagings.all().iter() {
             for (vm, b, doc) in st.owed_unpins() {
                 let op = self.vm_op(&vm);
-                let Some(_op) = op.try_lock() else {
-                    continue;
-                };
-                let paid = match st.session_dir(&vm, &b).exists() {
-                    true => true,
-                    false => match serde_json::from_slice::<Pin>(&doc) {
-                        Ok(pin) => pins::remove(&self.repo, &pin).is_ok(),
-                        // Left, and said (review30 L2: it was dropped, and
-                        // with it the only trace of a pin nothing removes).
-                        Err(e) => {
-                            let file = st.owed_unpin_file(&vm, &b);
-                            if unreadable_debt_due(&file, Instant::now()) {
-                                tracing::warn!(vm, backup = %b, "an owed pin removal cannot be read ({e}): remove its pin with `recoverfs pins drop`, then {}", file.display());
-                            }
-                            false
+                let dir = st.session_dir(&vm, &b);
+                {
+                    let Some(_op) = op.try_lock() else {
+                        continue;
+                    };
+                    // Not looked at again after a removal: now.
+                    let unchecked = UNCHECKED.lock().remove(&dir);
+                    if dir.exists() {
+                        self.made_again(st, &vm, &b, unchecked);
+                        continue;
+                    }
+                }
+                let pin = match serde_json::from_slice::<Pin>(&doc) {
+                    Ok(pin) => pin,
+                    // Left, and said (review30 L2: it was dropped, and
+                    // with it the only trace of a pin nothing removes).
+                    Err(e) => {
+                        let file = st.owed_unpin_file(&vm, &b);
+                        if unreadable_debt_due(&file, Instant::now()) {
+                            tracing::warn!(vm, backup = %b, "an owed pin removal cannot be read ({e}): remove its pin with `recoverfs pins drop`, then {}", file.display());
                         }
-                    },
+                        continue;
+                    }
                 };
-                if paid {
-                    if let Err(e) = st.unpin_paid(&vm, &b) {
-                        tracing::warn!(vm, backup = %b, "{e}");
+                let removed = pins::remove(&self.repo, &pin).is_ok();
+                match op.try_lock() {
+                    Some(_op) if dir.exists() => self.made_again(st, &vm, &b, true),
+                    Some(_op) if removed => self.unpin_paid(st, &vm, &b),
+                    Some(_op) => {}
+                    // An operation on the VM runs (a recover of this very
+                    // session, say): looked at by the next check.
+                    None => {
+                        UNCHECKED.lock().insert(dir);
+                    }
+                }
+                if !removed {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The owed removal of the pin of `vm`'s session from backup `b` in
+    /// `st`, whose session was made again: dropped; and if the removal was
+    /// made since the session was (`removed`), its pin, of the same key, is
+    /// written again: by `repin` if it is served, else as its kept pin.
+    /// Under the VM's operation lock.
+    fn made_again(&self, st: &Arc<StagingDir>, vm: &str, b: &str, removed: bool) {
+        if removed {
+            let served = (self.session(vm)).filter(|s| s.backup == b && s.staging.id() == st.id());
+            match served {
+                Some(s) => self.pin(&s, true),
+                None => {
+                    if let Err(e) = st.set_pin_owed(vm, b, true) {
+                        tracing::warn!(vm, backup = %b, "could not record in staging that its pin is owed (a pin removal owed by its discarded predecessor may have taken it): {e}");
                     }
                 }
             }
+        }
+        self.unpin_paid(st, vm, b);
+    }
+
+    fn unpin_paid(&self, st: &StagingDir, vm: &str, b: &str) {
+        if let Err(e) = st.unpin_paid(vm, b) {
+            tracing::warn!(vm, backup = %b, "{e}");
         }
     }
 

@@ -12,10 +12,15 @@
 //!   a daemon does not see which address a client reached it on, so a
 //!   second restart on the new address names them again (it said nothing
 //!   before), and one back on the old address clears them.
-//! * A VM drops out when its session is released ([`forget_vm`]), is not
-//!   resumed at that point by a restart, or its clients reattach: NFS or
-//!   NBD attaches to it since the restart ([`forget_vms`] at that first
-//!   attach, again at the stop; `status` leaves it out at once, fixviews 1).
+//! * A VM drops out when its session is released ([`forget_vm`]) or is not
+//!   resumed at that point by a restart; its clients over one frontend
+//!   when they reattach: that frontend attaches to it since the restart
+//!   ([`forget_reached`] at that first attach, again at the stop; `status`
+//!   leaves them out at once, fixviews 1), and the VM with the last of
+//!   them. An attach is what a hypervisor does, not a look (review30 M2:
+//!   an NBD client in transmission, an NFS client's write to a disk; see
+//!   `export::nfs::proto::Conn`), and one frontend's attach leaves the
+//!   other's clients stranded.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,6 +53,28 @@ pub struct Stranded {
     pub nbd: Vec<String>,
     /// The restart that stranded them (RFC 3339).
     pub since: String,
+}
+
+impl Stranded {
+    /// What stays stranded once the frontends `reached` attached; `None`
+    /// if nothing does.
+    pub fn without(&self, reached: Reached) -> Option<Stranded> {
+        let keep = |a: &Vec<String>, gone: bool| if gone { vec![] } else { a.clone() };
+        let s = Stranded {
+            nfs: keep(&self.nfs, reached.nfs),
+            nbd: keep(&self.nbd, reached.nbd),
+            since: self.since.clone(),
+        };
+        (!s.nfs.is_empty() || !s.nbd.is_empty()).then_some(s)
+    }
+}
+
+/// Which frontends attached to a VM since this start: its clients over
+/// them are not stranded (the others' may still be, review30 M2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reached {
+    pub nfs: bool,
+    pub nbd: bool,
 }
 
 /// Per export point, per VM: its stranded clients.
@@ -125,6 +152,33 @@ pub fn forget_vms(root: &Path, gone: impl Fn(&str) -> bool) -> Result<()> {
     write_unlocked(root, &last)
 }
 
+/// VM `vm`'s clients over the frontends `reached` reattached: dropped
+/// from its stranded clients (the VM with the last of them). Rewrites the
+/// record (atomically) only if that changes it.
+pub fn forget_reached(root: &Path, vm: &str, reached: Reached) -> Result<()> {
+    let _one = RECORD.lock();
+    let Some(mut last) = read(root) else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for vms in last.stranded.values_mut() {
+        let Some(s) = vms.get(vm) else {
+            continue;
+        };
+        match s.without(reached) {
+            Some(left) if left == *s => continue,
+            Some(left) => vms.insert(vm.to_string(), left),
+            None => vms.remove(vm),
+        };
+        changed = true;
+    }
+    if !changed {
+        return Ok(());
+    }
+    last.stranded.retain(|_, vms| !vms.is_empty());
+    write_unlocked(root, &last)
+}
+
 /// One group of stranded clients as `status` shows it: an export point's
 /// VMs stranded from the same addresses by the same restart.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -144,16 +198,18 @@ pub struct Moved {
 }
 
 /// The stranded clients the record of `root` names, of VMs `served_at`
-/// a point now (a session released since is left out).
-pub fn moved(root: &Path, served_at: impl Fn(&str) -> Vec<String>) -> Vec<Moved> {
+/// a point now (a session released since is left out), but for the
+/// frontends that reached each since this start.
+pub fn moved(root: &Path, served_at: impl Fn(&str) -> Vec<(String, Reached)>) -> Vec<Moved> {
     let Some(last) = read(root) else {
         return vec![];
     };
     let mut out: Vec<Moved> = vec![];
     for (point, vms) in &last.stranded {
         let now = last.points.get(point).cloned().unwrap_or_default();
-        let serving = served_at(point);
-        for (vm, s) in vms.iter().filter(|(vm, _)| serving.contains(vm)) {
+        let serving: BTreeMap<String, Reached> = served_at(point).into_iter().collect();
+        let left = (vms.iter()).filter_map(|(vm, s)| Some((vm, s.without(*serving.get(vm)?)?)));
+        for (vm, s) in left {
             let same = |m: &&mut Moved| {
                 m.export_point == *point
                     && (&m.nfs_from, &m.nbd_from, &m.since) == (&s.nfs, &s.nbd, &s.since)
@@ -216,6 +272,10 @@ mod tests {
         }
     }
 
+    fn none() -> Reached {
+        Reached::default()
+    }
+
     #[test]
     fn recorded_exports_read_back_and_a_damaged_record_is_none() {
         let d = tempfile::tempdir().unwrap();
@@ -254,7 +314,7 @@ mod tests {
             BTreeMap::from([("a".into(), s.clone()), ("b".into(), s)]),
         );
         write(d.path(), &last).unwrap();
-        let both = |_: &str| vec!["a".to_string(), "b".to_string()];
+        let both = |_: &str| vec![("a".to_string(), none()), ("b".to_string(), none())];
         let m = moved(d.path(), both);
         assert_eq!(m.len(), 1, "{m:?}");
         assert_eq!(
@@ -265,12 +325,58 @@ mod tests {
              again)"
         );
         // Released: left out at once, then dropped from the record.
-        assert_eq!(moved(d.path(), |_| vec!["b".into()])[0].vms, ["b"]);
+        assert_eq!(
+            moved(d.path(), |_| vec![("b".into(), none())])[0].vms,
+            ["b"]
+        );
         forget_vm(d.path(), "a").unwrap();
         assert_eq!(moved(d.path(), both)[0].vms, ["b"]);
         forget_vm(d.path(), "b").unwrap();
         assert!(moved(d.path(), both).is_empty());
         assert!(read(d.path()).unwrap().stranded.is_empty());
         assert_eq!(read(d.path()).unwrap().points, last.points);
+    }
+
+    /// review30 M2: a VM stranded on NFS and NBD whose NBD client
+    /// reattached is still stranded on NFS, in `status` and the record.
+    #[test]
+    fn one_frontend_reattached_leaves_the_others_clients_stranded() {
+        let d = tempfile::tempdir().unwrap();
+        let mut last = Last::default();
+        last.points.insert(
+            "default".into(),
+            served(&["127.0.0.2:2049"], &["127.0.0.2:10900"]),
+        );
+        let s = Stranded {
+            nfs: vec!["127.0.0.1:2049".into()],
+            nbd: vec!["127.0.0.1:10899".into()],
+            since: "T1".into(),
+        };
+        last.stranded
+            .insert("default".into(), BTreeMap::from([("a".into(), s)]));
+        write(d.path(), &last).unwrap();
+        let nbd = Reached {
+            nfs: false,
+            nbd: true,
+        };
+        let m = moved(d.path(), |_| vec![("a".into(), nbd)]);
+        assert_eq!((m.len(), m[0].nbd_from.len()), (1, 0), "{m:?}");
+        assert_eq!(m[0].nfs_from, ["127.0.0.1:2049"]);
+        assert!(!m[0].warning.contains("NBD"), "{}", m[0].warning);
+        forget_reached(d.path(), "a", nbd).unwrap();
+        let left = &read(d.path()).unwrap().stranded["default"]["a"];
+        assert_eq!((left.nfs.len(), left.nbd.len()), (1, 0));
+        assert_eq!(
+            moved(d.path(), |_| vec![("a".into(), none())])[0]
+                .nfs_from
+                .len(),
+            1
+        );
+        let nfs = Reached {
+            nfs: true,
+            nbd: false,
+        };
+        forget_reached(d.path(), "a", nfs).unwrap();
+        assert!(read(d.path()).unwrap().stranded.is_empty());
     }
 }

@@ -203,21 +203,41 @@ fn unknown_message(exports: &Arc<dyn Exports>, name: &str, count: usize) -> Stri
     }
 }
 
-/// Opens the export off the runtime's workers.
+/// Opens the export for transmission, off the runtime's workers.
 async fn open_export(
     exports: &Arc<dyn Exports>,
     name: &str,
     peer: &str,
 ) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>, u64)> {
-    let e = exports.clone();
-    let (name, peer) = (name.to_string(), peer.to_string());
-    tokio::task::spawn_blocking(move || {
+    let (e, name, peer) = (exports.clone(), name.to_string(), peer.to_string());
+    off_workers(move || {
         let (disk, guard) = e.open_by(&name, &peer)?;
         let size = disk.size();
         Ok((disk, guard, size))
     })
     .await
-    .unwrap_or_else(|e| {
+}
+
+/// Looks at the export (NBD_OPT_INFO) off the runtime's workers: no guard,
+/// and no attach (`Exports::look`).
+async fn look_export(
+    exports: &Arc<dyn Exports>,
+    name: &str,
+    peer: &str,
+) -> Result<(Arc<dyn Disk>, u64)> {
+    let (e, name, peer) = (exports.clone(), name.to_string(), peer.to_string());
+    off_workers(move || {
+        let disk = e.look(&name, &peer)?;
+        let size = disk.size();
+        Ok((disk, size))
+    })
+    .await
+}
+
+async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
         Err(Error::new(
             ErrorKind::Io,
             format!("opening the export failed: {e}"),
@@ -330,7 +350,15 @@ where
         reply(s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
         return Ok(Next::Continue);
     };
-    let (disk, guard, size) = match open_export(exports, &name, &st.peer).await {
+    // INFO only looks: the export is not held open while the client reads
+    // the answer, nor is it an attach.
+    let opened = match option {
+        OPT_GO => open_export(exports, &name, &st.peer)
+            .await
+            .map(|(disk, guard, size)| (disk, Some(guard), size)),
+        _ => (look_export(exports, &name, &st.peer).await).map(|(disk, size)| (disk, None, size)),
+    };
+    let (disk, guard, size) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             let typ = match e.kind() {
@@ -342,14 +370,7 @@ where
             return Ok(Next::Continue);
         }
     };
-    let opened = if option == OPT_GO {
-        Some((disk, guard))
-    } else {
-        // INFO only looked: the export is not held open while the client
-        // reads the answer.
-        drop((disk, guard));
-        None
-    };
+    let opened = guard.map(|guard| (disk, guard));
     for item in export_info(&name, &description, size, st.structured) {
         reply(s, option, REP_INFO, &item).await?;
     }

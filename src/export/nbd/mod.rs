@@ -90,6 +90,14 @@ pub trait Exports: Send + Sync + 'static {
     ) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)> {
         self.open(name)
     }
+    /// Looks at export `name` for the client `peer` without opening it
+    /// for transmission (NBD_OPT_INFO): its disk, for the size the answer
+    /// gives. No guard is kept, and to the export it is no attach (review30
+    /// M2: `nbdinfo` cleared a VM's stranded clients). By default an open
+    /// whose guard is dropped at once.
+    fn look(&self, name: &str, peer: &str) -> Result<Arc<dyn Disk>> {
+        self.open_by(name, peer).map(|(disk, _)| disk)
+    }
     /// For a name this server does not export: where it is exported
     /// instead, if anywhere (a VM served at another export point), so a
     /// client at the wrong address is told where to connect.

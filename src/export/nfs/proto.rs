@@ -40,9 +40,19 @@ pub const MAX_IO: u32 = 1 << 20;
 
 /// One client connection's state: the VMs it is using, held open so a
 /// release refuses while the client is attached.
+///
+/// Using a VM's files holds its session (`Session::hold`), but only a WRITE
+/// to one of its disks is an NFS attach (`Session::attached`, review30 M2),
+/// which clears the VM's NFS clients a restart stranded
+/// (`daemon::exports_moved`): a hypervisor running the guest writes its
+/// disks within moments, while what reads alone cannot tell a hypervisor
+/// from an admin's look (`nfs-cat`, `nfs-ls`, a copy out of the disk all
+/// MOUNT, LOOKUP and READ as QEMU does at its start). A guest that never
+/// writes leaves its VM named as stranded, which errs the safe way.
 #[derive(Default)]
 pub struct Conn {
-    attached: Mutex<HashMap<u64, Attachment>>,
+    /// Per session serial: the hold, and whether this connection wrote.
+    attached: Mutex<HashMap<u64, (Attachment, bool)>>,
     /// The client's address, which a refused release names.
     peer: String,
 }
@@ -57,13 +67,29 @@ impl Conn {
 
     /// Holds `s` open for this connection; STALE if it was released.
     fn attach(&self, s: &Arc<Session>) -> Result<(), nfsstat3> {
+        self.hold(s, false)
+    }
+
+    /// [`Self::attach`] for a WRITE to one of `s`'s disks: an NFS attach.
+    fn write_attach(&self, s: &Arc<Session>) -> Result<(), nfsstat3> {
+        self.hold(s, true)
+    }
+
+    fn hold(&self, s: &Arc<Session>, writes: bool) -> Result<(), nfsstat3> {
         let mut a = self.attached.lock();
-        if a.contains_key(&s.serial) {
-            return Ok(());
+        let wrote = match a.get_mut(&s.serial) {
+            Some((_, wrote)) => wrote,
+            None => {
+                let by = crate::session::Holder::nfs(&self.peer);
+                let held = s.hold(by).ok_or(nfsstat3::NFS3ERR_STALE)?;
+                &mut a.entry(s.serial).or_insert((held, false)).1
+            }
+        };
+        if writes && !*wrote {
+            *wrote = true;
+            drop(a);
+            s.attached(crate::session::Frontend::Nfs);
         }
-        let by = crate::session::Holder::nfs(&self.peer);
-        let att = s.attach(by).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        a.insert(s.serial, att);
         Ok(())
     }
 }
@@ -632,7 +658,9 @@ fn write(ctx: &Ctx, r: &mut Reader) -> Result<n3::WRITE3res, Garbage> {
             .map_err(|st| fail(st, None))?;
         match n {
             Node::Disk(s, d) => {
-                ctx.conn.attach(s).map_err(|st| fail(st, Some(&before)))?;
+                ctx.conn
+                    .write_attach(s)
+                    .map_err(|st| fail(st, Some(&before)))?;
                 d.write(off, data)
                     .map_err(|e| fail(nfs_error(&e), Some(&before)))?;
                 if sync {

@@ -208,3 +208,88 @@ fn an_owed_pin_removal_that_cannot_be_read_stays() {
     assert_eq!(owed(&r), vec![("vm".to_string(), b1)]);
     assert_eq!(pin_of(&r, "vm").len(), 1);
 }
+
+/// review30 L3: an owed removal held the VM's operation lock while it
+/// waited on the store (up to a minute on one that does not answer, at
+/// every check): the VM's operations waited with it. Made without it.
+#[test]
+fn an_owed_pin_removal_does_not_hold_the_vms_operations() {
+    let (r, _) = discarded_while_pins_are_refused();
+    let free = Arc::new(Mutex::new(None));
+    let (seen, ds) = (free.clone(), r.ds.clone());
+    r.knobs.before_first("pins/", move || {
+        *seen.lock() = Some(ds.vm_op("vm").try_lock().is_some());
+    });
+    r.ds.check_backups();
+    assert_eq!(
+        *free.lock(),
+        Some(true),
+        "the lock was held over the removal"
+    );
+    assert!(pin_of(&r, "vm").is_empty() && owed(&r).is_empty());
+}
+
+/// ... and the session recovered again in that very staging while the
+/// removal ran (its pin has the same key, which the removal took) has its
+/// pin written again.
+#[test]
+fn a_session_recovered_again_during_an_owed_removal_keeps_its_pin() {
+    let (r, b1) = discarded_while_pins_are_refused();
+    let (ds, b) = (r.ds.clone(), b1.clone());
+    r.knobs.before_first("pins/", move || {
+        // Not with the lock held (before the fix): that would deadlock.
+        if ds.vm_op("vm").try_lock().is_some() {
+            ds.recover("vm", Some(&b)).unwrap();
+        }
+    });
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "serving".to_string())]
+    );
+    assert!(owed(&r).is_empty());
+    // Paid: a later check leaves the pin.
+    r.ds.check_backups();
+    assert_eq!(pin_of(&r, "vm").len(), 1);
+}
+
+/// ... also when an operation on the VM holds its lock as the removal
+/// ends: the next check writes the pin again.
+#[test]
+fn a_session_recovered_again_during_an_owed_removal_is_looked_at_by_the_next_check() {
+    let (r, b1) = discarded_while_pins_are_refused();
+    let (ds, b) = (r.ds.clone(), b1.clone());
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+    let holder = Arc::new(Mutex::new(None));
+    let slot = holder.clone();
+    r.knobs.before_first("pins/", move || {
+        // Not with the lock held (before the fix): that would deadlock.
+        if ds.vm_op("vm").try_lock().is_none() {
+            return;
+        }
+        ds.recover("vm", Some(&b)).unwrap();
+        // An operation on the VM still runs when the removal ends.
+        *slot.lock() = Some(std::thread::spawn(move || {
+            let op = ds.vm_op("vm");
+            let _op = op.lock();
+            held_tx.send(()).unwrap();
+            end_rx.recv().ok();
+        }));
+        held_rx.recv().unwrap();
+    });
+    r.ds.check_backups();
+    assert!(pin_of(&r, "vm").is_empty(), "the removal took it");
+    end_tx.send(()).ok();
+    let holder = holder.lock().take();
+    holder
+        .expect("recovered during the removal")
+        .join()
+        .unwrap();
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "serving".to_string())]
+    );
+    assert!(owed(&r).is_empty());
+}
