@@ -8,41 +8,10 @@ use std::io::BufRead;
 use std::path::Path;
 use std::time::Duration;
 
+use common::keeper::*;
 use common::*;
 
 const K64: usize = 64 << 10;
-
-fn keeper_env() -> Env {
-    let mut env = Env::new();
-    env.fuse_keeper = true;
-    env
-}
-
-/// Crash: SIGKILL, and the guard's unmount is skipped.
-fn crash(mut d: Daemon) {
-    d.kill9();
-    std::mem::forget(d);
-}
-
-/// Lets the keeper of `staging` go when the test ends, passed or not.
-struct LetGo(std::path::PathBuf);
-
-impl Drop for LetGo {
-    fn drop(&mut self) {
-        if let Ok(root) = std::fs::canonicalize(&self.0) {
-            let _ = recoverfs::export::fuse::keeper::release(&root);
-        }
-    }
-}
-
-/// A process of its own with a disk open (the test process holds none).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
 
 /// Runs `script` (python) with `args`, until it prints "ready".
 fn holder(script: &str, args: &[&Path]) -> (Child, std::io::BufReader<std::process::ChildStdout>) {
@@ -80,7 +49,7 @@ fn finish(
 #[test]
 fn an_idle_handle_from_the_dead_daemon_holds_the_session_against_release() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 34, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let d = env.serve();
@@ -130,7 +99,7 @@ except OSError as e:
 #[test]
 fn an_inode_number_that_cannot_be_recorded_is_not_handed_out() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 39, K64);
     env.backup("a", "64K", &[&env.path("a.raw")]);
     let d = env.serve();
@@ -154,7 +123,7 @@ fn an_inode_number_that_cannot_be_recorded_is_not_handed_out() {
 #[test]
 fn a_lost_inode_table_never_maps_an_open_disk_to_another_vm() {
     let env = keeper_env();
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     let size = 16 * K64;
     for (i, vm) in ["a", "b", "c"].iter().enumerate() {
         random_image(&env.path(&format!("{vm}.raw")), size, 40 + i as u64, K64);
@@ -227,7 +196,7 @@ fn a_passthrough_open_from_the_dead_daemon_is_known_to_a_daemon_without_the_opti
 fn passthrough_open_across_a_crash(restart_with_option: bool) {
     let mut env = keeper_env();
     env.serve_args = vec!["--fuse-passthrough".into()];
-    let _let_go = LetGo(env.staging.clone());
+    let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 38, K64);
     env.backup("vm", "64K", &[&env.path("a.raw")]);
     let d = env.serve();

@@ -260,7 +260,14 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::FuseKeeper { name, .. } => crate::export::fuse::keeper::run(&name),
-        Command::FuseLetGo { staging } => crate::daemon::fuse_let_go(&staging),
+        Command::FuseLetGo { staging } => {
+            let mount = crate::daemon::fuse_let_go(&staging)?;
+            eprintln!(
+                "the FUSE mount {} is let go: disk I/O waiting on it fails with ENOTCONN",
+                mount.display()
+            );
+            Ok(())
+        }
         Command::Profile { cmd } => profile::run(cmd),
         Command::Pins { cmd } => pins::run(cmd),
         Command::Staging { cmd } => staging::run(cmd),

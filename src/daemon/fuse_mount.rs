@@ -232,8 +232,9 @@ fn hand_over(root: &Path, held: &Held, sessions: &[fuser::Session<RecoverFs>]) -
 }
 
 /// `recoverfs fuse-let-go`: the keeper of `staging` lets its connection
-/// go, unless a daemon serves that staging (its stop is the way then).
-pub fn let_go(staging: &Path) -> Result<()> {
+/// go, unless a daemon serves that staging (its stop is the way then);
+/// returns the mount point that ended.
+pub fn let_go(staging: &Path) -> Result<PathBuf> {
     let root = std::fs::canonicalize(staging)
         .map_err(|e| Error::io(format!("resolve {}", staging.display()), e))?;
     if let Some(pid) = crate::staging::inventory::lock_holder(&root)? {
@@ -245,11 +246,7 @@ pub fn let_go(staging: &Path) -> Result<()> {
     match keeper::take(&root)? {
         Some((held, _)) => {
             keeper::release(&root)?;
-            eprintln!(
-                "the FUSE mount {} is let go: disk I/O waiting on it fails with ENOTCONN",
-                held.mount.display()
-            );
-            Ok(())
+            Ok(held.mount)
         }
         None => Err(Error::not_found(format!(
             "no FUSE keeper holds a connection for {}",

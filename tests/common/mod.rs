@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 pub mod garage;
+pub mod keeper;
 pub mod netns;
 pub mod nfs;
 pub mod proxy;
