@@ -7,7 +7,7 @@ DEMO ?= debian
 # Debian packages the build, tests and demo need. qemu-utils is pinned to the
 # same version as qemu-system-x86 because installing one replaces the other.
 APT_PACKAGES := fuse3 fio curl qemu-system-x86 python3 fdisk dosfstools e2fsprogs \
-	libnfs-utils qemu-block-extra libnbd-bin iproute2 util-linux
+	libnfs-utils qemu-block-extra libnbd-bin python3-libnbd iproute2 util-linux
 # Peers and tools the benchmarks compare against.
 BENCH_PACKAGES := nbdkit nbdfuse bindfs libnbd-bin strace nfs-ganesha nfs-ganesha-vfs rpcbind b3sum
 

@@ -136,19 +136,9 @@ impl Drop for Attachment {
 }
 
 impl Session {
-    /// Holds the session open for a network frontend (NFS, NBD: only they
-    /// call it; `by` names the client) that uses it as a hypervisor does
-    /// (see [`Self::attached`]); `None` once it is released.
-    pub fn attach(self: &Arc<Self>, by: Holder) -> Option<Attachment> {
-        let via = by.via;
-        let held = self.hold(by)?;
-        self.attached(via);
-        Some(held)
-    }
-
-    /// Holds the session open for a network frontend that only looks at it
-    /// or reads it so far (NFS before a write, review30 M2): `release`
-    /// refuses while it is held, but it is no attach (`attached`).
+    /// Holds the session open for a network frontend (NFS, NBD; `by` names
+    /// the client): `release` refuses while it is held. It is no attach
+    /// until the client changes a disk (`attached`, review30 M2).
     pub fn hold(self: &Arc<Self>, by: Holder) -> Option<Attachment> {
         self.open_handle(by).map(|id| Attachment(self.clone(), id))
     }

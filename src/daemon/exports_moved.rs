@@ -16,11 +16,11 @@
 //! `status` leaves them out at once, the record drops them at that attach
 //! and again at the stop (fixviews 1: a client reattached by hand was
 //! named at every restart until the session was released). An attach is
-//! what a hypervisor does: an NBD client going to transmission
-//! (NBD_OPT_GO, NBD_OPT_EXPORT_NAME), an NFS client writing a disk (see
+//! what a hypervisor does: a client writing a disk, over NBD (WRITE,
+//! WRITE_ZEROES, TRIM: `export::DiskExports`) or NFS (see
 //! `export::nfs::proto::Conn` for why not a read); not `nbdinfo --list`,
-//! an NBD_OPT_INFO, an admin's `nfs-cat` (review30 M2: each of them
-//! cleared the VM). And per frontend: a VM stranded on both stays stranded
+//! an NBD_OPT_INFO, an admin's `nfs-cat`, an `nbdcopy` from the disk
+//! (review30 M2 and fixm2: each of them cleared the VM). And per frontend: a VM stranded on both stays stranded
 //! on NBD when NFS reattaches, and the other way round.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -69,6 +69,22 @@ pub struct DiskExports {
     pub point: Arc<ExportPoint>,
 }
 
+/// An NBD connection's hold on its session (`release` refuses while it
+/// lasts).
+struct NbdHold(crate::session::Attachment);
+
+impl nbd::OpenGuard for NbdHold {
+    /// A client that changes the disk is the VM's attach over NBD
+    /// (`Session::attached`): it clears the VM's NBD clients stranded on an
+    /// address a restart left. A reader (`nbdcopy` from the disk, plain
+    /// `nbdinfo`) reaches transmission too, but is no sign that the VM's
+    /// hypervisor came back (fixm2's finding), as an NFS read is not.
+    fn on_first_change(&self) -> Option<nbd::FirstChange> {
+        let s = self.0.session().clone();
+        Some(Box::new(move || s.attached(crate::session::Frontend::Nbd)))
+    }
+}
+
 impl nbd::Exports for DiskExports {
     fn connected(&self, peer: std::net::IpAddr) -> Option<Box<dyn std::any::Any + Send>> {
         Some(Box::new(self.point.connected(peer)))
@@ -92,30 +108,22 @@ impl nbd::Exports for DiskExports {
             .collect()
     }
 
-    fn open(
-        &self,
-        name: &str,
-    ) -> Result<(
-        Arc<dyn crate::disk::Disk>,
-        Box<dyn std::any::Any + Send + Sync>,
-    )> {
+    fn open(&self, name: &str) -> Result<(Arc<dyn crate::disk::Disk>, Box<dyn nbd::OpenGuard>)> {
         self.open_by(name, "an unnamed client")
     }
 
-    /// An attach of the VM over NBD (`Session::attach`): the client goes
-    /// to transmission.
+    /// The client goes to transmission: it holds the session open, and its
+    /// first change of the disk is the VM's attach over NBD
+    /// (`NbdHold::on_first_change`).
     fn open_by(
         &self,
         name: &str,
         peer: &str,
-    ) -> Result<(
-        Arc<dyn crate::disk::Disk>,
-        Box<dyn std::any::Any + Send + Sync>,
-    )> {
+    ) -> Result<(Arc<dyn crate::disk::Disk>, Box<dyn nbd::OpenGuard>)> {
         let (s, d) = self.resolve(name)?;
-        let held = (s.attach(crate::session::Holder::nbd(d.index, peer)))
+        let held = (s.hold(crate::session::Holder::nbd(d.index, peer)))
             .ok_or_else(|| Error::not_found(format!("VM {} is being released", s.vm)))?;
-        Ok((d, Box::new(held)))
+        Ok((d, Box::new(NbdHold(held))))
     }
 
     /// NBD_OPT_INFO: no attach (review30 M2), so a VM's clients stranded

@@ -142,9 +142,9 @@ pub fn describe(holders: &[Holder]) -> String {
 /// Which network frontends reached a session (`daemon::exports_moved`).
 impl super::Session {
     /// Frontend `via` (NFS or NBD) attached to it since this daemon
-    /// started: an NBD client went to transmission, an NFS client wrote a
-    /// disk (review30 M2: a listing, an NBD_OPT_INFO or an admin's
-    /// `nfs-cat` is no attach). The first over `via` runs what
+    /// started: a client changed one of its disks (an NFS WRITE; an NBD
+    /// WRITE, WRITE_ZEROES or TRIM). A listing, an NBD_OPT_INFO, a read
+    /// (`nfs-cat`, `nbdcopy` from the disk) is no attach (review30 M2). The first over `via` runs what
     /// [`Self::on_network_attach`] left for it.
     pub fn attached(&self, via: Frontend) {
         let first: Vec<super::OnAttach> = {

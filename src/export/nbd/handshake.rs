@@ -2,13 +2,12 @@
 //! the client enters transmission (NBD_OPT_GO, NBD_OPT_EXPORT_NAME) or
 //! leaves.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::*;
-use super::Exports;
+use super::{Exports, OpenGuard};
 use crate::disk::Disk;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -18,7 +17,7 @@ pub struct Negotiated {
     pub name: String,
     pub disk: Arc<dyn Disk>,
     /// Held until the connection ends.
-    pub guard: Box<dyn Any + Send + Sync>,
+    pub guard: Box<dyn OpenGuard>,
     pub size: u64,
     pub structured: bool,
     pub contexts: Contexts,
@@ -208,7 +207,7 @@ async fn open_export(
     exports: &Arc<dyn Exports>,
     name: &str,
     peer: &str,
-) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>, u64)> {
+) -> Result<(Arc<dyn Disk>, Box<dyn OpenGuard>, u64)> {
     let (e, name, peer) = (exports.clone(), name.to_string(), peer.to_string());
     off_workers(move || {
         let (disk, guard) = e.open_by(&name, &peer)?;
@@ -301,7 +300,7 @@ fn negotiated(
     st: &State,
     name: String,
     disk: Arc<dyn Disk>,
-    guard: Box<dyn Any + Send + Sync>,
+    guard: Box<dyn OpenGuard>,
     size: u64,
 ) -> Negotiated {
     let contexts = match &st.meta {

@@ -80,14 +80,10 @@ pub trait Exports: Send + Sync + 'static {
     fn list(&self) -> Vec<(String, String)>;
     /// Opens export `name` for one connection: the disk, and a guard the connection keeps until it ends
     /// (while held, the session counts the connection as an open handle). Err(NotFound) for an unknown name.
-    fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)>;
+    fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn OpenGuard>)>;
     /// [`Exports::open`] by the client `peer` (its address, or a unix
     /// socket's peer), which the export may name while it is held.
-    fn open_by(
-        &self,
-        name: &str,
-        _peer: &str,
-    ) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)> {
+    fn open_by(&self, name: &str, _peer: &str) -> Result<(Arc<dyn Disk>, Box<dyn OpenGuard>)> {
         self.open(name)
     }
     /// Looks at export `name` for the client `peer` without opening it
@@ -111,6 +107,22 @@ pub trait Exports: Send + Sync + 'static {
         None
     }
 }
+
+/// What a connection keeps from [`Exports::open_by`] until it ends.
+pub trait OpenGuard: Send + Sync {
+    /// What to run at the client's first change of the disk on this
+    /// connection (a WRITE, WRITE_ZEROES or TRIM, before it runs): a client
+    /// that changes the disk uses it as a hypervisor does, which a reader
+    /// such as `nbdcopy` or `nbdinfo --map` does not.
+    fn on_first_change(&self) -> Option<FirstChange> {
+        None
+    }
+}
+
+/// See [`OpenGuard::on_first_change`].
+pub type FirstChange = Box<dyn FnOnce() + Send>;
+
+impl OpenGuard for () {}
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]

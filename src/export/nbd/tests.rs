@@ -172,6 +172,8 @@ struct TestExports {
 
 struct Guard(Arc<AtomicUsize>);
 
+impl crate::export::nbd::OpenGuard for Guard {}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
@@ -186,7 +188,7 @@ impl Exports for TestExports {
             .collect()
     }
 
-    fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)> {
+    fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn crate::export::nbd::OpenGuard>)> {
         let (_, _, disk) = self
             .disks
             .iter()

@@ -115,6 +115,7 @@ where
             size,
             structured,
             contexts,
+            first_change: SyncMutex::new(guard.on_first_change()),
         }),
         writer: Mutex::new(wr),
         ending,

@@ -3,7 +3,6 @@
 //! fails the test, naming the package), and against scripted servers that
 //! misbehave.
 
-use std::any::Any;
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -32,7 +31,7 @@ impl Exports for OneDisk {
     fn list(&self) -> Vec<(String, String)> {
         vec![("vm/disk0".into(), "a test disk".into())]
     }
-    fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn Any + Send + Sync>)> {
+    fn open(&self, name: &str) -> Result<(Arc<dyn Disk>, Box<dyn crate::export::nbd::OpenGuard>)> {
         if name != "vm/disk0" {
             return Err(Error::not_found(format!("no export {name}")));
         }

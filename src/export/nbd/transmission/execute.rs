@@ -28,6 +28,9 @@ pub(super) struct Target {
     pub(super) size: u64,
     pub(super) structured: bool,
     pub(super) contexts: Contexts,
+    /// Run before the connection's first change of the disk, then gone
+    /// (`OpenGuard::on_first_change`).
+    pub(super) first_change: parking_lot::Mutex<Option<crate::export::nbd::FirstChange>>,
 }
 
 impl Target {
@@ -35,6 +38,9 @@ impl Target {
     pub(super) fn execute(&self, req: &Request, payload: Vec<u8>) -> Reply {
         if let Err(f) = self.check_flags(req) {
             return Reply::Failed(f);
+        }
+        if matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+            self.changing();
         }
         let done = match req.typ {
             CMD_READ => return self.read(req),
@@ -51,6 +57,15 @@ impl Target {
         match done {
             Ok(()) => Reply::Done,
             Err(f) => Reply::Failed(f),
+        }
+    }
+
+    /// The client is about to change the disk: the first time on this
+    /// connection, runs what the export's guard asked for.
+    fn changing(&self) {
+        let first = self.first_change.lock().take();
+        if let Some(f) = first {
+            f();
         }
     }
 
