@@ -307,8 +307,9 @@ pub enum Command {
         /// engine's limit; they cost a few threads, not one each).
         #[arg(long, default_value_t = 64, alias = "fetch-workers")]
         fetches_in_flight: usize,
-        /// FUSE event-loop threads.
-        #[arg(long, default_value_t = 4)]
+        /// FUSE event-loop threads, 1 to 64 (the keeper carries one device
+        /// file per thread, at most 64).
+        #[arg(long, default_value_t = 4, value_parser = fuse_threads)]
         fuse_threads: usize,
         /// Let the kernel read fully staged (or relocated) disks itself on
         /// read-only FUSE opens, bypassing the daemon. While such an open
@@ -562,4 +563,29 @@ pub enum Command {
         #[arg(long, value_name = "ID", requires = "discard")]
         backup: Option<String>,
     },
+}
+
+/// `--fuse-threads`: refused outside 1..=`keeper::MAX_FDS` instead of being
+/// clamped, so the count asked for is the count served.
+fn fuse_threads(arg: &str) -> Result<usize, String> {
+    let max = crate::export::fuse::keeper::MAX_FDS;
+    match arg.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {max}")),
+    }
+}
+
+#[cfg(test)]
+mod fuse_threads_tests {
+    use super::*;
+
+    #[test]
+    fn fuse_threads_beyond_what_the_keeper_carries_is_refused_not_clamped() {
+        assert_eq!(fuse_threads("64"), Ok(64));
+        assert_eq!(fuse_threads("1"), Ok(1));
+        for bad in ["0", "65", "1000", "-1", "four"] {
+            let e = fuse_threads(bad).unwrap_err();
+            assert!(e.contains("1 to 64"), "{bad}: {e}");
+        }
+    }
 }
