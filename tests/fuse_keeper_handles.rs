@@ -93,6 +93,67 @@ except OSError as e:
     );
 }
 
+/// A handle opened under the first daemon outlives two crashes in a row
+/// with no I/O in between: the second daemon, which adopted it, must keep
+/// it in its own handle record, or the third would not know it and let
+/// `release` go ahead under it, though another open and release rewrote
+/// that record. The write the handle made before the first crash is still
+/// there after the second.
+#[test]
+fn a_handle_from_before_two_crashes_in_a_row_still_holds_the_session() {
+    let env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 35, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let stop = env.path("stop");
+    let script = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"x" * 4096, 0); os.fdatasync(fd)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]): time.sleep(0.1)
+try:
+    first = os.pread(fd, 4096, 0)
+    os.pwrite(fd, b"y" * 4096, 4096); os.fdatasync(fd)
+    print("wrote" if first == b"x" * 4096 else "lost the first write")
+except OSError as e:
+    print("error", e)
+"#;
+    let (child, out) = holder(script, &[&disk, &stop]);
+    crash(d);
+    let d2 = env.serve();
+    assert!(keeper_runs(&env.staging), "{}", d2.log_text());
+    // Another open and release under the second daemon rewrites its
+    // handle record: the inherited handle must stay in it.
+    let other = std::process::Command::new("python3")
+        .args(["-c", "import sys; open(sys.argv[1], 'rb').read(4096)"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(other.success());
+    crash(d2);
+    let d3 = env.serve();
+    let o = env.release("vm", false);
+    let rest = finish(&stop, child, out);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = env.release("vm", false);
+    let log = d3.log_text();
+    drop(d3);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("still open"),
+        "release went ahead under a handle opened two crashes ago: {err}; its next I/O: {rest}\n{log}"
+    );
+    assert_eq!(rest.trim(), "wrote");
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+}
+
 /// H3: an inode number is handed out only once recorded in staging (here
 /// a directory stands where the table goes; in life, a full staging):
 /// else an adopting daemon could give it to another session.
