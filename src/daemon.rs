@@ -1,6 +1,8 @@
 //! `recoverfs serve`: opens repository and staging (every export point's
 //! too), checks the mount point and socket, mounts FUSE, runs the control API and a periodic flusher,
-//! and on SIGINT/SIGTERM makes staging durable before unmounting.
+//! and on SIGINT/SIGTERM makes staging durable before unmounting; on
+//! SIGUSR2 it makes staging durable and leaves the FUSE mount with its
+//! keeper for the next `serve` (`signals`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +17,7 @@ mod fuse_mount;
 mod mount_point;
 mod mounted;
 mod open_repository;
+mod signals;
 pub use fuse_mount::let_go as fuse_let_go;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
@@ -190,7 +193,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // The start's own requests are made: a store that was away for them
     // is asked again at the next request (`repo::unconfirmed`).
     repo.backend().end_of_start();
-    let api_result = run_api(mounted.ds.clone(), jobs.clone(), &socket, opts.socket_group);
+    let hand_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let api_result = run_api(
+        mounted.ds.clone(),
+        jobs.clone(),
+        &socket,
+        opts.socket_group,
+        &hand_over,
+    );
     // From here on a store that does not answer (or not as the
     // repository) must not hold the stop for minutes: what the stop
     // still asks of it (pins, profiles, lock removals) is time-boxed or
@@ -205,7 +215,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     exports.shutdown();
     // Clients that reattached since the start are stranded no more.
     exports_moved::at_stop(&main_root, &mounted.ds);
-    let stopped = mounted.shutdown();
+    let stopped = match hand_over.load(std::sync::atomic::Ordering::Acquire) {
+        true => mounted.hand_over(),
+        false => mounted.shutdown(),
+    };
     // A request abandoned above (a live backup runs in its request's
     // thread, which the process does not wait for) still holds its writer
     // lock: removed, as a signalled CLI backup removes its own, so another
@@ -327,13 +340,15 @@ impl Exports {
     }
 }
 
-/// Serves the control API until SIGINT/SIGTERM; returns the default
-/// socket link it published, if any, for removal.
+/// Serves the control API until SIGINT/SIGTERM/SIGUSR2 (which sets
+/// `hand_over`); returns the default socket link it published, if any,
+/// for removal.
 fn run_api(
     ds: Arc<Datastore>,
     jobs: Arc<crate::precopy::Jobs>,
     socket: &Path,
     group: Option<u32>,
+    hand_over: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Option<PathBuf>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -344,16 +359,16 @@ fn run_api(
     let r = rt.block_on(async {
         // Handlers first: a SIGTERM as soon as the socket answers must
         // stop the daemon cleanly, not kill it (a test's stop did).
-        let handlers = SignalHandlers::install();
+        let handlers = signals::Handlers::install();
         let listener = crate::api::peer::bind(socket, group)?;
         let listener = crate::api::peer::CheckedListener::new(
             listener,
             crate::api::peer::PeerPolicy::for_daemon(group),
         );
         let link = publish_default_socket(&default_socket_link(), socket);
-        // 1: the first SIGINT/SIGTERM, 2: a second one.
-        let (signals, mut seen) = tokio::sync::watch::channel(0u8);
-        tokio::spawn(count_signals(signals, handlers));
+        // 1: the first signal, 2: a second one.
+        let (count, mut seen) = tokio::sync::watch::channel(0u8);
+        tokio::spawn(signals::count(count, handlers, hand_over.clone()));
         let mut first = seen.clone();
         let shutdown = async move {
             let _ = first.wait_for(|n| *n >= 1).await;
@@ -383,49 +398,6 @@ fn run_api(
 
 /// How long a stopping daemon waits for control requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// SIGINT and SIGTERM handlers, installed before the socket is bound.
-struct SignalHandlers {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-}
-
-impl SignalHandlers {
-    fn install() -> Option<SignalHandlers> {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(int), Ok(term)) => Some(SignalHandlers { int, term }),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(
-                    "no SIGINT/SIGTERM handler ({e}): a signal ends the daemon as a crash would"
-                );
-                None
-            }
-        }
-    }
-}
-
-/// Counts SIGINT/SIGTERM into `n` (saturating at 2).
-async fn count_signals(n: tokio::sync::watch::Sender<u8>, handlers: Option<SignalHandlers>) {
-    let Some(SignalHandlers { mut int, mut term }) = handlers else {
-        return;
-    };
-    loop {
-        let what = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        };
-        let k = (*n.borrow()).saturating_add(1).min(2);
-        match k {
-            1 => tracing::info!("{what}: shutting down"),
-            _ => tracing::warn!("{what} again: not waiting for requests in flight"),
-        }
-        n.send_replace(k);
-    }
-}
 
 /// Where clients look when no --socket is given: a link to the first
 /// running daemon's socket.

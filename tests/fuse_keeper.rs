@@ -51,16 +51,7 @@ fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_
     let mut d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
     let stop = env.path("stop");
-    let mut writer = Child(
-        std::process::Command::new("python3")
-            .args(["-c", WRITER])
-            .arg(&disk)
-            .arg((size as u64 / BLOCK).to_string())
-            .arg(&stop)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let writer = start_writer(&disk, size as u64 / BLOCK, &stop);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
         crash(d);
@@ -73,37 +64,11 @@ fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_
     let o = env.release("vm", false);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("still open"), "{err}");
-    std::fs::write(&stop, b"").unwrap();
-    // Bounded: a writer stuck on a mount nobody answers fails the test.
-    let mut stdout = writer.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
-        let _ = tx.send(out);
-    });
-    let out = (rx.recv_timeout(Duration::from_secs(120)))
-        .expect("the writer did not finish within 120 s of being told to stop");
-    assert!(writer.0.wait().unwrap().success(), "the writer failed");
-    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error")).collect();
-    assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
-    // The last acknowledged write of each block is what it holds, read
-    // back through a clean restart.
-    let mut last = std::collections::HashMap::new();
-    for l in out.lines() {
-        let (at, seq) = l.split_once(' ').unwrap();
-        last.insert(at.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
-    }
-    assert!(last.len() > 50, "the writer made progress: {out}");
+    let out = stop_writer(writer, &stop);
+    let last = acknowledged(&out, 50);
     assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
     let _d = env.serve();
-    let disk = env.recover("vm", None)[0].clone();
-    let f = std::fs::File::open(&disk).unwrap();
-    let mut buf = vec![0u8; BLOCK as usize];
-    for (at, seq) in last {
-        f.read_exact_at(&mut buf, at).unwrap();
-        assert!(buf == block_of(seq), "block at {at} lost write {seq}");
-    }
+    assert_holds(&env, &last);
 }
 
 #[test]
@@ -162,6 +127,144 @@ fn reads_the_dead_daemons_event_threads_had_taken_are_all_answered_by_the_next_o
             "wrong bytes at {at}"
         );
     }
+}
+
+/// Starts `WRITER` on `disk` (of `blocks` 4 KiB blocks) until `stop`.
+fn start_writer(disk: &Path, blocks: u64, stop: &Path) -> Child {
+    Child(
+        std::process::Command::new("python3")
+            .args(["-c", WRITER])
+            .arg(disk)
+            .arg(blocks.to_string())
+            .arg(stop)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Tells the writer to stop and returns its output (at most 120 s: a
+/// writer stuck on a mount nobody answers fails the test).
+fn stop_writer(mut writer: Child, stop: &Path) -> String {
+    std::fs::write(stop, b"").unwrap();
+    let mut stdout = writer.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = tx.send(out);
+    });
+    let out = (rx.recv_timeout(Duration::from_secs(120)))
+        .expect("the writer did not finish within 120 s of being told to stop");
+    assert!(writer.0.wait().unwrap().success(), "the writer failed");
+    out
+}
+
+/// The writer's last acknowledged write per block offset; it saw no error
+/// and acknowledged more than `min` blocks.
+fn acknowledged(out: &str, min: usize) -> std::collections::HashMap<u64, u64> {
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
+    let mut last = std::collections::HashMap::new();
+    for l in out.lines() {
+        let (at, seq) = l.split_once(' ').unwrap();
+        last.insert(at.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
+    }
+    assert!(last.len() > min, "the writer made progress: {out}");
+    last
+}
+
+/// Each block holds its last acknowledged write, read back from the VM
+/// recovered (resumed) by the running daemon.
+fn assert_holds(env: &Env, last: &std::collections::HashMap<u64, u64>) {
+    let disk = env.recover("vm", None)[0].clone();
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    for (&at, &seq) in last {
+        f.read_exact_at(&mut buf, at).unwrap();
+        assert!(buf == block_of(seq), "block at {at} lost write {seq}");
+    }
+}
+
+fn recoverfs_mounted_at(mount: &Path) -> bool {
+    let m = std::fs::canonicalize(mount).unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()) && l.contains("recoverfs"))
+}
+
+/// SIGUSR2 (an upgrade's restart): the daemon makes staging durable and
+/// exits 0, leaving the FUSE mount with its keeper; a process writing and
+/// fsyncing through an open disk rides out two hand-overs with no error,
+/// and every acknowledged write is there after a clean restart. (SIGTERM
+/// unmounts: its VMs' disks fail.)
+#[test]
+fn a_writer_rides_out_two_sigusr2_hand_overs_with_no_error_and_every_fsync_kept() {
+    let env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    let size = 256 * K64;
+    random_image(&env.path("a.raw"), size, 36, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let stop = env.path("stop");
+    let writer = start_writer(&disk, size as u64 / BLOCK, &stop);
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let st = d.stop_with(libc::SIGUSR2);
+        let log = d.log_text();
+        // Its guard would unmount; the mount is the keeper's now.
+        std::mem::forget(d);
+        assert_eq!(st.code(), Some(0), "{log}");
+        assert!(log.contains("stays with its keeper"), "{log}");
+        assert!(recoverfs_mounted_at(&env.mount), "unmounted: {log}");
+        assert!(keeper_runs(&env.staging), "{log}");
+        std::thread::sleep(Duration::from_millis(500));
+        d = env.serve();
+        assert!(
+            d.log_text().contains("adopting the FUSE connection"),
+            "{}",
+            d.log_text()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = stop_writer(writer, &stop);
+    let last = acknowledged(&out, 30);
+    assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
+    assert!(!recoverfs_mounted_at(&env.mount), "SIGTERM leaves no mount");
+    let _d = env.serve();
+    assert_holds(&env, &last);
+}
+
+/// SIGUSR2 with no keeper to leave the mount with stops as SIGTERM does:
+/// durable, unmounted, exit 0, and the log says why.
+#[test]
+fn a_sigusr2_without_a_keeper_stops_as_sigterm_does() {
+    let env = Env::new();
+    random_image(&env.path("a.raw"), 16 * K64, 37, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&[7u8; 4096], 0)
+        .unwrap();
+    let st = d.stop_with(libc::SIGUSR2);
+    let log = d.log_text();
+    assert_eq!(st.code(), Some(0), "{log}");
+    assert!(log.contains("stopping as at SIGTERM"), "{log}");
+    assert!(!recoverfs_mounted_at(&env.mount), "{log}");
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(&disk)
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(buf, vec![7u8; 4096], "the write before the stop");
 }
 
 #[test]

@@ -181,6 +181,20 @@ impl Served {
         self.sessions[0].notifier()
     }
 
+    /// How many device files (event threads) the connection is served on.
+    pub fn files(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Leaves the mount as it is for the process's exit (a hand-over: the
+    /// keeper holds the connection): no unmount, which dropping the first
+    /// session of a fresh mount would do; the event threads serve on
+    /// until the process ends, and what they had read but not answered is
+    /// sent again to the daemon that adopts the connection.
+    pub fn leave(self) {
+        std::mem::forget(self.sessions);
+    }
+
     /// Unmounts and waits for every event loop to end (each ends when its
     /// device file reports the connection gone).
     pub fn stop(self) -> std::io::Result<()> {
@@ -252,6 +266,20 @@ pub fn let_go(staging: &Path) -> Result<PathBuf> {
             "no FUSE keeper holds a connection for {}",
             root.display()
         ))),
+    }
+}
+
+/// Whether the keeper of staging `root` holds the connection mounted at
+/// `mount` with `files` device files (every event thread's), so the
+/// daemon may exit and leave it there.
+pub fn keeper_holds(root: &Path, mount: &Path, files: usize) -> bool {
+    match keeper::take(root) {
+        Ok(Some((held, fds))) => held.mount == mount && fds.len() >= files,
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!("could not ask the FUSE keeper of {}: {e}", root.display());
+            false
+        }
     }
 }
 

@@ -21,9 +21,7 @@ use crate::util::mountinfo;
 pub struct MountedDatastore {
     pub ds: Arc<Datastore>,
     fuse: fuse_mount::Served,
-    stop: Arc<AtomicBool>,
-    flusher: std::thread::JoinHandle<()>,
-    checker: std::thread::JoinHandle<()>,
+    background: Background,
     mount: PathBuf,
     /// The staging whose keeper holds the connection too (`fuse_keeper`).
     keeper_root: Option<PathBuf>,
@@ -136,9 +134,11 @@ impl MountedDatastore {
         Ok(MountedDatastore {
             ds,
             fuse,
-            stop,
-            flusher,
-            checker,
+            background: Background {
+                stop,
+                flusher,
+                checker,
+            },
             mount: mount.to_path_buf(),
             keeper_root,
         })
@@ -152,12 +152,32 @@ impl MountedDatastore {
         if !(self.fuse.adopted() && self.keeper_root.is_some()) {
             return self.shutdown();
         }
-        self.stop.store(true, Ordering::Release);
-        let _ = self.flusher.join();
-        let _ = self.checker.join();
-        self.ds.stop_background();
-        let flush = self.ds.flush_all();
+        let flush = self.background.end_and_flush(&self.ds);
         tracing::warn!(mount = %self.mount.display(), "the FUSE mount stays with its keeper: the next `serve` adopts it");
+        flush
+    }
+
+    /// A hand-over for a restart (SIGUSR2, `daemon::signals`): durable
+    /// first, as at a clean stop, but the FUSE mount stays with its keeper
+    /// and the next `serve` of this staging adopts it, so guests' FUSE I/O
+    /// waits instead of failing. A mount no keeper holds in full stops as
+    /// at SIGTERM. Exiting with event threads still serving is safe: every
+    /// write's changed bit is durable before its data, and its data at the
+    /// reply to the guest's fsync (`lib.rs`), as at a crash.
+    pub fn hand_over(self) -> Result<()> {
+        let held = self
+            .keeper_root
+            .as_deref()
+            .is_some_and(|r| fuse_mount::keeper_holds(r, &self.mount, self.fuse.files()));
+        if !held {
+            tracing::warn!(
+                "SIGUSR2: no FUSE keeper holds this mount (--no-fuse-keeper, or it could not be handed over): stopping as at SIGTERM"
+            );
+            return self.shutdown();
+        }
+        let flush = self.background.end_and_flush(&self.ds);
+        tracing::warn!(mount = %self.mount.display(), "the FUSE mount stays with its keeper: guests' FUSE I/O waits until the next `serve` of this staging adopts it");
+        self.fuse.leave();
         flush
     }
 
@@ -165,16 +185,7 @@ impl MountedDatastore {
     /// never lost writes; an unmount refused because disks are open names
     /// their VMs and detaches the mount (`unmount_refused`).
     pub fn shutdown(self) -> Result<()> {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.flusher.join();
-        let _ = self.checker.join();
-        self.ds.stop_background();
-        // A disk that failed earlier is skipped by the flush: its lost
-        // writes must still end the daemon with an error, not exit 0.
-        let flush = self
-            .ds
-            .flush_all()
-            .and_then(|()| self.ds.first_failure().map_or(Ok(()), Err));
+        let flush = self.background.end_and_flush(&self.ds);
         let unmounted = self.fuse.stop();
         if let Some(root) = &self.keeper_root {
             fuse_mount::release_keeper(root);
@@ -188,6 +199,28 @@ impl MountedDatastore {
         });
         flush?;
         unmount
+    }
+}
+
+/// The daemon's periodic threads, stopped together.
+struct Background {
+    stop: Arc<AtomicBool>,
+    flusher: std::thread::JoinHandle<()>,
+    checker: std::thread::JoinHandle<()>,
+}
+
+impl Background {
+    /// Stops the flusher, the backup checker and the datastore's background
+    /// jobs, then makes staging durable. A disk that failed earlier is
+    /// skipped by the flush: its lost writes must still end the daemon
+    /// with an error, not exit 0.
+    fn end_and_flush(self, ds: &Datastore) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.flusher.join();
+        let _ = self.checker.join();
+        ds.stop_background();
+        ds.flush_all()
+            .and_then(|()| ds.first_failure().map_or(Ok(()), Err))
     }
 }
 

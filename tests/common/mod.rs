@@ -334,9 +334,15 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Signal `sig` (SIGTERM, or SIGUSR2 for a hand-over) and wait for the
+    /// daemon to exit.
+    pub fn stop_with(&mut self, sig: i32) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
         // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(c.id() as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = c.try_wait().unwrap() {
@@ -344,7 +350,7 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("daemon did not stop on SIGTERM: {}", self.log_text());
+                panic!("daemon did not stop on signal {sig}: {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
