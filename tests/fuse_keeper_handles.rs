@@ -154,6 +154,102 @@ except OSError as e:
     );
 }
 
+const IDLE: &str = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"x" * 4096, 0); os.fdatasync(fd)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]): time.sleep(0.1)
+try:
+    os.pwrite(fd, b"y" * 4096, 4096); os.fdatasync(fd); print("wrote")
+except OSError as e:
+    print("error", e)
+"#;
+
+/// review32 H1: each session numbers its open handles from 1, and the
+/// file handle is epoch | id << 1 | passthrough: the first disk opens of
+/// VMs a and b get the same file handle. Keyed by the handle alone, b's
+/// record replaced a's, and after a crash `release a` went ahead under
+/// a's idle open (H4 undone).
+#[test]
+fn the_first_opens_of_two_vms_are_both_recorded_and_both_hold_after_a_crash() {
+    let env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    for (i, vm) in ["a", "b"].iter().enumerate() {
+        random_image(
+            &env.path(&format!("{vm}.raw")),
+            16 * K64,
+            60 + i as u64,
+            K64,
+        );
+        env.backup(vm, "64K", &[&env.path(&format!("{vm}.raw"))]);
+    }
+    let d = env.serve();
+    let a = env.recover("a", None)[0].clone();
+    let b = env.recover("b", None)[0].clone();
+    let stop = env.path("stop");
+    let (ca, oa) = holder(IDLE, &[&a, &stop]);
+    let (cb, ob) = holder(IDLE, &[&b, &stop]);
+    let table = std::fs::read_to_string(env.staging.join("fuse-handles.json")).unwrap();
+    crash(d);
+    let d2 = env.serve();
+    let ra = env.release("a", false);
+    let rb = env.release("b", false);
+    let rest_a = finish(&stop, ca, oa);
+    let rest_b = finish(&stop, cb, ob);
+    std::thread::sleep(Duration::from_millis(500));
+    let log = d2.log_text();
+    drop(d2);
+    let recorded = table.matches("\"ino\"").count();
+    assert!(
+        !ra.status.success() && !rb.status.success() && recorded == 2,
+        "two open disks, {recorded} recorded ({table}); release a: {} ({}), release b: {} ({}); a's next write: {rest_a}; b's: {rest_b}\n{log}",
+        ra.status,
+        String::from_utf8_lossy(&ra.stderr).trim(),
+        rb.status,
+        String::from_utf8_lossy(&rb.stderr).trim(),
+    );
+}
+
+/// review32 H1, the other way: a's close removed b's record (the only one
+/// under that file handle); after a crash b's idle open held nothing.
+#[test]
+fn closing_one_vms_disk_leaves_the_other_vms_open_recorded() {
+    let env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    for (i, vm) in ["a", "b"].iter().enumerate() {
+        random_image(
+            &env.path(&format!("{vm}.raw")),
+            16 * K64,
+            70 + i as u64,
+            K64,
+        );
+        env.backup(vm, "64K", &[&env.path(&format!("{vm}.raw"))]);
+    }
+    let d = env.serve();
+    let a = env.recover("a", None)[0].clone();
+    let b = env.recover("b", None)[0].clone();
+    let stop_a = env.path("stop-a");
+    let stop_b = env.path("stop-b");
+    let (ca, oa) = holder(IDLE, &[&a, &stop_a]);
+    let (cb, ob) = holder(IDLE, &[&b, &stop_b]);
+    let rest_a = finish(&stop_a, ca, oa);
+    std::thread::sleep(Duration::from_millis(500));
+    let table = std::fs::read_to_string(env.staging.join("fuse-handles.json")).unwrap();
+    crash(d);
+    let d2 = env.serve();
+    let rb = env.release("b", false);
+    let rest_b = finish(&stop_b, cb, ob);
+    let log = d2.log_text();
+    drop(d2);
+    assert!(
+        !rb.status.success() && table.matches("\"ino\"").count() == 1,
+        "b open, its record: {table}; release b: {} ({}); b's next write: {rest_b} (a said {rest_a})\n{log}",
+        rb.status,
+        String::from_utf8_lossy(&rb.stderr).trim(),
+    );
+}
+
 /// H3: an inode number is handed out only once recorded in staging (here
 /// a directory stands where the table goes; in life, a full staging):
 /// else an adopting daemon could give it to another session.

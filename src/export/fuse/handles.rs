@@ -13,6 +13,12 @@
 //! fsync, rename), done where the open is answered (the event thread, or
 //! the worker that waited for passthrough opens). A fresh mount starts the
 //! table empty (the kernel holds no handle of a new connection).
+//!
+//! A record's key is its inode number *and* file handle: a file handle is
+//! unique per disk only (its session's handle id, counted per session),
+//! so two VMs' first opens share one, and a table keyed by the handle
+//! alone kept one of them and dropped the other's record at either's
+//! release (review32 H1).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +35,8 @@ use crate::volume::Volume;
 
 const FILE: &str = "fuse-handles.json";
 
-/// One open disk handle: the kernel's file handle is its key.
+/// One open disk handle, with the kernel's file handle its key (with
+/// `ino`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// The disk's inode number.
@@ -44,12 +51,47 @@ pub struct Record {
     pub passthrough: bool,
 }
 
+/// A record's key: the disk's inode number and the file handle.
+type Key = (u64, u64);
+
+/// The table as kept in the file.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    fh: u64,
+    #[serde(flatten)]
+    rec: Record,
+}
+
+/// The file's two forms: entries, or (written before review32 H1) a map
+/// keyed by the file handle alone.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Kept {
+    Entries(Vec<Entry>),
+    /// (Keys as strings: an untagged enum cannot read them as numbers.)
+    ByHandle(BTreeMap<String, Record>),
+}
+
+impl Kept {
+    fn into_table(self) -> std::result::Result<BTreeMap<Key, Record>, String> {
+        match self {
+            Kept::Entries(v) => Ok(v.into_iter().map(|e| ((e.rec.ino, e.fh), e.rec)).collect()),
+            Kept::ByHandle(m) => (m.into_iter())
+                .map(|(fh, r)| match fh.parse::<u64>() {
+                    Ok(fh) => Ok(((r.ino, fh), r)),
+                    Err(_) => Err(format!("{fh:?} is no file handle")),
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Handles {
     /// Where the table is kept; None keeps none (no keeper: a crash ends
     /// the mount and every handle with it).
     file: Option<PathBuf>,
-    open: Mutex<BTreeMap<u64, Record>>,
+    open: Mutex<BTreeMap<Key, Record>>,
     /// What the crashed daemon left, until adopted.
     left: Mutex<Vec<(u64, Record)>>,
 }
@@ -61,16 +103,17 @@ impl Handles {
     /// later means a table lost, not one never needed).
     pub fn kept_in(root: &Path, adopting: bool) -> Result<Handles> {
         let file = root.join(FILE);
-        let mut open: BTreeMap<u64, Record> = BTreeMap::new();
+        let mut open: BTreeMap<Key, Record> = BTreeMap::new();
         if adopting {
             let body = std::fs::read(&file)
                 .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
-            open = serde_json::from_slice(&body)
+            open = (serde_json::from_slice::<Kept>(&body).map_err(|e| e.to_string()))
+                .and_then(Kept::into_table)
                 .map_err(|e| Error::corrupt(format!("{}: {e}", file.display())))?;
         }
         let h = Handles {
             file: Some(file),
-            left: Mutex::new(open.iter().map(|(k, v)| (*k, v.clone())).collect()),
+            left: Mutex::new(open.iter().map(|(k, v)| (k.1, v.clone())).collect()),
             open: Mutex::new(open),
         };
         if !adopting {
@@ -88,19 +131,21 @@ impl Handles {
     /// Records open `fh` before it is answered; an error if it could not
     /// be recorded (the open must then fail).
     pub fn opened(&self, fh: u64, rec: Record) -> Result<()> {
+        let key = (rec.ino, fh);
         let mut open = self.open.lock();
-        open.insert(fh, rec);
+        open.insert(key, rec);
         let saved = self.save(&open);
         if saved.is_err() {
-            open.remove(&fh);
+            open.remove(&key);
         }
         saved
     }
 
-    /// Forgets released `fh`, giving its record if it had one.
-    pub fn released(&self, fh: u64) -> Option<Record> {
+    /// Forgets released handle `fh` of inode `ino`, giving its record if
+    /// it had one.
+    pub fn released(&self, ino: u64, fh: u64) -> Option<Record> {
         let mut open = self.open.lock();
-        let rec = open.remove(&fh)?;
+        let rec = open.remove(&(ino, fh))?;
         if let Err(e) = self.save(&open) {
             // Left recorded: after a crash it would be counted until a
             // release that never comes (release refuses, safe side).
@@ -115,15 +160,21 @@ impl Handles {
     }
 
     /// Forgets a handle left by the crashed daemon whose session is gone.
-    pub fn drop_left(&self, fh: u64) {
-        self.released(fh);
+    pub fn drop_left(&self, ino: u64, fh: u64) {
+        self.released(ino, fh);
     }
 
-    fn save(&self, open: &BTreeMap<u64, Record>) -> Result<()> {
+    fn save(&self, open: &BTreeMap<Key, Record>) -> Result<()> {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let body = serde_json::to_vec(open).expect("json");
+        let entries: Vec<Entry> = (open.iter())
+            .map(|(&(_, fh), rec)| Entry {
+                fh,
+                rec: rec.clone(),
+            })
+            .collect();
+        let body = serde_json::to_vec(&entries).expect("json");
         crate::util::write_atomic(file, &body, 0o600, true)
     }
 }
@@ -139,7 +190,7 @@ impl super::RecoverFs {
                 let d = s.as_ref().and_then(|s| s.disks.get(rec.disk).cloned());
                 let (Some(s), Some(d)) = (s, d) else {
                     // Released before the crash: nothing left to hold.
-                    self.handles.drop_left(fh);
+                    self.handles.drop_left(rec.ino, fh);
                     continue;
                 };
                 if self.inherited.adopt(rec.ino, fh, &s, rec.disk, rec.pid) {
@@ -215,7 +266,7 @@ impl super::RecoverFs {
     /// The kernel released disk inode `ino`'s handle `fh`: forgets its
     /// record; for an inherited one, uncounts it.
     pub(super) fn release_handle(&self, ino: u64, fh: fuser::FileHandle) {
-        let rec = self.handles.released(fh.0);
+        let rec = self.handles.released(ino, fh.0);
         let Some(super::Node::Disk(s, d)) = self.node(ino) else {
             return;
         };
@@ -257,7 +308,7 @@ mod tests {
         t.opened(7 << 32 | 2, rec(8194, false)).unwrap();
         t.opened(7 << 32 | 5, rec(8194, true)).unwrap();
         t.opened(7 << 32 | 6, rec(8195, false)).unwrap();
-        assert_eq!(t.released(7 << 32 | 6), Some(rec(8195, false)));
+        assert_eq!(t.released(8195, 7 << 32 | 6), Some(rec(8195, false)));
         let adopted = Handles::kept_in(dir.path(), true).unwrap();
         assert_eq!(
             adopted.take_left(),
@@ -267,7 +318,7 @@ mod tests {
             ]
         );
         assert!(adopted.take_left().is_empty());
-        assert!(adopted.released(7 << 32 | 5).is_some());
+        assert!(adopted.released(8194, 7 << 32 | 5).is_some());
         assert_eq!(
             Handles::kept_in(dir.path(), true)
                 .unwrap()
@@ -294,6 +345,34 @@ mod tests {
         std::fs::remove_file(dir.path().join(FILE)).unwrap();
         std::fs::create_dir(dir.path().join(FILE)).unwrap();
         assert!(t.opened(1, rec(8194, false)).is_err());
-        assert_eq!(t.released(1), None);
+        assert_eq!(t.released(8194, 1), None);
+    }
+
+    /// review32 H1: two VMs' disks get the same file handle (each session
+    /// counts its handle ids from 1); both opens are kept, and one's
+    /// release leaves the other's record.
+    #[test]
+    fn the_same_file_handle_on_two_disks_is_two_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Handles::kept_in(dir.path(), false).unwrap();
+        let fh = 7 << 32 | 2;
+        t.opened(fh, rec(8194, false)).unwrap();
+        t.opened(fh, rec(16386, true)).unwrap();
+        let both = Handles::kept_in(dir.path(), true).unwrap().take_left();
+        assert_eq!(both, vec![(fh, rec(8194, false)), (fh, rec(16386, true))]);
+        assert_eq!(t.released(8194, fh), Some(rec(8194, false)));
+        let left = Handles::kept_in(dir.path(), true).unwrap().take_left();
+        assert_eq!(left, vec![(fh, rec(16386, true))]);
+    }
+
+    /// A table written before review32 H1 (keyed by the handle alone) is
+    /// still adopted.
+    #[test]
+    fn a_table_keyed_by_the_handle_alone_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let old: BTreeMap<u64, Record> = [(9, rec(8194, true))].into();
+        std::fs::write(dir.path().join(FILE), serde_json::to_vec(&old).unwrap()).unwrap();
+        let left = Handles::kept_in(dir.path(), true).unwrap().take_left();
+        assert_eq!(left, vec![(9, rec(8194, true))]);
     }
 }
