@@ -412,3 +412,31 @@ while not os.path.exists(sys.argv[2]): time.sleep(0.1)
     assert!(!o.status.success(), "release went ahead\n{log}");
     assert!(again.is_ok(), "{again:?}\n{log}");
 }
+
+/// review32 M3: `--mount` given as a symbolic link to the mount
+/// directory. The first daemon keeps the canonical path; the restart
+/// compared it with the link's own path ("this daemon mounts elsewhere"),
+/// let the kept mount go, and the open disk failed with ENOTCONN.
+#[test]
+fn a_restart_with_the_same_symlinked_mount_adopts_the_kept_connection() {
+    let mut env = keeper_env();
+    let link = env.path("mnt-link");
+    std::os::unix::fs::symlink(&env.mount, &link).unwrap();
+    env.mount = link;
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 80, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let stop = env.path("stop");
+    let (child, out) = holder(IDLE, &[&disk, &stop]);
+    crash(d);
+    let d2 = env.serve();
+    let rest = finish(&stop, child, out);
+    let log = d2.log_text();
+    drop(d2);
+    assert!(
+        log.contains("adopting the FUSE connection") && rest.trim() == "wrote",
+        "writer: {rest}\n{log}"
+    );
+}

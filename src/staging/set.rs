@@ -299,15 +299,31 @@ fn overlap(p: &Path, other: &Path, what: &str, hint: &str) -> Option<String> {
 /// `p` made absolute, its longest existing ancestor canonicalised (so
 /// links and `..` resolve as the kernel will) and the rest, which does not
 /// exist yet and so holds no link, normalised lexically.
-/// `resolve` of a mount point without a look at the point itself: a
+/// `resolve` of a mount point without a stat of the point itself: a
 /// mount a keeper holds for a crashed daemon answers no stat until this
-/// daemon serves it (`serve` gives it canonical already).
+/// daemon serves it (`serve` gives it canonical already). A last
+/// component that is a symbolic link is followed with `readlink`, which
+/// never asks a FUSE mount anything (its root is no link): else a
+/// `--mount` given as a link never matched the kept, canonical mount
+/// point (review32 M3).
 pub(crate) fn resolve_mount(mount: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(mount).ctx(|| format!("resolve {}", mount.display()))?;
-    match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => Ok(resolve(parent)?.join(name)),
-        _ => resolve(&abs),
+    let mut p = std::path::absolute(mount).ctx(|| format!("resolve {}", mount.display()))?;
+    // As the kernel's limit on links followed in one path.
+    for _ in 0..40 {
+        let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+            return resolve(&p);
+        };
+        let here = resolve(parent)?.join(name);
+        match std::fs::read_link(&here) {
+            // A relative target is relative to the link's directory.
+            Ok(target) => p = here.parent().unwrap_or(Path::new("/")).join(target),
+            Err(_) => return Ok(here),
+        }
     }
+    Err(Error::invalid(format!(
+        "resolve {}: too many levels of symbolic links",
+        mount.display()
+    )))
 }
 
 fn resolve(p: &Path) -> Result<PathBuf> {
