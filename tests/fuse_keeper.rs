@@ -92,20 +92,7 @@ fn reads_the_dead_daemons_event_threads_had_taken_are_all_answered_by_the_next_o
     let reads: Vec<(usize, std::path::PathBuf)> = (0..12)
         .map(|i| ((4 + 5 * i) * K64, env.path(&format!("got{i}"))))
         .collect();
-    let mut readers: Vec<Child> = (reads.iter())
-        .map(|(at, got)| {
-            Child(
-                std::process::Command::new("dd")
-                    .arg(format!("if={}", disk.display()))
-                    .arg(format!("of={}", got.display()))
-                    .args(["bs=4096", "count=1", "iflag=direct"])
-                    .arg(format!("skip={}", at / 4096))
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let mut readers = direct_reads(&disk, &reads);
     std::thread::sleep(Duration::from_millis(1000));
     crash(d);
     let _d = env.serve();
@@ -127,6 +114,91 @@ fn reads_the_dead_daemons_event_threads_had_taken_are_all_answered_by_the_next_o
             "wrong bytes at {at}"
         );
     }
+}
+
+/// review32 H2: on a kernel that cannot resend (before 6.9; here the
+/// daemon's fault seam says so), the reads the dead daemon had taken
+/// would wait on the kept device files for the life of the mount, their
+/// callers unkillable. The next daemon serves fresh device files and the
+/// kept ones are closed: those reads end at once (with an error, or, as
+/// this kernel does, sent again and answered with the disk's bytes), and
+/// the disk serves every read after.
+#[test]
+fn without_resend_the_reads_the_dead_daemon_had_taken_end_instead_of_hanging() {
+    let mut env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    env.serve_args = vec![
+        "--repo-delay-ms".into(),
+        "3000".into(),
+        "--no-profile".into(),
+    ];
+    let size = 64 * K64;
+    let original = random_image(&env.path("a.raw"), size, 38, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let reads: Vec<(usize, std::path::PathBuf)> = (0..6)
+        .map(|i| ((4 + 5 * i) * K64, env.path(&format!("got{i}"))))
+        .collect();
+    let mut readers = direct_reads(&disk, &reads);
+    std::thread::sleep(Duration::from_millis(1000));
+    crash(d);
+    env.extra_env
+        .push(("RECOVERFS_FAULT_NO_FUSE_RESEND".into(), "1".into()));
+    env.serve_args = vec!["--no-profile".into()];
+    let d2 = env.serve();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut answered = 0;
+    for ((at, got), r) in reads.iter().zip(&mut readers) {
+        let status = loop {
+            if let Some(status) = r.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a read the dead daemon had taken still waits: {}",
+                d2.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Failed, or answered with the disk's own bytes: never a hang,
+        // never other bytes.
+        let got = std::fs::read(got).unwrap_or_default();
+        assert!(
+            !status.success() || got == original[*at..at + 4096],
+            "the read at {at} succeeded with other bytes"
+        );
+        answered += status.success() as usize;
+    }
+    eprintln!("reads the dead daemon had taken answered after the adoption: {answered} of 6");
+    assert!(
+        d2.log_text().contains("served on fresh device files"),
+        "{}",
+        d2.log_text()
+    );
+    // The disk itself serves on.
+    let f = std::fs::File::open(&disk).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 9 * K64 as u64).unwrap();
+    assert!(buf == original[9 * K64..9 * K64 + 4096]);
+}
+
+/// A `dd` per (offset, output file): one 4 KiB O_DIRECT read of `disk`.
+fn direct_reads(disk: &Path, reads: &[(usize, std::path::PathBuf)]) -> Vec<Child> {
+    (reads.iter())
+        .map(|(at, got)| {
+            Child(
+                std::process::Command::new("dd")
+                    .arg(format!("if={}", disk.display()))
+                    .arg(format!("of={}", got.display()))
+                    .args(["bs=4096", "count=1", "iflag=direct"])
+                    .arg(format!("skip={}", at / 4096))
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// Starts `WRITER` on `disk` (of `blocks` 4 KiB blocks) until `stop`.

@@ -136,6 +136,7 @@ impl Served {
         keeper_root: Option<&Path>,
     ) -> Result<Served> {
         let Kept { held, fds } = kept;
+        let fds = resend_or_fresh(fds)?;
         let mut sessions = Vec::with_capacity(threads.max(fds.len()));
         for fd in fds {
             sessions.push(adopted_session(fd, &fs, &held.init, cfg)?);
@@ -147,9 +148,6 @@ impl Served {
             if let Err(e) = hand_over(root, &held, &sessions) {
                 tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
             }
-        }
-        if let Err(e) = adopt::resend(sessions[0].as_fd()) {
-            tracing::warn!("{e}: requests the previous daemon read but did not answer wait until their callers give up");
         }
         Self::spawn(sessions, &held.mount, true)
     }
@@ -208,6 +206,23 @@ impl Served {
         }
         sessions.try_for_each(|s| s.join())
     }
+}
+
+/// Has the kernel send again the requests the dead daemon had read but not
+/// answered (`adopt::resend`), before any session reads; the kept device
+/// files are then served. A kernel that cannot (before 6.9) would leave
+/// those requests on the kept files' processing lists for the life of the
+/// mount, their callers in uninterruptible sleep (review32 H2): instead
+/// the connection is served on a fresh clone, and the kept files are
+/// closed (ours here, the keeper's when it is handed the fresh ones), so
+/// the kernel ends those requests with an error (ECONNABORTED) and their
+/// callers see a failed I/O, not a hang.
+fn resend_or_fresh(fds: Vec<OwnedFd>) -> Result<Vec<OwnedFd>> {
+    let Err(e) = adopt::resend(fds[0].as_fd()) else {
+        return Ok(fds);
+    };
+    tracing::error!("{e}: the requests the previous daemon read but did not answer fail (ECONNABORTED) instead of waiting for good; the connection is served on fresh device files");
+    Ok(vec![adopt::clone_device(fds[0].as_fd())?])
 }
 
 /// Adds sessions on clones of the first one's device file until there are

@@ -15,7 +15,7 @@
 //! reads its own clone of the device file (`clone_device`), whose INIT
 //! the kernel never sends either.
 //!
-//! Last, `FUSE_NOTIFY_RESEND` (Linux 6.9+) moves the requests the dead
+//! Before any session reads, `FUSE_NOTIFY_RESEND` (Linux 6.9+) moves the requests the dead
 //! daemon had read but not answered back to the kernel's pending queue,
 //! marked as resent: the new daemon answers them like any other. Every
 //! request the daemon serves is safe to serve twice: reads and writes of
@@ -122,9 +122,19 @@ pub fn clone_device(device: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd> {
 }
 
 /// Asks the kernel to send again what the previous daemon read but did
-/// not answer. A kernel before 6.9 refuses (EINVAL): those requests then
-/// wait until their callers give up, as they would have failed before.
+/// not answer. A kernel before 6.9 refuses (EINVAL): those requests would
+/// then wait, their callers unkillable, for the life of the mount, so the
+/// adopting daemon closes the device files they sit on and they fail
+/// (`daemon::fuse_mount::resend_or_fresh`, review32 H2).
 pub fn resend(device: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    // Fault seam: a kernel without FUSE_NOTIFY_RESEND (before 6.9), for
+    // the tests of the fallback (`daemon::fuse_mount`).
+    if std::env::var_os("RECOVERFS_FAULT_NO_FUSE_RESEND").is_some() {
+        return Err(Error::io(
+            "ask the kernel to resend unanswered FUSE requests",
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        ));
+    }
     nix::unistd::write(device, &resend_notification())
         .map(|_| ())
         .map_err(|e| {
