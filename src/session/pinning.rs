@@ -16,13 +16,6 @@ use crate::repo::pins::{self, Pin};
 use crate::repo::Repository;
 use crate::staging::StagingDir;
 
-/// Session directories whose owed pin removal was made without their VM's
-/// operation lock and not looked at under it since (`unpin_owed`): a
-/// session made there meanwhile may have lost its pin. Per process; the
-/// paths name their staging directories.
-static UNCHECKED: parking_lot::Mutex<std::collections::BTreeSet<PathBuf>> =
-    parking_lot::Mutex::new(std::collections::BTreeSet::new());
-
 /// How often a daemon checks that its sessions' backups still exist.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -363,10 +356,12 @@ impl Datastore {
                     let Some(_op) = op.try_lock() else {
                         continue;
                     };
-                    // Not looked at again after a removal: now.
-                    let unchecked = UNCHECKED.lock().remove(&dir);
+                    // Made again, maybe while a removal ran without the
+                    // lock (this daemon's or a dead one's: what was looked
+                    // at is not recorded, review32 L7): its pin is written
+                    // again, which costs one pin write and is always true.
                     if dir.exists() {
-                        self.made_again(st, &vm, &b, unchecked);
+                        self.made_again(st, &vm, &b);
                         continue;
                     }
                 }
@@ -384,14 +379,12 @@ impl Datastore {
                 };
                 let removed = pins::remove(&self.repo, &pin).is_ok();
                 match op.try_lock() {
-                    Some(_op) if dir.exists() => self.made_again(st, &vm, &b, true),
+                    Some(_op) if dir.exists() => self.made_again(st, &vm, &b),
                     Some(_op) if removed => self.unpin_paid(st, &vm, &b),
                     Some(_op) => {}
                     // An operation on the VM runs (a recover of this very
                     // session, say): looked at by the next check.
-                    None => {
-                        UNCHECKED.lock().insert(dir);
-                    }
+                    None => {}
                 }
                 if !removed {
                     return;
@@ -401,19 +394,17 @@ impl Datastore {
     }
 
     /// The owed removal of the pin of `vm`'s session from backup `b` in
-    /// `st`, whose session was made again: dropped; and if the removal was
-    /// made since the session was (`removed`), its pin, of the same key, is
-    /// written again: by `repin` if it is served, else as its kept pin.
-    /// Under the VM's operation lock.
-    fn made_again(&self, st: &Arc<StagingDir>, vm: &str, b: &str, removed: bool) {
-        if removed {
-            let served = (self.session(vm)).filter(|s| s.backup == b && s.staging.id() == st.id());
-            match served {
-                Some(s) => self.pin(&s, true),
-                None => {
-                    if let Err(e) = st.set_pin_owed(vm, b, true) {
-                        tracing::warn!(vm, backup = %b, "could not record in staging that its pin is owed (a pin removal owed by its discarded predecessor may have taken it): {e}");
-                    }
+    /// `st`, whose session was made again: dropped, and its pin, of the
+    /// same key, written again (a removal may have taken it): by `repin`
+    /// if it is served, else as its kept pin. Under the VM's operation
+    /// lock.
+    fn made_again(&self, st: &Arc<StagingDir>, vm: &str, b: &str) {
+        let served = (self.session(vm)).filter(|s| s.backup == b && s.staging.id() == st.id());
+        match served {
+            Some(s) => self.pin(&s, true),
+            None => {
+                if let Err(e) = st.set_pin_owed(vm, b, true) {
+                    tracing::warn!(vm, backup = %b, "could not record in staging that its pin is owed (a pin removal owed by its discarded predecessor may have taken it): {e}");
                 }
             }
         }

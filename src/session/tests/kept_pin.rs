@@ -293,3 +293,25 @@ fn a_session_recovered_again_during_an_owed_removal_is_looked_at_by_the_next_che
     );
     assert!(owed(&r).is_empty());
 }
+
+/// review32 L7: a session recovered again while an owed removal ran, and
+/// the removal took its pin; the daemon died before it looked again. What
+/// was looked at lived in memory only, so the next daemon dropped the debt
+/// and left the session unpinned (`forget` and `gc` could take its
+/// backup). Now any check that finds the session made again writes its pin.
+#[test]
+fn a_session_whose_pin_an_owed_removal_took_before_a_crash_is_pinned_again() {
+    let (r, b1) = discarded_while_pins_are_refused();
+    r.ds.recover("vm", Some(&b1)).unwrap();
+    // The removal the dead daemon made, after the recover's pin write.
+    for p in pins::of_vm(&r.repo, "vm").unwrap() {
+        pins::remove(&r.repo, &p).unwrap();
+    }
+    assert!(pin_of(&r, "vm").is_empty());
+    r.ds.check_backups();
+    assert_eq!(
+        pin_of(&r, "vm"),
+        vec![(vec![b1.clone()], "serving".to_string())]
+    );
+    assert!(owed(&r).is_empty());
+}
