@@ -340,7 +340,8 @@ impl Datastore {
     /// Removes the pins discarded sessions still owe the repository. A
     /// session of that VM and backup made again in that staging directory
     /// since has a pin of the same key, its own: the debt is then dropped,
-    /// the pin kept. Looked at under the VM's operation lock, but the
+    /// and the pin written again (a removal made without the lock, by this
+    /// daemon or one that died, may have taken it). Looked at under the VM's operation lock, but the
     /// removal is made without it (review30 L3: a store that does not
     /// answer held it, and every operation on the VM, for up to a minute
     /// at every check, per debt): looked at again under it after, a
