@@ -125,7 +125,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let repo = open_repository(&opts)?;
     // Before the mount point is looked at: a kept mount answers nothing
     // until a daemon serves it (see `export::fuse::keeper`).
-    let kept = fuse_mount::take_kept(&opts.staging, &opts.mount, opts.datastore.fuse_keeper);
+    let kept = fuse_mount::take_kept(&opts.staging, &opts.mount, opts.datastore.fuse_keeper)?;
     let mount = match &kept {
         Some(k) => k.mount().to_path_buf(),
         None => check_mount_point(&opts.mount)?,

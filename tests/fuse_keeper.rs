@@ -340,7 +340,7 @@ fn a_sigusr2_without_a_keeper_stops_as_sigterm_does() {
 }
 
 #[test]
-fn a_clean_stop_ends_the_keeper_and_a_restart_elsewhere_lets_the_kept_mount_go() {
+fn a_clean_stop_ends_the_keeper_and_a_start_that_would_drop_a_kept_mount_is_refused() {
     let env = keeper_env();
     let _let_go = LetGo::of(&env);
     random_image(&env.path("a.raw"), 16 * K64, 33, K64);
@@ -358,15 +358,54 @@ fn a_clean_stop_ends_the_keeper_and_a_restart_elsewhere_lets_the_kept_mount_go()
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // A crash, then a daemon of the same staging at another mount point:
-    // the old mount is let go (it answers ENOTCONN, not a hang).
+    // A crash, then a start of the same staging at another mount point,
+    // or with --no-fuse-keeper: refused, saying how to serve or end the
+    // kept mount (review32 L5: it let the kept mount go, failing every
+    // running VM's disks on one mistyped option), and the keeper still
+    // holds it.
     let d = env.serve();
     env.recover("vm", None);
     crash(d);
     let mount2 = env.path("mnt2");
     std::fs::create_dir(&mount2).unwrap();
-    let d2 = Daemon::start(&env, &env.staging, &mount2, &env.path("control2.sock"));
-    assert!(d2.log_text().contains("letting it go"), "{}", d2.log_text());
+    let start = |mount: &Path, keeper: bool| {
+        std::process::Command::new(bin())
+            .args(["serve", "--repo", env.repo_str(), "--staging"])
+            .arg(&env.staging)
+            .arg("--mount")
+            .arg(mount)
+            .arg("--socket")
+            .arg(env.path("control2.sock"))
+            .env(
+                "RECOVERFS_NO_FUSE_KEEPER",
+                if keeper { "false" } else { "true" },
+            )
+            .output()
+            .unwrap()
+    };
+    for (mount, keeper, how) in [
+        (&mount2, true, "serve with --mount"),
+        (&env.mount, false, "serve without --no-fuse-keeper"),
+    ] {
+        let o = start(mount, keeper);
+        let err = String::from_utf8_lossy(&o.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            !o.status.success()
+                && last.starts_with("recoverfs: error: ")
+                && last.contains(how)
+                && last.contains("fuse-let-go"),
+            "{err}"
+        );
+        assert!(
+            keeper_runs(&env.staging),
+            "refused, it let the mount go: {err}"
+        );
+    }
+    // Ended on purpose, the old mount answers ENOTCONN (not a hang), and
+    // the daemon starts at the other mount point.
+    env.ok(&["fuse-let-go", "--staging", env.staging.to_str().unwrap()]);
+    let _d2 = Daemon::start(&env, &env.staging, &mount2, &env.path("control2.sock"));
     let (tx, rx) = mpsc::channel();
     let old = env.mount.clone();
     std::thread::spawn(move || {

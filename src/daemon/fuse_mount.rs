@@ -18,26 +18,31 @@ pub fn keeper_root(staging: &Path) -> Option<PathBuf> {
 }
 
 /// Before the mount point is looked at: the connection the keeper of
-/// `staging` holds, to adopt when it is the one at `mount`. A connection
-/// kept for another mount point, no longer mounted (detached), or kept
-/// when keeping is off, is let go, so that mount ends as it did before
-/// keepers (ENOTCONN), and the stale mount is detached as usual. While a
-/// daemon holds the staging's lock, its keeper is not ours to touch: the
-/// start is refused at the lock.
-pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
-    let root = keeper_root(staging)?;
+/// `staging` holds, to adopt when it is the one at `mount`. A start that
+/// would not adopt a connection still mounted, with guests' I/O waiting
+/// on it (another `--mount`, or `--no-fuse-keeper`), is refused, saying
+/// how to serve it or end it (`fuse-let-go`): one mistyped option must not
+/// fail every running VM's disks (review32 L5). A connection no longer
+/// mounted (detached), or whose record is lost, is let go, so that mount
+/// ends as it did before keepers (ENOTCONN), and the stale mount is
+/// detached as usual. While a daemon holds the staging's lock, its keeper
+/// is not ours to touch: the start is refused at the lock.
+pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Result<Option<Kept>> {
+    let Some(root) = keeper_root(staging) else {
+        return Ok(None);
+    };
     if crate::staging::inventory::lock_holder(&root).is_ok_and(|h| h.is_some()) {
-        return None;
+        return Ok(None);
     }
     let (held, fds) = match keeper::take(&root) {
         Ok(Some(k)) => k,
-        Ok(None) => return None,
+        Ok(None) => return Ok(None),
         Err(e) => {
             tracing::warn!(
                 "could not ask the FUSE keeper of {} for the previous daemon's connection: {e}",
                 root.display()
             );
-            return None;
+            return Ok(None);
         }
     };
     let mounted = crate::util::mountinfo::at(&crate::util::mountinfo::current(), &held.mount)
@@ -50,13 +55,22 @@ pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
         (true, true, true) => match Inodes::load(&root, true) {
             Ok(_) => {
                 tracing::warn!(mount = %held.mount.display(), "adopting the FUSE connection the previous daemon of this staging left: guests' waiting disk I/O is answered again");
-                return Some(Kept { held, fds });
+                return Ok(Some(Kept { held, fds }));
             }
             Err(e) => format!("its record of inode numbers and open handles is lost ({e})"),
         },
-        (false, _, _) => "--no-fuse-keeper".into(),
-        (true, false, _) => "it is no longer mounted there (detached)".into(),
-        (true, true, false) => "this daemon mounts elsewhere".into(),
+        (_, true, _) => {
+            let how = match keeping {
+                false => "without --no-fuse-keeper".to_string(),
+                true => format!("with --mount {}", held.mount.display()),
+            };
+            return Err(Error::busy(format!(
+                "the FUSE mount {} of this staging is kept for the previous daemon, its guests' disk I/O waiting: serve {how} to answer it, or end it first with `recoverfs fuse-let-go --staging {}` (its open disks then fail)",
+                held.mount.display(),
+                staging.display()
+            )));
+        }
+        (_, false, _) => "it is no longer mounted there (detached)".into(),
     };
     tracing::warn!(
         "the previous daemon's FUSE mount {} was kept for it; {why}: letting it go (its open disks now fail with ENOTCONN)",
@@ -66,7 +80,7 @@ pub fn take_kept(staging: &Path, mount: &Path, keeping: bool) -> Option<Kept> {
     if let Err(e) = keeper::release(&root) {
         tracing::warn!("the FUSE keeper of {} did not let go: {e}", root.display());
     }
-    None
+    Ok(None)
 }
 
 /// A connection a crashed daemon left with the keeper: its parameters and

@@ -24,8 +24,9 @@
 //!   mount point and the kernel's INIT parameters go with it, for the
 //!   synthetic INIT); a later `hold` replaces what was held;
 //! - `take`: copies of the fds and the parameters;
-//! - `drop`: close it and exit (a clean stop, or a `serve` at another
-//!   mount point: the old mount then ends as before, ENOTCONN).
+//! - `drop`: close it and exit (a clean stop, `fuse-let-go`, or a kept
+//!   mount no longer in place or whose record is lost: the old mount then
+//!   ends as before, ENOTCONN).
 //!
 //! The keeper exits when the connection ends (its fd polls POLLERR: the
 //! mount was unmounted, or aborted), on `drop`, on SIGTERM (which is how an
