@@ -111,6 +111,8 @@ impl Handles {
                 .and_then(Kept::into_table)
                 .map_err(|e| Error::corrupt(format!("{}: {e}", file.display())))?;
         }
+        let taken: Vec<u64> = open.keys().map(|&(_, fh)| fh >> 32).collect();
+        super::passthrough::choose_epoch(&taken);
         let h = Handles {
             file: Some(file),
             left: Mutex::new(open.iter().map(|(k, v)| (k.1, v.clone())).collect()),

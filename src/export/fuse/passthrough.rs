@@ -50,10 +50,30 @@ use crate::volume::Volume;
 /// one of ours.
 const PASSTHROUGH_FH: u64 = 1;
 
+static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 /// This process's file-handle epoch: random, never 0.
 fn epoch() -> u64 {
-    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(|| (rand::random::<u32>() | 1) as u64)
+}
+
+/// Chooses this process's epoch, before any file handle is made, unlike
+/// every one of `taken` (the epochs of the handles a crashed daemon left):
+/// one drawn equal to a dead daemon's would take its handles for ours
+/// (review32 L11). Nothing once the epoch is chosen.
+pub fn choose_epoch(taken: &[u64]) {
+    EPOCH.get_or_init(|| epoch_unlike(taken, rand::random::<u32>));
+}
+
+/// The first epoch `draw` gives (made odd: never 0) that is none of
+/// `taken`.
+fn epoch_unlike(taken: &[u64], mut draw: impl FnMut() -> u32) -> u64 {
+    loop {
+        let e = (draw() | 1) as u64;
+        if !taken.contains(&e) {
+            return e;
+        }
+    }
 }
 
 /// The file handle of an open with session handle `handle`.
@@ -322,5 +342,18 @@ impl Passthrough {
         if o.normal == 0 && o.passthrough == 0 {
             opens.remove(&ino);
         }
+    }
+}
+
+#[cfg(test)]
+mod epoch_tests {
+    use super::*;
+
+    /// review32 L11: an epoch equal to one a dead daemon's recorded
+    /// handles carry would take them for this process's own.
+    #[test]
+    fn an_epoch_the_dead_daemons_handles_carry_is_drawn_again() {
+        let mut draws = [6u32, 9, 10].into_iter();
+        assert_eq!(epoch_unlike(&[7, 9], || draws.next().unwrap()), 11);
     }
 }
