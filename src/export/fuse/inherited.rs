@@ -3,8 +3,11 @@
 //! this process never gave out (`passthrough::is_ours`). Each one recorded
 //! in staging (`handles`) is counted as its session's open handle at the
 //! adoption, before any request is served; its release uncounts it.
-//! One not recorded (a daemon of an older version) is counted at its first
-//! read, write or flush, under the pid of that request.
+//! Every open is recorded before it is answered, and a connection whose
+//! record cannot be read is not adopted (`Inodes::load`), so every
+//! inherited open is counted at the adoption; one not recorded would still
+//! be counted at its first read, write or flush, under that request's pid
+//! (a safety net only: review32 L8 found no path that leaves one).
 
 use std::collections::HashMap;
 
