@@ -440,3 +440,32 @@ fn a_restart_with_the_same_symlinked_mount_adopts_the_kept_connection() {
         "writer: {rest}\n{log}"
     );
 }
+
+/// review32 L6: a fresh mount whose handle table cannot be written (here a
+/// directory stands where it goes; in life, a full or read-only staging)
+/// was handed to the keeper all the same, with opens recorded nowhere: a
+/// daemon adopting it after a crash would not have known them (or taken
+/// an older connection's table for its). Such a mount is served without a
+/// keeper, and says so.
+#[test]
+fn a_fresh_mount_whose_tables_cannot_be_kept_is_not_kept() {
+    let env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 40, K64);
+    env.backup("a", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    assert!(keeper_runs(&env.staging));
+    assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
+    let table = env.staging.join("fuse-handles.json");
+    let _ = std::fs::remove_file(&table);
+    std::fs::create_dir(&table).unwrap();
+    let d = env.serve();
+    let log = d.log_text();
+    let kept = keeper_runs(&env.staging);
+    let disk = env.recover("a", None)[0].clone();
+    let read = std::fs::read(&disk).map(|b| b.len());
+    drop(d);
+    assert!(!kept, "kept with no handle table: {log}");
+    assert!(log.contains("mounting without a keeper"), "{log}");
+    assert_eq!(read.unwrap(), 16 * K64);
+}

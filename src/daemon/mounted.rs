@@ -60,7 +60,7 @@ impl MountedDatastore {
         }
         // FUSE's background requests and io threads match the GETs the
         // fetch engine keeps in flight (at least 64).
-        let keeper_root = if opts.fuse_keeper {
+        let mut keeper_root = if opts.fuse_keeper {
             fuse_mount::keeper_root(ds.staging_root())
         } else {
             None
@@ -71,11 +71,22 @@ impl MountedDatastore {
             opts.owner,
             opts.fuse_passthrough,
         );
-        if let Some(root) = &keeper_root {
-            fs = fs.with_inodes(crate::export::fuse::inodes::Inodes::kept_in(
-                root,
-                kept.is_some(),
-            ));
+        if let Some(root) = keeper_root.clone() {
+            use crate::export::fuse::inodes::Inodes;
+            // A fresh mount whose tables cannot be kept is not kept either
+            // (review32 L6): a daemon adopting it would not know its open
+            // disks, and might take an older connection's table for its.
+            let inodes = match kept.is_some() {
+                true => Ok(Inodes::kept_in(&root, true)),
+                false => Inodes::load(&root, false),
+            };
+            match inodes {
+                Ok(inodes) => fs = fs.with_inodes(inodes),
+                Err(e) => {
+                    tracing::warn!("the FUSE inode and handle tables cannot be kept in staging ({e}): mounting without a keeper, so this mount ends with the daemon");
+                    keeper_root = None;
+                }
+            }
         }
         let init_params = fs.init_params();
         let inodes = fs.inodes();
