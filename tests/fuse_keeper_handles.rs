@@ -469,3 +469,69 @@ fn a_fresh_mount_whose_tables_cannot_be_kept_is_not_kept() {
     assert!(log.contains("mounting without a keeper"), "{log}");
     assert_eq!(read.unwrap(), 16 * K64);
 }
+
+/// review32 M4: the daemon died after recording an open but before
+/// answering it (here the fault seam kills it there). The kernel sends
+/// that OPEN again to the adopting daemon, which answers it with a new
+/// handle: the dead daemon's record has no handle behind it, and held the
+/// session (`release` refused) for the life of the mount. The resent
+/// OPEN replaces it.
+#[test]
+fn an_open_recorded_but_not_answered_before_a_crash_leaves_no_phantom_holder() {
+    let mut env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 41, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    env.extra_env.push((
+        "RECOVERFS_FAULT_KILL_AFTER_OPEN_RECORDED".into(),
+        "1".into(),
+    ));
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let stop = env.path("stop");
+    let script = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("ready", flush=True)
+os.pwrite(fd, b"z" * 4096, 0); os.fdatasync(fd)
+while not os.path.exists(sys.argv[2]): time.sleep(0.1)
+os.close(fd)
+print("closed", flush=True)
+"#;
+    let mut child = Child(
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&disk)
+            .arg(&stop)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    // The open killed the daemon; it waits for the next one.
+    std::thread::sleep(Duration::from_millis(1000));
+    crash(d);
+    env.extra_env.clear();
+    let d2 = env.serve();
+    let ready = rx.recv_timeout(Duration::from_secs(30));
+    std::fs::write(&stop, b"").unwrap();
+    let closed = rx.recv_timeout(Duration::from_secs(30));
+    let _ = child.0.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let o = env.release("vm", false);
+    let log = d2.log_text();
+    drop(d2);
+    assert_eq!(ready.as_deref(), Ok("ready"), "the resent open: {log}");
+    assert_eq!(closed.as_deref(), Ok("closed"));
+    assert!(
+        o.status.success(),
+        "release refused by a holder with no handle behind it: {}\n{log}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -49,7 +49,18 @@ pub struct Record {
     pub pid: u32,
     /// Opened in passthrough mode (see `passthrough`).
     pub passthrough: bool,
+    /// The OPEN request's id (0 in tables from before it was kept): a
+    /// daemon that died after recording the open but before answering it
+    /// leaves a record the kernel holds no handle for; the kernel sends
+    /// that OPEN again, with this id, to the adopting daemon, whose answer
+    /// replaces the record (review32 M4).
+    #[serde(default)]
+    pub unique: u64,
 }
+
+/// The bit the kernel sets in the id of a request it sends again
+/// (`FUSE_UNIQUE_RESEND`, with `FUSE_NOTIFY_RESEND`).
+const UNIQUE_RESEND: u64 = 1 << 63;
 
 /// A record's key: the disk's inode number and the file handle.
 type Key = (u64, u64);
@@ -156,6 +167,15 @@ impl Handles {
         Some(rec)
     }
 
+    /// The file handles recorded for inode `ino` by the OPEN request
+    /// `unique`.
+    fn opened_by(&self, ino: u64, unique: u64) -> Vec<u64> {
+        (self.open.lock().iter())
+            .filter(|(&(i, _), rec)| i == ino && rec.unique == unique && unique != 0)
+            .map(|(&(_, fh), _)| fh)
+            .collect()
+    }
+
     /// The handles the crashed daemon left, once (to adopt).
     pub fn take_left(&self) -> Vec<(u64, Record)> {
         std::mem::take(&mut *self.left.lock())
@@ -220,8 +240,12 @@ impl super::RecoverFs {
         let Some(handle) = s.open_handle(Holder::fuse(d.index, req.pid())) else {
             return reply.error(fuser::Errno::ENOENT);
         };
+        let unique = req.unique().0;
+        if unique & UNIQUE_RESEND != 0 {
+            self.drop_unanswered_open(ino, unique & !UNIQUE_RESEND);
+        }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        let record = self.recorder(ino, &s.dir, d.index, req.pid());
+        let record = self.recorder(ino, &s.dir, d.index, req.pid(), unique & !UNIQUE_RESEND);
         let undo = move || s.close_handle(handle);
         self.watch_disk(ino, &d);
         match (self.passthrough).open(ino, &d, read_only, reply, handle, &record) {
@@ -236,14 +260,27 @@ impl super::RecoverFs {
         }
     }
 
+    /// A resent OPEN (request `unique`) of inode `ino`: the dead daemon
+    /// recorded it but died before answering, so the kernel holds no
+    /// handle for that record (it would hold the session, and in
+    /// passthrough mode refuse writable opens, for the life of the mount).
+    /// It goes as if released; this answer is recorded instead.
+    fn drop_unanswered_open(&self, ino: u64, unique: u64) {
+        for fh in self.handles.opened_by(ino, unique) {
+            tracing::info!(ino, "an open the previous daemon recorded but did not answer was sent again: its record goes");
+            self.release_handle(ino, fuser::FileHandle(fh));
+        }
+    }
+
     /// What records a new open of disk `index` (inode `ino`) of the
-    /// session in `dir` by `pid`.
+    /// session in `dir` by `pid`, made by OPEN request `unique`.
     pub(super) fn recorder(
         &self,
         ino: u64,
         dir: &Path,
         disk: usize,
         pid: u32,
+        unique: u64,
     ) -> super::passthrough::Record {
         let handles = self.handles.clone();
         let dir = dir.to_path_buf();
@@ -254,9 +291,13 @@ impl super::RecoverFs {
                 disk,
                 pid,
                 passthrough: fh.0 & 1 != 0,
+                unique,
             };
             match handles.opened(fh.0, rec) {
-                Ok(()) => true,
+                Ok(()) => {
+                    crash_seam_after_recording_an_open();
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(disk, "open refused (EIO): could not record it in staging ({e}); a daemon adopting this mount after a crash would not count it");
                     false
@@ -264,7 +305,19 @@ impl super::RecoverFs {
             }
         })
     }
+}
 
+/// Fault seam for the tests of a resent OPEN: the daemon dies (SIGKILL,
+/// as a crash) once an open is recorded, before it is answered.
+fn crash_seam_after_recording_an_open() {
+    if std::env::var_os("RECOVERFS_FAULT_KILL_AFTER_OPEN_RECORDED").is_some() {
+        // SAFETY: getpid cannot fail; kill only sends a signal to this
+        // very process, touching no memory.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+impl super::RecoverFs {
     /// The kernel released disk inode `ino`'s handle `fh`: forgets its
     /// record; for an inherited one, uncounts it.
     pub(super) fn release_handle(&self, ino: u64, fh: fuser::FileHandle) {
@@ -296,6 +349,7 @@ mod tests {
             disk: 0,
             pid: 42,
             passthrough,
+            unique: 0,
         }
     }
 
