@@ -150,6 +150,10 @@ impl Handles {
         let saved = self.save(&open);
         if saved.is_err() {
             open.remove(&key);
+            // The rename may have landed before the failure (a failed
+            // directory sync): the open is refused, so its record must not
+            // outlive it in the file (review32 M4). Best effort.
+            let _ = self.save(&open);
         }
         saved
     }
