@@ -10,8 +10,8 @@
 //! A handle is recorded before its open is answered (an open that cannot
 //! be recorded fails with EIO) and forgotten at its release. Opens of VM
 //! disks are rare: each is one small atomic rewrite (temporary file,
-//! fsync, rename), done where the open is answered (the event thread, or
-//! the worker that waited for passthrough opens). A fresh mount starts the
+//! fsync, rename), done on the io thread that answers the open. A release
+//! rewrites it on the event thread (left: review32 L9). A fresh mount starts the
 //! table empty (the kernel holds no handle of a new connection).
 //!
 //! A record's key is its inode number *and* file handle: a file handle is
@@ -226,12 +226,16 @@ impl super::RecoverFs {
         });
     }
 
-    /// Opens disk `d` (inode `ino`) of `s`: passthrough or normal (see
-    /// `passthrough`), counted as the session's open handle (its id in the
-    /// file handle) and recorded before it is answered.
+    /// Opens disk `d` (inode `ino`) of `s` for `pid` (OPEN request
+    /// `unique`): passthrough or normal (see `passthrough`), counted as the
+    /// session's open handle (its id in the file handle) and recorded
+    /// before it is answered. On an io thread (`open`), never an event
+    /// thread: recording syncs a file.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn open_disk(
         &self,
-        req: &fuser::Request,
+        pid: u32,
+        unique: u64,
         ino: u64,
         s: Arc<Session>,
         d: Arc<Volume>,
@@ -241,25 +245,22 @@ impl super::RecoverFs {
         if flags.0 & libc::O_TRUNC != 0 {
             return reply.error(fuser::Errno::EPERM);
         }
-        let Some(handle) = s.open_handle(Holder::fuse(d.index, req.pid())) else {
+        let Some(handle) = s.open_handle(Holder::fuse(d.index, pid)) else {
             return reply.error(fuser::Errno::ENOENT);
         };
-        let unique = req.unique().0;
         if unique & UNIQUE_RESEND != 0 {
             self.drop_unanswered_open(ino, unique & !UNIQUE_RESEND);
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        let record = self.recorder(ino, &s.dir, d.index, req.pid(), unique & !UNIQUE_RESEND);
+        let record = self.recorder(ino, &s.dir, d.index, pid, unique & !UNIQUE_RESEND);
         let undo = move || s.close_handle(handle);
         self.watch_disk(ino, &d);
         match (self.passthrough).open(ino, &d, read_only, reply, handle, &record) {
             Opened::Replied => {}
             Opened::Refused => undo(),
+            // On an io thread already: the wait may last seconds.
             Opened::MustWait(reply) => {
-                // Not on the event thread: the wait may last seconds.
-                let pt = self.passthrough.clone();
-                self.io
-                    .submit(move || pt.wait_and_open(ino, &d, reply, handle, &record, undo));
+                (self.passthrough).wait_and_open(ino, &d, reply, handle, &record, undo)
             }
         }
     }

@@ -425,7 +425,13 @@ impl Filesystem for RecoverFs {
                 }
                 reply.opened(FileHandle(0), FopenFlags::empty())
             }
-            Some(Node::Disk(s, d)) => self.open_disk(req, ino.0, s, d, flags, reply),
+            Some(Node::Disk(s, d)) => {
+                // Recording the open syncs a file in staging (`handles`),
+                // and a passthrough open may wait: never on an event thread
+                // (review32 L9).
+                let (fs, pid, unique) = (self.clone(), req.pid(), req.unique().0);
+                (self.io).submit(move || fs.open_disk(pid, unique, ino.0, s, d, flags, reply));
+            }
             Some(_) => reply.error(Errno::EISDIR),
             None => reply.error(Errno::ENOENT),
         }
