@@ -55,18 +55,7 @@ fn an_idle_handle_from_the_dead_daemon_holds_the_session_against_release() {
     let d = env.serve();
     let disk = env.recover("vm", None)[0].clone();
     let stop = env.path("stop");
-    let script = r#"
-import os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR)
-os.pwrite(fd, b"x" * 4096, 0); os.fdatasync(fd)
-print("ready", flush=True)
-while not os.path.exists(sys.argv[2]): time.sleep(0.1)
-try:
-    os.pwrite(fd, b"y" * 4096, 4096); os.fdatasync(fd); print("wrote")
-except OSError as e:
-    print("error", e)
-"#;
-    let (child, out) = holder(script, &[&disk, &stop]);
+    let (child, out) = holder(IDLE, &[&disk, &stop]);
     crash(d);
     let d2 = env.serve();
     let o = env.release("vm", false);
@@ -166,6 +155,20 @@ except OSError as e:
     print("error", e)
 "#;
 
+/// VMs a and b backed up (images from seeds `seed`, `seed + 1`), served
+/// and recovered: the daemon and their disk0 paths.
+fn two_vms_served(env: &Env, seed: u64) -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+    for (i, vm) in ["a", "b"].iter().enumerate() {
+        let image = env.path(&format!("{vm}.raw"));
+        random_image(&image, 16 * K64, seed + i as u64, K64);
+        env.backup(vm, "64K", &[&image]);
+    }
+    let d = env.serve();
+    let a = env.recover("a", None)[0].clone();
+    let b = env.recover("b", None)[0].clone();
+    (d, a, b)
+}
+
 /// review32 H1: each session numbers its open handles from 1, and the
 /// file handle is epoch | id << 1 | passthrough: the first disk opens of
 /// VMs a and b get the same file handle. Keyed by the handle alone, b's
@@ -175,18 +178,7 @@ except OSError as e:
 fn the_first_opens_of_two_vms_are_both_recorded_and_both_hold_after_a_crash() {
     let env = keeper_env();
     let _let_go = LetGo::of(&env);
-    for (i, vm) in ["a", "b"].iter().enumerate() {
-        random_image(
-            &env.path(&format!("{vm}.raw")),
-            16 * K64,
-            60 + i as u64,
-            K64,
-        );
-        env.backup(vm, "64K", &[&env.path(&format!("{vm}.raw"))]);
-    }
-    let d = env.serve();
-    let a = env.recover("a", None)[0].clone();
-    let b = env.recover("b", None)[0].clone();
+    let (d, a, b) = two_vms_served(&env, 60);
     let stop = env.path("stop");
     let (ca, oa) = holder(IDLE, &[&a, &stop]);
     let (cb, ob) = holder(IDLE, &[&b, &stop]);
@@ -217,18 +209,7 @@ fn the_first_opens_of_two_vms_are_both_recorded_and_both_hold_after_a_crash() {
 fn closing_one_vms_disk_leaves_the_other_vms_open_recorded() {
     let env = keeper_env();
     let _let_go = LetGo::of(&env);
-    for (i, vm) in ["a", "b"].iter().enumerate() {
-        random_image(
-            &env.path(&format!("{vm}.raw")),
-            16 * K64,
-            70 + i as u64,
-            K64,
-        );
-        env.backup(vm, "64K", &[&env.path(&format!("{vm}.raw"))]);
-    }
-    let d = env.serve();
-    let a = env.recover("a", None)[0].clone();
-    let b = env.recover("b", None)[0].clone();
+    let (d, a, b) = two_vms_served(&env, 70);
     let stop_a = env.path("stop-a");
     let stop_b = env.path("stop-b");
     let (ca, oa) = holder(IDLE, &[&a, &stop_a]);
