@@ -241,3 +241,59 @@ fn a_target_lock_keeps_other_opens_from_emptying_but_leaves_qemus_lock_bytes_fre
     let other = OsStorage.open(&p, Open::Existing).unwrap();
     assert!(other.try_lock(true).is_err());
 }
+
+/// `filefrag -v`'s flags for the extents of `p` (ext4 and others that
+/// answer FIEMAP), or `None` where it cannot tell.
+fn extent_flags(p: &Path) -> Option<String> {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(p)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success() && text.contains("Filesystem type is: ef53")).then_some(text)
+}
+
+#[test]
+fn a_large_buffered_fill_allocates_its_range_and_fills_from_many_threads_land_whole() {
+    // Under the crate (ext4 here), not a tmpfs /tmp.
+    let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let p = d.path().join("data");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    let f = Arc::new(OsFile::with_fills(f, false));
+    const MIB: usize = 1 << 20;
+    f.set_len(16 * MIB as u64).unwrap();
+    let block = |i: usize| -> Vec<u8> { (0..MIB).map(|j| ((i * 31 + j) % 251) as u8).collect() };
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                for i in (t..16).step_by(4) {
+                    f.write_fill_at(&block(i), (i * MIB) as u64).unwrap();
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert_eq!(f.len().unwrap(), 16 * MIB as u64, "fills keep the size");
+    for i in 0..16 {
+        let mut got = vec![0u8; MIB];
+        f.read_exact_at(&mut got, (i * MIB) as u64).unwrap();
+        assert!(got == block(i), "block {i} reads back as filled");
+    }
+    // Before any writeback: delayed allocation would show as `delalloc`.
+    let Some(flags) = extent_flags(&p) else {
+        eprintln!("not ext4 or no filefrag: the allocation is not checked here");
+        return;
+    };
+    assert!(
+        !flags.contains("delalloc"),
+        "every fill allocated its range first:\n{flags}"
+    );
+    assert!(flags.contains("unwritten"), "{flags}");
+}
