@@ -18,11 +18,13 @@ mod mount_point;
 mod mounted;
 mod open_repository;
 mod signals;
+
 pub use fuse_mount::let_go as fuse_let_go;
 pub use mount_point::check_mount_point;
 use mount_point::detach_previous_mount;
 pub use mounted::MountedDatastore;
 use open_repository::open_repository;
+pub use signals::defer_hand_over;
 
 pub struct ServeOptions {
     pub repo: String,
@@ -194,6 +196,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // is asked again at the next request (`repo::unconfirmed`).
     repo.backend().end_of_start();
     let hand_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Test seam: a start that has mounted but not yet handled signals.
+    if let Some(ms) = std::env::var("RECOVERFS_FAULT_PAUSE_BEFORE_API_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let api_result = run_api(
         mounted.ds.clone(),
         jobs.clone(),
@@ -360,6 +369,8 @@ fn run_api(
         // Handlers first: a SIGTERM as soon as the socket answers must
         // stop the daemon cleanly, not kill it (a test's stop did).
         let handlers = signals::Handlers::install();
+        // A SIGUSR2 held back since the start is handled from here on.
+        signals::accept_hand_over();
         let listener = crate::api::peer::bind(socket, group)?;
         let listener = crate::api::peer::CheckedListener::new(
             listener,

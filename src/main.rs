@@ -24,6 +24,11 @@ fn main() -> std::process::ExitCode {
         // plain lines an administrator can grep.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if serve {
+        // Before any thread: a SIGUSR2 during the start waits for its
+        // handler instead of killing the daemon.
+        recoverfs::daemon::defer_hand_over();
+    }
     // Every command but the daemon ends quietly, as if killed by SIGPIPE,
     // when the reader of its output goes away (`| head`); SIGPIPE stays
     // ignored (see `end_quietly_when_stdout_closes`). The daemon's panics

@@ -258,14 +258,6 @@ fn assert_holds(env: &Env, last: &std::collections::HashMap<u64, u64>) {
     }
 }
 
-fn recoverfs_mounted_at(mount: &Path) -> bool {
-    let m = std::fs::canonicalize(mount).unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()) && l.contains("recoverfs"))
-}
-
 /// SIGUSR2 (an upgrade's restart): the daemon makes staging durable and
 /// exits 0, leaving the FUSE mount with its keeper; a process writing and
 /// fsyncing through an open disk rides out two hand-overs with no error,

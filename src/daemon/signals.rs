@@ -12,6 +12,15 @@
 //!   alone: debuggers and profilers use it.)
 //!
 //! The first signal decides which: a later one only shortens the wait.
+//!
+//! SIGUSR2's default action ends a process, so one that came while the
+//! daemon started (a reload sent a moment too early) used to kill it as a
+//! crash would. `main` blocks SIGUSR2 before any thread exists, so every
+//! thread the daemon starts has it blocked and an early one stays
+//! pending; once the handlers are in place the thread that runs the
+//! control API unblocks it ([`accept_hand_over`]) and a pending one is
+//! handed over then. SIGINT and SIGTERM are not deferred: an
+//! administrator must be able to stop a start that hangs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,6 +50,33 @@ impl Handlers {
                 None
             }
         }
+    }
+}
+
+/// Blocks SIGUSR2 in the calling thread (and so in every thread it starts
+/// from then on): call before any other thread exists.
+pub fn defer_hand_over() {
+    set_usr2(libc::SIG_BLOCK);
+}
+
+/// Unblocks SIGUSR2 in the calling thread, after [`Handlers::install`]: a
+/// pending one is delivered at once.
+pub(super) fn accept_hand_over() {
+    set_usr2(libc::SIG_UNBLOCK);
+}
+
+fn set_usr2(how: libc::c_int) {
+    // SAFETY: the set is initialised by sigemptyset before use, and
+    // pthread_sigmask only reads it and changes this thread's mask.
+    let rc = unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGUSR2);
+        libc::pthread_sigmask(how, set.as_ptr(), std::ptr::null_mut())
+    };
+    if rc != 0 {
+        let e = std::io::Error::from_raw_os_error(rc);
+        tracing::warn!("could not change the SIGUSR2 mask ({e}): a SIGUSR2 during the start ends the daemon as a crash would");
     }
 }
 

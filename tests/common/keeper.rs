@@ -21,6 +21,15 @@ pub fn crash(mut d: Daemon) {
     std::mem::forget(d);
 }
 
+/// Whether a recoverfs FUSE file system is mounted at `mount`.
+pub fn recoverfs_mounted_at(mount: &Path) -> bool {
+    let m = std::fs::canonicalize(mount).unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(m.to_str().unwrap()) && l.contains("recoverfs"))
+}
+
 /// Whether a keeper of staging `staging` holds a connection (asked on its
 /// socket, not by reading /proc: a process waiting on a kept mount can
 /// make its /proc files wait too).
