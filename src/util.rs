@@ -146,7 +146,6 @@ pub fn rfc3339(unix: u64) -> String {
     t.format(fmt).unwrap_or_default()
 }
 
-/// Human-readable byte counts for CLI output.
 /// Caps glibc's malloc arenas at the CPU count, between 2 and 4, unless
 /// `MALLOC_ARENA_MAX` says otherwise. By default glibc makes up to 8 per
 /// CPU, and each fetch worker, event thread and pool thread that frees
@@ -279,6 +278,7 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// Human-readable byte counts for CLI output.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
