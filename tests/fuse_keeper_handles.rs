@@ -516,3 +516,41 @@ print("closed", flush=True)
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// review32 L9: the rewrite of the handle table at a release runs on an
+/// io thread. With one event thread and that rewrite held back (a slow
+/// fsync), the mount still answers a read; the release is answered once
+/// the rewrite is done, and then no longer holds the session.
+#[test]
+fn a_release_whose_record_is_still_being_written_holds_no_event_thread() {
+    let mut env = keeper_env();
+    env.serve_args.extend(["--fuse-threads".into(), "1".into()]);
+    let gate = env.path("gate");
+    env.extra_env.push((
+        "RECOVERFS_FAULT_HOLD_RELEASE_SAVE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 44, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    // Its RELEASE goes out after `close` returned; its rewrite waits.
+    drop(std::fs::File::open(&disk).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = disk.clone();
+    std::thread::spawn(move || {
+        let mut b = vec![0u8; 4096];
+        let r = std::fs::File::open(&reader)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0));
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(10));
+    std::fs::write(&gate, b"").unwrap();
+    assert_eq!(
+        answered,
+        Ok(Ok(())),
+        "a read waited behind a release's table rewrite on the only event thread"
+    );
+    env.release_closed("vm", false);
+}

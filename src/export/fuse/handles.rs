@@ -11,8 +11,15 @@
 //! be recorded fails with EIO) and forgotten at its release. Opens of VM
 //! disks are rare: each is one small atomic rewrite (temporary file,
 //! fsync, rename), done on the io thread that answers the open. A release
-//! rewrites it on the event thread (left: review32 L9). A fresh mount starts the
-//! table empty (the kernel holds no handle of a new connection).
+//! forgets its record in memory on the event thread and is answered from
+//! an io thread once the table without it is written (review32 L9): a
+//! daemon that dies in between leaves the RELEASE unanswered, so the
+//! kernel sends it again to the next one, which adopted the record. The
+//! file is written under a lock of its own, from a copy of the table
+//! taken under that lock, so the table's lock is never held across an
+//! fsync and the last write always has the newest table. A fresh mount
+//! starts the table empty (the kernel holds no handle of a new
+//! connection).
 //!
 //! A record's key is its inode number *and* file handle: a file handle is
 //! unique per disk only (its session's handle id, counted per session),
@@ -103,6 +110,8 @@ pub struct Handles {
     /// the mount and every handle with it).
     file: Option<PathBuf>,
     open: Mutex<BTreeMap<Key, Record>>,
+    /// Held while the file is written (see the module doc).
+    writing: Mutex<()>,
     /// What the crashed daemon left, until adopted.
     left: Mutex<Vec<(u64, Record)>>,
 }
@@ -128,9 +137,10 @@ impl Handles {
             file: Some(file),
             left: Mutex::new(open.iter().map(|(k, v)| (k.1, v.clone())).collect()),
             open: Mutex::new(open),
+            writing: Mutex::new(()),
         };
         if !adopting {
-            h.save(&h.open.lock())?;
+            h.save()?;
         }
         Ok(h)
     }
@@ -145,30 +155,33 @@ impl Handles {
     /// be recorded (the open must then fail).
     pub fn opened(&self, fh: u64, rec: Record) -> Result<()> {
         let key = (rec.ino, fh);
-        let mut open = self.open.lock();
-        open.insert(key, rec);
-        let saved = self.save(&open);
+        self.open.lock().insert(key, rec);
+        let saved = self.save();
         if saved.is_err() {
-            open.remove(&key);
+            self.open.lock().remove(&key);
             // The rename may have landed before the failure (a failed
             // directory sync): the open is refused, so its record must not
             // outlive it in the file (review32 M4). Best effort.
-            let _ = self.save(&open);
+            let _ = self.save();
         }
         saved
     }
 
-    /// Forgets released handle `fh` of inode `ino`, giving its record if
-    /// it had one.
+    /// Forgets released handle `fh` of inode `ino` in memory, giving its
+    /// record if it had one; [`Handles::save_release`] writes it out.
     pub fn released(&self, ino: u64, fh: u64) -> Option<Record> {
-        let mut open = self.open.lock();
-        let rec = open.remove(&(ino, fh))?;
-        if let Err(e) = self.save(&open) {
-            // Left recorded: after a crash it would be counted until a
-            // release that never comes (release refuses, safe side).
+        self.open.lock().remove(&(ino, fh))
+    }
+
+    /// Writes the table after a release (blocking: not on an event
+    /// thread). A failure is logged: the record stays in the file, and
+    /// after a crash would be counted until a release that never comes
+    /// (`release` refuses: the safe side).
+    pub fn save_release(&self) {
+        hold_seam_before_a_release_is_written();
+        if let Err(e) = self.save() {
             tracing::warn!("could not record the release of a FUSE disk handle: {e}");
         }
-        Some(rec)
     }
 
     /// The file handles recorded for inode `ino` by the OPEN request
@@ -187,14 +200,19 @@ impl Handles {
 
     /// Forgets a handle left by the crashed daemon whose session is gone.
     pub fn drop_left(&self, ino: u64, fh: u64) {
-        self.released(ino, fh);
+        if self.released(ino, fh).is_some() {
+            self.save_release();
+        }
     }
 
-    fn save(&self, open: &BTreeMap<Key, Record>) -> Result<()> {
+    /// Writes the table as it is once the file is ours: a write that
+    /// waited for another writes the newer table.
+    fn save(&self) -> Result<()> {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let entries: Vec<Entry> = (open.iter())
+        let _writing = self.writing.lock();
+        let entries: Vec<Entry> = (self.open.lock().iter())
             .map(|(&(_, fh), rec)| Entry {
                 fh,
                 rec: rec.clone(),
@@ -273,7 +291,10 @@ impl super::RecoverFs {
     fn drop_unanswered_open(&self, ino: u64, unique: u64) {
         for fh in self.handles.opened_by(ino, unique) {
             tracing::info!(ino, "an open the previous daemon recorded but did not answer was sent again: its record goes");
-            self.release_handle(ino, fuser::FileHandle(fh));
+            if self.release_handle(ino, fuser::FileHandle(fh)) {
+                // On the io thread that answers the open.
+                self.handles.save_release();
+            }
         }
     }
 
@@ -312,6 +333,19 @@ impl super::RecoverFs {
     }
 }
 
+/// Fault seam for the test that a release's write never holds an event
+/// thread: it waits (up to a minute) until the file named by
+/// `RECOVERFS_FAULT_HOLD_RELEASE_SAVE` exists.
+fn hold_seam_before_a_release_is_written() {
+    let Some(gate) = std::env::var_os("RECOVERFS_FAULT_HOLD_RELEASE_SAVE") else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !Path::new(&gate).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Fault seam for the tests of a resent OPEN: the daemon dies (SIGKILL,
 /// as a crash) once an open is recorded, before it is answered.
 fn crash_seam_after_recording_an_open() {
@@ -324,22 +358,26 @@ fn crash_seam_after_recording_an_open() {
 
 impl super::RecoverFs {
     /// The kernel released disk inode `ino`'s handle `fh`: forgets its
-    /// record; for an inherited one, uncounts it.
-    pub(super) fn release_handle(&self, ino: u64, fh: fuser::FileHandle) {
+    /// record (in memory: true if it had one, which
+    /// [`Handles::save_release`] then writes out); for an inherited one,
+    /// uncounts it.
+    pub(super) fn release_handle(&self, ino: u64, fh: fuser::FileHandle) -> bool {
         let rec = self.handles.released(ino, fh.0);
+        let recorded = rec.is_some();
         let Some(super::Node::Disk(s, d)) = self.node(ino) else {
-            return;
+            return recorded;
         };
         if super::passthrough::is_ours(fh) {
             self.passthrough.release(ino, &d, fh);
             s.close_handle(super::passthrough::session_handle(fh));
-            return;
+            return recorded;
         }
         self.inherited.released(ino, fh.0, &s);
         // Only an adopted record was counted in the disk's modes.
-        if rec.is_some() {
+        if recorded {
             self.passthrough.release(ino, &d, fh);
         }
+        recorded
     }
 }
 
@@ -370,6 +408,7 @@ mod tests {
         t.opened(7 << 32 | 5, rec(8194, true)).unwrap();
         t.opened(7 << 32 | 6, rec(8195, false)).unwrap();
         assert_eq!(t.released(8195, 7 << 32 | 6), Some(rec(8195, false)));
+        t.save_release();
         let adopted = Handles::kept_in(dir.path(), true).unwrap();
         assert_eq!(
             adopted.take_left(),
@@ -380,6 +419,7 @@ mod tests {
         );
         assert!(adopted.take_left().is_empty());
         assert!(adopted.released(8194, 7 << 32 | 5).is_some());
+        adopted.save_release();
         assert_eq!(
             Handles::kept_in(dir.path(), true)
                 .unwrap()
@@ -422,6 +462,7 @@ mod tests {
         let both = Handles::kept_in(dir.path(), true).unwrap().take_left();
         assert_eq!(both, vec![(fh, rec(8194, false)), (fh, rec(16386, true))]);
         assert_eq!(t.released(8194, fh), Some(rec(8194, false)));
+        t.save_release();
         let left = Handles::kept_in(dir.path(), true).unwrap().take_left();
         assert_eq!(left, vec![(fh, rec(16386, true))]);
     }

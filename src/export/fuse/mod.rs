@@ -447,8 +447,18 @@ impl Filesystem for RecoverFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.release_handle(ino.0, fh);
-        reply.ok()
+        // Forgotten in memory here, so a writable open right after it is
+        // not refused for it; the table is written and the release
+        // answered on an io thread: never an fsync on an event thread
+        // (review32 L9).
+        if !self.release_handle(ino.0, fh) {
+            return reply.ok();
+        }
+        let handles = self.handles.clone();
+        (self.io).submit(move || {
+            handles.save_release();
+            reply.ok()
+        });
     }
 
     fn read(
