@@ -554,3 +554,65 @@ fn a_release_whose_record_is_still_being_written_holds_no_event_thread() {
     );
     env.release_closed("vm", false);
 }
+
+/// review32 L9: an open's record (a file sync) is made outside the lock
+/// of the disks' open counts, which a release takes on the event thread.
+/// With passthrough on, one event thread, and a second open's record held
+/// back: closing the first handle and reading through another are still
+/// answered.
+#[test]
+fn an_open_whose_record_is_held_back_blocks_no_release_or_read() {
+    let mut env = keeper_env();
+    env.serve_args
+        .extend(["--fuse-threads", "1", "--fuse-passthrough"].map(String::from));
+    let seam = env.path("seam");
+    std::fs::create_dir(&seam).unwrap();
+    env.extra_env.push((
+        "RECOVERFS_FAULT_HOLD_OPEN_RECORD".into(),
+        seam.to_str().unwrap().into(),
+    ));
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 45, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let _d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    let rw = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap()
+    };
+    let (reader, closed) = (rw(), rw());
+    std::fs::write(seam.join("armed"), b"").unwrap();
+    let opener = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&disk)
+        })
+    };
+    // The third open is waiting at the seam (as long as its record's sync).
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(closed);
+        // Its RELEASE (sent after `close` returned) reaches the daemon first.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut b = vec![0u8; 4096];
+        let r = std::os::unix::fs::FileExt::read_exact_at(&reader, &mut b, 0);
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(10));
+    std::fs::write(seam.join("go"), b"").unwrap();
+    let third = opener.join().unwrap();
+    assert_eq!(
+        answered,
+        Ok(Ok(())),
+        "a release or read waited behind another open's record"
+    );
+    drop(third.expect("the held-back open is answered once let go"));
+    env.release_closed("vm", false);
+}

@@ -319,6 +319,7 @@ impl super::RecoverFs {
                 passthrough: fh.0 & 1 != 0,
                 unique,
             };
+            hold_seam_before_an_open_is_recorded();
             match handles.opened(fh.0, rec) {
                 Ok(()) => {
                     crash_seam_after_recording_an_open();
@@ -342,6 +343,24 @@ fn hold_seam_before_a_release_is_written() {
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !Path::new(&gate).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Fault seam for the test that an open's record (a file sync) holds no
+/// lock a release takes: once the directory named by
+/// `RECOVERFS_FAULT_HOLD_OPEN_RECORD` holds `armed`, an open waits (up to
+/// a minute) before it is recorded until it holds `go` too.
+fn hold_seam_before_an_open_is_recorded() {
+    let Some(dir) = std::env::var_os("RECOVERFS_FAULT_HOLD_OPEN_RECORD") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while dir.join("armed").exists()
+        && !dir.join("go").exists()
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

@@ -208,18 +208,20 @@ impl Passthrough {
                 None => self.backing(d, &reply).map(Arc::new),
             };
             if let Some(id) = id {
-                let fresh = o.backing.is_none();
                 let fh = file_handle(handle, true);
+                // Counted before it is recorded, which syncs a file: that
+                // runs outside the lock (a release on an event thread
+                // takes it), and the count keeps normal opens out
+                // meanwhile; uncounted as a release would if it cannot be.
+                o.held |= o.backing.is_none();
+                o.backing = Some(id.clone());
+                o.passthrough += 1;
+                drop(opens);
                 if !record(fh) {
-                    if fresh {
-                        d.end_direct_read();
-                    }
+                    self.release(ino, d, fh);
                     reply.error(Errno::EIO);
                     return Opened::Refused;
                 }
-                o.held |= fresh;
-                o.backing = Some(id.clone());
-                o.passthrough += 1;
                 reply.opened_passthrough(fh, FopenFlags::empty(), &id);
                 return Opened::Replied;
             }
@@ -227,9 +229,28 @@ impl Passthrough {
         if o.passthrough > 0 {
             return Opened::MustWait(reply);
         }
+        refused(self.count_and_open_normally(opens, ino, d, reply, handle, record))
+    }
+
+    /// Counts a normal open of `ino` under `opens`, then records and
+    /// answers it outside the lock (the record syncs a file; see
+    /// [`Passthrough::open`]); uncounts it if it could not be recorded.
+    fn count_and_open_normally(
+        &self,
+        mut opens: parking_lot::MutexGuard<'_, HashMap<u64, DiskOpens>>,
+        ino: u64,
+        d: &Volume,
+        reply: ReplyOpen,
+        handle: u64,
+        record: &Record,
+    ) -> bool {
+        opens.entry(ino).or_default().normal += 1;
+        drop(opens);
         let ok = open_normally(reply, handle, record);
-        o.normal += ok as u32;
-        refused(ok)
+        if !ok {
+            self.release(ino, d, file_handle(handle, false));
+        }
+        ok
     }
 
     /// Counts an open the crashed daemon whose connection this one adopted
@@ -298,10 +319,7 @@ impl Passthrough {
         let readers = loop {
             let o = opens.entry(ino).or_default();
             if o.passthrough == 0 {
-                if open_normally(reply, handle, record) {
-                    o.normal += 1;
-                } else {
-                    drop(opens);
+                if !self.count_and_open_normally(opens, ino, d, reply, handle, record) {
                     undo();
                 }
                 return;
