@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use crate::error::{Error, Result};
 use crate::export::fuse::inodes::Inodes;
 use crate::export::fuse::keeper::{self, Held, InitParams};
+use crate::export::fuse::keeper_watch::{Health, Watch};
 use crate::export::fuse::{adopt, RecoverFs, MAX_IO};
 
 /// The staging directory a keeper is named after: canonical, so every
@@ -105,6 +106,9 @@ pub struct Served {
     /// Adopted from a crashed daemon: fuser did not mount it, so `stop`
     /// unmounts it.
     adopted: bool,
+    /// Watches the keeper (`keeper_watch`); None without one.
+    watch: Option<Watch>,
+    health: Arc<Health>,
 }
 
 impl Served {
@@ -130,12 +134,8 @@ impl Served {
             init: params,
         };
         let sessions = more_sessions(vec![first], &fs, &held.init, cfg, threads)?;
-        if let Some(root) = keeper_root {
-            if let Err(e) = hand_over(root, &held, &sessions) {
-                tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
-            }
-        }
-        Self::spawn(sessions, mount, false)
+        let (watch, health) = watch(keeper_root, held, &sessions)?;
+        Self::spawn(sessions, mount, false, watch, health)
     }
 
     /// Serves the connection `kept` with `fs`, on its kept device files
@@ -156,20 +156,19 @@ impl Served {
             sessions.push(adopted_session(fd, &fs, &held.init, cfg)?);
         }
         let sessions = more_sessions(sessions, &fs, &held.init, cfg, threads)?;
+        let mount = held.mount.clone();
         // Again even with no new clone: a keeper that exited since the
         // take is started anew.
-        if let Some(root) = keeper_root {
-            if let Err(e) = hand_over(root, &held, &sessions) {
-                tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
-            }
-        }
-        Self::spawn(sessions, &held.mount, true)
+        let (watch, health) = watch(keeper_root, held, &sessions)?;
+        Self::spawn(sessions, &mount, true, watch, health)
     }
 
     fn spawn(
         sessions: Vec<fuser::Session<RecoverFs>>,
         mount: &Path,
         adopted: bool,
+        watch: Option<Watch>,
+        health: Arc<Health>,
     ) -> Result<Served> {
         let sessions = (sessions.into_iter())
             .map(|s| s.spawn())
@@ -179,7 +178,21 @@ impl Served {
             sessions,
             mount: mount.to_path_buf(),
             adopted,
+            watch,
+            health,
         })
+    }
+
+    /// The keeper's state, for `status`.
+    pub fn keeper_health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Stops watching the keeper: from a stop or hand-over on, a keeper
+    /// that exits is no loss (and one that exits with the unmount is not
+    /// to be replaced).
+    pub fn stop_watching(&mut self) {
+        self.watch = None;
     }
 
     /// Whether the connection was adopted from a crashed daemon.
@@ -203,13 +216,15 @@ impl Served {
     /// session of a fresh mount would do; the event threads serve on
     /// until the process ends, and what they had read but not answered is
     /// sent again to the daemon that adopts the connection.
-    pub fn leave(self) {
+    pub fn leave(mut self) {
+        self.stop_watching();
         std::mem::forget(self.sessions);
     }
 
     /// Unmounts and waits for every event loop to end (each ends when its
     /// device file reports the connection gone).
-    pub fn stop(self) -> std::io::Result<()> {
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.stop_watching();
         let mut sessions = self.sessions.into_iter();
         let first = sessions.next().expect("a session");
         if self.adopted {
@@ -220,6 +235,27 @@ impl Served {
         }
         sessions.try_for_each(|s| s.join())
     }
+}
+
+/// With `keeper_root`, hands the connection to that staging's keeper and
+/// watches it, keeping duplicates of the device files for a hand-over
+/// again (`keeper_watch`).
+fn watch(
+    keeper_root: Option<&Path>,
+    held: Held,
+    sessions: &[fuser::Session<RecoverFs>],
+) -> Result<(Option<Watch>, Arc<Health>)> {
+    let Some(root) = keeper_root else {
+        let why = "no keeper: the FUSE mount ends with the daemon".to_string();
+        return Ok((None, Health::new("off", Some(why))));
+    };
+    let fds = (sessions.iter())
+        .map(|s| s.as_fd().try_clone_to_owned())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io("duplicate a FUSE device file", e))?;
+    let health = Health::new("lost", None);
+    let watch = Watch::start(root.to_path_buf(), held, fds, health.clone())?;
+    Ok((Some(watch), health))
 }
 
 /// Has the kernel send again the requests the dead daemon had read but not
@@ -267,11 +303,6 @@ fn adopted_session(
     adopt::session(fd, init, MAX_IO, |fd| {
         fuser::Session::from_fd(fs.clone(), fd, cfg.acl, cfg.clone())
     })
-}
-
-fn hand_over(root: &Path, held: &Held, sessions: &[fuser::Session<RecoverFs>]) -> Result<()> {
-    let fds: Vec<_> = sessions.iter().map(|s| s.as_fd()).collect();
-    keeper::hand_over(root, held.clone(), &fds)
 }
 
 /// `recoverfs fuse-let-go`: the keeper of `staging` lets its connection
