@@ -106,6 +106,11 @@ pub struct Served {
     /// Adopted from a crashed daemon: fuser did not mount it, so `stop`
     /// unmounts it.
     adopted: bool,
+    /// The mount's `st_dev` when this daemon mounted or adopted it: `stop`
+    /// unmounts only the mount that still has it (review32 L10).
+    dev: Option<(u32, u32)>,
+    /// A copy of a device file: whether the connection still lives.
+    device: OwnedFd,
     /// Watches the keeper (`keeper_watch`); None without one.
     watch: Option<Watch>,
     health: Arc<Health>,
@@ -133,9 +138,10 @@ impl Served {
             mount: mount.to_path_buf(),
             init: params,
         };
+        let dev = dev_at(mount);
         let sessions = more_sessions(vec![first], &fs, &held.init, cfg, threads)?;
         let (watch, health) = watch(keeper_root, held, &sessions)?;
-        Self::spawn(sessions, mount, false, watch, health)
+        Self::spawn(sessions, mount, false, dev, watch, health)
     }
 
     /// Serves the connection `kept` with `fs`, on its kept device files
@@ -156,20 +162,24 @@ impl Served {
             sessions.push(adopted_session(fd, &fs, &held.init, cfg)?);
         }
         let sessions = more_sessions(sessions, &fs, &held.init, cfg, threads)?;
-        let mount = held.mount.clone();
+        // `take_kept` found the kept connection mounted there.
+        let (mount, dev) = (held.mount.clone(), dev_at(&held.mount));
         // Again even with no new clone: a keeper that exited since the
         // take is started anew.
         let (watch, health) = watch(keeper_root, held, &sessions)?;
-        Self::spawn(sessions, &mount, true, watch, health)
+        Self::spawn(sessions, &mount, true, dev, watch, health)
     }
 
     fn spawn(
         sessions: Vec<fuser::Session<RecoverFs>>,
         mount: &Path,
         adopted: bool,
+        dev: Option<(u32, u32)>,
         watch: Option<Watch>,
         health: Arc<Health>,
     ) -> Result<Served> {
+        let device = (sessions[0].as_fd().try_clone_to_owned())
+            .map_err(|e| Error::io("duplicate a FUSE device file", e))?;
         let sessions = (sessions.into_iter())
             .map(|s| s.spawn())
             .collect::<std::io::Result<Vec<_>>>()
@@ -178,6 +188,8 @@ impl Served {
             sessions,
             mount: mount.to_path_buf(),
             adopted,
+            dev,
+            device,
             watch,
             health,
         })
@@ -222,9 +234,21 @@ impl Served {
     }
 
     /// Unmounts and waits for every event loop to end (each ends when its
-    /// device file reports the connection gone).
+    /// device file reports the connection gone). A mount point where
+    /// another mount now sits (ours unmounted or detached by hand, maybe
+    /// something else mounted there) is not touched: this connection, if
+    /// it lives on detached, ends as the process exits and the keeper
+    /// lets go.
     pub fn stop(mut self) -> std::io::Result<()> {
         self.stop_watching();
+        if let Some(why) = self.not_ours() {
+            tracing::warn!(
+                "not unmounting {}: {why}; this daemon's FUSE connection ends as it exits",
+                self.mount.display()
+            );
+            std::mem::forget(self.sessions);
+            return Ok(());
+        }
         let mut sessions = self.sessions.into_iter();
         let first = sessions.next().expect("a session");
         if self.adopted {
@@ -235,6 +259,37 @@ impl Served {
         }
         sessions.try_for_each(|s| s.join())
     }
+
+    /// Why the mount at the mount point is not this connection, if it is
+    /// not. Unknown (its dev was not found at the start) counts as ours,
+    /// as before this check. The device number of an ended connection may
+    /// have gone to a new mount (anonymous numbers are reused, tmpfs takes
+    /// them too): only a live connection's number is still its own.
+    fn not_ours(&self) -> Option<String> {
+        let (major, minor) = self.dev?;
+        if keeper::connection_ended(self.device.as_fd()) {
+            return Some("this daemon's FUSE connection has ended (unmounted)".into());
+        }
+        let now = crate::util::mountinfo::current();
+        match crate::util::mountinfo::at(&now, &self.mount) {
+            None => Some("this daemon's FUSE mount is no longer there".into()),
+            Some(m) if m.dev == self.dev && m.is_recoverfs() => None,
+            Some(m) => Some(format!(
+                "the mount there now ({} {}, device {}) is not this daemon's FUSE connection (device {major}:{minor})",
+                m.fs_type,
+                m.source,
+                m.dev.map_or("?".into(), |(a, b)| format!("{a}:{b}")),
+            )),
+        }
+    }
+}
+
+/// The `st_dev` of the mount at `mount` (from mountinfo: stat would ask
+/// the FUSE connection itself, which may be waiting for a daemon).
+fn dev_at(mount: &Path) -> Option<(u32, u32)> {
+    crate::util::mountinfo::at(&crate::util::mountinfo::current(), mount)
+        .filter(|m| m.is_recoverfs())
+        .and_then(|m| m.dev)
 }
 
 /// With `keeper_root`, hands the connection to that staging's keeper and
