@@ -295,3 +295,31 @@ impl Watched {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_moves_with_the_state_only_and_restarts_count_hand_overs_after_a_loss() {
+        let h = Health::new("lost", Some("no keeper yet".into()));
+        h.0.lock().since = "then".into();
+        h.set("lost", None, Some("still none".into()));
+        assert_eq!(h.status().since, "then", "same state: since stays");
+        h.restarted(Some(7));
+        let s = h.status();
+        assert_eq!(
+            (s.state, s.restarts, s.pid, s.why.clone()),
+            ("holding", 1, Some(7), None)
+        );
+        assert_ne!(s.since, "then");
+        let json = serde_json::to_value(&s).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(keys, ["pid", "restarts", "since", "state", "why"]);
+    }
+}
