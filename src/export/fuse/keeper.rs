@@ -33,7 +33,9 @@
 //! The keeper exits when the connection ends (its fd polls POLLERR: the
 //! mount was unmounted, or aborted), on `drop`, on SIGTERM (which is how an
 //! administrator who will not restart the daemon fails the waiting I/O),
-//! and if nothing is handed to it within [`FIRST_HOLD`].
+//! and if nothing is handed to it within [`FIRST_HOLD`]. A keeper that
+//! exits otherwise while the daemon serves (killed) is noticed and
+//! replaced by the daemon (`keeper_watch`).
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
