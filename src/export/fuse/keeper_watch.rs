@@ -202,7 +202,7 @@ impl Watched {
                 Ok(pid) => {
                     self.health.restarted(pid);
                     self.last_failure = None;
-                    tracing::warn!(
+                    tracing::info!(
                         "a new FUSE keeper (pid {}) of staging {} holds the connection of {} again",
                         pid.map_or("?".into(), |p| p.to_string()),
                         self.root.display(),
