@@ -336,6 +336,8 @@ pub struct Datastore {
     /// This host's name as its pins give it: the system's, asked once
     /// (tests set another, `set_host`).
     host: std::sync::OnceLock<String>,
+    /// The FUSE mount's keeper, as the daemon watches it (`status`).
+    fuse_keeper: OnceLock<Arc<crate::export::fuse::keeper_watch::Health>>,
 }
 
 /// Base URLs of the network frontends: `nfs://ADDR`, `nbd://ADDR:PORT`,
@@ -383,7 +385,18 @@ impl Datastore {
             stopping: AtomicBool::new(false),
             pin_owner: std::sync::OnceLock::new(),
             host: std::sync::OnceLock::new(),
+            fuse_keeper: OnceLock::new(),
         })
+    }
+
+    /// Where `status` reads the FUSE keeper's state from (set once).
+    pub fn set_fuse_keeper(&self, h: Arc<crate::export::fuse::keeper_watch::Health>) {
+        let _ = self.fuse_keeper.set(h);
+    }
+
+    /// The FUSE keeper's state; None where no FUSE mount is served.
+    pub fn fuse_keeper(&self) -> Option<crate::export::fuse::keeper_watch::KeeperStatus> {
+        self.fuse_keeper.get().map(|h| h.status())
     }
 
     /// The host name its pins give (`repo::pins::Pin::host`).

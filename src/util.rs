@@ -625,10 +625,12 @@ pub mod mountinfo {
     pub const RECOVERFS_SOURCE: &str = "recoverfs";
 
     /// One mount: where, its type, its source and the filesystem's own
-    /// (super block) options.
+    /// (super block) options, and its `st_dev` (major, minor; for FUSE the
+    /// minor is the connection's number, /sys/fs/fuse/connections/N).
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Mount {
         pub point: PathBuf,
+        pub dev: Option<(u32, u32)>,
         pub fs_type: String,
         pub source: String,
         pub super_options: String,
@@ -658,12 +660,17 @@ pub mod mountinfo {
             .filter_map(|l| {
                 let (left, right) = l.split_once(" - ")?;
                 let point = unescape(left.split(' ').nth(4)?);
+                let dev = left.split(' ').nth(2).and_then(|d| {
+                    let (major, minor) = d.split_once(':')?;
+                    Some((major.parse().ok()?, minor.parse().ok()?))
+                });
                 let mut r = right.split(' ');
                 let fs_type = r.next()?.to_string();
                 let source = r.next().map(unescape)?;
                 let super_options = r.next().unwrap_or_default().to_string();
                 Some(Mount {
                     point,
+                    dev,
                     fs_type,
                     source: source.to_string_lossy().into_owned(),
                     super_options,
@@ -741,6 +748,7 @@ pub mod mountinfo {
             assert!(!at(&m, Path::new("/srv/other")).unwrap().is_recoverfs());
             // Stacked: the last mount is the one a lookup reaches.
             assert!(at(&m, Path::new("/srv/both")).unwrap().is_recoverfs());
+            assert_eq!(at(&m, Path::new("/srv/both")).unwrap().dev, Some((0, 47)));
             assert_eq!(at(&m, Path::new("/srv")), None);
         }
 

@@ -13,33 +13,6 @@ use common::keeper::*;
 use common::*;
 
 const K64: usize = 64 << 10;
-const BLOCK: u64 = 4096;
-
-/// Writes 4 KiB blocks `seq` (each its number repeated) at blocks
-/// `seq * 7919 % n`, fsyncing each, until `stop` exists; then prints
-/// "offset seq" per acknowledged write and "error ..." per failure.
-const WRITER: &str = r#"
-import os, sys
-disk, n, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-fd = os.open(disk, os.O_RDWR)
-seq, out = 0, []
-while not os.path.exists(stop):
-    at = seq * 7919 % n * 4096
-    try:
-        os.pwrite(fd, (b"%016d" % seq) * 256, at)
-        os.fdatasync(fd)
-        out.append("%d %d" % (at, seq))
-    except OSError as e:
-        out.append("error %d %s" % (seq, e))
-    seq += 1
-print("\n".join(out))
-"#;
-
-fn block_of(seq: u64) -> Vec<u8> {
-    format!("{seq:016}")
-        .into_bytes()
-        .repeat(BLOCK as usize / 16)
-}
 
 #[test]
 fn a_writer_with_the_disk_open_rides_out_three_daemon_crashes_with_no_error_and_every_fsync_kept() {
@@ -199,63 +172,6 @@ fn direct_reads(disk: &Path, reads: &[(usize, std::path::PathBuf)]) -> Vec<Child
             )
         })
         .collect()
-}
-
-/// Starts `WRITER` on `disk` (of `blocks` 4 KiB blocks) until `stop`.
-fn start_writer(disk: &Path, blocks: u64, stop: &Path) -> Child {
-    Child(
-        std::process::Command::new("python3")
-            .args(["-c", WRITER])
-            .arg(disk)
-            .arg(blocks.to_string())
-            .arg(stop)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Tells the writer to stop and returns its output (at most 120 s: a
-/// writer stuck on a mount nobody answers fails the test).
-fn stop_writer(mut writer: Child, stop: &Path) -> String {
-    std::fs::write(stop, b"").unwrap();
-    let mut stdout = writer.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
-        let _ = tx.send(out);
-    });
-    let out = (rx.recv_timeout(Duration::from_secs(120)))
-        .expect("the writer did not finish within 120 s of being told to stop");
-    assert!(writer.0.wait().unwrap().success(), "the writer failed");
-    out
-}
-
-/// The writer's last acknowledged write per block offset; it saw no error
-/// and acknowledged more than `min` blocks.
-fn acknowledged(out: &str, min: usize) -> std::collections::HashMap<u64, u64> {
-    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error")).collect();
-    assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
-    let mut last = std::collections::HashMap::new();
-    for l in out.lines() {
-        let (at, seq) = l.split_once(' ').unwrap();
-        last.insert(at.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
-    }
-    assert!(last.len() > min, "the writer made progress: {out}");
-    last
-}
-
-/// Each block holds its last acknowledged write, read back from the VM
-/// recovered (resumed) by the running daemon.
-fn assert_holds(env: &Env, last: &std::collections::HashMap<u64, u64>) {
-    let disk = env.recover("vm", None)[0].clone();
-    let f = std::fs::File::open(&disk).unwrap();
-    let mut buf = vec![0u8; BLOCK as usize];
-    for (&at, &seq) in last {
-        f.read_exact_at(&mut buf, at).unwrap();
-        assert!(buf == block_of(seq), "block at {at} lost write {seq}");
-    }
 }
 
 /// SIGUSR2 (an upgrade's restart): the daemon makes staging durable and

@@ -5,7 +5,7 @@
 //! | method | path | effect |
 //! |---|---|---|
 //! | GET | /health | daemon identity |
-//! | GET | /sessions | status of every session, each staging directory, and (`moved`) per export point the clients a restart left on addresses no longer served (until one attaches over NFS or NBD) |
+//! | GET | /sessions | status of every session, each staging directory, (`moved`) per export point the clients a restart left on addresses no longer served (until one attaches over NFS or NBD), and (`fuse_keeper`) the FUSE mount's keeper: state, since, restarts, pid, why |
 //! | POST | /sessions `{"vm":..,"backup":..,"host":..,"export_point":..,"force":..}` | recover (start or resume), placed on an export point; the reply says where and why |
 //! | GET | /export-points | every export point: sessions, hosts, queue, predicted latency |
 //! | GET | /sessions/{vm} | status of one session, with (`moved`) its clients a restart left on addresses no longer served |
@@ -130,7 +130,9 @@ async fn list_sessions(State(ds): State<Ds>) -> ApiResult {
         let moved = moved(&ds, |_| true);
         // Daemon-wide, also with no session (explore11 M3).
         let unconfirmed = ds.repo().backend().not_confirmed();
-        Ok(json!({ "sessions": all, "staging": staging, "moved": moved, "repository_unreachable": unconfirmed }))
+        // Daemon-wide too: whether the FUSE mount would outlive a crash.
+        let keeper = ds.fuse_keeper();
+        Ok(json!({ "sessions": all, "staging": staging, "moved": moved, "repository_unreachable": unconfirmed, "fuse_keeper": keeper }))
     })
     .await
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use crate::error::{Error, Result};
 use crate::export::fuse::inodes::Inodes;
 use crate::export::fuse::keeper::{self, Held, InitParams};
+use crate::export::fuse::keeper_watch::{Health, Watch};
 use crate::export::fuse::{adopt, RecoverFs, MAX_IO};
 
 /// The staging directory a keeper is named after: canonical, so every
@@ -105,6 +106,14 @@ pub struct Served {
     /// Adopted from a crashed daemon: fuser did not mount it, so `stop`
     /// unmounts it.
     adopted: bool,
+    /// The mount's `st_dev` when this daemon mounted or adopted it: `stop`
+    /// unmounts only the mount that still has it (review32 L10).
+    dev: Option<(u32, u32)>,
+    /// A copy of a device file: whether the connection still lives.
+    device: OwnedFd,
+    /// Watches the keeper (`keeper_watch`); None without one.
+    watch: Option<Watch>,
+    health: Arc<Health>,
 }
 
 impl Served {
@@ -129,13 +138,10 @@ impl Served {
             mount: mount.to_path_buf(),
             init: params,
         };
+        let dev = dev_at(mount);
         let sessions = more_sessions(vec![first], &fs, &held.init, cfg, threads)?;
-        if let Some(root) = keeper_root {
-            if let Err(e) = hand_over(root, &held, &sessions) {
-                tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
-            }
-        }
-        Self::spawn(sessions, mount, false)
+        let (watch, health) = watch(keeper_root, held, &sessions)?;
+        Self::spawn(sessions, mount, false, dev, watch, health)
     }
 
     /// Serves the connection `kept` with `fs`, on its kept device files
@@ -156,21 +162,24 @@ impl Served {
             sessions.push(adopted_session(fd, &fs, &held.init, cfg)?);
         }
         let sessions = more_sessions(sessions, &fs, &held.init, cfg, threads)?;
+        // `take_kept` found the kept connection mounted there.
+        let (mount, dev) = (held.mount.clone(), dev_at(&held.mount));
         // Again even with no new clone: a keeper that exited since the
         // take is started anew.
-        if let Some(root) = keeper_root {
-            if let Err(e) = hand_over(root, &held, &sessions) {
-                tracing::warn!("the FUSE connection has no keeper ({e}): if this daemon dies, its mount dies with it");
-            }
-        }
-        Self::spawn(sessions, &held.mount, true)
+        let (watch, health) = watch(keeper_root, held, &sessions)?;
+        Self::spawn(sessions, &mount, true, dev, watch, health)
     }
 
     fn spawn(
         sessions: Vec<fuser::Session<RecoverFs>>,
         mount: &Path,
         adopted: bool,
+        dev: Option<(u32, u32)>,
+        watch: Option<Watch>,
+        health: Arc<Health>,
     ) -> Result<Served> {
+        let device = (sessions[0].as_fd().try_clone_to_owned())
+            .map_err(|e| Error::io("duplicate a FUSE device file", e))?;
         let sessions = (sessions.into_iter())
             .map(|s| s.spawn())
             .collect::<std::io::Result<Vec<_>>>()
@@ -179,7 +188,23 @@ impl Served {
             sessions,
             mount: mount.to_path_buf(),
             adopted,
+            dev,
+            device,
+            watch,
+            health,
         })
+    }
+
+    /// The keeper's state, for `status`.
+    pub fn keeper_health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Stops watching the keeper: from a stop or hand-over on, a keeper
+    /// that exits is no loss (and one that exits with the unmount is not
+    /// to be replaced).
+    pub fn stop_watching(&mut self) {
+        self.watch = None;
     }
 
     /// Whether the connection was adopted from a crashed daemon.
@@ -203,13 +228,27 @@ impl Served {
     /// session of a fresh mount would do; the event threads serve on
     /// until the process ends, and what they had read but not answered is
     /// sent again to the daemon that adopts the connection.
-    pub fn leave(self) {
+    pub fn leave(mut self) {
+        self.stop_watching();
         std::mem::forget(self.sessions);
     }
 
     /// Unmounts and waits for every event loop to end (each ends when its
-    /// device file reports the connection gone).
-    pub fn stop(self) -> std::io::Result<()> {
+    /// device file reports the connection gone). A mount point where
+    /// another mount now sits (ours unmounted or detached by hand, maybe
+    /// something else mounted there) is not touched: this connection, if
+    /// it lives on detached, ends as the process exits and the keeper
+    /// lets go.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.stop_watching();
+        if let Some(why) = self.not_ours() {
+            tracing::warn!(
+                "not unmounting {}: {why}; this daemon's FUSE connection ends as it exits",
+                self.mount.display()
+            );
+            std::mem::forget(self.sessions);
+            return Ok(());
+        }
         let mut sessions = self.sessions.into_iter();
         let first = sessions.next().expect("a session");
         if self.adopted {
@@ -220,6 +259,58 @@ impl Served {
         }
         sessions.try_for_each(|s| s.join())
     }
+
+    /// Why the mount at the mount point is not this connection, if it is
+    /// not. Unknown (its dev was not found at the start) counts as ours,
+    /// as before this check. The device number of an ended connection may
+    /// have gone to a new mount (anonymous numbers are reused, tmpfs takes
+    /// them too): only a live connection's number is still its own.
+    fn not_ours(&self) -> Option<String> {
+        let (major, minor) = self.dev?;
+        if keeper::connection_ended(self.device.as_fd()) {
+            return Some("this daemon's FUSE connection has ended (unmounted)".into());
+        }
+        let now = crate::util::mountinfo::current();
+        match crate::util::mountinfo::at(&now, &self.mount) {
+            None => Some("this daemon's FUSE mount is no longer there".into()),
+            Some(m) if m.dev == self.dev && m.is_recoverfs() => None,
+            Some(m) => Some(format!(
+                "the mount there now ({} {}, device {}) is not this daemon's FUSE connection (device {major}:{minor})",
+                m.fs_type,
+                m.source,
+                m.dev.map_or("?".into(), |(a, b)| format!("{a}:{b}")),
+            )),
+        }
+    }
+}
+
+/// The `st_dev` of the mount at `mount` (from mountinfo: stat would ask
+/// the FUSE connection itself, which may be waiting for a daemon).
+fn dev_at(mount: &Path) -> Option<(u32, u32)> {
+    crate::util::mountinfo::at(&crate::util::mountinfo::current(), mount)
+        .filter(|m| m.is_recoverfs())
+        .and_then(|m| m.dev)
+}
+
+/// With `keeper_root`, hands the connection to that staging's keeper and
+/// watches it, keeping duplicates of the device files for a hand-over
+/// again (`keeper_watch`).
+fn watch(
+    keeper_root: Option<&Path>,
+    held: Held,
+    sessions: &[fuser::Session<RecoverFs>],
+) -> Result<(Option<Watch>, Arc<Health>)> {
+    let Some(root) = keeper_root else {
+        let why = "no keeper: the FUSE mount ends with the daemon".to_string();
+        return Ok((None, Health::new("off", Some(why))));
+    };
+    let fds = (sessions.iter())
+        .map(|s| s.as_fd().try_clone_to_owned())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io("duplicate a FUSE device file", e))?;
+    let health = Health::new("lost", None);
+    let watch = Watch::start(root.to_path_buf(), held, fds, health.clone())?;
+    Ok((Some(watch), health))
 }
 
 /// Has the kernel send again the requests the dead daemon had read but not
@@ -267,11 +358,6 @@ fn adopted_session(
     adopt::session(fd, init, MAX_IO, |fd| {
         fuser::Session::from_fd(fs.clone(), fd, cfg.acl, cfg.clone())
     })
-}
-
-fn hand_over(root: &Path, held: &Held, sessions: &[fuser::Session<RecoverFs>]) -> Result<()> {
-    let fds: Vec<_> = sessions.iter().map(|s| s.as_fd()).collect();
-    keeper::hand_over(root, held.clone(), &fds)
 }
 
 /// `recoverfs fuse-let-go`: the keeper of `staging` lets its connection

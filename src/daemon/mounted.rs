@@ -130,6 +130,7 @@ impl MountedDatastore {
                 &init_params,
             )?,
         };
+        ds.set_fuse_keeper(fuse.keeper_health());
         let notifier = fuse.notifier();
         let _ = notifier_slot.set(notifier.clone());
         ds.add_on_release(Box::new(move |s| {
@@ -159,10 +160,11 @@ impl MountedDatastore {
     /// with its keeper (durable first), so the guests waiting on it are
     /// answered by the next `serve` instead of failing; anything else
     /// stops as `shutdown` does.
-    pub fn stop_after_failed_start(self) -> Result<()> {
+    pub fn stop_after_failed_start(mut self) -> Result<()> {
         if !(self.fuse.adopted() && self.keeper_root.is_some()) {
             return self.shutdown();
         }
+        self.fuse.stop_watching();
         let flush = self.background.end_and_flush(&self.ds);
         tracing::warn!(mount = %self.mount.display(), "the FUSE mount stays with its keeper: the next `serve` adopts it");
         flush
@@ -175,7 +177,9 @@ impl MountedDatastore {
     /// at SIGTERM. Exiting with event threads still serving is safe: every
     /// write's changed bit is durable before its data, and its data at the
     /// reply to the guest's fsync (`lib.rs`), as at a crash.
-    pub fn hand_over(self) -> Result<()> {
+    pub fn hand_over(mut self) -> Result<()> {
+        // A keeper replaced from here on would not be asked below.
+        self.fuse.stop_watching();
         let held = self
             .keeper_root
             .as_deref()

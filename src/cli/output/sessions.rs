@@ -147,6 +147,27 @@ fn served_line(s: &Value) -> String {
     )
 }
 
+/// The FUSE keeper's state (`keeper_watch::KeeperStatus`): a warning when
+/// the mount would die with the daemon.
+fn keeper_line(k: &Value) -> Option<String> {
+    let state = k["state"].as_str()?;
+    let since = k["since"].as_str().unwrap_or("?");
+    let why = k["why"].as_str().unwrap_or("?");
+    let restarts = match k["restarts"].as_u64().unwrap_or(0) {
+        0 => String::new(),
+        n => format!(", {n} keeper(s) started after one was lost"),
+    };
+    Some(match state {
+        "holding" => format!(
+            "FUSE keeper: holding the mount (pid {}) since {since}{restarts}",
+            k["pid"].as_u64().map_or("?".into(), |p| p.to_string())
+        ),
+        "lost" => format!("WARNING: FUSE keeper lost since {since} ({why}){restarts}: if the daemon dies now, its FUSE mount dies with it; a new keeper is tried every 5 s"),
+        "off" => format!("FUSE keeper: off ({why})"),
+        other => format!("FUSE keeper: {other} since {since}{restarts}"),
+    })
+}
+
 pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r).expect("json"));
@@ -157,6 +178,10 @@ pub(crate) fn status(r: &Value, json: bool) -> Result<()> {
         println!(
             "WARNING: repository unreachable since the daemon started without it ({why}): staged blocks and the guests' writes are served; blocks not staged cannot be read, and pins, profiles and backups wait, until it answers as itself"
         );
+    }
+    // Daemons from before it send none.
+    if let Some(line) = keeper_line(&r["fuse_keeper"]) {
+        println!("{line}");
     }
     for st in r["staging"].as_array().cloned().unwrap_or_default() {
         println!("{}", staging_line(&st));

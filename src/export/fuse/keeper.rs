@@ -24,6 +24,8 @@
 //!   mount point and the kernel's INIT parameters go with it, for the
 //!   synthetic INIT); a later `hold` replaces what was held;
 //! - `take`: copies of the fds and the parameters;
+//! - `ping`: its pid, and the mount and number of files it holds, no fd
+//!   (the serving daemon asks every second: `keeper_watch`);
 //! - `drop`: close it and exit (a clean stop, `fuse-let-go`, or a kept
 //!   mount no longer in place or whose record is lost: the old mount then
 //!   ends as before, ENOTCONN).
@@ -31,12 +33,18 @@
 //! The keeper exits when the connection ends (its fd polls POLLERR: the
 //! mount was unmounted, or aborted), on `drop`, on SIGTERM (which is how an
 //! administrator who will not restart the daemon fails the waiting I/O),
-//! and if nothing is handed to it within [`FIRST_HOLD`].
+//! and if nothing is handed to it within [`FIRST_HOLD`]. A keeper that
+//! exits otherwise while the daemon serves (killed) is noticed and
+//! replaced by the daemon (`keeper_watch`).
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
 
 use nix::sys::socket::{
     self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
@@ -76,6 +84,7 @@ enum Request {
     Hold(Held),
     Take,
     Drop,
+    Ping,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -85,6 +94,24 @@ enum Answer {
     Held(Held),
     Nothing,
     Refused { why: String },
+    Pong(Pong),
+}
+
+/// A keeper's answer to `ping`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    pub pid: u32,
+    /// The mount of the connection it holds, if any.
+    pub mount: Option<PathBuf>,
+    /// How many device files of it.
+    pub files: usize,
+}
+
+impl Pong {
+    /// Whether it holds the connection at `mount` with `files` files.
+    pub fn holds(&self, mount: &Path, files: usize) -> bool {
+        self.mount.as_deref() == Some(mount) && self.files >= files
+    }
 }
 
 /// The abstract socket name of the keeper of staging `root`.
@@ -199,6 +226,18 @@ pub fn take(root: &Path) -> Result<Option<(Held, Vec<OwnedFd>)>> {
     }
 }
 
+/// Asks the keeper of staging `root` what it holds, no fd travelling;
+/// None when no keeper listens. A keeper from before `ping` closes the
+/// connection unanswered: an error, not None.
+pub fn ping(root: &Path) -> Result<Option<Pong>> {
+    match ask(&name_of(root), &Request::Ping, &[])? {
+        Some((Answer::Pong(p), _)) => Ok(Some(p)),
+        Some((Answer::Refused { why }, _)) => Err(Error::not_permitted(why)),
+        Some(_) => Err(Error::invalid("the FUSE keeper answered out of turn")),
+        None => Ok(None),
+    }
+}
+
 /// Tells the keeper of staging `root` to let its connection go (and
 /// exit). No keeper is fine.
 pub fn release(root: &Path) -> Result<()> {
@@ -209,8 +248,9 @@ pub fn release(root: &Path) -> Result<()> {
 }
 
 /// Hands `fds` (the mount's device files, at most [`MAX_FDS`]) to the
-/// keeper of staging `root`, starting one if none listens.
-pub fn hand_over(root: &Path, held: Held, fds: &[BorrowedFd<'_>]) -> Result<()> {
+/// keeper of staging `root`, starting one if none listens: then returns
+/// it.
+pub fn hand_over(root: &Path, held: Held, fds: &[BorrowedFd<'_>]) -> Result<Option<Started>> {
     if fds.is_empty() || fds.len() > MAX_FDS {
         return Err(Error::invalid(format!(
             "a FUSE keeper holds 1 to {MAX_FDS} device files, not {}",
@@ -220,13 +260,13 @@ pub fn hand_over(root: &Path, held: Held, fds: &[BorrowedFd<'_>]) -> Result<()> 
     let name = name_of(root);
     let req = Request::Hold(held);
     if let Some((a, _)) = ask(&name, &req, fds)? {
-        return answered(a);
+        return answered(a).map(|()| None);
     }
-    start(&name, root)?;
+    let started = start(&name, root)?;
     let deadline = Instant::now() + START_WAIT;
     loop {
         if let Some((a, _)) = ask(&name, &req, fds)? {
-            return answered(a);
+            return answered(a).map(|()| Some(started));
         }
         if Instant::now() > deadline {
             return Err(Error::io(
@@ -246,10 +286,38 @@ fn answered(a: Answer) -> Result<()> {
     }
 }
 
+/// A keeper this process started: its pid, and its exit status once its
+/// reaper saw it exit.
+#[derive(Clone)]
+pub struct Started {
+    pub pid: u32,
+    exit: Arc<(Mutex<Option<ExitStatus>>, Condvar)>,
+}
+
+impl Started {
+    /// Its exit status, waiting up to `wait` for the reaper: the keeper's
+    /// socket is closed as it exits, a moment before it can be reaped.
+    pub fn exit_status(&self, wait: Duration) -> Option<ExitStatus> {
+        let (status, cv) = &*self.exit;
+        let mut status = status.lock();
+        cv.wait_while_for(&mut status, |s| s.is_none(), wait);
+        *status
+    }
+}
+
 /// Starts `recoverfs fuse-keeper` in a session of its own, its output to
 /// `fuse-keeper.log` in the staging directory.
-fn start(name: &str, root: &Path) -> Result<()> {
+fn start(name: &str, root: &Path) -> Result<Started> {
     use std::os::unix::process::CommandExt;
+    // Fault seam (tests): no keeper can be started while this file exists.
+    if let Some(f) = std::env::var_os("RECOVERFS_FAULT_NO_KEEPER_START") {
+        if Path::new(&f).exists() {
+            return Err(Error::io(
+                "start the FUSE keeper",
+                std::io::Error::other("RECOVERFS_FAULT_NO_KEEPER_START"),
+            ));
+        }
+    }
     let exe = std::env::current_exe().map_err(|e| Error::io("find the recoverfs binary", e))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -279,15 +347,24 @@ fn start(name: &str, root: &Path) -> Result<()> {
     let child = cmd
         .spawn()
         .map_err(|e| Error::io("start the FUSE keeper", e))?;
-    // Reap it in the background should it exit while the daemon runs.
+    let started = Started {
+        pid: child.id(),
+        exit: Arc::default(),
+    };
+    // Reap it in the background should it exit while the daemon runs; its
+    // status is for the daemon's warning (`keeper_watch`).
+    let exit = started.exit.clone();
     std::thread::Builder::new()
         .name("keeper-reaper".into())
         .spawn(move || {
             let mut child = child;
-            let _ = child.wait();
+            if let Ok(st) = child.wait() {
+                *exit.0.lock() = Some(st);
+                exit.1.notify_all();
+            }
         })
         .map_err(|e| Error::io("spawn a thread", e))?;
-    Ok(())
+    Ok(started)
 }
 
 /// The keeper process's main loop (`recoverfs fuse-keeper --name NAME`);
@@ -396,6 +473,14 @@ fn serve_one(
                 let _ = send(conn, &Answer::Nothing, &[]);
             }
         },
+        Request::Ping => {
+            let pong = Pong {
+                pid: std::process::id(),
+                mount: held.as_ref().map(|(h, _)| h.mount.clone()),
+                files: held.as_ref().map_or(0, |(_, fds)| fds.len()),
+            };
+            let _ = send(conn, &Answer::Pong(pong), &[]);
+        }
         Request::Drop => {
             if let Some((h, _)) = held.take() {
                 eprintln!(
@@ -412,7 +497,7 @@ fn serve_one(
 
 /// The kernel reports an ended connection (unmounted or aborted) as
 /// POLLERR on every copy of its device file.
-fn connection_ended(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn connection_ended(fd: BorrowedFd<'_>) -> bool {
     let mut p = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::empty())];
     match nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO) {
         Ok(_) => p[0].revents().is_some_and(|r| {
@@ -467,6 +552,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         };
         assert!(matches!(answer.0, Answer::Ok));
+        let (a, fds) = ask(&name, &Request::Ping, &[]).unwrap().unwrap();
+        let Answer::Pong(p) = a else {
+            panic!("no pong")
+        };
+        assert!(fds.is_empty(), "a ping carries no fd");
+        assert_eq!(p.pid, std::process::id());
+        assert!(p.holds(Path::new("/mnt/x"), 2) && !p.holds(Path::new("/mnt/y"), 2));
+        assert!(!p.holds(Path::new("/mnt/x"), 3), "{p:?}");
         let (a, fds) = ask(&name, &Request::Take, &[]).unwrap().unwrap();
         let Answer::Held(h) = a else {
             panic!("no connection held")

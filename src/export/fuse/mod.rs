@@ -36,6 +36,7 @@ mod handles;
 mod inherited;
 pub mod inodes;
 pub mod keeper;
+pub mod keeper_watch;
 mod passthrough;
 mod seek;
 use crate::disk::{ReadDone, Spawner};
