@@ -369,8 +369,6 @@ fn run_api(
         // Handlers first: a SIGTERM as soon as the socket answers must
         // stop the daemon cleanly, not kill it (a test's stop did).
         let handlers = signals::Handlers::install();
-        // A SIGUSR2 held back since the start is handled from here on.
-        signals::accept_hand_over();
         let listener = crate::api::peer::bind(socket, group)?;
         let listener = crate::api::peer::CheckedListener::new(
             listener,

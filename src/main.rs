@@ -25,8 +25,8 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if serve {
-        // Before any thread: a SIGUSR2 during the start waits for its
-        // handler instead of killing the daemon.
+        // First thing: a SIGUSR2 during the start is noted and handed
+        // over once the daemon is up, instead of killing it.
         recoverfs::daemon::defer_hand_over();
     }
     // Every command but the daemon ends quietly, as if killed by SIGPIPE,

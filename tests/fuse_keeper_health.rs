@@ -256,3 +256,63 @@ fn a_stop_with_the_adopted_mount_detached_but_open_leaves_the_new_mount_and_ends
     assert_eq!(mounted_type(&env.mount).as_deref(), Some("tmpfs"), "{log}");
     assert!(log.contains("not unmounting"), "{log}");
 }
+
+/// Resumes a stopped process when the test ends, passed or not.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the keeper this test stopped.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// review43 H1: a keeper that stops accepting (frozen, stopped in a
+/// debugger) with its accept queue full must not hang the daemon: its
+/// pings give up (a busy keeper, not a lost one), and a stop still ends.
+#[test]
+fn a_frozen_keeper_with_a_full_queue_holds_up_neither_the_watch_nor_the_stop() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let env = keeper_env();
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 46, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let mut d = env.serve();
+    env.recover("vm", None);
+    let k = wait_keeper(&env, &d, 10, |k| k["state"] == "holding");
+    let pid = k["pid"].as_u64().expect("the keeper's pid") as i32;
+    // SAFETY: a signal to the keeper this test's daemon started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let _resume = Resume(pid);
+    // Fill its accept queue: connects that do not wait, until refused.
+    let root = std::fs::canonicalize(&env.staging).unwrap();
+    let name = recoverfs::export::fuse::keeper::name_of(&root);
+    let addr = UnixAddr::new_abstract(name.as_bytes()).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..256 {
+        let s = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        if connect(std::os::fd::AsRawFd::as_raw_fd(&s), &addr).is_err() {
+            break;
+        }
+        queued.push(s);
+    }
+    assert!(queued.len() < 256, "the keeper's accept queue never filled");
+    // A few ticks of the watch against the full queue.
+    std::thread::sleep(Duration::from_secs(6));
+    let k = keeper_status(&env);
+    assert_eq!(k["state"], "holding", "a busy keeper is no loss: {k}");
+    let t = Instant::now();
+    assert_eq!(d.stop().code(), Some(0), "{}", d.log_text());
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "the stop took {:?}",
+        t.elapsed()
+    );
+    drop(queued);
+}

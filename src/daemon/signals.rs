@@ -15,12 +15,13 @@
 //!
 //! SIGUSR2's default action ends a process, so one that came while the
 //! daemon started (a reload sent a moment too early) used to kill it as a
-//! crash would. `main` blocks SIGUSR2 before any thread exists, so every
-//! thread the daemon starts has it blocked and an early one stays
-//! pending; once the handlers are in place the thread that runs the
-//! control API unblocks it ([`accept_hand_over`]) and a pending one is
-//! handed over then. SIGINT and SIGTERM are not deferred: an
-//! administrator must be able to stop a start that hangs.
+//! crash would. `main` installs a handler first thing ([`defer_hand_over`])
+//! that only notes it; once the control API's handlers are in place,
+//! [`count`] takes a noted one as the first signal, a hand-over. Not by
+//! blocking the signal: a blocked mask is inherited by every thread and,
+//! across exec, by every child (the keeper, `fusermount3`), where a
+//! handler is reset to the default. SIGINT and SIGTERM are not deferred:
+//! an administrator must be able to stop a start that hangs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,30 +54,29 @@ impl Handlers {
     }
 }
 
-/// Blocks SIGUSR2 in the calling thread (and so in every thread it starts
-/// from then on): call before any other thread exists.
+/// A SIGUSR2 came before [`count`] ran.
+static EARLY_USR2: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_usr2(_: libc::c_int) {
+    EARLY_USR2.store(true, Ordering::Release);
+}
+
+/// Notes a SIGUSR2 instead of dying of it, until the control API's
+/// handlers take over (see the module doc). Call first thing in `serve`.
 pub fn defer_hand_over() {
-    set_usr2(libc::SIG_BLOCK);
-}
-
-/// Unblocks SIGUSR2 in the calling thread, after [`Handlers::install`]: a
-/// pending one is delivered at once.
-pub(super) fn accept_hand_over() {
-    set_usr2(libc::SIG_UNBLOCK);
-}
-
-fn set_usr2(how: libc::c_int) {
-    // SAFETY: the set is initialised by sigemptyset before use, and
-    // pthread_sigmask only reads it and changes this thread's mask.
+    // SAFETY: `sa` is zeroed, then its mask emptied and its handler set to
+    // a function that only stores to an atomic (async-signal-safe);
+    // sigaction only reads it.
     let rc = unsafe {
-        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        libc::sigemptyset(set.as_mut_ptr());
-        libc::sigaddset(set.as_mut_ptr(), libc::SIGUSR2);
-        libc::pthread_sigmask(how, set.as_ptr(), std::ptr::null_mut())
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = note_usr2 as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut())
     };
     if rc != 0 {
-        let e = std::io::Error::from_raw_os_error(rc);
-        tracing::warn!("could not change the SIGUSR2 mask ({e}): a SIGUSR2 during the start ends the daemon as a crash would");
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("could not set a SIGUSR2 handler ({e}): a SIGUSR2 during the start ends the daemon as a crash would");
     }
 }
 
@@ -95,11 +95,20 @@ pub(super) async fn count(
     else {
         return;
     };
+    // One noted during the start is the first signal. The same signal may
+    // also have reached the handler just installed: taken once.
+    let mut early = EARLY_USR2.swap(false, Ordering::AcqRel);
+    if early {
+        let _ = futures::FutureExt::now_or_never(usr2.recv());
+    }
     loop {
-        let what = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-            _ = usr2.recv() => "SIGUSR2",
+        let what = match std::mem::take(&mut early) {
+            true => "SIGUSR2",
+            false => tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+                _ = usr2.recv() => "SIGUSR2",
+            },
         };
         let k = (*n.borrow()).saturating_add(1).min(2);
         match (k, what) {

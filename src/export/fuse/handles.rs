@@ -155,16 +155,25 @@ impl Handles {
     /// be recorded (the open must then fail).
     pub fn opened(&self, fh: u64, rec: Record) -> Result<()> {
         let key = (rec.ino, fh);
+        // The file stays ours throughout: no other write may take the
+        // record in between and leave it there (review43 L1).
+        let writing = self.writing.lock();
         self.open.lock().insert(key, rec);
-        let saved = self.save();
+        let saved = self.write_out(&writing);
         if saved.is_err() {
             self.open.lock().remove(&key);
             // The rename may have landed before the failure (a failed
             // directory sync): the open is refused, so its record must not
             // outlive it in the file (review32 M4). Best effort.
-            let _ = self.save();
+            let _ = self.write_out(&writing);
         }
         saved
+    }
+
+    /// Whether the table is kept in a file (else a release has nothing to
+    /// write).
+    pub fn kept(&self) -> bool {
+        self.file.is_some()
     }
 
     /// Forgets released handle `fh` of inode `ino` in memory, giving its
@@ -208,10 +217,14 @@ impl Handles {
     /// Writes the table as it is once the file is ours: a write that
     /// waited for another writes the newer table.
     fn save(&self) -> Result<()> {
+        self.write_out(&self.writing.lock())
+    }
+
+    /// [`Handles::save`] with the file held.
+    fn write_out(&self, _writing: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let _writing = self.writing.lock();
         let entries: Vec<Entry> = (self.open.lock().iter())
             .map(|(&(_, fh), rec)| Entry {
                 fh,

@@ -52,7 +52,7 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// A keeper handed nothing within this time exits.
 const FIRST_HOLD: Duration = Duration::from_secs(30);
@@ -160,7 +160,10 @@ fn receive<T: serde::de::DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, V
             Some(&mut space),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
-        .map_err(|e| Error::io("receive from the FUSE keeper", e.into()))?;
+        .map_err(|e| match e {
+            nix::errno::Errno::EAGAIN => busy("no answer within the wait"),
+            e => Error::io("receive from the FUSE keeper", e.into()),
+        })?;
         let mut fds = Vec::new();
         for c in msg
             .cmsgs()
@@ -187,10 +190,41 @@ fn ask(
     req: &Request,
     fds: &[BorrowedFd<'_>],
 ) -> Result<Option<(Answer, Vec<OwnedFd>)>> {
+    ask_within(name, req, fds, ANSWER_WAIT)
+}
+
+/// How long a request waits for the keeper's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// How long a ping waits for it (asked every second by a serving daemon).
+const PING_WAIT: Duration = Duration::from_secs(2);
+/// How long a connect waits for room in the keeper's accept queue: a
+/// keeper that stopped accepting (frozen, stopped in a debugger) leaves
+/// each timed-out request queued, and once the queue is full a connect
+/// with no timeout would wait for good (review43 H1).
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// A keeper that did not answer in time (busy or frozen, not gone): its
+/// accept queue full, or no answer within the wait. [`ErrorKind::Busy`].
+fn busy(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Busy,
+        format!("the FUSE keeper did not answer in time ({what})"),
+    )
+}
+
+fn ask_within(
+    name: &str,
+    req: &Request,
+    fds: &[BorrowedFd<'_>],
+    wait: Duration,
+) -> Result<Option<(Answer, Vec<OwnedFd>)>> {
     let sock = seqpacket()?;
+    let tv = |d: Duration| nix::sys::time::TimeVal::new(d.as_secs() as _, d.subsec_micros() as _);
+    let _ = socket::setsockopt(&sock, socket::sockopt::SendTimeout, &tv(CONNECT_WAIT));
     match socket::connect(sock.as_raw_fd(), &addr(name)?) {
         Ok(()) => {}
         Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(nix::errno::Errno::EAGAIN) => return Err(busy("its accept queue is full")),
         Err(e) => return Err(Error::io("connect to the FUSE keeper", e.into())),
     }
     // The name is public (any user can compute it and bind it first): the
@@ -207,8 +241,7 @@ fn ask(
         )));
     }
     // A keeper that stops answering must not hang a start or a stop.
-    let t = nix::sys::time::TimeVal::new(10, 0);
-    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &t);
+    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &tv(wait));
     send(sock.as_fd(), req, fds)?;
     receive(sock.as_fd()).map(Some)
 }
@@ -230,7 +263,7 @@ pub fn take(root: &Path) -> Result<Option<(Held, Vec<OwnedFd>)>> {
 /// None when no keeper listens. A keeper from before `ping` closes the
 /// connection unanswered: an error, not None.
 pub fn ping(root: &Path) -> Result<Option<Pong>> {
-    match ask(&name_of(root), &Request::Ping, &[])? {
+    match ask_within(&name_of(root), &Request::Ping, &[], PING_WAIT)? {
         Some((Answer::Pong(p), _)) => Ok(Some(p)),
         Some((Answer::Refused { why }, _)) => Err(Error::not_permitted(why)),
         Some(_) => Err(Error::invalid("the FUSE keeper answered out of turn")),

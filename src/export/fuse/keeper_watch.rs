@@ -32,7 +32,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 use super::keeper::{self, Held, Started};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// How often the keeper is asked.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -224,7 +224,8 @@ impl Watched {
 
     /// None while the keeper holds this connection; else why it is lost.
     /// A keeper that answers oddly (one from before `ping`, or one too
-    /// busy to answer in time) is taken to hold it still.
+    /// busy to answer in time) is taken to hold it still; a socket name
+    /// held by another user is a loss.
     fn check(&self, pid: Option<u32>) -> Option<String> {
         let staging = self.root.display();
         let shown = pid.map_or("?".into(), |p| p.to_string());
@@ -245,10 +246,15 @@ impl Watched {
                 "the FUSE keeper of staging {staging} (pid {shown}) exited ({}) while this daemon serves",
                 self.exit_of(pid)
             )),
-            Err(e) => {
+            // Busy or frozen (no answer in time), or one from before
+            // `ping`: it still holds the files it was handed.
+            Err(e) if e.kind() != ErrorKind::NotPermitted => {
                 tracing::debug!("the FUSE keeper of staging {staging} answered oddly: {e}");
                 None
             }
+            // The socket name is another user's (review43 M2): no keeper
+            // of ours answers there, and a new one cannot bind it.
+            Err(e) => Some(e.to_string()),
         }
     }
 

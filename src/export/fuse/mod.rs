@@ -452,7 +452,7 @@ impl Filesystem for RecoverFs {
         // not refused for it; the table is written and the release
         // answered on an io thread: never an fsync on an event thread
         // (review32 L9).
-        if !self.release_handle(ino.0, fh) {
+        if !self.release_handle(ino.0, fh) || !self.handles.kept() {
             return reply.ok();
         }
         let handles = self.handles.clone();

@@ -367,6 +367,10 @@ pub struct OsFile {
     direct_ok: std::sync::atomic::AtomicBool,
     /// Held by a buffered fill while it writes (see [`OsFile::fill_buffered`]).
     filling: std::sync::Mutex<()>,
+    /// Whether a buffered fill allocates its range first: on ext4 only,
+    /// where it was measured (on btrfs a preallocated range turns the
+    /// file's compression off); found at the first fill.
+    allocate: std::sync::OnceLock<bool>,
 }
 
 /// A buffered fill of at least this many bytes allocates its range before
@@ -406,6 +410,19 @@ impl OsFile {
             direct: std::sync::OnceLock::new(),
             direct_ok: std::sync::atomic::AtomicBool::new(true),
             filling: std::sync::Mutex::new(()),
+            allocate: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the file is on ext4 (see [`OsFile::allocate`]).
+    fn on_ext4(&self) -> bool {
+        const EXT4_SUPER_MAGIC: libc::c_long = 0xef53;
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: fstatfs fills `st` for an fd we own; it is read only if
+        // the call succeeded.
+        unsafe {
+            libc::fstatfs(self.file.as_raw_fd(), st.as_mut_ptr()) == 0
+                && st.assume_init().f_type as libc::c_long == EXT4_SUPER_MAGIC
         }
     }
 
@@ -417,14 +434,14 @@ impl OsFile {
     /// into allocated (unwritten) blocks skips ext4's per-page delayed
     /// allocation: 0.10 instead of 0.16, and 0.15 instead of 0.22 with the
     /// kernel's writeback counted (stop 43, `docs/benchmarks.md`). The
-    /// allocation is best effort: where it fails (no `fallocate`, a full
-    /// disk) the write decides, as before.
+    /// allocation is best effort: where it fails (a full disk) the write
+    /// decides, as before; and only on ext4 (see [`OsFile::allocate`]).
     fn fill_buffered(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let _one = self
             .filling
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buf.len() >= ALLOCATE_FROM {
+        if buf.len() >= ALLOCATE_FROM && *self.allocate.get_or_init(|| self.on_ext4()) {
             // SAFETY: fallocate on an fd we own; no memory is passed.
             let _ = unsafe {
                 libc::fallocate(
