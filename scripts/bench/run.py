@@ -482,8 +482,11 @@ class Recoverfs:
         if not mounted_under(self.staging):
             shutil.rmtree(self.staging, ignore_errors=True)
 
-    def recover(self, vm):
-        r = run([self.bin, "recover", "--socket", self.socket, vm], env=self.env, timeout=120)
+    def recover(self, vm, second_copy=False):
+        """`second_copy`: a second daemon of the same repository serving
+        the same VM at once (the repository's pin names the first)."""
+        args = ["--second-copy"] if second_copy else []
+        r = run([self.bin, "recover", "--socket", self.socket, vm] + args, env=self.env, timeout=120)
         disks = [l.strip() for l in r.stdout.splitlines() if l.startswith("/")]
         if not disks:
             raise RuntimeError(f"recover {vm}: no disk path in output: {r.stdout} {r.stderr}")
