@@ -616,3 +616,30 @@ fn an_open_whose_record_is_held_back_blocks_no_release_or_read() {
     drop(third.expect("the held-back open is answered once let go"));
     env.release_closed("vm", false);
 }
+
+/// A release is answered only once the table without its record is
+/// written: a daemon that dies in between leaves the RELEASE unanswered,
+/// the kernel sends it again to the next daemon, and the session can be
+/// released. (Answered first, the record would stay in the file and hold
+/// the session against `release` for the life of the mount.)
+#[test]
+fn a_release_not_yet_written_when_the_daemon_dies_is_sent_again_and_frees_the_session() {
+    let mut env = keeper_env();
+    let gate = env.path("gate");
+    env.extra_env.push((
+        "RECOVERFS_FAULT_HOLD_RELEASE_SAVE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let _let_go = LetGo::of(&env);
+    random_image(&env.path("a.raw"), 16 * K64, 47, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    // Its RELEASE waits at the seam, before the table is written.
+    drop(std::fs::File::open(&disk).unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    crash(d);
+    env.extra_env.clear();
+    let _d = env.serve();
+    env.release_closed("vm", false);
+}

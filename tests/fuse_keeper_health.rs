@@ -178,6 +178,25 @@ fn mounted_type(mount: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A VM's disk looked up (its inode number recorded, nothing left open)
+/// under a daemon that then crashed, and the daemon that adopted its
+/// mount; and the disk's path.
+fn adopted_after_a_crash(env: &Env, seed: u64) -> (Daemon, std::path::PathBuf) {
+    random_image(&env.path("a.raw"), 16 * K64, seed, K64);
+    env.backup("vm", "64K", &[&env.path("a.raw")]);
+    let d = env.serve();
+    let disk = env.recover("vm", None)[0].clone();
+    assert!(std::fs::metadata(&disk).unwrap().len() > 0);
+    crash(d);
+    let d = env.serve();
+    assert!(
+        d.log_text().contains("adopting the FUSE connection"),
+        "{}",
+        d.log_text()
+    );
+    (d, disk)
+}
+
 /// review32 L10: the adopted mount was unmounted by hand and another
 /// filesystem mounted at its mount point; a clean stop unmounted that
 /// one. Now it is left alone, and the log says why. The connection's end
@@ -186,19 +205,7 @@ fn mounted_type(mount: &Path) -> Option<String> {
 fn a_stop_leaves_alone_another_mount_at_the_adopted_mounts_point() {
     let env = keeper_env();
     let _let_go = LetGo::of(&env);
-    random_image(&env.path("a.raw"), 16 * K64, 43, K64);
-    env.backup("vm", "64K", &[&env.path("a.raw")]);
-    let d = env.serve();
-    let disk = env.recover("vm", None)[0].clone();
-    // Looked up (its inode number recorded), nothing left open.
-    assert!(std::fs::metadata(&disk).unwrap().len() > 0);
-    crash(d);
-    let mut d = env.serve();
-    assert!(
-        d.log_text().contains("adopting the FUSE connection"),
-        "{}",
-        d.log_text()
-    );
+    let (mut d, _disk) = adopted_after_a_crash(&env, 43);
     let st = std::process::Command::new("umount")
         .arg(&env.mount)
         .status()
@@ -223,18 +230,7 @@ fn a_stop_leaves_alone_another_mount_at_the_adopted_mounts_point() {
 fn a_stop_with_the_adopted_mount_detached_but_open_leaves_the_new_mount_and_ends() {
     let env = keeper_env();
     let _let_go = LetGo::of(&env);
-    random_image(&env.path("a.raw"), 16 * K64, 45, K64);
-    env.backup("vm", "64K", &[&env.path("a.raw")]);
-    let d = env.serve();
-    let disk = env.recover("vm", None)[0].clone();
-    assert!(std::fs::metadata(&disk).unwrap().len() > 0);
-    crash(d);
-    let mut d = env.serve();
-    assert!(
-        d.log_text().contains("adopting the FUSE connection"),
-        "{}",
-        d.log_text()
-    );
+    let (mut d, disk) = adopted_after_a_crash(&env, 45);
     let _holder = Child(
         std::process::Command::new("sleep")
             .arg("60")

@@ -46,7 +46,7 @@ impl Handlers {
             (Ok(int), Ok(term), Ok(usr2)) => Some(Handlers { int, term, usr2 }),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 tracing::error!(
-                    "no SIGINT/SIGTERM/SIGUSR2 handler ({e}): a signal ends the daemon as a crash would"
+                    "no SIGINT/SIGTERM/SIGUSR2 handler ({e}): SIGINT or SIGTERM ends the daemon as a crash would, and SIGUSR2 is ignored"
                 );
                 None
             }
